@@ -1,0 +1,33 @@
+# Every target creates the virtualenv itself, so a fresh machine needs only `make demo` / `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+EXTRAS  ?= dev
+STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))-$(shell sha1sum pyproject.toml | cut -c1-12)
+comma   := ,
+
+.PHONY: demo test lint bench bench-kernels clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/kvant demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+bench:
+	$(MAKE) EXTRAS=dev,bench $(STAMP)
+	$(BIN)/python benchmarks/clustering.py
+	$(BIN)/python benchmarks/pq.py
+	$(BIN)/python benchmarks/covertree.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,81 @@
+"""Process-wide settings: thread count, seeds and environment knobs.
+
+``KVANT_NUM_THREADS`` (read at import) or :func:`set_num_threads` sets the number of threads used by
+every Numba kernel *and* by the BLAS library behind NumPy, so that a benchmark or a user's run is
+reproducible: same seed + same thread count gives the same result.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+__all__ = ["set_num_threads", "get_num_threads", "rng", "check_seed"]
+
+_num_threads: int | None = None
+_blas_limiter = None
+
+
+def _max_threads() -> int:
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def set_num_threads(n: int | None) -> int:
+    """Use ``n`` threads in kvant kernels and BLAS (``None`` = all cores). Returns the value set.
+
+    >>> import kvant
+    >>> kvant.set_num_threads(1)
+    1
+    """
+    from threadpoolctl import threadpool_limits
+
+    from .errors import InvalidInput
+
+    global _num_threads, _blas_limiter
+    cap = _max_threads()
+    if n is None:
+        n = cap
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise InvalidInput(f"number of threads must be a positive integer, got {n!r}")
+    n = min(int(n), cap)
+    numba.set_num_threads(n)
+    # threadpoolctl's limiter stays in force until it is replaced: that is the global setting we want.
+    _blas_limiter = threadpool_limits(limits=n)
+    _num_threads = n
+    return n
+
+
+def get_num_threads() -> int:
+    """The number of threads kvant kernels use."""
+    return _num_threads if _num_threads is not None else numba.get_num_threads()
+
+
+def rng(seed: int | None) -> np.random.Generator:
+    """The one way kvant turns a user seed into a generator (PCG64)."""
+    return np.random.default_rng(check_seed(seed))
+
+
+def check_seed(seed) -> int | None:
+    from .errors import InvalidInput
+
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise InvalidInput(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+def _init_from_env() -> None:
+    value = os.environ.get("KVANT_NUM_THREADS")
+    if value:
+        try:
+            set_num_threads(int(value))
+        except (ValueError, Exception) as exc:  # a bad env var must not break import
+            import warnings
+
+            warnings.warn(f"ignoring KVANT_NUM_THREADS={value!r}: {exc}", stacklevel=2)
+
+
+_init_from_env()

@@ -1,0 +1,184 @@
+"""The :class:`VectorSource` protocol: every input kvant reads goes through it.
+
+A source knows its shape (``n``, ``dim``) and stored ``dtype`` and hands out float32, C-contiguous
+row blocks with bounded memory. Conversion to float32 happens per chunk, so a float16 or uint8 memmap
+is never copied whole; a float32 in-memory array is handed out as views (no copy at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .._config import rng
+from ..errors import InvalidInput
+
+__all__ = ["VectorSource", "ArraySource", "check_finite", "default_chunk_rows", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8)
+_CHUNK_BYTES = 32 << 20  # 32 MiB of float32 per chunk: large enough to amortise, small enough for RAM
+
+
+def default_chunk_rows(dim: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * max(1, dim)))
+
+
+def check_finite(block: np.ndarray, start: int = 0, what: str = "input") -> None:
+    """Raise InvalidInput naming the first row of ``block`` (offset by ``start``) holding NaN or inf."""
+    if block.dtype.kind != "f" or block.size == 0:
+        return
+    if not np.isfinite(block).all():
+        bad_rows = ~np.isfinite(block).all(axis=1) if block.ndim == 2 else ~np.isfinite(block)
+        row = int(np.argmax(bad_rows)) + start
+        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row})")
+
+
+class VectorSource:
+    """Protocol for a 2-D collection of vectors. Subclasses implement ``_read(start, stop)`` and ``take``.
+
+    Attributes: ``n`` (rows), ``dim`` (columns), ``dtype`` (stored dtype), ``name`` (for messages).
+    """
+
+    n: int
+    dim: int
+    dtype: np.dtype
+    name: str = "input"
+
+    # -- to implement -------------------------------------------------------------------------
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (any supported dtype), shape (stop-start, dim)."""
+        raise NotImplementedError
+
+    def take(self, indices) -> np.ndarray:
+        """Rows at ``indices`` (any order, repeats allowed) as float32 (len(indices), dim)."""
+        idx = self._check_indices(indices)
+        if idx.size == 0:
+            return np.empty((0, self.dim), np.float32)
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((idx.size, self.dim), np.float32)
+        # Generic fallback: read the covering chunks once each, in order.
+        sorted_idx = idx[order]
+        step = default_chunk_rows(self.dim)
+        pos = 0
+        while pos < sorted_idx.size:
+            lo = int(sorted_idx[pos])
+            hi = min(self.n, lo + step)
+            end = int(np.searchsorted(sorted_idx, hi, side="left"))
+            block = self._read(lo, hi)
+            out[order[pos:end]] = block[sorted_idx[pos:end] - lo]
+            pos = end
+        check_finite(out, 0, self.name)
+        return out
+
+    # -- provided -----------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return int(self.n) * int(self.dim) * np.dtype(self.dtype).itemsize
+
+    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, block)`` with ``block`` float32 C-contiguous of at most ``rows`` rows."""
+        rows = default_chunk_rows(self.dim) if rows is None else int(rows)
+        if rows < 1:
+            raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
+        for start in range(0, self.n, rows):
+            stop = min(self.n, start + rows)
+            block = self._read(start, stop)
+            if block.dtype != np.float32 or not block.flags.c_contiguous:
+                block = np.ascontiguousarray(block, dtype=np.float32)
+            check_finite(block, start, self.name)
+            yield start, block
+
+    def sample(self, m: int, seed: int | None = 0) -> np.ndarray:
+        """``min(m, n)`` distinct rows drawn uniformly at random (sorted by row number), as float32."""
+        m = min(int(m), self.n)
+        idx = self.sample_indices(m, seed)
+        return self.take(idx)
+
+    def sample_indices(self, m: int, seed: int | None = 0) -> np.ndarray:
+        m = min(int(m), self.n)
+        if m == self.n:
+            return np.arange(self.n, dtype=np.int64)
+        return np.sort(rng(seed).choice(self.n, size=m, replace=False)).astype(np.int64)
+
+    def to_array(self) -> np.ndarray:
+        """All rows as one float32 array (a view when the source already is float32 in memory)."""
+        out = np.empty((self.n, self.dim), np.float32)
+        for start, block in self.chunks():
+            out[start : start + block.shape[0]] = block
+        return out
+
+    def _check_indices(self, indices) -> np.ndarray:
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise InvalidInput("row indices must be a 1-D integer array")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise InvalidInput(f"row index out of range [0, {self.n})")
+        return idx
+
+    def __len__(self) -> int:
+        return int(self.n)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, dim={self.dim}, dtype={np.dtype(self.dtype).name}, name={self.name!r})"
+
+
+class ArraySource(VectorSource):
+    """A NumPy array or ``np.memmap`` of shape (n, dim) and a supported dtype.
+
+    In-memory arrays are checked for NaN/inf once, here; memory-mapped ones chunk by chunk as they are
+    read (checking a 100 GB memmap up front would read it twice).
+    """
+
+    def __init__(self, array: np.ndarray, name: str = "input", validate: bool = True):
+        if not isinstance(array, np.ndarray):
+            raise InvalidInput(f"{name}: expected a NumPy array, got {type(array).__name__}")
+        if array.ndim != 2:
+            raise InvalidInput(f"{name}: expected a 2-D array (n, dim), got shape {array.shape}")
+        if array.dtype.type not in SUPPORTED_DTYPES:
+            names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
+            raise InvalidInput(f"{name}: dtype {array.dtype} is not supported (use one of: {names})")
+        if array.shape[0] == 0:
+            raise InvalidInput(f"{name}: has zero rows")
+        if array.shape[1] == 0:
+            raise InvalidInput(f"{name}: has zero columns")
+        self.array = array
+        self.n, self.dim = (int(s) for s in array.shape)
+        self.dtype = array.dtype
+        self.name = name
+        self.in_memory = not isinstance(array, np.memmap)
+        if validate and self.in_memory:
+            for start in range(0, self.n, default_chunk_rows(self.dim)):
+                check_finite(array[start : start + default_chunk_rows(self.dim)], start, name)
+            self._validated = True
+        else:
+            self._validated = False
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+    def chunks(self, rows: int | None = None):
+        if not self._validated:
+            yield from super().chunks(rows)
+            return
+        rows = default_chunk_rows(self.dim) if rows is None else int(rows)
+        if rows < 1:
+            raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
+        for start in range(0, self.n, rows):
+            block = self.array[start : start + rows]
+            if block.dtype != np.float32 or not block.flags.c_contiguous:
+                block = np.ascontiguousarray(block, dtype=np.float32)
+            yield start, block
+
+    def take(self, indices) -> np.ndarray:
+        idx = self._check_indices(indices)
+        out = np.ascontiguousarray(self.array[idx], dtype=np.float32)
+        if not self._validated:
+            check_finite(out, 0, self.name)
+        return out
+
+    def to_array(self) -> np.ndarray:
+        if self.in_memory and self.array.dtype == np.float32 and self.array.flags.c_contiguous:
+            return self.array
+        return super().to_array()
