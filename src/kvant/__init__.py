@@ -1,0 +1,39 @@
+"""kvant: cluster, compress and search large sets of embedding vectors.
+
+The public API, re-exported; nothing else lives here.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import errors, io
+from ._config import get_num_threads, set_num_threads
+from .errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
+from .io import as_source
+from .persist import load
+
+# --- cluster (issue 2) ---
+# --- quant + index (issue 3) ---
+# --- tree (issue 4) ---
+
+try:
+    __version__ = version("kvant")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    "errors",
+    "io",
+    "as_source",
+    "load",
+    "set_num_threads",
+    "get_num_threads",
+    "KvantError",
+    "InvalidInput",
+    "DimensionMismatch",
+    "EmptyIndex",
+    "PersistError",
+    # --- cluster names ---
+    # --- quant + index names ---
+    # --- tree names ---
+]
