@@ -5,7 +5,6 @@ Nothing here is optimised; do not import from here in library code.
 
 from __future__ import annotations
 
-import numpy as np
 
 # === distance / assign / topk (issue 2) ===
 

@@ -121,7 +121,8 @@ class VectorSource:
         return int(self.n)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n={self.n}, dim={self.dim}, dtype={np.dtype(self.dtype).name}, name={self.name!r})"
+        dtype = np.dtype(self.dtype).name
+        return f"{type(self).__name__}(n={self.n}, dim={self.dim}, dtype={dtype}, name={self.name!r})"
 
 
 class ArraySource(VectorSource):
