@@ -14,7 +14,14 @@ import numpy as np
 from .._config import rng
 from ..errors import InvalidInput
 
-__all__ = ["VectorSource", "ArraySource", "check_finite", "default_chunk_rows", "SUPPORTED_DTYPES"]
+__all__ = [
+    "VectorSource",
+    "ArraySource",
+    "check_finite",
+    "check_finite_rows",
+    "default_chunk_rows",
+    "SUPPORTED_DTYPES",
+]
 
 SUPPORTED_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8)
 _CHUNK_BYTES = 32 << 20  # 32 MiB of float32 per chunk: large enough to amortise, small enough for RAM
@@ -31,6 +38,16 @@ def check_finite(block: np.ndarray, start: int = 0, what: str = "input") -> None
     if not np.isfinite(block).all():
         bad_rows = ~np.isfinite(block).all(axis=1) if block.ndim == 2 else ~np.isfinite(block)
         row = int(np.argmax(bad_rows)) + start
+        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row})")
+
+
+def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input") -> None:
+    """Like :func:`check_finite` for a block gathered from arbitrary rows: names ``rows[i]`` of the first bad one."""
+    if block.dtype.kind != "f" or block.size == 0:
+        return
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        row = int(rows[int(np.argmin(finite))])
         raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row})")
 
 
@@ -68,7 +85,7 @@ class VectorSource:
             block = self._read(lo, hi)
             out[order[pos:end]] = block[sorted_idx[pos:end] - lo]
             pos = end
-        check_finite(out, 0, self.name)
+        check_finite_rows(out, idx, self.name)
         return out
 
     # -- provided -----------------------------------------------------------------------------
@@ -86,7 +103,8 @@ class VectorSource:
             block = self._read(start, stop)
             if block.dtype != np.float32 or not block.flags.c_contiguous:
                 block = np.ascontiguousarray(block, dtype=np.float32)
-            check_finite(block, start, self.name)
+            if np.dtype(self.dtype).kind == "f":  # integer inputs are always finite
+                check_finite(block, start, self.name)
             yield start, block
 
     def sample(self, m: int, seed: int | None = 0) -> np.ndarray:
@@ -176,7 +194,7 @@ class ArraySource(VectorSource):
         idx = self._check_indices(indices)
         out = np.ascontiguousarray(self.array[idx], dtype=np.float32)
         if not self._validated:
-            check_finite(out, 0, self.name)
+            check_finite_rows(out, idx, self.name)
         return out
 
     def to_array(self) -> np.ndarray:

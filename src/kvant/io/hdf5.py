@@ -1,0 +1,103 @@
+"""HDF5 files in the ann-benchmarks layout (datasets ``train``, ``test``, ``neighbors``, ``distances``).
+
+h5py is imported only when an HDF5 file is opened. Rows are read by slicing the dataset, so memory is
+bounded by the chunk asked for; ``take`` uses HDF5 point selection for sparse index sets and range
+reads otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ._paths import check_file
+from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows
+
+__all__ = ["Hdf5Source", "HDF5_SUFFIXES"]
+
+HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise InvalidInput(
+            "reading HDF5 files needs the h5py package, which is not installed: pip install h5py "
+            "(or install kvant with the [bench] extra)"
+        ) from None
+    return h5py
+
+
+class Hdf5Source(VectorSource):
+    """One 2-D dataset of an HDF5 file (``column=`` picks it; default ``"train"``).
+
+    >>> # src = Hdf5Source("sift-128-euclidean.hdf5", column="test")
+    """
+
+    def __init__(self, path, column: str | None = None, name: str | None = None):
+        p = check_file(path, "HDF5 file")
+        h5py = _h5py()
+        column = "train" if column is None else column
+        if not isinstance(column, str):
+            raise InvalidInput(f"column must be the name of an HDF5 dataset, got {column!r}")
+        self.path = p
+        self.column = column
+        self.name = name or f"{p}:{column}"
+        try:
+            fh = h5py.File(p, "r")
+        except OSError as exc:
+            raise InvalidInput(f"{p}: not a readable HDF5 file ({exc})") from None
+        try:
+            if column not in fh:
+                names = sorted(k for k in fh.keys())
+                raise InvalidInput(f"{p}: no dataset {column!r} (datasets: {', '.join(names) or 'none'})")
+            ds = fh[column]
+            if not isinstance(ds, h5py.Dataset):
+                raise InvalidInput(f"{p}: {column!r} is a group, not a dataset")
+            if ds.ndim != 2:
+                raise InvalidInput(f"{self.name}: expected a 2-D dataset (n, dim), got shape {ds.shape}")
+            if ds.dtype.type not in SUPPORTED_DTYPES:
+                names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
+                raise InvalidInput(f"{self.name}: dtype {ds.dtype} is not supported (use one of: {names})")
+            if ds.shape[0] == 0:
+                raise InvalidInput(f"{self.name}: has zero rows")
+            if ds.shape[1] == 0:
+                raise InvalidInput(f"{self.name}: has zero columns")
+        except BaseException:
+            fh.close()
+            raise
+        self._file = fh
+        self._ds = ds
+        self.n, self.dim = (int(s) for s in ds.shape)
+        self.dtype = ds.dtype
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        return self._ds[start:stop]
+
+    def take(self, indices) -> np.ndarray:
+        idx = self._check_indices(indices)
+        if idx.size == 0:
+            return np.empty((0, self.dim), np.float32)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if uniq.size * 16 >= self.n:  # dense: range reads are faster than point selection
+            rows = super().take(uniq)
+        else:
+            rows = np.empty((uniq.size, self.dim), np.float32)
+            step = 4096
+            for s in range(0, uniq.size, step):
+                rows[s : s + step] = self._ds[uniq[s : s + step]]
+            check_finite_rows(rows, uniq, self.name)
+        return rows[inverse.reshape(-1)]
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass

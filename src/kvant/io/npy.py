@@ -1,0 +1,40 @@
+"""``.npy`` files, opened memory-mapped (nothing is read until a chunk is asked for)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ._paths import check_file
+from .source import ArraySource
+
+
+class NpySource(ArraySource):
+    """A ``.npy`` file opened with ``np.load(path, mmap_mode="r")``.
+
+    The file is never read whole: chunks are converted to float32 one at a time and checked for
+    NaN/inf as they are read (the first bad row is named in the error).
+
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.npy")
+    >>> np.save(path, np.ones((10, 4), np.float32))
+    >>> NpySource(path).n
+    10
+    """
+
+    def __init__(self, path, name: str | None = None):
+        p = check_file(path, ".npy file")
+        name = name or str(p)
+        try:
+            array = np.load(p, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:  # object dtype, pickled data, bad header
+            raise InvalidInput(f"{name}: not a readable .npy array ({exc})") from None
+        except (OSError, EOFError) as exc:
+            raise InvalidInput(f"{name}: cannot read .npy file ({exc})") from None
+        if not isinstance(array, np.ndarray):  # pragma: no cover - np.load on .npz returns NpzFile
+            raise InvalidInput(f"{name}: expected a .npy array, got {type(array).__name__}")
+        if not isinstance(array, np.memmap):
+            # np.load returns a plain array for zero-size files; keep the "file source" semantics anyway.
+            array = np.asarray(array)
+        self.path = p
+        super().__init__(array, name=name)

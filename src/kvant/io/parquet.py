@@ -1,0 +1,381 @@
+"""Parquet files, or directories of them, read row group by row group with pyarrow.
+
+The vectors are either one list column (``fixed_size_list<float>`` or ``list<float>``, picked with
+``column=``, or the only list column when ``column=None``) or a set of scalar numeric columns (all
+of them with ``column=None``, or the names in ``column=[...]``). Memory stays bounded by one row group
+(plus the chunk being returned): ``chunks`` streams record batches, ``take`` maps each requested row to
+its row group and decodes each needed row group once.
+
+Checks: unsupported value types, nulls, ragged list rows (the first bad row is named), NaN/inf, and,
+for directories, that every file has the same column layout and dimension (else DimensionMismatch).
+Ragged rows and NaN are found as rows are read (checking them up front would read the data twice).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DimensionMismatch, InvalidInput
+from .source import VectorSource, check_finite, check_finite_rows, default_chunk_rows
+
+__all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+def _pa():
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa, pq
+
+
+def _numpy_dtype(t) -> np.dtype | None:
+    pa, _ = _pa()
+    table = {
+        pa.float32(): np.float32,
+        pa.float64(): np.float64,
+        pa.float16(): np.float16,
+        pa.int8(): np.int8,
+        pa.uint8(): np.uint8,
+    }
+    for k, v in table.items():
+        if t.equals(k):
+            return np.dtype(v)
+    return None
+
+
+def _is_list(t) -> bool:
+    pa, _ = _pa()
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_numeric(t) -> bool:
+    pa, _ = _pa()
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+_SUPPORTED = "float32, float64, float16, int8, uint8"
+
+
+def _list_files(p: Path, name: str) -> list[Path]:
+    files = sorted(
+        f
+        for f in p.rglob("*")
+        if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES and not f.name.startswith(("_", "."))
+    )
+    if not files:
+        raise InvalidInput(f"{name}: directory holds no parquet files (*.parquet, *.pq, *.parq)")
+    return files
+
+
+class ParquetSource(VectorSource):
+    """Vectors stored in a parquet file or a directory of parquet files.
+
+    >>> import numpy as np, tempfile, os
+    >>> from kvant.io import write_parquet
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.parquet")
+    >>> write_parquet(path, np.ones((100, 8), np.float32), row_group_rows=32)
+    >>> src = ParquetSource(path)
+    >>> (src.n, src.dim, src.column)
+    (100, 8, 'embedding')
+    """
+
+    def __init__(self, path, column=None, name: str | None = None):
+        pa, pq = _pa()
+        p = Path(os.fspath(path))
+        self.path = p
+        self.name = name or str(p)
+        if not p.exists():
+            raise InvalidInput(f"parquet input not found: {str(p)!r}")
+        self.files = _list_files(p, self.name) if p.is_dir() else [p]
+        metas, schemas = [], []
+        for f in self.files:
+            if not os.access(f, os.R_OK):
+                raise InvalidInput(f"{f}: not readable (permission denied)")
+            try:
+                metas.append(pq.read_metadata(f))
+                schemas.append(pq.read_schema(f))
+            except (pa.ArrowException, OSError) as exc:
+                raise InvalidInput(f"{f}: not a readable parquet file ({exc})") from None
+
+        self._resolve_columns(schemas[0], column, self.files[0])
+        # per-file checks: same columns, same value types, same dim
+        starts, rg_file, rg_index = [], [], []
+        total = 0
+        self.dim = -1
+        dim_file = None
+        for fi, (f, meta, schema) in enumerate(zip(self.files, metas, schemas, strict=True)):
+            self._check_schema(schema, f)
+            if meta.num_rows > 0:
+                d = self._file_dim(f, schema, meta)
+                if self.dim < 0:
+                    self.dim, dim_file = d, f
+                elif d != self.dim:
+                    raise DimensionMismatch(
+                        f"{f}: vectors have dim {d}, but {dim_file} has dim {self.dim}; "
+                        f"all files of a parquet directory must have the same dimension"
+                    )
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                if rows == 0:
+                    continue
+                starts.append(total)
+                rg_file.append(fi)
+                rg_index.append(g)
+                total += rows
+        if total == 0:
+            raise InvalidInput(f"{self.name}: has zero rows")
+        self.n = total
+        self._rg_start = np.asarray(starts + [total], dtype=np.int64)
+        self._rg_file = np.asarray(rg_file, dtype=np.int64)
+        self._rg_index = np.asarray(rg_index, dtype=np.int64)
+        self._open: tuple[int, object] | None = None
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    # -- schema --------------------------------------------------------------------------------
+    def _resolve_columns(self, schema, column, f) -> None:
+        names = schema.names
+        if isinstance(column, str):
+            if column not in names:
+                raise InvalidInput(f"{f}: no column {column!r} (columns: {', '.join(names)})")
+            cols = [column]
+        elif column is None:
+            lists = [n for n in names if _is_list(schema.field(n).type)]
+            if len(lists) > 1:
+                raise InvalidInput(f"{f}: several list columns ({', '.join(lists)}); choose one with column=...")
+            if lists:
+                cols = lists
+            else:
+                cols = [n for n in names if _is_numeric(schema.field(n).type)]
+                if not cols:
+                    raise InvalidInput(f"{f}: no list or numeric column to read vectors from (columns: {names})")
+        elif isinstance(column, list | tuple) and column and all(isinstance(c, str) for c in column):
+            missing = [c for c in column if c not in names]
+            if missing:
+                raise InvalidInput(f"{f}: no column(s) {missing} (columns: {', '.join(names)})")
+            cols = list(column)
+        else:
+            raise InvalidInput(f"column must be a column name, a non-empty list of names, or None; got {column!r}")
+
+        types = [schema.field(c).type for c in cols]
+        if len(cols) == 1 and _is_list(types[0]):
+            self.mode = "list"
+            vt = types[0].value_type
+            dt = _numpy_dtype(vt)
+            if dt is None:
+                raise InvalidInput(f"{f}: column {cols[0]!r} holds {vt} values; supported value types: {_SUPPORTED}")
+            self.dtype = dt
+        else:
+            self.mode = "columns"
+            for c, t in zip(cols, types, strict=True):
+                if _is_list(t):
+                    raise InvalidInput(f"{f}: column {c!r} is a list column; pass it alone as column={c!r}")
+                if _numpy_dtype(t) is None:
+                    raise InvalidInput(
+                        f"{f}: column {c!r} has type {t}, which is not supported (supported: {_SUPPORTED}); "
+                        f"pick the vector columns with column=[...]"
+                    )
+            self.dtype = np.result_type(*[_numpy_dtype(t) for t in types])
+        self.columns = cols
+        self.column = cols[0] if self.mode == "list" else None
+        self._types = types
+
+    def _check_schema(self, schema, f) -> None:
+        for c, t in zip(self.columns, self._types, strict=True):
+            if c not in schema.names:
+                raise InvalidInput(f"{f}: no column {c!r}, which {self.files[0]} has")
+            ft = schema.field(c).type
+            if self.mode == "list":
+                if not _is_list(ft) or not ft.value_type.equals(t.value_type):
+                    raise InvalidInput(f"{f}: column {c!r} has type {ft}, but {self.files[0]} has {t}")
+            elif not ft.equals(t):
+                raise InvalidInput(f"{f}: column {c!r} has type {ft}, but {self.files[0]} has {t}")
+
+    def _file_dim(self, f, schema, meta) -> int:
+        if self.mode == "columns":
+            return len(self.columns)
+        t = schema.field(self.columns[0]).type
+        _, pq = _pa()
+        if hasattr(t, "list_size"):
+            return int(t.list_size)
+        # variable-size list: the dim is the length of the first row (ragged rows are caught on read)
+        pf = pq.ParquetFile(f)
+        try:
+            batch = next(pf.iter_batches(batch_size=1, columns=self.columns))
+        finally:
+            pf.close()
+        arr = batch.column(0)
+        if arr.null_count:
+            raise InvalidInput(f"{f}: row 0 of column {self.columns[0]!r} is null")
+        d = int(arr.value_lengths()[0].as_py())
+        if d == 0:
+            raise InvalidInput(f"{f}: row 0 of column {self.columns[0]!r} is an empty list (zero columns)")
+        return d
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _to_numpy(self, batch, start: int) -> np.ndarray:
+        """A record batch or table (the selected columns) as an (rows, dim) array of the stored dtype."""
+        pa, _ = _pa()
+        if self.mode == "columns":
+            out = np.empty((batch.num_rows, self.dim), self.dtype)
+            for j in range(self.dim):
+                col = batch.column(j)
+                if col.null_count:
+                    row = int(np.argmax(np.asarray(col.is_null())))
+                    raise InvalidInput(f"{self.name}: null in column {self.columns[j]!r} at row {start + row}")
+                out[:, j] = col.to_numpy()
+            return out
+        col = batch.column(0)
+        chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+        parts, offset = [], start
+        for arr in chunks:
+            m = len(arr)
+            if arr.null_count:
+                row = int(np.argmax(np.asarray(arr.is_null())))
+                raise InvalidInput(f"{self.name}: row {offset + row} of column {self.column!r} is null")
+            if not pa.types.is_fixed_size_list(arr.type):
+                lengths = np.asarray(arr.value_lengths())
+                bad = lengths != self.dim
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise InvalidInput(
+                        f"{self.name}: ragged list column {self.column!r}: row {offset + i} has "
+                        f"{int(lengths[i])} values, expected {self.dim}"
+                    )
+            values = arr.flatten()
+            if values.null_count:
+                i = int(np.argmax(np.asarray(values.is_null())))
+                raise InvalidInput(f"{self.name}: null value in column {self.column!r} at row {offset + i // self.dim}")
+            parts.append(values.to_numpy(zero_copy_only=False).reshape(m, self.dim))
+            offset += m
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.empty((0, self.dim), self.dtype)
+        return np.concatenate(parts)
+
+    def _pf(self, fi: int):
+        if self._open is None or self._open[0] != fi:
+            _, pq = _pa()
+            self.close()
+            self._open = (fi, pq.ParquetFile(self.files[fi]))
+        return self._open[1]
+
+    def _row_group(self, g: int) -> np.ndarray:
+        """Decoded row group number ``g`` (global numbering), cached one at a time."""
+        if self._cache is not None and self._cache[0] == g:
+            return self._cache[1]
+        pf = self._pf(int(self._rg_file[g]))
+        table = pf.read_row_group(int(self._rg_index[g]), columns=self.columns)
+        block = self._to_numpy(table, int(self._rg_start[g]))
+        self._cache = (g, block)
+        return block
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        g0 = int(np.searchsorted(self._rg_start, start, side="right")) - 1
+        g1 = int(np.searchsorted(self._rg_start, stop, side="left"))
+        parts = []
+        for g in range(g0, g1):
+            lo, hi = int(self._rg_start[g]), int(self._rg_start[g + 1])
+            block = self._row_group(g)
+            parts.append(block[max(start, lo) - lo : min(stop, hi) - lo])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    # -- protocol ------------------------------------------------------------------------------
+    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        rows = default_chunk_rows(self.dim) if rows is None else int(rows)
+        if rows < 1:
+            raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
+        _, pq = _pa()
+        buf: list[np.ndarray] = []
+        have = 0
+        pos = 0  # global row of the first buffered row
+        read = 0  # global row of the next row to decode
+        for fi, f in enumerate(self.files):
+            groups = self._rg_index[self._rg_file == fi]
+            if groups.size == 0:
+                continue
+            pf = pq.ParquetFile(f)
+            try:
+                for batch in pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns):
+                    block = self._to_numpy(batch, read)
+                    read += block.shape[0]
+                    buf.append(block)
+                    have += block.shape[0]
+                    while have >= rows:
+                        out, buf, have = _take_front(buf, rows, have)
+                        out = np.ascontiguousarray(out, dtype=np.float32)
+                        check_finite(out, pos, self.name)
+                        yield pos, out
+                        pos += rows
+            finally:
+                pf.close()
+        if have:
+            out = np.ascontiguousarray(np.concatenate(buf) if len(buf) > 1 else buf[0], dtype=np.float32)
+            check_finite(out, pos, self.name)
+            yield pos, out
+
+    def take(self, indices) -> np.ndarray:
+        idx = self._check_indices(indices)
+        out = np.empty((idx.size, self.dim), np.float32)
+        if idx.size == 0:
+            return out
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        groups = np.searchsorted(self._rg_start, sidx, side="right") - 1
+        bounds = np.flatnonzero(np.diff(groups)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, sidx.size], strict=True):
+            g = int(groups[lo])
+            block = self._row_group(g)
+            out[order[lo:hi]] = block[sidx[lo:hi] - self._rg_start[g]]
+        check_finite_rows(out, idx, self.name)
+        return out
+
+    def close(self) -> None:
+        """Close the open file handle and drop the cached row group."""
+        if self._open is not None:
+            try:
+                self._open[1].close()
+            finally:
+                self._open = None
+        self._cache = None
+
+
+def _take_front(buf: list[np.ndarray], rows: int, have: int):
+    """Split the first ``rows`` rows off a list of blocks."""
+    parts, need = [], rows
+    while need:
+        b = buf[0]
+        if b.shape[0] <= need:
+            parts.append(b)
+            need -= b.shape[0]
+            buf = buf[1:]
+        else:
+            parts.append(b[:need])
+            buf = [b[need:]] + buf[1:]
+            need = 0
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out, buf, have - rows
+
+
+def write_parquet(path, x, column: str = "embedding", row_group_rows: int | None = None, dtype=np.float32) -> None:
+    """Write ``x`` (n, dim) as a parquet file with one ``fixed_size_list<dtype>`` column.
+
+    ``row_group_rows`` sets the row group size (pyarrow's default when None).
+    """
+    pa, pq = _pa()
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise InvalidInput(f"expected a 2-D array (n, dim), got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise InvalidInput("cannot write vectors with zero columns")
+    values = np.ascontiguousarray(arr, dtype=dtype)
+    flat = pa.array(values.reshape(-1))
+    table = pa.table({column: pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])})
+    kwargs = {} if row_group_rows is None else {"row_group_size": int(row_group_rows)}
+    pq.write_table(table, os.fspath(path), **kwargs)

@@ -1,0 +1,152 @@
+"""TEXMEX ``.fvecs`` / ``.bvecs`` / ``.ivecs`` files (the format of SIFT1M, GIST1M, BIGANN).
+
+Each record is a little-endian int32 ``dim`` followed by ``dim`` values (float32, uint8 or int32).
+The file is memory-mapped; the per-record dimension headers are checked when the file is opened
+(files up to ``EAGER_CHECK_BYTES``) and again, for the rows read, by every chunk and ``take``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ._paths import check_file
+from .source import VectorSource, check_finite_rows, default_chunk_rows
+
+__all__ = ["TexmexSource", "write_fvecs", "write_bvecs", "write_ivecs", "TEXMEX_DTYPES"]
+
+TEXMEX_DTYPES = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
+EAGER_CHECK_BYTES = 1 << 30  # check all headers at open time for files up to 1 GiB
+_INT_EXACT = 1 << 24  # int32 values beyond +-2**24 are not exactly representable in float32
+
+
+class TexmexSource(VectorSource):
+    """A memory-mapped ``.fvecs`` (float32), ``.bvecs`` (uint8) or ``.ivecs`` (int32) file.
+
+    ``.ivecs`` values are converted to float32 only if they are exactly representable
+    (``|v| <= 2**24``); otherwise reading raises InvalidInput rather than rounding silently.
+    """
+
+    def __init__(self, path, name: str | None = None):
+        p = check_file(path, "TEXMEX file")
+        self.path = p
+        self.name = name or str(p)
+        suffix = p.suffix.lower()
+        if suffix not in TEXMEX_DTYPES:
+            raise InvalidInput(f"{self.name}: unknown TEXMEX extension {suffix!r} (use .fvecs, .bvecs or .ivecs)")
+        self.dtype = TEXMEX_DTYPES[suffix]
+        size = p.stat().st_size
+        if size == 0:
+            raise InvalidInput(f"{self.name}: file is empty (zero rows)")
+        if size < 4:
+            raise InvalidInput(f"{self.name}: truncated file ({size} bytes; a record starts with a 4-byte dim)")
+        with open(p, "rb") as fh:
+            dim = int(np.frombuffer(fh.read(4), dtype="<i4")[0])
+        if dim <= 0:
+            raise InvalidInput(f"{self.name}: bad dimension header {dim} at row 0 (expected a positive int32)")
+        record = 4 + dim * self.dtype.itemsize
+        if size % record != 0:
+            raise InvalidInput(
+                f"{self.name}: file size {size} is not a multiple of the record size {record} bytes "
+                f"(dim={dim}); the file is truncated or the rows have different dims"
+            )
+        self.dim = dim
+        self.n = size // record
+        self._record = record
+        raw = np.memmap(p, dtype=np.uint8, mode="r", shape=(self.n, record))
+        self._raw = raw
+        if self.dtype.itemsize == 1:
+            self._headers = None
+            self._values = raw[:, 4:]
+        else:  # records are 4-byte aligned: view the whole file as 4-byte words
+            self._values = raw.view("<i4")[:, 1:].view(self.dtype)
+        if size <= EAGER_CHECK_BYTES:
+            step = default_chunk_rows(self.dim)
+            for start in range(0, self.n, step):
+                self._check_headers(start, min(self.n, start + step))
+
+    def _header_rows(self, rows) -> np.ndarray:
+        """The int32 dim headers of the given rows (a slice or an index array)."""
+        return np.ascontiguousarray(self._raw[rows, :4]).view("<i4").ravel()
+
+    def _check_headers(self, start: int, stop: int) -> None:
+        heads = self._header_rows(slice(start, stop))
+        self._raise_if_bad(heads, np.arange(start, stop))
+
+    def _raise_if_bad(self, heads: np.ndarray, rows: np.ndarray) -> None:
+        bad = heads != self.dim
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidInput(
+                f"{self.name}: dim mismatch at row {int(rows[i])} (header says {int(heads[i])}, "
+                f"row 0 says {self.dim}); the file is corrupted or mixes dimensions"
+            )
+
+    def _check_ints(self, block: np.ndarray, start: int, rows=None) -> None:
+        if self.dtype.kind == "i" and block.size:
+            big = np.abs(block.astype(np.int64)) > _INT_EXACT
+            if big.any():
+                i = int(np.argmax(big.any(axis=1)))
+                row = int(rows[i]) if rows is not None else start + i
+                raise InvalidInput(
+                    f"{self.name}: value at row {row} is outside +-2**24 and cannot be converted to float32 exactly"
+                )
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        self._check_headers(start, stop)
+        block = self._values[start:stop]
+        self._check_ints(block, start)
+        return block
+
+    def take(self, indices) -> np.ndarray:
+        idx = self._check_indices(indices)
+        if idx.size == 0:
+            return np.empty((0, self.dim), np.float32)
+        self._raise_if_bad(self._header_rows(idx), idx)
+        block = self._values[idx]
+        self._check_ints(block, 0, rows=idx)
+        out = np.ascontiguousarray(block, dtype=np.float32)
+        check_finite_rows(out, idx, self.name)
+        return out
+
+    def close(self) -> None:
+        """Release the memory map (the source is unusable afterwards)."""
+        mm = getattr(self._raw, "_mmap", None)
+        self._raw = self._values = None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # views still alive elsewhere: leave it to the garbage collector
+                pass
+
+
+def _write_vecs(path, x, dtype: np.dtype) -> None:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise InvalidInput(f"expected a 2-D array (n, dim), got shape {arr.shape}")
+    n, dim = arr.shape
+    if dim == 0:
+        raise InvalidInput("cannot write vectors with zero columns")
+    values = arr.astype(dtype, copy=False)
+    if dtype.kind != "f" and not np.array_equal(values, arr):
+        raise InvalidInput(f"values do not fit exactly into {dtype.name}")
+    out = np.empty((n, 4 + dim * dtype.itemsize), np.uint8)
+    out[:, :4] = np.frombuffer(np.int32(dim).astype("<i4").tobytes(), np.uint8)
+    out[:, 4:] = np.ascontiguousarray(values).view(np.uint8).reshape(n, dim * dtype.itemsize)
+    with open(path, "wb") as fh:
+        out.tofile(fh)
+
+
+def write_fvecs(path, x) -> None:
+    """Write ``x`` (n, dim) as a TEXMEX ``.fvecs`` file (float32 values)."""
+    _write_vecs(path, x, np.dtype("<f4"))
+
+
+def write_bvecs(path, x) -> None:
+    """Write ``x`` (n, dim) of integers in [0, 255] as a TEXMEX ``.bvecs`` file."""
+    _write_vecs(path, x, np.dtype("u1"))
+
+
+def write_ivecs(path, x) -> None:
+    """Write ``x`` (n, dim) of int32-representable integers as a TEXMEX ``.ivecs`` file."""
+    _write_vecs(path, x, np.dtype("<i4"))
