@@ -1,1 +1,6 @@
-"""kvant.quant."""
+"""kvant.quant: vector codecs (fit / encode / decode / code_size)."""
+
+from .opq import OPQ
+from .pq import PQ
+
+__all__ = ["PQ", "OPQ"]

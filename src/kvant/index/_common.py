@@ -1,0 +1,159 @@
+"""Shared plumbing of the searchable indexes: validation at the door, id bookkeeping, growable storage,
+result conventions (squared L2 ascending / similarities descending, padding -1 and ±inf)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+from ..io import as_source, check_finite
+from ..io.source import VectorSource
+
+METRICS = ("l2", "ip", "cos")
+
+
+def check_metric(metric) -> str:
+    if metric not in METRICS:
+        raise InvalidInput(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return metric
+
+
+def check_dim(dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+        raise InvalidInput(f"dim must be a positive integer, got {dim!r}")
+    return int(dim)
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise InvalidInput(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit-norm copy of ``x`` (float32); zero rows stay zero."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    norms[norms == 0] = 1.0
+    return (x / norms[:, None]).astype(np.float32)
+
+
+def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
+    """Validate queries -> (float32 C-contiguous (nq, dim), was_1d)."""
+    if isinstance(q, VectorSource):
+        arr = q.to_array()
+        one = False
+    else:
+        arr = np.asarray(q)
+        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+            raise InvalidInput(f"queries must be numeric, got dtype {arr.dtype}")
+        one = arr.ndim == 1
+        if one:
+            arr = arr.reshape(1, -1)
+        if arr.ndim != 2:
+            raise InvalidInput(f"queries must be 1-D (dim,) or 2-D (nq, dim), got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise DimensionMismatch(f"queries have dimension {arr.shape[1]}, expected {dim}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    check_finite(arr, 0, "queries")
+    return arr, one
+
+
+def as_vectors(x, dim: int, what: str = "vectors") -> VectorSource:
+    if isinstance(x, np.ndarray) and x.ndim == 1:
+        x = x.reshape(1, -1)
+    src = as_source(x, name=what)
+    if src.dim != dim:
+        raise DimensionMismatch(f"{what} have dimension {src.dim}, expected {dim}")
+    return src
+
+
+def check_new_ids(ids, n: int, existing: np.ndarray) -> np.ndarray | None:
+    """Validate caller ids for ``n`` new rows: 1-D integers, unique, not already in the index."""
+    if ids is None:
+        return None
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise InvalidInput(f"ids must be a 1-D array of {n} integers, got shape {arr.shape}")
+    if n and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_):
+        raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and n and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidInput("ids must fit in int64")
+    arr = arr.astype(np.int64)
+    if n and arr.min() < 0:
+        raise InvalidInput("ids must be >= 0 (-1 marks a missing result)")
+    s = np.sort(arr)
+    dup = s[1:][s[1:] == s[:-1]]
+    if dup.size:
+        raise InvalidInput(f"ids contain duplicates (e.g. {int(dup[0])}); ids must be unique")
+    if existing.size:
+        clash = np.isin(arr, existing)
+        if clash.any():
+            raise InvalidInput(f"id {int(arr[np.argmax(clash)])} is already in the index; ids must be unique")
+    return arr
+
+
+def check_remove_ids(ids) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_)):
+        raise InvalidInput("ids to remove must be a 1-D array of integers")
+    return arr.astype(np.int64)
+
+
+class Rows:
+    """A growable (n, *shape) array with amortised O(1) append and in-place compaction."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, data: np.ndarray | None = None):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        if data is None:
+            data = np.empty((0, *self.shape), self.dtype)
+        self._buf = data
+        self.n = data.shape[0]
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    def append(self, block: np.ndarray) -> None:
+        need = self.n + block.shape[0]
+        if need > self._buf.shape[0] or not self._buf.flags.writeable:
+            cap = max(need, 2 * self._buf.shape[0], 1024) if self._buf.flags.writeable else need
+            new = np.empty((cap, *self.shape), self.dtype)
+            new[: self.n] = self._buf[: self.n]
+            self._buf = new
+        self._buf[self.n : need] = block
+        self.n = need
+
+    def keep(self, mask: np.ndarray) -> None:
+        kept = self.view[mask]
+        self._buf = np.ascontiguousarray(kept)
+        self.n = kept.shape[0]
+
+
+def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similarity: bool, one: bool):
+    """Map internal row numbers to ids, apply the sign/padding convention, squeeze 1-D queries."""
+    out_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1).astype(np.int64)
+    dist = dist.astype(np.float32, copy=True)
+    if similarity:
+        dist = -dist
+        dist[out_ids < 0] = -np.inf
+    else:
+        dist[out_ids < 0] = np.inf
+    if one:
+        return dist[0], out_ids[0]
+    return dist, out_ids
+
+
+def require_nonempty(n: int, what: str) -> None:
+    if n == 0:
+        raise EmptyIndex(f"{what} holds no vectors; add vectors before searching")
+
+
+def check_ids_array(ids: np.ndarray, n: int) -> np.ndarray:
+    if ids.dtype != np.int64 or ids.shape != (n,):
+        raise PersistError(f"ids have shape {ids.shape} / {ids.dtype}, expected ({n},) int64")
+    if n and (ids.min() < 0 or np.unique(ids).size != n):
+        raise PersistError("ids are negative or not unique")
+    return ids

@@ -1,0 +1,178 @@
+"""Exact brute-force search: the ground truth every approximate index is measured against.
+
+Queries are processed in blocks of rows against blocks of stored vectors; each (query block x vector
+block) distance tile comes from BLAS (:mod:`kvant.kernels.distance`) and is merged into a running top-k
+(:func:`kvant.kernels.topk.merge_topk`), so memory stays bounded at any size. ``cos`` normalises stored
+vectors and queries and then searches by inner product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import persist
+from ..errors import PersistError
+from ._common import (
+    Rows,
+    as_queries,
+    as_vectors,
+    check_dim,
+    check_ids_array,
+    check_k,
+    check_metric,
+    check_new_ids,
+    check_remove_ids,
+    finish_results,
+    normalize_rows,
+    require_nonempty,
+)
+
+__all__ = ["FlatIndex"]
+
+_TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 16 MiB of float32
+
+
+class FlatIndex:
+    """Exact k-nearest-neighbour search by brute force.
+
+    >>> import numpy as np, kvant
+    >>> x = np.random.default_rng(0).standard_normal((1000, 16)).astype("float32")
+    >>> index = kvant.FlatIndex(16, metric="l2")
+    >>> index.add(x)
+    >>> dist, ids = index.search(x[:3], k=5)
+    >>> ids[:, 0].tolist()
+    [0, 1, 2]
+    """
+
+    _kind = "FlatIndex"
+    is_trained = True
+
+    def __init__(self, dim: int, metric: str = "l2"):
+        self.dim = check_dim(dim)
+        self.metric = check_metric(metric)
+        self._x = Rows((self.dim,), np.float32)
+        self._norms = Rows((), np.float32)
+        self._ids = Rows((), np.int64)
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return self._ids.n
+
+    @property
+    def ntotal(self) -> int:
+        return self._ids.n
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The stored ids, in storage order (a copy)."""
+        return self._ids.view.copy()
+
+    def train(self, x=None) -> FlatIndex:
+        """Nothing to learn; present so every index has the same life cycle."""
+        return self
+
+    def add(self, x, ids=None) -> None:
+        """Store vectors ``x`` (any kvant.io source) under ``ids`` (default: consecutive new ids)."""
+        from ..kernels.distance import sq_norms
+
+        src = as_vectors(x, self.dim)
+        new_ids = check_new_ids(ids, src.n, self._ids.view)
+        parts = []
+        for _, block in src.chunks():  # raises on NaN before anything is stored
+            parts.append(normalize_rows(block) if self.metric == "cos" else np.array(block, np.float32))
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if new_ids is None:
+            new_ids = np.arange(self._next_id, self._next_id + src.n, dtype=np.int64)
+        self._x.append(block)
+        self._norms.append(sq_norms(block))
+        self._ids.append(new_ids)
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+
+    def search(self, q, k: int):
+        """``(distances, ids)`` of the ``k`` nearest stored vectors to each query (see the conventions)."""
+        from ..kernels.distance import ip_block, sq_l2_block, sq_norms
+        from ..kernels.topk import merge_topk
+
+        q, one = as_queries(q, self.dim)
+        k = check_k(k)
+        require_nonempty(self.ntotal, "the index")
+        if self.metric == "cos":
+            q = normalize_rows(q)
+        x, norms, n = self._x.view, self._norms.view, self.ntotal
+        nq = q.shape[0]
+        out_d = np.full((nq, k), np.inf, np.float32)
+        out_i = np.full((nq, k), -1, np.int64)
+        qb = max(1, min(nq, 1024))
+        xb = max(256, _TILE // qb)
+        for qs in range(0, nq, qb):
+            qblk = q[qs : qs + qb]
+            qn = sq_norms(qblk) if self.metric == "l2" else None
+            od, oi = out_d[qs : qs + qb], out_i[qs : qs + qb]
+            for xs in range(0, n, xb):
+                xblk = np.ascontiguousarray(x[xs : xs + xb])
+                if self.metric == "l2":
+                    d = sq_l2_block(qblk, xblk, np.ascontiguousarray(norms[xs : xs + xb]), qn)
+                else:
+                    d = np.negative(ip_block(qblk, xblk), dtype=np.float32)
+                merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
+        return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
+
+    def remove(self, ids) -> int:
+        """Remove the vectors with these ids (unknown ids are ignored). Returns how many were removed."""
+        ids = check_remove_ids(ids)
+        drop = np.isin(self._ids.view, ids)
+        count = int(drop.sum())
+        if count:
+            keep = ~drop
+            self._x.keep(keep)
+            self._norms.keep(keep)
+            self._ids.keep(keep)
+        return count
+
+    def reconstruct(self, ids) -> np.ndarray:
+        """Stored vectors (normalised for cos) for these ids, in the given order."""
+        from ..errors import InvalidInput
+
+        ids = check_remove_ids(ids)
+        stored = self._ids.view
+        order = np.argsort(stored, kind="stable")
+        pos = np.searchsorted(stored[order], ids)
+        pos = np.minimum(pos, max(0, stored.size - 1))
+        if stored.size == 0 or not np.array_equal(stored[order][pos], ids):
+            raise InvalidInput("some ids are not in the index")
+        return self._x.view[order[pos]].copy()
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        meta = {"dim": self.dim, "metric": self.metric, "next_id": self._next_id}
+        persist.write(path, self._kind, meta, {"vectors": self._x.view, "ids": self._ids.view})
+
+    @classmethod
+    def _from_persist(cls, meta: dict, arrays: dict) -> FlatIndex:
+        from ..kernels.distance import sq_norms
+
+        try:
+            obj = cls(meta["dim"], meta["metric"])
+            next_id = int(meta["next_id"])
+            x, ids = arrays["vectors"], arrays["ids"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PersistError(f"bad FlatIndex content: {exc}") from exc
+        n = ids.shape[0] if ids.ndim == 1 else -1
+        check_ids_array(ids, n)
+        if x.dtype != np.float32 or x.shape != (n, obj.dim):
+            raise PersistError(f"vectors have shape {x.shape} / {x.dtype}, expected ({n}, {obj.dim}) float32")
+        if n and (next_id <= int(ids.max())):
+            raise PersistError("next_id is not larger than every stored id")
+        if not np.isfinite(x).all():
+            raise PersistError("stored vectors contain NaN or inf")
+        obj._x = Rows((obj.dim,), np.float32, x)
+        obj._norms = Rows((), np.float32, sq_norms(np.ascontiguousarray(x)) if n else None)
+        obj._ids = Rows((), np.int64, ids)
+        obj._next_id = next_id
+        return obj
+
+    def __repr__(self) -> str:
+        return f"FlatIndex(dim={self.dim}, metric={self.metric!r}, ntotal={self.ntotal})"
+
+
+persist.register("FlatIndex")(FlatIndex)

@@ -1,0 +1,299 @@
+"""Product-quantization index: vectors stored as PQ (or OPQ) codes, searched by asymmetric distance
+computation (ADC): the query stays exact, each stored vector is its reconstruction.
+
+- nbits=8: per-query distance tables (m x 256) and a fused scan + top-k over the codes
+  (:func:`kvant.kernels.pq.adc_search`).
+- nbits=4: FastScan. Codes are repacked in blocks of 32 rows, lookup tables quantised to u8, sums
+  accumulated in u16, and a shortlist of ``fastscan_rerank * k`` candidates re-scored with exact float
+  ADC, so returned distances are exact ADC distances (:func:`kvant.kernels.pq.fastscan_search`).
+- ``refine=r`` keeps the raw float32 vectors and re-ranks the best ``r * k`` ADC candidates with exact
+  distances (returned distances are then exact).
+
+Metrics: ``l2`` (squared L2, ascending), ``ip`` (inner product, descending; tables are negated so the
+kernels always minimise), ``cos`` (vectors and queries normalised, then ``ip``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import persist
+from .._config import check_seed
+from ..errors import EmptyIndex, InvalidInput, PersistError
+from ..quant.opq import OPQ
+from ..quant.pq import PQ, _check_int
+from ._common import (
+    Rows,
+    as_queries,
+    as_vectors,
+    check_dim,
+    check_ids_array,
+    check_k,
+    check_metric,
+    check_new_ids,
+    check_remove_ids,
+    finish_results,
+    normalize_rows,
+    require_nonempty,
+)
+
+__all__ = ["PQIndex"]
+
+
+def _kpq():
+    from ..kernels import pq as kpq
+
+    return kpq
+
+
+class PQIndex:
+    """Approximate k-NN search over PQ/OPQ codes.
+
+    >>> import numpy as np, kvant
+    >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32")
+    >>> index = kvant.PQIndex(32, m=8, nbits=8, refine=4)
+    >>> index.train(x)
+    >>> index.add(x)
+    >>> dist, ids = index.search(x[:2], k=3)
+    >>> ids[:, 0].tolist()
+    [0, 1]
+    """
+
+    _kind = "PQIndex"
+
+    def __init__(
+        self,
+        dim: int,
+        m: int,
+        nbits: int = 8,
+        metric: str = "l2",
+        opq: bool = False,
+        refine: int = 0,
+        seed: int | None = 0,
+        fastscan_rerank: int = 4,
+        max_train_rows: int | None = None,
+    ):
+        self.dim = check_dim(dim)
+        self.metric = check_metric(metric)
+        if not isinstance(opq, bool | np.bool_):
+            raise InvalidInput(f"opq must be True or False, got {opq!r}")
+        self.opq = bool(opq)
+        self.refine = _check_int("refine", refine, lo=0)
+        self.fastscan_rerank = _check_int("fastscan_rerank", fastscan_rerank, lo=1)
+        self.seed = check_seed(seed)
+        codec_cls = OPQ if self.opq else PQ
+        self.codec: PQ = codec_cls(self.dim, m, nbits, seed=self.seed, max_train_rows=max_train_rows)
+        self.m, self.nbits = self.codec.m, self.codec.nbits
+        self._codes = Rows((self.codec.code_size,), np.uint8)
+        self._raw = Rows((self.dim,), np.float32)
+        self._ids = Rows((), np.int64)
+        self._next_id = 0
+        self._fastscan = None  # packed 4-bit codes, rebuilt lazily after add/remove
+
+    # -- state ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._ids.n
+
+    @property
+    def ntotal(self) -> int:
+        return self._ids.n
+
+    @property
+    def is_trained(self) -> bool:
+        return self.codec.is_fitted
+
+    @property
+    def code_size(self) -> int:
+        return self.codec.code_size
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids.view.copy()
+
+    @property
+    def codes(self) -> np.ndarray:
+        """Stored codes in the codec's layout (n, code_size) (a copy)."""
+        return self._codes.view.copy()
+
+    def _prep(self, block: np.ndarray) -> np.ndarray:
+        return normalize_rows(block) if self.metric == "cos" else block
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def train(self, x) -> PQIndex:
+        """Learn the codec on a sample of ``x`` (any kvant.io source)."""
+        if self.ntotal:
+            raise InvalidInput("the index already holds vectors encoded with its codebooks; build a new index")
+        src = as_vectors(x, self.dim, "training data")
+        if src.n < self.codec.ksub:
+            raise InvalidInput(f"training data has {src.n} rows; at least {self.codec.ksub} are needed")
+        xs = self._prep(src.sample(self.codec.train_rows, seed=self.seed))
+        codec = type(self.codec)._from_meta(self.codec._meta())
+        codec.fit(xs)
+        self.codec = codec
+        return self
+
+    def add(self, x, ids=None) -> None:
+        """Encode and store ``x`` under ``ids`` (default: consecutive new ids). All-or-nothing."""
+        if not self.is_trained:
+            raise EmptyIndex("the index is not trained; call train(x) before add")
+        src = as_vectors(x, self.dim)
+        new_ids = check_new_ids(ids, src.n, self._ids.view)
+        codes, raws = [], []
+        for _, block in src.chunks(65536):  # NaN raises here, before anything is stored
+            block = self._prep(block)
+            codes.append(self.codec._encode_block(block))
+            if self.refine:
+                raws.append(np.array(block, np.float32))
+        if new_ids is None:
+            new_ids = np.arange(self._next_id, self._next_id + src.n, dtype=np.int64)
+        self._codes.append(np.concatenate(codes) if len(codes) > 1 else codes[0])
+        if self.refine:
+            self._raw.append(np.concatenate(raws) if len(raws) > 1 else raws[0])
+        self._ids.append(new_ids)
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        self._fastscan = None
+
+    def remove(self, ids) -> int:
+        """Remove the vectors with these ids (unknown ids are ignored). Returns how many were removed."""
+        ids = check_remove_ids(ids)
+        drop = np.isin(self._ids.view, ids)
+        count = int(drop.sum())
+        if count:
+            keep = ~drop
+            self._codes.keep(keep)
+            if self.refine:
+                self._raw.keep(keep)
+            self._ids.keep(keep)
+            self._fastscan = None
+        return count
+
+    # -- search -----------------------------------------------------------------------------------
+    def _tables(self, q: np.ndarray) -> np.ndarray:
+        kpq = _kpq()
+        qr = np.ascontiguousarray(self.codec._transform(q), dtype=np.float32)
+        if self.metric == "l2":
+            return kpq.distance_tables_l2(qr, self.codec.codebooks_)
+        t = kpq.ip_tables(qr, self.codec.codebooks_)
+        np.negative(t, out=t)
+        return t
+
+    def _packed(self):
+        if self._fastscan is None:
+            codes = self.codec.unpacked_codes(self._codes.view)
+            self._fastscan = _kpq().pack_codes_4bit(np.ascontiguousarray(codes))
+        return self._fastscan
+
+    def _adc(self, tables: np.ndarray, k: int):
+        kpq = _kpq()
+        if self.nbits == 8:
+            return kpq.adc_search(tables, np.ascontiguousarray(self._codes.view), k)
+        return kpq.fastscan_search(tables, self._packed(), self.ntotal, self.m, k, self.fastscan_rerank)
+
+    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int):
+        """Re-rank candidate rows (nq, kc) by exact distance; keep the best k (ties -> smaller row)."""
+        from ..kernels.topk import merge_topk_ids
+
+        raw = self._raw.view
+        valid = rows >= 0
+        vecs = raw[np.where(valid, rows, 0)]  # (nq, kc, dim)
+        if self.metric == "l2":
+            diff = vecs - q[:, None, :]
+            d = np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64).astype(np.float32)
+        else:
+            d = -np.einsum("ijk,ik->ij", vecs, q, dtype=np.float64).astype(np.float32)
+        d[~valid] = np.inf
+        out_d = np.full((q.shape[0], k), np.inf, np.float32)
+        out_i = np.full((q.shape[0], k), -1, np.int64)
+        merge_topk_ids(np.ascontiguousarray(d), np.ascontiguousarray(rows), out_d, out_i)
+        return out_d, out_i
+
+    def search(self, q, k: int):
+        """``(distances, ids)`` of the ``k`` best stored vectors per query (see the conventions)."""
+        q, one = as_queries(q, self.dim)
+        k = check_k(k)
+        if not self.is_trained:
+            raise EmptyIndex("the index is not trained; call train(x) and add(x) before searching")
+        require_nonempty(self.ntotal, "the index")
+        q = self._prep(q)
+        nq = q.shape[0]
+        kc = k * self.refine if self.refine else k
+        out_d = np.empty((nq, k), np.float32)
+        out_i = np.empty((nq, k), np.int64)
+        step = max(1, (1 << 22) // (self.m * self.codec.ksub))
+        if self.refine:
+            step = max(1, min(step, (1 << 22) // (kc * self.dim)))
+        for s in range(0, nq, step):
+            qb = q[s : s + step]
+            d, rows = self._adc(self._tables(qb), kc)
+            if self.refine:
+                d, rows = self._exact(qb, rows, k)
+            out_d[s : s + step], out_i[s : s + step] = d, rows
+        return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {
+            "dim": self.dim,
+            "m": self.m,
+            "nbits": self.nbits,
+            "metric": self.metric,
+            "opq": self.opq,
+            "refine": self.refine,
+            "seed": self.seed,
+            "fastscan_rerank": self.fastscan_rerank,
+            "max_train_rows": self.codec.max_train_rows,
+            "next_id": self._next_id,
+            "trained": self.is_trained,
+        }
+
+    def save(self, path) -> None:
+        arrays = {"ids": self._ids.view, "codes": self._codes.view}
+        if self.refine:
+            arrays["raw"] = self._raw.view
+        if self.is_trained:
+            for name, arr in self.codec._arrays().items():
+                arrays[f"codec.{name}"] = arr
+        persist.write(path, self._kind, self._meta(), arrays)
+
+    @classmethod
+    def _from_persist(cls, meta: dict, arrays: dict) -> PQIndex:
+        try:
+            obj = cls(meta["dim"], meta["m"], meta["nbits"], meta["metric"], opq=meta["opq"], refine=meta["refine"],
+                      seed=meta["seed"], fastscan_rerank=meta["fastscan_rerank"],
+                      max_train_rows=meta["max_train_rows"])
+            next_id, trained = int(meta["next_id"]), meta["trained"]
+            ids, codes = arrays["ids"], arrays["codes"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PersistError(f"bad PQIndex content: {exc}") from exc
+        n = ids.shape[0] if ids.ndim == 1 else -1
+        check_ids_array(ids, n)
+        if codes.dtype != np.uint8 or codes.shape != (n, obj.code_size):
+            raise PersistError(f"codes have shape {codes.shape} / {codes.dtype}, expected ({n}, {obj.code_size})")
+        if n and next_id <= int(ids.max()):
+            raise PersistError("next_id is not larger than every stored id")
+        if trained is not True and (trained is not False or n):
+            raise PersistError("an untrained index cannot hold vectors")
+        if obj.refine:
+            raw = arrays.get("raw")
+            if raw is None or raw.dtype != np.float32 or raw.shape != (n, obj.dim):
+                raise PersistError(f"raw vectors missing or not ({n}, {obj.dim}) float32")
+            if not np.isfinite(raw).all():
+                raise PersistError("raw vectors contain NaN or inf")
+            obj._raw = Rows((obj.dim,), np.float32, raw)
+        if trained:
+            codec_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("codec.")}
+            try:
+                obj.codec._load_arrays(codec_arrays)
+            except KeyError as exc:
+                raise PersistError(f"codec array {exc} missing") from exc
+        obj._codes = Rows((obj.code_size,), np.uint8, codes)
+        obj._ids = Rows((), np.int64, ids)
+        obj._next_id = next_id
+        return obj
+
+    def __repr__(self) -> str:
+        return (f"PQIndex(dim={self.dim}, m={self.m}, nbits={self.nbits}, metric={self.metric!r}, opq={self.opq}, "
+                f"refine={self.refine}, ntotal={self.ntotal})")
+
+
+persist.register("PQIndex")(PQIndex)

@@ -1,0 +1,305 @@
+"""Product quantization (Jégou et al., 2011): split vectors into ``m`` sub-vectors, learn ``2**nbits``
+codewords per subspace with k-means, store one codeword id per sub-vector.
+
+Training runs on a sample of the input: by default ``256 * 2**nbits`` rows (65,536 for nbits=8,
+4,096 for nbits=4; FAISS uses the same 256 points per centroid), override with ``max_train_rows``.
+Each subspace is trained with :func:`kvant.cluster.lloyd.train_centroids` (deterministic k-means++
+and Lloyd, parallel inside), seeded from ``seed`` so the same seed and thread count give the same
+codebooks.
+
+Code layout: nbits=8 gives ``m`` bytes per vector (byte j = codeword id of sub-vector j); nbits=4 packs
+two codes per byte, sub-vector ``2i`` in the low nibble of byte ``i`` and ``2i+1`` in the high nibble
+(``ceil(m/2)`` bytes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import persist
+from .._config import check_seed, rng
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+from ..io import as_source
+from ..io.source import VectorSource, default_chunk_rows
+
+__all__ = ["PQ", "pack_nibbles", "unpack_nibbles", "check_dim_m"]
+
+_ROWS_PER_CODEWORD = 256
+_ENCODE_CHUNK_ROWS = 65536
+
+
+def _kpq():
+    # Imported lazily: keeps ``import kvant`` cheap and independent of kernel compilation.
+    from ..kernels import pq as kpq
+
+    return kpq
+
+
+def _check_int(name: str, value, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
+        raise InvalidInput(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def check_dim_m(dim, m, nbits) -> tuple[int, int, int]:
+    """Validate ``(dim, m, nbits)``; ``dim % m != 0`` names the values of m that would work."""
+    dim = _check_int("dim", dim)
+    m = _check_int("m", m)
+    if isinstance(nbits, bool) or nbits not in (4, 8):
+        raise InvalidInput(f"nbits must be 4 or 8, got {nbits!r}")
+    if dim % m != 0:
+        divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+        raise InvalidInput(f"m={m} does not divide dim={dim}; m must be one of {divisors}")
+    return dim, m, int(nbits)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """(n, m) codes < 16 -> (n, ceil(m/2)) bytes; sub-vector 2i in the low nibble of byte i."""
+    n, m = codes.shape
+    if m % 2:
+        codes = np.concatenate([codes, np.zeros((n, 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4), dtype=np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, m: int) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`."""
+    n = packed.shape[0]
+    out = np.empty((n, packed.shape[1] * 2), np.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return np.ascontiguousarray(out[:, :m])
+
+
+def _as_checked_source(x, dim: int, what: str) -> VectorSource:
+    src = as_source(x, name=what)
+    if src.dim != dim:
+        raise DimensionMismatch(f"{what} has dimension {src.dim}, expected {dim}")
+    return src
+
+
+def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None) -> np.ndarray:
+    """k-means in each of the ``m`` subspaces of ``xs`` (n, dim) -> codebooks (m, ksub, dim // m)."""
+    from ..cluster.lloyd import train_centroids
+
+    n, dim = xs.shape
+    dsub = dim // m
+    seeds = rng(seed).integers(0, 2**31 - 1, size=m) if seed is not None else [None] * m
+    books = np.empty((m, ksub, dsub), np.float32)
+    # Each training is parallel inside (assignment kernel over rows); subspaces run one after another so
+    # the two levels of parallelism don't fight over the cores.
+    for j in range(m):
+        sub = np.ascontiguousarray(xs[:, j * dsub : (j + 1) * dsub])
+        s = None if seed is None else int(seeds[j])
+        books[j] = train_centroids(sub, ksub, n_iter=n_iter, seed=s)
+    return books
+
+
+def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
+    """``n_iter`` Lloyd iterations in all subspaces at once, warm-started from ``books`` (updated copy).
+
+    Assignment is the parallel PQ encoder (every subspace in one pass over the rows); an empty cell keeps
+    its previous codeword. Used by OPQ, whose inner loop only needs a few warm-started iterations.
+    """
+    kpq = _kpq()
+    books = np.array(books, dtype=np.float32, copy=True)
+    m, ksub, dsub = books.shape
+    n = xs.shape[0]
+    xv = xs.reshape(n, m, dsub)
+    for _ in range(n_iter):
+        codes = kpq.pq_encode(xs, books)
+        for j in range(m):
+            c = codes[:, j]
+            counts = np.bincount(c, minlength=ksub)
+            sums = np.empty((ksub, dsub), np.float64)
+            for d in range(dsub):
+                sums[:, d] = np.bincount(c, weights=xv[:, j, d], minlength=ksub)
+            nz = counts > 0
+            books[j][nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
+    return books
+
+
+class PQ:
+    """Product quantizer.
+
+    >>> import numpy as np, kvant
+    >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32")
+    >>> pq = kvant.PQ(dim=32, m=8, nbits=4).fit(x)
+    >>> codes = pq.encode(x)                      # uint8 (5000, 4): two 4-bit codes per byte
+    >>> x_hat = pq.decode(codes)
+    >>> err = pq.reconstruction_error(x)
+    """
+
+    _kind = "PQ"
+
+    def __init__(
+        self,
+        dim: int,
+        m: int,
+        nbits: int = 8,
+        seed: int | None = 0,
+        n_iter: int = 25,
+        max_train_rows: int | None = None,
+    ):
+        self.dim, self.m, self.nbits = check_dim_m(dim, m, nbits)
+        self.seed = check_seed(seed)
+        self.n_iter = _check_int("n_iter", n_iter, lo=0)
+        self.max_train_rows = None if max_train_rows is None else _check_int("max_train_rows", max_train_rows)
+        self.codebooks_: np.ndarray | None = None
+
+    # -- shape facts ------------------------------------------------------------------------------
+    @property
+    def ksub(self) -> int:
+        return 1 << self.nbits
+
+    @property
+    def dsub(self) -> int:
+        return self.dim // self.m
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per encoded vector."""
+        return self.m if self.nbits == 8 else (self.m + 1) // 2
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.codebooks_ is not None
+
+    @property
+    def codebooks(self) -> np.ndarray:
+        """(m, 2**nbits, dim // m) float32 codewords (in the rotated space for OPQ)."""
+        self._check_fitted()
+        return self.codebooks_
+
+    def _check_fitted(self) -> None:
+        if self.codebooks_ is None:
+            raise EmptyIndex(f"{type(self).__name__} is not fitted; call fit(train) first")
+
+    @property
+    def train_rows(self) -> int:
+        """How many rows ``fit`` samples at most."""
+        return self.max_train_rows if self.max_train_rows is not None else _ROWS_PER_CODEWORD * self.ksub
+
+    # -- training ---------------------------------------------------------------------------------
+    def _train_sample(self, x) -> np.ndarray:
+        src = _as_checked_source(x, self.dim, "training data")
+        if src.n < self.ksub:
+            raise InvalidInput(
+                f"training data has {src.n} rows; at least {self.ksub} (= 2**nbits codewords) are needed"
+            )
+        xs = src.sample(self.train_rows, seed=self.seed)
+        return np.ascontiguousarray(xs, dtype=np.float32)
+
+    def fit(self, x) -> PQ:
+        """Learn codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows."""
+        xs = self._train_sample(x)
+        self.codebooks_ = train_subspaces(xs, self.m, self.ksub, self.n_iter, self.seed)
+        return self
+
+    # -- coding -----------------------------------------------------------------------------------
+    def _transform(self, block: np.ndarray) -> np.ndarray:
+        """Map a float32 block into the space the codebooks live in (identity for PQ)."""
+        return block
+
+    def _inverse_transform(self, block: np.ndarray) -> np.ndarray:
+        return block
+
+    def _encode_block(self, block: np.ndarray) -> np.ndarray:
+        codes = _kpq().pq_encode(np.ascontiguousarray(self._transform(block), dtype=np.float32), self.codebooks_)
+        return pack_nibbles(codes) if self.nbits == 4 else codes
+
+    def encode(self, x) -> np.ndarray:
+        """Codes of every row of ``x`` (any source), uint8 (n, code_size); streamed in chunks."""
+        self._check_fitted()
+        src = _as_checked_source(x, self.dim, "vectors to encode")
+        out = np.empty((src.n, self.code_size), np.uint8)
+        rows = min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))
+        for start, block in src.chunks(rows):
+            out[start : start + block.shape[0]] = self._encode_block(block)
+        return out
+
+    def unpacked_codes(self, codes: np.ndarray) -> np.ndarray:
+        """(n, m) codeword ids from codes in this codec's layout."""
+        return unpack_nibbles(codes, self.m) if self.nbits == 4 else codes
+
+    def _check_codes(self, codes) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.ndim == 1:
+            codes = codes.reshape(1, -1)
+        if codes.ndim != 2 or codes.shape[1] != self.code_size:
+            raise InvalidInput(f"codes must have shape (n, {self.code_size}), got {codes.shape}")
+        if codes.dtype != np.uint8:
+            raise InvalidInput(f"codes must be uint8, got {codes.dtype}")
+        return np.ascontiguousarray(codes)
+
+    def decode(self, codes) -> np.ndarray:
+        """Reconstructions (n, dim) float32 of ``codes`` (uint8 (n, code_size))."""
+        self._check_fitted()
+        codes = self._check_codes(codes)
+        out = np.empty((codes.shape[0], self.dim), np.float32)
+        step = _ENCODE_CHUNK_ROWS
+        sub = np.arange(self.m)
+        for s in range(0, codes.shape[0], step):
+            c = self.unpacked_codes(codes[s : s + step])
+            rec = self.codebooks_[sub, c].reshape(c.shape[0], self.dim)
+            out[s : s + c.shape[0]] = self._inverse_transform(rec)
+        return out
+
+    def reconstruction_error(self, x) -> float:
+        """Mean over rows of the squared L2 error ``||x - decode(encode(x))||²``."""
+        self._check_fitted()
+        src = _as_checked_source(x, self.dim, "vectors")
+        total = 0.0
+        for _, block in src.chunks(min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))):
+            rec = self.decode(self._encode_block(block))
+            diff = block.astype(np.float64) - rec
+            total += float(np.einsum("ij,ij->", diff, diff))
+        return total / src.n
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {
+            "dim": self.dim,
+            "m": self.m,
+            "nbits": self.nbits,
+            "seed": self.seed,
+            "n_iter": self.n_iter,
+            "max_train_rows": self.max_train_rows,
+        }
+
+    def _arrays(self) -> dict:
+        return {"codebooks": self.codebooks_}
+
+    def save(self, path) -> None:
+        """Write the fitted codec to ``path`` (load with :func:`kvant.load`)."""
+        self._check_fitted()
+        persist.write(path, self._kind, self._meta(), self._arrays())
+
+    @classmethod
+    def _from_meta(cls, meta: dict):
+        return cls(meta["dim"], meta["m"], meta["nbits"], seed=meta["seed"], n_iter=meta["n_iter"],
+                   max_train_rows=meta["max_train_rows"])
+
+    def _load_arrays(self, arrays: dict) -> None:
+        cb = arrays["codebooks"]
+        expected = (self.m, self.ksub, self.dsub)
+        if cb.dtype != np.float32 or cb.shape != expected:
+            raise PersistError(f"codebooks have shape {cb.shape} / {cb.dtype}, expected {expected} float32")
+        if not np.isfinite(cb).all():
+            raise PersistError("codebooks contain NaN or inf")
+        self.codebooks_ = np.ascontiguousarray(cb)
+
+    @classmethod
+    def _from_persist(cls, meta: dict, arrays: dict):
+        try:
+            obj = cls._from_meta(meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PersistError(f"bad {cls._kind} settings in file: {exc}") from exc
+        obj._load_arrays(arrays)
+        return obj
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.is_fitted else "not fitted"
+        return f"{type(self).__name__}(dim={self.dim}, m={self.m}, nbits={self.nbits}, {state})"
+
+
+persist.register("PQ")(PQ)
