@@ -13,6 +13,10 @@ from .persist import load
 
 # --- cluster (issue 2) ---
 # --- quant + index (issue 3) ---
+# isort: split
+from .index import FlatIndex, PQIndex
+from .quant import OPQ, PQ
+
 # --- tree (issue 4) ---
 
 try:
@@ -35,5 +39,9 @@ __all__ = [
     "PersistError",
     # --- cluster names ---
     # --- quant + index names ---
+    "PQ",
+    "OPQ",
+    "FlatIndex",
+    "PQIndex",
     # --- tree names ---
 ]
