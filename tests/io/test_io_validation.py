@@ -1,0 +1,362 @@
+"""Bad input raises InvalidInput (or DimensionMismatch) with a message naming the problem."""
+
+from __future__ import annotations
+
+import sys
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvant.io.texmex as texmex
+from kvant.errors import DimensionMismatch, InvalidInput, KvantError
+from kvant.io import as_source, write_fvecs, write_ivecs, write_parquet
+
+GOOD = [np.float32, np.float64, np.float16, np.int8, np.uint8]
+BAD = [np.int64, np.int32, np.int16, np.uint16, np.uint32, np.uint64, np.bool_, np.complex64, np.longdouble]
+
+
+def _consume(src):
+    for _ in src.chunks(3):
+        pass
+
+
+# -- arrays ----------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 30),
+    dim=st.integers(0, 6),
+    dtype=st.sampled_from(GOOD + BAD),
+    bad=st.lists(st.tuples(st.integers(0, 29), st.integers(0, 5), st.sampled_from([np.nan, np.inf, -np.inf]))),
+    extra_dims=st.sampled_from([(), (2,), None]),
+)
+def test_array_validation(n, dim, dtype, bad, extra_dims):
+    if extra_dims is None:  # 1-D input
+        x = np.zeros(n, dtype)
+    else:
+        x = np.zeros((n, dim) + extra_dims, dtype)
+    bad = [(r, c, v) for r, c, v in bad if r < n and c < dim]
+    if np.dtype(dtype).kind in "fc" and extra_dims == ():
+        for r, c, v in bad:
+            x[r, c] = v
+    with pytest.raises(InvalidInput) if _should_fail(x, dtype, bad) else _nothing():
+        src = as_source(x)
+        assert src.to_array().shape == x.shape
+    if x.ndim != 2:
+        with pytest.raises(InvalidInput, match="2-D"):
+            as_source(x)
+    elif dtype not in GOOD:
+        with pytest.raises(InvalidInput, match="not supported.*float32"):
+            as_source(x)
+    elif n == 0:
+        with pytest.raises(InvalidInput, match="zero rows"):
+            as_source(x)
+    elif dim == 0:
+        with pytest.raises(InvalidInput, match="zero columns"):
+            as_source(x)
+    elif bad and np.dtype(dtype).kind == "f":
+        first = min(r for r, _, _ in bad)
+        with pytest.raises(InvalidInput, match=rf"NaN or inf \(first bad row: {first}\)"):
+            as_source(x)
+
+
+def _should_fail(x, dtype, bad):
+    return x.ndim != 2 or dtype not in GOOD or 0 in x.shape or (bool(bad) and np.dtype(dtype).kind == "f")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), row=st.integers(0, 39), rows=st.integers(1, 12), dtype=st.sampled_from(GOOD[:3]))
+def test_memmap_nan_found_while_reading(tmp_path_factory, n, row, rows, dtype):
+    row = row % n
+    path = tmp_path_factory.mktemp("mm") / "x.npy"
+    x = np.ones((n, 3), dtype)
+    x[row, 1] = np.nan
+    np.save(path, x)
+    src = as_source(path)  # memory-mapped: not read at open
+    with pytest.raises(InvalidInput, match=rf"first bad row: {row}\)"):
+        _consume(src)
+    with pytest.raises(InvalidInput, match=rf"first bad row: {row}\)"):
+        src.take([row, 0])  # names the file row, not the position in the index list
+    with pytest.raises(InvalidInput, match=rf"first bad row: {row}\)"):
+        src.to_array()
+
+
+def test_int64_rejected_with_supported_list():
+    with pytest.raises(InvalidInput, match="int64 is not supported .*float32, float64, float16, int8, uint8"):
+        as_source(np.zeros((3, 2), np.int64))
+
+
+def test_not_an_array():
+    with pytest.raises(InvalidInput, match="list"):
+        as_source([[1.0, 2.0]])
+    with pytest.raises(InvalidInput, match="dict"):
+        as_source({"a": 1})
+    with pytest.raises(InvalidInput, match="column="):
+        as_source(np.zeros((2, 2), np.float32), column="x")
+
+
+def test_bad_chunk_rows_and_indices():
+    src = as_source(np.zeros((5, 2), np.float32))
+    with pytest.raises(InvalidInput, match="chunk rows"):
+        list(src.chunks(0))
+    with pytest.raises(InvalidInput, match="out of range"):
+        src.take([5])
+    with pytest.raises(InvalidInput, match="out of range"):
+        src.take([-1])
+    with pytest.raises(InvalidInput, match="integer"):
+        src.take([0.5])
+
+
+# -- paths -----------------------------------------------------------------------------------------
+def test_missing_and_unsupported_files(tmp_path):
+    for p in [tmp_path / "nope.npy", str(tmp_path / "nope.fvecs"), tmp_path / "nope.parquet", tmp_path / "a.h5"]:
+        with pytest.raises(InvalidInput, match="not found"):
+            as_source(p)
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(InvalidInput, match="unsupported file type '.csv'"):
+        as_source(tmp_path / "x.csv")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidInput, match="no parquet files"):
+        as_source(empty)
+    np.save(tmp_path / "x.npy", np.zeros((2, 2), np.float32))
+    with pytest.raises(InvalidInput, match="column="):
+        as_source(tmp_path / "x.npy", column="train")
+
+
+def test_npy_problems(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([[{"a": 1}]], dtype=object))
+    with pytest.raises(InvalidInput, match="not a readable .npy"):
+        as_source(tmp_path / "o.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(InvalidInput):
+        as_source(tmp_path / "junk.npy")
+    np.save(tmp_path / "i.npy", np.zeros((2, 2), np.int64))
+    with pytest.raises(InvalidInput, match="int64 is not supported"):
+        as_source(tmp_path / "i.npy")
+    np.save(tmp_path / "z.npy", np.zeros((0, 4), np.float32))
+    with pytest.raises(InvalidInput, match="zero rows"):
+        as_source(tmp_path / "z.npy")
+    np.save(tmp_path / "v.npy", np.zeros(4, np.float32))
+    with pytest.raises(InvalidInput, match="2-D"):
+        as_source(tmp_path / "v.npy")
+
+
+# -- TEXMEX ----------------------------------------------------------------------------------------
+def test_fvecs_truncated(tmp_path):
+    p = tmp_path / "x.fvecs"
+    write_fvecs(p, np.ones((10, 4), np.float32))
+    data = p.read_bytes()
+    p.write_bytes(data[:-3])
+    with pytest.raises(InvalidInput, match="not a multiple of the record size 20"):
+        as_source(p)
+    p.write_bytes(b"")
+    with pytest.raises(InvalidInput, match="empty"):
+        as_source(p)
+    p.write_bytes(b"\x01\x00")
+    with pytest.raises(InvalidInput, match="truncated"):
+        as_source(p)
+    p.write_bytes(np.array([-3, 0, 0, 0], "<i4").tobytes())
+    with pytest.raises(InvalidInput, match="bad dimension header -3"):
+        as_source(p)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 30), row=st.integers(1, 29), eager=st.booleans(), header=st.integers(-5, 10))
+def test_fvecs_dim_mismatch_named(tmp_path_factory, monkeypatch_session, n, row, eager, header):
+    row = max(1, row % n)
+    if header == 4:
+        header = 5
+    p = tmp_path_factory.mktemp("fv") / "x.fvecs"
+    write_fvecs(p, np.ones((n, 4), np.float32))
+    raw = bytearray(p.read_bytes())
+    raw[row * 20 : row * 20 + 4] = np.int32(header).tobytes()
+    p.write_bytes(bytes(raw))
+    monkeypatch_session.setattr(texmex, "EAGER_CHECK_BYTES", 1 << 30 if eager else 0)
+    if eager:
+        with pytest.raises(InvalidInput, match=f"dim mismatch at row {row} "):
+            as_source(p)
+    else:  # large files: the headers are checked as rows are read
+        src = as_source(p)
+        with pytest.raises(InvalidInput, match=f"dim mismatch at row {row} "):
+            _consume(src)
+        with pytest.raises(InvalidInput, match=f"dim mismatch at row {row} "):
+            src.take([0, row])
+        np.testing.assert_array_equal(src.take([0]), np.ones((1, 4), np.float32))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_fvecs_nan_row_named(tmp_path):
+    x = np.ones((12, 3), np.float32)
+    x[7, 2] = np.inf
+    write_fvecs(tmp_path / "x.fvecs", x)
+    src = as_source(tmp_path / "x.fvecs")
+    with pytest.raises(InvalidInput, match=r"first bad row: 7\)"):
+        _consume(src)
+    with pytest.raises(InvalidInput, match=r"first bad row: 7\)"):
+        src.take([0, 7])
+
+
+def test_ivecs_values_must_fit_float32(tmp_path):
+    x = np.zeros((4, 2), np.int32)
+    x[2, 1] = (1 << 24) + 1
+    write_ivecs(tmp_path / "x.ivecs", x)
+    src = as_source(tmp_path / "x.ivecs")
+    with pytest.raises(InvalidInput, match="row 2 is outside"):
+        src.to_array()
+    with pytest.raises(InvalidInput, match="row 2 is outside"):
+        src.take([3, 2])
+
+
+def test_writers_validate(tmp_path):
+    with pytest.raises(InvalidInput, match="2-D"):
+        write_fvecs(tmp_path / "x.fvecs", np.zeros(3))
+    with pytest.raises(InvalidInput, match="fit exactly"):
+        texmex.write_bvecs(tmp_path / "x.bvecs", np.full((2, 2), 300))
+    with pytest.raises(InvalidInput, match="2-D"):
+        write_parquet(tmp_path / "x.parquet", np.zeros(3))
+
+
+# -- parquet ---------------------------------------------------------------------------------------
+def _list_table(rows, value_type=None):
+    return pa.table({"emb": pa.array(rows, type=pa.list_(value_type or pa.float32()))})
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 40), row=st.integers(1, 39), delta=st.sampled_from([-1, 1, 2]), rg=st.integers(1, 9))
+def test_ragged_parquet_names_row(tmp_path_factory, n, row, delta, rg):
+    row = max(1, row % n)
+    rows = [[1.0, 2.0, 3.0] for _ in range(n)]
+    rows[row] = [1.0] * (3 + delta)
+    p = tmp_path_factory.mktemp("pq") / "x.parquet"
+    pq.write_table(_list_table(rows), p, row_group_size=rg)
+    src = as_source(p)
+    assert src.dim == 3
+    with pytest.raises(InvalidInput, match=f"ragged list column 'emb': row {row} has {3 + delta} values"):
+        _consume(src)
+    with pytest.raises(InvalidInput, match=f"row {row} has"):
+        src.take(np.arange(n))
+
+
+def test_parquet_nulls_and_types(tmp_path):
+    p = tmp_path / "x.parquet"
+    pq.write_table(_list_table([[1.0, 2.0], None, [3.0, 4.0]]), p)
+    with pytest.raises(InvalidInput, match="row 1 of column 'emb' is null"):
+        as_source(p).to_array()
+    pq.write_table(_list_table([[1.0, 2.0], [3.0, None]]), p)
+    with pytest.raises(InvalidInput, match="null value in column 'emb' at row 1"):
+        as_source(p).to_array()
+    pq.write_table(_list_table([[1, 2]], pa.int64()), p)
+    with pytest.raises(InvalidInput, match="int64 values; supported value types: float32"):
+        as_source(p)
+    pq.write_table(_list_table([[]]), p)
+    with pytest.raises(InvalidInput, match="empty list"):
+        as_source(p)
+    pq.write_table(pa.table({"id": np.arange(3), "a": np.ones(3, np.float32)}), p)
+    with pytest.raises(InvalidInput, match="'id' has type int64.*column=\\[...\\]"):
+        as_source(p)
+    assert as_source(p, column=["a"]).dim == 1
+    pq.write_table(pa.table({"a": pa.array([1.0, None], pa.float32())}), p)
+    with pytest.raises(InvalidInput, match="null in column 'a' at row 1"):
+        as_source(p).to_array()
+    pq.write_table(pa.table({"e": _list_table([[1.0]])["emb"], "f": _list_table([[1.0]])["emb"]}), p)
+    with pytest.raises(InvalidInput, match="several list columns"):
+        as_source(p)
+    with pytest.raises(InvalidInput, match="no column 'g'"):
+        as_source(p, column="g")
+    with pytest.raises(InvalidInput, match="column must be"):
+        as_source(p, column=3)
+    pq.write_table(pa.table({"s": ["x"]}), p)
+    with pytest.raises(InvalidInput, match="no list or numeric column"):
+        as_source(p)
+    pq.write_table(_list_table([]), p)
+    with pytest.raises(InvalidInput, match="zero rows"):
+        as_source(p)
+    x = np.ones((4, 2), np.float32)
+    x[2, 0] = np.nan
+    write_parquet(p, x, row_group_rows=2)
+    with pytest.raises(InvalidInput, match=r"first bad row: 2\)"):
+        as_source(p).to_array()
+    with pytest.raises(InvalidInput, match=r"first bad row: 2\)"):
+        as_source(p).take([3, 2])
+    p.write_bytes(b"PAR1 garbage")
+    with pytest.raises(InvalidInput, match="not a readable parquet file"):
+        as_source(p)
+
+
+def test_parquet_directory_mismatch(tmp_path):
+    write_parquet(tmp_path / "a.parquet", np.ones((3, 4), np.float32))
+    write_parquet(tmp_path / "b.parquet", np.ones((3, 5), np.float32))
+    with pytest.raises(DimensionMismatch, match="dim 5.*dim 4"):
+        as_source(tmp_path)
+    write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float64), dtype=np.float64)
+    with pytest.raises(InvalidInput, match="has type"):
+        as_source(tmp_path)
+    write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float32), column="other")
+    with pytest.raises(InvalidInput, match="no column 'embedding'"):
+        as_source(tmp_path)
+    write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float32))
+    assert as_source(tmp_path).n == 6
+
+
+# -- HDF5 ------------------------------------------------------------------------------------------
+def test_hdf5_problems(tmp_path, monkeypatch):
+    p = tmp_path / "x.hdf5"
+    with h5py.File(p, "w") as f:
+        f["train"] = np.ones((3, 2), np.float32)
+        f["neighbors"] = np.ones((3, 2), np.int64)
+        f["flat"] = np.ones(3, np.float32)
+        f["empty"] = np.ones((0, 2), np.float32)
+        f.create_group("grp")
+    with pytest.raises(InvalidInput, match="no dataset 'test' \\(datasets: empty, flat, grp, neighbors, train\\)"):
+        as_source(p, column="test")
+    with pytest.raises(InvalidInput, match="int64 is not supported"):
+        as_source(p, column="neighbors")
+    with pytest.raises(InvalidInput, match="2-D"):
+        as_source(p, column="flat")
+    with pytest.raises(InvalidInput, match="zero rows"):
+        as_source(p, column="empty")
+    with pytest.raises(InvalidInput, match="group"):
+        as_source(p, column="grp")
+    (tmp_path / "bad.h5").write_bytes(b"garbage")
+    with pytest.raises(InvalidInput, match="not a readable HDF5"):
+        as_source(tmp_path / "bad.h5")
+    monkeypatch.setitem(sys.modules, "h5py", None)  # simulate a missing optional dependency
+    with pytest.raises(InvalidInput, match="needs the h5py package"):
+        as_source(p)
+
+
+def test_hdf5_sparse_take_and_nan(tmp_path):
+    x = np.arange(400 * 3, dtype=np.float32).reshape(400, 3)
+    x[250, 1] = np.nan
+    with h5py.File(tmp_path / "x.hdf5", "w") as f:
+        f["train"] = x
+    src = as_source(tmp_path / "x.hdf5")
+    np.testing.assert_array_equal(src.take([9, 3, 9, 399]), x[[9, 3, 9, 399]])  # point selection path
+    with pytest.raises(InvalidInput, match=r"first bad row: 250\)"):
+        src.take([5, 250])
+    with pytest.raises(InvalidInput, match=r"first bad row: 250\)"):
+        src.take(np.arange(400))  # range-read path
+    src.close()
+
+
+def test_all_errors_are_kvant_errors():
+    assert issubclass(InvalidInput, KvantError) and issubclass(DimensionMismatch, InvalidInput)
