@@ -166,6 +166,8 @@ def read(
             raise PersistError(f"{path}: not a kvant file (bad magic bytes)")
         if version != FORMAT_VERSION:
             raise PersistError(f"{path}: format version {version} is not supported (expected {FORMAT_VERSION})")
+        if _reserved != 0:
+            raise PersistError(f"{path}: reserved header field is {_reserved}, expected 0 (corrupted?)")
         if file_len != size:
             raise PersistError(f"{path}: file is {size} bytes but its header says {file_len} (truncated?)")
         if _DATA_START + header_len > size:
