@@ -1,0 +1,539 @@
+"""Product-quantization kernels: distance tables, PQ encoding, 8-bit ADC scans and the 4-bit FastScan.
+
+Pure functions on clean, C-contiguous arrays (float32 unless stated). No validation: the public layer
+(``kvant.quant`` / ``kvant.index``) checks shapes, dtypes, finiteness and ``k`` before calling.
+
+Interface (agreed with ``kvant.quant`` / ``kvant.index``):
+
+- ``distance_tables_l2(queries (nq, dim), codebooks (m, ksub, dsub)) -> (nq, m, ksub)``: Σ(q−c)² computed
+  directly (no ‖q‖²+‖c‖²−2q·c shortcut), summed over the sub-vector in index order in float32.
+- ``ip_tables(queries, codebooks) -> (nq, m, ksub)``: per-sub-vector inner products.
+- ``adc_distances(tables (nq, m, ksub), codes uint8 (n, m)) -> (nq, n)``: full ADC sums (small n only).
+- ``adc_search(tables, codes, k) -> (dist (nq, k) float32, idx (nq, k) int64)``: fused scan + top-k of the
+  smallest sums, ascending, ties broken by smaller idx, padded with inf / -1 when n < k. For ``ip`` the caller
+  passes negated tables. Every ADC sum in this module is Σ_j tables[q, j, code_j] accumulated in float32 in
+  order j = 0..m-1, so ``adc_distances``, ``adc_search`` and ``fastscan_search`` return bit-identical values.
+- ``pq_encode(x (n, dim), codebooks) -> codes uint8 (n, m)``: nearest codeword per sub-vector (exact direct
+  squared distances; ties -> smaller codeword id).
+- ``pack_codes_4bit(codes uint8 (n, m), values < 16) -> packed uint8 (nblocks, mp // 2, 32)`` and
+  ``fastscan_search(tables (nq, m, 16), packed, n, m, k, rerank) -> (dist, idx)``.
+
+INTERFACE ADDITION (backward compatible): ``fastscan_search(..., rerank=0)`` selects the *exact* mode: the
+shortlist is every row whose quantised sum is within the proven quantisation-error bound of the k-th best, so
+the result equals ``adc_search`` on the unpacked codes (up to ties). ``rerank >= 1`` is the fixed-size
+shortlist of ``rerank * k`` rows by quantised sum described in the interface.
+
+4-bit packed layout
+-------------------
+Rows are grouped in blocks of 32 (the last block padded with code 0) and sub-quantizers in pairs (``mp`` = m
+rounded up to even; a padding sub-quantizer has code 0 and an all-zero table). Within a block the layout is
+sub-quantizer-pair-major: ``packed[b, p, r] = code[32 b + r, 2 p] | code[32 b + r, 2 p + 1] << 4``. One block
+is ``16 * mp`` bytes, m / 2 bytes per row like FAISS's 4-bit codes.
+
+FastScan arithmetic
+-------------------
+Per query, each sub-quantizer table is quantised to integers in [0, qmax] (qmax = min(255, 65535 // mp), so
+the u16 accumulator cannot overflow): ``lut[j, v] = round((t[j, v] - min_j) / scale)`` with one shared
+``scale = max_j (max_j - min_j) / qmax`` (offsets ``min_j`` are per sub-quantizer; their sum is a constant per
+query and does not change the order). Each quantised entry is within scale / 2 of the true value, so a row's
+true sum lies within ±m·scale/2 of ``Σ min_j + scale · acc``. Pairs of sub-quantizers are merged into one
+256-entry u16 table indexed by the packed byte (``lut2[p, byte] = lut[2p, byte & 15] + lut[2p+1, byte >> 4]``),
+so the scan does one lookup per packed byte and accumulates in u16. The shortlist is re-scored with the exact
+float32 ADC sum, so returned distances are exact ADC distances.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "distance_tables_l2",
+    "ip_tables",
+    "adc_distances",
+    "adc_search",
+    "pq_encode",
+    "pack_codes_4bit",
+    "unpack_codes_4bit",
+    "fastscan_search",
+    "quantize_luts",
+]
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+# nnan/nsz only: lets LLVM vectorise min-reductions over non-negative finite distances; no reassociation and
+# no contraction, so every computed distance is bit-identical to the strict version.
+_JIT_MIN = dict(cache=True, nogil=True, fastmath={"nnan", "nsz"})
+
+_QB = 4  # queries per pass over a block of codes (query blocking)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distance tables and encoding
+# ----------------------------------------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, **_JIT)
+def _tables_kernel(queries, cbt, out, ip):
+    # cbt: (m, dsub, ksub) — codebooks transposed so the inner loop runs over codewords (vectorises).
+    nq = queries.shape[0]
+    m, dsub, ksub = cbt.shape
+    for w in prange(nq * m):
+        q = w // m
+        j = w - q * m
+        acc = out[q, j]
+        base = j * dsub
+        if ip:
+            xv = queries[q, base]
+            for c in range(ksub):
+                acc[c] = xv * cbt[j, 0, c]
+            for d in range(1, dsub):
+                xv = queries[q, base + d]
+                for c in range(ksub):
+                    acc[c] += xv * cbt[j, d, c]
+        else:
+            xv = queries[q, base]
+            for c in range(ksub):
+                diff = xv - cbt[j, 0, c]
+                acc[c] = diff * diff
+            for d in range(1, dsub):
+                xv = queries[q, base + d]
+                for c in range(ksub):
+                    diff = xv - cbt[j, d, c]
+                    acc[c] += diff * diff
+
+
+def _transpose_cb(codebooks):
+    return np.ascontiguousarray(np.transpose(codebooks, (0, 2, 1)), dtype=np.float32)
+
+
+def distance_tables_l2(queries, codebooks):
+    """(nq, m, ksub) float32 tables of Σ(q_j − c)² over each sub-vector, computed directly."""
+    m, ksub, _ = codebooks.shape
+    out = np.empty((queries.shape[0], m, ksub), dtype=np.float32)
+    if out.size:
+        _tables_kernel(queries, _transpose_cb(codebooks), out, False)
+    return out
+
+
+def ip_tables(queries, codebooks):
+    """(nq, m, ksub) float32 tables of per-sub-vector inner products q_j · c."""
+    m, ksub, _ = codebooks.shape
+    out = np.empty((queries.shape[0], m, ksub), dtype=np.float32)
+    if out.size:
+        _tables_kernel(queries, _transpose_cb(codebooks), out, True)
+    return out
+
+
+@numba.njit(parallel=True, **_JIT_MIN)
+def _encode_kernel(x, cbt, out, block):
+    n = x.shape[0]
+    m, dsub, ksub = cbt.shape
+    nblocks = (n + block - 1) // block
+    for b in prange(nblocks):
+        acc = np.empty(ksub, dtype=np.float32)
+        r1 = min(n, (b + 1) * block)
+        for r in range(b * block, r1):
+            for j in range(m):
+                base = j * dsub
+                xv = x[r, base]
+                for c in range(ksub):
+                    diff = xv - cbt[j, 0, c]
+                    acc[c] = diff * diff
+                for d in range(1, dsub):
+                    xv = x[r, base + d]
+                    for c in range(ksub):
+                        diff = xv - cbt[j, d, c]
+                        acc[c] += diff * diff
+                mn = acc[0]
+                for c in range(1, ksub):
+                    mn = min(mn, acc[c])
+                best = ksub
+                for c in range(ksub):
+                    cand = c if acc[c] == mn else ksub
+                    best = min(best, cand)
+                out[r, j] = best
+
+
+def pq_encode(x, codebooks):
+    """uint8 (n, m) codes: index of the nearest codeword per sub-vector, ties to the smaller id."""
+    m = codebooks.shape[0]
+    out = np.empty((x.shape[0], m), dtype=np.uint8)
+    if out.size:
+        _encode_kernel(x, _transpose_cb(codebooks), out, 64)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8-bit ADC
+# ----------------------------------------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, **_JIT)
+def _adc_distances_kernel(tables, codes, out):
+    nq, m, ksub = tables.shape
+    n = codes.shape[0]
+    for q in prange(nq):
+        t = tables[q]
+        for r in range(n):
+            s = np.float32(0.0)
+            for j in range(m):
+                s += t[j, codes[r, j]]
+            out[q, r] = s
+
+
+def adc_distances(tables, codes):
+    """(nq, n) float32 full ADC sums Σ_j tables[q, j, codes[r, j]]."""
+    out = np.empty((tables.shape[0], codes.shape[0]), dtype=np.float32)
+    if out.size:
+        _adc_distances_kernel(tables, codes, out)
+    return out
+
+
+@numba.njit(inline="always", **_JIT)
+def _push(dd, ii, k, d, i):
+    """Insert (d, i) into the sorted top-k lists (dd, ii); caller checked it beats the k-th (lexicographic)."""
+    p = k - 1
+    while p > 0 and (dd[p - 1] > d or (dd[p - 1] == d and ii[p - 1] > i)):
+        dd[p] = dd[p - 1]
+        ii[p] = ii[p - 1]
+        p -= 1
+    dd[p] = d
+    ii[p] = i
+
+
+@numba.njit(**_JIT)
+def _scan_one(t, codes, r0, r1, m, dd, ii, k):
+    # t: (m * ksub,) flat table of one query.
+    ksub = t.shape[0] // m
+    th = dd[k - 1]
+    for r in range(r0, r1):
+        s = np.float32(0.0)
+        o = 0
+        for j in range(m):
+            s += t[o + codes[r, j]]
+            o += ksub
+        if s < th:
+            _push(dd, ii, k, s, r)
+            th = dd[k - 1]
+
+
+@numba.njit(**_JIT)
+def _scan_four(t0, t1, t2, t3, codes, r0, r1, m, d0, i0, d1, i1, d2, i2, d3, i3, k):
+    ksub = t0.shape[0] // m
+    th0 = d0[k - 1]
+    th1 = d1[k - 1]
+    th2 = d2[k - 1]
+    th3 = d3[k - 1]
+    for r in range(r0, r1):
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        o = 0
+        for j in range(m):
+            c = o + codes[r, j]
+            s0 += t0[c]
+            s1 += t1[c]
+            s2 += t2[c]
+            s3 += t3[c]
+            o += ksub
+        if s0 < th0:
+            _push(d0, i0, k, s0, r)
+            th0 = d0[k - 1]
+        if s1 < th1:
+            _push(d1, i1, k, s1, r)
+            th1 = d1[k - 1]
+        if s2 < th2:
+            _push(d2, i2, k, s2, r)
+            th2 = d2[k - 1]
+        if s3 < th3:
+            _push(d3, i3, k, s3, r)
+            th3 = d3[k - 1]
+
+
+@numba.njit(parallel=True, **_JIT)
+def _adc_search_kernel(flat, codes, m, k, nchunks, rows_per_block, part_d, part_i):
+    # flat: (nq, m * ksub); part_d / part_i: (nchunks, nq, k) per-chunk top-k, ascending.
+    nq = flat.shape[0]
+    n = codes.shape[0]
+    nqb = (nq + _QB - 1) // _QB
+    chunk = (n + nchunks - 1) // nchunks
+    for w in prange(nqb * nchunks):
+        qb = w // nchunks
+        c = w - qb * nchunks
+        q0 = qb * _QB
+        q1 = min(nq, q0 + _QB)
+        r0 = min(n, c * chunk)
+        r1 = min(n, r0 + chunk)
+        for q in range(q0, q1):
+            part_d[c, q, :] = np.inf
+            part_i[c, q, :] = -1
+        # row blocks keep the codes of the block in L1 while the query block walks over it
+        for b0 in range(r0, r1, rows_per_block):
+            b1 = min(r1, b0 + rows_per_block)
+            if q1 - q0 == 4:
+                _scan_four(flat[q0], flat[q0 + 1], flat[q0 + 2], flat[q0 + 3], codes, b0, b1, m,
+                           part_d[c, q0], part_i[c, q0], part_d[c, q0 + 1], part_i[c, q0 + 1],
+                           part_d[c, q0 + 2], part_i[c, q0 + 2], part_d[c, q0 + 3], part_i[c, q0 + 3], k)
+            else:
+                for q in range(q0, q1):
+                    _scan_one(flat[q], codes, b0, b1, m, part_d[c, q], part_i[c, q], k)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _merge_parts(part_d, part_i, out_d, out_i):
+    nchunks, nq, k = part_d.shape
+    for q in prange(nq):
+        dd = out_d[q]
+        ii = out_i[q]
+        dd[:] = part_d[0, q]
+        ii[:] = part_i[0, q]
+        for c in range(1, nchunks):
+            for t in range(k):
+                i = part_i[c, q, t]
+                if i < 0:
+                    break
+                d = part_d[c, q, t]
+                if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or i < ii[k - 1])):
+                    _push(dd, ii, k, d, i)
+                else:
+                    break
+
+
+def _num_chunks(nq, n, min_rows=4096):
+    threads = numba.get_num_threads()
+    nqb = (nq + _QB - 1) // _QB
+    if nqb >= 4 * threads or n < 2 * min_rows:
+        return 1
+    return int(max(1, min(threads * max(1, 4 // max(nqb, 1)), n // min_rows)))
+
+
+def adc_search(tables, codes, k, nchunks=None):
+    """Fused ADC scan + top-k of the smallest sums: (dist (nq, k) float32, idx (nq, k) int64), ascending,
+    ties to the smaller idx, padded with inf / -1 when n < k. Parallel over query blocks and, when there are
+    few queries, over chunks of codes (``nchunks``; default chosen from the thread count)."""
+    nq, m, ksub = tables.shape
+    n = codes.shape[0]
+    k = int(k)
+    if nchunks is None:
+        nchunks = _num_chunks(nq, n)
+    nchunks = max(1, int(nchunks))
+    out_d = np.full((nq, k), np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    if nq == 0 or k == 0 or n == 0:
+        return out_d, out_i
+    flat = tables.reshape(nq, m * ksub)
+    part_d = np.empty((nchunks, nq, k), dtype=np.float32)
+    part_i = np.empty((nchunks, nq, k), dtype=np.int64)
+    rows_per_block = max(64, 16384 // max(m, 1))
+    _adc_search_kernel(flat, codes, m, k, nchunks, rows_per_block, part_d, part_i)
+    if nchunks == 1:
+        return part_d[0], part_i[0]
+    _merge_parts(part_d, part_i, out_d, out_i)
+    return out_d, out_i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4-bit FastScan
+# ----------------------------------------------------------------------------------------------------------
+
+
+@numba.njit(**_JIT)
+def _pack_kernel(codes, out):
+    n, m = codes.shape
+    for r in range(n):
+        b = r >> 5
+        rr = r & 31
+        for j in range(m):
+            out[b, j >> 1, rr] |= codes[r, j] << (4 * (j & 1))
+
+
+def pack_codes_4bit(codes):
+    """Pack uint8 (n, m) codes with values < 16 into (ceil(n / 32), ceil(m / 2), 32) uint8 (see module doc)."""
+    n, m = codes.shape
+    out = np.zeros(((n + 31) // 32, (m + 1) // 2, 32), dtype=np.uint8)
+    if codes.size:
+        _pack_kernel(codes, out)
+    return out
+
+
+def unpack_codes_4bit(packed, n, m):
+    """Inverse of :func:`pack_codes_4bit`: uint8 (n, m)."""
+    rows = np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(-1, packed.shape[1])[:n]
+    out = np.empty((n, packed.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = rows & 15
+    out[:, 1::2] = rows >> 4
+    return np.ascontiguousarray(out[:, :m])
+
+
+@numba.njit(**_JIT)
+def _quantize_one(t, mp, lut2):
+    """Quantise one (m, 16) table; fill lut2 (mp // 2, 256) u16. Returns (scale, m * max |t|)."""
+    m = t.shape[0]
+    qmax = min(255, 65535 // mp)
+    span = 0.0
+    for j in range(m):
+        lo = np.float64(t[j, 0])
+        hi = lo
+        for v in range(1, 16):
+            x = np.float64(t[j, v])
+            lo = min(lo, x)
+            hi = max(hi, x)
+        span = max(span, hi - lo)
+    scale = span / qmax if span > 0 else 1.0
+    sumabs = 0.0
+    for j in range(m):
+        for v in range(16):
+            sumabs = max(sumabs, abs(np.float64(t[j, v])))
+    sumabs *= m
+    lut = np.zeros((mp, 16), dtype=np.uint16)
+    for j in range(m):
+        lo = np.float64(t[j, 0])
+        for v in range(1, 16):
+            lo = min(lo, np.float64(t[j, v]))
+        for v in range(16):
+            qv = np.floor((np.float64(t[j, v]) - lo) / scale + 0.5)
+            lut[j, v] = np.uint16(min(max(qv, 0.0), qmax))
+    for p in range(mp // 2):
+        for byte in range(256):
+            lut2[p, byte] = lut[2 * p, byte & 15] + lut[2 * p + 1, byte >> 4]
+    return scale, sumabs
+
+
+def quantize_luts(tables):
+    """Quantised pair tables (nq, mp // 2, 256) u16 and the scale per query (for tests and the harness)."""
+    nq, m, _ = tables.shape
+    mp = m + (m & 1)
+    lut2 = np.empty((nq, mp // 2, 256), dtype=np.uint16)
+    scales = np.empty(nq, dtype=np.float64)
+    for q in range(nq):
+        scales[q] = _quantize_one(tables[q], mp, lut2[q])[0]
+    return lut2, scales
+
+
+@numba.njit(inline="always", **_JIT)
+def _exact_4bit(t, packed, r, m):
+    b = r >> 5
+    rr = r & 31
+    s = np.float32(0.0)
+    for j in range(m):
+        s += t[j, (packed[b, j >> 1, rr] >> (4 * (j & 1))) & 15]
+    return s
+
+
+@numba.njit(inline="always", **_JIT)
+def _push_u(aa, ii, L, a, i):
+    p = L - 1
+    while p > 0 and aa[p - 1] > a:  # rows arrive in ascending order: ties keep the smaller idx first
+        aa[p] = aa[p - 1]
+        ii[p] = ii[p - 1]
+        p -= 1
+    aa[p] = a
+    ii[p] = i
+
+
+@numba.njit(parallel=True, **_JIT)
+def _fastscan_kernel(tables, packed, n, m, k, rerank, nchunks, part_d, part_i):
+    nq = tables.shape[0]
+    mp2 = packed.shape[1]
+    nblocks = packed.shape[0]
+    bchunk = (nblocks + nchunks - 1) // nchunks
+    for w in prange(nq * nchunks):
+        q = w // nchunks
+        c = w - q * nchunks
+        t = tables[q]
+        dd = part_d[c, q]
+        ii = part_i[c, q]
+        dd[:] = np.inf
+        ii[:] = -1
+        lut2 = np.empty((mp2, 256), dtype=np.uint16)
+        scale, sumabs = _quantize_one(t, 2 * mp2, lut2)
+        # float32 rounding of the exact sums (m additions, relative 2^-24 each) expressed in LUT units
+        slack = np.int64(np.ceil(2.0 * m * 6.0e-8 * sumabs / scale)) + 1
+        b0 = min(nblocks, c * bchunk)
+        b1 = min(nblocks, b0 + bchunk)
+        r_end = min(n, b1 * 32)
+        acc = np.empty(32, dtype=np.uint16)
+        if rerank >= 1:
+            L = rerank * k
+            sa = np.full(L, 65535 * 2, dtype=np.int64)  # shortlist of quantised sums, ascending
+            si = np.full(L, -1, dtype=np.int64)
+            th = sa[L - 1]
+            for b in range(b0, b1):
+                for rr in range(32):
+                    acc[rr] = 0
+                for p in range(mp2):
+                    row = packed[b, p]
+                    lp = lut2[p]
+                    for rr in range(32):
+                        acc[rr] += lp[row[rr]]
+                nr = min(32, n - b * 32)
+                for rr in range(nr):
+                    a = np.int64(acc[rr])
+                    if a < th:
+                        _push_u(sa, si, L, a, b * 32 + rr)
+                        th = sa[L - 1]
+            for s in range(L):
+                r = si[s]
+                if r < 0:
+                    break
+                d = _exact_4bit(t, packed, r, m)
+                if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or r < ii[k - 1])):
+                    _push(dd, ii, k, d, r)
+        else:
+            # exact mode: keep every row whose quantised sum is within the error bound of the k-th best
+            r0 = b0 * 32
+            nrows = max(0, r_end - r0)
+            allacc = np.empty(nrows, dtype=np.uint16)
+            ka = np.full(k, 65535 * 2, dtype=np.int64)
+            ki = np.empty(k, dtype=np.int64)
+            th = ka[k - 1]
+            for b in range(b0, b1):
+                for rr in range(32):
+                    acc[rr] = 0
+                for p in range(mp2):
+                    row = packed[b, p]
+                    lp = lut2[p]
+                    for rr in range(32):
+                        acc[rr] += lp[row[rr]]
+                nr = min(32, n - b * 32)
+                for rr in range(nr):
+                    a = np.int64(acc[rr])
+                    allacc[b * 32 + rr - r0] = acc[rr]
+                    if a < th:
+                        _push_u(ka, ki, k, a, b * 32 + rr)
+                        th = ka[k - 1]
+            bound = th + m + slack
+            for x in range(nrows):
+                if np.int64(allacc[x]) <= bound:
+                    r = r0 + x
+                    d = _exact_4bit(t, packed, r, m)
+                    if d < dd[k - 1]:
+                        _push(dd, ii, k, d, r)
+
+
+def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None):
+    """4-bit FastScan top-k: (dist (nq, k) float32 exact ADC distances, idx (nq, k) int64).
+
+    ``tables`` (nq, m, 16) float32; ``packed`` from :func:`pack_codes_4bit`. ``rerank >= 1`` re-scores the
+    ``rerank * k`` rows with the smallest quantised sums; ``rerank = 0`` is the exact mode (module doc).
+    """
+    nq = tables.shape[0]
+    k = int(k)
+    out_d = np.full((nq, k), np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    if nq == 0 or k == 0 or n == 0:
+        return out_d, out_i
+    nblocks = packed.shape[0]
+    if nchunks is None:
+        threads = numba.get_num_threads()
+        nchunks = 1 if nq >= 4 * threads or nblocks < 256 else min(threads * 2, nblocks // 128)
+    nchunks = max(1, int(nchunks))
+    part_d = np.empty((nchunks, nq, k), dtype=np.float32)
+    part_i = np.empty((nchunks, nq, k), dtype=np.int64)
+    _fastscan_kernel(tables, packed, int(n), int(m), k, int(rerank), nchunks, part_d, part_i)
+    if nchunks == 1:
+        return part_d[0], part_i[0]
+    _merge_parts(part_d, part_i, out_d, out_i)
+    return out_d, out_i

@@ -1,0 +1,263 @@
+"""kvant.kernels.pq against the plain references in kvant.bench.reference, on awkward shapes."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvant.bench import reference as R
+from kvant.kernels import pq as K
+
+TOL = 1e-4
+
+
+def _rel_err(got, ref):
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))))
+
+
+def _data(seed, n, dim, scale="normal"):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim))
+    if scale == "wide":  # large dynamic range: columns at 1e-3, 1 and 1e3
+        x *= np.array([1e-3, 1.0, 1e3])[np.arange(dim) % 3]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _codebooks(seed, m, ksub, dsub, scale="normal"):
+    return _data(seed, m * ksub, dsub, scale).reshape(m, ksub, dsub).copy()
+
+
+SHAPES = [  # (dim, m, ksub)
+    (1, 1, 16),  # dsub = 1, m = 1
+    (7, 7, 16),  # dsub = 1, odd m
+    (12, 3, 256),
+    (10, 2, 5),  # ksub not a power of two
+    (24, 3, 256),
+]
+
+
+@pytest.mark.parametrize("dim,m,ksub", SHAPES)
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+def test_tables_match_reference(dim, m, ksub, scale):
+    cb = _codebooks(1, m, ksub, dim // m, scale)
+    for nq in (0, 1, 3):
+        q = _data(2 + nq, nq, dim, scale)
+        t = K.distance_tables_l2(q, cb)
+        assert t.shape == (nq, m, ksub) and t.dtype == np.float32
+        assert _rel_err(t, R.pq_distance_tables_l2_ref(q, cb)) <= TOL
+        ti = K.ip_tables(q, cb)
+        assert ti.shape == (nq, m, ksub) and ti.dtype == np.float32
+        assert _rel_err(ti, R.pq_ip_tables_ref(q, cb)) <= TOL
+
+
+def test_l2_tables_are_direct_not_expanded():
+    # Far from the origin with a tiny difference: the ‖q‖²+‖c‖²−2q·c shortcut would cancel catastrophically.
+    cb = np.full((1, 2, 4), 1e4, dtype=np.float32)
+    cb[0, 1] += np.float32(1.0)
+    q = np.full((1, 4), 1e4, dtype=np.float32)
+    t = K.distance_tables_l2(q, cb)
+    np.testing.assert_array_equal(t[0, 0], [0.0, 4.0])
+
+
+@pytest.mark.parametrize("dim,m,ksub", SHAPES)
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+def test_encode_matches_reference(dim, m, ksub, scale):
+    cb = _codebooks(3, m, ksub, dim // m, scale)
+    for n in (0, 1, 67):
+        x = _data(4 + n, n, dim, scale)
+        codes = K.pq_encode(x, cb)
+        assert codes.shape == (n, m) and codes.dtype == np.uint8
+        ref = R.pq_encode_ref(x, cb)
+        if n:
+            # the chosen codeword is the nearest one up to float32 rounding of near-ties
+            t = R.pq_distance_tables_l2_ref(x, cb)
+            rows, cols = np.indices(codes.shape)
+            got_d = t[rows, cols, codes]
+            best = t[rows, cols, ref]
+            assert np.all(np.abs(got_d - best) <= TOL * np.maximum(1.0, best))
+            assert np.mean(codes == ref) > 0.99
+
+
+def test_encode_ties_pick_smaller_codeword():
+    cb = np.zeros((2, 16, 2), dtype=np.float32)
+    cb[0, 5] = cb[0, 9] = [1.0, 1.0]  # duplicate nearest codewords: 5 must win
+    cb[0, 0] = [50.0, 50.0]
+    cb[1, 3] = cb[1, 2] = [-1.0, 0.0]
+    cb[1, 0] = cb[1, 1] = [9.0, 9.0]
+    cb[1, 4:] = 9.0
+    x = np.array([[1.0, 1.0, -1.0, 0.0]], dtype=np.float32)
+    cb[0, 1:5] = cb[0, 6:9] = cb[0, 10:] = 30.0
+    np.testing.assert_array_equal(K.pq_encode(x, cb), [[5, 2]])
+
+
+def _random_tables(seed, nq, m, ksub, scale="normal"):
+    rng = np.random.default_rng(seed)
+    t = rng.random((nq, m, ksub))
+    if scale == "wide":
+        t *= 10.0 ** rng.integers(-3, 4, size=(nq, m, 1))
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
+def _random_codes(seed, n, m, ksub):
+    return np.random.default_rng(seed).integers(0, ksub, size=(n, m)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("m,ksub", [(1, 16), (5, 16), (16, 256), (3, 256)])
+def test_adc_distances_match_reference(m, ksub):
+    t = _random_tables(5, 3, m, ksub, "wide")
+    for n in (0, 1, 40):
+        codes = _random_codes(6, n, m, ksub)
+        d = K.adc_distances(t, codes)
+        assert d.shape == (3, n) and d.dtype == np.float32
+        assert _rel_err(d, R.pq_adc_distances_ref(t, codes)) <= TOL
+
+
+@pytest.mark.parametrize("m,ksub", [(1, 16), (5, 16), (16, 256), (3, 256)])
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_adc_search_matches_reference(m, ksub, scale, nchunks):
+    for nq, n, k in [(0, 10, 3), (1, 0, 4), (1, 1, 1), (5, 3, 7), (9, 300, 10), (6, 150, 1)]:
+        t = _random_tables(7 + n, nq, m, ksub, scale)
+        codes = _random_codes(8 + n, n, m, ksub)
+        d, i = K.adc_search(t, codes, k, nchunks=nchunks)
+        assert d.shape == (nq, k) and i.shape == (nq, k)
+        assert d.dtype == np.float32 and i.dtype == np.int64
+        rd, ri = R.pq_adc_search_ref(t, codes, k)
+        assert R.pq_topk_agrees(rd, ri, d, i) is None, (nq, n, k)
+        # returned distances are exactly the kernel's ADC sums
+        if nq and n:
+            full = K.adc_distances(t, codes)
+            ok = i >= 0
+            np.testing.assert_array_equal(d[ok], np.take_along_axis(full, np.where(ok, i, 0), 1)[ok])
+
+
+@pytest.mark.parametrize("nchunks", [1, 4])
+def test_adc_search_ties_broken_by_smaller_idx(nchunks):
+    t = _random_tables(9, 6, 4, 16)
+    base = _random_codes(10, 5, 4, 16)
+    codes = np.ascontiguousarray(np.tile(base, (40, 1)))  # every distance appears 40 times
+    d, i = K.adc_search(t, codes, 12, nchunks=nchunks)
+    full = K.adc_distances(t, codes)
+    for q in range(6):
+        order = np.lexsort((np.arange(len(codes)), full[q]))[:12]
+        np.testing.assert_array_equal(i[q], order)
+        np.testing.assert_array_equal(d[q], full[q, order])
+
+
+def test_adc_search_large_n_many_chunks_and_query_blocks():
+    t = _random_tables(11, 11, 8, 256)
+    codes = _random_codes(12, 9000, 8, 256)
+    rd, ri = R.pq_adc_search_ref(t[:3], codes, 10)
+    for nchunks in (1, 2, 7, None):
+        d, i = K.adc_search(t, codes, 10, nchunks=nchunks)
+        assert R.pq_topk_agrees(rd, ri, d[:3], i[:3]) is None
+        full = K.adc_distances(t, codes)
+        for q in range(11):
+            order = np.lexsort((np.arange(len(codes)), full[q]))[:10]
+            np.testing.assert_array_equal(i[q], order)
+
+
+@given(
+    nq=st.integers(0, 6), n=st.integers(0, 70), m=st.integers(1, 6), k=st.integers(1, 12),
+    ksub=st.sampled_from([16, 256]), seed=st.integers(0, 2**16), nchunks=st.integers(1, 4),
+)
+@settings(max_examples=30, deadline=None)
+def test_adc_search_hypothesis(nq, n, m, k, ksub, seed, nchunks):
+    t = _random_tables(seed, nq, m, ksub)
+    codes = _random_codes(seed + 1, n, m, ksub)
+    d, i = K.adc_search(t, codes, k, nchunks=nchunks)
+    rd, ri = R.pq_adc_search_ref(t, codes, k)
+    assert R.pq_topk_agrees(rd, ri, d, i) is None
+
+
+def test_topk_comparator_rejects_wrong_ids():
+    rd = np.array([[1.0, 2.0, 3.0]])
+    ri = np.array([[4, 5, 6]])
+    assert R.pq_topk_agrees(rd, ri, rd, ri) is None
+    assert R.pq_topk_agrees(rd, ri, rd, np.array([[4, 7, 6]])) is not None  # id 7 at rank 1, not a tie
+    assert R.pq_topk_agrees(rd, ri, rd, np.array([[4, 5, 9]])) is None  # tie at the k-th distance
+    assert R.pq_topk_agrees(rd, ri, rd + 0.5, ri) is not None
+    assert R.pq_topk_agrees(rd, ri, rd, np.array([[4, 5, -1]])) is not None
+
+
+# ---- 4-bit ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,m", [(0, 4), (1, 1), (31, 3), (33, 16), (100, 7)])
+def test_pack_roundtrip_and_layout(n, m):
+    codes = _random_codes(13, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    assert p.shape == ((n + 31) // 32, (m + 1) // 2, 32) and p.dtype == np.uint8
+    np.testing.assert_array_equal(K.unpack_codes_4bit(p, n, m), codes)
+    if n:
+        r = n - 1
+        assert p[r // 32, 0, r % 32] & 15 == codes[r, 0]
+        if m > 1:
+            assert p[r // 32, 0, r % 32] >> 4 == codes[r, 1]
+
+
+def test_quantized_luts_within_half_a_step():
+    t = _random_tables(14, 4, 7, 16, "wide")
+    lut2, scales = K.quantize_luts(t)
+    assert lut2.shape == (4, 4, 256) and lut2.dtype == np.uint16
+    tp = np.zeros((4, 8, 16))
+    tp[:, :7] = t
+    mins = tp.min(axis=2)
+    byte = np.arange(256)
+    for q in range(4):
+        for p in range(4):
+            exact = tp[q, 2 * p, byte & 15] + tp[q, 2 * p + 1, byte >> 4]
+            approx = lut2[q, p] * scales[q] + mins[q, 2 * p] + mins[q, 2 * p + 1]
+            assert np.all(np.abs(approx - exact) <= scales[q] * (1 + 1e-6))  # two half-steps
+        assert lut2[q].max() <= 2 * 255
+
+
+@pytest.mark.parametrize("m", [1, 4, 7, 16])
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+def test_fastscan_exact_mode_matches_reference(m, scale):
+    for nq, n, k in [(0, 40, 3), (1, 0, 5), (1, 1, 1), (3, 5, 10), (4, 500, 10), (2, 1000, 1)]:
+        t = _random_tables(15 + n, nq, m, 16, scale)
+        codes = _random_codes(16 + n, n, m, 16)
+        p = K.pack_codes_4bit(codes)
+        for nchunks in (1, 3):
+            d, i = K.fastscan_search(t, p, n, m, k, 0, nchunks=nchunks)
+            assert d.shape == (nq, k) and i.dtype == np.int64 and d.dtype == np.float32
+            rd, ri = R.pq_adc_search_ref(t, codes, k)
+            assert R.pq_topk_agrees(rd, ri, d, i) is None, (m, nq, n, k, nchunks)
+            # and identical to the 8-bit kernel on the unpacked codes
+            d8, i8 = K.adc_search(t, codes, k, nchunks=1)
+            np.testing.assert_array_equal(d, d8)
+
+
+@pytest.mark.parametrize("rerank", [1, 4])
+def test_fastscan_shortlist_returns_exact_adc_distances(rerank):
+    m, n, k = 8, 2000, 10
+    t = _random_tables(17, 5, m, 16)
+    codes = _random_codes(18, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    d, i = K.fastscan_search(t, p, n, m, k, rerank)
+    full = K.adc_distances(t, codes)
+    assert np.all(i >= 0) and np.all(np.diff(d, axis=1) >= 0)
+    np.testing.assert_array_equal(d, np.take_along_axis(full, i, 1))
+    # a shortlist is lossy but good: most of the exact top-k is found
+    rd, ri = R.pq_adc_search_ref(t, codes, k)
+    recall = np.mean([len(set(i[q]) & set(ri[q])) / k for q in range(5)])
+    assert recall >= 0.7
+    # with a shortlist as long as the data it is exact
+    d, i = K.fastscan_search(t, p, n, m, k, n)
+    assert R.pq_topk_agrees(rd, ri, d, i) is None
+
+
+def test_fastscan_handles_constant_and_tied_tables():
+    m, n, k = 4, 70, 5
+    t = np.ones((2, m, 16), dtype=np.float32)  # every row ties: ids 0..4
+    codes = _random_codes(19, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    for rerank in (0, 1, 2):
+        d, i = K.fastscan_search(t, p, n, m, k, rerank)
+        np.testing.assert_array_equal(i, np.tile(np.arange(k), (2, 1)))
+        np.testing.assert_array_equal(d, np.full((2, k), 4.0, np.float32))
