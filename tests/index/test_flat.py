@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+
+import kvant
+from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+
+
+def _brute(x, q, k, metric):
+    x64, q64 = x.astype(np.float64), q.astype(np.float64)
+    if metric == "cos":
+        x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    if metric == "l2":
+        d = ((q64[:, None, :] - x64[None]) ** 2).sum(-1)
+    else:
+        d = -(q64 @ x64.T)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((700, 13)).astype(np.float32), rng.standard_normal((20, 13)).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_matches_brute_force(data, metric):
+    x, q = data
+    index = kvant.FlatIndex(13, metric)
+    index.add(x)
+    d, i = index.search(q, 10)
+    bd, bi = _brute(x, q, 10, metric)
+    assert np.array_equal(i, bi)
+    expect = bd if metric == "l2" else -bd
+    assert np.allclose(d, expect, rtol=1e-4, atol=1e-4)
+    assert d.dtype == np.float32 and i.dtype == np.int64
+    if metric == "l2":
+        assert np.all(np.diff(d, axis=1) >= 0)
+    else:
+        assert np.all(np.diff(d, axis=1) <= 0)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_padding_and_1d_query(data, metric):
+    x, q = data
+    index = kvant.FlatIndex(13, metric)
+    index.add(x[:3], ids=[30, 10, 20])
+    d, i = index.search(q[0], 5)
+    assert d.shape == (5,) and i.shape == (5,)
+    assert sorted(i[:3].tolist()) == [10, 20, 30]
+    assert i[3:].tolist() == [-1, -1]
+    assert np.all(d[3:] == (np.inf if metric == "l2" else -np.inf))
+
+
+def test_ids_add_remove_save_load(tmp_path, data):
+    x, q = data
+    index = kvant.FlatIndex(13)
+    index.add(x[:400], ids=np.arange(400) * 3 + 7)
+    index.add(x[400:])  # auto ids continue after the largest id so far
+    assert len(index) == 700
+    assert index.ids[400] == 399 * 3 + 7 + 1
+    _, i = index.search(x[:5], 1)
+    assert i[:, 0].tolist() == [7, 10, 13, 16, 19]
+    assert index.remove([7, 13, 999999]) == 2
+    assert len(index) == 698
+    d, i = index.search(x[:5], 1)
+    assert 7 not in i and 13 not in i and i[1, 0] == 10
+    index.save(tmp_path / "f.kvant")
+    back = kvant.load(tmp_path / "f.kvant")
+    assert isinstance(back, kvant.FlatIndex) and len(back) == 698
+    d2, i2 = back.search(q, 7)
+    d1, i1 = index.search(q, 7)
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+    mm = kvant.load(tmp_path / "f.kvant", mmap=True)
+    assert np.array_equal(mm.search(q, 7)[1], i1)
+    mm.add(x[:2], ids=[5000, 5001])  # a memory-mapped index becomes writable on add
+    assert len(mm) == 700
+
+
+def test_bad_input_leaves_index_unchanged(data):
+    x, q = data
+    index = kvant.FlatIndex(13)
+    index.add(x[:100])
+    before = index.search(q, 5)
+    bad = x[100:200].copy()
+    bad[42, 0] = np.inf
+    with pytest.raises(InvalidInput, match="row: 42"):
+        index.add(bad)
+    with pytest.raises(DimensionMismatch):
+        index.add(x[:, :12])
+    with pytest.raises(InvalidInput, match="already in the index"):
+        index.add(x[100:102], ids=[5, 1000])
+    with pytest.raises(InvalidInput, match="duplicates"):
+        index.add(x[100:103], ids=[1000, 1001, 1000])
+    with pytest.raises(InvalidInput):
+        index.add(x[100:102], ids=[1, 2, 3])
+    with pytest.raises(InvalidInput):
+        index.add(x[100:102], ids=[-4, 2000])
+    with pytest.raises(DimensionMismatch):
+        index.search(q[:, :5], 3)
+    with pytest.raises(InvalidInput):
+        index.search(q, 0)
+    with pytest.raises(InvalidInput):
+        index.search(np.full(13, np.nan), 3)
+    assert len(index) == 100
+    after = index.search(q, 5)
+    assert np.array_equal(before[1], after[1])
+    with pytest.raises(EmptyIndex):
+        kvant.FlatIndex(13).search(q, 3)
+    with pytest.raises(InvalidInput, match="l2, ip, cos"):
+        kvant.FlatIndex(13, "hamming")
+
+
+def test_corrupt_content(tmp_path, data):
+    from kvant import persist
+
+    x, _ = data
+    persist.write(tmp_path / "a", "FlatIndex", {"dim": 13, "metric": "l2", "next_id": 5},
+                  {"vectors": x[:4], "ids": np.arange(5, dtype=np.int64)})
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "a")
+    persist.write(tmp_path / "b", "FlatIndex", {"dim": 13, "metric": "l2", "next_id": 5},
+                  {"vectors": x[:2], "ids": np.array([1, 1], np.int64)})
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "b")

@@ -1,0 +1,248 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvant
+from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+
+DIM, M = 16, 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((20, DIM)) * 3
+    x = centers[rng.integers(0, 20, 2000)] + rng.standard_normal((2000, DIM))
+    q = centers[rng.integers(0, 20, 30)] + rng.standard_normal((30, DIM))
+    return x.astype(np.float32), q.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def built(data):
+    x, _ = data
+    out = {}
+    for nbits in (8, 4):
+        for metric in ("l2", "ip", "cos"):
+            index = kvant.PQIndex(DIM, M, nbits=nbits, metric=metric)
+            index.train(x)
+            index.add(x)
+            out[nbits, metric] = index
+    return out
+
+
+def _adc_truth(index, x, q, metric):
+    """Distances to every stored reconstruction, computed in float64 from decode()."""
+    if metric == "cos":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    rec = index.codec.decode(index.codes).astype(np.float64)
+    q64 = q.astype(np.float64)
+    if metric == "l2":
+        return ((q64[:, None, :] - rec[None]) ** 2).sum(-1)
+    return -(q64 @ rec.T)
+
+
+@pytest.mark.parametrize("nbits", [8, 4])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_search_returns_exact_adc_topk(built, data, nbits, metric):
+    x, q = data
+    index = built[nbits, metric]
+    d, ids = index.search(q, 10)
+    truth = _adc_truth(index, x, q, metric)
+    kth = np.sort(truth, axis=1)[:, 9]
+    got = np.take_along_axis(truth, ids, 1)  # ids are row numbers here (auto ids 0..n-1)
+    sign = 1 if metric == "l2" else -1
+    assert np.allclose(sign * d, got, rtol=1e-4, atol=1e-3)  # returned distances are exact ADC distances
+    # tie-tolerant: every returned row is within tolerance of the true k-th best
+    assert np.all(got <= kth[:, None] + 1e-3 * np.maximum(1, np.abs(kth[:, None])))
+    if nbits == 8:
+        assert np.mean(got[:, :1] <= np.sort(truth, 1)[:, :1] + 1e-4) == 1.0
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_refine_with_large_r_is_exact(data, metric):
+    x, q = data
+    index = kvant.PQIndex(DIM, M, nbits=4, metric=metric, refine=500)
+    index.train(x)
+    index.add(x)
+    flat = kvant.FlatIndex(DIM, metric)
+    flat.add(x)
+    d, i = index.search(q, 5)
+    fd, fi = flat.search(q, 5)
+    assert np.mean(i == fi) > 0.99
+    assert np.allclose(d, fd, rtol=1e-4, atol=1e-3)
+
+
+def test_recall_is_reasonable_and_refine_helps(built, data):
+    x, q = data
+    flat = kvant.FlatIndex(DIM)
+    flat.add(x)
+    _, gt = flat.search(q, 10)
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, gt)])
+
+    r8 = recall(built[8, "l2"].search(q, 10)[1])
+    refined = kvant.PQIndex(DIM, M, nbits=8, refine=4)
+    refined.train(x)
+    refined.add(x)
+    rr = recall(refined.search(q, 10)[1])
+    assert r8 > 0.4 and rr > r8 and rr > 0.85, (r8, rr)
+
+
+def test_opq_index_and_padding(data):
+    x, q = data
+    index = kvant.PQIndex(DIM, M, nbits=8, opq=True)
+    index.train(x)
+    index.add(x[:3], ids=[7, 8, 9])
+    d, i = index.search(q[0], 5)
+    assert d.shape == (5,) and sorted(i[:3].tolist()) == [7, 8, 9]
+    assert i[3:].tolist() == [-1, -1] and np.all(np.isinf(d[3:]))
+    ip = kvant.PQIndex(DIM, M, nbits=4, metric="ip")
+    ip.train(x)
+    ip.add(x[:2])
+    d, i = ip.search(q[:2], 4)
+    assert np.all(d[:, 2:] == -np.inf) and np.all(i[:, 2:] == -1)
+    assert np.all(d[:, 0] >= d[:, 1])
+
+
+def test_cos_ignores_query_scale(built, data):
+    _, q = data
+    index = built[8, "cos"]
+    assert np.array_equal(index.search(q, 5)[1], index.search(q * 7.5, 5)[1])
+
+
+def test_life_cycle_errors_leave_index_unchanged(data):
+    x, q = data
+    index = kvant.PQIndex(DIM, M, nbits=4)
+    with pytest.raises(EmptyIndex, match="not trained"):
+        index.add(x)
+    with pytest.raises(EmptyIndex):
+        index.search(q, 3)
+    with pytest.raises(InvalidInput, match="at least 16"):
+        index.train(x[:10])
+    index.train(x)
+    with pytest.raises(EmptyIndex):
+        index.search(q, 3)
+    index.add(x[:500], ids=np.arange(500) + 100)
+    before = index.search(q, 5)
+    bad = x[500:600].copy()
+    bad[9, 2] = np.nan
+    with pytest.raises(InvalidInput, match="row: 9"):
+        index.add(bad)
+    with pytest.raises(DimensionMismatch):
+        index.add(x[:, :8])
+    with pytest.raises(InvalidInput, match="already in the index"):
+        index.add(x[:2], ids=[5000, 100])
+    with pytest.raises(InvalidInput, match="already holds vectors"):
+        index.train(x)
+    assert len(index) == 500
+    after = index.search(q, 5)
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+    with pytest.raises(InvalidInput):
+        kvant.PQIndex(DIM, 5)
+    with pytest.raises(InvalidInput):
+        kvant.PQIndex(DIM, M, metric="L2")
+    with pytest.raises(InvalidInput):
+        kvant.PQIndex(DIM, M, refine=-1)
+
+
+@pytest.mark.parametrize("nbits,opq,refine", [(8, False, 0), (4, True, 3)])
+def test_remove_and_save_load_keep_ids(tmp_path, data, nbits, opq, refine):
+    x, q = data
+    index = kvant.PQIndex(DIM, M, nbits=nbits, opq=opq, refine=refine, metric="ip")
+    index.train(x)
+    ids = np.arange(len(x), dtype=np.int64) * 2 + 1
+    index.add(x, ids=ids)
+    assert index.remove(ids[:1000:2]) == 500
+    assert len(index) == 1500
+    d, i = index.search(q, 10)
+    assert not np.isin(i, ids[:1000:2]).any() and np.isin(i, ids).all()
+    index.save(tmp_path / "p.kvant")
+    for mmap in (False, True):
+        back = kvant.load(tmp_path / "p.kvant", mmap=mmap)
+        assert isinstance(back, kvant.PQIndex) and len(back) == 1500
+        d2, i2 = back.search(q, 10)
+        assert np.array_equal(i, i2) and np.array_equal(d, d2)
+    back.add(x[:3])  # new auto ids never collide with kept ones
+    assert len(back) == 1503 and back.ids[-3:].tolist() == [ids[-1] + 1, ids[-1] + 2, ids[-1] + 3]
+    # an untrained index also round-trips
+    kvant.PQIndex(DIM, M).save(tmp_path / "u.kvant")
+    assert not kvant.load(tmp_path / "u.kvant").is_trained
+
+
+def test_inconsistent_saved_content(tmp_path, built):
+    from kvant import persist
+
+    index = built[8, "l2"]
+    meta = index._meta()
+    arrays = {"ids": index.ids, "codes": index.codes[:, :3]}
+    arrays.update({f"codec.{k}": v for k, v in index.codec._arrays().items()})
+    persist.write(tmp_path / "a", "PQIndex", meta, arrays)
+    with pytest.raises(PersistError, match="codes"):
+        kvant.load(tmp_path / "a")
+    arrays["codes"] = index.codes
+    del arrays["codec.codebooks"]
+    persist.write(tmp_path / "b", "PQIndex", meta, arrays)
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def saved_index(tmp_path_factory, data):
+    x, _ = data
+    index = kvant.PQIndex(DIM, M, nbits=4, refine=2)
+    index.train(x)
+    index.add(x[:300])
+    path = tmp_path_factory.mktemp("idx") / "i.kvant"
+    index.save(path)
+    return path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_index_file_raises_persist_error(tmp_path_factory, saved_index, data):
+    blob = bytearray(saved_index.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
+    else:
+        positions = st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=4, unique=True)
+        for pos in data.draw(positions, label="positions"):
+            blob[pos] ^= data.draw(st.integers(1, 255), label="xor")
+    path = tmp_path_factory.mktemp("bad") / "i.kvant"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(PersistError):
+        kvant.load(path)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 6),
+    cols=st.sampled_from([DIM - 1, DIM, DIM + 3]),
+    nan_at=st.one_of(st.none(), st.integers(0, 5)),
+    ids_kind=st.sampled_from(["none", "ok", "dup", "short", "float", "clash"]),
+)
+def test_bad_adds_never_change_the_index(built, data, rows, cols, nan_at, ids_kind):
+    x, q = data
+    index = built[4, "l2"]
+    n_before = len(index)
+    ids_before = index.ids
+    block = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
+    if nan_at is not None and nan_at < rows:
+        block[nan_at, 0] = np.nan
+    ids = {
+        "none": None,
+        "ok": np.arange(rows) + 10**9,
+        "dup": np.zeros(rows, np.int64) + 10**9,
+        "short": np.arange(rows + 1) + 10**9,
+        "float": np.arange(rows) + 0.5 + 10**9,
+        "clash": np.arange(rows),
+    }[ids_kind]
+    valid = cols == DIM and (nan_at is None or nan_at >= rows) and (
+        ids_kind in ("none", "ok") or (ids_kind == "dup" and rows == 1))
+    if valid:
+        return  # only bad inputs here: the shared index must stay as built
+    with pytest.raises(InvalidInput):
+        index.add(block, ids=ids)
+    assert len(index) == n_before and np.array_equal(index.ids, ids_before)

@@ -1,0 +1,217 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvant
+from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+from kvant.quant import pq as pqmod
+
+
+def _data(n=3000, dim=16, seed=0, aniso=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim))
+    if aniso:
+        # strongly unequal variances, then a random rotation: correlated sub-vectors that PQ alone splits badly
+        x *= np.geomspace(10.0, 0.05, dim)
+        q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+        x = x @ q
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return _data()
+
+
+@pytest.fixture(scope="module")
+def pq8(x):
+    return kvant.PQ(16, 4, nbits=8, seed=1).fit(x)
+
+
+@pytest.fixture(scope="module")
+def pq4(x):
+    return kvant.PQ(16, 4, nbits=4, seed=1).fit(x)
+
+
+def test_dim_not_divisible_names_valid_m():
+    with pytest.raises(InvalidInput, match=r"m must be one of \[1, 2, 3, 4, 6, 8, 12, 24\]"):
+        kvant.PQ(24, 5)
+    with pytest.raises(InvalidInput):
+        kvant.OPQ(24, 7)
+
+
+@pytest.mark.parametrize("bad", [dict(nbits=6), dict(nbits=True), dict(m=0), dict(dim=-1), dict(seed=-3)])
+def test_bad_settings(bad):
+    kw = dict(dim=16, m=4, nbits=8, seed=0) | bad
+    with pytest.raises(InvalidInput):
+        kvant.PQ(**kw)
+
+
+def test_shapes_and_code_size(x, pq8, pq4):
+    assert pq8.codebooks.shape == (4, 256, 4) and pq8.codebooks.dtype == np.float32
+    assert pq8.code_size == 4
+    assert pq4.codebooks.shape == (4, 16, 4)
+    assert pq4.code_size == 2
+    c8, c4 = pq8.encode(x), pq4.encode(x)
+    assert c8.shape == (len(x), 4) and c8.dtype == np.uint8
+    assert c4.shape == (len(x), 2) and c4.dtype == np.uint8
+    assert pq8.decode(c8).shape == x.shape
+
+
+def _nearest_codes(pq, x):
+    cb = pq.codebooks.astype(np.float64)
+    sub = x.reshape(len(x), pq.m, pq.dsub).astype(np.float64)
+    d = ((sub[:, :, None, :] - cb[None]) ** 2).sum(-1)  # (n, m, ksub)
+    return d.argmin(-1).astype(np.uint8)
+
+
+def test_encode_is_nearest_codeword_and_decode_gathers(x, pq8):
+    codes = pq8.encode(x[:500])
+    assert np.array_equal(codes, _nearest_codes(pq8, x[:500]))
+    rec = pq8.decode(codes)
+    expect = np.concatenate([pq8.codebooks[j][codes[:, j]] for j in range(4)], axis=1)
+    assert np.array_equal(rec, expect)
+
+
+def test_4bit_packing_two_codes_per_byte_odd_m():
+    x = _data(600, 9, seed=3)
+    pq = kvant.PQ(9, 3, nbits=4, seed=0).fit(x)
+    assert pq.code_size == 2
+    codes = pq.encode(x)
+    raw = _nearest_codes(pq, x)
+    assert np.array_equal(codes[:, 0], raw[:, 0] | (raw[:, 1] << 4))
+    assert np.array_equal(codes[:, 1], raw[:, 2])  # padding nibble is zero
+    assert np.array_equal(pq.unpacked_codes(codes), raw)
+    rec = pq.decode(codes)
+    assert np.allclose(rec, np.concatenate([pq.codebooks[j][raw[:, j]] for j in range(3)], axis=1))
+
+
+def test_encode_streams_chunks_and_sources(x, pq8, tmp_path, monkeypatch):
+    full = pq8.encode(x)
+    monkeypatch.setattr(pqmod, "_ENCODE_CHUNK_ROWS", 7)
+    assert np.array_equal(pq8.encode(x), full)
+    path = tmp_path / "x.npy"
+    np.save(path, x.astype(np.float64))
+    mm = np.load(path, mmap_mode="r")
+    assert np.array_equal(pq8.encode(mm), full)
+
+
+def test_reconstruction_error_is_mean_squared_row_error(x, pq8):
+    rec = pq8.decode(pq8.encode(x))
+    expect = float(((x.astype(np.float64) - rec) ** 2).sum(1).mean())
+    assert pq8.reconstruction_error(x) == pytest.approx(expect, rel=1e-6)
+    # 8 bits per sub-vector beat 4 bits
+    assert pq8.reconstruction_error(x) < kvant.PQ(16, 4, nbits=4).fit(x).reconstruction_error(x)
+
+
+def test_deterministic_for_a_seed(x):
+    a = kvant.PQ(16, 4, nbits=4, seed=5).fit(x).codebooks
+    b = kvant.PQ(16, 4, nbits=4, seed=5).fit(x).codebooks
+    assert np.array_equal(a, b)
+
+
+def test_training_sample_cap(x):
+    pq = kvant.PQ(16, 4, nbits=4)
+    assert pq.train_rows == 256 * 16
+    assert kvant.PQ(16, 4, nbits=8).train_rows == 65536
+    assert kvant.PQ(16, 4, nbits=4, max_train_rows=100).train_rows == 100
+
+
+def test_errors_leave_codec_usable(x, pq8):
+    with pytest.raises(EmptyIndex):
+        kvant.PQ(16, 4).encode(x)
+    with pytest.raises(EmptyIndex):
+        _ = kvant.PQ(16, 4).codebooks
+    with pytest.raises(DimensionMismatch):
+        pq8.encode(x[:, :8])
+    bad = x[:50].copy()
+    bad[17, 3] = np.nan
+    with pytest.raises(InvalidInput, match="row: 17"):
+        pq8.encode(bad)
+    with pytest.raises(InvalidInput, match="at least 256"):
+        kvant.PQ(16, 4, nbits=8).fit(x[:100])
+    with pytest.raises(InvalidInput):
+        pq8.decode(np.zeros((3, 5), np.uint8))
+    with pytest.raises(InvalidInput):
+        pq8.decode(np.zeros((3, 4), np.int32))
+    before = pq8.codebooks.copy()
+    with pytest.raises(InvalidInput):
+        pq8.fit(bad)
+    assert np.array_equal(pq8.codebooks, before)
+
+
+def test_opq_beats_pq_on_anisotropic_data():
+    x = _data(4000, 16, seed=2, aniso=True)
+    pq = kvant.PQ(16, 4, nbits=4, seed=0).fit(x)
+    opq = kvant.OPQ(16, 4, nbits=4, n_iter=8, seed=0).fit(x)
+    r = opq.rotation.astype(np.float64)
+    assert np.abs(r.T @ r - np.eye(16)).max() < 1e-5
+    e_pq, e_opq = pq.reconstruction_error(x), opq.reconstruction_error(x)
+    assert e_opq < 0.8 * e_pq, (e_opq, e_pq)
+    codes = opq.encode(x[:200])
+    assert codes.shape == (200, 2)
+    rec = opq.decode(codes)
+    assert np.allclose(rec @ opq.rotation, pq4_decode_rotated(opq, codes), atol=1e-4)
+
+
+def pq4_decode_rotated(opq, codes):
+    raw = opq.unpacked_codes(codes)
+    return np.concatenate([opq.codebooks[j][raw[:, j]] for j in range(opq.m)], axis=1)
+
+
+@pytest.mark.parametrize("cls", ["PQ", "OPQ"])
+def test_save_load_roundtrip(tmp_path, x, cls):
+    codec = kvant.PQ(16, 4, nbits=4).fit(x) if cls == "PQ" else kvant.OPQ(16, 4, nbits=4, n_iter=2).fit(x)
+    path = tmp_path / "codec.kvant"
+    codec.save(path)
+    back = kvant.load(path)
+    assert type(back) is type(codec)
+    assert np.array_equal(back.codebooks, codec.codebooks)
+    assert np.array_equal(back.encode(x[:100]), codec.encode(x[:100]))
+    if cls == "OPQ":
+        assert np.array_equal(back.rotation, codec.rotation)
+    with pytest.raises(EmptyIndex):
+        kvant.PQ(16, 4).save(tmp_path / "unfitted.kvant")
+
+
+def test_load_rejects_inconsistent_content(tmp_path, x):
+    from kvant import persist
+
+    pq = kvant.PQ(16, 4, nbits=4).fit(x)
+    meta = pq._meta()
+    persist.write(tmp_path / "a", "PQ", meta, {"codebooks": pq.codebooks[:3]})
+    with pytest.raises(PersistError, match="shape"):
+        kvant.load(tmp_path / "a")
+    persist.write(tmp_path / "b", "PQ", dict(meta, m=5), {"codebooks": pq.codebooks})
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "b")
+    opq = kvant.OPQ(16, 4, nbits=4, n_iter=1).fit(x)
+    arrays = opq._arrays()
+    arrays["rotation"] = arrays["rotation"] * 2
+    persist.write(tmp_path / "c", "OPQ", opq._meta(), arrays)
+    with pytest.raises(PersistError, match="orthogonal"):
+        kvant.load(tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def saved_codec(tmp_path_factory, x):
+    path = tmp_path_factory.mktemp("codec") / "pq.kvant"
+    kvant.PQ(16, 4, nbits=4).fit(x).save(path)
+    return path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_or_truncated_file_raises_persist_error(tmp_path_factory, saved_codec, data):
+    blob = bytearray(saved_codec.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
+    else:
+        positions = st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=4, unique=True)
+        for pos in data.draw(positions, label="positions"):
+            blob[pos] ^= data.draw(st.integers(1, 255), label="xor")
+    path = tmp_path_factory.mktemp("bad") / "pq.kvant"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(PersistError):
+        kvant.load(path)
