@@ -117,6 +117,107 @@ _ADDERS.append(_add_info)
 
 # --- cluster + demo (issue 2) ---
 # --- index + search + bench kernels (issue 3) ---
+
+
+def _cmd_index_build(args) -> int:
+    import time
+
+    from .index import FlatIndex, PQIndex
+    from .io import as_source
+
+    src = as_source(args.input, column=args.column)
+    t0 = time.perf_counter()
+    if args.type == "flat":
+        index = FlatIndex(src.dim, metric=args.metric)
+    else:
+        index = PQIndex(src.dim, m=args.m, nbits=args.nbits, metric=args.metric, opq=args.opq, refine=args.refine,
+                        seed=args.seed, max_train_rows=args.train_rows)
+        index.train(src)
+    t_train = time.perf_counter() - t0
+    with progress(args, total=src.n, desc="adding") as bar:
+        for _, block in src.chunks(65536):
+            index.add(block)
+            bar.update(block.shape[0])
+    index.save(args.output)
+    payload = {
+        "output": str(args.output),
+        "type": args.type,
+        "n": len(index),
+        "dim": src.dim,
+        "metric": args.metric,
+        "code_size": getattr(index, "code_size", 4 * src.dim),
+        "train_seconds": round(t_train, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+    }
+    emit(args, payload, f"built {index!r} -> {args.output} in {payload['total_seconds']} s")
+    return EXIT_OK
+
+
+def _cmd_search(args) -> int:
+    import time
+
+    from .io import as_source
+    from .persist import load
+
+    index = load(args.index, mmap=args.mmap)
+    if not hasattr(index, "search"):
+        raise InvalidInput(f"{args.index} holds a {type(index).__name__}, which cannot be searched")
+    queries = as_source(args.queries, column=args.column)
+    t0 = time.perf_counter()
+    dist, ids = index.search(queries, args.k)
+    seconds = time.perf_counter() - t0
+    if args.output:
+        np.savez(args.output, distances=dist, ids=ids)
+    payload = {"index": str(args.index), "nq": int(ids.shape[0]), "k": args.k, "seconds": round(seconds, 4),
+               "queries_per_second": round(ids.shape[0] / max(seconds, 1e-9), 1)}
+    if args.json:
+        payload.update(ids=ids, distances=dist)
+    if args.output:
+        payload["output"] = str(args.output)
+    lines = [f"{payload['nq']} queries, k={args.k}, {seconds:.3f} s ({payload['queries_per_second']} q/s)"]
+    for r in range(min(ids.shape[0], args.show)):
+        pairs = " ".join(f"{int(i)}:{float(d):.4g}" for i, d in zip(ids[r], dist[r]))
+        lines.append(f"q{r}: {pairs}")
+    emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="build searchable indexes")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", parser_class=_Parser)
+    isub.required = True
+    b = isub.add_parser("build", help="train an index on vectors, add them and save it")
+    b.add_argument("input", help="vectors: .npy, .fvecs/.bvecs, parquet or HDF5")
+    b.add_argument("-o", "--output", required=True, help="where to write the index")
+    b.add_argument("--type", choices=["pq", "flat"], default="pq")
+    b.add_argument("--m", type=int, default=16, help="PQ sub-quantizers (must divide dim)")
+    b.add_argument("--nbits", type=int, choices=[4, 8], default=8)
+    b.add_argument("--metric", choices=["l2", "ip", "cos"], default="l2")
+    b.add_argument("--opq", action="store_true", help="learn an OPQ rotation")
+    b.add_argument("--refine", type=int, default=0, help="keep raw vectors and re-rank refine*k candidates")
+    b.add_argument("--train-rows", type=int, default=None, help="training sample size (default 256 per codeword)")
+    b.add_argument("--column", default=None, help="parquet column / HDF5 dataset")
+    b.add_argument("--seed", type=int, default=0)
+    _common(b)
+    b.set_defaults(func=_cmd_index_build)
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="k-nearest-neighbour search in a saved index")
+    p.add_argument("index", help="a file written by `kvant index build`")
+    p.add_argument("queries", help="query vectors: .npy, .fvecs/.bvecs, parquet or HDF5")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--column", default=None, help="parquet column / HDF5 dataset of the queries")
+    p.add_argument("--output", default=None, help="write distances and ids to this .npz file")
+    p.add_argument("--show", type=int, default=5, help="print the results of the first SHOW queries")
+    p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it")
+    _common(p)
+    p.set_defaults(func=_cmd_search)
+
+
+_ADDERS.append(_add_index)
+_ADDERS.append(_add_search)
+
 # --- tree (issue 4) ---
 
 

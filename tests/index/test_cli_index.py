@@ -1,0 +1,37 @@
+import json
+
+import numpy as np
+
+from kvant.cli import main
+
+
+def test_index_build_and_search(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "q.npy", x[:4])
+    out = tmp_path / "idx.kvant"
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--m", "4", "--nbits", "4",
+                 "--refine", "8", "--json", "-q"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["n"] == 600 and built["code_size"] == 2
+    assert main(["search", str(out), str(tmp_path / "q.npy"), "-k", "3", "--json",
+                 "--output", str(tmp_path / "r.npz")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [row[0] for row in res["ids"]] == [0, 1, 2, 3]
+    saved = np.load(tmp_path / "r.npz")
+    assert saved["ids"].shape == (4, 3) and saved["ids"][:, 0].tolist() == [0, 1, 2, 3]
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "f.kvant"), "--type", "flat"]) == 0
+    assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q.npy"), "-k", "2"]) == 0
+    assert "q0: 0:0" in capsys.readouterr().out
+
+
+def test_cli_errors_map_to_exit_codes(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    # m does not divide dim -> bad input (2), message names the valid m
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "i"), "--m", "4"]) == 2
+    assert "m must be one of [1, 2, 3, 6]" in capsys.readouterr().err
+    (tmp_path / "junk.kvant").write_bytes(b"not an index")
+    assert main(["search", str(tmp_path / "junk.kvant"), str(tmp_path / "x.npy")]) == 1
+    assert main(["index", "build"]) == 2
