@@ -1,0 +1,619 @@
+"""Numba kernels for the cover tree (kvant.tree). Kernels only: no validation, no policy, no I/O.
+
+Metrics are passed in as a jitted function ``dist(X, i, Y, j, params) -> float`` (first argument of
+every kernel). Numba specialises each kernel once per distinct ``dist`` dispatcher; the built-in
+metrics share one dispatcher (:func:`builtin_dist`, a switch on ``params[0]``) so that the common
+case compiles once and is cached on disk. A user metric ``f(a, b)`` is wrapped by the public layer.
+
+Tree layout (flat arrays indexed by node = point slot): ``parent`` (int64, -1 for the root and for
+slots not in the tree), ``level`` (int32), ``maxdist`` (float64, an upper bound on the distance from
+a node to any of its descendants), and for queries a CSR ``child_off``/``child_idx`` derived from
+``parent``. A kernel reports a metric that returned NaN, inf or a negative number through ``bad``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+_NJ = dict(cache=True, nogil=True, fastmath=False)
+
+# metric codes in params[0]
+EUCLIDEAN, MANHATTAN, CHEBYSHEV, ANGULAR, RESIDUAL = 0, 1, 2, 3, 4
+RBF_KERNEL, MATERN52_KERNEL = 0, 1
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dot_range(X, i, Y, j, a, b):  # pragma: no cover - numba
+    # reassoc lets LLVM vectorise the reduction; the result is a deterministic function of the
+    # inputs (the same code path is used by the tree and by brute force), so exactness holds.
+    s = 0.0
+    for t in range(a, b):
+        s += X[i, t] * Y[j, t]
+    return s
+
+
+@numba.njit(**_NJ)
+def builtin_dist(X, i, Y, j, params):  # pragma: no cover - numba
+    """The built-in metrics; ``params[0]`` selects one. Rows are float64."""
+    code = int(params[0])
+    D = X.shape[1]
+    if code == EUCLIDEAN:
+        s = 0.0
+        for t in range(D):
+            d = X[i, t] - Y[j, t]
+            s += d * d
+        return math.sqrt(s)
+    if code == MANHATTAN:
+        s = 0.0
+        for t in range(D):
+            s += abs(X[i, t] - Y[j, t])
+        return s
+    if code == CHEBYSHEV:
+        s = 0.0
+        for t in range(D):
+            d = abs(X[i, t] - Y[j, t])
+            if d > s:
+                s = d
+        return s
+    if code == ANGULAR:  # rows are unit vectors
+        c = _dot_range(X, i, Y, j, 0, D)
+        if c > 1.0:
+            c = 1.0
+        elif c < -1.0:
+            c = -1.0
+        return math.acos(c)
+    # RESIDUAL: row = [x / lengthscale (d), v / sqrt(p) (m), 1 / sqrt(p), original row index]
+    d = int(params[1])
+    m = int(params[2])
+    if X[i, D - 1] == Y[j, D - 1]:
+        return 0.0
+    r2 = 0.0
+    for t in range(d):
+        z = X[i, t] - Y[j, t]
+        r2 += z * z
+    if int(params[4]) == RBF_KERNEL:
+        kval = math.exp(-0.5 * r2)
+    else:
+        r = math.sqrt(5.0 * r2)
+        kval = (1.0 + r + r * r / 3.0) * math.exp(-r)
+    rho = params[3] * kval * X[i, d + m] * Y[j, d + m] - _dot_range(X, i, Y, j, d, d + m)
+    a = 1.0 - abs(rho)
+    if a < 0.0:
+        a = 0.0
+    return math.sqrt(a)
+
+
+@numba.njit(**_NJ)
+def ceil_log2(x):  # pragma: no cover - numba
+    """Smallest integer e with 2**e >= x, for x > 0."""
+    mant, e = math.frexp(x)
+    if mant == 0.5:
+        return e - 1
+    return e
+
+
+@numba.njit(**_NJ)
+def _okd(d):  # pragma: no cover - numba
+    return d >= 0.0 and d < np.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# construction
+# ----------------------------------------------------------------------------------------------
+
+
+@numba.njit(**_NJ)
+def _net_seq(dist, data, params, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
+    """Greedy 2**(lam-1)-net of group perm[s0:s1] (single thread). Returns (m, child_level, bad).
+
+    cent[s0:s0+m] receives the centre slots in creation order; asg[t] the local centre index of
+    member t (-1 - j if member t *is* centre j); adist[t] its distance to that centre.
+    """
+    maxd = 0.0
+    for t in range(s0, s1):
+        if pdist[t] > maxd:
+            maxd = pdist[t]
+    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log2(maxd))
+    cl = lam - 1
+    r = math.ldexp(1.0, int(cl))
+    m = 0
+    for t in range(s0, s1):
+        s = perm[t]
+        best = np.inf
+        bj = -1
+        for j in range(m):
+            dd = dist(data, cent[s0 + j], data, s, params)
+            if not _okd(dd):
+                return m, cl, True
+            if dd < best:
+                best = dd
+                bj = j
+        if bj >= 0 and best <= r:
+            asg[t] = bj
+            adist[t] = best
+            pdist[t] = m  # reuse: number of centres that existed when t was seen
+        else:
+            cent[s0 + m] = s
+            asg[t] = -1 - m
+            adist[t] = 0.0
+            m += 1
+    # back-fill: centres created after a member was seen may be nearer
+    for t in range(s0, s1):
+        if asg[t] >= 0:
+            seen = int(pdist[t])
+            s = perm[t]
+            for j in range(seen, m):
+                dd = dist(data, cent[s0 + j], data, s, params)
+                if not _okd(dd):
+                    return m, cl, True
+                if dd < adist[t]:
+                    adist[t] = dd
+                    asg[t] = j
+    return m, cl, False
+
+
+@numba.njit(parallel=True, **_NJ)
+def nets_small(dist, data, params, perm, pdist, gnode, gstart, gend, level, asg, adist, cent, gm, gcl,
+               gbad):  # pragma: no cover
+    """One level of the top-down build for many small groups, in parallel over groups."""
+    for g in numba.prange(gnode.shape[0]):
+        m, cl, bad = _net_seq(dist, data, params, perm, pdist, gstart[g], gend[g], level[gnode[g]], asg, adist,
+                              cent)
+        gm[g] = m
+        gcl[g] = cl
+        gbad[g] = bad
+
+
+@numba.njit(**_NJ)
+def net_centres_big(dist, data, params, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
+    """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
+    maxd = 0.0
+    for t in range(s0, s1):
+        if pdist[t] > maxd:
+            maxd = pdist[t]
+    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log2(maxd))
+    cl = lam - 1
+    r = math.ldexp(1.0, int(cl))
+    m = 0
+    for t in range(s0, s1):
+        s = perm[t]
+        covered = False
+        for j in range(m):
+            dd = dist(data, cent[s0 + j], data, s, params)
+            if not _okd(dd):
+                return m, cl, True
+            if dd <= r:
+                covered = True
+                break
+        if covered:
+            asg[t] = 0
+        else:
+            cent[s0 + m] = s
+            asg[t] = -1 - m
+            m += 1
+    return m, cl, False
+
+
+@numba.njit(parallel=True, **_NJ)
+def net_assign_big(dist, data, params, perm, s0, s1, m, asg, adist, cent, bad):  # pragma: no cover
+    """Assign every non-centre member of a big group to its nearest centre, in parallel."""
+    for t in numba.prange(s0, s1):
+        if asg[t] < 0:
+            adist[t] = 0.0
+            continue
+        s = perm[t]
+        best = np.inf
+        bj = 0
+        for j in range(m):
+            dd = dist(data, cent[s0 + j], data, s, params)
+            if not _okd(dd):
+                bad[t - s0] = True
+                dd = np.inf
+            if dd < best:
+                best = dd
+                bj = j
+        asg[t] = bj
+        adist[t] = best
+
+
+@numba.njit(**_NJ)
+def relayout(perm, asg, adist, gnode, gstart, gend, gm, gcl, cent, parent, level, maxdist):  # pragma: no cover
+    """Create the centre nodes of this level and lay out the next level's groups.
+
+    Returns (perm2, pdist2, gnode2, gstart2, gend2).
+    """
+    G = gnode.shape[0]
+    n_rest = 0
+    n_groups = 0
+    counts_all = np.zeros(perm.shape[0], np.int64)  # per centre (indexed s0 + j)
+    for g in range(G):
+        s0 = gstart[g]
+        p = gnode[g]
+        for j in range(gm[g]):
+            c = cent[s0 + j]
+            parent[c] = p
+            level[c] = gcl[g]
+            maxdist[c] = 0.0
+        for t in range(s0, gend[g]):
+            if asg[t] >= 0:
+                counts_all[s0 + asg[t]] += 1
+                n_rest += 1
+        for j in range(gm[g]):
+            if counts_all[s0 + j] > 0:
+                n_groups += 1
+    perm2 = np.empty(n_rest, np.int64)
+    pdist2 = np.empty(n_rest, np.float64)
+    gnode2 = np.empty(n_groups, np.int64)
+    gstart2 = np.empty(n_groups, np.int64)
+    gend2 = np.empty(n_groups, np.int64)
+    offs = np.empty(perm.shape[0], np.int64)
+    pos = 0
+    k = 0
+    for g in range(G):
+        s0 = gstart[g]
+        for j in range(gm[g]):
+            cnt = counts_all[s0 + j]
+            offs[s0 + j] = pos
+            if cnt > 0:
+                gnode2[k] = cent[s0 + j]
+                gstart2[k] = pos
+                gend2[k] = pos + cnt
+                k += 1
+            pos += cnt
+    for g in range(G):
+        s0 = gstart[g]
+        for t in range(s0, gend[g]):
+            a = asg[t]
+            if a >= 0:
+                c = cent[s0 + a]
+                q = offs[s0 + a]
+                offs[s0 + a] = q + 1
+                perm2[q] = perm[t]
+                pdist2[q] = adist[t]
+                if adist[t] > maxdist[c]:
+                    maxdist[c] = adist[t]
+    return perm2, pdist2, gnode2, gstart2, gend2
+
+
+# ----------------------------------------------------------------------------------------------
+# traversal for batch insert: where does each new point land?
+# ----------------------------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, **_NJ)
+def land(dist, data, params, root, level, child_off, child_idx, newslots, out_land, out_dp, path_node, path_d,
+         path_len, bad):  # pragma: no cover
+    """Descend from the root: at node p (which covers the point), move to the nearest child c with
+    d(c, x) <= 2**level(c); land at p when no child covers x. The root covers everything (the caller
+    raises its level first). Records the path (nodes and distances) for the maxdist update."""
+    for i in numba.prange(newslots.shape[0]):
+        s = newslots[i]
+        p = root
+        dp = dist(data, p, data, s, params)
+        if not _okd(dp):
+            bad[i] = True
+            path_len[i] = 0
+            out_land[i] = p
+            out_dp[i] = 0.0
+            continue
+        L = 0
+        while True:
+            path_node[i, L] = p
+            path_d[i, L] = dp
+            L += 1
+            best = np.inf
+            bc = -1
+            for e in range(child_off[p], child_off[p + 1]):
+                c = child_idx[e]
+                dd = dist(data, c, data, s, params)
+                if not _okd(dd):
+                    bad[i] = True
+                    dd = np.inf
+                if dd <= math.ldexp(1.0, int(level[c])) and dd < best:
+                    best = dd
+                    bc = c
+            if bc < 0 or bad[i]:
+                break
+            p = bc
+            dp = best
+        path_len[i] = L
+        out_land[i] = p
+        out_dp[i] = dp
+
+
+@numba.njit(**_NJ)
+def apply_paths(maxdist, path_node, path_d, path_len):  # pragma: no cover
+    for i in range(path_len.shape[0]):
+        for t in range(path_len[i]):
+            p = path_node[i, t]
+            if path_d[i, t] > maxdist[p]:
+                maxdist[p] = path_d[i, t]
+
+
+@numba.njit(parallel=True, **_NJ)
+def dist_to_one(dist, data, params, a, slots, out):  # pragma: no cover
+    for i in numba.prange(slots.shape[0]):
+        out[i] = dist(data, a, data, slots[i], params)
+
+
+# ----------------------------------------------------------------------------------------------
+# structure helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@numba.njit(**_NJ)
+def build_csr(parent, level, in_tree):  # pragma: no cover
+    """CSR children lists from parent pointers, plus each node's subtree minimum slot and depth."""
+    n = parent.shape[0]
+    off = np.zeros(n + 1, np.int64)
+    for c in range(n):
+        if in_tree[c] and parent[c] >= 0:
+            off[parent[c] + 1] += 1
+    for p in range(n):
+        off[p + 1] += off[p]
+    fill = off[:-1].copy()
+    idx = np.empty(off[n], np.int64)
+    for c in range(n):
+        if in_tree[c] and parent[c] >= 0:
+            idx[fill[parent[c]]] = c
+            fill[parent[c]] += 1
+    # subtree minimum slot: visit nodes by increasing level (children before parents)
+    minid = np.arange(n).astype(np.int64)
+    order = np.argsort(level, kind="mergesort")
+    for t in range(n):
+        c = order[t]
+        if in_tree[c] and parent[c] >= 0:
+            p = parent[c]
+            if minid[c] < minid[p]:
+                minid[p] = minid[c]
+    # depth (for path buffers): visit by decreasing level (parents before children)
+    depth = np.zeros(n, np.int64)
+    height = 0
+    for t in range(n - 1, -1, -1):
+        c = order[t]
+        if in_tree[c] and parent[c] >= 0:
+            depth[c] = depth[parent[c]] + 1
+            if depth[c] > height:
+                height = depth[c]
+    return off, idx, minid, height
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN queries
+# ----------------------------------------------------------------------------------------------
+
+
+@numba.njit(**_NJ)
+def _less(d1, i1, d2, i2):  # pragma: no cover
+    return d1 < d2 or (d1 == d2 and i1 < i2)
+
+
+@numba.njit(**_NJ)
+def _heap_push_res(hd, hi, size, k, d, i):  # pragma: no cover
+    """Max-heap of the k best (d, id), ordered lexicographically. Returns the new size."""
+    if size < k:
+        pos = size
+        size += 1
+    else:
+        if not _less(d, i, hd[0], hi[0]):
+            return size
+        pos = 0
+        # sift down from the root replacing the max
+        while True:
+            l_ = 2 * pos + 1
+            if l_ >= size:
+                break
+            r_ = l_ + 1
+            big = l_
+            if r_ < size and _less(hd[l_], hi[l_], hd[r_], hi[r_]):
+                big = r_
+            if _less(d, i, hd[big], hi[big]):
+                hd[pos] = hd[big]
+                hi[pos] = hi[big]
+                pos = big
+            else:
+                break
+        hd[pos] = d
+        hi[pos] = i
+        return size
+    # sift up
+    while pos > 0:
+        par = (pos - 1) // 2
+        if _less(hd[par], hi[par], d, i):
+            hd[pos] = hd[par]
+            hi[pos] = hi[par]
+            pos = par
+        else:
+            break
+    hd[pos] = d
+    hi[pos] = i
+    return size
+
+
+@numba.njit(**_NJ)
+def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
+    # sort the heap content ascending by (d, id) (insertion sort: k is small)
+    for a in range(1, size):
+        d = hd[a]
+        i = hi[a]
+        b = a - 1
+        while b >= 0 and _less(d, i, hd[b], hi[b]):
+            hd[b + 1] = hd[b]
+            hi[b + 1] = hi[b]
+            b -= 1
+        hd[b + 1] = d
+        hi[b + 1] = i
+    for a in range(k):
+        if a < size:
+            out_d[row, a] = hd[a]
+            out_i[row, a] = hi[a]
+        else:
+            out_d[row, a] = np.inf
+            out_i[row, a] = -1
+
+
+@numba.njit(parallel=True, **_NJ)
+def knn(dist, data, params, Q, qslot, mode, root, child_off, child_idx, maxdist, minid, in_tree, k, slack_rel,
+        slack_abs, out_d, out_i, bad):  # pragma: no cover
+    """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
+
+    Queries are rows of Q. mode 0: plain queries; mode 1: exclude slot qslot[i] itself; mode 2: only
+    slots < qslot[i] (Vecchia predecessors). A subtree is skipped when its lower bound, less a safety
+    slack for rounding, exceeds the current k-th distance, so ties are resolved exactly as brute force
+    does (by smaller id).
+    """
+    for qi in numba.prange(Q.shape[0]):
+        bad[qi] = _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx, maxdist, minid, k,
+                           slack_rel, slack_abs, out_d, out_i)
+
+
+@numba.njit(**_NJ)
+def _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx, maxdist, minid, k, slack_rel,
+             slack_abs, out_d, out_i):  # pragma: no cover
+    isbad = False
+    if True:
+        hd = np.empty(k, np.float64)
+        hi = np.empty(k, np.int64)
+        size = 0
+        cap = 64
+        pq_lb = np.empty(cap, np.float64)
+        pq_node = np.empty(cap, np.int64)
+        pq_d = np.empty(cap, np.float64)
+        npq = 0
+        lim = qslot[qi] if mode == 2 else -1
+        excl = qslot[qi] if mode == 1 else -1
+        d0 = dist(Q, qi, data, root, params)
+        if not _okd(d0):
+            _finish(hd, hi, 0, k, out_d, out_i, qi)
+            return True
+        if (mode != 2 or root < lim) and root != excl:
+            size = _heap_push_res(hd, hi, size, k, d0, root)
+        if mode != 2 or minid[root] < lim:
+            pq_lb[0] = 0.0
+            pq_node[0] = root
+            pq_d[0] = d0
+            npq = 1
+        while npq > 0:
+            # pop min lower bound
+            lb = pq_lb[0]
+            p = pq_node[0]
+            npq -= 1
+            if npq > 0:
+                xl = pq_lb[npq]
+                xn = pq_node[npq]
+                xd = pq_d[npq]
+                pos = 0
+                while True:
+                    l_ = 2 * pos + 1
+                    if l_ >= npq:
+                        break
+                    r_ = l_ + 1
+                    sm = l_
+                    if r_ < npq and pq_lb[r_] < pq_lb[l_]:
+                        sm = r_
+                    if pq_lb[sm] < xl:
+                        pq_lb[pos] = pq_lb[sm]
+                        pq_node[pos] = pq_node[sm]
+                        pq_d[pos] = pq_d[sm]
+                        pos = sm
+                    else:
+                        break
+                pq_lb[pos] = xl
+                pq_node[pos] = xn
+                pq_d[pos] = xd
+            kth = hd[0] if size == k else np.inf
+            if lb > kth:
+                break
+            for e in range(child_off[p], child_off[p + 1]):
+                c = child_idx[e]
+                if mode == 2 and minid[c] >= lim:
+                    continue
+                dc = dist(Q, qi, data, c, params)
+                if not _okd(dc):
+                    isbad = True
+                    dc = np.inf
+                if (mode != 2 or c < lim) and c != excl:
+                    size = _heap_push_res(hd, hi, size, k, dc, c)
+                    kth = hd[0] if size == k else np.inf
+                if child_off[c + 1] > child_off[c]:
+                    md = maxdist[c]
+                    clb = dc - md - (slack_rel * (dc + md) + slack_abs)
+                    if clb <= kth:
+                        if clb < 0.0:
+                            clb = 0.0
+                        if npq == cap:
+                            cap *= 2
+                            t1 = np.empty(cap, np.float64)
+                            t2 = np.empty(cap, np.int64)
+                            t3 = np.empty(cap, np.float64)
+                            t1[:npq] = pq_lb[:npq]
+                            t2[:npq] = pq_node[:npq]
+                            t3[:npq] = pq_d[:npq]
+                            pq_lb = t1
+                            pq_node = t2
+                            pq_d = t3
+                        pos = npq
+                        npq += 1
+                        while pos > 0:
+                            par = (pos - 1) // 2
+                            if pq_lb[par] > clb:
+                                pq_lb[pos] = pq_lb[par]
+                                pq_node[pos] = pq_node[par]
+                                pq_d[pos] = pq_d[par]
+                                pos = par
+                            else:
+                                break
+                        pq_lb[pos] = clb
+                        pq_node[pos] = c
+                        pq_d[pos] = dc
+        _finish(hd, hi, size, k, out_d, out_i, qi)
+    return isbad
+
+
+@numba.njit(parallel=True, **_NJ)
+def brute_knn(dist, data, params, Q, qslot, mode, slots, k, out_d, out_i, bad):  # pragma: no cover
+    """Brute force over the given slots with the same distance function and tie rule as :func:`knn`."""
+    for qi in numba.prange(Q.shape[0]):
+        bad[qi] = _brute_one(dist, data, params, Q, qi, qslot, mode, slots, k, out_d, out_i)
+
+
+@numba.njit(**_NJ)
+def _brute_one(dist, data, params, Q, qi, qslot, mode, slots, k, out_d, out_i):  # pragma: no cover
+    isbad = False
+    if True:
+        hd = np.empty(k, np.float64)
+        hi = np.empty(k, np.int64)
+        size = 0
+        for t in range(slots.shape[0]):
+            c = slots[t]
+            if mode == 1 and c == qslot[qi]:
+                continue
+            if mode == 2 and c >= qslot[qi]:
+                continue
+            dc = dist(Q, qi, data, c, params)
+            if not _okd(dc):
+                isbad = True
+                dc = np.inf
+            size = _heap_push_res(hd, hi, size, k, dc, c)
+        _finish(hd, hi, size, k, out_d, out_i, qi)
+    return isbad
+
+
+@numba.njit(parallel=True, **_NJ)
+def pair_dists(dist, X, a, Y, b, params, out):  # pragma: no cover
+    """out[t] = dist(X row a[t], Y row b[t])."""
+    for t in numba.prange(a.shape[0]):
+        out[t] = dist(X, a[t], Y, b[t], params)
+
+
+@numba.njit(**_NJ)
+def mark_subtrees(parent, order, flag):  # pragma: no cover
+    """flag every descendant of a flagged node; ``order`` lists nodes parents-first."""
+    for t in range(order.shape[0]):
+        c = order[t]
+        p = parent[c]
+        if p >= 0 and flag[p]:
+            flag[c] = True

@@ -1,0 +1,662 @@
+"""``CoverTree``: exact k-NN in general metrics with a compressed cover tree in flat arrays.
+
+See docs/covertree.md for the invariants, the batch construction and the exactness argument.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+
+import numpy as np
+
+from .. import persist
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
+from ..kernels import tree as K
+from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
+
+__all__ = ["CoverTree"]
+
+_BIG_GROUP = 4096  # groups at least this large get a parallel nearest-centre assignment
+_PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
+
+
+class MetricError(InvalidInput):
+    """The metric returned NaN, inf or a negative number."""
+
+
+def _bad_metric(what: str) -> MetricError:
+    return MetricError(f"the metric returned NaN, inf or a negative distance during {what}; "
+                       "expected finite non-negative distances (the tree is unchanged)")
+
+
+class CoverTree:
+    """Exact k-nearest neighbours for any metric, with dynamic insert and delete.
+
+    ``metric`` is ``"euclidean"``, ``"manhattan"``, ``"chebyshev"``, ``"angular"``, a
+    :class:`kvant.ResidualCorrelation` (points are then row indices into its ``X``), or a Numba-jitted
+    ``dist(a, b) -> float`` on float64 rows that satisfies the triangle inequality.
+
+    >>> import numpy as np, kvant
+    >>> X = np.random.default_rng(0).random((1000, 3))
+    >>> tree = kvant.CoverTree().fit(X)
+    >>> d, i = tree.knn(X[:5], 3)
+    >>> i[:, 0].tolist()
+    [0, 1, 2, 3, 4]
+    """
+
+    def __init__(self, metric="euclidean"):
+        self._m = resolve_metric(metric)
+        self.metric = metric
+        self._reset()
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._dim = None  # feature width (vector metrics: the point dimension)
+        self._data = np.empty((0, 0))
+        self._parent = np.empty(0, np.int64)
+        self._level = np.empty(0, np.int32)
+        self._maxdist = np.empty(0, np.float64)
+        self._in = np.empty(0, np.bool_)
+        self._root = -1
+        self._n = 0
+        self._next_id = 0
+        self.telemetry_: dict = {}
+        self._freeze()
+        if self._m.kind == "index":
+            rc = self._m.obj
+            self._data = rc.features()
+            cap = rc.n
+            self._parent = np.full(cap, -1, np.int64)
+            self._level = np.zeros(cap, np.int32)
+            self._maxdist = np.zeros(cap)
+            self._in = np.zeros(cap, np.bool_)
+            self._freeze()
+
+    @property
+    def n(self) -> int:
+        """Number of points in the tree."""
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def ids_(self) -> np.ndarray:
+        """The ids of the points in the tree, ascending (the row order of :meth:`knn_self`)."""
+        return np.flatnonzero(self._in).astype(np.int64)
+
+    @property
+    def dim(self) -> int | None:
+        return self._dim if self._m.kind != "index" else None
+
+    def __repr__(self) -> str:
+        return f"CoverTree(metric={self._m.name!r}, n={self._n})"
+
+    def _slack(self) -> tuple[float, float]:
+        sa = self._m.slack_abs
+        if self._m.name == "angular" and self._dim:
+            sa = 3.0 * np.sqrt(2.0 * (self._dim + 4) * 2.3e-16)
+        return self._m.slack_rel, sa
+
+    def _freeze(self) -> None:
+        """Derive the query structure (CSR children, subtree minimum ids, height) from parents."""
+        if self._parent.shape[0] == 0:
+            self._off = np.zeros(1, np.int64)
+            self._idx = np.empty(0, np.int64)
+            self._minid = np.empty(0, np.int64)
+            self._height = 0
+            return
+        self._off, self._idx, self._minid, self._height = K.build_csr(self._parent, self._level, self._in)
+
+    # ------------------------------------------------------------------------------------------
+    # validation
+    # ------------------------------------------------------------------------------------------
+
+    def _features(self, points, what: str) -> np.ndarray:
+        """Validate vector points and return float64 feature rows (n, D)."""
+        try:
+            arr = np.asarray(points)
+        except Exception as exc:
+            raise InvalidInput(f"{what}: cannot convert to an array: {exc}") from exc
+        if arr.dtype.kind not in "fiub" or arr.dtype.kind == "b":
+            raise InvalidInput(f"{what}: expected a numeric array, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise InvalidInput(f"{what}: expected a 2-D array (n, dim), got shape {arr.shape}")
+        if arr.shape[1] == 0:
+            raise InvalidInput(f"{what}: has zero columns")
+        if self._dim is not None and arr.shape[1] != self._dim:
+            raise DimensionMismatch(f"{what}: has dimension {arr.shape[1]}, the tree holds {self._dim}-d points")
+        F = np.ascontiguousarray(arr, dtype=np.float64)
+        if not np.all(np.isfinite(F)):
+            bad = np.argwhere(~np.isfinite(F))[0]
+            raise InvalidInput(f"{what}: contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
+        if F.size and np.abs(F).max() > _MAX_ABS:
+            raise InvalidInput(f"{what}: values above {_MAX_ABS:g} in magnitude would overflow distances")
+        if self._m.name == "angular":
+            norms = np.sqrt(np.einsum("ij,ij->i", F, F))
+            if np.any(norms == 0):
+                raise InvalidInput(f"{what}: zero vector at row {int(np.argmin(norms))}; the angle is undefined")
+            F = F / norms[:, None]
+        return F
+
+    def _rows(self, points, what: str) -> np.ndarray:
+        """Validate row indices into the residual metric's X."""
+        rc = self._m.obj
+        arr = np.asarray(points)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise InvalidInput(f"{what}: with a ResidualCorrelation metric, points are a 1-D array of row indices "
+                               f"into X, got dtype {arr.dtype} shape {arr.shape}")
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= rc.n):
+            raise InvalidInput(f"{what}: row index out of range [0, {rc.n})")
+        if np.unique(arr).size != arr.size:
+            raise InvalidInput(f"{what}: row indices must be unique")
+        return arr
+
+    @staticmethod
+    def _check_k(k, n_max: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise InvalidInput(f"k must be an integer, got {k!r}")
+        k = int(k)
+        if k < 1:
+            raise InvalidInput(f"k must be >= 1, got {k}")
+        if k > n_max:
+            raise InvalidInput(f"k={k} is larger than the number of points in the tree ({n_max})")
+        return k
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self, points=None) -> CoverTree:
+        """Build the tree from scratch on ``points`` (ids 0..n-1; for a ResidualCorrelation metric the
+        points are row indices into X and are their own ids; ``None`` means every row)."""
+        t0 = time.perf_counter()
+        if self._m.kind == "index":
+            rows = np.arange(self._m.obj.n) if points is None else self._rows(points, "fit points")
+            if rows.size == 0:
+                raise InvalidInput("fit points: need at least one point")
+            data = self._data
+            cap = data.shape[0]
+            slots = rows
+            dim = None
+        else:
+            if points is None:
+                raise InvalidInput("fit: points are required for this metric")
+            saved_dim, self._dim = self._dim, None
+            try:
+                F = self._features(points, "fit points")
+            finally:
+                self._dim = saved_dim
+            if F.shape[0] == 0:
+                raise InvalidInput("fit points: need at least one point")
+            data, cap, slots, dim = F, F.shape[0], np.arange(F.shape[0], dtype=np.int64), F.shape[1]
+        parent = np.full(cap, -1, np.int64)
+        level = np.zeros(cap, np.int32)
+        maxdist = np.zeros(cap)
+        in_tree = np.zeros(cap, np.bool_)
+        tel = {"n": int(slots.size)}
+        root = self._build_fresh(data, slots, parent, level, maxdist, tel)
+        in_tree[slots] = True
+        # commit
+        self._data, self._parent, self._level, self._maxdist, self._in = data, parent, level, maxdist, in_tree
+        self._root, self._n = int(root), int(slots.size)
+        self._dim = dim
+        self._next_id = int(cap) if self._m.kind != "index" else 0
+        t1 = time.perf_counter()
+        self._freeze()
+        tel["freeze"] = time.perf_counter() - t1
+        tel["total"] = time.perf_counter() - t0
+        self.telemetry_ = {"op": "fit", **tel}
+        return self
+
+    def _build_fresh(self, data, slots, parent, level, maxdist, tel) -> int:
+        m = self._m
+        root = int(slots[0])
+        rest = np.ascontiguousarray(slots[1:], dtype=np.int64)
+        t = time.perf_counter()
+        dp = np.empty(rest.size)
+        K.dist_to_one(m.dist, data, m.params, root, rest, dp)
+        if rest.size and not np.all((dp >= 0) & (dp < np.inf)):
+            raise _bad_metric("construction")
+        tel["traversal"] = tel.get("traversal", 0.0) + time.perf_counter() - t
+        maxd = float(dp.max()) if rest.size else 0.0
+        parent[root] = -1
+        level[root] = K.ceil_log2(maxd) if maxd > 0 else 0
+        maxdist[root] = maxd
+        if rest.size:
+            self._grow(data, parent, level, maxdist, rest, dp, np.array([root], np.int64),
+                       np.array([0], np.int64), np.array([rest.size], np.int64), tel)
+        return root
+
+    def _grow(self, data, parent, level, maxdist, perm, pdist, gnode, gstart, gend, tel) -> None:
+        """Level-synchronous top-down construction of the subtrees below ``gnode`` (see docs)."""
+        m = self._m
+        t_net = t_lay = 0.0
+        levels = 0
+        while gnode.size:
+            levels += 1
+            t = time.perf_counter()
+            B = perm.size
+            asg = np.empty(B, np.int64)
+            adist = np.empty(B)
+            cent = np.empty(B, np.int64)
+            G = gnode.size
+            gm = np.zeros(G, np.int64)
+            gcl = np.zeros(G, np.int64)
+            sizes = gend - gstart
+            big = np.flatnonzero(sizes >= _BIG_GROUP)
+            small = np.flatnonzero(sizes < _BIG_GROUP)
+            if small.size:
+                gbad = np.zeros(small.size, np.bool_)
+                sm_m = np.zeros(small.size, np.int64)
+                sm_cl = np.zeros(small.size, np.int64)
+                K.nets_small(m.dist, data, m.params, perm, pdist, gnode[small], gstart[small], gend[small], level,
+                             asg, adist, cent, sm_m, sm_cl, gbad)
+                if gbad.any():
+                    raise _bad_metric("construction")
+                gm[small] = sm_m
+                gcl[small] = sm_cl
+            for g in big:
+                s0, s1 = int(gstart[g]), int(gend[g])
+                mm, cl, bad = K.net_centres_big(m.dist, data, m.params, perm, pdist, s0, s1, int(level[gnode[g]]),
+                                                asg, cent)
+                if bad:
+                    raise _bad_metric("construction")
+                badv = np.zeros(s1 - s0, np.bool_)
+                K.net_assign_big(m.dist, data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
+                if badv.any():
+                    raise _bad_metric("construction")
+                gm[g] = mm
+                gcl[g] = cl
+            t2 = time.perf_counter()
+            t_net += t2 - t
+            perm, pdist, gnode, gstart, gend = K.relayout(perm, asg, adist, gnode, gstart, gend, gm, gcl, cent,
+                                                          parent, level, maxdist)
+            t_lay += time.perf_counter() - t2
+        tel["net"] = tel.get("net", 0.0) + t_net
+        tel["relayout"] = tel.get("relayout", 0.0) + t_lay
+        tel["levels"] = tel.get("levels", 0) + levels
+
+    def insert(self, points) -> np.ndarray:
+        """Insert a batch; returns the new points' ids (for a ResidualCorrelation metric: the row indices)."""
+        t0 = time.perf_counter()
+        m = self._m
+        if m.kind == "index":
+            rows = self._rows(points, "insert points")
+            if rows.size and np.any(self._in[rows]):
+                raise InvalidInput(f"insert points: row {int(rows[np.argmax(self._in[rows])])} is already in the tree")
+            new_slots = rows
+            data = self._data
+            cap = data.shape[0]
+        else:
+            F = self._features(points, "insert points")
+            b = F.shape[0]
+            new_slots = np.arange(self._next_id, self._next_id + b, dtype=np.int64)
+            need = self._next_id + b
+            cap = self._data.shape[0]
+            if need > cap or self._dim is None:
+                cap = max(need, int(cap * 1.5) + 16)
+                data = np.zeros((cap, F.shape[1]))
+                data[: self._data.shape[0]] = self._data
+            else:
+                data = self._data  # rows past next_id are unused: writing them cannot disturb the tree
+            data[new_slots] = F
+        if new_slots.size == 0:
+            return new_slots.copy()
+        parent = np.full(cap, -1, np.int64)
+        level = np.zeros(cap, np.int32)
+        maxdist = np.zeros(cap)
+        in_tree = np.zeros(cap, np.bool_)
+        old = self._parent.shape[0]
+        parent[:old], level[:old], maxdist[:old], in_tree[:old] = self._parent, self._level, self._maxdist, self._in
+        tel = {"n": int(new_slots.size)}
+        if self._n == 0:
+            root = self._build_fresh(data, new_slots, parent, level, maxdist, tel)
+        else:
+            root = self._root
+            self._insert_into(data, parent, level, maxdist, new_slots, tel)
+        in_tree[new_slots] = True
+        # commit
+        self._data, self._parent, self._level, self._maxdist, self._in = data, parent, level, maxdist, in_tree
+        self._root = int(root)
+        self._n += int(new_slots.size)
+        if m.kind != "index":
+            self._dim = data.shape[1]
+            self._next_id = int(new_slots[-1]) + 1
+        t1 = time.perf_counter()
+        self._freeze()
+        tel["freeze"] = time.perf_counter() - t1
+        tel["total"] = time.perf_counter() - t0
+        self.telemetry_ = {"op": "insert", **tel}
+        return new_slots.copy()
+
+    def _insert_into(self, data, parent, level, maxdist, new_slots, tel) -> None:
+        """Insert new slots into the current (frozen) tree whose arrays were copied to parent/level/maxdist."""
+        m = self._m
+        root = self._root
+        t = time.perf_counter()
+        B = new_slots.size
+        land = np.empty(B, np.int64)
+        dp = np.empty(B)
+        depth = int(self._height) + 1
+        chunk = max(1, _PATH_BUDGET // depth)
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            nb = e - s
+            pn = np.empty((nb, depth), np.int64)
+            pd = np.empty((nb, depth))
+            pl = np.zeros(nb, np.int64)
+            bad = np.zeros(nb, np.bool_)
+            K.land(m.dist, data, m.params, root, self._level, self._off, self._idx, new_slots[s:e], land[s:e], dp[s:e],
+                   pn, pd, pl, bad)
+            if bad.any():
+                raise _bad_metric("insertion")
+            K.apply_paths(maxdist, pn, pd, pl)
+        at_root = land == root
+        if at_root.any():
+            mx = float(dp[at_root].max())
+            if mx > 0:
+                level[root] = max(int(level[root]), K.ceil_log2(mx))
+        tel["traversal"] = time.perf_counter() - t
+        order = np.argsort(land, kind="stable")
+        perm = np.ascontiguousarray(new_slots[order])
+        pdist = np.ascontiguousarray(dp[order])
+        ls = land[order]
+        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
+        gend = np.r_[starts[1:], B].astype(np.int64)
+        self._grow(data, parent, level, maxdist, perm, pdist, ls[starts].astype(np.int64), starts.astype(np.int64),
+                   gend, tel)
+
+    def delete(self, ids) -> None:
+        """Remove points by id. Their subtrees are detached and the surviving descendants re-inserted."""
+        t0 = time.perf_counter()
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise InvalidInput(f"delete: expected a 1-D array of integer ids, got dtype {arr.dtype} shape {arr.shape}")
+        arr = arr.astype(np.int64)
+        if arr.size == 0:
+            return
+        cap = self._in.shape[0]
+        unknown = arr[(arr < 0) | (arr >= cap)]
+        if unknown.size == 0:
+            unknown = arr[~self._in[arr]]
+        if unknown.size:
+            raise InvalidInput(f"delete: unknown id(s) {unknown[:5].tolist()} (not in the tree)")
+        if np.unique(arr).size != arr.size:
+            raise InvalidInput("delete: ids must be unique")
+        flag = np.zeros(cap, np.bool_)
+        flag[arr] = True
+        live = np.flatnonzero(self._in)
+        order = live[np.argsort(-self._level[live], kind="stable")]
+        K.mark_subtrees(self._parent, order, flag)
+        deleted = np.zeros(cap, np.bool_)
+        deleted[arr] = True
+        reinsert = np.flatnonzero(flag & ~deleted).astype(np.int64)
+        parent, level, maxdist, in_tree = self._parent.copy(), self._level.copy(), self._maxdist.copy(), self._in.copy()
+        in_tree[flag] = False
+        parent[flag] = -1
+        tel = {"n": int(arr.size), "reinserted": int(reinsert.size)}
+        n_new = self._n - arr.size
+        root = self._root
+        if n_new == 0:
+            root = -1
+        elif deleted[self._root]:
+            root = self._build_fresh(self._data, reinsert, parent, level, maxdist, tel)
+            in_tree[reinsert] = True
+        elif reinsert.size:
+            # re-insert into the reduced tree: freeze it first (the traversal reads the CSR)
+            saved = (self._parent, self._level, self._in, self._off, self._idx, self._minid, self._height)
+            try:
+                self._parent, self._level, self._in = parent, level, in_tree
+                self._freeze()
+                lv = level.copy()
+                self._level = lv
+                self._insert_into(self._data, parent, level, maxdist, reinsert, tel)
+            finally:
+                self._parent, self._level, self._in, self._off, self._idx, self._minid, self._height = saved
+            in_tree[reinsert] = True
+        self._parent, self._level, self._maxdist, self._in = parent, level, maxdist, in_tree
+        self._root, self._n = int(root), int(n_new)
+        self._freeze()
+        tel["total"] = time.perf_counter() - t0
+        self.telemetry_ = {"op": "delete", **tel}
+
+    # ------------------------------------------------------------------------------------------
+    # queries
+    # ------------------------------------------------------------------------------------------
+
+    def knn(self, queries, k: int):
+        """Exact k nearest neighbours: ``(distances, ids)``, each (nq, k), ascending by (distance, id).
+
+        For a ResidualCorrelation metric the queries are row indices into X (a query row that is in the
+        tree finds itself at distance 0). A 1-D query (a single vector, or a scalar row) gives 1-D arrays.
+        """
+        if self._n == 0:
+            raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
+        k = self._check_k(k, self._n)
+        m = self._m
+        if m.kind == "index":
+            single = np.ndim(queries) == 0
+            rows = np.asarray(queries)
+            rows = rows.reshape(1) if single else rows
+            if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+                raise InvalidInput("queries: with a ResidualCorrelation metric, queries are row indices into X")
+            rows = rows.astype(np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= m.obj.n):
+                raise InvalidInput(f"queries: row index out of range [0, {m.obj.n})")
+            Q = np.ascontiguousarray(self._data[rows])
+        else:
+            q = np.asarray(queries)
+            single = q.ndim == 1
+            Q = self._features(q.reshape(1, -1) if single else q, "queries")
+        return self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, single)
+
+    def knn_self(self, k: int, predecessors: bool = True):
+        """k nearest neighbours of every point in the tree, rows in ascending id order (``ids_``).
+
+        ``predecessors=True``: row i only sees points with a smaller id (Vecchia conditioning sets), padded
+        with -1 / inf when fewer than k exist. ``predecessors=False``: all other points (self excluded).
+        """
+        if self._n == 0:
+            raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
+        k = self._check_k(k, self._n)
+        slots = self.ids_
+        Q = np.ascontiguousarray(self._data[slots])
+        return self._query(Q, slots, 2 if predecessors else 1, k, False)
+
+    def _query(self, Q, qslot, mode, k, single):
+        m = self._m
+        nq = Q.shape[0]
+        out_d = np.empty((nq, k))
+        out_i = np.empty((nq, k), np.int64)
+        bad = np.zeros(nq, np.bool_)
+        sr, sa = self._slack()
+        t = time.perf_counter()
+        K.knn(m.dist, self._data, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._maxdist,
+              self._minid, self._in, k, sr, sa, out_d, out_i, bad)
+        self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
+        if bad.any():
+            raise _bad_metric("a query")
+        if single:
+            return out_d[0], out_i[0]
+        return out_d, out_i
+
+    def brute_force(self, queries=None, k: int = 1, predecessors: bool | None = None):
+        """Brute force with the same metric kernel and tie rule (the reference the tree must match).
+
+        ``queries=None`` means every point in the tree, like :meth:`knn_self` (``predecessors`` as there).
+        """
+        if self._n == 0:
+            raise EmptyIndex("the cover tree is empty")
+        k = self._check_k(k, self._n)
+        m = self._m
+        slots = self.ids_
+        if queries is None:
+            Q = np.ascontiguousarray(self._data[slots])
+            qslot, mode = slots, (2 if (predecessors is None or predecessors) else 1)
+        elif m.kind == "index":
+            rows = self._rows(queries, "queries") if np.ndim(queries) else np.asarray([queries])
+            Q, qslot, mode = np.ascontiguousarray(self._data[rows]), np.zeros(rows.size, np.int64), 0
+        else:
+            Q = self._features(queries, "queries")
+            qslot, mode = np.zeros(Q.shape[0], np.int64), 0
+        out_d = np.empty((Q.shape[0], k))
+        out_i = np.empty((Q.shape[0], k), np.int64)
+        bad = np.zeros(Q.shape[0], np.bool_)
+        K.brute_knn(m.dist, self._data, m.params, Q, qslot, mode, slots, k, out_d, out_i, bad)
+        if bad.any():
+            raise _bad_metric("brute force")
+        return out_d, out_i
+
+    # ------------------------------------------------------------------------------------------
+    # invariants
+    # ------------------------------------------------------------------------------------------
+
+    def check_invariants(self) -> dict:
+        """Verify the tree (O(n * depth) distance evaluations; meant for tests). Raises KvantError.
+
+        Nesting: a child's level is below its parent's. Covering: d(parent, child) <= 2**(level(child)+1).
+        Separation: children of one node at the same level l are more than 2**l apart. maxdist(p) bounds the
+        distance from p to every descendant.
+        """
+        m = self._m
+        live = self.ids_
+        if live.size != self._n:
+            raise KvantError(f"{live.size} slots in the tree but n={self._n}")
+        if self._n == 0:
+            return {"n": 0}
+        roots = live[self._parent[live] < 0]
+        if roots.size != 1 or roots[0] != self._root:
+            raise KvantError(f"expected exactly one root ({self._root}), found {roots.tolist()}")
+        kids = live[live != self._root]
+        par = self._parent[kids]
+        if not np.all(self._in[par]):
+            raise KvantError("a node's parent is not in the tree")
+        if not np.all(self._level[kids] < self._level[par]):
+            raise KvantError("nesting violated: a child's level is not below its parent's")
+        d = self._pair(par, kids)
+        if not np.all(d <= np.ldexp(1.0, self._level[kids].astype(np.int64) + 1)):
+            raise KvantError("covering violated")
+        # separation among siblings of the same level
+        key = np.lexsort((self._level[kids], par))
+        ks, ps, ls = kids[key], par[key], self._level[kids][key]
+        starts = np.flatnonzero(np.r_[True, (ps[1:] != ps[:-1]) | (ls[1:] != ls[:-1])])
+        ends = np.r_[starts[1:], ks.size]
+        for s, e in zip(starts, ends, strict=True):
+            if e - s > 1:
+                grp = ks[s:e]
+                a, b = np.triu_indices(grp.size, 1)
+                dd = self._pair(grp[a], grp[b])
+                if not np.all(dd > np.ldexp(1.0, int(ls[s]))):
+                    raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
+        # maxdist: walk every node up to the root
+        anc_all, desc_all = [], []
+        for c in kids:
+            p = self._parent[c]
+            while p >= 0:
+                anc_all.append(p)
+                desc_all.append(c)
+                p = self._parent[p]
+        anc_all = np.asarray(anc_all, np.int64)
+        desc_all = np.asarray(desc_all, np.int64)
+        dd = self._pair(anc_all, desc_all)
+        if not np.all(dd <= self._maxdist[anc_all]):
+            raise KvantError("maxdist is not an upper bound on a subtree's radius")
+        # CSR consistent with parents
+        off, idx, _, _ = K.build_csr(self._parent, self._level, self._in)
+        if not (np.array_equal(off, self._off) and np.array_equal(np.sort(idx), np.sort(self._idx))):
+            raise KvantError("query structure out of date")
+        return {"n": self._n, "height": int(self._height), "root_level": int(self._level[self._root])}
+
+    def _pair(self, a, b) -> np.ndarray:
+        out = np.empty(len(a))
+        K.pair_dists(self._m.dist, self._data, np.asarray(a, np.int64), self._data, np.asarray(b, np.int64),
+                     self._m.params, out)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Save with :mod:`kvant.persist`. Trees with a user callable metric cannot be saved."""
+        m = self._m
+        if not m.persistable:
+            raise InvalidInput("a CoverTree with a user-supplied callable metric cannot be saved (the function "
+                               "is code, and kvant files hold no code); rebuild it from the points instead")
+        live = self.ids_
+        meta = {"metric": m.obj.spec() if m.kind == "index" else {"name": m.name}, "n": self._n,
+                "root": self._root, "next_id": self._next_id, "dim": self._dim, "cap": int(self._in.shape[0])}
+        arrays = {"ids": live, "parent": self._parent[live], "level": self._level[live],
+                  "maxdist": self._maxdist[live]}
+        if m.kind == "index":
+            rc = m.obj
+            arrays.update(rc_X=rc.X, rc_v=rc.v, rc_p=rc.p_diag, rc_kd=rc.kernel_diag)
+        else:
+            arrays["data"] = self._data[live]
+        persist.write(path, "CoverTree", meta, arrays)
+
+    @classmethod
+    def _from_persist(cls, meta, arrays):
+        try:
+            metric = spec_to_metric(meta["metric"], arrays)
+            n, root, cap = int(meta["n"]), int(meta["root"]), int(meta["cap"])
+            next_id = int(meta["next_id"])
+            dim = meta["dim"]
+            ids, par, lev, md = arrays["ids"], arrays["parent"], arrays["level"], arrays["maxdist"]
+        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+            raise PersistError(f"CoverTree file has an invalid header or arrays: {exc}") from exc
+        tree = cls(metric)
+        if ids.shape != (n,) or par.shape != (n,) or lev.shape != (n,) or md.shape != (n,):
+            raise PersistError("CoverTree file: tree arrays do not match n")
+        if ids.dtype != np.int64 or par.dtype != np.int64 or lev.dtype != np.int32 or md.dtype != np.float64:
+            raise PersistError("CoverTree file: tree arrays have unexpected dtypes")
+        if n and (np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= cap):
+            raise PersistError("CoverTree file: ids are not sorted, unique and within capacity")
+        if tree._m.kind == "index":
+            if cap != tree._m.obj.n:
+                raise PersistError("CoverTree file: capacity does not match the metric's X")
+        else:
+            data = arrays.get("data")
+            if data is None or data.shape != (n, dim) or data.dtype != np.float64 or not np.all(np.isfinite(data)):
+                raise PersistError("CoverTree file: data array is missing or inconsistent")
+            if cap < next_id or (n and next_id <= ids[-1]):
+                raise PersistError("CoverTree file: next id is inconsistent")
+            full = np.zeros((cap, dim))
+            full[ids] = data
+            tree._data, tree._dim = full, int(dim)
+        if not np.all(np.isfinite(md)) or np.any(md < 0):
+            raise PersistError("CoverTree file: maxdist must be finite and >= 0")
+        parent = np.full(cap, -1, np.int64)
+        level = np.zeros(cap, np.int32)
+        maxdist = np.zeros(cap)
+        in_tree = np.zeros(cap, np.bool_)
+        parent[ids], level[ids], maxdist[ids], in_tree[ids] = par, lev, md, True
+        if n:
+            if not (0 <= root < cap and in_tree[root] and parent[root] == -1):
+                raise PersistError("CoverTree file: bad root")
+            kids = ids[ids != root]
+            pk = parent[kids]
+            if np.any(pk < 0) or np.any(pk >= cap) or not np.all(in_tree[pk]) or np.any(level[kids] >= level[pk]):
+                raise PersistError("CoverTree file: parent links are inconsistent (dangling parent or level order)")
+        tree._parent, tree._level, tree._maxdist, tree._in = parent, level, maxdist, in_tree
+        tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
+        tree._freeze()
+        if n:
+            kids = ids[ids != root]
+            d = tree._pair(parent[kids], kids)
+            if not np.all(d <= np.ldexp(1.0, level[kids].astype(np.int64) + 1)) or not np.all(d <= maxdist[parent[kids]]):
+                raise PersistError("CoverTree file: covering invariant fails (corrupted distances or links)")
+        return tree
+
+
+persist.register("CoverTree")(CoverTree)

@@ -1,0 +1,276 @@
+"""Metrics for the cover tree: built-in vector metrics, the residual-correlation metric of a low-rank
+Gaussian-process predictive process, covariance functions (RBF, Matérn 5/2), and user callables."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ..kernels import tree as K
+
+__all__ = ["RBF", "Matern52", "ResidualCorrelation", "resolve_metric", "VECTOR_METRICS"]
+
+VECTOR_METRICS = {"euclidean": K.EUCLIDEAN, "manhattan": K.MANHATTAN, "chebyshev": K.CHEBYSHEV, "angular": K.ANGULAR}
+_NOT_METRICS = {
+    "cos": "cosine distance 1 - cos is not a metric (no triangle inequality); use 'angular' (arccos of cosine)",
+    "cosine": "cosine distance 1 - cos is not a metric (no triangle inequality); use 'angular' (arccos of cosine)",
+    "l2": "the cover tree returns true distances; use 'euclidean' (not squared)",
+    "ip": "inner product is not a metric; use 'angular' on normalised vectors",
+}
+# values whose squares could overflow float64 distance sums are refused up front
+_MAX_ABS = 1e150
+
+
+def _positive(name: str, value) -> float | np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim > 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise InvalidInput(f"{name} must be a positive finite number (or a 1-D array of them), got {value!r}")
+    return float(arr) if arr.ndim == 0 else arr.copy()
+
+
+class _Covariance:
+    code = -1
+    name = ""
+
+    def __init__(self, lengthscale=1.0, variance=1.0):
+        self.lengthscale = _positive("lengthscale", lengthscale)
+        v = _positive("variance", variance)
+        if not isinstance(v, float):
+            raise InvalidInput(f"variance must be a positive scalar, got {variance!r}")
+        self.variance = v
+
+    def _scaled(self, A) -> np.ndarray:
+        A = np.asarray(A, dtype=np.float64)
+        if A.ndim != 2:
+            raise InvalidInput(f"expected a 2-D array of points, got shape {A.shape}")
+        ls = self.lengthscale
+        if not isinstance(ls, float) and ls.shape[0] != A.shape[1]:
+            raise InvalidInput(f"lengthscale has {ls.shape[0]} entries but points have {A.shape[1]} dimensions")
+        return A / ls
+
+    def _sqdist(self, A, B) -> np.ndarray:
+        a, b = self._scaled(A), self._scaled(B)
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    def __call__(self, A, B) -> np.ndarray:
+        """Covariance matrix k(A_i, B_j) (plain NumPy; used to build V and in references)."""
+        return self.variance * self._phi(self._sqdist(A, B))
+
+    def diag(self, A) -> np.ndarray:
+        return np.full(np.asarray(A).shape[0], self.variance)
+
+    def spec(self) -> dict:
+        ls = self.lengthscale
+        return {"kernel": self.name, "lengthscale": ls if isinstance(ls, float) else ls.tolist(),
+                "variance": self.variance}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lengthscale={self.lengthscale!r}, variance={self.variance!r})"
+
+
+class RBF(_Covariance):
+    """Squared-exponential covariance ``variance * exp(-|x - y|^2 / (2 lengthscale^2))``."""
+
+    code = K.RBF_KERNEL
+    name = "rbf"
+
+    @staticmethod
+    def _phi(r2):
+        return np.exp(-0.5 * r2)
+
+
+class Matern52(_Covariance):
+    """Matérn 5/2 covariance ``variance * (1 + sqrt5 r + 5 r^2 / 3) exp(-sqrt5 r)``, r = |x - y| / lengthscale."""
+
+    code = K.MATERN52_KERNEL
+    name = "matern52"
+
+    @staticmethod
+    def _phi(r2):
+        r = np.sqrt(5.0 * r2)
+        return (1.0 + r + r * r / 3.0) * np.exp(-r)
+
+
+_KERNELS = {"rbf": RBF, "matern52": Matern52}
+
+
+class ResidualCorrelation:
+    """Residual-correlation distance of a low-rank GP predictive process.
+
+    ``rho(i, j) = (k(x_i, x_j) - v_i . v_j) / sqrt(p_i p_j)`` and ``d(i, j) = sqrt(1 - |rho|)``
+    (``d(i, i) = 0``). ``v`` has shape (n, rank) — row i is v_i, i.e. pass ``V.T`` if you hold
+    ``V = L^-1 K(U, X)`` of shape (rank, n). ``p_diag`` is the residual variance
+    ``kernel_diag - |v_i|^2``, optionally plus a nugget; ``X`` (n, d) are the inputs of the
+    covariance function ``kernel``. Points in a tree with this metric are row indices into ``X``.
+
+    This is a true metric on row indices whenever ``p_i >= kernel_diag_i - |v_i|^2`` (see
+    docs/covertree.md), which the constructor checks.
+    """
+
+    def __init__(self, v, p_diag, kernel_diag, kernel, *, X):
+        if not isinstance(kernel, _Covariance):
+            raise InvalidInput(f"kernel must be a kvant.RBF or kvant.Matern52 object, got {type(kernel).__name__}")
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
+            raise InvalidInput(f"X must be a 2-D array (n, d) with n, d >= 1, got shape {X.shape}")
+        n = X.shape[0]
+        if v.ndim != 2 or v.shape[0] != n:
+            raise InvalidInput(f"v must have shape (n={n}, rank), got {v.shape} (pass V.T for V of shape (rank, n))")
+        p = np.ascontiguousarray(p_diag, dtype=np.float64).reshape(-1)
+        kd = np.ascontiguousarray(np.broadcast_to(np.asarray(kernel_diag, dtype=np.float64), (n,)))
+        if p.shape[0] != n:
+            raise InvalidInput(f"p_diag must have n={n} entries, got {p.shape[0]}")
+        for name, a in (("X", X), ("v", v), ("p_diag", p), ("kernel_diag", kd)):
+            if not np.all(np.isfinite(a)):
+                raise InvalidInput(f"{name} contains NaN or inf")
+        if np.any(p <= 0):
+            raise InvalidInput("p_diag must be > 0 everywhere (residual variances; add a nugget for inducing points)")
+        resid = kd - np.einsum("ij,ij->i", v, v)
+        tol = 1e-9 * np.maximum(kd, 1.0)
+        if np.any(p < resid - tol):
+            i = int(np.argmax(resid - p))
+            raise InvalidInput(
+                f"p_diag[{i}]={p[i]:.6g} is below the residual variance kernel_diag - |v|^2 = {resid[i]:.6g}; "
+                "then |rho| can exceed 1 and sqrt(1 - |rho|) is not a metric")
+        if not isinstance(kernel.lengthscale, float) and kernel.lengthscale.shape[0] != X.shape[1]:
+            raise InvalidInput(f"kernel lengthscale has {kernel.lengthscale.shape[0]} entries, X has {X.shape[1]} dims")
+        self.X, self.v, self.p_diag, self.kernel_diag, self.kernel = X, v, p, kd, kernel
+        self._features = None
+
+    @classmethod
+    def from_points(cls, X, kernel, n_inducing: int = 512, seed: int | None = 0, jitter: float = 1e-6):
+        """Inducing points U = a random subset of X; V = L^-1 K(U, X) with L L^T = K(U, U) + jitter I;
+        p = max(kernel_diag - |v|^2, 0) + jitter * variance."""
+        from .._config import rng
+
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] < 1:
+            raise InvalidInput(f"X must be a 2-D array (n, d) with n >= 1, got shape {X.shape}")
+        if not np.all(np.isfinite(X)):
+            raise InvalidInput("X contains NaN or inf")
+        if isinstance(n_inducing, bool) or not isinstance(n_inducing, numbers.Integral) or n_inducing < 1:
+            raise InvalidInput(f"n_inducing must be a positive integer, got {n_inducing!r}")
+        if not (isinstance(jitter, numbers.Real) and np.isfinite(jitter) and jitter > 0):
+            raise InvalidInput(f"jitter must be a positive number, got {jitter!r}")
+        if not isinstance(kernel, _Covariance):
+            raise InvalidInput(f"kernel must be a kvant.RBF or kvant.Matern52 object, got {type(kernel).__name__}")
+        n = X.shape[0]
+        m = min(int(n_inducing), n)
+        U = X[np.sort(rng(seed).choice(n, m, replace=False))]
+        Kuu = kernel(U, U) + jitter * kernel.variance * np.eye(m)
+        L = np.linalg.cholesky(Kuu)
+        v = np.empty((n, m))
+        step = max(1, (1 << 22) // max(m, 1))
+        for s in range(0, n, step):
+            v[s : s + step] = np.linalg.solve(L, kernel(U, X[s : s + step])).T
+        kd = kernel.diag(X)
+        p = np.maximum(kd - np.einsum("ij,ij->i", v, v), 0.0) + jitter * kernel.variance
+        return cls(v, p, kd, kernel, X=X)
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    def features(self) -> np.ndarray:
+        """Per-row feature vectors the Numba metric works on: [x / lengthscale, v / sqrt(p), 1 / sqrt(p), row]."""
+        if self._features is None:
+            n, d = self.X.shape
+            m = self.v.shape[1]
+            F = np.empty((n, d + m + 2))
+            s = 1.0 / np.sqrt(self.p_diag)
+            F[:, :d] = self.X / self.kernel.lengthscale
+            F[:, d : d + m] = self.v * s[:, None]
+            F[:, d + m] = s
+            F[:, d + m + 1] = np.arange(n, dtype=np.float64)
+            self._features = F
+        return self._features
+
+    def params(self) -> np.ndarray:
+        return np.array([K.RESIDUAL, self.X.shape[1], self.v.shape[1], self.kernel.variance, self.kernel.code], float)
+
+    def spec(self) -> dict:
+        return {"name": "residual_correlation", **self.kernel.spec()}
+
+    def pairwise(self, i, j) -> np.ndarray:
+        """Distances between rows i and j (plain NumPy, for checks)."""
+        i = np.asarray(i, dtype=np.int64)
+        j = np.asarray(j, dtype=np.int64)
+        kij = self.kernel(self.X[i], self.X[j])
+        rho = (kij - self.v[i] @ self.v[j].T) / np.sqrt(np.outer(self.p_diag[i], self.p_diag[j]))
+        d = np.sqrt(np.clip(1.0 - np.abs(rho), 0.0, None))
+        d[i[:, None] == j[None, :]] = 0.0
+        return d
+
+    def __repr__(self) -> str:
+        return f"ResidualCorrelation(n={self.n}, d={self.X.shape[1]}, rank={self.v.shape[1]}, kernel={self.kernel!r})"
+
+
+class _Resolved:
+    """What the tree needs to know about a metric."""
+
+    def __init__(self, name, dist, params, kind, slack_rel, slack_abs, obj=None):
+        self.name, self.dist, self.params, self.kind = name, dist, params, kind
+        self.slack_rel, self.slack_abs, self.obj = slack_rel, slack_abs, obj
+
+    @property
+    def persistable(self) -> bool:
+        return self.kind != "callable"
+
+
+_wrappers: dict = {}
+
+
+def _wrap_user(f):
+    if f in _wrappers:
+        return _wrappers[f]
+    import numba
+
+    @numba.njit(nogil=True)
+    def user_dist(X, i, Y, j, params):  # pragma: no cover - numba
+        return f(X[i], Y[j])
+
+    _wrappers[f] = user_dist
+    return user_dist
+
+
+def resolve_metric(metric) -> _Resolved:
+    if isinstance(metric, str):
+        key = metric.lower()
+        if key in VECTOR_METRICS:
+            code = VECTOR_METRICS[key]
+            # rounding slack for the pruning bound: arccos is ill-conditioned near 0, so angular gets more
+            sa = 1e-7 if key == "angular" else 0.0
+            return _Resolved(key, K.builtin_dist, np.array([code, 0, 0, 0, 0], float), "vector", 1e-10, sa)
+        if key in _NOT_METRICS:
+            raise InvalidInput(f"metric {metric!r}: {_NOT_METRICS[key]}")
+        raise InvalidInput(f"unknown metric {metric!r}; expected one of {sorted(VECTOR_METRICS)}, "
+                           "a kvant.ResidualCorrelation, or a Numba-jitted dist(a, b) -> float")
+    if isinstance(metric, ResidualCorrelation):
+        # sqrt(1-|rho|) loses ~sqrt(eps * (1 + k/p)) to cancellation near rho = +-1: prune with a safety margin
+        # |error(rho)| <= (rank + 4) eps k/p, |error(d)| <= sqrt(|error(rho)|); three distances enter a bound.
+        pmin = float(metric.p_diag.min())
+        ratio = max(1.0, float(metric.kernel_diag.max()) / pmin)
+        slack = 3.0 * np.sqrt((metric.v.shape[1] + 4) * 2.3e-16 * ratio)
+        return _Resolved("residual_correlation", K.builtin_dist, metric.params(), "index", 1e-10, slack, metric)
+    try:
+        from numba.extending import is_jitted
+    except ImportError:  # pragma: no cover
+        is_jitted = None
+    if callable(metric) and is_jitted is not None and is_jitted(metric):
+        return _Resolved(getattr(metric, "__name__", "callable"), _wrap_user(metric), np.zeros(5), "callable", 1e-9,
+                         0.0, metric)
+    raise InvalidInput(f"metric must be one of {sorted(VECTOR_METRICS)}, a kvant.ResidualCorrelation, or a "
+                       f"Numba-jitted function dist(a, b) -> float; got {metric!r}")
+
+
+def spec_to_metric(spec: dict, arrays: dict):
+    name = spec.get("name")
+    if name in VECTOR_METRICS:
+        return name
+    if name == "residual_correlation":
+        kern = _KERNELS[spec["kernel"]](spec["lengthscale"], spec["variance"])
+        return ResidualCorrelation(arrays["rc_v"], arrays["rc_p"], arrays["rc_kd"], kern, X=arrays["rc_X"])
+    raise ValueError(f"unknown metric spec {spec!r}")
