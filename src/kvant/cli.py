@@ -117,6 +117,56 @@ _ADDERS.append(_add_info)
 
 # --- cluster + demo (issue 2) ---
 # --- index + search + bench kernels (issue 3) ---
+# `kvant bench ...`: one `bench` parser whose actions come from _BENCH_ADDERS (other sections may append).
+_BENCH_ADDERS: list[Callable] = []
+
+
+def _cmd_bench_kernels(args) -> int:
+    from .bench.kernels import run
+
+    quiet_log = (lambda s: None) if args.json else print
+    out = run(quick=args.quick, seed=args.seed, speed=not args.no_speed, use_faiss=not args.no_faiss,
+              results=None if args.no_results else args.results, log=quiet_log)
+    if args.json:
+        sp = out["speed"]
+        payload = {"exit_code": out["exit_code"], "failures": out["failures"], "total_s": out["total_s"],
+                   "peak_mib": out["peak_mib"], "results": out.get("results")}
+        if sp is not None:
+            payload.update({k: sp[k] for k in ("rows", "rows4", "geomean_ns", "ci90", "gbs_geomean", "mem_bw_gbs",
+                                               "faiss_ratio_geomean", "faiss_mismatches")})
+        emit(args, payload)
+    return out["exit_code"]
+
+
+def _add_bench_kernels(bsub) -> None:
+    from pathlib import Path
+
+    p = bsub.add_parser("kernels", help="PQ kernel harness: correctness gate vs scalar reference, then speed")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds); for tests and smoke runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-speed", action="store_true", help="correctness phase only")
+    p.add_argument("--no-faiss", action="store_true", help="skip the FAISS comparison even if installed")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/kernels.tsv"),
+                   help="TSV file the run appends a row to (default: benchmarks/results/kernels.tsv)")
+    p.add_argument("--no-results", action="store_true", help="do not append to the results TSV")
+    _common(p)
+    p.set_defaults(func=_cmd_bench_kernels)
+
+
+_BENCH_ADDERS.append(_add_bench_kernels)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks and the kernel harness")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", parser_class=_Parser)
+    bsub.required = True
+    for add in _BENCH_ADDERS:
+        add(bsub)
+
+
+_ADDERS.append(_add_bench)
+# --- end bench kernels (issue 3) ---
+
 
 
 def _cmd_index_build(args) -> int:

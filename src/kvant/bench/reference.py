@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 def pq_distance_tables_l2_ref(queries, codebooks):
-    """(nq, m, ksub) float64: Σ_d (q[j*dsub+d] − c[j, c, d])² with plain loops over sub-vector and codeword."""
+    """(nq, m, ksub) float64: Σ_d (q[j*dsub+d] − c[j, c, d])², one (query, sub-quantizer) pair at a time."""
     import numpy as np
 
     q = np.asarray(queries, dtype=np.float64)
@@ -24,8 +24,7 @@ def pq_distance_tables_l2_ref(queries, codebooks):
     for i in range(q.shape[0]):
         for j in range(m):
             sub = q[i, j * dsub:(j + 1) * dsub]
-            for c in range(ksub):
-                out[i, j, c] = float(np.sum((sub - cb[j, c]) ** 2))
+            out[i, j] = np.sum((sub[None, :] - cb[j]) ** 2, axis=1)
     return out
 
 
@@ -39,9 +38,7 @@ def pq_ip_tables_ref(queries, codebooks):
     out = np.zeros((q.shape[0], m, ksub))
     for i in range(q.shape[0]):
         for j in range(m):
-            sub = q[i, j * dsub:(j + 1) * dsub]
-            for c in range(ksub):
-                out[i, j, c] = float(np.dot(sub, cb[j, c]))
+            out[i, j] = cb[j] @ q[i, j * dsub:(j + 1) * dsub]
     return out
 
 
@@ -50,12 +47,12 @@ def pq_adc_distances_ref(tables, codes):
     import numpy as np
 
     t = np.asarray(tables, dtype=np.float64)
-    codes = np.asarray(codes)
+    codes = np.asarray(codes).astype(np.int64)
     nq, m, _ = t.shape
     out = np.zeros((nq, codes.shape[0]))
     for i in range(nq):
-        for r in range(codes.shape[0]):
-            out[i, r] = sum(t[i, j, codes[r, j]] for j in range(m))
+        for j in range(m):
+            out[i] += t[i, j, codes[:, j]]
     return out
 
 
@@ -69,7 +66,7 @@ def pq_adc_search_ref(tables, codes, k):
     out_d = np.full((nq, k), np.inf)
     out_i = np.full((nq, k), -1, dtype=np.int64)
     for i in range(nq):
-        order = sorted(range(n), key=lambda r: (d[i, r], r))[:k]
+        order = np.lexsort((np.arange(n), d[i]))[:k]
         out_d[i, :len(order)] = d[i, order]
         out_i[i, :len(order)] = order
     return out_d, out_i

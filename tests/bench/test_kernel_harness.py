@@ -1,0 +1,102 @@
+"""The kernel harness accepts the shipped kernels and rejects wrong ones with exit code 2."""
+
+import numpy as np
+import pytest
+
+from kvant.bench import kernels as H
+from kvant.cli import main
+from kvant.kernels import pq as K
+
+
+def _quiet(_):
+    pass
+
+
+def test_shipped_kernels_pass_correctness_gate():
+    out = H.run(quick=True, speed=False, results=None, log=_quiet)
+    assert out["exit_code"] == 0, out["failures"]
+    assert "PASS" in out["text"]
+
+
+def _off_by_a_bit(tables, codes, k):
+    d, i = K.adc_search(tables, codes, k)
+    return d * np.float32(1.001), i  # lossy: 0.1% relative error
+
+
+def _wrong_ids(tables, codes, k):
+    d, i = K.adc_search(tables, codes, k)
+    i = i.copy()
+    if i.shape[1] > 1:
+        i[:, [0, 1]] = i[:, [1, 0]]  # swap ranks 0 and 1: wrong unless they tie
+    return d, i
+
+
+def _sloppy_tables(queries, codebooks):
+    # the ‖q‖²+‖c‖²−2q·c shortcut in float32: loses precision on the large-dynamic-range distribution
+    m, ksub, dsub = codebooks.shape
+    q = queries.reshape(len(queries), m, dsub)
+    qq = np.einsum("qjd,qjd->qj", q, q)[:, :, None]
+    cc = np.einsum("jcd,jcd->jc", codebooks, codebooks)[None]
+    return (qq + cc - 2 * np.einsum("qjd,jcd->qjc", q, codebooks)).astype(np.float32)
+
+
+def _lossy_fastscan(tables, packed, n, m, k, rerank):
+    return K.fastscan_search(tables, packed, n, m, k, 1 if rerank == 0 else rerank)  # shortlist of k only
+
+
+@pytest.mark.parametrize("field,kernel,expect", [
+    ("adc_search", _off_by_a_bit, "adc_search"),
+    ("adc_search", _wrong_ids, "adc_search"),
+    ("distance_table", _sloppy_tables, "distance_table"),
+    ("fastscan_search", _lossy_fastscan, "fastscan_search exact mode"),
+])
+def test_gate_rejects_wrong_kernels(field, kernel, expect):
+    kern = H.PQKernels(**{field: kernel})
+    out = H.run(kernels=kern, quick=True, speed=False, results=None, log=_quiet)
+    assert out["exit_code"] == 2
+    assert out["failures"] and any(expect in f for f in out["failures"])
+    # the diagnostic names the combo (distribution and shape)
+    assert any("dist=" in f and "shape(dim,m,ksub)=" in f for f in out["failures"])
+
+
+def test_crashing_kernel_is_a_failure():
+    def boom(*a):
+        raise RuntimeError("kernel exploded")
+
+    out = H.run(kernels=H.PQKernels(encode=boom), quick=True, speed=False, results=None, log=_quiet)
+    assert out["exit_code"] == 2 and "kernel exploded" in out["failures"][0]
+
+
+def test_cli_quick_run_appends_results_row(tmp_path, capsys):
+    tsv = tmp_path / "kernels.tsv"
+    rc = main(["bench", "kernels", "--quick", "--results", str(tsv)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ns/q" in text and "geomean" in text and "peak memory" in text
+    lines = tsv.read_text().splitlines()
+    assert lines[0].split("\t") == H.TSV_COLUMNS and len(lines) == 2
+    row = dict(zip(H.TSV_COLUMNS, lines[1].split("\t")))
+    assert row["status"] == "pass" and float(row["geomean_ns_per_query"]) > 0
+    assert main(["bench", "kernels", "--quick", "--no-speed", "--results", str(tsv)]) == 0
+    assert len(tsv.read_text().splitlines()) == 3
+
+
+def test_cli_exit_code_2_on_gate_failure(monkeypatch, capsys):
+    class Wrong(H.PQKernels):
+        def __init__(self):
+            super().__init__(adc_search=_off_by_a_bit)
+
+    monkeypatch.setattr(H, "PQKernels", Wrong)
+    rc = main(["bench", "kernels", "--quick", "--no-speed", "--no-results"])
+    assert rc == 2
+    assert "CORRECTNESS FAILED" in capsys.readouterr().out
+
+
+def test_generators_are_deterministic_and_shaped():
+    for dist in H.CORRECTNESS_DISTS + H.SPEED_DISTS:
+        a = H.generate(dist, 50, 12, 3)
+        assert a.shape == (50, 12) and a.dtype == np.float32
+        np.testing.assert_array_equal(a, H.generate(dist, 50, 12, 3))
+    assert np.mean(H.generate("sparse", 400, 32, 0) == 0) > 0.85
+    with pytest.raises(ValueError):
+        H.generate("nope", 1, 1, 0)
