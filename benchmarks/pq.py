@@ -1,0 +1,348 @@
+"""PQ / OPQ codecs and PQIndex side by side with FAISS, in one process, same data, same thread count.
+
+Measures (medians of repeated runs):
+- PQ and OPQ training time and reconstruction MSE (mean over rows of ||x - x_hat||^2) vs
+  faiss.ProductQuantizer and faiss.OPQMatrix + ProductQuantizer;
+- encoding throughput (vectors/s) vs ProductQuantizer.compute_codes;
+- PQIndex 8-bit vs faiss.IndexPQ and 4-bit vs faiss.IndexPQFastScan: queries/s and recall@10 against exact
+  ground truth from kvant.FlatIndex. Both sides use the SAME codebooks (kvant's, loaded into FAISS), so the
+  search comparison isolates the scan; the 8-bit top-10 are checked for identity.
+
+Datasets: Fashion-MNIST (60k x 784, 10k test queries of which ``--fmnist-queries`` are used) and a synthetic
+clustered 1M x 128 set (anisotropic Gaussian clusters, fixed seed).
+
+Usage: flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/pq.py [--quick]
+Writes benchmarks/results/pq.json, pq.md, pq.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import kvant
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return arr.reshape(dims[0], -1)
+
+
+def fashion_mnist() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from kvant.bench import datasets
+
+        out = datasets.fashion_mnist()
+        if isinstance(out, dict):
+            return np.asarray(out["train"], np.float32), np.asarray(out["test"], np.float32)
+        if isinstance(out, tuple) and len(out) >= 2 and np.ndim(out[0]) == 2 and np.ndim(out[1]) == 2:
+            return np.asarray(out[0], np.float32), np.asarray(out[1], np.float32)
+    except (ImportError, AttributeError, TypeError, KeyError):
+        pass
+    root = Path("/usr/share/datasets/fashion-mnist")
+    train = _read_idx(root / "train-images-idx3-ubyte.gz").astype(np.float32)
+    test = _read_idx(root / "t10k-images-idx3-ubyte.gz").astype(np.float32)
+    return train, test
+
+
+def synthetic(n: int, nq: int, dim: int = 128, n_clusters: int = 1000, seed: int = 0):
+    """Anisotropic Gaussian clusters: centres N(0, 4), per-cluster per-dimension scales log-uniform in [0.2, 2]."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32) * 2.0
+    scales = np.exp(rng.uniform(np.log(0.2), np.log(2.0), (n_clusters, dim))).astype(np.float32)
+
+    def draw(count):
+        out = np.empty((count, dim), np.float32)
+        step = 1 << 17
+        for s in range(0, count, step):
+            c = rng.integers(0, n_clusters, min(step, count - s))
+            out[s : s + c.size] = centers[c] + rng.standard_normal((c.size, dim), dtype=np.float32) * scales[c]
+        return out
+
+    return draw(n), draw(nq)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def timed(fn, repeats: int):
+    """(median seconds, last result) over ``repeats`` runs."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def recall_at(ids: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
+    hits = sum(len(set(a[:k].tolist()) & set(b[:k].tolist())) for a, b in zip(ids, gt))
+    return hits / (gt.shape[0] * k)
+
+
+def mse(x: np.ndarray, x_hat: np.ndarray) -> float:
+    d = x.astype(np.float64) - x_hat
+    return float(np.einsum("ij,ij->", d, d) / x.shape[0])
+
+
+def faiss_pq_with(faiss, dim: int, m: int, nbits: int, codebooks: np.ndarray):
+    index = faiss.IndexPQ(dim, m, nbits)
+    faiss.copy_array_to_vector(np.ascontiguousarray(codebooks, np.float32).ravel(), index.pq.centroids)
+    index.is_trained = True
+    return index
+
+
+def same_topk(d1, i1, d2, i2, tol=1e-4) -> float:
+    """Fraction of queries whose top-k id sets agree, tie-tolerantly (ids may differ only at the k-th distance)."""
+    ok = 0
+    for a, b, da, db in zip(i1, i2, d1, d2):
+        diff = set(a.tolist()) ^ set(b.tolist())
+        if not diff:
+            ok += 1
+            continue
+        kth = max(float(da[-1]), float(db[-1]))
+        dist = dict(zip(a.tolist(), da.tolist())) | dict(zip(b.tolist(), db.tolist()))
+        ok += all(abs(dist[j] - kth) <= tol * max(1.0, abs(kth)) for j in diff)
+    return ok / len(i1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bench_codecs(faiss, name, x, m, repeats, opq_iter, mse_rows):
+    dim = x.shape[1]
+    xm = x[:mse_rows]
+    rows = []
+
+    # --- PQ ---
+    t_k, pq = timed(lambda: kvant.PQ(dim, m, nbits=8, seed=0).fit(x), repeats)
+    mse_k = pq.reconstruction_error(xm)
+
+    def faiss_pq():
+        fpq = faiss.ProductQuantizer(dim, m, 8)
+        fpq.train(x)
+        return fpq
+
+    t_f, fpq = timed(faiss_pq, repeats)
+    mse_f = mse(xm, fpq.decode(fpq.compute_codes(xm)))
+    rows.append(dict(dataset=name, codec="PQ", m=m, nbits=8, kvant_train_s=t_k, faiss_train_s=t_f,
+                     kvant_mse=mse_k, faiss_mse=mse_f))
+
+    # --- OPQ ---
+    t_k, opq = timed(lambda: kvant.OPQ(dim, m, nbits=8, n_iter=opq_iter, seed=0).fit(x), repeats)
+    mse_k = opq.reconstruction_error(xm)
+
+    def faiss_opq():
+        mat = faiss.OPQMatrix(dim, m)
+        mat.train(x)
+        xr = mat.apply(x)
+        fpq = faiss.ProductQuantizer(dim, m, 8)
+        fpq.train(xr)
+        return mat, fpq
+
+    t_f, (mat, fpq) = timed(faiss_opq, repeats)
+    mse_f = mse(xm, mat.reverse_transform(fpq.decode(fpq.compute_codes(mat.apply(xm)))))
+    rows.append(dict(dataset=name, codec="OPQ", m=m, nbits=8, kvant_train_s=t_k, faiss_train_s=t_f,
+                     kvant_mse=mse_k, faiss_mse=mse_f, kvant_opq_iter=opq_iter, faiss_opq_iter=mat.niter))
+    return rows, pq
+
+
+def bench_encode(faiss, name, x, pq, repeats):
+    fpq = faiss.ProductQuantizer(x.shape[1], pq.m, 8)
+    faiss.copy_array_to_vector(pq.codebooks.ravel(), fpq.centroids)
+    t_k, ck = timed(lambda: pq.encode(x), repeats)
+    t_f, cf = timed(lambda: fpq.compute_codes(x), repeats)
+    return dict(dataset=name, n=x.shape[0], dim=x.shape[1], m=pq.m, kvant_vec_per_s=x.shape[0] / t_k,
+                faiss_vec_per_s=x.shape[0] / t_f, codes_identical=float(np.mean(np.all(ck == cf, axis=1))))
+
+
+def bench_search(faiss, name, x, q, gt, m, nbits, repeats, fastscan_rerank=4):
+    dim = x.shape[1]
+    index = kvant.PQIndex(dim, m, nbits=nbits, fastscan_rerank=fastscan_rerank)
+    t0 = time.perf_counter()
+    index.train(x)
+    index.add(x)
+    build_k = time.perf_counter() - t0
+    cb = index.codec.codebooks
+    t0 = time.perf_counter()
+    fidx = faiss_pq_with(faiss, dim, m, nbits, cb)
+    fidx.add(x)
+    if nbits == 4:
+        fidx = faiss.IndexPQFastScan(fidx)
+    build_f = time.perf_counter() - t0
+    index.search(q[:8], 10)  # warm-up (JIT already compiled by earlier sections; loads caches)
+    fidx.search(q[:8], 10)
+    t_k, (dk, ik) = timed(lambda: index.search(q, 10), repeats)
+    t_f, (df, i_f) = timed(lambda: fidx.search(q, 10), repeats)
+    row = dict(dataset=name, index=f"PQ{m}x{nbits}", m=m, nbits=nbits, code_bytes=index.code_size,
+               nq=q.shape[0], n=x.shape[0], kvant_qps=q.shape[0] / t_k, faiss_qps=q.shape[0] / t_f,
+               kvant_recall10=recall_at(ik, gt), faiss_recall10=recall_at(i_f, gt),
+               faiss="IndexPQ" if nbits == 8 else "IndexPQFastScan", kvant_build_s=build_k, faiss_add_s=build_f)
+    if nbits == 8:
+        row["same_top10"] = same_topk(dk, ik, df, i_f)
+    else:
+        row["fastscan_rerank"] = fastscan_rerank
+    return row
+
+
+def ground_truth(x, q, k=10):
+    flat = kvant.FlatIndex(x.shape[1])
+    flat.add(x)
+    return flat.search(q, k)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, medians of "
+             f"{res['repeats']} runs, {res['machine']}.", "",
+             "**Codecs** (training time on the full training set, MSE = mean ||x - x̂||² per row)", "",
+             "| dataset | codec | m×bits | kvant train s | FAISS train s | kvant MSE | FAISS MSE | MSE ratio |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in res["codecs"]:
+        lines.append(f"| {r['dataset']} | {r['codec']} | {r['m']}×{r['nbits']} | {r['kvant_train_s']:.2f} | "
+                     f"{r['faiss_train_s']:.2f} | {r['kvant_mse']:.4g} | {r['faiss_mse']:.4g} | "
+                     f"{r['kvant_mse'] / r['faiss_mse']:.3f} |")
+    lines += ["", "**Encoding** (same codebooks)", "",
+              "| dataset | n×dim, m | kvant vec/s | FAISS vec/s | ratio | identical codes |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in res["encode"]:
+        lines.append(f"| {r['dataset']} | {r['n']}×{r['dim']}, m={r['m']} | {r['kvant_vec_per_s']:,.0f} | "
+                     f"{r['faiss_vec_per_s']:,.0f} | {r['kvant_vec_per_s'] / r['faiss_vec_per_s']:.2f} | "
+                     f"{r['codes_identical']:.4f} |")
+    lines += ["", "**Search** (k=10, same codebooks on both sides, recall@10 vs exact FlatIndex)", "",
+              "| dataset | index | bytes/vec | kvant q/s | FAISS q/s | FAISS index | ratio | kvant R@10 | FAISS R@10 "
+              "| same top-10 |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in res["search"]:
+        same = f"{r['same_top10']:.4f}" if "same_top10" in r else "n/a"
+        lines.append(f"| {r['dataset']} | {r['index']} | {r['code_bytes']} | {r['kvant_qps']:,.0f} | "
+                     f"{r['faiss_qps']:,.0f} | {r['faiss']} | {r['kvant_qps'] / r['faiss_qps']:.2f} | "
+                     f"{r['kvant_recall10']:.4f} | {r['faiss_recall10']:.4f} | {same} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    s = res["search"]
+    labels = [f"{r['dataset']}\n{r['index']}" for r in s]
+    xs = np.arange(len(s))
+    axes[0].bar(xs - 0.2, [r["kvant_qps"] for r in s], 0.4, label="kvant")
+    axes[0].bar(xs + 0.2, [r["faiss_qps"] for r in s], 0.4, label="FAISS")
+    axes[0].set_xticks(xs, labels, fontsize=7)
+    axes[0].set_ylabel("queries / s (k=10)")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[1].bar(xs - 0.2, [r["kvant_recall10"] for r in s], 0.4, label="kvant")
+    axes[1].bar(xs + 0.2, [r["faiss_recall10"] for r in s], 0.4, label="FAISS")
+    axes[1].set_xticks(xs, labels, fontsize=7)
+    axes[1].set_ylabel("recall@10")
+    axes[1].legend()
+    c = res["codecs"]
+    cl = [f"{r['dataset']}\n{r['codec']}" for r in c]
+    cx = np.arange(len(c))
+    axes[2].bar(cx - 0.2, [r["kvant_mse"] / r["faiss_mse"] for r in c], 0.4, label="MSE kvant/FAISS")
+    axes[2].bar(cx + 0.2, [r["kvant_train_s"] / r["faiss_train_s"] for r in c], 0.4, label="train time kvant/FAISS")
+    axes[2].axhline(1.0, color="k", lw=0.8)
+    axes[2].set_xticks(cx, cl, fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"kvant vs FAISS, PQ/OPQ, {res['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, for checking the script")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--synthetic-n", type=int, default=1_000_000)
+    ap.add_argument("--fmnist-queries", type=int, default=2000)
+    ap.add_argument("--synthetic-queries", type=int, default=1000)
+    ap.add_argument("--opq-iter", type=int, default=20)
+    ap.add_argument("--out", default=str(RESULTS / "pq"))
+    args = ap.parse_args(argv)
+
+    import faiss
+
+    threads = kvant.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(threads)
+    repeats = 1 if args.quick else args.repeats
+    res = {"threads": threads, "faiss_version": faiss.__version__, "kvant_version": kvant.__version__,
+           "repeats": repeats, "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+           "codecs": [], "encode": [], "search": []}
+
+    # warm-up: compile every kernel once outside the timed runs
+    w = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32)
+    for nbits in (8, 4):
+        i = kvant.PQIndex(32, 4, nbits=nbits)
+        i.train(w)
+        i.add(w)
+        i.search(w[:8], 10)
+    kvant.OPQ(32, 4, nbits=4, n_iter=1).fit(w)
+    ground_truth(w, w[:4])
+
+    train, test = fashion_mnist()
+    nqf = 200 if args.quick else args.fmnist_queries
+    if args.quick:
+        train = train[:10000]
+    datasets = [("fashion-mnist", train, test[:nqf], 16, [(16, 8), (16, 4)])]
+    n_syn = 50_000 if args.quick else args.synthetic_n
+    xs, qs = synthetic(n_syn, 100 if args.quick else args.synthetic_queries)
+    datasets.append((f"synthetic-{n_syn // 1000}k×128", xs, qs, 16, [(16, 8), (32, 4)]))
+
+    for name, x, q, m, search_cfgs in datasets:
+        print(f"[{name}] {x.shape} queries {q.shape}", flush=True)
+        rows, pq = bench_codecs(faiss, name, x, m, repeats, args.opq_iter, min(len(x), 100_000))
+        res["codecs"] += rows
+        for r in rows:
+            print("  ", r, flush=True)
+        res["encode"].append(bench_encode(faiss, name, x, pq, repeats))
+        print("  ", res["encode"][-1], flush=True)
+        gt = ground_truth(x, q)
+        for m_s, nbits in search_cfgs:
+            res["search"].append(bench_search(faiss, name, x, q, gt, m_s, nbits, repeats))
+            print("  ", res["search"][-1], flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    write_markdown(res, out.with_suffix(".md"))
+    plot(res, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
