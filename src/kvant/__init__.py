@@ -12,6 +12,7 @@ from .io import as_source
 from .persist import load
 
 # --- cluster (issue 2) ---
+from .cluster import Clusterer, available_algorithms, available_metrics
 # --- quant + index (issue 3) ---
 # isort: split
 from .index import FlatIndex, PQIndex
@@ -38,6 +39,9 @@ __all__ = [
     "EmptyIndex",
     "PersistError",
     # --- cluster names ---
+    "Clusterer",
+    "available_algorithms",
+    "available_metrics",
     # --- quant + index names ---
     "PQ",
     "OPQ",

@@ -1,0 +1,73 @@
+"""Row-block parallelism shared by every BLAS-plus-Numba loop in kvant.
+
+Alternating a multithreaded BLAS call with a ``parallel=True`` Numba pass makes each thread pool spin while
+the other works; on this project's 2-core reference machine that cost 5-20× (measured in
+``benchmarks/clustering.py`` development: 3.8 GFLOP/s instead of 150). So kvant parallelises one level up:
+``T`` Python threads each take whole row blocks and run single-threaded BLAS plus a serial ``nogil``
+Numba kernel on them. Rows are independent, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ._config import get_num_threads
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_controller = None
+
+
+def _blas_single_thread():
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def _executor(n_threads: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != n_threads:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="kvant")
+        _pool_size = n_threads
+    return _pool
+
+
+def for_each_block(n: int, block_rows: int, fn: Callable[[int, int], None], n_threads: int | None = None) -> None:
+    """Call ``fn(start, stop)`` on every row block of ``range(n)``, spread over threads, BLAS single-threaded.
+
+    ``fn`` must release the GIL for its heavy work (NumPy matmul and ``nogil`` Numba kernels do) and
+    write only to its own rows.
+    """
+    if n <= 0:
+        return
+    n_threads = n_threads or get_num_threads()
+    blocks = [(s, min(n, s + block_rows)) for s in range(0, n, block_rows)]
+    if n_threads <= 1 or len(blocks) == 1:
+        with _blas_single_thread() if n_threads > 1 else _nullcontext():
+            for s, e in blocks:
+                fn(s, e)
+        return
+    n_threads = min(n_threads, len(blocks))
+
+    def worker(t: int) -> None:
+        for s, e in blocks[t::n_threads]:
+            fn(s, e)
+
+    with _blas_single_thread():
+        futures = [_executor(n_threads).submit(worker, t) for t in range(n_threads)]
+        for f in futures:
+            f.result()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,52 @@
+"""The ``auto`` rule: a static choice of algorithm and settings from (N, D, K, metric) and input size.
+
+No peeking at the data or labels. The thresholds come from ``benchmarks/clustering.py`` runs on the
+2-core reference machine; ``docs/auto.md`` has the table that justifies them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Choice:
+    algorithm: str
+    params: dict = field(default_factory=dict)
+    reason: str = ""
+
+
+def memory_budget_bytes() -> int:
+    """Bytes of input kvant is willing to hold for exact k-means: KVANT_MEMORY_BUDGET or half of RAM."""
+    env = os.environ.get("KVANT_MEMORY_BUDGET")
+    if env:
+        return int(float(env))
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30
+
+
+def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int) -> Choice:
+    """Pick the concrete algorithm for ``auto``. See docs/auto.md for the measurements behind it."""
+    float32_bytes = n * dim * 4
+    if float32_bytes > memory_budget_bytes():
+        return Choice(
+            "minibatch",
+            {},
+            f"input needs {float32_bytes / 2**30:.1f} GiB as float32, over the memory budget "
+            f"({memory_budget_bytes() / 2**30:.1f} GiB): stream it with mini-batches",
+        )
+    sample = 256 * k
+    if n <= sample:
+        return Choice(
+            "dense-exact-row",
+            {"polish_iter": 0},
+            f"N={n} <= 256·K={sample}: k-means++ and bounded Lloyd on all rows",
+        )
+    return Choice(
+        "dense-exact-row",
+        {"polish_iter": 2},
+        f"N={n} > 256·K={sample}: train on a 256·K sample, then 2 bounded Lloyd passes on all rows",
+    )

@@ -1,0 +1,324 @@
+"""``kvant.Clusterer``: the public k-means estimator.
+
+Every concrete algorithm has the same three phases, timed in ``timings_``:
+
+1. **train** on a uniform sample of ``sample_per_centroid · k`` rows (all rows when N is smaller), as
+   FAISS does: seeding (k-means++ or random rows) and Lloyd iterations with Hamerly bounds until the
+   relative improvement drops below ``tol`` or ``max_iter`` is reached;
+2. **polish** (in-memory inputs): ``polish_iter`` more Lloyd iterations on *all* rows, cheap because
+   Hamerly bounds skip rows whose assignment cannot change;
+3. **assign** every row of the input to its nearest centre. ``labels_`` and ``inertia_`` always come
+   from this full assignment, never from the sample.
+
+``minibatch`` replaces 1-2 with streaming mini-batch updates (Sculley 2010) over chunks read from the
+source, so its memory is bounded by ``batch_rows`` whatever N is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from .._config import check_seed, get_num_threads
+from .._parallel import for_each_block
+from ..errors import EmptyIndex, InvalidInput
+from ..io import ArraySource, VectorSource, as_source, check_finite
+from ..kernels.distance import sq_norms
+from ..kernels.lloyd import exact_sq_dist_rows
+from .assign import assign_top2
+from .auto import choose_algorithm
+from .lloyd import init_centroids, lloyd
+from .minibatch import minibatch_kmeans
+
+ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
+METRICS = ("l2", "cos")
+
+
+def available_algorithms() -> list[str]:
+    """Concrete algorithm names accepted by :class:`Clusterer`, plus ``"auto"``."""
+    return ["auto", *ALGORITHMS]
+
+
+def available_metrics() -> list[str]:
+    """Metric names accepted by :class:`Clusterer`."""
+    return list(METRICS)
+
+
+class Clusterer:
+    """k-means clustering of any kvant vector source, exact or streaming.
+
+    Parameters
+    ----------
+    k : number of clusters (required, 1 <= k <= N).
+    metric : ``"l2"`` (squared Euclidean; quality = MSE per row) or ``"cos"`` (spherical k-means on
+        unit-normalised rows; quality = mean cosine to the assigned centre).
+    algorithm : ``"auto"`` or one of :func:`available_algorithms`. ``auto`` follows the static rule in
+        ``docs/auto.md``; the choice is in ``algorithm_`` and the reason in ``auto_reason_``.
+    seed : seed for sampling and initialisation. Same seed + same thread count -> same labels.
+    max_iter : Lloyd iterations on the training sample (default 25, FAISS's niter).
+    tol : stop when an iteration improves the objective by less than this fraction (default 1e-4).
+    sample_per_centroid : training-sample rows per centre (default 256, FAISS's max_points_per_centroid).
+    polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it).
+    n_redo : restarts for ``dense-exact-nredo`` (seeds seed, seed+1, ...; the lowest training objective wins).
+    batch_rows : rows per mini-batch for ``minibatch`` (bounds its memory).
+    max_epochs : passes over the data for ``minibatch``.
+
+    Example
+    -------
+    >>> import numpy as np, kvant
+    >>> x = np.random.default_rng(0).standard_normal((1000, 8)).astype("float32")
+    >>> c = kvant.Clusterer(k=4, metric="l2", seed=0)
+    >>> labels = c.fit_transform(x)
+    >>> labels.shape, c.cluster_centers_.shape
+    ((1000,), (4, 8))
+    """
+
+    def __init__(
+        self,
+        k: int,
+        metric: str = "l2",
+        algorithm: str = "auto",
+        seed: int | None = 0,
+        *,
+        max_iter: int = 25,
+        tol: float = 1e-4,
+        sample_per_centroid: int = 256,
+        polish_iter: int | None = None,
+        n_redo: int = 3,
+        batch_rows: int = 65536,
+        max_epochs: int = 3,
+    ):
+        self.k = k
+        self.metric = metric
+        self.algorithm = algorithm
+        self.seed = seed
+        self.max_iter = max_iter
+        self.tol = tol
+        self.sample_per_centroid = sample_per_centroid
+        self.polish_iter = polish_iter
+        self.n_redo = n_redo
+        self.batch_rows = batch_rows
+        self.max_epochs = max_epochs
+
+    # ------------------------------------------------------------------------------------------
+    def _check_settings(self, n: int | None = None) -> None:
+        def positive_int(name, value, minimum=1):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+                raise InvalidInput(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        positive_int("k", self.k)
+        if self.metric not in METRICS:
+            raise InvalidInput(f"unknown metric {self.metric!r}; valid metrics: {', '.join(METRICS)}")
+        if self.algorithm not in available_algorithms():
+            raise InvalidInput(
+                f"unknown algorithm {self.algorithm!r}; valid algorithms: {', '.join(available_algorithms())}"
+            )
+        check_seed(self.seed)
+        positive_int("max_iter", self.max_iter)
+        positive_int("sample_per_centroid", self.sample_per_centroid)
+        positive_int("n_redo", self.n_redo)
+        positive_int("batch_rows", self.batch_rows)
+        positive_int("max_epochs", self.max_epochs)
+        if self.polish_iter is not None:
+            positive_int("polish_iter", self.polish_iter, 0)
+        if not isinstance(self.tol, int | float) or not np.isfinite(self.tol) or self.tol < 0:
+            raise InvalidInput(f"tol must be a finite number >= 0, got {self.tol!r}")
+        if n is not None and self.k > n:
+            raise InvalidInput(f"k={self.k} is larger than the number of rows ({n}); k must be <= N")
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, x, column: str | None = None) -> Clusterer:
+        """Cluster ``x`` (anything :func:`kvant.as_source` accepts). Returns self."""
+        self._check_settings()
+        src = as_source(x, column=column)
+        self._check_settings(src.n)
+        spherical = self.metric == "cos"
+        if self.algorithm == "auto":
+            choice = choose_algorithm(src.n, src.dim, self.k, self.metric, src.nbytes)
+            algorithm, params, reason = choice.algorithm, choice.params, choice.reason
+        else:
+            algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
+        polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        full = _in_memory_rows(src, spherical)  # None when the source must be streamed
+        timings["load"] = time.perf_counter() - t0
+
+        if algorithm == "minibatch":
+            t = time.perf_counter()
+            mb = minibatch_kmeans(
+                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, self.tol, self.sample_per_centroid
+            )
+            centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
+            timings["train"] = time.perf_counter() - t
+            result_labels = None
+        else:
+            t = time.perf_counter()
+            result_labels = None
+            sample = _training_sample(src, full, self.k * self.sample_per_centroid, self.seed, spherical)
+            scale = src.n / sample.shape[0]
+            init = "random" if algorithm == "dense-exact-random" else "k-means++"
+            restarts = self.n_redo if algorithm == "dense-exact-nredo" else 1
+            best = None
+            for r in range(restarts):
+                seed = None if self.seed is None else self.seed + r
+                c0 = init_centroids(sample, self.k, init, seed, spherical)
+                res = lloyd(sample, c0, self.max_iter, self.tol, spherical)
+                if best is None or res.objective_history[-1] < best.objective_history[-1]:
+                    best = res
+            centroids = best.centroids
+            if sample is full:  # trained on every row: its labels already are the full assignment
+                result_labels = best.labels
+            history = [h * scale for h in best.objective_history]
+            n_iter = best.n_iter
+            timings["train"] = time.perf_counter() - t
+            if polish > 0 and full is not None and result_labels is None:
+                t = time.perf_counter()
+                res = lloyd(full, centroids, polish, self.tol, spherical)
+                centroids, result_labels = res.centroids, res.labels
+                history += res.objective_history
+                n_iter += res.n_iter
+                timings["polish"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if result_labels is None:
+            labels = _assign_all(src, full, centroids, spherical)
+        else:
+            labels = result_labels
+        inertia = _inertia(src, full, centroids, labels, spherical)
+        timings["assign"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+
+        # Commit state only now: a failure above leaves a previously fitted estimator untouched.
+        self.algorithm_ = algorithm
+        self.auto_reason_ = reason
+        self.polish_iter_ = polish if algorithm != "minibatch" and full is not None else 0
+        self.cluster_centers_ = centroids
+        self.labels_ = labels
+        self.inertia_ = inertia
+        self.n_iter_ = int(n_iter)
+        self.inertia_history_ = [float(h) for h in history]
+        self.n_features_in_ = src.dim
+        self.n_samples_fit_ = src.n
+        self.timings_ = timings
+        self.threads_ = get_num_threads()
+        if spherical:
+            self.mean_cosine_ = float(1.0 - inertia / src.n)
+        else:
+            self.mse_ = float(inertia / src.n)
+        return self
+
+    def fit_transform(self, x, column: str | None = None) -> np.ndarray:
+        """Fit and return ``labels_`` (int64, shape (N,)). Same as :meth:`fit_predict`."""
+        return self.fit(x, column=column).labels_
+
+    fit_predict = fit_transform
+
+    def predict(self, x, column: str | None = None) -> np.ndarray:
+        """Nearest fitted centre of each row of ``x`` (int64 labels)."""
+        if not hasattr(self, "cluster_centers_"):
+            raise EmptyIndex("this Clusterer is not fitted yet; call fit() first")
+        src = as_source(x, column=column)
+        if src.dim != self.n_features_in_:
+            from ..errors import DimensionMismatch
+
+            raise DimensionMismatch(f"input has dim {src.dim}, the clusterer was fitted on dim {self.n_features_in_}")
+        spherical = self.metric == "cos"
+        return _assign_all(src, _in_memory_rows(src, spherical), self.cluster_centers_, spherical)
+
+    def score(self, x) -> float:
+        """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
+        src = as_source(x)
+        spherical = self.metric == "cos"
+        full = _in_memory_rows(src, spherical)
+        labels = self.predict(src)
+        inertia = _inertia(src, full, self.cluster_centers_, labels, spherical)
+        return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
+
+    def get_params(self) -> dict[str, Any]:
+        keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "polish_iter",
+                "n_redo", "batch_rows", "max_epochs")
+        return {key: getattr(self, key) for key in keys}
+
+    def __repr__(self) -> str:
+        return f"Clusterer(k={self.k!r}, metric={self.metric!r}, algorithm={self.algorithm!r}, seed={self.seed!r})"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the algorithms
+# ----------------------------------------------------------------------------------------------
+
+
+def normalise_rows(block: np.ndarray, start: int = 0) -> np.ndarray:
+    """Unit-normalise rows for spherical k-means; a zero row has no direction and is rejected."""
+    norms = np.sqrt(sq_norms(block)).astype(np.float32)
+    if block.shape[0] and norms.min() == 0:
+        row = int(np.argmin(norms)) + start
+        raise InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors")
+    return block / norms[:, None]
+
+
+def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
+    """All rows as one float32 array when the source can give them cheaply; None means stream it.
+
+    A float32 array or memmap is used in place (validated chunk by chunk first); other dtypes are
+    converted only when they are held in memory already. ``cos`` needs a normalised copy.
+    """
+    if not isinstance(src, ArraySource):
+        return None
+    arr = src.array
+    if arr.dtype == np.float32 and arr.flags.c_contiguous:
+        if not src.in_memory:
+            for start in range(0, src.n, 1 << 16):
+                check_finite(arr[start : start + (1 << 16)], start, src.name)
+        return normalise_rows(arr) if spherical else arr
+    if src.in_memory:
+        full = src.to_array()
+        return normalise_rows(full) if spherical else full
+    return None
+
+
+def _training_sample(src, full, m, seed, spherical):
+    if full is not None:
+        idx = src.sample_indices(m, seed)
+        return np.ascontiguousarray(full[idx]) if idx.size < src.n else full
+    sample = src.sample(m, seed)
+    return normalise_rows(sample) if spherical else sample
+
+
+def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool):
+    if full is not None:
+        step = 1 << 18
+        for s in range(0, full.shape[0], step):
+            yield s, full[s : s + step]
+    else:
+        for s, block in src.chunks():
+            yield s, normalise_rows(block, s) if spherical else block
+
+
+def _assign_all(src, full, centroids, spherical) -> np.ndarray:
+    n = src.n
+    labels = np.empty(n, np.int64)
+    d1 = np.empty(n, np.float32)
+    d2 = np.empty(n, np.float32)
+    cn = sq_norms(centroids)
+    for s, block in _iter_blocks(src, full, spherical):
+        e = s + block.shape[0]
+        assign_top2(block, centroids, cn, labels[s:e], d1[s:e], d2[s:e])
+    return labels
+
+
+def _inertia(src, full, centroids, labels, spherical) -> float:
+    """Exact Σ‖x − c‖² over all rows (float64, term by term); ½ of it for unit rows (= Σ(1 − cos))."""
+    per_row = np.empty(src.n, np.float64)
+    for s, block in _iter_blocks(src, full, spherical):
+        lab = labels[s : s + block.shape[0]]
+
+        def run(a, b, block=block, lab=lab, s=s):
+            per_row[s + a : s + b] = exact_sq_dist_rows(block[a:b], centroids, lab[a:b])
+
+        for_each_block(block.shape[0], 16384, run)
+    total = float(per_row.sum())
+    return 0.5 * total if spherical else total

@@ -1,0 +1,202 @@
+"""Lloyd's k-means with Hamerly bounds on in-memory float32 rows.
+
+Each iteration is exact Lloyd: every row ends assigned to its nearest centroid (up to float32 rounding,
+as in FAISS and scikit-learn). Hamerly's bounds make that cheap once the centroids settle: each row keeps
+an upper bound on the distance to its centroid and a lower bound on the distance to every other one (the
+runner-up distance from the fused top-2 kernel). After the centroids move by ``delta``, only rows whose
+bounds cross are looked at: first their upper bound is made exact (O(D)), and only rows that still cross
+are gathered and re-assigned with the GEMM kernel. Centroid sums are updated incrementally (float64) for
+the rows that changed cluster.
+
+Empty clusters are re-seeded with the rows farthest from their centroids (by upper bound, ties to the
+lower row index), each taken from a cluster that keeps at least one row; the row moves to the new
+cluster, which then starts at that row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._config import get_num_threads, rng
+from .._parallel import for_each_block
+from ..kernels.distance import sq_norms
+from ..kernels.lloyd import cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
+from .assign import assign_top2
+
+# Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
+# distances can never let a row keep a stale label.
+_BOUND_SLACK = 1e-4
+
+
+@dataclass
+class LloydResult:
+    centroids: np.ndarray  # (k, d) float32
+    labels: np.ndarray  # (n,) int64, nearest centroid of each row for the returned centroids
+    upper: np.ndarray  # (n,) float32, upper bound on the distance of each row to its centroid
+    objective_history: list[float] = field(default_factory=list)
+    n_iter: int = 0
+    n_reseeded: int = 0
+    rows_recomputed: int = 0
+
+
+def init_centroids(x: np.ndarray, k: int, method: str, seed: int | None, spherical: bool = False) -> np.ndarray:
+    """Initial centroids: ``"k-means++"`` (D² seeding) or ``"random"`` (k distinct rows, as FAISS does)."""
+    n = x.shape[0]
+    g = rng(seed)
+    if method == "random":
+        rows = np.sort(g.choice(n, size=k, replace=False))
+    elif method == "k-means++":
+        uniforms = g.random(k)
+        first = int(g.integers(n))
+        rows = kmeanspp(x, k, uniforms, first)
+    else:  # pragma: no cover - validated by the caller
+        raise ValueError(method)
+    c = np.ascontiguousarray(x[rows], dtype=np.float32)
+    return _normalise(c) if spherical else c
+
+
+def _normalise(c: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(c.astype(np.float64), axis=1)
+    norms[norms == 0] = 1.0
+    return (c / norms[:, None]).astype(np.float32)
+
+
+def _objective(x_sqnorm_total: float, sums: np.ndarray, counts: np.ndarray, spherical: bool) -> float:
+    """Σ‖x − μ_a‖² after the M-step, from sums alone: Σ‖x‖² − Σ_j ‖S_j‖²/n_j (½Σ‖x−c‖² for spherical)."""
+    nz = counts > 0
+    sq = np.einsum("ij,ij->i", sums[nz], sums[nz])
+    if spherical:  # unit rows, c_j = S_j/‖S_j‖: Σ(1 − x·c) = n − Σ‖S_j‖
+        return float(counts.sum() - np.sqrt(sq).sum())
+    return float(x_sqnorm_total - (sq / counts[nz]).sum())
+
+
+def _centroids_from_sums(sums, counts, old, spherical):
+    c = old.copy()
+    nz = counts > 0
+    c[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
+    return _normalise(c) if spherical else c
+
+
+def lloyd(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    max_iter: int,
+    tol: float,
+    spherical: bool = False,
+    x_sqnorms: np.ndarray | None = None,
+) -> LloydResult:
+    """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
+
+    Stops after ``max_iter`` M-steps or when the objective improves by less than ``tol`` (relative).
+    The returned labels are the exact nearest centroids for the returned centroids.
+    """
+    n, d = x.shape
+    k = centroids.shape[0]
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    xn = sq_norms(x) if x_sqnorms is None else x_sqnorms
+    x_total = float(xn.sum(dtype=np.float64))
+    labels = np.empty(n, np.int64)
+    d1 = np.empty(n, np.float32)
+    d2 = np.empty(n, np.float32)
+    assign_top2(x, c, sq_norms(c), labels, d1, d2, x_sqnorms=xn)
+    upper = np.sqrt(d1)
+    lower = np.sqrt(d2)
+    sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()))
+    result = LloydResult(c, labels, upper)
+    prev_obj = np.inf
+    block = 65536
+    for it in range(max_iter):
+        # M-step (with re-seeding of empty clusters).
+        result.n_reseeded += _reseed_empty(x, labels, upper, lower, sums, counts)
+        new_c = _centroids_from_sums(sums, counts, c, spherical)
+        obj = _objective(x_total, sums, counts, spherical)
+        result.objective_history.append(obj)
+        result.n_iter = it + 1
+        delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
+        c = new_c
+        converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(obj), 1e-30)
+        prev_obj = obj
+        # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
+        if k > 1:
+            order = np.argsort(delta)[::-1]
+            max_delta = float(delta[order[0]])
+            second_delta = float(delta[order[1]])
+            argmax_delta = int(order[0])
+        else:
+            max_delta = second_delta = float(delta[0])
+            argmax_delta = 0
+        if max_delta == 0.0:
+            break
+        lower *= 1.0 - _BOUND_SLACK
+        parts: list[np.ndarray] = []
+        for s in range(0, n, block):
+            parts.append(
+                loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, s, min(n, s + block))
+            )
+        cand = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        if cand.size:
+            upper[cand] = exact_dist_to(x, cand, c, labels) * np.float32(1.0 + _BOUND_SLACK)
+            cand = cand[upper[cand] >= lower[cand]]
+        if cand.size:
+            result.rows_recomputed += int(cand.size)
+            xs = x[cand]
+            lab_new = np.empty(cand.size, np.int64)
+            e1 = np.empty(cand.size, np.float32)
+            e2 = np.empty(cand.size, np.float32)
+            assign_top2(xs, c, sq_norms(c), lab_new, e1, e2, x_sqnorms=xn[cand])
+            old = labels[cand]
+            moved = lab_new != old
+            if moved.any():
+                move_rows(x, cand[moved], old[moved], lab_new[moved], sums, counts)
+            labels[cand] = lab_new
+            upper[cand] = np.sqrt(e1)
+            lower[cand] = np.sqrt(e2)
+            if not moved.any() and converged:
+                break
+        elif converged:
+            break
+    result.centroids = c
+    result.labels = labels
+    result.upper = upper
+    return result
+
+
+def _reseed_empty(x, labels, upper, lower, sums, counts) -> int:
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0:
+        return 0
+    # Farthest rows first (stable: ties keep the lower row index).
+    order = np.argsort(-upper, kind="stable")
+    taken = 0
+    for row in order:
+        if taken == empty.size:
+            break
+        src = labels[row]
+        if counts[src] <= 1:
+            continue
+        dst = empty[taken]
+        move_rows(x, np.array([row]), np.array([src]), np.array([dst]), sums, counts)
+        labels[row] = dst
+        upper[row] = 0.0
+        lower[row] = 0.0  # forces a re-check of this row next E-step
+        taken += 1
+    return taken
+
+
+def train_centroids(
+    x: np.ndarray, k: int, *, n_iter: int = 25, seed: int | None = 0, init: str = "k-means++", tol: float = 1e-4
+) -> np.ndarray:
+    """Deterministic k-means centroids (k, d) float32 of the rows of ``x`` (float32, C-contiguous).
+
+    The building block other kvant modules (PQ/OPQ codebook training) use; no validation beyond shapes.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if k > x.shape[0]:
+        raise ValueError(f"k={k} exceeds the number of training rows {x.shape[0]}")
+    c0 = init_centroids(x, k, init, seed)
+    return lloyd(x, c0, n_iter, tol).centroids
+
+
+__all__ = ["lloyd", "init_centroids", "train_centroids", "LloydResult", "for_each_block"]

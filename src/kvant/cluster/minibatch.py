@@ -1,0 +1,86 @@
+"""Streaming mini-batch k-means (Sculley, "Web-scale k-means clustering", WWW 2010).
+
+Reads the source in contiguous blocks of ``batch_rows`` rows, visiting blocks in a seeded random order
+each epoch, so memory stays bounded by one block plus the centroids whatever the input size. Each centre
+moves towards the mean of its rows in the batch with a per-centre learning rate 1/(rows seen so far).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._config import get_num_threads, rng
+from ..io import check_finite
+from ..kernels.distance import sq_norms
+from ..kernels.lloyd import cluster_sums
+from .assign import assign_top2
+from .lloyd import _normalise, init_centroids
+
+
+@dataclass
+class MiniBatchResult:
+    centroids: np.ndarray
+    objective_history: list[float] = field(default_factory=list)
+    n_iter: int = 0
+
+
+def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
+    """Rows [start, stop) of ``src`` as validated float32 (unit rows when spherical)."""
+    from .clusterer import normalise_rows
+
+    block = np.ascontiguousarray(src._read(start, stop), dtype=np.float32)
+    check_finite(block, start, src.name)
+    return normalise_rows(block, start) if spherical else block
+
+
+def minibatch_kmeans(src, k, spherical, seed, batch_rows, max_epochs, tol, sample_per_centroid) -> MiniBatchResult:
+    n = src.n
+    g = rng(seed)
+    # Seed on a sample no larger than one batch, so memory stays within the batch budget.
+    m = min(n, max(k, min(batch_rows, 32 * k)))
+    sample = src.sample(m, None if seed is None else seed + 7919)
+    if spherical:
+        from .clusterer import normalise_rows
+
+        sample = normalise_rows(sample)
+    c = init_centroids(sample, k, "k-means++", seed, spherical)
+    del sample
+    seen = np.zeros(k, np.int64)
+    result = MiniBatchResult(c)
+    starts = np.arange(0, n, batch_rows)
+    prev = np.inf
+    for _epoch in range(max_epochs):
+        total_obj = 0.0
+        for s in g.permutation(starts):
+            e = min(n, int(s) + batch_rows)
+            xb = read_block(src, int(s), e, spherical)
+            b = xb.shape[0]
+            labels = np.empty(b, np.int64)
+            d1 = np.empty(b, np.float32)
+            d2 = np.empty(b, np.float32)
+            assign_top2(xb, c, sq_norms(c), labels, d1, d2)
+            total_obj += float(d1.sum(dtype=np.float64))
+            sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()))
+            hit = counts > 0
+            seen[hit] += counts[hit]
+            rate = counts[hit] / seen[hit]
+            means = sums[hit] / counts[hit, None]
+            c = c.copy()
+            c[hit] = (c[hit] + rate[:, None] * (means - c[hit])).astype(np.float32)
+            # A centre no row has reached yet moves to the batch row farthest from its centre.
+            dead = np.flatnonzero(seen == 0)
+            if dead.size:
+                far = np.argsort(-d1, kind="stable")[: dead.size]
+                c[dead[: far.size]] = xb[far]
+            if spherical:
+                c = _normalise(c)
+            result.n_iter += 1
+        obj = 0.5 * total_obj if spherical else total_obj
+        result.objective_history.append(obj)
+        if prev < np.inf and prev - obj <= tol * max(abs(obj), 1e-30):
+            break
+        prev = obj
+    result.centroids = c
+    return result

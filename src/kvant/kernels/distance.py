@@ -1,0 +1,82 @@
+"""Distance blocks: squared L2 and inner products between a block of queries and a block of vectors.
+
+``sq_l2_block`` uses BLAS for ``q @ x.T`` (the FLOP-heavy part; BLAS runs at this machine's sgemm rate) and a
+Numba pass to turn inner products into squared distances (``‖q‖² + ‖x‖² − 2 q·x``, clamped at 0). The
+expansion loses relative precision when ‖q−x‖ ≪ ‖q‖; callers that need exact small distances use
+``sq_l2_direct``, which sums (q−x)² term by term.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+
+
+@numba.njit(parallel=True, **_JIT)
+def sq_norms(x):
+    """Squared L2 norm of each row, accumulated in float64, returned as float32."""
+    n, d = x.shape
+    out = np.empty(n, np.float32)
+    for i in prange(n):
+        acc = 0.0
+        for j in range(d):
+            v = np.float64(x[i, j])
+            acc += v * v
+        out[i] = acc
+    return out
+
+
+@numba.njit(parallel=True, **_JIT)
+def finish_sq_l2(g, q_sqnorms, x_sqnorms):
+    """In place: g[i, j] (= q_i·x_j) becomes max(‖q_i‖² + ‖x_j‖² − 2 g[i, j], 0)."""
+    nq, nb = g.shape
+    for i in prange(nq):
+        qi = q_sqnorms[i]
+        for j in range(nb):
+            v = qi + x_sqnorms[j] - np.float32(2.0) * g[i, j]
+            g[i, j] = v if v > 0 else np.float32(0.0)
+
+
+@numba.njit(parallel=True, **_JIT)
+def sq_l2_direct(q, x):
+    """Exact squared L2 (Σ (q−x)², float32 terms, float64 accumulation) for every pair: (nq, nb)."""
+    nq, d = q.shape
+    nb = x.shape[0]
+    out = np.empty((nq, nb), np.float32)
+    for i in prange(nq):
+        for j in range(nb):
+            acc = 0.0
+            for t in range(d):
+                diff = np.float64(q[i, t]) - np.float64(x[j, t])
+                acc += diff * diff
+            out[i, j] = acc
+    return out
+
+
+def ip_block(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Inner products (nq, nb) via BLAS."""
+    return q @ x.T
+
+
+def sq_l2_block(q: np.ndarray, x: np.ndarray, x_sqnorms: np.ndarray, q_sqnorms: np.ndarray | None = None):
+    """Squared L2 distances (nq, nb) via BLAS plus the norm expansion, clamped at 0."""
+    g = np.ascontiguousarray(q @ x.T)
+    finish_sq_l2(g, sq_norms(q) if q_sqnorms is None else q_sqnorms, x_sqnorms)
+    return g
+
+
+@numba.njit(**_JIT)
+def sq_norms_serial(x):
+    """Serial :func:`sq_norms`, for use on a block inside a worker thread."""
+    n, d = x.shape
+    out = np.empty(n, np.float32)
+    for i in range(n):
+        acc = 0.0
+        for j in range(d):
+            v = np.float64(x[i, j])
+            acc += v * v
+        out[i] = acc
+    return out

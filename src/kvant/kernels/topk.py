@@ -1,0 +1,68 @@
+"""Top-k selection: keep the k smallest (distance, id) pairs per row, ascending, ties to the smaller id."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+
+
+@numba.njit(inline="always")
+def _insert(dist_row, idx_row, d, i):
+    """Insert (d, i) into the sorted row if it beats the current worst; rows stay sorted by (d, i)."""
+    k = dist_row.shape[0]
+    if d > dist_row[k - 1] or (d == dist_row[k - 1] and (idx_row[k - 1] != -1 and i >= idx_row[k - 1])):
+        return
+    pos = k - 1
+    while pos > 0 and (
+        dist_row[pos - 1] > d or (dist_row[pos - 1] == d and (idx_row[pos - 1] > i or idx_row[pos - 1] == -1))
+    ):
+        dist_row[pos] = dist_row[pos - 1]
+        idx_row[pos] = idx_row[pos - 1]
+        pos -= 1
+    dist_row[pos] = d
+    idx_row[pos] = i
+
+
+@numba.njit(parallel=True, **_JIT)
+def merge_topk(block_dist, base, out_dist, out_idx):
+    """Merge a (nq, nb) block whose columns are ids base..base+nb-1 into the running top-k (in place).
+
+    ``out_dist``/``out_idx`` start as inf / -1. NaN distances are never selected.
+    """
+    nq, nb = block_dist.shape
+    for r in prange(nq):
+        drow = out_dist[r]
+        irow = out_idx[r]
+        worst = drow[drow.shape[0] - 1]
+        for j in range(nb):
+            d = block_dist[r, j]
+            if d <= worst:
+                _insert(drow, irow, d, base + j)
+                worst = drow[drow.shape[0] - 1]
+
+
+@numba.njit(parallel=True, **_JIT)
+def merge_topk_ids(block_dist, block_ids, out_dist, out_idx):
+    """Like :func:`merge_topk` but the block's column ids are given explicitly (``block_ids`` (nq, nb))."""
+    nq, nb = block_dist.shape
+    for r in prange(nq):
+        drow = out_dist[r]
+        irow = out_idx[r]
+        worst = drow[drow.shape[0] - 1]
+        for j in range(nb):
+            d = block_dist[r, j]
+            if d <= worst and block_ids[r, j] >= 0:
+                _insert(drow, irow, d, block_ids[r, j])
+                worst = drow[drow.shape[0] - 1]
+
+
+def topk_smallest(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest entries of each row of ``dist`` (nq, n): (values (nq, k) float32, ids (nq, k) int64)."""
+    nq = dist.shape[0]
+    out_d = np.full((nq, k), np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    merge_topk(np.ascontiguousarray(dist, dtype=np.float32), 0, out_d, out_i)
+    return out_d, out_i
