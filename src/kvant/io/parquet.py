@@ -263,7 +263,7 @@ class ParquetSource(VectorSource):
         if self._open is None or self._open[0] != fi:
             _, pq = _pa()
             self.close()
-            self._open = (fi, pq.ParquetFile(self.files[fi]))
+            self._open = (fi, pq.ParquetFile(self.files[fi], pre_buffer=False))
         return self._open[1]
 
     def _row_group(self, g: int) -> np.ndarray:
@@ -300,7 +300,7 @@ class ParquetSource(VectorSource):
             groups = self._rg_index[self._rg_file == fi]
             if groups.size == 0:
                 continue
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering would read the whole file
             try:
                 for batch in pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns):
                     block = self._to_numpy(batch, read)
@@ -363,10 +363,14 @@ def _take_front(buf: list[np.ndarray], rows: int, have: int):
     return out, buf, have - rows
 
 
-def write_parquet(path, x, column: str = "embedding", row_group_rows: int | None = None, dtype=np.float32) -> None:
+def write_parquet(
+    path, x, column: str = "embedding", row_group_rows: int | None = None, dtype=np.float32, compression="none"
+) -> None:
     """Write ``x`` (n, dim) as a parquet file with one ``fixed_size_list<dtype>`` column.
 
-    ``row_group_rows`` sets the row group size (pyarrow's default when None).
+    ``row_group_rows`` sets the row group size (pyarrow's default when None). Dictionary encoding and
+    column statistics are off and compression defaults to none: float embeddings do not compress, and
+    all three slow reading down (measured: 0.14 GB/s with pyarrow's defaults vs 0.37 GB/s without).
     """
     pa, pq = _pa()
     arr = np.asarray(x)
@@ -378,4 +382,6 @@ def write_parquet(path, x, column: str = "embedding", row_group_rows: int | None
     flat = pa.array(values.reshape(-1))
     table = pa.table({column: pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])})
     kwargs = {} if row_group_rows is None else {"row_group_size": int(row_group_rows)}
-    pq.write_table(table, os.fspath(path), **kwargs)
+    pq.write_table(
+        table, os.fspath(path), use_dictionary=False, write_statistics=False, compression=compression, **kwargs
+    )
