@@ -61,9 +61,6 @@ __all__ = [
 ]
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
-# nnan/nsz only: lets LLVM vectorise min-reductions over non-negative finite distances; no reassociation and
-# no contraction, so every computed distance is bit-identical to the strict version.
-_JIT_MIN = dict(cache=True, nogil=True, fastmath={"nnan", "nsz"})
 
 _QB = 4  # queries per pass over a block of codes (query blocking)
 
@@ -125,13 +122,14 @@ def ip_tables(queries, codebooks):
     return out
 
 
-@numba.njit(parallel=True, **_JIT_MIN)
+@numba.njit(parallel=True, **_JIT)
 def _encode_kernel(x, cbt, out, block):
     n = x.shape[0]
     m, dsub, ksub = cbt.shape
     nblocks = (n + block - 1) // block
     for b in prange(nblocks):
         acc = np.empty(ksub, dtype=np.float32)
+        bits = acc.view(np.int32)
         r1 = min(n, (b + 1) * block)
         for r in range(b * block, r1):
             for j in range(m):
@@ -145,12 +143,14 @@ def _encode_kernel(x, cbt, out, block):
                     for c in range(ksub):
                         diff = xv - cbt[j, d, c]
                         acc[c] += diff * diff
-                mn = acc[0]
+                # argmin on the int32 bit patterns: distances are >= +0, where IEEE order equals integer
+                # order, and integer min-reductions vectorise without fast-math
+                mn = bits[0]
                 for c in range(1, ksub):
-                    mn = min(mn, acc[c])
+                    mn = min(mn, bits[c])
                 best = ksub
                 for c in range(ksub):
-                    cand = c if acc[c] == mn else ksub
+                    cand = c if bits[c] == mn else ksub
                     best = min(best, cand)
                 out[r, j] = best
 
