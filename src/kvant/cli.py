@@ -116,6 +116,115 @@ _ADDERS.append(_add_info)
 
 
 # --- cluster + demo (issue 2) ---
+
+
+def _v_measure(labels_true, labels_pred):
+    """scikit-learn's V-measure when it is installed (the bench/dev extras), else None."""
+    try:
+        from sklearn.metrics import v_measure_score
+    except ImportError:
+        return None
+    return float(v_measure_score(labels_true, labels_pred))
+
+
+def _cmd_cluster(args) -> int:
+    import time
+
+    from .cluster import Clusterer
+
+    t0 = time.perf_counter()
+    c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter)
+    with progress(args, total=None, desc=f"k-means k={args.k}") as bar:
+        c.fit(args.input, column=args.column)
+        bar.update(1)
+    wall = time.perf_counter() - t0
+    if args.output:
+        np.save(args.output, c.labels_)
+    if args.centroids:
+        np.save(args.centroids, c.cluster_centers_)
+    payload = {
+        "input": str(args.input),
+        "n": c.n_samples_fit_,
+        "dim": c.n_features_in_,
+        "k": args.k,
+        "metric": args.metric,
+        "algorithm": c.algorithm_,
+        "auto_reason": c.auto_reason_,
+        "n_iter": c.n_iter_,
+        "inertia": c.inertia_,
+        "seconds": wall,
+        "timings": c.timings_,
+        "cluster_sizes": np.bincount(c.labels_, minlength=args.k).tolist(),
+    }
+    payload["mse" if args.metric == "l2" else "mean_cosine"] = c.mse_ if args.metric == "l2" else c.mean_cosine_
+    if args.output:
+        payload["labels_file"] = str(args.output)
+    if args.centroids:
+        payload["centroids_file"] = str(args.centroids)
+    quality = f"MSE/row {c.mse_:.6g}" if args.metric == "l2" else f"mean cosine {c.mean_cosine_:.6f}"
+    text = (
+        f"{c.n_samples_fit_} x {c.n_features_in_} -> k={args.k} with {c.algorithm_} ({c.auto_reason_})\n"
+        f"{quality}, {c.n_iter_} iterations, {wall:.2f} s"
+    )
+    emit(args, payload, text)
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    import time
+
+    from .bench.datasets import demo_dataset
+    from .cluster import Clusterer
+
+    x, y = demo_dataset(seed=args.seed)
+    k = int(y.max()) + 1
+    rows = []
+    for algorithm in ("auto", "dense-exact-random", "minibatch"):
+        t = time.perf_counter()
+        c = Clusterer(k=k, metric="l2", algorithm=algorithm, seed=args.seed).fit(x)
+        rows.append(
+            {
+                "algorithm": algorithm if algorithm != "auto" else f"auto -> {c.algorithm_}",
+                "seconds": time.perf_counter() - t,
+                "mse": c.mse_,
+                "v_measure": _v_measure(y, c.labels_),
+            }
+        )
+    lines = [
+        f"kvant demo: built-in dataset {x.shape[0]} x {x.shape[1]}, k={k}, metric=l2 (first run includes JIT)",
+        f"{'algorithm':<34}{'seconds':>9}{'MSE/row':>12}{'V-measure':>11}",
+    ]
+    for r in rows:
+        vm = "n/a" if r["v_measure"] is None else f"{r['v_measure']:.4f}"
+        lines.append(f"{r['algorithm']:<34}{r['seconds']:>9.2f}{r['mse']:>12.5f}{vm:>11}")
+    emit(args, {"n": x.shape[0], "dim": x.shape[1], "k": k, "results": rows}, "\n".join(lines))
+    return EXIT_OK
+
+
+def _add_cluster(sub) -> None:
+    from .cluster import available_algorithms, available_metrics
+
+    p = sub.add_parser("cluster", help="k-means cluster a vector file (.npy, .fvecs, parquet, hdf5)")
+    p.add_argument("input", help="vectors: .npy, .fvecs/.bvecs, parquet file or directory, .hdf5")
+    p.add_argument("-k", type=int, required=True, help="number of clusters")
+    p.add_argument("--metric", default="l2", choices=available_metrics())
+    p.add_argument("--algorithm", default="auto", choices=available_algorithms())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-iter", type=int, default=25)
+    p.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the vectors")
+    p.add_argument("-o", "--output", default=None, help="write labels (int64) to this .npy file")
+    p.add_argument("--centroids", default=None, help="write centroids (float32) to this .npy file")
+    _common(p)
+    p.set_defaults(func=_cmd_cluster)
+
+    d = sub.add_parser("demo", help="cluster a built-in dataset with auto and two concrete algorithms")
+    d.add_argument("--seed", type=int, default=0)
+    _common(d)
+    d.set_defaults(func=_cmd_demo)
+
+
+_ADDERS.append(_add_cluster)
+
 # --- index + search + bench kernels (issue 3) ---
 # `kvant bench ...`: one `bench` parser whose actions come from _BENCH_ADDERS (other sections may append).
 _BENCH_ADDERS: list[Callable] = []

@@ -5,8 +5,75 @@ Nothing here is optimised; do not import from here in library code.
 
 from __future__ import annotations
 
-
 # === distance / assign / topk (issue 2) ===
+
+
+def sq_l2_ref(q, x):
+    """(nq, nb) float64 squared L2, pair by pair: Σ (q − x)²."""
+    import numpy as np
+
+    q = np.asarray(q, np.float64)
+    x = np.asarray(x, np.float64)
+    out = np.empty((q.shape[0], x.shape[0]))
+    for i in range(q.shape[0]):
+        out[i] = ((x - q[i]) ** 2).sum(axis=1)
+    return out
+
+
+def top2_ref(x, centroids):
+    """(labels, d1, d2): nearest centroid (ties to the lower id) and the two smallest squared distances."""
+    import numpy as np
+
+    d = sq_l2_ref(x, centroids)
+    labels = np.argmin(d, axis=1)  # argmin returns the first minimum: the lower id on ties
+    d1 = d[np.arange(d.shape[0]), labels]
+    d2 = np.full(d.shape[0], np.inf)
+    if d.shape[1] > 1:
+        masked = d.copy()
+        masked[np.arange(d.shape[0]), labels] = np.inf
+        d2 = masked.min(axis=1)
+    return labels.astype(np.int64), d1, d2
+
+
+def topk_ref(dist, k):
+    """k smallest per row by (distance, column), padded with inf / -1: the order kvant promises."""
+    import numpy as np
+
+    dist = np.asarray(dist)
+    nq, n = dist.shape
+    out_d = np.full((nq, k), np.inf, np.float64)
+    out_i = np.full((nq, k), -1, np.int64)
+    for r in range(nq):
+        order = sorted((float(dist[r, j]), j) for j in range(n) if not np.isnan(dist[r, j]))[:k]
+        for t, (dv, j) in enumerate(order):
+            out_d[r, t] = dv
+            out_i[r, t] = j
+    return out_d, out_i
+
+
+def cluster_sums_ref(x, labels, k):
+    """Per-cluster float64 row sums and counts."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, x)
+    return sums, np.bincount(labels, minlength=k).astype(np.int64)
+
+
+def lloyd_ref(x, centroids, n_iter):
+    """Plain Lloyd's iterations (no bounds): assign, then move each non-empty centre to its mean."""
+    import numpy as np
+
+    c = np.asarray(centroids, np.float64).copy()
+    x64 = np.asarray(x, np.float64)
+    for _ in range(n_iter):
+        labels, _, _ = top2_ref(x64, c)
+        sums, counts = cluster_sums_ref(x64, labels, c.shape[0])
+        nz = counts > 0
+        c[nz] = sums[nz] / counts[nz, None]
+    labels, _, _ = top2_ref(x64, c)
+    return c, labels
 
 # === pq (issue 3) ===
 # Immutable scalar references for kvant.kernels.pq and the kernel harness. Plain loops / float64; do not

@@ -143,7 +143,8 @@ class Clusterer:
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        full = _in_memory_rows(src, spherical)  # None when the source must be streamed
+        # None when the source must be streamed; minibatch always streams to keep its memory bound.
+        full = None if algorithm == "minibatch" else _in_memory_rows(src, spherical)
         timings["load"] = time.perf_counter() - t0
 
         if algorithm == "minibatch":
@@ -183,11 +184,12 @@ class Clusterer:
                 timings["polish"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        rows = self.batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if result_labels is None:
-            labels = _assign_all(src, full, centroids, spherical)
+            labels = _assign_all(src, full, centroids, spherical, rows)
         else:
             labels = result_labels
-        inertia = _inertia(src, full, centroids, labels, spherical)
+        inertia = _inertia(src, full, centroids, labels, spherical, rows)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -271,8 +273,9 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
     arr = src.array
     if arr.dtype == np.float32 and arr.flags.c_contiguous:
         if not src.in_memory:
-            for start in range(0, src.n, 1 << 16):
-                check_finite(arr[start : start + (1 << 16)], start, src.name)
+            step = max(1, (4 << 20) // (4 * src.dim))  # 4 MiB at a time: the NaN mask stays small
+            for start in range(0, src.n, step):
+                check_finite(arr[start : start + step], start, src.name)
         return normalise_rows(arr) if spherical else arr
     if src.in_memory:
         full = src.to_array()
@@ -288,37 +291,35 @@ def _training_sample(src, full, m, seed, spherical):
     return normalise_rows(sample) if spherical else sample
 
 
-def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool):
+def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool, rows: int | None = None):
     if full is not None:
-        step = 1 << 18
+        step = rows or (1 << 18)
         for s in range(0, full.shape[0], step):
             yield s, full[s : s + step]
     else:
-        for s, block in src.chunks():
+        for s, block in src.chunks(rows):
             yield s, normalise_rows(block, s) if spherical else block
 
 
-def _assign_all(src, full, centroids, spherical) -> np.ndarray:
-    n = src.n
-    labels = np.empty(n, np.int64)
-    d1 = np.empty(n, np.float32)
-    d2 = np.empty(n, np.float32)
+def _assign_all(src, full, centroids, spherical, rows: int | None = None) -> np.ndarray:
+    labels = np.empty(src.n, np.int64)
     cn = sq_norms(centroids)
-    for s, block in _iter_blocks(src, full, spherical):
-        e = s + block.shape[0]
-        assign_top2(block, centroids, cn, labels[s:e], d1[s:e], d2[s:e])
+    for s, block in _iter_blocks(src, full, spherical, rows):
+        b = block.shape[0]
+        assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32))
     return labels
 
 
-def _inertia(src, full, centroids, labels, spherical) -> float:
+def _inertia(src, full, centroids, labels, spherical, rows: int | None = None) -> float:
     """Exact Σ‖x − c‖² over all rows (float64, term by term); ½ of it for unit rows (= Σ(1 − cos))."""
-    per_row = np.empty(src.n, np.float64)
-    for s, block in _iter_blocks(src, full, spherical):
+    total = 0.0
+    for s, block in _iter_blocks(src, full, spherical, rows):
         lab = labels[s : s + block.shape[0]]
+        per_row = np.empty(block.shape[0], np.float64)
 
-        def run(a, b, block=block, lab=lab, s=s):
-            per_row[s + a : s + b] = exact_sq_dist_rows(block[a:b], centroids, lab[a:b])
+        def run(a, b, block=block, lab=lab, per_row=per_row):
+            per_row[a:b] = exact_sq_dist_rows(block[a:b], centroids, lab[a:b])
 
         for_each_block(block.shape[0], 16384, run)
-    total = float(per_row.sum())
+        total += float(per_row.sum())
     return 0.5 * total if spherical else total

@@ -10,7 +10,8 @@ from .source import ArraySource
 
 
 class NpySource(ArraySource):
-    """A ``.npy`` file opened with ``np.load(path, mmap_mode="r")``.
+    """A ``.npy`` file opened with ``np.load(path, mmap_mode="c")`` (copy-on-write: kvant never writes, but
+    Numba compiles read-only arrays as a separate type, so a writeable view avoids a second compilation).
 
     The file is never read whole: chunks are converted to float32 one at a time and checked for
     NaN/inf as they are read (the first bad row is named in the error).
@@ -26,7 +27,7 @@ class NpySource(ArraySource):
         p = check_file(path, ".npy file")
         name = name or str(p)
         try:
-            array = np.load(p, mmap_mode="r", allow_pickle=False)
+            array = np.load(p, mmap_mode="c", allow_pickle=False)
         except ValueError as exc:  # object dtype, pickled data, bad header
             raise InvalidInput(f"{name}: not a readable .npy array ({exc})") from None
         except (OSError, EOFError) as exc:

@@ -1,0 +1,234 @@
+"""kvant.Clusterer: exactness, determinism, validation, inputs, memory bounds."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvant
+from kvant.bench import reference as ref
+from kvant.bench.datasets import blobs
+from kvant.cluster.lloyd import init_centroids, lloyd, train_centroids
+from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput
+
+ALGOS = ["auto", "dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = blobs(3000, 12, 8, seed=1, separation=12.0)
+    return x, y
+
+
+def _nearest(x, c):
+    return ref.top2_ref(x, c)[0]
+
+
+def test_public_names():
+    assert kvant.available_algorithms() == ALGOS
+    assert kvant.available_metrics() == ["l2", "cos"]
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_labels_are_the_full_nearest_centre_assignment(data, algorithm, metric):
+    x, y = data
+    c = kvant.Clusterer(k=8, metric=metric, algorithm=algorithm, seed=3, sample_per_centroid=64)
+    labels = c.fit_transform(x)
+    assert labels.shape == (x.shape[0],) and labels.dtype == np.int64
+    assert c.algorithm_ in ALGOS[1:]
+    xs = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cos" else x
+    np.testing.assert_array_equal(labels, _nearest(xs, c.cluster_centers_))
+    d = ref.sq_l2_ref(xs, c.cluster_centers_)[np.arange(len(x)), labels]
+    want = 0.5 * d.sum() if metric == "cos" else d.sum()
+    assert c.inertia_ == pytest.approx(want, rel=1e-6)
+    if metric == "cos":
+        cos = (xs * c.cluster_centers_[labels]).sum(1)
+        assert c.mean_cosine_ == pytest.approx(cos.mean(), rel=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(c.cluster_centers_, axis=1), 1.0, rtol=1e-5)
+    else:
+        assert c.mse_ == pytest.approx(want / len(x), rel=1e-6)
+    assert c.n_iter_ >= 1 and len(c.inertia_history_) >= 1
+    np.testing.assert_array_equal(c.predict(x), labels)
+    # Well-separated blobs: every algorithm must recover the structure.
+    from sklearn.metrics import v_measure_score
+
+    assert v_measure_score(y, labels) > 0.9
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_bounded_lloyd_equals_plain_lloyd(spherical):
+    # Hamerly bounds skip work but must not change a single iteration's outcome.
+    g = np.random.default_rng(5)
+    x = g.standard_normal((600, 6)).astype(np.float32)
+    if spherical:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c0 = init_centroids(x, 7, "random", 0, spherical)
+    for it in (1, 2, 5):
+        res = lloyd(x, c0, it, tol=0.0, spherical=spherical)
+        if spherical:
+            continue  # the plain reference is Euclidean Lloyd; spherical is checked via labels below
+        rc, rl = ref.lloyd_ref(x, c0, res.n_iter)
+        np.testing.assert_allclose(res.centroids, rc, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(res.labels, rl)
+    np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
+
+
+def test_objective_history_decreases(data):
+    x, _ = data
+    c = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=0, tol=0.0, max_iter=10).fit(x)
+    h = np.array(c.inertia_history_)
+    assert np.all(np.diff(h) <= 1e-6 * h[0])
+
+
+def test_same_seed_same_result_and_seed_matters(data):
+    x, _ = data
+    a = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=4).fit(x)
+    b = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=4).fit(x)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    c = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=5).fit(x)
+    assert not np.array_equal(a.cluster_centers_, c.cluster_centers_)
+
+
+def test_empty_clusters_are_reseeded():
+    # A centre far from every row gets no rows at the first assignment; it must be re-seeded.
+    g = np.random.default_rng(0)
+    x = g.standard_normal((200, 3)).astype(np.float32)
+    c0 = np.concatenate([x[:3], np.full((1, 3), 1e3, np.float32)])
+    res = lloyd(x, c0, 5, tol=0.0)
+    assert res.n_reseeded >= 1
+    assert np.bincount(res.labels, minlength=4).min() >= 1
+    np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
+
+
+def test_k_equals_n_and_k_one():
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    c = kvant.Clusterer(k=10, seed=0).fit(x)
+    assert c.inertia_ == pytest.approx(0.0, abs=1e-6)
+    c1 = kvant.Clusterer(k=1, seed=0).fit(x)
+    np.testing.assert_allclose(c1.cluster_centers_[0], x.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_train_centroids_building_block():
+    x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
+    c = train_centroids(x, 16, n_iter=10, seed=1)
+    assert c.shape == (16, 4) and c.dtype == np.float32
+    np.testing.assert_array_equal(c, train_centroids(x, 16, n_iter=10, seed=1))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    k=st.one_of(st.integers(-3, 0), st.integers(51, 80), st.floats(1, 5), st.booleans(), st.text(max_size=2)),
+)
+def test_invalid_k_is_rejected(k):
+    x = np.ones((50, 2), np.float32)
+    with pytest.raises(InvalidInput):
+        kvant.Clusterer(k=k).fit(x)
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.text(min_size=0, max_size=12).filter(lambda s: s not in ("l2", "cos")))
+def test_unknown_metric_lists_valid_ones(name):
+    with pytest.raises(InvalidInput, match="l2, cos"):
+        kvant.Clusterer(k=2, metric=name).fit(np.ones((4, 2), np.float32))
+
+
+def test_unknown_algorithm_and_bad_settings():
+    x = np.random.default_rng(0).standard_normal((20, 2)).astype(np.float32)
+    with pytest.raises(InvalidInput, match="dense-exact-row"):
+        kvant.Clusterer(k=2, algorithm="elkan").fit(x)
+    for kwargs in ({"seed": -1}, {"tol": float("nan")}, {"max_iter": 0}, {"n_redo": 0}, {"polish_iter": -1}):
+        with pytest.raises(InvalidInput):
+            kvant.Clusterer(k=2, **kwargs).fit(x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(3, 40),
+    d=st.integers(1, 5),
+    bad_row=st.integers(0, 39),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+)
+def test_non_finite_input_names_row_and_leaves_state(n, d, bad_row, bad, dtype):
+    good = np.random.default_rng(0).standard_normal((30, 3)).astype(np.float32)
+    c = kvant.Clusterer(k=2, seed=0).fit(good)
+    before = (c.labels_.copy(), c.cluster_centers_.copy(), c.inertia_)
+    x = np.random.default_rng(1).standard_normal((n, d)).astype(dtype)
+    row = bad_row % n
+    x[row, d // 2] = bad
+    with pytest.raises(InvalidInput, match=f"row: {row}"):
+        c.fit(x)
+    np.testing.assert_array_equal(c.labels_, before[0])
+    np.testing.assert_array_equal(c.cluster_centers_, before[1])
+    assert c.inertia_ == before[2]
+
+
+def test_bad_shapes_and_dtypes():
+    with pytest.raises(InvalidInput):
+        kvant.Clusterer(k=1).fit(np.ones(5, np.float32))
+    with pytest.raises(InvalidInput):
+        kvant.Clusterer(k=1).fit(np.ones((0, 3), np.float32))
+    with pytest.raises(InvalidInput):
+        kvant.Clusterer(k=1).fit(np.ones((4, 3), np.int64))
+    with pytest.raises(InvalidInput, match="zero norm"):
+        kvant.Clusterer(k=1, metric="cos").fit(np.zeros((4, 3), np.float32))
+
+
+def test_predict_errors(data):
+    x, _ = data
+    with pytest.raises(EmptyIndex):
+        kvant.Clusterer(k=2).predict(x)
+    c = kvant.Clusterer(k=2, seed=0).fit(x)
+    with pytest.raises(DimensionMismatch):
+        c.predict(x[:, :3])
+    assert c.score(x) == pytest.approx(-c.mse_, rel=1e-6)
+
+
+def test_every_input_kind_gives_the_same_clustering(tmp_path, data):
+    x, _ = data
+    want = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=2).fit(x)
+    np.save(tmp_path / "x.npy", x)
+    kvant.io.write_parquet(tmp_path / "x.parquet", x, column="emb", row_group_rows=500)
+    kvant.io.write_fvecs(tmp_path / "x.fvecs", x)
+    mm = np.lib.format.open_memmap(tmp_path / "mm.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    for src in (tmp_path / "x.npy", str(tmp_path / "x.parquet"), tmp_path / "x.fvecs", mm, x.astype(np.float64)):
+        got = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=2).fit(src)
+        np.testing.assert_array_equal(got.labels_, want.labels_)
+        assert got.inertia_ == pytest.approx(want.inertia_, rel=1e-6)
+
+
+def test_minibatch_memory_stays_within_its_budget(tmp_path):
+    # 32 MB on disk; mini-batches of 2048 rows must keep Python-side allocations far below the input size.
+    n, d = 64_000, 128
+    mm = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    g = np.random.default_rng(0)
+    for s in range(0, n, 8000):
+        mm[s : s + 8000] = g.standard_normal((8000, d)).astype(np.float32)
+    mm.flush()
+    del mm
+    c = kvant.Clusterer(k=16, algorithm="minibatch", batch_rows=2048, max_epochs=1, seed=0)
+    src = kvant.as_source(tmp_path / "big.npy")
+    c.fit(src)  # warm-up (JIT)
+    tracemalloc.start()
+    c.fit(src)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    input_bytes = n * d * 4
+    # labels + per-row buffers of the final assignment are O(N) int64/float32: allow those, not O(N·D).
+    assert peak < 0.25 * input_bytes, f"peak {peak / 2**20:.1f} MiB for a {input_bytes / 2**20:.0f} MiB input"
+
+
+def test_auto_switches_to_minibatch_over_memory_budget(monkeypatch, data):
+    x, _ = data
+    monkeypatch.setenv("KVANT_MEMORY_BUDGET", "1000")
+    c = kvant.Clusterer(k=4, seed=0).fit(x)
+    assert c.algorithm_ == "minibatch" and "memory budget" in c.auto_reason_
+    monkeypatch.delenv("KVANT_MEMORY_BUDGET")
+    c = kvant.Clusterer(k=4, seed=0).fit(x)
+    assert c.algorithm_.startswith("dense-exact") and c.auto_reason_

@@ -1,0 +1,141 @@
+"""Clustering kernels against the plain NumPy references on awkward shapes and values."""
+
+import numpy as np
+import pytest
+
+from kvant.bench import reference as ref
+from kvant.cluster.assign import assign_top2
+from kvant.kernels.assign import top2_direct, top2_from_ip
+from kvant.kernels.distance import sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
+from kvant.kernels.lloyd import cluster_sums, exact_sq_dist_rows, kmeanspp, move_rows
+from kvant.kernels.topk import merge_topk, topk_smallest
+
+SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (37, 7, 5), (64, 13, 17), (300, 33, 40), (129, 130, 2)]
+
+
+def _data(n, d, k, seed=0, scale=1.0):
+    g = np.random.default_rng(seed)
+    return (g.standard_normal((n, d)) * scale).astype(np.float32), (g.standard_normal((k, d)) * scale).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_sq_l2_and_norms(n, d, k):
+    x, c = _data(n, d, k)
+    np.testing.assert_allclose(sq_norms(x), (x.astype(np.float64) ** 2).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(sq_norms_serial(x), (x.astype(np.float64) ** 2).sum(1), rtol=1e-6)
+    want = ref.sq_l2_ref(x, c)
+    np.testing.assert_allclose(sq_l2_direct(x, c), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sq_l2_block(x, c, sq_norms(c)), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("path", ["blas", "direct", "driver"])
+def test_top2_matches_reference(n, d, k, path):
+    x, c = _data(n, d, k, seed=n + d + k)
+    labels = np.empty(n, np.int64)
+    d1 = np.empty(n, np.float32)
+    d2 = np.empty(n, np.float32)
+    if path == "blas":
+        top2_from_ip(x @ c.T, sq_norms(c), sq_norms(x), labels, d1, d2)
+    elif path == "direct":
+        top2_direct(x, c, labels, d1, d2)
+    else:
+        assign_top2(x, c, sq_norms(c), labels, d1, d2)
+    rl, r1, r2 = ref.top2_ref(x, c)
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_allclose(d1, r1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-3)
+
+
+def test_top2_ties_go_to_lower_id():
+    c = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)  # centres 0 and 2 coincide
+    x = np.array([[1.0, 0.0], [0.5, 0.5]], np.float32)
+    for fn in ("blas", "direct"):
+        labels = np.empty(2, np.int64)
+        d1 = np.empty(2, np.float32)
+        d2 = np.empty(2, np.float32)
+        if fn == "blas":
+            top2_from_ip(x @ c.T, sq_norms(c), sq_norms(x), labels, d1, d2)
+        else:
+            top2_direct(x, c, labels, d1, d2)
+        assert labels.tolist() == [0, 0]
+        assert d2[0] == pytest.approx(0.0)  # runner-up is the duplicate centre
+
+
+def test_direct_path_is_exact_on_large_dynamic_range():
+    # Offsets of 1e4 with differences of 1e-2: the norm expansion cannot resolve this in float32,
+    # the direct kernel must.
+    g = np.random.default_rng(3)
+    base = np.float32(1e4)
+    c = (base + g.standard_normal((6, 3)) * 1e-2).astype(np.float32)
+    x = (base + g.standard_normal((50, 3)) * 1e-2).astype(np.float32)
+    labels = np.empty(50, np.int64)
+    d1 = np.empty(50, np.float32)
+    d2 = np.empty(50, np.float32)
+    top2_direct(x, c, labels, d1, d2)
+    rl, r1, _ = ref.top2_ref(x, c)
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_allclose(d1, r1, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("nq,n,k", [(0, 5, 3), (1, 1, 1), (3, 2, 5), (7, 50, 1), (4, 100, 10), (2, 33, 33)])
+def test_topk_matches_reference(nq, n, k):
+    g = np.random.default_rng(nq * 100 + n)
+    dist = g.integers(0, 5, size=(nq, n)).astype(np.float32)  # many ties
+    vals, ids = topk_smallest(dist, k)
+    rv, ri = ref.topk_ref(dist, k)
+    np.testing.assert_array_equal(ids, ri)
+    np.testing.assert_array_equal(vals, rv.astype(np.float32))
+
+
+def test_merge_topk_blocks_equal_one_shot():
+    g = np.random.default_rng(1)
+    dist = g.standard_normal((6, 257)).astype(np.float32)
+    out_d = np.full((6, 9), np.inf, np.float32)
+    out_i = np.full((6, 9), -1, np.int64)
+    for s in range(0, 257, 50):
+        merge_topk(np.ascontiguousarray(dist[:, s : s + 50]), s, out_d, out_i)
+    rv, ri = ref.topk_ref(dist, 9)
+    np.testing.assert_array_equal(out_i, ri)
+
+
+@pytest.mark.parametrize("n,d,k", [(0, 2, 1), (1, 1, 1), (101, 7, 9)])
+def test_cluster_sums_and_moves(n, d, k):
+    x, _ = _data(n, d, k)
+    labels = np.random.default_rng(0).integers(0, k, size=n).astype(np.int64)
+    for parts in (1, 2, 3):
+        sums, counts = cluster_sums(x, labels, k, parts)
+        rs, rc = ref.cluster_sums_ref(x, labels, k)
+        np.testing.assert_allclose(sums, rs, rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(counts, rc)
+    if n:
+        rows = np.arange(0, n, 3)
+        new = (labels[rows] + 1) % k
+        move_rows(x, rows, labels[rows].copy(), new, sums, counts)
+        labels[rows] = new
+        rs, rc = ref.cluster_sums_ref(x, labels, k)
+        np.testing.assert_allclose(sums, rs, rtol=1e-9, atol=1e-9)
+        np.testing.assert_array_equal(counts, rc)
+
+
+def test_exact_sq_dist_rows():
+    x, c = _data(40, 5, 3)
+    labels = np.arange(40, dtype=np.int64) % 3
+    want = ref.sq_l2_ref(x, c)[np.arange(40), labels]
+    np.testing.assert_allclose(exact_sq_dist_rows(x, c, labels), want, rtol=1e-12)
+
+
+def test_kmeanspp_picks_distinct_far_points():
+    # Two tight, far-apart groups: D² seeding must pick one centre in each.
+    g = np.random.default_rng(0)
+    x = np.concatenate([g.standard_normal((50, 2)) * 0.01, 100 + g.standard_normal((50, 2)) * 0.01]).astype(np.float32)
+    for seed in range(5):
+        u = np.random.default_rng(seed).random(2)
+        rows = kmeanspp(x, 2, u, seed)
+        assert sorted(r >= 50 for r in rows) == [False, True]
+    # Fewer distinct points than k: still returns k valid row indices.
+    same = np.ones((3, 2), np.float32)
+    rows = kmeanspp(same, 3, np.zeros(3), 0)
+    assert rows.min() >= 0 and rows.max() < 3

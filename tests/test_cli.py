@@ -1,0 +1,45 @@
+"""The kvant command end to end: cluster, demo, info, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from kvant.cli import main
+
+
+def test_cluster_npy_json_end_to_end(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2000, 10)).astype(np.float32)
+    np.save(tmp_path / "data.npy", x)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvant.cli", "cluster", str(tmp_path / "data.npy"), "-k", "16", "--json",
+         "-o", str(tmp_path / "labels.npy")],
+        capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["n"] == 2000 and payload["k"] == 16 and payload["algorithm"].startswith("dense-exact")
+    labels = np.load(tmp_path / "labels.npy")
+    assert labels.shape == (2000,) and sum(payload["cluster_sizes"]) == 2000
+    assert np.bincount(labels, minlength=16).tolist() == payload["cluster_sizes"]
+    assert payload["mse"] > 0
+
+
+def test_exit_codes(tmp_path, capsys):
+    np.save(tmp_path / "d.npy", np.ones((5, 2), np.float32))
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "9"]) == 2  # k > N: bad input
+    assert "k=9" in capsys.readouterr().err
+    assert main(["cluster", str(tmp_path / "missing.npy"), "-k", "2"]) == 2
+    assert main(["cluster", str(tmp_path / "d.npy")]) == 2  # -k missing: usage
+    assert main(["no-such-command"]) == 2
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["threads"] >= 1 and "simd_level" in info
+
+
+def test_demo_json(capsys):
+    assert main(["demo", "--json", "--quiet"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [r["algorithm"].split(" ")[0] for r in payload["results"]] == ["auto", "dense-exact-random", "minibatch"]
+    assert all(r["v_measure"] > 0.5 for r in payload["results"])
