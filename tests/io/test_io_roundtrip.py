@@ -200,3 +200,31 @@ def test_parquet_column_list(tmp_path):
     pq.write_table(tbl, tmp_path / "x.parquet", row_group_size=8)
     src = as_source(tmp_path / "x.parquet", column=["c", "a"])
     np.testing.assert_array_equal(src.to_array(), x[:, [2, 0]])
+
+
+def _rss_file_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("fmt", ["npy", "fvecs", "memmap"])
+def test_memmap_scan_keeps_resident_set_bounded(tmp_path, fmt):
+    x = np.arange(48 * 2**20 // 4, dtype=np.float32).reshape(-1, 256)  # 48 MiB
+    arg, _, _ = _write(fmt, tmp_path, x)
+    before = _rss_file_mb()
+    src = as_source(arg)  # (the TEXMEX header check at open reads every page too)
+    kept = []
+    peak = _rss_file_mb() - before
+    for start, block in src.chunks(4096):  # 4 MiB blocks
+        if start == 0:
+            kept.append(block)
+            block *= 2  # blocks are the caller's own: writing into them changes nothing in the source
+        peak = max(peak, _rss_file_mb() - before)
+    assert peak < 16, f"scanned pages stay resident: +{peak:.0f} MB of a 48 MB file"
+    np.testing.assert_array_equal(kept[0], 2 * x[:4096])
+    np.testing.assert_array_equal(next(src.chunks(4096))[1], x[:4096])
+    np.testing.assert_array_equal(src.take([0, 5]), x[[0, 5]])

@@ -6,12 +6,14 @@ import numpy as np
 
 from ..errors import InvalidInput
 from ._paths import check_file
-from .source import ArraySource
+from .source import ArraySource, MappedPages
 
 
 class NpySource(ArraySource):
     """A ``.npy`` file opened with ``np.load(path, mmap_mode="c")`` (copy-on-write: kvant never writes, but
     Numba compiles read-only arrays as a separate type, so a writeable view avoids a second compilation).
+    Nothing may write into ``self.array``: sequential scans drop already-read pages from the process
+    (``MADV_DONTNEED``, see :class:`~kvant.io.source.MappedPages`), which would discard such writes.
 
     The file is never read whole: chunks are converted to float32 one at a time and checked for
     NaN/inf as they are read (the first bad row is named in the error).
@@ -39,3 +41,5 @@ class NpySource(ArraySource):
             array = np.asarray(array)
         self.path = p
         super().__init__(array, name=name)
+        if not self.in_memory and array.flags.c_contiguous:
+            self._pages = MappedPages.of(array, private_ok=True)  # kvant never writes into this map

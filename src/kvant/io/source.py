@@ -7,6 +7,7 @@ is never copied whole; a float32 in-memory array is handed out as views (no copy
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
@@ -106,6 +107,14 @@ class VectorSource:
             if np.dtype(self.dtype).kind == "f":  # integer inputs are always finite
                 check_finite(block, start, self.name)
             yield start, block
+            self._release(start, stop)
+
+    def _release(self, start: int, stop: int) -> None:
+        """Hook called once the consumer has moved past rows [start, stop) of a sequential scan.
+
+        Memory-mapped sources drop those pages from the process (see :class:`MappedPages`), so a scan of
+        a file larger than RAM keeps a bounded resident set. Default: nothing.
+        """
 
     def sample(self, m: int, seed: int | None = 0) -> np.ndarray:
         """``min(m, n)`` distinct rows drawn uniformly at random (sorted by row number), as float32."""
@@ -143,6 +152,49 @@ class VectorSource:
         return f"{type(self).__name__}(n={self.n}, dim={self.dim}, dtype={dtype}, name={self.name!r})"
 
 
+class MappedPages:
+    """Drops already-scanned pages of a read-only memory map from the process (``MADV_DONTNEED``).
+
+    Pages of a file mapping count toward the process's RSS once touched; without this, a sequential
+    scan of a memmap ends with the whole file resident. Dropping them is safe for shared read-only
+    mappings: the data stays in the page cache (and on disk) and is faulted back in if touched again.
+    A private (copy-on-write, ``mode="c"``) map would lose pages written since it was opened, so such
+    maps are advised only when kvant opened them itself and never writes into them (``private_ok``).
+    Blocks handed out by ``chunks`` are copies, never views of an advised map.
+    """
+
+    def __init__(self, mm, data_address: int):
+        self.mm = mm
+        base = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0] if len(mm) else 0
+        self.offset = int(data_address) - int(base)  # where the array's data starts inside the map
+        self.page = mmap.PAGESIZE
+
+    @classmethod
+    def of(cls, array: np.ndarray, private_ok: bool = False) -> MappedPages | None:
+        mm = getattr(array, "_mmap", None)
+        modes = ("r", "c") if private_ok else ("r",)
+        if mm is None or getattr(array, "mode", None) not in modes or not hasattr(mm, "madvise"):
+            return None
+        if not hasattr(mmap, "MADV_DONTNEED"):  # pragma: no cover - non-Linux
+            return None
+        try:
+            return cls(mm, array.__array_interface__["data"][0])
+        except (TypeError, ValueError, BufferError):  # pragma: no cover - closed or unusual maps
+            return None
+
+    def release(self, lo: int, hi: int) -> None:
+        """Advise away the whole pages inside bytes [lo, hi) of the array's data."""
+        a = self.offset + lo
+        b = self.offset + hi
+        a = -(-a // self.page) * self.page
+        b = (b // self.page) * self.page
+        if b > a:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):  # pragma: no cover - advice is best effort
+                pass
+
+
 class ArraySource(VectorSource):
     """A NumPy array or ``np.memmap`` of shape (n, dim) and a supported dtype.
 
@@ -173,9 +225,17 @@ class ArraySource(VectorSource):
             self._validated = True
         else:
             self._validated = False
+        self._pages = MappedPages.of(array) if not self.in_memory and array.flags.c_contiguous else None
 
     def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._pages is not None and self.array.dtype == np.float32:
+            return np.array(self.array[start:stop], copy=True)  # never hand out views of an advised map
         return self.array[start:stop]
+
+    def _release(self, start: int, stop: int) -> None:
+        if self._pages is not None:
+            row = self.dim * self.array.itemsize
+            self._pages.release(start * row, stop * row)
 
     def chunks(self, rows: int | None = None):
         if not self._validated:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 from ._paths import check_file
-from .source import VectorSource, check_finite_rows, default_chunk_rows
+from .source import MappedPages, VectorSource, check_finite_rows, default_chunk_rows
 
 __all__ = ["TexmexSource", "write_fvecs", "write_bvecs", "write_ivecs", "TEXMEX_DTYPES"]
 
@@ -55,6 +55,7 @@ class TexmexSource(VectorSource):
         self._record = record
         raw = np.memmap(p, dtype=np.uint8, mode="r", shape=(self.n, record))
         self._raw = raw
+        self._pages = MappedPages.of(raw)
         if self.dtype.itemsize == 1:
             self._headers = None
             self._values = raw[:, 4:]
@@ -64,6 +65,7 @@ class TexmexSource(VectorSource):
             step = default_chunk_rows(self.dim)
             for start in range(0, self.n, step):
                 self._check_headers(start, min(self.n, start + step))
+                self._release(start, min(self.n, start + step))
 
     def _header_rows(self, rows) -> np.ndarray:
         """The int32 dim headers of the given rows (a slice or an index array)."""
@@ -98,6 +100,10 @@ class TexmexSource(VectorSource):
         self._check_ints(block, start)
         return block
 
+    def _release(self, start: int, stop: int) -> None:
+        if self._pages is not None:
+            self._pages.release(start * self._record, stop * self._record)
+
     def take(self, indices) -> np.ndarray:
         idx = self._check_indices(indices)
         if idx.size == 0:
@@ -112,7 +118,7 @@ class TexmexSource(VectorSource):
     def close(self) -> None:
         """Release the memory map (the source is unusable afterwards)."""
         mm = getattr(self._raw, "_mmap", None)
-        self._raw = self._values = None
+        self._raw = self._values = self._pages = None
         if mm is not None:
             try:
                 mm.close()
