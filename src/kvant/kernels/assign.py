@@ -18,25 +18,38 @@ _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 @numba.njit(**_JIT)
 def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2):
-    """g (b, K) = x·cᵀ. Writes labels (argmin ‖x−c‖²), d1 (its squared distance), d2 (the runner-up)."""
+    """g (b, K) = x·cᵀ, overwritten as scratch. Writes labels (argmin ‖x−c‖²), d1 (its squared distance)
+    and d2 (the runner-up's).
+
+    Distances ‖x‖² + ‖c‖² − 2x·c are clamped at 0, so they are non-negative floats whose int32 bit patterns
+    order exactly like the values: the min searches then run on integers, which LLVM vectorises without
+    fast-math (2× faster than a float compare loop at K=256 on the reference machine).
+    """
     b, K = g.shape
+    bits = g.view(np.int32)
+    big = np.int32(0x7F800000)  # +inf's bit pattern
     for i in range(b):
-        best = np.inf
-        second = np.inf
+        row = g[i]
+        brow = bits[i]
+        xi = x_sqnorms[i]
+        for j in range(K):
+            v = xi + c_sqnorms[j] - np.float32(2.0) * row[j]
+            row[j] = v if v > 0 else np.float32(0.0)
+        best = big
+        for j in range(K):
+            best = min(best, brow[j])
         arg = 0
         for j in range(K):
-            s = c_sqnorms[j] - np.float32(2.0) * g[i, j]
-            if s < best:
-                second = best
-                best = s
+            if brow[j] == best:
                 arg = j
-            elif s < second:
-                second = s
+                break
+        second = big
+        for j in range(K):
+            v = brow[j] if j != arg else big
+            second = min(second, v)
         labels[i] = arg
-        v1 = x_sqnorms[i] + best
-        d1[i] = v1 if v1 > 0 else 0.0
-        v2 = x_sqnorms[i] + second
-        d2[i] = v2 if v2 > 0 else 0.0
+        d1[i] = row[arg]
+        d2[i] = np.int32(second).view(np.float32)  # +inf when K == 1
 
 
 @numba.njit(**_JIT)

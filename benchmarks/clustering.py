@@ -1,0 +1,440 @@
+"""k-means side by side: kvant vs FAISS (defaults and no subsampling) vs scikit-learn, one process.
+
+Every method gets the same float32 data, the same thread count and the same seeds, and is scored the same
+way from its own labels and centres: MSE per row (l2) or mean cosine to the assigned centre (cos), over all
+rows, plus V-measure where true labels exist. FAISS's time includes the assignment of all rows
+(``index.search(x, 1)``), since kvant's includes it too; FAISS train-only time is recorded as well.
+Medians over ``--repeats`` runs (slow anchors may run once on the largest cells; the table says so).
+
+    python benchmarks/clustering.py                 # the grid below (tens of minutes on 2 cores)
+    python benchmarks/clustering.py --quick         # a small grid for a smoke run
+
+Writes benchmarks/results/clustering.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import kvant
+from kvant.bench import datasets
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring (plain NumPy, independent of kvant's kernels)
+# ------------------------------------------------------------------------------------------------
+def quality(x: np.ndarray, labels: np.ndarray, centres: np.ndarray, metric: str) -> float:
+    total = 0.0
+    for s in range(0, x.shape[0], 65536):
+        xb = x[s : s + 65536].astype(np.float64)
+        cb = centres[labels[s : s + 65536]].astype(np.float64)
+        if metric == "l2":
+            total += ((xb - cb) ** 2).sum()
+        else:
+            num = (xb * cb).sum(1)
+            den = np.linalg.norm(xb, axis=1) * np.linalg.norm(cb, axis=1)
+            total += (num / np.maximum(den, 1e-30)).sum()
+    return total / x.shape[0]
+
+
+def better(metric: str) -> int:
+    return -1 if metric == "l2" else 1  # lower MSE / higher cosine
+
+
+# ------------------------------------------------------------------------------------------------
+# methods: each returns (labels, centres, extra-info dict)
+# ------------------------------------------------------------------------------------------------
+def run_kvant(algorithm):
+    def fn(x, xn, k, metric, seed):
+        c = kvant.Clusterer(k=k, metric=metric, algorithm=algorithm, seed=seed).fit(x)
+        return c.labels_, c.cluster_centers_, {"algorithm": c.algorithm_, "n_iter": c.n_iter_, **c.timings_}
+
+    return fn
+
+
+def run_faiss(subsample: bool):
+    def fn(x, xn, k, metric, seed):
+        import faiss
+
+        data = xn if metric == "cos" else x
+        kw = {} if subsample else {"max_points_per_centroid": 1 << 30}
+        km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed + 1, spherical=(metric == "cos"), **kw)
+        t = time.perf_counter()
+        km.train(data)
+        train = time.perf_counter() - t
+        _, idx = km.index.search(data, 1)
+        return idx[:, 0].astype(np.int64), km.centroids, {"train_only": train}
+
+    return fn
+
+
+def run_sklearn(minibatch: bool):
+    def fn(x, xn, k, metric, seed):
+        from sklearn.cluster import KMeans, MiniBatchKMeans
+
+        data = xn if metric == "cos" else x
+        if minibatch:
+            m = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=4096)
+        else:
+            m = KMeans(n_clusters=k, n_init=1, random_state=seed)
+        labels = m.fit_predict(data)
+        return labels.astype(np.int64), m.cluster_centers_.astype(np.float32), {"n_iter": int(m.n_iter_)}
+
+    return fn
+
+
+METHODS = {
+    "kvant auto": run_kvant("auto"),
+    "kvant dense-exact-random": run_kvant("dense-exact-random"),
+    "kvant minibatch": run_kvant("minibatch"),
+    "faiss default": run_faiss(True),
+    "faiss no-subsample": run_faiss(False),
+    "sklearn KMeans": run_sklearn(False),
+    "sklearn MiniBatch": run_sklearn(True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+def load_dataset(name: str, n: int | None, dim: int | None, k_true: int):
+    if name == "fashion-mnist":
+        return datasets.fashion_mnist()
+    if name == "digits":
+        return datasets.digits()
+    return datasets.load(name, n, dim, k_true, seed=0)
+
+
+def time_method(fn, x, xn, k, metric, seed, repeats):
+    times, results = [], None
+    for r in range(repeats):
+        t = time.perf_counter()
+        out = fn(x, xn, k, metric, seed)
+        times.append(time.perf_counter() - t)
+        if r == 0:
+            results = out
+    return float(np.median(times)), times, results
+
+
+def bench_cell(ds, x, y, xn, k, metric, methods, repeats, slow_repeats, slow_budget):
+    rows = []
+    faiss_default_time = None
+    for name in methods:
+        fn = METHODS[name]
+        # Slow anchors: estimate from the FAISS default time (same FLOP family) and skip hopeless cells.
+        est = None
+        if name.startswith("sklearn KMeans") or name == "faiss no-subsample":
+            scale = max(1.0, x.shape[0] / (256 * k))
+            est = (faiss_default_time or 0) * scale * (4 if name.startswith("sklearn") else 1)
+            if est > slow_budget:
+                rows.append({"dataset": ds, "n": x.shape[0], "dim": x.shape[1], "k": k, "metric": metric,
+                             "method": name, "skipped": f"estimated {est:.0f} s > budget {slow_budget:.0f} s"})
+                print(f"  {name:<26} skipped (est. {est:.0f} s)", flush=True)
+                continue
+        reps = slow_repeats if est is not None and est > 20 else repeats
+        med, times, (labels, centres, info) = time_method(fn, x, xn, k, metric, 0, reps)
+        q = quality(x, labels, centres, metric)
+        row = {"dataset": ds, "n": x.shape[0], "dim": x.shape[1], "k": k, "metric": metric, "method": name,
+               "seconds": med, "runs": times, "quality": q, **{f"info_{a}": b for a, b in info.items()}}
+        if y is not None:
+            from sklearn.metrics import v_measure_score
+
+            row["v_measure"] = float(v_measure_score(y, labels))
+        if name == "faiss default":
+            faiss_default_time = med
+        rows.append(row)
+        qname = "MSE" if metric == "l2" else "cos"
+        print(f"  {name:<26} {med:8.3f}s  {qname} {q:.6g}  V {row.get('v_measure', float('nan')):.4f}", flush=True)
+    return rows
+
+
+def assess(rows):
+    """Per cell: auto vs FAISS default (>= 2x faster, <= 0.5% worse) and vs no-subsample (>= 5x, ±0.2%)."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), {})[r["method"]] = r
+    verdicts = []
+    for key, m in cells.items():
+        metric = key[4]
+        a = m.get("kvant auto")
+        v = {"cell": list(key)}
+        for anchor, speed, tol in (("faiss default", 2.0, 0.005), ("faiss no-subsample", 5.0, 0.002)):
+            f = m.get(anchor)
+            if not a or not f or "seconds" not in f:
+                continue
+            speedup = f["seconds"] / a["seconds"]
+            # relative quality loss of kvant vs the anchor (positive = kvant worse)
+            loss = (a["quality"] - f["quality"]) / abs(f["quality"]) * (1 if metric == "l2" else -1)
+            v[anchor] = {"speedup": speedup, "quality_loss": loss, "pass": bool(speedup >= speed and loss <= tol)}
+        verdicts.append(v)
+    return verdicts
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOP rate of the fused assignment vs numpy sgemm on the same shapes
+# ------------------------------------------------------------------------------------------------
+def flop_rate(shapes, repeats=5):
+    from kvant.cluster.assign import assign_top2, block_rows_for
+    from kvant.kernels.distance import sq_norms
+
+    out = []
+    g = np.random.default_rng(0)
+    for n, d, k in shapes:
+        x = g.standard_normal((n, d), dtype=np.float32)
+        c = g.standard_normal((k, d), dtype=np.float32)
+        cn = sq_norms(c)
+        lab = np.empty(n, np.int64)
+        d1 = np.empty(n, np.float32)
+        d2 = np.empty(n, np.float32)
+        assign_top2(x[:1000], c, cn, lab[:1000], d1[:1000], d2[:1000])
+        xb = x[: 4 * block_rows_for(d, k)]
+        t_assign = _median_time(repeats, assign_top2, x, c, cn, lab, d1, d2)
+        t_gemm_full = _median_time(repeats, np.matmul, x, c.T)
+        t_gemm_blk = _median_time(repeats, np.matmul, xb, c.T) * n / xb.shape[0]
+        flops = 2.0 * n * d * k
+        row = {"n": n, "dim": d, "k": k, "assign_gflops": flops / t_assign / 1e9,
+               "sgemm_full_gflops": flops / t_gemm_full / 1e9, "sgemm_4blocks_gflops": flops / t_gemm_blk / 1e9}
+        row["ratio_vs_best_sgemm"] = row["assign_gflops"] / max(row["sgemm_full_gflops"], row["sgemm_4blocks_gflops"])
+        out.append(row)
+        print(f"  assign {n}x{d}, K={k}: {row['assign_gflops']:.1f} GFLOP/s; numpy sgemm full "
+              f"{row['sgemm_full_gflops']:.1f}, 4 blocks {row['sgemm_4blocks_gflops']:.1f} -> "
+              f"{100 * row['ratio_vs_best_sgemm']:.0f}%", flush=True)
+    return out
+
+
+def _median_time(repeats, fn, *args):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end + memory, each in a fresh process so peak RSS is its own
+# ------------------------------------------------------------------------------------------------
+_CHILD = r"""
+import json, sys, time, threading, numpy as np
+def status():
+    out = {}
+    for line in open('/proc/self/status'):
+        if line.startswith(('VmRSS', 'RssAnon', 'RssFile')):
+            key, val = line.split(':'); out[key] = int(val.split()[0]) * 1024
+    return out
+peak = {'VmRSS': 0, 'RssAnon': 0, 'RssFile': 0}; stop = False
+def sampler():
+    while not stop:
+        for a, b in status().items(): peak[a] = max(peak[a], b)
+        time.sleep(0.005)
+import kvant
+from kvant.cluster.clusterer import Clusterer
+kvant.set_num_threads(int(sys.argv[4]))
+# warm the JIT on a tiny problem so the timing is the job, not compilation (the cache is on disk anyway)
+Clusterer(k=4, algorithm=sys.argv[3]).fit(np.random.default_rng(0).standard_normal((5000, 8)).astype('float32'))
+base = status()
+threading.Thread(target=sampler, daemon=True).start()
+t = time.perf_counter()
+kw = {'batch_rows': 16384, 'max_epochs': 2} if sys.argv[3] == 'minibatch' else {}
+c = Clusterer(k=int(sys.argv[2]), algorithm=sys.argv[3], seed=0, **kw).fit(sys.argv[1])
+wall = time.perf_counter() - t
+stop = True; time.sleep(0.02)
+print(json.dumps({'wall': wall, 'mse': c.mse_, 'algorithm': c.algorithm_, 'timings': c.timings_,
+                  'peak': peak, 'baseline': base}))
+"""
+
+
+def end_to_end(n, dim, k, algorithm, threads, family="zipf_imbalanced"):
+    x, _ = datasets.load(family, n, dim, 64, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.npy")
+        np.save(path, x)
+        del x
+        out = subprocess.run([sys.executable, "-c", _CHILD, path, str(k), algorithm, str(threads)],
+                             capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    r.update({"n": n, "dim": dim, "k": k, "input_bytes": n * dim * 4})
+    print(f"  end-to-end {n}x{dim} K={k} {algorithm}: {r['wall']:.2f} s wall, peak RSS "
+          f"{r['peak']['VmRSS'] / 2**20:.0f} MiB (anon {r['peak']['RssAnon'] / 2**20:.0f} MiB, file-backed "
+          f"{r['peak']['RssFile'] / 2**20:.0f} MiB; baseline before fit {r['baseline']['VmRSS'] / 2**20:.0f} MiB)"
+          f" for a {r['input_bytes'] / 2**20:.0f} MiB input", flush=True)
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+def grid(quick: bool):
+    if quick:
+        return [("digits", None, None, 10, [10, 64], ["l2", "cos"]),
+                ("anisotropic", 50_000, 64, 64, [64], ["l2"])]
+    return [
+        ("digits", None, None, 10, [10, 64, 256], ["l2", "cos"]),
+        ("fashion-mnist", None, None, 10, [10, 64, 256, 1024], ["l2", "cos"]),
+        ("anisotropic", 200_000, 384, 256, [64, 256, 1024], ["l2", "cos"]),
+        ("zipf_imbalanced", 200_000, 384, 256, [64, 256], ["l2"]),
+        ("heavy_tailed", 200_000, 384, 256, [64, 256], ["l2"]),
+        ("irrelevant_dims", 200_000, 384, 256, [64, 256], ["l2", "cos"]),
+        ("zipf_imbalanced", 1_000_000, 128, 256, [10, 256, 1024], ["l2"]),
+        ("anisotropic", 1_000_000, 128, 256, [64, 256], ["l2", "cos"]),
+    ]
+
+
+def write_markdown(res, path):
+    lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
+             "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
+             "mean cosine for cos (higher is better). FAISS time includes assigning all rows.", ""]
+    lines += ["| dataset | N×D | K | metric | method | s (median) | runs | quality | V-measure | vs FAISS default |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    by_cell = {}
+    for r in res["rows"]:
+        by_cell.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), []).append(r)
+    for key, rows in by_cell.items():
+        ref = next((r for r in rows if r["method"] == "faiss default" and "seconds" in r), None)
+        for r in rows:
+            if "seconds" not in r:
+                lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']} | skipped: "
+                             f"{r['skipped']} | | | | |")
+                continue
+            rel = ""
+            if ref is not None and r is not ref:
+                loss = (r["quality"] - ref["quality"]) / abs(ref["quality"]) * (1 if key[4] == "l2" else -1)
+                rel = f"{ref['seconds'] / r['seconds']:.2f}× faster, {100 * loss:+.2f}% quality loss"
+            vm = f"{r['v_measure']:.4f}" if "v_measure" in r else ""
+            alg = f" ({r['info_algorithm']})" if r["method"] == "kvant auto" else ""
+            lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']}{alg} | "
+                         f"{r['seconds']:.3f} | {len(r['runs'])} | {r['quality']:.6g} | {vm} | {rel} |")
+    lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", "",
+              "| cell | vs FAISS default (≥2×, ≤0.5%) | vs FAISS no-subsample (≥5×, ≤0.2%) |", "|---|---|---|"]
+    for v in res["verdicts"]:
+        cells = []
+        for anchor in ("faiss default", "faiss no-subsample"):
+            a = v.get(anchor)
+            cells.append("n/a" if a is None else
+                         f"{'PASS' if a['pass'] else 'FAIL'} {a['speedup']:.2f}×, {100 * a['quality_loss']:+.2f}%")
+        lines.append(f"| {' '.join(str(c) for c in v['cell'])} | {cells[0]} | {cells[1]} |")
+    if res.get("flops"):
+        lines += ["", "Fused assignment vs numpy sgemm on the same shapes:", "",
+                  "| N×D, K | assign GFLOP/s | sgemm full | sgemm 4 blocks | ratio |", "|---|---:|---:|---:|---:|"]
+        for f in res["flops"]:
+            lines.append(f"| {f['n']}×{f['dim']}, {f['k']} | {f['assign_gflops']:.1f} | {f['sgemm_full_gflops']:.1f} "
+                         f"| {f['sgemm_4blocks_gflops']:.1f} | {100 * f['ratio_vs_best_sgemm']:.0f}% |")
+    for e in res.get("end_to_end", []):
+        lines.append(f"\nEnd to end ({e['algorithm']}, .npy on disk, {e['n']}×{e['dim']}, K={e['k']}): "
+                     f"{e['wall']:.2f} s wall; peak RSS {e['peak']['VmRSS'] / 2**20:.0f} MiB "
+                     f"(anonymous {e['peak']['RssAnon'] / 2**20:.0f} MiB, file-backed page cache "
+                     f"{e['peak']['RssFile'] / 2**20:.0f} MiB; "
+                     f"{e['baseline']['VmRSS'] / 2**20:.0f} MiB before the fit) "
+                     f"for a {e['input_bytes'] / 2**20:.0f} MiB input.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for r in res["rows"]:
+        if "seconds" in r:
+            cells.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), []).append(r)
+    n = len(cells)
+    cols = min(4, n)
+    rows_ = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.4 * rows_), squeeze=False)
+    for ax, (key, rs) in zip(axes.flat, cells.items()):
+        for r in rs:
+            ax.scatter(r["seconds"], r["quality"], label=r["method"], s=30,
+                       marker="*" if r["method"].startswith("kvant") else "o")
+        ax.set_xscale("log")
+        ax.set_title(f"{key[0]} {key[1]}×{key[2]} K={key[3]} {key[4]}", fontsize=8)
+        ax.set_xlabel("seconds (log)", fontsize=7)
+        ax.set_ylabel("MSE/row" if key[4] == "l2" else "mean cosine", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--slow-repeats", type=int, default=1, help="repeats for anchors estimated to take > 20 s")
+    p.add_argument("--slow-budget", type=float, default=240.0, help="skip an anchor estimated to take longer")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--out", default="clustering")
+    p.add_argument("--only", default=None, help="comma-separated dataset names to run (default: all)")
+    p.add_argument("--ks", default=None, help="comma-separated K values to run (default: the grid's)")
+    args = p.parse_args(argv)
+
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    kvant.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # sklearn's OpenMP and BLAS
+    methods = args.methods.split(",")
+    # Warm the JIT so no timed run pays for compilation.
+    warm = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    for alg in ("auto", "dense-exact-random", "minibatch"):
+        for metric in ("l2", "cos"):
+            kvant.Clusterer(k=4, metric=metric, algorithm=alg).fit(warm)
+
+    rows = []
+    t_all = time.perf_counter()
+    for ds, n, dim, k_true, ks, metrics in grid(args.quick):
+        if args.only and ds not in args.only.split(","):
+            continue
+        if args.ks:
+            ks = [k for k in ks if str(k) in args.ks.split(",")]
+        x, y = load_dataset(ds, n, dim, k_true)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        for k in ks:
+            if k > x.shape[0]:
+                continue
+            for metric in metrics:
+                print(f"{ds} {x.shape[0]}x{x.shape[1]} K={k} {metric}", flush=True)
+                rows += bench_cell(ds, x, y, xn, k, metric, methods, args.repeats, args.slow_repeats,
+                                   args.slow_budget)
+        del x, xn
+    res = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "versions": {"kvant": kvant.__version__, "numpy": np.__version__, "faiss": faiss.__version__},
+        "rows": rows,
+        "verdicts": assess(rows),
+    }
+    print("FLOP rate of the fused assignment:", flush=True)
+    res["flops"] = flop_rate([(200_000, 128, 256), (200_000, 128, 1024), (100_000, 384, 256), (70_000, 784, 64)]
+                             if not args.quick else [(50_000, 64, 64)])
+    if not args.no_e2e:
+        n = 1_000_000 if not args.quick else 100_000
+        res["end_to_end"] = [end_to_end(n, 128, 256, "auto", args.threads),
+                             end_to_end(n, 128, 256, "minibatch", args.threads)]
+    res["total_seconds"] = time.perf_counter() - t_all
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, RESULTS / f"{args.out}.md")
+    plot(res, RESULTS / f"{args.out}.png")
+    print(f"wrote {RESULTS / args.out}.{{json,md,png}} in {res['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
