@@ -58,7 +58,8 @@ class Clusterer:
         ``docs/auto.md``; the choice is in ``algorithm_`` and the reason in ``auto_reason_``.
     seed : seed for sampling and initialisation. Same seed + same thread count -> same labels.
     max_iter : Lloyd iterations on the training sample (default 25, FAISS's niter).
-    tol : stop when an iteration improves the objective by less than this fraction (default 1e-4).
+    tol : stop when an iteration improves the objective by less than this fraction (default 1e-4 for the
+        concrete algorithms; ``auto`` picks its own, see docs/auto.md).
     sample_per_centroid : training-sample rows per centre (default 256, FAISS's max_points_per_centroid).
     polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it).
     n_redo : restarts for ``dense-exact-nredo`` (seeds seed, seed+1, ...; the lowest training objective wins).
@@ -83,7 +84,7 @@ class Clusterer:
         seed: int | None = 0,
         *,
         max_iter: int = 25,
-        tol: float = 1e-4,
+        tol: float | None = None,
         sample_per_centroid: int = 256,
         polish_iter: int | None = None,
         n_redo: int = 3,
@@ -123,7 +124,8 @@ class Clusterer:
         positive_int("max_epochs", self.max_epochs)
         if self.polish_iter is not None:
             positive_int("polish_iter", self.polish_iter, 0)
-        if not isinstance(self.tol, int | float) or not np.isfinite(self.tol) or self.tol < 0:
+        tol_ok = isinstance(self.tol, int | float) and not isinstance(self.tol, bool) and np.isfinite(self.tol)
+        if self.tol is not None and (not tol_ok or self.tol < 0):
             raise InvalidInput(f"tol must be a finite number >= 0, got {self.tol!r}")
         if n is not None and self.k > n:
             raise InvalidInput(f"k={self.k} is larger than the number of rows ({n}); k must be <= N")
@@ -141,6 +143,7 @@ class Clusterer:
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
+        tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         # None when the source must be streamed; minibatch always streams to keep its memory bound.
@@ -150,7 +153,7 @@ class Clusterer:
         if algorithm == "minibatch":
             t = time.perf_counter()
             mb = minibatch_kmeans(
-                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, self.tol, self.sample_per_centroid
+                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, tol, self.sample_per_centroid
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
             timings["train"] = time.perf_counter() - t
@@ -166,7 +169,7 @@ class Clusterer:
             for r in range(restarts):
                 seed = None if self.seed is None else self.seed + r
                 c0 = init_centroids(sample, self.k, init, seed, spherical)
-                res = lloyd(sample, c0, self.max_iter, self.tol, spherical)
+                res = lloyd(sample, c0, self.max_iter, tol, spherical)
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
             centroids = best.centroids
@@ -177,7 +180,7 @@ class Clusterer:
             timings["train"] = time.perf_counter() - t
             if polish > 0 and full is not None and result_labels is None:
                 t = time.perf_counter()
-                res = lloyd(full, centroids, polish, self.tol, spherical)
+                res = lloyd(full, centroids, polish, tol, spherical)
                 centroids, result_labels = res.centroids, res.labels
                 history += res.objective_history
                 n_iter += res.n_iter
