@@ -260,4 +260,15 @@ class ArraySource(VectorSource):
     def to_array(self) -> np.ndarray:
         if self.in_memory and self.array.dtype == np.float32 and self.array.flags.c_contiguous:
             return self.array
-        return super().to_array()
+        if self.in_memory:
+            return super().to_array()
+        # memory map: convert straight into the output (no intermediate chunk copy), then drop the pages
+        out = np.empty((self.n, self.dim), np.float32)
+        step = default_chunk_rows(self.dim)
+        for start in range(0, self.n, step):
+            stop = min(self.n, start + step)
+            out[start:stop] = self.array[start:stop]
+            if self.array.dtype.kind == "f":
+                check_finite(out[start:stop], start, self.name)
+            self._release(start, stop)
+        return out
