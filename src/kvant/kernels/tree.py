@@ -1,9 +1,10 @@
 """Numba kernels for the cover tree (kvant.tree). Kernels only: no validation, no policy, no I/O.
 
 Metrics are passed in as a jitted function ``dist(X, i, Y, j, params) -> float`` (first argument of
-every kernel). Numba specialises each kernel once per distinct ``dist`` dispatcher; the built-in
-metrics share one dispatcher (:func:`builtin_dist`, a switch on ``params[0]``) so that the common
-case compiles once and is cached on disk. A user metric ``f(a, b)`` is wrapped by the public layer.
+every kernel). Numba specialises each kernel once per distinct ``dist`` dispatcher (a handful of small
+built-in metric functions, compiled lazily and cached on disk; a switch inside one shared function
+measured 3-6x slower per call because it is not inlined). A user metric ``f(a, b)`` is wrapped by the
+public layer and costs one compilation of the kernels it uses per process.
 
 Tree layout (flat arrays indexed by node = point slot): ``parent`` (int64, -1 for the root and for
 slots not in the tree), ``level`` (int32), ``maxdist`` (float64, an upper bound on the distance from
@@ -36,36 +37,48 @@ def _dot_range(X, i, Y, j, a, b):  # pragma: no cover - numba
 
 
 @numba.njit(**_NJ)
-def builtin_dist(X, i, Y, j, params):  # pragma: no cover - numba
-    """The built-in metrics; ``params[0]`` selects one. Rows are float64."""
-    code = int(params[0])
+def euclidean_dist(X, i, Y, j, params):  # pragma: no cover - numba
+    s = 0.0
+    for t in range(X.shape[1]):
+        d = X[i, t] - Y[j, t]
+        s += d * d
+    return math.sqrt(s)
+
+
+@numba.njit(**_NJ)
+def manhattan_dist(X, i, Y, j, params):  # pragma: no cover - numba
+    s = 0.0
+    for t in range(X.shape[1]):
+        s += abs(X[i, t] - Y[j, t])
+    return s
+
+
+@numba.njit(**_NJ)
+def chebyshev_dist(X, i, Y, j, params):  # pragma: no cover - numba
+    s = 0.0
+    for t in range(X.shape[1]):
+        d = abs(X[i, t] - Y[j, t])
+        if d > s:
+            s = d
+    return s
+
+
+@numba.njit(**_NJ)
+def angular_dist(X, i, Y, j, params):  # pragma: no cover - numba
+    """Angle between unit rows (the public layer normalises them)."""
+    c = _dot_range(X, i, Y, j, 0, X.shape[1])
+    if c > 1.0:
+        c = 1.0
+    elif c < -1.0:
+        c = -1.0
+    return math.acos(c)
+
+
+@numba.njit(**_NJ)
+def residual_dist(X, i, Y, j, params):  # pragma: no cover - numba
+    """sqrt(1 - |rho|) on rows [x / lengthscale (d), v / sqrt(p) (m), 1 / sqrt(p), original row index];
+    params = [code, d, m, variance, kernel]."""
     D = X.shape[1]
-    if code == EUCLIDEAN:
-        s = 0.0
-        for t in range(D):
-            d = X[i, t] - Y[j, t]
-            s += d * d
-        return math.sqrt(s)
-    if code == MANHATTAN:
-        s = 0.0
-        for t in range(D):
-            s += abs(X[i, t] - Y[j, t])
-        return s
-    if code == CHEBYSHEV:
-        s = 0.0
-        for t in range(D):
-            d = abs(X[i, t] - Y[j, t])
-            if d > s:
-                s = d
-        return s
-    if code == ANGULAR:  # rows are unit vectors
-        c = _dot_range(X, i, Y, j, 0, D)
-        if c > 1.0:
-            c = 1.0
-        elif c < -1.0:
-            c = -1.0
-        return math.acos(c)
-    # RESIDUAL: row = [x / lengthscale (d), v / sqrt(p) (m), 1 / sqrt(p), original row index]
     d = int(params[1])
     m = int(params[2])
     if X[i, D - 1] == Y[j, D - 1]:
@@ -79,7 +92,8 @@ def builtin_dist(X, i, Y, j, params):  # pragma: no cover - numba
     else:
         r = math.sqrt(5.0 * r2)
         kval = (1.0 + r + r * r / 3.0) * math.exp(-r)
-    rho = params[3] * kval * X[i, d + m] * Y[j, d + m] - _dot_range(X, i, Y, j, d, d + m)
+    sisj = X[i, d + m] * Y[j, d + m]  # one product first: keeps d(i, j) == d(j, i) bit for bit
+    rho = params[3] * kval * sisj - _dot_range(X, i, Y, j, d, d + m)
     a = 1.0 - abs(rho)
     if a < 0.0:
         a = 0.0
@@ -87,11 +101,19 @@ def builtin_dist(X, i, Y, j, params):  # pragma: no cover - numba
 
 
 @numba.njit(**_NJ)
-def ceil_log2(x):  # pragma: no cover - numba
-    """Smallest integer e with 2**e >= x, for x > 0."""
-    mant, e = math.frexp(x)
-    if mant == 0.5:
-        return e - 1
+def radius(base, lev):  # pragma: no cover - numba
+    """base ** lev: the covering radius of level ``lev`` (always computed by this one function)."""
+    return math.pow(base, lev)
+
+
+@numba.njit(**_NJ)
+def ceil_log(base, x):  # pragma: no cover - numba
+    """Smallest integer e with radius(base, e) >= x, for x > 0."""
+    e = int(math.ceil(math.log(x) / math.log(base)))
+    while radius(base, e) < x:
+        e += 1
+    while radius(base, e - 1) >= x:
+        e -= 1
     return e
 
 
@@ -106,8 +128,8 @@ def _okd(d):  # pragma: no cover - numba
 
 
 @numba.njit(**_NJ)
-def _net_seq(dist, data, params, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
-    """Greedy 2**(lam-1)-net of group perm[s0:s1] (single thread). Returns (m, child_level, bad).
+def _net_seq(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
+    """Greedy base**(lam-1)-net of group perm[s0:s1] (single thread). Returns (m, child_level, bad).
 
     cent[s0:s0+m] receives the centre slots in creation order; asg[t] the local centre index of
     member t (-1 - j if member t *is* centre j); adist[t] its distance to that centre.
@@ -116,9 +138,9 @@ def _net_seq(dist, data, params, perm, pdist, s0, s1, lvl_p, asg, adist, cent): 
     for t in range(s0, s1):
         if pdist[t] > maxd:
             maxd = pdist[t]
-    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log2(maxd))
+    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log(base, maxd))
     cl = lam - 1
-    r = math.ldexp(1.0, int(cl))
+    r = radius(base, cl)
     m = 0
     for t in range(s0, s1):
         s = perm[t]
@@ -156,11 +178,11 @@ def _net_seq(dist, data, params, perm, pdist, s0, s1, lvl_p, asg, adist, cent): 
 
 
 @numba.njit(parallel=True, **_NJ)
-def nets_small(dist, data, params, perm, pdist, gnode, gstart, gend, level, asg, adist, cent, gm, gcl,
+def nets_small(dist, data, params, base, perm, pdist, gnode, gstart, gend, level, asg, adist, cent, gm, gcl,
                gbad):  # pragma: no cover
     """One level of the top-down build for many small groups, in parallel over groups."""
     for g in numba.prange(gnode.shape[0]):
-        m, cl, bad = _net_seq(dist, data, params, perm, pdist, gstart[g], gend[g], level[gnode[g]], asg, adist,
+        m, cl, bad = _net_seq(dist, data, params, base, perm, pdist, gstart[g], gend[g], level[gnode[g]], asg, adist,
                               cent)
         gm[g] = m
         gcl[g] = cl
@@ -168,15 +190,15 @@ def nets_small(dist, data, params, perm, pdist, gnode, gstart, gend, level, asg,
 
 
 @numba.njit(**_NJ)
-def net_centres_big(dist, data, params, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
+def net_centres_big(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
     maxd = 0.0
     for t in range(s0, s1):
         if pdist[t] > maxd:
             maxd = pdist[t]
-    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log2(maxd))
+    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log(base, maxd))
     cl = lam - 1
-    r = math.ldexp(1.0, int(cl))
+    r = radius(base, cl)
     m = 0
     for t in range(s0, s1):
         s = perm[t]
@@ -220,7 +242,8 @@ def net_assign_big(dist, data, params, perm, s0, s1, m, asg, adist, cent, bad): 
 
 
 @numba.njit(**_NJ)
-def relayout(perm, asg, adist, gnode, gstart, gend, gm, gcl, cent, parent, level, maxdist):  # pragma: no cover
+def relayout(perm, pdist, asg, adist, gnode, gstart, gend, gm, gcl, cent, parent, level, maxdist,
+             pd):  # pragma: no cover
     """Create the centre nodes of this level and lay out the next level's groups.
 
     Returns (perm2, pdist2, gnode2, gstart2, gend2).
@@ -241,6 +264,8 @@ def relayout(perm, asg, adist, gnode, gstart, gend, gm, gcl, cent, parent, level
             if asg[t] >= 0:
                 counts_all[s0 + asg[t]] += 1
                 n_rest += 1
+            else:
+                pd[cent[s0 - 1 - asg[t]]] = pdist[t]
         for j in range(gm[g]):
             if counts_all[s0 + j] > 0:
                 n_groups += 1
@@ -284,10 +309,10 @@ def relayout(perm, asg, adist, gnode, gstart, gend, gm, gcl, cent, parent, level
 
 
 @numba.njit(parallel=True, **_NJ)
-def land(dist, data, params, root, level, child_off, child_idx, newslots, out_land, out_dp, path_node, path_d,
+def land(dist, data, params, base, root, level, child_off, child_idx, newslots, out_land, out_dp, path_node, path_d,
          path_len, bad):  # pragma: no cover
     """Descend from the root: at node p (which covers the point), move to the nearest child c with
-    d(c, x) <= 2**level(c); land at p when no child covers x. The root covers everything (the caller
+    d(c, x) <= base**level(c); land at p when no child covers x. The root covers everything (the caller
     raises its level first). Records the path (nodes and distances) for the maxdist update."""
     for i in numba.prange(newslots.shape[0]):
         s = newslots[i]
@@ -312,7 +337,7 @@ def land(dist, data, params, root, level, child_off, child_idx, newslots, out_la
                 if not _okd(dd):
                     bad[i] = True
                     dd = np.inf
-                if dd <= math.ldexp(1.0, int(level[c])) and dd < best:
+                if dd <= radius(base, level[c]) and dd < best:
                     best = dd
                     bc = c
             if bc < 0 or bad[i]:
@@ -456,8 +481,8 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
 
 
 @numba.njit(parallel=True, **_NJ)
-def knn(dist, data, params, Q, qslot, mode, root, child_off, child_idx, maxdist, minid, in_tree, k, slack_rel,
-        slack_abs, out_d, out_i, bad):  # pragma: no cover
+def knn(dist, data, cdata, params, Q, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
+        slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d, out_i, bad):  # pragma: no cover
     """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
 
     Queries are rows of Q. mode 0: plain queries; mode 1: exclude slot qslot[i] itself; mode 2: only
@@ -466,13 +491,14 @@ def knn(dist, data, params, Q, qslot, mode, root, child_off, child_idx, maxdist,
     does (by smaller id).
     """
     for qi in numba.prange(Q.shape[0]):
-        bad[qi] = _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx, maxdist, minid, k,
-                           slack_rel, slack_abs, out_d, out_i)
+        bad[qi] = _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd,
+                           cminid, minid, k, slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d,
+                           out_i)
 
 
 @numba.njit(**_NJ)
-def _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx, maxdist, minid, k, slack_rel,
-             slack_abs, out_d, out_i):  # pragma: no cover
+def _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
+             slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d, out_i):  # pragma: no cover
     isbad = False
     if True:
         hd = np.empty(k, np.float64)
@@ -500,6 +526,7 @@ def _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx,
             # pop min lower bound
             lb = pq_lb[0]
             p = pq_node[0]
+            dp = pq_d[0]
             npq -= 1
             if npq > 0:
                 xl = pq_lb[npq]
@@ -528,10 +555,15 @@ def _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx,
             if lb > kth:
                 break
             for e in range(child_off[p], child_off[p + 1]):
-                c = child_idx[e]
-                if mode == 2 and minid[c] >= lim:
+                if mode == 2 and cminid[e] >= lim:
                     continue
-                dc = dist(Q, qi, data, c, params)
+                # |d(q, p) - d(p, c)| <= d(q, c): skip c and its subtree without computing d(q, c)
+                md = cmd[e]
+                pc = cpd[e]
+                if abs(dp - pc) - md - (slack_rel * (dp + pc + md) + slack_abs) > kth:
+                    continue
+                c = child_idx[e]
+                dc = dist(Q, qi, cdata, e, params)
                 if not _okd(dc):
                     isbad = True
                     dc = np.inf
@@ -539,9 +571,22 @@ def _knn_one(dist, data, params, Q, qi, qslot, mode, root, child_off, child_idx,
                     size = _heap_push_res(hd, hi, size, k, dc, c)
                     kth = hd[0] if size == k else np.inf
                 if child_off[c + 1] > child_off[c]:
-                    md = maxdist[c]
                     clb = dc - md - (slack_rel * (dc + md) + slack_abs)
-                    if clb <= kth:
+                    if clb <= kth and dfs_end[c] - dfs_start[c] <= leaf:
+                        # small subtree: scan its points, stored contiguously in DFS order
+                        for pos in range(dfs_start[c] + 1, dfs_end[c]):
+                            x = dfs_node[pos]
+                            if mode == 2 and x >= lim:
+                                continue
+                            if x == excl:
+                                continue
+                            dx = dist(Q, qi, ddata, pos, params)
+                            if not _okd(dx):
+                                isbad = True
+                                dx = np.inf
+                            size = _heap_push_res(hd, hi, size, k, dx, x)
+                        kth = hd[0] if size == k else np.inf
+                    elif clb <= kth:
                         if clb < 0.0:
                             clb = 0.0
                         if npq == cap:
@@ -617,3 +662,45 @@ def mark_subtrees(parent, order, flag):  # pragma: no cover
         p = parent[c]
         if p >= 0 and flag[p]:
             flag[c] = True
+
+
+@numba.njit(**_NJ)
+def radii(base, levels):  # pragma: no cover
+    out = np.empty(levels.shape[0])
+    for t in range(levels.shape[0]):
+        out[t] = radius(base, levels[t])
+    return out
+
+
+@numba.njit(**_NJ)
+def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
+    """Pre-order positions: node x's subtree occupies [start[x], end[x]) of ``node``."""
+    start = np.zeros(cap, np.int64)
+    end = np.zeros(cap, np.int64)
+    node = np.empty(n_in, np.int64)
+    if n_in == 0:
+        return start, end, node
+    stack = np.empty(n_in, np.int64)
+    it = np.empty(n_in, np.int64)  # next child edge to visit for the node at that stack depth
+    top = 0
+    stack[0] = root
+    it[0] = child_off[root]
+    node[0] = root
+    start[root] = 0
+    pos = 1
+    while top >= 0:
+        x = stack[top]
+        e = it[top]
+        if e < child_off[x + 1]:
+            it[top] = e + 1
+            c = child_idx[e]
+            start[c] = pos
+            node[pos] = c
+            pos += 1
+            top += 1
+            stack[top] = c
+            it[top] = child_off[c]
+        else:
+            end[x] = pos
+            top -= 1
+    return start, end, node

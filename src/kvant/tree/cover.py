@@ -21,6 +21,20 @@ _BIG_GROUP = 4096  # groups at least this large get a parallel nearest-centre as
 _PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
 
 
+class _State:
+    """The mutable per-node arrays of a tree; operations work on a copy and commit it at the end."""
+
+    __slots__ = ("parent", "level", "maxdist", "pd", "in_tree")
+
+    def __init__(self, parent, level, maxdist, pd, in_tree):
+        self.parent, self.level, self.maxdist, self.pd, self.in_tree = parent, level, maxdist, pd, in_tree
+
+    @classmethod
+    def empty(cls, cap: int) -> _State:
+        return cls(np.full(cap, -1, np.int64), np.zeros(cap, np.int32), np.zeros(cap), np.zeros(cap),
+                   np.zeros(cap, np.bool_))
+
+
 class MetricError(InvalidInput):
     """The metric returned NaN, inf or a negative number."""
 
@@ -45,9 +59,14 @@ class CoverTree:
     [0, 1, 2, 3, 4]
     """
 
-    def __init__(self, metric="euclidean"):
+    def __init__(self, metric="euclidean", base: float = 1.3):
         self._m = resolve_metric(metric)
+        if isinstance(base, bool) or not isinstance(base, numbers.Real) or not (1.0 < float(base) <= 16.0):
+            raise InvalidInput(f"base must be a number in (1, 16], got {base!r}")
         self.metric = metric
+        self.base = float(base)
+        # subtrees this small are scanned linearly (cheap metrics only: it trades pruning for contiguity)
+        self._leaf = 24 if self._m.kind == "vector" else 0
         self._reset()
 
     # ------------------------------------------------------------------------------------------
@@ -60,6 +79,7 @@ class CoverTree:
         self._parent = np.empty(0, np.int64)
         self._level = np.empty(0, np.int32)
         self._maxdist = np.empty(0, np.float64)
+        self._pd = np.empty(0, np.float64)
         self._in = np.empty(0, np.bool_)
         self._root = -1
         self._n = 0
@@ -73,6 +93,7 @@ class CoverTree:
             self._parent = np.full(cap, -1, np.int64)
             self._level = np.zeros(cap, np.int32)
             self._maxdist = np.zeros(cap)
+            self._pd = np.zeros(cap)
             self._in = np.zeros(cap, np.bool_)
             self._freeze()
 
@@ -109,8 +130,20 @@ class CoverTree:
             self._idx = np.empty(0, np.int64)
             self._minid = np.empty(0, np.int64)
             self._height = 0
-            return
-        self._off, self._idx, self._minid, self._height = K.build_csr(self._parent, self._level, self._in)
+        else:
+            self._off, self._idx, self._minid, self._height = K.build_csr(self._parent, self._level, self._in)
+        # children's rows, parent distances, radii and minimum ids in CSR order: a node's children are
+        # scanned contiguously by the queries
+        idx = self._idx
+        self._cdata = np.ascontiguousarray(self._data[idx]) if idx.size else np.zeros((1, max(1, self._data.shape[1])))
+        self._cpd = self._pd[idx]
+        self._cmd = self._maxdist[idx]
+        self._cminid = self._minid[idx]
+        cap = self._parent.shape[0]
+        n_in = int(np.count_nonzero(self._in))
+        self._dstart, self._dend, self._dnode = K.dfs_order(max(self._root, 0), n_in, self._off, self._idx, cap)
+        self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0
+                       else np.zeros((1, max(1, self._data.shape[1]))))
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -197,15 +230,13 @@ class CoverTree:
             if F.shape[0] == 0:
                 raise InvalidInput("fit points: need at least one point")
             data, cap, slots, dim = F, F.shape[0], np.arange(F.shape[0], dtype=np.int64), F.shape[1]
-        parent = np.full(cap, -1, np.int64)
-        level = np.zeros(cap, np.int32)
-        maxdist = np.zeros(cap)
-        in_tree = np.zeros(cap, np.bool_)
+        st = _State.empty(cap)
         tel = {"n": int(slots.size)}
-        root = self._build_fresh(data, slots, parent, level, maxdist, tel)
-        in_tree[slots] = True
+        root = self._build_fresh(data, slots, st, tel)
+        st.in_tree[slots] = True
         # commit
-        self._data, self._parent, self._level, self._maxdist, self._in = data, parent, level, maxdist, in_tree
+        self._data = data
+        self._set_state(st)
         self._root, self._n = int(root), int(slots.size)
         self._dim = dim
         self._next_id = int(cap) if self._m.kind != "index" else 0
@@ -216,7 +247,14 @@ class CoverTree:
         self.telemetry_ = {"op": "fit", **tel}
         return self
 
-    def _build_fresh(self, data, slots, parent, level, maxdist, tel) -> int:
+    def _state(self) -> _State:
+        return _State(self._parent.copy(), self._level.copy(), self._maxdist.copy(), self._pd.copy(), self._in.copy())
+
+    def _set_state(self, st: _State) -> None:
+        self._parent, self._level, self._maxdist = st.parent, st.level, st.maxdist
+        self._pd, self._in = st.pd, st.in_tree
+
+    def _build_fresh(self, data, slots, st, tel) -> int:
         m = self._m
         root = int(slots[0])
         rest = np.ascontiguousarray(slots[1:], dtype=np.int64)
@@ -227,17 +265,19 @@ class CoverTree:
             raise _bad_metric("construction")
         tel["traversal"] = tel.get("traversal", 0.0) + time.perf_counter() - t
         maxd = float(dp.max()) if rest.size else 0.0
-        parent[root] = -1
-        level[root] = K.ceil_log2(maxd) if maxd > 0 else 0
-        maxdist[root] = maxd
+        st.parent[root] = -1
+        st.level[root] = K.ceil_log(self.base, maxd) if maxd > 0 else 0
+        st.maxdist[root] = maxd
+        st.pd[root] = 0.0
         if rest.size:
-            self._grow(data, parent, level, maxdist, rest, dp, np.array([root], np.int64),
-                       np.array([0], np.int64), np.array([rest.size], np.int64), tel)
+            self._grow(data, st, rest, dp, np.array([root], np.int64), np.array([0], np.int64),
+                       np.array([rest.size], np.int64), tel)
         return root
 
-    def _grow(self, data, parent, level, maxdist, perm, pdist, gnode, gstart, gend, tel) -> None:
+    def _grow(self, data, st, perm, pdist, gnode, gstart, gend, tel) -> None:
         """Level-synchronous top-down construction of the subtrees below ``gnode`` (see docs)."""
         m = self._m
+        base = self.base
         t_net = t_lay = 0.0
         levels = 0
         while gnode.size:
@@ -257,16 +297,16 @@ class CoverTree:
                 gbad = np.zeros(small.size, np.bool_)
                 sm_m = np.zeros(small.size, np.int64)
                 sm_cl = np.zeros(small.size, np.int64)
-                K.nets_small(m.dist, data, m.params, perm, pdist, gnode[small], gstart[small], gend[small], level,
-                             asg, adist, cent, sm_m, sm_cl, gbad)
+                K.nets_small(m.dist, data, m.params, base, perm, pdist, gnode[small], gstart[small], gend[small],
+                             st.level, asg, adist, cent, sm_m, sm_cl, gbad)
                 if gbad.any():
                     raise _bad_metric("construction")
                 gm[small] = sm_m
                 gcl[small] = sm_cl
             for g in big:
                 s0, s1 = int(gstart[g]), int(gend[g])
-                mm, cl, bad = K.net_centres_big(m.dist, data, m.params, perm, pdist, s0, s1, int(level[gnode[g]]),
-                                                asg, cent)
+                mm, cl, bad = K.net_centres_big(m.dist, data, m.params, base, perm, pdist, s0, s1,
+                                                int(st.level[gnode[g]]), asg, cent)
                 if bad:
                     raise _bad_metric("construction")
                 badv = np.zeros(s1 - s0, np.bool_)
@@ -277,8 +317,8 @@ class CoverTree:
                 gcl[g] = cl
             t2 = time.perf_counter()
             t_net += t2 - t
-            perm, pdist, gnode, gstart, gend = K.relayout(perm, asg, adist, gnode, gstart, gend, gm, gcl, cent,
-                                                          parent, level, maxdist)
+            perm, pdist, gnode, gstart, gend = K.relayout(perm, pdist, asg, adist, gnode, gstart, gend, gm, gcl, cent,
+                                                          st.parent, st.level, st.maxdist, st.pd)
             t_lay += time.perf_counter() - t2
         tel["net"] = tel.get("net", 0.0) + t_net
         tel["relayout"] = tel.get("relayout", 0.0) + t_lay
@@ -310,21 +350,20 @@ class CoverTree:
             data[new_slots] = F
         if new_slots.size == 0:
             return new_slots.copy()
-        parent = np.full(cap, -1, np.int64)
-        level = np.zeros(cap, np.int32)
-        maxdist = np.zeros(cap)
-        in_tree = np.zeros(cap, np.bool_)
+        st = _State.empty(cap)
         old = self._parent.shape[0]
-        parent[:old], level[:old], maxdist[:old], in_tree[:old] = self._parent, self._level, self._maxdist, self._in
+        st.parent[:old], st.level[:old], st.maxdist[:old] = self._parent, self._level, self._maxdist
+        st.pd[:old], st.in_tree[:old] = self._pd, self._in
         tel = {"n": int(new_slots.size)}
         if self._n == 0:
-            root = self._build_fresh(data, new_slots, parent, level, maxdist, tel)
+            root = self._build_fresh(data, new_slots, st, tel)
         else:
             root = self._root
-            self._insert_into(data, parent, level, maxdist, new_slots, tel)
-        in_tree[new_slots] = True
+            self._insert_into(data, st, new_slots, tel)
+        st.in_tree[new_slots] = True
         # commit
-        self._data, self._parent, self._level, self._maxdist, self._in = data, parent, level, maxdist, in_tree
+        self._data = data
+        self._set_state(st)
         self._root = int(root)
         self._n += int(new_slots.size)
         if m.kind != "index":
@@ -337,8 +376,9 @@ class CoverTree:
         self.telemetry_ = {"op": "insert", **tel}
         return new_slots.copy()
 
-    def _insert_into(self, data, parent, level, maxdist, new_slots, tel) -> None:
-        """Insert new slots into the current (frozen) tree whose arrays were copied to parent/level/maxdist."""
+    def _insert_into(self, data, st, new_slots, tel) -> None:
+        """Insert new slots into the current frozen tree (self._off/_idx/_level describe it); the updated
+        structure is written to ``st`` (a copy), so a failure leaves the tree unchanged."""
         m = self._m
         root = self._root
         t = time.perf_counter()
@@ -354,25 +394,24 @@ class CoverTree:
             pd = np.empty((nb, depth))
             pl = np.zeros(nb, np.int64)
             bad = np.zeros(nb, np.bool_)
-            K.land(m.dist, data, m.params, root, self._level, self._off, self._idx, new_slots[s:e], land[s:e], dp[s:e],
-                   pn, pd, pl, bad)
+            K.land(m.dist, data, m.params, self.base, root, self._level, self._off, self._idx, new_slots[s:e],
+                   land[s:e], dp[s:e], pn, pd, pl, bad)
             if bad.any():
                 raise _bad_metric("insertion")
-            K.apply_paths(maxdist, pn, pd, pl)
+            K.apply_paths(st.maxdist, pn, pd, pl)
         at_root = land == root
         if at_root.any():
             mx = float(dp[at_root].max())
             if mx > 0:
-                level[root] = max(int(level[root]), K.ceil_log2(mx))
-        tel["traversal"] = time.perf_counter() - t
+                st.level[root] = max(int(st.level[root]), K.ceil_log(self.base, mx))
+        tel["traversal"] = tel.get("traversal", 0.0) + time.perf_counter() - t
         order = np.argsort(land, kind="stable")
         perm = np.ascontiguousarray(new_slots[order])
         pdist = np.ascontiguousarray(dp[order])
         ls = land[order]
         starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
         gend = np.r_[starts[1:], B].astype(np.int64)
-        self._grow(data, parent, level, maxdist, perm, pdist, ls[starts].astype(np.int64), starts.astype(np.int64),
-                   gend, tel)
+        self._grow(data, st, perm, pdist, ls[starts].astype(np.int64), starts.astype(np.int64), gend, tel)
 
     def delete(self, ids) -> None:
         """Remove points by id. Their subtrees are detached and the surviving descendants re-inserted."""
@@ -396,35 +435,39 @@ class CoverTree:
         flag = np.zeros(cap, np.bool_)
         flag[arr] = True
         live = np.flatnonzero(self._in)
-        order = live[np.argsort(-self._level[live], kind="stable")]
+        order = live[np.argsort(-self._level[live].astype(np.int64), kind="stable")]
         K.mark_subtrees(self._parent, order, flag)
         deleted = np.zeros(cap, np.bool_)
         deleted[arr] = True
         reinsert = np.flatnonzero(flag & ~deleted).astype(np.int64)
-        parent, level, maxdist, in_tree = self._parent.copy(), self._level.copy(), self._maxdist.copy(), self._in.copy()
-        in_tree[flag] = False
-        parent[flag] = -1
+        st = self._state()
+        st.in_tree[flag] = False
+        st.parent[flag] = -1
         tel = {"n": int(arr.size), "reinserted": int(reinsert.size)}
         n_new = self._n - arr.size
         root = self._root
         if n_new == 0:
             root = -1
         elif deleted[self._root]:
-            root = self._build_fresh(self._data, reinsert, parent, level, maxdist, tel)
-            in_tree[reinsert] = True
+            root = self._build_fresh(self._data, reinsert, st, tel)
+            st.in_tree[reinsert] = True
         elif reinsert.size:
             # re-insert into the reduced tree: freeze it first (the traversal reads the CSR)
-            saved = (self._parent, self._level, self._in, self._off, self._idx, self._minid, self._height)
+            saved = (self._parent, self._level, self._maxdist, self._pd, self._in)
+            saved_q = (self._off, self._idx, self._minid, self._height, self._cdata, self._cpd, self._cmd, self._cminid,
+                       self._dstart, self._dend, self._dnode, self._ddata)
             try:
-                self._parent, self._level, self._in = parent, level, in_tree
+                self._set_state(st)
                 self._freeze()
-                lv = level.copy()
-                self._level = lv
-                self._insert_into(self._data, parent, level, maxdist, reinsert, tel)
+                st2 = self._state()
+                self._insert_into(self._data, st2, reinsert, tel)
+                st = st2
             finally:
-                self._parent, self._level, self._in, self._off, self._idx, self._minid, self._height = saved
-            in_tree[reinsert] = True
-        self._parent, self._level, self._maxdist, self._in = parent, level, maxdist, in_tree
+                self._parent, self._level, self._maxdist, self._pd, self._in = saved
+                (self._off, self._idx, self._minid, self._height, self._cdata, self._cpd, self._cmd,
+                 self._cminid, self._dstart, self._dend, self._dnode, self._ddata) = saved_q
+            st.in_tree[reinsert] = True
+        self._set_state(st)
         self._root, self._n = int(root), int(n_new)
         self._freeze()
         tel["total"] = time.perf_counter() - t0
@@ -481,8 +524,9 @@ class CoverTree:
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
         t = time.perf_counter()
-        K.knn(m.dist, self._data, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._maxdist,
-              self._minid, self._in, k, sr, sa, out_d, out_i, bad)
+        K.knn(m.dist, self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._cpd,
+              self._cmd, self._cminid, self._minid, k, sr, sa, self._ddata, self._dstart, self._dend, self._dnode,
+              self._leaf, out_d, out_i, bad)
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
         if bad.any():
             raise _bad_metric("a query")
@@ -528,7 +572,6 @@ class CoverTree:
         Separation: children of one node at the same level l are more than 2**l apart. maxdist(p) bounds the
         distance from p to every descendant.
         """
-        m = self._m
         live = self.ids_
         if live.size != self._n:
             raise KvantError(f"{live.size} slots in the tree but n={self._n}")
@@ -544,8 +587,10 @@ class CoverTree:
         if not np.all(self._level[kids] < self._level[par]):
             raise KvantError("nesting violated: a child's level is not below its parent's")
         d = self._pair(par, kids)
-        if not np.all(d <= np.ldexp(1.0, self._level[kids].astype(np.int64) + 1)):
+        if not np.all(d <= K.radii(self.base, self._level[kids].astype(np.int64) + 1)):
             raise KvantError("covering violated")
+        if not np.array_equal(d, self._pd[kids]):
+            raise KvantError("stored parent distances are stale")
         # separation among siblings of the same level
         key = np.lexsort((self._level[kids], par))
         ks, ps, ls = kids[key], par[key], self._level[kids][key]
@@ -556,7 +601,7 @@ class CoverTree:
                 grp = ks[s:e]
                 a, b = np.triu_indices(grp.size, 1)
                 dd = self._pair(grp[a], grp[b])
-                if not np.all(dd > np.ldexp(1.0, int(ls[s]))):
+                if not np.all(dd > K.radius(self.base, int(ls[s]))):
                     raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
         # maxdist: walk every node up to the root
         anc_all, desc_all = [], []
@@ -595,7 +640,8 @@ class CoverTree:
                                "is code, and kvant files hold no code); rebuild it from the points instead")
         live = self.ids_
         meta = {"metric": m.obj.spec() if m.kind == "index" else {"name": m.name}, "n": self._n,
-                "root": self._root, "next_id": self._next_id, "dim": self._dim, "cap": int(self._in.shape[0])}
+                "root": self._root, "next_id": self._next_id, "base": self.base, "dim": self._dim,
+                "cap": int(self._in.shape[0])}
         arrays = {"ids": live, "parent": self._parent[live], "level": self._level[live],
                   "maxdist": self._maxdist[live]}
         if m.kind == "index":
@@ -615,7 +661,7 @@ class CoverTree:
             ids, par, lev, md = arrays["ids"], arrays["parent"], arrays["level"], arrays["maxdist"]
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise PersistError(f"CoverTree file has an invalid header or arrays: {exc}") from exc
-        tree = cls(metric)
+        tree = cls(metric, base=float(meta.get("base", 0.0)))
         if ids.shape != (n,) or par.shape != (n,) or lev.shape != (n,) or md.shape != (n,):
             raise PersistError("CoverTree file: tree arrays do not match n")
         if ids.dtype != np.int64 or par.dtype != np.int64 or lev.dtype != np.int32 or md.dtype != np.float64:
@@ -648,14 +694,17 @@ class CoverTree:
             pk = parent[kids]
             if np.any(pk < 0) or np.any(pk >= cap) or not np.all(in_tree[pk]) or np.any(level[kids] >= level[pk]):
                 raise PersistError("CoverTree file: parent links are inconsistent (dangling parent or level order)")
-        tree._parent, tree._level, tree._maxdist, tree._in = parent, level, maxdist, in_tree
-        tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
-        tree._freeze()
+        pd = np.zeros(cap)
         if n:
             kids = ids[ids != root]
             d = tree._pair(parent[kids], kids)
-            if not np.all(d <= np.ldexp(1.0, level[kids].astype(np.int64) + 1)) or not np.all(d <= maxdist[parent[kids]]):
+            cover = K.radii(tree.base, level[kids].astype(np.int64) + 1)
+            if not (np.all(d <= cover) and np.all(d <= maxdist[parent[kids]])):
                 raise PersistError("CoverTree file: covering invariant fails (corrupted distances or links)")
+            pd[kids] = d
+        tree._set_state(_State(parent, level, maxdist, pd, in_tree))
+        tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
+        tree._freeze()
         return tree
 
 

@@ -243,7 +243,9 @@ def resolve_metric(metric) -> _Resolved:
             code = VECTOR_METRICS[key]
             # rounding slack for the pruning bound: arccos is ill-conditioned near 0, so angular gets more
             sa = 1e-7 if key == "angular" else 0.0
-            return _Resolved(key, K.builtin_dist, np.array([code, 0, 0, 0, 0], float), "vector", 1e-10, sa)
+            fn = {K.EUCLIDEAN: K.euclidean_dist, K.MANHATTAN: K.manhattan_dist, K.CHEBYSHEV: K.chebyshev_dist,
+                  K.ANGULAR: K.angular_dist}[code]
+            return _Resolved(key, fn, np.array([code, 0, 0, 0, 0], float), "vector", 1e-10, sa)
         if key in _NOT_METRICS:
             raise InvalidInput(f"metric {metric!r}: {_NOT_METRICS[key]}")
         raise InvalidInput(f"unknown metric {metric!r}; expected one of {sorted(VECTOR_METRICS)}, "
@@ -254,7 +256,7 @@ def resolve_metric(metric) -> _Resolved:
         pmin = float(metric.p_diag.min())
         ratio = max(1.0, float(metric.kernel_diag.max()) / pmin)
         slack = 3.0 * np.sqrt((metric.v.shape[1] + 4) * 2.3e-16 * ratio)
-        return _Resolved("residual_correlation", K.builtin_dist, metric.params(), "index", 1e-10, slack, metric)
+        return _Resolved("residual_correlation", K.residual_dist, metric.params(), "index", 1e-10, slack, metric)
     try:
         from numba.extending import is_jitted
     except ImportError:  # pragma: no cover

@@ -1,0 +1,446 @@
+"""CoverTree: exactness vs NumPy references, invariants under insert/delete mixes, residual metric,
+persistence, and bad input leaving the tree unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvant
+from kvant.bench import reference as ref
+from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+
+METRICS = ["euclidean", "manhattan", "chebyshev", "angular"]
+
+
+@numba.njit(cache=True)
+def l1_user(a, b):
+    s = 0.0
+    for t in range(a.shape[0]):
+        s += abs(a[t] - b[t])
+    return s
+
+
+@numba.njit(cache=True)
+def bad_metric(a, b):
+    """NaN between two points with x > 0.5 or with a query marked y == 7; negative if marked y == -7."""
+    if (a[0] > 0.5 and b[0] > 0.5) or a[1] == 7.0 or b[1] == 7.0:
+        return math.nan
+    if a[1] == -7.0 or b[1] == -7.0:
+        return -1.0
+    return abs(a[0] - b[0])
+
+
+def _data(n, d, seed=0, clustered=False):
+    rng = np.random.default_rng(seed)
+    if not clustered:
+        return rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0, d)
+    centers = rng.standard_normal((5, d)) * 10
+    X = centers[rng.integers(0, 5, n)] + rng.standard_normal((n, d)) * 0.05
+    X[: n // 10] = X[n // 10 : 2 * (n // 10)]  # exact duplicates
+    return X
+
+
+def _assert_same(d, i, rd, ri, atol=1e-9):
+    """Identical ids except where distances tie (within atol)."""
+    np.testing.assert_allclose(d, rd, rtol=1e-9, atol=atol)
+    mismatch = i != ri
+    if mismatch.any():
+        # a differing id is only allowed if its distance ties the reference's at that rank
+        assert np.allclose(d[mismatch], rd[mismatch], rtol=1e-9, atol=atol)
+
+
+def _state(tree):
+    return tuple(a.copy() for a in (tree._parent, tree._level, tree._maxdist, tree._pd, tree._in)) + (
+        tree._root, tree._n, tree._next_id)
+
+
+def _same_state(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, np.ndarray):
+            assert np.array_equal(x, y)
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,d", [(1, 1), (2, 3), (300, 1), (400, 13)])
+def test_knn_matches_numpy_reference(metric, n, d):
+    X = _data(n, d, seed=n + d)
+    Q = _data(17, d, seed=99)
+    tree = kvant.CoverTree(metric).fit(X)
+    for k in sorted({1, min(5, n), n}):
+        dist, ids = tree.knn(Q, k)
+        rd, ri = ref.knn_from_distances(ref.tree_pairwise(metric, Q, X), np.arange(n), k)
+        _assert_same(dist, ids, rd, ri, atol=1e-7 if metric == "angular" else 1e-9)
+        if metric == "euclidean":  # (other metrics: spare the compile time of two more kernels)
+            # the same kernel by brute force gives bit-identical answers
+            bd, bi = tree.brute_force(Q, k)
+            assert np.array_equal(ids, bi) and np.array_equal(dist, bd)
+    if metric == "euclidean":
+        tree.check_invariants()
+
+
+def test_clustered_duplicates_and_large_dynamic_range():
+    X = _data(600, 5, clustered=True)
+    X[:50] *= 1e6
+    X[50:100] *= 1e-6
+    tree = kvant.CoverTree().fit(X)
+    tree.check_invariants()
+    Q = np.vstack([X[:20], _data(20, 5, seed=3)])
+    d, i = tree.knn(Q, 7)
+    bd, bi = tree.brute_force(Q, 7)
+    assert np.array_equal(i, bi) and np.array_equal(d, bd)
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("euclidean", Q, X), np.arange(600), 7)
+    np.testing.assert_allclose(d, rd, rtol=1e-9, atol=1e-6)
+
+
+def test_single_query_is_1d_and_results_sorted():
+    X = _data(200, 4)
+    tree = kvant.CoverTree().fit(X)
+    d, i = tree.knn(X[3], 5)
+    assert d.shape == (5,) and i.shape == (5,) and i.dtype == np.int64
+    assert i[0] == 3 and d[0] == 0.0
+    assert np.all(np.diff(d) >= 0)
+
+
+@pytest.mark.parametrize("predecessors", [True, False])
+def test_knn_self_matches_reference(predecessors):
+    X = _data(500, 6, seed=4)
+    tree = kvant.CoverTree().fit(X)
+    k = 9
+    d, i = tree.knn_self(k, predecessors=predecessors)
+    D = ref.tree_pairwise("euclidean", X, X)
+    ids = np.arange(500)
+    allowed = (ids[None, :] < ids[:, None]) if predecessors else (ids[None, :] != ids[:, None])
+    rd, ri = ref.knn_from_distances(D, ids, k, allowed)
+    _assert_same(d, i, rd, ri)
+    if predecessors:
+        assert np.array_equal(i[0], np.full(k, -1)) and np.all(np.isinf(d[0]))
+        assert i[3, 3] == -1 and set(i[3, :3]) == {0, 1, 2}
+        assert np.all((i < ids[:, None]) | (i == -1))
+
+
+def test_custom_numba_metric_exact():
+    X = _data(300, 5, seed=5)
+    Q = _data(11, 5, seed=6)
+    tree = kvant.CoverTree(l1_user).fit(X)
+    d, i = tree.knn(Q, 6)
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("manhattan", Q, X), np.arange(300), 6)
+    _assert_same(d, i, rd, ri)
+    tree.insert(_data(50, 5, seed=7))
+    tree.delete(np.arange(0, 300, 3))
+    tree.check_invariants()
+    with pytest.raises(InvalidInput, match="callable"):
+        tree.save("/tmp/never-written.kvant")
+
+
+def _random_mix(tree, points_fn, rng, rounds=6):
+    for r in range(rounds):
+        if r % 2 == 0 or tree.n < 10:
+            tree.insert(points_fn(int(rng.integers(1, 80)), r))
+        else:
+            ids = tree.ids_
+            kill = rng.choice(ids, size=int(rng.integers(1, max(2, ids.size // 3))), replace=False)
+            if r == 3:
+                kill = np.r_[kill[kill != tree._root], tree._root]  # deleting the root rebuilds
+            tree.delete(kill)
+        tree.check_invariants()
+
+
+def test_invariants_after_insert_delete_mix():
+    rng = np.random.default_rng(11)
+    tree = kvant.CoverTree().fit(_data(200, 3, seed=1))
+    tree.check_invariants()
+
+    def pts(m, r):
+        return _data(m, 3, seed=100 + r, clustered=bool(r % 2)) * (1 + 3 * r)
+
+    _random_mix(tree, pts, rng)
+    Q = _data(30, 3, seed=8)
+    d, i = tree.knn(Q, 5)
+    ids = tree.ids_
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("euclidean", Q, tree._data[ids]), ids, 5)
+    _assert_same(d, i, rd, ri)
+    # delete everything, then insert into the empty tree
+    tree.delete(tree.ids_)
+    assert tree.n == 0
+    with pytest.raises(EmptyIndex):
+        tree.knn(Q, 1)
+    new = tree.insert(_data(5, 3))
+    assert new.tolist() == list(range(new[0], new[0] + 5)) and tree.n == 5
+    tree.check_invariants()
+
+
+def test_insert_equals_fit_answers():
+    X = _data(400, 4, seed=12)
+    a = kvant.CoverTree().fit(X[:100])
+    for s in range(100, 400, 75):
+        a.insert(X[s : s + 75])
+    b = kvant.CoverTree().fit(X)
+    Q = _data(25, 4, seed=13)
+    da, ia = a.knn(Q, 6)
+    db, ib = b.knn(Q, 6)
+    assert np.array_equal(ia, ib) and np.array_equal(da, db)
+
+
+# ----------------------------------------------------------------------------------------------
+# residual correlation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def residual():
+    rng = np.random.default_rng(0)
+    X = rng.random((400, 3))
+    return X, kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.4, 1.5), n_inducing=40, seed=1)
+
+
+def test_residual_metric_matches_numpy_reference(residual):
+    X, rc = residual
+    i = np.arange(0, 400, 7)
+    j = np.arange(0, 400, 5)
+    tree = kvant.CoverTree(rc).fit()
+    got = tree._pair(np.repeat(i, j.size), np.tile(j, i.size)).reshape(i.size, j.size)
+    want = ref.residual_correlation_distance(X, rc.v, rc.p_diag, rc.kernel, i, j)
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    np.testing.assert_allclose(rc.pairwise(i, j), want, atol=1e-12)
+
+
+def test_residual_is_a_metric_on_random_triples(residual):
+    X, rc = residual
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.integers(0, 400, 3000) for _ in range(3))
+    tree = kvant.CoverTree(rc).fit()
+    ab, bc, ac = tree._pair(a, b), tree._pair(b, c), tree._pair(a, c)
+    assert np.all(ac <= ab + bc + 1e-7)
+    assert np.all(tree._pair(a, a) == 0.0)
+    assert np.array_equal(ab, tree._pair(b, a))
+
+
+@pytest.mark.parametrize("kernel", [kvant.RBF(0.3, 1.0), kvant.Matern52(0.5, 2.0)])
+def test_residual_knn_and_vecchia_exact(kernel):
+    rng = np.random.default_rng(3)
+    X = rng.random((300, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kernel, n_inducing=30, seed=0)
+    tree = kvant.CoverTree(rc).fit()
+    D = ref.residual_correlation_distance(X, rc.v, rc.p_diag, kernel, np.arange(300), np.arange(300))
+    q = np.array([0, 5, 299, 17])
+    d, i = tree.knn(q, 8)
+    rd, ri = ref.knn_from_distances(D[q], np.arange(300), 8)
+    _assert_same(d, i, rd, ri, atol=1e-8)
+    assert np.array_equal(i[:, 0], q)  # each row finds itself at distance 0
+    d, i = tree.knn_self(6, predecessors=True)
+    ids = np.arange(300)
+    rd, ri = ref.knn_from_distances(D, ids, 6, ids[None, :] < ids[:, None])
+    _assert_same(d, i, rd, ri, atol=1e-8)
+
+
+def test_residual_insert_delete_and_persist(residual, tmp_path):
+    X, rc = residual
+    tree = kvant.CoverTree(rc).fit(np.arange(0, 400, 2))
+    assert tree.insert(np.arange(1, 400, 4)).tolist() == list(range(1, 400, 4))
+    with pytest.raises(InvalidInput, match="already"):
+        tree.insert([2])
+    tree.delete(np.arange(0, 100, 2))
+    tree.check_invariants()
+    path = tmp_path / "rc.kvant"
+    tree.save(path)
+    back = kvant.load(path)
+    assert isinstance(back.metric, kvant.ResidualCorrelation)
+    q = np.arange(0, 400, 9)
+    a = tree.knn(q, 5)
+    b = back.knn(q, 5)
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+    back.check_invariants()
+
+
+def test_residual_validation():
+    rng = np.random.default_rng(0)
+    X = rng.random((50, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(), n_inducing=10)
+    with pytest.raises(InvalidInput, match="residual variance"):
+        kvant.ResidualCorrelation(rc.v, rc.p_diag * 0.5, rc.kernel_diag, rc.kernel, X=X)
+    with pytest.raises(InvalidInput):
+        kvant.ResidualCorrelation(rc.v[:10], rc.p_diag, rc.kernel_diag, rc.kernel, X=X)
+    with pytest.raises(InvalidInput):
+        kvant.RBF(lengthscale=-1.0)
+    tree = kvant.CoverTree(rc)
+    with pytest.raises(InvalidInput, match="row indices"):
+        tree.fit(X)
+    with pytest.raises(InvalidInput, match="out of range"):
+        tree.fit([0, 50])
+
+
+# ----------------------------------------------------------------------------------------------
+# persistence
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "angular"])
+def test_save_load_round_trip(tmp_path, metric):
+    X = _data(300, 5, seed=21)
+    tree = kvant.CoverTree(metric, base=1.7).fit(X)
+    tree.insert(_data(40, 5, seed=22))
+    tree.delete([3, 7, 301])
+    path = tmp_path / "t.kvant"
+    tree.save(path)
+    back = kvant.load(path)
+    assert back.n == tree.n and back.base == 1.7 and np.array_equal(back.ids_, tree.ids_)
+    Q = _data(10, 5, seed=23)
+    a, b = tree.knn(Q, 4), back.knn(Q, 4)
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+    back.check_invariants()
+    assert back.insert(_data(2, 5)).tolist() == [340, 341]
+
+
+def test_corrupted_files_raise_persist_error(tmp_path):
+    from kvant import persist
+
+    tree = kvant.CoverTree().fit(_data(100, 3))
+    path = tmp_path / "t.kvant"
+    tree.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad = tmp_path / "bad.kvant"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(PersistError):
+        kvant.load(bad)
+    # a well-formed file with inconsistent content (valid checksum)
+    kind, meta, arrays = persist.read(path)
+    a2 = dict(arrays)
+    a2["parent"] = a2["parent"].copy()
+    a2["parent"][5] = 10**6
+    persist.write(tmp_path / "links.kvant", kind, meta, a2)
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "links.kvant")
+    a3 = dict(arrays)
+    a3["data"] = a3["data"] * 3.0  # points moved: covering radii no longer hold
+    persist.write(tmp_path / "moved.kvant", kind, meta, a3)
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "moved.kvant")
+    meta2 = dict(meta, n=meta["n"] + 1)
+    persist.write(tmp_path / "n.kvant", kind, meta2, arrays)
+    with pytest.raises(PersistError):
+        kvant.load(tmp_path / "n.kvant")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input leaves the tree unchanged
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_and_leaves_tree_unchanged():
+    X = _data(120, 4)
+    tree = kvant.CoverTree().fit(X)
+    before = _state(tree)
+    Xn = _data(5, 4)
+    Xn[2, 1] = np.nan
+    cases = [
+        (lambda: tree.insert(Xn), InvalidInput),
+        (lambda: tree.insert(_data(5, 3)), DimensionMismatch),
+        (lambda: tree.insert(np.full((2, 4), 1e200)), InvalidInput),
+        (lambda: tree.knn(_data(3, 4), 0), InvalidInput),
+        (lambda: tree.knn(_data(3, 4), 121), InvalidInput),
+        (lambda: tree.knn(_data(3, 5), 2), DimensionMismatch),
+        (lambda: tree.knn(Xn, 2), InvalidInput),
+        (lambda: tree.knn(_data(3, 4), 2.5), InvalidInput),
+        (lambda: tree.delete([5, 5000]), InvalidInput),
+        (lambda: tree.delete([-1]), InvalidInput),
+        (lambda: tree.delete([1.5]), InvalidInput),
+        (lambda: tree.fit(np.empty((0, 4))), InvalidInput),
+        (lambda: tree.fit(Xn), InvalidInput),
+        (lambda: tree.knn_self(0), InvalidInput),
+    ]
+    for fn, exc in cases:
+        with pytest.raises(exc):
+            fn()
+        _same_state(before, _state(tree))
+    tree.delete([5])
+    with pytest.raises(InvalidInput, match="unknown"):
+        tree.delete([5])
+    for name in ["cosine", "l2", "ip", "nope"]:
+        with pytest.raises(InvalidInput):
+            kvant.CoverTree(name)
+    with pytest.raises(InvalidInput):
+        kvant.CoverTree(lambda a, b: 0.0)
+    with pytest.raises(InvalidInput):
+        kvant.CoverTree(base=1.0)
+    with pytest.raises(InvalidInput, match="zero vector"):
+        kvant.CoverTree("angular").fit(np.zeros((3, 2)))
+
+
+def test_metric_returning_nan_or_negative():
+    X = np.linspace(0, 1, 40)[:, None] * np.ones((1, 2))
+    tree = kvant.CoverTree(bad_metric)
+    with pytest.raises(InvalidInput, match="metric returned"):
+        tree.fit(X)
+    assert tree.n == 0
+    tree.fit(X[:15])  # all x < 0.5: fine
+    before = _state(tree)
+    with pytest.raises(InvalidInput, match="metric returned"):
+        tree.insert(X[25:])
+    _same_state(before, _state(tree))
+    neg = X[20:23].copy()
+    neg[:, 1] = -7.0
+    with pytest.raises(InvalidInput, match="metric returned"):
+        tree.insert(neg)
+    _same_state(before, _state(tree))
+    q = X[:2].copy()
+    q[:, 1] = 7.0
+    with pytest.raises(InvalidInput, match="metric returned"):
+        tree.knn(q, 2)
+    assert tree.knn(X[:2], 2)[1].shape == (2, 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.one_of(st.integers(-3, 40), st.floats(allow_nan=True), st.booleans(), st.none()))
+def test_k_validation_hypothesis(k):
+    tree = _small_tree()
+    if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= tree.n:
+        d, i = tree.knn(np.zeros((1, 2)), k)
+        assert d.shape == (1, k)
+    else:
+        with pytest.raises(InvalidInput):
+            tree.knn(np.zeros((1, 2)), k)
+
+
+_SMALL = []
+
+
+def _small_tree():
+    if not _SMALL:
+        _SMALL.append(kvant.CoverTree().fit(_data(30, 2)))
+    return _SMALL[0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 60), d=st.integers(1, 4), seed=st.integers(0, 1000), dup=st.booleans())
+def test_round_trip_and_exactness_hypothesis(tmp_path_factory, n, d, seed, dup):
+    rng = np.random.default_rng(seed)
+    X = np.round(rng.standard_normal((n, d)), 1 if dup else 6)  # rounding creates ties and duplicates
+    tree = kvant.CoverTree().fit(X)
+    tree.check_invariants()
+    k = min(n, 4)
+    dd, ii = tree.knn(X, k)
+    bd, bi = tree.brute_force(X, k)
+    assert np.array_equal(ii, bi) and np.array_equal(dd, bd)
+    path = tmp_path_factory.mktemp("h") / "t.kvant"
+    tree.save(path)
+    back = kvant.load(path)
+    assert np.array_equal(back.knn(X, k)[1], ii)
+
+
+def test_telemetry_phases():
+    tree = kvant.CoverTree().fit(_data(5000, 3))
+    tel = tree.telemetry_
+    assert tel["op"] == "fit" and tel["n"] == 5000
+    for key in ("traversal", "net", "relayout", "freeze", "total", "levels"):
+        assert key in tel
+    tree.insert(_data(100, 3, seed=9))
+    assert tree.telemetry_["op"] == "insert" and tree.telemetry_["traversal"] >= 0
