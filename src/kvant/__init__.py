@@ -19,6 +19,8 @@ from .index import FlatIndex, PQIndex
 from .quant import OPQ, PQ
 
 # --- tree (issue 4) ---
+from . import tree
+from .tree import RBF, CoverTree, Matern52, ResidualCorrelation
 
 try:
     __version__ = version("kvant")
@@ -48,4 +50,9 @@ __all__ = [
     "FlatIndex",
     "PQIndex",
     # --- tree names ---
+    "tree",
+    "CoverTree",
+    "ResidualCorrelation",
+    "RBF",
+    "Matern52",
 ]
