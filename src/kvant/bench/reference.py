@@ -181,3 +181,54 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4):
     return None
 
 # === tree (issue 4) ===
+
+
+def tree_pairwise(metric: str, A, B):
+    """True metric distances between rows of A and B (float64): euclidean, manhattan, chebyshev, angular."""
+    import numpy as np
+
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    diff = A[:, None, :] - B[None, :, :]
+    if metric == "euclidean":
+        return np.sqrt((diff**2).sum(-1))
+    if metric == "manhattan":
+        return np.abs(diff).sum(-1)
+    if metric == "chebyshev":
+        return np.abs(diff).max(-1)
+    if metric == "angular":
+        a = A / np.linalg.norm(A, axis=1, keepdims=True)
+        b = B / np.linalg.norm(B, axis=1, keepdims=True)
+        return np.arccos(np.clip(a @ b.T, -1.0, 1.0))
+    raise ValueError(metric)
+
+
+def residual_correlation_distance(X, v, p, kernel_fn, i, j):
+    """sqrt(1 - |rho|), rho = (k(x_i, x_j) - v_i . v_j) / sqrt(p_i p_j); 0 on the diagonal (i == j)."""
+    import numpy as np
+
+    i = np.asarray(i)
+    j = np.asarray(j)
+    k = kernel_fn(X[i], X[j])
+    rho = (k - v[i] @ v[j].T) / np.sqrt(np.outer(p[i], p[j]))
+    d = np.sqrt(np.clip(1.0 - np.abs(rho), 0.0, None))
+    d[i[:, None] == j[None, :]] = 0.0
+    return d
+
+
+def knn_from_distances(D, ids, k: int, allowed=None):
+    """k smallest per row of the distance matrix D (columns are ``ids``), ties broken by smaller id,
+    padded with -1 / inf; ``allowed`` is an optional boolean mask of the same shape."""
+    import numpy as np
+
+    D = np.asarray(D, dtype=np.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    nq = D.shape[0]
+    out_d = np.full((nq, k), np.inf)
+    out_i = np.full((nq, k), -1, np.int64)
+    for q in range(nq):
+        cols = np.arange(D.shape[1]) if allowed is None else np.flatnonzero(allowed[q])
+        order = np.lexsort((ids[cols], D[q, cols]))[:k]
+        out_d[q, : order.size] = D[q, cols[order]]
+        out_i[q, : order.size] = ids[cols[order]]
+    return out_d, out_i
