@@ -206,82 +206,59 @@ def _push(dd, ii, k, d, i):
 
 
 @numba.njit(**_JIT)
-def _scan_one(t, codes, r0, r1, m, dd, ii, k):
-    # t: (m * ksub,) flat table of one query.
-    ksub = t.shape[0] // m
-    th = dd[k - 1]
-    for r in range(r0, r1):
-        s = np.float32(0.0)
-        o = 0
-        for j in range(m):
-            s += t[o + codes[r, j]]
-            o += ksub
-        if s < th:
-            _push(dd, ii, k, s, r)
-            th = dd[k - 1]
-
-
-@numba.njit(**_JIT)
-def _scan_four(t0, t1, t2, t3, codes, r0, r1, m, d0, i0, d1, i1, d2, i2, d3, i3, k):
-    ksub = t0.shape[0] // m
-    th0 = d0[k - 1]
-    th1 = d1[k - 1]
-    th2 = d2[k - 1]
-    th3 = d3[k - 1]
+def _scan_four(t4, codes, r0, r1, m, ksub, dd, ii, k, q0):
+    """Scan rows [r0, r1) for 4 queries at once. ``t4[(j * ksub + c) * 4 + qq]`` holds query q0 + qq's table:
+    the 4 queries' entries for one code are adjacent, so one lookup serves all four. Unsigned index arithmetic
+    (no negative-index wraparound) lets LLVM keep the loop tight. Each sum is still accumulated in order j."""
+    th0 = dd[q0, k - 1]
+    th1 = dd[q0 + 1, k - 1]
+    th2 = dd[q0 + 2, k - 1]
+    th3 = dd[q0 + 3, k - 1]
+    uk = np.uint64(ksub)
     for r in range(r0, r1):
         s0 = np.float32(0.0)
         s1 = np.float32(0.0)
         s2 = np.float32(0.0)
         s3 = np.float32(0.0)
-        o = 0
+        o = np.uint64(0)
         for j in range(m):
-            c = o + codes[r, j]
-            s0 += t0[c]
-            s1 += t1[c]
-            s2 += t2[c]
-            s3 += t3[c]
-            o += ksub
+            c = (o + np.uint64(codes[r, j])) * np.uint64(4)
+            s0 += t4[c]
+            s1 += t4[c + np.uint64(1)]
+            s2 += t4[c + np.uint64(2)]
+            s3 += t4[c + np.uint64(3)]
+            o += uk
         if s0 < th0:
-            _push(d0, i0, k, s0, r)
-            th0 = d0[k - 1]
+            _push(dd[q0], ii[q0], k, s0, r)
+            th0 = dd[q0, k - 1]
         if s1 < th1:
-            _push(d1, i1, k, s1, r)
-            th1 = d1[k - 1]
+            _push(dd[q0 + 1], ii[q0 + 1], k, s1, r)
+            th1 = dd[q0 + 1, k - 1]
         if s2 < th2:
-            _push(d2, i2, k, s2, r)
-            th2 = d2[k - 1]
+            _push(dd[q0 + 2], ii[q0 + 2], k, s2, r)
+            th2 = dd[q0 + 2, k - 1]
         if s3 < th3:
-            _push(d3, i3, k, s3, r)
-            th3 = d3[k - 1]
+            _push(dd[q0 + 3], ii[q0 + 3], k, s3, r)
+            th3 = dd[q0 + 3, k - 1]
 
 
 @numba.njit(parallel=True, **_JIT)
-def _adc_search_kernel(flat, codes, m, k, nchunks, rows_per_block, part_d, part_i):
-    # flat: (nq, m * ksub); part_d / part_i: (nchunks, nq, k) per-chunk top-k, ascending.
-    nq = flat.shape[0]
+def _adc_search_kernel(flat4, codes, m, ksub, k, nchunks, rows_per_block, part_d, part_i):
+    # flat4: (nqb, m * ksub * 4) tables of query blocks, interleaved by 4; part_*: (nchunks, 4 * nqb, k).
+    nqb = flat4.shape[0]
     n = codes.shape[0]
-    nqb = (nq + _QB - 1) // _QB
     chunk = (n + nchunks - 1) // nchunks
     for w in prange(nqb * nchunks):
         qb = w // nchunks
         c = w - qb * nchunks
-        q0 = qb * _QB
-        q1 = min(nq, q0 + _QB)
+        q0 = qb * 4
         r0 = min(n, c * chunk)
         r1 = min(n, r0 + chunk)
-        for q in range(q0, q1):
+        for q in range(q0, q0 + 4):
             part_d[c, q, :] = np.inf
             part_i[c, q, :] = -1
-        # row blocks keep the codes of the block in L1 while the query block walks over it
         for b0 in range(r0, r1, rows_per_block):
-            b1 = min(r1, b0 + rows_per_block)
-            if q1 - q0 == 4:
-                _scan_four(flat[q0], flat[q0 + 1], flat[q0 + 2], flat[q0 + 3], codes, b0, b1, m,
-                           part_d[c, q0], part_i[c, q0], part_d[c, q0 + 1], part_i[c, q0 + 1],
-                           part_d[c, q0 + 2], part_i[c, q0 + 2], part_d[c, q0 + 3], part_i[c, q0 + 3], k)
-            else:
-                for q in range(q0, q1):
-                    _scan_one(flat[q], codes, b0, b1, m, part_d[c, q], part_i[c, q], k)
+            _scan_four(flat4[qb], codes, b0, min(r1, b0 + rows_per_block), m, ksub, part_d[c], part_i[c], k, q0)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -326,13 +303,20 @@ def adc_search(tables, codes, k, nchunks=None):
     out_i = np.full((nq, k), -1, dtype=np.int64)
     if nq == 0 or k == 0 or n == 0:
         return out_d, out_i
-    flat = tables.reshape(nq, m * ksub)
-    part_d = np.empty((nchunks, nq, k), dtype=np.float32)
-    part_i = np.empty((nchunks, nq, k), dtype=np.int64)
-    rows_per_block = max(64, 16384 // max(m, 1))
-    _adc_search_kernel(flat, codes, m, k, nchunks, rows_per_block, part_d, part_i)
+    nqb = (nq + _QB - 1) // _QB
+    t = tables
+    if nqb * _QB != nq:  # pad with all-zero dummy queries to whole blocks of 4 (their results are dropped)
+        t = np.zeros((nqb * _QB, m, ksub), dtype=np.float32)
+        t[:nq] = tables
+    flat4 = np.ascontiguousarray(t.reshape(nqb, _QB, m * ksub).transpose(0, 2, 1)).reshape(nqb, m * ksub * _QB)
+    part_d = np.empty((nchunks, nqb * _QB, k), dtype=np.float32)
+    part_i = np.empty((nchunks, nqb * _QB, k), dtype=np.int64)
+    rows_per_block = 1024
+    _adc_search_kernel(flat4, codes, m, ksub, k, nchunks, rows_per_block, part_d, part_i)
     if nchunks == 1:
-        return part_d[0], part_i[0]
+        return np.ascontiguousarray(part_d[0, :nq]), np.ascontiguousarray(part_i[0, :nq])
+    part_d = np.ascontiguousarray(part_d[:, :nq])
+    part_i = np.ascontiguousarray(part_i[:, :nq])
     _merge_parts(part_d, part_i, out_d, out_i)
     return out_d, out_i
 
