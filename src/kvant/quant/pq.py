@@ -3,9 +3,9 @@ codewords per subspace with k-means, store one codeword id per sub-vector.
 
 Training runs on a sample of the input: by default ``256 * 2**nbits`` rows (65,536 for nbits=8,
 4,096 for nbits=4; FAISS uses the same 256 points per centroid), override with ``max_train_rows``.
-Each subspace is trained with :func:`kvant.cluster.lloyd.train_centroids` (deterministic k-means++
-and Lloyd, parallel inside), seeded from ``seed`` so the same seed and thread count give the same
-codebooks.
+Each subspace is seeded with k-means++ (:func:`kvant.cluster.lloyd.init_centroids`), then the ``m``
+k-means run their Lloyd iterations together, one parallel encoder pass per iteration (see
+:func:`train_subspaces`); seeded from ``seed`` so the same seed and thread count give the same codebooks.
 
 Code layout: nbits=8 gives ``m`` bytes per vector (byte j = codeword id of sub-vector j); nbits=4 packs
 two codes per byte, sub-vector ``2i`` in the low nibble of byte ``i`` and ``2i+1`` in the high nibble
@@ -78,29 +78,34 @@ def _as_checked_source(x, dim: int, what: str) -> VectorSource:
 
 
 def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None) -> np.ndarray:
-    """k-means in each of the ``m`` subspaces of ``xs`` (n, dim) -> codebooks (m, ksub, dim // m)."""
-    from ..cluster.lloyd import train_centroids
+    """k-means in each of the ``m`` subspaces of ``xs`` (n, dim) -> codebooks (m, ksub, dim // m).
 
-    n, dim = xs.shape
+    Each subspace is seeded with k-means++ (:func:`kvant.cluster.lloyd.init_centroids`), then all subspaces
+    run their Lloyd iterations together (:func:`lloyd_refine`): one parallel pass of the PQ encoder assigns
+    every sub-vector of every row, so the ``m`` trainings proceed in parallel with one kernel launch per
+    iteration instead of ``m`` small k-means runs.
+    """
+    from ..cluster.lloyd import init_centroids
+
+    dim = xs.shape[1]
     dsub = dim // m
     seeds = rng(seed).integers(0, 2**31 - 1, size=m) if seed is not None else [None] * m
     books = np.empty((m, ksub, dsub), np.float32)
-    # Each training is parallel inside (assignment kernel over rows); subspaces run one after another so
-    # the two levels of parallelism don't fight over the cores.
     for j in range(m):
         sub = np.ascontiguousarray(xs[:, j * dsub : (j + 1) * dsub])
-        s = None if seed is None else int(seeds[j])
-        books[j] = train_centroids(sub, ksub, n_iter=n_iter, seed=s)
-    return books
+        books[j] = init_centroids(sub, ksub, "k-means++", None if seed is None else int(seeds[j]))
+    return lloyd_refine(xs, books, n_iter)
 
 
 def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
     """``n_iter`` Lloyd iterations in all subspaces at once, warm-started from ``books`` (updated copy).
 
-    Assignment is the parallel PQ encoder (every subspace in one pass over the rows); an empty cell keeps
-    its previous codeword. Used by OPQ, whose inner loop only needs a few warm-started iterations.
+    Assignment is the parallel PQ encoder (every subspace in one pass over the rows). An empty cell is
+    re-seeded with the row of that subspace worst served by its current codeword (FAISS splits a large
+    cluster instead; both keep every codeword in use, which matters on data with many repeated sub-vectors).
     """
     kpq = _kpq()
+    xs = np.ascontiguousarray(xs, dtype=np.float32)
     books = np.array(books, dtype=np.float32, copy=True)
     m, ksub, dsub = books.shape
     n = xs.shape[0]
@@ -113,8 +118,16 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
             sums = np.empty((ksub, dsub), np.float64)
             for d in range(dsub):
                 sums[:, d] = np.bincount(c, weights=xv[:, j, d], minlength=ksub)
+            empty = np.flatnonzero(counts == 0)
+            if empty.size:
+                res = xv[:, j, :] - books[j][c]
+                err = np.einsum("ij,ij->i", res, res)
+                far = np.argsort(-err, kind="stable")[: empty.size]
+                far = far[err[far] > 0]
             nz = counts > 0
             books[j][nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
+            if empty.size and far.size:
+                books[j][empty[: far.size]] = xv[far, j, :]
     return books
 
 
