@@ -219,8 +219,8 @@ def ground_truth(x, q, k=10):
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, medians of "
-             f"{res['repeats']} runs, {res['machine']}.", "",
+    lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, encode/search: medians of "
+             f"{res['repeats']} runs, training: median of {res['train_repeats']} run(s), {res['machine']}.", "",
              "**Codecs** (training time on the full training set, MSE = mean ||x - x̂||² per row)", "",
              "| dataset | codec | m×bits | kvant train s | FAISS train s | kvant MSE | FAISS MSE | MSE ratio |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -287,7 +287,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, for checking the script")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of encode and search (median)")
+    ap.add_argument("--train-repeats", type=int, default=1, help="timed trainings per codec (FAISS OPQ takes minutes)")
     ap.add_argument("--synthetic-n", type=int, default=1_000_000)
     ap.add_argument("--fmnist-queries", type=int, default=2000)
     ap.add_argument("--synthetic-queries", type=int, default=1000)
@@ -300,8 +301,10 @@ def main(argv=None) -> None:
     threads = kvant.set_num_threads(args.threads)
     faiss.omp_set_num_threads(threads)
     repeats = 1 if args.quick else args.repeats
+    train_repeats = 1 if args.quick else args.train_repeats
+    machine = f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
     res = {"threads": threads, "faiss_version": faiss.__version__, "kvant_version": kvant.__version__,
-           "repeats": repeats, "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+           "repeats": repeats, "train_repeats": train_repeats, "machine": machine,
            "codecs": [], "encode": [], "search": []}
 
     # warm-up: compile every kernel once outside the timed runs
@@ -325,7 +328,7 @@ def main(argv=None) -> None:
 
     for name, x, q, m, search_cfgs in datasets:
         print(f"[{name}] {x.shape} queries {q.shape}", flush=True)
-        rows, pq = bench_codecs(faiss, name, x, m, repeats, args.opq_iter, min(len(x), 100_000))
+        rows, pq = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter, min(len(x), 100_000))
         res["codecs"] += rows
         for r in rows:
             print("  ", r, flush=True)
