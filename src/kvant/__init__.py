@@ -5,21 +5,14 @@ The public API, re-exported; nothing else lives here.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import errors, io
+from . import errors, io, tree
 from ._config import get_num_threads, set_num_threads
+from .cluster import Clusterer, available_algorithms, available_metrics
 from .errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
+from .index import FlatIndex, PQIndex
 from .io import as_source
 from .persist import load
-
-# --- cluster (issue 2) ---
-from .cluster import Clusterer, available_algorithms, available_metrics
-# --- quant + index (issue 3) ---
-# isort: split
-from .index import FlatIndex, PQIndex
 from .quant import OPQ, PQ
-
-# --- tree (issue 4) ---
-from . import tree
 from .tree import RBF, CoverTree, Matern52, ResidualCorrelation
 
 try:
