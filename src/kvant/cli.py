@@ -380,6 +380,106 @@ _ADDERS.append(_add_search)
 # --- tree (issue 4) ---
 
 
+def _tree_load_points(path: str) -> np.ndarray:
+    from pathlib import Path
+
+    if Path(path).suffix == ".npy":  # keep float64 precision when the file has it
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot read {path}: {exc}") from exc
+        return np.asarray(arr)
+    from .io import as_source
+
+    return as_source(path).to_array()
+
+
+def _tree_log(args, record: dict) -> None:
+    """Append one JSON line of per-phase telemetry to --log-file."""
+    if getattr(args, "log_file", None):
+        import time
+
+        with open(args.log_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), "command": f"tree {args.tree_cmd}", **record},
+                                default=_json_default) + "\n")
+
+
+def _cmd_tree_build(args) -> int:
+    from .tree import CoverTree
+
+    X = _tree_load_points(args.points)
+    tree = CoverTree(metric=args.metric, base=args.base).fit(X)
+    tree.save(args.output)
+    _tree_log(args, tree.telemetry_)
+    payload = {"output": args.output, "n": tree.n, "dim": tree.dim, "metric": args.metric,
+               "build_seconds": tree.telemetry_.get("total"), "telemetry": tree.telemetry_}
+    emit(args, payload, f"built a cover tree of {tree.n} points ({args.metric}) in "
+                        f"{tree.telemetry_.get('total', 0.0):.3f} s -> {args.output}")
+    return EXIT_OK
+
+
+def _cmd_tree_knn(args) -> int:
+    from .persist import load
+    from .tree import CoverTree
+
+    tree = load(args.tree)
+    if not isinstance(tree, CoverTree):
+        raise InvalidInput(f"{args.tree} holds a {type(tree).__name__}, expected a CoverTree")
+    if args.queries == "self":
+        dist, ids = tree.knn_self(args.k, predecessors=not args.all)
+        qids = tree.ids_
+    else:
+        Q = _tree_load_points(args.queries)
+        if tree.dim is None:  # residual metric: queries are row indices
+            Q = np.asarray(Q).reshape(-1).astype(np.int64)
+        dist, ids = tree.knn(Q, args.k)
+        qids = None
+    _tree_log(args, tree.telemetry_)
+    if args.output:
+        arrays = {"distances": dist, "ids": ids}
+        if qids is not None:
+            arrays["query_ids"] = qids
+        np.savez(args.output, **arrays)
+    payload = {"nq": int(dist.shape[0]), "k": args.k, "query_seconds": tree.telemetry_.get("query"),
+               "distances": dist, "ids": ids}
+    if qids is not None:
+        payload["query_ids"] = qids
+    if args.json:
+        emit(args, payload)
+    else:
+        print(f"{dist.shape[0]} queries, k={args.k}, {tree.telemetry_.get('query', 0.0):.3f} s"
+              + (f" -> {args.output}" if args.output else ""))
+        for r in range(min(5, dist.shape[0])):
+            print(f"  {r}: ids {ids[r].tolist()} dist {np.round(dist[r], 6).tolist()}")
+    return EXIT_OK
+
+
+def _add_tree(sub) -> None:
+    p = sub.add_parser("tree", help="exact k-NN in general metrics with a cover tree")
+    tsub = p.add_subparsers(dest="tree_cmd", metavar="TREE_COMMAND", parser_class=_Parser)
+    tsub.required = True
+    b = tsub.add_parser("build", help="build a cover tree from points (.npy, .fvecs, parquet, hdf5)")
+    b.add_argument("points")
+    b.add_argument("-o", "--output", required=True, help="where to save the tree (.kvant)")
+    b.add_argument("--metric", default="euclidean", choices=["euclidean", "manhattan", "chebyshev", "angular"])
+    b.add_argument("--base", type=float, default=1.3, help="level base (default 1.3)")
+    b.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
+    _common(b)
+    b.set_defaults(func=_cmd_tree_build)
+    q = tsub.add_parser("knn", help="exact k nearest neighbours from a saved tree")
+    q.add_argument("tree")
+    q.add_argument("queries", help="query points file, or 'self' for every tree point (Vecchia predecessors)")
+    q.add_argument("-k", type=int, default=8)
+    q.add_argument("--all", action="store_true", help="with 'self': all other points, not only predecessors")
+    q.add_argument("-o", "--output", default=None, help="write distances/ids to this .npz")
+    q.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
+    _common(q)
+    q.set_defaults(func=_cmd_tree_knn)
+
+
+_ADDERS.append(_add_tree)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvant", description="Cluster, compress and search embedding vectors.")
     from . import __version__

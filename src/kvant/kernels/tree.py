@@ -1,10 +1,11 @@
 """Numba kernels for the cover tree (kvant.tree). Kernels only: no validation, no policy, no I/O.
 
-Metrics are passed in as a jitted function ``dist(X, i, Y, j, params) -> float`` (first argument of
-every kernel). Numba specialises each kernel once per distinct ``dist`` dispatcher (a handful of small
-built-in metric functions, compiled lazily and cached on disk; a switch inside one shared function
-measured 3-6x slower per call because it is not inlined). A user metric ``f(a, b)`` is wrapped by the
-public layer and costs one compilation of the kernels it uses per process.
+Every kernel measures with the module-global ``_dist(X, i, Y, j, params) -> float``: a switch on
+``params[0]`` over the built-in metrics, inlined into the kernels (Numba IR inlining), so one cached
+compilation serves every built-in metric. (Passing the metric as a dispatcher argument defeats Numba's
+on-disk cache, and a non-inlined switch measured 3-6x slower per call.) For a user metric,
+:func:`make_kernels` clones the kernels with ``_dist`` rebound to the user's function (compiled once
+per process, not cached).
 
 Tree layout (flat arrays indexed by node = point slot): ``parent`` (int64, -1 for the root and for
 slots not in the tree), ``level`` (int32), ``maxdist`` (float64, an upper bound on the distance from
@@ -36,7 +37,7 @@ def _dot_range(X, i, Y, j, a, b):  # pragma: no cover - numba
     return s
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def euclidean_dist(X, i, Y, j, params):  # pragma: no cover - numba
     s = 0.0
     for t in range(X.shape[1]):
@@ -45,7 +46,7 @@ def euclidean_dist(X, i, Y, j, params):  # pragma: no cover - numba
     return math.sqrt(s)
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def manhattan_dist(X, i, Y, j, params):  # pragma: no cover - numba
     s = 0.0
     for t in range(X.shape[1]):
@@ -53,7 +54,7 @@ def manhattan_dist(X, i, Y, j, params):  # pragma: no cover - numba
     return s
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def chebyshev_dist(X, i, Y, j, params):  # pragma: no cover - numba
     s = 0.0
     for t in range(X.shape[1]):
@@ -63,7 +64,7 @@ def chebyshev_dist(X, i, Y, j, params):  # pragma: no cover - numba
     return s
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def angular_dist(X, i, Y, j, params):  # pragma: no cover - numba
     """Angle between unit rows (the public layer normalises them)."""
     c = _dot_range(X, i, Y, j, 0, X.shape[1])
@@ -100,6 +101,21 @@ def residual_dist(X, i, Y, j, params):  # pragma: no cover - numba
     return math.sqrt(a)
 
 
+@numba.njit(inline="always", **_NJ)
+def _dist(X, i, Y, j, params):  # pragma: no cover - numba
+    """The built-in metrics; ``params[0]`` selects one."""
+    code = params[0]
+    if code == EUCLIDEAN:
+        return euclidean_dist(X, i, Y, j, params)
+    if code == MANHATTAN:
+        return manhattan_dist(X, i, Y, j, params)
+    if code == CHEBYSHEV:
+        return chebyshev_dist(X, i, Y, j, params)
+    if code == ANGULAR:
+        return angular_dist(X, i, Y, j, params)
+    return residual_dist(X, i, Y, j, params)
+
+
 @numba.njit(**_NJ)
 def radius(base, lev):  # pragma: no cover - numba
     """base ** lev: the covering radius of level ``lev`` (always computed by this one function)."""
@@ -128,7 +144,7 @@ def _okd(d):  # pragma: no cover - numba
 
 
 @numba.njit(**_NJ)
-def _net_seq(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
+def _net_seq(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
     """Greedy base**(lam-1)-net of group perm[s0:s1] (single thread). Returns (m, child_level, bad).
 
     cent[s0:s0+m] receives the centre slots in creation order; asg[t] the local centre index of
@@ -147,7 +163,7 @@ def _net_seq(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, c
         best = np.inf
         bj = -1
         for j in range(m):
-            dd = dist(data, cent[s0 + j], data, s, params)
+            dd = _dist(data, cent[s0 + j], data, s, params)
             if not _okd(dd):
                 return m, cl, True
             if dd < best:
@@ -168,7 +184,7 @@ def _net_seq(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, c
             seen = int(pdist[t])
             s = perm[t]
             for j in range(seen, m):
-                dd = dist(data, cent[s0 + j], data, s, params)
+                dd = _dist(data, cent[s0 + j], data, s, params)
                 if not _okd(dd):
                     return m, cl, True
                 if dd < adist[t]:
@@ -178,11 +194,11 @@ def _net_seq(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, c
 
 
 @numba.njit(parallel=True, **_NJ)
-def nets_small(dist, data, params, base, perm, pdist, gnode, gstart, gend, level, asg, adist, cent, gm, gcl,
+def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg, adist, cent, gm, gcl,
                gbad):  # pragma: no cover
     """One level of the top-down build for many small groups, in parallel over groups."""
     for g in numba.prange(gnode.shape[0]):
-        m, cl, bad = _net_seq(dist, data, params, base, perm, pdist, gstart[g], gend[g], level[gnode[g]], asg, adist,
+        m, cl, bad = _net_seq(data, params, base, perm, pdist, gstart[g], gend[g], level[gnode[g]], asg, adist,
                               cent)
         gm[g] = m
         gcl[g] = cl
@@ -190,7 +206,7 @@ def nets_small(dist, data, params, base, perm, pdist, gnode, gstart, gend, level
 
 
 @numba.njit(**_NJ)
-def net_centres_big(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
+def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
     maxd = 0.0
     for t in range(s0, s1):
@@ -204,7 +220,7 @@ def net_centres_big(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, c
         s = perm[t]
         covered = False
         for j in range(m):
-            dd = dist(data, cent[s0 + j], data, s, params)
+            dd = _dist(data, cent[s0 + j], data, s, params)
             if not _okd(dd):
                 return m, cl, True
             if dd <= r:
@@ -220,7 +236,7 @@ def net_centres_big(dist, data, params, base, perm, pdist, s0, s1, lvl_p, asg, c
 
 
 @numba.njit(parallel=True, **_NJ)
-def net_assign_big(dist, data, params, perm, s0, s1, m, asg, adist, cent, bad):  # pragma: no cover
+def net_assign_big(data, params, perm, s0, s1, m, asg, adist, cent, bad):  # pragma: no cover
     """Assign every non-centre member of a big group to its nearest centre, in parallel."""
     for t in numba.prange(s0, s1):
         if asg[t] < 0:
@@ -230,7 +246,7 @@ def net_assign_big(dist, data, params, perm, s0, s1, m, asg, adist, cent, bad): 
         best = np.inf
         bj = 0
         for j in range(m):
-            dd = dist(data, cent[s0 + j], data, s, params)
+            dd = _dist(data, cent[s0 + j], data, s, params)
             if not _okd(dd):
                 bad[t - s0] = True
                 dd = np.inf
@@ -309,7 +325,7 @@ def relayout(perm, pdist, asg, adist, gnode, gstart, gend, gm, gcl, cent, parent
 
 
 @numba.njit(parallel=True, **_NJ)
-def land(dist, data, params, base, root, level, child_off, child_idx, newslots, out_land, out_dp, path_node, path_d,
+def land(data, params, base, root, level, child_off, child_idx, newslots, out_land, out_dp, path_node, path_d,
          path_len, bad):  # pragma: no cover
     """Descend from the root: at node p (which covers the point), move to the nearest child c with
     d(c, x) <= base**level(c); land at p when no child covers x. The root covers everything (the caller
@@ -317,7 +333,7 @@ def land(dist, data, params, base, root, level, child_off, child_idx, newslots, 
     for i in numba.prange(newslots.shape[0]):
         s = newslots[i]
         p = root
-        dp = dist(data, p, data, s, params)
+        dp = _dist(data, p, data, s, params)
         if not _okd(dp):
             bad[i] = True
             path_len[i] = 0
@@ -333,7 +349,7 @@ def land(dist, data, params, base, root, level, child_off, child_idx, newslots, 
             bc = -1
             for e in range(child_off[p], child_off[p + 1]):
                 c = child_idx[e]
-                dd = dist(data, c, data, s, params)
+                dd = _dist(data, c, data, s, params)
                 if not _okd(dd):
                     bad[i] = True
                     dd = np.inf
@@ -359,9 +375,9 @@ def apply_paths(maxdist, path_node, path_d, path_len):  # pragma: no cover
 
 
 @numba.njit(parallel=True, **_NJ)
-def dist_to_one(dist, data, params, a, slots, out):  # pragma: no cover
+def dist_to_one(data, params, a, slots, out):  # pragma: no cover
     for i in numba.prange(slots.shape[0]):
-        out[i] = dist(data, a, data, slots[i], params)
+        out[i] = _dist(data, a, data, slots[i], params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,7 +497,7 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
 
 
 @numba.njit(parallel=True, **_NJ)
-def knn(dist, data, cdata, params, Q, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
+def knn(data, cdata, params, Q, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
         slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d, out_i, bad):  # pragma: no cover
     """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
 
@@ -491,13 +507,13 @@ def knn(dist, data, cdata, params, Q, qslot, mode, root, child_off, child_idx, c
     does (by smaller id).
     """
     for qi in numba.prange(Q.shape[0]):
-        bad[qi] = _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd,
+        bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd,
                            cminid, minid, k, slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d,
                            out_i)
 
 
 @numba.njit(**_NJ)
-def _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
+def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
              slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d, out_i):  # pragma: no cover
     isbad = False
     if True:
@@ -511,7 +527,7 @@ def _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, chi
         npq = 0
         lim = qslot[qi] if mode == 2 else -1
         excl = qslot[qi] if mode == 1 else -1
-        d0 = dist(Q, qi, data, root, params)
+        d0 = _dist(Q, qi, data, root, params)
         if not _okd(d0):
             _finish(hd, hi, 0, k, out_d, out_i, qi)
             return True
@@ -563,7 +579,7 @@ def _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, chi
                 if abs(dp - pc) - md - (slack_rel * (dp + pc + md) + slack_abs) > kth:
                     continue
                 c = child_idx[e]
-                dc = dist(Q, qi, cdata, e, params)
+                dc = _dist(Q, qi, cdata, e, params)
                 if not _okd(dc):
                     isbad = True
                     dc = np.inf
@@ -580,7 +596,7 @@ def _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, chi
                                 continue
                             if x == excl:
                                 continue
-                            dx = dist(Q, qi, ddata, pos, params)
+                            dx = _dist(Q, qi, ddata, pos, params)
                             if not _okd(dx):
                                 isbad = True
                                 dx = np.inf
@@ -619,14 +635,14 @@ def _knn_one(dist, data, cdata, params, Q, qi, qslot, mode, root, child_off, chi
 
 
 @numba.njit(parallel=True, **_NJ)
-def brute_knn(dist, data, params, Q, qslot, mode, slots, k, out_d, out_i, bad):  # pragma: no cover
+def brute_knn(data, params, Q, qslot, mode, slots, k, out_d, out_i, bad):  # pragma: no cover
     """Brute force over the given slots with the same distance function and tie rule as :func:`knn`."""
     for qi in numba.prange(Q.shape[0]):
-        bad[qi] = _brute_one(dist, data, params, Q, qi, qslot, mode, slots, k, out_d, out_i)
+        bad[qi] = _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i)
 
 
 @numba.njit(**_NJ)
-def _brute_one(dist, data, params, Q, qi, qslot, mode, slots, k, out_d, out_i):  # pragma: no cover
+def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i):  # pragma: no cover
     isbad = False
     if True:
         hd = np.empty(k, np.float64)
@@ -638,7 +654,7 @@ def _brute_one(dist, data, params, Q, qi, qslot, mode, slots, k, out_d, out_i): 
                 continue
             if mode == 2 and c >= qslot[qi]:
                 continue
-            dc = dist(Q, qi, data, c, params)
+            dc = _dist(Q, qi, data, c, params)
             if not _okd(dc):
                 isbad = True
                 dc = np.inf
@@ -648,10 +664,10 @@ def _brute_one(dist, data, params, Q, qi, qslot, mode, slots, k, out_d, out_i): 
 
 
 @numba.njit(parallel=True, **_NJ)
-def pair_dists(dist, X, a, Y, b, params, out):  # pragma: no cover
-    """out[t] = dist(X row a[t], Y row b[t])."""
+def pair_dists(X, a, Y, b, params, out):  # pragma: no cover
+    """out[t] = distance between X row a[t] and Y row b[t]."""
     for t in numba.prange(a.shape[0]):
-        out[t] = dist(X, a[t], Y, b[t], params)
+        out[t] = _dist(X, a[t], Y, b[t], params)
 
 
 @numba.njit(**_NJ)
@@ -704,3 +720,28 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
             end[x] = pos
             top -= 1
     return start, end, node
+
+
+_METRIC_KERNELS = ["_net_seq", "nets_small", "net_centres_big", "net_assign_big", "land", "dist_to_one", "_knn_one",
+                   "knn", "_brute_one", "brute_knn", "pair_dists"]
+
+
+def make_kernels(user_dist):
+    """The metric-dependent kernels re-compiled with ``_dist`` bound to ``user_dist(X, i, Y, j, params)``.
+
+    Returns a namespace with the same attribute names as this module (plus the metric-free kernels).
+    """
+    import types
+
+    g = dict(globals())
+    g["_dist"] = user_dist
+    ns = types.SimpleNamespace(**{k: v for k, v in globals().items() if not k.startswith("__")})
+    for name in _METRIC_KERNELS:
+        disp = globals()[name]
+        f = disp.py_func
+        clone = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+        opts = {k: v for k, v in disp.targetoptions.items() if k not in ("cache", "nopython")}
+        jitted = numba.njit(**opts)(clone)
+        g[name] = jitted
+        setattr(ns, name, jitted)
+    return ns

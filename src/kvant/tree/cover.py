@@ -260,7 +260,7 @@ class CoverTree:
         rest = np.ascontiguousarray(slots[1:], dtype=np.int64)
         t = time.perf_counter()
         dp = np.empty(rest.size)
-        K.dist_to_one(m.dist, data, m.params, root, rest, dp)
+        m.K.dist_to_one(data, m.params, root, rest, dp)
         if rest.size and not np.all((dp >= 0) & (dp < np.inf)):
             raise _bad_metric("construction")
         tel["traversal"] = tel.get("traversal", 0.0) + time.perf_counter() - t
@@ -297,7 +297,7 @@ class CoverTree:
                 gbad = np.zeros(small.size, np.bool_)
                 sm_m = np.zeros(small.size, np.int64)
                 sm_cl = np.zeros(small.size, np.int64)
-                K.nets_small(m.dist, data, m.params, base, perm, pdist, gnode[small], gstart[small], gend[small],
+                m.K.nets_small(data, m.params, base, perm, pdist, gnode[small], gstart[small], gend[small],
                              st.level, asg, adist, cent, sm_m, sm_cl, gbad)
                 if gbad.any():
                     raise _bad_metric("construction")
@@ -305,12 +305,12 @@ class CoverTree:
                 gcl[small] = sm_cl
             for g in big:
                 s0, s1 = int(gstart[g]), int(gend[g])
-                mm, cl, bad = K.net_centres_big(m.dist, data, m.params, base, perm, pdist, s0, s1,
+                mm, cl, bad = m.K.net_centres_big(data, m.params, base, perm, pdist, s0, s1,
                                                 int(st.level[gnode[g]]), asg, cent)
                 if bad:
                     raise _bad_metric("construction")
                 badv = np.zeros(s1 - s0, np.bool_)
-                K.net_assign_big(m.dist, data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
+                m.K.net_assign_big(data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
                 if badv.any():
                     raise _bad_metric("construction")
                 gm[g] = mm
@@ -394,7 +394,7 @@ class CoverTree:
             pd = np.empty((nb, depth))
             pl = np.zeros(nb, np.int64)
             bad = np.zeros(nb, np.bool_)
-            K.land(m.dist, data, m.params, self.base, root, self._level, self._off, self._idx, new_slots[s:e],
+            m.K.land(data, m.params, self.base, root, self._level, self._off, self._idx, new_slots[s:e],
                    land[s:e], dp[s:e], pn, pd, pl, bad)
             if bad.any():
                 raise _bad_metric("insertion")
@@ -524,7 +524,7 @@ class CoverTree:
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
         t = time.perf_counter()
-        K.knn(m.dist, self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._cpd,
+        m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._cpd,
               self._cmd, self._cminid, self._minid, k, sr, sa, self._ddata, self._dstart, self._dend, self._dnode,
               self._leaf, out_d, out_i, bad)
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
@@ -556,7 +556,7 @@ class CoverTree:
         out_d = np.empty((Q.shape[0], k))
         out_i = np.empty((Q.shape[0], k), np.int64)
         bad = np.zeros(Q.shape[0], np.bool_)
-        K.brute_knn(m.dist, self._data, m.params, Q, qslot, mode, slots, k, out_d, out_i, bad)
+        m.K.brute_knn(self._data, m.params, Q, qslot, mode, slots, k, out_d, out_i, bad)
         if bad.any():
             raise _bad_metric("brute force")
         return out_d, out_i
@@ -624,7 +624,7 @@ class CoverTree:
 
     def _pair(self, a, b) -> np.ndarray:
         out = np.empty(len(a))
-        K.pair_dists(self._m.dist, self._data, np.asarray(a, np.int64), self._data, np.asarray(b, np.int64),
+        self._m.K.pair_dists(self._data, np.asarray(a, np.int64), self._data, np.asarray(b, np.int64),
                      self._m.params, out)
         return out
 

@@ -211,8 +211,8 @@ class ResidualCorrelation:
 class _Resolved:
     """What the tree needs to know about a metric."""
 
-    def __init__(self, name, dist, params, kind, slack_rel, slack_abs, obj=None):
-        self.name, self.dist, self.params, self.kind = name, dist, params, kind
+    def __init__(self, name, kernels, params, kind, slack_rel, slack_abs, obj=None):
+        self.name, self.K, self.params, self.kind = name, kernels, params, kind
         self.slack_rel, self.slack_abs, self.obj = slack_rel, slack_abs, obj
 
     @property
@@ -223,7 +223,8 @@ class _Resolved:
 _wrappers: dict = {}
 
 
-def _wrap_user(f):
+def _user_kernels(f):
+    """Kernels compiled for a user metric (once per function per process; not cached on disk)."""
     if f in _wrappers:
         return _wrappers[f]
     import numba
@@ -232,8 +233,8 @@ def _wrap_user(f):
     def user_dist(X, i, Y, j, params):  # pragma: no cover - numba
         return f(X[i], Y[j])
 
-    _wrappers[f] = user_dist
-    return user_dist
+    _wrappers[f] = K.make_kernels(user_dist)
+    return _wrappers[f]
 
 
 def resolve_metric(metric) -> _Resolved:
@@ -243,9 +244,7 @@ def resolve_metric(metric) -> _Resolved:
             code = VECTOR_METRICS[key]
             # rounding slack for the pruning bound: arccos is ill-conditioned near 0, so angular gets more
             sa = 1e-7 if key == "angular" else 0.0
-            fn = {K.EUCLIDEAN: K.euclidean_dist, K.MANHATTAN: K.manhattan_dist, K.CHEBYSHEV: K.chebyshev_dist,
-                  K.ANGULAR: K.angular_dist}[code]
-            return _Resolved(key, fn, np.array([code, 0, 0, 0, 0], float), "vector", 1e-10, sa)
+            return _Resolved(key, K, np.array([code, 0, 0, 0, 0], float), "vector", 1e-10, sa)
         if key in _NOT_METRICS:
             raise InvalidInput(f"metric {metric!r}: {_NOT_METRICS[key]}")
         raise InvalidInput(f"unknown metric {metric!r}; expected one of {sorted(VECTOR_METRICS)}, "
@@ -256,13 +255,13 @@ def resolve_metric(metric) -> _Resolved:
         pmin = float(metric.p_diag.min())
         ratio = max(1.0, float(metric.kernel_diag.max()) / pmin)
         slack = 3.0 * np.sqrt((metric.v.shape[1] + 4) * 2.3e-16 * ratio)
-        return _Resolved("residual_correlation", K.residual_dist, metric.params(), "index", 1e-10, slack, metric)
+        return _Resolved("residual_correlation", K, metric.params(), "index", 1e-10, slack, metric)
     try:
         from numba.extending import is_jitted
     except ImportError:  # pragma: no cover
         is_jitted = None
     if callable(metric) and is_jitted is not None and is_jitted(metric):
-        return _Resolved(getattr(metric, "__name__", "callable"), _wrap_user(metric), np.zeros(5), "callable", 1e-9,
+        return _Resolved(getattr(metric, "__name__", "callable"), _user_kernels(metric), np.zeros(5), "callable", 1e-9,
                          0.0, metric)
     raise InvalidInput(f"metric must be one of {sorted(VECTOR_METRICS)}, a kvant.ResidualCorrelation, or a "
                        f"Numba-jitted function dist(a, b) -> float; got {metric!r}")

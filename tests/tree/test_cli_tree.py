@@ -1,0 +1,47 @@
+"""`kvant tree build` / `kvant tree knn` with --json and --log-file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import kvant
+from kvant.cli import main
+
+
+def test_tree_build_and_knn(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = rng.random((500, 3))
+    Q = rng.random((7, 3))
+    np.save(tmp_path / "p.npy", X)
+    np.save(tmp_path / "q.npy", Q)
+    log = tmp_path / "log.jsonl"
+    out = tmp_path / "t.kvant"
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--log-file", str(log), "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["n"] == 500 and built["telemetry"]["op"] == "fit"
+    assert main(["tree", "knn", str(out), str(tmp_path / "q.npy"), "-k", "4", "--json", "--log-file", str(log),
+                 "-o", str(tmp_path / "r.npz")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    ref_d, ref_i = kvant.CoverTree().fit(X).brute_force(Q, 4)
+    assert np.array_equal(np.array(res["ids"]), ref_i)
+    np.testing.assert_allclose(np.array(res["distances"]), ref_d)
+    assert np.array_equal(np.load(tmp_path / "r.npz")["ids"], ref_i)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["command"] for r in records] == ["tree build", "tree knn"]
+    assert {"traversal", "net", "total"} <= set(records[0]) and "query" in records[1]
+    assert main(["tree", "knn", str(out), "self", "-k", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ids"][0] == [-1, -1, -1] and res["ids"][2][:2] in ([0, 1], [1, 0])
+
+
+def test_tree_cli_errors(tmp_path, capsys):
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).random((20, 2)))
+    out = tmp_path / "t.kvant"
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out)]) == 0
+    assert main(["tree", "knn", str(out), str(tmp_path / "p.npy"), "-k", "0"]) == 2
+    assert main(["tree", "knn", str(out), str(tmp_path / "p.npy"), "-k", "21"]) == 2
+    assert main(["tree", "knn", str(tmp_path / "missing.kvant"), "self"]) == 1
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--metric", "cosine"]) == 2
+    capsys.readouterr()
