@@ -83,6 +83,19 @@ def test_objective_history_decreases(data):
     assert np.all(np.diff(h) <= 1e-6 * h[0])
 
 
+def test_tolerance_stops_early_and_labels_stay_exact():
+    # Overlapping data never reaches a fixed point quickly; a loose tolerance must stop Lloyd early anyway.
+    g = np.random.default_rng(0)
+    x = g.standard_normal((4000, 8)).astype(np.float32)
+    c0 = init_centroids(x, 32, "k-means++", 0)
+    loose = lloyd(x, c0, 50, tol=1e-2)
+    tight = lloyd(x, c0, 50, tol=0.0)
+    assert loose.n_iter < tight.n_iter
+    h = np.array(loose.objective_history)
+    assert (h[-2] - h[-1]) <= 1e-2 * h[-1]  # stopped because the last improvement was below tol
+    np.testing.assert_array_equal(loose.labels, _nearest(x, loose.centroids))
+
+
 def test_same_seed_same_result_and_seed_matters(data):
     x, _ = data
     a = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=4).fit(x)

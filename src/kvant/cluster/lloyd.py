@@ -161,9 +161,7 @@ def lloyd(
             labels[cand] = lab_new
             upper[cand] = np.sqrt(e1)
             lower[cand] = np.sqrt(e2)
-            if not moved.any() and converged:
-                break
-        elif converged:
+        if converged:  # labels are exact for the current centroids after the E-step above
             break
     result.centroids = c
     result.labels = labels
