@@ -1,16 +1,12 @@
-"""Exact nearest-centroid assignment of row blocks (the E-step), GEMM or direct by shape."""
+"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles finished by a Numba top-2 pass."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .._parallel import for_each_block
-from ..kernels.assign import top2_direct, top2_from_ip
+from ..kernels.assign import top2_from_ip
 from ..kernels.distance import sq_norms_serial
-
-# Below this many multiply-adds per row (D·K) a BLAS call costs more than it saves; measured on the
-# 2-core reference machine (see docs/auto.md): direct wins for D·K <= ~512.
-DIRECT_MAX_DK = 512
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -24,15 +20,11 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``."""
     n, dim = x.shape
     k = centroids.shape[0]
-    use_blas = dim * k > DIRECT_MAX_DK
-    ct = np.ascontiguousarray(centroids.T) if use_blas else None
+    ct = np.ascontiguousarray(centroids.T)
 
     def run(s: int, e: int) -> None:
         xb = x[s:e]
-        if use_blas:
-            xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
-            top2_from_ip(xb @ ct, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e])
-        else:
-            top2_direct(xb, centroids, labels[s:e], d1[s:e], d2[s:e])
+        xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
+        top2_from_ip(xb @ ct, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e])
 
     for_each_block(n, block_rows_for(dim, k), run, n_threads)
