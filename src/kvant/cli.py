@@ -134,9 +134,23 @@ def _cmd_cluster(args) -> int:
 
     t0 = time.perf_counter()
     c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter)
-    with progress(args, total=None, desc=f"k-means k={args.k}") as bar:
-        c.fit(args.input, column=args.column)
-        bar.update(1)
+    bars = {}
+
+    def report(phase: str, amount: int) -> None:
+        if phase not in bars:  # one bar per phase: Lloyd iterations, then rows assigned
+            for bar in bars.values():
+                bar.close()
+            unit = "it" if phase == "train" else "rows"
+            total = args.max_iter if phase == "train" else None
+            bars[phase] = progress(args, total=total, desc=f"k-means {phase}")
+            bars[phase].unit = unit
+        bars[phase].update(amount)
+
+    try:
+        c.fit(args.input, column=args.column, progress=report)
+    finally:
+        for bar in bars.values():
+            bar.close()
     wall = time.perf_counter() - t0
     if args.output:
         np.save(args.output, c.labels_)

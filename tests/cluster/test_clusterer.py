@@ -245,3 +245,17 @@ def test_auto_switches_to_minibatch_over_memory_budget(monkeypatch, data):
     monkeypatch.delenv("KVANT_MEMORY_BUDGET")
     c = kvant.Clusterer(k=4, seed=0).fit(x)
     assert c.algorithm_.startswith("dense-exact") and c.auto_reason_
+
+
+@pytest.mark.parametrize("algorithm", ["dense-exact-random", "minibatch"])
+def test_progress_callback_accounts_for_every_row(data, algorithm):
+    x, _ = data
+    events = []
+    c = kvant.Clusterer(k=8, algorithm=algorithm, seed=0, batch_rows=1000, max_epochs=1)
+    c.fit(x, progress=lambda phase, amount: events.append((phase, amount)))
+    assigned = sum(a for p, a in events if p == "assign")
+    assert assigned == x.shape[0]
+    if algorithm == "minibatch":
+        assert sum(a for p, a in events if p == "minibatch") == x.shape[0]  # one epoch
+    else:
+        assert sum(a for p, a in events if p == "train") == c.n_iter_

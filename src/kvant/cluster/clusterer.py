@@ -131,8 +131,13 @@ class Clusterer:
             raise InvalidInput(f"k={self.k} is larger than the number of rows ({n}); k must be <= N")
 
     # ------------------------------------------------------------------------------------------
-    def fit(self, x, column: str | None = None) -> Clusterer:
-        """Cluster ``x`` (anything :func:`kvant.as_source` accepts). Returns self."""
+    def fit(self, x, column: str | None = None, progress=None) -> Clusterer:
+        """Cluster ``x`` (anything :func:`kvant.as_source` accepts). Returns self.
+
+        ``progress(phase, amount)``, if given, is called as work completes: ``("train", 1)`` per Lloyd
+        iteration, ``("minibatch", rows)`` per mini-batch, ``("assign", rows)`` per assigned block.
+        """
+        report = progress or (lambda phase, amount: None)
         self._check_settings()
         src = as_source(x, column=column)
         self._check_settings(src.n)
@@ -153,7 +158,8 @@ class Clusterer:
         if algorithm == "minibatch":
             t = time.perf_counter()
             mb = minibatch_kmeans(
-                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, tol, self.sample_per_centroid
+                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, tol, self.sample_per_centroid,
+                on_batch=lambda rows: report("minibatch", rows),
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
             timings["train"] = time.perf_counter() - t
@@ -169,7 +175,7 @@ class Clusterer:
             for r in range(restarts):
                 seed = None if self.seed is None else self.seed + r
                 c0 = init_centroids(sample, self.k, init, seed, spherical)
-                res = lloyd(sample, c0, self.max_iter, tol, spherical)
+                res = lloyd(sample, c0, self.max_iter, tol, spherical, on_iter=lambda obj: report("train", 1))
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
             centroids = best.centroids
@@ -180,7 +186,7 @@ class Clusterer:
             timings["train"] = time.perf_counter() - t
             if polish > 0 and full is not None and result_labels is None:
                 t = time.perf_counter()
-                res = lloyd(full, centroids, polish, tol, spherical)
+                res = lloyd(full, centroids, polish, tol, spherical, on_iter=lambda obj: report("train", 1))
                 centroids, result_labels = res.centroids, res.labels
                 history += res.objective_history
                 n_iter += res.n_iter
@@ -189,7 +195,7 @@ class Clusterer:
         t = time.perf_counter()
         rows = self.batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if result_labels is None:
-            labels = _assign_all(src, full, centroids, spherical, rows)
+            labels = _assign_all(src, full, centroids, spherical, rows, report)
         else:
             labels = result_labels
         inertia = _inertia(src, full, centroids, labels, spherical, rows)
@@ -304,12 +310,14 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool, ro
             yield s, normalise_rows(block, s) if spherical else block
 
 
-def _assign_all(src, full, centroids, spherical, rows: int | None = None) -> np.ndarray:
+def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None) -> np.ndarray:
     labels = np.empty(src.n, np.int64)
     cn = sq_norms(centroids)
     for s, block in _iter_blocks(src, full, spherical, rows):
         b = block.shape[0]
         assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32))
+        if report is not None:
+            report("assign", b)
     return labels
 
 

@@ -94,11 +94,13 @@ def lloyd(
     tol: float,
     spherical: bool = False,
     x_sqnorms: np.ndarray | None = None,
+    on_iter=None,
 ) -> LloydResult:
     """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
 
     Stops after ``max_iter`` M-steps or when the objective improves by less than ``tol`` (relative).
-    The returned labels are the exact nearest centroids for the returned centroids.
+    The returned labels are the exact nearest centroids for the returned centroids. ``on_iter(objective)``,
+    if given, is called after every M-step (progress reporting).
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -122,6 +124,8 @@ def lloyd(
         obj = _objective(x_total, sums, counts, spherical)
         result.objective_history.append(obj)
         result.n_iter = it + 1
+        if on_iter is not None:
+            on_iter(obj)
         delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
         c = new_c
         converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(obj), 1e-30)

@@ -35,7 +35,9 @@ def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
     return normalise_rows(block, start) if spherical else block
 
 
-def minibatch_kmeans(src, k, spherical, seed, batch_rows, max_epochs, tol, sample_per_centroid) -> MiniBatchResult:
+def minibatch_kmeans(
+    src, k, spherical, seed, batch_rows, max_epochs, tol, sample_per_centroid, on_batch=None
+) -> MiniBatchResult:
     n = src.n
     g = rng(seed)
     # Seed on a sample no larger than one batch, so memory stays within the batch budget.
@@ -77,6 +79,8 @@ def minibatch_kmeans(src, k, spherical, seed, batch_rows, max_epochs, tol, sampl
             if spherical:
                 c = _normalise(c)
             result.n_iter += 1
+            if on_batch is not None:
+                on_batch(b)
         obj = 0.5 * total_obj if spherical else total_obj
         result.objective_history.append(obj)
         if prev < np.inf and prev - obj <= tol * max(abs(obj), 1e-30):
