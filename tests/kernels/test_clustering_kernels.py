@@ -8,7 +8,7 @@ from kvant.cluster.assign import assign_top2
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
 from kvant.kernels.lloyd import cluster_sums, exact_sq_dist_rows, kmeanspp, move_rows
-from kvant.kernels.topk import merge_topk, topk_smallest
+from kvant.kernels.topk import merge_topk, merge_topk_ids, topk_smallest
 
 SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (37, 7, 5), (64, 13, 17), (300, 33, 40), (129, 130, 2)]
 
@@ -92,6 +92,21 @@ def test_merge_topk_blocks_equal_one_shot():
         merge_topk(np.ascontiguousarray(dist[:, s : s + 50]), s, out_d, out_i)
     rv, ri = ref.topk_ref(dist, 9)
     np.testing.assert_array_equal(out_i, ri)
+
+
+def test_merge_topk_with_explicit_ids_skips_negative_ids():
+    g = np.random.default_rng(2)
+    dist = g.integers(0, 4, size=(5, 40)).astype(np.float32)
+    ids = np.tile(np.arange(100, 140, dtype=np.int64), (5, 1))
+    ids[:, ::7] = -1  # padding slots must never be selected
+    out_d = np.full((5, 6), np.inf, np.float32)
+    out_i = np.full((5, 6), -1, np.int64)
+    merge_topk_ids(dist, ids, out_d, out_i)
+    masked = dist.copy()
+    masked[ids < 0] = np.nan  # the reference skips NaN
+    rv, ri = ref.topk_ref(masked, 6)
+    np.testing.assert_array_equal(out_i, np.where(ri >= 0, ri + 100, -1))
+    np.testing.assert_array_equal(out_d, rv.astype(np.float32))
 
 
 @pytest.mark.parametrize("n,d,k", [(0, 2, 1), (1, 1, 1), (101, 7, 9)])

@@ -15,17 +15,21 @@ from numba import prange
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
+@numba.njit(inline="always")
+def _row_sqnorm(x, i):
+    acc = 0.0
+    for j in range(x.shape[1]):
+        v = np.float64(x[i, j])
+        acc += v * v
+    return acc
+
+
 @numba.njit(parallel=True, **_JIT)
 def sq_norms(x):
     """Squared L2 norm of each row, accumulated in float64, returned as float32."""
-    n, d = x.shape
-    out = np.empty(n, np.float32)
-    for i in prange(n):
-        acc = 0.0
-        for j in range(d):
-            v = np.float64(x[i, j])
-            acc += v * v
-        out[i] = acc
+    out = np.empty(x.shape[0], np.float32)
+    for i in prange(x.shape[0]):
+        out[i] = _row_sqnorm(x, i)
     return out
 
 
@@ -71,12 +75,7 @@ def sq_l2_block(q: np.ndarray, x: np.ndarray, x_sqnorms: np.ndarray, q_sqnorms: 
 @numba.njit(**_JIT)
 def sq_norms_serial(x):
     """Serial :func:`sq_norms`, for use on a block inside a worker thread."""
-    n, d = x.shape
-    out = np.empty(n, np.float32)
-    for i in range(n):
-        acc = 0.0
-        for j in range(d):
-            v = np.float64(x[i, j])
-            acc += v * v
-        out[i] = acc
+    out = np.empty(x.shape[0], np.float32)
+    for i in range(x.shape[0]):
+        out[i] = _row_sqnorm(x, i)
     return out

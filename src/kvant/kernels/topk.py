@@ -26,37 +26,37 @@ def _insert(dist_row, idx_row, d, i):
     idx_row[pos] = i
 
 
+@numba.njit(inline="always")
+def _merge_row(drow, irow, block_row, ids_row, base):
+    """Merge one row of candidates; column j's id is ``ids_row[j]`` or, when ids_row is empty, base + j."""
+    worst = drow[drow.shape[0] - 1]
+    explicit = ids_row.shape[0] > 0
+    for j in range(block_row.shape[0]):
+        d = block_row[j]
+        if d <= worst:
+            cid = ids_row[j] if explicit else base + j
+            if cid >= 0:
+                _insert(drow, irow, d, cid)
+                worst = drow[drow.shape[0] - 1]
+
+
 @numba.njit(parallel=True, **_JIT)
 def merge_topk(block_dist, base, out_dist, out_idx):
     """Merge a (nq, nb) block whose columns are ids base..base+nb-1 into the running top-k (in place).
 
     ``out_dist``/``out_idx`` start as inf / -1. NaN distances are never selected.
     """
-    nq, nb = block_dist.shape
-    for r in prange(nq):
-        drow = out_dist[r]
-        irow = out_idx[r]
-        worst = drow[drow.shape[0] - 1]
-        for j in range(nb):
-            d = block_dist[r, j]
-            if d <= worst:
-                _insert(drow, irow, d, base + j)
-                worst = drow[drow.shape[0] - 1]
+    no_ids = np.empty(0, np.int64)
+    for r in prange(block_dist.shape[0]):
+        _merge_row(out_dist[r], out_idx[r], block_dist[r], no_ids, base)
 
 
 @numba.njit(parallel=True, **_JIT)
 def merge_topk_ids(block_dist, block_ids, out_dist, out_idx):
-    """Like :func:`merge_topk` but the block's column ids are given explicitly (``block_ids`` (nq, nb))."""
-    nq, nb = block_dist.shape
-    for r in prange(nq):
-        drow = out_dist[r]
-        irow = out_idx[r]
-        worst = drow[drow.shape[0] - 1]
-        for j in range(nb):
-            d = block_dist[r, j]
-            if d <= worst and block_ids[r, j] >= 0:
-                _insert(drow, irow, d, block_ids[r, j])
-                worst = drow[drow.shape[0] - 1]
+    """Like :func:`merge_topk` but the block's column ids are given explicitly (``block_ids`` (nq, nb));
+    negative ids are skipped."""
+    for r in prange(block_dist.shape[0]):
+        _merge_row(out_dist[r], out_idx[r], block_dist[r], block_ids[r], 0)
 
 
 def topk_smallest(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
