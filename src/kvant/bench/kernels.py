@@ -355,6 +355,12 @@ def speed_phase(kern: PQKernels, quick: bool = False, seed: int = 0, use_faiss: 
             rows4.append(row)
             log(_fmt_row4(row))
 
+    enc = _encode_speed(kern, faiss, quick, seed, reps)
+    log(f"  encode (128, 16, 256) clustered: {enc['vectors_per_s']:,.0f} vectors/s"
+        + ("" if enc["faiss_vectors_per_s"] is None else
+           f" | FAISS ProductQuantizer.compute_codes {enc['faiss_vectors_per_s']:,.0f} vectors/s | "
+           f"same codes {enc['faiss_same_codes']:.4f}"))
+
     gm = _geomean([r["ns_per_query"] for r in rows])
     lo, hi = _bootstrap_ci(samples, seed)
     key = (lambda r: r["ratio"]) if faiss is not None else (lambda r: -r["ns_per_query"])
@@ -363,7 +369,25 @@ def speed_phase(kern: PQKernels, quick: bool = False, seed: int = 0, use_faiss: 
     return {"rows": rows, "rows4": rows4, "geomean_ns": gm, "ci90": (lo, hi), "worst": worst, "best": best,
             "gbs_geomean": _geomean([r["gbs"] for r in rows]),
             "faiss_ratio_geomean": _geomean(ratios) if ratios else None,
-            "faiss_mismatches": mismatches, "n": n, "nq": nq, "reps": reps, "faiss": faiss is not None}
+            "faiss_mismatches": mismatches, "n": n, "nq": nq, "reps": reps, "faiss": faiss is not None,
+            "encode": enc}
+
+
+def _encode_speed(kern: PQKernels, faiss, quick: bool, seed: int, reps: int) -> dict:
+    """Encoding throughput, dim 128, m 16, ksub 256 (issue target: >= 1M vectors/s on 2 cores)."""
+    n = 5000 if quick else 200_000
+    data = generate("clustered", n + 8192, 128, seed + 5)
+    x, train = data[:n], data[n:]
+    cb = make_codebooks(train, 16, 256, seed + 5)
+    med = float(np.median(_timed(lambda: kern.encode(x, cb), reps)))
+    out = {"n": n, "vectors_per_s": n / med, "faiss_vectors_per_s": None, "faiss_same_codes": None}
+    if faiss is not None:
+        pq = faiss.ProductQuantizer(128, 16, 8)
+        faiss.copy_array_to_vector(cb.ravel(), pq.centroids)
+        fmed = float(np.median(_timed(lambda: pq.compute_codes(x), reps)))
+        out["faiss_vectors_per_s"] = n / fmed
+        out["faiss_same_codes"] = float(np.mean(pq.compute_codes(x) == np.asarray(kern.encode(x, cb))))
+    return out
 
 
 def _recall(got, exact) -> float:
@@ -494,6 +518,20 @@ def run(kernels: PQKernels | None = None, quick: bool = False, seed: int = 0, sp
                        else f"{sp['faiss_ratio_geomean']:.3f}")
         _append_tsv(Path(results), row)
         out["results"] = str(results)
+        if sp is not None and not quick:  # the latest full run's tables, for README
+            md = Path(results).with_suffix(".md")
+            enc = sp["encode"]
+            extra = [f"Encoding (128, 16, 256), {enc['n']:,} clustered vectors: kvant {enc['vectors_per_s']:,.0f} "
+                     "vectors/s" + ("" if enc["faiss_vectors_per_s"] is None else
+                                    f", FAISS {enc['faiss_vectors_per_s']:,.0f} vectors/s "
+                                    f"(same codes: {enc['faiss_same_codes']:.4f})") + ".",
+                     f"Geomean {sp['geomean_ns']:.0f} ns/query (bootstrap 90% CI {sp['ci90'][0]:.0f}–"
+                     f"{sp['ci90'][1]:.0f}); codes scanned {sp['gbs_geomean']:.2f} GB/s vs machine read bandwidth "
+                     f"{sp['mem_bw_gbs']:.1f} GB/s; peak memory {peak:.0f} MiB; total {total:.1f} s; "
+                     f"threads {get_num_threads()}; commit {row['commit']}."]
+            if sp["faiss_ratio_geomean"] is not None:
+                extra.append(f"kvant/FAISS IndexPQ queries/s geomean: {sp['faiss_ratio_geomean']:.2f}×.")
+            md.write_text(markdown_table(sp) + "\n\n" + "\n".join(extra) + "\n", encoding="utf-8")
     return out
 
 
