@@ -498,7 +498,7 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
 
 @numba.njit(parallel=True, **_NJ)
 def knn(data, cdata, params, Q, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
-        slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d, out_i, bad):  # pragma: no cover
+        slack_rel, slack_abs, ddata, cdst, csub, dfs_node, leaf, out_d, out_i, bad):  # pragma: no cover
     """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
 
     Queries are rows of Q. mode 0: plain queries; mode 1: exclude slot qslot[i] itself; mode 2: only
@@ -508,13 +508,13 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, child_idx, cpd, cm
     """
     for qi in numba.prange(Q.shape[0]):
         bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd,
-                           cminid, minid, k, slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d,
+                           cminid, minid, k, slack_rel, slack_abs, ddata, cdst, csub, dfs_node, leaf, out_d,
                            out_i)
 
 
 @numba.njit(**_NJ)
 def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
-             slack_rel, slack_abs, ddata, dfs_start, dfs_end, dfs_node, leaf, out_d, out_i):  # pragma: no cover
+             slack_rel, slack_abs, ddata, cdst, csub, dfs_node, leaf, out_d, out_i):  # pragma: no cover
     isbad = False
     if True:
         hd = np.empty(k, np.float64)
@@ -586,11 +586,11 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx
                 if (mode != 2 or c < lim) and c != excl:
                     size = _heap_push_res(hd, hi, size, k, dc, c)
                     kth = hd[0] if size == k else np.inf
-                if child_off[c + 1] > child_off[c]:
+                if csub[e] > 1:
                     clb = dc - md - (slack_rel * (dc + md) + slack_abs)
-                    if clb <= kth and dfs_end[c] - dfs_start[c] <= leaf:
+                    if clb <= kth and csub[e] <= leaf:
                         # small subtree: scan its points, stored contiguously in DFS order
-                        for pos in range(dfs_start[c] + 1, dfs_end[c]):
+                        for pos in range(cdst[e] + 1, cdst[e] + csub[e]):
                             x = dfs_node[pos]
                             if mode == 2 and x >= lim:
                                 continue

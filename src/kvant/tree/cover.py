@@ -144,6 +144,9 @@ class CoverTree:
         self._dstart, self._dend, self._dnode = K.dfs_order(max(self._root, 0), n_in, self._off, self._idx, cap)
         self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0
                        else np.zeros((1, max(1, self._data.shape[1]))))
+        # per child edge: DFS start and subtree size (contiguous, so the query loop avoids random reads)
+        self._cdst = self._dstart[idx]
+        self._csub = (self._dend - self._dstart)[idx]
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -455,7 +458,7 @@ class CoverTree:
             # re-insert into the reduced tree: freeze it first (the traversal reads the CSR)
             saved = (self._parent, self._level, self._maxdist, self._pd, self._in)
             saved_q = (self._off, self._idx, self._minid, self._height, self._cdata, self._cpd, self._cmd, self._cminid,
-                       self._dstart, self._dend, self._dnode, self._ddata)
+                       self._dstart, self._dend, self._dnode, self._ddata, self._cdst, self._csub)
             try:
                 self._set_state(st)
                 self._freeze()
@@ -465,7 +468,7 @@ class CoverTree:
             finally:
                 self._parent, self._level, self._maxdist, self._pd, self._in = saved
                 (self._off, self._idx, self._minid, self._height, self._cdata, self._cpd, self._cmd,
-                 self._cminid, self._dstart, self._dend, self._dnode, self._ddata) = saved_q
+                 self._cminid, self._dstart, self._dend, self._dnode, self._ddata, self._cdst, self._csub) = saved_q
             st.in_tree[reinsert] = True
         self._set_state(st)
         self._root, self._n = int(root), int(n_new)
@@ -525,7 +528,7 @@ class CoverTree:
         sr, sa = self._slack()
         t = time.perf_counter()
         m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._cpd,
-              self._cmd, self._cminid, self._minid, k, sr, sa, self._ddata, self._dstart, self._dend, self._dnode,
+              self._cmd, self._cminid, self._minid, k, sr, sa, self._ddata, self._cdst, self._csub, self._dnode,
               self._leaf, out_d, out_i, bad)
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
         if bad.any():
