@@ -215,3 +215,14 @@ def test_corrupted_or_truncated_file_raises_persist_error(tmp_path_factory, save
     path.write_bytes(bytes(blob))
     with pytest.raises(PersistError):
         kvant.load(path)
+
+
+def test_wide_subvectors_train_with_blas_assignment(monkeypatch):
+    x = _data(1500, 32, seed=4, aniso=True)
+    wide = kvant.PQ(32, 2, nbits=4, seed=0).fit(x)  # dsub = 16: BLAS assignment during training
+    assert wide.codebooks.shape == (2, 16, 16)
+    assert np.array_equal(wide.codebooks, kvant.PQ(32, 2, nbits=4, seed=0).fit(x).codebooks)
+    monkeypatch.setattr(pqmod, "_BLAS_MIN_DSUB", 10**6)
+    direct = kvant.PQ(32, 2, nbits=4, seed=0).fit(x)  # same seeds, direct encoder assignment
+    e_wide, e_direct = wide.reconstruction_error(x), direct.reconstruction_error(x)
+    assert abs(e_wide - e_direct) <= 0.02 * e_direct, (e_wide, e_direct)

@@ -2,8 +2,10 @@
 
 Training (on the same sample as :class:`~kvant.quant.pq.PQ`):
 
-1. Initial rotation by *eigenvalue allocation* (the paper's parametric solution): principal directions
-   are dealt to the ``m`` subspaces so the products of their variances are balanced.
+1. Initial rotation: the identity (``init="identity"``, default: the alternation starts from the plain PQ
+   solution, so OPQ only improves on it) or *eigenvalue allocation* (``init="eigen"``, the paper's parametric
+   solution: principal directions dealt to the ``m`` subspaces so the products of their variances balance).
+   On Fashion-MNIST (20k rows, m=16, 20 iterations) identity reached MSE 4.72e5 and eigen 5.42e5.
 2. Codebooks are trained in the rotated space (k-means, ``n_iter_pq_0`` iterations).
 3. ``n_iter`` alternations of: encode/decode in the rotated space -> orthogonal Procrustes (SVD of
    ``Xᵀ Y``) for the rotation minimising ``||X R - Y||`` -> ``n_iter_pq`` warm-started Lloyd iterations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import persist
-from ..errors import PersistError
+from ..errors import InvalidInput, PersistError
 from .pq import PQ, _check_int, _kpq, lloyd_refine, train_subspaces
 
 __all__ = ["OPQ", "eigenvalue_allocation"]
@@ -76,10 +78,14 @@ class OPQ(PQ):
         n_iter_pq: int = 4,
         n_iter_pq_0: int = 10,
         max_train_rows: int | None = None,
+        init: str = "identity",
     ):
         super().__init__(dim, m, nbits, seed=seed, n_iter=n_iter, max_train_rows=max_train_rows)
         self.n_iter_pq = _check_int("n_iter_pq", n_iter_pq, lo=0)
         self.n_iter_pq_0 = _check_int("n_iter_pq_0", n_iter_pq_0, lo=0)
+        if init not in ("identity", "eigen"):
+            raise InvalidInput(f"unknown OPQ init {init!r}; expected 'identity' or 'eigen'")
+        self.init = init
         self.rotation_: np.ndarray | None = None
 
     @property
@@ -90,7 +96,10 @@ class OPQ(PQ):
 
     def fit(self, x) -> OPQ:
         xs = self._train_sample(x)
-        r = eigenvalue_allocation(xs, self.m).astype(np.float32)
+        if self.init == "eigen":
+            r = eigenvalue_allocation(xs, self.m).astype(np.float32)
+        else:
+            r = np.eye(self.dim, dtype=np.float32)
         xr = xs @ r
         books = train_subspaces(xr, self.m, self.ksub, self.n_iter_pq_0, self.seed)
         kpq = _kpq()
@@ -113,7 +122,7 @@ class OPQ(PQ):
 
     def _meta(self) -> dict:
         meta = super()._meta()
-        meta.update(n_iter_pq=self.n_iter_pq, n_iter_pq_0=self.n_iter_pq_0)
+        meta.update(n_iter_pq=self.n_iter_pq, n_iter_pq_0=self.n_iter_pq_0, init=self.init)
         return meta
 
     def _arrays(self) -> dict:
@@ -123,7 +132,7 @@ class OPQ(PQ):
     def _from_meta(cls, meta: dict):
         return cls(meta["dim"], meta["m"], meta["nbits"], n_iter=meta["n_iter"], seed=meta["seed"],
                    n_iter_pq=meta["n_iter_pq"], n_iter_pq_0=meta["n_iter_pq_0"],
-                   max_train_rows=meta["max_train_rows"])
+                   max_train_rows=meta["max_train_rows"], init=meta.get("init", "identity"))
 
     def _load_arrays(self, arrays: dict) -> None:
         rot = arrays["rotation"]

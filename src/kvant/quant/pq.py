@@ -26,6 +26,8 @@ __all__ = ["PQ", "pack_nibbles", "unpack_nibbles", "check_dim_m"]
 
 _ROWS_PER_CODEWORD = 256
 _ENCODE_CHUNK_ROWS = 65536
+# Training assignment switches from the fused direct encoder to per-subspace BLAS at this sub-vector width.
+_BLAS_MIN_DSUB = 16
 
 
 def _kpq():
@@ -110,8 +112,22 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
     m, ksub, dsub = books.shape
     n = xs.shape[0]
     xv = xs.reshape(n, m, dsub)
+    blas = dsub >= _BLAS_MIN_DSUB
+    if blas and n_iter:
+        from ..cluster.assign import assign_top2
+        from ..kernels.distance import sq_norms
+
+        subs = [np.ascontiguousarray(xv[:, j, :]) for j in range(m)]
+        sub_norms = [sq_norms(sj) for sj in subs]
+        labels, d1, d2 = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
     for _ in range(n_iter):
-        codes = kpq.pq_encode(xs, books)
+        if blas:  # wide sub-vectors: per-subspace GEMM assignment (kvant k-means E-step) beats the direct encoder
+            codes = np.empty((n, m), np.uint8)
+            for j in range(m):
+                assign_top2(subs[j], books[j], sq_norms(books[j]), labels, d1, d2, x_sqnorms=sub_norms[j])
+                codes[:, j] = labels
+        else:
+            codes = kpq.pq_encode(xs, books)
         for j in range(m):
             c = codes[:, j]
             counts = np.bincount(c, minlength=ksub)
