@@ -295,8 +295,11 @@ def write_markdown(res, path):
     lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
              "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
              "mean cosine for cos (higher is better). FAISS time includes assigning all rows.", ""]
-    lines += ["| dataset | N×D | K | metric | method | s (median) | runs | quality | V-measure | vs FAISS default |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    lines += ["The machine was shared with other jobs during the run. *spread* is max/min over a method's runs: "
+              "a large spread means load noise, so read such cells with care.", "",
+              "| dataset | N×D | K | metric | method | s (median) | runs | spread | quality | V-measure "
+              "| vs FAISS default |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     by_cell = {}
     for r in res["rows"]:
         by_cell.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), []).append(r)
@@ -305,7 +308,7 @@ def write_markdown(res, path):
         for r in rows:
             if "seconds" not in r:
                 lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']} | skipped: "
-                             f"{r['skipped']} | | | | |")
+                             f"{r['skipped']} | | | | | |")
                 continue
             rel = ""
             if ref is not None and r is not ref:
@@ -313,8 +316,9 @@ def write_markdown(res, path):
                 rel = f"{ref['seconds'] / r['seconds']:.2f}× faster, {100 * loss:+.2f}% quality loss"
             vm = f"{r['v_measure']:.4f}" if "v_measure" in r else ""
             alg = f" ({r['info_algorithm']})" if r["method"] == "kvant auto" else ""
+            spread = max(r["runs"]) / min(r["runs"])
             lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']}{alg} | "
-                         f"{r['seconds']:.3f} | {len(r['runs'])} | {r['quality']:.6g} | {vm} | {rel} |")
+                         f"{r['seconds']:.3f} | {len(r['runs'])} | {spread:.2f} | {r['quality']:.6g} | {vm} | {rel} |")
     lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", "",
               "| cell | vs FAISS default (≥2×, ≤0.5%) | vs FAISS no-subsample (≥5×, ≤0.2%) |", "|---|---|---|"]
     for v in res["verdicts"]:
@@ -382,9 +386,17 @@ def main(argv=None):
                    "sklearn KMeans,sklearn MiniBatch", help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--out", default="clustering")
+    p.add_argument("--from-json", action="store_true", help="rewrite the .md and .png from the saved .json")
     p.add_argument("--only", default=None, help="comma-separated dataset names to run (default: all)")
     p.add_argument("--ks", default=None, help="comma-separated K values to run (default: the grid's)")
     args = p.parse_args(argv)
+
+    if args.from_json:
+        res = json.loads((RESULTS / f"{args.out}.json").read_text())
+        res["verdicts"] = assess(res["rows"])
+        write_markdown(res, RESULTS / f"{args.out}.md")
+        plot(res, RESULTS / f"{args.out}.png")
+        return
 
     import faiss
     from threadpoolctl import threadpool_limits
