@@ -125,37 +125,60 @@ def ip_tables(queries, codebooks):
     return out
 
 
+@numba.njit(inline="always", **_JIT)
+def _argmin_bits(bits, ksub):
+    # argmin on the int32 bit patterns: distances are >= +0, where IEEE order equals integer order, and integer
+    # min-reductions vectorise without fast-math; ties go to the smaller codeword id
+    mn = bits[0]
+    for c in range(1, ksub):
+        mn = min(mn, bits[c])
+    best = ksub
+    for c in range(ksub):
+        cand = c if bits[c] == mn else ksub
+        best = min(best, cand)
+    return best
+
+
 @numba.njit(parallel=True, **_JIT)
-def _encode_kernel(x, cbt, out, block):
+def _encode_kernel(x, cbf, m, dsub, ksub, out, block):
+    # cbf: codebooks transposed to (m, dsub, ksub) and flattened; rows are encoded two at a time so each codebook
+    # load feeds two rows; the inner loops run over codewords (vectorised) with unsigned indexing.
     n = x.shape[0]
-    m, dsub, ksub = cbt.shape
     nblocks = (n + block - 1) // block
+    uk = np.uint64(ksub)
     for b in prange(nblocks):
         acc = np.empty(ksub, dtype=np.float32)
+        acc2 = np.empty(ksub, dtype=np.float32)
         bits = acc.view(np.int32)
+        bits2 = acc2.view(np.int32)
         r1 = min(n, (b + 1) * block)
-        for r in range(b * block, r1):
+        for r in range(b * block, r1, 2):
+            ra = x[r]
+            rb = x[min(r + 1, r1 - 1)]
             for j in range(m):
                 base = j * dsub
-                xv = x[r, base]
+                o = np.uint64(base) * uk
+                xa = ra[base]
+                xb = rb[base]
                 for c in range(ksub):
-                    diff = xv - cbt[j, 0, c]
-                    acc[c] = diff * diff
+                    cv = cbf[o + np.uint64(c)]
+                    t = xa - cv
+                    acc[c] = t * t
+                    t2 = xb - cv
+                    acc2[c] = t2 * t2
                 for d in range(1, dsub):
-                    xv = x[r, base + d]
+                    xa = ra[base + d]
+                    xb = rb[base + d]
+                    o = np.uint64(base + d) * uk
                     for c in range(ksub):
-                        diff = xv - cbt[j, d, c]
-                        acc[c] += diff * diff
-                # argmin on the int32 bit patterns: distances are >= +0, where IEEE order equals integer
-                # order, and integer min-reductions vectorise without fast-math
-                mn = bits[0]
-                for c in range(1, ksub):
-                    mn = min(mn, bits[c])
-                best = ksub
-                for c in range(ksub):
-                    cand = c if bits[c] == mn else ksub
-                    best = min(best, cand)
-                out[r, j] = best
+                        cv = cbf[o + np.uint64(c)]
+                        t = xa - cv
+                        acc[c] += t * t
+                        t2 = xb - cv
+                        acc2[c] += t2 * t2
+                out[r, j] = _argmin_bits(bits, ksub)
+                if r + 1 < r1:
+                    out[r + 1, j] = _argmin_bits(bits2, ksub)
 
 
 def pq_encode(x, codebooks):
@@ -163,7 +186,8 @@ def pq_encode(x, codebooks):
     m = codebooks.shape[0]
     out = np.empty((x.shape[0], m), dtype=np.uint8)
     if out.size:
-        _encode_kernel(x, _transpose_cb(codebooks), out, 64)
+        m, ksub, dsub = codebooks.shape
+        _encode_kernel(x, _transpose_cb(codebooks).reshape(-1), m, dsub, ksub, out, 64)
     return out
 
 
