@@ -36,10 +36,12 @@ Per query, each sub-quantizer table is quantised to integers in [0, qmax] (qmax 
 the u16 accumulator cannot overflow): ``lut[j, v] = round((t[j, v] - min_j) / scale)`` with one shared
 ``scale = max_j (max_j - min_j) / qmax`` (offsets ``min_j`` are per sub-quantizer; their sum is a constant per
 query and does not change the order). Each quantised entry is within scale / 2 of the true value, so a row's
-true sum lies within ±m·scale/2 of ``Σ min_j + scale · acc``. Pairs of sub-quantizers are merged into one
-256-entry u16 table indexed by the packed byte (``lut2[p, byte] = lut[2p, byte & 15] + lut[2p+1, byte >> 4]``),
-so the scan does one lookup per packed byte and accumulates in u16. The shortlist is re-scored with the exact
-float32 ADC sum, so returned distances are exact ADC distances.
+true sum lies within ±m·scale/2 of ``Σ min_j + scale · acc``. The scan (:func:`_fs_block`, a Numba intrinsic)
+does the 16-entry lookups of a 32-row block with ``vpshufb`` on AVX2 hosts (32 lookups per instruction, a
+portable per-lane IR fallback elsewhere), accumulates in u16 registers (even and odd rows in the low and high
+bytes of 16-bit lanes, no widening per pair), and returns a bitmask of the rows at or below the current
+threshold so only candidate rows are visited. The shortlist is re-scored with the exact float32 ADC sum, so
+returned distances are exact ADC distances.
 """
 
 from __future__ import annotations
