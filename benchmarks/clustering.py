@@ -275,6 +275,24 @@ def end_to_end(n, dim, k, algorithm, threads, family="zipf_imbalanced"):
 
 
 # ------------------------------------------------------------------------------------------------
+class cell_lock:
+    """Hold the machine-wide benchmark lock (KVANT_BENCH_LOCK, default /tmp/kvant-bench.lock) for one cell."""
+
+    def __enter__(self):
+        import fcntl
+
+        self.fh = open(os.environ.get("KVANT_BENCH_LOCK", "/tmp/kvant-bench.lock"), "a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+        return False
+
+
 def grid(quick: bool):
     if quick:
         return [("digits", None, None, 10, [10, 64], ["l2", "cos"]),
@@ -386,6 +404,7 @@ def main(argv=None):
                    "sklearn KMeans,sklearn MiniBatch", help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--out", default="clustering")
+    p.add_argument("--resume", default=None, help="a .json/.partial.json whose rows are kept (cells run elsewhere)")
     p.add_argument("--from-json", action="store_true", help="rewrite the .md and .png from the saved .json")
     p.add_argument("--only", default=None, help="comma-separated dataset names to run (default: all)")
     p.add_argument("--ks", default=None, help="comma-separated K values to run (default: the grid's)")
@@ -411,7 +430,8 @@ def main(argv=None):
         for metric in ("l2", "cos"):
             kvant.Clusterer(k=4, metric=metric, algorithm=alg).fit(warm)
 
-    rows = []
+    rows = json.loads(Path(args.resume).read_text())["rows"] if args.resume else []
+    RESULTS.mkdir(exist_ok=True)
     t_all = time.perf_counter()
     for ds, n, dim, k_true, ks, metrics in grid(args.quick):
         if args.only and ds not in args.only.split(","):
@@ -425,9 +445,13 @@ def main(argv=None):
             if k > x.shape[0]:
                 continue
             for metric in metrics:
+                if any((r["dataset"], r["n"], r["k"], r["metric"]) == (ds, x.shape[0], k, metric) for r in rows):
+                    continue  # already measured (--resume)
                 print(f"{ds} {x.shape[0]}x{x.shape[1]} K={k} {metric}", flush=True)
-                rows += bench_cell(ds, x, y, xn, k, metric, methods, args.repeats, args.slow_repeats,
-                                   args.slow_budget)
+                with cell_lock():  # other timed jobs on the machine may run between cells, never during one
+                    rows += bench_cell(ds, x, y, xn, k, metric, methods, args.repeats, args.slow_repeats,
+                                       args.slow_budget)
+                (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"rows": rows}))
         del x, xn
     res = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
@@ -438,12 +462,14 @@ def main(argv=None):
         "verdicts": assess(rows),
     }
     print("FLOP rate of the fused assignment:", flush=True)
-    res["flops"] = flop_rate([(200_000, 128, 256), (200_000, 128, 1024), (100_000, 384, 256), (70_000, 784, 64)]
-                             if not args.quick else [(50_000, 64, 64)])
+    with cell_lock():
+        res["flops"] = flop_rate([(200_000, 128, 256), (200_000, 128, 1024), (100_000, 384, 256), (70_000, 784, 64)]
+                                 if not args.quick else [(50_000, 64, 64)])
     if not args.no_e2e:
         n = 1_000_000 if not args.quick else 100_000
-        res["end_to_end"] = [end_to_end(n, 128, 256, "auto", args.threads),
-                             end_to_end(n, 128, 256, "minibatch", args.threads)]
+        with cell_lock():
+            res["end_to_end"] = [end_to_end(n, 128, 256, "auto", args.threads),
+                                 end_to_end(n, 128, 256, "minibatch", args.threads)]
     res["total_seconds"] = time.perf_counter() - t_all
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=1))
