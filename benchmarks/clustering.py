@@ -334,9 +334,12 @@ def write_markdown(res, path):
                 rel = f"{ref['seconds'] / r['seconds']:.2f}× faster, {100 * loss:+.2f}% quality loss"
             vm = f"{r['v_measure']:.4f}" if "v_measure" in r else ""
             alg = f" ({r['info_algorithm']})" if r["method"] == "kvant auto" else ""
-            spread = max(r["runs"]) / min(r["runs"])
+            if r.get("runs_not_logged"):  # recovered from an interrupted run's log: median only
+                runs, spread = "median only", "n/a"
+            else:
+                runs, spread = str(len(r["runs"])), f"{max(r['runs']) / min(r['runs']):.2f}"
             lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']}{alg} | "
-                         f"{r['seconds']:.3f} | {len(r['runs'])} | {spread:.2f} | {r['quality']:.6g} | {vm} | {rel} |")
+                         f"{r['seconds']:.3f} | {runs} | {spread} | {r['quality']:.6g} | {vm} | {rel} |")
     lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", "",
               "| cell | vs FAISS default (≥2×, ≤0.5%) | vs FAISS no-subsample (≥5×, ≤0.2%) |", "|---|---|---|"]
     for v in res["verdicts"]:
