@@ -331,7 +331,9 @@ def write_markdown(res, path):
             rel = ""
             if ref is not None and r is not ref:
                 loss = (r["quality"] - ref["quality"]) / abs(ref["quality"]) * (1 if key[4] == "l2" else -1)
-                rel = f"{ref['seconds'] / r['seconds']:.2f}× faster, {100 * loss:+.2f}% quality loss"
+                ratio = ref["seconds"] / r["seconds"]
+                speed = f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+                rel = f"{speed}, {100 * loss:+.2f}% quality loss"
             vm = f"{r['v_measure']:.4f}" if "v_measure" in r else ""
             alg = f" ({r['info_algorithm']})" if r["method"] == "kvant auto" and "info_algorithm" in r else ""
             if r.get("runs_not_logged"):  # recovered from an interrupted run's log: median only
