@@ -326,21 +326,29 @@ def main(argv=None) -> None:
     xs, qs = synthetic(n_syn, 100 if args.quick else args.synthetic_queries)
     datasets.append((f"synthetic-{n_syn // 1000}k×128", xs, qs, 16, [(16, 8), (32, 4)]))
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_partial():  # results so far, so an interrupted run still leaves numbers behind
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        write_markdown(res, out.with_suffix(".md"))
+
     for name, x, q, m, search_cfgs in datasets:
         print(f"[{name}] {x.shape} queries {q.shape}", flush=True)
         rows, pq = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter, min(len(x), 100_000))
         res["codecs"] += rows
         for r in rows:
             print("  ", r, flush=True)
+        save_partial()
         res["encode"].append(bench_encode(faiss, name, x, pq, repeats))
         print("  ", res["encode"][-1], flush=True)
+        save_partial()
         gt = ground_truth(x, q)
         for m_s, nbits in search_cfgs:
             res["search"].append(bench_search(faiss, name, x, q, gt, m_s, nbits, repeats))
             print("  ", res["search"][-1], flush=True)
+            save_partial()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     write_markdown(res, out.with_suffix(".md"))
     plot(res, out.with_suffix(".png"))
