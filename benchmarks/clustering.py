@@ -378,6 +378,8 @@ def plot(res, path):
         if "seconds" in r:
             cells.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), []).append(r)
     n = len(cells)
+    if n == 0:  # a run with no grid cells (only --only none): nothing to plot
+        return
     cols = min(4, n)
     rows_ = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.4 * rows_), squeeze=False)
