@@ -309,10 +309,38 @@ def grid(quick: bool):
     ]
 
 
+SUMMARY_METHODS = ["kvant auto", "kvant minibatch", "faiss default", "faiss no-subsample", "sklearn KMeans",
+                   "sklearn MiniBatch"]
+
+
+def summary_table(res) -> list[str]:
+    """One row per cell: seconds and quality of each method (the README table)."""
+    cells = {}
+    for r in res["rows"]:
+        cells.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), {})[r["method"]] = r
+    head = "| cell | " + " | ".join(SUMMARY_METHODS) + " |"
+    lines = ["Each entry: median seconds / quality (MSE per row for l2, lower is better; mean cosine for cos, higher "
+             "is better). — = not run in this grid, skip = skipped by the time budget.", "", head,
+             "|---|" + "---|" * len(SUMMARY_METHODS)]
+    for key, m in cells.items():
+        entries = []
+        for name in SUMMARY_METHODS:
+            r = m.get(name)
+            if r is None:
+                entries.append("—")
+            elif "seconds" not in r:
+                entries.append("skip")
+            else:
+                entries.append(f"{r['seconds']:.2f} s / {r['quality']:.5g}")
+        lines.append(f"| {key[0]} {key[1]}×{key[2]} K={key[3]} {key[4]} | " + " | ".join(entries) + " |")
+    return lines
+
+
 def write_markdown(res, path):
     lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
              "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
              "mean cosine for cos (higher is better). FAISS time includes assigning all rows.", ""]
+    lines += ["## Summary", ""] + summary_table(res) + ["", "## All rows", ""]
     lines += ["The machine was shared with other jobs during the run. *spread* is max/min over a method's runs: "
               "a large spread means load noise, so read such cells with care.", "",
               "| dataset | N×D | K | metric | method | s (median) | runs | spread | quality | V-measure "
