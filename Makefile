@@ -25,6 +25,10 @@ test: $(STAMP) lint
 
 bench:
 	$(MAKE) EXTRAS=dev,bench $(STAMP)
+	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root; say so if it cannot be installed).
+	test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "kvant: install dataset-fashion-mnist (apt) for the Fashion-MNIST benchmark cells"
 	$(BIN)/python benchmarks/clustering.py
 	$(BIN)/python benchmarks/pq.py
 	$(BIN)/python benchmarks/covertree.py
