@@ -3,16 +3,18 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 EXTRAS  ?= dev
-STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))-$(shell sha1sum pyproject.toml | cut -c1-12)
 comma   := ,
+STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test lint bench bench-kernels clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
+
+install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/kvant demo
@@ -24,7 +26,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 bench:
-	$(MAKE) EXTRAS=dev,bench $(STAMP)
+	$(MAKE) EXTRAS=dev,bench install
 	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root; say so if it cannot be installed).
 	test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
