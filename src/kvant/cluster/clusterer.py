@@ -23,13 +23,13 @@ import numpy as np
 
 from .._config import check_seed, get_num_threads
 from .._parallel import for_each_block
-from ..errors import EmptyIndex, InvalidInput
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source, check_finite
 from ..kernels.distance import sq_norms
 from ..kernels.lloyd import exact_sq_dist_rows
 from .assign import assign_top2
 from .auto import choose_algorithm
-from .lloyd import init_centroids, lloyd
+from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
@@ -158,7 +158,7 @@ class Clusterer:
         if algorithm == "minibatch":
             t = time.perf_counter()
             mb = minibatch_kmeans(
-                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, tol, self.sample_per_centroid,
+                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, tol,
                 on_batch=lambda rows: report("minibatch", rows),
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
@@ -229,24 +229,25 @@ class Clusterer:
 
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
+        src, full = self._prepare(x, column)
+        return _assign_all(src, full, self.cluster_centers_, self.metric == "cos")
+
+    def score(self, x, column: str | None = None) -> float:
+        """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
+        src, full = self._prepare(x, column)
+        spherical = self.metric == "cos"
+        labels = _assign_all(src, full, self.cluster_centers_, spherical)
+        inertia = _inertia(src, full, self.cluster_centers_, labels, spherical)
+        return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
+
+    def _prepare(self, x, column):
+        """The fitted-state and dimension checks shared by predict and score, then the rows (once)."""
         if not hasattr(self, "cluster_centers_"):
             raise EmptyIndex("this Clusterer is not fitted yet; call fit() first")
         src = as_source(x, column=column)
         if src.dim != self.n_features_in_:
-            from ..errors import DimensionMismatch
-
             raise DimensionMismatch(f"input has dim {src.dim}, the clusterer was fitted on dim {self.n_features_in_}")
-        spherical = self.metric == "cos"
-        return _assign_all(src, _in_memory_rows(src, spherical), self.cluster_centers_, spherical)
-
-    def score(self, x) -> float:
-        """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
-        src = as_source(x)
-        spherical = self.metric == "cos"
-        full = _in_memory_rows(src, spherical)
-        labels = self.predict(src)
-        inertia = _inertia(src, full, self.cluster_centers_, labels, spherical)
-        return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
+        return src, _in_memory_rows(src, self.metric == "cos")
 
     def get_params(self) -> dict[str, Any]:
         keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "polish_iter",
@@ -260,15 +261,6 @@ class Clusterer:
 # ----------------------------------------------------------------------------------------------
 # helpers shared by the algorithms
 # ----------------------------------------------------------------------------------------------
-
-
-def normalise_rows(block: np.ndarray, start: int = 0) -> np.ndarray:
-    """Unit-normalise rows for spherical k-means; a zero row has no direction and is rejected."""
-    norms = np.sqrt(sq_norms(block)).astype(np.float32)
-    if block.shape[0] and norms.min() == 0:
-        row = int(np.argmin(norms)) + start
-        raise InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors")
-    return block / norms[:, None]
 
 
 def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._config import get_num_threads, rng
-from .._parallel import for_each_block
+from ..errors import InvalidInput
 from ..kernels.distance import sq_norms
 from ..kernels.lloyd import cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
 from .assign import assign_top2
@@ -34,7 +34,6 @@ _BOUND_SLACK = 1e-4
 class LloydResult:
     centroids: np.ndarray  # (k, d) float32
     labels: np.ndarray  # (n,) int64, nearest centroid of each row for the returned centroids
-    upper: np.ndarray  # (n,) float32, upper bound on the distance of each row to its centroid
     objective_history: list[float] = field(default_factory=list)
     n_iter: int = 0
     n_reseeded: int = 0
@@ -63,6 +62,18 @@ def init_centroids(x: np.ndarray, k: int, method: str, seed: int | None, spheric
         raise ValueError(method)
     c = np.ascontiguousarray(x[rows], dtype=np.float32)
     return _normalise(c) if spherical else c
+
+
+def normalise_rows(block: np.ndarray, start: int = 0) -> np.ndarray:
+    """Unit-normalise data rows for spherical k-means; a zero row has no direction and is rejected.
+
+    (Centroids go through :func:`_normalise`, which leaves an all-zero centre as it is instead.)
+    """
+    norms = np.sqrt(sq_norms(block)).astype(np.float32)
+    if block.shape[0] and norms.min() == 0:
+        row = int(np.argmin(norms)) + start
+        raise InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors")
+    return block / norms[:, None]
 
 
 def _normalise(c: np.ndarray) -> np.ndarray:
@@ -114,7 +125,7 @@ def lloyd(
     upper = np.sqrt(d1)
     lower = np.sqrt(d2)
     sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()))
-    result = LloydResult(c, labels, upper)
+    result = LloydResult(c, labels)
     prev_obj = np.inf
     block = 65536
     for it in range(max_iter):
@@ -169,7 +180,6 @@ def lloyd(
             break
     result.centroids = c
     result.labels = labels
-    result.upper = upper
     return result
 
 
@@ -209,4 +219,4 @@ def train_centroids(
     return lloyd(x, c0, n_iter, tol).centroids
 
 
-__all__ = ["lloyd", "init_centroids", "train_centroids", "LloydResult", "for_each_block"]
+__all__ = ["lloyd", "init_centroids", "train_centroids", "normalise_rows", "LloydResult"]

@@ -16,7 +16,7 @@ from ..io import check_finite
 from ..kernels.distance import sq_norms
 from ..kernels.lloyd import cluster_sums
 from .assign import assign_top2
-from .lloyd import _normalise, init_centroids
+from .lloyd import _normalise, init_centroids, normalise_rows
 
 
 @dataclass
@@ -28,15 +28,13 @@ class MiniBatchResult:
 
 def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
     """Rows [start, stop) of ``src`` as validated float32 (unit rows when spherical)."""
-    from .clusterer import normalise_rows
-
     block = np.ascontiguousarray(src._read(start, stop), dtype=np.float32)
     check_finite(block, start, src.name)
     return normalise_rows(block, start) if spherical else block
 
 
 def minibatch_kmeans(
-    src, k, spherical, seed, batch_rows, max_epochs, tol, sample_per_centroid, on_batch=None
+    src, k, spherical, seed, batch_rows, max_epochs, tol, on_batch=None
 ) -> MiniBatchResult:
     n = src.n
     g = rng(seed)
@@ -44,8 +42,6 @@ def minibatch_kmeans(
     m = min(n, max(k, min(batch_rows, 32 * k)))
     sample = src.sample(m, None if seed is None else seed + 7919)
     if spherical:
-        from .clusterer import normalise_rows
-
         sample = normalise_rows(sample)
     c = init_centroids(sample, k, "k-means++", seed, spherical)
     del sample
