@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 from ._paths import check_file
-from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows
+from .source import VectorSource, check_finite_rows, check_shape_dtype
 
 __all__ = ["Hdf5Source", "HDF5_SUFFIXES"]
 
@@ -55,15 +55,7 @@ class Hdf5Source(VectorSource):
             ds = fh[column]
             if not isinstance(ds, h5py.Dataset):
                 raise InvalidInput(f"{p}: {column!r} is a group, not a dataset")
-            if ds.ndim != 2:
-                raise InvalidInput(f"{self.name}: expected a 2-D dataset (n, dim), got shape {ds.shape}")
-            if ds.dtype.type not in SUPPORTED_DTYPES:
-                names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
-                raise InvalidInput(f"{self.name}: dtype {ds.dtype} is not supported (use one of: {names})")
-            if ds.shape[0] == 0:
-                raise InvalidInput(f"{self.name}: has zero rows")
-            if ds.shape[1] == 0:
-                raise InvalidInput(f"{self.name}: has zero columns")
+            check_shape_dtype(ds.shape, ds.dtype, self.name, "dataset")
         except BaseException:
             fh.close()
             raise

@@ -20,6 +20,7 @@ __all__ = [
     "ArraySource",
     "check_finite",
     "check_finite_rows",
+    "check_shape_dtype",
     "default_chunk_rows",
     "SUPPORTED_DTYPES",
 ]
@@ -30,6 +31,19 @@ _CHUNK_BYTES = 32 << 20  # 32 MiB of float32 per chunk: large enough to amortise
 
 def default_chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * max(1, dim)))
+
+
+def check_shape_dtype(shape, dtype, name: str, what: str) -> None:
+    """Reject anything but a non-empty 2-D (n, dim) collection of a supported dtype (``what``: array/dataset)."""
+    if len(shape) != 2:
+        raise InvalidInput(f"{name}: expected a 2-D {what} (n, dim), got shape {tuple(shape)}")
+    if np.dtype(dtype).type not in SUPPORTED_DTYPES:
+        names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
+        raise InvalidInput(f"{name}: dtype {dtype} is not supported (use one of: {names})")
+    if shape[0] == 0:
+        raise InvalidInput(f"{name}: has zero rows")
+    if shape[1] == 0:
+        raise InvalidInput(f"{name}: has zero columns")
 
 
 def check_finite(block: np.ndarray, start: int = 0, what: str = "input") -> None:
@@ -205,15 +219,7 @@ class ArraySource(VectorSource):
     def __init__(self, array: np.ndarray, name: str = "input", validate: bool = True):
         if not isinstance(array, np.ndarray):
             raise InvalidInput(f"{name}: expected a NumPy array, got {type(array).__name__}")
-        if array.ndim != 2:
-            raise InvalidInput(f"{name}: expected a 2-D array (n, dim), got shape {array.shape}")
-        if array.dtype.type not in SUPPORTED_DTYPES:
-            names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
-            raise InvalidInput(f"{name}: dtype {array.dtype} is not supported (use one of: {names})")
-        if array.shape[0] == 0:
-            raise InvalidInput(f"{name}: has zero rows")
-        if array.shape[1] == 0:
-            raise InvalidInput(f"{name}: has zero columns")
+        check_shape_dtype(array.shape, array.dtype, name, "array")
         self.array = array
         self.n, self.dim = (int(s) for s in array.shape)
         self.dtype = array.dtype
