@@ -143,6 +143,18 @@ def _okd(d):  # pragma: no cover - numba
 # ----------------------------------------------------------------------------------------------
 
 
+@numba.njit(inline="always")
+def _child_level(base, pdist, s0, s1, lvl_p):  # pragma: no cover
+    """Level of the centres a group's net creates (one below the group's covering level) and its radius."""
+    maxd = 0.0
+    for t in range(s0, s1):
+        if pdist[t] > maxd:
+            maxd = pdist[t]
+    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log(base, maxd))
+    cl = lam - 1
+    return cl, radius(base, cl)
+
+
 @numba.njit(**_NJ)
 def _net_seq(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
     """Greedy base**(lam-1)-net of group perm[s0:s1] (single thread). Returns (m, child_level, bad).
@@ -150,13 +162,7 @@ def _net_seq(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent): 
     cent[s0:s0+m] receives the centre slots in creation order; asg[t] the local centre index of
     member t (-1 - j if member t *is* centre j); adist[t] its distance to that centre.
     """
-    maxd = 0.0
-    for t in range(s0, s1):
-        if pdist[t] > maxd:
-            maxd = pdist[t]
-    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log(base, maxd))
-    cl = lam - 1
-    r = radius(base, cl)
+    cl, r = _child_level(base, pdist, s0, s1, lvl_p)
     m = 0
     for t in range(s0, s1):
         s = perm[t]
@@ -208,13 +214,7 @@ def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg,
 @numba.njit(**_NJ)
 def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
-    maxd = 0.0
-    for t in range(s0, s1):
-        if pdist[t] > maxd:
-            maxd = pdist[t]
-    lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log(base, maxd))
-    cl = lam - 1
-    r = radius(base, cl)
+    cl, r = _child_level(base, pdist, s0, s1, lvl_p)
     m = 0
     for t in range(s0, s1):
         s = perm[t]
