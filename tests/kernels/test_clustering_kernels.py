@@ -135,6 +135,18 @@ def test_exact_sq_dist_rows():
     np.testing.assert_allclose(exact_sq_dist_rows(x, c, labels), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (7, 1, 7), (50, 3, 5), (200, 17, 40), (64, 129, 9)])
+def test_kmeanspp_matches_reference(n, d, k):
+    # Small integer coordinates make every squared distance exact in float32, so picks must be identical.
+    g = np.random.default_rng(n + d + k)
+    x = g.integers(-20, 21, size=(n, d)).astype(np.float32)
+    x[: n // 4] = x[0]  # duplicated rows: zero weights must never be picked
+    for seed in range(3):
+        u = np.random.default_rng(seed).random(k)
+        first = seed % n
+        np.testing.assert_array_equal(kmeanspp(x, k, u, first), ref.kmeanspp_ref(x, k, u, first))
+
+
 def test_kmeanspp_picks_distinct_far_points():
     # Two tight, far-apart groups: D² seeding must pick one centre in each.
     g = np.random.default_rng(0)

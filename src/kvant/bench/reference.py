@@ -61,6 +61,26 @@ def cluster_sums_ref(x, labels, k):
     return sums, np.bincount(labels, minlength=k).astype(np.int64)
 
 
+def kmeanspp_ref(x, k, uniforms, first):
+    """k-means++ D² seeding in float64, the reference for ``kernels.lloyd.kmeanspp``: the next centre is
+    the first row (with positive D²) whose running D² sum exceeds ``uniforms[c]`` × the total."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    chosen = [int(first)]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for c in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            chosen.append(chosen[-1] + 1 if chosen[-1] + 1 < len(x) else 0)
+        else:
+            run = np.cumsum(np.where(d2 > 0, d2, 0.0))
+            hit = np.flatnonzero((run > uniforms[c] * total) & (d2 > 0))
+            chosen.append(int(hit[0]) if hit.size else int(np.flatnonzero(d2 > 0)[-1]))
+        d2 = np.minimum(d2, ((x - x[chosen[-1]]) ** 2).sum(1))
+    return np.array(chosen, np.int64)
+
+
 def lloyd_ref(x, centroids, n_iter):
     """Plain Lloyd's iterations (no bounds): assign, then move each non-empty centre to its mean."""
     import numpy as np

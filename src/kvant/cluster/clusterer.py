@@ -25,7 +25,7 @@ from .._config import check_seed, get_num_threads
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source, check_finite
-from ..kernels.distance import sq_norms
+from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows
 from .assign import assign_top2
 from .auto import choose_algorithm
@@ -304,7 +304,7 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool, ro
 
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None) -> np.ndarray:
     labels = np.empty(src.n, np.int64)
-    cn = sq_norms(centroids)
+    cn = sq_norms_serial(centroids)
     for s, block in _iter_blocks(src, full, spherical, rows):
         b = block.shape[0]
         assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32))

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._config import get_num_threads, rng
 from ..errors import InvalidInput
-from ..kernels.distance import sq_norms
+from ..kernels.distance import sq_norms, sq_norms_serial
 from ..kernels.lloyd import cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
 from .assign import assign_top2
 
@@ -121,7 +121,7 @@ def lloyd(
     labels = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
     d2 = np.empty(n, np.float32)
-    assign_top2(x, c, sq_norms(c), labels, d1, d2, x_sqnorms=xn)
+    assign_top2(x, c, sq_norms_serial(c), labels, d1, d2, x_sqnorms=xn)
     upper = np.sqrt(d1)
     lower = np.sqrt(d2)
     sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()))
@@ -168,7 +168,7 @@ def lloyd(
             lab_new = np.empty(cand.size, np.int64)
             e1 = np.empty(cand.size, np.float32)
             e2 = np.empty(cand.size, np.float32)
-            assign_top2(xs, c, sq_norms(c), lab_new, e1, e2, x_sqnorms=xn[cand])
+            assign_top2(xs, c, sq_norms_serial(c), lab_new, e1, e2, x_sqnorms=xn[cand])
             old = labels[cand]
             moved = lab_new != old
             if moved.any():

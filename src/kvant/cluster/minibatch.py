@@ -13,7 +13,7 @@ import numpy as np
 
 from .._config import get_num_threads, rng
 from ..io import check_finite
-from ..kernels.distance import sq_norms
+from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import cluster_sums
 from .assign import assign_top2
 from .lloyd import _normalise, init_centroids, normalise_rows
@@ -58,7 +58,7 @@ def minibatch_kmeans(
             labels = np.empty(b, np.int64)
             d1 = np.empty(b, np.float32)
             d2 = np.empty(b, np.float32)
-            assign_top2(xb, c, sq_norms(c), labels, d1, d2)
+            assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2)
             total_obj += float(d1.sum(dtype=np.float64))
             sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()))
             hit = counts > 0
