@@ -277,6 +277,7 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
             step = max(1, (4 << 20) // (4 * src.dim))  # 4 MiB at a time: the NaN mask stays small
             for start in range(0, src.n, step):
                 check_finite(arr[start : start + step], start, src.name)
+                src.release_rows(start, start + step)  # a memmap's scanned pages leave the resident set
         return normalise_rows(arr) if spherical else arr
     if src.in_memory:
         full = src.to_array()
@@ -287,16 +288,22 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
 def _training_sample(src, full, m, seed, spherical):
     if full is not None:
         idx = src.sample_indices(m, seed)
-        return np.ascontiguousarray(full[idx]) if idx.size < src.n else full
+        if idx.size == src.n:
+            return full
+        sample = np.ascontiguousarray(full[idx])
+        src.release_rows(0, src.n)  # the gather touched pages all over a memmap
+        return sample
     sample = src.sample(m, seed)
     return normalise_rows(sample) if spherical else sample
 
 
 def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool, rows: int | None = None):
     if full is not None:
-        step = rows or (1 << 18)
+        step = rows or max(1, (16 << 20) // (4 * full.shape[1]))  # 16 MiB: a memmap's resident window
         for s in range(0, full.shape[0], step):
             yield s, full[s : s + step]
+            if full is getattr(src, "array", None):  # rows used in place (a memmap): drop the scanned pages
+                src.release_rows(s, s + step)
     else:
         for s, block in src.chunks(rows):
             yield s, normalise_rows(block, s) if spherical else block

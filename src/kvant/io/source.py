@@ -121,13 +121,14 @@ class VectorSource:
             if np.dtype(self.dtype).kind == "f":  # integer inputs are always finite
                 check_finite(block, start, self.name)
             yield start, block
-            self._release(start, stop)
+            self.release_rows(start, stop)
 
-    def _release(self, start: int, stop: int) -> None:
-        """Hook called once the consumer has moved past rows [start, stop) of a sequential scan.
+    def release_rows(self, start: int, stop: int) -> None:
+        """Say the caller has finished with rows [start, stop) for now (``chunks`` calls it after each block).
 
         Memory-mapped sources drop those pages from the process (see :class:`MappedPages`), so a scan of
-        a file larger than RAM keeps a bounded resident set. Default: nothing.
+        a file larger than RAM keeps a bounded resident set; the rows stay readable (faulted back in from
+        the page cache or disk). Default: nothing.
         """
 
     def sample(self, m: int, seed: int | None = 0) -> np.ndarray:
@@ -238,8 +239,9 @@ class ArraySource(VectorSource):
             return np.array(self.array[start:stop], copy=True)  # never hand out views of an advised map
         return self.array[start:stop]
 
-    def _release(self, start: int, stop: int) -> None:
+    def release_rows(self, start: int, stop: int) -> None:
         if self._pages is not None:
+            stop = min(stop, self.n)
             row = self.dim * self.array.itemsize
             self._pages.release(start * row, stop * row)
 
@@ -276,5 +278,5 @@ class ArraySource(VectorSource):
             out[start:stop] = self.array[start:stop]
             if self.array.dtype.kind == "f":
                 check_finite(out[start:stop], start, self.name)
-            self._release(start, stop)
+            self.release_rows(start, stop)
         return out

@@ -65,7 +65,7 @@ class TexmexSource(VectorSource):
             step = default_chunk_rows(self.dim)
             for start in range(0, self.n, step):
                 self._check_headers(start, min(self.n, start + step))
-                self._release(start, min(self.n, start + step))
+                self.release_rows(start, min(self.n, start + step))
 
     def _header_rows(self, rows) -> np.ndarray:
         """The int32 dim headers of the given rows (a slice or an index array)."""
@@ -100,9 +100,9 @@ class TexmexSource(VectorSource):
         self._check_ints(block, start)
         return block
 
-    def _release(self, start: int, stop: int) -> None:
+    def release_rows(self, start: int, stop: int) -> None:
         if self._pages is not None:
-            self._pages.release(start * self._record, stop * self._record)
+            self._pages.release(start * self._record, min(stop, self.n) * self._record)
 
     def take(self, indices) -> np.ndarray:
         idx = self._check_indices(indices)
