@@ -37,6 +37,7 @@ SHAPES = [  # (dim, m, ksub)
     (12, 3, 256),
     (10, 2, 5),  # ksub not a power of two
     (24, 3, 256),
+    (30, 10, 32),  # dsub = 3, two 16-codeword blocks in the encoder's fast path
 ]
 
 
@@ -67,7 +68,7 @@ def test_l2_tables_are_direct_not_expanded():
 @pytest.mark.parametrize("scale", ["normal", "wide"])
 def test_encode_matches_reference(dim, m, ksub, scale):
     cb = _codebooks(3, m, ksub, dim // m, scale)
-    for n in (0, 1, 67):
+    for n in (0, 1, 6, 67):  # the fast encoder takes rows 4 at a time: 6 and 67 leave partial groups
         x = _data(4 + n, n, dim, scale)
         codes = K.pq_encode(x, cb)
         assert codes.shape == (n, m) and codes.dtype == np.uint8
