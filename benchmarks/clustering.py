@@ -119,7 +119,17 @@ def load_dataset(name: str, n: int | None, dim: int | None, k_true: int):
         return datasets.fashion_mnist()
     if name == "digits":
         return datasets.digits()
-    return datasets.load(name, n, dim, k_true, seed=0)
+    import hashlib
+
+    version = hashlib.sha1(Path(datasets.__file__).read_bytes()).hexdigest()[:10]  # new generator, new file
+    cache = Path(tempfile.gettempdir()) / "kvant-bench-data" / f"{name}-{n}x{dim}-{k_true}-{version}.npz"
+    if cache.exists():  # generated once per machine: regenerating 1M×128 per K would cost minutes
+        with np.load(cache) as f:
+            return f["x"], f["y"]
+    x, y = datasets.load(name, n, dim, k_true, seed=0)
+    cache.parent.mkdir(exist_ok=True)
+    np.savez(cache, x=x, y=y)
+    return x, y
 
 
 TARGET_METHODS = ("kvant auto", "faiss default")
@@ -501,25 +511,30 @@ def main(argv=None):
     rows = json.loads(Path(args.resume).read_text())["rows"] if args.resume else []
     RESULTS.mkdir(exist_ok=True)
     t_all = time.perf_counter()
+    cells = []
     for ds, n, dim, k_true, ks, metrics in grid(args.quick):
         if args.only and ds not in args.only.split(","):
             continue
         if args.ks:
             ks = [k for k in ks if str(k) in args.ks.split(",")]
-        x, y = load_dataset(ds, n, dim, k_true)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        for k in ks:
-            if k > x.shape[0]:
-                continue
-            for metric in metrics:
-                if any((r["dataset"], r["n"], r["k"], r["metric"]) == (ds, x.shape[0], k, metric) for r in rows):
-                    continue  # already measured (--resume)
-                print(f"{ds} {x.shape[0]}x{x.shape[1]} K={k} {metric}", flush=True)
-                with cell_lock():  # other timed jobs on the machine may run between cells, never during one
-                    rows += bench_cell(ds, x, y, k, metric, methods, args.repeats, args.slow_repeats,
-                                       args.slow_budget, args.repeat_cap)
-                (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"rows": rows}))
-        del x
+        cells += [(ds, n, dim, k_true, k, metric) for k in ks for metric in metrics]
+    # Real data first, then the synthetic cells K by K, so a run cut short still covers every family.
+    cells.sort(key=lambda c: (c[1] is not None, c[4] if c[1] is not None else 0))
+    loaded = (None, None, None)
+    for ds, n, dim, k_true, k, metric in cells:
+        if loaded[0] != (ds, n, dim):
+            loaded = ((ds, n, dim), *load_dataset(ds, n, dim, k_true))
+        x, y = np.ascontiguousarray(loaded[1], dtype=np.float32), loaded[2]
+        if k > x.shape[0]:
+            continue
+        if any((r["dataset"], r["n"], r["k"], r["metric"]) == (ds, x.shape[0], k, metric) for r in rows):
+            continue  # already measured (--resume)
+        print(f"{ds} {x.shape[0]}x{x.shape[1]} K={k} {metric}", flush=True)
+        with cell_lock():  # other timed jobs on the machine may run between cells, never during one
+            rows += bench_cell(ds, x, y, k, metric, methods, args.repeats, args.slow_repeats,
+                               args.slow_budget, args.repeat_cap)
+        (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"rows": rows}))
+    del loaded, x
     res = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads,
