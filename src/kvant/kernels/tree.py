@@ -21,13 +21,17 @@ import numba
 import numpy as np
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
+# Hot loops that allocate nothing are compiled without the reference-counting runtime: Numba otherwise
+# wraps every (inlined) call that takes arrays -- each distance, each heap push -- in atomic
+# incref/decref pairs, measured at 10-20 ns per call, more than an 8-d distance costs.
+_NJ_RAW = dict(_NJ, _nrt=False)
 
 # metric codes in params[0]
 EUCLIDEAN, MANHATTAN, CHEBYSHEV, ANGULAR, RESIDUAL = 0, 1, 2, 3, 4
 RBF_KERNEL, MATERN52_KERNEL = 0, 1
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, _nrt=False)
 def _dot_range(X, i, Y, j, a, b):  # pragma: no cover - numba
     # reassoc lets LLVM vectorise the reduction; the result is a deterministic function of the
     # inputs (the same code path is used by the tree and by brute force), so exactness holds.
@@ -75,7 +79,7 @@ def angular_dist(X, i, Y, j, params):  # pragma: no cover - numba
     return math.acos(c)
 
 
-@numba.njit(**_NJ)
+@numba.njit(**_NJ_RAW)
 def residual_dist(X, i, Y, j, params):  # pragma: no cover - numba
     """sqrt(1 - |rho|) on rows [x / lengthscale (d), v / sqrt(p) (m), 1 / sqrt(p), original row index];
     params = [code, d, m, variance, kernel]."""
@@ -155,7 +159,7 @@ def _child_level(base, pdist, s0, s1, lvl_p):  # pragma: no cover
     return cl, radius(base, cl)
 
 
-@numba.njit(**_NJ)
+@numba.njit(**_NJ_RAW)
 def _net_seq(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
     """Greedy base**(lam-1)-net of group perm[s0:s1] (single thread). Returns (m, child_level, bad).
 
@@ -211,7 +215,7 @@ def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg,
         gbad[g] = bad
 
 
-@numba.njit(**_NJ)
+@numba.njit(**_NJ_RAW)
 def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
     cl, r = _child_level(base, pdist, s0, s1, lvl_p)
@@ -239,22 +243,27 @@ def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent): 
 def net_assign_big(data, params, perm, s0, s1, m, asg, adist, cent, bad):  # pragma: no cover
     """Assign every non-centre member of a big group to its nearest centre, in parallel."""
     for t in numba.prange(s0, s1):
-        if asg[t] < 0:
-            adist[t] = 0.0
-            continue
-        s = perm[t]
-        best = np.inf
-        bj = 0
-        for j in range(m):
-            dd = _dist(data, cent[s0 + j], data, s, params)
-            if not _okd(dd):
-                bad[t - s0] = True
-                dd = np.inf
-            if dd < best:
-                best = dd
-                bj = j
-        asg[t] = bj
-        adist[t] = best
+        _assign_one(data, params, perm, s0, t, m, asg, adist, cent, bad)
+
+
+@numba.njit(**_NJ_RAW)
+def _assign_one(data, params, perm, s0, t, m, asg, adist, cent, bad):  # pragma: no cover
+    if asg[t] < 0:
+        adist[t] = 0.0
+        return
+    s = perm[t]
+    best = np.inf
+    bj = 0
+    for j in range(m):
+        dd = _dist(data, cent[s0 + j], data, s, params)
+        if not _okd(dd):
+            bad[t - s0] = True
+            dd = np.inf
+        if dd < best:
+            best = dd
+            bj = j
+    asg[t] = bj
+    adist[t] = best
 
 
 @numba.njit(**_NJ)
@@ -331,38 +340,45 @@ def land(data, params, base, root, level, child_off, child_idx, newslots, out_la
     d(c, x) <= base**level(c); land at p when no child covers x. The root covers everything (the caller
     raises its level first). Records the path (nodes and distances) for the maxdist update."""
     for i in numba.prange(newslots.shape[0]):
-        s = newslots[i]
-        p = root
-        dp = _dist(data, p, data, s, params)
-        if not _okd(dp):
-            bad[i] = True
-            path_len[i] = 0
-            out_land[i] = p
-            out_dp[i] = 0.0
-            continue
-        L = 0
-        while True:
-            path_node[i, L] = p
-            path_d[i, L] = dp
-            L += 1
-            best = np.inf
-            bc = -1
-            for e in range(child_off[p], child_off[p + 1]):
-                c = child_idx[e]
-                dd = _dist(data, c, data, s, params)
-                if not _okd(dd):
-                    bad[i] = True
-                    dd = np.inf
-                if dd <= radius(base, level[c]) and dd < best:
-                    best = dd
-                    bc = c
-            if bc < 0 or bad[i]:
-                break
-            p = bc
-            dp = best
-        path_len[i] = L
+        _land_one(data, params, base, root, level, child_off, child_idx, newslots, i, out_land, out_dp, path_node,
+                  path_d, path_len, bad)
+
+
+@numba.njit(**_NJ_RAW)
+def _land_one(data, params, base, root, level, child_off, child_idx, newslots, i, out_land, out_dp, path_node,
+              path_d, path_len, bad):  # pragma: no cover
+    s = newslots[i]
+    p = root
+    dp = _dist(data, p, data, s, params)
+    if not _okd(dp):
+        bad[i] = True
+        path_len[i] = 0
         out_land[i] = p
-        out_dp[i] = dp
+        out_dp[i] = 0.0
+        return
+    L = 0
+    while True:
+        path_node[i, L] = p
+        path_d[i, L] = dp
+        L += 1
+        best = np.inf
+        bc = -1
+        for e in range(child_off[p], child_off[p + 1]):
+            c = child_idx[e]
+            dd = _dist(data, c, data, s, params)
+            if not _okd(dd):
+                bad[i] = True
+                dd = np.inf
+            if dd <= radius(base, level[c]) and dd < best:
+                best = dd
+                bc = c
+        if bc < 0 or bad[i]:
+            break
+        p = bc
+        dp = best
+    path_len[i] = L
+    out_land[i] = p
+    out_dp[i] = dp
 
 
 @numba.njit(**_NJ)
@@ -427,12 +443,12 @@ def build_csr(parent, level, in_tree):  # pragma: no cover
 # ----------------------------------------------------------------------------------------------
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def _less(d1, i1, d2, i2):  # pragma: no cover
     return d1 < d2 or (d1 == d2 and i1 < i2)
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def _heap_push_res(hd, hi, size, k, d, i):  # pragma: no cover
     """Max-heap of the k best (d, id), ordered lexicographically. Returns the new size."""
     if size < k:
@@ -474,7 +490,7 @@ def _heap_push_res(hd, hi, size, k, d, i):  # pragma: no cover
     return size
 
 
-@numba.njit(**_NJ)
+@numba.njit(inline="always", **_NJ)
 def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
     # sort the heap content ascending by (d, id) (insertion sort: k is small)
     for a in range(1, size):
@@ -496,170 +512,295 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
             out_i[row, a] = -1
 
 
+@numba.njit(inline="always", **_NJ)
+def _scan_block(Q, qi, dT, a, m, code, acc):  # pragma: no cover - numba
+    """Reduced distances from query row ``qi`` to the ``m`` points at DFS positions a..a+m-1 of the
+    transposed data ``dT`` (D, n): squared Euclidean (code 0), Manhattan (1) or Chebyshev (2).
+
+    The loop runs over points innermost (one SIMD lane per point) and over dimensions outermost, so each
+    point's terms are still accumulated in dimension order with the same operations as the metric
+    functions above: ``sqrt(acc)`` (Euclidean) or ``acc`` is bit-identical to ``_dist``.
+    """
+    # unsigned indices: Numba then emits no negative-index wraparound, and LLVM issues contiguous SIMD loads
+    ua = np.uint64(a)
+    um = np.uint64(m)
+    for j in range(um):
+        acc[j] = 0.0
+    for t in range(dT.shape[0]):
+        qt = Q[qi, t]
+        if code == EUCLIDEAN:
+            for j in range(um):
+                z = qt - dT[t, ua + j]
+                acc[j] += z * z
+        elif code == MANHATTAN:
+            for j in range(um):
+                acc[j] += abs(qt - dT[t, ua + j])
+        else:
+            for j in range(um):
+                z = abs(qt - dT[t, ua + j])
+                if z > acc[j]:
+                    acc[j] = z
+
+
+@numba.njit(inline="always", **_NJ)
+def _scan_limit(kth, code):  # pragma: no cover - numba
+    """A reduced-distance threshold T with dist <= kth  =>  reduced <= T (sqrt is monotone and correctly
+    rounded, so fl(sqrt(r)) <= kth implies r < kth**2 (1 + 3 eps); the absolute term covers underflow)."""
+    if code == EUCLIDEAN:
+        return kth * kth * (1.0 + 1e-12) + 1e-300
+    return kth
+
+
+@numba.njit(inline="always", **_NJ)
+def _box_bound(Q, qi, box, b, code):  # pragma: no cover - numba
+    """Distance from query row qi to the axis-aligned box ``box[b]`` = [lo (D), hi (D)] (a lower bound on
+    its distance to any point inside) for Euclidean (0), Manhattan (1) and Chebyshev (2)."""
+    D = Q.shape[1]
+    s = 0.0
+    for t in range(D):
+        q = Q[qi, t]
+        z = box[b, t] - q
+        z2 = q - box[b, D + t]
+        if z2 > z:
+            z = z2
+        if z > 0.0:
+            if code == EUCLIDEAN:
+                s += z * z
+            elif code == MANHATTAN:
+                s += z
+            elif z > s:
+                s = z
+    return math.sqrt(s) if code == EUCLIDEAN else s
+
+
+@numba.njit(**_NJ)
+def bucket_boxes(dT, starts, sizes):  # pragma: no cover - numba
+    """Bounding boxes [lo (D), hi (D)] of DFS ranges starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``dT``."""
+    D = dT.shape[0]
+    out = np.empty((max(starts.shape[0], 1), 2 * D))
+    for b in range(starts.shape[0]):
+        for t in range(D):
+            lo = np.inf
+            hi = -np.inf
+            for j in range(starts[b] + 1, starts[b] + sizes[b]):
+                v = dT[t, j]
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
+            out[b, t] = lo
+            out[b, D + t] = hi
+    return out
+
+
 @numba.njit(parallel=True, **_NJ)
-def knn(data, cdata, params, Q, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
-        slack_rel, slack_abs, ddata, cdst, csub, dfs_node, leaf, out_d, out_i, bad):  # pragma: no cover
+def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata, dfs_node,
+        leaf, dT, scan, box, out_d, out_i, bad):  # pragma: no cover
     """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
 
     Queries are rows of Q. mode 0: plain queries; mode 1: exclude slot qslot[i] itself; mode 2: only
     slots < qslot[i] (Vecchia predecessors). A subtree is skipped when its lower bound, less a safety
     slack for rounding, exceeds the current k-th distance, so ties are resolved exactly as brute force
     does (by smaller id).
+
+    Subtrees of at most ``leaf`` points are scanned from the DFS-ordered copies: ``ddata`` (rows) with
+    the generic metric, or, when ``scan`` is a metric code (0-2), ``dT`` (the same rows transposed) with
+    the SIMD loop of :func:`_scan_block`; ``scan = -1`` selects the generic scan.
+
+    Child edge e (CSR order) is described by one row of ``erec``: [d(parent, child), maxdist(child),
+    subtree size, DFS start, child slot, subtree minimum slot, bucket box row or -1] (integers stored
+    exactly as float64), so a node's children are read from one contiguous block; ``cdata[e]`` is the
+    child's feature row. With a scan metric, ``box[b]`` is the bounding box [lo (D), hi (D)] of bucket b's
+    points (its root excluded): a second lower bound, next to the ball bound d(q, c) - maxdist(c).
+
+    Queries run in parallel over chunks; each chunk allocates its workspace once (the node queue holds
+    every child edge at most once, so it never grows).
     """
-    for qi in numba.prange(Q.shape[0]):
-        bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd,
-                           cminid, minid, k, slack_rel, slack_abs, ddata, cdst, csub, dfs_node, leaf, out_d,
-                           out_i)
-
-
-@numba.njit(**_NJ)
-def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, child_idx, cpd, cmd, cminid, minid, k,
-             slack_rel, slack_abs, ddata, cdst, csub, dfs_node, leaf, out_d, out_i):  # pragma: no cover
-    isbad = False
-    if True:
+    nq = Q.shape[0]
+    nch = min(nq, 64)
+    cap = erec.shape[0] + 1
+    for c in numba.prange(nch):
+        acc = np.empty(max(leaf, 1), np.float64)
         hd = np.empty(k, np.float64)
         hi = np.empty(k, np.int64)
-        size = 0
-        cap = 64
         pq_lb = np.empty(cap, np.float64)
-        pq_node = np.empty(cap, np.int64)
+        pq_e = np.empty(cap, np.int64)
         pq_d = np.empty(cap, np.float64)
-        npq = 0
-        lim = qslot[qi] if mode == 2 else -1
-        excl = qslot[qi] if mode == 1 else -1
-        d0 = _dist(Q, qi, data, root, params)
-        if not _okd(d0):
-            _finish(hd, hi, 0, k, out_d, out_i, qi)
-            return True
-        if (mode != 2 or root < lim) and root != excl:
-            size = _heap_push_res(hd, hi, size, k, d0, root)
-        if mode != 2 or minid[root] < lim:
-            pq_lb[0] = 0.0
-            pq_node[0] = root
-            pq_d[0] = d0
-            npq = 1
-        while npq > 0:
-            # pop min lower bound
-            lb = pq_lb[0]
-            p = pq_node[0]
-            dp = pq_d[0]
-            npq -= 1
-            if npq > 0:
-                xl = pq_lb[npq]
-                xn = pq_node[npq]
-                xd = pq_d[npq]
-                pos = 0
-                while True:
-                    l_ = 2 * pos + 1
-                    if l_ >= npq:
-                        break
-                    r_ = l_ + 1
-                    sm = l_
-                    if r_ < npq and pq_lb[r_] < pq_lb[l_]:
-                        sm = r_
-                    if pq_lb[sm] < xl:
-                        pq_lb[pos] = pq_lb[sm]
-                        pq_node[pos] = pq_node[sm]
-                        pq_d[pos] = pq_d[sm]
-                        pos = sm
-                    else:
-                        break
-                pq_lb[pos] = xl
-                pq_node[pos] = xn
-                pq_d[pos] = xd
-            kth = hd[0] if size == k else np.inf
-            if lb > kth:
-                break
-            for e in range(child_off[p], child_off[p + 1]):
-                if mode == 2 and cminid[e] >= lim:
-                    continue
-                # |d(q, p) - d(p, c)| <= d(q, c): skip c and its subtree without computing d(q, c)
-                md = cmd[e]
-                pc = cpd[e]
-                if abs(dp - pc) - md - (slack_rel * (dp + pc + md) + slack_abs) > kth:
-                    continue
-                c = child_idx[e]
-                dc = _dist(Q, qi, cdata, e, params)
-                if not _okd(dc):
-                    isbad = True
-                    dc = np.inf
-                if (mode != 2 or c < lim) and c != excl:
-                    size = _heap_push_res(hd, hi, size, k, dc, c)
-                    kth = hd[0] if size == k else np.inf
-                if csub[e] > 1:
-                    clb = dc - md - (slack_rel * (dc + md) + slack_abs)
-                    if clb <= kth and csub[e] <= leaf:
-                        # small subtree: scan its points, stored contiguously in DFS order
-                        for pos in range(cdst[e] + 1, cdst[e] + csub[e]):
-                            x = dfs_node[pos]
-                            if mode == 2 and x >= lim:
-                                continue
-                            if x == excl:
-                                continue
-                            dx = _dist(Q, qi, ddata, pos, params)
-                            if not _okd(dx):
-                                isbad = True
-                                dx = np.inf
-                            size = _heap_push_res(hd, hi, size, k, dx, x)
-                        kth = hd[0] if size == k else np.inf
-                    elif clb <= kth:
-                        if clb < 0.0:
-                            clb = 0.0
-                        if npq == cap:
-                            cap *= 2
-                            t1 = np.empty(cap, np.float64)
-                            t2 = np.empty(cap, np.int64)
-                            t3 = np.empty(cap, np.float64)
-                            t1[:npq] = pq_lb[:npq]
-                            t2[:npq] = pq_node[:npq]
-                            t3[:npq] = pq_d[:npq]
-                            pq_lb = t1
-                            pq_node = t2
-                            pq_d = t3
-                        pos = npq
-                        npq += 1
-                        while pos > 0:
-                            par = (pos - 1) // 2
-                            if pq_lb[par] > clb:
-                                pq_lb[pos] = pq_lb[par]
-                                pq_node[pos] = pq_node[par]
-                                pq_d[pos] = pq_d[par]
-                                pos = par
-                            else:
-                                break
-                        pq_lb[pos] = clb
-                        pq_node[pos] = c
-                        pq_d[pos] = dc
-        _finish(hd, hi, size, k, out_d, out_i, qi)
+        for qi in range(c * nq // nch, (c + 1) * nq // nch):
+            bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel,
+                               slack_abs, ddata, dfs_node, leaf, dT, scan, box, out_d, out_i, acc, hd, hi, pq_lb,
+                               pq_e, pq_d)
+
+
+@numba.njit(**_NJ_RAW)
+def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
+             dfs_node, leaf, dT, scan, box, out_d, out_i, acc, hd, hi, pq_lb, pq_e, pq_d):  # pragma: no cover
+    """One query of :func:`knn` (no allocation: the workspace comes from the caller).
+
+    The queue holds child edges (-1: the root) keyed by their subtree's lower bound. Popping an internal
+    node computes its children's distances and queues their subtrees; popping a bucket (a subtree of at
+    most ``leaf`` points) scans it. Buckets therefore run nearest-bound-first, after the k-th distance
+    has shrunk as far as the closer ones could make it.
+    """
+    isbad = False
+    size = 0
+    npq = 0
+    lim = qslot[qi] if mode == 2 else -1
+    excl = qslot[qi] if mode == 1 else -1
+    d0 = _dist(Q, qi, data, root, params)
+    if not _okd(d0):
+        _finish(hd, hi, 0, k, out_d, out_i, qi)
+        return True
+    if (mode != 2 or root < lim) and root != excl:
+        size = _heap_push_res(hd, hi, size, k, d0, root)
+    if mode != 2 or minid[root] < lim:
+        pq_lb[0] = 0.0
+        pq_e[0] = -1
+        pq_d[0] = d0
+        npq = 1
+    while npq > 0:
+        # pop min lower bound
+        lb = pq_lb[0]
+        pe = pq_e[0]
+        dp = pq_d[0]
+        npq -= 1
+        if npq > 0:
+            xl = pq_lb[npq]
+            xn = pq_e[npq]
+            xd = pq_d[npq]
+            pos = 0
+            while True:
+                l_ = 2 * pos + 1
+                if l_ >= npq:
+                    break
+                r_ = l_ + 1
+                sm = l_
+                if r_ < npq and pq_lb[r_] < pq_lb[l_]:
+                    sm = r_
+                if pq_lb[sm] < xl:
+                    pq_lb[pos] = pq_lb[sm]
+                    pq_e[pos] = pq_e[sm]
+                    pq_d[pos] = pq_d[sm]
+                    pos = sm
+                else:
+                    break
+            pq_lb[pos] = xl
+            pq_e[pos] = xn
+            pq_d[pos] = xd
+        kth = hd[0] if size == k else np.inf
+        if lb > kth:
+            break
+        if pe >= 0 and erec[pe, 2] <= leaf:
+            # a bucket: its points (after the bucket's root, already counted) are contiguous in DFS order
+            a0 = int(erec[pe, 3]) + 1
+            nb = int(erec[pe, 2]) - 1
+            if scan >= 0:
+                # SIMD scan of reduced distances; exact distances only for those that can enter the result
+                _scan_block(Q, qi, dT, a0, nb, scan, acc)
+                lim_r = _scan_limit(kth, scan)
+                for j in range(nb):
+                    r = acc[j]
+                    if r > lim_r:
+                        continue
+                    if r == np.inf:  # overflow: reported like a metric returning inf
+                        isbad = True
+                    x = dfs_node[a0 + j]
+                    if mode == 2 and x >= lim:
+                        continue
+                    if x == excl:
+                        continue
+                    dx = math.sqrt(r) if scan == EUCLIDEAN else r
+                    size = _heap_push_res(hd, hi, size, k, dx, x)
+                    if size == k:
+                        kth = hd[0]
+                        lim_r = _scan_limit(kth, scan)
+            else:
+                for pos in range(a0, a0 + nb):
+                    x = dfs_node[pos]
+                    if mode == 2 and x >= lim:
+                        continue
+                    if x == excl:
+                        continue
+                    dx = _dist(Q, qi, ddata, pos, params)
+                    if not _okd(dx):
+                        isbad = True
+                        dx = np.inf
+                    size = _heap_push_res(hd, hi, size, k, dx, x)
+            continue
+        p = root if pe < 0 else int(erec[pe, 4])
+        for e in range(child_off[p], child_off[p + 1]):
+            if mode == 2 and erec[e, 5] >= lim:
+                continue
+            # |d(q, p) - d(p, c)| <= d(q, c): skip c and its subtree without computing d(q, c)
+            pc = erec[e, 0]
+            md = erec[e, 1]
+            if abs(dp - pc) - md - (slack_rel * (dp + pc + md) + slack_abs) > kth:
+                continue
+            c = int(erec[e, 4])
+            dc = _dist(Q, qi, cdata, e, params)
+            if not _okd(dc):
+                isbad = True
+                dc = np.inf
+            if (mode != 2 or c < lim) and c != excl:
+                size = _heap_push_res(hd, hi, size, k, dc, c)
+                kth = hd[0] if size == k else np.inf
+            if erec[e, 2] > 1:
+                clb = dc - md - (slack_rel * (dc + md) + slack_abs)
+                if clb <= kth and erec[e, 6] >= 0:
+                    blb = _box_bound(Q, qi, box, int(erec[e, 6]), scan)
+                    # relative slack for rounding in both computations; the absolute term covers underflow
+                    blb -= 1e-10 * blb + 1e-150
+                    if blb > clb:
+                        clb = blb
+                if clb <= kth:
+                    if clb < 0.0:
+                        clb = 0.0
+                    pos = npq
+                    npq += 1
+                    while pos > 0:
+                        par = (pos - 1) // 2
+                        if pq_lb[par] > clb:
+                            pq_lb[pos] = pq_lb[par]
+                            pq_e[pos] = pq_e[par]
+                            pq_d[pos] = pq_d[par]
+                            pos = par
+                        else:
+                            break
+                    pq_lb[pos] = clb
+                    pq_e[pos] = e
+                    pq_d[pos] = dc
+    _finish(hd, hi, size, k, out_d, out_i, qi)
     return isbad
 
 
 @numba.njit(parallel=True, **_NJ)
 def brute_knn(data, params, Q, qslot, mode, slots, k, out_d, out_i, bad):  # pragma: no cover
     """Brute force over the given slots with the same distance function and tie rule as :func:`knn`."""
-    for qi in numba.prange(Q.shape[0]):
-        bad[qi] = _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i)
-
-
-@numba.njit(**_NJ)
-def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i):  # pragma: no cover
-    isbad = False
-    if True:
+    nq = Q.shape[0]
+    nch = min(nq, 64)
+    for c in numba.prange(nch):
         hd = np.empty(k, np.float64)
         hi = np.empty(k, np.int64)
-        size = 0
-        for t in range(slots.shape[0]):
-            c = slots[t]
-            if mode == 1 and c == qslot[qi]:
-                continue
-            if mode == 2 and c >= qslot[qi]:
-                continue
-            dc = _dist(Q, qi, data, c, params)
-            if not _okd(dc):
-                isbad = True
-                dc = np.inf
-            size = _heap_push_res(hd, hi, size, k, dc, c)
-        _finish(hd, hi, size, k, out_d, out_i, qi)
+        for qi in range(c * nq // nch, (c + 1) * nq // nch):
+            bad[qi] = _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i, hd, hi)
+
+
+@numba.njit(**_NJ_RAW)
+def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i, hd, hi):  # pragma: no cover
+    isbad = False
+    size = 0
+    for t in range(slots.shape[0]):
+        c = slots[t]
+        if mode == 1 and c == qslot[qi]:
+            continue
+        if mode == 2 and c >= qslot[qi]:
+            continue
+        dc = _dist(Q, qi, data, c, params)
+        if not _okd(dc):
+            isbad = True
+            dc = np.inf
+        size = _heap_push_res(hd, hi, size, k, dc, c)
+    _finish(hd, hi, size, k, out_d, out_i, qi)
     return isbad
 
 
@@ -722,8 +863,8 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "net_centres_big", "net_assign_big", "land", "dist_to_one", "_knn_one",
-                   "knn", "_brute_one", "brute_knn", "pair_dists"]
+_METRIC_KERNELS = ["_net_seq", "nets_small", "net_centres_big", "_assign_one", "net_assign_big", "_land_one", "land",
+                   "dist_to_one", "_knn_one", "knn", "_brute_one", "brute_knn", "pair_dists"]
 
 
 def make_kernels(user_dist):

@@ -19,6 +19,12 @@ __all__ = ["CoverTree"]
 
 _BIG_GROUP = 4096  # groups at least this large get a parallel nearest-centre assignment
 _PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
+_SCAN_METRICS = ("euclidean", "manhattan", "chebyshev")  # metrics with a SIMD bucket scan
+# subtrees up to max(_SCAN_LEAF, 16 * dim) points (at most _SCAN_LEAF_MAX) are buckets, scanned whole by SIMD
+_SCAN_LEAF, _SCAN_LEAF_MAX = 256, 1024
+# the query structure _freeze derives from the per-node arrays
+_QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_dT",
+                "_box")
 
 
 class _State:
@@ -66,7 +72,9 @@ class CoverTree:
         self.metric = metric
         self.base = float(base)
         # subtrees this small are scanned linearly (cheap metrics only: it trades pruning for contiguity)
-        self._leaf = 24 if self._m.kind == "vector" else 0
+        # Euclidean, Manhattan and Chebyshev buckets are scanned by a SIMD loop over a transposed copy
+        self._scan = int(self._m.params[0]) if self._m.name in _SCAN_METRICS else -1
+        self._leaf = _SCAN_LEAF if self._scan >= 0 else (24 if self._m.kind == "vector" else 0)
         self._reset()
 
     # ------------------------------------------------------------------------------------------
@@ -132,21 +140,42 @@ class CoverTree:
             self._height = 0
         else:
             self._off, self._idx, self._minid, self._height = K.build_csr(self._parent, self._level, self._in)
-        # children's rows, parent distances, radii and minimum ids in CSR order: a node's children are
-        # scanned contiguously by the queries
+        # children's rows and edge records in CSR order: a node's children are read contiguously by queries
         idx = self._idx
         self._cdata = np.ascontiguousarray(self._data[idx]) if idx.size else np.zeros((1, max(1, self._data.shape[1])))
-        self._cpd = self._pd[idx]
-        self._cmd = self._maxdist[idx]
-        self._cminid = self._minid[idx]
         cap = self._parent.shape[0]
         n_in = int(np.count_nonzero(self._in))
         self._dstart, self._dend, self._dnode = K.dfs_order(max(self._root, 0), n_in, self._off, self._idx, cap)
-        self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0
-                       else np.zeros((1, max(1, self._data.shape[1]))))
-        # per child edge: DFS start and subtree size (contiguous, so the query loop avoids random reads)
-        self._cdst = self._dstart[idx]
-        self._csub = (self._dend - self._dstart)[idx]
+        width = max(1, self._data.shape[1])
+        if self._scan >= 0:
+            self._leaf = min(_SCAN_LEAF_MAX, max(_SCAN_LEAF, 16 * width))
+        self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0 and self._scan < 0
+                       else np.zeros((1, width)))
+        self._dT = (np.ascontiguousarray(self._data[self._dnode].T) if n_in and self._scan >= 0
+                    else np.zeros((width, 1)))
+        # per child edge: [d(parent, child), maxdist, subtree size, DFS start, child slot, subtree min slot,
+        # bucket box row or -1]
+        erec = np.zeros((max(1, idx.size), 7))
+        erec[:, 6] = -1.0
+        self._box = np.zeros((1, 2 * width))
+        if idx.size:
+            size = self._dend - self._dstart
+            erec[:, 0] = self._pd[idx]
+            erec[:, 1] = self._maxdist[idx]
+            erec[:, 2] = size[idx]
+            erec[:, 3] = self._dstart[idx]
+            erec[:, 4] = idx
+            erec[:, 5] = self._minid[idx]
+            if self._scan >= 0:
+                # buckets a query can reach: subtrees of 2..leaf points whose parent is expanded (the root, or
+                # a subtree larger than a bucket); each gets its bounding box
+                par = self._parent[idx]
+                reach = (size[idx] > 1) & (size[idx] <= self._leaf) & ((par == self._root) | (size[par] > self._leaf))
+                eb = np.flatnonzero(reach)
+                if eb.size:
+                    erec[eb, 6] = np.arange(eb.size)
+                    self._box = K.bucket_boxes(self._dT, self._dstart[idx[eb]], size[idx[eb]])
+        self._erec = erec
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -457,8 +486,7 @@ class CoverTree:
         elif reinsert.size:
             # re-insert into the reduced tree: freeze it first (the traversal reads the CSR)
             saved = (self._parent, self._level, self._maxdist, self._pd, self._in)
-            saved_q = (self._off, self._idx, self._minid, self._height, self._cdata, self._cpd, self._cmd, self._cminid,
-                       self._dstart, self._dend, self._dnode, self._ddata, self._cdst, self._csub)
+            saved_q = {a: getattr(self, a) for a in _QUERY_ATTRS}
             try:
                 self._set_state(st)
                 self._freeze()
@@ -467,8 +495,8 @@ class CoverTree:
                 st = st2
             finally:
                 self._parent, self._level, self._maxdist, self._pd, self._in = saved
-                (self._off, self._idx, self._minid, self._height, self._cdata, self._cpd, self._cmd,
-                 self._cminid, self._dstart, self._dend, self._dnode, self._ddata, self._cdst, self._csub) = saved_q
+                for a, v in saved_q.items():
+                    setattr(self, a, v)
             st.in_tree[reinsert] = True
         self._set_state(st)
         self._root, self._n = int(root), int(n_new)
@@ -527,9 +555,8 @@ class CoverTree:
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
         t = time.perf_counter()
-        m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._idx, self._cpd,
-              self._cmd, self._cminid, self._minid, k, sr, sa, self._ddata, self._cdst, self._csub, self._dnode,
-              self._leaf, out_d, out_i, bad)
+        m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._erec, self._minid, k,
+                sr, sa, self._ddata, self._dnode, self._leaf, self._dT, self._scan, self._box, out_d, out_i, bad)
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
         if bad.any():
             raise _bad_metric("a query")

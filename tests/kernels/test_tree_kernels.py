@@ -1,0 +1,132 @@
+"""Cover-tree query kernels vs plain NumPy: the SIMD bucket scan, the bucket boxes and their lower bound,
+and whole k-NN queries with tiny buckets on awkward shapes (n=1, k=n, duplicates/ties, d=1)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+import kvant
+import kvant.tree.cover as cover
+from kvant.bench import reference as ref
+from kvant.kernels import tree as K
+
+SCAN_METRICS = {"euclidean": K.EUCLIDEAN, "manhattan": K.MANHATTAN, "chebyshev": K.CHEBYSHEV}
+
+
+@numba.njit(cache=True)
+def _scan(Q, qi, dT, a, m, code):
+    acc = np.full(max(m, 1) + 3, -1.0)
+    K._scan_block(Q, qi, dT, a, m, code, acc)
+    return acc
+
+
+@numba.njit(cache=True)
+def _dists(Q, qi, X, params):
+    out = np.empty(X.shape[0])
+    for j in range(X.shape[0]):
+        out[j] = K._dist(Q, qi, X, j, params)
+    return out
+
+
+@numba.njit(cache=True)
+def _box(Q, qi, box, b, code):
+    return K._box_bound(Q, qi, box, b, code)
+
+
+def _np_dist(name, q, X):
+    diff = np.abs(X - q)
+    if name == "euclidean":
+        return np.sqrt((diff**2).sum(1))
+    if name == "manhattan":
+        return diff.sum(1)
+    return diff.max(1)
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+@pytest.mark.parametrize("n,d,a,m", [(1, 1, 0, 1), (5, 1, 1, 4), (37, 3, 5, 29), (40, 8, 0, 40), (23, 13, 7, 0)])
+def test_scan_block_matches_numpy_and_metric(name, n, d, a, m):
+    rng = np.random.default_rng(n + d)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.1, 100.0, d)
+    X[n // 2] = X[0]  # a duplicate
+    Q = np.vstack([rng.standard_normal((1, d)), X[:1]])
+    code = SCAN_METRICS[name]
+    dT = np.ascontiguousarray(X.T)
+    params = np.array([code, 0, 0, 0, 0], float)
+    for qi in range(Q.shape[0]):
+        acc = _scan(Q, qi, dT, a, m, code)
+        got = np.sqrt(acc[:m]) if name == "euclidean" else acc[:m]
+        np.testing.assert_allclose(got, _np_dist(name, Q[qi], X[a : a + m]), rtol=1e-12, atol=0)
+        # bit-identical to the metric function the tree's other paths and brute force use
+        assert np.array_equal(got, _dists(Q, qi, X[a : a + m], params))
+        assert np.all(acc[m:] == -1.0)  # nothing written past the block
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_bucket_boxes_and_box_bound(name, d):
+    rng = np.random.default_rng(d)
+    X = rng.random((50, d))
+    dT = np.ascontiguousarray(X.T)
+    starts = np.array([0, 10, 49], np.int64)
+    sizes = np.array([10, 30, 1], np.int64)  # ranges start+1 .. start+size-1 (the bucket root is excluded)
+    box = K.bucket_boxes(dT, starts, sizes)
+    for b in range(2):
+        pts = X[starts[b] + 1 : starts[b] + sizes[b]]
+        np.testing.assert_array_equal(box[b, :d], pts.min(0))
+        np.testing.assert_array_equal(box[b, d:], pts.max(0))
+    assert np.all(np.isinf(box[2]))  # an empty range: an empty box
+    Q = np.vstack([rng.random((20, d)) * 3 - 1, X[15:16]])
+    code = SCAN_METRICS[name]
+    for b in range(2):
+        pts = X[starts[b] + 1 : starts[b] + sizes[b]]
+        lo, hi = box[b, :d], box[b, d:]
+        for qi in range(Q.shape[0]):
+            z = np.maximum(np.maximum(lo - Q[qi], Q[qi] - hi), 0.0)
+            want = {"euclidean": np.sqrt((z**2).sum()), "manhattan": z.sum(), "chebyshev": z.max()}[name]
+            got = _box(Q, qi, box, b, code)
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-300)
+            assert got <= _np_dist(name, Q[qi], pts).min() * (1 + 1e-12)  # a lower bound
+
+
+@pytest.fixture
+def tiny_buckets(monkeypatch):
+    """Buckets of at most 3 points: small trees then have many buckets below internal nodes."""
+    monkeypatch.setattr(cover, "_SCAN_LEAF", 3)
+    monkeypatch.setattr(cover, "_SCAN_LEAF_MAX", 3)
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+@pytest.mark.parametrize("n,d", [(1, 1), (2, 1), (97, 1), (150, 3), (120, 8)])
+def test_bucketed_knn_matches_numpy_reference(tiny_buckets, name, n, d):
+    rng = np.random.default_rng(n * d)
+    X = np.round(rng.standard_normal((n, d)) * 3)  # integer grid: many exact distance ties
+    X[: n // 4] = X[n // 4 : 2 * (n // 4)]  # exact duplicates
+    Q = np.vstack([np.round(rng.standard_normal((9, d)) * 3), X[: min(n, 3)]])
+    tree = kvant.CoverTree(name).fit(X)
+    assert tree._leaf == 3
+    for k in sorted({1, min(4, n), n}):
+        dist, ids = tree.knn(Q, k)
+        rd, ri = ref.knn_from_distances(ref.tree_pairwise(name, Q, X), np.arange(n), k)
+        np.testing.assert_allclose(dist, rd, rtol=1e-12, atol=0)
+        bd, bi = tree.brute_force(Q, k)  # same distance function, ties by smaller id: identical
+        assert np.array_equal(ids, bi) and np.array_equal(dist, bd)
+    for pred in (True, False):
+        if n > 1 or pred:
+            sd, si = tree.knn_self(min(3, max(1, n - 1)), predecessors=pred)
+            bd, bi = tree.brute_force(None, min(3, max(1, n - 1)), predecessors=pred)
+            assert np.array_equal(si, bi) and np.array_equal(sd, bd)
+
+
+def test_bucketed_knn_after_insert_delete(tiny_buckets):
+    rng = np.random.default_rng(5)
+    tree = kvant.CoverTree().fit(rng.random((200, 4)))
+    tree.insert(rng.random((150, 4)))
+    tree.delete(np.arange(0, 350, 3))
+    tree.insert(rng.random((40, 4)) * 2)
+    tree.check_invariants()
+    Q = rng.random((25, 4))
+    d, i = tree.knn(Q, 6)
+    bd, bi = tree.brute_force(Q, 6)
+    assert np.array_equal(i, bi) and np.array_equal(d, bd)
