@@ -262,3 +262,18 @@ def test_fastscan_handles_constant_and_tied_tables():
         d, i = K.fastscan_search(t, p, n, m, k, rerank)
         np.testing.assert_array_equal(i, np.tile(np.arange(k), (2, 1)))
         np.testing.assert_array_equal(d, np.full((2, k), 4.0, np.float32))
+
+
+@pytest.mark.parametrize("n,dim,m,ksub", [(0, 4, 2, 16), (1, 7, 7, 16), (67, 12, 3, 5), (9000, 24, 3, 256)])
+def test_centroid_sums_match_bincount(n, dim, m, ksub):
+    rng = np.random.default_rng(n + dim)
+    x = _data(9 + n, n, dim, "wide")
+    codes = rng.integers(0, ksub, (n, m)).astype(np.uint8)
+    sums, counts = K.pq_centroid_sums(x, codes, ksub)
+    dsub = dim // m
+    assert sums.shape == (m, ksub, dsub) and counts.shape == (m, ksub)
+    for j in range(m):
+        np.testing.assert_array_equal(counts[j], np.bincount(codes[:, j], minlength=ksub))
+        for d in range(dsub):
+            ref = np.bincount(codes[:, j], weights=x[:, j * dsub + d].astype(np.float64), minlength=ksub)
+            np.testing.assert_allclose(sums[j, :, d], ref, rtol=1e-12, atol=1e-9)

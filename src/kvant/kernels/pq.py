@@ -16,6 +16,8 @@ Interface (agreed with ``kvant.quant`` / ``kvant.index``):
 - ``pq_encode(x (n, dim), codebooks) -> codes uint8 (n, m)``: nearest codeword per sub-vector (direct
   squared distances Σ(x−c)², never the expanded form; ties -> smaller codeword id). For ``ksub % 16 == 0`` each
   term is accumulated with a fused multiply-add (one rounding instead of two), see :func:`_enc_rows4`.
+- ``pq_centroid_sums(x, codes, ksub) -> (sums float64 (m, ksub, dsub), counts int64 (m, ksub))``: the k-means
+  M-step of all sub-quantizers in one pass over the rows (fixed row chunks in parallel, merged in order).
 - ``pack_codes_4bit(codes uint8 (n, m), values < 16) -> packed uint8 (nblocks, mp // 2, 32)`` and
   ``fastscan_search(tables (nq, m, 16), packed, n, m, k, rerank) -> (dist, idx)``.
 
@@ -60,6 +62,7 @@ __all__ = [
     "adc_distances",
     "adc_search",
     "pq_encode",
+    "pq_centroid_sums",
     "pack_codes_4bit",
     "unpack_codes_4bit",
     "fastscan_search",
@@ -314,6 +317,50 @@ def pq_encode(x, codebooks):
         else:
             _encode_kernel(x, cbf, m, dsub, ksub, out, 64)
     return out
+
+
+_SUM_CHUNKS = 8  # fixed row chunks of the M-step: partial sums merged in chunk order, so results do not
+# depend on the thread count
+
+
+@numba.njit(parallel=True, **_JIT)
+def _centroid_sums_kernel(x, codes, part, pcount):
+    # part: (nchunks, m, ksub, dsub) float64, pcount: (nchunks, m, ksub) int64, zero-initialised
+    n = x.shape[0]
+    nchunks, m, ksub, dsub = part.shape
+    chunk = (n + nchunks - 1) // nchunks
+    for t in prange(nchunks):
+        s = part[t]
+        cnt = pcount[t]
+        for r in range(t * chunk, min(n, (t + 1) * chunk)):  # one sequential pass over whole rows
+            for j in range(m):
+                c = codes[r, j]
+                cnt[j, c] += 1
+                base = j * dsub
+                for d in range(dsub):
+                    s[j, c, d] += x[r, base + d]
+
+
+def pq_centroid_sums(x, codes, ksub):
+    """Per sub-quantizer sums of the sub-vectors assigned to each codeword, and the counts (the k-means M-step).
+
+    ``x`` (n, dim) float32, ``codes`` uint8 (n, m) -> (sums float64 (m, ksub, dim // m), counts int64 (m, ksub)).
+    One pass over the rows in a fixed number of chunks (partial float64 sums added in chunk order), so the
+    result is the same for any thread count.
+    """
+    n, m = codes.shape
+    dsub = x.shape[1] // m if m else 0
+    nchunks = max(1, min(_SUM_CHUNKS, n // 4096))
+    part = np.zeros((nchunks, m, ksub, dsub), dtype=np.float64)
+    pcount = np.zeros((nchunks, m, ksub), dtype=np.int64)
+    if n and m:
+        _centroid_sums_kernel(x, codes, part, pcount)
+    sums = part[0]
+    counts = pcount[0]
+    for t in range(1, nchunks):
+        sums += part[t]
+        counts += pcount[t]
+    return sums, counts
 
 
 # ----------------------------------------------------------------------------------------------------------

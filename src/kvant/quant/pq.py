@@ -128,12 +128,11 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
                 codes[:, j] = labels
         else:
             codes = kpq.pq_encode(xs, books)
+        all_sums, all_counts = kpq.pq_centroid_sums(xs, codes, ksub)
         for j in range(m):
             c = codes[:, j]
-            counts = np.bincount(c, minlength=ksub)
-            sums = np.empty((ksub, dsub), np.float64)
-            for d in range(dsub):
-                sums[:, d] = np.bincount(c, weights=xv[:, j, d], minlength=ksub)
+            counts = all_counts[j]
+            sums = all_sums[j]
             empty = np.flatnonzero(counts == 0)
             if empty.size:
                 res = xv[:, j, :] - books[j][c]
