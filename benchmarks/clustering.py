@@ -161,7 +161,7 @@ def interleaved(fns, x, k, metric, seed, repeats):
     return {name: (float(np.median(times[name])), times[name], results[name]) for name in fns}
 
 
-def bench_cell(ds, x, y, k, metric, methods, repeats, slow_repeats, slow_budget, repeat_cap):
+def bench_cell(ds, x, y, k, metric, methods, repeats, slow_repeats, slow_budget, sklearn_budget, repeat_cap):
     rows = []
     measured = {}
     # The two methods the targets compare run first, interleaved run by run.
@@ -169,17 +169,18 @@ def bench_cell(ds, x, y, k, metric, methods, repeats, slow_repeats, slow_budget,
     for name in methods:
         fn = METHODS[name]
         # Slow anchors: skip a cell only when a measured neighbour says it would blow the budget. FAISS without
-        # subsampling does 25 full-data iterations (~25/(sample fraction) × FAISS default); scikit-learn's KMeans
-        # runs full-data Lloyd to convergence, estimated at 3 × FAISS no-subsample.
-        est = None
+        # subsampling does 25 full-data iterations, each about one assignment of all rows, which FAISS default's
+        # final index.search measures; scikit-learn's KMeans runs full-data Lloyd to convergence, estimated at
+        # 3 × FAISS no-subsample.
+        est, budget = None, slow_budget
+        one_pass = measured.get("faiss default search", 0.0)
         if name == "faiss no-subsample" and "faiss default" in measured:
-            est = measured["faiss default"] * max(1.0, x.shape[0] / (256 * k))
+            est = 25 * one_pass
         elif name == "sklearn KMeans":
-            full = measured.get("faiss default", 0) * max(1.0, x.shape[0] / (256 * k))
-            est = 3 * measured.get("faiss no-subsample", full)
-        if est is not None and est > slow_budget:
+            est, budget = 3 * measured.get("faiss no-subsample", 25 * one_pass), sklearn_budget
+        if est is not None and est > budget:
             rows.append({"dataset": ds, "n": x.shape[0], "dim": x.shape[1], "k": k, "metric": metric,
-                         "method": name, "skipped": f"estimated {est:.0f} s > budget {slow_budget:.0f} s"})
+                         "method": name, "skipped": f"estimated {est:.0f} s > budget {budget:.0f} s"})
             print(f"  {name:<26} skipped (est. {est:.0f} s)", flush=True)
             continue
         reps = slow_repeats if est is not None and est > 20 else repeats
@@ -196,6 +197,8 @@ def bench_cell(ds, x, y, k, metric, methods, repeats, slow_repeats, slow_budget,
 
             row["v_measure"] = float(v_measure_score(y, labels))
         measured[name] = med
+        if "train_only" in info:
+            measured[f"{name} search"] = med - info["train_only"]
         rows.append(row)
         qname = "MSE" if metric == "l2" else "cos"
         print(f"  {name:<26} {med:8.3f}s  {qname} {q:.6g}  V {row.get('v_measure', float('nan')):.4f}", flush=True)
@@ -475,7 +478,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--slow-repeats", type=int, default=1, help="repeats for anchors estimated to take > 20 s")
-    p.add_argument("--slow-budget", type=float, default=120.0, help="skip an anchor estimated to take longer")
+    p.add_argument("--slow-budget", type=float, default=60.0,
+                   help="skip FAISS no-subsample where one run is estimated to take longer (seconds)")
+    p.add_argument("--sklearn-budget", type=float, default=30.0,
+                   help="skip scikit-learn KMeans where one run is estimated to take longer (seconds)")
     p.add_argument("--repeat-cap", type=float, default=10.0,
                    help="anchors other than kvant auto / FAISS default run once when their first run takes longer")
     p.add_argument("--methods", default="kvant auto,kvant minibatch,faiss default,faiss no-subsample,"
@@ -532,7 +538,7 @@ def main(argv=None):
         print(f"{ds} {x.shape[0]}x{x.shape[1]} K={k} {metric}", flush=True)
         with cell_lock():  # other timed jobs on the machine may run between cells, never during one
             rows += bench_cell(ds, x, y, k, metric, methods, args.repeats, args.slow_repeats,
-                               args.slow_budget, args.repeat_cap)
+                               args.slow_budget, args.sklearn_budget, args.repeat_cap)
         (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"rows": rows}))
     del loaded, x
     res = {
