@@ -235,6 +235,14 @@ def test_residual_knn_and_vecchia_exact(kernel):
     ids = np.arange(300)
     rd, ri = ref.knn_from_distances(D, ids, 6, ids[None, :] < ids[:, None])
     _assert_same(d, i, rd, ri, atol=1e-8)
+    # the BLAS scan (default) and the tree walk give answers identical to brute force with the kernel
+    for scan in (True, False):
+        tree.residual_scan = scan
+        for args, bf in (((q, 8), (q, 8)), ((1,), (None, 1)), ((6, True), (None, 6, True)),
+                         ((6, False), (None, 6, False)), ((300,), (None, 300))):
+            got = tree.knn(*args) if len(args) == 2 and args[0] is q else tree.knn_self(*args)
+            want = tree.brute_force(*bf)
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 
 def test_residual_insert_delete_and_persist(residual, tmp_path):

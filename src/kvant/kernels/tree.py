@@ -35,9 +35,12 @@ RBF_KERNEL, MATERN52_KERNEL = 0, 1
 def _dot_range(X, i, Y, j, a, b):  # pragma: no cover - numba
     # reassoc lets LLVM vectorise the reduction; the result is a deterministic function of the
     # inputs (the same code path is used by the tree and by brute force), so exactness holds.
+    # unsigned indices: no negative-index wraparound per element, so LLVM can vectorise the loop
     s = 0.0
-    for t in range(a, b):
-        s += X[i, t] * Y[j, t]
+    ui = np.uint64(i)
+    uj = np.uint64(j)
+    for t in range(np.uint64(a), np.uint64(b)):
+        s += X[ui, t] * Y[uj, t]
     return s
 
 
