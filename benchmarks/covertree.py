@@ -82,7 +82,9 @@ def brute_l2(X, Q, k, block=4096):
 def exact_match(d, i, rd, ri, atol=1e-9):
     """Fraction of rows whose neighbours equal the reference up to ties (distances within tolerance)."""
     both_inf = np.isinf(d) & np.isinf(rd)  # padding (-1 / inf) where fewer than k neighbours exist
-    close = both_inf | (np.abs(np.where(both_inf, 0.0, d - rd)) <= atol + 1e-9 * np.abs(np.where(both_inf, 0.0, rd)))
+    with np.errstate(invalid="ignore"):  # inf - inf in the padded slots, masked by both_inf
+        diff = np.abs(np.where(both_inf, 0.0, d - rd))
+    close = both_inf | (diff <= atol + 1e-9 * np.abs(np.where(both_inf, 0.0, rd)))
     ok_d = np.all(close, axis=1)
     same = np.all(i == ri, axis=1)
     # where ids differ, the differing positions must be distance ties
