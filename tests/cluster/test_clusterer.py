@@ -263,9 +263,11 @@ def test_progress_callback_accounts_for_every_row(data, algorithm):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path):
-    # A 64 MiB .npy fitted in place (memory-mapped): every pass (NaN check, sample gather, full assignment,
-    # inertia) drops the pages it has scanned, so the file never becomes resident as a whole.
+@pytest.mark.parametrize("params", [dict(algorithm="auto", sample_per_centroid=256),
+                                    dict(algorithm="minibatch", batch_rows=8192)])
+def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path, params):
+    # A 64 MiB .npy fitted in place (memory-mapped): every pass (NaN check, sample gather, training blocks,
+    # full assignment, inertia) drops the pages it has scanned, so the file never becomes resident as a whole.
     import threading
 
     def rss_file_mb():
@@ -274,7 +276,7 @@ def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path):
 
     x = np.random.default_rng(0).standard_normal((131072, 128), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
-    want = kvant.Clusterer(k=8, seed=0, sample_per_centroid=256).fit(x)
+    want = kvant.Clusterer(k=8, seed=0, **params).fit(x)
     del x
     before = rss_file_mb()
     peak = [0.0]
@@ -288,7 +290,7 @@ def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path):
     t = threading.Thread(target=sample)
     t.start()
     try:
-        got = kvant.Clusterer(k=8, seed=0, sample_per_centroid=256).fit(tmp_path / "x.npy")
+        got = kvant.Clusterer(k=8, seed=0, **params).fit(tmp_path / "x.npy")
     finally:
         done.set()
         t.join()

@@ -45,6 +45,7 @@ def minibatch_kmeans(
         sample = normalise_rows(sample)
     c = init_centroids(sample, k, "k-means++", seed, spherical)
     del sample
+    src.release_rows(0, n)  # the sample's pages of a memmap leave the resident set
     seen = np.zeros(k, np.int64)
     result = MiniBatchResult(c)
     starts = np.arange(0, n, batch_rows)
@@ -75,6 +76,7 @@ def minibatch_kmeans(
             if spherical:
                 c = _normalise(c)
             result.n_iter += 1
+            src.release_rows(int(s), e)  # memory stays bounded by one block, even for a memmap
             if on_batch is not None:
                 on_batch(b)
         obj = 0.5 * total_obj if spherical else total_obj
