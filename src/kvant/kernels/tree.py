@@ -635,6 +635,57 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
                                pq_e, pq_d)
 
 
+@numba.njit(inline="always", **_NJ)
+def _queue_push(pq_lb, pq_e, pq_d, npq, lb, e, d):  # pragma: no cover
+    """Min-heap on the lower bound ``pq_lb`` of (edge, distance) pairs. Returns the new size."""
+    pos = npq
+    while pos > 0:
+        par = (pos - 1) // 2
+        if pq_lb[par] > lb:
+            pq_lb[pos] = pq_lb[par]
+            pq_e[pos] = pq_e[par]
+            pq_d[pos] = pq_d[par]
+            pos = par
+        else:
+            break
+    pq_lb[pos] = lb
+    pq_e[pos] = e
+    pq_d[pos] = d
+    return npq + 1
+
+
+@numba.njit(inline="always", **_NJ)
+def _queue_pop(pq_lb, pq_e, pq_d, npq):  # pragma: no cover
+    """Remove the smallest lower bound; returns (lb, edge, distance, new size)."""
+    lb = pq_lb[0]
+    e = pq_e[0]
+    d = pq_d[0]
+    npq -= 1
+    if npq > 0:
+        xl = pq_lb[npq]
+        xe = pq_e[npq]
+        xd = pq_d[npq]
+        pos = 0
+        while True:
+            l_ = 2 * pos + 1
+            if l_ >= npq:
+                break
+            sm = l_
+            if l_ + 1 < npq and pq_lb[l_ + 1] < pq_lb[l_]:
+                sm = l_ + 1
+            if pq_lb[sm] < xl:
+                pq_lb[pos] = pq_lb[sm]
+                pq_e[pos] = pq_e[sm]
+                pq_d[pos] = pq_d[sm]
+                pos = sm
+            else:
+                break
+        pq_lb[pos] = xl
+        pq_e[pos] = xe
+        pq_d[pos] = xd
+    return lb, e, d, npq
+
+
 @numba.njit(**_NJ_RAW)
 def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
              dfs_node, leaf, dT, scan, box, out_d, out_i, acc, hd, hi, pq_lb, pq_e, pq_d):  # pragma: no cover
@@ -662,34 +713,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
         pq_d[0] = d0
         npq = 1
     while npq > 0:
-        # pop min lower bound
-        lb = pq_lb[0]
-        pe = pq_e[0]
-        dp = pq_d[0]
-        npq -= 1
-        if npq > 0:
-            xl = pq_lb[npq]
-            xn = pq_e[npq]
-            xd = pq_d[npq]
-            pos = 0
-            while True:
-                l_ = 2 * pos + 1
-                if l_ >= npq:
-                    break
-                r_ = l_ + 1
-                sm = l_
-                if r_ < npq and pq_lb[r_] < pq_lb[l_]:
-                    sm = r_
-                if pq_lb[sm] < xl:
-                    pq_lb[pos] = pq_lb[sm]
-                    pq_e[pos] = pq_e[sm]
-                    pq_d[pos] = pq_d[sm]
-                    pos = sm
-                else:
-                    break
-            pq_lb[pos] = xl
-            pq_e[pos] = xn
-            pq_d[pos] = xd
+        lb, pe, dp, npq = _queue_pop(pq_lb, pq_e, pq_d, npq)
         kth = hd[0] if size == k else np.inf
         if lb > kth:
             break
@@ -758,20 +782,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                 if clb <= kth:
                     if clb < 0.0:
                         clb = 0.0
-                    pos = npq
-                    npq += 1
-                    while pos > 0:
-                        par = (pos - 1) // 2
-                        if pq_lb[par] > clb:
-                            pq_lb[pos] = pq_lb[par]
-                            pq_e[pos] = pq_e[par]
-                            pq_d[pos] = pq_d[par]
-                            pos = par
-                        else:
-                            break
-                    pq_lb[pos] = clb
-                    pq_e[pos] = e
-                    pq_d[pos] = dc
+                    npq = _queue_push(pq_lb, pq_e, pq_d, npq, clb, e, dc)
     _finish(hd, hi, size, k, out_d, out_i, qi)
     return isbad
 
