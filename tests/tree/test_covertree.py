@@ -236,6 +236,7 @@ def test_residual_knn_and_vecchia_exact(kernel):
     rd, ri = ref.knn_from_distances(D, ids, 6, ids[None, :] < ids[:, None])
     _assert_same(d, i, rd, ri, atol=1e-8)
     # the BLAS scan (default) and the tree walk give answers identical to brute force with the kernel
+    assert tree.residual_scan and not kvant.CoverTree(rc, residual_scan=False).residual_scan
     for scan in (True, False):
         tree.residual_scan = scan
         for args, bf in (((q, 8), (q, 8)), ((1,), (None, 1)), ((6, True), (None, 6, True)),
@@ -375,6 +376,8 @@ def test_bad_input_raises_and_leaves_tree_unchanged():
         kvant.CoverTree(lambda a, b: 0.0)
     with pytest.raises(InvalidInput):
         kvant.CoverTree(base=1.0)
+    with pytest.raises(InvalidInput, match="residual_scan"):
+        kvant.CoverTree(residual_scan="yes")
     with pytest.raises(InvalidInput, match="zero vector"):
         kvant.CoverTree("angular").fit(np.zeros((3, 2)))
 

@@ -57,6 +57,11 @@ class CoverTree:
     :class:`kvant.ResidualCorrelation` (points are then row indices into its ``X``), or a Numba-jitted
     ``dist(a, b) -> float`` on float64 rows that satisfies the triangle inequality.
 
+    ``residual_scan`` (residual-correlation metric only) answers :meth:`knn` by an exact BLAS-blocked scan
+    instead of walking the tree. It is the default because on GP inputs the residual distances bunch near
+    1 and the tree prunes little (docs/covertree.md); both paths return the same neighbours. It is a
+    query-time setting (an attribute you may change), not saved with the tree.
+
     >>> import numpy as np, kvant
     >>> X = np.random.default_rng(0).random((1000, 3))
     >>> tree = kvant.CoverTree().fit(X)
@@ -65,14 +70,16 @@ class CoverTree:
     [0, 1, 2, 3, 4]
     """
 
-    def __init__(self, metric="euclidean", base: float = 1.3):
+    def __init__(self, metric="euclidean", base: float = 1.3, residual_scan: bool = True):
         self._m = resolve_metric(metric)
         if isinstance(base, bool) or not isinstance(base, numbers.Real) or not (1.0 < float(base) <= 16.0):
             raise InvalidInput(f"base must be a number in (1, 16], got {base!r}")
         self.metric = metric
         self.base = float(base)
+        if not isinstance(residual_scan, bool):
+            raise InvalidInput(f"residual_scan must be True or False, got {residual_scan!r}")
         # residual metric: answer queries by the exact BLAS scan (True) or the tree (False); see _residual_scan
-        self.residual_scan = True
+        self.residual_scan = residual_scan
         # subtrees this small are scanned linearly (cheap metrics only: it trades pruning for contiguity)
         # Euclidean, Manhattan and Chebyshev buckets are scanned by a SIMD loop over a transposed copy
         self._scan = int(self._m.params[0]) if self._m.name in _SCAN_METRICS else -1
