@@ -380,6 +380,23 @@ def summary_table(res) -> list[str]:
     return lines
 
 
+def verdict_summary(verdicts) -> list[str]:
+    """Counts over the grid: how many cells pass each target, and the median speedup and quality loss."""
+    lines = []
+    for anchor, speed, tol in (("faiss default", 2.0, 0.5), ("faiss no-subsample", 5.0, 0.2)):
+        vs = [v[anchor] for v in verdicts if anchor in v]
+        if not vs:
+            continue
+        sp = np.array([v["speedup"] for v in vs])
+        loss = 100 * np.array([v["quality_loss"] for v in vs])
+        lines.append(f"- vs {anchor} (target ≥{speed:g}× at ≤{tol}% worse): **{sum(v['pass'] for v in vs)} of "
+                     f"{len(vs)} cells pass**; faster in {int((sp > 1).sum())}, ≥{speed:g}× in "
+                     f"{int((sp >= speed).sum())}; speedup median {np.median(sp):.2f}× "
+                     f"(range {sp.min():.2f}–{sp.max():.2f}×); quality within {tol}% in "
+                     f"{int((loss <= tol).sum())}, median loss {np.median(loss):+.2f}%.")
+    return lines
+
+
 def write_markdown(res, path):
     lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
              "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
@@ -414,7 +431,8 @@ def write_markdown(res, path):
                 runs, spread = str(len(r["runs"])), f"{max(r['runs']) / min(r['runs']):.2f}"
             lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']}{alg} | "
                          f"{r['seconds']:.3f} | {runs} | {spread} | {r['quality']:.6g} | {vm} | {rel} |")
-    lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", "",
+    lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", ""]
+    lines += verdict_summary(res["verdicts"]) + ["",
               "| cell | vs FAISS default (≥2×, ≤0.5%) | vs FAISS no-subsample (≥5×, ≤0.2%) |", "|---|---|---|"]
     for v in res["verdicts"]:
         cells = []
@@ -528,6 +546,8 @@ def main(argv=None):
     cells.sort(key=lambda c: (c[1] is not None, c[4] if c[1] is not None else 0))
     loaded = (None, None, None)
     for ds, n, dim, k_true, k, metric in cells:
+        if n is not None and any((r["dataset"], r["n"], r["k"], r["metric"]) == (ds, n, k, metric) for r in rows):
+            continue  # already measured (--resume); skip before paying for the data
         if loaded[0] != (ds, n, dim):
             loaded = ((ds, n, dim), *load_dataset(ds, n, dim, k_true))
         x, y = np.ascontiguousarray(loaded[1], dtype=np.float32), loaded[2]
