@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvant.bench import datasets
-from kvant.cluster.clusterer import _assign_all, _inertia
+from kvant.cluster.clusterer import _assign_all
 from kvant.cluster.lloyd import init_centroids, lloyd
 from kvant.io import as_source
 
@@ -23,8 +23,7 @@ CELLS = [("zipf_imbalanced", 1_000_000, 128, 256), ("anisotropic", 200_000, 384,
 
 def mse(x: np.ndarray, centroids: np.ndarray) -> float:
     src = as_source(x)
-    labels = _assign_all(src, x, centroids, False)
-    return _inertia(src, x, centroids, labels, False) / len(x)
+    return _assign_all(src, x, centroids, False, with_inertia=True)[1] / len(x)
 
 
 def main() -> None:

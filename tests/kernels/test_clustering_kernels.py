@@ -128,11 +128,23 @@ def test_cluster_sums_and_moves(n, d, k):
         np.testing.assert_array_equal(counts, rc)
 
 
-def test_exact_sq_dist_rows():
-    x, c = _data(40, 5, 3)
-    labels = np.arange(40, dtype=np.int64) % 3
-    want = ref.sq_l2_ref(x, c)[np.arange(40), labels]
+@pytest.mark.parametrize("n,d,k", [(0, 3, 1), (1, 1, 1), (40, 5, 3), (37, 130, 4)])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e4])
+def test_exact_sq_dist_rows(n, d, k, scale):
+    x, c = _data(n, d, k, scale=scale)
+    labels = np.arange(n, dtype=np.int64) % k
+    want = ((x.astype(np.float64) - c.astype(np.float64)[labels]) ** 2).sum(axis=1)
     np.testing.assert_allclose(exact_sq_dist_rows(x, c, labels), want, rtol=1e-12)
+
+
+def test_assign_top2_exact_sq_is_the_float64_distance_to_the_label():
+    x, c = _data(3000, 37, 11, scale=1e3)
+    labels = np.empty(3000, np.int64)
+    exact = np.empty(3000, np.float64)
+    assign_top2(x, c, sq_norms_serial(c), labels, np.empty(3000, np.float32), np.empty(3000, np.float32),
+                n_threads=2, exact_sq=exact)
+    want = ((x.astype(np.float64) - c.astype(np.float64)[labels]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(exact, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("n,d,k", [(1, 1, 1), (7, 1, 7), (50, 3, 5), (200, 17, 40), (64, 129, 9)])

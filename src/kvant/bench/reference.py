@@ -252,3 +252,11 @@ def knn_from_distances(D, ids, k: int, allowed=None):
         out_d[q, : order.size] = D[q, cols[order]]
         out_i[q, : order.size] = ids[cols[order]]
     return out_d, out_i
+
+
+def first_nonfinite_row_ref(x):
+    """Index of the first row of ``x`` holding NaN or inf, or -1."""
+    import numpy as np
+
+    bad = ~np.isfinite(x).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else -1

@@ -7,6 +7,7 @@ import numpy as np
 from .._parallel import for_each_block
 from ..kernels.assign import top2_from_ip
 from ..kernels.distance import sq_norms_serial
+from ..kernels.lloyd import exact_sq_dist_rows
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -16,8 +17,13 @@ def block_rows_for(dim: int, k: int) -> int:
 
 
 def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, labels, d1, d2,
-                x_sqnorms: np.ndarray | None = None, n_threads: int | None = None) -> None:
-    """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``."""
+                x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
+                exact_sq: np.ndarray | None = None) -> None:
+    """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``.
+
+    With ``exact_sq`` (float64, one per row), also write each row's squared distance to its centre
+    recomputed term by term in float64 — while the block is still in cache, so the exact inertia costs no
+    second pass over the data."""
     n, dim = x.shape
     k = centroids.shape[0]
     ct = np.ascontiguousarray(centroids.T)
@@ -26,5 +32,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         xb = x[s:e]
         xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
         top2_from_ip(xb @ ct, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e])
+        if exact_sq is not None:
+            exact_sq[s:e] = exact_sq_dist_rows(xb, centroids, labels[s:e])
 
     for_each_block(n, block_rows_for(dim, k), run, n_threads)

@@ -195,10 +195,10 @@ class Clusterer:
         t = time.perf_counter()
         rows = self.batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if result_labels is None:
-            labels = _assign_all(src, full, centroids, spherical, rows, report)
+            labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True)
         else:
             labels = result_labels
-        inertia = _inertia(src, full, centroids, labels, spherical, rows)
+            inertia = _inertia(src, full, centroids, labels, spherical, rows)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -230,14 +230,13 @@ class Clusterer:
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
         src, full = self._prepare(x, column)
-        return _assign_all(src, full, self.cluster_centers_, self.metric == "cos")
+        return _assign_all(src, full, self.cluster_centers_, self.metric == "cos")[0]
 
     def score(self, x, column: str | None = None) -> float:
         """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
         src, full = self._prepare(x, column)
         spherical = self.metric == "cos"
-        labels = _assign_all(src, full, self.cluster_centers_, spherical)
-        inertia = _inertia(src, full, self.cluster_centers_, labels, spherical)
+        _, inertia = _assign_all(src, full, self.cluster_centers_, spherical, with_inertia=True)
         return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
 
     def _prepare(self, x, column):
@@ -318,15 +317,24 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool, ro
             yield s, normalise_rows(block, s) if spherical else block
 
 
-def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None) -> np.ndarray:
+def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
+                with_inertia: bool = False) -> tuple[np.ndarray, float | None]:
+    """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
+    total = 0.0
     for s, block in _iter_blocks(src, full, spherical, rows):
         b = block.shape[0]
-        assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32))
+        per_row = np.empty(b, np.float64) if with_inertia else None
+        assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
+                    exact_sq=per_row)
+        if with_inertia:
+            total += float(per_row.sum())
         if report is not None:
             report("assign", b)
-    return labels
+    if not with_inertia:
+        return labels, None
+    return labels, (0.5 * total if spherical else total)
 
 
 def _inertia(src, full, centroids, labels, spherical, rows: int | None = None) -> float:

@@ -87,9 +87,12 @@ def exact_dist_to(x, rows, centroids, labels):
     return out
 
 
-@numba.njit(**_JIT)
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def exact_sq_dist_rows(x, centroids, labels):
-    """Σ_t (x_i − c_{labels_i})² per row, float64, for the final exact inertia."""
+    """Σ_t (x_i − c_{labels_i})² per row, float64, for the final exact inertia.
+
+    Reassociation lets LLVM vectorise the float64 sum (a serial chain of adds was as slow as the whole
+    assignment); rounding stays ~1e-15 relative, and the result does not depend on the thread count."""
     n, d = x.shape
     out = np.empty(n, np.float64)
     for i in range(n):
