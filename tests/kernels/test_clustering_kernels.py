@@ -6,7 +6,7 @@ import pytest
 from kvant.bench import reference as ref
 from kvant.cluster.assign import assign_top2
 from kvant.kernels.assign import top2_from_ip
-from kvant.kernels.distance import sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
+from kvant.kernels.distance import normalise_rows_into, sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
 from kvant.kernels.lloyd import cluster_sums, exact_sq_dist_rows, kmeanspp, move_rows
 from kvant.kernels.topk import merge_topk, merge_topk_ids, topk_smallest
 
@@ -28,6 +28,20 @@ def test_sq_l2_and_norms(n, d, k):
     want = ref.sq_l2_ref(x, c)
     np.testing.assert_allclose(sq_l2_direct(x, c), want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sq_l2_block(x, c, sq_norms(c)), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 1e-18, 1e18])
+def test_normalise_rows_into_matches_reference(n, d, k, scale):
+    x, _ = _data(n, d, k, scale=scale)
+    want, zero = ref.normalise_rows_ref(x)
+    out = np.empty_like(x)
+    assert normalise_rows_into(x, out) == zero == -1
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    if n > 2:
+        x[2] = 0.0
+        x[n - 1] = 0.0
+        assert normalise_rows_into(x, out) == ref.normalise_rows_ref(x)[1] == 2
 
 
 @pytest.mark.parametrize("n,d,k", SHAPES)

@@ -260,3 +260,13 @@ def first_nonfinite_row_ref(x):
 
     bad = ~np.isfinite(x).all(axis=1)
     return int(np.argmax(bad)) if bad.any() else -1
+
+
+def normalise_rows_ref(x):
+    """(unit rows, first zero-norm row or -1): each row over its float64 norm rounded to float32."""
+    import numpy as np
+
+    norms = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32)
+    zero = np.flatnonzero(norms == 0)
+    safe = np.where(norms == 0, np.float32(1), norms)
+    return x / safe[:, None], (int(zero[0]) if zero.size else -1)

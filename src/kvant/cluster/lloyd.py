@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._config import get_num_threads, rng
+from .._parallel import for_each_block
 from ..errors import InvalidInput
-from ..kernels.distance import sq_norms, sq_norms_serial
+from ..kernels.distance import normalise_rows_into, sq_norms, sq_norms_serial
 from ..kernels.lloyd import cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
 from .assign import assign_top2
 
@@ -69,11 +70,19 @@ def normalise_rows(block: np.ndarray, start: int = 0) -> np.ndarray:
 
     (Centroids go through :func:`_normalise`, which leaves an all-zero centre as it is instead.)
     """
-    norms = np.sqrt(sq_norms(block)).astype(np.float32)
-    if block.shape[0] and norms.min() == 0:
-        row = int(np.argmin(norms)) + start
-        raise InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors")
-    return block / norms[:, None]
+    x = np.ascontiguousarray(block, dtype=np.float32)
+    out = np.empty_like(x)
+    zero = []
+
+    def run(a, b):
+        r = normalise_rows_into(x[a:b], out[a:b])
+        if r >= 0:
+            zero.append(a + r)
+
+    for_each_block(x.shape[0], 16384, run)
+    if zero:
+        raise InvalidInput(f"row {min(zero) + start} has zero norm; metric='cos' needs non-zero vectors")
+    return out
 
 
 def _normalise(c: np.ndarray) -> np.ndarray:
