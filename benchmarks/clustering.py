@@ -353,6 +353,7 @@ def grid(quick: bool):
     return cells
 
 
+EARLIER_RUN = "first full grid, 2026-11-22 to 2026-12-01, code of 10e4d7f"  # rows from before runs were recorded
 SUMMARY_METHODS = ["kvant auto", "kvant minibatch", "faiss default", "faiss no-subsample", "sklearn KMeans",
                    "sklearn MiniBatch"]
 
@@ -401,6 +402,14 @@ def write_markdown(res, path):
     lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
              "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
              "mean cosine for cos (higher is better). FAISS time includes assigning all rows.", ""]
+    runs = sorted({r.get("run", EARLIER_RUN) for r in res["rows"]})
+    if len(runs) > 1:
+        lines += ["Rows come from more than one run of this script (same machine, data and threads; within a cell "
+                  "the methods of one run ran side by side, and `kvant auto` and `faiss default` always come from "
+                  "the same run):", ""]
+        lines += [f"- run {i + 1}: {run} ({sum(r.get('run', EARLIER_RUN) == run for r in res['rows'])} rows)"
+                  for i, run in enumerate(runs)]
+        lines.append("")
     lines += ["## Summary", ""] + summary_table(res) + ["", "## All rows", ""]
     lines += ["The machine was shared with other jobs during the run. *spread* is max/min over a method's runs: "
               "a large spread means load noise, so read such cells with care.", "",
@@ -410,6 +419,7 @@ def write_markdown(res, path):
     by_cell = {}
     for r in res["rows"]:
         by_cell.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), []).append(r)
+    runs_ = sorted({r.get("run", EARLIER_RUN) for r in res["rows"]})
     for key, rows in by_cell.items():
         ref = next((r for r in rows if r["method"] == "faiss default" and "seconds" in r), None)
         for r in rows:
@@ -429,6 +439,8 @@ def write_markdown(res, path):
                 runs, spread = "median only", "n/a"
             else:
                 runs, spread = str(len(r["runs"])), f"{max(r['runs']) / min(r['runs']):.2f}"
+            if len(runs_) > 1:
+                runs += f" (run {runs_.index(r.get('run', EARLIER_RUN)) + 1})"
             lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']}{alg} | "
                          f"{r['seconds']:.3f} | {runs} | {spread} | {r['quality']:.6g} | {vm} | {rel} |")
     lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", ""]
@@ -490,6 +502,18 @@ def plot(res, path):
     fig.savefig(path, dpi=90)
 
 
+def this_run() -> str:
+    """When and from which commit this process measures (rows carry it, so merged runs stay traceable)."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown commit"
+    return f"{time.strftime('%Y-%m-%d %H:%M')} at {rev}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -510,6 +534,9 @@ def main(argv=None):
     p.add_argument("--from-json", action="store_true", help="rewrite the .md and .png from the saved .json")
     p.add_argument("--only", default=None, help="comma-separated dataset names to run (default: all)")
     p.add_argument("--ks", default=None, help="comma-separated K values to run (default: the grid's)")
+    p.add_argument("--replace", action="store_true",
+                   help="with --resume: re-measure --methods on the selected cells, keeping the resumed rows of "
+                        "other methods (each row records the run it came from)")
     args = p.parse_args(argv)
 
     if args.from_json:
@@ -545,20 +572,29 @@ def main(argv=None):
     # Real data first, then the synthetic cells K by K, so a run cut short still covers every family.
     cells.sort(key=lambda c: (c[1] is not None, c[4] if c[1] is not None else 0))
     loaded = (None, None, None)
+    if args.replace and any(m in methods for m in TARGET_METHODS) and not all(m in methods for m in TARGET_METHODS):
+        p.error(f"--replace must re-measure {' and '.join(TARGET_METHODS)} together (the targets compare them)")
+    if args.replace:
+        selected = {(c[0], c[4], c[5]) for c in cells}
+        rows = [r for r in rows if not ((r["dataset"], r["k"], r["metric"]) in selected and r["method"] in methods)]
+    done = {(r["dataset"], r["n"], r["k"], r["metric"], r["method"]) for r in rows}
+    run_id = this_run()
     for ds, n, dim, k_true, k, metric in cells:
-        if n is not None and any((r["dataset"], r["n"], r["k"], r["metric"]) == (ds, n, k, metric) for r in rows):
+        if n is not None and all((ds, n, k, metric, m) in done for m in methods):
             continue  # already measured (--resume); skip before paying for the data
         if loaded[0] != (ds, n, dim):
             loaded = ((ds, n, dim), *load_dataset(ds, n, dim, k_true))
         x, y = np.ascontiguousarray(loaded[1], dtype=np.float32), loaded[2]
         if k > x.shape[0]:
             continue
-        if any((r["dataset"], r["n"], r["k"], r["metric"]) == (ds, x.shape[0], k, metric) for r in rows):
+        todo = [m for m in methods if (ds, x.shape[0], k, metric, m) not in done]
+        if not todo:
             continue  # already measured (--resume)
         print(f"{ds} {x.shape[0]}x{x.shape[1]} K={k} {metric}", flush=True)
         with cell_lock():  # other timed jobs on the machine may run between cells, never during one
-            rows += bench_cell(ds, x, y, k, metric, methods, args.repeats, args.slow_repeats,
-                               args.slow_budget, args.sklearn_budget, args.repeat_cap)
+            new = bench_cell(ds, x, y, k, metric, todo, args.repeats, args.slow_repeats,
+                             args.slow_budget, args.sklearn_budget, args.repeat_cap)
+        rows += [{**r, "run": run_id} for r in new]
         (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"rows": rows}))
     del loaded, x
     res = {
