@@ -228,3 +228,20 @@ def test_memmap_scan_keeps_resident_set_bounded(tmp_path, fmt):
     np.testing.assert_array_equal(kept[0], 2 * x[:4096])
     np.testing.assert_array_equal(next(src.chunks(4096))[1], x[:4096])
     np.testing.assert_array_equal(src.take([0, 5]), x[[0, 5]])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_memmap_sample_gathers_without_mapping_the_file(tmp_path):
+    # 8,192 random rows of a 48 MiB file hit nearly every page; gathered in sorted pieces with the pages
+    # behind each piece dropped, the file never becomes resident (a plain fancy-index gather maps all of it).
+    x = np.arange(48 * 2**20 // 4, dtype=np.float32).reshape(-1, 128)
+    np.save(tmp_path / "x.npy", x)
+    src = as_source(tmp_path / "x.npy")
+    idx = src.sample_indices(8192, seed=0)
+    before = _rss_file_mb()
+    got = src.take(idx)
+    grown = _rss_file_mb() - before
+    assert grown < 16, f"the sampled file stayed resident: +{grown:.0f} MB of 48 MB"
+    np.testing.assert_array_equal(got, x[idx])
+    np.testing.assert_array_equal(src.sample(8192, seed=0), x[idx])
+    np.testing.assert_array_equal(src.take(idx[::-1]), x[idx[::-1]])  # unsorted: plain gather, same rows

@@ -289,18 +289,9 @@ def _training_sample(src, full, m, seed, spherical):
         idx = src.sample_indices(m, seed)
         if idx.size == src.n:
             return full
-        if full is not getattr(src, "array", None):
-            return np.ascontiguousarray(full[idx])
-        # Rows used in place (a memmap): gather in sorted pieces, dropping the pages behind each piece.
-        sample = np.empty((idx.size, full.shape[1]), np.float32)
-        done = 0
-        for a in range(0, idx.size, 4096):
-            piece = idx[a : a + 4096]
-            sample[a : a + piece.size] = full[piece]
-            src.release_rows(done, int(piece[-1]))
-            done = int(piece[-1])
-        src.release_rows(done, src.n)
-        return sample
+        if full is getattr(src, "array", None):  # rows used in place (a memmap gathers without staying resident)
+            return src.take(idx)
+        return np.ascontiguousarray(full[idx])
     sample = src.sample(m, seed)
     return normalise_rows(sample) if spherical else sample
 

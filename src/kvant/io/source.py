@@ -30,6 +30,9 @@ SUPPORTED_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8)
 _CHUNK_BYTES = 32 << 20  # 32 MiB of float32 per chunk: large enough to amortise, small enough for RAM
 
 
+_GATHER_PIECE = 4096  # sorted rows gathered between page releases by ArraySource.take on a memory map
+
+
 def default_chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * max(1, dim)))
 
@@ -266,7 +269,19 @@ class ArraySource(VectorSource):
 
     def take(self, indices) -> np.ndarray:
         idx = self._check_indices(indices)
-        out = np.ascontiguousarray(self.array[idx], dtype=np.float32)
+        if self._pages is not None and idx.size and bool(np.all(idx[1:] >= idx[:-1])):
+            # A memory map: a scattered gather faults in (and, with fault-around, maps) most of the file, so
+            # gather sorted rows piece by piece and drop the pages behind each piece.
+            out = np.empty((idx.size, self.dim), np.float32)
+            done = 0
+            for a in range(0, idx.size, _GATHER_PIECE):
+                piece = idx[a : a + _GATHER_PIECE]
+                out[a : a + piece.size] = self.array[piece]
+                self.release_rows(done, int(piece[-1]))
+                done = int(piece[-1])
+            self.release_rows(done, self.n)
+        else:
+            out = np.ascontiguousarray(self.array[idx], dtype=np.float32)
         if not self._validated:
             check_finite_rows(out, idx, self.name)
         return out
