@@ -636,54 +636,43 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
 
 
 @numba.njit(inline="always", **_NJ)
-def _queue_push(pq_lb, pq_e, pq_d, npq, lb, e, d):  # pragma: no cover
-    """Min-heap on the lower bound ``pq_lb`` of (edge, distance) pairs. Returns the new size."""
-    pos = npq
-    while pos > 0:
-        par = (pos - 1) // 2
-        if pq_lb[par] > lb:
-            pq_lb[pos] = pq_lb[par]
-            pq_e[pos] = pq_e[par]
-            pq_d[pos] = pq_d[par]
-            pos = par
-        else:
-            break
+def _queue_put(pq_lb, pq_e, pq_d, pos, lb, e, d):  # pragma: no cover
     pq_lb[pos] = lb
     pq_e[pos] = e
     pq_d[pos] = d
+
+
+@numba.njit(inline="always", **_NJ)
+def _queue_push(pq_lb, pq_e, pq_d, npq, lb, e, d):  # pragma: no cover
+    """Min-heap on the lower bound ``pq_lb`` of (edge, distance) pairs. Returns the new size."""
+    pos = npq
+    while pos > 0 and pq_lb[(pos - 1) // 2] > lb:  # sift up: parents with a larger bound move down
+        par = (pos - 1) // 2
+        _queue_put(pq_lb, pq_e, pq_d, pos, pq_lb[par], pq_e[par], pq_d[par])
+        pos = par
+    _queue_put(pq_lb, pq_e, pq_d, pos, lb, e, d)
     return npq + 1
 
 
 @numba.njit(inline="always", **_NJ)
 def _queue_pop(pq_lb, pq_e, pq_d, npq):  # pragma: no cover
     """Remove the smallest lower bound; returns (lb, edge, distance, new size)."""
-    lb = pq_lb[0]
-    e = pq_e[0]
-    d = pq_d[0]
+    top = (pq_lb[0], pq_e[0], pq_d[0])
     npq -= 1
     if npq > 0:
-        xl = pq_lb[npq]
-        xe = pq_e[npq]
-        xd = pq_d[npq]
+        # sift the last entry down from the root: smaller children move up
+        xl, xe, xd = pq_lb[npq], pq_e[npq], pq_d[npq]
         pos = 0
-        while True:
-            l_ = 2 * pos + 1
-            if l_ >= npq:
+        while 2 * pos + 1 < npq:
+            sm = 2 * pos + 1
+            if sm + 1 < npq and pq_lb[sm + 1] < pq_lb[sm]:
+                sm += 1
+            if pq_lb[sm] >= xl:
                 break
-            sm = l_
-            if l_ + 1 < npq and pq_lb[l_ + 1] < pq_lb[l_]:
-                sm = l_ + 1
-            if pq_lb[sm] < xl:
-                pq_lb[pos] = pq_lb[sm]
-                pq_e[pos] = pq_e[sm]
-                pq_d[pos] = pq_d[sm]
-                pos = sm
-            else:
-                break
-        pq_lb[pos] = xl
-        pq_e[pos] = xe
-        pq_d[pos] = xd
-    return lb, e, d, npq
+            _queue_put(pq_lb, pq_e, pq_d, pos, pq_lb[sm], pq_e[sm], pq_d[sm])
+            pos = sm
+        _queue_put(pq_lb, pq_e, pq_d, pos, xl, xe, xd)
+    return top[0], top[1], top[2], npq
 
 
 @numba.njit(**_NJ_RAW)
