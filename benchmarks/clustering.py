@@ -596,7 +596,7 @@ def main(argv=None):
                              args.slow_budget, args.sklearn_budget, args.repeat_cap)
         rows += [{**r, "run": run_id} for r in new]
         (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"rows": rows}))
-    del loaded, x
+    loaded = x = None  # free the last cell's data before the end-to-end runs
     res = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads,
