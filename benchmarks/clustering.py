@@ -205,6 +205,10 @@ def bench_cell(ds, x, y, k, metric, methods, repeats, slow_repeats, slow_budget,
     return rows
 
 
+# The issue's targets for `kvant auto`: (anchor, minimum speedup, maximum relative quality loss).
+TARGETS = (("faiss default", 2.0, 0.005), ("faiss no-subsample", 5.0, 0.002))
+
+
 def assess(rows):
     """Per cell: auto vs FAISS default (>= 2x faster, <= 0.5% worse) and vs no-subsample (>= 5x, ±0.2%)."""
     cells = {}
@@ -215,7 +219,7 @@ def assess(rows):
         metric = key[4]
         a = m.get("kvant auto")
         v = {"cell": list(key)}
-        for anchor, speed, tol in (("faiss default", 2.0, 0.005), ("faiss no-subsample", 5.0, 0.002)):
+        for anchor, speed, tol in TARGETS:
             f = m.get(anchor)
             if not a or not f or "seconds" not in f:
                 continue
@@ -384,7 +388,8 @@ def summary_table(res) -> list[str]:
 def verdict_summary(verdicts) -> list[str]:
     """Counts over the grid: how many cells pass each target, and the median speedup and quality loss."""
     lines = []
-    for anchor, speed, tol in (("faiss default", 2.0, 0.5), ("faiss no-subsample", 5.0, 0.2)):
+    for anchor, speed, tol in TARGETS:
+        tol *= 100  # percent, as the loss below
         vs = [v[anchor] for v in verdicts if anchor in v]
         if not vs:
             continue
@@ -402,13 +407,13 @@ def write_markdown(res, path):
     lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
              "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
              "mean cosine for cos (higher is better). FAISS time includes assigning all rows.", ""]
-    runs = sorted({r.get("run", EARLIER_RUN) for r in res["rows"]})
-    if len(runs) > 1:
+    run_ids = sorted({r.get("run", EARLIER_RUN) for r in res["rows"]})
+    if len(run_ids) > 1:
         lines += ["Rows come from more than one run of this script (same machine, data and threads; within a cell "
                   "the methods of one run ran side by side, and `kvant auto` and `faiss default` always come from "
                   "the same run):", ""]
         lines += [f"- run {i + 1}: {run} ({sum(r.get('run', EARLIER_RUN) == run for r in res['rows'])} rows)"
-                  for i, run in enumerate(runs)]
+                  for i, run in enumerate(run_ids)]
         lines.append("")
     lines += ["## Summary", ""] + summary_table(res) + ["", "## All rows", ""]
     lines += ["The machine was shared with other jobs during the run. *spread* is max/min over a method's runs: "
@@ -419,7 +424,6 @@ def write_markdown(res, path):
     by_cell = {}
     for r in res["rows"]:
         by_cell.setdefault((r["dataset"], r["n"], r["dim"], r["k"], r["metric"]), []).append(r)
-    runs_ = sorted({r.get("run", EARLIER_RUN) for r in res["rows"]})
     for key, rows in by_cell.items():
         ref = next((r for r in rows if r["method"] == "faiss default" and "seconds" in r), None)
         for r in rows:
@@ -439,8 +443,8 @@ def write_markdown(res, path):
                 runs, spread = "median only", "n/a"
             else:
                 runs, spread = str(len(r["runs"])), f"{max(r['runs']) / min(r['runs']):.2f}"
-            if len(runs_) > 1:
-                runs += f" (run {runs_.index(r.get('run', EARLIER_RUN)) + 1})"
+            if len(run_ids) > 1:
+                runs += f" (run {run_ids.index(r.get('run', EARLIER_RUN)) + 1})"
             lines.append(f"| {key[0]} | {key[1]}×{key[2]} | {key[3]} | {key[4]} | {r['method']}{alg} | "
                          f"{r['seconds']:.3f} | {runs} | {spread} | {r['quality']:.6g} | {vm} | {rel} |")
     lines += ["", "Targets for `kvant auto` per cell (speedup, quality loss; PASS/FAIL):", ""]
