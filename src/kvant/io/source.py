@@ -50,29 +50,30 @@ def check_shape_dtype(shape, dtype, name: str, what: str) -> None:
         raise InvalidInput(f"{name}: has zero columns")
 
 
+def _first_bad_row(block: np.ndarray) -> int:
+    """Index of the first row of a float ``block`` holding NaN or inf, or -1."""
+    if block.dtype == np.float32 and block.ndim == 2 and block.flags.c_contiguous:
+        return int(first_nonfinite_row(block.view(np.int32)))  # one read, no (n, d) mask
+    bad = ~np.isfinite(block).all(axis=1) if block.ndim == 2 else ~np.isfinite(block)
+    return int(np.argmax(bad)) if bad.any() else -1
+
+
 def check_finite(block: np.ndarray, start: int = 0, what: str = "input") -> None:
     """Raise InvalidInput naming the first row of ``block`` (offset by ``start``) holding NaN or inf."""
     if block.dtype.kind != "f" or block.size == 0:
         return
-    if block.dtype == np.float32 and block.ndim == 2 and block.flags.c_contiguous:
-        row = first_nonfinite_row(block.view(np.int32))  # one read, no (n, d) mask
-        if row >= 0:
-            raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row + start})")
-        return
-    if not np.isfinite(block).all():
-        bad_rows = ~np.isfinite(block).all(axis=1) if block.ndim == 2 else ~np.isfinite(block)
-        row = int(np.argmax(bad_rows)) + start
-        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row})")
+    row = _first_bad_row(block)
+    if row >= 0:
+        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row + start})")
 
 
 def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input") -> None:
     """Like :func:`check_finite` for a block gathered from arbitrary rows: names ``rows[i]`` of the first bad one."""
     if block.dtype.kind != "f" or block.size == 0:
         return
-    finite = np.isfinite(block).all(axis=1)
-    if not finite.all():
-        row = int(rows[int(np.argmin(finite))])
-        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row})")
+    row = _first_bad_row(block)
+    if row >= 0:
+        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {int(rows[row])})")
 
 
 class VectorSource:
