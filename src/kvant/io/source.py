@@ -30,7 +30,7 @@ SUPPORTED_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8)
 _CHUNK_BYTES = 32 << 20  # 32 MiB of float32 per chunk: large enough to amortise, small enough for RAM
 
 
-_GATHER_PIECE = 4096  # sorted rows gathered between page releases by ArraySource.take on a memory map
+_GATHER_WINDOW = 4 << 20  # bytes of a memory-mapped file ArraySource.take gathers from between page releases
 
 
 def default_chunk_rows(dim: int) -> int:
@@ -272,15 +272,18 @@ class ArraySource(VectorSource):
         idx = self._check_indices(indices)
         if self._pages is not None and idx.size and bool(np.all(idx[1:] >= idx[:-1])):
             # A memory map: a scattered gather faults in (and, with fault-around, maps) most of the file, so
-            # gather sorted rows piece by piece and drop the pages behind each piece.
+            # gather the sorted rows window by window of the file and drop each window's pages after it. A
+            # window is bounded in bytes, not in rows taken: a sparse sample spreads few rows over the file.
             out = np.empty((idx.size, self.dim), np.float32)
-            done = 0
-            for a in range(0, idx.size, _GATHER_PIECE):
-                piece = idx[a : a + _GATHER_PIECE]
-                out[a : a + piece.size] = self.array[piece]
-                self.release_rows(done, int(piece[-1]))
-                done = int(piece[-1])
-            self.release_rows(done, self.n)
+            window = max(1, _GATHER_WINDOW // (self.dim * self.array.itemsize))
+            first = int(idx[0]) // window * window
+            edges = np.arange(first, int(idx[-1]) + window + 1, window)
+            cut = np.searchsorted(idx, edges)
+            for w in range(edges.size - 1):
+                a, b = int(cut[w]), int(cut[w + 1])
+                if b > a:
+                    out[a:b] = self.array[idx[a:b]]
+                    self.release_rows(int(edges[w]), int(edges[w + 1]))
         else:
             out = np.ascontiguousarray(self.array[idx], dtype=np.float32)
         if not self._validated:
