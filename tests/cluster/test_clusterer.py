@@ -154,7 +154,8 @@ def test_unknown_algorithm_and_bad_settings():
     x = np.random.default_rng(0).standard_normal((20, 2)).astype(np.float32)
     with pytest.raises(InvalidInput, match="dense-exact-row"):
         kvant.Clusterer(k=2, algorithm="elkan").fit(x)
-    for kwargs in ({"seed": -1}, {"tol": float("nan")}, {"max_iter": 0}, {"n_redo": 0}, {"polish_iter": -1}):
+    for kwargs in ({"seed": -1}, {"tol": float("nan")}, {"max_iter": 0}, {"n_redo": 0}, {"polish_iter": -1},
+                   {"sampling": "stratified"}):
         with pytest.raises(InvalidInput):
             kvant.Clusterer(k=2, **kwargs).fit(x)
 
@@ -202,9 +203,11 @@ def test_predict_errors(data):
     assert c.score(x) == pytest.approx(-c.mse_, rel=1e-6)
 
 
-def test_every_input_kind_gives_the_same_clustering(tmp_path, data):
+@pytest.mark.parametrize("sampling", ["coreset", "uniform"])
+def test_every_input_kind_gives_the_same_clustering(tmp_path, data, sampling):
     x, _ = data
-    want = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=2).fit(x)
+    params = dict(k=8, algorithm="dense-exact-random", seed=2, sampling=sampling, sample_per_centroid=64)
+    want = kvant.Clusterer(**params).fit(x)
     np.save(tmp_path / "x.npy", x)
     kvant.io.write_parquet(tmp_path / "x.parquet", x, column="emb", row_group_rows=500)
     kvant.io.write_fvecs(tmp_path / "x.fvecs", x)
@@ -212,7 +215,7 @@ def test_every_input_kind_gives_the_same_clustering(tmp_path, data):
     mm[:] = x
     mm.flush()
     for src in (tmp_path / "x.npy", str(tmp_path / "x.parquet"), tmp_path / "x.fvecs", mm, x.astype(np.float64)):
-        got = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=2).fit(src)
+        got = kvant.Clusterer(**params).fit(src)
         np.testing.assert_array_equal(got.labels_, want.labels_)
         assert got.inertia_ == pytest.approx(want.inertia_, rel=1e-6)
 
@@ -297,3 +300,68 @@ def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path, params
     assert peak[0] < 40, f"the mapped file stayed resident: +{peak[0]:.0f} MiB of 64 MiB"
     np.testing.assert_array_equal(got.labels_, want.labels_)
     assert got.inertia_ == pytest.approx(want.inertia_, rel=1e-9)
+
+
+# ---- weighted training samples (lightweight coresets) ----
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_weighted_lloyd_equals_lloyd_on_repeated_rows(spherical):
+    # Integer weights must act exactly as that many copies of a row: same centroids, labels, objective.
+    g = np.random.default_rng(11)
+    x = g.standard_normal((300, 5)).astype(np.float32)
+    if spherical:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = g.integers(1, 4, size=300)
+    c0 = init_centroids(x, 6, "random", 0, spherical)
+    weighted = lloyd(x, c0, 6, tol=0.0, spherical=spherical, weights=w.astype(np.float64))
+    copies = lloyd(np.repeat(x, w, axis=0), c0, 6, tol=0.0, spherical=spherical)
+    np.testing.assert_allclose(weighted.centroids, copies.centroids, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.repeat(weighted.labels, w), copies.labels)
+    np.testing.assert_allclose(weighted.objective_history, copies.objective_history, rtol=1e-9)
+
+
+def test_weighted_lloyd_reseeds_an_empty_cluster():
+    x = np.array([[0.0], [0.1], [10.0], [10.1]], np.float32)
+    c0 = np.array([[0.05], [10.05], [500.0]], np.float32)  # the third centre gets no rows
+    res = lloyd(x, c0, 3, tol=0.0, weights=np.array([0.5, 2.0, 1.5, 3.0]))
+    assert res.n_reseeded >= 1
+    assert np.bincount(res.labels, minlength=3).min() >= 1
+
+
+def test_coreset_sample_is_unbiased_and_keeps_far_rows():
+    from kvant.cluster.sampling import coreset_proposal, inclusion_probabilities, poisson_sample
+
+    g = np.random.default_rng(4)
+    x = g.standard_normal((20000, 4)).astype(np.float32)
+    x[:5] *= 1e4  # five far rows carry most of the sum of squares
+    q = coreset_proposal([(0, x[:7000]), (7000, x[7000:])], x.shape[0], np.zeros(4))
+    assert q.sum() == pytest.approx(1.0)
+    pi = inclusion_probabilities(q, 1000)
+    assert pi.sum() == pytest.approx(1000, abs=0.5)
+    np.testing.assert_array_equal(pi[:5], 1.0)  # certain, weight 1
+    rows, w = poisson_sample(pi, 0)
+    assert set(range(5)) <= set(rows.tolist())
+    # Horvitz-Thompson: the weighted sample's totals estimate the data's (row count and squared norms).
+    assert w.sum() == pytest.approx(x.shape[0], rel=0.05)
+    sq = (x.astype(np.float64) ** 2).sum(1)
+    assert (w * sq[rows]).sum() == pytest.approx(sq.sum(), rel=0.05)
+    again = poisson_sample(pi, 0)
+    np.testing.assert_array_equal(again[0], rows)
+
+
+def test_coreset_beats_a_uniform_sample_on_heavy_tailed_data():
+    # Student-t (df=2) clusters: the far rows dominate the MSE, and a uniform sample mostly misses them.
+    from kvant.bench.datasets import heavy_tailed
+
+    x, _ = heavy_tailed(40000, 16, 8, seed=3)
+    mse = {s: kvant.Clusterer(k=32, seed=0, sampling=s, sample_per_centroid=32).fit(x).mse_
+           for s in ("coreset", "uniform")}
+    assert mse["coreset"] < 0.8 * mse["uniform"], mse
+
+
+def test_coreset_falls_back_to_uniform_when_it_draws_fewer_rows_than_k():
+    x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    c = kvant.Clusterer(k=20, sample_per_centroid=1, seed=0).fit(x)  # m = k = 20 < n: a Poisson draw can fall short
+    assert c.cluster_centers_.shape == (20, 3)
+    np.testing.assert_array_equal(c.labels_, _nearest(x, c.cluster_centers_))

@@ -7,7 +7,7 @@ from kvant.bench import reference as ref
 from kvant.cluster.assign import assign_top2
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import normalise_rows_into, sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
-from kvant.kernels.lloyd import cluster_sums, exact_sq_dist_rows, kmeanspp, move_rows
+from kvant.kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, kmeanspp, move_rows, sq_dist_to_point
 from kvant.kernels.topk import merge_topk, merge_topk_ids, topk_smallest
 
 SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (37, 7, 5), (64, 13, 17), (300, 33, 40), (129, 130, 2)]
@@ -128,14 +128,14 @@ def test_cluster_sums_and_moves(n, d, k):
     x, _ = _data(n, d, k)
     labels = np.random.default_rng(0).integers(0, k, size=n).astype(np.int64)
     for parts in (1, 2, 3):
-        sums, counts = cluster_sums(x, labels, k, parts)
+        sums, counts = cluster_sums(x, labels, k, parts, UNIT_WEIGHTS)
         rs, rc = ref.cluster_sums_ref(x, labels, k)
         np.testing.assert_allclose(sums, rs, rtol=1e-12, atol=1e-9)
         np.testing.assert_array_equal(counts, rc)
     if n:
         rows = np.arange(0, n, 3)
         new = (labels[rows] + 1) % k
-        move_rows(x, rows, labels[rows].copy(), new, sums, counts)
+        move_rows(x, rows, labels[rows].copy(), new, sums, counts, UNIT_WEIGHTS)
         labels[rows] = new
         rs, rc = ref.cluster_sums_ref(x, labels, k)
         np.testing.assert_allclose(sums, rs, rtol=1e-9, atol=1e-9)
@@ -170,7 +170,7 @@ def test_kmeanspp_matches_reference(n, d, k):
     for seed in range(3):
         u = np.random.default_rng(seed).random(k)
         first = seed % n
-        np.testing.assert_array_equal(kmeanspp(x, k, u, first), ref.kmeanspp_ref(x, k, u, first))
+        np.testing.assert_array_equal(kmeanspp(x, k, u, first, UNIT_WEIGHTS), ref.kmeanspp_ref(x, k, u, first))
 
 
 def test_kmeanspp_picks_distinct_far_points():
@@ -179,9 +179,56 @@ def test_kmeanspp_picks_distinct_far_points():
     x = np.concatenate([g.standard_normal((50, 2)) * 0.01, 100 + g.standard_normal((50, 2)) * 0.01]).astype(np.float32)
     for seed in range(5):
         u = np.random.default_rng(seed).random(2)
-        rows = kmeanspp(x, 2, u, seed)
+        rows = kmeanspp(x, 2, u, seed, UNIT_WEIGHTS)
         assert sorted(r >= 50 for r in rows) == [False, True]
     # Fewer distinct points than k: still returns k valid row indices.
     same = np.ones((3, 2), np.float32)
-    rows = kmeanspp(same, 3, np.zeros(3), 0)
+    rows = kmeanspp(same, 3, np.zeros(3), 0, UNIT_WEIGHTS)
     assert rows.min() >= 0 and rows.max() < 3
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (101, 7, 9), (64, 130, 3)])
+def test_weighted_cluster_sums_and_moves(n, d, k):
+    x, _ = _data(n, d, k)
+    g = np.random.default_rng(3)
+    labels = g.integers(0, k, size=n).astype(np.int64)
+    w = g.uniform(0.01, 50.0, size=n)
+    for parts in (1, 2):
+        sums, counts = cluster_sums(x, labels, k, parts, w)
+        rs, rc = ref.cluster_sums_ref(x, labels, k, w)
+        np.testing.assert_allclose(sums, rs, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(counts, rc, rtol=1e-12)
+    rows = np.arange(0, n, 2)
+    new = (labels[rows] + 1) % k
+    move_rows(x, rows, labels[rows].copy(), new, sums, counts, w)
+    labels[rows] = new
+    rs, rc = ref.cluster_sums_ref(x, labels, k, w)
+    np.testing.assert_allclose(sums, rs, rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(counts, rc, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (50, 3, 5), (200, 17, 40)])
+def test_weighted_kmeanspp_matches_reference(n, d, k):
+    # Integer coordinates and integer weights: every w·D² is exact, so the picks must be identical.
+    g = np.random.default_rng(n + d)
+    x = g.integers(-20, 21, size=(n, d)).astype(np.float32)
+    w = g.integers(1, 4, size=n).astype(np.float64)
+    for seed in range(3):
+        u = np.random.default_rng(seed).random(k)
+        np.testing.assert_array_equal(kmeanspp(x, k, u, seed % n, w), ref.kmeanspp_ref(x, k, u, seed % n, w))
+
+
+def test_weighted_kmeanspp_never_picks_a_zero_weight_row():
+    # A far row of weight 0 stands for no data: D² alone would pick it for the second centre.
+    x = np.array([[0.0], [0.1], [0.2], [1000.0]], np.float32)
+    w = np.array([1.0, 1.0, 1.0, 0.0])
+    for u in np.linspace(0.0, 0.999, 7):
+        assert 3 not in kmeanspp(x, 2, np.array([0.0, u]), 0, w)
+
+
+@pytest.mark.parametrize("n,d", [(0, 3), (1, 1), (37, 130), (1000, 8)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_sq_dist_to_point(n, d, scale):
+    x, c = _data(n, d, 1, scale=scale)
+    want = ((x.astype(np.float64) - c[0].astype(np.float64)) ** 2).sum(axis=1)
+    np.testing.assert_allclose(sq_dist_to_point(x, c[0]), want, rtol=1e-12)

@@ -51,32 +51,35 @@ def topk_ref(dist, k):
     return out_d, out_i
 
 
-def cluster_sums_ref(x, labels, k):
-    """Per-cluster float64 row sums and counts."""
+def cluster_sums_ref(x, labels, k, w=None):
+    """Per-cluster float64 weighted row sums and total weights (row counts without ``w``)."""
     import numpy as np
 
     x = np.asarray(x, np.float64)
+    w = np.ones(x.shape[0]) if w is None or len(w) == 0 else np.asarray(w, np.float64)
     sums = np.zeros((k, x.shape[1]))
-    np.add.at(sums, labels, x)
-    return sums, np.bincount(labels, minlength=k).astype(np.int64)
+    np.add.at(sums, labels, x * w[:, None])
+    return sums, np.bincount(labels, weights=w, minlength=k).astype(np.float64)
 
 
-def kmeanspp_ref(x, k, uniforms, first):
+def kmeanspp_ref(x, k, uniforms, first, w=None):
     """k-means++ D² seeding in float64, the reference for ``kernels.lloyd.kmeanspp``: the next centre is
-    the first row (with positive D²) whose running D² sum exceeds ``uniforms[c]`` × the total."""
+    the first row (with positive w·D²) whose running w·D² sum exceeds ``uniforms[c]`` × the total."""
     import numpy as np
 
     x = np.asarray(x, np.float64)
+    w = np.ones(x.shape[0]) if w is None or len(w) == 0 else np.asarray(w, np.float64)
     chosen = [int(first)]
     d2 = ((x - x[first]) ** 2).sum(1)
     for c in range(1, k):
-        total = d2.sum()
+        mass = w * d2
+        total = mass.sum()
         if total <= 0:
             chosen.append(chosen[-1] + 1 if chosen[-1] + 1 < len(x) else 0)
         else:
-            run = np.cumsum(np.where(d2 > 0, d2, 0.0))
-            hit = np.flatnonzero((run > uniforms[c] * total) & (d2 > 0))
-            chosen.append(int(hit[0]) if hit.size else int(np.flatnonzero(d2 > 0)[-1]))
+            run = np.cumsum(np.where(mass > 0, mass, 0.0))
+            hit = np.flatnonzero((run > uniforms[c] * total) & (mass > 0))
+            chosen.append(int(hit[0]) if hit.size else int(np.flatnonzero(mass > 0)[-1]))
         d2 = np.minimum(d2, ((x - x[chosen[-1]]) ** 2).sum(1))
     return np.array(chosen, np.int64)
 

@@ -2,9 +2,12 @@
 
 Every concrete algorithm has the same three phases, timed in ``timings_``:
 
-1. **train** on a uniform sample of ``sample_per_centroid · k`` rows (all rows when N is smaller), as
-   FAISS does: seeding (k-means++ or random rows) and Lloyd iterations with Hamerly bounds until the
-   relative improvement drops below ``tol`` or ``max_iter`` is reached;
+1. **train** on a sample of about ``sample_per_centroid · k`` rows (all rows when N is smaller): by
+   default a lightweight coreset (rows drawn ∝ ½ uniform + ½ squared distance from the data's centre,
+   weighted so the sample's objective is an unbiased estimate of the full one; :mod:`.sampling`), or a
+   uniform sample as FAISS draws it (``sampling="uniform"``). Seeding (k-means++ or random rows) and
+   weighted Lloyd iterations with Hamerly bounds run until the relative improvement drops below ``tol``
+   or ``max_iter`` is reached;
 2. **polish** (in-memory inputs): ``polish_iter`` more Lloyd iterations on *all* rows, cheap because
    Hamerly bounds skip rows whose assignment cannot change;
 3. **assign** every row of the input to its nearest centre. ``labels_`` and ``inertia_`` always come
@@ -31,6 +34,7 @@ from .assign import assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
+from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_proposal, inclusion_probabilities, poisson_sample
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
 METRICS = ("l2", "cos")
@@ -61,6 +65,9 @@ class Clusterer:
     tol : stop when an iteration improves the objective by less than this fraction (default 1e-4 for the
         concrete algorithms; ``auto`` picks its own, see docs/auto.md).
     sample_per_centroid : training-sample rows per centre (default 256, FAISS's max_points_per_centroid).
+    sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
+        one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
+        random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
     polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it).
     n_redo : restarts for ``dense-exact-nredo`` (seeds seed, seed+1, ...; the lowest training objective wins).
     batch_rows : rows per mini-batch for ``minibatch`` (bounds its memory).
@@ -86,6 +93,7 @@ class Clusterer:
         max_iter: int = 25,
         tol: float | None = None,
         sample_per_centroid: int = 256,
+        sampling: str = "coreset",
         polish_iter: int | None = None,
         n_redo: int = 3,
         batch_rows: int = 65536,
@@ -98,6 +106,7 @@ class Clusterer:
         self.max_iter = max_iter
         self.tol = tol
         self.sample_per_centroid = sample_per_centroid
+        self.sampling = sampling
         self.polish_iter = polish_iter
         self.n_redo = n_redo
         self.batch_rows = batch_rows
@@ -117,6 +126,8 @@ class Clusterer:
                 f"unknown algorithm {self.algorithm!r}; valid algorithms: {', '.join(available_algorithms())}"
             )
         check_seed(self.seed)
+        if self.sampling not in SAMPLINGS:
+            raise InvalidInput(f"unknown sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
         positive_int("max_iter", self.max_iter)
         positive_int("sample_per_centroid", self.sample_per_centroid)
         positive_int("n_redo", self.n_redo)
@@ -167,15 +178,17 @@ class Clusterer:
         else:
             t = time.perf_counter()
             result_labels = None
-            sample = _training_sample(src, full, self.k * self.sample_per_centroid, self.seed, spherical)
-            scale = src.n / sample.shape[0]
+            m = self.k * self.sample_per_centroid
+            sample, weights = _training_sample(src, full, m, self.seed, spherical, self.sampling, self.k)
+            scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             init = "random" if algorithm == "dense-exact-random" else "k-means++"
             restarts = self.n_redo if algorithm == "dense-exact-nredo" else 1
             best = None
             for r in range(restarts):
                 seed = None if self.seed is None else self.seed + r
-                c0 = init_centroids(sample, self.k, init, seed, spherical)
-                res = lloyd(sample, c0, self.max_iter, tol, spherical, on_iter=lambda obj: report("train", 1))
+                c0 = init_centroids(sample, self.k, init, seed, spherical, weights)
+                res = lloyd(sample, c0, self.max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
+                            weights=weights)
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
             centroids = best.centroids
@@ -249,7 +262,7 @@ class Clusterer:
         return src, _in_memory_rows(src, self.metric == "cos")
 
     def get_params(self) -> dict[str, Any]:
-        keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "polish_iter",
+        keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling", "polish_iter",
                 "n_redo", "batch_rows", "max_epochs")
         return {key: getattr(self, key) for key in keys}
 
@@ -284,7 +297,26 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
     return None
 
 
-def _training_sample(src, full, m, seed, spherical):
+def _training_sample(src, full, m, seed, spherical, sampling="uniform", k=1):
+    """(rows, weights) to train on: all rows (weights None) when m >= N, else a coreset or uniform sample."""
+    if m >= src.n or sampling == "uniform":
+        return _uniform_sample(src, full, m, seed, spherical), None
+    centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, spherical).mean(axis=0, dtype=np.float64)
+    in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
+    blocks = [(0, full)] if in_ram else _iter_blocks(src, full, spherical)  # a memmap/stream goes window by window
+    q = coreset_proposal(blocks, src.n, centre)
+    rows, weights = poisson_sample(inclusion_probabilities(q, m), None if seed is None else seed + 104729)
+    if rows.size < k:  # a tiny m can draw fewer rows than centres
+        return _uniform_sample(src, full, m, seed, spherical), None
+    if full is None:
+        sample = src.take(rows)
+        return (normalise_rows(sample) if spherical else sample), weights
+    if full is getattr(src, "array", None):  # rows used in place (a memmap gathers without staying resident)
+        return src.take(rows), weights
+    return np.ascontiguousarray(full[rows]), weights
+
+
+def _uniform_sample(src, full, m, seed, spherical):
     if full is not None:
         idx = src.sample_indices(m, seed)
         if idx.size == src.n:

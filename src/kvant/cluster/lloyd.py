@@ -23,7 +23,7 @@ from .._config import get_num_threads, rng
 from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..kernels.distance import normalise_rows_into, sq_norms, sq_norms_serial
-from ..kernels.lloyd import cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
+from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
 from .assign import assign_top2
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
@@ -46,19 +46,27 @@ class LloydResult:
 INIT_ROWS_PER_CENTROID = 8
 
 
-def init_centroids(x: np.ndarray, k: int, method: str, seed: int | None, spherical: bool = False) -> np.ndarray:
+def init_centroids(
+    x: np.ndarray, k: int, method: str, seed: int | None, spherical: bool = False, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Initial centroids: ``"k-means++"`` (D² seeding on a subsample of ``INIT_ROWS_PER_CENTROID·k`` rows)
-    or ``"random"`` (k distinct rows, as FAISS does)."""
+    or ``"random"`` (k distinct rows, as FAISS does).
+
+    With ``weights`` (rows of a weighted sample, each standing for ``w`` rows of the data) the random rows
+    are drawn with probability ∝ w and k-means++ samples ∝ w·D², so both act as on the data itself.
+    """
     n = x.shape[0]
     g = rng(seed)
     if method == "random":
-        rows = np.sort(g.choice(n, size=k, replace=False))
+        p = None if weights is None else weights / weights.sum()
+        rows = np.sort(g.choice(n, size=k, replace=False, p=p))
     elif method == "k-means++":
         m = min(n, INIT_ROWS_PER_CENTROID * k)
         sub = np.sort(g.choice(n, size=m, replace=False)) if m < n else np.arange(n)
         uniforms = g.random(k)
-        first = int(g.integers(m))
-        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first)]
+        w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights[sub], np.float64)
+        first = int(g.integers(m)) if weights is None else int(g.choice(m, p=w / w.sum()))
+        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w)]
     else:  # pragma: no cover - validated by the caller
         raise ValueError(method)
     c = np.ascontiguousarray(x[rows], dtype=np.float32)
@@ -92,7 +100,8 @@ def _normalise(c: np.ndarray) -> np.ndarray:
 
 
 def _objective(x_sqnorm_total: float, sums: np.ndarray, counts: np.ndarray, spherical: bool) -> float:
-    """Σ‖x − μ_a‖² after the M-step, from sums alone: Σ‖x‖² − Σ_j ‖S_j‖²/n_j (½Σ‖x−c‖² for spherical)."""
+    """Σ w‖x − μ_a‖² after the M-step, from sums alone: Σ w‖x‖² − Σ_j ‖S_j‖²/W_j (½Σ w‖x−c‖² for
+    spherical), with S_j and W_j the weighted sum and total weight of cluster j (weights 1 without any)."""
     nz = counts > 0
     sq = np.einsum("ij,ij->i", sums[nz], sums[nz])
     if spherical:  # unit rows, c_j = S_j/‖S_j‖: Σ(1 − x·c) = n − Σ‖S_j‖
@@ -115,31 +124,38 @@ def lloyd(
     spherical: bool = False,
     x_sqnorms: np.ndarray | None = None,
     on_iter=None,
+    weights: np.ndarray | None = None,
 ) -> LloydResult:
     """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
 
     Stops after ``max_iter`` M-steps or when the objective improves by less than ``tol`` (relative).
     The returned labels are the exact nearest centroids for the returned centroids. ``on_iter(objective)``,
-    if given, is called after every M-step (progress reporting).
+    if given, is called after every M-step (progress reporting). ``weights`` (n,) > 0 makes it weighted
+    k-means (centres are weighted means, the objective Σ w‖x − c‖²): a row of weight 2 acts as two copies.
     """
     n, d = x.shape
     k = centroids.shape[0]
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     xn = sq_norms(x) if x_sqnorms is None else x_sqnorms
-    x_total = float(xn.sum(dtype=np.float64))
+    w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights, np.float64)
+    x_total = float(xn.sum(dtype=np.float64) if weights is None else np.dot(w, xn))
     labels = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
     d2 = np.empty(n, np.float32)
     assign_top2(x, c, sq_norms_serial(c), labels, d1, d2, x_sqnorms=xn)
     upper = np.sqrt(d1)
     lower = np.sqrt(d2)
-    sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()))
+    sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()), w)
     result = LloydResult(c, labels)
     prev_obj = np.inf
     block = 65536
     for it in range(max_iter):
         # M-step (with re-seeding of empty clusters).
-        result.n_reseeded += _reseed_empty(x, labels, upper, lower, sums, counts)
+        # Emptiness by rows, not weight: incremental float updates can leave a ~1e-12 residue behind.
+        rows_in = np.bincount(labels, minlength=k)
+        sums[rows_in == 0] = 0.0
+        counts[rows_in == 0] = 0.0
+        result.n_reseeded += _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in)
         new_c = _centroids_from_sums(sums, counts, c, spherical)
         obj = _objective(x_total, sums, counts, spherical)
         result.objective_history.append(obj)
@@ -181,7 +197,7 @@ def lloyd(
             old = labels[cand]
             moved = lab_new != old
             if moved.any():
-                move_rows(x, cand[moved], old[moved], lab_new[moved], sums, counts)
+                move_rows(x, cand[moved], old[moved], lab_new[moved], sums, counts, w)
             labels[cand] = lab_new
             upper[cand] = np.sqrt(e1)
             lower[cand] = np.sqrt(e2)
@@ -192,8 +208,8 @@ def lloyd(
     return result
 
 
-def _reseed_empty(x, labels, upper, lower, sums, counts) -> int:
-    empty = np.flatnonzero(counts == 0)
+def _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in) -> int:
+    empty = np.flatnonzero(rows_in == 0)
     if empty.size == 0:
         return 0
     # Farthest rows first (stable: ties keep the lower row index).
@@ -203,10 +219,12 @@ def _reseed_empty(x, labels, upper, lower, sums, counts) -> int:
         if taken == empty.size:
             break
         src = labels[row]
-        if counts[src] <= 1:
+        if rows_in[src] <= 1:
             continue
         dst = empty[taken]
-        move_rows(x, np.array([row]), np.array([src]), np.array([dst]), sums, counts)
+        move_rows(x, np.array([row]), np.array([src]), np.array([dst]), sums, counts, w)
+        rows_in[src] -= 1
+        rows_in[dst] += 1
         labels[row] = dst
         upper[row] = 0.0
         lower[row] = 0.0  # forces a re-check of this row next E-step

@@ -14,7 +14,7 @@ import numpy as np
 from .._config import get_num_threads, rng
 from ..io import check_finite
 from ..kernels.distance import sq_norms_serial
-from ..kernels.lloyd import cluster_sums
+from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 from .assign import assign_top2
 from .lloyd import _normalise, init_centroids, normalise_rows
 
@@ -46,7 +46,7 @@ def minibatch_kmeans(
     c = init_centroids(sample, k, "k-means++", seed, spherical)
     del sample
     src.release_rows(0, n)  # the sample's pages of a memmap leave the resident set
-    seen = np.zeros(k, np.int64)
+    seen = np.zeros(k, np.float64)
     result = MiniBatchResult(c)
     starts = np.arange(0, n, batch_rows)
     prev = np.inf
@@ -61,7 +61,7 @@ def minibatch_kmeans(
             d2 = np.empty(b, np.float32)
             assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2)
             total_obj += float(d1.sum(dtype=np.float64))
-            sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()))
+            sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()), UNIT_WEIGHTS)
             hit = counts > 0
             seen[hit] += counts[hit]
             rate = counts[hit] / seen[hit]

@@ -11,26 +11,32 @@ import numpy as np
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
+UNIT_WEIGHTS = np.empty(0, np.float64)  # the ``w`` argument meaning "every row weighs 1"
+
 
 @numba.njit(**_JIT)
-def cluster_sums(x, labels, k, n_parts):
-    """Per-cluster float64 sums of rows and counts, from ``n_parts`` fixed row ranges reduced in order.
+def cluster_sums(x, labels, k, n_parts, w):
+    """Per-cluster float64 weighted sums of rows and total weights, from ``n_parts`` fixed row ranges
+    reduced in order. ``w`` holds one weight per row; an empty ``w`` means every weight is 1 (the totals
+    are then the row counts, as float64).
 
     Serial: it runs once per fit (or per mini-batch) between BLAS-heavy passes, and a parallel region here
     made the two thread pools fight (65 ms instead of 2 ms per call on the 2-core reference machine)."""
     n, d = x.shape
+    unit = w.shape[0] == 0
     part_sums = np.zeros((n_parts, k, d), np.float64)
-    part_counts = np.zeros((n_parts, k), np.int64)
+    part_counts = np.zeros((n_parts, k), np.float64)
     for p in range(n_parts):
         lo = p * n // n_parts
         hi = (p + 1) * n // n_parts
         for i in range(lo, hi):
             c = labels[i]
-            part_counts[p, c] += 1
+            wi = 1.0 if unit else np.float64(w[i])
+            part_counts[p, c] += wi
             for t in range(d):
-                part_sums[p, c, t] += x[i, t]
+                part_sums[p, c, t] += wi * x[i, t]
     sums = np.zeros((k, d), np.float64)
-    counts = np.zeros(k, np.int64)
+    counts = np.zeros(k, np.float64)
     for p in range(n_parts):
         sums += part_sums[p]
         counts += part_counts[p]
@@ -38,17 +44,20 @@ def cluster_sums(x, labels, k, n_parts):
 
 
 @numba.njit(**_JIT)
-def move_rows(x, rows, old, new, sums, counts):
-    """Move each listed row's contribution from cluster ``old[r]`` to ``new[r]`` (in listed order)."""
+def move_rows(x, rows, old, new, sums, counts, w):
+    """Move each listed row's (weighted) contribution from cluster ``old[r]`` to ``new[r]``, in listed
+    order; an empty ``w`` means unit weights, as in :func:`cluster_sums`."""
     d = x.shape[1]
+    unit = w.shape[0] == 0
     for r in range(rows.shape[0]):
         i = rows[r]
         a = old[r]
         b = new[r]
-        counts[a] -= 1
-        counts[b] += 1
+        wi = 1.0 if unit else np.float64(w[i])
+        counts[a] -= wi
+        counts[b] += wi
         for t in range(d):
-            v = np.float64(x[i, t])
+            v = wi * np.float64(x[i, t])
             sums[a, t] -= v
             sums[b, t] += v
 
@@ -117,31 +126,35 @@ def _sq_dist_f32(x, i, c):
 
 
 @numba.njit(**_JIT)
-def _min_update(x, c, d2):
-    """d2[i] = min(d2[i], ‖x_i − c‖²) for every row; returns Σ d2 (float64)."""
+def _min_update(x, c, d2, w):
+    """d2[i] = min(d2[i], ‖x_i − c‖²) for every row; returns Σ w_i·d2[i] (float64; empty ``w``: unit)."""
+    unit = w.shape[0] == 0
     total = 0.0
     for i in range(x.shape[0]):
         v = np.float64(_sq_dist_f32(x, i, c))
         if v < d2[i]:
             d2[i] = v
-        total += d2[i]
+        total += d2[i] if unit else w[i] * d2[i]
     return total
 
 
 @numba.njit(**_JIT)
-def kmeanspp(x, k, uniforms, first):
+def kmeanspp(x, k, uniforms, first, w):
     """k-means++ seeding (Arthur & Vassilvitskii): returns k row indices of ``x`` (float32 rows).
 
     ``first`` is the first centre's row; ``uniforms`` (k,) in [0, 1) drive the D² sampling, so the
-    result is a pure function of its inputs. Each step is one fused, vectorised pass over the rows
-    (distance to the new centre, running minimum, total). It is serial on purpose: a parallel region per
-    step (K of them) cost 30× more in thread wake-ups than the ~1 ms of work each step does.
+    result is a pure function of its inputs. With row weights ``w`` (a weighted sample standing for more
+    rows) the next centre is drawn with probability ∝ w·D²; an empty ``w`` means unit weights. Each step
+    is one fused, vectorised pass over the rows (distance to the new centre, running minimum, total). It
+    is serial on purpose: a parallel region per step (K of them) cost 30× more in thread wake-ups than the
+    ~1 ms of work each step does.
     """
     n = x.shape[0]
+    unit = w.shape[0] == 0
     chosen = np.empty(k, np.int64)
     chosen[0] = first
     d2 = np.full(n, np.inf)
-    total = _min_update(x, x[first].copy(), d2)
+    total = _min_update(x, x[first].copy(), d2, w)
     for c in range(1, k):
         if total <= 0.0:  # fewer distinct points than k: take the next unused rows deterministically
             chosen[c] = chosen[c - 1] + 1 if chosen[c - 1] + 1 < n else 0
@@ -151,12 +164,27 @@ def kmeanspp(x, k, uniforms, first):
             pick = -1
             last_positive = 0
             for i in range(n):
-                if d2[i] > 0.0:
+                mass = d2[i] if unit else w[i] * d2[i]
+                if mass > 0.0:
                     last_positive = i
-                    run += d2[i]
+                    run += mass
                     if run > target:
                         pick = i
                         break
             chosen[c] = pick if pick >= 0 else last_positive
-        total = _min_update(x, x[chosen[c]].copy(), d2)
+        total = _min_update(x, x[chosen[c]].copy(), d2, w)
     return chosen
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def sq_dist_to_point(x, c):
+    """‖x_i − c‖² per row in float64 (the coreset sampling proposal); one vectorised pass over the rows."""
+    n, d = x.shape
+    out = np.empty(n, np.float64)
+    for i in range(n):
+        acc = 0.0
+        for t in range(d):
+            diff = np.float64(x[i, t]) - np.float64(c[t])
+            acc += diff * diff
+        out[i] = acc
+    return out

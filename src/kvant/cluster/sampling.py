@@ -1,0 +1,76 @@
+"""The training sample: a lightweight coreset (default) or uniform rows.
+
+k-means trains on a sample of about ``m`` rows and then assigns every row. A uniform sample estimates the
+objective badly when a few rows carry much of it: with heavy-tailed noise the far rows that dominate the
+full-data MSE are mostly left out, and the centres never go near them (on the benchmark's Student-t data
+full-data methods reached 47-70% lower MSE than FAISS's uniform 256·K sample).
+
+A *lightweight coreset* (Bachem, Lucic & Krause, KDD 2018) fixes that at the cost of one pass over the
+rows: each row gets the proposal
+
+    q_i = ½·1/n + ½·d(x_i, μ)² / Σ_j d(x_j, μ)²
+
+(half uniform, half proportional to its squared distance from the data's centre μ), and the weighted
+sample is an unbiased estimate of the k-means objective for *every* set of centres. kvant draws it by
+Poisson sampling: row i is kept with probability π_i = min(1, s·q_i), with s set so that Σ π_i = m, and
+weighs 1/π_i. Rows far out are kept with certainty (weight 1); typical rows weigh about n/m. Weighted
+Lloyd then optimises that estimate. On data without such rows q is close to uniform and the sample
+behaves like a uniform one.
+
+μ is the mean of a uniform pre-sample of ``CENTRE_ROWS`` rows: any fixed centre keeps the estimate
+unbiased (the weights correct for whatever the proposal is); the mean only makes it efficient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._config import rng
+from .._parallel import for_each_block
+from ..kernels.lloyd import sq_dist_to_point
+
+SAMPLINGS = ("coreset", "uniform")
+CENTRE_ROWS = 4096  # uniform rows whose mean is the proposal's centre
+_SCALE_STEPS = 50  # fixed-point steps for s in Σ min(1, s·q_i) = m (it converges in a handful)
+
+
+def coreset_proposal(blocks, n: int, centre: np.ndarray) -> np.ndarray:
+    """q_i of every row from one pass over ``blocks`` (an iterable of (start, float32 rows)); sums to 1.
+
+    Falls back to uniform when the squared distances sum to zero (all rows equal) or overflow.
+    """
+    d2 = np.empty(n, np.float64)
+    c = np.ascontiguousarray(centre, np.float32)
+    for s, block in blocks:
+
+        def run(a, b, s=s, block=block):
+            d2[s + a : s + b] = sq_dist_to_point(block[a:b], c)
+
+        for_each_block(block.shape[0], 16384, run)
+    total = float(d2.sum())
+    if not (np.isfinite(total) and total > 0.0):
+        return np.full(n, 1.0 / n)
+    d2 *= 0.5 / total
+    d2 += 0.5 / n
+    return d2
+
+
+def inclusion_probabilities(q: np.ndarray, m: int) -> np.ndarray:
+    """π_i = min(1, s·q_i) with s chosen so that Σ π_i = m (m < n): rows with s·q_i >= 1 are certain."""
+    s = float(m)
+    for _ in range(_SCALE_STEPS):
+        total = float(np.minimum(1.0, s * q).sum())
+        if total >= m - 0.5:
+            break
+        s *= m / total  # Σ min(1, s·q) is concave in s and below m: this climbs monotonically to the root
+    return np.minimum(1.0, s * q)
+
+
+def poisson_sample(pi: np.ndarray, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row i is kept when u_i < π_i (u_i uniform, one per row in row order); returns (rows, 1/π of them)."""
+    u = rng(seed).random(pi.shape[0])
+    rows = np.flatnonzero(u < pi).astype(np.int64)
+    return rows, 1.0 / pi[rows]
+
+
+__all__ = ["SAMPLINGS", "CENTRE_ROWS", "coreset_proposal", "inclusion_probabilities", "poisson_sample"]
