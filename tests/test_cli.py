@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+import kvant
 from kvant.cli import main
 
 
@@ -43,3 +45,15 @@ def test_demo_json(capsys):
     payload = json.loads(capsys.readouterr().out)
     assert [r["algorithm"].split(" ")[0] for r in payload["results"]] == ["auto", "dense-exact-random", "minibatch"]
     assert all(r["v_measure"] > 0.5 for r in payload["results"])
+
+
+@pytest.mark.parametrize("sampling", ["coreset", "uniform"])
+def test_cluster_sampling_flag_matches_the_api(tmp_path, capsys, sampling):
+    x = np.random.default_rng(1).standard_normal((3000, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    argv = ["cluster", str(tmp_path / "x.npy"), "-k", "5", "--sampling", sampling, "--json", "--quiet",
+            "-o", str(tmp_path / "labels.npy")]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] == sampling
+    want = kvant.Clusterer(k=5, sampling=sampling, sample_per_centroid=256).fit(x).labels_  # m = 1280 < N
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), want)

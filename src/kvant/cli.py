@@ -133,7 +133,8 @@ def _cmd_cluster(args) -> int:
     from .cluster import Clusterer
 
     t0 = time.perf_counter()
-    c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter)
+    c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter,
+                  sampling=args.sampling)
     bars = {}
 
     def report(phase: str, amount: int) -> None:
@@ -164,6 +165,7 @@ def _cmd_cluster(args) -> int:
         "metric": args.metric,
         "algorithm": c.algorithm_,
         "auto_reason": c.auto_reason_,
+        "sampling": args.sampling,
         "n_iter": c.n_iter_,
         "inertia": c.inertia_,
         "seconds": wall,
@@ -225,6 +227,8 @@ def _add_cluster(sub) -> None:
     p.add_argument("--algorithm", default="auto", choices=available_algorithms())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iter", type=int, default=25)
+    p.add_argument("--sampling", default="coreset", choices=["coreset", "uniform"],
+                   help="training sample: weighted lightweight coreset (default) or uniform rows (FAISS's)")
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the vectors")
     p.add_argument("-o", "--output", default=None, help="write labels (int64) to this .npy file")
     p.add_argument("--centroids", default=None, help="write centroids (float32) to this .npy file")
