@@ -175,11 +175,33 @@ def test_non_finite_input_names_row_and_leaves_state(n, d, bad_row, bad, dtype):
     x = np.random.default_rng(1).standard_normal((n, d)).astype(dtype)
     row = bad_row % n
     x[row, d // 2] = bad
-    with pytest.raises(InvalidInput, match=f"row: {row}"):
+    with pytest.raises(InvalidInput, match=rf"row: {row}\)"):
         c.fit(x)
     np.testing.assert_array_equal(c.labels_, before[0])
     np.testing.assert_array_equal(c.cluster_centers_, before[1])
     assert c.inertia_ == before[2]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.integers(0, 2999), min_size=1, max_size=4, unique=True),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    metric=st.sampled_from(["l2", "cos"]),
+    memmap=st.booleans(),
+)
+def test_non_finite_rows_in_a_sampled_input_name_the_first(tmp_path, rows, bad, metric, memmap):
+    # N > 256·K, so training uses a coreset whose distance pass (l2) doubles as the NaN/inf check, and the
+    # proposal centre comes from a pre-sample that may or may not contain a bad row: the first bad row of the
+    # data must be named either way, for in-memory arrays and memory maps alike.
+    x = np.random.default_rng(2).standard_normal((3000, 5)).astype(np.float32)
+    for r in rows:
+        x[r, r % 5] = bad
+    if memmap:
+        path = tmp_path / f"bad-{'-'.join(map(str, rows))}-{metric}.npy"
+        np.save(path, x)
+        x = np.load(path, mmap_mode="r")
+    with pytest.raises(InvalidInput, match=rf"row: {min(rows)}\)"):
+        kvant.Clusterer(k=3, metric=metric, seed=0, sample_per_centroid=8).fit(x)
 
 
 def test_bad_shapes_and_dtypes():
@@ -330,12 +352,14 @@ def test_weighted_lloyd_reseeds_an_empty_cluster():
 
 
 def test_coreset_sample_is_unbiased_and_keeps_far_rows():
-    from kvant.cluster.sampling import coreset_proposal, inclusion_probabilities, poisson_sample
+    from kvant.cluster.sampling import coreset_proposal, inclusion_probabilities, poisson_sample, sq_distances
 
     g = np.random.default_rng(4)
     x = g.standard_normal((20000, 4)).astype(np.float32)
     x[:5] *= 1e4  # five far rows carry most of the sum of squares
-    q = coreset_proposal([(0, x[:7000]), (7000, x[7000:])], x.shape[0], np.zeros(4))
+    d2 = sq_distances([(0, x[:7000]), (7000, x[7000:])], x.shape[0], np.zeros(4))
+    np.testing.assert_allclose(d2, (x.astype(np.float64) ** 2).sum(1), rtol=1e-12)
+    q = coreset_proposal(d2)
     assert q.sum() == pytest.approx(1.0)
     pi = inclusion_probabilities(q, 1000)
     assert pi.sum() == pytest.approx(1000, abs=0.5)

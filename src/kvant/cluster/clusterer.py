@@ -27,14 +27,14 @@ import numpy as np
 from .._config import check_seed, get_num_threads
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
-from ..io import ArraySource, VectorSource, as_source, check_finite
+from ..io import ArraySource, VectorSource, as_source
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows
 from .assign import assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
-from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_proposal, inclusion_probabilities, poisson_sample
+from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_proposal, inclusion_probabilities, poisson_sample, sq_distances
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
 METRICS = ("l2", "cos")
@@ -150,7 +150,7 @@ class Clusterer:
         """
         report = progress or (lambda phase, amount: None)
         self._check_settings()
-        src = as_source(x, column=column)
+        src = as_source(x, column=column, validate=False)  # an array is checked below, in the first pass over it
         self._check_settings(src.n)
         spherical = self.metric == "cos"
         if self.algorithm == "auto":
@@ -162,6 +162,19 @@ class Clusterer:
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        m = self.k * self.sample_per_centroid
+        # An l2 coreset of an array reads every row once for the sampling distances; that pass also checks
+        # the rows for NaN/inf, so the data is read once before training instead of twice.
+        fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n and not spherical
+                and isinstance(src, ArraySource) and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
+        d2 = None
+        if fuse:
+            centre = _proposal_centre(src, self.seed)
+            d2 = sq_distances(_iter_blocks(src, src.array, False, None if not src.in_memory else src.n), src.n,
+                              centre, src.name)
+            src.mark_validated()
+        elif isinstance(src, ArraySource) and src.in_memory:
+            src.validate()
         # None when the source must be streamed; minibatch always streams to keep its memory bound.
         full = None if algorithm == "minibatch" else _in_memory_rows(src, spherical)
         timings["load"] = time.perf_counter() - t0
@@ -178,8 +191,7 @@ class Clusterer:
         else:
             t = time.perf_counter()
             result_labels = None
-            m = self.k * self.sample_per_centroid
-            sample, weights = _training_sample(src, full, m, self.seed, spherical, self.sampling, self.k)
+            sample, weights = _training_sample(src, full, m, self.seed, spherical, self.sampling, self.k, d2)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             init = "random" if algorithm == "dense-exact-random" else "k-means++"
             restarts = self.n_redo if algorithm == "dense-exact-nredo" else 1
@@ -285,11 +297,7 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
         return None
     arr = src.array
     if arr.dtype == np.float32 and arr.flags.c_contiguous:
-        if not src.in_memory:
-            step = max(1, (4 << 20) // (4 * src.dim))  # 4 MiB at a time: the NaN mask stays small
-            for start in range(0, src.n, step):
-                check_finite(arr[start : start + step], start, src.name)
-                src.release_rows(start, start + step)  # a memmap's scanned pages leave the resident set
+        src.validate()  # once per source (a memmap's scanned pages leave the resident set)
         return normalise_rows(arr) if spherical else arr
     if src.in_memory:
         full = src.to_array()
@@ -297,14 +305,29 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
     return None
 
 
-def _training_sample(src, full, m, seed, spherical, sampling="uniform", k=1):
-    """(rows, weights) to train on: all rows (weights None) when m >= N, else a coreset or uniform sample."""
+def _proposal_centre(src, seed) -> np.ndarray:
+    """The coreset proposal's centre: the mean of ``CENTRE_ROWS`` uniform rows (float64)."""
+    try:
+        pre = src.take(src.sample_indices(min(src.n, CENTRE_ROWS), seed))
+    except InvalidInput:
+        if isinstance(src, ArraySource):
+            src.validate()  # name the data's first bad row, not the sample's
+        raise
+    return pre.mean(axis=0, dtype=np.float64)
+
+
+def _training_sample(src, full, m, seed, spherical, sampling="uniform", k=1, d2=None):
+    """(rows, weights) to train on: all rows (weights None) when m >= N, else a coreset or uniform sample.
+
+    ``d2``: the rows' squared distances to the proposal centre when the caller already has them."""
     if m >= src.n or sampling == "uniform":
         return _uniform_sample(src, full, m, seed, spherical), None
-    centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, spherical).mean(axis=0, dtype=np.float64)
-    in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
-    blocks = [(0, full)] if in_ram else _iter_blocks(src, full, spherical)  # a memmap/stream goes window by window
-    q = coreset_proposal(blocks, src.n, centre)
+    if d2 is None:
+        centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, spherical).mean(axis=0, dtype=np.float64)
+        in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
+        # one block in RAM (threaded); a memmap or a stream goes window by window
+        d2 = sq_distances(_iter_blocks(src, full, spherical, src.n if in_ram else None), src.n, centre, src.name)
+    q = coreset_proposal(d2)
     rows, weights = poisson_sample(inclusion_probabilities(q, m), None if seed is None else seed + 104729)
     if rows.size < k:  # a tiny m can draw fewer rows than centres
         return _uniform_sample(src, full, m, seed, spherical), None

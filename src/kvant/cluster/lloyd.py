@@ -164,7 +164,11 @@ def lloyd(
             on_iter(obj)
         delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
         c = new_c
-        converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(obj), 1e-30)
+        # Relative to the quality callers read: the MSE for l2, but Σ w·cos (not Σ w·(1 − cos)) for spherical,
+        # whose objective is dominated by the constant 1: at a mean cosine of 0.2 a tolerance relative to the
+        # objective stopped 4× earlier than the same tolerance on the mean cosine.
+        scale = float(counts.sum()) - obj if spherical else obj
+        converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
         prev_obj = obj
         # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
         if k > 1:

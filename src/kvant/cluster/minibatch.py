@@ -81,7 +81,8 @@ def minibatch_kmeans(
                 on_batch(b)
         obj = 0.5 * total_obj if spherical else total_obj
         result.objective_history.append(obj)
-        if prev < np.inf and prev - obj <= tol * max(abs(obj), 1e-30):
+        scale = n - obj if spherical else obj  # relative to Σ cos for spherical, as in Lloyd (cluster/lloyd.py)
+        if prev < np.inf and prev - obj <= tol * max(abs(scale), 1e-30):
             break
         prev = obj
     result.centroids = c

@@ -27,17 +27,20 @@ import numpy as np
 
 from .._config import rng
 from .._parallel import for_each_block
+from ..io import check_finite
 from ..kernels.lloyd import sq_dist_to_point
 
 SAMPLINGS = ("coreset", "uniform")
 CENTRE_ROWS = 4096  # uniform rows whose mean is the proposal's centre
-_SCALE_STEPS = 50  # fixed-point steps for s in Σ min(1, s·q_i) = m (it converges in a handful)
+_SCALE_STEPS = 64  # cap on the steps solving Σ min(1, s·q_i) = m for s (it takes a handful)
 
 
-def coreset_proposal(blocks, n: int, centre: np.ndarray) -> np.ndarray:
-    """q_i of every row from one pass over ``blocks`` (an iterable of (start, float32 rows)); sums to 1.
+def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input") -> np.ndarray:
+    """‖x_i − centre‖² (float64) of every row, from one pass over ``blocks`` (an iterable of (start, rows)).
 
-    Falls back to uniform when the squared distances sum to zero (all rows equal) or overflow.
+    The pass doubles as the NaN/inf check of unvalidated rows: with a finite centre, a row's float64 sum
+    of squares is finite exactly when the row is (float32 values cannot overflow it), so a block with a
+    non-finite distance is handed to :func:`check_finite`, which raises naming its first bad row.
     """
     d2 = np.empty(n, np.float64)
     c = np.ascontiguousarray(centre, np.float32)
@@ -47,22 +50,46 @@ def coreset_proposal(blocks, n: int, centre: np.ndarray) -> np.ndarray:
             d2[s + a : s + b] = sq_dist_to_point(block[a:b], c)
 
         for_each_block(block.shape[0], 16384, run)
+        if not np.isfinite(d2[s : s + block.shape[0]]).all():
+            check_finite(block, s, name)
+    return d2
+
+
+def coreset_proposal(d2: np.ndarray) -> np.ndarray:
+    """q_i = ½·1/n + ½·d2_i/Σd2 (sums to 1), computed in place over ``d2``.
+
+    Falls back to uniform when the squared distances sum to zero (all rows equal) or overflow.
+    """
+    n = d2.shape[0]
     total = float(d2.sum())
     if not (np.isfinite(total) and total > 0.0):
-        return np.full(n, 1.0 / n)
+        d2[:] = 1.0 / n
+        return d2
     d2 *= 0.5 / total
     d2 += 0.5 / n
     return d2
 
 
 def inclusion_probabilities(q: np.ndarray, m: int) -> np.ndarray:
-    """π_i = min(1, s·q_i) with s chosen so that Σ π_i = m (m < n): rows with s·q_i >= 1 are certain."""
-    s = float(m)
+    """π_i = min(1, s·q_i) with s chosen so that Σ π_i = m (m < n): rows with s·q_i >= 1 are certain.
+
+    f(s) = Σ min(1, s·q_i) is piecewise linear and increasing. Given the rows already capped at s (c of
+    them, the others summing to U), the root if no further row caps is s' = (m − c) / U; s' >= s, so
+    the capped set only grows and the loop ends once it stops changing (a few passes, even with heavy tails).
+    """
+    total = float(q.sum())
+    s = float(m) / total
     for _ in range(_SCALE_STEPS):
-        total = float(np.minimum(1.0, s * q).sum())
-        if total >= m - 0.5:
+        capped = q >= 1.0 / s
+        c = int(np.count_nonzero(capped))
+        rest = total - float(q[capped].sum())
+        if c >= m or rest <= 0.0:
             break
-        s *= m / total  # Σ min(1, s·q) is concave in s and below m: this climbs monotonically to the root
+        s_new = (m - c) / rest
+        if s_new <= s or np.count_nonzero(q >= 1.0 / s_new) == c:
+            s = max(s, s_new)
+            break
+        s = s_new
     return np.minimum(1.0, s * q)
 
 
@@ -73,4 +100,4 @@ def poisson_sample(pi: np.ndarray, seed: int | None) -> tuple[np.ndarray, np.nda
     return rows, 1.0 / pi[rows]
 
 
-__all__ = ["SAMPLINGS", "CENTRE_ROWS", "coreset_proposal", "inclusion_probabilities", "poisson_sample"]
+__all__ = ["SAMPLINGS", "CENTRE_ROWS", "sq_distances", "coreset_proposal", "inclusion_probabilities", "poisson_sample"]

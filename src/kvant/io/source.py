@@ -236,13 +236,29 @@ class ArraySource(VectorSource):
         self.dtype = array.dtype
         self.name = name
         self.in_memory = not isinstance(array, np.memmap)
-        if validate and self.in_memory:
-            for start in range(0, self.n, default_chunk_rows(self.dim)):
-                check_finite(array[start : start + default_chunk_rows(self.dim)], start, name)
-            self._validated = True
-        else:
-            self._validated = False
+        self._validated = False
         self._pages = MappedPages.of(array) if not self.in_memory and array.flags.c_contiguous else None
+        if validate and self.in_memory:
+            self.validate()
+
+    @property
+    def validated(self) -> bool:
+        """True once every row is known to be finite (then reads skip the NaN/inf check)."""
+        return self._validated
+
+    def validate(self) -> None:
+        """Check every row for NaN/inf now (once), naming the first bad row; a memmap's pages are released."""
+        if self._validated:
+            return
+        step = default_chunk_rows(self.dim)
+        for start in range(0, self.n, step):
+            check_finite(self.array[start : start + step], start, self.name)
+            self.release_rows(start, start + step)
+        self._validated = True
+
+    def mark_validated(self) -> None:
+        """Record that the caller has checked every row for NaN/inf (e.g. fused into its own first pass)."""
+        self._validated = True
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         if self._pages is not None and self.array.dtype == np.float32:

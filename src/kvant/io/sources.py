@@ -13,7 +13,7 @@ from .source import ArraySource, VectorSource
 _FORMATS = ".npy, .fvecs, .bvecs, .ivecs, .parquet/.pq (or a directory of them), .hdf5/.h5"
 
 
-def as_source(x, column=None, name: str = "input") -> VectorSource:
+def as_source(x, column=None, name: str = "input", validate: bool = True) -> VectorSource:
     """Wrap ``x`` as a :class:`VectorSource` (n, dim, dtype, chunks, sample, take, to_array).
 
     Accepts:
@@ -25,7 +25,9 @@ def as_source(x, column=None, name: str = "input") -> VectorSource:
       files (``column=`` picks the list column or a list of scalar columns), or an ann-benchmarks
       HDF5 file (``column=`` picks the dataset, default ``"train"``).
 
-    Bad input raises :class:`~kvant.errors.InvalidInput` naming the problem.
+    Bad input raises :class:`~kvant.errors.InvalidInput` naming the problem. An in-memory array is checked
+    for NaN/inf here unless ``validate=False``; then every read checks the rows it returns instead, until
+    the caller has checked them all itself and called ``mark_validated()``.
 
     >>> import numpy as np, kvant
     >>> src = kvant.io.as_source(np.zeros((5, 3), np.float32))
@@ -39,7 +41,7 @@ def as_source(x, column=None, name: str = "input") -> VectorSource:
     if isinstance(x, np.ndarray):
         if column is not None:
             raise InvalidInput("column= only applies to parquet and HDF5 inputs, not to NumPy arrays")
-        return ArraySource(x, name=name)
+        return ArraySource(x, name=name, validate=validate)
     if isinstance(x, str | os.PathLike):
         return _open_path(Path(os.fspath(x)), column)
     if isinstance(x, list | tuple):
