@@ -27,6 +27,13 @@ def _nearest(x, c):
     return ref.top2_ref(x, c)[0]
 
 
+def _gaussian_rows(g, n, d, spherical):
+    x = g.standard_normal((n, d)).astype(np.float32)
+    if spherical:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
 def test_public_names():
     assert kvant.available_algorithms() == ALGOS
     assert kvant.available_metrics() == ["l2", "cos"]
@@ -62,10 +69,7 @@ def test_labels_are_the_full_nearest_centre_assignment(data, algorithm, metric):
 @pytest.mark.parametrize("spherical", [False, True])
 def test_bounded_lloyd_equals_plain_lloyd(spherical):
     # Hamerly bounds skip work but must not change a single iteration's outcome.
-    g = np.random.default_rng(5)
-    x = g.standard_normal((600, 6)).astype(np.float32)
-    if spherical:
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = _gaussian_rows(np.random.default_rng(5), 600, 6, spherical)
     c0 = init_centroids(x, 7, "random", 0, spherical)
     for it in (1, 2, 5):
         res = lloyd(x, c0, it, tol=0.0, spherical=spherical)
@@ -331,9 +335,7 @@ def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path, params
 def test_weighted_lloyd_equals_lloyd_on_repeated_rows(spherical):
     # Integer weights must act exactly as that many copies of a row: same centroids, labels, objective.
     g = np.random.default_rng(11)
-    x = g.standard_normal((300, 5)).astype(np.float32)
-    if spherical:
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = _gaussian_rows(g, 300, 5, spherical)
     w = g.integers(1, 4, size=300)
     c0 = init_centroids(x, 6, "random", 0, spherical)
     weighted = lloyd(x, c0, 6, tol=0.0, spherical=spherical, weights=w.astype(np.float64))

@@ -62,7 +62,8 @@ class Clusterer:
         ``docs/auto.md``; the choice is in ``algorithm_`` and the reason in ``auto_reason_``.
     seed : seed for sampling and initialisation. Same seed + same thread count -> same labels.
     max_iter : Lloyd iterations on the training sample (default 25, FAISS's niter).
-    tol : stop when an iteration improves the objective by less than this fraction (default 1e-4 for the
+    tol : stop when an iteration improves the objective by less than this fraction of the quality measure:
+        of the sum of squared distances for ``l2``, of the sum of cosines for ``cos`` (default 1e-4 for the
         concrete algorithms; ``auto`` picks its own, see docs/auto.md).
     sample_per_centroid : training-sample rows per centre (default 256, FAISS's max_points_per_centroid).
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
