@@ -30,7 +30,7 @@ def memory_budget_bytes() -> int:
         return 8 << 30
 
 
-def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int) -> Choice:
+def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sampling: str = "coreset") -> Choice:
     """Pick the concrete algorithm for ``auto``. See docs/auto.md for the measurements behind it."""
     float32_bytes = n * dim * 4
     if float32_bytes > memory_budget_bytes():
@@ -47,7 +47,12 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int) ->
     # The sample is a lightweight coreset (Clusterer's default sampling): one extra pass over the rows buys an
     # unbiased estimate of the full objective, which a uniform sample is not when far outliers carry it.
     sample = 256 * k
-    where = "all rows" if n <= sample else f"a ~256·K={sample}-row weighted coreset"
+    if n <= sample:
+        where = "all rows"
+    elif sampling == "coreset":
+        where = f"a ~256·K={sample}-row weighted coreset"
+    else:
+        where = f"a uniform 256·K={sample}-row sample"
     return Choice(
         "dense-exact-row",
         {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256},

@@ -155,7 +155,7 @@ class Clusterer:
         self._check_settings(src.n)
         spherical = self.metric == "cos"
         if self.algorithm == "auto":
-            choice = choose_algorithm(src.n, src.dim, self.k, self.metric, src.nbytes)
+            choice = choose_algorithm(src.n, src.dim, self.k, self.metric, src.nbytes, self.sampling)
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
@@ -306,14 +306,20 @@ def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
     return None
 
 
+def _gather(src, read):
+    """``read()`` (rows gathered from ``src``); when a gathered row is NaN/inf, scan the source in order
+    first, so the error names the data's first bad row rather than the sample's."""
+    try:
+        return read()
+    except InvalidInput:
+        for _ in src.chunks():  # raises at the first bad row
+            pass
+        raise
+
+
 def _proposal_centre(src, seed) -> np.ndarray:
     """The coreset proposal's centre: the mean of ``CENTRE_ROWS`` uniform rows (float64)."""
-    try:
-        pre = src.take(src.sample_indices(min(src.n, CENTRE_ROWS), seed))
-    except InvalidInput:
-        if isinstance(src, ArraySource):
-            src.validate()  # name the data's first bad row, not the sample's
-        raise
+    pre = _gather(src, lambda: src.take(src.sample_indices(min(src.n, CENTRE_ROWS), seed)))
     return pre.mean(axis=0, dtype=np.float64)
 
 
@@ -348,7 +354,7 @@ def _uniform_sample(src, full, m, seed, spherical):
         if full is getattr(src, "array", None):  # rows used in place (a memmap gathers without staying resident)
             return src.take(idx)
         return np.ascontiguousarray(full[idx])
-    sample = src.sample(m, seed)
+    sample = _gather(src, lambda: src.sample(m, seed))
     return normalise_rows(sample) if spherical else sample
 
 

@@ -72,6 +72,7 @@ def coreset_proposal(d2: np.ndarray) -> np.ndarray:
 
 def inclusion_probabilities(q: np.ndarray, m: int) -> np.ndarray:
     """π_i = min(1, s·q_i) with s chosen so that Σ π_i = m (m < n): rows with s·q_i >= 1 are certain.
+    Overwrites ``q`` with π (one n-length buffer instead of two).
 
     f(s) = Σ min(1, s·q_i) is piecewise linear and increasing. Given the rows already capped at s (c of
     them, the others summing to U), the root if no further row caps is s' = (m − c) / U; s' >= s, so
@@ -90,13 +91,23 @@ def inclusion_probabilities(q: np.ndarray, m: int) -> np.ndarray:
             s = max(s, s_new)
             break
         s = s_new
-    return np.minimum(1.0, s * q)
+    q *= s  # in place: q's buffer becomes π (the caller's q is consumed)
+    np.minimum(q, 1.0, out=q)
+    return q
+
+
+_DRAW_ROWS = 1 << 20  # uniforms drawn per piece: memory stays O(piece), and the stream is the same as one draw
 
 
 def poisson_sample(pi: np.ndarray, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Row i is kept when u_i < π_i (u_i uniform, one per row in row order); returns (rows, 1/π of them)."""
-    u = rng(seed).random(pi.shape[0])
-    rows = np.flatnonzero(u < pi).astype(np.int64)
+    g = rng(seed)
+    n = pi.shape[0]
+    parts = []
+    for s in range(0, n, _DRAW_ROWS):
+        e = min(n, s + _DRAW_ROWS)
+        parts.append(s + np.flatnonzero(g.random(e - s) < pi[s:e]))
+    rows = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
     return rows, 1.0 / pi[rows]
 
 

@@ -250,7 +250,8 @@ class ArraySource(VectorSource):
         """Check every row for NaN/inf now (once), naming the first bad row; a memmap's pages are released."""
         if self._validated:
             return
-        step = default_chunk_rows(self.dim)
+        # a memmap's resident window stays at 4 MiB (the scan is bandwidth-bound either way)
+        step = default_chunk_rows(self.dim) if self.in_memory else max(1, (4 << 20) // (self.dim * self.array.itemsize))
         for start in range(0, self.n, step):
             check_finite(self.array[start : start + step], start, self.name)
             self.release_rows(start, start + step)
@@ -272,7 +273,7 @@ class ArraySource(VectorSource):
             self._pages.release(start * row, stop * row)
 
     def chunks(self, rows: int | None = None):
-        if not self._validated:
+        if not (self._validated and self.in_memory):  # a memmap goes through the generic path: it drops its pages
             yield from super().chunks(rows)
             return
         rows = default_chunk_rows(self.dim) if rows is None else int(rows)
@@ -282,6 +283,8 @@ class ArraySource(VectorSource):
             block = self.array[start : start + rows]
             if block.dtype != np.float32 or not block.flags.c_contiguous:
                 block = np.ascontiguousarray(block, dtype=np.float32)
+                if self.array.dtype == np.float64:  # finite float64 beyond float32's range becomes inf here
+                    check_finite(block, start, self.name)
             yield start, block
 
     def take(self, indices) -> np.ndarray:
@@ -308,6 +311,7 @@ class ArraySource(VectorSource):
 
     def to_array(self) -> np.ndarray:
         if self.in_memory and self.array.dtype == np.float32 and self.array.flags.c_contiguous:
+            self.validate()
             return self.array
         if self.in_memory:
             return super().to_array()
