@@ -552,6 +552,7 @@ def main(argv=None):
     p.add_argument("--from-json", action="store_true", help="rewrite the .md and .png from the saved .json")
     p.add_argument("--only", default=None, help="comma-separated dataset names to run (default: all)")
     p.add_argument("--ks", default=None, help="comma-separated K values to run (default: the grid's)")
+    p.add_argument("--metrics", default=None, help="comma-separated metrics to run, l2 and/or cos (default: both)")
     p.add_argument("--replace", action="store_true",
                    help="with --resume: re-measure --methods on the selected cells, keeping the resumed rows of "
                         "other methods (each row records the run it came from)")
@@ -586,6 +587,8 @@ def main(argv=None):
             continue
         if args.ks:
             ks = [k for k in ks if str(k) in args.ks.split(",")]
+        if args.metrics:
+            metrics = [mt for mt in metrics if mt in args.metrics.split(",")]
         cells += [(ds, n, dim, k_true, k, metric) for k in ks for metric in metrics]
     # Real data first, then the synthetic cells K by K, so a run cut short still covers every family.
     cells.sort(key=lambda c: (c[1] is not None, c[4] if c[1] is not None else 0))

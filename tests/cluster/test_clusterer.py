@@ -423,3 +423,28 @@ def test_float64_beyond_float32_range_is_rejected(sampling):
     x[1234, 0] = 1e39
     with pytest.raises(InvalidInput, match=r"row: 1234\)"):
         kvant.Clusterer(k=2, sampling=sampling, sample_per_centroid=8).fit(x)
+
+
+@pytest.mark.parametrize("sampling", ["coreset", "uniform"])
+@pytest.mark.parametrize("algorithm", ["auto", "minibatch"])
+def test_cos_zero_row_is_named_wherever_it_is_met(sampling, algorithm):
+    # cos normalises rows block by block as they are read (no unit copy of the input): the first zero row
+    # must still be the one named, whether a sample, the sampling-distance pass or the assignment meets it.
+    from kvant.cluster.sampling import CENTRE_ROWS
+
+    x = np.random.default_rng(4).standard_normal((20000, 4)).astype(np.float32)
+    seen = set(kvant.io.as_source(x).sample_indices(CENTRE_ROWS, 0).tolist())
+    zero = [r for r in range(3000, 20000) if r not in seen][:1] + [next(r for r in range(12000, 20000) if r in seen)]
+    x[zero] = 0.0
+    with pytest.raises(InvalidInput, match=rf"row {zero[0]} has zero norm"):
+        kvant.Clusterer(k=3, metric="cos", algorithm=algorithm, sampling=sampling, sample_per_centroid=8).fit(x)
+
+
+def test_cos_does_not_copy_the_input():
+    # Training on a sample of a large input: peak traced memory stays far below a unit copy of it.
+    x = np.random.default_rng(5).standard_normal((1_000_000, 32), dtype=np.float32)  # 122 MiB; blocks are 16 MiB
+    tracemalloc.start()
+    kvant.Clusterer(k=8, metric="cos", seed=0).fit(x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.75 * x.nbytes, peak  # a unit copy alone would be 1.0x

@@ -7,7 +7,15 @@ from kvant.bench import reference as ref
 from kvant.cluster.assign import assign_top2
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import normalise_rows_into, sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
-from kvant.kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, kmeanspp, move_rows, sq_dist_to_point
+from kvant.kernels.lloyd import (
+    UNIT_WEIGHTS,
+    cluster_sums,
+    exact_sq_dist_rows,
+    kmeanspp,
+    move_rows,
+    sq_dist_to_point,
+    sq_dist_to_point_unit,
+)
 from kvant.kernels.topk import merge_topk, merge_topk_ids, topk_smallest
 
 SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (37, 7, 5), (64, 13, 17), (300, 33, 40), (129, 130, 2)]
@@ -232,3 +240,14 @@ def test_sq_dist_to_point(n, d, scale):
     x, c = _data(n, d, 1, scale=scale)
     want = ((x.astype(np.float64) - c[0].astype(np.float64)) ** 2).sum(axis=1)
     np.testing.assert_allclose(sq_dist_to_point(x, c[0]), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,d", [(0, 3), (1, 1), (37, 130), (1000, 8)])
+@pytest.mark.parametrize("scale", [1e-18, 1.0, 1e18])
+def test_sq_dist_to_point_unit(n, d, scale):
+    x, c = _data(n, d, 1, scale=scale)
+    if n > 3:
+        x[3] = 0.0  # a zero row has no direction: NaN, reported by the caller
+    c = (c[0] / max(np.linalg.norm(c[0]), 1e-30)).astype(np.float32)
+    got = sq_dist_to_point_unit(x, c)
+    np.testing.assert_allclose(got, ref.sq_dist_to_point_unit_ref(x, c), rtol=1e-9, atol=1e-12)

@@ -62,6 +62,18 @@ def cluster_sums_ref(x, labels, k, w=None):
     return sums, np.bincount(labels, weights=w, minlength=k).astype(np.float64)
 
 
+def sq_dist_to_point_unit_ref(x, c):
+    """‖x_i/‖x_i‖ − c‖² per row in float64 (NaN for a zero row), the reference for ``sq_dist_to_point_unit``."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = ((x / norms[:, None] - np.asarray(c, np.float64)) ** 2).sum(axis=1)
+    out[norms == 0] = np.nan
+    return out
+
+
 def kmeanspp_ref(x, k, uniforms, first, w=None):
     """k-means++ D² seeding in float64, the reference for ``kernels.lloyd.kmeanspp``: the next centre is
     the first row (with positive w·D²) whose running w·D² sum exceeds ``uniforms[c]`` × the total."""

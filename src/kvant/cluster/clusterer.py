@@ -177,7 +177,13 @@ class Clusterer:
         elif isinstance(src, ArraySource) and src.in_memory:
             src.validate()
         # None when the source must be streamed; minibatch always streams to keep its memory bound.
-        full = None if algorithm == "minibatch" else _in_memory_rows(src, spherical)
+        full = None if algorithm == "minibatch" else _in_memory_rows(src)
+        # cos: rows are unit-normalised block by block as they are read (no second copy of the input), except
+        # when Lloyd must run over every row (all rows are the sample, or polish passes): then one unit copy.
+        unit = spherical and full is not None and (m >= src.n or polish > 0)
+        if unit:
+            full = normalise_rows(full)
+        norm = spherical and not unit  # rows read from `full` or `src` still need normalising
         timings["load"] = time.perf_counter() - t0
 
         if algorithm == "minibatch":
@@ -192,7 +198,7 @@ class Clusterer:
         else:
             t = time.perf_counter()
             result_labels = None
-            sample, weights = _training_sample(src, full, m, self.seed, spherical, self.sampling, self.k, d2)
+            sample, weights = _training_sample(src, full, m, self.seed, norm, self.sampling, self.k, d2)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             init = "random" if algorithm == "dense-exact-random" else "k-means++"
             restarts = self.n_redo if algorithm == "dense-exact-nredo" else 1
@@ -221,10 +227,11 @@ class Clusterer:
         t = time.perf_counter()
         rows = self.batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if result_labels is None:
-            labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True)
+            labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True,
+                                          unit=unit)
         else:
             labels = result_labels
-            inertia = _inertia(src, full, centroids, labels, spherical, rows)
+            inertia = _inertia(src, full, centroids, labels, spherical, rows, unit=unit)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -272,7 +279,7 @@ class Clusterer:
         src = as_source(x, column=column)
         if src.dim != self.n_features_in_:
             raise DimensionMismatch(f"input has dim {src.dim}, the clusterer was fitted on dim {self.n_features_in_}")
-        return src, _in_memory_rows(src, self.metric == "cos")
+        return src, _in_memory_rows(src)
 
     def get_params(self) -> dict[str, Any]:
         keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling", "polish_iter",
@@ -288,32 +295,34 @@ class Clusterer:
 # ----------------------------------------------------------------------------------------------
 
 
-def _in_memory_rows(src: VectorSource, spherical: bool) -> np.ndarray | None:
+def _in_memory_rows(src: VectorSource) -> np.ndarray | None:
     """All rows as one float32 array when the source can give them cheaply; None means stream it.
 
     A float32 array or memmap is used in place (validated chunk by chunk first); other dtypes are
-    converted only when they are held in memory already. ``cos`` needs a normalised copy.
+    converted only when they are held in memory already. The rows are as given (not unit-normalised).
     """
     if not isinstance(src, ArraySource):
         return None
     arr = src.array
     if arr.dtype == np.float32 and arr.flags.c_contiguous:
         src.validate()  # once per source (a memmap's scanned pages leave the resident set)
-        return normalise_rows(arr) if spherical else arr
+        return arr
     if src.in_memory:
-        full = src.to_array()
-        return normalise_rows(full) if spherical else full
+        return src.to_array()
     return None
 
 
-def _gather(src, read):
-    """``read()`` (rows gathered from ``src``); when a gathered row is NaN/inf, scan the source in order
-    first, so the error names the data's first bad row rather than the sample's."""
+def _gather(src, read, norm=False):
+    """``read()`` (rows gathered from ``src``, unit-normalised when ``norm``); when a gathered row is bad
+    (NaN/inf, or zero for cos), scan the source in order first, so the error names the data's first bad
+    row rather than the sample's."""
     try:
-        return read()
+        rows = read()
+        return normalise_rows(rows) if norm else rows
     except InvalidInput:
-        for _ in src.chunks():  # raises at the first bad row
-            pass
+        for start, block in src.chunks():  # raises at the first bad row
+            if norm:
+                normalise_rows(block, start)
         raise
 
 
@@ -323,60 +332,62 @@ def _proposal_centre(src, seed) -> np.ndarray:
     return pre.mean(axis=0, dtype=np.float64)
 
 
-def _training_sample(src, full, m, seed, spherical, sampling="uniform", k=1, d2=None):
+def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None):
     """(rows, weights) to train on: all rows (weights None) when m >= N, else a coreset or uniform sample.
 
-    ``d2``: the rows' squared distances to the proposal centre when the caller already has them."""
+    ``norm``: rows read from ``full``/``src`` are unit-normalised on the way (cos). ``d2``: the rows'
+    squared distances to the proposal centre when the caller already has them."""
     if m >= src.n or sampling == "uniform":
-        return _uniform_sample(src, full, m, seed, spherical), None
+        return _uniform_sample(src, full, m, seed, norm), None
     if d2 is None:
-        centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, spherical).mean(axis=0, dtype=np.float64)
+        centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, norm).mean(axis=0, dtype=np.float64)
         in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
-        # one block in RAM (threaded); a memmap or a stream goes window by window
-        d2 = sq_distances(_iter_blocks(src, full, spherical, src.n if in_ram else None), src.n, centre, src.name)
+        # one block in RAM (threaded); a memmap or a stream goes window by window. cos rows are measured as
+        # unit rows by the kernel itself, so no normalised copy is written.
+        d2 = sq_distances(_iter_blocks(src, full, False, src.n if in_ram else None), src.n, centre, src.name, unit=norm)
     q = coreset_proposal(d2)
     rows, weights = poisson_sample(inclusion_probabilities(q, m), None if seed is None else seed + 104729)
     if rows.size < k:  # a tiny m can draw fewer rows than centres
-        return _uniform_sample(src, full, m, seed, spherical), None
-    if full is None:
-        sample = src.take(rows)
-        return (normalise_rows(sample) if spherical else sample), weights
-    if full is getattr(src, "array", None):  # rows used in place (a memmap gathers without staying resident)
-        return src.take(rows), weights
-    return np.ascontiguousarray(full[rows]), weights
+        return _uniform_sample(src, full, m, seed, norm), None
+    return _take(src, full, rows, norm), weights
 
 
-def _uniform_sample(src, full, m, seed, spherical):
-    if full is not None:
-        idx = src.sample_indices(m, seed)
-        if idx.size == src.n:
-            return full
-        if full is getattr(src, "array", None):  # rows used in place (a memmap gathers without staying resident)
-            return src.take(idx)
-        return np.ascontiguousarray(full[idx])
-    sample = _gather(src, lambda: src.sample(m, seed))
-    return normalise_rows(sample) if spherical else sample
+def _take(src, full, idx, norm):
+    if full is None or full is getattr(src, "array", None):  # in place: a memmap gathers without staying resident
+        return _gather(src, lambda: src.take(idx), norm)
+    return _gather(src, lambda: np.ascontiguousarray(full[idx]), norm)
 
 
-def _iter_blocks(src: VectorSource, full: np.ndarray | None, spherical: bool, rows: int | None = None):
+def _uniform_sample(src, full, m, seed, norm):
+    idx = src.sample_indices(m, seed)
+    if full is not None and idx.size == src.n and not norm:
+        return full
+    return _take(src, full, idx, norm)
+
+
+def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: int | None = None):
+    """(start, float32 rows) over every row, from ``full`` when given, else streamed from ``src``; each block
+    unit-normalised when ``norm`` (so cos never holds a normalised copy of the whole input)."""
     if full is not None:
         step = rows or max(1, (16 << 20) // (4 * full.shape[1]))  # 16 MiB: a memmap's resident window
         for s in range(0, full.shape[0], step):
-            yield s, full[s : s + step]
+            yield s, normalise_rows(full[s : s + step], s) if norm else full[s : s + step]
             if full is getattr(src, "array", None):  # rows used in place (a memmap): drop the scanned pages
                 src.release_rows(s, s + step)
     else:
         for s, block in src.chunks(rows):
-            yield s, normalise_rows(block, s) if spherical else block
+            yield s, normalise_rows(block, s) if norm else block
 
 
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
-                with_inertia: bool = False) -> tuple[np.ndarray, float | None]:
-    """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass."""
+                with_inertia: bool = False, unit: bool = False) -> tuple[np.ndarray, float | None]:
+    """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass.
+
+    ``unit``: ``full`` already holds unit rows (cos); otherwise cos normalises each block as it is read."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     total = 0.0
-    for s, block in _iter_blocks(src, full, spherical, rows):
+    for s, block in _iter_blocks(src, full, spherical and not unit, rows):
         b = block.shape[0]
         per_row = np.empty(b, np.float64) if with_inertia else None
         assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
@@ -390,10 +401,10 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     return labels, (0.5 * total if spherical else total)
 
 
-def _inertia(src, full, centroids, labels, spherical, rows: int | None = None) -> float:
+def _inertia(src, full, centroids, labels, spherical, rows: int | None = None, unit: bool = False) -> float:
     """Exact Σ‖x − c‖² over all rows (float64, term by term); ½ of it for unit rows (= Σ(1 − cos))."""
     total = 0.0
-    for s, block in _iter_blocks(src, full, spherical, rows):
+    for s, block in _iter_blocks(src, full, spherical and not unit, rows):
         lab = labels[s : s + block.shape[0]]
         per_row = np.empty(block.shape[0], np.float64)
 

@@ -28,30 +28,36 @@ import numpy as np
 from .._config import rng
 from .._parallel import for_each_block
 from ..io import check_finite
-from ..kernels.lloyd import sq_dist_to_point
+from ..kernels.lloyd import sq_dist_to_point, sq_dist_to_point_unit
+from .lloyd import normalise_rows
 
 SAMPLINGS = ("coreset", "uniform")
 CENTRE_ROWS = 4096  # uniform rows whose mean is the proposal's centre
 _SCALE_STEPS = 64  # cap on the steps solving Σ min(1, s·q_i) = m for s (it takes a handful)
 
 
-def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input") -> np.ndarray:
-    """‖x_i − centre‖² (float64) of every row, from one pass over ``blocks`` (an iterable of (start, rows)).
+def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: bool = False) -> np.ndarray:
+    """‖x_i − centre‖² (float64) of every row, from one pass over ``blocks`` (an iterable of (start, rows));
+    with ``unit``, of the unit-normalised row ‖x_i/‖x_i‖ − centre‖², without writing a normalised copy.
 
-    The pass doubles as the NaN/inf check of unvalidated rows: with a finite centre, a row's float64 sum
-    of squares is finite exactly when the row is (float32 values cannot overflow it), so a block with a
-    non-finite distance is handed to :func:`check_finite`, which raises naming its first bad row.
+    The pass doubles as the check of unvalidated rows: with a finite centre, a row's float64 sums are
+    finite exactly when the row is (float32 values cannot overflow them), so a block with a non-finite
+    distance is handed to :func:`check_finite` (and, with ``unit``, to the zero-row check), which raise
+    naming its first bad row.
     """
     d2 = np.empty(n, np.float64)
     c = np.ascontiguousarray(centre, np.float32)
+    kernel = sq_dist_to_point_unit if unit else sq_dist_to_point
     for s, block in blocks:
 
         def run(a, b, s=s, block=block):
-            d2[s + a : s + b] = sq_dist_to_point(block[a:b], c)
+            d2[s + a : s + b] = kernel(block[a:b], c)
 
         for_each_block(block.shape[0], 16384, run)
         if not np.isfinite(d2[s : s + block.shape[0]]).all():
             check_finite(block, s, name)
+            if unit:
+                normalise_rows(block, s)  # raises at the first zero row
     return d2
 
 

@@ -188,3 +188,24 @@ def sq_dist_to_point(x, c):
             acc += diff * diff
         out[i] = acc
     return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def sq_dist_to_point_unit(x, c):
+    """‖x_i/‖x_i‖ − c‖² per row in float64 without normalising a copy: 1 − 2·x_i·c/‖x_i‖ + ‖c‖², from the
+    row's Σx² and Σx·c in one vectorised pass (cos sampling proposal). A zero or non-finite row gives a
+    non-finite value, which the caller reports."""
+    n, d = x.shape
+    cc = 0.0
+    for t in range(d):
+        cc += np.float64(c[t]) * np.float64(c[t])
+    out = np.empty(n, np.float64)
+    for i in range(n):
+        xx = 0.0
+        xc = 0.0
+        for t in range(d):
+            v = np.float64(x[i, t])
+            xx += v * v
+            xc += v * np.float64(c[t])
+        out[i] = 1.0 - 2.0 * xc / np.sqrt(xx) + cc if xx > 0.0 else np.nan
+    return out
