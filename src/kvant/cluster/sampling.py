@@ -56,8 +56,9 @@ def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: 
         for_each_block(block.shape[0], 16384, run)
         if not np.isfinite(d2[s : s + block.shape[0]]).all():
             check_finite(block, s, name)
-            if unit:
-                normalise_rows(block, s)  # raises at the first zero row
+            if unit:  # every row is finite, so the first non-finite distance is the first zero row
+                r = int(np.flatnonzero(~np.isfinite(d2[s : s + block.shape[0]]))[0])
+                normalise_rows(block[r : r + 1], s + r)  # raises naming it (one row normalised, not the block)
     return d2
 
 

@@ -207,5 +207,6 @@ def sq_dist_to_point_unit(x, c):
             v = np.float64(x[i, t])
             xx += v * v
             xc += v * np.float64(c[t])
-        out[i] = 1.0 - 2.0 * xc / np.sqrt(xx) + cc if xx > 0.0 else np.nan
+        # max(0, ·): the expanded form can round to -1e-16 for a row pointing at c; a distance is never negative
+        out[i] = max(0.0, 1.0 - 2.0 * xc / np.sqrt(xx) + cc) if xx > 0.0 else np.nan
     return out
