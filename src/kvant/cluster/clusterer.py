@@ -170,9 +170,7 @@ class Clusterer:
                 and isinstance(src, ArraySource) and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
         d2 = None
         if fuse:
-            centre = _proposal_centre(src, self.seed)
-            d2 = sq_distances(_iter_blocks(src, src.array, False, None if not src.in_memory else src.n), src.n,
-                              centre, src.name)
+            d2 = _coreset_distances(src, src.array, self.seed, False)
             src.mark_validated()
         elif isinstance(src, ArraySource) and src.in_memory:
             src.validate()
@@ -326,10 +324,14 @@ def _gather(src, read, norm=False):
         raise
 
 
-def _proposal_centre(src, seed) -> np.ndarray:
-    """The coreset proposal's centre: the mean of ``CENTRE_ROWS`` uniform rows (float64)."""
-    pre = _gather(src, lambda: src.take(src.sample_indices(min(src.n, CENTRE_ROWS), seed)))
-    return pre.mean(axis=0, dtype=np.float64)
+def _coreset_distances(src, full, seed, norm) -> np.ndarray:
+    """Squared distance of every row (a unit row when ``norm``) to the mean of ``CENTRE_ROWS`` uniform rows,
+    in one pass over ``full`` (or the stream); the pass also checks rows not validated yet (:func:`sq_distances`)."""
+    centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, norm).mean(axis=0, dtype=np.float64)
+    in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
+    # one block in RAM (threaded); a memmap or a stream goes window by window. cos rows are measured as
+    # unit rows by the kernel itself, so no normalised copy is written.
+    return sq_distances(_iter_blocks(src, full, False, src.n if in_ram else None), src.n, centre, src.name, unit=norm)
 
 
 def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None):
@@ -340,11 +342,7 @@ def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None)
     if m >= src.n or sampling == "uniform":
         return _uniform_sample(src, full, m, seed, norm), None
     if d2 is None:
-        centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, norm).mean(axis=0, dtype=np.float64)
-        in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
-        # one block in RAM (threaded); a memmap or a stream goes window by window. cos rows are measured as
-        # unit rows by the kernel itself, so no normalised copy is written.
-        d2 = sq_distances(_iter_blocks(src, full, False, src.n if in_ram else None), src.n, centre, src.name, unit=norm)
+        d2 = _coreset_distances(src, full, seed, norm)
     q = coreset_proposal(d2)
     rows, weights = poisson_sample(inclusion_probabilities(q, m), None if seed is None else seed + 104729)
     if rows.size < k:  # a tiny m can draw fewer rows than centres

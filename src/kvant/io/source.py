@@ -253,7 +253,10 @@ class ArraySource(VectorSource):
         # a memmap's resident window stays at 4 MiB (the scan is bandwidth-bound either way)
         step = default_chunk_rows(self.dim) if self.in_memory else max(1, (4 << 20) // (self.dim * self.array.itemsize))
         for start in range(0, self.n, step):
-            check_finite(self.array[start : start + step], start, self.name)
+            block = self.array[start : start + step]
+            if block.dtype == np.float64:  # check what kvant computes on: finite float64 beyond float32's range is inf
+                block = block.astype(np.float32)
+            check_finite(block, start, self.name)
             self.release_rows(start, start + step)
         self._validated = True
 
@@ -283,8 +286,6 @@ class ArraySource(VectorSource):
             block = self.array[start : start + rows]
             if block.dtype != np.float32 or not block.flags.c_contiguous:
                 block = np.ascontiguousarray(block, dtype=np.float32)
-                if self.array.dtype == np.float64:  # finite float64 beyond float32's range becomes inf here
-                    check_finite(block, start, self.name)
             yield start, block
 
     def take(self, indices) -> np.ndarray:
