@@ -69,6 +69,24 @@ def test_top2_matches_reference(n, d, k, path):
     np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_assign_top2_rows_matches_reference_on_the_listed_rows(n, d, k):
+    # rows= gathers block by block inside the driver; the answer must be that of the listed rows, in list order
+    x, c = _data(n, d, k, seed=3 * n + d + k)
+    rows = np.random.default_rng(n).permutation(n)[: (2 * n + 2) // 3].astype(np.int64)
+    m = rows.size
+    labels, d1, d2 = np.empty(m, np.int64), np.empty(m, np.float32), np.empty(m, np.float32)
+    exact = np.empty(m, np.float64)
+    assign_top2(x, c, sq_norms(c), labels, d1, d2, x_sqnorms=sq_norms(x)[rows], n_threads=2, exact_sq=exact,
+                rows=rows)
+    rl, r1, r2 = ref.top2_ref(x[rows], c)
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_allclose(d1, r1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-3)
+    want = ((x[rows].astype(np.float64) - c.astype(np.float64)[labels]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(exact, want, rtol=1e-12)
+
+
 def test_top2_ties_go_to_lower_id():
     c = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)  # centres 0 and 2 coincide
     x = np.array([[1.0, 0.0], [0.5, 0.5]], np.float32)

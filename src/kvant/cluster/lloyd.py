@@ -193,11 +193,10 @@ def lloyd(
             cand = cand[upper[cand] >= lower[cand]]
         if cand.size:
             result.rows_recomputed += int(cand.size)
-            xs = x[cand]
             lab_new = np.empty(cand.size, np.int64)
             e1 = np.empty(cand.size, np.float32)
             e2 = np.empty(cand.size, np.float32)
-            assign_top2(xs, c, sq_norms_serial(c), lab_new, e1, e2, x_sqnorms=xn[cand])
+            assign_top2(x, c, sq_norms_serial(c), lab_new, e1, e2, x_sqnorms=xn[cand], rows=cand)
             old = labels[cand]
             moved = lab_new != old
             if moved.any():
