@@ -130,3 +130,24 @@ def test_bucketed_knn_after_insert_delete(tiny_buckets):
     d, i = tree.knn(Q, 6)
     bd, bi = tree.brute_force(Q, 6)
     assert np.array_equal(i, bi) and np.array_equal(d, bd)
+
+
+@pytest.mark.parametrize("kernel", [kvant.RBF(0.3, 1.0), kvant.Matern52(0.7, 2.5)])
+@pytest.mark.parametrize("nq,n,d,rank", [(1, 1, 1, 1), (3, 17, 2, 5), (9, 64, 3, 40)])
+def test_residual_tile_dists_match_reference(kernel, nq, n, d, rank):
+    # the fused scan's per-pair formula, fed a BLAS tile, against the plain NumPy residual distance
+    g = np.random.default_rng(nq + n + d)
+    X = g.random((n, d)) * 3.0
+    rc = kvant.ResidualCorrelation.from_points(X, kernel, n_inducing=rank, seed=0)
+    F = rc.features()
+    q = g.choice(n, nq)
+    j0 = n // 3
+    p = np.arange(n)
+    Wq, Wp = F[q, d : d + rank], F[:, d : d + rank]
+    G = np.ascontiguousarray(Wq @ Wp[j0:].T)
+    out = np.empty_like(G)
+    K.residual_tile_dists(G, F[q, :d].copy(), F[q, d + rank].copy(), F[q, -1].copy(), F[:, :d].copy(),
+                          F[:, d + rank].copy(), F[:, -1].copy(), j0, kernel.variance, kernel.code, out)
+    want = ref.residual_correlation_distance(X, rc.v, rc.p_diag, kernel, q, p[j0:])
+    np.testing.assert_allclose(out, want, atol=1e-7)
+    assert np.all(out[q[:, None] == p[None, j0:]] == 0.0)

@@ -246,6 +246,27 @@ def test_residual_knn_and_vecchia_exact(kernel):
             assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 
+def test_residual_scan_with_many_exact_ties_falls_back_and_stays_exact():
+    # 150 copies of one input point are all at distance 0 from each other: more near-ties than the fused
+    # scan's candidate buffer holds, so those queries take the NumPy path; answers must equal brute force
+    rng = np.random.default_rng(5)
+    X = rng.random((400, 2))
+    X[100:250] = X[100]
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=30, seed=0)
+    tree = kvant.CoverTree(rc).fit()
+    fallback_rows = []
+    numpy_scan = tree._residual_scan_numpy
+    tree._residual_scan_numpy = lambda Q, *a: fallback_rows.append(Q.shape[0]) or numpy_scan(Q, *a)
+    q = np.array([100, 180, 3, 399])
+    for k in (1, 8, 200):
+        got, want = tree.knn(q, k), tree.brute_force(q, k)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    for pred in (True, False):
+        got, want = tree.knn_self(8, predecessors=pred), tree.brute_force(None, 8, pred)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert fallback_rows and sum(fallback_rows) < 4 * 3 + 2 * 400  # taken, and only by the tied queries
+
+
 def test_residual_insert_delete_and_persist(residual, tmp_path):
     X, rc = residual
     tree = kvant.CoverTree(rc).fit(np.arange(0, 400, 2))

@@ -807,6 +807,97 @@ def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i, hd, hi)
     return isbad
 
 
+# Residual-correlation scan (the exact BLAS path of CoverTree.knn for this metric)
+# ----------------------------------------------------------------------------------------------
+
+
+@numba.njit(inline="always", **_NJ)
+def _residual_from_dot(Zq, a, Zp, j, sq, sp, dot, variance, kern):  # pragma: no cover - numba
+    """sqrt(1 - |rho|) given the BLAS value of w_q . w_p; the other terms exactly as :func:`residual_dist`."""
+    r2 = 0.0
+    for t in range(Zq.shape[1]):
+        z = Zq[a, t] - Zp[j, t]
+        r2 += z * z
+    if kern == RBF_KERNEL:
+        kval = math.exp(-0.5 * r2)
+    else:
+        r = math.sqrt(5.0 * r2)
+        kval = (1.0 + r + r * r / 3.0) * math.exp(-r)
+    rho = variance * kval * (sq * sp) - dot
+    x = 1.0 - abs(rho)
+    if x < 0.0:
+        x = 0.0
+    return math.sqrt(x)
+
+
+@numba.njit(**_NJ)
+def residual_tile_dists(G, Zq, Sq, Rq, Zp, Sp, Rp, j0, variance, kern, out):  # pragma: no cover - numba
+    """out[a, t] = residual distance of query a to point j0 + t from the BLAS tile G[a, t] = w_a . w_(j0+t)
+    (0 for the same row of X). The per-pair formula of :func:`residual_scan_tile`, exposed for tests."""
+    for a in range(G.shape[0]):
+        for t in range(G.shape[1]):
+            j = j0 + t
+            if Rp[j] == Rq[a]:
+                out[a, t] = 0.0
+            else:
+                out[a, t] = _residual_from_dot(Zq, a, Zp, j, Sq[a], Sp[j], G[a, t], variance, kern)
+
+
+@numba.njit(**_NJ)
+def residual_scan_tile(G, Zq, Sq, Rq, Zp, Sp, Rp, slots, j0, variance, kern, qslot, mode, margin2,
+                       heap_d, heap_j, heap_n, buf_d, buf_j, buf_n, overflow):  # pragma: no cover - numba
+    """Fold one (queries x points) tile of BLAS residual distances into every query's running k best and
+    its candidate buffer; ``G[a, t] = w_a . w_(j0+t)`` comes from BLAS.
+
+    The buffer keeps every point within ``margin2`` of the running k-th distance (it only falls, so no
+    point within ``margin2`` of the final k-th is ever dropped); the caller recomputes the buffered points
+    exactly. ``mode`` 1 skips the query's own slot, 2 keeps only slots below it (Vecchia). A query whose
+    buffer fills with points inside the window is flagged in ``overflow`` and left to the caller.
+    """
+    k = heap_d.shape[1]
+    cap = buf_d.shape[1]
+    for a in range(G.shape[0]):
+        if overflow[a]:
+            continue
+        hd = heap_d[a]
+        hj = heap_j[a]
+        size = heap_n[a]
+        nb = buf_n[a]
+        top = hd[0] if size == k else np.inf
+        for t in range(G.shape[1]):
+            j = j0 + t
+            if mode == 1 and slots[j] == qslot[a]:
+                continue
+            if mode == 2 and slots[j] >= qslot[a]:
+                continue
+            if Rp[j] == Rq[a]:
+                dist = 0.0
+            else:
+                dist = _residual_from_dot(Zq, a, Zp, j, Sq[a], Sp[j], G[a, t], variance, kern)
+            if dist > top + margin2:
+                continue
+            if nb == cap:  # compact: drop what the k-th distance has left behind
+                kept = 0
+                for b in range(nb):
+                    if buf_d[a, b] <= top + margin2:
+                        buf_d[a, kept] = buf_d[a, b]
+                        buf_j[a, kept] = buf_j[a, b]
+                        kept += 1
+                nb = kept
+                if nb == cap:
+                    overflow[a] = True
+                    break
+            buf_d[a, nb] = dist
+            buf_j[a, nb] = j
+            nb += 1
+            if dist <= top:
+                size = _heap_push_res(hd, hj, size, k, dist, j)
+                if size == k:
+                    top = hd[0]
+        heap_n[a] = size
+        buf_n[a] = nb
+
+
 @numba.njit(parallel=True, **_NJ)
 def pair_dists(X, a, Y, b, params, out):  # pragma: no cover
     """out[t] = distance between X row a[t] and Y row b[t]."""

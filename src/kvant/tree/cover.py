@@ -11,6 +11,8 @@ import time
 import numpy as np
 
 from .. import persist
+from .._config import get_num_threads
+from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
 from ..kernels import tree as K
 from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
@@ -585,30 +587,124 @@ class CoverTree:
         """Exact k-NN for the residual metric by a blocked BLAS scan with an exact recheck.
 
         On the data this metric is used for, distances concentrate near 1 and no metric tree prunes (see
-        docs/covertree.md), so every query costs ~n distances; BLAS computes them ~3x faster than the
-        per-pair kernel. The BLAS values differ from the kernel's by rounding only, bounded by ``margin``;
-        every point whose BLAS distance is within 2 * margin of the k-th BLAS distance is recomputed with
-        the kernel, and the answer is taken from the recomputed distances: identical to brute force.
+        docs/covertree.md), so every query costs ~n distances, and BLAS computes the rank-r dot products
+        that dominate them faster than the per-pair kernel. Threads take blocks of queries; for each tile of
+        points a BLAS product gives w_q . w_p and one fused kernel (:func:`kvant.kernels.tree.residual_scan_tile`)
+        turns it into distances, keeps each query's running k best and buffers every point within
+        ``2 * margin`` of the running k-th (``margin`` bounds the BLAS rounding, see :meth:`_residual_margin`).
+        The buffered points are recomputed with the metric kernel and the answer is taken from those exact
+        distances: identical to brute force. A query whose buffer overflows (more near-ties than it holds)
+        is answered by :meth:`_residual_scan_numpy`, which keeps every candidate.
         """
         rc = self._m.obj
         F = self._data
         d = rc.X.shape[1]
         r = rc.v.shape[1]
         slots = self.ids_
+        n, nq = slots.size, Q.shape[0]
         P = F[slots]
+        Zp = np.ascontiguousarray(P[:, :d])
+        Wp = np.ascontiguousarray(P[:, d : d + r])
+        Sp = np.ascontiguousarray(P[:, d + r])
+        Rp = np.ascontiguousarray(P[:, d + r + 1])
+        margin2 = 2.0 * self._residual_margin(Q, P)
+        kk = min(k, n)
+        cap = 4 * kk + 64
+        heap_d = np.empty((nq, kk))
+        heap_j = np.empty((nq, kk), np.int64)
+        heap_n = np.zeros(nq, np.int64)
+        buf_d = np.empty((nq, cap))
+        buf_j = np.empty((nq, cap), np.int64)
+        buf_n = np.zeros(nq, np.int64)
+        overflow = np.zeros(nq, np.bool_)
+        threads = max(1, get_num_threads())
+        bq = int(min(128, max(8, -(-nq // threads))))
+        tile = max(256, (1 << 17) // bq)  # a (bq, tile) float64 block of ~1 MiB stays in cache
+        variance, kern = float(rc.kernel.variance), int(rc.kernel.code)
+
+        def run(q0, q1):
+            Zq = np.ascontiguousarray(Q[q0:q1, :d])
+            Wq = np.ascontiguousarray(Q[q0:q1, d : d + r])
+            Sq = np.ascontiguousarray(Q[q0:q1, d + r])
+            Rq = np.ascontiguousarray(Q[q0:q1, d + r + 1])
+            # Vecchia (mode 2): slots ascend, so points at or after the block's last query never count
+            jmax = int(np.searchsorted(slots, qslot[q0:q1].max())) if mode == 2 else n
+            G = np.empty((q1 - q0, tile))
+            for j0 in range(0, jmax, tile):
+                j1 = min(jmax, j0 + tile)
+                g = G[:, : j1 - j0]
+                np.matmul(Wq, Wp[j0:j1].T, out=g)
+                K.residual_scan_tile(g, Zq, Sq, Rq, Zp, Sp, Rp, slots, j0, variance, kern, qslot[q0:q1], mode,
+                                     margin2, heap_d[q0:q1], heap_j[q0:q1], heap_n[q0:q1], buf_d[q0:q1],
+                                     buf_j[q0:q1], buf_n[q0:q1], overflow[q0:q1])
+
+        for_each_block(nq, bq, run, threads)
+        # the window every buffered point must be inside: running k-th at the end + 2 margin (all, below k)
+        top = np.where(heap_n == kk, heap_d[:, 0], np.inf)  # a full heap's root is its k-th
+        live = np.arange(cap)[None, :] < buf_n[:, None]
+        keep = live & (buf_d <= (top + margin2)[:, None]) & ~overflow[:, None]
+        qi, b = np.nonzero(keep)
+        cj = buf_j[qi, b]
+        out_d, out_i = self._exact_top_k(Q, qi, slots[cj], nq, k)
+        if overflow.any():
+            bad = np.flatnonzero(overflow)
+            od, oi = self._residual_scan_numpy(Q[bad], qslot[bad], mode, k)
+            out_d[bad], out_i[bad] = od, oi
+        return out_d, out_i
+
+    def _exact_top_k(self, Q, qi, ids, nq, k):
+        """k best of the candidate pairs (query qi[t], point ids[t]) by the metric kernel, ties to the lower id."""
+        F = self._data
+        d = self._m.obj.X.shape[1]
+        r = self._m.obj.v.shape[1]
+        qrow = Q[:, d + r + 1].astype(np.int64)
+        exact = np.empty(qi.size)
+        self._m.K.pair_dists(F, qrow[qi], F, ids, self._m.params, exact)
+        if not np.all((exact >= 0) & (exact < np.inf)):
+            raise _bad_metric("a query")
+        o = np.lexsort((ids, exact, qi))
+        qi, exact, ids = qi[o], exact[o], ids[o]
+        start = np.searchsorted(qi, np.arange(nq))
+        rank = np.arange(qi.size) - start[qi]
+        keep = rank < k
+        out_d = np.full((nq, k), np.inf)
+        out_i = np.full((nq, k), -1, np.int64)
+        out_d[qi[keep], rank[keep]] = exact[keep]
+        out_i[qi[keep], rank[keep]] = ids[keep]
+        return out_d, out_i
+
+    def _residual_margin(self, Q, P):
+        """A bound on |BLAS distance - kernel distance| for this metric on rows ``Q`` and ``P``."""
+        rc = self._m.obj
+        d = rc.X.shape[1]
+        r = rc.v.shape[1]
+        mu = P[:, :d].mean(0)
+        zmax = float(max(np.einsum("ij,ij->i", P[:, :d] - mu, P[:, :d] - mu).max(),
+                         np.einsum("ij,ij->i", Q[:, :d] - mu, Q[:, :d] - mu).max()))
+        eps = 2.3e-16
+        ratio = max(1.0, float(rc.kernel_diag.max()) / float(rc.p_diag.min()))
+        # |error(r2)| <= 8 (d + 2) eps max|z|^2 (expanded form; the fused kernel's direct form is tighter);
+        # |d phi / d r2| <= 1 for RBF and Matern 5/2; |error(rho)| <= ratio (2 (rank + 4) eps + error(r2)) per
+        # computation; |error(sqrt a)| <= sqrt(|error a|)
+        err_rho = ratio * (2.0 * (r + 4) * eps + 8.0 * (d + 2) * eps * zmax * rc.kernel.variance)
+        return 2.0 * float(np.sqrt(2.0 * err_rho))
+
+    def _residual_scan_numpy(self, Q, qslot, mode, k):
+        """The same scan in plain NumPy over (queries x all points) blocks, keeping every candidate within
+        ``2 * margin`` of each query's k-th BLAS distance (no buffer to overflow): the fallback of
+        :meth:`_residual_scan`."""
+        rc = self._m.obj
+        d = rc.X.shape[1]
+        r = rc.v.shape[1]
+        slots = self.ids_
+        P = self._data[slots]
         mu = P[:, :d].mean(0)
         Zp = P[:, :d] - mu
         Wp, sp = P[:, d : d + r], P[:, d + r]
         zz = np.einsum("ij,ij->i", Zp, Zp)
         qrow = Q[:, -1].astype(np.int64)
         Zq = Q[:, :d] - mu
-        zmax = float(max(zz.max(), np.einsum("ij,ij->i", Zq, Zq).max()))
-        eps = 2.3e-16
-        ratio = max(1.0, float(rc.kernel_diag.max()) / float(rc.p_diag.min()))
-        # |error(r2)| <= 8 (d + 2) eps max|z|^2 (expanded form); |d phi / d r2| <= 1 for RBF and Matern 5/2;
-        # |error(rho)| <= ratio (2 (rank + 4) eps + error(r2)) per computation; |error(sqrt a)| <= sqrt(|error a|)
-        err_rho = ratio * (2.0 * (r + 4) * eps + 8.0 * (d + 2) * eps * zmax * rc.kernel.variance)
-        margin = 2.0 * float(np.sqrt(2.0 * err_rho))
+        margin = self._residual_margin(Q, P)
         nq, n = Q.shape[0], slots.size
         out_d = np.full((nq, k), np.inf)
         out_i = np.full((nq, k), -1, np.int64)
@@ -628,18 +724,7 @@ class CoverTree:
             kk = min(k, n)
             kth = np.partition(dist, kk - 1, axis=1)[:, kk - 1]
             qi, cj = np.nonzero((dist <= (kth + 2.0 * margin)[:, None]) & (dist < np.inf))  # inf: excluded
-            exact = np.empty(qi.size)
-            self._m.K.pair_dists(F, qrow[q0 + qi], F, slots[cj], self._m.params, exact)
-            if not np.all((exact >= 0) & (exact < np.inf)):
-                raise _bad_metric("a query")
-            ids = slots[cj]
-            o = np.lexsort((ids, exact, qi))
-            qi, exact, ids = qi[o], exact[o], ids[o]
-            start = np.searchsorted(qi, np.arange(q1 - q0))
-            rank = np.arange(qi.size) - start[qi]
-            keep = rank < k
-            out_d[q0 + qi[keep], rank[keep]] = exact[keep]
-            out_i[q0 + qi[keep], rank[keep]] = ids[keep]
+            out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, slots[cj], q1 - q0, k)
         return out_d, out_i
 
     def brute_force(self, queries=None, k: int = 1, predecessors: bool | None = None):
