@@ -151,3 +151,13 @@ def test_residual_tile_dists_match_reference(kernel, nq, n, d, rank):
     want = ref.residual_correlation_distance(X, rc.v, rc.p_diag, kernel, q, p[j0:])
     np.testing.assert_allclose(out, want, atol=1e-7)
     assert np.all(out[q[:, None] == p[None, j0:]] == 0.0)
+
+
+@pytest.mark.parametrize("kernel", [kvant.RBF(0.3, 1.0), kvant.Matern52(np.array([0.7, 2.0, 0.1]), 2.5)])
+@pytest.mark.parametrize("na,nb", [(1, 1), (5, 0), (7, 33)])
+def test_covariance_block_matches_the_numpy_covariance(kernel, na, nb):
+    g = np.random.default_rng(na * 10 + nb)
+    A, B = g.random((na, 3)) * 4.0, g.random((nb, 3)) * 4.0
+    out = np.empty((na, nb))
+    K.covariance_block(kernel._scaled(A), kernel._scaled(B), kernel.variance, kernel.code, out)
+    np.testing.assert_allclose(out, kernel(A, B), rtol=1e-13, atol=1e-300)

@@ -812,18 +812,35 @@ def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i, hd, hi)
 
 
 @numba.njit(inline="always", **_NJ)
+def _cov_phi(r2, kern):  # pragma: no cover - numba
+    """The unit-variance covariance function of squared scaled distance r2 (RBF or Matern 5/2)."""
+    if kern == RBF_KERNEL:
+        return math.exp(-0.5 * r2)
+    r = math.sqrt(5.0 * r2)
+    return (1.0 + r + r * r / 3.0) * math.exp(-r)
+
+
+@numba.njit(parallel=True, **_NJ)
+def covariance_block(A, B, variance, kern, out):  # pragma: no cover - numba
+    """out[i, j] = variance * phi(|A_i - B_j|^2) for rows already divided by the lengthscale (the matrix
+    K(U, X) behind ResidualCorrelation.from_points; reference: kvant.RBF / kvant.Matern52 called on arrays)."""
+    for i in numba.prange(A.shape[0]):
+        for j in range(B.shape[0]):
+            r2 = 0.0
+            for t in range(A.shape[1]):
+                z = A[i, t] - B[j, t]
+                r2 += z * z
+            out[i, j] = variance * _cov_phi(r2, kern)
+
+
+@numba.njit(inline="always", **_NJ)
 def _residual_from_dot(Zq, a, Zp, j, sq, sp, dot, variance, kern):  # pragma: no cover - numba
     """sqrt(1 - |rho|) given the BLAS value of w_q . w_p; the other terms exactly as :func:`residual_dist`."""
     r2 = 0.0
     for t in range(Zq.shape[1]):
         z = Zq[a, t] - Zp[j, t]
         r2 += z * z
-    if kern == RBF_KERNEL:
-        kval = math.exp(-0.5 * r2)
-    else:
-        r = math.sqrt(5.0 * r2)
-        kval = (1.0 + r + r * r / 3.0) * math.exp(-r)
-    rho = variance * kval * (sq * sp) - dot
+    rho = variance * _cov_phi(r2, kern) * (sq * sp) - dot
     x = 1.0 - abs(rho)
     if x < 0.0:
         x = 0.0

@@ -52,7 +52,13 @@ class _Covariance:
 
     def _sqdist(self, A, B) -> np.ndarray:
         a, b = self._scaled(A), self._scaled(B)
-        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        # one coordinate at a time: the (|A|, |B|, d) difference array of the one-line form took 2 s of the
+        # 32k-point, 512-inducing-point V at d = 8; the direct differences keep full accuracy (no expansion)
+        out = np.zeros((a.shape[0], b.shape[0]))
+        for t in range(a.shape[1]):
+            diff = np.subtract.outer(a[:, t], b[:, t])
+            out += diff * diff
+        return out
 
     def __call__(self, A, B) -> np.ndarray:
         """Covariance matrix k(A_i, B_j) (plain NumPy; used to build V and in references)."""
@@ -163,9 +169,14 @@ class ResidualCorrelation:
         Kuu = kernel(U, U) + jitter * kernel.variance * np.eye(m)
         L = np.linalg.cholesky(Kuu)
         v = np.empty((n, m))
-        step = max(1, (1 << 22) // max(m, 1))
+        step = max(1, (1 << 20) // max(m, 1))  # 8 MiB blocks: larger fresh arrays page-fault on every block
+        Us = np.ascontiguousarray(kernel._scaled(U))
+        Xs = np.ascontiguousarray(kernel._scaled(X))
+        Kux = np.empty((m, min(n, step)))
         for s in range(0, n, step):
-            v[s : s + step] = np.linalg.solve(L, kernel(U, X[s : s + step])).T
+            block = Kux[:, : min(n, s + step) - s]
+            K.covariance_block(Us, Xs[s : s + step], kernel.variance, kernel.code, block)
+            v[s : s + step] = np.linalg.solve(L, block).T
         kd = kernel.diag(X)
         p = np.maximum(kd - np.einsum("ij,ij->i", v, v), 0.0) + jitter * kernel.variance
         return cls(v, p, kd, kernel, X=X)
