@@ -352,10 +352,13 @@ class CoverTree:
                                                 int(st.level[gnode[g]]), asg, cent)
                 if bad:
                     raise _bad_metric("construction")
-                badv = np.zeros(s1 - s0, np.bool_)
-                m.K.net_assign_big(data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
-                if badv.any():
-                    raise _bad_metric("construction")
+                if m.kind == "index":  # the residual metric: BLAS does the rank-r dot products
+                    self._residual_assign(data, perm, s0, s1, mm, asg, adist, cent)
+                else:
+                    badv = np.zeros(s1 - s0, np.bool_)
+                    m.K.net_assign_big(data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
+                    if badv.any():
+                        raise _bad_metric("construction")
                 gm[g] = mm
                 gcl[g] = cl
             t2 = time.perf_counter()
@@ -366,6 +369,21 @@ class CoverTree:
         tel["net"] = tel.get("net", 0.0) + t_net
         tel["relayout"] = tel.get("relayout", 0.0) + t_lay
         tel["levels"] = tel.get("levels", 0) + levels
+
+    def _residual_assign(self, data, perm, s0, s1, m, asg, adist, cent) -> None:
+        """What ``net_assign_big`` does, for the residual metric: every non-centre member of the group
+        perm[s0:s1] gets its nearest of the m centres (the first created on ties) and the exact distance,
+        found by the exact BLAS scan of :meth:`_residual_knn` instead of one kernel call per pair. (``data``
+        is the tree's feature array, which that scan reads.)"""
+        member = asg[s0:s1] >= 0
+        adist[s0:s1][~member] = 0.0
+        t = s0 + np.flatnonzero(member)
+        if t.size == 0:
+            return
+        d, pos = self._residual_knn(np.ascontiguousarray(data[perm[t]]), np.zeros(t.size, np.int64), 0, 1,
+                                    np.ascontiguousarray(cent[s0 : s0 + m]), "construction")
+        asg[t] = pos[:, 0]
+        adist[t] = d[:, 0]
 
     def insert(self, points) -> np.ndarray:
         """Insert a batch; returns the new points' ids (for a ResidualCorrelation metric: the row indices)."""
@@ -584,7 +602,15 @@ class CoverTree:
         return out_d, out_i
 
     def _residual_scan(self, Q, qslot, mode, k):
-        """Exact k-NN for the residual metric by a blocked BLAS scan with an exact recheck.
+        """Exact k-NN of the rows ``Q`` among the tree's points for the residual metric: ids, ties to the lower."""
+        slots = self.ids_
+        out_d, pos = self._residual_knn(Q, qslot, mode, k, slots)
+        return out_d, np.where(pos >= 0, slots[np.maximum(pos, 0)], -1)
+
+    def _residual_knn(self, Q, qslot, mode, k, pts, what="a query"):
+        """Exact k-NN of the rows ``Q`` among the points ``pts`` (slots; ascending when ``mode`` is 2) for the
+        residual metric, by a blocked BLAS scan with an exact recheck. Returns (distances, positions into
+        ``pts``), ties to the lower position, padded with inf / -1.
 
         On the data this metric is used for, distances concentrate near 1 and no metric tree prunes (see
         docs/covertree.md), so every query costs ~n distances, and BLAS computes the rank-r dot products
@@ -597,12 +623,10 @@ class CoverTree:
         is answered by :meth:`_residual_scan_numpy`, which keeps every candidate.
         """
         rc = self._m.obj
-        F = self._data
         d = rc.X.shape[1]
         r = rc.v.shape[1]
-        slots = self.ids_
-        n, nq = slots.size, Q.shape[0]
-        P = F[slots]
+        n, nq = pts.size, Q.shape[0]
+        P = self._data[pts]
         Zp = np.ascontiguousarray(P[:, :d])
         Wp = np.ascontiguousarray(P[:, d : d + r])
         Sp = np.ascontiguousarray(P[:, d + r])
@@ -628,13 +652,13 @@ class CoverTree:
             Sq = np.ascontiguousarray(Q[q0:q1, d + r])
             Rq = np.ascontiguousarray(Q[q0:q1, d + r + 1])
             # Vecchia (mode 2): slots ascend, so points at or after the block's last query never count
-            jmax = int(np.searchsorted(slots, qslot[q0:q1].max())) if mode == 2 else n
+            jmax = int(np.searchsorted(pts, qslot[q0:q1].max())) if mode == 2 else n
             G = np.empty((q1 - q0, tile))
             for j0 in range(0, jmax, tile):
                 j1 = min(jmax, j0 + tile)
                 g = G[:, : j1 - j0]
                 np.matmul(Wq, Wp[j0:j1].T, out=g)
-                K.residual_scan_tile(g, Zq, Sq, Rq, Zp, Sp, Rp, slots, j0, variance, kern, qslot[q0:q1], mode,
+                K.residual_scan_tile(g, Zq, Sq, Rq, Zp, Sp, Rp, pts, j0, variance, kern, qslot[q0:q1], mode,
                                      margin2, heap_d[q0:q1], heap_j[q0:q1], heap_n[q0:q1], buf_d[q0:q1],
                                      buf_j[q0:q1], buf_n[q0:q1], overflow[q0:q1])
 
@@ -644,24 +668,24 @@ class CoverTree:
         live = np.arange(cap)[None, :] < buf_n[:, None]
         keep = live & (buf_d <= (top + margin2)[:, None]) & ~overflow[:, None]
         qi, b = np.nonzero(keep)
-        cj = buf_j[qi, b]
-        out_d, out_i = self._exact_top_k(Q, qi, slots[cj], nq, k)
+        out_d, out_i = self._exact_top_k(Q, qi, buf_j[qi, b], pts, nq, k, what)
         if overflow.any():
             bad = np.flatnonzero(overflow)
-            od, oi = self._residual_scan_numpy(Q[bad], qslot[bad], mode, k)
+            od, oi = self._residual_knn_numpy(Q[bad], qslot[bad], mode, k, pts, what)
             out_d[bad], out_i[bad] = od, oi
         return out_d, out_i
 
-    def _exact_top_k(self, Q, qi, ids, nq, k):
-        """k best of the candidate pairs (query qi[t], point ids[t]) by the metric kernel, ties to the lower id."""
+    def _exact_top_k(self, Q, qi, ids, pts, nq, k, what):
+        """k best of the candidate pairs (query qi[t], point pts[ids[t]]) by the metric kernel: (distances,
+        ids), ties to the lower id."""
         F = self._data
         d = self._m.obj.X.shape[1]
         r = self._m.obj.v.shape[1]
         qrow = Q[:, d + r + 1].astype(np.int64)
         exact = np.empty(qi.size)
-        self._m.K.pair_dists(F, qrow[qi], F, ids, self._m.params, exact)
+        self._m.K.pair_dists(F, qrow[qi], F, pts[ids], self._m.params, exact)
         if not np.all((exact >= 0) & (exact < np.inf)):
-            raise _bad_metric("a query")
+            raise _bad_metric(what)
         o = np.lexsort((ids, exact, qi))
         qi, exact, ids = qi[o], exact[o], ids[o]
         start = np.searchsorted(qi, np.arange(nq))
@@ -689,14 +713,14 @@ class CoverTree:
         err_rho = ratio * (2.0 * (r + 4) * eps + 8.0 * (d + 2) * eps * zmax * rc.kernel.variance)
         return 2.0 * float(np.sqrt(2.0 * err_rho))
 
-    def _residual_scan_numpy(self, Q, qslot, mode, k):
+    def _residual_knn_numpy(self, Q, qslot, mode, k, pts, what="a query"):
         """The same scan in plain NumPy over (queries x all points) blocks, keeping every candidate within
         ``2 * margin`` of each query's k-th BLAS distance (no buffer to overflow): the fallback of
-        :meth:`_residual_scan`."""
+        :meth:`_residual_knn`, with its arguments and results."""
         rc = self._m.obj
         d = rc.X.shape[1]
         r = rc.v.shape[1]
-        slots = self.ids_
+        slots = pts
         P = self._data[slots]
         mu = P[:, :d].mean(0)
         Zp = P[:, :d] - mu
@@ -724,7 +748,7 @@ class CoverTree:
             kk = min(k, n)
             kth = np.partition(dist, kk - 1, axis=1)[:, kk - 1]
             qi, cj = np.nonzero((dist <= (kth + 2.0 * margin)[:, None]) & (dist < np.inf))  # inf: excluded
-            out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, slots[cj], q1 - q0, k)
+            out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, cj, slots, q1 - q0, k, what)
         return out_d, out_i
 
     def brute_force(self, queries=None, k: int = 1, predecessors: bool | None = None):
