@@ -5,12 +5,14 @@ import pytest
 
 from kvant.bench import reference as ref
 from kvant.cluster.assign import assign_top2
+from kvant.errors import InvalidInput
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import normalise_rows_into, sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
 from kvant.kernels.lloyd import (
     UNIT_WEIGHTS,
     cluster_sums,
     exact_sq_dist_rows,
+    exact_sq_dist_rows_scaled,
     kmeanspp,
     move_rows,
     sq_dist_to_point,
@@ -85,6 +87,43 @@ def test_assign_top2_rows_matches_reference_on_the_listed_rows(n, d, k):
     np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-3)
     want = ((x[rows].astype(np.float64) - c.astype(np.float64)[labels]) ** 2).sum(axis=1)
     np.testing.assert_allclose(exact, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 1e-18, 1e18])
+def test_assign_top2_unit_rows_matches_reference_on_normalised_rows(n, d, k, scale):
+    # unit_rows assigns raw rows as if normalised (scaled products, or explicit normalisation for extreme
+    # norms, as 1e-18 and 1e18 are); the answer must be the reference's on the normalised rows
+    x, c = _data(n, d, k, seed=n + 2 * d + k)
+    x *= np.float32(scale)
+    x[::3] *= np.float32(7.5)  # rows of different norms in one block
+    c = (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+    labels, d1, d2 = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+    exact = np.empty(n, np.float64)
+    assign_top2(x, c, sq_norms(c), labels, d1, d2, exact_sq=exact, unit_rows=True, n_threads=2)
+    xu = (x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+    rl, r1, r2 = ref.top2_ref(xu, c)
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_allclose(d1, r1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-5)
+    want = ((xu.astype(np.float64) - c.astype(np.float64)[rl]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(exact, want, rtol=1e-5, atol=1e-6)
+
+
+def test_assign_top2_unit_rows_names_the_first_zero_row():
+    x, c = _data(20000, 5, 3)
+    x[[17001, 4321]] = 0.0
+    out = [np.empty(20000, t) for t in (np.int64, np.float32, np.float32)]
+    with pytest.raises(InvalidInput, match="row 4331 has zero norm"):
+        assign_top2(x, c, sq_norms(c), *out, unit_rows=True, row_offset=10, n_threads=2)
+
+
+def test_exact_sq_dist_rows_scaled():
+    x, c = _data(300, 19, 7, scale=1e3)
+    labels = np.arange(300, dtype=np.int64) % 7
+    scale = 1.0 / np.linalg.norm(x.astype(np.float64), axis=1)
+    want = ((x.astype(np.float64) * scale[:, None] - c.astype(np.float64)[labels]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(exact_sq_dist_rows_scaled(x, c, labels, scale), want, rtol=1e-12)
 
 
 def test_top2_ties_go_to_lower_id():
@@ -269,3 +308,14 @@ def test_sq_dist_to_point_unit(n, d, scale):
     c = (c[0] / max(np.linalg.norm(c[0]), 1e-30)).astype(np.float32)
     got = sq_dist_to_point_unit(x, c)
     np.testing.assert_allclose(got, ref.sq_dist_to_point_unit_ref(x, c), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_sq_dist_to_point_unit_passes_non_finite_rows_through(bad):
+    # the cos coreset pass doubles as the NaN/inf check: a bad entry must never come out as a finite distance
+    x, c = _data(6, 4, 1)
+    c = (c[0] / np.linalg.norm(c[0])).astype(np.float32)
+    x[2, 1] = bad
+    x[4] = bad
+    got = sq_dist_to_point_unit(x, c)
+    assert np.isfinite(got).tolist() == [True, True, False, True, False, True]

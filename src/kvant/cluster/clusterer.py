@@ -164,13 +164,13 @@ class Clusterer:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         m = self.k * self.sample_per_centroid
-        # An l2 coreset of an array reads every row once for the sampling distances; that pass also checks
-        # the rows for NaN/inf, so the data is read once before training instead of twice.
-        fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n and not spherical
+        # A coreset of an array reads every row once for the sampling distances; that pass also checks the
+        # rows for NaN/inf (and zero rows for cos), so the data is read once before training instead of twice.
+        fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n
                 and isinstance(src, ArraySource) and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
         d2 = None
         if fuse:
-            d2 = _coreset_distances(src, src.array, self.seed, False)
+            d2 = _coreset_distances(src, src.array, self.seed, spherical)
             src.mark_validated()
         elif isinstance(src, ArraySource) and src.in_memory:
             src.validate()
@@ -381,15 +381,16 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
                 with_inertia: bool = False, unit: bool = False) -> tuple[np.ndarray, float | None]:
     """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass.
 
-    ``unit``: ``full`` already holds unit rows (cos); otherwise cos normalises each block as it is read."""
+    ``unit``: ``full`` already holds unit rows (cos); otherwise cos scales each row by 1/‖x‖ inside the
+    assignment (no normalised copy of the block: one pass over the data fewer)."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     total = 0.0
-    for s, block in _iter_blocks(src, full, spherical and not unit, rows):
+    for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
         per_row = np.empty(b, np.float64) if with_inertia else None
         assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
-                    exact_sq=per_row)
+                    exact_sq=per_row, unit_rows=spherical and not unit, row_offset=s)
         if with_inertia:
             total += float(per_row.sum())
         if report is not None:

@@ -115,6 +115,23 @@ def exact_sq_dist_rows(x, centroids, labels):
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def exact_sq_dist_rows_scaled(x, centroids, labels, scale):
+    """Σ_t (scale_i·x_i − c_{labels_i})² per row, float64: :func:`exact_sq_dist_rows` of the rows scaled by
+    ``scale`` (float64, e.g. 1/‖x_i‖ for spherical k-means without a normalised copy)."""
+    n, d = x.shape
+    out = np.empty(n, np.float64)
+    for i in range(n):
+        c = labels[i]
+        s = scale[i]
+        acc = 0.0
+        for t in range(d):
+            diff = np.float64(x[i, t]) * s - np.float64(centroids[c, t])
+            acc += diff * diff
+        out[i] = acc
+    return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _sq_dist_f32(x, i, c):
     # float32 Σ(x_i − c)² with reassociation allowed so LLVM vectorises it: these are sampling weights,
     # where float32 rounding is harmless, and the loop is memory-bound on large seeding samples anyway.
@@ -207,6 +224,8 @@ def sq_dist_to_point_unit(x, c):
             v = np.float64(x[i, t])
             xx += v * v
             xc += v * np.float64(c[t])
-        # max(0, ·): the expanded form can round to -1e-16 for a row pointing at c; a distance is never negative
-        out[i] = max(0.0, 1.0 - 2.0 * xc / np.sqrt(xx) + cc) if xx > 0.0 else np.nan
+        # clamp at 0: the expanded form can round to -1e-16 for a row pointing at c. Written so that NaN (an
+        # inf or NaN entry: inf/inf) passes through: max(0.0, nan) would hide the bad row as a distance of 0.
+        r = 1.0 - 2.0 * xc / np.sqrt(xx) + cc if xx > 0.0 else np.nan
+        out[i] = 0.0 if r < 0.0 else r
     return out
