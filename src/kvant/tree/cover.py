@@ -626,11 +626,12 @@ class CoverTree:
         d = rc.X.shape[1]
         r = rc.v.shape[1]
         n, nq = pts.size, Q.shape[0]
-        P = self._data[pts]
-        Zp = np.ascontiguousarray(P[:, :d])
-        Wp = np.ascontiguousarray(P[:, d : d + r])
-        Sp = np.ascontiguousarray(P[:, d + r])
-        Rp = np.ascontiguousarray(P[:, d + r + 1])
+        F = self._data
+        # every row of X in order (a tree fitted on all rows): read the features in place; a copy of the
+        # (n, rank) block page-faults in at ~0.5 GB/s on this VM, a third of a 32k-point query batch
+        whole = n == F.shape[0] and bool(np.all(pts == np.arange(n)))
+        P = F if whole else F[pts]
+        Zp, Wp, Sp, Rp = P[:, :d], P[:, d : d + r], P[:, d + r], P[:, d + r + 1]  # views (BLAS takes the stride)
         margin2 = 2.0 * self._residual_margin(Q, P)
         kk = min(k, n)
         cap = 4 * kk + 64
