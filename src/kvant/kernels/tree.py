@@ -862,24 +862,26 @@ def residual_tile_dists(G, Zq, Sq, Rq, Zp, Sp, Rp, j0, variance, kern, out):  # 
 
 @numba.njit(**_NJ)
 def residual_scan_tile(G, Zq, Sq, Rq, Zp, Sp, Rp, slots, j0, variance, kern, qslot, mode, margin2,
-                       heap_d, heap_j, heap_n, buf_d, buf_j, buf_n, overflow):  # pragma: no cover - numba
+                       heap_d, heap_j, heap_n, buf_d, buf_j, buf_n, lost):  # pragma: no cover - numba
     """Fold one (queries x points) tile of BLAS residual distances into every query's running k best and
     its candidate buffer; ``G[a, t] = w_a . w_(j0+t)`` comes from BLAS.
 
-    The buffer keeps every point within ``margin2`` of the running k-th distance (it only falls, so no
-    point within ``margin2`` of the final k-th is ever dropped); the caller recomputes the buffered points
-    exactly. ``mode`` 1 skips the query's own slot, 2 keeps only slots below it (Vecchia). A query whose
-    buffer fills with points inside the window is flagged in ``overflow`` and left to the caller.
+    Candidates are the points within ``margin2`` of the running k-th distance (it only falls, so no point
+    within ``margin2`` of the final k-th is skipped); the caller recomputes them exactly. The buffer is a
+    max-heap keeping the ``cap`` smallest candidates; ``lost[a]`` records the smallest candidate distance it
+    had to drop, so the caller can tell whether a dropped one could still matter (then it rescans that
+    query without a buffer). ``mode`` 1 skips the query's own slot, 2 keeps only slots below it (Vecchia).
     """
     k = heap_d.shape[1]
     cap = buf_d.shape[1]
     for a in range(G.shape[0]):
-        if overflow[a]:
-            continue
         hd = heap_d[a]
         hj = heap_j[a]
+        bd = buf_d[a]
+        bj = buf_j[a]
         size = heap_n[a]
         nb = buf_n[a]
+        lo = lost[a]
         top = hd[0] if size == k else np.inf
         for t in range(G.shape[1]):
             j = j0 + t
@@ -893,26 +895,21 @@ def residual_scan_tile(G, Zq, Sq, Rq, Zp, Sp, Rp, slots, j0, variance, kern, qsl
                 dist = _residual_from_dot(Zq, a, Zp, j, Sq[a], Sp[j], G[a, t], variance, kern)
             if dist > top + margin2:
                 continue
-            if nb == cap:  # compact: drop what the k-th distance has left behind
-                kept = 0
-                for b in range(nb):
-                    if buf_d[a, b] <= top + margin2:
-                        buf_d[a, kept] = buf_d[a, b]
-                        buf_j[a, kept] = buf_j[a, b]
-                        kept += 1
-                nb = kept
-                if nb == cap:
-                    overflow[a] = True
-                    break
-            buf_d[a, nb] = dist
-            buf_j[a, nb] = j
-            nb += 1
+            if nb == cap:  # full: the largest of the buffer and this one is dropped
+                if not _less(dist, j, bd[0], bj[0]):
+                    if dist < lo:
+                        lo = dist
+                    continue
+                if bd[0] < lo:
+                    lo = bd[0]
+            nb = _heap_push_res(bd, bj, nb, cap, dist, j)
             if dist <= top:
                 size = _heap_push_res(hd, hj, size, k, dist, j)
                 if size == k:
                     top = hd[0]
         heap_n[a] = size
         buf_n[a] = nb
+        lost[a] = lo
 
 
 @numba.njit(parallel=True, **_NJ)

@@ -617,10 +617,11 @@ class CoverTree:
         that dominate them faster than the per-pair kernel. Threads take blocks of queries; for each tile of
         points a BLAS product gives w_q . w_p and one fused kernel (:func:`kvant.kernels.tree.residual_scan_tile`)
         turns it into distances, keeps each query's running k best and buffers every point within
-        ``2 * margin`` of the running k-th (``margin`` bounds the BLAS rounding, see :meth:`_residual_margin`).
-        The buffered points are recomputed with the metric kernel and the answer is taken from those exact
-        distances: identical to brute force. A query whose buffer overflows (more near-ties than it holds)
-        is answered by :meth:`_residual_scan_numpy`, which keeps every candidate.
+        ``2 * margin`` of the running k-th (``margin`` bounds the BLAS rounding, see :meth:`_residual_margin`),
+        up to the buffer's size. The buffered points are recomputed with the metric kernel and the answer is
+        taken from those exact distances: identical to brute force. A query whose buffer had to drop a point
+        within ``2 * margin`` of its final k-th (more near-ties than it holds) is answered by
+        :meth:`_residual_knn_numpy`, which keeps every candidate.
         """
         rc = self._m.obj
         d = rc.X.shape[1]
@@ -631,7 +632,9 @@ class CoverTree:
         # (n, rank) block page-faults in at ~0.5 GB/s on this VM, a third of a 32k-point query batch
         whole = n == F.shape[0] and bool(np.all(pts == np.arange(n)))
         P = F if whole else F[pts]
-        Zp, Wp, Sp, Rp = P[:, :d], P[:, d : d + r], P[:, d + r], P[:, d + r + 1]  # views (BLAS takes the stride)
+        Wp = P[:, d : d + r]  # a view: BLAS takes the row stride
+        # the kernel's per-point inputs, small and read once per pair: contiguous copies keep them in cache
+        Zp, Sp, Rp = (np.ascontiguousarray(a) for a in (P[:, :d], P[:, d + r], P[:, d + r + 1]))
         margin2 = 2.0 * self._residual_margin(Q, P)
         kk = min(k, n)
         cap = 4 * kk + 64
@@ -641,7 +644,7 @@ class CoverTree:
         buf_d = np.empty((nq, cap))
         buf_j = np.empty((nq, cap), np.int64)
         buf_n = np.zeros(nq, np.int64)
-        overflow = np.zeros(nq, np.bool_)
+        lost = np.full(nq, np.inf)
         threads = max(1, get_num_threads())
         bq = int(min(128, max(8, -(-nq // threads))))
         tile = max(256, (1 << 17) // bq)  # a (bq, tile) float64 block of ~1 MiB stays in cache
@@ -661,11 +664,12 @@ class CoverTree:
                 np.matmul(Wq, Wp[j0:j1].T, out=g)
                 K.residual_scan_tile(g, Zq, Sq, Rq, Zp, Sp, Rp, pts, j0, variance, kern, qslot[q0:q1], mode,
                                      margin2, heap_d[q0:q1], heap_j[q0:q1], heap_n[q0:q1], buf_d[q0:q1],
-                                     buf_j[q0:q1], buf_n[q0:q1], overflow[q0:q1])
+                                     buf_j[q0:q1], buf_n[q0:q1], lost[q0:q1])
 
         for_each_block(nq, bq, run, threads)
         # the window every buffered point must be inside: running k-th at the end + 2 margin (all, below k)
         top = np.where(heap_n == kk, heap_d[:, 0], np.inf)  # a full heap's root is its k-th
+        overflow = (lost < np.inf) & (lost <= top + margin2)  # dropped a point that may be in the answer
         live = np.arange(cap)[None, :] < buf_n[:, None]
         keep = live & (buf_d <= (top + margin2)[:, None]) & ~overflow[:, None]
         qi, b = np.nonzero(keep)
