@@ -82,6 +82,15 @@ def angular_dist(X, i, Y, j, params):  # pragma: no cover - numba
     return math.acos(c)
 
 
+@numba.njit(inline="always", **_NJ)
+def _cov_phi(r2, kern):  # pragma: no cover - numba
+    """The unit-variance covariance function of squared scaled distance r2 (RBF or Matern 5/2)."""
+    if kern == RBF_KERNEL:
+        return math.exp(-0.5 * r2)
+    r = math.sqrt(5.0 * r2)
+    return (1.0 + r + r * r / 3.0) * math.exp(-r)
+
+
 @numba.njit(**_NJ_RAW)
 def residual_dist(X, i, Y, j, params):  # pragma: no cover - numba
     """sqrt(1 - |rho|) on rows [x / lengthscale (d), v / sqrt(p) (m), 1 / sqrt(p), original row index];
@@ -95,13 +104,8 @@ def residual_dist(X, i, Y, j, params):  # pragma: no cover - numba
     for t in range(d):
         z = X[i, t] - Y[j, t]
         r2 += z * z
-    if int(params[4]) == RBF_KERNEL:
-        kval = math.exp(-0.5 * r2)
-    else:
-        r = math.sqrt(5.0 * r2)
-        kval = (1.0 + r + r * r / 3.0) * math.exp(-r)
     sisj = X[i, d + m] * Y[j, d + m]  # one product first: keeps d(i, j) == d(j, i) bit for bit
-    rho = params[3] * kval * sisj - _dot_range(X, i, Y, j, d, d + m)
+    rho = params[3] * _cov_phi(r2, int(params[4])) * sisj - _dot_range(X, i, Y, j, d, d + m)
     a = 1.0 - abs(rho)
     if a < 0.0:
         a = 0.0
@@ -809,15 +813,6 @@ def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i, hd, hi)
 
 # Residual-correlation scan (the exact BLAS path of CoverTree.knn for this metric)
 # ----------------------------------------------------------------------------------------------
-
-
-@numba.njit(inline="always", **_NJ)
-def _cov_phi(r2, kern):  # pragma: no cover - numba
-    """The unit-variance covariance function of squared scaled distance r2 (RBF or Matern 5/2)."""
-    if kern == RBF_KERNEL:
-        return math.exp(-0.5 * r2)
-    r = math.sqrt(5.0 * r2)
-    return (1.0 + r + r * r / 3.0) * math.exp(-r)
 
 
 @numba.njit(parallel=True, **_NJ)
