@@ -57,3 +57,29 @@ def test_cluster_sampling_flag_matches_the_api(tmp_path, capsys, sampling):
     assert json.loads(capsys.readouterr().out)["sampling"] == sampling
     want = kvant.Clusterer(k=5, sampling=sampling, sample_per_centroid=256).fit(x).labels_  # m = 1280 < N
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), want)
+
+
+def test_cluster_outputs_report_the_written_names_and_bad_dirs_fail_before_fitting(tmp_path, capsys):
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "--json", "-o", str(tmp_path / "labels"),
+                 "--centroids", str(tmp_path / "cents")]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["labels_file"] == str(tmp_path / "labels.npy") and (tmp_path / "labels.npy").exists()
+    assert payload["centroids_file"] == str(tmp_path / "cents.npy") and (tmp_path / "cents.npy").exists()
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "-o", str(tmp_path / "nope" / "l.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "-o", str(tmp_path)]) == 2
+
+
+def test_search_json_pads_with_null(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    index = kvant.FlatIndex(4)
+    index.add(x)
+    index.save(tmp_path / "f.kvant")
+    np.save(tmp_path / "q.npy", x[:2])
+    assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q.npy"), "-k", "8", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "Infinity" not in out
+    payload = json.loads(out)
+    flat = [v for row in payload["distances"] for v in row]
+    assert flat.count(None) == 2 * 3

@@ -42,9 +42,11 @@ def progress(args, total: int | None = None, desc: str = ""):
 
 
 def emit(args, payload: dict, text: str | None = None) -> None:
-    """Print ``payload`` as JSON with --json, else ``text`` (or a key: value listing)."""
+    """Print ``payload`` as JSON with --json, else ``text`` (or a key: value listing).
+
+    JSON output is strict: NaN and ±inf (padding slots in k-NN results) are written as ``null``."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, indent=2, default=_json_default))
+        print(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
     elif text is not None:
         print(text)
     else:
@@ -52,14 +54,39 @@ def emit(args, payload: dict, text: str | None = None) -> None:
             print(f"{key}: {value}")
 
 
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
+def _jsonable(obj):
+    """``obj`` with NumPy values turned into plain Python ones and non-finite floats into None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
     return str(obj)
+
+
+def _npy_output(path: str) -> str:
+    """``path`` as np.save will name it (``.npy`` appended when missing); InvalidInput if it cannot be written."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():  # np.save would quietly write "<dir>.npy" beside it
+        raise InvalidInput(f"output {out} is a directory; give a file name")
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")
+    if out.is_dir():
+        raise InvalidInput(f"output {out} is a directory")
+    if not out.parent.is_dir():
+        raise InvalidInput(f"output directory {out.parent} does not exist")
+    return str(out)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -147,6 +174,11 @@ def _cmd_cluster(args) -> int:
             bars[phase].unit = unit
         bars[phase].update(amount)
 
+    # the file names np.save really writes (it appends .npy), checked before the fit rather than after it
+    if args.output:
+        args.output = _npy_output(args.output)
+    if args.centroids:
+        args.centroids = _npy_output(args.centroids)
     try:
         c.fit(args.input, column=args.column, progress=report)
     finally:
@@ -418,8 +450,8 @@ def _tree_log(args, record: dict) -> None:
         import time
 
         with open(args.log_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"time": time.time(), "command": f"tree {args.tree_cmd}", **record},
-                                default=_json_default) + "\n")
+            fh.write(json.dumps(_jsonable({"time": time.time(), "command": f"tree {args.tree_cmd}", **record}),
+                                allow_nan=False) + "\n")
 
 
 def _cmd_tree_build(args) -> int:
@@ -450,6 +482,8 @@ def _cmd_tree_knn(args) -> int:
         Q = _tree_load_points(args.queries)
         if tree.dim is None:  # residual metric: queries are row indices
             Q = np.asarray(Q).reshape(-1).astype(np.int64)
+        elif np.ndim(Q) == 1:  # one query point in a 1-D file, not len(Q) one-dimensional queries
+            Q = np.asarray(Q).reshape(1, -1)
         dist, ids = tree.knn(Q, args.k)
         qids = None
     _tree_log(args, tree.telemetry_)
@@ -528,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvant: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KvantError as exc:
+        print(f"kvant: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as exc:  # an output path that cannot be written, a log file in a missing directory, ...
         print(f"kvant: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

@@ -194,11 +194,15 @@ def read(
         entries = header["arrays"]
     except (ValueError, KeyError, TypeError) as exc:
         raise PersistError(f"{path}: unreadable header: {exc}") from exc
+    if not (isinstance(kind, str) and isinstance(meta, dict) and isinstance(entries, list)
+            and all(isinstance(e, dict) for e in entries)):
+        raise PersistError(f"{path}: malformed header (kind, meta or arrays has the wrong type)")
     if expected_kind is not None and kind != expected_kind:
         raise PersistError(f"{path}: holds a {kind!r}, expected a {expected_kind!r}")
     arrays: dict[str, np.ndarray] = {}
     for e in entries:
         try:
+            name = str(e["name"])
             dtype = np.dtype(e["dtype"])
             shape = tuple(int(s) for s in e["shape"])
             offset, nbytes = int(e["offset"]), int(e["nbytes"])
@@ -206,16 +210,21 @@ def read(
             raise PersistError(f"{path}: bad array entry {e!r}") from exc
         if dtype.kind not in _ALLOWED_KINDS or any(s < 0 for s in shape):
             raise PersistError(f"{path}: bad array entry {e!r}")
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes or offset < _DATA_START + header_len:
+        count = 1
+        for s_ in shape:  # Python ints: a crafted shape cannot overflow to a small product
+            count *= s_
+        if count * dtype.itemsize != nbytes or offset < _DATA_START + header_len:
             raise PersistError(f"{path}: array {e.get('name')!r} has inconsistent size or offset")
         if offset + nbytes > size:
             raise PersistError(f"{path}: array {e.get('name')!r} runs past the end of the file")
-        if mmap and nbytes > 0:
+        if nbytes == 0:
+            arr = np.empty(shape, dtype=dtype)  # np.memmap refuses empty maps
+        elif mmap:
             arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
         else:
             start = offset - _DATA_START
             arr = np.frombuffer(body[start : start + nbytes], dtype=dtype).reshape(shape).copy()
-        arrays[e["name"]] = arr
+        arrays[name] = arr
     return kind, meta, arrays
 
 

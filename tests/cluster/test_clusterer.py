@@ -448,3 +448,80 @@ def test_cos_does_not_copy_the_input():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 0.75 * x.nbytes, peak  # a unit copy alone would be 1.0x
+
+
+# -- numerics: offset-dominated and extreme-magnitude data (found by a black-box review) ------------------
+
+
+def _nearest_f64(x, centres):
+    d = ((x.astype(np.float64)[:, None, :] - centres.astype(np.float64)[None]) ** 2).sum(-1)
+    return d.argmin(1), d
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "dense-exact-random", "minibatch"])
+@pytest.mark.parametrize("offset, scale", [(1e4, 1.0), (1e6, 1.0), (0.0, 1e-25), (0.0, 1e20), (3e3, 1e-22)])
+def test_large_offset_and_extreme_magnitude_still_give_nearest_centre_labels(algorithm, offset, scale):
+    # The GEMM form ‖x‖² + ‖c‖² − 2x·c cancels in float32 when the rows share an offset much larger than
+    # their spread (an offset of 1e4 sent 48% of rows to the wrong centre before conditioning) and
+    # over/underflows at magnitudes like 1e20 / 1e-25.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    base = y[:, None] * 1.0 + 0.1 * rng.standard_normal((2000, 16))
+    x = ((base + offset) * scale).astype(np.float32)
+    c = kvant.Clusterer(2, seed=0, algorithm=algorithm).fit(x)
+    nearest, d = _nearest_f64(x, c.cluster_centers_)
+    # near-ties may go either way; every other row must sit on its nearest centre
+    gap = np.abs(d[:, 0] - d[:, 1]) / np.maximum(d.min(1), 1e-300)
+    clear = gap > 1e-3
+    assert np.array_equal(c.labels_[clear], nearest[clear])
+    assert np.array_equal(c.predict(x)[clear], nearest[clear])
+    assert c.mse_ / scale**2 == pytest.approx(0.16, rel=0.1)  # the two true blobs, not one merged cluster
+
+
+def test_conditioning_rule():
+    from kvant._numerics import condition, conditioning, uncondition
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    assert conditioning(x) == (None, None)  # centred, unit scale: nothing to do
+    assert conditioning(x + 2.0)[0] is None  # ‖μ‖²/spread = 4: below the threshold
+    shift, scale = conditioning(x + 100.0)
+    assert scale is None and np.allclose(shift, 100.0, atol=0.2)
+    shift, scale = conditioning(x * 1e25)
+    assert shift is None and scale is not None and np.log2(scale) == int(np.log2(scale))  # an exact power of two
+    y = condition(x * 1e25, shift, scale)
+    assert 0.1 < float(np.mean(np.sum(y.astype(np.float64) ** 2, 1))) < 100
+    assert np.allclose(uncondition(y, shift, scale), x * 1e25, rtol=1e-6)
+    assert conditioning(np.empty((0, 3), np.float32)) == (None, None)
+
+
+def test_refit_with_other_metric_drops_stale_quality_and_scores_with_fitted_metric(data):
+    data = data[0]
+    c = kvant.Clusterer(4, metric="cos", seed=0).fit(data)
+    assert hasattr(c, "mean_cosine_")
+    c.metric = "l2"  # changed after fitting: predict/score still use the fitted (cos) centres' metric
+    assert 0 < c.score(data) <= 1
+    c.fit(data)
+    assert hasattr(c, "mse_") and not hasattr(c, "mean_cosine_")
+    assert c.score(data) == pytest.approx(-c.mse_, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [np.uint8(3), np.int16(130), np.int64(5)])
+def test_numpy_integer_k_and_tol(k):
+    x = np.random.default_rng(0).standard_normal((400, 4)).astype(np.float32)
+    c = kvant.Clusterer(k, seed=0, tol=np.float32(1e-4)).fit(x)
+    assert c.cluster_centers_.shape == (int(k), 4)
+
+
+def test_minibatch_cos_names_the_datas_zero_row():
+    x = np.random.default_rng(0).standard_normal((100, 4)).astype(np.float32)
+    x[42] = 0
+    with pytest.raises(InvalidInput, match="row 42 "):
+        kvant.Clusterer(3, metric="cos", algorithm="minibatch").fit(x)
+
+
+@pytest.mark.parametrize("value", ["1G", "nan", "-5", "0"])
+def test_bad_memory_budget_env_is_a_kvant_error(monkeypatch, value):
+    monkeypatch.setenv("KVANT_MEMORY_BUDGET", value)
+    with pytest.raises(InvalidInput, match="KVANT_MEMORY_BUDGET"):
+        kvant.Clusterer(2).fit(np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32))

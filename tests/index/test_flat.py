@@ -124,3 +124,34 @@ def test_corrupt_content(tmp_path, data):
                   {"vectors": x[:2], "ids": np.array([1, 1], np.int64)})
     with pytest.raises(PersistError):
         kvant.load(tmp_path / "b")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e5])
+def test_l2_is_exact_under_a_large_common_offset(offset):
+    # ‖q‖² + ‖x‖² − 2q·x in float32 gave recall 0.59 and distances off by 46% at offset 1000
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2000, 16)) + offset).astype(np.float32)
+    q = x[:40] + np.float32(0.01)
+    index = kvant.FlatIndex(16)
+    index.add(x)
+    d, i = index.search(q, 10)
+    true = ((q.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
+    order = np.argsort(true, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(i, order)
+    assert np.allclose(d, np.take_along_axis(true, order, 1), rtol=1e-5)
+
+
+def test_id_space_exhaustion_is_invalid_input():
+    index = kvant.FlatIndex(2)
+    index.add(np.ones((1, 2), np.float32), ids=[2**63 - 1])
+    with pytest.raises(InvalidInput, match="no default ids"):
+        index.add(np.ones((1, 2), np.float32))
+    assert index.ntotal == 1
+    index.add(np.ones((1, 2), np.float32), ids=[5])
+    assert index.ntotal == 2
+
+
+def test_mmap_load_of_empty_index(tmp_path):
+    index = kvant.FlatIndex(4)
+    index.save(tmp_path / "e.kvant")
+    assert kvant.load(tmp_path / "e.kvant", mmap=True).ntotal == 0

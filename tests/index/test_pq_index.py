@@ -246,3 +246,30 @@ def test_bad_adds_never_change_the_index(built, data, rows, cols, nan_at, ids_ki
     with pytest.raises(InvalidInput):
         index.add(block, ids=ids)
     assert len(index) == n_before and np.array_equal(index.ids, ids_before)
+
+
+def test_untrained_index_loads_with_mmap(tmp_path):
+    kvant.PQIndex(8, 2).save(tmp_path / "p.kvant")
+    assert not kvant.load(tmp_path / "p.kvant", mmap=True).is_trained
+
+
+def test_opq_rotation_in_a_plain_pq_file_is_a_persist_error(tmp_path):
+    from kvant import persist
+
+    x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
+    index = kvant.PQIndex(8, 2, nbits=4, opq=True)
+    index.train(x)
+    index.add(x)
+    index.save(tmp_path / "o.kvant")
+    kind, meta, arrays = persist.read(tmp_path / "o.kvant")
+    meta["opq"] = False  # a writer bug or a hand edit: the rotation would be silently ignored
+    persist.write(tmp_path / "bad.kvant", kind, meta, arrays)
+    with pytest.raises(PersistError, match="rotation"):
+        kvant.load(tmp_path / "bad.kvant")
+
+
+def test_max_train_rows_below_codewords_is_rejected_up_front():
+    with pytest.raises(InvalidInput, match="max_train_rows"):
+        kvant.PQ(16, 4, nbits=4, max_train_rows=5)
+    with pytest.raises(InvalidInput, match="max_train_rows"):
+        kvant.PQIndex(16, 4, nbits=4, max_train_rows=5)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvant
 import kvant.io.texmex as texmex
 from kvant.errors import DimensionMismatch, InvalidInput, KvantError
 from kvant.io import as_source, write_fvecs, write_ivecs, write_parquet
@@ -360,3 +361,19 @@ def test_hdf5_sparse_take_and_nan(tmp_path):
 
 def test_all_errors_are_kvant_errors():
     assert issubclass(InvalidInput, KvantError) and issubclass(DimensionMismatch, InvalidInput)
+
+
+def test_damaged_parquet_pages_are_invalid_input(tmp_path):
+    # the footer still parses (as_source opens it); the first data pages do not
+    p = tmp_path / "x.parquet"
+    write_parquet(p, np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32), row_group_rows=500)
+    raw = bytearray(p.read_bytes())
+    raw[4:40] = b"\xff" * 36
+    p.write_bytes(bytes(raw))
+    src = as_source(p)
+    with pytest.raises(InvalidInput, match="x.parquet"):
+        src.to_array()
+    with pytest.raises(InvalidInput, match="x.parquet"):
+        as_source(p).take([1])
+    with pytest.raises(InvalidInput):
+        kvant.Clusterer(3).fit(p)

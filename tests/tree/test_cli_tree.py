@@ -45,3 +45,33 @@ def test_tree_cli_errors(tmp_path, capsys):
     assert main(["tree", "knn", str(tmp_path / "missing.kvant"), "self"]) == 1
     assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--metric", "cosine"]) == 2
     capsys.readouterr()
+
+
+def _strict(text):
+    def bad(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_tree_knn_json_is_strict_and_one_d_query_is_one_query(tmp_path, capsys):
+    X = np.random.default_rng(0).random((50, 3))
+    np.save(tmp_path / "p.npy", X)
+    np.save(tmp_path / "q1.npy", X[3] + 0.01)  # one query, stored 1-D
+    out = tmp_path / "t.kvant"
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["tree", "knn", str(out), "self", "-k", "3", "--json"]) == 0
+    res = _strict(capsys.readouterr().out)  # row 0 has no predecessors: padding is null, not Infinity
+    assert res["distances"][0] == [None, None, None] and res["ids"][0] == [-1, -1, -1]
+    assert main(["tree", "knn", str(out), str(tmp_path / "q1.npy"), "-k", "3", "--json"]) == 0
+    res = _strict(capsys.readouterr().out)
+    assert res["nq"] == 1 and res["ids"][0][0] == 3
+
+
+def test_unwritable_outputs_are_clean_errors(tmp_path, capsys):
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).random((30, 2)))
+    missing = tmp_path / "no" / "such" / "dir"
+    code = main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tmp_path / "t.kvant"),
+                 "--log-file", str(missing / "log.jsonl")])
+    assert code == 1 and "kvant: error" in capsys.readouterr().err

@@ -496,3 +496,48 @@ def test_telemetry_phases():
         assert key in tel
     tree.insert(_data(100, 3, seed=9))
     assert tree.telemetry_["op"] == "insert" and tree.telemetry_["traversal"] >= 0
+
+
+# -- found by a black-box review ---------------------------------------------------------------------------
+
+
+def test_repeated_points_do_not_build_a_chain():
+    # n copies of one point used to peel off one point per level: height n - 1 and O(n^2) work
+    tree = kvant.CoverTree().fit(np.zeros((4000, 3)))
+    assert tree.telemetry_["levels"] <= 2
+    ids = tree.insert(np.zeros((500, 3)))
+    assert ids.size == 500
+    d, i = tree.knn(np.zeros((2, 3)), 5)
+    assert np.all(d == 0) and np.all(i >= 0)
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.standard_normal((40, 4)), 30, axis=0)
+    rng.shuffle(x)
+    tree = kvant.CoverTree().fit(x)
+    tree.check_invariants()
+    q = rng.standard_normal((20, 4))
+    d, _ = tree.knn(q, 40)
+    bd, _ = tree.brute_force(q, 40)
+    assert np.allclose(d, bd)
+    tree.delete(tree.ids_[:300])
+    tree.insert(x[:100])
+    tree.check_invariants()
+
+
+def test_insert_into_a_never_fitted_tree_and_save_it_empty(tmp_path):
+    tree = kvant.CoverTree()
+    tree.save(tmp_path / "empty.kvant")
+    loaded = kvant.load(tmp_path / "empty.kvant")
+    assert len(loaded.ids_) == 0
+    assert tree.insert(np.ones((3, 2))).tolist() == [0, 1, 2]
+    assert loaded.insert(np.zeros((2, 5))).tolist() == [0, 1]
+    d, i = tree.knn(np.ones((1, 2)), 2)
+    assert d.tolist() == [[0.0, 0.0]]
+
+
+def test_user_metric_with_wrong_signature_is_invalid_input():
+    @numba.njit
+    def one_arg(a):
+        return 0.0
+
+    with pytest.raises(InvalidInput, match="dist\\(a, b\\)"):
+        kvant.CoverTree(one_arg).fit(np.zeros((5, 2)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._numerics import condition
 from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..kernels.assign import top2_from_ip
@@ -24,8 +25,13 @@ def block_rows_for(dim: int, k: int) -> int:
 def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, labels, d1, d2,
                 x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
                 exact_sq: np.ndarray | None = None, rows: np.ndarray | None = None, unit_rows: bool = False,
-                row_offset: int = 0) -> None:
+                row_offset: int = 0, shift: np.ndarray | None = None, scale: float | None = None) -> None:
     """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``.
+
+    ``shift``/``scale`` (from :func:`conditioning`, l2 only): each block and the centroids are moved to
+    (· − shift)·scale before the GEMM, so data with a large common offset or an extreme magnitude is
+    assigned exactly; ``c_sqnorms`` and ``x_sqnorms`` are then ignored and d1/d2 are in scaled units
+    (true squared distances × scale²). ``exact_sq`` is always computed on the raw rows.
 
     ``rows`` (int64 indices into ``x``): assign only those rows, in that order (outputs and ``x_sqnorms`` are
     then per listed row). Each block is gathered just before its GEMM, so no ``x[rows]`` copy is made: on
@@ -43,13 +49,19 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     dim = x.shape[1]
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
-    ct = np.ascontiguousarray(centroids.T)
+    conditioned = shift is not None or scale is not None
+    if conditioned:
+        cc = condition(centroids, shift, scale)
+        c_sqnorms = sq_norms_serial(cc)
+        ct = np.ascontiguousarray(cc.T)
+    else:
+        ct = np.ascontiguousarray(centroids.T)
 
     zero_rows: list[int] = []
 
     def run(s: int, e: int) -> None:
         xb = x[s:e] if rows is None else x[rows[s:e]]
-        scale = None
+        factor = None  # unit_rows: 1/‖x‖ per row
         if unit_rows:
             xn = sq_norms_serial(xb)
             if not (xn.min(initial=np.inf) > _SAFE_SQNORM[0] and xn.max(initial=0.0) < _SAFE_SQNORM[1]):
@@ -60,17 +72,20 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                     return
                 xb, xn = unit, sq_norms_serial(unit)
             else:
-                scale = 1.0 / np.sqrt(xn.astype(np.float64))
-                xn = (xn * scale * scale).astype(np.float32)  # ‖x/‖x‖‖² (1 up to rounding)
+                factor = 1.0 / np.sqrt(xn.astype(np.float64))
+                xn = (xn * factor * factor).astype(np.float32)  # ‖x/‖x‖‖² (1 up to rounding)
+        elif conditioned:
+            raw, xb = xb, condition(xb, shift, scale)
+            xn = sq_norms_serial(xb)
         else:
             xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
         g = xb @ ct
-        if scale is not None:
-            np.multiply(g, scale.astype(np.float32)[:, None], out=g)
+        if factor is not None:
+            np.multiply(g, factor.astype(np.float32)[:, None], out=g)
         top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e])
         if exact_sq is not None:
-            exact_sq[s:e] = (exact_sq_dist_rows(xb, centroids, labels[s:e]) if scale is None
-                             else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], scale))
+            exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
+                             else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))
 
     for_each_block(n, block_rows_for(dim, k), run, n_threads)
     if zero_rows:

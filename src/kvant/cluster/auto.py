@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from ..errors import InvalidInput
+
 AUTO_TOL = 5e-4
 
 
@@ -23,7 +27,13 @@ def memory_budget_bytes() -> int:
     """Bytes of input kvant is willing to hold for exact k-means: KVANT_MEMORY_BUDGET or half of RAM."""
     env = os.environ.get("KVANT_MEMORY_BUDGET")
     if env:
-        return int(float(env))
+        try:
+            value = float(env)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and value > 0):
+            raise InvalidInput(f"KVANT_MEMORY_BUDGET must be a positive number of bytes (e.g. 8e9), got {env!r}")
+        return int(value)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._config import check_seed, get_num_threads
+from .._numerics import condition, conditioning, uncondition
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source
@@ -136,7 +137,8 @@ class Clusterer:
         positive_int("max_epochs", self.max_epochs)
         if self.polish_iter is not None:
             positive_int("polish_iter", self.polish_iter, 0)
-        tol_ok = isinstance(self.tol, int | float) and not isinstance(self.tol, bool) and np.isfinite(self.tol)
+        number = isinstance(self.tol, int | float | np.integer | np.floating)
+        tol_ok = number and not isinstance(self.tol, bool | np.bool_) and np.isfinite(self.tol)
         if self.tol is not None and (not tol_ok or self.tol < 0):
             raise InvalidInput(f"tol must be a finite number >= 0, got {self.tol!r}")
         if n is not None and self.k > n:
@@ -154,8 +156,9 @@ class Clusterer:
         src = as_source(x, column=column, validate=False)  # an array is checked below, in the first pass over it
         self._check_settings(src.n)
         spherical = self.metric == "cos"
+        k = int(self.k)  # a NumPy integer k (uint8, int16, ...) would overflow in k * sample_per_centroid
         if self.algorithm == "auto":
-            choice = choose_algorithm(src.n, src.dim, self.k, self.metric, src.nbytes, self.sampling)
+            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling)
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
@@ -163,7 +166,7 @@ class Clusterer:
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        m = self.k * self.sample_per_centroid
+        m = k * int(self.sample_per_centroid)
         # A coreset of an array reads every row once for the sampling distances; that pass also checks the
         # rows for NaN/inf (and zero rows for cos), so the data is read once before training instead of twice.
         fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n
@@ -187,7 +190,7 @@ class Clusterer:
         if algorithm == "minibatch":
             t = time.perf_counter()
             mb = minibatch_kmeans(
-                src, self.k, spherical, self.seed, self.batch_rows, self.max_epochs, tol,
+                src, k, spherical, self.seed, self.batch_rows, self.max_epochs, tol,
                 on_batch=lambda rows: report("minibatch", rows),
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
@@ -196,29 +199,37 @@ class Clusterer:
         else:
             t = time.perf_counter()
             result_labels = None
-            sample, weights = _training_sample(src, full, m, self.seed, norm, self.sampling, self.k, d2)
+            sample, weights = _training_sample(src, full, m, self.seed, norm, self.sampling, k, d2)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
+            trained_on_all = sample is full
+            # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
+            shift, cscale = (None, None) if spherical else conditioning(sample)
+            sample = condition(sample, shift, cscale)
             init = "random" if algorithm == "dense-exact-random" else "k-means++"
             restarts = self.n_redo if algorithm == "dense-exact-nredo" else 1
             best = None
             for r in range(restarts):
                 seed = None if self.seed is None else self.seed + r
-                c0 = init_centroids(sample, self.k, init, seed, spherical, weights)
+                c0 = init_centroids(sample, k, init, seed, spherical, weights)
                 res = lloyd(sample, c0, self.max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights)
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
-            centroids = best.centroids
-            if sample is full:  # trained on every row: its labels already are the full assignment
+            centroids = uncondition(best.centroids, shift, cscale)
+            if trained_on_all:  # trained on every row: its labels already are the full assignment
                 result_labels = best.labels
+            scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
             timings["train"] = time.perf_counter() - t
             if polish > 0 and full is not None and result_labels is None:
                 t = time.perf_counter()
-                res = lloyd(full, centroids, polish, tol, spherical, on_iter=lambda obj: report("train", 1))
-                centroids, result_labels = res.centroids, res.labels
-                history += res.objective_history
+                shift, cscale = (None, None) if spherical else conditioning(centroids)
+                res = lloyd(condition(full, shift, cscale), condition(centroids, shift, cscale), polish, tol,
+                            spherical, on_iter=lambda obj: report("train", 1))
+                centroids, result_labels = uncondition(res.centroids, shift, cscale), res.labels
+                unscale = 1.0 if cscale is None else 1.0 / (cscale * cscale)
+                history += [h * unscale for h in res.objective_history]
                 n_iter += res.n_iter
                 timings["polish"] = time.perf_counter() - t
 
@@ -246,6 +257,9 @@ class Clusterer:
         self.n_samples_fit_ = src.n
         self.timings_ = timings
         self.threads_ = get_num_threads()
+        self.metric_ = self.metric  # predict/score use the metric the centres were fitted with
+        for stale in ("mean_cosine_", "mse_"):  # a refit with the other metric must not leave the old score
+            self.__dict__.pop(stale, None)
         if spherical:
             self.mean_cosine_ = float(1.0 - inertia / src.n)
         else:
@@ -261,12 +275,12 @@ class Clusterer:
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
         src, full = self._prepare(x, column)
-        return _assign_all(src, full, self.cluster_centers_, self.metric == "cos")[0]
+        return _assign_all(src, full, self.cluster_centers_, self.metric_ == "cos")[0]
 
     def score(self, x, column: str | None = None) -> float:
         """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
         src, full = self._prepare(x, column)
-        spherical = self.metric == "cos"
+        spherical = self.metric_ == "cos"
         _, inertia = _assign_all(src, full, self.cluster_centers_, spherical, with_inertia=True)
         return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
 
@@ -385,12 +399,13 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     assignment (no normalised copy of the block: one pass over the data fewer)."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
+    shift, scale = (None, None) if spherical else conditioning(centroids)
     total = 0.0
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
         per_row = np.empty(b, np.float64) if with_inertia else None
         assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
-                    exact_sq=per_row, unit_rows=spherical and not unit, row_offset=s)
+                    exact_sq=per_row, unit_rows=spherical and not unit, row_offset=s, shift=shift, scale=scale)
         if with_inertia:
             total += float(per_row.sum())
         if report is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._config import get_num_threads, rng
+from .._numerics import condition, conditioning, uncondition
+from ..errors import InvalidInput
 from ..io import check_finite
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
@@ -42,8 +44,14 @@ def minibatch_kmeans(
     m = min(n, max(k, min(batch_rows, 32 * k)))
     sample = src.sample(m, None if seed is None else seed + 7919)
     if spherical:
-        sample = normalise_rows(sample)
-    c = init_centroids(sample, k, "k-means++", seed, spherical)
+        try:
+            sample = normalise_rows(sample)
+        except InvalidInput:  # name the data's first zero row, not the sample's
+            for start, block in src.chunks(batch_rows):
+                normalise_rows(block, start)
+            raise
+    shift, scale = (None, None) if spherical else conditioning(sample)  # D² seeding on well-scaled rows
+    c = uncondition(init_centroids(condition(sample, shift, scale), k, "k-means++", seed, spherical), shift, scale)
     del sample
     src.release_rows(0, n)  # the sample's pages of a memmap leave the resident set
     seen = np.zeros(k, np.float64)
@@ -59,8 +67,10 @@ def minibatch_kmeans(
             labels = np.empty(b, np.int64)
             d1 = np.empty(b, np.float32)
             d2 = np.empty(b, np.float32)
-            assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2)
-            total_obj += float(d1.sum(dtype=np.float64))
+            shift, scale = (None, None) if spherical else conditioning(c)
+            assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2, shift=shift, scale=scale)
+            # d1 is in scaled units (× scale²); only its order is used below
+            total_obj += float(d1.sum(dtype=np.float64)) / (1.0 if scale is None else scale * scale)
             sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()), UNIT_WEIGHTS)
             hit = counts > 0
             seen[hit] += counts[hit]

@@ -146,6 +146,13 @@ def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similari
     return dist, out_ids
 
 
+def default_ids(next_id: int, n: int) -> np.ndarray:
+    """Consecutive new ids from ``next_id``; InvalidInput when they would pass the largest int64."""
+    if next_id + n - 1 > np.iinfo(np.int64).max:
+        raise InvalidInput(f"no default ids left after id {next_id - 1}: pass ids= explicitly")
+    return np.arange(next_id, next_id + n, dtype=np.int64)
+
+
 def require_nonempty(n: int, what: str) -> None:
     if n == 0:
         raise EmptyIndex(f"{what} holds no vectors; add vectors before searching")

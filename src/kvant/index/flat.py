@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import persist
+from .._numerics import condition, conditioning
 from ..errors import PersistError
 from ._common import (
     Rows,
@@ -22,6 +23,7 @@ from ._common import (
     check_metric,
     check_new_ids,
     check_remove_ids,
+    default_ids,
     finish_results,
     normalize_rows,
     require_nonempty,
@@ -30,6 +32,21 @@ from ._common import (
 __all__ = ["FlatIndex"]
 
 _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 16 MiB of float32
+
+
+def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray) -> None:
+    """Replace the GEMM-form distances of the selected neighbours by Σ(q−x)² in float64 and re-sort (ties
+    by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds (near-duplicates)."""
+    k = out_i.shape[1]
+    step = max(1, (8 << 20) // max(1, 8 * k * x.shape[1]))  # ~8 MiB of float64 differences at a time
+    for s in range(0, q.shape[0], step):
+        rows = out_i[s : s + step]
+        valid = rows >= 0
+        diff = x[np.maximum(rows, 0)].astype(np.float64) - q[s : s + step, None, :].astype(np.float64)
+        d = np.where(valid, np.einsum("qkd,qkd->qk", diff, diff), np.inf)
+        order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), d), axis=-1)
+        out_d[s : s + step] = np.take_along_axis(d, order, axis=1)
+        out_i[s : s + step] = np.take_along_axis(rows, order, axis=1)
 
 
 class FlatIndex:
@@ -82,7 +99,7 @@ class FlatIndex:
             parts.append(normalize_rows(block) if self.metric == "cos" else np.array(block, np.float32))
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if new_ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + src.n, dtype=np.int64)
+            new_ids = default_ids(self._next_id, src.n)
         self._x.append(block)
         self._norms.append(sq_norms(block))
         self._ids.append(new_ids)
@@ -99,22 +116,31 @@ class FlatIndex:
         if self.metric == "cos":
             q = normalize_rows(q)
         x, norms, n = self._x.view, self._norms.view, self.ntotal
+        l2 = self.metric == "l2"
+        # l2: data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
+        shift, scale = conditioning(x) if l2 else (None, None)
+        cond = shift is not None or scale is not None
         nq = q.shape[0]
         out_d = np.full((nq, k), np.inf, np.float32)
         out_i = np.full((nq, k), -1, np.int64)
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)
         for qs in range(0, nq, qb):
-            qblk = q[qs : qs + qb]
-            qn = sq_norms(qblk) if self.metric == "l2" else None
+            qblk = condition(q[qs : qs + qb], shift, scale)
+            qn = sq_norms(qblk) if l2 else None
             od, oi = out_d[qs : qs + qb], out_i[qs : qs + qb]
             for xs in range(0, n, xb):
                 xblk = np.ascontiguousarray(x[xs : xs + xb])
-                if self.metric == "l2":
+                if cond:
+                    xblk = condition(xblk, shift, scale)
+                    d = sq_l2_block(qblk, xblk, sq_norms(xblk), qn)
+                elif l2:
                     d = sq_l2_block(qblk, xblk, np.ascontiguousarray(norms[xs : xs + xb]), qn)
                 else:
                     d = np.negative(ip_block(qblk, xblk), dtype=np.float32)
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
+        if l2:
+            _rescore_exact(q, x, out_d, out_i)
         return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
 
     def remove(self, ids) -> int:

@@ -37,6 +37,7 @@ from ._common import (
     check_metric,
     check_new_ids,
     check_remove_ids,
+    default_ids,
     finish_results,
     normalize_rows,
     require_nonempty,
@@ -150,7 +151,7 @@ class PQIndex:
             if self.refine:
                 raws.append(np.array(block, np.float32))
         if new_ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + src.n, dtype=np.int64)
+            new_ids = default_ids(self._next_id, src.n)
         self._codes.append(np.concatenate(codes) if len(codes) > 1 else codes[0])
         if self.refine:
             self._raw.append(np.concatenate(raws) if len(raws) > 1 else raws[0])
@@ -287,6 +288,11 @@ class PQIndex:
             obj._raw = Rows((obj.dim,), np.float32, raw)
         if trained:
             codec_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("codec.")}
+            if ("rotation" in codec_arrays) != bool(obj.opq):
+                # an OPQ rotation in a file whose settings say plain PQ (or the reverse) would be silently
+                # dropped and every search answered in the wrong space
+                raise PersistError(f"settings say opq={obj.opq} but the file "
+                                   f"{'holds' if 'rotation' in codec_arrays else 'lacks'} an OPQ rotation")
             try:
                 obj.codec._load_arrays(codec_arrays)
             except KeyError as exc:

@@ -270,8 +270,12 @@ class ParquetSource(VectorSource):
         """Decoded row group number ``g`` (global numbering), cached one at a time."""
         if self._cache is not None and self._cache[0] == g:
             return self._cache[1]
-        pf = self._pf(int(self._rg_file[g]))
-        table = pf.read_row_group(int(self._rg_index[g]), columns=self.columns)
+        pa, _ = _pa()
+        fi = int(self._rg_file[g])
+        try:
+            table = self._pf(fi).read_row_group(int(self._rg_index[g]), columns=self.columns)
+        except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer was readable, the data not
+            raise InvalidInput(f"{self.files[fi]}: cannot decode row group {int(self._rg_index[g])}: {exc}") from exc
         block = self._to_numpy(table, int(self._rg_start[g]))
         self._cache = (g, block)
         return block
@@ -291,7 +295,7 @@ class ParquetSource(VectorSource):
         rows = default_chunk_rows(self.dim) if rows is None else int(rows)
         if rows < 1:
             raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
-        _, pq = _pa()
+        pa, pq = _pa()
         buf: list[np.ndarray] = []
         have = 0
         pos = 0  # global row of the first buffered row
@@ -301,8 +305,15 @@ class ParquetSource(VectorSource):
             if groups.size == 0:
                 continue
             pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering would read the whole file
+            batches = pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns)
             try:
-                for batch in pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns):
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except (pa.ArrowException, OSError) as exc:  # a damaged page
+                        raise InvalidInput(f"{f}: cannot decode rows after row {read}: {exc}") from exc
                     block = self._to_numpy(batch, read)
                     read += block.shape[0]
                     buf.append(block)

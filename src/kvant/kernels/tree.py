@@ -163,7 +163,18 @@ def _child_level(base, pdist, s0, s1, lvl_p):  # pragma: no cover
             maxd = pdist[t]
     lam = lvl_p if maxd == 0.0 else min(lvl_p, ceil_log(base, maxd))
     cl = lam - 1
-    return cl, radius(base, cl)
+    return cl, radius(base, cl), maxd == 0.0
+
+
+@numba.njit(**_NJ_RAW)
+def _all_duplicates(perm, s0, s1, asg, adist, cent):  # pragma: no cover
+    """Every member of the group coincides with the group's node: all become leaf children of it, at one
+    level. (Netting them would peel off one point per level: a chain of height n on repeated points.)"""
+    for t in range(s0, s1):
+        cent[t] = perm[t]
+        asg[t] = -1 - (t - s0)
+        adist[t] = 0.0
+    return s1 - s0
 
 
 @numba.njit(**_NJ_RAW)
@@ -173,7 +184,9 @@ def _net_seq(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent): 
     cent[s0:s0+m] receives the centre slots in creation order; asg[t] the local centre index of
     member t (-1 - j if member t *is* centre j); adist[t] its distance to that centre.
     """
-    cl, r = _child_level(base, pdist, s0, s1, lvl_p)
+    cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
+    if dup:
+        return _all_duplicates(perm, s0, s1, asg, adist, cent), cl, False
     m = 0
     for t in range(s0, s1):
         s = perm[t]
@@ -225,7 +238,12 @@ def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg,
 @numba.njit(**_NJ_RAW)
 def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
-    cl, r = _child_level(base, pdist, s0, s1, lvl_p)
+    cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
+    if dup:  # as in _all_duplicates (adist is written by the caller's assignment step)
+        for t in range(s0, s1):
+            cent[t] = perm[t]
+            asg[t] = -1 - (t - s0)
+        return s1 - s0, cl, False
     m = 0
     for t in range(s0, s1):
         s = perm[t]

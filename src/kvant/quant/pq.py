@@ -172,6 +172,9 @@ class PQ:
         self.seed = check_seed(seed)
         self.n_iter = _check_int("n_iter", n_iter, lo=0)
         self.max_train_rows = None if max_train_rows is None else _check_int("max_train_rows", max_train_rows)
+        if self.max_train_rows is not None and self.max_train_rows < self.ksub:
+            raise InvalidInput(f"max_train_rows={self.max_train_rows} is below the {self.ksub} codewords per "
+                               f"sub-space (2**nbits); use max_train_rows >= {self.ksub}")
         self.codebooks_: np.ndarray | None = None
 
     # -- shape facts ------------------------------------------------------------------------------

@@ -405,7 +405,8 @@ class CoverTree:
             if need > cap or self._dim is None:
                 cap = max(need, int(cap * 1.5) + 16)
                 data = np.zeros((cap, F.shape[1]))
-                data[: self._data.shape[0]] = self._data
+                if self._data.shape[0]:  # an empty tree's placeholder may have no columns yet
+                    data[: self._data.shape[0]] = self._data
             else:
                 data = self._data  # rows past next_id are unused: writing them cannot disturb the tree
             data[new_slots] = F
@@ -791,8 +792,9 @@ class CoverTree:
         """Verify the tree (O(n * depth) distance evaluations; meant for tests). Raises KvantError.
 
         Nesting: a child's level is below its parent's. Covering: d(parent, child) <= 2**(level(child)+1).
-        Separation: children of one node at the same level l are more than 2**l apart. maxdist(p) bounds the
-        distance from p to every descendant.
+        Separation: children of one node at the same level l are more than 2**l apart, except exact
+        duplicates (distance 0: the same point repeated), which hang off their twin as leaves of one level.
+        maxdist(p) bounds the distance from p to every descendant.
         """
         live = self.ids_
         if live.size != self._n:
@@ -823,7 +825,7 @@ class CoverTree:
                 grp = ks[s:e]
                 a, b = np.triu_indices(grp.size, 1)
                 dd = self._pair(grp[a], grp[b])
-                if not np.all(dd > K.radius(self.base, int(ls[s]))):
+                if not np.all((dd > K.radius(self.base, int(ls[s]))) | (dd == 0.0)):
                     raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
         # maxdist: walk every node up to the root
         anc_all, desc_all = [], []
@@ -893,9 +895,13 @@ class CoverTree:
         if tree._m.kind == "index":
             if cap != tree._m.obj.n:
                 raise PersistError("CoverTree file: capacity does not match the metric's X")
+        elif dim is None:  # saved before any point was added: nothing to restore but the settings
+            if n or next_id or arrays.get("data") is None or arrays["data"].size:
+                raise PersistError("CoverTree file: no dimension recorded for a tree that holds points")
         else:
             data = arrays.get("data")
-            if data is None or data.shape != (n, dim) or data.dtype != np.float64 or not np.all(np.isfinite(data)):
+            if (not isinstance(dim, int) or dim < 1 or data is None or data.shape != (n, dim)
+                    or data.dtype != np.float64 or not np.all(np.isfinite(data))):
                 raise PersistError("CoverTree file: data array is missing or inconsistent")
             if cap < next_id or (n and next_id <= ids[-1]):
                 raise PersistError("CoverTree file: next id is inconsistent")

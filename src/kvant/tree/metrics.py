@@ -240,6 +240,14 @@ def _user_kernels(f):
         return _wrappers[f]
     import numba
 
+    probe = np.zeros((1, 2))
+    try:  # compile it once on two float64 rows: a wrong signature fails here, not deep inside a tree kernel
+        value = f(probe[0], probe[0])
+        float(value)
+    except Exception as exc:
+        raise InvalidInput("a callable metric must be a Numba-jitted dist(a, b) -> float taking two 1-D float64 "
+                           f"arrays; calling it on two rows failed: {type(exc).__name__}: {exc}"[:600]) from exc
+
     @numba.njit(nogil=True)
     def user_dist(X, i, Y, j, params):  # pragma: no cover - numba
         return f(X[i], Y[j])

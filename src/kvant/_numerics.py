@@ -1,0 +1,66 @@
+"""Float32 conditioning of squared-distance computations (shared by clustering and the flat index).
+
+The fast form ‖x−c‖² = ‖x‖² + ‖c‖² − 2x·c (one GEMM) is exact only up to ~eps·‖x‖²: on data with a large
+common offset the three terms cancel, and at extreme magnitudes ‖x‖² over- or underflows float32. Moving
+the rows to (x − shift)·scale first keeps every distance (× scale²) and removes both problems.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# conditioning(): squared norms fed to the GEMM are brought into [2**-40, 2**40] by a power-of-two scale
+_SAFE_LOG2_SQNORM = 40
+_CONDITION_ROWS = 1024
+# conditioning(): shift when ‖μ‖² > this × the rows' spread. Below it the float32 rounding of the GEMM trick,
+# ~eps·‖x‖² per distance, stays under ~1e-5 of the typical distance (Fashion-MNIST pixels: 1.4; digits: 2.2)
+# and the per-block subtraction (+40% on Fashion-MNIST K=10) is not worth it.
+_OFFSET_RATIO = 16.0
+
+
+def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
+    """(shift, scale) for exact-enough float32 distances ‖x−c‖² = ‖x‖² + ‖c‖² − 2x·c on data like ``rows``.
+
+    The GEMM trick loses the answer when the rows share a large common offset (‖μ‖² ≫ their spread: the
+    three terms cancel in float32) and over- or underflows at extreme magnitudes. So the rows are moved to
+    (x − shift)·scale first: ``shift`` = their mean when ‖μ‖² exceeds 16× the mean ‖x − μ‖² (else None), and
+    ``scale`` a power of two (exact) bringing the typical squared norm near 1 when it lies outside
+    [2**-40, 2**40] (else None). Distances between shifted rows are unchanged; scaled ones by scale². The
+    decision looks at ≤ 1,024 evenly spaced rows, in float64.
+    """
+    n = rows.shape[0]
+    if n == 0:
+        return None, None
+    sub = rows[:: max(1, n // _CONDITION_ROWS)].astype(np.float64)
+    mu = sub.mean(axis=0)
+    dev = sub - mu
+    spread = float(np.einsum("ij,ij->", dev, dev)) / sub.shape[0]
+    offset = float(mu @ mu)
+    shift = mu.astype(np.float32) if offset > _OFFSET_RATIO * spread else None
+    typical = spread if shift is not None else float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0]
+    scale = None
+    if typical > 0 and abs(np.log2(typical)) > _SAFE_LOG2_SQNORM:
+        scale = float(2.0 ** -round(np.log2(typical) / 2))
+    return shift, scale
+
+
+def condition(x: np.ndarray, shift: np.ndarray | None, scale: float | None) -> np.ndarray:
+    """(x − shift)·scale as a new float32 array (x itself when both are None)."""
+    if shift is None and scale is None:
+        return x
+    y = np.subtract(x, shift, dtype=np.float32) if shift is not None else np.array(x, np.float32)
+    if scale is not None:
+        y *= np.float32(scale)
+    return y
+
+
+def uncondition(c: np.ndarray, shift: np.ndarray | None, scale: float | None) -> np.ndarray:
+    """Centroids found on conditioned rows, back in the data's coordinates (float32)."""
+    if shift is None and scale is None:
+        return c
+    out = c.astype(np.float64)
+    if scale is not None:
+        out /= scale
+    if shift is not None:
+        out += shift
+    return out.astype(np.float32)
