@@ -34,6 +34,7 @@ bench:
 	$(BIN)/python benchmarks/clustering.py
 	$(BIN)/python benchmarks/pq.py
 	$(BIN)/python benchmarks/covertree.py
+	$(BIN)/python benchmarks/io_read.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -37,3 +37,42 @@ def test_malformed_header_is_persist_error(tmp_path, header):
         kvant.load(tmp_path / "f.kvant")
     with pytest.raises(PersistError):
         kvant.load(tmp_path / "f.kvant", mmap=True)
+
+
+def test_saved_files_get_a_normal_mode(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        kvant.FlatIndex(2).save(tmp_path / "a.kvant")
+        assert stat.S_IMODE((tmp_path / "a.kvant").stat().st_mode) == 0o644  # not mkstemp's 0600
+        os.chmod(tmp_path / "a.kvant", 0o640)
+        kvant.FlatIndex(2).save(tmp_path / "a.kvant")  # overwriting keeps the existing mode
+        assert stat.S_IMODE((tmp_path / "a.kvant").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_thread_count_reaches_calls_from_worker_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numba
+    import numpy as np
+
+    previous = kvant.get_num_threads()
+    kvant.set_num_threads(1)
+    try:
+        seen = []
+
+        @kvant._config.with_threads
+        def probe():
+            seen.append(numba.get_num_threads())
+
+        with ThreadPoolExecutor(1) as ex:
+            ex.submit(probe).result()
+            x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+            ex.submit(kvant.PQ(8, 2, 4).fit, x).result()
+        assert seen == [1]
+    finally:
+        kvant.set_num_threads(previous)

@@ -12,7 +12,7 @@ import os
 import numba
 import numpy as np
 
-__all__ = ["set_num_threads", "get_num_threads", "rng", "check_seed"]
+__all__ = ["set_num_threads", "get_num_threads", "rng", "check_seed", "with_threads"]
 
 _num_threads: int | None = None
 _blas_limiter = None
@@ -45,6 +45,24 @@ def set_num_threads(n: int | None) -> int:
     _blas_limiter = threadpool_limits(limits=n)
     _num_threads = n
     return n
+
+
+def with_threads(fn):
+    """Decorator for public entry points: apply the kvant thread count in the *calling* thread.
+
+    ``numba.set_num_threads`` is thread-local, so a count set in the main thread would not reach a call made
+    from a worker thread (a ThreadPoolExecutor, a web server); this re-applies it on entry (a cheap check).
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        n = _num_threads
+        if n is not None and numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def get_num_threads() -> int:

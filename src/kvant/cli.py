@@ -430,10 +430,10 @@ _ADDERS.append(_add_search)
 # --- tree (issue 4) ---
 
 
-def _tree_load_points(path: str) -> np.ndarray:
+def _tree_load_points(path: str, column: str | None = None) -> np.ndarray:
     from pathlib import Path
 
-    if Path(path).suffix == ".npy":  # keep float64 precision when the file has it
+    if Path(path).suffix == ".npy" and column is None:  # keep float64 precision when the file has it
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -441,7 +441,7 @@ def _tree_load_points(path: str) -> np.ndarray:
         return np.asarray(arr)
     from .io import as_source
 
-    return as_source(path).to_array()
+    return as_source(path, column=column).to_array()
 
 
 def _tree_log(args, record: dict) -> None:
@@ -457,7 +457,7 @@ def _tree_log(args, record: dict) -> None:
 def _cmd_tree_build(args) -> int:
     from .tree import CoverTree
 
-    X = _tree_load_points(args.points)
+    X = _tree_load_points(args.points, args.column)
     tree = CoverTree(metric=args.metric, base=args.base).fit(X)
     tree.save(args.output)
     _tree_log(args, tree.telemetry_)
@@ -479,7 +479,7 @@ def _cmd_tree_knn(args) -> int:
         dist, ids = tree.knn_self(args.k, predecessors=not args.all)
         qids = tree.ids_
     else:
-        Q = _tree_load_points(args.queries)
+        Q = _tree_load_points(args.queries, args.column)
         if tree.dim is None:  # residual metric: queries are row indices
             Q = np.asarray(Q).reshape(-1).astype(np.int64)
         elif np.ndim(Q) == 1:  # one query point in a 1-D file, not len(Q) one-dimensional queries
@@ -516,6 +516,7 @@ def _add_tree(sub) -> None:
     b.add_argument("--metric", default="euclidean", choices=["euclidean", "manhattan", "chebyshev", "angular"])
     b.add_argument("--base", type=float, default=1.3, help="level base (default 1.3)")
     b.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
+    b.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the points")
     _common(b)
     b.set_defaults(func=_cmd_tree_build)
     q = tsub.add_parser("knn", help="exact k nearest neighbours from a saved tree")
@@ -525,6 +526,7 @@ def _add_tree(sub) -> None:
     q.add_argument("--all", action="store_true", help="with 'self': all other points, not only predecessors")
     q.add_argument("-o", "--output", default=None, help="write distances/ids to this .npz")
     q.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
+    q.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the queries")
     _common(q)
     q.set_defaults(func=_cmd_tree_knn)
 

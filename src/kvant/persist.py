@@ -63,6 +63,16 @@ def register(kind: str):
     return deco
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a plain new file would get (0666 minus the umask), or the existing file's when overwriting."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -124,6 +134,7 @@ def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: M
             fh.write(bytes(file_len - cursor))
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a saved index should be as readable as any file
         os.replace(tmp, path)
         try:  # make the rename itself durable
             dfd = os.open(directory, os.O_RDONLY)

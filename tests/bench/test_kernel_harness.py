@@ -31,6 +31,19 @@ def _wrong_ids(tables, codes, k):
     return d, i
 
 
+def _wrong_last_id(tables, codes, k):
+    # keeps every distance, swaps the k-th id for a row outside the top-k: only a check of the returned ids'
+    # true distances catches it (a black-box review found the gate let this through)
+    d, i = K.adc_search(tables, codes, k)
+    i = i.copy()
+    full = K.adc_distances(tables, codes)
+    for q in range(i.shape[0]):
+        outside = np.setdiff1d(np.arange(codes.shape[0]), i[q])
+        if outside.size:
+            i[q, -1] = outside[np.argmax(full[q, outside])]  # the farthest row: never a tie
+    return d, i
+
+
 def _sloppy_tables(queries, codebooks):
     # the ‖q‖²+‖c‖²−2q·c shortcut in float32: loses precision on the large-dynamic-range distribution
     m, ksub, dsub = codebooks.shape
@@ -47,6 +60,7 @@ def _lossy_fastscan(tables, packed, n, m, k, rerank):
 @pytest.mark.parametrize("field,kernel,expect", [
     ("adc_search", _off_by_a_bit, "adc_search"),
     ("adc_search", _wrong_ids, "adc_search"),
+    ("adc_search", _wrong_last_id, "adc_search"),
     ("distance_table", _sloppy_tables, "distance_table"),
     ("fastscan_search", _lossy_fastscan, "fastscan_search exact mode"),
 ])

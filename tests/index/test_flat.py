@@ -155,3 +155,12 @@ def test_mmap_load_of_empty_index(tmp_path):
     index = kvant.FlatIndex(4)
     index.save(tmp_path / "e.kvant")
     assert kvant.load(tmp_path / "e.kvant", mmap=True).ntotal == 0
+
+
+def test_search_accepts_a_query_file(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    np.save(tmp_path / "q.npy", x[:3])
+    index = kvant.FlatIndex(4)
+    index.add(x)
+    d, i = index.search(str(tmp_path / "q.npy"), 1)
+    assert i[:, 0].tolist() == [0, 1, 2]

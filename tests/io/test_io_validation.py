@@ -377,3 +377,15 @@ def test_damaged_parquet_pages_are_invalid_input(tmp_path):
         as_source(p).take([1])
     with pytest.raises(InvalidInput):
         kvant.Clusterer(3).fit(p)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 3)), np.array([[1e39, 1.0]]),
+                                 np.array([["a", "b"]]), np.array([[1 + 1j, 2.0]])])
+def test_fvecs_writer_refuses_what_the_reader_would_reject(tmp_path, bad):
+    with pytest.raises(InvalidInput):
+        write_fvecs(tmp_path / "x.fvecs", bad)
+
+
+def test_fvecs_writer_missing_directory_is_invalid_input(tmp_path):
+    with pytest.raises(InvalidInput, match="cannot write"):
+        write_fvecs(tmp_path / "no" / "x.fvecs", np.ones((2, 2)))

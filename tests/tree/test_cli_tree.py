@@ -75,3 +75,17 @@ def test_unwritable_outputs_are_clean_errors(tmp_path, capsys):
     code = main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tmp_path / "t.kvant"),
                  "--log-file", str(missing / "log.jsonl")])
     assert code == 1 and "kvant: error" in capsys.readouterr().err
+
+
+def test_tree_cli_reads_a_named_hdf5_dataset(tmp_path, capsys):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "ann.hdf5", "w") as f:
+        f["train"] = rng.random((60, 3)).astype(np.float32)
+        f["test"] = rng.random((4, 3)).astype(np.float32)
+    out = tmp_path / "t.kvant"
+    assert main(["tree", "build", str(tmp_path / "ann.hdf5"), "--column", "train", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["tree", "knn", str(out), str(tmp_path / "ann.hdf5"), "--column", "test", "-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nq"] == 4

@@ -159,29 +159,29 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
 
     tables32 = np.ascontiguousarray(tables, dtype=np.float32)
     rd, ri = R.pq_adc_search_ref(tables32, codes, K_TOP)
+    full = R.pq_adc_distances_ref(tables32, codes)  # every row's reference distance: returned ids are checked too
     if nbits == 8:
         d, i = kern.adc_search(tables32, codes, K_TOP)
-        msg = R.pq_topk_agrees(rd, ri, d, i, TOL)
+        msg = R.pq_topk_agrees(rd, ri, d, i, TOL, all_d=full)
         if msg:
             problems.append(f"adc_search top-{K_TOP}: {msg}")
         # also a small-n case (n < k: padding) and k = 1
         d, i = kern.adc_search(tables32, np.ascontiguousarray(codes[:3]), K_TOP)
         rd3, ri3 = R.pq_adc_search_ref(tables32, codes[:3], K_TOP)
-        msg = R.pq_topk_agrees(rd3, ri3, d, i, TOL)
+        msg = R.pq_topk_agrees(rd3, ri3, d, i, TOL, all_d=full[:, :3])
         if msg:
             problems.append(f"adc_search n=3 < k: {msg}")
         d, i = kern.adc_search(tables32, codes, 1)
-        msg = R.pq_topk_agrees(rd[:, :1], ri[:, :1], d, i, TOL)
+        msg = R.pq_topk_agrees(rd[:, :1], ri[:, :1], d, i, TOL, all_d=full)
         if msg:
             problems.append(f"adc_search k=1: {msg}")
     else:
         packed = kern.pack_4bit(codes)
         d, i = kern.fastscan_search(tables32, packed, n, m, K_TOP, 0)
-        msg = R.pq_topk_agrees(rd, ri, d, i, TOL)
+        msg = R.pq_topk_agrees(rd, ri, d, i, TOL, all_d=full)
         if msg:
             problems.append(f"fastscan_search exact mode top-{K_TOP}: {msg}")
         d, i = kern.fastscan_search(tables32, packed, n, m, K_TOP, 2)
-        full = R.pq_adc_distances_ref(tables32, codes)
         i = np.asarray(i)
         if i.shape != (nq, K_TOP) or np.any(i < 0) or np.any(i >= n):
             problems.append(f"fastscan_search shortlist: ids out of range or bad shape {i.shape}")

@@ -182,11 +182,13 @@ def pq_encode_ref(x, codebooks):
     return np.argmin(t, axis=2).astype(np.uint8) if t.size else np.zeros((len(x), codebooks.shape[0]), np.uint8)
 
 
-def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4):
+def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
     """Tie-tolerant top-k comparison. Returns None when they agree, else a message naming the first mismatch.
 
     Distances must match within ``tol * max(1, |ref|)`` position by position; a differing id is accepted only if
     its distance is within tolerance of the reference k-th distance (a tie at the boundary), and no id repeats.
+    With ``all_d`` (nq, n): the reference distance of every row, each returned id's *true* distance must equal
+    the distance reported for it (else a kernel could return any id beside a correct-looking distance).
     """
     import numpy as np
 
@@ -208,6 +210,15 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4):
         gi = got_i[q, valid]
         if len(set(gi.tolist())) != gi.size:
             return f"query {q}: repeated ids {gi.tolist()}"
+        if all_d is not None and gi.size:
+            if gi.min() < 0 or gi.max() >= all_d.shape[1]:
+                return f"query {q}: ids out of range {gi.tolist()}"
+            true = np.asarray(all_d[q], dtype=np.float64)[gi]
+            bad = np.abs(true - gd) / np.maximum(1.0, np.abs(true)) > tol
+            if bad.any():
+                p = int(np.argmax(bad))
+                return (f"query {q} rank {p}: id {int(gi[p])} is reported at distance {gd[p]!r} but its reference "
+                        f"distance is {true[p]!r}")
         kth = rd[-1] if rd.size else 0.0
         for p in np.flatnonzero(gi != ref_i[q, valid]):
             if abs(gd[p] - kth) / max(1.0, abs(kth)) > tol:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._config import check_seed, get_num_threads
+from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
@@ -145,6 +145,7 @@ class Clusterer:
             raise InvalidInput(f"k={self.k} is larger than the number of rows ({n}); k must be <= N")
 
     # ------------------------------------------------------------------------------------------
+    @with_threads
     def fit(self, x, column: str | None = None, progress=None) -> Clusterer:
         """Cluster ``x`` (anything :func:`kvant.as_source` accepts). Returns self.
 
@@ -272,11 +273,13 @@ class Clusterer:
 
     fit_predict = fit_transform
 
+    @with_threads
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
         src, full = self._prepare(x, column)
         return _assign_all(src, full, self.cluster_centers_, self.metric_ == "cos")[0]
 
+    @with_threads
     def score(self, x, column: str | None = None) -> float:
         """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
         src, full = self._prepare(x, column)

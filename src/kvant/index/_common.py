@@ -3,6 +3,8 @@ result conventions (squared L2 ascending / similarities descending, padding -1 a
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
@@ -38,7 +40,9 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
-    """Validate queries -> (float32 C-contiguous (nq, dim), was_1d)."""
+    """Validate queries -> (float32 C-contiguous (nq, dim), was_1d). A file path is read with as_source."""
+    if isinstance(q, str | os.PathLike):
+        q = as_source(q, name="queries")
     if isinstance(q, VectorSource):
         arr = q.to_array()
         one = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import persist
+from .._config import with_threads
 from .._numerics import condition, conditioning
 from ..errors import PersistError
 from ._common import (
@@ -88,6 +89,7 @@ class FlatIndex:
         """Nothing to learn; present so every index has the same life cycle."""
         return self
 
+    @with_threads
     def add(self, x, ids=None) -> None:
         """Store vectors ``x`` (any kvant.io source) under ``ids`` (default: consecutive new ids)."""
         from ..kernels.distance import sq_norms
@@ -105,6 +107,7 @@ class FlatIndex:
         self._ids.append(new_ids)
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
 
+    @with_threads
     def search(self, q, k: int):
         """``(distances, ids)`` of the ``k`` nearest stored vectors to each query (see the conventions)."""
         from ..kernels.distance import ip_block, sq_l2_block, sq_norms

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import persist
-from .._config import check_seed
+from .._config import check_seed, with_threads
 from ..errors import EmptyIndex, InvalidInput, PersistError
 from ..quant.opq import OPQ
 from ..quant.pq import PQ, _check_int
@@ -125,6 +125,7 @@ class PQIndex:
         return normalize_rows(block) if self.metric == "cos" else block
 
     # -- life cycle -------------------------------------------------------------------------------
+    @with_threads
     def train(self, x) -> PQIndex:
         """Learn the codec on a sample of ``x`` (any kvant.io source)."""
         if self.ntotal:
@@ -138,6 +139,7 @@ class PQIndex:
         self.codec = codec
         return self
 
+    @with_threads
     def add(self, x, ids=None) -> None:
         """Encode and store ``x`` under ``ids`` (default: consecutive new ids). All-or-nothing."""
         if not self.is_trained:
@@ -213,6 +215,7 @@ class PQIndex:
         merge_topk_ids(np.ascontiguousarray(d), np.ascontiguousarray(rows), out_d, out_i)
         return out_d, out_i
 
+    @with_threads
     def search(self, q, k: int):
         """``(distances, ids)`` of the ``k`` best stored vectors per query (see the conventions)."""
         q, one = as_queries(q, self.dim)

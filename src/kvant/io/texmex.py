@@ -133,14 +133,24 @@ def _write_vecs(path, x, dtype: np.dtype) -> None:
     n, dim = arr.shape
     if dim == 0:
         raise InvalidInput("cannot write vectors with zero columns")
-    values = arr.astype(dtype, copy=False)
+    if n == 0:
+        raise InvalidInput("cannot write zero vectors (the readers reject an empty file)")
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise InvalidInput(f"vectors must be real numbers, got dtype {arr.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = arr.astype(dtype, copy=False)
+    if dtype.kind == "f" and np.any(np.isfinite(arr) & ~np.isfinite(values)):  # NaN/inf given are kept
+        raise InvalidInput(f"values out of the {dtype.name} range (they would be written as inf)")
     if dtype.kind != "f" and not np.array_equal(values, arr):
         raise InvalidInput(f"values do not fit exactly into {dtype.name}")
     out = np.empty((n, 4 + dim * dtype.itemsize), np.uint8)
     out[:, :4] = np.frombuffer(np.int32(dim).astype("<i4").tobytes(), np.uint8)
     out[:, 4:] = np.ascontiguousarray(values).view(np.uint8).reshape(n, dim * dtype.itemsize)
-    with open(path, "wb") as fh:
-        out.tofile(fh)
+    try:
+        with open(path, "wb") as fh:
+            out.tofile(fh)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {path}: {exc}") from exc
 
 
 def write_fvecs(path, x) -> None:

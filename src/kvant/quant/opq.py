@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import persist
+from .._config import with_threads
 from ..errors import InvalidInput, PersistError
 from .pq import PQ, _check_int, _kpq, lloyd_refine, train_subspaces
 
@@ -94,6 +95,7 @@ class OPQ(PQ):
         self._check_fitted()
         return self.rotation_
 
+    @with_threads
     def fit(self, x) -> OPQ:
         xs = self._train_sample(x)
         if self.init == "eigen":

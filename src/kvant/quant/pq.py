@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import persist
-from .._config import check_seed, rng
+from .._config import check_seed, rng, with_threads
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source
 from ..io.source import VectorSource, default_chunk_rows
@@ -223,6 +223,7 @@ class PQ:
         xs = src.sample(self.train_rows, seed=self.seed)
         return np.ascontiguousarray(xs, dtype=np.float32)
 
+    @with_threads
     def fit(self, x) -> PQ:
         """Learn codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows."""
         xs = self._train_sample(x)
@@ -241,6 +242,7 @@ class PQ:
         codes = _kpq().pq_encode(np.ascontiguousarray(self._transform(block), dtype=np.float32), self.codebooks_)
         return pack_nibbles(codes) if self.nbits == 4 else codes
 
+    @with_threads
     def encode(self, x) -> np.ndarray:
         """Codes of every row of ``x`` (any source), uint8 (n, code_size); streamed in chunks."""
         self._check_fitted()
@@ -265,6 +267,7 @@ class PQ:
             raise InvalidInput(f"codes must be uint8, got {codes.dtype}")
         return np.ascontiguousarray(codes)
 
+    @with_threads
     def decode(self, codes) -> np.ndarray:
         """Reconstructions (n, dim) float32 of ``codes`` (uint8 (n, code_size))."""
         self._check_fitted()
@@ -278,6 +281,7 @@ class PQ:
             out[s : s + c.shape[0]] = self._inverse_transform(rec)
         return out
 
+    @with_threads
     def reconstruction_error(self, x) -> float:
         """Mean over rows of the squared L2 error ``||x - decode(encode(x))||²``."""
         self._check_fitted()

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .. import persist
-from .._config import get_num_threads
+from .._config import get_num_threads, with_threads
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
 from ..kernels import tree as K
@@ -250,6 +250,7 @@ class CoverTree:
     # construction
     # ------------------------------------------------------------------------------------------
 
+    @with_threads
     def fit(self, points=None) -> CoverTree:
         """Build the tree from scratch on ``points`` (ids 0..n-1; for a ResidualCorrelation metric the
         points are row indices into X and are their own ids; ``None`` means every row)."""
@@ -385,6 +386,7 @@ class CoverTree:
         asg[t] = pos[:, 0]
         adist[t] = d[:, 0]
 
+    @with_threads
     def insert(self, points) -> np.ndarray:
         """Insert a batch; returns the new points' ids (for a ResidualCorrelation metric: the row indices)."""
         t0 = time.perf_counter()
@@ -475,6 +477,7 @@ class CoverTree:
         gend = np.r_[starts[1:], B].astype(np.int64)
         self._grow(data, st, perm, pdist, ls[starts].astype(np.int64), starts.astype(np.int64), gend, tel)
 
+    @with_threads
     def delete(self, ids) -> None:
         """Remove points by id. Their subtrees are detached and the surviving descendants re-inserted."""
         t0 = time.perf_counter()
@@ -538,6 +541,7 @@ class CoverTree:
     # queries
     # ------------------------------------------------------------------------------------------
 
+    @with_threads
     def knn(self, queries, k: int):
         """Exact k nearest neighbours: ``(distances, ids)``, each (nq, k), ascending by (distance, id).
 
@@ -564,6 +568,7 @@ class CoverTree:
             Q = self._features(q.reshape(1, -1) if single else q, "queries")
         return self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, single)
 
+    @with_threads
     def knn_self(self, k: int, predecessors: bool = True):
         """k nearest neighbours of every point in the tree, rows in ascending id order (``ids_``).
 
@@ -757,6 +762,7 @@ class CoverTree:
             out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, cj, slots, q1 - q0, k, what)
         return out_d, out_i
 
+    @with_threads
     def brute_force(self, queries=None, k: int = 1, predecessors: bool | None = None):
         """Brute force with the same metric kernel and tie rule (the reference the tree must match).
 
