@@ -277,15 +277,18 @@ class Clusterer:
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
         src, full = self._prepare(x, column)
-        return _assign_all(src, full, self.cluster_centers_, self.metric_ == "cos")[0]
+        return _assign_all(src, full, self.cluster_centers_, self._fitted_metric() == "cos")[0]
 
     @with_threads
     def score(self, x, column: str | None = None) -> float:
         """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
         src, full = self._prepare(x, column)
-        spherical = self.metric_ == "cos"
+        spherical = self._fitted_metric() == "cos"
         _, inertia = _assign_all(src, full, self.cluster_centers_, spherical, with_inertia=True)
         return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
+
+    def _fitted_metric(self) -> str:
+        return getattr(self, "metric_", self.metric)  # centres set by hand carry no fitted metric
 
     def _prepare(self, x, column):
         """The fitted-state and dimension checks shared by predict and score, then the rows (once)."""
