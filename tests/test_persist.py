@@ -39,7 +39,7 @@ def test_malformed_header_is_persist_error(tmp_path, header):
         kvant.load(tmp_path / "f.kvant", mmap=True)
 
 
-def test_saved_files_get_a_normal_mode(tmp_path):
+def test_saved_files_get_a_normal_mode(tmp_path):  # noqa: D103
     import os
     import stat
 
@@ -76,3 +76,20 @@ def test_thread_count_reaches_calls_from_worker_threads():
         assert seen == [1]
     finally:
         kvant.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("shape", [[0, 10**30], [0, 2**63], [0, 2**40, 2**40]])
+def test_empty_array_with_impossible_shape_is_persist_error(tmp_path, shape):
+    _raw(tmp_path / "f.kvant", {"kind": "FlatIndex", "meta": {}, "arrays": [
+        {"name": "x", "dtype": "<f4", "shape": shape, "offset": 4096, "nbytes": 0}]})
+    for mmap in (False, True):
+        with pytest.raises(PersistError):
+            kvant.load(tmp_path / "f.kvant", mmap=mmap)
+
+
+def test_saving_does_not_touch_the_process_umask(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("persist.write changed the process umask"))
+    kvant.FlatIndex(2).save(tmp_path / "u.kvant")
+    assert kvant.load(tmp_path / "u.kvant").ntotal == 0

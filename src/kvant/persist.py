@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,16 +61,6 @@ def register(kind: str):
         return obj
 
     return deco
-
-
-def _file_mode(path: Path) -> int:
-    """The mode a plain new file would get (0666 minus the umask), or the existing file's when overwriting."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
 
 
 def _align(n: int) -> int:
@@ -119,7 +109,10 @@ def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: M
     pre = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header), file_len, hasher.digest())
     directory = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        # not mkstemp (always 0600): O_EXCL with mode 0666 gives what a plain new file gets under the umask,
+        # without touching the process-wide umask
+        tmp = str(directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise PersistError(f"cannot write {path}: {exc}") from exc
     try:
@@ -134,7 +127,10 @@ def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: M
             fh.write(bytes(file_len - cursor))
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a saved index should be as readable as any file
+        try:  # overwriting keeps the existing file's permissions
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
         try:  # make the rename itself durable
             dfd = os.open(directory, os.O_RDONLY)
@@ -229,7 +225,10 @@ def read(
         if offset + nbytes > size:
             raise PersistError(f"{path}: array {e.get('name')!r} runs past the end of the file")
         if nbytes == 0:
-            arr = np.empty(shape, dtype=dtype)  # np.memmap refuses empty maps
+            try:
+                arr = np.empty(shape, dtype=dtype)  # np.memmap refuses empty maps
+            except (ValueError, OverflowError, MemoryError) as exc:  # e.g. shape [0, 10**30]
+                raise PersistError(f"{path}: array {name!r} has an impossible shape {list(shape)}") from exc
         elif mmap:
             arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
         else:

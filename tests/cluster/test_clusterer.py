@@ -525,3 +525,28 @@ def test_bad_memory_budget_env_is_a_kvant_error(monkeypatch, value):
     monkeypatch.setenv("KVANT_MEMORY_BUDGET", value)
     with pytest.raises(InvalidInput, match="KVANT_MEMORY_BUDGET"):
         kvant.Clusterer(2).fit(np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kwargs", [dict(algorithm="dense-exact-row"), dict(polish_iter=3, sample_per_centroid=20)])
+def test_labels_match_the_returned_centres_after_conditioning(kwargs):
+    # trained (or polished) on conditioned rows: the labels must be those of the centres as returned, which are
+    # rounded back to the data's float32 grid (step 1 at 1e7)
+    x = (np.random.default_rng(9).standard_normal((2000, 4)) * 30 + 1e7).astype(np.float32)
+    c = kvant.Clusterer(20, seed=0, **kwargs).fit(x)
+    nearest, d = _nearest_f64(x, c.cluster_centers_)
+    assert np.array_equal(c.labels_, c.predict(x))
+    assert c.inertia_ == pytest.approx(float(d[np.arange(len(x)), c.labels_].sum()), rel=1e-9)
+    part = np.partition(d, 1, axis=1)
+    clear = (part[:, 1] - part[:, 0]) > 1e-6 * part[:, 1]
+    assert np.array_equal(c.labels_[clear], nearest[clear])
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e20])
+@pytest.mark.parametrize("kwargs", [dict(algorithm="minibatch", batch_rows=256),
+                                    dict(algorithm="dense-exact-row", polish_iter=2, sample_per_centroid=100)])
+def test_k1_history_is_finite_at_extreme_scales(scale, kwargs):
+    x = (np.random.default_rng(0).standard_normal((900, 5)) * scale).astype(np.float32)
+    c = kvant.Clusterer(1, seed=0, **kwargs).fit(x)
+    h = np.array(c.inertia_history_)
+    assert np.all(np.isfinite(h)) and np.all(h > 0)
+    assert h[-1] == pytest.approx(c.inertia_, rel=0.05)

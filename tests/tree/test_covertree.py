@@ -541,3 +541,13 @@ def test_user_metric_with_wrong_signature_is_invalid_input():
 
     with pytest.raises(InvalidInput, match="dist\\(a, b\\)"):
         kvant.CoverTree(one_arg).fit(np.zeros((5, 2)))
+
+
+def test_angular_duplicates_up_to_rounding_pass_the_invariants():
+    # positive multiples of one direction: arccos gives 0 to the node but ~1e-8 between two of them
+    m = np.outer(np.arange(1, 9), [1.63, 0.27, -1.23])
+    tree = kvant.CoverTree(metric="angular").fit(m)
+    tree.check_invariants()
+    d, i = tree.knn(m[:2], 3)
+    bd, bi = tree.brute_force(m[:2], 3)
+    assert np.allclose(d, bd, atol=1e-7)

@@ -217,18 +217,23 @@ class Clusterer:
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
             centroids = uncondition(best.centroids, shift, cscale)
-            if trained_on_all:  # trained on every row: its labels already are the full assignment
+            if trained_on_all and shift is None and cscale is None:
+                # trained on every row: its labels already are the full assignment (not after conditioning:
+                # centres rounded back to the data's float32 grid can move a near-tie row to another centre)
                 result_labels = best.labels
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
             timings["train"] = time.perf_counter() - t
-            if polish > 0 and full is not None and result_labels is None:
+            if polish > 0 and full is not None and not trained_on_all:
                 t = time.perf_counter()
-                shift, cscale = (None, None) if spherical else conditioning(centroids)
+                # the data's conditioning (centroids alone give no scale when K = 1); offset-dominated data is
+                # polished on a conditioned copy of the rows
+                shift, cscale = (None, None) if spherical else conditioning(full)
                 res = lloyd(condition(full, shift, cscale), condition(centroids, shift, cscale), polish, tol,
                             spherical, on_iter=lambda obj: report("train", 1))
-                centroids, result_labels = uncondition(res.centroids, shift, cscale), res.labels
+                centroids = uncondition(res.centroids, shift, cscale)
+                result_labels = res.labels if shift is None and cscale is None else None
                 unscale = 1.0 if cscale is None else 1.0 / (cscale * cscale)
                 history += [h * unscale for h in res.objective_history]
                 n_iter += res.n_iter

@@ -50,8 +50,8 @@ def minibatch_kmeans(
             for start, block in src.chunks(batch_rows):
                 normalise_rows(block, start)
             raise
-    shift, scale = (None, None) if spherical else conditioning(sample)  # D² seeding on well-scaled rows
-    c = uncondition(init_centroids(condition(sample, shift, scale), k, "k-means++", seed, spherical), shift, scale)
+    cshift, cscale = (None, None) if spherical else conditioning(sample)  # D² seeding on well-scaled rows
+    c = uncondition(init_centroids(condition(sample, cshift, cscale), k, "k-means++", seed, spherical), cshift, cscale)
     del sample
     src.release_rows(0, n)  # the sample's pages of a memmap leave the resident set
     seen = np.zeros(k, np.float64)
@@ -67,10 +67,10 @@ def minibatch_kmeans(
             labels = np.empty(b, np.int64)
             d1 = np.empty(b, np.float32)
             d2 = np.empty(b, np.float32)
-            shift, scale = (None, None) if spherical else conditioning(c)
-            assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2, shift=shift, scale=scale)
-            # d1 is in scaled units (× scale²); only its order is used below
-            total_obj += float(d1.sum(dtype=np.float64)) / (1.0 if scale is None else scale * scale)
+            # the seeding sample's conditioning (centroids alone give no scale when K = 1)
+            assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2, shift=cshift, scale=cscale)
+            # d1 is in scaled units (× cscale²); only its order is used below
+            total_obj += float(d1.sum(dtype=np.float64)) / (1.0 if cscale is None else cscale * cscale)
             sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()), UNIT_WEIGHTS)
             hit = counts > 0
             seen[hit] += counts[hit]

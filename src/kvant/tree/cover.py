@@ -831,7 +831,8 @@ class CoverTree:
                 grp = ks[s:e]
                 a, b = np.triu_indices(grp.size, 1)
                 dd = self._pair(grp[a], grp[b])
-                if not np.all((dd > K.radius(self.base, int(ls[s]))) | (dd == 0.0)):
+                # duplicates: distance 0 up to the metric's rounding slack (angular's arccos gives ~1e-8)
+                if not np.all((dd > K.radius(self.base, int(ls[s]))) | (dd <= self._m.slack_abs)):
                     raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
         # maxdist: walk every node up to the root
         anc_all, desc_all = [], []
