@@ -221,9 +221,9 @@ def read(
         for s_ in shape:  # Python ints: a crafted shape cannot overflow to a small product
             count *= s_
         if count * dtype.itemsize != nbytes or offset < _DATA_START + header_len:
-            raise PersistError(f"{path}: array {e.get('name')!r} has inconsistent size or offset")
+            raise PersistError(f"{path}: array {name!r} has inconsistent size or offset")
         if offset + nbytes > size:
-            raise PersistError(f"{path}: array {e.get('name')!r} runs past the end of the file")
+            raise PersistError(f"{path}: array {name!r} runs past the end of the file")
         if nbytes == 0:
             try:
                 arr = np.empty(shape, dtype=dtype)  # np.memmap refuses empty maps

@@ -167,13 +167,13 @@ def _child_level(base, pdist, s0, s1, lvl_p):  # pragma: no cover
 
 
 @numba.njit(**_NJ_RAW)
-def _all_duplicates(perm, s0, s1, asg, adist, cent):  # pragma: no cover
+def _all_duplicates(perm, s0, s1, asg, cent):  # pragma: no cover
     """Every member of the group coincides with the group's node: all become leaf children of it, at one
-    level. (Netting them would peel off one point per level: a chain of height n on repeated points.)"""
+    level. (Netting them would peel off one point per level: a chain of height n on repeated points.)
+    No member is assigned, so ``adist`` is not needed: relayout reads it only for assigned members."""
     for t in range(s0, s1):
         cent[t] = perm[t]
         asg[t] = -1 - (t - s0)
-        adist[t] = 0.0
     return s1 - s0
 
 
@@ -186,7 +186,7 @@ def _net_seq(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent): 
     """
     cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
     if dup:
-        return _all_duplicates(perm, s0, s1, asg, adist, cent), cl, False
+        return _all_duplicates(perm, s0, s1, asg, cent), cl, False
     m = 0
     for t in range(s0, s1):
         s = perm[t]
@@ -239,11 +239,8 @@ def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg,
 def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
     cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
-    if dup:  # as in _all_duplicates (adist is written by the caller's assignment step)
-        for t in range(s0, s1):
-            cent[t] = perm[t]
-            asg[t] = -1 - (t - s0)
-        return s1 - s0, cl, False
+    if dup:
+        return _all_duplicates(perm, s0, s1, asg, cent), cl, False
     m = 0
     for t in range(s0, s1):
         s = perm[t]

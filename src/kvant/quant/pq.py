@@ -114,20 +114,21 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
     xv = xs.reshape(n, m, dsub)
     blas = dsub >= _BLAS_MIN_DSUB
     if blas and n_iter:
-        from .._numerics import conditioning
+        from .._numerics import condition, conditioning
         from ..cluster.assign import assign_top2
         from ..kernels.distance import sq_norms
 
-        subs = [np.ascontiguousarray(xv[:, j, :]) for j in range(m)]
+        # offset-dominated or extreme sub-vectors are assigned as (x − shift)·scale, conditioned once here
+        conds = [conditioning(np.ascontiguousarray(xv[:, j, :])) for j in range(m)]
+        subs = [condition(np.ascontiguousarray(xv[:, j, :]), *conds[j]) for j in range(m)]
         sub_norms = [sq_norms(sj) for sj in subs]
-        conds = [conditioning(sj) for sj in subs]  # offset-dominated sub-vectors: GEMM on (x − mean)
         labels, d1, d2 = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
     for _ in range(n_iter):
         if blas:  # wide sub-vectors: per-subspace GEMM assignment (kvant k-means E-step) beats the direct encoder
             codes = np.empty((n, m), np.uint8)
             for j in range(m):
-                assign_top2(subs[j], books[j], sq_norms(books[j]), labels, d1, d2, x_sqnorms=sub_norms[j],
-                            shift=conds[j][0], scale=conds[j][1])
+                bj = condition(books[j], *conds[j])
+                assign_top2(subs[j], bj, sq_norms(bj), labels, d1, d2, x_sqnorms=sub_norms[j])
                 codes[:, j] = labels
         else:
             codes = kpq.pq_encode(xs, books)
