@@ -37,7 +37,8 @@ SHAPES = [  # (dim, m, ksub)
     (12, 3, 256),
     (10, 2, 5),  # ksub not a power of two
     (24, 3, 256),
-    (30, 10, 32),  # dsub = 3, two 16-codeword blocks in the encoder's fast path
+    (30, 10, 32),  # dsub = 3
+    (18, 3, 6),  # even ksub that is not a multiple of 4 or 16 (the fast encoder takes codewords 2 at a time)
 ]
 
 
@@ -68,7 +69,7 @@ def test_l2_tables_are_direct_not_expanded():
 @pytest.mark.parametrize("scale", ["normal", "wide"])
 def test_encode_matches_reference(dim, m, ksub, scale):
     cb = _codebooks(3, m, ksub, dim // m, scale)
-    for n in (0, 1, 6, 67):  # the fast encoder takes rows 4 at a time: 6 and 67 leave partial groups
+    for n in (0, 1, 6, 33, 67, 130):  # 32 rows per group, 64 per parallel block: partial groups and blocks
         x = _data(4 + n, n, dim, scale)
         codes = K.pq_encode(x, cb)
         assert codes.shape == (n, m) and codes.dtype == np.uint8
@@ -93,6 +94,10 @@ def test_encode_ties_pick_smaller_codeword():
     x = np.array([[1.0, 1.0, -1.0, 0.0]], dtype=np.float32)
     cb[0, 1:5] = cb[0, 6:9] = cb[0, 10:] = 30.0
     np.testing.assert_array_equal(K.pq_encode(x, cb), [[5, 2]])
+    # the same with an odd codebook size (the portable encoder) and 40 copies of the row (a full 32-row group)
+    cb17 = np.concatenate([cb, np.full((2, 1, 2), 99.0, dtype=np.float32)], axis=1)
+    np.testing.assert_array_equal(K.pq_encode(x, cb17), [[5, 2]])
+    np.testing.assert_array_equal(K.pq_encode(np.repeat(x, 40, axis=0), cb), np.tile([[5, 2]], (40, 1)))
 
 
 def _random_tables(seed, nq, m, ksub, scale="normal"):

@@ -14,8 +14,8 @@ Interface (agreed with ``kvant.quant`` / ``kvant.index``):
   passes negated tables. Every ADC sum in this module is Σ_j tables[q, j, code_j] accumulated in float32 in
   order j = 0..m-1, so ``adc_distances``, ``adc_search`` and ``fastscan_search`` return bit-identical values.
 - ``pq_encode(x (n, dim), codebooks) -> codes uint8 (n, m)``: nearest codeword per sub-vector (direct
-  squared distances Σ(x−c)², never the expanded form; ties -> smaller codeword id). For ``ksub % 16 == 0`` each
-  term is accumulated with a fused multiply-add (one rounding instead of two), see :func:`_enc_rows4`.
+  squared distances Σ(x−c)², never the expanded form; ties -> smaller codeword id). For even ``ksub`` each
+  term is accumulated with a fused multiply-add (one rounding instead of two), see :func:`_enc_lanes`.
 - ``pq_centroid_sums(x, codes, ksub) -> (sums float64 (m, ksub, dsub), counts int64 (m, ksub))``: the k-means
   M-step of all sub-quantizers in one pass over the rows (fixed row chunks in parallel, merged in order).
 - ``pack_codes_4bit(codes uint8 (n, m), values < 16) -> packed uint8 (nblocks, mp // 2, 32)`` and
@@ -147,7 +147,7 @@ def _argmin_bits(bits, ksub):
 
 @numba.njit(parallel=True, **_JIT)
 def _encode_kernel(x, cbf, m, dsub, ksub, out, block):
-    # Portable fallback for codebook sizes that are not a multiple of 16 (see _encode_kernel16 for the fast path).
+    # Portable fallback for odd codebook sizes (see _encode_kernel_lanes for the fast path).
     # cbf: codebooks transposed to (m, dsub, ksub) and flattened; rows are encoded two at a time so each codebook
     # load feeds two rows; the inner loops run over codewords (vectorised) with unsigned indexing.
     n = x.shape[0]
@@ -188,121 +188,104 @@ def _encode_kernel(x, cbf, m, dsub, ksub, out, block):
                     out[r + 1, j] = _argmin_bits(bits2, ksub)
 
 
-_ENC_ROWS = 4  # rows encoded per codebook pass by _enc_rows4 (4 rows x 16 codewords = 8 ymm accumulators)
+_ENC_LANES = 32  # rows encoded together by _enc_lanes: 4 ymm vectors of 8 rows, one row per lane
+_ENC_CW = 2  # codewords per pass of _enc_lanes (2 x 4 = 8 independent accumulator chains)
 
 
 @intrinsic
-def _enc_rows4(typingctx, xf, offs, cbf, cbo, dsub, ksub, buf):
-    """Nearest codeword of one sub-vector in each of 4 rows: returns the 4 codeword ids (ties -> smaller id).
+def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
+    """Nearest codeword of one sub-vector in each of 32 rows, written to ``res`` (int32, 32): ties -> smaller id.
 
-    ``xf`` is the flattened (n, dim) input and ``offs`` the 4 offsets of the rows' sub-vectors; ``cbf`` the
-    codebooks transposed to (m, dsub, ksub) and flattened, ``cbo`` the offset of this sub-quantizer; ``ksub`` a
-    multiple of 16; ``buf`` float32 scratch of at least 4 * ksub.
+    ``xt`` holds the 32 rows transposed (column-major: ``xt[col * 32 + lane]``), ``xo`` the offset of this
+    sub-vector's first column; ``cb`` the codebooks flattened from (m, ksub, dsub), ``cbo`` this
+    sub-quantizer's offset; ``ksub`` even.
 
-    For each block of 16 codewords the squared distances Σ_d (x_d − c_d)² of the 4 rows are accumulated in 8
-    registers of 8 float32 lanes (d = 0..dsub-1 in order; one subtract and one fused multiply-add per term, so
-    each term is rounded once instead of twice), stored to ``buf`` and folded into a running minimum. The
-    result is the first codeword whose stored distance equals the row's minimum. Written as LLVM IR so the
-    accumulators stay in registers and every codebook load feeds 4 rows (Numba's loop vectoriser kept them in
-    memory, which bounded the old kernel by stores)."""
-    R, C = 4, 2
-    sig = types.UniTuple(types.int64, R)(xf, offs, cbf, types.intp, types.intp, types.intp, buf)
+    Rows sit in the vector lanes, so each codeword value is broadcast once and feeds 32 rows, and the running
+    argmin is vertical: per lane a strict ``<`` against the best so far, visiting codewords in id order, keeps
+    the smallest id among ties with no horizontal reduction or second pass. Each squared distance is
+    Σ_d (c_d − x_d)² in order d = 0..dsub-1, one subtract and one fused multiply-add per term (c − x is
+    exactly −(x − c), so the square is the same; this order lets the row load fold into the subtract).
+    Written as LLVM IR so the 8 accumulators stay in registers."""
+    V, C = _ENC_LANES // 8, _ENC_CW
+    sig = types.void(xt, types.intp, cb, types.intp, types.intp, types.intp, res)
 
     def codegen(context, builder, signature, args):
-        x_v, offs_t, cb_v, cbo_v, dsub_v, ksub_v, buf_v = args
-        ax = context.make_array(signature.args[0])(context, builder, x_v)
+        xt_v, xo_v, cb_v, cbo_v, dsub_v, ksub_v, res_v = args
+        axt = context.make_array(signature.args[0])(context, builder, xt_v)
         acb = context.make_array(signature.args[2])(context, builder, cb_v)
-        abuf = context.make_array(signature.args[6])(context, builder, buf_v)
+        ares = context.make_array(signature.args[6])(context, builder, res_v)
         intp = cbo_v.type
-        f32, i1, i8, i32 = ir.FloatType(), ir.IntType(1), ir.IntType(8), ir.IntType(32)
-        v8f = ir.VectorType(f32, 8)
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
         mod = builder.module
         fma = mod.globals.get("llvm.fma.v8f32") or ir.Function(
             mod, ir.FunctionType(v8f, [v8f, v8f, v8f]), name="llvm.fma.v8f32")
-        cttz = mod.globals.get("llvm.cttz.i32") or ir.Function(
-            mod, ir.FunctionType(i32, [i32, i1]), name="llvm.cttz.i32")
-        bestv = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [float("inf")] * 8)) for _ in range(R)]
-        acc = [[cgutils.alloca_once(builder, v8f) for _ in range(C)] for _ in range(R)]
-        zero8 = ir.Constant(v8f, [0.0] * 8)
-        splat0 = ir.Constant(ir.VectorType(i32, 8), [0] * 8)
-        offs = [builder.extract_value(offs_t, r) for r in range(R)]
+        splat0 = ir.Constant(v8i, [0] * 8)
 
-        def splat(val):
-            v = builder.insert_element(ir.Constant(v8f, None), val, ir.Constant(i32, 0))
+        def splat(val, vt):
+            v = builder.insert_element(ir.Constant(vt, None), val, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, v, splat0)
 
-        def vmin(a, b):
-            return builder.select(builder.fcmp_ordered("<", a, b), a, b)
+        def vptr(arr, idx, vt):
+            return builder.bitcast(builder.gep(arr.data, [idx]), vt.as_pointer())
 
-        def vptr(arr, idx):
-            return builder.bitcast(builder.gep(arr.data, [idx]), v8f.as_pointer())
+        def const(v):
+            return ir.Constant(intp, v)
 
-        zero = ir.Constant(intp, 0)
-        with cgutils.for_range_slice(builder, zero, ksub_v, ir.Constant(intp, 8 * C), intp) as (cb0, _):
-            for r in range(R):
-                for c in range(C):
-                    builder.store(zero8, acc[r][c])
+        best = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [float("inf")] * 8)) for _ in range(V)]
+        idx = [cgutils.alloca_once_value(builder, ir.Constant(v8i, [0] * 8)) for _ in range(V)]
+        acc = [[cgutils.alloca_once(builder, v8f) for _ in range(V)] for _ in range(C)]
+        zero8 = ir.Constant(v8f, [0.0] * 8)
+        with cgutils.for_range_slice(builder, const(0), ksub_v, const(C), intp) as (c0, _):
+            for cc in range(C):
+                for v in range(V):
+                    builder.store(zero8, acc[cc][v])
+            cbase = builder.add(cbo_v, builder.mul(c0, dsub_v))
             with cgutils.for_range(builder, dsub_v) as loop:
                 d = loop.index
-                xs = [splat(builder.load(builder.gep(ax.data, [builder.add(offs[r], d)]))) for r in range(R)]
-                row = builder.add(cbo_v, builder.add(builder.mul(d, ksub_v), cb0))
-                for c in range(C):
-                    cv = builder.load(vptr(acb, builder.add(row, ir.Constant(intp, 8 * c))), align=4)
-                    for r in range(R):
-                        t = builder.fsub(xs[r], cv)
-                        builder.store(builder.call(fma, [t, t, builder.load(acc[r][c])]), acc[r][c])
-            for r in range(R):
-                rbase = builder.add(builder.mul(ir.Constant(intp, r), ksub_v), cb0)
-                mn = None
-                for c in range(C):
-                    a = builder.load(acc[r][c])
-                    builder.store(a, vptr(abuf, builder.add(rbase, ir.Constant(intp, 8 * c))), align=4)
-                    mn = a if mn is None else vmin(mn, a)
-                builder.store(vmin(mn, builder.load(bestv[r])), bestv[r])
-        outs = []
-        for r in range(R):
-            v = builder.load(bestv[r])
-            for sh in (4, 2, 1):  # horizontal minimum, broadcast to every lane
-                rot = ir.Constant(ir.VectorType(i32, 8), [(i + sh) % 8 for i in range(8)])
-                v = vmin(v, builder.shuffle_vector(v, v, rot))
-            # first codeword whose distance equals the minimum (0 if none does: only possible with NaN inputs)
-            res = cgutils.alloca_once_value(builder, zero)
-            rbase = builder.mul(ir.Constant(intp, r), ksub_v)
-            found = builder.append_basic_block("enc_found")
-            with cgutils.for_range_slice(builder, zero, ksub_v, ir.Constant(intp, 8), intp) as (i0, _):
-                a = builder.load(vptr(abuf, builder.add(rbase, i0)), align=4)
-                mask = builder.zext(builder.bitcast(builder.fcmp_ordered("==", a, v), i8), i32)
-                with builder.if_then(builder.icmp_unsigned("!=", mask, ir.Constant(i32, 0)), likely=False):
-                    tz = builder.call(cttz, [mask, ir.Constant(i1, 1)])
-                    builder.store(builder.add(i0, builder.zext(tz, intp)), res)
-                    builder.branch(found)
-            builder.branch(found)
-            builder.position_at_end(found)
-            outs.append(builder.load(res))
-        return context.make_tuple(builder, signature.return_type, outs)
+                xrow = builder.add(xo_v, builder.mul(d, const(_ENC_LANES)))
+                xs = [builder.load(vptr(axt, builder.add(xrow, const(8 * v)), v8f), align=4) for v in range(V)]
+                for cc in range(C):
+                    off = builder.add(cbase, builder.add(builder.mul(const(cc), dsub_v), d))
+                    cv = splat(builder.load(builder.gep(acb.data, [off])), v8f)
+                    for v in range(V):
+                        t = builder.fsub(cv, xs[v])
+                        builder.store(builder.call(fma, [t, t, builder.load(acc[cc][v])]), acc[cc][v])
+            for cc in range(C):  # codewords in id order with a strict <: ties keep the smaller id
+                cid = splat(builder.trunc(builder.add(c0, const(cc)), i32), v8i)
+                for v in range(V):
+                    a = builder.load(acc[cc][v])
+                    bv = builder.load(best[v])
+                    lt = builder.fcmp_ordered("<", a, bv)  # NaN never wins: all-NaN rows keep id 0
+                    builder.store(builder.select(lt, a, bv), best[v])
+                    builder.store(builder.select(lt, cid, builder.load(idx[v])), idx[v])
+        for v in range(V):
+            builder.store(builder.load(idx[v]), vptr(ares, const(8 * v), v8i), align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
 
 
 @numba.njit(parallel=True, **_JIT)
-def _encode_kernel16(xf, dim, n, cbf, m, dsub, ksub, out, block):
-    # Fast path for ksub % 16 == 0: blocks of ``block`` rows in parallel, 4 rows per codebook pass.
+def _encode_kernel_lanes(x, cbf, m, dsub, ksub, out, block):
+    # Fast path for even ksub: blocks of ``block`` rows in parallel; within a block, 32 rows at a time are
+    # transposed into ``xt`` (the last group padded by repeating the block's last row, results dropped).
+    n, dim = x.shape
     nblocks = (n + block - 1) // block
     for b in prange(nblocks):
-        buf = np.empty(_ENC_ROWS * ksub, dtype=np.float32)
+        xt = np.empty(dim * _ENC_LANES, dtype=np.float32)
+        res = np.empty(_ENC_LANES, dtype=np.int32)
         r1 = min(n, (b + 1) * block)
-        for r in range(b * block, r1, _ENC_ROWS):
-            ra = min(r + 1, r1 - 1)  # past the end of the block: repeat the last row, drop its result
-            rb = min(r + 2, r1 - 1)
-            rc = min(r + 3, r1 - 1)
+        for r0 in range(b * block, r1, _ENC_LANES):
+            for lane in range(_ENC_LANES):
+                r = min(r0 + lane, r1 - 1)
+                for col in range(dim):
+                    xt[col * _ENC_LANES + lane] = x[r, col]
+            nr = min(_ENC_LANES, r1 - r0)
             for j in range(m):
-                o = j * dsub
-                c0, c1, c2, c3 = _enc_rows4(xf, (r * dim + o, ra * dim + o, rb * dim + o, rc * dim + o), cbf,
-                                            o * ksub, dsub, ksub, buf)
-                out[r, j] = c0
-                out[ra, j] = c1
-                out[rb, j] = c2
-                out[rc, j] = c3
+                _enc_lanes(xt, j * dsub * _ENC_LANES, cbf, j * ksub * dsub, dsub, ksub, res)
+                for lane in range(nr):
+                    out[r0 + lane, j] = res[lane]
 
 
 def pq_encode(x, codebooks):
@@ -311,11 +294,10 @@ def pq_encode(x, codebooks):
     out = np.empty((x.shape[0], m), dtype=np.uint8)
     if out.size:
         m, ksub, dsub = codebooks.shape
-        cbf = _transpose_cb(codebooks).reshape(-1)
-        if ksub % 16 == 0:
-            _encode_kernel16(x.reshape(-1), x.shape[1], x.shape[0], cbf, m, dsub, ksub, out, 64)
+        if ksub % _ENC_CW == 0:
+            _encode_kernel_lanes(x, np.ascontiguousarray(codebooks).reshape(-1), m, dsub, ksub, out, 64)
         else:
-            _encode_kernel(x, cbf, m, dsub, ksub, out, 64)
+            _encode_kernel(x, _transpose_cb(codebooks).reshape(-1), m, dsub, ksub, out, 64)
     return out
 
 

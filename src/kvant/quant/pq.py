@@ -26,8 +26,6 @@ __all__ = ["PQ", "pack_nibbles", "unpack_nibbles", "check_dim_m"]
 
 _ROWS_PER_CODEWORD = 256
 _ENCODE_CHUNK_ROWS = 65536
-# Training assignment switches from the fused direct encoder to per-subspace BLAS at this sub-vector width.
-_BLAS_MIN_DSUB = 16
 
 
 def _kpq():
@@ -102,7 +100,8 @@ def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | 
 def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
     """``n_iter`` Lloyd iterations in all subspaces at once, warm-started from ``books`` (updated copy).
 
-    Assignment is the parallel PQ encoder (every subspace in one pass over the rows). An empty cell is
+    Assignment is the parallel PQ encoder (every subspace in one pass over the rows, direct squared
+    distances, so offset-dominated sub-vectors need no conditioning). An empty cell is
     re-seeded with the row of that subspace worst served by its current codeword (FAISS splits a large
     cluster instead; both keep every codeword in use, which matters on data with many repeated sub-vectors).
     """
@@ -112,26 +111,10 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
     m, ksub, dsub = books.shape
     n = xs.shape[0]
     xv = xs.reshape(n, m, dsub)
-    blas = dsub >= _BLAS_MIN_DSUB
-    if blas and n_iter:
-        from .._numerics import condition, conditioning
-        from ..cluster.assign import assign_top2
-        from ..kernels.distance import sq_norms
-
-        # offset-dominated or extreme sub-vectors are assigned as (x − shift)·scale, conditioned once here
-        conds = [conditioning(np.ascontiguousarray(xv[:, j, :])) for j in range(m)]
-        subs = [condition(np.ascontiguousarray(xv[:, j, :]), *conds[j]) for j in range(m)]
-        sub_norms = [sq_norms(sj) for sj in subs]
-        labels, d1, d2 = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
     for _ in range(n_iter):
-        if blas:  # wide sub-vectors: per-subspace GEMM assignment (kvant k-means E-step) beats the direct encoder
-            codes = np.empty((n, m), np.uint8)
-            for j in range(m):
-                bj = condition(books[j], *conds[j])
-                assign_top2(subs[j], bj, sq_norms(bj), labels, d1, d2, x_sqnorms=sub_norms[j])
-                codes[:, j] = labels
-        else:
-            codes = kpq.pq_encode(xs, books)
+        # The direct encoder Σ(c − x)² needs no conditioning and, since the 32-lane encoder, beats a GEMM
+        # assignment per subspace at every width measured (dsub 16: 4.1x, 49: 1.6x, 192: 1.2x on 65,536 rows).
+        codes = kpq.pq_encode(xs, books)
         all_sums, all_counts = kpq.pq_centroid_sums(xs, codes, ksub)
         for j in range(m):
             c = codes[:, j]
