@@ -16,9 +16,9 @@ SCAN_METRICS = {"euclidean": K.EUCLIDEAN, "manhattan": K.MANHATTAN, "chebyshev":
 
 
 @numba.njit(cache=True)
-def _scan(Q, qi, dT, a, m, code):
+def _scan(Q, qi, blk, a, m, code):
     acc = np.full(max(m, 1) + 3, -1.0)
-    K._scan_block(Q, qi, dT, a, m, code, acc)
+    K._scan_block(Q, qi, blk, a, m, code, acc)
     return acc
 
 
@@ -52,10 +52,13 @@ def test_scan_block_matches_numpy_and_metric(name, n, d, a, m):
     X[n // 2] = X[0]  # a duplicate
     Q = np.vstack([rng.standard_normal((1, d)), X[:1]])
     code = SCAN_METRICS[name]
-    dT = np.ascontiguousarray(X.T)
+    # the bucket-blocked layout: rows a..a+m-1 dimension-major in their own slice, NaN everywhere else so a
+    # read outside the block would show
+    blk = np.full(n * d, np.nan)
+    blk[a * d : (a + m) * d] = X[a : a + m].T.ravel()
     params = np.array([code, 0, 0, 0, 0], float)
     for qi in range(Q.shape[0]):
-        acc = _scan(Q, qi, dT, a, m, code)
+        acc = _scan(Q, qi, blk, a, m, code)
         got = np.sqrt(acc[:m]) if name == "euclidean" else acc[:m]
         np.testing.assert_allclose(got, _np_dist(name, Q[qi], X[a : a + m]), rtol=1e-12, atol=0)
         # bit-identical to the metric function the tree's other paths and brute force use
@@ -68,10 +71,15 @@ def test_scan_block_matches_numpy_and_metric(name, n, d, a, m):
 def test_bucket_boxes_and_box_bound(name, d):
     rng = np.random.default_rng(d)
     X = rng.random((50, d))
-    dT = np.ascontiguousarray(X.T)
     starts = np.array([0, 10, 49], np.int64)
     sizes = np.array([10, 30, 1], np.int64)  # ranges start+1 .. start+size-1 (the bucket root is excluded)
-    box = K.bucket_boxes(dT, starts, sizes)
+    box = K.bucket_boxes(X, starts, sizes)
+    blk = K.bucket_blocks(X, starts, sizes)
+    want = X.copy().ravel()
+    for a0, sz in zip(starts + 1, sizes - 1):
+        want[a0 * d : (a0 + sz) * d] = X[a0 : a0 + sz].T.ravel()
+    np.testing.assert_array_equal(blk, want)
+    assert not np.shares_memory(blk, X)
     for b in range(2):
         pts = X[starts[b] + 1 : starts[b] + sizes[b]]
         np.testing.assert_array_equal(box[b, :d], pts.min(0))

@@ -535,31 +535,36 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
 
 
 @numba.njit(inline="always", **_NJ)
-def _scan_block(Q, qi, dT, a, m, code, acc):  # pragma: no cover - numba
-    """Reduced distances from query row ``qi`` to the ``m`` points at DFS positions a..a+m-1 of the
-    transposed data ``dT`` (D, n): squared Euclidean (code 0), Manhattan (1) or Chebyshev (2).
+def _scan_block(Q, qi, blk, a, m, code, acc):  # pragma: no cover - numba
+    """Reduced distances from query row ``qi`` to the ``m`` points of the bucket at DFS positions a..a+m-1:
+    squared Euclidean (code 0), Manhattan (1) or Chebyshev (2).
 
-    The loop runs over points innermost (one SIMD lane per point) and over dimensions outermost, so each
-    point's terms are still accumulated in dimension order with the same operations as the metric
-    functions above: ``sqrt(acc)`` (Euclidean) or ``acc`` is bit-identical to ``_dist``.
+    ``blk`` is the bucket-blocked layout of :func:`bucket_blocks`: the bucket's coordinates are one contiguous
+    run, dimension-major (``blk[a * D + t * m + j]``), so a scan streams one block of memory (the hardware
+    prefetcher follows it) instead of D rows of a global transpose. The loop runs over points innermost (one
+    SIMD lane per point) and over dimensions outermost, so each point's terms are still accumulated in
+    dimension order with the same operations as the metric functions above: ``sqrt(acc)`` (Euclidean) or
+    ``acc`` is bit-identical to ``_dist``.
     """
     # unsigned indices: Numba then emits no negative-index wraparound, and LLVM issues contiguous SIMD loads
-    ua = np.uint64(a)
+    D = Q.shape[1]
     um = np.uint64(m)
+    base = np.uint64(a) * np.uint64(D)
     for j in range(um):
         acc[j] = 0.0
-    for t in range(dT.shape[0]):
+    for t in range(D):
         qt = Q[qi, t]
+        off = base + np.uint64(t) * um
         if code == EUCLIDEAN:
             for j in range(um):
-                z = qt - dT[t, ua + j]
+                z = qt - blk[off + j]
                 acc[j] += z * z
         elif code == MANHATTAN:
             for j in range(um):
-                acc[j] += abs(qt - dT[t, ua + j])
+                acc[j] += abs(qt - blk[off + j])
         else:
             for j in range(um):
-                z = abs(qt - dT[t, ua + j])
+                z = abs(qt - blk[off + j])
                 if z > acc[j]:
                     acc[j] = z
 
@@ -596,16 +601,17 @@ def _box_bound(Q, qi, box, b, code):  # pragma: no cover - numba
 
 
 @numba.njit(**_NJ)
-def bucket_boxes(dT, starts, sizes):  # pragma: no cover - numba
-    """Bounding boxes [lo (D), hi (D)] of DFS ranges starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``dT``."""
-    D = dT.shape[0]
+def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
+    """Bounding boxes [lo (D), hi (D)] of DFS ranges starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``
+    (the points in DFS order, (n, D))."""
+    D = rows.shape[1]
     out = np.empty((max(starts.shape[0], 1), 2 * D))
     for b in range(starts.shape[0]):
         for t in range(D):
             lo = np.inf
             hi = -np.inf
             for j in range(starts[b] + 1, starts[b] + sizes[b]):
-                v = dT[t, j]
+                v = rows[j, t]
                 if v < lo:
                     lo = v
                 if v > hi:
@@ -615,9 +621,25 @@ def bucket_boxes(dT, starts, sizes):  # pragma: no cover - numba
     return out
 
 
+@numba.njit(**_NJ)
+def bucket_blocks(rows, starts, sizes):  # pragma: no cover - numba
+    """The bucket-blocked copy of ``rows`` (the points in DFS order, (n, D)) read by :func:`_scan_block`, flat
+    (n * D): the points of each bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1) are stored
+    dimension-major in their own slice, every other point row-major in place (buckets are disjoint ranges)."""
+    n, D = rows.shape
+    out = rows.copy().reshape(n * D)
+    for b in range(starts.shape[0]):
+        a = starts[b] + 1
+        m = sizes[b] - 1
+        for t in range(D):
+            for j in range(m):
+                out[a * D + t * m + j] = rows[a + j, t]
+    return out
+
+
 @numba.njit(parallel=True, **_NJ)
 def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata, dfs_node,
-        leaf, dT, scan, box, out_d, out_i, bad):  # pragma: no cover
+        leaf, blk, scan, box, out_d, out_i, bad):  # pragma: no cover
     """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
 
     Queries are rows of Q. mode 0: plain queries; mode 1: exclude slot qslot[i] itself; mode 2: only
@@ -626,7 +648,8 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
     does (by smaller id).
 
     Subtrees of at most ``leaf`` points are scanned from the DFS-ordered copies: ``ddata`` (rows) with
-    the generic metric, or, when ``scan`` is a metric code (0-2), ``dT`` (the same rows transposed) with
+    the generic metric, or, when ``scan`` is a metric code (0-2), ``blk`` (the same rows, each bucket
+    transposed in place: :func:`bucket_blocks`) with
     the SIMD loop of :func:`_scan_block`; ``scan = -1`` selects the generic scan.
 
     Child edge e (CSR order) is described by one row of ``erec``: [d(parent, child), maxdist(child),
@@ -650,7 +673,7 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
         pq_d = np.empty(cap, np.float64)
         for qi in range(c * nq // nch, (c + 1) * nq // nch):
             bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel,
-                               slack_abs, ddata, dfs_node, leaf, dT, scan, box, out_d, out_i, acc, hd, hi, pq_lb,
+                               slack_abs, ddata, dfs_node, leaf, blk, scan, box, out_d, out_i, acc, hd, hi, pq_lb,
                                pq_e, pq_d)
 
 
@@ -696,7 +719,7 @@ def _queue_pop(pq_lb, pq_e, pq_d, npq):  # pragma: no cover
 
 @numba.njit(**_NJ_RAW)
 def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
-             dfs_node, leaf, dT, scan, box, out_d, out_i, acc, hd, hi, pq_lb, pq_e, pq_d):  # pragma: no cover
+             dfs_node, leaf, blk, scan, box, out_d, out_i, acc, hd, hi, pq_lb, pq_e, pq_d):  # pragma: no cover
     """One query of :func:`knn` (no allocation: the workspace comes from the caller).
 
     The queue holds child edges (-1: the root) keyed by their subtree's lower bound. Popping an internal
@@ -731,7 +754,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             nb = int(erec[pe, 2]) - 1
             if scan >= 0:
                 # SIMD scan of reduced distances; exact distances only for those that can enter the result
-                _scan_block(Q, qi, dT, a0, nb, scan, acc)
+                _scan_block(Q, qi, blk, a0, nb, scan, acc)
                 lim_r = _scan_limit(kth, scan)
                 for j in range(nb):
                     r = acc[j]

@@ -25,7 +25,7 @@ _SCAN_METRICS = ("euclidean", "manhattan", "chebyshev")  # metrics with a SIMD b
 # subtrees up to max(_SCAN_LEAF, 16 * dim) points (at most _SCAN_LEAF_MAX) are buckets, scanned whole by SIMD
 _SCAN_LEAF, _SCAN_LEAF_MAX = 256, 1024
 # the query structure _freeze derives from the per-node arrays
-_QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_dT",
+_QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
                 "_box")
 
 
@@ -162,8 +162,8 @@ class CoverTree:
             self._leaf = min(_SCAN_LEAF_MAX, max(_SCAN_LEAF, 16 * width))
         self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0 and self._scan < 0
                        else np.zeros((1, width)))
-        self._dT = (np.ascontiguousarray(self._data[self._dnode].T) if n_in and self._scan >= 0
-                    else np.zeros((width, 1)))
+        rows = np.ascontiguousarray(self._data[self._dnode]) if n_in and self._scan >= 0 else None
+        self._blk = rows.reshape(-1) if rows is not None else np.zeros(1)
         # per child edge: [d(parent, child), maxdist, subtree size, DFS start, child slot, subtree min slot,
         # bucket box row or -1]
         erec = np.zeros((max(1, idx.size), 7))
@@ -185,7 +185,9 @@ class CoverTree:
                 eb = np.flatnonzero(reach)
                 if eb.size:
                     erec[eb, 6] = np.arange(eb.size)
-                    self._box = K.bucket_boxes(self._dT, self._dstart[idx[eb]], size[idx[eb]])
+                    starts, sizes = self._dstart[idx[eb]], size[idx[eb]]
+                    self._box = K.bucket_boxes(rows, starts, sizes)
+                    self._blk = K.bucket_blocks(rows, starts, sizes)
         self._erec = erec
 
     # ------------------------------------------------------------------------------------------
@@ -599,7 +601,7 @@ class CoverTree:
         sr, sa = self._slack()
         t = time.perf_counter()
         m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._erec, self._minid, k,
-                sr, sa, self._ddata, self._dnode, self._leaf, self._dT, self._scan, self._box, out_d, out_i, bad)
+                sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box, out_d, out_i, bad)
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
         if bad.any():
             raise _bad_metric("a query")
