@@ -223,3 +223,19 @@ def test_pq_training_is_translation_invariant_with_wide_subvectors():
     base = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)
     errs = [kvant.PQ(64, 2, nbits=4, seed=0).fit(x).reconstruction_error(x) for x in (base, base + np.float32(1e4))]
     assert errs[1] == pytest.approx(errs[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ])
+@pytest.mark.parametrize("m", [8, 2])  # 8-d and 32-d sub-vectors
+@pytest.mark.parametrize("exp2", [70, -85])
+def test_extreme_magnitudes_train_and_encode_like_unscaled_data(cls, m, exp2):
+    # Σ(x − c)² over- or underflows float32 at these magnitudes (every row went to codeword 0 and training
+    # collapsed); kvant scales by a power of two, which is exact, so the result is the unscaled one, scaled
+    base = np.random.default_rng(1).standard_normal((3000, 64)).astype(np.float32)
+    kw = dict(n_iter=2) if cls is kvant.OPQ else {}
+    ref = cls(64, m, nbits=4, seed=0, **kw).fit(base)
+    x = base * np.float32(2.0**exp2)
+    got = cls(64, m, nbits=4, seed=0, **kw).fit(x)
+    np.testing.assert_array_equal(got.codebooks, ref.codebooks * np.float32(2.0**exp2))
+    np.testing.assert_array_equal(got.encode(x), ref.encode(base))
+    assert got.reconstruction_error(x) == pytest.approx(ref.reconstruction_error(base) * 4.0**exp2, rel=1e-5)

@@ -20,8 +20,9 @@ import numpy as np
 
 from .. import persist
 from .._config import with_threads
+from .._numerics import uncondition
 from ..errors import InvalidInput, PersistError
-from .pq import PQ, _check_int, _kpq, lloyd_refine, train_subspaces
+from .pq import PQ, _check_int, _kpq, lloyd_refine, range_conditioned, train_subspaces
 
 __all__ = ["OPQ", "eigenvalue_allocation"]
 
@@ -97,7 +98,7 @@ class OPQ(PQ):
 
     @with_threads
     def fit(self, x) -> OPQ:
-        xs = self._train_sample(x)
+        xs, scale = range_conditioned(self._train_sample(x))  # a rotation is scale-free; codebooks are not
         if self.init == "eigen":
             r = eigenvalue_allocation(xs, self.m).astype(np.float32)
         else:
@@ -113,7 +114,7 @@ class OPQ(PQ):
             xr = xs @ r
             books = lloyd_refine(np.ascontiguousarray(xr), books, self.n_iter_pq)
         self.rotation_ = np.ascontiguousarray(r, dtype=np.float32)
-        self.codebooks_ = books
+        self.codebooks_ = uncondition(books, None, scale)
         return self
 
     def _transform(self, block: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import persist
 from .._config import check_seed, rng, with_threads
+from .._numerics import condition, conditioning, uncondition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source
 from ..io.source import VectorSource, default_chunk_rows
@@ -75,6 +76,14 @@ def _as_checked_source(x, dim: int, what: str) -> VectorSource:
     if src.dim != dim:
         raise DimensionMismatch(f"{what} has dimension {src.dim}, expected {dim}")
     return src
+
+
+def range_conditioned(xs: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """``xs`` times a power of two (exact) when its magnitude lies far outside float32's comfortable range,
+    and that factor (None when ``xs`` is returned as is). Training's direct squared distances Σ(x − c)² would
+    otherwise overflow (|x| ≳ 1e19) or underflow (|x| ≲ 1e-19) and send every row to codeword 0."""
+    _, scale = conditioning(xs)
+    return condition(xs, None, scale), scale
 
 
 def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None) -> np.ndarray:
@@ -210,8 +219,9 @@ class PQ:
     @with_threads
     def fit(self, x) -> PQ:
         """Learn codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows."""
-        xs = self._train_sample(x)
-        self.codebooks_ = train_subspaces(xs, self.m, self.ksub, self.n_iter, self.seed)
+        xs, scale = range_conditioned(self._train_sample(x))
+        books = train_subspaces(xs, self.m, self.ksub, self.n_iter, self.seed)
+        self.codebooks_ = uncondition(books, None, scale)
         return self
 
     # -- coding -----------------------------------------------------------------------------------
@@ -223,7 +233,14 @@ class PQ:
         return block
 
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
-        codes = _kpq().pq_encode(np.ascontiguousarray(self._transform(block), dtype=np.float32), self.codebooks_)
+        x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
+        books = self.codebooks_
+        # codewords (and so rows) far outside float32's comfortable range: encode both scaled by the same power
+        # of two, which changes no argmin but keeps the squared differences from over- or underflowing
+        _, scale = conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))
+        if scale is not None:
+            x, books = condition(x, None, scale), condition(books, None, scale)
+        codes = _kpq().pq_encode(x, books)
         return pack_nibbles(codes) if self.nbits == 4 else codes
 
     @with_threads
