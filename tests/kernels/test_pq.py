@@ -282,3 +282,10 @@ def test_centroid_sums_match_bincount(n, dim, m, ksub):
         for d in range(dsub):
             ref = np.bincount(codes[:, j], weights=x[:, j * dsub + d].astype(np.float64), minlength=ksub)
             np.testing.assert_allclose(sums[j, :, d], ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("ksub", [5, 6, 16])  # odd (portable encoder) and even (lanes encoder)
+def test_encode_accepts_float64_codebooks(ksub):
+    x = np.random.default_rng(0).standard_normal((70, 8)).astype(np.float32)
+    cb = np.random.default_rng(1).standard_normal((2, ksub, 4))  # float64, as a caller may pass
+    np.testing.assert_array_equal(K.pq_encode(x, cb), R.pq_encode_ref(x, cb.astype(np.float32)))

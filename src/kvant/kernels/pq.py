@@ -295,7 +295,8 @@ def pq_encode(x, codebooks):
     if out.size:
         m, ksub, dsub = codebooks.shape
         if ksub % _ENC_CW == 0:
-            _encode_kernel_lanes(x, np.ascontiguousarray(codebooks).reshape(-1), m, dsub, ksub, out, 64)
+            _encode_kernel_lanes(x, np.ascontiguousarray(codebooks, dtype=np.float32).reshape(-1), m, dsub, ksub,
+                                 out, 64)
         else:
             _encode_kernel(x, _transpose_cb(codebooks).reshape(-1), m, dsub, ksub, out, 64)
     return out
