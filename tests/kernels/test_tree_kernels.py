@@ -169,3 +169,35 @@ def test_covariance_block_matches_the_numpy_covariance(kernel, na, nb):
     out = np.empty((na, nb))
     K.covariance_block(kernel._scaled(A), kernel._scaled(B), kernel.variance, kernel.code, out)
     np.testing.assert_allclose(out, kernel(A, B), rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("n,d,s0", [(40, 1, 1), (300, 3, 5), (3000, 2, 1), (2500, 8, 17)])
+def test_net_centres_big_is_the_sequential_greedy_first_fit(n, d, s0):
+    # the parallel blocked selection must pick exactly the centres of the plain loop: a member becomes a centre
+    # unless an earlier centre lies within the child radius
+    rng = np.random.default_rng(n)
+    X = rng.random((n, d))
+    X[n // 2] = X[n // 3]  # a duplicate
+    params = np.array([K.EUCLIDEAN, 0, 0, 0, 0], float)
+    perm = rng.permutation(n).astype(np.int64)
+    node = perm[s0 - 1]
+    pdist = np.zeros(n)
+    pdist[s0:] = np.sqrt(((X[perm[s0:]] - X[node]) ** 2).sum(1))
+    lvl_p = K.ceil_log(2.0, pdist.max()) + 1
+    asg = np.full(n, 7, np.int64)
+    cent = np.full(n, -5, np.int64)
+    m, cl, bad = K.net_centres_big(X, params, 2.0, perm, pdist, s0, n, lvl_p, asg, cent)
+    assert not bad
+    r = K.radius(2.0, cl)
+    centres, want = [], []
+    for t in range(s0, n):
+        s = perm[t]
+        d_to = [np.sqrt(((X[c] - X[s]) ** 2).sum()) for c in centres]
+        if any(v <= r for v in d_to):
+            want.append(0)
+        else:
+            want.append(-1 - len(centres))
+            centres.append(s)
+    assert m == len(centres) and m > 1
+    np.testing.assert_array_equal(cent[s0 : s0 + m], centres)
+    np.testing.assert_array_equal(asg[s0:n], want)

@@ -137,6 +137,22 @@ def test_custom_numba_metric_exact():
         tree.save("/tmp/never-written.kvant")
 
 
+def test_custom_numba_metric_big_groups(monkeypatch):
+    # groups of >= _BIG_GROUP points take the parallel centre selection and assignment: shrink the threshold so
+    # a user metric goes through them at every level (the cloned kernels must use the user's distance there too)
+    monkeypatch.setattr(cover, "_BIG_GROUP", 8)
+    X = _data(400, 4, seed=8)
+    tree = kvant.CoverTree(l1_user).fit(X)
+    tree.check_invariants()
+    builtin = kvant.CoverTree("manhattan").fit(X)  # the same distance, summed in the same order
+    for a in ("_parent", "_level"):
+        assert np.array_equal(getattr(tree, a), getattr(builtin, a)), a
+    Q = _data(9, 4, seed=9)
+    d, i = tree.knn(Q, 5)
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("manhattan", Q, X), np.arange(400), 5)
+    _assert_same(d, i, rd, ri)
+
+
 def _random_mix(tree, points_fn, rng, rounds=6):
     for r in range(rounds):
         if r % 2 == 0 or tree.n < 10:

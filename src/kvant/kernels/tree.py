@@ -235,29 +235,58 @@ def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg,
         gbad[g] = bad
 
 
+_CENTRE_BLOCK = 256  # members whose checks against the existing centres run in parallel (net_centres_big)
+
+
 @numba.njit(**_NJ_RAW)
+def _covered_by(data, params, cent, j0, j1, s, r, bad, i):  # pragma: no cover
+    """Whether one of the centres cent[j0:j1] (checked in order, first hit wins) is within r of slot s;
+    a metric failure sets bad[i] and reports uncovered."""
+    for j in range(j0, j1):
+        dd = _dist(data, cent[j], data, s, params)
+        if not _okd(dd):
+            bad[i] = True
+            return False
+        if dd <= r:
+            return True
+    return False
+
+
+@numba.njit(parallel=True, **_NJ)
 def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
-    """Centre selection for one big group: greedy first-fit (early exit). Returns (m, cl, bad)."""
+    """Centre selection for one big group: greedy first-fit in member order. Returns (m, cl, bad).
+
+    A member becomes a centre unless an earlier centre is within the child radius. Members are taken in
+    blocks: their checks against the centres that existed before the block are independent and run in
+    parallel; each block then checks its still-uncovered members, in order, against the centres it created
+    itself. Whether a member is covered does not depend on the order its centres are checked in, so the
+    centres are exactly those of the sequential loop."""
     cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
     if dup:
         return _all_duplicates(perm, s0, s1, asg, cent), cl, False
+    B = _CENTRE_BLOCK
+    cov = np.empty(B, np.bool_)
+    bad = np.zeros(B, np.bool_)
     m = 0
-    for t in range(s0, s1):
-        s = perm[t]
-        covered = False
-        for j in range(m):
-            dd = _dist(data, cent[s0 + j], data, s, params)
-            if not _okd(dd):
+    for b0 in range(s0, s1, B):
+        nb = min(B, s1 - b0)
+        for i in numba.prange(nb):
+            cov[i] = _covered_by(data, params, cent, s0, s0 + m, perm[b0 + i], r, bad, i)
+        for i in range(nb):
+            if bad[i]:
                 return m, cl, True
-            if dd <= r:
-                covered = True
-                break
-        if covered:
-            asg[t] = 0
-        else:
-            cent[s0 + m] = s
-            asg[t] = -1 - m
-            m += 1
+        m0 = m
+        for i in range(nb):
+            t = b0 + i
+            covered = cov[i] or _covered_by(data, params, cent, s0 + m0, s0 + m, perm[t], r, bad, i)
+            if bad[i]:
+                return m, cl, True
+            if covered:
+                asg[t] = 0
+            else:
+                cent[s0 + m] = perm[t]
+                asg[t] = -1 - m
+                m += 1
     return m, cl, False
 
 
@@ -1004,7 +1033,7 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "net_centres_big", "_assign_one", "net_assign_big", "_land_one", "land",
+_METRIC_KERNELS = ["_net_seq", "nets_small", "_covered_by", "net_centres_big", "_assign_one", "net_assign_big", "_land_one", "land",
                    "dist_to_one", "_knn_one", "knn", "_brute_one", "brute_knn", "pair_dists"]
 
 
