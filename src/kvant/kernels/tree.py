@@ -1033,8 +1033,8 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "_covered_by", "net_centres_big", "_assign_one", "net_assign_big", "_land_one", "land",
-                   "dist_to_one", "_knn_one", "knn", "_brute_one", "brute_knn", "pair_dists"]
+_METRIC_KERNELS = ["_net_seq", "nets_small", "_covered_by", "net_centres_big", "_assign_one", "net_assign_big",
+                   "_land_one", "land", "dist_to_one", "_knn_one", "knn", "_brute_one", "brute_knn", "pair_dists"]
 
 
 def make_kernels(user_dist):
