@@ -350,6 +350,14 @@ def main() -> None:
     w = kvant.CoverTree().fit(np.random.default_rng(0).random((5000, 3)))  # > 4096: the big-group kernels too
     w.knn(np.zeros((2, 3)), 2)
     w.knn_self(2)
+    # and the residual metric's (its prep, build, BLAS scan, tree walk and predecessor sets have their own kernels)
+    wx = np.random.default_rng(0).random((5000, 8))
+    wrc = kvant.ResidualCorrelation.from_points(wx, kvant.RBF(1.0, 1.0), 64, seed=0)
+    wt = kvant.CoverTree(wrc).fit()
+    wt.knn(np.arange(4), 2)
+    wt.residual_scan = False
+    wt.knn(np.arange(4), 2)
+    wt.knn_self(2, predecessors=True)
     t0 = _T0[0] = time.perf_counter()
     rows: list = []
     if args.only in (None, "euclid"):
