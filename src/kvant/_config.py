@@ -1,4 +1,4 @@
-"""Process-wide settings: thread count, seeds and environment knobs.
+"""Process-wide settings: thread count, seeds, environment knobs and the machine's cache size.
 
 ``KVANT_NUM_THREADS`` (read at import) or :func:`set_num_threads` sets the number of threads used by
 every Numba kernel *and* by the BLAS library behind NumPy, so that a benchmark or a user's run is
@@ -7,7 +7,9 @@ reproducible: same seed + same thread count gives the same result.
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -68,6 +70,19 @@ def with_threads(fn):
 def get_num_threads() -> int:
     """The number of threads kvant kernels use."""
     return _num_threads if _num_threads is not None else numba.get_num_threads()
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache Linux reports (the last level shared by the cores); 32 MiB if unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
 
 
 def rng(seed: int | None) -> np.random.Generator:

@@ -106,6 +106,27 @@ def test_single_query_is_1d_and_results_sorted():
     assert np.all(np.diff(d) >= 0)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "angular", l1_user])
+def test_query_order_is_a_locality_permutation_and_changes_no_answer(metric, monkeypatch):
+    X = _data(3000, 3, seed=8)
+    tree = kvant.CoverTree(metric).fit(X)
+    assert tree._locality_order(X, np.zeros(3000, np.int64), 0) is None  # 72 KB of points stay in cache
+    monkeypatch.setattr(cover, "last_level_cache_bytes", lambda: 0)  # as if they did not
+    Q = _data(2000, 3, seed=9)
+    order = tree._locality_order(Q, np.zeros(2000, np.int64), 0)
+    assert np.array_equal(np.sort(order), np.arange(2000))
+    if metric == "euclidean":  # consecutive queries in that order are closer than in the given (random) order
+        gap = lambda P: np.median(np.linalg.norm(np.diff(P, axis=0), axis=1))  # noqa: E731
+        assert gap(Q[order]) < 0.5 * gap(Q)
+    d, i = tree.knn(Q, 7)
+    perm = np.random.default_rng(0).permutation(2000)
+    dp, ip = tree.knn(Q[perm], 7)
+    assert np.array_equal(dp, d[perm]) and np.array_equal(ip, i[perm])
+    for j in (0, 123, 1999):  # one query at a time takes no reordering
+        dj, ij = tree.knn(Q[j], 7)
+        assert np.array_equal(dj, d[j]) and np.array_equal(ij, i[j])
+
+
 @pytest.mark.parametrize("predecessors", [True, False])
 def test_knn_self_matches_reference(predecessors):
     X = _data(500, 6, seed=4)

@@ -666,6 +666,9 @@ def bucket_blocks(rows, starts, sizes):  # pragma: no cover - numba
     return out
 
 
+QUERY_CHUNKS = 64  # knn splits the queries into this many contiguous chunks, shared out statically to the threads
+
+
 @numba.njit(parallel=True, **_NJ)
 def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata, dfs_node,
         leaf, blk, scan, box, out_d, out_i, bad):  # pragma: no cover
@@ -691,7 +694,7 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
     every child edge at most once, so it never grows).
     """
     nq = Q.shape[0]
-    nch = min(nq, 64)
+    nch = min(nq, QUERY_CHUNKS)
     cap = erec.shape[0] + 1
     for c in numba.prange(nch):
         acc = np.empty(max(leaf, 1), np.float64)
@@ -704,6 +707,33 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
             bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel,
                                slack_abs, ddata, dfs_node, leaf, blk, scan, box, out_d, out_i, acc, hd, hi, pq_lb,
                                pq_e, pq_d)
+
+
+@numba.njit(parallel=True, **_NJ)
+def descent_keys(cdata, params, Q, root, child_off, erec, leaf, out):  # pragma: no cover
+    """A locality key per query: the DFS start of the subtree reached by walking from the root to the nearest
+    child at every node, down to a bucket (or a leaf). Queries sorted by it visit similar subtrees one after
+    another, so the buckets one query scans are still in cache for the next (the order changes no answer).
+    A NaN distance is never "nearest"; :func:`knn` reports such metrics.
+    """
+    for qi in numba.prange(Q.shape[0]):
+        p = root
+        key = 0.0
+        while True:
+            best = -1
+            bd = np.inf
+            for e in range(child_off[p], child_off[p + 1]):
+                dc = _dist(Q, qi, cdata, e, params)
+                if dc < bd:
+                    bd = dc
+                    best = e
+            if best < 0:
+                break
+            key = erec[best, 3]
+            if erec[best, 2] <= leaf:
+                break
+            p = int(erec[best, 4])
+        out[qi] = key
 
 
 @numba.njit(inline="always", **_NJ)
@@ -1034,7 +1064,8 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
 
 
 _METRIC_KERNELS = ["_net_seq", "nets_small", "_covered_by", "net_centres_big", "_assign_one", "net_assign_big",
-                   "_land_one", "land", "dist_to_one", "_knn_one", "knn", "_brute_one", "brute_knn", "pair_dists"]
+                   "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys", "_brute_one", "brute_knn",
+                   "pair_dists"]
 
 
 def make_kernels(user_dist):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .. import persist
-from .._config import get_num_threads, with_threads
+from .._config import get_num_threads, last_level_cache_bytes, with_threads
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
 from ..kernels import tree as K
@@ -595,19 +595,50 @@ class CoverTree:
             if single:
                 return out_d[0], out_i[0]
             return out_d, out_i
+        t = time.perf_counter()
+        order = self._locality_order(Q, qslot, mode)
+        if order is not None:
+            Q, qslot = np.ascontiguousarray(Q[order]), qslot[order]
         out_d = np.empty((nq, k))
         out_i = np.empty((nq, k), np.int64)
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
-        t = time.perf_counter()
         m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._erec, self._minid, k,
                 sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box, out_d, out_i, bad)
+        if order is not None:
+            out_d[order], out_i[order] = out_d.copy(), out_i.copy()
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
         if bad.any():
             raise _bad_metric("a query")
         if single:
             return out_d[0], out_i[0]
         return out_d, out_i
+
+    def _locality_order(self, Q, qslot, mode):
+        """The order to run queries in, or None to keep theirs (one query, or points that fit in the cache).
+
+        Queries are sorted by the DFS position of the subtree each one starts near (its own node for
+        ``knn_self``, else the end of a nearest-child walk from the root), so the queries of one chunk scan the
+        same buckets while they are in cache. The kernel hands contiguous runs of chunks to each thread, so
+        the sorted segments are laid out in bit-reversed order: every thread gets segments from all over the
+        data, as with unsorted queries, instead of one region whose queries may all be expensive.
+        """
+        nq = Q.shape[0]
+        # Only worth it when the points outgrow the cache: below that (measured up to 131k 8-d points) the walk
+        # and the coarser balance cost up to 25% of the query time, above it (1M points) sorting gained 7-38%.
+        if nq < 2 or self._data.nbytes <= last_level_cache_bytes() // 2:
+            return None
+        if mode != 0:
+            keys = self._dstart[qslot].astype(np.float64)
+        else:
+            keys = np.empty(nq)
+            self._m.K.descent_keys(self._cdata, self._m.params, Q, self._root, self._off, self._erec, self._leaf, keys)
+        order = np.argsort(keys, kind="stable")
+        nch = min(nq, K.QUERY_CHUNKS)
+        bits = max(1, (nch - 1).bit_length())
+        rev = [int(format(j, f"0{bits}b")[::-1], 2) for j in range(nch)]
+        bounds = [j * nq // nch for j in range(nch + 1)]
+        return np.concatenate([order[bounds[j] : bounds[j + 1]] for j in np.argsort(rev)])
 
     def _residual_scan(self, Q, qslot, mode, k):
         """Exact k-NN of the rows ``Q`` among the tree's points for the residual metric: ids, ties to the lower."""
