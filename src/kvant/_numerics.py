@@ -49,8 +49,12 @@ def condition(x: np.ndarray, shift: np.ndarray | None, scale: float | None) -> n
     if shift is None and scale is None:
         return x
     y = np.subtract(x, shift, dtype=np.float32) if shift is not None else np.array(x, np.float32)
-    if scale is not None:
-        y *= np.float32(scale)
+    # a power of two beyond float32's range (data near its subnormals needs up to ~2**150) is applied in
+    # steps that are: each step is exact, and the intermediate only grows towards the result
+    while scale is not None and scale != 1.0:
+        step = min(max(scale, 2.0**-100), 2.0**100)
+        y *= np.float32(step)
+        scale = scale / step
     return y
 
 

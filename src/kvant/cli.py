@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import InvalidInput, KvantError
+from .errors import InvalidInput, KvantError, PersistError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -73,20 +73,31 @@ def _jsonable(obj):
     return str(obj)
 
 
-def _npy_output(path: str) -> str:
-    """``path`` as np.save will name it (``.npy`` appended when missing); InvalidInput if it cannot be written."""
+def _output_file(path: str, suffix: str | None = None) -> str:
+    """``path`` as the writer will name it (``suffix`` appended when missing, as np.save / np.savez do);
+    InvalidInput if it cannot be written. Called before the work, so a bad path costs nothing."""
     from pathlib import Path
 
     out = Path(path)
     if out.is_dir():  # np.save would quietly write "<dir>.npy" beside it
         raise InvalidInput(f"output {out} is a directory; give a file name")
-    if out.suffix != ".npy":
-        out = out.with_name(out.name + ".npy")
+    if suffix and out.suffix != suffix:
+        out = out.with_name(out.name + suffix)
     if out.is_dir():
         raise InvalidInput(f"output {out} is a directory")
     if not out.parent.is_dir():
         raise InvalidInput(f"output directory {out.parent} does not exist")
     return str(out)
+
+
+def _load_object(path: str, **kw):
+    """A saved kvant object given as input: a missing or damaged file is bad input (exit 2), not a runtime error."""
+    from .persist import load
+
+    try:
+        return load(path, **kw)
+    except PersistError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -176,9 +187,11 @@ def _cmd_cluster(args) -> int:
 
     # the file names np.save really writes (it appends .npy), checked before the fit rather than after it
     if args.output:
-        args.output = _npy_output(args.output)
+        args.output = _output_file(args.output, ".npy")
     if args.centroids:
-        args.centroids = _npy_output(args.centroids)
+        args.centroids = _output_file(args.centroids, ".npy")
+        if args.centroids == args.output:
+            raise InvalidInput(f"--centroids and -o name the same file ({args.output})")
     try:
         c.fit(args.input, column=args.column, progress=report)
     finally:
@@ -334,6 +347,7 @@ def _cmd_index_build(args) -> int:
     from .index import FlatIndex, PQIndex
     from .io import as_source
 
+    args.output = _output_file(args.output)
     src = as_source(args.input, column=args.column)
     t0 = time.perf_counter()
     if args.type == "flat":
@@ -366,9 +380,10 @@ def _cmd_search(args) -> int:
     import time
 
     from .io import as_source
-    from .persist import load
 
-    index = load(args.index, mmap=args.mmap)
+    if args.output:
+        args.output = _output_file(args.output, ".npz")
+    index = _load_object(args.index, mmap=args.mmap)
     if not hasattr(index, "search"):
         raise InvalidInput(f"{args.index} holds a {type(index).__name__}, which cannot be searched")
     queries = as_source(args.queries, column=args.column).to_array()
@@ -446,6 +461,11 @@ def _tree_load_points(path: str, column: str | None = None) -> np.ndarray:
     return as_source(path, column=column).to_array()
 
 
+def _check_log_file(args) -> None:
+    if getattr(args, "log_file", None):
+        args.log_file = _output_file(args.log_file)
+
+
 def _tree_log(args, record: dict) -> None:
     """Append one JSON line of per-phase telemetry to --log-file."""
     if getattr(args, "log_file", None):
@@ -459,6 +479,8 @@ def _tree_log(args, record: dict) -> None:
 def _cmd_tree_build(args) -> int:
     from .tree import CoverTree
 
+    args.output = _output_file(args.output)
+    _check_log_file(args)
     X = _tree_load_points(args.points, args.column)
     tree = CoverTree(metric=args.metric, base=args.base).fit(X)
     tree.save(args.output)
@@ -471,10 +493,12 @@ def _cmd_tree_build(args) -> int:
 
 
 def _cmd_tree_knn(args) -> int:
-    from .persist import load
     from .tree import CoverTree
 
-    tree = load(args.tree)
+    if args.output:
+        args.output = _output_file(args.output, ".npz")
+    _check_log_file(args)
+    tree = _load_object(args.tree)
     if not isinstance(tree, CoverTree):
         raise InvalidInput(f"{args.tree} holds a {type(tree).__name__}, expected a CoverTree")
     if args.queries == "self":

@@ -290,6 +290,14 @@ def test_auto_switches_to_minibatch_over_memory_budget(monkeypatch, data):
     assert c.algorithm_.startswith("dense-exact") and c.auto_reason_
 
 
+def test_auto_reason_describes_the_sample_actually_used():
+    x = np.random.default_rng(0).standard_normal((5000, 4)).astype(np.float32)
+    assert "all rows" in kvant.Clusterer(4, sample_per_centroid=2000).fit(x).auto_reason_
+    reason = kvant.Clusterer(100, sample_per_centroid=8).fit(x).auto_reason_
+    assert "8·K=800-row weighted coreset" in reason
+    assert "uniform 8·K=800-row" in kvant.Clusterer(100, sample_per_centroid=8, sampling="uniform").fit(x).auto_reason_
+
+
 @pytest.mark.parametrize("algorithm", ["dense-exact-random", "minibatch"])
 def test_progress_callback_accounts_for_every_row(data, algorithm):
     x, _ = data
@@ -459,7 +467,8 @@ def _nearest_f64(x, centres):
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "dense-exact-random", "minibatch"])
-@pytest.mark.parametrize("offset, scale", [(1e4, 1.0), (1e6, 1.0), (0.0, 1e-25), (0.0, 1e20), (3e3, 1e-22)])
+@pytest.mark.parametrize("offset, scale", [(1e4, 1.0), (1e6, 1.0), (0.0, 1e-25), (0.0, 1e20), (3e3, 1e-22),
+                                           (0.0, 1e-40)])  # float32 subnormals: the scale is beyond float32's range
 def test_large_offset_and_extreme_magnitude_still_give_nearest_centre_labels(algorithm, offset, scale):
     # The GEMM form ‖x‖² + ‖c‖² − 2x·c cancels in float32 when the rows share an offset much larger than
     # their spread (an offset of 1e4 sent 48% of rows to the wrong centre before conditioning) and
@@ -511,6 +520,17 @@ def test_numpy_integer_k_and_tol(k):
     x = np.random.default_rng(0).standard_normal((400, 4)).astype(np.float32)
     c = kvant.Clusterer(k, seed=0, tol=np.float32(1e-4)).fit(x)
     assert c.cluster_centers_.shape == (int(k), 4)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "dense-exact-nredo", "minibatch"])
+@pytest.mark.parametrize("seed", [np.uint8(1), np.int16(7), np.int32(2**31 - 1)])
+def test_numpy_integer_seed_and_settings_act_as_python_ints(algorithm, seed):
+    # seed + r etc. were computed in the seed's own dtype: uint8 overflowed, int32 wrapped negative
+    x = np.random.default_rng(0).standard_normal((3000, 4)).astype(np.float32)
+    kw = dict(k=3, algorithm=algorithm, sample_per_centroid=64, batch_rows=np.int16(500), n_redo=np.uint8(2))
+    a = kvant.Clusterer(seed=seed, **kw).fit(x)
+    b = kvant.Clusterer(seed=int(seed), **kw).fit(x)
+    assert np.array_equal(a.labels_, b.labels_) and np.array_equal(a.cluster_centers_, b.cluster_centers_)
 
 
 def test_minibatch_cos_names_the_datas_zero_row():

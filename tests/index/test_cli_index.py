@@ -33,5 +33,7 @@ def test_cli_errors_map_to_exit_codes(tmp_path, capsys):
     assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "i"), "--m", "4"]) == 2
     assert "m must be one of [1, 2, 3, 6]" in capsys.readouterr().err
     (tmp_path / "junk.kvant").write_bytes(b"not an index")
-    assert main(["search", str(tmp_path / "junk.kvant"), str(tmp_path / "x.npy")]) == 1
+    # a missing or damaged index file is bad input (2), like a missing vector file
+    assert main(["search", str(tmp_path / "junk.kvant"), str(tmp_path / "x.npy")]) == 2
+    assert main(["search", str(tmp_path / "missing.kvant"), str(tmp_path / "x.npy")]) == 2
     assert main(["index", "build"]) == 2

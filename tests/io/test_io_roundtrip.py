@@ -83,6 +83,9 @@ def _write(fmt, tmp: Path, x: np.ndarray):
         for i in range(3):
             write_parquet(d / f"part-{i}.parquet", x[bounds[i] : bounds[i + 1]], row_group_rows=4, dtype=x.dtype)
         (d / "_SUCCESS").write_text("")
+        for hidden in ("_temporary/0", ".ipynb_checkpoints"):  # copies that are not data (as pyarrow.dataset)
+            (d / hidden).mkdir(parents=True)
+            write_parquet(d / hidden / "part-0.parquet", x, row_group_rows=4, dtype=x.dtype)
         return d, None, ParquetSource
     if fmt == "hdf5":
         with h5py.File(tmp / "x.hdf5", "w") as f:

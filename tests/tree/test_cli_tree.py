@@ -42,7 +42,7 @@ def test_tree_cli_errors(tmp_path, capsys):
     assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out)]) == 0
     assert main(["tree", "knn", str(out), str(tmp_path / "p.npy"), "-k", "0"]) == 2
     assert main(["tree", "knn", str(out), str(tmp_path / "p.npy"), "-k", "21"]) == 2
-    assert main(["tree", "knn", str(tmp_path / "missing.kvant"), "self"]) == 1
+    assert main(["tree", "knn", str(tmp_path / "missing.kvant"), "self"]) == 2  # bad input, as a missing .npy
     assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--metric", "cosine"]) == 2
     capsys.readouterr()
 
@@ -74,7 +74,14 @@ def test_unwritable_outputs_are_clean_errors(tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "dir"
     code = main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tmp_path / "t.kvant"),
                  "--log-file", str(missing / "log.jsonl")])
-    assert code == 1 and "kvant: error" in capsys.readouterr().err
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "t.kvant").exists()  # checked before the build, not after it
+    for argv in (["tree", "build", str(tmp_path / "p.npy"), "-o", str(missing / "t.kvant")],
+                 ["index", "build", str(tmp_path / "p.npy"), "-o", str(missing / "i.kvant"), "--type", "flat"],
+                 ["cluster", str(tmp_path / "p.npy"), "-k", "2", "-o", str(tmp_path / "a.npy"),
+                  "--centroids", str(tmp_path / "a.npy")]):
+        assert main(argv) == 2, argv
+    assert not (tmp_path / "a.npy").exists()
 
 
 def test_tree_cli_reads_a_named_hdf5_dataset(tmp_path, capsys):

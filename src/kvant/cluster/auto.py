@@ -40,8 +40,11 @@ def memory_budget_bytes() -> int:
         return 8 << 30
 
 
-def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sampling: str = "coreset") -> Choice:
-    """Pick the concrete algorithm for ``auto``. See docs/auto.md for the measurements behind it."""
+def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sampling: str = "coreset",
+                     sample_per_centroid: int = 256) -> Choice:
+    """Pick the concrete algorithm for ``auto``. See docs/auto.md for the measurements behind it.
+
+    ``sampling`` and ``sample_per_centroid`` are the caller's settings; they only shape the reason text."""
     float32_bytes = n * dim * 4
     if float32_bytes > memory_budget_bytes():
         return Choice(
@@ -56,13 +59,14 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     # are left to the caller (polish_iter=).
     # The sample is a lightweight coreset (Clusterer's default sampling): one extra pass over the rows buys an
     # unbiased estimate of the full objective, which a uniform sample is not when far outliers carry it.
-    sample = 256 * k
+    per = int(sample_per_centroid)
+    sample = per * k
     if n <= sample:
         where = "all rows"
     elif sampling == "coreset":
-        where = f"a ~256·K={sample}-row weighted coreset"
+        where = f"a ~{per}·K={sample}-row weighted coreset"
     else:
-        where = f"a uniform 256·K={sample}-row sample"
+        where = f"a uniform {per}·K={sample}-row sample"
     return Choice(
         "dense-exact-row",
         {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256},

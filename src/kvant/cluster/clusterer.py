@@ -157,9 +157,12 @@ class Clusterer:
         src = as_source(x, column=column, validate=False)  # an array is checked below, in the first pass over it
         self._check_settings(src.n)
         spherical = self.metric == "cos"
-        k = int(self.k)  # a NumPy integer k (uint8, int16, ...) would overflow in k * sample_per_centroid
+        # plain ints: NumPy integer settings (uint8, int16, ...) would overflow in k * sample_per_centroid, seed + r
+        k, seed0, batch_rows = int(self.k), check_seed(self.seed), int(self.batch_rows)
+        max_iter, max_epochs, n_redo = int(self.max_iter), int(self.max_epochs), int(self.n_redo)
         if self.algorithm == "auto":
-            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling)
+            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling,
+                                      int(self.sample_per_centroid))
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
@@ -174,7 +177,7 @@ class Clusterer:
                 and isinstance(src, ArraySource) and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
         d2 = None
         if fuse:
-            d2 = _coreset_distances(src, src.array, self.seed, spherical)
+            d2 = _coreset_distances(src, src.array, seed0, spherical)
             src.mark_validated()
         elif isinstance(src, ArraySource) and src.in_memory:
             src.validate()
@@ -191,7 +194,7 @@ class Clusterer:
         if algorithm == "minibatch":
             t = time.perf_counter()
             mb = minibatch_kmeans(
-                src, k, spherical, self.seed, self.batch_rows, self.max_epochs, tol,
+                src, k, spherical, seed0, batch_rows, max_epochs, tol,
                 on_batch=lambda rows: report("minibatch", rows),
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
@@ -200,19 +203,19 @@ class Clusterer:
         else:
             t = time.perf_counter()
             result_labels = None
-            sample, weights = _training_sample(src, full, m, self.seed, norm, self.sampling, k, d2)
+            sample, weights = _training_sample(src, full, m, seed0, norm, self.sampling, k, d2)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             trained_on_all = sample is full
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
             shift, cscale = (None, None) if spherical else conditioning(sample)
             sample = condition(sample, shift, cscale)
             init = "random" if algorithm == "dense-exact-random" else "k-means++"
-            restarts = self.n_redo if algorithm == "dense-exact-nredo" else 1
+            restarts = n_redo if algorithm == "dense-exact-nredo" else 1
             best = None
             for r in range(restarts):
-                seed = None if self.seed is None else self.seed + r
+                seed = None if seed0 is None else seed0 + r
                 c0 = init_centroids(sample, k, init, seed, spherical, weights)
-                res = lloyd(sample, c0, self.max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
+                res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights)
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
@@ -240,7 +243,7 @@ class Clusterer:
                 timings["polish"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        rows = self.batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
+        rows = batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if result_labels is None:
             labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True,
                                           unit=unit)

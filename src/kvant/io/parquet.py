@@ -63,10 +63,13 @@ _SUPPORTED = "float32, float64, float16, int8, uint8"
 
 
 def _list_files(p: Path, name: str) -> list[Path]:
+    # as pyarrow.dataset does: a file or a sub-directory whose name starts with "_" or "." is not data
+    # (Spark's _temporary/ staging, .ipynb_checkpoints/ copies, _SUCCESS, ...)
     files = sorted(
         f
         for f in p.rglob("*")
-        if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES and not f.name.startswith(("_", "."))
+        if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES
+        and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts)
     )
     if not files:
         raise InvalidInput(f"{name}: directory holds no parquet files (*.parquet, *.pq, *.parq)")
