@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import kvant
+from kvant.bench import reference as ref
 from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 
 
@@ -139,6 +140,25 @@ def test_l2_is_exact_under_a_large_common_offset(offset):
     order = np.argsort(true, axis=1, kind="stable")[:, :10]
     assert np.array_equal(i, order)
     assert np.allclose(d, np.take_along_axis(true, order, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset,spread", [(1000.0, 1.0), (100.0, 0.01), (10.0, 0.001)])
+@pytest.mark.parametrize("k", [1, 10])
+def test_l2_is_exact_for_tight_clusters_far_from_the_origin(offset, spread, k):
+    # two clusters at ±offset: their mean is ~0, so no shift applies, and the float32 GEMM form loses every
+    # within-cluster digit (recall 0.00 at offset 100, spread 0.01); such queries must take the exact scan
+    rng = np.random.default_rng(0)
+    c = np.full(32, offset)
+    x = np.vstack([c + rng.standard_normal((500, 32)) * spread, -c + rng.standard_normal((500, 32)) * spread])
+    x = x.astype(np.float32)
+    q = np.repeat(np.vstack([c, -c]), 6, axis=0) + rng.standard_normal((12, 32)) * spread
+    q = q.astype(np.float32)
+    index = kvant.FlatIndex(32)
+    index.add(x)
+    d, i = index.search(q, k)
+    rd, ri = ref.exact_l2_topk_ref(q, x, k)
+    assert np.array_equal(i, ri)
+    assert np.allclose(d, rd, rtol=1e-6)
 
 
 def test_id_space_exhaustion_is_invalid_input():

@@ -7,7 +7,14 @@ from kvant.bench import reference as ref
 from kvant.cluster.assign import assign_top2
 from kvant.errors import InvalidInput
 from kvant.kernels.assign import top2_from_ip
-from kvant.kernels.distance import normalise_rows_into, sq_l2_block, sq_l2_direct, sq_norms, sq_norms_serial
+from kvant.kernels.distance import (
+    exact_l2_topk,
+    normalise_rows_into,
+    sq_l2_block,
+    sq_l2_direct,
+    sq_norms,
+    sq_norms_serial,
+)
 from kvant.kernels.lloyd import (
     UNIT_WEIGHTS,
     cluster_sums,
@@ -160,6 +167,21 @@ def test_topk_matches_reference(nq, n, k):
     rv, ri = ref.topk_ref(dist, k)
     np.testing.assert_array_equal(ids, ri)
     np.testing.assert_array_equal(vals, rv.astype(np.float32))
+
+
+@pytest.mark.parametrize("nq,n,d,k", [(0, 5, 3, 2), (1, 1, 1, 1), (3, 2, 4, 5), (7, 50, 13, 1), (4, 100, 17, 10),
+                                      (2, 33, 1, 33)])
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e18])
+def test_exact_l2_topk_matches_reference(nq, n, d, k, scale):
+    g = np.random.default_rng(nq * 100 + n)
+    x = (g.integers(0, 3, size=(n, d)) * scale).astype(np.float32)  # many exact ties and duplicates
+    x[: n // 2] += np.float32(1e4 * scale)  # and a large offset on half the rows
+    q = x[g.integers(0, n, nq)] if nq else np.empty((0, d), np.float32)
+    out_d, out_i = np.empty((nq, k)), np.empty((nq, k), np.int64)
+    exact_l2_topk(q, x, out_d, out_i)
+    rd, ri = ref.exact_l2_topk_ref(q, x, k)
+    np.testing.assert_array_equal(out_i, ri)
+    np.testing.assert_array_equal(out_d, rd)
 
 
 def test_merge_topk_blocks_equal_one_shot():

@@ -20,6 +20,19 @@ def sq_l2_ref(q, x):
     return out
 
 
+def exact_l2_topk_ref(q, x, k):
+    """k nearest rows by float64 Σ(q−x)², ties to the smaller row, padded inf / -1 (plain NumPy)."""
+    import numpy as np
+
+    d = ((q.astype(np.float64)[:, None, :] - x.astype(np.float64)[None]) ** 2).sum(-1)
+    out_d = np.full((q.shape[0], k), np.inf)
+    out_i = np.full((q.shape[0], k), -1, np.int64)
+    for r in range(q.shape[0]):
+        order = np.lexsort((np.arange(x.shape[0]), d[r]))[:k]
+        out_d[r, : order.size], out_i[r, : order.size] = d[r, order], order
+    return out_d, out_i
+
+
 def top2_ref(x, centroids):
     """(labels, d1, d2): nearest centroid (ties to the lower id) and the two smallest squared distances."""
     import numpy as np

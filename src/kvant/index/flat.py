@@ -35,6 +35,13 @@ __all__ = ["FlatIndex"]
 _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 16 MiB of float32
 
 
+def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
+    """Bound on |GEMM-form − exact| squared L2 in float32 for each query: the dot product errs by at most
+    dim·u·‖q‖‖x‖ (u = 2**-24), the norms and the two additions by a few u·(‖q‖² + ‖x‖²); with
+    2‖q‖‖x‖ <= ‖q‖² + ‖x‖² that is (dim + 5)·u·(‖q‖² + ‖x‖²). Doubled for safety (BLAS may block sums)."""
+    return 2.0 * (dim + 5) * 2.0**-24 * (q_sq + x_sq_max)
+
+
 def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray) -> None:
     """Replace the GEMM-form distances of the selected neighbours by Σ(q−x)² in float64 and re-sort (ties
     by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds (near-duplicates)."""
@@ -109,8 +116,15 @@ class FlatIndex:
 
     @with_threads
     def search(self, q, k: int):
-        """``(distances, ids)`` of the ``k`` nearest stored vectors to each query (see the conventions)."""
-        from ..kernels.distance import ip_block, sq_l2_block, sq_norms
+        """``(distances, ids)`` of the ``k`` nearest stored vectors to each query (see the conventions).
+
+        l2 is exact: the float32 GEMM form ‖q‖² + ‖x‖² − 2q·x only shortlists. It errs by at most
+        ``_gemm_l2_error`` per distance, so each query keeps ``2k + 8`` rows; when the last of them lies more than
+        twice that bound beyond the k-th, every true neighbour is among them, and they are re-scored as
+        Σ(q−x)² in float64. The other queries (clusters far from the origin, near-duplicates at the k-th) are
+        answered by an exact float64 scan of every row.
+        """
+        from ..kernels.distance import exact_l2_topk, ip_block, sq_l2_block, sq_norms
         from ..kernels.topk import merge_topk
 
         q, one = as_queries(q, self.dim)
@@ -124,26 +138,42 @@ class FlatIndex:
         shift, scale = conditioning(x) if l2 else (None, None)
         cond = shift is not None or scale is not None
         nq = q.shape[0]
-        out_d = np.full((nq, k), np.inf, np.float32)
-        out_i = np.full((nq, k), -1, np.int64)
+        kk = max(k, min(n, 2 * k + 8)) if l2 else k  # l2 keeps enough rows to certify its top k
+        out_d = np.full((nq, kk), np.inf, np.float32)
+        out_i = np.full((nq, kk), -1, np.int64)
+        q_sq = np.zeros(nq, np.float64)  # ‖q‖² (conditioned) for the error bound
+        x_sq_max = 0.0 if cond or not l2 else float(norms.max())
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)
         for qs in range(0, nq, qb):
             qblk = condition(q[qs : qs + qb], shift, scale)
             qn = sq_norms(qblk) if l2 else None
+            if l2:
+                q_sq[qs : qs + qb] = qn
             od, oi = out_d[qs : qs + qb], out_i[qs : qs + qb]
             for xs in range(0, n, xb):
                 xblk = np.ascontiguousarray(x[xs : xs + xb])
                 if cond:
                     xblk = condition(xblk, shift, scale)
-                    d = sq_l2_block(qblk, xblk, sq_norms(xblk), qn)
+                    xn = sq_norms(xblk)
+                    x_sq_max = max(x_sq_max, float(xn.max()))
+                    d = sq_l2_block(qblk, xblk, xn, qn)
                 elif l2:
                     d = sq_l2_block(qblk, xblk, np.ascontiguousarray(norms[xs : xs + xb]), qn)
                 else:
                     d = np.negative(ip_block(qblk, xblk), dtype=np.float32)
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
         if l2:
+            err = _gemm_l2_error(self.dim, q_sq, x_sq_max)
+            sure = (n <= kk) | (out_d[:, kk - 1].astype(np.float64) > out_d[:, k - 1] + 2.0 * err)
             _rescore_exact(q, x, out_d, out_i)
+            out_d, out_i = out_d[:, :k], out_i[:, :k]
+            redo = np.flatnonzero(~sure)
+            if redo.size:
+                exact_d = np.empty((redo.size, k))
+                exact_i = np.empty((redo.size, k), np.int64)
+                exact_l2_topk(np.ascontiguousarray(q[redo]), x, exact_d, exact_i)
+                out_d[redo], out_i[redo] = exact_d, exact_i
         return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
 
     def remove(self, ids) -> int:

@@ -63,6 +63,34 @@ def sq_l2_direct(q, x):
     return out
 
 
+@numba.njit(parallel=True, **_JIT)
+def exact_l2_topk(q, x, out_d, out_i):
+    """The k = out_d.shape[1] nearest rows of ``x`` to each query by exact squared L2 (float64 Σ(q−x)²),
+    ascending, ties to the smaller row; rows beyond x are padded inf / -1. Parallel over queries: this is the
+    fallback for queries whose GEMM-form distances cannot certify their top k, so it is meant for few of them.
+    """
+    nq, d = q.shape
+    k = out_d.shape[1]
+    for i in prange(nq):
+        bd = out_d[i]
+        bi = out_i[i]
+        bd[:] = np.inf
+        bi[:] = -1
+        for j in range(x.shape[0]):
+            acc = 0.0
+            for t in range(d):
+                diff = np.float64(q[i, t]) - np.float64(x[j, t])
+                acc += diff * diff
+            if acc < bd[k - 1]:  # rows come in increasing order, so an equal distance keeps the earlier row
+                p = k - 1
+                while p > 0 and bd[p - 1] > acc:
+                    bd[p] = bd[p - 1]
+                    bi[p] = bi[p - 1]
+                    p -= 1
+                bd[p] = acc
+                bi[p] = j
+
+
 def ip_block(q: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Inner products (nq, nb) via BLAS."""
     return q @ x.T
