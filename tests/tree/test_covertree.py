@@ -235,6 +235,13 @@ def residual():
     return X, kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.4, 1.5), n_inducing=40, seed=1)
 
 
+def test_residual_queries_may_repeat_rows_in_knn_and_brute_force(residual):
+    tree = kvant.CoverTree(residual[1]).fit()
+    d, i = tree.knn([5, 5, 9], 3)
+    bd, bi = tree.brute_force([5, 5, 9], 3)  # used to reject repeats as if they were points to add
+    assert np.array_equal(i, bi) and np.array_equal(d, bd) and np.array_equal(i[0], i[1])
+
+
 def test_residual_metric_matches_numpy_reference(residual):
     X, rc = residual
     i = np.arange(0, 400, 7)
@@ -417,6 +424,20 @@ def test_corrupted_files_raise_persist_error(tmp_path):
     persist.write(tmp_path / "n.kvant", kind, meta2, arrays)
     with pytest.raises(PersistError):
         kvant.load(tmp_path / "n.kvant")
+    # maxdist cut to the farthest direct child: still bounds every parent link, but not the deeper
+    # descendants, so queries would prune true neighbours
+    ids, par = arrays["ids"], arrays["parent"]
+    full_par = np.full(meta["cap"], -1)
+    full_par[ids] = par
+    kids = ids[par >= 0]
+    X = np.zeros((meta["cap"], 3))
+    X[ids] = arrays["data"]
+    shallow = np.zeros(meta["cap"])
+    np.maximum.at(shallow, full_par[kids], np.sqrt(((X[kids] - X[full_par[kids]]) ** 2).sum(1)))
+    assert np.any(shallow[ids] < arrays["maxdist"])  # the cut really understates some subtree
+    persist.write(tmp_path / "maxdist.kvant", kind, meta, dict(arrays, maxdist=shallow[ids]))
+    with pytest.raises(PersistError, match="maxdist"):
+        kvant.load(tmp_path / "maxdist.kvant")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +485,18 @@ def test_bad_input_raises_and_leaves_tree_unchanged():
         kvant.CoverTree(residual_scan="yes")
     with pytest.raises(InvalidInput, match="zero vector"):
         kvant.CoverTree("angular").fit(np.zeros((3, 2)))
+
+
+def test_euclidean_points_too_small_to_square_are_refused():
+    X = _data(50, 3)
+    with pytest.raises(InvalidInput, match="underflow"):
+        kvant.CoverTree().fit(X * 1e-170)  # every squared difference would be 0: all "duplicates"
+    with pytest.raises(InvalidInput, match="underflow"):
+        kvant.CoverTree().insert(X * 1e-170)
+    tree = kvant.CoverTree("manhattan").fit(X * 1e-170)  # no squares: exact as it is
+    assert tree.knn(X[:1] * 1e-170, 1)[1][0, 0] == 0
+    tree = kvant.CoverTree().fit(X * 1e-140)
+    assert np.array_equal(tree.knn(X[:5] * 1e-140, 1)[1][:, 0], np.arange(5))
 
 
 def test_metric_returning_nan_or_negative():

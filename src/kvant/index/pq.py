@@ -58,7 +58,7 @@ class PQIndex:
     >>> import numpy as np, kvant
     >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32")
     >>> index = kvant.PQIndex(32, m=8, nbits=8, refine=4)
-    >>> index.train(x)
+    >>> _ = index.train(x)  # returns the index, for chaining
     >>> index.add(x)
     >>> dist, ids = index.search(x[:2], k=3)
     >>> ids[:, 0].tolist()

@@ -212,8 +212,14 @@ class CoverTree:
         if not np.all(np.isfinite(F)):
             bad = np.argwhere(~np.isfinite(F))[0]
             raise InvalidInput(f"{what}: contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
-        if F.size and np.abs(F).max() > _MAX_ABS:
+        amax = float(np.abs(F).max()) if F.size else 0.0
+        if amax > _MAX_ABS:
             raise InvalidInput(f"{what}: values above {_MAX_ABS:g} in magnitude would overflow distances")
+        alone = what == "fit points" or (what == "insert points" and self._n == 0)  # no other points to measure
+        if self._m.name == "euclidean" and alone and 0.0 < amax < 1 / _MAX_ABS:
+            # every squared difference would underflow float64: all points would look like duplicates
+            raise InvalidInput(f"{what}: all values are below {1 / _MAX_ABS:g} in magnitude, where squared "
+                               "distances underflow; multiply the data by a power of two first")
         if self._m.name == "angular":
             norms = np.sqrt(np.einsum("ij,ij->i", F, F))
             if np.any(norms == 0):
@@ -556,19 +562,23 @@ class CoverTree:
         m = self._m
         if m.kind == "index":
             single = np.ndim(queries) == 0
-            rows = np.asarray(queries)
-            rows = rows.reshape(1) if single else rows
-            if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
-                raise InvalidInput("queries: with a ResidualCorrelation metric, queries are row indices into X")
-            rows = rows.astype(np.int64)
-            if rows.size and (rows.min() < 0 or rows.max() >= m.obj.n):
-                raise InvalidInput(f"queries: row index out of range [0, {m.obj.n})")
-            Q = np.ascontiguousarray(self._data[rows])
+            Q = np.ascontiguousarray(self._data[self._query_rows(queries)])
         else:
             q = np.asarray(queries)
             single = q.ndim == 1
             Q = self._features(q.reshape(1, -1) if single else q, "queries")
         return self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, single)
+
+    def _query_rows(self, queries) -> np.ndarray:
+        """Query rows for a ResidualCorrelation metric: indices into X (repeats allowed), as int64."""
+        rows = np.asarray(queries)
+        rows = rows.reshape(1) if rows.ndim == 0 else rows
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise InvalidInput("queries: with a ResidualCorrelation metric, queries are row indices into X")
+        rows = rows.astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self._m.obj.n):
+            raise InvalidInput(f"queries: row index out of range [0, {self._m.obj.n})")
+        return rows
 
     @with_threads
     def knn_self(self, k: int, predecessors: bool = True):
@@ -810,7 +820,7 @@ class CoverTree:
             Q = np.ascontiguousarray(self._data[slots])
             qslot, mode = slots, (2 if (predecessors is None or predecessors) else 1)
         elif m.kind == "index":
-            rows = self._rows(queries, "queries") if np.ndim(queries) else np.asarray([queries])
+            rows = self._query_rows(queries)
             Q, qslot, mode = np.ascontiguousarray(self._data[rows]), np.zeros(rows.size, np.int64), 0
         else:
             Q = self._features(queries, "queries")
@@ -867,18 +877,7 @@ class CoverTree:
                 # duplicates: distance 0 up to the metric's rounding slack (angular's arccos gives ~1e-8)
                 if not np.all((dd > K.radius(self.base, int(ls[s]))) | (dd <= self._m.slack_abs)):
                     raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
-        # maxdist: walk every node up to the root
-        anc_all, desc_all = [], []
-        for c in kids:
-            p = self._parent[c]
-            while p >= 0:
-                anc_all.append(p)
-                desc_all.append(c)
-                p = self._parent[p]
-        anc_all = np.asarray(anc_all, np.int64)
-        desc_all = np.asarray(desc_all, np.int64)
-        dd = self._pair(anc_all, desc_all)
-        if not np.all(dd <= self._maxdist[anc_all]):
+        if not _maxdist_bounds_subtrees(self._pair, self._parent, self._maxdist, kids):
             raise KvantError("maxdist is not an upper bound on a subtree's radius")
         # CSR consistent with parents
         off, idx, _, _ = K.build_csr(self._parent, self._level, self._in)
@@ -969,11 +968,28 @@ class CoverTree:
             cover = K.radii(tree.base, level[kids].astype(np.int64) + 1)
             if not (np.all(d <= cover) and np.all(d <= maxdist[parent[kids]])):
                 raise PersistError("CoverTree file: covering invariant fails (corrupted distances or links)")
+            # queries prune with maxdist: an understated one would silently drop neighbours
+            if not _maxdist_bounds_subtrees(tree._pair, parent, maxdist, kids):
+                raise PersistError("CoverTree file: maxdist understates a subtree's radius (corrupted file)")
             pd[kids] = d
         tree._set_state(_State(parent, level, maxdist, pd, in_tree))
         tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
         tree._freeze()
         return tree
+
+
+def _maxdist_bounds_subtrees(pair, parent, maxdist, kids) -> bool:
+    """Whether maxdist(a) >= d(a, c) for every node c in ``kids`` and each of its ancestors a: one vectorised
+    step up the tree at a time (O(n * depth) distances, as many steps as the tree is deep)."""
+    desc = np.asarray(kids, np.int64)
+    anc = parent[desc]
+    while desc.size:
+        if not np.all(pair(anc, desc) <= maxdist[anc]):
+            return False
+        anc = parent[anc]
+        up = anc >= 0
+        desc, anc = desc[up], anc[up]
+    return True
 
 
 persist.register("CoverTree")(CoverTree)
