@@ -570,3 +570,25 @@ def test_k1_history_is_finite_at_extreme_scales(scale, kwargs):
     h = np.array(c.inertia_history_)
     assert np.all(np.isfinite(h)) and np.all(h > 0)
     assert h[-1] == pytest.approx(c.inertia_, rel=0.05)
+
+
+def test_minibatch_on_parquet_decodes_each_row_group_once_per_epoch(tmp_path, monkeypatch):
+    from kvant.io.parquet import ParquetSource
+
+    x = np.random.default_rng(0).standard_normal((20_000, 8)).astype(np.float32)
+    kvant.io.write_parquet(tmp_path / "x.parquet", x, row_group_rows=5_000)
+    decodes = []
+    real = ParquetSource._row_group
+
+    def counting(self, g):
+        if self._cache is None or self._cache[0] != g:
+            decodes.append(g)
+        return real(self, g)
+
+    monkeypatch.setattr(ParquetSource, "_row_group", counting)
+    c = kvant.Clusterer(4, algorithm="minibatch", batch_rows=500, max_epochs=3, tol=0.0, seed=0)
+    c.fit(tmp_path / "x.parquet")
+    # 4 groups x 3 epochs, plus the seeding sample's pass and the final assignment's (random batch order
+    # across groups decoded a group for almost every one of the 120 batches)
+    assert len(decodes) <= 4 * (3 + 2)
+    assert np.bincount(c.labels_, minlength=4).min() > 0

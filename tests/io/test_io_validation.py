@@ -389,3 +389,32 @@ def test_fvecs_writer_refuses_what_the_reader_would_reject(tmp_path, bad):
 def test_fvecs_writer_missing_directory_is_invalid_input(tmp_path):
     with pytest.raises(InvalidInput, match="cannot write"):
         write_fvecs(tmp_path / "no" / "x.fvecs", np.ones((2, 2)))
+
+
+def test_empty_path_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_parquet(tmp_path / "stray.parquet", np.ones((4, 3), np.float32))
+    with pytest.raises(InvalidInput, match="empty"):
+        as_source("")
+
+
+def test_negative_sample_size_is_invalid_input():
+    src = as_source(np.ones((10, 2), np.float32))
+    with pytest.raises(InvalidInput, match="sample size"):
+        src.sample(-1)
+    assert src.sample(np.int64(3)).shape == (3, 2)
+
+
+def test_float64_beyond_float32_range_is_named_as_such(recwarn):
+    with pytest.raises(InvalidInput, match=r"beyond float32's range .*first bad row: 1\)"):
+        as_source(np.array([[1.0, 2.0], [1e300, 0.0]]))
+    with pytest.raises(InvalidInput, match=r"NaN or inf \(first bad row: 1\)"):
+        as_source(np.array([[1.0, 2.0], [np.nan, 0.0]]))
+    assert not [w for w in recwarn if "overflow" in str(w.message)]
+
+
+def test_fixed_size_list_of_size_zero_is_zero_columns(tmp_path):
+    typ = pa.list_(pa.float32(), 0)
+    pq.write_table(pa.table({"emb": pa.array([[], []], type=typ)}), tmp_path / "z.parquet")
+    with pytest.raises(InvalidInput, match="zero columns"):
+        as_source(tmp_path / "z.parquet")

@@ -35,6 +35,17 @@ def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
     return normalise_rows(block, start) if spherical else block
 
 
+def _batch_order(g: np.random.Generator, starts: np.ndarray, units: np.ndarray | None) -> np.ndarray:
+    """A random order of the batches. With decode units (parquet row groups), the units are shuffled and the
+    batches within each, so a unit is decoded once per epoch instead of once per batch that lands in it."""
+    if units is None:
+        return g.permutation(starts)
+    unit = np.searchsorted(units, starts, side="right") - 1
+    unit_rank = np.empty(units.size, np.int64)
+    unit_rank[g.permutation(units.size)] = np.arange(units.size)
+    return starts[np.lexsort((g.random(starts.size), unit_rank[unit]))]
+
+
 def minibatch_kmeans(
     src, k, spherical, seed, batch_rows, max_epochs, tol, on_batch=None
 ) -> MiniBatchResult:
@@ -57,10 +68,11 @@ def minibatch_kmeans(
     seen = np.zeros(k, np.float64)
     result = MiniBatchResult(c)
     starts = np.arange(0, n, batch_rows)
+    units = src.read_units()
     prev = np.inf
     for _epoch in range(max_epochs):
         total_obj = 0.0
-        for s in g.permutation(starts):
+        for s in _batch_order(g, starts, units):
             e = min(n, int(s) + batch_rows)
             xb = read_block(src, int(s), e, spherical)
             b = xb.shape[0]

@@ -205,6 +205,8 @@ class ParquetSource(VectorSource):
         t = schema.field(self.columns[0]).type
         _, pq = _pa()
         if hasattr(t, "list_size"):
+            if t.list_size < 1:
+                raise InvalidInput(f"{f}: column {self.columns[0]!r} is a list of size {t.list_size} (zero columns)")
             return int(t.list_size)
         # variable-size list: the dim is the length of the first row (ragged rows are caught on read)
         pf = pq.ParquetFile(f)
@@ -248,7 +250,7 @@ class ParquetSource(VectorSource):
                     i = int(np.argmax(bad))
                     raise InvalidInput(
                         f"{self.name}: ragged list column {self.column!r}: row {offset + i} has "
-                        f"{int(lengths[i])} values, expected {self.dim}"
+                        f"{int(lengths[i])} values, expected {self.dim} (the length of the first row)"
                     )
             values = arr.flatten()
             if values.null_count:
@@ -268,6 +270,9 @@ class ParquetSource(VectorSource):
             self.close()
             self._open = (fi, pq.ParquetFile(self.files[fi], pre_buffer=False))
         return self._open[1]
+
+    def read_units(self) -> np.ndarray:
+        return self._rg_start.copy()
 
     def _row_group(self, g: int) -> np.ndarray:
         """Decoded row group number ``g`` (global numbering), cached one at a time."""

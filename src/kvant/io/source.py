@@ -58,12 +58,18 @@ def _first_bad_row(block: np.ndarray) -> int:
     return int(np.argmax(bad)) if bad.any() else -1
 
 
-def check_finite(block: np.ndarray, start: int = 0, what: str = "input") -> None:
-    """Raise InvalidInput naming the first row of ``block`` (offset by ``start``) holding NaN or inf."""
+def check_finite(block: np.ndarray, start: int = 0, what: str = "input", original: np.ndarray | None = None) -> None:
+    """Raise InvalidInput naming the first row of ``block`` (offset by ``start``) holding NaN or inf.
+
+    ``original``: the wider-typed rows ``block`` was cast from, so that a finite value that became inf in the
+    cast is reported as out of float32's range rather than as inf."""
     if block.dtype.kind != "f" or block.size == 0:
         return
     row = _first_bad_row(block)
     if row >= 0:
+        if original is not None and np.isfinite(original[row]).all():
+            raise InvalidInput(f"{what} holds a value beyond float32's range (±3.4e38), which kvant computes in "
+                               f"(first bad row: {row + start})")
         raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row + start})")
 
 
@@ -133,6 +139,12 @@ class VectorSource:
             yield start, block
             self.release_rows(start, stop)
 
+    def read_units(self) -> np.ndarray | None:
+        """Boundaries ``[0, ..., n]`` of the spans this source decodes as a whole (a parquet row group), or None
+        when any rows are as cheap as any others. Readers that visit rows out of order keep to one span at a
+        time, so that each span is decoded once per pass."""
+        return None
+
     def release_rows(self, start: int, stop: int) -> None:
         """Say the caller has finished with rows [start, stop) for now (``chunks`` calls it after each block).
 
@@ -143,11 +155,12 @@ class VectorSource:
 
     def sample(self, m: int, seed: int | None = 0) -> np.ndarray:
         """``min(m, n)`` distinct rows drawn uniformly at random (sorted by row number), as float32."""
-        m = min(int(m), self.n)
         idx = self.sample_indices(m, seed)
         return self.take(idx)
 
     def sample_indices(self, m: int, seed: int | None = 0) -> np.ndarray:
+        if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 0:
+            raise InvalidInput(f"sample size must be an integer >= 0, got {m!r}")
         m = min(int(m), self.n)
         if m == self.n:
             return np.arange(self.n, dtype=np.int64)
@@ -253,10 +266,11 @@ class ArraySource(VectorSource):
         # a memmap's resident window stays at 4 MiB (the scan is bandwidth-bound either way)
         step = default_chunk_rows(self.dim) if self.in_memory else max(1, (4 << 20) // (self.dim * self.array.itemsize))
         for start in range(0, self.n, step):
-            block = self.array[start : start + step]
+            block = original = self.array[start : start + step]
             if block.dtype == np.float64:  # check what kvant computes on: finite float64 beyond float32's range is inf
-                block = block.astype(np.float32)
-            check_finite(block, start, self.name)
+                with np.errstate(over="ignore"):
+                    block = block.astype(np.float32)
+            check_finite(block, start, self.name, original if original is not block else None)
             self.release_rows(start, start + step)
         self._validated = True
 

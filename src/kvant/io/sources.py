@@ -43,6 +43,8 @@ def as_source(x, column=None, name: str = "input", validate: bool = True) -> Vec
             raise InvalidInput("column= only applies to parquet and HDF5 inputs, not to NumPy arrays")
         return ArraySource(x, name=name, validate=validate)
     if isinstance(x, str | os.PathLike):
+        if not os.fspath(x):  # Path("") is "." and would read every parquet file below the working directory
+            raise InvalidInput("input path is empty")
         return _open_path(Path(os.fspath(x)), column)
     if isinstance(x, list | tuple):
         raise InvalidInput(
