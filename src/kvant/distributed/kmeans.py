@@ -1,0 +1,276 @@
+"""k-means and PQ encoding over a Dask array of rows.
+
+``DaskClusterer`` follows ``kvant.Clusterer``'s ``auto`` rule, spread over a cluster:
+
+1. a uniform sample of ``sample_per_centroid·K`` rows is gathered to the client and clustered there with
+   ``kvant.Clusterer`` (k-means++ and Lloyd's until the objective improves < ``tol``), exactly as on one
+   machine: the sample is small (256·K rows) and training on it is what FAISS and ``auto`` do;
+2. optionally, ``polish_iter`` Lloyd iterations over *all* rows: each chunk returns its per-cluster sums and
+   counts (k×D float64), reduced in a tree, so the client never holds more than a few k×D arrays;
+3. one pass over all rows for the exact inertia; ``labels_`` is a lazy Dask array (materialising it costs one
+   more assignment pass, on the workers).
+
+The uniform sample replaces the single-machine lightweight coreset, which needs a pass over every row before
+training; on data with far outliers carrying the MSE (heavy tails) ``polish_iter`` is the way to reach them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .._config import check_seed, rng
+from .._numerics import conditioning
+from ..cluster.assign import assign_top2
+from ..cluster.clusterer import Clusterer
+from ..cluster.lloyd import normalise_rows
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
+from ..io import as_source
+from ..io.source import check_finite, check_finite_rows, default_chunk_rows
+from ..kernels.distance import sq_norms_serial
+from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
+
+__all__ = ["DaskClusterer", "as_dask_array", "encode"]
+
+_FAN_IN = 8  # partial results combined per task in the tree reduction
+
+
+def _dask():
+    try:
+        import dask
+        import dask.array as da
+    except ImportError as exc:  # the optional extra
+        raise InvalidInput("kvant.distributed needs Dask: pip install 'kvant[dask]'") from exc
+    return dask, da
+
+
+def as_dask_array(x, chunk_rows: int | None = None):
+    """``x`` as a 2-D Dask array chunked along rows only (columns in one chunk).
+
+    ``x``: a ``dask.array.Array``; a NumPy array (split into chunks of ``chunk_rows`` rows, default ~64 MiB
+    of float32); or a list of paths that :func:`kvant.as_source` reads (.npy, parquet, fvecs, HDF5 ...), one
+    chunk per file, read on the workers (the files must be reachable from them). Their row counts and
+    dimension are read here from the files' headers.
+    """
+    dask, da = _dask()
+    if isinstance(x, da.Array):
+        arr = x
+    elif isinstance(x, np.ndarray):
+        if x.ndim != 2:
+            raise InvalidInput(f"input: expected a 2-D array (n, dim), got shape {x.shape}")
+        rows = chunk_rows or default_chunk_rows(max(1, x.shape[1]))
+        arr = da.from_array(x, chunks=(rows, -1))
+    elif isinstance(x, Sequence) and not isinstance(x, str | bytes) and x and all(
+            isinstance(p, str | os.PathLike) for p in x):
+        parts = []
+        dim = None
+        for p in x:
+            src = as_source(p, validate=False)
+            if dim is not None and src.dim != dim:
+                raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {dim}")
+            dim = src.dim
+            parts.append(da.from_delayed(dask.delayed(_read_file)(os.fspath(p)), (src.n, src.dim), np.float32))
+        arr = da.concatenate(parts, axis=0)
+    else:
+        raise InvalidInput(f"input: expected a dask.array.Array, a NumPy array or a list of file paths, "
+                           f"got {type(x).__name__}")
+    if arr.ndim != 2:
+        raise InvalidInput(f"input: expected a 2-D array (n, dim), got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise InvalidInput(f"input: dtype {arr.dtype} is not numeric")
+    if any(np.isnan(c) for c in arr.chunks[0]):
+        raise InvalidInput("input: chunk sizes are unknown; call x.compute_chunk_sizes() first")
+    if arr.shape[0] == 0:
+        raise InvalidInput("input: has zero rows")
+    if arr.shape[1] == 0:
+        raise InvalidInput("input: has zero columns")
+    return arr.rechunk({1: -1}) if len(arr.chunks[1]) > 1 else arr
+
+
+def _read_file(path: str) -> np.ndarray:
+    return as_source(path).to_array()
+
+
+def _as_float32(block: np.ndarray, start: int) -> np.ndarray:
+    """A chunk as C-contiguous float32, checked for NaN/inf (named by global row)."""
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(block, dtype=np.float32)
+    if block.dtype.kind == "f":
+        check_finite(x, start, "input", block if block.dtype.itemsize > 4 else None)
+    return x
+
+
+def _assign_chunk(block, start, centroids, spherical):
+    """(float32 rows, labels, exact squared distance of each row to its centre) for one chunk."""
+    x = _as_float32(block, start)
+    b = x.shape[0]
+    labels = np.empty(b, np.int64)
+    per_row = np.empty(b, np.float64)
+    shift, scale = (None, None) if spherical else conditioning(centroids)
+    assign_top2(x, centroids, sq_norms_serial(centroids), labels, np.empty(b, np.float32), np.empty(b, np.float32),
+                exact_sq=per_row, unit_rows=spherical, row_offset=start, shift=shift, scale=scale)
+    return x, labels, per_row
+
+
+def _chunk_stats(block, start, centroids, spherical, with_sums):
+    """(sums k×D float64 or None, counts k, objective) of one chunk: the map step of Lloyd's and of the inertia."""
+    x, labels, per_row = _assign_chunk(block, start, centroids, spherical)
+    objective = float(per_row.sum()) * (0.5 if spherical else 1.0)  # ½‖u − c‖² = 1 − cos for unit rows
+    k = centroids.shape[0]
+    if not with_sums:
+        return None, np.bincount(labels, minlength=k).astype(np.float64), objective
+    rows = normalise_rows(x, start) if spherical else x
+    sums, counts = cluster_sums(rows, labels, k, 1, UNIT_WEIGHTS)
+    return sums, counts, objective
+
+
+def _combine(*parts):
+    sums = None if parts[0][0] is None else np.sum([p[0] for p in parts], axis=0)
+    return sums, np.sum([p[1] for p in parts], axis=0), float(sum(p[2] for p in parts))
+
+
+def _labels_block(block, centroids, spherical, block_info=None):
+    start = block_info[0]["array-location"][0][0] if block_info else 0
+    return _assign_chunk(block, start, centroids, spherical)[1]
+
+
+def _pass(arr, centroids, spherical, with_sums):
+    """One pass over every chunk: the reduced (sums, counts, objective)."""
+    dask, _ = _dask()
+    cd = dask.delayed(centroids, pure=True)  # one copy in the graph, shared by every task
+    starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(np.int64)
+    parts = [dask.delayed(_chunk_stats, pure=True)(blk, int(s), cd, spherical, with_sums)
+             for blk, s in zip(arr.to_delayed().ravel(), starts, strict=True)]
+    while len(parts) > 1:  # tree reduction: the client receives one result, not one per chunk
+        parts = [dask.delayed(_combine, pure=True)(*parts[i : i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
+    return dask.compute(parts[0])[0]
+
+
+class DaskClusterer:
+    """k-means over a Dask array of rows, with ``kvant.Clusterer``'s training and kernels on each chunk.
+
+    >>> import numpy as np, dask.array as da, kvant.distributed as kd
+    >>> x = da.from_array(np.random.default_rng(0).standard_normal((5000, 8)).astype("float32"), chunks=(1000, 8))
+    >>> c = kd.DaskClusterer(k=4, seed=0).fit(x)
+    >>> c.cluster_centers_.shape, c.labels_.shape
+    ((4, 8), (5000,))
+
+    ``polish_iter``: Lloyd iterations over all rows after training on the sample (0 = as ``auto``; each
+    costs one pass). Other settings are ``kvant.Clusterer``'s. Runs on the current Dask scheduler (a
+    ``distributed.Client`` if one is active).
+    """
+
+    def __init__(self, k: int, metric: str = "l2", seed: int | None = 0, *, max_iter: int = 25,
+                 tol: float | None = None, sample_per_centroid: int = 256, polish_iter: int = 0):
+        self.k = k
+        self.metric = metric
+        self.seed = seed
+        self.max_iter = max_iter
+        self.tol = tol
+        self.sample_per_centroid = sample_per_centroid
+        self.polish_iter = polish_iter
+
+    def _local(self) -> Clusterer:
+        return Clusterer(self.k, self.metric, "auto", self.seed, max_iter=self.max_iter, tol=self.tol,
+                         sample_per_centroid=self.sample_per_centroid, polish_iter=0)
+
+    def fit(self, x) -> DaskClusterer:
+        """Cluster ``x`` (see :func:`as_dask_array`). Returns self; state changes only on success."""
+        local = self._local()
+        local._check_settings()
+        if isinstance(self.polish_iter, bool) or not isinstance(self.polish_iter, int | np.integer) \
+                or self.polish_iter < 0:
+            raise InvalidInput(f"polish_iter must be an integer >= 0, got {self.polish_iter!r}")
+        arr = as_dask_array(x)
+        n, dim = arr.shape
+        local._check_settings(n)
+        spherical = self.metric == "cos"
+        k, seed = int(self.k), check_seed(self.seed)
+        m = min(n, k * int(self.sample_per_centroid))
+        idx = np.sort(rng(seed).choice(n, size=m, replace=False)) if m < n else np.arange(n)
+        sample = arr[idx].compute() if m < n else arr.compute()
+        with np.errstate(over="ignore"):
+            sample32 = np.ascontiguousarray(sample, dtype=np.float32)
+        if sample.dtype.kind == "f":
+            check_finite_rows(sample32, idx, "input")
+        if spherical:
+            zero = np.flatnonzero(~(np.einsum("ij,ij->i", sample32, sample32, dtype=np.float64) > 0))
+            if zero.size:
+                raise InvalidInput(f"row {int(idx[zero[0]])} has zero norm; metric='cos' needs non-zero vectors")
+        local.fit(sample32)
+        centroids = local.cluster_centers_
+        history = [h * n / m for h in local.inertia_history_]  # the sample's objective, scaled to N rows
+        n_iter = local.n_iter_
+        tol = 1e-4 if self.tol is None else float(self.tol)
+        previous = None
+        for _ in range(int(self.polish_iter)):
+            # the objective of the current centres; the step below never raises it
+            sums, counts, objective = _pass(arr, centroids, spherical, True)
+            history.append(objective)
+            n_iter += 1
+            hit = counts > 0  # an empty cluster keeps its centre
+            new = centroids.astype(np.float64)
+            new[hit] = sums[hit] / counts[hit, None]
+            if spherical:
+                norms = np.linalg.norm(new, axis=1, keepdims=True)
+                new = np.where(norms > 0, new / np.where(norms > 0, norms, 1.0), centroids)
+            centroids = new.astype(np.float32)
+            scale = n - objective if spherical else objective  # relative to Σ cos for cos, as Lloyd's does
+            if previous is not None and previous - objective <= tol * max(abs(scale), 1e-30):
+                break
+            previous = objective
+        _, counts, inertia = _pass(arr, centroids, spherical, False)
+        # commit
+        self.cluster_centers_ = centroids
+        self.inertia_ = float(inertia)
+        self.counts_ = counts.astype(np.int64)
+        self.inertia_history_ = [float(h) for h in history] + [float(inertia)]
+        self.n_iter_ = int(n_iter)
+        self.n_samples_fit_, self.n_features_in_ = int(n), int(dim)
+        self.metric_ = self.metric
+        self.labels_ = self._labels(arr)
+        for stale in ("mean_cosine_", "mse_"):
+            self.__dict__.pop(stale, None)
+        if spherical:
+            self.mean_cosine_ = float(1.0 - inertia / n)
+        else:
+            self.mse_ = float(inertia / n)
+        return self
+
+    def _labels(self, arr):
+        return arr.map_blocks(_labels_block, self.cluster_centers_, self.metric_ == "cos", dtype=np.int64,
+                              drop_axis=1, chunks=(arr.chunks[0],))
+
+    def predict(self, x):
+        """Nearest fitted centre of each row, as a lazy Dask array of int64 labels."""
+        if not hasattr(self, "cluster_centers_"):
+            raise EmptyIndex("this DaskClusterer is not fitted yet; call fit() first")
+        arr = as_dask_array(x)
+        if arr.shape[1] != self.n_features_in_:
+            raise DimensionMismatch(f"input has dim {arr.shape[1]}, the clusterer was fitted on dim "
+                                    f"{self.n_features_in_}")
+        return self._labels(arr)
+
+    def __repr__(self) -> str:
+        return f"DaskClusterer(k={self.k!r}, metric={self.metric!r}, seed={self.seed!r})"
+
+
+def _encode_block(block, codec, block_info=None):
+    start = block_info[0]["array-location"][0][0] if block_info else 0
+    return codec.encode(_as_float32(block, start))
+
+
+def encode(codec, x):
+    """PQ/OPQ codes of every row of ``x`` (see :func:`as_dask_array`), as a lazy uint8 Dask array
+    (n, codec.code_size), each chunk encoded on a worker with ``codec.encode``."""
+    from ..quant.pq import PQ
+
+    if not isinstance(codec, PQ):  # OPQ is a PQ
+        raise InvalidInput(f"codec: expected a kvant.PQ or kvant.OPQ, got {type(codec).__name__}")
+    codec._check_fitted()
+    arr = as_dask_array(x)
+    if arr.shape[1] != codec.dim:
+        raise DimensionMismatch(f"input has dim {arr.shape[1]}, the codec expects {codec.dim}")
+    return arr.map_blocks(_encode_block, codec, dtype=np.uint8, chunks=(arr.chunks[0], (codec.code_size,)))

@@ -1,0 +1,129 @@
+"""kvant.distributed: DaskClusterer and encode against the single-machine code on the same data."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import kvant
+import kvant.distributed as kd
+from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput
+
+
+def _blobs(n=6000, d=8, k=5, seed=0):
+    g = np.random.default_rng(seed)
+    centres = g.standard_normal((k, d)) * 4
+    return (centres[g.integers(0, k, n)] + g.standard_normal((n, d))).astype(np.float32)
+
+
+def _nearest(x, c, spherical=False):
+    x = x.astype(np.float64)
+    if spherical:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = ((x[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    return d.argmin(1), d.min(1)
+
+
+@pytest.fixture(autouse=True)
+def synchronous():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_all_rows_in_the_sample_equals_the_single_machine_fit(metric):
+    x = _blobs(n=1200)
+    c = kd.DaskClusterer(k=5, metric=metric, seed=3).fit(da.from_array(x, chunks=(300, 4)))  # column chunks too
+    ref = kvant.Clusterer(k=5, metric=metric, seed=3).fit(x)  # 1200 <= 256·K: both train on every row
+    assert np.array_equal(c.cluster_centers_, ref.cluster_centers_)
+    assert np.array_equal(c.labels_.compute(), ref.labels_)
+    assert c.inertia_ == pytest.approx(ref.inertia_, rel=1e-9)
+    score = c.mean_cosine_ if metric == "cos" else c.mse_
+    assert score == pytest.approx(ref.mean_cosine_ if metric == "cos" else ref.mse_, rel=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_sampled_fit_labels_inertia_and_polish(metric):
+    x = _blobs(n=9000)
+    arr = da.from_array(x, chunks=(1000, 8))
+    c = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, tol=0).fit(arr)  # 320-row sample
+    labels, dist = _nearest(x, c.cluster_centers_, metric == "cos")
+    got = c.labels_.compute()
+    clear = np.sort(((x[:, None] - c.cluster_centers_[None]) ** 2).sum(-1), 1)
+    clear = (clear[:, 1] - clear[:, 0]) > 1e-3 if metric == "l2" else np.ones(len(x), bool)
+    assert np.array_equal(got[clear], labels[clear])
+    want = dist.sum() * (0.5 if metric == "cos" else 1.0)
+    assert c.inertia_ == pytest.approx(want, rel=1e-6)
+    assert np.array_equal(c.counts_, np.bincount(got, minlength=5))
+    assert np.array_equal(c.predict(arr).compute(), got)
+    polished = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=5, tol=0).fit(arr)
+    assert polished.inertia_ <= c.inertia_ * (1 + 1e-9)  # Lloyd's steps over all rows never raise it
+    assert polished.n_iter_ > c.n_iter_
+    steps = polished.inertia_history_[-(polished.n_iter_ - c.n_iter_) - 1 :]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_distributed_client_and_file_shards(tmp_path):
+    distributed = pytest.importorskip("distributed")  # part of the dask extra; the test uses real workers
+    x = _blobs(n=4000, d=6)
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"part-{i}.npy"
+        np.save(p, x[i * 1000 : (i + 1) * 1000])
+        paths.append(p)
+    kvant.io.write_parquet(tmp_path / "part-4.parquet", x[:500])
+    paths.append(tmp_path / "part-4.parquet")
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None):
+        with dask.config.set(scheduler=None):
+            c = kd.DaskClusterer(k=4, seed=1, sample_per_centroid=100, polish_iter=2).fit(paths)
+            assert c.labels_.shape == (4500,) and c.labels_.compute().max() < 4
+            pq = kvant.PQ(dim=6, m=3, nbits=4, seed=0).fit(x)
+            codes = kd.encode(pq, paths).compute()
+    assert np.array_equal(codes, pq.encode(np.vstack([x, x[:500]])))
+
+
+def test_nan_is_named_by_its_global_row_and_state_is_kept():
+    x = _blobs(n=3000)
+    c = kd.DaskClusterer(k=3, seed=0, sample_per_centroid=16).fit(da.from_array(x, chunks=(500, 8)))
+    before = c.cluster_centers_.copy()
+    x[2345, 3] = np.nan
+    with pytest.raises(InvalidInput, match="bad row: 2345"):
+        c.fit(da.from_array(x, chunks=(500, 8)))
+    assert np.array_equal(c.cluster_centers_, before)
+    x[2345, 3] = 0
+    x[1234] = 0
+    with pytest.raises(InvalidInput, match="row 1234"):
+        kd.DaskClusterer(k=3, metric="cos", sample_per_centroid=16).fit(da.from_array(x, chunks=(500, 8)))
+
+
+def test_bad_settings_and_inputs():
+    x = da.from_array(_blobs(n=500), chunks=(100, 8))
+    with pytest.raises(InvalidInput, match="k="):
+        kd.DaskClusterer(k=501).fit(x)
+    with pytest.raises(InvalidInput, match="metric"):
+        kd.DaskClusterer(k=2, metric="dot").fit(x)
+    with pytest.raises(InvalidInput, match="polish_iter"):
+        kd.DaskClusterer(k=2, polish_iter=-1).fit(x)
+    with pytest.raises(InvalidInput, match="2-D"):
+        kd.DaskClusterer(k=2).fit(da.zeros(10, chunks=5))
+    with pytest.raises(InvalidInput, match="expected a dask"):
+        kd.DaskClusterer(k=2).fit("not-a-list-of-paths")
+    with pytest.raises(EmptyIndex):
+        kd.DaskClusterer(k=2).predict(x)
+    c = kd.DaskClusterer(k=2).fit(x)
+    with pytest.raises(DimensionMismatch):
+        c.predict(da.zeros((5, 3), chunks=5))
+    with pytest.raises(EmptyIndex):
+        kd.encode(kvant.PQ(dim=8, m=2), x)
+    with pytest.raises(InvalidInput, match="codec"):
+        kd.encode(object(), x)
+
+
+def test_numpy_input_and_encode_match_single_machine():
+    x = _blobs(n=3000, d=16)
+    pq = kvant.OPQ(dim=16, m=4, nbits=8, seed=0).fit(x)
+    assert np.array_equal(kd.encode(pq, x).compute(), pq.encode(x))
+    c = kd.DaskClusterer(k=3, seed=0).fit(x)  # a NumPy array is split into row chunks
+    assert c.labels_.compute().shape == (3000,)
