@@ -35,6 +35,7 @@ bench:
 	$(BIN)/python benchmarks/pq.py
 	$(BIN)/python benchmarks/covertree.py
 	$(BIN)/python benchmarks/io_read.py
+	$(BIN)/python benchmarks/dask_clustering.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
