@@ -192,6 +192,11 @@ def _cmd_cluster(args) -> int:
         args.centroids = _output_file(args.centroids, ".npy")
         if args.centroids == args.output:
             raise InvalidInput(f"--centroids and -o name the same file ({args.output})")
+    if args.dask:
+        return _cluster_dask(args, t0)
+    if len(args.input) > 1:
+        raise InvalidInput("several inputs are clustered together only with --dask (one input file otherwise)")
+    args.input = args.input[0]
     try:
         c.fit(args.input, column=args.column, progress=report)
     finally:
@@ -231,6 +236,50 @@ def _cmd_cluster(args) -> int:
     return EXIT_OK
 
 
+def _cluster_dask(args, t0: float) -> int:
+    """``kvant cluster --dask``: DaskClusterer over the input files (a parquet directory counts as its files)."""
+    import time
+    from pathlib import Path
+
+    from .distributed import DaskClusterer
+    from .io import as_source
+
+    if args.algorithm != "auto" or args.sampling != "coreset" or args.column is not None:
+        raise InvalidInput("--dask trains as auto on a uniform sample: --algorithm, --sampling and --column "
+                           "do not apply")
+    files = []
+    for path in args.input:
+        src = as_source(path, validate=False)  # names a missing or unreadable input before any worker starts
+        files += [str(f) for f in src.files] if Path(path).is_dir() else [path]
+    try:
+        import distributed
+    except ImportError as exc:
+        raise InvalidInput("--dask needs Dask: pip install 'kvant[dask]'") from exc
+    client = (distributed.Client(processes=False, dashboard_address=None) if args.dask == "local"
+              else distributed.Client(args.dask))
+    with client:
+        c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
+                          polish_iter=args.polish_iter).fit(files)
+        labels = c.labels_.compute() if args.output else None
+    if args.output:
+        np.save(args.output, labels)
+    if args.centroids:
+        np.save(args.centroids, c.cluster_centers_)
+    wall = time.perf_counter() - t0
+    quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)
+    payload = {"input": files, "n": c.n_samples_fit_, "dim": c.n_features_in_, "k": args.k, "metric": args.metric,
+               "algorithm": "dask", "scheduler": args.dask, "polish_iter": args.polish_iter, "n_iter": c.n_iter_,
+               "inertia": c.inertia_, quality_key: quality, "seconds": wall, "cluster_sizes": c.counts_.tolist()}
+    if args.output:
+        payload["labels_file"] = str(args.output)
+    if args.centroids:
+        payload["centroids_file"] = str(args.centroids)
+    text = (f"{c.n_samples_fit_} x {c.n_features_in_} -> k={args.k} on Dask ({args.dask}, {len(files)} files)\n"
+            f"{quality_key} {quality:.6g}, {c.n_iter_} iterations, {wall:.2f} s")
+    emit(args, payload, text)
+    return EXIT_OK
+
+
 def _cmd_demo(args) -> int:
     import time
 
@@ -266,7 +315,8 @@ def _add_cluster(sub) -> None:
     from .cluster import available_algorithms, available_metrics
 
     p = sub.add_parser("cluster", help="k-means cluster a vector file (.npy, .fvecs, parquet, hdf5)")
-    p.add_argument("input", help="vectors: .npy, .fvecs/.bvecs, parquet file or directory, .hdf5")
+    p.add_argument("input", nargs="+", help="vectors: .npy, .fvecs/.bvecs, parquet file or directory, .hdf5 "
+                                            "(several files only with --dask)")
     p.add_argument("-k", type=int, required=True, help="number of clusters")
     p.add_argument("--metric", default="l2", choices=available_metrics())
     p.add_argument("--algorithm", default="auto", choices=available_algorithms())
@@ -277,6 +327,11 @@ def _add_cluster(sub) -> None:
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the vectors")
     p.add_argument("-o", "--output", default=None, help="write labels (int64) to this .npy file")
     p.add_argument("--centroids", default=None, help="write centroids (float32) to this .npy file")
+    p.add_argument("--dask", default=None, metavar="SCHEDULER",
+                   help="cluster on Dask (kvant.distributed): a scheduler address, or 'local' for a local cluster; "
+                        "the input files must be readable by the workers")
+    p.add_argument("--polish-iter", type=int, default=0,
+                   help="with --dask: Lloyd passes over all rows after training on the sample (default 0)")
     _common(p)
     p.set_defaults(func=_cmd_cluster)
 

@@ -127,3 +127,28 @@ def test_numpy_input_and_encode_match_single_machine():
     assert np.array_equal(kd.encode(pq, x).compute(), pq.encode(x))
     c = kd.DaskClusterer(k=3, seed=0).fit(x)  # a NumPy array is split into row chunks
     assert c.labels_.compute().shape == (3000,)
+
+
+def test_cli_cluster_with_dask_over_files_and_a_parquet_directory(tmp_path, capsys):
+    import json
+
+    from kvant.cli import main
+
+    x = _blobs(n=3000, d=6)
+    (tmp_path / "parts").mkdir()
+    for i in range(3):
+        kvant.io.write_parquet(tmp_path / "parts" / f"p{i}.parquet", x[i * 1000 : (i + 1) * 1000])
+    np.save(tmp_path / "extra.npy", x[:200])
+    argv = ["cluster", str(tmp_path / "parts"), str(tmp_path / "extra.npy"), "-k", "3", "--dask", "local",
+            "--polish-iter", "1", "-o", str(tmp_path / "labels.npy"), "--json"]
+    with dask.config.set(scheduler=None):
+        assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    labels = np.load(tmp_path / "labels.npy")
+    assert out["n"] == 3200 and labels.shape == (3200,) and out["algorithm"] == "dask"
+    assert out["cluster_sizes"] == np.bincount(labels, minlength=3).tolist()
+    assert main(["cluster", str(tmp_path / "extra.npy"), str(tmp_path / "extra.npy"), "-k", "3"]) == 2  # needs --dask
+    assert main(["cluster", str(tmp_path / "missing.npy"), "-k", "3", "--dask", "local"]) == 2
+    assert main(["cluster", str(tmp_path / "extra.npy"), "-k", "3", "--dask", "local", "--algorithm",
+                 "minibatch"]) == 2
+    capsys.readouterr()
