@@ -172,7 +172,7 @@ def _cmd_cluster(args) -> int:
 
     t0 = time.perf_counter()
     c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter,
-                  sampling=args.sampling)
+                  sampling=args.sampling, polish_iter=args.polish_iter)
     bars = {}
 
     def report(phase: str, amount: int) -> None:
@@ -216,6 +216,7 @@ def _cmd_cluster(args) -> int:
         "algorithm": c.algorithm_,
         "auto_reason": c.auto_reason_,
         "sampling": args.sampling,
+        "polish_iter": c.polish_iter_,
         "n_iter": c.n_iter_,
         "inertia": c.inertia_,
         "seconds": wall,
@@ -259,7 +260,7 @@ def _cluster_dask(args, t0: float) -> int:
               else distributed.Client(args.dask))
     with client:
         c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
-                          polish_iter=args.polish_iter).fit(files)
+                          polish_iter=args.polish_iter or 0).fit(files)
         labels = c.labels_.compute() if args.output else None
     if args.output:
         np.save(args.output, labels)
@@ -268,7 +269,7 @@ def _cluster_dask(args, t0: float) -> int:
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)
     payload = {"input": files, "n": c.n_samples_fit_, "dim": c.n_features_in_, "k": args.k, "metric": args.metric,
-               "algorithm": "dask", "scheduler": args.dask, "polish_iter": args.polish_iter, "n_iter": c.n_iter_,
+               "algorithm": "dask", "scheduler": args.dask, "polish_iter": args.polish_iter or 0, "n_iter": c.n_iter_,
                "inertia": c.inertia_, quality_key: quality, "seconds": wall, "cluster_sizes": c.counts_.tolist()}
     if args.output:
         payload["labels_file"] = str(args.output)
@@ -330,8 +331,8 @@ def _add_cluster(sub) -> None:
     p.add_argument("--dask", default=None, metavar="SCHEDULER",
                    help="cluster on Dask (kvant.distributed): a scheduler address, or 'local' for a local cluster; "
                         "the input files must be readable by the workers")
-    p.add_argument("--polish-iter", type=int, default=0,
-                   help="with --dask: Lloyd passes over all rows after training on the sample (default 0)")
+    p.add_argument("--polish-iter", type=int, default=None,
+                   help="Lloyd passes over all rows after training on the sample (default: the algorithm's; auto: 0)")
     _common(p)
     p.set_defaults(func=_cmd_cluster)
 

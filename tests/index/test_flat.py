@@ -161,6 +161,26 @@ def test_l2_is_exact_for_tight_clusters_far_from_the_origin(offset, spread, k):
     assert np.allclose(d, rd, rtol=1e-6)
 
 
+def test_l2_duplicates_at_the_kth_are_certified_without_a_full_scan(monkeypatch):
+    # 30 copies of each row tie at the k-th distance: 2k+8 rows cannot certify, the 8k+64 pass can; the
+    # exact scan of every row (the last resort) made such searches 10x slower
+    import kvant.kernels.distance as kdist
+
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.standard_normal((200, 16)).astype(np.float32), 30, axis=0)
+    q = x[::300] + np.float32(1e-3)
+    index = kvant.FlatIndex(16)
+    index.add(x)
+
+    def no_scan(*args):
+        raise AssertionError("the full exact scan ran")
+
+    monkeypatch.setattr(kdist, "exact_l2_topk", no_scan)
+    d, i = index.search(q, 5)
+    rd, ri = ref.exact_l2_topk_ref(q, x, 5)
+    assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)
+
+
 def test_id_space_exhaustion_is_invalid_input():
     index = kvant.FlatIndex(2)
     index.add(np.ones((1, 2), np.float32), ids=[2**63 - 1])

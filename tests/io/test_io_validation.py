@@ -405,11 +405,26 @@ def test_negative_sample_size_is_invalid_input():
     assert src.sample(np.int64(3)).shape == (3, 2)
 
 
-def test_float64_beyond_float32_range_is_named_as_such(recwarn):
-    with pytest.raises(InvalidInput, match=r"beyond float32's range .*first bad row: 1\)"):
-        as_source(np.array([[1.0, 2.0], [1e300, 0.0]]))
-    with pytest.raises(InvalidInput, match=r"NaN or inf \(first bad row: 1\)"):
-        as_source(np.array([[1.0, 2.0], [np.nan, 0.0]]))
+def test_float64_beyond_float32_range_is_named_as_such(tmp_path, recwarn):
+    big = np.zeros((300, 2))
+    big[123, 1] = 1e300
+    np.save(tmp_path / "big.npy", big)
+    write_parquet(tmp_path / "big.parquet", big, dtype=np.float64, row_group_rows=100)
+    beyond = r"beyond float32's range .*first bad row: 123\)"
+    with pytest.raises(InvalidInput, match=beyond):
+        as_source(big)
+    for path in ("big.npy", "big.parquet"):
+        with pytest.raises(InvalidInput, match=beyond):
+            as_source(tmp_path / path).to_array()
+        with pytest.raises(InvalidInput, match=beyond):
+            as_source(tmp_path / path, validate=False).take([5, 123])
+    index = kvant.FlatIndex(2)
+    index.add(np.zeros((3, 2), np.float32))
+    with pytest.raises(InvalidInput, match=r"beyond float32's range .*first bad row: 123\)"):
+        index.search(big, 1)
+    big[123, 1] = np.nan
+    with pytest.raises(InvalidInput, match=r"NaN or inf \(first bad row: 123\)"):
+        as_source(big)
     assert not [w for w in recwarn if "overflow" in str(w.message)]
 
 

@@ -35,15 +35,30 @@ def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
     return normalise_rows(block, start) if spherical else block
 
 
-def _batch_order(g: np.random.Generator, starts: np.ndarray, units: np.ndarray | None) -> np.ndarray:
-    """A random order of the batches. With decode units (parquet row groups), the units are shuffled and the
-    batches within each, so a unit is decoded once per epoch instead of once per batch that lands in it."""
+def _batches(g: np.random.Generator, n: int, batch_rows: int, units: np.ndarray | None) -> list[tuple[int, int]]:
+    """The (start, stop) row ranges of one epoch's mini-batches, in the order to visit them.
+
+    Without decode units: fixed ranges in random order. With units (parquet row groups, decoded whole): row
+    groups smaller than a batch are merged into runs of at least ``batch_rows`` rows, batches never cross a
+    run's end, runs are visited in random order, and the batches within a run in random order when it is one
+    row group (no batch spans two) or in file order when it is several (so each group is decoded once)."""
     if units is None:
-        return g.permutation(starts)
-    unit = np.searchsorted(units, starts, side="right") - 1
-    unit_rank = np.empty(units.size, np.int64)
-    unit_rank[g.permutation(units.size)] = np.arange(units.size)
-    return starts[np.lexsort((g.random(starts.size), unit_rank[unit]))]
+        starts = g.permutation(np.arange(0, n, batch_rows))
+        return [(int(s), min(n, int(s) + batch_rows)) for s in starts]
+    runs, lo = [], 0
+    for hi in units[1:]:
+        if hi - lo >= batch_rows or hi == n:
+            runs.append((lo, int(hi)))
+            lo = int(hi)
+    if len(runs) > 1 and runs[-1][1] - runs[-1][0] < batch_rows:  # a short tail joins the run before it
+        runs[-2:] = [(runs[-2][0], runs[-1][1])]
+    out = []
+    for r in g.permutation(len(runs)):
+        lo, hi = runs[r]
+        spans = [(s, min(hi, s + batch_rows)) for s in range(lo, hi, batch_rows)]
+        one_group = np.searchsorted(units, hi, side="left") - np.searchsorted(units, lo, side="right") == 0
+        out += [spans[i] for i in g.permutation(len(spans))] if one_group else spans
+    return out
 
 
 def minibatch_kmeans(
@@ -67,14 +82,12 @@ def minibatch_kmeans(
     src.release_rows(0, n)  # the sample's pages of a memmap leave the resident set
     seen = np.zeros(k, np.float64)
     result = MiniBatchResult(c)
-    starts = np.arange(0, n, batch_rows)
     units = src.read_units()
     prev = np.inf
     for _epoch in range(max_epochs):
         total_obj = 0.0
-        for s in _batch_order(g, starts, units):
-            e = min(n, int(s) + batch_rows)
-            xb = read_block(src, int(s), e, spherical)
+        for s, e in _batches(g, n, batch_rows, units):
+            xb = read_block(src, s, e, spherical)
             b = xb.shape[0]
             labels = np.empty(b, np.int64)
             d1 = np.empty(b, np.float32)
@@ -98,7 +111,7 @@ def minibatch_kmeans(
             if spherical:
                 c = _normalise(c)
             result.n_iter += 1
-            src.release_rows(int(s), e)  # memory stays bounded by one block, even for a memmap
+            src.release_rows(s, e)  # memory stays bounded by one block, even for a memmap
             if on_batch is not None:
                 on_batch(b)
         obj = 0.5 * total_obj if spherical else total_obj

@@ -28,7 +28,7 @@ from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import as_source
-from ..io.source import check_finite, check_finite_rows, default_chunk_rows
+from ..io.source import check_finite, check_finite_rows, check_shape_dtype, default_chunk_rows, to_float32
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 
@@ -76,16 +76,9 @@ def as_dask_array(x, chunk_rows: int | None = None):
     else:
         raise InvalidInput(f"input: expected a dask.array.Array, a NumPy array or a list of file paths, "
                            f"got {type(x).__name__}")
-    if arr.ndim != 2:
-        raise InvalidInput(f"input: expected a 2-D array (n, dim), got shape {arr.shape}")
-    if arr.dtype.kind not in "fiu":
-        raise InvalidInput(f"input: dtype {arr.dtype} is not numeric")
-    if any(np.isnan(c) for c in arr.chunks[0]):
+    if arr.ndim == 2 and any(np.isnan(c) for chunks in arr.chunks for c in chunks):
         raise InvalidInput("input: chunk sizes are unknown; call x.compute_chunk_sizes() first")
-    if arr.shape[0] == 0:
-        raise InvalidInput("input: has zero rows")
-    if arr.shape[1] == 0:
-        raise InvalidInput("input: has zero columns")
+    check_shape_dtype(arr.shape, arr.dtype, "input", "array")  # the dtypes as_source accepts, never cast silently
     return arr.rechunk({1: -1}) if len(arr.chunks[1]) > 1 else arr
 
 
@@ -95,10 +88,9 @@ def _read_file(path: str) -> np.ndarray:
 
 def _as_float32(block: np.ndarray, start: int) -> np.ndarray:
     """A chunk as C-contiguous float32, checked for NaN/inf (named by global row)."""
-    with np.errstate(over="ignore"):
-        x = np.ascontiguousarray(block, dtype=np.float32)
+    x = to_float32(block)
     if block.dtype.kind == "f":
-        check_finite(x, start, "input", block if block.dtype.itemsize > 4 else None)
+        check_finite(x, start, "input", block)
     return x
 
 
@@ -191,10 +183,9 @@ class DaskClusterer:
         m = min(n, k * int(self.sample_per_centroid))
         idx = np.sort(rng(seed).choice(n, size=m, replace=False)) if m < n else np.arange(n)
         sample = arr[idx].compute() if m < n else arr.compute()
-        with np.errstate(over="ignore"):
-            sample32 = np.ascontiguousarray(sample, dtype=np.float32)
+        sample32 = to_float32(sample)
         if sample.dtype.kind == "f":
-            check_finite_rows(sample32, idx, "input")
+            check_finite_rows(sample32, idx, "input", sample)
         if spherical:
             zero = np.flatnonzero(~(np.einsum("ij,ij->i", sample32, sample32, dtype=np.float64) > 0))
             if zero.size:

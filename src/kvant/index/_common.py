@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source, check_finite
-from ..io.source import VectorSource
+from ..io.source import VectorSource, to_float32
 
 METRICS = ("l2", "ip", "cos")
 
@@ -57,9 +57,9 @@ def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
             raise InvalidInput(f"queries must be 1-D (dim,) or 2-D (nq, dim), got shape {arr.shape}")
     if arr.shape[1] != dim:
         raise DimensionMismatch(f"queries have dimension {arr.shape[1]}, expected {dim}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    check_finite(arr, 0, "queries")
-    return arr, one
+    arr32 = to_float32(arr)
+    check_finite(arr32, 0, "queries", arr)
+    return arr32, one
 
 
 def as_vectors(x, dim: int, what: str = "vectors") -> VectorSource:

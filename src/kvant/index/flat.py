@@ -121,27 +121,56 @@ class FlatIndex:
         l2 is exact: the float32 GEMM form ‖q‖² + ‖x‖² − 2q·x only shortlists. It errs by at most
         ``_gemm_l2_error`` per distance, so each query keeps ``2k + 8`` rows; when the last of them lies more than
         twice that bound beyond the k-th, every true neighbour is among them, and they are re-scored as
-        Σ(q−x)² in float64. The other queries (clusters far from the origin, near-duplicates at the k-th) are
-        answered by an exact float64 scan of every row.
+        Σ(q−x)² in float64. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the
+        pass keeping ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the
+        GEMM form keeps no digit of the distances) is answered by an exact float64 scan of every row.
         """
-        from ..kernels.distance import exact_l2_topk, ip_block, sq_l2_block, sq_norms
-        from ..kernels.topk import merge_topk
+        from ..kernels.distance import exact_l2_topk
 
         q, one = as_queries(q, self.dim)
         k = check_k(k)
         require_nonempty(self.ntotal, "the index")
         if self.metric == "cos":
             q = normalize_rows(q)
+        x, n = self._x.view, self.ntotal
+        if self.metric != "l2":
+            out_d, out_i, _, _ = self._gemm_topk(q, k, None, None)
+            return finish_results(out_d, out_i, self._ids.view, True, one)
+        # data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
+        shift, scale = conditioning(x)
+        out_d = np.empty((q.shape[0], k), np.float32)
+        out_i = np.empty((q.shape[0], k), np.int64)
+        todo = np.arange(q.shape[0])
+        for keep in (max(k, min(n, 2 * k + 8)), max(k, min(n, 8 * k + 64))):
+            if todo.size == 0:
+                break
+            qs = q if todo.size == q.shape[0] else np.ascontiguousarray(q[todo])
+            kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale)
+            err = _gemm_l2_error(self.dim, q_sq, x_sq_max)
+            sure = (n <= keep) | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
+            _rescore_exact(qs, x, kd, ki)
+            out_d[todo[sure]], out_i[todo[sure]] = kd[sure, :k], ki[sure, :k]
+            todo = todo[~sure]
+        if todo.size:
+            exact_d = np.empty((todo.size, k))
+            exact_i = np.empty((todo.size, k), np.int64)
+            exact_l2_topk(np.ascontiguousarray(q[todo]), x, exact_d, exact_i)
+            out_d[todo], out_i[todo] = exact_d, exact_i
+        return finish_results(out_d, out_i, self._ids.view, False, one)
+
+    def _gemm_topk(self, q, kk, shift, scale):
+        """The ``kk`` best rows per query by BLAS: squared L2 in the GEMM form on (· − shift)·scale for l2,
+        negated inner products otherwise. Returns (float32 scores, rows, ‖q‖² and max ‖x‖² as conditioned)."""
+        from ..kernels.distance import ip_block, sq_l2_block, sq_norms
+        from ..kernels.topk import merge_topk
+
         x, norms, n = self._x.view, self._norms.view, self.ntotal
         l2 = self.metric == "l2"
-        # l2: data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
-        shift, scale = conditioning(x) if l2 else (None, None)
         cond = shift is not None or scale is not None
         nq = q.shape[0]
-        kk = max(k, min(n, 2 * k + 8)) if l2 else k  # l2 keeps enough rows to certify its top k
         out_d = np.full((nq, kk), np.inf, np.float32)
         out_i = np.full((nq, kk), -1, np.int64)
-        q_sq = np.zeros(nq, np.float64)  # ‖q‖² (conditioned) for the error bound
+        q_sq = np.zeros(nq, np.float64)  # for the error bound
         x_sq_max = 0.0 if cond or not l2 else float(norms.max())
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)
@@ -163,18 +192,7 @@ class FlatIndex:
                 else:
                     d = np.negative(ip_block(qblk, xblk), dtype=np.float32)
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
-        if l2:
-            err = _gemm_l2_error(self.dim, q_sq, x_sq_max)
-            sure = (n <= kk) | (out_d[:, kk - 1].astype(np.float64) > out_d[:, k - 1] + 2.0 * err)
-            _rescore_exact(q, x, out_d, out_i)
-            out_d, out_i = out_d[:, :k], out_i[:, :k]
-            redo = np.flatnonzero(~sure)
-            if redo.size:
-                exact_d = np.empty((redo.size, k))
-                exact_i = np.empty((redo.size, k), np.int64)
-                exact_l2_topk(np.ascontiguousarray(q[redo]), x, exact_d, exact_i)
-                out_d[redo], out_i[redo] = exact_d, exact_i
-        return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
+        return out_d, out_i, q_sq, x_sq_max
 
     def remove(self, ids) -> int:
         """Remove the vectors with these ids (unknown ids are ignored). Returns how many were removed."""

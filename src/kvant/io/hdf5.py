@@ -78,8 +78,9 @@ class Hdf5Source(VectorSource):
             rows = np.empty((uniq.size, self.dim), np.float32)
             step = 4096
             for s in range(0, uniq.size, step):
-                rows[s : s + step] = self._ds[uniq[s : s + step]]
-            check_finite_rows(rows, uniq, self.name)
+                with np.errstate(over="ignore"):
+                    rows[s : s + step] = self._ds[uniq[s : s + step]]
+            check_finite_rows(rows, uniq, self.name, lambda i: self._ds[int(uniq[i])])
         return rows[inverse.reshape(-1)]
 
     def close(self) -> None:

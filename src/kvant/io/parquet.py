@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
-from .source import VectorSource, check_finite, check_finite_rows, default_chunk_rows
+from .source import VectorSource, check_finite, check_finite_rows, default_chunk_rows, to_float32
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
 
@@ -60,6 +60,9 @@ def _is_numeric(t) -> bool:
 
 
 _SUPPORTED = "float32, float64, float16, int8, uint8"
+
+
+_CACHED_GROUPS = 1  # decoded row groups kept by a ParquetSource (its memory bound)
 
 
 def _list_files(p: Path, name: str) -> list[Path]:
@@ -138,7 +141,8 @@ class ParquetSource(VectorSource):
         self._rg_file = np.asarray(rg_file, dtype=np.int64)
         self._rg_index = np.asarray(rg_index, dtype=np.int64)
         self._open: tuple[int, object] | None = None
-        self._cache: tuple[int, np.ndarray] | None = None
+        # the last _CACHED_GROUPS decoded row groups, most recent last
+        self._cache: list[tuple[int, np.ndarray]] = []
 
     # -- schema --------------------------------------------------------------------------------
     def _resolve_columns(self, schema, column, f) -> None:
@@ -275,9 +279,11 @@ class ParquetSource(VectorSource):
         return self._rg_start.copy()
 
     def _row_group(self, g: int) -> np.ndarray:
-        """Decoded row group number ``g`` (global numbering), cached one at a time."""
-        if self._cache is not None and self._cache[0] == g:
-            return self._cache[1]
+        """Decoded row group number ``g`` (global numbering); the last one stays cached."""
+        for i, (cg, block) in enumerate(self._cache):
+            if cg == g:
+                self._cache.append(self._cache.pop(i))
+                return block
         pa, _ = _pa()
         fi = int(self._rg_file[g])
         try:
@@ -285,7 +291,7 @@ class ParquetSource(VectorSource):
         except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer was readable, the data not
             raise InvalidInput(f"{self.files[fi]}: cannot decode row group {int(self._rg_index[g])}: {exc}") from exc
         block = self._to_numpy(table, int(self._rg_start[g]))
-        self._cache = (g, block)
+        self._cache = (self._cache + [(g, block)])[-_CACHED_GROUPS:]
         return block
 
     def _read(self, start: int, stop: int) -> np.ndarray:
@@ -327,16 +333,17 @@ class ParquetSource(VectorSource):
                     buf.append(block)
                     have += block.shape[0]
                     while have >= rows:
-                        out, buf, have = _take_front(buf, rows, have)
-                        out = np.ascontiguousarray(out, dtype=np.float32)
-                        check_finite(out, pos, self.name)
+                        raw, buf, have = _take_front(buf, rows, have)
+                        out = to_float32(raw)
+                        check_finite(out, pos, self.name, raw)
                         yield pos, out
                         pos += rows
             finally:
                 pf.close()
         if have:
-            out = np.ascontiguousarray(np.concatenate(buf) if len(buf) > 1 else buf[0], dtype=np.float32)
-            check_finite(out, pos, self.name)
+            raw = np.concatenate(buf) if len(buf) > 1 else buf[0]
+            out = to_float32(raw)
+            check_finite(out, pos, self.name, raw)
             yield pos, out
 
     def take(self, indices) -> np.ndarray:
@@ -351,8 +358,9 @@ class ParquetSource(VectorSource):
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, sidx.size], strict=True):
             g = int(groups[lo])
             block = self._row_group(g)
-            out[order[lo:hi]] = block[sidx[lo:hi] - self._rg_start[g]]
-        check_finite_rows(out, idx, self.name)
+            with np.errstate(over="ignore"):
+                out[order[lo:hi]] = block[sidx[lo:hi] - self._rg_start[g]]
+        check_finite_rows(out, idx, self.name, lambda i: self._read(int(idx[i]), int(idx[i]) + 1)[0])
         return out
 
     def close(self) -> None:
@@ -362,7 +370,7 @@ class ParquetSource(VectorSource):
                 self._open[1].close()
             finally:
                 self._open = None
-        self._cache = None
+        self._cache = []
 
 
 def _take_front(buf: list[np.ndarray], rows: int, have: int):

@@ -58,28 +58,48 @@ def _first_bad_row(block: np.ndarray) -> int:
     return int(np.argmax(bad)) if bad.any() else -1
 
 
-def check_finite(block: np.ndarray, start: int = 0, what: str = "input", original: np.ndarray | None = None) -> None:
+def _bad_row_error(what: str, row_name: int, original_row) -> InvalidInput:
+    """The error for a row that is not finite in float32: a finite wider-typed ``original_row`` (float64 beyond
+    ±3.4e38) is named as out of range, anything else as NaN or inf."""
+    if (original_row is not None and np.asarray(original_row).dtype.kind == "f"
+            and np.asarray(original_row).dtype.itemsize > 4 and np.isfinite(original_row).all()):
+        return InvalidInput(f"{what} holds a value beyond float32's range (±3.4e38), which kvant computes in "
+                            f"(first bad row: {row_name})")
+    return InvalidInput(f"{what} contains NaN or inf (first bad row: {row_name})")
+
+
+def _original_row(original, i: int):
+    if original is None:
+        return None
+    return original(i) if callable(original) else original[i]
+
+
+def check_finite(block: np.ndarray, start: int = 0, what: str = "input", original=None) -> None:
     """Raise InvalidInput naming the first row of ``block`` (offset by ``start``) holding NaN or inf.
 
-    ``original``: the wider-typed rows ``block`` was cast from, so that a finite value that became inf in the
-    cast is reported as out of float32's range rather than as inf."""
+    ``original``: the rows ``block`` was cast from (an array, or a function of the row number in ``block``), so
+    that a finite float64 value that became inf in the cast is reported as beyond float32's range."""
     if block.dtype.kind != "f" or block.size == 0:
         return
     row = _first_bad_row(block)
     if row >= 0:
-        if original is not None and np.isfinite(original[row]).all():
-            raise InvalidInput(f"{what} holds a value beyond float32's range (±3.4e38), which kvant computes in "
-                               f"(first bad row: {row + start})")
-        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {row + start})")
+        raise _bad_row_error(what, row + start, _original_row(original, row))
 
 
-def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input") -> None:
+def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input", original=None) -> None:
     """Like :func:`check_finite` for a block gathered from arbitrary rows: names ``rows[i]`` of the first bad one."""
     if block.dtype.kind != "f" or block.size == 0:
         return
     row = _first_bad_row(block)
     if row >= 0:
-        raise InvalidInput(f"{what} contains NaN or inf (first bad row: {int(rows[row])})")
+        raise _bad_row_error(what, int(rows[row]), _original_row(original, row))
+
+
+def to_float32(block: np.ndarray) -> np.ndarray:
+    """``block`` as C-contiguous float32 (no copy when it is one); values beyond float32's range become inf
+    without a NumPy warning, for the finiteness check to name (with ``original=block``)."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(block, dtype=np.float32)
 
 
 class VectorSource:
@@ -114,9 +134,10 @@ class VectorSource:
             hi = min(self.n, lo + step)
             end = int(np.searchsorted(sorted_idx, hi, side="left"))
             block = self._read(lo, hi)
-            out[order[pos:end]] = block[sorted_idx[pos:end] - lo]
+            with np.errstate(over="ignore"):
+                out[order[pos:end]] = block[sorted_idx[pos:end] - lo]
             pos = end
-        check_finite_rows(out, idx, self.name)
+        check_finite_rows(out, idx, self.name, lambda i: self._read(int(idx[i]), int(idx[i]) + 1)[0])
         return out
 
     # -- provided -----------------------------------------------------------------------------
@@ -131,11 +152,10 @@ class VectorSource:
             raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
         for start in range(0, self.n, rows):
             stop = min(self.n, start + rows)
-            block = self._read(start, stop)
-            if block.dtype != np.float32 or not block.flags.c_contiguous:
-                block = np.ascontiguousarray(block, dtype=np.float32)
+            raw = self._read(start, stop)
+            block = to_float32(raw)
             if np.dtype(self.dtype).kind == "f":  # integer inputs are always finite
-                check_finite(block, start, self.name)
+                check_finite(block, start, self.name, raw)
             yield start, block
             self.release_rows(start, stop)
 
@@ -266,11 +286,10 @@ class ArraySource(VectorSource):
         # a memmap's resident window stays at 4 MiB (the scan is bandwidth-bound either way)
         step = default_chunk_rows(self.dim) if self.in_memory else max(1, (4 << 20) // (self.dim * self.array.itemsize))
         for start in range(0, self.n, step):
-            block = original = self.array[start : start + step]
-            if block.dtype == np.float64:  # check what kvant computes on: finite float64 beyond float32's range is inf
-                with np.errstate(over="ignore"):
-                    block = block.astype(np.float32)
-            check_finite(block, start, self.name, original if original is not block else None)
+            raw = self.array[start : start + step]
+            # check what kvant computes on: a finite float64 beyond float32's range becomes inf
+            block = to_float32(raw) if raw.dtype == np.float64 else raw
+            check_finite(block, start, self.name, raw)
             self.release_rows(start, start + step)
         self._validated = True
 
@@ -297,10 +316,7 @@ class ArraySource(VectorSource):
         if rows < 1:
             raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
         for start in range(0, self.n, rows):
-            block = self.array[start : start + rows]
-            if block.dtype != np.float32 or not block.flags.c_contiguous:
-                block = np.ascontiguousarray(block, dtype=np.float32)
-            yield start, block
+            yield start, to_float32(self.array[start : start + rows])  # validated already
 
     def take(self, indices) -> np.ndarray:
         idx = self._check_indices(indices)
@@ -316,12 +332,13 @@ class ArraySource(VectorSource):
             for w in range(edges.size - 1):
                 a, b = int(cut[w]), int(cut[w + 1])
                 if b > a:
-                    out[a:b] = self.array[idx[a:b]]
+                    with np.errstate(over="ignore"):
+                        out[a:b] = self.array[idx[a:b]]
                     self.release_rows(int(edges[w]), int(edges[w + 1]))
         else:
-            out = np.ascontiguousarray(self.array[idx], dtype=np.float32)
+            out = to_float32(self.array[idx])
         if not self._validated:
-            check_finite_rows(out, idx, self.name)
+            check_finite_rows(out, idx, self.name, lambda i: self.array[idx[i]])
         return out
 
     def to_array(self) -> np.ndarray:
@@ -335,8 +352,9 @@ class ArraySource(VectorSource):
         step = default_chunk_rows(self.dim)
         for start in range(0, self.n, step):
             stop = min(self.n, start + step)
-            out[start:stop] = self.array[start:stop]
+            with np.errstate(over="ignore"):
+                out[start:stop] = self.array[start:stop]
             if self.array.dtype.kind == "f":
-                check_finite(out[start:stop], start, self.name)
+                check_finite(out[start:stop], start, self.name, self.array[start:stop])
             self.release_rows(start, stop)
         return out
