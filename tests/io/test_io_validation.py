@@ -422,6 +422,10 @@ def test_float64_beyond_float32_range_is_named_as_such(tmp_path, recwarn):
     index.add(np.zeros((3, 2), np.float32))
     with pytest.raises(InvalidInput, match=r"beyond float32's range .*first bad row: 123\)"):
         index.search(big, 1)
+    with pytest.raises(InvalidInput, match=beyond):  # big-endian float64 too
+        as_source(big.astype(">f8"))
+    with pytest.raises(InvalidInput, match=beyond):  # mini-batches read rows outside the seeding sample
+        kvant.Clusterer(2, algorithm="minibatch", batch_rows=50, seed=0).fit(tmp_path / "big.npy")
     big[123, 1] = np.nan
     with pytest.raises(InvalidInput, match=r"NaN or inf \(first bad row: 123\)"):
         as_source(big)

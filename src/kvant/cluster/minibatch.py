@@ -15,6 +15,7 @@ from .._config import get_num_threads, rng
 from .._numerics import condition, conditioning, uncondition
 from ..errors import InvalidInput
 from ..io import check_finite
+from ..io.source import to_float32
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 from .assign import assign_top2
@@ -30,8 +31,9 @@ class MiniBatchResult:
 
 def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
     """Rows [start, stop) of ``src`` as validated float32 (unit rows when spherical)."""
-    block = np.ascontiguousarray(src._read(start, stop), dtype=np.float32)
-    check_finite(block, start, src.name)
+    raw = src._read(start, stop)
+    block = to_float32(raw)
+    check_finite(block, start, src.name, raw)
     return normalise_rows(block, start) if spherical else block
 
 

@@ -288,7 +288,7 @@ class ArraySource(VectorSource):
         for start in range(0, self.n, step):
             raw = self.array[start : start + step]
             # check what kvant computes on: a finite float64 beyond float32's range becomes inf
-            block = to_float32(raw) if raw.dtype == np.float64 else raw
+            block = to_float32(raw) if raw.dtype.kind == "f" and raw.dtype.itemsize > 4 else raw  # any byte order
             check_finite(block, start, self.name, raw)
             self.release_rows(start, start + step)
         self._validated = True
