@@ -139,9 +139,23 @@ def _cmd_info(args) -> int:
         "cpu": cpu_name,
         "simd_level": level,
         "simd_features": sorted(f for f in flags if f.startswith(("avx", "sse", "fma", "f16c", "neon"))),
+        "optional": _optional_versions(),
     }
     emit(args, payload)
     return EXIT_OK
+
+
+def _optional_versions() -> dict:
+    """Versions of the optional packages kvant uses when present (None when missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("dask", "distributed", "h5py", "faiss-cpu", "scikit-learn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _add_info(sub) -> None:
