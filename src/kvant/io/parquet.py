@@ -62,9 +62,6 @@ def _is_numeric(t) -> bool:
 _SUPPORTED = "float32, float64, float16, int8, uint8"
 
 
-_CACHED_GROUPS = 1  # decoded row groups kept by a ParquetSource (its memory bound)
-
-
 def _list_files(p: Path, name: str) -> list[Path]:
     # as pyarrow.dataset does: a file or a sub-directory whose name starts with "_" or "." is not data
     # (Spark's _temporary/ staging, .ipynb_checkpoints/ copies, _SUCCESS, ...)
@@ -141,8 +138,7 @@ class ParquetSource(VectorSource):
         self._rg_file = np.asarray(rg_file, dtype=np.int64)
         self._rg_index = np.asarray(rg_index, dtype=np.int64)
         self._open: tuple[int, object] | None = None
-        # the last _CACHED_GROUPS decoded row groups, most recent last
-        self._cache: list[tuple[int, np.ndarray]] = []
+        self._cache: tuple[int, np.ndarray] | None = None
 
     # -- schema --------------------------------------------------------------------------------
     def _resolve_columns(self, schema, column, f) -> None:
@@ -279,11 +275,9 @@ class ParquetSource(VectorSource):
         return self._rg_start.copy()
 
     def _row_group(self, g: int) -> np.ndarray:
-        """Decoded row group number ``g`` (global numbering); the last one stays cached."""
-        for i, (cg, block) in enumerate(self._cache):
-            if cg == g:
-                self._cache.append(self._cache.pop(i))
-                return block
+        """Decoded row group number ``g`` (global numbering), cached one at a time."""
+        if self._cache is not None and self._cache[0] == g:
+            return self._cache[1]
         pa, _ = _pa()
         fi = int(self._rg_file[g])
         try:
@@ -291,7 +285,7 @@ class ParquetSource(VectorSource):
         except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer was readable, the data not
             raise InvalidInput(f"{self.files[fi]}: cannot decode row group {int(self._rg_index[g])}: {exc}") from exc
         block = self._to_numpy(table, int(self._rg_start[g]))
-        self._cache = (self._cache + [(g, block)])[-_CACHED_GROUPS:]
+        self._cache = (g, block)
         return block
 
     def _read(self, start: int, stop: int) -> np.ndarray:
@@ -370,7 +364,7 @@ class ParquetSource(VectorSource):
                 self._open[1].close()
             finally:
                 self._open = None
-        self._cache = []
+        self._cache = None
 
 
 def _take_front(buf: list[np.ndarray], rows: int, have: int):
