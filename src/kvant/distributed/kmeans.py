@@ -25,7 +25,7 @@ from .._config import check_seed, rng
 from .._numerics import conditioning
 from ..cluster.assign import assign_top2
 from ..cluster.clusterer import Clusterer
-from ..cluster.lloyd import normalise_rows
+from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import as_source
 from ..io.source import check_finite, check_finite_rows, check_shape_dtype, default_chunk_rows, to_float32
@@ -201,13 +201,7 @@ class DaskClusterer:
             sums, counts, objective = _pass(arr, centroids, spherical, True)
             history.append(objective)
             n_iter += 1
-            hit = counts > 0  # an empty cluster keeps its centre
-            new = centroids.astype(np.float64)
-            new[hit] = sums[hit] / counts[hit, None]
-            if spherical:
-                norms = np.linalg.norm(new, axis=1, keepdims=True)
-                new = np.where(norms > 0, new / np.where(norms > 0, norms, 1.0), centroids)
-            centroids = new.astype(np.float32)
+            centroids = _centroids_from_sums(sums, counts, centroids, spherical)  # Lloyd's M-step, as on one machine
             scale = n - objective if spherical else objective  # relative to Σ cos for cos, as Lloyd's does
             if previous is not None and previous - objective <= tol * max(abs(scale), 1e-30):
                 break
