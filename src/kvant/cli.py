@@ -217,10 +217,6 @@ def _cmd_cluster(args) -> int:
         for bar in bars.values():
             bar.close()
     wall = time.perf_counter() - t0
-    if args.output:
-        np.save(args.output, c.labels_)
-    if args.centroids:
-        np.save(args.centroids, c.cluster_centers_)
     payload = {
         "input": str(args.input),
         "n": c.n_samples_fit_,
@@ -238,10 +234,7 @@ def _cmd_cluster(args) -> int:
         "cluster_sizes": np.bincount(c.labels_, minlength=args.k).tolist(),
     }
     payload["mse" if args.metric == "l2" else "mean_cosine"] = c.mse_ if args.metric == "l2" else c.mean_cosine_
-    if args.output:
-        payload["labels_file"] = str(args.output)
-    if args.centroids:
-        payload["centroids_file"] = str(args.centroids)
+    _write_cluster_outputs(args, c.labels_, c.cluster_centers_, payload)
     quality = f"MSE/row {c.mse_:.6g}" if args.metric == "l2" else f"mean cosine {c.mean_cosine_:.6f}"
     text = (
         f"{c.n_samples_fit_} x {c.n_features_in_} -> k={args.k} with {c.algorithm_} ({c.auto_reason_})\n"
@@ -249,6 +242,16 @@ def _cmd_cluster(args) -> int:
     )
     emit(args, payload, text)
     return EXIT_OK
+
+
+def _write_cluster_outputs(args, labels, centres, payload: dict) -> None:
+    """Save -o labels and --centroids (paths checked before the fit) and name them in the JSON payload."""
+    if args.output:
+        np.save(args.output, labels)
+        payload["labels_file"] = str(args.output)
+    if args.centroids:
+        np.save(args.centroids, centres)
+        payload["centroids_file"] = str(args.centroids)
 
 
 def _cluster_dask(args, t0: float) -> int:
@@ -276,19 +279,12 @@ def _cluster_dask(args, t0: float) -> int:
         c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
                           polish_iter=args.polish_iter or 0).fit(files)
         labels = c.labels_.compute() if args.output else None
-    if args.output:
-        np.save(args.output, labels)
-    if args.centroids:
-        np.save(args.centroids, c.cluster_centers_)
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)
     payload = {"input": files, "n": c.n_samples_fit_, "dim": c.n_features_in_, "k": args.k, "metric": args.metric,
                "algorithm": "dask", "scheduler": args.dask, "polish_iter": args.polish_iter or 0, "n_iter": c.n_iter_,
                "inertia": c.inertia_, quality_key: quality, "seconds": wall, "cluster_sizes": c.counts_.tolist()}
-    if args.output:
-        payload["labels_file"] = str(args.output)
-    if args.centroids:
-        payload["centroids_file"] = str(args.centroids)
+    _write_cluster_outputs(args, labels, c.cluster_centers_, payload)
     text = (f"{c.n_samples_fit_} x {c.n_features_in_} -> k={args.k} on Dask ({args.dask}, {len(files)} files)\n"
             f"{quality_key} {quality:.6g}, {c.n_iter_} iterations, {wall:.2f} s")
     emit(args, payload, text)
