@@ -14,8 +14,7 @@ import numpy as np
 from .._config import get_num_threads, rng
 from .._numerics import condition, conditioning, uncondition
 from ..errors import InvalidInput
-from ..io import check_finite
-from ..io.source import to_float32
+from ..io.source import checked_float32
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 from .assign import assign_top2
@@ -31,9 +30,7 @@ class MiniBatchResult:
 
 def read_block(src, start: int, stop: int, spherical: bool) -> np.ndarray:
     """Rows [start, stop) of ``src`` as validated float32 (unit rows when spherical)."""
-    raw = src._read(start, stop)
-    block = to_float32(raw)
-    check_finite(block, start, src.name, raw)
+    block = checked_float32(src._read(start, stop), start, src.name)
     return normalise_rows(block, start) if spherical else block
 
 

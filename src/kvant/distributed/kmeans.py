@@ -28,7 +28,7 @@ from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import as_source
-from ..io.source import check_finite, check_finite_rows, check_shape_dtype, default_chunk_rows, to_float32
+from ..io.source import check_finite_rows, check_shape_dtype, checked_float32, default_chunk_rows, to_float32
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 
@@ -86,17 +86,9 @@ def _read_file(path: str) -> np.ndarray:
     return as_source(path).to_array()
 
 
-def _as_float32(block: np.ndarray, start: int) -> np.ndarray:
-    """A chunk as C-contiguous float32, checked for NaN/inf (named by global row)."""
-    x = to_float32(block)
-    if block.dtype.kind == "f":
-        check_finite(x, start, "input", block)
-    return x
-
-
 def _assign_chunk(block, start, centroids, spherical):
     """(float32 rows, labels, exact squared distance of each row to its centre) for one chunk."""
-    x = _as_float32(block, start)
+    x = checked_float32(block, start)
     b = x.shape[0]
     labels = np.empty(b, np.int64)
     per_row = np.empty(b, np.float64)
@@ -244,7 +236,7 @@ class DaskClusterer:
 
 def _encode_block(block, codec, block_info=None):
     start = block_info[0]["array-location"][0][0] if block_info else 0
-    return codec.encode(_as_float32(block, start))
+    return codec.encode(checked_float32(block, start))
 
 
 def encode(codec, x):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
-from .source import VectorSource, check_finite, check_finite_rows, default_chunk_rows, to_float32
+from .source import VectorSource, check_finite_rows, checked_float32, default_chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
 
@@ -328,17 +328,12 @@ class ParquetSource(VectorSource):
                     have += block.shape[0]
                     while have >= rows:
                         raw, buf, have = _take_front(buf, rows, have)
-                        out = to_float32(raw)
-                        check_finite(out, pos, self.name, raw)
-                        yield pos, out
+                        yield pos, checked_float32(raw, pos, self.name)
                         pos += rows
             finally:
                 pf.close()
         if have:
-            raw = np.concatenate(buf) if len(buf) > 1 else buf[0]
-            out = to_float32(raw)
-            check_finite(out, pos, self.name, raw)
-            yield pos, out
+            yield pos, checked_float32(np.concatenate(buf) if len(buf) > 1 else buf[0], pos, self.name)
 
     def take(self, indices) -> np.ndarray:
         idx = self._check_indices(indices)

@@ -102,6 +102,15 @@ def to_float32(block: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(block, dtype=np.float32)
 
 
+def checked_float32(raw: np.ndarray, start: int, what: str = "input") -> np.ndarray:
+    """``raw`` (rows ``start``...) as C-contiguous float32, checked: NaN/inf and float64 beyond float32's range
+    raise InvalidInput naming the row. Integer rows are finite and are not scanned."""
+    block = to_float32(raw)
+    if raw.dtype.kind == "f":
+        check_finite(block, start, what, raw)
+    return block
+
+
 class VectorSource:
     """Protocol for a 2-D collection of vectors. Subclasses implement ``_read(start, stop)`` and ``take``.
 
@@ -152,10 +161,7 @@ class VectorSource:
             raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
         for start in range(0, self.n, rows):
             stop = min(self.n, start + rows)
-            raw = self._read(start, stop)
-            block = to_float32(raw)
-            if np.dtype(self.dtype).kind == "f":  # integer inputs are always finite
-                check_finite(block, start, self.name, raw)
+            block = checked_float32(self._read(start, stop), start, self.name)
             yield start, block
             self.release_rows(start, stop)
 
