@@ -39,6 +39,7 @@ SHAPES = [  # (dim, m, ksub)
     (24, 3, 256),
     (30, 10, 32),  # dsub = 3
     (18, 3, 6),  # even ksub that is not a multiple of 4 or 16 (the fast encoder takes codewords 2 at a time)
+    (48, 3, 32),  # dsub = 16 (with 4 and 8 above: the encoder's unrolled widths)
 ]
 
 
