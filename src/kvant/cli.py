@@ -186,7 +186,7 @@ def _cmd_cluster(args) -> int:
 
     t0 = time.perf_counter()
     c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter,
-                  sampling=args.sampling, polish_iter=args.polish_iter)
+                  sampling=args.sampling, polish_iter=args.polish_iter, overrelax=args.overrelax)
     bars = {}
 
     def report(phase: str, amount: int) -> None:
@@ -227,6 +227,7 @@ def _cmd_cluster(args) -> int:
         "auto_reason": c.auto_reason_,
         "sampling": args.sampling,
         "polish_iter": c.polish_iter_,
+        "overrelax": c.overrelax_,
         "n_iter": c.n_iter_,
         "inertia": c.inertia_,
         "seconds": wall,
@@ -277,7 +278,7 @@ def _cluster_dask(args, t0: float) -> int:
               else distributed.Client(args.dask))
     with client:
         c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
-                          polish_iter=args.polish_iter or 0).fit(files)
+                          polish_iter=args.polish_iter or 0, overrelax=args.overrelax).fit(files)
         labels = c.labels_.compute() if args.output else None
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)
@@ -343,6 +344,8 @@ def _add_cluster(sub) -> None:
                         "the input files must be readable by the workers")
     p.add_argument("--polish-iter", type=int, default=None,
                    help="Lloyd passes over all rows after training on the sample (default: the algorithm's; auto: 0)")
+    p.add_argument("--overrelax", type=float, default=None, metavar="BETA",
+                   help="max over-relaxation of Lloyd's steps, 0 = classic Lloyd (default: auto 1.0, others 0)")
     _common(p)
     p.set_defaults(func=_cmd_cluster)
 

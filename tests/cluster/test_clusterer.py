@@ -101,6 +101,55 @@ def test_tolerance_stops_early_and_labels_stay_exact():
     np.testing.assert_array_equal(loose.labels, _nearest(x, loose.centroids))
 
 
+def _means(x, labels, k, spherical):
+    c = np.stack([x[labels == j].astype(np.float64).mean(0) for j in range(k)])
+    return c / np.linalg.norm(c, axis=1, keepdims=True) if spherical else c
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("beta", [1.0, 50.0])
+def test_overrelaxed_lloyd_ends_on_the_means_of_an_exact_assignment(spherical, beta):
+    # beta = 50 overshoots, so steps get rejected: each rejection must be followed by a plain (improving) step
+    # run to a fixed point (tol 0): the returned centres must then be the plain means of the final labels
+    x = _gaussian_rows(np.random.default_rng(2), 1500, 6, spherical)
+    c0 = init_centroids(x, 12, "k-means++", 0, spherical)
+    res = lloyd(x, c0, 500, tol=0.0, spherical=spherical, overrelax=beta)
+    assert res.n_extrapolated > 0 and res.n_iter < 500
+    np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
+    np.testing.assert_allclose(res.centroids, _means(x, res.labels, 12, spherical), rtol=1e-4, atol=1e-5)
+    h = np.array(res.objective_history)
+    rises = np.flatnonzero(np.diff(h) > 0) + 1
+    assert len(rises) <= res.n_rejected
+    if beta == 50.0:
+        assert res.n_rejected > 0
+    for i in rises[rises + 1 < len(h)]:
+        assert h[i + 1] <= h[i] * (1 + 1e-9)  # the step after a rejected one is plain Lloyd
+    assert h[-1] < h[0]
+
+
+def test_overrelaxation_reaches_a_lower_objective_in_the_same_iterations():
+    # overlapping clusters: plain Lloyd creeps; the over-relaxed steps get further in the same budget
+    x = _gaussian_rows(np.random.default_rng(0), 6000, 16, False)
+    c0 = init_centroids(x, 32, "k-means++", 0)
+    plain = lloyd(x, c0, 8, tol=0.0)
+    fast = lloyd(x, c0, 8, tol=0.0, overrelax=1.0)
+    assert plain.n_extrapolated == 0 and fast.n_extrapolated > 0
+    assert fast.objective_history[-1] < plain.objective_history[-1]
+
+
+def test_auto_overrelaxes_and_the_concrete_algorithms_do_not(data):
+    x, _ = data
+    auto = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64).fit(x)
+    assert auto.overrelax_ == 1.0 and "over-relaxed" in auto.auto_reason_
+    assert kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0).fit(x).overrelax_ == 0.0
+    # overrelax=0 turns auto back into classic Lloyd with auto's other settings
+    a = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64, overrelax=0).fit(x)
+    b = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0, sample_per_centroid=64, tol=5e-4).fit(x)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    assert a.inertia_history_ == b.inertia_history_
+    assert kvant.Clusterer(k=8).get_params()["overrelax"] is None
+
+
 def test_same_seed_same_result_and_seed_matters(data):
     x, _ = data
     a = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=4).fit(x)
@@ -159,7 +208,8 @@ def test_unknown_algorithm_and_bad_settings():
     with pytest.raises(InvalidInput, match="dense-exact-row"):
         kvant.Clusterer(k=2, algorithm="elkan").fit(x)
     for kwargs in ({"seed": -1}, {"tol": float("nan")}, {"max_iter": 0}, {"n_redo": 0}, {"polish_iter": -1},
-                   {"sampling": "stratified"}):
+                   {"sampling": "stratified"}, {"overrelax": -0.5}, {"overrelax": float("inf")}, {"overrelax": True},
+                   {"overrelax": "1"}):
         with pytest.raises(InvalidInput):
             kvant.Clusterer(k=2, **kwargs).fit(x)
 

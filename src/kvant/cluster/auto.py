@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InvalidInput
 
 AUTO_TOL = 5e-4
+AUTO_OVERRELAX = 1.0  # β_max of the over-relaxed Lloyd steps (docs/auto.md, "Over-relaxed Lloyd")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
         where = f"a uniform {per}·K={sample}-row sample"
     return Choice(
         "dense-exact-row",
-        {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256},
-        f"fits in memory: k-means++ and bounded Lloyd on {where} until the objective improves < {AUTO_TOL:g}",
+        {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256, "overrelax": AUTO_OVERRELAX},
+        f"fits in memory: k-means++ and bounded, over-relaxed (β <= {AUTO_OVERRELAX:g}) Lloyd on {where} until "
+        f"the objective improves < {AUTO_TOL:g}",
     )

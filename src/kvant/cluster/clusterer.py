@@ -71,6 +71,9 @@ class Clusterer:
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
     polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it).
+    overrelax : β_max of the safeguarded over-relaxation of Lloyd's steps (see :mod:`kvant.cluster.lloyd`):
+        0 is classic Lloyd; ``None`` (default) means 0 for the concrete algorithms and 1.0 for ``auto``
+        (docs/auto.md has the measurements). Finite, >= 0.
     n_redo : restarts for ``dense-exact-nredo`` (seeds seed, seed+1, ...; the lowest training objective wins).
     batch_rows : rows per mini-batch for ``minibatch`` (bounds its memory).
     max_epochs : passes over the data for ``minibatch``.
@@ -97,6 +100,7 @@ class Clusterer:
         sample_per_centroid: int = 256,
         sampling: str = "coreset",
         polish_iter: int | None = None,
+        overrelax: float | None = None,
         n_redo: int = 3,
         batch_rows: int = 65536,
         max_epochs: int = 3,
@@ -110,6 +114,7 @@ class Clusterer:
         self.sample_per_centroid = sample_per_centroid
         self.sampling = sampling
         self.polish_iter = polish_iter
+        self.overrelax = overrelax
         self.n_redo = n_redo
         self.batch_rows = batch_rows
         self.max_epochs = max_epochs
@@ -137,10 +142,12 @@ class Clusterer:
         positive_int("max_epochs", self.max_epochs)
         if self.polish_iter is not None:
             positive_int("polish_iter", self.polish_iter, 0)
-        number = isinstance(self.tol, int | float | np.integer | np.floating)
-        tol_ok = number and not isinstance(self.tol, bool | np.bool_) and np.isfinite(self.tol)
-        if self.tol is not None and (not tol_ok or self.tol < 0):
-            raise InvalidInput(f"tol must be a finite number >= 0, got {self.tol!r}")
+        for name in ("tol", "overrelax"):
+            value = getattr(self, name)
+            number = isinstance(value, int | float | np.integer | np.floating)
+            ok = number and not isinstance(value, bool | np.bool_) and np.isfinite(value)
+            if value is not None and (not ok or value < 0):
+                raise InvalidInput(f"{name} must be a finite number >= 0, got {value!r}")
         if n is not None and self.k > n:
             raise InvalidInput(f"k={self.k} is larger than the number of rows ({n}); k must be <= N")
 
@@ -168,6 +175,7 @@ class Clusterer:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
+        overrelax = params.get("overrelax", 0.0) if self.overrelax is None else float(self.overrelax)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         m = k * int(self.sample_per_centroid)
@@ -216,7 +224,7 @@ class Clusterer:
                 seed = None if seed0 is None else seed0 + r
                 c0 = init_centroids(sample, k, init, seed, spherical, weights)
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
-                            weights=weights)
+                            weights=weights, overrelax=overrelax)
                 if best is None or res.objective_history[-1] < best.objective_history[-1]:
                     best = res
             centroids = uncondition(best.centroids, shift, cscale)
@@ -234,7 +242,7 @@ class Clusterer:
                 # polished on a conditioned copy of the rows
                 shift, cscale = (None, None) if spherical else conditioning(full)
                 res = lloyd(condition(full, shift, cscale), condition(centroids, shift, cscale), polish, tol,
-                            spherical, on_iter=lambda obj: report("train", 1))
+                            spherical, on_iter=lambda obj: report("train", 1), overrelax=overrelax)
                 centroids = uncondition(res.centroids, shift, cscale)
                 result_labels = res.labels if shift is None and cscale is None else None
                 unscale = 1.0 if cscale is None else 1.0 / (cscale * cscale)
@@ -257,6 +265,7 @@ class Clusterer:
         self.algorithm_ = algorithm
         self.auto_reason_ = reason
         self.polish_iter_ = polish if algorithm != "minibatch" and full is not None else 0
+        self.overrelax_ = overrelax if algorithm != "minibatch" else 0.0
         self.cluster_centers_ = centroids
         self.labels_ = labels
         self.inertia_ = inertia
@@ -309,7 +318,7 @@ class Clusterer:
 
     def get_params(self) -> dict[str, Any]:
         keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling", "polish_iter",
-                "n_redo", "batch_rows", "max_epochs")
+                "overrelax", "n_redo", "batch_rows", "max_epochs")
         return {key: getattr(self, key) for key in keys}
 
     def __repr__(self) -> str:

@@ -8,6 +8,17 @@ bounds cross are looked at: first their upper bound is made exact (O(D)), and on
 are gathered and re-assigned with the GEMM kernel. Centroid sums are updated incrementally (float64) for
 the rows that changed cluster.
 
+Optional safeguarded over-relaxation (``overrelax`` = β_max > 0): after an iteration that lowered the
+objective, the next E-step assigns to centres pushed past the new means along their last move,
+c = μ_t + β(μ_t − μ_{t−1}) (re-normalised for spherical), with β growing 0.5, 1.0, … up to β_max over
+consecutive successes. If an extrapolated step raises the objective, β falls back to 0 and the next step
+is a plain Lloyd step from the means of that partition. Plain Lloyd creeps along slowly-converging
+directions (overlapping clusters, spherical k-means in high dimension); the extrapolation covers that
+ground in fewer iterations and, measured on this project's grid, reaches lower objectives in the same
+iteration budget (docs/auto.md). The objective recorded at each M-step is still Σ w‖x − μ‖² of the current
+partition, and the last E-step (on convergence or at ``max_iter``) always uses the plain means, so the
+returned centroids are the means of their own exact assignment.
+
 Empty clusters are re-seeded with the rows farthest from their centroids (by upper bound, ties to the
 lower row index), each taken from a cluster that keeps at least one row; the row moves to the new
 cluster, which then starts at that row.
@@ -39,6 +50,8 @@ class LloydResult:
     n_iter: int = 0
     n_reseeded: int = 0
     rows_recomputed: int = 0
+    n_extrapolated: int = 0  # E-steps on over-relaxed centres
+    n_rejected: int = 0  # of which raised the objective (followed by a plain step)
 
 
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
@@ -125,6 +138,7 @@ def lloyd(
     x_sqnorms: np.ndarray | None = None,
     on_iter=None,
     weights: np.ndarray | None = None,
+    overrelax: float = 0.0,
 ) -> LloydResult:
     """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
 
@@ -132,6 +146,8 @@ def lloyd(
     The returned labels are the exact nearest centroids for the returned centroids. ``on_iter(objective)``,
     if given, is called after every M-step (progress reporting). ``weights`` (n,) > 0 makes it weighted
     k-means (centres are weighted means, the objective Σ w‖x − c‖²): a row of weight 2 acts as two copies.
+    ``overrelax`` > 0 turns on the safeguarded over-relaxation described in the module docstring (its β_max);
+    the objective history may then rise at a rejected step.
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -149,6 +165,8 @@ def lloyd(
     result = LloydResult(c, labels)
     prev_obj = np.inf
     block = 65536
+    prev_means = None
+    beta = 0.0  # extrapolation of the centres the last E-step used (0: plain Lloyd)
     for it in range(max_iter):
         # M-step (with re-seeding of empty clusters).
         # Emptiness by rows, not weight: incremental float updates can leave a ~1e-12 residue behind.
@@ -156,20 +174,33 @@ def lloyd(
         sums[rows_in == 0] = 0.0
         counts[rows_in == 0] = 0.0
         result.n_reseeded += _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in)
-        new_c = _centroids_from_sums(sums, counts, c, spherical)
+        means = _centroids_from_sums(sums, counts, c, spherical)
         obj = _objective(x_total, sums, counts, spherical)
         result.objective_history.append(obj)
         result.n_iter = it + 1
         if on_iter is not None:
             on_iter(obj)
-        delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
-        c = new_c
         # Relative to the quality callers read: the MSE for l2, but Σ w·cos (not Σ w·(1 − cos)) for spherical,
         # whose objective is dominated by the constant 1: at a mean cosine of 0.2 a tolerance relative to the
         # objective stopped 4× earlier than the same tolerance on the mean cosine.
         scale = float(counts.sum()) - obj if spherical else obj
-        converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
+        rejected = beta > 0 and obj > prev_obj  # the extrapolated step made the partition worse
+        converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30) and not rejected
+        if overrelax > 0 and prev_means is not None and not converged and not rejected and it + 1 < max_iter:
+            beta = min(overrelax, beta + 0.5)
+        else:
+            beta = 0.0
+        new_c = means
+        if beta > 0:
+            new_c = (means + np.float32(beta) * (means - prev_means)).astype(np.float32)
+            if spherical:
+                new_c = _normalise(new_c)
+            result.n_extrapolated += 1
+        result.n_rejected += int(rejected)
+        prev_means = means
         prev_obj = obj
+        delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
+        c = new_c
         # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
         if k > 1:
             order = np.argsort(delta)[::-1]

@@ -142,12 +142,13 @@ class DaskClusterer:
     ((4, 8), (5000,))
 
     ``polish_iter``: Lloyd iterations over all rows after training on the sample (0 = as ``auto``; each
-    costs one pass). Other settings are ``kvant.Clusterer``'s. Runs on the current Dask scheduler (a
-    ``distributed.Client`` if one is active).
+    costs one pass; plain Lloyd steps). Other settings, ``overrelax`` included, are ``kvant.Clusterer``'s.
+    Runs on the current Dask scheduler (a ``distributed.Client`` if one is active).
     """
 
     def __init__(self, k: int, metric: str = "l2", seed: int | None = 0, *, max_iter: int = 25,
-                 tol: float | None = None, sample_per_centroid: int = 256, polish_iter: int = 0):
+                 tol: float | None = None, sample_per_centroid: int = 256, polish_iter: int = 0,
+                 overrelax: float | None = None):
         self.k = k
         self.metric = metric
         self.seed = seed
@@ -155,10 +156,11 @@ class DaskClusterer:
         self.tol = tol
         self.sample_per_centroid = sample_per_centroid
         self.polish_iter = polish_iter
+        self.overrelax = overrelax
 
     def _local(self) -> Clusterer:
         return Clusterer(self.k, self.metric, "auto", self.seed, max_iter=self.max_iter, tol=self.tol,
-                         sample_per_centroid=self.sample_per_centroid, polish_iter=0)
+                         sample_per_centroid=self.sample_per_centroid, polish_iter=0, overrelax=self.overrelax)
 
     def fit(self, x) -> DaskClusterer:
         """Cluster ``x`` (see :func:`as_dask_array`). Returns self; state changes only on success."""
