@@ -333,7 +333,8 @@ def _add_cluster(sub) -> None:
     p.add_argument("--metric", default="l2", choices=available_metrics())
     p.add_argument("--algorithm", default="auto", choices=available_algorithms())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iter", type=int, default=25)
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="Lloyd iterations at most (default: the algorithm's; auto 15, the others 25)")
     p.add_argument("--sampling", default="coreset", choices=["coreset", "uniform"],
                    help="training sample: weighted lightweight coreset (default) or uniform rows (FAISS's)")
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the vectors")

@@ -140,14 +140,18 @@ def test_overrelaxation_reaches_a_lower_objective_in_the_same_iterations():
 def test_auto_overrelaxes_and_the_concrete_algorithms_do_not(data):
     x, _ = data
     auto = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64).fit(x)
-    assert auto.overrelax_ == 1.0 and "over-relaxed" in auto.auto_reason_
-    assert kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0).fit(x).overrelax_ == 0.0
+    assert auto.overrelax_ == 1.0 and auto.max_iter_ == 15 and "over-relaxed" in auto.auto_reason_
+    row = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0).fit(x)
+    assert row.overrelax_ == 0.0 and row.max_iter_ == 25
+    assert kvant.Clusterer(k=8, seed=0, max_iter=3, tol=0.0).fit(x).max_iter_ == 3
     # overrelax=0 turns auto back into classic Lloyd with auto's other settings
     a = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64, overrelax=0).fit(x)
-    b = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0, sample_per_centroid=64, tol=5e-4).fit(x)
+    b = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0, sample_per_centroid=64, tol=5e-4,
+                        max_iter=15).fit(x)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     assert a.inertia_history_ == b.inertia_history_
     assert kvant.Clusterer(k=8).get_params()["overrelax"] is None
+    assert kvant.Clusterer(k=8).get_params()["max_iter"] is None
 
 
 def test_same_seed_same_result_and_seed_matters(data):

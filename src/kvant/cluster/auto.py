@@ -15,6 +15,7 @@ from ..errors import InvalidInput
 
 AUTO_TOL = 5e-4
 AUTO_OVERRELAX = 1.0  # β_max of the over-relaxed Lloyd steps (docs/auto.md, "Over-relaxed Lloyd")
+AUTO_MAX_ITER = 15  # over-relaxed iterations at most: beat FAISS's 25 plain ones on every measured cell
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
         where = f"a uniform {per}·K={sample}-row sample"
     return Choice(
         "dense-exact-row",
-        {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256, "overrelax": AUTO_OVERRELAX},
+        {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256, "overrelax": AUTO_OVERRELAX,
+         "max_iter": AUTO_MAX_ITER},
         f"fits in memory: k-means++ and bounded, over-relaxed (β <= {AUTO_OVERRELAX:g}) Lloyd on {where} until "
-        f"the objective improves < {AUTO_TOL:g}",
+        f"the objective improves < {AUTO_TOL:g} (at most {AUTO_MAX_ITER} iterations unless max_iter is given)",
     )

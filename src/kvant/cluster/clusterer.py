@@ -62,7 +62,8 @@ class Clusterer:
     algorithm : ``"auto"`` or one of :func:`available_algorithms`. ``auto`` follows the static rule in
         ``docs/auto.md``; the choice is in ``algorithm_`` and the reason in ``auto_reason_``.
     seed : seed for sampling and initialisation. Same seed + same thread count -> same labels.
-    max_iter : Lloyd iterations on the training sample (default 25, FAISS's niter).
+    max_iter : at most this many Lloyd iterations on the training sample (``None``, the default: 25, FAISS's
+        niter, for the concrete algorithms; ``auto`` sets its own, see docs/auto.md).
     tol : stop when an iteration improves the objective by less than this fraction of the quality measure:
         of the sum of squared distances for ``l2``, of the sum of cosines for ``cos`` (default 1e-4 for the
         concrete algorithms; ``auto`` picks its own, see docs/auto.md).
@@ -95,7 +96,7 @@ class Clusterer:
         algorithm: str = "auto",
         seed: int | None = 0,
         *,
-        max_iter: int = 25,
+        max_iter: int | None = None,
         tol: float | None = None,
         sample_per_centroid: int = 256,
         sampling: str = "coreset",
@@ -135,7 +136,8 @@ class Clusterer:
         check_seed(self.seed)
         if self.sampling not in SAMPLINGS:
             raise InvalidInput(f"unknown sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
-        positive_int("max_iter", self.max_iter)
+        if self.max_iter is not None:
+            positive_int("max_iter", self.max_iter)
         positive_int("sample_per_centroid", self.sample_per_centroid)
         positive_int("n_redo", self.n_redo)
         positive_int("batch_rows", self.batch_rows)
@@ -166,7 +168,7 @@ class Clusterer:
         spherical = self.metric == "cos"
         # plain ints: NumPy integer settings (uint8, int16, ...) would overflow in k * sample_per_centroid, seed + r
         k, seed0, batch_rows = int(self.k), check_seed(self.seed), int(self.batch_rows)
-        max_iter, max_epochs, n_redo = int(self.max_iter), int(self.max_epochs), int(self.n_redo)
+        max_epochs, n_redo = int(self.max_epochs), int(self.n_redo)
         if self.algorithm == "auto":
             choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling,
                                       int(self.sample_per_centroid))
@@ -175,6 +177,7 @@ class Clusterer:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
+        max_iter = params.get("max_iter", 25) if self.max_iter is None else int(self.max_iter)
         overrelax = params.get("overrelax", 0.0) if self.overrelax is None else float(self.overrelax)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -266,6 +269,7 @@ class Clusterer:
         self.auto_reason_ = reason
         self.polish_iter_ = polish if algorithm != "minibatch" and full is not None else 0
         self.overrelax_ = overrelax if algorithm != "minibatch" else 0.0
+        self.max_iter_ = max_iter
         self.cluster_centers_ = centroids
         self.labels_ = labels
         self.inertia_ = inertia

@@ -146,7 +146,7 @@ class DaskClusterer:
     Runs on the current Dask scheduler (a ``distributed.Client`` if one is active).
     """
 
-    def __init__(self, k: int, metric: str = "l2", seed: int | None = 0, *, max_iter: int = 25,
+    def __init__(self, k: int, metric: str = "l2", seed: int | None = 0, *, max_iter: int | None = None,
                  tol: float | None = None, sample_per_centroid: int = 256, polish_iter: int = 0,
                  overrelax: float | None = None):
         self.k = k
