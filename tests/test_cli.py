@@ -60,6 +60,19 @@ def test_cluster_sampling_flag_matches_the_api(tmp_path, capsys, sampling):
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), want)
 
 
+def test_cluster_overrelax_and_max_iter_flags_match_the_api(tmp_path, capsys):
+    x = np.random.default_rng(2).standard_normal((3000, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    argv = ["cluster", str(tmp_path / "x.npy"), "-k", "5", "--overrelax", "0", "--max-iter", "4", "--json", "--quiet",
+            "-o", str(tmp_path / "labels.npy")]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["overrelax"] == 0.0 and out["max_iter"] == 4 and "given by the caller" in out["auto_reason"]
+    want = kvant.Clusterer(k=5, overrelax=0, max_iter=4).fit(x).labels_
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), want)
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "5", "--overrelax", "-1", "--quiet"]) == 2
+
+
 def test_cluster_outputs_report_the_written_names_and_bad_dirs_fail_before_fitting(tmp_path, capsys):
     np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32))
     assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "--json", "-o", str(tmp_path / "labels"),

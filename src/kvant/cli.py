@@ -228,6 +228,7 @@ def _cmd_cluster(args) -> int:
         "sampling": args.sampling,
         "polish_iter": c.polish_iter_,
         "overrelax": c.overrelax_,
+        "max_iter": c.max_iter_,
         "n_iter": c.n_iter_,
         "inertia": c.inertia_,
         "seconds": wall,

@@ -109,22 +109,66 @@ def _means(x, labels, k, spherical):
 @pytest.mark.parametrize("spherical", [False, True])
 @pytest.mark.parametrize("beta", [1.0, 50.0])
 def test_overrelaxed_lloyd_ends_on_the_means_of_an_exact_assignment(spherical, beta):
-    # beta = 50 overshoots, so steps get rejected: each rejection must be followed by a plain (improving) step
-    # run to a fixed point (tol 0): the returned centres must then be the plain means of the final labels
+    # beta = 50 overshoots, so steps get rejected: each rejection must be followed by a plain step from the
+    # last accepted means, which never ends above the accepted objective
     x = _gaussian_rows(np.random.default_rng(2), 1500, 6, spherical)
     c0 = init_centroids(x, 12, "k-means++", 0, spherical)
+    # run to a fixed point (tol 0): the returned centres must then be the plain means of the final labels
     res = lloyd(x, c0, 500, tol=0.0, spherical=spherical, overrelax=beta)
     assert res.n_extrapolated > 0 and res.n_iter < 500
     np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
     np.testing.assert_allclose(res.centroids, _means(x, res.labels, 12, spherical), rtol=1e-4, atol=1e-5)
     h = np.array(res.objective_history)
-    rises = np.flatnonzero(np.diff(h) > 0) + 1
-    assert len(rises) <= res.n_rejected
+    accepted = np.minimum.accumulate(h)
+    rejected = np.flatnonzero(h[1:] > accepted[:-1] * (1 + 1e-9)) + 1  # (a plain step may round up by ~1e-16)
+    assert len(rejected) == res.n_rejected
     if beta == 50.0:
         assert res.n_rejected > 0
-    for i in rises[rises + 1 < len(h)]:
-        assert h[i + 1] <= h[i] * (1 + 1e-9)  # the step after a rejected one is plain Lloyd
-    assert h[-1] < h[0]
+    for i in rejected[rejected + 1 < len(h)]:
+        assert h[i + 1] <= accepted[i - 1] * (1 + 1e-9)  # the plain step after a rejection
+        assert i + 1 not in rejected
+    assert h[-1] <= h.min() * (1 + 1e-12)  # stopped on an accepted plain step
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_overrelaxed_lloyd_at_max_iter_returns_accepted_means(spherical):
+    # cut short at every small budget: the last E-step is never extrapolated, and the centres are the means of
+    # the best accepted partition (its objective is the history's minimum)
+    x = _gaussian_rows(np.random.default_rng(3), 2000, 8, spherical)
+    c0 = init_centroids(x, 16, "k-means++", 1, spherical)
+    for m in range(1, 8):
+        for beta in (1.0, 50.0):
+            res = lloyd(x, c0, m, tol=0.0, spherical=spherical, overrelax=beta)
+            assert res.n_iter == m and res.n_extrapolated <= max(0, m - 2)
+            np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
+            # re-derive the centres' partition objective: they are means, so one M-step from their own
+            # assignment can only lower it, and it is at most the best accepted objective
+            lab = _nearest(x, res.centroids)
+            d = ((x.astype(np.float64) - res.centroids[lab]) ** 2).sum()
+            obj = 0.5 * d if spherical else d
+            assert obj <= min(res.objective_history) * (1 + 1e-5)
+
+
+def test_overrelaxed_weighted_lloyd_equals_it_on_repeated_rows():
+    g = np.random.default_rng(4)
+    base = g.standard_normal((300, 5)).astype(np.float32)
+    reps = g.integers(1, 4, size=300)
+    x_rep = np.repeat(base, reps, axis=0)
+    c0 = base[:6].copy()
+    a = lloyd(base, c0, 10, tol=0.0, weights=reps.astype(np.float64), overrelax=1.0)
+    b = lloyd(x_rep, c0, 10, tol=0.0, overrelax=1.0)
+    np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.objective_history, b.objective_history, rtol=1e-6)
+    assert a.n_extrapolated == b.n_extrapolated > 0
+
+
+def test_overrelaxed_lloyd_with_k1_and_with_polish():
+    x = np.random.default_rng(5).standard_normal((500, 3)).astype(np.float32)
+    res = lloyd(x, x[:1].copy(), 5, tol=0.0, overrelax=1.0)
+    np.testing.assert_allclose(res.centroids[0], x.astype(np.float64).mean(0), atol=1e-5)
+    c = kvant.Clusterer(k=4, seed=0, sample_per_centroid=16, polish_iter=3).fit(x)
+    np.testing.assert_array_equal(c.labels_, _nearest(x, c.cluster_centers_))
+    assert c.overrelax_ == 1.0 and c.polish_iter_ == 3
 
 
 def test_overrelaxation_reaches_a_lower_objective_in_the_same_iterations():
@@ -141,11 +185,14 @@ def test_auto_overrelaxes_and_the_concrete_algorithms_do_not(data):
     x, _ = data
     auto = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64).fit(x)
     assert auto.overrelax_ == 1.0 and auto.max_iter_ == 15 and "over-relaxed" in auto.auto_reason_
+    assert "given by the caller" not in auto.auto_reason_
     row = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0).fit(x)
     assert row.overrelax_ == 0.0 and row.max_iter_ == 25
     assert kvant.Clusterer(k=8, seed=0, max_iter=3, tol=0.0).fit(x).max_iter_ == 3
     # overrelax=0 turns auto back into classic Lloyd with auto's other settings
     a = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64, overrelax=0).fit(x)
+    assert "given by the caller: overrelax=0" in a.auto_reason_
+    assert kvant.Clusterer(k=8, algorithm="minibatch", seed=0).fit(x).max_iter_ == 0
     b = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0, sample_per_centroid=64, tol=5e-4,
                         max_iter=15).fit(x)
     np.testing.assert_array_equal(a.labels_, b.labels_)

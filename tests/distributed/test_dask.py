@@ -42,6 +42,11 @@ def test_all_rows_in_the_sample_equals_the_single_machine_fit(metric):
     assert c.inertia_ == pytest.approx(ref.inertia_, rel=1e-9)
     score = c.mean_cosine_ if metric == "cos" else c.mse_
     assert score == pytest.approx(ref.mean_cosine_ if metric == "cos" else ref.mse_, rel=1e-9)
+    assert (c.max_iter_, c.overrelax_) == (ref.max_iter_, ref.overrelax_) == (15, 1.0)
+    plain = kd.DaskClusterer(k=5, metric=metric, seed=3, overrelax=0, max_iter=30).fit(x)
+    ref0 = kvant.Clusterer(k=5, metric=metric, seed=3, overrelax=0, max_iter=30).fit(x)
+    assert (plain.max_iter_, plain.overrelax_) == (30, 0.0)
+    assert np.array_equal(plain.cluster_centers_, ref0.cluster_centers_)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cos"])

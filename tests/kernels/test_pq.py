@@ -1,5 +1,6 @@
 """kvant.kernels.pq against the plain references in kvant.bench.reference, on awkward shapes."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -99,6 +100,28 @@ def test_encode_ties_pick_smaller_codeword():
     cb17 = np.concatenate([cb, np.full((2, 1, 2), 99.0, dtype=np.float32)], axis=1)
     np.testing.assert_array_equal(K.pq_encode(x, cb17), [[5, 2]])
     np.testing.assert_array_equal(K.pq_encode(np.repeat(x, 40, axis=0), cb), np.tile([[5, 2]], (40, 1)))
+
+
+@numba.njit
+def _encode_with_runtime_width(xt, cbf, dsub, ksub, res):
+    # the same intrinsic with a width only known at run time: the loop path
+    K._enc_lanes(xt, 0, cbf, 0, dsub, ksub, res)
+
+
+@pytest.mark.parametrize("dsub", [4, 8, 16])
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+def test_unrolled_and_loop_encoders_are_bit_identical(dsub, scale):
+    ksub = 64
+    cb = _codebooks(7, 1, ksub, dsub, scale)
+    cb[0, 5] = cb[0, 40]  # a tie: the smaller id must win on both paths
+    x = _data(8, 32, dsub, scale)
+    x[3] = cb[0, 40]
+    unrolled = K.pq_encode(x, cb)[:, 0]
+    xt = np.ascontiguousarray(x.T).reshape(-1)  # column-major: xt[col * 32 + lane]
+    res = np.empty(32, np.int32)
+    _encode_with_runtime_width(xt, cb.reshape(-1), dsub, ksub, res)
+    np.testing.assert_array_equal(unrolled, res)
+    assert unrolled[3] == 5
 
 
 def _random_tables(seed, nq, m, ksub, scale="normal"):

@@ -71,7 +71,8 @@ class Clusterer:
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
-    polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it).
+    polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it;
+        over-relaxed as training is).
     overrelax : β_max of the safeguarded over-relaxation of Lloyd's steps (see :mod:`kvant.cluster.lloyd`):
         0 is classic Lloyd; ``None`` (default) means 0 for the concrete algorithms and 1.0 for ``auto``
         (docs/auto.md has the measurements). Finite, >= 0.
@@ -183,6 +184,10 @@ class Clusterer:
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         max_iter = params.get("max_iter", 25) if self.max_iter is None else int(self.max_iter)
         overrelax = params.get("overrelax", 0.0) if self.overrelax is None else float(self.overrelax)
+        given = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "overrelax", "tol", "polish_iter")
+                 if name in params and getattr(self, name) is not None]
+        if given:  # the reason describes what ran, not only the rule
+            reason += f"; given by the caller: {', '.join(given)}"
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         m = k * int(self.sample_per_centroid)
@@ -232,7 +237,8 @@ class Clusterer:
                 c0 = init_centroids(sample, k, init, seed, spherical, weights)
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights, overrelax=overrelax)
-                if best is None or res.objective_history[-1] < best.objective_history[-1]:
+                # the minimum: an over-relaxed run's last entry may be a rejected step (see lloyd)
+                if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res
             centroids = uncondition(best.centroids, shift, cscale)
             if trained_on_all and shift is None and cscale is None:
@@ -273,7 +279,7 @@ class Clusterer:
         self.auto_reason_ = reason
         self.polish_iter_ = polish if algorithm != "minibatch" and full is not None else 0
         self.overrelax_ = overrelax if algorithm != "minibatch" else 0.0
-        self.max_iter_ = max_iter
+        self.max_iter_ = max_iter if algorithm != "minibatch" else 0
         self.cluster_centers_ = centroids
         self.labels_ = labels
         self.inertia_ = inertia

@@ -11,13 +11,15 @@ the rows that changed cluster.
 Optional safeguarded over-relaxation (``overrelax`` = β_max > 0): after an iteration that lowered the
 objective, the next E-step assigns to centres pushed past the new means along their last move,
 c = μ_t + β(μ_t − μ_{t−1}) (re-normalised for spherical), with β growing 0.5, 1.0, … up to β_max over
-consecutive successes. If an extrapolated step raises the objective, β falls back to 0 and the next step
-is a plain Lloyd step from the means of that partition. Plain Lloyd creeps along slowly-converging
-directions (overlapping clusters, spherical k-means in high dimension); the extrapolation covers that
-ground in fewer iterations and, measured on this project's grid, reaches lower objectives in the same
-iteration budget (docs/auto.md). The objective recorded at each M-step is still Σ w‖x − μ‖² of the current
-partition, and the last E-step (on convergence or at ``max_iter``) always uses the plain means, so the
-returned centroids are the means of their own exact assignment.
+consecutive successes. If an extrapolated step raises the objective it is rejected: the next E-step goes back
+to the last accepted means (a plain Lloyd step from the accepted partition, so the accepted objectives never
+rise) and β restarts from 0. Plain Lloyd creeps along slowly-converging directions (overlapping clusters,
+spherical k-means in high dimension); the extrapolation covers that ground in fewer iterations and, measured
+on this project's grid, reaches lower objectives in the same iteration budget (docs/auto.md). Only a plain
+step can end the run by the tolerance, centres of re-seeded clusters are never extrapolated, and the last
+E-step (at ``max_iter``) always uses accepted means, so the returned centroids are the means of an accepted
+partition and the labels their exact nearest-centre assignment. The objective history records every M-step,
+rejected ones included; its minimum is the objective of the partition the returned centres come from.
 
 Empty clusters are re-seeded with the rows farthest from their centroids (by upper bound, ties to the
 lower row index), each taken from a cluster that keeps at least one row; the row moves to the new
@@ -147,7 +149,7 @@ def lloyd(
     if given, is called after every M-step (progress reporting). ``weights`` (n,) > 0 makes it weighted
     k-means (centres are weighted means, the objective Σ w‖x − c‖²): a row of weight 2 acts as two copies.
     ``overrelax`` > 0 turns on the safeguarded over-relaxation described in the module docstring (its β_max);
-    the objective history may then rise at a rejected step.
+    the objective history may then rise at a rejected step (compare runs by its minimum).
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -173,7 +175,8 @@ def lloyd(
         rows_in = np.bincount(labels, minlength=k)
         sums[rows_in == 0] = 0.0
         counts[rows_in == 0] = 0.0
-        result.n_reseeded += _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in)
+        reseeded = _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in)
+        result.n_reseeded += reseeded
         means = _centroids_from_sums(sums, counts, c, spherical)
         obj = _objective(x_total, sums, counts, spherical)
         result.objective_history.append(obj)
@@ -184,21 +187,26 @@ def lloyd(
         # whose objective is dominated by the constant 1: at a mean cosine of 0.2 a tolerance relative to the
         # objective stopped 4× earlier than the same tolerance on the mean cosine.
         scale = float(counts.sum()) - obj if spherical else obj
-        rejected = beta > 0 and obj > prev_obj  # the extrapolated step made the partition worse
-        converged = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30) and not rejected
-        if overrelax > 0 and prev_means is not None and not converged and not rejected and it + 1 < max_iter:
-            beta = min(overrelax, beta + 0.5)
+        little = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
+        # Only a plain step (beta == 0: the E-step used the means) may end the run; an extrapolated step that
+        # raised the objective is rejected: the next E-step goes back to the last accepted means.
+        rejected = beta > 0 and obj > prev_obj
+        converged = little and beta == 0.0
+        if rejected:
+            result.n_rejected += 1
+            beta, new_c = 0.0, prev_means
         else:
-            beta = 0.0
-        new_c = means
-        if beta > 0:
-            new_c = (means + np.float32(beta) * (means - prev_means)).astype(np.float32)
-            if spherical:
-                new_c = _normalise(new_c)
-            result.n_extrapolated += 1
-        result.n_rejected += int(rejected)
-        prev_means = means
-        prev_obj = obj
+            # extrapolate only from an accepted, clearly improving step with no re-seeded centre (a re-seed is a
+            # jump, not a direction), and never for the last E-step, so the returned centres are always means
+            grow = overrelax > 0 and prev_means is not None and not little and not reseeded and it + 1 < max_iter
+            beta = min(overrelax, beta + 0.5) if grow else 0.0
+            new_c = means
+            if beta > 0:
+                new_c = (means + np.float32(beta) * (means - prev_means)).astype(np.float32)
+                if spherical:
+                    new_c = _normalise(new_c)
+                result.n_extrapolated += 1
+            prev_means, prev_obj = means, obj
         delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
         c = new_c
         # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
@@ -210,7 +218,7 @@ def lloyd(
         else:
             max_delta = second_delta = float(delta[0])
             argmax_delta = 0
-        if max_delta == 0.0:
+        if max_delta == 0.0 and beta == 0.0:
             break
         lower *= 1.0 - _BOUND_SLACK
         parts: list[np.ndarray] = []

@@ -207,6 +207,7 @@ class DaskClusterer:
         self.counts_ = counts.astype(np.int64)
         self.inertia_history_ = [float(h) for h in history] + [float(inertia)]
         self.n_iter_ = int(n_iter)
+        self.max_iter_, self.overrelax_ = local.max_iter_, local.overrelax_  # training's settings, as used
         self.n_samples_fit_, self.n_features_in_ = int(n), int(dim)
         self.metric_ = self.metric
         self.labels_ = self._labels(arr)

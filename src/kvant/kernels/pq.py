@@ -214,7 +214,9 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
     stay in registers."""
     V, C = _ENC_LANES // 8, _ENC_CW
     fixed = dsub.literal_value if isinstance(dsub, types.IntegerLiteral) else None
-    sig = types.void(xt, types.intp, cb, types.intp, dsub, types.intp, res)
+    if fixed not in _ENC_UNROLLED:
+        fixed = None
+    sig = types.void(xt, types.intp, cb, types.intp, dsub if fixed is not None else types.intp, types.intp, res)
 
     def codegen(context, builder, signature, args):
         xt_v, xo_v, cb_v, cbo_v, dsub_v, ksub_v, res_v = args
