@@ -3,7 +3,8 @@
 For each cell and seed, runs ``faiss.Kmeans`` with its defaults (25 plain iterations on a 256·K sample) and
 ``kvant.Clusterer`` (auto's sampling, seeding and tolerance) with each ``β_max/max_iter`` setting, side by side
 in one process on the same data and threads, and prints seconds, iterations and the quality relative to
-FAISS (MSE for l2, mean cosine for cos; negative = kvant better). Uses the benchmark grid's cached datasets.
+FAISS (MSE for l2, mean cosine for cos, both scored by the grid's NumPy ``quality``; negative = kvant better).
+Uses the benchmark grid's cached datasets.
 
     flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/overrelax_sweep.py --seeds 0,1,2 \\
         --settings 0/25,1/10,1/15,1/25 anisotropic:200000:384:256:cos fashion-mnist:0:0:10:l2
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
         fam, n, dim, k, metric = cell.split(":")
         n, dim, k = int(n) or None, int(dim) or None, int(k)
         x, _ = grid.load_dataset(fam, n, dim, 256 if n else 10)
-        sign = 1 if metric == "l2" else -1
+        sign = -grid.better(metric)  # + = kvant worse
         for seed in (int(s) for s in args.seeds.split(",")):
             t = time.perf_counter()
             labels, centres, _ = grid.run_faiss(True)(x, k, metric, seed)
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
                 t = time.perf_counter()
                 c = kvant.Clusterer(k=k, metric=metric, seed=seed, max_iter=max_iter, overrelax=beta).fit(x)
                 t_kvant = time.perf_counter() - t
-                q = c.mse_ if metric == "l2" else c.mean_cosine_
+                q = grid.quality(x, c.labels_, c.cluster_centers_, metric)  # the grid's own NumPy score, both sides
                 rel = sign * (q - q_faiss) / abs(q_faiss) * 100
                 speed = t_faiss / t_kvant
                 out.append(f"β≤{beta:g}/{max_iter}: {t_kvant:.2f} s ({speed:.2f}×) {c.n_iter_} it {rel:+.2f}%")
