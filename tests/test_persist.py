@@ -13,8 +13,8 @@ from kvant import persist
 from kvant.errors import PersistError
 
 
-def _raw(path, header) -> None:
-    body = json.dumps(header).encode()
+def _raw(path, header, tail: bytes = b"") -> None:
+    body = (header if isinstance(header, bytes) else json.dumps(header).encode()) + tail
     digest = hashlib.blake2b(body, digest_size=32).digest()
     pre = persist._PREAMBLE.pack(persist.MAGIC, persist.FORMAT_VERSION, 0, len(body), persist._DATA_START + len(body),
                                  digest)
@@ -37,6 +37,25 @@ def test_malformed_header_is_persist_error(tmp_path, header):
         kvant.load(tmp_path / "f.kvant")
     with pytest.raises(PersistError):
         kvant.load(tmp_path / "f.kvant", mmap=True)
+
+
+def test_crafted_header_with_a_valid_checksum_is_persist_error(tmp_path):
+    # JSON nested past the recursion limit, a shape or offset of 1e400 (int() overflows) and a shape of more
+    # dimensions than NumPy allows, with its 4 bytes present: each must be a PersistError, not a raw error
+    _raw(tmp_path / "deep.kvant", b"[" * 100000 + b"]" * 100000)
+    for field in ("shape", "offset"):
+        entry = {"name": "x", "dtype": "<f4", "shape": [1], "offset": 4096, "nbytes": 4}
+        entry[field] = [float("inf")] if field == "shape" else float("inf")
+        _raw(tmp_path / f"{field}.kvant", {"kind": "FlatIndex", "meta": {}, "arrays": [entry]})
+    head = b'{"kind": "FlatIndex", "meta": {}, "arrays": [{"name": "x", "dtype": "<f4", "shape": %s, ' \
+           b'"offset": %08d, "nbytes": 4}]}'
+    shape = json.dumps([1] * 70).encode()
+    length = len(head % (shape, 0))
+    _raw(tmp_path / "ndim.kvant", head % (shape, persist._DATA_START + length), tail=b"\0" * 4)
+    for name in ("deep", "shape", "offset", "ndim"):
+        for mmap in (False, True):
+            with pytest.raises(PersistError):
+                kvant.load(tmp_path / f"{name}.kvant", mmap=mmap)
 
 
 def test_saved_files_get_a_normal_mode(tmp_path):  # noqa: D103

@@ -524,7 +524,7 @@ def _tree_load_points(path: str, column: str | None = None) -> np.ndarray:
     if Path(path).suffix == ".npy" and column is None:  # keep float64 precision when the file has it
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise InvalidInput(f"cannot read {path}: {exc}") from exc
         return np.asarray(arr)
     from .io import as_source

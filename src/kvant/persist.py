@@ -44,6 +44,7 @@ _PREAMBLE = struct.Struct("<8sIIQQ32s")  # magic, version, reserved, header_len,
 _DATA_START = 64
 _ALIGN = 64
 _ALLOWED_KINDS = set("biuf")  # bool, signed, unsigned, float: no objects, no strings
+_MAX_NDIM = 32  # NumPy refuses more than 64 dimensions; no kvant array has more than a few
 
 _loaders: dict[str, Callable[[dict, dict[str, np.ndarray]], Any]] = {}
 
@@ -199,7 +200,7 @@ def read(
         kind = header["kind"]
         meta = header["meta"]
         entries = header["arrays"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise PersistError(f"{path}: unreadable header: {exc}") from exc
     if not (isinstance(kind, str) and isinstance(meta, dict) and isinstance(entries, list)
             and all(isinstance(e, dict) for e in entries)):
@@ -213,9 +214,9 @@ def read(
             dtype = np.dtype(e["dtype"])
             shape = tuple(int(s) for s in e["shape"])
             offset, nbytes = int(e["offset"]), int(e["nbytes"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e400)
             raise PersistError(f"{path}: bad array entry {e!r}") from exc
-        if dtype.kind not in _ALLOWED_KINDS or any(s < 0 for s in shape):
+        if dtype.kind not in _ALLOWED_KINDS or any(s < 0 for s in shape) or len(shape) > _MAX_NDIM:
             raise PersistError(f"{path}: bad array entry {e!r}")
         count = 1
         for s_ in shape:  # Python ints: a crafted shape cannot overflow to a small product
@@ -229,11 +230,15 @@ def read(
                 arr = np.empty(shape, dtype=dtype)  # np.memmap refuses empty maps
             except (ValueError, OverflowError, MemoryError) as exc:  # e.g. shape [0, 10**30]
                 raise PersistError(f"{path}: array {name!r} has an impossible shape {list(shape)}") from exc
-        elif mmap:
-            arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
         else:
-            start = offset - _DATA_START
-            arr = np.frombuffer(body[start : start + nbytes], dtype=dtype).reshape(shape).copy()
+            try:
+                if mmap:
+                    arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                else:
+                    start = offset - _DATA_START
+                    arr = np.frombuffer(body[start : start + nbytes], dtype=dtype).reshape(shape).copy()
+            except (ValueError, OverflowError) as exc:  # consistent sizes NumPy still refuses
+                raise PersistError(f"{path}: array {name!r} cannot be read as {dtype} {list(shape)}: {exc}") from exc
         arrays[name] = arr
     return kind, meta, arrays
 

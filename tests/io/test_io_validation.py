@@ -99,6 +99,33 @@ def test_int64_rejected_with_supported_list():
         as_source(np.zeros((3, 2), np.int64))
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_masked_arrays_are_refused_and_matrices_read_as_arrays():
+    m = np.ma.masked_array(np.ones((3, 4), np.float32), mask=[[1, 0, 0, 0]] * 3)
+    with pytest.raises(InvalidInput, match="masked arrays are not supported"):
+        as_source(m)
+    src = as_source(np.matrix(np.arange(6, dtype=np.float32).reshape(3, 2)))
+    out = src.to_array()
+    assert type(out) is np.ndarray and out.shape == (3, 2) and out[2, 1] == 5.0
+
+
+def test_hdf5_damaged_chunk_is_invalid_input(tmp_path):
+    p = tmp_path / "cz.h5"
+    a = np.arange(400, dtype=np.float32).reshape(100, 4)
+    with h5py.File(p, "w") as f:
+        f.create_dataset("gz", data=a, chunks=(10, 4), compression="gzip")
+    with h5py.File(p, "r") as f:
+        offset = f["gz"].id.get_chunk_info(3).byte_offset
+    raw = bytearray(p.read_bytes())
+    raw[offset : offset + 20] = b"\xff" * 20
+    p.write_bytes(bytes(raw))
+    src = as_source(p, column="gz")
+    with pytest.raises(InvalidInput, match="cannot read"):
+        src.to_array()
+    with pytest.raises(InvalidInput, match="cannot read"):
+        src.take([35])
+
+
 def test_not_an_array():
     with pytest.raises(InvalidInput, match="list"):
         as_source([[1.0, 2.0]])
@@ -312,10 +339,39 @@ def test_parquet_directory_mismatch(tmp_path):
     with pytest.raises(InvalidInput, match="has type"):
         as_source(tmp_path)
     write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float32), column="other")
-    with pytest.raises(InvalidInput, match="no column 'embedding'"):
+    with pytest.raises(InvalidInput, match=r"vector columns would be \['other'\].*are \['embedding'\]"):
         as_source(tmp_path)
+    with pytest.raises(InvalidInput, match="no column 'embedding'"):
+        as_source(tmp_path, column="embedding")
     write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float32))
     assert as_source(tmp_path).n == 6
+
+
+@pytest.mark.parametrize("extra_first", [False, True])
+def test_parquet_directory_extra_column_in_one_file_is_refused_in_either_order(tmp_path, extra_first):
+    # scalar-columns mode: a column only one file has was silently dropped when that file sorted last
+    narrow = pa.table({"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)})
+    wide = pa.table({"a": np.ones(3, np.float32), "b": np.ones(3, np.float32), "c": np.ones(3, np.float32)})
+    pq.write_table(wide if extra_first else narrow, tmp_path / "part-0.parquet")
+    pq.write_table(narrow if extra_first else wide, tmp_path / "part-1.parquet")
+    with pytest.raises(InvalidInput, match="parquet directory must agree|no column 'c'"):
+        as_source(tmp_path)
+    assert as_source(tmp_path, column=["a", "b"]).dim == 2  # an explicit choice still reads both files
+
+
+def test_parquet_directory_second_list_column_in_a_later_file_is_refused(tmp_path):
+    emb = pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float32()))
+    pq.write_table(pa.table({"emb": emb}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"emb": emb, "other": emb}), tmp_path / "part-1.parquet")
+    with pytest.raises(InvalidInput, match="several list columns"):
+        as_source(tmp_path)
+    assert as_source(tmp_path, column="emb").n == 6
+
+
+def test_parquet_repeated_column_name_is_refused(tmp_path):
+    pq.write_table(pa.table({"c1": np.ones(3, np.float32), "c2": np.ones(3, np.float32)}), tmp_path / "t.parquet")
+    with pytest.raises(InvalidInput, match=r"names \['c1'\] more than once"):
+        as_source(tmp_path / "t.parquet", column=["c1", "c1"])
 
 
 # -- HDF5 ------------------------------------------------------------------------------------------

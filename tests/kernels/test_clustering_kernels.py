@@ -341,3 +341,31 @@ def test_sq_dist_to_point_unit_passes_non_finite_rows_through(bad):
     x[4] = bad
     got = sq_dist_to_point_unit(x, c)
     assert np.isfinite(got).tolist() == [True, True, False, True, False, True]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 8, 9, 31, 64, 255, 1024])
+def test_top2_is_bit_identical_to_its_float32_formula_with_ties_and_negative_rounding(k):
+    # The kernel's int32 min/max passes must give exactly the float32 formula's argmin (first index on
+    # ties), its value and the runner-up (the minimum again when it occurs twice), including the clamp of
+    # the negative values that cancellation produces for rows sitting on a centre.
+    g = np.random.default_rng(k)
+    d = 5
+    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)  # integer grid: many exact ties
+    if k > 3:
+        c[k - 1] = c[1]
+        c[k // 2] = c[1]
+    x = np.round(g.standard_normal((300, d)) * 2).astype(np.float32)
+    x[::4] = c[g.integers(0, k, 75)] + np.float32(1e-3)  # near a centre: cancellation can go below 0
+    x[1::7] = c[min(1, k - 1)]
+    xn, cn = sq_norms(x), sq_norms(c)
+    gm = x @ c.T
+    v = (xn[:, None] + cn[None, :]) - np.float32(2.0) * gm
+    v = np.where(v > 0, v, np.float32(0.0)).astype(np.float32)
+    want_label = np.argmin(v, axis=1)
+    want_d1 = v[np.arange(300), want_label]
+    want_d2 = np.sort(v, axis=1)[:, 1] if k > 1 else np.full(300, np.inf, np.float32)
+    labels, d1, d2 = np.empty(300, np.int64), np.empty(300, np.float32), np.empty(300, np.float32)
+    top2_from_ip(gm.copy(), cn, xn, labels, d1, d2)
+    np.testing.assert_array_equal(labels, want_label)
+    np.testing.assert_array_equal(d1.view(np.int32), want_d1.view(np.int32))  # +0.0, never -0.0
+    np.testing.assert_array_equal(d2, want_d2)

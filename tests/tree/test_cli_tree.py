@@ -44,6 +44,9 @@ def test_tree_cli_errors(tmp_path, capsys):
     assert main(["tree", "knn", str(out), str(tmp_path / "p.npy"), "-k", "21"]) == 2
     assert main(["tree", "knn", str(tmp_path / "missing.kvant"), "self"]) == 2  # bad input, as a missing .npy
     assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--metric", "cosine"]) == 2
+    (tmp_path / "empty.npy").write_bytes(b"")  # np.load raises EOFError on it: still bad input, exit 2
+    assert main(["tree", "build", str(tmp_path / "empty.npy"), "-o", str(tmp_path / "e.kvant")]) == 2
+    assert main(["tree", "knn", str(out), str(tmp_path / "empty.npy"), "-k", "1"]) == 2
     capsys.readouterr()
 
 

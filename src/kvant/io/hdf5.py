@@ -65,7 +65,10 @@ class Hdf5Source(VectorSource):
         self.dtype = ds.dtype
 
     def _read(self, start: int, stop: int) -> np.ndarray:
-        return self._ds[start:stop]
+        try:
+            return self._ds[start:stop]
+        except OSError as exc:  # a damaged chunk: h5py reports the filter's failure as OSError
+            raise InvalidInput(f"{self.name}: cannot read rows {start}..{stop - 1}: {exc}") from None
 
     def take(self, indices) -> np.ndarray:
         idx = self._check_indices(indices)
@@ -79,7 +82,10 @@ class Hdf5Source(VectorSource):
             step = 4096
             for s in range(0, uniq.size, step):
                 with np.errstate(over="ignore"):
-                    rows[s : s + step] = self._ds[uniq[s : s + step]]
+                    try:
+                        rows[s : s + step] = self._ds[uniq[s : s + step]]
+                    except OSError as exc:  # a damaged chunk, as in _read
+                        raise InvalidInput(f"{self.name}: cannot read the requested rows: {exc}") from None
             check_finite_rows(rows, uniq, self.name, lambda i: self._ds[int(uniq[i])])
         return rows[inverse.reshape(-1)]
 

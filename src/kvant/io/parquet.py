@@ -107,6 +107,18 @@ class ParquetSource(VectorSource):
                 raise InvalidInput(f"{f}: not a readable parquet file ({exc})") from None
 
         self._resolve_columns(schemas[0], column, self.files[0])
+        if column is None and len(self.files) > 1:
+            # the automatic choice must be the same in every file: an extra numeric column (or a second list
+            # column) in a later file is an error, not silently dropped, whatever order the files sort in
+            first = list(self.columns)
+            for f, schema in zip(self.files[1:], schemas[1:], strict=True):
+                self._resolve_columns(schema, None, f)
+                if self.columns != first:
+                    raise InvalidInput(
+                        f"{f}: its vector columns would be {self.columns}, but {self.files[0]}'s are {first}; "
+                        f"all files of a parquet directory must agree (or choose with column=...)"
+                    )
+            self._resolve_columns(schemas[0], None, self.files[0])
         # per-file checks: same columns, same value types, same dim
         starts, rg_file, rg_index = [], [], []
         total = 0
@@ -158,6 +170,9 @@ class ParquetSource(VectorSource):
                 if not cols:
                     raise InvalidInput(f"{f}: no list or numeric column to read vectors from (columns: {names})")
         elif isinstance(column, list | tuple) and column and all(isinstance(c, str) for c in column):
+            if len(set(column)) != len(column):
+                repeated = sorted({c for c in column if list(column).count(c) > 1})
+                raise InvalidInput(f"column= names {repeated} more than once; each vector column must be named once")
             missing = [c for c in column if c not in names]
             if missing:
                 raise InvalidInput(f"{f}: no column(s) {missing} (columns: {', '.join(names)})")

@@ -269,6 +269,11 @@ class ArraySource(VectorSource):
     def __init__(self, array: np.ndarray, name: str = "input", validate: bool = True):
         if not isinstance(array, np.ndarray):
             raise InvalidInput(f"{name}: expected a NumPy array, got {type(array).__name__}")
+        if isinstance(array, np.ma.MaskedArray):  # reading .data would use the masked values as vectors
+            raise InvalidInput(f"{name}: masked arrays are not supported; fill (x.filled(v)) or drop the masked "
+                               f"rows (x[~x.mask.any(axis=1)].data) first")
+        if type(array) is not np.ndarray and not isinstance(array, np.memmap):
+            array = np.asarray(array)  # np.matrix and other subclasses: the plain array view, no copy
         check_shape_dtype(array.shape, array.dtype, name, "array")
         self.array = array
         self.n, self.dim = (int(s) for s in array.shape)
