@@ -204,3 +204,27 @@ def test_search_accepts_a_query_file(tmp_path):
     index.add(x)
     d, i = index.search(str(tmp_path / "q.npy"), 1)
     assert i[:, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-25, 1.0, 1e19])
+def test_ip_ranking_is_exact_at_extreme_magnitudes(scale):
+    # float32 inner products of 1e19-scale rows overflow (inf − inf = NaN dropped a stored row as padding) and
+    # those of 1e-25-scale rows underflow to 0 (every row tied): rows and queries are scaled by powers of two
+    g = np.random.default_rng(7)
+    x = (g.standard_normal((60, 6)) * scale).astype(np.float32)
+    q = (g.standard_normal((5, 6)) * scale).astype(np.float32)
+    index = kvant.FlatIndex(6, "ip")
+    index.add(x)
+    d, ids = index.search(q, 10)
+    ref = q.astype(np.float64) @ x.astype(np.float64).T
+    np.testing.assert_array_equal(ids, np.argsort(-ref, axis=1, kind="stable")[:, :10])
+    if scale == 1.0:
+        np.testing.assert_allclose(d, np.take_along_axis(ref, ids, axis=1), rtol=1e-5)
+
+
+def test_ip_overflowing_products_are_not_dropped():
+    index = kvant.FlatIndex(2, "ip")
+    index.add(np.array([[4e19, -4e19], [1, 1], [2, 2]], np.float32))
+    d, ids = index.search(np.array([1e19, 1e19], np.float32), k=3)
+    assert ids.tolist() == [2, 1, 0]  # row 0's true inner product is 0, not a missing row
+    assert d[2] == 0.0

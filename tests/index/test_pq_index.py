@@ -273,3 +273,28 @@ def test_max_train_rows_below_codewords_is_rejected_up_front():
         kvant.PQ(16, 4, nbits=4, max_train_rows=5)
     with pytest.raises(InvalidInput, match="max_train_rows"):
         kvant.PQIndex(16, 4, nbits=4, max_train_rows=5)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e19])
+@pytest.mark.parametrize("nbits,refine", [(8, 0), (4, 0), (8, 2), (4, 2)])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_search_at_extreme_magnitudes_ranks_like_ordinary_data(data, scale, nbits, refine, metric):
+    # Training and encoding scale far-out data by a power of two; search must too, or 1e19-scale tables
+    # overflow (stored rows came back as padding) and 1e-25-scale ones underflow (every distance 0).
+    x, q = data
+    x, q = x[:300] / np.float32(8), q[:5] / np.float32(8)
+    ranked = []
+    for s in (1.0, scale):
+        index = kvant.PQIndex(DIM, M, nbits=nbits, metric=metric, refine=refine)
+        index.train(x * np.float32(s))
+        index.add(x * np.float32(s))
+        d, ids = index.search(q * np.float32(s), 10)
+        assert (ids >= 0).all()
+        ranked.append((d, ids))
+    # a power of two scales every codeword, table and distance exactly: the same codes and the same ranking
+    assert np.array_equal(ranked[0][1], ranked[1][1])
+    if scale == 1e19:  # the distances are the ordinary ones times scale² (±inf beyond float32's range)
+        want = ranked[0][0] * np.float64(scale) ** 2
+        big = np.abs(want) > np.finfo(np.float32).max * (1 - 1e-5)
+        assert np.isinf(ranked[1][0][big]).all()
+        np.testing.assert_allclose(ranked[1][0][~big], want[~big], rtol=1e-5)

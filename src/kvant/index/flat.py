@@ -134,7 +134,14 @@ class FlatIndex:
             q = normalize_rows(q)
         x, n = self._x.view, self.ntotal
         if self.metric != "l2":
-            out_d, out_i, _, _ = self._gemm_topk(q, k, None, None)
+            # inner products of rows far outside float32's range overflow (inf − inf = NaN drops a row) or
+            # underflow to 0 (losing the ranking): rows and queries are scaled by powers of two of their own
+            # (no shift: inner products are not shift invariant), which keeps each query's order
+            x_scale, q_scale = conditioning(x)[1], conditioning(q)[1]
+            out_d, out_i, _, _ = self._gemm_topk(q, k, None, x_scale, q_scale)
+            if x_scale is not None or q_scale is not None:
+                with np.errstate(over="ignore"):
+                    out_d = (out_d.astype(np.float64) / ((x_scale or 1.0) * (q_scale or 1.0))).astype(np.float32)
             return finish_results(out_d, out_i, self._ids.view, True, one)
         # data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
         shift, scale = conditioning(x)
@@ -158,9 +165,10 @@ class FlatIndex:
             out_d[todo], out_i[todo] = exact_d, exact_i
         return finish_results(out_d, out_i, self._ids.view, False, one)
 
-    def _gemm_topk(self, q, kk, shift, scale):
+    def _gemm_topk(self, q, kk, shift, scale, q_scale: float | None = None):
         """The ``kk`` best rows per query by BLAS: squared L2 in the GEMM form on (· − shift)·scale for l2,
-        negated inner products otherwise. Returns (float32 scores, rows, ‖q‖² and max ‖x‖² as conditioned)."""
+        negated inner products of x·scale and q·q_scale otherwise.
+        Returns (float32 scores, rows, ‖q‖² and max ‖x‖² as conditioned)."""
         from ..kernels.distance import ip_block, sq_l2_block, sq_norms
         from ..kernels.topk import merge_topk
 
@@ -175,14 +183,14 @@ class FlatIndex:
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)
         for qs in range(0, nq, qb):
-            qblk = condition(q[qs : qs + qb], shift, scale)
+            qblk = condition(q[qs : qs + qb], shift, scale) if l2 else condition(q[qs : qs + qb], None, q_scale)
             qn = sq_norms(qblk) if l2 else None
             if l2:
                 q_sq[qs : qs + qb] = qn
             od, oi = out_d[qs : qs + qb], out_i[qs : qs + qb]
             for xs in range(0, n, xb):
                 xblk = np.ascontiguousarray(x[xs : xs + xb])
-                if cond:
+                if l2 and cond:
                     xblk = condition(xblk, shift, scale)
                     xn = sq_norms(xblk)
                     x_sq_max = max(x_sq_max, float(xn.max()))
@@ -190,7 +198,7 @@ class FlatIndex:
                 elif l2:
                     d = sq_l2_block(qblk, xblk, np.ascontiguousarray(norms[xs : xs + xb]), qn)
                 else:
-                    d = np.negative(ip_block(qblk, xblk), dtype=np.float32)
+                    d = np.negative(ip_block(qblk, condition(xblk, None, scale)), dtype=np.float32)
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
         return out_d, out_i, q_sq, x_sq_max
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import persist
 from .._config import check_seed, with_threads
+from .._numerics import condition, conditioning
 from ..errors import EmptyIndex, InvalidInput, PersistError
 from ..quant.opq import OPQ
 from ..quant.pq import PQ, _check_int
@@ -176,12 +177,21 @@ class PQIndex:
         return count
 
     # -- search -----------------------------------------------------------------------------------
-    def _tables(self, q: np.ndarray) -> np.ndarray:
+    def _range_scale(self) -> float | None:
+        """The power of two the encoder scales rows and codewords by when they lie far outside float32's
+        comfortable range (None for ordinary data): search uses it too, or tables of 1e19-scale data overflow
+        and those of 1e-25-scale data underflow to all zeros."""
+        books = self.codec.codebooks_
+        return conditioning(books.transpose(1, 0, 2).reshape(books.shape[1], -1))[1]
+
+    def _tables(self, q: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """Lookup tables of the queries ``q``, both sides scaled by ``scale`` when given (q already is)."""
         kpq = _kpq()
         qr = np.ascontiguousarray(self.codec._transform(q), dtype=np.float32)
+        books = self.codec.codebooks_ if scale is None else condition(self.codec.codebooks_, None, scale)
         if self.metric == "l2":
-            return kpq.distance_tables_l2(qr, self.codec.codebooks_)
-        t = kpq.ip_tables(qr, self.codec.codebooks_)
+            return kpq.distance_tables_l2(qr, books)
+        t = kpq.ip_tables(qr, books)
         np.negative(t, out=t)
         return t
 
@@ -197,13 +207,16 @@ class PQIndex:
             return kpq.adc_search(tables, np.ascontiguousarray(self._codes.view), k)
         return kpq.fastscan_search(tables, self._packed(), self.ntotal, self.m, k, self.fastscan_rerank)
 
-    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int):
-        """Re-rank candidate rows (nq, kc) by exact distance; keep the best k (ties -> smaller row)."""
+    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int, scale: float | None = None):
+        """Re-rank candidate rows (nq, kc) by exact distance; keep the best k (ties -> smaller row).
+        With ``scale``, ``q`` is already scaled and the stored vectors are scaled alike."""
         from ..kernels.topk import merge_topk_ids
 
         raw = self._raw.view
         valid = rows >= 0
         vecs = raw[np.where(valid, rows, 0)]  # (nq, kc, dim)
+        if scale is not None:
+            vecs = condition(vecs, None, scale)
         if self.metric == "l2":
             diff = vecs - q[:, None, :]
             d = np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64).astype(np.float32)
@@ -231,11 +244,15 @@ class PQIndex:
         step = max(1, (1 << 22) // (self.m * self.codec.ksub))
         if self.refine:
             step = max(1, min(step, (1 << 22) // (kc * self.dim)))
+        scale = self._range_scale()
         for s in range(0, nq, step):
-            qb = q[s : s + step]
-            d, rows = self._adc(self._tables(qb), kc)
+            qb = q[s : s + step] if scale is None else condition(q[s : s + step], None, scale)
+            d, rows = self._adc(self._tables(qb, scale), kc)
             if self.refine:
-                d, rows = self._exact(qb, rows, k)
+                d, rows = self._exact(qb, rows, k, scale)
+            if scale is not None:  # back to the data's units (beyond float32's range that is ±inf, ids still valid)
+                with np.errstate(over="ignore"):
+                    d = (d.astype(np.float64) / (scale * scale)).astype(np.float32)
             out_d[s : s + step], out_i[s : s + step] = d, rows
         return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
 
