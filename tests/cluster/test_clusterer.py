@@ -694,3 +694,19 @@ def test_minibatch_on_parquet_decodes_each_row_group_once_per_epoch(tmp_path, mo
     # across groups decoded a group for almost every one of the 120 batches)
     assert len(decodes) <= 4 * (3 + 2)
     assert np.bincount(c.labels_, minlength=4).min() > 0
+
+
+def test_get_and_set_params_follow_scikit_learn():
+    c = kvant.Clusterer(k=8, metric="cos")
+    assert c.get_params(deep=False) == c.get_params(deep=True) == c.get_params()
+    assert c.set_params(k=3, overrelax=0.5) is c
+    assert (c.k, c.overrelax, c.metric) == (3, 0.5, "cos")
+    with pytest.raises(InvalidInput, match=r"unknown parameter\(s\) \['bogus'\]"):
+        c.set_params(k=5, bogus=1)
+    assert c.k == 3  # nothing changed
+    clone = kvant.Clusterer(**c.get_params())
+    assert clone.get_params() == c.get_params()
+    x = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    assert c.set_params(k=0).get_params()["k"] == 0
+    with pytest.raises(InvalidInput, match="k must be"):
+        c.fit(x)  # validated by fit, as scikit-learn does

@@ -228,3 +228,18 @@ def test_ip_overflowing_products_are_not_dropped():
     d, ids = index.search(np.array([1e19, 1e19], np.float32), k=3)
     assert ids.tolist() == [2, 1, 0]  # row 0's true inner product is 0, not a missing row
     assert d[2] == 0.0
+
+
+@pytest.mark.parametrize("k", [10**12, 2**62])
+def test_absurd_k_is_invalid_input_not_a_memory_error(k):
+    x = np.eye(3, dtype=np.float32)
+    flat = kvant.FlatIndex(3)
+    flat.add(x)
+    pq = kvant.PQIndex(3, 1, nbits=4)
+    pq.train(np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32))
+    pq.add(x)
+    for index in (flat, pq):
+        with pytest.raises(InvalidInput, match="cannot be allocated"):
+            index.search(x, k)
+        d, ids = index.search(x, 5)  # k > ntotal still pads
+        assert ids.shape == (3, 5) and (ids[:, 3:] == -1).all() and np.isinf(d[:, 3:]).all()

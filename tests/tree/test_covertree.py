@@ -621,3 +621,12 @@ def test_angular_duplicates_up_to_rounding_pass_the_invariants():
     d, i = tree.knn(m[:2], 3)
     bd, bi = tree.brute_force(m[:2], 3)
     assert np.allclose(d, bd, atol=1e-7)
+
+
+def test_from_points_bad_inputs_are_invalid_input():
+    with pytest.raises(InvalidInput, match="not positive definite.*raise jitter"):
+        kvant.ResidualCorrelation.from_points(np.zeros((4, 2)), kvant.RBF(), jitter=1e-300)
+    with pytest.raises(InvalidInput, match="numeric 2-D array"):
+        kvant.ResidualCorrelation.from_points(np.array([["a", "b"]]), kvant.RBF())
+    rc = kvant.ResidualCorrelation.from_points(np.zeros((4, 2)), kvant.RBF())  # duplicates: default jitter copes
+    assert rc.n == 4

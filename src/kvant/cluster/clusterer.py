@@ -330,10 +330,23 @@ class Clusterer:
             raise DimensionMismatch(f"input has dim {src.dim}, the clusterer was fitted on dim {self.n_features_in_}")
         return src, _in_memory_rows(src)
 
-    def get_params(self) -> dict[str, Any]:
-        keys = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling", "polish_iter",
-                "overrelax", "n_redo", "batch_rows", "max_epochs")
-        return {key: getattr(self, key) for key in keys}
+    _PARAMS = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling",
+               "polish_iter", "overrelax", "n_redo", "batch_rows", "max_epochs")
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor settings, as scikit-learn's ``get_params`` (``deep`` is accepted; there are no
+        nested estimators)."""
+        return {key: getattr(self, key) for key in self._PARAMS}
+
+    def set_params(self, **params) -> Clusterer:
+        """Change constructor settings (scikit-learn's ``set_params``); they are validated by the next ``fit``.
+        An unknown name raises :class:`InvalidInput` and changes nothing."""
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise InvalidInput(f"unknown parameter(s) {unknown}; valid: {', '.join(self._PARAMS)}")
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
 
     def __repr__(self) -> str:
         return f"Clusterer(k={self.k!r}, metric={self.metric!r}, algorithm={self.algorithm!r}, seed={self.seed!r})"

@@ -136,8 +136,22 @@ class Rows:
         self.n = kept.shape[0]
 
 
-def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similarity: bool, one: bool):
-    """Map internal row numbers to ids, apply the sign/padding convention, squeeze 1-D queries."""
+def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similarity: bool, one: bool,
+                   k: int | None = None):
+    """Map internal row numbers to ids, apply the sign/padding convention, squeeze 1-D queries.
+
+    ``k`` wider than the results (the index holds fewer vectors than asked for): pad to ``k`` columns. The
+    search itself runs with at most the number of stored vectors, so an absurd ``k`` fails here, cleanly."""
+    if k is not None and k > dist.shape[1]:
+        nq = dist.shape[0]
+        try:
+            wide_d = np.full((nq, k), np.inf, np.float32)
+            wide_r = np.full((nq, k), -1, np.int64)
+        except (MemoryError, ValueError) as exc:
+            raise InvalidInput(f"k={k} asks for {nq}×{k} results ({nq * k * 12 / 2**30:.3g} GiB), which cannot be "
+                               f"allocated; the index holds {dist.shape[1]} vectors") from exc
+        wide_d[:, : dist.shape[1]], wide_r[:, : dist.shape[1]] = dist, rows
+        dist, rows = wide_d, wide_r
     out_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1).astype(np.int64)
     dist = dist.astype(np.float32, copy=True)
     if similarity:

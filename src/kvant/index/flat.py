@@ -128,8 +128,9 @@ class FlatIndex:
         from ..kernels.distance import exact_l2_topk
 
         q, one = as_queries(q, self.dim)
-        k = check_k(k)
+        k_out = check_k(k)
         require_nonempty(self.ntotal, "the index")
+        k = min(k_out, self.ntotal)  # padded back to k_out by finish_results
         if self.metric == "cos":
             q = normalize_rows(q)
         x, n = self._x.view, self.ntotal
@@ -142,7 +143,7 @@ class FlatIndex:
             if x_scale is not None or q_scale is not None:
                 with np.errstate(over="ignore"):
                     out_d = (out_d.astype(np.float64) / ((x_scale or 1.0) * (q_scale or 1.0))).astype(np.float32)
-            return finish_results(out_d, out_i, self._ids.view, True, one)
+            return finish_results(out_d, out_i, self._ids.view, True, one, k_out)
         # data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
         shift, scale = conditioning(x)
         out_d = np.empty((q.shape[0], k), np.float32)
@@ -163,7 +164,7 @@ class FlatIndex:
             exact_i = np.empty((todo.size, k), np.int64)
             exact_l2_topk(np.ascontiguousarray(q[todo]), x, exact_d, exact_i)
             out_d[todo], out_i[todo] = exact_d, exact_i
-        return finish_results(out_d, out_i, self._ids.view, False, one)
+        return finish_results(out_d, out_i, self._ids.view, False, one, k_out)
 
     def _gemm_topk(self, q, kk, shift, scale, q_scale: float | None = None):
         """The ``kk`` best rows per query by BLAS: squared L2 in the GEMM form on (· − shift)·scale for l2,

@@ -232,10 +232,11 @@ class PQIndex:
     def search(self, q, k: int):
         """``(distances, ids)`` of the ``k`` best stored vectors per query (see the conventions)."""
         q, one = as_queries(q, self.dim)
-        k = check_k(k)
+        k_out = check_k(k)
         if not self.is_trained:
             raise EmptyIndex("the index is not trained; call train(x) and add(x) before searching")
         require_nonempty(self.ntotal, "the index")
+        k = min(k_out, self.ntotal)  # padded back to k_out by finish_results
         q = self._prep(q)
         nq = q.shape[0]
         kc = k * self.refine if self.refine else k
@@ -254,7 +255,7 @@ class PQIndex:
                 with np.errstate(over="ignore"):
                     d = (d.astype(np.float64) / (scale * scale)).astype(np.float32)
             out_d[s : s + step], out_i[s : s + step] = d, rows
-        return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one)
+        return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one, k_out)
 
     # -- persistence ------------------------------------------------------------------------------
     def _meta(self) -> dict:

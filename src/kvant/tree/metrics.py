@@ -152,7 +152,10 @@ class ResidualCorrelation:
         p = max(kernel_diag - |v|^2, 0) + jitter * variance."""
         from .._config import rng
 
-        X = np.ascontiguousarray(X, dtype=np.float64)
+        try:
+            X = np.ascontiguousarray(X, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"X must be a numeric 2-D array (n, d): {exc}") from None
         if X.ndim != 2 or X.shape[0] < 1:
             raise InvalidInput(f"X must be a 2-D array (n, d) with n >= 1, got shape {X.shape}")
         if not np.all(np.isfinite(X)):
@@ -167,7 +170,11 @@ class ResidualCorrelation:
         m = min(int(n_inducing), n)
         U = X[np.sort(rng(seed).choice(n, m, replace=False))]
         Kuu = kernel(U, U) + jitter * kernel.variance * np.eye(m)
-        L = np.linalg.cholesky(Kuu)
+        try:
+            L = np.linalg.cholesky(Kuu)
+        except np.linalg.LinAlgError:
+            raise InvalidInput(f"K(U, U) + jitter·I is not positive definite in float64 (jitter={jitter:g}, "
+                               f"{m} inducing points): raise jitter (default 1e-6)") from None
         v = np.empty((n, m))
         step = max(1, (1 << 20) // max(m, 1))  # 8 MiB blocks: larger fresh arrays page-fault on every block
         Us = np.ascontiguousarray(kernel._scaled(U))
