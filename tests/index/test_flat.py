@@ -125,6 +125,10 @@ def test_corrupt_content(tmp_path, data):
                   {"vectors": x[:2], "ids": np.array([1, 1], np.int64)})
     with pytest.raises(PersistError):
         kvant.load(tmp_path / "b")
+    persist.write(tmp_path / "c", "FlatIndex", {"dim": 13, "metric": "cos", "next_id": 2},
+                  {"vectors": x[:2] * 3, "ids": np.array([0, 1], np.int64)})
+    with pytest.raises(PersistError, match="not unit-normalised"):
+        kvant.load(tmp_path / "c")
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e5])

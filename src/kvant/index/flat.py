@@ -251,8 +251,12 @@ class FlatIndex:
             raise PersistError("next_id is not larger than every stored id")
         if not np.isfinite(x).all():
             raise PersistError("stored vectors contain NaN or inf")
+        norms = sq_norms(np.ascontiguousarray(x)) if n else None
+        if obj.metric == "cos" and n and not np.all((np.abs(norms - 1) < 1e-4) | (norms == 0)):
+            # add() stores unit rows for cos; others would return similarities outside [-1, 1]
+            raise PersistError("a cos index holds vectors that are not unit-normalised")
         obj._x = Rows((obj.dim,), np.float32, x)
-        obj._norms = Rows((), np.float32, sq_norms(np.ascontiguousarray(x)) if n else None)
+        obj._norms = Rows((), np.float32, norms)
         obj._ids = Rows((), np.int64, ids)
         obj._next_id = next_id
         return obj
