@@ -710,3 +710,31 @@ def test_get_and_set_params_follow_scikit_learn():
     assert c.set_params(k=0).get_params()["k"] == 0
     with pytest.raises(InvalidInput, match="k must be"):
         c.fit(x)  # validated by fit, as scikit-learn does
+
+
+def test_labels_equal_predict_on_integer_data_with_duplicates_and_reseeds():
+    # Integer rows with duplicates and K close to N force re-seeded (coinciding) centres and exact ties; the
+    # fitted labels must be predict's (lowest id on ties): Lloyd used to stop before the E-step that follows
+    # a re-seed when no centre moved, leaving the re-seeded row on a higher-id twin centre.
+    x = np.array([[1], [2], [-1], [-3], [5]], np.float32)
+    c = kvant.Clusterer(k=4, metric="cos", seed=0).fit(x)
+    assert c.labels_.tolist() == c.predict(x).tolist() == [0, 0, 1, 1, 0]
+    g = np.random.default_rng(0)
+    for t in range(60):
+        n, d = int(g.integers(5, 40)), int(g.integers(1, 4))
+        k = int(g.integers(1, n + 1))
+        x = np.round(g.standard_normal((n, d)) * 1.5).astype(np.float32)
+        x[np.abs(x).sum(axis=1) == 0] = 1.0  # no zero rows (cos)
+        for metric in ("l2", "cos"):
+            c = kvant.Clusterer(k=k, metric=metric, seed=t).fit(x)
+            np.testing.assert_array_equal(c.labels_, c.predict(x), err_msg=f"{t} {metric} n={n} k={k}")
+
+
+def test_polish_runs_when_the_sample_is_every_row():
+    # polish_iter_ reported 5 while no pass ran (N <= 256·K trains on every row and skipped polishing)
+    x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
+    a = kvant.Clusterer(k=4, seed=0, max_iter=3).fit(x)
+    b = kvant.Clusterer(k=4, seed=0, max_iter=3, polish_iter=5).fit(x)
+    assert b.polish_iter_ == 5 and "polish" in b.timings_
+    assert b.n_iter_ > a.n_iter_ and b.inertia_ < a.inertia_
+    np.testing.assert_array_equal(b.labels_, b.predict(x))

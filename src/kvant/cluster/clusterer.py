@@ -72,7 +72,8 @@ class Clusterer:
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
     polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it;
-        over-relaxed as training is).
+        over-relaxed as training is). When the training sample already was every row they are simply more
+        iterations; ``polish_iter_`` is what ran (0 for streamed inputs and ``minibatch``).
     overrelax : β_max of the safeguarded over-relaxation of Lloyd's steps (see :mod:`kvant.cluster.lloyd`):
         0 is classic Lloyd; ``None`` (default) means 0 for the concrete algorithms and 1.0 for ``auto``
         (docs/auto.md has the measurements). Finite, >= 0.
@@ -249,7 +250,7 @@ class Clusterer:
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
             timings["train"] = time.perf_counter() - t
-            if polish > 0 and full is not None and not trained_on_all:
+            if polish > 0 and full is not None:  # also when the sample was every row: then they are more iterations
                 t = time.perf_counter()
                 # the data's conditioning (centroids alone give no scale when K = 1); offset-dominated data is
                 # polished on a conditioned copy of the rows

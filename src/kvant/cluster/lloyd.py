@@ -218,7 +218,7 @@ def lloyd(
         else:
             max_delta = second_delta = float(delta[0])
             argmax_delta = 0
-        if max_delta == 0.0 and beta == 0.0:
+        if max_delta == 0.0 and beta == 0.0 and not reseeded:  # a re-seed changed labels: they need the E-step
             break
         lower *= 1.0 - _BOUND_SLACK
         parts: list[np.ndarray] = []
