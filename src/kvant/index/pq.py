@@ -185,9 +185,12 @@ class PQIndex:
         return conditioning(books.transpose(1, 0, 2).reshape(books.shape[1], -1))[1]
 
     def _tables(self, q: np.ndarray, scale: float | None = None) -> np.ndarray:
-        """Lookup tables of the queries ``q``, both sides scaled by ``scale`` when given (q already is)."""
+        """Lookup tables of the queries ``q``; with ``scale``, transformed queries and codebooks are scaled
+        by it (after the transform: OPQ's offset is in the data's units)."""
         kpq = _kpq()
         qr = np.ascontiguousarray(self.codec._transform(q), dtype=np.float32)
+        if scale is not None:
+            qr = condition(qr, None, scale)
         books = self.codec.codebooks_ if scale is None else condition(self.codec.codebooks_, None, scale)
         if self.metric == "l2":
             return kpq.distance_tables_l2(qr, books)
@@ -247,10 +250,10 @@ class PQIndex:
             step = max(1, min(step, (1 << 22) // (kc * self.dim)))
         scale = self._range_scale()
         for s in range(0, nq, step):
-            qb = q[s : s + step] if scale is None else condition(q[s : s + step], None, scale)
+            qb = q[s : s + step]
             d, rows = self._adc(self._tables(qb, scale), kc)
             if self.refine:
-                d, rows = self._exact(qb, rows, k, scale)
+                d, rows = self._exact(qb if scale is None else condition(qb, None, scale), rows, k, scale)
             if scale is not None:  # back to the data's units (beyond float32's range that is ±inf, ids still valid)
                 with np.errstate(over="ignore"):
                     d = (d.astype(np.float64) / (scale * scale)).astype(np.float32)
