@@ -212,6 +212,20 @@ def test_topk_comparator_rejects_wrong_ids():
     assert R.pq_topk_agrees(rd, ri, rd, np.array([[4, 5, 9]])) is None  # tie at the k-th distance
     assert R.pq_topk_agrees(rd, ri, rd + 0.5, ri) is not None
     assert R.pq_topk_agrees(rd, ri, rd, np.array([[4, 5, -1]])) is not None
+    assert R.pq_topk_agrees(rd, ri, rd, np.array([[5, 4, 6]])) is not None  # swapped, but 1.0 and 2.0 differ
+
+
+def test_topk_comparator_accepts_float32_ties_inside_the_list():
+    # float64 reference: id 1 at 1000 and id 0 at 1000.00001; the float32 kernel rounds both to 1000 and puts
+    # the smaller id first. A tie inside the list, not only at the k-th, must be accepted (it was not).
+    t = np.zeros((1, 2, 16), np.float32)
+    t[0, 0] = 1000
+    t[0, 1, 1], t[0, 1, 2] = 1e-5, 5
+    codes = np.array([[0, 1], [0, 0], [0, 2]], np.uint8)
+    d, i = K.adc_search(t, codes, 3)
+    rd, ri = R.pq_adc_search_ref(t, codes, 3)
+    assert ri.tolist() == [[1, 0, 2]] and i.tolist() == [[0, 1, 2]]
+    assert R.pq_topk_agrees(rd, ri, d, i) is None
 
 
 # ---- 4-bit ----------------------------------------------------------------------------------------------

@@ -198,8 +198,11 @@ def pq_encode_ref(x, codebooks):
 def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
     """Tie-tolerant top-k comparison. Returns None when they agree, else a message naming the first mismatch.
 
-    Distances must match within ``tol * max(1, |ref|)`` position by position; a differing id is accepted only if
-    its distance is within tolerance of the reference k-th distance (a tie at the boundary), and no id repeats.
+    Distances must match within ``tol * max(1, |ref|)`` position by position and no id repeats. A differing id
+    is accepted only as a tie: an id the reference also returns must carry (within tolerance) the reference's
+    distance for it (two near-equal distances may swap: the float32 kernels round 1000 + 1e-5 to 1000, ties go
+    to the smaller id); an id the reference does not return, and a reference id left out, must both be within
+    tolerance of the reference k-th distance (a tie at the boundary).
     With ``all_d`` (nq, n): the reference distance of every row, each returned id's *true* distance must equal
     the distance reported for it (else a kernel could return any id beside a correct-looking distance).
     """
@@ -233,10 +236,22 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
                 return (f"query {q} rank {p}: id {int(gi[p])} is reported at distance {gd[p]!r} but its reference "
                         f"distance is {true[p]!r}")
         kth = rd[-1] if rd.size else 0.0
-        for p in np.flatnonzero(gi != ref_i[q, valid]):
-            if abs(gd[p] - kth) / max(1.0, abs(kth)) > tol:
-                return (f"query {q} rank {int(p)}: id {int(gi[p])} (distance {gd[p]!r}) instead of "
-                        f"{int(ref_i[q, valid][p])}, not a tie with the k-th distance {kth!r}")
+        ri = ref_i[q, valid]
+        ref_pos = {int(i): j for j, i in enumerate(ri.tolist())}
+        for p in np.flatnonzero(gi != ri):
+            g = int(gi[p])
+            j = ref_pos.get(g)
+            if j is not None:  # reordered: only between ties (a float32 kernel may round 1000 + 1e-5 to 1000)
+                if abs(rd[j] - gd[p]) / max(1.0, abs(rd[j])) > tol:
+                    return (f"query {q} rank {int(p)}: id {g} is reported at distance {gd[p]!r}, but the reference "
+                            f"has it at rank {j} with distance {rd[j]!r}")
+            elif abs(gd[p] - kth) / max(1.0, abs(kth)) > tol:
+                return (f"query {q} rank {int(p)}: id {g} (distance {gd[p]!r}) instead of "
+                        f"{int(ri[p])}, not a tie with the k-th distance {kth!r}")
+        returned = set(gi.tolist())
+        for r, j in ref_pos.items():  # a reference id left out must be a tie at the boundary too
+            if r not in returned and abs(rd[j] - kth) / max(1.0, abs(kth)) > tol:
+                return f"query {q}: id {r} (reference rank {j}, distance {rd[j]!r}) is missing"
     return None
 
 # === tree (issue 4) ===
