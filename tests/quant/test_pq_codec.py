@@ -270,3 +270,13 @@ def test_opq_file_without_a_mean_loads_with_a_zero_mean(tmp_path):
     persist.write(tmp_path / "old.kvant", "OPQ", opq._meta(), arrays)
     back = kvant.load(tmp_path / "old.kvant")
     assert not back.mean.any() and np.array_equal(back.encode(x[:50]), opq.encode(x[:50]))
+
+
+def test_reconstruction_error_of_float64_rows_is_measured_in_float64():
+    # 1e4 + 1e-4·N in float64: the float32 rounding of the rows is the whole signal; the error must be measured
+    # against the rows given, not their float32 copies (it came out as 0.0)
+    x = 1e4 + 1e-4 * np.random.default_rng(0).standard_normal((1000, 8))
+    q = kvant.PQ(8, 4, nbits=4).fit(x)
+    want = ((x - q.decode(q.encode(x)).astype(np.float64)) ** 2).sum(axis=1).mean()
+    assert q.reconstruction_error(x) == pytest.approx(want, rel=1e-9)
+    assert want > 1e-8

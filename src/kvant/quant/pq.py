@@ -21,7 +21,7 @@ from .._config import check_seed, rng, with_threads
 from .._numerics import condition, conditioning, uncondition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source
-from ..io.source import VectorSource, default_chunk_rows
+from ..io.source import ArraySource, VectorSource, default_chunk_rows
 
 __all__ = ["PQ", "pack_nibbles", "unpack_nibbles", "check_dim_m"]
 
@@ -46,10 +46,11 @@ def check_dim_m(dim, m, nbits) -> tuple[int, int, int]:
     """Validate ``(dim, m, nbits)``; ``dim % m != 0`` names the values of m that would work."""
     dim = _check_int("dim", dim)
     m = _check_int("m", m)
-    if isinstance(nbits, bool) or nbits not in (4, 8):
+    if isinstance(nbits, bool) or not isinstance(nbits, int | np.integer) or nbits not in (4, 8):
         raise InvalidInput(f"nbits must be 4 or 8, got {nbits!r}")
     if dim % m != 0:
-        divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+        small = [d for d in range(1, int(dim**0.5) + 1) if dim % d == 0]  # O(√dim), not O(dim)
+        divisors = sorted(set(small) | {dim // d for d in small})
         raise InvalidInput(f"m={m} does not divide dim={dim}; m must be one of {divisors}")
     return dim, m, int(nbits)
 
@@ -284,13 +285,18 @@ class PQ:
 
     @with_threads
     def reconstruction_error(self, x) -> float:
-        """Mean over rows of the squared L2 error ``||x - decode(encode(x))||²``."""
+        """Mean over rows of the squared L2 error ``||x - decode(encode(x))||²``.
+
+        A float64 array is compared in float64 (encoding sees its float32 rounding, as every kvant kernel
+        does); other inputs as kvant reads them."""
         self._check_fitted()
         src = _as_checked_source(x, self.dim, "vectors")
+        wide = src.array if isinstance(src, ArraySource) and src.array.dtype == np.float64 else None
         total = 0.0
-        for _, block in src.chunks(min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))):
+        for start, block in src.chunks(min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))):
             rec = self.decode(self._encode_block(block))
-            diff = block.astype(np.float64) - rec
+            rows = block if wide is None else wide[start : start + block.shape[0]]
+            diff = rows.astype(np.float64) - rec
             total += float(np.einsum("ij,ij->", diff, diff))
         return total / src.n
 
