@@ -738,3 +738,13 @@ def test_polish_runs_when_the_sample_is_every_row():
     assert b.polish_iter_ == 5 and "polish" in b.timings_
     assert b.n_iter_ > a.n_iter_ and b.inertia_ < a.inertia_
     np.testing.assert_array_equal(b.labels_, b.predict(x))
+
+
+def test_minibatch_refuses_lloyd_settings_instead_of_ignoring_them():
+    x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
+    for kw in (dict(max_iter=1), dict(polish_iter=2), dict(overrelax=0.5)):
+        c = kvant.Clusterer(k=3, algorithm="minibatch", **kw)
+        with pytest.raises(InvalidInput, match="apply to the Lloyd algorithms"):
+            c.fit(x)
+        assert not hasattr(c, "labels_")
+    assert kvant.Clusterer(k=3, algorithm="minibatch", max_epochs=2, batch_rows=100).fit(x).labels_.shape == (500,)

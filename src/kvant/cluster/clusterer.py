@@ -181,6 +181,13 @@ class Clusterer:
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
+            lloyd_only = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "polish_iter", "overrelax")
+                          if getattr(self, name) is not None]
+            if algorithm == "minibatch" and lloyd_only:  # they would be silently ignored
+                raise InvalidInput(f"{', '.join(lloyd_only)} apply to the Lloyd algorithms; minibatch is controlled "
+                                   f"by batch_rows and max_epochs")
+        if algorithm == "minibatch" and self.algorithm == "auto":
+            reason += "; max_iter, polish_iter, overrelax and sampling do not apply to it"
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         max_iter = params.get("max_iter", 25) if self.max_iter is None else int(self.max_iter)
