@@ -748,3 +748,12 @@ def test_minibatch_refuses_lloyd_settings_instead_of_ignoring_them():
             c.fit(x)
         assert not hasattr(c, "labels_")
     assert kvant.Clusterer(k=3, algorithm="minibatch", max_epochs=2, batch_rows=100).fit(x).labels_.shape == (500,)
+
+
+def test_minibatch_with_tiny_batches_keeps_centres_distinct():
+    # batch_rows=1, k = N: a centre unseen in the first batches was moved onto the row that had just pulled its
+    # own centre onto itself, so two centres coincided and a cluster stayed empty
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    c = kvant.Clusterer(k=10, algorithm="minibatch", batch_rows=1, seed=0).fit(x)
+    assert np.unique(c.cluster_centers_, axis=0).shape[0] == 10
+    assert np.unique(c.labels_).size == 10 and c.inertia_ == pytest.approx(0.0, abs=1e-9)
