@@ -44,6 +44,21 @@ def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
     return shift, scale
 
 
+def magnitude_scale(rows: np.ndarray) -> float | None:
+    """A power of two bringing the rows' typical squared *norm* near 1 when it lies outside [2**-40, 2**40]
+    (else None), from ≤ 1,024 evenly spaced rows in float64. For inner products, which are not shift
+    invariant: :func:`conditioning` takes its scale from the spread once it shifts, and one row (or identical
+    rows) has no spread at all."""
+    n = rows.shape[0]
+    if n == 0:
+        return None
+    sub = rows[:: max(1, n // _CONDITION_ROWS)].astype(np.float64)
+    typical = float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0]
+    if typical > 0 and abs(np.log2(typical)) > _SAFE_LOG2_SQNORM:
+        return float(2.0 ** -round(np.log2(typical) / 2))
+    return None
+
+
 def condition(x: np.ndarray, shift: np.ndarray | None, scale: float | None) -> np.ndarray:
     """(x − shift)·scale as a new float32 array (x itself when both are None)."""
     if shift is None and scale is None:

@@ -247,3 +247,15 @@ def test_absurd_k_is_invalid_input_not_a_memory_error(k):
             index.search(x, k)
         d, ids = index.search(x, 5)  # k > ntotal still pads
         assert ids.shape == (3, 5) and (ids[:, 3:] == -1).all() and np.isinf(d[:, 3:]).all()
+
+
+def test_ip_single_extreme_query_is_scaled_by_its_norm():
+    # one query (or identical ones) has no spread: the scale must come from its norm, not the spread
+    g = np.random.default_rng(1)
+    x = (1e3 * g.standard_normal((50, 8))).astype(np.float32)
+    q = (1e36 * g.standard_normal(8)).astype(np.float32)
+    index = kvant.FlatIndex(8, "ip")
+    index.add(x)
+    d, ids = index.search(q, 3)
+    ref = x.astype(np.float64) @ q.astype(np.float64)
+    assert ids.tolist() == np.argsort(-ref, kind="stable")[:3].tolist()

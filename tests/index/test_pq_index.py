@@ -298,3 +298,24 @@ def test_search_at_extreme_magnitudes_ranks_like_ordinary_data(data, scale, nbit
         big = np.abs(want) > np.finfo(np.float32).max * (1 - 1e-5)
         assert np.isinf(ranked[1][0][big]).all()
         np.testing.assert_allclose(ranked[1][0][~big], want[~big], rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_opq_with_an_offset_ranks_inner_products_by_exact_adc(metric):
+    # OPQ removes a large common offset before rotating; inner-product tables must add q·offset back
+    # (q·x̂ = (qR)·c + q·offset) instead of using the offset-removed query, which ranked wrongly
+    g = np.random.default_rng(0)
+    x = (100 + g.standard_normal((400, 8)) * (np.arange(8) + 1) / 8).astype(np.float32)
+    q = (3 * g.standard_normal((5, 8))).astype(np.float32)
+    index = kvant.PQIndex(8, 2, nbits=4, metric=metric, opq=True)
+    index.train(x)
+    index.add(x)
+    assert index.codec.mean.any()  # the offset rule fired
+    d, ids = index.search(q, 5)
+    xs, qs = (x, q) if metric == "ip" else (x / np.linalg.norm(x, axis=1, keepdims=True),
+                                            q / np.linalg.norm(q, axis=1, keepdims=True))
+    rec = index.codec.decode(index.codec.encode(xs)).astype(np.float64)
+    ref = qs.astype(np.float64) @ rec.T
+    got = np.take_along_axis(ref, ids, axis=1)
+    np.testing.assert_allclose(d, got, rtol=1e-4, atol=1e-4)  # reported scores are the ADC scores of those ids
+    np.testing.assert_allclose(got, -np.sort(-ref, axis=1)[:, :5], rtol=1e-5, atol=1e-5)  # and the best ones

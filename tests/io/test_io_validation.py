@@ -359,6 +359,13 @@ def test_parquet_directory_extra_column_in_one_file_is_refused_in_either_order(t
     assert as_source(tmp_path, column=["a", "b"]).dim == 2  # an explicit choice still reads both files
 
 
+def test_parquet_directory_files_may_order_their_columns_differently(tmp_path):
+    pq.write_table(pa.table({"a": np.ones(3, np.float32), "b": np.full(3, 2, np.float32)}), tmp_path / "p0.parquet")
+    pq.write_table(pa.table({"b": np.full(3, 2, np.float32), "a": np.ones(3, np.float32)}), tmp_path / "p1.parquet")
+    out = as_source(tmp_path).to_array()
+    assert out.shape == (6, 2) and (out[:, 0] == 1).all() and (out[:, 1] == 2).all()  # read by name
+
+
 def test_parquet_directory_second_list_column_in_a_later_file_is_refused(tmp_path):
     emb = pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float32()))
     pq.write_table(pa.table({"emb": emb}), tmp_path / "part-0.parquet")

@@ -369,3 +369,11 @@ def test_top2_is_bit_identical_to_its_float32_formula_with_ties_and_negative_rou
     np.testing.assert_array_equal(labels, want_label)
     np.testing.assert_array_equal(d1.view(np.int32), want_d1.view(np.int32))  # +0.0, never -0.0
     np.testing.assert_array_equal(d2, want_d2)
+
+
+def test_top2_nan_products_never_give_a_label_outside_range():
+    # a NaN distance (any sign) counts as 0, as the float clamp did; a label must always be < K
+    g = np.array([[np.nan, np.nan, np.nan], [np.nan, 1.0, -np.nan]], np.float32)
+    labels, d1, d2 = np.empty(2, np.int64), np.empty(2, np.float32), np.empty(2, np.float32)
+    top2_from_ip(g, np.zeros(3, np.float32), np.zeros(2, np.float32), labels, d1, d2)
+    assert labels.tolist() == [0, 0] and d1.tolist() == [0.0, 0.0]

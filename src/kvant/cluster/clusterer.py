@@ -182,7 +182,7 @@ class Clusterer:
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
             lloyd_only = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "polish_iter", "overrelax")
-                          if getattr(self, name) is not None]
+                          if getattr(self, name) is not None and (name == "max_iter" or getattr(self, name) != 0)]
             if algorithm == "minibatch" and lloyd_only:  # they would be silently ignored
                 raise InvalidInput(f"{', '.join(lloyd_only)} apply to the Lloyd algorithms; minibatch is controlled "
                                    f"by batch_rows and max_epochs")

@@ -102,9 +102,10 @@ def minibatch_kmeans(
             means = sums[hit] / counts[hit, None]
             c = c.copy()
             c[hit] = (c[hit] + rate[:, None] * (means - c[hit])).astype(np.float32)
-            # A centre no row reached in a whole epoch moves to the batch row farthest from its centre. Not in the
-            # first epoch: its k-means++ seeds have not had their chance yet, and with tiny batches a centre moved
-            # onto a row that had just pulled its own centre onto itself (rate 1) became an exact duplicate.
+            # A centre no row has reached since the start moves to the batch row farthest from its centre, from the
+            # second epoch on (so never with max_epochs=1): in the first, its k-means++ seed has not had its chance
+            # yet, and with tiny batches a centre moved onto a row that had just pulled its own centre onto itself
+            # (rate 1) became an exact duplicate.
             dead = np.flatnonzero(seen == 0) if _epoch > 0 else np.empty(0, np.int64)
             if dead.size:
                 far = np.argsort(-d1, kind="stable")[: dead.size]

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import persist
 from .._config import with_threads
-from .._numerics import condition, conditioning
+from .._numerics import condition, conditioning, magnitude_scale
 from ..errors import PersistError
 from ._common import (
     Rows,
@@ -138,7 +138,7 @@ class FlatIndex:
             # inner products of rows far outside float32's range overflow (inf − inf = NaN drops a row) or
             # underflow to 0 (losing the ranking): rows and queries are scaled by powers of two of their own
             # (no shift: inner products are not shift invariant), which keeps each query's order
-            x_scale, q_scale = conditioning(x)[1], conditioning(q)[1]
+            x_scale, q_scale = magnitude_scale(x), magnitude_scale(q)
             out_d, out_i, _, _ = self._gemm_topk(q, k, None, x_scale, q_scale)
             if x_scale is not None or q_scale is not None:
                 with np.errstate(over="ignore"):

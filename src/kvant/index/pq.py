@@ -188,13 +188,22 @@ class PQIndex:
         """Lookup tables of the queries ``q``; with ``scale``, transformed queries and codebooks are scaled
         by it (after the transform: OPQ's offset is in the data's units)."""
         kpq = _kpq()
-        qr = np.ascontiguousarray(self.codec._transform(q), dtype=np.float32)
+        l2 = self.metric == "l2"
+        # l2 tables see the offset-removed rotation (the offset cancels in q − x̂); inner products the rotation
+        # alone plus q·offset spread over the m sub-tables, since q·x̂ = (qR)·c + q·offset
+        qr = self.codec._transform(q) if l2 else self.codec._rotate(q)
+        qr = np.ascontiguousarray(qr, dtype=np.float32)
         if scale is not None:
             qr = condition(qr, None, scale)
         books = self.codec.codebooks_ if scale is None else condition(self.codec.codebooks_, None, scale)
-        if self.metric == "l2":
+        if l2:
             return kpq.distance_tables_l2(qr, books)
         t = kpq.ip_tables(qr, books)
+        offset = self.codec._offset()
+        if offset is not None:
+            s2 = 1.0 if scale is None else scale * scale
+            share = (q.astype(np.float64) @ offset.astype(np.float64)) * s2 / self.m
+            t += share.astype(np.float32)[:, None, None]
         np.negative(t, out=t)
         return t
 

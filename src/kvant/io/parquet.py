@@ -113,12 +113,12 @@ class ParquetSource(VectorSource):
             first = list(self.columns)
             for f, schema in zip(self.files[1:], schemas[1:], strict=True):
                 self._resolve_columns(schema, None, f)
-                if self.columns != first:
+                if sorted(self.columns) != sorted(first):  # read by name: the order within a file is free
                     raise InvalidInput(
                         f"{f}: its vector columns would be {self.columns}, but {self.files[0]}'s are {first}; "
                         f"all files of a parquet directory must agree (or choose with column=...)"
                     )
-            self._resolve_columns(schemas[0], None, self.files[0])
+            self._resolve_columns(schemas[0], None, self.files[0])  # the first file's order is the vectors'
         # per-file checks: same columns, same value types, same dim
         starts, rg_file, rg_index = [], [], []
         total = 0

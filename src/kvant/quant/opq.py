@@ -138,6 +138,12 @@ class OPQ(PQ):
             block = np.subtract(block, self.mean_, dtype=np.float32)
         return block @ self.rotation_
 
+    def _rotate(self, block: np.ndarray) -> np.ndarray:
+        return block @ self.rotation_
+
+    def _offset(self) -> np.ndarray | None:
+        return self.mean_ if self.mean_.any() else None
+
     def _inverse_transform(self, block: np.ndarray) -> np.ndarray:
         out = block @ self.rotation_.T
         if self.mean_.any():

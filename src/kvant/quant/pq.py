@@ -233,6 +233,15 @@ class PQ:
     def _inverse_transform(self, block: np.ndarray) -> np.ndarray:
         return block
 
+    def _rotate(self, block: np.ndarray) -> np.ndarray:
+        """The linear part of :meth:`_transform` (no offset removed): inner products are not shift invariant,
+        so ``q·x̂ = rotate(q)·c + q·offset`` (see :meth:`_offset`)."""
+        return block
+
+    def _offset(self) -> np.ndarray | None:
+        """The offset :meth:`_transform` removes before rotating (None: none)."""
+        return None
+
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
         books = self.codebooks_
