@@ -38,7 +38,8 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2):
 
     Distances ‖x‖² + ‖c‖² − 2x·c are clamped at 0 and handled as int32 bit patterns, which order exactly
     like non-negative floats: the clamp is a max with 0 (negative floats, −0.0 included, have negative
-    patterns; NaN patterns above +inf's are mapped to 0 as well, so a label is always < K) and every min is an integer min, so LLVM vectorises all three passes without fast-math.
+    patterns; NaN patterns above +inf's are mapped to 0 as well, so a label is always < K) and every min is
+    an integer min, so LLVM vectorises all three passes without fast-math.
     Pass 1 writes the distances and their minimum; pass 2 counts the minimum's occurrences and finds the
     smallest value above it (the runner-up is the minimum again when it occurs twice); pass 3 finds the
     minimum's first index (ties go to the smaller centroid id). An early-exit search for that index was
