@@ -38,10 +38,14 @@ def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
     offset = float(mu @ mu)
     shift = mu.astype(np.float32) if offset > _OFFSET_RATIO * spread else None
     typical = spread if shift is not None else float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0]
-    scale = None
+    return shift, _pow2_scale(typical)
+
+
+def _pow2_scale(typical: float) -> float | None:
+    """A power of two bringing a typical squared norm ``typical`` near 1 when it lies outside [2**-40, 2**40]."""
     if typical > 0 and abs(np.log2(typical)) > _SAFE_LOG2_SQNORM:
-        scale = float(2.0 ** -round(np.log2(typical) / 2))
-    return shift, scale
+        return float(2.0 ** -round(np.log2(typical) / 2))
+    return None
 
 
 def magnitude_scale(rows: np.ndarray) -> float | None:
@@ -53,10 +57,7 @@ def magnitude_scale(rows: np.ndarray) -> float | None:
     if n == 0:
         return None
     sub = rows[:: max(1, n // _CONDITION_ROWS)].astype(np.float64)
-    typical = float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0]
-    if typical > 0 and abs(np.log2(typical)) > _SAFE_LOG2_SQNORM:
-        return float(2.0 ** -round(np.log2(typical) / 2))
-    return None
+    return _pow2_scale(float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0])
 
 
 def condition(x: np.ndarray, shift: np.ndarray | None, scale: float | None) -> np.ndarray:
