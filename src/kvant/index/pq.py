@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import persist
 from .._config import check_seed, with_threads
-from .._numerics import condition, conditioning
+from .._numerics import condition
 from ..errors import EmptyIndex, InvalidInput, PersistError
 from ..quant.opq import OPQ
 from ..quant.pq import PQ, _check_int
@@ -177,13 +177,6 @@ class PQIndex:
         return count
 
     # -- search -----------------------------------------------------------------------------------
-    def _range_scale(self) -> float | None:
-        """The power of two the encoder scales rows and codewords by when they lie far outside float32's
-        comfortable range (None for ordinary data): search uses it too, or tables of 1e19-scale data overflow
-        and those of 1e-25-scale data underflow to all zeros."""
-        books = self.codec.codebooks_
-        return conditioning(books.transpose(1, 0, 2).reshape(books.shape[1], -1))[1]
-
     def _tables(self, q: np.ndarray, scale: float | None = None) -> np.ndarray:
         """Lookup tables of the queries ``q``; with ``scale``, transformed queries and codebooks are scaled
         by it (after the transform: OPQ's offset is in the data's units)."""
@@ -257,7 +250,8 @@ class PQIndex:
         step = max(1, (1 << 22) // (self.m * self.codec.ksub))
         if self.refine:
             step = max(1, min(step, (1 << 22) // (kc * self.dim)))
-        scale = self._range_scale()
+        # the encoder's scale: without it tables of 1e19-scale data overflow, of 1e-25-scale data underflow to 0
+        scale = self.codec._codebook_scale()
         for s in range(0, nq, step):
             qb = q[s : s + step]
             d, rows = self._adc(self._tables(qb, scale), kc)

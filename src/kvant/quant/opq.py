@@ -133,22 +133,14 @@ class OPQ(PQ):
         self.codebooks_ = uncondition(books, None, scale)
         return self
 
-    def _transform(self, block: np.ndarray) -> np.ndarray:
-        if self.mean_.any():
-            block = np.subtract(block, self.mean_, dtype=np.float32)
-        return block @ self.rotation_
-
     def _rotate(self, block: np.ndarray) -> np.ndarray:
         return block @ self.rotation_
 
+    def _unrotate(self, block: np.ndarray) -> np.ndarray:
+        return block @ self.rotation_.T
+
     def _offset(self) -> np.ndarray | None:
         return self.mean_ if self.mean_.any() else None
-
-    def _inverse_transform(self, block: np.ndarray) -> np.ndarray:
-        out = block @ self.rotation_.T
-        if self.mean_.any():
-            out += self.mean_
-        return out
 
     def _meta(self) -> dict:
         meta = super()._meta()

@@ -227,27 +227,39 @@ class PQ:
 
     # -- coding -----------------------------------------------------------------------------------
     def _transform(self, block: np.ndarray) -> np.ndarray:
-        """Map a float32 block into the space the codebooks live in (identity for PQ)."""
-        return block
+        """Map a float32 block into the space the codebooks live in: ``rotate(x − offset)`` (identity for PQ)."""
+        offset = self._offset()
+        return self._rotate(block if offset is None else np.subtract(block, offset, dtype=np.float32))
 
     def _inverse_transform(self, block: np.ndarray) -> np.ndarray:
-        return block
+        offset = self._offset()
+        out = self._unrotate(block)
+        return out if offset is None else out + offset
 
     def _rotate(self, block: np.ndarray) -> np.ndarray:
         """The linear part of :meth:`_transform` (no offset removed): inner products are not shift invariant,
         so ``q·x̂ = rotate(q)·c + q·offset`` (see :meth:`_offset`)."""
         return block
 
+    def _unrotate(self, block: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`_rotate`."""
+        return block
+
     def _offset(self) -> np.ndarray | None:
         """The offset :meth:`_transform` removes before rotating (None: none)."""
         return None
 
+    def _codebook_scale(self) -> float | None:
+        """The power of two codewords (and so rows and queries) are scaled by when they lie far outside float32's
+        comfortable range, None for ordinary data: scaled alike, no argmin or ranking changes, but the squared
+        differences stop over- or underflowing. Encoding and every search use it."""
+        books = self.codebooks_
+        return conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))[1]
+
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
         books = self.codebooks_
-        # codewords (and so rows) far outside float32's comfortable range: encode both scaled by the same power
-        # of two, which changes no argmin but keeps the squared differences from over- or underflowing
-        _, scale = conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))
+        scale = self._codebook_scale()
         if scale is not None:
             x, books = condition(x, None, scale), condition(books, None, scale)
         codes = _kpq().pq_encode(x, books)
