@@ -185,19 +185,25 @@ def test_net_centres_big_is_the_sequential_greedy_first_fit(n, d, s0):
     pdist[s0:] = np.sqrt(((X[perm[s0:]] - X[node]) ** 2).sum(1))
     lvl_p = K.ceil_log(2.0, pdist.max()) + 1
     asg = np.full(n, 7, np.int64)
+    adist = np.full(n, -1.0)
     cent = np.full(n, -5, np.int64)
-    m, cl, bad = K.net_centres_big(X, params, 2.0, perm, pdist, s0, n, lvl_p, asg, cent)
+    m, cl, bad = K.net_centres_big(X, params, 2.0, perm, pdist, s0, n, lvl_p, asg, adist, cent)
     assert not bad
     r = K.radius(2.0, cl)
-    centres, want = [], []
+    centres, want, want_d = [], [], []
     for t in range(s0, n):
         s = perm[t]
         d_to = [np.sqrt(((X[c] - X[s]) ** 2).sum()) for c in centres]
-        if any(v <= r for v in d_to):
-            want.append(0)
+        first = next((j for j, v in enumerate(d_to) if v <= r), None)
+        if first is not None:  # the parent is the first covering centre, at its exact distance
+            want.append(first)
+            want_d.append(d_to[first])
         else:
             want.append(-1 - len(centres))
+            want_d.append(0.0)
             centres.append(s)
     assert m == len(centres) and m > 1
     np.testing.assert_array_equal(cent[s0 : s0 + m], centres)
     np.testing.assert_array_equal(asg[s0:n], want)
+    np.testing.assert_allclose(adist[s0:n], want_d, rtol=1e-12, atol=0)
+    assert (adist[s0:n] <= r).all()

@@ -239,82 +239,94 @@ _CENTRE_BLOCK = 256  # members whose checks against the existing centres run in 
 
 
 @numba.njit(**_NJ_RAW)
-def _covered_by(data, params, cent, j0, j1, s, r, bad, i):  # pragma: no cover
-    """Whether one of the centres cent[j0:j1] (checked in order, first hit wins) is within r of slot s;
-    a metric failure sets bad[i] and reports uncovered."""
+def _first_cover(data, params, cent, j0, j1, s, r, bad, i):  # pragma: no cover
+    """The first of the centres cent[j0:j1] (checked in order) within r of slot s and its distance, or
+    (-1, inf); a metric failure sets bad[i] and reports uncovered."""
     for j in range(j0, j1):
         dd = _dist(data, cent[j], data, s, params)
         if not _okd(dd):
             bad[i] = True
-            return False
+            return -1, np.inf
         if dd <= r:
-            return True
-    return False
+            return j, dd
+    return -1, np.inf
+
+
+_COVER_TILE = 16  # members that share each centre's features while they are in cache (_first_cover_tile)
+
+
+@numba.njit(**_NJ_RAW)
+def _first_cover_tile(data, params, cent, j0, j1, perm, b0, i0, i1, r, cov, cd, bad):  # pragma: no cover
+    """``_first_cover`` for members perm[b0 + i], i in [i0, i1), with the centres in the outer loop: each
+    centre's features are read once per tile instead of once per member (for wide features, e.g. the residual
+    metric's rank-r rows, the scan is otherwise bound by reading them from the last-level cache). Each member
+    still stops at its first covering centre, so the results and the distances computed are the same."""
+    left = i1 - i0
+    for i in range(i0, i1):
+        cov[i] = -1
+        cd[i] = np.inf
+    for j in range(j0, j1):
+        if left == 0:
+            break
+        c = cent[j]
+        for i in range(i0, i1):
+            if cov[i] >= 0 or bad[i]:
+                continue
+            dd = _dist(data, c, data, perm[b0 + i], params)
+            if not _okd(dd):
+                bad[i] = True
+                left -= 1
+            elif dd <= r:
+                cov[i] = j
+                cd[i] = dd
+                left -= 1
 
 
 @numba.njit(parallel=True, **_NJ)
-def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, cent):  # pragma: no cover
+def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit in member order. Returns (m, cl, bad).
 
-    A member becomes a centre unless an earlier centre is within the child radius. Members are taken in
-    blocks: their checks against the centres that existed before the block are independent and run in
-    parallel; each block then checks its still-uncovered members, in order, against the centres it created
-    itself. Whether a member is covered does not depend on the order its centres are checked in, so the
-    centres are exactly those of the sequential loop."""
+    A member becomes a centre unless an earlier centre is within the child radius; otherwise its parent is
+    the first such centre (``asg`` gets its local index, ``adist`` the distance). Small groups re-assign
+    members to their nearest centre; here that would be a full members x centres scan, the quadratic part of
+    the build, and it bought no query speed (docs/covertree.md). Members are taken in blocks: their checks
+    against the centres that existed before the block are independent and run in parallel; each block then
+    checks its still-uncovered members, in order, against the centres it created itself. The first covering
+    centre does not depend on how the checks are split, so centres and parents are exactly those of the
+    sequential loop."""
     cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
     if dup:
         return _all_duplicates(perm, s0, s1, asg, cent), cl, False
     B = _CENTRE_BLOCK
-    cov = np.empty(B, np.bool_)
+    cov = np.empty(B, np.int64)
+    cd = np.empty(B)
     bad = np.zeros(B, np.bool_)
     m = 0
     for b0 in range(s0, s1, B):
         nb = min(B, s1 - b0)
-        for i in numba.prange(nb):
-            cov[i] = _covered_by(data, params, cent, s0, s0 + m, perm[b0 + i], r, bad, i)
+        for ti in numba.prange((nb + _COVER_TILE - 1) // _COVER_TILE):
+            _first_cover_tile(data, params, cent, s0, s0 + m, perm, b0, ti * _COVER_TILE,
+                              min(nb, (ti + 1) * _COVER_TILE), r, cov, cd, bad)
         for i in range(nb):
             if bad[i]:
                 return m, cl, True
         m0 = m
         for i in range(nb):
             t = b0 + i
-            covered = cov[i] or _covered_by(data, params, cent, s0 + m0, s0 + m, perm[t], r, bad, i)
+            j, dd = cov[i], cd[i]
+            if j < 0:
+                j, dd = _first_cover(data, params, cent, s0 + m0, s0 + m, perm[t], r, bad, i)
             if bad[i]:
                 return m, cl, True
-            if covered:
-                asg[t] = 0
+            if j >= 0:
+                asg[t] = j - s0
+                adist[t] = dd
             else:
                 cent[s0 + m] = perm[t]
                 asg[t] = -1 - m
+                adist[t] = 0.0
                 m += 1
     return m, cl, False
-
-
-@numba.njit(parallel=True, **_NJ)
-def net_assign_big(data, params, perm, s0, s1, m, asg, adist, cent, bad):  # pragma: no cover
-    """Assign every non-centre member of a big group to its nearest centre, in parallel."""
-    for t in numba.prange(s0, s1):
-        _assign_one(data, params, perm, s0, t, m, asg, adist, cent, bad)
-
-
-@numba.njit(**_NJ_RAW)
-def _assign_one(data, params, perm, s0, t, m, asg, adist, cent, bad):  # pragma: no cover
-    if asg[t] < 0:
-        adist[t] = 0.0
-        return
-    s = perm[t]
-    best = np.inf
-    bj = 0
-    for j in range(m):
-        dd = _dist(data, cent[s0 + j], data, s, params)
-        if not _okd(dd):
-            bad[t - s0] = True
-            dd = np.inf
-        if dd < best:
-            best = dd
-            bj = j
-    asg[t] = bj
-    adist[t] = best
 
 
 @numba.njit(**_NJ)
@@ -1063,7 +1075,7 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "_covered_by", "net_centres_big", "_assign_one", "net_assign_big",
+_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover", "_first_cover_tile", "net_centres_big",
                    "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys", "_brute_one", "brute_knn",
                    "pair_dists"]
 

@@ -19,7 +19,7 @@ from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
 
 __all__ = ["CoverTree"]
 
-_BIG_GROUP = 4096  # groups at least this large get a parallel nearest-centre assignment
+_BIG_GROUP = 4096  # groups at least this large pick their centres in parallel blocks, parent = first covering centre
 _PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
 _SCAN_METRICS = ("euclidean", "manhattan", "chebyshev")  # metrics with a SIMD bucket scan
 # subtrees up to max(_SCAN_LEAF, 16 * dim) points (at most _SCAN_LEAF_MAX) are buckets, scanned whole by SIMD
@@ -358,16 +358,9 @@ class CoverTree:
             for g in big:
                 s0, s1 = int(gstart[g]), int(gend[g])
                 mm, cl, bad = m.K.net_centres_big(data, m.params, base, perm, pdist, s0, s1,
-                                                int(st.level[gnode[g]]), asg, cent)
+                                                int(st.level[gnode[g]]), asg, adist, cent)
                 if bad:
                     raise _bad_metric("construction")
-                if m.kind == "index":  # the residual metric: BLAS does the rank-r dot products
-                    self._residual_assign(data, perm, s0, s1, mm, asg, adist, cent)
-                else:
-                    badv = np.zeros(s1 - s0, np.bool_)
-                    m.K.net_assign_big(data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
-                    if badv.any():
-                        raise _bad_metric("construction")
                 gm[g] = mm
                 gcl[g] = cl
             t2 = time.perf_counter()
@@ -378,21 +371,6 @@ class CoverTree:
         tel["net"] = tel.get("net", 0.0) + t_net
         tel["relayout"] = tel.get("relayout", 0.0) + t_lay
         tel["levels"] = tel.get("levels", 0) + levels
-
-    def _residual_assign(self, data, perm, s0, s1, m, asg, adist, cent) -> None:
-        """What ``net_assign_big`` does, for the residual metric: every non-centre member of the group
-        perm[s0:s1] gets its nearest of the m centres (the first created on ties) and the exact distance,
-        found by the exact BLAS scan of :meth:`_residual_knn` instead of one kernel call per pair. (``data``
-        is the tree's feature array, which that scan reads.)"""
-        member = asg[s0:s1] >= 0
-        adist[s0:s1][~member] = 0.0
-        t = s0 + np.flatnonzero(member)
-        if t.size == 0:
-            return
-        d, pos = self._residual_knn(np.ascontiguousarray(data[perm[t]]), np.zeros(t.size, np.int64), 0, 1,
-                                    np.ascontiguousarray(cent[s0 : s0 + m]), "construction")
-        asg[t] = pos[:, 0]
-        adist[t] = d[:, 0]
 
     @with_threads
     def insert(self, points) -> np.ndarray:
