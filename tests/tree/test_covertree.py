@@ -319,9 +319,11 @@ def test_residual_big_groups_build_a_valid_exact_tree(residual, monkeypatch):
     monkeypatch.setattr(cover, "_BIG_GROUP", 8)
     tree = kvant.CoverTree(rc).fit()
     tree.check_invariants()
+    assert tree._cdata is None  # the walk's copy of the rows is made only when the walk runs
     tree.residual_scan = False
     got, want = tree.knn(np.arange(0, 400, 9), 7), tree.brute_force(np.arange(0, 400, 9), 7)
     assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert tree._cdata is not None
 
 
 def test_residual_insert_delete_and_persist(residual, tmp_path):

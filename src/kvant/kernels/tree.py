@@ -286,14 +286,13 @@ def _first_cover_tile(data, params, cent, j0, j1, perm, b0, i0, i1, r, cov, cd, 
 def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, cent):  # pragma: no cover
     """Centre selection for one big group: greedy first-fit in member order. Returns (m, cl, bad).
 
-    A member becomes a centre unless an earlier centre is within the child radius; otherwise its parent is
-    the first such centre (``asg`` gets its local index, ``adist`` the distance). Small groups re-assign
-    members to their nearest centre; here that would be a full members x centres scan, the quadratic part of
-    the build, and it bought no query speed (docs/covertree.md). Members are taken in blocks: their checks
-    against the centres that existed before the block are independent and run in parallel; each block then
-    checks its still-uncovered members, in order, against the centres it created itself. The first covering
-    centre does not depend on how the checks are split, so centres and parents are exactly those of the
-    sequential loop."""
+    A member becomes a centre unless an earlier centre is within the child radius; otherwise ``asg`` gets
+    the first such centre (local index) and ``adist`` its distance, a valid parent (``net_assign_big`` then
+    moves members to their nearest centre, except for the residual metric: docs/covertree.md). Members are
+    taken in blocks: their checks against the centres that existed before the block are independent and run
+    in parallel; each block then checks its still-uncovered members, in order, against the centres it
+    created itself. The first covering centre does not depend on how the checks are split, so centres and
+    parents are exactly those of the sequential loop."""
     cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
     if dup:
         return _all_duplicates(perm, s0, s1, asg, cent), cl, False
@@ -327,6 +326,33 @@ def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, 
                 adist[t] = 0.0
                 m += 1
     return m, cl, False
+
+
+@numba.njit(parallel=True, **_NJ)
+def net_assign_big(data, params, perm, s0, s1, m, asg, adist, cent, bad):  # pragma: no cover
+    """Assign every non-centre member of a big group to its nearest centre, in parallel."""
+    for t in numba.prange(s0, s1):
+        _assign_one(data, params, perm, s0, t, m, asg, adist, cent, bad)
+
+
+@numba.njit(**_NJ_RAW)
+def _assign_one(data, params, perm, s0, t, m, asg, adist, cent, bad):  # pragma: no cover
+    if asg[t] < 0:
+        adist[t] = 0.0
+        return
+    s = perm[t]
+    best = np.inf
+    bj = 0
+    for j in range(m):
+        dd = _dist(data, cent[s0 + j], data, s, params)
+        if not _okd(dd):
+            bad[t - s0] = True
+            dd = np.inf
+        if dd < best:
+            best = dd
+            bj = j
+    asg[t] = bj
+    adist[t] = best
 
 
 @numba.njit(**_NJ)
@@ -1075,9 +1101,9 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover", "_first_cover_tile", "net_centres_big",
-                   "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys", "_brute_one", "brute_knn",
-                   "pair_dists"]
+_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover", "_first_cover_tile", "net_centres_big", "_assign_one",
+                   "net_assign_big", "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys",
+                   "_brute_one", "brute_knn", "pair_dists"]
 
 
 def make_kernels(user_dist):

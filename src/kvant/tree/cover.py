@@ -19,7 +19,7 @@ from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
 
 __all__ = ["CoverTree"]
 
-_BIG_GROUP = 4096  # groups at least this large pick their centres in parallel blocks, parent = first covering centre
+_BIG_GROUP = 4096  # groups at least this large pick their centres in parallel blocks (net_centres_big)
 _PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
 _SCAN_METRICS = ("euclidean", "manhattan", "chebyshev")  # metrics with a SIMD bucket scan
 # subtrees up to max(_SCAN_LEAF, 16 * dim) points (at most _SCAN_LEAF_MAX) are buckets, scanned whole by SIMD
@@ -151,9 +151,11 @@ class CoverTree:
             self._height = 0
         else:
             self._off, self._idx, self._minid, self._height = K.build_csr(self._parent, self._level, self._in)
-        # children's rows and edge records in CSR order: a node's children are read contiguously by queries
+        # children's rows and edge records in CSR order: a node's children are read contiguously by queries.
+        # The residual metric's queries use the exact scan, so its copy (n x (d + rank + 2) float64, 137 MB at
+        # 32k points and rank 512) is made only if the tree walk runs (_children_rows).
         idx = self._idx
-        self._cdata = np.ascontiguousarray(self._data[idx]) if idx.size else np.zeros((1, max(1, self._data.shape[1])))
+        self._cdata = None if self._m.kind == "index" else self._copy_children_rows()
         cap = self._parent.shape[0]
         n_in = int(np.count_nonzero(self._in))
         self._dstart, self._dend, self._dnode = K.dfs_order(max(self._root, 0), n_in, self._off, self._idx, cap)
@@ -189,6 +191,15 @@ class CoverTree:
                     self._box = K.bucket_boxes(rows, starts, sizes)
                     self._blk = K.bucket_blocks(rows, starts, sizes)
         self._erec = erec
+
+    def _copy_children_rows(self) -> np.ndarray:
+        idx = self._idx
+        return np.ascontiguousarray(self._data[idx]) if idx.size else np.zeros((1, max(1, self._data.shape[1])))
+
+    def _children_rows(self) -> np.ndarray:
+        if self._cdata is None:
+            self._cdata = self._copy_children_rows()
+        return self._cdata
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -361,6 +372,12 @@ class CoverTree:
                                                 int(st.level[gnode[g]]), asg, adist, cent)
                 if bad:
                     raise _bad_metric("construction")
+                # Members move to their nearest centre: balanced groups, tight maxdist. Not for the residual
+                # metric: there that scan is most of the build (79M distances at 32k points) and its tree
+                # prunes nothing anyway -- queries use the exact scan (docs/covertree.md, "Construction").
+                if m.kind != "index":
+                    badv = np.zeros(s1 - s0, np.bool_)
+                    m.K.net_assign_big(data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
                 gm[g] = mm
                 gcl[g] = cl
             t2 = time.perf_counter()
@@ -591,8 +608,9 @@ class CoverTree:
         out_i = np.empty((nq, k), np.int64)
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
-        m.K.knn(self._data, self._cdata, m.params, Q, qslot, mode, self._root, self._off, self._erec, self._minid, k,
-                sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box, out_d, out_i, bad)
+        m.K.knn(self._data, self._children_rows(), m.params, Q, qslot, mode, self._root, self._off, self._erec,
+                self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box, out_d,
+                out_i, bad)
         if order is not None:
             out_d[order], out_i[order] = out_d.copy(), out_i.copy()
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
@@ -620,7 +638,8 @@ class CoverTree:
             keys = self._dstart[qslot].astype(np.float64)
         else:
             keys = np.empty(nq)
-            self._m.K.descent_keys(self._cdata, self._m.params, Q, self._root, self._off, self._erec, self._leaf, keys)
+            self._m.K.descent_keys(self._children_rows(), self._m.params, Q, self._root, self._off, self._erec,
+                                   self._leaf, keys)
         order = np.argsort(keys, kind="stable")
         nch = min(nq, K.QUERY_CHUNKS)
         bits = max(1, (nch - 1).bit_length())
