@@ -103,6 +103,21 @@ def test_nan_is_named_by_its_global_row_and_state_is_kept():
         kd.DaskClusterer(k=3, metric="cos", sample_per_centroid=16).fit(da.from_array(x, chunks=(500, 8)))
 
 
+def test_nan_error_names_the_first_bad_row_of_the_whole_input():
+    # the training sample and the chunk passes each see only part of the rows: the error must still name the
+    # first bad row of the input, as kvant.io does for one machine (here the sample holds only later ones)
+    x = _blobs(n=3000)
+    x[2000:, 1] = np.nan
+    x[7, 0] = np.inf
+    with pytest.raises(InvalidInput, match=r"first bad row: 7\)"):
+        kd.DaskClusterer(k=3, seed=0, sample_per_centroid=16).fit(da.from_array(x, chunks=(500, 8)))
+    big = _blobs(n=3000).astype(np.float64)
+    big[11, 2] = 1e39  # finite in float64, beyond float32: named as out of range, at its global row
+    big[2500:, 0] = np.nan
+    with pytest.raises(InvalidInput, match=r"beyond float32's range.*first bad row: 11\)"):
+        kd.DaskClusterer(k=3, seed=0, sample_per_centroid=16).fit(da.from_array(big, chunks=(500, 8)))
+
+
 def test_bad_settings_and_inputs():
     x = da.from_array(_blobs(n=500), chunks=(100, 8))
     with pytest.raises(InvalidInput, match="k="):

@@ -28,7 +28,15 @@ from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import as_source
-from ..io.source import check_finite_rows, check_shape_dtype, checked_float32, default_chunk_rows, to_float32
+from ..io.source import (
+    _bad_row_error,
+    _first_bad_row,
+    check_finite_rows,
+    check_shape_dtype,
+    checked_float32,
+    default_chunk_rows,
+    to_float32,
+)
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 
@@ -115,6 +123,24 @@ def _combine(*parts):
     return sums, np.sum([p[1] for p in parts], axis=0), float(sum(p[2] for p in parts))
 
 
+def _chunk_first_bad(block, start):
+    """Global index of the first row of this chunk that is not finite in float32, or -1."""
+    if block.dtype.kind != "f" or block.size == 0:
+        return -1
+    row = _first_bad_row(to_float32(block))
+    return -1 if row < 0 else start + row
+
+
+def _first_bad_row_of(arr) -> int | None:
+    """The first row of the whole Dask array holding NaN or inf (one pass), or None."""
+    dask, _ = _dask()
+    starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(np.int64)
+    found = dask.compute(*[dask.delayed(_chunk_first_bad, pure=True)(blk, int(s))
+                           for blk, s in zip(arr.to_delayed().ravel(), starts, strict=True)])
+    bad = [int(r) for r in found if r >= 0]
+    return min(bad) if bad else None
+
+
 def _labels_block(block, centroids, spherical, block_info=None):
     start = block_info[0]["array-location"][0][0] if block_info else 0
     return _assign_chunk(block, start, centroids, spherical)[1]
@@ -163,7 +189,10 @@ class DaskClusterer:
                          sample_per_centroid=self.sample_per_centroid, polish_iter=0, overrelax=self.overrelax)
 
     def fit(self, x) -> DaskClusterer:
-        """Cluster ``x`` (see :func:`as_dask_array`). Returns self; state changes only on success."""
+        """Cluster ``x`` (see :func:`as_dask_array`). Returns self; state changes only on success.
+
+        NaN or inf anywhere raises ``InvalidInput`` naming the first bad row of the whole input (found by one
+        extra pass, run only on that error: the sample and the chunks each see only part of the rows)."""
         local = self._local()
         local._check_settings()
         if isinstance(self.polish_iter, bool) or not isinstance(self.polish_iter, int | np.integer) \
@@ -172,6 +201,17 @@ class DaskClusterer:
         arr = as_dask_array(x)
         n, dim = arr.shape
         local._check_settings(n)
+        try:
+            return self._fit(arr, local, n, dim)
+        except InvalidInput as exc:
+            if getattr(exc, "bad_row", None) is None:
+                raise
+            first = _first_bad_row_of(arr)
+            if first is None or first == exc.bad_row:
+                raise
+            raise _bad_row_error("input", first, arr[first].compute()) from None
+
+    def _fit(self, arr, local: Clusterer, n: int, dim: int) -> DaskClusterer:
         spherical = self.metric == "cos"
         k, seed = int(self.k), check_seed(self.seed)
         m = min(n, k * int(self.sample_per_centroid))

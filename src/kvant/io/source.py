@@ -63,9 +63,12 @@ def _bad_row_error(what: str, row_name: int, original_row) -> InvalidInput:
     ±3.4e38) is named as out of range, anything else as NaN or inf."""
     if (original_row is not None and np.asarray(original_row).dtype.kind == "f"
             and np.asarray(original_row).dtype.itemsize > 4 and np.isfinite(original_row).all()):
-        return InvalidInput(f"{what} holds a value beyond float32's range (±3.4e38), which kvant computes in "
-                            f"(first bad row: {row_name})")
-    return InvalidInput(f"{what} contains NaN or inf (first bad row: {row_name})")
+        err = InvalidInput(f"{what} holds a value beyond float32's range (±3.4e38), which kvant computes in "
+                           f"(first bad row: {row_name})")
+    else:
+        err = InvalidInput(f"{what} contains NaN or inf (first bad row: {row_name})")
+    err.bad_row = row_name  # for callers that saw only part of the input (kvant.distributed) to name the first
+    return err
 
 
 def _original_row(original, i: int):
