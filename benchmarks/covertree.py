@@ -298,7 +298,8 @@ def write(rows, args, elapsed):
     lines.append("")
     lines.append(f"Threads: {meta['threads']} (kvant, cKDTree workers=-1, BLAS); sklearn BallTree/KDTree query "
                  f"single-threaded (they have no thread option). 1,024 queries per cell; median of 3 runs below 131k "
-                 f"points, single run above. Residual rows: build = `CoverTree(rc).fit()`, prep = "
+                 f"points, single run above. Residual rows: build = `CoverTree(rc).fit()` and kvant's queries are "
+                 f"medians of 3 runs, the rest single runs; prep = "
                  f"`ResidualCorrelation.from_points` (V and p from 512 inducing points); kvant answers queries with "
                  f"its exact BLAS scan (the tree walk's rate in brackets). "
                  f"Total benchmark time {elapsed:.0f} s.")
