@@ -172,3 +172,31 @@ def test_cli_cluster_with_dask_over_files_and_a_parquet_directory(tmp_path, caps
     assert main(["cluster", str(tmp_path / "extra.npy"), "-k", "3", "--dask", "local", "--algorithm",
                  "minibatch"]) == 2
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_polish_reseeds_a_cluster_left_empty_with_the_farthest_rows(metric, monkeypatch):
+    # training hands the polish a centre no row is near (an empty cluster in the full pass): like
+    # kvant.Clusterer, the polish must move the farthest rows into it instead of keeping a dead centre
+    from kvant.distributed import kmeans as dk
+
+    x = np.abs(_blobs(n=3000, k=4)) + 0.1  # every coordinate positive: the centre -1/sqrt(d) attracts no row
+    local_cls = dk.Clusterer
+
+    class DeadCentre(local_cls):
+        def fit(self, rows):
+            super().fit(rows)
+            self.cluster_centers_ = self.cluster_centers_.copy()
+            self.cluster_centers_[1] = -1e4 if metric == "l2" else -1.0 / np.sqrt(rows.shape[1])
+            return self
+
+    monkeypatch.setattr(dk, "Clusterer", DeadCentre)
+    arr = da.from_array(x, chunks=(700, 8))
+    dead = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=0).fit(arr)
+    assert dead.counts_[1] == 0  # the set-up works: without a polish the centre stays empty
+    c = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=3).fit(arr)
+    assert (c.counts_ > 0).all()
+    assert c.inertia_ < dead.inertia_
+    lab = c.labels_.compute()
+    assert np.array_equal(np.bincount(lab, minlength=5), c.counts_)
+    assert np.array_equal(lab, _nearest(x, c.cluster_centers_, metric == "cos")[0])

@@ -6,7 +6,9 @@
    ``kvant.Clusterer`` (k-means++ and Lloyd's until the objective improves < ``tol``), exactly as on one
    machine: the sample is small (256·K rows) and training on it is what FAISS and ``auto`` do;
 2. optionally, ``polish_iter`` Lloyd iterations over *all* rows: each chunk returns its per-cluster sums and
-   counts (k×D float64), reduced in a tree, so the client never holds more than a few k×D arrays;
+   counts (k×D float64) and its 32 farthest rows, reduced in a tree, so the client never holds more than a few
+   k×D arrays; a cluster left empty is re-seeded with the farthest row of a cluster that keeps one, as
+   ``kvant.Clusterer`` does (up to 32 per pass; the pass after a re-seed always runs);
 3. one pass over all rows for the exact inertia; ``labels_`` is a lazy Dask array (materialising it costs one
    more assignment pass, on the workers).
 
@@ -106,21 +108,58 @@ def _assign_chunk(block, start, centroids, spherical):
     return x, labels, per_row
 
 
+_FAR_ROWS = 32  # farthest rows each polish pass brings back, to re-seed clusters left empty
+
+
 def _chunk_stats(block, start, centroids, spherical, with_sums):
-    """(sums k×D float64 or None, counts k, objective) of one chunk: the map step of Lloyd's and of the inertia."""
+    """(sums k×D float64 or None, counts k, objective, farthest rows or None) of one chunk: the map step of
+    Lloyd's and of the inertia. The farthest rows (``_far_rows``) re-seed empty clusters, as on one machine."""
     x, labels, per_row = _assign_chunk(block, start, centroids, spherical)
     objective = float(per_row.sum()) * (0.5 if spherical else 1.0)  # ½‖u − c‖² = 1 − cos for unit rows
     k = centroids.shape[0]
     if not with_sums:
-        return None, np.bincount(labels, minlength=k).astype(np.float64), objective
+        return None, np.bincount(labels, minlength=k).astype(np.float64), objective, None
     rows = normalise_rows(x, start) if spherical else x
     sums, counts = cluster_sums(rows, labels, k, 1, UNIT_WEIGHTS)
-    return sums, counts, objective
+    top = np.lexsort((np.arange(per_row.size), -per_row))[:_FAR_ROWS]  # farthest first, ties to the lower row
+    far = (per_row[top], start + top, labels[top], np.asarray(rows[top], np.float64))
+    return sums, counts, objective, far
+
+
+def _far_rows(*fars):
+    """The ``_FAR_ROWS`` farthest of several chunks' farthest rows: (distance, global row, label, row)."""
+    d = np.concatenate([f[0] for f in fars])
+    row = np.concatenate([f[1] for f in fars])
+    top = np.lexsort((row, -d))[:_FAR_ROWS]
+    return (d[top], row[top], np.concatenate([f[2] for f in fars])[top], np.concatenate([f[3] for f in fars])[top])
 
 
 def _combine(*parts):
     sums = None if parts[0][0] is None else np.sum([p[0] for p in parts], axis=0)
-    return sums, np.sum([p[1] for p in parts], axis=0), float(sum(p[2] for p in parts))
+    far = None if parts[0][3] is None else _far_rows(*[p[3] for p in parts])
+    return sums, np.sum([p[1] for p in parts], axis=0), float(sum(p[2] for p in parts)), far
+
+
+def _reseed_empty(sums, counts, far) -> int:
+    """Move the farthest rows into empty clusters, as ``kvant.Clusterer`` does: each empty cluster (in index
+    order) gets the next farthest row whose cluster keeps at least one row. Returns how many were re-seeded
+    (at most ``_FAR_ROWS`` per pass; any left empty keep their centre and get the next pass's rows)."""
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0 or far is None:
+        return 0
+    taken = 0
+    for _, _, src, row in zip(*far, strict=True):
+        if taken == empty.size:
+            break
+        if counts[src] <= 1:
+            continue
+        dst = empty[taken]
+        sums[src] -= row
+        counts[src] -= 1
+        sums[dst] = row
+        counts[dst] = 1
+        taken += 1
+    return taken
 
 
 def _chunk_first_bad(block, start):
@@ -232,15 +271,17 @@ class DaskClusterer:
         previous = None
         for _ in range(int(self.polish_iter)):
             # the objective of the current centres; the step below never raises it
-            sums, counts, objective = _pass(arr, centroids, spherical, True)
+            sums, counts, objective, far = _pass(arr, centroids, spherical, True)
             history.append(objective)
             n_iter += 1
+            reseeded = _reseed_empty(sums, counts, far)
             centroids = _centroids_from_sums(sums, counts, centroids, spherical)  # Lloyd's M-step, as on one machine
             scale = n - objective if spherical else objective  # relative to Σ cos for cos, as Lloyd's does
-            if previous is not None and previous - objective <= tol * max(abs(scale), 1e-30):
+            # a re-seeded centre has not had its E-step yet: never stop right after one
+            if not reseeded and previous is not None and previous - objective <= tol * max(abs(scale), 1e-30):
                 break
             previous = objective
-        _, counts, inertia = _pass(arr, centroids, spherical, False)
+        _, counts, inertia, _ = _pass(arr, centroids, spherical, False)
         # commit
         self.cluster_centers_ = centroids
         self.inertia_ = float(inertia)
