@@ -118,6 +118,23 @@ def test_nan_error_names_the_first_bad_row_of_the_whole_input():
         kd.DaskClusterer(k=3, seed=0, sample_per_centroid=16).fit(da.from_array(big, chunks=(500, 8)))
 
 
+def test_nan_in_a_file_list_is_named_by_its_row_in_the_whole_input(tmp_path):
+    # each file is read whole by one task: its NaN must still be named by the row of the concatenated input,
+    # and the first bad row of all files wins (not whichever task failed first)
+    paths = []
+    for f in range(3):
+        x = _blobs(n=1000, seed=f)
+        if f == 1:
+            x[500, 0] = np.nan  # global row 1500
+        if f == 2:
+            x[3, 0] = np.inf  # global row 2003
+        paths.append(tmp_path / f"p{f}.npy")
+        np.save(paths[-1], x)
+    for _ in range(3):
+        with pytest.raises(InvalidInput, match=r"first bad row: 1500\)"):
+            kd.DaskClusterer(k=3, seed=0, sample_per_centroid=16).fit(paths)
+
+
 def test_bad_settings_and_inputs():
     x = da.from_array(_blobs(n=500), chunks=(100, 8))
     with pytest.raises(InvalidInput, match="k="):

@@ -509,6 +509,29 @@ def test_metric_returning_nan_or_negative():
     assert tree.knn(X[:2], 2)[1].shape == (2, 2)
 
 
+@numba.njit
+def _nan_for_one_pair(a, b):
+    # |a0 - b0|, but NaN between the points flagged 1 and 2 in column 1
+    if (a[1] == 1.0 and b[1] == 2.0) or (a[1] == 2.0 and b[1] == 1.0):
+        return np.nan
+    return abs(a[0] - b[0])
+
+
+def test_metric_failing_only_in_the_nearest_centre_search_raises(monkeypatch):
+    # a big group checks members against centres only up to the first covering one; the nearest-centre search
+    # that follows computes the remaining pairs, and a metric failing on one of those must still raise
+    monkeypatch.setattr(cover, "_BIG_GROUP", 8)
+    X = np.zeros((60, 2))
+    X[1] = [0.1, 0]  # the first centre: covers the middle point below first
+    X[2] = [10.0, 2]  # a later centre; its distance to the middle point is NaN
+    X[3] = [5.0, 1]
+    X[4:, 0] = np.random.default_rng(0).uniform(0, 8, 56)
+    tree = kvant.CoverTree(_nan_for_one_pair)
+    with pytest.raises(InvalidInput, match="metric returned"):
+        tree.fit(X)
+    assert tree.n == 0
+
+
 @settings(max_examples=20, deadline=None)
 @given(k=st.one_of(st.integers(-3, 40), st.floats(allow_nan=True), st.booleans(), st.none()))
 def test_k_validation_hypothesis(k):

@@ -81,7 +81,7 @@ def as_dask_array(x, chunk_rows: int | None = None):
             if dim is not None and src.dim != dim:
                 raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {dim}")
             dim = src.dim
-            parts.append(da.from_delayed(dask.delayed(_read_file)(os.fspath(p)), (src.n, src.dim), np.float32))
+            parts.append(da.from_delayed(dask.delayed(_read_file)(os.fspath(p)), (src.n, src.dim), src.dtype))
         arr = da.concatenate(parts, axis=0)
     else:
         raise InvalidInput(f"input: expected a dask.array.Array, a NumPy array or a list of file paths, "
@@ -93,7 +93,10 @@ def as_dask_array(x, chunk_rows: int | None = None):
 
 
 def _read_file(path: str) -> np.ndarray:
-    return as_source(path).to_array()
+    """The file's rows as stored. The tasks that use them convert and check them as for any Dask array, so a
+    NaN is named by its row in the whole input, not in this file."""
+    src = as_source(path)
+    return src._read(0, src.n)
 
 
 def _assign_chunk(block, start, centroids, spherical):

@@ -378,6 +378,8 @@ class CoverTree:
                 if m.kind != "index":
                     badv = np.zeros(s1 - s0, np.bool_)
                     m.K.net_assign_big(data, m.params, perm, s0, s1, mm, asg, adist, cent, badv)
+                    if badv.any():  # pairs the first-fit pass never computed can fail here
+                        raise _bad_metric("construction")
                 gm[g] = mm
                 gcl[g] = cl
             t2 = time.perf_counter()
