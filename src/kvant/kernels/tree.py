@@ -238,29 +238,16 @@ def nets_small(data, params, base, perm, pdist, gnode, gstart, gend, level, asg,
 _CENTRE_BLOCK = 256  # members whose checks against the existing centres run in parallel (net_centres_big)
 
 
-@numba.njit(**_NJ_RAW)
-def _first_cover(data, params, cent, j0, j1, s, r, bad, i):  # pragma: no cover
-    """The first of the centres cent[j0:j1] (checked in order) within r of slot s and its distance, or
-    (-1, inf); a metric failure sets bad[i] and reports uncovered."""
-    for j in range(j0, j1):
-        dd = _dist(data, cent[j], data, s, params)
-        if not _okd(dd):
-            bad[i] = True
-            return -1, np.inf
-        if dd <= r:
-            return j, dd
-    return -1, np.inf
-
-
 _COVER_TILE = 16  # members that share each centre's features while they are in cache (_first_cover_tile)
 
 
 @numba.njit(**_NJ_RAW)
 def _first_cover_tile(data, params, cent, j0, j1, perm, b0, i0, i1, r, cov, cd, bad):  # pragma: no cover
-    """``_first_cover`` for members perm[b0 + i], i in [i0, i1), with the centres in the outer loop: each
-    centre's features are read once per tile instead of once per member (for wide features, e.g. the residual
-    metric's rank-r rows, the scan is otherwise bound by reading them from the last-level cache). Each member
-    still stops at its first covering centre, so the results and the distances computed are the same."""
+    """For members perm[b0 + i], i in [i0, i1): cov[i] = the first of the centres cent[j0:j1] (checked in order)
+    within r, cd[i] its distance, or -1 / inf; a metric failure sets bad[i] and leaves the member uncovered.
+    The centres are the outer loop, so each centre's features are read once per tile instead of once per
+    member (wide features, e.g. the residual metric's rank-r rows, are otherwise read from the last-level
+    cache every time); each member still stops at its first covering centre."""
     left = i1 - i0
     for i in range(i0, i1):
         cov[i] = -1
@@ -312,9 +299,9 @@ def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, 
         m0 = m
         for i in range(nb):
             t = b0 + i
+            if cov[i] < 0:  # not covered by the centres before the block: check this block's, in order
+                _first_cover_tile(data, params, cent, s0 + m0, s0 + m, perm, b0, i, i + 1, r, cov, cd, bad)
             j, dd = cov[i], cd[i]
-            if j < 0:
-                j, dd = _first_cover(data, params, cent, s0 + m0, s0 + m, perm[t], r, bad, i)
             if bad[i]:
                 return m, cl, True
             if j >= 0:
@@ -1101,7 +1088,7 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover", "_first_cover_tile", "net_centres_big", "_assign_one",
+_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover_tile", "net_centres_big", "_assign_one",
                    "net_assign_big", "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys",
                    "_brute_one", "brute_knn", "pair_dists"]
 
