@@ -22,9 +22,10 @@ __all__ = ["CoverTree"]
 _BIG_GROUP = 4096  # groups at least this large pick their centres in parallel blocks (net_centres_big)
 _PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
 _SCAN_METRICS = ("euclidean", "manhattan", "chebyshev")  # metrics with a SIMD bucket scan
-# subtrees up to max(_SCAN_LEAF, _LEAF_PER_DIM * dim) points (at most _SCAN_LEAF_MAX) are buckets, scanned whole
-# by SIMD (_LEAF_PER_DIM was 16 until 2026-12-02; docs/covertree.md has the A/B)
-_SCAN_LEAF, _SCAN_LEAF_MAX, _LEAF_PER_DIM = 256, 1024, 64
+# subtrees up to max(_SCAN_LEAF, _LEAF_PER_DIM[metric] * dim) points (at most _SCAN_LEAF_MAX) are buckets, scanned
+# whole by SIMD (the multiplier was 16 for all three until 2026-12-02; docs/covertree.md has the A/B per metric)
+_SCAN_LEAF, _SCAN_LEAF_MAX = 256, 1024
+_LEAF_PER_DIM = {"euclidean": 64, "manhattan": 64, "chebyshev": 16}
 # the query structure _freeze derives from the per-node arrays
 _QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
                 "_box")
@@ -162,7 +163,7 @@ class CoverTree:
         self._dstart, self._dend, self._dnode = K.dfs_order(max(self._root, 0), n_in, self._off, self._idx, cap)
         width = max(1, self._data.shape[1])
         if self._scan >= 0:
-            self._leaf = min(_SCAN_LEAF_MAX, max(_SCAN_LEAF, _LEAF_PER_DIM * width))
+            self._leaf = min(_SCAN_LEAF_MAX, max(_SCAN_LEAF, _LEAF_PER_DIM[self._m.name] * width))
         self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0 and self._scan < 0
                        else np.zeros((1, width)))
         rows = np.ascontiguousarray(self._data[self._dnode]) if n_in and self._scan >= 0 else None
