@@ -657,7 +657,7 @@ class CoverTree:
         out_d, pos = self._residual_knn(Q, qslot, mode, k, slots)
         return out_d, np.where(pos >= 0, slots[np.maximum(pos, 0)], -1)
 
-    def _residual_knn(self, Q, qslot, mode, k, pts, what="a query"):
+    def _residual_knn(self, Q, qslot, mode, k, pts):
         """Exact k-NN of the rows ``Q`` among the points ``pts`` (slots; ascending when ``mode`` is 2) for the
         residual metric, by a blocked BLAS scan with an exact recheck. Returns (distances, positions into
         ``pts``), ties to the lower position, padded with inf / -1.
@@ -723,14 +723,14 @@ class CoverTree:
         live = np.arange(cap)[None, :] < buf_n[:, None]
         keep = live & (buf_d <= (top + margin2)[:, None]) & ~overflow[:, None]
         qi, b = np.nonzero(keep)
-        out_d, out_i = self._exact_top_k(Q, qi, buf_j[qi, b], pts, nq, k, what)
+        out_d, out_i = self._exact_top_k(Q, qi, buf_j[qi, b], pts, nq, k)
         if overflow.any():
             bad = np.flatnonzero(overflow)
-            od, oi = self._residual_knn_numpy(Q[bad], qslot[bad], mode, k, pts, what)
+            od, oi = self._residual_knn_numpy(Q[bad], qslot[bad], mode, k, pts)
             out_d[bad], out_i[bad] = od, oi
         return out_d, out_i
 
-    def _exact_top_k(self, Q, qi, ids, pts, nq, k, what):
+    def _exact_top_k(self, Q, qi, ids, pts, nq, k):
         """k best of the candidate pairs (query qi[t], point pts[ids[t]]) by the metric kernel: (distances,
         ids), ties to the lower id."""
         F = self._data
@@ -740,7 +740,7 @@ class CoverTree:
         exact = np.empty(qi.size)
         self._m.K.pair_dists(F, qrow[qi], F, pts[ids], self._m.params, exact)
         if not np.all((exact >= 0) & (exact < np.inf)):
-            raise _bad_metric(what)
+            raise _bad_metric("a query")
         o = np.lexsort((ids, exact, qi))
         qi, exact, ids = qi[o], exact[o], ids[o]
         start = np.searchsorted(qi, np.arange(nq))
@@ -768,7 +768,7 @@ class CoverTree:
         err_rho = ratio * (2.0 * (r + 4) * eps + 8.0 * (d + 2) * eps * zmax * rc.kernel.variance)
         return 2.0 * float(np.sqrt(2.0 * err_rho))
 
-    def _residual_knn_numpy(self, Q, qslot, mode, k, pts, what="a query"):
+    def _residual_knn_numpy(self, Q, qslot, mode, k, pts):
         """The same scan in plain NumPy over (queries x all points) blocks, keeping every candidate within
         ``2 * margin`` of each query's k-th BLAS distance (no buffer to overflow): the fallback of
         :meth:`_residual_knn`, with its arguments and results."""
@@ -803,7 +803,7 @@ class CoverTree:
             kk = min(k, n)
             kth = np.partition(dist, kk - 1, axis=1)[:, kk - 1]
             qi, cj = np.nonzero((dist <= (kth + 2.0 * margin)[:, None]) & (dist < np.inf))  # inf: excluded
-            out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, cj, slots, q1 - q0, k, what)
+            out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, cj, slots, q1 - q0, k)
         return out_d, out_i
 
     @with_threads
