@@ -165,6 +165,12 @@ def _reseed_empty(sums, counts, far) -> int:
     return taken
 
 
+def _blocks_with_starts(arr):
+    """(delayed row block, its first global row) for every chunk of a row-chunked Dask array."""
+    starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(np.int64)
+    return [(blk, int(s)) for blk, s in zip(arr.to_delayed().ravel(), starts, strict=True)]
+
+
 def _chunk_first_bad(block, start):
     """Global index of the first row of this chunk that is not finite in float32, or -1."""
     if block.dtype.kind != "f" or block.size == 0:
@@ -176,9 +182,7 @@ def _chunk_first_bad(block, start):
 def _first_bad_row_of(arr) -> int | None:
     """The first row of the whole Dask array holding NaN or inf (one pass), or None."""
     dask, _ = _dask()
-    starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(np.int64)
-    found = dask.compute(*[dask.delayed(_chunk_first_bad, pure=True)(blk, int(s))
-                           for blk, s in zip(arr.to_delayed().ravel(), starts, strict=True)])
+    found = dask.compute(*[dask.delayed(_chunk_first_bad, pure=True)(blk, s) for blk, s in _blocks_with_starts(arr)])
     bad = [int(r) for r in found if r >= 0]
     return min(bad) if bad else None
 
@@ -192,9 +196,8 @@ def _pass(arr, centroids, spherical, with_sums):
     """One pass over every chunk: the reduced (sums, counts, objective)."""
     dask, _ = _dask()
     cd = dask.delayed(centroids, pure=True)  # one copy in the graph, shared by every task
-    starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(np.int64)
-    parts = [dask.delayed(_chunk_stats, pure=True)(blk, int(s), cd, spherical, with_sums)
-             for blk, s in zip(arr.to_delayed().ravel(), starts, strict=True)]
+    parts = [dask.delayed(_chunk_stats, pure=True)(blk, s, cd, spherical, with_sums)
+             for blk, s in _blocks_with_starts(arr)]
     while len(parts) > 1:  # tree reduction: the client receives one result, not one per chunk
         parts = [dask.delayed(_combine, pure=True)(*parts[i : i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
     return dask.compute(parts[0])[0]
