@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import kvant
 from kvant.bench import reference as ref
 from kvant.bench.datasets import blobs
+from kvant.cluster import lloyd as lloyd_module
 from kvant.cluster.lloyd import init_centroids, lloyd, train_centroids
 from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput
 
@@ -67,8 +68,11 @@ def test_labels_are_the_full_nearest_centre_assignment(data, algorithm, metric):
 
 
 @pytest.mark.parametrize("spherical", [False, True])
-def test_bounded_lloyd_equals_plain_lloyd(spherical):
-    # Hamerly bounds skip work but must not change a single iteration's outcome.
+@pytest.mark.parametrize("dense", [0.0, 2.0])
+def test_bounded_lloyd_equals_plain_lloyd(spherical, dense, monkeypatch):
+    # Hamerly bounds skip work but must not change a single iteration's outcome, whether the E-step tightens the
+    # crossed bounds (dense = 2: never re-assigns every row) or re-assigns every row (dense = 0: always).
+    monkeypatch.setattr(lloyd_module, "DENSE_E_STEP", dense)
     x = _gaussian_rows(np.random.default_rng(5), 600, 6, spherical)
     c0 = init_centroids(x, 7, "random", 0, spherical)
     for it in (1, 2, 5):
@@ -104,6 +108,25 @@ def test_tolerance_stops_early_and_labels_stay_exact():
 def _means(x, labels, k, spherical):
     c = np.stack([x[labels == j].astype(np.float64).mean(0) for j in range(k)])
     return c / np.linalg.norm(c, axis=1, keepdims=True) if spherical else c
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_dense_and_bounded_e_steps_take_the_same_path(spherical, monkeypatch):
+    # over-relaxed steps cross most bounds, so auto's runs switch between the two E-steps; neither may change
+    # the partition, so the whole objective history and the result must agree
+    x = _gaussian_rows(np.random.default_rng(8), 3000, 10, spherical)
+    c0 = init_centroids(x, 24, "k-means++", 0, spherical)
+    runs = []
+    for dense in (0.0, 0.5, 2.0):
+        monkeypatch.setattr(lloyd_module, "DENSE_E_STEP", dense)
+        runs.append(lloyd(x, c0, 30, tol=0.0, spherical=spherical, overrelax=1.0))
+    assert runs[0].rows_recomputed > 0 and runs[0].rows_recomputed % len(x) == 0  # whole E-steps only
+    assert runs[2].rows_recomputed < runs[0].rows_recomputed
+    for r in runs[1:]:
+        assert r.n_iter == runs[0].n_iter and r.n_extrapolated == runs[0].n_extrapolated
+        np.testing.assert_allclose(r.objective_history, runs[0].objective_history, rtol=1e-6)
+        np.testing.assert_array_equal(r.labels, runs[0].labels)
+        np.testing.assert_array_equal(r.labels, _nearest(x, r.centroids))
 
 
 @pytest.mark.parametrize("spherical", [False, True])
