@@ -327,3 +327,34 @@ def test_encode_accepts_float64_codebooks(ksub):
     x = np.random.default_rng(0).standard_normal((70, 8)).astype(np.float32)
     cb = np.random.default_rng(1).standard_normal((2, ksub, 4))  # float64, as a caller may pass
     np.testing.assert_array_equal(K.pq_encode(x, cb), R.pq_encode_ref(x, cb.astype(np.float32)))
+
+
+@numba.njit
+def _fs_blocks_both(flat, bbytes, lut8, mp2, th):
+    one = np.empty((2, 64), np.uint16)
+    two = np.empty(64, np.uint16)
+    m0 = K._fs_block(one[0], flat, 0, bbytes, lut8, mp2, th)
+    m1 = K._fs_block(one[1], flat, bbytes, bbytes, lut8, mp2, th)
+    m2 = K._fs_block2(two, flat, 0, bbytes, lut8, mp2, th)
+    return one, two, m0, m1, m2
+
+
+@pytest.mark.parametrize("m", [2, 7, 32])
+def test_fastscan_two_block_scan_equals_two_one_block_scans(m):
+    # the 64-row scan (one 512-bit shuffle per lookup on AVX-512 hosts) must give the 32-row scan's sums and mask
+    codes = _random_codes(40 + m, 64, m, 16)
+    p = K.pack_codes_4bit(codes)
+    flat = p.reshape(-1)
+    mp2 = p.shape[1]
+    lut8 = np.random.default_rng(m).integers(0, 256, mp2 * 32).astype(np.uint8)
+    want = np.zeros(64, np.int64)
+    for j in range(2 * mp2):
+        code = codes[:, j].astype(np.int64) if j < m else np.zeros(64, np.int64)
+        want += lut8[32 * (j // 2) + 16 * (j & 1) + code]
+    for th in (-1, int(np.median(want)), 70000):
+        one, two, m0, m1, m2 = _fs_blocks_both(flat, mp2 * 32, lut8, mp2, th)
+        np.testing.assert_array_equal(one[:, :32].reshape(-1), want)
+        np.testing.assert_array_equal(two, want)
+        bits = want <= min(max(th, 0), 65535)
+        assert m2 & (2**64 - 1) == m0 | (m1 << 32)
+        assert [(m2 >> r) & 1 for r in range(64)] == bits.astype(int).tolist()
