@@ -73,7 +73,9 @@ __all__ = [
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
-_QB = 4  # queries per pass over a block of codes (query blocking)
+# queries per pass over the codes (query blocking): their tables are interleaved so that one 16-float vector
+# load serves all of them for a code (one 512-bit load on AVX-512, two 256-bit loads on AVX2)
+_QB = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,60 +424,84 @@ def _push(dd, ii, k, d, i):
     ii[p] = i
 
 
-@numba.njit(**_JIT)
-def _scan_four(t4, codes, r0, r1, m, ksub, dd, ii, k, q0):
-    """Scan rows [r0, r1) for 4 queries at once. ``t4[(j * ksub + c) * 4 + qq]`` holds query q0 + qq's table:
-    the 4 queries' entries for one code are adjacent, so one lookup serves all four. Unsigned index arithmetic
-    (no negative-index wraparound) lets LLVM keep the loop tight. Each sum is still accumulated in order j."""
-    th0 = dd[q0, k - 1]
-    th1 = dd[q0 + 1, k - 1]
-    th2 = dd[q0 + 2, k - 1]
-    th3 = dd[q0 + 3, k - 1]
-    uk = np.uint64(ksub)
-    for r in range(r0, r1):
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        o = np.uint64(0)
-        for j in range(m):
-            c = (o + np.uint64(codes[r, j])) * np.uint64(4)
-            s0 += t4[c]
-            s1 += t4[c + np.uint64(1)]
-            s2 += t4[c + np.uint64(2)]
-            s3 += t4[c + np.uint64(3)]
-            o += uk
-        if s0 < th0:
-            _push(dd[q0], ii[q0], k, s0, r)
-            th0 = dd[q0, k - 1]
-        if s1 < th1:
-            _push(dd[q0 + 1], ii[q0 + 1], k, s1, r)
-            th1 = dd[q0 + 1, k - 1]
-        if s2 < th2:
-            _push(dd[q0 + 2], ii[q0 + 2], k, s2, r)
-            th2 = dd[q0 + 2, k - 1]
-        if s3 < th3:
-            _push(dd[q0 + 3], ii[q0 + 3], k, s3, r)
-            th3 = dd[q0 + 3, k - 1]
+@intrinsic
+def _ctz(typingctx, x):
+    """Count trailing zeros of a non-zero int64."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
+            builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), name="llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
+    """ADC sums of code row ``r`` for a block of ``_QB`` queries, returned as a bitmask of the queries it beats.
+
+    ``tq[(j * ksub + c) * _QB + qq]`` holds query qq's table entry for code c of sub-quantizer j: the block's
+    entries for one code are adjacent, so one vector load fetches all of them. The sums go to ``out[0:_QB]``
+    (each accumulated in order j, as the scalar reference does: no fast-math, so no reassociation); the mask
+    has bit qq set where ``out[qq] < th[qq]``. ``codes`` must be C-contiguous (rows of m bytes)."""
+    sig = types.int64(tq, codes, types.intp, types.intp, types.intp, out, th)
+
+    def codegen(context, builder, signature, args):
+        tq_v, codes_v, r_v, m_v, ksub_v, out_v, th_v = args
+        a_tq = context.make_array(signature.args[0])(context, builder, tq_v)
+        a_codes = context.make_array(signature.args[1])(context, builder, codes_v)
+        a_out = context.make_array(signature.args[5])(context, builder, out_v)
+        a_th = context.make_array(signature.args[6])(context, builder, th_v)
+        vt = ir.VectorType(ir.FloatType(), _QB)
+        intp = r_v.type
+        row_stride = cgutils.unpack_tuple(builder, a_codes.strides, 2)[0]
+        row = builder.gep(a_codes.data, [builder.mul(r_v, row_stride)])
+        slot = cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * _QB))
+        with cgutils.for_range(builder, m_v) as loop:
+            j = loop.index
+            c = builder.zext(builder.load(builder.gep(row, [j])), intp)
+            at = builder.mul(builder.add(builder.mul(j, ksub_v), c), ir.Constant(intp, _QB))
+            v = builder.load(builder.bitcast(builder.gep(a_tq.data, [at]), vt.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(slot), v), slot)
+        acc = builder.load(slot)
+        builder.store(acc, builder.bitcast(a_out.data, vt.as_pointer()), align=4)
+        thv = builder.load(builder.bitcast(a_th.data, vt.as_pointer()), align=4)
+        bits = builder.bitcast(builder.fcmp_ordered("<", acc, thv), ir.IntType(_QB))
+        return builder.zext(bits, ir.IntType(64))
+
+    return sig, codegen
 
 
 @numba.njit(parallel=True, **_JIT)
-def _adc_search_kernel(flat4, codes, m, ksub, k, nchunks, rows_per_block, part_d, part_i):
-    # flat4: (nqb, m * ksub * 4) tables of query blocks, interleaved by 4; part_*: (nchunks, 4 * nqb, k).
-    nqb = flat4.shape[0]
+def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i):
+    # flat: (nqb, m * ksub * _QB) tables of query blocks, interleaved by _QB; part_*: (nchunks, _QB * nqb, k).
+    nqb = flat.shape[0]
     n = codes.shape[0]
     chunk = (n + nchunks - 1) // nchunks
     for w in prange(nqb * nchunks):
         qb = w // nchunks
         c = w - qb * nchunks
-        q0 = qb * 4
+        q0 = qb * _QB
         r0 = min(n, c * chunk)
         r1 = min(n, r0 + chunk)
-        for q in range(q0, q0 + 4):
-            part_d[c, q, :] = np.inf
-            part_i[c, q, :] = -1
-        for b0 in range(r0, r1, rows_per_block):
-            _scan_four(flat4[qb], codes, b0, min(r1, b0 + rows_per_block), m, ksub, part_d[c], part_i[c], k, q0)
+        dd = part_d[c]
+        ii = part_i[c]
+        sums = np.empty(_QB, dtype=np.float32)
+        th = np.empty(_QB, dtype=np.float32)  # each query's k-th best so far
+        for qq in range(_QB):
+            dd[q0 + qq, :] = np.inf
+            ii[q0 + qq, :] = -1
+            th[qq] = np.inf
+        tq = flat[qb]
+        for r in range(r0, r1):  # rows ascending, and a tie does not displace: ties keep the smaller idx
+            mask = _adc_row(tq, codes, r, m, ksub, sums, th)
+            while mask != 0:
+                qq = _ctz(mask)
+                mask &= mask - 1
+                _push(dd[q0 + qq], ii[q0 + qq], k, sums[qq], r)
+                th[qq] = dd[q0 + qq, k - 1]
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -522,14 +548,13 @@ def adc_search(tables, codes, k, nchunks=None):
         return out_d, out_i
     nqb = (nq + _QB - 1) // _QB
     t = tables
-    if nqb * _QB != nq:  # pad with all-zero dummy queries to whole blocks of 4 (their results are dropped)
+    if nqb * _QB != nq:  # pad with all-zero dummy queries to whole blocks (their results are dropped)
         t = np.zeros((nqb * _QB, m, ksub), dtype=np.float32)
         t[:nq] = tables
-    flat4 = np.ascontiguousarray(t.reshape(nqb, _QB, m * ksub).transpose(0, 2, 1)).reshape(nqb, m * ksub * _QB)
+    flat = np.ascontiguousarray(t.reshape(nqb, _QB, m * ksub).transpose(0, 2, 1)).reshape(nqb, m * ksub * _QB)
     part_d = np.empty((nchunks, nqb * _QB, k), dtype=np.float32)
     part_i = np.empty((nchunks, nqb * _QB, k), dtype=np.int64)
-    rows_per_block = 1024
-    _adc_search_kernel(flat4, codes, m, ksub, k, nchunks, rows_per_block, part_d, part_i)
+    _adc_search_kernel(flat, np.ascontiguousarray(codes), m, ksub, k, nchunks, part_d, part_i)
     if nchunks == 1:
         return np.ascontiguousarray(part_d[0, :nq]), np.ascontiguousarray(part_i[0, :nq])
     part_d = np.ascontiguousarray(part_d[:, :nq])
@@ -742,20 +767,6 @@ def _fs_block2(typingctx, acc, packed, off, stride, lut8, mp2, th):
     """:func:`_fs_block` over two blocks at once: rows 0–31 from ``off``, rows 32–63 from ``off + stride``;
     acc[0:64] and a 64-bit mask. On AVX-512BW hosts each lookup is one 512-bit ``vpshufb`` (64 lookups)."""
     return types.int64(acc, packed, types.intp, types.intp, lut8, types.intp, types.int64), _fs_codegen(2)
-
-
-@intrinsic
-def _ctz(typingctx, x):
-    """Count trailing zeros of a non-zero int64."""
-    sig = types.int64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        fn = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
-            builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), name="llvm.cttz.i64")
-        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
-
-    return sig, codegen
 
 
 @numba.njit(inline="always", **_JIT)
