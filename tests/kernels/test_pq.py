@@ -150,7 +150,9 @@ def test_adc_distances_match_reference(m, ksub):
 @pytest.mark.parametrize("scale", ["normal", "wide"])
 @pytest.mark.parametrize("nchunks", [1, 3])
 def test_adc_search_matches_reference(m, ksub, scale, nchunks):
-    for nq, n, k in [(0, 10, 3), (1, 0, 4), (1, 1, 1), (5, 3, 7), (9, 300, 10), (6, 150, 1)]:
+    # nq = 16 fills one 16-query block exactly (no padding), 17 and 40 span several blocks
+    for nq, n, k in [(0, 10, 3), (1, 0, 4), (1, 1, 1), (5, 3, 7), (9, 300, 10), (6, 150, 1), (16, 90, 5),
+                     (17, 200, 10), (40, 130, 3)]:
         t = _random_tables(7 + n, nq, m, ksub, scale)
         codes = _random_codes(8 + n, n, m, ksub)
         d, i = K.adc_search(t, codes, k, nchunks=nchunks)
@@ -179,20 +181,30 @@ def test_adc_search_ties_broken_by_smaller_idx(nchunks):
 
 
 def test_adc_search_large_n_many_chunks_and_query_blocks():
-    t = _random_tables(11, 11, 8, 256)
+    t = _random_tables(11, 35, 8, 256)
     codes = _random_codes(12, 9000, 8, 256)
     rd, ri = R.pq_adc_search_ref(t[:3], codes, 10)
     for nchunks in (1, 2, 7, None):
         d, i = K.adc_search(t, codes, 10, nchunks=nchunks)
         assert R.pq_topk_agrees(rd, ri, d[:3], i[:3]) is None
         full = K.adc_distances(t, codes)
-        for q in range(11):
+        for q in range(35):
             order = np.lexsort((np.arange(len(codes)), full[q]))[:10]
             np.testing.assert_array_equal(i[q], order)
 
 
+def test_adc_search_takes_float64_tables_and_wide_int_codes():
+    # 16 queries fill a block exactly, so nothing is padded: the kernel must still read float32 tables, u8 codes
+    t = _random_tables(13, 16, 4, 256)
+    codes = _random_codes(14, 300, 4, 256)
+    want = K.adc_search(t, codes, 5)
+    got = K.adc_search(t.astype(np.float64), codes.astype(np.int64), 5)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 @given(
-    nq=st.integers(0, 6), n=st.integers(0, 70), m=st.integers(1, 6), k=st.integers(1, 12),
+    nq=st.integers(0, 40), n=st.integers(0, 70), m=st.integers(1, 6), k=st.integers(1, 12),
     ksub=st.sampled_from([16, 256]), seed=st.integers(0, 2**16), nchunks=st.integers(1, 4),
 )
 @settings(max_examples=30, deadline=None)

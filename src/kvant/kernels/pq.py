@@ -551,10 +551,13 @@ def adc_search(tables, codes, k, nchunks=None):
     if nqb * _QB != nq:  # pad with all-zero dummy queries to whole blocks (their results are dropped)
         t = np.zeros((nqb * _QB, m, ksub), dtype=np.float32)
         t[:nq] = tables
-    flat = np.ascontiguousarray(t.reshape(nqb, _QB, m * ksub).transpose(0, 2, 1)).reshape(nqb, m * ksub * _QB)
+    # the row intrinsic reads float32 table vectors and one byte per code: fix both dtypes here
+    flat = np.ascontiguousarray(t.reshape(nqb, _QB, m * ksub).transpose(0, 2, 1), dtype=np.float32)
+    flat = flat.reshape(nqb, m * ksub * _QB)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
     part_d = np.empty((nchunks, nqb * _QB, k), dtype=np.float32)
     part_i = np.empty((nchunks, nqb * _QB, k), dtype=np.int64)
-    _adc_search_kernel(flat, np.ascontiguousarray(codes), m, ksub, k, nchunks, part_d, part_i)
+    _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i)
     if nchunks == 1:
         return np.ascontiguousarray(part_d[0, :nq]), np.ascontiguousarray(part_i[0, :nq])
     part_d = np.ascontiguousarray(part_d[:, :nq])
@@ -649,6 +652,8 @@ def quantize_luts(tables):
 
 
 def _host_features() -> dict:
+    if numba.config.CPU_NAME:  # compiling for another CPU (NUMBA_CPU_NAME): no x86-specific instructions
+        return {}
     try:
         import llvmlite.binding as llvm
 
