@@ -62,6 +62,22 @@ def test_normalise_rows_into_matches_reference(n, d, k, scale):
 
 
 @pytest.mark.parametrize("n,d,k", SHAPES)
+def test_top2_row_scale_equals_scaling_the_products_first(n, d, k):
+    # spherical assignment scales each row's products by 1/|x| inside the kernel: bit for bit what scaling
+    # g first gives, including rows whose scale is extreme
+    x, c = _data(n, d, k, seed=n + 2 * d + k)
+    scale = np.random.default_rng(n + k).uniform(0.01, 100.0, n).astype(np.float32)
+    if n:
+        scale[0] = np.float32(3e-38)
+    xn = sq_norms(x)
+    out = [(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)) for _ in range(2)]
+    top2_from_ip(x @ c.T, sq_norms(c), xn, *out[0], row_scale=scale)
+    top2_from_ip((x @ c.T) * scale[:, None], sq_norms(c), xn, *out[1])
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
 @pytest.mark.parametrize("path", ["blas", "driver"])
 def test_top2_matches_reference(n, d, k, path):
     x, c = _data(n, d, k, seed=n + d + k)

@@ -80,9 +80,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         else:
             xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
         g = xb @ ct
-        if factor is not None:
-            np.multiply(g, factor.astype(np.float32)[:, None], out=g)
-        top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e])
+        top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e],
+                     None if factor is None else factor.astype(np.float32))
         if exact_sq is not None:
             exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))

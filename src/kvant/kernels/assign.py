@@ -32,9 +32,11 @@ def _f32_bits(typingctx, x):
 
 
 @numba.njit(**_JIT)
-def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2):
+def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
     """g (b, K) = x·cᵀ, overwritten as scratch. Writes labels (argmin ‖x−c‖²), d1 (its squared distance)
-    and d2 (the runner-up's).
+    and d2 (the runner-up's). ``row_scale`` (b,) float32, if given, multiplies row i of g first (in float32,
+    as ``g *= row_scale[:, None]`` would, without that extra pass over g): spherical k-means assigns raw rows
+    this way, with 1/‖x‖ as the scale.
 
     Distances ‖x‖² + ‖c‖² − 2x·c are clamped at 0 and handled as int32 bit patterns, which order exactly
     like non-negative floats: the clamp is a max with 0 (negative floats, −0.0 included, have negative
@@ -57,6 +59,10 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2):
         brow = bits[i]
         xi = x_sqnorms[i]
         best = big
+        if row_scale is not None:  # (a separate loop: the unscaled one stays free of the multiply)
+            f = row_scale[i]
+            for j in range(K):
+                row[j] *= f
         for j in range(K):
             v = max(_f32_bits(xi + c_sqnorms[j] - two * row[j]), zero)
             v = v if v <= big else zero  # NaN (any sign) -> 0, as the float clamp `v if v > 0 else 0` did
