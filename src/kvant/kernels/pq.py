@@ -794,6 +794,22 @@ def _push_u(aa, ii, L, a, i):
     ii[p] = i
 
 
+@numba.njit(inline="always", **_JIT)
+def _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n):
+    """Scan block b, and block b + 1 with it on AVX-512BW hosts when it is below b1: (candidate mask of the
+    real rows, blocks scanned, real rows). acc[r] is row 32·b + r's quantised sum."""
+    two = _HAS_AVX512BW and b + 1 < b1
+    if two:
+        mask = _fs_block2(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
+    else:
+        mask = _fs_block(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
+    width = 64 if two else 32
+    nr = min(width, n - b * 32)
+    if nr < width:
+        mask &= (np.int64(1) << nr) - 1
+    return mask, 2 if two else 1, nr
+
+
 @numba.njit(parallel=True, **_JIT)
 def _fastscan_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, part_d, part_i):
     # flat: the packed codes as one (nblocks * mp2 * 32,) uint8 array.
@@ -823,15 +839,7 @@ def _fastscan_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, part_
             th = sa[L - 1]
             b = b0
             while b < b1:
-                two = _HAS_AVX512BW and b + 1 < b1
-                if two:
-                    mask = _fs_block2(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
-                else:
-                    mask = _fs_block(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
-                width = 64 if two else 32
-                nr = min(width, n - b * 32)
-                if nr < width:
-                    mask &= (np.int64(1) << nr) - 1
+                mask, nb, nr = _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n)
                 while mask != 0:
                     rr = _ctz(mask)
                     mask &= mask - 1
@@ -839,7 +847,7 @@ def _fastscan_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, part_
                     if a < th:
                         _push_u(sa, si, L, a, b * 32 + rr)
                         th = sa[L - 1]
-                b += 2 if two else 1
+                b += nb
             for s in range(L):
                 r = si[s]
                 if r < 0:
@@ -857,15 +865,7 @@ def _fastscan_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, part_
             th = ka[k - 1]
             b = b0
             while b < b1:
-                two = _HAS_AVX512BW and b + 1 < b1
-                if two:
-                    mask = _fs_block2(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
-                else:
-                    mask = _fs_block(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
-                width = 64 if two else 32
-                nr = min(width, n - b * 32)
-                if nr < width:
-                    mask &= (np.int64(1) << nr) - 1
+                mask, nb, nr = _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n)
                 o = b * 32 - r0
                 for rr in range(nr):
                     allacc[o + rr] = acc[rr]
@@ -876,7 +876,7 @@ def _fastscan_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, part_
                     if a < th:
                         _push_u(ka, ki, k, a, b * 32 + rr)
                         th = ka[k - 1]
-                b += 2 if two else 1
+                b += nb
             bound = th + m + slack
             for x in range(nrows):
                 if np.int64(allacc[x]) <= bound:
