@@ -7,7 +7,7 @@ runner-up distance from the fused top-2 kernel). After the centroids move by ``d
 bounds cross are looked at: first their upper bound is made exact (O(D)), and only rows that still cross
 are gathered and re-assigned with the GEMM kernel. When more than half the rows cross their bounds (most
 over-relaxed steps do: the centres move far), that tightening and gathering cost more than they save, so the
-E-step re-assigns every row in contiguous blocks instead (``DENSE_E_STEP``; 8-20% off `auto`'s fit time on the
+E-step re-assigns every row in contiguous blocks instead (``DENSE_E_STEP``; 7-19% off `auto`'s fit time on the
 K = 64 and 256 benchmark cells, identical results). Centroid sums are updated incrementally (float64) for the
 rows that changed cluster.
 
