@@ -20,7 +20,7 @@ from clustering import TARGETS, assess  # noqa: E402  (the grid's own definition
 COLUMNS = ("kvant auto", "faiss default", "faiss no-subsample")
 
 
-def _entry(row, metric):
+def _entry(row):
     if row is None:
         return "—"
     if "seconds" not in row:
@@ -55,7 +55,7 @@ def render(res, before=None) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, m in by_cell.items():
         ds, n, dim, k, metric = key
-        cells = [f"{ds} {n}×{dim} K={k} {metric}"] + [_entry(m.get(c), metric) for c in columns]
+        cells = [f"{ds} {n}×{dim} K={k} {metric}"] + [_entry(m.get(c)) for c in columns]
         v = verdicts.get(key, {})
         cells += [_verdict(v, a) for a, _, _ in targets]
         if before:

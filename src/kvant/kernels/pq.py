@@ -662,9 +662,10 @@ def _host_features() -> dict:
         return {}
 
 
-_HAS_AVX2 = bool(_host_features().get("avx2", False))
+_FEATURES = _host_features()
+_HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 # 512-bit byte shuffles: the scan then takes two 32-row blocks per pass (64 lookups per instruction)
-_HAS_AVX512BW = bool(_host_features().get("avx512bw", False))
+_HAS_AVX512BW = bool(_FEATURES.get("avx512bw", False))
 
 
 def _fs_codegen(nblk):
