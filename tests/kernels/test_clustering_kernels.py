@@ -359,7 +359,7 @@ def test_sq_dist_to_point_unit_passes_non_finite_rows_through(bad):
     assert np.isfinite(got).tolist() == [True, True, False, True, False, True]
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 7, 8, 9, 31, 64, 255, 1024])
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 255, 1024])
 def test_top2_is_bit_identical_to_its_float32_formula_with_ties_and_negative_rounding(k):
     # The kernel's int32 min/max passes must give exactly the float32 formula's argmin (first index on
     # ties), its value and the runner-up (the minimum again when it occurs twice), including the clamp of
@@ -381,10 +381,20 @@ def test_top2_is_bit_identical_to_its_float32_formula_with_ties_and_negative_rou
     want_d1 = v[np.arange(300), want_label]
     want_d2 = np.sort(v, axis=1)[:, 1] if k > 1 else np.full(300, np.inf, np.float32)
     labels, d1, d2 = np.empty(300, np.int64), np.empty(300, np.float32), np.empty(300, np.float32)
-    top2_from_ip(gm.copy(), cn, xn, labels, d1, d2)
-    np.testing.assert_array_equal(labels, want_label)
-    np.testing.assert_array_equal(d1.view(np.int32), want_d1.view(np.int32))  # +0.0, never -0.0
-    np.testing.assert_array_equal(d2, want_d2)
+    for gg in (gm.copy(), np.asfortranarray(gm)):  # the 16-lane path, and the scalar one (strided rows)
+        top2_from_ip(gg, cn, xn, labels, d1, d2)
+        np.testing.assert_array_equal(labels, want_label)
+        np.testing.assert_array_equal(d1.view(np.int32), want_d1.view(np.int32))  # +0.0, never -0.0
+        np.testing.assert_array_equal(d2, want_d2)
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, 40])
+def test_top2_infinite_distances_still_give_the_first_centre(k):
+    # every distance +inf (products of -inf): the first centre wins and the runner-up is +inf too
+    g = np.full((3, k), -np.inf, np.float32)
+    labels, d1, d2 = np.empty(3, np.int64), np.empty(3, np.float32), np.empty(3, np.float32)
+    top2_from_ip(g, np.zeros(k, np.float32), np.zeros(3, np.float32), labels, d1, d2)
+    assert labels.tolist() == [0, 0, 0] and np.isinf(d1).all() and np.isinf(d2).all()
 
 
 def test_top2_nan_products_never_give_a_label_outside_range():
@@ -393,3 +403,12 @@ def test_top2_nan_products_never_give_a_label_outside_range():
     labels, d1, d2 = np.empty(2, np.int64), np.empty(2, np.float32), np.empty(2, np.float32)
     top2_from_ip(g, np.zeros(3, np.float32), np.zeros(2, np.float32), labels, d1, d2)
     assert labels.tolist() == [0, 0] and d1.tolist() == [0.0, 0.0]
+    # the same in the 16-lane path: NaN of either sign in a lane, and a lone NaN after a positive start
+    g = np.full((3, 35), -1.0, np.float32)  # distances 2.0 everywhere
+    g[0, 20] = np.nan
+    g[1, 3] = -np.nan
+    g[1, 17] = np.nan
+    g[2, 34] = np.nan  # in the scalar tail
+    labels, d1, d2 = np.empty(3, np.int64), np.empty(3, np.float32), np.empty(3, np.float32)
+    top2_from_ip(g, np.zeros(35, np.float32), np.zeros(3, np.float32), labels, d1, d2)
+    assert labels.tolist() == [20, 3, 34] and d1.tolist() == [0.0, 0.0, 0.0] and d2.tolist() == [2.0, 0.0, 2.0]
