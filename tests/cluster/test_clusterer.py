@@ -780,3 +780,34 @@ def test_minibatch_with_tiny_batches_keeps_centres_distinct():
     c = kvant.Clusterer(k=10, algorithm="minibatch", batch_rows=1, seed=0).fit(x)
     assert np.unique(c.cluster_centers_, axis=0).shape[0] == 10
     assert np.unique(c.labels_).size == 10 and c.inertia_ == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_candidate_e_steps_end_on_an_exact_assignment_and_never_raise_a_plain_step(spherical, beta):
+    x = _gaussian_rows(np.random.default_rng(6), 3000, 8, spherical)
+    c0 = init_centroids(x, 24, "k-means++", 0, spherical)
+    res = lloyd(x, c0, 500, tol=0.0, spherical=spherical, overrelax=beta, candidates=4)
+    assert res.n_candidate_steps > 0 and res.n_iter < 500
+    np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))  # the last E-step is a full one
+    np.testing.assert_allclose(res.centroids, _means(x, res.labels, 24, spherical), rtol=1e-4, atol=1e-5)
+    h = np.array(res.objective_history)
+    if beta == 0.0:  # the current centre is always a candidate: plain steps never raise the objective
+        assert np.all(h[1:] <= h[:-1] * (1 + 1e-9))
+    for m in (1, 2, 3, 4, 5, 6):  # cut short anywhere: still an exact assignment of the returned centres
+        short = lloyd(x, c0, m, tol=0.0, spherical=spherical, overrelax=beta, candidates=4)
+        np.testing.assert_array_equal(short.labels, _nearest(x, short.centroids))
+    # candidates >= K means every centre: plain full E-steps
+    assert lloyd(x, c0, 6, tol=0.0, spherical=spherical, candidates=24).n_candidate_steps == 0
+
+
+def test_auto_uses_candidate_e_steps_only_for_large_k_times_d():
+    g = np.random.default_rng(7)
+    big = g.standard_normal((3000, 512)).astype(np.float32)
+    c = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8).fit(big)  # K·D = 65,536
+    assert "nearest centres from the last full one" in c.auto_reason_
+    np.testing.assert_array_equal(c.labels_, _nearest(big, c.cluster_centers_))
+    small = kvant.Clusterer(k=64, seed=0, sample_per_centroid=8).fit(big)  # K < 128
+    assert "nearest centres" not in small.auto_reason_
+    row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=3).fit(big)
+    assert "nearest centres" not in row.auto_reason_

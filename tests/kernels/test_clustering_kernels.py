@@ -412,3 +412,57 @@ def test_top2_nan_products_never_give_a_label_outside_range():
     labels, d1, d2 = np.empty(3, np.int64), np.empty(3, np.float32), np.empty(3, np.float32)
     top2_from_ip(g, np.zeros(35, np.float32), np.zeros(3, np.float32), labels, d1, d2)
     assert labels.tolist() == [20, 3, 34] and d1.tolist() == [0.0, 0.0, 0.0] and d2.tolist() == [2.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("k,m", [(1, 1), (5, 1), (16, 16), (17, 16), (20, 8), (35, 16), (64, 16), (256, 16),
+                                 (1024, 16), (300, 32), (48, 5)])
+def test_nearest_ids_are_the_m_smallest_distances_with_ties_to_smaller_ids(k, m):
+    # reference: a stable argsort of the clamped float32 distances (NaN counted as 0, as top2_from_ip does)
+    from kvant.kernels.assign import nearest_ids_from_ip
+
+    g = np.random.default_rng(k * 7 + m)
+    d = 4
+    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)  # integer grid: ties at the m-th distance
+    x = np.round(g.standard_normal((120, d)) * 2).astype(np.float32)
+    if k > 3:
+        c[k - 1] = c[0]
+    xn, cn = sq_norms(x), sq_norms(c)
+    gm = x @ c.T
+    gm[7, k // 2] = np.nan
+    v = (xn[:, None] + cn[None, :]) - np.float32(2.0) * gm
+    v = np.where(v > 0, v, np.float32(0.0))
+    v = np.where(np.isnan(v), np.float32(0.0), v)
+    want = np.argsort(v, axis=1, kind="stable")[:, :m]
+    for gg in (gm.copy(), np.asfortranarray(gm)):  # the vector path and the scalar one
+        out = np.full((120, m), -1, np.int32)
+        nearest_ids_from_ip(gg, cn, xn, out)
+        np.testing.assert_array_equal(np.sort(out, axis=1), np.sort(want, axis=1))
+        labels, d1, d2 = np.empty(120, np.int64), np.empty(120, np.float32), np.empty(120, np.float32)
+        top2_from_ip(gg, cn, xn, labels, d1, d2)
+        assert all(labels[i] in out[i] for i in range(120))  # the argmin is always a candidate
+
+
+@pytest.mark.parametrize("d,m", [(1, 1), (7, 3), (16, 4), (33, 5), (128, 16)])
+def test_assign_to_candidates_picks_the_nearest_candidate(d, m):
+    from kvant.kernels.lloyd import assign_to_candidates
+
+    g = np.random.default_rng(d + m)
+    k = max(m, 6)
+    x = g.standard_normal((200, d)).astype(np.float32)
+    c = g.standard_normal((k, d)).astype(np.float32)
+    c[k - 1] = c[0]  # a tie between two candidates: the smaller id wins
+    cand = np.stack([g.permutation(k)[:m] for _ in range(200)]).astype(np.int32)
+    cand[:5, 0], cand[:5, -1] = k - 1, 0
+    labels, d1 = np.full(200, -1, np.int64), np.zeros(200, np.float32)
+    xn, cn = sq_norms(x), sq_norms(c)
+    assign_to_candidates(x, xn, c, cn, cand, labels, d1, 3, 200)
+    assert np.all(labels[:3] == -1)  # rows outside lo..hi untouched
+    exact = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
+    for i in range(3, 200):
+        cd = exact[i, cand[i]]
+        best = cd.min()
+        near = cand[i][cd <= best + 1e-4 * (1 + best)]
+        assert labels[i] in near  # the nearest candidate up to float32 rounding
+        if np.all(cd[np.isin(cand[i], near)] == best):
+            assert labels[i] == near.min()  # exact ties: the smaller id
+        assert d1[i] == pytest.approx(exact[i, labels[i]], rel=1e-4, abs=1e-3)

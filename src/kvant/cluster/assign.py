@@ -7,7 +7,7 @@ import numpy as np
 from .._numerics import condition
 from .._parallel import for_each_block
 from ..errors import InvalidInput
-from ..kernels.assign import top2_from_ip
+from ..kernels.assign import nearest_ids_from_ip, top2_from_ip
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 
@@ -25,7 +25,8 @@ def block_rows_for(dim: int, k: int) -> int:
 def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, labels, d1, d2,
                 x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
                 exact_sq: np.ndarray | None = None, rows: np.ndarray | None = None, unit_rows: bool = False,
-                row_offset: int = 0, shift: np.ndarray | None = None, scale: float | None = None) -> None:
+                row_offset: int = 0, shift: np.ndarray | None = None, scale: float | None = None,
+                nearest: np.ndarray | None = None) -> None:
     """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``.
 
     ``shift``/``scale`` (from :func:`conditioning`, l2 only): each block and the centroids are moved to
@@ -45,7 +46,12 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
     With ``exact_sq`` (float64, one per row), also write each row's squared distance to its centre
     recomputed term by term in float64 — while the block is still in cache, so the exact inertia costs no
-    second pass over the data."""
+    second pass over the data.
+
+    With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write each
+    row's m nearest centroid ids (any order) from the same products (:func:`nearest_ids_from_ip`)."""
+    if nearest is not None and (rows is not None or unit_rows or shift is not None or scale is not None):
+        raise ValueError("nearest= needs plain rows (no rows=, unit_rows or conditioning)")
     dim = x.shape[1]
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
@@ -80,6 +86,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         else:
             xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
         g = xb @ ct
+        if nearest is not None:
+            nearest_ids_from_ip(g, c_sqnorms, xn, nearest[s:e])
         top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e],
                      None if factor is None else factor.astype(np.float32))
         if exact_sq is not None:

@@ -16,6 +16,11 @@ from ..errors import InvalidInput
 AUTO_TOL = 5e-4
 AUTO_OVERRELAX = 1.0  # β_max of the over-relaxed Lloyd steps (docs/auto.md, "Over-relaxed Lloyd")
 AUTO_MAX_ITER = 15  # over-relaxed iterations at most: within 1% of FAISS's 25 plain ones on every measured cell
+# Candidate E-steps (lloyd's ``candidates``): each row's AUTO_CANDIDATES nearest centres, when K >= 128 and
+# K·D >= 2**16, where a GEMM row costs enough for the top-m bookkeeping to pay (docs/auto.md, "Candidate E-steps")
+AUTO_CANDIDATES = 16
+AUTO_CANDIDATE_MIN_K = 128
+AUTO_CANDIDATE_MIN_KD = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     # unbiased estimate of the full objective, which a uniform sample is not when far outliers carry it.
     per = int(sample_per_centroid)
     sample = per * k
+    candidates = AUTO_CANDIDATES if k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD else 0
     if n <= sample:
         where = "all rows"
     elif sampling == "coreset":
@@ -72,7 +78,10 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     return Choice(
         "dense-exact-row",
         {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256, "overrelax": AUTO_OVERRELAX,
-         "max_iter": AUTO_MAX_ITER},
+         "max_iter": AUTO_MAX_ITER, "candidates": candidates},
         f"fits in memory: k-means++ and bounded, over-relaxed (β <= {AUTO_OVERRELAX:g}) Lloyd on {where} until "
-        f"the objective improves < {AUTO_TOL:g} (at most {AUTO_MAX_ITER} iterations unless max_iter is given)",
+        f"the objective improves < {AUTO_TOL:g} (at most {AUTO_MAX_ITER} iterations unless max_iter is given)"
+        + (f"; from the third E-step on, two of every three training E-steps look only at each row's {candidates} "
+           "nearest centres from the last full one (K·D is large enough for that to pay; the last E-step and the "
+           "final assignment are exact)" if candidates else ""),
     )

@@ -244,7 +244,7 @@ class Clusterer:
                 seed = None if seed0 is None else seed0 + r
                 c0 = init_centroids(sample, k, init, seed, spherical, weights)
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
-                            weights=weights, overrelax=overrelax)
+                            weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)))
                 # the minimum: an over-relaxed run's last entry may be a rejected step (see lloyd)
                 if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res

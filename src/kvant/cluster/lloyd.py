@@ -24,6 +24,13 @@ E-step (at ``max_iter``) always uses accepted means, so the returned centroids a
 partition and the labels their exact nearest-centre assignment. The objective history records every M-step,
 rejected ones included; its minimum is the objective of the partition the returned centres come from.
 
+Optional candidate E-steps (``candidates`` = m > 0, used by ``auto`` when K·D is large): from the third E-step
+on, a full dense E-step also records each row's m nearest centres, and the next two E-steps compare each row
+only with those m (a (rows × m) gathered product instead of a (rows × K) GEMM). The row's current centre is
+always a candidate, so no row's cost rises; a row whose nearest centre left its list keeps a slightly worse one
+until the next full E-step. These steps are not exact, so they drop the Hamerly bounds, and the last E-step
+(at ``max_iter`` or on convergence) is always a full one: the returned labels stay the exact assignment.
+
 Empty clusters are re-seeded with the rows farthest from their centroids (by upper bound, ties to the
 lower row index), each taken from a cluster that keeps at least one row; the row moves to the new
 cluster, which then starts at that row.
@@ -39,7 +46,15 @@ from .._config import get_num_threads, rng
 from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..kernels.distance import normalise_rows_into, sq_norms, sq_norms_serial
-from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_dist_to, kmeanspp, loosen_bounds, move_rows
+from ..kernels.lloyd import (
+    UNIT_WEIGHTS,
+    assign_to_candidates,
+    cluster_sums,
+    exact_dist_to,
+    kmeanspp,
+    loosen_bounds,
+    move_rows,
+)
 from .assign import assign_top2
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
@@ -49,6 +64,11 @@ _BOUND_SLACK = 1e-4
 # When more than this fraction of rows cross their Hamerly bounds, the E-step skips the bound tightening and
 # re-assigns every row (see lloyd).
 DENSE_E_STEP = 0.5
+
+# Candidate E-steps (``candidates`` = m > 0): from the CANDIDATE_FULL_FIRST-th E-step on, each full dense E-step
+# also records every row's m nearest centres, and the next CANDIDATE_REFRESH - 1 E-steps look only at those.
+CANDIDATE_FULL_FIRST = 3
+CANDIDATE_REFRESH = 3
 
 
 @dataclass
@@ -61,6 +81,7 @@ class LloydResult:
     rows_recomputed: int = 0
     n_extrapolated: int = 0  # E-steps on over-relaxed centres
     n_rejected: int = 0  # of which raised the objective (followed by a plain step)
+    n_candidate_steps: int = 0  # E-steps restricted to each row's candidate centres
 
 
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
@@ -148,6 +169,7 @@ def lloyd(
     on_iter=None,
     weights: np.ndarray | None = None,
     overrelax: float = 0.0,
+    candidates: int = 0,
 ) -> LloydResult:
     """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
 
@@ -156,7 +178,8 @@ def lloyd(
     if given, is called after every M-step (progress reporting). ``weights`` (n,) > 0 makes it weighted
     k-means (centres are weighted means, the objective Σ w‖x − c‖²): a row of weight 2 acts as two copies.
     ``overrelax`` > 0 turns on the safeguarded over-relaxation described in the module docstring (its β_max);
-    the objective history may then rise at a rejected step (compare runs by its minimum).
+    the objective history may then rise at a rejected step (compare runs by its minimum). ``candidates`` > 0
+    (and < K) turns on the candidate E-steps described in the module docstring.
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -174,6 +197,9 @@ def lloyd(
     result = LloydResult(c, labels)
     prev_obj = np.inf
     block = 65536
+    m_cand = int(candidates) if 0 < candidates < k else 0
+    near = np.empty((n, m_cand), np.int32) if m_cand else None  # each row's candidate centres
+    cand_left = 0  # candidate E-steps left before the next full one
     prev_means = None
     beta = 0.0  # extrapolation of the centres the last E-step used (0: plain Lloyd)
     for it in range(max_iter):
@@ -227,6 +253,22 @@ def lloyd(
             argmax_delta = 0
         if max_delta == 0.0 and beta == 0.0 and not reseeded:  # a re-seed changed labels: they need the E-step
             break
+        if cand_left > 0 and not converged and it + 1 < max_iter:
+            # Candidate E-step: each row's nearest among the m centres nearest to it at the last full E-step
+            # (its current centre is one of them, so no row's cost rises). Not exact: the bounds are dropped
+            # (lower = 0 sends every row through the next full E-step), and the last E-step is always full.
+            cand_left -= 1
+            result.rows_recomputed += n
+            result.n_candidate_steps += 1
+            lab_new = np.empty(n, np.int64)
+            _candidate_e_step(x, xn, c, sq_norms_serial(c), near, lab_new, d1)
+            moved = np.flatnonzero(lab_new != labels)
+            if moved.size:
+                move_rows(x, moved, labels[moved], lab_new[moved], sums, counts, w)
+            labels = lab_new
+            np.sqrt(d1, out=upper)
+            lower[:] = 0.0
+            continue
         lower *= 1.0 - _BOUND_SLACK
         parts: list[np.ndarray] = []
         for s in range(0, n, block):
@@ -239,7 +281,9 @@ def lloyd(
             # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks.
             result.rows_recomputed += n
             lab_new = np.empty(n, np.int64)
-            assign_top2(x, c, sq_norms_serial(c), lab_new, d1, d2, x_sqnorms=xn)
+            record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter
+            assign_top2(x, c, sq_norms_serial(c), lab_new, d1, d2, x_sqnorms=xn, nearest=near if record else None)
+            cand_left = CANDIDATE_REFRESH - 1 if record else 0
             moved = np.flatnonzero(lab_new != labels)
             if moved.size:
                 move_rows(x, moved, labels[moved], lab_new[moved], sums, counts, w)
@@ -268,6 +312,11 @@ def lloyd(
     result.centroids = c
     result.labels = labels
     return result
+
+
+def _candidate_e_step(x, xn, c, cn, near, labels, d1) -> None:
+    """Each row's nearest among its candidate centres ``near[i]``, in row blocks over the worker threads."""
+    for_each_block(x.shape[0], 8192, lambda s, e: assign_to_candidates(x, xn, c, cn, near, labels, d1, s, e))
 
 
 def _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in) -> int:

@@ -156,3 +156,156 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
         labels[i] = arg
         d1[i] = np.int32(best).view(np.float32)
         d2[i] = np.int32(min(run, big)).view(np.float32)  # +inf when K == 1
+
+
+@intrinsic
+def _lane_min_max(typingctx, g, i, cn, xi, kv):
+    """max over 16 lanes of each lane's minimum distance bits over columns 0..kv-1 of row ``i`` (kv a multiple of
+    16; distances as in :func:`_top2_lanes` with no row scale): 16 distinct columns lie at or below it, so it
+    bounds the 16th smallest distance of the row from above."""
+    sig = types.int32(g, i, cn, xi, kv)
+
+    def codegen(context, builder, signature, args):
+        g_v, i_v, cn_v, xi_v, kv_v = args
+        row, cnp, dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
+        m1p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0x7F800001] * L))
+        with cgutils.for_range(builder, builder.udiv(kv_v, ir.Constant(intp, L))) as loop:
+            v = dist(builder.mul(loop.index, ir.Constant(intp, L)))
+            m1 = builder.load(m1p)
+            builder.store(builder.select(builder.icmp_signed("<", v, m1), v, m1), m1p)
+        red = _llvm_fn(builder.module, f"llvm.vector.reduce.smax.v{L}i32", ir.IntType(32), [vi])
+        return builder.call(red, [builder.load(m1p)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _compress_le(typingctx, g, i, cn, xi, off, th, bv, bj, n):
+    """Append the distance bits and column ids of the columns off..off+15 of row ``i`` whose bits are <= ``th`` to
+    ``bv``/``bj`` at position ``n`` (branch-free: a masked compress store, vpcompressd on AVX-512); returns the new
+    length. ``bv``/``bj`` need 16 free slots from ``n`` on."""
+    sig = types.intp(g, i, cn, xi, off, th, bv, bj, n)
+
+    def codegen(context, builder, signature, args):
+        g_v, i_v, cn_v, xi_v, off_v, th_v, bv_v, bj_v, n_v = args
+        row, cnp, dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
+        i32 = ir.IntType(32)
+        v = dist(off_v)
+        ths = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), th_v, ir.Constant(i32, 0)),
+                                     ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L))
+        keep = builder.icmp_signed("<=", v, ths)
+        offs = builder.trunc(off_v, i32)
+        ids = builder.add(builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), offs,
+                                                                        ir.Constant(i32, 0)),
+                                                 ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L)),
+                          ir.Constant(vi, list(range(L))))
+        mod = builder.module
+        store = _llvm_fn(mod, f"llvm.masked.compressstore.v{L}i32", ir.VoidType(),
+                         [vi, i32.as_pointer(), ir.VectorType(ir.IntType(1), L)])
+        a_bv = context.make_array(signature.args[6])(context, builder, bv_v)
+        a_bj = context.make_array(signature.args[7])(context, builder, bj_v)
+        builder.call(store, [v, builder.gep(a_bv.data, [n_v]), keep])
+        builder.call(store, [ids, builder.gep(a_bj.data, [n_v]), keep])
+        cnt = builder.call(_llvm_fn(mod, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)]),
+                           [builder.bitcast(keep, ir.IntType(L))])
+        return builder.add(n_v, builder.zext(cnt, intp))
+
+    return sig, codegen
+
+
+def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v):
+    """Shared IR of the two intrinsics above: a function computing 16 clamped distance bit patterns at a column
+    offset (xi + cn[j] - 2 g[i, j], negative and NaN patterns mapped to 0, as top2_from_ip does)."""
+    a_g = context.make_array(signature.args[0])(context, builder, g_v)
+    a_cn = context.make_array(signature.args[2])(context, builder, cn_v)
+    L = _LANES
+    vf = ir.VectorType(ir.FloatType(), L)
+    vi = ir.VectorType(ir.IntType(32), L)
+    intp = i_v.type
+    stride0 = cgutils.unpack_tuple(builder, a_g.strides, 2)[0]
+    i8p = ir.IntType(8).as_pointer()
+    row = builder.bitcast(builder.gep(builder.bitcast(a_g.data, i8p), [builder.mul(i_v, stride0)]),
+                          ir.FloatType().as_pointer())
+    xs = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xi_v,
+                                                       ir.Constant(ir.IntType(32), 0)),
+                                ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
+    two = ir.Constant(vf, [2.0] * L)
+    zero = ir.Constant(vi, [0] * L)
+    big = ir.Constant(vi, [0x7F800000] * L)
+
+    def dist(off):
+        gv = builder.load(builder.bitcast(builder.gep(row, [off]), vf.as_pointer()), align=4)
+        cv = builder.load(builder.bitcast(builder.gep(a_cn.data, [off]), vf.as_pointer()), align=4)
+        b = builder.bitcast(builder.fsub(builder.fadd(xs, cv), builder.fmul(two, gv)), vi)
+        b = builder.select(builder.icmp_signed(">", b, zero), b, zero)
+        return builder.select(builder.icmp_signed(">", b, big), zero, b)
+
+    return row, a_cn, dist, vi, L, intp
+
+
+@numba.njit(**_JIT)
+def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
+    """Ids of the ``m = out.shape[1]`` nearest centroids of each row, from g (b, K) = x·cᵀ with the distance of
+    :func:`top2_from_ip` (‖x‖² + ‖c‖² − 2x·c in float32, clamped at 0, compared as int32 bit patterns). Ties at
+    the m-th distance keep the smaller ids, so the row's argmin (ties to the smaller id) is always among them.
+    Needs 1 <= m <= K.
+
+    With m <= 16 and rows of at least 16 unit-stride columns, a vector pass finds a threshold no smaller than
+    the row's m-th distance (:func:`_lane_min_max`) and a second keeps only the columns at or below it
+    (:func:`_compress_le`, a few dozen of K); the m-th distance among those is then found by bisection on the bit
+    pattern (a vectorised count per step: no data-dependent branches, unlike a heap)."""
+    b, K = g.shape
+    m = out.shape[1]
+    two = np.float32(2.0)
+    zero = np.int32(0)
+    big = np.int32(0x7F800000)
+    bv = np.empty(K + _LANES, np.int32)
+    bj = np.empty(K + _LANES, np.int32)
+    vec = m <= _LANES and g.strides[1] == 4 and c_sqnorms.strides[0] == 4
+    kv = K - K % _LANES if vec else 0
+    for i in range(b):
+        xi = x_sqnorms[i]
+        th = _lane_min_max(g, i, c_sqnorms, xi, kv) if kv else np.int32(0x7F800001)
+        n = 0
+        for off in range(0, kv, _LANES):
+            n = _compress_le(g, i, c_sqnorms, xi, off, th, bv, bj, n)
+        for j in range(kv, K):
+            v = max(_f32_bits(xi + c_sqnorms[j] - two * g[i, j]), zero)
+            bv[n] = v if v <= big else zero
+            bj[n] = j
+            n += 1
+        # kth = the smallest value with at least m of the kept distances at or below it
+        lo = np.int32(-1)
+        hi = np.int32(0x7F800001)
+        while hi - lo > 1:
+            mid = np.int32(lo + (hi - lo) // 2)
+            cnt = 0
+            for t in range(n):
+                cnt += np.int32(bv[t] <= mid)
+            if cnt >= m:
+                hi = mid
+            else:
+                lo = mid
+        w = 0
+        for t in range(n):  # below the m-th distance: all of them (fewer than m)
+            if bv[t] < hi:
+                out[i, w] = bj[t]
+                w += 1
+        for t in range(n):  # at it: the smallest ids first (kept in column order)
+            if w == m:
+                break
+            if bv[t] == hi:
+                out[i, w] = bj[t]
+                w += 1
+
+
+@intrinsic
+def _ctz(typingctx, x):
+    """Count of trailing zero bits of a non-zero int64."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        fn = _llvm_fn(builder.module, "llvm.cttz.i64", ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen

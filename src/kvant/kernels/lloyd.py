@@ -229,3 +229,46 @@ def sq_dist_to_point_unit(x, c):
         r = 1.0 - 2.0 * xc / np.sqrt(xx) + cc if xx > 0.0 else np.nan
         out[i] = 0.0 if r < 0.0 else r
     return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def assign_to_candidates(x, x_sqnorms, centroids, c_sqnorms, cand, labels, d1, lo, hi):
+    """Rows lo..hi-1: the nearest of each row's candidate centroids ``cand[i]`` (ties to the smaller id), with the
+    float32 distance ‖x‖² + ‖c‖² − 2x·c clamped at 0 as the GEMM assignment computes it (the dots are
+    reassociated so they vectorise, four candidates per pass over the row). The candidate-restricted E-step of
+    :func:`kvant.cluster.lloyd.lloyd`."""
+    d = x.shape[1]
+    m = cand.shape[1]
+    two = np.float32(2.0)
+    zero = np.float32(0.0)
+    for i in range(lo, hi):
+        best = np.float32(np.inf)
+        arg = -1
+        xi = x_sqnorms[i]
+        t = 0
+        while t < m:
+            q = min(4, m - t)
+            j0 = cand[i, t]
+            j1 = cand[i, t + 1] if q > 1 else j0
+            j2 = cand[i, t + 2] if q > 2 else j0
+            j3 = cand[i, t + 3] if q > 3 else j0
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for u in range(d):
+                xv = x[i, u]
+                a0 += xv * centroids[j0, u]
+                a1 += xv * centroids[j1, u]
+                a2 += xv * centroids[j2, u]
+                a3 += xv * centroids[j3, u]
+            for r in range(q):
+                j = j0 if r == 0 else (j1 if r == 1 else (j2 if r == 2 else j3))
+                a = a0 if r == 0 else (a1 if r == 1 else (a2 if r == 2 else a3))
+                v = max(xi + c_sqnorms[j] - two * a, zero)
+                if arg < 0 or v < best or (v == best and j < arg):
+                    best = v
+                    arg = j
+            t += q
+        labels[i] = arg
+        d1[i] = best
