@@ -801,13 +801,66 @@ def test_candidate_e_steps_end_on_an_exact_assignment_and_never_raise_a_plain_st
     assert lloyd(x, c0, 6, tol=0.0, spherical=spherical, candidates=24).n_candidate_steps == 0
 
 
-def test_auto_uses_candidate_e_steps_only_for_large_k_times_d():
+@pytest.mark.parametrize("tol", [0.0, 1e-4])
+def test_a_run_never_ends_on_a_candidate_e_step(tol, monkeypatch):
+    # a deliberately poor candidate step (every row to its lowest-id candidate): repeated, it leaves the means
+    # unchanged, which used to end the run on its inexact labels; the run must still end on a full E-step
+    def poor(x, xn, c, cn, near, labels, d1):
+        labels[:] = near.min(axis=1)
+        d1[:] = ((x - c[labels]) ** 2).sum(axis=1)
+
+    monkeypatch.setattr(lloyd_module, "_candidate_e_step", poor)
+    x = _gaussian_rows(np.random.default_rng(8), 1500, 6, False)
+    c0 = init_centroids(x, 20, "k-means++", 0)
+    for max_iter in (4, 5, 6, 9, 40):
+        res = lloyd(x, c0, max_iter, tol=tol, candidates=3)
+        assert res.n_candidate_steps > 0 or max_iter < 5
+        np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
+
+
+def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
+    # a re-seeded row's new centre is not among its candidates, so the E-step after a re-seed must be full
+    state = {"calls": 0, "pending": False, "checked": 0}
+    real_reseed, real_step, real_assign = (lloyd_module._reseed_empty, lloyd_module._candidate_e_step,
+                                           lloyd_module.assign_top2)
+
+    def reseed(*args):
+        state["calls"] += 1
+        n = real_reseed(*args)
+        if state["calls"] in (5, 8):  # pretend a centre was re-seeded at these M-steps
+            state["pending"] = True
+            return max(n, 1)
+        return n
+
+    def step(*args):
+        assert not state["pending"], "candidate E-step right after a re-seed"
+        return real_step(*args)
+
+    def assign(*args, **kw):
+        if state["pending"]:
+            state["checked"] += 1
+        state["pending"] = False
+        return real_assign(*args, **kw)
+
+    monkeypatch.setattr(lloyd_module, "_reseed_empty", reseed)
+    monkeypatch.setattr(lloyd_module, "_candidate_e_step", step)
+    monkeypatch.setattr(lloyd_module, "assign_top2", assign)
+    x = _gaussian_rows(np.random.default_rng(9), 2000, 6, False)
+    res = lloyd(x, init_centroids(x, 20, "k-means++", 0), 12, tol=0.0, overrelax=1.0, candidates=3)
+    assert state["checked"] == 2 and res.n_candidate_steps > 0
+
+
+def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
+    calls = []
+    real = lloyd_module._candidate_e_step
+    monkeypatch.setattr(lloyd_module, "_candidate_e_step", lambda *a: calls.append(1) or real(*a))
     g = np.random.default_rng(7)
-    big = g.standard_normal((3000, 512)).astype(np.float32)
-    c = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8).fit(big)  # K·D = 65,536
-    assert "nearest centres from the last full one" in c.auto_reason_
+    big = g.standard_normal((1000, 512)).astype(np.float32)  # <= 8·K rows: Lloyd's own labels are labels_
+    c = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8, tol=0.0).fit(big)  # K·D = 65,536; all 15 steps
+    assert "nearest centres from the last full one" in c.auto_reason_ and calls
     np.testing.assert_array_equal(c.labels_, _nearest(big, c.cluster_centers_))
+    calls.clear()
     small = kvant.Clusterer(k=64, seed=0, sample_per_centroid=8).fit(big)  # K < 128
-    assert "nearest centres" not in small.auto_reason_
-    row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=3).fit(big)
-    assert "nearest centres" not in row.auto_reason_
+    assert "nearest centres" not in small.auto_reason_ and not calls
+    row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=6, tol=0.0).fit(big)
+    assert "nearest centres" not in row.auto_reason_ and not calls

@@ -381,7 +381,10 @@ def test_top2_is_bit_identical_to_its_float32_formula_with_ties_and_negative_rou
     want_d1 = v[np.arange(300), want_label]
     want_d2 = np.sort(v, axis=1)[:, 1] if k > 1 else np.full(300, np.inf, np.float32)
     labels, d1, d2 = np.empty(300, np.int64), np.empty(300, np.float32), np.empty(300, np.float32)
-    for gg in (gm.copy(), np.asfortranarray(gm)):  # the 16-lane path, and the scalar one (strided rows)
+    padded = np.zeros((300, k + 5), np.float32)
+    padded[:, :k] = gm
+    # the 16-lane path on contiguous and on padded rows (row stride != K), and the scalar one (strided columns)
+    for gg in (gm.copy(), padded[:, :k], np.asfortranarray(gm)):
         top2_from_ip(gg, cn, xn, labels, d1, d2)
         np.testing.assert_array_equal(labels, want_label)
         np.testing.assert_array_equal(d1.view(np.int32), want_d1.view(np.int32))  # +0.0, never -0.0
@@ -433,13 +436,19 @@ def test_nearest_ids_are_the_m_smallest_distances_with_ties_to_smaller_ids(k, m)
     v = np.where(v > 0, v, np.float32(0.0))
     v = np.where(np.isnan(v), np.float32(0.0), v)
     want = np.argsort(v, axis=1, kind="stable")[:, :m]
-    for gg in (gm.copy(), np.asfortranarray(gm)):  # the vector path and the scalar one
+    padded = np.zeros((120, k + 3), np.float32)
+    padded[:, :k] = gm
+    cn_strided = np.repeat(cn, 2)[::2]  # same values, stride 8: the scalar path
+    # the vector path on contiguous and padded rows, and the scalar one (strided columns or norms)
+    for gg, cc in ((gm.copy(), cn), (padded[:, :k], cn), (np.asfortranarray(gm), cn), (gm.copy(), cn_strided)):
         out = np.full((120, m), -1, np.int32)
-        nearest_ids_from_ip(gg, cn, xn, out)
+        nearest_ids_from_ip(gg, cc, xn, out)
         np.testing.assert_array_equal(np.sort(out, axis=1), np.sort(want, axis=1))
         labels, d1, d2 = np.empty(120, np.int64), np.empty(120, np.float32), np.empty(120, np.float32)
-        top2_from_ip(gg, cn, xn, labels, d1, d2)
+        top2_from_ip(gg, cc, xn, labels, d1, d2)
         assert all(labels[i] in out[i] for i in range(120))  # the argmin is always a candidate
+    with pytest.raises(ValueError):
+        nearest_ids_from_ip(gm, cn, xn, np.empty((120, k + 1), np.int32))
 
 
 @pytest.mark.parametrize("d,m", [(1, 1), (7, 3), (16, 4), (33, 5), (128, 16)])

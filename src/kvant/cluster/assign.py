@@ -50,8 +50,13 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
     With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write each
     row's m nearest centroid ids (any order) from the same products (:func:`nearest_ids_from_ip`)."""
-    if nearest is not None and (rows is not None or unit_rows or shift is not None or scale is not None):
-        raise ValueError("nearest= needs plain rows (no rows=, unit_rows or conditioning)")
+    if nearest is not None:
+        if rows is not None or unit_rows or shift is not None or scale is not None:
+            raise ValueError("nearest= needs plain rows (no rows=, unit_rows or conditioning)")
+        if nearest.dtype != np.int32 or nearest.ndim != 2 or nearest.shape[0] != x.shape[0] or not (
+                1 <= nearest.shape[1] <= centroids.shape[0]):
+            raise ValueError(f"nearest= must be an int32 (n, m) array with 1 <= m <= K, got {nearest.dtype} "
+                             f"{nearest.shape}")
     dim = x.shape[1]
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]

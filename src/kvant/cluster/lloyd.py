@@ -200,6 +200,7 @@ def lloyd(
     m_cand = int(candidates) if 0 < candidates < k else 0
     near = np.empty((n, m_cand), np.int32) if m_cand else None  # each row's candidate centres
     cand_left = 0  # candidate E-steps left before the next full one
+    labels_exact = True  # the last E-step was a full one (its labels are the exact nearest centres)
     prev_means = None
     beta = 0.0  # extrapolation of the centres the last E-step used (0: plain Lloyd)
     for it in range(max_iter):
@@ -209,6 +210,8 @@ def lloyd(
         sums[rows_in == 0] = 0.0
         counts[rows_in == 0] = 0.0
         reseeded = _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in)
+        if reseeded:
+            cand_left = 0  # a re-seeded row's new centre is not among its candidates: the next E-step is full
         result.n_reseeded += reseeded
         means = _centroids_from_sums(sums, counts, c, spherical)
         obj = _objective(x_total, sums, counts, spherical)
@@ -251,14 +254,14 @@ def lloyd(
         else:
             max_delta = second_delta = float(delta[0])
             argmax_delta = 0
-        if max_delta == 0.0 and beta == 0.0 and not reseeded:  # a re-seed changed labels: they need the E-step
-            break
-        if cand_left > 0 and not converged and it + 1 < max_iter:
+        if max_delta == 0.0 and beta == 0.0 and not reseeded and labels_exact:
+            break  # (a re-seed changed labels, and a candidate step's labels are not exact: both need the E-step)
+        if cand_left > 0 and not converged and it + 1 < max_iter and max_delta > 0.0:
             # Candidate E-step: each row's nearest among the m centres nearest to it at the last full E-step
             # (its current centre is one of them, so no row's cost rises). Not exact: the bounds are dropped
             # (lower = 0 sends every row through the next full E-step), and the last E-step is always full.
             cand_left -= 1
-            result.rows_recomputed += n
+            labels_exact = False
             result.n_candidate_steps += 1
             lab_new = np.empty(n, np.int64)
             _candidate_e_step(x, xn, c, sq_norms_serial(c), near, lab_new, d1)
@@ -276,14 +279,16 @@ def lloyd(
                 loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, s, min(n, s + block))
             )
         cand = np.concatenate(parts) if parts else np.empty(0, np.int64)
-        if cand.size > DENSE_E_STEP * n:
+        if cand.size > DENSE_E_STEP * n or not labels_exact:
             # Most bounds crossed (typical of over-relaxed steps): tightening them row by row and gathering the
-            # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks.
+            # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks. (Always
+            # after a candidate step, whose labels need not be the nearest centres.)
             result.rows_recomputed += n
             lab_new = np.empty(n, np.int64)
             record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter
             assign_top2(x, c, sq_norms_serial(c), lab_new, d1, d2, x_sqnorms=xn, nearest=near if record else None)
             cand_left = CANDIDATE_REFRESH - 1 if record else 0
+            labels_exact = True
             moved = np.flatnonzero(lab_new != labels)
             if moved.size:
                 move_rows(x, moved, labels[moved], lab_new[moved], sums, counts, w)

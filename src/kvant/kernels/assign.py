@@ -39,6 +39,12 @@ def _llvm_fn(module, name, ret, args):
     return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
+def _typed_f32(g, cn, xi) -> bool:
+    """The lane intrinsics read float32 rows, float32 norms and a float32 scalar: anything else is a typing error."""
+    return (isinstance(g, types.Array) and g.dtype == types.float32 and g.ndim == 2
+            and isinstance(cn, types.Array) and cn.dtype == types.float32 and cn.ndim == 1 and xi == types.float32)
+
+
 @intrinsic
 def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
     """Top-2 of row ``i`` of ``g`` over its first ``kv`` columns (a multiple of 16), one pass, 16 lanes.
@@ -47,6 +53,8 @@ def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
     :func:`top2_from_ip` defines it (same float32 operations in the same order, no contraction). Each lane
     keeps its smallest value, its first index and its second smallest (``m2 = min(m2, max(m1, v))`` counts a
     repeated minimum); the lanes are then reduced. Returns (best, runner-up, first index of best) as int32."""
+    if not (_typed_f32(g, cn, xi) and f == types.float32):
+        return None
     i32 = types.int32
     sig = types.UniTuple(i32, 3)(g, i, cn, xi, f, kv)
 
@@ -163,6 +171,8 @@ def _lane_min_max(typingctx, g, i, cn, xi, kv):
     """max over 16 lanes of each lane's minimum distance bits over columns 0..kv-1 of row ``i`` (kv a multiple of
     16; distances as in :func:`_top2_lanes` with no row scale): 16 distinct columns lie at or below it, so it
     bounds the 16th smallest distance of the row from above."""
+    if not _typed_f32(g, cn, xi):
+        return None
     sig = types.int32(g, i, cn, xi, kv)
 
     def codegen(context, builder, signature, args):
@@ -184,6 +194,8 @@ def _compress_le(typingctx, g, i, cn, xi, off, th, bv, bj, n):
     """Append the distance bits and column ids of the columns off..off+15 of row ``i`` whose bits are <= ``th`` to
     ``bv``/``bj`` at position ``n`` (branch-free: a masked compress store, vpcompressd on AVX-512); returns the new
     length. ``bv``/``bj`` need 16 free slots from ``n`` on."""
+    if not _typed_f32(g, cn, xi):
+        return None
     sig = types.intp(g, i, cn, xi, off, th, bv, bj, n)
 
     def codegen(context, builder, signature, args):
@@ -256,6 +268,8 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
     pattern (a vectorised count per step: no data-dependent branches, unlike a heap)."""
     b, K = g.shape
     m = out.shape[1]
+    if m < 1 or m > K:
+        raise ValueError("nearest_ids_from_ip needs 1 <= out.shape[1] <= K")
     two = np.float32(2.0)
     zero = np.int32(0)
     big = np.int32(0x7F800000)
@@ -297,15 +311,3 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
             if bv[t] == hi:
                 out[i, w] = bj[t]
                 w += 1
-
-
-@intrinsic
-def _ctz(typingctx, x):
-    """Count of trailing zero bits of a non-zero int64."""
-    sig = types.int64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        fn = _llvm_fn(builder.module, "llvm.cttz.i64", ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
-        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
-
-    return sig, codegen
