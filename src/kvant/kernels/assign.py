@@ -60,19 +60,14 @@ def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
 
     def codegen(context, builder, signature, args):
         g_v, i_v, cn_v, xi_v, f_v, kv_v = args
-        a_g = context.make_array(signature.args[0])(context, builder, g_v)
-        a_cn = context.make_array(signature.args[2])(context, builder, cn_v)
-        L = _LANES
-        vf = ir.VectorType(ir.FloatType(), L)
+        row, cnp, dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v)
         it = ir.IntType(32)
-        vi = ir.VectorType(it, L)
-        intp = i_v.type
         mod = builder.module
 
-        def splat(val, vt):
-            return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), val,
+        def splat(val):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), val,
                                                                  ir.Constant(it, 0)),
-                                          ir.Constant(vt, ir.Undefined), ir.Constant(vi, [0] * L))
+                                          ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L))
 
         def smin(a, b):
             return builder.select(builder.icmp_signed("<", a, b), a, b)
@@ -80,28 +75,13 @@ def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
         def smax(a, b):
             return builder.select(builder.icmp_signed(">", a, b), a, b)
 
-        stride0 = cgutils.unpack_tuple(builder, a_g.strides, 2)[0]
-        i8p = ir.IntType(8).as_pointer()
-        row = builder.bitcast(builder.gep(builder.bitcast(a_g.data, i8p), [builder.mul(i_v, stride0)]),
-                              ir.FloatType().as_pointer())
-        big = ir.Constant(vi, [0x7F800000] * L)
-        zero = ir.Constant(vi, [0] * L)
-        xs = splat(xi_v, vf)
-        fs = splat(f_v, vf)
-        two = ir.Constant(vf, [2.0] * L)
         above = ir.Constant(vi, [0x7F800001] * L)  # above every value (so the first one is always taken)
         m1p = cgutils.alloca_once_value(builder, above)
         m2p = cgutils.alloca_once_value(builder, above)
         ixp = cgutils.alloca_once_value(builder, ir.Constant(vi, [0x7FFFFFFF] * L))
         jp = cgutils.alloca_once_value(builder, ir.Constant(vi, list(range(L))))
-        nblk = builder.udiv(kv_v, ir.Constant(intp, L))
-        with cgutils.for_range(builder, nblk) as loop:
-            off = builder.mul(loop.index, ir.Constant(intp, L))
-            gv = builder.load(builder.bitcast(builder.gep(row, [off]), vf.as_pointer()), align=4)
-            cv = builder.load(builder.bitcast(builder.gep(a_cn.data, [off]), vf.as_pointer()), align=4)
-            dv = builder.fsub(builder.fadd(xs, cv), builder.fmul(two, builder.fmul(gv, fs)))
-            v = smax(builder.bitcast(dv, vi), zero)
-            v = builder.select(builder.icmp_signed(">", v, big), zero, v)  # NaN patterns (above +inf's) -> 0
+        with cgutils.for_range(builder, builder.udiv(kv_v, ir.Constant(intp, L))) as loop:
+            v = dist(builder.mul(loop.index, ir.Constant(intp, L)))
             m1 = builder.load(m1p)
             jv = builder.load(jp)
             builder.store(smin(builder.load(m2p), smax(m1, v)), m2p)
@@ -111,7 +91,7 @@ def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
         m1, m2, ix = builder.load(m1p), builder.load(m2p), builder.load(ixp)
         red = _llvm_fn(mod, f"llvm.vector.reduce.smin.v{L}i32", it, [vi])
         best = builder.call(red, [m1])
-        eq = builder.icmp_signed("==", m1, splat(best, vi))
+        eq = builder.icmp_signed("==", m1, splat(best))
         arg = builder.call(red, [builder.select(eq, ix, ir.Constant(vi, [0x7FFFFFFF] * L))])
         run = builder.call(red, [smin(m2, builder.select(eq, above, m1))])
         ties = builder.call(_llvm_fn(mod, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)]),
@@ -225,9 +205,10 @@ def _compress_le(typingctx, g, i, cn, xi, off, th, bv, bj, n):
     return sig, codegen
 
 
-def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v):
-    """Shared IR of the two intrinsics above: a function computing 16 clamped distance bit patterns at a column
-    offset (xi + cn[j] - 2 g[i, j], negative and NaN patterns mapped to 0, as top2_from_ip does)."""
+def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v=None):
+    """Shared IR of the lane intrinsics: a function computing 16 clamped distance bit patterns at a column offset
+    (xi + cn[j] - 2 (g[i, j] f), f = 1 when not given; negative and NaN patterns mapped to 0, as top2_from_ip
+    does), with the row pointer, the norms' array, the vector type, the lane count and the index type."""
     a_g = context.make_array(signature.args[0])(context, builder, g_v)
     a_cn = context.make_array(signature.args[2])(context, builder, cn_v)
     L = _LANES
@@ -245,8 +226,14 @@ def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v):
     zero = ir.Constant(vi, [0] * L)
     big = ir.Constant(vi, [0x7F800000] * L)
 
+    fs = None if f_v is None else builder.shuffle_vector(
+        builder.insert_element(ir.Constant(vf, ir.Undefined), f_v, ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
+
     def dist(off):
         gv = builder.load(builder.bitcast(builder.gep(row, [off]), vf.as_pointer()), align=4)
+        if fs is not None:
+            gv = builder.fmul(gv, fs)
         cv = builder.load(builder.bitcast(builder.gep(a_cn.data, [off]), vf.as_pointer()), align=4)
         b = builder.bitcast(builder.fsub(builder.fadd(xs, cv), builder.fmul(two, gv)), vi)
         b = builder.select(builder.icmp_signed(">", b, zero), b, zero)
