@@ -801,34 +801,44 @@ def test_candidate_e_steps_end_on_an_exact_assignment_and_never_raise_a_plain_st
     assert lloyd(x, c0, 6, tol=0.0, spherical=spherical, candidates=24).n_candidate_steps == 0
 
 
-@pytest.mark.parametrize("tol", [0.0, 1e-4])
-def test_a_run_never_ends_on_a_candidate_e_step(tol, monkeypatch):
-    # a deliberately poor candidate step (every row to its lowest-id candidate): repeated, it leaves the means
-    # unchanged, which used to end the run on its inexact labels; the run must still end on a full E-step
-    def poor(x, xn, c, cn, near, labels, d1):
-        labels[:] = near.min(axis=1)
+def test_a_run_never_ends_on_a_candidate_e_step(monkeypatch):
+    # a stalling candidate step (every row keeps the label of the last full E-step): the means then stop moving,
+    # and the run must not stop on labels that were exact only for the centres before
+    state = {}
+    real_assign = lloyd_module.assign_top2
+
+    def assign(x, c, cn, labels, *a, **kw):
+        real_assign(x, c, cn, labels, *a, **kw)
+        if kw.get("nearest") is not None:
+            state["labels"] = labels.copy()
+
+    def stall(x, xn, c, cn, near, labels, d1):
+        labels[:] = state["labels"]
         d1[:] = ((x - c[labels]) ** 2).sum(axis=1)
 
-    monkeypatch.setattr(lloyd_module, "_candidate_e_step", poor)
+    monkeypatch.setattr(lloyd_module, "assign_top2", assign)
+    monkeypatch.setattr(lloyd_module, "_candidate_e_step", stall)
     x = _gaussian_rows(np.random.default_rng(8), 1500, 6, False)
     c0 = init_centroids(x, 20, "k-means++", 0)
-    for max_iter in (4, 5, 6, 9, 40):
-        res = lloyd(x, c0, max_iter, tol=tol, candidates=3)
-        assert res.n_candidate_steps > 0 or max_iter < 5
+    stalled = 0
+    for max_iter in (5, 6, 9, 40):
+        res = lloyd(x, c0, max_iter, tol=0.0, candidates=3)
+        stalled += res.n_candidate_steps > 0 and res.n_iter < max_iter
         np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
+    assert stalled  # some run did stop early, after a candidate step
 
 
 def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
-    # a re-seeded row's new centre is not among its candidates, so the E-step after a re-seed must be full
-    state = {"calls": 0, "pending": False, "checked": 0}
+    # a re-seeded row's new centre is not among its candidates, so the E-step after a re-seed must be full:
+    # pretend a re-seed at the M-step right after each recording full E-step (where a candidate step would come)
+    state = {"recorded": False, "pending": False, "checked": 0}
     real_reseed, real_step, real_assign = (lloyd_module._reseed_empty, lloyd_module._candidate_e_step,
                                            lloyd_module.assign_top2)
 
     def reseed(*args):
-        state["calls"] += 1
         n = real_reseed(*args)
-        if state["calls"] in (5, 8):  # pretend a centre was re-seeded at these M-steps
-            state["pending"] = True
+        if state["recorded"]:
+            state["recorded"], state["pending"] = False, True
             return max(n, 1)
         return n
 
@@ -840,14 +850,15 @@ def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
         if state["pending"]:
             state["checked"] += 1
         state["pending"] = False
+        state["recorded"] = kw.get("nearest") is not None
         return real_assign(*args, **kw)
 
     monkeypatch.setattr(lloyd_module, "_reseed_empty", reseed)
     monkeypatch.setattr(lloyd_module, "_candidate_e_step", step)
     monkeypatch.setattr(lloyd_module, "assign_top2", assign)
     x = _gaussian_rows(np.random.default_rng(9), 2000, 6, False)
-    res = lloyd(x, init_centroids(x, 20, "k-means++", 0), 12, tol=0.0, overrelax=1.0, candidates=3)
-    assert state["checked"] == 2 and res.n_candidate_steps > 0
+    lloyd(x, init_centroids(x, 20, "k-means++", 0), 12, tol=0.0, overrelax=1.0, candidates=3)
+    assert state["checked"] >= 2
 
 
 def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
