@@ -205,6 +205,34 @@ def _compress_le(typingctx, g, i, cn, xi, off, th, bv, bj, n):
     return sig, codegen
 
 
+@intrinsic
+def _count_le(typingctx, bv, npad, th):
+    """How many of bv[0:npad] (npad a multiple of 16) are <= th: 16-lane compares and popcounts."""
+    if not (isinstance(bv, types.Array) and bv.dtype == types.int32 and bv.ndim == 1):
+        return None
+    sig = types.int64(bv, npad, th)
+
+    def codegen(context, builder, signature, args):
+        bv_v, npad_v, th_v = args
+        a_bv = context.make_array(signature.args[0])(context, builder, bv_v)
+        L = _LANES
+        i32 = ir.IntType(32)
+        vi = ir.VectorType(i32, L)
+        intp = npad_v.type
+        ths = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), th_v, ir.Constant(i32, 0)),
+                                     ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L))
+        pop = _llvm_fn(builder.module, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)])
+        acc = cgutils.alloca_once_value(builder, ir.Constant(ir.IntType(64), 0))
+        with cgutils.for_range(builder, builder.udiv(npad_v, ir.Constant(intp, L))) as loop:
+            at = builder.mul(loop.index, ir.Constant(intp, L))
+            v = builder.load(builder.bitcast(builder.gep(a_bv.data, [at]), vi.as_pointer()), align=4)
+            c = builder.call(pop, [builder.bitcast(builder.icmp_signed("<=", v, ths), ir.IntType(L))])
+            builder.store(builder.add(builder.load(acc), builder.zext(c, ir.IntType(64))), acc)
+        return builder.load(acc)
+
+    return sig, codegen
+
+
 def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v=None):
     """Shared IR of the lane intrinsics: a function computing 16 clamped distance bit patterns at a column offset
     (xi + cn[j] - 2 (g[i, j] f), f = 1 when not given; negative and NaN patterns mapped to 0, as top2_from_ip
@@ -260,8 +288,8 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
     two = np.float32(2.0)
     zero = np.int32(0)
     big = np.int32(0x7F800000)
-    bv = np.empty(K + _LANES, np.int32)
-    bj = np.empty(K + _LANES, np.int32)
+    bv = np.empty(K + 2 * _LANES, np.int32)  # room for a compress store's 16 lanes and the padding
+    bj = np.empty(K + 2 * _LANES, np.int32)
     vec = m <= _LANES and g.strides[1] == 4 and c_sqnorms.strides[0] == 4
     kv = K - K % _LANES if vec else 0
     for i in range(b):
@@ -275,18 +303,22 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
             bv[n] = v if v <= big else zero
             bj[n] = j
             n += 1
-        # kth = the smallest value with at least m of the kept distances at or below it
-        lo = np.int32(-1)
-        hi = np.int32(0x7F800001)
+        # kth = the smallest value with at least m of the kept distances at or below it: bisection between the
+        # smallest kept value and the threshold, counting over a 16-padded buffer so the count vectorises fully
+        npad = (n + _LANES - 1) // _LANES * _LANES
+        lo = np.int32(0x7F800001)
+        hi = np.int32(-1)
+        for t in range(n):
+            lo = min(lo, bv[t])
+            hi = max(hi, bv[t])
+        for t in range(n, npad):
+            bv[t] = np.int32(0x7FFFFFFF)
+        lo -= np.int32(1)
         while hi - lo > 1:
             mid = np.int32(lo + (hi - lo) // 2)
-            cnt = 0
-            for t in range(n):
-                cnt += np.int32(bv[t] <= mid)
-            if cnt >= m:
-                hi = mid
-            else:
-                lo = mid
+            take = _count_le(bv, npad, mid) >= m
+            hi = mid if take else hi  # (selects, not branches: the outcome is a coin flip)
+            lo = lo if take else mid
         w = 0
         for t in range(n):  # below the m-th distance: all of them (fewer than m)
             if bv[t] < hi:
