@@ -17,6 +17,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._llvm import llvm_fn, splat
+
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
@@ -33,10 +35,6 @@ def _f32_bits(typingctx, x):
 
 
 _LANES = 16  # top2_from_ip's vector width: one 512-bit register on AVX-512, two 256-bit ones on AVX2
-
-
-def _llvm_fn(module, name, ret, args):
-    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
 def _typed_f32(g, cn, xi) -> bool:
@@ -60,14 +58,9 @@ def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
 
     def codegen(context, builder, signature, args):
         g_v, i_v, cn_v, xi_v, f_v, kv_v = args
-        row, cnp, dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v)
+        dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v)
         it = ir.IntType(32)
         mod = builder.module
-
-        def splat(val):
-            return builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), val,
-                                                                 ir.Constant(it, 0)),
-                                          ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L))
 
         def smin(a, b):
             return builder.select(builder.icmp_signed("<", a, b), a, b)
@@ -89,17 +82,25 @@ def _top2_lanes(typingctx, g, i, cn, xi, f, kv):
             builder.store(smin(m1, v), m1p)
             builder.store(builder.add(jv, ir.Constant(vi, [L] * L)), jp)
         m1, m2, ix = builder.load(m1p), builder.load(m2p), builder.load(ixp)
-        red = _llvm_fn(mod, f"llvm.vector.reduce.smin.v{L}i32", it, [vi])
+        red = llvm_fn(mod, f"llvm.vector.reduce.smin.v{L}i32", it, [vi])
         best = builder.call(red, [m1])
-        eq = builder.icmp_signed("==", m1, splat(best))
+        eq = builder.icmp_signed("==", m1, splat(builder, best, vi))
         arg = builder.call(red, [builder.select(eq, ix, ir.Constant(vi, [0x7FFFFFFF] * L))])
         run = builder.call(red, [smin(m2, builder.select(eq, above, m1))])
-        ties = builder.call(_llvm_fn(mod, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)]),
+        ties = builder.call(llvm_fn(mod, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)]),
                             [builder.bitcast(eq, ir.IntType(L))])
         run = builder.select(builder.icmp_unsigned(">", ties, ir.Constant(ir.IntType(L), 1)), best, run)
         return context.make_tuple(builder, signature.return_type, [best, run, arg])
 
     return sig, codegen
+
+
+@numba.njit(inline="always", **_JIT)
+def _dist_bits(xi, cn, g):
+    """The scalar form of the lanes' distance: bits of xi + cn − 2g (float32, in that order), negative and NaN
+    patterns mapped to 0."""
+    v = max(_f32_bits(xi + cn - np.float32(2.0) * g), np.int32(0))
+    return v if v <= np.int32(0x7F800000) else np.int32(0)
 
 
 @numba.njit(**_JIT)
@@ -121,8 +122,6 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
     b, K = g.shape
     big = np.int32(0x7F800000)  # +inf's bit pattern
     above = np.int32(0x7F800001)  # above every clamped value: the first column is always taken
-    zero = np.int32(0)
-    two = np.float32(2.0)
     # the vector loads need unit-stride rows and norms; anything else takes the scalar loop
     kv = K - K % _LANES if g.strides[1] == 4 and c_sqnorms.strides[0] == 4 else 0
     for i in range(b):
@@ -133,8 +132,7 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
         else:
             best, run, arg = above, above, np.int32(K)
         for j in range(kv, K):
-            v = max(_f32_bits(xi + c_sqnorms[j] - two * (g[i, j] * f)), zero)
-            v = v if v <= big else zero
+            v = _dist_bits(xi, c_sqnorms[j], g[i, j] * f)
             if v < best:
                 run = best
                 best = v
@@ -157,13 +155,13 @@ def _lane_min_max(typingctx, g, i, cn, xi, kv):
 
     def codegen(context, builder, signature, args):
         g_v, i_v, cn_v, xi_v, kv_v = args
-        row, cnp, dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
+        dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
         m1p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0x7F800001] * L))
         with cgutils.for_range(builder, builder.udiv(kv_v, ir.Constant(intp, L))) as loop:
             v = dist(builder.mul(loop.index, ir.Constant(intp, L)))
             m1 = builder.load(m1p)
             builder.store(builder.select(builder.icmp_signed("<", v, m1), v, m1), m1p)
-        red = _llvm_fn(builder.module, f"llvm.vector.reduce.smax.v{L}i32", ir.IntType(32), [vi])
+        red = llvm_fn(builder.module, f"llvm.vector.reduce.smax.v{L}i32", ir.IntType(32), [vi])
         return builder.call(red, [builder.load(m1p)])
 
     return sig, codegen
@@ -180,25 +178,19 @@ def _compress_le(typingctx, g, i, cn, xi, off, th, bv, bj, n):
 
     def codegen(context, builder, signature, args):
         g_v, i_v, cn_v, xi_v, off_v, th_v, bv_v, bj_v, n_v = args
-        row, cnp, dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
+        dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
         i32 = ir.IntType(32)
         v = dist(off_v)
-        ths = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), th_v, ir.Constant(i32, 0)),
-                                     ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L))
-        keep = builder.icmp_signed("<=", v, ths)
-        offs = builder.trunc(off_v, i32)
-        ids = builder.add(builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), offs,
-                                                                        ir.Constant(i32, 0)),
-                                                 ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L)),
-                          ir.Constant(vi, list(range(L))))
+        keep = builder.icmp_signed("<=", v, splat(builder, th_v, vi))
+        ids = builder.add(splat(builder, builder.trunc(off_v, i32), vi), ir.Constant(vi, list(range(L))))
         mod = builder.module
-        store = _llvm_fn(mod, f"llvm.masked.compressstore.v{L}i32", ir.VoidType(),
+        store = llvm_fn(mod, f"llvm.masked.compressstore.v{L}i32", ir.VoidType(),
                          [vi, i32.as_pointer(), ir.VectorType(ir.IntType(1), L)])
         a_bv = context.make_array(signature.args[6])(context, builder, bv_v)
         a_bj = context.make_array(signature.args[7])(context, builder, bj_v)
         builder.call(store, [v, builder.gep(a_bv.data, [n_v]), keep])
         builder.call(store, [ids, builder.gep(a_bj.data, [n_v]), keep])
-        cnt = builder.call(_llvm_fn(mod, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)]),
+        cnt = builder.call(llvm_fn(mod, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)]),
                            [builder.bitcast(keep, ir.IntType(L))])
         return builder.add(n_v, builder.zext(cnt, intp))
 
@@ -219,9 +211,8 @@ def _count_le(typingctx, bv, npad, th):
         i32 = ir.IntType(32)
         vi = ir.VectorType(i32, L)
         intp = npad_v.type
-        ths = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), th_v, ir.Constant(i32, 0)),
-                                     ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L))
-        pop = _llvm_fn(builder.module, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)])
+        ths = splat(builder, th_v, vi)
+        pop = llvm_fn(builder.module, f"llvm.ctpop.i{L}", ir.IntType(L), [ir.IntType(L)])
         acc = cgutils.alloca_once_value(builder, ir.Constant(ir.IntType(64), 0))
         with cgutils.for_range(builder, builder.udiv(npad_v, ir.Constant(intp, L))) as loop:
             at = builder.mul(loop.index, ir.Constant(intp, L))
@@ -236,7 +227,7 @@ def _count_le(typingctx, bv, npad, th):
 def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v=None):
     """Shared IR of the lane intrinsics: a function computing 16 clamped distance bit patterns at a column offset
     (xi + cn[j] - 2 (g[i, j] f), f = 1 when not given; negative and NaN patterns mapped to 0, as top2_from_ip
-    does), with the row pointer, the norms' array, the vector type, the lane count and the index type."""
+    does), with the int32 vector type, the lane count and the index type."""
     a_g = context.make_array(signature.args[0])(context, builder, g_v)
     a_cn = context.make_array(signature.args[2])(context, builder, cn_v)
     L = _LANES
@@ -247,16 +238,12 @@ def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v=None):
     i8p = ir.IntType(8).as_pointer()
     row = builder.bitcast(builder.gep(builder.bitcast(a_g.data, i8p), [builder.mul(i_v, stride0)]),
                           ir.FloatType().as_pointer())
-    xs = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xi_v,
-                                                       ir.Constant(ir.IntType(32), 0)),
-                                ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
+    xs = splat(builder, xi_v, vf)
     two = ir.Constant(vf, [2.0] * L)
     zero = ir.Constant(vi, [0] * L)
     big = ir.Constant(vi, [0x7F800000] * L)
 
-    fs = None if f_v is None else builder.shuffle_vector(
-        builder.insert_element(ir.Constant(vf, ir.Undefined), f_v, ir.Constant(ir.IntType(32), 0)),
-        ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
+    fs = None if f_v is None else splat(builder, f_v, vf)
 
     def dist(off):
         gv = builder.load(builder.bitcast(builder.gep(row, [off]), vf.as_pointer()), align=4)
@@ -267,7 +254,7 @@ def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v=None):
         b = builder.select(builder.icmp_signed(">", b, zero), b, zero)
         return builder.select(builder.icmp_signed(">", b, big), zero, b)
 
-    return row, a_cn, dist, vi, L, intp
+    return dist, vi, L, intp
 
 
 @numba.njit(**_JIT)
@@ -285,9 +272,6 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
     m = out.shape[1]
     if m < 1 or m > K:
         raise ValueError("nearest_ids_from_ip needs 1 <= out.shape[1] <= K")
-    two = np.float32(2.0)
-    zero = np.int32(0)
-    big = np.int32(0x7F800000)
     bv = np.empty(K + 2 * _LANES, np.int32)  # room for a compress store's 16 lanes and the padding
     bj = np.empty(K + 2 * _LANES, np.int32)
     vec = m <= _LANES and g.strides[1] == 4 and c_sqnorms.strides[0] == 4
@@ -299,12 +283,11 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
         for off in range(0, kv, _LANES):
             n = _compress_le(g, i, c_sqnorms, xi, off, th, bv, bj, n)
         for j in range(kv, K):
-            v = max(_f32_bits(xi + c_sqnorms[j] - two * g[i, j]), zero)
-            bv[n] = v if v <= big else zero
+            bv[n] = _dist_bits(xi, c_sqnorms[j], g[i, j])
             bj[n] = j
             n += 1
         # kth = the smallest value with at least m of the kept distances at or below it: bisection between the
-        # smallest kept value and the threshold, counting over a 16-padded buffer so the count vectorises fully
+        # smallest and largest kept values, counting over a 16-padded buffer so the count vectorises fully
         npad = (n + _LANES - 1) // _LANES * _LANES
         lo = np.int32(0x7F800001)
         hi = np.int32(-1)

@@ -58,6 +58,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._llvm import llvm_fn, splat
+
 __all__ = [
     "distance_tables_l2",
     "ip_tables",
@@ -231,13 +233,7 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
         f32, i32 = ir.FloatType(), ir.IntType(32)
         v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
         mod = builder.module
-        fma = mod.globals.get("llvm.fma.v8f32") or ir.Function(
-            mod, ir.FunctionType(v8f, [v8f, v8f, v8f]), name="llvm.fma.v8f32")
-        splat0 = ir.Constant(v8i, [0] * 8)
-
-        def splat(val, vt):
-            v = builder.insert_element(ir.Constant(vt, None), val, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, v, splat0)
+        fma = llvm_fn(mod, "llvm.fma.v8f32", v8f, [v8f, v8f, v8f])
 
         def vptr(arr, idx, vt):
             return builder.bitcast(builder.gep(arr.data, [idx]), vt.as_pointer())
@@ -256,7 +252,7 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
             xs = [builder.load(vptr(axt, builder.add(xrow, const(8 * v)), v8f), align=4) for v in range(V)]
             for cc in range(C):
                 off = builder.add(cbase, builder.add(builder.mul(const(cc), width), d))
-                cv = splat(builder.load(builder.gep(acb.data, [off])), v8f)
+                cv = splat(builder, builder.load(builder.gep(acb.data, [off])), v8f)
                 for v in range(V):
                     t = builder.fsub(cv, xs[v])
                     vals[cc][v] = builder.call(fma, [t, t, vals[cc][v]])
@@ -279,7 +275,7 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
                             builder.store(vals[cc][v], acc[cc][v])
                 vals = [[builder.load(acc[cc][v]) for v in range(V)] for cc in range(C)]
             for cc in range(C):  # codewords in id order with a strict <: ties keep the smaller id
-                cid = splat(builder.trunc(builder.add(c0, const(cc)), i32), v8i)
+                cid = splat(builder, builder.trunc(builder.add(c0, const(cc)), i32), v8i)
                 for v in range(V):
                     a = vals[cc][v]
                     bv = builder.load(best[v])
@@ -431,8 +427,7 @@ def _ctz(typingctx, x):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        fn = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
-            builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), name="llvm.cttz.i64")
+        fn = llvm_fn(builder.module, "llvm.cttz.i64", i64, [i64, ir.IntType(1)])
         return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
 
     return sig, codegen
@@ -687,7 +682,7 @@ def _fs_codegen(nblk):
 
         def declare(name, width):
             ty = ir.VectorType(i8, width)
-            return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ty, [ty, ty]), name=name)
+            return llvm_fn(mod, name, ty, [ty, ty])
 
         def shuffle16(table16, nib):
             """Look up each byte's nibble in the 16-entry table (``table16``: <16 x i8>)."""
@@ -747,9 +742,7 @@ def _fs_codegen(nblk):
         thc = builder.select(builder.icmp_signed(">", th_v, ir.Constant(i64, 65535)), ir.Constant(i64, 65535), th_v)
         thc = builder.select(builder.icmp_signed("<", thc, ir.Constant(i64, 0)), ir.Constant(i64, 0), thc)
         th16 = builder.trunc(thc, i16)
-        splat = builder.insert_element(ir.Constant(vrows, None), th16, ir.Constant(i32, 0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, rows), [0] * rows))
-        mask = builder.bitcast(builder.icmp_unsigned("<=", total, splat), ir.IntType(rows))
+        mask = builder.bitcast(builder.icmp_unsigned("<=", total, splat(builder, th16, vrows)), ir.IntType(rows))
         return mask if rows == 64 else builder.zext(mask, i64)
 
     return codegen

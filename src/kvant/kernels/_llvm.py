@@ -1,0 +1,18 @@
+"""LLVM IR helpers shared by the kernels' ``@intrinsic`` code generators (``assign.py``, ``pq.py``)."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+
+def llvm_fn(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    """The module's declaration of the LLVM function or intrinsic ``name``, declared on first use."""
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
+
+
+def splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
+    """``value`` broadcast to every lane of a vector of type ``vector``."""
+    i32 = ir.IntType(32)
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, vector.count), [0] * vector.count))
