@@ -16,10 +16,16 @@ SCAN_METRICS = {"euclidean": K.EUCLIDEAN, "manhattan": K.MANHATTAN, "chebyshev":
 
 
 @numba.njit(cache=True)
-def _scan(Q, qi, blk, a, m, code):
-    acc = np.full(max(m, 1) + 3, -1.0)
-    K._scan_block(Q, qi, blk, a, m, code, acc)
+def _scan(Q, qi, blk, a, m, code, frame, b):
+    acc = np.full(max(m, 1) + 3, -1.0, np.float32)
+    qb = np.empty(Q.shape[1], np.float32)
+    K._scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc)
     return acc
+
+
+@numba.njit(cache=True)
+def _limit(kth, radius, code, d):
+    return K._scan_limit(kth, radius, code, d)
 
 
 @numba.njit(cache=True)
@@ -44,26 +50,117 @@ def _np_dist(name, q, X):
     return diff.max(1)
 
 
+def _np_screen(name, q, c, pts32):
+    """The float32 screen in plain NumPy: query and points relative to the centre c, terms accumulated in
+    dimension order with a float32 rounding after every operation."""
+    qb = (q - c).astype(np.float32)
+    acc = np.zeros(pts32.shape[0], np.float32)
+    for t in range(q.shape[0]):
+        z = np.abs(qb[t] - pts32[:, t])
+        acc = acc + z * z if name == "euclidean" else (acc + z if name == "manhattan" else np.maximum(acc, z))
+    return acc
+
+
 @pytest.mark.parametrize("name", list(SCAN_METRICS))
-@pytest.mark.parametrize("n,d,a,m", [(1, 1, 0, 1), (5, 1, 1, 4), (37, 3, 5, 29), (40, 8, 0, 40), (23, 13, 7, 0)])
-def test_scan_block_matches_numpy_and_metric(name, n, d, a, m):
+@pytest.mark.parametrize("n,d,a,m", [(1, 1, 0, 1), (5, 1, 1, 4), (37, 3, 5, 29), (40, 8, 0, 40), (23, 13, 7, 0),
+                                     (70, 17, 2, 67)])
+def test_scan_block_matches_numpy_float32_screen(name, n, d, a, m):
     rng = np.random.default_rng(n + d)
-    X = rng.standard_normal((n, d)) * rng.uniform(0.1, 100.0, d)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.1, 100.0, d) + 1e4
     X[n // 2] = X[0]  # a duplicate
-    Q = np.vstack([rng.standard_normal((1, d)), X[:1]])
+    Q = np.vstack([rng.standard_normal((1, d)) + 1e4, X[:1], X[:1] + 1e7])
     code = SCAN_METRICS[name]
+    frame = np.vstack([np.full(d + 1, np.nan), np.append(X[a : a + m].mean(0) if m else X[0], np.nan)])
+    pts32 = (X[a : a + m] - frame[1, :d]).astype(np.float32)
     # the bucket-blocked layout: rows a..a+m-1 dimension-major in their own slice, NaN everywhere else so a
     # read outside the block would show
-    blk = np.full(n * d, np.nan)
-    blk[a * d : (a + m) * d] = X[a : a + m].T.ravel()
-    params = np.array([code, 0, 0, 0, 0], float)
+    blk = np.full(n * d, np.nan, np.float32)
+    blk[a * d : (a + m) * d] = pts32.T.ravel()
     for qi in range(Q.shape[0]):
-        acc = _scan(Q, qi, blk, a, m, code)
-        got = np.sqrt(acc[:m]) if name == "euclidean" else acc[:m]
-        np.testing.assert_allclose(got, _np_dist(name, Q[qi], X[a : a + m]), rtol=1e-12, atol=0)
-        # bit-identical to the metric function the tree's other paths and brute force use
-        assert np.array_equal(got, _dists(Q, qi, X[a : a + m], params))
+        acc = _scan(Q, qi, blk, a, m, code, frame, 1)
+        assert np.array_equal(acc[:m], _np_screen(name, Q[qi], frame[1, :d], pts32))
         assert np.all(acc[m:] == -1.0)  # nothing written past the block
+
+
+def _screen_case(rng, name, n, d, offset, scale):
+    X = offset + rng.standard_normal((n, d)) * scale * rng.uniform(0.01, 1.0, d)
+    X[n // 2] = X[0]
+    starts, sizes = np.array([0], np.int64), np.array([n], np.int64)
+    box = K.bucket_boxes(X, starts, sizes)
+    frame = K.bucket_frames(X, starts, sizes, box, SCAN_METRICS[name])
+    blk = K.bucket_blocks(X, starts, sizes, frame)
+    # queries inside, far outside, exactly on points and a hair away from points far from the centre (there the
+    # rounding of x - c to float32 is large next to the distance: the radius term of the limit)
+    far = np.argsort(-_np_dist(name, frame[0, :d], X[1:]))[:8] + 1
+    Q = np.vstack([offset + rng.standard_normal((3, d)) * scale, offset + 50 * scale * np.ones((1, d)), X[1:3],
+                   X[far] + rng.standard_normal((8, d)) * scale * 1e-6])
+    return X, Q, frame, blk
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+@pytest.mark.parametrize("d", [1, 3, 8, 33])
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e6, 1e-3), (-3e8, 7.0), (0.0, 1e-20), (5.0, 1e15)])
+def test_scan_limit_passes_every_point_within_kth(name, d, offset, scale):
+    # the screen may only drop points farther than the k-th distance: with kth set to a point's exact float64
+    # distance (the tightest case, a tie), that point's float32 value must be within the limit
+    rng = np.random.default_rng(d)
+    n = 60
+    X, Q, frame, blk = _screen_case(rng, name, n, d, offset, scale)
+    code = SCAN_METRICS[name]
+    params = np.array([code, 0, 0, 0, 0], float)
+    pts = X[1:]
+    assert np.all(_np_dist(name, frame[0, :d], pts) <= frame[0, d])  # the radius bounds every point
+    for qi in range(Q.shape[0]):
+        v = _scan(Q, qi, blk, 1, n - 1, code, frame, 0)[: n - 1].astype(np.float64)
+        exact = _dists(Q, qi, pts, params)
+        for j in range(n - 1):
+            assert v[j] <= _limit(exact[j], frame[0, d], code, d) or v[j] == np.inf
+        assert _limit(np.inf, frame[0, d], code, d) == np.inf
+
+
+def _one_bucket(X):
+    starts, sizes = np.array([0], np.int64), np.array([X.shape[0] + 1], np.int64)
+    X = np.vstack([X[:1], X])  # row 0 is the bucket's root, outside the scanned range
+    return X, starts, sizes
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+def test_scan_limit_worst_case_coordinate_rounding(name):
+    # x - c rounds down and q - c rounds up by almost half a float32 ulp each: the float32 distance is a whole
+    # ulp (2^-23) while the true one is 0.02 ulp. Only the limit's 2 u radius term covers this.
+    ulp = 2.0**-23
+    X, starts, sizes = _one_bucket(np.array([[-1 - 0.49 * ulp], [1 + 0.49 * ulp]]))
+    code = SCAN_METRICS[name]
+    box = K.bucket_boxes(X, starts, sizes)
+    frame = K.bucket_frames(X, starts, sizes, box, code)
+    blk = K.bucket_blocks(X, starts, sizes, frame)
+    Q = np.array([[1 + 0.51 * ulp]])
+    v = float(_scan(Q, 0, blk, 1, 2, code, frame, 0)[1])
+    exact = abs(Q[0, 0] - X[2, 0])
+    assert v == (ulp**2 if name == "euclidean" else ulp)  # the construction works as described
+    assert v <= _limit(exact, frame[0, 1], code, 1)
+
+
+@pytest.mark.parametrize("name", ["euclidean", "manhattan"])
+def test_scan_limit_worst_case_float32_sum(name):
+    # coordinates exact in float32; every one of 63 small terms added to 1.0 rounds up by a quarter ulp, so the
+    # float32 sum exceeds the exact one by ~31 u: the limit's gamma_(D+3) factor must cover it
+    d = 64
+    ulp = 2.0**-23
+    z = float(np.float32(np.sqrt(0.75 * ulp))) if name == "euclidean" else 0.75 * ulp
+    X, starts, sizes = _one_bucket(np.vstack([np.zeros(d), np.ones(d), -np.ones(d)]))
+    code = SCAN_METRICS[name]
+    box = K.bucket_boxes(X, starts, sizes)
+    frame = K.bucket_frames(X, starts, sizes, box, code)
+    blk = K.bucket_blocks(X, starts, sizes, frame)
+    Q = np.full((1, d), z)
+    Q[0, 0] = 1.0
+    v = float(_scan(Q, 0, blk, 1, 3, code, frame, 0)[0])
+    params = np.array([code, 0, 0, 0, 0], float)
+    exact = _dists(Q, 0, X[1:2], params)[0]
+    red = exact**2 if name == "euclidean" else exact
+    assert v > red * (1 + 20 * 2.0**-24)  # the construction works as described
+    assert v <= _limit(exact, frame[0, d], code, d)
 
 
 @pytest.mark.parametrize("name", list(SCAN_METRICS))
@@ -74,10 +171,15 @@ def test_bucket_boxes_and_box_bound(name, d):
     starts = np.array([0, 10, 49], np.int64)
     sizes = np.array([10, 30, 1], np.int64)  # ranges start+1 .. start+size-1 (the bucket root is excluded)
     box = K.bucket_boxes(X, starts, sizes)
-    blk = K.bucket_blocks(X, starts, sizes)
-    want = X.copy().ravel()
-    for a0, sz in zip(starts + 1, sizes - 1):
-        want[a0 * d : (a0 + sz) * d] = X[a0 : a0 + sz].T.ravel()
+    frame = K.bucket_frames(X, starts, sizes, box, SCAN_METRICS[name])
+    blk = K.bucket_blocks(X, starts, sizes, frame)
+    want = np.zeros(X.size, np.float32)
+    for b, (a0, sz) in enumerate(zip(starts + 1, sizes - 1)):
+        if sz:
+            np.testing.assert_array_equal(frame[b, :d], (box[b, :d] + box[b, d:]) / 2)
+            np.testing.assert_allclose(frame[b, d], _np_dist(name, frame[b, :d], X[a0 : a0 + sz]).max(), rtol=1e-11)
+        want[a0 * d : (a0 + sz) * d] = (X[a0 : a0 + sz] - frame[b, :d]).astype(np.float32).T.ravel()
+    assert blk.dtype == np.float32
     np.testing.assert_array_equal(blk, want)
     assert not np.shares_memory(blk, X)
     for b in range(2):
@@ -125,6 +227,22 @@ def test_bucketed_knn_matches_numpy_reference(tiny_buckets, name, n, d):
             sd, si = tree.knn_self(min(3, max(1, n - 1)), predecessors=pred)
             bd, bi = tree.brute_force(None, min(3, max(1, n - 1)), predecessors=pred)
             assert np.array_equal(si, bi) and np.array_equal(sd, bd)
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+@pytest.mark.parametrize("offset,scale", [(1e6, 1e-3), (0.0, 1e30), (0.0, 1e-30), (-1e140, 1e130)])
+def test_float32_screen_is_exact_at_extreme_scales(name, offset, scale):
+    # large offsets (float32 keeps only the centred coordinates), float32 overflow (inf values must be measured,
+    # not dropped) and underflow (every value 0: all measured): the results stay identical to brute force
+    rng = np.random.default_rng(3)
+    X = offset + np.round(rng.standard_normal((300, 5)) * 4) * scale  # a grid: exact ties
+    X[:40] = X[40:80]
+    Q = np.vstack([offset + rng.standard_normal((12, 5)) * 4 * scale, X[:3]])
+    tree = kvant.CoverTree(name).fit(X)
+    for k in (1, 7, 60):
+        d, i = tree.knn(Q, k)
+        bd, bi = tree.brute_force(Q, k)
+        assert np.array_equal(i, bi) and np.array_equal(d, bd)
 
 
 def test_bucketed_knn_after_insert_delete(tiny_buckets):

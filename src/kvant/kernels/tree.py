@@ -588,26 +588,33 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
             out_i[row, a] = -1
 
 
-@numba.njit(inline="always", **_NJ)
-def _scan_block(Q, qi, blk, a, m, code, acc):  # pragma: no cover - numba
-    """Reduced distances from query row ``qi`` to the ``m`` points of the bucket at DFS positions a..a+m-1:
-    squared Euclidean (code 0), Manhattan (1) or Chebyshev (2).
+# Unit roundoff of a float32 coordinate taken from a float64 difference (2^-24 for the rounding to float32, plus
+# room for the float64 subtraction before it).
+_U32 = 2.0**-24 * (1.0 + 2.0**-20)
 
-    ``blk`` is the bucket-blocked layout of :func:`bucket_blocks`: the bucket's coordinates are one contiguous
-    run, dimension-major (``blk[a * D + t * m + j]``), so a scan streams one block of memory (the hardware
-    prefetcher follows it) instead of D rows of a global transpose. The loop runs over points innermost (one
-    SIMD lane per point) and over dimensions outermost, so each point's terms are still accumulated in
-    dimension order with the same operations as the metric functions above: ``sqrt(acc)`` (Euclidean) or
-    ``acc`` is bit-identical to ``_dist``.
+
+@numba.njit(inline="always", **_NJ)
+def _scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc):  # pragma: no cover - numba
+    """float32 screening values from query row ``qi`` to the ``m`` points of bucket ``b`` at DFS positions
+    a..a+m-1: squared Euclidean (code 0), Manhattan (1) or Chebyshev (2) distance between the float32 copies
+    of query and points, both taken relative to the bucket's centre ``frame[b, :D]``.
+
+    ``blk`` is the bucket-blocked float32 layout of :func:`bucket_blocks`: the bucket's centred coordinates
+    are one contiguous run, dimension-major (``blk[a * D + t * m + j]``), so a scan streams one block of
+    memory (half the bytes of float64, twice the SIMD lanes) and runs over points innermost (one lane per
+    point). These values only screen: :func:`_scan_limit` turns the k-th distance into a float32 threshold
+    that every point at or below it provably passes, and the caller measures survivors exactly in float64.
     """
     # unsigned indices: Numba then emits no negative-index wraparound, and LLVM issues contiguous SIMD loads
     D = Q.shape[1]
     um = np.uint64(m)
     base = np.uint64(a) * np.uint64(D)
-    for j in range(um):
-        acc[j] = 0.0
     for t in range(D):
-        qt = Q[qi, t]
+        qb[t] = np.float32(Q[qi, t] - frame[b, t])
+    for j in range(um):
+        acc[j] = np.float32(0.0)
+    for t in range(D):
+        qt = qb[t]
         off = base + np.uint64(t) * um
         if code == EUCLIDEAN:
             for j in range(um):
@@ -624,12 +631,24 @@ def _scan_block(Q, qi, blk, a, m, code, acc):  # pragma: no cover - numba
 
 
 @numba.njit(inline="always", **_NJ)
-def _scan_limit(kth, code):  # pragma: no cover - numba
-    """A reduced-distance threshold T with dist <= kth  =>  reduced <= T (sqrt is monotone and correctly
-    rounded, so fl(sqrt(r)) <= kth implies r < kth**2 (1 + 3 eps); the absolute term covers underflow)."""
+def _scan_limit(kth, radius, code, D):  # pragma: no cover - numba
+    """A threshold T on :func:`_scan_block`'s value v with  dist(q, x) <= kth  =>  v <= T  for every point x
+    of a bucket whose points lie within ``radius`` of its centre c.
+
+    Rounding q - c and x - c to float32 moves each coordinate by at most u = _U32 of itself, so (any of the
+    three norms being monotone) the float32 vectors' distance s is within u (|q - c| + |x - c|)
+    <= u (dist + 2 radius) of the true one: s <= kth (1 + u) + 2 u radius. The float32 sum of D squares
+    (or absolute values) has relative error at most gamma_(D+3) = (D+3) u / (1 - (D+3) u); the absolute
+    term covers gradual underflow of the squares. The final factor absorbs this float64 arithmetic.
+    """
+    if kth == np.inf:
+        return np.inf
+    s = kth * (1.0 + _U32) + 2.0 * _U32 * radius
+    g = (D + 3) * _U32
+    g = g / (1.0 - g)
     if code == EUCLIDEAN:
-        return kth * kth * (1.0 + 1e-12) + 1e-300
-    return kth
+        s = s * s
+    return (s * (1.0 + g) + (D + 1) * 2.0**-148) * (1.0 + 1e-12)
 
 
 @numba.njit(inline="always", **_NJ)
@@ -676,18 +695,47 @@ def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
 
 
 @numba.njit(**_NJ)
-def bucket_blocks(rows, starts, sizes):  # pragma: no cover - numba
-    """The bucket-blocked copy of ``rows`` (the points in DFS order, (n, D)) read by :func:`_scan_block`, flat
-    (n * D): the points of each bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1) are stored
-    dimension-major in their own slice, every other point row-major in place (buckets are disjoint ranges)."""
+def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
+    """Per bucket b: its centre (the middle of ``box[b]``, D values) and the largest distance in metric
+    ``code`` from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of
+    ``rows``), rounded up by a relative 1e-12 for the rounding of this computation: (n_buckets, D + 1)."""
+    D = rows.shape[1]
+    out = np.zeros((max(starts.shape[0], 1), D + 1))
+    for b in range(starts.shape[0]):
+        for t in range(D):
+            out[b, t] = 0.5 * (box[b, t] + box[b, D + t])
+        r = 0.0
+        for j in range(starts[b] + 1, starts[b] + sizes[b]):
+            s = 0.0
+            for t in range(D):
+                z = abs(rows[j, t] - out[b, t])
+                if code == EUCLIDEAN:
+                    s += z * z
+                elif code == MANHATTAN:
+                    s += z
+                elif z > s:
+                    s = z
+            if code == EUCLIDEAN:
+                s = math.sqrt(s)
+            if s > r:
+                r = s
+        out[b, D] = r * (1.0 + 1e-12)
+    return out
+
+
+@numba.njit(**_NJ)
+def bucket_blocks(rows, starts, sizes, frame):  # pragma: no cover - numba
+    """The bucket-blocked float32 copy read by :func:`_scan_block`, flat (n * D): the points of each bucket
+    (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``, the points in DFS order) minus the
+    bucket's centre ``frame[b, :D]``, dimension-major in their own slice; zero elsewhere."""
     n, D = rows.shape
-    out = rows.copy().reshape(n * D)
+    out = np.zeros(n * D, np.float32)
     for b in range(starts.shape[0]):
         a = starts[b] + 1
         m = sizes[b] - 1
         for t in range(D):
             for j in range(m):
-                out[a * D + t * m + j] = rows[a + j, t]
+                out[a * D + t * m + j] = np.float32(rows[a + j, t] - frame[b, t])
     return out
 
 
@@ -696,7 +744,7 @@ QUERY_CHUNKS = 64  # knn splits the queries into this many contiguous chunks, sh
 
 @numba.njit(parallel=True, **_NJ)
 def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata, dfs_node,
-        leaf, blk, scan, box, out_d, out_i, bad):  # pragma: no cover
+        leaf, blk, scan, box, frame, out_d, out_i, bad):  # pragma: no cover
     """Exact k-NN by best-first search with the bound d(q, x) >= d(q, p) - maxdist(p).
 
     Queries are rows of Q. mode 0: plain queries; mode 1: exclude slot qslot[i] itself; mode 2: only
@@ -704,10 +752,10 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
     slack for rounding, exceeds the current k-th distance, so ties are resolved exactly as brute force
     does (by smaller id).
 
-    Subtrees of at most ``leaf`` points are scanned from the DFS-ordered copies: ``ddata`` (rows) with
-    the generic metric, or, when ``scan`` is a metric code (0-2), ``blk`` (the same rows, each bucket
-    transposed in place: :func:`bucket_blocks`) with
-    the SIMD loop of :func:`_scan_block`; ``scan = -1`` selects the generic scan.
+    Subtrees of at most ``leaf`` points (buckets) are scanned from ``ddata``, the points' rows in DFS order.
+    When ``scan`` is a metric code (0-2), a float32 SIMD screen over ``blk`` (each bucket's points centred on
+    ``frame[b, :D]`` and transposed: :func:`bucket_blocks`, :func:`bucket_frames`) comes first, and only
+    points that pass its provable threshold are measured exactly; ``scan = -1`` measures every point.
 
     Child edge e (CSR order) is described by one row of ``erec``: [d(parent, child), maxdist(child),
     subtree size, DFS start, child slot, subtree minimum slot, bucket box row or -1] (integers stored
@@ -722,7 +770,8 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
     nch = min(nq, QUERY_CHUNKS)
     cap = erec.shape[0] + 1
     for c in numba.prange(nch):
-        acc = np.empty(max(leaf, 1), np.float64)
+        acc = np.empty(max(leaf, 1), np.float32)
+        qb = np.empty(Q.shape[1], np.float32)
         hd = np.empty(k, np.float64)
         hi = np.empty(k, np.int64)
         pq_lb = np.empty(cap, np.float64)
@@ -730,8 +779,8 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
         pq_d = np.empty(cap, np.float64)
         for qi in range(c * nq // nch, (c + 1) * nq // nch):
             bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel,
-                               slack_abs, ddata, dfs_node, leaf, blk, scan, box, out_d, out_i, acc, hd, hi, pq_lb,
-                               pq_e, pq_d)
+                               slack_abs, ddata, dfs_node, leaf, blk, scan, box, frame, out_d, out_i, acc, qb, hd,
+                               hi, pq_lb, pq_e, pq_d)
 
 
 @numba.njit(parallel=True, **_NJ)
@@ -803,7 +852,8 @@ def _queue_pop(pq_lb, pq_e, pq_d, npq):  # pragma: no cover
 
 @numba.njit(**_NJ_RAW)
 def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
-             dfs_node, leaf, blk, scan, box, out_d, out_i, acc, hd, hi, pq_lb, pq_e, pq_d):  # pragma: no cover
+             dfs_node, leaf, blk, scan, box, frame, out_d, out_i, acc, qb, hd, hi, pq_lb, pq_e,
+             pq_d):  # pragma: no cover
     """One query of :func:`knn` (no allocation: the workspace comes from the caller).
 
     The queue holds child edges (-1: the root) keyed by their subtree's lower bound. Popping an internal
@@ -837,25 +887,29 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             a0 = int(erec[pe, 3]) + 1
             nb = int(erec[pe, 2]) - 1
             if scan >= 0:
-                # SIMD scan of reduced distances; exact distances only for those that can enter the result
-                _scan_block(Q, qi, blk, a0, nb, scan, acc)
-                lim_r = _scan_limit(kth, scan)
+                # float32 SIMD screen; exact float64 distances only for the points that can enter the result
+                bx = int(erec[pe, 6])
+                _scan_block(Q, qi, blk, a0, nb, scan, frame, bx, qb, acc)
+                D = Q.shape[1]
+                lim_r = _scan_limit(kth, frame[bx, D], scan, D)
                 for j in range(nb):
                     r = acc[j]
-                    if r > lim_r:
+                    # inf: float32 overflow, which proves nothing, so the point is measured exactly
+                    if r > lim_r and r != np.inf:
                         continue
-                    if r == np.inf:  # overflow: reported like a metric returning inf
-                        isbad = True
                     x = dfs_node[a0 + j]
                     if mode == 2 and x >= lim:
                         continue
                     if x == excl:
                         continue
-                    dx = math.sqrt(r) if scan == EUCLIDEAN else r
+                    dx = _dist(Q, qi, ddata, a0 + j, params)
+                    if not _okd(dx):
+                        isbad = True
+                        dx = np.inf
                     size = _heap_push_res(hd, hi, size, k, dx, x)
                     if size == k:
                         kth = hd[0]
-                        lim_r = _scan_limit(kth, scan)
+                        lim_r = _scan_limit(kth, frame[bx, D], scan, D)
             else:
                 for pos in range(a0, a0 + nb):
                     x = dfs_node[pos]

@@ -28,7 +28,7 @@ _SCAN_LEAF, _SCAN_LEAF_MAX = 256, 1024
 _LEAF_PER_DIM = {"euclidean": 64, "manhattan": 64, "chebyshev": 16}
 # the query structure _freeze derives from the per-node arrays
 _QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
-                "_box")
+                "_box", "_frame")
 
 
 class _State:
@@ -164,15 +164,15 @@ class CoverTree:
         width = max(1, self._data.shape[1])
         if self._scan >= 0:
             self._leaf = min(_SCAN_LEAF_MAX, max(_SCAN_LEAF, _LEAF_PER_DIM[self._m.name] * width))
-        self._ddata = (np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0 and self._scan < 0
-                       else np.zeros((1, width)))
-        rows = np.ascontiguousarray(self._data[self._dnode]) if n_in and self._scan >= 0 else None
-        self._blk = rows.reshape(-1) if rows is not None else np.zeros(1)
+        rows = np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0 else None
+        self._ddata = rows if rows is not None else np.zeros((1, width))
+        self._blk = np.zeros(1, np.float32)
         # per child edge: [d(parent, child), maxdist, subtree size, DFS start, child slot, subtree min slot,
         # bucket box row or -1]
         erec = np.zeros((max(1, idx.size), 7))
         erec[:, 6] = -1.0
         self._box = np.zeros((1, 2 * width))
+        self._frame = np.zeros((1, width + 1))
         if idx.size:
             size = self._dend - self._dstart
             erec[:, 0] = self._pd[idx]
@@ -191,7 +191,8 @@ class CoverTree:
                     erec[eb, 6] = np.arange(eb.size)
                     starts, sizes = self._dstart[idx[eb]], size[idx[eb]]
                     self._box = K.bucket_boxes(rows, starts, sizes)
-                    self._blk = K.bucket_blocks(rows, starts, sizes)
+                    self._frame = K.bucket_frames(rows, starts, sizes, self._box, self._scan)
+                    self._blk = K.bucket_blocks(rows, starts, sizes, self._frame)
         self._erec = erec
 
     def _copy_children_rows(self) -> np.ndarray:
@@ -613,8 +614,8 @@ class CoverTree:
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
         m.K.knn(self._data, self._children_rows(), m.params, Q, qslot, mode, self._root, self._off, self._erec,
-                self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box, out_d,
-                out_i, bad)
+                self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box,
+                self._frame, out_d, out_i, bad)
         if order is not None:
             out_d[order], out_i[order] = out_d.copy(), out_i.copy()
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
