@@ -652,6 +652,17 @@ def _scan_limit(kth, radius, code, D):  # pragma: no cover - numba
 
 
 @numba.njit(inline="always", **_NJ)
+def _fold(s, z, code):  # pragma: no cover - numba
+    """The reduced distance s with one more per-dimension term z = |difference| folded in: a sum of squares
+    (Euclidean, code 0), a sum (Manhattan, 1) or a maximum (Chebyshev, 2)."""
+    if code == EUCLIDEAN:
+        return s + z * z
+    if code == MANHATTAN:
+        return s + z
+    return z if z > s else s
+
+
+@numba.njit(inline="always", **_NJ)
 def _box_bound(Q, qi, box, b, code):  # pragma: no cover - numba
     """Distance from query row qi to the axis-aligned box ``box[b]`` = [lo (D), hi (D)] (a lower bound on
     its distance to any point inside) for Euclidean (0), Manhattan (1) and Chebyshev (2)."""
@@ -664,12 +675,7 @@ def _box_bound(Q, qi, box, b, code):  # pragma: no cover - numba
         if z2 > z:
             z = z2
         if z > 0.0:
-            if code == EUCLIDEAN:
-                s += z * z
-            elif code == MANHATTAN:
-                s += z
-            elif z > s:
-                s = z
+            s = _fold(s, z, code)
     return math.sqrt(s) if code == EUCLIDEAN else s
 
 
@@ -708,13 +714,7 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
         for j in range(starts[b] + 1, starts[b] + sizes[b]):
             s = 0.0
             for t in range(D):
-                z = abs(rows[j, t] - out[b, t])
-                if code == EUCLIDEAN:
-                    s += z * z
-                elif code == MANHATTAN:
-                    s += z
-                elif z > s:
-                    s = z
+                s = _fold(s, abs(rows[j, t] - out[b, t]), code)
             if code == EUCLIDEAN:
                 s = math.sqrt(s)
             if s > r:
