@@ -274,6 +274,7 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
         raise ValueError("nearest_ids_from_ip needs 1 <= out.shape[1] <= K")
     bv = np.empty(K + 2 * _LANES, np.int32)  # room for a compress store's 16 lanes and the padding
     bj = np.empty(K + 2 * _LANES, np.int32)
+    sel = np.empty(K + 1, np.int32)  # slots 0..n written, n <= K kept columns
     vec = m <= _LANES and g.strides[1] == 4 and c_sqnorms.strides[0] == 4
     kv = K - K % _LANES if vec else 0
     for i in range(b):
@@ -302,14 +303,15 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
             take = _count_le(bv, npad, mid) >= m
             hi = mid if take else hi  # (selects, not branches: the outcome is a coin flip)
             lo = lo if take else mid
+        # Branch-free (whether a kept column is taken is a coin flip): every kept id is written at the next slot of
+        # sel, which advances only when the id is taken. First those below the m-th distance (fewer than m), then
+        # those at it, the smallest ids first (kept in column order); the first m slots are the answer.
         w = 0
-        for t in range(n):  # below the m-th distance: all of them (fewer than m)
-            if bv[t] < hi:
-                out[i, w] = bj[t]
-                w += 1
-        for t in range(n):  # at it: the smallest ids first (kept in column order)
-            if w == m:
-                break
-            if bv[t] == hi:
-                out[i, w] = bj[t]
-                w += 1
+        for t in range(n):
+            sel[w] = bj[t]
+            w += bv[t] < hi
+        for t in range(n):
+            sel[w] = bj[t]
+            w += bv[t] == hi
+        for t in range(m):
+            out[i, t] = sel[t]
