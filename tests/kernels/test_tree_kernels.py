@@ -50,10 +50,10 @@ def _np_dist(name, q, X):
     return diff.max(1)
 
 
-def _np_screen(name, q, c, pts32):
-    """The float32 screen in plain NumPy: query and points relative to the centre c, terms accumulated in
-    dimension order with a float32 rounding after every operation."""
-    qb = (q - c).astype(np.float32)
+def _np_screen(name, q, c, pts32, scale=1.0):
+    """The float32 screen in plain NumPy: query and points relative to the centre c (times the bucket's scale),
+    terms accumulated in dimension order with a float32 rounding after every operation."""
+    qb = ((q - c) * scale).astype(np.float32)
     acc = np.zeros(pts32.shape[0], np.float32)
     for t in range(q.shape[0]):
         z = np.abs(qb[t] - pts32[:, t])
@@ -70,15 +70,15 @@ def test_scan_block_matches_numpy_float32_screen(name, n, d, a, m):
     X[n // 2] = X[0]  # a duplicate
     Q = np.vstack([rng.standard_normal((1, d)) + 1e4, X[:1], X[:1] + 1e7])
     code = SCAN_METRICS[name]
-    frame = np.vstack([np.full(d + 1, np.nan), np.append(X[a : a + m].mean(0) if m else X[0], np.nan)])
-    pts32 = (X[a : a + m] - frame[1, :d]).astype(np.float32)
+    frame = np.vstack([np.full(d + 2, np.nan), np.append(X[a : a + m].mean(0) if m else X[0], [np.nan, 0.125])])
+    pts32 = ((X[a : a + m] - frame[1, :d]) * 0.125).astype(np.float32)
     # the bucket-blocked layout: rows a..a+m-1 dimension-major in their own slice, NaN everywhere else so a
     # read outside the block would show
     blk = np.full(n * d, np.nan, np.float32)
     blk[a * d : (a + m) * d] = pts32.T.ravel()
     for qi in range(Q.shape[0]):
         acc = _scan(Q, qi, blk, a, m, code, frame, 1)
-        assert np.array_equal(acc[:m], _np_screen(name, Q[qi], frame[1, :d], pts32))
+        assert np.array_equal(acc[:m], _np_screen(name, Q[qi], frame[1, :d], pts32, 0.125))
         assert np.all(acc[m:] == -1.0)  # nothing written past the block
 
 
@@ -99,7 +99,8 @@ def _screen_case(rng, name, n, d, offset, scale):
 
 @pytest.mark.parametrize("name", list(SCAN_METRICS))
 @pytest.mark.parametrize("d", [1, 3, 8, 33])
-@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e6, 1e-3), (-3e8, 7.0), (0.0, 1e-20), (5.0, 1e15)])
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e6, 1e-3), (-3e8, 7.0), (0.0, 1e-20), (5.0, 1e15), (0.0, 1e24),
+                                          (0.0, 1e-24), (1e100, 1e90)])
 def test_scan_limit_passes_every_point_within_kth(name, d, offset, scale):
     # the screen may only drop points farther than the k-th distance: with kth set to a point's exact float64
     # distance (the tightest case, a tie), that point's float32 value must be within the limit
@@ -110,11 +111,15 @@ def test_scan_limit_passes_every_point_within_kth(name, d, offset, scale):
     params = np.array([code, 0, 0, 0, 0], float)
     pts = X[1:]
     assert np.all(_np_dist(name, frame[0, :d], pts) <= frame[0, d])  # the radius bounds every point
+    sc = frame[0, d + 1]
+    assert 0.5 <= frame[0, d] * sc < 1.0 and np.frexp(sc)[0] == 0.5  # a power of two bringing R to [1/2, 1)
     for qi in range(Q.shape[0]):
         v = _scan(Q, qi, blk, 1, n - 1, code, frame, 0)[: n - 1].astype(np.float64)
         exact = _dists(Q, qi, pts, params)
+        # the bucket's scale keeps the float32 values in range, so the screen screens at any magnitude
+        assert np.all(np.isfinite(v)) and np.all(v[exact > 0] > 0)
         for j in range(n - 1):
-            assert v[j] <= _limit(exact[j], frame[0, d], code, d) or v[j] == np.inf
+            assert v[j] <= _limit(exact[j] * sc, frame[0, d] * sc, code, d)
         assert _limit(np.inf, frame[0, d], code, d) == np.inf
 
 
@@ -137,8 +142,9 @@ def test_scan_limit_worst_case_coordinate_rounding(name):
     Q = np.array([[1 + 0.51 * ulp]])
     v = float(_scan(Q, 0, blk, 1, 2, code, frame, 0)[1])
     exact = abs(Q[0, 0] - X[2, 0])
-    assert v == (ulp**2 if name == "euclidean" else ulp)  # the construction works as described
-    assert v <= _limit(exact, frame[0, 1], code, 1)
+    assert frame[0, 2] == 0.5  # R is just above 1
+    assert v == ((ulp / 2) ** 2 if name == "euclidean" else ulp / 2)  # the construction works as described
+    assert v <= _limit(exact * 0.5, frame[0, 1] * 0.5, code, 1)
 
 
 @pytest.mark.parametrize("name", ["euclidean", "manhattan"])
@@ -148,14 +154,16 @@ def test_scan_limit_worst_case_float32_sum(name):
     d = 64
     ulp = 2.0**-23
     z = float(np.float32(np.sqrt(0.75 * ulp))) if name == "euclidean" else 0.75 * ulp
-    X, starts, sizes = _one_bucket(np.vstack([np.zeros(d), np.ones(d), -np.ones(d)]))
+    # a bucket of two points at the origin: R = 0, so the radius term cannot absorb the sum's error
+    X, starts, sizes = _one_bucket(np.zeros((2, d)))
     code = SCAN_METRICS[name]
     box = K.bucket_boxes(X, starts, sizes)
     frame = K.bucket_frames(X, starts, sizes, box, code)
+    assert frame[0, d] == 0.0 and frame[0, d + 1] == 1.0
     blk = K.bucket_blocks(X, starts, sizes, frame)
     Q = np.full((1, d), z)
     Q[0, 0] = 1.0
-    v = float(_scan(Q, 0, blk, 1, 3, code, frame, 0)[0])
+    v = float(_scan(Q, 0, blk, 1, 2, code, frame, 0)[0])
     params = np.array([code, 0, 0, 0, 0], float)
     exact = _dists(Q, 0, X[1:2], params)[0]
     red = exact**2 if name == "euclidean" else exact
@@ -178,7 +186,8 @@ def test_bucket_boxes_and_box_bound(name, d):
         if sz:
             np.testing.assert_array_equal(frame[b, :d], (box[b, :d] + box[b, d:]) / 2)
             np.testing.assert_allclose(frame[b, d], _np_dist(name, frame[b, :d], X[a0 : a0 + sz]).max(), rtol=1e-11)
-        want[a0 * d : (a0 + sz) * d] = (X[a0 : a0 + sz] - frame[b, :d]).astype(np.float32).T.ravel()
+        sc = frame[b, d + 1]
+        want[a0 * d : (a0 + sz) * d] = ((X[a0 : a0 + sz] - frame[b, :d]) * sc).astype(np.float32).T.ravel()
     assert blk.dtype == np.float32
     np.testing.assert_array_equal(blk, want)
     assert not np.shares_memory(blk, X)

@@ -597,7 +597,8 @@ _U32 = 2.0**-24 * (1.0 + 2.0**-20)
 def _scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc):  # pragma: no cover - numba
     """float32 screening values from query row ``qi`` to the ``m`` points of bucket ``b`` at DFS positions
     a..a+m-1: squared Euclidean (code 0), Manhattan (1) or Chebyshev (2) distance between the float32 copies
-    of query and points, both taken relative to the bucket's centre ``frame[b, :D]``.
+    of query and points, both taken relative to the bucket's centre ``frame[b, :D]`` and multiplied by its
+    power-of-two scale ``frame[b, D + 1]`` (exact; it keeps float32 away from overflow and underflow).
 
     ``blk`` is the bucket-blocked float32 layout of :func:`bucket_blocks`: the bucket's centred coordinates
     are one contiguous run, dimension-major (``blk[a * D + t * m + j]``), so a scan streams one block of
@@ -609,8 +610,9 @@ def _scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc):  # pragma: no cover 
     D = Q.shape[1]
     um = np.uint64(m)
     base = np.uint64(a) * np.uint64(D)
+    sc = frame[b, D + 1]
     for t in range(D):
-        qb[t] = np.float32(Q[qi, t] - frame[b, t])
+        qb[t] = np.float32((Q[qi, t] - frame[b, t]) * sc)
     for j in range(um):
         acc[j] = np.float32(0.0)
     for t in range(D):
@@ -641,10 +643,10 @@ def _scan_limit(kth, radius, code, D):  # pragma: no cover - numba
     (or absolute values) has relative error at most gamma_(D+3) = (D+3) u / (1 - (D+3) u); the absolute
     term covers gradual underflow of the squares. The final factor absorbs this float64 arithmetic.
     """
-    if kth == np.inf:
+    g = (D + 3) * _U32
+    if kth == np.inf or g >= 0.5:  # (the second: D in the tens of millions, where the bound says nothing)
         return np.inf
     s = kth * (1.0 + _U32) + 2.0 * _U32 * radius
-    g = (D + 3) * _U32
     g = g / (1.0 - g)
     if code == EUCLIDEAN:
         s = s * s
@@ -702,11 +704,12 @@ def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
 
 @numba.njit(**_NJ)
 def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
-    """Per bucket b: its centre (the middle of ``box[b]``, D values) and the largest distance in metric
-    ``code`` from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of
-    ``rows``), rounded up by a relative 1e-12 for the rounding of this computation: (n_buckets, D + 1)."""
+    """Per bucket b: its centre (the middle of ``box[b]``, D values), the largest distance R in metric ``code``
+    from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``),
+    rounded up by a relative 1e-12 for the rounding of this computation, and a power of two s with R s in
+    [1/2, 1) (1 when R is 0): (n_buckets, D + 2)."""
     D = rows.shape[1]
-    out = np.zeros((max(starts.shape[0], 1), D + 1))
+    out = np.zeros((max(starts.shape[0], 1), D + 2))
     for b in range(starts.shape[0]):
         for t in range(D):
             out[b, t] = 0.5 * (box[b, t] + box[b, D + t])
@@ -720,6 +723,7 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
             if s > r:
                 r = s
         out[b, D] = r * (1.0 + 1e-12)
+        out[b, D + 1] = math.ldexp(1.0, -math.frexp(out[b, D])[1]) if 0.0 < r < np.inf else 1.0
     return out
 
 
@@ -727,7 +731,8 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
 def bucket_blocks(rows, starts, sizes, frame):  # pragma: no cover - numba
     """The bucket-blocked float32 copy read by :func:`_scan_block`, flat (n * D): the points of each bucket
     (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``, the points in DFS order) minus the
-    bucket's centre ``frame[b, :D]``, dimension-major in their own slice; zero elsewhere."""
+    bucket's centre ``frame[b, :D]``, times its scale ``frame[b, D + 1]``, dimension-major in their own slice;
+    zero elsewhere."""
     n, D = rows.shape
     out = np.zeros(n * D, np.float32)
     for b in range(starts.shape[0]):
@@ -735,7 +740,7 @@ def bucket_blocks(rows, starts, sizes, frame):  # pragma: no cover - numba
         m = sizes[b] - 1
         for t in range(D):
             for j in range(m):
-                out[a * D + t * m + j] = np.float32(rows[a + j, t] - frame[b, t])
+                out[a * D + t * m + j] = np.float32((rows[a + j, t] - frame[b, t]) * frame[b, D + 1])
     return out
 
 
@@ -891,7 +896,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                 bx = int(erec[pe, 6])
                 _scan_block(Q, qi, blk, a0, nb, scan, frame, bx, qb, acc)
                 D = Q.shape[1]
-                lim_r = _scan_limit(kth, frame[bx, D], scan, D)
+                lim_r = _scan_limit(kth * frame[bx, D + 1], frame[bx, D] * frame[bx, D + 1], scan, D)
                 for j in range(nb):
                     r = acc[j]
                     # inf: float32 overflow, which proves nothing, so the point is measured exactly
@@ -909,7 +914,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                     size = _heap_push_res(hd, hi, size, k, dx, x)
                     if size == k:
                         kth = hd[0]
-                        lim_r = _scan_limit(kth, frame[bx, D], scan, D)
+                        lim_r = _scan_limit(kth * frame[bx, D + 1], frame[bx, D] * frame[bx, D + 1], scan,
+                                            D)
             else:
                 for pos in range(a0, a0 + nb):
                     x = dfs_node[pos]

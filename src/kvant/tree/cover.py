@@ -172,7 +172,7 @@ class CoverTree:
         erec = np.zeros((max(1, idx.size), 7))
         erec[:, 6] = -1.0
         self._box = np.zeros((1, 2 * width))
-        self._frame = np.zeros((1, width + 1))
+        self._frame = np.zeros((1, width + 2))
         if idx.size:
             size = self._dend - self._dstart
             erec[:, 0] = self._pd[idx]
