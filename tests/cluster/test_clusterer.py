@@ -868,10 +868,12 @@ def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
     g = np.random.default_rng(7)
     big = g.standard_normal((1000, 512)).astype(np.float32)  # <= 8·K rows: Lloyd's own labels are labels_
     c = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8, tol=0.0).fit(big)  # K·D = 65,536; all 15 steps
-    assert "nearest centres from the last full one" in c.auto_reason_ and calls
+    assert "candidate centres per row" in c.auto_reason_ and calls
     np.testing.assert_array_equal(c.labels_, _nearest(big, c.cluster_centers_))
     calls.clear()
     small = kvant.Clusterer(k=64, seed=0, sample_per_centroid=8).fit(big)  # K < 128
-    assert "nearest centres" not in small.auto_reason_ and not calls
+    assert "candidate centres" not in small.auto_reason_ and not calls
+    narrow = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8).fit(big[:, :64])  # K·D = 8,192 < 2**14
+    assert "candidate centres" not in narrow.auto_reason_ and not calls
     row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=6, tol=0.0).fit(big)
-    assert "nearest centres" not in row.auto_reason_ and not calls
+    assert "candidate centres" not in row.auto_reason_ and not calls

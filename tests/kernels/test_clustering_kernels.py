@@ -451,6 +451,60 @@ def test_nearest_ids_are_the_m_smallest_distances_with_ties_to_smaller_ids(k, m)
         nearest_ids_from_ip(gm, cn, xn, np.empty((120, k + 1), np.int32))
 
 
+def _lane_candidates_reference(v, m):
+    """candidate_ids_from_ip in plain NumPy: per class (column j in j mod 16, the last K mod 16 columns in classes
+    0.. in order) the two smallest (distance, id); of those, the m smallest."""
+    k = v.shape[1]
+    kv = k - k % 16
+    cls = np.where(np.arange(k) < kv, np.arange(k) % 16, np.arange(k) - kv)
+    out = []
+    for row in v:
+        pool = []
+        for c in range(16):
+            cols = np.flatnonzero(cls == c)
+            pool += sorted(cols, key=lambda j: (row[j], j))[:2]
+        out.append(sorted(sorted(pool, key=lambda j: (row[j], j))[:m]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k,m", [(16, 16), (16, 1), (17, 16), (20, 8), (35, 16), (64, 16), (256, 16), (1024, 16),
+                                 (300, 5), (48, 16), (5, 3)])
+def test_candidate_ids_are_the_smallest_of_each_lanes_two_nearest(k, m):
+    from kvant.kernels.assign import candidate_ids_from_ip, nearest_ids_from_ip
+
+    g = np.random.default_rng(k * 11 + m)
+    d = 4
+    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)  # integer grid: ties everywhere
+    x = np.round(g.standard_normal((150, d)) * 2).astype(np.float32)
+    if k > 3:
+        c[k - 1] = c[0]
+    xn, cn = sq_norms(x), sq_norms(c)
+    gm = x @ c.T
+    gm[7, k // 2] = np.nan
+    v = (xn[:, None] + cn[None, :]) - np.float32(2.0) * gm
+    v = np.where(v > 0, v, np.float32(0.0))
+    v = np.where(np.isnan(v), np.float32(0.0), v)
+    exact = np.sort(np.argsort(v, axis=1, kind="stable")[:, :m], axis=1)
+    want = _lane_candidates_reference(v, m) if k >= 16 else exact  # below 16 columns: the exact m nearest
+    padded = np.zeros((150, k + 3), np.float32)
+    padded[:, :k] = gm
+    for gg in (gm.copy(), padded[:, :k]):
+        out = np.full((150, m), -1, np.int32)
+        candidate_ids_from_ip(gg, cn, xn, out)
+        np.testing.assert_array_equal(np.sort(out, axis=1), want)
+        labels, d1, d2 = np.empty(150, np.int64), np.empty(150, np.float32), np.empty(150, np.float32)
+        top2_from_ip(gg, cn, xn, labels, d1, d2)
+        assert all(labels[i] in out[i] for i in range(150))  # the argmin is always a candidate
+    # strided columns take the exact path
+    out = np.full((150, m), -1, np.int32)
+    candidate_ids_from_ip(np.asfortranarray(gm), cn, xn, out)
+    ref = np.full((150, m), -1, np.int32)
+    nearest_ids_from_ip(gm, cn, xn, ref)
+    np.testing.assert_array_equal(np.sort(out, axis=1), np.sort(ref, axis=1))
+    with pytest.raises(ValueError):
+        candidate_ids_from_ip(gm, cn, xn, np.empty((150, min(k, 16) + 1), np.int32))
+
+
 @pytest.mark.parametrize("d,m", [(1, 1), (7, 3), (16, 4), (33, 5), (128, 16)])
 def test_assign_to_candidates_picks_the_nearest_candidate(d, m):
     from kvant.kernels.lloyd import assign_to_candidates

@@ -7,13 +7,14 @@ import numpy as np
 from .._numerics import condition
 from .._parallel import for_each_block
 from ..errors import InvalidInput
-from ..kernels.assign import nearest_ids_from_ip, top2_from_ip
+from ..kernels.assign import CANDIDATE_IDS_MAX, candidate_ids_from_ip, nearest_ids_from_ip, top2_from_ip
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 
 # unit_rows: squared norms outside this range are normalised explicitly before the GEMM (a raw float32
 # product of such rows would lose precision to subnormals or overflow)
 _SAFE_SQNORM = (1e-30, 1e30)
+LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16), not the exact m nearest
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -57,6 +58,9 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 1 <= nearest.shape[1] <= centroids.shape[0]):
             raise ValueError(f"nearest= must be an int32 (n, m) array with 1 <= m <= K, got {nearest.dtype} "
                              f"{nearest.shape}")
+    if nearest is not None:
+        pick = (candidate_ids_from_ip if LANE_CANDIDATES and nearest.shape[1] <= CANDIDATE_IDS_MAX
+                else nearest_ids_from_ip)
     dim = x.shape[1]
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
@@ -92,7 +96,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
             xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
         g = xb @ ct
         if nearest is not None:
-            nearest_ids_from_ip(g, c_sqnorms, xn, nearest[s:e])
+            pick(g, c_sqnorms, xn, nearest[s:e])
         top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e],
                      None if factor is None else factor.astype(np.float32))
         if exact_sq is not None:

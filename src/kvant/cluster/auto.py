@@ -16,11 +16,11 @@ from ..errors import InvalidInput
 AUTO_TOL = 5e-4
 AUTO_OVERRELAX = 1.0  # β_max of the over-relaxed Lloyd steps (docs/auto.md, "Over-relaxed Lloyd")
 AUTO_MAX_ITER = 15  # over-relaxed iterations at most: within 1% of FAISS's 25 plain ones on every measured cell
-# Candidate E-steps (lloyd's ``candidates``): each row's AUTO_CANDIDATES nearest centres, when K >= 128 and
-# K·D >= 2**16, where a GEMM row costs enough for the top-m bookkeeping to pay (docs/auto.md, "Candidate E-steps")
+# Candidate E-steps (lloyd's ``candidates``): AUTO_CANDIDATES centres near each row, when K >= 128 and
+# K·D >= 2**14, where a GEMM row costs enough for recording them to pay (docs/auto.md, "Candidate E-steps")
 AUTO_CANDIDATES = 16
 AUTO_CANDIDATE_MIN_K = 128
-AUTO_CANDIDATE_MIN_KD = 1 << 16
+AUTO_CANDIDATE_MIN_KD = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
          "max_iter": AUTO_MAX_ITER, "candidates": candidates},
         f"fits in memory: k-means++ and bounded, over-relaxed (β <= {AUTO_OVERRELAX:g}) Lloyd on {where} until "
         f"the objective improves < {AUTO_TOL:g} (at most {AUTO_MAX_ITER} iterations unless max_iter is given)"
-        + (f"; from the third E-step on, two of every three training E-steps look only at each row's {candidates} "
-           "nearest centres from the last full one (K·D is large enough for that to pay; the last E-step and the "
-           "final assignment are exact)" if candidates else ""),
+        + (f"; from the third E-step on, two of every three training E-steps look only at {candidates} candidate "
+           "centres per row, picked among its nearest at the last full one (K·D is large enough for that to pay; "
+           "the last E-step and the final assignment are exact)" if candidates else ""),
     )

@@ -168,6 +168,104 @@ def _lane_min_max(typingctx, g, i, cn, xi, kv):
 
 
 @intrinsic
+def _lane_top2_ids(typingctx, g, i, cn, xi, kv, lv, lj):
+    """Each lane's two smallest distances (bits, as :func:`_top2_lanes` computes them, no row scale) and their
+    column ids over columns 0..kv-1 of row ``i`` (kv a multiple of 16), in one pass: lane l's smallest goes to
+    ``lv[l]``/``lj[l]``, its runner-up to ``lv[16 + l]``/``lj[16 + l]`` (ties keep the smaller column first).
+    ``lv``/``lj``: int32 arrays of at least 32."""
+    if not (_typed_f32(g, cn, xi) and all(isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 1
+                                          for a in (lv, lj))):
+        return None
+    sig = types.void(g, i, cn, xi, kv, lv, lj)
+
+    def codegen(context, builder, signature, args):
+        g_v, i_v, cn_v, xi_v, kv_v, lv_v, lj_v = args
+        dist, vi, L, intp = _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v)
+        above = ir.Constant(vi, [0x7F800001] * L)  # above every value
+        m1p = cgutils.alloca_once_value(builder, above)
+        m2p = cgutils.alloca_once_value(builder, above)
+        i1p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0x7FFFFFFF] * L))
+        i2p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0x7FFFFFFF] * L))
+        jp = cgutils.alloca_once_value(builder, ir.Constant(vi, list(range(L))))
+        with cgutils.for_range(builder, builder.udiv(kv_v, ir.Constant(intp, L))) as loop:
+            v = dist(builder.mul(loop.index, ir.Constant(intp, L)))
+            m1, m2, i1, i2, jv = (builder.load(p) for p in (m1p, m2p, i1p, i2p, jp))
+            lt1 = builder.icmp_signed("<", v, m1)  # a new minimum: the old one becomes the runner-up
+            lt2 = builder.icmp_signed("<", v, m2)  # (columns arrive in increasing order: ties stay behind)
+            builder.store(builder.select(lt1, m1, builder.select(lt2, v, m2)), m2p)
+            builder.store(builder.select(lt1, i1, builder.select(lt2, jv, i2)), i2p)
+            builder.store(builder.select(lt1, v, m1), m1p)
+            builder.store(builder.select(lt1, jv, i1), i1p)
+            builder.store(builder.add(jv, ir.Constant(vi, [L] * L)), jp)
+        for arr_v, arr_t, lo, hi in ((lv_v, signature.args[5], m1p, m2p), (lj_v, signature.args[6], i1p, i2p)):
+            a = context.make_array(arr_t)(context, builder, arr_v)
+            ptr = builder.bitcast(a.data, vi.as_pointer())
+            builder.store(builder.load(lo), ptr, align=4)
+            builder.store(builder.load(hi), builder.gep(ptr, [ir.Constant(intp, 1)]), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _bitonic_stage(builder, keys, size, stride, ascending):
+    """One compare-exchange stage of a bitonic network on a <16 x i64> vector of distinct keys: lane x meets lane
+    x ^ stride and keeps the smaller key when its block of ``size`` runs in the wanted direction and x is the
+    lower lane of the pair (else the larger)."""
+    L = _LANES
+    i32 = ir.IntType(32)
+    partner = builder.shuffle_vector(keys, ir.Constant(keys.type, ir.Undefined),
+                                     ir.Constant(ir.VectorType(i32, L), [x ^ stride for x in range(L)]))
+    want_min = [((x & stride) == 0) == (((x & size) == 0) == ascending) for x in range(L)]
+    smaller = builder.icmp_signed("<", partner, keys)
+    take = builder.xor(smaller, ir.Constant(ir.VectorType(ir.IntType(1), L), [not w for w in want_min]))
+    return builder.select(take, partner, keys)
+
+
+def _bitonic_sort(builder, keys, ascending):
+    for size in (2, 4, 8, 16):
+        stride = size // 2
+        while stride:
+            keys = _bitonic_stage(builder, keys, size, stride, ascending)
+            stride //= 2
+    return keys
+
+
+@intrinsic
+def _smallest16(typingctx, lv, lj, sel):
+    """The 16 smallest (distance bits, id) keys among the 32 of ``lv``/``lj`` (:func:`_lane_top2_ids`' layout),
+    their ids written to sel[0..15] in ascending key order. Branch-free, in registers: the two halves are sorted in
+    opposite directions by bitonic networks, their lane-wise minimum holds the 16 smallest (a bitonic split), and
+    a bitonic merge orders them. (Equal keys, such as the sentinels of a lane with one column, stay a multiset.)"""
+    if not all(isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 1 for a in (lv, lj, sel)):
+        return None
+    sig = types.void(lv, lj, sel)
+
+    def codegen(context, builder, signature, args):
+        L = _LANES
+        i64 = ir.IntType(64)
+        vi = ir.VectorType(ir.IntType(32), L)
+        vk = ir.VectorType(i64, L)
+        ptrs = [builder.bitcast(context.make_array(t)(context, builder, v).data, vi.as_pointer())
+                for t, v in zip(signature.args, args)]
+
+        def keys(half):
+            v = builder.load(builder.gep(ptrs[0], [ir.Constant(i64, half)]), align=4)
+            j = builder.load(builder.gep(ptrs[1], [ir.Constant(i64, half)]), align=4)
+            hi = builder.shl(builder.sext(v, vk), ir.Constant(vk, [32] * L))
+            return builder.or_(hi, builder.zext(j, vk))
+
+        a = _bitonic_sort(builder, keys(0), True)
+        b = _bitonic_sort(builder, keys(1), False)
+        c = builder.select(builder.icmp_signed("<", a, b), a, b)  # the 16 smallest, a bitonic sequence
+        for stride in (8, 4, 2, 1):
+            c = _bitonic_stage(builder, c, 16, stride, True)
+        builder.store(builder.trunc(c, vi), ptrs[2], align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _compress_le(typingctx, g, i, cn, xi, off, th, bv, bj, n):
     """Append the distance bits and column ids of the columns off..off+15 of row ``i`` whose bits are <= ``th`` to
     ``bv``/``bj`` at position ``n`` (branch-free: a masked compress store, vpcompressd on AVX-512); returns the new
@@ -255,6 +353,48 @@ def _lane_setup(context, builder, signature, g_v, i_v, cn_v, xi_v, f_v=None):
         return builder.select(builder.icmp_signed(">", b, big), zero, b)
 
     return dist, vi, L, intp
+
+
+CANDIDATE_IDS_MAX = _LANES  # candidate_ids_from_ip: at most 16 ids, the smallest among each lane's two nearest
+
+
+@numba.njit(**_JIT)
+def candidate_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
+    """For each row, ``m = out.shape[1]`` (1 <= m <= min(K, 16)) centroid ids close to it: the m smallest, by
+    (distance, id), among the two nearest of each of 16 column classes (column j in class j mod 16; the last
+    K mod 16 columns join classes 0.. in order). Distances as :func:`top2_from_ip` (so the row's argmin, ties to
+    the smaller id, is always first among them). A cheap stand-in for :func:`nearest_ids_from_ip` (one pass over
+    the row instead of a selection): the set equals the m nearest unless three of those share a class, and then
+    it lacks only ids ranked below the class's second. Rows with fewer than 16 unit-stride columns get the exact
+    m nearest."""
+    b, K = g.shape
+    m = out.shape[1]
+    if m < 1 or m > min(K, CANDIDATE_IDS_MAX):
+        raise ValueError("candidate_ids_from_ip needs 1 <= out.shape[1] <= min(K, 16)")
+    kv = K - K % _LANES if g.strides[1] == 4 and c_sqnorms.strides[0] == 4 else 0
+    if kv == 0:
+        nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out)
+        return
+    lv = np.empty(2 * _LANES, np.int32)
+    lj = np.empty(2 * _LANES, np.int32)
+    sel = np.empty(_LANES, np.int32)
+    for i in range(b):
+        xi = x_sqnorms[i]
+        _lane_top2_ids(g, i, c_sqnorms, xi, kv, lv, lj)
+        for j in range(kv, K):  # the tail: column j joins class j - kv
+            v = _dist_bits(xi, c_sqnorms[j], g[i, j])
+            l = j - kv
+            if v < lv[l]:
+                lv[_LANES + l] = lv[l]
+                lj[_LANES + l] = lj[l]
+                lv[l] = v
+                lj[l] = j
+            elif v < lv[_LANES + l]:
+                lv[_LANES + l] = v
+                lj[_LANES + l] = j
+        _smallest16(lv, lj, sel)
+        for t in range(m):
+            out[i, t] = sel[t]
 
 
 @numba.njit(**_JIT)
