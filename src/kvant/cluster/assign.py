@@ -49,8 +49,10 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     recomputed term by term in float64 — while the block is still in cache, so the exact inertia costs no
     second pass over the data.
 
-    With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write each
-    row's m nearest centroid ids (any order) from the same products (:func:`nearest_ids_from_ip`)."""
+    With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write m
+    candidate centroid ids per row (any order; the row's label always among them) from the same products: with
+    m <= 16 (and ``LANE_CANDIDATES``) those of :func:`candidate_ids_from_ip`, else the exact m nearest
+    (:func:`nearest_ids_from_ip`)."""
     if nearest is not None:
         if rows is not None or unit_rows or shift is not None or scale is not None:
             raise ValueError("nearest= needs plain rows (no rows=, unit_rows or conditioning)")

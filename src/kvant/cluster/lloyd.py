@@ -25,8 +25,10 @@ partition and the labels their exact nearest-centre assignment. The objective hi
 rejected ones included; its minimum is the objective of the partition the returned centres come from.
 
 Optional candidate E-steps (``candidates`` = m > 0, used by ``auto`` when K·D is large): from the third E-step
-on, a full dense E-step also records each row's m nearest centres, and the next two E-steps compare each row
-only with those m (a (rows × m) gathered product instead of a (rows × K) GEMM). The row's current centre is
+on, a full dense E-step also records m candidate centres per row (m <= 16: the m smallest among each of 16
+column classes' two nearest, :func:`kvant.kernels.assign.candidate_ids_from_ip`; larger m: the exact m nearest),
+and the next two E-steps compare each row only with those m (a (rows × m) gathered product instead of a
+(rows × K) GEMM). The row's current centre is
 always a candidate, so no row's cost rises; a row whose nearest centre left its list keeps a slightly worse one
 until the next full E-step. These steps are not exact, so they drop the Hamerly bounds, and the last E-step
 (at ``max_iter`` or on convergence) is always a full one: the returned labels stay the exact assignment.
@@ -66,7 +68,7 @@ _BOUND_SLACK = 1e-4
 DENSE_E_STEP = 0.5
 
 # Candidate E-steps (``candidates`` = m > 0): from the CANDIDATE_FULL_FIRST-th E-step on, each full dense E-step
-# also records every row's m nearest centres, and the next CANDIDATE_REFRESH - 1 E-steps look only at those.
+# also records m candidate centres per row, and the next CANDIDATE_REFRESH - 1 E-steps look only at those.
 CANDIDATE_FULL_FIRST = 3
 CANDIDATE_REFRESH = 3
 
