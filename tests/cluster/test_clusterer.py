@@ -875,5 +875,8 @@ def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
     assert "candidate centres" not in small.auto_reason_ and not calls
     narrow = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8).fit(big[:, :64])  # K·D = 8,192 < 2**14
     assert "candidate centres" not in narrow.auto_reason_ and not calls
+    at = kvant.Clusterer(k=128, seed=0, sample_per_centroid=8, tol=0.0).fit(big[:, :128])  # K·D = 2**14: on
+    assert "candidate centres per row" in at.auto_reason_ and calls
+    calls.clear()
     row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=6, tol=0.0).fit(big)
     assert "candidate centres" not in row.auto_reason_ and not calls

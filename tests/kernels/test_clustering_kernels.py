@@ -468,7 +468,7 @@ def _lane_candidates_reference(v, m):
 
 
 @pytest.mark.parametrize("k,m", [(16, 16), (16, 1), (17, 16), (20, 8), (35, 16), (64, 16), (256, 16), (1024, 16),
-                                 (300, 5), (48, 16), (5, 3)])
+                                 (300, 5), (48, 16), (5, 3), (64, 7), (1024, 3), (100, 13)])
 def test_candidate_ids_are_the_smallest_of_each_lanes_two_nearest(k, m):
     from kvant.kernels.assign import candidate_ids_from_ip, nearest_ids_from_ip
 
@@ -495,6 +495,11 @@ def test_candidate_ids_are_the_smallest_of_each_lanes_two_nearest(k, m):
         labels, d1, d2 = np.empty(150, np.int64), np.empty(150, np.float32), np.empty(150, np.float32)
         top2_from_ip(gg, cn, xn, labels, d1, d2)
         assert all(labels[i] in out[i] for i in range(150))  # the argmin is always a candidate
+        if k >= 16:  # the lane path returns them in ascending (distance, id) order: the argmin first
+            np.testing.assert_array_equal(out[:, 0], labels)
+            rows = np.arange(150)[:, None]
+            keys = v[rows, out].astype(np.float64) * 4096 + out  # ids < 4096: (distance, id) order
+            assert np.all(np.diff(keys, axis=1) > 0)
     # strided columns take the exact path
     out = np.full((150, m), -1, np.int32)
     candidate_ids_from_ip(np.asfortranarray(gm), cn, xn, out)

@@ -208,7 +208,7 @@ def _lane_top2_ids(typingctx, g, i, cn, xi, kv, lv, lj):
 
 
 def _bitonic_stage(builder, keys, size, stride, ascending):
-    """One compare-exchange stage of a bitonic network on a <16 x i64> vector of distinct keys: lane x meets lane
+    """One compare-exchange stage of a bitonic network on a <16 x i64> vector of keys: lane x meets lane
     x ^ stride and keeps the smaller key when its block of ``size`` runs in the wanted direction and x is the
     lower lane of the pair (else the larger)."""
     L = _LANES
@@ -365,8 +365,8 @@ def candidate_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
     K mod 16 columns join classes 0.. in order). Distances as :func:`top2_from_ip` (so the row's argmin, ties to
     the smaller id, is always first among them). A cheap stand-in for :func:`nearest_ids_from_ip` (one pass over
     the row instead of a selection): the set equals the m nearest unless three of those share a class, and then
-    it lacks only ids ranked below the class's second. Rows with fewer than 16 unit-stride columns get the exact
-    m nearest."""
+    it lacks only ids ranked below the class's second. The ids come in ascending (distance, id) order. With
+    K < 16, or columns or norms not unit-stride, the call returns the exact m nearest instead."""
     b, K = g.shape
     m = out.shape[1]
     if m < 1 or m > min(K, CANDIDATE_IDS_MAX):
