@@ -60,7 +60,6 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 1 <= nearest.shape[1] <= centroids.shape[0]):
             raise ValueError(f"nearest= must be an int32 (n, m) array with 1 <= m <= K, got {nearest.dtype} "
                              f"{nearest.shape}")
-    if nearest is not None:
         pick = (candidate_ids_from_ip if LANE_CANDIDATES and nearest.shape[1] <= CANDIDATE_IDS_MAX
                 else nearest_ids_from_ip)
     dim = x.shape[1]
