@@ -417,16 +417,13 @@ def test_top2_nan_products_never_give_a_label_outside_range():
     assert labels.tolist() == [20, 3, 34] and d1.tolist() == [0.0, 0.0, 0.0] and d2.tolist() == [2.0, 0.0, 2.0]
 
 
-@pytest.mark.parametrize("k,m", [(1, 1), (5, 1), (16, 16), (17, 16), (20, 8), (35, 16), (64, 16), (256, 16),
-                                 (1024, 16), (300, 32), (48, 5)])
-def test_nearest_ids_are_the_m_smallest_distances_with_ties_to_smaller_ids(k, m):
-    # reference: a stable argsort of the clamped float32 distances (NaN counted as 0, as top2_from_ip does)
-    from kvant.kernels.assign import nearest_ids_from_ip
-
-    g = np.random.default_rng(k * 7 + m)
-    d = 4
-    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)  # integer grid: ties at the m-th distance
-    x = np.round(g.standard_normal((120, d)) * 2).astype(np.float32)
+def _grid_tile(k, rows, seed):
+    """Row and centroid norms, the product tile (one NaN), the reference distances (clamped float32
+    ‖x‖² + ‖c‖² − 2x·c, NaN counted as 0, as top2_from_ip does) and the tile inside wider rows, on an integer grid
+    (ties everywhere; centroid k-1 duplicates centroid 0)."""
+    g = np.random.default_rng(seed)
+    c = np.round(g.standard_normal((k, 4)) * 2).astype(np.float32)
+    x = np.round(g.standard_normal((rows, 4)) * 2).astype(np.float32)
     if k > 3:
         c[k - 1] = c[0]
     xn, cn = sq_norms(x), sq_norms(c)
@@ -435,9 +432,19 @@ def test_nearest_ids_are_the_m_smallest_distances_with_ties_to_smaller_ids(k, m)
     v = (xn[:, None] + cn[None, :]) - np.float32(2.0) * gm
     v = np.where(v > 0, v, np.float32(0.0))
     v = np.where(np.isnan(v), np.float32(0.0), v)
-    want = np.argsort(v, axis=1, kind="stable")[:, :m]
-    padded = np.zeros((120, k + 3), np.float32)
+    padded = np.zeros((rows, k + 3), np.float32)
     padded[:, :k] = gm
+    return xn, cn, gm, v, padded
+
+
+@pytest.mark.parametrize("k,m", [(1, 1), (5, 1), (16, 16), (17, 16), (20, 8), (35, 16), (64, 16), (256, 16),
+                                 (1024, 16), (300, 32), (48, 5)])
+def test_nearest_ids_are_the_m_smallest_distances_with_ties_to_smaller_ids(k, m):
+    # reference: a stable argsort of the clamped float32 distances (NaN counted as 0, as top2_from_ip does)
+    from kvant.kernels.assign import nearest_ids_from_ip
+
+    xn, cn, gm, v, padded = _grid_tile(k, 120, k * 7 + m)
+    want = np.argsort(v, axis=1, kind="stable")[:, :m]
     cn_strided = np.repeat(cn, 2)[::2]  # same values, stride 8: the scalar path
     # the vector path on contiguous and padded rows, and the scalar one (strided columns or norms)
     for gg, cc in ((gm.copy(), cn), (padded[:, :k], cn), (np.asfortranarray(gm), cn), (gm.copy(), cn_strided)):
@@ -472,22 +479,9 @@ def _lane_candidates_reference(v, m):
 def test_candidate_ids_are_the_smallest_of_each_lanes_two_nearest(k, m):
     from kvant.kernels.assign import candidate_ids_from_ip, nearest_ids_from_ip
 
-    g = np.random.default_rng(k * 11 + m)
-    d = 4
-    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)  # integer grid: ties everywhere
-    x = np.round(g.standard_normal((150, d)) * 2).astype(np.float32)
-    if k > 3:
-        c[k - 1] = c[0]
-    xn, cn = sq_norms(x), sq_norms(c)
-    gm = x @ c.T
-    gm[7, k // 2] = np.nan
-    v = (xn[:, None] + cn[None, :]) - np.float32(2.0) * gm
-    v = np.where(v > 0, v, np.float32(0.0))
-    v = np.where(np.isnan(v), np.float32(0.0), v)
+    xn, cn, gm, v, padded = _grid_tile(k, 150, k * 11 + m)
     exact = np.sort(np.argsort(v, axis=1, kind="stable")[:, :m], axis=1)
     want = _lane_candidates_reference(v, m) if k >= 16 else exact  # below 16 columns: the exact m nearest
-    padded = np.zeros((150, k + 3), np.float32)
-    padded[:, :k] = gm
     for gg in (gm.copy(), padded[:, :k]):
         out = np.full((150, m), -1, np.int32)
         candidate_ids_from_ip(gg, cn, xn, out)
