@@ -896,7 +896,9 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                 bx = int(erec[pe, 6])
                 _scan_block(Q, qi, blk, a0, nb, scan, frame, bx, qb, acc)
                 D = Q.shape[1]
-                lim_r = _scan_limit(kth * frame[bx, D + 1], frame[bx, D] * frame[bx, D + 1], scan, D)
+                sc = frame[bx, D + 1]  # the screen works in the bucket's scaled units
+                rs = frame[bx, D] * sc
+                lim_r = _scan_limit(kth * sc, rs, scan, D)
                 for j in range(nb):
                     r = acc[j]
                     # inf: float32 overflow, which proves nothing, so the point is measured exactly
@@ -914,9 +916,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                     size = _heap_push_res(hd, hi, size, k, dx, x)
                     if size == k:
                         kth = hd[0]
-                        lim_r = _scan_limit(kth * frame[bx, D + 1], frame[bx, D] * frame[bx, D + 1], scan,
-                                            D)
-            else:
+                        lim_r = _scan_limit(kth * sc, rs, scan, D)
+            else:  # (kept apart from the screened loop: one merged loop measured 4-5% slower at 131k uniform)
                 for pos in range(a0, a0 + nb):
                     x = dfs_node[pos]
                     if mode == 2 and x >= lim:
