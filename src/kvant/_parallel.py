@@ -9,6 +9,8 @@ Numba kernel on them. Rows are independent, so results do not depend on the thre
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,13 +56,19 @@ def for_each_block(n: int, block_rows: int, fn: Callable[[int, int], None], n_th
                 fn(s, e)
         return
     n_threads = min(n_threads, len(blocks))
+    # Threads pull the next block as they finish one (next() on a shared count is atomic under the GIL), so a
+    # thread slowed by anything (a hypervisor's steal time, another process) leaves its blocks to the others
+    # instead of keeping them all waiting at the end.
+    order = itertools.count()
 
-    def worker(t: int) -> None:
-        for s, e in blocks[t::n_threads]:
-            fn(s, e)
+    def worker() -> None:
+        for i in order:
+            if i >= len(blocks):
+                return
+            fn(*blocks[i])
 
     with _blas_single_thread():
-        futures = [_executor(n_threads).submit(worker, t) for t in range(n_threads)]
+        futures = [_executor(n_threads).submit(worker) for _ in range(n_threads)]
         for f in futures:
             f.result()
 
