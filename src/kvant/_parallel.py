@@ -10,7 +10,6 @@ Numba kernel on them. Rows are independent, so results do not depend on the thre
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 

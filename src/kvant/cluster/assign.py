@@ -7,6 +7,7 @@ import numpy as np
 from .._numerics import condition
 from .._parallel import for_each_block
 from ..errors import InvalidInput
+from ..kernels import direct_assign
 from ..kernels.assign import CANDIDATE_IDS_MAX, candidate_ids_from_ip, nearest_ids_from_ip, top2_from_ip
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
@@ -15,6 +16,8 @@ from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 # product of such rows would lose precision to subnormals or overflow)
 _SAFE_SQNORM = (1e-30, 1e30)
 LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16), not the exact m nearest
+# K <= 64 on AVX-512 hosts (direct_assign.fits): products from the register-blocked kernel, not a BLAS GEMM
+DIRECT_ASSIGN = True
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -69,9 +72,13 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     if conditioned:
         cc = condition(centroids, shift, scale)
         c_sqnorms = sq_norms_serial(cc)
-        ct = np.ascontiguousarray(cc.T)
     else:
-        ct = np.ascontiguousarray(centroids.T)
+        cc = centroids
+    direct = DIRECT_ASSIGN and nearest is None and direct_assign.fits(x.shape[1], k)
+    if direct:
+        ct, cn_padded = direct_assign.padded_centroids(cc, c_sqnorms)
+    else:
+        ct = np.ascontiguousarray(cc.T)
 
     zero_rows: list[int] = []
 
@@ -95,11 +102,15 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
             xn = sq_norms_serial(xb)
         else:
             xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
-        g = xb @ ct
-        if nearest is not None:
-            pick(g, c_sqnorms, xn, nearest[s:e])
-        top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e],
-                     None if factor is None else factor.astype(np.float32))
+        scale32 = None if factor is None else factor.astype(np.float32)
+        if direct:
+            direct_assign.direct_top2(np.ascontiguousarray(xb), ct, cn_padded, xn, labels[s:e], d1[s:e], d2[s:e],
+                                      scale32)
+        else:
+            g = xb @ ct
+            if nearest is not None:
+                pick(g, c_sqnorms, xn, nearest[s:e])
+            top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e], scale32)
         if exact_sq is not None:
             exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))

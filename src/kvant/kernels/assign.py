@@ -1,11 +1,11 @@
 """Fused assignment: for each row, the nearest centroid and the two smallest squared distances.
 
 ``top2_from_ip`` finishes a BLAS inner-product block. A hand-written direct kernel (Σ(x−c)² term by term)
-was measured against it on D·K from 16 to 3,000 and lost everywhere, by 1× to 10× (docs/auto.md), so
-BLAS is used for every shape. The top-2 distances feed Hamerly bounds in
-:mod:`kvant.cluster.lloyd`: the second distance is the lower bound to every other centroid.
-Ties go to the smaller centroid id. The kernel is serial and ``nogil``: callers run them on row blocks
-from several threads (see :mod:`kvant._parallel`).
+was measured against it on D·K from 16 to 3,000 and lost everywhere, by 1× to 10× (docs/auto.md); for
+K <= 64 on AVX-512 hosts a register-blocked inner-product kernel (:mod:`.direct_assign`) replaces
+the GEMM. The top-2 distances feed Hamerly bounds in :mod:`kvant.cluster.lloyd`: the second distance is the
+lower bound to every other centroid. Ties go to the smaller centroid id. The kernel is serial and ``nogil``:
+callers run them on row blocks from several threads (see :mod:`kvant._parallel`).
 """
 
 from __future__ import annotations

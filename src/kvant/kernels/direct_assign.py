@@ -1,0 +1,210 @@
+"""Fused assignment without BLAS: register-blocked inner products and the top-2, for few centroids (K <= 64).
+
+The E-step's GEMM of (rows × D) by (D × K) is skinny (K is small next to the rows): OpenBLAS ran it at 45-90% of
+its large-matrix rate on this project's AVX-512 host, and the (rows × K) product then makes a round trip through
+memory before :func:`kvant.kernels.assign.top2_from_ip` reads it. Here a micro-kernel keeps R rows × NV 16-float
+column vectors of x·cᵀ in registers (R·NV accumulators; per coordinate t: NV loads of cᵀ[t], R broadcasts of
+x[i, t], R·NV fused multiply-adds), writes the R × K block to a scratch buffer that stays in L1, and hands it to
+the top-2 pass of ``top2_from_ip`` (the same lane code): the same distances, clamping, tie rule and outputs as
+the BLAS path, from products summed in coordinate order (one fused multiply-add per term) rather than in BLAS's
+order.
+
+The shapes (R, NV) are chosen so that the accumulators, the NV column vectors and one broadcast fit the 32
+vector registers of AVX-512 and there are enough independent accumulators to cover the multiply-add latency:
+(8, 1..3) for K <= 48 and (6, 4) per 64 columns above. Every group of rows reads all of cᵀ, so the kernel is
+used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64: :func:`fits`. On hosts without
+AVX-512 each 16-float vector is two registers and these shapes would spill, so :data:`AVAILABLE` is False there
+and callers keep BLAS.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._llvm import llvm_fn, splat
+from .assign import _top2_lanes
+
+_L = 16  # floats per vector
+
+
+def _l2_bytes() -> int:
+    """This core's L2 cache size from sysfs (Linux), 1 MiB when it cannot be read."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        import os
+
+        for entry in sorted(os.listdir(base)):
+            with open(f"{base}/{entry}/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(f"{base}/{entry}/size") as f:
+                size = f.read().strip().upper()
+            unit = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            return int(size.rstrip("KM")) * unit
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+# Every group of rows sweeps the whole padded cᵀ, so it must stay in L2: with cᵀ up to half of L2 the kernel beat
+# BLAS + top2_from_ip on one thread at every measured shape (D 64-784, K 64-1024: 0.75-0.98× the time, 2 MiB L2);
+# beyond it, it lost (D=384, K=1024: 1.32×; D=784, K=1024: 2.8×).
+MAX_CT_BYTES = _l2_bytes() // 2
+# Whole fits on two threads (same-process A/B, 2026-12-02) gained only up to K = 64: 3-9% at K = 10 and 64, but
+# K = 256 was even at 1M×128 and 12% slower on Fashion-MNIST (784-d), K = 1024 (1M×128, cos) 8% slower.
+MAX_K = 64
+
+
+def fits(dim: int, k: int) -> bool:
+    """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 host, K <= MAX_K and the
+    padded cᵀ within :data:`MAX_CT_BYTES`."""
+    return AVAILABLE and k <= MAX_K and dim * (-(-k // _L) * _L) * 4 <= MAX_CT_BYTES
+
+
+def _host_has_avx512() -> bool:
+    try:
+        return "+avx512f" in llvm_binding.get_host_cpu_features().flatten().split(",")
+    except Exception:  # pragma: no cover - llvmlite without feature detection
+        return False
+
+
+AVAILABLE = _host_has_avx512()
+
+
+def _ip_block(R: int, NV: int):
+    """Intrinsic ``(x, i0, ct, j0, g)``: g[r, j0 : j0 + 16·NV] = x[i0 + r] · ct[:, j0 : j0 + 16·NV] for r < R, each
+    sum over the coordinates in order with fused multiply-adds. x (n, D) and ct (D, KP) float32 with unit-stride
+    rows; g (R, KP) float32."""
+
+    @intrinsic
+    def ip_block(typingctx, x, i0, ct, j0, g):
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 for a in (x, ct, g)):
+            return None
+        sig = types.void(x, i0, ct, j0, g)
+
+        def codegen(context, builder, signature, args):
+            x_v, i0_v, ct_v, j0_v, g_v = args
+            ax = context.make_array(signature.args[0])(context, builder, x_v)
+            act = context.make_array(signature.args[2])(context, builder, ct_v)
+            ag = context.make_array(signature.args[4])(context, builder, g_v)
+            intp = i0_v.type
+            f32 = ir.FloatType()
+            vf = ir.VectorType(f32, _L)
+            i8p = ir.IntType(8).as_pointer()
+            n_coords = cgutils.unpack_tuple(builder, ax.shape, 2)[1]
+
+            def row(a, r):  # float* to row r of a 2-D array
+                stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+                return builder.bitcast(builder.gep(builder.bitcast(a.data, i8p), [builder.mul(r, stride)]),
+                                       f32.as_pointer())
+
+            def vec(ptr, v):  # <16 x float>* at ptr + 16·v
+                return builder.bitcast(builder.gep(ptr, [ir.Constant(intp, _L * v)]), vf.as_pointer())
+
+            xrows = [row(ax, builder.add(i0_v, ir.Constant(intp, r))) for r in range(R)]
+            zero = ir.Constant(vf, [0.0] * _L)
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(R)]
+            fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
+            with cgutils.for_range(builder, n_coords) as loop:
+                t = loop.index
+                crow = builder.gep(row(act, t), [j0_v])
+                cv = [builder.load(vec(crow, v), align=4) for v in range(NV)]
+                for r in range(R):
+                    xv = splat(builder, builder.load(builder.gep(xrows[r], [t])), vf)
+                    for v in range(NV):
+                        builder.store(builder.call(fma, [xv, cv[v], builder.load(acc[r][v])]), acc[r][v])
+            for r in range(R):
+                grow = builder.gep(row(ag, ir.Constant(intp, r)), [j0_v])
+                for v in range(NV):
+                    builder.store(builder.load(acc[r][v]), vec(grow, v), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return ip_block
+
+
+_ip8x1, _ip8x2, _ip8x3 = _ip_block(8, 1), _ip_block(8, 2), _ip_block(8, 3)
+_ip6x1, _ip6x2, _ip6x3, _ip6x4 = _ip_block(6, 1), _ip_block(6, 2), _ip_block(6, 3), _ip_block(6, 4)
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+
+
+@numba.njit(**_JIT)
+def _products(x, i0, ct, g):
+    """g[:R] = x[i0 : i0 + R] · ct, R = rows_per_step(KP), with the micro-kernel shapes described above."""
+    kp = ct.shape[1]
+    if kp == 16:
+        _ip8x1(x, i0, ct, 0, g)
+    elif kp == 32:
+        _ip8x2(x, i0, ct, 0, g)
+    elif kp == 48:
+        _ip8x3(x, i0, ct, 0, g)
+    else:
+        for j0 in range(0, kp - kp % 64, 64):
+            _ip6x4(x, i0, ct, j0, g)
+        rest = (kp % 64) // 16
+        if rest == 1:
+            _ip6x1(x, i0, ct, kp - 16, g)
+        elif rest == 2:
+            _ip6x2(x, i0, ct, kp - 32, g)
+        elif rest == 3:
+            _ip6x3(x, i0, ct, kp - 48, g)
+
+
+@numba.njit(**_JIT)
+def _top2_rows(g, rows, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2):
+    """The lane top-2 of ``top2_from_ip`` on g's first ``rows`` rows, written to data rows i0.. (in place: slicing
+    the outputs every few rows cost more than the reduction). The padded columns' norms are +inf, so their distance
+    is +inf and a real column always wins a tie with them (the smaller index): with every column in the lanes the
+    results are those of ``top2_from_ip`` on the K real columns, K < 16 included."""
+    kp = cn_padded.shape[0]
+    big = np.int32(0x7F800000)
+    for r in range(rows):
+        f = np.float32(1.0) if row_scale is None else row_scale[i0 + r]
+        best, run, arg = _top2_lanes(g, r, cn_padded, x_sqnorms[i0 + r], f, kp)
+        labels[i0 + r] = arg
+        d1[i0 + r] = np.int32(best).view(np.float32)
+        d2[i0 + r] = np.int32(min(run, big)).view(np.float32)
+
+
+@numba.njit(**_JIT)
+def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
+    """:func:`kvant.kernels.assign.top2_from_ip` of ``x @ cᵀ`` without the product matrix.
+
+    x (n, D) float32 with unit-stride rows; ``ct, cn_padded = padded_centroids(c)``; ``row_scale`` as in
+    ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate order."""
+    n, dim = x.shape
+    kp = ct.shape[1]
+    R = 8 if kp <= 48 else 6
+    g = np.empty((R, kp), np.float32)
+    full = n - n % R
+    for i0 in range(0, full, R):
+        _products(x, i0, ct, g)
+        _top2_rows(g, R, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2)
+    if full < n:  # the last n mod R rows, through a zero-padded copy
+        xt = np.zeros((R, dim), np.float32)
+        xt[: n - full] = x[full:]
+        _products(xt, 0, ct, g)
+        _top2_rows(g, n - full, cn_padded, x_sqnorms, row_scale, full, labels, d1, d2)
+
+
+def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cᵀ as a (D, KP) float32 C-contiguous array with zero columns after K, the norms padded with +inf to KP),
+    KP = 16·ceil(K/16): the centroid operands :func:`direct_top2` reads."""
+    k, dim = centroids.shape
+    kp = -(-k // _L) * _L
+    ct = np.zeros((dim, kp), np.float32)
+    ct[:, :k] = centroids.T
+    cn = np.full(kp, np.inf, np.float32)
+    cn[:k] = c_sqnorms
+    return ct, cn
+
+
+__all__ = ["AVAILABLE", "MAX_CT_BYTES", "MAX_K", "direct_top2", "fits", "padded_centroids"]

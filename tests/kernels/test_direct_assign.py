@@ -1,0 +1,106 @@
+"""The register-blocked assignment kernel (kernels.direct_assign) against the NumPy reference and the BLAS path."""
+
+import numpy as np
+import pytest
+
+from kvant.bench import reference as ref
+from kvant.cluster import assign as cluster_assign
+from kvant.cluster.assign import assign_top2
+from kvant.kernels.assign import top2_from_ip
+from kvant.kernels.direct_assign import direct_top2, padded_centroids
+from kvant.kernels.distance import sq_norms
+
+# rows not a multiple of the kernel's 6 or 8, D = 1 and odd D, K on both sides of every 16- and 64-column step
+SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (7, 2, 16), (9, 7, 17), (13, 5, 33), (47, 13, 48), (50, 33, 49),
+          (61, 130, 64), (300, 9, 10), (23, 4, 100), (19, 5, 129), (11, 3, 260)]
+
+
+def _run(x, c, xn=None, row_scale=None):
+    n = x.shape[0]
+    out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+    ct, cn = padded_centroids(c, sq_norms(c))
+    direct_top2(x, ct, cn, sq_norms(x) if xn is None else xn, *out, row_scale)
+    return out
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_direct_top2_matches_reference(n, d, k):
+    g = np.random.default_rng(n * 1000 + d * 10 + k)
+    x = g.standard_normal((n, d)).astype(np.float32)
+    c = g.standard_normal((k, d)).astype(np.float32)
+    labels, d1, d2 = _run(x, c)
+    rl, r1, r2 = ref.top2_ref(x, c)
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_allclose(d1, r1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [1, 2, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64])
+def test_direct_top2_is_bit_identical_to_the_blas_path_on_exact_products(k):
+    # Integer-grid data: every product and partial sum is exact in float32 whatever the order of summation, so the
+    # kernel must give exactly what top2_from_ip gives from the GEMM: ties to the first index, the runner-up equal
+    # to the minimum when it occurs twice, negative cancellation clamped to +0.0.
+    g = np.random.default_rng(k)
+    d = 11
+    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)
+    if k > 3:
+        c[k - 1] = c[1]
+        c[k // 2] = c[1]
+    x = np.round(g.standard_normal((203, d)) * 2).astype(np.float32)
+    x[1::7] = c[min(1, k - 1)]
+    xn, cn = sq_norms(x), sq_norms(c)
+    want = np.empty(203, np.int64), np.empty(203, np.float32), np.empty(203, np.float32)
+    top2_from_ip(x @ c.T, cn, xn, *want)
+    got = _run(x, c, xn)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32 if a.dtype == np.float32 else np.int64),
+                                      np.asarray(b).view(np.int32 if b.dtype == np.float32 else np.int64))
+
+
+def test_direct_top2_row_scale_equals_the_blas_path():
+    g = np.random.default_rng(5)
+    x = np.round(g.standard_normal((37, 6)) * 3).astype(np.float32)
+    c = np.round(g.standard_normal((20, 6)) * 3).astype(np.float32)
+    scale = (g.random(37) + 0.5).astype(np.float32)
+    xn, cn = sq_norms(x), sq_norms(c)
+    want = np.empty(37, np.int64), np.empty(37, np.float32), np.empty(37, np.float32)
+    top2_from_ip(x @ c.T, cn, xn, *want, row_scale=scale)
+    for a, b in zip(_run(x, c, xn, scale), want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_direct_top2_padding_never_wins():
+    # one centroid: the runner-up is +inf (the padded columns' +inf norms), never a padded label
+    x = np.ones((9, 3), np.float32)
+    labels, d1, d2 = _run(x, np.zeros((1, 3), np.float32))
+    assert labels.tolist() == [0] * 9 and d1.tolist() == [3.0] * 9 and np.isinf(d2).all()
+    # every real distance +inf (overflow): the first real centre wins the tie with the padding
+    big = np.full((2, 4), 3e38, np.float32)
+    labels, d1, d2 = _run(np.full((3, 4), -3e38, np.float32), big, xn=np.zeros(3, np.float32))
+    assert labels.tolist() == [0, 0, 0] and np.isinf(d1).all() and np.isinf(d2).all()
+
+
+def test_direct_top2_large_dynamic_range():
+    g = np.random.default_rng(9)
+    x = (g.standard_normal((40, 24)) * np.logspace(-3, 3, 24)).astype(np.float32)
+    c = x[g.choice(40, 12, replace=False)] + np.float32(1e-3)
+    labels, d1, _ = _run(x, c)
+    rl, r1, _ = ref.top2_ref(x, c)
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_allclose(d1, r1, rtol=1e-4, atol=1e-3 * float(np.abs(r1).max()))
+
+
+@pytest.mark.parametrize("k", [7, 64])
+def test_assign_top2_takes_the_same_labels_with_and_without_the_direct_kernel(k, monkeypatch):
+    # (the kernel itself works for any K; assign_top2 uses it for K <= 64, see direct_assign.fits)
+    g = np.random.default_rng(k)
+    x = g.standard_normal((5000, 40)).astype(np.float32)
+    c = g.standard_normal((k, 40)).astype(np.float32)
+    outs = []
+    for direct in (True, False):
+        monkeypatch.setattr(cluster_assign, "DIRECT_ASSIGN", direct)
+        out = np.empty(5000, np.int64), np.empty(5000, np.float32), np.empty(5000, np.float32)
+        assign_top2(x, c, sq_norms(c), *out, n_threads=2)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-4)
