@@ -104,3 +104,21 @@ def test_assign_top2_takes_the_same_labels_with_and_without_the_direct_kernel(k,
         outs.append(out)
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])
+def test_direct_top2_parallel_equals_the_serial_kernel_on_all_or_listed_rows(block_rows):
+    from kvant.kernels.direct_assign import direct_top2_parallel
+
+    g = np.random.default_rng(block_rows)
+    x = g.standard_normal((301, 19)).astype(np.float32)
+    c = g.standard_normal((23, 19)).astype(np.float32)
+    ct, cn = padded_centroids(c, sq_norms(c))
+    for rows in (np.empty(0, np.int64), g.integers(0, 301, 150)):
+        xs = x if rows.size == 0 else x[rows]
+        want = np.empty(len(xs), np.int64), np.empty(len(xs), np.float32), np.empty(len(xs), np.float32)
+        direct_top2(xs, ct, cn, sq_norms(xs), *want)
+        got = np.empty(len(xs), np.int64), np.empty(len(xs), np.float32), np.empty(len(xs), np.float32)
+        direct_top2_parallel(x, rows, ct, cn, sq_norms(xs), *got, block_rows)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)

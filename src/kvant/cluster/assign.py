@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._config import get_num_threads
 from .._numerics import condition
 from .._parallel import for_each_block
 from ..errors import InvalidInput
@@ -18,6 +19,13 @@ _SAFE_SQNORM = (1e-30, 1e30)
 LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16), not the exact m nearest
 # K <= 64 on AVX-512 hosts (direct_assign.fits): products from the register-blocked kernel, not a BLAS GEMM
 DIRECT_ASSIGN = True
+# A plain direct E-step of at most this many row × centroid × coordinate products runs as one parallel Numba region
+# (blocks of >= _DIRECT_MIN_ROWS rows, ~4 per thread): 16-24% off digits' fits at K = 10 and 64, where handing
+# blocks to Python threads cost more than the work. Larger ones keep the Python threads: there Numba's threads,
+# spinning after the region, slowed 1M×128 K=64's fit by 13% (same-process A/B, 2026-12-02).
+_ONE_REGION_MAX_WORK = 1 << 24
+_DIRECT_MIN_ROWS = 64
+_NO_ROWS = np.empty(0, np.int64)
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -79,6 +87,15 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         ct, cn_padded = direct_assign.padded_centroids(cc, c_sqnorms)
     else:
         ct = np.ascontiguousarray(cc.T)
+
+    if direct and not (unit_rows or conditioned or exact_sq is not None) and x_sqnorms is not None and (
+            n_threads is None or n_threads == get_num_threads()) and n * k * dim <= _ONE_REGION_MAX_WORK:
+        # a small plain E-step (Lloyd's): one parallel Numba region instead of Python threads
+        threads = max(1, get_num_threads())
+        block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
+        direct_assign.direct_top2_parallel(np.ascontiguousarray(x), _NO_ROWS if rows is None else rows, ct,
+                                           cn_padded, x_sqnorms, labels, d1, d2, block)
+        return
 
     zero_rows: list[int] = []
 
