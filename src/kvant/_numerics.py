@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kernels.distance import mean_and_spread
+
 # conditioning(): squared norms fed to the GEMM are brought into [2**-40, 2**40] by a power-of-two scale
 _SAFE_LOG2_SQNORM = 40
 _CONDITION_ROWS = 1024
@@ -31,13 +33,13 @@ def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
     n = rows.shape[0]
     if n == 0:
         return None, None
-    sub = rows[:: max(1, n // _CONDITION_ROWS)].astype(np.float64)
-    mu = sub.mean(axis=0)
-    dev = sub - mu
-    spread = float(np.einsum("ij,ij->", dev, dev)) / sub.shape[0]
+    if rows.dtype not in (np.float32, np.float64):
+        rows = rows[:: max(1, n // _CONDITION_ROWS)].astype(np.float64)
+        n = rows.shape[0]
+    mu, spread, sq = mean_and_spread(rows, max(1, n // _CONDITION_ROWS))
     offset = float(mu @ mu)
     shift = mu.astype(np.float32) if offset > _OFFSET_RATIO * spread else None
-    typical = spread if shift is not None else float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0]
+    typical = spread if shift is not None else sq
     return shift, _pow2_scale(typical)
 
 

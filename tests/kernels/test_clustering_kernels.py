@@ -9,6 +9,7 @@ from kvant.errors import InvalidInput
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import (
     exact_l2_topk,
+    mean_and_spread,
     normalise_rows_into,
     sq_l2_block,
     sq_l2_direct,
@@ -528,3 +529,14 @@ def test_assign_to_candidates_picks_the_nearest_candidate(d, m):
         if np.all(cd[np.isin(cand[i], near)] == best):
             assert labels[i] == near.min()  # exact ties: the smaller id
         assert d1[i] == pytest.approx(exact[i, labels[i]], rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("n,d,step", [(0, 3, 1), (1, 1, 1), (5, 2, 3), (1797, 64, 1), (300, 7, 4)])
+@pytest.mark.parametrize("layout", ["c32", "f32", "c64"])
+def test_mean_and_spread_matches_reference(n, d, step, layout):
+    x = np.random.default_rng(n + d).standard_normal((n, d)) * 3 + 1e3  # an offset, as conditioning looks for
+    x = {"c32": x.astype(np.float32), "f32": np.asfortranarray(x.astype(np.float32)), "c64": x}[layout]
+    mu, spread, sq = mean_and_spread(x, step)
+    rmu, rspread, rsq = ref.mean_and_spread_ref(x, step)
+    np.testing.assert_allclose(mu, rmu, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose([spread, sq], [rspread, rsq], rtol=1e-9, atol=1e-9)

@@ -48,6 +48,17 @@ def top2_ref(x, centroids):
     return labels.astype(np.int64), d1, d2
 
 
+def mean_and_spread_ref(x, step):
+    """(mean, mean squared deviation from it, mean squared norm) of rows 0, step, 2·step, ... in float64."""
+    import numpy as np
+
+    sub = np.asarray(x, np.float64)[::step]
+    if sub.shape[0] == 0:
+        return np.zeros(x.shape[1]), 0.0, 0.0
+    mu = sub.mean(axis=0)
+    return mu, float(((sub - mu) ** 2).sum(axis=1).mean()), float((sub**2).sum(axis=1).mean())
+
+
 def topk_ref(dist, k):
     """k smallest per row by (distance, column), padded with inf / -1: the order kvant promises."""
     import numpy as np

@@ -36,6 +36,30 @@ def sq_norms(x):
     return out
 
 
+@numba.njit(**_JIT_SUM)
+def mean_and_spread(x, step):
+    """(μ, mean ‖x − μ‖², mean ‖x‖²) of rows 0, step, 2·step, ... of x, in float64, in two passes without
+    temporaries (a NumPy version's float64 copy and difference cost 1 ms of a 4 ms digits fit)."""
+    n, d = x.shape
+    mu = np.zeros(d)
+    m = 0
+    for i in range(0, n, step):
+        for j in range(d):
+            mu[j] += x[i, j]
+        m += 1
+    if m == 0:
+        return mu, 0.0, 0.0
+    mu /= m
+    spread = 0.0
+    sq = 0.0
+    for i in range(0, n, step):
+        for j in range(d):
+            v = np.float64(x[i, j])
+            spread += (v - mu[j]) * (v - mu[j])
+            sq += v * v
+    return mu, spread / m, sq / m
+
+
 @numba.njit(parallel=True, **_JIT)
 def finish_sq_l2(g, q_sqnorms, x_sqnorms):
     """In place: g[i, j] (= q_i·x_j) becomes max(‖q_i‖² + ‖x_j‖² − 2 g[i, j], 0)."""
