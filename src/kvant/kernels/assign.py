@@ -103,6 +103,15 @@ def _dist_bits(xi, cn, g):
     return v if v <= np.int32(0x7F800000) else np.int32(0)
 
 
+@numba.njit(inline="always", **_JIT)
+def store_top2(labels, d1, d2, i, best, run, arg):
+    """Row i's outputs from the top-2 distance bit patterns: the label, d1, and d2 capped at +inf (its value when
+    K == 1, where the runner-up is still the "above everything" start)."""
+    labels[i] = arg
+    d1[i] = np.int32(best).view(np.float32)
+    d2[i] = np.int32(min(run, np.int32(0x7F800000))).view(np.float32)
+
+
 @numba.njit(**_JIT)
 def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
     """g (b, K) = x·cᵀ (read only). Writes labels (argmin ‖x−c‖²), d1 (its squared distance) and d2 (the
@@ -120,7 +129,6 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
     2.5-3× slower at K = 64..1024.)
     """
     b, K = g.shape
-    big = np.int32(0x7F800000)  # +inf's bit pattern
     above = np.int32(0x7F800001)  # above every clamped value: the first column is always taken
     # the vector loads need unit-stride rows and norms; anything else takes the scalar loop
     kv = K - K % _LANES if g.strides[1] == 4 and c_sqnorms.strides[0] == 4 else 0
@@ -139,9 +147,7 @@ def top2_from_ip(g, c_sqnorms, x_sqnorms, labels, d1, d2, row_scale=None):
                 arg = np.int32(j)
             elif v < run:
                 run = v
-        labels[i] = arg
-        d1[i] = np.int32(best).view(np.float32)
-        d2[i] = np.int32(min(run, big)).view(np.float32)  # +inf when K == 1
+        store_top2(labels, d1, d2, i, best, run, arg)
 
 
 @intrinsic

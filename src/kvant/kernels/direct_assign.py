@@ -19,6 +19,8 @@ and callers keep BLAS.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from llvmlite import binding as llvm_binding
@@ -28,17 +30,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, splat
-from .assign import _top2_lanes
+from .assign import _top2_lanes, store_top2
 
 _L = 16  # floats per vector
+
+
+def _padded(k: int) -> int:
+    """K rounded up to whole 16-float vectors: the column count of the padded cᵀ."""
+    return -(-k // _L) * _L
 
 
 def _l2_bytes() -> int:
     """This core's L2 cache size from sysfs (Linux), 1 MiB when it cannot be read."""
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        import os
-
         for entry in sorted(os.listdir(base)):
             with open(f"{base}/{entry}/level") as f:
                 if f.read().strip() != "2":
@@ -64,7 +69,7 @@ MAX_K = 64
 def fits(dim: int, k: int) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 host, K <= MAX_K and the
     padded cᵀ within :data:`MAX_CT_BYTES`."""
-    return AVAILABLE and k <= MAX_K and dim * (-(-k // _L) * _L) * 4 <= MAX_CT_BYTES
+    return AVAILABLE and k <= MAX_K and dim * _padded(k) * 4 <= MAX_CT_BYTES
 
 
 def _host_has_avx512() -> bool:
@@ -138,7 +143,7 @@ _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 @numba.njit(**_JIT)
 def _products(x, i0, ct, g):
-    """g[:R] = x[i0 : i0 + R] · ct, R = rows_per_step(KP), with the micro-kernel shapes described above."""
+    """g[:R] = x[i0 : i0 + R] · ct with the micro-kernel shapes described above (R = 8 for KP <= 48, else 6)."""
     kp = ct.shape[1]
     if kp == 16:
         _ip8x1(x, i0, ct, 0, g)
@@ -165,20 +170,17 @@ def _top2_rows(g, rows, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2):
     is +inf and a real column always wins a tie with them (the smaller index): with every column in the lanes the
     results are those of ``top2_from_ip`` on the K real columns, K < 16 included."""
     kp = cn_padded.shape[0]
-    big = np.int32(0x7F800000)
     for r in range(rows):
         f = np.float32(1.0) if row_scale is None else row_scale[i0 + r]
         best, run, arg = _top2_lanes(g, r, cn_padded, x_sqnorms[i0 + r], f, kp)
-        labels[i0 + r] = arg
-        d1[i0 + r] = np.int32(best).view(np.float32)
-        d2[i0 + r] = np.int32(min(run, big)).view(np.float32)
+        store_top2(labels, d1, d2, i0 + r, best, run, arg)
 
 
 @numba.njit(**_JIT)
 def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
     """:func:`kvant.kernels.assign.top2_from_ip` of ``x @ cᵀ`` without the product matrix.
 
-    x (n, D) float32 with unit-stride rows; ``ct, cn_padded = padded_centroids(c)``; ``row_scale`` as in
+    x (n, D) float32 with unit-stride rows; ``ct, cn_padded = padded_centroids(c, ‖c‖²)``; ``row_scale`` as in
     ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate order."""
     n, dim = x.shape
     kp = ct.shape[1]
@@ -213,7 +215,7 @@ def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.n
     """(cᵀ as a (D, KP) float32 C-contiguous array with zero columns after K, the norms padded with +inf to KP),
     KP = 16·ceil(K/16): the centroid operands :func:`direct_top2` reads."""
     k, dim = centroids.shape
-    kp = -(-k // _L) * _L
+    kp = _padded(k)
     ct = np.zeros((dim, kp), np.float32)
     ct[:, :k] = centroids.T
     cn = np.full(kp, np.inf, np.float32)
