@@ -330,6 +330,39 @@ def test_weighted_kmeanspp_never_picks_a_zero_weight_row():
         assert 3 not in kmeanspp(x, 2, np.array([0.0, u]), 0, w)
 
 
+@pytest.mark.parametrize("d", [1, 2, 16])
+def test_kmeanspp_pruning_matches_reference_on_clustered_data(d):
+    # Tight, well-separated clusters make the triangle-inequality skip fire for most rows (forced on here below
+    # the dimension where kmeanspp uses it by default); d=1 (collinear
+    # points) makes the bound tight, so a skip test that is too eager picks different rows. Integer
+    # coordinates below 2^12 keep every squared distance exact in float32, so the picks must be identical.
+    g = np.random.default_rng(d)
+    centres = g.integers(-30, 31, size=(60, d)) * 10
+    x = (centres[g.integers(0, 60, size=3000)] + g.integers(-3, 4, size=(3000, d))).astype(np.float32)
+    for seed in range(3):
+        u = np.random.default_rng(seed).random(120)
+        want = ref.kmeanspp_ref(x, 120, u, seed)
+        w = np.random.default_rng(seed).integers(0, 3, size=3000).astype(np.float64)
+        w[seed] = 1.0
+        want_w = ref.kmeanspp_ref(x, 120, u, seed, w)
+        for prune_min_dim in (1, 10**9):  # the skip test forced on, and off
+            np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, UNIT_WEIGHTS, prune_min_dim), want)
+            np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, w, prune_min_dim), want_w)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_kmeanspp_matches_reference_on_real_valued_data(scale):
+    # Real-valued rows: the kernel's float32 distances and block sums round differently from the float64
+    # reference, but far below the gaps a uniform draw lands in, so the picks agree.
+    g = np.random.default_rng(7)
+    x = ((g.standard_normal((40, 24)) * 5)[g.integers(0, 40, size=2000)] + g.standard_normal((2000, 24)))
+    x = (x * scale).astype(np.float32)
+    u = g.random(64)
+    want = ref.kmeanspp_ref(x, 64, u, 3)
+    for prune_min_dim in (1, 10**9):
+        np.testing.assert_array_equal(kmeanspp(x, 64, u, 3, UNIT_WEIGHTS, prune_min_dim), want)
+
+
 @pytest.mark.parametrize("n,d", [(0, 3), (1, 1), (37, 130), (1000, 8)])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
 def test_sq_dist_to_point(n, d, scale):
