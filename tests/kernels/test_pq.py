@@ -308,6 +308,23 @@ def test_fastscan_shortlist_returns_exact_adc_distances(rerank):
     assert R.pq_topk_agrees(rd, ri, d, i) is None
 
 
+@pytest.mark.parametrize("nchunks", [None, 1, 3])
+def test_fastscan_shortlist_is_the_same_for_every_group_and_tile(nchunks):
+    # Query groups and code tiles only reorder the work: any group size (dividing nq or not) and any tile
+    # (odd, one block, more than all blocks) must give the same ids and distances as one query at a time.
+    m, n, k = 6, 3000, 7  # 94 blocks, the last one partial
+    t = _random_tables(21, 37, m, 16, "wide")
+    codes = _random_codes(22, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    want_d, want_i = K.fastscan_search(t, p, n, m, k, 3, nchunks=nchunks, group=1, tile_blocks=10**9)
+    full = K.adc_distances(t, codes)
+    np.testing.assert_array_equal(want_d, np.take_along_axis(full, want_i, 1))
+    for group, tile in [(16, None), (5, 1), (37, 3), (64, 7), (2, 200)]:
+        d, i = K.fastscan_search(t, p, n, m, k, 3, nchunks=nchunks, group=group, tile_blocks=tile)
+        np.testing.assert_array_equal(i, want_i, err_msg=f"group={group} tile={tile}")
+        np.testing.assert_array_equal(d, want_d)
+
+
 def test_fastscan_handles_constant_and_tied_tables():
     m, n, k = 4, 70, 5
     t = np.ones((2, m, 16), dtype=np.float32)  # every row ties: ids 0..4
