@@ -791,6 +791,20 @@ def _push_u(aa, ii, L, a, i):
 
 
 @numba.njit(inline="always", **_JIT)
+def _push_candidates(mask, acc, row0, aa, ii, L, th):
+    """Push the rows set in ``mask`` (row ``row0 + r`` has quantised sum ``acc[r]``) that are below ``th`` into the
+    ascending shortlist ``aa``/``ii`` of length ``L``; returns the new threshold (its last entry)."""
+    while mask != 0:
+        rr = _ctz(mask)
+        mask &= mask - 1
+        a = np.int64(acc[rr])
+        if a < th:
+            _push_u(aa, ii, L, a, row0 + rr)
+            th = aa[L - 1]
+    return th
+
+
+@numba.njit(inline="always", **_JIT)
 def _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n):
     """Scan block b, and block b + 1 with it on AVX-512BW hosts when it is below b1: (candidate mask of the
     real rows, blocks scanned, real rows). acc[r] is row 32·b + r's quantised sum."""
@@ -841,13 +855,7 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
             o = b * 32 - r0
             for rr in range(nr):
                 allacc[o + rr] = acc[rr]
-            while mask != 0:
-                rr = _ctz(mask)
-                mask &= mask - 1
-                a = np.int64(acc[rr])
-                if a < th:
-                    _push_u(ka, ki, k, a, b * 32 + rr)
-                    th = ka[k - 1]
+            th = _push_candidates(mask, acc, b * 32, ka, ki, k, th)
             b += nb
         bound = th + m + slack
         for x in range(nrows):
@@ -893,13 +901,7 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                 b = t0
                 while b < t1:
                     mask, nb, nr = _fs_step(acc, flat, b, t1, bbytes, lut8, mp2, thj, n)
-                    while mask != 0:
-                        rr = _ctz(mask)
-                        mask &= mask - 1
-                        a = np.int64(acc[rr])
-                        if a < thj:
-                            _push_u(saj, sij, L, a, b * 32 + rr)
-                            thj = saj[L - 1]
+                    thj = _push_candidates(mask, acc, b * 32, saj, sij, L, thj)
                     b += nb
                 th[j] = thj
         for j in range(g):
