@@ -319,7 +319,7 @@ def test_fastscan_shortlist_is_the_same_for_every_group_and_tile(nchunks):
     want_d, want_i = K.fastscan_search(t, p, n, m, k, 3, nchunks=nchunks, group=1, tile_blocks=10**9)
     full = K.adc_distances(t, codes)
     np.testing.assert_array_equal(want_d, np.take_along_axis(full, want_i, 1))
-    for group, tile in [(16, None), (5, 1), (37, 3), (64, 7), (2, 200)]:
+    for group, tile in [(None, None), (16, None), (5, 1), (37, 3), (64, 7), (2, 200)]:
         d, i = K.fastscan_search(t, p, n, m, k, 3, nchunks=nchunks, group=group, tile_blocks=tile)
         np.testing.assert_array_equal(i, want_i, err_msg=f"group={group} tile={tile}")
         np.testing.assert_array_equal(d, want_d)

@@ -931,8 +931,9 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
 
     ``tables`` (nq, m, 16) float32; ``packed`` from :func:`pack_codes_4bit`. ``rerank >= 1`` re-scores the
     ``rerank * k`` rows with the smallest quantised sums; ``rerank = 0`` is the exact mode (module doc).
-    ``group`` / ``tile_blocks`` (shortlist mode; defaults ``FASTSCAN_GROUP`` and ``FASTSCAN_TILE_BYTES``) set
-    how many queries scan each tile of blocks together; they change the speed, never the result.
+    ``group`` / ``tile_blocks`` (shortlist mode; defaults ``FASTSCAN_GROUP``, lowered so each thread gets two work
+    items — 8 or 16 queries on 2 threads: +31% / +37% q/s at 1M codes — and ``FASTSCAN_TILE_BYTES``) set how many
+    queries scan each tile of blocks together; they change the speed, never the result.
     """
     nq = tables.shape[0]
     k = int(k)
@@ -950,7 +951,9 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
     flat = packed.reshape(-1)
     mp2 = packed.shape[1]
     if rerank >= 1:
-        group = max(1, int(FASTSCAN_GROUP if group is None else group))
+        if group is None:  # at most FASTSCAN_GROUP, and small enough to give every thread two work items
+            group = min(FASTSCAN_GROUP, nq * nchunks // (2 * numba.get_num_threads()))
+        group = max(1, int(group))
         tile = max(1, int(FASTSCAN_TILE_BYTES // (32 * mp2) if tile_blocks is None else tile_blocks))
         tile += tile & 1  # even, so the two-block steps of AVX-512 hosts pair the same blocks in every tile
         _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, int(rerank), nchunks, group, tile,
