@@ -164,22 +164,22 @@ def _draw(d2, w, unit, bmass, target):
     first; if rounding leaves no row above the target, the last row with positive mass (never a zero one)."""
     n = d2.shape[0]
     run = 0.0
-    last_block = 0
-    for b in range(bmass.shape[0]):
-        if bmass[b] > 0.0:
-            last_block = b
-            if run + bmass[b] > target:
-                last_block = -1 - b  # the row walk below may still fall short by rounding
+    found = False  # a block whose sum crosses the target (its row walk may still fall short by rounding)
+    b = 0  # that block, else the last block with positive mass
+    for j in range(bmass.shape[0]):
+        if bmass[j] > 0.0:
+            b = j
+            if run + bmass[j] > target:
+                found = True
                 break
-            run += bmass[b]
-    b = last_block if last_block >= 0 else -1 - last_block
+            run += bmass[j]
     last = b * _KPP_BLOCK
     for i in range(b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK)):
         mass = d2[i] if unit else w[i] * d2[i]
         if mass > 0.0:
             last = i
             run += mass
-            if last_block < 0 and run > target:
+            if found and run > target:
                 return i
     return last
 
