@@ -19,6 +19,7 @@ from kvant.kernels.distance import (
 from kvant.kernels.lloyd import (
     UNIT_WEIGHTS,
     cluster_sums,
+    exact_dist_to,
     exact_sq_dist_rows,
     exact_sq_dist_rows_scaled,
     kmeanspp,
@@ -253,6 +254,25 @@ def test_exact_sq_dist_rows(n, d, k, scale):
     labels = np.arange(n, dtype=np.int64) % k
     want = ((x.astype(np.float64) - c.astype(np.float64)[labels]) ** 2).sum(axis=1)
     np.testing.assert_allclose(exact_sq_dist_rows(x, c, labels), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 15, 16, 17, 32, 47, 130])
+@pytest.mark.parametrize("layout", ["C", "F", "column slice"])
+def test_lane_sums_match_float64_on_awkward_dims_and_strides(d, layout):
+    """The 16-lane float64 sums (norms, exact distances, Hamerly's exact_dist_to) against NumPy in float64: every
+    remainder of D mod 16, rows of non-unit stride (the scalar path), and a 1e6 dynamic range within rows."""
+    g = np.random.default_rng(d)
+    base = (g.standard_normal((23, 2 * d)) * np.logspace(-3, 3, 2 * d)).astype(np.float32)
+    x = {"C": np.ascontiguousarray(base[:, :d]), "F": np.asfortranarray(base[:, :d]), "column slice": base[:, ::2]}[layout]
+    c = np.ascontiguousarray(base[:5, d:][:, :d])
+    labels = np.arange(23, dtype=np.int64) % 5
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    np.testing.assert_allclose(sq_norms_serial(x), (x64**2).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(sq_norms(x), (x64**2).sum(1), rtol=1e-6)
+    want = ((x64 - c64[labels]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(exact_sq_dist_rows(x, c, labels), want, rtol=1e-12)
+    rows = np.arange(0, 23, 2)
+    np.testing.assert_allclose(exact_dist_to(x, rows, c, labels), np.sqrt(want[rows]), rtol=1e-6)
 
 
 def test_assign_top2_exact_sq_is_the_float64_distance_to_the_label():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .distance import row_sq_dist64
+
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 UNIT_WEIGHTS = np.empty(0, np.float64)  # the ``w`` argument meaning "every row weighs 1"
@@ -79,38 +81,22 @@ def loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_d
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def exact_dist_to(x, rows, centroids, labels):
-    """sqrt ‖x_i − c_{labels_i}‖² for each listed row, term by term (float64 accumulation).
-
-    Reassociation lets LLVM vectorise the sum; in float64 its rounding (~1e-15 relative) is far inside the
-    1e-4 slack the Hamerly bounds already carry."""
-    d = x.shape[1]
+    """sqrt ‖x_i − c_{labels_i}‖² for each listed row, term by term (:func:`row_sq_dist64`; its float64
+    rounding, ~1e-15 relative, is far inside the 1e-4 slack the Hamerly bounds already carry)."""
     out = np.empty(rows.shape[0], np.float32)
     for r in range(rows.shape[0]):
         i = rows[r]
-        c = labels[i]
-        acc = 0.0
-        for t in range(d):
-            diff = np.float64(x[i, t]) - np.float64(centroids[c, t])
-            acc += diff * diff
-        out[r] = np.sqrt(acc)
+        out[r] = np.sqrt(row_sq_dist64(x, i, centroids, labels[i]))
     return out
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def exact_sq_dist_rows(x, centroids, labels):
-    """Σ_t (x_i − c_{labels_i})² per row, float64, for the final exact inertia.
-
-    Reassociation lets LLVM vectorise the float64 sum (a serial chain of adds was as slow as the whole
-    assignment); rounding stays ~1e-15 relative, and the result does not depend on the thread count."""
-    n, d = x.shape
-    out = np.empty(n, np.float64)
-    for i in range(n):
-        c = labels[i]
-        acc = 0.0
-        for t in range(d):
-            diff = np.float64(x[i, t]) - np.float64(centroids[c, t])
-            acc += diff * diff
-        out[i] = acc
+    """Σ_t (x_i − c_{labels_i})² per row, float64, for the final exact inertia (:func:`row_sq_dist64`: explicit
+    16-lane float64 sums; rounding ~1e-15 relative, and the result does not depend on the thread count)."""
+    out = np.empty(x.shape[0], np.float64)
+    for i in range(x.shape[0]):
+        out[i] = row_sq_dist64(x, i, centroids, labels[i])
     return out
 
 
