@@ -805,10 +805,10 @@ def test_a_run_never_ends_on_a_candidate_e_step(monkeypatch):
     # a stalling candidate step (every row keeps the label of the last full E-step): the means then stop moving,
     # and the run must not stop on labels that were exact only for the centres before
     state = {}
-    real_assign = lloyd_module.assign_top2
+    real_assign = lloyd_module.e_step
 
-    def assign(x, c, cn, labels, *a, **kw):
-        real_assign(x, c, cn, labels, *a, **kw)
+    def assign(x, c, labels, *a, **kw):
+        real_assign(x, c, labels, *a, **kw)
         if kw.get("nearest") is not None:
             state["labels"] = labels.copy()
 
@@ -816,7 +816,7 @@ def test_a_run_never_ends_on_a_candidate_e_step(monkeypatch):
         labels[:] = state["labels"]
         d1[:] = ((x - c[labels]) ** 2).sum(axis=1)
 
-    monkeypatch.setattr(lloyd_module, "assign_top2", assign)
+    monkeypatch.setattr(lloyd_module, "e_step", assign)
     monkeypatch.setattr(lloyd_module, "_candidate_e_step", stall)
     x = _gaussian_rows(np.random.default_rng(8), 1500, 6, False)
     c0 = init_centroids(x, 20, "k-means++", 0)
@@ -833,7 +833,7 @@ def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
     # pretend a re-seed at the M-step right after each recording full E-step (where a candidate step would come)
     state = {"recorded": False, "pending": False, "checked": 0}
     real_reseed, real_step, real_assign = (lloyd_module._reseed_empty, lloyd_module._candidate_e_step,
-                                           lloyd_module.assign_top2)
+                                           lloyd_module.e_step)
 
     def reseed(*args):
         n = real_reseed(*args)
@@ -855,7 +855,7 @@ def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
 
     monkeypatch.setattr(lloyd_module, "_reseed_empty", reseed)
     monkeypatch.setattr(lloyd_module, "_candidate_e_step", step)
-    monkeypatch.setattr(lloyd_module, "assign_top2", assign)
+    monkeypatch.setattr(lloyd_module, "e_step", assign)
     x = _gaussian_rows(np.random.default_rng(9), 2000, 6, False)
     lloyd(x, init_centroids(x, 20, "k-means++", 0), 12, tol=0.0, overrelax=1.0, candidates=3)
     assert state["checked"] >= 2

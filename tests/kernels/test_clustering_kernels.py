@@ -263,7 +263,8 @@ def test_lane_sums_match_float64_on_awkward_dims_and_strides(d, layout):
     remainder of D mod 16, rows of non-unit stride (the scalar path), and a 1e6 dynamic range within rows."""
     g = np.random.default_rng(d)
     base = (g.standard_normal((23, 2 * d)) * np.logspace(-3, 3, 2 * d)).astype(np.float32)
-    x = {"C": np.ascontiguousarray(base[:, :d]), "F": np.asfortranarray(base[:, :d]), "column slice": base[:, ::2]}[layout]
+    x = {"C": np.ascontiguousarray(base[:, :d]), "F": np.asfortranarray(base[:, :d]),
+         "column slice": base[:, ::2]}[layout]
     c = np.ascontiguousarray(base[:5, d:][:, :d])
     labels = np.arange(23, dtype=np.int64) % 5
     x64, c64 = x.astype(np.float64), c.astype(np.float64)

@@ -31,7 +31,7 @@ from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows
-from .assign import assign_top2
+from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
@@ -465,12 +465,18 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
+    certified = CertifiedCentres(centroids, spherical)  # AMX hosts, K >= AMX_MIN_K: bf16 tiles, certified labels
     total = 0.0
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
-        per_row = np.empty(b, np.float64) if with_inertia else None
-        assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
-                    exact_sq=per_row, unit_rows=spherical and not unit, row_offset=s, shift=shift, scale=scale)
+        per_row = np.empty(b, np.float64)
+        if certified.ok:
+            assign_certified(block, certified, labels[s : s + b], per_row, unit_rows=spherical and not unit,
+                             row_offset=s)
+        else:
+            assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
+                        exact_sq=per_row if with_inertia else None, unit_rows=spherical and not unit, row_offset=s,
+                        shift=shift, scale=scale)
         if with_inertia:
             total += float(per_row.sum())
         if report is not None:

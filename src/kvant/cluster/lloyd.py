@@ -57,7 +57,7 @@ from ..kernels.lloyd import (
     loosen_bounds,
     move_rows,
 )
-from .assign import assign_top2
+from .assign import e_step
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
 # distances can never let a row keep a stale label.
@@ -192,7 +192,7 @@ def lloyd(
     labels = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
     d2 = np.empty(n, np.float32)
-    assign_top2(x, c, sq_norms_serial(c), labels, d1, d2, x_sqnorms=xn)
+    e_step(x, c, labels, d1, d2, xn)
     upper = np.sqrt(d1)
     lower = np.sqrt(d2)
     sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()), w)
@@ -288,7 +288,7 @@ def lloyd(
             result.rows_recomputed += n
             lab_new = np.empty(n, np.int64)
             record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter
-            assign_top2(x, c, sq_norms_serial(c), lab_new, d1, d2, x_sqnorms=xn, nearest=near if record else None)
+            e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
             cand_left = CANDIDATE_REFRESH - 1 if record else 0
             labels_exact = True
             moved = np.flatnonzero(lab_new != labels)
@@ -306,7 +306,7 @@ def lloyd(
             lab_new = np.empty(cand.size, np.int64)
             e1 = np.empty(cand.size, np.float32)
             e2 = np.empty(cand.size, np.float32)
-            assign_top2(x, c, sq_norms_serial(c), lab_new, e1, e2, x_sqnorms=xn[cand], rows=cand)
+            e_step(x, c, lab_new, e1, e2, xn[cand], rows=cand)
             old = labels[cand]
             moved = lab_new != old
             if moved.any():

@@ -1,0 +1,438 @@
+"""Certified nearest-centre assignment with AMX bf16 tile products: fast approximate distances, exact labels.
+
+Intel AMX multiplies 16×32 bf16 tiles into 16×16 float32 accumulators at 16× the multiply-add rate of AVX-512
+float32 FMAs. bf16 keeps only 8 significant bits, so its distances are approximate; every row is therefore
+*certified* before its label is taken:
+
+1. rows and centres are centred on the centres' mean μ (distances do not change; the products shrink) and rounded to
+   bf16; d̃_j = ‖x − μ‖² + ‖c_j − μ‖² − 2·(x̃·c̃_j) comes from the tile products;
+2. with u = 2⁻⁸ (bf16's unit roundoff), each product x̃_t·c̃_t is within (2u + u²)|x_t||c_t| of x_t·c_t and the
+   float32 accumulation adds at most γ = (D + 2)·2⁻²⁴ of the sum of magnitudes, so |d̃_j − d_j| ≤ M(x) with
+   M(x) = 2η‖x − μ‖·max_j‖c_j − μ‖ + 2⁻²⁰(‖x − μ‖ + max_j‖c_j − μ‖)², η = 2u + u² + γ + 2⁻²² (Cauchy-Schwarz;
+   the last term covers float32 rounding of the centring and of d̃'s own three terms, with a wide margin);
+3. a row whose best two approximate distances differ by more than 2M has the approximate best as its exact nearest
+   centre. Any other row compares exact float64 distances to every centre with d̃_j <= d̃_best + 2M (the true
+   nearest is always among them) and takes the smallest (ties to the smaller id).
+
+So labels are the exact nearest centres of the float32 rows and centres — not merely nearest up to the float32
+rounding of the expanded distance, as the GEMM paths are — and each row's exact squared distance to its centre
+(float64, term by term) comes out of the same pass.
+
+The tiles need the host's AMX (``amx-tile``, ``amx-bf16``) and Linux's permission to use its state
+(``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); :data:`AVAILABLE` is False anywhere else and callers
+keep the float32 kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from ._llvm import llvm_fn
+from .assign import _top2_lanes, candidate_ids_from_ip
+from .distance import _row_sqnorm, row_sq_dist64
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+_TILE_ROWS = 16  # rows of x per tile; also the centres per accumulator tile
+_TILE_K = 32  # bf16 coordinates per tile row (64 bytes)
+_STRIP = 2 * _TILE_ROWS  # rows per strip: two row tiles
+_KP_STEP = 2 * _TILE_ROWS  # centres per pass: two centre tiles
+U_BF16 = 2.0**-8
+
+
+def _host_has_amx() -> bool:
+    try:
+        features = llvm_binding.get_host_cpu_features().flatten().split(",")
+    except Exception:  # pragma: no cover - llvmlite without feature detection
+        return False
+    return "+amx-tile" in features and "+amx-bf16" in features
+
+
+def _request_tile_state() -> bool:
+    """Ask Linux for permission to use the AMX tile data state (needed once per process)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError):  # pragma: no cover - no libc symbol table
+        return False
+
+
+AVAILABLE = _host_has_amx() and _request_tile_state()
+
+# Palette 1, tiles 0-7 all 16 rows × 64 bytes: 0-3 accumulate float32 products, 4-5 hold rows, 6-7 centres.
+TILE_CONFIG = np.zeros(64, np.uint8)
+TILE_CONFIG[0] = 1
+TILE_CONFIG[16:32].view(np.uint16)[:] = 64
+TILE_CONFIG[48:56] = _TILE_ROWS
+
+
+@intrinsic
+def _tiles_begin(typingctx, cfg):
+    """Load the tile configuration (``TILE_CONFIG``) on this thread."""
+    if not (isinstance(cfg, types.Array) and cfg.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        p = ir.IntType(8).as_pointer()
+        data = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, p)
+        builder.call(llvm_fn(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [p]), [data])
+        return context.get_dummy_value()
+
+    return types.void(cfg), codegen
+
+
+@intrinsic
+def _tiles_end(typingctx):
+    """Release the tile state of this thread."""
+
+    def codegen(context, builder, signature, args):
+        builder.call(llvm_fn(builder.module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def _strip_products(typingctx, a16, bt, g):
+    """g[r, j] = Σ_t a16[r, t]·c[j, t] for the 32 rows of ``a16`` ((32, DP) bf16 bits, DP a multiple of 32) and every
+    centre: ``bt`` (DP/32, KP/16, 16, 32) bf16 bits is cᵀ in AMX's pair layout (:func:`pack_centres`), g (32, KP)
+    float32, KP a multiple of 32. 2×2 register blocking: per 32 coordinates, two row tiles and two centre tiles feed
+    four accumulators, one tile load per multiply (with one row tile and four centre tiles per pass, the loads —
+    which wait for the multiplies still reading their tile — cost more). Needs ``_tiles_begin`` first."""
+    ok = (isinstance(a16, types.Array) and a16.dtype == types.uint16 and a16.ndim == 2
+          and isinstance(bt, types.Array) and bt.dtype == types.uint16 and bt.ndim == 4
+          and isinstance(g, types.Array) and g.dtype == types.float32 and g.ndim == 2)
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        i8, i64 = ir.IntType(8), ir.IntType(64)
+        p = ir.IntType(8).as_pointer()
+        mod = builder.module
+        aa, ab, ag = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
+        a_ptr, b_ptr, g_ptr = (builder.bitcast(a.data, p) for a in (aa, ab, ag))
+        a_stride = cgutils.unpack_tuple(builder, aa.strides, 2)[0]
+        g_stride = cgutils.unpack_tuple(builder, ag.strides, 2)[0]
+        nkc, ng = cgutils.unpack_tuple(builder, ab.shape, 4)[:2]
+        load = llvm_fn(mod, "llvm.x86.tileloadd64", ir.VoidType(), [i8, p, i64])
+        store = llvm_fn(mod, "llvm.x86.tilestored64", ir.VoidType(), [i8, p, i64])
+        zero = llvm_fn(mod, "llvm.x86.tilezero", ir.VoidType(), [i8])
+        dot = llvm_fn(mod, "llvm.x86.tdpbf16ps", ir.VoidType(), [i8, i8, i8])
+        tile = [ir.Constant(i8, t) for t in range(8)]
+        row_bytes = ir.Constant(i64, 64)
+        tile_bytes = ir.Constant(i64, _TILE_ROWS * 64)
+        second_rows = builder.mul(a_stride, ir.Constant(i64, _TILE_ROWS))  # rows 16-31 of a16 and g
+        g_second = builder.mul(g_stride, ir.Constant(i64, _TILE_ROWS))
+        with cgutils.for_range(builder, builder.udiv(ng, ir.Constant(ng.type, 2))) as pairs:
+            j0 = builder.mul(pairs.index, ir.Constant(ng.type, 2))
+            for q in range(4):
+                builder.call(zero, [tile[q]])
+            with cgutils.for_range(builder, nkc) as chunks:
+                kc = chunks.index
+                a0 = builder.gep(a_ptr, [builder.mul(kc, row_bytes)])
+
+                def centre_tile(jj):
+                    return builder.gep(b_ptr, [builder.mul(builder.add(builder.mul(kc, ng), jj), tile_bytes)])
+
+                builder.call(load, [tile[4], a0, a_stride])
+                builder.call(load, [tile[6], centre_tile(j0), row_bytes])
+                builder.call(dot, [tile[0], tile[4], tile[6]])
+                builder.call(load, [tile[7], centre_tile(builder.add(j0, ir.Constant(ng.type, 1))), row_bytes])
+                builder.call(dot, [tile[1], tile[4], tile[7]])
+                builder.call(load, [tile[5], builder.gep(a0, [second_rows]), a_stride])
+                builder.call(dot, [tile[2], tile[5], tile[6]])
+                builder.call(dot, [tile[3], tile[5], tile[7]])
+            col = builder.gep(g_ptr, [builder.mul(j0, row_bytes)])
+            builder.call(store, [tile[0], col, g_stride])
+            builder.call(store, [tile[1], builder.gep(col, [row_bytes]), g_stride])
+            builder.call(store, [tile[2], builder.gep(col, [g_second]), g_stride])
+            builder.call(store, [tile[3], builder.gep(col, [builder.add(g_second, row_bytes)]), g_stride])
+        return context.get_dummy_value()
+
+    return types.void(a16, bt, g), codegen
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bf16 bit patterns, round to nearest even (finite inputs)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def padded_k(k: int) -> int:
+    return -(-k // _KP_STEP) * _KP_STEP
+
+
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 x as bf16 bits (hi, lo) with hi = bf16(x), lo = bf16(x − hi) (x − hi is exact in float32)."""
+    hi = _bf16_bits(x)
+    rest = x - (hi.astype(np.uint32) << 16).view(np.float32)
+    return hi, _bf16_bits(rest)
+
+
+def pack_centres(centroids: np.ndarray, terms: int = 1):
+    """The centre operands of :func:`assign_rows`: (μ, bt, cn, cmax) with μ the centres' mean (float32), bt the centred
+    centres as bf16 in AMX's pair layout, zero-padded to DP = 32·ceil(D/32) coordinates per term and KP =
+    32·ceil(K/32) centres, cn = ‖c − μ‖² (float32, +inf for the padding) and cmax = max ‖c − μ‖ (float64).
+
+    ``terms`` = 1: products of bf16(x)·bf16(c). ``terms`` = 3: each value split as hi + lo (two bf16), and the
+    product taken as hi·hi + lo·hi + hi·lo over three concatenated coordinate segments ([hi, lo, hi] of the row times
+    [hi, hi, lo] of the centre): about 16 significant bits, 3× the tile work, and a margin ~100× narrower."""
+    if terms not in (1, 3):
+        raise ValueError(f"terms must be 1 or 3, got {terms}")
+    k, dim = centroids.shape
+    mu = centroids.astype(np.float64).mean(axis=0).astype(np.float32)
+    cc = (centroids - mu).astype(np.float32)
+    kp, dp0 = padded_k(k), -(-dim // _TILE_K) * _TILE_K
+    padded = np.zeros((kp, dp0), np.float32)
+    padded[:k, :dim] = cc
+    if terms == 1:
+        bits = _bf16_bits(padded)
+    else:
+        hi, lo = _split(padded)
+        bits = np.concatenate([hi, hi, lo], axis=1)
+    dp = bits.shape[1]
+    # bt[kc, jg, p, 2n + h] = c[16·jg + n, 32·kc + 2p + h]
+    bt = bits.reshape(kp // 16, 16, dp // 32, 16, 2).transpose(2, 0, 3, 1, 4)
+    bt = np.ascontiguousarray(bt).reshape(dp // 32, kp // 16, 16, 32)
+    sq = (cc.astype(np.float64) ** 2).sum(axis=1)
+    cn = np.full(kp, np.inf, np.float32)
+    cn[:k] = sq
+    return mu, bt, cn, float(np.sqrt(sq.max(initial=0.0)))
+
+
+def eta(dim: int, terms: int = 1) -> float:
+    """The relative error factor η of the module docstring for D = dim: with ``terms`` = 3 the split products' error
+    is at most 3.1u² instead of 2u + u², and the float32 accumulation runs over 3D terms."""
+    if terms == 1:
+        return 2 * U_BF16 + U_BF16**2 + (dim + 2) * 2.0**-24 + 2.0**-22
+    return 3.1 * U_BF16**2 + 1.01 * (3 * dim + 2) * 2.0**-24 + 2.0**-22
+
+
+@numba.njit(inline="always", **_JIT)
+def _rne16(b):
+    # float32 bits -> bf16 bits, round to nearest even
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@numba.njit(inline="always", **_JIT)
+def _scaled_sq_dist64(x, i, f, c, j):
+    # Σ (x_t·f − c_t)² in float64: the exact distance of the unit row x_i·f (cos) to centre j
+    acc = 0.0
+    for t in range(x.shape[1]):
+        v = np.float64(x[i, t]) * f - np.float64(c[j, t])
+        acc += v * v
+    return acc
+
+
+@intrinsic
+def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
+    """Row i of x over its first ``n16`` coordinates (a multiple of 16), as v = x·f − μ in float32 (f = 1 for l2,
+    1/‖x‖ for cos): v's bf16 bits go to a16[r, :n16] and, with ``split``, bf16(v − hi) to a16[r, dp0:] and hi again
+    to a16[r, 2·dp0:] (:func:`pack_centres`' [hi, lo, hi] layout). Returns Σ v² in float64. Explicit 16-lane vectors:
+    LLVM's own vectoriser left these loops mostly scalar (the split ones ran at ~3 ns per coordinate)."""
+    ok = (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2 and f == types.float32
+          and isinstance(mu, types.Array) and mu.dtype == types.float32 and mu.ndim == 1
+          and isinstance(a16, types.Array) and a16.dtype == types.uint16 and a16.ndim == 2)
+    if not ok:
+        return None
+    sig = types.float64(x, i, f, mu, a16, r, n16, dp0, split)
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        x_v, i_v, f_v, mu_v, a_v, r_v, n16_v, dp0_v, split_v = args
+        f32, f64, i32, i16 = ir.FloatType(), ir.DoubleType(), ir.IntType(32), ir.IntType(16)
+        L = 16
+        vf, vd, vi, vh = ir.VectorType(f32, L), ir.VectorType(f64, L), ir.VectorType(i32, L), ir.VectorType(i16, L)
+        intp = context.get_value_type(types.intp)
+        i8p = ir.IntType(8).as_pointer()
+
+        def cast(v, k):
+            return context.cast(builder, v, signature.args[k], types.intp)
+
+        def row(arr_k, arr_v, idx):
+            a = context.make_array(signature.args[arr_k])(context, builder, arr_v)
+            stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+            return builder.gep(builder.bitcast(a.data, i8p), [builder.mul(idx, stride)])
+
+        xrow = builder.bitcast(row(0, x_v, cast(i_v, 1)), f32.as_pointer())
+        arow = builder.bitcast(row(4, a_v, cast(r_v, 5)), i16.as_pointer())
+        mup = context.make_array(signature.args[3])(context, builder, mu_v).data
+        n16 = cast(n16_v, 6)
+        dp0 = cast(dp0_v, 7)
+        do_split = builder.icmp_signed("!=", context.cast(builder, split_v, signature.args[8], types.intp),
+                                       ir.Constant(intp, 0))
+        fv = ir.Constant(vf, ir.Undefined)
+        fv = builder.insert_element(fv, f_v, ir.Constant(i32, 0))
+        fv = builder.shuffle_vector(fv, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(i32, L), [0] * L))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vd, [0.0] * L))
+        fma = llvm_fn(builder.module, f"llvm.fma.v{L}f64", vd, [vd, vd, vd])
+
+        def vload(ptr, off, ty):
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=2)
+
+        def vstore(val, ptr, off):
+            builder.store(val, builder.bitcast(builder.gep(ptr, [off]), val.type.as_pointer()), align=2)
+
+        def rne16(bits):
+            one = ir.Constant(vi, [1] * L)
+            sixteen = ir.Constant(vi, [16] * L)
+            odd = builder.and_(builder.lshr(bits, sixteen), one)
+            return builder.trunc(builder.lshr(builder.add(builder.add(bits, ir.Constant(vi, [0x7FFF] * L)), odd),
+                                              sixteen), vh)
+
+        with cgutils.for_range(builder, builder.udiv(n16, ir.Constant(intp, L))) as loop:
+            off = builder.mul(loop.index, ir.Constant(intp, L))
+            v = builder.fsub(builder.fmul(vload(xrow, off, vf), fv), vload(mup, off, vf))
+            vv = builder.fpext(v, vd)
+            builder.store(builder.call(fma, [vv, vv, builder.load(acc)]), acc)
+            hi = rne16(builder.bitcast(v, vi))
+            vstore(hi, arow, off)
+            with builder.if_then(do_split):
+                hi_f = builder.bitcast(builder.shl(builder.zext(hi, vi), ir.Constant(vi, [16] * L)), vf)
+                lo = rne16(builder.bitcast(builder.fsub(v, hi_f), vi))
+                vstore(lo, arow, builder.add(dp0, off))
+                vstore(hi, arow, builder.add(builder.add(dp0, dp0), off))
+        total = builder.load(acc)
+        width = L
+        while width > 1:  # pairwise halves, as distance._sum_sq_codegen
+            width //= 2
+            lo_h = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(width))))
+            hi_h = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width),
+                                                                    list(range(width, 2 * width))))
+            total = builder.fadd(lo_h, hi_h)
+        return builder.extract_element(total, ir.Constant(i32, 0))
+
+    return sig, codegen
+
+
+@numba.njit(inline="always", **_JIT)
+def _convert_row(x, i, f, mu, a16, r, dp0, split, one):
+    """:func:`_convert16` over every coordinate (the last D mod 16 one by one, the same operations, through the
+    1-float scratch ``one``); returns ‖v‖²."""
+    dim = x.shape[1]
+    n16 = dim - dim % 16 if x.strides[1] == 4 else 0
+    acc = _convert16(x, i, f, mu, a16, r, n16, dp0, split) if n16 else 0.0
+    bits = one.view(np.uint32)
+    for t in range(n16, dim):
+        v = x[i, t] * f - mu[t]
+        acc += np.float64(v) * np.float64(v)
+        one[0] = v
+        hb = _rne16(bits[0])
+        a16[r, t] = hb
+        if split:
+            bits[0] = np.uint32(hb) << np.uint32(16)
+            one[0] = v - one[0]
+            a16[r, dp0 + t] = _rne16(bits[0])
+            a16[r, 2 * dp0 + t] = hb
+    return acc
+
+
+@numba.njit(**_JIT)
+def assign_rows(x, rows, centroids, mu, bt, cn, cmax, eta_d, terms, unit_rows, cfg, labels, exact_sq, lower2, nearest):
+    """Exact nearest centre of rows of ``x`` (unit-normalised first when ``unit_rows``) and its float64 squared
+    distance, certified from AMX bf16 products as the module docstring describes. Returns how many rows needed exact
+    distances to more than one centre.
+
+    ``rows`` (int64): the rows to assign, in that order (outputs per listed row); empty: every row. ``mu, bt, cn,
+    cmax`` from :func:`pack_centres` with ``terms`` (1 or 3), ``eta_d`` = :func:`eta` (D, terms). Outputs: ``labels``
+    (a zero row with ``unit_rows`` gets -1; the caller reports it), ``exact_sq``; when not empty, ``lower2`` (float32):
+    a lower bound on the squared distance to the nearest *other* centre (d̃₂ − M for a certified row; for the others
+    the smaller of the second exact distance among the candidates and d̃₁ + M, which every non-candidate exceeds; +inf
+    when K = 1), and ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
+    (:func:`kvant.kernels.assign.candidate_ids_from_ip`), the row's label always among them."""
+    listed = rows.shape[0] > 0
+    n = rows.shape[0] if listed else x.shape[0]
+    kp = cn.shape[0]
+    k = centroids.shape[0]
+    dp = bt.shape[0] * 32
+    split = terms == 3
+    dp0 = dp // 3 if split else dp
+    a16 = np.zeros((_STRIP, dp), np.uint16)
+    one = np.zeros(1, np.float32)
+    g = np.empty((_STRIP, kp), np.float32)
+    xn = np.empty(_STRIP, np.float32)
+    scale = np.ones(_STRIP, np.float64)
+    want_lower = lower2.shape[0] > 0
+    want_near = nearest.shape[0] > 0
+    fallback = 0
+    _tiles_begin(cfg)
+    for s in range(0, n, _STRIP):
+        nr = min(_STRIP, n - s)
+        for r in range(nr):
+            i = rows[s + r] if listed else s + r
+            f = 1.0
+            if unit_rows:
+                nrm = np.sqrt(_row_sqnorm(x, i))
+                f = 1.0 / nrm if nrm > 0 else 0.0
+            scale[r] = f
+            xn[r] = np.float32(_convert_row(x, i, np.float32(f), mu, a16, r, dp0, split, one))
+        if nr < _STRIP:  # the tail strip: zero rows, their products ignored
+            a16[nr:, :] = 0
+        _strip_products(a16, bt, g)
+        for r in range(nr):
+            o = s + r
+            i = rows[o] if listed else o
+            if unit_rows and scale[r] == 0.0:
+                labels[o] = -1
+                exact_sq[o] = 0.0
+                if want_lower:
+                    lower2[o] = 0.0
+                continue
+            best, run, arg = _top2_lanes(g, r, cn, xn[r], np.float32(1.0), kp)
+            d1 = np.float64(np.int32(best).view(np.float32))
+            d2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
+            xnorm = np.sqrt(np.float64(xn[r]))
+            bound = 2.0 * eta_d * xnorm * cmax + 2.0**-20 * (xnorm + cmax) ** 2  # M: |d̃_j − d_j| <= M
+            lab = np.int64(arg)
+            if k == 1 or d2 - d1 > 2.0 * bound:
+                ex = _scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
+                    x, i, centroids, lab)
+                low = d2 - bound
+            else:
+                fallback += 1
+                ex = np.inf
+                ex2 = np.inf
+                for j in range(k):
+                    dj = max(np.float64(xn[r] + cn[j] - np.float32(2.0) * g[r, j]), 0.0)
+                    if dj <= d1 + 2.0 * bound:
+                        e = _scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
+                            x, i, centroids, j)
+                        if e < ex:
+                            ex2 = ex
+                            ex = e
+                            lab = j
+                        elif e < ex2:
+                            ex2 = e
+                low = min(ex2, d1 + bound)
+            labels[o] = lab
+            exact_sq[o] = ex
+            if want_lower:
+                lower2[o] = np.float32(max(low, 0.0))
+        if want_near:
+            out = nearest[s : s + nr]
+            candidate_ids_from_ip(g[:nr, :k], cn[:k], xn[:nr], out)
+            m = out.shape[1]
+            for r in range(nr):  # the exact label may differ from the approximate best: keep it a candidate
+                lab = labels[s + r]
+                found = False
+                for t in range(m):
+                    found = found or out[r, t] == lab
+                if not found and lab >= 0:
+                    out[r, m - 1] = lab
+    _tiles_end()
+    return fallback
+
+
+__all__ = ["AVAILABLE", "TILE_CONFIG", "assign_rows", "eta", "pack_centres", "padded_k"]

@@ -1,0 +1,140 @@
+"""Certified AMX assignment (kvant.kernels.amx_assign) against exact float64 nearest centres.
+
+The kernel runs only on hosts with AMX; elsewhere these tests skip (the float32 kernels serve there and have their
+own tests)."""
+
+import numpy as np
+import pytest
+
+import kvant
+from kvant.cluster import assign as cluster_assign
+from kvant.kernels import amx_assign
+
+pytestmark = pytest.mark.skipif(not amx_assign.AVAILABLE, reason="no AMX on this host")
+
+NO_ROWS = np.empty(0, np.int64)
+NO_LOWER = np.empty(0, np.float32)
+NO_NEAREST = np.empty((0, 0), np.int32)
+
+
+def _exact(x, c, unit=False):
+    x64 = x.astype(np.float64)
+    if unit:
+        x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+    d = ((x64[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    return d  # (n, K): argmin(1) is the exact label, ties to the smaller id
+
+
+def _near_ties(g, n, dim, k, offset=0.0):
+    """Centres, and rows near the midpoints of centre pairs, nudged towards one of them by 1e-6 to 1e-1 of their
+    distance (log-uniform: gaps from far below to far above bf16's error), plus duplicated centres (exact ties)."""
+    c = (g.standard_normal((k, dim)) + offset).astype(np.float32)
+    if k > 2:
+        c[k - 1] = c[0]  # an exact tie: the smaller id must win
+    a, b = g.integers(0, k, n), g.integers(0, k, n)
+    t = 0.5 + (g.choice([-1.0, 1.0], n) * 10.0 ** g.uniform(-6, -1, n))[:, None]
+    x = (c[a] * t + c[b] * (1 - t)).astype(np.float32)
+    return x, c
+
+
+def _run(x, c, rows=NO_ROWS, unit=False, terms=1, lower=False, m=0):
+    mu, bt, cn, cmax = amx_assign.pack_centres(c, terms)
+    n = rows.shape[0] if rows.shape[0] else x.shape[0]
+    labels, exact = np.empty(n, np.int64), np.empty(n, np.float64)
+    low = np.empty(n, np.float32) if lower else NO_LOWER
+    near = np.empty((n, m), np.int32) if m else NO_NEAREST
+    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cmax, amx_assign.eta(x.shape[1], terms), terms, unit,
+                                amx_assign.TILE_CONFIG, labels, exact, low, near)
+    return labels, exact, low, near, fb
+
+
+@pytest.mark.parametrize("n,dim,k", [(0, 3, 2), (1, 1, 1), (40, 1, 5), (70, 17, 33), (100, 33, 64), (65, 130, 65),
+                                     (200, 64, 200)])
+@pytest.mark.parametrize("terms", [1, 3])
+def test_labels_are_the_exact_nearest_centres_on_near_ties(n, dim, k, terms):
+    g = np.random.default_rng(n + dim + k)
+    x, c = _near_ties(g, n, dim, k)
+    d = _exact(x, c)
+    labels, exact, *_ = _run(x, c, terms=terms)
+    np.testing.assert_array_equal(labels, d.argmin(1) if n else labels)
+    np.testing.assert_allclose(exact, d.min(1) if n else exact, rtol=1e-12)
+
+
+def test_large_offset_wide_range_and_listed_rows():
+    g = np.random.default_rng(3)
+    x, c = _near_ties(g, 300, 40, 70, offset=1e3)
+    x[:, :5] *= 1e3  # a 1e6 range between coordinates
+    c[:, :5] *= 1e3
+    rows = np.array([299, 0, 17, 17, 150], np.int64)
+    d = _exact(x, c)
+    labels, exact, *_ = _run(x, c, rows=rows)
+    np.testing.assert_array_equal(labels, d.argmin(1)[rows])
+    np.testing.assert_allclose(exact, d.min(1)[rows], rtol=1e-12)
+
+
+def test_unit_rows_and_zero_rows():
+    g = np.random.default_rng(4)
+    x, c = _near_ties(g, 120, 24, 64)
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    x[7] = 0.0
+    labels, exact, *_ = _run(x, c, unit=True)
+    assert labels[7] == -1
+    keep = np.arange(120) != 7
+    d = _exact(x[keep], c, unit=True)
+    np.testing.assert_array_equal(labels[keep], d.argmin(1))
+    np.testing.assert_allclose(exact[keep], d.min(1), rtol=1e-9, atol=1e-12)
+
+
+def test_runner_up_lower_bound_and_candidates_hold_the_label():
+    g = np.random.default_rng(5)
+    x, c = _near_ties(g, 500, 48, 96)
+    d = _exact(x, c)
+    labels, exact, low, near, fb = _run(x, c, lower=True, m=5)
+    assert fb > 0  # near ties did take the exact path
+    runner_up = np.sort(d, axis=1)[:, 1]
+    assert np.all(low <= runner_up * (1 + 1e-6))
+    assert np.all((near == labels[:, None]).any(axis=1))
+    # on well-separated rows the bound is informative, not just 0
+    assert np.median(low / runner_up) > 0.9
+
+
+def test_a_too_narrow_margin_is_caught():
+    # the certification is what makes the labels exact: with η shrunk 100× the near ties are mislabelled
+    g = np.random.default_rng(6)
+    x, c = _near_ties(g, 2000, 64, 64)
+    mu, bt, cn, cmax = amx_assign.pack_centres(c)
+    labels, exact = np.empty(2000, np.int64), np.empty(2000)
+    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, 0.0, amx_assign.eta(64) / 100, 1, False,
+                           amx_assign.TILE_CONFIG, labels, exact, NO_LOWER, NO_NEAREST)
+    assert (labels != _exact(x, c).argmin(1)).sum() > 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path):
+    g = np.random.default_rng(7)
+    x = (g.standard_normal((6000, 20)) + g.integers(0, 8, 6000)[:, None]).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    c = kvant.Clusterer(k=cluster_assign.AMX_MIN_K, metric=metric, seed=0).fit(np.load(path, mmap_mode="r"))
+    d = _exact(x, c.cluster_centers_, unit=metric == "cos")
+    np.testing.assert_array_equal(c.labels_, d.argmin(1))
+    want = d.min(1).sum() * (0.5 if metric == "cos" else 1.0)
+    np.testing.assert_allclose(c.inertia_, want, rtol=1e-9)
+    np.testing.assert_array_equal(c.predict(x), c.labels_)
+
+
+def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
+    g = np.random.default_rng(8)
+    x = g.standard_normal((3000, 32)).astype(np.float32)
+    c = x[:80].copy()
+    xn = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    out = [np.empty(3000, np.int64), np.empty(3000, np.float32), np.empty(3000, np.float32)]
+    cluster_assign.e_step(x, c, *out, xn)
+    monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    ref = [np.empty(3000, np.int64), np.empty(3000, np.float32), np.empty(3000, np.float32)]
+    cluster_assign.e_step(x, c, *ref, xn)
+    d = np.sort(_exact(x, c), axis=1)
+    clear = d[:, 1] - d[:, 0] > 1e-3 * d[:, 1]
+    np.testing.assert_array_equal(out[0][clear], ref[0][clear])
+    np.testing.assert_allclose(out[1], d[:, 0], rtol=1e-6, atol=1e-6)
+    assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
