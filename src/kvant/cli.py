@@ -138,11 +138,19 @@ def _cmd_info(args) -> int:
         "threads": get_num_threads(),
         "cpu": cpu_name,
         "simd_level": level,
-        "simd_features": sorted(f for f in flags if f.startswith(("avx", "sse", "fma", "f16c", "neon"))),
+        "simd_features": sorted(f for f in flags if f.startswith(("avx", "sse", "fma", "f16c", "neon", "amx"))),
+        # k-means assignments with K >= 64 use certified bf16 tile products when this is true (docs/auto.md)
+        "amx_tiles": _amx_available(),
         "optional": _optional_versions(),
     }
     emit(args, payload)
     return EXIT_OK
+
+
+def _amx_available() -> bool:
+    from .kernels import amx_assign
+
+    return bool(amx_assign.AVAILABLE)
 
 
 def _optional_versions() -> dict:
