@@ -38,12 +38,12 @@ def _near_ties(g, n, dim, k, offset=0.0):
 
 
 def _run(x, c, rows=NO_ROWS, unit=False, terms=1, lower=False, m=0):
-    mu, bt, cn, cmax = amx_assign.pack_centres(c, terms)
+    mu, bt, cn, cnorm = amx_assign.pack_centres(c, terms)
     n = rows.shape[0] if rows.shape[0] else x.shape[0]
     labels, exact = np.empty(n, np.int64), np.empty(n, np.float64)
     low = np.empty(n, np.float32) if lower else NO_LOWER
     near = np.empty((n, m), np.int32) if m else NO_NEAREST
-    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cmax, amx_assign.eta(x.shape[1], terms), terms, unit,
+    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cnorm, amx_assign.eta(x.shape[1], terms), terms, unit,
                                 amx_assign.TILE_CONFIG, labels, exact, low, near)
     return labels, exact, low, near, fb
 
@@ -102,9 +102,9 @@ def test_a_too_narrow_margin_is_caught():
     # the certification is what makes the labels exact: with η shrunk 100× the near ties are mislabelled
     g = np.random.default_rng(6)
     x, c = _near_ties(g, 2000, 64, 64)
-    mu, bt, cn, cmax = amx_assign.pack_centres(c)
+    mu, bt, cn, cnorm = amx_assign.pack_centres(c)
     labels, exact = np.empty(2000, np.int64), np.empty(2000)
-    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, 0.0, amx_assign.eta(64) / 100, 1, False,
+    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, cnorm * 0.0, amx_assign.eta(64) / 100, 1, False,
                            amx_assign.TILE_CONFIG, labels, exact, NO_LOWER, NO_NEAREST)
     assert (labels != _exact(x, c).argmin(1)).sum() > 0
 
@@ -138,3 +138,26 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
     np.testing.assert_array_equal(out[0][clear], ref[0][clear])
     np.testing.assert_allclose(out[1], d[:, 0], rtol=1e-6, atol=1e-6)
     assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
+
+
+def test_centres_with_far_outliers_keep_the_float32_path():
+    g = np.random.default_rng(9)
+    c = g.standard_normal((cluster_assign.AMX_MIN_K, 16)).astype(np.float32)
+    assert cluster_assign.CertifiedCentres(c, spherical=False).ok
+    c[0] *= 100 * cluster_assign.AMX_MAX_NORM_SPREAD
+    assert not cluster_assign.CertifiedCentres(c, spherical=False).ok
+    assert not cluster_assign.CertifiedCentres(c[: cluster_assign.AMX_MIN_K - 1], spherical=False).ok
+
+
+def test_per_centre_margins_certify_rows_a_far_centre_would_block():
+    # one centre 1e3 away: the quick test (largest centre norm) certifies nothing, the per-centre margins still
+    # leave a single candidate for the rows near the bulk, and the labels stay exact
+    g = np.random.default_rng(10)
+    c = g.standard_normal((40, 24)).astype(np.float32)
+    c[39] = 1e3
+    x = (c[g.integers(0, 39, 400)] + g.standard_normal((400, 24)) * 0.05).astype(np.float32)
+    labels, exact, low, _, multi = _run(x, c, lower=True)
+    d = _exact(x, c)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    assert multi < 40
+    assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))

@@ -1,4 +1,6 @@
-"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles finished by a Numba top-2 pass."""
+"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts, a
+register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts, certified bf16 tile
+products (:func:`e_step`, :func:`assign_certified`)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ _NO_NEAREST = np.empty((0, 0), np.int32)
 # 0.50×/0.42×; at K=10 1M×128 took 1.19× (the products are not what costs there), Fashion-MNIST 0.87×.
 AMX_ASSIGN = True
 AMX_MIN_K = 64
+# ... and only while max ‖c − μ‖ <= AMX_MAX_NORM_SPREAD × its median over the centres: on the benchmark's heavy-tailed
+# l2 cells (ratio 39-164) a third of the rows needed the per-centre scan and fits took 1.4× the float32 path's time;
+# every other cell measured had a ratio <= 5.3.
+AMX_MAX_NORM_SPREAD = 8.0
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -146,8 +152,9 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
 
 class CertifiedCentres:
-    """Centres prepared for :func:`assign_certified` (the bf16 tile operands), or None-like when the AMX path does
-    not apply: no AMX, K < ``AMX_MIN_K``, or l2 data of extreme magnitude (``conditioning`` asks for a scale)."""
+    """Centres prepared for :func:`assign_certified` (the bf16 tile operands); ``ok`` is False when the AMX path does
+    not apply: no AMX, K < ``AMX_MIN_K``, l2 data of extreme magnitude (``conditioning`` asks for a scale), or centre
+    norms spread beyond ``AMX_MAX_NORM_SPREAD``."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool):
         k = centroids.shape[0]
@@ -155,8 +162,10 @@ class CertifiedCentres:
         self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K
                    and (spherical or conditioning(self.centroids)[1] is None))
         if self.ok:
-            self.mu, self.bt, self.cn, self.cmax = amx_assign.pack_centres(self.centroids)
+            self.mu, self.bt, self.cn, self.cnorm = amx_assign.pack_centres(self.centroids)
             self.eta = amx_assign.eta(self.centroids.shape[1])
+            # a few centres far out (heavy tails) leave most rows to the per-centre scan: the float32 kernels win
+            self.ok = bool(self.cnorm.max() <= AMX_MAX_NORM_SPREAD * np.median(self.cnorm))
 
 
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
@@ -167,7 +176,7 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     x = np.ascontiguousarray(x, np.float32)
 
     def run(s: int, e: int) -> None:
-        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cmax, cc.eta, 1, unit_rows,
+        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cnorm, cc.eta, 1, unit_rows,
                                amx_assign.TILE_CONFIG, labels[s:e], exact_sq[s:e], _NO_LOWER, _NO_NEAREST)
 
     for_each_block(x.shape[0], 8192, run, n_threads)
@@ -196,7 +205,7 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
 
     def run(s: int, e: int) -> None:
         xs, listed = (x[s:e], _NO_ROWS) if rows is None else (x, rows[s:e])
-        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cmax, cc.eta, 1, False,
+        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cnorm, cc.eta, 1, False,
                                amx_assign.TILE_CONFIG, labels[s:e], exact[s:e], d2[s:e],
                                _NO_NEAREST if nearest is None else nearest[s:e])
 

@@ -10,9 +10,11 @@ float32 FMAs. bf16 keeps only 8 significant bits, so its distances are approxima
    float32 accumulation adds at most γ = (D + 2)·2⁻²⁴ of the sum of magnitudes, so |d̃_j − d_j| ≤ M(x) with
    M(x) = 2η‖x − μ‖·max_j‖c_j − μ‖ + 2⁻²⁰(‖x − μ‖ + max_j‖c_j − μ‖)², η = 2u + u² + γ + 2⁻²² (Cauchy-Schwarz;
    the last term covers float32 rounding of the centring and of d̃'s own three terms, with a wide margin);
-3. a row whose best two approximate distances differ by more than 2M has the approximate best as its exact nearest
-   centre. Any other row compares exact float64 distances to every centre with d̃_j <= d̃_best + 2M (the true
-   nearest is always among them) and takes the smallest (ties to the smaller id).
+3. a row whose best two approximate distances differ by more than 2M has the approximate best b as its exact nearest
+   centre. Any other row takes the per-centre margins M_j (‖c_j − μ‖ in place of the maximum): a centre with
+   d̃_j − M_j > d̃_b + M_b is farther than b; the rest (usually b alone) are compared by exact float64 distances and
+   the smallest wins (ties to the smaller id). The centring point μ is the centres' coordinate-wise median, so a few
+   far centres (heavy-tailed data) inflate neither ‖x − μ‖ nor, past the quick test, the other centres' margins.
 
 So labels are the exact nearest centres of the float32 rows and centres — not merely nearest up to the float32
 rounding of the expanded distance, as the GEMM paths are — and each row's exact squared distance to its centre
@@ -181,9 +183,10 @@ def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_centres(centroids: np.ndarray, terms: int = 1):
-    """The centre operands of :func:`assign_rows`: (μ, bt, cn, cmax) with μ the centres' mean (float32), bt the centred
-    centres as bf16 in AMX's pair layout, zero-padded to DP = 32·ceil(D/32) coordinates per term and KP =
-    32·ceil(K/32) centres, cn = ‖c − μ‖² (float32, +inf for the padding) and cmax = max ‖c − μ‖ (float64).
+    """The centre operands of :func:`assign_rows`: (μ, bt, cn, cnorm) with μ the centres' coordinate-wise median
+    (float32; a median, so a few far centres do not pull the rows' centred norms up), bt the centred centres as bf16 in
+    AMX's pair layout, zero-padded to DP = 32·ceil(D/32) coordinates per term and KP = 32·ceil(K/32) centres,
+    cn = ‖c − μ‖² (float32, +inf for the padding) and cnorm = ‖c − μ‖ (float64, K values).
 
     ``terms`` = 1: products of bf16(x)·bf16(c). ``terms`` = 3: each value split as hi + lo (two bf16), and the
     product taken as hi·hi + lo·hi + hi·lo over three concatenated coordinate segments ([hi, lo, hi] of the row times
@@ -191,7 +194,7 @@ def pack_centres(centroids: np.ndarray, terms: int = 1):
     if terms not in (1, 3):
         raise ValueError(f"terms must be 1 or 3, got {terms}")
     k, dim = centroids.shape
-    mu = centroids.astype(np.float64).mean(axis=0).astype(np.float32)
+    mu = np.median(centroids.astype(np.float64), axis=0).astype(np.float32)
     cc = (centroids - mu).astype(np.float32)
     kp, dp0 = padded_k(k), -(-dim // _TILE_K) * _TILE_K
     padded = np.zeros((kp, dp0), np.float32)
@@ -208,7 +211,7 @@ def pack_centres(centroids: np.ndarray, terms: int = 1):
     sq = (cc.astype(np.float64) ** 2).sum(axis=1)
     cn = np.full(kp, np.inf, np.float32)
     cn[:k] = sq
-    return mu, bt, cn, float(np.sqrt(sq.max(initial=0.0)))
+    return mu, bt, cn, np.sqrt(sq)
 
 
 def eta(dim: int, terms: int = 1) -> float:
@@ -340,16 +343,16 @@ def _convert_row(x, i, f, mu, a16, r, dp0, split, one):
 
 
 @numba.njit(**_JIT)
-def assign_rows(x, rows, centroids, mu, bt, cn, cmax, eta_d, terms, unit_rows, cfg, labels, exact_sq, lower2, nearest):
+def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, cfg, labels, exact_sq, lower2, nearest):
     """Exact nearest centre of rows of ``x`` (unit-normalised first when ``unit_rows``) and its float64 squared
     distance, certified from AMX bf16 products as the module docstring describes. Returns how many rows needed exact
     distances to more than one centre.
 
     ``rows`` (int64): the rows to assign, in that order (outputs per listed row); empty: every row. ``mu, bt, cn,
-    cmax`` from :func:`pack_centres` with ``terms`` (1 or 3), ``eta_d`` = :func:`eta` (D, terms). Outputs: ``labels``
+    cnorm`` from :func:`pack_centres` with ``terms`` (1 or 3), ``eta_d`` = :func:`eta` (D, terms). Outputs: ``labels``
     (a zero row with ``unit_rows`` gets -1; the caller reports it), ``exact_sq``; when not empty, ``lower2`` (float32):
-    a lower bound on the squared distance to the nearest *other* centre (d̃₂ − M for a certified row; for the others
-    the smaller of the second exact distance among the candidates and d̃₁ + M, which every non-candidate exceeds; +inf
+    a lower bound on the squared distance to the nearest *other* centre (d̃₂ − M after the quick test; for the
+    others the smaller of the second exact distance among the candidates and the non-candidates' d̃_j − M_j; +inf
     when K = 1), and ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
     (:func:`kvant.kernels.assign.candidate_ids_from_ip`), the row's label always among them."""
     listed = rows.shape[0] > 0
@@ -366,6 +369,7 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cmax, eta_d, terms, unit_rows, c
     scale = np.ones(_STRIP, np.float64)
     want_lower = lower2.shape[0] > 0
     want_near = nearest.shape[0] > 0
+    cmax = cnorm.max() if k else 0.0
     fallback = 0
     _tiles_begin(cfg)
     for s in range(0, n, _STRIP):
@@ -394,28 +398,39 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cmax, eta_d, terms, unit_rows, c
             d1 = np.float64(np.int32(best).view(np.float32))
             d2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
             xnorm = np.sqrt(np.float64(xn[r]))
-            bound = 2.0 * eta_d * xnorm * cmax + 2.0**-20 * (xnorm + cmax) ** 2  # M: |d̃_j − d_j| <= M
+            # quick test with the largest centre norm: M = max_j M_j (most rows end here)
+            bound = 2.0 * eta_d * xnorm * cmax + 2.0**-20 * (xnorm + cmax) ** 2
             lab = np.int64(arg)
             if k == 1 or d2 - d1 > 2.0 * bound:
                 ex = _scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
                     x, i, centroids, lab)
                 low = d2 - bound
             else:
-                fallback += 1
+                # per-centre margins M_j: every centre whose lower end d̃_j − M_j reaches the approximate best's upper
+                # end d̃_b + M_b may be the nearest; the others are not, and their lower ends bound the runner-up
+                cb = cnorm[lab]
+                top = d1 + 2.0 * eta_d * xnorm * cb + 2.0**-20 * (xnorm + cb) ** 2
                 ex = np.inf
                 ex2 = np.inf
+                low = np.inf
+                n_cand = 0
                 for j in range(k):
                     dj = max(np.float64(xn[r] + cn[j] - np.float32(2.0) * g[r, j]), 0.0)
-                    if dj <= d1 + 2.0 * bound:
-                        e = _scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
-                            x, i, centroids, j)
-                        if e < ex:
-                            ex2 = ex
-                            ex = e
-                            lab = j
-                        elif e < ex2:
-                            ex2 = e
-                low = min(ex2, d1 + bound)
+                    lj = dj - (2.0 * eta_d * xnorm * cnorm[j] + 2.0**-20 * (xnorm + cnorm[j]) ** 2)
+                    if lj > top:
+                        low = min(low, lj)
+                        continue
+                    n_cand += 1
+                    e = _scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
+                        x, i, centroids, j)
+                    if e < ex:
+                        ex2 = ex
+                        ex = e
+                        lab = j
+                    elif e < ex2:
+                        ex2 = e
+                fallback += n_cand > 1
+                low = min(low, ex2)
             labels[o] = lab
             exact_sq[o] = ex
             if want_lower:
