@@ -110,7 +110,8 @@ def test_a_too_narrow_margin_is_caught():
 
 
 @pytest.mark.parametrize("metric", ["l2", "cos"])
-def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path):
+def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)  # small data, tile path all the same
     g = np.random.default_rng(7)
     x = (g.standard_normal((6000, 20)) + g.integers(0, 8, 6000)[:, None]).astype(np.float32)
     path = tmp_path / "x.npy"
@@ -124,6 +125,7 @@ def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path):
 
 
 def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
+    monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)
     g = np.random.default_rng(8)
     x = g.standard_normal((3000, 32)).astype(np.float32)
     c = x[:80].copy()
@@ -142,11 +144,13 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
 
 def test_centres_with_far_outliers_keep_the_float32_path():
     g = np.random.default_rng(9)
-    c = g.standard_normal((cluster_assign.AMX_MIN_K, 16)).astype(np.float32)
+    dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
+    c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
     assert cluster_assign.CertifiedCentres(c, spherical=False).ok
     c[0] *= 100 * cluster_assign.AMX_MAX_NORM_SPREAD
     assert not cluster_assign.CertifiedCentres(c, spherical=False).ok
     assert not cluster_assign.CertifiedCentres(c[: cluster_assign.AMX_MIN_K - 1], spherical=False).ok
+    assert not cluster_assign.CertifiedCentres(c[:, : dim // 2], spherical=False).ok  # K·D below AMX_MIN_KD
 
 
 def test_per_centre_margins_certify_rows_a_far_centre_would_block():

@@ -1,6 +1,6 @@
 """Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts, a
 register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts, certified bf16 tile
-products (:func:`e_step`, :func:`assign_certified`)."""
+products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,15 @@ _DIRECT_MIN_ROWS = 64
 _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
 _NO_NEAREST = np.empty((0, 0), np.int32)
-# Final assignments (labels and exact distances, no runner-up) with K >= AMX_MIN_K on hosts with AMX run on bf16 tile
-# products certified row by row (kernels/amx_assign: exact labels). Same-process A/B on 2 threads, 2026-12-03:
-# 1M×128 K=64/256 0.91×/0.67× the time, 200k×384 K=64/256/1024 0.92×/0.78×/0.53×, Fashion-MNIST K=256/1024
-# 0.50×/0.42×; at K=10 1M×128 took 1.19× (the products are not what costs there), Fashion-MNIST 0.87×.
+# E-steps and final assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD on hosts with AMX run on bf16 tile products
+# certified row by row (kernels/amx_assign: exact labels). Final assignment alone, same-process A/B on 2 threads
+# (2026-12-03): 200k×384 K=256/1024 0.78×/0.53× the time, Fashion-MNIST K=256/1024 0.50×/0.42×, 1M×128 K=256 0.55-0.69×.
+# Whole fits interleaved with FAISS decided the threshold: K·D >= 2^16 gained (Fashion-MNIST K=256 0.70×, 200k×384
+# K=256 cos 0.89×, 1M×128 K=1024 cos 0.65×), below it the tile path lost (1M×128 K=64 l2 1.05×, 200k×384 K=64 cos
+# 1.24×, 1M×128 K=256 l2 Zipf 1.36×): each row's conversion and exact distance then cost more than its products.
 AMX_ASSIGN = True
 AMX_MIN_K = 64
+AMX_MIN_KD = 1 << 16
 # ... and only while max ‖c − μ‖ <= AMX_MAX_NORM_SPREAD × its median over the centres: on the benchmark's heavy-tailed
 # l2 cells (ratio 39-164) a third of the rows needed the per-centre scan and fits took 1.4× the float32 path's time;
 # every other cell measured had a ratio <= 5.3.
@@ -153,13 +156,13 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
 class CertifiedCentres:
     """Centres prepared for :func:`assign_certified` (the bf16 tile operands); ``ok`` is False when the AMX path does
-    not apply: no AMX, K < ``AMX_MIN_K``, l2 data of extreme magnitude (``conditioning`` asks for a scale), or centre
-    norms spread beyond ``AMX_MAX_NORM_SPREAD``."""
+    not apply: no AMX, K < ``AMX_MIN_K`` or K·D < ``AMX_MIN_KD``, l2 data of extreme magnitude (``conditioning`` asks
+    for a scale), or centre norms spread beyond ``AMX_MAX_NORM_SPREAD``."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool):
         k = centroids.shape[0]
         self.centroids = np.ascontiguousarray(centroids, np.float32)
-        self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K
+        self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * centroids.shape[1] >= AMX_MIN_KD
                    and (spherical or conditioning(self.centroids)[1] is None))
         if self.ok:
             self.mu, self.bt, self.cn, self.cnorm = amx_assign.pack_centres(self.centroids)
@@ -192,7 +195,8 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
     distance to the label, ``d2`` the runner-up's or a lower bound on it (all Hamerly's bounds need); ``rows`` and
     ``nearest`` as in :func:`assign_top2`.
 
-    With K >= ``AMX_MIN_K`` on AMX hosts the labels come from certified bf16 tile products (exact nearest centres,
+    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts the labels come from
+    certified bf16 tile products (exact nearest centres,
     ``d1`` exact, ``d2`` a lower bound, candidate ids from the approximate distances with the label among them);
     elsewhere from :func:`assign_top2` (nearest up to float32 rounding of the expanded distances)."""
     cc = CertifiedCentres(centroids, spherical=False)
