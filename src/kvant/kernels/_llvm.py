@@ -16,3 +16,15 @@ def splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.V
     first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
     return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
                                   ir.Constant(ir.VectorType(i32, vector.count), [0] * vector.count))
+
+
+def sum_lanes(builder: ir.IRBuilder, vector: ir.Value) -> ir.Value:
+    """The sum of a vector's lanes by pairwise halves (a fixed order, so the result does not depend on the host)."""
+    i32 = ir.IntType(32)
+    total, width = vector, vector.type.count
+    while width > 1:
+        width //= 2
+        lo = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(width))))
+        hi = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
+        total = builder.fadd(lo, hi)
+    return builder.extract_element(total, ir.Constant(i32, 0))

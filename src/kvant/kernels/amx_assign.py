@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn
+from ._llvm import llvm_fn, sum_lanes
 from .assign import _top2_lanes, candidate_ids_from_ip
 from .distance import _row_sqnorm, row_sq_dist64
 
@@ -307,15 +307,7 @@ def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
                 lo = rne16(builder.bitcast(builder.fsub(v, hi_f), vi))
                 vstore(lo, arow, builder.add(dp0, off))
                 vstore(hi, arow, builder.add(builder.add(dp0, dp0), off))
-        total = builder.load(acc)
-        width = L
-        while width > 1:  # pairwise halves, as distance._sum_sq_codegen
-            width //= 2
-            lo_h = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(width))))
-            hi_h = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width),
-                                                                    list(range(width, 2 * width))))
-            total = builder.fadd(lo_h, hi_h)
-        return builder.extract_element(total, ir.Constant(i32, 0))
+        return sum_lanes(builder, builder.load(acc))
 
     return sig, codegen
 

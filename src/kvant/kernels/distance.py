@@ -15,7 +15,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn
+from ._llvm import llvm_fn, sum_lanes
 
 _LANES = 16  # floats per 512-bit vector
 
@@ -38,7 +38,7 @@ def _sum_sq_codegen(diff: bool):
     slower than explicit 512-bit lanes (norms and exact distances were 2 of 5 parts of a K = 10 final assignment)."""
 
     def codegen(context, builder, signature, values):
-        f32, f64, i32 = ir.FloatType(), ir.DoubleType(), ir.IntType(32)
+        f32, f64 = ir.FloatType(), ir.DoubleType()
         vf, vd = ir.VectorType(f32, _LANES), ir.VectorType(f64, _LANES)
         intp = context.get_value_type(types.intp)
         i8p = ir.IntType(8).as_pointer()
@@ -65,15 +65,7 @@ def _sum_sq_codegen(diff: bool):
 
             v = builder.fsub(load(xrow), load(crow)) if diff else load(xrow)
             builder.store(builder.call(fma, [v, v, builder.load(acc)]), acc)
-        total = builder.load(acc)
-        width = _LANES
-        while width > 1:  # pairwise halves: a fixed order, so the result does not depend on the host
-            width //= 2
-            lo = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(width))))
-            hi = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width),
-                                                                  list(range(width, 2 * width))))
-            total = builder.fadd(lo, hi)
-        return builder.extract_element(total, ir.Constant(i32, 0))
+        return sum_lanes(builder, builder.load(acc))
 
     return codegen
 
