@@ -39,7 +39,7 @@ from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, sum_lanes
 from .assign import _top2_lanes, candidate_ids_from_ip
-from .distance import _row_sqnorm, row_sq_dist64
+from .distance import _row_sqnorm, row_scaled_sq_dist64, row_sq_dist64
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _TILE_ROWS = 16  # rows of x per tile; also the centres per accumulator tile
@@ -228,16 +228,6 @@ def _rne16(b):
     return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@numba.njit(inline="always", **_JIT)
-def _scaled_sq_dist64(x, i, f, c, j):
-    # Σ (x_t·f − c_t)² in float64: the exact distance of the unit row x_i·f (cos) to centre j
-    acc = 0.0
-    for t in range(x.shape[1]):
-        v = np.float64(x[i, t]) * f - np.float64(c[j, t])
-        acc += v * v
-    return acc
-
-
 @intrinsic
 def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
     """Row i of x over its first ``n16`` coordinates (a multiple of 16), as v = x·f − μ in float32 (f = 1 for l2,
@@ -394,7 +384,7 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, 
             bound = 2.0 * eta_d * xnorm * cmax + 2.0**-20 * (xnorm + cmax) ** 2
             lab = np.int64(arg)
             if k == 1 or d2 - d1 > 2.0 * bound:
-                ex = _scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
+                ex = row_scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
                     x, i, centroids, lab)
                 low = d2 - bound
             else:
@@ -413,7 +403,7 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, 
                         low = min(low, lj)
                         continue
                     n_cand += 1
-                    e = _scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
+                    e = row_scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
                         x, i, centroids, j)
                     if e < ex:
                         ex2 = ex

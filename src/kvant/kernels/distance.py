@@ -92,6 +92,17 @@ def _row_sqnorm(x, i):
     return acc
 
 
+@numba.njit(inline="always", **_JIT_SUM)
+def row_scaled_sq_dist64(x, i, f, c, j):
+    """Σ_t (x[i, t]·f − c[j, t])² in float64: the exact squared distance of the scaled row x_i·f (f = 1/‖x_i‖: the unit
+    row of spherical k-means) to centre j; reassociated so LLVM vectorises the sum."""
+    acc = 0.0
+    for t in range(x.shape[1]):
+        v = np.float64(x[i, t]) * f - np.float64(c[j, t])
+        acc += v * v
+    return acc
+
+
 @numba.njit(inline="always")
 def row_sq_dist64(x, i, c, j):
     """Σ_t (x[i, t] − c[j, t])² with float64 differences and sum (the exact squared distance of float32 rows up to

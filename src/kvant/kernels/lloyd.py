@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .distance import row_sq_dist64
+from .distance import row_scaled_sq_dist64, row_sq_dist64
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
@@ -104,16 +104,9 @@ def exact_sq_dist_rows(x, centroids, labels):
 def exact_sq_dist_rows_scaled(x, centroids, labels, scale):
     """Σ_t (scale_i·x_i − c_{labels_i})² per row, float64: :func:`exact_sq_dist_rows` of the rows scaled by
     ``scale`` (float64, e.g. 1/‖x_i‖ for spherical k-means without a normalised copy)."""
-    n, d = x.shape
-    out = np.empty(n, np.float64)
-    for i in range(n):
-        c = labels[i]
-        s = scale[i]
-        acc = 0.0
-        for t in range(d):
-            diff = np.float64(x[i, t]) * s - np.float64(centroids[c, t])
-            acc += diff * diff
-        out[i] = acc
+    out = np.empty(x.shape[0], np.float64)
+    for i in range(x.shape[0]):
+        out[i] = row_scaled_sq_dist64(x, i, scale[i], centroids, labels[i])
     return out
 
 
