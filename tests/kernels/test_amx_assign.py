@@ -37,25 +37,24 @@ def _near_ties(g, n, dim, k, offset=0.0):
     return x, c
 
 
-def _run(x, c, rows=NO_ROWS, unit=False, terms=1, lower=False, m=0):
-    mu, bt, cn, cnorm = amx_assign.pack_centres(c, terms)
+def _run(x, c, rows=NO_ROWS, unit=False, lower=False, m=0):
+    mu, bt, cn, cstat = amx_assign.pack_centres(c)
     n = rows.shape[0] if rows.shape[0] else x.shape[0]
     labels, exact = np.empty(n, np.int64), np.empty(n, np.float64)
     low = np.empty(n, np.float32) if lower else NO_LOWER
     near = np.empty((n, m), np.int32) if m else NO_NEAREST
-    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cnorm, amx_assign.eta(x.shape[1], terms), terms, unit,
+    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cstat, amx_assign.gamma(x.shape[1]), unit,
                                 amx_assign.TILE_CONFIG, labels, exact, low, near)
     return labels, exact, low, near, fb
 
 
 @pytest.mark.parametrize("n,dim,k", [(0, 3, 2), (1, 1, 1), (40, 1, 5), (70, 17, 33), (100, 33, 64), (65, 130, 65),
                                      (200, 64, 200)])
-@pytest.mark.parametrize("terms", [1, 3])
-def test_labels_are_the_exact_nearest_centres_on_near_ties(n, dim, k, terms):
+def test_labels_are_the_exact_nearest_centres_on_near_ties(n, dim, k):
     g = np.random.default_rng(n + dim + k)
     x, c = _near_ties(g, n, dim, k)
     d = _exact(x, c)
-    labels, exact, *_ = _run(x, c, terms=terms)
+    labels, exact, *_ = _run(x, c)
     np.testing.assert_array_equal(labels, d.argmin(1) if n else labels)
     np.testing.assert_allclose(exact, d.min(1) if n else exact, rtol=1e-12)
 
@@ -99,12 +98,14 @@ def test_runner_up_lower_bound_and_candidates_hold_the_label():
 
 
 def test_a_too_narrow_margin_is_caught():
-    # the certification is what makes the labels exact: with η shrunk 100× the near ties are mislabelled
+    # the certification is what makes the labels exact: with the centre terms of the margin zeroed (their norms and
+    # rounding residuals, the accumulation term), the near ties are mislabelled
     g = np.random.default_rng(6)
     x, c = _near_ties(g, 2000, 64, 64)
-    mu, bt, cn, cnorm = amx_assign.pack_centres(c)
+    mu, bt, cn, cstat = amx_assign.pack_centres(c)
+    cstat[:2] = 0.0
     labels, exact = np.empty(2000, np.int64), np.empty(2000)
-    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, cnorm * 0.0, amx_assign.eta(64) / 100, 1, False,
+    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, cstat, 0.0, False,
                            amx_assign.TILE_CONFIG, labels, exact, NO_LOWER, NO_NEAREST)
     assert (labels != _exact(x, c).argmin(1)).sum() > 0
 
@@ -126,9 +127,11 @@ def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path, monkeyp
 
 def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
     monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)
+    monkeypatch.setattr(cluster_assign, "AMX_MIN_K", 0)
     g = np.random.default_rng(8)
     x = g.standard_normal((3000, 32)).astype(np.float32)
     c = x[:80].copy()
+    assert cluster_assign.CertifiedCentres(c, spherical=False).ok  # the tile path is the one under test
     xn = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
     out = [np.empty(3000, np.int64), np.empty(3000, np.float32), np.empty(3000, np.float32)]
     cluster_assign.e_step(x, c, *out, xn)
@@ -165,3 +168,20 @@ def test_per_centre_margins_certify_rows_a_far_centre_would_block():
     np.testing.assert_array_equal(labels, d.argmin(1))
     assert multi < 40
     assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))
+
+
+def test_unit_rows_in_a_narrow_cone():
+    # every row and centre within ~1e-3 of one direction: the centred rows are tiny, so the rounding of the row's
+    # 1/‖x‖ scaling (relative to the unit row, not to the centred one) is what the margin must cover
+    g = np.random.default_rng(11)
+    axis = g.standard_normal(48)
+    axis /= np.linalg.norm(axis)
+    spread = 1e-3
+    c = axis + spread * g.standard_normal((64, 48))
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    x, _ = _near_ties(g, 600, 48, 64)
+    x = (c[g.integers(0, 64, 600)] * 3.0 + spread * 0.3 * x).astype(np.float32)  # not unit: the kernel scales
+    d = _exact(x, c, unit=True)
+    labels, exact, *_ = _run(x, c, unit=True)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(exact, d.min(1), rtol=1e-9, atol=1e-15)

@@ -31,14 +31,16 @@ _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
 _NO_NEAREST = np.empty((0, 0), np.int32)
 # E-steps and final assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD on hosts with AMX run on bf16 tile products
-# certified row by row (kernels/amx_assign: exact labels). Final assignment alone, same-process A/B on 2 threads
-# (2026-12-03): 200k×384 K=256/1024 0.78×/0.53× the time, Fashion-MNIST K=256/1024 0.50×/0.42×, 1M×128 K=256 0.55-0.69×.
-# Whole fits interleaved with FAISS decided the threshold: K·D >= 2^16 gained (Fashion-MNIST K=256 0.70×, 200k×384
-# K=256 cos 0.89×, 1M×128 K=1024 cos 0.65×), below it the tile path lost (1M×128 K=64 l2 1.05×, 200k×384 K=64 cos
-# 1.24×, 1M×128 K=256 l2 Zipf 1.36×): each row's conversion and exact distance then cost more than its products.
+# certified row by row (kernels/amx_assign: exact labels). Whole fits, same-process A/B against the float32 path on
+# 2 threads, with the measured-residual margins (2026-12-03, medians of 5-15): the tile path gained at K >= 128 —
+# 1M×128 K=128 cos 0.91×, K=256 l2 Zipf 0.77×, K=256 cos heavy-tailed 0.77×, 200k×384 K=128 l2 0.81×,
+# Fashion-MNIST K=256 l2 0.75×, digits K=1024 0.90× — was even on digits K=256 (1.07× l2, 0.98× cos, 25 ms fits)
+# and lost at every K=64 cell tried (1M×128 l2 1.06×, 200k×384 cos 1.17×, Fashion-MNIST l2 1.03×): there each
+# row's conversion, top-2 and exact distance cost more than its products save. (With the earlier worst-case
+# margin the threshold had to be K·D >= 2^16: 1M×128 K=256 l2 Zipf lost, 1.36×.)
 AMX_ASSIGN = True
-AMX_MIN_K = 64
-AMX_MIN_KD = 1 << 16
+AMX_MIN_K = 128
+AMX_MIN_KD = 1 << 14
 # ... and only while max ‖c − μ‖ <= AMX_MAX_NORM_SPREAD × its median over the centres: on the benchmark's heavy-tailed
 # l2 cells (ratio 39-164) a third of the rows needed the per-centre scan and fits took 1.4× the float32 path's time;
 # every other cell measured had a ratio <= 5.3.
@@ -165,10 +167,11 @@ class CertifiedCentres:
         self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * centroids.shape[1] >= AMX_MIN_KD
                    and (spherical or conditioning(self.centroids)[1] is None))
         if self.ok:
-            self.mu, self.bt, self.cn, self.cnorm = amx_assign.pack_centres(self.centroids)
-            self.eta = amx_assign.eta(self.centroids.shape[1])
+            self.mu, self.bt, self.cn, self.cstat = amx_assign.pack_centres(self.centroids)
+            self.gamma = amx_assign.gamma(self.centroids.shape[1])
             # a few centres far out (heavy tails) leave most rows to the per-centre scan: the float32 kernels win
-            self.ok = bool(self.cnorm.max() <= AMX_MAX_NORM_SPREAD * np.median(self.cnorm))
+            norms = self.cstat[0]
+            self.ok = bool(norms.max() <= AMX_MAX_NORM_SPREAD * np.median(norms))
 
 
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
@@ -179,7 +182,7 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     x = np.ascontiguousarray(x, np.float32)
 
     def run(s: int, e: int) -> None:
-        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cnorm, cc.eta, 1, unit_rows,
+        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, unit_rows,
                                amx_assign.TILE_CONFIG, labels[s:e], exact_sq[s:e], _NO_LOWER, _NO_NEAREST)
 
     for_each_block(x.shape[0], 8192, run, n_threads)
@@ -209,7 +212,7 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
 
     def run(s: int, e: int) -> None:
         xs, listed = (x[s:e], _NO_ROWS) if rows is None else (x, rows[s:e])
-        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cnorm, cc.eta, 1, False,
+        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, False,
                                amx_assign.TILE_CONFIG, labels[s:e], exact[s:e], d2[s:e],
                                _NO_NEAREST if nearest is None else nearest[s:e])
 

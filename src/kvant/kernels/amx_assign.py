@@ -4,17 +4,21 @@ Intel AMX multiplies 16×32 bf16 tiles into 16×16 float32 accumulators at 16× 
 float32 FMAs. bf16 keeps only 8 significant bits, so its distances are approximate; every row is therefore
 *certified* before its label is taken:
 
-1. rows and centres are centred on the centres' mean μ (distances do not change; the products shrink) and rounded to
-   bf16; d̃_j = ‖x − μ‖² + ‖c_j − μ‖² − 2·(x̃·c̃_j) comes from the tile products;
-2. with u = 2⁻⁸ (bf16's unit roundoff), each product x̃_t·c̃_t is within (2u + u²)|x_t||c_t| of x_t·c_t and the
-   float32 accumulation adds at most γ = (D + 2)·2⁻²⁴ of the sum of magnitudes, so |d̃_j − d_j| ≤ M(x) with
-   M(x) = 2η‖x − μ‖·max_j‖c_j − μ‖ + 2⁻²⁰(‖x − μ‖ + max_j‖c_j − μ‖)², η = 2u + u² + γ + 2⁻²² (Cauchy-Schwarz;
-   the last term covers float32 rounding of the centring and of d̃'s own three terms, with a wide margin);
-3. a row whose best two approximate distances differ by more than 2M has the approximate best b as its exact nearest
-   centre. Any other row takes the per-centre margins M_j (‖c_j − μ‖ in place of the maximum): a centre with
-   d̃_j − M_j > d̃_b + M_b is farther than b; the rest (usually b alone) are compared by exact float64 distances and
-   the smallest wins (ties to the smaller id). The centring point μ is the centres' coordinate-wise median, so a few
-   far centres (heavy-tailed data) inflate neither ‖x − μ‖ nor, past the quick test, the other centres' margins.
+1. rows and centres are centred on the centres' coordinate-wise median μ (distances do not change; the products
+   shrink, and a few far centres of heavy-tailed data do not inflate them): v = x − μ, w_j = c_j − μ. Both are
+   rounded to bf16, ṽ = v + e and w̃_j = w_j + f_j, where the residuals e (per row, measured while the row is
+   converted) and f_j (per centre, measured once) are exact in float32. The tiles give g_j ≈ ṽ·w̃_j and the
+   approximate distance d̃_j = ‖v‖² + ‖w_j‖² − 2g_j;
+2. ṽ·w̃_j − v·w_j = e·w_j + ṽ·f_j, and the float32 accumulation of the DP products adds at most γ‖ṽ‖‖w̃_j‖
+   (γ = :func:`gamma`), so by Cauchy-Schwarz |d̃_j − d_j| ≤ M_j = 2(‖e‖‖w_j‖ + ‖ṽ‖‖f_j‖ + γ‖ṽ‖‖w̃_j‖) +
+   2⁻²⁰(‖v‖ + ‖w_j‖)² (the last term covers float32 rounding of the centring and of d̃'s own three terms, with a wide
+   margin; unit rows add the rounding of their 1/‖x‖ scaling, :data:`_UNIT_ROW_EPS`). The measured ‖e‖ and ‖f_j‖
+   are ~0.42u of their worst case u‖v‖, u‖w_j‖ (u = 2⁻⁸, bf16's unit roundoff): on the benchmark's clustered data
+   this margin sends 2-3× fewer rows past the quick test than the worst-case one (2u + u²)‖v‖ max‖w‖ did;
+3. a row whose best two approximate distances differ by more than M_b + max_j M_j has the approximate best b as its
+   exact nearest centre. Any other row compares centre by centre: a centre with d̃_j − M_j > d̃_b + M_b is farther
+   than b; the rest (usually b alone) are compared by exact float64 distances and the smallest wins (ties to the
+   smaller id).
 
 So labels are the exact nearest centres of the float32 rows and centres — not merely nearest up to the float32
 rounding of the expanded distance, as the GEMM paths are — and each row's exact squared distance to its centre
@@ -175,51 +179,40 @@ def padded_k(k: int) -> int:
     return -(-k // _KP_STEP) * _KP_STEP
 
 
-def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 x as bf16 bits (hi, lo) with hi = bf16(x), lo = bf16(x − hi) (x − hi is exact in float32)."""
-    hi = _bf16_bits(x)
-    rest = x - (hi.astype(np.uint32) << 16).view(np.float32)
-    return hi, _bf16_bits(rest)
-
-
-def pack_centres(centroids: np.ndarray, terms: int = 1):
-    """The centre operands of :func:`assign_rows`: (μ, bt, cn, cnorm) with μ the centres' coordinate-wise median
-    (float32; a median, so a few far centres do not pull the rows' centred norms up), bt the centred centres as bf16 in
-    AMX's pair layout, zero-padded to DP = 32·ceil(D/32) coordinates per term and KP = 32·ceil(K/32) centres,
-    cn = ‖c − μ‖² (float32, +inf for the padding) and cnorm = ‖c − μ‖ (float64, K values).
-
-    ``terms`` = 1: products of bf16(x)·bf16(c). ``terms`` = 3: each value split as hi + lo (two bf16), and the
-    product taken as hi·hi + lo·hi + hi·lo over three concatenated coordinate segments ([hi, lo, hi] of the row times
-    [hi, hi, lo] of the centre): about 16 significant bits, 3× the tile work, and a margin ~100× narrower."""
-    if terms not in (1, 3):
-        raise ValueError(f"terms must be 1 or 3, got {terms}")
+def pack_centres(centroids: np.ndarray):
+    """The centre operands of :func:`assign_rows`: (μ, bt, cn, cstat) with μ the centres' coordinate-wise median
+    (float32; a median, so a few far centres do not pull the rows' centred norms up), bt the centred centres w = c − μ
+    as bf16 in AMX's pair layout, zero-padded to DP = 32·ceil(D/32) coordinates and KP = 32·ceil(K/32) centres,
+    cn = ‖w‖² (float32, +inf for the padding) and cstat (3, K) float64: ‖w_j‖, ‖f_j‖ with f_j = bf16(w_j) − w_j the
+    centre's rounding residual, and ‖bf16(w_j)‖ (the accumulation bound's magnitude)."""
     k, dim = centroids.shape
     mu = np.median(centroids.astype(np.float64), axis=0).astype(np.float32)
     cc = (centroids - mu).astype(np.float32)
-    kp, dp0 = padded_k(k), -(-dim // _TILE_K) * _TILE_K
-    padded = np.zeros((kp, dp0), np.float32)
+    kp, dp = padded_k(k), -(-dim // _TILE_K) * _TILE_K
+    padded = np.zeros((kp, dp), np.float32)
     padded[:k, :dim] = cc
-    if terms == 1:
-        bits = _bf16_bits(padded)
-    else:
-        hi, lo = _split(padded)
-        bits = np.concatenate([hi, hi, lo], axis=1)
-    dp = bits.shape[1]
+    bits = _bf16_bits(padded)
+    rounded = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)[:k, :dim]
     # bt[kc, jg, p, 2n + h] = c[16·jg + n, 32·kc + 2p + h]
     bt = bits.reshape(kp // 16, 16, dp // 32, 16, 2).transpose(2, 0, 3, 1, 4)
     bt = np.ascontiguousarray(bt).reshape(dp // 32, kp // 16, 16, 32)
-    sq = (cc.astype(np.float64) ** 2).sum(axis=1)
+    w64 = cc.astype(np.float64)
+    sq = (w64**2).sum(axis=1)
     cn = np.full(kp, np.inf, np.float32)
     cn[:k] = sq
-    return mu, bt, cn, np.sqrt(sq)
+    cstat = np.empty((3, k), np.float64)
+    cstat[0] = np.sqrt(sq)
+    cstat[1] = np.sqrt(((rounded - w64) ** 2).sum(axis=1))  # exact in float64
+    cstat[2] = np.sqrt((rounded**2).sum(axis=1))
+    return mu, bt, cn, cstat
 
 
-def eta(dim: int, terms: int = 1) -> float:
-    """The relative error factor η of the module docstring for D = dim: with ``terms`` = 3 the split products' error
-    is at most 3.1u² instead of 2u + u², and the float32 accumulation runs over 3D terms."""
-    if terms == 1:
-        return 2 * U_BF16 + U_BF16**2 + (dim + 2) * 2.0**-24 + 2.0**-22
-    return 3.1 * U_BF16**2 + 1.01 * (3 * dim + 2) * 2.0**-24 + 2.0**-22
+def gamma(dim: int) -> float:
+    """Relative bound on the float32 accumulation of the tile products: the sum of the DP bf16 products (each exact in
+    float32; DP = D padded to 32) is within γ·Σ|products| of its exact value, γ = 1.01·(DP + 2)·2⁻²⁴, plus 2⁻²² of
+    slack."""
+    dp = -(-dim // _TILE_K) * _TILE_K
+    return 1.01 * (dp + 2) * 2.0**-24 + 2.0**-22
 
 
 @numba.njit(inline="always", **_JIT)
@@ -229,22 +222,21 @@ def _rne16(b):
 
 
 @intrinsic
-def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
+def _convert16(typingctx, x, i, f, mu, a16, r, n16):
     """Row i of x over its first ``n16`` coordinates (a multiple of 16), as v = x·f − μ in float32 (f = 1 for l2,
-    1/‖x‖ for cos): v's bf16 bits go to a16[r, :n16] and, with ``split``, bf16(v − hi) to a16[r, dp0:] and hi again
-    to a16[r, 2·dp0:] (:func:`pack_centres`' [hi, lo, hi] layout). Returns Σ v² in float64. Explicit 16-lane vectors:
-    LLVM's own vectoriser left these loops mostly scalar (the split ones ran at ~3 ns per coordinate)."""
+    1/‖x‖ for cos): v's bf16 bits h go to a16[r, :n16]. Returns (Σ v², Σ (h − v)²) in float64 (h − v is exact in
+    float32). Explicit 16-lane vectors: LLVM's own vectoriser left these loops mostly scalar."""
     ok = (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2 and f == types.float32
           and isinstance(mu, types.Array) and mu.dtype == types.float32 and mu.ndim == 1
           and isinstance(a16, types.Array) and a16.dtype == types.uint16 and a16.ndim == 2)
     if not ok:
         return None
-    sig = types.float64(x, i, f, mu, a16, r, n16, dp0, split)
+    sig = types.UniTuple(types.float64, 2)(x, i, f, mu, a16, r, n16)
 
     def codegen(context, builder, signature, args):
         from numba.core import cgutils
 
-        x_v, i_v, f_v, mu_v, a_v, r_v, n16_v, dp0_v, split_v = args
+        x_v, i_v, f_v, mu_v, a_v, r_v, n16_v = args
         f32, f64, i32, i16 = ir.FloatType(), ir.DoubleType(), ir.IntType(32), ir.IntType(16)
         L = 16
         vf, vd, vi, vh = ir.VectorType(f32, L), ir.VectorType(f64, L), ir.VectorType(i32, L), ir.VectorType(i16, L)
@@ -263,13 +255,11 @@ def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
         arow = builder.bitcast(row(4, a_v, cast(r_v, 5)), i16.as_pointer())
         mup = context.make_array(signature.args[3])(context, builder, mu_v).data
         n16 = cast(n16_v, 6)
-        dp0 = cast(dp0_v, 7)
-        do_split = builder.icmp_signed("!=", context.cast(builder, split_v, signature.args[8], types.intp),
-                                       ir.Constant(intp, 0))
         fv = ir.Constant(vf, ir.Undefined)
         fv = builder.insert_element(fv, f_v, ir.Constant(i32, 0))
         fv = builder.shuffle_vector(fv, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(i32, L), [0] * L))
         acc = cgutils.alloca_once_value(builder, ir.Constant(vd, [0.0] * L))
+        err = cgutils.alloca_once_value(builder, ir.Constant(vd, [0.0] * L))
         fma = llvm_fn(builder.module, f"llvm.fma.v{L}f64", vd, [vd, vd, vd])
 
         def vload(ptr, off, ty):
@@ -278,10 +268,10 @@ def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
         def vstore(val, ptr, off):
             builder.store(val, builder.bitcast(builder.gep(ptr, [off]), val.type.as_pointer()), align=2)
 
+        sixteen = ir.Constant(vi, [16] * L)
+
         def rne16(bits):
-            one = ir.Constant(vi, [1] * L)
-            sixteen = ir.Constant(vi, [16] * L)
-            odd = builder.and_(builder.lshr(bits, sixteen), one)
+            odd = builder.and_(builder.lshr(bits, sixteen), ir.Constant(vi, [1] * L))
             return builder.trunc(builder.lshr(builder.add(builder.add(bits, ir.Constant(vi, [0x7FFF] * L)), odd),
                                               sixteen), vh)
 
@@ -291,24 +281,23 @@ def _convert16(typingctx, x, i, f, mu, a16, r, n16, dp0, split):
             vv = builder.fpext(v, vd)
             builder.store(builder.call(fma, [vv, vv, builder.load(acc)]), acc)
             hi = rne16(builder.bitcast(v, vi))
+            hi_f = builder.bitcast(builder.shl(builder.zext(hi, vi), sixteen), vf)
+            ev = builder.fpext(builder.fsub(hi_f, v), vd)
+            builder.store(builder.call(fma, [ev, ev, builder.load(err)]), err)
             vstore(hi, arow, off)
-            with builder.if_then(do_split):
-                hi_f = builder.bitcast(builder.shl(builder.zext(hi, vi), ir.Constant(vi, [16] * L)), vf)
-                lo = rne16(builder.bitcast(builder.fsub(v, hi_f), vi))
-                vstore(lo, arow, builder.add(dp0, off))
-                vstore(hi, arow, builder.add(builder.add(dp0, dp0), off))
-        return sum_lanes(builder, builder.load(acc))
+        return context.make_tuple(builder, signature.return_type,
+                                  [sum_lanes(builder, builder.load(acc)), sum_lanes(builder, builder.load(err))])
 
     return sig, codegen
 
 
 @numba.njit(inline="always", **_JIT)
-def _convert_row(x, i, f, mu, a16, r, dp0, split, one):
+def _convert_row(x, i, f, mu, a16, r, one):
     """:func:`_convert16` over every coordinate (the last D mod 16 one by one, the same operations, through the
-    1-float scratch ``one``); returns ‖v‖²."""
+    1-float scratch ``one``); returns (‖v‖², ‖h − v‖²)."""
     dim = x.shape[1]
     n16 = dim - dim % 16 if x.strides[1] == 4 else 0
-    acc = _convert16(x, i, f, mu, a16, r, n16, dp0, split) if n16 else 0.0
+    acc, err = _convert16(x, i, f, mu, a16, r, n16) if n16 else (0.0, 0.0)
     bits = one.view(np.uint32)
     for t in range(n16, dim):
         v = x[i, t] * f - mu[t]
@@ -316,42 +305,58 @@ def _convert_row(x, i, f, mu, a16, r, dp0, split, one):
         one[0] = v
         hb = _rne16(bits[0])
         a16[r, t] = hb
-        if split:
-            bits[0] = np.uint32(hb) << np.uint32(16)
-            one[0] = v - one[0]
-            a16[r, dp0 + t] = _rne16(bits[0])
-            a16[r, 2 * dp0 + t] = hb
-    return acc
+        bits[0] = np.uint32(hb) << np.uint32(16)
+        e = np.float64(one[0] - v)
+        err += e * e
+    return acc, err
+
+
+# Unit rows: v = fl(fl(x·f) − μ) is within 2⁻²³‖x·f‖ + 2⁻²⁴‖v‖ of the exact x/‖x‖ − μ (f is 1/‖x‖ rounded to
+# float32); the 2⁻²⁴‖v‖ part is in the 2⁻²⁰ term, this is the rest with ~2× margin.
+_UNIT_ROW_EPS = 2.0**-22
+
+
+@numba.njit(inline="always", **_JIT)
+def _margin(e_eff, vt, vn, eps_v, wn, fn, mag, gam):
+    """Bound on |d̃_j − d_j| for a row with ‖e‖ + ε = e_eff, ‖ṽ‖ <= vt, ‖v‖ = vn, row term eps_v = 2ε‖v‖ + ε², and a
+    centre with ‖w‖ = wn, ‖f‖ = fn and term norms ``mag`` (module docstring)."""
+    return 2.0 * (e_eff * wn + vt * fn + gam * vt * mag) + eps_v + 2.0**-20 * (vn + wn) ** 2
 
 
 @numba.njit(**_JIT)
-def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, cfg, labels, exact_sq, lower2, nearest):
+def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, unit_rows, cfg, labels, exact_sq, lower2, nearest):
     """Exact nearest centre of rows of ``x`` (unit-normalised first when ``unit_rows``) and its float64 squared
     distance, certified from AMX bf16 products as the module docstring describes. Returns how many rows needed exact
     distances to more than one centre.
 
     ``rows`` (int64): the rows to assign, in that order (outputs per listed row); empty: every row. ``mu, bt, cn,
-    cnorm`` from :func:`pack_centres` with ``terms`` (1 or 3), ``eta_d`` = :func:`eta` (D, terms). Outputs: ``labels``
-    (a zero row with ``unit_rows`` gets -1; the caller reports it), ``exact_sq``; when not empty, ``lower2`` (float32):
-    a lower bound on the squared distance to the nearest *other* centre (d̃₂ − M after the quick test; for the
-    others the smaller of the second exact distance among the candidates and the non-candidates' d̃_j − M_j; +inf
-    when K = 1), and ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
+    cstat`` from :func:`pack_centres`, ``gam`` = :func:`gamma` (D). Outputs:
+    ``labels`` (a zero row with ``unit_rows`` gets -1; the caller reports it), ``exact_sq``; when not empty,
+    ``lower2`` (float32): a lower bound on the squared distance to the nearest *other* centre (+inf when K = 1), and
+    ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
     (:func:`kvant.kernels.assign.candidate_ids_from_ip`), the row's label always among them."""
     listed = rows.shape[0] > 0
     n = rows.shape[0] if listed else x.shape[0]
     kp = cn.shape[0]
     k = centroids.shape[0]
     dp = bt.shape[0] * 32
-    split = terms == 3
-    dp0 = dp // 3 if split else dp
     a16 = np.zeros((_STRIP, dp), np.uint16)
     one = np.zeros(1, np.float32)
     g = np.empty((_STRIP, kp), np.float32)
     xn = np.empty(_STRIP, np.float32)
+    en = np.empty(_STRIP, np.float64)
     scale = np.ones(_STRIP, np.float64)
     want_lower = lower2.shape[0] > 0
     want_near = nearest.shape[0] > 0
-    cmax = cnorm.max() if k else 0.0
+    # the largest ‖w‖, ‖f‖ and term norms: the margin grows with each, so these bound every centre's
+    wmax = fmax = magmax = 0.0
+    for j in range(k):
+        wmax = max(wmax, cstat[0, j])
+        fmax = max(fmax, cstat[1, j])
+        magmax = max(magmax, cstat[2, j])
+    cand = np.empty(k, np.int64)
+    lower_end = np.empty(k, np.float64)
+    eps = _UNIT_ROW_EPS if unit_rows else 0.0
     fallback = 0
     _tiles_begin(cfg)
     for s in range(0, n, _STRIP):
@@ -363,7 +368,9 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, 
                 nrm = np.sqrt(_row_sqnorm(x, i))
                 f = 1.0 / nrm if nrm > 0 else 0.0
             scale[r] = f
-            xn[r] = np.float32(_convert_row(x, i, np.float32(f), mu, a16, r, dp0, split, one))
+            sq, err = _convert_row(x, i, np.float32(f), mu, a16, r, one)
+            xn[r] = np.float32(sq)
+            en[r] = np.sqrt(err)
         if nr < _STRIP:  # the tail strip: zero rows, their products ignored
             a16[nr:, :] = 0
         _strip_products(a16, bt, g)
@@ -379,30 +386,45 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, 
             best, run, arg = _top2_lanes(g, r, cn, xn[r], np.float32(1.0), kp)
             d1 = np.float64(np.int32(best).view(np.float32))
             d2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
-            xnorm = np.sqrt(np.float64(xn[r]))
-            # quick test with the largest centre norm: M = max_j M_j (most rows end here)
-            bound = 2.0 * eta_d * xnorm * cmax + 2.0**-20 * (xnorm + cmax) ** 2
+            vn = np.sqrt(np.float64(xn[r])) * (1.0 + 2.0**-22)  # ‖v‖ (xn is Σv² rounded to float32)
+            vt = vn + en[r]  # ‖ṽ‖ <= ‖v‖ + ‖e‖
+            e_eff = en[r] + eps
+            eps_v = 2.0 * eps * vn + eps * eps
             lab = np.int64(arg)
-            if k == 1 or d2 - d1 > 2.0 * bound:
+            mb = _margin(e_eff, vt, vn, eps_v, cstat[0, lab], cstat[1, lab], cstat[2, lab], gam)
+            mmax = _margin(e_eff, vt, vn, eps_v, wmax, fmax, magmax, gam)
+            # quick test: d_j − d_b >= (d̃_j − d̃_b) − (M_j + M_b) >= (d̃₂ − d̃₁) − (M_max + M_b) for every other j
+            if k == 1 or d2 - d1 > mmax + mb:
                 ex = row_scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
                     x, i, centroids, lab)
-                low = d2 - bound
+                low = max(d2 - mmax, ex + (d2 - d1) - (mmax + mb))
             else:
                 # per-centre margins M_j: every centre whose lower end d̃_j − M_j reaches the approximate best's upper
-                # end d̃_b + M_b may be the nearest; the others are not, and their lower ends bound the runner-up
-                cb = cnorm[lab]
-                top = d1 + 2.0 * eta_d * xnorm * cb + 2.0**-20 * (xnorm + cb) ** 2
-                ex = np.inf
-                ex2 = np.inf
+                # end d̃_b + M_b may be the nearest; the others are not, and their lower ends bound the runner-up.
+                # M_j = m0 + ‖w_j‖·(m1 + 2⁻²⁰‖w_j‖) + m2·‖f_j‖ + m3·mag_j (_margin, expanded per row)
+                top = d1 + mb
+                m0 = eps_v + 2.0**-20 * vn * vn
+                m1 = 2.0 * e_eff + 2.0**-19 * vn
+                m2 = 2.0 * vt
+                m3 = 2.0 * gam * vt
+                xr = xn[r]
+                for j in range(k):  # branch-free, so LLVM vectorises it
+                    dj = max(np.float64(xr + cn[j] - np.float32(2.0) * g[r, j]), 0.0)
+                    wn = cstat[0, j]
+                    lower_end[j] = dj - (m0 + wn * (m1 + 2.0**-20 * wn) + m2 * cstat[1, j] + m3 * cstat[2, j])
                 low = np.inf
                 n_cand = 0
                 for j in range(k):
-                    dj = max(np.float64(xn[r] + cn[j] - np.float32(2.0) * g[r, j]), 0.0)
-                    lj = dj - (2.0 * eta_d * xnorm * cnorm[j] + 2.0**-20 * (xnorm + cnorm[j]) ** 2)
+                    lj = lower_end[j]
                     if lj > top:
                         low = min(low, lj)
-                        continue
-                    n_cand += 1
+                    else:
+                        cand[n_cand] = j
+                        n_cand += 1
+                ex = np.inf
+                ex2 = np.inf
+                for t in range(n_cand):
+                    j = cand[t]
                     e = row_scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
                         x, i, centroids, j)
                     if e < ex:
@@ -432,4 +454,4 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cnorm, eta_d, terms, unit_rows, 
     return fallback
 
 
-__all__ = ["AVAILABLE", "TILE_CONFIG", "assign_rows", "eta", "pack_centres", "padded_k"]
+__all__ = ["AVAILABLE", "TILE_CONFIG", "assign_rows", "gamma", "pack_centres", "padded_k"]
