@@ -122,3 +122,49 @@ def test_direct_top2_parallel_equals_the_serial_kernel_on_all_or_listed_rows(blo
         direct_top2_parallel(x, rows, ct, cn, sq_norms(xs), *got, block_rows)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_the_fused_pass_equals_norms_products_and_exact_distances_in_turn(n, d, k):
+    # direct_top2_exact: one pass over the rows, bit-identical to the three passes it replaces
+    from kvant.kernels.direct_assign import direct_top2_exact
+    from kvant.kernels.distance import sq_norms_serial
+    from kvant.kernels.lloyd import exact_sq_dist_rows
+
+    g = np.random.default_rng(n * 7 + d * 3 + k)
+    x = (g.standard_normal((n, d)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)  # wide range of norms
+    c = g.standard_normal((k, d)).astype(np.float32)
+    ct, cn = padded_centroids(c, sq_norms(c))
+    want = _run(x, c, xn=sq_norms_serial(x))
+    got = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+    exact = np.empty(n, np.float64)
+    assert direct_top2_exact(x, ct, cn, c, *got, exact, False, 0.0, np.inf)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(exact, exact_sq_dist_rows(x, c, want[0]))
+    np.testing.assert_allclose(exact, ((x.astype(np.float64) - c[want[0]]) ** 2).sum(1) if n else exact, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k):
+    from kvant.kernels.direct_assign import direct_top2_exact
+    from kvant.kernels.distance import sq_norms_serial
+    from kvant.kernels.lloyd import exact_sq_dist_rows_scaled
+
+    g = np.random.default_rng(n * 5 + d + k)
+    x = (g.standard_normal((n, d)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)
+    c = g.standard_normal((k, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    ct, cn = padded_centroids(c, sq_norms(c))
+    xn = sq_norms_serial(x)
+    factor = 1.0 / np.sqrt(xn.astype(np.float64))
+    want = _run(x, c, xn=(xn * factor * factor).astype(np.float32), row_scale=factor.astype(np.float32))
+    got = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+    exact = np.empty(n, np.float64)
+    assert direct_top2_exact(x, ct, cn, c, *got, exact, True, 1e-30, 1e30)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(exact, exact_sq_dist_rows_scaled(x, c, want[0], factor))
+    if n:
+        x[n // 2] = 0.0  # a zero row: not handled here (the caller normalises explicitly and names the row)
+        assert not direct_top2_exact(x, ct, cn, c, *got, exact, True, 1e-30, 1e30)

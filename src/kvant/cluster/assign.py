@@ -118,7 +118,14 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
     zero_rows: list[int] = []
 
+    # norms, products and exact distances row group by row group, one read of each row (kernels.direct_assign)
+    fused = direct and exact_sq is not None and rows is None and not conditioned and x.flags.c_contiguous and (
+        unit_rows or x_sqnorms is None)
+
     def run(s: int, e: int) -> None:
+        if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1[s:e],
+                                                     d2[s:e], exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
+            return
         xb = x[s:e] if rows is None else x[rows[s:e]]
         factor = None  # unit_rows: 1/‖x‖ per row
         if unit_rows:

@@ -31,6 +31,7 @@ from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, splat
 from .assign import _top2_lanes, store_top2
+from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, sq_norms_into
 
 _L = 16  # floats per vector
 
@@ -197,6 +198,48 @@ def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
         _top2_rows(g, n - full, cn_padded, x_sqnorms, row_scale, full, labels, d1, d2)
 
 
+@numba.njit(**_JIT)
+def direct_top2_exact(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, unit_rows, safe_lo, safe_hi):
+    """:func:`direct_top2` with each row's norm computed just before its products and its exact float64 squared
+    distance to the label just after, a few rows at a time: the final assignment's three passes over a block in one,
+    each row read from memory once and then used from L1. The same operations as ``sq_norms_serial``,
+    ``direct_top2`` and ``exact_sq_dist_rows`` in turn, so the same results.
+
+    ``unit_rows``: assign x_i/‖x_i‖ as ``assign_top2`` does without a normalised copy (products scaled by 1/‖x_i‖,
+    ``exact_sq`` of the unit row); returns False, leaving the outputs partly written, as soon as a row's squared norm
+    is outside (safe_lo, safe_hi) — the caller then normalises the block explicitly. Returns True otherwise."""
+    n, dim = x.shape
+    kp = ct.shape[1]
+    R = 8 if kp <= 48 else 6
+    g = np.empty((R, kp), np.float32)
+    xn = np.empty(n, np.float32)
+    factor = np.empty(n if unit_rows else 0, np.float64)
+    scale32 = np.empty(n if unit_rows else 0, np.float32)
+    xt = np.zeros((R, dim), np.float32)
+    for i0 in range(0, n, R):
+        i1 = min(n, i0 + R)
+        sq_norms_into(x, i0, i1, xn)
+        if unit_rows:
+            for i in range(i0, i1):
+                if not (xn[i] > safe_lo and xn[i] < safe_hi):
+                    return False
+                f = 1.0 / np.sqrt(np.float64(xn[i]))
+                factor[i] = f
+                scale32[i] = np.float32(f)
+                xn[i] = np.float32(np.float64(xn[i]) * f * f)  # ‖x/‖x‖‖² (1 up to rounding)
+        if i1 - i0 == R:
+            _products(x, i0, ct, g)
+        else:  # the last n mod R rows, through a zero-padded copy
+            xt[: i1 - i0] = x[i0:i1]
+            _products(xt, 0, ct, g)
+        _top2_rows(g, i1 - i0, cn_padded, xn, scale32 if unit_rows else None, i0, labels, d1, d2)
+        if unit_rows:
+            exact_scaled_sq_dist_into(x, i0, i1, centroids, labels, factor, exact_sq)
+        else:
+            exact_sq_dist_into(x, i0, i1, centroids, labels, exact_sq)
+    return True
+
+
 @numba.njit(parallel=True, **_JIT)
 def direct_top2_parallel(x, rows, ct, cn_padded, x_sqnorms, labels, d1, d2, block_rows):
     """:func:`direct_top2` over row blocks of ``block_rows`` in one parallel region (Numba's threads): of x's rows
@@ -223,4 +266,5 @@ def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.n
     return ct, cn
 
 
-__all__ = ["AVAILABLE", "MAX_CT_BYTES", "MAX_K", "direct_top2", "direct_top2_parallel", "fits", "padded_centroids"]
+__all__ = ["AVAILABLE", "MAX_CT_BYTES", "MAX_K", "direct_top2", "direct_top2_exact", "direct_top2_parallel", "fits",
+           "padded_centroids"]

@@ -220,9 +220,32 @@ def sq_l2_block(q: np.ndarray, x: np.ndarray, x_sqnorms: np.ndarray, q_sqnorms: 
 def sq_norms_serial(x):
     """Serial :func:`sq_norms`, for use on a block inside a worker thread."""
     out = np.empty(x.shape[0], np.float32)
-    for i in range(x.shape[0]):
-        out[i] = _row_sqnorm(x, i)
+    sq_norms_into(x, 0, x.shape[0], out)
     return out
+
+
+@numba.njit(**_JIT_SUM)
+def sq_norms_into(x, start, stop, out):
+    """out[i] = ‖x[i]‖² (float64 sum, stored as float32) for rows start..stop: :func:`sq_norms_serial`'s operations, for
+    kernels that take a few rows at a time (not inlined, so it keeps these compile flags wherever it is called)."""
+    for i in range(start, stop):
+        out[i] = _row_sqnorm(x, i)
+
+
+@numba.njit(**_JIT_SUM)
+def exact_scaled_sq_dist_into(x, start, stop, centroids, labels, scale, out):
+    """out[i] = Σ_t (scale_i·x_i − c_{labels_i})² in float64 (:func:`row_scaled_sq_dist64`) for rows start..stop (not
+    inlined, so it keeps these compile flags wherever it is called)."""
+    for i in range(start, stop):
+        out[i] = row_scaled_sq_dist64(x, i, scale[i], centroids, labels[i])
+
+
+@numba.njit(**_JIT_SUM)
+def exact_sq_dist_into(x, start, stop, centroids, labels, out):
+    """out[i] = Σ_t (x_i − c_{labels_i})² in float64 (:func:`row_sq_dist64`) for rows start..stop (not inlined, so it
+    keeps these compile flags wherever it is called)."""
+    for i in range(start, stop):
+        out[i] = row_sq_dist64(x, i, centroids, labels[i])
 
 
 @numba.njit(**_JIT_SUM)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .distance import row_scaled_sq_dist64, row_sq_dist64
+from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, row_sq_dist64
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
@@ -95,8 +95,7 @@ def exact_sq_dist_rows(x, centroids, labels):
     """Σ_t (x_i − c_{labels_i})² per row, float64, for the final exact inertia (:func:`row_sq_dist64`: explicit
     16-lane float64 sums; rounding ~1e-15 relative, and the result does not depend on the thread count)."""
     out = np.empty(x.shape[0], np.float64)
-    for i in range(x.shape[0]):
-        out[i] = row_sq_dist64(x, i, centroids, labels[i])
+    exact_sq_dist_into(x, 0, x.shape[0], centroids, labels, out)
     return out
 
 
@@ -105,8 +104,7 @@ def exact_sq_dist_rows_scaled(x, centroids, labels, scale):
     """Σ_t (scale_i·x_i − c_{labels_i})² per row, float64: :func:`exact_sq_dist_rows` of the rows scaled by
     ``scale`` (float64, e.g. 1/‖x_i‖ for spherical k-means without a normalised copy)."""
     out = np.empty(x.shape[0], np.float64)
-    for i in range(x.shape[0]):
-        out[i] = row_scaled_sq_dist64(x, i, scale[i], centroids, labels[i])
+    exact_scaled_sq_dist_into(x, 0, x.shape[0], centroids, labels, scale, out)
     return out
 
 
