@@ -139,7 +139,8 @@ def _cmd_info(args) -> int:
         "cpu": cpu_name,
         "simd_level": level,
         "simd_features": sorted(f for f in flags if f.startswith(("avx", "sse", "fma", "f16c", "neon", "amx"))),
-        # k-means assignments with K >= 64 use certified bf16 tile products when this is true (docs/auto.md)
+        # k-means assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD (kvant.cluster.assign) use certified bf16 tile
+        # products when this is true (docs/auto.md)
         "amx_tiles": _amx_available(),
         "optional": _optional_versions(),
     }
