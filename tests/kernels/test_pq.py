@@ -39,7 +39,7 @@ SHAPES = [  # (dim, m, ksub)
     (10, 2, 5),  # ksub not a power of two
     (24, 3, 256),
     (30, 10, 32),  # dsub = 3
-    (18, 3, 6),  # even ksub that is not a multiple of 4 or 16 (the fast encoder takes codewords 2 at a time)
+    (18, 3, 6),  # ksub not a multiple of 4 or 16 (the fast encoder takes codewords _ENC_CW = 2 or 4 at a time)
     (48, 3, 32),  # dsub = 16 (with 4 and 8 above: the encoder's unrolled widths)
 ]
 
@@ -351,7 +351,7 @@ def test_centroid_sums_match_bincount(n, dim, m, ksub):
             np.testing.assert_allclose(sums[j, :, d], ref, rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("ksub", [5, 6, 16])  # odd (portable encoder) and even (lanes encoder)
+@pytest.mark.parametrize("ksub", [5, 6, 16])  # portable encoder (5; 6 with AVX-512) and lanes encoder (16)
 def test_encode_accepts_float64_codebooks(ksub):
     x = np.random.default_rng(0).standard_normal((70, 8)).astype(np.float32)
     cb = np.random.default_rng(1).standard_normal((2, ksub, 4))  # float64, as a caller may pass
