@@ -719,7 +719,6 @@ def _fs_codegen(nblk):
 
         slot_e = cgutils.alloca_once_value(builder, ir.Constant(vhalf, [0] * (rows // 2)))
         slot_o = cgutils.alloca_once_value(builder, ir.Constant(vhalf, [0] * (rows // 2)))
-        mff = ir.Constant(vhalf, [255] * (rows // 2))
         eight = ir.Constant(vhalf, [8] * (rows // 2))
         m15 = ir.Constant(vbytes, [15] * rows)
         four = ir.Constant(vbytes, [4] * rows)
@@ -739,15 +738,19 @@ def _fs_codegen(nblk):
             hi16 = builder.load(builder.bitcast(hptr, v16i8.as_pointer()), align=1)
             w1 = builder.bitcast(shuffle16(lo16, nlo), vhalf)
             w2 = builder.bitcast(shuffle16(hi16, nhi), vhalf)
-            ev = builder.add(builder.and_(w1, mff), builder.and_(w2, mff))
+            # slot_e sums whole 16-bit lanes (even row + 256 · odd row, modulo 2^16), slot_o the odd rows alone;
+            # the even rows' sums are recovered once per block below (no masking per pair)
+            builder.store(builder.add(builder.load(slot_e), builder.add(w1, w2)), slot_e)
             od = builder.add(builder.lshr(w1, eight), builder.lshr(w2, eight))
-            builder.store(builder.add(builder.load(slot_e), ev), slot_e)
             builder.store(builder.add(builder.load(slot_o), od), slot_o)
+        # even rows: (Σ even + 256 Σ odd) − 256 Σ odd, exact modulo 2^16 and each sum is < 2^16 (qmax · mp ≤ 65535)
+        odd = builder.load(slot_o)
+        even = builder.sub(builder.load(slot_e), builder.shl(odd, eight))
         # row r of block blk sits in 16-bit lane 16·blk + (r >> 1): the even accumulator for even r
         half = rows // 2
         inter = ir.Constant(ir.VectorType(i32, rows),
                             [16 * (r // 32) + (r % 32) // 2 + (half if r & 1 else 0) for r in range(rows)])
-        total = builder.shuffle_vector(builder.load(slot_e), builder.load(slot_o), inter)
+        total = builder.shuffle_vector(even, odd, inter)
         builder.store(total, builder.bitcast(a_acc.data, vrows.as_pointer()), align=2)
         thc = builder.select(builder.icmp_signed(">", th_v, ir.Constant(i64, 65535)), ir.Constant(i64, 65535), th_v)
         thc = builder.select(builder.icmp_signed("<", thc, ir.Constant(i64, 0)), ir.Constant(i64, 0), thc)
