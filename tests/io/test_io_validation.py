@@ -500,3 +500,20 @@ def test_fixed_size_list_of_size_zero_is_zero_columns(tmp_path):
     pq.write_table(pa.table({"emb": pa.array([[], []], type=typ)}), tmp_path / "z.parquet")
     with pytest.raises(InvalidInput, match="zero columns"):
         as_source(tmp_path / "z.parquet")
+
+
+def test_large_blocks_are_checked_in_parallel_ranges_and_name_the_first_bad_row():
+    # blocks from _PARALLEL_CHECK_BYTES up are scanned by row ranges on all threads; the error still names the
+    # first bad row, not the first one a thread happened to find
+    from kvant.io import source
+
+    kvant.set_num_threads(2)
+    rows = 3 * source._PARALLEL_CHECK_BYTES // (4 * 64)
+    x = np.ones((rows, 64), np.float32)
+    x[rows - 5, 1] = np.inf
+    x[rows // 2 + 7, 60] = np.nan
+    with pytest.raises(InvalidInput, match=rf"first bad row: {rows // 2 + 7}\)"):
+        kvant.io.as_source(x)
+    x[rows // 2 + 7, 60] = 0.0
+    x[rows - 5, 1] = 0.0
+    assert kvant.io.as_source(x).n == rows

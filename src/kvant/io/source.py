@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .._config import rng
+from .._config import get_num_threads, rng
 from ..errors import InvalidInput
-from ..kernels.finite import first_nonfinite_row
+from ..kernels.finite import first_nonfinite_row, first_nonfinite_row_parallel
 
 __all__ = [
     "VectorSource",
@@ -28,6 +28,8 @@ __all__ = [
 
 SUPPORTED_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8)
 _CHUNK_BYTES = 32 << 20  # 32 MiB of float32 per chunk: large enough to amortise, small enough for RAM
+# blocks from this size up are checked for NaN/inf on all threads, in ranges of this many bytes
+_PARALLEL_CHECK_BYTES = 4 << 20
 
 
 _GATHER_WINDOW = 4 << 20  # bytes of a memory-mapped file ArraySource.take gathers from between page releases
@@ -53,7 +55,10 @@ def check_shape_dtype(shape, dtype, name: str, what: str) -> None:
 def _first_bad_row(block: np.ndarray) -> int:
     """Index of the first row of a float ``block`` holding NaN or inf, or -1."""
     if block.dtype == np.float32 and block.ndim == 2 and block.flags.c_contiguous:
-        return int(first_nonfinite_row(block.view(np.int32)))  # one read, no (n, d) mask
+        bits = block.view(np.int32)  # one read, no (n, d) mask
+        if block.nbytes >= _PARALLEL_CHECK_BYTES and get_num_threads() > 1:
+            return int(first_nonfinite_row_parallel(bits, max(1, _PARALLEL_CHECK_BYTES // (4 * block.shape[1]))))
+        return int(first_nonfinite_row(bits))
     bad = ~np.isfinite(block).all(axis=1) if block.ndim == 2 else ~np.isfinite(block)
     return int(np.argmax(bad)) if bad.any() else -1
 
