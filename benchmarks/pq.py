@@ -12,6 +12,7 @@ Datasets: Fashion-MNIST (60k x 784, 10k test queries of which ``--fmnist-queries
 clustered 1M x 128 set (anisotropic Gaussian clusters, fixed seed).
 
 Usage: flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/pq.py [--quick]
+       [--parts encode --resume benchmarks/results/pq.json]   (re-measure some parts, keep the other rows)
 Writes benchmarks/results/pq.json, pq.md, pq.png.
 """
 
@@ -238,8 +239,11 @@ def ground_truth(x, q, k=10):
 
 def write_markdown(res: dict, path: Path) -> None:
     lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, encode/search: medians of "
-             f"{res['repeats']} runs, training: median of {res['train_repeats']} run(s), {res['machine']}.", "",
-             "**Codecs** (training time on the full training set, MSE = mean ||x - x̂||² per row)", "",
+             f"{res['repeats']} runs, training: median of {res['train_repeats']} run(s), {res['machine']}.", ""]
+    when = {part: sorted({r.get("measured", "?") for r in res[part]}) for part in ("codecs", "encode", "search")}
+    if any(w != ["?"] for w in when.values()):
+        lines += ["Measured: " + "; ".join(f"{part} {', '.join(w)}" for part, w in when.items() if w) + ".", ""]
+    lines += ["**Codecs** (training time on the full training set, MSE = mean ||x - x̂||² per row)", "",
              "| dataset | codec | m×bits | kvant train s | FAISS train s | kvant MSE | FAISS MSE | MSE ratio |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in res["codecs"]:
@@ -325,7 +329,15 @@ def main(argv=None) -> None:
     ap.add_argument("--synthetic-queries", type=int, default=10000)
     ap.add_argument("--opq-iter", type=int, default=20)
     ap.add_argument("--out", default=str(RESULTS / "pq"))
+    ap.add_argument("--parts", default="search,encode,codecs",
+                    help="comma-separated parts to measure: search, encode, codecs")
+    ap.add_argument("--resume", default=None,
+                    help="earlier results JSON: its rows of the parts not measured now are kept (each row keeps "
+                         "its own run's date in 'measured')")
     args = ap.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts <= {"search", "encode", "codecs"}:
+        ap.error(f"unknown part(s) in --parts: {sorted(parts - {'search', 'encode', 'codecs'})}")
 
     import faiss
 
@@ -337,6 +349,12 @@ def main(argv=None) -> None:
     res = {"threads": threads, "faiss_version": faiss.__version__, "kvant_version": kvant.__version__,
            "repeats": repeats, "train_repeats": train_repeats, "machine": machine,
            "codecs": [], "encode": [], "search": []}
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    if args.resume:
+        old = json.loads(Path(args.resume).read_text())
+        for part in ("codecs", "encode", "search"):
+            if part not in parts:
+                res[part] = [dict(r, measured=r.get("measured", "earlier run")) for r in old.get(part, [])]
 
     # warm-up: compile every kernel once outside the timed runs
     w = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32)
@@ -367,23 +385,30 @@ def main(argv=None) -> None:
     for name, x, q, m, search_cfgs in datasets:
         # search first (the headline targets), then encoding with the 8-bit index's codec, then codec training
         print(f"[{name}] {x.shape} queries {q.shape}", flush=True)
-        gt = ground_truth(x, q)
         pq = None
-        for m_s, nbits in search_cfgs:
-            row, index = bench_search(faiss, name, x, q, gt, m_s, nbits, repeats)
-            res["search"].append(row)
-            if nbits == 8 and m_s == m:
+        if "search" in parts:
+            gt = ground_truth(x, q)
+            for m_s, nbits in search_cfgs:
+                row, index = bench_search(faiss, name, x, q, gt, m_s, nbits, repeats)
+                res["search"].append(dict(row, measured=stamp))
+                if nbits == 8 and m_s == m:
+                    pq = index.codec
+                print("  ", row, flush=True)
+                save_partial()
+        if "encode" in parts:
+            if pq is None:  # the 8-bit index's codec, trained as bench_search trains it
+                index = kvant.PQIndex(x.shape[1], m, nbits=8)
+                index.train(x)
                 pq = index.codec
-            print("  ", row, flush=True)
+            res["encode"].append(dict(bench_encode(faiss, name, x, pq, repeats), measured=stamp))
+            print("  ", res["encode"][-1], flush=True)
             save_partial()
-        res["encode"].append(bench_encode(faiss, name, x, pq, repeats))
-        print("  ", res["encode"][-1], flush=True)
-        save_partial()
-        rows, _ = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter, min(len(x), 100_000))
-        res["codecs"] += rows
-        for r in rows:
-            print("  ", r, flush=True)
-        save_partial()
+        if "codecs" in parts:
+            rows, _ = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter, min(len(x), 100_000))
+            res["codecs"] += [dict(r, measured=stamp) for r in rows]
+            for r in rows:
+                print("  ", r, flush=True)
+            save_partial()
 
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     write_markdown(res, out.with_suffix(".md"))
