@@ -145,13 +145,14 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
     assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
 
 
-def test_centres_with_far_outliers_keep_the_float32_path():
+def test_centres_with_far_outliers_keep_the_float32_path_in_e_steps_only():
     g = np.random.default_rng(9)
     dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
     c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
-    assert cluster_assign.CertifiedCentres(c, spherical=False).ok
+    assert cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok
     c[0] *= 100 * cluster_assign.AMX_MAX_NORM_SPREAD
-    assert not cluster_assign.CertifiedCentres(c, spherical=False).ok
+    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok
+    assert cluster_assign.CertifiedCentres(c, spherical=False).ok  # final assignments handle far centres
     assert not cluster_assign.CertifiedCentres(c[: cluster_assign.AMX_MIN_K - 1], spherical=False).ok
     assert not cluster_assign.CertifiedCentres(c[:, : dim // 2], spherical=False).ok  # K·D below AMX_MIN_KD
 
@@ -185,3 +186,25 @@ def test_unit_rows_in_a_narrow_cone():
     labels, exact, *_ = _run(x, c, unit=True)
     np.testing.assert_array_equal(labels, d.argmin(1))
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("lower", [False, True])  # final assignment (inner centres only) and Lloyd's E-step
+@pytest.mark.parametrize("far_share", [0.05, 0.3])
+def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share, lower):
+    # heavy-tailed centres: a share of them 20-200× further out than the rest, near ties in the bulk and rows near the
+    # far centres as well, duplicated centres (exact ties, smaller id wins) among both. In final assignments the
+    # triangle inequality rules out the outer centres and the inner ones are visited in norm order: labels and exact
+    # distances (and, in E-steps, runner-up bounds) must all stay exact.
+    g = np.random.default_rng(12)
+    x, c = _near_ties(g, 1500, 40, 96)
+    n_far = int(far_share * 96)
+    c[1 : n_far + 1] *= g.uniform(20, 200, (n_far, 1)).astype(np.float32)
+    c[n_far + 1] = c[1]  # a far duplicate
+    x[:300] = (c[g.integers(1, n_far + 2, 300)] * (1 + 1e-4 * g.standard_normal((300, 1)))).astype(np.float32)
+    x[300:310] = c[1]  # exactly on the far duplicate pair
+    d = _exact(x, c)
+    labels, exact, low, _, _ = _run(x, c, lower=lower)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(exact, d.min(1), rtol=1e-12)
+    if lower:
+        assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))

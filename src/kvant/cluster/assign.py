@@ -41,9 +41,11 @@ _NO_NEAREST = np.empty((0, 0), np.int32)
 AMX_ASSIGN = True
 AMX_MIN_K = 128
 AMX_MIN_KD = 1 << 14
-# ... and only while max ‖c − μ‖ <= AMX_MAX_NORM_SPREAD × its median over the centres: on the benchmark's heavy-tailed
-# l2 cells (ratio 39-164) a third of the rows needed the per-centre scan and fits took 1.4× the float32 path's time;
-# every other cell measured had a ratio <= 5.3.
+# ... and, in Lloyd's E-steps, only while max ‖c − μ‖ <= AMX_MAX_NORM_SPREAD × its median over the centres: on the
+# benchmark's heavy-tailed l2 cells (ratio 39-164) most rows needed the per-centre scan and fits took 1.2-1.4× the
+# float32 path's time; every other cell measured had a ratio <= 5.3. Final assignments skip that guard: there the
+# triangle inequality rules out the far centres row by row (kernels/amx_assign), and the heavy-tailed 1M×128 K=256
+# l2 cell's final assignment took 551 ms against 719 ms with the scan over every centre.
 AMX_MAX_NORM_SPREAD = 8.0
 
 
@@ -166,9 +168,9 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 class CertifiedCentres:
     """Centres prepared for :func:`assign_certified` (the bf16 tile operands); ``ok`` is False when the AMX path does
     not apply: no AMX, K < ``AMX_MIN_K`` or K·D < ``AMX_MIN_KD``, l2 data of extreme magnitude (``conditioning`` asks
-    for a scale), or centre norms spread beyond ``AMX_MAX_NORM_SPREAD``."""
+    for a scale), or, for Lloyd's E-steps (``e_step``), centre norms spread beyond ``AMX_MAX_NORM_SPREAD``."""
 
-    def __init__(self, centroids: np.ndarray, spherical: bool):
+    def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False):
         k = centroids.shape[0]
         self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * centroids.shape[1] >= AMX_MIN_KD
@@ -176,9 +178,9 @@ class CertifiedCentres:
         if self.ok:
             self.mu, self.bt, self.cn, self.cstat = amx_assign.pack_centres(self.centroids)
             self.gamma = amx_assign.gamma(self.centroids.shape[1])
-            # a few centres far out (heavy tails) leave most rows to the per-centre scan: the float32 kernels win
-            norms = self.cstat[0]
-            self.ok = bool(norms.max() <= AMX_MAX_NORM_SPREAD * np.median(norms))
+            if e_step:  # a few centres far out (heavy tails) leave most rows to the per-centre scan
+                norms = self.cstat[0]
+                self.ok = bool(norms.max() <= AMX_MAX_NORM_SPREAD * np.median(norms))
 
 
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
@@ -209,7 +211,7 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
     certified bf16 tile products (exact nearest centres,
     ``d1`` exact, ``d2`` a lower bound, candidate ids from the approximate distances with the label among them);
     elsewhere from :func:`assign_top2` (nearest up to float32 rounding of the expanded distances)."""
-    cc = CertifiedCentres(centroids, spherical=False)
+    cc = CertifiedCentres(centroids, spherical=False, e_step=True)
     if not cc.ok:
         assign_top2(x, centroids, sq_norms_serial(centroids), labels, d1, d2, x_sqnorms=x_sqnorms, rows=rows,
                     nearest=nearest)
