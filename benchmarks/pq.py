@@ -238,8 +238,12 @@ def ground_truth(x, q, k=10):
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, encode/search: medians of "
-             f"{res['repeats']} runs, training: median of {res['train_repeats']} run(s), {res['machine']}.", ""]
+    def reps(part, default):  # rows carry their own run's repeats (``--parts`` re-runs may differ)
+        return "/".join(str(v) for v in sorted({r.get("repeats", default) for r in res[part]})) or str(default)
+
+    lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, encode: medians of "
+             f"{reps('encode', res['repeats'])} runs, search: medians of {reps('search', res['repeats'])} runs, "
+             f"training: median of {reps('codecs', res['train_repeats'])} run(s), {res['machine']}.", ""]
     when = {part: sorted({r.get("measured", "?") for r in res[part]}) for part in ("codecs", "encode", "search")}
     if any(w != ["?"] for w in when.values()):
         lines += ["Measured: " + "; ".join(f"{part} {', '.join(w)}" for part, w in when.items() if w) + ".", ""]
@@ -390,7 +394,7 @@ def main(argv=None) -> None:
             gt = ground_truth(x, q)
             for m_s, nbits in search_cfgs:
                 row, index = bench_search(faiss, name, x, q, gt, m_s, nbits, repeats)
-                res["search"].append(dict(row, measured=stamp))
+                res["search"].append(dict(row, measured=stamp, repeats=repeats))
                 if nbits == 8 and m_s == m:
                     pq = index.codec
                 print("  ", row, flush=True)
@@ -400,12 +404,12 @@ def main(argv=None) -> None:
                 index = kvant.PQIndex(x.shape[1], m, nbits=8)
                 index.train(x)
                 pq = index.codec
-            res["encode"].append(dict(bench_encode(faiss, name, x, pq, repeats), measured=stamp))
+            res["encode"].append(dict(bench_encode(faiss, name, x, pq, repeats), measured=stamp, repeats=repeats))
             print("  ", res["encode"][-1], flush=True)
             save_partial()
         if "codecs" in parts:
             rows, _ = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter, min(len(x), 100_000))
-            res["codecs"] += [dict(r, measured=stamp) for r in rows]
+            res["codecs"] += [dict(r, measured=stamp, repeats=train_repeats) for r in rows]
             for r in rows:
                 print("  ", r, flush=True)
             save_partial()
