@@ -37,13 +37,13 @@ def _near_ties(g, n, dim, k, offset=0.0):
     return x, c
 
 
-def _run(x, c, rows=NO_ROWS, unit=False, lower=False, m=0):
+def _run(x, c, rows=NO_ROWS, unit=False, lower=False, m=0, inner_lower=False):
     mu, bt, cn, cstat = amx_assign.pack_centres(c)
     n = rows.shape[0] if rows.shape[0] else x.shape[0]
     labels, exact = np.empty(n, np.int64), np.empty(n, np.float64)
     low = np.empty(n, np.float32) if lower else NO_LOWER
     near = np.empty((n, m), np.int32) if m else NO_NEAREST
-    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cstat, amx_assign.gamma(x.shape[1]), unit,
+    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cstat, amx_assign.gamma(x.shape[1]), inner_lower, unit,
                                 amx_assign.TILE_CONFIG, labels, exact, low, near)
     return labels, exact, low, near, fb
 
@@ -105,7 +105,7 @@ def test_a_too_narrow_margin_is_caught():
     mu, bt, cn, cstat = amx_assign.pack_centres(c)
     cstat[:2] = 0.0
     labels, exact = np.empty(2000, np.int64), np.empty(2000)
-    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, cstat, 0.0, False,
+    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, cstat, 0.0, False, False,
                            amx_assign.TILE_CONFIG, labels, exact, NO_LOWER, NO_NEAREST)
     assert (labels != _exact(x, c).argmin(1)).sum() > 0
 
@@ -145,14 +145,18 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
     assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
 
 
-def test_centres_with_far_outliers_keep_the_float32_path_in_e_steps_only():
+def test_centres_with_far_outliers_scan_inner_centres_in_e_steps(monkeypatch):
     g = np.random.default_rng(9)
     dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
     c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
-    assert cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok
+    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True)
+    assert cc.ok and not cc.inner_lower
     c[0] *= 100 * cluster_assign.AMX_MAX_NORM_SPREAD
-    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok
-    assert cluster_assign.CertifiedCentres(c, spherical=False).ok  # final assignments handle far centres
+    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True)
+    assert cc.ok and cc.inner_lower  # far centres: E-steps scan the inner centres only
+    assert cluster_assign.CertifiedCentres(c, spherical=False).ok  # final assignments handle far centres anyway
+    monkeypatch.setattr(cluster_assign, "AMX_E_STEP_INNER", False)
+    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok  # the float32 path instead
     assert not cluster_assign.CertifiedCentres(c[: cluster_assign.AMX_MIN_K - 1], spherical=False).ok
     assert not cluster_assign.CertifiedCentres(c[:, : dim // 2], spherical=False).ok  # K·D below AMX_MIN_KD
 
@@ -188,9 +192,10 @@ def test_unit_rows_in_a_narrow_cone():
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-9, atol=1e-15)
 
 
-@pytest.mark.parametrize("lower", [False, True])  # final assignment (inner centres only) and Lloyd's E-step
+# final assignment (inner centres), Lloyd's E-step (every centre), E-step with inner_lower (inner centres)
+@pytest.mark.parametrize("lower,inner_lower", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("far_share", [0.05, 0.3])
-def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share, lower):
+def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share, lower, inner_lower):
     # heavy-tailed centres: a share of them 20-200× further out than the rest, near ties in the bulk and rows near the
     # far centres as well, duplicated centres (exact ties, smaller id wins) among both. In final assignments the
     # triangle inequality rules out the outer centres and the inner ones are visited in norm order: labels and exact
@@ -203,8 +208,30 @@ def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share
     x[:300] = (c[g.integers(1, n_far + 2, 300)] * (1 + 1e-4 * g.standard_normal((300, 1)))).astype(np.float32)
     x[300:310] = c[1]  # exactly on the far duplicate pair
     d = _exact(x, c)
-    labels, exact, low, _, _ = _run(x, c, lower=lower)
+    labels, exact, low, _, _ = _run(x, c, lower=lower, inner_lower=inner_lower)
     np.testing.assert_array_equal(labels, d.argmin(1))
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-12)
     if lower:
         assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("inner_lower", [False, True])
+def test_an_outer_centre_as_runner_up_keeps_the_lower_bound_valid(inner_lower):
+    # rows at centre A (norm 100) whose runner-up is B (norm 110, same direction) — an *outer* centre for them: the
+    # runner-up bound then comes from B's norm gap and must stay below the true distance to B
+    g = np.random.default_rng(14)
+    dim = 32
+    u = g.standard_normal(dim)
+    u /= np.linalg.norm(u)
+    c = np.zeros((8, dim), np.float32)
+    c[:2] = g.standard_normal((2, dim)) * 0.5
+    c[2], c[3] = 100 * u, 110 * u
+    for j in range(4, 8):  # far out in other directions: at most half the centres stay inner for these rows
+        w = g.standard_normal(dim)
+        c[j] = 1000 * w / np.linalg.norm(w)
+    x = (c[2] + 0.3 * g.standard_normal((200, dim))).astype(np.float32)
+    d = _exact(x, c)
+    labels, exact, low, _, _ = _run(x, c, lower=True, inner_lower=inner_lower)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(exact, d.min(1), rtol=1e-12)
+    assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))

@@ -41,12 +41,17 @@ _NO_NEAREST = np.empty((0, 0), np.int32)
 AMX_ASSIGN = True
 AMX_MIN_K = 128
 AMX_MIN_KD = 1 << 14
-# ... and, in Lloyd's E-steps, only while max ‖c − μ‖ <= AMX_MAX_NORM_SPREAD × its median over the centres: on the
-# benchmark's heavy-tailed l2 cells (ratio 39-164) most rows needed the per-centre scan and fits took 1.2-1.4× the
-# float32 path's time; every other cell measured had a ratio <= 5.3. Final assignments skip that guard: there the
-# triangle inequality rules out the far centres row by row (kernels/amx_assign), and the heavy-tailed 1M×128 K=256
-# l2 cell's final assignment took 551 ms against 719 ms with the scan over every centre.
+# Centres far out (max ‖c − μ‖ > AMX_MAX_NORM_SPREAD × its median over the centres; the benchmark's heavy-tailed l2
+# cells have ratios 39-164, every other cell measured <= 5.3) send most rows past the quick test. Rows that fail it
+# then drop the centres the triangle inequality rules out and scan the inner ones (kernels/amx_assign): always in
+# final assignments (heavy-tailed 1M×128 K=256 l2: 551 ms against 719 ms with the scan over every centre), and in
+# Lloyd's E-steps only when the centres are that far out (AMX_E_STEP_INNER; elsewhere the outer centres' norm-gap
+# bound is looser than their per-centre lower ends and Hamerly's bounds recompute more rows: Zipf 1M×128 K=256 fits
+# 1.09-1.13×). Whole fits against the float32 E-steps used there before (same process, medians of 3-7, 2026-12-03):
+# heavy-tailed 1M×128 K=256 0.92-1.02×, 200k×384 K=256 0.88×, 1M×128 K=1024 0.94×; with the full scan instead, the
+# tile path's fits took 1.2-1.4× the float32 path's time. AMX_E_STEP_INNER = False restores the float32 E-steps there.
 AMX_MAX_NORM_SPREAD = 8.0
+AMX_E_STEP_INNER = True
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -168,11 +173,13 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 class CertifiedCentres:
     """Centres prepared for :func:`assign_certified` (the bf16 tile operands); ``ok`` is False when the AMX path does
     not apply: no AMX, K < ``AMX_MIN_K`` or K·D < ``AMX_MIN_KD``, l2 data of extreme magnitude (``conditioning`` asks
-    for a scale), or, for Lloyd's E-steps (``e_step``), centre norms spread beyond ``AMX_MAX_NORM_SPREAD``."""
+    for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off, centre norms spread beyond
+    ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only: ``inner_lower``)."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False):
         k = centroids.shape[0]
         self.centroids = np.ascontiguousarray(centroids, np.float32)
+        self.inner_lower = False
         self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * centroids.shape[1] >= AMX_MIN_KD
                    and (spherical or conditioning(self.centroids)[1] is None))
         if self.ok:
@@ -180,7 +187,11 @@ class CertifiedCentres:
             self.gamma = amx_assign.gamma(self.centroids.shape[1])
             if e_step:  # a few centres far out (heavy tails) leave most rows to the per-centre scan
                 norms = self.cstat[0]
-                self.ok = bool(norms.max() <= AMX_MAX_NORM_SPREAD * np.median(norms))
+                far = bool(norms.max() > AMX_MAX_NORM_SPREAD * np.median(norms))
+                if AMX_E_STEP_INNER:
+                    self.inner_lower = far  # ... of the inner centres only
+                else:
+                    self.ok = not far
 
 
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
@@ -191,7 +202,8 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     x = np.ascontiguousarray(x, np.float32)
 
     def run(s: int, e: int) -> None:
-        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, unit_rows,
+        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, cc.inner_lower,
+                               unit_rows,
                                amx_assign.TILE_CONFIG, labels[s:e], exact_sq[s:e], _NO_LOWER, _NO_NEAREST)
 
     for_each_block(x.shape[0], 8192, run, n_threads)
@@ -221,7 +233,7 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
 
     def run(s: int, e: int) -> None:
         xs, listed = (x[s:e], _NO_ROWS) if rows is None else (x, rows[s:e])
-        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, False,
+        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, cc.inner_lower, False,
                                amx_assign.TILE_CONFIG, labels[s:e], exact[s:e], d2[s:e],
                                _NO_NEAREST if nearest is None else nearest[s:e])
 

@@ -399,13 +399,17 @@ def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1
 
 
 @numba.njit(**_JIT)
-def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, unit_rows, cfg, labels, exact_sq, lower2, nearest):
+def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq, lower2,
+                nearest):
     """Exact nearest centre of rows of ``x`` (unit-normalised first when ``unit_rows``) and its float64 squared
     distance, certified from AMX bf16 products as the module docstring describes. Returns how many rows needed exact
     distances to more than one centre.
 
     ``rows`` (int64): the rows to assign, in that order (outputs per listed row); empty: every row. ``mu, bt, cn,
-    cstat`` from :func:`pack_centres`, ``gam`` = :func:`gamma` (D). Outputs:
+    cstat`` from :func:`pack_centres`, ``gam`` = :func:`gamma` (D). Rows that fail the quick test drop the centres
+    the triangle inequality rules out (module docstring) when no ``lower2`` is wanted, and with it too when
+    ``inner_lower`` (the outer centres' bound is then their norm gap, looser than their per-centre lower ends unless
+    they are far out). Outputs:
     ``labels`` (a zero row with ``unit_rows`` gets -1; the caller reports it), ``exact_sq``; when not empty,
     ``lower2`` (float32): a lower bound on the squared distance to the nearest *other* centre (+inf when K = 1), and
     ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
@@ -488,7 +492,7 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, unit_rows, cfg, labe
                 # E-steps, which want lower2, the full scan's runner-up bound is tighter, and Hamerly's bounds
                 # recompute fewer rows with it; with the inner centres there, fits took 1.09-1.13× as long, Zipf
                 # 1M×128 K=256 l2, same-process A/B)
-                n_in = k if want_lower else _inner_count(wsort, vn, top)
+                n_in = k if want_lower and not inner_lower else _inner_count(wsort, vn, top)
                 if 2 * n_in <= k:
                     _row_by_inner_centres(x, i, scale[r], unit_rows, centroids, g, r, cn, cstat, xn[r], d1, d2, lab,
                                           mb, top, e_eff, vt, vn, eps_v, gam, n_in, order, wsort, fpre, mpre, cand,
