@@ -8,6 +8,7 @@ is never copied whole; a float32 in-memory array is handed out as views (no copy
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,7 +57,10 @@ def _first_bad_row(block: np.ndarray) -> int:
     """Index of the first row of a float ``block`` holding NaN or inf, or -1."""
     if block.dtype == np.float32 and block.ndim == 2 and block.flags.c_contiguous:
         bits = block.view(np.int32)  # one read, no (n, d) mask
-        if block.nbytes >= _PARALLEL_CHECK_BYTES and get_num_threads() > 1:
+        # the main thread only: a Numba parallel region entered from several threads at once (Dask's workers, say)
+        # is not safe on every threading layer
+        if (block.nbytes >= _PARALLEL_CHECK_BYTES and get_num_threads() > 1
+                and threading.current_thread() is threading.main_thread()):
             return int(first_nonfinite_row_parallel(bits, max(1, _PARALLEL_CHECK_BYTES // (4 * block.shape[1]))))
         return int(first_nonfinite_row(bits))
     bad = ~np.isfinite(block).all(axis=1) if block.ndim == 2 else ~np.isfinite(block)

@@ -363,7 +363,8 @@ def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1
         res[2] = min(max(d2 - mmax, ex + (d2 - d1) - (mmax + mb)), low_out)
         res[3] = 1
         return True
-    # per-centre margins over the inner centres, in norm order (as in assign_rows)
+    # per-centre margins over the inner centres, in norm order: the twin of assign_rows' scan over every centre, kept
+    # apart (that one runs in id order with no gather, in the hot loop); a change to one belongs in both
     m0 = eps_v + 2.0**-20 * vn * vn
     m1 = 2.0 * e_eff + 2.0**-19 * vn
     m2 = 2.0 * vt

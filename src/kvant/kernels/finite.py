@@ -13,16 +13,20 @@ import numpy as np
 from numba import prange
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _row_is_bad(bits, i):
+    exp = np.int32(0x7F800000)
+    bad = 0
+    for j in range(bits.shape[1]):
+        bad |= (bits[i, j] & exp) == exp
+    return bad != 0
+
+
 @numba.njit(cache=True, nogil=True)
 def first_nonfinite_row(bits):
     """Index of the first row of ``bits`` (a float32 (n, d) block viewed as int32) holding NaN or inf; -1 if none."""
-    n, d = bits.shape
-    exp = np.int32(0x7F800000)
-    for i in range(n):
-        bad = 0
-        for j in range(d):
-            bad |= (bits[i, j] & exp) == exp
-        if bad:
+    for i in range(bits.shape[0]):
+        if _row_is_bad(bits, i):
             return i
     return -1
 
@@ -30,16 +34,12 @@ def first_nonfinite_row(bits):
 @numba.njit(cache=True, nogil=True, parallel=True)
 def first_nonfinite_row_parallel(bits, block_rows):
     """:func:`first_nonfinite_row` with ranges of ``block_rows`` rows scanned in parallel; the same answer."""
-    n, d = bits.shape
+    n = bits.shape[0]
     nb = (n + block_rows - 1) // block_rows
     first = np.full(nb, -1, np.int64)
-    exp = np.int32(0x7F800000)
     for b in prange(nb):
         for i in range(b * block_rows, min(n, (b + 1) * block_rows)):
-            bad = 0
-            for j in range(d):
-                bad |= (bits[i, j] & exp) == exp
-            if bad:
+            if _row_is_bad(bits, i):
                 first[b] = i
                 break
     for b in range(nb):

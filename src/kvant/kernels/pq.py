@@ -215,9 +215,10 @@ _HAS_AVX512F = bool(_FEATURES.get("avx512f", False))
 
 
 _ENC_LANES = 32  # rows encoded together by _enc_lanes, one row per vector lane
-# Vector width and codewords per pass of _enc_lanes: 4 zmm vectors x 2 rows-vectors = 8 accumulator chains with
-# AVX-512 (1.45 M vec/s against 0.95 M for 2 x 4 ymm at 128-d, m=16, 2 threads, same-process A/B on the Intel host,
-# 2026-12-03; 2 codewords per pass with zmm gave 1.35 M, 8 gave 1.30 M), else 2 codewords x 4 ymm vectors.
+# Vector width and codewords per pass of _enc_lanes: with AVX-512, 4 codewords × 2 row vectors of 16 lanes = 8
+# accumulator chains (1.45 M vec/s against 0.95 M for 2 codewords × 4 row vectors of 8 lanes, 128-d, m=16, 2 threads,
+# same-process A/B on the Intel host, 2026-12-03; 2 codewords with 16 lanes gave 1.35 M, 8 gave 1.30 M); else the
+# 8-lane layout.
 # Every lane runs the same operations in the same order, so the codes do not depend on the width.
 _ENC_WIDTH = 16 if _HAS_AVX512F else 8
 _ENC_CW = 4 if _HAS_AVX512F else 2
@@ -257,9 +258,9 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
         ares = context.make_array(signature.args[6])(context, builder, res_v)
         intp = cbo_v.type
         f32, i32 = ir.FloatType(), ir.IntType(32)
-        v8f, v8i = ir.VectorType(f32, W), ir.VectorType(i32, W)  # W lanes (named for the AVX2 case)
+        vf, vi = ir.VectorType(f32, W), ir.VectorType(i32, W)
         mod = builder.module
-        fma = llvm_fn(mod, f"llvm.fma.v{W}f32", v8f, [v8f, v8f, v8f])
+        fma = llvm_fn(mod, f"llvm.fma.v{W}f32", vf, [vf, vf, vf])
 
         def vptr(arr, idx, vt):
             return builder.bitcast(builder.gep(arr.data, [idx]), vt.as_pointer())
@@ -268,31 +269,31 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
             return ir.Constant(intp, v)
 
         width = const(fixed) if fixed is not None else dsub_v
-        best = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [float("inf")] * W)) for _ in range(V)]
-        idx = [cgutils.alloca_once_value(builder, ir.Constant(v8i, [0] * W)) for _ in range(V)]
-        acc = [[cgutils.alloca_once(builder, v8f) for _ in range(V)] for _ in range(C)]
-        zero8 = ir.Constant(v8f, [0.0] * W)
+        best = [cgutils.alloca_once_value(builder, ir.Constant(vf, [float("inf")] * W)) for _ in range(V)]
+        idx = [cgutils.alloca_once_value(builder, ir.Constant(vi, [0] * W)) for _ in range(V)]
+        acc = [[cgutils.alloca_once(builder, vf) for _ in range(V)] for _ in range(C)]
+        zero = ir.Constant(vf, [0.0] * W)
 
         def accumulate(cbase, d, vals):  # one term c_d - x_d into every accumulator value in ``vals``
             xrow = builder.add(xo_v, builder.mul(d, const(_ENC_LANES)))
-            xs = [builder.load(vptr(axt, builder.add(xrow, const(W * v)), v8f), align=4) for v in range(V)]
+            xs = [builder.load(vptr(axt, builder.add(xrow, const(W * v)), vf), align=4) for v in range(V)]
             for cc in range(C):
                 off = builder.add(cbase, builder.add(builder.mul(const(cc), width), d))
-                cv = splat(builder, builder.load(builder.gep(acb.data, [off])), v8f)
+                cv = splat(builder, builder.load(builder.gep(acb.data, [off])), vf)
                 for v in range(V):
                     t = builder.fsub(cv, xs[v])
                     vals[cc][v] = builder.call(fma, [t, t, vals[cc][v]])
 
         with cgutils.for_range_slice(builder, const(0), ksub_v, const(C), intp) as (c0, _):
             cbase = builder.add(cbo_v, builder.mul(c0, width))
-            vals = [[zero8] * V for _ in range(C)]
+            vals = [[zero] * V for _ in range(C)]
             if fixed is not None:  # unrolled: the accumulators are SSA values
                 for d in range(fixed):
                     accumulate(cbase, const(d), vals)
             else:
                 for cc in range(C):
                     for v in range(V):
-                        builder.store(zero8, acc[cc][v])
+                        builder.store(zero, acc[cc][v])
                 with cgutils.for_range(builder, dsub_v) as loop:
                     vals = [[builder.load(acc[cc][v]) for v in range(V)] for cc in range(C)]
                     accumulate(cbase, loop.index, vals)
@@ -301,7 +302,7 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
                             builder.store(vals[cc][v], acc[cc][v])
                 vals = [[builder.load(acc[cc][v]) for v in range(V)] for cc in range(C)]
             for cc in range(C):  # codewords in id order with a strict <: ties keep the smaller id
-                cid = splat(builder, builder.trunc(builder.add(c0, const(cc)), i32), v8i)
+                cid = splat(builder, builder.trunc(builder.add(c0, const(cc)), i32), vi)
                 for v in range(V):
                     a = vals[cc][v]
                     bv = builder.load(best[v])
@@ -309,7 +310,7 @@ def _enc_lanes(typingctx, xt, xo, cb, cbo, dsub, ksub, res):
                     builder.store(builder.select(lt, a, bv), best[v])
                     builder.store(builder.select(lt, cid, builder.load(idx[v])), idx[v])
         for v in range(V):
-            builder.store(builder.load(idx[v]), vptr(ares, const(W * v), v8i), align=4)
+            builder.store(builder.load(idx[v]), vptr(ares, const(W * v), vi), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
