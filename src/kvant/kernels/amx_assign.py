@@ -351,9 +351,10 @@ def _inner_count(wsort, vn, top):
 def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1, d2, lab, mb, top, e_eff, vt, vn,
                           eps_v, gam, n_in, order, wsort, fpre, mpre, cand, lower_end, res):
     """Settle a row that failed the quick test with its ``n_in`` *inner* centres only (:func:`_inner_count`): (label,
-    exact squared distance, runner-up lower bound, centres given exact distances) go to ``res``; returns True. A
-    separate function, not inlined: inside assign_rows' loop this code slowed the other rows' scans (E-steps 49 → 71
-    ms on heavy-tailed 1M×128 K=256 data with identical results)."""
+    exact squared distance, runner-up lower bound, centres given exact distances) go to ``res``. A separate function,
+    not inlined: inside assign_rows' loop this code slowed the other rows' scans (E-steps 49 → 71 ms on heavy-tailed
+    1M×128 K=256 data with identical results); so did sharing its lower-end formula with that loop through an
+    inlined helper (E-steps 32 → 43 ms), hence the twin."""
     gap = wsort[n_in] * (1.0 - 2.0**-19) - vn * (1.0 + 2.0**-19)
     low_out = gap * gap if gap > 0 else 0.0  # every outer centre's squared distance is at least this
     mmax = _margin(e_eff, vt, vn, eps_v, wsort[n_in - 1], fpre[n_in - 1], mpre[n_in - 1], gam)
@@ -362,7 +363,7 @@ def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1
         res[0], res[1] = lab, ex
         res[2] = min(max(d2 - mmax, ex + (d2 - d1) - (mmax + mb)), low_out)
         res[3] = 1
-        return True
+        return
     # per-centre margins over the inner centres, in norm order: the twin of assign_rows' scan over every centre, kept
     # apart (that one runs in id order with no gather, in the hot loop); a change to one belongs in both
     m0 = eps_v + 2.0**-20 * vn * vn
@@ -396,7 +397,6 @@ def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1
         elif e < ex2:
             ex2 = e
     res[0], res[1], res[2], res[3] = best, ex, min(low, ex2), n_cand
-    return True
 
 
 @numba.njit(**_JIT)
@@ -489,10 +489,9 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
                     x, i, centroids, lab)
                 low = max(d2 - mmax, ex + (d2 - d1) - (mmax + mb))
             else:
-                # the triangle inequality may leave few centres to check (final assignments only: in Lloyd's
-                # E-steps, which want lower2, the full scan's runner-up bound is tighter, and Hamerly's bounds
-                # recompute fewer rows with it; with the inner centres there, fits took 1.09-1.13× as long, Zipf
-                # 1M×128 K=256 l2, same-process A/B)
+                # the triangle inequality may leave few centres to check: in final assignments, and in E-steps when
+                # inner_lower (elsewhere the full scan's runner-up bound is tighter, and Hamerly's bounds recompute
+                # fewer rows with it; with the inner centres there, Zipf 1M×128 K=256 l2 fits took 1.09-1.13×)
                 n_in = k if want_lower and not inner_lower else _inner_count(wsort, vn, top)
                 if 2 * n_in <= k:
                     _row_by_inner_centres(x, i, scale[r], unit_rows, centroids, g, r, cn, cstat, xn[r], d1, d2, lab,
