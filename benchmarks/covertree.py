@@ -97,6 +97,16 @@ def exact_match(d, i, rd, ri, atol=1e-9):
 _T0 = [0.0]
 
 
+_STAMP = ["?"]
+
+
+def _group(row) -> str:
+    """The ``--only`` group a result row belongs to."""
+    if row["metric"] != "euclidean":
+        return "residual"
+    return "vecchia" if row.get("cell") else "euclid"
+
+
 def checkpoint(rows, args):
     """Rewrite the result files after every cell, so an interrupted run still leaves a record."""
     write(rows, args, time.perf_counter() - _T0[0])
@@ -273,6 +283,8 @@ def write(rows, args, elapsed):
     meta = {"machine": platform.processor() or platform.machine(), "threads": kvant.get_num_threads(),
             "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
             "elapsed_s": elapsed, "quick": args.quick, "covertreex_published": COVERTREEX}
+    for r in rows:
+        r.setdefault("measured", _STAMP[0])
     (RESULTS / "covertree.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| metric | d | data | n | k | build s (kvant / cKDTree) | kvant q/s | cKDTree q/s | BallTree q/s "
              "| KDTree q/s | brute q/s | kvant/cKDTree | exact |",
@@ -317,7 +329,14 @@ def write(rows, args, elapsed):
                  f"medians of 3 runs, the rest single runs; prep = "
                  f"`ResidualCorrelation.from_points` (V and p from 512 inducing points); kvant answers queries with "
                  f"its exact BLAS scan (the tree walk's rate in brackets). "
-                 f"Total benchmark time {elapsed:.0f} s.")
+                 f"Total benchmark time {elapsed:.0f} s (of the last run).")
+    when = {}
+    for r in rows:
+        when.setdefault(r.get("measured", "?"), set()).add(_group(r))
+    if len(when) > 1:
+        lines.append("")
+        lines.append("Rows come from more than one run (`--only` re-measures one group): "
+                     + "; ".join(f"{', '.join(sorted(g))} measured {w}" for w, g in sorted(when.items())) + ".")
     (RESULTS / "covertree.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -376,6 +395,10 @@ def main() -> None:
     wt.knn_self(2, predecessors=True)
     t0 = _T0[0] = time.perf_counter()
     rows: list = []
+    if args.only:  # re-measure one group: the other groups' rows stay, each with its own run's date
+        saved = json.loads((RESULTS / "covertree.json").read_text())
+        rows += [dict(r, measured=r.get("measured", "earlier run")) for r in saved["rows"] if _group(r) != args.only]
+    _STAMP[0] = time.strftime("%Y-%m-%d %H:%M")
     if args.only in (None, "euclid"):
         euclid_cells(args, rows, only_d=(8,))
     if args.only in (None, "residual"):

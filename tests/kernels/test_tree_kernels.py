@@ -267,25 +267,87 @@ def test_bucketed_knn_after_insert_delete(tiny_buckets):
     assert np.array_equal(i, bi) and np.array_equal(d, bd)
 
 
+@numba.njit(cache=True)
+def _exp_many(y, out):
+    for t in range(y.shape[0]):
+        out[t] = K.exp_nonpos(y[t])
+
+
+def test_exp_nonpos_is_within_its_error_bound():
+    g = np.random.default_rng(0)
+    y = np.concatenate([[0.0, -0.0, -1e-300, -5e-324, -np.log(2) / 2, -np.log(2), -700.0],
+                        -g.random(20000) * 50, -g.random(2000) * 700, -np.abs(g.standard_normal(2000)) * 1e-8])
+    out = np.empty_like(y)
+    _exp_many(y, out)
+    rel = np.abs(out - np.exp(y)) / np.exp(y)
+    assert rel.max() <= K.EXP_NONPOS_REL_ERR and rel.max() < 1e-13
+    below = np.array([-700.5, -745.0, -1e9, -np.inf])
+    out = np.empty_like(below)
+    _exp_many(below, out)
+    assert np.all(out == out[0]) and 0.0 < out[0] <= np.exp(-699.9)  # clamped: exp(-700)
+
+
+def _x_numpy(F, q, d, rank, kernel):
+    """1 - |rho| before the metric's clamp, in plain NumPy float64 (rows are ResidualCorrelation.features)."""
+    Zq, Zp = F[q, :d], F[:, :d]
+    r2 = ((Zq[:, None, :] - Zp[None, :, :]) ** 2).sum(-1)
+    kt = kernel.variance * kernel._phi(r2) * (F[q, d + rank][:, None] * F[:, d + rank][None, :])
+    return 1.0 - np.abs(kt - F[q, d : d + rank] @ F[:, d : d + rank].T)
+
+
 @pytest.mark.parametrize("kernel", [kvant.RBF(0.3, 1.0), kvant.Matern52(0.7, 2.5)])
-@pytest.mark.parametrize("nq,n,d,rank", [(1, 1, 1, 1), (3, 17, 2, 5), (9, 64, 3, 40)])
-def test_residual_tile_dists_match_reference(kernel, nq, n, d, rank):
-    # the fused scan's per-pair formula, fed a BLAS tile, against the plain NumPy residual distance
+@pytest.mark.parametrize("nq,n,d,rank", [(1, 1, 1, 1), (3, 17, 2, 5), (9, 300, 3, 40), (5, 64, 8, 64)])
+def test_residual_screen_bounds_hold_for_float32_and_float64_products(kernel, nq, n, d, rank):
+    # lo <= x <= lo + e2 for every pair, x the metric's 1 - |rho|, from float64 and float32 tile products
     g = np.random.default_rng(nq + n + d)
     X = g.random((n, d)) * 3.0
     rc = kvant.ResidualCorrelation.from_points(X, kernel, n_inducing=rank, seed=0)
     F = rc.features()
     q = g.choice(n, nq)
-    j0 = n // 3
-    p = np.arange(n)
-    Wq, Wp = F[q, d : d + rank], F[:, d : d + rank]
-    G = np.ascontiguousarray(Wq @ Wp[j0:].T)
-    out = np.empty_like(G)
-    K.residual_tile_dists(G, F[q, :d].copy(), F[q, d + rank].copy(), F[q, -1].copy(), F[:, :d].copy(),
-                          F[:, d + rank].copy(), F[:, -1].copy(), j0, kernel.variance, kernel.code, out)
-    want = ref.residual_correlation_distance(X, rc.v, rc.p_diag, kernel, q, p[j0:])
-    np.testing.assert_allclose(out, want, atol=1e-7)
-    assert np.all(out[q[:, None] == p[None, j0:]] == 0.0)
+    W = F[:, d : d + rank]
+    nw = np.sqrt((W * W).sum(1)) * (1 + 1e-12)
+    u32, u64 = 2.0**-24, 2.0**-53
+    gam32 = 1.001 * (rank + 2) * u32 / (1 - (rank + 2) * u32)
+    gam64 = 1.001 * rank * u64 / (1 - rank * u64)
+    x = _x_numpy(F, q, d, rank, kernel)
+    slack = 2 * gam64 * nw[q][:, None] * nw[None, :] + 1e-13  # NumPy's own float64 rounding of x
+    arrays = (np.ascontiguousarray(F[:, :d].T), F[:, d + rank].copy(), F[:, -1].copy(), nw, np.arange(n))
+    same = F[q, -1][:, None] == F[:, -1][None, :]
+    for G, gam in ((W[q] @ W.T, 2 * gam64), (W[q].astype(np.float32) @ W.T.astype(np.float32), gam32 + gam64)):
+        lo, e2 = np.empty((nq, n)), np.empty((nq, n))
+        K.residual_screen_bounds(np.ascontiguousarray(G), gam, F[q, :d].copy(), F[q, d + rank].copy(),
+                                 F[q, -1].copy(), nw[q].copy(), *arrays, 0, kernel.variance, kernel.code,
+                                 np.arange(nq), 0, lo, e2)
+        assert np.all(lo[same] == 0.0) and np.all(e2[same] == 0.0)  # the same row of X: distance 0
+        assert np.all(lo[~same] <= x[~same] + slack[~same])
+        assert np.all(x[~same] <= lo[~same] + e2[~same] + slack[~same])
+        assert np.all(e2 < np.inf) and np.all(e2 >= 0)
+    # the bound is not vacuous, and a bound that ignores float32's rounding (gam64 only) is caught
+    if rank >= 40:
+        G32 = np.ascontiguousarray(W[q].astype(np.float32) @ W.T.astype(np.float32))
+        lo, e2 = np.empty((nq, n)), np.empty((nq, n))
+        K.residual_screen_bounds(G32, 0.0, F[q, :d].copy(), F[q, d + rank].copy(), F[q, -1].copy(),
+                                 nw[q].copy(), *arrays, 0, kernel.variance, kernel.code, np.arange(nq), 0, lo, e2)
+        assert np.any((x < lo - 1e-12) | (x > lo + e2 + 1e-12))
+
+
+def test_residual_screen_bounds_exclude_by_mode():
+    g = np.random.default_rng(4)
+    X = g.random((40, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=10, seed=0)
+    F = rc.features()
+    W = F[:, 2:12]
+    nw = np.sqrt((W * W).sum(1))
+    q = np.array([0, 7, 39])
+    slots = np.arange(40) * 2  # slots need not equal rows
+    args = (np.ascontiguousarray(F[:, :2].T), F[:, 12].copy(), F[:, -1].copy(), nw, slots)
+    for mode in (0, 1, 2):
+        lo, e2 = np.empty((3, 40)), np.empty((3, 40))
+        K.residual_screen_bounds(W[q] @ W.T, 1e-15, F[q, :2].copy(), F[q, 12].copy(), F[q, -1].copy(), nw[q].copy(),
+                                 *args, 0, 1.0, K.RBF_KERNEL, slots[q], mode, lo, e2)
+        excluded = {0: np.zeros((3, 40), bool), 1: slots[None, :] == slots[q][:, None],
+                    2: slots[None, :] >= slots[q][:, None]}[mode]
+        assert np.all(lo[excluded] == np.inf) and np.all(lo[~excluded] < np.inf)
 
 
 @pytest.mark.parametrize("kernel", [kvant.RBF(0.3, 1.0), kvant.Matern52(np.array([0.7, 2.0, 0.1]), 2.5)])

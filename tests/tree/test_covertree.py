@@ -291,6 +291,35 @@ def test_residual_knn_and_vecchia_exact(kernel):
             assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("bounds", [(0.1, 0.3), (0.0, 0.0), (1e9, 1e9), (1e9, 0.0)])
+def test_residual_scan_float32_and_float64_parts_stay_exact(monkeypatch, bounds):
+    # the scan's float32 products (points / queries with small |w|) and float64 ones (the rest): defaults, all
+    # float64, all float32 (then every bound is wide and the buffer overflows into the NumPy path), float32
+    # points with float64 queries. Answers must equal brute force with the metric kernel in every case.
+    monkeypatch.setattr(cover, "_F32_BOUND_POINTS", bounds[0])
+    monkeypatch.setattr(cover, "_F32_BOUND_QUERIES", bounds[1])
+    rng = np.random.default_rng(11)
+    X = rng.random((1500, 4))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.5, 1.0), n_inducing=160, seed=0)
+    tree = kvant.CoverTree(rc).fit()
+    q = rng.choice(1500, 60, replace=False)
+    for k in (1, 8, 50):
+        got, want = tree.knn(q, k), tree.brute_force(q, k)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    got, want = tree.knn_self(8, predecessors=True), tree.brute_force(None, 8, True)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    sc = tree._scan_cache
+    if bounds == (0.1, 0.3):  # the defaults split both ways on this data
+        W = rc.features()[:, 4:164]
+        nw = np.sqrt((W * W).sum(1))
+        assert 0 < sc["nh"] < 1500 and 0 < np.count_nonzero(nw > sc["tau_q"]) < 1500
+    tree.delete(q[:10])  # the cached arrays follow the tree
+    keep = np.setdiff1d(q, q[:10])
+    got, want = tree.knn(keep, 8), tree.brute_force(keep, 8)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert tree._scan_cache["pts"].size == 1490
+
+
 def test_residual_scan_with_many_exact_ties_falls_back_and_stays_exact():
     # 150 copies of one input point are all at distance 0 from each other: more near-ties than the fused
     # scan's candidate buffer holds, so those queries take the NumPy path; answers must equal brute force

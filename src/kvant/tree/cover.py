@@ -49,6 +49,16 @@ class MetricError(InvalidInput):
     """The metric returned NaN, inf or a negative number."""
 
 
+# The residual scan's float32 products (CoverTree._residual_knn): points with |w| <= sqrt(_F32_BOUND_POINTS / gam32)
+# and queries with |w| <= sqrt(_F32_BOUND_QUERIES / gam32) pair in float32, so such a pair's bound on x = 1 - |rho|
+# stays <= 0.17 (the 8th neighbour's x is ~0.37 and 99.9% of pairs lie above 0.49 on the benchmark's data). On
+# that data (32k points, rank 512) 18% of the points and 3.5% of the queries take float64 products, and a query
+# buffers ~15 candidates at k = 8 (max 28 over 64 queries, NumPy emulation); with 0.3 and 1.2 (|w| cut-offs 100 and
+# 200) some queries buffered up to 742, more than the buffer holds.
+_F32_BOUND_POINTS = 0.1
+_F32_BOUND_QUERIES = 0.3
+
+
 def _bad_metric(what: str) -> MetricError:
     return MetricError(f"the metric returned NaN, inf or a negative distance during {what}; "
                        "expected finite non-negative distances (the tree is unchanged)")
@@ -157,6 +167,7 @@ class CoverTree:
         # The residual metric's queries use the exact scan, so its copy (n x (d + rank + 2) float64, 137 MB at
         # 32k points and rank 512) is made only if the tree walk runs (_children_rows).
         idx = self._idx
+        self._scan_cache = None  # the residual scan's arrays (_scan_arrays)
         self._cdata = None if self._m.kind == "index" else self._copy_children_rows()
         cap = self._parent.shape[0]
         n_in = int(np.count_nonzero(self._in))
@@ -660,76 +671,144 @@ class CoverTree:
 
     def _residual_knn(self, Q, qslot, mode, k, pts):
         """Exact k-NN of the rows ``Q`` among the points ``pts`` (slots; ascending when ``mode`` is 2) for the
-        residual metric, by a blocked BLAS scan with an exact recheck. Returns (distances, positions into
-        ``pts``), ties to the lower position, padded with inf / -1.
+        residual metric, by a blocked BLAS scan that screens with proven bounds and an exact recheck. Returns
+        (distances, positions into ``pts``), ties to the lower position, padded with inf / -1.
 
         On the data this metric is used for, distances concentrate near 1 and no metric tree prunes (see
         docs/covertree.md), so every query costs ~n distances, and BLAS computes the rank-r dot products
         that dominate them faster than the per-pair kernel. Threads take blocks of queries; for each tile of
-        points a BLAS product gives w_q . w_p and one fused kernel (:func:`kvant.kernels.tree.residual_scan_tile`)
-        turns it into distances, keeps each query's running k best and buffers every point within
-        ``2 * margin`` of the running k-th (``margin`` bounds the BLAS rounding, see :meth:`_residual_margin`),
-        up to the buffer's size. The buffered points are recomputed with the metric kernel and the answer is
-        taken from those exact distances: identical to brute force. A query whose buffer had to drop a point
-        within ``2 * margin`` of its final k-th (more near-ties than it holds) is answered by
-        :meth:`_residual_knn_numpy`, which keeps every candidate.
+        points a BLAS product gives w_q . w_p, and :func:`kvant.kernels.tree.residual_screen_tile` bounds each
+        pair's x = 1 - |rho| from below and above (the product's rounding bound is gam * |w_q| |w_p|), keeps each
+        query's k smallest upper bounds and buffers every point whose lower bound does not exceed the k-th. The
+        buffered points are recomputed with the metric kernel and the answer is taken from those exact
+        distances: identical to brute force. A query whose buffer had to drop a point that may still count
+        (more near-ties than it holds) is answered by :meth:`_residual_knn_numpy`, which keeps every candidate.
+
+        The products run in float32 (twice the float64 GEMM rate) for pairs whose bound stays small: points with
+        |w| <= ``tau_c`` and queries with |w| <= ``tau_q``, chosen so such a pair's bound on x (range [0, 1]) is
+        at most 0.17. Points with a small residual variance p (|w| = |v| / sqrt(p) large: the inducing points
+        and their close neighbours) are scanned first with float64 products, and so is every pair of a query
+        with a large |w|. (tau_c = 57 and tau_q = 99 at rank 512.)
         """
         rc = self._m.obj
         d = rc.X.shape[1]
         r = rc.v.shape[1]
         n, nq = pts.size, Q.shape[0]
-        F = self._data
-        # every row of X in order (a tree fitted on all rows): read the features in place; a copy of the
-        # (n, rank) block page-faults in at ~0.5 GB/s on this VM, a third of a 32k-point query batch
-        whole = n == F.shape[0] and bool(np.all(pts == np.arange(n)))
-        P = F if whole else F[pts]
-        Wp = P[:, d : d + r]  # a view: BLAS takes the row stride
-        # the kernel's per-point inputs, small and read once per pair: contiguous copies keep them in cache
-        Zp, Sp, Rp = (np.ascontiguousarray(a) for a in (P[:, :d], P[:, d + r], P[:, d + r + 1]))
-        margin2 = 2.0 * self._residual_margin(Q, P)
+        sc = self._scan_arrays(pts)
+        nh = sc["nh"]
+        Wq = Q[:, d : d + r]
+        nwq = np.sqrt(np.einsum("ij,ij->i", Wq, Wq)) * (1.0 + 1e-12)
+        hi_q = nwq > sc["tau_q"]
         kk = min(k, n)
         cap = 4 * kk + 64
-        heap_d = np.empty((nq, kk))
-        heap_j = np.empty((nq, kk), np.int64)
+        heap_u = np.empty((nq, kk))
+        heap_c = np.empty((nq, kk), np.int64)
         heap_n = np.zeros(nq, np.int64)
-        buf_d = np.empty((nq, cap))
-        buf_j = np.empty((nq, cap), np.int64)
+        buf_l = np.empty((nq, cap))
+        buf_c = np.zeros((nq, cap), np.int64)  # zeros: the unused entries are mapped through perm_pos below
         buf_n = np.zeros(nq, np.int64)
         lost = np.full(nq, np.inf)
         threads = max(1, get_num_threads())
-        bq = int(min(128, max(8, -(-nq // threads))))
-        tile = max(256, (1 << 17) // bq)  # a (bq, tile) float64 block of ~1 MiB stays in cache
         variance, kern = float(rc.kernel.variance), int(rc.kernel.code)
+        gam32, gam64 = sc["gam32"], sc["gam64"]
 
-        def run(q0, q1):
-            Zq = np.ascontiguousarray(Q[q0:q1, :d])
-            Wq = np.ascontiguousarray(Q[q0:q1, d : d + r])
-            Sq = np.ascontiguousarray(Q[q0:q1, d + r])
-            Rq = np.ascontiguousarray(Q[q0:q1, d + r + 1])
-            # Vecchia (mode 2): slots ascend, so points at or after the block's last query never count
-            jmax = int(np.searchsorted(pts, qslot[q0:q1].max())) if mode == 2 else n
-            G = np.empty((q1 - q0, tile))
-            for j0 in range(0, jmax, tile):
-                j1 = min(jmax, j0 + tile)
-                g = G[:, : j1 - j0]
-                np.matmul(Wq, Wp[j0:j1].T, out=g)
-                K.residual_scan_tile(g, Zq, Sq, Rq, Zp, Sp, Rp, pts, j0, variance, kern, qslot[q0:q1], mode,
-                                     margin2, heap_d[q0:q1], heap_j[q0:q1], heap_n[q0:q1], buf_d[q0:q1],
-                                     buf_j[q0:q1], buf_n[q0:q1], lost[q0:q1])
+        def scan(qs, precise):
+            """Scan the queries ``qs`` (positions into Q) over every point: ``precise`` in the stored order with
+            float64 products, else the float64 points first (permuted order), then the float32 ones."""
+            nb = qs.size
+            bq = int(min(128, max(8, -(-nb // threads))))
+            tile = max(256, (1 << 17) // bq)  # a (bq, tile) float64 block of ~1 MiB stays in cache
+            arrays = sc["orig"] if precise else sc["perm"]
+            ZpT, Sp, Rp, NWp, SLp = arrays
 
-        for_each_block(nq, bq, run, threads)
-        # the window every buffered point must be inside: running k-th at the end + 2 margin (all, below k)
-        top = np.where(heap_n == kk, heap_d[:, 0], np.inf)  # a full heap's root is its k-th
-        overflow = (lost < np.inf) & (lost <= top + margin2)  # dropped a point that may be in the answer
+            def run(b0, b1):
+                qi = qs[b0:b1]
+                Zq = np.ascontiguousarray(Q[qi, :d])
+                Sq = np.ascontiguousarray(Q[qi, d + r])
+                Rq = np.ascontiguousarray(Q[qi, d + r + 1])
+                W64 = np.ascontiguousarray(Wq[qi])
+                out = (heap_u[qi], heap_c[qi], heap_n[qi], buf_l[qi], buf_c[qi], buf_n[qi], lost[qi])
+                tmp = np.empty((3, tile))
+                # Vecchia (mode 2): slots ascend within each part, so points at or after the block's last query
+                # never count
+                qmax = qslot[qi].max()
+                nw_b, qslot_b = nwq[qi], qslot[qi]
+
+                def tiles(lo, hi, W, Wq_, gam, g_dtype):
+                    stop = lo + int(np.searchsorted(SLp[lo:hi], qmax)) if mode == 2 else hi
+                    G = np.empty((qi.size, tile), g_dtype)
+                    for c0 in range(lo, stop, tile):
+                        c1 = min(stop, c0 + tile)
+                        g = G[:, : c1 - c0]
+                        np.matmul(Wq_, W[c0 - lo : c1 - lo].T, out=g)
+                        K.residual_screen_tile(g, gam, Zq, Sq, Rq, nw_b, ZpT, Sp, Rp, NWp, SLp, c0, variance, kern,
+                                               qslot_b, mode, *out, tmp)
+
+                if precise:
+                    tiles(0, n, sc["W"], W64, 2.0 * gam64, np.float64)
+                else:
+                    tiles(0, nh, sc["W64h"], W64, 2.0 * gam64, np.float64)
+                    tiles(nh, n, sc["W32"], W64.astype(np.float32), gam32 + gam64, np.float32)
+                heap_u[qi], heap_c[qi], heap_n[qi], buf_l[qi], buf_c[qi], buf_n[qi], lost[qi] = out
+
+            for_each_block(nb, bq, run, threads)
+
+        order = np.arange(nq)
+        for precise in (False, True):
+            qs = order[hi_q == precise]
+            if qs.size:
+                scan(qs, precise)
+        # positions of the buffered points: the permuted order's back to the stored one
+        buf_c[~hi_q] = sc["perm_pos"][buf_c[~hi_q]]
+        thr = np.where(heap_n == kk, heap_u[:, 0], np.inf)
+        thr = np.maximum(thr, 0.0) * (1.0 + 2.0**-40) + 1e-300  # kernels.tree.screen_threshold
+        overflow = (lost < np.inf) & (lost <= thr)  # dropped a point that may be in the answer
         live = np.arange(cap)[None, :] < buf_n[:, None]
-        keep = live & (buf_d <= (top + margin2)[:, None]) & ~overflow[:, None]
+        keep = live & (buf_l <= thr[:, None]) & ~overflow[:, None]
         qi, b = np.nonzero(keep)
-        out_d, out_i = self._exact_top_k(Q, qi, buf_j[qi, b], pts, nq, k)
+        out_d, out_i = self._exact_top_k(Q, qi, buf_c[qi, b], pts, nq, k)
         if overflow.any():
             bad = np.flatnonzero(overflow)
             od, oi = self._residual_knn_numpy(Q[bad], qslot[bad], mode, k, pts)
             out_d[bad], out_i[bad] = od, oi
         return out_d, out_i
+
+    def _scan_arrays(self, pts) -> dict:
+        """The residual scan's per-point arrays for the points ``pts``, kept until the tree changes: in the stored
+        order and in the permuted one (float64 points first), the float32 copy of the products' operand."""
+        cache = self._scan_cache
+        if cache is not None and np.array_equal(cache["pts"], pts):
+            return cache
+        rc = self._m.obj
+        d = rc.X.shape[1]
+        r = rc.v.shape[1]
+        F = self._data
+        # every row of X in order (a tree fitted on all rows): read the features in place; a copy of the
+        # (n, rank) block page-faults in at ~0.5 GB/s on this VM, a third of a 32k-point query batch
+        whole = pts.size == F.shape[0] and bool(np.all(pts == np.arange(pts.size)))
+        P = F if whole else F[pts]
+        W = P[:, d : d + r]  # a view: BLAS takes the row stride
+        nw = np.sqrt(np.einsum("ij,ij->i", W, W)) * (1.0 + 1e-12)
+        u32, u64 = 2.0**-24, 2.0**-53
+        # |fl32(w_q . w_p) - w_q . w_p| <= gamma_(r+2) |w_q| |w_p| (float32 rounding of both operands, then any
+        # summation order); the metric kernel's float64 dot product is within gamma_r |w_q| |w_p|
+        gam32 = 1.001 * (r + 2) * u32 / (1.0 - (r + 2) * u32)
+        gam64 = 1.001 * r * u64 / (1.0 - r * u64)
+        # float32 pairs: bound <= gam32 tau_q tau_c = 0.17 on x (0.1 between two points at tau_c)
+        tau_c, tau_q = np.sqrt(_F32_BOUND_POINTS / gam32), np.sqrt(_F32_BOUND_QUERIES / gam32)
+        hi = nw > tau_c
+        perm = np.concatenate([np.flatnonzero(hi), np.flatnonzero(~hi)])
+        nh = int(np.count_nonzero(hi))
+
+        def arrays(rows):
+            return (np.ascontiguousarray(P[rows, :d].T), np.ascontiguousarray(P[rows, d + r]),
+                    np.ascontiguousarray(P[rows, d + r + 1]), np.ascontiguousarray(nw[rows]), pts[rows])
+
+        self._scan_cache = {
+            "pts": pts.copy(), "nh": nh, "tau_q": tau_q, "gam32": gam32, "gam64": gam64, "W": W,
+            "W64h": np.ascontiguousarray(W[perm[:nh]]), "W32": W[perm[nh:]].astype(np.float32),
+            "orig": arrays(slice(None)), "perm": arrays(perm), "perm_pos": perm}
+        return self._scan_cache
 
     def _exact_top_k(self, Q, qi, ids, pts, nq, k):
         """k best of the candidate pairs (query qi[t], point pts[ids[t]]) by the metric kernel: (distances,
