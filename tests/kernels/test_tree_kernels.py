@@ -13,6 +13,7 @@ from kvant.bench import reference as ref
 from kvant.kernels import tree as K
 
 SCAN_METRICS = {"euclidean": K.EUCLIDEAN, "manhattan": K.MANHATTAN, "chebyshev": K.CHEBYSHEV}
+NO_SCREEN = (np.zeros((1, 1), np.float32), np.zeros(1), -1.0)  # net_centres_big's residual screen, off
 
 
 @numba.njit(cache=True)
@@ -376,7 +377,7 @@ def test_net_centres_big_is_the_sequential_greedy_first_fit(n, d, s0):
     asg = np.full(n, 7, np.int64)
     adist = np.full(n, -1.0)
     cent = np.full(n, -5, np.int64)
-    m, cl, bad = K.net_centres_big(X, params, 2.0, perm, pdist, s0, n, lvl_p, asg, adist, cent)
+    m, cl, bad = K.net_centres_big(X, params, 2.0, perm, pdist, s0, n, lvl_p, asg, adist, cent, *NO_SCREEN)
     assert not bad
     r = K.radius(2.0, cl)
     centres, want, want_d = [], [], []
@@ -396,3 +397,58 @@ def test_net_centres_big_is_the_sequential_greedy_first_fit(n, d, s0):
     np.testing.assert_array_equal(asg[s0:n], want)
     np.testing.assert_allclose(adist[s0:n], want_d, rtol=1e-12, atol=0)
     assert (adist[s0:n] <= r).all()
+
+
+@numba.njit(cache=True)
+def _beyond_many(data, i, j, params, w32, nw, gam, xlim, out):
+    for t in range(i.shape[0]):
+        out[t] = K._residual_beyond(data, i[t], j[t], params, w32, nw, gam, xlim)
+
+
+@pytest.mark.parametrize("kernel", [kvant.RBF(0.4, 1.0), kvant.Matern52(0.6, 1.5)])
+def test_residual_cover_screen_only_skips_pairs_beyond_the_radius(kernel):
+    g = np.random.default_rng(7)
+    X = g.random((800, 3))
+    rc = kvant.ResidualCorrelation.from_points(X, kernel, n_inducing=96, seed=0)
+    tree = kvant.CoverTree(rc)
+    w32, nw, gam = tree._cover_screen()
+    F, params = rc.features(), rc.params()
+    i, j = g.integers(0, 800, 20000), g.integers(0, 800, 20000)
+    exact = np.empty(i.size)
+    K.pair_dists(F, i, F, j, params, exact)
+    for r in (0.3, 0.6, 0.8, 0.95):
+        out = np.zeros(i.size, np.bool_)
+        _beyond_many(F, i, j, params, w32, nw, gam, r * r * (1 + 2.0**-40) + 1e-300, out)
+        assert np.all(exact[out] > r)  # never skips a pair within r
+        assert out.mean() > 0.5 * np.mean(exact > r + 0.05)  # and skips most pairs clearly beyond it
+    # the bound matters: without it (gam = 0) float32's rounding skips pairs that are within r
+    near = np.sort(exact)[np.arange(1, i.size, 37)]
+    wrong = 0
+    for r in near:
+        out = np.zeros(i.size, np.bool_)
+        _beyond_many(F, i, j, params, w32, nw, 0.0, r * r, out)
+        wrong += np.count_nonzero(exact[out] <= r)
+    assert wrong > 0
+
+
+def test_residual_cover_screen_changes_no_centre_or_parent():
+    # the big-group selection with the float32 screen picks the centres and parents of the exact one
+    g = np.random.default_rng(8)
+    X = g.random((3000, 3))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=64, seed=0)
+    F, params = rc.features(), rc.params()
+    screen = kvant.CoverTree(rc)._cover_screen()
+    perm = g.permutation(3000).astype(np.int64)
+    pdist = np.zeros(3000)
+    K.pair_dists(F, np.full(2999, perm[0]), F, perm[1:], params, pdist[1:])
+    lvl_p = K.ceil_log(1.3, pdist.max()) + 1
+    outs = []
+    for scr in (NO_SCREEN, screen):
+        asg, adist, cent = np.zeros(3000, np.int64), np.zeros(3000), np.zeros(3000, np.int64)
+        m, cl, bad = K.net_centres_big(F, params, 1.3, perm, pdist, 1, 3000, lvl_p, asg, adist, cent, *scr)
+        outs.append((m, cl, bad, asg, adist, cent[:m]))
+    (m0, cl0, b0, a0, d0, c0), (m1, cl1, b1, a1, d1, c1) = outs
+    assert (m0, cl0, b0) == (m1, cl1, b1) and 1 < m0 < 2999
+    np.testing.assert_array_equal(c0, c1)
+    np.testing.assert_array_equal(a0, a1)
+    np.testing.assert_array_equal(d0, d1)

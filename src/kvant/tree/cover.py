@@ -59,6 +59,19 @@ _F32_BOUND_POINTS = 0.1
 _F32_BOUND_QUERIES = 0.3
 
 
+def _gam32(r: int) -> float:
+    """|fl32(w_q . w_p) - w_q . w_p| <= _gam32(r) |w_q| |w_p| for rank-r float64 rows: the float32 rounding of both
+    operands, then float32 products summed in any order (gamma_(r+2), with 0.1% to spare)."""
+    u = 2.0**-24
+    return 1.001 * (r + 2) * u / (1.0 - (r + 2) * u)
+
+
+def _gam64(r: int) -> float:
+    """The same for float64 products of float64 rows (gamma_r): the metric kernel's own dot product, or BLAS's."""
+    u = 2.0**-53
+    return 1.001 * r * u / (1.0 - r * u)
+
+
 def _bad_metric(what: str) -> MetricError:
     return MetricError(f"the metric returned NaN, inf or a negative distance during {what}; "
                        "expected finite non-negative distances (the tree is unchanged)")
@@ -383,7 +396,7 @@ class CoverTree:
             for g in big:
                 s0, s1 = int(gstart[g]), int(gend[g])
                 mm, cl, bad = m.K.net_centres_big(data, m.params, base, perm, pdist, s0, s1,
-                                                int(st.level[gnode[g]]), asg, adist, cent)
+                                                int(st.level[gnode[g]]), asg, adist, cent, *self._cover_screen())
                 if bad:
                     raise _bad_metric("construction")
                 # Members move to their nearest centre: balanced groups, tight maxdist. Not for the residual
@@ -773,6 +786,18 @@ class CoverTree:
             out_d[bad], out_i[bad] = od, oi
         return out_d, out_i
 
+    def _cover_screen(self) -> tuple:
+        """(w32, nw, gam) for the big groups' first-fit centre selection (kernels.tree._first_cover_tile): the
+        residual metric's float32 products of every row's w = v / sqrt(p), their norms and the rounding bound's
+        factor; for other metrics an off switch (gam = -1)."""
+        if self._m.kind != "index":
+            return np.zeros((1, 1), np.float32), np.zeros(1), -1.0
+        rc = self._m.obj
+        d, r = rc.X.shape[1], rc.v.shape[1]
+        W = self._data[:, d : d + r]
+        nw = np.sqrt(np.einsum("ij,ij->i", W, W)) * (1.0 + 1e-12)
+        return W.astype(np.float32), nw, _gam32(r) + _gam64(r)
+
     def _scan_arrays(self, pts) -> dict:
         """The residual scan's per-point arrays for the points ``pts``, kept until the tree changes: in the stored
         order and in the permuted one (float64 points first), the float32 copy of the products' operand."""
@@ -789,11 +814,7 @@ class CoverTree:
         P = F if whole else F[pts]
         W = P[:, d : d + r]  # a view: BLAS takes the row stride
         nw = np.sqrt(np.einsum("ij,ij->i", W, W)) * (1.0 + 1e-12)
-        u32, u64 = 2.0**-24, 2.0**-53
-        # |fl32(w_q . w_p) - w_q . w_p| <= gamma_(r+2) |w_q| |w_p| (float32 rounding of both operands, then any
-        # summation order); the metric kernel's float64 dot product is within gamma_r |w_q| |w_p|
-        gam32 = 1.001 * (r + 2) * u32 / (1.0 - (r + 2) * u32)
-        gam64 = 1.001 * r * u64 / (1.0 - r * u64)
+        gam32, gam64 = _gam32(r), _gam64(r)
         # float32 pairs: bound <= gam32 tau_q tau_c = 0.17 on x (0.1 between two points at tau_c)
         tau_c, tau_q = np.sqrt(_F32_BOUND_POINTS / gam32), np.sqrt(_F32_BOUND_QUERIES / gam32)
         hi = nw > tau_c
