@@ -23,9 +23,11 @@ LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16)
 DIRECT_ASSIGN = True
 # A plain direct E-step of at most this many row × centroid × coordinate products runs as one parallel Numba region
 # (blocks of >= _DIRECT_MIN_ROWS rows, ~4 per thread): 16-24% off digits' fits at K = 10 and 64, where handing
-# blocks to Python threads cost more than the work. Larger ones keep the Python threads: there Numba's threads,
-# spinning after the region, slowed 1M×128 K=64's fit by 13% (same-process A/B, 2026-12-02).
-_ONE_REGION_MAX_WORK = 1 << 24
+# blocks to Python threads cost more than the work; at Fashion-MNIST K = 10 (2,560 × 10 × 784 = 20M products per
+# E-step) the training phase took 29 against 42 ms with 2^26 as the limit instead of 2^24 (same MSE, medians of 5,
+# 2026-12-03). Larger ones keep the Python threads: there Numba's threads, spinning after the region, slowed
+# 1M×128 K=64's fit (134M products per E-step) by 13% (same-process A/B, 2026-12-02).
+_ONE_REGION_MAX_WORK = 1 << 26
 _DIRECT_MIN_ROWS = 64
 _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
