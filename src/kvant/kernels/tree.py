@@ -267,15 +267,8 @@ def _residual_beyond(data, i, j, params, w32, nw, gam, xlim):  # pragma: no cove
     for t in range(d):
         z = data[i, t] - data[j, t]
         r2 += z * z
-    if int(params[4]) == RBF_KERNEL:
-        phi = exp_nonpos(-0.5 * r2)
-    else:
-        rr = math.sqrt(5.0 * r2)
-        phi = (1.0 + rr + rr * rr / 3.0) * exp_nonpos(-rr)
-    kt = params[3] * phi * (data[i, d + m] * data[j, d + m])
-    g = np.float64(_dot32(w32, i, j))
-    x = 1.0 - abs(kt - g)
-    e = gam * (nw[i] * nw[j]) + (kt + abs(g)) * EXP_NONPOS_REL_ERR + 1e-14
+    kt = params[3] * _cov_phi_screen(r2, int(params[4])) * (data[i, d + m] * data[j, d + m])
+    x, e = _screen_x(kt, np.float64(_dot32(w32, i, j)), gam * (nw[i] * nw[j]))
     return x - e > xlim
 
 
@@ -1154,6 +1147,23 @@ def exp_nonpos(y):  # pragma: no cover - numba
 
 
 @numba.njit(inline="always", **_NJ)
+def _cov_phi_screen(r2, kern):  # pragma: no cover - numba
+    """:func:`_cov_phi` with :func:`exp_nonpos` for ``math.exp`` (the same operations otherwise)."""
+    if kern == RBF_KERNEL:
+        return exp_nonpos(-0.5 * r2)
+    r = math.sqrt(5.0 * r2)
+    return (1.0 + r + r * r / 3.0) * exp_nonpos(-r)
+
+
+@numba.njit(inline="always", **_NJ)
+def _screen_x(kt, g, gam_ww):  # pragma: no cover - numba
+    """(x, e): x = 1 - |kt - g| from the screen's covariance term ``kt`` and product ``g``, and e bounding
+    |x - the metric kernel's x|: ``gam_ww`` (the product's rounding bound), the exp's error and the roundings of rho
+    and x."""
+    return 1.0 - abs(kt - g), gam_ww + (kt + abs(g)) * EXP_NONPOS_REL_ERR + 1e-14
+
+
+@numba.njit(inline="always", **_NJ)
 def _screen_row(G, a, gam, Zq, Sq, Rq, NWq, ZpT, Sp, Rp, NWp, SLp, c0, variance, kern, qs, mode, lo, e2, r2):
     """Bounds on x = 1 - |rho| for query ``a`` against the points c0 .. c0 + w - 1 (w = G.shape[1]), as the metric
     kernel :func:`residual_dist` computes x before its clamp and sqrt: lo[t] <= x <= lo[t] + e2[t].
@@ -1174,20 +1184,17 @@ def _screen_row(G, a, gam, Zq, Sq, Rq, NWq, ZpT, Sp, Rp, NWp, SLp, c0, variance,
         for t in range(w):
             z = zq - ZpT[dd, np.uint64(c0 + t)]
             r2[t] += z * z
-    if kern == RBF_KERNEL:
+    if kern == RBF_KERNEL:  # one loop per kernel (a constant kern inside): each vectorises
         for t in range(w):
-            lo[t] = exp_nonpos(-0.5 * r2[t])
+            lo[t] = _cov_phi_screen(r2[t], RBF_KERNEL)
     else:
         for t in range(w):
-            r = math.sqrt(5.0 * r2[t])
-            lo[t] = (1.0 + r + r * r / 3.0) * exp_nonpos(-r)
+            lo[t] = _cov_phi_screen(r2[t], MATERN52_KERNEL)
     sq, nq, rq = Sq[a], NWq[a], Rq[a]
     for t in range(w):
         c = np.uint64(c0 + t)
         kt = variance * lo[t] * (sq * Sp[c])
-        g = np.float64(G[a, t])
-        x = 1.0 - abs(kt - g)
-        e = gam * (nq * NWp[c]) + (kt + abs(g)) * EXP_NONPOS_REL_ERR + 1e-14
+        x, e = _screen_x(kt, np.float64(G[a, t]), gam * (nq * NWp[c]))
         low = x - e
         low = low if low == low else -np.inf  # NaN (overflowed products): always a candidate
         same = Rp[c] == rq
