@@ -1332,7 +1332,9 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover_tile", "_block_pairs", "net_centres_big", "_assign_one",
+# (Not _block_pairs: only the residual metric, a built-in one, takes that path, so user metrics' clones of
+# net_centres_big call the cached module version instead of compiling a parallel kernel of their own.)
+_METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover_tile", "net_centres_big", "_assign_one",
                    "net_assign_big", "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys",
                    "_brute_one", "brute_knn", "pair_dists"]
 
