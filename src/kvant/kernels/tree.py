@@ -286,7 +286,7 @@ def _first_cover_tile(data, params, cent, j0, j1, perm, b0, i0, i1, r, cov, cd, 
     and parents come out. ``gam`` < 0: every pair is measured exactly."""
     left = i1 - i0
     screen = gam >= 0.0
-    xlim = r * r * (1.0 + 2.0**-40) + 1e-300  # x above it: sqrt(x) > r after rounding (screen_threshold)
+    xlim = screen_threshold(r * r)  # x above it: sqrt(x) > r after rounding
     for i in range(i0, i1):
         cov[i] = -1
         cd[i] = np.inf
@@ -315,7 +315,7 @@ def _block_pairs(data, params, perm, b0, unc, nu, r, w32, nw, gam, state, pair_d
     (the distance in pair_d[a, b]), 2 if the metric failed on it, else 0; the residual metric's screen as in
     :func:`_first_cover_tile`. Rows h and nu-1-h go together, ~nu pairs per step, so threads get equal work."""
     screen = gam >= 0.0
-    xlim = r * r * (1.0 + 2.0**-40) + 1e-300
+    xlim = screen_threshold(r * r)
     half = (nu + 1) // 2
     for h in numba.prange(half):
         for side in range(2):

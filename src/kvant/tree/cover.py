@@ -72,6 +72,11 @@ def _gam64(r: int) -> float:
     return 1.001 * r * u / (1.0 - r * u)
 
 
+def _w_norms(W: np.ndarray) -> np.ndarray:
+    """|w| of each row, rounded up past its float64 summation error: the norms in the screens' bounds."""
+    return np.sqrt(np.einsum("ij,ij->i", W, W)) * (1.0 + 1e-12)
+
+
 def _bad_metric(what: str) -> MetricError:
     return MetricError(f"the metric returned NaN, inf or a negative distance during {what}; "
                        "expected finite non-negative distances (the tree is unchanged)")
@@ -370,6 +375,7 @@ class CoverTree:
         base = self.base
         t_net = t_lay = 0.0
         levels = 0
+        screen = None  # the big groups' residual screen (_cover_screen), made once per build
         while gnode.size:
             levels += 1
             t = time.perf_counter()
@@ -393,10 +399,12 @@ class CoverTree:
                     raise _bad_metric("construction")
                 gm[small] = sm_m
                 gcl[small] = sm_cl
+            if big.size and screen is None:
+                screen = self._cover_screen()
             for g in big:
                 s0, s1 = int(gstart[g]), int(gend[g])
                 mm, cl, bad = m.K.net_centres_big(data, m.params, base, perm, pdist, s0, s1,
-                                                int(st.level[gnode[g]]), asg, adist, cent, *self._cover_screen())
+                                                int(st.level[gnode[g]]), asg, adist, cent, *screen)
                 if bad:
                     raise _bad_metric("construction")
                 # Members move to their nearest centre: balanced groups, tight maxdist. Not for the residual
@@ -710,7 +718,7 @@ class CoverTree:
         sc = self._scan_arrays(pts)
         nh = sc["nh"]
         Wq = Q[:, d : d + r]
-        nwq = np.sqrt(np.einsum("ij,ij->i", Wq, Wq)) * (1.0 + 1e-12)
+        nwq = _w_norms(Wq)
         hi_q = nwq > sc["tau_q"]
         kk = min(k, n)
         cap = 4 * kk + 64
@@ -791,8 +799,7 @@ class CoverTree:
         rc = self._m.obj
         d, r = rc.X.shape[1], rc.v.shape[1]
         W = self._data[:, d : d + r]
-        nw = np.sqrt(np.einsum("ij,ij->i", W, W)) * (1.0 + 1e-12)
-        return W.astype(np.float32), nw, _gam32(r) + _gam64(r)
+        return W.astype(np.float32), _w_norms(W), _gam32(r) + _gam64(r)
 
     def _scan_arrays(self, pts) -> dict:
         """The residual scan's per-point arrays for the points ``pts``, kept until the tree changes: in the stored
@@ -809,7 +816,7 @@ class CoverTree:
         whole = pts.size == F.shape[0] and bool(np.all(pts == np.arange(pts.size)))
         P = F if whole else F[pts]
         W = P[:, d : d + r]  # a view: BLAS takes the row stride
-        nw = np.sqrt(np.einsum("ij,ij->i", W, W)) * (1.0 + 1e-12)
+        nw = _w_norms(W)
         gam32, gam64 = _gam32(r), _gam64(r)
         # float32 pairs: bound <= gam32 tau_q tau_c = 0.17 on x (0.1 between two points at tau_c)
         tau_c, tau_q = np.sqrt(_F32_BOUND_POINTS / gam32), np.sqrt(_F32_BOUND_QUERIES / gam32)
