@@ -499,16 +499,15 @@ def test_weighted_lloyd_reseeds_an_empty_cluster():
 
 
 def test_coreset_sample_is_unbiased_and_keeps_far_rows():
-    from kvant.cluster.sampling import coreset_proposal, inclusion_probabilities, poisson_sample, sq_distances
+    from kvant.cluster.sampling import coreset_inclusion, poisson_sample, sq_distances
 
     g = np.random.default_rng(4)
     x = g.standard_normal((20000, 4)).astype(np.float32)
     x[:5] *= 1e4  # five far rows carry most of the sum of squares
     d2 = sq_distances([(0, x[:7000]), (7000, x[7000:])], x.shape[0], np.zeros(4))
     np.testing.assert_allclose(d2, (x.astype(np.float64) ** 2).sum(1), rtol=1e-12)
-    q = coreset_proposal(d2)
-    assert q.sum() == pytest.approx(1.0)
-    pi = inclusion_probabilities(q, 1000)
+    a, b = coreset_inclusion(d2, 1000)
+    pi = np.minimum(1.0, a + b * d2)
     assert pi.sum() == pytest.approx(1000, abs=0.5)
     np.testing.assert_array_equal(pi[:5], 1.0)  # certain, weight 1
     # Horvitz-Thompson: averaged over draws, the weighted sample's totals over the *other* rows (the far
@@ -516,14 +515,15 @@ def test_coreset_sample_is_unbiased_and_keeps_far_rows():
     sq = (x.astype(np.float64) ** 2).sum(1)
     count, total = [], []
     for seed in range(40):
-        rows, w = poisson_sample(pi, seed)
+        rows, w = poisson_sample(d2, a, b, seed)
         assert set(range(5)) <= set(rows.tolist())
         rest = rows >= 5
         count.append(w[rest].sum())
         total.append((w[rest] * sq[rows[rest]]).sum())
     assert np.mean(count) == pytest.approx(x.shape[0] - 5, rel=0.01)
     assert np.mean(total) == pytest.approx(sq[5:].sum(), rel=0.01)
-    np.testing.assert_array_equal(poisson_sample(pi, 0)[0], poisson_sample(pi, 0)[0])
+    np.testing.assert_array_equal(poisson_sample(d2, a, b, 0)[0], poisson_sample(d2, a, b, 0)[0])
+    assert not np.array_equal(poisson_sample(d2, a, b, 0)[0], poisson_sample(d2, a, b, 1)[0])
 
 
 def test_coreset_beats_a_uniform_sample_on_heavy_tailed_data():
@@ -541,7 +541,7 @@ def test_coreset_falls_back_to_uniform_when_it_draws_fewer_rows_than_k(monkeypat
 
     x = np.random.default_rng(0).standard_normal((500, 3)).astype(np.float32)
     src = kvant.io.as_source(x)
-    monkeypatch.setattr(clusterer, "poisson_sample", lambda pi, seed: (np.arange(3), np.ones(3)))
+    monkeypatch.setattr(clusterer, "poisson_sample", lambda d2, a, b, seed: (np.arange(3), np.ones(3)))
     sample, weights = clusterer._training_sample(src, x, 40, 0, False, "coreset", k=20)
     assert weights is None and sample.shape == (40, 3)  # the uniform sample of m rows
     c = kvant.Clusterer(k=20, sample_per_centroid=2, seed=0).fit(x)

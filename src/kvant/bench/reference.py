@@ -335,3 +335,41 @@ def normalise_rows_ref(x):
     zero = np.flatnonzero(norms == 0)
     safe = np.where(norms == 0, np.float32(1), norms)
     return x / safe[:, None], (int(zero[0]) if zero.size else -1)
+
+
+def coreset_inclusion_ref(d2, m):
+    """π_i = min(1, s·q_i), q_i = ½·1/n + ½·d2_i/Σd2 (uniform when Σd2 is 0 or not finite), s such that Σπ = m:
+    the direct solve over an explicit q (each pass recomputes the capped set with ``q >= 1/s``)."""
+    import numpy as np
+
+    n = d2.shape[0]
+    with np.errstate(over="ignore"):
+        total = float(np.sum(d2, dtype=np.float64))
+    q = np.full(n, 1.0 / n) if not (np.isfinite(total) and total > 0) else 0.5 / n + 0.5 * d2 / total
+    s = m / q.sum()
+    for _ in range(200):
+        capped = q >= 1.0 / s
+        c = int(capped.sum())
+        rest = q.sum() - q[capped].sum()
+        if c >= m or rest <= 0:
+            break
+        s_new = (m - c) / rest
+        if s_new <= s * (1 + 1e-15):
+            break
+        s = s_new
+    return np.minimum(1.0, s * q)
+
+
+def poisson_draw_ref(pi, key):
+    """(rows, 1/π of them) of the rows with uniform_at(key, i) < π_i, SplitMix64's finaliser over
+    key + (i + 1)·0x9E3779B97F4A7C15 (mod 2⁶⁴), top 53 bits — vectorised in NumPy's uint64 arithmetic."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (np.arange(pi.shape[0], dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    rows = np.flatnonzero(u < pi)
+    return rows, 1.0 / pi[rows]

@@ -35,7 +35,7 @@ from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
-from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_proposal, inclusion_probabilities, poisson_sample, sq_distances
+from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_inclusion, poisson_sample, sq_distances
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
 METRICS = ("l2", "cos")
@@ -415,8 +415,8 @@ def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None)
         return _uniform_sample(src, full, m, seed, norm), None
     if d2 is None:
         d2 = _coreset_distances(src, full, seed, norm)
-    q = coreset_proposal(d2)
-    rows, weights = poisson_sample(inclusion_probabilities(q, m), None if seed is None else seed + 104729)
+    a, b = coreset_inclusion(d2, m)
+    rows, weights = poisson_sample(d2, a, b, None if seed is None else seed + 104729)
     if rows.size < k:  # a tiny m can draw fewer rows than centres
         return _uniform_sample(src, full, m, seed, norm), None
     return _take(src, full, rows, norm), weights
