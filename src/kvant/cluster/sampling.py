@@ -70,7 +70,8 @@ def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: 
 
 def coreset_inclusion(d2: np.ndarray, m: int) -> tuple[float, float]:
     """(a, b) with π_i = min(1, a + b·d2_i) = min(1, s·q_i) the coreset's inclusion probabilities: q_i = ½·1/n +
-    ½·d2_i/Σd2 (uniform, q_i = 1/n, when the squared distances sum to zero or overflow) and s chosen so that
+    ½·d2_i/Σd2 (uniform, q_i = 1/n, when the squared distances sum to zero or to a value whose inverse
+    overflows, or overflow themselves) and s chosen so that
     Σ π_i = m (m < n). Rows with s·q_i >= 1 are certain. ``d2`` is not modified.
 
     f(s) = Σ min(1, s·q_i) is piecewise linear and increasing. Given the rows already capped at s (c of them,
@@ -80,7 +81,9 @@ def coreset_inclusion(d2: np.ndarray, m: int) -> tuple[float, float]:
     """
     n = d2.shape[0]
     _, total = sum_at_least(d2, -np.inf)
-    if not (np.isfinite(total) and total > 0.0):
+    # uniform also when 1/Σd2 overflows (a sum below ~1e-308, which float32 rows cannot give: a nonzero squared
+    # difference of float32 values is at least ~1e-90)
+    if not (np.isfinite(total) and total > 0.0 and np.isfinite(0.5 / total)):
         return float(m) / n, 0.0
     a0, b0 = 0.5 / n, 0.5 / total
     q_sum = n * a0 + b0 * total  # 1 up to rounding
