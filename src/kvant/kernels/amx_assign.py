@@ -364,7 +364,7 @@ def _inner_count(wsort, vn, top):
     return max(1, lo)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**dict(_JIT, _nrt=False))
 def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1, d2, lab, mb, top, e_eff, vt, vn,
                           eps_v, gam, n_in, order, wsort, fpre, mpre, cand, lower_end, res):
     """Settle a row that failed the quick test with its ``n_in`` *inner* centres only (:func:`_inner_count`): (label,
@@ -462,6 +462,17 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
     cand = np.empty(k, np.int64)
     lower_end = np.empty(k, np.float64)
     res = np.empty(4, np.float64)
+    return _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq,
+                             lower2, nearest, n, listed, k, kp, a16, one, g, xn, en, scale, want_lower, want_near,
+                             order, wsort, fpre, mpre, cand, lower_end, res)
+
+
+# The strip loop runs without Numba's reference counting (``_nrt=False``), its scratch made by assign_rows: with it,
+# the calls in the loop that take arrays paid atomic increfs and decrefs (as in kernels.direct_assign).
+@numba.njit(**dict(_JIT, _nrt=False))
+def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq,
+                      lower2, nearest, n, listed, k, kp, a16, one, g, xn, en, scale, want_lower, want_near, order,
+                      wsort, fpre, mpre, cand, lower_end, res):
     eps = _UNIT_ROW_EPS if unit_rows else 0.0
     fallback = 0
     _tiles_begin(cfg)
