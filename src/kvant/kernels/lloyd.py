@@ -108,10 +108,12 @@ def exact_sq_dist_rows_scaled(x, centroids, labels, scale):
     return out
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, _nrt=False)
 def _sq_dist_f32(x, i, c):
     # float32 ‖x_i − c‖² with reassociation allowed so LLVM vectorises it: these are sampling weights,
     # where float32 rounding is harmless. kmeanspp's skip margin is derived from this loop's error bound.
+    # Compiled without Numba's refcounting: called once per row and centre, its entry and exit otherwise paid
+    # atomic increfs and decrefs of both arrays.
     acc = np.float32(0.0)
     for t in range(c.shape[0]):
         diff = x[i, t] - c[t]
