@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/kvant demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks conftest.py
 
 # Two workers (this project's machines have 2 cores), whole files per worker: most of a cold run is Numba compiling
 # the kernels, and the workers compile different ones side by side (415 -> 278 s from an empty cache, 2026-12-03).

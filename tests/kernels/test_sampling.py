@@ -98,3 +98,14 @@ def test_poisson_draw_across_blocks_and_threads():
         np.testing.assert_array_equal(got[0], want[0])
     # the uniforms are uniform: the kept fraction matches the mean probability
     assert one[0].size / d2.size == pytest.approx(np.mean(0.1 + 0.2 * d2), abs=0.01)
+
+
+def test_uniform_draw_ignores_infinite_distances():
+    # b = 0 is the uniform fallback: an infinite d2 must not turn 0·inf into NaN (and NaN into a certain row)
+    d2 = np.r_[np.zeros(9), np.inf]
+    kept = np.zeros(10)
+    for key in range(400):
+        rows, w = ks.poisson_draw(d2, 0.3, 0.0, np.uint64(key))
+        np.testing.assert_allclose(w, 1 / 0.3)
+        kept[rows] += 1
+    assert kept[9] / 400 == pytest.approx(0.3, abs=0.08)

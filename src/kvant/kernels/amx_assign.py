@@ -305,9 +305,12 @@ def _convert16(typingctx, x, i, f, mu, a16, r, n16):
 def _err_bound(err32, n16):
     """An upper bound on the exact Σ (h − v)² over the first n16 coordinates from :func:`_convert16`'s float32 lane
     sums ``err32``. Each lane adds n16/16 non-negative terms with one rounding per fused multiply-add, so its sum is
-    at least (1 − 2⁻²⁴)^(n16/16) times the exact one, less 2⁻¹⁵⁰ per step where a square falls below float32's
-    normal range; 1/(1 − u)^m <= 1 + 2mu for mu <= ½, and the float64 sum of the 16 lanes is within 15·2⁻⁵³ < 2⁻⁴⁸."""
-    return (err32 * (1.0 + 2.0**-48) + n16 * 2.0**-150) * (1.0 + (n16 / 16 + 1) * 2.0**-23)
+    at least (1 − 2⁻²⁴)^(n16/16) times the exact one, less at most 2⁻¹²⁶ per step where a result falls below
+    float32's normal range (2⁻¹⁵⁰ with gradual underflow; 2⁻¹²⁶ also covers a library that set flush-to-zero);
+    1/(1 − u)^m <= 1 + 2mu for mu <= ½, and the float64 sum of the 16 lanes is within 15·2⁻⁵³ < 2⁻⁴⁸. (The last
+    D mod 16 squares, summed in float64 by :func:`_convert_row`, are exact up to float64 rounding, which the
+    margin's 2⁻²⁰ term absorbs, as before.)"""
+    return (err32 * (1.0 + 2.0**-48) + n16 * 2.0**-126) * (1.0 + (n16 / 16 + 1) * 2.0**-23)
 
 
 @numba.njit(inline="always", **_JIT)

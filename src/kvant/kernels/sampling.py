@@ -62,13 +62,14 @@ def sum_at_least(d2, threshold):
 
 @numba.njit(inline="always", **_JIT)
 def _keep(d2, i, a, b, key):
-    p = min(1.0, a + b * d2[i])
+    p = min(1.0, a) if b == 0.0 else min(1.0, a + b * d2[i])  # b = 0 (uniform): an infinite d2 must not give 0·inf
     return uniform_at(key, i) < p, p
 
 
 @numba.njit(parallel=True, **_JIT)
 def poisson_draw(d2, a, b, key):
-    """Rows kept by independent draws, row i with probability π_i = min(1, a + b·d2_i), and their weights 1/π_i:
+    """Rows kept by independent draws, row i with probability π_i = min(1, a + b·d2_i) (min(1, a) when b = 0), and
+    their weights 1/π_i:
     (rows int64 ascending, weights float64). Row i is kept when :func:`uniform_at` (key, i) < π_i."""
     n = d2.shape[0]
     nb = (n + BLOCK - 1) // BLOCK
