@@ -70,9 +70,8 @@ def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: 
 
 def coreset_inclusion(d2: np.ndarray, m: int) -> tuple[float, float]:
     """(a, b) with π_i = min(1, a + b·d2_i) = min(1, s·q_i) the coreset's inclusion probabilities: q_i = ½·1/n +
-    ½·d2_i/Σd2 (uniform, q_i = 1/n, when the squared distances sum to zero or to a value whose inverse
-    overflows, or overflow themselves) and s chosen so that
-    Σ π_i = m (m < n). Rows with s·q_i >= 1 are certain. ``d2`` is not modified.
+    ½·d2_i/Σd2 (uniform, q_i = 1/n, when the squared distances overflow or sum to zero or to a value whose inverse
+    overflows) and s chosen so that Σ π_i = m (m < n). Rows with s·q_i >= 1 are certain. ``d2`` is not modified.
 
     f(s) = Σ min(1, s·q_i) is piecewise linear and increasing. Given the rows already capped at s (c of them,
     the others summing to U), the root if no further row caps is s' = (m − c) / U; s' >= s, so the capped set

@@ -206,8 +206,9 @@ def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
     x (n, D) float32 with unit-stride rows; ``ct, cn_padded = padded_centroids(c, ‖c‖²)``; ``row_scale`` as in
     ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate order."""
     R = 8 if ct.shape[1] <= 48 else 6
+    tail_rows = R if x.shape[0] % R else 0  # the zero-padded copy is needed only for a last partial group
     _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, np.empty((R, ct.shape[1]), np.float32),
-                      np.zeros((R, x.shape[1]), np.float32))
+                      np.zeros((tail_rows, x.shape[1]), np.float32))
 
 
 @numba.njit(**_JIT_RAW)
