@@ -3,6 +3,10 @@
 The kernel runs only on hosts with AMX; elsewhere these tests skip (the float32 kernels serve there and have their
 own tests)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -236,3 +240,28 @@ def test_an_outer_centre_as_runner_up_keeps_the_lower_bound_valid(inner_lower):
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-12)
     assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))
 
+
+
+def test_the_refcount_free_loop_compiles_first_in_a_fresh_process(tmp_path):
+    # Functions called from a loop compiled with _nrt=False are compiled under the same flags, and an allocation in
+    # them does not compile. Whether that showed depended on what an earlier call had compiled (or a warm cache had
+    # kept): a fresh process whose first kvant call was an E-step on the tile path failed. Run exactly that.
+    code = (
+        "import numpy as np\n"
+        "from kvant.kernels import amx_assign\n"
+        "g = np.random.default_rng(0)\n"
+        "x = g.standard_normal((100, 40)).astype(np.float32)\n"
+        "c = g.standard_normal((130, 40)).astype(np.float32)\n"
+        "mu, bt, cn, cstat = amx_assign.pack_centres(c)\n"
+        "n = x.shape[0]\n"
+        "labels, exact, low = np.empty(n, np.int64), np.empty(n), np.empty(n, np.float32)\n"
+        "near = np.empty((n, 16), np.int32)\n"
+        "amx_assign.assign_rows(x, np.empty(0, np.int64), c, mu, bt, cn, cstat, amx_assign.gamma(40), False, False,\n"
+        "                       amx_assign.TILE_CONFIG, labels, exact, low, near)\n"
+        "d = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)\n"
+        "assert (labels == d.argmin(1)).all()\n"
+        "assert all(labels[i] in near[i] for i in range(n))\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]

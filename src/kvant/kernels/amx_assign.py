@@ -48,10 +48,11 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, sum_lanes
-from .assign import _top2_lanes, candidate_ids_from_ip
+from .assign import _candidate_ids_into, _ids_scratch, _top2_lanes
 from .distance import _row_sqnorm, row_scaled_sq_dist64, row_sq_dist64
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
+_JIT_RAW = dict(_JIT, _nrt=False)  # no reference counting: for loops that allocate nothing (see _assign_rows_loop)
 _TILE_ROWS = 16  # rows of x per tile; also the centres per accumulator tile
 _TILE_K = 32  # bf16 coordinates per tile row (64 bytes)
 _STRIP = 2 * _TILE_ROWS  # rows per strip: two row tiles
@@ -367,7 +368,7 @@ def _inner_count(wsort, vn, top):
     return max(1, lo)
 
 
-@numba.njit(**dict(_JIT, _nrt=False))
+@numba.njit(**_JIT_RAW)
 def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1, d2, lab, mb, top, e_eff, vt, vn,
                           eps_v, gam, n_in, order, wsort, fpre, mpre, cand, lower_end, res):
     """Settle a row that failed the quick test with its ``n_in`` *inner* centres only (:func:`_inner_count`): (label,
@@ -435,8 +436,6 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
     ``lower2`` (float32): a lower bound on the squared distance to the nearest *other* centre (+inf when K = 1), and
     ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
     (:func:`kvant.kernels.assign.candidate_ids_from_ip`), the row's label always among them."""
-    listed = rows.shape[0] > 0
-    n = rows.shape[0] if listed else x.shape[0]
     kp = cn.shape[0]
     k = centroids.shape[0]
     dp = bt.shape[0] * 32
@@ -446,8 +445,6 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
     xn = np.empty(_STRIP, np.float32)
     en = np.empty(_STRIP, np.float64)
     scale = np.ones(_STRIP, np.float64)
-    want_lower = lower2.shape[0] > 0
-    want_near = nearest.shape[0] > 0
     # centres by ‖w‖, with prefix maxima of ‖f‖ and the term norms: the margin grows with each, so the entries at
     # position t bound the margin of every centre up to t in this order
     order = np.argsort(cstat[0])
@@ -466,16 +463,23 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
     lower_end = np.empty(k, np.float64)
     res = np.empty(4, np.float64)
     return _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq,
-                             lower2, nearest, n, listed, k, kp, a16, one, g, xn, en, scale, want_lower, want_near,
-                             order, wsort, fpre, mpre, cand, lower_end, res)
+                             lower2, nearest, a16, one, g, xn, en, scale, order, wsort, fpre, mpre, cand, lower_end,
+                             res, _ids_scratch(k))
 
 
 # The strip loop runs without Numba's reference counting (``_nrt=False``), its scratch made by assign_rows: with it,
-# the calls in the loop that take arrays paid atomic increfs and decrefs (as in kernels.direct_assign).
-@numba.njit(**dict(_JIT, _nrt=False))
+# the calls in the loop that take arrays paid atomic increfs and decrefs (as in kernels.direct_assign). Whatever it
+# calls is compiled under the same flags, so nothing it calls may allocate (hence kernels.assign's *_into kernels).
+@numba.njit(**_JIT_RAW)
 def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq,
-                      lower2, nearest, n, listed, k, kp, a16, one, g, xn, en, scale, want_lower, want_near, order,
-                      wsort, fpre, mpre, cand, lower_end, res):
+                      lower2, nearest, a16, one, g, xn, en, scale, order, wsort, fpre, mpre, cand, lower_end, res,
+                      ids_scratch):
+    listed = rows.shape[0] > 0
+    n = rows.shape[0] if listed else x.shape[0]
+    k = centroids.shape[0]
+    kp = cn.shape[0]
+    want_lower = lower2.shape[0] > 0
+    want_near = nearest.shape[0] > 0
     eps = _UNIT_ROW_EPS if unit_rows else 0.0
     fallback = 0
     _tiles_begin(cfg)
@@ -572,7 +576,7 @@ def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, u
                 lower2[o] = np.float32(max(low, 0.0))
         if want_near:
             out = nearest[s : s + nr]
-            candidate_ids_from_ip(g[:nr, :k], cn[:k], xn[:nr], out)
+            _candidate_ids_into(g[:nr, :k], cn[:k], xn[:nr], out, *ids_scratch)
             m = out.shape[1]
             for r in range(nr):  # the exact label may differ from the approximate best: keep it a candidate
                 lab = labels[s + r]

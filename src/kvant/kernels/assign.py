@@ -373,17 +373,31 @@ def candidate_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
     the row instead of a selection): the set equals the m nearest unless three of those share a class, and then
     it lacks only ids ranked below the class's second. The ids come in ascending (distance, id) order. With
     K < 16, or columns or norms not unit-stride, the call returns the exact m nearest instead."""
+    K = g.shape[1]
+    _candidate_ids_into(g, c_sqnorms, x_sqnorms, out, *_ids_scratch(K))
+
+
+@numba.njit(inline="always", **_JIT)
+def _ids_scratch(K):
+    """The scratch of :func:`_candidate_ids_into` / :func:`_nearest_ids_into` for K columns."""
+    return (np.empty(2 * _LANES, np.int32), np.empty(2 * _LANES, np.int32), np.empty(_LANES, np.int32),
+            np.empty(K + 2 * _LANES, np.int32), np.empty(K + 2 * _LANES, np.int32), np.empty(K + 1, np.int32))
+
+
+# The *_into kernels allocate nothing (their scratch comes from the caller), so loops compiled without Numba's
+# reference counting (_nrt=False, e.g. kernels.amx_assign._assign_rows_loop) can call them: a function called from
+# such a loop is compiled under the same flags, and an allocation in it fails to compile.
+@numba.njit(**_JIT)
+def _candidate_ids_into(g, c_sqnorms, x_sqnorms, out, lv, lj, sel, bv, bj, nsel):
+    # candidate_ids_from_ip with its scratch (_ids_scratch) passed in
     b, K = g.shape
     m = out.shape[1]
     if m < 1 or m > min(K, CANDIDATE_IDS_MAX):
         raise ValueError("candidate_ids_from_ip needs 1 <= out.shape[1] <= min(K, 16)")
     kv = K - K % _LANES if g.strides[1] == 4 and c_sqnorms.strides[0] == 4 else 0
     if kv == 0:
-        nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out)
+        _nearest_ids_into(g, c_sqnorms, x_sqnorms, out, bv, bj, nsel)
         return
-    lv = np.empty(2 * _LANES, np.int32)
-    lj = np.empty(2 * _LANES, np.int32)
-    sel = np.empty(_LANES, np.int32)
     for i in range(b):
         xi = x_sqnorms[i]
         _lane_top2_ids(g, i, c_sqnorms, xi, kv, lv, lj)
@@ -414,13 +428,19 @@ def nearest_ids_from_ip(g, c_sqnorms, x_sqnorms, out):
     the row's m-th distance (:func:`_lane_min_max`) and a second keeps only the columns at or below it
     (:func:`_compress_le`, a few dozen of K); the m-th distance among those is then found by bisection on the bit
     pattern (a vectorised count per step: no data-dependent branches, unlike a heap)."""
+    K = g.shape[1]
+    scratch = _ids_scratch(K)
+    _nearest_ids_into(g, c_sqnorms, x_sqnorms, out, scratch[3], scratch[4], scratch[5])
+
+
+@numba.njit(**_JIT)
+def _nearest_ids_into(g, c_sqnorms, x_sqnorms, out, bv, bj, sel):
+    # bv, bj: K + 32 entries (room for a compress store's 16 lanes and the padding); sel: K + 1 (slots 0..n written,
+    # n <= K kept columns)
     b, K = g.shape
     m = out.shape[1]
     if m < 1 or m > K:
         raise ValueError("nearest_ids_from_ip needs 1 <= out.shape[1] <= K")
-    bv = np.empty(K + 2 * _LANES, np.int32)  # room for a compress store's 16 lanes and the padding
-    bj = np.empty(K + 2 * _LANES, np.int32)
-    sel = np.empty(K + 1, np.int32)  # slots 0..n written, n <= K kept columns
     vec = m <= _LANES and g.strides[1] == 4 and c_sqnorms.strides[0] == 4
     kv = K - K % _LANES if vec else 0
     for i in range(b):

@@ -183,6 +183,21 @@ def _top2_rows(g, rows, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2):
 _JIT_RAW = dict(_JIT, _nrt=False)
 
 
+@numba.njit(inline="always", **_JIT)
+def _group_rows(kp):
+    """Rows per group of :func:`_products` for KP padded centres: its micro-kernels take 8 rows up to 48 columns,
+    6 above."""
+    return 8 if kp <= 48 else 6
+
+
+@numba.njit(inline="always", **_JIT_RAW)
+def _copy_rows(x, i0, count, xt):
+    """xt[:count] = x[i0 : i0 + count] (the last partial group, into the zero-padded scratch ``xt``)."""
+    for r in range(count):
+        for t in range(x.shape[1]):
+            xt[r, t] = x[i0 + r, t]
+
+
 @numba.njit(**_JIT_RAW)
 def _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, g, xt):
     n = x.shape[0]
@@ -192,9 +207,7 @@ def _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, g,
         _products(x, i0, ct, g)
         _top2_rows(g, R, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2)
     if full < n:  # the last n mod R rows, through a zero-padded copy
-        for r in range(n - full):
-            for t in range(x.shape[1]):
-                xt[r, t] = x[full + r, t]
+        _copy_rows(x, full, n - full, xt)
         _products(xt, 0, ct, g)
         _top2_rows(g, n - full, cn_padded, x_sqnorms, row_scale, full, labels, d1, d2)
 
@@ -205,7 +218,7 @@ def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
 
     x (n, D) float32 with unit-stride rows; ``ct, cn_padded = padded_centroids(c, ‖c‖²)``; ``row_scale`` as in
     ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate order."""
-    R = 8 if ct.shape[1] <= 48 else 6
+    R = _group_rows(ct.shape[1])
     tail_rows = R if x.shape[0] % R else 0  # the zero-padded copy is needed only for a last partial group
     _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, np.empty((R, ct.shape[1]), np.float32),
                       np.zeros((tail_rows, x.shape[1]), np.float32))
@@ -230,9 +243,7 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
         if i1 - i0 == R:
             _products(x, i0, ct, g)
         else:  # the last n mod R rows, through a zero-padded copy
-            for r in range(i1 - i0):
-                for t in range(x.shape[1]):
-                    xt[r, t] = x[i0 + r, t]
+            _copy_rows(x, i0, i1 - i0, xt)
             _products(xt, 0, ct, g)
         _top2_rows(g, i1 - i0, cn_padded, xn, scale32 if unit_rows else None, i0, labels, d1, d2)
         if unit_rows:
@@ -254,11 +265,12 @@ def direct_top2_exact(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, uni
     is outside (safe_lo, safe_hi) — the caller then normalises the block explicitly. Returns True otherwise."""
     n, dim = x.shape
     kp = ct.shape[1]
-    R = 8 if kp <= 48 else 6
+    R = _group_rows(kp)
     m = n if unit_rows else 0
+    tail_rows = R if n % R else 0  # the zero-padded copy is needed only for a last partial group
     return _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, unit_rows, safe_lo, safe_hi,
                                    np.empty((R, kp), np.float32), np.empty(n, np.float32), np.empty(m, np.float64),
-                                   np.empty(m, np.float32), np.zeros((R, dim), np.float32))
+                                   np.empty(m, np.float32), np.zeros((tail_rows, dim), np.float32))
 
 
 @numba.njit(parallel=True, **_JIT)
