@@ -15,7 +15,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn, sum_lanes
+from ._llvm import llvm_fn, splat, sum_lanes
 
 _LANES = 16  # floats per 512-bit vector
 
@@ -30,18 +30,22 @@ def _f32_rows(*arrays) -> bool:
 
 
 def _sum_sq_codegen(diff: bool):
-    """Code generator of Σ_{t < n16} x[i, t]² (arguments x, i, n16) or, with ``diff``, of Σ_{t < n16} (x[i, t] −
-    c[j, t])² (arguments x, i, c, j, n16), in float64; n16 a multiple of 16, rows of unit stride.
+    """Code generator of Σ_{t < n} x[i, t]² (arguments x, i, n) or, with ``diff``, of Σ_{t < n} (x[i, t] − c[j, t])²
+    (arguments x, i, c, j, n), in float64, rows of unit stride.
 
     Each 16 floats are widened to doubles (so a difference is exact) and summed into one 16-lane float64
-    accumulator, reduced by halves at the end. LLVM's own vectoriser kept these loops at 256 bits, several times
-    slower than explicit 512-bit lanes (norms and exact distances were 2 of 5 parts of a K = 10 final assignment)."""
+    accumulator; the last n mod 16 coordinates come in through a masked load (zeros in the other lanes); the lanes
+    are reduced by halves at the end. LLVM's own vectoriser kept these loops at 256 bits, several times slower than
+    explicit 512-bit lanes (norms and exact distances were 2 of 5 parts of a K = 10 final assignment). The tail is in
+    the lanes too, not a scalar loop: under reassociation LLVM vectorised such a loop differently where the function
+    was inlined into another, so two callers of the same sum disagreed in the last bit (seen on an AVX2 host)."""
 
     def codegen(context, builder, signature, values):
         f32, f64 = ir.FloatType(), ir.DoubleType()
         vf, vd = ir.VectorType(f32, _LANES), ir.VectorType(f64, _LANES)
         intp = context.get_value_type(types.intp)
         i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
 
         def row(k, r):  # float* to row r of argument k
             a = context.make_array(signature.args[k])(context, builder, values[k])
@@ -50,21 +54,33 @@ def _sum_sq_codegen(diff: bool):
             return builder.bitcast(builder.gep(builder.bitcast(a.data, i8p), [builder.mul(r, stride)]),
                                    f32.as_pointer())
 
-        n16 = context.cast(builder, values[-1], signature.args[-1], types.intp)
+        n = context.cast(builder, values[-1], signature.args[-1], types.intp)
+        lanes = ir.Constant(intp, _LANES)
+        n16 = builder.mul(builder.udiv(n, lanes), lanes)
         xrow = row(0, 1)
         crow = row(2, 3) if diff else None
         acc = cgutils.alloca_once_value(builder, ir.Constant(vd, [0.0] * _LANES))
         fma = llvm_fn(builder.module, f"llvm.fma.v{_LANES}f64", vd, [vd, vd, vd])
-        # one accumulator: 1, 2 and 4 ran at the same speed (the widening conversions bound the loop)
-        with cgutils.for_range(builder, builder.udiv(n16, ir.Constant(intp, _LANES))) as loop:
-            off = builder.mul(loop.index, ir.Constant(intp, _LANES))
+        masked_load = llvm_fn(builder.module, f"llvm.masked.load.v{_LANES}f32.p0v{_LANES}f32", vf,
+                              [vf.as_pointer(), i32, ir.VectorType(ir.IntType(1), _LANES), vf])
 
+        def add(off, mask=None):
             def load(ptr):
-                return builder.fpext(builder.load(builder.bitcast(builder.gep(ptr, [off]), vf.as_pointer()), align=4),
-                                     vd)
+                p = builder.bitcast(builder.gep(ptr, [off]), vf.as_pointer())
+                v = (builder.load(p, align=4) if mask is None
+                     else builder.call(masked_load, [p, ir.Constant(i32, 4), mask, ir.Constant(vf, [0.0] * _LANES)]))
+                return builder.fpext(v, vd)
 
             v = builder.fsub(load(xrow), load(crow)) if diff else load(xrow)
             builder.store(builder.call(fma, [v, v, builder.load(acc)]), acc)
+
+        # one accumulator: 1, 2 and 4 ran at the same speed (the widening conversions bound the loop)
+        with cgutils.for_range(builder, builder.udiv(n16, lanes)) as loop:
+            add(builder.mul(loop.index, lanes))
+        rem = builder.sub(n, n16)
+        with builder.if_then(builder.icmp_signed(">", rem, ir.Constant(intp, 0)), likely=False):
+            lane_ids = ir.Constant(ir.VectorType(intp, _LANES), list(range(_LANES)))
+            add(n16, builder.icmp_signed("<", lane_ids, splat(builder, rem, ir.VectorType(intp, _LANES))))
         return sum_lanes(builder, builder.load(acc))
 
     return codegen
@@ -82,11 +98,11 @@ def _sq_diff_sum_lanes(typingctx, x, i, c, j, n16):
 
 @numba.njit(inline="always")
 def _row_sqnorm(x, i):
-    """Σ_t x[i, t]² in float64: 16-float lanes over the first D − D mod 16 coordinates when rows have unit stride."""
-    d = x.shape[1]
-    n16 = d - d % _LANES if x.strides[1] == 4 else 0
-    acc = _sq_sum_lanes(x, i, n16) if n16 else 0.0
-    for j in range(n16, d):
+    """Σ_t x[i, t]² in float64: 16-float lanes (:func:`_sum_sq_codegen`) when rows have unit stride."""
+    if x.strides[1] == 4:
+        return _sq_sum_lanes(x, i, x.shape[1])
+    acc = 0.0
+    for j in range(x.shape[1]):
         v = np.float64(x[i, j])
         acc += v * v
     return acc
@@ -106,11 +122,11 @@ def row_scaled_sq_dist64(x, i, f, c, j):
 @numba.njit(inline="always")
 def row_sq_dist64(x, i, c, j):
     """Σ_t (x[i, t] − c[j, t])² with float64 differences and sum (the exact squared distance of float32 rows up to
-    float64 rounding): 16-float lanes over the first D − D mod 16 coordinates when both rows have unit stride."""
-    d = x.shape[1]
-    n16 = d - d % _LANES if x.strides[1] == 4 and c.strides[1] == 4 else 0
-    acc = _sq_diff_sum_lanes(x, i, c, j, n16) if n16 else 0.0
-    for t in range(n16, d):
+    float64 rounding): 16-float lanes (:func:`_sum_sq_codegen`) when both rows have unit stride."""
+    if x.strides[1] == 4 and c.strides[1] == 4:
+        return _sq_diff_sum_lanes(x, i, c, j, x.shape[1])
+    acc = 0.0
+    for t in range(x.shape[1]):
         diff = np.float64(x[i, t]) - np.float64(c[j, t])
         acc += diff * diff
     return acc
