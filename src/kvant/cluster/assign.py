@@ -1,6 +1,6 @@
-"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts, a
-register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts, certified bf16 tile
-products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`)."""
+"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and
+K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX
+hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 # product of such rows would lose precision to subnormals or overflow)
 _SAFE_SQNORM = (1e-30, 1e30)
 LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16), not the exact m nearest
-# K <= 64 on AVX-512 hosts (direct_assign.fits): products from the register-blocked kernel, not a BLAS GEMM
+# K <= 64 on AVX-512 hosts, K <= 16 on AVX2 ones (direct_assign.fits): products from the register-blocked kernel,
+# not a BLAS GEMM
 DIRECT_ASSIGN = True
 # A plain direct E-step of at most this many row × centroid × coordinate products runs as one parallel Numba region
 # (blocks of >= _DIRECT_MIN_ROWS rows, ~4 per thread): 16-24% off digits' fits at K = 10 and 64, where handing

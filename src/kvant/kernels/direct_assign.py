@@ -1,4 +1,5 @@
-"""Fused assignment without BLAS: register-blocked inner products and the top-2, for few centroids (K <= 64).
+"""Fused assignment without BLAS: register-blocked inner products and the top-2, for few centroids (K <= 64 on
+AVX-512, K <= 16 on AVX2).
 
 The E-step's GEMM of (rows × D) by (D × K) is skinny (K is small next to the rows): OpenBLAS ran it at 45-90% of
 its large-matrix rate on this project's AVX-512 host, and the (rows × K) product then makes a round trip through
@@ -12,9 +13,10 @@ order.
 The shapes (R, NV) are chosen so that the accumulators, the NV column vectors and one broadcast fit the 32
 vector registers of AVX-512 and there are enough independent accumulators to cover the multiply-add latency:
 (8, 1..3) for K <= 48 and (6, 4) per 64 columns above. Every group of rows reads all of cᵀ, so the kernel is
-used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64: :func:`fits`. On hosts without
-AVX-512 each 16-float vector is two registers and these shapes would spill, so :data:`AVAILABLE` is False there
-and callers keep BLAS.
+used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64: :func:`fits`. On AVX2 hosts (16
+registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32 columns
+above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS; without AVX2 and FMA :data:`AVAILABLE` is
+False and callers keep BLAS.
 """
 
 from __future__ import annotations
@@ -58,29 +60,35 @@ def _l2_bytes() -> int:
     return 1 << 20
 
 
+def _host_features() -> set[str]:
+    try:
+        return {f[1:] for f in llvm_binding.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+    except Exception:  # pragma: no cover - llvmlite without feature detection
+        return set()
+
+
+_FEATURES = _host_features()
+AVX512 = "avx512f" in _FEATURES
+# AVX2 hosts (16 vector registers of 8 floats) take smaller micro-kernel shapes, see _products_avx2
+AVAILABLE = AVX512 or {"avx2", "fma"} <= _FEATURES
+
+
 # Every group of rows sweeps the whole padded cᵀ, so it must stay in L2: with cᵀ up to half of L2 the kernel beat
 # BLAS + top2_from_ip on one thread at every measured shape (D 64-784, K 64-1024: 0.75-0.98× the time, 2 MiB L2);
 # beyond it, it lost (D=384, K=1024: 1.32×; D=784, K=1024: 2.8×).
 MAX_CT_BYTES = _l2_bytes() // 2
 # Whole fits on two threads (same-process A/B, 2026-12-02) gained only up to K = 64: 3-9% at K = 10 and 64, but
 # K = 256 was even at 1M×128 and 12% slower on Fashion-MNIST (784-d), K = 1024 (1M×128, cos) 8% slower.
-MAX_K = 64
+# On AVX2 (AMD EPYC Zen 3, alternating fits in one process, 2026-12-03) the smaller shapes gained at K = 10 —
+# digits 0.83× the BLAS path's time, 200k×384 anisotropic 0.86× — but lost at K = 64 against OpenBLAS's Zen
+# kernels: 1M×128 1.03×, heavy-tailed 200k×384 1.29× (1.24× with 3 rows per group), Fashion-MNIST 1.44×.
+MAX_K = 64 if AVX512 else 16
 
 
 def fits(dim: int, k: int) -> bool:
-    """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 host, K <= MAX_K and the
-    padded cᵀ within :data:`MAX_CT_BYTES`."""
+    """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
+    (64 and 16) and the padded cᵀ within :data:`MAX_CT_BYTES`."""
     return AVAILABLE and k <= MAX_K and dim * _padded(k) * 4 <= MAX_CT_BYTES
-
-
-def _host_has_avx512() -> bool:
-    try:
-        return "+avx512f" in llvm_binding.get_host_cpu_features().flatten().split(",")
-    except Exception:  # pragma: no cover - llvmlite without feature detection
-        return False
-
-
-AVAILABLE = _host_has_avx512()
 
 
 def _ip_block(R: int, NV: int):
@@ -138,13 +146,15 @@ def _ip_block(R: int, NV: int):
 
 _ip8x1, _ip8x2, _ip8x3 = _ip_block(8, 1), _ip_block(8, 2), _ip_block(8, 3)
 _ip6x1, _ip6x2, _ip6x3, _ip6x4 = _ip_block(6, 1), _ip_block(6, 2), _ip_block(6, 3), _ip_block(6, 4)
+_ip2x1, _ip2x2 = _ip_block(2, 1), _ip_block(2, 2)
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
 @numba.njit(**_JIT)
-def _products(x, i0, ct, g):
-    """g[:R] = x[i0 : i0 + R] · ct with the micro-kernel shapes described above (R = 8 for KP <= 48, else 6)."""
+def _products_avx512(x, i0, ct, g):
+    """g[:R] = x[i0 : i0 + R] · ct with the AVX-512 micro-kernel shapes described above (R = 8 for KP <= 48, else
+    6)."""
     kp = ct.shape[1]
     if kp == 16:
         _ip8x1(x, i0, ct, 0, g)
@@ -162,6 +172,24 @@ def _products(x, i0, ct, g):
             _ip6x2(x, i0, ct, kp - 32, g)
         elif rest == 3:
             _ip6x3(x, i0, ct, kp - 48, g)
+
+
+@numba.njit(**_JIT)
+def _products_avx2(x, i0, ct, g):
+    """The same products with AVX2's 16 registers of 8 floats (a 16-float vector is two): 6 rows × 16 columns (12
+    accumulators) for KP = 16, else 2 rows × 32 columns per pass (8 accumulators, 4 column registers) and 2 × 16 for
+    a last 16."""
+    kp = ct.shape[1]
+    if kp == 16:
+        _ip6x1(x, i0, ct, 0, g)
+    else:
+        for j0 in range(0, kp - kp % 32, 32):
+            _ip2x2(x, i0, ct, j0, g)
+        if kp % 32:
+            _ip2x1(x, i0, ct, kp - 16, g)
+
+
+_products = _products_avx512 if AVX512 else _products_avx2
 
 
 @numba.njit(**_JIT)
@@ -185,9 +213,11 @@ _JIT_RAW = dict(_JIT, _nrt=False)
 
 @numba.njit(inline="always", **_JIT)
 def _group_rows(kp):
-    """Rows per group of :func:`_products` for KP padded centres: its micro-kernels take 8 rows up to 48 columns,
-    6 above."""
-    return 8 if kp <= 48 else 6
+    """Rows per group of :func:`_products` for KP padded centres: on AVX-512 its micro-kernels take 8 rows up to 48
+    columns, 6 above; on AVX2 6 rows at 16 columns, 2 above."""
+    if AVX512:
+        return 8 if kp <= 48 else 6
+    return 6 if kp == 16 else 2
 
 
 @numba.njit(inline="always", **_JIT_RAW)
@@ -299,5 +329,5 @@ def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.n
     return ct, cn
 
 
-__all__ = ["AVAILABLE", "MAX_CT_BYTES", "MAX_K", "direct_top2", "direct_top2_exact", "direct_top2_parallel", "fits",
-           "padded_centroids"]
+__all__ = ["AVAILABLE", "AVX512", "MAX_CT_BYTES", "MAX_K", "direct_top2", "direct_top2_exact", "direct_top2_parallel",
+           "fits", "padded_centroids"]
