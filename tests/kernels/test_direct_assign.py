@@ -168,3 +168,25 @@ def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k):
     if n:
         x[n // 2] = 0.0  # a zero row: not handled here (the caller normalises explicitly and names the row)
         assert not direct_top2_exact(x, ct, cn, c, *got, exact, True, 1e-30, 1e30)
+
+
+@pytest.mark.parametrize("family,rows", [("avx512", lambda kp: 8 if kp <= 48 else 6),
+                                         ("avx2", lambda kp: 6 if kp == 16 else 2)])
+@pytest.mark.parametrize("d,k", [(1, 1), (7, 16), (13, 17), (5, 33), (9, 48), (4, 64), (3, 100), (6, 129)])
+def test_both_micro_kernel_families_compute_the_products(family, rows, d, k):
+    # Only one family serves each host (AVX-512 or AVX2); both compile and run anywhere, so both are checked here
+    # against float64 products (each sum is in coordinate order with fused multiply-adds: within float32 rounding).
+    from kvant.kernels import direct_assign
+
+    products = getattr(direct_assign, f"_products_{family}")
+    g = np.random.default_rng(d * 100 + k)
+    c = g.standard_normal((k, d)).astype(np.float32)
+    ct, _ = padded_centroids(c, sq_norms(c))
+    r = rows(ct.shape[1])
+    x = g.standard_normal((r + 3, d)).astype(np.float32)
+    out = np.full((r, ct.shape[1]), np.nan, np.float32)
+    products(x, 2, ct, out)  # rows 2 .. 2 + r of x
+    want = x[2 : 2 + r].astype(np.float64) @ ct.astype(np.float64)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * d)
+    if direct_assign.AVX512 == (family == "avx512") and direct_assign.AVAILABLE:
+        assert direct_assign._products is products and direct_assign._group_rows(ct.shape[1]) == r
