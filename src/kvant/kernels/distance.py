@@ -29,9 +29,10 @@ def _f32_rows(*arrays) -> bool:
     return all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 for a in arrays)
 
 
-def _sum_sq_codegen(diff: bool):
-    """Code generator of Σ_{t < n} x[i, t]² (arguments x, i, n) or, with ``diff``, of Σ_{t < n} (x[i, t] − c[j, t])²
-    (arguments x, i, c, j, n), in float64, rows of unit stride.
+def _sum_sq_codegen(kind: str):
+    """Code generator, in float64 over rows of unit stride, of Σ_{t < n} x[i, t]² (``kind`` "norm"; arguments x, i,
+    n), of Σ_{t < n} (x[i, t] − c[j, t])² ("diff"; x, i, c, j, n) or of Σ_{t < n} (f·x[i, t] − c[j, t])² ("scaled";
+    x, i, f, c, j, n with f a float64, the difference one fused multiply-add, so one rounding).
 
     Each 16 floats are widened to doubles (so a difference is exact) and summed into one 16-lane float64
     accumulator; the last n mod 16 coordinates come in through a masked load (zeros in the other lanes); the lanes
@@ -58,7 +59,8 @@ def _sum_sq_codegen(diff: bool):
         lanes = ir.Constant(intp, _LANES)
         n16 = builder.mul(builder.udiv(n, lanes), lanes)
         xrow = row(0, 1)
-        crow = row(2, 3) if diff else None
+        crow = None if kind == "norm" else row(2, 3) if kind == "diff" else row(3, 4)
+        f = splat(builder, values[2], vd) if kind == "scaled" else None
         acc = cgutils.alloca_once_value(builder, ir.Constant(vd, [0.0] * _LANES))
         fma = llvm_fn(builder.module, f"llvm.fma.v{_LANES}f64", vd, [vd, vd, vd])
         masked_load = llvm_fn(builder.module, f"llvm.masked.load.v{_LANES}f32.p0v{_LANES}f32", vf,
@@ -71,7 +73,12 @@ def _sum_sq_codegen(diff: bool):
                      else builder.call(masked_load, [p, ir.Constant(i32, 4), mask, ir.Constant(vf, [0.0] * _LANES)]))
                 return builder.fpext(v, vd)
 
-            v = builder.fsub(load(xrow), load(crow)) if diff else load(xrow)
+            if kind == "norm":
+                v = load(xrow)
+            elif kind == "diff":
+                v = builder.fsub(load(xrow), load(crow))
+            else:
+                v = builder.call(fma, [load(xrow), f, builder.fneg(load(crow))])
             builder.store(builder.call(fma, [v, v, builder.load(acc)]), acc)
 
         # one accumulator: 1, 2 and 4 ran at the same speed (the widening conversions bound the loop)
@@ -87,13 +94,18 @@ def _sum_sq_codegen(diff: bool):
 
 
 @intrinsic
-def _sq_sum_lanes(typingctx, x, i, n16):
-    return (types.float64(x, i, n16), _sum_sq_codegen(False)) if _f32_rows(x) else None
+def _sq_sum_lanes(typingctx, x, i, n):
+    return (types.float64(x, i, n), _sum_sq_codegen("norm")) if _f32_rows(x) else None
 
 
 @intrinsic
-def _sq_diff_sum_lanes(typingctx, x, i, c, j, n16):
-    return (types.float64(x, i, c, j, n16), _sum_sq_codegen(True)) if _f32_rows(x, c) else None
+def _sq_diff_sum_lanes(typingctx, x, i, c, j, n):
+    return (types.float64(x, i, c, j, n), _sum_sq_codegen("diff")) if _f32_rows(x, c) else None
+
+
+@intrinsic
+def _scaled_sq_diff_sum_lanes(typingctx, x, i, f, c, j, n):
+    return (types.float64(x, i, types.float64, c, j, n), _sum_sq_codegen("scaled")) if _f32_rows(x, c) else None
 
 
 @numba.njit(inline="always")
@@ -108,10 +120,13 @@ def _row_sqnorm(x, i):
     return acc
 
 
-@numba.njit(inline="always", **_JIT_SUM)
+@numba.njit(inline="always")
 def row_scaled_sq_dist64(x, i, f, c, j):
     """Σ_t (x[i, t]·f − c[j, t])² in float64: the exact squared distance of the scaled row x_i·f (f = 1/‖x_i‖: the unit
-    row of spherical k-means) to centre j; reassociated so LLVM vectorises the sum."""
+    row of spherical k-means) to centre j; 16-float lanes (:func:`_sum_sq_codegen`, each difference one fused
+    multiply-add) when both rows have unit stride."""
+    if x.strides[1] == 4 and c.strides[1] == 4:
+        return _scaled_sq_diff_sum_lanes(x, i, np.float64(f), c, j, x.shape[1])
     acc = 0.0
     for t in range(x.shape[1]):
         v = np.float64(x[i, t]) * f - np.float64(c[j, t])
