@@ -96,6 +96,18 @@ def timed(fn, repeats: int):
     return statistics.median(times), out
 
 
+def timed_pair(fn_a, fn_b, repeats: int):
+    """((median seconds, last result) of ``fn_a``, the same of ``fn_b``), their runs alternating a, b, a, b, ...:
+    on a host whose speed drifts within minutes, both sides then see the same drift."""
+    times, outs = ([], []), [None, None]
+    for _ in range(repeats):
+        for side, fn in enumerate((fn_a, fn_b)):
+            t0 = time.perf_counter()
+            outs[side] = fn()
+            times[side].append(time.perf_counter() - t0)
+    return (statistics.median(times[0]), outs[0]), (statistics.median(times[1]), outs[1])
+
+
 def hits_at(ids: np.ndarray, gt: np.ndarray, k: int = 10) -> np.ndarray:
     """Per query: how many of the first k returned ids are among the first k ground-truth ids."""
     return np.array([len(set(a[:k].tolist()) & set(b[:k].tolist())) for a, b in zip(ids, gt)], np.int64)
@@ -185,8 +197,7 @@ def bench_codecs(faiss, name, x, m, repeats, opq_iter, mse_rows):
 def bench_encode(faiss, name, x, pq, repeats):
     fpq = faiss.ProductQuantizer(x.shape[1], pq.m, 8)
     faiss.copy_array_to_vector(pq.codebooks.ravel(), fpq.centroids)
-    t_k, ck = timed(lambda: pq.encode(x), repeats)
-    t_f, cf = timed(lambda: fpq.compute_codes(x), repeats)
+    (t_k, ck), (t_f, cf) = timed_pair(lambda: pq.encode(x), lambda: fpq.compute_codes(x), repeats)
     return dict(dataset=name, n=x.shape[0], dim=x.shape[1], m=pq.m, kvant_vec_per_s=x.shape[0] / t_k,
                 faiss_vec_per_s=x.shape[0] / t_f, codes_identical=float(np.mean(np.all(ck == cf, axis=1))))
 
@@ -208,8 +219,7 @@ def bench_search(faiss, name, x, q, gt, m, nbits, repeats, fastscan_rerank=4):
     build_f = time.perf_counter() - t0
     index.search(q[:8], 10)  # warm-up (JIT already compiled by earlier sections; loads caches)
     fidx.search(q[:8], 10)
-    t_k, (dk, ik) = timed(lambda: index.search(q, 10), repeats)
-    t_f, (df, i_f) = timed(lambda: fidx.search(q, 10), repeats)
+    (t_k, (dk, ik)), (t_f, (df, i_f)) = timed_pair(lambda: index.search(q, 10), lambda: fidx.search(q, 10), repeats)
     row = dict(dataset=name, index=f"PQ{m}x{nbits}", m=m, nbits=nbits, code_bytes=index.code_size,
                nq=q.shape[0], n=x.shape[0], kvant_qps=q.shape[0] / t_k, faiss_qps=q.shape[0] / t_f,
                kvant_recall10=recall_at(ik, gt), faiss_recall10=recall_at(i_f, gt),
@@ -243,7 +253,9 @@ def write_markdown(res: dict, path: Path) -> None:
 
     lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, encode: medians of "
              f"{reps('encode', res['repeats'])} runs, search: medians of {reps('search', res['repeats'])} runs, "
-             f"training: median of {reps('codecs', res['train_repeats'])} run(s), {res['machine']}.", ""]
+             f"training: median of {reps('codecs', res['train_repeats'])} run(s), {res['machine']}. Encode and search "
+             f"runs alternate kvant, FAISS, kvant, ... (since 2026-12-03 22:06; earlier rows ran kvant's repeats, then "
+             f"FAISS's).", ""]
     when = {part: sorted({r.get("measured", "?") for r in res[part]}) for part in ("codecs", "encode", "search")}
     if any(w != ["?"] for w in when.values()):
         lines += ["Measured: " + "; ".join(f"{part} {', '.join(w)}" for part, w in when.items() if w) + ".", ""]
