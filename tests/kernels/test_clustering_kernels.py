@@ -594,3 +594,20 @@ def test_mean_and_spread_matches_reference(n, d, step, layout):
     rmu, rspread, rsq = ref.mean_and_spread_ref(x, step)
     np.testing.assert_allclose(mu, rmu, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose([spread, sq], [rspread, rsq], rtol=1e-9, atol=1e-9)
+
+
+def test_balanced_rows_keeps_the_block_count_and_evens_the_sizes():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from kvant.cluster.assign import balanced_rows
+
+    @given(st.integers(1, 10**7), st.integers(1, 10**5))
+    def check(n, rows):
+        r = balanced_rows(n, rows)
+        assert 1 <= r <= rows
+        assert -(-n // r) == -(-n // rows)  # as many blocks
+        last = n - (-(-n // r) - 1) * r
+        assert r - last < -(-n // r)  # the last block is short by less than one row per block
+
+    check()

@@ -63,6 +63,13 @@ def block_rows_for(dim: int, k: int) -> int:
     return int(min(8192, max(256, rows)))
 
 
+def balanced_rows(n: int, rows: int) -> int:
+    """Rows per block for ``n`` rows in blocks of at most ``rows``: the same number of blocks, of equal sizes (a last
+    block of a few rows would leave one thread with most of a small E-step)."""
+    blocks = max(1, -(-n // max(1, rows)))
+    return max(1, -(-n // blocks))
+
+
 def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, labels, d1, d2,
                 x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
                 exact_sq: np.ndarray | None = None, rows: np.ndarray | None = None, unit_rows: bool = False,
@@ -168,7 +175,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
             exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))
 
-    for_each_block(n, block_rows_for(dim, k), run, n_threads)
+    for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads)
     if zero_rows:
         raise InvalidInput(f"row {min(zero_rows) + row_offset} has zero norm; metric='cos' needs non-zero vectors")
 
