@@ -15,8 +15,8 @@ vector registers of AVX-512 and there are enough independent accumulators to cov
 (8, 1..3) for K <= 48 and (6, 4) per 64 columns above. Every group of rows reads all of cᵀ, so the kernel is
 used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64: :func:`fits`. On AVX2 hosts (16
 registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32 columns
-above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS; without AVX2 and FMA :data:`AVAILABLE` is
-False and callers keep BLAS.
+above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 64 for a small E-step (bound by
+overheads, not products); without AVX2 and FMA :data:`AVAILABLE` is False and callers keep BLAS.
 """
 
 from __future__ import annotations
@@ -85,10 +85,15 @@ MAX_CT_BYTES = _l2_bytes() // 2
 MAX_K = 64 if AVX512 else 16
 
 
-def fits(dim: int, k: int) -> bool:
+# A small E-step (one parallel region, see cluster.assign) is bound by overheads, not by its products: on AVX2
+# hosts it takes the kernel up to K = 64 too (SMALL_MAX_K).
+SMALL_MAX_K = 64
+
+
+def fits(dim: int, k: int, small: bool = False) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
-    (64 and 16) and the padded cᵀ within :data:`MAX_CT_BYTES`."""
-    return AVAILABLE and k <= MAX_K and dim * _padded(k) * 4 <= MAX_CT_BYTES
+    (64 and 16; ``SMALL_MAX_K`` for a ``small`` E-step) and the padded cᵀ within :data:`MAX_CT_BYTES`."""
+    return AVAILABLE and k <= (max(MAX_K, SMALL_MAX_K) if small else MAX_K) and dim * _padded(k) * 4 <= MAX_CT_BYTES
 
 
 def _ip_block(R: int, NV: int):
