@@ -1,6 +1,9 @@
-"""LLVM IR helpers shared by the kernels' ``@intrinsic`` code generators (``assign.py``, ``pq.py``)."""
+"""LLVM IR helpers shared by the kernels' ``@intrinsic`` code generators (``assign.py``, ``pq.py``, ...), and the
+host CPU features they choose instructions by."""
 
 from __future__ import annotations
+
+import functools
 
 from llvmlite import ir
 
@@ -28,3 +31,19 @@ def sum_lanes(builder: ir.IRBuilder, vector: ir.Value) -> ir.Value:
         hi = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
         total = builder.fadd(lo, hi)
     return builder.extract_element(total, ir.Constant(i32, 0))
+
+
+@functools.cache
+def host_features() -> frozenset[str]:
+    """The CPU features LLVM reports for this host ("avx2", "avx512f", "amx-tile", ...), for the kernels that pick
+    instructions or shapes by host. Empty when Numba compiles for another CPU (``NUMBA_CPU_NAME``: then only portable
+    code may be generated) or when the query is unavailable."""
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_NAME:
+        return frozenset()
+    try:
+        return frozenset(f[1:] for f in binding.get_host_cpu_features().flatten().split(",") if f.startswith("+"))
+    except Exception:  # pragma: no cover - llvmlite without feature detection
+        return frozenset()

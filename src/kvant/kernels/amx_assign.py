@@ -42,12 +42,11 @@ import sys
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn, sum_lanes
+from ._llvm import host_features, llvm_fn, sum_lanes
 from .assign import _candidate_ids_into, _ids_scratch, _top2_lanes
 from .distance import _row_sqnorm, row_scaled_sq_dist64, row_sq_dist64
 
@@ -61,11 +60,7 @@ U_BF16 = 2.0**-8
 
 
 def _host_has_amx() -> bool:
-    try:
-        features = llvm_binding.get_host_cpu_features().flatten().split(",")
-    except Exception:  # pragma: no cover - llvmlite without feature detection
-        return False
-    return "+amx-tile" in features and "+amx-bf16" in features
+    return {"amx-tile", "amx-bf16"} <= host_features()
 
 
 def _request_tile_state() -> bool:

@@ -25,13 +25,12 @@ import os
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn, splat
+from ._llvm import host_features, llvm_fn, splat
 from .assign import _top2_lanes, store_top2
 from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, sq_norms_into
 
@@ -60,14 +59,7 @@ def _l2_bytes() -> int:
     return 1 << 20
 
 
-def _host_features() -> set[str]:
-    try:
-        return {f[1:] for f in llvm_binding.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
-    except Exception:  # pragma: no cover - llvmlite without feature detection
-        return set()
-
-
-_FEATURES = _host_features()
+_FEATURES = host_features()
 AVX512 = "avx512f" in _FEATURES
 # AVX2 hosts (16 vector registers of 8 floats) take smaller micro-kernel shapes, see _products_avx2
 AVAILABLE = AVX512 or {"avx2", "fma"} <= _FEATURES

@@ -60,7 +60,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn, splat
+from ._llvm import host_features, llvm_fn, splat
 
 __all__ = [
     "distance_tables_l2",
@@ -196,22 +196,11 @@ def _encode_kernel(x, cbf, m, dsub, ksub, out, block):
                     out[r + 1, j] = _argmin_bits(bits2, ksub)
 
 
-def _host_features() -> dict:
-    if numba.config.CPU_NAME:  # compiling for another CPU (NUMBA_CPU_NAME): no x86-specific instructions
-        return {}
-    try:
-        import llvmlite.binding as llvm
-
-        return dict(llvm.get_host_cpu_features())
-    except Exception:  # pragma: no cover - feature query unavailable: take the portable path
-        return {}
-
-
-_FEATURES = _host_features()
-_HAS_AVX2 = bool(_FEATURES.get("avx2", False))
+_FEATURES = host_features()
+_HAS_AVX2 = "avx2" in _FEATURES
 # 512-bit byte shuffles: the scan then takes two 32-row blocks per pass (64 lookups per instruction)
-_HAS_AVX512BW = bool(_FEATURES.get("avx512bw", False))
-_HAS_AVX512F = bool(_FEATURES.get("avx512f", False))
+_HAS_AVX512BW = "avx512bw" in _FEATURES
+_HAS_AVX512F = "avx512f" in _FEATURES
 
 
 _ENC_LANES = 32  # rows encoded together by _enc_lanes, one row per vector lane
