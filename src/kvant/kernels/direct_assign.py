@@ -15,7 +15,7 @@ vector registers of AVX-512 and there are enough independent accumulators to cov
 (8, 1..3) for K <= 48 and (6, 4) per 64 columns above. Every group of rows reads all of cᵀ, so the kernel is
 used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64: :func:`fits`. On AVX2 hosts (16
 registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32 columns
-above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 64 for a small E-step (bound by
+above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 128 for a small E-step (bound by
 overheads, not products); without AVX2 and FMA :data:`AVAILABLE` is False and callers keep BLAS.
 """
 
@@ -78,14 +78,15 @@ MAX_K = 64 if AVX512 else 16
 
 
 # A small E-step (one parallel region, see cluster.assign) is bound by overheads, not by its products: on AVX2
-# hosts it takes the kernel up to K = 64 too (SMALL_MAX_K).
-SMALL_MAX_K = 64
+# hosts it takes the kernel up to K = 128 (SMALL_MAX_K; digits K=96/128 fits 0.73-0.88× the BLAS path's time, K=256
+# 1.01-1.09×, docs/auto.md). AVX-512 hosts keep MAX_K (not measured there).
+SMALL_MAX_K = MAX_K if AVX512 else 128
 
 
 def fits(dim: int, k: int, small: bool = False) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
-    (64 and 16; ``SMALL_MAX_K`` for a ``small`` E-step) and the padded cᵀ within :data:`MAX_CT_BYTES`."""
-    return AVAILABLE and k <= (max(MAX_K, SMALL_MAX_K) if small else MAX_K) and dim * _padded(k) * 4 <= MAX_CT_BYTES
+    (64 and 16; ``SMALL_MAX_K``, 64 and 128, for a ``small`` E-step) and the padded cᵀ within :data:`MAX_CT_BYTES`."""
+    return AVAILABLE and k <= (SMALL_MAX_K if small else MAX_K) and dim * _padded(k) * 4 <= MAX_CT_BYTES
 
 
 def _ip_block(R: int, NV: int):
