@@ -112,4 +112,3 @@ def test_saving_does_not_touch_the_process_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("persist.write changed the process umask"))
     kvant.FlatIndex(2).save(tmp_path / "u.kvant")
     assert kvant.load(tmp_path / "u.kvant").ntotal == 0
-
