@@ -47,8 +47,7 @@ class _BlasOneThread:
         return False
 
 
-def _blas_single_thread():
-    return _BlasOneThread()
+_blas_single_thread = _BlasOneThread
 
 
 def _executor(n_threads: int) -> ThreadPoolExecutor:
