@@ -1,7 +1,6 @@
-"""Certified AMX assignment (kvant.kernels.amx_assign) against exact float64 nearest centres.
-
-The kernel runs only on hosts with AMX; elsewhere these tests skip (the float32 kernels serve there and have their
-own tests)."""
+"""Certified assignment against exact float64 nearest centres, with each product backend: AMX bf16 tiles
+(kvant.kernels.amx_assign, AMX hosts only) and int16 products (kvant.kernels.i16_assign, AVX2 hosts). A backend the
+host lacks skips (the float32 kernels serve there and have their own tests)."""
 
 import os
 import subprocess
@@ -12,9 +11,16 @@ import pytest
 
 import kvant
 from kvant.cluster import assign as cluster_assign
-from kvant.kernels import amx_assign
+from kvant.kernels import amx_assign, i16_assign
 
-pytestmark = pytest.mark.skipif(not amx_assign.AVAILABLE, reason="no AMX on this host")
+needs_amx = pytest.mark.skipif(not amx_assign.AVAILABLE, reason="no AMX on this host")
+
+
+@pytest.fixture(params=[pytest.param("amx", marks=needs_amx),
+                        pytest.param("int16", marks=pytest.mark.skipif(not i16_assign.AVAILABLE, reason="no AVX2"))])
+def backend(request):
+    return request.param
+
 
 NO_ROWS = np.empty(0, np.int64)
 NO_LOWER = np.empty(0, np.float32)
@@ -41,46 +47,59 @@ def _near_ties(g, n, dim, k, offset=0.0):
     return x, c
 
 
-def _run(x, c, rows=NO_ROWS, unit=False, lower=False, m=0, inner_lower=False):
-    mu, bt, cn, cstat = amx_assign.pack_centres(c)
+def _assign(backend, x, c, rows, unit, labels, exact, low, near, inner_lower=False, narrow=False):
+    """The backend's assign_rows; ``narrow``: with the centre terms of the margin zeroed (their norms and rounding
+    residuals) and no accumulation term."""
+    if backend == "amx":
+        mu, bt, cn, cstat = amx_assign.pack_centres(c)
+        if narrow:
+            cstat[:2] = 0.0
+        return amx_assign.assign_rows(x, rows, c, mu, bt, cn, cstat, 0.0 if narrow else amx_assign.gamma(x.shape[1]),
+                                      inner_lower, unit, amx_assign.TILE_CONFIG, labels, exact, low, near)
+    mu, ct, colstep, cn, cstat = i16_assign.pack_centres(c)
+    if narrow:
+        cstat[:] = 0.0
+    return i16_assign.assign_rows(x, rows, c, mu, ct, colstep, cn, cstat, inner_lower, unit, labels, exact, low, near)
+
+
+def _run(backend, x, c, rows=NO_ROWS, unit=False, lower=False, m=0, inner_lower=False):
     n = rows.shape[0] if rows.shape[0] else x.shape[0]
     labels, exact = np.empty(n, np.int64), np.empty(n, np.float64)
     low = np.empty(n, np.float32) if lower else NO_LOWER
     near = np.empty((n, m), np.int32) if m else NO_NEAREST
-    fb = amx_assign.assign_rows(x, rows, c, mu, bt, cn, cstat, amx_assign.gamma(x.shape[1]), inner_lower, unit,
-                                amx_assign.TILE_CONFIG, labels, exact, low, near)
+    fb = _assign(backend, x, c, rows, unit, labels, exact, low, near, inner_lower)
     return labels, exact, low, near, fb
 
 
 @pytest.mark.parametrize("n,dim,k", [(0, 3, 2), (1, 1, 1), (40, 1, 5), (70, 17, 33), (100, 33, 64), (65, 130, 65),
                                      (200, 64, 200)])
-def test_labels_are_the_exact_nearest_centres_on_near_ties(n, dim, k):
+def test_labels_are_the_exact_nearest_centres_on_near_ties(n, dim, k, backend):
     g = np.random.default_rng(n + dim + k)
     x, c = _near_ties(g, n, dim, k)
     d = _exact(x, c)
-    labels, exact, *_ = _run(x, c)
+    labels, exact, *_ = _run(backend, x, c)
     np.testing.assert_array_equal(labels, d.argmin(1) if n else labels)
     np.testing.assert_allclose(exact, d.min(1) if n else exact, rtol=1e-12)
 
 
-def test_large_offset_wide_range_and_listed_rows():
+def test_large_offset_wide_range_and_listed_rows(backend):
     g = np.random.default_rng(3)
     x, c = _near_ties(g, 300, 40, 70, offset=1e3)
     x[:, :5] *= 1e3  # a 1e6 range between coordinates
     c[:, :5] *= 1e3
     rows = np.array([299, 0, 17, 17, 150], np.int64)
     d = _exact(x, c)
-    labels, exact, *_ = _run(x, c, rows=rows)
+    labels, exact, *_ = _run(backend, x, c, rows=rows)
     np.testing.assert_array_equal(labels, d.argmin(1)[rows])
     np.testing.assert_allclose(exact, d.min(1)[rows], rtol=1e-12)
 
 
-def test_unit_rows_and_zero_rows():
+def test_unit_rows_and_zero_rows(backend):
     g = np.random.default_rng(4)
     x, c = _near_ties(g, 120, 24, 64)
     c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
     x[7] = 0.0
-    labels, exact, *_ = _run(x, c, unit=True)
+    labels, exact, *_ = _run(backend, x, c, unit=True)
     assert labels[7] == -1
     keep = np.arange(120) != 7
     d = _exact(x[keep], c, unit=True)
@@ -88,11 +107,11 @@ def test_unit_rows_and_zero_rows():
     np.testing.assert_allclose(exact[keep], d.min(1), rtol=1e-9, atol=1e-12)
 
 
-def test_runner_up_lower_bound_and_candidates_hold_the_label():
+def test_runner_up_lower_bound_and_candidates_hold_the_label(backend):
     g = np.random.default_rng(5)
     x, c = _near_ties(g, 500, 48, 96)
     d = _exact(x, c)
-    labels, exact, low, near, fb = _run(x, c, lower=True, m=5)
+    labels, exact, low, near, fb = _run(backend, x, c, lower=True, m=5)
     assert fb > 0  # near ties did take the exact path
     runner_up = np.sort(d, axis=1)[:, 1]
     assert np.all(low <= runner_up * (1 + 1e-6))
@@ -101,22 +120,25 @@ def test_runner_up_lower_bound_and_candidates_hold_the_label():
     assert np.median(low / runner_up) > 0.9
 
 
-def test_a_too_narrow_margin_is_caught():
+def test_a_too_narrow_margin_is_caught(backend):
     # the certification is what makes the labels exact: with the centre terms of the margin zeroed (their norms and
     # rounding residuals, the accumulation term), the near ties are mislabelled
     g = np.random.default_rng(6)
     x, c = _near_ties(g, 2000, 64, 64)
-    mu, bt, cn, cstat = amx_assign.pack_centres(c)
-    cstat[:2] = 0.0
     labels, exact = np.empty(2000, np.int64), np.empty(2000)
-    amx_assign.assign_rows(x, NO_ROWS, c, mu, bt, cn, cstat, 0.0, False, False,
-                           amx_assign.TILE_CONFIG, labels, exact, NO_LOWER, NO_NEAREST)
+    _assign(backend, x, c, NO_ROWS, False, labels, exact, NO_LOWER, NO_NEAREST, narrow=True)
     assert (labels != _exact(x, c).argmin(1)).sum() > 0
 
 
 @pytest.mark.parametrize("metric", ["l2", "cos"])
-def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)  # small data, tile path all the same
+def test_clusterer_labels_are_exact_with_the_certified_path(metric, backend, tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)  # small data, certified path all the same
+    monkeypatch.setattr(cluster_assign, "I16_MIN_KD", 0)
+    if backend == "int16":
+        monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+        monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+    centres = np.eye(cluster_assign.AMX_MIN_K, 20, dtype=np.float32)
+    assert cluster_assign.CertifiedCentres(centres, False).backend == backend
     g = np.random.default_rng(7)
     x = (g.standard_normal((6000, 20)) + g.integers(0, 8, 6000)[:, None]).astype(np.float32)
     path = tmp_path / "x.npy"
@@ -129,6 +151,7 @@ def test_clusterer_labels_are_exact_with_the_tile_path(metric, tmp_path, monkeyp
     np.testing.assert_array_equal(c.predict(x), c.labels_)
 
 
+@needs_amx
 def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
     monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)
     monkeypatch.setattr(cluster_assign, "AMX_MIN_K", 0)
@@ -149,6 +172,7 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
     assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
 
 
+@needs_amx
 def test_centres_with_far_outliers_scan_inner_centres_in_e_steps(monkeypatch):
     g = np.random.default_rng(9)
     dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
@@ -165,21 +189,21 @@ def test_centres_with_far_outliers_scan_inner_centres_in_e_steps(monkeypatch):
     assert not cluster_assign.CertifiedCentres(c[:, : dim // 2], spherical=False).ok  # K·D below AMX_MIN_KD
 
 
-def test_per_centre_margins_certify_rows_a_far_centre_would_block():
+def test_per_centre_margins_certify_rows_a_far_centre_would_block(backend):
     # one centre 1e3 away: the quick test (largest centre norm) certifies nothing, the per-centre margins still
     # leave a single candidate for the rows near the bulk, and the labels stay exact
     g = np.random.default_rng(10)
     c = g.standard_normal((40, 24)).astype(np.float32)
     c[39] = 1e3
     x = (c[g.integers(0, 39, 400)] + g.standard_normal((400, 24)) * 0.05).astype(np.float32)
-    labels, exact, low, _, multi = _run(x, c, lower=True)
+    labels, exact, low, _, multi = _run(backend, x, c, lower=True)
     d = _exact(x, c)
     np.testing.assert_array_equal(labels, d.argmin(1))
     assert multi < 40
     assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))
 
 
-def test_unit_rows_in_a_narrow_cone():
+def test_unit_rows_in_a_narrow_cone(backend):
     # every row and centre within ~1e-3 of one direction: the centred rows are tiny, so the rounding of the row's
     # 1/‖x‖ scaling (relative to the unit row, not to the centred one) is what the margin must cover
     g = np.random.default_rng(11)
@@ -191,7 +215,7 @@ def test_unit_rows_in_a_narrow_cone():
     x, _ = _near_ties(g, 600, 48, 64)
     x = (c[g.integers(0, 64, 600)] * 3.0 + spread * 0.3 * x).astype(np.float32)  # not unit: the kernel scales
     d = _exact(x, c, unit=True)
-    labels, exact, *_ = _run(x, c, unit=True)
+    labels, exact, *_ = _run(backend, x, c, unit=True)
     np.testing.assert_array_equal(labels, d.argmin(1))
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-9, atol=1e-15)
 
@@ -199,7 +223,7 @@ def test_unit_rows_in_a_narrow_cone():
 # final assignment (inner centres), Lloyd's E-step (every centre), E-step with inner_lower (inner centres)
 @pytest.mark.parametrize("lower,inner_lower", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("far_share", [0.05, 0.3])
-def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share, lower, inner_lower):
+def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share, lower, inner_lower, backend):
     # heavy-tailed centres: a share of them 20-200× further out than the rest, near ties in the bulk and rows near the
     # far centres as well, duplicated centres (exact ties, smaller id wins) among both. In final assignments the
     # triangle inequality rules out the outer centres and the inner ones are visited in norm order: labels and exact
@@ -212,7 +236,7 @@ def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share
     x[:300] = (c[g.integers(1, n_far + 2, 300)] * (1 + 1e-4 * g.standard_normal((300, 1)))).astype(np.float32)
     x[300:310] = c[1]  # exactly on the far duplicate pair
     d = _exact(x, c)
-    labels, exact, low, _, _ = _run(x, c, lower=lower, inner_lower=inner_lower)
+    labels, exact, low, _, _ = _run(backend, x, c, lower=lower, inner_lower=inner_lower)
     np.testing.assert_array_equal(labels, d.argmin(1))
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-12)
     if lower:
@@ -220,7 +244,7 @@ def test_far_centres_and_the_norm_ordered_quick_test_keep_labels_exact(far_share
 
 
 @pytest.mark.parametrize("inner_lower", [False, True])
-def test_an_outer_centre_as_runner_up_keeps_the_lower_bound_valid(inner_lower):
+def test_an_outer_centre_as_runner_up_keeps_the_lower_bound_valid(inner_lower, backend):
     # rows at centre A (norm 100) whose runner-up is B (norm 110, same direction) — an *outer* centre for them: the
     # runner-up bound then comes from B's norm gap and must stay below the true distance to B
     g = np.random.default_rng(14)
@@ -235,29 +259,34 @@ def test_an_outer_centre_as_runner_up_keeps_the_lower_bound_valid(inner_lower):
         c[j] = 1000 * w / np.linalg.norm(w)
     x = (c[2] + 0.3 * g.standard_normal((200, dim))).astype(np.float32)
     d = _exact(x, c)
-    labels, exact, low, _, _ = _run(x, c, lower=True, inner_lower=inner_lower)
+    labels, exact, low, _, _ = _run(backend, x, c, lower=True, inner_lower=inner_lower)
     np.testing.assert_array_equal(labels, d.argmin(1))
     np.testing.assert_allclose(exact, d.min(1), rtol=1e-12)
     assert np.all(low <= np.sort(d, axis=1)[:, 1] * (1 + 1e-6))
 
 
-
-def test_the_refcount_free_loop_compiles_first_in_a_fresh_process(tmp_path):
+def test_the_refcount_free_loop_compiles_first_in_a_fresh_process(backend, tmp_path):
     # Functions called from a loop compiled with _nrt=False are compiled under the same flags, and an allocation in
     # them does not compile. Whether that showed depended on what an earlier call had compiled (or a warm cache had
     # kept): a fresh process whose first kvant call was an E-step on the tile path failed. Run exactly that.
+    call = {
+        "amx": "mu, bt, cn, cstat = amx_assign.pack_centres(c)\n"
+               "amx_assign.assign_rows(x, np.empty(0, np.int64), c, mu, bt, cn, cstat, amx_assign.gamma(40), False,\n"
+               "                       False, amx_assign.TILE_CONFIG, labels, exact, low, near)\n",
+        "int16": "mu, ct, cs, cn, cstat = i16_assign.pack_centres(c)\n"
+                 "i16_assign.assign_rows(x, np.empty(0, np.int64), c, mu, ct, cs, cn, cstat, False, False, labels,\n"
+                 "                       exact, low, near)\n",
+    }[backend]
     code = (
         "import numpy as np\n"
-        "from kvant.kernels import amx_assign\n"
+        "from kvant.kernels import amx_assign, i16_assign\n"
         "g = np.random.default_rng(0)\n"
         "x = g.standard_normal((100, 40)).astype(np.float32)\n"
         "c = g.standard_normal((130, 40)).astype(np.float32)\n"
-        "mu, bt, cn, cstat = amx_assign.pack_centres(c)\n"
         "n = x.shape[0]\n"
         "labels, exact, low = np.empty(n, np.int64), np.empty(n), np.empty(n, np.float32)\n"
         "near = np.empty((n, 16), np.int32)\n"
-        "amx_assign.assign_rows(x, np.empty(0, np.int64), c, mu, bt, cn, cstat, amx_assign.gamma(40), False, False,\n"
-        "                       amx_assign.TILE_CONFIG, labels, exact, low, near)\n"
+        + call +
         "d = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)\n"
         "assert (labels == d.argmin(1)).all()\n"
         "assert all(labels[i] in near[i] for i in range(n))\n"

@@ -10,7 +10,7 @@ from .._config import get_num_threads
 from .._numerics import condition, conditioning
 from .._parallel import for_each_block
 from ..errors import InvalidInput
-from ..kernels import amx_assign, direct_assign
+from ..kernels import amx_assign, direct_assign, i16_assign
 from ..kernels.assign import CANDIDATE_IDS_MAX, candidate_ids_from_ip, nearest_ids_from_ip, top2_from_ip
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
@@ -55,6 +55,14 @@ AMX_MIN_KD = 1 << 14
 # tile path's fits took 1.2-1.4× the float32 path's time. AMX_E_STEP_INNER = False restores the float32 E-steps there.
 AMX_MAX_NORM_SPREAD = 8.0
 AMX_E_STEP_INNER = True
+# On AVX2 hosts (no AVX-512, no AMX) final assignments run the same certification on exact int16 products
+# (kernels/i16_assign) with K >= I16_MIN_K and K·D >= I16_MIN_KD. Not Lloyd's E-steps: on the 65k-row training sample
+# of 1M×128 K=256 (Zipf) they took 48 against 32 ms (62 against 45 ms recording candidates), same process, AMD EPYC
+# Zen 3, 2026-12-04.
+I16_ASSIGN = True
+I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: not measured, float32 kernels
+I16_MIN_K = 64
+I16_MIN_KD = 1 << 13
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -182,27 +190,50 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
 
 class CertifiedCentres:
-    """Centres prepared for :func:`assign_certified` (the bf16 tile operands); ``ok`` is False when the AMX path does
-    not apply: no AMX, K < ``AMX_MIN_K`` or K·D < ``AMX_MIN_KD``, l2 data of extreme magnitude (``conditioning`` asks
-    for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off, centre norms spread beyond
-    ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only: ``inner_lower``)."""
+    """Centres prepared for :func:`assign_certified` and certified E-steps: the operands of one product backend —
+    AMX bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >=
+    ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
+    K >= ``I16_MIN_K`` and K·D >= ``I16_MIN_KD``). ``ok`` is False when neither applies, for l2 data of extreme
+    magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off,
+    centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only:
+    ``inner_lower``)."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False):
-        k = centroids.shape[0]
+        k, dim = centroids.shape
         self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.inner_lower = False
-        self.ok = (AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * centroids.shape[1] >= AMX_MIN_KD
-                   and (spherical or conditioning(self.centroids)[1] is None))
-        if self.ok:
+        self.backend = None
+        if AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
+            self.backend = "amx"
+        elif I16_ASSIGN and I16_HOST and not e_step and k >= I16_MIN_K and k * dim >= I16_MIN_KD:
+            self.backend = "int16"
+        self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
+        if not self.ok:
+            return
+        if self.backend == "amx":
             self.mu, self.bt, self.cn, self.cstat = amx_assign.pack_centres(self.centroids)
-            self.gamma = amx_assign.gamma(self.centroids.shape[1])
-            if e_step:  # a few centres far out (heavy tails) leave most rows to the per-centre scan
-                norms = self.cstat[0]
-                far = bool(norms.max() > AMX_MAX_NORM_SPREAD * np.median(norms))
-                if AMX_E_STEP_INNER:
-                    self.inner_lower = far  # ... of the inner centres only
-                else:
-                    self.ok = not far
+            self.gamma = amx_assign.gamma(dim)
+        else:
+            self.mu, self.ct, self.colstep, self.cn, self.cstat = i16_assign.pack_centres(self.centroids)
+        norms = self.cstat[0]
+        far = bool(norms.max() > AMX_MAX_NORM_SPREAD * np.median(norms))
+        if far and self.backend == "int16":
+            # int16 final assignments gained nothing there: heavy-tailed 1M×128 K=256 l2, 1.03× the float32 path
+            self.ok = False
+        elif e_step:  # a few centres far out (heavy tails) leave most rows to the per-centre scan
+            if AMX_E_STEP_INNER:
+                self.inner_lower = far  # ... of the inner centres only
+            else:
+                self.ok = not far
+
+    def assign_rows(self, x, rows, unit_rows, labels, exact_sq, lower2=_NO_LOWER, nearest=_NO_NEAREST) -> int:
+        """The backend's ``assign_rows`` (:func:`kvant.kernels.amx_assign.assign_rows`) on these centres."""
+        if self.backend == "amx":
+            return amx_assign.assign_rows(x, rows, self.centroids, self.mu, self.bt, self.cn, self.cstat, self.gamma,
+                                          self.inner_lower, unit_rows, amx_assign.TILE_CONFIG, labels, exact_sq,
+                                          lower2, nearest)
+        return i16_assign.assign_rows(x, rows, self.centroids, self.mu, self.ct, self.colstep, self.cn, self.cstat,
+                                      self.inner_lower, unit_rows, labels, exact_sq, lower2, nearest)
 
 
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
@@ -213,9 +244,7 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     x = np.ascontiguousarray(x, np.float32)
 
     def run(s: int, e: int) -> None:
-        amx_assign.assign_rows(x[s:e], _NO_ROWS, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, cc.inner_lower,
-                               unit_rows,
-                               amx_assign.TILE_CONFIG, labels[s:e], exact_sq[s:e], _NO_LOWER, _NO_NEAREST)
+        cc.assign_rows(x[s:e], _NO_ROWS, unit_rows, labels[s:e], exact_sq[s:e])
 
     for_each_block(x.shape[0], 8192, run, n_threads)
     if unit_rows and x.shape[0]:
@@ -244,9 +273,8 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
 
     def run(s: int, e: int) -> None:
         xs, listed = (x[s:e], _NO_ROWS) if rows is None else (x, rows[s:e])
-        amx_assign.assign_rows(xs, listed, cc.centroids, cc.mu, cc.bt, cc.cn, cc.cstat, cc.gamma, cc.inner_lower, False,
-                               amx_assign.TILE_CONFIG, labels[s:e], exact[s:e], d2[s:e],
-                               _NO_NEAREST if nearest is None else nearest[s:e])
+        near = _NO_NEAREST if nearest is None else nearest[s:e]
+        cc.assign_rows(xs, listed, False, labels[s:e], exact[s:e], d2[s:e], near)
 
     for_each_block(n, 8192, run)
     d1[:] = exact

@@ -416,6 +416,28 @@ def _row_by_inner_centres(x, i, f, unit_rows, centroids, g, r, cn, cstat, xr, d1
 
 
 @numba.njit(**_JIT)
+def settle_scratch(cstat):
+    """The centre tables and scratch :func:`settle_strip` reads: (order, wsort, fpre, mpre, cand, lower_end, res,
+    ids_scratch) — the centres by ‖w‖, with prefix maxima of ‖f‖ and of the term norms (the margin grows with each,
+    so the entries at position t bound the margin of every centre up to t in this order), then scratch."""
+    k = cstat.shape[1]
+    order = np.argsort(cstat[0])
+    wsort = np.empty(k, np.float64)
+    fpre = np.empty(k, np.float64)
+    mpre = np.empty(k, np.float64)
+    fmax = magmax = 0.0
+    for t in range(k):
+        j = order[t]
+        wsort[t] = cstat[0, j]
+        fmax = max(fmax, cstat[1, j])
+        magmax = max(magmax, cstat[2, j])
+        fpre[t] = fmax
+        mpre[t] = magmax
+    return (order, wsort, fpre, mpre, np.empty(k, np.int64), np.empty(k, np.float64), np.empty(4, np.float64),
+            _ids_scratch(k))
+
+
+@numba.njit(**_JIT)
 def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq, lower2,
                 nearest):
     """Exact nearest centre of rows of ``x`` (unit-normalised first when ``unit_rows``) and its float64 squared
@@ -432,7 +454,6 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
     ``nearest`` ((n, m) int32): m candidate centres per row by the approximate distances
     (:func:`kvant.kernels.assign.candidate_ids_from_ip`), the row's label always among them."""
     kp = cn.shape[0]
-    k = centroids.shape[0]
     dp = bt.shape[0] * 32
     a16 = np.zeros((_STRIP, dp), np.uint16)
     one = np.zeros(1, np.float32)
@@ -440,26 +461,8 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
     xn = np.empty(_STRIP, np.float32)
     en = np.empty(_STRIP, np.float64)
     scale = np.ones(_STRIP, np.float64)
-    # centres by ‖w‖, with prefix maxima of ‖f‖ and the term norms: the margin grows with each, so the entries at
-    # position t bound the margin of every centre up to t in this order
-    order = np.argsort(cstat[0])
-    wsort = np.empty(k, np.float64)
-    fpre = np.empty(k, np.float64)
-    mpre = np.empty(k, np.float64)
-    fmax = magmax = 0.0
-    for t in range(k):
-        j = order[t]
-        wsort[t] = cstat[0, j]
-        fmax = max(fmax, cstat[1, j])
-        magmax = max(magmax, cstat[2, j])
-        fpre[t] = fmax
-        mpre[t] = magmax
-    cand = np.empty(k, np.int64)
-    lower_end = np.empty(k, np.float64)
-    res = np.empty(4, np.float64)
     return _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq,
-                             lower2, nearest, a16, one, g, xn, en, scale, order, wsort, fpre, mpre, cand, lower_end,
-                             res, _ids_scratch(k))
+                             lower2, nearest, a16, one, g, xn, en, scale, settle_scratch(cstat))
 
 
 # The strip loop runs without Numba's reference counting (``_nrt=False``), its scratch made by assign_rows: with it,
@@ -467,15 +470,9 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
 # calls is compiled under the same flags, so nothing it calls may allocate (hence kernels.assign's *_into kernels).
 @numba.njit(**_JIT_RAW)
 def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_rows, cfg, labels, exact_sq,
-                      lower2, nearest, a16, one, g, xn, en, scale, order, wsort, fpre, mpre, cand, lower_end, res,
-                      ids_scratch):
+                      lower2, nearest, a16, one, g, xn, en, scale, tables):
     listed = rows.shape[0] > 0
     n = rows.shape[0] if listed else x.shape[0]
-    k = centroids.shape[0]
-    kp = cn.shape[0]
-    want_lower = lower2.shape[0] > 0
-    want_near = nearest.shape[0] > 0
-    eps = _UNIT_ROW_EPS if unit_rows else 0.0
     fallback = 0
     _tiles_begin(cfg)
     for s in range(0, n, _STRIP):
@@ -493,94 +490,115 @@ def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, u
         if nr < _STRIP:  # the tail strip: zero rows, their products ignored
             a16[nr:, :] = 0
         _strip_products(a16, bt, g)
-        for r in range(nr):
-            o = s + r
-            i = rows[o] if listed else o
-            if unit_rows and scale[r] == 0.0:
-                labels[o] = -1
-                exact_sq[o] = 0.0
-                if want_lower:
-                    lower2[o] = 0.0
-                continue
-            best, run, arg = _top2_lanes(g, r, cn, xn[r], np.float32(1.0), kp)
-            d1 = np.float64(np.int32(best).view(np.float32))
-            d2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
-            vn = np.sqrt(np.float64(xn[r])) * (1.0 + 2.0**-22)  # ‖v‖ (xn is Σv² rounded to float32)
-            vt = vn + en[r]  # ‖ṽ‖ <= ‖v‖ + ‖e‖
-            e_eff = en[r] + eps
-            eps_v = 2.0 * eps * vn + eps * eps
-            lab = np.int64(arg)
-            mb = _margin(e_eff, vt, vn, eps_v, cstat[0, lab], cstat[1, lab], cstat[2, lab], gam)
-            top = d1 + mb  # >= d_b
-            mmax = _margin(e_eff, vt, vn, eps_v, wsort[k - 1], fpre[k - 1], mpre[k - 1], gam)
-            # quick test: d_j − d_b >= (d̃_j − d̃_b) − (M_j + M_b) >= (d̃₂ − d̃₁) − (M_max + M_b) for every other j
-            if k == 1 or d2 - d1 > mmax + mb:
-                ex = row_scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
-                    x, i, centroids, lab)
-                low = max(d2 - mmax, ex + (d2 - d1) - (mmax + mb))
-            else:
-                # the triangle inequality may leave few centres to check: in final assignments, and in E-steps when
-                # inner_lower (elsewhere the full scan's runner-up bound is tighter, and Hamerly's bounds recompute
-                # fewer rows with it; with the inner centres there, Zipf 1M×128 K=256 l2 fits took 1.09-1.13×)
-                n_in = k if want_lower and not inner_lower else _inner_count(wsort, vn, top)
-                if 2 * n_in <= k:
-                    _row_by_inner_centres(x, i, scale[r], unit_rows, centroids, g, r, cn, cstat, xn[r], d1, d2, lab,
-                                          mb, top, e_eff, vt, vn, eps_v, gam, n_in, order, wsort, fpre, mpre, cand,
-                                          lower_end, res)
-                    lab, ex, low = np.int64(res[0]), res[1], res[2]
-                    fallback += res[3] > 1
-                else:
-                    # per-centre margins M_j: every centre whose lower end d̃_j − M_j reaches the approximate best's
-                    # upper end d̃_b + M_b may be the nearest; the others are not, and their lower ends bound the
-                    # runner-up. M_j = m0 + ‖w_j‖·(m1 + 2⁻²⁰‖w_j‖) + m2·‖f_j‖ + m3·mag_j (_margin, expanded per row)
-                    m0 = eps_v + 2.0**-20 * vn * vn
-                    m1 = 2.0 * e_eff + 2.0**-19 * vn
-                    m2 = 2.0 * vt
-                    m3 = 2.0 * gam * vt
-                    xr = xn[r]
-                    for j in range(k):  # branch-free (with the candidate branch in it: 41 vs 37 ms per 100k rows, K=64)
-                        dj = max(np.float64(xr + cn[j] - np.float32(2.0) * g[r, j]), 0.0)
-                        wn = cstat[0, j]
-                        lower_end[j] = dj - (m0 + wn * (m1 + 2.0**-20 * wn) + m2 * cstat[1, j] + m3 * cstat[2, j])
-                    low = np.inf
-                    n_cand = 0
-                    for j in range(k):
-                        lj = lower_end[j]
-                        if lj > top:
-                            low = min(low, lj)
-                        else:
-                            cand[n_cand] = j
-                            n_cand += 1
-                    ex = np.inf
-                    ex2 = np.inf
-                    for t in range(n_cand):
-                        j = cand[t]
-                        e = row_scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
-                            x, i, centroids, j)
-                        if e < ex:
-                            ex2 = ex
-                            ex = e
-                            lab = j
-                        elif e < ex2:
-                            ex2 = e
-                    fallback += n_cand > 1
-                    low = min(low, ex2)
-            labels[o] = lab
-            exact_sq[o] = ex
-            if want_lower:
-                lower2[o] = np.float32(max(low, 0.0))
-        if want_near:
-            out = nearest[s : s + nr]
-            _candidate_ids_into(g[:nr, :k], cn[:k], xn[:nr], out, *ids_scratch)
-            m = out.shape[1]
-            for r in range(nr):  # the exact label may differ from the approximate best: keep it a candidate
-                lab = labels[s + r]
-                found = False
-                for t in range(m):
-                    found = found or out[r, t] == lab
-                if not found and lab >= 0:
-                    out[r, m - 1] = lab
+        fallback += settle_strip(x, rows, s, nr, centroids, cn, cstat, gam, inner_lower, unit_rows, labels, exact_sq,
+                                 lower2, nearest, g, xn, en, scale, tables)
     _tiles_end()
+    return fallback
+
+
+@numba.njit(**_JIT_RAW)
+def settle_strip(x, rows, s, nr, centroids, cn, cstat, gam, inner_lower, unit_rows, labels, exact_sq, lower2, nearest,
+                 g, xn, en, scale, tables):
+    """Certify rows s .. s + nr of a strip (module docstring, steps 2-3) from their approximate products ``g`` (row r
+    of the strip in g[r]: ṽ·w̃_j for every padded centre), ``xn`` (Σ v² as float32), ``en`` (a bound on ‖e‖) and
+    ``scale`` (1/‖x‖ for unit rows, else 1); writes labels, exact_sq, and lower2 / nearest when not empty. ``tables``
+    from :func:`settle_scratch`. Shared by every product backend (AMX tiles here, int16 products in
+    :mod:`kvant.kernels.i16_assign`); returns how many rows needed exact distances to more than one centre."""
+    order, wsort, fpre, mpre, cand, lower_end, res, ids_scratch = tables
+    listed = rows.shape[0] > 0
+    k = centroids.shape[0]
+    kp = cn.shape[0]
+    want_lower = lower2.shape[0] > 0
+    want_near = nearest.shape[0] > 0
+    eps = _UNIT_ROW_EPS if unit_rows else 0.0
+    fallback = 0
+    for r in range(nr):
+        o = s + r
+        i = rows[o] if listed else o
+        if unit_rows and scale[r] == 0.0:
+            labels[o] = -1
+            exact_sq[o] = 0.0
+            if want_lower:
+                lower2[o] = 0.0
+            continue
+        best, run, arg = _top2_lanes(g, r, cn, xn[r], np.float32(1.0), kp)
+        d1 = np.float64(np.int32(best).view(np.float32))
+        d2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
+        vn = np.sqrt(np.float64(xn[r])) * (1.0 + 2.0**-22)  # ‖v‖ (xn is Σv² rounded to float32)
+        vt = vn + en[r]  # ‖ṽ‖ <= ‖v‖ + ‖e‖
+        e_eff = en[r] + eps
+        eps_v = 2.0 * eps * vn + eps * eps
+        lab = np.int64(arg)
+        mb = _margin(e_eff, vt, vn, eps_v, cstat[0, lab], cstat[1, lab], cstat[2, lab], gam)
+        top = d1 + mb  # >= d_b
+        mmax = _margin(e_eff, vt, vn, eps_v, wsort[k - 1], fpre[k - 1], mpre[k - 1], gam)
+        # quick test: d_j − d_b >= (d̃_j − d̃_b) − (M_j + M_b) >= (d̃₂ − d̃₁) − (M_max + M_b) for every other j
+        if k == 1 or d2 - d1 > mmax + mb:
+            ex = row_scaled_sq_dist64(x, i, scale[r], centroids, lab) if unit_rows else row_sq_dist64(
+                x, i, centroids, lab)
+            low = max(d2 - mmax, ex + (d2 - d1) - (mmax + mb))
+        else:
+            # the triangle inequality may leave few centres to check: in final assignments, and in E-steps when
+            # inner_lower (elsewhere the full scan's runner-up bound is tighter, and Hamerly's bounds recompute
+            # fewer rows with it; with the inner centres there, Zipf 1M×128 K=256 l2 fits took 1.09-1.13×)
+            n_in = k if want_lower and not inner_lower else _inner_count(wsort, vn, top)
+            if 2 * n_in <= k:
+                _row_by_inner_centres(x, i, scale[r], unit_rows, centroids, g, r, cn, cstat, xn[r], d1, d2, lab,
+                                      mb, top, e_eff, vt, vn, eps_v, gam, n_in, order, wsort, fpre, mpre, cand,
+                                      lower_end, res)
+                lab, ex, low = np.int64(res[0]), res[1], res[2]
+                fallback += res[3] > 1
+            else:
+                # per-centre margins M_j: every centre whose lower end d̃_j − M_j reaches the approximate best's
+                # upper end d̃_b + M_b may be the nearest; the others are not, and their lower ends bound the
+                # runner-up. M_j = m0 + ‖w_j‖·(m1 + 2⁻²⁰‖w_j‖) + m2·‖f_j‖ + m3·mag_j (_margin, expanded per row)
+                m0 = eps_v + 2.0**-20 * vn * vn
+                m1 = 2.0 * e_eff + 2.0**-19 * vn
+                m2 = 2.0 * vt
+                m3 = 2.0 * gam * vt
+                xr = xn[r]
+                for j in range(k):  # branch-free (with the candidate branch in it: 41 vs 37 ms per 100k rows, K=64)
+                    dj = max(np.float64(xr + cn[j] - np.float32(2.0) * g[r, j]), 0.0)
+                    wn = cstat[0, j]
+                    lower_end[j] = dj - (m0 + wn * (m1 + 2.0**-20 * wn) + m2 * cstat[1, j] + m3 * cstat[2, j])
+                low = np.inf
+                n_cand = 0
+                for j in range(k):
+                    lj = lower_end[j]
+                    if lj > top:
+                        low = min(low, lj)
+                    else:
+                        cand[n_cand] = j
+                        n_cand += 1
+                ex = np.inf
+                ex2 = np.inf
+                for t in range(n_cand):
+                    j = cand[t]
+                    e = row_scaled_sq_dist64(x, i, scale[r], centroids, j) if unit_rows else row_sq_dist64(
+                        x, i, centroids, j)
+                    if e < ex:
+                        ex2 = ex
+                        ex = e
+                        lab = j
+                    elif e < ex2:
+                        ex2 = e
+                fallback += n_cand > 1
+                low = min(low, ex2)
+        labels[o] = lab
+        exact_sq[o] = ex
+        if want_lower:
+            lower2[o] = np.float32(max(low, 0.0))
+    if want_near:
+        out = nearest[s : s + nr]
+        _candidate_ids_into(g[:nr, :k], cn[:k], xn[:nr], out, *ids_scratch)
+        m = out.shape[1]
+        for r in range(nr):  # the exact label may differ from the approximate best: keep it a candidate
+            lab = labels[s + r]
+            found = False
+            for t in range(m):
+                found = found or out[r, t] == lab
+            if not found and lab >= 0:
+                out[r, m - 1] = lab
     return fallback
 
 

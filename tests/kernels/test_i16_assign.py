@@ -1,0 +1,124 @@
+"""The int16 backend's pieces (kvant.kernels.i16_assign) against NumPy: the step and quantisation bounds the
+certification relies on, the row conversion, and the vpmaddwd products. (Labels: tests/kernels/test_amx_assign.py,
+which runs every certified-assignment test on this backend too.)"""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvant.kernels import i16_assign
+
+pytestmark = pytest.mark.skipif(not i16_assign.AVAILABLE, reason="no AVX2 on this host")
+
+
+def _quantise(v: np.ndarray, dim: int):
+    """NumPy twin of the kernel's rounding: (q, ρ) for float32 vector v."""
+    norm = float(np.sqrt((v.astype(np.float64) ** 2).sum()))
+    rho = i16_assign.step(norm * (1 + 2.0**-40), dim)
+    q = np.rint(v * (np.float32(1.0) / rho)).astype(np.int64)
+    return q, rho
+
+
+@settings(max_examples=200, deadline=None)
+@given(dim=st.integers(1, 300), exponent=st.integers(-30, 30), spike=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_step_keeps_q_in_int16_and_the_residual_within_its_bound(dim, exponent, spike, seed):
+    g = np.random.default_rng(seed)
+    v = (g.standard_normal(dim) * 10.0**exponent).astype(np.float32)
+    if spike:  # all the norm in one coordinate: |q_t| reaches ‖q‖
+        v[:] = 0
+        v[g.integers(dim)] = np.float32(3.0 * 10.0**exponent)
+    q, rho = _quantise(v, dim)
+    assert np.abs(q).max() <= 32767
+    assert float((q * q).sum()) <= i16_assign.QNORM**2  # so |q_x·q_c| <= 2^30 over any subset of coordinates
+    e = q.astype(np.float64) * np.float64(rho) - v.astype(np.float64)
+    assert np.sqrt((e * e).sum()) <= i16_assign.E_UNIT * rho * np.sqrt(dim)
+    # and the step is not wastefully coarse: ‖q‖ within a factor 1.01 of QNORM (away from zero vectors)
+    assert float(np.sqrt((q * q).sum())) >= i16_assign.QNORM / 1.01 - 0.51 * np.sqrt(dim)
+
+
+def test_zero_and_tiny_vectors():
+    for v in (np.zeros(7, np.float32), np.full(7, 1e-38, np.float32), np.full(7, 1e-45, np.float32)):
+        q, rho = _quantise(v, 7)
+        assert np.isfinite(rho) and rho > 0
+        assert np.abs(q).max() <= 32767
+
+
+@numba.njit
+def _convert_rows(x, f, mu):
+    n, dim = x.shape
+    a16 = np.zeros((n, dim + dim % 2), np.int16)
+    vbuf = np.empty(dim, np.float32)
+    sq = np.empty(n)
+    rho = np.empty(n, np.float32)
+    for i in range(n):
+        sq[i], rho[i] = i16_assign._convert_row(x, i, f, mu, vbuf, a16, i)
+    return a16, sq, rho
+
+
+@pytest.mark.parametrize("dim", [1, 15, 16, 17, 47, 128, 130])
+@pytest.mark.parametrize("unit", [False, True])
+def test_row_conversion_matches_numpy(dim, unit):
+    g = np.random.default_rng(dim)
+    x = (g.standard_normal((50, dim)) * 10.0 ** g.uniform(-5, 5, (50, 1))).astype(np.float32)
+    mu = g.standard_normal(dim).astype(np.float32)
+    f = np.float32(0.37) if unit else np.float32(1.0)
+    a16, sq, rho = _convert_rows(x, f, mu)
+    v = x * f - mu  # the same float32 operations
+    np.testing.assert_allclose(sq, (v.astype(np.float64) ** 2).sum(1), rtol=1e-14)
+    for i in range(50):
+        q, r = _quantise(v[i], dim)
+        assert rho[i] == r
+        np.testing.assert_array_equal(a16[i, :dim], q)
+
+
+@pytest.mark.parametrize("dim,k", [(1, 1), (2, 16), (3, 17), (33, 40), (128, 256), (131, 64)])
+def test_products_are_the_scaled_exact_integer_products(dim, k):
+    g = np.random.default_rng(dim * 1000 + k)
+    c = (g.standard_normal((k, dim)) * 3).astype(np.float32)
+    c[0] = 0.0  # a zero centre: step at its floor, q = 0
+    if k > 2:
+        c[1, :] = 0.0
+        c[1, 0] = 5.0  # one coordinate carries the norm: |q| at its largest
+    mu, ct, colstep, cn, cstat = i16_assign.pack_centres(c)
+    rows = 32
+    a16 = np.zeros((rows, 2 * ((dim + 1) // 2)), np.int16)
+    for r in range(rows):  # rows as the conversion makes them: ‖q‖ <= QNORM, the kernel's precondition
+        v = (g.standard_normal(dim) * 10.0 ** g.uniform(-3, 3)).astype(np.float32)
+        if r == 0:
+            v[:] = 1.0  # same-sign coordinates: the largest products
+        a16[r, :dim] = _quantise(v, dim)[0]
+    rowstep = g.uniform(1e-3, 1e3, rows).astype(np.float32)
+    g_out = np.empty((rows, ct.shape[1] // 2), np.float32)
+    i16_assign._strip_products(a16, ct, colstep, rowstep, g_out)
+    qc = ct.reshape(ct.shape[0], -1, 2).transpose(1, 0, 2).reshape(-1, 2 * ct.shape[0])  # back to (KP, 2P)
+    p = a16.astype(np.int64) @ qc.astype(np.int64).T  # exact
+    assert np.abs(p).max() < 2**31
+    want = (p.astype(np.float32) * colstep[None, :]) * rowstep[:, None]  # the kernel's roundings, in its order
+    np.testing.assert_array_equal(g_out, want)
+    # and the packed centres are the centres: ρ_c q_c − w is the measured residual f (w = c − μ in float32; its
+    # rounding is in the margin's 2⁻²⁰ term, as on the AMX path)
+    w = (c - mu).astype(np.float64)
+    f = qc[:k, :dim].astype(np.float64) * colstep[:k, None].astype(np.float64) - w
+    np.testing.assert_allclose(cstat[1], np.sqrt((f**2).sum(1)), rtol=1e-9)
+    assert np.all(np.isinf(cn[k:])) and np.all(colstep[k:] == 0)
+
+
+def test_final_assignments_choose_int16_where_measured(monkeypatch):
+    from kvant.cluster import assign as cluster_assign
+
+    monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+    g = np.random.default_rng(1)
+    c = g.standard_normal((cluster_assign.I16_MIN_K, 128)).astype(np.float32)
+    cc = cluster_assign.CertifiedCentres(c, spherical=False)
+    assert cc.ok and cc.backend == "int16"
+    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok  # E-steps keep float32
+    assert not cluster_assign.CertifiedCentres(c[:-1], spherical=False).ok  # K below I16_MIN_K
+    assert not cluster_assign.CertifiedCentres(c[:, :8], spherical=False).ok  # K·D below I16_MIN_KD
+    far = c.copy()
+    far[0] *= 10 * cluster_assign.AMX_MAX_NORM_SPREAD
+    assert not cluster_assign.CertifiedCentres(far, spherical=False).ok  # far-out centres: float32
+    monkeypatch.setattr(cluster_assign, "I16_HOST", False)  # e.g. AVX-512 hosts
+    assert not cluster_assign.CertifiedCentres(c, spherical=False).ok
