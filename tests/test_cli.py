@@ -38,6 +38,7 @@ def test_exit_codes(tmp_path, capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["threads"] >= 1 and "simd_level" in info
+    assert isinstance(info["amx_tiles"], bool) and isinstance(info["int16_assign"], bool)
     assert info["optional"]["dask"] is not None and info["optional"]["distributed"]  # the dev extra installs them
 
 

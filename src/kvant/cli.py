@@ -142,6 +142,8 @@ def _cmd_info(args) -> int:
         # k-means assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD (kvant.cluster.assign) use certified bf16 tile
         # products when this is true (docs/auto.md)
         "amx_tiles": _amx_available(),
+        # final k-means assignments with K >= I16_MIN_K and K·D >= I16_MIN_KD use certified int16 products when true
+        "int16_assign": _int16_available(),
         "optional": _optional_versions(),
     }
     emit(args, payload)
@@ -152,6 +154,12 @@ def _amx_available() -> bool:
     from .kernels import amx_assign
 
     return bool(amx_assign.AVAILABLE)
+
+
+def _int16_available() -> bool:
+    from .cluster import assign
+
+    return bool(assign.I16_ASSIGN and assign.I16_HOST)
 
 
 def _optional_versions() -> dict:

@@ -1,6 +1,8 @@
 """Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and
 K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX
-hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`)."""
+hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); and
+in final assignments on AVX2 hosts without AVX-512, certified int16 products for K >= ``I16_MIN_K`` and K·D >=
+``I16_MIN_KD`` (:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
 
@@ -239,7 +241,8 @@ class CertifiedCentres:
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
                      unit_rows: bool = False, row_offset: int = 0, n_threads: int | None = None) -> None:
     """Exact nearest centre of every row of ``x`` and its float64 squared distance (of the unit row when
-    ``unit_rows``), from certified bf16 tile products (:mod:`kvant.kernels.amx_assign`); ``cc.ok`` must be True.
+    ``unit_rows``), from ``cc``'s certified products (bf16 tiles or int16, :class:`CertifiedCentres`); ``cc.ok`` must
+    be True.
     A zero row with ``unit_rows`` raises :class:`InvalidInput` naming row ``row_offset + i``."""
     x = np.ascontiguousarray(x, np.float32)
 

@@ -459,15 +459,15 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: i
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
                 with_inertia: bool = False, unit: bool = False) -> tuple[np.ndarray, float | None]:
     """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass.
-    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts the labels are
-    certified exact nearest centres (:func:`assign_certified`).
+    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K`` and K·D >= ``I16_MIN_KD``
+    on AVX2 hosts without AVX-512, the labels are certified exact nearest centres (:func:`assign_certified`).
 
     ``unit``: ``full`` already holds unit rows (cos); otherwise cos scales each row by 1/‖x‖ inside the
     assignment (no normalised copy of the block: one pass over the data fewer)."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
-    certified = CertifiedCentres(centroids, spherical)  # AMX hosts, K >= AMX_MIN_K: bf16 tiles, certified labels
+    certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
     total = 0.0
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
