@@ -142,7 +142,7 @@ def _cmd_info(args) -> int:
         # k-means assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD (kvant.cluster.assign) use certified bf16 tile
         # products when this is true (docs/auto.md)
         "amx_tiles": _amx_available(),
-        # final k-means assignments with K >= I16_MIN_K and K·D >= I16_MIN_KD use certified int16 products when true
+        # final k-means assignments with K >= I16_MIN_K use certified int16 products when this is true (docs/auto.md)
         "int16_assign": _int16_available(),
         "optional": _optional_versions(),
     }

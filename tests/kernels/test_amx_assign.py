@@ -133,7 +133,6 @@ def test_a_too_narrow_margin_is_caught(backend):
 @pytest.mark.parametrize("metric", ["l2", "cos"])
 def test_clusterer_labels_are_exact_with_the_certified_path(metric, backend, tmp_path, monkeypatch):
     monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)  # small data, certified path all the same
-    monkeypatch.setattr(cluster_assign, "I16_MIN_KD", 0)
     if backend == "int16":
         monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
         monkeypatch.setattr(cluster_assign, "I16_HOST", True)

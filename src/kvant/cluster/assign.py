@@ -1,8 +1,8 @@
 """Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and
 K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX
 hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); and
-in final assignments on AVX2 hosts without AVX-512, certified int16 products for K >= ``I16_MIN_K`` and K·D >=
-``I16_MIN_KD`` (:class:`CertifiedCentres`)."""
+in final assignments on AVX2 hosts without AVX-512, certified int16 products for K >= ``I16_MIN_K``
+(:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
 
@@ -58,13 +58,14 @@ AMX_MIN_KD = 1 << 14
 AMX_MAX_NORM_SPREAD = 8.0
 AMX_E_STEP_INNER = True
 # On AVX2 hosts (no AVX-512, no AMX) final assignments run the same certification on exact int16 products
-# (kernels/i16_assign) with K >= I16_MIN_K and K·D >= I16_MIN_KD. Not Lloyd's E-steps: on the 65k-row training sample
+# (kernels/i16_assign) with K >= I16_MIN_K: beyond the K <= 16 of the fused float32 kernel (direct_assign), which beat
+# int16 at K = 10 (fits 1.02-1.26×); at K = 20-256 whole fits took 0.79-0.99×, digits (K·D = 2,048-8,192) even
+# (docs/auto.md). Not Lloyd's E-steps: on the 65k-row training sample
 # of 1M×128 K=256 (Zipf) they took 48 against 32 ms (62 against 45 ms recording candidates), same process, AMD EPYC
 # Zen 3, 2026-12-04.
 I16_ASSIGN = True
 I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: not measured, float32 kernels
-I16_MIN_K = 64
-I16_MIN_KD = 1 << 13
+I16_MIN_K = 17
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -195,7 +196,7 @@ class CertifiedCentres:
     """Centres prepared for :func:`assign_certified` and certified E-steps: the operands of one product backend —
     AMX bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >=
     ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
-    K >= ``I16_MIN_K`` and K·D >= ``I16_MIN_KD``). ``ok`` is False when neither applies, for l2 data of extreme
+    K >= ``I16_MIN_K``). ``ok`` is False when neither applies, for l2 data of extreme
     magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off,
     centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only:
     ``inner_lower``)."""
@@ -207,7 +208,7 @@ class CertifiedCentres:
         self.backend = None
         if AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
             self.backend = "amx"
-        elif I16_ASSIGN and I16_HOST and not e_step and k >= I16_MIN_K and k * dim >= I16_MIN_KD:
+        elif I16_ASSIGN and I16_HOST and not e_step and k >= I16_MIN_K:
             self.backend = "int16"
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
         if not self.ok:

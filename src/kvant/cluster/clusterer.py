@@ -459,7 +459,7 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: i
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
                 with_inertia: bool = False, unit: bool = False) -> tuple[np.ndarray, float | None]:
     """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass.
-    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K`` and K·D >= ``I16_MIN_KD``
+    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K``
     on AVX2 hosts without AVX-512, the labels are certified exact nearest centres (:func:`assign_certified`).
 
     ``unit``: ``full`` already holds unit rows (cos); otherwise cos scales each row by 1/‖x‖ inside the
