@@ -90,9 +90,9 @@ def test_products_are_the_scaled_exact_integer_products(dim, k):
             v[:] = 1.0  # same-sign coordinates: the largest products
         a16[r, :dim] = _quantise(v, dim)[0]
     rowstep = g.uniform(1e-3, 1e3, rows).astype(np.float32)
-    g_out = np.empty((rows, ct.shape[1] // 2), np.float32)
+    g_out = np.empty((rows, 16 * ct.shape[0]), np.float32)
     i16_assign._strip_products(a16, ct, colstep, rowstep, g_out)
-    qc = ct.reshape(ct.shape[0], -1, 2).transpose(1, 0, 2).reshape(-1, 2 * ct.shape[0])  # back to (KP, 2P)
+    qc = ct.reshape(ct.shape[0], -1, 16, 2).transpose(0, 2, 1, 3).reshape(16 * ct.shape[0], -1)  # back to (KP, 2P)
     p = a16.astype(np.int64) @ qc.astype(np.int64).T  # exact
     assert np.abs(p).max() < 2**31
     want = (p.astype(np.float32) * colstep[None, :]) * rowstep[:, None]  # the kernel's roundings, in its order
