@@ -150,23 +150,30 @@ def test_clusterer_labels_are_exact_with_the_certified_path(metric, backend, tmp
     np.testing.assert_array_equal(c.predict(x), c.labels_)
 
 
-@needs_amx
-def test_e_step_matches_the_float32_path_where_that_is_unambiguous(monkeypatch):
+def test_e_step_matches_the_float32_path_where_that_is_unambiguous(backend, monkeypatch):
     monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)
     monkeypatch.setattr(cluster_assign, "AMX_MIN_K", 0)
+    if backend == "int16":  # the certified E-step at this small size
+        monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+        monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+        monkeypatch.setattr(cluster_assign, "I16_E_STEP_MIN_K", 0)
+        monkeypatch.setattr(cluster_assign, "_ONE_REGION_MAX_WORK", 0)
     g = np.random.default_rng(8)
     x = g.standard_normal((3000, 32)).astype(np.float32)
     c = x[:80].copy()
-    assert cluster_assign.CertifiedCentres(c, spherical=False).ok  # the tile path is the one under test
+    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=3000)
+    assert cc.ok and cc.backend == backend  # the certified path is the one under test
     xn = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
     out = [np.empty(3000, np.int64), np.empty(3000, np.float32), np.empty(3000, np.float32)]
     cluster_assign.e_step(x, c, *out, xn)
     monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    monkeypatch.setattr(cluster_assign, "I16_ASSIGN", False)
     ref = [np.empty(3000, np.int64), np.empty(3000, np.float32), np.empty(3000, np.float32)]
     cluster_assign.e_step(x, c, *ref, xn)
     d = np.sort(_exact(x, c), axis=1)
     clear = d[:, 1] - d[:, 0] > 1e-3 * d[:, 1]
     np.testing.assert_array_equal(out[0][clear], ref[0][clear])
+    np.testing.assert_array_equal(out[0], _exact(x, c).argmin(1))  # and every label is the exact nearest centre
     np.testing.assert_allclose(out[1], d[:, 0], rtol=1e-6, atol=1e-6)
     assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
 

@@ -117,7 +117,10 @@ def test_final_assignments_choose_int16_where_measured(monkeypatch):
     c = g.standard_normal((cluster_assign.I16_MIN_K, 128)).astype(np.float32)
     cc = cluster_assign.CertifiedCentres(c, spherical=False)
     assert cc.ok and cc.backend == "int16"
-    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok  # E-steps keep float32
+    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=10**6).ok  # K < 128: float32
+    big = g.standard_normal((cluster_assign.I16_E_STEP_MIN_K, 128)).astype(np.float32)
+    assert cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=10**6).backend == "int16"
+    assert not cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=100).ok  # a small E-step
     assert not cluster_assign.CertifiedCentres(c[:-1], spherical=False).ok  # K below I16_MIN_K
     far = c.copy()
     far[0] *= 10 * cluster_assign.AMX_MAX_NORM_SPREAD

@@ -59,13 +59,14 @@ AMX_MAX_NORM_SPREAD = 8.0
 AMX_E_STEP_INNER = True
 # On AVX2 hosts (no AVX-512, no AMX) final assignments run the same certification on exact int16 products
 # (kernels/i16_assign) with K >= I16_MIN_K: beyond the K <= 16 of the fused float32 kernel (direct_assign), which beat
-# int16 at K = 10 (fits 1.02-1.26×); at K = 20-256 whole fits took 0.79-0.99×, digits (K·D = 2,048-8,192) even
-# (docs/auto.md). Not Lloyd's E-steps: on the 65k-row training sample
-# of 1M×128 K=256 (Zipf) they took 48 against 32 ms (62 against 45 ms recording candidates), same process, AMD EPYC
-# Zen 3, 2026-12-04.
+# int16 at K = 10 (fits 1.02-1.26×); at K = 20-256 whole fits took 0.79-0.99×, digits (K·D = 2,048-8,192) even.
+# Lloyd's E-steps take it from K >= I16_E_STEP_MIN_K unless small (one parallel region, _ONE_REGION_MAX_WORK): fits
+# 0.69-0.79× at K = 1024, 0.92-0.94× at 200k×384 and Fashion-MNIST K = 256, even at 1M×128 K = 256; the E-steps
+# alone were even at K = 64 (docs/auto.md).
 I16_ASSIGN = True
 I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: not measured, float32 kernels
 I16_MIN_K = 17
+I16_E_STEP_MIN_K = 128
 
 
 def block_rows_for(dim: int, k: int) -> int:
@@ -196,19 +197,21 @@ class CertifiedCentres:
     """Centres prepared for :func:`assign_certified` and certified E-steps: the operands of one product backend —
     AMX bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >=
     ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
-    K >= ``I16_MIN_K``). ``ok`` is False when neither applies, for l2 data of extreme
+    K >= ``I16_MIN_K``; in E-steps of more than ``_ONE_REGION_MAX_WORK`` products, ``rows`` × K × D, K >=
+    ``I16_E_STEP_MIN_K``). ``ok`` is False when neither applies, for l2 data of extreme
     magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off,
     centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only:
-    ``inner_lower``)."""
+    ``inner_lower``; the int16 backend leaves such centres to the float32 kernels in every assignment)."""
 
-    def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False):
+    def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False, rows: int = 0):
         k, dim = centroids.shape
         self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.inner_lower = False
         self.backend = None
         if AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
             self.backend = "amx"
-        elif I16_ASSIGN and I16_HOST and not e_step and k >= I16_MIN_K:
+        elif I16_ASSIGN and I16_HOST and (k >= I16_E_STEP_MIN_K and rows * k * dim > _ONE_REGION_MAX_WORK if e_step
+                                          else k >= I16_MIN_K):
             self.backend = "int16"
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
         if not self.ok:
@@ -267,12 +270,12 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
     certified bf16 tile products (exact nearest centres,
     ``d1`` exact, ``d2`` a lower bound, candidate ids from the approximate distances with the label among them);
     elsewhere from :func:`assign_top2` (nearest up to float32 rounding of the expanded distances)."""
-    cc = CertifiedCentres(centroids, spherical=False, e_step=True)
+    n = x.shape[0] if rows is None else rows.shape[0]
+    cc = CertifiedCentres(centroids, spherical=False, e_step=True, rows=n)
     if not cc.ok:
         assign_top2(x, centroids, sq_norms_serial(centroids), labels, d1, d2, x_sqnorms=x_sqnorms, rows=rows,
                     nearest=nearest)
         return
-    n = x.shape[0] if rows is None else rows.shape[0]
     exact = np.empty(n, np.float64)
 
     def run(s: int, e: int) -> None:
