@@ -1,8 +1,8 @@
 """Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and
 K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX
-hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); and
-in final assignments on AVX2 hosts without AVX-512, certified int16 products for K >= ``I16_MIN_K``
-(:class:`CertifiedCentres`)."""
+hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); on
+AVX2 hosts without AVX-512, certified int16 products in final assignments with K >= ``I16_MIN_K`` and in E-steps with
+K >= ``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ class CertifiedCentres:
         norms = self.cstat[0]
         far = bool(norms.max() > AMX_MAX_NORM_SPREAD * np.median(norms))
         if far and self.backend == "int16":
-            # int16 final assignments gained nothing there: heavy-tailed 1M×128 K=256 l2, 1.03× the float32 path
+            # int16 gained nothing there: heavy-tailed 1M×128 K=256 l2 final assignment, 1.03× the float32 path
             self.ok = False
         elif e_step:  # a few centres far out (heavy tails) leave most rows to the per-centre scan
             if AMX_E_STEP_INNER:
@@ -266,8 +266,9 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
     distance to the label, ``d2`` the runner-up's or a lower bound on it (all Hamerly's bounds need); ``rows`` and
     ``nearest`` as in :func:`assign_top2`.
 
-    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts the labels come from
-    certified bf16 tile products (exact nearest centres,
+    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, or K >= ``I16_E_STEP_MIN_K`` on AVX2 hosts (not
+    for small E-steps, :class:`CertifiedCentres`), the labels come from certified bf16 tile or int16 products (exact
+    nearest centres,
     ``d1`` exact, ``d2`` a lower bound, candidate ids from the approximate distances with the label among them);
     elsewhere from :func:`assign_top2` (nearest up to float32 rounding of the expanded distances)."""
     n = x.shape[0] if rows is None else rows.shape[0]

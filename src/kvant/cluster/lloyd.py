@@ -1,10 +1,11 @@
 """Lloyd's k-means with Hamerly bounds on in-memory float32 rows.
 
 Each iteration is exact Lloyd: every row ends assigned to its nearest centroid (up to float32 rounding,
-as in FAISS and scikit-learn; exactly, with K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts and with K >=
-``I16_E_STEP_MIN_K`` on AVX2 ones: :func:`kvant.cluster.assign.e_step`). Hamerly's bounds make that cheap once the centroids settle: each row keeps an
-upper bound on the distance to its centroid and a lower bound on the distance to every other one (the runner-up
-distance from the fused top-2 kernel, or the certified lower bound of the AMX path). After the centroids move by
+as in FAISS and scikit-learn; exactly, with K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts and with
+K >= ``I16_E_STEP_MIN_K`` on AVX2 ones: :func:`kvant.cluster.assign.e_step`). Hamerly's bounds make that cheap once
+the centroids settle: each row keeps an upper bound on the distance to its centroid and a lower bound on the distance
+to every other one (the runner-up distance from the fused top-2 kernel, or the certified lower bound of the AMX or
+int16 path). After the centroids move by
 ``delta``, only rows whose bounds cross are looked at: first their upper bound is made exact (O(D)), and only rows
 that still cross are gathered and re-assigned with the GEMM kernel. When more than half the rows cross their bounds
 (most over-relaxed steps do: the centres move far), that tightening and gathering cost more than they save, so the
