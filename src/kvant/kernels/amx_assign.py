@@ -465,6 +465,15 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
                              lower2, nearest, a16, one, g, xn, en, scale, settle_scratch(cstat))
 
 
+@numba.njit(inline="always", **_JIT_RAW)
+def row_scale(x, i, unit_rows):
+    """The factor row i is used at: 1/‖x_i‖ for unit rows (0 for a zero row), else 1."""
+    if not unit_rows:
+        return 1.0
+    nrm = np.sqrt(_row_sqnorm(x, i))
+    return 1.0 / nrm if nrm > 0 else 0.0
+
+
 # The strip loop runs without Numba's reference counting (``_nrt=False``), its scratch made by assign_rows: with it,
 # the calls in the loop that take arrays paid atomic increfs and decrefs (as in kernels.direct_assign). Whatever it
 # calls is compiled under the same flags, so nothing it calls may allocate (hence kernels.assign's *_into kernels).
@@ -479,10 +488,7 @@ def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, u
         nr = min(_STRIP, n - s)
         for r in range(nr):
             i = rows[s + r] if listed else s + r
-            f = 1.0
-            if unit_rows:
-                nrm = np.sqrt(_row_sqnorm(x, i))
-                f = 1.0 / nrm if nrm > 0 else 0.0
+            f = row_scale(x, i, unit_rows)
             scale[r] = f
             sq, err = _convert_row(x, i, np.float32(f), mu, a16, r, one)
             xn[r] = np.float32(sq)

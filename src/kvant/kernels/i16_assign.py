@@ -30,8 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import host_features, llvm_fn, splat, sum_lanes
-from .amx_assign import settle_scratch, settle_strip
-from .distance import _row_sqnorm
+from .amx_assign import row_scale, settle_scratch, settle_strip
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)  # no reference counting: for loops that allocate nothing
@@ -301,10 +300,7 @@ def _assign_rows_loop(x, rows, centroids, mu, ct, colstep, cn, cstat, inner_lowe
         nr = min(_STRIP, n - s)
         for r in range(nr):
             i = rows[s + r] if listed else s + r
-            f = 1.0
-            if unit_rows:
-                nrm = np.sqrt(_row_sqnorm(x, i))
-                f = 1.0 / nrm if nrm > 0 else 0.0
+            f = row_scale(x, i, unit_rows)
             scale[r] = f
             sq, rho = _convert_row(x, i, np.float32(f), mu, vbuf, a16, r)
             xn[r] = np.float32(sq)
