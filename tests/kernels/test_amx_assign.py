@@ -300,3 +300,57 @@ def test_the_refcount_free_loop_compiles_first_in_a_fresh_process(backend, tmp_p
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("lower", [False, True])
+@pytest.mark.parametrize("scale_exp", [64, 70, 76])
+def test_rows_and_centres_next_to_the_median_below_float32s_normal_range(scale_exp, lower, backend):
+    # rows and most centres within 2^-scale_exp of the centres' median (0 here): their squared distances are subnormal
+    # or below float32's range, where rounding is absolute (up to 2^-150, or a flush to zero on AMX), not relative
+    g = np.random.default_rng(scale_exp)
+    dim, k = 8, 40
+    c = np.zeros((k, dim), np.float32)
+    c[:16] = np.concatenate([np.eye(dim), -np.eye(dim)])  # keep the median at 0 and some centres of norm 1
+    tiny = 2.0**-scale_exp
+    c[16:] = (g.standard_normal((k - 16, dim)) * tiny).astype(np.float32)
+    c[k - 1] = c[16]  # an exact tie: the smaller id wins
+    x = (c[g.integers(16, k, 2000)] + g.standard_normal((2000, dim)) * tiny * 0.3).astype(np.float32)
+    x[:50] = c[g.integers(16, k, 50)]  # rows on a centre
+    d = _exact(x, c)
+    labels, exact, low, _, _ = _run(backend, x, c, lower=lower)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(exact, d.min(1), rtol=1e-12, atol=0.0)
+    if lower:
+        assert np.all(low.astype(np.float64) <= np.sort(d, axis=1)[:, 1])
+
+
+def test_unit_rows_of_extreme_norm(backend):
+    # cos: 1/‖x‖ overflows float32 below ‖x‖ ~ 3e-39 (and a zero coordinate times inf was NaN) and is subnormal above
+    # ~3e38; such rows are settled by exact distances, the others as usual
+    g = np.random.default_rng(15)
+    dim, k = 16, 33
+    c = g.standard_normal((k, dim))
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    mags = np.array([1e-44, 1e-40, 1e-38, 1e-25, 1e-3, 1.0, 1e20, 1e30, 1e37, 3e38])
+    base = g.standard_normal((mags.size * 20, dim))
+    base[:, 0] = 0.0
+    x = (base / np.abs(base).max(1, keepdims=True) * np.repeat(mags, 20)[:, None]).astype(np.float32)
+    labels, exact, *_ = _run(backend, x, c, unit=True)
+    d = _exact(x, c, unit=True)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(exact, d.min(1), rtol=1e-9, atol=1e-12)
+
+
+def test_the_runner_up_bound_is_rounded_down(backend):
+    # every centre twice: the runner-up distance equals the best one, and float32 rounding to nearest would put half
+    # of the bounds above it
+    g = np.random.default_rng(16)
+    k, dim, n = 64, 16, 2000
+    c = g.standard_normal((k, dim)).astype(np.float32)
+    c[32:] = c[:32]
+    x = (c[g.integers(0, k, n)] + 0.3 * g.standard_normal((n, dim))).astype(np.float32)
+    labels, exact, low, _, _ = _run(backend, x, c, lower=True)
+    d = _exact(x, c)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    d[np.arange(n), labels] = np.inf
+    assert np.all(low.astype(np.float64) <= d.min(1))

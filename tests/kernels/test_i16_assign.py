@@ -2,6 +2,8 @@
 certification relies on, the row conversion, and the vpmaddwd products. (Labels: tests/kernels/test_amx_assign.py,
 which runs every certified-assignment test on this backend too.)"""
 
+import warnings
+
 import numba
 import numpy as np
 import pytest
@@ -127,3 +129,17 @@ def test_final_assignments_choose_int16_where_measured(monkeypatch):
     assert not cluster_assign.CertifiedCentres(far, spherical=False).ok  # far-out centres: float32
     monkeypatch.setattr(cluster_assign, "I16_HOST", False)  # e.g. AVX-512 hosts
     assert not cluster_assign.CertifiedCentres(c, spherical=False).ok
+
+
+def test_centres_beyond_float32s_reach_leave_the_certified_path(monkeypatch):
+    # unit rows take any centres; centres of ~3e38 overflow the packed squared norms: the float32 kernels then, no
+    # overflow warnings on the way
+    from kvant.cluster import assign as cluster_assign
+
+    monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+    c = np.eye(20, 8, dtype=np.float32) * np.float32(3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cc = cluster_assign.CertifiedCentres(c, spherical=True)
+    assert cc.backend == "int16" and not cc.ok

@@ -216,11 +216,15 @@ class CertifiedCentres:
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
         if not self.ok:
             return
-        if self.backend == "amx":
-            self.mu, self.bt, self.cn, self.cstat = amx_assign.pack_centres(self.centroids)
-            self.gamma = amx_assign.gamma(dim)
-        else:
-            self.mu, self.ct, self.colstep, self.cn, self.cstat = i16_assign.pack_centres(self.centroids)
+        with np.errstate(over="ignore", invalid="ignore"):  # centres beyond float32's reach: checked just below
+            if self.backend == "amx":
+                self.mu, self.bt, self.cn, self.cstat = amx_assign.pack_centres(self.centroids)
+                self.gamma = amx_assign.gamma(dim)
+            else:
+                self.mu, self.ct, self.colstep, self.cn, self.cstat = i16_assign.pack_centres(self.centroids)
+        if not (np.isfinite(self.cn[:k]).all() and np.isfinite(self.cstat).all()):
+            self.ok = False  # e.g. centres of ~1e19 and up (unit rows take any centres): the float32 kernels
+            return
         norms = self.cstat[0]
         far = bool(norms.max() > AMX_MAX_NORM_SPREAD * np.median(norms))
         if far and self.backend == "int16":

@@ -13,9 +13,11 @@ float32 FMAs. bf16 keeps only 8 significant bits, so its distances are approxima
 2. ṽ·w̃_j − v·w_j = e·w_j + ṽ·f_j, and the float32 accumulation of the DP products adds at most γ‖ṽ‖‖w̃_j‖
    (γ = :func:`gamma`), so by Cauchy-Schwarz |d̃_j − d_j| ≤ M_j = 2(‖e‖‖w_j‖ + ‖ṽ‖‖f_j‖ + γ‖ṽ‖‖w̃_j‖) +
    2⁻²⁰(‖v‖ + ‖w_j‖)² (the last term covers float32 rounding of the centring and of d̃'s own three terms, with a wide
-   margin; unit rows add the rounding of their 1/‖x‖ scaling, :data:`_UNIT_ROW_EPS`). The measured ‖e‖ and ‖f_j‖
-   are ~0.42u of their worst case u‖v‖, u‖w_j‖ (u = 2⁻⁸, bf16's unit roundoff): on the benchmark's clustered data
-   this margin sends 2-3× fewer rows past the quick test than the worst-case one (2u + u²)‖v‖ max‖w‖ did;
+   margin; unit rows add the rounding of their 1/‖x‖ scaling, :data:`_UNIT_ROW_EPS`; rows and centres within ~2⁻⁶³
+   of μ, where float32 rounds absolutely or flushes to zero, add :data:`_TINY_COORD` and :data:`_TINY_OP`). The
+   measured ‖e‖ and ‖f_j‖ are ~0.42u of their worst case u‖v‖, u‖w_j‖ (u = 2⁻⁸, bf16's unit roundoff): on the
+   benchmark's clustered data this margin sends 2-3× fewer rows past the quick test than the worst-case one
+   (2u + u²)‖v‖ max‖w‖ did;
 3. a row whose best two approximate distances differ by more than M_b + max_j M_j has the approximate best b as its
    exact nearest centre. Any other row compares centre by centre: a centre with d̃_j − M_j > d̃_b + M_b is farther
    than b; the rest (usually b alone) are compared by exact float64 distances and the smallest wins (ties to the
@@ -335,6 +337,16 @@ def _convert_row(x, i, f, mu, a16, r, one):
 # Unit rows: v = fl(fl(x·f) − μ) is within 2⁻²³‖x·f‖ + 2⁻²⁴‖v‖ of the exact x/‖x‖ − μ (f is 1/‖x‖ rounded to
 # float32); the 2⁻²⁴‖v‖ part is in the 2⁻²⁰ term, this is the rest with ~2× margin.
 _UNIT_ROW_EPS = 2.0**-22
+# Below float32's normal range rounding is absolute, not relative: a result under 2⁻¹²⁶ may be off by up to 2⁻¹⁵⁰,
+# or by 2⁻¹²⁶ where the hardware flushes it (AMX bf16 products treat subnormal inputs as zero and flush subnormal
+# results). The 2⁻²⁰ term of the margin is relative, so rows and centres within ~2⁻⁶³ of μ need these on top: per
+# coordinate of ṽ or w̃ that may be flushed (_TINY_COORD·sqrt(D) joins ‖e‖ and, times ‖ṽ‖, ‖f_j‖) and per float32
+# operation behind a d̃_j (_TINY_OP·(D + 64)). Both are ~10⁻³⁵ of a squared distance: nothing at ordinary scales.
+_TINY_COORD = 2.0**-126
+_TINY_OP = 2.0**-124
+# Unit rows whose norm lies outside [2⁻⁶⁰, 2⁶⁰] are not scaled in float32 (1/‖x‖ would overflow or be subnormal): they
+# are settled by exact float64 distances to every centre (:func:`row_scale` marks them with a negative factor).
+_UNIT_NORM_RANGE = (2.0**-60, 2.0**60)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -467,11 +479,32 @@ def assign_rows(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, unit_ro
 
 @numba.njit(inline="always", **_JIT_RAW)
 def row_scale(x, i, unit_rows):
-    """The factor row i is used at: 1/‖x_i‖ for unit rows (0 for a zero row), else 1."""
+    """The factor row i is used at: 1/‖x_i‖ for unit rows, else 1. 0 marks a zero row; −1/‖x_i‖ a unit row whose norm
+    is outside ``_UNIT_NORM_RANGE``, which :func:`settle_strip` settles by exact distances (convert it with factor 0:
+    :func:`conversion_scale`)."""
     if not unit_rows:
         return 1.0
     nrm = np.sqrt(_row_sqnorm(x, i))
-    return 1.0 / nrm if nrm > 0 else 0.0
+    if nrm == 0:
+        return 0.0
+    if nrm < _UNIT_NORM_RANGE[0] or nrm > _UNIT_NORM_RANGE[1]:
+        return -1.0 / nrm
+    return 1.0 / nrm
+
+
+@numba.njit(inline="always", **_JIT_RAW)
+def conversion_scale(f):
+    """The float32 factor a row is converted with: :func:`row_scale`'s, or 0 for the rows it marks negative."""
+    return np.float32(max(f, 0.0))
+
+
+@numba.njit(inline="always", **_JIT_RAW)
+def _down32(v):
+    """float32 at or below v >= 0 (a lower bound stays one after rounding)."""
+    r = np.float32(v)
+    if np.float64(r) > v:
+        r = np.nextafter(r, np.float32(0.0))
+    return r
 
 
 # The strip loop runs without Numba's reference counting (``_nrt=False``), its scratch made by assign_rows: with it,
@@ -490,7 +523,7 @@ def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, u
             i = rows[s + r] if listed else s + r
             f = row_scale(x, i, unit_rows)
             scale[r] = f
-            sq, err = _convert_row(x, i, np.float32(f), mu, a16, r, one)
+            sq, err = _convert_row(x, i, conversion_scale(f), mu, a16, r, one)
             xn[r] = np.float32(sq)
             en[r] = np.sqrt(err)
         if nr < _STRIP:  # the tail strip: zero rows, their products ignored
@@ -502,13 +535,32 @@ def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, u
     return fallback
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+@numba.njit(**_JIT_RAW)
+def _every_centre_exactly(x, i, f, unit_rows, centroids):
+    """(label, exact squared distance, exact runner-up) of row i over every centre in float64 (of the row scaled by f
+    when ``unit_rows``): for rows no float32 margin covers. Ties go to the smaller id."""
+    ex, ex2, lab = np.inf, np.inf, 0
+    for j in range(centroids.shape[0]):
+        e = row_scaled_sq_dist64(x, i, f, centroids, j) if unit_rows else row_sq_dist64(x, i, centroids, j)
+        if e < ex:
+            ex, ex2, lab = e, ex, j
+        elif e < ex2:
+            ex2 = e
+    return lab, ex, ex2
+
+
 @numba.njit(**_JIT_RAW)
 def settle_strip(x, rows, s, nr, centroids, cn, cstat, gam, inner_lower, unit_rows, labels, exact_sq, lower2, nearest,
                  g, xn, en, scale, tables):
     """Certify rows s .. s + nr of a strip (module docstring, steps 2-3) from their approximate products ``g`` (row r
     of the strip in g[r]: ṽ·w̃_j for every padded centre), ``xn`` (Σ v² as float32), ``en`` (a bound on ‖e‖) and
-    ``scale`` (1/‖x‖ for unit rows, else 1); writes labels, exact_sq, and lower2 / nearest when not empty. ``tables``
-    from :func:`settle_scratch`. Shared by every product backend (AMX tiles here, int16 products in
+    ``scale`` (:func:`row_scale`: 1/‖x‖ for unit rows, else 1; 0 for a zero unit row, which gets label −1; negative
+    for a unit row settled by exact distances to every centre, as is a row whose Σv² overflows float32); writes
+    labels, exact_sq, and lower2 / nearest when not empty (lower2 rounded down to float32). ``tables`` from
+    :func:`settle_scratch`. Shared by every product backend (AMX tiles here, int16 products in
     :mod:`kvant.kernels.i16_assign`); returns how many rows needed exact distances to more than one centre."""
     order, wsort, fpre, mpre, cand, lower_end, res, ids_scratch = tables
     listed = rows.shape[0] > 0
@@ -517,6 +569,8 @@ def settle_strip(x, rows, s, nr, centroids, cn, cstat, gam, inner_lower, unit_ro
     want_lower = lower2.shape[0] > 0
     want_near = nearest.shape[0] > 0
     eps = _UNIT_ROW_EPS if unit_rows else 0.0
+    tiny_e = _TINY_COORD * np.sqrt(np.float64(x.shape[1]))
+    tiny_abs = _TINY_OP * (x.shape[1] + 64)
     fallback = 0
     for r in range(nr):
         o = s + r
@@ -527,13 +581,21 @@ def settle_strip(x, rows, s, nr, centroids, cn, cstat, gam, inner_lower, unit_ro
             if want_lower:
                 lower2[o] = 0.0
             continue
+        if (unit_rows and scale[r] < 0.0) or not xn[r] <= _F32_MAX:  # a norm out of float32's reach
+            lab, ex, ex2 = _every_centre_exactly(x, i, abs(scale[r]), unit_rows, centroids)
+            labels[o] = lab
+            exact_sq[o] = ex
+            if want_lower:
+                lower2[o] = _down32(ex2)
+            fallback += k > 1
+            continue
         best, run, arg = _top2_lanes(g, r, cn, xn[r], np.float32(1.0), kp)
         d1 = np.float64(np.int32(best).view(np.float32))
         d2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
-        vn = np.sqrt(np.float64(xn[r])) * (1.0 + 2.0**-22)  # ‖v‖ (xn is Σv² rounded to float32)
+        vn = np.sqrt(np.float64(xn[r]) + 2.0**-149) * (1.0 + 2.0**-22)  # >= ‖v‖ (xn: Σv² rounded to float32)
         vt = vn + en[r]  # ‖ṽ‖ <= ‖v‖ + ‖e‖
-        e_eff = en[r] + eps
-        eps_v = 2.0 * eps * vn + eps * eps
+        e_eff = en[r] + eps + tiny_e
+        eps_v = 2.0 * eps * vn + eps * eps + 2.0 * vt * tiny_e + tiny_abs
         lab = np.int64(arg)
         mb = _margin(e_eff, vt, vn, eps_v, cstat[0, lab], cstat[1, lab], cstat[2, lab], gam)
         top = d1 + mb  # >= d_b
@@ -593,7 +655,7 @@ def settle_strip(x, rows, s, nr, centroids, cn, cstat, gam, inner_lower, unit_ro
         labels[o] = lab
         exact_sq[o] = ex
         if want_lower:
-            lower2[o] = np.float32(max(low, 0.0))
+            lower2[o] = _down32(max(low, 0.0))
     if want_near:
         out = nearest[s : s + nr]
         _candidate_ids_into(g[:nr, :k], cn[:k], xn[:nr], out, *ids_scratch)

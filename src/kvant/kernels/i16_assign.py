@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import host_features, llvm_fn, splat, sum_lanes
-from .amx_assign import row_scale, settle_scratch, settle_strip
+from .amx_assign import conversion_scale, row_scale, settle_scratch, settle_strip
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)  # no reference counting: for loops that allocate nothing
@@ -302,7 +302,7 @@ def _assign_rows_loop(x, rows, centroids, mu, ct, colstep, cn, cstat, inner_lowe
             i = rows[s + r] if listed else s + r
             f = row_scale(x, i, unit_rows)
             scale[r] = f
-            sq, rho = _convert_row(x, i, np.float32(f), mu, vbuf, a16, r)
+            sq, rho = _convert_row(x, i, conversion_scale(f), mu, vbuf, a16, r)
             xn[r] = np.float32(sq)
             en[r] = e_unit * np.float64(rho)
             rowstep[r] = rho
