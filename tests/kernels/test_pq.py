@@ -387,3 +387,13 @@ def test_fastscan_two_block_scan_equals_two_one_block_scans(m):
         bits = want <= min(max(th, 0), 65535)
         assert m2 & (2**64 - 1) == m0 | (m1 << 32)
         assert [(m2 >> r) & 1 for r in range(64)] == bits.astype(int).tolist()
+
+
+def test_ip_tables_hold_under_cancellation():
+    # |q| = 1e3 with q·c ≈ 1: a float32 sum of the products lost up to ~5%; float64 sums of exact products do not
+    rng = np.random.default_rng(2)
+    q = np.array([[1000.0, -1000.0, 3.0, -3.0]], np.float32)
+    cb = (np.array([1000.0, 1000.0])[None, None, :] + rng.standard_normal((2, 256, 2)) * 1e-3).astype(np.float32)
+    got = K.ip_tables(q, cb).astype(np.float64)
+    ref = R.pq_ip_tables_ref(q, cb)
+    assert np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))) <= 1e-6

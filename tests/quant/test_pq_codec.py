@@ -280,3 +280,23 @@ def test_reconstruction_error_of_float64_rows_is_measured_in_float64():
     want = ((x - q.decode(q.encode(x)).astype(np.float64)) ** 2).sum(axis=1).mean()
     assert q.reconstruction_error(x) == pytest.approx(want, rel=1e-9)
     assert want > 1e-8
+
+
+@pytest.mark.parametrize("nbits", [8, 4])
+@pytest.mark.parametrize("scales", [(1.0, 1e-22), (1e19, 1e-9), (1e-30, 1e30)])
+def test_subspaces_of_very_different_magnitude_encode_to_their_nearest_codeword(nbits, scales):
+    # one power of two for all sub-spaces underflowed the small one's squared differences: every row took
+    # codeword 0 there. Each sub-space is now scaled apart (training too).
+    rng = np.random.default_rng(0)
+    m, dsub, n = len(scales), 4, 600
+    col = np.repeat(np.array(scales), dsub)
+    x = (rng.standard_normal((n, m * dsub)) * col).astype(np.float32)
+    pq = kvant.PQ(dim=m * dsub, m=m, nbits=nbits, seed=0).fit(x)
+    books = pq.codebooks_.astype(np.float64)
+    assert np.all(np.isfinite(books))
+    codes = pq.unpacked_codes(pq.encode(x)).astype(np.int64)
+    for j in range(m):
+        d = ((x[:, None, j * dsub : (j + 1) * dsub].astype(np.float64) - books[j][None]) ** 2).sum(-1)
+        assert np.unique(codes[:, j]).size > (1 << nbits) // 2  # trained and used, not one codeword
+        got = d[np.arange(n), codes[:, j]]
+        assert np.all(got <= d.min(1) * (1 + 1e-5))  # nearest up to float32 rounding

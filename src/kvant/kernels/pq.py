@@ -88,7 +88,7 @@ _QB = 16
 
 
 @numba.njit(parallel=True, **_JIT)
-def _tables_kernel(queries, cbt, out, ip):
+def _tables_kernel(queries, cbt, out):
     # cbt: (m, dsub, ksub) — codebooks transposed so the inner loop runs over codewords (vectorises).
     nq = queries.shape[0]
     m, dsub, ksub = cbt.shape
@@ -97,24 +97,15 @@ def _tables_kernel(queries, cbt, out, ip):
         j = w - q * m
         acc = out[q, j]
         base = j * dsub
-        if ip:
-            xv = queries[q, base]
+        xv = queries[q, base]
+        for c in range(ksub):
+            diff = xv - cbt[j, 0, c]
+            acc[c] = diff * diff
+        for d in range(1, dsub):
+            xv = queries[q, base + d]
             for c in range(ksub):
-                acc[c] = xv * cbt[j, 0, c]
-            for d in range(1, dsub):
-                xv = queries[q, base + d]
-                for c in range(ksub):
-                    acc[c] += xv * cbt[j, d, c]
-        else:
-            xv = queries[q, base]
-            for c in range(ksub):
-                diff = xv - cbt[j, 0, c]
-                acc[c] = diff * diff
-            for d in range(1, dsub):
-                xv = queries[q, base + d]
-                for c in range(ksub):
-                    diff = xv - cbt[j, d, c]
-                    acc[c] += diff * diff
+                diff = xv - cbt[j, d, c]
+                acc[c] += diff * diff
 
 
 def _transpose_cb(codebooks):
@@ -126,16 +117,37 @@ def distance_tables_l2(queries, codebooks):
     m, ksub, _ = codebooks.shape
     out = np.empty((queries.shape[0], m, ksub), dtype=np.float32)
     if out.size:
-        _tables_kernel(queries, _transpose_cb(codebooks), out, False)
+        _tables_kernel(queries, _transpose_cb(codebooks), out)
     return out
 
 
+@numba.njit(parallel=True, **_JIT)
+def _ip_tables_kernel(queries, cbt, out):
+    # float64 sums of exact products (float32 × float32 fits float64's mantissa), rounded once: a float32 sum lost
+    # up to ~5% of q·c where large terms cancel (|q| = 1e3, q·c ≈ 1)
+    nq = queries.shape[0]
+    m, dsub, ksub = cbt.shape
+    for q in prange(nq):
+        acc = np.empty(ksub, np.float64)
+        for j in range(m):
+            base = j * dsub
+            xv = np.float64(queries[q, base])
+            for c in range(ksub):
+                acc[c] = xv * np.float64(cbt[j, 0, c])
+            for d in range(1, dsub):
+                xv = np.float64(queries[q, base + d])
+                for c in range(ksub):
+                    acc[c] += xv * np.float64(cbt[j, d, c])
+            for c in range(ksub):
+                out[q, j, c] = np.float32(acc[c])
+
+
 def ip_tables(queries, codebooks):
-    """(nq, m, ksub) float32 tables of per-sub-vector inner products q_j · c."""
+    """(nq, m, ksub) float32 tables of per-sub-vector inner products q_j · c (summed in float64, rounded once)."""
     m, ksub, _ = codebooks.shape
     out = np.empty((queries.shape[0], m, ksub), dtype=np.float32)
     if out.size:
-        _tables_kernel(queries, _transpose_cb(codebooks), out, True)
+        _ip_tables_kernel(np.ascontiguousarray(queries, dtype=np.float32), _transpose_cb(codebooks), out)
     return out
 
 
@@ -611,8 +623,9 @@ def unpack_codes_4bit(packed, n, m):
 
 
 @numba.njit(**_JIT)
-def _quantize_one(t, mp, lut8):
-    """Quantise one (m, 16) table into lut8 ((mp * 16,) u8; sub-quantizer j at offset 16 j, padding zeros).
+def _quantize_one(t, mp, lut8, cap=np.inf):
+    """Quantise one (m, 16) table into lut8 ((mp * 16,) u8; sub-quantizer j at offset 16 j, padding zeros), each
+    entry's excess over its sub-table's minimum first clipped to ``cap``.
 
     Returns (scale, m * max |t|)."""
     m = t.shape[0]
@@ -627,7 +640,7 @@ def _quantize_one(t, mp, lut8):
             lo = min(lo, x)
             hi = max(hi, x)
             sumabs = max(sumabs, abs(x))
-        span = max(span, hi - lo)
+        span = max(span, min(hi - lo, cap))
     sumabs *= m
     scale = span / qmax if span > 0 else 1.0
     lut8[:] = 0
@@ -636,9 +649,30 @@ def _quantize_one(t, mp, lut8):
         for v in range(1, 16):
             lo = min(lo, np.float64(t[j, v]))
         for v in range(16):
-            qv = np.floor((np.float64(t[j, v]) - lo) / scale + 0.5)
+            qv = np.floor(min(np.float64(t[j, v]) - lo, cap) / scale + 0.5)
             lut8[16 * j + v] = np.uint8(min(max(qv, 0.0), qmax))
     return scale, sumabs
+
+
+@numba.njit(**_JIT)
+def _shortlist_cap(t, flat, n, m, mp2, k):
+    """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of the first
+    k rows: their largest, U, bounds the k-th best from above, and a row with an entry more than U − Σ_j min_j above
+    its minimum sums to more than U. Clipping entries there keeps one far codeword (a table entry 1e4× the others)
+    from setting the quantisation step alone, which rounded every other entry to 0 and made the shortlist the
+    first rows scanned. inf when there are fewer than k rows."""
+    if n < k:
+        return np.inf
+    u = np.float64(_exact_4bit(t, flat, 0, m, mp2))
+    for r in range(1, k):
+        u = max(u, np.float64(_exact_4bit(t, flat, r, m, mp2)))
+    low = 0.0
+    for j in range(m):
+        lo = np.float64(t[j, 0])
+        for v in range(1, 16):
+            lo = min(lo, np.float64(t[j, v]))
+        low += lo
+    return max(u - low, 0.0) * (1.0 + 2.0**-20)
 
 
 @numba.njit(**_JIT)
@@ -888,7 +922,8 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
         si = np.full((g, L), -1, dtype=np.int64)
         th = np.full(g, 65535 * 2, dtype=np.int64)
         for j in range(g):
-            _quantize_one(tables[q0 + j], 2 * mp2, luts[j])
+            t = tables[q0 + j]
+            _quantize_one(t, 2 * mp2, luts[j], _shortlist_cap(t, flat, n, m, mp2, k))
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         acc = np.empty(64, dtype=np.uint16)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import persist
 from .._config import check_seed, rng, with_threads
-from .._numerics import condition, conditioning, uncondition
+from .._numerics import condition, conditioning
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source
 from ..io.source import ArraySource, VectorSource, default_chunk_rows
@@ -85,6 +85,25 @@ def range_conditioned(xs: np.ndarray) -> tuple[np.ndarray, float | None]:
     otherwise overflow (|x| ≳ 1e19) or underflow (|x| ≲ 1e-19) and send every row to codeword 0."""
     _, scale = conditioning(xs)
     return condition(xs, None, scale), scale
+
+
+def subspace_scales(rows: np.ndarray, m: int) -> np.ndarray | None:
+    """A power of two per sub-space (m,) bringing that sub-space's magnitude near 1 where it lies far outside
+    float32's comfortable range (:func:`kvant._numerics.conditioning`'s rule, on the sub-vectors of ``rows``), 1
+    elsewhere; None when no sub-space needs one. Each sub-space's argmin is its own, so the sub-spaces are scaled
+    apart: with one factor for all, a sub-space of 1e-9 beside one of 1e19 had its squared differences underflow,
+    and every row took codeword 0 there."""
+    dsub = rows.shape[1] // m
+    scales = [conditioning(np.ascontiguousarray(rows[:, j * dsub : (j + 1) * dsub]))[1] for j in range(m)]
+    if all(f is None for f in scales):
+        return None
+    return np.array([1.0 if f is None else f for f in scales])
+
+
+def scale_subspaces(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``x`` (n, m·dsub) with sub-vector j times ``scales[j]`` (powers of two, exact), as float32."""
+    dsub = x.shape[-1] // scales.shape[0]
+    return (x.astype(np.float64) * np.repeat(scales, dsub)).astype(np.float32)
 
 
 def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None) -> np.ndarray:
@@ -220,9 +239,13 @@ class PQ:
     @with_threads
     def fit(self, x) -> PQ:
         """Learn codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows."""
-        xs, scale = range_conditioned(self._train_sample(x))
-        books = train_subspaces(xs, self.m, self.ksub, self.n_iter, self.seed)
-        self.codebooks_ = uncondition(books, None, scale)
+        xs = self._train_sample(x)
+        scales = subspace_scales(xs, self.m)
+        books = train_subspaces(xs if scales is None else scale_subspaces(xs, scales), self.m, self.ksub, self.n_iter,
+                                self.seed)
+        if scales is not None:
+            books = (books.astype(np.float64) / scales[:, None, None]).astype(np.float32)
+        self.codebooks_ = books
         return self
 
     # -- coding -----------------------------------------------------------------------------------
@@ -252,16 +275,18 @@ class PQ:
     def _codebook_scale(self) -> float | None:
         """The power of two codewords (and so rows and queries) are scaled by when they lie far outside float32's
         comfortable range, None for ordinary data: scaled alike, no argmin or ranking changes, but the squared
-        differences stop over- or underflowing. Encoding and every search use it."""
+        differences stop over- or underflowing. Every search uses it (encoding scales each sub-space apart:
+        :func:`subspace_scales`)."""
         books = self.codebooks_
         return conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))[1]
 
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
         books = self.codebooks_
-        scale = self._codebook_scale()
-        if scale is not None:
-            x, books = condition(x, None, scale), condition(books, None, scale)
+        scales = subspace_scales(books.transpose(1, 0, 2).reshape(self.ksub, self.dim), self.m)
+        if scales is not None:
+            x = scale_subspaces(x, scales)
+            books = (books.astype(np.float64) * scales[:, None, None]).astype(np.float32)
         codes = _kpq().pq_encode(x, books)
         return pack_nibbles(codes) if self.nbits == 4 else codes
 
