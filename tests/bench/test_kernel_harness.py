@@ -53,6 +53,13 @@ def _sloppy_tables(queries, codebooks):
     return (qq + cc - 2 * np.einsum("qjd,jcd->qjc", q, codebooks)).astype(np.float32)
 
 
+def _half_precision_ip(queries, codebooks):
+    # inner-product tables from float16-rounded operands: ~1e-3 relative error, beyond the gate's 1e-4
+    m, ksub, dsub = codebooks.shape
+    q = queries.astype(np.float16).astype(np.float32).reshape(len(queries), m, dsub)
+    return np.einsum("qjd,jcd->qjc", q, codebooks.astype(np.float16).astype(np.float32))
+
+
 def _lossy_fastscan(tables, packed, n, m, k, rerank):
     return K.fastscan_search(tables, packed, n, m, k, 1 if rerank == 0 else rerank)  # shortlist of k only
 
@@ -62,6 +69,7 @@ def _lossy_fastscan(tables, packed, n, m, k, rerank):
     ("adc_search", _wrong_ids, "adc_search"),
     ("adc_search", _wrong_last_id, "adc_search"),
     ("distance_table", _sloppy_tables, "distance_table"),
+    ("ip_table", _half_precision_ip, "ip_table"),
     ("fastscan_search", _lossy_fastscan, "fastscan_search exact mode"),
 ])
 def test_gate_rejects_wrong_kernels(field, kernel, expect):

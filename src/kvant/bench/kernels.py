@@ -53,6 +53,7 @@ class PQKernels:
     """The kernels under test. Defaults are :mod:`kvant.kernels.pq`; replace any field to test a candidate."""
 
     distance_table: Callable | None = None  # (queries (nq, dim), codebooks (m, ksub, dsub)) -> (nq, m, ksub)
+    ip_table: Callable | None = None  # the same, inner products q_j·c (the ip and cos indexes' tables)
     encode: Callable | None = None  # (x (n, dim), codebooks) -> uint8 (n, m)
     adc_search: Callable | None = None  # (tables, codes, k) -> (dist, idx)
     pack_4bit: Callable | None = None  # (codes (n, m) < 16) -> packed
@@ -62,6 +63,7 @@ class PQKernels:
         from ..kernels import pq as K
 
         self.distance_table = self.distance_table or K.distance_tables_l2
+        self.ip_table = self.ip_table or K.ip_tables
         self.encode = self.encode or K.pq_encode
         self.adc_search = self.adc_search or K.adc_search
         self.pack_4bit = self.pack_4bit or K.pack_codes_4bit
@@ -140,6 +142,11 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
     err = _rel_err(tables, ref_t)
     if err > TOL:
         problems.append(f"distance_table: max rel err {err:.3g} > {TOL} (shape {tables.shape} vs {ref_t.shape})")
+        return problems
+    ip = np.asarray(kern.ip_table(q, cb))
+    err = _rel_err(ip, R.pq_ip_tables_ref(q, cb))
+    if err > TOL:
+        problems.append(f"ip_table: max rel err {err:.3g} > {TOL}")
         return problems
 
     codes = np.asarray(kern.encode(x, cb))
