@@ -499,6 +499,16 @@ def conversion_scale(f):
 
 
 @numba.njit(inline="always", **_JIT_RAW)
+def strip_row(x, rows, o, unit_rows, scale, r):
+    """Row o of the listed ``rows`` (or of x when none are listed) as strip row r: (its index in x, the float32 factor
+    to convert it with); its :func:`row_scale` goes to scale[r]."""
+    i = rows[o] if rows.shape[0] > 0 else o
+    f = row_scale(x, i, unit_rows)
+    scale[r] = f
+    return i, conversion_scale(f)
+
+
+@numba.njit(inline="always", **_JIT_RAW)
 def _down32(v):
     """float32 at or below v >= 0 (a lower bound stays one after rounding)."""
     r = np.float32(v)
@@ -520,10 +530,8 @@ def _assign_rows_loop(x, rows, centroids, mu, bt, cn, cstat, gam, inner_lower, u
     for s in range(0, n, _STRIP):
         nr = min(_STRIP, n - s)
         for r in range(nr):
-            i = rows[s + r] if listed else s + r
-            f = row_scale(x, i, unit_rows)
-            scale[r] = f
-            sq, err = _convert_row(x, i, conversion_scale(f), mu, a16, r, one)
+            i, f = strip_row(x, rows, s + r, unit_rows, scale, r)
+            sq, err = _convert_row(x, i, f, mu, a16, r, one)
             xn[r] = np.float32(sq)
             en[r] = np.sqrt(err)
         if nr < _STRIP:  # the tail strip: zero rows, their products ignored

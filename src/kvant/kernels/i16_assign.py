@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import host_features, llvm_fn, splat, sum_lanes
-from .amx_assign import conversion_scale, row_scale, settle_scratch, settle_strip
+from .amx_assign import settle_scratch, settle_strip, strip_row
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)  # no reference counting: for loops that allocate nothing
@@ -299,10 +299,8 @@ def _assign_rows_loop(x, rows, centroids, mu, ct, colstep, cn, cstat, inner_lowe
     for s in range(0, n, _STRIP):
         nr = min(_STRIP, n - s)
         for r in range(nr):
-            i = rows[s + r] if listed else s + r
-            f = row_scale(x, i, unit_rows)
-            scale[r] = f
-            sq, rho = _convert_row(x, i, conversion_scale(f), mu, vbuf, a16, r)
+            i, f = strip_row(x, rows, s + r, unit_rows, scale, r)
+            sq, rho = _convert_row(x, i, f, mu, vbuf, a16, r)
             xn[r] = np.float32(sq)
             en[r] = e_unit * np.float64(rho)
             rowstep[r] = rho
