@@ -695,6 +695,11 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
 # Unit roundoff of a float32 coordinate taken from a float64 difference (2^-24 for the rounding to float32, plus
 # room for the float64 subtraction before it).
 _U32 = 2.0**-24 * (1.0 + 2.0**-20)
+# A float64 Euclidean distance can fall short of the true one by an absolute amount: each square that lands
+# below float64's normal range loses up to 2^-1075, so sqrt(sum) loses up to sqrt(D) 2^-537.5 (~2e-162 sqrt(D)).
+# Bounds that mix computed and true distances (the float32 screen, the triangle inequality) add this pad;
+# it covers D < 10^20 and is invisible at any ordinary scale.
+UNDERFLOW_PAD = 1e-150
 
 
 @numba.njit(inline="always", **_NJ)
@@ -810,7 +815,8 @@ def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
 def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
     """Per bucket b: its centre (the middle of ``box[b]``, D values), the largest distance R in metric ``code``
     from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``),
-    rounded up by a relative 1e-12 for the rounding of this computation, and a power of two s with R s in
+    rounded up by a relative 1e-12 for the rounding of this computation (and by ``UNDERFLOW_PAD`` for
+    Euclidean, whose float64 squares can underflow), and a power of two s with R s in
     [1/2, 1) (1 when R is 0): (n_buckets, D + 2)."""
     D = rows.shape[1]
     out = np.zeros((max(starts.shape[0], 1), D + 2))
@@ -826,7 +832,7 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
                 s = math.sqrt(s)
             if s > r:
                 r = s
-        out[b, D] = r * (1.0 + 1e-12)
+        out[b, D] = r * (1.0 + 1e-12) + (UNDERFLOW_PAD if code == EUCLIDEAN else 0.0)  # R bounds true distances
         out[b, D + 1] = math.ldexp(1.0, -math.frexp(out[b, D])[1]) if 0.0 < r < np.inf else 1.0
     return out
 
@@ -1002,7 +1008,9 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                 D = Q.shape[1]
                 sc = frame[bx, D + 1]  # the screen works in the bucket's scaled units
                 rs = frame[bx, D] * sc
-                lim_r = _scan_limit(kth * sc, rs, scan, D)
+                # kth is a computed distance: the true distance of a point that ties it may be larger
+                pad = UNDERFLOW_PAD if scan == EUCLIDEAN else 0.0
+                lim_r = _scan_limit((kth + pad) * sc, rs, scan, D)
                 for j in range(nb):
                     r = acc[j]
                     # inf: float32 overflow, which proves nothing, so the point is measured exactly
@@ -1020,7 +1028,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                     size = _heap_push_res(hd, hi, size, k, dx, x)
                     if size == k:
                         kth = hd[0]
-                        lim_r = _scan_limit(kth * sc, rs, scan, D)
+                        lim_r = _scan_limit((kth + pad) * sc, rs, scan, D)
             else:  # (kept apart from the screened loop: one merged loop measured 4-5% slower at 131k uniform)
                 for pos in range(a0, a0 + nb):
                     x = dfs_node[pos]

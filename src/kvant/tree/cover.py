@@ -170,6 +170,8 @@ class CoverTree:
         sa = self._m.slack_abs
         if self._m.name == "angular" and self._dim:
             sa = 3.0 * np.sqrt(2.0 * (self._dim + 4) * 2.3e-16)
+        if self._m.name == "euclidean":  # three computed distances in a bound, each short by up to the pad
+            sa = 4.0 * K.UNDERFLOW_PAD
         return self._m.slack_rel, sa
 
     def _freeze(self) -> None:
