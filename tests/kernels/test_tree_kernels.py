@@ -452,3 +452,31 @@ def test_residual_cover_screen_changes_no_centre_or_parent():
     np.testing.assert_array_equal(c0, c1)
     np.testing.assert_array_equal(a0, a1)
     np.testing.assert_array_equal(d0, d1)
+
+
+def test_residual_screen_tile_survives_an_infinite_bound():
+    # a point whose |w| overflowed (norm inf) gets lower bound -inf and width inf: its upper bound -inf + inf
+    # is NaN, which used to enter the k-best heap and make its threshold ~0, so every later point was skipped
+    g = np.random.default_rng(6)
+    X = g.random((30, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=8, seed=0)
+    F = rc.features()
+    W = F[:, 2:10]
+    nw = np.sqrt((W * W).sum(1))
+    nw[0] = np.inf
+    q = np.array([5])
+    G = np.ascontiguousarray(W[q] @ W.T)
+    k, cap = 3, 40
+    heap_u, heap_c, heap_n = np.empty((1, k)), np.empty((1, k), np.int64), np.zeros(1, np.int64)
+    buf_l, buf_c, buf_n = np.empty((1, cap)), np.zeros((1, cap), np.int64), np.zeros(1, np.int64)
+    lost = np.full(1, np.inf)
+    K.residual_screen_tile(G, 1e-12, F[q, :2].copy(), F[q, 10].copy(), F[q, -1].copy(), nw[q].copy(),
+                           np.ascontiguousarray(F[:, :2].T), F[:, 10].copy(), F[:, -1].copy(), nw, np.arange(30), 0,
+                           1.0, rc.kernel.code, np.zeros(1, np.int64), 0, heap_u, heap_c, heap_n, buf_l, buf_c,
+                           buf_n, lost, np.empty((3, 30)))
+    assert not np.isnan(heap_u).any()
+    x = _x_numpy(F, q, 2, 8, rc.kernel)[0]
+    x[5] = 0.0
+    nearest = np.argsort(x, kind="stable")[:k]
+    assert set(nearest) <= set(buf_c[0, : buf_n[0]].tolist())  # every true neighbour is a candidate
+    assert 0 in buf_c[0, : buf_n[0]]

@@ -341,6 +341,30 @@ def test_residual_scan_with_many_exact_ties_falls_back_and_stays_exact():
     assert fallback_rows and sum(fallback_rows) < 4 * 3 + 2 * 400  # taken, and only by the tied queries
 
 
+@pytest.mark.parametrize("variance", [1e-8, 1e3])
+def test_residual_numpy_fallback_is_exact_at_any_variance(variance):
+    # the fallback's expanded-form r2 errs by ~eps max|z|^2: inputs spread over 3e4 lengthscales make that error
+    # visible, and its margin must bound it whatever the variance (at 1e-8 it was 1e-8 too small: 22 rows wrong)
+    rng = np.random.default_rng(1)
+    C = rng.random((40, 2)) * 3e4
+    X = C[rng.integers(0, 40, 1500)] + rng.standard_normal((1500, 2)) * 0.7
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(1.0, variance), n_inducing=100, seed=0)
+    tree = kvant.CoverTree(rc).fit()
+    F = rc.features()
+    P = F[:, :2] - F[:, :2].mean(0)
+    Wp, sp = F[:, 2:102], F[:, 102]
+    zz = np.einsum("ij,ij->i", P, P)
+    r2 = np.maximum(zz[:, None] + zz[None, :] - 2.0 * (P @ P.T), 0.0)  # as the fallback computes them
+    rho = variance * rc.kernel._phi(r2) * np.outer(sp, sp) - Wp @ Wp.T
+    err = np.sqrt(np.maximum(1.0 - np.abs(rho), 0.0)) - rc.pairwise(np.arange(1500), np.arange(1500))
+    np.fill_diagonal(err, 0.0)
+    assert np.abs(err).max() <= tree._residual_margin(F, F)
+    tree._residual_knn = tree._residual_knn_numpy  # every query through the fallback
+    for k in (1, 8):
+        got, want = tree.knn_self(k, predecessors=False), tree.brute_force(None, k, False)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+
+
 def test_residual_big_groups_build_a_valid_exact_tree(residual, monkeypatch):
     # groups of >= _BIG_GROUP points take the parallel first-fit centre selection; shrink the threshold so the
     # 400-point residual tree uses it at every level, and check the invariants and an exact tree walk
@@ -380,6 +404,21 @@ def test_residual_validation():
     rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(), n_inducing=10)
     with pytest.raises(InvalidInput, match="residual variance"):
         kvant.ResidualCorrelation(rc.v, rc.p_diag * 0.5, rc.kernel_diag, rc.kernel, X=X)
+    # the tolerance is relative to kernel_diag: at variance 1e-6 a shortfall of 1e-14 is 1e-8 relative (it was
+    # accepted while the tolerance was 1e-9 absolute below kernel_diag = 1)
+    small = kvant.ResidualCorrelation.from_points(X, kvant.RBF(1.0, 1e-6), n_inducing=10)
+    resid = small.kernel_diag - np.einsum("ij,ij->i", small.v, small.v)
+    p = small.p_diag.copy()
+    p[3] = resid[3] - 1e-8 * small.kernel_diag[3]
+    with pytest.raises(InvalidInput, match=r"p_diag\[3\]"):
+        kvant.ResidualCorrelation(small.v, p, small.kernel_diag, small.kernel, X=X)
+    p[3] = resid[3] - 1e-10 * small.kernel_diag[3]  # within it: accepted, and the pruning slack covers it
+    ok = kvant.ResidualCorrelation(small.v, p, small.kernel_diag, small.kernel, X=X)
+    assert 0.0 < ok.p_shortfall <= 1e-10 * 1e-6 / p[3] * 1.01 and small.p_shortfall == 0.0
+    tiny = rc.p_diag.copy()
+    tiny[7] = 1e-320  # |v|^2 / p overflows: the scan's bounds would be inf - inf
+    with pytest.raises(InvalidInput, match=r"p_diag\[7\].*too small"):
+        kvant.ResidualCorrelation(rc.v, tiny, rc.kernel_diag, rc.kernel, X=X)
     with pytest.raises(InvalidInput):
         kvant.ResidualCorrelation(rc.v[:10], rc.p_diag, rc.kernel_diag, rc.kernel, X=X)
     with pytest.raises(InvalidInput):

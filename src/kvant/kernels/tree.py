@@ -815,8 +815,7 @@ def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
 def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
     """Per bucket b: its centre (the middle of ``box[b]``, D values), the largest distance R in metric ``code``
     from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``),
-    rounded up by a relative 1e-12 for the rounding of this computation (and by ``UNDERFLOW_PAD`` for
-    Euclidean, whose float64 squares can underflow), and a power of two s with R s in
+    rounded up by a relative 1e-12 for the rounding of this computation, and a power of two s with R s in
     [1/2, 1) (1 when R is 0): (n_buckets, D + 2)."""
     D = rows.shape[1]
     out = np.zeros((max(starts.shape[0], 1), D + 2))
@@ -832,7 +831,7 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
                 s = math.sqrt(s)
             if s > r:
                 r = s
-        out[b, D] = r * (1.0 + 1e-12) + (UNDERFLOW_PAD if code == EUCLIDEAN else 0.0)  # R bounds true distances
+        out[b, D] = r * (1.0 + 1e-12)
         out[b, D + 1] = math.ldexp(1.0, -math.frexp(out[b, D])[1]) if 0.0 < r < np.inf else 1.0
     return out
 
@@ -1008,7 +1007,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                 D = Q.shape[1]
                 sc = frame[bx, D + 1]  # the screen works in the bucket's scaled units
                 rs = frame[bx, D] * sc
-                # kth is a computed distance: the true distance of a point that ties it may be larger
+                # kth and R are computed distances, short of the true ones by up to the pad each (Euclidean):
+                # kth + pad covers both in the limit, as its radius term is 2u R against kth's (1 + u)
                 pad = UNDERFLOW_PAD if scan == EUCLIDEAN else 0.0
                 lim_r = _scan_limit((kth + pad) * sc, rs, scan, D)
                 for j in range(nb):
@@ -1272,6 +1272,8 @@ def residual_screen_tile(G, gam, Zq, Sq, Rq, NWq, ZpT, Sp, Rp, NWp, SLp, c0, var
                     lst = bl[0]
             nb = _heap_push_res(bl, bc, nb, cap, low, c)
             up = low + e2[t]
+            if up != up:  # -inf + inf (an infinite bound): no upper bound, and a NaN would poison the heap
+                up = np.inf
             if size < k or up < hu[0]:
                 size = _heap_push_res(hu, hc, size, k, up, c)
                 if size == k:

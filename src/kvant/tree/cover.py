@@ -867,11 +867,13 @@ class CoverTree:
         zmax = float(max(np.einsum("ij,ij->i", P[:, :d] - mu, P[:, :d] - mu).max(),
                          np.einsum("ij,ij->i", Q[:, :d] - mu, Q[:, :d] - mu).max()))
         eps = 2.3e-16
+        # ratio >= variance / p_min, the largest factor variance * s_q * s_p on phi, and >= max |w|^2 = |v|^2 / p
         ratio = max(1.0, float(rc.kernel_diag.max()) / float(rc.p_diag.min()))
         # |error(r2)| <= 8 (d + 2) eps max|z|^2 (expanded form; the fused kernel's direct form is tighter);
         # |d phi / d r2| <= 1 for RBF and Matern 5/2; |error(rho)| <= ratio (2 (rank + 4) eps + error(r2)) per
-        # computation; |error(sqrt a)| <= sqrt(|error a|)
-        err_rho = ratio * (2.0 * (r + 4) * eps + 8.0 * (d + 2) * eps * zmax * rc.kernel.variance)
+        # computation; |error(sqrt a)| <= sqrt(|error a|). (The variance is in ratio already: a second factor
+        # shrank the margin below the error at small variances.)
+        err_rho = ratio * (2.0 * (r + 4) * eps + 8.0 * (d + 2) * eps * zmax)
         return 2.0 * float(np.sqrt(2.0 * err_rho))
 
     def _residual_knn_numpy(self, Q, qslot, mode, k, pts):

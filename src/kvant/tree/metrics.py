@@ -134,8 +134,15 @@ class ResidualCorrelation:
                 raise InvalidInput(f"{name} contains NaN or inf")
         if np.any(p <= 0):
             raise InvalidInput("p_diag must be > 0 everywhere (residual variances; add a nugget for inducing points)")
-        resid = kd - np.einsum("ij,ij->i", v, v)
-        tol = 1e-9 * np.maximum(kd, 1.0)
+        vv = np.einsum("ij,ij->i", v, v)
+        with np.errstate(over="ignore", divide="ignore"):
+            big = ~(np.isfinite(vv / p) & np.isfinite(kd / p))
+        if big.any():
+            i = int(np.argmax(big))
+            raise InvalidInput(f"p_diag[{i}]={p[i]:.6g} is too small: |v|^2 / p or kernel_diag / p overflows float64 "
+                               "(the metric works on v / sqrt(p)); add a nugget to p_diag")
+        resid = kd - vv
+        tol = 1e-9 * np.abs(kd)  # relative: rounding of kd - |v|^2 in another summation order
         if np.any(p < resid - tol):
             i = int(np.argmax(resid - p))
             raise InvalidInput(
@@ -144,6 +151,9 @@ class ResidualCorrelation:
         if not isinstance(kernel.lengthscale, float) and kernel.lengthscale.shape[0] != X.shape[1]:
             raise InvalidInput(f"kernel lengthscale has {kernel.lengthscale.shape[0]} entries, X has {X.shape[1]} dims")
         self.X, self.v, self.p_diag, self.kernel_diag, self.kernel = X, v, p, kd, kernel
+        # within the tolerance p may still fall short of the residual variance: then |rho| <= 1 + shortfall,
+        # and the tree's pruning slack covers the clamp's sqrt(shortfall) (0 for from_points: p has a nugget)
+        self.p_shortfall = float(max(0.0, np.max((resid - p) / p)))
         self._features = None
 
     @classmethod
@@ -280,7 +290,7 @@ def resolve_metric(metric) -> _Resolved:
         # |error(rho)| <= (rank + 4) eps k/p, |error(d)| <= sqrt(|error(rho)|); three distances enter a bound.
         pmin = float(metric.p_diag.min())
         ratio = max(1.0, float(metric.kernel_diag.max()) / pmin)
-        slack = 3.0 * np.sqrt((metric.v.shape[1] + 4) * 2.3e-16 * ratio)
+        slack = 3.0 * (np.sqrt((metric.v.shape[1] + 4) * 2.3e-16 * ratio) + np.sqrt(metric.p_shortfall))
         return _Resolved("residual_correlation", K, metric.params(), "index", 1e-10, slack, metric)
     try:
         from numba.extending import is_jitted
