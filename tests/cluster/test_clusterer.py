@@ -67,6 +67,64 @@ def test_labels_are_the_full_nearest_centre_assignment(data, algorithm, metric):
     assert v_measure_score(y, labels) > 0.9
 
 
+@pytest.mark.parametrize("metric,k,algorithm", [("l2", 30, "dense-exact-random"), ("cos", 27, "dense-exact-row")])
+def test_labels_are_exact_nearest_centres_when_trained_on_every_row(metric, k, algorithm):
+    # N <= sample_per_centroid * k: Lloyd trains on every row, and its float32 E-step labels used to be kept as
+    # labels_; on grid data with many near-ties 121 of 6,000 rows were one rounding away from predict's exact
+    # (certified) nearest centre, and inertia_ was that of the worse labels
+    g = np.random.default_rng(0)
+    if metric == "l2":
+        x = (g.integers(0, 7, (6000, 2)) * np.float32(0.1) + np.float32(0.4)).astype(np.float32)
+    else:
+        x = (np.random.default_rng(5).integers(0, 7, (3000, 3)) + 100).astype(np.float32)
+    c = kvant.Clusterer(k, metric, algorithm, seed=0 if metric == "l2" else 5).fit(x)
+    np.testing.assert_array_equal(c.predict(x), c.labels_)
+    xs = x.astype(np.float64)
+    if metric == "cos":
+        xs /= np.linalg.norm(xs, axis=1, keepdims=True)
+    d = ((xs[:, None, :] - c.cluster_centers_.astype(np.float64)[None]) ** 2).sum(-1)
+    assert np.all(d[np.arange(len(x)), c.labels_] <= d.min(1))  # nearest in float64 too
+    want = d[np.arange(len(x)), c.labels_].sum() * (0.5 if metric == "cos" else 1.0)
+    # (cos: the inertia is ~3e-7 here, so the float32 normalisation of the rows decides its last digits)
+    assert c.inertia_ == pytest.approx(want, rel=1e-6, abs=1e-11 * len(x))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "dense-exact-random"])
+def test_duplicate_rows_reseed_distinct_centres(algorithm):
+    # 48 distinct directions repeated with Zipf weights: empty clusters were re-seeded with copies of one row
+    # (all at the same distance), the next E-step emptied them again, and cos stopped with 1-5 empty clusters
+    g = np.random.default_rng(22)
+    for _ in range(7):  # the review's random search; its 7th case failed
+        k = int(g.integers(10, 60))
+        base = g.standard_normal((k, 8)).astype(np.float32)
+        x = np.repeat(base, g.zipf(1.3, k).clip(1, 3000), axis=0)
+        g.shuffle(x)
+    for metric in ("cos", "l2"):
+        c = kvant.Clusterer(k, metric, algorithm, seed=6).fit(x)
+        assert np.bincount(c.labels_, minlength=k).min() >= 1
+        assert c.inertia_ <= 1e-6 * len(x)
+
+
+def test_predict_and_score_with_centres_set_by_hand():
+    x = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    c = kvant.Clusterer(4)
+    c.cluster_centers_ = x[:4].astype(np.float64)  # never fitted: no n_features_in_ (was an AttributeError)
+    np.testing.assert_array_equal(c.predict(x), _nearest(x, x[:4]))
+    assert c.score(x) == pytest.approx(-ref.sq_l2_ref(x, x[:4]).min(1).mean(), rel=1e-5)
+    with pytest.raises(DimensionMismatch):
+        c.predict(x[:, :5])
+    for bad in ([[np.nan] * 8], np.zeros((0, 8)), "abc"):
+        c.cluster_centers_ = bad
+        with pytest.raises(InvalidInput):
+            c.predict(x)
+    c = kvant.Clusterer(2, "cos")
+    c.cluster_centers_ = np.array([[2.0] + [0.0] * 7, [0.0, -3.0] + [0.0] * 6])
+    np.testing.assert_array_equal(c.predict(x), np.where(x[:, 0] >= -x[:, 1], 0, 1))
+    c.cluster_centers_ = np.zeros((2, 8))
+    with pytest.raises(InvalidInput, match="zero"):
+        c.predict(x)
+
+
 @pytest.mark.parametrize("spherical", [False, True])
 @pytest.mark.parametrize("dense", [0.0, 2.0])
 def test_bounded_lloyd_equals_plain_lloyd(spherical, dense, monkeypatch):

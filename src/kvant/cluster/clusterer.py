@@ -26,11 +26,9 @@ import numpy as np
 
 from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
-from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source
 from ..kernels.distance import sq_norms_serial
-from ..kernels.lloyd import exact_sq_dist_rows
 from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
@@ -227,13 +225,10 @@ class Clusterer:
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
             timings["train"] = time.perf_counter() - t
-            result_labels = None
         else:
             t = time.perf_counter()
-            result_labels = None
             sample, weights = _training_sample(src, full, m, seed0, norm, self.sampling, k, d2)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
-            trained_on_all = sample is full
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
             shift, cscale = (None, None) if spherical else conditioning(sample)
             sample = condition(sample, shift, cscale)
@@ -249,10 +244,9 @@ class Clusterer:
                 if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res
             centroids = uncondition(best.centroids, shift, cscale)
-            if trained_on_all and shift is None and cscale is None:
-                # trained on every row: its labels already are the full assignment (not after conditioning:
-                # centres rounded back to the data's float32 grid can move a near-tie row to another centre)
-                result_labels = best.labels
+            # (Lloyd's own labels are not reused even when it trained on every row: its float32 E-step is exact
+            # only up to rounding, and labels_ must be predict's exact nearest centres; a review found 121 of
+            # 6,000 grid rows off by one float32 rounding)
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
@@ -265,7 +259,6 @@ class Clusterer:
                 res = lloyd(condition(full, shift, cscale), condition(centroids, shift, cscale), polish, tol,
                             spherical, on_iter=lambda obj: report("train", 1), overrelax=overrelax)
                 centroids = uncondition(res.centroids, shift, cscale)
-                result_labels = res.labels if shift is None and cscale is None else None
                 unscale = 1.0 if cscale is None else 1.0 / (cscale * cscale)
                 history += [h * unscale for h in res.objective_history]
                 n_iter += res.n_iter
@@ -273,12 +266,7 @@ class Clusterer:
 
         t = time.perf_counter()
         rows = batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
-        if result_labels is None:
-            labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True,
-                                          unit=unit)
-        else:
-            labels = result_labels
-            inertia = _inertia(src, full, centroids, labels, spherical, rows, unit=unit)
+        labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True, unit=unit)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -315,28 +303,50 @@ class Clusterer:
     @with_threads
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
-        src, full = self._prepare(x, column)
-        return _assign_all(src, full, self.cluster_centers_, self._fitted_metric() == "cos")[0]
+        src, full, centres = self._prepare(x, column)
+        return _assign_all(src, full, centres, self._fitted_metric() == "cos")[0]
 
     @with_threads
     def score(self, x, column: str | None = None) -> float:
         """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
-        src, full = self._prepare(x, column)
+        src, full, centres = self._prepare(x, column)
         spherical = self._fitted_metric() == "cos"
-        _, inertia = _assign_all(src, full, self.cluster_centers_, spherical, with_inertia=True)
+        _, inertia = _assign_all(src, full, centres, spherical, with_inertia=True)
         return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
 
     def _fitted_metric(self) -> str:
         return getattr(self, "metric_", self.metric)  # centres set by hand carry no fitted metric
 
     def _prepare(self, x, column):
-        """The fitted-state and dimension checks shared by predict and score, then the rows (once)."""
+        """The fitted-state and dimension checks shared by predict and score: (source, rows read once, centres)."""
         if not hasattr(self, "cluster_centers_"):
             raise EmptyIndex("this Clusterer is not fitted yet; call fit() first")
+        centres = self._centres()
         src = as_source(x, column=column)
-        if src.dim != self.n_features_in_:
-            raise DimensionMismatch(f"input has dim {src.dim}, the clusterer was fitted on dim {self.n_features_in_}")
-        return src, _in_memory_rows(src)
+        if src.dim != centres.shape[1]:
+            raise DimensionMismatch(f"input has dim {src.dim}, the clusterer's centres have dim {centres.shape[1]}")
+        return src, _in_memory_rows(src), centres
+
+    def _centres(self) -> np.ndarray:
+        """``cluster_centers_`` as the assignment takes them: fitted ones as they are; centres set by hand are
+        checked (a finite 2-D array of at least one row), copied to float32 and, for cos, unit-normalised."""
+        c = self.cluster_centers_
+        if hasattr(self, "n_features_in_"):
+            return c
+        try:
+            c = np.array(c, dtype=np.float32, order="C")
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"cluster_centers_ set by hand must be a numeric (k, dim) array: {exc}") from None
+        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+            raise InvalidInput(f"cluster_centers_ set by hand must have shape (k, dim) with k, dim >= 1, got {c.shape}")
+        if not np.all(np.isfinite(c)):
+            raise InvalidInput("cluster_centers_ set by hand contain NaN or inf (or values beyond float32)")
+        if self._fitted_metric() == "cos":
+            norms = np.linalg.norm(c.astype(np.float64), axis=1)
+            if np.any(norms == 0):
+                raise InvalidInput(f"cluster_centers_ row {int(np.argmin(norms))} is zero: no direction for cos")
+            c = (c / norms[:, None]).astype(np.float32)
+        return c
 
     _PARAMS = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling",
                "polish_iter", "overrelax", "n_redo", "batch_rows", "max_epochs")
@@ -458,7 +468,8 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: i
 
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
                 with_inertia: bool = False, unit: bool = False) -> tuple[np.ndarray, float | None]:
-    """Labels of every row and, with ``with_inertia``, the exact inertia (as :func:`_inertia`) in the same pass.
+    """Labels of every row and, with ``with_inertia``, the exact inertia (Σ‖x − c‖² in float64,
+    term by term; ½ of it for unit rows, = Σ(1 − cos)) in the same pass.
     With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K``
     on AVX2 hosts without AVX-512, the labels are certified exact nearest centres (:func:`assign_certified`).
 
@@ -488,16 +499,3 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     return labels, (0.5 * total if spherical else total)
 
 
-def _inertia(src, full, centroids, labels, spherical, rows: int | None = None, unit: bool = False) -> float:
-    """Exact Σ‖x − c‖² over all rows (float64, term by term); ½ of it for unit rows (= Σ(1 − cos))."""
-    total = 0.0
-    for s, block in _iter_blocks(src, full, spherical and not unit, rows):
-        lab = labels[s : s + block.shape[0]]
-        per_row = np.empty(block.shape[0], np.float64)
-
-        def run(a, b, block=block, lab=lab, per_row=per_row):
-            per_row[a:b] = exact_sq_dist_rows(block[a:b], centroids, lab[a:b])
-
-        for_each_block(block.shape[0], 16384, run)
-        total += float(per_row.sum())
-    return 0.5 * total if spherical else total

@@ -36,8 +36,9 @@ until the next full E-step. These steps are not exact, so they drop the Hamerly 
 (at ``max_iter`` or on convergence) is always a full one: the returned labels stay the exact assignment.
 
 Empty clusters are re-seeded with the rows farthest from their centroids (by upper bound, ties to the
-lower row index), each taken from a cluster that keeps at least one row; the row moves to the new
-cluster, which then starts at that row.
+lower row index; copies of a row already taken and rows on their centre are skipped), each taken from a
+cluster that keeps at least one row; the row moves to the new cluster, which then starts at that row. A step
+that re-seeded does not end the run by the tolerance.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def lloyd(
         # Only a plain step (beta == 0: the E-step used the means) may end the run; an extrapolated step that
         # raised the objective is rejected: the next E-step goes back to the last accepted means.
         rejected = beta > 0 and obj > prev_obj
-        converged = little and beta == 0.0
+        converged = little and beta == 0.0 and not reseeded  # a re-seed is a jump: see where it lands
         if rejected:
             result.n_rejected += 1
             beta, new_c = 0.0, prev_means
@@ -351,15 +352,23 @@ def _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in) -> int:
     empty = np.flatnonzero(rows_in == 0)
     if empty.size == 0:
         return 0
-    # Farthest rows first (stable: ties keep the lower row index).
+    # Farthest rows first (stable: ties keep the lower row index). Copies of a row already taken are skipped:
+    # they would seed identical centres, and the next E-step would empty all but one of them again (a review
+    # found duplicate-heavy cos data ending with 5 empty clusters). Rows on their centre (upper bound 0) would
+    # only duplicate it.
     order = np.argsort(-upper, kind="stable")
     taken = 0
+    seen = set()
     for row in order:
-        if taken == empty.size:
+        if taken == empty.size or upper[row] <= 0.0:
             break
         src = labels[row]
         if rows_in[src] <= 1:
             continue
+        key = x[row].tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
         dst = empty[taken]
         move_rows(x, np.array([row]), np.array([src]), np.array([dst]), sums, counts, w)
         rows_in[src] -= 1
