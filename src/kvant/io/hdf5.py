@@ -49,13 +49,19 @@ class Hdf5Source(VectorSource):
         except OSError as exc:
             raise InvalidInput(f"{p}: not a readable HDF5 file ({exc})") from None
         try:
-            if column not in fh:
-                names = sorted(k for k in fh.keys())
-                raise InvalidInput(f"{p}: no dataset {column!r} (datasets: {', '.join(names) or 'none'})")
-            ds = fh[column]
-            if not isinstance(ds, h5py.Dataset):
+            try:
+                if column not in fh:
+                    names = sorted(str(k) for k in fh.keys())
+                    raise InvalidInput(f"{p}: no dataset {column!r} (datasets: {', '.join(names) or 'none'})")
+                ds = fh[column]
+                is_ds = isinstance(ds, h5py.Dataset)
+                shape, dtype = (ds.shape, ds.dtype) if is_ds else (None, None)
+            except (KeyError, RuntimeError, TypeError, ValueError, OSError) as exc:  # damaged metadata in h5py
+                why = f"{type(exc).__name__}: {exc}"
+                raise InvalidInput(f"{p}: damaged HDF5 file or dataset {column!r} ({why})") from None
+            if not is_ds:
                 raise InvalidInput(f"{p}: {column!r} is a group, not a dataset")
-            check_shape_dtype(ds.shape, ds.dtype, self.name, "dataset")
+            check_shape_dtype(shape, dtype, self.name, "dataset")
         except BaseException:
             fh.close()
             raise

@@ -103,7 +103,7 @@ class ParquetSource(VectorSource):
             try:
                 metas.append(pq.read_metadata(f))
                 schemas.append(pq.read_schema(f))
-            except (pa.ArrowException, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: e.g. a damaged name's UTF-8
                 raise InvalidInput(f"{f}: not a readable parquet file ({exc})") from None
 
         self._resolve_columns(schemas[0], column, self.files[0])
@@ -218,17 +218,22 @@ class ParquetSource(VectorSource):
         if self.mode == "columns":
             return len(self.columns)
         t = schema.field(self.columns[0]).type
-        _, pq = _pa()
         if hasattr(t, "list_size"):
             if t.list_size < 1:
                 raise InvalidInput(f"{f}: column {self.columns[0]!r} is a list of size {t.list_size} (zero columns)")
             return int(t.list_size)
         # variable-size list: the dim is the length of the first row (ragged rows are caught on read)
-        pf = pq.ParquetFile(f)
+        pa, pq = _pa()
         try:
-            batch = next(pf.iter_batches(batch_size=1, columns=self.columns))
-        finally:
-            pf.close()
+            pf = pq.ParquetFile(f)
+            try:
+                batch = next(pf.iter_batches(batch_size=1, columns=self.columns))
+            finally:
+                pf.close()
+        except (pa.ArrowException, OSError, ValueError) as exc:  # a damaged first page
+            raise InvalidInput(f"{f}: cannot decode row 0 of column {self.columns[0]!r}: {exc}") from None
+        except StopIteration:
+            raise InvalidInput(f"{f}: column {self.columns[0]!r} has no rows to take the dimension from") from None
         arr = batch.column(0)
         if arr.null_count:
             raise InvalidInput(f"{f}: row 0 of column {self.columns[0]!r} is null")
@@ -327,8 +332,11 @@ class ParquetSource(VectorSource):
             groups = self._rg_index[self._rg_file == fi]
             if groups.size == 0:
                 continue
-            pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering would read the whole file
-            batches = pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns)
+            try:
+                pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering would read the whole file
+                batches = pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns)
+            except (pa.ArrowException, OSError, ValueError) as exc:  # changed or damaged since it was opened
+                raise InvalidInput(f"{f}: not a readable parquet file ({exc})") from None
             try:
                 while True:
                     try:
