@@ -594,8 +594,9 @@ def _cmd_tree_knn(args) -> int:
         qids = tree.ids_
     else:
         Q = _tree_load_points(args.queries, args.column)
-        if tree.dim is None:  # residual metric: queries are row indices
-            Q = np.asarray(Q).reshape(-1).astype(np.int64)
+        if tree.dim is None:  # residual metric: queries are row indices, which knn validates (integers, 1-D)
+            Q = np.asarray(Q)
+            Q = Q.reshape(-1) if Q.ndim == 0 or (Q.ndim == 2 and Q.shape[1] == 1) else Q
         elif np.ndim(Q) == 1:  # one query point in a 1-D file, not len(Q) one-dimensional queries
             Q = np.asarray(Q).reshape(1, -1)
         dist, ids = tree.knn(Q, args.k)

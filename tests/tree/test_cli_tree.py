@@ -99,3 +99,21 @@ def test_tree_cli_reads_a_named_hdf5_dataset(tmp_path, capsys):
     capsys.readouterr()
     assert main(["tree", "knn", str(out), str(tmp_path / "ann.hdf5"), "--column", "test", "-k", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nq"] == 4
+
+
+def test_residual_tree_knn_takes_only_row_indices(tmp_path, capsys):
+    # coordinates or fractional values were flattened and truncated into "row indices" (exit 0 with wrong rows)
+    rng = np.random.default_rng(0)
+    X = rng.random((60, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.5, 1.0), n_inducing=10)
+    out = tmp_path / "rc.kvant"
+    kvant.CoverTree(rc).fit().save(out)
+    np.save(tmp_path / "coords.npy", rng.random((4, 3)))
+    np.save(tmp_path / "frac.npy", np.array([2.9, 7.5]))
+    np.save(tmp_path / "rows.npy", np.array([[3], [7]]))
+    assert main(["tree", "knn", str(out), str(tmp_path / "coords.npy"), "-k", "2"]) == 2
+    assert main(["tree", "knn", str(out), str(tmp_path / "frac.npy"), "-k", "2"]) == 2
+    capsys.readouterr()
+    assert main(["tree", "knn", str(out), str(tmp_path / "rows.npy"), "-k", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r[0] for r in res["ids"]] == [3, 7]

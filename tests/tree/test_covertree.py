@@ -700,6 +700,58 @@ def test_insert_into_a_never_fitted_tree_and_save_it_empty(tmp_path):
     assert d.tolist() == [[0.0, 0.0]]
 
 
+@numba.njit
+def chebyshev(a, b):  # a user's own function that happens to share a built-in metric's name
+    return np.abs(a - b).sum()
+
+
+def test_callable_named_like_a_built_in_is_treated_as_a_callable():
+    # the tree dispatched on the name: a user "chebyshev" got the built-in's float32 Chebyshev screen (159 of 200
+    # rows wrong in a review), a user "angular" had its points normalised
+    tree = kvant.CoverTree(metric=chebyshev)
+    assert tree._scan == -1 and tree._m.name == "callable:chebyshev"
+    X = _data(50, 3)
+    assert np.array_equal(tree._features(X, "points"), X)  # no built-in preprocessing (angular's normalisation)
+    assert kvant.CoverTree(metric=l1_user)._m.name == "callable:l1_user"
+
+
+def test_fit_owns_its_points():
+    # fit kept a view of the caller's array: changing it afterwards changed answers, broke the invariants, and
+    # the tree saved a file it could not load
+    X = _data(300, 4)
+    keep = X.copy()
+    tree = kvant.CoverTree().fit(X)
+    X[:] = 0.0
+    tree.check_invariants()
+    want = kvant.CoverTree().fit(keep).knn(keep[:20], 3)
+    got = tree.knn(keep[:20], 3)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    Xr = np.random.default_rng(1).random((40, 2))
+    rc0 = kvant.ResidualCorrelation.from_points(Xr, kvant.RBF(0.5, 1.0), n_inducing=8)
+    v, p = rc0.v.copy(), rc0.p_diag.copy()
+    rc = kvant.ResidualCorrelation(v, p, rc0.kernel_diag, rc0.kernel, X=Xr)
+    Xr[:] = 5.0
+    v[:] = 0.0
+    p[:] = 1.0
+    assert np.array_equal(rc.v, rc0.v) and np.array_equal(rc.p_diag, rc0.p_diag) and not np.any(rc.X == 5.0)
+    assert not np.any(rc0.X == 5.0)  # from_points copies too
+
+
+def test_load_refuses_a_negative_next_id(tmp_path):
+    from kvant import persist
+
+    # an emptied tree's file with next_id -5 (checksum valid) loaded, and the next insert failed with a bare
+    # IndexError from Numba
+    path = tmp_path / "t.kvant"
+    tree = kvant.CoverTree().fit(_data(5, 2))
+    tree.delete(tree.ids_)
+    tree.save(path)
+    kind, meta, arrays = persist.read(path)
+    persist.write(path, kind, dict(meta, next_id=-5), arrays)
+    with pytest.raises(PersistError, match="next id"):
+        kvant.load(path)
+
+
 def test_user_metric_with_wrong_signature_is_invalid_input():
     @numba.njit
     def one_arg(a):

@@ -326,6 +326,8 @@ class CoverTree:
                 self._dim = saved_dim
             if F.shape[0] == 0:
                 raise InvalidInput("fit points: need at least one point")
+            if isinstance(points, np.ndarray) and np.shares_memory(F, points):
+                F = F.copy()  # the tree owns its points: a caller changing theirs must not change its answers
             data, cap, slots, dim = F, F.shape[0], np.arange(F.shape[0], dtype=np.int64), F.shape[1]
         st = _State.empty(cap)
         tel = {"n": int(slots.size)}
@@ -1051,7 +1053,7 @@ class CoverTree:
             if (not isinstance(dim, int) or dim < 1 or data is None or data.shape != (n, dim)
                     or data.dtype != np.float64 or not np.all(np.isfinite(data))):
                 raise PersistError("CoverTree file: data array is missing or inconsistent")
-            if cap < next_id or (n and next_id <= ids[-1]):
+            if next_id < 0 or cap < next_id or (n and next_id <= ids[-1]):
                 raise PersistError("CoverTree file: next id is inconsistent")
             full = np.zeros((cap, dim))
             full[ids] = data

@@ -115,18 +115,21 @@ class ResidualCorrelation:
     docs/covertree.md), which the constructor checks.
     """
 
-    def __init__(self, v, p_diag, kernel_diag, kernel, *, X):
+    def __init__(self, v, p_diag, kernel_diag, kernel, *, X, _owned: bool = False):
         if not isinstance(kernel, _Covariance):
             raise InvalidInput(f"kernel must be a kvant.RBF or kvant.Matern52 object, got {type(kernel).__name__}")
-        X = np.ascontiguousarray(X, dtype=np.float64)
-        v = np.ascontiguousarray(v, dtype=np.float64)
+        # copies (unless from_points made them): the metric, and trees and files built on it, must not change
+        # when the caller's arrays do
+        copy = None if _owned else True  # None: only if the dtype or layout needs it
+        X = np.array(X, dtype=np.float64, order="C", copy=copy)
+        v = np.array(v, dtype=np.float64, order="C", copy=copy)
         if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
             raise InvalidInput(f"X must be a 2-D array (n, d) with n, d >= 1, got shape {X.shape}")
         n = X.shape[0]
         if v.ndim != 2 or v.shape[0] != n:
             raise InvalidInput(f"v must have shape (n={n}, rank), got {v.shape} (pass V.T for V of shape (rank, n))")
-        p = np.ascontiguousarray(p_diag, dtype=np.float64).reshape(-1)
-        kd = np.ascontiguousarray(np.broadcast_to(np.asarray(kernel_diag, dtype=np.float64), (n,)))
+        p = np.array(p_diag, dtype=np.float64, order="C", copy=copy).reshape(-1)
+        kd = np.array(np.broadcast_to(np.asarray(kernel_diag, dtype=np.float64), (n,)), order="C", copy=True)
         if p.shape[0] != n:
             raise InvalidInput(f"p_diag must have n={n} entries, got {p.shape[0]}")
         for name, a in (("X", X), ("v", v), ("p_diag", p), ("kernel_diag", kd)):
@@ -162,6 +165,7 @@ class ResidualCorrelation:
         p = max(kernel_diag - |v|^2, 0) + jitter * variance."""
         from .._config import rng
 
+        X_in = X
         try:
             X = np.ascontiguousarray(X, dtype=np.float64)
         except (TypeError, ValueError) as exc:
@@ -196,7 +200,7 @@ class ResidualCorrelation:
             v[s : s + step] = np.linalg.solve(L, block).T
         kd = kernel.diag(X)
         p = np.maximum(kd - np.einsum("ij,ij->i", v, v), 0.0) + jitter * kernel.variance
-        return cls(v, p, kd, kernel, X=X)
+        return cls(v, p, kd, kernel, X=X if X is not X_in else X.copy(), _owned=True)
 
     @property
     def n(self) -> int:
@@ -297,8 +301,10 @@ def resolve_metric(metric) -> _Resolved:
     except ImportError:  # pragma: no cover
         is_jitted = None
     if callable(metric) and is_jitted is not None and is_jitted(metric):
-        return _Resolved(getattr(metric, "__name__", "callable"), _user_kernels(metric), np.zeros(5), "callable", 1e-9,
-                         0.0, metric)
+        # "callable:" + its name: the tree dispatches built-in behaviour (the float32 screen, slack, the angular
+        # normalisation) on the name, and a user function called "chebyshev" must not get the built-in's
+        name = "callable:" + getattr(metric, "__name__", "?")
+        return _Resolved(name, _user_kernels(metric), np.zeros(5), "callable", 1e-9, 0.0, metric)
     raise InvalidInput(f"metric must be one of {sorted(VECTOR_METRICS)}, a kvant.ResidualCorrelation, or a "
                        f"Numba-jitted function dist(a, b) -> float; got {metric!r}")
 
