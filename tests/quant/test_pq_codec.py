@@ -300,3 +300,48 @@ def test_subspaces_of_very_different_magnitude_encode_to_their_nearest_codeword(
         assert np.unique(codes[:, j]).size > (1 << nbits) // 2  # trained and used, not one codeword
         got = d[np.arange(n), codes[:, j]]
         assert np.all(got <= d.min(1) * (1 + 1e-5))  # nearest up to float32 rounding
+
+
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ])
+@pytest.mark.parametrize("bulk,outlier", [(1.0, 1e25), (1e-22, 1.0)])
+def test_a_few_rows_far_out_leave_the_others_codes_exact(cls, bulk, outlier):
+    # the scale brought the *mean* squared norm near 1: 50 rows at 1e25 among 5,000 at 1 pushed the others to
+    # 1e-25, their squared differences underflowed and 9,833 of 9,900 codes were wrong (a review); the mirror
+    # case (99% at 1e-22, 1% at 1) went unscaled and underflowed the same way (612 wrong)
+    rng = np.random.default_rng(0)
+    n, dim, m = 5000, 8, 2
+    x = (rng.standard_normal((n, dim)) * bulk).astype(np.float32)
+    far = rng.choice(n, 50, replace=False)
+    x[far] = (rng.standard_normal((50, dim)) * outlier).astype(np.float32)
+    q = cls(dim, m, 8, seed=0).fit(x)
+    rest = np.setdiff1d(np.arange(n), far)
+    z = q._transform(x[rest]).astype(np.float64)  # the space the codebooks live in (OPQ: rotated)
+    books = q.codebooks_.astype(np.float64)
+    codes = q.unpacked_codes(q.encode(x[rest]))
+    d = dim // m
+    for j in range(m):
+        dist = ((z[:, None, j * d : (j + 1) * d] - books[j][None]) ** 2).sum(-1)
+        got = dist[np.arange(rest.size), codes[:, j]]
+        assert np.all(got <= dist.min(1) * (1 + 1e-5))
+        assert np.unique(codes[:, j]).size > 100  # the bulk was trained on too, not pushed to a few codewords
+
+
+def test_opq_refuses_data_whose_rotation_overflows_and_codes_do_not_depend_on_the_batch():
+    rng = np.random.default_rng(0)
+    a = np.clip(rng.standard_normal(4000), -3, 3) * 1e38
+    x = np.stack([a, a + rng.standard_normal(4000) * 1e37, rng.standard_normal(4000), rng.standard_normal(4000)],
+                 1).astype(np.float32)
+    o = kvant.OPQ(4, 2, 4, n_iter=5, init="eigen", seed=0)
+    with pytest.raises(InvalidInput, match="overflow"):  # was: inf codewords, then a bare OverflowError
+        o.fit(x)
+    with pytest.raises(EmptyIndex):
+        o.encode(x[:2])  # still unfitted
+    o.fit(x / 4)
+    with pytest.raises(InvalidInput, match="row 1 overflows"):
+        o.encode(np.vstack([x[:1] / 4, [[3e38, 3e38, 0, 0]]]).astype(np.float32))
+    # float32 BLAS rounded a one-row rotation differently from a many-row one: 1 row in 3,000 changed its code
+    x = (rng.standard_normal((5000, 64)) * np.linspace(1, 5, 64)).astype(np.float32)
+    o = kvant.OPQ(64, 64, 4, n_iter=3, seed=0).fit(x)
+    x = (np.random.default_rng(0).standard_normal((20000, 64)) * np.linspace(1, 5, 64)).astype(np.float32)[:3000]
+    one = np.concatenate([o.encode(x[i : i + 1]) for i in range(3000)])
+    assert np.array_equal(o.encode(x), one)

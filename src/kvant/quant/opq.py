@@ -128,13 +128,26 @@ class OPQ(PQ):
             r = procrustes(xs, y).astype(np.float32)
             xr = xs @ r
             books = lloyd_refine(np.ascontiguousarray(xr), books, self.n_iter_pq)
+        with np.errstate(over="ignore"):  # checked just below
+            books = uncondition(books, None, scale)
+        if not np.all(np.isfinite(books)):  # rotated codewords near float32's maximum overflow when unscaled
+            raise InvalidInput("OPQ: the rotated codewords overflow float32 (the training rows come within ~√dim "
+                               "of float32's maximum); scale the data down by a power of two first")
         self.rotation_ = np.ascontiguousarray(r, dtype=np.float32)
         self.mean_ = mean
-        self.codebooks_ = uncondition(books, None, scale)
+        self.codebooks_ = books
         return self
 
     def _rotate(self, block: np.ndarray) -> np.ndarray:
-        return block @ self.rotation_
+        # in float64, then rounded: float32 BLAS rounds a one-row product differently from a many-row one, and
+        # codes then depended on how many rows were encoded together (1 row in 3,000 in a review)
+        with np.errstate(over="ignore"):  # checked just below
+            out = (np.asarray(block, dtype=np.float64) @ self.rotation_.astype(np.float64)).astype(np.float32)
+        if not np.all(np.isfinite(out)):
+            row = int(np.argmax(~np.all(np.isfinite(out), axis=1)))
+            raise InvalidInput(f"row {row} overflows float32 once rotated (its values come within ~√dim of "
+                               "float32's maximum); scale the data down by a power of two first")
+        return out
 
     def _unrotate(self, block: np.ndarray) -> np.ndarray:
         return block @ self.rotation_.T
