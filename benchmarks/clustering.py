@@ -75,9 +75,8 @@ def run_faiss(subsample: bool):
         import faiss
 
         data = x
-        if metric == "cos":  # FAISS wants unit rows for spherical k-means; normalising is part of its job
-            data = x.copy()
-            faiss.normalize_L2(data)
+        if metric == "cos":  # FAISS wants unit rows for spherical k-means; normalising is part of its job,
+            faiss.normalize_L2(data)  # in place, on the copy ``prepare`` made outside the timer
         kw = {} if subsample else {"max_points_per_centroid": 1 << 30}
         km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed + 1, spherical=(metric == "cos"), **kw)
         t = time.perf_counter()
@@ -86,7 +85,16 @@ def run_faiss(subsample: bool):
         _, idx = km.index.search(data, 1)
         return idx[:, 0].astype(np.int64), km.centroids, {"train_only": train}
 
+    # The copy exists only so ``x`` survives for the next method: it is the benchmark's work, not FAISS's (an audit
+    # found it timed: 0.09-0.73 s at 1M x 128, against FAISS cos fits of 0.39-0.9 s)
+    fn.prepare = lambda x, metric: x.copy() if metric == "cos" else x
     return fn
+
+
+def _prepared(fn, x, metric):
+    """The input a method is timed on: ``fn.prepare``'s untimed copy where it has one, else ``x``."""
+    prepare = getattr(fn, "prepare", None)
+    return x if prepare is None else prepare(x, metric)
 
 
 def run_sklearn(minibatch: bool):
@@ -140,8 +148,9 @@ TARGET_METHODS = ("kvant auto", "faiss default")
 def time_method(fn, x, k, metric, seed, repeats, cap=None):
     times, results = [], None
     for r in range(repeats):
+        data = _prepared(fn, x, metric)
         t = time.perf_counter()
-        out = fn(x, k, metric, seed)
+        out = fn(data, k, metric, seed)
         times.append(time.perf_counter() - t)
         if r == 0:
             results = out
@@ -167,8 +176,9 @@ def interleaved(fns, x, k, metric, seed, repeats):
     r = 0
     while r < repeats or (r < SHORT_CELL_MAX_ROUNDS and all(sum(t) < SHORT_CELL_SECONDS for t in times.values())):
         for name, fn in fns.items():
+            data = _prepared(fn, x, metric)
             t = time.perf_counter()
-            out = fn(x, k, metric, seed + r % repeats)
+            out = fn(data, k, metric, seed + r % repeats)
             times[name].append(time.perf_counter() - t)
             if r < repeats:
                 results[name].append(out)
