@@ -332,13 +332,17 @@ def test_residual_screen_bounds_hold_for_float32_and_float64_products(kernel, nq
         assert np.any((x < lo - 1e-12) | (x > lo + e2 + 1e-12))
 
 
-def test_residual_screen_bounds_exclude_by_mode():
-    g = np.random.default_rng(4)
-    X = g.random((40, 2))
-    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=10, seed=0)
+def _small_residual(seed, n, rank):
+    """A residual metric on n random 2-d points: (metric, its feature rows, their w block, the w norms)."""
+    X = np.random.default_rng(seed).random((n, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=rank, seed=0)
     F = rc.features()
-    W = F[:, 2:12]
-    nw = np.sqrt((W * W).sum(1))
+    W = F[:, 2 : 2 + rank]
+    return rc, F, W, np.sqrt((W * W).sum(1))
+
+
+def test_residual_screen_bounds_exclude_by_mode():
+    rc, F, W, nw = _small_residual(4, 40, 10)
     q = np.array([0, 7, 39])
     slots = np.arange(40) * 2  # slots need not equal rows
     args = (np.ascontiguousarray(F[:, :2].T), F[:, 12].copy(), F[:, -1].copy(), nw, slots)
@@ -457,12 +461,7 @@ def test_residual_cover_screen_changes_no_centre_or_parent():
 def test_residual_screen_tile_survives_an_infinite_bound():
     # a point whose |w| overflowed (norm inf) gets lower bound -inf and width inf: its upper bound -inf + inf
     # is NaN, which used to enter the k-best heap and make its threshold ~0, so every later point was skipped
-    g = np.random.default_rng(6)
-    X = g.random((30, 2))
-    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.3, 1.0), n_inducing=8, seed=0)
-    F = rc.features()
-    W = F[:, 2:10]
-    nw = np.sqrt((W * W).sum(1))
+    rc, F, W, nw = _small_residual(6, 30, 8)
     nw[0] = np.inf
     q = np.array([5])
     G = np.ascontiguousarray(W[q] @ W.T)
