@@ -253,6 +253,8 @@ def assess(rows):
             f = m.get(anchor)
             if not a or not f or "seconds" not in f:
                 continue
+            if a.get("run") != f.get("run"):  # a verdict compares one run's measurements, never two runs' (audit)
+                continue
             speedup = f["seconds"] / a["seconds"]
             # relative quality loss of kvant vs the anchor (positive = kvant worse)
             loss = (a["quality"] - f["quality"]) / abs(f["quality"]) * (1 if metric == "l2" else -1)
