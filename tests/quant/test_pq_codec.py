@@ -326,6 +326,16 @@ def test_a_few_rows_far_out_leave_the_others_codes_exact(cls, bulk, outlier):
         assert np.unique(codes[:, j]).size > 100  # the bulk was trained on too, not pushed to a few codewords
 
 
+def test_range_scale_moves_the_extremes_into_range_and_only_then():
+    rs = pqmod.range_scale
+    assert rs(np.array([1e-4, 1.0, 1e20])) is None and rs(np.zeros(3)) is None  # ordinary: no copy at all
+    s = rs(np.array([1.0, 1e50]))  # overflow risk: the largest lands at 2^78..2^80
+    assert s < 1 and 2.0**77 <= 1e50 * s * s <= 2.0**80
+    s = rs(np.array([1e-44, 8.0]))  # underflow risk only: scaled up, the largest at most 2^80
+    assert s > 1 and 8.0 * s * s <= 2.0**80 and 1e-44 * s * s > 2.0**-78
+    assert rs(np.array([2.0**-100, 2.0**90])) is None  # shrinking would only push the small rows further down
+
+
 def test_opq_refuses_data_whose_rotation_overflows_and_codes_do_not_depend_on_the_batch():
     rng = np.random.default_rng(0)
     a = np.clip(rng.standard_normal(4000), -3, 3) * 1e38

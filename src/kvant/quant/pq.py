@@ -99,6 +99,8 @@ def range_scale(sq: np.ndarray) -> float | None:
     if 4.0 * mx <= _SQ_MAX and mn >= _SQ_MIN:
         return None
     e = int(np.floor((_SQ_TARGET_LOG2 - np.log2(mx)) / 2))
+    if 4.0 * mx <= _SQ_MAX:
+        e = max(e, 0)  # only the small rows need help: shrinking would push them further down
     return None if e == 0 else float(2.0**e)
 
 
