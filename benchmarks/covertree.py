@@ -109,6 +109,7 @@ def exact_match(d, i, rd, ri, dist, atol=1e-9, below=None):
 
 
 _T0 = [0.0]
+_NAME = ["covertree"]  # results file stem (--name)
 
 
 _STAMP = ["?"]
@@ -308,6 +309,36 @@ def vecchia_cell(args, rows):
     checkpoint(rows, args)
 
 
+def target_verdicts(rows) -> list[str]:
+    """Issue 4's targets, each met / missed / not measured, from the rows of a run (printed under the table)."""
+    def verdict(ok):
+        return "not measured" if ok is None else ("**met**" if ok else "**missed**")
+
+    e8 = [r for r in rows if r.get("metric") == "euclidean" and r.get("d") == 8 and "qps" in r]
+    res = [r for r in rows if r.get("metric") == "residual_correlation" and r.get("n") == 32768 and r.get("k") == 8
+           and "qps" in r]
+    big = [r["build_s"]["kvant"] for r in e8 if r["n"] >= 1 << 20]
+    within = [r["qps"]["kvant"] / r["qps"]["ckdtree"] >= 0.5 for r in e8]
+    above = [r["qps"]["kvant"] > r["qps"]["balltree"] for r in e8]
+    exact = [r["exact_kvant"] == 1.0 for r in rows if "exact_kvant" in r]
+    out = [f"Euclidean d=8 within 2× of cKDTree: {sum(within)} of {len(within)} cells, "
+           f"{verdict(all(within) if within else None)}",
+           f"Euclidean d=8 above BallTree: {sum(above)} of {len(above)} cells, "
+           f"{verdict(all(above) if above else None)}",
+           f"1M-point build < 30 s: {', '.join(f'{b:.2f} s' for b in big) or '-'}, "
+           f"{verdict(all(b < 30 for b in big) if big else None)}"]
+    if res:
+        r = res[0]
+        out += [f"Residual 32,768 points build < 2 s: {r['build_s']['kvant']:.2f} s (+ {r['prep_s']:.2f} s "
+                f"from_points), {verdict(r['build_s']['kvant'] < 2)}",
+                f"Residual 32,768 points k=8 ≥ 50,000 q/s: {r['qps']['kvant']:,.0f} q/s, "
+                f"{verdict(r['qps']['kvant'] >= 50000)}"]
+    else:
+        out += ["Residual 32,768 points build < 2 s and ≥ 50,000 q/s: not measured"]
+    out.append(f"Exactness 100% in every cell: {sum(exact)} of {len(exact)}, {verdict(all(exact) if exact else None)}")
+    return out
+
+
 def write(rows, args, elapsed):
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": kvant.get_num_threads(),
@@ -315,7 +346,7 @@ def write(rows, args, elapsed):
             "elapsed_s": elapsed, "quick": args.quick, "covertreex_published": COVERTREEX}
     for r in rows:
         r.setdefault("measured", _STAMP[0])
-    (RESULTS / "covertree.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{_NAME[0]}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| metric | d | data | n | k | build s (kvant / cKDTree) | kvant q/s | cKDTree q/s | BallTree q/s "
              "| KDTree q/s | brute q/s | kvant/cKDTree | exact |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -360,6 +391,8 @@ def write(rows, args, elapsed):
                  f"`ResidualCorrelation.from_points` (V and p from 512 inducing points); kvant answers queries with "
                  f"its exact BLAS scan (the tree walk's rate in brackets). "
                  f"Total benchmark time {elapsed:.0f} s (of the last run).")
+    lines.append("")
+    lines += [f"- {t}" for t in target_verdicts(rows)]
     when = {}
     for r in rows:
         when.setdefault(r.get("measured", "?"), set()).add(_group(r))
@@ -367,7 +400,7 @@ def write(rows, args, elapsed):
         lines.append("")
         lines.append("Rows come from more than one run (`--only` re-measures one group): "
                      + "; ".join(f"{', '.join(sorted(g))} measured {w}" for w, g in sorted(when.items())) + ".")
-    (RESULTS / "covertree.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{_NAME[0]}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -392,7 +425,7 @@ def write(rows, args, elapsed):
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(RESULTS / "covertree.png", dpi=110)
+        fig.savefig(RESULTS / f"{_NAME[0]}.png", dpi=110)
         plt.close(fig)
     except Exception as exc:  # the plot is a convenience; the JSON and table are the record
         print(f"plot skipped: {exc}")
@@ -404,9 +437,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["euclid", "residual", "vecchia"], default=None)
     ap.add_argument("--rewrite", action="store_true", help="only regenerate the table/plot from the JSON")
+    ap.add_argument("--name", default="covertree", help="results file stem under benchmarks/results")
     args = ap.parse_args()
+    _NAME[0] = args.name
     if args.rewrite:
-        saved = json.loads((RESULTS / "covertree.json").read_text())
+        saved = json.loads((RESULTS / f"{_NAME[0]}.json").read_text())
         args.quick = saved["meta"]["quick"]
         write(saved["rows"], args, saved["meta"]["elapsed_s"])
         return
@@ -426,7 +461,7 @@ def main() -> None:
     t0 = _T0[0] = time.perf_counter()
     rows: list = []
     if args.only:  # re-measure one group: the other groups' rows stay, each with its own run's date
-        saved = json.loads((RESULTS / "covertree.json").read_text())
+        saved = json.loads((RESULTS / f"{_NAME[0]}.json").read_text())
         rows += [dict(r, measured=r.get("measured", "earlier run")) for r in saved["rows"] if _group(r) != args.only]
     _STAMP[0] = time.strftime("%Y-%m-%d %H:%M")
     if args.only in (None, "euclid"):
@@ -438,7 +473,7 @@ def main() -> None:
     if args.only in (None, "euclid"):
         euclid_cells(args, rows, only_d=(3, 32))
     write(rows, args, time.perf_counter() - t0)
-    print((RESULTS / "covertree.md").read_text())
+    print((RESULTS / f"{_NAME[0]}.md").read_text())
 
 
 if __name__ == "__main__":
