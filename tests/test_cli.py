@@ -61,6 +61,13 @@ def test_cluster_sampling_flag_matches_the_api(tmp_path, capsys, sampling):
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), want)
 
 
+def test_cluster_minibatch_reports_no_sampling(tmp_path, capsys):
+    # minibatch samples nothing, but the JSON echoed the --sampling default ("coreset")
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((2000, 4)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "--algorithm", "minibatch", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] is None
+
+
 def test_cluster_overrelax_and_max_iter_flags_match_the_api(tmp_path, capsys):
     x = np.random.default_rng(2).standard_normal((3000, 6)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

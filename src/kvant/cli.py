@@ -242,7 +242,7 @@ def _cmd_cluster(args) -> int:
         "metric": args.metric,
         "algorithm": c.algorithm_,
         "auto_reason": c.auto_reason_,
-        "sampling": args.sampling,
+        "sampling": None if c.algorithm_ == "minibatch" else args.sampling,  # minibatch samples nothing
         "polish_iter": c.polish_iter_,
         "overrelax": c.overrelax_,
         "max_iter": c.max_iter_,

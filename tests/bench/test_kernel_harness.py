@@ -1,5 +1,8 @@
 """The kernel harness accepts the shipped kernels and rejects wrong ones with exit code 2."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -101,6 +104,28 @@ def test_cli_quick_run_appends_results_row(tmp_path, capsys):
     assert row["status"] == "pass" and float(row["geomean_ns_per_query"]) > 0
     assert main(["bench", "kernels", "--quick", "--no-speed", "--results", str(tsv)]) == 0
     assert len(tsv.read_text().splitlines()) == 3
+
+
+def test_results_row_names_kvants_commit_whatever_the_working_directory(tmp_path, monkeypatch):
+    # the commit came from `git rev-parse` in the caller's directory: another repository's HEAD, or "unknown"
+    import subprocess
+
+    here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(H.__file__).parent).stdout.strip()
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    monkeypatch.chdir(other)
+    assert H._git_commit() == (here or "unknown")
+
+
+def test_module_entry_point_runs_the_gate():
+    # `python -m kvant.bench.kernels` had no __main__ guard: it ran nothing and exited 0
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "kvant.bench.kernels", "--quick", "--no-results"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "geomean" in out.stdout
 
 
 def test_cli_exit_code_2_on_gate_failure(monkeypatch, capsys):

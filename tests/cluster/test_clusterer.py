@@ -821,6 +821,15 @@ def test_polish_runs_when_the_sample_is_every_row():
     np.testing.assert_array_equal(b.labels_, b.predict(x))
 
 
+def test_minibatch_stopping_does_not_depend_on_the_datas_scale():
+    # the tolerance's absolute floor (1e-30) decided alone at 1e-20 scale: two epochs instead of five
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    runs = [kvant.Clusterer(k=4, algorithm="minibatch", seed=0, batch_rows=500, max_epochs=5).fit(x * s)
+            for s in (1.0, 2.0**-66)]
+    assert len(runs[0].inertia_history_) == len(runs[1].inertia_history_)
+    np.testing.assert_allclose(runs[1].cluster_centers_ * 2.0**66, runs[0].cluster_centers_, rtol=1e-5, atol=1e-5)
+
+
 def test_minibatch_refuses_lloyd_settings_instead_of_ignoring_them():
     x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
     for kw in (dict(max_iter=1), dict(polish_iter=2), dict(overrelax=0.5)):

@@ -445,7 +445,14 @@ def markdown_table(speed: dict) -> str:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        # in kvant's own checkout (not the caller's directory, which may be another repository), if it is one
+        here = Path(__file__).resolve().parent
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5,
+                             cwd=here).stdout.strip()
+        if not top or not (Path(top) / "src" / "kvant" / "bench" / "kernels.py").exists():
+            return "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=here)
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
@@ -542,6 +549,12 @@ def run(kernels: PQKernels | None = None, quick: bool = False, seed: int = 0, sp
     return out
 
 
-def main(argv=None) -> int:  # pragma: no cover - thin wrapper; the CLI calls run()
-    quick = "--quick" in (argv or sys.argv[1:])
-    return run(quick=quick)["exit_code"]
+def main(argv=None) -> int:
+    """``python -m kvant.bench.kernels [flags]``: the same run, flags and exit codes as ``kvant bench kernels``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["bench", "kernels", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # python -m kvant.bench.kernels [--quick]
+    sys.exit(main())

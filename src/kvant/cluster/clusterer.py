@@ -80,8 +80,10 @@ class Clusterer:
     max_epochs : passes over the data for ``minibatch``.
 
     Fitted attributes: ``labels_``, ``cluster_centers_``, ``inertia_``, ``mse_`` (l2) or ``mean_cosine_`` (cos),
-    ``n_iter_``, ``inertia_history_``; the settings actually used: ``algorithm_``, ``auto_reason_``,
-    ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``threads_``; and ``timings_`` (seconds per phase).
+    ``n_iter_`` (Lloyd iterations; for ``minibatch``, mini-batch steps), ``inertia_history_`` (the training
+    objective per iteration; for ``minibatch``, per epoch); the settings actually used: ``algorithm_``,
+    ``auto_reason_``, ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``threads_``; and ``timings_`` (seconds per
+    phase).
 
     Example
     -------

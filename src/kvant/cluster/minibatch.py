@@ -119,7 +119,8 @@ def minibatch_kmeans(
         obj = 0.5 * total_obj if spherical else total_obj
         result.objective_history.append(obj)
         scale = n - obj if spherical else obj  # relative to Σ cos for spherical, as in Lloyd (cluster/lloyd.py)
-        if prev < np.inf and prev - obj <= tol * max(abs(scale), 1e-30):
+        # (a floor of 1e-30 used to decide alone for data at ~1e-20, stopping after two epochs)
+        if prev < np.inf and prev - obj <= tol * max(abs(scale), np.finfo(np.float64).tiny):
             break
         prev = obj
     result.centroids = c
