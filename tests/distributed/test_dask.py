@@ -118,6 +118,18 @@ def test_nan_error_names_the_first_bad_row_of_the_whole_input():
         kd.DaskClusterer(k=3, seed=0, sample_per_centroid=16).fit(da.from_array(big, chunks=(500, 8)))
 
 
+def test_cos_zero_row_error_names_the_first_zero_row_of_the_whole_input():
+    # the chunk passes raise for whichever chunk fails first (row 15000 here), the sample for its own rows; the
+    # single-machine fit names row 100, and so must the distributed one
+    x = np.random.default_rng(0).standard_normal((20000, 16)).astype(np.float32)
+    x[100] = 0
+    x[15000] = 0
+    for sample in (100, 20000):  # row 100 outside the training sample, then every row in it
+        with pytest.raises(InvalidInput, match=r"^row 100 has zero norm"):
+            kd.DaskClusterer(k=2, metric="cos", seed=0, sample_per_centroid=sample).fit(
+                da.from_array(x, chunks=(1000, 16)))
+
+
 def test_nan_in_a_file_list_is_named_by_its_row_in_the_whole_input(tmp_path):
     # each file is read whole by one task: its NaN must still be named by the row of the concatenated input,
     # and the first bad row of all files wins (not whichever task failed first)

@@ -69,6 +69,14 @@ I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128
 
 
+def zero_norm_error(row: int) -> InvalidInput:
+    """The error for a zero row under cos, carrying the row (``bad_row``) so that a caller who saw only part of
+    the input (kvant.distributed) can name the input's first such row instead."""
+    err = InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors")
+    err.bad_row, err.zero_norm = int(row), True
+    return err
+
+
 def block_rows_for(dim: int, k: int) -> int:
     """Rows per block so the (rows, K) float32 tile plus the (rows, D) input stay within ~2 MiB (L2/L3)."""
     rows = (2 << 20) // (4 * (k + dim))
@@ -190,7 +198,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
     for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads)
     if zero_rows:
-        raise InvalidInput(f"row {min(zero_rows) + row_offset} has zero norm; metric='cos' needs non-zero vectors")
+        raise zero_norm_error(min(zero_rows) + row_offset)
 
 
 class CertifiedCentres:
@@ -261,7 +269,7 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     if unit_rows and x.shape[0]:
         bad = np.flatnonzero(labels[: x.shape[0]] < 0)
         if bad.size:
-            raise InvalidInput(f"row {int(bad[0]) + row_offset} has zero norm; metric='cos' needs non-zero vectors")
+            raise zero_norm_error(int(bad[0]) + row_offset)
 
 
 def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndarray, d2: np.ndarray,

@@ -49,7 +49,6 @@ import numpy as np
 
 from .._config import get_num_threads, rng
 from .._parallel import for_each_block
-from ..errors import InvalidInput
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import (
     UNIT_WEIGHTS,
@@ -60,7 +59,7 @@ from ..kernels.lloyd import (
     loosen_bounds,
     move_rows,
 )
-from .assign import e_step
+from .assign import e_step, zero_norm_error
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
 # distances can never let a row keep a stale label.
@@ -137,7 +136,7 @@ def normalise_rows(block: np.ndarray, start: int = 0) -> np.ndarray:
 
     for_each_block(x.shape[0], 16384, run)
     if zero:
-        raise InvalidInput(f"row {min(zero) + start} has zero norm; metric='cos' needs non-zero vectors")
+        raise zero_norm_error(min(zero) + start)
     return out
 
 

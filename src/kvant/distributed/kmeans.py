@@ -25,7 +25,7 @@ import numpy as np
 
 from .._config import check_seed, rng
 from .._numerics import conditioning
-from ..cluster.assign import assign_top2
+from ..cluster.assign import assign_top2, zero_norm_error
 from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
@@ -179,10 +179,17 @@ def _chunk_first_bad(block, start):
     return -1 if row < 0 else start + row
 
 
-def _first_bad_row_of(arr) -> int | None:
-    """The first row of the whole Dask array holding NaN or inf (one pass), or None."""
+def _chunk_first_zero(block, start):
+    """Global index of the first row of this chunk with zero norm (no direction for cos), or -1."""
+    b = to_float32(block)
+    zero = ~(np.einsum("ij,ij->i", b, b, dtype=np.float64) > 0)
+    return start + int(np.argmax(zero)) if zero.any() else -1
+
+
+def _first_bad_row_of(arr, chunk_first=_chunk_first_bad) -> int | None:
+    """The first row of the whole Dask array that ``chunk_first`` flags (default: NaN or inf; one pass), or None."""
     dask, _ = _dask()
-    found = dask.compute(*[dask.delayed(_chunk_first_bad, pure=True)(blk, s) for blk, s in _blocks_with_starts(arr)])
+    found = dask.compute(*[dask.delayed(chunk_first, pure=True)(blk, s) for blk, s in _blocks_with_starts(arr)])
     bad = [int(r) for r in found if r >= 0]
     return min(bad) if bad else None
 
@@ -251,10 +258,11 @@ class DaskClusterer:
         except InvalidInput as exc:
             if getattr(exc, "bad_row", None) is None:
                 raise
-            first = _first_bad_row_of(arr)
+            zero = getattr(exc, "zero_norm", False)  # the sample's first zero row (cos), not the input's
+            first = _first_bad_row_of(arr, _chunk_first_zero if zero else _chunk_first_bad)
             if first is None or first == exc.bad_row:
                 raise
-            raise _bad_row_error("input", first, arr[first].compute()) from None
+            raise (zero_norm_error(first) if zero else _bad_row_error("input", first, arr[first].compute())) from None
 
     def _fit(self, arr, local: Clusterer, n: int, dim: int) -> DaskClusterer:
         spherical = self.metric == "cos"
@@ -268,7 +276,7 @@ class DaskClusterer:
         if spherical:
             zero = np.flatnonzero(~(np.einsum("ij,ij->i", sample32, sample32, dtype=np.float64) > 0))
             if zero.size:
-                raise InvalidInput(f"row {int(idx[zero[0]])} has zero norm; metric='cos' needs non-zero vectors")
+                raise zero_norm_error(int(idx[zero[0]]))
         local.fit(sample32)
         centroids = local.cluster_centers_
         history = [h * n / m for h in local.inertia_history_]  # the sample's objective, scaled to N rows
