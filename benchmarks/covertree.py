@@ -89,7 +89,7 @@ def exact_match(d, i, rd, ri, dist, atol=1e-9, below=None):
     (Vecchia predecessors), and wherever an id differs from the reference's, ``dist(rows, ids)`` (an independent
     distance computation) must give that position's distance: a different neighbour is accepted only as a tie.
     (An audit found the first version checking distances only: ids shifted by one passed.)"""
-    nq, k = d.shape
+    k = d.shape[1]
     both_inf = np.isinf(d) & np.isinf(rd)  # padding (-1 / inf) where fewer than k neighbours exist
     with np.errstate(invalid="ignore"):  # inf - inf in the padded slots, masked by both_inf
         diff = np.abs(np.where(both_inf, 0.0, d - rd))

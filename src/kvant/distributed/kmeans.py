@@ -274,9 +274,9 @@ class DaskClusterer:
         if sample.dtype.kind == "f":
             check_finite_rows(sample32, idx, "input", sample)
         if spherical:
-            zero = np.flatnonzero(~(np.einsum("ij,ij->i", sample32, sample32, dtype=np.float64) > 0))
-            if zero.size:
-                raise zero_norm_error(int(idx[zero[0]]))
+            zero = _chunk_first_zero(sample32, 0)
+            if zero >= 0:
+                raise zero_norm_error(int(idx[zero]))
         local.fit(sample32)
         centroids = local.cluster_centers_
         history = [h * n / m for h in local.inertia_history_]  # the sample's objective, scaled to N rows
