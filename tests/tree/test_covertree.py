@@ -778,3 +778,33 @@ def test_from_points_bad_inputs_are_invalid_input():
         kvant.ResidualCorrelation.from_points(np.array([["a", "b"]]), kvant.RBF())
     rc = kvant.ResidualCorrelation.from_points(np.zeros((4, 2)), kvant.RBF())  # duplicates: default jitter copes
     assert rc.n == 4
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "angular"])
+def test_repeated_inserts_of_an_existing_point_stay_shallow(metric):
+    # A copy used to land below its last copy: 300 single inserts built a chain 300 deep. Copies of a node
+    # now hang off it as leaves of one level below its other children, however they arrive.
+    X = _data(400, 3, clustered=True)
+    tree = kvant.CoverTree(metric).fit(X)
+    h0 = tree.check_invariants()["height"]
+    twins = [int(tree._root), 7, 211]  # the root, and points deeper in the tree
+    for t in twins:
+        for _ in range(60):
+            tree.insert(X[t : t + 1])
+        tree.insert(np.repeat(X[t : t + 1], 5, axis=0))  # a batch of copies of one node
+    mixed = np.vstack([X[[7, 7, 211]], _data(30, 3, seed=5), X[[3]]])  # copies, new points, a new copy
+    tree.insert(mixed)
+    info = tree.check_invariants()
+    assert info["n"] == 400 + 3 * 65 + mixed.shape[0]
+    assert info["height"] <= h0 + 2
+    Q = np.vstack([X[twins], _data(20, 3, seed=9)])
+    d, i = tree.knn(Q, 9)
+    bd, bi = tree.brute_force(Q, 9)
+    assert np.array_equal(i, bi) and np.allclose(d, bd, atol=1e-7)
+    tree.delete(np.flatnonzero(tree._in)[::3])  # re-insertion goes through the same landing
+    info = tree.check_invariants()
+    fresh = kvant.CoverTree(metric).fit(tree._data[tree.ids_]).check_invariants()["height"]
+    assert info["height"] <= fresh + 2
+    d, i = tree.knn(Q, 9)
+    bd, bi = tree.brute_force(Q, 9)
+    assert np.array_equal(i, bi) and np.allclose(d, bd, atol=1e-7)

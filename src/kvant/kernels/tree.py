@@ -518,7 +518,9 @@ def land(data, params, base, root, level, child_off, child_idx, newslots, out_la
          path_len, bad):  # pragma: no cover
     """Descend from the root: at node p (which covers the point), move to the nearest child c with
     d(c, x) <= base**level(c); land at p when no child covers x. The root covers everything (the caller
-    raises its level first). Records the path (nodes and distances) for the maxdist update."""
+    raises its level first). Stops at the first node the point coincides with (distance 0): copies hang off
+    that node (the caller places them), not below one another. Records the path (nodes and distances) for the
+    maxdist update."""
     for i in numba.prange(newslots.shape[0]):
         _land_one(data, params, base, root, level, child_off, child_idx, newslots, i, out_land, out_dp, path_node,
                   path_d, path_len, bad)
@@ -541,6 +543,8 @@ def _land_one(data, params, base, root, level, child_off, child_idx, newslots, i
         path_node[i, L] = p
         path_d[i, L] = dp
         L += 1
+        if dp == 0.0:
+            break
         best = np.inf
         bc = -1
         for e in range(child_off[p], child_off[p + 1]):

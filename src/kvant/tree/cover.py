@@ -513,13 +513,49 @@ class CoverTree:
             if mx > 0:
                 st.level[root] = max(int(st.level[root]), K.ceil_log(self.base, mx))
         tel["traversal"] = tel.get("traversal", 0.0) + time.perf_counter() - t
-        order = np.argsort(land, kind="stable")
-        perm = np.ascontiguousarray(new_slots[order])
-        pdist = np.ascontiguousarray(dp[order])
-        ls = land[order]
-        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
-        gend = np.r_[starts[1:], B].astype(np.int64)
-        self._grow(data, st, perm, pdist, ls[starts].astype(np.int64), starts.astype(np.int64), gend, tel)
+        copy = dp == 0.0  # lands on a node it coincides with (the traversal stops there)
+        grow = np.flatnonzero(~copy)
+        if grow.size:
+            order = grow[np.argsort(land[grow], kind="stable")]
+            perm = np.ascontiguousarray(new_slots[order])
+            pdist = np.ascontiguousarray(dp[order])
+            ls = land[order]
+            starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
+            gend = np.r_[starts[1:], grow.size].astype(np.int64)
+            self._grow(data, st, perm, pdist, ls[starts].astype(np.int64), starts.astype(np.int64), gend, tel)
+        if copy.any():
+            self._attach_copies(st, new_slots[copy], land[copy], new_slots[grow])
+
+    @staticmethod
+    def _attach_copies(st, slots, twins, grown) -> None:
+        """Hang each of ``slots`` off the node it coincides with (``twins``), as a leaf one level below all
+        of that node's children, or at the level of its lowest children when those are all copies too.
+
+        Why there: a child of the twin may lie within its covering radius of the twin, so a copy at that
+        child's level would break separation; below every child it has no sibling but other copies (distance
+        0, which separation exempts). Copies arriving one at a time therefore all share one level instead of
+        each landing below the last (a chain as deep as the number of copies). Runs after ``_grow`` so the
+        children it just created count.
+        """
+        uq, pos_s = np.unique(twins, return_inverse=True)
+        member = st.in_tree.copy()
+        member[grown] = True
+        kids = np.flatnonzero(member & (st.parent >= 0))
+        par = st.parent[kids]
+        at = np.searchsorted(uq, par)
+        sel = (at < uq.size) & (uq[np.minimum(at, uq.size - 1)] == par)
+        kids, at = kids[sel], at[sel]
+        low = st.level[uq].astype(np.int64)  # the twin's level stands in when it has no children
+        np.minimum.at(low, at, st.level[kids].astype(np.int64))
+        lowest = st.level[kids] == low[at]
+        mixed = np.zeros(uq.size, np.bool_)  # a child at the lowest level that is not a copy of the twin
+        np.logical_or.at(mixed, at[lowest], st.pd[kids[lowest]] != 0.0)
+        has_kids = np.bincount(at, minlength=uq.size) > 0
+        lev = np.where(has_kids & ~mixed, low, low - 1)
+        st.parent[slots] = twins
+        st.level[slots] = lev[pos_s]
+        st.pd[slots] = 0.0
+        st.maxdist[slots] = 0.0
 
     @with_threads
     def delete(self, ids) -> None:
