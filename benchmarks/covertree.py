@@ -172,8 +172,9 @@ def euclid_cells(args, rows, only_d=None):
             nq_used = nq if not big else 1024
             Qk = Q[:nq_used]
             # kvant and cKDTree carry the target: 5 alternating runs each at every size (medians)
-            t_ct, (cd, ci), t_kd, (kdd, kdi) = timed_pair(lambda Qk=Qk, k=k, tree=tree: tree.knn(Qk, k),
-                                                          lambda Qk=Qk, k=k, kd=kd: kd.query(Qk, k, workers=-1), 5)
+            t_ct, (cd, ci), t_kd, (kdd, kdi) = timed_pair(
+                lambda Qk=Qk, k=k, tree=tree: tree.knn(Qk, k),
+                lambda Qk=Qk, k=k, kd=kd, jobs=jobs: kd.query(Qk, k, workers=jobs), 5)
             t_br, (rd, ri) = timed(lambda Qk=Qk, k=k, X=X: brute_l2(X, Qk, k), 1 if n > 32768 else rep)
             t_bt, _ = timed(lambda Qk=Qk, k=k, bt=bt: bt.kneighbors(Qk, k), 1 if n > 32768 else rep)
             t_kt, _ = timed(lambda Qk=Qk, k=k, kt=kt: kt.kneighbors(Qk, k), 1 if n > 32768 else rep)
@@ -383,7 +384,7 @@ def write(rows, args, elapsed):
     lines.append("Published covertreex figures (their machines, not re-run here): "
                  + "; ".join(f"{c['what']}: build {c['build_s']} s, {c['qps']:,} q/s" for c in COVERTREEX) + ".")
     lines.append("")
-    lines.append(f"Threads: {meta['threads']} (kvant, cKDTree workers=-1, BLAS, sklearn BallTree/KDTree "
+    lines.append(f"Threads: {meta['threads']} (kvant, cKDTree workers, BLAS, sklearn BallTree/KDTree "
                  f"through NearestNeighbors(n_jobs=threads)). 1,024 queries per cell; kvant and cKDTree queries: "
                  f"median of 5 alternating runs; the other anchors: median of 3 runs below 131k points, single run "
                  f"above. Residual rows: build = `CoverTree(rc).fit()` and kvant's queries are "
@@ -446,6 +447,9 @@ def main() -> None:
         write(saved["rows"], args, saved["meta"]["elapsed_s"])
         return
     kvant.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(kvant.get_num_threads())  # the BLAS brute forces use kvant's thread count too
     # warm the JIT outside the timings
     w = kvant.CoverTree().fit(np.random.default_rng(0).random((5000, 3)))  # > 4096: the big-group kernels too
     w.knn(np.zeros((2, 3)), 2)
