@@ -947,3 +947,38 @@ def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
     calls.clear()
     row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=6, tol=0.0).fit(big)
     assert "candidate centres" not in row.auto_reason_ and not calls
+
+
+@pytest.mark.parametrize("k", [5, 40])  # the fused K <= 16 kernel on AVX2 hosts, the certified or BLAS paths above
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_a_bad_row_only_the_final_assignment_reads_is_named(k, metric):
+    # With a uniform sample of an in-memory float32 array, the final assignment is the first pass over all rows
+    # and checks them itself: a bad row outside the sample, even in the last partial row group, is named, the
+    # first of several wins, and a fitted estimator is left as it was.
+    n = 30001
+    x = np.random.default_rng(4).standard_normal((n, 7)).astype(np.float32)
+    seen = set(kvant.io.as_source(x).sample_indices(k * 8, 0).tolist())
+    c = kvant.Clusterer(k=k, metric=metric, seed=0, sampling="uniform", sample_per_centroid=8).fit(x)
+    before = (c.labels_.copy(), c.cluster_centers_.copy(), c.inertia_)
+    for rows in ([n - 1], [n - 2, 17000], [29000, 2, 15000]):
+        bad = x.copy()
+        for j, r in enumerate(rows):
+            assert r not in seen
+            bad[r, j % 7] = [np.nan, np.inf, -np.inf][j]
+        with pytest.raises(InvalidInput, match=rf"contains NaN or inf \(first bad row: {min(rows)}\)"):
+            c.fit(bad)
+        np.testing.assert_array_equal(c.labels_, before[0])
+        np.testing.assert_array_equal(c.cluster_centers_, before[1])
+        assert c.inertia_ == before[2]
+    # a finite row whose float32 squared norm overflows is not an error (l2): it goes the kernels' general path
+    big = x.copy()
+    big[n - 3] = 3e19
+    if metric == "l2":
+        labels = kvant.Clusterer(k=k, seed=0, sampling="uniform", sample_per_centroid=8).fit_predict(big)
+        assert labels.shape == (n,)
+    # the deferred check changes no result: the same fit on a source validated up front
+    src = kvant.io.as_source(x)
+    assert src.validated
+    d = kvant.Clusterer(k=k, metric=metric, seed=0, sampling="uniform", sample_per_centroid=8).fit(src)
+    np.testing.assert_array_equal(d.labels_, before[0])
+    assert d.inertia_ == before[2]

@@ -12,6 +12,7 @@ from .._config import get_num_threads
 from .._numerics import condition, conditioning
 from .._parallel import for_each_block
 from ..errors import InvalidInput
+from ..io.source import check_finite
 from ..kernels import amx_assign, direct_assign, i16_assign
 from ..kernels.assign import CANDIDATE_IDS_MAX, candidate_ids_from_ip, nearest_ids_from_ip, top2_from_ip
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
@@ -94,8 +95,12 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
                 exact_sq: np.ndarray | None = None, rows: np.ndarray | None = None, unit_rows: bool = False,
                 row_offset: int = 0, shift: np.ndarray | None = None, scale: float | None = None,
-                nearest: np.ndarray | None = None) -> None:
+                nearest: np.ndarray | None = None, check: str | None = None) -> None:
     """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``.
+
+    ``check`` (a source name; plain rows only, no ``rows``): ``x`` has not been checked for NaN/inf yet. Each
+    block is checked as it is assigned, while it is in cache (the fused kernel's finite norms prove it for free),
+    and :class:`InvalidInput` names the first bad row (``row_offset + i``) as ``VectorSource.validate`` would.
 
     ``shift``/``scale`` (from :func:`conditioning`, l2 only): each block and the centroids are moved to
     (· − shift)·scale before the GEMM, so data with a large common offset or an extreme magnitude is
@@ -120,6 +125,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     candidate centroid ids per row (any order; the row's label always among them) from the same products: with
     m <= 16 (and ``LANE_CANDIDATES``) those of :func:`candidate_ids_from_ip`, else the exact m nearest
     (:func:`nearest_ids_from_ip`)."""
+    if check is not None and rows is not None:
+        raise ValueError("check= needs plain rows (no rows=)")
     if nearest is not None:
         if rows is not None or unit_rows or shift is not None or scale is not None:
             raise ValueError("nearest= needs plain rows (no rows=, unit_rows or conditioning)")
@@ -147,7 +154,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     else:
         ct = np.ascontiguousarray(cc.T)
 
-    if direct and small:
+    if direct and small and check is None:
         threads = max(1, get_num_threads())
         block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
         direct_assign.direct_top2_parallel(np.ascontiguousarray(x), _NO_ROWS if rows is None else rows, ct,
@@ -155,6 +162,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         return
 
     zero_rows: list[int] = []
+    bad_rows: list[InvalidInput] = []
 
     # norms, products and exact distances row group by row group, one read of each row (kernels.direct_assign)
     fused = direct and exact_sq is not None and rows is None and not conditioned and x.flags.c_contiguous and (
@@ -163,8 +171,14 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     def run(s: int, e: int) -> None:
         if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1[s:e],
                                                      d2[s:e], exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
-            return
+            return  # (with ``check``: every row of the block is finite, see direct_top2_exact)
         xb = x[s:e] if rows is None else x[rows[s:e]]
+        if check is not None:
+            try:
+                check_finite(xb, row_offset + s, check)
+            except InvalidInput as err:
+                bad_rows.append(err)
+                return
         factor = None  # unit_rows: 1/‖x‖ per row
         if unit_rows:
             xn = sq_norms_serial(xb)
@@ -197,6 +211,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))
 
     for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads)
+    if bad_rows:  # NaN/inf before zero rows, as when the input is validated first
+        raise min(bad_rows, key=lambda err: err.bad_row)
     if zero_rows:
         raise zero_norm_error(min(zero_rows) + row_offset)
 

@@ -260,6 +260,10 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
     for i0 in range(0, n, R):
         i1 = min(n, i0 + R)
         sq_norms_into(x, i0, i1, xn)
+        if not unit_rows:
+            for i in range(i0, i1):
+                if not xn[i] < np.inf:  # NaN or inf in the row (or a float32 norm overflow): the caller's path
+                    return False
         if unit_rows:
             for i in range(i0, i1):
                 if not (xn[i] > safe_lo and xn[i] < safe_hi):
@@ -290,7 +294,9 @@ def direct_top2_exact(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, uni
 
     ``unit_rows``: assign x_i/‖x_i‖ as ``assign_top2`` does without a normalised copy (products scaled by 1/‖x_i‖,
     ``exact_sq`` of the unit row); returns False, leaving the outputs partly written, as soon as a row's squared norm
-    is outside (safe_lo, safe_hi) — the caller then normalises the block explicitly. Returns True otherwise."""
+    is outside (safe_lo, safe_hi) — the caller then normalises the block explicitly. Without ``unit_rows`` it returns
+    False as soon as a row's squared norm is not finite (a NaN or inf in the row, or float32 overflow). So True means
+    every row of x is finite: callers that defer the NaN/inf check to this pass rely on it."""
     n, dim = x.shape
     kp = ct.shape[1]
     R = _group_rows(kp)
