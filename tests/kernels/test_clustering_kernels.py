@@ -611,3 +611,25 @@ def test_balanced_rows_keeps_the_block_count_and_evens_the_sizes():
         assert r - last < -(-n // r)  # the last block is short by less than one row per block
 
     check()
+
+
+def test_gemm_form_overflow_is_never_distance_zero():
+    # (review) ‖q‖² + ‖x‖² − 2q·x with float32 norms at inf is inf − inf = NaN, which became 0: a far row reported
+    # as a perfect match. It is +inf now (FlatIndex recomputes such pairs exactly).
+    from kvant.kernels import distance as D
+
+    q = np.array([[1e20]], np.float32)
+    x = np.array([[1e20], [2e20], [-1e20], [0.5e20]], np.float32)
+    got = D.sq_l2_block(q, x, D.sq_norms(x))
+    assert not np.any(got[0, 1:] == 0)
+    assert np.all(np.isinf(got[0, 1:]))
+
+
+def test_topk_with_k_zero_is_empty():
+    # (review) the row merge indexed the k-th slot of an empty row: heap corruption and an abort
+    from kvant.kernels import topk as T
+
+    d, i = T.topk_smallest(np.arange(6, dtype=np.float32).reshape(2, 3), 0)
+    assert d.shape == (2, 0) and i.shape == (2, 0)
+    out_d, out_i = np.empty((2, 0), np.float32), np.empty((2, 0), np.int64)
+    T.merge_topk_ids(np.ones((2, 3), np.float32), np.zeros((2, 3), np.int64), out_d, out_i)

@@ -397,3 +397,71 @@ def test_ip_tables_hold_under_cancellation():
     got = K.ip_tables(q, cb).astype(np.float64)
     ref = R.pq_ip_tables_ref(q, cb)
     assert np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))) <= 1e-6
+
+
+def test_fastscan_shortlist_clip_is_not_set_by_the_first_rows():
+    # (review) The clip was set from the first k rows; when those use a far codeword the cap is huge, every other
+    # entry rounds to 0, and the shortlist was the next rerank*k rows scanned: 1 of the exact top 10. The clip now
+    # comes from the k-th smallest sum of rows spread over the codes.
+    m, n, k = 16, 1024, 10
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (n, m)).astype(np.uint8)
+    codes[:, 0] = 0
+    codes[:k, 0] = 15
+    t = rng.random((3, m, 16)).astype(np.float32)
+    t[:, 0, :] = 0
+    t[:, 0, 15] = 1000.0
+    p = K.pack_codes_4bit(codes)
+    want_d, want_i = K.adc_search(t, codes, k)
+    plain = t.copy()
+    plain[:, 0, 15] = 0.0  # the same tables without the far codeword: the recall the shortlist has anyway
+    plain_i = K.adc_search(plain, codes, k)[1]
+    for rerank in (1, 4, 16):
+        for nchunks in (1, 3):
+            d, i = K.fastscan_search(t, p, n, m, k, rerank, nchunks=nchunks)
+            recall = np.mean([len(set(i[q]) & set(want_i[q])) / k for q in range(3)])
+            base = K.fastscan_search(plain, p, n, m, k, rerank, nchunks=nchunks)[1]
+            plain_recall = np.mean([len(set(base[q]) & set(plain_i[q])) / k for q in range(3)])
+            assert recall >= plain_recall - 0.05 and recall >= 0.9, (rerank, recall, plain_recall)  # was 0.1
+            np.testing.assert_array_equal(d, np.take_along_axis(K.adc_distances(t, codes), i, 1))
+
+
+def test_fastscan_exact_mode_on_huge_tables_with_no_spread():
+    # (review) m·max|t| / scale overflowed the int64 slack to a negative bound: no row passed, all -1 / inf
+    m, n, k = 8, 40, 5
+    codes = np.random.default_rng(0).integers(0, 16, (n, m)).astype(np.uint8)
+    p = K.pack_codes_4bit(codes)
+    t1 = np.full((1, m, 16), 1e25, np.float32)  # all entries tie
+    t2 = (np.random.default_rng(1).random((1, m, 16)) * 1e-3).astype(np.float32)
+    t2[0, 0, :] = 1e30  # one constant huge sub-table
+    for t in (t1, t2):
+        want_d, want_i = K.adc_search(t, codes, k)
+        for rerank in (0, 4):
+            d, i = K.fastscan_search(t, p, n, m, k, rerank)
+            np.testing.assert_array_equal(i, want_i)
+            np.testing.assert_array_equal(d, want_d)
+
+
+def test_sums_that_overflow_to_inf_are_results_not_padding():
+    # (review) finite entries whose float32 sums overflow: rows 0..2 at +inf, ranked before any padding
+    t = np.full((1, 2, 16), 2e38, np.float32)
+    codes = np.zeros((3, 2), np.uint8)
+    p = K.pack_codes_4bit(codes)
+    for nchunks in (1, 2):
+        d, i = K.adc_search(t, codes, 3, nchunks=nchunks)
+        np.testing.assert_array_equal(i, [[0, 1, 2]])
+        assert np.all(np.isinf(d))
+        d, i = K.adc_search(t, codes, 5, nchunks=nchunks)  # n < k: padding after the real rows
+        np.testing.assert_array_equal(i, [[0, 1, 2, -1, -1]])
+        for rerank in (0, 1, 4):
+            d, i = K.fastscan_search(t, p, 3, 2, 3, rerank, nchunks=nchunks)
+            np.testing.assert_array_equal(i, [[0, 1, 2]])
+    # mixed: finite rows first, then the overflowing ones, then padding
+    t = np.zeros((1, 2, 16), np.float32)
+    t[0, :, 1] = 2e38
+    codes = np.array([[1, 1], [0, 0], [1, 1], [0, 1]], np.uint8)
+    d, i = K.adc_search(t, codes, 6)
+    np.testing.assert_array_equal(i, [[1, 3, 0, 2, -1, -1]])
+    for rerank in (0, 4):
+        d, i = K.fastscan_search(t, K.pack_codes_4bit(codes), 4, 2, 6, rerank)
+        np.testing.assert_array_equal(i, [[1, 3, 0, 2, -1, -1]])

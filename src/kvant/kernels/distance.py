@@ -182,13 +182,15 @@ def mean_and_spread(x, step):
 
 @numba.njit(parallel=True, **_JIT)
 def finish_sq_l2(g, q_sqnorms, x_sqnorms):
-    """In place: g[i, j] (= q_i·x_j) becomes max(‖q_i‖² + ‖x_j‖² − 2 g[i, j], 0)."""
+    """In place: g[i, j] (= q_i·x_j) becomes max(‖q_i‖² + ‖x_j‖² − 2 g[i, j], 0); +inf where that is NaN (float32
+    overflow: inf − inf), never 0, which would report a far row as a perfect match. Callers that need exact
+    distances recompute such pairs (FlatIndex does)."""
     nq, nb = g.shape
     for i in prange(nq):
         qi = q_sqnorms[i]
         for j in range(nb):
             v = qi + x_sqnorms[j] - np.float32(2.0) * g[i, j]
-            g[i, j] = v if v > 0 else np.float32(0.0)
+            g[i, j] = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
 
 
 @numba.njit(parallel=True, **_JIT)

@@ -438,9 +438,10 @@ def adc_distances(tables, codes):
 
 @numba.njit(inline="always", **_JIT)
 def _push(dd, ii, k, d, i):
-    """Insert (d, i) into the sorted top-k lists (dd, ii); caller checked it beats the k-th (lexicographic)."""
+    """Insert (d, i) into the sorted top-k lists (dd, ii); caller checked it beats the k-th (lexicographic, an empty
+    slot's id -1 counting as larger than any: a row whose float32 sum overflowed to +inf still beats padding)."""
     p = k - 1
-    while p > 0 and (dd[p - 1] > d or (dd[p - 1] == d and ii[p - 1] > i)):
+    while p > 0 and (dd[p - 1] > d or (dd[p - 1] == d and (ii[p - 1] > i or ii[p - 1] < 0))):
         dd[p] = dd[p - 1]
         ii[p] = ii[p - 1]
         p -= 1
@@ -468,7 +469,8 @@ def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
     ``tq[(j * ksub + c) * _QB + qq]`` holds query qq's table entry for code c of sub-quantizer j: the block's
     entries for one code are adjacent, so one vector load fetches all of them. The sums go to ``out[0:_QB]``
     (each accumulated in order j, as the scalar reference does: no fast-math, so no reassociation); the mask
-    has bit qq set where ``out[qq] < th[qq]``. ``codes`` must be C-contiguous (rows of m bytes)."""
+    has bit qq set where ``out[qq] <= th[qq]`` (a superset: the caller settles ties and empty slots, so a sum that
+    overflowed to +inf still fills an empty slot). ``codes`` must be C-contiguous (rows of m bytes)."""
     sig = types.int64(tq, codes, types.intp, types.intp, types.intp, out, th)
 
     def codegen(context, builder, signature, args):
@@ -491,7 +493,7 @@ def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
         acc = builder.load(slot)
         builder.store(acc, builder.bitcast(a_out.data, vt.as_pointer()), align=4)
         thv = builder.load(builder.bitcast(a_th.data, vt.as_pointer()), align=4)
-        bits = builder.bitcast(builder.fcmp_ordered("<", acc, thv), ir.IntType(_QB))
+        bits = builder.bitcast(builder.fcmp_ordered("<=", acc, thv), ir.IntType(_QB))
         return builder.zext(bits, ir.IntType(64))
 
     return sig, codegen
@@ -523,8 +525,9 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i):
             while mask != 0:
                 qq = _ctz(mask)
                 mask &= mask - 1
-                _push(dd[q0 + qq], ii[q0 + qq], k, sums[qq], r)
-                th[qq] = dd[q0 + qq, k - 1]
+                if sums[qq] < th[qq] or ii[q0 + qq, k - 1] < 0:
+                    _push(dd[q0 + qq], ii[q0 + qq], k, sums[qq], r)
+                    th[qq] = dd[q0 + qq, k - 1]
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -654,18 +657,28 @@ def _quantize_one(t, mp, lut8, cap=np.inf):
     return scale, sumabs
 
 
+# Rows per top-k slot whose exact sums set the shortlist's clip (``_shortlist_cap``): 4k sums cost 4k·m lookups
+# per query, next to the n·m of the scan.
+CAP_SAMPLE = 4
+
+
 @numba.njit(**_JIT)
 def _shortlist_cap(t, flat, n, m, mp2, k):
-    """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of the first
-    k rows: their largest, U, bounds the k-th best from above, and a row with an entry more than U − Σ_j min_j above
-    its minimum sums to more than U. Clipping entries there keeps one far codeword (a table entry 1e4× the others)
-    from setting the quantisation step alone, which rounded every other entry to 0 and made the shortlist the
-    first rows scanned. inf when there are fewer than k rows."""
+    """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of
+    ``CAP_SAMPLE * k`` rows spread evenly over the codes: their k-th smallest, U, bounds the k-th best from above (any
+    k rows do), and a row with an entry more than U − Σ_j min_j above its minimum sums to more than U. Clipping
+    entries there keeps one far codeword (a table entry 1e4× the others) from setting the quantisation step alone,
+    which rounded every other entry to 0 and made the shortlist the first rows scanned. (U was the largest of the
+    first k rows' sums: when those rows held the far codeword the clip did nothing, and the shortlist found 1 of the
+    exact top 10.) inf when there are fewer than k rows."""
     if n < k:
         return np.inf
-    u = np.float64(_exact_4bit(t, flat, 0, m, mp2))
-    for r in range(1, k):
-        u = max(u, np.float64(_exact_4bit(t, flat, r, m, mp2)))
+    s = min(n, CAP_SAMPLE * k)
+    sums = np.empty(s)
+    for i in range(s):
+        sums[i] = _exact_4bit(t, flat, (i * n) // s, m, mp2)
+    sums.sort()
+    u = sums[k - 1]
     low = 0.0
     for j in range(m):
         lo = np.float64(t[j, 0])
@@ -855,6 +868,17 @@ def _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n):
     return mask, 2 if two else 1, nr
 
 
+@numba.njit(inline="always", **_JIT)
+def _slack_units(m, sumabs, scale):
+    """The float32 rounding of the exact sums (m additions, relative 2^-24 each) in LUT units, plus one. Capped at
+    2^20: any bound past 65535 + m admits every row, and an uncapped huge value (tables of magnitude ~1e25 with
+    no spread: scale 1) overflowed the int64 conversion to a negative bound that admitted none."""
+    s = np.ceil(2.0 * m * 6.0e-8 * sumabs / scale)
+    if not s < 1048576.0:
+        s = 1048576.0
+    return np.int64(s) + 1
+
+
 @numba.njit(parallel=True, **_JIT)
 def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d, part_i):
     # Exact mode: keep every row whose quantised sum is within the error bound of the k-th best.
@@ -873,7 +897,7 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
         lut8 = np.empty(bbytes, dtype=np.uint8)
         scale, sumabs = _quantize_one(t, 2 * mp2, lut8)
         # float32 rounding of the exact sums (m additions, relative 2^-24 each) expressed in LUT units
-        slack = np.int64(np.ceil(2.0 * m * 6.0e-8 * sumabs / scale)) + 1
+        slack = _slack_units(m, sumabs, scale)
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         r_end = min(n, b1 * 32)
@@ -897,7 +921,7 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
             if np.int64(allacc[x]) <= bound:
                 r = r0 + x
                 d = _exact_4bit(t, flat, r, m, mp2)
-                if d < dd[k - 1]:
+                if d < dd[k - 1] or ii[k - 1] < 0:  # rows ascending: a tie never displaces
                     _push(dd, ii, k, d, r)
 
 

@@ -46,6 +46,8 @@ def merge_topk(block_dist, base, out_dist, out_idx):
 
     ``out_dist``/``out_idx`` start as inf / -1. NaN distances are never selected.
     """
+    if out_dist.shape[1] == 0:  # k = 0: nothing to keep (the row merge indexes the k-th slot)
+        return
     no_ids = np.empty(0, np.int64)
     for r in prange(block_dist.shape[0]):
         _merge_row(out_dist[r], out_idx[r], block_dist[r], no_ids, base)
@@ -55,6 +57,8 @@ def merge_topk(block_dist, base, out_dist, out_idx):
 def merge_topk_ids(block_dist, block_ids, out_dist, out_idx):
     """Like :func:`merge_topk` but the block's column ids are given explicitly (``block_ids`` (nq, nb));
     negative ids are skipped."""
+    if out_dist.shape[1] == 0:
+        return
     for r in prange(block_dist.shape[0]):
         _merge_row(out_dist[r], out_idx[r], block_dist[r], block_ids[r], 0)
 
