@@ -62,6 +62,26 @@ def magnitude_scale(rows: np.ndarray) -> float | None:
     return _pow2_scale(float(np.einsum("ij,ij->", sub, sub)) / sub.shape[0])
 
 
+def row_magnitude_scales(rows: np.ndarray) -> np.ndarray | None:
+    """Per row, a power of two bringing its squared norm near 1 when that lies outside [2**-40, 2**40], else 1
+    (float64, one per row); None when every row is within range. For queries ranked by inner products, where any
+    positive factor per query keeps its order: one factor for a whole batch (:func:`magnitude_scale`) pushed the
+    ordinary queries of a batch that also held a 1e25 one to 0."""
+    sq = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        lg = np.log2(sq)
+    out = np.where(np.isfinite(lg) & (np.abs(lg) > _SAFE_LOG2_SQNORM), np.exp2(-np.round(lg / 2)), 1.0)
+    return out if np.any(out != 1.0) else None
+
+
+def scale_rows(x: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """x[i]·scales[i] as float32 (x itself when ``scales`` is None): powers of two, exact wherever the result
+    is a normal float32."""
+    if scales is None:
+        return x
+    return (x.astype(np.float64) * scales[:, None]).astype(np.float32)
+
+
 def condition(x: np.ndarray, shift: np.ndarray | None, scale: float | None) -> np.ndarray:
     """(x − shift)·scale as a new float32 array (x itself when both are None)."""
     if shift is None and scale is None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PersistError
+from .errors import InvalidInput, PersistError
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "write", "read", "load", "register"]
 
@@ -64,13 +64,22 @@ def register(kind: str):
     return deco
 
 
+def _path(path) -> Path:
+    """``path`` as a Path: a str, bytes or os.PathLike, else InvalidInput (not a bare TypeError)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidInput(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     """Atomically write ``arrays`` (name -> numeric ndarray) and JSON-able ``meta`` under ``kind``."""
-    path = Path(path)
+    path = _path(path)
     entries = []
     prepared = []
     for name, arr in arrays.items():
@@ -159,7 +168,7 @@ def read(
     With ``mmap=True`` arrays are read-only memory maps into the file (the checksum is still verified
     once, by streaming the file); otherwise they are independent in-memory copies.
     """
-    path = Path(path)
+    path = _path(path)
     try:
         size = path.stat().st_size
         fh = open(path, "rb")

@@ -259,3 +259,23 @@ def test_ip_single_extreme_query_is_scaled_by_its_norm():
     d, ids = index.search(q, 3)
     ref = x.astype(np.float64) @ q.astype(np.float64)
     assert ids.tolist() == np.argsort(-ref, kind="stable")[:3].tolist()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_one_huge_query_leaves_the_others_in_its_batch_alone(metric):
+    # (review) ip took one power-of-two scale for the whole batch: next to a query of norm 1e25 one of norm 1e-25
+    # was scaled to 0 and got ids 0..4 at similarity 0
+    import warnings
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    q = rng.standard_normal((2, 16)).astype(np.float32)
+    index = kvant.FlatIndex(16, metric)
+    index.add(x)
+    small = q[:1] * np.float32(1e-25)
+    alone_d, alone_i = index.search(small, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning leaks out either
+        d, i = index.search(np.vstack([small, q[1:] * np.float32(1e25)]), 5)
+    np.testing.assert_array_equal(i[0], alone_i[0])
+    np.testing.assert_allclose(d[0], alone_d[0], rtol=1e-6)  # BLAS rounds a 1- and a 2-query product differently

@@ -360,3 +360,72 @@ def test_one_far_codeword_does_not_blind_the_4bit_shortlist(rerank):
         assert np.all(got <= kth[:, None] * (1 + 1e-6))
     else:  # a heuristic, but no longer blind
         assert np.mean(got <= kth[:, None] * (1 + 1e-6)) > 0.95
+
+
+@pytest.mark.parametrize("nbits,refine,opq", [(8, 0, False), (4, 0, False), (8, 4, False), (8, 0, True)])
+def test_one_huge_query_leaves_the_others_in_its_batch_alone(data, nbits, refine, opq):
+    # (review) One table scale for the whole batch: a query of norm ~1e37 pushed the others' tables to float32
+    # subnormals, changing the ids of 30 of 50 ordinary queries and rounding their distances (9.435175 -> 9.4375).
+    x, q = data
+    index = kvant.PQIndex(DIM, M, nbits=nbits, refine=refine, opq=opq)
+    index.train(x)
+    index.add(x)
+    alone_d, alone_i = index.search(q, 10)
+    batch = np.vstack([q, q[:1] * np.float32(1e36)])
+    d, i = index.search(batch, 10)
+    np.testing.assert_array_equal(i[: len(q)], alone_i)
+    np.testing.assert_array_equal(d[: len(q)], alone_d)
+    assert (i[-1] >= 0).all()
+
+
+def test_refine_and_shortlist_lengths_are_capped_at_the_index_size(data):
+    # (review) refine=10**5 over 50 vectors allocated 418 MiB and took 2.8 s; 10**11 raised a bare MemoryError;
+    # fastscan_rerank=10**12 a bare SystemError from Numba
+    x, q = data
+    for kwargs in ({"refine": 10**11}, {"nbits": 4, "fastscan_rerank": 10**12}):
+        index = kvant.PQIndex(DIM, M, **kwargs)
+        index.train(x[:300])
+        index.add(x[:50])
+        d, i = index.search(q[:2], 10)
+        capped = {key: (50 if key == "refine" else 5 if key == "fastscan_rerank" else v) for key, v in kwargs.items()}
+        want = kvant.PQIndex(DIM, M, **capped)  # a shortlist of 5·10 rows holds all 50
+        want.train(x[:300])
+        want.add(x[:50])
+        wd, wi = want.search(q[:2], 10)
+        np.testing.assert_array_equal(i, wi)
+
+
+@pytest.mark.parametrize("cls", ["flat", "pq"])
+def test_load_refuses_a_negative_next_id_on_an_empty_index(tmp_path, cls):
+    # (review) checked only when the index held vectors: later adds got ids -3, -2, -1 (-1 is the padding id)
+    from kvant import persist
+
+    index = kvant.FlatIndex(4) if cls == "flat" else kvant.PQIndex(4, 2)
+    if cls == "pq":
+        index.train(np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32))
+    index.save(tmp_path / "e.kv")
+    kind, meta, arrays = persist.read(tmp_path / "e.kv")
+    meta["next_id"] = -3
+    persist.write(tmp_path / "bad.kv", kind, meta, arrays)
+    with pytest.raises(PersistError, match="next_id -3"):
+        kvant.load(tmp_path / "bad.kv")
+
+
+def test_ragged_lists_and_bad_path_types_are_kvant_errors(tmp_path, data):
+    x, _ = data
+    index = kvant.FlatIndex(2)
+    index.add(np.eye(2, dtype=np.float32))
+    with pytest.raises(InvalidInput, match="queries"):
+        index.search([[1, 2], [1]], 1)
+    with pytest.raises(InvalidInput, match="ids"):
+        index.add(np.eye(2, dtype=np.float32), ids=[[5], [6, 7]])
+    with pytest.raises(InvalidInput, match="ids to remove"):
+        index.remove([[1], [2, 3]])
+    assert len(index) == 2
+    for bad in (None, 3.5):
+        with pytest.raises(InvalidInput, match="path must be"):
+            index.save(bad)
+        with pytest.raises(InvalidInput, match="path must be"):
+            kvant.load(bad)
+    index.save(str(tmp_path / "b.kv").encode())  # bytes paths are paths
+    assert len(kvant.load(tmp_path / "b.kv")) == 2

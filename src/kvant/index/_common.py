@@ -39,6 +39,14 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return (x / norms[:, None]).astype(np.float32)
 
 
+def _asarray(x, what: str) -> np.ndarray:
+    """np.asarray, with NumPy's refusals (ragged nested lists, ...) as InvalidInput."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{what} must be an array: {exc}") from exc
+
+
 def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
     """Validate queries -> (float32 C-contiguous (nq, dim), was_1d). A file path is read with as_source."""
     if isinstance(q, str | os.PathLike):
@@ -47,7 +55,7 @@ def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
         arr = q.to_array()
         one = False
     else:
-        arr = np.asarray(q)
+        arr = _asarray(q, "queries")
         if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
             raise InvalidInput(f"queries must be numeric, got dtype {arr.dtype}")
         one = arr.ndim == 1
@@ -75,7 +83,7 @@ def check_new_ids(ids, n: int, existing: np.ndarray) -> np.ndarray | None:
     """Validate caller ids for ``n`` new rows: 1-D integers, unique, not already in the index."""
     if ids is None:
         return None
-    arr = np.asarray(ids)
+    arr = _asarray(ids, "ids")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise InvalidInput(f"ids must be a 1-D array of {n} integers, got shape {arr.shape}")
     if n and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_):
@@ -97,7 +105,7 @@ def check_new_ids(ids, n: int, existing: np.ndarray) -> np.ndarray | None:
 
 
 def check_remove_ids(ids) -> np.ndarray:
-    arr = np.asarray(ids)
+    arr = _asarray(ids, "ids to remove")
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_)):

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import persist
 from .._config import with_threads
-from .._numerics import condition, conditioning, magnitude_scale
+from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows
 from ..errors import PersistError
 from ._common import (
     Rows,
@@ -53,7 +53,8 @@ def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.nd
         diff = x[np.maximum(rows, 0)].astype(np.float64) - q[s : s + step, None, :].astype(np.float64)
         d = np.where(valid, np.einsum("qkd,qkd->qk", diff, diff), np.inf)
         order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), d), axis=-1)
-        out_d[s : s + step] = np.take_along_axis(d, order, axis=1)
+        with np.errstate(over="ignore"):  # beyond float32's range a distance is inf (documented)
+            out_d[s : s + step] = np.take_along_axis(d, order, axis=1)
         out_i[s : s + step] = np.take_along_axis(rows, order, axis=1)
 
 
@@ -136,13 +137,14 @@ class FlatIndex:
         x, n = self._x.view, self.ntotal
         if self.metric != "l2":
             # inner products of rows far outside float32's range overflow (inf − inf = NaN drops a row) or
-            # underflow to 0 (losing the ranking): rows and queries are scaled by powers of two of their own
-            # (no shift: inner products are not shift invariant), which keeps each query's order
-            x_scale, q_scale = magnitude_scale(x), magnitude_scale(q)
+            # underflow to 0 (losing the ranking): the rows by one power of two, each query by its own (no shift:
+            # inner products are not shift invariant), which keeps each query's order
+            x_scale, q_scale = magnitude_scale(x), row_magnitude_scales(q)
             out_d, out_i, _, _ = self._gemm_topk(q, k, None, x_scale, q_scale)
             if x_scale is not None or q_scale is not None:
+                unit = (x_scale or 1.0) * (1.0 if q_scale is None else q_scale[:, None])
                 with np.errstate(over="ignore"):
-                    out_d = (out_d.astype(np.float64) / ((x_scale or 1.0) * (q_scale or 1.0))).astype(np.float32)
+                    out_d = (out_d.astype(np.float64) / unit).astype(np.float32)
             return finish_results(out_d, out_i, self._ids.view, True, one, k_out)
         # data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
         shift, scale = conditioning(x)
@@ -163,12 +165,13 @@ class FlatIndex:
             exact_d = np.empty((todo.size, k))
             exact_i = np.empty((todo.size, k), np.int64)
             exact_l2_topk(np.ascontiguousarray(q[todo]), x, exact_d, exact_i)
-            out_d[todo], out_i[todo] = exact_d, exact_i
+            with np.errstate(over="ignore"):
+                out_d[todo], out_i[todo] = exact_d, exact_i
         return finish_results(out_d, out_i, self._ids.view, False, one, k_out)
 
-    def _gemm_topk(self, q, kk, shift, scale, q_scale: float | None = None):
+    def _gemm_topk(self, q, kk, shift, scale, q_scale: np.ndarray | None = None):
         """The ``kk`` best rows per query by BLAS: squared L2 in the GEMM form on (· − shift)·scale for l2,
-        negated inner products of x·scale and q·q_scale otherwise.
+        negated inner products of x·scale and q[i]·q_scale[i] otherwise.
         Returns (float32 scores, rows, ‖q‖² and max ‖x‖² as conditioned)."""
         from ..kernels.distance import ip_block, sq_l2_block, sq_norms
         from ..kernels.topk import merge_topk
@@ -184,7 +187,8 @@ class FlatIndex:
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)
         for qs in range(0, nq, qb):
-            qblk = condition(q[qs : qs + qb], shift, scale) if l2 else condition(q[qs : qs + qb], None, q_scale)
+            qblk = (condition(q[qs : qs + qb], shift, scale) if l2
+                    else scale_rows(q[qs : qs + qb], None if q_scale is None else q_scale[qs : qs + qb]))
             qn = sq_norms(qblk) if l2 else None
             if l2:
                 q_sq[qs : qs + qb] = qn
@@ -247,8 +251,8 @@ class FlatIndex:
         check_ids_array(ids, n)
         if x.dtype != np.float32 or x.shape != (n, obj.dim):
             raise PersistError(f"vectors have shape {x.shape} / {x.dtype}, expected ({n}, {obj.dim}) float32")
-        if n and (next_id <= int(ids.max())):
-            raise PersistError("next_id is not larger than every stored id")
+        if next_id < 0 or (n and next_id <= int(ids.max())):
+            raise PersistError(f"next_id {next_id} is negative or not larger than every stored id")
         if not np.isfinite(x).all():
             raise PersistError("stored vectors contain NaN or inf")
         norms = sq_norms(np.ascontiguousarray(x)) if n else None

@@ -205,18 +205,27 @@ class PQIndex:
         np.negative(t, out=t)
         return t
 
-    def _finite_tables(self, q: np.ndarray, scale: float | None) -> tuple[float | None, np.ndarray]:
-        """(scale, tables) for the queries ``q``: the codebooks' scale, or for queries so far outside the codebooks'
-        range that their tables overflow (an infinite entry ranks nothing: the scans admit no row), a smaller
-        power of two, so every row is ranked as well as float32 allows. Distances come back in the data's units."""
+    def _finite_tables(self, q: np.ndarray, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scales, tables) for the queries ``q``: per query, the codebooks' scale, or for a query so far outside
+        the codebooks' range that its tables overflow (an infinite entry ranks nothing: the scans admit no row), a
+        smaller power of two of its own, so every row is ranked as well as float32 allows. Per query: one factor for
+        the whole batch pushed the other queries' tables to float32 subnormals (30 of 50 ordinary queries changed
+        their ids next to one of norm 1e37). Tables are in units of scales[i]² (distances come back in the data's)."""
+        base = 1.0 if scale is None else scale
+        scales = np.full(q.shape[0], base)
         with np.errstate(over="ignore", invalid="ignore"):
             tables = self._tables(q, scale)
-            while not np.isfinite(tables).all():
-                scale = (1.0 if scale is None else scale) * 2.0**-24
-                if scale < 2.0**-200:  # pragma: no cover - finite float32 queries fit long before
+            bad = np.flatnonzero(~np.isfinite(tables.reshape(q.shape[0], -1)).all(axis=1))
+            s = base
+            while bad.size:
+                s *= 2.0**-24
+                if s < 2.0**-200:  # pragma: no cover - finite float32 queries fit long before
                     raise AssertionError("query tables do not fit float32 at any scale")
-                tables = self._tables(q, scale)
-        return scale, tables
+                sub = self._tables(np.ascontiguousarray(q[bad]), s)
+                ok = np.isfinite(sub.reshape(bad.size, -1)).all(axis=1)
+                tables[bad[ok]], scales[bad[ok]] = sub[ok], s
+                bad = bad[~ok]
+        return scales, tables
 
     def _packed(self):
         if self._fastscan is None:
@@ -230,25 +239,24 @@ class PQIndex:
             return kpq.adc_search(tables, np.ascontiguousarray(self._codes.view), k)
         return kpq.fastscan_search(tables, self._packed(), self.ntotal, self.m, k, self.fastscan_rerank)
 
-    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int, scale: float | None = None):
-        """Re-rank candidate rows (nq, kc) by exact distance; keep the best k (ties -> smaller row).
-        With ``scale``, ``q`` is already scaled and the stored vectors are scaled alike."""
-        from ..kernels.topk import merge_topk_ids
-
+    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int):
+        """Re-rank candidate rows (nq, kc) by exact distance and keep the best k (ties -> smaller row): computed and
+        ranked in float64 on the stored float32 vectors and queries (float64 holds every product of float32 values,
+        so no scaling is needed and 1e-25-scale data keeps its order), then returned as float32."""
         raw = self._raw.view
         valid = rows >= 0
-        vecs = raw[np.where(valid, rows, 0)]  # (nq, kc, dim)
-        if scale is not None:
-            vecs = condition(vecs, None, scale)
+        vecs = raw[np.where(valid, rows, 0)].astype(np.float64)  # (nq, kc, dim)
+        q64 = q.astype(np.float64)
         if self.metric == "l2":
-            diff = vecs - q[:, None, :]
-            d = np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64).astype(np.float32)
+            diff = vecs - q64[:, None, :]
+            d = np.einsum("ijk,ijk->ij", diff, diff)
         else:
-            d = -np.einsum("ijk,ik->ij", vecs, q, dtype=np.float64).astype(np.float32)
+            d = -np.einsum("ijk,ik->ij", vecs, q64)
         d[~valid] = np.inf
-        out_d = np.full((q.shape[0], k), np.inf, np.float32)
-        out_i = np.full((q.shape[0], k), -1, np.int64)
-        merge_topk_ids(np.ascontiguousarray(d), np.ascontiguousarray(rows), out_d, out_i)
+        order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), d), axis=-1)[:, :k]
+        with np.errstate(over="ignore"):  # beyond float32's range a distance is ±inf (documented)
+            out_d = np.take_along_axis(d, order, axis=1).astype(np.float32)
+        out_i = np.take_along_axis(np.where(valid, rows, -1), order, axis=1)
         return out_d, out_i
 
     @with_threads
@@ -262,7 +270,7 @@ class PQIndex:
         k = min(k_out, self.ntotal)  # padded back to k_out by finish_results
         q = self._prep(q)
         nq = q.shape[0]
-        kc = k * self.refine if self.refine else k
+        kc = min(k * self.refine, self.ntotal) if self.refine else k  # no more candidates than vectors
         out_d = np.empty((nq, k), np.float32)
         out_i = np.empty((nq, k), np.int64)
         step = max(1, (1 << 22) // (self.m * self.codec.ksub))
@@ -275,10 +283,10 @@ class PQIndex:
             bscale, tables = self._finite_tables(qb, scale)
             d, rows = self._adc(tables, kc)
             if self.refine:
-                d, rows = self._exact(qb if bscale is None else condition(qb, None, bscale), rows, k, bscale)
-            if bscale is not None:  # back to the data's units (beyond float32's range that is ±inf, ids still valid)
+                d, rows = self._exact(qb, rows, k)
+            elif np.any(bscale != 1.0):  # back to the data's units (beyond float32's range ±inf, ids still valid)
                 with np.errstate(over="ignore"):
-                    d = (d.astype(np.float64) / (bscale * bscale)).astype(np.float32)
+                    d = (d.astype(np.float64) / (bscale * bscale)[:, None]).astype(np.float32)
             out_d[s : s + step], out_i[s : s + step] = d, rows
         return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one, k_out)
 
@@ -321,8 +329,8 @@ class PQIndex:
         check_ids_array(ids, n)
         if codes.dtype != np.uint8 or codes.shape != (n, obj.code_size):
             raise PersistError(f"codes have shape {codes.shape} / {codes.dtype}, expected ({n}, {obj.code_size})")
-        if n and next_id <= int(ids.max()):
-            raise PersistError("next_id is not larger than every stored id")
+        if next_id < 0 or (n and next_id <= int(ids.max())):
+            raise PersistError(f"next_id {next_id} is negative or not larger than every stored id")
         if trained is not True and (trained is not False or n):
             raise PersistError("an untrained index cannot hold vectors")
         if obj.refine:

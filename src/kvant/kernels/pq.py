@@ -1011,6 +1011,7 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
     flat = packed.reshape(-1)
     mp2 = packed.shape[1]
     if rerank >= 1:
+        rerank = min(int(rerank), -(-int(n) // k))  # a shortlist of n rows holds every row: no longer one
         if group is None:  # at most FASTSCAN_GROUP, and small enough to give every thread two work items
             group = min(FASTSCAN_GROUP, nq * nchunks // (2 * numba.get_num_threads()))
         group = max(1, int(group))
