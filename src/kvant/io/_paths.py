@@ -8,10 +8,18 @@ from pathlib import Path
 from ..errors import InvalidInput
 
 
+def exists(p: Path) -> bool:
+    """``p.exists()``, with an error other than "no such file" (a name too long, say) as InvalidInput."""
+    try:
+        return p.exists()
+    except OSError as exc:  # Path.exists swallows only ENOENT-like errors: ENAMETOOLONG, EACCES ... escape
+        raise InvalidInput(f"cannot access {p}: {exc.strerror or exc}") from None
+
+
 def check_file(path, what: str = "file") -> Path:
     """``path`` as a Path to an existing, readable regular file, else InvalidInput."""
     p = Path(os.fspath(path))
-    if not p.exists():
+    if not exists(p):
         raise InvalidInput(f"{what} not found: {str(p)!r}")
     if not p.is_file():
         raise InvalidInput(f"{what} is not a regular file: {str(p)!r}")

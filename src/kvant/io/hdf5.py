@@ -56,11 +56,16 @@ class Hdf5Source(VectorSource):
                 ds = fh[column]
                 is_ds = isinstance(ds, h5py.Dataset)
                 shape, dtype = (ds.shape, ds.dtype) if is_ds else (None, None)
+            except InvalidInput:  # a ValueError too, but already the message to give
+                raise
             except (KeyError, RuntimeError, TypeError, ValueError, OSError) as exc:  # damaged metadata in h5py
                 why = f"{type(exc).__name__}: {exc}"
                 raise InvalidInput(f"{p}: damaged HDF5 file or dataset {column!r} ({why})") from None
             if not is_ds:
                 raise InvalidInput(f"{p}: {column!r} is a group, not a dataset")
+            if shape is None:  # h5py.Empty: a null dataspace has no shape at all
+                raise InvalidInput(f"{p}: dataset {column!r} is empty (a null dataspace, no shape); "
+                                   f"expected a 2-D dataset (n, dim)")
             check_shape_dtype(shape, dtype, self.name, "dataset")
         except BaseException:
             fh.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
+from ._paths import exists
 from .source import VectorSource, check_finite_rows, checked_float32, default_chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
@@ -93,7 +94,7 @@ class ParquetSource(VectorSource):
         p = Path(os.fspath(path))
         self.path = p
         self.name = name or str(p)
-        if not p.exists():
+        if not exists(p):
             raise InvalidInput(f"parquet input not found: {str(p)!r}")
         self.files = _list_files(p, self.name) if p.is_dir() else [p]
         metas, schemas = [], []

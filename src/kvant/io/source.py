@@ -99,12 +99,16 @@ def check_finite(block: np.ndarray, start: int = 0, what: str = "input", origina
 
 
 def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input", original=None) -> None:
-    """Like :func:`check_finite` for a block gathered from arbitrary rows: names ``rows[i]`` of the first bad one."""
+    """Like :func:`check_finite` for a block gathered from arbitrary rows (``block[i]`` is row ``rows[i]``, in any
+    order): names the smallest bad row number, whatever the order the rows were asked for in (as a scan would)."""
     if block.dtype.kind != "f" or block.size == 0:
         return
-    row = _first_bad_row(block)
-    if row >= 0:
-        raise _bad_row_error(what, int(rows[row]), _original_row(original, row))
+    if _first_bad_row(block) < 0:
+        return
+    rows = np.asarray(rows)
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))  # the error path only: a full mask is fine here
+    i = int(bad[np.argmin(rows[bad])])
+    raise _bad_row_error(what, int(rows[i]), _original_row(original, i))
 
 
 def to_float32(block: np.ndarray) -> np.ndarray:

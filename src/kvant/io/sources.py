@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInput
+from ._paths import exists
 from .source import ArraySource, VectorSource
 
 _FORMATS = ".npy, .fvecs, .bvecs, .ivecs, .parquet/.pq (or a directory of them), .hdf5/.h5"
@@ -60,7 +61,7 @@ def _open_path(p: Path, column) -> VectorSource:
     from .parquet import PARQUET_SUFFIXES, ParquetSource
     from .texmex import TEXMEX_DTYPES, TexmexSource
 
-    if not p.exists():
+    if not exists(p):
         raise InvalidInput(f"input file not found: {str(p)!r}")
     if p.is_dir():
         return ParquetSource(p, column=column)
