@@ -16,11 +16,18 @@ def exists(p: Path) -> bool:
         raise InvalidInput(f"cannot access {p}: {exc.strerror or exc}") from None
 
 
+def missing(p: Path, what: str) -> InvalidInput:
+    """The error for a path that does not exist: a broken symbolic link is named as one."""
+    if p.is_symlink():
+        return InvalidInput(f"{what} is a broken symbolic link: {str(p)!r} -> {os.readlink(p)!r}")
+    return InvalidInput(f"{what} not found: {str(p)!r}")
+
+
 def check_file(path, what: str = "file") -> Path:
     """``path`` as a Path to an existing, readable regular file, else InvalidInput."""
     p = Path(os.fspath(path))
     if not exists(p):
-        raise InvalidInput(f"{what} not found: {str(p)!r}")
+        raise missing(p, what)
     if not p.is_file():
         raise InvalidInput(f"{what} is not a regular file: {str(p)!r}")
     if not os.access(p, os.R_OK):

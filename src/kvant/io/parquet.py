@@ -14,13 +14,14 @@ Ragged rows and NaN are found as rows are read (checking them up front would rea
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
-from ._paths import exists
+from ._paths import check_file, exists, missing
 from .source import VectorSource, check_finite_rows, checked_float32, default_chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
@@ -56,8 +57,27 @@ def _is_list(t) -> bool:
 
 
 def _is_numeric(t) -> bool:
+    """A scalar column ``column=None`` takes as a vector component. Bool and null columns count too: they reach
+    the "not supported" error (as int32 does) rather than being dropped silently."""
     pa, _ = _pa()
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_boolean(t) or pa.types.is_null(t))
+
+
+def _field(schema, name: str, f, missing: str):
+    """The field called ``name``, looked up by position: ``schema.field(name)`` raises a bare KeyError for a
+    name the file repeats. Missing (message ``missing``) or repeated: InvalidInput."""
+    where = schema.get_all_field_indices(name)
+    if not where:
+        raise InvalidInput(missing)
+    if len(where) > 1:
+        raise InvalidInput(f"{f}: column {name!r} appears {len(where)} times; kvant cannot tell which one holds the "
+                           f"vectors (rename the columns)")
+    return schema.field(where[0])
+
+
+def _repeated(names, counts) -> list[str]:
+    return sorted({n for n in names if counts[n] > 1})
 
 
 _SUPPORTED = "float32, float64, float16, int8, uint8"
@@ -66,10 +86,12 @@ _SUPPORTED = "float32, float64, float16, int8, uint8"
 def _list_files(p: Path, name: str) -> list[Path]:
     # as pyarrow.dataset does: a file or a sub-directory whose name starts with "_" or "." is not data
     # (Spark's _temporary/ staging, .ipynb_checkpoints/ copies, _SUCCESS, ...)
+    # every entry with a parquet suffix that is not a directory: a broken link or a FIFO is listed, for the
+    # per-file check to name, never skipped (its rows would vanish)
     files = sorted(
         f
         for f in p.rglob("*")
-        if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES
+        if f.suffix.lower() in PARQUET_SUFFIXES and not f.is_dir()
         and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts)
     )
     if not files:
@@ -95,12 +117,11 @@ class ParquetSource(VectorSource):
         self.path = p
         self.name = name or str(p)
         if not exists(p):
-            raise InvalidInput(f"parquet input not found: {str(p)!r}")
+            raise missing(p, "parquet input")
         self.files = _list_files(p, self.name) if p.is_dir() else [p]
         metas, schemas = [], []
         for f in self.files:
-            if not os.access(f, os.R_OK):
-                raise InvalidInput(f"{f}: not readable (permission denied)")
+            check_file(f, "parquet file")  # missing, a broken link, not a regular file, not readable
             try:
                 metas.append(pq.read_metadata(f))
                 schemas.append(pq.read_schema(f))
@@ -156,20 +177,30 @@ class ParquetSource(VectorSource):
     # -- schema --------------------------------------------------------------------------------
     def _resolve_columns(self, schema, column, f) -> None:
         names = schema.names
+        counts = Counter(names)
         if isinstance(column, str):
             if column not in names:
                 raise InvalidInput(f"{f}: no column {column!r} (columns: {', '.join(names)})")
             cols = [column]
         elif column is None:
-            lists = [n for n in names if _is_list(schema.field(n).type)]
+            # by position: a repeated name matters only if it is among the columns that would be read
+            lists = [fl.name for fl in schema if _is_list(fl.type)]
+            if _repeated(lists, counts):
+                raise InvalidInput(f"{f}: repeated column name(s) {_repeated(lists, counts)} among the list columns; "
+                                   f"rename them")
             if len(lists) > 1:
                 raise InvalidInput(f"{f}: several list columns ({', '.join(lists)}); choose one with column=...")
             if lists:
                 cols = lists
             else:
-                cols = [n for n in names if _is_numeric(schema.field(n).type)]
+                cols = [fl.name for fl in schema if _is_numeric(fl.type)]
                 if not cols:
                     raise InvalidInput(f"{f}: no list or numeric column to read vectors from (columns: {names})")
+                if _repeated(cols, counts):
+                    raise InvalidInput(
+                        f"{f}: repeated column name(s) {_repeated(cols, counts)} among the numeric columns that "
+                        f"column=None reads; rename them, or choose the vector columns with column=[...]"
+                    )
         elif isinstance(column, list | tuple) and column and all(isinstance(c, str) for c in column):
             if len(set(column)) != len(column):
                 repeated = sorted({c for c in column if list(column).count(c) > 1})
@@ -181,7 +212,7 @@ class ParquetSource(VectorSource):
         else:
             raise InvalidInput(f"column must be a column name, a non-empty list of names, or None; got {column!r}")
 
-        types = [schema.field(c).type for c in cols]
+        types = [_field(schema, c, f, f"{f}: no column {c!r}").type for c in cols]
         if len(cols) == 1 and _is_list(types[0]):
             self.mode = "list"
             vt = types[0].value_type
@@ -206,9 +237,7 @@ class ParquetSource(VectorSource):
 
     def _check_schema(self, schema, f) -> None:
         for c, t in zip(self.columns, self._types, strict=True):
-            if c not in schema.names:
-                raise InvalidInput(f"{f}: no column {c!r}, which {self.files[0]} has")
-            ft = schema.field(c).type
+            ft = _field(schema, c, f, f"{f}: no column {c!r}, which {self.files[0]} has").type
             if self.mode == "list":
                 if not _is_list(ft) or not ft.value_type.equals(t.value_type):
                     raise InvalidInput(f"{f}: column {c!r} has type {ft}, but {self.files[0]} has {t}")
@@ -218,7 +247,7 @@ class ParquetSource(VectorSource):
     def _file_dim(self, f, schema, meta) -> int:
         if self.mode == "columns":
             return len(self.columns)
-        t = schema.field(self.columns[0]).type
+        t = _field(schema, self.columns[0], f, f"{f}: no column {self.columns[0]!r}").type
         if hasattr(t, "list_size"):
             if t.list_size < 1:
                 raise InvalidInput(f"{f}: column {self.columns[0]!r} is a list of size {t.list_size} (zero columns)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInput
-from ._paths import exists
+from ._paths import exists, missing
 from .source import ArraySource, VectorSource
 
 _FORMATS = ".npy, .fvecs, .bvecs, .ivecs, .parquet/.pq (or a directory of them), .hdf5/.h5"
@@ -62,7 +62,7 @@ def _open_path(p: Path, column) -> VectorSource:
     from .texmex import TEXMEX_DTYPES, TexmexSource
 
     if not exists(p):
-        raise InvalidInput(f"input file not found: {str(p)!r}")
+        raise missing(p, "input file")
     if p.is_dir():
         return ParquetSource(p, column=column)
     suffix = p.suffix.lower()
