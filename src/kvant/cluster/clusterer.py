@@ -27,7 +27,7 @@ import numpy as np
 from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
-from ..io import ArraySource, VectorSource, as_source, check_finite
+from ..io import ArraySource, VectorSource, as_source
 from ..kernels.distance import sq_norms_serial
 from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import choose_algorithm
@@ -493,13 +493,14 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
     certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
+    if check and certified.ok:  # the certified kernels take finite rows: the plain pass first (same speed as a check
+        src.validate()          # per block, which measured 10% slower at 1M×128 K=64)
+        check = False
     total = 0.0
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
         per_row = np.empty(b, np.float64)
         if certified.ok:
-            if check:  # the certified kernels take finite rows: a pass of its own here
-                check_finite(block, s, src.name)
             assign_certified(block, certified, labels[s : s + b], per_row, unit_rows=spherical and not unit,
                              row_offset=s)
         else:
