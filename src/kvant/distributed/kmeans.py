@@ -31,6 +31,7 @@ from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import as_source
 from ..io.source import (
+    SUPPORTED_DTYPES,
     _bad_row_error,
     _first_bad_row,
     check_finite_rows,
@@ -74,14 +75,21 @@ def as_dask_array(x, chunk_rows: int | None = None):
         arr = da.from_array(x, chunks=(rows, -1))
     elif isinstance(x, Sequence) and not isinstance(x, str | bytes) and x and all(
             isinstance(p, str | os.PathLike) for p in x):
-        parts = []
-        dim = None
+        shapes, dtypes = [], []
         for p in x:
             src = as_source(p, validate=False)
-            if dim is not None and src.dim != dim:
-                raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {dim}")
-            dim = src.dim
-            parts.append(da.from_delayed(dask.delayed(_read_file)(os.fspath(p)), (src.n, src.dim), src.dtype))
+            if shapes and src.dim != shapes[0][1]:
+                raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {shapes[0][1]}")
+            shapes.append((src.n, src.dim))
+            dtypes.append(src.dtype)
+        # every file as_source accepts is accepted here: its rows are read as one dtype all files convert to
+        # exactly (int32 .ivecs values are checked to fit float32 exactly; int8 with uint8 files promote to int16,
+        # which no task accepts, so float32)
+        dtype = np.result_type(*dtypes)
+        if dtype.type not in SUPPORTED_DTYPES:
+            dtype = np.dtype(np.float32)
+        parts = [da.from_delayed(dask.delayed(_read_file)(os.fspath(p), dtype), shape, dtype)
+                 for p, shape in zip(x, shapes, strict=True)]
         arr = da.concatenate(parts, axis=0)
     else:
         raise InvalidInput(f"input: expected a dask.array.Array, a NumPy array or a list of file paths, "
@@ -92,11 +100,12 @@ def as_dask_array(x, chunk_rows: int | None = None):
     return arr.rechunk({1: -1}) if len(arr.chunks[1]) > 1 else arr
 
 
-def _read_file(path: str) -> np.ndarray:
-    """The file's rows as stored. The tasks that use them convert and check them as for any Dask array, so a
-    NaN is named by its row in the whole input, not in this file."""
+def _read_file(path: str, dtype) -> np.ndarray:
+    """The file's rows, as stored or converted exactly to ``dtype`` (the files' common dtype). The tasks that use
+    them convert and check them as for any Dask array, so a NaN is named by its row in the whole input, not in
+    this file."""
     src = as_source(path)
-    return src._read(0, src.n)
+    return src._read(0, src.n).astype(dtype, copy=False)
 
 
 def _assign_chunk(block, start, centroids, spherical):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
 from ._paths import check_file, exists, missing
-from .source import VectorSource, check_finite_rows, checked_float32, default_chunk_rows
+from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows, checked_float32, default_chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
 
@@ -230,7 +230,10 @@ class ParquetSource(VectorSource):
                         f"{f}: column {c!r} has type {t}, which is not supported (supported: {_SUPPORTED}); "
                         f"pick the vector columns with column=[...]"
                     )
-            self.dtype = np.result_type(*[_numpy_dtype(t) for t in types])
+            dtype = np.result_type(*[_numpy_dtype(t) for t in types])
+            # int8 with uint8 columns promote to int16, which no reader of a source accepts: rows are assembled
+            # as float32 instead (exact for every mix of the supported types that does not promote to them)
+            self.dtype = dtype if dtype.type in SUPPORTED_DTYPES else np.dtype(np.float32)
         self.columns = cols
         self.column = cols[0] if self.mode == "list" else None
         self._types = types
