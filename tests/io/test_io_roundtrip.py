@@ -81,7 +81,12 @@ def _write(fmt, tmp: Path, x: np.ndarray):
         d.mkdir()
         bounds = [0, x.shape[0] // 3, x.shape[0] // 3, x.shape[0]]  # includes an empty file
         for i in range(3):
-            write_parquet(d / f"part-{i}.parquet", x[bounds[i] : bounds[i + 1]], row_group_rows=4, dtype=x.dtype)
+            part = x[bounds[i] : bounds[i + 1]]
+            if part.shape[0]:
+                write_parquet(d / f"part-{i}.parquet", part, row_group_rows=4, dtype=x.dtype)
+            else:  # write_parquet refuses zero rows (a file alone would be unreadable); pyarrow writes one
+                typ = pa.list_(pa.from_numpy_dtype(x.dtype), x.shape[1])
+                pq.write_table(pa.table({"embedding": pa.array([], typ)}), d / f"part-{i}.parquet")
         (d / "_SUCCESS").write_text("")
         for hidden in ("_temporary/0", ".ipynb_checkpoints"):  # copies that are not data (as pyarrow.dataset)
             (d / hidden).mkdir(parents=True)

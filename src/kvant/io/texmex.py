@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 from ._paths import check_file
+from ._write import values_to_write
 from .source import MappedPages, VectorSource, check_finite_rows, default_chunk_rows
 
 __all__ = ["TexmexSource", "write_fvecs", "write_bvecs", "write_ivecs", "TEXMEX_DTYPES"]
@@ -127,22 +128,15 @@ class TexmexSource(VectorSource):
 
 
 def _write_vecs(path, x, dtype: np.dtype) -> None:
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise InvalidInput(f"expected a 2-D array (n, dim), got shape {arr.shape}")
-    n, dim = arr.shape
-    if dim == 0:
-        raise InvalidInput("cannot write vectors with zero columns")
-    if n == 0:
-        raise InvalidInput("cannot write zero vectors (the readers reject an empty file)")
-    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-        raise InvalidInput(f"vectors must be real numbers, got dtype {arr.dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = arr.astype(dtype, copy=False)
-    if dtype.kind == "f" and np.any(np.isfinite(arr) & ~np.isfinite(values)):  # NaN/inf given are kept
-        raise InvalidInput(f"values out of the {dtype.name} range (they would be written as inf)")
-    if dtype.kind != "f" and not np.array_equal(values, arr):
-        raise InvalidInput(f"values do not fit exactly into {dtype.name}")
+    values = values_to_write(x, dtype)  # NaN/inf given are kept
+    n, dim = values.shape
+    if dtype.kind == "i":
+        big = np.abs(values.astype(np.int64)) > _INT_EXACT
+        if big.any():
+            raise InvalidInput(
+                f"values outside +-2**24 (first at row {int(np.argmax(big.any(axis=1)))}): the .ivecs reader refuses "
+                f"them, as float32 cannot hold them exactly"
+            )
     out = np.empty((n, 4 + dim * dtype.itemsize), np.uint8)
     out[:, :4] = np.frombuffer(np.int32(dim).astype("<i4").tobytes(), np.uint8)
     out[:, 4:] = np.ascontiguousarray(values).view(np.uint8).reshape(n, dim * dtype.itemsize)
