@@ -105,3 +105,51 @@ def test_search_json_pads_with_null(tmp_path, capsys):
     payload = json.loads(out)
     flat = [v for row in payload["distances"] for v in row]
     assert flat.count(None) == 2 * 3
+
+
+UNWRITABLE = "/proc/kvant-cannot-write-here"  # /proc refuses new files even to root, on every Linux
+
+
+def test_cluster_outputs_naming_the_input_are_refused(tmp_path, capsys):
+    # the labels replaced the data (-o) or the centroids did (--centroids), exit 0
+    x = np.random.default_rng(0).standard_normal((60, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for flag, name in (("-o", "x.npy"), ("-o", "x"), ("--centroids", "x.npy")):
+        assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "-q", flag, str(tmp_path / name)]) == 2
+        assert "same file" in capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "x.npy"), x)
+
+
+def test_unwritable_cluster_outputs_fail_before_the_fit(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((60, 3)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "-q", "-o", UNWRITABLE]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    # -o was written, then --centroids failed with exit 1
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "-q", "-o", str(tmp_path / "l.npy"),
+                 "--centroids", UNWRITABLE]) == 2
+    assert not (tmp_path / "l.npy").exists()
+
+
+def test_immutable_directory_output_fails_before_the_fit(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((60, 3)).astype(np.float32))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    np.save(locked / "old.npy", np.zeros(2))
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True, check=False).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for name in ("new.npy", "old.npy"):
+            assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "-q", "-o", str(locked / name)]) == 2
+            assert "cannot be written" in capsys.readouterr().err
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_bench_results_path_is_checked_before_the_harness(tmp_path, capsys):
+    # a missing directory was created silently; a directory or unwritable path failed after the whole run
+    missing = tmp_path / "no" / "kernels.tsv"
+    for path in (missing, tmp_path, UNWRITABLE):
+        assert main(["bench", "kernels", "--quick", "--no-speed", "--results", str(path)]) == 2, path
+        err = capsys.readouterr()
+        assert "correctness" not in err.out and len(err.err.strip().splitlines()) == 1
+    assert not missing.parent.exists()

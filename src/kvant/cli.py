@@ -73,20 +73,51 @@ def _jsonable(obj):
     return str(obj)
 
 
-def _output_file(path: str, suffix: str | None = None) -> str:
+def _same_file(a, b) -> bool:
+    """True when paths ``a`` and ``b`` name one file (the same inode when both exist, else the same resolved path)."""
+    import os
+    from pathlib import Path
+
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def _output_file(path, suffix: str | None = None, others=(), what: str = "output") -> str:
     """``path`` as the writer will name it (``suffix`` appended when missing, as np.save / np.savez do);
-    InvalidInput if it cannot be written. Called before the work, so a bad path costs nothing."""
+    InvalidInput if it cannot be written or names the same file as one of ``others`` (``(label, path)`` pairs:
+    the inputs, and the outputs already checked). Called before the work, so a bad path costs nothing and no
+    output is written when another one could not be."""
+    import os
+    import tempfile
     from pathlib import Path
 
     out = Path(path)
     if out.is_dir():  # np.save would quietly write "<dir>.npy" beside it
-        raise InvalidInput(f"output {out} is a directory; give a file name")
+        raise InvalidInput(f"{what} {out} is a directory; give a file name")
     if suffix and out.suffix != suffix:
         out = out.with_name(out.name + suffix)
     if out.is_dir():
-        raise InvalidInput(f"output {out} is a directory")
+        raise InvalidInput(f"{what} {out} is a directory")
     if not out.parent.is_dir():
-        raise InvalidInput(f"output directory {out.parent} does not exist")
+        raise InvalidInput(f"{what} directory {out.parent} does not exist")
+    for label, other in others:
+        if other is not None and _same_file(out, other):
+            raise InvalidInput(f"{what} {out} is the same file as {label} {other}; writing it would destroy it")
+    if os.path.lexists(out) and not out.is_file():
+        raise InvalidInput(f"{what} {out} exists and is not a regular file")
+    # the writers create a file in this directory (np.save, a log) or a temp file they rename (kvant.persist):
+    # probe both now; access() also answers for immutable files and read-only file systems, even to root
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".kvant-probe-"):
+            pass
+    except OSError as exc:
+        raise InvalidInput(f"{what} {out} cannot be written: {out.parent}: {exc.strerror or exc}") from None
+    if out.exists() and not os.access(out, os.W_OK):
+        raise InvalidInput(f"{what} {out} cannot be written: the file is read-only")
     return str(out)
 
 
@@ -217,12 +248,11 @@ def _cmd_cluster(args) -> int:
         bars[phase].update(amount)
 
     # the file names np.save really writes (it appends .npy), checked before the fit rather than after it
+    inputs = [("the input", path) for path in args.input]
     if args.output:
-        args.output = _output_file(args.output, ".npy")
+        args.output = _output_file(args.output, ".npy", inputs, what="-o")
     if args.centroids:
-        args.centroids = _output_file(args.centroids, ".npy")
-        if args.centroids == args.output:
-            raise InvalidInput(f"--centroids and -o name the same file ({args.output})")
+        args.centroids = _output_file(args.centroids, ".npy", inputs + [("-o", args.output)], what="--centroids")
     if args.dask:
         return _cluster_dask(args, t0)
     if len(args.input) > 1:
@@ -382,11 +412,18 @@ _BENCH_ADDERS: list[Callable] = []
 
 
 def _cmd_bench_kernels(args) -> int:
-    from .bench.kernels import run
+    from pathlib import Path
 
+    from .bench.kernels import DEFAULT_RESULTS, run
+
+    results = None
+    if not args.no_results:  # checked before the harness runs, as every output (the harness would mkdir it)
+        results = _output_file(args.results or DEFAULT_RESULTS, what="--results")
+        if not args.quick and not args.no_speed:  # a full run also writes its tables beside the TSV
+            _output_file(Path(results).with_suffix(".md"), others=[("--results", results)], what="--results tables")
     quiet_log = (lambda s: None) if args.json else print
     out = run(quick=args.quick, seed=args.seed, speed=not args.no_speed, use_faiss=not args.no_faiss,
-              results=None if args.no_results else args.results, log=quiet_log)
+              results=results, log=quiet_log)
     if args.json:
         sp = out["speed"]
         payload = {"exit_code": out["exit_code"], "failures": out["failures"], "total_s": out["total_s"],
@@ -399,15 +436,14 @@ def _cmd_bench_kernels(args) -> int:
 
 
 def _add_bench_kernels(bsub) -> None:
-    from pathlib import Path
-
     p = bsub.add_parser("kernels", help="PQ kernel harness: correctness gate vs scalar reference, then speed")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds); for tests and smoke runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-speed", action="store_true", help="correctness phase only")
     p.add_argument("--no-faiss", action="store_true", help="skip the FAISS comparison even if installed")
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/kernels.tsv"),
-                   help="TSV file the run appends a row to (default: benchmarks/results/kernels.tsv)")
+    p.add_argument("--results", default=None,
+                   help="TSV file the run appends a row to (default: benchmarks/results/kernels.tsv, whose "
+                        "directory must exist: run from the repository root or give --results / --no-results)")
     p.add_argument("--no-results", action="store_true", help="do not append to the results TSV")
     _common(p)
     p.set_defaults(func=_cmd_bench_kernels)
@@ -435,7 +471,7 @@ def _cmd_index_build(args) -> int:
     from .index import FlatIndex, PQIndex
     from .io import as_source
 
-    args.output = _output_file(args.output)
+    args.output = _output_file(args.output, others=[("the input", args.input)])
     src = as_source(args.input, column=args.column)
     t0 = time.perf_counter()
     if args.type == "flat":
@@ -470,7 +506,7 @@ def _cmd_search(args) -> int:
     from .io import as_source
 
     if args.output:
-        args.output = _output_file(args.output, ".npz")
+        args.output = _output_file(args.output, ".npz", [("the index", args.index), ("the queries", args.queries)])
     index = _load_object(args.index, mmap=args.mmap)
     if not hasattr(index, "search"):
         raise InvalidInput(f"{args.index} holds a {type(index).__name__}, which cannot be searched")
@@ -549,9 +585,10 @@ def _tree_load_points(path: str, column: str | None = None) -> np.ndarray:
     return as_source(path, column=column).to_array()
 
 
-def _check_log_file(args) -> None:
+def _check_log_file(args, others) -> None:
+    """--log-file is appended to after the work: refuse one that names an input or output (it would corrupt it)."""
     if getattr(args, "log_file", None):
-        args.log_file = _output_file(args.log_file)
+        args.log_file = _output_file(args.log_file, others=others, what="--log-file")
 
 
 def _tree_log(args, record: dict) -> None:
@@ -567,8 +604,8 @@ def _tree_log(args, record: dict) -> None:
 def _cmd_tree_build(args) -> int:
     from .tree import CoverTree
 
-    args.output = _output_file(args.output)
-    _check_log_file(args)
+    args.output = _output_file(args.output, others=[("the points", args.points)])
+    _check_log_file(args, [("the points", args.points), ("-o", args.output)])
     X = _tree_load_points(args.points, args.column)
     tree = CoverTree(metric=args.metric, base=args.base).fit(X)
     tree.save(args.output)
@@ -583,9 +620,10 @@ def _cmd_tree_build(args) -> int:
 def _cmd_tree_knn(args) -> int:
     from .tree import CoverTree
 
+    inputs = [("the tree", args.tree)] + ([] if args.queries == "self" else [("the queries", args.queries)])
     if args.output:
-        args.output = _output_file(args.output, ".npz")
-    _check_log_file(args)
+        args.output = _output_file(args.output, ".npz", inputs)
+    _check_log_file(args, inputs + [("-o", args.output)])
     tree = _load_object(args.tree)
     if not isinstance(tree, CoverTree):
         raise InvalidInput(f"{args.tree} holds a {type(tree).__name__}, expected a CoverTree")

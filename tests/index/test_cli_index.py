@@ -37,3 +37,24 @@ def test_cli_errors_map_to_exit_codes(tmp_path, capsys):
     assert main(["search", str(tmp_path / "junk.kvant"), str(tmp_path / "x.npy")]) == 2
     assert main(["search", str(tmp_path / "missing.kvant"), str(tmp_path / "x.npy")]) == 2
     assert main(["index", "build"]) == 2
+
+
+UNWRITABLE = "/proc/kvant-cannot-write-here"  # /proc refuses new files even to root
+
+
+def test_outputs_that_name_an_input_or_cannot_be_written_fail_before_the_work(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    # the index replaced the vectors it was built from
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "x.npy"), "--type", "flat"]) == 2
+    assert "same file" in capsys.readouterr().err and np.array_equal(np.load(tmp_path / "x.npy"), x)
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", UNWRITABLE, "--type", "flat"]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    idx = tmp_path / "i.npz"  # an index saved under a .npz name: search --output would overwrite it
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(idx), "--type", "flat", "-q"]) == 0
+    before = idx.read_bytes()
+    assert main(["search", str(idx), str(tmp_path / "x.npy"), "-k", "2", "--output", str(tmp_path / "i")]) == 2
+    assert idx.read_bytes() == before
+    assert main(["search", str(idx), str(tmp_path / "x.npy"), "-k", "2", "--output", UNWRITABLE + ".npz"]) == 2
+    assert main(["search", str(idx), str(tmp_path / "x.npy"), "-k", "2", "--output", str(tmp_path)]) == 2
+    capsys.readouterr()

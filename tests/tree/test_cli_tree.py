@@ -117,3 +117,44 @@ def test_residual_tree_knn_takes_only_row_indices(tmp_path, capsys):
     assert main(["tree", "knn", str(out), str(tmp_path / "rows.npy"), "-k", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r[0] for r in res["ids"]] == [3, 7]
+
+
+# /proc refuses new files even to root, on every Linux: an output there cannot be written
+UNWRITABLE = "/proc/kvant-cannot-write-here"
+
+
+def test_log_file_naming_an_input_or_output_is_refused_before_the_work(tmp_path, capsys):
+    # the log lines were appended to the file after the save: a tree that no longer loads, a damaged .npy
+    X = np.random.default_rng(0).random((30, 2))
+    np.save(tmp_path / "p.npy", X)
+    np.save(tmp_path / "q.npy", X[:3])
+    tree, pts, qs = tmp_path / "t.kvant", tmp_path / "p.npy", tmp_path / "q.npy"
+    assert main(["tree", "build", str(pts), "-o", str(tree), "--log-file", str(tree)]) == 2
+    assert "--log-file" in capsys.readouterr().err and not tree.exists()
+    assert main(["tree", "build", str(pts), "-o", str(tree), "--log-file", str(pts)]) == 2
+    assert not tree.exists() and np.array_equal(np.load(pts), X)
+    assert main(["tree", "build", str(pts), "-o", str(pts)]) == 2  # the output would replace the points
+    assert np.array_equal(np.load(pts), X)
+    assert main(["tree", "build", str(pts), "-o", str(tree)]) == 0
+    before = tree.read_bytes()
+    for log in (tree, qs, tmp_path / "r.npz"):
+        assert main(["tree", "knn", str(tree), str(qs), "-k", "2", "-o", str(tmp_path / "r.npz"),
+                     "--log-file", str(log)]) == 2, log
+    capsys.readouterr()
+    assert tree.read_bytes() == before and np.array_equal(np.load(qs), X[:3])
+    assert not (tmp_path / "r.npz").exists()
+    assert isinstance(kvant.load(tree), kvant.CoverTree)
+
+
+def test_unwritable_tree_outputs_fail_before_the_work(tmp_path, capsys):
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).random((30, 2)))
+    tree = tmp_path / "t.kvant"
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", UNWRITABLE + ".kvant"]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    # the tree was saved, then the log failed with exit 1
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tree), "--log-file", UNWRITABLE]) == 2
+    assert not tree.exists()
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tree)]) == 0
+    assert main(["tree", "knn", str(tree), "self", "-k", "2", "-o", UNWRITABLE + ".npz"]) == 2
+    assert main(["tree", "knn", str(tree), "self", "-k", "2", "--log-file", str(tmp_path)]) == 2  # a directory
+    capsys.readouterr()
