@@ -153,3 +153,48 @@ def test_bench_results_path_is_checked_before_the_harness(tmp_path, capsys):
         err = capsys.readouterr()
         assert "correctness" not in err.out and len(err.err.strip().splitlines()) == 1
     assert not missing.parent.exists()
+
+
+def test_malformed_dask_address_is_one_line_and_exit_2(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((20, 2), np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", "--dask", "notaurl", "-q"]) == 2  # was a traceback
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "notaurl" in err and "Traceback" not in err
+
+
+def test_dask_worker_failure_is_one_line_on_stderr(tmp_path, capfd):
+    # distributed.worker logged "Compute Failed ... Traceback" (8 lines) before kvant's own error
+    import logging
+
+    x = np.random.default_rng(0).standard_normal((1000, 2)).astype(np.float32)
+    x[7, 1] = np.nan  # outside the 256-row training sample: a worker meets it
+    np.save(tmp_path / "nan.npy", x)
+    records = []
+    seen = logging.Handler()
+    seen.emit = records.append  # what distributed's own stderr handler would print (the workers run in-process)
+    logger = logging.getLogger("distributed.worker")
+    level = logging.getLogger("distributed").level
+    logger.addHandler(seen)
+    try:
+        assert main(["cluster", str(tmp_path / "nan.npy"), "-k", "1", "--dask", "local", "-q"]) == 2
+    finally:
+        logger.removeHandler(seen)
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == ["kvant: error: input contains NaN or inf (first bad row: 7)"], err
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert logging.getLogger("distributed").level == level  # restored for the rest of the process
+
+
+def test_unexpected_exception_is_one_line_unless_kvant_debug(monkeypatch, capsys):
+    import kvant.cli as cli
+
+    def boom(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_cmd_info", boom)
+    monkeypatch.delenv("KVANT_DEBUG", raising=False)
+    assert main(["info"]) == 1
+    assert capsys.readouterr().err == "kvant: internal error: RuntimeError: boom\n"
+    monkeypatch.setenv("KVANT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["info"])

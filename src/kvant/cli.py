@@ -7,7 +7,9 @@ stdout; ``--quiet`` (or a non-TTY stderr) turns progress bars off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -322,12 +324,17 @@ def _cluster_dask(args, t0: float) -> int:
         import distributed
     except ImportError as exc:
         raise InvalidInput("--dask needs Dask: pip install 'kvant[dask]'") from exc
-    client = (distributed.Client(processes=False, dashboard_address=None) if args.dask == "local"
-              else distributed.Client(args.dask))
-    with client:
-        c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
-                          polish_iter=args.polish_iter or 0, overrelax=args.overrelax).fit(files)
-        labels = c.labels_.compute() if args.output else None
+    with _quiet_distributed_logs():
+        try:
+            client = (distributed.Client(processes=False, dashboard_address=None) if args.dask == "local"
+                      else distributed.Client(args.dask))
+        except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol, ...
+            raise InvalidInput(f"--dask {args.dask!r} is not a scheduler address ({exc}); give one such as "
+                               "tcp://host:8786, or 'local'") from None
+        with client:
+            c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
+                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax).fit(files)
+            labels = c.labels_.compute() if args.output else None
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)
     payload = {"input": files, "n": c.n_samples_fit_, "dim": c.n_features_in_, "k": args.k, "metric": args.metric,
@@ -338,6 +345,23 @@ def _cluster_dask(args, t0: float) -> int:
             f"{quality_key} {quality:.6g}, {c.n_iter_} iterations, {wall:.2f} s")
     emit(args, payload, text)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _quiet_distributed_logs():
+    """Silence Dask's ``distributed`` loggers for the CLI's client: a task that fails on bad input is reported
+    once, as kvant's one-line error, not also as a worker's "Compute Failed ... Traceback". Restored after."""
+    import logging
+
+    names = ["distributed"] + [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _cmd_demo(args) -> int:
@@ -687,8 +711,16 @@ def _add_tree(sub) -> None:
 _ADDERS.append(_add_tree)
 
 
+_EPILOG = """\
+exit codes: 0 ok, 1 runtime error, 2 bad usage or input; errors are one line on stderr.
+environment:
+  KVANT_NUM_THREADS=N  threads for kernels and BLAS (--threads overrides it)
+  KVANT_DEBUG=1        an internal error (a bug) shows its traceback instead of one line"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvant", description="Cluster, compress and search embedding vectors.")
+    parser = _Parser(prog="kvant", description="Cluster, compress and search embedding vectors.", epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"kvant {__version__}")
@@ -724,6 +756,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line, not a traceback (KVANT_DEBUG=1 shows it)
+        if os.environ.get("KVANT_DEBUG"):
+            raise
+        print(f"kvant: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":
