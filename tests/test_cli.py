@@ -198,3 +198,10 @@ def test_unexpected_exception_is_one_line_unless_kvant_debug(monkeypatch, capsys
     monkeypatch.setenv("KVANT_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
         main(["info"])
+
+
+def test_bench_kernels_refuses_a_negative_seed_before_the_harness(capsys):
+    # the harness ran and reported a kernel correctness failure (exit 2 for the wrong reason)
+    assert main(["bench", "kernels", "--quick", "--no-speed", "--no-results", "--seed", "-1"]) == 2
+    out = capsys.readouterr()
+    assert "seed must be a non-negative integer" in out.err and "correctness" not in out.out

@@ -438,8 +438,10 @@ _BENCH_ADDERS: list[Callable] = []
 def _cmd_bench_kernels(args) -> int:
     from pathlib import Path
 
+    from ._config import check_seed
     from .bench.kernels import DEFAULT_RESULTS, run
 
+    check_seed(args.seed)  # a negative seed failed inside the harness, reported as a kernel correctness failure
     results = None
     if not args.no_results:  # checked before the harness runs, as every output (the harness would mkdir it)
         results = _output_file(args.results or DEFAULT_RESULTS, what="--results")
@@ -495,6 +497,16 @@ def _cmd_index_build(args) -> int:
     from .index import FlatIndex, PQIndex
     from .io import as_source
 
+    pq_only = {"--m": args.m, "--nbits": args.nbits, "--opq": args.opq or None, "--refine": args.refine,
+               "--train-rows": args.train_rows}
+    if args.type == "flat":
+        given = [flag for flag, value in pq_only.items() if value is not None]
+        if given:  # they would be silently ignored
+            raise InvalidInput(f"{', '.join(given)} apply only to --type pq, not to --type flat")
+    else:
+        args.m = 16 if args.m is None else args.m
+        args.nbits = 8 if args.nbits is None else args.nbits
+        args.refine = 0 if args.refine is None else args.refine
     args.output = _output_file(args.output, others=[("the input", args.input)])
     src = as_source(args.input, column=args.column)
     t0 = time.perf_counter()
@@ -529,6 +541,8 @@ def _cmd_search(args) -> int:
 
     from .io import as_source
 
+    if args.show < 0:
+        raise InvalidInput(f"--show must be >= 0, got {args.show}")
     if args.output:
         args.output = _output_file(args.output, ".npz", [("the index", args.index), ("the queries", args.queries)])
     index = _load_object(args.index, mmap=args.mmap)
@@ -564,12 +578,15 @@ def _add_index(sub) -> None:
     b.add_argument("input", help="vectors: .npy, .fvecs/.bvecs, parquet or HDF5")
     b.add_argument("-o", "--output", required=True, help="where to write the index")
     b.add_argument("--type", choices=["pq", "flat"], default="pq")
-    b.add_argument("--m", type=int, default=16, help="PQ sub-quantizers (must divide dim)")
-    b.add_argument("--nbits", type=int, choices=[4, 8], default=8)
+    # the PQ-only flags default to None so that --type flat can refuse them when given
+    b.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (must divide dim; default 16)")
+    b.add_argument("--nbits", type=int, choices=[4, 8], default=None, help="bits per PQ code (default 8)")
     b.add_argument("--metric", choices=["l2", "ip", "cos"], default="l2")
-    b.add_argument("--opq", action="store_true", help="learn an OPQ rotation")
-    b.add_argument("--refine", type=int, default=0, help="keep raw vectors and re-rank refine*k candidates")
-    b.add_argument("--train-rows", type=int, default=None, help="training sample size (default 256 per codeword)")
+    b.add_argument("--opq", action="store_true", help="learn an OPQ rotation (pq)")
+    b.add_argument("--refine", type=int, default=None,
+                   help="keep raw vectors and re-rank refine*k candidates (pq; default 0)")
+    b.add_argument("--train-rows", type=int, default=None,
+                   help="PQ training sample size (default 256 per codeword)")
     b.add_argument("--column", default=None, help="parquet column / HDF5 dataset")
     b.add_argument("--seed", type=int, default=0)
     _common(b)
@@ -644,6 +661,8 @@ def _cmd_tree_build(args) -> int:
 def _cmd_tree_knn(args) -> int:
     from .tree import CoverTree
 
+    if args.all and args.queries != "self":
+        raise InvalidInput("--all applies only to 'self' queries (every tree point's neighbours among all others)")
     inputs = [("the tree", args.tree)] + ([] if args.queries == "self" else [("the queries", args.queries)])
     if args.output:
         args.output = _output_file(args.output, ".npz", inputs)

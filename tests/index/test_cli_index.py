@@ -58,3 +58,17 @@ def test_outputs_that_name_an_input_or_cannot_be_written_fail_before_the_work(tm
     assert main(["search", str(idx), str(tmp_path / "x.npy"), "-k", "2", "--output", UNWRITABLE + ".npz"]) == 2
     assert main(["search", str(idx), str(tmp_path / "x.npy"), "-k", "2", "--output", str(tmp_path)]) == 2
     capsys.readouterr()
+
+
+def test_ignored_flags_are_refused(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "f.kvant"
+    # --type flat silently dropped the PQ-only flags (exit 0)
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--type", "flat", "--m", "2", "--opq",
+                 "--refine", "5", "--nbits", "4", "--train-rows", "30"]) == 2
+    err = capsys.readouterr().err
+    assert all(flag in err for flag in ("--m", "--opq", "--refine", "--nbits", "--train-rows")) and not out.exists()
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--type", "flat", "-q"]) == 0
+    assert main(["search", str(out), str(tmp_path / "x.npy"), "--show", "-1"]) == 2  # printed nothing, exit 0
+    assert "--show" in capsys.readouterr().err

@@ -158,3 +158,12 @@ def test_unwritable_tree_outputs_fail_before_the_work(tmp_path, capsys):
     assert main(["tree", "knn", str(tree), "self", "-k", "2", "-o", UNWRITABLE + ".npz"]) == 2
     assert main(["tree", "knn", str(tree), "self", "-k", "2", "--log-file", str(tmp_path)]) == 2  # a directory
     capsys.readouterr()
+
+
+def test_tree_knn_all_only_with_self(tmp_path, capsys):
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).random((20, 2)))
+    tree = tmp_path / "t.kvant"
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tree)]) == 0
+    assert main(["tree", "knn", str(tree), str(tmp_path / "p.npy"), "-k", "2", "--all"]) == 2  # was ignored
+    assert "--all" in capsys.readouterr().err
+    assert main(["tree", "knn", str(tree), "self", "-k", "2", "--all", "--json"]) == 0
