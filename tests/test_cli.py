@@ -205,3 +205,26 @@ def test_bench_kernels_refuses_a_negative_seed_before_the_harness(capsys):
     assert main(["bench", "kernels", "--quick", "--no-speed", "--no-results", "--seed", "-1"]) == 2
     out = capsys.readouterr()
     assert "seed must be a non-negative integer" in out.err and "correctness" not in out.out
+
+
+def test_closed_stdout_exits_quietly_with_141(monkeypatch, capsys):
+    # `kvant search ... --json | head -1` exited 1 with "[Errno 32] Broken pipe"
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["info", "--json"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_closed_stdout_pipe_end_to_end():
+    # the reader is gone before kvant writes: no message, and none at interpreter exit when stdout is flushed
+    proc = subprocess.Popen([sys.executable, "-m", "kvant.cli", "info", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

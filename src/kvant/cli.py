@@ -1,7 +1,8 @@
 """The ``kvant`` command: cluster, index, search, bench, demo, info.
 
-Exit codes: 0 ok, 1 runtime error, 2 bad usage or input. ``--json`` prints one JSON document on
-stdout; ``--quiet`` (or a non-TTY stderr) turns progress bars off.
+Exit codes: 0 ok, 1 runtime error, 2 bad usage or input (141 when stdout is closed early, as by ``| head``).
+``--json`` prints one JSON document on stdout; ``--quiet`` (or a non-TTY stderr) turns progress bars off.
+``KVANT_DEBUG=1`` shows the traceback of an unexpected error instead of one line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from .errors import InvalidInput, KvantError, PersistError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports when its reader went away
 
 # Each section below defines its subcommands and appends an ``add(subparsers)`` function here.
 _ADDERS: list[Callable] = []
@@ -732,6 +734,8 @@ _ADDERS.append(_add_tree)
 
 _EPILOG = """\
 exit codes: 0 ok, 1 runtime error, 2 bad usage or input; errors are one line on stderr.
+  141 (128 + SIGPIPE, as other Unix tools): stdout was closed before kvant finished writing
+  (e.g. `kvant search ... --json | head -1`); nothing is printed.
 environment:
   KVANT_NUM_THREADS=N  threads for kernels and BLAS (--threads overrides it)
   KVANT_DEBUG=1        an internal error (a bug) shows its traceback instead of one line"""
@@ -770,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvantError as exc:
         print(f"kvant: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    except BrokenPipeError:  # stdout closed early (`kvant ... --json | head -1`): stop quietly, as Unix tools do
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # an output path that cannot be written, a log file in a missing directory, ...
         print(f"kvant: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -780,6 +787,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kvant: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null, so the interpreter's final flush of what could not be written does
+    not fail again ("Exception ignored ... BrokenPipeError") on stderr."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (an in-process capture): nothing to flush
+        pass
 
 
 if __name__ == "__main__":
