@@ -614,14 +614,21 @@ _ADDERS.append(_add_search)
 # --- tree (issue 4) ---
 
 
-def _tree_load_points(path: str, column: str | None = None) -> np.ndarray:
+def _tree_load_points(path: str, column: str | None = None, coordinates: bool = True) -> np.ndarray:
+    """Points (or, ``coordinates=False``, a residual tree's row indices) from a file. A .npy keeps its float64
+    precision, but coordinates take only the dtypes kvant.io.as_source takes: never a silent cast of int64."""
     from pathlib import Path
 
     if Path(path).suffix == ".npy" and column is None:  # keep float64 precision when the file has it
+        from .io.source import SUPPORTED_DTYPES
+
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise InvalidInput(f"cannot read {path}: {exc}") from exc
+        if coordinates and arr.dtype.type not in SUPPORTED_DTYPES:
+            names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
+            raise InvalidInput(f"{path}: dtype {arr.dtype} is not supported (use one of: {names})")
         return np.asarray(arr)
     from .io import as_source
 
@@ -676,7 +683,7 @@ def _cmd_tree_knn(args) -> int:
         dist, ids = tree.knn_self(args.k, predecessors=not args.all)
         qids = tree.ids_
     else:
-        Q = _tree_load_points(args.queries, args.column)
+        Q = _tree_load_points(args.queries, args.column, coordinates=tree.dim is not None)
         if tree.dim is None:  # residual metric: queries are row indices, which knn validates (integers, 1-D)
             Q = np.asarray(Q)
             Q = Q.reshape(-1) if Q.ndim == 0 or (Q.ndim == 2 and Q.shape[1] == 1) else Q

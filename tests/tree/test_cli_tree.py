@@ -167,3 +167,19 @@ def test_tree_knn_all_only_with_self(tmp_path, capsys):
     assert main(["tree", "knn", str(tree), str(tmp_path / "p.npy"), "-k", "2", "--all"]) == 2  # was ignored
     assert "--all" in capsys.readouterr().err
     assert main(["tree", "knn", str(tree), "self", "-k", "2", "--all", "--json"]) == 0
+
+
+def test_tree_points_follow_the_io_dtype_rules(tmp_path, capsys):
+    # int64/uint64 .npy files bypassed as_source and were cast silently (cluster and index build refuse them)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "i64.npy", rng.integers(0, 9, (20, 2)).astype(np.int64))
+    np.save(tmp_path / "u64.npy", rng.integers(0, 9, (20, 2)).astype(np.uint64))
+    np.save(tmp_path / "u8.npy", rng.integers(0, 9, (20, 2)).astype(np.uint8))
+    np.save(tmp_path / "p.npy", rng.random((20, 2)))
+    for name in ("i64", "u64"):
+        assert main(["tree", "build", str(tmp_path / f"{name}.npy"), "-o", str(tmp_path / "t.kvant")]) == 2
+        assert "is not supported" in capsys.readouterr().err
+    assert main(["tree", "build", str(tmp_path / "u8.npy"), "-o", str(tmp_path / "t.kvant")]) == 0  # as_source takes it
+    assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tmp_path / "t.kvant")]) == 0
+    assert main(["tree", "knn", str(tmp_path / "t.kvant"), str(tmp_path / "i64.npy"), "-k", "2"]) == 2
+    assert "is not supported" in capsys.readouterr().err
