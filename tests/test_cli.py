@@ -228,3 +228,11 @@ def test_closed_stdout_pipe_end_to_end():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""
+
+
+@pytest.mark.parametrize("sampling", ["coreset", "uniform"])
+def test_cluster_json_reports_all_rows_when_the_sample_is_every_row(tmp_path, capsys, sampling):
+    # 200 rows, k=3: the 768-row sample is every row, but the JSON said "coreset"
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "--sampling", sampling, "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] == "all rows"

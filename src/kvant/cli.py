@@ -276,7 +276,7 @@ def _cmd_cluster(args) -> int:
         "metric": args.metric,
         "algorithm": c.algorithm_,
         "auto_reason": c.auto_reason_,
-        "sampling": None if c.algorithm_ == "minibatch" else args.sampling,  # minibatch samples nothing
+        "sampling": _sampling_used(c, args),
         "polish_iter": c.polish_iter_,
         "overrelax": c.overrelax_,
         "max_iter": c.max_iter_,
@@ -295,6 +295,16 @@ def _cmd_cluster(args) -> int:
     )
     emit(args, payload, text)
     return EXIT_OK
+
+
+def _sampling_used(c, args) -> str | None:
+    """What the training sample was: None for minibatch (it samples nothing), "all rows" when the
+    ``sample_per_centroid · k`` sample covers the input (Clusterer then trains on every row), else --sampling."""
+    if c.algorithm_ == "minibatch":
+        return None
+    if args.k * int(c.sample_per_centroid) >= c.n_samples_fit_:
+        return "all rows"
+    return args.sampling
 
 
 def _write_cluster_outputs(args, labels, centres, payload: dict) -> None:
