@@ -236,3 +236,38 @@ def test_cluster_json_reports_all_rows_when_the_sample_is_every_row(tmp_path, ca
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32))
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "--sampling", sampling, "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["sampling"] == "all rows"
+
+
+def _run_with_env(argv, **env):
+    import os
+
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_invalid_kvant_num_threads_is_a_usage_error_in_the_cli(monkeypatch, capsys):
+    # the CLI printed a 2-line UserWarning (with a source line) and ran on all cores
+    import shutil
+    from pathlib import Path
+
+    out = _run_with_env([sys.executable, "-m", "kvant.cli", "info"], KVANT_NUM_THREADS="abc")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == ["kvant: error: KVANT_NUM_THREADS='abc' is not a positive integer"]
+    script = shutil.which("kvant", path=str(Path(sys.executable).parent))
+    if script:  # the console script, as users run it
+        out = _run_with_env([script, "info", "--json"], KVANT_NUM_THREADS="0")
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    monkeypatch.setenv("KVANT_NUM_THREADS", "-3")
+    assert main(["info"]) == 2
+    assert "KVANT_NUM_THREADS" in capsys.readouterr().err
+
+
+def test_invalid_kvant_num_threads_still_only_warns_in_python():
+    out = _run_with_env([sys.executable, "-c", "import kvant; print(kvant.get_num_threads())"],
+                        KVANT_NUM_THREADS="abc")
+    assert out.returncode == 0 and "UserWarning: ignoring KVANT_NUM_THREADS='abc'" in out.stderr
+
+
+def test_threads_help_names_the_environment_variable(capsys):
+    assert main(["info", "--help"]) == 0  # said "default: all" although KVANT_NUM_THREADS overrides it
+    assert "KVANT_NUM_THREADS" in " ".join(capsys.readouterr().out.split())

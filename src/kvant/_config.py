@@ -100,12 +100,37 @@ def check_seed(seed) -> int | None:
     return int(seed)
 
 
+def env_num_threads(value: str) -> int:
+    """``KVANT_NUM_THREADS`` as a thread count; InvalidInput unless it is a positive integer (the CLI's check)."""
+    from .errors import InvalidInput
+
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InvalidInput(f"KVANT_NUM_THREADS={value!r} is not a positive integer")
+    return n
+
+
+def _is_kvant_command() -> bool:
+    """True when this process is the ``kvant`` command (the console script or ``python -m kvant.cli``)."""
+    import sys
+
+    if Path(sys.argv[0]).name in ("kvant", "kvant.exe"):
+        return True
+    argv = list(getattr(sys, "orig_argv", ()))
+    return any(a == "-m" and b == "kvant.cli" for a, b in zip(argv, argv[1:]))
+
+
 def _init_from_env() -> None:
     value = os.environ.get("KVANT_NUM_THREADS")
     if value:
         try:
             set_num_threads(int(value))
         except (ValueError, Exception) as exc:  # a bad env var must not break import
+            if _is_kvant_command():  # the command reports it as a usage error itself (exit 2, one line)
+                return
             import warnings
 
             warnings.warn(f"ignoring KVANT_NUM_THREADS={value!r}: {exc}", stacklevel=2)

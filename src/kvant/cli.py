@@ -138,7 +138,8 @@ def _load_object(path: str, **kw):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=None, help="threads for kernels and BLAS (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for kernels and BLAS (default: KVANT_NUM_THREADS when set, else all cores)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,6 +781,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     try:
+        if os.environ.get("KVANT_NUM_THREADS"):  # the library only warns about a bad value (and uses every core)
+            from ._config import env_num_threads
+
+            env_num_threads(os.environ["KVANT_NUM_THREADS"])
         if getattr(args, "threads", None) is not None:
             from ._config import set_num_threads
 
