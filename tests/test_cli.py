@@ -155,6 +155,14 @@ def test_bench_results_path_is_checked_before_the_harness(tmp_path, capsys):
     assert not missing.parent.exists()
 
 
+def test_bench_kernels_outside_a_checkout_runs_without_recording(tmp_path, capsys, monkeypatch):
+    # no benchmarks/results/ in the working directory: the gate runs and says no row is recorded
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "kernels", "--quick", "--no-speed"]) == 0
+    assert "not recording" in capsys.readouterr().err
+    assert not (tmp_path / "benchmarks").exists()
+
+
 def test_malformed_dask_address_is_one_line_and_exit_2(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.ones((20, 2), np.float32))
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", "--dask", "notaurl", "-q"]) == 2  # was a traceback

@@ -456,7 +456,11 @@ def _cmd_bench_kernels(args) -> int:
 
     check_seed(args.seed)  # a negative seed failed inside the harness, reported as a kernel correctness failure
     results = None
-    if not args.no_results:  # checked before the harness runs, as every output (the harness would mkdir it)
+    if args.results is None and not args.no_results and not DEFAULT_RESULTS.parent.is_dir():
+        # outside a kvant checkout: run, and say where a row would go (a given --results must be writable)
+        print(f"kvant: not recording a results row ({DEFAULT_RESULTS.parent}/ does not exist here; give --results)",
+              file=sys.stderr)
+    elif not args.no_results:  # checked before the harness runs, as every output (the harness would mkdir it)
         results = _output_file(args.results or DEFAULT_RESULTS, what="--results")
         if not args.quick and not args.no_speed:  # a full run also writes its tables beside the TSV
             _output_file(Path(results).with_suffix(".md"), others=[("--results", results)], what="--results tables")
@@ -481,8 +485,8 @@ def _add_bench_kernels(bsub) -> None:
     p.add_argument("--no-speed", action="store_true", help="correctness phase only")
     p.add_argument("--no-faiss", action="store_true", help="skip the FAISS comparison even if installed")
     p.add_argument("--results", default=None,
-                   help="TSV file the run appends a row to (default: benchmarks/results/kernels.tsv, whose "
-                        "directory must exist: run from the repository root or give --results / --no-results)")
+                   help="TSV file the run appends a row to (default: benchmarks/results/kernels.tsv when that "
+                        "directory exists here, as in a kvant checkout; otherwise no row is recorded)")
     p.add_argument("--no-results", action="store_true", help="do not append to the results TSV")
     _common(p)
     p.set_defaults(func=_cmd_bench_kernels)
