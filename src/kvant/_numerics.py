@@ -43,11 +43,17 @@ def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
     return shift, _pow2_scale(typical)
 
 
+def _pow2_scales(sq: np.ndarray) -> np.ndarray:
+    """Per squared norm in ``sq``, a power of two bringing it near 1 when it lies outside [2**-40, 2**40], else 1."""
+    with np.errstate(divide="ignore"):
+        lg = np.log2(sq)
+    return np.where(np.isfinite(lg) & (np.abs(lg) > _SAFE_LOG2_SQNORM), np.exp2(-np.round(lg / 2)), 1.0)
+
+
 def _pow2_scale(typical: float) -> float | None:
     """A power of two bringing a typical squared norm ``typical`` near 1 when it lies outside [2**-40, 2**40]."""
-    if typical > 0 and abs(np.log2(typical)) > _SAFE_LOG2_SQNORM:
-        return float(2.0 ** -round(np.log2(typical) / 2))
-    return None
+    scale = float(_pow2_scales(np.float64(typical)))
+    return None if scale == 1.0 else scale
 
 
 def magnitude_scale(rows: np.ndarray) -> float | None:
@@ -67,10 +73,7 @@ def row_magnitude_scales(rows: np.ndarray) -> np.ndarray | None:
     (float64, one per row); None when every row is within range. For queries ranked by inner products, where any
     positive factor per query keeps its order: one factor for a whole batch (:func:`magnitude_scale`) pushed the
     ordinary queries of a batch that also held a 1e25 one to 0."""
-    sq = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        lg = np.log2(sq)
-    out = np.where(np.isfinite(lg) & (np.abs(lg) > _SAFE_LOG2_SQNORM), np.exp2(-np.round(lg / 2)), 1.0)
+    out = _pow2_scales(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
     return out if np.any(out != 1.0) else None
 
 
