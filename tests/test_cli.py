@@ -170,6 +170,19 @@ def test_malformed_dask_address_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "notaurl" in err and "Traceback" not in err
 
 
+def test_failed_dask_connection_leaves_the_default_scheduler_alone(tmp_path):
+    # the half-built Client set scheduler="dask.distributed" for the whole process: later computes failed with
+    # "Requested dask.distributed scheduler but no Client active" (CI, in tests that ran after this one)
+    dask = pytest.importorskip("dask")
+    import dask.array as da
+
+    np.save(tmp_path / "x.npy", np.ones((20, 2), np.float32))
+    before = dask.config.get("scheduler", None)
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", "--dask", "notaurl", "-q"]) == 2
+    assert dask.config.get("scheduler", None) == before
+    assert da.ones(4, chunks=2).sum().compute() == 4
+
+
 def test_dask_worker_failure_is_one_line_on_stderr(tmp_path, capfd):
     # distributed.worker logged "Compute Failed ... Traceback" (8 lines) before kvant's own error
     import logging

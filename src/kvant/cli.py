@@ -337,14 +337,19 @@ def _cluster_dask(args, t0: float) -> int:
         import distributed
     except ImportError as exc:
         raise InvalidInput("--dask needs Dask: pip install 'kvant[dask]'") from exc
+    import dask
+
+    # Not the process's default client: a Client that fails to connect has already made itself the default
+    # scheduler and stays alive in the traceback, so later .compute() calls in the process would wait on it forever.
+    # The work below names the client explicitly instead.
     with _quiet_distributed_logs():
         try:
-            client = (distributed.Client(processes=False, dashboard_address=None) if args.dask == "local"
-                      else distributed.Client(args.dask))
+            client = (distributed.Client(processes=False, dashboard_address=None, set_as_default=False)
+                      if args.dask == "local" else distributed.Client(args.dask, set_as_default=False))
         except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol, ...
             raise InvalidInput(f"--dask {args.dask!r} is not a scheduler address ({exc}); give one such as "
                                "tcp://host:8786, or 'local'") from None
-        with client:
+        with client, dask.config.set(scheduler=client):
             c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
                               polish_iter=args.polish_iter or 0, overrelax=args.overrelax).fit(files)
             labels = c.labels_.compute() if args.output else None
