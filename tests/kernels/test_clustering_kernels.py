@@ -18,11 +18,13 @@ from kvant.kernels.distance import (
 )
 from kvant.kernels.lloyd import (
     UNIT_WEIGHTS,
+    centre_moves,
     cluster_sums,
     exact_dist_to,
     exact_sq_dist_rows,
     exact_sq_dist_rows_scaled,
     kmeanspp,
+    m_step,
     move_rows,
     sq_dist_to_point,
     sq_dist_to_point_unit,
@@ -633,3 +635,45 @@ def test_topk_with_k_zero_is_empty():
     assert d.shape == (2, 0) and i.shape == (2, 0)
     out_d, out_i = np.empty((2, 0), np.float32), np.empty((2, 0), np.int64)
     T.merge_topk_ids(np.ones((2, 3), np.float32), np.zeros((2, 3), np.int64), out_d, out_i)
+
+
+@pytest.mark.parametrize("k,d", [(1, 1), (3, 5), (17, 130), (64, 16)])
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e6])
+def test_m_step_matches_reference(k, d, spherical, scale):
+    # empty clusters (keep the old row), a zero-sum cluster under spherical (left unnormalised), weights of 1e-3
+    g = np.random.default_rng(k * d)
+    sums = g.standard_normal((k, d)) * scale
+    counts = g.uniform(1e-3, 50.0, size=k)
+    counts[::3] = 0.0
+    if k > 1:
+        sums[1] = 0.0
+    old = g.standard_normal((k, d)).astype(np.float32)
+    x_total = float((sums**2).sum()) * 7.0
+    means = np.full((k, d), np.nan, np.float32)
+    obj = m_step(sums, counts, old, spherical, x_total, means)
+    want, want_obj = ref.m_step_ref(sums, counts, old, spherical, x_total)
+    np.testing.assert_allclose(means, want, rtol=2e-7, atol=0)
+    if not spherical:  # an empty cluster keeps its old centre exactly
+        np.testing.assert_array_equal(means[counts == 0], old[counts == 0])
+    assert obj == pytest.approx(want_obj, rel=1e-12, abs=1e-12 * max(1.0, abs(x_total)))
+
+
+@pytest.mark.parametrize("k,d", [(1, 1), (2, 3), (5, 130), (64, 16)])
+def test_centre_moves_matches_reference_and_counts_ties(k, d):
+    g = np.random.default_rng(k + d)
+    old = g.standard_normal((k, d)).astype(np.float32)
+    new = (old + g.standard_normal((k, d)).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+    delta = np.empty(k, np.float32)
+    best, arg, second = centre_moves(new, old, delta)
+    want, want_best, _, want_second = ref.centre_moves_ref(new, old)
+    np.testing.assert_allclose(delta, want, rtol=1e-6)
+    assert best == want_best and second == want_second and delta[arg] == best
+    if k > 1:  # two equal largest moves: the second largest is that move too
+        j = (arg + 1) % k
+        old[j], new[j] = old[arg], new[arg]
+        best, arg, second = centre_moves(new, old, delta)
+        assert second == best
+    still = old.copy()
+    best, arg, second = centre_moves(still, old, delta)
+    assert best == 0.0 and second == 0.0 and not delta.any()

@@ -86,6 +86,33 @@ def cluster_sums_ref(x, labels, k, w=None):
     return sums, np.bincount(labels, weights=w, minlength=k).astype(np.float64)
 
 
+def m_step_ref(sums, counts, old, spherical, x_total):
+    """Lloyd's M-step in NumPy, the reference for ``kernels.lloyd.m_step``: (means, objective)."""
+    import numpy as np
+
+    nz = counts > 0
+    means = np.array(old, np.float32)
+    means[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
+    sq = np.einsum("ij,ij->i", sums[nz], sums[nz])
+    if spherical:
+        norms = np.linalg.norm(means.astype(np.float64), axis=1)
+        norms[norms == 0] = 1.0
+        means = (means / norms[:, None]).astype(np.float32)
+        return means, float(counts.sum() - np.sqrt(sq).sum())
+    return means, float(x_total - (sq / counts[nz]).sum())
+
+
+def centre_moves_ref(new, old):
+    """(delta, largest, an index of the largest, second largest) of the centres' moves, the reference for
+    ``kernels.lloyd.centre_moves``."""
+    import numpy as np
+
+    delta = np.sqrt(((np.asarray(new, np.float64) - old) ** 2).sum(axis=1)).astype(np.float32)
+    order = np.argsort(delta)[::-1]
+    second = delta[order[1]] if delta.size > 1 else delta[0]
+    return delta, float(delta[order[0]]), int(order[0]), float(second)
+
+
 def sq_dist_to_point_unit_ref(x, c):
     """‖x_i/‖x_i‖ − c‖² per row in float64 (NaN for a zero row), the reference for ``sq_dist_to_point_unit``."""
     import numpy as np

@@ -53,10 +53,12 @@ from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import (
     UNIT_WEIGHTS,
     assign_to_candidates,
+    centre_moves,
     cluster_sums,
     exact_dist_to,
     kmeanspp,
     loosen_bounds,
+    m_step,
     move_rows,
 )
 from .assign import e_step, zero_norm_error
@@ -146,21 +148,12 @@ def _normalise(c: np.ndarray) -> np.ndarray:
     return (c / norms[:, None]).astype(np.float32)
 
 
-def _objective(x_sqnorm_total: float, sums: np.ndarray, counts: np.ndarray, spherical: bool) -> float:
-    """Σ w‖x − μ_a‖² after the M-step, from sums alone: Σ w‖x‖² − Σ_j ‖S_j‖²/W_j (½Σ w‖x−c‖² for
-    spherical), with S_j and W_j the weighted sum and total weight of cluster j (weights 1 without any)."""
-    nz = counts > 0
-    sq = np.einsum("ij,ij->i", sums[nz], sums[nz])
-    if spherical:  # unit rows, c_j = S_j/‖S_j‖: Σ(1 − x·c) = n − Σ‖S_j‖
-        return float(counts.sum() - np.sqrt(sq).sum())
-    return float(x_sqnorm_total - (sq / counts[nz]).sum())
-
-
 def _centroids_from_sums(sums, counts, old, spherical):
-    c = old.copy()
-    nz = counts > 0
-    c[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
-    return _normalise(c) if spherical else c
+    """Lloyd's M-step means (:func:`kvant.kernels.lloyd.m_step`): old rows for empty clusters."""
+    means = np.empty(old.shape, np.float32)
+    m_step(np.ascontiguousarray(sums, np.float64), np.ascontiguousarray(counts, np.float64),
+           np.ascontiguousarray(old, np.float32), spherical, 0.0, means)
+    return means
 
 
 def lloyd(
@@ -217,8 +210,8 @@ def lloyd(
         if reseeded:
             cand_left = 0  # a re-seeded row's new centre is not among its candidates: the next E-step is full
         result.n_reseeded += reseeded
-        means = _centroids_from_sums(sums, counts, c, spherical)
-        obj = _objective(x_total, sums, counts, spherical)
+        means = np.empty_like(c)
+        obj = m_step(sums, counts, c, spherical, x_total, means)
         result.objective_history.append(obj)
         result.n_iter = it + 1
         if on_iter is not None:
@@ -247,17 +240,10 @@ def lloyd(
                     new_c = _normalise(new_c)
                 result.n_extrapolated += 1
             prev_means, prev_obj = means, obj
-        delta = np.sqrt(((new_c.astype(np.float64) - c) ** 2).sum(axis=1)).astype(np.float32)
+        delta = np.empty(k, np.float32)
+        max_delta, argmax_delta, second_delta = centre_moves(new_c, c, delta)
         c = new_c
         # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
-        if k > 1:
-            order = np.argsort(delta)[::-1]
-            max_delta = float(delta[order[0]])
-            second_delta = float(delta[order[1]])
-            argmax_delta = int(order[0])
-        else:
-            max_delta = second_delta = float(delta[0])
-            argmax_delta = 0
         if max_delta == 0.0 and beta == 0.0 and not reseeded and labels_exact:
             break  # (a re-seed changed labels, and a candidate step's labels are not exact: both need the E-step)
         if cand_left > 0 and not converged and it + 1 < max_iter and max_delta > 0.0:

@@ -65,6 +65,67 @@ def move_rows(x, rows, old, new, sums, counts, w):
 
 
 @numba.njit(**_JIT)
+def m_step(sums, counts, old, spherical, x_total, means):
+    """Lloyd's M-step from cluster sums in one pass (a tiny fit's iteration was mostly NumPy call overhead):
+    writes each cluster's mean (float32, unit-normalised in float64 when ``spherical``; ``old``'s row for an empty
+    cluster) into ``means`` and returns the objective from sums alone, Σ w‖x‖² − Σ_j ‖S_j‖²/W_j with ``x_total`` =
+    Σ w‖x‖², or Σ_j W_j − Σ_j ‖S_j‖ for spherical (½Σ w‖x − c‖² of unit rows). NumPy reference:
+    ``kvant.bench.reference.m_step_ref``."""
+    k, d = sums.shape
+    total_w = 0.0
+    gain = 0.0
+    for j in range(k):
+        total_w += counts[j]
+        if counts[j] > 0:
+            sq = 0.0
+            for t in range(d):
+                sq += sums[j, t] * sums[j, t]
+            gain += np.sqrt(sq) if spherical else sq / counts[j]
+            for t in range(d):
+                means[j, t] = np.float32(sums[j, t] / counts[j])
+        else:
+            for t in range(d):
+                means[j, t] = old[j, t]
+        if spherical:
+            norm = 0.0
+            for t in range(d):
+                norm += np.float64(means[j, t]) * np.float64(means[j, t])
+            norm = np.sqrt(norm)
+            if norm == 0.0:
+                norm = 1.0
+            for t in range(d):
+                means[j, t] = np.float32(np.float64(means[j, t]) / norm)
+    return total_w - gain if spherical else x_total - gain
+
+
+@numba.njit(**_JIT)
+def centre_moves(new, old, delta):
+    """How far each centre moved, ``delta[j]`` = ‖new_j − old_j‖ (float64 sums, stored as float32), and the
+    largest move, the index of a largest one and the second largest (equal to the largest when two tie): what
+    Hamerly's bounds need. NumPy reference: ``kvant.bench.reference.centre_moves_ref``."""
+    k, d = new.shape
+    best = -1.0
+    second = -1.0
+    arg = 0
+    for j in range(k):
+        sq = 0.0
+        for t in range(d):
+            diff = np.float64(new[j, t]) - np.float64(old[j, t])
+            sq += diff * diff
+        delta[j] = np.float32(np.sqrt(sq))
+        v = np.float64(delta[j])
+        if v > best:
+            second = best
+            best = v
+            arg = j
+        elif v > second:
+            second = v
+    if k == 1:
+        second = best
+    return best, arg, second
+
+
+@numba.njit(**_JIT)
 def loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, lo, hi):
     """Hamerly: after centroids move by ``delta``, widen bounds of rows [lo, hi). Returns rows to check."""
     out = np.empty(hi - lo, np.int64)
