@@ -204,8 +204,9 @@ def lloyd(
         # M-step (with re-seeding of empty clusters).
         # Emptiness by rows, not weight: incremental float updates can leave a ~1e-12 residue behind.
         rows_in = np.bincount(labels, minlength=k)
-        sums[rows_in == 0] = 0.0
-        counts[rows_in == 0] = 0.0
+        if not rows_in.all():
+            sums[rows_in == 0] = 0.0
+            counts[rows_in == 0] = 0.0
         reseeded = _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in)
         if reseeded:
             cand_left = 0  # a re-seeded row's new centre is not among its candidates: the next E-step is full
@@ -263,12 +264,9 @@ def lloyd(
             lower[:] = 0.0
             continue
         lower *= 1.0 - _BOUND_SLACK
-        parts: list[np.ndarray] = []
-        for s in range(0, n, block):
-            parts.append(
-                loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, s, min(n, s + block))
-            )
-        cand = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        parts = [loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, s, min(n, s + block))
+                 for s in range(0, n, block)]
+        cand = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.int64)
         if cand.size > DENSE_E_STEP * n or not labels_exact:
             # Most bounds crossed (typical of over-relaxed steps): tightening them row by row and gathering the
             # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks. (Always
