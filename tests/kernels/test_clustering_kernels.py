@@ -677,3 +677,6 @@ def test_centre_moves_matches_reference_and_counts_ties(k, d):
     still = old.copy()
     best, arg, second = centre_moves(still, old, delta)
     assert best == 0.0 and second == 0.0 and not delta.any()
+    new[0, 0] = np.nan  # a non-finite centre moved without bound, so Hamerly's bounds cannot survive it
+    best, arg, second = centre_moves(new, old, delta)
+    assert best == np.inf and arg == 0 and delta[0] == np.inf

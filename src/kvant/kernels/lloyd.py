@@ -112,6 +112,8 @@ def centre_moves(new, old, delta):
         for t in range(d):
             diff = np.float64(new[j, t]) - np.float64(old[j, t])
             sq += diff * diff
+        if not sq <= np.inf:  # a NaN move (a centre gone non-finite) counts as unbounded: every bound is dropped
+            sq = np.inf
         delta[j] = np.float32(np.sqrt(sq))
         v = np.float64(delta[j])
         if v > best:
