@@ -60,6 +60,7 @@ from ..kernels.lloyd import (
     loosen_bounds,
     m_step,
     move_rows,
+    unit_centres,
 )
 from .assign import e_step, zero_norm_error
 
@@ -143,9 +144,7 @@ def normalise_rows(block: np.ndarray, start: int = 0) -> np.ndarray:
 
 
 def _normalise(c: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(c.astype(np.float64), axis=1)
-    norms[norms == 0] = 1.0
-    return (c / norms[:, None]).astype(np.float32)
+    return unit_centres(np.ascontiguousarray(c, np.float32))
 
 
 def _centroids_from_sums(sums, counts, old, spherical):

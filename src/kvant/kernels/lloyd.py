@@ -87,15 +87,30 @@ def m_step(sums, counts, old, spherical, x_total, means):
             for t in range(d):
                 means[j, t] = old[j, t]
         if spherical:
-            norm = 0.0
-            for t in range(d):
-                norm += np.float64(means[j, t]) * np.float64(means[j, t])
-            norm = np.sqrt(norm)
-            if norm == 0.0:
-                norm = 1.0
-            for t in range(d):
-                means[j, t] = np.float32(np.float64(means[j, t]) / norm)
+            _to_unit(means, j)
     return total_w - gain if spherical else x_total - gain
+
+
+@numba.njit(inline="always", **_JIT)
+def _to_unit(c, j):
+    """Row j of c divided by its float64 norm (left as it is when all zero): spherical k-means' centre."""
+    norm = 0.0
+    for t in range(c.shape[1]):
+        norm += np.float64(c[j, t]) * np.float64(c[j, t])
+    norm = np.sqrt(norm)
+    if norm == 0.0:
+        norm = 1.0
+    for t in range(c.shape[1]):
+        c[j, t] = np.float32(np.float64(c[j, t]) / norm)
+
+
+@numba.njit(**_JIT)
+def unit_centres(c):
+    """A copy of the float32 centres ``c`` with every non-zero row scaled to unit length (:func:`_to_unit`)."""
+    out = c.copy()
+    for j in range(out.shape[0]):
+        _to_unit(out, j)
+    return out
 
 
 @numba.njit(**_JIT)
