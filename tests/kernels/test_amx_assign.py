@@ -157,6 +157,7 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(backend, monk
         monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
         monkeypatch.setattr(cluster_assign, "I16_HOST", True)
         monkeypatch.setattr(cluster_assign, "I16_E_STEP_MIN_K", 0)
+        monkeypatch.setattr(cluster_assign, "I16_E_STEP_MIN_ROWS", 0)
         monkeypatch.setattr(cluster_assign, "_ONE_REGION_MAX_WORK", 0)
     g = np.random.default_rng(8)
     x = g.standard_normal((3000, 32)).astype(np.float32)

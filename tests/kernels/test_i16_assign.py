@@ -123,6 +123,9 @@ def test_final_assignments_choose_int16_where_measured(monkeypatch):
     big = g.standard_normal((cluster_assign.I16_E_STEP_MIN_K, 128)).astype(np.float32)
     assert cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=10**6).backend == "int16"
     assert not cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=100).ok  # a small E-step
+    few = cluster_assign.I16_E_STEP_MIN_ROWS - 1  # many products, but too few rows to pay for int16's per-strip costs
+    assert few * big.size > cluster_assign._ONE_REGION_MAX_WORK
+    assert not cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=few).ok
     assert not cluster_assign.CertifiedCentres(c[:-1], spherical=False).ok  # K below I16_MIN_K
     far = c.copy()
     far[0] *= 10 * cluster_assign.AMX_MAX_NORM_SPREAD
@@ -143,3 +146,12 @@ def test_centres_beyond_float32s_reach_leave_the_certified_path(monkeypatch):
         warnings.simplefilter("error")
         cc = cluster_assign.CertifiedCentres(c, spherical=True)
     assert cc.backend == "int16" and not cc.ok
+
+
+def test_certified_blocks_give_every_thread_work():
+    # blocks of 8192 rows left a 1,797-row E-step (digits, K=1024) on one of two threads
+    from kvant.cluster.assign import _certified_block_rows as rows
+
+    assert rows(1797, 2) == 928 and -(-1797 // rows(1797, 2)) == 2
+    assert rows(10_000, 2) == 5024 and rows(10**6, 2) == 8192 and rows(10, 2) == 32 and rows(0, 2) == 32
+    assert rows(1797, 1) == 1824

@@ -68,6 +68,11 @@ I16_ASSIGN = True
 I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: not measured, float32 kernels
 I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128
+# ... and at least this many rows: below it the int16 E-step's per-call and per-strip costs outweigh its products
+# (same-host E-steps on Gaussian rows, 2026-12-04: 1,797-4,096 rows 1.26-2.04x the float32 path's time at K = 256 and
+# 1024, D = 64-384; 8,192 rows 1.03-1.08x; 20,000 rows 0.89-1.10x; 50,000 rows 0.83x). Digits K = 1024 (1,797 rows)
+# took 5.3 ms per int16 E-step against 2.8 ms.
+I16_E_STEP_MIN_ROWS = 8192
 
 
 def zero_norm_error(row: int) -> InvalidInput:
@@ -222,10 +227,11 @@ class CertifiedCentres:
     AMX bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >=
     ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
     K >= ``I16_MIN_K``; in E-steps of more than ``_ONE_REGION_MAX_WORK`` products, ``rows`` × K × D, K >=
-    ``I16_E_STEP_MIN_K``). ``ok`` is False when neither applies, for l2 data of extreme
-    magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off,
-    centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only:
-    ``inner_lower``; the int16 backend leaves such centres to the float32 kernels in every assignment)."""
+    ``I16_E_STEP_MIN_K`` and ``rows`` >= ``I16_E_STEP_MIN_ROWS``). ``ok`` is False when neither applies, for l2 data
+    of extreme magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with
+    ``AMX_E_STEP_INNER`` off, centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the
+    inner centres only: ``inner_lower``; the int16 backend leaves such centres to the float32 kernels in every
+    assignment)."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False, rows: int = 0):
         k, dim = centroids.shape
@@ -234,9 +240,10 @@ class CertifiedCentres:
         self.backend = None
         if AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
             self.backend = "amx"
-        elif I16_ASSIGN and I16_HOST and (k >= I16_E_STEP_MIN_K and rows * k * dim > _ONE_REGION_MAX_WORK if e_step
-                                          else k >= I16_MIN_K):
-            self.backend = "int16"
+        elif I16_ASSIGN and I16_HOST:
+            big_e_step = k >= I16_E_STEP_MIN_K and rows >= I16_E_STEP_MIN_ROWS and rows * k * dim > _ONE_REGION_MAX_WORK
+            if big_e_step if e_step else k >= I16_MIN_K:
+                self.backend = "int16"
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
         if not self.ok:
             return
@@ -270,6 +277,15 @@ class CertifiedCentres:
                                       self.inner_lower, unit_rows, labels, exact_sq, lower2, nearest)
 
 
+def _certified_block_rows(n: int, n_threads: int | None = None) -> int:
+    """Rows per block of the certified kernels: 8192, or fewer (whole 32-row strips) so that every thread gets a
+    block. With 8192 a small E-step ran on one thread: digits K=1024 (1,797 rows) took 6.7 ms per int16 E-step
+    against 3.1 ms for the float32 path on two."""
+    threads = max(1, n_threads or get_num_threads())
+    per_thread = -(-n // threads)
+    return max(32, min(8192, -(-per_thread // 32) * 32))
+
+
 def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, exact_sq: np.ndarray,
                      unit_rows: bool = False, row_offset: int = 0, n_threads: int | None = None) -> None:
     """Exact nearest centre of every row of ``x`` and its float64 squared distance (of the unit row when
@@ -281,7 +297,7 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     def run(s: int, e: int) -> None:
         cc.assign_rows(x[s:e], _NO_ROWS, unit_rows, labels[s:e], exact_sq[s:e])
 
-    for_each_block(x.shape[0], 8192, run, n_threads)
+    for_each_block(x.shape[0], _certified_block_rows(x.shape[0], n_threads), run, n_threads)
     if unit_rows and x.shape[0]:
         bad = np.flatnonzero(labels[: x.shape[0]] < 0)
         if bad.size:
@@ -312,5 +328,5 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
         near = _NO_NEAREST if nearest is None else nearest[s:e]
         cc.assign_rows(xs, listed, False, labels[s:e], exact[s:e], d2[s:e], near)
 
-    for_each_block(n, 8192, run)
+    for_each_block(n, _certified_block_rows(n), run)
     d1[:] = exact
