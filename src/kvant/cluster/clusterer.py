@@ -29,6 +29,7 @@ from .._numerics import condition, conditioning, uncondition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source
 from ..kernels.distance import sq_norms_serial
+from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
@@ -420,7 +421,10 @@ def _gather(src, read, norm=False):
 def _coreset_distances(src, full, seed, norm) -> np.ndarray:
     """Squared distance of every row (a unit row when ``norm``) to the mean of ``CENTRE_ROWS`` uniform rows,
     in one pass over ``full`` (or the stream); the pass also checks rows not validated yet (:func:`sq_distances`)."""
-    centre = _uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, norm).mean(axis=0, dtype=np.float64)
+    rows = np.ascontiguousarray(_uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, norm), np.float32)
+    # their float64 mean as Lloyd's sums of one cluster: NumPy's axis-0 mean with a float64 accumulator took 2.5 ms
+    # for 4,096 × 784 rows against 0.85 ms (the same sums, row by row)
+    centre = cluster_sums(rows, np.zeros(rows.shape[0], np.int64), 1, 1, UNIT_WEIGHTS)[0][0] / max(1, rows.shape[0])
     in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
     # one block in RAM (threaded); a memmap or a stream goes window by window. cos rows are measured as
     # unit rows by the kernel itself, so no normalised copy is written.
