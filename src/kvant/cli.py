@@ -537,7 +537,8 @@ def _cmd_index_build(args) -> int:
     else:
         index = PQIndex(src.dim, m=args.m, nbits=args.nbits, metric=args.metric, opq=args.opq, refine=args.refine,
                         seed=args.seed, max_train_rows=args.train_rows)
-        index.train(src)
+        with progress(args, total=index.codec.train_steps, desc="training") as bar:
+            index.train(src, progress=lambda phase, amount: bar.update(amount))
     t_train = time.perf_counter() - t0
     with progress(args, total=src.n, desc="adding") as bar:
         for _, block in src.chunks(65536):

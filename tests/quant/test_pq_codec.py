@@ -355,3 +355,22 @@ def test_opq_refuses_data_whose_rotation_overflows_and_codes_do_not_depend_on_th
     x = (np.random.default_rng(0).standard_normal((20000, 64)) * np.linspace(1, 5, 64)).astype(np.float32)[:3000]
     one = np.concatenate([o.encode(x[i : i + 1]) for i in range(3000)])
     assert np.array_equal(o.encode(x), one)
+
+
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ])
+def test_fit_reports_each_training_step_and_is_unchanged_by_it(cls):
+    x = np.random.default_rng(3).standard_normal((2000, 16)).astype(np.float32)
+    kw = dict(n_iter=3) if cls is kvant.OPQ else {}
+    calls = []
+    with_bar = cls(16, m=4, nbits=4, seed=0, **kw).fit(x, progress=lambda phase, amount: calls.append((phase, amount)))
+    plain = cls(16, m=4, nbits=4, seed=0, **kw).fit(x)
+    assert calls == [("train", 1)] * with_bar.train_steps and with_bar.train_steps > 0
+    np.testing.assert_array_equal(with_bar.codebooks, plain.codebooks)
+
+
+def test_pq_index_train_passes_progress_to_the_codec():
+    x = np.random.default_rng(4).standard_normal((1000, 8)).astype(np.float32)
+    index = kvant.PQIndex(8, m=2, nbits=4)
+    calls = []
+    index.train(x, progress=lambda phase, amount: calls.append(amount))
+    assert len(calls) == index.codec.train_steps

@@ -132,8 +132,9 @@ class PQIndex:
 
     # -- life cycle -------------------------------------------------------------------------------
     @with_threads
-    def train(self, x) -> PQIndex:
-        """Learn the codec on a sample of ``x`` (any kvant.io source)."""
+    def train(self, x, progress=None) -> PQIndex:
+        """Learn the codec on a sample of ``x`` (any kvant.io source); ``progress`` as in :meth:`kvant.PQ.fit`
+        (``("train", 1)`` per Lloyd iteration, ``index.codec.train_steps`` of them)."""
         if self.ntotal:
             raise InvalidInput("the index already holds vectors encoded with its codebooks; build a new index")
         src = as_vectors(x, self.dim, "training data")
@@ -141,7 +142,7 @@ class PQIndex:
             raise InvalidInput(f"training data has {src.n} rows; at least {self.codec.ksub} are needed")
         xs = self._prep(src.sample(self.codec.train_rows, seed=self.seed))
         codec = type(self.codec)._from_meta(self.codec._meta())
-        codec.fit(xs)
+        codec.fit(xs, progress=progress)
         self.codec = codec
         return self
 

@@ -25,7 +25,7 @@ from .. import persist
 from .._config import with_threads
 from .._numerics import conditioning, uncondition
 from ..errors import InvalidInput, PersistError
-from .pq import PQ, _check_int, _kpq, lloyd_refine, range_conditioned, train_subspaces
+from .pq import PQ, _check_int, _kpq, _step_reporter, lloyd_refine, range_conditioned, train_subspaces
 
 __all__ = ["OPQ", "eigenvalue_allocation"]
 
@@ -106,8 +106,16 @@ class OPQ(PQ):
         self._check_fitted()
         return self.mean_
 
+    @property
+    def train_steps(self) -> int:
+        """Lloyd iterations ``fit`` runs: the first PQ training's, then each rotation step's."""
+        return self.n_iter_pq_0 + self.n_iter * self.n_iter_pq
+
     @with_threads
-    def fit(self, x) -> OPQ:
+    def fit(self, x, progress=None) -> OPQ:
+        """Learn the rotation and codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows;
+        ``progress`` as in :meth:`PQ.fit`, counting to :attr:`train_steps`."""
+        step = _step_reporter(progress)
         xs = self._train_sample(x)
         shift = conditioning(xs)[0]  # a large common offset is removed first (module docstring)
         mean = np.zeros(self.dim, np.float32) if shift is None else shift
@@ -119,7 +127,7 @@ class OPQ(PQ):
         else:
             r = np.eye(self.dim, dtype=np.float32)
         xr = xs @ r
-        books = train_subspaces(xr, self.m, self.ksub, self.n_iter_pq_0, self.seed)
+        books = train_subspaces(xr, self.m, self.ksub, self.n_iter_pq_0, self.seed, step)
         kpq = _kpq()
         sub = np.arange(self.m)
         for _ in range(self.n_iter):
@@ -127,7 +135,7 @@ class OPQ(PQ):
             y = books[sub, codes].reshape(xs.shape[0], self.dim)
             r = procrustes(xs, y).astype(np.float32)
             xr = xs @ r
-            books = lloyd_refine(np.ascontiguousarray(xr), books, self.n_iter_pq)
+            books = lloyd_refine(np.ascontiguousarray(xr), books, self.n_iter_pq, step)
         with np.errstate(over="ignore"):  # checked just below
             books = uncondition(books, None, scale)
         if not np.all(np.isfinite(books)):  # rotated codewords near float32's maximum overflow when unscaled

@@ -131,13 +131,13 @@ def scale_subspaces(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) * np.repeat(scales, dsub)).astype(np.float32)
 
 
-def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None) -> np.ndarray:
+def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None, on_iter=None) -> np.ndarray:
     """k-means in each of the ``m`` subspaces of ``xs`` (n, dim) -> codebooks (m, ksub, dim // m).
 
     Each subspace is seeded with k-means++ (:func:`kvant.cluster.lloyd.init_centroids`), then all subspaces
     run their Lloyd iterations together (:func:`lloyd_refine`): one parallel pass of the PQ encoder assigns
     every sub-vector of every row, so the ``m`` trainings proceed in parallel with one kernel launch per
-    iteration instead of ``m`` small k-means runs.
+    iteration instead of ``m`` small k-means runs. ``on_iter()``, if given, is called after each iteration.
     """
     from ..cluster.lloyd import init_centroids
 
@@ -148,11 +148,12 @@ def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | 
     for j in range(m):
         sub = np.ascontiguousarray(xs[:, j * dsub : (j + 1) * dsub])
         books[j] = init_centroids(sub, ksub, "k-means++", None if seed is None else int(seeds[j]))
-    return lloyd_refine(xs, books, n_iter)
+    return lloyd_refine(xs, books, n_iter, on_iter)
 
 
-def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
-    """``n_iter`` Lloyd iterations in all subspaces at once, warm-started from ``books`` (updated copy).
+def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int, on_iter=None) -> np.ndarray:
+    """``n_iter`` Lloyd iterations in all subspaces at once, warm-started from ``books`` (updated copy);
+    ``on_iter()``, if given, is called after each one.
 
     Assignment is the parallel PQ encoder (every subspace in one pass over the rows, direct squared
     distances, so offset-dominated sub-vectors need no conditioning). An empty cell is
@@ -184,7 +185,14 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int) -> np.ndarray:
             books[j][nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
             if empty.size and far.size:
                 books[j][empty[: far.size]] = xv[far, j, :]
+        if on_iter is not None:
+            on_iter()
     return books
+
+
+def _step_reporter(progress):
+    """``progress("train", 1)`` as a no-argument callback (None without ``progress``)."""
+    return None if progress is None else (lambda: progress("train", 1))
 
 
 class PQ:
@@ -261,13 +269,21 @@ class PQ:
         xs = src.sample(self.train_rows, seed=self.seed)
         return np.ascontiguousarray(xs, dtype=np.float32)
 
+    @property
+    def train_steps(self) -> int:
+        """Lloyd iterations ``fit`` runs (over all subspaces at once): what its ``progress`` counts to."""
+        return self.n_iter
+
     @with_threads
-    def fit(self, x) -> PQ:
-        """Learn codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows."""
+    def fit(self, x, progress=None) -> PQ:
+        """Learn codebooks from ``x`` (any kvant.io source) on a sample of ``train_rows`` rows.
+
+        ``progress(phase, amount)``, if given, is called with ``("train", 1)`` after each of the
+        :attr:`train_steps` Lloyd iterations (the CLI's progress bar)."""
         xs = self._train_sample(x)
         scales = subspace_scales(xs, self.m)
         books = train_subspaces(xs if scales is None else scale_subspaces(xs, scales), self.m, self.ksub, self.n_iter,
-                                self.seed)
+                                self.seed, _step_reporter(progress))
         if scales is not None:
             books = (books.astype(np.float64) / scales[:, None, None]).astype(np.float32)
         self.codebooks_ = books
