@@ -982,3 +982,16 @@ def test_a_bad_row_only_the_final_assignment_reads_is_named(k, metric):
     d = kvant.Clusterer(k=k, metric=metric, seed=0, sampling="uniform", sample_per_centroid=8).fit(src)
     np.testing.assert_array_equal(d.labels_, before[0])
     assert d.inertia_ == before[2]
+
+
+@pytest.mark.parametrize("sampling", ["coreset", "uniform"])
+def test_cos_fit_leaves_the_callers_rows_as_they_were(sampling, tmp_path):
+    # sampled rows are normalised in place: only ever kvant's own gathered copy, never the input
+    x = (np.random.default_rng(5).standard_normal((6000, 12)) * 3 + 1).astype(np.float32)
+    before = x.copy()
+    kvant.Clusterer(4, metric="cos", seed=0, sampling=sampling, sample_per_centroid=64).fit(x)
+    np.testing.assert_array_equal(x, before)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    kvant.Clusterer(4, metric="cos", seed=0, sampling=sampling, sample_per_centroid=64).fit(mapped)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), before)

@@ -405,12 +405,12 @@ def _in_memory_rows(src: VectorSource, validate: bool = True) -> np.ndarray | No
 
 
 def _gather(src, read, norm=False):
-    """``read()`` (rows gathered from ``src``, unit-normalised when ``norm``); when a gathered row is bad
-    (NaN/inf, or zero for cos), scan the source in order first, so the error names the data's first bad
-    row rather than the sample's."""
+    """``read()`` (rows gathered from ``src`` into a new array, unit-normalised in place when ``norm``); when a
+    gathered row is bad (NaN/inf, or zero for cos), scan the source in order first, so the error names the data's
+    first bad row rather than the sample's."""
     try:
         rows = read()
-        return normalise_rows(rows) if norm else rows
+        return normalise_rows(rows, in_place=True) if norm else rows
     except InvalidInput:
         for start, block in src.chunks():  # raises at the first bad row
             if norm:
