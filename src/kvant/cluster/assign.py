@@ -69,9 +69,9 @@ I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: n
 I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128
 # ... and at least this many rows: below it the int16 E-step's per-call and per-strip costs outweigh its products
-# (same-host E-steps on Gaussian rows, 2026-12-04: 1,797-4,096 rows 1.26-2.04x the float32 path's time at K = 256 and
-# 1024, D = 64-384; 8,192 rows 1.03-1.08x; 20,000 rows 0.89-1.10x; 50,000 rows 0.83x). Digits K = 1024 (1,797 rows)
-# took 5.3 ms per int16 E-step against 2.8 ms.
+# (same-host E-steps on Gaussian rows, 2026-12-04: 1,797-4,096 rows 1.19-2.10x the float32 path's time at K = 256 and
+# 1024, D = 64-784; 8,192 rows 0.94-1.08x; 20,000 rows 0.89-1.10x; 50,000 rows 0.83x). At digits' shape (1,797 × 64,
+# K = 1024) an int16 E-step took 5.3 ms against 2.8 ms; docs/auto.md.
 I16_E_STEP_MIN_ROWS = 8192
 
 
