@@ -127,13 +127,13 @@ def _init_from_env() -> None:
     value = os.environ.get("KVANT_NUM_THREADS")
     if value:
         try:
-            set_num_threads(int(value))
-        except (ValueError, Exception) as exc:  # a bad env var must not break import
+            set_num_threads(env_num_threads(value))
+        except Exception:  # a bad env var must not break import (env_num_threads is the one check)
             if _is_kvant_command():  # the command reports it as a usage error itself (exit 2, one line)
                 return
             import warnings
 
-            warnings.warn(f"ignoring KVANT_NUM_THREADS={value!r}: {exc}", stacklevel=2)
+            warnings.warn(f"ignoring KVANT_NUM_THREADS={value!r}: not a positive integer", stacklevel=2)
 
 
 _init_from_env()

@@ -79,7 +79,6 @@ def _jsonable(obj):
 
 def _same_file(a, b) -> bool:
     """True when paths ``a`` and ``b`` name one file (the same inode when both exist, else the same resolved path)."""
-    import os
     from pathlib import Path
 
     try:
@@ -95,7 +94,6 @@ def _output_file(path, suffix: str | None = None, others=(), what: str = "output
     InvalidInput if it cannot be written or names the same file as one of ``others`` (``(label, path)`` pairs:
     the inputs, and the outputs already checked). Called before the work, so a bad path costs nothing and no
     output is written when another one could not be."""
-    import os
     import tempfile
     from pathlib import Path
 

@@ -190,3 +190,9 @@ def check_ids_array(ids: np.ndarray, n: int) -> np.ndarray:
     if n and (ids.min() < 0 or np.unique(ids).size != n):
         raise PersistError("ids are negative or not unique")
     return ids
+
+
+def check_next_id(next_id: int, ids: np.ndarray) -> None:
+    """A loaded index's next default id: non-negative and above every stored id, else PersistError."""
+    if next_id < 0 or (ids.size and next_id <= int(ids.max())):
+        raise PersistError(f"next_id {next_id} is negative or not larger than every stored id")

@@ -23,6 +23,7 @@ from ._common import (
     check_k,
     check_metric,
     check_new_ids,
+    check_next_id,
     check_remove_ids,
     default_ids,
     finish_results,
@@ -251,8 +252,7 @@ class FlatIndex:
         check_ids_array(ids, n)
         if x.dtype != np.float32 or x.shape != (n, obj.dim):
             raise PersistError(f"vectors have shape {x.shape} / {x.dtype}, expected ({n}, {obj.dim}) float32")
-        if next_id < 0 or (n and next_id <= int(ids.max())):
-            raise PersistError(f"next_id {next_id} is negative or not larger than every stored id")
+        check_next_id(next_id, ids)
         if not np.isfinite(x).all():
             raise PersistError("stored vectors contain NaN or inf")
         norms = sq_norms(np.ascontiguousarray(x)) if n else None

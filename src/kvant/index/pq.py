@@ -42,6 +42,7 @@ from ._common import (
     check_k,
     check_metric,
     check_new_ids,
+    check_next_id,
     check_remove_ids,
     default_ids,
     finish_results,
@@ -330,8 +331,7 @@ class PQIndex:
         check_ids_array(ids, n)
         if codes.dtype != np.uint8 or codes.shape != (n, obj.code_size):
             raise PersistError(f"codes have shape {codes.shape} / {codes.dtype}, expected ({n}, {obj.code_size})")
-        if next_id < 0 or (n and next_id <= int(ids.max())):
-            raise PersistError(f"next_id {next_id} is negative or not larger than every stored id")
+        check_next_id(next_id, ids)
         if trained is not True and (trained is not False or n):
             raise PersistError("an untrained index cannot hold vectors")
         if obj.refine:
