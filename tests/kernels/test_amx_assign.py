@@ -157,8 +157,8 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(backend, monk
         monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
         monkeypatch.setattr(cluster_assign, "I16_HOST", True)
         monkeypatch.setattr(cluster_assign, "I16_E_STEP_MIN_K", 0)
-        monkeypatch.setattr(cluster_assign, "I16_E_STEP_MIN_ROWS", 0)
         monkeypatch.setattr(cluster_assign, "_ONE_REGION_MAX_WORK", 0)
+    monkeypatch.setattr(cluster_assign, "CERTIFIED_E_STEP_MIN_ROWS", 0)
     g = np.random.default_rng(8)
     x = g.standard_normal((3000, 32)).astype(np.float32)
     c = x[:80].copy()
@@ -184,16 +184,39 @@ def test_centres_with_far_outliers_scan_inner_centres_in_e_steps(monkeypatch):
     g = np.random.default_rng(9)
     dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
     c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
-    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True)
+    rows = cluster_assign.CERTIFIED_E_STEP_MIN_ROWS
+    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows)
     assert cc.ok and not cc.inner_lower
     c[0] *= 100 * cluster_assign.AMX_MAX_NORM_SPREAD
-    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True)
+    cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows)
     assert cc.ok and cc.inner_lower  # far centres: E-steps scan the inner centres only
     assert cluster_assign.CertifiedCentres(c, spherical=False).ok  # final assignments handle far centres anyway
     monkeypatch.setattr(cluster_assign, "AMX_E_STEP_INNER", False)
-    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True).ok  # the float32 path instead
+    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows).ok  # the float32 path
     assert not cluster_assign.CertifiedCentres(c[: cluster_assign.AMX_MIN_K - 1], spherical=False).ok
     assert not cluster_assign.CertifiedCentres(c[:, : dim // 2], spherical=False).ok  # K·D below AMX_MIN_KD
+
+
+@needs_amx
+def test_small_e_steps_take_the_float32_kernels(monkeypatch):
+    # below CERTIFIED_E_STEP_MIN_ROWS rows an AMX E-step cost 1.2-2.3x the float32 one (docs/auto.md); final
+    # assignments of any size stay certified (exact labels)
+    g = np.random.default_rng(10)
+    dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
+    c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
+    rows = cluster_assign.CERTIFIED_E_STEP_MIN_ROWS
+    assert cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows).backend == "amx"
+    assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows - 1).ok
+    assert cluster_assign.CertifiedCentres(c, spherical=False).ok
+    x = g.standard_normal((1000, dim)).astype(np.float32)
+    xn = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    out = [np.empty(1000, np.int64), np.empty(1000, np.float32), np.empty(1000, np.float32)]
+    cluster_assign.e_step(x, c, *out, xn)
+    monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    ref = [np.empty(1000, np.int64), np.empty(1000, np.float32), np.empty(1000, np.float32)]
+    cluster_assign.e_step(x, c, *ref, xn)
+    for a, b in zip(out, ref):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_per_centre_margins_certify_rows_a_far_centre_would_block(backend):

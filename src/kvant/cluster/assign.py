@@ -68,11 +68,13 @@ I16_ASSIGN = True
 I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: not measured, float32 kernels
 I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128
-# ... and at least this many rows: below it the int16 E-step's per-call and per-strip costs outweigh its products
-# (same-host E-steps on Gaussian rows, 2026-12-04: 1,797-4,096 rows 1.19-2.10x the float32 path's time at K = 256 and
-# 1024, D = 64-784; 8,192 rows 0.94-1.08x; 20,000 rows 0.89-1.10x; 50,000 rows 0.83x). At digits' shape (1,797 × 64,
-# K = 1024) an int16 E-step took 5.3 ms against 2.8 ms; docs/auto.md.
-I16_E_STEP_MIN_ROWS = 8192
+# Certified E-steps (either backend) need at least this many rows: below it the per-call and per-strip costs (packing,
+# certification, the exact distances) outweigh the cheaper products. Same-host E-steps alone, Gaussian rows, D = 64-784,
+# K = 256 and 1024, against the float32 path: int16 on the AVX2 host (2026-12-04) 1.19-2.10x its time with 1,797-4,096
+# rows, 0.94-1.08x with 8,192, 0.83x with 50,000; AMX on the Intel host (2026-12-04) 1.16-2.34x with 2,048-4,096 rows
+# (one 0.98x), 0.84-1.21x with 8,192, 0.46-0.94x with 16,384-32,768. At digits' shape (1,797 x 64, K = 1024) an
+# int16 E-step took 5.3 ms against 2.8, an AMX one 3.1 against 1.6 ms; docs/auto.md.
+CERTIFIED_E_STEP_MIN_ROWS = 8192
 
 
 def zero_norm_error(row: int) -> InvalidInput:
@@ -227,8 +229,8 @@ class CertifiedCentres:
     AMX bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >=
     ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
     K >= ``I16_MIN_K``; in E-steps of more than ``_ONE_REGION_MAX_WORK`` products, ``rows`` × K × D, K >=
-    ``I16_E_STEP_MIN_K`` and ``rows`` >= ``I16_E_STEP_MIN_ROWS``). ``ok`` is False when neither applies, for l2 data
-    of extreme magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with
+    ``I16_E_STEP_MIN_K``); E-steps of either backend need ``rows`` >= ``CERTIFIED_E_STEP_MIN_ROWS``. ``ok`` is False
+    when neither applies, for l2 data of extreme magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with
     ``AMX_E_STEP_INNER`` off, centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the
     inner centres only: ``inner_lower``; the int16 backend leaves such centres to the float32 kernels in every
     assignment)."""
@@ -238,10 +240,12 @@ class CertifiedCentres:
         self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.inner_lower = False
         self.backend = None
-        if AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
+        if e_step and rows < CERTIFIED_E_STEP_MIN_ROWS:
+            pass  # a small E-step: the float32 kernels
+        elif AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
             self.backend = "amx"
         elif I16_ASSIGN and I16_HOST:
-            big_e_step = k >= I16_E_STEP_MIN_K and rows >= I16_E_STEP_MIN_ROWS and rows * k * dim > _ONE_REGION_MAX_WORK
+            big_e_step = k >= I16_E_STEP_MIN_K and rows * k * dim > _ONE_REGION_MAX_WORK
             if big_e_step if e_step else k >= I16_MIN_K:
                 self.backend = "int16"
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
