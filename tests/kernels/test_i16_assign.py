@@ -123,7 +123,7 @@ def test_final_assignments_choose_int16_where_measured(monkeypatch):
     big = g.standard_normal((cluster_assign.I16_E_STEP_MIN_K, 128)).astype(np.float32)
     assert cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=10**6).backend == "int16"
     assert not cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=100).ok  # a small E-step
-    few = cluster_assign.CERTIFIED_E_STEP_MIN_ROWS - 1  # many products, but too few rows to pay for int16's per-strip costs
+    few = cluster_assign.CERTIFIED_E_STEP_MIN_ROWS - 1  # many products, too few rows for int16's per-strip costs
     assert few * big.size > cluster_assign._ONE_REGION_MAX_WORK
     assert not cluster_assign.CertifiedCentres(big, spherical=False, e_step=True, rows=few).ok
     assert not cluster_assign.CertifiedCentres(c[:-1], spherical=False).ok  # K below I16_MIN_K

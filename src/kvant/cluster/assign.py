@@ -230,10 +230,10 @@ class CertifiedCentres:
     ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
     K >= ``I16_MIN_K``; in E-steps of more than ``_ONE_REGION_MAX_WORK`` products, ``rows`` × K × D, K >=
     ``I16_E_STEP_MIN_K``); E-steps of either backend need ``rows`` >= ``CERTIFIED_E_STEP_MIN_ROWS``. ``ok`` is False
-    when neither applies, for l2 data of extreme magnitude (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with
-    ``AMX_E_STEP_INNER`` off, centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the
-    inner centres only: ``inner_lower``; the int16 backend leaves such centres to the float32 kernels in every
-    assignment)."""
+    when neither applies, for l2 data of extreme magnitude (``conditioning`` asks for a scale), or, for Lloyd's
+    E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off, centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on,
+    such E-steps scan the inner centres only: ``inner_lower``; the int16 backend leaves such centres to the float32
+    kernels in every assignment)."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False, rows: int = 0):
         k, dim = centroids.shape
