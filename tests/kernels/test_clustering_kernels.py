@@ -297,7 +297,9 @@ def test_kmeanspp_matches_reference(n, d, k):
     for seed in range(3):
         u = np.random.default_rng(seed).random(k)
         first = seed % n
-        np.testing.assert_array_equal(kmeanspp(x, k, u, first, UNIT_WEIGHTS), ref.kmeanspp_ref(x, k, u, first))
+        want = ref.kmeanspp_ref(x, k, u, first)
+        for n_parts in (1, 2, 5):  # n=1..200 rows are 1-4 mass blocks: more parts than blocks too
+            np.testing.assert_array_equal(kmeanspp(x, k, u, first, UNIT_WEIGHTS, 160, n_parts), want)
 
 
 def test_kmeanspp_picks_distinct_far_points():
@@ -369,8 +371,9 @@ def test_kmeanspp_pruning_matches_reference_on_clustered_data(d):
         w[seed] = 1.0
         want_w = ref.kmeanspp_ref(x, 120, u, seed, w)
         for prune_min_dim in (1, 10**9):  # the skip test forced on, and off
-            np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, UNIT_WEIGHTS, prune_min_dim), want)
-            np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, w, prune_min_dim), want_w)
+            for n_parts in (1, 2, 3, 47, 1000):  # serial, split over threads (uneven runs of blocks), more parts
+                np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, UNIT_WEIGHTS, prune_min_dim, n_parts), want)
+                np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, w, prune_min_dim, n_parts), want_w)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])

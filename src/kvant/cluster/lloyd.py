@@ -43,6 +43,7 @@ that re-seeded does not end the run by the tolerance.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,7 @@ from .._config import get_num_threads, rng
 from .._parallel import for_each_block
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import (
+    KPP_PRUNE_MIN_DIM,
     UNIT_WEIGHTS,
     assign_to_candidates,
     centre_moves,
@@ -94,6 +96,12 @@ class LloydResult:
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
 # keeps it far below one Lloyd iteration on the training sample while keeping D² seeding's spread.
 INIT_ROWS_PER_CENTROID = 8
+# k-means++ steps over at least this many coordinates (seeding rows × D) run on every thread, one parallel region per
+# step. Seeding alone on the Intel AMX host, 2 threads (2026-12-04): 0.35× at 8,192×128 and K = 1024, 0.48-0.69× on
+# Fashion-MNIST (8,192 rows at K = 1024, 2,048 at K = 256), 0.70× at 2,048×128; whole fits: Fashion-MNIST K = 1024 l2
+# 0.90×. At digits' 1,797×64 seeding took 0.74-0.78× but whole fits read 0.93-1.14× (within that host's noise at
+# 8-20 ms fits), and at 512×64 and 512×32 the seeding itself took 1.18-1.37×: smaller steps stay serial.
+KPP_PARALLEL_MIN_WORK = 1 << 18
 
 
 def init_centroids(
@@ -116,7 +124,11 @@ def init_centroids(
         uniforms = g.random(k)
         w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights[sub], np.float64)
         first = int(g.integers(m)) if weights is None else int(g.choice(m, p=w / w.sum()))
-        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w)]
+        # the main thread only: a parallel region entered from several threads at once (Dask's workers, say) is not
+        # safe on every threading layer
+        big = m * x.shape[1] >= KPP_PARALLEL_MIN_WORK and threading.current_thread() is threading.main_thread()
+        parts = get_num_threads() if big else 1
+        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w, KPP_PRUNE_MIN_DIM, parts)]
     else:  # pragma: no cover - validated by the caller
         raise ValueError(method)
     c = np.ascontiguousarray(x[rows], dtype=np.float32)

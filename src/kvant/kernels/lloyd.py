@@ -242,7 +242,28 @@ def _draw(d2, w, unit, bmass, target):
 
 
 @numba.njit(**_JIT)
-def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM):
+def _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, b_lo, b_hi):
+    """One k-means++ step's update of the mass blocks ``b_lo:b_hi``: each row's D² to the new centre ``c`` (skipped
+    where the triangle inequality rules it out, with ``prune``) and the blocks' mass sums where a row changed."""
+    n = x.shape[0]
+    for b in range(b_lo, b_hi):
+        lo = b * _KPP_BLOCK
+        hi = min(n, lo + _KPP_BLOCK)
+        changed = False
+        for i in range(lo, hi):
+            if prune and c > 0 and d2[i] <= skip_at_most[near[i]]:
+                continue
+            v = np.float64(_sq_dist_f32(x, i, centre))
+            if v < d2[i]:
+                d2[i] = v
+                near[i] = c
+                changed = True
+        if changed:
+            bmass[b] = _block_mass(d2, w, unit, lo, hi)
+
+
+@numba.njit(parallel=True, **_JIT)
+def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=1):
     """k-means++ seeding (Arthur & Vassilvitskii): returns k row indices of ``x`` (float32 rows).
 
     ``first`` is the first centre's row; ``uniforms`` (k,) in [0, 1) drive the D² sampling, so the
@@ -257,8 +278,9 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM):
     picks are those of the unpruned algorithm. The mass total is kept per block of rows, re-summed only
     where a row changed.
 
-    Serial on purpose: a parallel region per step (K of them) cost 30× more in thread wake-ups than the
-    work each step does.
+    ``n_parts`` > 1 splits each step's rows into that many runs of whole blocks, one parallel region per step
+    (the caller decides when a step is large enough to pay for it). The blocks' sums are added in order after
+    the region, so the picks do not depend on ``n_parts``.
     """
     n, d = x.shape
     unit = w.shape[0] == 0
@@ -273,6 +295,7 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM):
     # squared); with the 8× margin a skipped row's computed D² cannot drop (see docs/auto.md).
     shrink = 1.0 / (4.0 * (1.0 + 8.0 * (d + 3) * 2.0**-24))
     prune = d >= prune_min_dim
+    parts = max(1, min(n_parts, n_blocks))
     total = 0.0
     for c in range(k):
         if c > 0:
@@ -283,21 +306,14 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM):
         centre = x[chosen[c]].copy()  # contiguous: the row loop below vectorises better than on x[r, :]
         for j in range(c if prune else 0):
             skip_at_most[j] = np.float64(_sq_dist_f32(x, chosen[j], centre)) * shrink
+        if parts == 1:  # no parallel region for a serial step
+            _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, 0, n_blocks)
+        else:
+            for p in numba.prange(parts):
+                _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit,
+                            p * n_blocks // parts, (p + 1) * n_blocks // parts)
         total = 0.0
         for b in range(n_blocks):
-            lo = b * _KPP_BLOCK
-            hi = min(n, lo + _KPP_BLOCK)
-            changed = False
-            for i in range(lo, hi):
-                if prune and c > 0 and d2[i] <= skip_at_most[near[i]]:
-                    continue
-                v = np.float64(_sq_dist_f32(x, i, centre))
-                if v < d2[i]:
-                    d2[i] = v
-                    near[i] = c
-                    changed = True
-            if changed:
-                bmass[b] = _block_mass(d2, w, unit, lo, hi)
             total += bmass[b]
     return chosen
 
