@@ -99,3 +99,26 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+_layer: str | None = None
+
+
+def numba_threading_layer() -> str:
+    """The threading layer Numba's ``parallel=True`` kernels run on here ("omp", "tbb" or "workqueue"), found by
+    running a tiny parallel kernel once (Numba names its layer only after one has run). Per-step parallel regions
+    (k-means++ seeding) pay off on "omp", whose threads spin between regions; on "workqueue" a region per step cost
+    up to 10x the serial time (1,797×64 rows, K = 1024: 98 against 10 ms)."""
+    global _layer
+    if _layer is None:
+        import numba
+        import numpy as np
+
+        @numba.njit(parallel=True, cache=True)
+        def touch(a):
+            for i in numba.prange(a.shape[0]):
+                a[i] += 1.0
+
+        touch(np.zeros(2))
+        _layer = str(numba.threading_layer())
+    return _layer

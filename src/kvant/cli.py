@@ -153,6 +153,7 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from ._config import get_num_threads
+    from ._parallel import numba_threading_layer
 
     try:
         from numba.misc.numba_sysinfo import get_sysinfo
@@ -178,6 +179,8 @@ def _cmd_info(args) -> int:
         "amx_tiles": _amx_available(),
         # final k-means assignments with K >= I16_MIN_K use certified int16 products when this is true (docs/auto.md)
         "int16_assign": _int16_available(),
+        # Numba's threading layer; per-step parallel regions (k-means++ seeding) are used on "omp" only
+        "numba_threading_layer": numba_threading_layer(),
         "optional": _optional_versions(),
     }
     emit(args, payload)
