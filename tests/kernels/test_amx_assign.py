@@ -179,12 +179,17 @@ def test_e_step_matches_the_float32_path_where_that_is_unambiguous(backend, monk
     assert np.all(out[2] <= d[:, 1] * (1 + 1e-6))
 
 
-@needs_amx
-def test_centres_with_far_outliers_scan_inner_centres_in_e_steps(monkeypatch):
-    g = np.random.default_rng(9)
+def _smallest_amx_centres(g):
+    """AMX_MIN_K Gaussian centres of the fewest dimensions AMX serves, and the fewest rows of a certified E-step."""
     dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
     c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
-    rows = cluster_assign.CERTIFIED_E_STEP_MIN_ROWS
+    return c, cluster_assign.CERTIFIED_E_STEP_MIN_ROWS
+
+
+@needs_amx
+def test_centres_with_far_outliers_scan_inner_centres_in_e_steps(monkeypatch):
+    c, rows = _smallest_amx_centres(np.random.default_rng(9))
+    dim = c.shape[1]
     cc = cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows)
     assert cc.ok and not cc.inner_lower
     c[0] *= 100 * cluster_assign.AMX_MAX_NORM_SPREAD
@@ -202,9 +207,8 @@ def test_small_e_steps_take_the_float32_kernels(monkeypatch):
     # below CERTIFIED_E_STEP_MIN_ROWS rows an AMX E-step cost 1.2-2.3x the float32 one (docs/auto.md); final
     # assignments of any size stay certified (exact labels)
     g = np.random.default_rng(10)
-    dim = -(-cluster_assign.AMX_MIN_KD // cluster_assign.AMX_MIN_K)
-    c = g.standard_normal((cluster_assign.AMX_MIN_K, dim)).astype(np.float32)
-    rows = cluster_assign.CERTIFIED_E_STEP_MIN_ROWS
+    c, rows = _smallest_amx_centres(g)
+    dim = c.shape[1]
     assert cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows).backend == "amx"
     assert not cluster_assign.CertifiedCentres(c, spherical=False, e_step=True, rows=rows - 1).ok
     assert cluster_assign.CertifiedCentres(c, spherical=False).ok
