@@ -79,8 +79,9 @@ MAX_K = 64 if AVX512 else 16
 
 # A small E-step (one parallel region, see cluster.assign) is bound by overheads, not by its products: on AVX2
 # hosts it takes the kernel up to K = 128 (SMALL_MAX_K; digits K=96/128 fits 0.73-0.88× the BLAS path's time, K=256
-# 1.01-1.09×, docs/auto.md). AVX-512 hosts keep MAX_K (not measured there).
-SMALL_MAX_K = MAX_K if AVX512 else 128
+# 1.01-1.09×, docs/auto.md); on the Intel AVX-512/AMX host up to K = 256 (digits fits at K = 96, 128 and 192
+# 0.63-0.70×; K=256 1.03-1.04× l2, 0.90-0.93× cos; 2026-12-04, docs/auto.md).
+SMALL_MAX_K = 256 if AVX512 else 128
 
 
 def fits(dim: int, k: int, small: bool = False) -> bool:
