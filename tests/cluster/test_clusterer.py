@@ -162,15 +162,15 @@ def test_kmeanspp_seeding_is_the_same_on_every_thread_and_split(weighted, monkey
     g = np.random.default_rng(3)
     x = g.standard_normal((2048, 160)).astype(np.float32)
     w = g.uniform(0.5, 4.0, 2048) if weighted else None
-    assert 2048 * 160 >= lloyd_module.KPP_PARALLEL_MIN_WORK
-    want = init_centroids(x, 256, "k-means++", 7, weights=w)
+    assert 2048 * 160 >= lloyd_module.KPP_PARALLEL_MIN_STEP and 2048 * 160 * 512 >= lloyd_module.KPP_PARALLEL_MIN_WORK
+    want = init_centroids(x, 512, "k-means++", 7, weights=w)
     out = {}
-    worker = threading.Thread(target=lambda: out.setdefault("c", init_centroids(x, 256, "k-means++", 7, weights=w)))
+    worker = threading.Thread(target=lambda: out.setdefault("c", init_centroids(x, 512, "k-means++", 7, weights=w)))
     worker.start()
     worker.join()
     np.testing.assert_array_equal(out["c"], want)
     monkeypatch.setattr(lloyd_module, "KPP_PARALLEL_MIN_WORK", 1 << 62)  # serial in the main thread too
-    np.testing.assert_array_equal(init_centroids(x, 256, "k-means++", 7, weights=w), want)
+    np.testing.assert_array_equal(init_centroids(x, 512, "k-means++", 7, weights=w), want)
 
 
 def test_objective_history_decreases(data):

@@ -96,12 +96,15 @@ class LloydResult:
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
 # keeps it far below one Lloyd iteration on the training sample while keeping D² seeding's spread.
 INIT_ROWS_PER_CENTROID = 8
-# k-means++ steps over at least this many coordinates (seeding rows × D) run on every thread, one parallel region per
-# step. Seeding alone on the Intel AMX host, 2 threads (2026-12-04): 0.35× at 8,192×128 and K = 1024, 0.48-0.69× on
-# Fashion-MNIST (8,192 rows at K = 1024, 2,048 at K = 256), 0.70× at 2,048×128; whole fits: Fashion-MNIST K = 1024 l2
-# 0.90×. At digits' 1,797×64 seeding took 0.74-0.78× but whole fits read 0.93-1.14× (within that host's noise at
-# 8-20 ms fits), and at 512×64 and 512×32 the seeding itself took 1.18-1.37×: smaller steps stay serial.
-KPP_PARALLEL_MIN_WORK = 1 << 18
+# k-means++ seeding runs on every thread, one parallel region per step, when each step covers at least
+# KPP_PARALLEL_MIN_STEP coordinates (seeding rows × D: below it the region costs more than it saves; 512×64 and 512×32
+# took 1.18-1.37× the serial time, 512×128 0.91×) and the whole seeding at least KPP_PARALLEL_MIN_WORK (rows × D × K,
+# ~10 ms serial): the first Lloyd passes after the region share the cores with its still-spinning threads, a cost of
+# 0.5-2 ms that a short seeding does not repay (whole fits: digits K=256, 29M, 1.04-1.14×; digits K=1024, 118M, even:
+# seeding 10.4 → 8.1 ms, E-steps 8.3 → 8.9 ms). Seeding alone on the Intel AMX host, 2 threads (2026-12-04): 0.35× at
+# 8,192×128 K=1024, 0.48-0.69× on Fashion-MNIST K=256/1024; whole fits in docs/auto.md.
+KPP_PARALLEL_MIN_STEP = 1 << 16
+KPP_PARALLEL_MIN_WORK = 1 << 27
 
 
 def init_centroids(
@@ -126,8 +129,9 @@ def init_centroids(
         first = int(g.integers(m)) if weights is None else int(g.choice(m, p=w / w.sum()))
         # the main thread only (a parallel region entered from several threads at once, Dask's workers say, is not
         # safe on every threading layer), and on OpenMP's (numba_threading_layer)
-        big = (m * x.shape[1] >= KPP_PARALLEL_MIN_WORK and threading.current_thread() is threading.main_thread()
-               and numba_threading_layer() == "omp")
+        step = m * x.shape[1]
+        big = (step >= KPP_PARALLEL_MIN_STEP and step * k >= KPP_PARALLEL_MIN_WORK
+               and threading.current_thread() is threading.main_thread() and numba_threading_layer() == "omp")
         parts = get_num_threads() if big else 1
         rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w, KPP_PRUNE_MIN_DIM, parts)]
     else:  # pragma: no cover - validated by the caller
