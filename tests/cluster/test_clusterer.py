@@ -959,6 +959,10 @@ def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
 
 
 def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
+    from kvant.cluster import auto as auto_module
+
+    # (training E-steps small enough for the one-region direct kernel skip candidates: tested below)
+    monkeypatch.setattr(auto_module, "one_region_direct_e_step", lambda n, dim, k: False)
     calls = []
     real = lloyd_module._candidate_e_step
     monkeypatch.setattr(lloyd_module, "_candidate_e_step", lambda *a: calls.append(1) or real(*a))
@@ -977,6 +981,24 @@ def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
     calls.clear()
     row = kvant.Clusterer(k=128, algorithm="dense-exact-row", seed=0, max_iter=6, tol=0.0).fit(big)
     assert "candidate centres" not in row.auto_reason_ and not calls
+
+
+def test_auto_skips_candidates_where_training_e_steps_take_the_one_region_kernel(monkeypatch):
+    from kvant.cluster import assign as cluster_assign
+    from kvant.cluster.auto import AUTO_CANDIDATES, choose_algorithm
+
+    def candidates(n, dim=64, k=256):
+        return choose_algorithm(n, dim, k, "l2", n * dim * 4).params["candidates"]
+
+    monkeypatch.setattr(cluster_assign.direct_assign, "fits", lambda dim, k, small=False: small)  # as on AVX-512
+    assert candidates(1797) == 0  # digits' shape: 1,797 x 256 x 64 products per E-step, one region
+    assert candidates(5000) == AUTO_CANDIDATES  # a 5,000-row sample: 2^26.3 products, the GEMM path anyway
+    assert candidates(10**6) == AUTO_CANDIDATES  # trains on 256·K rows
+    monkeypatch.setattr(cluster_assign.direct_assign, "fits", lambda dim, k, small=False: False)  # no such kernel
+    assert candidates(1797) == AUTO_CANDIDATES
+    monkeypatch.setattr(cluster_assign.direct_assign, "fits", lambda dim, k, small=False: small)
+    monkeypatch.setattr(cluster_assign, "DIRECT_ASSIGN", False)
+    assert candidates(1797) == AUTO_CANDIDATES
 
 
 @pytest.mark.parametrize("k", [5, 40])  # the fused K <= 16 kernel on AVX2 hosts, the certified or BLAS paths above

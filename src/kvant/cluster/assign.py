@@ -77,6 +77,13 @@ I16_E_STEP_MIN_K = 128
 CERTIFIED_E_STEP_MIN_ROWS = 8192
 
 
+def one_region_direct_e_step(n: int, dim: int, k: int) -> bool:
+    """Whether a plain E-step of ``n`` rows (Lloyd's, with row norms given) runs the register-blocked kernel in one
+    parallel region (:func:`assign_top2`'s small path). Recording candidate centres (``nearest=``) needs the GEMM
+    path instead."""
+    return DIRECT_ASSIGN and n * k * dim <= _ONE_REGION_MAX_WORK and direct_assign.fits(dim, k, True)
+
+
 def zero_norm_error(row: int) -> InvalidInput:
     """The error for a zero row under cos, carrying the row (``bad_row``) so that a caller who saw only part of
     the input (kvant.distributed) can name the input's first such row instead."""

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InvalidInput
+from .assign import one_region_direct_e_step
 
 AUTO_TOL = 5e-4
 AUTO_OVERRELAX = 1.0  # β_max of the over-relaxed Lloyd steps (docs/auto.md, "Over-relaxed Lloyd")
 AUTO_MAX_ITER = 15  # over-relaxed iterations at most: within 1% of FAISS's 25 plain ones on every measured cell
 # Candidate E-steps (lloyd's ``candidates``): AUTO_CANDIDATES centres near each row, when K >= 128 and
-# K·D >= 2**14, where a GEMM row costs enough for recording them to pay (docs/auto.md, "Candidate E-steps")
+# K·D >= 2**14, where a GEMM row costs enough for recording them to pay (docs/auto.md, "Candidate E-steps"), unless
+# the training E-steps are small enough for the one-region direct kernel, which cannot record them: recording would
+# move every full E-step to the GEMM path (digits K=256 on the AVX-512 host: fits 1.13-1.36x the time).
 AUTO_CANDIDATES = 16
 AUTO_CANDIDATE_MIN_K = 128
 AUTO_CANDIDATE_MIN_KD = 1 << 14
@@ -68,7 +71,8 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     # unbiased estimate of the full objective, which a uniform sample is not when far outliers carry it.
     per = int(sample_per_centroid)
     sample = per * k
-    candidates = AUTO_CANDIDATES if k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD else 0
+    large = k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD
+    candidates = AUTO_CANDIDATES if large and not one_region_direct_e_step(min(n, sample), dim, k) else 0
     if n <= sample:
         where = "all rows"
     elif sampling == "coreset":
