@@ -73,8 +73,8 @@ def render(res, before=None) -> list[str]:
                    f"{tol * 100:g}% in {sum(a['quality_loss'] <= tol for a in vs)}, better in "
                    f"{sum(a['quality_loss'] < 0 for a in vs)} (median loss "
                    f"{statistics.median(a['quality_loss'] for a in vs) * 100:+.2f}%)")
-        if old:
-            ov = [o[anchor] for o in old.values() if anchor in o]
+        ov = [o[anchor] for o in old.values() if anchor in o]
+        if ov:  # (the earlier grid may not have measured this anchor)
             out.append(f"  - before: {sum(a['pass'] for a in ov)} of {len(ov)} pass "
                        f"(median {statistics.median(a['speedup'] for a in ov):.2f}×)")
     return out
