@@ -263,6 +263,16 @@ def _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, b_l
 
 
 @numba.njit(parallel=True, **_JIT)
+def _kpp_update_parallel(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, parts):
+    """:func:`_kpp_update` over all blocks, split into ``parts`` runs of whole blocks, one per thread. (Its own
+    function, so that kmeanspp's array set-up does not become parallel regions too.)"""
+    n_blocks = bmass.shape[0]
+    for p in numba.prange(parts):
+        _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit,
+                    p * n_blocks // parts, (p + 1) * n_blocks // parts)
+
+
+@numba.njit(**_JIT)
 def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=1):
     """k-means++ seeding (Arthur & Vassilvitskii): returns k row indices of ``x`` (float32 rows).
 
@@ -306,12 +316,10 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
         centre = x[chosen[c]].copy()  # contiguous: the row loop below vectorises better than on x[r, :]
         for j in range(c if prune else 0):
             skip_at_most[j] = np.float64(_sq_dist_f32(x, chosen[j], centre)) * shrink
-        if parts == 1:  # no parallel region for a serial step
+        if parts == 1:
             _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, 0, n_blocks)
         else:
-            for p in numba.prange(parts):
-                _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit,
-                            p * n_blocks // parts, (p + 1) * n_blocks // parts)
+            _kpp_update_parallel(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, parts)
         total = 0.0
         for b in range(n_blocks):
             total += bmass[b]
