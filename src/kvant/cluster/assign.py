@@ -160,15 +160,16 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     else:
         cc = centroids
     # a small plain E-step (Lloyd's) runs as one parallel Numba region instead of Python threads
-    small = not (unit_rows or conditioned or exact_sq is not None) and x_sqnorms is not None and (
-        n_threads is None or n_threads == get_num_threads()) and n * k * dim <= _ONE_REGION_MAX_WORK
+    plain = not (unit_rows or conditioned or exact_sq is not None) and x_sqnorms is not None and (
+        n_threads is None or n_threads == get_num_threads())
+    small = plain and n * k * dim <= _ONE_REGION_MAX_WORK
     direct = DIRECT_ASSIGN and nearest is None and direct_assign.fits(x.shape[1], k, small)
     if direct:
         ct, cn_padded = direct_assign.padded_centroids(cc, c_sqnorms)
     else:
         ct = np.ascontiguousarray(cc.T)
 
-    if direct and small and check is None:
+    if plain and nearest is None and check is None and one_region_direct_e_step(n, dim, k):
         threads = max(1, get_num_threads())
         block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
         direct_assign.direct_top2_parallel(np.ascontiguousarray(x), _NO_ROWS if rows is None else rows, ct,
