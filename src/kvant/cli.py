@@ -673,6 +673,12 @@ def _tree_log(args, record: dict) -> None:
                                 allow_nan=False) + "\n")
 
 
+def _bar_update(args, bar):
+    """A ``progress(phase, amount)`` callback advancing ``bar``, or None when no bar is shown (the work then runs in
+    one piece)."""
+    return (lambda phase, amount: bar.update(amount)) if progress_enabled(args) else None
+
+
 def _cmd_tree_build(args) -> int:
     from .tree import CoverTree
 
@@ -702,7 +708,8 @@ def _cmd_tree_knn(args) -> int:
     if not isinstance(tree, CoverTree):
         raise InvalidInput(f"{args.tree} holds a {type(tree).__name__}, expected a CoverTree")
     if args.queries == "self":
-        dist, ids = tree.knn_self(args.k, predecessors=not args.all)
+        with progress(args, total=tree.n, desc="queries") as bar:
+            dist, ids = tree.knn_self(args.k, predecessors=not args.all, progress=_bar_update(args, bar))
         qids = tree.ids_
     else:
         Q = _tree_load_points(args.queries, args.column, coordinates=tree.dim is not None)
@@ -711,7 +718,8 @@ def _cmd_tree_knn(args) -> int:
             Q = Q.reshape(-1) if Q.ndim == 0 or (Q.ndim == 2 and Q.shape[1] == 1) else Q
         elif np.ndim(Q) == 1:  # one query point in a 1-D file, not len(Q) one-dimensional queries
             Q = np.asarray(Q).reshape(1, -1)
-        dist, ids = tree.knn(Q, args.k)
+        with progress(args, total=int(np.size(Q) if tree.dim is None else np.shape(Q)[0]), desc="queries") as bar:
+            dist, ids = tree.knn(Q, args.k, progress=_bar_update(args, bar))
         qids = None
     _tree_log(args, tree.telemetry_)
     if args.output:

@@ -235,6 +235,28 @@ def residual():
     return X, kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.4, 1.5), n_inducing=40, seed=1)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "residual"])
+def test_progress_reports_every_query_and_changes_no_answer(metric, residual, monkeypatch):
+    # with a progress callback the queries run in pieces (at least _PROGRESS_MIN_RUN, made small here)
+    monkeypatch.setattr(kvant.CoverTree, "_PROGRESS_MIN_RUN", 7)
+    if metric == "euclidean":
+        X = _data(600, 5, clustered=True)
+        tree, queries = kvant.CoverTree().fit(X), X[::3] + 0.01
+    else:
+        tree, queries = kvant.CoverTree(residual[1]).fit(), np.arange(0, 400, 3)
+    for call in (lambda t, **kw: t.knn(queries, 4, **kw), lambda t, **kw: t.knn_self(4, **kw),
+                 lambda t, **kw: t.knn_self(4, predecessors=False, **kw)):
+        want = call(tree)
+        events = []
+        got = call(tree, progress=lambda phase, amount, events=events: events.append((phase, amount)))
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert {p for p, _ in events} == {"query"} and sum(a for _, a in events) == len(want[0])
+        assert len(events) > 1 and tree.telemetry_["nq"] == len(want[0])
+    d, i = tree.knn(queries[0], 4, progress=lambda phase, amount: None)  # one query: 1-D, as without
+    assert d.shape == (4,) and np.array_equal(i, tree.knn(queries[0], 4)[1])
+
+
 def test_residual_queries_may_repeat_rows_in_knn_and_brute_force(residual):
     tree = kvant.CoverTree(residual[1]).fit()
     d, i = tree.knn([5, 5, 9], 3)

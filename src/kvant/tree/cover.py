@@ -622,11 +622,13 @@ class CoverTree:
     # ------------------------------------------------------------------------------------------
 
     @with_threads
-    def knn(self, queries, k: int):
+    def knn(self, queries, k: int, progress=None):
         """Exact k nearest neighbours: ``(distances, ids)``, each (nq, k), ascending by (distance, id).
 
         For a ResidualCorrelation metric the queries are row indices into X (a query row that is in the
         tree finds itself at distance 0). A 1-D query (a single vector, or a scalar row) gives 1-D arrays.
+        ``progress``, if given, is called as ``progress("query", n)`` after each run of n queries (then the queries
+        run in about 50 runs; the answers are the same).
         """
         if self._n == 0:
             raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
@@ -639,7 +641,7 @@ class CoverTree:
             q = np.asarray(queries)
             single = q.ndim == 1
             Q = self._features(q.reshape(1, -1) if single else q, "queries")
-        return self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, single)
+        return self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, single, progress)
 
     def _query_rows(self, queries) -> np.ndarray:
         """Query rows for a ResidualCorrelation metric: indices into X (repeats allowed), as int64."""
@@ -653,22 +655,37 @@ class CoverTree:
         return rows
 
     @with_threads
-    def knn_self(self, k: int, predecessors: bool = True):
+    def knn_self(self, k: int, predecessors: bool = True, progress=None):
         """k nearest neighbours of every point in the tree, rows in ascending id order (``ids_``).
 
         ``predecessors=True``: row i only sees points with a smaller id (Vecchia conditioning sets), padded
         with -1 / inf when fewer than k exist. ``predecessors=False``: all other points (self excluded).
+        ``progress`` as in :meth:`knn`.
         """
         if self._n == 0:
             raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
         k = self._check_k(k, self._n)
         slots = self.ids_
         Q = np.ascontiguousarray(self._data[slots])
-        return self._query(Q, slots, 2 if predecessors else 1, k, False)
+        return self._query(Q, slots, 2 if predecessors else 1, k, False, progress)
 
-    def _query(self, Q, qslot, mode, k, single):
-        m = self._m
+    # queries per run when a caller follows progress: ~50 runs, none below this many queries
+    _PROGRESS_MIN_RUN = 1024
+
+    def _query(self, Q, qslot, mode, k, single, progress=None):
         nq = Q.shape[0]
+        if progress is not None and nq > 0:
+            run = max(self._PROGRESS_MIN_RUN, -(-nq // 50))
+            parts, seconds = [], 0.0
+            for s in range(0, nq, run):
+                parts.append(self._query(Q[s : s + run], qslot[s : s + run], mode, k, False))
+                seconds += self.telemetry_["query"]
+                progress("query", min(run, nq - s))
+            self.telemetry_ = {**self.telemetry_, "nq": int(nq), "query": seconds}
+            out_d = np.concatenate([d for d, _ in parts]) if parts else np.empty((0, k))
+            out_i = np.concatenate([i for _, i in parts]) if parts else np.empty((0, k), np.int64)
+            return (out_d[0], out_i[0]) if single else (out_d, out_i)
+        m = self._m
         if m.kind == "index" and self.residual_scan:
             t = time.perf_counter()
             out_d, out_i = self._residual_scan(Q, qslot, mode, k)
