@@ -685,7 +685,8 @@ def _cmd_tree_build(args) -> int:
     args.output = _output_file(args.output, others=[("the points", args.points)])
     _check_log_file(args, [("the points", args.points), ("-o", args.output)])
     X = _tree_load_points(args.points, args.column)
-    tree = CoverTree(metric=args.metric, base=args.base).fit(X)
+    with progress(args, total=int(np.shape(X)[0]), desc="building") as bar:
+        tree = CoverTree(metric=args.metric, base=args.base).fit(X, progress=_bar_update(args, bar))
     tree.save(args.output)
     _tree_log(args, tree.telemetry_)
     payload = {"output": args.output, "n": tree.n, "dim": tree.dim, "metric": args.metric,

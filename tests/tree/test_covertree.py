@@ -236,6 +236,21 @@ def residual():
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "residual"])
+def test_build_progress_counts_every_point_once_and_changes_nothing(metric, residual):
+    def build(**kw):
+        if metric == "euclidean":
+            return kvant.CoverTree().fit(_data(3000, 4, clustered=True), **kw)
+        return kvant.CoverTree(residual[1]).fit(**kw)
+
+    events = []
+    tree = build(progress=lambda phase, amount: events.append((phase, amount)))
+    assert {p for p, _ in events} == {"build"} and sum(a for _, a in events) == tree.n
+    assert len(events) > 2 and all(a >= 0 for _, a in events)  # the root, then one report per level
+    _same_state(_state(tree), _state(build()))
+    tree.check_invariants()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "residual"])
 def test_progress_reports_every_query_and_changes_no_answer(metric, residual, monkeypatch):
     # with a progress callback the queries run in pieces (at least _PROGRESS_MIN_RUN, made small here)
     monkeypatch.setattr(kvant.CoverTree, "_PROGRESS_MIN_RUN", 7)

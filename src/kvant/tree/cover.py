@@ -304,9 +304,10 @@ class CoverTree:
     # ------------------------------------------------------------------------------------------
 
     @with_threads
-    def fit(self, points=None) -> CoverTree:
+    def fit(self, points=None, progress=None) -> CoverTree:
         """Build the tree from scratch on ``points`` (ids 0..n-1; for a ResidualCorrelation metric the
-        points are row indices into X and are their own ids; ``None`` means every row)."""
+        points are row indices into X and are their own ids; ``None`` means every row). ``progress``, if given,
+        is called as ``progress("build", n)`` as each level of the construction places n points (n in all)."""
         t0 = time.perf_counter()
         if self._m.kind == "index":
             rows = np.arange(self._m.obj.n) if points is None else self._rows(points, "fit points")
@@ -331,7 +332,7 @@ class CoverTree:
             data, cap, slots, dim = F, F.shape[0], np.arange(F.shape[0], dtype=np.int64), F.shape[1]
         st = _State.empty(cap)
         tel = {"n": int(slots.size)}
-        root = self._build_fresh(data, slots, st, tel)
+        root = self._build_fresh(data, slots, st, tel, progress)
         st.in_tree[slots] = True
         # commit
         self._data = data
@@ -353,7 +354,7 @@ class CoverTree:
         self._parent, self._level, self._maxdist = st.parent, st.level, st.maxdist
         self._pd, self._in = st.pd, st.in_tree
 
-    def _build_fresh(self, data, slots, st, tel) -> int:
+    def _build_fresh(self, data, slots, st, tel, progress=None) -> int:
         m = self._m
         root = int(slots[0])
         rest = np.ascontiguousarray(slots[1:], dtype=np.int64)
@@ -368,12 +369,14 @@ class CoverTree:
         st.level[root] = K.ceil_log(self.base, maxd) if maxd > 0 else 0
         st.maxdist[root] = maxd
         st.pd[root] = 0.0
+        if progress is not None:
+            progress("build", 1)
         if rest.size:
             self._grow(data, st, rest, dp, np.array([root], np.int64), np.array([0], np.int64),
-                       np.array([rest.size], np.int64), tel)
+                       np.array([rest.size], np.int64), tel, progress)
         return root
 
-    def _grow(self, data, st, perm, pdist, gnode, gstart, gend, tel) -> None:
+    def _grow(self, data, st, perm, pdist, gnode, gstart, gend, tel, progress=None) -> None:
         """Level-synchronous top-down construction of the subtrees below ``gnode`` (see docs)."""
         m = self._m
         base = self.base
@@ -426,6 +429,8 @@ class CoverTree:
             perm, pdist, gnode, gstart, gend = K.relayout(perm, pdist, asg, adist, gnode, gstart, gend, gm, gcl, cent,
                                                           st.parent, st.level, st.maxdist, st.pd)
             t_lay += time.perf_counter() - t2
+            if progress is not None:
+                progress("build", B - perm.size)  # the points this level made nodes of
         tel["net"] = tel.get("net", 0.0) + t_net
         tel["relayout"] = tel.get("relayout", 0.0) + t_lay
         tel["levels"] = tel.get("levels", 0) + levels
