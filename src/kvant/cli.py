@@ -45,6 +45,12 @@ def progress(args, total: int | None = None, desc: str = ""):
     return tqdm(total=total, desc=desc, disable=not progress_enabled(args), file=sys.stderr, leave=False)
 
 
+def _bar_update(args, bar):
+    """A ``progress(phase, amount)`` callback advancing ``bar``, or None when no bar is shown (the work then runs in
+    one piece)."""
+    return (lambda phase, amount: bar.update(amount)) if progress_enabled(args) else None
+
+
 def emit(args, payload: dict, text: str | None = None) -> None:
     """Print ``payload`` as JSON with --json, else ``text`` (or a key: value listing).
 
@@ -539,7 +545,7 @@ def _cmd_index_build(args) -> int:
         index = PQIndex(src.dim, m=args.m, nbits=args.nbits, metric=args.metric, opq=args.opq, refine=args.refine,
                         seed=args.seed, max_train_rows=args.train_rows)
         with progress(args, total=index.codec.train_steps, desc="training") as bar:
-            index.train(src, progress=lambda phase, amount: bar.update(amount))
+            index.train(src, progress=_bar_update(args, bar))
     t_train = time.perf_counter() - t0
     with progress(args, total=src.n, desc="adding") as bar:
         for _, block in src.chunks(65536):
@@ -673,12 +679,6 @@ def _tree_log(args, record: dict) -> None:
                                 allow_nan=False) + "\n")
 
 
-def _bar_update(args, bar):
-    """A ``progress(phase, amount)`` callback advancing ``bar``, or None when no bar is shown (the work then runs in
-    one piece)."""
-    return (lambda phase, amount: bar.update(amount)) if progress_enabled(args) else None
-
-
 def _cmd_tree_build(args) -> int:
     from .tree import CoverTree
 
@@ -719,7 +719,7 @@ def _cmd_tree_knn(args) -> int:
             Q = Q.reshape(-1) if Q.ndim == 0 or (Q.ndim == 2 and Q.shape[1] == 1) else Q
         elif np.ndim(Q) == 1:  # one query point in a 1-D file, not len(Q) one-dimensional queries
             Q = np.asarray(Q).reshape(1, -1)
-        with progress(args, total=int(np.size(Q) if tree.dim is None else np.shape(Q)[0]), desc="queries") as bar:
+        with progress(args, total=len(Q), desc="queries") as bar:
             dist, ids = tree.knn(Q, args.k, progress=_bar_update(args, bar))
         qids = None
     _tree_log(args, tree.telemetry_)
