@@ -52,7 +52,6 @@ from .._config import get_num_threads, rng
 from .._parallel import for_each_block, numba_threading_layer
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import (
-    KPP_PRUNE_MIN_DIM,
     UNIT_WEIGHTS,
     assign_to_candidates,
     centre_moves,
@@ -133,7 +132,7 @@ def init_centroids(
         big = (step >= KPP_PARALLEL_MIN_STEP and step * k >= KPP_PARALLEL_MIN_WORK
                and threading.current_thread() is threading.main_thread() and numba_threading_layer() == "omp")
         parts = get_num_threads() if big else 1
-        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w, KPP_PRUNE_MIN_DIM, parts)]
+        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w, n_parts=parts)]
     else:  # pragma: no cover - validated by the caller
         raise ValueError(method)
     c = np.ascontiguousarray(x[rows], dtype=np.float32)
