@@ -263,16 +263,6 @@ def _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, b_l
 
 
 @numba.njit(parallel=True, **_JIT)
-def _kpp_update_parallel(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, parts):
-    """:func:`_kpp_update` over all blocks, split into ``parts`` runs of whole blocks, one per thread. (Its own
-    function, so that kmeanspp's array set-up does not become parallel regions too.)"""
-    n_blocks = bmass.shape[0]
-    for p in numba.prange(parts):
-        _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit,
-                    p * n_blocks // parts, (p + 1) * n_blocks // parts)
-
-
-@numba.njit(**_JIT)
 def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=1):
     """k-means++ seeding (Arthur & Vassilvitskii): returns k row indices of ``x`` (float32 rows).
 
@@ -290,17 +280,29 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
 
     ``n_parts`` > 1 splits each step's rows into that many runs of whole blocks, one parallel region per step
     (the caller decides when a step is large enough to pay for it). The blocks' sums are added in order after
-    the region, so the picks do not depend on ``n_parts``.
+    the region, so the picks do not depend on ``n_parts``. The parallel loop is written here rather than in a
+    parallel helper this function calls: a cached function calling a parallel one crashed when a second
+    signature was loaded from Numba's cache (numba#8578; tests/kernels/test_numba_cache.py).
     """
     n, d = x.shape
     unit = w.shape[0] == 0
+    # Set-up by explicit serial loops: in a parallel=True function, np.full / np.zeros / .copy() would each become
+    # a parallel region on every call, small seedings included.
     chosen = np.empty(k, np.int64)
     chosen[0] = first
-    d2 = np.full(n, np.inf)
-    near = np.zeros(n, np.int64)
+    d2 = np.empty(n, np.float64)
+    near = np.empty(n, np.int64)
+    for i in range(n):
+        d2[i] = np.inf
+        near[i] = 0
     n_blocks = (n + _KPP_BLOCK - 1) // _KPP_BLOCK
-    bmass = np.zeros(n_blocks, np.float64)
-    skip_at_most = np.zeros(k, np.float64)
+    bmass = np.empty(n_blocks, np.float64)
+    for b in range(n_blocks):
+        bmass[b] = 0.0
+    skip_at_most = np.empty(k, np.float64)
+    for j in range(k):
+        skip_at_most[j] = 0.0
+    centre = np.empty(d, x.dtype)
     # (d + 3)·2⁻²⁴ bounds the relative error of _sq_dist_f32 (d rounded adds, a rounded difference
     # squared); with the 8× margin a skipped row's computed D² cannot drop (see docs/auto.md).
     shrink = 1.0 / (4.0 * (1.0 + 8.0 * (d + 3) * 2.0**-24))
@@ -313,13 +315,16 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
                 chosen[c] = chosen[c - 1] + 1 if chosen[c - 1] + 1 < n else 0
             else:
                 chosen[c] = _draw(d2, w, unit, bmass, uniforms[c] * total)
-        centre = x[chosen[c]].copy()  # contiguous: the row loop below vectorises better than on x[r, :]
+        for t in range(d):  # a contiguous copy: the row loop below vectorises better than on x[r, :]
+            centre[t] = x[chosen[c], t]
         for j in range(c if prune else 0):
             skip_at_most[j] = np.float64(_sq_dist_f32(x, chosen[j], centre)) * shrink
         if parts == 1:
             _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, 0, n_blocks)
         else:
-            _kpp_update_parallel(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, parts)
+            for p in numba.prange(parts):
+                _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit,
+                            p * n_blocks // parts, (p + 1) * n_blocks // parts)
         total = 0.0
         for b in range(n_blocks):
             total += bmass[b]

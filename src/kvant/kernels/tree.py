@@ -309,32 +309,31 @@ def _first_cover_tile(data, params, cent, j0, j1, perm, b0, i0, i1, r, cov, cd, 
                 left -= 1
 
 
-@numba.njit(parallel=True, **_NJ)
-def _block_pairs(data, params, perm, b0, unc, nu, r, w32, nw, gam, state, pair_d):  # pragma: no cover
-    """state[a, b] for the members unc[a] > unc[b] of the block at b0 (a, b < nu): 1 if d(earlier, later) <= r
-    (the distance in pair_d[a, b]), 2 if the metric failed on it, else 0; the residual metric's screen as in
-    :func:`_first_cover_tile`. Rows h and nu-1-h go together, ~nu pairs per step, so threads get equal work."""
+@numba.njit(**_NJ)
+def _block_pairs_row(data, params, perm, b0, unc, nu, r, w32, nw, gam, xlim, h, state, pair_d):  # pragma: no cover
+    """Rows h and nu-1-h of state[a, b] for the members unc[a] > unc[b] of the block at b0 (a, b < nu): 1 if
+    d(earlier, later) <= r (the distance in pair_d[a, b]), 2 if the metric failed on it, else 0; the residual
+    metric's screen as in :func:`_first_cover_tile`. Taking the two rows together gives every h ~nu pairs, so the
+    caller's parallel loop over h hands threads equal work. (Serial: net_centres_big runs the loop itself, since a
+    cached function calling a parallel one can crash when loaded from Numba's cache -- numba#8578.)"""
     screen = gam >= 0.0
-    xlim = screen_threshold(r * r)
-    half = (nu + 1) // 2
-    for h in numba.prange(half):
-        for side in range(2):
-            hh = np.int64(h)  # the parfor index may be unsigned: nu - 1 - h would then be a float
-            later = hh if side == 0 else nu - 1 - hh
-            if side == 1 and later == hh:  # the middle row of an odd count
+    for side in range(2):
+        hh = np.int64(h)  # the parfor index may be unsigned: nu - 1 - h would then be a float
+        later = hh if side == 0 else nu - 1 - hh
+        if side == 1 and later == hh:  # the middle row of an odd count
+            continue
+        p_later = perm[b0 + unc[later]]
+        for earlier in range(later):
+            p_earlier = perm[b0 + unc[earlier]]
+            state[later, earlier] = 0
+            if screen and _residual_beyond(data, p_earlier, p_later, params, w32, nw, gam, xlim):
                 continue
-            p_later = perm[b0 + unc[later]]
-            for earlier in range(later):
-                p_earlier = perm[b0 + unc[earlier]]
-                state[later, earlier] = 0
-                if screen and _residual_beyond(data, p_earlier, p_later, params, w32, nw, gam, xlim):
-                    continue
-                dd = _dist(data, p_earlier, data, p_later, params)
-                if not _okd(dd):
-                    state[later, earlier] = 2
-                elif dd <= r:
-                    state[later, earlier] = 1
-                    pair_d[later, earlier] = dd
+            dd = _dist(data, p_earlier, data, p_later, params)
+            if not _okd(dd):
+                state[later, earlier] = 2
+            elif dd <= r:
+                state[later, earlier] = 1
+                pair_d[later, earlier] = dd
 
 
 @numba.njit(parallel=True, **_NJ)
@@ -353,7 +352,7 @@ def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, 
     ``w32, nw, gam``: the residual metric's screen (:func:`_first_cover_tile`); ``gam`` < 0 turns it off. With it
     on, the parallel checks take tiles of 64 members (each centre's 2 KB of float32 products read once per 64, not
     per 16) and the in-block pass reads the pairs of the uncovered members, measured first in parallel
-    (:func:`_block_pairs`): at 32k points and rank 512 the build took 1.4-1.8 s against 1.9-2.5 s. For the
+    (:func:`_block_pairs_row`): at 32k points and rank 512 the build took 1.4-1.8 s against 1.9-2.5 s. For the
     other metrics both lost (1M clustered 8-d points: 3.4-3.8 s against 2.7-3.4 s, same process), so they keep
     tiles of 16 and the member-by-member pass."""
     cl, r, dup = _child_level(base, pdist, s0, s1, lvl_p)
@@ -385,7 +384,9 @@ def net_centres_big(data, params, base, perm, pdist, s0, s1, lvl_p, asg, adist, 
                 if cov[i] < 0:
                     unc[nu] = i
                     nu += 1
-            _block_pairs(data, params, perm, b0, unc, nu, r, w32, nw, gam, state, pair_d)
+            xlim = screen_threshold(r * r)
+            for h in numba.prange((nu + 1) // 2):
+                _block_pairs_row(data, params, perm, b0, unc, nu, r, w32, nw, gam, xlim, h, state, pair_d)
         m0 = m
         u = 0
         for i in range(nb):
@@ -1346,7 +1347,7 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
     return start, end, node
 
 
-# (Not _block_pairs: only the residual metric, a built-in one, takes that path, so user metrics' clones of
+# (Not _block_pairs_row: only the residual metric, a built-in one, takes that path, so user metrics' clones of
 # net_centres_big call the cached module version instead of compiling a parallel kernel of their own.)
 _METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover_tile", "net_centres_big", "_assign_one",
                    "net_assign_big", "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys",
