@@ -28,3 +28,53 @@ def test_blas_is_single_threaded_inside_row_blocks_and_restored_after_even_on_er
         assert set(blas_threads()) == {1}
         raise RuntimeError("inside")
     assert blas_threads() == before
+
+
+_FORKED_WORKERS = """
+import multiprocessing as mp
+import numba
+import numpy as np
+import kvant
+from kvant._parallel import numba_threading_layer
+
+
+@numba.njit(parallel=True)
+def bump(a):
+    for i in numba.prange(a.shape[0]):
+        a[i] += 1.0
+
+
+def fit(seed):
+    bump(np.zeros(64))  # a parallel kernel in the child, after the parent ran its own
+    x = np.random.default_rng(seed).standard_normal((60_000, 16)).astype(np.float32)
+    return float(kvant.Clusterer(k=8, seed=seed).fit(x).inertia_)  # row blocks on kvant's thread pool
+
+
+if __name__ == "__main__":
+    kvant.set_num_threads(2)
+    bump(np.zeros(64))
+    parent = fit(0)
+    with mp.get_context("fork").Pool(2) as pool:
+        children = pool.map_async(fit, [0, 1]).get(timeout=120)
+    print(numba_threading_layer(), children[0] == parent, children[1] != parent)
+"""
+
+
+def test_fits_work_in_processes_forked_after_a_fit():
+    # multiprocessing's default start on Linux, DataLoader workers and pre-forking servers fork after the parent has
+    # used kvant. Two ways this broke: the child inherited kvant's thread pool without its threads (the fit waited
+    # forever), and on GNU OpenMP Numba kills a forked child at its first parallel kernel. kvant loads pip's oneTBB so
+    # Numba runs on TBB, which is fork-safe.
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("tbb")
+    except PackageNotFoundError:
+        pytest.skip("oneTBB is not installed: Numba falls back to GNU OpenMP, which is not fork-safe")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS], capture_output=True, text=True, timeout=300,
+                         env=env, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["tbb", "True", "True"]

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._config import get_num_threads, rng
-from .._parallel import for_each_block, numba_threading_layer
+from .._parallel import SPINNING_LAYERS, for_each_block, numba_threading_layer
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import (
     UNIT_WEIGHTS,
@@ -127,10 +127,10 @@ def init_centroids(
         w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights[sub], np.float64)
         first = int(g.integers(m)) if weights is None else int(g.choice(m, p=w / w.sum()))
         # the main thread only (a parallel region entered from several threads at once, Dask's workers say, is not
-        # safe on every threading layer), and on OpenMP's (numba_threading_layer)
+        # safe on every threading layer), and on a layer whose threads spin between regions (numba_threading_layer)
         step = m * x.shape[1]
         big = (step >= KPP_PARALLEL_MIN_STEP and step * k >= KPP_PARALLEL_MIN_WORK
-               and threading.current_thread() is threading.main_thread() and numba_threading_layer() == "omp")
+               and threading.current_thread() is threading.main_thread() and numba_threading_layer() in SPINNING_LAYERS)
         parts = get_num_threads() if big else 1
         rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w, n_parts=parts)]
     else:  # pragma: no cover - validated by the caller
