@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import kvant
+from kvant._parallel import numba_threading_layer
 from kvant.bench import datasets
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -436,7 +437,9 @@ def verdict_summary(verdicts) -> list[str]:
 
 
 def write_markdown(res, path):
-    lines = [f"Machine: {res['machine']}, threads={res['threads']}; medians of {res['repeats']} runs "
+    layer = res.get("numba_threading_layer", "not recorded")
+    lines = [f"Machine: {res['machine']}, threads={res['threads']}, Numba layer {layer}; "
+             f"medians of {res['repeats']} runs "
              "(single runs where the runs column says 1). Quality: MSE/row for l2 (lower is better), "
              "mean cosine for cos (higher is better). FAISS time includes assigning all rows. Rows with a quality "
              "range ran once per seed (0, 1, 2, …): their time and quality are medians over the seeds, and the range "
@@ -644,6 +647,7 @@ def main(argv=None):
     res = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads,
+        "numba_threading_layer": numba_threading_layer(),
         "repeats": args.repeats,
         "versions": {"kvant": kvant.__version__, "numpy": np.__version__, "faiss": faiss.__version__},
         "rows": rows,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import kvant
+from kvant._parallel import numba_threading_layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # published covertreex figures (their machines, their numbers), quoted by the issue. The issue attributes the first
@@ -343,7 +344,8 @@ def target_verdicts(rows) -> list[str]:
 def write(rows, args, elapsed):
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": kvant.get_num_threads(),
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
+            "numba_threading_layer": numba_threading_layer(), "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0], "numpy": np.__version__,
             "elapsed_s": elapsed, "quick": args.quick, "covertreex_published": COVERTREEX}
     for r in rows:
         r.setdefault("measured", _STAMP[0])
@@ -384,8 +386,9 @@ def write(rows, args, elapsed):
     lines.append("Published covertreex figures (their machines, not re-run here): "
                  + "; ".join(f"{c['what']}: build {c['build_s']} s, {c['qps']:,} q/s" for c in COVERTREEX) + ".")
     lines.append("")
-    lines.append(f"Threads: {meta['threads']} (kvant, cKDTree workers, BLAS, sklearn BallTree/KDTree "
-                 f"through NearestNeighbors(n_jobs=threads)). 1,024 queries per cell; kvant and cKDTree queries: "
+    layer = meta.get("numba_threading_layer", "not recorded")
+    lines.append(f"Threads: {meta['threads']} (Numba layer {layer}; kvant, cKDTree workers, BLAS, sklearn "
+                 f"BallTree/KDTree through NearestNeighbors(n_jobs=threads)). 1,024 queries per cell; kvant and cKDTree queries: "
                  f"median of 5 alternating runs; the other anchors: median of 3 runs below 131k points, single run "
                  f"above. Residual rows: build = `CoverTree(rc).fit()` and kvant's queries are "
                  f"medians of 3 runs, the rest single runs; prep = "

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import kvant
+from kvant._parallel import numba_threading_layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -251,7 +252,9 @@ def write_markdown(res: dict, path: Path) -> None:
     def reps(part, default):  # rows carry their own run's repeats (``--parts`` re-runs may differ)
         return "/".join(str(v) for v in sorted({r.get("repeats", default) for r in res[part]})) or str(default)
 
-    lines = [f"Threads: {res['threads']} (kvant and FAISS), FAISS {res['faiss_version']}, encode: medians of "
+    layer = res.get("numba_threading_layer", "not recorded")
+    lines = [f"Threads: {res['threads']} (kvant and FAISS), Numba layer {layer}, FAISS {res['faiss_version']}, "
+             "encode: medians of "
              f"{reps('encode', res['repeats'])} runs, search: medians of {reps('search', res['repeats'])} runs, "
              f"training: median of {reps('codecs', res['train_repeats'])} run(s), {res['machine']}. Encode and search "
              f"runs alternate kvant, FAISS, kvant, ... (since 2026-12-03 22:06; earlier rows ran kvant's repeats, then "
@@ -391,7 +394,8 @@ def main(argv=None) -> None:
     repeats = 1 if args.quick else args.repeats
     train_repeats = 1 if args.quick else args.train_repeats
     machine = f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
-    res = {"threads": threads, "faiss_version": faiss.__version__, "kvant_version": kvant.__version__,
+    res = {"threads": threads, "numba_threading_layer": numba_threading_layer(), "faiss_version": faiss.__version__,
+           "kvant_version": kvant.__version__,
            "repeats": repeats, "train_repeats": train_repeats, "machine": machine,
            "codecs": [], "encode": [], "search": []}
     stamp = time.strftime("%Y-%m-%d %H:%M")
