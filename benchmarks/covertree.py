@@ -388,7 +388,8 @@ def write(rows, args, elapsed):
     lines.append("")
     layer = meta.get("numba_threading_layer", "not recorded")
     lines.append(f"Threads: {meta['threads']} (Numba layer {layer}; kvant, cKDTree workers, BLAS, sklearn "
-                 f"BallTree/KDTree through NearestNeighbors(n_jobs=threads)). 1,024 queries per cell; kvant and cKDTree queries: "
+                 f"BallTree/KDTree through NearestNeighbors(n_jobs=threads)). 1,024 queries per cell; "
+                 f"kvant and cKDTree queries: "
                  f"median of 5 alternating runs; the other anchors: median of 3 runs below 131k points, single run "
                  f"above. Residual rows: build = `CoverTree(rc).fit()` and kvant's queries are "
                  f"medians of 3 runs, the rest single runs; prep = "
