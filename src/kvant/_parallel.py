@@ -151,6 +151,12 @@ def load_pip_tbb() -> str | None:
     Numba's TBB layer find it. A ``NUMBA_THREADING_LAYER`` the user set still decides."""
     if not sys.platform.startswith("linux"):
         return None
+    try:
+        with open("/proc/self/maps") as maps:
+            if "libtbb.so" in maps.read():  # some other package loaded a oneTBB already: one copy per process
+                return None
+    except OSError:
+        pass
     import ctypes
     from importlib.metadata import PackageNotFoundError, files
 
