@@ -78,3 +78,29 @@ def test_fits_work_in_processes_forked_after_a_fit():
                          env=env, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["tbb", "True", "True"]
+
+
+def test_row_blocks_from_threads_using_different_thread_counts():
+    # Each count has its own pool; replacing the pool when the count changed shut it down under the other thread
+    # ("cannot schedule new futures after shutdown").
+    import threading
+
+    from kvant._parallel import for_each_block
+
+    errors = []
+
+    def work(n_threads):
+        try:
+            for _ in range(200):
+                seen = []
+                for_each_block(64, 8, lambda s, e: seen.append((s, e)), n_threads=n_threads)
+                assert sorted(seen) == [(s, s + 8) for s in range(0, 64, 8)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(2 + i % 2,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -12,13 +12,16 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ._config import get_num_threads
 
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+# One pool per thread count, kept: replacing a pool when the count changed shut it down under any other Python thread
+# still submitting to it ("cannot schedule new futures after shutdown" from two threads using 2 and 3 threads).
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 _blas_libs = None
 
 
@@ -52,24 +55,23 @@ class _BlasOneThread:
 _blas_single_thread = _BlasOneThread
 
 
-def _forget_pool_in_child() -> None:
-    # A forked child inherits the pool object but none of its threads: work submitted to it would wait forever
-    # (a fit in a multiprocessing worker forked after a fit in the parent hung). The child makes its own.
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
+def _forget_pools_in_child() -> None:
+    # A forked child inherits the pool objects but none of their threads: work submitted to one would wait forever
+    # (a fit in a multiprocessing worker forked after a fit in the parent hung). The child makes its own, under a
+    # fresh lock (another thread may have held the parent's at the fork).
+    global _pools, _pools_lock
+    _pools, _pools_lock = {}, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def _executor(n_threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    if _pool is None or _pool_size != n_threads:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-        _pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="kvant")
-        _pool_size = n_threads
-    return _pool
+    with _pools_lock:
+        pool = _pools.get(n_threads)
+        if pool is None:
+            pool = _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="kvant")
+        return pool
 
 
 def for_each_block(n: int, block_rows: int, fn: Callable[[int, int], None], n_threads: int | None = None) -> None:
@@ -100,7 +102,8 @@ def for_each_block(n: int, block_rows: int, fn: Callable[[int, int], None], n_th
             fn(*blocks[i])
 
     with _blas_single_thread():
-        futures = [_executor(n_threads).submit(worker) for _ in range(n_threads)]
+        pool = _executor(n_threads)
+        futures = [pool.submit(worker) for _ in range(n_threads)]
         for f in futures:
             f.result()
 
