@@ -93,7 +93,7 @@ def test_row_blocks_from_threads_using_different_thread_counts():
         try:
             for _ in range(200):
                 seen = []
-                for_each_block(64, 8, lambda s, e: seen.append((s, e)), n_threads=n_threads)
+                for_each_block(64, 8, lambda s, e, seen=seen: seen.append((s, e)), n_threads=n_threads)
                 assert sorted(seen) == [(s, s + 8) for s in range(0, 64, 8)]
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
