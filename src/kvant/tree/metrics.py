@@ -251,6 +251,11 @@ class _Resolved:
     def persistable(self) -> bool:
         return self.kind != "callable"
 
+    def __reduce__(self):
+        # Pickled as the metric it was resolved from (a name, a ResidualCorrelation, a Numba function): the kernels
+        # it holds are modules, which pickle cannot carry (a CoverTree sent to a process pool or a Dask worker).
+        return resolve_metric, (self.name if self.obj is None else self.obj,)
+
 
 _wrappers: dict = {}
 

@@ -1,0 +1,57 @@
+"""Fitted objects survive pickle (process pools, Dask and joblib ship them that way) and answer as before."""
+
+import pickle
+
+import numba
+import numpy as np
+import pytest
+
+import kvant
+
+X = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+P = np.random.default_rng(1).random((2000, 3))
+
+
+@numba.njit
+def _manhattan(a, b):
+    return np.abs(a - b).sum()
+
+
+def _pq_index(nbits):
+    index = kvant.PQIndex(16, 8 if nbits == 4 else 4, nbits=nbits)
+    index.train(X)
+    index.add(X)
+    return index
+
+
+def _flat():
+    index = kvant.FlatIndex(16)
+    index.add(X)
+    return index
+
+
+def _residual_tree():
+    rc = kvant.ResidualCorrelation.from_points(P[:500], kvant.RBF(0.3, 1.0), n_inducing=64)
+    return kvant.CoverTree(rc).fit()
+
+
+CASES = {
+    "Clusterer": (lambda: kvant.Clusterer(k=8).fit(X), lambda o: (o.predict(X), o.cluster_centers_)),
+    "PQ": (lambda: kvant.PQ(16, 4).fit(X), lambda o: (o.encode(X),)),
+    "OPQ": (lambda: kvant.OPQ(16, 4).fit(X), lambda o: (o.encode(X), o.rotation)),
+    "PQIndex 8-bit": (lambda: _pq_index(8), lambda o: o.search(X[:20], 5)),
+    "PQIndex 4-bit": (lambda: _pq_index(4), lambda o: o.search(X[:20], 5)),
+    "FlatIndex": (_flat, lambda o: o.search(X[:20], 5)),
+    "CoverTree euclidean": (lambda: kvant.CoverTree().fit(P), lambda o: o.knn(P[:20], 5)),
+    "CoverTree callable": (lambda: kvant.CoverTree(_manhattan).fit(P), lambda o: o.knn(P[:20], 5)),
+    "CoverTree residual": (_residual_tree, lambda o: o.knn(np.arange(20), 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pickle_round_trip_answers_alike(name):
+    make, answer = CASES[name]
+    obj = make()
+    copy = pickle.loads(pickle.dumps(obj))
+    for a, b in zip(answer(obj), answer(copy), strict=True):
+        np.testing.assert_array_equal(a, b)
