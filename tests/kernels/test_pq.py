@@ -465,3 +465,21 @@ def test_sums_that_overflow_to_inf_are_results_not_padding():
     for rerank in (0, 4):
         d, i = K.fastscan_search(t, K.pack_codes_4bit(codes), 4, 2, 6, rerank)
         np.testing.assert_array_equal(i, [[1, 3, 0, 2, -1, -1]])
+
+
+@pytest.mark.parametrize("few", [0, 64])
+@pytest.mark.parametrize("nchunks", [None, 1, 5])
+def test_adc_search_query_by_query_and_block_paths_agree(monkeypatch, few, nchunks):
+    # ADC_FEW_QUERIES = 64 sends every nq below through the one-query kernel, 0 sends all through 16-query blocks
+    # (whose padding lanes must never take a row): same ids and distances as the reference either way, ties included.
+    monkeypatch.setattr(K, "ADC_FEW_QUERIES", few)
+    base = _random_codes(21, 700, 6, 256)
+    codes = np.ascontiguousarray(np.vstack([base, base[:300]]))  # repeated rows: ties
+    for nq in (1, 2, 3, 7, 17):
+        t = _random_tables(22 + nq, nq, 6, 256)
+        d, i = K.adc_search(t, codes, 9, nchunks=nchunks)
+        full = K.adc_distances(t, codes)
+        for q in range(nq):
+            order = np.lexsort((np.arange(len(codes)), full[q]))[:9]
+            np.testing.assert_array_equal(i[q], order)
+            np.testing.assert_array_equal(d[q], full[q, order])

@@ -182,6 +182,11 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
         msg = R.pq_topk_agrees(rd[:, :1], ri[:, :1], d, i, TOL, all_d=full)
         if msg:
             problems.append(f"adc_search k=1: {msg}")
+        # one query: the query-by-query kernel (ADC_FEW_QUERIES)
+        d, i = kern.adc_search(np.ascontiguousarray(tables32[:1]), codes, K_TOP)
+        msg = R.pq_topk_agrees(rd[:1], ri[:1], d, i, TOL, all_d=full[:1])
+        if msg:
+            problems.append(f"adc_search one query: {msg}")
     else:
         packed = kern.pack_4bit(codes)
         d, i = kern.fastscan_search(tables32, packed, n, m, K_TOP, 0)

@@ -80,6 +80,10 @@ _JIT = dict(cache=True, nogil=True, fastmath=False)
 # queries per pass over the codes (query blocking): their tables are interleaved so that one 16-float vector
 # load serves all of them for a code (one 512-bit load on AVX-512, two 256-bit loads on AVX2)
 _QB = 16
+# Below this many queries adc_search scans query by query (_adc_search_few_kernel): the 16-query kernel costs one
+# 16-lane add chain per code row whatever the number of queries in the block. One query over 1M codes (m = 16, 2
+# threads, Intel host, 2026-12-04): 3.4 ms against 5.1; two queries: 6.8 against 5.1, so only single queries.
+ADC_FEW_QUERIES = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,8 +504,10 @@ def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
 
 
 @numba.njit(parallel=True, **_JIT)
-def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i):
-    # flat: (nqb, m * ksub * _QB) tables of query blocks, interleaved by _QB; part_*: (nchunks, _QB * nqb, k).
+def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq):
+    # flat: (nqb, m * ksub * _QB) tables of query blocks, interleaved by _QB; part_*: (nchunks, _QB * nqb, k). Lanes
+    # from nq on pad the last block: their threshold is -inf, so no row ever enters their (dropped) lists (at +inf, an
+    # all-zero padding table matched every row, and eight such lanes doubled the time of an 8-query search).
     nqb = flat.shape[0]
     n = codes.shape[0]
     chunk = (n + nchunks - 1) // nchunks
@@ -518,7 +524,7 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i):
         for qq in range(_QB):
             dd[q0 + qq, :] = np.inf
             ii[q0 + qq, :] = -1
-            th[qq] = np.inf
+            th[qq] = np.inf if q0 + qq < nq else -np.inf
         tq = flat[qb]
         for r in range(r0, r1):  # rows ascending, and a tie does not displace: ties keep the smaller idx
             mask = _adc_row(tq, codes, r, m, ksub, sums, th)
@@ -528,6 +534,35 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i):
                 if sums[qq] < th[qq] or ii[q0 + qq, k - 1] < 0:
                     _push(dd[q0 + qq], ii[q0 + qq], k, sums[qq], r)
                     th[qq] = dd[q0 + qq, k - 1]
+
+
+@numba.njit(parallel=True, **_JIT)
+def _adc_search_few_kernel(tables, codes, k, nchunks, part_d, part_i):
+    # One query at a time (tables: (nq, m, ksub) float32), parallel over (query, chunk of rows); part_*: (nchunks, nq,
+    # k). Each row's sum is a plain scalar loop in order j from 0.0, the vector kernel's float32 operations lane by
+    # lane, so the sums, ids and ties are the same; consecutive rows' sums are independent, so the core overlaps
+    # them, where the 16-query kernel spends one 16-lane add chain per row whatever the number of queries.
+    nq, m, _ = tables.shape
+    n = codes.shape[0]
+    chunk = (n + nchunks - 1) // nchunks
+    for w in prange(nq * nchunks):
+        q = w // nchunks
+        c = w - q * nchunks
+        r0 = min(n, c * chunk)
+        r1 = min(n, r0 + chunk)
+        dd = part_d[c, q]
+        ii = part_i[c, q]
+        dd[:] = np.inf
+        ii[:] = -1
+        th = np.float32(np.inf)
+        t = tables[q]
+        for r in range(r0, r1):  # rows ascending, and a tie does not displace: ties keep the smaller idx
+            s = np.float32(0.0)
+            for j in range(m):
+                s += t[j, codes[r, j]]
+            if s <= th and (s < th or ii[k - 1] < 0):
+                _push(dd, ii, k, s, r)
+                th = dd[k - 1]
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -558,19 +593,35 @@ def _num_chunks(nq, n, min_rows=4096):
     return int(max(1, min(threads * max(1, 4 // max(nqb, 1)), n // min_rows)))
 
 
+def _few_chunks(nq, n, min_rows=4096):
+    threads = numba.get_num_threads()
+    return int(max(1, min(-(-4 * threads // max(nq, 1)), n // min_rows)))
+
+
 def adc_search(tables, codes, k, nchunks=None):
     """Fused ADC scan + top-k of the smallest sums: (dist (nq, k) float32, idx (nq, k) int64), ascending,
     ties to the smaller idx, padded with inf / -1 when n < k. Parallel over query blocks and, when there are
-    few queries, over chunks of codes (``nchunks``; default chosen from the thread count)."""
+    few queries, over chunks of codes (``nchunks``; default chosen from the thread count). Fewer than
+    ``ADC_FEW_QUERIES`` queries are scanned one by one instead of in 16-query blocks (same results)."""
     nq, m, ksub = tables.shape
     n = codes.shape[0]
     k = int(k)
+    few = nq < ADC_FEW_QUERIES
     if nchunks is None:
-        nchunks = _num_chunks(nq, n)
+        nchunks = _few_chunks(nq, n) if few else _num_chunks(nq, n)
     nchunks = max(1, int(nchunks))
     out_d = np.full((nq, k), np.inf, dtype=np.float32)
     out_i = np.full((nq, k), -1, dtype=np.int64)
     if nq == 0 or k == 0 or n == 0:
+        return out_d, out_i
+    if few:
+        part_d = np.empty((nchunks, nq, k), dtype=np.float32)
+        part_i = np.empty((nchunks, nq, k), dtype=np.int64)
+        _adc_search_few_kernel(np.ascontiguousarray(tables, dtype=np.float32),
+                               np.ascontiguousarray(codes, dtype=np.uint8), k, nchunks, part_d, part_i)
+        if nchunks == 1:
+            return part_d[0], part_i[0]
+        _merge_parts(part_d, part_i, out_d, out_i)
         return out_d, out_i
     nqb = (nq + _QB - 1) // _QB
     t = tables
@@ -583,7 +634,7 @@ def adc_search(tables, codes, k, nchunks=None):
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     part_d = np.empty((nchunks, nqb * _QB, k), dtype=np.float32)
     part_i = np.empty((nchunks, nqb * _QB, k), dtype=np.int64)
-    _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i)
+    _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq)
     if nchunks == 1:
         return np.ascontiguousarray(part_d[0, :nq]), np.ascontiguousarray(part_i[0, :nq])
     part_d = np.ascontiguousarray(part_d[:, :nq])
