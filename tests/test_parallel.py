@@ -65,6 +65,7 @@ def test_fits_work_in_processes_forked_after_a_fit():
     # used kvant. Two ways this broke: the child inherited kvant's thread pool without its threads (the fit waited
     # forever), and on GNU OpenMP Numba kills a forked child at its first parallel kernel. kvant loads pip's oneTBB so
     # Numba runs on TBB, which is fork-safe.
+    import os
     import subprocess
     import sys
     from importlib.metadata import PackageNotFoundError, version
@@ -73,7 +74,7 @@ def test_fits_work_in_processes_forked_after_a_fit():
         version("tbb")
     except PackageNotFoundError:
         pytest.skip("oneTBB is not installed: Numba falls back to GNU OpenMP, which is not fork-safe")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS], capture_output=True, text=True, timeout=300,
                          env=env, check=False)
     assert run.returncode == 0, run.stderr[-3000:]

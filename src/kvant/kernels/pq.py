@@ -593,11 +593,6 @@ def _num_chunks(nq, n, min_rows=4096):
     return int(max(1, min(threads * max(1, 4 // max(nqb, 1)), n // min_rows)))
 
 
-def _few_chunks(nq, n, min_rows=4096):
-    threads = numba.get_num_threads()
-    return int(max(1, min(-(-4 * threads // max(nq, 1)), n // min_rows)))
-
-
 def adc_search(tables, codes, k, nchunks=None):
     """Fused ADC scan + top-k of the smallest sums: (dist (nq, k) float32, idx (nq, k) int64), ascending,
     ties to the smaller idx, padded with inf / -1 when n < k. Parallel over query blocks and, when there are
@@ -608,17 +603,18 @@ def adc_search(tables, codes, k, nchunks=None):
     k = int(k)
     few = nq < ADC_FEW_QUERIES
     if nchunks is None:
-        nchunks = _few_chunks(nq, n) if few else _num_chunks(nq, n)
+        nchunks = _num_chunks(nq, n)  # for the single query of the few-query path, as for one block
     nchunks = max(1, int(nchunks))
     out_d = np.full((nq, k), np.inf, dtype=np.float32)
     out_i = np.full((nq, k), -1, dtype=np.int64)
     if nq == 0 or k == 0 or n == 0:
         return out_d, out_i
+    # both kernels read float32 tables and one byte per code: fix both dtypes here
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if few:
         part_d = np.empty((nchunks, nq, k), dtype=np.float32)
         part_i = np.empty((nchunks, nq, k), dtype=np.int64)
-        _adc_search_few_kernel(np.ascontiguousarray(tables, dtype=np.float32),
-                               np.ascontiguousarray(codes, dtype=np.uint8), k, nchunks, part_d, part_i)
+        _adc_search_few_kernel(np.ascontiguousarray(tables, dtype=np.float32), codes, k, nchunks, part_d, part_i)
         if nchunks == 1:
             return part_d[0], part_i[0]
         _merge_parts(part_d, part_i, out_d, out_i)
@@ -628,10 +624,8 @@ def adc_search(tables, codes, k, nchunks=None):
     if nqb * _QB != nq:  # pad with all-zero dummy queries to whole blocks (their results are dropped)
         t = np.zeros((nqb * _QB, m, ksub), dtype=np.float32)
         t[:nq] = tables
-    # the row intrinsic reads float32 table vectors and one byte per code: fix both dtypes here
     flat = np.ascontiguousarray(t.reshape(nqb, _QB, m * ksub).transpose(0, 2, 1), dtype=np.float32)
     flat = flat.reshape(nqb, m * ksub * _QB)
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
     part_d = np.empty((nchunks, nqb * _QB, k), dtype=np.float32)
     part_i = np.empty((nchunks, nqb * _QB, k), dtype=np.int64)
     _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq)
