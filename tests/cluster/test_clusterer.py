@@ -24,6 +24,14 @@ def data():
     return x, y
 
 
+@pytest.fixture(params=[True, False], ids=["compiled-loop", "python-loop"])
+def loop(request, monkeypatch):
+    """Run a Lloyd-level test on both drivers: the compiled loop small inputs take (kernels.lloyd_small) and the
+    Python loop with Hamerly bounds (SMALL_LLOYD off)."""
+    monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", request.param)
+    return request.param
+
+
 def _nearest(x, c):
     return ref.top2_ref(x, c)[0]
 
@@ -140,6 +148,7 @@ def test_predict_and_score_with_centres_set_by_hand():
 def test_bounded_lloyd_equals_plain_lloyd(spherical, dense, monkeypatch):
     # Hamerly bounds skip work but must not change a single iteration's outcome, whether the E-step tightens the
     # crossed bounds (dense = 2: never re-assigns every row) or re-assigns every row (dense = 0: always).
+    monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", False)  # (the compiled loop has no bounds)
     monkeypatch.setattr(lloyd_module, "DENSE_E_STEP", dense)
     x = _gaussian_rows(np.random.default_rng(5), 600, 6, spherical)
     c0 = init_centroids(x, 7, "random", 0, spherical)
@@ -173,14 +182,14 @@ def test_kmeanspp_seeding_is_the_same_on_every_thread_and_split(weighted, monkey
     np.testing.assert_array_equal(init_centroids(x, 512, "k-means++", 7, weights=w), want)
 
 
-def test_objective_history_decreases(data):
+def test_objective_history_decreases(data, loop):
     x, _ = data
     c = kvant.Clusterer(k=8, algorithm="dense-exact-random", seed=0, tol=0.0, max_iter=10).fit(x)
     h = np.array(c.inertia_history_)
     assert np.all(np.diff(h) <= 1e-6 * h[0])
 
 
-def test_tolerance_stops_early_and_labels_stay_exact():
+def test_tolerance_stops_early_and_labels_stay_exact(loop):
     # Overlapping data never reaches a fixed point quickly; a loose tolerance must stop Lloyd early anyway.
     g = np.random.default_rng(0)
     x = g.standard_normal((4000, 8)).astype(np.float32)
@@ -202,6 +211,7 @@ def _means(x, labels, k, spherical):
 def test_dense_and_bounded_e_steps_take_the_same_path(spherical, monkeypatch):
     # over-relaxed steps cross most bounds, so auto's runs switch between the two E-steps; neither may change
     # the partition, so the whole objective history and the result must agree
+    monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", False)  # (the compiled loop has no bounds)
     x = _gaussian_rows(np.random.default_rng(8), 3000, 10, spherical)
     c0 = init_centroids(x, 24, "k-means++", 0, spherical)
     runs = []
@@ -219,7 +229,7 @@ def test_dense_and_bounded_e_steps_take_the_same_path(spherical, monkeypatch):
 
 @pytest.mark.parametrize("spherical", [False, True])
 @pytest.mark.parametrize("beta", [1.0, 50.0])
-def test_overrelaxed_lloyd_ends_on_the_means_of_an_exact_assignment(spherical, beta):
+def test_overrelaxed_lloyd_ends_on_the_means_of_an_exact_assignment(spherical, beta, loop):
     # beta = 50 overshoots, so steps get rejected: each rejection must be followed by a plain step from the
     # last accepted means, which never ends above the accepted objective
     x = _gaussian_rows(np.random.default_rng(2), 1500, 6, spherical)
@@ -242,7 +252,7 @@ def test_overrelaxed_lloyd_ends_on_the_means_of_an_exact_assignment(spherical, b
 
 
 @pytest.mark.parametrize("spherical", [False, True])
-def test_overrelaxed_lloyd_at_max_iter_returns_accepted_means(spherical):
+def test_overrelaxed_lloyd_at_max_iter_returns_accepted_means(spherical, loop):
     # cut short at every small budget: the last E-step is never extrapolated, and the centres are the means of
     # the best accepted partition (its objective is the history's minimum)
     x = _gaussian_rows(np.random.default_rng(3), 2000, 8, spherical)
@@ -260,7 +270,7 @@ def test_overrelaxed_lloyd_at_max_iter_returns_accepted_means(spherical):
             assert obj <= min(res.objective_history) * (1 + 1e-5)
 
 
-def test_overrelaxed_weighted_lloyd_equals_it_on_repeated_rows():
+def test_overrelaxed_weighted_lloyd_equals_it_on_repeated_rows(loop):
     g = np.random.default_rng(4)
     base = g.standard_normal((300, 5)).astype(np.float32)
     reps = g.integers(1, 4, size=300)
@@ -273,7 +283,7 @@ def test_overrelaxed_weighted_lloyd_equals_it_on_repeated_rows():
     assert a.n_extrapolated == b.n_extrapolated > 0
 
 
-def test_overrelaxed_lloyd_with_k1_and_with_polish():
+def test_overrelaxed_lloyd_with_k1_and_with_polish(loop):
     x = np.random.default_rng(5).standard_normal((500, 3)).astype(np.float32)
     res = lloyd(x, x[:1].copy(), 5, tol=0.0, overrelax=1.0)
     np.testing.assert_allclose(res.centroids[0], x.astype(np.float64).mean(0), atol=1e-5)
@@ -282,7 +292,7 @@ def test_overrelaxed_lloyd_with_k1_and_with_polish():
     assert c.overrelax_ == 1.0 and c.polish_iter_ == 3
 
 
-def test_overrelaxation_reaches_a_lower_objective_in_the_same_iterations():
+def test_overrelaxation_reaches_a_lower_objective_in_the_same_iterations(loop):
     # overlapping clusters: plain Lloyd creeps; the over-relaxed steps get further in the same budget
     x = _gaussian_rows(np.random.default_rng(0), 6000, 16, False)
     c0 = init_centroids(x, 32, "k-means++", 0)
@@ -322,7 +332,7 @@ def test_same_seed_same_result_and_seed_matters(data):
     assert not np.array_equal(a.cluster_centers_, c.cluster_centers_)
 
 
-def test_empty_clusters_are_reseeded():
+def test_empty_clusters_are_reseeded(loop):
     # A centre far from every row gets no rows at the first assignment; it must be re-seeded.
     g = np.random.default_rng(0)
     x = g.standard_normal((200, 3)).astype(np.float32)
@@ -565,7 +575,7 @@ def test_fit_on_npy_file_keeps_the_file_out_of_the_resident_set(tmp_path, params
 
 
 @pytest.mark.parametrize("spherical", [False, True])
-def test_weighted_lloyd_equals_lloyd_on_repeated_rows(spherical):
+def test_weighted_lloyd_equals_lloyd_on_repeated_rows(spherical, loop):
     # Integer weights must act exactly as that many copies of a row: same centroids, labels, objective.
     g = np.random.default_rng(11)
     x = _gaussian_rows(g, 300, 5, spherical)
@@ -578,7 +588,7 @@ def test_weighted_lloyd_equals_lloyd_on_repeated_rows(spherical):
     np.testing.assert_allclose(weighted.objective_history, copies.objective_history, rtol=1e-9)
 
 
-def test_weighted_lloyd_reseeds_an_empty_cluster():
+def test_weighted_lloyd_reseeds_an_empty_cluster(loop):
     x = np.array([[0.0], [0.1], [10.0], [10.1]], np.float32)
     c0 = np.array([[0.05], [10.05], [500.0]], np.float32)  # the third centre gets no rows
     res = lloyd(x, c0, 3, tol=0.0, weights=np.array([0.5, 2.0, 1.5, 3.0]))
@@ -1047,3 +1057,45 @@ def test_cos_fit_leaves_the_callers_rows_as_they_were(sampling, tmp_path):
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
     kvant.Clusterer(4, metric="cos", seed=0, sampling=sampling, sample_per_centroid=64).fit(mapped)
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), before)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 50.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_loop_runs_the_python_loops_iterations(spherical, beta, weighted, monkeypatch):
+    # kernels.lloyd_small is lloyd without Hamerly bounds: on data without near-ties (Gaussian rows) both drivers
+    # must take the same steps — objectives, extrapolations, rejections, re-seeds — and end on the same centres.
+    # A far initial centre forces a re-seed; beta = 50 forces rejected steps; max_iter 0, 1 and 2 the edges.
+    g = np.random.default_rng(11)
+    x = _gaussian_rows(g, 700, 9, spherical)
+    w = g.uniform(0.2, 3.0, len(x)) if weighted else None
+    c0 = init_centroids(x, 13, "k-means++", 3, spherical)
+    c0[4] = 1e3  # no rows: re-seeded at the first M-step
+    assert lloyd_module.small_lloyd_applies(700, 9, 13)
+    for max_iter in (0, 1, 2, 40):
+        runs = []
+        for small in (True, False):
+            monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", small)
+            seen = []
+            runs.append((lloyd(x, c0, max_iter, 1e-5, spherical, on_iter=seen.append, weights=w, overrelax=beta), seen))
+        (a, seen_a), (b, seen_b) = runs
+        assert a.rows_recomputed % len(x) == 0 and a.rows_recomputed <= len(x) * (1 + a.n_iter)  # whole E-steps
+        assert (a.n_iter, a.n_reseeded, a.n_extrapolated, a.n_rejected) == (
+            b.n_iter, b.n_reseeded, b.n_extrapolated, b.n_rejected)
+        if max_iter:
+            assert a.n_reseeded >= 1 and (beta != 50.0 or max_iter < 3 or a.n_rejected > 0)
+        np.testing.assert_allclose(a.objective_history, b.objective_history, rtol=1e-9)
+        assert seen_a == a.objective_history and seen_b == b.objective_history
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.labels, _nearest(x, a.centroids))
+
+
+def test_compiled_loop_is_used_only_where_its_e_step_is_one_small_region():
+    from kvant.cluster.assign import CERTIFIED_E_STEP_MIN_ROWS, one_region_direct_e_step
+
+    for n, d, k in [(1797, 64, 10), (2560, 784, 10), (1797, 64, 256), (16384, 128, 64), (1797, 64, 1024),
+                    (CERTIFIED_E_STEP_MIN_ROWS, 8, 128)]:
+        want = one_region_direct_e_step(n, d, k) and n < CERTIFIED_E_STEP_MIN_ROWS
+        assert lloyd_module.small_lloyd_applies(n, d, k) == want
+    assert not lloyd_module.small_lloyd_applies(CERTIFIED_E_STEP_MIN_ROWS, 8, 128)

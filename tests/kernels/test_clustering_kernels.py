@@ -26,6 +26,7 @@ from kvant.kernels.lloyd import (
     kmeanspp,
     m_step,
     move_rows,
+    reseed_empty,
     sq_dist_to_point,
     sq_dist_to_point_unit,
 )
@@ -683,3 +684,28 @@ def test_centre_moves_matches_reference_and_counts_ties(k, d):
     new[0, 0] = np.nan  # a non-finite centre moved without bound, so Hamerly's bounds cannot survive it
     best, arg, second = centre_moves(new, old, delta)
     assert best == np.inf and arg == 0 and delta[0] == np.inf
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reseed_empty_matches_reference(seed):
+    # Integer distances (many ties), duplicated rows, singleton clusters and more empty clusters than usable rows.
+    g = np.random.default_rng(seed)
+    n, k, d = 40, 12, 3
+    x = g.integers(0, 3, (n, d)).astype(np.float32)
+    labels = g.integers(0, 6, n).astype(np.int64)  # clusters 6..11 empty, some of 0..5 maybe too
+    dist = g.integers(0, 4, n).astype(np.float32)
+    w = g.uniform(0.5, 2.0, n) if seed % 2 else UNIT_WEIGHTS
+    sums, counts = cluster_sums(x, labels, k, 1, w)
+    rows_in = np.bincount(labels, minlength=k)
+    want_labels, want_taken = ref.reseed_empty_ref(x, labels, dist, rows_in)
+    lower = np.ones(n, np.float32)
+    out, d_out = labels.copy(), dist.copy()
+    taken = reseed_empty(x, out, d_out, lower, sums, counts, w, rows_in)
+    assert taken == want_taken
+    np.testing.assert_array_equal(out, want_labels)
+    np.testing.assert_array_equal(rows_in, np.bincount(want_labels, minlength=k))
+    moved = out != labels
+    assert np.all(d_out[moved] == 0) and np.all(lower[moved] == 0) and np.all(lower[~moved] == 1)
+    rs, rc = ref.cluster_sums_ref(x, out, k, None if w.shape[0] == 0 else w)
+    np.testing.assert_allclose(sums, rs, atol=1e-9)
+    np.testing.assert_allclose(counts, rc, atol=1e-9)

@@ -161,6 +161,31 @@ def lloyd_ref(x, centroids, n_iter):
     labels, _, _ = top2_ref(x64, c)
     return c, labels
 
+def reseed_empty_ref(x, labels, dist, rows_in):
+    """Empty-cluster re-seeding, the reference for ``kernels.lloyd.reseed_empty``: returns the new labels and the
+    number of clusters re-seeded. Empty clusters in id order take the rows farthest from their centres (``dist``
+    decreasing, ties to the lower row), skipping rows on their centre, rows whose cluster would empty, and copies
+    of a row already taken."""
+    import numpy as np
+
+    labels = np.array(labels, np.int64)
+    rows_in = np.array(rows_in, np.int64)
+    empty = [j for j in range(len(rows_in)) if rows_in[j] == 0]
+    taken = []
+    for row in sorted(range(len(dist)), key=lambda i: (-float(dist[i]), i)):
+        if len(taken) == len(empty) or not dist[row] > 0:
+            break
+        src = labels[row]
+        if rows_in[src] <= 1 or any(np.array_equal(x[row], x[t]) for t in taken):
+            continue
+        dst = empty[len(taken)]
+        rows_in[src] -= 1
+        rows_in[dst] += 1
+        labels[row] = dst
+        taken.append(row)
+    return labels, len(taken)
+
+
 # === pq (issue 3) ===
 # Immutable scalar references for kvant.kernels.pq and the kernel harness. Plain loops / float64; do not
 # optimise these: they are what the kernels are judged against.

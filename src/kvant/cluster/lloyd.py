@@ -61,13 +61,25 @@ from ..kernels.lloyd import (
     loosen_bounds,
     m_step,
     move_rows,
+    reseed_empty,
     unit_centres,
 )
-from .assign import e_step, zero_norm_error
+from ..kernels.lloyd_small import lloyd_small
+from .assign import (
+    _DIRECT_MIN_ROWS,
+    CERTIFIED_E_STEP_MIN_ROWS,
+    block_rows_for,
+    e_step,
+    one_region_direct_e_step,
+    zero_norm_error,
+)
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
 # distances can never let a row keep a stale label.
 _BOUND_SLACK = 1e-4
+
+# Small inputs run Lloyd as one compiled loop (small_lloyd_applies, kvant.kernels.lloyd_small).
+SMALL_LLOYD = True
 
 # When more than this fraction of rows cross their Hamerly bounds, the E-step skips the bound tightening and
 # re-assigns every row (see lloyd).
@@ -203,6 +215,9 @@ def lloyd(
     xn = _row_sq_norms(x) if x_sqnorms is None else x_sqnorms
     w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights, np.float64)
     x_total = _weighted_total(xn, weights)
+    m_cand = int(candidates) if 0 < candidates < k else 0
+    if SMALL_LLOYD and m_cand == 0 and small_lloyd_applies(n, d, k) and x.dtype == np.float32 and x.flags.c_contiguous:
+        return _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_total)
     labels = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
     d2 = np.empty(n, np.float32)
@@ -213,7 +228,6 @@ def lloyd(
     result = LloydResult(c, labels)
     prev_obj = np.inf
     block = 65536
-    m_cand = int(candidates) if 0 < candidates < k else 0
     near = np.empty((n, m_cand), np.int32) if m_cand else None  # each row's candidate centres
     cand_left = 0  # candidate E-steps left before the next full one
     labels_exact = True  # the last E-step was a full one (its labels are the exact nearest centres)
@@ -351,35 +365,36 @@ def _candidate_e_step(x, xn, c, cn, near, labels, d1) -> None:
 
 
 def _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in) -> int:
-    empty = np.flatnonzero(rows_in == 0)
-    if empty.size == 0:
+    """Re-seed empty clusters with the rows farthest from their centres by ``upper`` (:func:`reseed_empty`)."""
+    if rows_in.all():
         return 0
-    # Farthest rows first (stable: ties keep the lower row index). Copies of a row already taken are skipped:
-    # they would seed identical centres, and the next E-step would empty all but one of them again (a review
-    # found duplicate-heavy cos data ending with 5 empty clusters). Rows on their centre (upper bound 0) would
-    # only duplicate it.
-    order = np.argsort(-upper, kind="stable")
-    taken = 0
-    seen = set()
-    for row in order:
-        if taken == empty.size or upper[row] <= 0.0:
-            break
-        src = labels[row]
-        if rows_in[src] <= 1:
-            continue
-        key = x[row].tobytes()
-        if key in seen:
-            continue
-        seen.add(key)
-        dst = empty[taken]
-        move_rows(x, np.array([row]), np.array([src]), np.array([dst]), sums, counts, w)
-        rows_in[src] -= 1
-        rows_in[dst] += 1
-        labels[row] = dst
-        upper[row] = 0.0
-        lower[row] = 0.0  # forces a re-check of this row next E-step
-        taken += 1
-    return taken
+    return int(reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in))
+
+
+def small_lloyd_applies(n: int, dim: int, k: int) -> bool:
+    """Whether :func:`lloyd` runs as one compiled loop (:func:`kvant.kernels.lloyd_small.lloyd_small`): when its
+    E-steps are small direct-kernel regions (:func:`~kvant.cluster.assign.one_region_direct_e_step`) on float32 rows,
+    and too few rows for the certified E-steps (whose labels the compiled loop does not reproduce)."""
+    return one_region_direct_e_step(n, dim, k) and n < CERTIFIED_E_STEP_MIN_ROWS
+
+
+def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_total) -> LloydResult:
+    n, dim = x.shape
+    k = c.shape[0]
+    threads = max(1, get_num_threads())
+    # the rows per block of assign_top2's one-region E-step: the same blocks, the same outputs
+    block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
+    history = np.empty(max(1, max_iter), np.float64)
+    dist = np.empty(n, np.float32)
+    cent, labels, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
+        x, xn, c, w, int(max_iter), float(tol), bool(spherical), float(overrelax), float(x_total), threads, block,
+        history, dist)
+    result = LloydResult(cent, labels, [float(h) for h in history[:n_iter]], int(n_iter), int(reseeded),
+                         int(assigned), int(extrapolated), int(rejected))
+    if on_iter is not None:  # (after the fact: the loop does not leave compiled code)
+        for h in result.objective_history:
+            on_iter(h)
+    return result
 
 
 def train_centroids(

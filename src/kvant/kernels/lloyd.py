@@ -65,6 +65,66 @@ def move_rows(x, rows, old, new, sums, counts, w):
 
 
 @numba.njit(**_JIT)
+def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
+    """Re-seed the empty clusters (``rows_in`` == 0, in id order) with the rows farthest from their centres: ``dist``
+    (a distance or an upper bound on it) in decreasing order, ties to the lower row index. A row moves only from a
+    cluster that keeps at least one row; rows on their centre (``dist`` 0) and copies of a row already taken are
+    skipped (they would seed identical centres, and the next E-step would empty all but one again). The row's sums
+    move to its new cluster, its label changes, ``dist`` and ``lower`` (when not empty) become 0 (a re-check next
+    E-step), and ``rows_in`` follows. Returns how many clusters were re-seeded."""
+    k = rows_in.shape[0]
+    n_empty = 0
+    for j in range(k):
+        if rows_in[j] == 0:
+            n_empty += 1
+    if n_empty == 0:
+        return 0
+    empty = np.empty(n_empty, np.int64)
+    m = 0
+    for j in range(k):
+        if rows_in[j] == 0:
+            empty[m] = j
+            m += 1
+    order = np.argsort(-dist, kind="mergesort")
+    taken_rows = np.empty(n_empty, np.int64)
+    taken = 0
+    one = np.empty(1, np.int64)
+    src_a = np.empty(1, np.int64)
+    dst_a = np.empty(1, np.int64)
+    for o in range(order.shape[0]):
+        row = order[o]
+        if taken == n_empty or not dist[row] > 0.0:
+            break
+        src = labels[row]
+        if rows_in[src] <= 1:
+            continue
+        copy = False
+        for q in range(taken):
+            same = True
+            for t in range(x.shape[1]):
+                if x[row, t] != x[taken_rows[q], t]:
+                    same = False
+                    break
+            if same:
+                copy = True
+                break
+        if copy:
+            continue
+        dst = empty[taken]
+        one[0], src_a[0], dst_a[0] = row, src, dst
+        move_rows(x, one, src_a, dst_a, sums, counts, w)
+        rows_in[src] -= 1
+        rows_in[dst] += 1
+        labels[row] = dst
+        dist[row] = 0.0
+        if lower.shape[0] > 0:
+            lower[row] = 0.0
+        taken_rows[taken] = row
+        taken += 1
+    return taken
+
+
+@numba.njit(**_JIT)
 def m_step(sums, counts, old, spherical, x_total, means):
     """Lloyd's M-step from cluster sums in one pass (a tiny fit's iteration was mostly NumPy call overhead):
     writes each cluster's mean (float32, unit-normalised in float64 when ``spherical``; ``old``'s row for an empty

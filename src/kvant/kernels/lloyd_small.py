@@ -1,0 +1,187 @@
+"""The whole Lloyd loop in one compiled call, for inputs whose E-step is one small register-blocked kernel region.
+
+:func:`kvant.cluster.lloyd.lloyd` drives its iterations from Python: an E-step, an M-step and the bookkeeping of
+Hamerly's bounds and over-relaxation cost some twenty NumPy and Numba calls, ~0.1 ms per iteration. On a small
+input that is most of the fit: digits (1,797 × 64) at K = 10 spent 1.0 of Lloyd's 1.2 ms in that overhead, its
+E-steps 0.05 ms each. :func:`lloyd_small` runs the same algorithm — the same M-step, empty-cluster re-seeding,
+safeguarded over-relaxation and tolerance, in the same order (see the ``lloyd`` module docstring) — without
+leaving compiled code. Every E-step re-assigns every row (the fused kernel of
+:func:`kvant.kernels.direct_assign.direct_top2` over row blocks on Numba's threads): at these sizes a full E-step
+costs less than tightening and gathering Hamerly's candidates did. The labels, objectives and centres are those
+of ``lloyd`` up to float32 rounding of near-tied distances (Hamerly's bounds carry a slack that can keep a row on
+a centre a rounding away from another; the tests compare both on random data).
+
+Re-seeding (:func:`kvant.kernels.lloyd.reseed_empty`) is shared with ``lloyd``: the rows farthest from their centres
+move to the empty clusters (by exact distances here, by Hamerly's upper bounds there).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .direct_assign import direct_top2
+from .distance import sq_norms_serial
+from .lloyd import _to_unit, cluster_sums, m_step, move_rows, reseed_empty
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+
+
+@numba.njit(**_JIT)
+def _operands(c, ct, cnp):
+    """Fill the padded operands of :func:`direct_top2` for centres ``c``: cᵀ with zero columns after K, the squared
+    norms (``sq_norms_serial``, as ``lloyd``'s E-step computes them) with +inf after K."""
+    k, d = c.shape
+    cn = sq_norms_serial(c)
+    for t in range(d):
+        for j in range(ct.shape[1]):
+            ct[t, j] = c[j, t] if j < k else np.float32(0.0)
+    for j in range(cnp.shape[0]):
+        cnp[j] = cn[j] if j < k else np.float32(np.inf)
+
+
+@numba.njit(**_JIT)
+def _extrapolate(means, prev, beta, spherical):
+    """means + β·(means − prev) in float32 (NumPy's float32 arithmetic in ``lloyd``), unit rows for spherical."""
+    out = np.empty_like(means)
+    b = np.float32(beta)
+    for j in range(means.shape[0]):
+        for t in range(means.shape[1]):
+            out[j, t] = means[j, t] + b * (means[j, t] - prev[j, t])
+        if spherical:
+            _to_unit(out, j)
+    return out
+
+
+@numba.njit(**_JIT)
+def _count_rows(labels, k):
+    rows_in = np.zeros(k, np.int64)
+    for i in range(labels.shape[0]):
+        rows_in[labels[i]] += 1
+    return rows_in
+
+
+@numba.njit(**_JIT)
+def _clear_empty(rows_in, sums, counts):
+    """Zero the sums of clusters with no rows: incremental float updates can leave a ~1e-12 residue behind."""
+    for j in range(rows_in.shape[0]):
+        if rows_in[j] == 0:
+            counts[j] = 0.0
+            for t in range(sums.shape[1]):
+                sums[j, t] = 0.0
+
+
+@numba.njit(**_JIT)
+def _apply_moves(x, labels, lab_new, sums, counts, w):
+    """Move the sums of rows whose label changed (in row order, as ``lloyd`` does) and take the new labels."""
+    moved = 0
+    for i in range(labels.shape[0]):
+        if lab_new[i] != labels[i]:
+            moved += 1
+    if moved:
+        rows = np.empty(moved, np.int64)
+        old = np.empty(moved, np.int64)
+        new = np.empty(moved, np.int64)
+        m = 0
+        for i in range(labels.shape[0]):
+            if lab_new[i] != labels[i]:
+                rows[m], old[m], new[m] = i, labels[i], lab_new[i]
+                m += 1
+        move_rows(x, rows, old, new, sums, counts, w)
+    for i in range(labels.shape[0]):
+        labels[i] = lab_new[i]
+
+
+@numba.njit(**_JIT)
+def _same(a, b):
+    for j in range(a.shape[0]):
+        for t in range(a.shape[1]):
+            if a[j, t] != b[j, t]:
+                return False
+    return True
+
+
+@numba.njit(parallel=True, **_JIT)
+def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist):
+    """Lloyd iterations from centres ``c0`` on rows ``x`` (float32, C-contiguous; unit rows when ``spherical``) with
+    squared norms ``xn``, row weights ``w`` (empty: unit weights), as :func:`kvant.cluster.lloyd.lloyd` runs them with
+    ``candidates`` = 0 (module docstring). ``n_parts``: :func:`cluster_sums`'s split (lloyd passes the thread count);
+    ``block_rows``: rows per E-step block. Writes the objective of every M-step into ``history`` (at least
+    ``max_iter`` long) and each row's distance to its centre into ``dist``; returns (centres, labels, iterations,
+    re-seeded clusters, extrapolated E-steps, rejected ones, rows assigned). The labels are the last E-step's: the
+    nearest centres of the returned ones up to float32 rounding, as with ``lloyd``."""
+    n = x.shape[0]
+    k = c0.shape[0]
+    kp = -(-k // 16) * 16  # (direct_assign._padded: whole 16-float vectors)
+    n_blocks = (n + block_rows - 1) // block_rows
+    ct = np.empty((x.shape[1], kp), np.float32)
+    cnp = np.empty(kp, np.float32)
+    labels = np.empty(n, np.int64)
+    lab_new = np.empty(n, np.int64)
+    d1 = np.empty(n, np.float32)
+    d2 = np.empty(n, np.float32)
+    no_lower = np.empty(0, np.float32)
+    c = c0
+    _operands(c, ct, cnp)
+    for b in numba.prange(n_blocks):
+        s = b * block_rows
+        e = min(n, s + block_rows)
+        direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
+    assigned = n
+    for i in range(n):
+        dist[i] = np.sqrt(d1[i])
+    sums, counts = cluster_sums(x, labels, k, n_parts, w)
+    prev_obj = np.inf
+    prev_means = c0
+    have_prev = False
+    beta = 0.0
+    n_iter = 0
+    n_reseeded = 0
+    n_extrapolated = 0
+    n_rejected = 0
+    for it in range(max_iter):
+        rows_in = _count_rows(labels, k)
+        _clear_empty(rows_in, sums, counts)
+        reseeded = reseed_empty(x, labels, dist, no_lower, sums, counts, w, rows_in)
+        n_reseeded += reseeded
+        means = np.empty_like(c)
+        obj = m_step(sums, counts, c, spherical, x_total, means)
+        history[it] = obj
+        n_iter = it + 1
+        total_w = 0.0
+        for j in range(k):
+            total_w += counts[j]
+        scale = total_w - obj if spherical else obj
+        little = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
+        rejected = beta > 0.0 and obj > prev_obj
+        converged = little and beta == 0.0 and reseeded == 0
+        if rejected:
+            n_rejected += 1
+            beta = 0.0
+            new_c = prev_means
+        else:
+            grow = overrelax > 0.0 and have_prev and not little and reseeded == 0 and it + 1 < max_iter
+            beta = min(overrelax, beta + 0.5) if grow else 0.0
+            new_c = means
+            if beta > 0.0:
+                new_c = _extrapolate(means, prev_means, beta, spherical)
+                n_extrapolated += 1
+            prev_means = means
+            prev_obj = obj
+            have_prev = True
+        unmoved = _same(new_c, c)
+        c = new_c
+        if unmoved and beta == 0.0 and reseeded == 0:
+            break  # the labels are already the nearest centres of c
+        _operands(c, ct, cnp)
+        for b in numba.prange(n_blocks):
+            s = b * block_rows
+            e = min(n, s + block_rows)
+            direct_top2(x[s:e], ct, cnp, xn[s:e], lab_new[s:e], d1[s:e], d2[s:e])
+        assigned += n
+        _apply_moves(x, labels, lab_new, sums, counts, w)
+        for i in range(n):
+            dist[i] = np.sqrt(d1[i])
+        if converged:
+            break
+    return c, labels, n_iter, n_reseeded, n_extrapolated, n_rejected, assigned
