@@ -76,17 +76,24 @@ def test_labels_are_the_full_nearest_centre_assignment(data, algorithm, metric):
 
 
 @pytest.mark.parametrize("metric,k,algorithm", [("l2", 30, "dense-exact-random"), ("cos", 27, "dense-exact-row")])
-def test_labels_are_exact_nearest_centres_when_trained_on_every_row(metric, k, algorithm, monkeypatch):
+@pytest.mark.parametrize("backend", ["tiles-or-int16", "float32"])
+@pytest.mark.parametrize("small", [True, False])
+def test_labels_are_exact_nearest_centres_when_trained_on_every_row(metric, k, algorithm, backend, small,
+                                                                     monkeypatch):
     # N <= sample_per_centroid * k: Lloyd trains on every row, and its float32 E-step labels used to be kept as
     # labels_; on grid data with many near-ties 121 of 6,000 rows were one rounding away from predict's exact
     # (certified) nearest centre, and inertia_ was that of the worse labels.
-    # The final assignment is certified wherever the host has a backend: AVX2's int16 from K = 17, AMX's bf16 tiles
-    # with their K and K·D thresholds lowered to this K·D. Hosts with neither (AVX-512 without AMX) assign in float32,
-    # exact up to its rounding.
+    # Labels are exact on every path: the certified backends (AVX2's int16 from K = 17, AMX's bf16 tiles with their
+    # K and K·D thresholds lowered to this K·D), the float32 kernels with certify_top2 (backends off), and, after the
+    # compiled Lloyd loop (small), its last E-step's labels certified in place of a final assignment.
     from kvant.cluster import assign as cluster_assign
 
+    monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", small)
     monkeypatch.setattr(cluster_assign, "AMX_MIN_K", 0)
     monkeypatch.setattr(cluster_assign, "AMX_MIN_KD", 0)
+    if backend == "float32":
+        monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+        monkeypatch.setattr(cluster_assign, "I16_ASSIGN", False)
     g = np.random.default_rng(0)
     if metric == "l2":
         x = (g.integers(0, 7, (6000, 2)) * np.float32(0.1) + np.float32(0.4)).astype(np.float32)
@@ -98,10 +105,12 @@ def test_labels_are_exact_nearest_centres_when_trained_on_every_row(metric, k, a
     if metric == "cos":
         xs /= np.linalg.norm(xs, axis=1, keepdims=True)
     d = ((xs[:, None, :] - c.cluster_centers_.astype(np.float64)[None]) ** 2).sum(-1)
-    if cluster_assign.CertifiedCentres(c.cluster_centers_, metric == "cos").ok:
-        assert np.all(d[np.arange(len(x)), c.labels_] <= d.min(1))  # nearest in float64 too
-    else:  # float32 expanded distances: nearest up to their rounding, ~1e-7 of the squared norms here
-        assert np.all(d[np.arange(len(x)), c.labels_] <= d.min(1) + 1e-6 * (xs**2).sum(1).max())
+    if backend == "float32":
+        assert not cluster_assign.CertifiedCentres(c.cluster_centers_, metric == "cos").ok
+    # nearest in float64, ties to the smaller id (cos: of the float32 unit rows kvant trains on)
+    unit = lloyd_module.normalise_rows(x).astype(np.float64) if metric == "cos" else xs
+    d_unit = ((unit[:, None, :] - c.cluster_centers_.astype(np.float64)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(c.labels_, d_unit.argmin(1))
     want = d[np.arange(len(x)), c.labels_].sum() * (0.5 if metric == "cos" else 1.0)
     # (cos: the inertia is ~3e-7 here, so the float32 normalisation of the rows decides its last digits)
     assert c.inertia_ == pytest.approx(want, rel=1e-6, abs=1e-11 * len(x))

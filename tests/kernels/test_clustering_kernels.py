@@ -709,3 +709,59 @@ def test_reseed_empty_matches_reference(seed):
     rs, rc = ref.cluster_sums_ref(x, out, k, None if w.shape[0] == 0 else w)
     np.testing.assert_allclose(sums, rs, atol=1e-9)
     np.testing.assert_allclose(counts, rc, atol=1e-9)
+
+
+@pytest.mark.parametrize("unit_rows", [False, True])
+@pytest.mark.parametrize("k,d", [(1, 3), (5, 2), (40, 7), (300, 33)])
+def test_exact_labels_are_the_float64_nearest_centres(unit_rows, k, d):
+    # Small-integer grids put many rows at (near-)equal distances from two centres, where float32's expanded
+    # distances pick either; exact_labels must return the float64 nearest (ties to the smaller id) on the direct
+    # kernel's fused path, the GEMM path, gathered rows and conditioned (offset) rows alike.
+    g = np.random.default_rng(k + d)
+    x = (g.integers(0, 5, (4000, d)) * 0.1 + 0.3).astype(np.float32)
+    c = (g.integers(0, 5, (k, d)) * 0.1 + 0.3 + g.integers(0, 2, (k, d)) * 0.05).astype(np.float32)
+    c[-1] = c[0]  # an exact duplicate centre: its rows tie, the smaller id must win
+    xs = x.astype(np.float64)
+    if unit_rows:
+        xs /= np.linalg.norm(xs, axis=1, keepdims=True)
+    dist = ((xs[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    want = dist.argmin(1)
+    for kwargs in ({}, {"rows": np.arange(0, 4000, 3)}, {"offset": 1e4}):
+        if unit_rows and kwargs:
+            continue
+        xx, cc, rows, w = x, c, kwargs.get("rows"), want
+        shift = scale = None
+        if "offset" in kwargs:  # a large common offset: assign_top2 conditions rows and centres first
+            from kvant._numerics import conditioning
+
+            xx, cc = x + np.float32(1e4), c + np.float32(1e4)
+            shift, scale = conditioning(cc)
+            assert shift is not None
+            xd, cd = xx.astype(np.float64), cc.astype(np.float64)
+            w = ((xd[:, None, :] - cd[None]) ** 2).sum(-1).argmin(1)
+        m = len(xx) if rows is None else len(rows)
+        labels = np.empty(m, np.int64)
+        exact = np.empty(m, np.float64)
+        assign_top2(xx, cc, sq_norms_serial(cc), labels, np.empty(m, np.float32), np.empty(m, np.float32),
+                    n_threads=2, exact_sq=exact, rows=rows, unit_rows=unit_rows, shift=shift, scale=scale)
+        np.testing.assert_array_equal(labels, w if rows is None else w[rows])
+        if "offset" not in kwargs:
+            got = dist[np.arange(len(x)), want]
+            # (unit rows are scaled by 1/‖x‖ from the float32 norm, ~1e-7 from the float64 normalisation here)
+            np.testing.assert_allclose(exact, got if rows is None else got[rows], rtol=1e-6 if unit_rows else 1e-12,
+                                       atol=1e-15)
+
+
+def test_certify_top2_keeps_clear_labels_and_recomputes_near_ties():
+    from kvant.kernels.assign import certify_top2, label_margins
+
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 0.0]], np.float32)
+    c = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    labels = np.array([1, 1, 1])  # row 0 wrong but "clear" by its given distances: kept; row 2 a tie: recomputed
+    d1 = np.array([0.0, 0.0, 0.25], np.float32)
+    d2 = np.array([1.0, 1.0, 0.25], np.float32)
+    exact = np.full(3, -1.0)
+    failed = certify_top2(x, c, labels, d1, d2, exact, False, 1.0, *label_margins(2))
+    assert failed == 1
+    np.testing.assert_array_equal(labels, [1, 1, 0])
+    np.testing.assert_array_equal(exact, [-1.0, -1.0, 0.25])

@@ -14,7 +14,14 @@ from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..io.source import check_finite
 from ..kernels import amx_assign, direct_assign, i16_assign
-from ..kernels.assign import CANDIDATE_IDS_MAX, candidate_ids_from_ip, nearest_ids_from_ip, top2_from_ip
+from ..kernels.assign import (
+    CANDIDATE_IDS_MAX,
+    candidate_ids_from_ip,
+    certify_top2,
+    label_margins,
+    nearest_ids_from_ip,
+    top2_from_ip,
+)
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 
@@ -36,6 +43,7 @@ _DIRECT_MIN_ROWS = 64
 _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
 _NO_NEAREST = np.empty((0, 0), np.int32)
+_NO_EXACT = np.empty(0, np.float64)
 # E-steps and final assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD on hosts with AMX run on bf16 tile products
 # certified row by row (kernels/amx_assign: exact labels). Whole fits, same-process A/B against the float32 path on
 # 2 threads, with the measured-residual margins (2026-12-03, medians of 5-15): the tile path gained at K >= 128 —
@@ -109,7 +117,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
                 exact_sq: np.ndarray | None = None, rows: np.ndarray | None = None, unit_rows: bool = False,
                 row_offset: int = 0, shift: np.ndarray | None = None, scale: float | None = None,
-                nearest: np.ndarray | None = None, check: str | None = None) -> None:
+                nearest: np.ndarray | None = None, check: str | None = None, exact_labels: bool = False) -> int:
     """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``.
 
     ``check`` (a source name; plain rows only, no ``rows``): ``x`` has not been checked for NaN/inf yet. Each
@@ -134,6 +142,11 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     With ``exact_sq`` (float64, one per row), also write each row's squared distance to its centre
     recomputed term by term in float64 — while the block is still in cache, so the exact inertia costs no
     second pass over the data.
+
+    ``exact_labels`` (implied by ``exact_sq``): make the labels the exact nearest centres of the float32 rows (ties
+    to the smaller id) — :func:`kvant.kernels.assign.certify_top2` keeps each label whose two smallest float32
+    distances are farther apart than their rounding could move them and recomputes the rest in float64 — and return
+    how many rows that recomputed (0 otherwise). ``d1``/``d2`` stay the float32 distances.
 
     With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write m
     candidate centroid ids per row (any order; the row's label always among them) from the same products: with
@@ -169,12 +182,18 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     else:
         ct = np.ascontiguousarray(cc.T)
 
-    if plain and nearest is None and check is None and one_region_direct_e_step(n, dim, k):
+    exact_labels = exact_labels or exact_sq is not None
+    if exact_labels:
+        kappa, tiny = label_margins(dim)
+        cmax = float(np.max(c_sqnorms[:k], initial=0.0))
+        recomputed: list[int] = []
+
+    if plain and nearest is None and check is None and not exact_labels and one_region_direct_e_step(n, dim, k):
         threads = max(1, get_num_threads())
         block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
         direct_assign.direct_top2_parallel(np.ascontiguousarray(x), _NO_ROWS if rows is None else rows, ct,
                                            cn_padded, x_sqnorms, labels, d1, d2, block)
-        return
+        return 0
 
     zero_rows: list[int] = []
     bad_rows: list[InvalidInput] = []
@@ -186,7 +205,10 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     def run(s: int, e: int) -> None:
         if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1[s:e],
                                                      d2[s:e], exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
-            return  # (with ``check``: every row of the block is finite, see direct_top2_exact)
+            # (with ``check``: every row of the block is finite, see direct_top2_exact)
+            recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1[s:e], d2[s:e], exact_sq[s:e], unit_rows,
+                                           cmax, kappa, tiny))
+            return
         xb = x[s:e] if rows is None else x[rows[s:e]]
         if check is not None:
             try:
@@ -224,12 +246,17 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         if exact_sq is not None:
             exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))
+        if exact_labels:  # (rows normalised explicitly above are unit already: no scaling left to do)
+            recomputed.append(certify_top2(raw if conditioned else xb, centroids, labels[s:e], d1[s:e], d2[s:e],
+                                           _NO_EXACT if exact_sq is None else exact_sq[s:e], factor is not None,
+                                           cmax, kappa, tiny))
 
     for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads)
     if bad_rows:  # NaN/inf before zero rows, as when the input is validated first
         raise min(bad_rows, key=lambda err: err.bad_row)
     if zero_rows:
         raise zero_norm_error(min(zero_rows) + row_offset)
+    return sum(recomputed) if exact_labels else 0
 
 
 class CertifiedCentres:

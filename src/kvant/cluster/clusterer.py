@@ -28,8 +28,9 @@ from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
 from ..io import ArraySource, VectorSource, as_source
+from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms_serial
-from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
+from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows
 from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
@@ -237,6 +238,7 @@ class Clusterer:
         else:
             t = time.perf_counter()
             sample, weights = _training_sample(src, full, m, seed0, norm, self.sampling, k, d2)
+            every_row = sample is full and weights is None  # all rows, in order (m >= N)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
             shift, cscale = (None, None) if spherical else conditioning(sample)
@@ -253,9 +255,11 @@ class Clusterer:
                 if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res
             centroids = uncondition(best.centroids, shift, cscale)
-            # (Lloyd's own labels are not reused even when it trained on every row: its float32 E-step is exact
-            # only up to rounding, and labels_ must be predict's exact nearest centres; a review found 121 of
-            # 6,000 grid rows off by one float32 rounding)
+            # Lloyd trained on every row and its last E-step assigned them all to these centroids (the compiled
+            # loop's): its labels, made exact by certify_top2 (labels_ must be predict's exact nearest centres; its
+            # float32 labels alone were one rounding off on 121 of 6,000 grid rows in a review), replace the final
+            # assignment. Conditioned rows are excluded: their float32 labels certify the conditioned problem.
+            reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0)
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
@@ -275,8 +279,12 @@ class Clusterer:
 
         t = time.perf_counter()
         rows = batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
-        labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True, unit=unit,
-                                      check=defer and not src.validated)
+        if algorithm != "minibatch" and reused:
+            labels, inertia = _exact_from_last_e_step(full, centroids, best, spherical)
+            report("assign", src.n)
+        else:
+            labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True, unit=unit,
+                                          check=defer and not src.validated)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -481,6 +489,18 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: i
             yield s, normalise_rows(block, s) if norm else block
 
 
+def _exact_from_last_e_step(x, centroids, res, spherical) -> tuple[np.ndarray, float]:
+    """(labels, inertia) of the rows ``x`` Lloyd's last E-step assigned to ``centroids`` (``res``: its LloydResult,
+    with the E-step's float32 distances): the labels made exact by :func:`certify_top2`, the inertia from float64
+    distances term by term — what :func:`_assign_all` returns, without a second assignment."""
+    labels = res.labels.copy()
+    cn = sq_norms_serial(centroids)
+    certify_top2(x, centroids, labels, res.last_d1, res.last_d2, np.empty(0, np.float64), False,
+                 float(cn.max(initial=0.0)), *label_margins(x.shape[1]))
+    total = float(exact_sq_dist_rows(x, centroids, labels).sum())
+    return labels, (0.5 * total if spherical else total)
+
+
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
                 with_inertia: bool = False, unit: bool = False, check: bool = False) -> tuple[np.ndarray, float | None]:
     """Labels of every row and, with ``with_inertia``, the exact inertia (Σ‖x − c‖² in float64,
@@ -510,7 +530,7 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
         else:
             assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
                         exact_sq=per_row if with_inertia else None, unit_rows=spherical and not unit, row_offset=s,
-                        shift=shift, scale=scale, check=src.name if check else None)
+                        shift=shift, scale=scale, check=src.name if check else None, exact_labels=True)
         if with_inertia:
             total += float(per_row.sum())
         if report is not None:

@@ -102,6 +102,10 @@ class LloydResult:
     n_extrapolated: int = 0  # E-steps on over-relaxed centres
     n_rejected: int = 0  # of which raised the objective (followed by a plain step)
     n_candidate_steps: int = 0  # E-steps restricted to each row's candidate centres
+    # The compiled loop's last E-step (all rows, on the returned centroids): each row's two smallest float32 squared
+    # distances, from which kernels.assign.certify_top2 makes the labels exact. None from the Python loop.
+    last_d1: np.ndarray | None = None
+    last_d2: np.ndarray | None = None
 
 
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
@@ -386,11 +390,11 @@ def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_to
     block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
     history = np.empty(max(1, max_iter), np.float64)
     dist = np.empty(n, np.float32)
-    cent, labels, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
+    cent, labels, d1, d2, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
         x, xn, c, w, int(max_iter), float(tol), bool(spherical), float(overrelax), float(x_total), threads, block,
         history, dist)
     result = LloydResult(cent, labels, [float(h) for h in history[:n_iter]], int(n_iter), int(reseeded),
-                         int(assigned), int(extrapolated), int(rejected))
+                         int(assigned), int(extrapolated), int(rejected), last_d1=d1, last_d2=d2)
     if on_iter is not None:  # (after the fact: the loop does not leave compiled code)
         for h in result.objective_history:
             on_iter(h)

@@ -18,6 +18,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, splat
+from .distance import _row_sqnorm, row_scaled_sq_dist64, row_sq_dist64
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
@@ -481,3 +482,60 @@ def _nearest_ids_into(g, c_sqnorms, x_sqnorms, out, bv, bj, sel):
             w += bv[t] == hi
         for t in range(m):
             out[i, t] = sel[t]
+
+
+def label_margins(dim: int) -> tuple[float, float]:
+    """(κ, tiny) of :func:`certify_top2`.
+
+    κ: the float32 expanded distance d̃ = ‖x‖² + ‖c‖² − 2x·c (norms summed in float64 and rounded to float32, the
+    product in float32 in any order, fused or not) is within (γ_D + 4u)(‖x‖ + ‖c‖)² of the exact one (u = 2⁻²⁴,
+    γ_D = D·u/(1 − D·u): |fl(x·c) − x·c| ≤ γ_D Σ|x_t c_t| for any summation order; one rounding each for both norms,
+    their sum and the difference). Rows scaled by a float32 1/‖x‖ (unit rows) and rows moved and scaled for
+    conditioning add at most 4u each; κ = 2(D + 16)·u is twice the sum. tiny = 4(D + 16)·2⁻¹²⁶ covers products
+    that underflow float32 (each off by less than 2⁻¹²⁶, flushed to zero or not)."""
+    return 2.0 * (dim + 16) * 2.0**-24, 4.0 * (dim + 16) * 2.0**-126
+
+
+@numba.njit(**_JIT)
+def certify_top2(x, centroids, labels, d1, d2, exact_sq, unit_rows, cmax, kappa, tiny):
+    """Make float32 top-2 labels exact: keep row i's label where its two smallest float32 distances ``d1``, ``d2``
+    (:func:`top2_from_ip`'s outputs, possibly of conditioned rows and centres: then ``cmax`` is theirs) are farther
+    apart than both could be off, else re-derive it from float64 distances to every centre (ties to the smaller id).
+
+    Each distance d̃_j is within M_j = κ(‖x‖ + ‖c_j‖)² + ``tiny`` of the exact one (:func:`label_margins`). With r
+    the exact distance to the label and C² = ``cmax`` the largest squared centre norm, ‖x‖ + ‖c_j‖ <= r + 2C, and
+    r² <= d̃₁ + κ(r + 2C)² gives r² <= (d̃₁ + 8κC²)/(1 − 2κ); every other centre is at least d̃₂ − M away, the label
+    at most d̃₁ + M, so d̃₂ − d̃₁ > 2M proves the label nearest. No pass over the rows is needed for the test.
+
+    ``x``: the raw float32 rows (unit rows are scaled by 1/‖x‖ here, as the assignment did, when ``unit_rows``),
+    ``centroids`` raw. Rows that fail get their label and, when ``exact_sq`` is not empty, its float64 squared
+    distance rewritten. Returns how many rows failed."""
+    n = labels.shape[0]
+    k = centroids.shape[0]
+    big_c = np.sqrt(cmax)
+    usable = kappa < 0.01
+    want_exact = exact_sq.shape[0] > 0
+    failed = 0
+    for i in range(n):
+        a = max(np.float64(d1[i]), 0.0)
+        if usable:
+            gap = np.float64(d2[i]) - a
+            r2 = (a + 8.0 * kappa * cmax) / (1.0 - 2.0 * kappa)
+            if gap > 2.0 * (kappa * (2.0 * r2 + 8.0 * cmax) + tiny):  # (r + 2C)² <= 2r² + 8C²: no square root
+                continue
+            if gap > 2.0 * (kappa * (np.sqrt(r2) + 2.0 * big_c) ** 2 + tiny):
+                continue
+        failed += 1
+        f = 1.0
+        if unit_rows:
+            f = 1.0 / np.sqrt(np.float64(np.float32(_row_sqnorm(x, i))))
+        best = np.inf
+        lab = 0
+        for j in range(k):
+            e = row_scaled_sq_dist64(x, i, f, centroids, j) if unit_rows else row_sq_dist64(x, i, centroids, j)
+            if e < best:
+                best, lab = e, j
+        labels[i] = lab
+        if want_exact:
+            exact_sq[i] = best
+    return failed

@@ -107,9 +107,10 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     squared norms ``xn``, row weights ``w`` (empty: unit weights), as :func:`kvant.cluster.lloyd.lloyd` runs them with
     ``candidates`` = 0 (module docstring). ``n_parts``: :func:`cluster_sums`'s split (lloyd passes the thread count);
     ``block_rows``: rows per E-step block. Writes the objective of every M-step into ``history`` (at least
-    ``max_iter`` long) and each row's distance to its centre into ``dist``; returns (centres, labels, iterations,
-    re-seeded clusters, extrapolated E-steps, rejected ones, rows assigned). The labels are the last E-step's: the
-    nearest centres of the returned ones up to float32 rounding, as with ``lloyd``."""
+    ``max_iter`` long) and each row's distance to its centre into ``dist``; returns (centres, labels, d1, d2,
+    iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows assigned). The labels are the last
+    E-step's: the nearest centres of the returned ones up to float32 rounding, as with ``lloyd``; d1 and d2 its two
+    smallest float32 squared distances per row (what :func:`kvant.kernels.assign.certify_top2` needs)."""
     n = x.shape[0]
     k = c0.shape[0]
     kp = -(-k // 16) * 16  # (direct_assign._padded: whole 16-float vectors)
@@ -184,4 +185,4 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
             dist[i] = np.sqrt(d1[i])
         if converged:
             break
-    return c, labels, n_iter, n_reseeded, n_extrapolated, n_rejected, assigned
+    return c, labels, d1, d2, n_iter, n_reseeded, n_extrapolated, n_rejected, assigned
