@@ -1080,7 +1080,8 @@ def test_compiled_loop_runs_the_python_loops_iterations(spherical, beta, weighte
     w = g.uniform(0.2, 3.0, len(x)) if weighted else None
     c0 = init_centroids(x, 13, "k-means++", 3, spherical)
     c0[4] = 1e3  # no rows: re-seeded at the first M-step
-    assert lloyd_module.small_lloyd_applies(700, 9, 13)
+    if not lloyd_module.small_lloyd_applies(700, 9, 13):
+        pytest.skip("no register-blocked kernel on this host (AVX2 + FMA or AVX-512): no compiled loop")
     for max_iter in (0, 1, 2, 40):
         runs = []
         for small in (True, False):
