@@ -761,7 +761,7 @@ def test_certify_top2_keeps_clear_labels_and_recomputes_near_ties():
     d1 = np.array([0.0, 0.0, 0.25], np.float32)
     d2 = np.array([1.0, 1.0, 0.25], np.float32)
     exact = np.full(3, -1.0)
-    failed = certify_top2(x, c, labels, d1, d2, exact, False, 1.0, *label_margins(2))
+    failed = certify_top2(x, c, labels, d1, d2, exact, False, (c * c).sum(1), *label_margins(2))
     assert failed == 1
     np.testing.assert_array_equal(labels, [1, 1, 0])
     np.testing.assert_array_equal(exact, [-1.0, -1.0, 0.25])

@@ -185,7 +185,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     exact_labels = exact_labels or exact_sq is not None
     if exact_labels:
         kappa, tiny = label_margins(dim)
-        cmax = float(np.max(c_sqnorms[:k], initial=0.0))
+        cn_certify = np.ascontiguousarray(c_sqnorms[:k], np.float32)
         recomputed: list[int] = []
 
     if plain and nearest is None and check is None and not exact_labels and one_region_direct_e_step(n, dim, k):
@@ -207,7 +207,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                                                      d2[s:e], exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
             # (with ``check``: every row of the block is finite, see direct_top2_exact)
             recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1[s:e], d2[s:e], exact_sq[s:e], unit_rows,
-                                           cmax, kappa, tiny))
+                                           cn_certify, kappa, tiny))
             return
         xb = x[s:e] if rows is None else x[rows[s:e]]
         if check is not None:
@@ -249,7 +249,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         if exact_labels:  # (rows normalised explicitly above are unit already: no scaling left to do)
             recomputed.append(certify_top2(raw if conditioned else xb, centroids, labels[s:e], d1[s:e], d2[s:e],
                                            _NO_EXACT if exact_sq is None else exact_sq[s:e], factor is not None,
-                                           cmax, kappa, tiny))
+                                           cn_certify, kappa, tiny))
 
     for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads)
     if bad_rows:  # NaN/inf before zero rows, as when the input is validated first

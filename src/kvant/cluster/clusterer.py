@@ -495,8 +495,8 @@ def _exact_from_last_e_step(x, centroids, res, spherical) -> tuple[np.ndarray, f
     distances term by term — what :func:`_assign_all` returns, without a second assignment."""
     labels = res.labels.copy()
     cn = sq_norms_serial(centroids)
-    certify_top2(x, centroids, labels, res.last_d1, res.last_d2, np.empty(0, np.float64), False,
-                 float(cn.max(initial=0.0)), *label_margins(x.shape[1]))
+    certify_top2(x, centroids, labels, res.last_d1, res.last_d2, np.empty(0, np.float64), False, cn,
+                 *label_margins(x.shape[1]))
     total = float(exact_sq_dist_rows(x, centroids, labels).sum())
     return labels, (0.5 * total if spherical else total)
 

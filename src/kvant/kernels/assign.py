@@ -497,33 +497,38 @@ def label_margins(dim: int) -> tuple[float, float]:
 
 
 @numba.njit(**_JIT)
-def certify_top2(x, centroids, labels, d1, d2, exact_sq, unit_rows, cmax, kappa, tiny):
+def certify_top2(x, centroids, labels, d1, d2, exact_sq, unit_rows, cn, kappa, tiny):
     """Make float32 top-2 labels exact: keep row i's label where its two smallest float32 distances ``d1``, ``d2``
-    (:func:`top2_from_ip`'s outputs, possibly of conditioned rows and centres: then ``cmax`` is theirs) are farther
-    apart than both could be off, else re-derive it from float64 distances to every centre (ties to the smaller id).
+    (:func:`top2_from_ip`'s outputs, possibly of conditioned rows and centres: then the squared centre norms ``cn``
+    are theirs) are farther apart than both could be off, else re-derive it from float64 distances to every centre
+    (ties to the smaller id).
 
-    Each distance d̃_j is within M_j = κ(‖x‖ + ‖c_j‖)² + ``tiny`` of the exact one (:func:`label_margins`). With r
-    the exact distance to the label and C² = ``cmax`` the largest squared centre norm, ‖x‖ + ‖c_j‖ <= r + 2C, and
-    r² <= d̃₁ + κ(r + 2C)² gives r² <= (d̃₁ + 8κC²)/(1 − 2κ); every other centre is at least d̃₂ − M away, the label
-    at most d̃₁ + M, so d̃₂ − d̃₁ > 2M proves the label nearest. No pass over the rows is needed for the test.
+    Each distance d̃_j is within κ(‖x‖ + ‖c_j‖)² + ``tiny`` of the exact d_j (:func:`label_margins`). With b the label
+    and c_b its centre's norm, ‖x‖ <= √d_b + c_b, so (‖x‖ + c_b)² <= (√d_b + 2c_b)² <= 9d_b + 4.5c_b² ((a + b)² <=
+    (1 + 1/t)a² + (1 + t)b², t = 1/8) and d_b <= R² = (d̃₁ + 4.5κc_b² + tiny)/(1 − 9κ), which bounds X = ‖x‖² <=
+    (R + c_b)². For any other centre ‖c_j‖ <= ‖x‖ + √d_j, so (‖x‖ + ‖c_j‖)² <= 4.5X + 9d_j and d_j >= (d̃_j − 4.5κX −
+    tiny)/(1 + 9κ) >= (d̃₂ − 4.5κX − tiny)/(1 + 9κ); likewise d_b <= (d̃₁ + 4.5κX + tiny)/(1 − 9κ). When the first
+    exceeds the second the label is the nearest centre. The test reads only the two
+    distances and the label's centre norm: no pass over the rows, and far-out centres (heavy tails) do not widen the
+    margin of rows near ordinary ones.
 
     ``x``: the raw float32 rows (unit rows are scaled by 1/‖x‖ here, as the assignment did, when ``unit_rows``),
     ``centroids`` raw. Rows that fail get their label and, when ``exact_sq`` is not empty, its float64 squared
     distance rewritten. Returns how many rows failed."""
     n = labels.shape[0]
     k = centroids.shape[0]
-    big_c = np.sqrt(cmax)
     usable = kappa < 0.01
     want_exact = exact_sq.shape[0] > 0
     failed = 0
     for i in range(n):
-        a = max(np.float64(d1[i]), 0.0)
         if usable:
-            gap = np.float64(d2[i]) - a
-            r2 = (a + 8.0 * kappa * cmax) / (1.0 - 2.0 * kappa)
-            if gap > 2.0 * (kappa * (2.0 * r2 + 8.0 * cmax) + tiny):  # (r + 2C)² <= 2r² + 8C²: no square root
-                continue
-            if gap > 2.0 * (kappa * (np.sqrt(r2) + 2.0 * big_c) ** 2 + tiny):
+            a = max(np.float64(d1[i]), 0.0)
+            cb2 = np.float64(cn[labels[i]])
+            r2 = (a + 4.5 * kappa * cb2 + tiny) / (1.0 - 9.0 * kappa)
+            big_x = (np.sqrt(r2) + np.sqrt(cb2)) ** 2
+            lower = (np.float64(d2[i]) - 4.5 * kappa * big_x - tiny) / (1.0 + 9.0 * kappa)
+            upper = (a + 4.5 * kappa * big_x + tiny) / (1.0 - 9.0 * kappa)
+            if lower > upper:
                 continue
         failed += 1
         f = 1.0
