@@ -487,13 +487,15 @@ def _nearest_ids_into(g, c_sqnorms, x_sqnorms, out, bv, bj, sel):
 def label_margins(dim: int) -> tuple[float, float]:
     """(κ, tiny) of :func:`certify_top2`.
 
-    κ: the float32 expanded distance d̃ = ‖x‖² + ‖c‖² − 2x·c (norms summed in float64 and rounded to float32, the
-    product in float32 in any order, fused or not) is within (γ_D + 4u)(‖x‖ + ‖c‖)² of the exact one (u = 2⁻²⁴,
-    γ_D = D·u/(1 − D·u): |fl(x·c) − x·c| ≤ γ_D Σ|x_t c_t| for any summation order; one rounding each for both norms,
-    their sum and the difference). Rows scaled by a float32 1/‖x‖ (unit rows) and rows moved and scaled for
-    conditioning add at most 4u each; κ = 2(D + 16)·u is twice the sum. tiny = 4(D + 16)·2⁻¹²⁶ covers products
-    that underflow float32 (each off by less than 2⁻¹²⁶, flushed to zero or not)."""
-    return 2.0 * (dim + 16) * 2.0**-24, 4.0 * (dim + 16) * 2.0**-126
+    κ bounds |d̃ − d| / (‖x‖ + ‖c‖)² for the float32 expanded distance d̃ = ‖x‖² + ‖c‖² − 2x·c (u = 2⁻²⁴):
+    the product in float32 in any order, fused or not, errs by at most γ_D Σ|x_t c_t| <= γ_D‖x‖‖c‖ (γ_D =
+    D·u/(1 − D·u)); the two norms (float64 sums rounded to float32), their sum and the difference add one rounding
+    each, 4u in all. Unit rows (products scaled by a float32 1/‖x‖, whose own error is <= 1.5u; the scaled product
+    rounded once more; ‖x/‖x‖‖² rounded from float64) add at most 4.5u, l2 rows moved and scaled for conditioning
+    (each coordinate rounded twice) at most 4u: γ_D + 8.5u in the worst case, and κ = 1.05·(D + 16)·u covers it with
+    room for the second-order terms. tiny = 4(D + 16)·2⁻¹²⁶ covers products that underflow float32 (each off by less
+    than 2⁻¹²⁶, flushed to zero or not)."""
+    return 1.05 * (dim + 16) * 2.0**-24, 4.0 * (dim + 16) * 2.0**-126
 
 
 @numba.njit(**_JIT)
