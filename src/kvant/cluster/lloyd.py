@@ -64,7 +64,7 @@ from ..kernels.lloyd import (
     reseed_empty,
     unit_centres,
 )
-from ..kernels.lloyd_small import lloyd_small
+from ..kernels.lloyd_small import extrapolate, lloyd_small, step_decision
 from .assign import (
     _DIRECT_MIN_ROWS,
     CERTIFIED_E_STEP_MIN_ROWS,
@@ -254,28 +254,15 @@ def lloyd(
         result.n_iter = it + 1
         if on_iter is not None:
             on_iter(obj)
-        # Relative to the quality callers read: the MSE for l2, but Σ w·cos (not Σ w·(1 − cos)) for spherical,
-        # whose objective is dominated by the constant 1: at a mean cosine of 0.2 a tolerance relative to the
-        # objective stopped 4× earlier than the same tolerance on the mean cosine.
-        scale = float(counts.sum()) - obj if spherical else obj
-        little = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
-        # Only a plain step (beta == 0: the E-step used the means) may end the run; an extrapolated step that
-        # raised the objective is rejected: the next E-step goes back to the last accepted means.
-        rejected = beta > 0 and obj > prev_obj
-        converged = little and beta == 0.0 and not reseeded  # a re-seed is a jump: see where it lands
+        _, rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
+                                                          prev_means is not None, reseeded, it + 1 == max_iter)
         if rejected:
             result.n_rejected += 1
-            beta, new_c = 0.0, prev_means
+            new_c = prev_means
         else:
-            # extrapolate only from an accepted, clearly improving step with no re-seeded centre (a re-seed is a
-            # jump, not a direction), and never for the last E-step, so the returned centres are always means
-            grow = overrelax > 0 and prev_means is not None and not little and not reseeded and it + 1 < max_iter
-            beta = min(overrelax, beta + 0.5) if grow else 0.0
             new_c = means
             if beta > 0:
-                new_c = (means + np.float32(beta) * (means - prev_means)).astype(np.float32)
-                if spherical:
-                    new_c = _normalise(new_c)
+                new_c = extrapolate(means, prev_means, beta, spherical)
                 result.n_extrapolated += 1
             prev_means, prev_obj = means, obj
         delta = np.empty(k, np.float32)

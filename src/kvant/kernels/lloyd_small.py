@@ -41,8 +41,32 @@ def _operands(c, ct, cnp):
 
 
 @numba.njit(**_JIT)
-def _extrapolate(means, prev, beta, spherical):
-    """means + β·(means − prev) in float32 (NumPy's float32 arithmetic in ``lloyd``), unit rows for spherical."""
+def step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax, have_prev, reseeded, last):
+    """The over-relaxation and stopping decision after an M-step with objective ``obj``, shared by both Lloyd loops:
+    returns (little, rejected, converged, β for the next E-step) — see the ``lloyd`` module docstring.
+
+    The tolerance is relative to the quality callers read: the MSE for l2, but Σ w·cos (not Σ w·(1 − cos)) for
+    spherical, whose objective is dominated by the constant 1 (at a mean cosine of 0.2 a tolerance relative to the
+    objective stopped 4× earlier). Only a plain step (β = 0: the E-step used the means) may end the run, and not one
+    that re-seeded (a jump: see where it lands); an extrapolated step that raised the objective is rejected (the next
+    E-step goes back to the last accepted means, β = 0). Otherwise β grows by 0.5 up to ``overrelax`` after a clearly
+    improving step with no re-seed, never for the ``last`` E-step, so the returned centres are always means."""
+    total_w = 0.0
+    for j in range(counts.shape[0]):
+        total_w += counts[j]
+    scale = total_w - obj if spherical else obj
+    little = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
+    rejected = beta > 0.0 and obj > prev_obj
+    converged = little and beta == 0.0 and reseeded == 0
+    if rejected:
+        return little, True, converged, 0.0
+    grow = overrelax > 0.0 and have_prev and not little and reseeded == 0 and not last
+    return little, False, converged, min(overrelax, beta + 0.5) if grow else 0.0
+
+
+@numba.njit(**_JIT)
+def extrapolate(means, prev, beta, spherical):
+    """means + β·(means − prev) in float32, unit rows for spherical: the over-relaxed centres."""
     out = np.empty_like(means)
     b = np.float32(beta)
     for j in range(means.shape[0]):
@@ -149,23 +173,15 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         obj = m_step(sums, counts, c, spherical, x_total, means)
         history[it] = obj
         n_iter = it + 1
-        total_w = 0.0
-        for j in range(k):
-            total_w += counts[j]
-        scale = total_w - obj if spherical else obj
-        little = prev_obj < np.inf and (prev_obj - obj) <= tol * max(abs(scale), 1e-30)
-        rejected = beta > 0.0 and obj > prev_obj
-        converged = little and beta == 0.0 and reseeded == 0
+        _, rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
+                                                          have_prev, reseeded, it + 1 == max_iter)
         if rejected:
             n_rejected += 1
-            beta = 0.0
             new_c = prev_means
         else:
-            grow = overrelax > 0.0 and have_prev and not little and reseeded == 0 and it + 1 < max_iter
-            beta = min(overrelax, beta + 0.5) if grow else 0.0
             new_c = means
             if beta > 0.0:
-                new_c = _extrapolate(means, prev_means, beta, spherical)
+                new_c = extrapolate(means, prev_means, beta, spherical)
                 n_extrapolated += 1
             prev_means = means
             prev_obj = obj
