@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvant.bench import reference as ref
 from kvant.cluster.assign import assign_top2
@@ -765,3 +767,32 @@ def test_certify_top2_keeps_clear_labels_and_recomputes_near_ties():
     assert failed == 1
     np.testing.assert_array_equal(labels, [1, 1, 0])
     np.testing.assert_array_equal(exact, [-1.0, -1.0, 0.25])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(2, 70), st.integers(0, 2**31 - 1),
+       st.sampled_from([0.0, 1e4]), st.booleans())
+def test_exact_labels_hold_on_random_near_ties(n, d, k, seed, offset, gathered):
+    # Integer centres up to ±512 (squared norms ~1e7: float32's expanded distances are off by whole units) and rows
+    # near the midpoints of random centre pairs (a 1/16 grid: every float64 distance is exact, so ties are real ties
+    # and nearness is unambiguous), plus duplicate centres; with offset 1e4 the rows are conditioned first. The
+    # labels must be the float64 argmin, ties to the smaller id, on the direct or BLAS path, gathered or not.
+    from kvant._numerics import conditioning
+
+    g = np.random.default_rng(seed)
+    c = g.integers(-512, 513, (k, d)).astype(np.float64)
+    c[g.integers(0, k)] = c[0]  # a duplicate centre (or c[0] itself)
+    pair = g.integers(0, k, (n, 2))
+    x = (c[pair[:, 0]] + c[pair[:, 1]]) / 2 + g.integers(-1, 2, (n, d)) / 16
+    x, c = (x + offset).astype(np.float32), (c + offset).astype(np.float32)
+    shift, scale = conditioning(c)
+    rows = np.sort(g.choice(n, size=max(1, n // 2), replace=False)) if gathered else None
+    m = n if rows is None else rows.size
+    labels = np.empty(m, np.int64)
+    exact = np.empty(m, np.float64)
+    assign_top2(x, c, sq_norms_serial(c), labels, np.empty(m, np.float32), np.empty(m, np.float32), n_threads=2,
+                exact_sq=exact, rows=rows, shift=shift, scale=scale)
+    xs = x.astype(np.float64) if rows is None else x[rows].astype(np.float64)
+    dist = ((xs[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, dist.argmin(1))
+    np.testing.assert_array_equal(exact, dist.min(1))
