@@ -161,6 +161,7 @@ def lloyd_ref(x, centroids, n_iter):
     labels, _, _ = top2_ref(x64, c)
     return c, labels
 
+
 def reseed_empty_ref(x, labels, dist, rows_in):
     """Empty-cluster re-seeding, the reference for ``kernels.lloyd.reseed_empty``: returns the new labels and the
     number of clusters re-seeded. Empty clusters in id order take the rows farthest from their centres (``dist``

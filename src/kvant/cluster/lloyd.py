@@ -254,7 +254,7 @@ def lloyd(
         result.n_iter = it + 1
         if on_iter is not None:
             on_iter(obj)
-        _, rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
+        rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
                                                           prev_means is not None, reseeded, it + 1 == max_iter)
         if rejected:
             result.n_rejected += 1

@@ -322,17 +322,27 @@ def direct_top2_parallel(x, rows, ct, cn_padded, x_sqnorms, labels, d1, d2, bloc
         direct_top2(xb, ct, cn_padded, x_sqnorms[s:e], labels[s:e], d1[s:e], d2[s:e])
 
 
+@numba.njit(**_JIT)
+def fill_padded(centroids, c_sqnorms, ct, cn_padded):
+    """Write :func:`padded_centroids`' operands into ``ct`` (D, KP) and ``cn_padded`` (KP,): cᵀ with zero columns
+    after K, the norms with +inf after K (callable from compiled loops that reuse the buffers)."""
+    k = centroids.shape[0]
+    for t in range(ct.shape[0]):
+        for j in range(ct.shape[1]):
+            ct[t, j] = centroids[j, t] if j < k else np.float32(0.0)
+    for j in range(cn_padded.shape[0]):
+        cn_padded[j] = c_sqnorms[j] if j < k else np.float32(np.inf)
+
+
 def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cᵀ as a (D, KP) float32 C-contiguous array with zero columns after K, the norms padded with +inf to KP),
     KP = 16·ceil(K/16): the centroid operands :func:`direct_top2` reads."""
     k, dim = centroids.shape
-    kp = _padded(k)
-    ct = np.zeros((dim, kp), np.float32)
-    ct[:, :k] = centroids.T
-    cn = np.full(kp, np.inf, np.float32)
-    cn[:k] = c_sqnorms
+    ct = np.empty((dim, _padded(k)), np.float32)
+    cn = np.empty(_padded(k), np.float32)
+    fill_padded(np.asarray(centroids, np.float32), np.asarray(c_sqnorms, np.float32), ct, cn)
     return ct, cn
 
 
 __all__ = ["AVAILABLE", "AVX512", "MAX_CT_BYTES", "MAX_K", "direct_top2", "direct_top2_exact", "direct_top2_parallel",
-           "fits", "padded_centroids"]
+           "fill_padded", "fits", "padded_centroids"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .direct_assign import direct_top2
+from .direct_assign import direct_top2, fill_padded
 from .distance import sq_norms_serial
 from .lloyd import _to_unit, cluster_sums, m_step, move_rows, reseed_empty
 
@@ -28,22 +28,9 @@ _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
 @numba.njit(**_JIT)
-def _operands(c, ct, cnp):
-    """Fill the padded operands of :func:`direct_top2` for centres ``c``: cᵀ with zero columns after K, the squared
-    norms (``sq_norms_serial``, as ``lloyd``'s E-step computes them) with +inf after K."""
-    k, d = c.shape
-    cn = sq_norms_serial(c)
-    for t in range(d):
-        for j in range(ct.shape[1]):
-            ct[t, j] = c[j, t] if j < k else np.float32(0.0)
-    for j in range(cnp.shape[0]):
-        cnp[j] = cn[j] if j < k else np.float32(np.inf)
-
-
-@numba.njit(**_JIT)
 def step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax, have_prev, reseeded, last):
     """The over-relaxation and stopping decision after an M-step with objective ``obj``, shared by both Lloyd loops:
-    returns (little, rejected, converged, β for the next E-step) — see the ``lloyd`` module docstring.
+    returns (rejected, converged, β for the next E-step) — see the ``lloyd`` module docstring.
 
     The tolerance is relative to the quality callers read: the MSE for l2, but Σ w·cos (not Σ w·(1 − cos)) for
     spherical, whose objective is dominated by the constant 1 (at a mean cosine of 0.2 a tolerance relative to the
@@ -59,9 +46,9 @@ def step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax, have_p
     rejected = beta > 0.0 and obj > prev_obj
     converged = little and beta == 0.0 and reseeded == 0
     if rejected:
-        return little, True, converged, 0.0
+        return True, converged, 0.0
     grow = overrelax > 0.0 and have_prev and not little and reseeded == 0 and not last
-    return little, False, converged, min(overrelax, beta + 0.5) if grow else 0.0
+    return False, converged, min(overrelax, beta + 0.5) if grow else 0.0
 
 
 @numba.njit(**_JIT)
@@ -147,7 +134,7 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     d2 = np.empty(n, np.float32)
     no_lower = np.empty(0, np.float32)
     c = c0
-    _operands(c, ct, cnp)
+    fill_padded(c, sq_norms_serial(c), ct, cnp)
     for b in numba.prange(n_blocks):
         s = b * block_rows
         e = min(n, s + block_rows)
@@ -173,7 +160,7 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         obj = m_step(sums, counts, c, spherical, x_total, means)
         history[it] = obj
         n_iter = it + 1
-        _, rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
+        rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
                                                           have_prev, reseeded, it + 1 == max_iter)
         if rejected:
             n_rejected += 1
@@ -190,7 +177,7 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         c = new_c
         if unmoved and beta == 0.0 and reseeded == 0:
             break  # the labels are already the nearest centres of c
-        _operands(c, ct, cnp)
+        fill_padded(c, sq_norms_serial(c), ct, cnp)
         for b in numba.prange(n_blocks):
             s = b * block_rows
             e = min(n, s + block_rows)
