@@ -51,13 +51,15 @@ def _np_dist(name, q, X):
     return diff.max(1)
 
 
-def _np_screen(name, q, c, pts32, scale=1.0):
-    """The float32 screen in plain NumPy: query and points relative to the centre c (times the bucket's scale),
-    terms accumulated in dimension order with a float32 rounding after every operation."""
+def _np_screen(name, q, c, pts16, scale):
+    """The bucket screen in plain NumPy: the query relative to the centre c times the bucket's scale, rounded to
+    float32, against the points' int16 copies; terms accumulated in dimension order with a float32 rounding after
+    every operation."""
     qb = ((q - c) * scale).astype(np.float32)
-    acc = np.zeros(pts32.shape[0], np.float32)
+    pts = pts16.astype(np.float32)
+    acc = np.zeros(pts.shape[0], np.float32)
     for t in range(q.shape[0]):
-        z = np.abs(qb[t] - pts32[:, t])
+        z = np.abs(qb[t] - pts[:, t])
         acc = acc + z * z if name == "euclidean" else (acc + z if name == "manhattan" else np.maximum(acc, z))
     return acc
 
@@ -65,21 +67,25 @@ def _np_screen(name, q, c, pts32, scale=1.0):
 @pytest.mark.parametrize("name", list(SCAN_METRICS))
 @pytest.mark.parametrize("n,d,a,m", [(1, 1, 0, 1), (5, 1, 1, 4), (37, 3, 5, 29), (40, 8, 0, 40), (23, 13, 7, 0),
                                      (70, 17, 2, 67)])
-def test_scan_block_matches_numpy_float32_screen(name, n, d, a, m):
+def test_scan_block_matches_numpy_screen(name, n, d, a, m):
     rng = np.random.default_rng(n + d)
     X = rng.standard_normal((n, d)) * rng.uniform(0.1, 100.0, d) + 1e4
     X[n // 2] = X[0]  # a duplicate
     Q = np.vstack([rng.standard_normal((1, d)) + 1e4, X[:1], X[:1] + 1e7])
     code = SCAN_METRICS[name]
-    frame = np.vstack([np.full(d + 2, np.nan), np.append(X[a : a + m].mean(0) if m else X[0], [np.nan, 0.125])])
-    pts32 = ((X[a : a + m] - frame[1, :d]) * 0.125).astype(np.float32)
-    # the bucket-blocked layout: rows a..a+m-1 dimension-major in their own slice, NaN everywhere else so a
-    # read outside the block would show
-    blk = np.full(n * d, np.nan, np.float32)
-    blk[a * d : (a + m) * d] = pts32.T.ravel()
+    centre = X[a : a + m].mean(0) if m else X[0]
+    # a power of two bringing every |x - c| below 1, times the fixed-point units (as bucket_frames makes it)
+    scale = 2.0 ** -int(np.frexp(np.abs(X[a : a + m] - centre).max(initial=1.0))[1]) * K.SCREEN_UNITS
+    frame = np.vstack([np.full(d + 2, np.nan), np.append(centre, [np.nan, scale])])
+    pts16 = np.floor((X[a : a + m] - centre) * scale + 0.5).astype(np.int16)
+    assert np.abs(pts16.astype(int)).max(initial=0) <= 32767
+    # the bucket-blocked layout: rows a..a+m-1 dimension-major in their own slice, -32768 (a value the blocks
+    # never hold) everywhere else, so a read outside the block would show
+    blk = np.full(n * d, -32768, np.int16)
+    blk[a * d : (a + m) * d] = pts16.T.ravel()
     for qi in range(Q.shape[0]):
         acc = _scan(Q, qi, blk, a, m, code, frame, 1)
-        assert np.array_equal(acc[:m], _np_screen(name, Q[qi], frame[1, :d], pts32, 0.125))
+        assert np.array_equal(acc[:m], _np_screen(name, Q[qi], centre, pts16, scale))
         assert np.all(acc[m:] == -1.0)  # nothing written past the block
 
 
@@ -91,7 +97,7 @@ def _screen_case(rng, name, n, d, offset, scale):
     frame = K.bucket_frames(X, starts, sizes, box, SCAN_METRICS[name])
     blk = K.bucket_blocks(X, starts, sizes, frame)
     # queries inside, far outside, exactly on points and a hair away from points far from the centre (there the
-    # rounding of x - c to float32 is large next to the distance: the radius term of the limit)
+    # rounding of the points' fixed-point copies is large next to the distance)
     far = np.argsort(-_np_dist(name, frame[0, :d], X[1:]))[:8] + 1
     Q = np.vstack([offset + rng.standard_normal((3, d)) * scale, offset + 50 * scale * np.ones((1, d)), X[1:3],
                    X[far] + rng.standard_normal((8, d)) * scale * 1e-6])
@@ -113,7 +119,9 @@ def test_scan_limit_passes_every_point_within_kth(name, d, offset, scale):
     pts = X[1:]
     assert np.all(_np_dist(name, frame[0, :d], pts) <= frame[0, d])  # the radius bounds every point
     sc = frame[0, d + 1]
-    assert 0.5 <= frame[0, d] * sc < 1.0 and np.frexp(sc)[0] == 0.5  # a power of two bringing R to [1/2, 1)
+    two = sc / K.SCREEN_UNITS  # a power of two bringing R (and every |x - c|) to [1/2, 1)
+    assert 0.5 <= frame[0, d] * two < 1.0 and np.frexp(two)[0] == 0.5
+    assert np.abs(blk.astype(int)).max() <= 32767 and blk.dtype == np.int16
     for qi in range(Q.shape[0]):
         v = _scan(Q, qi, blk, 1, n - 1, code, frame, 0)[: n - 1].astype(np.float64)
         exact = _dists(Q, qi, pts, params)
@@ -132,43 +140,58 @@ def _one_bucket(X):
 
 @pytest.mark.parametrize("name", list(SCAN_METRICS))
 def test_scan_limit_worst_case_coordinate_rounding(name):
-    # x - c rounds down and q - c rounds up by almost half a float32 ulp each: the float32 distance is a whole
-    # ulp (2^-23) while the true one is 0.02 ulp. Only the limit's 2 u radius term covers this.
-    ulp = 2.0**-23
-    X, starts, sizes = _one_bucket(np.array([[-1 - 0.49 * ulp], [1 + 0.49 * ulp]]))
+    # points at -1 and 1: R is just above 1, the scale 2^-1 * 32767 = 16383.5, so the point at 1 is stored as 16384,
+    # half a unit off; a query exactly on it (distance 0, the tightest kth) screens at 1/2 unit. Only the
+    # limit's rounding term (SCREEN_ROUNDING per coordinate) covers this: the others are ~u R ~ 1e-3 units.
+    X, starts, sizes = _one_bucket(np.array([[-1.0], [1.0]]))
     code = SCAN_METRICS[name]
     box = K.bucket_boxes(X, starts, sizes)
     frame = K.bucket_frames(X, starts, sizes, box, code)
     blk = K.bucket_blocks(X, starts, sizes, frame)
-    Q = np.array([[1 + 0.51 * ulp]])
+    assert frame[0, 2] == 16383.5 and list(blk[1:3]) == [-16383, 16384]  # both half a unit off
+    Q = np.array([[1.0]])
     v = float(_scan(Q, 0, blk, 1, 2, code, frame, 0)[1])
-    exact = abs(Q[0, 0] - X[2, 0])
-    assert frame[0, 2] == 0.5  # R is just above 1
-    assert v == ((ulp / 2) ** 2 if name == "euclidean" else ulp / 2)  # the construction works as described
-    assert v <= _limit(exact * 0.5, frame[0, 1] * 0.5, code, 1)
+    assert v == (0.25 if name == "euclidean" else 0.5)
+    assert v <= _limit(0.0, frame[0, 1] * frame[0, 2], code, 1)
+    # d = 9, every coordinate half a unit off (x_t = (2 n_t + 1) / 32767 with x_0 = 1, so R stays in [1, 2) and
+    # x_t times the scale 16383.5 is n_t + 1/2): the term grows as the norm of the per-coordinate errors
+    d = 9
+    x = (2.0 * np.array([16383] + [100 + t for t in range(d - 1)]) + 1) / 32767
+    X, starts, sizes = _one_bucket(np.vstack([-x, x]))
+    frame = K.bucket_frames(X, starts, sizes, K.bucket_boxes(X, starts, sizes), code)
+    blk = K.bucket_blocks(X, starts, sizes, frame)
+    assert frame[0, d + 1] == 16383.5
+    v = float(_scan(x[None], 0, blk, 1, 2, code, frame, 0)[1])
+    assert v == {"euclidean": 0.25 * d, "manhattan": 0.5 * d, "chebyshev": 0.5}[name]
+    assert v <= _limit(0.0, frame[0, d] * frame[0, d + 1], code, d)
 
 
 @pytest.mark.parametrize("name", ["euclidean", "manhattan"])
 def test_scan_limit_worst_case_float32_sum(name):
-    # coordinates exact in float32; every one of 63 small terms added to 1.0 rounds up by a quarter ulp, so the
-    # float32 sum exceeds the exact one by ~31 u: the limit's gamma_(D+3) factor must cover it
+    # a first term of 32767 units (squared for Euclidean) and 63 small ones of 3/4 of its float32 ulp each: every
+    # addition rounds up by a quarter ulp, so the float32 sum exceeds the exact one by ~16 ulp: the limit's
+    # gamma_(D+3) factor must cover it
     d = 64
-    ulp = 2.0**-23
+    first = np.float32(32767.0**2 if name == "euclidean" else 32767.0)
+    ulp = float(np.spacing(first))
     z = float(np.float32(np.sqrt(0.75 * ulp))) if name == "euclidean" else 0.75 * ulp
-    # a bucket of two points at the origin: R = 0, so the radius term cannot absorb the sum's error
+    # a bucket of two points at the origin: R = 0 and the points' copies are exact, so neither the radius nor
+    # the rounding term can absorb the sum's error beyond the half unit of the latter
     X, starts, sizes = _one_bucket(np.zeros((2, d)))
     code = SCAN_METRICS[name]
     box = K.bucket_boxes(X, starts, sizes)
     frame = K.bucket_frames(X, starts, sizes, box, code)
-    assert frame[0, d] == 0.0 and frame[0, d + 1] == 1.0
+    sc = frame[0, d + 1]
+    assert frame[0, d] == 0.0 and sc == K.SCREEN_UNITS
     blk = K.bucket_blocks(X, starts, sizes, frame)
-    Q = np.full((1, d), z)
+    assert not blk.any()
+    Q = np.full((1, d), z / sc)
     Q[0, 0] = 1.0
     v = float(_scan(Q, 0, blk, 1, 2, code, frame, 0)[0])
     params = np.array([code, 0, 0, 0, 0], float)
-    exact = _dists(Q, 0, X[1:2], params)[0]
+    exact = _dists(Q, 0, X[1:2], params)[0] * sc
     red = exact**2 if name == "euclidean" else exact
-    assert v > red * (1 + 20 * 2.0**-24)  # the construction works as described
+    assert v > red + 12 * ulp  # the construction works as described
     assert v <= _limit(exact, frame[0, d], code, d)
 
 
@@ -182,14 +205,14 @@ def test_bucket_boxes_and_box_bound(name, d):
     box = K.bucket_boxes(X, starts, sizes)
     frame = K.bucket_frames(X, starts, sizes, box, SCAN_METRICS[name])
     blk = K.bucket_blocks(X, starts, sizes, frame)
-    want = np.zeros(X.size, np.float32)
+    want = np.zeros(X.size, np.int16)
     for b, (a0, sz) in enumerate(zip(starts + 1, sizes - 1)):
         if sz:
             np.testing.assert_array_equal(frame[b, :d], (box[b, :d] + box[b, d:]) / 2)
             np.testing.assert_allclose(frame[b, d], _np_dist(name, frame[b, :d], X[a0 : a0 + sz]).max(), rtol=1e-11)
         sc = frame[b, d + 1]
-        want[a0 * d : (a0 + sz) * d] = ((X[a0 : a0 + sz] - frame[b, :d]) * sc).astype(np.float32).T.ravel()
-    assert blk.dtype == np.float32
+        want[a0 * d : (a0 + sz) * d] = np.floor((X[a0 : a0 + sz] - frame[b, :d]) * sc + 0.5).T.ravel()
+    assert blk.dtype == np.int16
     np.testing.assert_array_equal(blk, want)
     assert not np.shares_memory(blk, X)
     for b in range(2):
@@ -241,9 +264,10 @@ def test_bucketed_knn_matches_numpy_reference(tiny_buckets, name, n, d):
 
 @pytest.mark.parametrize("name", list(SCAN_METRICS))
 @pytest.mark.parametrize("offset,scale", [(1e6, 1e-3), (0.0, 1e30), (0.0, 1e-30), (-1e140, 1e130)])
-def test_float32_screen_is_exact_at_extreme_scales(name, offset, scale):
-    # large offsets (float32 keeps only the centred coordinates), float32 overflow (inf values must be measured,
-    # not dropped) and underflow (every value 0: all measured): the results stay identical to brute force
+def test_bucket_screen_is_exact_at_extreme_scales(name, offset, scale):
+    # large offsets (the screen keeps only the centred coordinates), float32 overflow of a far query's scaled
+    # coordinates (inf values must be measured, not dropped) and tiny scales: the results stay identical to brute
+    # force
     rng = np.random.default_rng(3)
     X = offset + np.round(rng.standard_normal((300, 5)) * 4) * scale  # a grid: exact ties
     X[:40] = X[40:80]
@@ -253,6 +277,20 @@ def test_float32_screen_is_exact_at_extreme_scales(name, offset, scale):
         d, i = tree.knn(Q, k)
         bd, bi = tree.brute_force(Q, k)
         assert np.array_equal(i, bi) and np.array_equal(d, bd)
+
+
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+def test_bucket_frame_whose_centre_overflows(name):
+    # points near the top of float64's range (the kernels' own guard: CoverTree rejects values above 1e150): the
+    # box's centre (lo + hi) / 2 overflows to inf. Such a bucket gets no fixed-point frame (R = inf, blocks of
+    # zeros, never int16 values that wrapped around), and the limit is then infinite: every point is measured.
+    X = np.array([[1e308, 1e308], [1.5e308, 1.7e308], [1.2e308, 1.1e308]])
+    starts, sizes = np.array([0], np.int64), np.array([3], np.int64)
+    code = SCAN_METRICS[name]
+    frame = K.bucket_frames(X, starts, sizes, K.bucket_boxes(X, starts, sizes), code)
+    assert frame[0, 2] == np.inf and frame[0, 3] == K.SCREEN_UNITS
+    assert not K.bucket_blocks(X, starts, sizes, frame).any()
+    assert _limit(0.0, frame[0, 2] * frame[0, 3], code, 2) == np.inf
 
 
 def test_bucketed_knn_after_insert_delete(tiny_buckets):

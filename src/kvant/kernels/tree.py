@@ -697,28 +697,35 @@ def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
             out_i[row, a] = -1
 
 
-# Unit roundoff of a float32 coordinate taken from a float64 difference (2^-24 for the rounding to float32, plus
-# room for the float64 subtraction before it).
+# Unit roundoff of a float32 coordinate taken from float64 arithmetic (2^-24 for the rounding to float32, plus
+# room for the float64 subtraction and scaling before it).
 _U32 = 2.0**-24 * (1.0 + 2.0**-20)
+# The screen's fixed point: a bucket's coordinates relative to its centre, times its scale, lie in (-1, 1); the
+# int16 copy stores them times SCREEN_UNITS, rounded to the nearest integer (so |value| <= 32767). Each stored
+# value is within SCREEN_ROUNDING of the exact scaled coordinate: 1/2 for the rounding to an integer, plus the
+# float64 rounding of the difference and product before it (< 32767 * 2^-52 each) and of the + 1/2.
+SCREEN_UNITS = 32767.0
+SCREEN_ROUNDING = 0.5 + 1e-9
 # A float64 Euclidean distance can fall short of the true one by an absolute amount: each square that lands
 # below float64's normal range loses up to 2^-1075, so sqrt(sum) loses up to sqrt(D) 2^-537.5 (~2e-162 sqrt(D)).
-# Bounds that mix computed and true distances (the float32 screen, the triangle inequality) add this pad;
+# Bounds that mix computed and true distances (the screen, the triangle inequality) add this pad;
 # it covers D < 10^20 and is invisible at any ordinary scale.
 UNDERFLOW_PAD = 1e-150
 
 
 @numba.njit(inline="always", **_NJ)
 def _scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc):  # pragma: no cover - numba
-    """float32 screening values from query row ``qi`` to the ``m`` points of bucket ``b`` at DFS positions
-    a..a+m-1: squared Euclidean (code 0), Manhattan (1) or Chebyshev (2) distance between the float32 copies
-    of query and points, both taken relative to the bucket's centre ``frame[b, :D]`` and multiplied by its
-    power-of-two scale ``frame[b, D + 1]`` (exact; it keeps float32 away from overflow and underflow).
+    """Screening values from query row ``qi`` to the ``m`` points of bucket ``b`` at DFS positions a..a+m-1:
+    squared Euclidean (code 0), Manhattan (1) or Chebyshev (2) distance, in float32, between the query and the
+    points' int16 fixed-point copies, both taken relative to the bucket's centre ``frame[b, :D]`` and multiplied by
+    its scale ``frame[b, D + 1]`` (a power of two times :data:`SCREEN_UNITS`, exact in float64).
 
-    ``blk`` is the bucket-blocked float32 layout of :func:`bucket_blocks`: the bucket's centred coordinates
-    are one contiguous run, dimension-major (``blk[a * D + t * m + j]``), so a scan streams one block of
-    memory (half the bytes of float64, twice the SIMD lanes) and runs over points innermost (one lane per
-    point). These values only screen: :func:`_scan_limit` turns the k-th distance into a float32 threshold
-    that every point at or below it provably passes, and the caller measures survivors exactly in float64.
+    ``blk`` is the bucket-blocked int16 layout of :func:`bucket_blocks`: the bucket's coordinates are one
+    contiguous run, dimension-major (``blk[a * D + t * m + j]``), so a scan streams one block of memory (2 bytes
+    per coordinate: the scan of a large tree is bound by memory traffic) and runs over points innermost (one SIMD
+    lane per point; each integer converts to float32 exactly). These values only screen: :func:`_scan_limit`
+    turns the k-th distance into a threshold that every point at or below it provably passes, and the caller
+    measures survivors exactly in float64.
     """
     # unsigned indices: Numba then emits no negative-index wraparound, and LLVM issues contiguous SIMD loads
     D = Q.shape[1]
@@ -734,14 +741,14 @@ def _scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc):  # pragma: no cover 
         off = base + np.uint64(t) * um
         if code == EUCLIDEAN:
             for j in range(um):
-                z = qt - blk[off + j]
+                z = qt - np.float32(blk[off + j])
                 acc[j] += z * z
         elif code == MANHATTAN:
             for j in range(um):
-                acc[j] += abs(qt - blk[off + j])
+                acc[j] += abs(qt - np.float32(blk[off + j]))
         else:
             for j in range(um):
-                z = abs(qt - blk[off + j])
+                z = abs(qt - np.float32(blk[off + j]))
                 if z > acc[j]:
                     acc[j] = z
 
@@ -749,18 +756,22 @@ def _scan_block(Q, qi, blk, a, m, code, frame, b, qb, acc):  # pragma: no cover 
 @numba.njit(inline="always", **_NJ)
 def _scan_limit(kth, radius, code, D):  # pragma: no cover - numba
     """A threshold T on :func:`_scan_block`'s value v with  dist(q, x) <= kth  =>  v <= T  for every point x
-    of a bucket whose points lie within ``radius`` of its centre c.
+    of a bucket whose points lie within ``radius`` of its centre c (``kth`` and ``radius`` in the bucket's scaled
+    units, i.e. times ``frame[b, D + 1]``).
 
-    Rounding q - c and x - c to float32 moves each coordinate by at most u = _U32 of itself, so (any of the
-    three norms being monotone) the float32 vectors' distance s is within u (|q - c| + |x - c|)
-    <= u (dist + 2 radius) of the true one: s <= kth (1 + u) + 2 u radius. The float32 sum of D squares
-    (or absolute values) has relative error at most gamma_(D+3) = (D+3) u / (1 - (D+3) u); the absolute
-    term covers gradual underflow of the squares. The final factor absorbs this float64 arithmetic.
+    The point's stored coordinates are each within e = SCREEN_ROUNDING of the exact scaled ones, which moves its
+    distance by at most e * nu (nu = sqrt(D), D or 1 for the three norms); rounding the scaled q - c to float32
+    moves each query coordinate by at most u = _U32 of itself, so by at most u |q - c| <= u (kth + radius) in
+    norm. Hence the float32 inputs are within kth (1 + u) + u radius + e nu of each other. The float32 differences
+    and the sum of D squares (or absolute values) add a relative error of at most gamma_(D+3) =
+    (D+3) u / (1 - (D+3) u); the absolute term covers gradual underflow of the squares. The final factor absorbs
+    this float64 arithmetic.
     """
     g = (D + 3) * _U32
     if kth == np.inf or g >= 0.5:  # (the second: D in the tens of millions, where the bound says nothing)
         return np.inf
-    s = kth * (1.0 + _U32) + 2.0 * _U32 * radius
+    nu = math.sqrt(D) if code == EUCLIDEAN else (float(D) if code == MANHATTAN else 1.0)
+    s = kth * (1.0 + _U32) + _U32 * radius + SCREEN_ROUNDING * nu
     g = g / (1.0 - g)
     if code == EUCLIDEAN:
         s = s * s
@@ -786,12 +797,9 @@ def _box_bound(Q, qi, box, b, code):  # pragma: no cover - numba
     s = 0.0
     for t in range(D):
         q = Q[qi, t]
-        z = box[b, t] - q
-        z2 = q - box[b, D + t]
-        if z2 > z:
-            z = z2
-        if z > 0.0:
-            s = _fold(s, z, code)
+        # branch-free: which side of the box a query lies on is unpredictable (a branch here cost ~15% of the
+        # time spent expanding nodes at 1M uniform 8-d points)
+        s = _fold(s, max(box[b, t] - q, q - box[b, D + t], 0.0), code)
     return math.sqrt(s) if code == EUCLIDEAN else s
 
 
@@ -820,41 +828,55 @@ def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
 def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
     """Per bucket b: its centre (the middle of ``box[b]``, D values), the largest distance R in metric ``code``
     from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``),
-    rounded up by a relative 1e-12 for the rounding of this computation, and a power of two s with R s in
-    [1/2, 1) (1 when R is 0): (n_buckets, D + 2)."""
+    rounded up by a relative 1e-12 for the rounding of this computation, and the screen's scale: s *
+    :data:`SCREEN_UNITS`, with s the power of two that brings max(R, A) into [1/2, 1), where A is the largest
+    computed |coordinate - centre| (A <= R but for underflow in R's squares); s = 1 when both are 0. So every
+    computed difference times s lies in (-1, 1) and its int16 copy in [-32767, 32767]. A bucket whose extent
+    overflows float64 gets R = inf: the screen then passes every point to the exact measurement.
+    (n_buckets, D + 2)."""
     D = rows.shape[1]
     out = np.zeros((max(starts.shape[0], 1), D + 2))
     for b in range(starts.shape[0]):
         for t in range(D):
             out[b, t] = 0.5 * (box[b, t] + box[b, D + t])
         r = 0.0
+        amax = 0.0
         for j in range(starts[b] + 1, starts[b] + sizes[b]):
             s = 0.0
             for t in range(D):
-                s = _fold(s, abs(rows[j, t] - out[b, t]), code)
+                z = abs(rows[j, t] - out[b, t])
+                amax = max(amax, z)
+                s = _fold(s, z, code)
             if code == EUCLIDEAN:
                 s = math.sqrt(s)
             if s > r:
                 r = s
         out[b, D] = r * (1.0 + 1e-12)
-        out[b, D + 1] = math.ldexp(1.0, -math.frexp(out[b, D])[1]) if 0.0 < r < np.inf else 1.0
+        top = max(out[b, D], amax)
+        if not top < np.inf:  # (also NaN: a centre that overflowed)
+            out[b, D] = np.inf
+            top = 0.0
+        s = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0.0 else 1.0
+        out[b, D + 1] = s * SCREEN_UNITS  # exact: a power of two times a 15-bit integer
     return out
 
 
 @numba.njit(**_NJ)
 def bucket_blocks(rows, starts, sizes, frame):  # pragma: no cover - numba
-    """The bucket-blocked float32 copy read by :func:`_scan_block`, flat (n * D): the points of each bucket
+    """The bucket-blocked int16 copy read by :func:`_scan_block`, flat (n * D): the points of each bucket
     (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``, the points in DFS order) minus the
-    bucket's centre ``frame[b, :D]``, times its scale ``frame[b, D + 1]``, dimension-major in their own slice;
-    zero elsewhere."""
+    bucket's centre ``frame[b, :D]``, times its scale ``frame[b, D + 1]``, rounded to the nearest integer
+    (|value| <= 32767: :func:`bucket_frames`), dimension-major in their own slice; zero elsewhere."""
     n, D = rows.shape
-    out = np.zeros(n * D, np.float32)
+    out = np.zeros(n * D, np.int16)
     for b in range(starts.shape[0]):
         a = starts[b] + 1
         m = sizes[b] - 1
         for t in range(D):
             for j in range(m):
-                out[a * D + t * m + j] = np.float32((rows[a + j, t] - frame[b, t]) * frame[b, D + 1])
+                v = (rows[a + j, t] - frame[b, t]) * frame[b, D + 1]
+                # |v| <= 32767 by the choice of scale; a bucket that overflowed (R = inf) keeps zeros
+                out[a * D + t * m + j] = np.int16(math.floor(v + 0.5)) if frame[b, D] < np.inf else 0
     return out
 
 
@@ -872,8 +894,8 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
     does (by smaller id).
 
     Subtrees of at most ``leaf`` points (buckets) are scanned from ``ddata``, the points' rows in DFS order.
-    When ``scan`` is a metric code (0-2), a float32 SIMD screen over ``blk`` (each bucket's points centred on
-    ``frame[b, :D]`` and transposed: :func:`bucket_blocks`, :func:`bucket_frames`) comes first, and only
+    When ``scan`` is a metric code (0-2), a SIMD screen over ``blk`` (each bucket's points centred on
+    ``frame[b, :D]``, scaled to int16 and transposed: :func:`bucket_blocks`, :func:`bucket_frames`) comes first, and only
     points that pass its provable threshold are measured exactly; ``scan = -1`` measures every point.
 
     Child edge e (CSR order) is described by one row of ``erec``: [d(parent, child), maxdist(child),
@@ -1006,14 +1028,14 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             a0 = int(erec[pe, 3]) + 1
             nb = int(erec[pe, 2]) - 1
             if scan >= 0:
-                # float32 SIMD screen; exact float64 distances only for the points that can enter the result
+                # fixed-point SIMD screen; exact float64 distances only for the points that can enter the result
                 bx = int(erec[pe, 6])
                 _scan_block(Q, qi, blk, a0, nb, scan, frame, bx, qb, acc)
                 D = Q.shape[1]
                 sc = frame[bx, D + 1]  # the screen works in the bucket's scaled units
                 rs = frame[bx, D] * sc
                 # kth and R are computed distances, short of the true ones by up to the pad each (Euclidean):
-                # kth + pad covers both in the limit, as its radius term is 2u R against kth's (1 + u)
+                # kth + pad covers both in the limit, as its radius term is u R against kth's (1 + u)
                 pad = UNDERFLOW_PAD if scan == EUCLIDEAN else 0.0
                 lim_r = _scan_limit((kth + pad) * sc, rs, scan, D)
                 for j in range(nb):

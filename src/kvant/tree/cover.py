@@ -197,7 +197,7 @@ class CoverTree:
             self._leaf = min(_SCAN_LEAF_MAX, max(_SCAN_LEAF, _LEAF_PER_DIM[self._m.name] * width))
         rows = np.ascontiguousarray(self._data[self._dnode]) if n_in and self._leaf > 0 else None
         self._ddata = rows if rows is not None else np.zeros((1, width))
-        self._blk = np.zeros(1, np.float32)
+        self._blk = np.zeros(1, np.int16)
         # per child edge: [d(parent, child), maxdist, subtree size, DFS start, child slot, subtree min slot,
         # bucket box row or -1]
         erec = np.zeros((max(1, idx.size), 7))
