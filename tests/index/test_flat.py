@@ -4,6 +4,15 @@ import pytest
 import kvant
 from kvant.bench import reference as ref
 from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+from kvant.index import flat
+
+
+@pytest.fixture(autouse=True, params=["fused", "blas"])
+def shortlist_path(request, monkeypatch):
+    """Every test here runs on both l2 shortlist paths: the fused kernel (kernels.direct_topk, here from one
+    query up) and BLAS distance tiles."""
+    monkeypatch.setattr(flat, "DIRECT_MIN_QUERIES", 1 if request.param == "fused" else 1 << 62)
+    return request.param
 
 
 def _brute(x, q, k, metric):
@@ -279,3 +288,19 @@ def test_one_huge_query_leaves_the_others_in_its_batch_alone(metric):
         d, i = index.search(np.vstack([small, q[1:] * np.float32(1e25)]), 5)
     np.testing.assert_array_equal(i[0], alone_i[0])
     np.testing.assert_allclose(d[0], alone_d[0], rtol=1e-6)  # BLAS rounds a 1- and a 2-query product differently
+
+
+@pytest.mark.parametrize("nq,k", [(1, 1), (5, 3), (300, 10), (40, 200)])
+def test_l2_shortlist_paths_agree(shortlist_path, nq, k):
+    # the fused kernel and the BLAS tiles sum the products in different orders; after certification and the exact
+    # re-score both return brute force's answer: 300 queries span two of the kernel's query blocks at d = 16
+    rng = np.random.default_rng(nq + k)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x[1000:1100] = x[:100]  # exact duplicates: ties at the k-th
+    q = np.vstack([rng.standard_normal((nq - 1, 16)), x[:1]]).astype(np.float32)
+    index = kvant.FlatIndex(16)
+    index.add(x)
+    assert nq != 300 or nq > kvant.kernels.direct_topk.max_queries(16)
+    d, i = index.search(q, k)
+    rd, ri = ref.exact_l2_topk_ref(q, x, k)
+    assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)

@@ -895,8 +895,8 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
 
     Subtrees of at most ``leaf`` points (buckets) are scanned from ``ddata``, the points' rows in DFS order.
     When ``scan`` is a metric code (0-2), a SIMD screen over ``blk`` (each bucket's points centred on
-    ``frame[b, :D]``, scaled to int16 and transposed: :func:`bucket_blocks`, :func:`bucket_frames`) comes first, and only
-    points that pass its provable threshold are measured exactly; ``scan = -1`` measures every point.
+    ``frame[b, :D]``, scaled to int16 and transposed: :func:`bucket_blocks`, :func:`bucket_frames`) comes first,
+    and only points that pass its provable threshold are measured exactly; ``scan = -1`` measures every point.
 
     Child edge e (CSR order) is described by one row of ``erec``: [d(parent, child), maxdist(child),
     subtree size, DFS start, child slot, subtree minimum slot, bucket box row or -1] (integers stored

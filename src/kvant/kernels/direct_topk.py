@@ -1,0 +1,131 @@
+"""Fused brute-force shortlist without BLAS: register-blocked products of stored rows with a block of queries, each
+distance (or negated inner product) screened against its query's running k-th best as soon as it is formed.
+
+FlatIndex's BLAS path writes every (query block × row block) distance to a tile in memory and then reads it back to
+merge the top-k: at 1M × 128 and 1,024 queries the GEMM took 1.2 s and the finishing and merging passes another
+0.8 s (2026-12-05, Intel host), because a 16 MiB tile goes through main memory twice. Here the micro-kernels of
+:mod:`kvant.kernels.direct_assign` compute R rows × all (padded) queries of x·qᵀ into a scratch block that stays in
+L1; each row's distances ‖q‖² + ‖x‖² − 2 q·x (the BLAS path's expression, clamped the same way) are compared with
+every query's running threshold in one vectorised pass, and only rows that beat some threshold go to the scalar
+insertion (rare once the lists fill). The lists are those of :func:`kvant.kernels.topk.merge_topk` (ascending,
+ties to the smaller row); the products are summed in coordinate order with fused multiply-adds instead of BLAS's
+order, within the same rounding bound, so callers that certify and re-score (FlatIndex) return identical results.
+
+Rows are split into chunks that run in parallel, each with its own lists; :func:`kvant.kernels.topk.merge_topk_ids`
+then merges the chunks' lists, which keeps the tie rule.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .direct_assign import AVAILABLE, MAX_CT_BYTES, _copy_rows, _group_rows, _padded, _products
+
+__all__ = ["AVAILABLE", "max_queries", "direct_keep", "padded_queries"]
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+_JIT_RAW = dict(_JIT, _nrt=False)
+# Queries per block: 256 padded columns is the widest product shape measured (direct_assign.SMALL_MAX_K); fewer when
+# the padded qᵀ (D × columns float32) would not fit in half of L2 with room to spare.
+_MAX_COLS = 256
+
+
+def max_queries(dim: int) -> int:
+    """The most queries one :func:`direct_keep` call takes for vectors of ``dim`` (a multiple of 16, at least
+    16): their padded transpose is read by every row group, so it must stay within :data:`MAX_CT_BYTES`."""
+    return max(16, min(_MAX_COLS, (MAX_CT_BYTES // (4 * max(1, dim))) // 16 * 16))
+
+
+@numba.njit(inline="always", **_JIT)
+def _insert_row(out_d, out_i, j, d, i):
+    """Insert (d, i) into query j's sorted list if it beats the current last (rows arrive in increasing order, so
+    an equal distance keeps the earlier row): :func:`kvant.kernels.topk._insert` on rows of 2-D arrays."""
+    k = out_d.shape[1]
+    if d > out_d[j, k - 1] or (d == out_d[j, k - 1] and out_i[j, k - 1] != -1 and i >= out_i[j, k - 1]):
+        return
+    pos = k - 1
+    while pos > 0 and (out_d[j, pos - 1] > d or (out_d[j, pos - 1] == d and (out_i[j, pos - 1] > i
+                                                                            or out_i[j, pos - 1] == -1))):
+        out_d[j, pos] = out_d[j, pos - 1]
+        out_i[j, pos] = out_i[j, pos - 1]
+        pos -= 1
+    out_d[j, pos] = d
+    out_i[j, pos] = i
+
+
+@numba.njit(**_JIT_RAW)
+def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, out_d, out_i, thr, g, xt):
+    """Rows r0 .. r1 - 1 of x into the lists of the ``nq`` real queries (columns of ``ct``); ``thr[j]`` mirrors
+    query j's last kept value (contiguous, so the screen vectorises)."""
+    R = g.shape[0]
+    i0 = r0
+    while i0 < r1:
+        cnt = min(R, r1 - i0)
+        if cnt == R:
+            _products(x, i0, ct, g)
+        else:  # the last partial group, through the zero-padded scratch
+            _copy_rows(x, i0, cnt, xt)
+            _products(xt, 0, ct, g)
+        for r in range(cnt):
+            xi = x_sqnorms[i0 + r]
+            # the screen: every query whose list this row may enter (NaN, from float32 overflow, counts too)
+            hit = np.int32(0)
+            if ip:
+                for j in range(nq):
+                    hit += np.int32(not -g[r, j] > thr[j])
+            else:
+                for j in range(nq):
+                    v = qn[j] + xi - np.float32(2.0) * g[r, j]
+                    hit += np.int32(not v > thr[j])
+            if hit == 0:
+                continue
+            for j in range(nq):
+                if ip:
+                    d = -g[r, j]
+                    if d != d:  # merge_topk's rule: NaN is never selected (defensive: with fused multiply-adds
+                        continue    # and finite rows the sum cannot meet inf - inf)
+                else:
+                    v = qn[j] + xi - np.float32(2.0) * g[r, j]
+                    # finish_sq_l2's clamp: never below 0, and +inf (not 0) where inf - inf gave NaN
+                    d = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
+                if not d > thr[j]:
+                    _insert_row(out_d, out_i, j, d, i0 + r)
+                    thr[j] = out_d[j, out_d.shape[1] - 1]
+        i0 += cnt
+
+
+@numba.njit(parallel=True, **_JIT)
+def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i):
+    """Per query (the first ``nq`` columns of ``ct``) and per chunk c of x's rows: the ``keep = out_d.shape[2]``
+    smallest scores with their row indices, ascending, ties to the smaller row, into ``out_d[c]`` / ``out_i[c]``
+    (n_chunks, nq, keep; padded inf / -1). The score is ‖q‖² + ‖x‖² − 2 q·x (float32, clamped as
+    :func:`kvant.kernels.distance.finish_sq_l2` does) or, with ``ip``, −q·x (NaN never selected, as in
+    :func:`kvant.kernels.topk.merge_topk`). ``ct = padded_queries(queries, ‖q‖²)`` (D, 16·m) float32; ``qn`` the
+    queries' ‖q‖² and ``x_sqnorms`` the rows' ‖x‖² (float32; read for l2 only). Chunk c holds rows c·n/n_chunks ..
+    (c+1)·n/n_chunks − 1."""
+    n, dim = x.shape
+    n_chunks, _, keep = out_d.shape
+    kp = ct.shape[1]
+    R = _group_rows(kp)
+    for c in numba.prange(n_chunks):
+        g = np.empty((R, kp), np.float32)
+        xt = np.zeros((R, dim), np.float32)
+        thr = np.empty(nq, np.float32)
+        od = out_d[c]
+        oi = out_i[c]
+        for j in range(nq):
+            thr[j] = np.float32(np.inf)
+            for p in range(keep):
+                od[j, p] = np.float32(np.inf)
+                oi[j, p] = -1
+        _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, ct, qn, x_sqnorms, nq, ip, od, oi, thr, g, xt)
+
+
+def padded_queries(q: np.ndarray, qn: np.ndarray) -> np.ndarray:
+    """qᵀ as (D, 16·ceil(nq/16)) float32 with zero columns after nq: the operand :func:`direct_keep` reads."""
+    from .direct_assign import fill_padded
+
+    ct = np.empty((q.shape[1], _padded(q.shape[0])), np.float32)
+    fill_padded(np.asarray(q, np.float32), np.asarray(qn, np.float32), ct, np.empty(ct.shape[1], np.float32))
+    return ct

@@ -1,0 +1,111 @@
+"""The fused brute-force shortlist (kernels.direct_topk) against a plain NumPy reference: the per-chunk lists of the
+``keep`` smallest ‖q‖² + ‖x‖² − 2 q·x, clamped as finish_sq_l2 does, ascending, ties to the smaller row. Integer
+data keeps every product exact in float32 whatever the summation order, so the lists must match exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvant.kernels import direct_topk as DT
+from kvant.kernels.distance import sq_norms
+from kvant.kernels.topk import merge_topk_ids
+
+pytestmark = pytest.mark.skipif(not DT.AVAILABLE, reason="needs AVX2+FMA or AVX-512")
+
+
+def _reference(x, q, keep, lo, hi, ip=False):
+    """Rows lo..hi-1: the keep best (score, row) per query, in float32 as the kernel computes them, padded inf / -1:
+    l2 clamped as finish_sq_l2 does, or -q.x with NaN never kept."""
+    qn, xn = sq_norms(q), sq_norms(x)
+    with np.errstate(over="ignore"):  # (products beyond float32 become inf, as in the kernel)
+        g = (q.astype(np.float64) @ x[lo:hi].astype(np.float64).T).astype(np.float32)  # exact for integer data
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = (qn[:, None] + xn[None, lo:hi]) - np.float32(2.0) * g
+    d = np.where(v > 0, v, np.where(np.isnan(v), np.float32(np.inf), np.float32(0.0))).astype(np.float32)
+    if ip:
+        d = np.where(np.isnan(g), np.float32(np.nan), -g)
+    out_d = np.full((q.shape[0], keep), np.inf, np.float32)
+    out_i = np.full((q.shape[0], keep), -1, np.int64)
+    rows = np.arange(lo, hi)
+    for j in range(q.shape[0]):
+        order = np.lexsort((rows, d[j]))
+        order = order[~np.isnan(d[j, order])][:keep]
+        out_d[j, : order.size], out_i[j, : order.size] = d[j, order], rows[order]
+    return out_d, out_i
+
+
+def _run(x, q, keep, chunks, ip=False):
+    qn = sq_norms(q)
+    cd = np.full((chunks, q.shape[0], keep), -7.0, np.float32)  # every slot must be written
+    ci = np.full((chunks, q.shape[0], keep), -7, np.int64)
+    DT.direct_keep(x, DT.padded_queries(q, qn), qn, sq_norms(x), q.shape[0], ip, cd, ci)
+    return cd, ci
+
+
+@pytest.mark.parametrize("n,d,nq,keep,chunks", [(1, 1, 1, 1, 1), (5, 3, 4, 8, 1), (37, 13, 17, 5, 3), (64, 8, 16, 3, 4),
+                                                (200, 40, 33, 12, 5), (300, 7, 48, 300, 2), (513, 20, 80, 28, 8)])
+@pytest.mark.parametrize("ip", [False, True])
+def test_lists_match_the_numpy_reference(n, d, nq, keep, chunks, ip):
+    rng = np.random.default_rng(n + d + nq)
+    x = rng.integers(-6, 7, (n, d)).astype(np.float32)  # a small grid: many exact ties
+    x[n // 2 :: 7] = x[0]  # duplicates of row 0
+    q = np.vstack([rng.integers(-6, 7, (nq - 1, d)), x[:1]]).astype(np.float32)
+    cd, ci = _run(x, q, keep, chunks, ip)
+    for c in range(chunks):
+        lo, hi = c * n // chunks, (c + 1) * n // chunks
+        rd, ri = _reference(x, q, keep, lo, hi, ip)
+        assert np.array_equal(cd[c], rd) and np.array_equal(ci[c], ri)
+    # the chunks' lists merge into the whole set's
+    od = np.full((nq, keep), np.inf, np.float32)
+    oi = np.full((nq, keep), -1, np.int64)
+    for c in range(chunks):
+        merge_topk_ids(cd[c], ci[c], od, oi)
+    rd, ri = _reference(x, q, keep, 0, n, ip)
+    assert np.array_equal(od, rd) and np.array_equal(oi, ri)
+
+
+def test_overflowing_rows_rank_last_never_at_zero():
+    # ‖x‖² overflows float32: inf − inf is NaN, which must become +inf (a far row), not 0 (a perfect match)
+    rng = np.random.default_rng(1)
+    x = rng.integers(-3, 4, (40, 6)).astype(np.float32)
+    x[5] = 3e38  # with the all-ones query below, q·x overflows to +inf too: inf − inf
+    x[9] = -3e38
+    q = rng.integers(-3, 4, (6, 6)).astype(np.float32)
+    q[0] = 1.0
+    cd, ci = _run(x, q, 40, 1)
+    rd, ri = _reference(x, q, 40, 0, 40)
+    assert np.array_equal(cd[0], rd) and np.array_equal(ci[0], ri)
+    assert np.all(cd[0, :, -2:] == np.inf) and set(ci[0, 0, -2:]) == {5, 9}
+
+
+def test_ip_overflowing_products_keep_their_sign():
+    # positive queries: row 5's products sum to +inf (score -inf: first), row 9's to -inf (score +inf: last). Row 13
+    # (3e38, -3e38, 0, ...) with 2 in the queries' first two coordinates: the first fused multiply-add overflows to
+    # +inf and the second adds the exact -6e38 to it, still +inf (never inf - inf: the product is not rounded
+    # first), so it ties with row 5 at -inf and follows it by row
+    rng = np.random.default_rng(2)
+    x = rng.integers(-3, 4, (40, 6)).astype(np.float32)
+    x[5], x[9] = 3e38, -3e38
+    x[13] = [3e38, -3e38, 0, 0, 0, 0]
+    q = rng.integers(1, 4, (5, 6)).astype(np.float32)
+    q[:, :2] = 2.0
+    cd, ci = _run(x, q, 40, 2, ip=True)
+    od = np.full((5, 40), np.inf, np.float32)
+    oi = np.full((5, 40), -1, np.int64)
+    for c in range(2):
+        merge_topk_ids(cd[c], ci[c], od, oi)
+    rows = np.setdiff1d(np.arange(40), [5, 9, 13])
+    score = -(q.astype(np.float64) @ x[rows].astype(np.float64).T)  # exact for the integer rows
+    for j in range(5):
+        order = rows[np.lexsort((rows, score[j]))]
+        assert oi[j].tolist() == [5, 13, *order.tolist(), 9]
+        assert od[j, 0] == od[j, 1] == -np.inf and od[j, -1] == np.inf
+        assert np.array_equal(od[j, 2:-1], np.sort(score[j]).astype(np.float32))
+
+
+@pytest.mark.parametrize("dim", [1, 128, 784, 4096, 10**6])
+def test_query_blocks_fit_the_cache_budget(dim):
+    m = DT.max_queries(dim)
+    assert m % 16 == 0 and 16 <= m <= 256
+    assert m == 16 or dim * m * 4 <= DT.MAX_CT_BYTES
