@@ -1,0 +1,138 @@
+"""Exact brute-force search: kvant.FlatIndex (l2, cos) vs faiss.IndexFlatL2 / IndexFlatIP, and kvant's own BLAS-tile
+path.
+
+One process, same data, same thread count; kvant's fused path, its BLAS-tile path (the shortlist before
+2026-12-05, kept for unconditioned data below ``DIRECT_MIN_QUERIES`` queries) and FAISS run alternately, medians of
+``--repeat`` runs per query-batch size. FAISS runs twice: with its defaults (1.15.1 here: its
+``distance_compute_blas_threshold`` reads 128,000, and batches of 16-256 queries took its slow non-BLAS scan) and
+with that threshold at 20, the value FAISS long documented, where batches of 20 queries and more go to BLAS.
+Every answer is checked against the others (identical ids; the script
+fails if kvant's two paths differ, and reports FAISS's agreement).
+
+    flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py            # 1M x 128 Gaussian, k = 10, l2 and cos
+    flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py --quick    # 100k rows
+
+Writes benchmarks/results/flat.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import kvant
+from kvant._parallel import numba_threading_layer
+from kvant.index import flat
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_alternating(fns: dict, repeat: int) -> tuple[dict, dict]:
+    """Median seconds of each function, the functions run in turn ``repeat`` times (drift hits all alike)."""
+    times = {name: [] for name in fns}
+    outs = {}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}, outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--k", type=int, default=10)
+    args = ap.parse_args()
+    n, dim = (100_000 if args.quick else 1_000_000), 128
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    threads = kvant.get_num_threads()
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:  # pragma: no cover - faiss is in the bench extra
+        faiss = None
+    fused_min = flat.DIRECT_MIN_QUERIES
+    rows = []
+    t0 = time.perf_counter()
+    for metric in ("l2", "cos"):
+        index = kvant.FlatIndex(dim, metric)
+        index.add(x)
+        fi = None
+        if faiss is not None:  # cos: inner product on the rows kvant normalised at add (the same vectors)
+            fi = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+            fi.add(x if metric == "l2" else index._x.view)
+
+        def kvant_path(q, fused: bool, index=index):
+            flat.DIRECT_MIN_QUERIES = fused_min if fused else 1 << 62
+            try:
+                return index.search(q, args.k)
+            finally:
+                flat.DIRECT_MIN_QUERIES = fused_min
+
+        def faiss_search_blas20(q, fi=fi):
+            default = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = 20
+            try:
+                return fi.search(q, args.k)
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = default
+
+        for nq in (1, 4, 16, 64, 256, 1024):
+            q = rng.standard_normal((nq, dim), dtype=np.float32)
+            qf = q if metric == "l2" else q / np.linalg.norm(q, axis=1, keepdims=True)
+            fns = {"kvant": lambda q=q: kvant_path(q, True), "kvant_blas_tiles": lambda q=q: kvant_path(q, False)}
+            if fi is not None:
+                fns["faiss"] = lambda qf=qf, fi=fi: fi.search(qf, args.k)
+                fns["faiss_blas20"] = lambda qf=qf: faiss_search_blas20(qf)
+            for fn in fns.values():  # warm-up (compilation, page faults)
+                fn()
+            secs, outs = timed_alternating(fns, args.repeat)
+            if not np.array_equal(outs["kvant"][1], outs["kvant_blas_tiles"][1]):
+                raise SystemExit(f"kvant's two paths disagree at {metric} nq={nq}")
+            row = {"metric": metric, "n": n, "dim": dim, "nq": nq, "k": args.k, "seconds": secs,
+                   "faiss_same_ids": float(np.mean(outs["faiss"][1] == outs["kvant"][1])) if fi is not None else None}
+            rows.append(row)
+            print(f"{metric} nq={nq}: " + "  ".join(f"{name} {s * 1e3:.1f} ms" for name, s in secs.items())
+                  + (f"  same ids as FAISS {row['faiss_same_ids']:.4f}" if fi is not None else ""), flush=True)
+    elapsed = time.perf_counter() - t0
+    meta = {"machine": platform.processor() or platform.machine(), "threads": threads,
+            "numba_threading_layer": numba_threading_layer(), "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0], "numpy": np.__version__, "elapsed_s": elapsed, "quick": args.quick,
+            "faiss": None if faiss is None else faiss.__version__,
+            "faiss_blas_threshold_default": None if faiss is None else int(faiss.cvar.distance_compute_blas_threshold),
+            "repeat": args.repeat,
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "flat_quick" if args.quick else "flat"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"FlatIndex, {n:,} × {dim} Gaussian rows, k = {args.k}, {threads} threads, medians of {args.repeat} "
+             f"alternating runs ({meta['measured']}); FAISS: IndexFlatL2 for l2, IndexFlatIP on the normalised rows "
+             "for cos.", "",
+             "| metric | queries | kvant ms | kvant BLAS tiles ms | FAISS default ms | FAISS BLAS from 20 queries ms "
+             "| FAISS (best of the two) / kvant | same ids as FAISS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["seconds"]
+        fa, fb = s.get("faiss"), s.get("faiss_blas20")
+        lines.append(f"| {r['metric']} | {r['nq']:,} | {s['kvant'] * 1e3:.1f} | {s['kvant_blas_tiles'] * 1e3:.1f} | "
+                     + (f"{fa * 1e3:.1f} | {fb * 1e3:.1f} | {min(fa, fb) / s['kvant']:.2f} | "
+                        f"{r['faiss_same_ids']:.4f} |"
+                        if fa else "- | - | - | - |"))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
