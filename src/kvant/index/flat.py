@@ -35,12 +35,12 @@ from ._common import (
 __all__ = ["FlatIndex"]
 
 _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 16 MiB of float32
-# Batches of at least this many queries (lists of at most DIRECT_MAX_KEEP rows; l2 unconditioned, ip/cos unscaled)
-# skip BLAS for the fused kernel of kernels.direct_topk. 1M x 128, k = 10, Intel host, 2026-12-05, each path run
-# on its own: 2 queries 31 vs 63 ms, 16: 35 vs 90 ms; in benchmarks/flat.py (alternating with FAISS) 1,024: 1.07 vs
-# 1.75 s. A single query is a
-# matrix-vector product, where BLAS (17 ms) beats the kernel (31 ms: its 16 lanes hold one query). Longer lists keep
-# BLAS: each chunk of rows holds its own lists (memory) and an insertion costs O(list length) on both paths.
+# Batches of at least this many queries (lists of at most DIRECT_MAX_KEEP rows; l2 unconditioned, ip/cos unscaled;
+# at most direct_topk.MAX_BATCH queries on AVX2 hosts) skip BLAS for the fused kernel of kernels.direct_topk.
+# 1M x 128, k = 10, Intel host, 2026-12-05, each path run on its own: 2 queries 31 vs 63 ms, 16: 35 vs 90 ms; in
+# benchmarks/flat.py (alternating with FAISS) 1,024: 1.07 vs 1.75 s. A single query is a matrix-vector product, where
+# BLAS (17 ms) beats the kernel (31 ms: its 16 lanes hold one query). Longer lists keep BLAS: each chunk of rows
+# holds its own lists (memory) and an insertion costs O(list length) on both paths.
 DIRECT_MIN_QUERIES = 2
 DIRECT_MAX_KEEP = 1024
 
@@ -195,7 +195,8 @@ class FlatIndex:
         q_sq = np.zeros(nq, np.float64)  # for the error bound
         x_sq_max = 0.0 if cond or not l2 else float(norms.max())
         scaled = not l2 and (scale is not None or q_scale is not None)
-        if not cond and not scaled and direct_topk.AVAILABLE and nq >= DIRECT_MIN_QUERIES and kk <= DIRECT_MAX_KEEP:
+        fused = direct_topk.AVAILABLE and DIRECT_MIN_QUERIES <= nq <= (direct_topk.MAX_BATCH or nq)
+        if fused and not cond and not scaled and kk <= DIRECT_MAX_KEEP:
             return self._direct_topk(q, kk, out_d, out_i, q_sq, x_sq_max)
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)

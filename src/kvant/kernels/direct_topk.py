@@ -20,15 +20,20 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .direct_assign import AVAILABLE, MAX_CT_BYTES, _copy_rows, _group_rows, _padded, _products
+from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _padded, _products
 
-__all__ = ["AVAILABLE", "max_queries", "direct_keep", "padded_queries"]
+__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep", "padded_queries"]
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)
 # Queries per block: 256 padded columns is the widest product shape measured (direct_assign.SMALL_MAX_K); fewer when
 # the padded qᵀ (D × columns float32) would not fit in half of L2 with room to spare.
 _MAX_COLS = 256
+# The batch sizes callers should send here. AVX-512 hosts: any (measured to 1,024 queries, 1.6-3.4× BLAS tiles at
+# 1M × 128). AVX2 hosts: up to 16 queries, the width where the same micro-kernels beat OpenBLAS in the clustering
+# E-steps (direct_assign.MAX_K); wider ones re-read qᵀ from L2 every 2 rows there, which lost to OpenBLAS at K = 64
+# in whole fits, and this use of them has not been measured on such a host.
+MAX_BATCH = None if AVX512 else 16
 
 
 def max_queries(dim: int) -> int:
