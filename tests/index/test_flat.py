@@ -304,3 +304,40 @@ def test_l2_shortlist_paths_agree(shortlist_path, nq, k):
     d, i = index.search(q, k)
     rd, ri = ref.exact_l2_topk_ref(q, x, k)
     assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)
+
+
+def test_shortlist_rescore_and_full_scan_rank_ties_alike():
+    # 20 rows at one exact distance from q (each holds the same multiset of float32 differences, permuted) whose
+    # float64 sums differ by rounding: the certified shortlist's re-score and the full exact scan must order them
+    # the same way, or a query's tied rows depend on which exit it took (a review found this at dim 700)
+    from kvant.kernels.distance import exact_l2_rows, exact_l2_topk
+
+    rng = np.random.default_rng(1)
+    dim = 700
+    q = np.full((1, dim), 0.3, np.float32)
+    p = (rng.standard_normal(dim) * np.exp(rng.uniform(-6, 0, dim)) * 0.5).astype(np.float32)
+    tied = np.stack([q[0] - p[rng.permutation(dim)] for _ in range(20)]).astype(np.float32)
+    x = np.vstack([tied, rng.standard_normal((30, dim)).astype(np.float32) + 5])
+    sums = np.empty((1, 20))
+    exact_l2_rows(q, tied, np.arange(20)[None], sums)
+    assert np.unique(sums).size > 1  # the construction: equal in exact arithmetic, not in float64
+    full_d = np.empty((1, 10))
+    full_i = np.empty((1, 10), np.int64)
+    exact_l2_topk(q, x, full_d, full_i)
+    rows = rng.permutation(x.shape[0])[None].copy()  # every row, shuffled, as a shortlist
+    d = np.empty(rows.shape, np.float32)
+    flat._rescore_exact(q, x, d, rows)
+    assert np.array_equal(rows[:, :10], full_i) and np.array_equal(d[:, :10], full_d.astype(np.float32))
+
+
+def test_fused_lists_within_the_memory_budget(shortlist_path, monkeypatch):
+    # a budget below one chunk's lists: one chunk of rows, the same answers
+    monkeypatch.setattr(flat, "_DIRECT_LISTS_BYTES", 1)
+    rng = np.random.default_rng(3)
+    x = np.round(rng.standard_normal((900, 8)) * 2).astype(np.float32)  # a grid: ties
+    q = x[:7] + np.float32(0.25)
+    index = kvant.FlatIndex(8)
+    index.add(x)
+    d, i = index.search(q, 12)
+    rd, ri = ref.exact_l2_topk_ref(q, x, 12)
+    assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)

@@ -293,6 +293,35 @@ def test_bucket_frame_whose_centre_overflows(name):
     assert _limit(0.0, frame[0, 2] * frame[0, 3], code, 2) == np.inf
 
 
+@pytest.mark.parametrize("name", list(SCAN_METRICS))
+def test_bucket_frame_of_a_subnormal_bucket_stays_finite(name):
+    # a bucket ~2^-1011 wide: the power of two that brings it to [1/2, 1) times 32767 would overflow float64 (a
+    # review found inf scales and NaN -> int16 conversions); the scale is capped, the grid coarser, the bound valid
+    X = np.array([[-(2.0**-1011), 0.0], [2.0**-1011, 2.0**-1012], [0.0, -(2.0**-1013)]])
+    starts, sizes = np.array([0], np.int64), np.array([3], np.int64)
+    code = SCAN_METRICS[name]
+    frame = K.bucket_frames(X, starts, sizes, K.bucket_boxes(X, starts, sizes), code)
+    blk = K.bucket_blocks(X, starts, sizes, frame)
+    assert np.all(np.isfinite(frame)) and frame[0, 3] == 2.0**1008 * K.SCREEN_UNITS
+    want = np.floor((X[1:] - frame[0, :2]) * frame[0, 3] + 0.5)  # the bucket's two points, rows 1 and 2
+    assert np.abs(want).max() <= 32767 and np.array_equal(blk[2:6], want.T.ravel().astype(np.int16))
+    params = np.array([code, 0, 0, 0, 0], float)
+    for q in (X[1], X[2], np.zeros(2), np.array([3.0 * 2.0**-1011, 0.0])):
+        Q = q[None]
+        v = _scan(Q, 0, blk, 1, 2, code, frame, 0)[:2].astype(np.float64)
+        exact = _dists(Q, 0, X[1:], params)
+        # as _knn_one calls it: Euclidean distances this small underflow (computed 0), which the pad covers
+        pad = K.UNDERFLOW_PAD if name == "euclidean" else 0.0
+        for j in range(2):
+            assert v[j] <= _limit((exact[j] + pad) * frame[0, 3], frame[0, 2] * frame[0, 3], code, 2)
+    tree = kvant.CoverTree(name).fit(np.vstack([X, X * 0.5, X * 3.0, np.ones((1, 2))]))  # (not all tiny: refused)
+    Q = np.vstack([X, np.zeros((1, 2))])
+    for k in (1, 4, 9):
+        d, i = tree.knn(Q, k)
+        bd, bi = tree.brute_force(Q, k)
+        assert np.array_equal(i, bi) and np.array_equal(d, bd)
+
+
 def test_bucketed_knn_after_insert_delete(tiny_buckets):
     rng = np.random.default_rng(5)
     tree = kvant.CoverTree().fit(rng.random((200, 4)))

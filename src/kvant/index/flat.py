@@ -43,6 +43,7 @@ _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 1
 # holds its own lists (memory) and an insertion costs O(list length) on both paths.
 DIRECT_MIN_QUERIES = 2
 DIRECT_MAX_KEEP = 1024
+_DIRECT_LISTS_BYTES = 64 << 20  # the fused path's per-chunk lists, at most (the BLAS path's tile is 16 MiB)
 
 
 def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
@@ -54,18 +55,18 @@ def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
 
 def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray) -> None:
     """Replace the GEMM-form distances of the selected neighbours by Σ(q−x)² in float64 and re-sort (ties
-    by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds (near-duplicates)."""
-    k = out_i.shape[1]
-    step = max(1, (8 << 20) // max(1, 8 * k * x.shape[1]))  # ~8 MiB of float64 differences at a time
-    for s in range(0, q.shape[0], step):
-        rows = out_i[s : s + step]
-        valid = rows >= 0
-        diff = x[np.maximum(rows, 0)].astype(np.float64) - q[s : s + step, None, :].astype(np.float64)
-        d = np.where(valid, np.einsum("qkd,qkd->qk", diff, diff), np.inf)
-        order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), d), axis=-1)
-        with np.errstate(over="ignore"):  # beyond float32's range a distance is inf (documented)
-            out_d[s : s + step] = np.take_along_axis(d, order, axis=1)
-        out_i[s : s + step] = np.take_along_axis(rows, order, axis=1)
+    by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds (near-duplicates). The sums
+    are :func:`kvant.kernels.distance.exact_l2_rows`, in the order of the full scan's (``exact_l2_topk``): with
+    NumPy's pairwise sums here, a review (2026-12-05) found a query answered with different tied rows depending on
+    which of the two it took (20 rows at one exact distance whose float64 sums differ by rounding, dim 700)."""
+    from ..kernels.distance import exact_l2_rows
+
+    d = np.empty(out_i.shape)
+    exact_l2_rows(q, x, out_i, d)
+    order = np.lexsort((np.where(out_i >= 0, out_i, np.iinfo(np.int64).max), d), axis=-1)
+    with np.errstate(over="ignore"):  # beyond float32's range a distance is inf (documented)
+        out_d[:] = np.take_along_axis(d, order, axis=1)
+    out_i[:] = np.take_along_axis(out_i, order, axis=1)
 
 
 class FlatIndex:
@@ -237,8 +238,10 @@ class FlatIndex:
         if not ip:
             q_sq[:] = qn
         step = direct_topk.max_queries(self.dim)
-        # a few chunks per thread balance the load; each holds its own lists, merged in order below
-        chunks = max(1, min(4 * numba.get_num_threads(), n // 64))
+        # a few chunks per thread balance the load; each holds its own lists (12 bytes per entry), merged in order
+        # below, within _DIRECT_LISTS_BYTES however many threads run (a review: 800 MiB at 64 threads otherwise)
+        lists = 12 * min(step, q.shape[0]) * kk
+        chunks = max(1, min(4 * numba.get_num_threads(), n // 64, _DIRECT_LISTS_BYTES // lists))
         for qs in range(0, q.shape[0], step):
             qb, qnb = q[qs : qs + step], qn[qs : qs + step]
             cd = np.empty((chunks, qb.shape[0], kk), np.float32)

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _padded, _products
+from .topk import _insert
 
 __all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep", "padded_queries"]
 
@@ -40,23 +41,6 @@ def max_queries(dim: int) -> int:
     """The most queries one :func:`direct_keep` call takes for vectors of ``dim`` (a multiple of 16, at least
     16): their padded transpose is read by every row group, so it must stay within :data:`MAX_CT_BYTES`."""
     return max(16, min(_MAX_COLS, (MAX_CT_BYTES // (4 * max(1, dim))) // 16 * 16))
-
-
-@numba.njit(inline="always", **_JIT)
-def _insert_row(out_d, out_i, j, d, i):
-    """Insert (d, i) into query j's sorted list if it beats the current last (rows arrive in increasing order, so
-    an equal distance keeps the earlier row): :func:`kvant.kernels.topk._insert` on rows of 2-D arrays."""
-    k = out_d.shape[1]
-    if d > out_d[j, k - 1] or (d == out_d[j, k - 1] and out_i[j, k - 1] != -1 and i >= out_i[j, k - 1]):
-        return
-    pos = k - 1
-    while pos > 0 and (out_d[j, pos - 1] > d or (out_d[j, pos - 1] == d and (out_i[j, pos - 1] > i
-                                                                            or out_i[j, pos - 1] == -1))):
-        out_d[j, pos] = out_d[j, pos - 1]
-        out_i[j, pos] = out_i[j, pos - 1]
-        pos -= 1
-    out_d[j, pos] = d
-    out_i[j, pos] = i
 
 
 @numba.njit(**_JIT_RAW)
@@ -95,7 +79,7 @@ def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, out_d, out_i, thr, g, xt):
                     # finish_sq_l2's clamp: never below 0, and +inf (not 0) where inf - inf gave NaN
                     d = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
                 if not d > thr[j]:
-                    _insert_row(out_d, out_i, j, d, i0 + r)
+                    _insert(out_d[j], out_i[j], d, i0 + r)  # merge_topk's insertion and tie rule
                     thr[j] = out_d[j, out_d.shape[1] - 1]
         i0 += cnt
 

@@ -237,6 +237,25 @@ def exact_l2_topk(q, x, out_d, out_i):
                 bi[p] = j
 
 
+@numba.njit(parallel=True, **_JIT)
+def exact_l2_rows(q, x, rows, out):
+    """out[i, j] = Σ_t (q[i, t] − x[rows[i, j], t])² in float64, summed in coordinate order exactly as
+    :func:`exact_l2_topk` sums it (so a shortlist re-scored here and a full scan rank exact ties alike); +inf where
+    rows[i, j] < 0."""
+    nq, d = q.shape
+    for i in prange(nq):
+        for j in range(rows.shape[1]):
+            r = rows[i, j]
+            if r < 0:
+                out[i, j] = np.inf
+                continue
+            acc = 0.0
+            for t in range(d):
+                diff = np.float64(q[i, t]) - np.float64(x[r, t])
+                acc += diff * diff
+            out[i, j] = acc
+
+
 def ip_block(q: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Inner products (nq, nb) via BLAS."""
     return q @ x.T

@@ -829,8 +829,8 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
     """Per bucket b: its centre (the middle of ``box[b]``, D values), the largest distance R in metric ``code``
     from it to a point of the bucket (DFS positions starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``),
     rounded up by a relative 1e-12 for the rounding of this computation, and the screen's scale: s *
-    :data:`SCREEN_UNITS`, with s the power of two that brings max(R, A) into [1/2, 1), where A is the largest
-    computed |coordinate - centre| (A <= R but for underflow in R's squares); s = 1 when both are 0. So every
+    :data:`SCREEN_UNITS`, with s the power of two that brings max(R, A) into [1/2, 1) (at most 2^1008), where A is the
+    largest computed |coordinate - centre| (A <= R but for underflow in R's squares); s = 1 when both are 0. So every
     computed difference times s lies in (-1, 1) and its int16 copy in [-32767, 32767]. A bucket whose extent
     overflows float64 gets R = inf: the screen then passes every point to the exact measurement.
     (n_buckets, D + 2)."""
@@ -856,7 +856,9 @@ def bucket_frames(rows, starts, sizes, box, code):  # pragma: no cover - numba
         if not top < np.inf:  # (also NaN: a centre that overflowed)
             out[b, D] = np.inf
             top = 0.0
-        s = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0.0 else 1.0
+        # (the exponent is capped so that s * SCREEN_UNITS stays finite: a bucket narrower than ~2^-1008 keeps the
+        # scale 2^1008, a coarser grid on which the bound still holds, where an inf scale left NaN in its blocks)
+        s = math.ldexp(1.0, min(-math.frexp(top)[1], 1008)) if top > 0.0 else 1.0
         out[b, D + 1] = s * SCREEN_UNITS  # exact: a power of two times a 15-bit integer
     return out
 
