@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvant.kernels import direct_topk as DT
+from kvant.kernels.direct_assign import padded_centroids
 from kvant.kernels.distance import sq_norms
 from kvant.kernels.topk import merge_topk_ids
 
@@ -39,7 +40,7 @@ def _run(x, q, keep, chunks, ip=False):
     qn = sq_norms(q)
     cd = np.full((chunks, q.shape[0], keep), -7.0, np.float32)  # every slot must be written
     ci = np.full((chunks, q.shape[0], keep), -7, np.int64)
-    DT.direct_keep(x, DT.padded_queries(q, qn), qn, sq_norms(x), q.shape[0], ip, cd, ci)
+    DT.direct_keep(x, padded_centroids(q, qn)[0], qn, sq_norms(x), q.shape[0], ip, cd, ci)
     return cd, ci
 
 

@@ -14,7 +14,7 @@ from .. import persist
 from .._config import with_threads
 from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows
 from ..errors import PersistError
-from ..kernels import direct_topk
+from ..kernels import direct_assign, direct_topk
 from ._common import (
     Rows,
     as_queries,
@@ -56,9 +56,9 @@ def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
 def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray) -> None:
     """Replace the GEMM-form distances of the selected neighbours by Σ(q−x)² in float64 and re-sort (ties
     by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds (near-duplicates). The sums
-    are :func:`kvant.kernels.distance.exact_l2_rows`, in the order of the full scan's (``exact_l2_topk``): with
-    NumPy's pairwise sums here, a review (2026-12-05) found a query answered with different tied rows depending on
-    which of the two it took (20 rows at one exact distance whose float64 sums differ by rounding, dim 700)."""
+    are :func:`kvant.kernels.distance.exact_l2_rows`, the full scan's (``exact_l2_topk``) own: with NumPy's pairwise
+    sums here, a review (2026-12-05) found a query answered with different tied rows depending on which of the two
+    it took (20 rows at one exact distance whose float64 sums differ by rounding, dim 700)."""
     from ..kernels.distance import exact_l2_rows
 
     d = np.empty(out_i.shape)
@@ -246,7 +246,8 @@ class FlatIndex:
             qb, qnb = q[qs : qs + step], qn[qs : qs + step]
             cd = np.empty((chunks, qb.shape[0], kk), np.float32)
             ci = np.empty((chunks, qb.shape[0], kk), np.int64)
-            direct_topk.direct_keep(x, direct_topk.padded_queries(qb, qnb), qnb, norms, qb.shape[0], ip, cd, ci)
+            qt = direct_assign.padded_centroids(qb, qnb)[0]  # the queries in the centroids' operand layout
+            direct_topk.direct_keep(x, qt, qnb, norms, qb.shape[0], ip, cd, ci)
             for c in range(chunks):
                 merge_topk_ids(cd[c], ci[c], out_d[qs : qs + step], out_i[qs : qs + step])
         return out_d, out_i, q_sq, x_sq_max

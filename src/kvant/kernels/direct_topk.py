@@ -20,10 +20,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _padded, _products
+from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _products
 from .topk import _insert
 
-__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep", "padded_queries"]
+__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep"]
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)
@@ -90,9 +90,9 @@ def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i):
     smallest scores with their row indices, ascending, ties to the smaller row, into ``out_d[c]`` / ``out_i[c]``
     (n_chunks, nq, keep; padded inf / -1). The score is ‖q‖² + ‖x‖² − 2 q·x (float32, clamped as
     :func:`kvant.kernels.distance.finish_sq_l2` does) or, with ``ip``, −q·x (NaN never selected, as in
-    :func:`kvant.kernels.topk.merge_topk`). ``ct = padded_queries(queries, ‖q‖²)`` (D, 16·m) float32; ``qn`` the
-    queries' ‖q‖² and ``x_sqnorms`` the rows' ‖x‖² (float32; read for l2 only). Chunk c holds rows c·n/n_chunks ..
-    (c+1)·n/n_chunks − 1."""
+    :func:`kvant.kernels.topk.merge_topk`). ``ct = direct_assign.padded_centroids(queries, ‖q‖²)[0]`` (qᵀ, (D, 16·m)
+    float32, zero columns after the queries); ``qn`` the queries' ‖q‖² and ``x_sqnorms`` the rows' ‖x‖² (float32;
+    read for l2 only). Chunk c holds rows c·n/n_chunks .. (c+1)·n/n_chunks − 1."""
     n, dim = x.shape
     n_chunks, _, keep = out_d.shape
     kp = ct.shape[1]
@@ -109,12 +109,3 @@ def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i):
                 od[j, p] = np.float32(np.inf)
                 oi[j, p] = -1
         _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, ct, qn, x_sqnorms, nq, ip, od, oi, thr, g, xt)
-
-
-def padded_queries(q: np.ndarray, qn: np.ndarray) -> np.ndarray:
-    """qᵀ as (D, 16·ceil(nq/16)) float32 with zero columns after nq: the operand :func:`direct_keep` reads."""
-    from .direct_assign import fill_padded
-
-    ct = np.empty((q.shape[1], _padded(q.shape[0])), np.float32)
-    fill_padded(np.asarray(q, np.float32), np.asarray(qn, np.float32), ct, np.empty(ct.shape[1], np.float32))
-    return ct

@@ -209,6 +209,17 @@ def sq_l2_direct(q, x):
     return out
 
 
+@numba.njit(inline="always", **_JIT)
+def _sq_l2_in_order(q, i, x, j):
+    """Σ_t (q[i, t] − x[j, t])² with float64 differences, summed in coordinate order (no reassociation): the one sum
+    FlatIndex's exact answers come from, whichever way a query takes."""
+    acc = 0.0
+    for t in range(q.shape[1]):
+        diff = np.float64(q[i, t]) - np.float64(x[j, t])
+        acc += diff * diff
+    return acc
+
+
 @numba.njit(parallel=True, **_JIT)
 def exact_l2_topk(q, x, out_d, out_i):
     """The k = out_d.shape[1] nearest rows of ``x`` to each query by exact squared L2 (float64 Σ(q−x)²),
@@ -223,10 +234,7 @@ def exact_l2_topk(q, x, out_d, out_i):
         bd[:] = np.inf
         bi[:] = -1
         for j in range(x.shape[0]):
-            acc = 0.0
-            for t in range(d):
-                diff = np.float64(q[i, t]) - np.float64(x[j, t])
-                acc += diff * diff
+            acc = _sq_l2_in_order(q, i, x, j)
             if acc < bd[k - 1]:  # rows come in increasing order, so an equal distance keeps the earlier row
                 p = k - 1
                 while p > 0 and bd[p - 1] > acc:
@@ -239,21 +247,13 @@ def exact_l2_topk(q, x, out_d, out_i):
 
 @numba.njit(parallel=True, **_JIT)
 def exact_l2_rows(q, x, rows, out):
-    """out[i, j] = Σ_t (q[i, t] − x[rows[i, j], t])² in float64, summed in coordinate order exactly as
-    :func:`exact_l2_topk` sums it (so a shortlist re-scored here and a full scan rank exact ties alike); +inf where
+    """out[i, j] = Σ_t (q[i, t] − x[rows[i, j], t])² in float64 by :func:`_sq_l2_in_order`, the sum
+    :func:`exact_l2_topk` takes (so a shortlist re-scored here and a full scan rank exact ties alike); +inf where
     rows[i, j] < 0."""
-    nq, d = q.shape
-    for i in prange(nq):
+    for i in prange(q.shape[0]):
         for j in range(rows.shape[1]):
             r = rows[i, j]
-            if r < 0:
-                out[i, j] = np.inf
-                continue
-            acc = 0.0
-            for t in range(d):
-                diff = np.float64(q[i, t]) - np.float64(x[r, t])
-                acc += diff * diff
-            out[i, j] = acc
+            out[i, j] = np.inf if r < 0 else _sq_l2_in_order(q, i, x, r)
 
 
 def ip_block(q: np.ndarray, x: np.ndarray) -> np.ndarray:
