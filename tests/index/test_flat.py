@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvant
 from kvant.bench import reference as ref
@@ -345,3 +347,21 @@ def test_fused_lists_within_the_memory_budget(shortlist_path, monkeypatch):
     d, i = index.search(q, 12)
     rd, ri = ref.exact_l2_topk_ref(q, x, 12)
     assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 300), d=st.integers(1, 40), nq=st.integers(1, 40), k=st.integers(1, 60),
+       metric=st.sampled_from(["l2", "ip"]), seed=st.integers(0, 2**16))
+def test_search_matches_brute_force_hypothesis(shortlist_path, n, d, nq, k, metric, seed):
+    # integer grids (exact products in any order: many ties, duplicates) against the float64 brute force, on both
+    # shortlist paths; ip scores are exact here too, so ids must match exactly
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, (n, d)).astype(np.float32)
+    q = np.vstack([rng.integers(-3, 4, (nq, d)), x[:1]]).astype(np.float32)
+    index = kvant.FlatIndex(d, metric)
+    index.add(x)
+    dist, ids = index.search(q, k)
+    bd, bi = _brute(x, q, min(k, n), metric)
+    assert np.array_equal(ids[:, : min(k, n)], bi) and np.all(ids[:, n:] == -1)
+    expect = bd if metric == "l2" else -bd
+    assert np.array_equal(dist[:, : min(k, n)], expect.astype(np.float32))
