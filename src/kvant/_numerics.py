@@ -90,17 +90,25 @@ def scale_rows(x: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
     return (x.astype(np.float64) * scales[:, None]).astype(np.float32)
 
 
+def scale_steps(scale: float | None) -> list[float]:
+    """The float32 factors a power-of-two ``scale`` is applied in, in order: one beyond float32's range (data near
+    its subnormals needs up to ~2**150) goes in steps that are, each exact, the intermediate only growing towards
+    the result. Empty for None or 1."""
+    steps = []
+    while scale is not None and scale != 1.0:
+        step = min(max(scale, 2.0**-100), 2.0**100)
+        steps.append(step)
+        scale = scale / step
+    return steps
+
+
 def condition(x: np.ndarray, shift: np.ndarray | None, scale: float | None) -> np.ndarray:
     """(x − shift)·scale as a new float32 array (x itself when both are None)."""
     if shift is None and scale is None:
         return x
     y = np.subtract(x, shift, dtype=np.float32) if shift is not None else np.array(x, np.float32)
-    # a power of two beyond float32's range (data near its subnormals needs up to ~2**150) is applied in
-    # steps that are: each step is exact, and the intermediate only grows towards the result
-    while scale is not None and scale != 1.0:
-        step = min(max(scale, 2.0**-100), 2.0**100)
+    for step in scale_steps(scale):
         y *= np.float32(step)
-        scale = scale / step
     return y
 
 

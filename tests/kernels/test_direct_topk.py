@@ -40,7 +40,8 @@ def _run(x, q, keep, chunks, ip=False):
     qn = sq_norms(q)
     cd = np.full((chunks, q.shape[0], keep), -7.0, np.float32)  # every slot must be written
     ci = np.full((chunks, q.shape[0], keep), -7, np.int64)
-    DT.direct_keep(x, padded_centroids(q, qn)[0], qn, sq_norms(x), q.shape[0], ip, cd, ci)
+    DT.direct_keep(x, padded_centroids(q, qn)[0], qn, sq_norms(x), q.shape[0], ip, cd, ci, np.empty(0, np.float32),
+                   np.empty(0, np.float32), np.zeros(chunks))
     return cd, ci
 
 
@@ -64,6 +65,36 @@ def test_lists_match_the_numpy_reference(n, d, nq, keep, chunks, ip):
         merge_topk_ids(cd[c], ci[c], od, oi)
     rd, ri = _reference(x, q, keep, 0, n, ip)
     assert np.array_equal(od, rd) and np.array_equal(oi, ri)
+
+
+@pytest.mark.parametrize("shift,scale", [(True, None), (False, 2.0**-120), (True, 2.0**130), (True, 0.5)])
+def test_conditioned_rows_match_conditioning_first(shift, scale):
+    # conditioning inside the kernel ((x - shift) * scale per row group, norms as sq_norms computes them) must give
+    # exactly the lists of the unconditioned kernel run on kvant._numerics.condition(x), and each chunk's largest
+    # conditioned norm; scales beyond float32's range go in several exact steps
+    from kvant._numerics import condition, scale_steps
+
+    rng = np.random.default_rng(5)
+    tiny = scale is not None and scale > 1.0  # (such scales are chosen for data near float32's bottom)
+    x = ((rng.integers(-5, 6, (203, 9)) + 1000.0) * (2.0**-120 if tiny else 1.0)).astype(np.float32)
+    x[50:60] = x[:10]  # duplicates
+    sh = x.mean(0).astype(np.float32) if shift else None
+    xc = condition(x, sh, scale)
+    q = condition(x[rng.integers(0, 203, 21)] * np.float32(1.5), sh, scale)
+    qn = sq_norms(q)
+    ct = padded_centroids(q, qn)[0]
+    want_d = np.empty((3, 21, 7), np.float32)
+    want_i = np.empty((3, 21, 7), np.int64)
+    DT.direct_keep(xc, ct, qn, sq_norms(xc), 21, False, want_d, want_i, np.empty(0, np.float32),
+                   np.empty(0, np.float32), np.zeros(3))
+    got_d = np.empty_like(want_d)
+    got_i = np.empty_like(want_i)
+    x_max = np.zeros(3)
+    DT.direct_keep(x, ct, qn, np.full(203, np.nan, np.float32), 21, False, got_d, got_i,
+                   np.empty(0, np.float32) if sh is None else sh, np.array(scale_steps(scale), np.float32), x_max)
+    assert np.array_equal(got_d, want_d) and np.array_equal(got_i, want_i)
+    norms = sq_norms(xc)
+    assert np.array_equal(x_max, [norms[c * 203 // 3 : (c + 1) * 203 // 3].max() for c in range(3)])
 
 
 def test_overflowing_rows_rank_last_never_at_zero():

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import persist
 from .._config import with_threads
-from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows
+from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows, scale_steps
 from ..errors import PersistError
 from ..kernels import direct_assign, direct_topk
 from ._common import (
@@ -35,7 +35,7 @@ from ._common import (
 __all__ = ["FlatIndex"]
 
 _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 16 MiB of float32
-# Batches of at least this many queries (lists of at most DIRECT_MAX_KEEP rows; l2 unconditioned, ip/cos unscaled;
+# Batches of at least this many queries (lists of at most DIRECT_MAX_KEEP rows; l2, ip/cos unscaled;
 # at most direct_topk.MAX_BATCH queries on AVX2 hosts) skip BLAS for the fused kernel of kernels.direct_topk.
 # 1M x 128, k = 10, Intel host, 2026-12-05, each path run on its own: 2 queries 31 vs 63 ms, 16: 35 vs 90 ms; in
 # benchmarks/flat.py (alternating with FAISS) 1,024: 1.07 vs 1.75 s. A single query is a matrix-vector product, where
@@ -194,11 +194,11 @@ class FlatIndex:
         out_d = np.full((nq, kk), np.inf, np.float32)
         out_i = np.full((nq, kk), -1, np.int64)
         q_sq = np.zeros(nq, np.float64)  # for the error bound
-        x_sq_max = 0.0 if cond or not l2 else float(norms.max())
         scaled = not l2 and (scale is not None or q_scale is not None)
         fused = direct_topk.AVAILABLE and DIRECT_MIN_QUERIES <= nq <= (direct_topk.MAX_BATCH or nq)
-        if fused and not cond and not scaled and kk <= DIRECT_MAX_KEEP:
-            return self._direct_topk(q, kk, out_d, out_i, q_sq, x_sq_max)
+        if fused and not scaled and kk <= DIRECT_MAX_KEEP:
+            return self._direct_topk(q, kk, out_d, out_i, q_sq, shift if l2 else None, scale if l2 else None)
+        x_sq_max = 0.0 if cond or not l2 else float(norms.max())
         qb = max(1, min(nq, 1024))
         xb = max(256, _TILE // qb)
         for qs in range(0, nq, qb):
@@ -222,11 +222,11 @@ class FlatIndex:
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
         return out_d, out_i, q_sq, x_sq_max
 
-    def _direct_topk(self, q, kk, out_d, out_i, q_sq, x_sq_max):
-        """:meth:`_gemm_topk` by :func:`kvant.kernels.direct_topk.direct_keep` (unconditioned l2, unscaled ip/cos):
-        the same float32 expressions and clamp from products summed in another order (for l2 within
-        ``_gemm_l2_error``, then certified and re-scored as before), merged per chunk of rows with the same tie
-        rule."""
+    def _direct_topk(self, q, kk, out_d, out_i, q_sq, shift, scale):
+        """:meth:`_gemm_topk` by :func:`kvant.kernels.direct_topk.direct_keep` (l2, conditioned in the kernel as the
+        BLAS path conditions its blocks; unscaled ip/cos): the same float32 expressions and clamp from products summed
+        in another order (for l2 within ``_gemm_l2_error``, then certified and re-scored as before), merged per chunk
+        of rows with the same tie rule."""
         import numba
 
         from ..kernels.distance import sq_norms
@@ -234,23 +234,29 @@ class FlatIndex:
 
         x, norms, n = self._x.view, self._norms.view, self.ntotal
         ip = self.metric != "l2"
+        cond = shift is not None or scale is not None
+        q = condition(q, shift, scale)
         qn = sq_norms(q)
         if not ip:
             q_sq[:] = qn
+        shift_a = np.empty(0, np.float32) if shift is None else np.ascontiguousarray(shift, np.float32)
+        steps = np.array(scale_steps(scale), np.float32)
         step = direct_topk.max_queries(self.dim)
         # a few chunks per thread balance the load; each holds its own lists (12 bytes per entry), merged in order
         # below, within _DIRECT_LISTS_BYTES however many threads run (a review: 800 MiB at 64 threads otherwise)
         lists = 12 * min(step, q.shape[0]) * kk
         chunks = max(1, min(4 * numba.get_num_threads(), n // 64, _DIRECT_LISTS_BYTES // lists))
+        x_sq_max = np.zeros(chunks)
         for qs in range(0, q.shape[0], step):
             qb, qnb = q[qs : qs + step], qn[qs : qs + step]
             cd = np.empty((chunks, qb.shape[0], kk), np.float32)
             ci = np.empty((chunks, qb.shape[0], kk), np.int64)
             qt = direct_assign.padded_centroids(qb, qnb)[0]  # the queries in the centroids' operand layout
-            direct_topk.direct_keep(x, qt, qnb, norms, qb.shape[0], ip, cd, ci)
+            direct_topk.direct_keep(x, qt, qnb, norms, qb.shape[0], ip, cd, ci, shift_a, steps, x_sq_max)
             for c in range(chunks):
                 merge_topk_ids(cd[c], ci[c], out_d[qs : qs + step], out_i[qs : qs + step])
-        return out_d, out_i, q_sq, x_sq_max
+        x_max = float(x_sq_max.max()) if cond else (0.0 if ip else float(norms.max()))
+        return out_d, out_i, q_sq, x_max
 
     def remove(self, ids) -> int:
         """Remove the vectors with these ids (unknown ids are ignored). Returns how many were removed."""

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _products
+from .distance import sq_norms_into
 from .topk import _insert
 
 __all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep"]
@@ -44,20 +45,44 @@ def max_queries(dim: int) -> int:
 
 
 @numba.njit(**_JIT_RAW)
-def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, out_d, out_i, thr, g, xt):
+def _condition_rows(x, i0, count, shift, steps, xt):
+    """xt[:count] = (x[i0 : i0 + count] − shift)·steps[0]·steps[1]·… in float32, operation for operation as
+    :func:`kvant._numerics.condition` computes it (``shift`` empty: no shift)."""
+    for r in range(count):
+        for t in range(x.shape[1]):
+            v = x[i0 + r, t] - shift[t] if shift.shape[0] else x[i0 + r, t]
+            for s in range(steps.shape[0]):
+                v *= steps[s]
+            xt[r, t] = v
+
+
+@numba.njit(**_JIT_RAW)
+def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, shift, steps, out_d, out_i, thr, g, xt, xn):
     """Rows r0 .. r1 - 1 of x into the lists of the ``nq`` real queries (columns of ``ct``); ``thr[j]`` mirrors
-    query j's last kept value (contiguous, so the screen vectorises)."""
+    query j's last kept value (contiguous, so the screen vectorises). With ``steps`` (conditioned l2) each group
+    of rows is conditioned into ``xt`` and its norms computed into ``xn`` first. Returns the largest ‖x‖² seen
+    (conditioned rows; 0 otherwise)."""
     R = g.shape[0]
+    cond = steps.shape[0] > 0 or shift.shape[0] > 0
+    x_sq_max = 0.0
     i0 = r0
     while i0 < r1:
         cnt = min(R, r1 - i0)
-        if cnt == R:
+        if cond:  # as FlatIndex's BLAS path conditions each block, norms included
+            _condition_rows(x, i0, cnt, shift, steps, xt)
+            sq_norms_into(xt, 0, cnt, xn)
+            _products(xt, 0, ct, g)
+        elif cnt == R:
             _products(x, i0, ct, g)
         else:  # the last partial group, through the zero-padded scratch
             _copy_rows(x, i0, cnt, xt)
             _products(xt, 0, ct, g)
         for r in range(cnt):
-            xi = x_sqnorms[i0 + r]
+            if cond:
+                xi = xn[r]
+                x_sq_max = max(x_sq_max, np.float64(xi))
+            else:
+                xi = x_sqnorms[i0 + r]
             # the screen: every query whose list this row may enter (NaN, from float32 overflow, counts too)
             hit = np.int32(0)
             if ip:
@@ -82,17 +107,23 @@ def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, out_d, out_i, thr, g, xt):
                     _insert(out_d[j], out_i[j], d, i0 + r)  # merge_topk's insertion and tie rule
                     thr[j] = out_d[j, out_d.shape[1] - 1]
         i0 += cnt
+    return x_sq_max
 
 
 @numba.njit(parallel=True, **_JIT)
-def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i):
+def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i, shift, steps, x_sq_max):
     """Per query (the first ``nq`` columns of ``ct``) and per chunk c of x's rows: the ``keep = out_d.shape[2]``
     smallest scores with their row indices, ascending, ties to the smaller row, into ``out_d[c]`` / ``out_i[c]``
     (n_chunks, nq, keep; padded inf / -1). The score is ‖q‖² + ‖x‖² − 2 q·x (float32, clamped as
     :func:`kvant.kernels.distance.finish_sq_l2` does) or, with ``ip``, −q·x (NaN never selected, as in
     :func:`kvant.kernels.topk.merge_topk`). ``ct = direct_assign.padded_centroids(queries, ‖q‖²)[0]`` (qᵀ, (D, 16·m)
     float32, zero columns after the queries); ``qn`` the queries' ‖q‖² and ``x_sqnorms`` the rows' ‖x‖² (float32;
-    read for l2 only). Chunk c holds rows c·n/n_chunks .. (c+1)·n/n_chunks − 1."""
+    read for unconditioned l2 only). Chunk c holds rows c·n/n_chunks .. (c+1)·n/n_chunks − 1.
+
+    l2 on conditioned data (:func:`kvant._numerics.condition`): ``shift`` (float32, D; empty for none) and the
+    float32 factors ``steps`` its scale is applied in (empty for none) condition each row group as it is read, its
+    norms computed the way ``sq_norms`` computes them, and ``x_sq_max[c]`` receives chunk c's largest conditioned
+    ‖x‖² (for the caller's error bound); the queries must be conditioned already."""
     n, dim = x.shape
     n_chunks, _, keep = out_d.shape
     kp = ct.shape[1]
@@ -100,6 +131,7 @@ def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i):
     for c in numba.prange(n_chunks):
         g = np.empty((R, kp), np.float32)
         xt = np.zeros((R, dim), np.float32)
+        xn = np.empty(R, np.float32)
         thr = np.empty(nq, np.float32)
         od = out_d[c]
         oi = out_i[c]
@@ -108,4 +140,5 @@ def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i):
             for p in range(keep):
                 od[j, p] = np.float32(np.inf)
                 oi[j, p] = -1
-        _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, ct, qn, x_sqnorms, nq, ip, od, oi, thr, g, xt)
+        x_sq_max[c] = _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, ct, qn, x_sqnorms, nq, ip, shift,
+                                 steps, od, oi, thr, g, xt, xn)
