@@ -193,22 +193,6 @@ def finish_sq_l2(g, q_sqnorms, x_sqnorms):
             g[i, j] = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
 
 
-@numba.njit(parallel=True, **_JIT)
-def sq_l2_direct(q, x):
-    """Exact squared L2 (Σ (q−x)², float32 terms, float64 accumulation) for every pair: (nq, nb)."""
-    nq, d = q.shape
-    nb = x.shape[0]
-    out = np.empty((nq, nb), np.float32)
-    for i in prange(nq):
-        for j in range(nb):
-            acc = 0.0
-            for t in range(d):
-                diff = np.float64(q[i, t]) - np.float64(x[j, t])
-                acc += diff * diff
-            out[i, j] = acc
-    return out
-
-
 @numba.njit(inline="always", **_JIT)
 def _sq_l2_in_order(q, i, x, j):
     """Σ_t (q[i, t] − x[j, t])² with float64 differences, summed in coordinate order (no reassociation): the one sum
@@ -218,6 +202,17 @@ def _sq_l2_in_order(q, i, x, j):
         diff = np.float64(q[i, t]) - np.float64(x[j, t])
         acc += diff * diff
     return acc
+
+
+@numba.njit(parallel=True, **_JIT)
+def sq_l2_direct(q, x):
+    """Exact squared L2 (Σ (q−x)², float32 terms, float64 accumulation) for every pair: (nq, nb)."""
+    nq, nb = q.shape[0], x.shape[0]
+    out = np.empty((nq, nb), np.float32)
+    for i in prange(nq):
+        for j in range(nb):
+            out[i, j] = _sq_l2_in_order(q, i, x, j)
+    return out
 
 
 @numba.njit(parallel=True, **_JIT)
