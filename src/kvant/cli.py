@@ -307,10 +307,10 @@ def _cmd_cluster(args) -> int:
 
 def _sampling_used(c, args) -> str | None:
     """What the training sample was: None for minibatch (it samples nothing), "all rows" when the
-    ``sample_per_centroid · k`` sample covers the input (Clusterer then trains on every row), else --sampling."""
+    sample covered the input (Clusterer then trains on every row), else --sampling."""
     if c.algorithm_ == "minibatch":
         return None
-    if args.k * int(c.sample_per_centroid) >= c.n_samples_fit_:
+    if c.sample_rows_ >= c.n_samples_fit_:
         return "all rows"
     return args.sampling
 

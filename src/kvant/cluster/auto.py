@@ -24,6 +24,16 @@ AUTO_MAX_ITER = 15  # over-relaxed iterations at most: within 1% of FAISS's 25 p
 AUTO_CANDIDATES = 16
 AUTO_CANDIDATE_MIN_K = 128
 AUTO_CANDIDATE_MIN_KD = 1 << 14
+# The training sample: FAISS's 256·K rows at least, and at least N / AUTO_SAMPLE_DIVISOR rows (up to
+# AUTO_SAMPLE_MAX_PER_CENTRE·K) when the caller leaves sample_per_centroid unset. An iteration over m sample rows costs
+# about m / N of the final assignment, so with at most AUTO_MAX_ITER = 15 of them an N/16-row sample adds about one
+# assignment's time, while the centres' sampling error, which costs about 1/(rows per centre) of the objective,
+# shrinks with every extra row: at K = 10 and 64 on 1M x 128 rows a 256·K sample left MSE 0.4-1.7% above 25 Lloyd
+# iterations on every row (docs/auto.md, "Training-sample size"). The cap bounds the copy where that error is
+# already negligible (1/16384) and N is huge.
+DEFAULT_SAMPLE_PER_CENTROID = 256
+AUTO_SAMPLE_DIVISOR = 16
+AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 
 
 @dataclass(frozen=True)
@@ -50,11 +60,19 @@ def memory_budget_bytes() -> int:
         return 8 << 30
 
 
+def auto_sample_rows(n: int, k: int) -> int:
+    """Training-sample rows ``auto`` asks for when the caller leaves ``sample_per_centroid`` unset: 256·K, or
+    N/16 rows when that is more (at most 16384·K); see the constants above."""
+    floor = min(-(-n // AUTO_SAMPLE_DIVISOR), AUTO_SAMPLE_MAX_PER_CENTRE * k)
+    return max(DEFAULT_SAMPLE_PER_CENTROID * k, floor)
+
+
 def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sampling: str = "coreset",
-                     sample_per_centroid: int = 256) -> Choice:
+                     sample_per_centroid: int | None = None) -> Choice:
     """Pick the concrete algorithm for ``auto``. See docs/auto.md for the measurements behind it.
 
-    ``sampling`` and ``sample_per_centroid`` are the caller's settings; they only shape the reason text."""
+    ``sampling`` and ``sample_per_centroid`` are the caller's settings. ``sample_per_centroid=None`` lets the rule
+    size the training sample (:func:`auto_sample_rows`); a number is taken as given (``per·K`` rows)."""
     float32_bytes = n * dim * 4
     if float32_bytes > memory_budget_bytes():
         return Choice(
@@ -63,25 +81,29 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
             f"input needs {float32_bytes / 2**30:.1f} GiB as float32, over the memory budget "
             f"({memory_budget_bytes() / 2**30:.1f} GiB): stream it with mini-batches",
         )
-    # Training on 256·K rows (FAISS's default) with k-means++ seeding, stopping once an iteration improves the
-    # sample objective by < 5e-4: on the benchmark grid more iterations changed full-data MSE by < 0.3%
-    # while costing up to 2× the time (docs/auto.md). Full-data polish passes cost ~1 assignment each and
+    # Training on a sample of at least 256·K rows (auto_sample_rows) with k-means++ seeding, stopping once an
+    # iteration improves the sample objective by < 5e-4: on the benchmark grid more iterations changed full-data
+    # MSE by < 0.3% while costing up to 2× the time (docs/auto.md). Full-data polish passes cost ~1 assignment each and
     # are left to the caller (polish_iter=).
     # The sample is a lightweight coreset (Clusterer's default sampling): one extra pass over the rows buys an
     # unbiased estimate of the full objective, which a uniform sample is not when far outliers carry it.
-    per = int(sample_per_centroid)
-    sample = per * k
+    if sample_per_centroid is None:
+        sample = auto_sample_rows(n, k)
+        size = f"max(256·K, N/{AUTO_SAMPLE_DIVISOR})={sample}"
+    else:
+        sample = int(sample_per_centroid) * k
+        size = f"{int(sample_per_centroid)}·K={sample}"
     large = k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD
     candidates = AUTO_CANDIDATES if large and not one_region_direct_e_step(min(n, sample), dim, k) else 0
     if n <= sample:
         where = "all rows"
     elif sampling == "coreset":
-        where = f"a ~{per}·K={sample}-row weighted coreset"
+        where = f"a ~{size}-row weighted coreset"
     else:
-        where = f"a uniform {per}·K={sample}-row sample"
+        where = f"a uniform {size}-row sample"
     return Choice(
         "dense-exact-row",
-        {"polish_iter": 0, "tol": AUTO_TOL, "sample_per_centroid": 256, "overrelax": AUTO_OVERRELAX,
+        {"polish_iter": 0, "tol": AUTO_TOL, "sample_rows": sample, "overrelax": AUTO_OVERRELAX,
          "max_iter": AUTO_MAX_ITER, "candidates": candidates},
         f"fits in memory: k-means++ and bounded, over-relaxed (β <= {AUTO_OVERRELAX:g}) Lloyd on {where} until "
         f"the objective improves < {AUTO_TOL:g} (at most {AUTO_MAX_ITER} iterations unless max_iter is given)"

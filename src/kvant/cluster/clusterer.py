@@ -2,7 +2,8 @@
 
 Every concrete algorithm has the same three phases, timed in ``timings_``:
 
-1. **train** on a sample of about ``sample_per_centroid · k`` rows (all rows when N is smaller): by
+1. **train** on a sample of about ``sample_per_centroid · k`` rows (``auto``: at least N/16 rows unless the caller
+   sets ``sample_per_centroid``; all rows when N is smaller): by
    default a lightweight coreset (rows drawn ∝ ½ uniform + ½ squared distance from the data's centre,
    weighted so the sample's objective is an unbiased estimate of the full one; :mod:`.sampling`), or a
    uniform sample as FAISS draws it (``sampling="uniform"``). Seeding (k-means++ or random rows) and
@@ -32,7 +33,7 @@ from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows
 from .assign import CertifiedCentres, assign_certified, assign_top2
-from .auto import choose_algorithm
+from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
 from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_inclusion, poisson_sample, sq_distances
@@ -67,7 +68,10 @@ class Clusterer:
     tol : stop when an iteration improves the objective by less than this fraction of the quality measure:
         of the sum of squared distances for ``l2``, of the sum of cosines for ``cos`` (default 1e-4 for the
         concrete algorithms; ``auto`` picks its own, see docs/auto.md).
-    sample_per_centroid : training-sample rows per centre (default 256, FAISS's max_points_per_centroid).
+    sample_per_centroid : training-sample rows per centre. ``None`` (default): 256 (FAISS's
+        max_points_per_centroid), and under ``auto`` at least N/16 rows (at most 16384·K), which costs about one
+        more pass over the data and cuts the centres' sampling error (docs/auto.md, "Training-sample size"). A
+        number is taken as given. ``sample_rows_`` is the size of the sample trained on.
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
@@ -84,8 +88,8 @@ class Clusterer:
     Fitted attributes: ``labels_``, ``cluster_centers_``, ``inertia_``, ``mse_`` (l2) or ``mean_cosine_`` (cos),
     ``n_iter_`` (Lloyd iterations; for ``minibatch``, mini-batch steps), ``inertia_history_`` (the training
     objective per iteration; for ``minibatch``, per epoch); the settings actually used: ``algorithm_``,
-    ``auto_reason_``, ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``threads_``; and ``timings_`` (seconds per
-    phase).
+    ``auto_reason_``, ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``sample_rows_`` (rows of the training sample;
+    0 for ``minibatch``), ``threads_``; and ``timings_`` (seconds per phase).
 
     Example
     -------
@@ -106,7 +110,7 @@ class Clusterer:
         *,
         max_iter: int | None = None,
         tol: float | None = None,
-        sample_per_centroid: int = 256,
+        sample_per_centroid: int | None = None,
         sampling: str = "coreset",
         polish_iter: int | None = None,
         overrelax: float | None = None,
@@ -146,7 +150,8 @@ class Clusterer:
             raise InvalidInput(f"unknown sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
         if self.max_iter is not None:
             positive_int("max_iter", self.max_iter)
-        positive_int("sample_per_centroid", self.sample_per_centroid)
+        if self.sample_per_centroid is not None:
+            positive_int("sample_per_centroid", self.sample_per_centroid)
         positive_int("n_redo", self.n_redo)
         positive_int("batch_rows", self.batch_rows)
         positive_int("max_epochs", self.max_epochs)
@@ -178,8 +183,8 @@ class Clusterer:
         k, seed0, batch_rows = int(self.k), check_seed(self.seed), int(self.batch_rows)
         max_epochs, n_redo = int(self.max_epochs), int(self.n_redo)
         if self.algorithm == "auto":
-            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling,
-                                      int(self.sample_per_centroid))
+            per = None if self.sample_per_centroid is None else int(self.sample_per_centroid)
+            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling, per)
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
@@ -200,7 +205,8 @@ class Clusterer:
             reason += f"; given by the caller: {', '.join(given)}"
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        m = k * int(self.sample_per_centroid)
+        per = DEFAULT_SAMPLE_PER_CENTROID if self.sample_per_centroid is None else int(self.sample_per_centroid)
+        m = int(params.get("sample_rows", k * per))
         # A coreset of an array reads every row once for the sampling distances; that pass also checks the
         # rows for NaN/inf (and zero rows for cos), so the data is read once before training instead of twice.
         fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n
@@ -238,6 +244,7 @@ class Clusterer:
         else:
             t = time.perf_counter()
             sample, weights = _training_sample(src, full, m, seed0, norm, self.sampling, k, d2)
+            sample_rows = sample.shape[0]
             every_row = sample is full and weights is None  # all rows, in order (m >= N)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
@@ -292,6 +299,7 @@ class Clusterer:
         self.algorithm_ = algorithm
         self.auto_reason_ = reason
         self.polish_iter_ = polish if algorithm != "minibatch" and full is not None else 0
+        self.sample_rows_ = int(sample_rows) if algorithm != "minibatch" else 0
         self.overrelax_ = overrelax if algorithm != "minibatch" else 0.0
         self.max_iter_ = max_iter if algorithm != "minibatch" else 0
         self.cluster_centers_ = centroids
