@@ -103,9 +103,12 @@ def _output_file(path, suffix: str | None = None, others=(), what: str = "output
     import tempfile
     from pathlib import Path
 
+    text = os.fspath(path)
     out = Path(path)
     if out.is_dir():  # np.save would quietly write "<dir>.npy" beside it
         raise InvalidInput(f"{what} {out} is a directory; give a file name")
+    if text.endswith(("/", os.sep)):  # Path drops the slash: "new/" would become the file "new.npy"
+        raise InvalidInput(f"{what} {text} names a directory (it ends with a slash); give a file name")
     if suffix and out.suffix != suffix:
         out = out.with_name(out.name + suffix)
     if out.is_dir():

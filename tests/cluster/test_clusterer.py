@@ -52,7 +52,8 @@ def test_public_names():
 @pytest.mark.parametrize("metric", ["l2", "cos"])
 def test_labels_are_the_full_nearest_centre_assignment(data, algorithm, metric):
     x, y = data
-    c = kvant.Clusterer(k=8, metric=metric, algorithm=algorithm, seed=3, sample_per_centroid=64)
+    sample = {} if algorithm == "minibatch" else {"sample_per_centroid": 64}  # minibatch draws no sample
+    c = kvant.Clusterer(k=8, metric=metric, algorithm=algorithm, seed=3, **sample)
     labels = c.fit_transform(x)
     assert labels.shape == (x.shape[0],) and labels.dtype == np.int64
     assert c.algorithm_ in ALGOS[1:]
@@ -551,7 +552,7 @@ def test_auto_trains_on_a_sixteenth_of_the_rows_unless_told_otherwise():
     assert kvant.Clusterer(4, algorithm="minibatch", seed=0).fit(x).sample_rows_ == 0
     assert kvant.Clusterer(4, seed=0).fit(x[:900]).sample_rows_ == 900  # every row
     with pytest.raises(InvalidInput, match="sample_per_centroid"):
-        kvant.Clusterer(4, sample_per_centroid=0)
+        kvant.Clusterer(4, sample_per_centroid=0).fit(x)
 
 
 def test_auto_larger_sample_gets_near_the_full_data_optimum():
@@ -715,8 +716,9 @@ def test_cos_zero_row_is_named_wherever_it_is_met(sampling, algorithm):
     seen = set(kvant.io.as_source(x).sample_indices(CENTRE_ROWS, 0).tolist())
     zero = [r for r in range(3000, 20000) if r not in seen][:1] + [next(r for r in range(12000, 20000) if r in seen)]
     x[zero] = 0.0
+    sample = {} if algorithm == "minibatch" else {"sampling": sampling, "sample_per_centroid": 8}  # (draws none)
     with pytest.raises(InvalidInput, match=rf"row {zero[0]} has zero norm"):
-        kvant.Clusterer(k=3, metric="cos", algorithm=algorithm, sampling=sampling, sample_per_centroid=8).fit(x)
+        kvant.Clusterer(k=3, metric="cos", algorithm=algorithm, **sample).fit(x)
 
 
 def test_cos_does_not_copy_the_input():
@@ -798,7 +800,9 @@ def test_numpy_integer_k_and_tol(k):
 def test_numpy_integer_seed_and_settings_act_as_python_ints(algorithm, seed):
     # seed + r etc. were computed in the seed's own dtype: uint8 overflowed, int32 wrapped negative
     x = np.random.default_rng(0).standard_normal((3000, 4)).astype(np.float32)
-    kw = dict(k=3, algorithm=algorithm, sample_per_centroid=64, batch_rows=np.int16(500), n_redo=np.uint8(2))
+    kw = dict(k=3, algorithm=algorithm, batch_rows=np.int16(500), n_redo=np.uint8(2))
+    if algorithm != "minibatch":  # (it draws no training sample)
+        kw["sample_per_centroid"] = np.int16(64)
     a = kvant.Clusterer(seed=seed, **kw).fit(x)
     b = kvant.Clusterer(seed=int(seed), **kw).fit(x)
     assert np.array_equal(a.labels_, b.labels_) and np.array_equal(a.cluster_centers_, b.cluster_centers_)
@@ -1149,3 +1153,77 @@ def test_compiled_loop_is_used_only_where_its_e_step_is_one_small_region():
         want = one_region_direct_e_step(n, d, k) and n < CERTIFIED_E_STEP_MIN_ROWS
         assert lloyd_module.small_lloyd_applies(n, d, k) == want
     assert not lloyd_module.small_lloyd_applies(CERTIFIED_E_STEP_MIN_ROWS, 8, 128)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "minibatch"])
+def test_cos_rows_whose_norm_float32_cannot_hold_cluster_as_their_directions(algorithm):
+    # finite rows with norms above float32's max (~3.4e38) used to normalise to all-zero rows, silently; rows with
+    # a subnormal norm came out a few per cent off unit. Scaling by a power of two changes no direction.
+    g = np.random.default_rng(0)
+    dirs = g.standard_normal((400, 4))
+    dirs[:200, 0] += 3
+    dirs[200:, 0] -= 3
+    unit = dirs / np.abs(dirs).max(1, keepdims=True)
+    reference = kvant.Clusterer(2, "cos", algorithm, seed=0).fit(unit.astype(np.float32))
+    for scale in (3e38, 1e-39):
+        x = (unit * scale).astype(np.float32)
+        c = kvant.Clusterer(2, "cos", algorithm, seed=0).fit(x)
+        np.testing.assert_array_equal(c.labels_, reference.labels_)
+        assert c.mean_cosine_ == pytest.approx(reference.mean_cosine_, abs=1e-6)
+        assert reference.score(x) == pytest.approx(reference.mean_cosine_, abs=1e-6)
+        np.testing.assert_array_equal(reference.predict(x), reference.labels_)
+
+
+def test_normalise_rows_into_matches_float64_on_extreme_norms():
+    from kvant.kernels.distance import normalise_rows_into
+
+    g = np.random.default_rng(1)
+    x = g.standard_normal((6, 5))
+    x[0] *= 3e38 / np.abs(x[0]).max()  # norm overflows float32
+    x[1] *= 1e-40  # subnormal coordinates and norm
+    x[2] = [0, 0, 0, 0, np.float32(2.0**-149)]  # one subnormal bit
+    x = x.astype(np.float32)
+    out = np.empty_like(x)
+    assert normalise_rows_into(x, out) == -1
+    want = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(out, want, rtol=2e-7, atol=0)
+    x[4] = 0
+    assert normalise_rows_into(x, out) == 4
+
+
+def test_centres_set_by_hand_on_a_fitted_clusterer_are_checked_like_fresh_ones():
+    x = np.random.default_rng(12).standard_normal((1000, 8)).astype(np.float32)
+    fitted = kvant.Clusterer(4, "cos", seed=0).fit(x)
+    labels = fitted.labels_.copy()
+    for centres in (fitted.cluster_centers_.astype(np.float64) * 10, (fitted.cluster_centers_ * 10).tolist()):
+        fitted.cluster_centers_ = centres  # cast, checked, unit-normalised for cos as on a fresh Clusterer
+        np.testing.assert_array_equal(fitted.predict(x), labels)
+        assert -1.0 <= fitted.score(x) <= 1.0
+    fitted.cluster_centers_ = [[np.nan] * 8]
+    with pytest.raises(InvalidInput, match="NaN or inf"):
+        fitted.predict(x)
+    fitted.cluster_centers_ = np.ones((2, 3))
+    with pytest.raises(kvant.DimensionMismatch):
+        fitted.predict(x)
+
+
+def test_minibatch_refuses_the_training_sample_settings():
+    x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
+    for kw in ({"sampling": "uniform"}, {"sample_per_centroid": 64}):
+        with pytest.raises(InvalidInput, match="apply to the Lloyd algorithms only"):
+            kvant.Clusterer(3, algorithm="minibatch", **kw).fit(x)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_minibatch_names_the_first_bad_row_of_the_data_not_of_its_seeding_sample(tmp_path, metric):
+    x = np.random.default_rng(3).standard_normal((4000, 6)).astype(np.float32)
+    k = 40
+    seeding = kvant.io.as_source(x).sample_indices(min(4000, 32 * k), 7919)
+    first, later = 17, int(seeding[seeding > 17][0])
+    assert first not in set(seeding.tolist())
+    for r in (first, later):
+        x[r] = np.nan if metric == "l2" else 0.0
+    np.save(tmp_path / "x.npy", x)
+    want = rf"first bad row: {first}\)" if metric == "l2" else rf"row {first} has zero norm"
+    with pytest.raises(InvalidInput, match=want):
+        kvant.Clusterer(k, metric, algorithm="minibatch", seed=0).fit(tmp_path / "x.npy")

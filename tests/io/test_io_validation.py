@@ -183,6 +183,30 @@ def test_npy_problems(tmp_path):
         as_source(tmp_path / "v.npy")
 
 
+def test_npy_cut_before_its_magic_string_is_called_truncated_not_pickled(tmp_path):
+    p = tmp_path / "x.npy"
+    np.save(p, np.ones((10, 4), np.float32))
+    data = p.read_bytes()
+    for cut in (0, 1, 5):
+        p.write_bytes(data[:cut])
+        with pytest.raises(InvalidInput, match="truncated or empty") as err:
+            as_source(p)
+        assert "pickle" not in str(err.value)
+    p.write_bytes(b"PK\x03\x04 not numpy")
+    with pytest.raises(InvalidInput, match="not a .npy file"):
+        as_source(p)
+
+
+@pytest.mark.parametrize("rows", [2.7, True, "abc", [2], 0, -1])
+def test_chunks_rejects_a_block_size_that_is_not_a_positive_integer(tmp_path, rows):
+    x = np.ones((10, 3), np.float32)
+    write_parquet(tmp_path / "x.parquet", x)
+    for src in (as_source(x), as_source(tmp_path / "x.parquet")):
+        with pytest.raises(InvalidInput, match="chunk rows must be an integer >= 1"):
+            next(iter(src.chunks(rows)))
+    assert [b.shape[0] for _, b in as_source(x).chunks(np.int16(4))] == [4, 4, 2]
+
+
 # -- TEXMEX ----------------------------------------------------------------------------------------
 def test_fvecs_truncated(tmp_path):
     p = tmp_path / "x.fvecs"

@@ -36,7 +36,7 @@ from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
 from .lloyd import init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
-from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_inclusion, poisson_sample, sq_distances
+from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_inclusion, gather_rows, poisson_sample, sq_distances
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
 METRICS = ("l2", "cos")
@@ -190,11 +190,14 @@ class Clusterer:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
             lloyd_only = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "polish_iter", "overrelax")
                           if getattr(self, name) is not None and (name == "max_iter" or getattr(self, name) != 0)]
+            # the training sample's settings too (minibatch draws none); coreset is the default, so only uniform shows
+            lloyd_only += [f"{name}={getattr(self, name)!r}" for name, unset in
+                           (("sample_per_centroid", None), ("sampling", "coreset")) if getattr(self, name) != unset]
             if algorithm == "minibatch" and lloyd_only:  # they would be silently ignored
-                raise InvalidInput(f"{', '.join(lloyd_only)} apply to the Lloyd algorithms; minibatch is controlled "
-                                   f"by batch_rows and max_epochs")
+                raise InvalidInput(f"{', '.join(lloyd_only)}: these settings apply to the Lloyd algorithms only; "
+                                   f"minibatch is controlled by batch_rows and max_epochs")
         if algorithm == "minibatch" and self.algorithm == "auto":
-            reason += "; max_iter, polish_iter, overrelax and sampling do not apply to it"
+            reason += "; max_iter, polish_iter, overrelax, sampling and sample_per_centroid do not apply to it"
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         max_iter = params.get("max_iter", 25) if self.max_iter is None else int(self.max_iter)
@@ -302,7 +305,7 @@ class Clusterer:
         self.sample_rows_ = int(sample_rows) if algorithm != "minibatch" else 0
         self.overrelax_ = overrelax if algorithm != "minibatch" else 0.0
         self.max_iter_ = max_iter if algorithm != "minibatch" else 0
-        self.cluster_centers_ = centroids
+        self.cluster_centers_ = self._fitted_centres = centroids
         self.labels_ = labels
         self.inertia_ = inertia
         self.n_iter_ = int(n_iter)
@@ -357,7 +360,7 @@ class Clusterer:
         """``cluster_centers_`` as the assignment takes them: fitted ones as they are; centres set by hand are
         checked (a finite 2-D array of at least one row), copied to float32 and, for cos, unit-normalised."""
         c = self.cluster_centers_
-        if hasattr(self, "n_features_in_"):
+        if c is self.__dict__.get("_fitted_centres"):  # the fit's own array (pickling and deepcopy keep the identity)
             return c
         try:
             c = np.array(c, dtype=np.float32, order="C")
@@ -420,20 +423,6 @@ def _in_memory_rows(src: VectorSource, validate: bool = True) -> np.ndarray | No
     return None
 
 
-def _gather(src, read, norm=False):
-    """``read()`` (rows gathered from ``src`` into a new array, unit-normalised in place when ``norm``); when a
-    gathered row is bad (NaN/inf, or zero for cos), scan the source in order first, so the error names the data's
-    first bad row rather than the sample's."""
-    try:
-        rows = read()
-        return normalise_rows(rows, in_place=True) if norm else rows
-    except InvalidInput:
-        for start, block in src.chunks():  # raises at the first bad row
-            if norm:
-                normalise_rows(block, start)
-        raise
-
-
 def _coreset_distances(src, full, seed, norm) -> np.ndarray:
     """Squared distance of every row (a unit row when ``norm``) to the mean of ``CENTRE_ROWS`` uniform rows,
     in one pass over ``full`` (or the stream); the pass also checks rows not validated yet (:func:`sq_distances`)."""
@@ -465,8 +454,8 @@ def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None)
 
 def _take(src, full, idx, norm):
     if full is None or full is getattr(src, "array", None):  # in place: a memmap gathers without staying resident
-        return _gather(src, lambda: src.take(idx), norm)
-    return _gather(src, lambda: np.ascontiguousarray(full[idx]), norm)
+        return gather_rows(src, lambda: src.take(idx), norm)
+    return gather_rows(src, lambda: np.ascontiguousarray(full[idx]), norm)
 
 
 def _uniform_sample(src, full, m, seed, norm):

@@ -13,12 +13,12 @@ import numpy as np
 
 from .._config import get_num_threads, rng
 from .._numerics import condition, conditioning, uncondition
-from ..errors import InvalidInput
 from ..io.source import checked_float32
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 from .assign import assign_top2
 from .lloyd import _normalise, init_centroids, normalise_rows
+from .sampling import gather_rows
 
 
 @dataclass
@@ -67,14 +67,8 @@ def minibatch_kmeans(
     g = rng(seed)
     # Seed on a sample no larger than one batch, so memory stays within the batch budget.
     m = min(n, max(k, min(batch_rows, 32 * k)))
-    sample = src.sample(m, None if seed is None else seed + 7919)
-    if spherical:
-        try:
-            sample = normalise_rows(sample)
-        except InvalidInput:  # name the data's first zero row, not the sample's
-            for start, block in src.chunks(batch_rows):
-                normalise_rows(block, start)
-            raise
+    # a bad sampled row (NaN/inf, or zero for cos) is reported as the data's first bad row, not the sample's
+    sample = gather_rows(src, lambda: src.sample(m, None if seed is None else seed + 7919), spherical)
     cshift, cscale = (None, None) if spherical else conditioning(sample)  # D² seeding on well-scaled rows
     c = uncondition(init_centroids(condition(sample, cshift, cscale), k, "k-means++", seed, spherical), cshift, cscale)
     del sample

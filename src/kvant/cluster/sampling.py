@@ -32,6 +32,7 @@ import numpy as np
 
 from .._config import rng
 from .._parallel import for_each_block
+from ..errors import InvalidInput
 from ..io import check_finite
 from ..kernels.lloyd import sq_dist_to_point, sq_dist_to_point_unit
 from ..kernels.sampling import poisson_draw, sum_at_least
@@ -40,6 +41,20 @@ from .lloyd import normalise_rows
 SAMPLINGS = ("coreset", "uniform")
 CENTRE_ROWS = 4096  # uniform rows whose mean is the proposal's centre
 _SCALE_STEPS = 64  # cap on the steps solving Σ min(1, s·q_i) = m for s (it takes a handful)
+
+
+def gather_rows(src, read, norm=False):
+    """``read()`` (rows gathered from ``src`` into a new array, unit-normalised in place when ``norm``); when a
+    gathered row is bad (NaN/inf, or zero for cos), scan the source in order first, so the error names the data's
+    first bad row rather than the sample's."""
+    try:
+        rows = read()
+        return normalise_rows(rows, in_place=True) if norm else rows
+    except InvalidInput:
+        for start, block in src.chunks():  # raises at the first bad row
+            if norm:
+                normalise_rows(block, start)
+        raise
 
 
 def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: bool = False) -> np.ndarray:

@@ -8,6 +8,8 @@ from ..errors import InvalidInput
 from ._paths import check_file
 from .source import ArraySource, MappedPages
 
+_MAGIC = b"\x93NUMPY"
+
 
 class NpySource(ArraySource):
     """A ``.npy`` file opened with ``np.load(path, mmap_mode="c")`` (copy-on-write: kvant never writes, but
@@ -28,6 +30,14 @@ class NpySource(ArraySource):
     def __init__(self, path, name: str | None = None):
         p = check_file(path, ".npy file")
         name = name or str(p)
+        try:
+            with open(p, "rb") as f:
+                magic = f.read(len(_MAGIC))
+        except OSError as exc:
+            raise InvalidInput(f"{name}: cannot read .npy file ({exc})") from None
+        if magic != _MAGIC:  # np.load would take it for pickled data and suggest allow_pickle=True
+            what = "truncated or empty" if _MAGIC.startswith(magic) else "not a .npy file"
+            raise InvalidInput(f"{name}: {what} (it does not start with the .npy magic string \\x93NUMPY)")
         try:
             array = np.load(p, mmap_mode="c", allow_pickle=False)
         except ValueError as exc:  # object dtype, pickled data, bad header

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DimensionMismatch, InvalidInput
 from ._paths import check_file, exists, missing
 from ._write import values_to_write
-from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows, checked_float32, default_chunk_rows
+from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows, checked_float32, chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
 
@@ -354,9 +354,7 @@ class ParquetSource(VectorSource):
 
     # -- protocol ------------------------------------------------------------------------------
     def chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        rows = default_chunk_rows(self.dim) if rows is None else int(rows)
-        if rows < 1:
-            raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
+        rows = chunk_rows(rows, self.dim)
         pa, pq = _pa()
         buf: list[np.ndarray] = []
         have = 0

@@ -23,6 +23,7 @@ __all__ = [
     "check_finite",
     "check_finite_rows",
     "check_shape_dtype",
+    "chunk_rows",
     "default_chunk_rows",
     "SUPPORTED_DTYPES",
 ]
@@ -38,6 +39,15 @@ _GATHER_WINDOW = 4 << 20  # bytes of a memory-mapped file ArraySource.take gathe
 
 def default_chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * max(1, dim)))
+
+
+def chunk_rows(rows, dim: int) -> int:
+    """``chunks(rows)``'s block size: the default for ``None``, else an integer >= 1 (``InvalidInput`` otherwise)."""
+    if rows is None:
+        return default_chunk_rows(dim)
+    if isinstance(rows, bool | np.bool_) or not isinstance(rows, int | np.integer) or rows < 1:
+        raise InvalidInput(f"chunk rows must be an integer >= 1, got {rows!r}")
+    return int(rows)
 
 
 def check_shape_dtype(shape, dtype, name: str, what: str) -> None:
@@ -172,9 +182,7 @@ class VectorSource:
 
     def chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, block)`` with ``block`` float32 C-contiguous of at most ``rows`` rows."""
-        rows = default_chunk_rows(self.dim) if rows is None else int(rows)
-        if rows < 1:
-            raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
+        rows = chunk_rows(rows, self.dim)
         for start in range(0, self.n, rows):
             stop = min(self.n, start + rows)
             block = checked_float32(self._read(start, stop), start, self.name)
@@ -339,9 +347,7 @@ class ArraySource(VectorSource):
         if not (self._validated and self.in_memory):  # a memmap goes through the generic path: it drops its pages
             yield from super().chunks(rows)
             return
-        rows = default_chunk_rows(self.dim) if rows is None else int(rows)
-        if rows < 1:
-            raise InvalidInput(f"chunk rows must be >= 1, got {rows}")
+        rows = chunk_rows(rows, self.dim)
         for start in range(0, self.n, rows):
             yield start, to_float32(self.array[start : start + rows])  # validated already
 

@@ -295,14 +295,26 @@ def exact_sq_dist_into(x, start, stop, centroids, labels, out):
         out[i] = row_sq_dist64(x, i, centroids, labels[i])
 
 
+_F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
+
+
 @numba.njit(**_JIT_SUM)
 def normalise_rows_into(x, out):
     """out[i] = x[i] / ‖x[i]‖ (norm summed in float64, rounded to float32, as :func:`sq_norms`), in one read
-    of ``x``. Returns the first row whose norm is 0 (that row is left unwritten), or -1."""
+    of ``x``. Returns the first row whose norm is 0 (that row is left unwritten), or -1.
+
+    A norm that float32 cannot hold as a normal number (above ~3.4e38, or below 2⁻¹²⁶ where it would lose bits)
+    divides in float64 instead: rounded to float32 it was inf (the row came out all zero, silently) or a
+    subnormal a few per cent off (the row was not unit)."""
     for i in range(x.shape[0]):
-        nrm = np.float32(np.sqrt(_row_sqnorm(x, i)))
-        if nrm == 0:
+        nrm64 = np.sqrt(_row_sqnorm(x, i))
+        if nrm64 == 0.0:
             return i
-        for j in range(x.shape[1]):
-            out[i, j] = x[i, j] / nrm
+        nrm = np.float32(nrm64)
+        if nrm < _F32_TINY or nrm == np.inf:
+            for j in range(x.shape[1]):
+                out[i, j] = np.float32(np.float64(x[i, j]) / nrm64)
+        else:
+            for j in range(x.shape[1]):
+                out[i, j] = x[i, j] / nrm
     return -1
