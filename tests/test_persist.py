@@ -112,3 +112,59 @@ def test_saving_does_not_touch_the_process_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("persist.write changed the process umask"))
     kvant.FlatIndex(2).save(tmp_path / "u.kvant")
     assert kvant.load(tmp_path / "u.kvant").ntotal == 0
+
+
+def test_save_to_a_name_near_the_file_name_limit(tmp_path):
+    import numpy as np
+
+    name = "i" * 249 + ".kvant"  # 255 bytes, the limit: legal; the temporary file must not be longer
+    idx = kvant.FlatIndex(3)
+    idx.add(np.eye(3, dtype=np.float32))
+    idx.save(tmp_path / name)
+    assert len(kvant.load(tmp_path / name)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
+
+
+def test_paths_the_os_cannot_open_are_kvant_errors(tmp_path):
+    import os
+
+    import numpy as np
+
+    idx = kvant.FlatIndex(2)
+    idx.add(np.ones((1, 2), np.float32))
+    for bad in ("a\0b.kvant", str(tmp_path / "x\0.kvant")):
+        with pytest.raises(kvant.InvalidInput, match="NUL"):
+            idx.save(bad)
+        with pytest.raises(kvant.InvalidInput, match="NUL"):
+            kvant.load(bad)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # nobody writes it: open() would block forever
+    with pytest.raises(PersistError, match="not a regular file"):
+        kvant.load(fifo)
+    with pytest.raises(PersistError, match="not a regular file"):
+        kvant.load(tmp_path)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_load_reads_one_file_while_saves_replace_it(tmp_path, monkeypatch, mmap):
+    # A save renames a new file over the path between the loader's checksum pass and its header read / maps: the
+    # loader must keep reading the file it verified (it re-opened the path, and failed or mapped an unchecked file).
+    import numpy as np
+
+    path = tmp_path / "x.kvant"
+    small, big = kvant.FlatIndex(2), kvant.FlatIndex(2)
+    small.add(np.ones((1, 2), np.float32))
+    big.add(np.arange(2000, dtype=np.float32).reshape(1000, 2), ids=np.arange(1000) + 7)
+    small.save(path)
+    real = persist._read_open
+    replaced = []
+
+    def racing(fh, p, kind, m):
+        if not replaced:
+            big.save(path)  # the path now names another, valid file
+            replaced.append(True)
+        return real(fh, p, kind, m)
+
+    monkeypatch.setattr(persist, "_read_open", racing)
+    got = kvant.load(path, mmap=mmap)
+    assert len(got) == 1  # the file that was open, verified

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,6 +71,8 @@ def _path(path) -> Path:
         path = os.fsdecode(path)
     if not isinstance(path, str | os.PathLike):
         raise InvalidInput(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if "\0" in os.fspath(path):  # the OS cannot name such a file; open() would raise a bare ValueError
+        raise InvalidInput(f"path {os.fspath(path)!r} contains a NUL byte")
     return Path(path)
 
 
@@ -121,7 +124,8 @@ def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: M
     try:
         # not mkstemp (always 0600): O_EXCL with mode 0666 gives what a plain new file gets under the umask,
         # without touching the process-wide umask
-        tmp = str(directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        # a short name: the target's own may already be near the 255-byte limit
+        tmp = str(directory / f".kvant-{secrets.token_hex(8)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise PersistError(f"cannot write {path}: {exc}") from exc
@@ -170,40 +174,49 @@ def read(
     """
     path = _path(path)
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block open() forever; a directory cannot be read
+            raise PersistError(f"cannot open {path}: not a regular file")
         fh = open(path, "rb")
     except OSError as exc:
         raise PersistError(f"cannot open {path}: {exc}") from exc
+    # Everything below reads this one open file (a save renaming a new file over the path meanwhile changes nothing)
     with fh:
-        pre = fh.read(_DATA_START)
-        if len(pre) < _DATA_START:
-            raise PersistError(f"{path}: file is {size} bytes, too short to be a kvant file")
-        magic, version, _reserved, header_len, file_len, digest = _PREAMBLE.unpack_from(pre)
-        if magic != MAGIC:
-            raise PersistError(f"{path}: not a kvant file (bad magic bytes)")
-        if version != FORMAT_VERSION:
-            raise PersistError(f"{path}: format version {version} is not supported (expected {FORMAT_VERSION})")
-        if _reserved != 0:
-            raise PersistError(f"{path}: reserved header field is {_reserved}, expected 0 (corrupted?)")
-        if file_len != size:
-            raise PersistError(f"{path}: file is {size} bytes but its header says {file_len} (truncated?)")
-        if _DATA_START + header_len > size:
-            raise PersistError(f"{path}: header length {header_len} runs past the end of the file")
-        hasher = hashlib.blake2b(digest_size=32)
-        body = fh.read() if not mmap else None
-        if body is not None:
-            hasher.update(body)
-        else:
-            while block := fh.read(1 << 24):
-                hasher.update(block)
-        if hasher.digest() != digest:
-            raise PersistError(f"{path}: checksum mismatch, the file is corrupted")
+        try:
+            return _read_open(fh, path, expected_kind, mmap)
+        except OSError as exc:
+            raise PersistError(f"cannot read {path}: {exc}") from exc
+
+
+def _read_open(fh, path: Path, expected_kind: str | None, mmap: bool) -> tuple[str, dict, dict[str, np.ndarray]]:
+    size = os.fstat(fh.fileno()).st_size
+    pre = fh.read(_DATA_START)
+    if len(pre) < _DATA_START:
+        raise PersistError(f"{path}: file is {size} bytes, too short to be a kvant file")
+    magic, version, _reserved, header_len, file_len, digest = _PREAMBLE.unpack_from(pre)
+    if magic != MAGIC:
+        raise PersistError(f"{path}: not a kvant file (bad magic bytes)")
+    if version != FORMAT_VERSION:
+        raise PersistError(f"{path}: format version {version} is not supported (expected {FORMAT_VERSION})")
+    if _reserved != 0:
+        raise PersistError(f"{path}: reserved header field is {_reserved}, expected 0 (corrupted?)")
+    if file_len != size:
+        raise PersistError(f"{path}: file is {size} bytes but its header says {file_len} (truncated?)")
+    if _DATA_START + header_len > size:
+        raise PersistError(f"{path}: header length {header_len} runs past the end of the file")
+    hasher = hashlib.blake2b(digest_size=32)
+    body = fh.read() if not mmap else None
+    if body is not None:
+        hasher.update(body)
+    else:
+        while block := fh.read(1 << 24):
+            hasher.update(block)
+    if hasher.digest() != digest:
+        raise PersistError(f"{path}: checksum mismatch, the file is corrupted")
     if body is not None:
         header_bytes = body[:header_len]
     else:
-        with open(path, "rb") as fh:
-            fh.seek(_DATA_START)
-            header_bytes = fh.read(header_len)
+        fh.seek(_DATA_START)
+        header_bytes = fh.read(header_len)
     try:
         header = json.loads(header_bytes.decode())
         kind = header["kind"]
@@ -242,7 +255,7 @@ def read(
         else:
             try:
                 if mmap:
-                    arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                    arr = np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape)  # the verified file
                 else:
                     start = offset - _DATA_START
                     arr = np.frombuffer(body[start : start + nbytes], dtype=dtype).reshape(shape).copy()

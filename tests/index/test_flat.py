@@ -365,3 +365,26 @@ def test_search_matches_brute_force_hypothesis(shortlist_path, n, d, nq, k, metr
     assert np.array_equal(ids[:, : min(k, n)], bi) and np.all(ids[:, n:] == -1)
     expect = bd if metric == "l2" else -bd
     assert np.array_equal(dist[:, : min(k, n)], expect.astype(np.float32))
+
+
+@pytest.mark.parametrize("make", [lambda: kvant.FlatIndex(2), lambda: kvant.PQIndex(2, 1, nbits=4)])
+def test_search_refuses_query_dtypes_and_masked_arrays_as_add_does(make):
+    idx = make()
+    x = np.array([[16777216.0, 0.0], [16777218.0, 0.0]] * 20, np.float32)
+    if isinstance(idx, kvant.PQIndex):
+        idx.train(x)
+    idx.add(x)
+    for q in (np.array([[16777217, 0]], np.int64), np.array([[1, 0]], np.int32), np.array([[1, 0]], np.uint64),
+              np.array([[True, False]])):
+        with pytest.raises(InvalidInput, match="dtype"):
+            idx.search(q, 1)
+    with pytest.raises(InvalidInput, match="masked"):
+        idx.search(np.ma.masked_array([[1.0, 2.0]], mask=[[False, True]]), 1)
+    # Python numbers are values, not a dtype: a list of ints searches like the same floats
+    for q in ([[3, 4]], [3, 4], ((3.0, 4),)):
+        d, i = idx.search(q, 2)
+        d2, i2 = idx.search(np.array([[3.0, 4.0]], np.float32), 2)
+        np.testing.assert_array_equal(np.atleast_2d(i), i2)
+        np.testing.assert_array_equal(np.atleast_2d(d), d2)
+    for t in (np.float16, np.float64, np.int8, np.uint8):
+        idx.search(np.array([[3, 4]], t), 1)

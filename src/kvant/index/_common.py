@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source, check_finite
-from ..io.source import VectorSource, to_float32
+from ..io.source import SUPPORTED_DTYPES, VectorSource, to_float32
 
 METRICS = ("l2", "ip", "cos")
 
@@ -55,9 +55,15 @@ def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
         arr = q.to_array()
         one = False
     else:
+        if isinstance(q, np.ma.MaskedArray):  # np.asarray would search with the values under the mask
+            raise InvalidInput("queries: masked arrays are not supported; fill (q.filled(v)) or drop the masked rows")
+        listed = isinstance(q, list | tuple)
         arr = _asarray(q, "queries")
-        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-            raise InvalidInput(f"queries must be numeric, got dtype {arr.dtype}")
+        if listed and arr.dtype.kind in "iu":  # Python numbers: taken as float64 values, then float32 as any float
+            arr = arr.astype(np.float64)
+        if arr.dtype.type not in SUPPORTED_DTYPES:  # the element types as_source takes, never silently cast
+            names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
+            raise InvalidInput(f"queries have dtype {arr.dtype}; supported: {names}")
         one = arr.ndim == 1
         if one:
             arr = arr.reshape(1, -1)
