@@ -296,3 +296,11 @@ def test_invalid_kvant_num_threads_still_only_warns_in_python():
 def test_threads_help_names_the_environment_variable(capsys):
     assert main(["info", "--help"]) == 0  # said "default: all" although KVANT_NUM_THREADS overrides it
     assert "KVANT_NUM_THREADS" in " ".join(capsys.readouterr().out.split())
+
+
+def test_malformed_dask_address_exits_at_once(tmp_path):
+    # a Client built on a bad address outlived the error, and its close at interpreter exit waited ~60 s
+    np.save(tmp_path / "x.npy", np.ones((20, 2), np.float32))
+    p = subprocess.run([sys.executable, "-m", "kvant.cli", "cluster", str(tmp_path / "x.npy"), "-k", "2", "--dask",
+                        "nonsense", "-q"], capture_output=True, text=True, timeout=40)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nonsense" in p.stderr

@@ -352,6 +352,8 @@ def _cluster_dask(args, t0: float) -> int:
     # Not the process's default client: a Client that fails to connect has already made itself the default
     # scheduler and stays alive in the traceback, so later .compute() calls in the process would wait on it forever.
     # The work below names the client explicitly instead.
+    if args.dask != "local":  # a Client that fails to parse its address hangs the interpreter's exit for ~60 s
+        _check_dask_address(args.dask)
     with _quiet_distributed_logs():
         try:
             client = (distributed.Client(processes=False, dashboard_address=None, set_as_default=False)
@@ -373,6 +375,24 @@ def _cluster_dask(args, t0: float) -> int:
             f"{quality_key} {quality:.6g}, {c.n_iter_} iterations, {wall:.2f} s")
     emit(args, payload, text)
     return EXIT_OK
+
+
+def _check_dask_address(address: str) -> None:
+    """InvalidInput unless ``address`` parses as a scheduler address (a known protocol; host:port for tcp/tls),
+    checked before a Client exists: one built on a bad address survives in the exception and its close at exit
+    waits ~60 s for a connection that never was."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        protocol, location = parse_address(address)
+        get_backend(protocol)
+        if protocol in ("tcp", "tls"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol, ...
+        raise InvalidInput(f"--dask {address!r} is not a scheduler address ({exc}); give one such as "
+                           "tcp://host:8786, or 'local'") from None
 
 
 @contextlib.contextmanager

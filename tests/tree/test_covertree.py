@@ -380,8 +380,9 @@ def test_residual_scan_with_many_exact_ties_falls_back_and_stays_exact():
 
 @pytest.mark.parametrize("variance", [1e-8, 1e3])
 def test_residual_numpy_fallback_is_exact_at_any_variance(variance):
-    # the fallback's expanded-form r2 errs by ~eps max|z|^2: inputs spread over 3e4 lengthscales make that error
-    # visible, and its margin must bound it whatever the variance (at 1e-8 it was 1e-8 too small: 22 rows wrong)
+    # an expanded-form r2 errs by ~eps max|z|^2: inputs spread over 3e4 lengthscales make that error visible, and
+    # the margin must bound it whatever the variance (at 1e-8 it was 1e-8 too small: 22 rows wrong). The fallback
+    # has since summed differences instead (tighter), so the margin is checked against the expanded form here.
     rng = np.random.default_rng(1)
     C = rng.random((40, 2)) * 3e4
     X = C[rng.integers(0, 40, 1500)] + rng.standard_normal((1500, 2)) * 0.7
@@ -391,7 +392,7 @@ def test_residual_numpy_fallback_is_exact_at_any_variance(variance):
     P = F[:, :2] - F[:, :2].mean(0)
     Wp, sp = F[:, 2:102], F[:, 102]
     zz = np.einsum("ij,ij->i", P, P)
-    r2 = np.maximum(zz[:, None] + zz[None, :] - 2.0 * (P @ P.T), 0.0)  # as the fallback computes them
+    r2 = np.maximum(zz[:, None] + zz[None, :] - 2.0 * (P @ P.T), 0.0)
     rho = variance * rc.kernel._phi(r2) * np.outer(sp, sp) - Wp @ Wp.T
     err = np.sqrt(np.maximum(1.0 - np.abs(rho), 0.0)) - rc.pairwise(np.arange(1500), np.arange(1500))
     np.fill_diagonal(err, 0.0)
@@ -433,6 +434,53 @@ def test_residual_insert_delete_and_persist(residual, tmp_path):
     b = back.knn(q, 5)
     assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
     back.check_invariants()
+
+
+def test_residual_fallback_at_huge_scaled_coordinates_keeps_the_true_neighbours():
+    # lengthscale 1e-160 on inputs in [0, 1]: scaled coordinates near 1e160, where an expanded-form r2 overflowed
+    # to inf - inf = NaN and the fallback dropped the row at distance 0.001 (and broke the lowest-id tie rule)
+    X = np.random.default_rng(10).random((100, 2))
+    X = np.vstack([X, X[50:51]])  # row 100 duplicates row 50
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(1e-160), n_inducing=10, seed=0)
+    tree = kvant.CoverTree(rc).fit()
+    tree._residual_knn = tree._residual_knn_numpy  # every query through the fallback
+    with np.errstate(over="ignore", invalid="ignore"):
+        for q in ([50], [0], np.arange(0, 101, 7)):
+            got, want = tree.knn(q, 3), tree.brute_force(q, 3)
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert tree.knn([50], 3)[1].tolist() == [[50, 100, 0]]
+
+
+def test_residual_kernel_diag_below_the_kernels_variance_is_refused():
+    X = np.random.default_rng(0).random((50, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.5, variance=1.0), n_inducing=10)
+    p = np.full(50, 0.2)
+    with pytest.raises(InvalidInput, match="below the kernel's variance"):  # rho used 1.0 while p met 0.2 - |v|^2
+        kvant.ResidualCorrelation(np.zeros((50, 1)), p, 0.2, rc.kernel, X=X)
+    nugget = kvant.ResidualCorrelation(np.zeros((50, 1)), np.full(50, 1.5), 1.5, rc.kernel, X=X)  # above: fine
+    assert nugget.p_shortfall == 0.0
+    for bad in (np.ones(5), np.ones((50, 2))):
+        with pytest.raises(InvalidInput, match="kernel_diag"):
+            kvant.ResidualCorrelation(np.zeros((50, 1)), np.ones(50), bad, rc.kernel, X=X)
+    with pytest.raises(InvalidInput, match="X must be a numeric array"):
+        kvant.ResidualCorrelation(np.zeros((1, 1)), np.ones(1), 1.0, rc.kernel, X=[["a", "b"]])
+
+
+def test_ragged_queries_and_ids_are_invalid_input():
+    tree = kvant.CoverTree().fit(np.random.default_rng(0).standard_normal((50, 2)))
+    with pytest.raises(InvalidInput):
+        tree.knn([[1.0, 2.0], [3.0]], 1)
+    with pytest.raises(InvalidInput):
+        tree.delete([[1], [2, 3]])
+
+
+def test_angular_answers_do_not_depend_on_row_magnitude():
+    g = np.random.default_rng(1)
+    X, Q = g.standard_normal((2000, 5)), g.standard_normal((200, 5))
+    want = kvant.CoverTree("angular").fit(X).knn(Q, 10)
+    for e in (-530, -550, 400):  # powers of two: exact, no angle changes (rows near 1e-160 lost precision)
+        got = kvant.CoverTree("angular").fit(np.ldexp(X, e)).knn(np.ldexp(Q, e), 10)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 
 def test_residual_validation():

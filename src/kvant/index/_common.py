@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source, check_finite
-from ..io.source import SUPPORTED_DTYPES, VectorSource, to_float32
+from ..io.source import SUPPORTED_DTYPES, VectorSource, as_array, to_float32
 
 METRICS = ("l2", "ip", "cos")
 
@@ -39,14 +39,6 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return (x / norms[:, None]).astype(np.float32)
 
 
-def _asarray(x, what: str) -> np.ndarray:
-    """np.asarray, with NumPy's refusals (ragged nested lists, ...) as InvalidInput."""
-    try:
-        return np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{what} must be an array: {exc}") from exc
-
-
 def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
     """Validate queries -> (float32 C-contiguous (nq, dim), was_1d). A file path is read with as_source."""
     if isinstance(q, str | os.PathLike):
@@ -58,7 +50,7 @@ def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
         if isinstance(q, np.ma.MaskedArray):  # np.asarray would search with the values under the mask
             raise InvalidInput("queries: masked arrays are not supported; fill (q.filled(v)) or drop the masked rows")
         listed = isinstance(q, list | tuple)
-        arr = _asarray(q, "queries")
+        arr = as_array(q, "queries")
         if listed and arr.dtype.kind in "iu":  # Python numbers: taken as float64 values, then float32 as any float
             arr = arr.astype(np.float64)
         if arr.dtype.type not in SUPPORTED_DTYPES:  # the element types as_source takes, never silently cast
@@ -89,7 +81,7 @@ def check_new_ids(ids, n: int, existing: np.ndarray) -> np.ndarray | None:
     """Validate caller ids for ``n`` new rows: 1-D integers, unique, not already in the index."""
     if ids is None:
         return None
-    arr = _asarray(ids, "ids")
+    arr = as_array(ids, "ids")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise InvalidInput(f"ids must be a 1-D array of {n} integers, got shape {arr.shape}")
     if n and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_):
@@ -111,7 +103,7 @@ def check_new_ids(ids, n: int, existing: np.ndarray) -> np.ndarray | None:
 
 
 def check_remove_ids(ids) -> np.ndarray:
-    arr = _asarray(ids, "ids to remove")
+    arr = as_array(ids, "ids to remove")
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_)):

@@ -23,6 +23,7 @@ __all__ = [
     "check_finite",
     "check_finite_rows",
     "check_shape_dtype",
+    "as_array",
     "chunk_rows",
     "default_chunk_rows",
     "SUPPORTED_DTYPES",
@@ -39,6 +40,15 @@ _GATHER_WINDOW = 4 << 20  # bytes of a memory-mapped file ArraySource.take gathe
 
 def default_chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * max(1, dim)))
+
+
+def as_array(x, what: str, dtype=None) -> np.ndarray:
+    """``np.asarray(x, dtype)``, with NumPy's refusals (ragged nested lists, strings for a float dtype, ...) as
+    :class:`InvalidInput` naming ``what``."""
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{what} must be a numeric array: {exc}") from None
 
 
 def chunk_rows(rows, dim: int) -> int:

@@ -14,6 +14,7 @@ from .. import persist
 from .._config import get_num_threads, last_level_cache_bytes, with_threads
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
+from ..io.source import as_array
 from ..kernels import tree as K
 from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
 
@@ -241,10 +242,7 @@ class CoverTree:
 
     def _features(self, points, what: str) -> np.ndarray:
         """Validate vector points and return float64 feature rows (n, D)."""
-        try:
-            arr = np.asarray(points)
-        except Exception as exc:
-            raise InvalidInput(f"{what}: cannot convert to an array: {exc}") from exc
+        arr = as_array(points, what)
         if arr.dtype.kind not in "fiub" or arr.dtype.kind == "b":
             raise InvalidInput(f"{what}: expected a numeric array, got dtype {arr.dtype}")
         if arr.ndim != 2:
@@ -266,16 +264,20 @@ class CoverTree:
             raise InvalidInput(f"{what}: all values are below {1 / _MAX_ABS:g} in magnitude, where squared "
                                "distances underflow; multiply the data by a power of two first")
         if self._m.name == "angular":
+            peak = np.abs(F).max(axis=1) if F.size else np.zeros(F.shape[0])
+            if np.any(peak == 0):
+                raise InvalidInput(f"{what}: zero vector at row {int(np.argmin(peak))}; the angle is undefined")
+            # each row scaled by a power of two (exact: no angle changes) to a largest |value| in [0.5, 1) first:
+            # the squared norm of a row near 1e-160 was subnormal (neighbours changed) or 0 ("zero vector")
+            F = np.ldexp(F, -np.frexp(peak)[1][:, None])
             norms = np.sqrt(np.einsum("ij,ij->i", F, F))
-            if np.any(norms == 0):
-                raise InvalidInput(f"{what}: zero vector at row {int(np.argmin(norms))}; the angle is undefined")
             F = F / norms[:, None]
         return F
 
     def _rows(self, points, what: str) -> np.ndarray:
         """Validate row indices into the residual metric's X."""
         rc = self._m.obj
-        arr = np.asarray(points)
+        arr = as_array(points, what)
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -566,7 +568,7 @@ class CoverTree:
     def delete(self, ids) -> None:
         """Remove points by id. Their subtrees are detached and the surviving descendants re-inserted."""
         t0 = time.perf_counter()
-        arr = np.asarray(ids)
+        arr = as_array(ids, "delete ids")
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -643,14 +645,14 @@ class CoverTree:
             single = np.ndim(queries) == 0
             Q = np.ascontiguousarray(self._data[self._query_rows(queries)])
         else:
-            q = np.asarray(queries)
+            q = as_array(queries, "queries")
             single = q.ndim == 1
             Q = self._features(q.reshape(1, -1) if single else q, "queries")
         return self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, single, progress)
 
     def _query_rows(self, queries) -> np.ndarray:
         """Query rows for a ResidualCorrelation metric: indices into X (repeats allowed), as int64."""
-        rows = np.asarray(queries)
+        rows = as_array(queries, "queries")
         rows = rows.reshape(1) if rows.ndim == 0 else rows
         if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
             raise InvalidInput("queries: with a ResidualCorrelation metric, queries are row indices into X")
@@ -929,7 +931,8 @@ class CoverTree:
         eps = 2.3e-16
         # ratio >= variance / p_min, the largest factor variance * s_q * s_p on phi, and >= max |w|^2 = |v|^2 / p
         ratio = max(1.0, float(rc.kernel_diag.max()) / float(rc.p_diag.min()))
-        # |error(r2)| <= 8 (d + 2) eps max|z|^2 (expanded form; the fused kernel's direct form is tighter);
+        # |error(r2)| <= 8 (d + 2) eps max|z|^2 (the expanded form's bound; the direct forms of the fused kernel and
+        # of the NumPy fallback are tighter);
         # |d phi / d r2| <= 1 for RBF and Matern 5/2; |error(rho)| <= ratio (2 (rank + 4) eps + error(r2)) per
         # computation; |error(sqrt a)| <= sqrt(|error a|). (The variance is in ratio already: a second factor
         # shrank the margin below the error at small variances.)
@@ -948,7 +951,6 @@ class CoverTree:
         mu = P[:, :d].mean(0)
         Zp = P[:, :d] - mu
         Wp, sp = P[:, d : d + r], P[:, d + r]
-        zz = np.einsum("ij,ij->i", Zp, Zp)
         qrow = Q[:, -1].astype(np.int64)
         Zq = Q[:, :d] - mu
         margin = self._residual_margin(Q, P)
@@ -959,7 +961,13 @@ class CoverTree:
         for q0 in range(0, nq, B):
             q1 = min(nq, q0 + B)
             zq = Zq[q0:q1]
-            r2 = np.maximum(np.einsum("ij,ij->i", zq, zq)[:, None] + zz[None, :] - 2.0 * (zq @ Zp.T), 0.0)
+            # squared distances summed as differences, as the metric's kernel does: the expanded form
+            # |zq|² + |zp|² - 2 zq·zp overflowed to inf - inf = NaN at scaled coordinates near 1e155 (a lengthscale
+            # of 1e-160), and NaN candidates were dropped; a coordinate at a time bounds the block's memory
+            r2 = np.zeros((q1 - q0, n))
+            with np.errstate(over="ignore"):  # a difference beyond 1e154 squares to inf: the kernel is 0 there
+                for t in range(d):
+                    r2 += np.square(zq[:, t, None] - Zp[None, :, t])
             rho = rc.kernel.variance * rc.kernel._phi(r2) * (Q[q0:q1, d + r][:, None] * sp[None, :])
             rho -= Q[q0:q1, d : d + r] @ Wp.T
             dist = np.sqrt(np.maximum(1.0 - np.abs(rho), 0.0))

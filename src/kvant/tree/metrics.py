@@ -8,6 +8,7 @@ import numbers
 import numpy as np
 
 from ..errors import InvalidInput
+from ..io.source import as_array
 from ..kernels import tree as K
 
 __all__ = ["RBF", "Matern52", "ResidualCorrelation", "resolve_metric", "VECTOR_METRICS"]
@@ -121,15 +122,18 @@ class ResidualCorrelation:
         # copies (unless from_points made them): the metric, and trees and files built on it, must not change
         # when the caller's arrays do
         copy = None if _owned else True  # None: only if the dtype or layout needs it
-        X = np.array(X, dtype=np.float64, order="C", copy=copy)
-        v = np.array(v, dtype=np.float64, order="C", copy=copy)
+        X = np.array(as_array(X, "X", np.float64), order="C", copy=copy)
+        v = np.array(as_array(v, "v", np.float64), order="C", copy=copy)
         if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
             raise InvalidInput(f"X must be a 2-D array (n, d) with n, d >= 1, got shape {X.shape}")
         n = X.shape[0]
         if v.ndim != 2 or v.shape[0] != n:
             raise InvalidInput(f"v must have shape (n={n}, rank), got {v.shape} (pass V.T for V of shape (rank, n))")
-        p = np.array(p_diag, dtype=np.float64, order="C", copy=copy).reshape(-1)
-        kd = np.array(np.broadcast_to(np.asarray(kernel_diag, dtype=np.float64), (n,)), order="C", copy=True)
+        p = np.array(as_array(p_diag, "p_diag", np.float64), order="C", copy=copy).reshape(-1)
+        kd = as_array(kernel_diag, "kernel_diag", np.float64)
+        if kd.ndim > 1 or kd.size not in (1, n):
+            raise InvalidInput(f"kernel_diag must be a scalar or have n={n} entries, got shape {kd.shape}")
+        kd = np.array(np.broadcast_to(kd.reshape(-1), (n,)), order="C", copy=True)
         if p.shape[0] != n:
             raise InvalidInput(f"p_diag must have n={n} entries, got {p.shape[0]}")
         for name, a in (("X", X), ("v", v), ("p_diag", p), ("kernel_diag", kd)):
@@ -144,6 +148,13 @@ class ResidualCorrelation:
             i = int(np.argmax(big))
             raise InvalidInput(f"p_diag[{i}]={p[i]:.6g} is too small: |v|^2 / p or kernel_diag / p overflows float64 "
                                "(the metric works on v / sqrt(p)); add a nugget to p_diag")
+        # rho uses the kernel's own diagonal k(x, x) = variance: a smaller kernel_diag would let p pass the check
+        # below while |rho| exceeds 1 (a nugget on top of the variance is fine)
+        low = kd < kernel.variance * (1.0 - 1e-9)
+        if low.any():
+            i = int(np.argmax(low))
+            raise InvalidInput(f"kernel_diag[{i}]={kd[i]:.6g} is below the kernel's variance k(x, x) = "
+                               f"{kernel.variance:.6g}, which rho uses; pass the kernel's diagonal (plus any nugget)")
         resid = kd - vv
         tol = 1e-9 * np.abs(kd)  # relative: rounding of kd - |v|^2 in another summation order
         if np.any(p < resid - tol):
