@@ -2,7 +2,7 @@
 
 Every concrete algorithm has the same three phases, timed in ``timings_``:
 
-1. **train** on a sample of about ``sample_per_centroid · k`` rows (``auto``: at least N/16 rows unless the caller
+1. **train** on a sample of about ``sample_per_centroid · k`` rows (``auto``: at least N/64 rows unless the caller
    sets ``sample_per_centroid``; all rows when N is smaller): by
    default a lightweight coreset (rows drawn ∝ ½ uniform + ½ squared distance from the data's centre,
    weighted so the sample's objective is an unbiased estimate of the full one; :mod:`.sampling`), or a
@@ -69,8 +69,8 @@ class Clusterer:
         of the sum of squared distances for ``l2``, of the sum of cosines for ``cos`` (default 1e-4 for the
         concrete algorithms; ``auto`` picks its own, see docs/auto.md).
     sample_per_centroid : training-sample rows per centre. ``None`` (default): 256 (FAISS's
-        max_points_per_centroid), and under ``auto`` at least N/16 rows (at most 16384·K), which costs about one
-        more pass over the data and cuts the centres' sampling error (docs/auto.md, "Training-sample size"). A
+        max_points_per_centroid), and under ``auto`` at least N/64 rows (at most 16384·K), which costs about a
+        quarter of a pass over the data and cuts the centres' sampling error (docs/auto.md, "Training-sample size"). A
         number is taken as given. ``sample_rows_`` is the size of the sample trained on.
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
