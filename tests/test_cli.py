@@ -304,3 +304,20 @@ def test_malformed_dask_address_exits_at_once(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kvant.cli", "cluster", str(tmp_path / "x.npy"), "-k", "2", "--dask",
                         "nonsense", "-q"], capture_output=True, text=True, timeout=40)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nonsense" in p.stderr
+
+
+def test_cluster_model_saves_a_clusterer_that_load_predicts_with(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((2000, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--json", "-q", "--model", str(tmp_path / "m.kvant"),
+                 "-o", str(tmp_path / "l.npy")]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["model_file"] == str(tmp_path / "m.kvant")
+    c = kvant.load(tmp_path / "m.kvant")
+    np.testing.assert_array_equal(c.predict(x), np.load(tmp_path / "l.npy"))
+    assert c.inertia_ == payload["inertia"]
+    # checked before the fit: the input itself, or a --dask fit (not a Clusterer)
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--model", str(tmp_path / "x.npy")]) == 2
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--model", str(tmp_path / "d.kvant"),
+                 "--dask", "local"]) == 2
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "d.kvant").exists()

@@ -268,6 +268,11 @@ def _cmd_cluster(args) -> int:
         args.output = _output_file(args.output, ".npy", inputs, what="-o")
     if args.centroids:
         args.centroids = _output_file(args.centroids, ".npy", inputs + [("-o", args.output)], what="--centroids")
+    if args.model:
+        if args.dask:
+            raise InvalidInput("--model saves a kvant.Clusterer; a --dask fit is not one (use -o and --centroids)")
+        args.model = _output_file(args.model, None, inputs + [("-o", args.output), ("--centroids", args.centroids)],
+                                  what="--model")
     if args.dask:
         return _cluster_dask(args, t0)
     if len(args.input) > 1:
@@ -299,6 +304,9 @@ def _cmd_cluster(args) -> int:
     }
     payload["mse" if args.metric == "l2" else "mean_cosine"] = c.mse_ if args.metric == "l2" else c.mean_cosine_
     _write_cluster_outputs(args, c.labels_, c.cluster_centers_, payload)
+    if args.model:
+        c.save(args.model)
+        payload["model_file"] = str(args.model)
     quality = f"MSE/row {c.mse_:.6g}" if args.metric == "l2" else f"mean cosine {c.mean_cosine_:.6f}"
     text = (
         f"{c.n_samples_fit_} x {c.n_features_in_} -> k={args.k} with {c.algorithm_} ({c.auto_reason_})\n"
@@ -460,6 +468,8 @@ def _add_cluster(sub) -> None:
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the vectors")
     p.add_argument("-o", "--output", default=None, help="write labels (int64) to this .npy file")
     p.add_argument("--centroids", default=None, help="write centroids (float32) to this .npy file")
+    p.add_argument("--model", default=None,
+                   help="save the fitted clusterer to this kvant file (kvant.load(path) predicts with it)")
     p.add_argument("--dask", default=None, metavar="SCHEDULER",
                    help="cluster on Dask (kvant.distributed): a scheduler address, or 'local' for a local cluster; "
                         "the input files must be readable by the workers")

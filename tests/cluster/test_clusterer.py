@@ -1229,3 +1229,55 @@ def test_minibatch_names_the_first_bad_row_of_the_data_not_of_its_seeding_sample
     want = rf"first bad row: {first}\)" if metric == "l2" else rf"row {first} has zero norm"
     with pytest.raises(InvalidInput, match=want):
         kvant.Clusterer(k, metric, algorithm="minibatch", seed=0).fit(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("algorithm,metric", [("auto", "l2"), ("auto", "cos"), ("minibatch", "l2")])
+def test_save_and_load_round_trip(tmp_path, algorithm, metric):
+    x = np.random.default_rng(2).standard_normal((3000, 6)).astype(np.float32)
+    c = kvant.Clusterer(5, metric, algorithm, seed=np.int16(4), tol=np.float32(1e-3)).fit(x)
+    c.save(tmp_path / "c.kvant")
+    for mmap in (False, True):
+        back = kvant.load(tmp_path / "c.kvant", mmap=mmap)
+        assert isinstance(back, kvant.Clusterer) and back.get_params() == c.get_params()
+        np.testing.assert_array_equal(back.cluster_centers_, c.cluster_centers_)
+        np.testing.assert_array_equal(back.labels_, c.labels_)
+        np.testing.assert_array_equal(back.predict(x), c.labels_)
+        assert back.score(x) == c.score(x) and back.inertia_ == c.inertia_
+        assert back.inertia_history_ == c.inertia_history_ and back.timings_ == c.timings_
+        for name in ("algorithm_", "auto_reason_", "n_iter_", "sample_rows_", "n_samples_fit_", "n_features_in_"):
+            assert getattr(back, name) == getattr(c, name)
+        assert getattr(back, "mse_", None) == getattr(c, "mse_", None)
+        assert getattr(back, "mean_cosine_", None) == getattr(c, "mean_cosine_", None)
+    c.save(tmp_path / "nolabels.kvant", labels=False)
+    small = kvant.load(tmp_path / "nolabels.kvant")
+    assert not hasattr(small, "labels_") and np.array_equal(small.predict(x), c.labels_)
+    assert (tmp_path / "nolabels.kvant").stat().st_size < (tmp_path / "c.kvant").stat().st_size - 8 * 3000 + 64
+
+
+def test_save_needs_a_fit_and_load_rejects_damaged_or_inconsistent_files(tmp_path):
+    from kvant import persist
+
+    x = np.random.default_rng(2).standard_normal((500, 3)).astype(np.float32)
+    with pytest.raises(kvant.EmptyIndex):
+        kvant.Clusterer(3).save(tmp_path / "u.kvant")
+    c = kvant.Clusterer(3, seed=0).fit(x)
+    c.save(tmp_path / "c.kvant")
+    raw = bytearray((tmp_path / "c.kvant").read_bytes())
+    raw[-5] ^= 1
+    (tmp_path / "bad.kvant").write_bytes(bytes(raw))
+    with pytest.raises(kvant.PersistError, match="checksum"):
+        kvant.load(tmp_path / "bad.kvant")
+    _, meta, arrays = persist.read(tmp_path / "c.kvant")
+    for change in ({"centres": arrays["centres"][:2]}, {"labels": arrays["labels"] + 3},
+                   {"centres": arrays["centres"].astype(np.float64)}):
+        persist.write(tmp_path / "x.kvant", "Clusterer", meta, {**arrays, **change})
+        with pytest.raises(kvant.PersistError):
+            kvant.load(tmp_path / "x.kvant")
+    for bad_meta in ({**meta, "params": {**meta["params"], "metric": "hamming"}},
+                     {**meta, "fitted": {**meta["fitted"], "metric_": "hamming"}}, {"params": meta["params"]}):
+        persist.write(tmp_path / "x.kvant", "Clusterer", bad_meta, arrays)
+        with pytest.raises(kvant.PersistError):
+            kvant.load(tmp_path / "x.kvant")
+    c.cluster_centers_ = np.ones((3, 3))  # set by hand: no fit behind them to save
+    with pytest.raises(kvant.EmptyIndex, match="by hand"):
+        c.save(tmp_path / "h.kvant")

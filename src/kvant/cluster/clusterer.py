@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import persist
 from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
-from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import ArraySource, VectorSource, as_source
 from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms_serial
@@ -397,6 +398,77 @@ class Clusterer:
 
     def __repr__(self) -> str:
         return f"Clusterer(k={self.k!r}, metric={self.metric!r}, algorithm={self.algorithm!r}, seed={self.seed!r})"
+
+    # -- persistence ------------------------------------------------------------------------------
+    _FITTED = ("algorithm_", "auto_reason_", "metric_", "inertia_", "n_iter_", "n_features_in_", "n_samples_fit_",
+               "max_iter_", "overrelax_", "polish_iter_", "sample_rows_", "threads_")
+
+    def save(self, path, labels: bool = True) -> None:
+        """Write the fitted clusterer to ``path`` in kvant's container (docs/format.md): its settings, centres,
+        scores, objective history and timings, and ``labels_`` unless ``labels=False`` (8 bytes per fitted row).
+        :func:`kvant.load` gives back a Clusterer that predicts and scores as this one does.
+
+        >>> import numpy as np, kvant, os, tempfile
+        >>> c = kvant.Clusterer(3, seed=0).fit(np.random.default_rng(0).standard_normal((500, 4)).astype("float32"))
+        >>> path = os.path.join(tempfile.mkdtemp(), "c.kvant")
+        >>> c.save(path)
+        >>> back = kvant.load(path)
+        >>> bool((back.cluster_centers_ == c.cluster_centers_).all()), back.inertia_ == c.inertia_
+        (True, True)
+        """
+        if not hasattr(self, "n_features_in_") or self.cluster_centers_ is not self.__dict__.get("_fitted_centres"):
+            raise EmptyIndex("only a fitted Clusterer can be saved (centres set by hand have no fit behind them)")
+        meta = {"params": {key: _plain(getattr(self, key)) for key in self._PARAMS},
+                "fitted": {key: _plain(getattr(self, key)) for key in self._FITTED},
+                "timings": {key: float(v) for key, v in self.timings_.items()}, "labels": bool(labels)}
+        arrays = {"centres": self.cluster_centers_,
+                  "history": np.asarray(self.inertia_history_, np.float64)}
+        if labels:
+            arrays["labels"] = self.labels_
+        persist.write(path, "Clusterer", meta, arrays)
+
+    @classmethod
+    def _from_persist(cls, meta: dict, arrays: dict) -> Clusterer:
+        try:
+            obj = cls(**meta["params"])
+            obj._check_settings()
+            fitted, timings, with_labels = dict(meta["fitted"]), dict(meta["timings"]), bool(meta["labels"])
+            centres, history = arrays["centres"], arrays["history"]
+            labels = arrays["labels"] if with_labels else None
+            k, dim, n = int(obj.k), int(fitted["n_features_in_"]), int(fitted["n_samples_fit_"])
+            metric = fitted["metric_"]
+        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+            raise PersistError(f"bad Clusterer content: {exc}") from exc
+        if set(fitted) != set(cls._FITTED) or metric not in ("l2", "cos"):
+            raise PersistError("bad Clusterer content: fitted attributes missing or unknown")
+        if centres.dtype != np.float32 or centres.shape != (k, dim) or not np.isfinite(centres).all():
+            raise PersistError(f"centres have shape {centres.shape} / {centres.dtype}, expected finite ({k}, {dim}) "
+                               "float32")
+        if history.dtype != np.float64 or history.ndim != 1:
+            raise PersistError("the objective history is not a 1-D float64 array")
+        if labels is not None and (labels.dtype != np.int64 or labels.shape != (n,) or
+                                   (n and (labels.min() < 0 or labels.max() >= k))):
+            raise PersistError(f"labels must be {n} int64 values in [0, {k})")
+        for key, value in fitted.items():
+            setattr(obj, key, value)
+        obj.cluster_centers_ = obj._fitted_centres = np.array(centres)  # a writeable copy, even from a map
+        if labels is not None:
+            obj.labels_ = labels
+        obj.inertia_history_ = [float(h) for h in history]
+        obj.timings_ = timings
+        if metric == "cos":
+            obj.mean_cosine_ = float(1.0 - obj.inertia_ / n)
+        else:
+            obj.mse_ = float(obj.inertia_ / n)
+        return obj
+
+
+def _plain(value):
+    """A setting or fitted scalar as JSON takes it (NumPy scalars become Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+persist.register("Clusterer")(Clusterer)
 
 
 # ----------------------------------------------------------------------------------------------
