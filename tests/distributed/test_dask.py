@@ -229,3 +229,23 @@ def test_polish_reseeds_a_cluster_left_empty_with_the_farthest_rows(metric, monk
     lab = c.labels_.compute()
     assert np.array_equal(np.bincount(lab, minlength=5), c.counts_)
     assert np.array_equal(lab, _nearest(x, c.cluster_centers_, metric == "cos")[0])
+
+
+def test_default_sample_is_autos_size_and_the_client_trains_on_all_of_it(monkeypatch):
+    x = np.random.default_rng(7).standard_normal((64000, 4)).astype(np.float32)
+    arr = da.from_array(x, chunks=(8000, 4))
+    seen = []
+    real_fit = kvant.Clusterer.fit
+    monkeypatch.setattr(kvant.Clusterer, "fit", lambda self, rows, *a, **kw: seen.append(rows.shape[0]) or
+                        real_fit(self, rows, *a, **kw))
+    with dask.config.set(scheduler="synchronous"):
+        c = kd.DaskClusterer(k=3, seed=0).fit(arr)  # N/64 = 1000 > 256·K = 768
+        assert c.sample_rows_ == 1000 and seen == [1000]
+        given = kd.DaskClusterer(k=3, seed=0, sample_per_centroid=100).fit(arr)
+        assert given.sample_rows_ == 300
+    monkeypatch.undo()
+    # the client's Clusterer trained on every gathered row: the same fit as a Clusterer on those rows
+    idx = np.sort(kvant._config.rng(0).choice(64000, size=1000, replace=False))
+    local = kvant.Clusterer(3, seed=0, sample_per_centroid=334).fit(x[idx])
+    assert local.sample_rows_ == 1000
+    np.testing.assert_array_equal(c.cluster_centers_, local.cluster_centers_)

@@ -2,9 +2,10 @@
 
 ``DaskClusterer`` follows ``kvant.Clusterer``'s ``auto`` rule, spread over a cluster:
 
-1. a uniform sample of ``sample_per_centroid·K`` rows is gathered to the client and clustered there with
-   ``kvant.Clusterer`` (k-means++ and Lloyd's until the objective improves < ``tol``), exactly as on one
-   machine: the sample is small (256·K rows) and training on it is what FAISS and ``auto`` do;
+1. a uniform sample of ``sample_per_centroid·K`` rows (unset: ``auto``'s size, max(256·K, N/64) rows, N/64 capped at
+   16384·K) is gathered to the client and clustered there with ``kvant.Clusterer`` (k-means++ and Lloyd's until the
+   objective improves < ``tol``), exactly as on one machine: the sample is small and training on it is what
+   FAISS and ``auto`` do;
 2. optionally, ``polish_iter`` Lloyd iterations over *all* rows: each chunk returns its per-cluster sums and
    counts (k×D float64) and its 32 farthest rows, reduced in a tree, so the client never holds more than a few
    k×D arrays; a cluster left empty is re-seeded with the farthest row of a cluster that keeps one, as
@@ -26,6 +27,7 @@ import numpy as np
 from .._config import check_seed, rng
 from .._numerics import conditioning
 from ..cluster.assign import assign_top2, zero_norm_error
+from ..cluster.auto import auto_sample_rows
 from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
@@ -228,13 +230,15 @@ class DaskClusterer:
     >>> c.cluster_centers_.shape, c.labels_.shape
     ((4, 8), (5000,))
 
-    ``polish_iter``: Lloyd iterations over all rows after training on the sample (0 = as ``auto``; each
-    costs one pass; plain Lloyd steps). Other settings, ``overrelax`` included, are ``kvant.Clusterer``'s.
+    ``sample_per_centroid``: rows gathered to the client per centre (``None``: ``auto``'s training-sample size,
+    max(256·K, N/64) rows; ``sample_rows_`` is the number gathered). ``polish_iter``: Lloyd iterations over all
+    rows after training on the sample (0 = as ``auto``; each costs one pass; plain Lloyd steps). Other settings,
+    ``overrelax`` included, are ``kvant.Clusterer``'s.
     Runs on the current Dask scheduler (a ``distributed.Client`` if one is active).
     """
 
     def __init__(self, k: int, metric: str = "l2", seed: int | None = 0, *, max_iter: int | None = None,
-                 tol: float | None = None, sample_per_centroid: int = 256, polish_iter: int = 0,
+                 tol: float | None = None, sample_per_centroid: int | None = None, polish_iter: int = 0,
                  overrelax: float | None = None):
         self.k = k
         self.metric = metric
@@ -276,7 +280,8 @@ class DaskClusterer:
     def _fit(self, arr, local: Clusterer, n: int, dim: int) -> DaskClusterer:
         spherical = self.metric == "cos"
         k, seed = int(self.k), check_seed(self.seed)
-        m = min(n, k * int(self.sample_per_centroid))
+        m = min(n, auto_sample_rows(n, k) if self.sample_per_centroid is None else k * int(self.sample_per_centroid))
+        local.sample_per_centroid = -(-m // k)  # the client trains on every gathered row
         idx = np.sort(rng(seed).choice(n, size=m, replace=False)) if m < n else np.arange(n)
         sample = arr[idx].compute() if m < n else arr.compute()
         sample32 = to_float32(sample)
@@ -313,6 +318,7 @@ class DaskClusterer:
         self.n_iter_ = int(n_iter)
         self.max_iter_, self.overrelax_ = local.max_iter_, local.overrelax_  # training's settings, as used
         self.n_samples_fit_, self.n_features_in_ = int(n), int(dim)
+        self.sample_rows_ = int(m)
         self.metric_ = self.metric
         self.labels_ = self._labels(arr)
         for stale in ("mean_cosine_", "mse_"):
