@@ -95,6 +95,8 @@ def test_cluster_outputs_report_the_written_names_and_bad_dirs_fail_before_fitti
     # a missing directory named with a trailing slash is not the file "new.npy" (Path drops the slash)
     assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "-o", str(tmp_path / "new") + "/"]) == 2
     assert "ends with a slash" in capsys.readouterr().err and not (tmp_path / "new.npy").exists()
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "-o", str(tmp_path / "new") + "/."]) == 2
+    assert not (tmp_path / "new.npy").exists()
 
 
 def test_search_json_pads_with_null(tmp_path, capsys):

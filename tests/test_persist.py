@@ -141,8 +141,17 @@ def test_paths_the_os_cannot_open_are_kvant_errors(tmp_path):
     os.mkfifo(fifo)  # nobody writes it: open() would block forever
     with pytest.raises(PersistError, match="not a regular file"):
         kvant.load(fifo)
-    with pytest.raises(PersistError, match="not a regular file"):
+    with pytest.raises(PersistError, match="not a regular file") as err:
         kvant.load(tmp_path)
+    assert str(err.value).count(str(tmp_path)) == 1  # said once (PersistError is an OSError: it was wrapped again)
+    bad = tmp_path / "x.kvant"
+    idx.save(bad)
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 1
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(PersistError, match="checksum") as err:
+        kvant.load(bad)
+    assert str(err.value).count(str(bad)) == 1
 
 
 @pytest.mark.parametrize("mmap", [False, True])

@@ -107,8 +107,9 @@ def _output_file(path, suffix: str | None = None, others=(), what: str = "output
     out = Path(path)
     if out.is_dir():  # np.save would quietly write "<dir>.npy" beside it
         raise InvalidInput(f"{what} {out} is a directory; give a file name")
-    if text.endswith(("/", os.sep)):  # Path drops the slash: "new/" would become the file "new.npy"
-        raise InvalidInput(f"{what} {text} names a directory (it ends with a slash); give a file name")
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
+        # Path drops a trailing slash or ".": "new/" or "new/." would become the file "new.npy"
+        raise InvalidInput(f"{what} {text} names a directory (it ends with a slash or a dot); give a file name")
     if suffix and out.suffix != suffix:
         out = out.with_name(out.name + suffix)
     if out.is_dir():

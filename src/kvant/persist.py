@@ -174,15 +174,18 @@ def read(
     """
     path = _path(path)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block open() forever; a directory cannot be read
-            raise PersistError(f"cannot open {path}: not a regular file")
-        fh = open(path, "rb")
+        regular = stat.S_ISREG(path.stat().st_mode)
+        fh = open(path, "rb") if regular else None  # a FIFO would block open() forever; a directory cannot be read
     except OSError as exc:
         raise PersistError(f"cannot open {path}: {exc}") from exc
+    if fh is None:
+        raise PersistError(f"cannot open {path}: not a regular file")
     # Everything below reads this one open file (a save renaming a new file over the path meanwhile changes nothing)
     with fh:
         try:
             return _read_open(fh, path, expected_kind, mmap)
+        except PersistError:  # (an OSError subclass) already says what went wrong
+            raise
         except OSError as exc:
             raise PersistError(f"cannot read {path}: {exc}") from exc
 

@@ -1214,6 +1214,25 @@ def test_minibatch_refuses_the_training_sample_settings():
     for kw in ({"sampling": "uniform"}, {"sample_per_centroid": 64}):
         with pytest.raises(InvalidInput, match="apply to the Lloyd algorithms only"):
             kvant.Clusterer(3, algorithm="minibatch", **kw).fit(x)
+    # the defaults spelt out (256 was the default before None; old pickles hold it) change nothing: accepted
+    kvant.Clusterer(3, algorithm="minibatch", sample_per_centroid=256, sampling="coreset").fit(x)
+
+
+def test_a_cos_fit_with_a_zero_centre_predicts_from_old_pickles_and_copies():
+    import copy
+
+    x = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]] * 5, np.float32)
+    c = kvant.Clusterer(1, "cos", seed=0).fit(x)
+    assert not c.cluster_centers_.any()  # the unit rows cancel: a zero centre, which the fit keeps
+    old = copy.deepcopy(c)
+    del old.__dict__["_fitted_centres"]  # as pickled by the version before it existed
+    np.testing.assert_array_equal(old.predict(x), c.labels_)
+    # set by hand: checked, and a zero row kept as fits keep it (it is at distance 1 from every unit row) ...
+    c.cluster_centers_ = np.array([[0.0, 0.0], [3.0, 0.0]])
+    np.testing.assert_array_equal(c.predict(x), np.tile([1, 0, 0, 0], 5))
+    c.cluster_centers_ = c.cluster_centers_[:1]  # ... but centres that are all zero give no direction at all
+    with pytest.raises(InvalidInput, match="all zero"):
+        c.predict(x)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cos"])

@@ -466,12 +466,15 @@ def test_residual_kernel_diag_below_the_kernels_variance_is_refused():
         kvant.ResidualCorrelation(np.zeros((1, 1)), np.ones(1), 1.0, rc.kernel, X=[["a", "b"]])
 
 
-def test_ragged_queries_and_ids_are_invalid_input():
+def test_ragged_queries_and_ids_are_invalid_input(residual):
     tree = kvant.CoverTree().fit(np.random.default_rng(0).standard_normal((50, 2)))
     with pytest.raises(InvalidInput):
         tree.knn([[1.0, 2.0], [3.0]], 1)
     with pytest.raises(InvalidInput):
         tree.delete([[1], [2, 3]])
+    rtree = kvant.CoverTree(residual[1]).fit()
+    with pytest.raises(InvalidInput):
+        rtree.knn([[1], [2, 3]], 2)
 
 
 def test_angular_answers_do_not_depend_on_row_magnitude():

@@ -35,7 +35,7 @@ from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows
 from .assign import CertifiedCentres, assign_certified, assign_top2
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
-from .lloyd import init_centroids, lloyd, normalise_rows
+from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
 from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_inclusion, gather_rows, poisson_sample, sq_distances
 
@@ -192,8 +192,9 @@ class Clusterer:
             lloyd_only = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "polish_iter", "overrelax")
                           if getattr(self, name) is not None and (name == "max_iter" or getattr(self, name) != 0)]
             # the training sample's settings too (minibatch draws none); coreset is the default, so only uniform shows
-            lloyd_only += [f"{name}={getattr(self, name)!r}" for name, unset in
-                           (("sample_per_centroid", None), ("sampling", "coreset")) if getattr(self, name) != unset]
+            lloyd_only += [f"{name}={getattr(self, name)!r}" for name, default in
+                           (("sample_per_centroid", DEFAULT_SAMPLE_PER_CENTROID), ("sampling", "coreset"))
+                           if getattr(self, name) not in (None, default)]  # the defaults, spelt out, are fine
             if algorithm == "minibatch" and lloyd_only:  # they would be silently ignored
                 raise InvalidInput(f"{', '.join(lloyd_only)}: these settings apply to the Lloyd algorithms only; "
                                    f"minibatch is controlled by batch_rows and max_epochs")
@@ -361,7 +362,9 @@ class Clusterer:
         """``cluster_centers_`` as the assignment takes them: fitted ones as they are; centres set by hand are
         checked (a finite 2-D array of at least one row), copied to float32 and, for cos, unit-normalised."""
         c = self.cluster_centers_
-        if c is self.__dict__.get("_fitted_centres"):  # the fit's own array (pickling and deepcopy keep the identity)
+        fitted = self.__dict__.get("_fitted_centres")
+        # the fit's own array (pickling and deepcopy keep the identity), or a fit pickled before that was recorded
+        if c is fitted or (fitted is None and hasattr(self, "n_features_in_")):
             return c
         try:
             c = np.array(c, dtype=np.float32, order="C")
@@ -372,10 +375,9 @@ class Clusterer:
         if not np.all(np.isfinite(c)):
             raise InvalidInput("cluster_centers_ set by hand contain NaN or inf (or values beyond float32)")
         if self._fitted_metric() == "cos":
-            norms = np.linalg.norm(c.astype(np.float64), axis=1)
-            if np.any(norms == 0):
-                raise InvalidInput(f"cluster_centers_ row {int(np.argmin(norms))} is zero: no direction for cos")
-            c = (c / norms[:, None]).astype(np.float32)
+            if not c.any():
+                raise InvalidInput("cluster_centers_ set by hand are all zero: no direction for cos")
+            c = _normalise(c)  # as fitted centres are: unit rows, and an all-zero row (a fit can leave one) kept
         return c
 
     _PARAMS = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling",

@@ -642,8 +642,9 @@ class CoverTree:
         k = self._check_k(k, self._n)
         m = self._m
         if m.kind == "index":
-            single = np.ndim(queries) == 0
-            Q = np.ascontiguousarray(self._data[self._query_rows(queries)])
+            rows = as_array(queries, "queries")
+            single = rows.ndim == 0
+            Q = np.ascontiguousarray(self._data[self._query_rows(rows)])
         else:
             q = as_array(queries, "queries")
             single = q.ndim == 1
