@@ -367,9 +367,8 @@ def _cluster_dask(args, t0: float) -> int:
         try:
             client = (distributed.Client(processes=False, dashboard_address=None, set_as_default=False)
                       if args.dask == "local" else distributed.Client(args.dask, set_as_default=False))
-        except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol, ...
-            raise InvalidInput(f"--dask {args.dask!r} is not a scheduler address ({exc}); give one such as "
-                               "tcp://host:8786, or 'local'") from None
+        except (ValueError, TypeError) as exc:  # what the check above cannot see
+            raise _bad_dask_address(args.dask, exc) from None
         with client, dask.config.set(scheduler=client):
             c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
                               polish_iter=args.polish_iter or 0, overrelax=args.overrelax).fit(files)
@@ -400,8 +399,12 @@ def _check_dask_address(address: str) -> None:
         if protocol in ("tcp", "tls"):
             parse_host_port(location)
     except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol, ...
-        raise InvalidInput(f"--dask {address!r} is not a scheduler address ({exc}); give one such as "
-                           "tcp://host:8786, or 'local'") from None
+        raise _bad_dask_address(address, exc) from None
+
+
+def _bad_dask_address(address: str, exc: Exception) -> InvalidInput:
+    return InvalidInput(f"--dask {address!r} is not a scheduler address ({exc}); give one such as tcp://host:8786, "
+                        "or 'local'")
 
 
 @contextlib.contextmanager
