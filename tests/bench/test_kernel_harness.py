@@ -67,7 +67,43 @@ def _lossy_fastscan(tables, packed, n, m, k, rerank):
     return K.fastscan_search(tables, packed, n, m, k, 1 if rerank == 0 else rerank)  # shortlist of k only
 
 
+def _nan_distances(tables, codes, k):
+    d, i = K.adc_search(tables, codes, k)  # the right ids beside NaN distances: `err > tol` is False for NaN
+    return np.full_like(d, np.nan), i
+
+
+def _wrong_after_four_queries(tables, codes, k):
+    d, i = K.adc_search(tables, codes, k)  # right for the first queries only (the gate used to check 2 or 4)
+    d, i = d.copy(), i.copy()
+    d[4:], i[4:] = d[4:, ::-1], i[4:, ::-1]
+    return d, i
+
+
+def _first_rows_shortlist(tables, packed, n, m, k, rerank):
+    if rerank == 0:
+        return K.fastscan_search(tables, packed, n, m, k, 0)
+    # rows 0..k-1 for every query, each at its exact ADC distance: only a check against the exact top-k catches it
+    i = np.tile(np.arange(k), (tables.shape[0], 1))
+    d_all, order = K.fastscan_search(tables, packed, n, m, n, 0)  # every row's exact ADC distance, ascending
+    by_row = np.empty_like(d_all)
+    np.put_along_axis(by_row, order, d_all, axis=1)
+    d = np.take_along_axis(by_row, i, 1)
+    o = np.argsort(d, axis=1, kind="stable")
+    return np.take_along_axis(d, o, 1), np.take_along_axis(i, o, 1)
+
+
+def _repeated_best_shortlist(tables, packed, n, m, k, rerank):
+    d, i = K.fastscan_search(tables, packed, n, m, k, rerank)
+    if rerank == 0:
+        return d, i
+    return np.repeat(d[:, :1], k, axis=1), np.repeat(i[:, :1], k, axis=1)
+
+
 @pytest.mark.parametrize("field,kernel,expect", [
+    ("adc_search", _nan_distances, "adc_search"),
+    ("adc_search", _wrong_after_four_queries, "adc_search"),
+    ("fastscan_search", _first_rows_shortlist, "fastscan_search shortlist"),
+    ("fastscan_search", _repeated_best_shortlist, "fastscan_search shortlist"),
     ("adc_search", _off_by_a_bit, "adc_search"),
     ("adc_search", _wrong_ids, "adc_search"),
     ("adc_search", _wrong_last_id, "adc_search"),

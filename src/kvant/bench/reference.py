@@ -284,8 +284,8 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
             return f"query {q}: padding differs (reference ids {ref_i[q].tolist()}, got {got_i[q].tolist()})"
         rd, gd = ref_d[q, valid], got_d[q, valid]
         err = np.abs(rd - gd) / np.maximum(1.0, np.abs(rd))
-        if err.size and err.max() > tol:
-            p = int(np.argmax(err))
+        if err.size and not err.max() <= tol:  # (written so that a NaN distance fails too)
+            p = int(np.argmax(np.where(np.isnan(err), np.inf, err)))
             return f"query {q} rank {p}: distance {gd[p]!r} vs reference {rd[p]!r} (rel err {err.max():.3g})"
         gi = got_i[q, valid]
         if len(set(gi.tolist())) != gi.size:
@@ -294,7 +294,7 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
             if gi.min() < 0 or gi.max() >= all_d.shape[1]:
                 return f"query {q}: ids out of range {gi.tolist()}"
             true = np.asarray(all_d[q], dtype=np.float64)[gi]
-            bad = np.abs(true - gd) / np.maximum(1.0, np.abs(true)) > tol
+            bad = ~(np.abs(true - gd) / np.maximum(1.0, np.abs(true)) <= tol)
             if bad.any():
                 p = int(np.argmax(bad))
                 return (f"query {q} rank {p}: id {int(gi[p])} is reported at distance {gd[p]!r} but its reference "
@@ -306,10 +306,10 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
             g = int(gi[p])
             j = ref_pos.get(g)
             if j is not None:  # reordered: only between ties (a float32 kernel may round 1000 + 1e-5 to 1000)
-                if abs(rd[j] - gd[p]) / max(1.0, abs(rd[j])) > tol:
+                if not abs(rd[j] - gd[p]) / max(1.0, abs(rd[j])) <= tol:
                     return (f"query {q} rank {int(p)}: id {g} is reported at distance {gd[p]!r}, but the reference "
                             f"has it at rank {j} with distance {rd[j]!r}")
-            elif abs(gd[p] - kth) / max(1.0, abs(kth)) > tol:
+            elif not abs(gd[p] - kth) / max(1.0, abs(kth)) <= tol:
                 return (f"query {q} rank {int(p)}: id {g} (distance {gd[p]!r}) instead of "
                         f"{int(ri[p])}, not a tie with the k-th distance {kth!r}")
         returned = set(gi.tolist())
