@@ -293,7 +293,7 @@ def _cmd_cluster(args) -> int:
         "metric": args.metric,
         "algorithm": c.algorithm_,
         "auto_reason": c.auto_reason_,
-        "sampling": _sampling_used(c, args),
+        "sampling": c.sampling_,
         "polish_iter": c.polish_iter_,
         "overrelax": c.overrelax_,
         "max_iter": c.max_iter_,
@@ -317,14 +317,6 @@ def _cmd_cluster(args) -> int:
     return EXIT_OK
 
 
-def _sampling_used(c, args) -> str | None:
-    """What the training sample was: None for minibatch (it samples nothing), "all rows" when the
-    sample covered the input (Clusterer then trains on every row), else --sampling."""
-    if c.algorithm_ == "minibatch":
-        return None
-    if c.sample_rows_ >= c.n_samples_fit_:
-        return "all rows"
-    return args.sampling
 
 
 def _write_cluster_outputs(args, labels, centres, payload: dict) -> None:

@@ -1218,7 +1218,7 @@ def test_minibatch_refuses_the_training_sample_settings():
     kvant.Clusterer(3, algorithm="minibatch", sample_per_centroid=256, sampling="coreset").fit(x)
 
 
-def test_a_cos_fit_with_a_zero_centre_predicts_from_old_pickles_and_copies():
+def test_a_cos_fit_with_a_zero_centre_predicts_from_old_pickles():
     import copy
 
     x = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]] * 5, np.float32)
@@ -1227,11 +1227,9 @@ def test_a_cos_fit_with_a_zero_centre_predicts_from_old_pickles_and_copies():
     old = copy.deepcopy(c)
     del old.__dict__["_fitted_centres"]  # as pickled by the version before it existed
     np.testing.assert_array_equal(old.predict(x), c.labels_)
-    # set by hand: checked, and a zero row kept as fits keep it (it is at distance 1 from every unit row) ...
-    c.cluster_centers_ = np.array([[0.0, 0.0], [3.0, 0.0]])
-    np.testing.assert_array_equal(c.predict(x), np.tile([1, 0, 0, 0], 5))
-    c.cluster_centers_ = c.cluster_centers_[:1]  # ... but centres that are all zero give no direction at all
-    with pytest.raises(InvalidInput, match="all zero"):
+    # set by hand: a zero row has no direction (cos assigns by ½‖u − c‖², which would score it as a cosine of ½)
+    c.cluster_centers_ = np.array([[3.0, 0.0], [0.0, 0.0]])
+    with pytest.raises(InvalidInput, match="row 1 is zero"):
         c.predict(x)
 
 
@@ -1300,3 +1298,57 @@ def test_save_needs_a_fit_and_load_rejects_damaged_or_inconsistent_files(tmp_pat
     c.cluster_centers_ = np.ones((3, 3))  # set by hand: no fit behind them to save
     with pytest.raises(kvant.EmptyIndex, match="by hand"):
         c.save(tmp_path / "h.kvant")
+
+
+def test_save_checks_what_load_would_refuse_and_keeps_the_fitted_centres(tmp_path):
+    x = np.random.default_rng(5).standard_normal((2000, 4)).astype(np.float32)
+    c = kvant.Clusterer(5, seed=0).fit(x)
+    c.set_params(k=7)  # a setting for the next fit: the model still predicts with its 5 centres
+    c.save(tmp_path / "a.kvant")
+    back = kvant.load(tmp_path / "a.kvant")
+    assert back.k == 7 and back.cluster_centers_.shape == (5, 4)
+    np.testing.assert_array_equal(back.predict(x), c.labels_)
+    c.set_params(seed=-1)
+    with pytest.raises(InvalidInput, match="seed"):
+        c.save(tmp_path / "b.kvant")
+    c.set_params(seed=0)
+    c.cluster_centers_[0, 0] = np.nan  # changed in place
+    with pytest.raises(InvalidInput, match="NaN"):
+        c.save(tmp_path / "b.kvant")
+    assert not (tmp_path / "b.kvant").exists()
+    kvant.Clusterer(5, seed=0).fit(x).save(tmp_path / "n.kvant", labels=False)
+    no_labels = kvant.load(tmp_path / "n.kvant")
+    with pytest.raises(InvalidInput, match="labels=False"):
+        no_labels.save(tmp_path / "c.kvant")
+    no_labels.save(tmp_path / "c.kvant", labels=False)
+    assert not hasattr(kvant.load(tmp_path / "c.kvant"), "labels_")
+
+
+@pytest.mark.parametrize("key,value", [("inertia_", float("nan")), ("inertia_", -5.0), ("inertia_", float("inf")),
+                                       ("n_samples_fit_", -2000), ("n_samples_fit_", 2), ("n_samples_fit_", "2000"),
+                                       ("n_samples_fit_", 2000.7), ("n_features_in_", "8"), ("n_features_in_", 3),
+                                       ("n_iter_", -3), ("max_iter_", "a"), ("sample_rows_", -1), ("threads_", 0),
+                                       ("algorithm_", "auto"), ("metric_", "cos"), ("sampling_", "all"),
+                                       ("overrelax_", True)])
+def test_load_refuses_fitted_attributes_a_fit_cannot_give(tmp_path, key, value):
+    from kvant import persist
+
+    x = np.random.default_rng(5).standard_normal((2000, 4)).astype(np.float32) * 3
+    kvant.Clusterer(5, seed=0).fit(x).save(tmp_path / "c.kvant")
+    _, meta, arrays = persist.read(tmp_path / "c.kvant")
+    meta["fitted"][key] = value  # metric_ = "cos": an l2 model's centres are not unit rows
+    persist.write(tmp_path / "x.kvant", "Clusterer", meta, arrays)
+    with pytest.raises(kvant.PersistError):
+        kvant.load(tmp_path / "x.kvant")
+
+
+def test_coreset_fallback_to_uniform_is_reported():
+    x = np.random.default_rng(0).standard_normal((5000, 3)).astype(np.float32)
+    seen = set()
+    for seed in range(5):
+        c = kvant.Clusterer(8, seed=seed, sample_per_centroid=1).fit(x)
+        seen.add(c.sampling_)
+        assert ("uniform" in c.auto_reason_) == (c.sampling_ == "uniform")
+    assert seen == {"coreset", "uniform"}  # a coreset of ~8 rows sometimes draws fewer than k (documented fallback)
+    assert kvant.Clusterer(8, seed=0).fit(x[:100]).sampling_ == "all rows"
+    assert kvant.Clusterer(8, algorithm="minibatch", seed=0).fit(x).sampling_ is None

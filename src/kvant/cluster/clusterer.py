@@ -20,6 +20,7 @@ source, so its memory is bounded by ``batch_rows`` whatever N is.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -90,7 +91,8 @@ class Clusterer:
     ``n_iter_`` (Lloyd iterations; for ``minibatch``, mini-batch steps), ``inertia_history_`` (the training
     objective per iteration; for ``minibatch``, per epoch); the settings actually used: ``algorithm_``,
     ``auto_reason_``, ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``sample_rows_`` (rows of the training sample;
-    0 for ``minibatch``), ``threads_``; and ``timings_`` (seconds per phase).
+    0 for ``minibatch``), ``sampling_`` (how it was drawn: ``"all rows"``, ``"coreset"`` or ``"uniform"``; None for
+    ``minibatch``), ``threads_``; and ``timings_`` (seconds per phase).
 
     Example
     -------
@@ -250,6 +252,9 @@ class Clusterer:
             t = time.perf_counter()
             sample, weights = _training_sample(src, full, m, seed0, norm, self.sampling, k, d2)
             sample_rows = sample.shape[0]
+            sampling_used = "all rows" if m >= src.n else "coreset" if weights is not None else "uniform"
+            if self.sampling == "coreset" and sampling_used == "uniform":  # _training_sample's fallback
+                reason += f"; the coreset drew fewer than k={k} rows, so a uniform {sample_rows}-row sample was used"
             every_row = sample is full and weights is None  # all rows, in order (m >= N)
             scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
@@ -305,6 +310,7 @@ class Clusterer:
         self.auto_reason_ = reason
         self.polish_iter_ = polish if algorithm != "minibatch" and full is not None else 0
         self.sample_rows_ = int(sample_rows) if algorithm != "minibatch" else 0
+        self.sampling_ = sampling_used if algorithm != "minibatch" else None
         self.overrelax_ = overrelax if algorithm != "minibatch" else 0.0
         self.max_iter_ = max_iter if algorithm != "minibatch" else 0
         self.cluster_centers_ = self._fitted_centres = centroids
@@ -362,9 +368,7 @@ class Clusterer:
         """``cluster_centers_`` as the assignment takes them: fitted ones as they are; centres set by hand are
         checked (a finite 2-D array of at least one row), copied to float32 and, for cos, unit-normalised."""
         c = self.cluster_centers_
-        fitted = self.__dict__.get("_fitted_centres")
-        # the fit's own array (pickling and deepcopy keep the identity), or a fit pickled before that was recorded
-        if c is fitted or (fitted is None and hasattr(self, "n_features_in_")):
+        if self._has_fitted_centres():
             return c
         try:
             c = np.array(c, dtype=np.float32, order="C")
@@ -375,9 +379,11 @@ class Clusterer:
         if not np.all(np.isfinite(c)):
             raise InvalidInput("cluster_centers_ set by hand contain NaN or inf (or values beyond float32)")
         if self._fitted_metric() == "cos":
-            if not c.any():
-                raise InvalidInput("cluster_centers_ set by hand are all zero: no direction for cos")
-            c = _normalise(c)  # as fitted centres are: unit rows, and an all-zero row (a fit can leave one) kept
+            # a zero row has no direction, and cos assigns by ½‖u − c‖², which would treat it as a cosine of ½
+            zero = ~c.any(axis=1)
+            if zero.any():
+                raise InvalidInput(f"cluster_centers_ row {int(np.argmax(zero))} is zero: no direction for cos")
+            c = _normalise(c)
         return c
 
     _PARAMS = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling",
@@ -403,12 +409,13 @@ class Clusterer:
 
     # -- persistence ------------------------------------------------------------------------------
     _FITTED = ("algorithm_", "auto_reason_", "metric_", "inertia_", "n_iter_", "n_features_in_", "n_samples_fit_",
-               "max_iter_", "overrelax_", "polish_iter_", "sample_rows_", "threads_")
+               "max_iter_", "overrelax_", "polish_iter_", "sample_rows_", "sampling_", "threads_")
 
     def save(self, path, labels: bool = True) -> None:
         """Write the fitted clusterer to ``path`` in kvant's container (docs/format.md): its settings, centres,
         scores, objective history and timings, and ``labels_`` unless ``labels=False`` (8 bytes per fitted row).
-        :func:`kvant.load` gives back a Clusterer that predicts and scores as this one does.
+        :func:`kvant.load` gives back a Clusterer that predicts and scores as this one does. Settings changed since
+        the fit are checked as ``fit`` would check them; the centres predicted with are the fitted ones.
 
         >>> import numpy as np, kvant, os, tempfile
         >>> c = kvant.Clusterer(3, seed=0).fit(np.random.default_rng(0).standard_normal((500, 4)).astype("float32"))
@@ -418,8 +425,14 @@ class Clusterer:
         >>> bool((back.cluster_centers_ == c.cluster_centers_).all()), back.inertia_ == c.inertia_
         (True, True)
         """
-        if not hasattr(self, "n_features_in_") or self.cluster_centers_ is not self.__dict__.get("_fitted_centres"):
+        if not self._has_fitted_centres():
             raise EmptyIndex("only a fitted Clusterer can be saved (centres set by hand have no fit behind them)")
+        self._check_settings()
+        if not np.isfinite(self.cluster_centers_).all():  # changed in place since the fit
+            raise InvalidInput("cluster_centers_ contain NaN or inf")
+        if labels and not hasattr(self, "labels_"):
+            raise InvalidInput("this Clusterer has no labels_ (it was loaded from a file saved without them): "
+                               "save it with labels=False")
         meta = {"params": {key: _plain(getattr(self, key)) for key in self._PARAMS},
                 "fitted": {key: _plain(getattr(self, key)) for key in self._FITTED},
                 "timings": {key: float(v) for key, v in self.timings_.items()}, "labels": bool(labels)}
@@ -429,6 +442,14 @@ class Clusterer:
             arrays["labels"] = self.labels_
         persist.write(path, "Clusterer", meta, arrays)
 
+    def _has_fitted_centres(self) -> bool:
+        """``cluster_centers_`` is the fit's own array (pickling and deepcopy keep the identity), or a fit pickled
+        before that was recorded; False for centres set by hand."""
+        fitted = self.__dict__.get("_fitted_centres")
+        if fitted is None:
+            return hasattr(self, "n_features_in_")
+        return self.__dict__.get("cluster_centers_") is fitted
+
     @classmethod
     def _from_persist(cls, meta: dict, arrays: dict) -> Clusterer:
         try:
@@ -437,17 +458,16 @@ class Clusterer:
             fitted, timings, with_labels = dict(meta["fitted"]), dict(meta["timings"]), bool(meta["labels"])
             centres, history = arrays["centres"], arrays["history"]
             labels = arrays["labels"] if with_labels else None
-            k, dim, n = int(obj.k), int(fitted["n_features_in_"]), int(fitted["n_samples_fit_"])
-            metric = fitted["metric_"]
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise PersistError(f"bad Clusterer content: {exc}") from exc
-        if set(fitted) != set(cls._FITTED) or metric not in ("l2", "cos"):
-            raise PersistError("bad Clusterer content: fitted attributes missing or unknown")
-        if centres.dtype != np.float32 or centres.shape != (k, dim) or not np.isfinite(centres).all():
-            raise PersistError(f"centres have shape {centres.shape} / {centres.dtype}, expected finite ({k}, {dim}) "
-                               "float32")
+        problem = _fitted_problem(fitted, centres)
+        if problem:
+            raise PersistError(f"bad Clusterer content: {problem}")
+        k, n = centres.shape[0], fitted["n_samples_fit_"]
         if history.dtype != np.float64 or history.ndim != 1:
             raise PersistError("the objective history is not a 1-D float64 array")
+        if not all(isinstance(v, float) for v in timings.values()):
+            raise PersistError("bad Clusterer content: timings must be numbers")
         if labels is not None and (labels.dtype != np.int64 or labels.shape != (n,) or
                                    (n and (labels.min() < 0 or labels.max() >= k))):
             raise PersistError(f"labels must be {n} int64 values in [0, {k})")
@@ -458,11 +478,53 @@ class Clusterer:
             obj.labels_ = labels
         obj.inertia_history_ = [float(h) for h in history]
         obj.timings_ = timings
-        if metric == "cos":
+        if fitted["metric_"] == "cos":
             obj.mean_cosine_ = float(1.0 - obj.inertia_ / n)
         else:
             obj.mse_ = float(obj.inertia_ / n)
         return obj
+
+
+def _fitted_problem(fitted: dict, centres: np.ndarray) -> str | None:
+    """What is wrong with a saved Clusterer's fitted attributes and centres, or None: each has the type and range
+    a fit gives it, the centres match them (finite float32, unit rows for cos), and the score is possible."""
+    if set(fitted) != set(Clusterer._FITTED):
+        return "fitted attributes missing or unknown"
+    if centres.dtype != np.float32 or centres.ndim != 2 or centres.shape[0] < 1 or not np.isfinite(centres).all():
+        return f"centres must be a finite (k, dim) float32 array, got {centres.shape} {centres.dtype}"
+
+    def whole(v, lo):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    def real(v):
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    k, dim = centres.shape
+    checks = {
+        "algorithm_": fitted["algorithm_"] in available_algorithms()[1:],
+        "auto_reason_": isinstance(fitted["auto_reason_"], str),
+        "metric_": fitted["metric_"] in ("l2", "cos"),
+        "n_features_in_": whole(fitted["n_features_in_"], 1) and fitted["n_features_in_"] == dim,
+        "n_samples_fit_": whole(fitted["n_samples_fit_"], k),
+        "inertia_": real(fitted["inertia_"]),
+        "n_iter_": whole(fitted["n_iter_"], 0),
+        "max_iter_": whole(fitted["max_iter_"], 0),
+        "overrelax_": real(fitted["overrelax_"]),
+        "polish_iter_": whole(fitted["polish_iter_"], 0),
+        "sample_rows_": whole(fitted["sample_rows_"], 0),
+        "sampling_": fitted["sampling_"] in ("all rows", "coreset", "uniform", None),
+        "threads_": whole(fitted["threads_"], 1),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        return f"{', '.join(bad)} out of type or range"
+    if fitted["metric_"] == "cos":
+        norms = np.sqrt((centres.astype(np.float64) ** 2).sum(1))
+        if not np.all((np.abs(norms - 1.0) < 1e-4) | (norms == 0)):
+            return "cos centres must be unit rows"
+        if fitted["inertia_"] > 2.0 * fitted["n_samples_fit_"]:  # mean cosine below -1
+            return "inertia_ beyond what unit rows and centres allow"
+    return None
 
 
 def _plain(value):
