@@ -1218,12 +1218,21 @@ def test_minibatch_refuses_the_training_sample_settings():
     kvant.Clusterer(3, algorithm="minibatch", sample_per_centroid=256, sampling="coreset").fit(x)
 
 
-def test_a_cos_fit_with_a_zero_centre_predicts_from_old_pickles():
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_cos_cluster_whose_unit_rows_cancel_keeps_a_direction(algorithm):
+    # the rows' unit vectors sum to zero: the mean has no direction. Any unit centre scores Σ u·c = 0, so the fit
+    # keeps its previous centre; it left a zero centre before, which ½‖u − c‖² scored as a mean cosine of ½, not 0.
+    x = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]] * 5, np.float32)
+    c = kvant.Clusterer(1, "cos", algorithm, seed=0).fit(x)
+    np.testing.assert_allclose(np.linalg.norm(c.cluster_centers_, axis=1), 1.0, rtol=1e-6)
+    assert c.mean_cosine_ == pytest.approx(0.0, abs=1e-6) and c.score(x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fits_pickled_before_fitted_centres_were_recorded_still_predict_and_hand_set_zero_rows_are_refused():
     import copy
 
     x = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]] * 5, np.float32)
-    c = kvant.Clusterer(1, "cos", seed=0).fit(x)
-    assert not c.cluster_centers_.any()  # the unit rows cancel: a zero centre, which the fit keeps
+    c = kvant.Clusterer(2, "cos", seed=0).fit(x)
     old = copy.deepcopy(c)
     del old.__dict__["_fitted_centres"]  # as pickled by the version before it existed
     np.testing.assert_array_equal(old.predict(x), c.labels_)

@@ -95,6 +95,8 @@ def m_step_ref(sums, counts, old, spherical, x_total):
     means[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
     sq = np.einsum("ij,ij->i", sums[nz], sums[nz])
     if spherical:
+        cancelled = nz & ~means.any(axis=1)  # unit rows summing to zero: the old centre stays
+        means[cancelled] = np.asarray(old, np.float32)[cancelled]
         norms = np.linalg.norm(means.astype(np.float64), axis=1)
         norms[norms == 0] = 1.0
         means = (means / norms[:, None]).astype(np.float32)

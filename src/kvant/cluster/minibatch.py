@@ -94,8 +94,12 @@ def minibatch_kmeans(
             seen[hit] += counts[hit]
             rate = counts[hit] / seen[hit]
             means = sums[hit] / counts[hit, None]
+            prev_c = c
             c = c.copy()
             c[hit] = (c[hit] + rate[:, None] * (means - c[hit])).astype(np.float32)
+            if spherical:  # a step onto zero (unit rows that cancel exactly) has no direction: keep the centre
+                cancelled = ~c.any(axis=1)
+                c[cancelled] = prev_c[cancelled]
             # A centre no row has reached since the start moves to the batch row farthest from its centre, from the
             # second epoch on (so never with max_epochs=1): in the first, its k-means++ seed has not had its chance
             # yet, and with tiny batches a centre moved onto a row that had just pulled its own centre onto itself

@@ -128,9 +128,9 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
 def m_step(sums, counts, old, spherical, x_total, means):
     """Lloyd's M-step from cluster sums in one pass (a tiny fit's iteration was mostly NumPy call overhead):
     writes each cluster's mean (float32, unit-normalised in float64 when ``spherical``; ``old``'s row for an empty
-    cluster) into ``means`` and returns the objective from sums alone, Σ w‖x‖² − Σ_j ‖S_j‖²/W_j with ``x_total`` =
-    Σ w‖x‖², or Σ_j W_j − Σ_j ‖S_j‖ for spherical (½Σ w‖x − c‖² of unit rows). NumPy reference:
-    ``kvant.bench.reference.m_step_ref``."""
+    cluster, and for a spherical cluster whose sum is zero) into ``means`` and returns the objective from sums alone,
+    Σ w‖x‖² − Σ_j ‖S_j‖²/W_j with ``x_total`` = Σ w‖x‖², or Σ_j W_j − Σ_j ‖S_j‖ for spherical (½Σ w‖x − c‖² of unit
+    rows). NumPy reference: ``kvant.bench.reference.m_step_ref``."""
     k, d = sums.shape
     total_w = 0.0
     gain = 0.0
@@ -143,12 +143,22 @@ def m_step(sums, counts, old, spherical, x_total, means):
             gain += np.sqrt(sq) if spherical else sq / counts[j]
             for t in range(d):
                 means[j, t] = np.float32(sums[j, t] / counts[j])
-        else:
+        if counts[j] <= 0 or (spherical and _all_zero(means, j)):
+            # an empty cluster keeps its centre; so does a spherical one whose unit rows cancel exactly: every unit
+            # direction scores Σu·c = 0 for it, and a zero centre would be measured as a cosine of ½ (½‖u − 0‖²)
             for t in range(d):
                 means[j, t] = old[j, t]
         if spherical:
             _to_unit(means, j)
     return total_w - gain if spherical else x_total - gain
+
+
+@numba.njit(inline="always", **_JIT)
+def _all_zero(c, j):
+    for t in range(c.shape[1]):
+        if c[j, t] != 0.0:
+            return False
+    return True
 
 
 @numba.njit(inline="always", **_JIT)
