@@ -92,6 +92,20 @@ def _first_rows_shortlist(tables, packed, n, m, k, rerank):
     return np.take_along_axis(d, o, 1), np.take_along_axis(i, o, 1)
 
 
+def _drops_the_best_shortlist(tables, packed, n, m, k, rerank):
+    if rerank == 0:
+        return K.fastscan_search(tables, packed, n, m, k, 0)
+    d, i = K.fastscan_search(tables, packed, n, m, k + 1, 0)  # exact ranks 1..k: ascending, distinct, exact
+    return np.ascontiguousarray(d[:, 1:]), np.ascontiguousarray(i[:, 1:])
+
+
+def _nan_padding(tables, codes, k):
+    d, i = K.adc_search(tables, codes, k)
+    d = d.copy()
+    d[i < 0] = np.nan  # padding (n < k) must be inf
+    return d, i
+
+
 def _repeated_best_shortlist(tables, packed, n, m, k, rerank):
     d, i = K.fastscan_search(tables, packed, n, m, k, rerank)
     if rerank == 0:
@@ -104,6 +118,8 @@ def _repeated_best_shortlist(tables, packed, n, m, k, rerank):
     ("adc_search", _wrong_after_four_queries, "adc_search"),
     ("fastscan_search", _first_rows_shortlist, "fastscan_search shortlist"),
     ("fastscan_search", _repeated_best_shortlist, "fastscan_search shortlist"),
+    ("fastscan_search", _drops_the_best_shortlist, "fastscan_search shortlist"),
+    ("adc_search", _nan_padding, "adc_search n=3 < k"),
     ("adc_search", _off_by_a_bit, "adc_search"),
     ("adc_search", _wrong_ids, "adc_search"),
     ("adc_search", _wrong_last_id, "adc_search"),

@@ -1343,7 +1343,8 @@ def test_load_refuses_fitted_attributes_a_fit_cannot_give(tmp_path, key, value):
     from kvant import persist
 
     x = np.random.default_rng(5).standard_normal((2000, 4)).astype(np.float32) * 3
-    kvant.Clusterer(5, seed=0).fit(x).save(tmp_path / "c.kvant")
+    # without labels: their shape check would refuse a wrong n_samples_fit_ on its own
+    kvant.Clusterer(5, seed=0).fit(x).save(tmp_path / "c.kvant", labels=False)
     _, meta, arrays = persist.read(tmp_path / "c.kvant")
     meta["fitted"][key] = value  # metric_ = "cos": an l2 model's centres are not unit rows
     persist.write(tmp_path / "x.kvant", "Clusterer", meta, arrays)
@@ -1361,3 +1362,20 @@ def test_coreset_fallback_to_uniform_is_reported():
     assert seen == {"coreset", "uniform"}  # a coreset of ~8 rows sometimes draws fewer than k (documented fallback)
     assert kvant.Clusterer(8, seed=0).fit(x[:100]).sampling_ == "all rows"
     assert kvant.Clusterer(8, algorithm="minibatch", seed=0).fit(x).sampling_ is None
+
+
+def test_files_and_pickles_from_before_sampling_was_recorded_still_load_and_save(tmp_path):
+    from kvant import persist
+
+    x = np.random.default_rng(5).standard_normal((500, 4)).astype(np.float32)
+    c = kvant.Clusterer(3, seed=0).fit(x)
+    c.save(tmp_path / "c.kvant")
+    _, meta, arrays = persist.read(tmp_path / "c.kvant")
+    del meta["fitted"]["sampling_"]
+    persist.write(tmp_path / "old.kvant", "Clusterer", meta, arrays)
+    assert kvant.load(tmp_path / "old.kvant").sampling_ is None
+    del c.__dict__["sampling_"], c.__dict__["sample_rows_"]  # as unpickled from an older version
+    c.save(tmp_path / "again.kvant")
+    back = kvant.load(tmp_path / "again.kvant")
+    assert back.sampling_ is None and back.sample_rows_ == 0
+    np.testing.assert_array_equal(back.predict(x), c.labels_)

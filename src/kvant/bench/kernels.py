@@ -194,18 +194,18 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
         if msg:
             problems.append(f"fastscan_search exact mode top-{K_TOP}: {msg}")
         d, i = kern.fastscan_search(tables32, packed, n, m, K_TOP, 2)
-        msg = shortlist_agrees(tables32, rd, np.asarray(d), np.asarray(i), full, n)
+        msg = shortlist_agrees(tables32, rd, ri, np.asarray(d), np.asarray(i), full, n)
         if msg:
             problems.append(f"fastscan_search shortlist: {msg}")
     return problems
 
 
-def shortlist_agrees(tables, ref_d, got_d, got_i, full, n) -> str | None:
+def shortlist_agrees(tables, ref_d, ref_i, got_d, got_i, full, n) -> str | None:
     """The lossy shortlist mode's contract, None when it holds: distinct ids in range, each reported at its exact ADC
-    distance, ascending; and no returned distance beyond the reference k-th by more than the u8 lookup tables can
-    explain. A row displaces a true top-k row only if its quantised sum is no larger, so its exact distance exceeds
-    that row's by at most the two sums' rounding: m entries each off by at most half a step of 1/255 of the widest
-    sub-table's range (twice that allows for other rounding schemes)."""
+    distance, ascending; and no reference top-k row left out unless the returned k-th is within what the u8 lookup
+    tables can explain of it. A row displaces a true top-k row r only if its quantised sum is no larger than r's, so
+    its exact distance exceeds r's by at most the two sums' rounding: m entries each off by at most half a step of
+    1/255 of the widest sub-table's range (twice that allows for other rounding schemes)."""
     nq, k = ref_d.shape
     if got_i.shape != (nq, k) or got_d.shape != (nq, k) or np.any(got_i < 0) or np.any(got_i >= n):
         return f"ids out of range or bad shape {got_i.shape}"
@@ -220,11 +220,12 @@ def shortlist_agrees(tables, ref_d, got_d, got_i, full, n) -> str | None:
             return f"query {q}: repeated ids {ids}"
         if not np.all(np.diff(got_d[q].astype(np.float64)) >= 0):
             return f"query {q}: distances not ascending {got_d[q].tolist()}"
-        kth = float(ref_d[q, -1])
-        slack = 2.0 * m * spans[q] / 255.0 + TOL * max(1.0, abs(kth))
-        if not float(got_d[q, -1]) <= kth + slack:
-            return (f"query {q}: k-th distance {float(got_d[q, -1])!r} is beyond the exact k-th {kth!r} by more "
-                    f"than quantised tables allow ({slack:.3g})")
+        kth = float(got_d[q, -1])
+        for r in set(ref_i[q].tolist()) - set(ids):  # each reference row left out, against the returned k-th
+            slack = 2.0 * m * spans[q] / 255.0 + TOL * max(1.0, abs(float(full[q, r])))
+            if not kth <= float(full[q, r]) + slack:
+                return (f"query {q}: row {r} (exact distance {float(full[q, r])!r}) is left out while the k-th "
+                        f"returned is at {kth!r}, more than quantised tables allow ({slack:.3g})")
     return None
 
 

@@ -284,6 +284,8 @@ def pq_topk_agrees(ref_d, ref_i, got_d, got_i, tol=1e-4, all_d=None):
         valid = ref_i[q] >= 0
         if not np.array_equal(valid, got_i[q] >= 0):
             return f"query {q}: padding differs (reference ids {ref_i[q].tolist()}, got {got_i[q].tolist()})"
+        if not np.all(got_d[q, ~valid] == np.inf):  # padding is +inf, never NaN or a number
+            return f"query {q}: padded positions hold {got_d[q, ~valid].tolist()}, expected inf"
         rd, gd = ref_d[q, valid], got_d[q, valid]
         err = np.abs(rd - gd) / np.maximum(1.0, np.abs(rd))
         if err.size and not err.max() <= tol:  # (written so that a NaN distance fails too)

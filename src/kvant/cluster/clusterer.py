@@ -434,7 +434,8 @@ class Clusterer:
             raise InvalidInput("this Clusterer has no labels_ (it was loaded from a file saved without them): "
                                "save it with labels=False")
         meta = {"params": {key: _plain(getattr(self, key)) for key in self._PARAMS},
-                "fitted": {key: _plain(getattr(self, key)) for key in self._FITTED},
+                # (fits pickled before sample_rows_ / sampling_ existed lack them: unknown, so 0 / None)
+                "fitted": {key: _plain(getattr(self, key, {"sample_rows_": 0}.get(key))) for key in self._FITTED},
                 "timings": {key: float(v) for key, v in self.timings_.items()}, "labels": bool(labels)}
         arrays = {"centres": self.cluster_centers_,
                   "history": np.asarray(self.inertia_history_, np.float64)}
@@ -456,6 +457,7 @@ class Clusterer:
             obj = cls(**meta["params"])
             obj._check_settings()
             fitted, timings, with_labels = dict(meta["fitted"]), dict(meta["timings"]), bool(meta["labels"])
+            fitted.setdefault("sampling_", None)  # files saved before sampling_ existed
             centres, history = arrays["centres"], arrays["history"]
             labels = arrays["labels"] if with_labels else None
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
