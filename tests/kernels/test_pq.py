@@ -426,6 +426,21 @@ def test_fastscan_shortlist_clip_is_not_set_by_the_first_rows():
             np.testing.assert_array_equal(d, np.take_along_axis(K.adc_distances(t, codes), i, 1))
 
 
+@pytest.mark.parametrize("m", [2, 16, 64])
+def test_fastscan_shortlist_rows_with_a_clipped_entry_never_tie_with_the_top_k(m):
+    # (review) Rows holding a far codeword were clipped to exactly U − Σ min above their minimum: quantised, they tied
+    # with the rows at U, came first in the scan and filled the shortlist (30 such rows beside 10 at distance 1:
+    # recall 0). The clip now sits far enough above U that their quantised sums exceed every row within U.
+    t = np.zeros((1, m, 16), np.float32)
+    t[0, 0, 1] = 1e4
+    t[0, 1] = np.linspace(0.0, 1.0, 16)
+    codes = np.zeros((40, m), np.uint8)
+    codes[:30, 0] = 1
+    codes[30:, 1] = 15
+    d, i = K.fastscan_search(t, K.pack_codes_4bit(codes), 40, m, 10, 2)
+    assert sorted(i[0].tolist()) == list(range(30, 40)) and np.all(d == 1.0)
+
+
 def test_fastscan_exact_mode_on_huge_tables_with_no_spread():
     # (review) m·max|t| / scale overflowed the int64 slack to a negative bound: no row passed, all -1 / inf
     m, n, k = 8, 40, 5

@@ -712,8 +712,9 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of
     ``CAP_SAMPLE * k`` rows spread evenly over the codes: their k-th smallest, U, bounds the k-th best from above (any
     k rows do), and a row with an entry more than U − Σ_j min_j above its minimum sums to more than U. Clipping
-    entries there keeps one far codeword (a table entry 1e4× the others) from setting the quantisation step alone,
-    which rounded every other entry to 0 and made the shortlist the first rows scanned. (U was the largest of the
+    entries there (a little above: see the end) keeps one far codeword (a table entry 1e4× the others) from setting
+    the quantisation step alone, which rounded every other entry to 0 and made the shortlist the first rows
+    scanned. (U was the largest of the
     first k rows' sums: when those rows held the far codeword the clip did nothing, and the shortlist found 1 of the
     exact top 10.) inf when there are fewer than k rows."""
     if n < k:
@@ -730,7 +731,14 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
         for v in range(1, 16):
             lo = min(lo, np.float64(t[j, v]))
         low += lo
-    return max(u - low, 0.0) * (1.0 + 2.0**-20)
+    c = max(u - low, 0.0) * (1.0 + 2.0**-20)
+    # A row with a clipped entry sums to more than U, but its quantised sum must also rank after every row within U,
+    # or rows holding the far codeword tie with the true top k and fill the shortlist first (a review's case: 30 such
+    # rows beside 10 at distance 1, recall 0). With the clip C' setting the step (C'/qmax), a clipped row's quantised
+    # sum is at least qmax, and a row within U has at most (U − Σ min)/step + m/2: C' > C / (1 − (m + 1) / (2 qmax)).
+    qmax = min(255, 65535 // (2 * mp2))
+    room = 1.0 - (m + 1) / (2.0 * qmax)
+    return c / room if room > 0.0 else np.inf
 
 
 @numba.njit(**_JIT)
