@@ -317,8 +317,6 @@ def _cmd_cluster(args) -> int:
     return EXIT_OK
 
 
-
-
 def _write_cluster_outputs(args, labels, centres, payload: dict) -> None:
     """Save -o labels and --centroids (paths checked before the fit) and name them in the JSON payload."""
     if args.output:

@@ -185,9 +185,9 @@ class Clusterer:
         # plain ints: NumPy integer settings (uint8, int16, ...) would overflow in k * sample_per_centroid, seed + r
         k, seed0, batch_rows = int(self.k), check_seed(self.seed), int(self.batch_rows)
         max_epochs, n_redo = int(self.max_epochs), int(self.n_redo)
+        per_centre = None if self.sample_per_centroid is None else int(self.sample_per_centroid)
         if self.algorithm == "auto":
-            per = None if self.sample_per_centroid is None else int(self.sample_per_centroid)
-            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling, per)
+            choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling, per_centre)
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
@@ -212,8 +212,7 @@ class Clusterer:
             reason += f"; given by the caller: {', '.join(given)}"
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        per = DEFAULT_SAMPLE_PER_CENTROID if self.sample_per_centroid is None else int(self.sample_per_centroid)
-        m = int(params.get("sample_rows", k * per))
+        m = int(params.get("sample_rows", k * (per_centre or DEFAULT_SAMPLE_PER_CENTROID)))  # (None or >= 1)
         # A coreset of an array reads every row once for the sampling distances; that pass also checks the
         # rows for NaN/inf (and zero rows for cos), so the data is read once before training instead of twice.
         fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n
@@ -256,7 +255,7 @@ class Clusterer:
             if self.sampling == "coreset" and sampling_used == "uniform":  # _training_sample's fallback
                 reason += f"; the coreset drew fewer than k={k} rows, so a uniform {sample_rows}-row sample was used"
             every_row = sample is full and weights is None  # all rows, in order (m >= N)
-            scale = 1.0 if weights is not None else src.n / sample.shape[0]  # weights already sum to ~N
+            scale = 1.0 if weights is not None else src.n / sample_rows  # weights already sum to ~N
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
             shift, cscale = (None, None) if spherical else conditioning(sample)
             sample = condition(sample, shift, cscale)
