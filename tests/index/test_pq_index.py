@@ -362,6 +362,28 @@ def test_one_far_codeword_does_not_blind_the_4bit_shortlist(rerank):
         assert np.mean(got <= kth[:, None] * (1 + 1e-6)) > 0.95
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_4bit_search_finds_a_stored_vector_and_its_copies(m):
+    # (review) A stored vector searched for itself at k=1 returned row 0 at 4x its distance (m=16), and 4,000 stored
+    # copies of a query were all missed: the shortlist's clip was 0 and it held the first rows scanned.
+    rng = np.random.default_rng(1)
+    dim = 64
+    x = rng.standard_normal((6000, dim)).astype(np.float32)
+    v = rng.standard_normal((1, dim)).astype(np.float32)
+    x = np.vstack([x, np.repeat(v, 4000, 0)])  # rows 6000..9999
+    index = kvant.PQIndex(dim, m, nbits=4)
+    index.train(x)
+    index.add(x)
+    q = np.vstack([v, x[[500, 750, 3, 251]]])
+    d, ids = index.search(q, 10 if m > 1 else 1)
+    truth = _adc_truth(index, x, q, "l2")
+    kth = np.sort(truth, axis=1)[:, ids.shape[1] - 1]
+    np.testing.assert_allclose(d, np.take_along_axis(truth, ids, 1), rtol=1e-6)
+    assert np.all(d <= kth[:, None] * (1 + 1e-6) + 1e-9), (d, kth)
+    if m > 1:
+        assert set(ids[0]) <= set(range(6000, 10000))
+
+
 @pytest.mark.parametrize("nbits,refine,opq", [(8, 0, False), (4, 0, False), (8, 4, False), (8, 0, True)])
 def test_one_huge_query_leaves_the_others_in_its_batch_alone(data, nbits, refine, opq):
     # (review) One table scale for the whole batch: a query of norm ~1e37 pushed the others' tables to float32

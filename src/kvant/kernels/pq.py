@@ -726,12 +726,20 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     sums.sort()
     u = sums[k - 1]
     low = 0.0
+    step = np.inf  # the smallest positive excess of an entry over its sub-table's minimum
     for j in range(m):
         lo = np.float64(t[j, 0])
         for v in range(1, 16):
             lo = min(lo, np.float64(t[j, v]))
         low += lo
-    c = max(u - low, 0.0) * (1.0 + 2.0**-20)
+        for v in range(16):
+            e = np.float64(t[j, v]) - lo
+            if e > 0.0:
+                step = min(step, e)
+    # U = Σ min (a sampled row at every minimum: the query is a stored code) gave a clip of 0, which rounded every
+    # entry to 0 and made the shortlist the first rows scanned (a review: 4,000 copies of the query missed). Clipping
+    # no lower than the smallest positive excess keeps every entry above its minimum quantised above 0.
+    c = max(u - low, step if step < np.inf else 0.0) * (1.0 + 2.0**-20)
     # A row with a clipped entry sums to more than U, but its quantised sum must also rank after every row within U,
     # or rows holding the far codeword tie with the true top k and fill the shortlist first (a review's case: 30 such
     # rows beside 10 at distance 1, recall 0). With the clip C' setting the step (C'/qmax), a clipped row's quantised
@@ -979,7 +987,7 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, group, tile, part_d, part_i):
+def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, group, tile, part_a, part_r):
     # Shortlist mode. A work item is a group of queries x a chunk of blocks; it walks its blocks in tiles
     # of ``tile`` blocks and scans each tile for every query of the group before the next, so a tile is
     # read from memory once per group and from L1/L2 for the others (one query at a time streamed all the
@@ -1018,19 +1026,43 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                     b += nb
                 th[j] = thj
         for j in range(g):
-            q = q0 + j
-            t = tables[q]
-            dd = part_d[c, q]
-            ii = part_i[c, q]
-            dd[:] = np.inf
-            ii[:] = -1
+            part_a[c, q0 + j] = sa[j]
+            part_r[c, q0 + j] = si[j]
+
+
+@numba.njit(parallel=True, **_JIT)
+def _rescore_shortlists(tables, flat, mp2, m, part_a, part_r, out_d, out_i):
+    # The L rows with the smallest (quantised sum, row) over every chunk's shortlist (each chunk keeps its own L
+    # smallest in that order, so these are the L one chunk over all rows would keep), re-scored exactly. Re-scoring
+    # each chunk's shortlist instead made the result depend on the chunk count, and so on the batch size: 68 of 300
+    # queries changed ids at rerank=1 between one-at-a-time and batched search.
+    nchunks, nq, L = part_a.shape
+    k = out_d.shape[1]
+    for q in prange(nq):
+        t = tables[q]
+        dd = out_d[q]
+        ii = out_i[q]
+        aa = np.empty(nchunks * L, dtype=np.int64)
+        rr = np.empty(nchunks * L, dtype=np.int64)
+        f = 0
+        for c in range(nchunks):
             for s in range(L):
-                r = si[j, s]
-                if r < 0:
+                if part_r[c, q, s] < 0:
                     break
-                d = _exact_4bit(t, flat, r, m, mp2)
-                if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or r < ii[k - 1])):
-                    _push(dd, ii, k, d, r)
+                aa[f] = part_a[c, q, s]
+                rr[f] = part_r[c, q, s]
+                f += 1
+        if nchunks > 1:
+            order = np.argsort(aa[:f], kind="mergesort")  # stable: chunks are in row order, so ties keep row order
+            take = min(f, L)
+        else:
+            order = np.arange(f)
+            take = f
+        for s in range(take):
+            r = rr[order[s]]
+            d = _exact_4bit(t, flat, r, m, mp2)
+            if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or r < ii[k - 1])):
+                _push(dd, ii, k, d, r)
 
 
 # Shortlist mode: queries sharing each tile of codes, and the tile's size. 256 KB tiles stay in the 2 MB
@@ -1046,7 +1078,8 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
     ``rerank * k`` rows with the smallest quantised sums; ``rerank = 0`` is the exact mode (module doc).
     ``group`` / ``tile_blocks`` (shortlist mode; defaults ``FASTSCAN_GROUP``, lowered so each thread gets two work
     items — 8 or 16 queries on 2 threads: +31% / +37% q/s at 1M codes — and ``FASTSCAN_TILE_BYTES``) set how many
-    queries scan each tile of blocks together; they change the speed, never the result.
+    queries scan each tile of blocks together; they, ``nchunks`` (how the codes are split among threads; by default
+    it depends on the batch size) and the thread count change the speed, never the result.
     """
     nq = tables.shape[0]
     k = int(k)
@@ -1059,8 +1092,6 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
         threads = numba.get_num_threads()
         nchunks = 1 if nq >= 4 * threads or nblocks < 256 else min(threads * 2, nblocks // 128)
     nchunks = max(1, int(nchunks))
-    part_d = np.empty((nchunks, nq, k), dtype=np.float32)
-    part_i = np.empty((nchunks, nq, k), dtype=np.int64)
     flat = packed.reshape(-1)
     mp2 = packed.shape[1]
     if rerank >= 1:
@@ -1070,10 +1101,16 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
         group = max(1, int(group))
         tile = max(1, int(FASTSCAN_TILE_BYTES // (32 * mp2) if tile_blocks is None else tile_blocks))
         tile += tile & 1  # even, so the two-block steps of AVX-512 hosts pair the same blocks in every tile
+        L = int(rerank) * k
+        part_a = np.empty((nchunks, nq, L), dtype=np.int64)
+        part_r = np.empty((nchunks, nq, L), dtype=np.int64)
         _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, int(rerank), nchunks, group, tile,
-                                   part_d, part_i)
-    else:
-        _fastscan_exact_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, nchunks, part_d, part_i)
+                                   part_a, part_r)
+        _rescore_shortlists(tables, flat, mp2, int(m), part_a, part_r, out_d, out_i)
+        return out_d, out_i
+    part_d = np.empty((nchunks, nq, k), dtype=np.float32)
+    part_i = np.empty((nchunks, nq, k), dtype=np.int64)
+    _fastscan_exact_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, nchunks, part_d, part_i)
     if nchunks == 1:
         return part_d[0], part_i[0]
     _merge_parts(part_d, part_i, out_d, out_i)
