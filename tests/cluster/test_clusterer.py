@@ -906,6 +906,18 @@ def test_labels_equal_predict_on_integer_data_with_duplicates_and_reseeds():
             np.testing.assert_array_equal(c.labels_, c.predict(x), err_msg=f"{t} {metric} n={n} k={k}")
 
 
+@pytest.mark.parametrize("settings", [{}, {"sample_per_centroid": 8, "polish_iter": 1}, {"algorithm": "dense-exact-nredo"}])
+def test_cos_labels_equal_predict_when_lloyd_ran_on_a_unit_copy(settings):
+    # (review) Training on every row (N <= 256·K) or polishing runs on a float32 unit copy; its labels were kept as
+    # labels_, but its rounding moves cosines by ~1e-8 and on offset data 1-4 rows per fit got a centre farther than
+    # another by 1e-13 (predict, on the raw rows, was right). The final labels now come from the raw rows.
+    x = (1e4 + np.random.default_rng(4).standard_normal((3000, 8))).astype(np.float32)
+    for seed in range(3):
+        c = kvant.Clusterer(50, "cos", seed=seed, **settings).fit(x)
+        np.testing.assert_array_equal(c.labels_, c.predict(x), err_msg=f"seed {seed}")
+        assert c.score(x) == c.mean_cosine_  # the same assignment of the same rows
+
+
 def test_polish_runs_when_the_sample_is_every_row():
     # polish_iter_ reported 5 while no pass ran (N <= 256·K trains on every row and skipped polishing)
     x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)

@@ -234,6 +234,7 @@ class Clusterer:
         # cos: rows are unit-normalised block by block as they are read (no second copy of the input), except
         # when Lloyd must run over every row (all rows are the sample, or polish passes): then one unit copy.
         unit = spherical and full is not None and (m >= src.n or polish > 0)
+        raw = full  # the final assignment reads these (predict's rows), not the unit copy
         if unit:
             full = normalise_rows(full)
         norm = spherical and not unit  # rows read from `full` or `src` still need normalising
@@ -275,7 +276,11 @@ class Clusterer:
             # loop's): its labels, made exact by certify_top2 (labels_ must be predict's exact nearest centres; its
             # float32 labels alone were one rounding off on 121 of 6,000 grid rows in a review), replace the final
             # assignment. Conditioned rows are excluded: their float32 labels certify the conditioned problem.
-            reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0)
+            # Unit copies are excluded too: their float32 rounding moves cosines by ~1e-8, and a review found 1-4 rows
+            # per fit labelled with a centre farther than another by 1e-13 (offset data; predict, on the raw rows, was
+            # right), so cos assigns the raw rows again, as predict does.
+            reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
+                      and not unit)
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
@@ -299,7 +304,7 @@ class Clusterer:
             labels, inertia = _exact_from_last_e_step(full, centroids, best, spherical)
             report("assign", src.n)
         else:
-            labels, inertia = _assign_all(src, full, centroids, spherical, rows, report, with_inertia=True, unit=unit,
+            labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,
                                           check=defer and not src.validated)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
