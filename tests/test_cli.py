@@ -126,6 +126,22 @@ def test_cluster_outputs_naming_the_input_are_refused(tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "x.npy"), x)
 
 
+def test_cluster_outputs_inside_a_parquet_input_directory_are_refused(tmp_path, capsys):
+    # (review) --model replaced a.parquet in the input directory with the model (exit 0); the data was unreadable after
+    x = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    d = tmp_path / "emb"
+    d.mkdir()
+    kvant.io.write_parquet(d / "a.parquet", x[:100])
+    kvant.io.write_parquet(d / "b.parquet", x[100:])
+    before = (d / "a.parquet").read_bytes()
+    for flag, name in (("--model", "a.parquet"), ("--model", "new.parquet"), ("-o", "labels"), ("--centroids", "c")):
+        assert main(["cluster", str(d), "-k", "3", "-q", flag, str(d / name)]) == 2, (flag, name)
+        assert "is inside the input" in capsys.readouterr().err
+    assert (d / "a.parquet").read_bytes() == before
+    assert sorted(p.name for p in d.iterdir()) == ["a.parquet", "b.parquet"]
+    assert main(["cluster", str(d), "-k", "3", "-q", "--model", str(tmp_path / "m.kvant")]) == 0  # beside it is fine
+
+
 def test_unwritable_cluster_outputs_fail_before_the_fit(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((60, 3)).astype(np.float32))
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "-q", "-o", UNWRITABLE]) == 2

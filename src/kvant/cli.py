@@ -95,6 +95,16 @@ def _same_file(a, b) -> bool:
         return False
 
 
+def _inside_dir(path, directory) -> bool:
+    """True when ``directory`` is a directory and ``path`` lies in it (at any depth), symlinks resolved."""
+    from pathlib import Path
+
+    try:
+        return os.path.isdir(directory) and Path(directory).resolve() in Path(path).resolve().parents
+    except (OSError, ValueError):
+        return False
+
+
 def _output_file(path, suffix: str | None = None, others=(), what: str = "output") -> str:
     """``path`` as the writer will name it (``suffix`` appended when missing, as np.save / np.savez do);
     InvalidInput if it cannot be written or names the same file as one of ``others`` (``(label, path)`` pairs:
@@ -119,6 +129,8 @@ def _output_file(path, suffix: str | None = None, others=(), what: str = "output
     for label, other in others:
         if other is not None and _same_file(out, other):
             raise InvalidInput(f"{what} {out} is the same file as {label} {other}; writing it would destroy it")
+        if other is not None and _inside_dir(out, other):  # a parquet directory reads every file in it
+            raise InvalidInput(f"{what} {out} is inside {label} {other}; it would replace or join the data read")
     if os.path.lexists(out) and not out.is_file():
         raise InvalidInput(f"{what} {out} exists and is not a regular file")
     # the writers create a file in this directory (np.save, a log) or a temp file they rename (kvant.persist):
@@ -554,7 +566,7 @@ def _cmd_index_build(args) -> int:
     from .io import as_source
 
     pq_only = {"--m": args.m, "--nbits": args.nbits, "--opq": args.opq or None, "--refine": args.refine,
-               "--train-rows": args.train_rows}
+               "--train-rows": args.train_rows, "--seed": args.seed}
     if args.type == "flat":
         given = [flag for flag, value in pq_only.items() if value is not None]
         if given:  # they would be silently ignored
@@ -563,6 +575,7 @@ def _cmd_index_build(args) -> int:
         args.m = 16 if args.m is None else args.m
         args.nbits = 8 if args.nbits is None else args.nbits
         args.refine = 0 if args.refine is None else args.refine
+        args.seed = 0 if args.seed is None else args.seed
     args.output = _output_file(args.output, others=[("the input", args.input)])
     src = as_source(args.input, column=args.column)
     t0 = time.perf_counter()
@@ -645,7 +658,7 @@ def _add_index(sub) -> None:
     b.add_argument("--train-rows", type=int, default=None,
                    help="PQ training sample size (default 256 per codeword)")
     b.add_argument("--column", default=None, help="parquet column / HDF5 dataset")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=None, help="PQ training seed (pq; default 0)")
     _common(b)
     b.set_defaults(func=_cmd_index_build)
 

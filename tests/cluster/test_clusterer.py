@@ -906,7 +906,8 @@ def test_labels_equal_predict_on_integer_data_with_duplicates_and_reseeds():
             np.testing.assert_array_equal(c.labels_, c.predict(x), err_msg=f"{t} {metric} n={n} k={k}")
 
 
-@pytest.mark.parametrize("settings", [{}, {"sample_per_centroid": 8, "polish_iter": 1}, {"algorithm": "dense-exact-nredo"}])
+@pytest.mark.parametrize("settings", [{}, {"sample_per_centroid": 8, "polish_iter": 1},
+                                      {"algorithm": "dense-exact-nredo"}])
 def test_cos_labels_equal_predict_when_lloyd_ran_on_a_unit_copy(settings):
     # (review) Training on every row (N <= 256·K) or polishing runs on a float32 unit copy; its labels were kept as
     # labels_, but its rounding moves cosines by ~1e-8 and on offset data 1-4 rows per fit got a centre farther than

@@ -69,6 +69,9 @@ def test_ignored_flags_are_refused(tmp_path, capsys):
                  "--refine", "5", "--nbits", "4", "--train-rows", "30"]) == 2
     err = capsys.readouterr().err
     assert all(flag in err for flag in ("--m", "--opq", "--refine", "--nbits", "--train-rows")) and not out.exists()
+    # (review) --seed too: a flat index has no randomness
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--type", "flat", "--seed", "123"]) == 2
+    assert "--seed" in capsys.readouterr().err and not out.exists()
     assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--type", "flat", "-q"]) == 0
     assert main(["search", str(out), str(tmp_path / "x.npy"), "--show", "-1"]) == 2  # printed nothing, exit 0
     assert "--show" in capsys.readouterr().err
