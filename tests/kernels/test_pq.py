@@ -544,3 +544,16 @@ def test_adc_search_query_by_query_and_block_paths_agree(monkeypatch, few, nchun
             order = np.lexsort((np.arange(len(codes)), full[q]))[:9]
             np.testing.assert_array_equal(i[q], order)
             np.testing.assert_array_equal(d[q], full[q, order])
+
+
+@pytest.mark.parametrize("ksub", [5, 16])  # portable encoder, lanes encoder
+def test_encode_flags_the_rows_at_or_above_the_limit(ksub):
+    rng = np.random.default_rng(ksub)
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    x[[3, 64, 65, 299], [0, 11, 5, 7]] = [2.0**56, -2.0**56, 3e38, np.nextafter(np.float32(2.0**56), 0)]
+    cb = rng.standard_normal((3, ksub, 4)).astype(np.float32)
+    codes, far = K.pq_encode_flagged(x, cb, 2.0**56)
+    np.testing.assert_array_equal(far, (np.abs(x.astype(np.float64)) >= 2.0**56).any(axis=1))
+    assert far.sum() == 3
+    np.testing.assert_array_equal(codes, K.pq_encode(x, cb))
+    assert not K.pq_encode_flagged(x, cb, np.inf)[1].any()

@@ -326,6 +326,26 @@ def test_a_few_rows_far_out_leave_the_others_codes_exact(cls, bulk, outlier):
         assert np.unique(codes[:, j]).size > 100  # the bulk was trained on too, not pushed to a few codewords
 
 
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ])
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_rows_far_outside_the_codebooks_encode_to_their_nearest_codeword(cls, nbits):
+    # (review) Codebooks trained at 1e14 are not rescaled, and a row at 2e19 overflowed every float32 squared
+    # difference: codeword 0 in every sub-space. Such rows are now encoded in float64, beside ordinary rows.
+    rng = np.random.default_rng(0)
+    dim, m = 8, 4
+    train = (rng.standard_normal((4096, dim)) * 1e14).astype(np.float32)
+    q = cls(dim, m, nbits, seed=0).fit(train)
+    x = np.vstack([train[:50], (rng.standard_normal((5, dim)) * 1e19).astype(np.float32),
+                   np.full((1, dim), 2e19, np.float32), np.full((1, dim), -3e38, np.float32)])
+    z = q._transform(x).astype(np.float64)
+    books = q.codebooks_.astype(np.float64)
+    codes = q.unpacked_codes(q.encode(x))
+    d = dim // m
+    for j in range(m):
+        dist = ((z[:, None, j * d : (j + 1) * d] - books[j][None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(codes[:, j], np.argmin(dist, axis=1), err_msg=f"sub-space {j}")
+
+
 def test_range_scale_moves_the_extremes_into_range_and_only_then():
     rs = pqmod.range_scale
     assert rs(np.array([1e-4, 1.0, 1e20])) is None and rs(np.zeros(3)) is None  # ordinary: no copy at all

@@ -169,12 +169,22 @@ def _argmin_bits(bits, ksub):
     return best
 
 
+@numba.njit(inline="always", **_JIT)
+def _row_bits_max(xbits, r):
+    # the largest |value| of row r as its float32 bit pattern (sign cleared): integer compares order finite floats by
+    # magnitude, and an integer max vectorises where a float one (NaN semantics) does not
+    mx = np.int32(0)
+    for col in range(xbits.shape[1]):
+        mx = max(mx, xbits[r, col] & np.int32(0x7FFFFFFF))
+    return mx
+
+
 @numba.njit(parallel=True, **_JIT)
-def _encode_kernel(x, cbf, m, dsub, ksub, out, block):
+def _encode_kernel(x, xbits, cbf, m, dsub, ksub, out, block, far, limit):
     # Portable fallback for odd codebook sizes (see _encode_kernel_lanes for the fast path).
     # cbf: codebooks transposed to (m, dsub, ksub) and flattened; rows are encoded two at a time so each codebook
     # load feeds two rows; the inner loops run over codewords (vectorised) with unsigned indexing.
-    n = x.shape[0]
+    n, dim = x.shape
     nblocks = (n + block - 1) // block
     uk = np.uint64(ksub)
     for b in prange(nblocks):
@@ -183,6 +193,8 @@ def _encode_kernel(x, cbf, m, dsub, ksub, out, block):
         bits = acc.view(np.int32)
         bits2 = acc2.view(np.int32)
         r1 = min(n, (b + 1) * block)
+        for r in range(b * block, r1):
+            far[r] = _row_bits_max(xbits, r) >= limit
         for r in range(b * block, r1, 2):
             ra = x[r]
             rb = x[min(r + 1, r1 - 1)]
@@ -335,7 +347,7 @@ def _enc_sub(xt, xo, cbf, cbo, dsub, ksub, res):
 
 
 @numba.njit(parallel=True, **_JIT)
-def _encode_kernel_lanes(x, cbf, m, dsub, ksub, out, block):
+def _encode_kernel_lanes(x, xbits, cbf, m, dsub, ksub, out, block, far, limit):
     # Fast path for ksub a multiple of _ENC_CW: blocks of ``block`` rows in parallel; within a block, 32 rows at a
     # time are transposed into ``xt`` (the last group padded by repeating the block's last row, results dropped).
     n, dim = x.shape
@@ -349,6 +361,7 @@ def _encode_kernel_lanes(x, cbf, m, dsub, ksub, out, block):
                 r = min(r0 + lane, r1 - 1)
                 for col in range(dim):
                     xt[col * _ENC_LANES + lane] = x[r, col]
+                far[r] = _row_bits_max(xbits, r) >= limit
             nr = min(_ENC_LANES, r1 - r0)
             for j in range(m):
                 _enc_sub(xt, j * dsub * _ENC_LANES, cbf, j * ksub * dsub, dsub, ksub, res)
@@ -358,16 +371,29 @@ def _encode_kernel_lanes(x, cbf, m, dsub, ksub, out, block):
 
 def pq_encode(x, codebooks):
     """uint8 (n, m) codes: index of the nearest codeword per sub-vector, ties to the smaller id."""
+    return pq_encode_flagged(x, codebooks, np.inf)[0]
+
+
+def pq_encode_flagged(x, codebooks, limit):
+    """:func:`pq_encode`, and a bool mask (n,) of the rows holding a value of magnitude >= ``limit``, found while
+    the rows are read (the caller re-encodes those whose float32 squared differences could overflow)."""
     m = codebooks.shape[0]
     out = np.empty((x.shape[0], m), dtype=np.uint8)
+    far = np.zeros(x.shape[0], dtype=np.bool_)
     if out.size:
         m, ksub, dsub = codebooks.shape
+        # the bit pattern of the smallest float32 >= limit (inf's pattern when none is: then only inf/NaN rows)
+        lim = np.float32(limit)
+        if np.float64(lim) < limit:
+            lim = np.nextafter(lim, np.float32(np.inf))
+        bits_limit = np.int32(np.array(lim, np.float32).view(np.int32))
+        xbits = x.view(np.int32)
         if ksub % _ENC_CW == 0:
-            _encode_kernel_lanes(x, np.ascontiguousarray(codebooks, dtype=np.float32).reshape(-1), m, dsub, ksub,
-                                 out, 64)
+            _encode_kernel_lanes(x, xbits, np.ascontiguousarray(codebooks, dtype=np.float32).reshape(-1), m, dsub,
+                                 ksub, out, 64, far, bits_limit)
         else:
-            _encode_kernel(x, _transpose_cb(codebooks).reshape(-1), m, dsub, ksub, out, 64)
-    return out
+            _encode_kernel(x, xbits, _transpose_cb(codebooks).reshape(-1), m, dsub, ksub, out, 64, far, bits_limit)
+    return out, far
 
 
 _SUM_CHUNKS = 8  # fixed row chunks of the M-step: partial sums merged in chunk order, so results do not

@@ -125,6 +125,22 @@ def subspace_scales(rows: np.ndarray, m: int) -> np.ndarray | None:
     return np.array([1.0 if f is None else f for f in scales])
 
 
+# Rows with a value of magnitude >= 2^56 (after the sub-space scales) are encoded in float64: the float32 kernel's
+# squared differences would overflow (codebooks hold squared norms <= 2^100, so |c| <= 2^50, and dsub <= 2^14 terms
+# below 2^113 each stay finite). A review found a row at 2e19 beside codebooks at 1e14 given codeword 0 everywhere.
+_FAR_EXPONENT = 56
+
+
+def _encode_far_rows(x: np.ndarray, books: np.ndarray, codes: np.ndarray, far: np.ndarray) -> None:
+    """Re-encode, in float64 and in place, the rows ``far`` of ``x`` (far enough out to overflow the float32
+    encoder)."""
+    m, _, dsub = books.shape
+    b64 = books.astype(np.float64)
+    for r in far:
+        sub = x[r].astype(np.float64).reshape(m, 1, dsub)
+        codes[r] = np.argmin(((sub - b64) ** 2).sum(axis=2), axis=1)  # ties to the smaller id, as the kernel
+
+
 def scale_subspaces(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """``x`` (n, m·dsub) with sub-vector j times ``scales[j]`` (powers of two, exact), as float32."""
     dsub = x.shape[-1] // scales.shape[0]
@@ -328,7 +344,8 @@ class PQ:
         if scales is not None:
             x = scale_subspaces(x, scales)
             books = (books.astype(np.float64) * scales[:, None, None]).astype(np.float32)
-        codes = _kpq().pq_encode(x, books)
+        codes, far = _kpq().pq_encode_flagged(x, books, 2.0**_FAR_EXPONENT)
+        _encode_far_rows(x, books, codes, np.flatnonzero(far))
         return pack_nibbles(codes) if self.nbits == 4 else codes
 
     @with_threads
