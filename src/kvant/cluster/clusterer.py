@@ -33,8 +33,8 @@ from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import ArraySource, VectorSource, as_source
 from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms_serial
-from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows
-from .assign import CertifiedCentres, assign_certified, assign_top2
+from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, exact_sq_dist_rows_scaled
+from .assign import _SAFE_SQNORM, CertifiedCentres, assign_certified, assign_top2
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
@@ -276,11 +276,12 @@ class Clusterer:
             # loop's): its labels, made exact by certify_top2 (labels_ must be predict's exact nearest centres; its
             # float32 labels alone were one rounding off on 121 of 6,000 grid rows in a review), replace the final
             # assignment. Conditioned rows are excluded: their float32 labels certify the conditioned problem.
-            # Unit copies are excluded too: their float32 rounding moves cosines by ~1e-8, and a review found 1-4 rows
-            # per fit labelled with a centre farther than another by 1e-13 (offset data; predict, on the raw rows, was
-            # right), so cos assigns the raw rows again, as predict does.
+            # cos: Lloyd ran on a float32 unit copy, and certifying its labels on that copy (a review: 1-4 rows per
+            # fit on offset data labelled with a centre 1e-13 farther than another; predict was right) is not
+            # predict's definition; they are certified against the raw rows scaled by 1/‖x‖, as predict's are,
+            # when every row's squared norm is in the range where predict scales rather than copies.
             reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
-                      and not unit)
+                      and (not unit or _unit_scalable(raw)))
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
@@ -301,7 +302,7 @@ class Clusterer:
         t = time.perf_counter()
         rows = batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if algorithm != "minibatch" and reused:
-            labels, inertia = _exact_from_last_e_step(full, centroids, best, spherical)
+            labels, inertia = _exact_from_last_e_step(raw, centroids, best, spherical)
             report("assign", src.n)
         else:
             labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,
@@ -628,16 +629,30 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: i
             yield s, normalise_rows(block, s) if norm else block
 
 
+def _unit_scalable(x) -> bool:
+    """True when every row's squared norm is in the range where the assignment scales cos rows by 1/‖x‖ instead of
+    normalising a copy of them (:data:`kvant.cluster.assign._SAFE_SQNORM`)."""
+    xn = sq_norms_serial(x)
+    return bool(xn.min(initial=np.inf) > _SAFE_SQNORM[0] and xn.max(initial=0.0) < _SAFE_SQNORM[1])
+
+
 def _exact_from_last_e_step(x, centroids, res, spherical) -> tuple[np.ndarray, float]:
     """(labels, inertia) of the rows ``x`` Lloyd's last E-step assigned to ``centroids`` (``res``: its LloydResult,
     with the E-step's float32 distances): the labels made exact by :func:`certify_top2`, the inertia from float64
-    distances term by term — what :func:`_assign_all` returns, without a second assignment."""
+    distances term by term — what :func:`_assign_all` returns, without a second assignment.
+
+    ``x`` are the raw rows; for cos the E-step ran on their float32 unit copy, and the rows are scaled by 1/‖x‖ here
+    as the assignment scales them. The copy's rounding (< 1 unit in the last place per coordinate, ~2u(‖x‖ + ‖c‖)² in
+    a distance) fits inside the certificate's margin, which allows 4.5u for scaling rows inside the kernel that a copy
+    does not use (:func:`kvant.kernels.assign.label_margins`)."""
     labels = res.labels.copy()
     cn = sq_norms_serial(centroids)
-    certify_top2(x, centroids, labels, res.last_d1, res.last_d2, np.empty(0, np.float64), False, cn,
+    certify_top2(x, centroids, labels, res.last_d1, res.last_d2, np.empty(0, np.float64), spherical, cn,
                  *label_margins(x.shape[1]))
-    total = float(exact_sq_dist_rows(x, centroids, labels).sum())
-    return labels, (0.5 * total if spherical else total)
+    if spherical:
+        factor = 1.0 / np.sqrt(sq_norms_serial(x).astype(np.float64))
+        return labels, 0.5 * float(exact_sq_dist_rows_scaled(x, centroids, labels, factor).sum())
+    return labels, float(exact_sq_dist_rows(x, centroids, labels).sum())
 
 
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
