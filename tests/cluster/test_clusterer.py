@@ -542,6 +542,46 @@ def test_auto_sample_rows_rule():
     assert auto_sample_rows(1_000_001, 4) == 15626  # rounded up
 
 
+def test_auto_seeding_rule():
+    from kvant.cluster.auto import auto_seeding
+
+    assert auto_seeding(262144, 1024) == ("k-means++", 8192)  # 8·K when the sample has >= 64·K rows
+    assert auto_seeding(70000, 1024) == ("k-means++", 8192)
+    assert auto_seeding(40000, 1024) == ("k-means++", 5000)  # rows/8 between 2·K and 8·K
+    assert auto_seeding(16384, 1024) == ("k-means++", 2048)
+    assert auto_seeding(16383, 1024) == ("random", 1024)  # rows/8 < 2·K: random rows
+    assert auto_seeding(1797, 1024) == ("random", 1024)
+    assert auto_seeding(1797, 10) == ("k-means++", 80)
+
+
+def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than_training():
+    # (50k × 768, K = 4096, cos: k-means++ on 8·K rows took 28.8 of a 32.8 s fit; random rows 3.9 s)
+    from kvant.cluster import lloyd
+
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    calls = []
+    real = lloyd.init_centroids
+
+    def spy(*args, **kw):
+        calls.append(args[2:3] + args[6:7])
+        return real(*args, **kw)
+
+    import kvant.cluster.clusterer as clusterer_module
+
+    clusterer_module.init_centroids, saved = spy, clusterer_module.init_centroids
+    try:
+        auto = kvant.Clusterer(200, seed=0).fit(x)  # all 3000 rows; 3000 / 8 < 2·200
+        assert calls[-1] == ("random", 200) and "K random rows" in auto.auto_reason_
+        row = kvant.Clusterer(200, algorithm="dense-exact-row", seed=0).fit(x)  # the concrete algorithm keeps k-means++
+        assert calls[-1] == ("k-means++", None)
+        kvant.Clusterer(10, seed=0).fit(x)
+        assert calls[-1] == ("k-means++", 80)
+    finally:
+        clusterer_module.init_centroids = saved
+    np.testing.assert_array_equal(auto.labels_, auto.predict(x))
+    assert row.inertia_ > 0 and auto.n_iter_ >= 1
+
+
 def test_auto_trains_on_a_64th_of_the_rows_unless_told_otherwise():
     x = np.random.default_rng(0).standard_normal((256000, 4)).astype(np.float32)
     auto = kvant.Clusterer(4, seed=0, sampling="uniform").fit(x)

@@ -260,12 +260,12 @@ class Clusterer:
             # l2 trains on (x − shift)·cscale when the data has a large common offset or an extreme magnitude
             shift, cscale = (None, None) if spherical else conditioning(sample)
             sample = condition(sample, shift, cscale)
-            init = "random" if algorithm == "dense-exact-random" else "k-means++"
+            init = "random" if algorithm == "dense-exact-random" else params.get("init", "k-means++")
             restarts = n_redo if algorithm == "dense-exact-nredo" else 1
             best = None
             for r in range(restarts):
                 seed = None if seed0 is None else seed0 + r
-                c0 = init_centroids(sample, k, init, seed, spherical, weights)
+                c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"))
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)))
                 # the minimum: an over-relaxed run's last entry may be a rejected step (see lloyd)

@@ -123,10 +123,11 @@ KPP_PARALLEL_MIN_WORK = 1 << 27
 
 
 def init_centroids(
-    x: np.ndarray, k: int, method: str, seed: int | None, spherical: bool = False, weights: np.ndarray | None = None
+    x: np.ndarray, k: int, method: str, seed: int | None, spherical: bool = False, weights: np.ndarray | None = None,
+    seed_rows: int | None = None,
 ) -> np.ndarray:
-    """Initial centroids: ``"k-means++"`` (D² seeding on a subsample of ``INIT_ROWS_PER_CENTROID·k`` rows)
-    or ``"random"`` (k distinct rows, as FAISS does).
+    """Initial centroids: ``"k-means++"`` (D² seeding on a subsample of ``seed_rows`` rows, default
+    ``INIT_ROWS_PER_CENTROID·k``) or ``"random"`` (k distinct rows, as FAISS does).
 
     With ``weights`` (rows of a weighted sample, each standing for ``w`` rows of the data) the random rows
     are drawn with probability ∝ w and k-means++ samples ∝ w·D², so both act as on the data itself.
@@ -137,7 +138,7 @@ def init_centroids(
         p = None if weights is None else weights / weights.sum()
         rows = np.sort(g.choice(n, size=k, replace=False, p=p))
     elif method == "k-means++":
-        m = min(n, INIT_ROWS_PER_CENTROID * k)
+        m = min(n, max(k, INIT_ROWS_PER_CENTROID * k if seed_rows is None else int(seed_rows)))
         sub = np.sort(g.choice(n, size=m, replace=False)) if m < n else np.arange(n)
         uniforms = g.random(k)
         w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights[sub], np.float64)
