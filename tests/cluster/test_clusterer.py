@@ -555,7 +555,7 @@ def test_auto_seeding_rule():
 
 
 def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than_training():
-    # (50k × 768, K = 4096, cos: k-means++ on 8·K rows took 28.8 of a 32.8 s fit; random rows 3.9 s)
+    # (50k × 768, K = 4096, cos: k-means++ on 8·K rows made a 32.8 s fit, nearly all of it; random rows 3.9 s)
     from kvant.cluster import lloyd
 
     x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)

@@ -38,8 +38,9 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # Seeding: k-means++ on s = min(8·K, m / AUTO_SEED_DIVISOR) of the m training rows, so it costs at most 1/8 of a
 # training E-step's multiply-adds (s·K·D against m·K·D); it runs one centre at a time, a pass over the s rows each,
 # at a fraction of GEMM's rate, so 8·K rows of an all-rows fit cost far more than Lloyd (50k × 768, K = 4096, cos:
-# 28.8 of 32.8 s; random seeding 3.9 s, mean cosine 0.34762 vs 0.34766). When s < 2·K, k-means++ would choose K of
-# fewer than 2·K rows, and ``auto`` seeds with K random rows instead, as FAISS does (docs/auto.md, "Seeding").
+# 32.8 s, nearly all of it seeding; random seeding 3.9 s, mean cosine 0.34762 vs 0.34766). When s < 2·K,
+# k-means++ would choose K of fewer than 2·K rows, and ``auto`` seeds with K random rows instead, as FAISS does
+# (docs/auto.md, "Seeding").
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
 
