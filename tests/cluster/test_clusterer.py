@@ -172,6 +172,24 @@ def test_bounded_lloyd_equals_plain_lloyd(spherical, dense, monkeypatch):
     np.testing.assert_array_equal(res.labels, _nearest(x, res.centroids))
 
 
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("tol,overrelax", [(0.0, 0.0), (1e-3, 0.0), (0.0, 1.0), (5e-4, 1.0)])
+def test_lloyd_without_its_last_e_step_returns_the_same_centroids(spherical, tol, overrelax, monkeypatch):
+    # polish passes skip the E-step after the last M-step (the final assignment is that E-step): the centroids, the
+    # objective history and the iteration count must be those of the full run, stopping at max_iter or at tol
+    monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", False)
+    x = _gaussian_rows(np.random.default_rng(9), 3000, 10, spherical)
+    c0 = init_centroids(x, 24, "k-means++", 0, spherical)
+    for it in (1, 2, 7, 40):
+        full = lloyd(x, c0, it, tol=tol, spherical=spherical, overrelax=overrelax)
+        short = lloyd(x, c0, it, tol=tol, spherical=spherical, overrelax=overrelax, last_e_step=False)
+        np.testing.assert_array_equal(short.centroids, full.centroids)
+        assert short.objective_history == full.objective_history and short.n_iter == full.n_iter
+        assert short.rows_recomputed <= full.rows_recomputed  # (equal when a fixed point ended both early)
+        if it == 1:
+            assert short.rows_recomputed < full.rows_recomputed
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_kmeanspp_seeding_is_the_same_on_every_thread_and_split(weighted, monkeypatch):
     # large seeding steps run as parallel regions from the main thread only (another thread seeds serially): the

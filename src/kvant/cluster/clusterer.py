@@ -291,8 +291,9 @@ class Clusterer:
                 # the data's conditioning (centroids alone give no scale when K = 1); offset-dominated data is
                 # polished on a conditioned copy of the rows
                 shift, cscale = (None, None) if spherical else conditioning(full)
+                # (no E-step after the last M-step: the final assignment below is that E-step)
                 res = lloyd(condition(full, shift, cscale), condition(centroids, shift, cscale), polish, tol,
-                            spherical, on_iter=lambda obj: report("train", 1), overrelax=overrelax)
+                            spherical, on_iter=lambda obj: report("train", 1), overrelax=overrelax, last_e_step=False)
                 centroids = uncondition(res.centroids, shift, cscale)
                 unscale = 1.0 if cscale is None else 1.0 / (cscale * cscale)
                 history += [h * unscale for h in res.objective_history]

@@ -203,6 +203,7 @@ def lloyd(
     weights: np.ndarray | None = None,
     overrelax: float = 0.0,
     candidates: int = 0,
+    last_e_step: bool = True,
 ) -> LloydResult:
     """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
 
@@ -212,7 +213,9 @@ def lloyd(
     k-means (centres are weighted means, the objective Σ w‖x − c‖²): a row of weight 2 acts as two copies.
     ``overrelax`` > 0 turns on the safeguarded over-relaxation described in the module docstring (its β_max);
     the objective history may then rise at a rejected step (compare runs by its minimum). ``candidates`` > 0
-    (and < K) turns on the candidate E-steps described in the module docstring.
+    (and < K) turns on the candidate E-steps described in the module docstring. ``last_e_step=False`` skips the
+    E-step after the last M-step (the caller assigns every row to the returned centroids itself, as polish passes do):
+    the returned labels are then those of the previous centroids.
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -269,6 +272,8 @@ def lloyd(
         delta = np.empty(k, np.float32)
         max_delta, argmax_delta, second_delta = centre_moves(new_c, c, delta)
         c = new_c
+        if not last_e_step and (converged or it + 1 == max_iter):
+            break  # (its labels are the last E-step's, for the previous centroids)
         # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
         if max_delta == 0.0 and beta == 0.0 and not reseeded and labels_exact:
             break  # (a re-seed changed labels, and a candidate step's labels are not exact: both need the E-step)
