@@ -346,6 +346,20 @@ def test_rows_far_outside_the_codebooks_encode_to_their_nearest_codeword(cls, nb
         np.testing.assert_array_equal(codes[:, j], np.argmin(dist, axis=1), err_msg=f"sub-space {j}")
 
 
+def test_far_row_limit_shrinks_with_the_subvector_width():
+    # (review) With dsub = 2^17 values per sub-vector, rows at 2^55.9 (under the 2^56 flag) still overflowed every
+    # float32 sum: codeword 0. The limit now falls by one power of two per factor 4 of dsub beyond 2^14.
+    rng = np.random.default_rng(0)
+    dim = 2**17
+    signs = np.sign(rng.standard_normal((16, dim))).astype(np.float32)
+    q = kvant.PQ(dim, 1, 4, seed=0, max_train_rows=64).fit(np.repeat(signs * np.float32(2.0**40), 4, axis=0))
+    books = q.codebooks_[0].astype(np.float64)
+    x = (signs[[3, 7, 11]] * np.float32(2.0**55.9)).astype(np.float32)
+    want = [int(((row.astype(np.float64) - books) ** 2).sum(1).argmin()) for row in x]
+    assert q.unpacked_codes(q.encode(x))[:, 0].tolist() == want
+    assert pqmod._far_limit(16) == 2.0**56 and pqmod._far_limit(2**14) == 2.0**56 and pqmod._far_limit(2**17) == 2.0**54
+
+
 def test_range_scale_moves_the_extremes_into_range_and_only_then():
     rs = pqmod.range_scale
     assert rs(np.array([1e-4, 1.0, 1e20])) is None and rs(np.zeros(3)) is None  # ordinary: no copy at all

@@ -341,7 +341,10 @@ def tree_pairwise(metric: str, A, B):
     if metric == "angular":
         a = A / np.linalg.norm(A, axis=1, keepdims=True)
         b = B / np.linalg.norm(B, axis=1, keepdims=True)
-        return np.arccos(np.clip(a @ b.T, -1.0, 1.0))
+        # 2·atan2(‖a − b‖, ‖a + b‖): well conditioned at every angle (arccos of the dot product is not near 0 or π)
+        minus = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+        plus = np.sqrt(((a[:, None] + b[None]) ** 2).sum(-1))
+        return 2.0 * np.arctan2(minus, plus)
     raise ValueError(metric)
 
 

@@ -14,6 +14,8 @@ two codes per byte, sub-vector ``2i`` in the low nibble of byte ``i`` and ``2i+1
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import persist
@@ -125,10 +127,16 @@ def subspace_scales(rows: np.ndarray, m: int) -> np.ndarray | None:
     return np.array([1.0 if f is None else f for f in scales])
 
 
-# Rows with a value of magnitude >= 2^56 (after the sub-space scales) are encoded in float64: the float32 kernel's
-# squared differences would overflow (codebooks hold squared norms <= 2^100, so |c| <= 2^50, and dsub <= 2^14 terms
-# below 2^113 each stay finite). A review found a row at 2e19 beside codebooks at 1e14 given codeword 0 everywhere.
+# Rows with a value of magnitude >= 2^e (after the sub-space scales) are encoded in float64: the float32 kernel's
+# squared differences would overflow. Codebooks hold squared norms <= 2^100, so |c| <= 2^50, and dsub terms below
+# (2^e + 2^50)^2 each stay finite when e = 56 for dsub <= 2^14, one less per factor 4 beyond (a review: m=1 with
+# dim 2^17 overflowed at 2^55.9). A review found a row at 2e19 beside codebooks at 1e14 given codeword 0 everywhere.
 _FAR_EXPONENT = 56
+
+
+def _far_limit(dsub: int) -> float:
+    """The magnitude from which rows of sub-vectors of ``dsub`` values are encoded in float64 (see above)."""
+    return 2.0 ** (_FAR_EXPONENT - max(0, math.ceil((math.log2(dsub) - 14) / 2)))
 
 
 def _encode_far_rows(x: np.ndarray, books: np.ndarray, codes: np.ndarray, far: np.ndarray) -> None:
@@ -344,7 +352,7 @@ class PQ:
         if scales is not None:
             x = scale_subspaces(x, scales)
             books = (books.astype(np.float64) * scales[:, None, None]).astype(np.float32)
-        codes, far = _kpq().pq_encode_flagged(x, books, 2.0**_FAR_EXPONENT)
+        codes, far = _kpq().pq_encode_flagged(x, books, _far_limit(books.shape[2]))
         _encode_far_rows(x, books, codes, np.flatnonzero(far))
         return pack_nibbles(codes) if self.nbits == 4 else codes
 
