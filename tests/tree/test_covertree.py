@@ -869,6 +869,18 @@ def test_angular_distances_near_zero_and_pi_are_resolved():
                                atol=1e-15)
 
 
+def test_int64_coordinates_beyond_float64_exactness_are_refused():
+    # (review) int64 coordinates were cast to float64 silently: 2^53 and 2^53 + 1 came out at distance 0
+    P = np.array([[2**53], [2**53 + 1], [0]], np.int64)
+    with pytest.raises(InvalidInput, match="2\\^53"):
+        kvant.CoverTree().fit(P)
+    tree = kvant.CoverTree().fit(np.array([[2**53], [-(2**53)], [3]], np.int64))  # exact in float64: accepted
+    with pytest.raises(InvalidInput, match="2\\^53"):
+        tree.knn(np.array([[2**53 + 1]], np.int64), 1)
+    d, i = tree.knn(np.array([[4]], np.uint64), 1)
+    assert i.ravel().tolist() == [2] and d.ravel().tolist() == [1.0]
+
+
 def test_angular_duplicates_up_to_rounding_pass_the_invariants():
     # positive multiples of one direction: arccos gives 0 to the node but ~1e-8 between two of them
     m = np.outer(np.arange(1, 9), [1.63, 0.27, -1.23])

@@ -252,6 +252,11 @@ class CoverTree:
         if self._dim is not None and arr.shape[1] != self._dim:
             raise DimensionMismatch(f"{what}: has dimension {arr.shape[1]}, the tree holds {self._dim}-d points")
         F = np.ascontiguousarray(arr, dtype=np.float64)
+        if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 and arr.size and (
+                int(arr.max()) > 2**53 or int(arr.min()) < -(2**53)):
+            # (review) 2^53 and 2^53 + 1 became one float64 value: distance 0 where it is 1
+            raise InvalidInput(f"{what}: {arr.dtype} values beyond 2^53 in magnitude are not exact in float64; "
+                               "convert them yourself if the rounding is acceptable")
         if not np.all(np.isfinite(F)):
             bad = np.argwhere(~np.isfinite(F))[0]
             raise InvalidInput(f"{what}: contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
