@@ -126,14 +126,35 @@ class Rows:
     def view(self) -> np.ndarray:
         return self._buf[: self.n]
 
-    def append(self, block: np.ndarray) -> None:
-        need = self.n + block.shape[0]
+    def _reserve(self, need: int) -> None:
         if need > self._buf.shape[0] or not self._buf.flags.writeable:
             cap = max(need, 2 * self._buf.shape[0], 1024) if self._buf.flags.writeable else need
             new = np.empty((cap, *self.shape), self.dtype)
             new[: self.n] = self._buf[: self.n]
             self._buf = new
+
+    def append(self, block: np.ndarray) -> None:
+        need = self.n + block.shape[0]
+        self._reserve(need)
         self._buf[self.n : need] = block
+        self.n = need
+
+    def extend(self, blocks, total: int) -> None:
+        """Append ``total`` rows arriving as ``blocks`` (an iterable), written straight into the buffer: one copy
+        of the data where collecting the blocks, joining them and appending made three (adding 1M x 768 float32 rows
+        to a FlatIndex took 40 s on this VM, where fresh memory is slow to touch). The rows count only once every
+        block has arrived, so an error raised by the iterable (a NaN found in a later block) leaves them out."""
+        need = self.n + int(total)
+        self._reserve(need)
+        pos = self.n
+        for block in blocks:
+            end = pos + block.shape[0]
+            if end > need:
+                raise ValueError("more rows than announced")  # pragma: no cover - internal misuse
+            self._buf[pos:end] = block
+            pos = end
+        if pos != need:
+            raise ValueError("fewer rows than announced")  # pragma: no cover - internal misuse
         self.n = need
 
     def keep(self, mask: np.ndarray) -> None:

@@ -154,17 +154,22 @@ class PQIndex:
             raise EmptyIndex("the index is not trained; call train(x) before add")
         src = as_vectors(x, self.dim)
         new_ids = check_new_ids(ids, src.n, self._ids.view)
-        codes, raws = [], []
-        for _, block in src.chunks(65536):  # NaN raises here, before anything is stored
-            block = self._prep(block)
-            codes.append(self.codec._encode_block(block))
-            if self.refine:
-                raws.append(np.array(block, np.float32))
+        codes = []
+
+        def prepared():  # NaN raises here, before any row counts (Rows.extend)
+            for _, block in src.chunks(65536):
+                block = self._prep(block)
+                codes.append(self.codec._encode_block(block))
+                yield block
+
+        if self.refine:  # raw rows written straight into the index's buffer
+            self._raw.extend(prepared(), src.n)
+        else:
+            for _ in prepared():
+                pass
         if new_ids is None:
             new_ids = default_ids(self._next_id, src.n)
         self._codes.append(np.concatenate(codes) if len(codes) > 1 else codes[0])
-        if self.refine:
-            self._raw.append(np.concatenate(raws) if len(raws) > 1 else raws[0])
         self._ids.append(new_ids)
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         self._fastscan = None
