@@ -85,6 +85,12 @@ I16_E_STEP_MIN_K = 128
 CERTIFIED_E_STEP_MIN_ROWS = 8192
 
 
+def scales_unit_rows(xn: np.ndarray) -> bool:
+    """True when rows of squared norms ``xn`` are all in the range where a cos assignment scales them by 1/‖x‖
+    inside the kernel (``_SAFE_SQNORM``); otherwise it normalises a copy of them first."""
+    return bool(xn.min(initial=np.inf) > _SAFE_SQNORM[0] and xn.max(initial=0.0) < _SAFE_SQNORM[1])
+
+
 def one_region_direct_e_step(n: int, dim: int, k: int) -> bool:
     """Whether a plain E-step of ``n`` rows (Lloyd's, with row norms given) runs the register-blocked kernel in one
     parallel region (:func:`assign_top2`'s small path). Recording candidate centres (``nearest=``) needs the GEMM
@@ -219,7 +225,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         factor = None  # unit_rows: 1/‖x‖ per row
         if unit_rows:
             xn = sq_norms_serial(xb)
-            if not (xn.min(initial=np.inf) > _SAFE_SQNORM[0] and xn.max(initial=0.0) < _SAFE_SQNORM[1]):
+            if not scales_unit_rows(xn):
                 unit = np.empty_like(xb)
                 first = normalise_rows_into(xb, unit)
                 if first >= 0:

@@ -34,7 +34,7 @@ from ..io import ArraySource, VectorSource, as_source
 from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, exact_sq_dist_rows_scaled
-from .assign import _SAFE_SQNORM, CertifiedCentres, assign_certified, assign_top2
+from .assign import CertifiedCentres, assign_certified, assign_top2, scales_unit_rows
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
@@ -281,7 +281,7 @@ class Clusterer:
             # predict's definition; they are certified against the raw rows scaled by 1/‖x‖, as predict's are,
             # when every row's squared norm is in the range where predict scales rather than copies.
             reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
-                      and (not unit or _unit_scalable(raw)))
+                      and (not unit or scales_unit_rows(sq_norms_serial(raw))))
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
@@ -628,13 +628,6 @@ def _iter_blocks(src: VectorSource, full: np.ndarray | None, norm: bool, rows: i
     else:
         for s, block in src.chunks(rows):
             yield s, normalise_rows(block, s) if norm else block
-
-
-def _unit_scalable(x) -> bool:
-    """True when every row's squared norm is in the range where the assignment scales cos rows by 1/‖x‖ instead of
-    normalising a copy of them (:data:`kvant.cluster.assign._SAFE_SQNORM`)."""
-    xn = sq_norms_serial(x)
-    return bool(xn.min(initial=np.inf) > _SAFE_SQNORM[0] and xn.max(initial=0.0) < _SAFE_SQNORM[1])
 
 
 def _exact_from_last_e_step(x, centroids, res, spherical) -> tuple[np.ndarray, float]:
