@@ -142,6 +142,8 @@ def _far_limit(dsub: int) -> float:
 def _encode_far_rows(x: np.ndarray, books: np.ndarray, codes: np.ndarray, far: np.ndarray) -> None:
     """Re-encode, in float64 and in place, the rows ``far`` of ``x`` (far enough out to overflow the float32
     encoder)."""
+    if far.size == 0:  # every ordinary block: no float64 copy of the codebooks
+        return
     m, _, dsub = books.shape
     b64 = books.astype(np.float64)
     for r in far:
