@@ -1450,3 +1450,45 @@ def test_files_and_pickles_from_before_sampling_was_recorded_still_load_and_save
     back = kvant.load(tmp_path / "again.kvant")
     assert back.sampling_ is None and back.sample_rows_ == 0
     np.testing.assert_array_equal(back.predict(x), c.labels_)
+
+
+@pytest.mark.parametrize("candidates,overrelax,tol", [(0, 0.0, 0.0), (0, 1.0, 1e-3), (6, 1.0, 0.0), (6, 0.0, 1e-3)])
+def test_lloyd_keep_top2_returns_the_last_e_steps_top2_of_every_row(candidates, overrelax, tol, monkeypatch):
+    # the general loop's last E-step re-assigns every row when asked, so that its float32 top-2 distances can certify
+    # the labels: same run otherwise, and d1/d2 those of a fresh E-step on the returned centroids
+    from kvant.cluster.assign import assign_top2
+    from kvant.kernels.distance import sq_norms_serial
+
+    monkeypatch.setattr(lloyd_module, "SMALL_LLOYD", False)
+    x = _gaussian_rows(np.random.default_rng(4), 3000, 12, False)
+    c0 = init_centroids(x, 40, "k-means++", 0)
+    for it in (1, 3, 30):
+        plain = lloyd(x, c0, it, tol=tol, overrelax=overrelax, candidates=candidates)
+        kept = lloyd(x, c0, it, tol=tol, overrelax=overrelax, candidates=candidates, keep_top2=True)
+        assert plain.last_d1 is None and kept.last_d1 is not None
+        np.testing.assert_array_equal(kept.centroids, plain.centroids)
+        np.testing.assert_array_equal(kept.labels, plain.labels)
+        assert kept.objective_history == plain.objective_history
+        lab, d1, d2 = np.empty(3000, np.int64), np.empty(3000, np.float32), np.empty(3000, np.float32)
+        assign_top2(x, kept.centroids, sq_norms_serial(kept.centroids), lab, d1, d2, x_sqnorms=sq_norms_serial(x))
+        np.testing.assert_array_equal(kept.labels, lab)
+        np.testing.assert_array_equal(kept.last_d1, d1)
+        np.testing.assert_array_equal(kept.last_d2, d2)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_all_rows_fit_in_the_general_loop_reuses_its_last_e_step(metric, monkeypatch):
+    # auto with K >= 128 and candidate E-steps runs the general loop on every row (N <= 256 K): its last E-step's
+    # labels, certified, are the final ones; no second assignment, and labels_ == predict(X)
+    from kvant.cluster import clusterer as clusterer_module
+
+    x = blobs(6000, 90, 300, seed=2)[0]
+    x += np.float32(1e3) * (metric == "cos")  # offset rows: where cos labels once differed from predict's
+    calls = []
+    real = clusterer_module._assign_all
+    monkeypatch.setattr(clusterer_module, "_assign_all", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    c = kvant.Clusterer(300, metric=metric, seed=0).fit(x)
+    assert c.sample_rows_ == 6000 and "candidate" in c.auto_reason_
+    assert calls == []
+    np.testing.assert_array_equal(c.labels_, c.predict(x))
+    assert abs(c.score(x) - (c.inertia_ / -6000 if metric == "l2" else c.mean_cosine_)) < 1e-9 * (1 + abs(c.score(x)))

@@ -85,6 +85,16 @@ I16_E_STEP_MIN_K = 128
 CERTIFIED_E_STEP_MIN_ROWS = 8192
 
 
+def certified_e_step_may_apply(n: int, dim: int, k: int) -> bool:
+    """Whether an E-step of ``n`` rows on K centres of dimension ``dim`` may run on a certified backend
+    (:class:`CertifiedCentres`; whether it does also depends on the centres). False: the float32 kernels, always."""
+    if n < CERTIFIED_E_STEP_MIN_ROWS:
+        return False
+    if AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
+        return True
+    return I16_ASSIGN and I16_HOST and k >= I16_E_STEP_MIN_K and n * k * dim > _ONE_REGION_MAX_WORK
+
+
 def scales_unit_rows(xn: np.ndarray) -> bool:
     """True when rows of squared norms ``xn`` are all in the range where a cos assignment scales them by 1/‖x‖
     inside the kernel (``_SAFE_SQNORM``); otherwise it normalises a copy of them first."""
@@ -350,7 +360,7 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
 
 
 def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndarray, d2: np.ndarray,
-           x_sqnorms: np.ndarray, rows: np.ndarray | None = None, nearest: np.ndarray | None = None) -> None:
+           x_sqnorms: np.ndarray, rows: np.ndarray | None = None, nearest: np.ndarray | None = None) -> bool:
     """Lloyd's E-step on rows ``x`` (in-memory float32, already conditioned or unit): labels, ``d1`` the squared
     distance to the label, ``d2`` the runner-up's or a lower bound on it (all Hamerly's bounds need); ``rows`` and
     ``nearest`` as in :func:`assign_top2`.
@@ -359,13 +369,16 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
     for small E-steps, :class:`CertifiedCentres`), the labels come from certified bf16 tile or int16 products (exact
     nearest centres,
     ``d1`` exact, ``d2`` a lower bound, candidate ids from the approximate distances with the label among them);
-    elsewhere from :func:`assign_top2` (nearest up to float32 rounding of the expanded distances)."""
+    elsewhere from :func:`assign_top2` (nearest up to float32 rounding of the expanded distances).
+
+    Returns True when ``d1``/``d2`` are the float32 top-2 distances (:func:`assign_top2`'s, which
+    :func:`kvant.kernels.assign.certify_top2` can make exact), False when they came from a certified backend."""
     n = x.shape[0] if rows is None else rows.shape[0]
     cc = CertifiedCentres(centroids, spherical=False, e_step=True, rows=n)
     if not cc.ok:
         assign_top2(x, centroids, sq_norms_serial(centroids), labels, d1, d2, x_sqnorms=x_sqnorms, rows=rows,
                     nearest=nearest)
-        return
+        return True
     exact = np.empty(n, np.float64)
 
     def run(s: int, e: int) -> None:
@@ -375,3 +388,4 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
 
     for_each_block(n, _certified_block_rows(n), run)
     d1[:] = exact
+    return False

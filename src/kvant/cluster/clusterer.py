@@ -267,7 +267,8 @@ class Clusterer:
                 seed = None if seed0 is None else seed0 + r
                 c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"))
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
-                            weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)))
+                            weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)),
+                            keep_top2=every_row and shift is None and cscale is None and polish == 0)
                 # the minimum: an over-relaxed run's last entry may be a rejected step (see lloyd)
                 if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res

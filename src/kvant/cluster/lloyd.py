@@ -69,6 +69,7 @@ from .assign import (
     _DIRECT_MIN_ROWS,
     CERTIFIED_E_STEP_MIN_ROWS,
     block_rows_for,
+    certified_e_step_may_apply,
     e_step,
     one_region_direct_e_step,
     zero_norm_error,
@@ -204,6 +205,7 @@ def lloyd(
     overrelax: float = 0.0,
     candidates: int = 0,
     last_e_step: bool = True,
+    keep_top2: bool = False,
 ) -> LloydResult:
     """Run Lloyd iterations from ``centroids`` on rows ``x`` (unit rows when ``spherical``).
 
@@ -215,7 +217,10 @@ def lloyd(
     the objective history may then rise at a rejected step (compare runs by its minimum). ``candidates`` > 0
     (and < K) turns on the candidate E-steps described in the module docstring. ``last_e_step=False`` skips the
     E-step after the last M-step (the caller assigns every row to the returned centroids itself, as polish passes do):
-    the returned labels are then those of the previous centroids.
+    the returned labels are then those of the previous centroids. ``keep_top2`` asks for the last E-step's float32
+    top-2 distances of every row (``last_d1``/``last_d2``, for :func:`kvant.kernels.assign.certify_top2`): the last
+    E-step then re-assigns every row rather than only those whose Hamerly bounds cross, and they are returned when
+    it ran on the float32 kernels (the certified backends' ``d2`` is only a lower bound).
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -224,12 +229,13 @@ def lloyd(
     w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights, np.float64)
     x_total = _weighted_total(xn, weights)
     m_cand = int(candidates) if 0 < candidates < k else 0
+    keep_top2 = keep_top2 and last_e_step and not certified_e_step_may_apply(n, d, k)
     if SMALL_LLOYD and m_cand == 0 and small_lloyd_applies(n, d, k) and x.dtype == np.float32 and x.flags.c_contiguous:
         return _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_total)
     labels = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
     d2 = np.empty(n, np.float32)
-    e_step(x, c, labels, d1, d2, xn)
+    top2_valid = e_step(x, c, labels, d1, d2, xn)  # d1/d2: every row's float32 top-2 for the current centres
     upper = np.sqrt(d1)
     lower = np.sqrt(d2)
     sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()), w)
@@ -271,11 +277,13 @@ def lloyd(
             prev_means, prev_obj = means, obj
         delta = np.empty(k, np.float32)
         max_delta, argmax_delta, second_delta = centre_moves(new_c, c, delta)
+        top2_valid = top2_valid and not reseeded and np.array_equal(new_c, c)  # (until an E-step over every row below)
         c = new_c
         if not last_e_step and (converged or it + 1 == max_iter):
             break  # (its labels are the last E-step's, for the previous centroids)
         # E-step with Hamerly bounds: only rows whose bounds cross are looked at.
         if max_delta == 0.0 and beta == 0.0 and not reseeded and labels_exact:
+            # (d1/d2, if still every row's top-2, are for these same centres)
             break  # (a re-seed changed labels, and a candidate step's labels are not exact: both need the E-step)
         if cand_left > 0 and not converged and it + 1 < max_iter and max_delta > 0.0:
             # Candidate E-step: each row's nearest among the m centres nearest to it at the last full E-step
@@ -292,19 +300,21 @@ def lloyd(
             labels = lab_new
             np.sqrt(d1, out=upper)
             lower[:] = 0.0
+            top2_valid = False
             continue
         lower *= 1.0 - _BOUND_SLACK
         parts = [loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, s, min(n, s + block))
                  for s in range(0, n, block)]
         cand = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.int64)
-        if cand.size > DENSE_E_STEP * n or not labels_exact:
+        last = converged or it + 1 == max_iter
+        if cand.size > DENSE_E_STEP * n or not labels_exact or (keep_top2 and last):
             # Most bounds crossed (typical of over-relaxed steps): tightening them row by row and gathering the
             # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks. (Always
             # after a candidate step, whose labels need not be the nearest centres.)
             result.rows_recomputed += n
             lab_new = np.empty(n, np.int64)
             record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter
-            e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
+            top2_valid = e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
             cand_left = CANDIDATE_REFRESH - 1 if record else 0
             labels_exact = True
             moved = np.flatnonzero(lab_new != labels)
@@ -334,6 +344,8 @@ def lloyd(
             break
     result.centroids = c
     result.labels = labels
+    if keep_top2 and top2_valid:
+        result.last_d1, result.last_d2 = d1, d2
     return result
 
 
