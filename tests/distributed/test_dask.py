@@ -231,6 +231,51 @@ def test_polish_reseeds_a_cluster_left_empty_with_the_farthest_rows(metric, monk
     assert np.array_equal(lab, _nearest(x, c.cluster_centers_, metric == "cos")[0])
 
 
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_polish_never_reseeds_two_empty_clusters_with_copies_of_one_row(metric, monkeypatch):
+    # four empty clusters; the farthest rows are three copies of one row (in different chunks): like
+    # kvant.Clusterer, the re-seeding takes one of them and then the next farthest distinct rows, not identical
+    # centres (all but one left empty again by the next E-step)
+    from kvant.distributed import kmeans as dk
+
+    x = np.abs(_blobs(n=3000, k=4)) + 0.1
+    far = np.full(8, 60.0, np.float32) if metric == "l2" else np.array([1, -3, 1, 1, 1, 1, 1, 1], np.float32)
+    x[[5, 1500, 2900]] = far
+    local_cls = dk.Clusterer
+
+    class OneLiveCentre(local_cls):  # training hands the polish one centre every row is near, four no row is near
+        def fit(self, rows):
+            super().fit(rows)
+            c = np.zeros_like(self.cluster_centers_)
+            c[0] = x.mean(0)
+            c[1:] = -1e4 * np.arange(1, 5)[:, None] if metric == "l2" else -np.eye(8)[[0, 2, 3, 4]]
+            if metric == "cos":
+                c[0] /= np.linalg.norm(c[0])
+            self.cluster_centers_ = c
+            return self
+
+    monkeypatch.setattr(dk, "Clusterer", OneLiveCentre)
+    arr = da.from_array(x, chunks=(700, 8))
+    dead = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=0).fit(arr)
+    assert dead.counts_.tolist() == [3000, 0, 0, 0, 0]  # the set-up
+    c = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=1).fit(arr)
+    assert (c.counts_ > 0).all()
+    assert len(np.unique(c.cluster_centers_, axis=0)) == 5
+
+
+def test_polish_never_reseeds_with_a_row_on_its_centre():
+    # every row sits on its centre: moving one into the empty cluster would only copy a centre
+    from kvant.distributed import kmeans as dk
+
+    x = np.repeat(np.array([[0, 0], [5, 5]], np.float32), 3, axis=0)
+    centres = np.array([[0, 0], [5, 5], [100, 100]], np.float32)
+    sums, counts, _, far = dk._pass(da.from_array(x, chunks=(2, 2)), centres, False, True)
+    assert counts.tolist() == [3, 3, 0]
+    assert dk._reseed_empty(sums, counts, far) == 0
+    assert counts.tolist() == [3, 3, 0]
+    np.testing.assert_array_equal(dk._centroids_from_sums(sums, counts, centres, False), centres)
+
+
 def test_default_sample_is_autos_size_and_the_client_trains_on_all_of_it(monkeypatch):
     x = np.random.default_rng(7).standard_normal((64000, 4)).astype(np.float32)
     arr = da.from_array(x, chunks=(8000, 4))

@@ -9,7 +9,8 @@
 2. optionally, ``polish_iter`` Lloyd iterations over *all* rows: each chunk returns its per-cluster sums and
    counts (k×D float64) and its 32 farthest rows, reduced in a tree, so the client never holds more than a few
    k×D arrays; a cluster left empty is re-seeded with the farthest row of a cluster that keeps one, as
-   ``kvant.Clusterer`` does (up to 32 per pass; the pass after a re-seed always runs);
+   ``kvant.Clusterer`` does (rows on their centre and copies of a row already taken are skipped; up to 32 per
+   pass; the pass after a re-seed always runs);
 3. one pass over all rows for the exact inertia; ``labels_`` is a lazy Dask array (materialising it costs one
    more assignment pass, on the workers).
 
@@ -155,25 +156,27 @@ def _combine(*parts):
 
 
 def _reseed_empty(sums, counts, far) -> int:
-    """Move the farthest rows into empty clusters, as ``kvant.Clusterer`` does: each empty cluster (in index
-    order) gets the next farthest row whose cluster keeps at least one row. Returns how many were re-seeded
-    (at most ``_FAR_ROWS`` per pass; any left empty keep their centre and get the next pass's rows)."""
+    """Move the farthest rows into empty clusters, as ``kvant.Clusterer`` does (``kernels.lloyd.reseed_empty``):
+    each empty cluster (in index order) gets the next farthest row whose cluster keeps at least one row; rows on
+    their centre and copies of a row already taken are skipped (they would seed identical centres, and the next
+    E-step would empty all but one again). Returns how many were re-seeded (at most ``_FAR_ROWS`` per pass; any
+    left empty keep their centre and get the next pass's rows)."""
     empty = np.flatnonzero(counts == 0)
     if empty.size == 0 or far is None:
         return 0
-    taken = 0
-    for _, _, src, row in zip(*far, strict=True):
-        if taken == empty.size:
+    taken_rows = []
+    for dist, _, src, row in zip(*far, strict=True):
+        if len(taken_rows) == empty.size or not dist > 0.0:  # farthest first: the rest are on their centre too
             break
-        if counts[src] <= 1:
+        if counts[src] <= 1 or any(np.array_equal(row, t) for t in taken_rows):
             continue
-        dst = empty[taken]
+        dst = empty[len(taken_rows)]
         sums[src] -= row
         counts[src] -= 1
         sums[dst] = row
         counts[dst] = 1
-        taken += 1
-    return taken
+        taken_rows.append(row)
+    return len(taken_rows)
 
 
 def _blocks_with_starts(arr):
