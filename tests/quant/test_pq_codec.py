@@ -87,6 +87,33 @@ def test_4bit_packing_two_codes_per_byte_odd_m():
     assert np.allclose(rec, np.concatenate([pq.codebooks[j][raw[:, j]] for j in range(3)], axis=1))
 
 
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ])
+def test_decode_refuses_a_nonzero_padding_nibble_naming_the_first_bad_row(cls):
+    # odd m at 4 bits: the last byte's high nibble is padding, always 0 from encode; anything else is not this
+    # codec's bytes (it was silently dropped)
+    x = _data(600, 9, seed=3)
+    codec = cls(9, 3, nbits=4, seed=0, n_iter=2).fit(x)
+    codes = codec.encode(x[:20])
+    bad = codes.copy()
+    bad[[7, 12], -1] |= 0x50
+    with pytest.raises(InvalidInput, match=r"codes row 7: the padding nibble .* is 5, expected 0"):
+        codec.decode(bad)
+    assert codec.decode(codes).shape == (20, 9)
+    assert codec.decode(codes[:0]).shape == (0, 9)
+    even = kvant.PQ(16, 4, nbits=4, seed=0, n_iter=2).fit(_data(600, 16))  # even m: no padding, every byte used
+    assert even.decode(np.full((3, 2), 0xFF, np.uint8)).shape == (3, 16)
+
+
+def test_decode_refuses_1d_codes_as_encode_refuses_1d_vectors(x, pq8, pq4):
+    for codec in (pq8, pq4):
+        with pytest.raises(InvalidInput):
+            codec.encode(x[0])
+        one = codec.encode(x[:1])
+        with pytest.raises(InvalidInput, match=r"codes must have shape \(n, \d\), got \(\d,\); .*reshape"):
+            codec.decode(one[0])
+        np.testing.assert_array_equal(codec.decode(one[0].reshape(1, -1)), codec.decode(one))
+
+
 def test_encode_streams_chunks_and_sources(x, pq8, tmp_path, monkeypatch):
     full = pq8.encode(x)
     monkeypatch.setattr(pqmod, "_ENCODE_CHUNK_ROWS", 7)

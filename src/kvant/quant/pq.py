@@ -374,13 +374,23 @@ class PQ:
         return unpack_nibbles(codes, self.m) if self.nbits == 4 else codes
 
     def _check_codes(self, codes) -> np.ndarray:
+        """``codes`` as this codec writes them: uint8 (n, code_size), 2-D as :meth:`encode` returns and takes
+        (a 1-D array is refused, as ``encode`` refuses a 1-D vector), and with odd ``m`` at 4 bits the last byte's
+        padding high nibble zero (anything else was not written by this codec; one vectorised pass over one
+        column)."""
         codes = np.asarray(codes)
-        if codes.ndim == 1:
-            codes = codes.reshape(1, -1)
         if codes.ndim != 2 or codes.shape[1] != self.code_size:
-            raise InvalidInput(f"codes must have shape (n, {self.code_size}), got {codes.shape}")
+            hint = "; for one vector use codes.reshape(1, -1)" if codes.ndim == 1 else ""
+            raise InvalidInput(f"codes must have shape (n, {self.code_size}), got {codes.shape}{hint}")
         if codes.dtype != np.uint8:
             raise InvalidInput(f"codes must be uint8, got {codes.dtype}")
+        if self.nbits == 4 and self.m % 2 and codes.shape[0]:
+            padded = codes[:, -1] > 0x0F
+            if padded.any():
+                row = int(np.argmax(padded))
+                raise InvalidInput(f"codes row {row}: the padding nibble (high 4 bits of the last byte, m={self.m} "
+                                   f"is odd) is {int(codes[row, -1]) >> 4}, expected 0; these bytes were not "
+                                   f"written by this codec")
         return np.ascontiguousarray(codes)
 
     @with_threads
