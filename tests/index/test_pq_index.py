@@ -433,6 +433,39 @@ def test_load_refuses_a_negative_next_id_on_an_empty_index(tmp_path, cls):
         kvant.load(tmp_path / "bad.kv")
 
 
+@pytest.mark.parametrize("block_rows", [None, 16])
+def test_load_refuses_cos_raw_rows_that_are_not_unit(tmp_path, data, monkeypatch, block_rows):
+    # add() stores cos rows normalised; a file whose re-ranking rows are not (a hand edit, another writer) would
+    # be loaded and re-rank by "similarities" like 3.0
+    from kvant import persist
+    from kvant.index import pq as pqindex
+
+    if block_rows:  # checked in blocks: the row named is the file's
+        monkeypatch.setattr(pqindex, "_CHECK_BLOCK_VALUES", block_rows * DIM)
+    x, q = data
+    index = kvant.PQIndex(DIM, M, nbits=4, metric="cos", refine=4)
+    index.train(x)
+    index.add(x[:200], ids=np.arange(200) + 1000)
+    index.add(np.zeros((1, DIM), np.float32))  # a zero row stays zero, and is consistent
+    index.save(tmp_path / "ok.kv")
+    for mmap in (False, True):  # the files add() writes still load
+        d, i = kvant.load(tmp_path / "ok.kv", mmap=mmap).search(q, 5)
+        want_d, want_i = index.search(q, 5)
+        np.testing.assert_array_equal(d, want_d)
+        np.testing.assert_array_equal(i, want_i)
+    kind, meta, arrays = persist.read(tmp_path / "ok.kv")
+    for factor in (3.0, 1 + 1e-5):
+        raw = arrays["raw"].copy()
+        raw[37] *= np.float32(factor)
+        persist.write(tmp_path / "bad.kv", kind, meta, arrays | {"raw": raw})
+        for mmap in (False, True):
+            with pytest.raises(PersistError, match=r"cos index's raw vector at row 37 \(id 1037\)"):
+                kvant.load(tmp_path / "bad.kv", mmap=mmap)
+    meta["metric"] = "ip"  # the same rows are fine for ip, which stores them as given
+    persist.write(tmp_path / "ip.kv", kind, meta, arrays | {"raw": arrays["raw"] * np.float32(3)})
+    assert len(kvant.load(tmp_path / "ip.kv")) == 201
+
+
 def test_ragged_lists_and_bad_path_types_are_kvant_errors(tmp_path, data):
     x, _ = data
     index = kvant.FlatIndex(2)

@@ -59,6 +59,31 @@ def _kpq():
     return kpq
 
 
+# add() stores cos rows as normalize_rows writes them: x/‖x‖ in float64, each coordinate rounded to float32, so
+# | ‖x̂‖² − 1 | <= 2·2^-24 + O(2^-48) ≈ 1.2e-7 (measured in float64); zero rows stay zero
+_UNIT_SQ_TOL = 1e-6
+_CHECK_BLOCK_VALUES = 1 << 20  # raw values checked per block on load (4 MiB of float32)
+
+
+def _check_raw_rows(raw: np.ndarray, ids: np.ndarray, unit: bool) -> None:
+    """Refuse a file's raw (re-ranking) rows that are not finite or, for ``cos`` (``unit``), neither unit nor zero:
+    add() stores them normalised, and others would re-rank by wrong similarities (outside [-1, 1]). One pass in blocks
+    of ~1M values: an mmap-loaded file's rows are read once more after its checksum (as the finiteness check always
+    did), with memory per block, not per file."""
+    step = max(1, _CHECK_BLOCK_VALUES // max(1, raw.shape[1]))
+    for s in range(0, raw.shape[0], step):
+        block = raw[s : s + step]
+        if not np.isfinite(block).all():
+            raise PersistError("raw vectors contain NaN or inf")
+        if unit:
+            sq = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+            bad = ~((np.abs(sq - 1.0) <= _UNIT_SQ_TOL) | (sq == 0.0))
+            if bad.any():
+                r = int(np.argmax(bad))
+                raise PersistError(f"a cos index's raw vector at row {s + r} (id {int(ids[s + r])}) has squared norm "
+                                   f"{float(sq[r])!r}; add() stores unit (or zero) rows for cos")
+
+
 class PQIndex:
     """Approximate k-NN search over PQ/OPQ codes.
 
@@ -343,8 +368,7 @@ class PQIndex:
             raw = arrays.get("raw")
             if raw is None or raw.dtype != np.float32 or raw.shape != (n, obj.dim):
                 raise PersistError(f"raw vectors missing or not ({n}, {obj.dim}) float32")
-            if not np.isfinite(raw).all():
-                raise PersistError("raw vectors contain NaN or inf")
+            _check_raw_rows(raw, ids, obj.metric == "cos")
             obj._raw = Rows((obj.dim,), np.float32, raw)
         if trained:
             codec_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("codec.")}
