@@ -1,16 +1,18 @@
-"""Exact brute-force search: kvant.FlatIndex (l2, cos) vs faiss.IndexFlatL2 / IndexFlatIP, and kvant's own BLAS-tile
-path.
+"""Exact brute-force search: kvant.FlatIndex (l2, cos) vs faiss.IndexFlatL2 / IndexFlatIP, and kvant's own other
+paths.
 
-One process, same data, same thread count; kvant's fused path, its BLAS-tile path (the shortlist before
-2026-12-05, kept for unconditioned data below ``DIRECT_MIN_QUERIES`` queries) and FAISS run alternately, medians of
-``--repeat`` runs per query-batch size. FAISS runs twice: with its defaults (1.15.1 here: its
+One process, same data, same thread count; kvant (its default routing), kvant's fused kernel alone, its BLAS-tile path
+(the shortlist before 2026-12-05, kept for unconditioned data below ``DIRECT_MIN_QUERIES`` queries) and FAISS run
+alternately, medians of ``--repeat`` runs per query-batch size, on 1M × 128 and 300k × 768 Gaussian rows (the
+second: wide rows, where batches of D × queries >= ``BLAS_SCREEN_MIN_WORK`` take BLAS blocks screened in cache).
+FAISS runs twice: with its defaults (1.15.1 here: its
 ``distance_compute_blas_threshold`` reads 128,000, and batches of 16-256 queries took its slow non-BLAS scan) and
 with that threshold at 20, the value FAISS long documented, where batches of 20 queries and more go to BLAS.
 Every answer is checked against the others (identical ids; the script
-fails if kvant's two paths differ, and reports FAISS's agreement).
+fails if kvant's paths differ, and reports FAISS's agreement).
 
-    flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py            # 1M x 128 Gaussian, k = 10, l2 and cos
-    flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py --quick    # 100k rows
+    flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py            # k = 10, l2 and cos
+    flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py --quick    # 100k x 128 and 30k x 768 rows
 
 Writes benchmarks/results/flat.{json,md}.
 """
@@ -53,9 +55,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--k", type=int, default=10)
     args = ap.parse_args()
-    n, dim = (100_000 if args.quick else 1_000_000), 128
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, dim), dtype=np.float32)
+    shapes = [(100_000, 128), (30_000, 768)] if args.quick else [(1_000_000, 128), (300_000, 768)]
     threads = kvant.get_num_threads()
     try:
         import faiss
@@ -63,10 +63,14 @@ def main() -> None:
         faiss.omp_set_num_threads(threads)
     except ImportError:  # pragma: no cover - faiss is in the bench extra
         faiss = None
-    fused_min = flat.DIRECT_MIN_QUERIES
+    fused_min, screen_min = flat.DIRECT_MIN_QUERIES, flat.BLAS_SCREEN_MIN_DIM
     rows = []
     t0 = time.perf_counter()
-    for metric in ("l2", "cos"):
+    rng = np.random.default_rng(0)
+    cells = [(n, dim, metric) for n, dim in shapes for metric in ("l2", "cos")]
+    for n, dim, metric in cells:
+        if metric == "l2":  # (cos searches the same rows)
+            x = rng.standard_normal((n, dim), dtype=np.float32)
         index = kvant.FlatIndex(dim, metric)
         index.add(x)
         fi = None
@@ -74,12 +78,13 @@ def main() -> None:
             fi = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
             fi.add(x if metric == "l2" else index._x.view)
 
-        def kvant_path(q, fused: bool, index=index):
-            flat.DIRECT_MIN_QUERIES = fused_min if fused else 1 << 62
+        def kvant_path(q, path: str, index=index):
+            flat.DIRECT_MIN_QUERIES = 1 << 62 if path == "tiles" else fused_min
+            flat.BLAS_SCREEN_MIN_DIM = screen_min if path == "default" else 1 << 62
             try:
                 return index.search(q, args.k)
             finally:
-                flat.DIRECT_MIN_QUERIES = fused_min
+                flat.DIRECT_MIN_QUERIES, flat.BLAS_SCREEN_MIN_DIM = fused_min, screen_min
 
         def faiss_search_blas20(q, fi=fi):
             default = faiss.cvar.distance_compute_blas_threshold
@@ -92,19 +97,21 @@ def main() -> None:
         for nq in (1, 4, 16, 64, 256, 1024):
             q = rng.standard_normal((nq, dim), dtype=np.float32)
             qf = q if metric == "l2" else q / np.linalg.norm(q, axis=1, keepdims=True)
-            fns = {"kvant": lambda q=q: kvant_path(q, True), "kvant_blas_tiles": lambda q=q: kvant_path(q, False)}
+            fns = {"kvant": lambda q=q: kvant_path(q, "default"), "kvant_fused": lambda q=q: kvant_path(q, "fused"),
+                   "kvant_blas_tiles": lambda q=q: kvant_path(q, "tiles")}
             if fi is not None:
                 fns["faiss"] = lambda qf=qf, fi=fi: fi.search(qf, args.k)
                 fns["faiss_blas20"] = lambda qf=qf: faiss_search_blas20(qf)
             for fn in fns.values():  # warm-up (compilation, page faults)
                 fn()
             secs, outs = timed_alternating(fns, args.repeat)
-            if not np.array_equal(outs["kvant"][1], outs["kvant_blas_tiles"][1]):
-                raise SystemExit(f"kvant's two paths disagree at {metric} nq={nq}")
+            if not (np.array_equal(outs["kvant"][1], outs["kvant_blas_tiles"][1])
+                    and np.array_equal(outs["kvant"][1], outs["kvant_fused"][1])):
+                raise SystemExit(f"kvant's paths disagree at {n}x{dim} {metric} nq={nq}")
             row = {"metric": metric, "n": n, "dim": dim, "nq": nq, "k": args.k, "seconds": secs,
                    "faiss_same_ids": float(np.mean(outs["faiss"][1] == outs["kvant"][1])) if fi is not None else None}
             rows.append(row)
-            print(f"{metric} nq={nq}: " + "  ".join(f"{name} {s * 1e3:.1f} ms" for name, s in secs.items())
+            print(f"{n}x{dim} {metric} nq={nq}: " + "  ".join(f"{name} {s * 1e3:.1f} ms" for name, s in secs.items())
                   + (f"  same ids as FAISS {row['faiss_same_ids']:.4f}" if fi is not None else ""), flush=True)
     elapsed = time.perf_counter() - t0
     meta = {"machine": platform.processor() or platform.machine(), "threads": threads,
@@ -117,16 +124,18 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "flat_quick" if args.quick else "flat"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"FlatIndex, {n:,} × {dim} Gaussian rows, k = {args.k}, {threads} threads, medians of {args.repeat} "
+    lines = [f"FlatIndex, Gaussian rows, k = {args.k}, {threads} threads, medians of {args.repeat} "
              f"alternating runs ({meta['measured']}); FAISS: IndexFlatL2 for l2, IndexFlatIP on the normalised rows "
-             "for cos.", "",
-             "| metric | queries | kvant ms | kvant BLAS tiles ms | FAISS default ms | FAISS BLAS from 20 queries ms "
-             "| FAISS (best of the two) / kvant | same ids as FAISS |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "for cos. kvant: its default routing; kvant fused: the fused kernel alone; kvant BLAS tiles: the path "
+             "before the fused kernel.", "",
+             "| rows × D | metric | queries | kvant ms | kvant fused ms | kvant BLAS tiles ms | FAISS default ms "
+             "| FAISS BLAS from 20 queries ms | FAISS (best of the two) / kvant | same ids as FAISS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["seconds"]
         fa, fb = s.get("faiss"), s.get("faiss_blas20")
-        lines.append(f"| {r['metric']} | {r['nq']:,} | {s['kvant'] * 1e3:.1f} | {s['kvant_blas_tiles'] * 1e3:.1f} | "
+        lines.append(f"| {r['n']:,} × {r['dim']} | {r['metric']} | {r['nq']:,} | {s['kvant'] * 1e3:.1f} | "
+                     f"{s['kvant_fused'] * 1e3:.1f} | {s['kvant_blas_tiles'] * 1e3:.1f} | "
                      + (f"{fa * 1e3:.1f} | {fb * 1e3:.1f} | {min(fa, fb) / s['kvant']:.2f} | "
                         f"{r['faiss_same_ids']:.4f} |"
                         if fa else "- | - | - | - |"))

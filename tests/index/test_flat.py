@@ -9,11 +9,17 @@ from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistErr
 from kvant.index import flat
 
 
-@pytest.fixture(autouse=True, params=["fused", "blas"])
+@pytest.fixture(autouse=True, params=["fused", "blas", "blas-screen"])
 def shortlist_path(request, monkeypatch):
-    """Every test here runs on both l2 shortlist paths: the fused kernel (kernels.direct_topk, here from one
-    query up) and BLAS distance tiles."""
+    """Every test here runs on the three shortlist paths: the fused kernel (kernels.direct_topk, here from one
+    query up), BLAS distance tiles, and BLAS products screened in cache (here in blocks of 64 rows × 7 queries, so
+    that every search spans several of each; for unconditioned, unscaled data, the others take the paths above)."""
     monkeypatch.setattr(flat, "DIRECT_MIN_QUERIES", 1 if request.param == "fused" else 1 << 62)
+    screen = request.param == "blas-screen"
+    monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_DIM", 1 if screen else 1 << 62)
+    monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_WORK", 1)
+    monkeypatch.setattr(flat, "BLAS_SCREEN_ROWS", 64)
+    monkeypatch.setattr(flat, "BLAS_SCREEN_QUERIES", 7)
     return request.param
 
 
@@ -190,7 +196,7 @@ def test_l2_duplicates_at_the_kth_are_certified_without_a_full_scan(monkeypatch)
     def no_scan(*args):
         raise AssertionError("the full exact scan ran")
 
-    monkeypatch.setattr(kdist, "exact_l2_topk", no_scan)
+    monkeypatch.setattr(kdist, "exact_topk", no_scan)
     d, i = index.search(q, 5)
     rd, ri = ref.exact_l2_topk_ref(q, x, 5)
     assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)
@@ -313,7 +319,7 @@ def test_shortlist_rescore_and_full_scan_rank_ties_alike():
     # float64 sums differ by rounding, and NumPy's pairwise sums (the re-score used them until a review) rank them
     # unlike the full exact scan's. Both exits must order them the same way, or a query's tied rows depend on which
     # exit it took
-    from kvant.kernels.distance import exact_l2_rows, exact_l2_topk
+    from kvant.kernels.distance import exact_rows, exact_topk
 
     rng = np.random.default_rng(0)
     dim = 700
@@ -322,14 +328,14 @@ def test_shortlist_rescore_and_full_scan_rank_ties_alike():
     tied = np.stack([q[0] - p[rng.permutation(dim)] for _ in range(20)]).astype(np.float32)
     x = np.vstack([tied, rng.standard_normal((30, dim)).astype(np.float32) + 5])
     sums = np.empty((1, 20))
-    exact_l2_rows(q, tied, np.arange(20)[None], sums)
+    exact_rows(q, tied, np.arange(20)[None], sums, False)
     diff = tied.astype(np.float64) - q.astype(np.float64)
     pairwise = np.einsum("kd,kd->k", diff, diff)
     rank = lambda v: np.lexsort((np.arange(20), v))[:10]  # noqa: E731
     assert not np.array_equal(rank(sums[0]), rank(pairwise))  # the construction: the two summations disagree
     full_d = np.empty((1, 10))
     full_i = np.empty((1, 10), np.int64)
-    exact_l2_topk(q, x, full_d, full_i)
+    exact_topk(q, x, full_d, full_i, False)
     rows = rng.permutation(x.shape[0])[None].copy()  # every row, shuffled, as a shortlist
     d = np.empty(rows.shape, np.float32)
     flat._rescore_exact(q, x, d, rows)
@@ -416,3 +422,50 @@ def test_add_in_many_chunks_is_one_copy_and_all_or_nothing(metric, monkeypatch):
     d2, i2 = whole.search(x[:9], 6)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_wide_batches_take_the_blas_screen_and_match_brute_force(shortlist_path, metric, monkeypatch):
+    # with the shipped thresholds: D >= 384 and queries × D >= 2^18 go through BLAS blocks screened in cache; smaller
+    # batches do not; both answer brute force's ids
+    if shortlist_path != "fused":
+        pytest.skip("one run, with the shipped thresholds")
+    monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_DIM", 384)
+    monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_WORK", 1 << 18)
+    monkeypatch.setattr(flat, "BLAS_SCREEN_ROWS", 1024)
+    monkeypatch.setattr(flat, "BLAS_SCREEN_QUERIES", 1024)
+    calls = []
+    real = flat.FlatIndex._blas_screen_topk
+    monkeypatch.setattr(flat.FlatIndex, "_blas_screen_topk", lambda self, *a: calls.append(1) or real(self, *a))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2500, 384)).astype(np.float32)
+    q = rng.standard_normal((700, 384)).astype(np.float32)
+    index = kvant.FlatIndex(384, metric)
+    index.add(x)
+    d, i = index.search(q[:600], 5)  # 600 × 384 < 2^18: the fused kernel
+    assert calls == []
+    d, i = index.search(q, 5)
+    assert calls == [1]
+    bd, bi = _brute(x, q, 5, metric)
+    assert np.array_equal(i, bi)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_ip_near_ties_are_ranked_exactly(metric):
+    # 20 near-copies of each row (relative perturbations ~1e-5): their float32 inner products with a query differ by
+    # about their rounding, so float32 scores alone rank them by rounding noise, and each path (fused kernel, BLAS
+    # tiles, BLAS screen) sums in its own order. Certified and re-scored in float64, every path returns the exact order
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((60, 48))
+    x = (np.repeat(base, 20, axis=0) * (1 + 1e-5 * rng.standard_normal((1200, 48)))).astype(np.float32)
+    q = (base[::3] + 0.1 * rng.standard_normal((20, 48))).astype(np.float32)
+    index = kvant.FlatIndex(48, metric)
+    index.add(x)
+    d, i = index.search(q, 15)
+    xs, qs = x, q
+    if metric == "cos":  # the index's own unit rows and queries (normalised in float32)
+        xs = index.reconstruct(index.ids)
+        qs = (q / np.linalg.norm(q.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+    rd, ri = ref.exact_ip_topk_ref(qs, xs, 15)
+    assert np.array_equal(i, ri)
+    assert np.array_equal(d, (-rd).astype(np.float32))

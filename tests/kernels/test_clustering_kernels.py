@@ -10,7 +10,7 @@ from kvant.cluster.assign import assign_top2
 from kvant.errors import InvalidInput
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import (
-    exact_l2_topk,
+    exact_topk,
     mean_and_spread,
     normalise_rows_into,
     sq_l2_block,
@@ -195,14 +195,17 @@ def test_topk_matches_reference(nq, n, k):
 @pytest.mark.parametrize("nq,n,d,k", [(0, 5, 3, 2), (1, 1, 1, 1), (3, 2, 4, 5), (7, 50, 13, 1), (4, 100, 17, 10),
                                       (2, 33, 1, 33)])
 @pytest.mark.parametrize("scale", [1.0, 1e-20, 1e18])
-def test_exact_l2_topk_matches_reference(nq, n, d, k, scale):
+@pytest.mark.parametrize("ip", [False, True])
+def test_exact_topk_matches_reference(nq, n, d, k, scale, ip):
     g = np.random.default_rng(nq * 100 + n)
     x = (g.integers(0, 3, size=(n, d)) * scale).astype(np.float32)  # many exact ties and duplicates
     x[: n // 2] += np.float32(1e4 * scale)  # and a large offset on half the rows
+    if ip:
+        x[1::3] *= np.float32(-1)  # inner products of both signs
     q = x[g.integers(0, n, nq)] if nq else np.empty((0, d), np.float32)
     out_d, out_i = np.empty((nq, k)), np.empty((nq, k), np.int64)
-    exact_l2_topk(q, x, out_d, out_i)
-    rd, ri = ref.exact_l2_topk_ref(q, x, k)
+    exact_topk(q, x, out_d, out_i, ip)
+    rd, ri = (ref.exact_ip_topk_ref if ip else ref.exact_l2_topk_ref)(q, x, k)
     np.testing.assert_array_equal(out_i, ri)
     np.testing.assert_array_equal(out_d, rd)
 

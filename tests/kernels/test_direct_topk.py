@@ -141,3 +141,29 @@ def test_query_blocks_fit_the_cache_budget(dim):
     m = DT.max_queries(dim)
     assert m % 16 == 0 and 16 <= m <= 256
     assert m == 16 or dim * m * 4 <= DT.MAX_CT_BYTES
+
+
+@pytest.mark.parametrize("n,d,nq,keep,block", [(1, 1, 1, 1, 1), (37, 13, 17, 5, 8), (300, 7, 48, 300, 64),
+                                               (513, 20, 80, 28, 100)])
+@pytest.mark.parametrize("ip", [False, True])
+def test_screen_of_given_products_matches_the_numpy_reference(n, d, nq, keep, block, ip):
+    # keep_from_products: the same lists from products computed elsewhere (FlatIndex's BLAS blocks), fed block by
+    # block with the thresholds carried between blocks; NaN and inf products (float32 overflow) included
+    rng = np.random.default_rng(n + nq)
+    x = rng.integers(-6, 7, (n, d)).astype(np.float32)
+    x[n // 2 :: 7] = x[0]
+    if n > 10:
+        x[3, 0] = np.float32(3e38)  # products overflow: inf, and inf - inf = NaN in the l2 expression
+    q = np.vstack([rng.integers(-6, 7, (nq - 1, d)), x[:1]]).astype(np.float32)
+    qn, xn = sq_norms(q), sq_norms(x)
+    od = np.full((nq, keep), np.inf, np.float32)
+    oi = np.full((nq, keep), -1, np.int64)
+    thr = np.full(nq, np.inf, np.float32)
+    qt = np.ascontiguousarray(q.T)
+    for s in range(0, n, block):
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = (x[s : s + block].astype(np.float64) @ qt.astype(np.float64)).astype(np.float32)
+        DT.keep_from_products(g, s, xn[s : s + block], qn, ip, od, oi, thr)
+    rd, ri = _reference(x, q, keep, 0, n, ip)
+    assert np.array_equal(od, rd) and np.array_equal(oi, ri)
+    assert np.array_equal(thr, od[:, -1])

@@ -24,11 +24,26 @@ def exact_l2_topk_ref(q, x, k):
     """k nearest rows by float64 Σ(q−x)², ties to the smaller row, padded inf / -1 (plain NumPy)."""
     import numpy as np
 
-    d = ((q.astype(np.float64)[:, None, :] - x.astype(np.float64)[None]) ** 2).sum(-1)
-    out_d = np.full((q.shape[0], k), np.inf)
-    out_i = np.full((q.shape[0], k), -1, np.int64)
-    for r in range(q.shape[0]):
-        order = np.lexsort((np.arange(x.shape[0]), d[r]))[:k]
+    return _smallest_ref(((q.astype(np.float64)[:, None, :] - x.astype(np.float64)[None]) ** 2).sum(-1), k)
+
+
+def exact_ip_topk_ref(q, x, k):
+    """k rows of largest inner product, as ascending float64 −q·x, ties to the smaller row, padded inf / -1 (plain
+    NumPy; exact for data whose products and sums are exact in float64, e.g. small integers)."""
+    import numpy as np
+
+    return _smallest_ref(-(q.astype(np.float64) @ x.astype(np.float64).T), k)
+
+
+def _smallest_ref(d, k):
+    """The k smallest entries of each row of the float64 scores ``d`` (nq, n) with their columns, ties to the smaller
+    column, padded inf / -1."""
+    import numpy as np
+
+    out_d = np.full((d.shape[0], k), np.inf)
+    out_i = np.full((d.shape[0], k), -1, np.int64)
+    for r in range(d.shape[0]):
+        order = np.lexsort((np.arange(d.shape[1]), d[r]))[:k]
         out_d[r, : order.size], out_i[r, : order.size] = d[r, order], order
     return out_d, out_i
 

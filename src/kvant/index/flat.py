@@ -13,6 +13,7 @@ import numpy as np
 from .. import persist
 from .._config import with_threads
 from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows, scale_steps
+from .._parallel import for_each_block
 from ..errors import PersistError
 from ..kernels import direct_assign, direct_topk
 from ._common import (
@@ -43,6 +44,17 @@ _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 1
 # holds its own lists (memory) and an insertion costs O(list length) on both paths.
 DIRECT_MIN_QUERIES = 2
 DIRECT_MAX_KEEP = 1024
+# Wide rows and many queries: the fused kernel's products reach ~230 GFLOP/s, BLAS's ~260-280. Such batches multiply
+# row blocks by the queries with single-threaded BLAS in each worker thread (a BLAS_SCREEN_ROWS × ≤ BLAS_SCREEN_QUERIES
+# tile that stays in L2/L3) and screen the tile with the fused kernel's screen (direct_topk.keep_from_products): no
+# tile goes through main memory. 300k rows, k = 10, ip, 2 threads, Intel host, 2026-12-05, GFLOP/s fused / this /
+# FAISS IndexFlatIP: D = 768 nq = 1,000 235 / 265 / 267, nq = 256 214 / 237 / 237, nq = 4,000 237 / 259 / 277;
+# D = 1,536 nq = 256 232 / 255 / 256, nq = 1,000 230 / 281 / 285; 1M rows, D = 384 nq = 1,000 247 / 267 / 253. The fused
+# kernel stays ahead below (D = 384 nq = 128: 246 / 224; D = 768 nq = 64: 215 / 168; D <= 256 at any batch).
+BLAS_SCREEN_MIN_DIM = 384
+BLAS_SCREEN_MIN_WORK = 1 << 18  # queries × D
+BLAS_SCREEN_ROWS = 1024
+BLAS_SCREEN_QUERIES = 1024
 _DIRECT_LISTS_BYTES = 64 << 20  # the fused path's per-chunk lists, at most (the BLAS path's tile is 16 MiB)
 
 
@@ -53,16 +65,28 @@ def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
     return 2.0 * (dim + 5) * 2.0**-24 * (q_sq + x_sq_max)
 
 
-def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray) -> None:
-    """Replace the GEMM-form distances of the selected neighbours by Σ(q−x)² in float64 and re-sort (ties
-    by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds (near-duplicates). The sums
-    are :func:`kvant.kernels.distance.exact_l2_rows`, the full scan's (``exact_l2_topk``) own: with NumPy's pairwise
-    sums here, a review (2026-12-05) found a query answered with different tied rows depending on which of the two
-    it took (20 rows at one exact distance whose float64 sums differ by rounding, dim 700)."""
-    from ..kernels.distance import exact_l2_rows
+def _gemm_ip_error(dim: int, q_norm: np.ndarray, x_norm_max: float) -> np.ndarray:
+    """Bound on |float32 − exact| q·x for each query (norms in the units the products were formed in): any summation
+    order errs by at most γ_dim·Σ|q_t x_t| <= (dim + 2)·u·‖q‖‖x‖, doubled for safety as in :func:`_gemm_l2_error`, plus
+    2·dim·2**-149 for products that underflow. Infinite where a partial sum could overflow float32 (a row that
+    overflowed is NaN, never kept, so nothing can be certified)."""
+    bound = q_norm * x_norm_max
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = 2.0 * (dim + 2) * 2.0**-24 * bound + 2.0 * dim * 2.0**-149
+    return np.where(bound < 2.0**127, err, np.inf)
+
+
+def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray, ip: bool = False) -> None:
+    """Replace the float32 scores of the selected neighbours by exact ones in float64, Σ(q−x)² or, with ``ip``,
+    −Σ q·x, and re-sort (ties by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds
+    (near-duplicates) or two inner products round alike. The sums are :func:`kvant.kernels.distance.exact_rows`, the
+    full scan's (``exact_topk``) own: with NumPy's pairwise sums here, a review (2026-12-05) found a query answered
+    with different tied rows depending on which of the two it took (20 rows at one exact distance whose float64 sums
+    differ by rounding, dim 700)."""
+    from ..kernels.distance import exact_rows
 
     d = np.empty(out_i.shape)
-    exact_l2_rows(q, x, out_i, d)
+    exact_rows(q, x, out_i, d, ip)
     order = np.lexsort((np.where(out_i >= 0, out_i, np.iinfo(np.int64).max), d), axis=-1)
     with np.errstate(over="ignore"):  # beyond float32's range a distance is inf (documented)
         out_d[:] = np.take_along_axis(d, order, axis=1)
@@ -128,14 +152,15 @@ class FlatIndex:
     def search(self, q, k: int):
         """``(distances, ids)`` of the ``k`` nearest stored vectors to each query (see the conventions).
 
-        l2 is exact: the float32 GEMM form ‖q‖² + ‖x‖² − 2q·x only shortlists. It errs by at most
-        ``_gemm_l2_error`` per distance, so each query keeps ``2k + 8`` rows; when the last of them lies more than
-        twice that bound beyond the k-th, every true neighbour is among them, and they are re-scored as
-        Σ(q−x)² in float64. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the
-        pass keeping ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the
-        GEMM form keeps no digit of the distances) is answered by an exact float64 scan of every row.
+        Exact for every metric: float32 scores (the GEMM form ‖q‖² + ‖x‖² − 2q·x for l2, q·x for ip and cos) only
+        shortlist. They err by at most ``_gemm_l2_error`` / ``_gemm_ip_error`` each, so each query keeps ``2k + 8``
+        rows; when the last of them lies more than twice that bound beyond the k-th, every true neighbour is among them,
+        and they are re-scored exactly in float64 (Σ(q−x)², or q·x from exact products) and ranked with ties to the
+        smaller id. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the pass keeping
+        ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the GEMM form keeps no
+        digit of the distances) is answered by an exact float64 scan of every row.
         """
-        from ..kernels.distance import exact_l2_topk
+        from ..kernels.distance import exact_topk
 
         q, one = as_queries(q, self.dim)
         k_out = check_k(k)
@@ -144,19 +169,17 @@ class FlatIndex:
         if self.metric == "cos":
             q = normalize_rows(q)
         x, n = self._x.view, self.ntotal
-        if self.metric != "l2":
+        ip = self.metric != "l2"
+        if ip:
             # inner products of rows far outside float32's range overflow (inf − inf = NaN drops a row) or
             # underflow to 0 (losing the ranking): the rows by one power of two, each query by its own (no shift:
             # inner products are not shift invariant), which keeps each query's order
-            x_scale, q_scale = magnitude_scale(x), row_magnitude_scales(q)
-            out_d, out_i, _, _ = self._gemm_topk(q, k, None, x_scale, q_scale)
-            if x_scale is not None or q_scale is not None:
-                unit = (x_scale or 1.0) * (1.0 if q_scale is None else q_scale[:, None])
-                with np.errstate(over="ignore"):
-                    out_d = (out_d.astype(np.float64) / unit).astype(np.float32)
-            return finish_results(out_d, out_i, self._ids.view, True, one, k_out)
-        # data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
-        shift, scale = conditioning(x)
+            shift, scale, q_scale = None, magnitude_scale(x), row_magnitude_scales(q)
+            q_norm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64)) * (1.0 if q_scale is None else q_scale)
+            x_norm_max = self._max_row_norm() * (scale or 1.0)
+        else:
+            # data with a large common offset or an extreme magnitude is searched as (x − shift)·scale
+            (shift, scale), q_scale = conditioning(x), None
         out_d = np.empty((q.shape[0], k), np.float32)
         out_i = np.empty((q.shape[0], k), np.int64)
         todo = np.arange(q.shape[0])
@@ -164,19 +187,29 @@ class FlatIndex:
             if todo.size == 0:
                 break
             qs = q if todo.size == q.shape[0] else np.ascontiguousarray(q[todo])
-            kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale)
-            err = _gemm_l2_error(self.dim, q_sq, x_sq_max)
+            kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale, None if q_scale is None else q_scale[todo])
+            err = _gemm_ip_error(self.dim, q_norm[todo], x_norm_max) if ip else _gemm_l2_error(self.dim, q_sq, x_sq_max)
             sure = (n <= keep) | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
-            _rescore_exact(qs, x, kd, ki)
+            _rescore_exact(qs, x, kd, ki, ip)
             out_d[todo[sure]], out_i[todo[sure]] = kd[sure, :k], ki[sure, :k]
             todo = todo[~sure]
         if todo.size:
             exact_d = np.empty((todo.size, k))
             exact_i = np.empty((todo.size, k), np.int64)
-            exact_l2_topk(np.ascontiguousarray(q[todo]), x, exact_d, exact_i)
+            exact_topk(np.ascontiguousarray(q[todo]), x, exact_d, exact_i, ip)
             with np.errstate(over="ignore"):
                 out_d[todo], out_i[todo] = exact_d, exact_i
-        return finish_results(out_d, out_i, self._ids.view, False, one, k_out)
+        return finish_results(out_d, out_i, self._ids.view, ip, one, k_out)
+
+    def _max_row_norm(self) -> float:
+        """An upper bound on the stored rows' largest ‖x‖ (float64): from the float32 squared norms kept beside them,
+        or, where one overflowed float32, from the rows themselves."""
+        top = float(self._norms.view.max(initial=0.0))
+        if np.isfinite(top):
+            return float(np.sqrt(top)) * (1.0 + 2.0**-20)  # (the stored squares are rounded to float32)
+        x = self._x.view
+        return max(float(np.sqrt(np.einsum("ij,ij->i", x[s : s + 65536], x[s : s + 65536], dtype=np.float64).max()))
+                   for s in range(0, x.shape[0], 65536))
 
     def _gemm_topk(self, q, kk, shift, scale, q_scale: np.ndarray | None = None):
         """The ``kk`` best rows per query by BLAS: squared L2 in the GEMM form on (· − shift)·scale for l2,
@@ -194,6 +227,9 @@ class FlatIndex:
         q_sq = np.zeros(nq, np.float64)  # for the error bound
         scaled = not l2 and (scale is not None or q_scale is not None)
         fused = direct_topk.AVAILABLE and DIRECT_MIN_QUERIES <= nq <= (direct_topk.MAX_BATCH or nq)
+        if (not cond and not scaled and kk <= DIRECT_MAX_KEEP and self.dim >= BLAS_SCREEN_MIN_DIM
+                and nq * self.dim >= BLAS_SCREEN_MIN_WORK):
+            return self._blas_screen_topk(q, kk, out_d, out_i, q_sq)
         if fused and not scaled and kk <= DIRECT_MAX_KEEP:
             return self._direct_topk(q, kk, out_d, out_i, q_sq, shift if l2 else None, scale if l2 else None)
         x_sq_max = 0.0 if cond or not l2 else float(norms.max())
@@ -219,6 +255,45 @@ class FlatIndex:
                     d = np.negative(ip_block(qblk, condition(xblk, None, scale)), dtype=np.float32)
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
         return out_d, out_i, q_sq, x_sq_max
+
+    def _blas_screen_topk(self, q, kk, out_d, out_i, q_sq):
+        """:meth:`_direct_topk` (unconditioned l2, unscaled ip/cos) with BLAS products: each worker thread multiplies a
+        block of rows by a block of queries (single-threaded BLAS) and screens the tile while it is in cache
+        (:func:`kvant.kernels.direct_topk.keep_from_products`), into its chunk's lists, merged in order as there."""
+        import numba
+
+        from ..kernels.distance import sq_norms
+        from ..kernels.topk import merge_topk_ids
+
+        x, norms, n = self._x.view, self._norms.view, self.ntotal
+        ip = self.metric != "l2"
+        qn = sq_norms(q)
+        if not ip:
+            q_sq[:] = qn
+        rows = BLAS_SCREEN_ROWS
+        for qs in range(0, q.shape[0], BLAS_SCREEN_QUERIES):
+            qb, qnb = q[qs : qs + BLAS_SCREEN_QUERIES], qn[qs : qs + BLAS_SCREEN_QUERIES]
+            qt = np.ascontiguousarray(qb.T)
+            nq = qb.shape[0]
+            chunks = max(1, min(4 * numba.get_num_threads(), -(-n // rows), _DIRECT_LISTS_BYTES // (12 * nq * kk)))
+            cd = np.full((chunks, nq, kk), np.inf, np.float32)
+            ci = np.full((chunks, nq, kk), -1, np.int64)
+
+            def run(c0: int, c1: int, qt=qt, qnb=qnb, cd=cd, ci=ci, chunks=chunks) -> None:
+                tile = np.empty((rows, qt.shape[1]), np.float32)
+                for c in range(c0, c1):
+                    thr = np.full(qt.shape[1], np.inf, np.float32)
+                    r0, r1 = c * n // chunks, (c + 1) * n // chunks
+                    for s in range(r0, r1, rows):
+                        e = min(r1, s + rows)
+                        g = tile[: e - s]
+                        np.dot(x[s:e], qt, out=g)
+                        direct_topk.keep_from_products(g, s, norms[s:e], qnb, ip, cd[c], ci[c], thr)
+
+            for_each_block(chunks, 1, run)
+            for c in range(chunks):
+                merge_topk_ids(cd[c], ci[c], out_d[qs : qs + nq], out_i[qs : qs + nq])
+        return out_d, out_i, q_sq, (0.0 if ip else float(norms.max()))
 
     def _direct_topk(self, q, kk, out_d, out_i, q_sq, shift, scale):
         """:meth:`_gemm_topk` by :func:`kvant.kernels.direct_topk.direct_keep` (l2, conditioned in the kernel as the

@@ -24,7 +24,7 @@ from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_r
 from .distance import sq_norms_into
 from .topk import _insert
 
-__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep"]
+__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep", "keep_from_products"]
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)
@@ -56,6 +56,46 @@ def _condition_rows(x, i0, count, shift, steps, xt):
             xt[r, t] = v
 
 
+@numba.njit(inline="always")
+def _screen_row(g, r, row, xi, qn, nq, ip, out_d, out_i, thr):
+    """Row ``r`` of the products ``g`` (stored row ``row``, ‖x‖² = ``xi``) into the lists of the ``nq`` queries whose
+    k-th best (``thr``) it may beat: first one vectorised pass over every query, then the scalar insertions."""
+    # the screen: every query whose list this row may enter (NaN, from float32 overflow, counts too)
+    hit = np.int32(0)
+    if ip:
+        for j in range(nq):
+            hit += np.int32(not -g[r, j] > thr[j])
+    else:
+        for j in range(nq):
+            v = qn[j] + xi - np.float32(2.0) * g[r, j]
+            hit += np.int32(not v > thr[j])
+    if hit == 0:
+        return
+    for j in range(nq):
+        if ip:
+            d = -g[r, j]
+            if d != d:  # merge_topk's rule: NaN is never selected (defensive: with fused multiply-adds
+                continue    # and finite rows the sum cannot meet inf - inf)
+        else:
+            v = qn[j] + xi - np.float32(2.0) * g[r, j]
+            # finish_sq_l2's clamp: never below 0, and +inf (not 0) where inf - inf gave NaN
+            d = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
+        if not d > thr[j]:
+            _insert(out_d[j], out_i[j], d, row)  # merge_topk's insertion and tie rule
+            thr[j] = out_d[j, out_d.shape[1] - 1]
+
+
+@numba.njit(**_JIT_RAW)
+def keep_from_products(g, i0, x_sqnorms, qn, ip, out_d, out_i, thr):
+    """:func:`direct_keep`'s screen and insertions for products computed elsewhere (BLAS): ``g`` (rows, nq) holds
+    x[i0 + r]·q_j for the rows i0 .. i0 + rows − 1 (``x_sqnorms`` their ‖x‖², read for l2 only); the lists
+    ``out_d``/``out_i`` (nq, keep) and thresholds ``thr`` (nq; the lists' last values) are updated in place. Serial and
+    ``nogil``: one call per row block, from Python worker threads."""
+    nq = g.shape[1]
+    for r in range(g.shape[0]):
+        _screen_row(g, r, i0 + r, x_sqnorms[r] if not ip else np.float32(0.0), qn, nq, ip, out_d, out_i, thr)
+
+
 @numba.njit(**_JIT_RAW)
 def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, shift, steps, out_d, out_i, thr, g, xt, xn):
     """Rows r0 .. r1 - 1 of x into the lists of the ``nq`` real queries (columns of ``ct``); ``thr[j]`` mirrors
@@ -83,29 +123,7 @@ def _keep_rows(x, r0, r1, ct, qn, x_sqnorms, nq, ip, shift, steps, out_d, out_i,
                 x_sq_max = max(x_sq_max, np.float64(xi))
             else:
                 xi = x_sqnorms[i0 + r]
-            # the screen: every query whose list this row may enter (NaN, from float32 overflow, counts too)
-            hit = np.int32(0)
-            if ip:
-                for j in range(nq):
-                    hit += np.int32(not -g[r, j] > thr[j])
-            else:
-                for j in range(nq):
-                    v = qn[j] + xi - np.float32(2.0) * g[r, j]
-                    hit += np.int32(not v > thr[j])
-            if hit == 0:
-                continue
-            for j in range(nq):
-                if ip:
-                    d = -g[r, j]
-                    if d != d:  # merge_topk's rule: NaN is never selected (defensive: with fused multiply-adds
-                        continue    # and finite rows the sum cannot meet inf - inf)
-                else:
-                    v = qn[j] + xi - np.float32(2.0) * g[r, j]
-                    # finish_sq_l2's clamp: never below 0, and +inf (not 0) where inf - inf gave NaN
-                    d = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
-                if not d > thr[j]:
-                    _insert(out_d[j], out_i[j], d, i0 + r)  # merge_topk's insertion and tie rule
-                    thr[j] = out_d[j, out_d.shape[1] - 1]
+            _screen_row(g, r, i0 + r, xi, qn, nq, ip, out_d, out_i, thr)
         i0 += cnt
     return x_sq_max
 

@@ -215,11 +215,27 @@ def sq_l2_direct(q, x):
     return out
 
 
+@numba.njit(inline="always", **_JIT)
+def _neg_ip_in_order(q, i, x, j):
+    """−Σ_t q[i, t]·x[j, t] with float64 products (exact for float32 inputs), summed in coordinate order: FlatIndex's
+    exact inner-product score (ascending = most similar first), whichever way a query takes."""
+    acc = 0.0
+    for t in range(q.shape[1]):
+        acc += np.float64(q[i, t]) * np.float64(x[j, t])
+    return -acc
+
+
+@numba.njit(inline="always", **_JIT)
+def _exact_score(q, i, x, j, ip):
+    return _neg_ip_in_order(q, i, x, j) if ip else _sq_l2_in_order(q, i, x, j)
+
+
 @numba.njit(parallel=True, **_JIT)
-def exact_l2_topk(q, x, out_d, out_i):
-    """The k = out_d.shape[1] nearest rows of ``x`` to each query by exact squared L2 (float64 Σ(q−x)²),
-    ascending, ties to the smaller row; rows beyond x are padded inf / -1. Parallel over queries: this is the
-    fallback for queries whose GEMM-form distances cannot certify their top k, so it is meant for few of them.
+def exact_topk(q, x, out_d, out_i, ip):
+    """The k = out_d.shape[1] best rows of ``x`` for each query by an exact float64 score: squared L2 (Σ(q−x)²) or,
+    with ``ip``, the negated inner product −Σ q·x; ascending, ties to the smaller row; rows beyond x are padded
+    inf / -1. Parallel over queries: this is the fallback for queries whose float32 scores cannot certify their top
+    k, so it is meant for few of them.
     """
     nq, d = q.shape
     k = out_d.shape[1]
@@ -229,7 +245,7 @@ def exact_l2_topk(q, x, out_d, out_i):
         bd[:] = np.inf
         bi[:] = -1
         for j in range(x.shape[0]):
-            acc = _sq_l2_in_order(q, i, x, j)
+            acc = _exact_score(q, i, x, j, ip)
             if acc < bd[k - 1]:  # rows come in increasing order, so an equal distance keeps the earlier row
                 p = k - 1
                 while p > 0 and bd[p - 1] > acc:
@@ -241,14 +257,14 @@ def exact_l2_topk(q, x, out_d, out_i):
 
 
 @numba.njit(parallel=True, **_JIT)
-def exact_l2_rows(q, x, rows, out):
-    """out[i, j] = Σ_t (q[i, t] − x[rows[i, j], t])² in float64 by :func:`_sq_l2_in_order`, the sum
-    :func:`exact_l2_topk` takes (so a shortlist re-scored here and a full scan rank exact ties alike); +inf where
-    rows[i, j] < 0."""
+def exact_rows(q, x, rows, out, ip):
+    """out[i, j] = the exact score of row rows[i, j] for query i, the one :func:`exact_topk` computes (so a shortlist
+    re-scored here and a full scan rank exact ties alike): Σ_t (q[i, t] − x[r, t])² in float64 or, with ``ip``,
+    −Σ_t q[i, t]·x[r, t]; +inf where rows[i, j] < 0."""
     for i in prange(q.shape[0]):
         for j in range(rows.shape[1]):
             r = rows[i, j]
-            out[i, j] = np.inf if r < 0 else _sq_l2_in_order(q, i, x, r)
+            out[i, j] = np.inf if r < 0 else _exact_score(q, i, x, r, ip)
 
 
 def ip_block(q: np.ndarray, x: np.ndarray) -> np.ndarray:
