@@ -928,3 +928,26 @@ def test_repeated_inserts_of_an_existing_point_stay_shallow(metric):
     d, i = tree.knn(Q, 9)
     bd, bi = tree.brute_force(Q, 9)
     assert np.array_equal(i, bi) and np.allclose(d, bd, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", [*METRICS, "user"])
+def test_single_queries_on_the_calling_thread_answer_as_the_parallel_kernel(metric, monkeypatch):
+    # one query runs kernels.tree.knn_serial (no parallel region); every query alone must get the answer the parallel
+    # kernel gives it in a batch, for the built-in metrics and the kernels cloned for a user's metric
+    X = _data(3000, 6, seed=11)
+    Q = _data(40, 6, seed=12)
+    tree = kvant.CoverTree(l1_user if metric == "user" else metric).fit(X)
+    monkeypatch.setattr(cover.CoverTree, "_SERIAL_MAX_QUERIES", 0)
+    bd, bi = tree.knn(Q, 7)
+    monkeypatch.setattr(cover.CoverTree, "_SERIAL_MAX_QUERIES", 1)
+    calls = []
+    kern = tree._m.K
+    real = kern.knn_serial
+    monkeypatch.setattr(kern, "knn_serial", lambda *a: calls.append(1) or real(*a))
+    for j in range(Q.shape[0]):
+        d, i = tree.knn(Q[j], 7)
+        np.testing.assert_array_equal(i, bi[j])
+        np.testing.assert_array_equal(d, bd[j])
+    assert len(calls) == Q.shape[0]
+    tree.knn_self(5)  # a batch: the parallel kernel
+    assert len(calls) == Q.shape[0]

@@ -920,19 +920,37 @@ def knn(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, sl
     """
     nq = Q.shape[0]
     nch = min(nq, QUERY_CHUNKS)
-    cap = erec.shape[0] + 1
     for c in numba.prange(nch):
-        acc = np.empty(max(leaf, 1), np.float32)
-        qb = np.empty(Q.shape[1], np.float32)
-        hd = np.empty(k, np.float64)
-        hi = np.empty(k, np.int64)
-        pq_lb = np.empty(cap, np.float64)
-        pq_e = np.empty(cap, np.int64)
-        pq_d = np.empty(cap, np.float64)
-        for qi in range(c * nq // nch, (c + 1) * nq // nch):
-            bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel,
-                               slack_abs, ddata, dfs_node, leaf, blk, scan, box, frame, out_d, out_i, acc, qb, hd,
-                               hi, pq_lb, pq_e, pq_d)
+        _knn_chunk(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
+                   dfs_node, leaf, blk, scan, box, frame, out_d, out_i, bad, c * nq // nch, (c + 1) * nq // nch)
+
+
+@numba.njit(**_NJ)
+def knn_serial(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
+               dfs_node, leaf, blk, scan, box, frame, out_d, out_i, bad):  # pragma: no cover
+    """:func:`knn` on the calling thread: a query or two, where starting a parallel region costs more than the
+    search (a single 8-NN query on 32k points: ~40 µs in all)."""
+    _knn_chunk(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
+               dfs_node, leaf, blk, scan, box, frame, out_d, out_i, bad, 0, Q.shape[0])
+
+
+@numba.njit(**_NJ)
+def _knn_chunk(data, cdata, params, Q, qslot, mode, root, child_off, erec, minid, k, slack_rel, slack_abs, ddata,
+               dfs_node, leaf, blk, scan, box, frame, out_d, out_i, bad, q0, q1):  # pragma: no cover
+    """Queries q0 .. q1 - 1 of :func:`knn`, with one workspace (the node queue holds every child edge at most once,
+    so it never grows)."""
+    cap = erec.shape[0] + 1
+    acc = np.empty(max(leaf, 1), np.float32)
+    qb = np.empty(Q.shape[1], np.float32)
+    hd = np.empty(k, np.float64)
+    hi = np.empty(k, np.int64)
+    pq_lb = np.empty(cap, np.float64)
+    pq_e = np.empty(cap, np.int64)
+    pq_d = np.empty(cap, np.float64)
+    for qi in range(q0, q1):
+        bad[qi] = _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, minid, k, slack_rel,
+                           slack_abs, ddata, dfs_node, leaf, blk, scan, box, frame, out_d, out_i, acc, qb, hd,
+                           hi, pq_lb, pq_e, pq_d)
 
 
 @numba.njit(parallel=True, **_NJ)
@@ -1389,7 +1407,8 @@ def dfs_order(root, n_in, child_off, child_idx, cap):  # pragma: no cover
 # (Not _block_pairs_row: only the residual metric, a built-in one, takes that path, so user metrics' clones of
 # net_centres_big call the cached module version instead of compiling a parallel kernel of their own.)
 _METRIC_KERNELS = ["_net_seq", "nets_small", "_first_cover_tile", "net_centres_big", "_assign_one",
-                   "net_assign_big", "_land_one", "land", "dist_to_one", "_knn_one", "knn", "descent_keys",
+                   "net_assign_big", "_land_one", "land", "dist_to_one", "_knn_one", "_knn_chunk", "knn", "knn_serial",
+                   "descent_keys",
                    "_brute_one", "brute_knn", "pair_dists"]
 
 

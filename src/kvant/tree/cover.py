@@ -257,11 +257,11 @@ class CoverTree:
             # (review) 2^53 and 2^53 + 1 became one float64 value: distance 0 where it is 1
             raise InvalidInput(f"{what}: {arr.dtype} values beyond 2^53 in magnitude are not exact in float64; "
                                "convert them yourself if the rounding is acceptable")
-        if not np.all(np.isfinite(F)):
-            bad = np.argwhere(~np.isfinite(F))[0]
-            raise InvalidInput(f"{what}: contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
-        amax = float(np.abs(F).max()) if F.size else 0.0
-        if amax > _MAX_ABS:
+        amax = float(np.abs(F).max()) if F.size else 0.0  # (NaN if any value is: one pass checks both)
+        if not amax <= _MAX_ABS:
+            if not np.all(np.isfinite(F)):
+                bad = np.argwhere(~np.isfinite(F))[0]
+                raise InvalidInput(f"{what}: contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
             raise InvalidInput(f"{what}: values above {_MAX_ABS:g} in magnitude would overflow distances")
         alone = what == "fit points" or (what == "insert points" and self._n == 0)  # no other points to measure
         if self._m.name == "euclidean" and alone and 0.0 < amax < 1 / _MAX_ABS:
@@ -297,7 +297,7 @@ class CoverTree:
 
     @staticmethod
     def _check_k(k, n_max: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        if type(k) is not int and (isinstance(k, bool) or not isinstance(k, numbers.Integral)):
             raise InvalidInput(f"k must be an integer, got {k!r}")
         k = int(k)
         if k < 1:
@@ -684,6 +684,9 @@ class CoverTree:
 
     # queries per run when a caller follows progress: ~50 runs, none below this many queries
     _PROGRESS_MIN_RUN = 1024
+    # batches of at most this many queries are searched on the calling thread (kernels.tree.knn_serial): starting the
+    # parallel region cost more than one query's search
+    _SERIAL_MAX_QUERIES = 1
 
     def _query(self, Q, qslot, mode, k, single, progress=None):
         nq = Q.shape[0]
@@ -715,13 +718,14 @@ class CoverTree:
         out_i = np.empty((nq, k), np.int64)
         bad = np.zeros(nq, np.bool_)
         sr, sa = self._slack()
-        m.K.knn(self._data, self._children_rows(), m.params, Q, qslot, mode, self._root, self._off, self._erec,
-                self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box,
-                self._frame, out_d, out_i, bad)
+        search = m.K.knn_serial if nq <= self._SERIAL_MAX_QUERIES else m.K.knn
+        search(self._data, self._children_rows(), m.params, Q, qslot, mode, self._root, self._off, self._erec,
+               self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box,
+               self._frame, out_d, out_i, bad)
         if order is not None:
             out_d[order], out_i[order] = out_d.copy(), out_i.copy()
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
-        if bad.any():
+        if np.count_nonzero(bad):  # (cheaper than .any() on one query)
             raise _bad_metric("a query")
         if single:
             return out_d[0], out_i[0]
