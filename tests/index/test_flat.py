@@ -469,3 +469,40 @@ def test_ip_near_ties_are_ranked_exactly(metric):
     rd, ri = ref.exact_ip_topk_ref(qs, xs, 15)
     assert np.array_equal(i, ri)
     assert np.array_equal(d, (-rd).astype(np.float32))
+
+
+def test_ip_rows_below_float32_normal_norms_are_certified_on_their_true_norms():
+    # (a review) rows ~1e-33: their float32 squared norms are 0, a bound of 0 certified the scaled shortlist; the
+    # float32 products of the scaled rows round 2^26·(a − b) away and rank row 0 first, while row 10 is the best
+    rows = [[0, 1.0, 0]] + [[2**26, 0.5, -(2**26)]] * 9 + [[2**26, 3.0, -(2**26)]]
+    x = (np.array(rows) * 2.0**-110).astype(np.float32)
+    index = kvant.FlatIndex(3, "ip")
+    index.add(x)
+    d, i = index.search(np.ones(3, np.float32), 1)
+    assert i[0] == 10
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((30, 16))
+    x = (np.repeat(base, 10, axis=0) * (1 + 1e-6 * rng.standard_normal((300, 16))) * 1e-30).astype(np.float32)
+    q = base[:4].astype(np.float32)
+    index = kvant.FlatIndex(16, "ip")
+    index.add(x)
+    rd, ri = ref.exact_ip_topk_ref(q, x, 5)
+    assert np.array_equal(index.search(q, 5)[1], ri)
+
+
+def test_ip_row_whose_product_overflows_is_found_when_k_nears_n():
+    # (a review) an odd row at 3e38 (not among magnitude_scale's sampled rows): its float32 product is inf - inf = NaN,
+    # never kept, and a list of "every row" (2k + 8 >= n) was taken as certain without it
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1100, 4)).astype(np.float32)
+    x[1] = [3e38, -2.9e38, 0, 0]
+    q = np.array([2, 2, 0, 0], np.float32)
+    index = kvant.FlatIndex(4, "ip")
+    index.add(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no overflow warning leaks out
+        for k in (5, 600, 1100):
+            d, i = index.search(q, k)
+            assert i[0] == 1 and d[0] > 1e37

@@ -155,12 +155,16 @@ def _combine(*parts):
     return sums, np.sum([p[1] for p in parts], axis=0), float(sum(p[2] for p in parts)), far
 
 
-def _reseed_empty(sums, counts, far) -> int:
+def _reseed_empty(sums, counts, far, centroids) -> int:
     """Move the farthest rows into empty clusters, as ``kvant.Clusterer`` does (``kernels.lloyd.reseed_empty``):
     each empty cluster (in index order) gets the next farthest row whose cluster keeps at least one row; rows on
     their centre and copies of a row already taken are skipped (they would seed identical centres, and the next
     E-step would empty all but one again). Returns how many were re-seeded (at most ``_FAR_ROWS`` per pass; any
-    left empty keep their centre and get the next pass's rows)."""
+    left empty keep their centre and get the next pass's rows).
+
+    ``far`` holds the rows as the M-step sums them (cos: their float32 unit copies). "On its centre" is decided on
+    those values, not by the distance alone: for cos the distance is measured on x/‖x‖ in float64, and a row whose
+    unit copy equals its centre measured ~1e-16 there (a review), which a test of ``dist > 0`` let through."""
     empty = np.flatnonzero(counts == 0)
     if empty.size == 0 or far is None:
         return 0
@@ -168,7 +172,7 @@ def _reseed_empty(sums, counts, far) -> int:
     for dist, _, src, row in zip(*far, strict=True):
         if len(taken_rows) == empty.size or not dist > 0.0:  # farthest first: the rest are on their centre too
             break
-        if counts[src] <= 1 or any(np.array_equal(row, t) for t in taken_rows):
+        if counts[src] <= 1 or np.array_equal(row, centroids[src]) or any(np.array_equal(row, t) for t in taken_rows):
             continue
         dst = empty[len(taken_rows)]
         sums[src] -= row
@@ -305,7 +309,7 @@ class DaskClusterer:
             sums, counts, objective, far = _pass(arr, centroids, spherical, True)
             history.append(objective)
             n_iter += 1
-            reseeded = _reseed_empty(sums, counts, far)
+            reseeded = _reseed_empty(sums, counts, far, centroids)
             centroids = _centroids_from_sums(sums, counts, centroids, spherical)  # Lloyd's M-step, as on one machine
             scale = n - objective if spherical else objective  # relative to Σ cos for cos, as Lloyd's does
             # a re-seeded centre has not had its E-step yet: never stop right after one

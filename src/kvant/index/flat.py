@@ -156,7 +156,7 @@ class FlatIndex:
         shortlist. They err by at most ``_gemm_l2_error`` / ``_gemm_ip_error`` each, so each query keeps ``2k + 8``
         rows; when the last of them lies more than twice that bound beyond the k-th, every true neighbour is among them,
         and they are re-scored exactly in float64 (Σ(q−x)², or q·x from exact products) and ranked with ties to the
-        smaller id. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the pass keeping
+        earlier row. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the pass keeping
         ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the GEMM form keeps no
         digit of the distances) is answered by an exact float64 scan of every row.
         """
@@ -187,9 +187,14 @@ class FlatIndex:
             if todo.size == 0:
                 break
             qs = q if todo.size == q.shape[0] else np.ascontiguousarray(q[todo])
-            kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale, None if q_scale is None else q_scale[todo])
+            with np.errstate(over="ignore", invalid="ignore"):  # (overflowing products are handled below)
+                kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale,
+                                                         None if q_scale is None else q_scale[todo])
             err = _gemm_ip_error(self.dim, q_norm[todo], x_norm_max) if ip else _gemm_l2_error(self.dim, q_sq, x_sq_max)
-            sure = (n <= keep) | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
+            # a list of every row is sure only when it holds them all: an ip product that overflowed float32 is
+            # NaN and never kept (a review: the best row, at 3e38, missing from k = 600 of 1,100)
+            every = (n <= keep) & (ki[:, n - 1] >= 0) if n <= keep else np.zeros(todo.size, np.bool_)
+            sure = every | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
             _rescore_exact(qs, x, kd, ki, ip)
             out_d[todo[sure]], out_i[todo[sure]] = kd[sure, :k], ki[sure, :k]
             todo = todo[~sure]
@@ -205,8 +210,10 @@ class FlatIndex:
         """An upper bound on the stored rows' largest ‖x‖ (float64): from the float32 squared norms kept beside them,
         or, where one overflowed float32, from the rows themselves."""
         top = float(self._norms.view.max(initial=0.0))
-        if np.isfinite(top):
+        if 2.0**-100 <= top < np.inf:  # (well inside float32's normal range: rounded, never flushed)
             return float(np.sqrt(top)) * (1.0 + 2.0**-20)  # (the stored squares are rounded to float32)
+        # squares beyond float32's range, or subnormal / 0 for rows below ~1e-19 (a review: a bound of 0 certified
+        # shortlists of such rows, searched scaled up to norm ~1, and returned wrong ids)
         x = self._x.view
         return max(float(np.sqrt(np.einsum("ij,ij->i", x[s : s + 65536], x[s : s + 65536], dtype=np.float64).max()))
                    for s in range(0, x.shape[0], 65536))
@@ -287,7 +294,8 @@ class FlatIndex:
                     for s in range(r0, r1, rows):
                         e = min(r1, s + rows)
                         g = tile[: e - s]
-                        np.dot(x[s:e], qt, out=g)
+                        with np.errstate(over="ignore", invalid="ignore"):  # (thread-local: the caller's does not
+                            np.dot(x[s:e], qt, out=g)                     # reach this worker; NaN is handled there)
                         direct_topk.keep_from_products(g, s, norms[s:e], qnb, ip, cd[c], ci[c], thr)
 
             for_each_block(chunks, 1, run)
