@@ -6,7 +6,8 @@ Measures (medians of repeated runs):
 - encoding throughput (vectors/s) vs ProductQuantizer.compute_codes;
 - PQIndex 8-bit vs faiss.IndexPQ and 4-bit vs faiss.IndexPQFastScan: queries/s and recall@10 against exact
   ground truth from kvant.FlatIndex. Both sides use the SAME codebooks (kvant's, loaded into FAISS), so the
-  search comparison isolates the scan; the 8-bit top-10 are checked for identity.
+  search comparison isolates the scan; the 8-bit top-10 are checked for identity;
+- the same indexes on small batches (1-100 queries per call: a service answering requests), ms per call.
 
 Datasets: Fashion-MNIST (60k x 784, 10k test queries of which ``--fmnist-queries`` are used) and a synthetic
 clustered 1M x 128 set (anisotropic Gaussian clusters, fixed seed).
@@ -203,21 +204,60 @@ def bench_encode(faiss, name, x, pq, repeats):
                 faiss_vec_per_s=x.shape[0] / t_f, codes_identical=float(np.mean(np.all(ck == cf, axis=1))))
 
 
-def bench_search(faiss, name, x, q, gt, m, nbits, repeats, fastscan_rerank=4):
+def build_pair(faiss, x, m, nbits, fastscan_rerank=4):
+    """kvant's PQIndex trained and filled with ``x``, and FAISS's index on the same codebooks and rows (IndexPQ, or
+    IndexPQFastScan for 4 bits, then with the IndexPQ it came from): (index, faiss index, exact-ADC IndexPQ or None,
+    kvant build s, FAISS build s)."""
     dim = x.shape[1]
     index = kvant.PQIndex(dim, m, nbits=nbits, fastscan_rerank=fastscan_rerank)
     t0 = time.perf_counter()
     index.train(x)
     index.add(x)
     build_k = time.perf_counter() - t0
-    cb = index.codec.codebooks
     t0 = time.perf_counter()
-    fidx = faiss_pq_with(faiss, dim, m, nbits, cb)
+    fidx = faiss_pq_with(faiss, dim, m, nbits, index.codec.codebooks)
     fidx.add(x)
+    exact_adc = None
     if nbits == 4:
         exact_adc = fidx  # IndexPQ on the same codes: the exact (float) ADC top-10 the FastScan results approximate
         fidx = faiss.IndexPQFastScan(fidx)
-    build_f = time.perf_counter() - t0
+    return index, fidx, exact_adc, build_k, time.perf_counter() - t0
+
+
+# Queries per call in the small-batch part, and its timing: blocks of SMALL_CALLS back-to-back calls per side (after
+# two untimed ones), the sides alternating for SMALL_ROUNDS rounds; the median call. Back-to-back, as a service
+# answering a stream of requests calls it: one call right after the other library's measured the other's threads
+# still spinning (a 1-query FastScan read 0.87 ms after a FAISS call, 0.61 ms after its own), and a pause before each
+# call measured thread wake-ups (1.6-2.2 ms for both).
+SMALL_BATCHES = (1, 4, 10, 32, 100)
+SMALL_CALLS = 8
+SMALL_ROUNDS = 6
+
+
+def bench_small_batches(faiss, name, x, q, m, nbits):
+    """ms per search call for batches of SMALL_BATCHES queries: kvant's PQIndex and FAISS's index on the same codes."""
+    index, fidx, _, _, _ = build_pair(faiss, x, m, nbits)
+    rows = []
+    for nq in SMALL_BATCHES:
+        qb = q[:nq]
+        times = ([], [])
+        for _ in range(SMALL_ROUNDS):
+            for side, fn in enumerate((lambda qb=qb: index.search(qb, 10), lambda qb=qb: fidx.search(qb, 10))):
+                fn()
+                fn()
+                for _ in range(SMALL_CALLS):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[side].append(time.perf_counter() - t0)
+        tk, tf = statistics.median(times[0]), statistics.median(times[1])
+        rows.append(dict(dataset=name, index=f"PQ{m}x{nbits}", faiss="IndexPQ" if nbits == 8 else "IndexPQFastScan",
+                         n=x.shape[0], nq=nq, kvant_ms=tk * 1e3, faiss_ms=tf * 1e3))
+        print("  ", rows[-1], flush=True)
+    return rows
+
+
+def bench_search(faiss, name, x, q, gt, m, nbits, repeats, fastscan_rerank=4):
+    index, fidx, exact_adc, build_k, build_f = build_pair(faiss, x, m, nbits, fastscan_rerank)
     index.search(q[:8], 10)  # warm-up (JIT already compiled by earlier sections; loads caches)
     fidx.search(q[:8], 10)
     (t_k, (dk, ik)), (t_f, (df, i_f)) = timed_pair(lambda: index.search(q, 10), lambda: fidx.search(q, 10), repeats)
@@ -259,7 +299,8 @@ def write_markdown(res: dict, path: Path) -> None:
              f"training: median of {reps('codecs', res['train_repeats'])} run(s), {res['machine']}. Encode and search "
              f"runs alternate kvant, FAISS, kvant, ... (since 2026-12-03 22:06; earlier rows ran kvant's repeats, then "
              f"FAISS's).", ""]
-    when = {part: sorted({r.get("measured", "?") for r in res[part]}) for part in ("codecs", "encode", "search")}
+    when = {part: sorted({r.get("measured", "?") for r in res.get(part, [])})
+            for part in ("codecs", "encode", "search", "smallbatch")}
     if any(w != ["?"] for w in when.values()):
         lines += ["Measured: " + "; ".join(f"{part} {', '.join(w)}" for part, w in when.items() if w) + ".", ""]
     lines += ["**Codecs** (training time on the full training set, MSE = mean ||x - x̂||² per row)", "",
@@ -297,6 +338,14 @@ def write_markdown(res: dict, path: Path) -> None:
                          f"{r['kvant_recall10']:.4f} | {r['faiss_recall10']:.4f} | "
                          f"{r['kvant_recall10'] - r['faiss_recall10']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                          f"{r['kvant_in_exact_adc']:.4f} | {r['faiss_in_exact_adc']:.4f} |")
+    if res.get("smallbatch"):
+        lines += ["", "**Small batches** (ms per search call, k=10, same codes; medians of "
+                  f"{SMALL_ROUNDS}×{SMALL_CALLS} back-to-back calls per side, the sides alternating in blocks)", "",
+                  "| dataset | index | queries per call | kvant ms | FAISS ms | FAISS index | kvant speed / FAISS |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        for r in res["smallbatch"]:
+            lines.append(f"| {r['dataset']} | {r['index']} | {r['nq']} | {r['kvant_ms']:.3f} | {r['faiss_ms']:.3f} | "
+                         f"{r['faiss']} | {r['faiss_ms'] / r['kvant_ms']:.2f} |")
     lines += ["", "**Targets** (issue 3; from the rows above)", ""] + [f"- {t}" for t in target_verdicts(res)]
     path.write_text("\n".join(lines) + "\n")
 
@@ -377,15 +426,16 @@ def main(argv=None) -> None:
     ap.add_argument("--synthetic-queries", type=int, default=10000)
     ap.add_argument("--opq-iter", type=int, default=20)
     ap.add_argument("--out", default=str(RESULTS / "pq"))
-    ap.add_argument("--parts", default="search,encode,codecs",
-                    help="comma-separated parts to measure: search, encode, codecs")
+    ap.add_argument("--parts", default="search,smallbatch,encode,codecs",
+                    help="comma-separated parts to measure: search, smallbatch, encode, codecs")
     ap.add_argument("--resume", default=None,
                     help="earlier results JSON: its rows of the parts not measured now are kept (each row keeps "
                          "its own run's date in 'measured')")
     args = ap.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"search", "encode", "codecs"}:
-        ap.error(f"unknown part(s) in --parts: {sorted(parts - {'search', 'encode', 'codecs'})}")
+    known = {"search", "smallbatch", "encode", "codecs"}
+    if not parts <= known:
+        ap.error(f"unknown part(s) in --parts: {sorted(parts - known)}")
 
     import faiss
 
@@ -397,11 +447,11 @@ def main(argv=None) -> None:
     res = {"threads": threads, "numba_threading_layer": numba_threading_layer(), "faiss_version": faiss.__version__,
            "kvant_version": kvant.__version__,
            "repeats": repeats, "train_repeats": train_repeats, "machine": machine,
-           "codecs": [], "encode": [], "search": []}
+           "codecs": [], "encode": [], "search": [], "smallbatch": []}
     stamp = time.strftime("%Y-%m-%d %H:%M")
     if args.resume:
         old = json.loads(Path(args.resume).read_text())
-        for part in ("codecs", "encode", "search"):
+        for part in ("codecs", "encode", "search", "smallbatch"):
             if part not in parts:
                 res[part] = [dict(r, measured=r.get("measured", "earlier run")) for r in old.get(part, [])]
 
@@ -443,6 +493,11 @@ def main(argv=None) -> None:
                 if nbits == 8 and m_s == m:
                     pq = index.codec
                 print("  ", row, flush=True)
+                save_partial()
+        if "smallbatch" in parts:
+            for m_s, nbits in search_cfgs:
+                rows = bench_small_batches(faiss, name, x, q, m_s, nbits)
+                res["smallbatch"] += [dict(r, measured=stamp) for r in rows]
                 save_partial()
         if "encode" in parts:
             if pq is None:  # the 8-bit index's codec, trained as bench_search trains it
