@@ -557,3 +557,21 @@ def test_encode_flags_the_rows_at_or_above_the_limit(ksub):
     assert far.sum() == 3
     np.testing.assert_array_equal(codes, K.pq_encode(x, cb))
     assert not K.pq_encode_flagged(x, cb, np.inf)[1].any()
+
+
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+def test_serial_and_parallel_tables_and_rescore_are_bit_identical(scale, monkeypatch):
+    # small batches build tables and re-score shortlists on the calling thread; the same operations as the parallel
+    # kernels, so the outputs are bit-identical
+    cb = _codebooks(1, 6, 16, 5, scale)
+    q = _data(3, 11, 30, scale)
+    outs = {}
+    for name, work, queries in (("serial", 1 << 62, 1 << 30), ("parallel", 0, 0)):
+        monkeypatch.setattr(K, "SERIAL_TABLE_WORK", work)
+        monkeypatch.setattr(K, "SERIAL_RESCORE_QUERIES", queries)
+        t = K.distance_tables_l2(q, cb)
+        codes = _random_codes(4, 900, 6, 16)
+        outs[name] = (t, K.ip_tables(q, cb), *K.fastscan_search(t, K.pack_codes_4bit(codes), 900, 6, 5, 3, nchunks=3))
+    for a, b in zip(outs["serial"], outs["parallel"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _rel_err(outs["serial"][0], R.pq_distance_tables_l2_ref(q, cb)) <= TOL

@@ -53,10 +53,16 @@ from ._common import (
 __all__ = ["PQIndex"]
 
 
-def _kpq():
-    from ..kernels import pq as kpq
+_KPQ = None
 
-    return kpq
+
+def _kpq():
+    global _KPQ
+    if _KPQ is None:  # (imported on first use; then one global read per search instead of an import statement)
+        from ..kernels import pq as kpq
+
+        _KPQ = kpq
+    return _KPQ
 
 
 # add() stores cos rows as normalize_rows writes them: x/‖x‖ in float64, each coordinate rounded to float32, so
@@ -237,16 +243,19 @@ class PQIndex:
         np.negative(t, out=t)
         return t
 
-    def _finite_tables(self, q: np.ndarray, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+    def _finite_tables(self, q: np.ndarray, scale: float | None) -> tuple[np.ndarray | None, np.ndarray]:
         """(scales, tables) for the queries ``q``: per query, the codebooks' scale, or for a query so far outside
         the codebooks' range that its tables overflow (an infinite entry ranks nothing: the scans admit no row), a
         smaller power of two of its own, so every row is ranked as well as float32 allows. Per query: one factor for
         the whole batch pushed the other queries' tables to float32 subnormals (30 of 50 ordinary queries changed
-        their ids next to one of norm 1e37). Tables are in units of scales[i]² (distances come back in the data's)."""
+        their ids next to one of norm 1e37). Tables are in units of scales[i]² (distances come back in the data's);
+        scales is None when every query's factor is 1."""
         base = 1.0 if scale is None else scale
-        scales = np.full(q.shape[0], base)
         with np.errstate(over="ignore", invalid="ignore"):
             tables = self._tables(q, scale)
+            if scale is None and np.isfinite(tables).all():  # (the common case, in one reduction)
+                return None, tables
+            scales = np.full(q.shape[0], base)
             bad = np.flatnonzero(~np.isfinite(tables.reshape(q.shape[0], -1)).all(axis=1))
             s = base
             while bad.size:
@@ -316,7 +325,7 @@ class PQIndex:
             d, rows = self._adc(tables, kc)
             if self.refine:
                 d, rows = self._exact(qb, rows, k)
-            elif np.any(bscale != 1.0):  # back to the data's units (beyond float32's range ±inf, ids still valid)
+            elif bscale is not None and np.any(bscale != 1.0):  # back to the data's units (±inf beyond float32)
                 with np.errstate(over="ignore"):
                     d = (d.astype(np.float64) / (bscale * bscale)[:, None]).astype(np.float32)
             out_d[s : s + step], out_i[s : s + step] = d, rows

@@ -91,25 +91,40 @@ ADC_FEW_QUERIES = 2
 # ----------------------------------------------------------------------------------------------------------
 
 
+@numba.njit(inline="always", **_JIT)
+def _l2_table(queries, cbt, out, q, j):
+    # cbt: (m, dsub, ksub) — codebooks transposed so the inner loop runs over codewords (vectorises).
+    dsub, ksub = cbt.shape[1], cbt.shape[2]
+    acc = out[q, j]
+    base = j * dsub
+    xv = queries[q, base]
+    for c in range(ksub):
+        diff = xv - cbt[j, 0, c]
+        acc[c] = diff * diff
+    for d in range(1, dsub):
+        xv = queries[q, base + d]
+        for c in range(ksub):
+            diff = xv - cbt[j, d, c]
+            acc[c] += diff * diff
+
+
 @numba.njit(parallel=True, **_JIT)
 def _tables_kernel(queries, cbt, out):
-    # cbt: (m, dsub, ksub) — codebooks transposed so the inner loop runs over codewords (vectorises).
-    nq = queries.shape[0]
-    m, dsub, ksub = cbt.shape
-    for w in prange(nq * m):
-        q = w // m
-        j = w - q * m
-        acc = out[q, j]
-        base = j * dsub
-        xv = queries[q, base]
-        for c in range(ksub):
-            diff = xv - cbt[j, 0, c]
-            acc[c] = diff * diff
-        for d in range(1, dsub):
-            xv = queries[q, base + d]
-            for c in range(ksub):
-                diff = xv - cbt[j, d, c]
-                acc[c] += diff * diff
+    m = cbt.shape[0]
+    for w in prange(queries.shape[0] * m):
+        _l2_table(queries, cbt, out, w // m, w % m)
+
+
+@numba.njit(**_JIT)
+def _tables_kernel_serial(queries, cbt, out):
+    for q in range(queries.shape[0]):
+        for j in range(cbt.shape[0]):
+            _l2_table(queries, cbt, out, q, j)
+
+
+# Tables of at most this many multiply-adds (queries × D × ksub) are computed on the calling thread: a parallel region
+# costs more than they do (a search of a few queries ran up to three regions: tables, scan, re-score).
+SERIAL_TABLE_WORK = 1 << 20
 
 
 def _transpose_cb(codebooks):
@@ -118,40 +133,53 @@ def _transpose_cb(codebooks):
 
 def distance_tables_l2(queries, codebooks):
     """(nq, m, ksub) float32 tables of Σ(q_j − c)² over each sub-vector, computed directly."""
-    m, ksub, _ = codebooks.shape
+    m, ksub, dsub = codebooks.shape
     out = np.empty((queries.shape[0], m, ksub), dtype=np.float32)
     if out.size:
-        _tables_kernel(queries, _transpose_cb(codebooks), out)
+        serial = queries.shape[0] * m * dsub * ksub <= SERIAL_TABLE_WORK
+        (_tables_kernel_serial if serial else _tables_kernel)(queries, _transpose_cb(codebooks), out)
     return out
+
+
+@numba.njit(inline="always", **_JIT)
+def _ip_table_row(queries, cbt, out, q, acc):
+    # float64 sums of exact products (float32 × float32 fits float64's mantissa), rounded once: a float32 sum lost
+    # up to ~5% of q·c where large terms cancel (|q| = 1e3, q·c ≈ 1)
+    m, dsub, ksub = cbt.shape
+    for j in range(m):
+        base = j * dsub
+        xv = np.float64(queries[q, base])
+        for c in range(ksub):
+            acc[c] = xv * np.float64(cbt[j, 0, c])
+        for d in range(1, dsub):
+            xv = np.float64(queries[q, base + d])
+            for c in range(ksub):
+                acc[c] += xv * np.float64(cbt[j, d, c])
+        for c in range(ksub):
+            out[q, j, c] = np.float32(acc[c])
 
 
 @numba.njit(parallel=True, **_JIT)
 def _ip_tables_kernel(queries, cbt, out):
-    # float64 sums of exact products (float32 × float32 fits float64's mantissa), rounded once: a float32 sum lost
-    # up to ~5% of q·c where large terms cancel (|q| = 1e3, q·c ≈ 1)
-    nq = queries.shape[0]
-    m, dsub, ksub = cbt.shape
-    for q in prange(nq):
-        acc = np.empty(ksub, np.float64)
-        for j in range(m):
-            base = j * dsub
-            xv = np.float64(queries[q, base])
-            for c in range(ksub):
-                acc[c] = xv * np.float64(cbt[j, 0, c])
-            for d in range(1, dsub):
-                xv = np.float64(queries[q, base + d])
-                for c in range(ksub):
-                    acc[c] += xv * np.float64(cbt[j, d, c])
-            for c in range(ksub):
-                out[q, j, c] = np.float32(acc[c])
+    for q in prange(queries.shape[0]):
+        _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2], np.float64))
+
+
+@numba.njit(**_JIT)
+def _ip_tables_kernel_serial(queries, cbt, out):
+    acc = np.empty(cbt.shape[2], np.float64)
+    for q in range(queries.shape[0]):
+        _ip_table_row(queries, cbt, out, q, acc)
 
 
 def ip_tables(queries, codebooks):
     """(nq, m, ksub) float32 tables of per-sub-vector inner products q_j · c (summed in float64, rounded once)."""
-    m, ksub, _ = codebooks.shape
+    m, ksub, dsub = codebooks.shape
     out = np.empty((queries.shape[0], m, ksub), dtype=np.float32)
     if out.size:
-        _ip_tables_kernel(np.ascontiguousarray(queries, dtype=np.float32), _transpose_cb(codebooks), out)
+        serial = queries.shape[0] * m * dsub * ksub <= SERIAL_TABLE_WORK
+        (_ip_tables_kernel_serial if serial else _ip_tables_kernel)(np.ascontiguousarray(queries, dtype=np.float32),
+                                                                    _transpose_cb(codebooks), out)
     return out
 
 
@@ -1056,39 +1084,55 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
             part_r[c, q0 + j] = si[j]
 
 
-@numba.njit(parallel=True, **_JIT)
-def _rescore_shortlists(tables, flat, mp2, m, part_a, part_r, out_d, out_i):
+@numba.njit(inline="always", **_JIT)
+def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
     # The L rows with the smallest (quantised sum, row) over every chunk's shortlist (each chunk keeps its own L
     # smallest in that order, so these are the L one chunk over all rows would keep), re-scored exactly. Re-scoring
     # each chunk's shortlist instead made the result depend on the chunk count, and so on the batch size: 68 of 300
     # queries changed ids at rerank=1 between one-at-a-time and batched search.
-    nchunks, nq, L = part_a.shape
+    nchunks, _, L = part_a.shape
     k = out_d.shape[1]
-    for q in prange(nq):
-        t = tables[q]
-        dd = out_d[q]
-        ii = out_i[q]
-        aa = np.empty(nchunks * L, dtype=np.int64)
-        rr = np.empty(nchunks * L, dtype=np.int64)
-        f = 0
-        for c in range(nchunks):
-            for s in range(L):
-                if part_r[c, q, s] < 0:
-                    break
-                aa[f] = part_a[c, q, s]
-                rr[f] = part_r[c, q, s]
-                f += 1
-        if nchunks > 1:
-            order = np.argsort(aa[:f], kind="mergesort")  # stable: chunks are in row order, so ties keep row order
-            take = min(f, L)
-        else:
-            order = np.arange(f)
-            take = f
-        for s in range(take):
-            r = rr[order[s]]
-            d = _exact_4bit(t, flat, r, m, mp2)
-            if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or r < ii[k - 1])):
-                _push(dd, ii, k, d, r)
+    t = tables[q]
+    dd = out_d[q]
+    ii = out_i[q]
+    aa = np.empty(nchunks * L, dtype=np.int64)
+    rr = np.empty(nchunks * L, dtype=np.int64)
+    f = 0
+    for c in range(nchunks):
+        for s in range(L):
+            if part_r[c, q, s] < 0:
+                break
+            aa[f] = part_a[c, q, s]
+            rr[f] = part_r[c, q, s]
+            f += 1
+    if nchunks > 1:
+        order = np.argsort(aa[:f], kind="mergesort")  # stable: chunks are in row order, so ties keep row order
+        take = min(f, L)
+    else:
+        order = np.arange(f)
+        take = f
+    for s in range(take):
+        r = rr[order[s]]
+        d = _exact_4bit(t, flat, r, m, mp2)
+        if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or r < ii[k - 1])):
+            _push(dd, ii, k, d, r)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _rescore_shortlists(tables, flat, mp2, m, part_a, part_r, out_d, out_i):
+    for q in prange(part_a.shape[1]):
+        _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q)
+
+
+@numba.njit(**_JIT)
+def _rescore_shortlists_serial(tables, flat, mp2, m, part_a, part_r, out_d, out_i):
+    for q in range(part_a.shape[1]):
+        _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q)
+
+
+# Batches of at most this many queries re-score their shortlists on the calling thread (a few microseconds each,
+# less than a parallel region).
+SERIAL_RESCORE_QUERIES = 16
 
 
 # Shortlist mode: queries sharing each tile of codes, and the tile's size. 256 KB tiles stay in the 2 MB
@@ -1145,7 +1189,8 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
         part_r = np.empty((nchunks, nq, L), dtype=np.int64)
         _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, int(rerank), nchunks, group, tile,
                                    part_a, part_r)
-        _rescore_shortlists(tables, flat, mp2, int(m), part_a, part_r, out_d, out_i)
+        rescore = _rescore_shortlists_serial if nq <= SERIAL_RESCORE_QUERIES else _rescore_shortlists
+        rescore(tables, flat, mp2, int(m), part_a, part_r, out_d, out_i)
         return out_d, out_i
     part_d = np.empty((nchunks, nq, k), dtype=np.float32)
     part_i = np.empty((nchunks, nq, k), dtype=np.int64)
