@@ -825,67 +825,62 @@ def quantize_luts(tables):
 
 
 
-def _fs_codegen(nblk):
-    """Code generator for the FastScan block scan over ``nblk`` (1 or 2) consecutive 32-row blocks."""
+def _fs_emit(context, builder, nblk, luts, pk_data, off_v, stride_v, mp2_v):
+    """IR of the FastScan accumulation of ``nblk`` (1 or 2) consecutive 32-row blocks for one or more queries:
+    ``luts`` holds each query's table pointer (u8*: 16 · 2 entries per sub-quantizer pair). The code bytes are loaded
+    and split into nibbles once per pair for all the queries. Returns each query's <rows x i16> sums."""
     rows = 32 * nblk
+    i8, i16, i32, intp = ir.IntType(8), ir.IntType(16), ir.IntType(32), off_v.type
+    v32i8, v16i8 = ir.VectorType(i8, 32), ir.VectorType(i8, 16)
+    vbytes = ir.VectorType(i8, rows)
+    vhalf = ir.VectorType(i16, rows // 2)  # one 16-bit lane per pair of rows (even row low byte, odd high)
+    mod = builder.module
 
-    def codegen(context, builder, signature, args):
-        acc_v, packed_v, off_v, stride_v, lut_v, mp2_v, th_v = args
-        a_acc = context.make_array(signature.args[0])(context, builder, acc_v)
-        a_pk = context.make_array(signature.args[1])(context, builder, packed_v)
-        a_lut = context.make_array(signature.args[4])(context, builder, lut_v)
-        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-        v32i8, v16i8 = ir.VectorType(i8, 32), ir.VectorType(i8, 16)
-        vbytes = ir.VectorType(i8, rows)
-        vhalf = ir.VectorType(i16, rows // 2)  # one 16-bit lane per pair of rows (even row low byte, odd high)
-        vrows = ir.VectorType(i16, rows)
-        intp = off_v.type
-        mod = builder.module
+    def declare(name, width):
+        ty = ir.VectorType(i8, width)
+        return llvm_fn(mod, name, ty, [ty, ty])
 
-        def declare(name, width):
-            ty = ir.VectorType(i8, width)
-            return llvm_fn(mod, name, ty, [ty, ty])
+    def shuffle16(table16, nib):
+        """Look up each byte's nibble in the 16-entry table (``table16``: <16 x i8>)."""
+        rep = builder.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(i32, rows),
+                                                                   [i % 16 for i in range(rows)]))
+        if rows == 64 and _HAS_AVX512BW:
+            return builder.call(declare("llvm.x86.avx512.pshuf.b.512", 64), [rep, nib])
+        if _HAS_AVX2:
+            fn = declare("llvm.x86.avx2.pshuf.b", 32)
+            parts = []
+            for h in range(rows // 32):
+                sel = ir.Constant(ir.VectorType(i32, 32), [32 * h + i for i in range(32)])
+                parts.append(builder.call(fn, [builder.shuffle_vector(rep, rep, sel),
+                                               builder.shuffle_vector(nib, nib, sel)]))
+            if len(parts) == 1:
+                return parts[0]
+            return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(i32, 64), list(range(64))))
+        out = ir.Constant(vbytes, None)
+        for lane in range(rows):
+            li = ir.Constant(i32, lane)
+            idx = builder.zext(builder.extract_element(nib, li), ir.IntType(32))
+            out = builder.insert_element(out, builder.extract_element(table16, idx), li)
+        return out
 
-        def shuffle16(table16, nib):
-            """Look up each byte's nibble in the 16-entry table (``table16``: <16 x i8>)."""
-            rep = builder.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(i32, rows),
-                                                                       [i % 16 for i in range(rows)]))
-            if rows == 64 and _HAS_AVX512BW:
-                return builder.call(declare("llvm.x86.avx512.pshuf.b.512", 64), [rep, nib])
-            if _HAS_AVX2:
-                fn = declare("llvm.x86.avx2.pshuf.b", 32)
-                parts = []
-                for h in range(rows // 32):
-                    sel = ir.Constant(ir.VectorType(i32, 32), [32 * h + i for i in range(32)])
-                    parts.append(builder.call(fn, [builder.shuffle_vector(rep, rep, sel),
-                                                   builder.shuffle_vector(nib, nib, sel)]))
-                if len(parts) == 1:
-                    return parts[0]
-                return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(i32, 64), list(range(64))))
-            out = ir.Constant(vbytes, None)
-            for lane in range(rows):
-                li = ir.Constant(i32, lane)
-                idx = builder.zext(builder.extract_element(nib, li), ir.IntType(32))
-                out = builder.insert_element(out, builder.extract_element(table16, idx), li)
-            return out
-
-        slot_e = cgutils.alloca_once_value(builder, ir.Constant(vhalf, [0] * (rows // 2)))
-        slot_o = cgutils.alloca_once_value(builder, ir.Constant(vhalf, [0] * (rows // 2)))
-        eight = ir.Constant(vhalf, [8] * (rows // 2))
-        m15 = ir.Constant(vbytes, [15] * rows)
-        four = ir.Constant(vbytes, [4] * rows)
-        with cgutils.for_range(builder, mp2_v) as loop:
-            p32 = builder.mul(loop.index, ir.Constant(intp, 32))
-            c = None
-            for blk in range(nblk):  # block blk's 32 code bytes of pair p, blocks ``stride`` bytes apart
-                o = builder.add(builder.add(off_v, p32), builder.mul(stride_v, ir.Constant(intp, blk)))
-                part = builder.load(builder.bitcast(builder.gep(a_pk.data, [o]), v32i8.as_pointer()), align=1)
-                c = part if c is None else builder.shuffle_vector(
-                    c, part, ir.Constant(ir.VectorType(i32, 64), list(range(64))))
-            nlo = builder.and_(c, m15)
-            nhi = builder.and_(builder.lshr(c, four), m15)
-            lptr = builder.gep(a_lut.data, [p32])
-            hptr = builder.gep(a_lut.data, [builder.add(p32, ir.Constant(intp, 16))])
+    slots_e = [cgutils.alloca_once_value(builder, ir.Constant(vhalf, [0] * (rows // 2))) for _ in luts]
+    slots_o = [cgutils.alloca_once_value(builder, ir.Constant(vhalf, [0] * (rows // 2))) for _ in luts]
+    eight = ir.Constant(vhalf, [8] * (rows // 2))
+    m15 = ir.Constant(vbytes, [15] * rows)
+    four = ir.Constant(vbytes, [4] * rows)
+    with cgutils.for_range(builder, mp2_v) as loop:
+        p32 = builder.mul(loop.index, ir.Constant(intp, 32))
+        c = None
+        for blk in range(nblk):  # block blk's 32 code bytes of pair p, blocks ``stride`` bytes apart
+            o = builder.add(builder.add(off_v, p32), builder.mul(stride_v, ir.Constant(intp, blk)))
+            part = builder.load(builder.bitcast(builder.gep(pk_data, [o]), v32i8.as_pointer()), align=1)
+            c = part if c is None else builder.shuffle_vector(
+                c, part, ir.Constant(ir.VectorType(i32, 64), list(range(64))))
+        nlo = builder.and_(c, m15)
+        nhi = builder.and_(builder.lshr(c, four), m15)
+        for lut, slot_e, slot_o in zip(luts, slots_e, slots_o, strict=True):
+            lptr = builder.gep(lut, [p32])
+            hptr = builder.gep(lut, [builder.add(p32, ir.Constant(intp, 16))])
             lo16 = builder.load(builder.bitcast(lptr, v16i8.as_pointer()), align=1)
             hi16 = builder.load(builder.bitcast(hptr, v16i8.as_pointer()), align=1)
             w1 = builder.bitcast(shuffle16(lo16, nlo), vhalf)
@@ -895,20 +890,75 @@ def _fs_codegen(nblk):
             builder.store(builder.add(builder.load(slot_e), builder.add(w1, w2)), slot_e)
             od = builder.add(builder.lshr(w1, eight), builder.lshr(w2, eight))
             builder.store(builder.add(builder.load(slot_o), od), slot_o)
+    totals = []
+    half = rows // 2
+    # row r of block blk sits in 16-bit lane 16·blk + (r >> 1): the even accumulator for even r
+    inter = ir.Constant(ir.VectorType(i32, rows),
+                        [16 * (r // 32) + (r % 32) // 2 + (half if r & 1 else 0) for r in range(rows)])
+    for slot_e, slot_o in zip(slots_e, slots_o, strict=True):
         # even rows: (Σ even + 256 Σ odd) − 256 Σ odd, exact modulo 2^16 and each sum is < 2^16 (qmax · mp ≤ 65535)
         odd = builder.load(slot_o)
         even = builder.sub(builder.load(slot_e), builder.shl(odd, eight))
-        # row r of block blk sits in 16-bit lane 16·blk + (r >> 1): the even accumulator for even r
-        half = rows // 2
-        inter = ir.Constant(ir.VectorType(i32, rows),
-                            [16 * (r // 32) + (r % 32) // 2 + (half if r & 1 else 0) for r in range(rows)])
-        total = builder.shuffle_vector(even, odd, inter)
-        builder.store(total, builder.bitcast(a_acc.data, vrows.as_pointer()), align=2)
-        thc = builder.select(builder.icmp_signed(">", th_v, ir.Constant(i64, 65535)), ir.Constant(i64, 65535), th_v)
-        thc = builder.select(builder.icmp_signed("<", thc, ir.Constant(i64, 0)), ir.Constant(i64, 0), thc)
-        th16 = builder.trunc(thc, i16)
-        mask = builder.bitcast(builder.icmp_unsigned("<=", total, splat(builder, th16, vrows)), ir.IntType(rows))
-        return mask if rows == 64 else builder.zext(mask, i64)
+        totals.append(builder.shuffle_vector(even, odd, inter))
+    return totals
+
+
+def _fs_mask(builder, total, th_v, rows):
+    """The rows (a bit each, as i64) whose sum in ``total`` is <= th (clamped to [0, 65535])."""
+    i16, i64 = ir.IntType(16), ir.IntType(64)
+    thc = builder.select(builder.icmp_signed(">", th_v, ir.Constant(i64, 65535)), ir.Constant(i64, 65535), th_v)
+    thc = builder.select(builder.icmp_signed("<", thc, ir.Constant(i64, 0)), ir.Constant(i64, 0), thc)
+    th16 = builder.trunc(thc, i16)
+    mask = builder.bitcast(builder.icmp_unsigned("<=", total, splat(builder, th16, ir.VectorType(i16, rows))),
+                           ir.IntType(rows))
+    return mask if rows == 64 else builder.zext(mask, i64)
+
+
+def _fs_codegen(nblk):
+    """Code generator for the FastScan block scan over ``nblk`` (1 or 2) consecutive 32-row blocks, one query."""
+    rows = 32 * nblk
+
+    def codegen(context, builder, signature, args):
+        acc_v, packed_v, off_v, stride_v, lut_v, mp2_v, th_v = args
+        a_acc = context.make_array(signature.args[0])(context, builder, acc_v)
+        a_pk = context.make_array(signature.args[1])(context, builder, packed_v)
+        a_lut = context.make_array(signature.args[4])(context, builder, lut_v)
+        (total,) = _fs_emit(context, builder, nblk, [a_lut.data], a_pk.data, off_v, stride_v, mp2_v)
+        builder.store(total, builder.bitcast(a_acc.data, ir.VectorType(ir.IntType(16), rows).as_pointer()), align=2)
+        return _fs_mask(builder, total, th_v, rows)
+
+    return codegen
+
+
+def _fs_codegen_multi(nblk, nqk):
+    """:func:`_fs_codegen` for ``nqk`` queries at once (tables ``luts[j0 + i]``, thresholds ``ths[j0 + i]``): each
+    query's sums go to ``acc[i, :rows]`` and its candidate mask to ``masks[i]``; returns their OR."""
+    rows = 32 * nblk
+
+    def codegen(context, builder, signature, args):
+        acc_v, packed_v, off_v, stride_v, luts_v, j0_v, mp2_v, ths_v, masks_v = args
+        a_acc = context.make_array(signature.args[0])(context, builder, acc_v)
+        a_pk = context.make_array(signature.args[1])(context, builder, packed_v)
+        a_luts = context.make_array(signature.args[4])(context, builder, luts_v)
+        a_ths = context.make_array(signature.args[7])(context, builder, ths_v)
+        a_masks = context.make_array(signature.args[8])(context, builder, masks_v)
+        intp = off_v.type
+        lstride = builder.extract_value(a_luts.strides, 0)
+        astride = builder.extract_value(a_acc.strides, 0)
+        luts = [builder.gep(a_luts.data, [builder.mul(builder.add(j0_v, ir.Constant(intp, i)), lstride)])
+                for i in range(nqk)]
+        totals = _fs_emit(context, builder, nblk, luts, a_pk.data, off_v, stride_v, mp2_v)
+        i64 = ir.IntType(64)
+        any_mask = ir.Constant(i64, 0)
+        for i, total in enumerate(totals):
+            acc8 = builder.bitcast(a_acc.data, ir.IntType(8).as_pointer())  # (strides are in bytes)
+            dst = builder.gep(acc8, [builder.mul(ir.Constant(intp, i), astride)])
+            builder.store(total, builder.bitcast(dst, ir.VectorType(ir.IntType(16), rows).as_pointer()), align=2)
+            th = builder.load(builder.gep(a_ths.data, [builder.add(j0_v, ir.Constant(intp, i))]))
+            mask = _fs_mask(builder, total, th, rows)
+            builder.store(mask, builder.gep(a_masks.data, [ir.Constant(intp, i)]))
+            any_mask = builder.or_(any_mask, mask)
+        return any_mask
 
     return codegen
 
@@ -931,6 +981,25 @@ def _fs_block2(typingctx, acc, packed, off, stride, lut8, mp2, th):
     """:func:`_fs_block` over two blocks at once: rows 0–31 from ``off``, rows 32–63 from ``off + stride``;
     acc[0:64] and a 64-bit mask. On AVX-512BW hosts each lookup is one 512-bit ``vpshufb`` (64 lookups)."""
     return types.int64(acc, packed, types.intp, types.intp, lut8, types.intp, types.int64), _fs_codegen(2)
+
+
+# Queries a multi-query block scan serves per load of the codes (the nibbles are split once for all of them).
+FS_QUERIES = 4
+
+
+@intrinsic
+def _fs_block_q(typingctx, acc, packed, off, stride, luts, j0, mp2, ths, masks):
+    """:func:`_fs_block` for the ``FS_QUERIES`` queries j0 .. j0 + FS_QUERIES − 1 (tables ``luts[j]``, thresholds
+    ``ths[j]``): query i's sums in acc[i, 0:32], its mask in masks[i]; returns the masks' OR (0: no candidate)."""
+    sig = types.int64(acc, packed, types.intp, types.intp, luts, types.intp, types.intp, ths, masks)
+    return sig, _fs_codegen_multi(1, FS_QUERIES)
+
+
+@intrinsic
+def _fs_block2_q(typingctx, acc, packed, off, stride, luts, j0, mp2, ths, masks):
+    """:func:`_fs_block_q` over two blocks at once, as :func:`_fs_block2` (acc[i, 0:64], 64-bit masks)."""
+    sig = types.int64(acc, packed, types.intp, types.intp, luts, types.intp, types.intp, ths, masks)
+    return sig, _fs_codegen_multi(2, FS_QUERIES)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -1066,9 +1135,31 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         acc = np.empty(64, dtype=np.uint16)
+        accq = np.empty((FS_QUERIES, 64), dtype=np.uint16)
+        masks = np.empty(FS_QUERIES, dtype=np.int64)
+        multi = (g // FS_QUERIES) * FS_QUERIES if _HAS_AVX2 else 0  # queries scanned FS_QUERIES at a time
         for t0 in range(b0, b1, tile):
             t1 = min(b1, t0 + tile)
-            for j in range(g):
+            for j0 in range(0, multi, FS_QUERIES):
+                b = t0
+                while b < t1:
+                    two = _HAS_AVX512BW and b + 1 < t1
+                    if two:
+                        anym = _fs_block2_q(accq, flat, b * bbytes, bbytes, luts, j0, mp2, th, masks)
+                    else:
+                        anym = _fs_block_q(accq, flat, b * bbytes, bbytes, luts, j0, mp2, th, masks)
+                    if anym != 0:
+                        width = 64 if two else 32
+                        nr = min(width, n - b * 32)
+                        for i in range(FS_QUERIES):
+                            mask = masks[i]
+                            if nr < width:
+                                mask &= (np.int64(1) << nr) - 1
+                            if mask != 0:
+                                th[j0 + i] = _push_candidates(mask, accq[i], b * 32, sa[j0 + i], si[j0 + i], L,
+                                                              th[j0 + i])
+                    b += 2 if two else 1
+            for j in range(multi, g):
                 lut8 = luts[j]
                 saj = sa[j]
                 sij = si[j]
