@@ -225,13 +225,15 @@ def build_pair(faiss, x, m, nbits, fastscan_rerank=4):
 
 
 # Queries per call in the small-batch part, and its timing: blocks of SMALL_CALLS back-to-back calls per side (after
-# two untimed ones), the sides alternating for SMALL_ROUNDS rounds; the median call. Back-to-back, as a service
-# answering a stream of requests calls it: one call right after the other library's measured the other's threads
-# still spinning (a 1-query FastScan read 0.87 ms after a FAISS call, 0.61 ms after its own), and a pause before each
-# call measured thread wake-ups (1.6-2.2 ms for both).
+# a pause of SMALL_PAUSE s and two untimed calls), the sides alternating for SMALL_ROUNDS rounds; the median call.
+# Back-to-back, as a service answering a stream of requests calls it. The pause lets the other library's threads stop
+# spinning: FAISS's OpenMP threads spin for milliseconds after each call, and without it kvant's block right after
+# FAISS's measured 194 µs per 4-query Fashion-MNIST FastScan call against 117 µs alone (2026-12-05); a pause before
+# every call instead measured thread wake-ups (1.6-2.2 ms per 1-query call for both).
 SMALL_BATCHES = (1, 4, 10, 32, 100)
 SMALL_CALLS = 8
 SMALL_ROUNDS = 6
+SMALL_PAUSE = 0.05
 
 
 def bench_small_batches(faiss, name, x, q, m, nbits):
@@ -243,6 +245,7 @@ def bench_small_batches(faiss, name, x, q, m, nbits):
         times = ([], [])
         for _ in range(SMALL_ROUNDS):
             for side, fn in enumerate((lambda qb=qb: index.search(qb, 10), lambda qb=qb: fidx.search(qb, 10))):
+                time.sleep(SMALL_PAUSE)
                 fn()
                 fn()
                 for _ in range(SMALL_CALLS):
@@ -340,7 +343,8 @@ def write_markdown(res: dict, path: Path) -> None:
                          f"{r['kvant_in_exact_adc']:.4f} | {r['faiss_in_exact_adc']:.4f} |")
     if res.get("smallbatch"):
         lines += ["", "**Small batches** (ms per search call, k=10, same codes; medians of "
-                  f"{SMALL_ROUNDS}×{SMALL_CALLS} back-to-back calls per side, the sides alternating in blocks)", "",
+                  f"{SMALL_ROUNDS}×{SMALL_CALLS} back-to-back calls per side, the sides alternating in blocks, "
+                  f"{SMALL_PAUSE * 1e3:.0f} ms apart)", "",
                   "| dataset | index | queries per call | kvant ms | FAISS ms | FAISS index | kvant speed / FAISS |",
                   "|---|---|---:|---:|---:|---|---:|"]
         for r in res["smallbatch"]:
