@@ -123,8 +123,10 @@ def _tables_kernel_serial(queries, cbt, out):
 
 
 # Tables of at most this many multiply-adds (queries × D × ksub) are computed on the calling thread: a parallel region
-# costs more than they do (a search of a few queries ran up to three regions: tables, scan, re-score).
-SERIAL_TABLE_WORK = 1 << 20
+# costs more than they do (a search of a few queries ran up to three regions: tables, scan, re-score). Medians of 200
+# calls, 2 threads, Intel host (µs, serial / parallel): 1 × 128-d ksub 256 (2^15) 2.4 / 8.7, 4 × 784-d ksub 16 8.9 /
+# 11.9, 4 × 128-d ksub 256 (2^17) 9.5 / 13.2, 16 × 128-d ksub 256 (2^19) 39.3 / 27.6, 256 × 128-d ksub 16 104 / 72.
+SERIAL_TABLE_WORK = 1 << 17
 
 
 def _transpose_cb(codebooks):
