@@ -1492,3 +1492,25 @@ def test_all_rows_fit_in_the_general_loop_reuses_its_last_e_step(metric, monkeyp
     assert calls == []
     np.testing.assert_array_equal(c.labels_, c.predict(x))
     assert abs(c.score(x) - (c.inertia_ / -6000 if metric == "l2" else c.mean_cosine_)) < 1e-9 * (1 + abs(c.score(x)))
+
+
+def test_all_rows_fit_on_a_certified_backend_reuses_its_exact_labels(monkeypatch):
+    # from 8,192 rows with K >= 128 and K·D >= 2^14, E-steps run on a certified backend where the host has one (AMX
+    # bf16 tiles, AVX2 int16): an all-rows l2 fit forces its last E-step over every row, whose labels are exact already
+    # and stand as the final assignment (no second pass); elsewhere the float32 top-2 is certified instead
+    from kvant.cluster import clusterer as clusterer_module
+    from kvant.cluster.assign import CertifiedCentres
+
+    x = blobs(9000, 32, 600, seed=4)[0]
+    calls = []
+    real = clusterer_module._assign_all
+    monkeypatch.setattr(clusterer_module, "_assign_all", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = []
+    real_lloyd = clusterer_module.lloyd
+    monkeypatch.setattr(clusterer_module, "lloyd", lambda *a, **kw: results.append(real_lloyd(*a, **kw)) or results[-1])
+    c = kvant.Clusterer(600, metric="l2", seed=0).fit(x)
+    assert c.sample_rows_ == 9000 and calls == []
+    certified = CertifiedCentres(c.cluster_centers_, False, e_step=True, rows=9000).ok
+    assert results[-1].labels_certified == certified and (results[-1].last_d1 is None) == certified
+    np.testing.assert_array_equal(c.labels_, c.predict(x))
+    assert abs(c.score(x) + c.inertia_ / 9000) <= 1e-9 * c.inertia_ / 9000

@@ -34,7 +34,13 @@ from ..io import ArraySource, VectorSource, as_source
 from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, exact_sq_dist_rows_scaled
-from .assign import CertifiedCentres, assign_certified, assign_top2, scales_unit_rows
+from .assign import (
+    CertifiedCentres,
+    assign_certified,
+    assign_top2,
+    certified_e_step_may_apply,
+    scales_unit_rows,
+)
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
@@ -262,13 +268,18 @@ class Clusterer:
             sample = condition(sample, shift, cscale)
             init = "random" if algorithm == "dense-exact-random" else params.get("init", "k-means++")
             restarts = n_redo if algorithm == "dense-exact-nredo" else 1
+            # Lloyd's last E-step can stand as the final assignment when it trained on every row as predict sees them
+            # (float32 top-2, certified below; or a certified backend's exact labels, l2 only: for cos that E-step saw
+            # the unit copy, not predict's scaled rows)
+            keep_top2 = every_row and shift is None and cscale is None and polish == 0 and not (
+                spherical and certified_e_step_may_apply(sample.shape[0], sample.shape[1], k))
             best = None
             for r in range(restarts):
                 seed = None if seed0 is None else seed0 + r
                 c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"))
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)),
-                            keep_top2=every_row and shift is None and cscale is None and polish == 0)
+                            keep_top2=keep_top2)
                 # the minimum: an over-relaxed run's last entry may be a rejected step (see lloyd)
                 if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res
@@ -283,6 +294,9 @@ class Clusterer:
             # when every row's squared norm is in the range where predict scales rather than copies.
             reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
                       and (not unit or scales_unit_rows(sq_norms_serial(raw))))
+            # ... or its labels are exact already (a certified backend's E-step; l2 only: for cos it saw the unit copy)
+            reused_certified = (every_row and shift is None and cscale is None and best.labels_certified
+                                and polish == 0 and not spherical)
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter
@@ -305,6 +319,10 @@ class Clusterer:
         rows = batch_rows if algorithm == "minibatch" else None  # minibatch keeps its memory bound here too
         if algorithm != "minibatch" and reused:
             labels, inertia = _exact_from_last_e_step(raw, centroids, best, spherical)
+            report("assign", src.n)
+        elif algorithm != "minibatch" and reused_certified:
+            labels = best.labels.copy()
+            inertia = float(exact_sq_dist_rows(raw, centroids, labels).sum())
             report("assign", src.n)
         else:
             labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,

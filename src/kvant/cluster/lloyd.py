@@ -69,7 +69,6 @@ from .assign import (
     _DIRECT_MIN_ROWS,
     CERTIFIED_E_STEP_MIN_ROWS,
     block_rows_for,
-    certified_e_step_may_apply,
     e_step,
     one_region_direct_e_step,
     zero_norm_error,
@@ -107,6 +106,10 @@ class LloydResult:
     # distances, from which kernels.assign.certify_top2 makes the labels exact. None from the Python loop.
     last_d1: np.ndarray | None = None
     last_d2: np.ndarray | None = None
+    # lloyd(keep_top2=True): the last E-step assigned every row to the returned centroids on a certified backend
+    # (kvant.cluster.assign.CertifiedCentres), so the labels are the exact nearest centres already (ties to the smaller
+    # id)
+    labels_certified: bool = False
 
 
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
@@ -217,10 +220,11 @@ def lloyd(
     the objective history may then rise at a rejected step (compare runs by its minimum). ``candidates`` > 0
     (and < K) turns on the candidate E-steps described in the module docstring. ``last_e_step=False`` skips the
     E-step after the last M-step (the caller assigns every row to the returned centroids itself, as polish passes do):
-    the returned labels are then those of the previous centroids. ``keep_top2`` asks for the last E-step's float32
-    top-2 distances of every row (``last_d1``/``last_d2``, for :func:`kvant.kernels.assign.certify_top2`): the last
-    E-step then re-assigns every row rather than only those whose Hamerly bounds cross, and they are returned when
-    it ran on the float32 kernels (the certified backends' ``d2`` is only a lower bound).
+    the returned labels are then those of the previous centroids. ``keep_top2`` asks for a last E-step whose labels
+    can stand as the final assignment: it re-assigns every row rather than only those whose Hamerly bounds cross, and
+    returns its float32 top-2 distances (``last_d1``/``last_d2``, for :func:`kvant.kernels.assign.certify_top2`) when it
+    ran on the float32 kernels, or sets ``labels_certified`` when it ran on a certified backend (exact labels already;
+    its ``d2`` is only a lower bound).
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -229,13 +233,15 @@ def lloyd(
     w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights, np.float64)
     x_total = _weighted_total(xn, weights)
     m_cand = int(candidates) if 0 < candidates < k else 0
-    keep_top2 = keep_top2 and last_e_step and not certified_e_step_may_apply(n, d, k)
+    keep_top2 = keep_top2 and last_e_step
     if SMALL_LLOYD and m_cand == 0 and small_lloyd_applies(n, d, k) and x.dtype == np.float32 and x.flags.c_contiguous:
         return _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_total)
     labels = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
     d2 = np.empty(n, np.float32)
-    top2_valid = e_step(x, c, labels, d1, d2, xn)  # d1/d2: every row's float32 top-2 for the current centres
+    # the last E-step over every row, while the centres are still the ones it saw: "float32" (d1/d2 are every row's
+    # float32 top-2) or "certified" (exact labels); None after centres moved or a partial / candidate E-step
+    full_step = "float32" if e_step(x, c, labels, d1, d2, xn) else "certified"
     upper = np.sqrt(d1)
     lower = np.sqrt(d2)
     sums, counts = cluster_sums(x, labels, k, max(1, get_num_threads()), w)
@@ -277,7 +283,8 @@ def lloyd(
             prev_means, prev_obj = means, obj
         delta = np.empty(k, np.float32)
         max_delta, argmax_delta, second_delta = centre_moves(new_c, c, delta)
-        top2_valid = top2_valid and not reseeded and np.array_equal(new_c, c)  # (until an E-step over every row below)
+        if reseeded or not np.array_equal(new_c, c):  # (until an E-step over every row below)
+            full_step = None
         c = new_c
         if not last_e_step and (converged or it + 1 == max_iter):
             break  # (its labels are the last E-step's, for the previous centroids)
@@ -300,7 +307,7 @@ def lloyd(
             labels = lab_new
             np.sqrt(d1, out=upper)
             lower[:] = 0.0
-            top2_valid = False
+            full_step = None
             continue
         lower *= 1.0 - _BOUND_SLACK
         parts = [loosen_bounds(labels, upper, lower, delta, max_delta, argmax_delta, second_delta, s, min(n, s + block))
@@ -314,7 +321,8 @@ def lloyd(
             result.rows_recomputed += n
             lab_new = np.empty(n, np.int64)
             record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter
-            top2_valid = e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
+            float32 = e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
+            full_step = "float32" if float32 else "certified"
             cand_left = CANDIDATE_REFRESH - 1 if record else 0
             labels_exact = True
             moved = np.flatnonzero(lab_new != labels)
@@ -328,6 +336,7 @@ def lloyd(
             upper[cand] = exact_dist_to(x, cand, c, labels) * np.float32(1.0 + _BOUND_SLACK)
             cand = cand[upper[cand] >= lower[cand]]
         if cand.size:
+            full_step = None  # (these rows' labels and distances now come from another E-step)
             result.rows_recomputed += int(cand.size)
             lab_new = np.empty(cand.size, np.int64)
             e1 = np.empty(cand.size, np.float32)
@@ -344,8 +353,9 @@ def lloyd(
             break
     result.centroids = c
     result.labels = labels
-    if keep_top2 and top2_valid:
+    if keep_top2 and full_step == "float32":
         result.last_d1, result.last_d2 = d1, d2
+    result.labels_certified = keep_top2 and full_step == "certified"
     return result
 
 
