@@ -435,3 +435,12 @@ def test_pq_index_train_passes_progress_to_the_codec():
     calls = []
     index.train(x, progress=lambda phase, amount: calls.append(amount))
     assert len(calls) == index.codec.train_steps
+
+
+def test_codebooks_are_read_only():
+    # the codec caches what it derives from its codewords (the search scale): writing them in place would leave it stale
+    x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    pq = kvant.PQ(16, 8, nbits=4, seed=0).fit(x)
+    with pytest.raises(ValueError, match="read-only"):
+        pq.codebooks[...] *= np.float32(2.0**-80)
+    assert pq.codebooks.base is not None and np.array_equal(pq.codebooks, pq.codebooks_)

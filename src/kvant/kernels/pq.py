@@ -522,16 +522,8 @@ def _ctz(typingctx, x):
     return sig, codegen
 
 
-@intrinsic
-def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
-    """ADC sums of code row ``r`` for a block of ``_QB`` queries, returned as a bitmask of the queries it beats.
-
-    ``tq[(j * ksub + c) * _QB + qq]`` holds query qq's table entry for code c of sub-quantizer j: the block's
-    entries for one code are adjacent, so one vector load fetches all of them. The sums go to ``out[0:_QB]``
-    (each accumulated in order j, as the scalar reference does: no fast-math, so no reassociation); the mask
-    has bit qq set where ``out[qq] <= th[qq]`` (a superset: the caller settles ties and empty slots, so a sum that
-    overflowed to +inf still fills an empty slot). ``codes`` must be C-contiguous (rows of m bytes)."""
-    sig = types.int64(tq, codes, types.intp, types.intp, types.intp, out, th)
+def _adc_rows_codegen(rows):
+    """Code generator of :func:`_adc_row` (``rows`` = 1) and :func:`_adc_rows4` (4 consecutive rows)."""
 
     def codegen(context, builder, signature, args):
         tq_v, codes_v, r_v, m_v, ksub_v, out_v, th_v = args
@@ -542,21 +534,50 @@ def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
         vt = ir.VectorType(ir.FloatType(), _QB)
         intp = r_v.type
         row_stride = cgutils.unpack_tuple(builder, a_codes.strides, 2)[0]
-        row = builder.gep(a_codes.data, [builder.mul(r_v, row_stride)])
-        slot = cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * _QB))
+        starts = [builder.gep(a_codes.data, [builder.mul(builder.add(r_v, ir.Constant(intp, i)), row_stride)])
+                  for i in range(rows)]
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * _QB)) for _ in range(rows)]
         with cgutils.for_range(builder, m_v) as loop:
             j = loop.index
-            c = builder.zext(builder.load(builder.gep(row, [j])), intp)
-            at = builder.mul(builder.add(builder.mul(j, ksub_v), c), ir.Constant(intp, _QB))
-            v = builder.load(builder.bitcast(builder.gep(a_tq.data, [at]), vt.as_pointer()), align=4)
-            builder.store(builder.fadd(builder.load(slot), v), slot)
-        acc = builder.load(slot)
-        builder.store(acc, builder.bitcast(a_out.data, vt.as_pointer()), align=4)
+            jk = builder.mul(j, ksub_v)
+            for row, slot in zip(starts, slots, strict=True):  # independent chains: the core overlaps them
+                c = builder.zext(builder.load(builder.gep(row, [j])), intp)
+                at = builder.mul(builder.add(jk, c), ir.Constant(intp, _QB))
+                v = builder.load(builder.bitcast(builder.gep(a_tq.data, [at]), vt.as_pointer()), align=4)
+                builder.store(builder.fadd(builder.load(slot), v), slot)
         thv = builder.load(builder.bitcast(a_th.data, vt.as_pointer()), align=4)
-        bits = builder.bitcast(builder.fcmp_ordered("<=", acc, thv), ir.IntType(_QB))
-        return builder.zext(bits, ir.IntType(64))
+        mask = ir.Constant(ir.IntType(64), 0)
+        for i, slot in enumerate(slots):
+            acc = builder.load(slot)
+            dst = builder.gep(a_out.data, [ir.Constant(intp, i * _QB)])
+            builder.store(acc, builder.bitcast(dst, vt.as_pointer()), align=4)
+            bits = builder.zext(builder.bitcast(builder.fcmp_ordered("<=", acc, thv), ir.IntType(_QB)), ir.IntType(64))
+            mask = builder.or_(mask, builder.shl(bits, ir.Constant(ir.IntType(64), i * _QB)) if i else bits)
+        return mask
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _adc_row(typingctx, tq, codes, r, m, ksub, out, th):
+    """ADC sums of code row ``r`` for a block of ``_QB`` queries, returned as a bitmask of the queries it beats.
+
+    ``tq[(j * ksub + c) * _QB + qq]`` holds query qq's table entry for code c of sub-quantizer j: the block's
+    entries for one code are adjacent, so one vector load fetches all of them. The sums go to ``out[0:_QB]``
+    (each accumulated in order j, as the scalar reference does: no fast-math, so no reassociation); the mask
+    has bit qq set where ``out[qq] <= th[qq]`` (a superset: the caller settles ties and empty slots, so a sum that
+    overflowed to +inf still fills an empty slot). ``codes`` must be C-contiguous (rows of m bytes)."""
+    return types.int64(tq, codes, types.intp, types.intp, types.intp, out, th), _adc_rows_codegen(1)
+
+
+@intrinsic
+def _adc_rows4(typingctx, tq, codes, r, m, ksub, out, th):
+    """:func:`_adc_row` for rows r .. r + 3 at once: row r + i's sums in out[16 i : 16 i + 16] and its mask in bits
+    16 i .. 16 i + 15, all against the thresholds ``th`` as they stand before row r. Each row's sum is the same chain
+    (order j, from 0.0), so the results are those of four single-row calls; four independent chains let the core
+    overlap the adds, where one row's 16-add chain was bound by the add latency (1M codes, m = 16: ~50 cycles a
+    row)."""
+    return types.int64(tq, codes, types.intp, types.intp, types.intp, out, th), _adc_rows_codegen(4)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -575,21 +596,29 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq):
         r1 = min(n, r0 + chunk)
         dd = part_d[c]
         ii = part_i[c]
-        sums = np.empty(_QB, dtype=np.float32)
+        sums = np.empty(4 * _QB, dtype=np.float32)
         th = np.empty(_QB, dtype=np.float32)  # each query's k-th best so far
         for qq in range(_QB):
             dd[q0 + qq, :] = np.inf
             ii[q0 + qq, :] = -1
             th[qq] = np.inf if q0 + qq < nq else -np.inf
         tq = flat[qb]
-        for r in range(r0, r1):  # rows ascending, and a tie does not displace: ties keep the smaller idx
-            mask = _adc_row(tq, codes, r, m, ksub, sums, th)
-            while mask != 0:
-                qq = _ctz(mask)
+        r = r0
+        while r < r1:  # rows ascending, and a tie does not displace: ties keep the smaller idx
+            if r + 4 <= r1:
+                mask = _adc_rows4(tq, codes, r, m, ksub, sums, th)
+                step = 4
+            else:
+                mask = _adc_row(tq, codes, r, m, ksub, sums, th)
+                step = 1
+            while mask != 0:  # (bits in row order: a row's pushes see the thresholds the earlier rows left)
+                bit = _ctz(mask)
                 mask &= mask - 1
-                if sums[qq] < th[qq] or ii[q0 + qq, k - 1] < 0:
-                    _push(dd[q0 + qq], ii[q0 + qq], k, sums[qq], r)
+                qq = bit & (_QB - 1)
+                if sums[bit] < th[qq] or ii[q0 + qq, k - 1] < 0:
+                    _push(dd[q0 + qq], ii[q0 + qq], k, sums[bit], r + (bit >> 4))
                     th[qq] = dd[q0 + qq, k - 1]
+            r += step
 
 
 @numba.njit(parallel=True, **_JIT)

@@ -272,9 +272,12 @@ class PQ:
 
     @property
     def codebooks(self) -> np.ndarray:
-        """(m, 2**nbits, dim // m) float32 codewords (in the rotated space for OPQ)."""
+        """(m, 2**nbits, dim // m) float32 codewords (in the rotated space for OPQ), read-only: the codec caches what
+        it derives from them (a review: codewords scaled in place kept the scale of the old ones); copy to change."""
         self._check_fitted()
-        return self.codebooks_
+        view = self.codebooks_.view()
+        view.flags.writeable = False
+        return view
 
     def _check_fitted(self) -> None:
         if self.codebooks_ is None:
