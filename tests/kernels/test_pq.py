@@ -575,3 +575,24 @@ def test_serial_and_parallel_tables_and_rescore_are_bit_identical(scale, monkeyp
     for a, b in zip(outs["serial"], outs["parallel"], strict=True):
         np.testing.assert_array_equal(a, b)
     assert _rel_err(outs["serial"][0], R.pq_distance_tables_l2_ref(q, cb)) <= TOL
+
+
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_adc_narrow_blocks_equal_16_wide_blocks(monkeypatch, nchunks):
+    # batches of 2-8 queries interleave their tables 4 or 8 wide: ids and distances must be those of 16-wide blocks and
+    # of the reference, ties included, for row counts that are not multiples of the kernels' four-row steps
+    base = _random_codes(31, 403, 5, 256)
+    codes = np.ascontiguousarray(np.vstack([base, base[:150]]))  # repeated rows: ties
+    for nq in (2, 3, 4, 5, 8, 9):
+        t = _random_tables(40 + nq, nq, 5, 256)
+        assert K._adc_lanes(nq) == (4 if nq <= 4 else 8 if nq <= 8 else 16)
+        d, i = K.adc_search(t, codes, 7, nchunks=nchunks)
+        with monkeypatch.context() as mp:
+            mp.setattr(K, "_adc_lanes", lambda nq: 16)
+            wd, wi = K.adc_search(t, codes, 7, nchunks=nchunks)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(d, wd)
+        full = K.adc_distances(t, codes)
+        for q in range(nq):
+            order = np.lexsort((np.arange(len(codes)), full[q]))[:7]
+            np.testing.assert_array_equal(i[q], order)
