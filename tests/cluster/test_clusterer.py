@@ -1514,3 +1514,17 @@ def test_all_rows_fit_on_a_certified_backend_reuses_its_exact_labels(monkeypatch
     assert results[-1].labels_certified == certified and (results[-1].last_d1 is None) == certified
     np.testing.assert_array_equal(c.labels_, c.predict(x))
     assert abs(c.score(x) + c.inertia_ / 9000) <= 1e-9 * c.inertia_ / 9000
+
+
+@pytest.mark.parametrize("n,k", [(8000, 600), (9000, 600)])  # the float32 top-2 reuse; the certified labels' reuse
+def test_reused_labels_inertia_is_scores_to_the_last_bit(n, k, monkeypatch):
+    # an inertia from a reused last E-step is summed block by block as score's assignment sums it (a review: one ulp
+    # apart when the input spans several of its blocks, here emulated with 1 MiB blocks)
+    from kvant.cluster import clusterer as clusterer_module
+
+    monkeypatch.setattr(clusterer_module, "_RAM_CHUNK", 1 << 20)
+    g = np.random.default_rng(2)
+    x = (g.standard_normal((n, 32)) * np.exp(g.standard_normal((n, 1)))).astype(np.float32)
+    for seed in range(3):
+        c = kvant.Clusterer(k, metric="l2", seed=seed, max_iter=2, algorithm="dense-exact-row").fit(x)
+        assert c.score(x) == -c.inertia_ / n
