@@ -193,7 +193,7 @@ class FlatIndex:
             err = _gemm_ip_error(self.dim, q_norm[todo], x_norm_max) if ip else _gemm_l2_error(self.dim, q_sq, x_sq_max)
             # a list of every row is sure only when it holds them all: an ip product that overflowed float32 is
             # NaN and never kept (a review: the best row, at 3e38, missing from k = 600 of 1,100)
-            every = (n <= keep) & (ki[:, n - 1] >= 0) if n <= keep else np.zeros(todo.size, np.bool_)
+            every = ki[:, n - 1] >= 0 if n <= keep else np.zeros(todo.size, np.bool_)
             sure = every | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
             _rescore_exact(qs, x, kd, ki, ip)
             out_d[todo[sure]], out_i[todo[sure]] = kd[sure, :k], ki[sure, :k]
