@@ -444,3 +444,17 @@ def test_codebooks_are_read_only():
     with pytest.raises(ValueError, match="read-only"):
         pq.codebooks[...] *= np.float32(2.0**-80)
     assert pq.codebooks.base is not None and np.array_equal(pq.codebooks, pq.codebooks_)
+
+
+def test_transposed_codebooks_are_kept_per_codebook_array():
+    # searches reuse the codebooks in the table kernels' layout; a refit (new codebooks) must not reuse the old ones
+    from kvant.kernels import pq as kpq
+
+    g = np.random.default_rng(1)
+    pq = kvant.PQ(16, 4, nbits=4, seed=0).fit(g.standard_normal((600, 16)).astype(np.float32))
+    first = pq._transposed_books()
+    assert pq._transposed_books() is first
+    np.testing.assert_array_equal(first, kpq.transposed_codebooks(pq.codebooks))
+    pq.fit((g.standard_normal((600, 16)) * 5).astype(np.float32))
+    np.testing.assert_array_equal(pq._transposed_books(), kpq.transposed_codebooks(pq.codebooks))
+    assert not np.array_equal(pq._transposed_books(), first)

@@ -232,9 +232,10 @@ class PQIndex:
         if scale is not None:
             qr = condition(qr, None, scale)
         books = self.codec.codebooks_ if scale is None else condition(self.codec.codebooks_, None, scale)
+        cbt = self.codec._transposed_books() if scale is None else None
         if l2:
-            return kpq.distance_tables_l2(qr, books)
-        t = kpq.ip_tables(qr, books)
+            return kpq.distance_tables_l2(qr, books, cbt)
+        t = kpq.ip_tables(qr, books, cbt)
         offset = self.codec._offset()
         if offset is not None:
             s2 = 1.0 if scale is None else scale * scale

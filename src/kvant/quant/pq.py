@@ -355,6 +355,18 @@ class PQ:
         self._scale_of_books = (books, scale)
         return scale
 
+    def _transposed_books(self) -> np.ndarray:
+        """The codebooks in the table kernels' layout (:func:`kvant.kernels.pq.transposed_codebooks`), kept per
+        codebook array as :meth:`_codebook_scale` is (the library replaces codebooks, never writes them in place, and
+        :attr:`codebooks` hands out a read-only view)."""
+        books = self.codebooks_
+        cached = self.__dict__.get("_transposed_of_books")
+        if cached is not None and cached[0] is books:
+            return cached[1]
+        cbt = _kpq().transposed_codebooks(books)
+        self._transposed_of_books = (books, cbt)
+        return cbt
+
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
         books = self.codebooks_
