@@ -596,3 +596,20 @@ def test_adc_narrow_blocks_equal_16_wide_blocks(monkeypatch, nchunks):
         for q in range(nq):
             order = np.lexsort((np.arange(len(codes)), full[q]))[:7]
             np.testing.assert_array_equal(i[q], order)
+
+
+@pytest.mark.parametrize("k", [1, 7, 10, 64])
+def test_shortlist_clip_by_insertion_equals_by_sorting(k, monkeypatch):
+    # the compiled clip keeps the k smallest sampled sums by insertion (k <= 64); the plain-Python function with the
+    # threshold at 0 sorts them: the same clip, ties and duplicate sums included
+    g = np.random.default_rng(k)
+    m, n = 7, 3000
+    codes = _random_codes(k + 1, n, m, 16)
+    codes[::5] = codes[0]  # duplicate rows: tied sums among the samples
+    p = K.pack_codes_4bit(codes)
+    for t in (_random_tables(k + 2, 3, m, 16, "wide"), np.round(g.standard_normal((3, m, 16)) * 3).astype(np.float32)):
+        want = [K._shortlist_cap(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
+        with monkeypatch.context() as mp:
+            mp.setattr(K, "_CAP_SMALL_K", 0)
+            got = [K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
+        assert got == want
