@@ -607,9 +607,15 @@ def test_shortlist_clip_by_insertion_equals_by_sorting(k, monkeypatch):
     codes = _random_codes(k + 1, n, m, 16)
     codes[::5] = codes[0]  # duplicate rows: tied sums among the samples
     p = K.pack_codes_4bit(codes)
-    for t in (_random_tables(k + 2, 3, m, 16, "wide"), np.round(g.standard_normal((3, m, 16)) * 3).astype(np.float32)):
+    with_nan = _random_tables(k + 3, 3, m, 16, "wide")
+    with_nan[:, 0, 1] = np.nan  # (a review: NaN sums stuck in their insertion slot and set the clip from a wrong sum)
+    with_nan[1, 2, 5] = np.inf
+    with_nan[1, 3, 5] = -np.inf
+    tables = (_random_tables(k + 2, 3, m, 16, "wide"), np.round(g.standard_normal((3, m, 16)) * 3).astype(np.float32),
+              with_nan)
+    for t in tables:
         want = [K._shortlist_cap(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
-        with monkeypatch.context() as mp:
+        with monkeypatch.context() as mp, np.errstate(invalid="ignore"):  # (NaN arithmetic in plain Python)
             mp.setattr(K, "_CAP_SMALL_K", 0)
             got = [K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
-        assert got == want
+        np.testing.assert_array_equal(got, want)  # (NaN clips compare equal here)

@@ -443,6 +443,10 @@ def test_codebooks_are_read_only():
     pq = kvant.PQ(16, 8, nbits=4, seed=0).fit(x)
     with pytest.raises(ValueError, match="read-only"):
         pq.codebooks[...] *= np.float32(2.0**-80)
+    with pytest.raises(ValueError, match="read-only"):  # the held array too (a review: searched with stale tables)
+        pq.codebooks_[...] = 0.0
+    opq = kvant.OPQ(16, 8, nbits=4, n_iter=1, seed=0).fit(x)
+    assert not opq.codebooks_.flags.writeable
     assert pq.codebooks.base is not None and np.array_equal(pq.codebooks, pq.codebooks_)
 
 

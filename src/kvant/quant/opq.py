@@ -25,7 +25,7 @@ from .. import persist
 from .._config import with_threads
 from .._numerics import conditioning, uncondition
 from ..errors import InvalidInput, PersistError
-from .pq import PQ, _check_int, _kpq, _step_reporter, lloyd_refine, range_conditioned, train_subspaces
+from .pq import PQ, _check_int, _kpq, _step_reporter, frozen, lloyd_refine, range_conditioned, train_subspaces
 
 __all__ = ["OPQ", "eigenvalue_allocation"]
 
@@ -143,7 +143,7 @@ class OPQ(PQ):
                                "of float32's maximum); scale the data down by a power of two first")
         self.rotation_ = np.ascontiguousarray(r, dtype=np.float32)
         self.mean_ = mean
-        self.codebooks_ = books
+        self.codebooks_ = frozen(books)
         return self
 
     def _rotate(self, block: np.ndarray) -> np.ndarray:

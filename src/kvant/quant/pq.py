@@ -31,6 +31,14 @@ _ROWS_PER_CODEWORD = 256
 _ENCODE_CHUNK_ROWS = 65536
 
 
+def frozen(books: np.ndarray) -> np.ndarray:
+    """``books`` made read-only, as every codebook array a codec holds is: what the codec derives from its codewords
+    is kept per codebook array (the search scale, the kernels' transposed layout), so the codewords are replaced, never
+    written in place (a review: codewords written in place were searched with the old ones' tables)."""
+    books.flags.writeable = False
+    return books
+
+
 def _kpq():
     # Imported lazily: keeps ``import kvant`` cheap and independent of kernel compilation.
     from ..kernels import pq as kpq
@@ -276,7 +284,7 @@ class PQ:
         it derives from them (a review: codewords scaled in place kept the scale of the old ones); copy to change."""
         self._check_fitted()
         view = self.codebooks_.view()
-        view.flags.writeable = False
+        view.flags.writeable = False  # (held arrays are read-only already: frozen; unpickled ones may not be)
         return view
 
     def _check_fitted(self) -> None:
@@ -315,7 +323,7 @@ class PQ:
                                 self.seed, _step_reporter(progress))
         if scales is not None:
             books = (books.astype(np.float64) / scales[:, None, None]).astype(np.float32)
-        self.codebooks_ = books
+        self.codebooks_ = frozen(books)
         return self
 
     # -- coding -----------------------------------------------------------------------------------
@@ -475,7 +483,7 @@ class PQ:
             raise PersistError(f"codebooks have shape {cb.shape} / {cb.dtype}, expected {expected} float32")
         if not np.isfinite(cb).all():
             raise PersistError("codebooks contain NaN or inf")
-        self.codebooks_ = np.ascontiguousarray(cb)
+        self.codebooks_ = frozen(np.ascontiguousarray(cb))
 
     @classmethod
     def _from_persist(cls, meta: dict, arrays: dict):
