@@ -350,30 +350,29 @@ class PQ:
         """The offset :meth:`_transform` removes before rotating (None: none)."""
         return None
 
+    def _per_books(self, name: str, compute):
+        """``compute(codebooks_)``, kept until the codebooks change: a fit or load binds a new array (the library never
+        writes one in place, and the arrays a codec holds are read-only: :func:`frozen`)."""
+        books = self.codebooks_
+        cached = self.__dict__.get(name)
+        if cached is not None and cached[0] is books:
+            return cached[1]
+        value = compute(books)
+        self.__dict__[name] = (books, value)
+        return value
+
     def _codebook_scale(self) -> float | None:
         """The power of two codewords (and so rows and queries) are scaled by when they lie far outside float32's
         comfortable range, None for ordinary data: scaled alike, no argmin or ranking changes, but the squared
         differences stop over- or underflowing. Every search uses it (encoding scales each sub-space apart:
         :func:`subspace_scales`)."""
-        books = self.codebooks_
-        cached = self.__dict__.get("_scale_of_books")
-        if cached is not None and cached[0] is books:  # (a fit or load binds a new array)
-            return cached[1]
-        scale = conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))[1]
-        self._scale_of_books = (books, scale)
-        return scale
+        return self._per_books("_scale_of_books",
+                               lambda books: conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))[1])
 
     def _transposed_books(self) -> np.ndarray:
         """The codebooks in the table kernels' layout (:func:`kvant.kernels.pq.transposed_codebooks`), kept per
-        codebook array as :meth:`_codebook_scale` is (the library replaces codebooks, never writes them in place, and
-        :attr:`codebooks` hands out a read-only view)."""
-        books = self.codebooks_
-        cached = self.__dict__.get("_transposed_of_books")
-        if cached is not None and cached[0] is books:
-            return cached[1]
-        cbt = _kpq().transposed_codebooks(books)
-        self._transposed_of_books = (books, cbt)
-        return cbt
+        codebook array."""
+        return self._per_books("_transposed_of_books", lambda books: _kpq().transposed_codebooks(books))
 
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
