@@ -5,6 +5,8 @@ One process, same data, same thread count; kvant (its default routing), kvant's 
 (the shortlist before 2026-12-05, kept for unconditioned data below ``DIRECT_MIN_QUERIES`` queries) and FAISS run
 alternately, medians of ``--repeat`` runs per query-batch size, on 1M × 128 and 300k × 768 Gaussian rows (the
 second: wide rows, where batches of D × queries >= ``BLAS_SCREEN_MIN_WORK`` take BLAS blocks screened in cache).
+On hosts with AMX, kvant's default routing first runs the bf16 tile pass (``kvant.kernels.amx_topk``) on batches of
+at least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions; the fused and BLAS-tile columns never do.
 FAISS runs twice: with its defaults (1.15.1 here: its
 ``distance_compute_blas_threshold`` reads 128,000, and batches of 16-256 queries took its slow non-BLAS scan) and
 with that threshold at 20, the value FAISS long documented, where batches of 20 queries and more go to BLAS.
@@ -63,7 +65,7 @@ def main() -> None:
         faiss.omp_set_num_threads(threads)
     except ImportError:  # pragma: no cover - faiss is in the bench extra
         faiss = None
-    fused_min, screen_min = flat.DIRECT_MIN_QUERIES, flat.BLAS_SCREEN_MIN_DIM
+    fused_min, screen_min, amx_min = flat.DIRECT_MIN_QUERIES, flat.BLAS_SCREEN_MIN_DIM, flat.AMX_MIN_QUERIES
     rows = []
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -81,10 +83,11 @@ def main() -> None:
         def kvant_path(q, path: str, index=index):
             flat.DIRECT_MIN_QUERIES = 1 << 62 if path == "tiles" else fused_min
             flat.BLAS_SCREEN_MIN_DIM = screen_min if path == "default" else 1 << 62
+            flat.AMX_MIN_QUERIES = amx_min if path == "default" else 1 << 62
             try:
                 return index.search(q, args.k)
             finally:
-                flat.DIRECT_MIN_QUERIES, flat.BLAS_SCREEN_MIN_DIM = fused_min, screen_min
+                flat.DIRECT_MIN_QUERIES, flat.BLAS_SCREEN_MIN_DIM, flat.AMX_MIN_QUERIES = fused_min, screen_min, amx_min
 
         def faiss_search_blas20(q, fi=fi):
             default = faiss.cvar.distance_compute_blas_threshold
@@ -126,8 +129,9 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"FlatIndex, Gaussian rows, k = {args.k}, {threads} threads, medians of {args.repeat} "
              f"alternating runs ({meta['measured']}); FAISS: IndexFlatL2 for l2, IndexFlatIP on the normalised rows "
-             "for cos. kvant: its default routing; kvant fused: the fused kernel alone; kvant BLAS tiles: the path "
-             "before the fused kernel.", "",
+             "for cos. kvant: its default routing (on AMX hosts the bf16 tile pass first for batches of at least "
+             f"{amx_min} queries and {flat.AMX_MIN_DIM} dimensions; AMX here: {flat.amx_topk.AVAILABLE}); kvant fused: "
+             "the fused kernel alone; kvant BLAS tiles: the path before the fused kernel.", "",
              "| rows × D | metric | queries | kvant ms | kvant fused ms | kvant BLAS tiles ms | FAISS default ms "
              "| FAISS BLAS from 20 queries ms | FAISS (best of the two) / kvant | same ids as FAISS |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -9,12 +9,19 @@ from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistErr
 from kvant.index import flat
 
 
-@pytest.fixture(autouse=True, params=["fused", "blas", "blas-screen"])
+@pytest.fixture(autouse=True, params=["fused", "blas", "blas-screen", "amx"])
 def shortlist_path(request, monkeypatch):
-    """Every test here runs on the three shortlist paths: the fused kernel (kernels.direct_topk, here from one
-    query up), BLAS distance tiles, and BLAS products screened in cache (here in blocks of 64 rows × 7 queries, so
-    that every search spans several of each; for unconditioned, unscaled data, the others take the paths above)."""
-    monkeypatch.setattr(flat, "DIRECT_MIN_QUERIES", 1 if request.param == "fused" else 1 << 62)
+    """Every test here runs on the four shortlist paths: the fused kernel (kernels.direct_topk, here from one
+    query up), BLAS distance tiles, BLAS products screened in cache (here in blocks of 64 rows × 7 queries, so
+    that every search spans several of each; for unconditioned, unscaled data, the others take the paths above), and
+    the AMX bf16 first pass (kernels.amx_topk; hosts with AMX only) from one query up, in blocks of 7 queries, its
+    uncertified queries then on the fused kernel."""
+    if request.param == "amx" and not flat.amx_topk.AVAILABLE:
+        pytest.skip("needs AMX tiles")
+    amx = request.param == "amx"
+    monkeypatch.setattr(flat, "AMX_MIN_DIM", 1 if amx else 1 << 62)
+    monkeypatch.setattr(flat, "AMX_MIN_QUERIES", 1 if amx else 1 << 62)
+    monkeypatch.setattr(flat, "DIRECT_MIN_QUERIES", 1 if request.param in ("fused", "amx") else 1 << 62)
     screen = request.param == "blas-screen"
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_DIM", 1 if screen else 1 << 62)
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_WORK", 1)
@@ -430,6 +437,7 @@ def test_wide_batches_take_the_blas_screen_and_match_brute_force(shortlist_path,
     # batches do not; both answer brute force's ids
     if shortlist_path != "fused":
         pytest.skip("one run, with the shipped thresholds")
+    monkeypatch.setattr(flat.amx_topk, "AVAILABLE", False)  # (else the AMX pass answers these first)
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_DIM", 384)
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_WORK", 1 << 18)
     monkeypatch.setattr(flat, "BLAS_SCREEN_ROWS", 1024)

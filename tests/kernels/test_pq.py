@@ -483,6 +483,27 @@ def test_fastscan_shortlist_does_not_depend_on_the_chunk_count(rerank):
         np.testing.assert_array_equal(i[0], want_i[q])
 
 
+def test_fastscan_small_batches_match_one_query_at_a_time():
+    # Batches of up to FASTSCAN_SMALL_BATCH queries split the codes (few queries per thread) or the queries among
+    # the threads, and with one chunk re-score inside the scan: every split gives one query's own answer.
+    m, n, k = 8, 12000, 10  # 375 blocks: enough for the code split
+    t = _random_tables(33, K.FASTSCAN_SMALL_BATCH, m, 16, "wide")
+    p = K.pack_codes_4bit(_random_codes(34, n, m, 16))
+    want = [K.fastscan_search(t[q:q + 1], p, n, m, k, 4, nchunks=1) for q in range(t.shape[0])]
+    before = numba.get_num_threads()
+    try:
+        top = numba.config.NUMBA_NUM_THREADS
+        for threads in sorted({1, min(2, top), top}):
+            numba.set_num_threads(threads)
+            for nq in (2, 5, 8, 13, K.FASTSCAN_SMALL_BATCH):
+                d, i = K.fastscan_search(t[:nq], p, n, m, k, 4)
+                for q in range(nq):
+                    np.testing.assert_array_equal(i[q], want[q][1][0], err_msg=f"threads={threads} nq={nq}")
+                    np.testing.assert_array_equal(d[q], want[q][0][0])
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_fastscan_exact_mode_on_huge_tables_with_no_spread():
     # (review) m·max|t| / scale overflowed the int64 slack to a negative bound: no row passed, all -1 / inf
     m, n, k = 8, 40, 5

@@ -15,7 +15,7 @@ from .._config import with_threads
 from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows, scale_steps
 from .._parallel import for_each_block
 from ..errors import PersistError
-from ..kernels import direct_assign, direct_topk
+from ..kernels import amx_topk, direct_assign, direct_topk
 from ._common import (
     Rows,
     as_queries,
@@ -55,6 +55,14 @@ BLAS_SCREEN_MIN_DIM = 384
 BLAS_SCREEN_MIN_WORK = 1 << 18  # queries × D
 BLAS_SCREEN_ROWS = 1024
 BLAS_SCREEN_QUERIES = 1024
+# Where AMX's bf16 tiles multiply (amx_topk: BLAS-sized batches on hosts with AMX), a first pass keeps
+# AMX_KEEP_PER_K·k + AMX_KEEP_EXTRA rows per query from the bf16 products and certifies them against its wider error
+# bound; the queries it cannot certify take the float32 passes.
+AMX_KEEP_PER_K = 8
+AMX_KEEP_EXTRA = 32
+AMX_MIN_DIM = 128
+AMX_MIN_QUERIES = 128
+
 _DIRECT_LISTS_BYTES = 64 << 20  # the fused path's per-chunk lists, at most (the BLAS path's tile is 16 MiB)
 
 
@@ -183,6 +191,16 @@ class FlatIndex:
         out_d = np.empty((q.shape[0], k), np.float32)
         out_i = np.empty((q.shape[0], k), np.int64)
         todo = np.arange(q.shape[0])
+        keep = max(k, min(n, AMX_KEEP_PER_K * k + AMX_KEEP_EXTRA))
+        if self._amx_screen_applies(q, keep, shift, scale, q_scale):
+            kd, ki, err = self._amx_screen_topk(q, keep)
+            every = ki[:, n - 1] >= 0 if n <= keep else np.zeros(q.shape[0], np.bool_)
+            sure = every | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
+            if sure.any():
+                kd, ki = np.ascontiguousarray(kd[sure]), np.ascontiguousarray(ki[sure])
+                _rescore_exact(np.ascontiguousarray(q[sure]), x, kd, ki, ip)
+                out_d[sure], out_i[sure] = kd[:, :k], ki[:, :k]
+            todo = todo[~sure]
         for keep in (max(k, min(n, 2 * k + 8)), max(k, min(n, 8 * k + 64))):
             if todo.size == 0:
                 break
@@ -262,6 +280,62 @@ class FlatIndex:
                     d = np.negative(ip_block(qblk, condition(xblk, None, scale)), dtype=np.float32)
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
         return out_d, out_i, q_sq, x_sq_max
+
+    def _amx_screen_applies(self, q, keep, shift, scale, q_scale) -> bool:
+        """The AMX bf16 first pass (:mod:`kvant.kernels.amx_topk`) runs where the float32 passes would multiply by
+        BLAS (wide rows, large batches) on data of ordinary magnitude: unconditioned, unscaled, norms below 2⁶⁰."""
+        if not (amx_topk.AVAILABLE and shift is None and scale is None and q_scale is None):
+            return False
+        if keep > DIRECT_MAX_KEEP or self.dim < AMX_MIN_DIM or q.shape[0] < AMX_MIN_QUERIES:
+            return False
+        q_top = float(np.einsum("ij,ij->i", q, q, dtype=np.float64).max())
+        return max(q_top, self._max_row_norm() ** 2) < 2.0**120
+
+    def _amx_screen_topk(self, q, keep):
+        """Per query the ``keep`` rows with the smallest bf16-product scores and the bound on their error:
+        (scores (nq, keep) float32, rows, M (nq,)). Worker threads pull chunks of rows, as in
+        :meth:`_blas_screen_topk`, into lists of their own (one set per thread, not per chunk: each set fills from
+        empty, and with a set per chunk those first insertions cost 1,024 queries over 300k × 768 rows ~25% of the
+        pass at keep = 112), merged at the end (ties to the earlier row, whatever the order)."""
+        import threading
+
+        import numba
+
+        from ..kernels.topk import merge_topk_ids
+
+        x, n = self._x.view, self.ntotal
+        ip = self.metric != "l2"
+        nq_all = q.shape[0]
+        out_d = np.full((nq_all, keep), np.inf, np.float32)
+        out_i = np.full((nq_all, keep), -1, np.int64)
+        err = np.empty(nq_all)
+        threads = numba.get_num_threads()
+        for qs in range(0, nq_all, BLAS_SCREEN_QUERIES):
+            qb = np.ascontiguousarray(q[qs : qs + BLAS_SCREEN_QUERIES])
+            nq = qb.shape[0]
+            mu, bt, qn, cstat = amx_topk.queries_operand(qb, ip)
+            chunks = max(1, min(4 * threads, -(-n // BLAS_SCREEN_ROWS)))
+            if threads * 12 * nq * keep > _DIRECT_LISTS_BYTES:  # (the lists' memory: one set per thread)
+                chunks = 1
+            sets: dict[int, tuple] = {}
+
+            def run(c0: int, c1: int, mu=mu, bt=bt, qn=qn, sets=sets, chunks=chunks, nq=nq) -> None:
+                mine = sets.get(threading.get_ident())
+                if mine is None:  # (each thread adds its own key; dict assignment is atomic under the GIL)
+                    mine = sets[threading.get_ident()] = (
+                        np.full((nq, keep), np.inf, np.float32), np.full((nq, keep), -1, np.int64),
+                        np.full(nq, np.inf, np.float32), np.zeros(3), *amx_topk.scratch(self.dim, bt.shape[1] * 16))
+                cd, ci, thr, stats, a16, g = mine
+                for c in range(c0, c1):
+                    amx_topk.keep_strips(x, c * n // chunks, (c + 1) * n // chunks, mu, bt, qn, nq, ip,
+                                         amx_topk.TILE_CONFIG, cd, ci, thr, a16, g, stats)
+
+            for_each_block(chunks, 1, run)
+            for cd, ci, _, _, _, _ in sets.values():
+                merge_topk_ids(cd, ci, out_d[qs : qs + nq], out_i[qs : qs + nq])
+            stats = np.max([st[3] for st in sets.values()], axis=0)
+            err[qs : qs + nq] = amx_topk.margin(self.dim, cstat, stats, ip)
+        return out_d, out_i, err
 
     def _blas_screen_topk(self, q, kk, out_d, out_i, q_sq):
         """:meth:`_direct_topk` (unconditioned l2, unscaled ip/cos) with BLAS products: each worker thread multiplies a

@@ -183,14 +183,16 @@ def padded_k(k: int) -> int:
     return -(-k // _KP_STEP) * _KP_STEP
 
 
-def pack_centres(centroids: np.ndarray):
+def pack_centres(centroids: np.ndarray, mu: np.ndarray | None = None):
     """The centre operands of :func:`assign_rows`: (μ, bt, cn, cstat) with μ the centres' coordinate-wise median
-    (float32; a median, so a few far centres do not pull the rows' centred norms up), bt the centred centres w = c − μ
+    unless given (float32; a median, so a few far centres do not pull the rows' centred norms up; the flat index's
+    inner products pass μ = 0, as they are not shift invariant), bt the centred centres w = c − μ
     as bf16 in AMX's pair layout, zero-padded to DP = 32·ceil(D/32) coordinates and KP = 32·ceil(K/32) centres,
     cn = ‖w‖² (float32, +inf for the padding) and cstat (3, K) float64: ‖w_j‖, ‖f_j‖ with f_j = bf16(w_j) − w_j the
     centre's rounding residual, and ‖bf16(w_j)‖ (the accumulation bound's magnitude)."""
     k, dim = centroids.shape
-    mu = np.median(centroids.astype(np.float64), axis=0).astype(np.float32)
+    if mu is None:
+        mu = np.median(centroids.astype(np.float64), axis=0).astype(np.float32)
     cc = (centroids - mu).astype(np.float32)
     kp, dp = padded_k(k), -(-dim // _TILE_K) * _TILE_K
     padded = np.zeros((kp, dp), np.float32)

@@ -1228,11 +1228,14 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, group, tile, part_a, part_r):
+def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, group, tile, part_a, part_r,
+                               out_d, out_i):
     # Shortlist mode. A work item is a group of queries x a chunk of blocks; it walks its blocks in tiles
     # of ``tile`` blocks and scans each tile for every query of the group before the next, so a tile is
     # read from memory once per group and from L1/L2 for the others (one query at a time streamed all the
     # codes per query: 16 MB at 1M PQ32x4 codes, and the scan was bound by that stream).
+    # With one chunk a group's shortlists are complete when its scan ends, and it re-scores them itself (no second
+    # parallel region, which cost a worker's wake-up per search: up to ~0.4 ms on this VM after an idle spell).
     nq = tables.shape[0]
     bchunk = (nblocks + nchunks - 1) // nchunks
     bbytes = mp2 * 32
@@ -1291,6 +1294,9 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
         for j in range(g):
             part_a[c, q0 + j] = sa[j]
             part_r[c, q0 + j] = si[j]
+        if nchunks == 1:
+            for j in range(g):
+                _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q0 + j)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -1348,10 +1354,16 @@ SERIAL_RESCORE_QUERIES = 16
 # per-core L2 of the reference host with room for the group's tables (16 x 16·mp bytes).
 FASTSCAN_GROUP = 16
 FASTSCAN_TILE_BYTES = 1 << 18
-# Batches of at most this many queries (shortlist mode) split the codes into one chunk per thread and scan each
-# chunk's tiles for every query of the batch: each thread reads its codes from memory once. 1M PQ32x4 codes, 2
-# threads, Intel host, 2026-12-05, medians of 30 back-to-back calls (ms, this rule / the general one below): 10
-# queries 2.81 / 4.19, 12 3.38 / 3.82, 16 4.48 / 4.91, 24 6.66 / 6.96, 4 1.24 / 1.30; 32 8.43 / 8.40 (even).
+# Batches of at most this many queries (shortlist mode) are one work item per thread. Below FS_QUERIES queries per
+# thread they split the codes into one chunk per thread and scan each chunk for every query (a thread with fewer than
+# FS_QUERIES queries of its own would lose the multi-query scan); from there on they split the queries, each thread
+# scanning all codes for ~nq / threads of them. Splitting the codes repeats each query's table quantisation, clip and
+# shortlist warm-up (its first rows all enter) in every chunk, ~6 µs per query and chunk at 60k codes. 2 threads,
+# Intel host, 2026-12-05, medians of 30-300 back-to-back calls, random PQ16x4 / PQ32x4 codes (µs, split queries /
+# split codes): 60k codes 10 queries 134 / 192 and 199 / 264, 32 queries 385 / 539 and 577 / 751; 1M codes 10
+# queries 1,281 / 1,325 and 2,179 / 2,252, 32 queries 3,503 / 3,636 and 5,957 / 6,266; 4 queries split codes:
+# 1M 522 / 690 and 909 / 1,220 (split queries). (Before 2026-12-05 the general rule below took 10 queries over 1M
+# PQ32x4 codes in groups of 2: 4.19 ms against 2.81 ms split by codes.)
 FASTSCAN_SMALL_BATCH = 32
 
 
@@ -1362,7 +1374,8 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
     ``rerank * k`` rows with the smallest quantised sums; ``rerank = 0`` is the exact mode (module doc).
     ``group`` / ``tile_blocks`` (shortlist mode) set how many queries scan each tile of blocks together and the
     tile's size (default ``FASTSCAN_TILE_BYTES``). By default a batch of at most ``FASTSCAN_SMALL_BATCH`` queries is
-    one group, with the codes split into one chunk per thread; larger batches take groups of at most
+    one work item per thread: with at least ``FS_QUERIES`` queries per thread each thread takes its share of the
+    queries over all codes, else every query over its chunk of the codes; larger batches take groups of at most
     ``FASTSCAN_GROUP``, lowered so each thread gets two work items. These, ``nchunks`` (how the codes are split among
     threads) and the thread count change the speed, never the result.
     """
@@ -1374,10 +1387,12 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
         return out_d, out_i
     nblocks = packed.shape[0]
     threads = numba.get_num_threads()
-    # a small batch in shortlist mode: one work item per thread, its share of the codes scanned for every query
+    # a small batch in shortlist mode: one work item per thread (FASTSCAN_SMALL_BATCH)
     small = rerank >= 1 and nq <= FASTSCAN_SMALL_BATCH
+    # enough queries for a multi-query scan on every thread: split the queries, not the codes
+    small_by_query = small and threads > 1 and nq >= FS_QUERIES * threads
     if nchunks is None:
-        if nblocks < 256:
+        if nblocks < 256 or small_by_query:
             nchunks = 1
         elif small:
             nchunks = max(1, min(threads, nblocks // 128))
@@ -1388,8 +1403,12 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
     mp2 = packed.shape[1]
     if rerank >= 1:
         rerank = min(int(rerank), -(-int(n) // k))  # a shortlist of n rows holds every row: no longer one
-        if group is None:  # small batches: every query; else at most FASTSCAN_GROUP, two work items per thread
-            group = nq if small else min(FASTSCAN_GROUP, nq * nchunks // (2 * threads))
+        if group is None:  # small batches: every query, or a thread's share of them; else at most FASTSCAN_GROUP,
+            # two work items per thread
+            if small_by_query:
+                group = -(-nq // threads)
+            else:
+                group = nq if small else min(FASTSCAN_GROUP, nq * nchunks // (2 * threads))
         group = max(1, int(group))
         tile = max(1, int(FASTSCAN_TILE_BYTES // (32 * mp2) if tile_blocks is None else tile_blocks))
         tile += tile & 1  # even, so the two-block steps of AVX-512 hosts pair the same blocks in every tile
@@ -1397,9 +1416,10 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
         part_a = np.empty((nchunks, nq, L), dtype=np.int64)
         part_r = np.empty((nchunks, nq, L), dtype=np.int64)
         _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, int(rerank), nchunks, group, tile,
-                                   part_a, part_r)
-        rescore = _rescore_shortlists_serial if nq <= SERIAL_RESCORE_QUERIES else _rescore_shortlists
-        rescore(tables, flat, mp2, int(m), part_a, part_r, out_d, out_i)
+                                   part_a, part_r, out_d, out_i)
+        if nchunks > 1:  # (one chunk: re-scored in the scan's work items)
+            rescore = _rescore_shortlists_serial if nq <= SERIAL_RESCORE_QUERIES else _rescore_shortlists
+            rescore(tables, flat, mp2, int(m), part_a, part_r, out_d, out_i)
         return out_d, out_i
     part_d = np.empty((nchunks, nq, k), dtype=np.float32)
     part_i = np.empty((nchunks, nq, k), dtype=np.int64)
