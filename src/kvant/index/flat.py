@@ -166,7 +166,10 @@ class FlatIndex:
         and they are re-scored exactly in float64 (Σ(q−x)², or q·x from exact products) and ranked with ties to the
         earlier row. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the pass keeping
         ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the GEMM form keeps no
-        digit of the distances) is answered by an exact float64 scan of every row.
+        digit of the distances) is answered by an exact float64 scan of every row. On hosts with AMX, batches of at
+        least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions (ordinary magnitudes) first try a
+        cheaper shortlist of ``AMX_KEEP_PER_K·k + AMX_KEEP_EXTRA`` rows from bf16 tile products, certified the same
+        way against their wider bound (:mod:`kvant.kernels.amx_topk`); the queries it leaves go on as above.
         """
         from ..kernels.distance import exact_topk
 
