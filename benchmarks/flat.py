@@ -6,7 +6,8 @@ One process, same data, same thread count; kvant (its default routing), kvant's 
 alternately, medians of ``--repeat`` runs per query-batch size, on 1M × 128 and 300k × 768 Gaussian rows (the
 second: wide rows, where batches of D × queries >= ``BLAS_SCREEN_MIN_WORK`` take BLAS blocks screened in cache).
 On hosts with AMX, kvant's default routing first runs the bf16 tile pass (``kvant.kernels.amx_topk``) on batches of
-at least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions; the fused and BLAS-tile columns never do.
+at least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions (and ``AMX_MIN_WORK``); the fused and
+BLAS-tile columns never do.
 FAISS runs twice: with its defaults (1.15.1 here: its
 ``distance_compute_blas_threshold`` reads 128,000, and batches of 16-256 queries took its slow non-BLAS scan) and
 with that threshold at 20, the value FAISS long documented, where batches of 20 queries and more go to BLAS.
@@ -130,7 +131,8 @@ def main() -> None:
     lines = [f"FlatIndex, Gaussian rows, k = {args.k}, {threads} threads, medians of {args.repeat} "
              f"alternating runs ({meta['measured']}); FAISS: IndexFlatL2 for l2, IndexFlatIP on the normalised rows "
              "for cos. kvant: its default routing (on AMX hosts the bf16 tile pass first for batches of at least "
-             f"{amx_min} queries and {flat.AMX_MIN_DIM} dimensions; AMX here: {flat.amx_topk.AVAILABLE}); kvant fused: "
+             f"{amx_min} queries, {flat.AMX_MIN_DIM} dimensions and queries × D >= {flat.AMX_MIN_WORK}; AMX here: "
+             f"{flat.amx_topk.AVAILABLE}); kvant fused: "
              "the fused kernel alone; kvant BLAS tiles: the path before the fused kernel.", "",
              "| rows × D | metric | queries | kvant ms | kvant fused ms | kvant BLAS tiles ms | FAISS default ms "
              "| FAISS BLAS from 20 queries ms | FAISS (best of the two) / kvant | same ids as FAISS |",

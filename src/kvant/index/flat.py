@@ -55,13 +55,20 @@ BLAS_SCREEN_MIN_DIM = 384
 BLAS_SCREEN_MIN_WORK = 1 << 18  # queries × D
 BLAS_SCREEN_ROWS = 1024
 BLAS_SCREEN_QUERIES = 1024
-# Where AMX's bf16 tiles multiply (amx_topk: BLAS-sized batches on hosts with AMX), a first pass keeps
-# AMX_KEEP_PER_K·k + AMX_KEEP_EXTRA rows per query from the bf16 products and certifies them against its wider error
-# bound; the queries it cannot certify take the float32 passes.
-AMX_KEEP_PER_K = 8
-AMX_KEEP_EXTRA = 32
-AMX_MIN_DIM = 128
-AMX_MIN_QUERIES = 128
+# On hosts with AMX, batches of at least AMX_MIN_QUERIES queries of AMX_MIN_DIM or more dimensions, queries × D at
+# least AMX_MIN_WORK (k up to AMX_MAX_K), first take kernels.amx_topk's bf16 pass: per query a buffer of up to
+# AMX_BUFFER_PER_K·k + AMX_BUFFER_EXTRA rows that may still be among the k nearest; queries whose buffer overflows take
+# the float32 passes. Intel host, 2026-12-05, l2, k = 10, medians of 3, this pass / the float32 paths: 300k × 64 rows
+# 64 queries 0.93×, 128 1.32×; 300k × 128 64 0.96×, 128 1.57×; 100k × 384 32 1.14×, 64 1.32×; 100k × 768 32 1.01×,
+# 64 1.24×; 20k × 128 128 1.02×; 50k × 128, 20k × 768, 300k × 768 and 1M × 128 at 256-1,024 queries 1.22-3.49×.
+AMX_MIN_DIM = 32
+AMX_MIN_QUERIES = 64
+AMX_MIN_WORK = 1 << 14
+AMX_MAX_K = 128
+AMX_BUFFER_PER_K = 8
+AMX_BUFFER_EXTRA = 64
+AMX_SEED_PER_K = 32  # rows spread over the data whose bounds every thread's lists start from
+AMX_SEED_EXTRA = 256
 
 _DIRECT_LISTS_BYTES = 64 << 20  # the fused path's per-chunk lists, at most (the BLAS path's tile is 16 MiB)
 
@@ -167,9 +174,9 @@ class FlatIndex:
         earlier row. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the pass keeping
         ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the GEMM form keeps no
         digit of the distances) is answered by an exact float64 scan of every row. On hosts with AMX, batches of at
-        least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions (ordinary magnitudes) first try a
-        cheaper shortlist of ``AMX_KEEP_PER_K·k + AMX_KEEP_EXTRA`` rows from bf16 tile products, certified the same
-        way against their wider bound (:mod:`kvant.kernels.amx_topk`); the queries it leaves go on as above.
+        least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions (ordinary magnitudes) first take
+        candidates from bf16 tile products with a proven error bound (:mod:`kvant.kernels.amx_topk`), re-scored
+        exactly; queries with more candidates than its buffer holds go on as above.
         """
         from ..kernels.distance import exact_topk
 
@@ -194,13 +201,11 @@ class FlatIndex:
         out_d = np.empty((q.shape[0], k), np.float32)
         out_i = np.empty((q.shape[0], k), np.int64)
         todo = np.arange(q.shape[0])
-        keep = max(k, min(n, AMX_KEEP_PER_K * k + AMX_KEEP_EXTRA))
-        if self._amx_screen_applies(q, keep, shift, scale, q_scale):
-            kd, ki, err = self._amx_screen_topk(q, keep)
-            every = ki[:, n - 1] >= 0 if n <= keep else np.zeros(q.shape[0], np.bool_)
-            sure = every | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
+        if self._amx_screen_applies(q, k, shift, scale, q_scale):
+            cand, sure = self._amx_candidates(q, k)  # every exact neighbour of a sure query is among its candidates
             if sure.any():
-                kd, ki = np.ascontiguousarray(kd[sure]), np.ascontiguousarray(ki[sure])
+                kd = np.empty(cand[sure].shape, np.float32)
+                ki = np.ascontiguousarray(cand[sure])
                 _rescore_exact(np.ascontiguousarray(q[sure]), x, kd, ki, ip)
                 out_d[sure], out_i[sure] = kd[:, :k], ki[:, :k]
             todo = todo[~sure]
@@ -284,61 +289,93 @@ class FlatIndex:
                 merge_topk(np.ascontiguousarray(d, dtype=np.float32), xs, od, oi)
         return out_d, out_i, q_sq, x_sq_max
 
-    def _amx_screen_applies(self, q, keep, shift, scale, q_scale) -> bool:
-        """The AMX bf16 first pass (:mod:`kvant.kernels.amx_topk`) runs where the float32 passes would multiply by
-        BLAS (wide rows, large batches) on data of ordinary magnitude: unconditioned, unscaled, norms below 2⁶⁰."""
+    def _amx_screen_applies(self, q, k, shift, scale, q_scale) -> bool:
+        """The AMX bf16 first pass (:mod:`kvant.kernels.amx_topk`) runs on batches of at least ``AMX_MIN_QUERIES``
+        queries of ``AMX_MIN_DIM`` or more dimensions (queries × D >= ``AMX_MIN_WORK``), k up to ``AMX_MAX_K``, on
+        data of ordinary magnitude:
+        unconditioned, unscaled, norms below 2⁶⁰ (so no float32 product or score can overflow)."""
         if not (amx_topk.AVAILABLE and shift is None and scale is None and q_scale is None):
             return False
-        if keep > DIRECT_MAX_KEEP or self.dim < AMX_MIN_DIM or q.shape[0] < AMX_MIN_QUERIES:
+        if k > AMX_MAX_K or self.dim < AMX_MIN_DIM or q.shape[0] < AMX_MIN_QUERIES:
+            return False
+        if q.shape[0] * self.dim < AMX_MIN_WORK:
             return False
         q_top = float(np.einsum("ij,ij->i", q, q, dtype=np.float64).max())
         return max(q_top, self._max_row_norm() ** 2) < 2.0**120
 
-    def _amx_screen_topk(self, q, keep):
-        """Per query the ``keep`` rows with the smallest bf16-product scores and the bound on their error:
-        (scores (nq, keep) float32, rows, M (nq,)). Worker threads pull chunks of rows, as in
-        :meth:`_blas_screen_topk`, into lists of their own (one set per thread, not per chunk: each set fills from
-        empty, and with a set per chunk those first insertions cost 1,024 queries over 300k × 768 rows ~25% of the
-        pass at keep = 112), merged at the end (ties to the earlier row, whatever the order)."""
+    def _row_centre(self) -> np.ndarray:
+        """A centre of the stored rows for the inner-product pass: the mean of up to 4,096 rows spread evenly
+        (any centre keeps the answer exact; one near the rows keeps the bf16 bound narrow)."""
+        x, n = self._x.view, self.ntotal
+        pick = np.linspace(0, n - 1, num=min(n, 4096)).astype(np.int64)
+        return x[pick].mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def _amx_candidates(self, q, k):
+        """(candidates (nq, c) int64 padded with −1, sure (nq,) bool): for each sure query, a set of rows that holds
+        its k exact nearest (:mod:`kvant.kernels.amx_topk`); the others overflowed their buffer. Worker threads pull
+        chunks of rows, as in :meth:`_blas_screen_topk`, into state of their own (one set per thread: each set's
+        first rows all enter), merged at the end."""
         import threading
 
         import numba
 
-        from ..kernels.topk import merge_topk_ids
-
         x, n = self._x.view, self.ntotal
         ip = self.metric != "l2"
         nq_all = q.shape[0]
-        out_d = np.full((nq_all, keep), np.inf, np.float32)
-        out_i = np.full((nq_all, keep), -1, np.int64)
-        err = np.empty(nq_all)
+        cap = AMX_BUFFER_PER_K * k + AMX_BUFFER_EXTRA
+        gam = amx_topk.gamma(self.dim)
+        centre = self._row_centre() if ip else None
         threads = numba.get_num_threads()
+        seed_rows = np.unique(np.linspace(0, n - 1, num=min(n, AMX_SEED_PER_K * k + AMX_SEED_EXTRA)).astype(np.int64))
+        blocks = []
         for qs in range(0, nq_all, BLAS_SCREEN_QUERIES):
             qb = np.ascontiguousarray(q[qs : qs + BLAS_SCREEN_QUERIES])
             nq = qb.shape[0]
-            mu, bt, qn, cstat = amx_topk.queries_operand(qb, ip)
+            mu, bt, qn, qstat = amx_topk.queries_operand(qb, ip, centre)
             chunks = max(1, min(4 * threads, -(-n // BLAS_SCREEN_ROWS)))
-            if threads * 12 * nq * keep > _DIRECT_LISTS_BYTES:  # (the lists' memory: one set per thread)
-                chunks = 1
-            sets: dict[int, tuple] = {}
+            # every thread starts from the upper bounds of rows spread over all the data (amx_topk.seed_tops)
+            seed_d = np.full((nq, k), np.inf, np.float32)
+            seed_i = np.full((nq, k), -1, np.int64)
+            a16, g = amx_topk.scratch(self.dim, bt.shape[1] * 16)
+            amx_topk.seed_tops(x, seed_rows, mu, bt, qn, qstat, nq, ip, gam, amx_topk.TILE_CONFIG, seed_d, seed_i,
+                               a16, g)
+            states: dict[int, tuple] = {}
 
-            def run(c0: int, c1: int, mu=mu, bt=bt, qn=qn, sets=sets, chunks=chunks, nq=nq) -> None:
-                mine = sets.get(threading.get_ident())
+            def run(c0: int, c1: int, mu=mu, bt=bt, qn=qn, qstat=qstat, states=states, chunks=chunks, nq=nq,
+                    seed_d=seed_d, seed_i=seed_i) -> None:
+                mine = states.get(threading.get_ident())
                 if mine is None:  # (each thread adds its own key; dict assignment is atomic under the GIL)
-                    mine = sets[threading.get_ident()] = (
-                        np.full((nq, keep), np.inf, np.float32), np.full((nq, keep), -1, np.int64),
-                        np.full(nq, np.inf, np.float32), np.zeros(3), *amx_topk.scratch(self.dim, bt.shape[1] * 16))
-                cd, ci, thr, stats, a16, g = mine
+                    mine = states[threading.get_ident()] = (
+                        seed_d.copy(), seed_i.copy(),
+                        np.empty((nq, cap), np.float32), np.empty((nq, cap), np.int64), np.zeros(nq, np.int64),
+                        np.zeros(nq, np.bool_), *amx_topk.scratch(self.dim, bt.shape[1] * 16))
+                top_d, top_i, lo, ci, cn, fail, a16, g = mine
                 for c in range(c0, c1):
-                    amx_topk.keep_strips(x, c * n // chunks, (c + 1) * n // chunks, mu, bt, qn, nq, ip,
-                                         amx_topk.TILE_CONFIG, cd, ci, thr, a16, g, stats)
+                    amx_topk.screen_strips(x, c * n // chunks, (c + 1) * n // chunks, mu, bt, qn, qstat, nq, ip, gam,
+                                           amx_topk.TILE_CONFIG, top_d, top_i, lo, ci, cn, fail, a16, g)
 
             for_each_block(chunks, 1, run)
-            for cd, ci, _, _, _, _ in sets.values():
-                merge_topk_ids(cd, ci, out_d[qs : qs + nq], out_i[qs : qs + nq])
-            stats = np.max([st[3] for st in sets.values()], axis=0)
-            err[qs : qs + nq] = amx_topk.margin(self.dim, cstat, stats, ip)
-        return out_d, out_i, err
+            parts = list(states.values())
+            # the final k-th upper bound over k distinct rows: the seeded rows sit in every thread's lists
+            all_d = np.concatenate([st[0] for st in parts], axis=1)
+            all_i = np.concatenate([st[1] for st in parts], axis=1)
+            order = np.lexsort((all_i, all_d), axis=1)
+            all_d, all_i = np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
+            again = np.zeros(all_i.shape, np.bool_)
+            again[:, 1:] = (all_i[:, 1:] == all_i[:, :-1]) & (all_i[:, 1:] >= 0)
+            all_d = np.where(again | (all_i < 0), np.inf, all_d)
+            kth = np.sort(all_d, axis=1)[:, k - 1]
+            u = kth[:, None]
+            fail = np.any([st[5] for st in parts], axis=0) | ~np.isfinite(kth)
+            # every thread's buffered rows whose lower bound is at most the final k-th upper bound
+            rows = np.concatenate([np.where((np.arange(cap) < st[4][:, None]) & ~(st[2] > u), st[3], -1)
+                                   for st in parts], axis=1)
+            width = max(k, int((rows >= 0).sum(axis=1).max(initial=0)))
+            order = np.argsort(rows < 0, axis=1, kind="stable")[:, :width]  # the real rows first
+            blocks.append((np.take_along_axis(rows, order, axis=1), ~fail))
+        width = max(b[0].shape[1] for b in blocks)
+        cand = np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1])), constant_values=-1) for c, _ in blocks])
+        return cand, np.concatenate([ok for _, ok in blocks])
 
     def _blas_screen_topk(self, q, kk, out_d, out_i, q_sq):
         """:meth:`_direct_topk` (unconditioned l2, unscaled ip/cos) with BLAS products: each worker thread multiplies a
