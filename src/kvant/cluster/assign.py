@@ -51,9 +51,13 @@ _NO_EXACT = np.empty(0, np.float64)
 # Fashion-MNIST K=256 l2 0.75×, digits K=1024 0.90× — was even on digits K=256 (1.07× l2, 0.98× cos, 25 ms fits)
 # and lost at every K=64 cell tried (1M×128 l2 1.06×, 200k×384 cos 1.17×, Fashion-MNIST l2 1.03×): there each
 # row's conversion, top-2 and exact distance cost more than its products save. (With the earlier worst-case
-# margin the threshold had to be K·D >= 2^16: 1M×128 K=256 l2 Zipf lost, 1.36×.)
+# margin the threshold had to be K·D >= 2^16: 1M×128 K=256 l2 Zipf lost, 1.36×.) K from 96 since 2026-12-05: whole
+# fits, same process, medians of 3 seeds, tile path / float32 path time: K=100 100k×768 cos 0.70×, l2 0.76×; 100k×512
+# 0.83× / 0.81×; 200k×256 0.79× / 0.81×; K=96 200k×192 0.81× / 0.85×, 100k×384 0.84× / 0.93×; still even below
+# (K=80 60k×1024 0.93× / 0.92×, K=64 100k×768 0.99× / 0.97×, 50k×1536 1.05× / 1.01×). (Labels differ where the
+# float32 path's rounding picked a near-tied centre: the tile path's are the exact nearest.)
 AMX_ASSIGN = True
-AMX_MIN_K = 128
+AMX_MIN_K = 96
 AMX_MIN_KD = 1 << 14
 # Centres far out (max ‖c − μ‖ > AMX_MAX_NORM_SPREAD × its median over the centres; the benchmark's heavy-tailed l2
 # cells have ratios 39-164, every other cell measured <= 5.3) send most rows past the quick test. Rows that fail it
