@@ -22,6 +22,7 @@ def shortlist_path(request, monkeypatch):
     monkeypatch.setattr(flat, "AMX_MIN_DIM", 1 if amx else 1 << 62)
     monkeypatch.setattr(flat, "AMX_MIN_QUERIES", 1 if amx else 1 << 62)
     monkeypatch.setattr(flat, "AMX_MIN_WORK", 1)
+    monkeypatch.setattr(flat, "AMX_MIN_ROWS", 1)
     monkeypatch.setattr(flat, "DIRECT_MIN_QUERIES", 1 if request.param in ("fused", "amx") else 1 << 62)
     screen = request.param == "blas-screen"
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_DIM", 1 if screen else 1 << 62)

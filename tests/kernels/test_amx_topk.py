@@ -69,7 +69,7 @@ def test_margin_bounds_every_pair(kind, ip, dim):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
-def test_flat_search_on_the_amx_pass_is_exact(metric):
+def test_flat_search_on_the_amx_pass_is_exact(metric, monkeypatch):
     rng = np.random.default_rng(7)
     dim, n, nq, k = F.BLAS_SCREEN_MIN_DIM + 5, 3000, F.BLAS_SCREEN_MIN_WORK // F.BLAS_SCREEN_MIN_DIM + 3, 10
     x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -78,6 +78,7 @@ def test_flat_search_on_the_amx_pass_is_exact(metric):
     q = (x[src] + 0.3 * rng.standard_normal((nq, dim))).astype(np.float32)
     index = kvant.FlatIndex(dim, metric=metric)
     index.add(x)
+    monkeypatch.setattr(F, "AMX_MIN_ROWS", 1)  # (3,000 rows: below the shipped minimum)
     assert index._amx_screen_applies(q, k, None, None, None)
     cand, sure = index._amx_candidates(q, k)
     copies = (src >= 1000) & (src < 1400)
@@ -97,3 +98,20 @@ def test_flat_search_on_the_amx_pass_is_exact(metric):
     ties = np.isclose(want_exact[:, -1:], want_exact, rtol=1e-12)
     agree = (i == want) | ties
     assert agree.all()
+
+
+def test_a_batch_whose_queries_all_overflow_is_answered_exactly(monkeypatch):
+    # every query sits on 2,000 copies of one row (ties at its k-th): every buffer overflows, the pass stops early and
+    # the float32 passes answer, with the smallest ids among the tied copies
+    rng = np.random.default_rng(3)
+    dim, n, nq, k = 64, 3000, 300, 10
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x[500:2500] = x[500]
+    q = (x[500] + 1e-3 * rng.standard_normal((nq, dim))).astype(np.float32)
+    index = kvant.FlatIndex(dim)
+    index.add(x)
+    monkeypatch.setattr(F, "AMX_MIN_ROWS", 1)
+    cand, sure = index._amx_candidates(q, k)
+    assert not sure.any()
+    d, i = index.search(q, k)
+    assert np.array_equal(i, np.broadcast_to(np.arange(500, 510), i.shape))

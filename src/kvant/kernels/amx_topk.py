@@ -173,7 +173,10 @@ def screen_strips(x, r0, r1, mu, bt, qn, qstat, nq, ip, gam, cfg, top_d, top_i, 
     s = r0
     cnt = min(STRIP, r1 - s)
     _convert_strip(x, s, cnt, mu, a16[0], vsq[0], one, stat[0])
-    while s < r1:
+    alive = nq
+    for j in range(nq):
+        alive -= np.int64(fail[j])
+    while s < r1 and alive > 0:  # (once every query has failed, the caller answers them another way)
         nxt = s + cnt
         ncnt = min(STRIP, r1 - nxt)
         if ncnt > 0:
@@ -184,6 +187,9 @@ def screen_strips(x, r0, r1, mu, bt, qn, qstat, nq, ip, gam, cfg, top_d, top_i, 
             u = np.float64(top_d[j, k - 1])
             thr[j] = -np.inf if fail[j] else np.float32(u + m[j] + _PAD * (abs(u) + m[j]))
         _screen_strip(g, cnt, s, vsq[cur], qn, nq, ip, m, thr, top_d, top_i, cand_lo, cand_i, cand_n, fail)
+        alive = nq
+        for j in range(nq):
+            alive -= np.int64(fail[j])
         s, cnt, cur = nxt, ncnt, 1 - cur
     _amx._tiles_end()
 
