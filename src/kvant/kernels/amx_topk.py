@@ -72,6 +72,24 @@ def margin_of(stat, wn, fn, wt, gam, dim_tiny, op_tiny, ip):
 
 
 @numba.njit(inline="always", **_JIT)
+def _score(gr, j, xi, qn, ip):
+    """Query j's float32 score of a row with products ``gr`` and ‖v‖² = xi (the vectorised screens spell it out)."""
+    return -gr[j] if ip else qn[j] + xi - np.float32(2.0) * gr[j]
+
+
+@numba.njit(inline="always", **_JIT)
+def _upper(d, m):
+    """float32 above d + m (float64 operands): padded by more than float32's rounding."""
+    return np.float32(d + m + _PAD * (abs(d) + m))
+
+
+@numba.njit(inline="always", **_JIT)
+def _lower(d, m):
+    """float32 below d − m (float64 operands): padded by more than float32's rounding."""
+    return np.float32(d - m - _PAD * (abs(d) + m))
+
+
+@numba.njit(inline="always", **_JIT)
 def _compact(cand_lo, cand_i, cand_n, j, u):
     """Drop query j's buffered rows whose lower bound exceeds u; returns how many are left."""
     c = 0
@@ -115,14 +133,11 @@ def _screen_strip(g, cnt, s, vsq, qn, nq, ip, m, thr, top_d, top_i, cand_lo, can
             j1 = min(nq, j0 + 16)
             grp = np.int32(0)
             for j in range(j0, j1):
-                if ip:
-                    grp += np.int32(not -gr[j] > thr[j])
-                else:
-                    grp += np.int32(not qn[j] + xi - np.float32(2.0) * gr[j] > thr[j])
+                grp += np.int32(not _score(gr, j, xi, qn, ip) > thr[j])
             if grp == 0:
                 continue
             for j in range(j0, j1):
-                d = -gr[j] if ip else qn[j] + xi - np.float32(2.0) * gr[j]
+                d = _score(gr, j, xi, qn, ip)
                 if d > thr[j] or fail[j]:
                     continue
                 if d != d:  # (cannot happen inside the caller's magnitude gate; answered another way if it does)
@@ -130,20 +145,17 @@ def _screen_strip(g, cnt, s, vsq, qn, nq, ip, m, thr, top_d, top_i, cand_lo, can
                     thr[j] = -np.inf
                     continue
                 dd = np.float64(d)
-                pad = _PAD * (abs(dd) + m[j])
-                lo = np.float32(dd - m[j] - pad)
                 if cand_n[j] == cap and _compact(cand_lo, cand_i, cand_n, j, top_d[j, k - 1]) == cap:
                     fail[j] = True  # more rows within the bound's width of the k-th than the buffer holds
                     thr[j] = -np.inf
                     continue
-                cand_lo[j, cand_n[j]] = lo
+                cand_lo[j, cand_n[j]] = _lower(dd, m[j])
                 cand_i[j, cand_n[j]] = row
                 cand_n[j] += 1
-                hi = np.float32(dd + m[j] + pad)
+                hi = _upper(dd, m[j])
                 if hi <= top_d[j, k - 1] and not _holds(top_i[j], row):  # (seeded rows are there already)
                     _insert(top_d[j], top_i[j], hi, row)
-                    u = np.float64(top_d[j, k - 1])
-                    thr[j] = np.float32(u + m[j] + _PAD * (abs(u) + m[j]))
+                    thr[j] = _upper(np.float64(top_d[j, k - 1]), m[j])
 
 
 @numba.njit(**_JIT)
@@ -173,10 +185,7 @@ def screen_strips(x, r0, r1, mu, bt, qn, qstat, nq, ip, gam, cfg, top_d, top_i, 
     s = r0
     cnt = min(STRIP, r1 - s)
     _convert_strip(x, s, cnt, mu, a16[0], vsq[0], one, stat[0])
-    alive = nq
-    for j in range(nq):
-        alive -= np.int64(fail[j])
-    while s < r1 and alive > 0:  # (once every query has failed, the caller answers them another way)
+    while s < r1 and not fail.all():  # (once every query has failed, the caller answers them another way)
         nxt = s + cnt
         ncnt = min(STRIP, r1 - nxt)
         if ncnt > 0:
@@ -184,12 +193,8 @@ def screen_strips(x, r0, r1, mu, bt, qn, qstat, nq, ip, gam, cfg, top_d, top_i, 
         _amx._strip_products(a16[cur], bt, g)
         for j in range(nq):
             m[j] = margin_of(stat[cur], qstat[0, j], qstat[1, j], qstat[2, j], gam, dim_tiny, op_tiny, ip)
-            u = np.float64(top_d[j, k - 1])
-            thr[j] = -np.inf if fail[j] else np.float32(u + m[j] + _PAD * (abs(u) + m[j]))
+            thr[j] = -np.inf if fail[j] else _upper(np.float64(top_d[j, k - 1]), m[j])
         _screen_strip(g, cnt, s, vsq[cur], qn, nq, ip, m, thr, top_d, top_i, cand_lo, cand_i, cand_n, fail)
-        alive = nq
-        for j in range(nq):
-            alive -= np.int64(fail[j])
         s, cnt, cur = nxt, ncnt, 1 - cur
     _amx._tiles_end()
 
@@ -218,11 +223,10 @@ def seed_tops(x, rows, mu, bt, qn, qstat, nq, ip, gam, cfg, top_d, top_i, a16, g
         for j in range(nq):
             mj = margin_of(stat, qstat[0, j], qstat[1, j], qstat[2, j], gam, dim_tiny, op_tiny, ip)
             for r in range(cnt):
-                d = -g[r, j] if ip else qn[j] + vsq[r] - np.float32(2.0) * g[r, j]
+                d = _score(g[r], j, vsq[r], qn, ip)
                 if d != d:
                     continue
-                dd = np.float64(d)
-                hi = np.float32(dd + mj + _PAD * (abs(dd) + mj))
+                hi = _upper(np.float64(d), mj)
                 if hi <= top_d[j, k - 1]:
                     _insert(top_d[j], top_i[j], hi, rows[s + r])
     _amx._tiles_end()
