@@ -330,7 +330,7 @@ def test_overrelaxation_reaches_a_lower_objective_in_the_same_iterations(loop):
     assert fast.objective_history[-1] < plain.objective_history[-1]
 
 
-def test_auto_overrelaxes_and_the_concrete_algorithms_do_not(data):
+def test_auto_overrelaxes_and_the_concrete_algorithms_do_not(data, monkeypatch):
     x, _ = data
     auto = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64).fit(x)
     assert auto.overrelax_ == 1.0 and auto.max_iter_ == 15 and "over-relaxed" in auto.auto_reason_
@@ -338,7 +338,11 @@ def test_auto_overrelaxes_and_the_concrete_algorithms_do_not(data):
     row = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0).fit(x)
     assert row.overrelax_ == 0.0 and row.max_iter_ == 25
     assert kvant.Clusterer(k=8, seed=0, max_iter=3, tol=0.0).fit(x).max_iter_ == 3
-    # overrelax=0 turns auto back into classic Lloyd with auto's other settings
+    # overrelax=0 turns auto back into classic Lloyd with auto's other settings (seeded as dense-exact-row seeds:
+    # one draw per centre instead of auto's greedy draws)
+    import kvant.cluster.auto as auto_rule
+
+    monkeypatch.setattr(auto_rule, "greedy_trials", lambda k: 1)
     a = kvant.Clusterer(k=8, seed=0, sample_per_centroid=64, overrelax=0).fit(x)
     assert "given by the caller: overrelax=0" in a.auto_reason_
     assert kvant.Clusterer(k=8, algorithm="minibatch", seed=0).fit(x).max_iter_ == 0
@@ -561,22 +565,43 @@ def test_auto_sample_rows_rule():
 
 
 def test_auto_seeding_rule():
-    from kvant.cluster.auto import auto_seeding
+    from kvant.cluster.auto import AUTO_SEED_FLOOR, auto_seeding, greedy_trials
 
-    assert auto_seeding(262144, 1024) == ("k-means++", 8192)  # 8·K when the sample has >= 64·K rows
-    assert auto_seeding(70000, 1024) == ("k-means++", 8192)
-    assert auto_seeding(40000, 1024) == ("k-means++", 5000)  # rows/8 between 2·K and 8·K
-    assert auto_seeding(16384, 1024) == ("k-means++", 2048)
-    assert auto_seeding(16383, 1024) == ("random", 1024)  # rows/8 < 2·K: random rows
-    assert auto_seeding(1797, 1024) == ("random", 1024)
-    assert auto_seeding(1797, 10) == ("k-means++", 80)
+    assert [greedy_trials(k) for k in (1, 2, 5, 10, 64, 1024)] == [2, 2, 3, 4, 6, 8]
+    # large samples: greedy within 1/32 of a training E-step, else plain k-means++ on 8·K rows within 1/8
+    assert auto_seeding(16384, 64, 128) == ("k-means++", 341, 6)  # 16384·64·128 / 32 / (64·128·6)
+    assert auto_seeding(16384, 64, 384) == ("k-means++", 512, 1)  # greedy would get 113 < 2·K rows
+    assert auto_seeding(262144, 1024, 128) == ("k-means++", 8192, 1)
+    assert auto_seeding(40000, 1024, 128) == ("k-means++", 5000, 1)  # rows/8 between 2·K and 8·K
+    assert auto_seeding(16384, 1024, 128) == ("k-means++", 2048, 1)
+    assert auto_seeding(16383, 1024, 128) == ("random", 1024, 1)  # rows/8 < 2·K: random rows
+    assert auto_seeding(1797, 1024, 64) == ("random", 1024, 1)
+    # small fits: the floor's budget (2^24 multiply-adds) buys greedy seeding on every row or 8·K of them
+    assert AUTO_SEED_FLOOR == 1 << 24
+    assert auto_seeding(1797, 10, 64) == ("k-means++", 80, 4)
+    assert auto_seeding(50, 5, 2) == ("k-means++", 40, 3)
+    assert auto_seeding(200, 33, 300) == ("k-means++", 200, 5)  # all rows: fewer than 2·K of them is enough
+    assert auto_seeding(1797, 256, 64) == ("k-means++", 1024, 1)  # plain within the floor
+    assert auto_seeding(1000, 990, 100) == ("random", 990, 1)
+
+
+def test_auto_separates_small_well_separated_blobs():
+    # A review: 50 rows of 5 far-apart blobs, K = 5, seeded with K random rows (the rule before the floor) merged two
+    # blobs in most seeds (mean MSE 259 against 0.0045 for scikit-learn's greedy k-means++); every seed must find them.
+    g = np.random.default_rng(0)
+    centres = g.uniform(-100, 100, size=(5, 2))
+    x = (np.repeat(centres, 10, axis=0) + 0.05 * g.standard_normal((50, 2))).astype(np.float32)
+    for seed in range(10):
+        c = kvant.Clusterer(5, seed=seed).fit(x)
+        assert np.unique(c.labels_).size == 5 and c.inertia_ / 50 < 0.02, (seed, c.inertia_ / 50, c.auto_reason_)
+        assert "greedy k-means++" in c.auto_reason_
 
 
 def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than_training():
     # (50k × 768, K = 4096, cos: k-means++ on 8·K rows made a 32.8 s fit, nearly all of it; random rows 3.9 s)
     from kvant.cluster import lloyd
 
-    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
     calls = []
     real = lloyd.init_centroids
 
@@ -588,9 +613,9 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
 
     clusterer_module.init_centroids, saved = spy, clusterer_module.init_centroids
     try:
-        auto = kvant.Clusterer(200, seed=0).fit(x)  # all 3000 rows; 3000 / 8 < 2·200
-        assert calls[-1] == ("random", 200) and "K random rows" in auto.auto_reason_
-        row = kvant.Clusterer(200, algorithm="dense-exact-row", seed=0).fit(x)  # the concrete algorithm keeps k-means++
+        auto = kvant.Clusterer(600, seed=0).fit(x)  # all 3000 rows: 2·K rows cost over 2^24 and 3000·K·D / 8
+        assert calls[-1] == ("random", 600) and "K random rows" in auto.auto_reason_
+        row = kvant.Clusterer(600, algorithm="dense-exact-row", seed=0).fit(x)  # the concrete algorithm keeps k-means++
         assert calls[-1] == ("k-means++", None)
         kvant.Clusterer(10, seed=0).fit(x)
         assert calls[-1] == ("k-means++", 80)

@@ -26,6 +26,7 @@ from kvant.kernels.lloyd import (
     exact_sq_dist_rows,
     exact_sq_dist_rows_scaled,
     kmeanspp,
+    kmeanspp_greedy,
     m_step,
     move_rows,
     reseed_empty,
@@ -306,6 +307,36 @@ def test_kmeanspp_matches_reference(n, d, k):
         want = ref.kmeanspp_ref(x, k, u, first)
         for n_parts in (1, 2, 5):  # n=1..200 rows are 1-4 mass blocks: more parts than blocks too
             np.testing.assert_array_equal(kmeanspp(x, k, u, first, UNIT_WEIGHTS, 160, n_parts), want)
+
+
+@pytest.mark.parametrize("n,d,k,trials", [(1, 1, 1, 2), (7, 1, 7, 3), (50, 3, 5, 3), (200, 17, 40, 5), (64, 129, 9, 4),
+                                          (300, 5, 30, 2)])
+def test_greedy_kmeanspp_matches_reference(n, d, k, trials):
+    # Integer coordinates and weights: every distance and potential is exact, so picks must be identical.
+    g = np.random.default_rng(n + d + k)
+    x = g.integers(-20, 21, size=(n, d)).astype(np.float32)
+    x[: n // 4] = x[0]  # duplicated rows: zero weights must never be picked
+    w = g.integers(1, 6, size=n).astype(np.float64)
+    for seed in range(3):
+        u = np.random.default_rng(seed).random((k, trials))
+        first = seed % n
+        want = ref.kmeanspp_greedy_ref(x, k, u, first)
+        want_w = ref.kmeanspp_greedy_ref(x, k, u, first, w)
+        for n_parts in (1, 2, 5):
+            np.testing.assert_array_equal(kmeanspp_greedy(x, k, u, first, UNIT_WEIGHTS, n_parts), want)
+            np.testing.assert_array_equal(kmeanspp_greedy(x, k, u, first, w, n_parts), want_w)
+
+
+def test_greedy_kmeanspp_keeps_the_best_draw():
+    # Three far groups; the second centre's draws land in the near group and in a far one: the far one leaves the
+    # smaller potential and must be kept whatever the draws' order.
+    x = np.array([[0, 0], [1, 0], [100, 0], [101, 0], [0, 100], [1, 100]], np.float32)
+    d2 = ((x - x[0]) ** 2).sum(1)
+    run = np.cumsum(d2) / d2.sum()
+    near, far = 0.5 * run[0], 0.5 * (run[1] + run[2])  # draws hitting row 1 and row 3
+    for draws in ([near, far], [far, near]):
+        u = np.array([[0.0, 0.0], draws])
+        assert kmeanspp_greedy(x, 2, u, 0, UNIT_WEIGHTS)[1] != 1
 
 
 def test_kmeanspp_picks_distinct_far_points():

@@ -164,6 +164,36 @@ def kmeanspp_ref(x, k, uniforms, first, w=None):
     return np.array(chosen, np.int64)
 
 
+def kmeanspp_greedy_ref(x, k, uniforms, first, w=None):
+    """Greedy k-means++ in float64, the reference for ``kernels.lloyd.kmeanspp_greedy``: each step draws
+    ``uniforms.shape[1]`` candidates as :func:`kmeanspp_ref` draws one and keeps the one leaving the smallest
+    Σ w·min(D², distance) (ties to the earlier draw)."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    w = np.ones(x.shape[0]) if w is None or len(w) == 0 else np.asarray(w, np.float64)
+    chosen = [int(first)]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for c in range(1, k):
+        mass = w * d2
+        total = mass.sum()
+        if total <= 0:
+            chosen.append(chosen[-1] + 1 if chosen[-1] + 1 < len(x) else 0)
+            continue
+        run = np.cumsum(np.where(mass > 0, mass, 0.0))
+        best, best_pot, best_d = -1, np.inf, None
+        for u in uniforms[c]:
+            hit = np.flatnonzero((run > u * total) & (mass > 0))
+            row = int(hit[0]) if hit.size else int(np.flatnonzero(mass > 0)[-1])
+            dist = np.minimum(d2, ((x - x[row]) ** 2).sum(1))
+            pot = (w * dist).sum()
+            if pot < best_pot:
+                best, best_pot, best_d = row, pot, dist
+        chosen.append(best)
+        d2 = best_d
+    return np.array(chosen, np.int64)
+
+
 def lloyd_ref(x, centroids, n_iter):
     """Plain Lloyd's iterations (no bounds): assign, then move each non-empty centre to its mean."""
     import numpy as np

@@ -35,14 +35,20 @@ AUTO_CANDIDATE_MIN_KD = 1 << 14
 DEFAULT_SAMPLE_PER_CENTROID = 256
 AUTO_SAMPLE_DIVISOR = 64
 AUTO_SAMPLE_MAX_PER_CENTRE = 16384
-# Seeding: k-means++ on s = min(8·K, m / AUTO_SEED_DIVISOR) of the m training rows, so it costs at most 1/8 of a
-# training E-step's multiply-adds (s·K·D against m·K·D); it runs one centre at a time, a pass over the s rows each,
-# at a fraction of GEMM's rate, so 8·K rows of an all-rows fit cost far more than Lloyd (50k × 768, K = 4096, cos:
-# 32.8 s, nearly all of it seeding; random seeding 3.9 s, mean cosine 0.34762 vs 0.34766). When s < 2·K,
-# k-means++ would choose K of fewer than 2·K rows, and ``auto`` seeds with K random rows instead, as FAISS does
-# (docs/auto.md, "Seeding").
+# Seeding runs one centre at a time, a pass over its rows each, at a fraction of GEMM's rate, so 8·K rows of an
+# all-rows fit cost far more than Lloyd (50k × 768, K = 4096, cos: 32.8 s, nearly all of it seeding; random seeding
+# 3.9 s, mean cosine 0.34762 vs 0.34766). Its budget is a share of one training E-step's multiply-adds (m·K·D for m
+# training rows), or AUTO_SEED_FLOOR (about a millisecond) when that is more: greedy k-means++ (the best of 2 + ln K
+# draws per centre, scikit-learn's default) on up to 8·K rows within 1/AUTO_GREEDY_DIVISOR of it; else plain
+# k-means++ on up to 8·K rows within 1/AUTO_SEED_DIVISOR; when neither affords 2·K rows, K random rows, as FAISS does
+# (docs/auto.md, "Seeding"). Greedy draws matter on clusters of very different spreads (100k × 17 rows from 64 blobs
+# of spreads 0.01-30, K = 64: MSE 1,777 → 1,080; scikit-learn 942), the floor on small fits (50 rows of 5 separated
+# blobs, K = 5, on random rows: mean MSE 259 against 0.0045); at 1/8 greedy cost 9-10% of the fit on 1M × 128
+# K = 256 and 200k × 384 K = 64 with no gain on those sets, hence 1/32.
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
+AUTO_SEED_FLOOR = 1 << 24
+AUTO_GREEDY_DIVISOR = 32
 
 
 @dataclass(frozen=True)
@@ -76,15 +82,27 @@ def auto_sample_rows(n: int, k: int) -> int:
     return max(DEFAULT_SAMPLE_PER_CENTROID * k, floor)
 
 
-def auto_seeding(rows: int, k: int) -> tuple[str, int]:
-    """(init, seeding rows) for a training sample of ``rows`` rows: k-means++ on min(8·K, rows / 8) of them, or
-    ``"random"`` (K random rows) when that is fewer than 2·K; see the constants above."""
+def greedy_trials(k: int) -> int:
+    """Draws per centre of greedy k-means++: 2 + ⌊ln K⌋ (Arthur & Vassilvitskii; scikit-learn's default)."""
+    return 2 + int(np.log(max(1, k)))
+
+
+def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
+    """(init, seeding rows, draws per centre) for a training sample of ``rows`` rows of ``dim`` coordinates: greedy
+    k-means++ on up to 8·K rows when max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds afford at least 2·K rows
+    (or every row of a smaller sample), else plain k-means++ likewise within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``),
+    else ``"random"`` (K random rows). See the constants above."""
     from .lloyd import INIT_ROWS_PER_CENTROID
 
-    seed_rows = min(INIT_ROWS_PER_CENTROID * k, rows // AUTO_SEED_DIVISOR)
-    if seed_rows < AUTO_SEED_MIN_PER_CENTRE * k:
-        return "random", k
-    return "k-means++", seed_rows
+    e_step = rows * k * max(1, dim)
+    cap = min(INIT_ROWS_PER_CENTROID * k, rows)
+    trials = greedy_trials(k)
+    options = ((trials, AUTO_GREEDY_DIVISOR), (1, AUTO_SEED_DIVISOR)) if trials > 1 else ((1, AUTO_SEED_DIVISOR),)
+    for draws, divisor in options:
+        seed_rows = min(cap, max(e_step // divisor, AUTO_SEED_FLOOR) // (k * max(1, dim) * draws))
+        if seed_rows >= min(AUTO_SEED_MIN_PER_CENTRE * k, rows):
+            return "k-means++", int(seed_rows), draws
+    return "random", k, 1
 
 
 def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sampling: str = "coreset",
@@ -115,10 +133,14 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
         size = f"{int(sample_per_centroid)}·K={sample}"
     large = k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD
     candidates = AUTO_CANDIDATES if large and not one_region_direct_e_step(min(n, sample), dim, k) else 0
-    init, seed_rows = auto_seeding(min(n, sample), k)
-    seeding = (f"k-means++ on {seed_rows} rows" if init == "k-means++" else
-               f"K random rows (k-means++ on min(8·K, rows/{AUTO_SEED_DIVISOR}) < {AUTO_SEED_MIN_PER_CENTRE}·K rows "
-               "would cost more than training)")
+    init, seed_rows, trials = auto_seeding(min(n, sample), k, dim)
+    if init == "random":
+        seeding = (f"K random rows (k-means++ on {AUTO_SEED_MIN_PER_CENTRE}·K rows would cost more than 1/"
+                   f"{AUTO_SEED_DIVISOR} of a training E-step)")
+    elif trials > 1:
+        seeding = f"greedy k-means++ ({trials} draws per centre) on {seed_rows} rows"
+    else:
+        seeding = f"k-means++ on {seed_rows} rows"
     if n <= sample:
         where = "all rows"
     elif sampling == "coreset":
@@ -128,7 +150,8 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     return Choice(
         "dense-exact-row",
         {"polish_iter": 0, "tol": AUTO_TOL, "sample_rows": sample, "overrelax": AUTO_OVERRELAX,
-         "max_iter": AUTO_MAX_ITER, "candidates": candidates, "init": init, "seed_rows": seed_rows},
+         "max_iter": AUTO_MAX_ITER, "candidates": candidates, "init": init, "seed_rows": seed_rows,
+         "init_trials": trials},
         f"fits in memory: {seeding}, then bounded, over-relaxed (β <= {AUTO_OVERRELAX:g}) Lloyd on {where} until "
         f"the objective improves < {AUTO_TOL:g} (at most {AUTO_MAX_ITER} iterations unless max_iter is given)"
         + (f"; from the third E-step on, two of every three training E-steps look only at {candidates} candidate "

@@ -276,7 +276,8 @@ class Clusterer:
             best = None
             for r in range(restarts):
                 seed = None if seed0 is None else seed0 + r
-                c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"))
+                c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"),
+                                    int(params.get("init_trials", 1)))
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)),
                             keep_top2=keep_top2)

@@ -58,6 +58,7 @@ from ..kernels.lloyd import (
     cluster_sums,
     exact_dist_to,
     kmeanspp,
+    kmeanspp_greedy,
     loosen_bounds,
     m_step,
     move_rows,
@@ -128,10 +129,11 @@ KPP_PARALLEL_MIN_WORK = 1 << 27
 
 def init_centroids(
     x: np.ndarray, k: int, method: str, seed: int | None, spherical: bool = False, weights: np.ndarray | None = None,
-    seed_rows: int | None = None,
+    seed_rows: int | None = None, trials: int = 1,
 ) -> np.ndarray:
     """Initial centroids: ``"k-means++"`` (D² seeding on a subsample of ``seed_rows`` rows, default
-    ``INIT_ROWS_PER_CENTROID·k``) or ``"random"`` (k distinct rows, as FAISS does).
+    ``INIT_ROWS_PER_CENTROID·k``; greedy, the best of ``trials`` draws per centre, when ``trials`` > 1:
+    :func:`kvant.kernels.lloyd.kmeanspp_greedy`) or ``"random"`` (k distinct rows, as FAISS does).
 
     With ``weights`` (rows of a weighted sample, each standing for ``w`` rows of the data) the random rows
     are drawn with probability ∝ w and k-means++ samples ∝ w·D², so both act as on the data itself.
@@ -144,16 +146,17 @@ def init_centroids(
     elif method == "k-means++":
         m = min(n, max(k, INIT_ROWS_PER_CENTROID * k if seed_rows is None else int(seed_rows)))
         sub = np.sort(g.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        uniforms = g.random(k)
+        uniforms = g.random(k) if trials <= 1 else g.random((k, int(trials)))
         w = UNIT_WEIGHTS if weights is None else np.ascontiguousarray(weights[sub], np.float64)
         first = int(g.integers(m)) if weights is None else int(g.choice(m, p=w / w.sum()))
         # the main thread only (a parallel region entered from several threads at once, Dask's workers say, is not
         # safe on every threading layer), and on a layer whose threads spin between regions (numba_threading_layer)
-        step = m * x.shape[1]
+        step = m * x.shape[1] * max(1, int(trials))  # coordinates a step reads (once per greedy draw)
         big = (step >= KPP_PARALLEL_MIN_STEP and step * k >= KPP_PARALLEL_MIN_WORK
                and threading.current_thread() is threading.main_thread() and numba_threading_layer() in SPINNING_LAYERS)
         parts = get_num_threads() if big else 1
-        rows = sub[kmeanspp(np.ascontiguousarray(x[sub]), k, uniforms, first, w, n_parts=parts)]
+        seeding = kmeanspp if trials <= 1 else kmeanspp_greedy
+        rows = sub[seeding(np.ascontiguousarray(x[sub]), k, uniforms, first, w, n_parts=parts)]
     else:  # pragma: no cover - validated by the caller
         raise ValueError(method)
     c = np.ascontiguousarray(x[rows], dtype=np.float32)

@@ -401,6 +401,92 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
     return chosen
 
 
+@numba.njit(**_JIT)
+def _greedy_block(x, cents, d2, cand_d, w, unit, b, pot):
+    """Block ``b`` of a greedy step: every row's distance to each candidate (into ``cand_d``) and the block's share
+    of each candidate's potential Σ w·min(D², distance) (into ``pot[:, b]``)."""
+    n = x.shape[0]
+    lo = b * _KPP_BLOCK
+    hi = min(n, lo + _KPP_BLOCK)
+    for t in range(cents.shape[0]):
+        s = 0.0
+        for i in range(lo, hi):
+            v = np.float64(_sq_dist_f32(x, i, cents[t]))
+            cand_d[t, i] = v
+            m = v if v < d2[i] else d2[i]
+            s += m if unit else w[i] * m
+        pot[t, b] = s
+
+
+@numba.njit(parallel=True, **_JIT)
+def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii's variant, scikit-learn's default): each step draws
+    L = ``uniforms.shape[1]`` candidates by w·D² (``uniforms[c, t]`` in [0, 1) as :func:`kmeanspp` uses its
+    ``uniforms[c]``) and keeps the one that leaves the smallest potential Σ w·min(D², ‖x − candidate‖²), ties to the
+    earlier draw. Returns k row indices of ``x`` (float32 rows); ``first`` is the first centre's row.
+
+    L passes over the rows per centre instead of one: plain k-means++ on rows of clusters with very different
+    spreads often spends several centres on one wide cluster and none on a tight far one; the best of L draws
+    rarely does (100k×17 rows from 64 blobs of spreads 0.01-30, K = 64: MSE 1,369-1,586 after Lloyd from plain
+    seeding, 942 from greedy). Unpruned: a candidate is not yet a centre, so :func:`kmeanspp`'s triangle test has
+    no nearest centre to test it against. ``n_parts`` splits each step's blocks over threads; each block's sums are
+    added in order after the region, so the picks do not depend on it. NumPy reference:
+    ``kvant.bench.reference.kmeanspp_greedy_ref``."""
+    n, d = x.shape
+    L = uniforms.shape[1]
+    unit = w.shape[0] == 0
+    chosen = np.empty(k, np.int64)
+    chosen[0] = first
+    n_blocks = (n + _KPP_BLOCK - 1) // _KPP_BLOCK
+    d2 = np.empty(n, np.float64)
+    bmass = np.empty(n_blocks, np.float64)
+    cents = np.empty((L, d), x.dtype)
+    cand = np.empty(L, np.int64)
+    cand_d = np.empty((L, n), np.float64)
+    pot = np.empty((L, n_blocks), np.float64)
+    for t in range(d):
+        cents[0, t] = x[first, t]
+    for i in range(n):
+        d2[i] = np.float64(_sq_dist_f32(x, i, cents[0]))
+    for b in range(n_blocks):
+        bmass[b] = _block_mass(d2, w, unit, b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK))
+    parts = max(1, min(n_parts, n_blocks))
+    for c in range(1, k):
+        total = 0.0
+        for b in range(n_blocks):
+            total += bmass[b]
+        if total <= 0.0:  # fewer distinct points than k: the next unused rows, as kmeanspp
+            chosen[c] = chosen[c - 1] + 1 if chosen[c - 1] + 1 < n else 0
+            continue
+        for t in range(L):
+            cand[t] = _draw(d2, w, unit, bmass, uniforms[c, t] * total)
+            for j in range(d):
+                cents[t, j] = x[cand[t], j]
+        if parts == 1:
+            for b in range(n_blocks):
+                _greedy_block(x, cents, d2, cand_d, w, unit, b, pot)
+        else:
+            for p in numba.prange(parts):
+                for b in range(p * n_blocks // parts, (p + 1) * n_blocks // parts):
+                    _greedy_block(x, cents, d2, cand_d, w, unit, b, pot)
+        best = 0
+        best_pot = np.inf
+        for t in range(L):
+            s = 0.0
+            for b in range(n_blocks):
+                s += pot[t, b]
+            if s < best_pot:
+                best_pot = s
+                best = t
+        chosen[c] = cand[best]
+        for i in range(n):
+            if cand_d[best, i] < d2[i]:
+                d2[i] = cand_d[best, i]
+        for b in range(n_blocks):
+            bmass[b] = _block_mass(d2, w, unit, b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK))
+    return chosen
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def sq_dist_to_point(x, c):
     """‖x_i − c‖² per row in float64 (the coreset sampling proposal); one vectorised pass over the rows."""
