@@ -585,6 +585,22 @@ def test_auto_seeding_rule():
     assert auto_seeding(1000, 990, 100) == ("random", 990, 1)
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "dense-exact-random"])
+def test_k_close_to_n_distinct_rows_leaves_no_cluster_empty(algorithm):
+    # A review: 1000 distinct rows from blobs of spreads 0.01-30 (nearest pairs ~1e-7 of the rows' squared norms apart,
+    # below float32 E-steps' rounding), K = 990 / 1000: 22-36 clusters stayed empty (the re-seeding saw distance 0).
+    g = np.random.default_rng(0)
+    spread = np.exp(g.uniform(np.log(0.01), np.log(30), 64))
+    centres = g.uniform(-50, 50, size=(64, 100))
+    x = (centres[g.integers(0, 64, 1000)] + spread[g.integers(0, 64, 1000), None] * g.standard_normal((1000, 100)))
+    x = x.astype(np.float32)
+    assert np.unique(x, axis=0).shape[0] == 1000
+    for k in (990, 1000):
+        c = kvant.Clusterer(k, algorithm=algorithm, seed=0).fit(x)
+        assert np.unique(c.labels_).size == k, (k, np.unique(c.labels_).size)
+    assert c.inertia_ == 0.0  # K = N: every row its own centre
+
+
 def test_auto_separates_small_well_separated_blobs():
     # A review: 50 rows of 5 far-apart blobs, K = 5, seeded with K random rows (the rule before the floor) merged two
     # blobs in most seeds (mean MSE 259 against 0.0045 for scikit-learn's greedy k-means++); every seed must find them.

@@ -724,6 +724,18 @@ def test_centre_moves_matches_reference_and_counts_ties(k, d):
     assert best == np.inf and arg == 0 and delta[0] == np.inf
 
 
+def test_reseed_empty_takes_rows_whose_float32_distance_rounded_to_zero():
+    # Rows 1e-4 apart at norms ~1e3: float32 E-step distances read 0, yet the rows are distinct and may seed.
+    x = (1000.0 + np.array([[0, 0], [1e-4, 0], [0, 1e-4], [1e-4, 1e-4]], np.float64)).astype(np.float32)
+    assert np.unique(x, axis=0).shape[0] == 4
+    labels = np.zeros(4, np.int64)
+    sums, counts = cluster_sums(x, labels, 4, 1, UNIT_WEIGHTS)
+    rows_in = np.bincount(labels, minlength=4)
+    dist = np.zeros(4, np.float32)
+    taken = reseed_empty(x, labels, dist, np.empty(0, np.float32), sums, counts, UNIT_WEIGHTS, rows_in)
+    assert taken == 3 and np.all(rows_in == 1) and sorted(labels.tolist()) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_reseed_empty_matches_reference(seed):
     # Integer distances (many ties), duplicated rows, singleton clusters and more empty clusters than usable rows.
@@ -735,7 +747,9 @@ def test_reseed_empty_matches_reference(seed):
     w = g.uniform(0.5, 2.0, n) if seed % 2 else UNIT_WEIGHTS
     sums, counts = cluster_sums(x, labels, k, 1, w)
     rows_in = np.bincount(labels, minlength=k)
-    want_labels, want_taken = ref.reseed_empty_ref(x, labels, dist, rows_in)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts[:, None] > 0, sums / counts[:, None], 0.0)
+    want_labels, want_taken = ref.reseed_empty_ref(x, labels, dist, rows_in, means)
     lower = np.ones(n, np.float32)
     out, d_out = labels.copy(), dist.copy()
     taken = reseed_empty(x, out, d_out, lower, sums, counts, w, rows_in)

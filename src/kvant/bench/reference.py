@@ -209,28 +209,39 @@ def lloyd_ref(x, centroids, n_iter):
     return c, labels
 
 
-def reseed_empty_ref(x, labels, dist, rows_in):
+def reseed_empty_ref(x, labels, dist, rows_in, means=None):
     """Empty-cluster re-seeding, the reference for ``kernels.lloyd.reseed_empty``: returns the new labels and the
     number of clusters re-seeded. Empty clusters in id order take the rows farthest from their centres (``dist``
     decreasing, ties to the lower row), skipping rows on their centre, rows whose cluster would empty, and copies
-    of a row already taken."""
+    of a row already taken; then, if clusters are still empty and ``means`` (the clusters' means when the call
+    starts) is given, the rows not yet moved by their exact float64 squared distance to their cluster's mean."""
     import numpy as np
 
     labels = np.array(labels, np.int64)
+    first = labels.copy()
     rows_in = np.array(rows_in, np.int64)
     empty = [j for j in range(len(rows_in)) if rows_in[j] == 0]
     taken = []
-    for row in sorted(range(len(dist)), key=lambda i: (-float(dist[i]), i)):
-        if len(taken) == len(empty) or not dist[row] > 0:
-            break
-        src = labels[row]
-        if rows_in[src] <= 1 or any(np.array_equal(x[row], x[t]) for t in taken):
-            continue
-        dst = empty[len(taken)]
-        rows_in[src] -= 1
-        rows_in[dst] += 1
-        labels[row] = dst
-        taken.append(row)
+
+    def take(rank):
+        for row in sorted(range(len(rank)), key=lambda i: (-float(rank[i]), i)):
+            if len(taken) == len(empty) or not rank[row] > 0:
+                break
+            src = labels[row]
+            if labels[row] != first[row] or rows_in[src] <= 1 or any(np.array_equal(x[row], x[t]) for t in taken):
+                continue
+            dst = empty[len(taken)]
+            rows_in[src] -= 1
+            rows_in[dst] += 1
+            labels[row] = dst
+            taken.append(row)
+
+    take(dist)
+    if means is not None and len(taken) < len(empty):
+        x64 = np.asarray(x, np.float64)
+        exact = np.array([sum((x64[i, t] - means[first[i], t]) ** 2 for t in range(x.shape[1]))
+                          for i in range(x.shape[0])])
+        take(exact)
     return labels, len(taken)
 
 

@@ -65,13 +65,51 @@ def move_rows(x, rows, old, new, sums, counts, w):
 
 
 @numba.njit(**_JIT)
+def _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
+    """Whether ``row`` may seed an empty cluster: its cluster keeps a row and it is no copy of a row already taken."""
+    if rows_in[labels[row]] <= 1:
+        return False
+    for q in range(taken):
+        same = True
+        for t in range(x.shape[1]):
+            if x[row, t] != x[taken_rows[q], t]:
+                same = False
+                break
+        if same:
+            return False
+    return True
+
+
+@numba.njit(**_JIT)
+def _reseed_move(x, row, dst, labels, dist, lower, sums, counts, w, rows_in):
+    one = np.empty(1, np.int64)
+    src_a = np.empty(1, np.int64)
+    dst_a = np.empty(1, np.int64)
+    src = labels[row]
+    one[0], src_a[0], dst_a[0] = row, src, dst
+    move_rows(x, one, src_a, dst_a, sums, counts, w)
+    rows_in[src] -= 1
+    rows_in[dst] += 1
+    labels[row] = dst
+    dist[row] = 0.0
+    if lower.shape[0] > 0:
+        lower[row] = 0.0
+
+
+@numba.njit(**_JIT)
 def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
     """Re-seed the empty clusters (``rows_in`` == 0, in id order) with the rows farthest from their centres: ``dist``
     (a distance or an upper bound on it) in decreasing order, ties to the lower row index. A row moves only from a
     cluster that keeps at least one row; rows on their centre (``dist`` 0) and copies of a row already taken are
     skipped (they would seed identical centres, and the next E-step would empty all but one again). The row's sums
     move to its new cluster, its label changes, ``dist`` and ``lower`` (when not empty) become 0 (a re-check next
-    E-step), and ``rows_in`` follows. Returns how many clusters were re-seeded."""
+    E-step), and ``rows_in`` follows. Returns how many clusters were re-seeded.
+
+    ``dist`` comes from float32 E-steps, which round distances far below the rows' norms to 0: rows a few 1e-7 of
+    their norm apart (K close to N, tight clusters) all read 0 and none could seed. When too few rows qualify, a
+    second pass ranks the remaining rows by their exact float64 squared distance to their cluster's mean
+    (``sums / counts`` as the call found them) and takes those above 0 the same way (1000 distinct rows, K = 1000:
+    ~22 clusters were left empty)."""
     k = rows_in.shape[0]
     n_empty = 0
     for j in range(k):
@@ -79,48 +117,49 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
             n_empty += 1
     if n_empty == 0:
         return 0
+    n, d = x.shape
     empty = np.empty(n_empty, np.int64)
     m = 0
     for j in range(k):
         if rows_in[j] == 0:
             empty[m] = j
             m += 1
+    means = np.zeros((k, d), np.float64)  # before any move: the second pass's reference points
+    for j in range(k):
+        if counts[j] > 0:
+            for t in range(d):
+                means[j, t] = sums[j, t] / counts[j]
+    first_label = labels.copy()
     order = np.argsort(-dist, kind="mergesort")
     taken_rows = np.empty(n_empty, np.int64)
     taken = 0
-    one = np.empty(1, np.int64)
-    src_a = np.empty(1, np.int64)
-    dst_a = np.empty(1, np.int64)
     for o in range(order.shape[0]):
         row = order[o]
         if taken == n_empty or not dist[row] > 0.0:
             break
-        src = labels[row]
-        if rows_in[src] <= 1:
+        if not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
             continue
-        copy = False
-        for q in range(taken):
-            same = True
-            for t in range(x.shape[1]):
-                if x[row, t] != x[taken_rows[q], t]:
-                    same = False
-                    break
-            if same:
-                copy = True
-                break
-        if copy:
-            continue
-        dst = empty[taken]
-        one[0], src_a[0], dst_a[0] = row, src, dst
-        move_rows(x, one, src_a, dst_a, sums, counts, w)
-        rows_in[src] -= 1
-        rows_in[dst] += 1
-        labels[row] = dst
-        dist[row] = 0.0
-        if lower.shape[0] > 0:
-            lower[row] = 0.0
+        _reseed_move(x, row, empty[taken], labels, dist, lower, sums, counts, w, rows_in)
         taken_rows[taken] = row
         taken += 1
+    if taken < n_empty:
+        exact = np.empty(n, np.float64)
+        for i in range(n):
+            s = 0.0
+            for t in range(d):
+                v = np.float64(x[i, t]) - means[first_label[i], t]
+                s += v * v
+            exact[i] = s
+        order = np.argsort(-exact, kind="mergesort")
+        for o in range(n):
+            row = order[o]
+            if taken == n_empty or not exact[row] > 0.0:
+                break
+            if labels[row] != first_label[row] or not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
+                continue
+            _reseed_move(x, row, empty[taken], labels, dist, lower, sums, counts, w, rows_in)
+            taken_rows[taken] = row
+            taken += 1
     return taken
 
 
