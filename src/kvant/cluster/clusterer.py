@@ -83,6 +83,9 @@ class Clusterer:
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
+    Seeding: the concrete algorithms seed with k-means++ on 8·K rows (``dense-exact-random``: K random rows);
+    ``auto`` with greedy k-means++ (2 + ln K draws per centre) where that costs little, else k-means++ or random rows
+    by a cost budget (docs/auto.md, "Seeding"; ``auto_reason_`` says which ran).
     polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it;
         over-relaxed as training is). When the training sample already was every row they are simply more
         iterations; ``polish_iter_`` is what ran (0 for streamed inputs and ``minibatch``).
@@ -93,7 +96,8 @@ class Clusterer:
     batch_rows : rows per mini-batch for ``minibatch`` (bounds its memory).
     max_epochs : passes over the data for ``minibatch``.
 
-    Fitted attributes: ``labels_``, ``cluster_centers_``, ``inertia_``, ``mse_`` (l2) or ``mean_cosine_`` (cos),
+    Fitted attributes: ``labels_``, ``cluster_centers_``, ``inertia_`` (the objective over all rows, from the final
+    assignment: Σ‖x − c‖² for ``l2``; Σ(1 − cos(x, c)) for ``cos``), ``mse_`` (l2) or ``mean_cosine_`` (cos),
     ``n_iter_`` (Lloyd iterations; for ``minibatch``, mini-batch steps), ``inertia_history_`` (the training
     objective per iteration; for ``minibatch``, per epoch); the settings actually used: ``algorithm_``,
     ``auto_reason_``, ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``sample_rows_`` (rows of the training sample;
