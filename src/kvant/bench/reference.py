@@ -144,24 +144,11 @@ def sq_dist_to_point_unit_ref(x, c):
 
 def kmeanspp_ref(x, k, uniforms, first, w=None):
     """k-means++ D² seeding in float64, the reference for ``kernels.lloyd.kmeanspp``: the next centre is
-    the first row (with positive w·D²) whose running w·D² sum exceeds ``uniforms[c]`` × the total."""
+    the first row (with positive w·D²) whose running w·D² sum exceeds ``uniforms[c]`` × the total (greedy seeding
+    with one draw per centre)."""
     import numpy as np
 
-    x = np.asarray(x, np.float64)
-    w = np.ones(x.shape[0]) if w is None or len(w) == 0 else np.asarray(w, np.float64)
-    chosen = [int(first)]
-    d2 = ((x - x[first]) ** 2).sum(1)
-    for c in range(1, k):
-        mass = w * d2
-        total = mass.sum()
-        if total <= 0:
-            chosen.append(chosen[-1] + 1 if chosen[-1] + 1 < len(x) else 0)
-        else:
-            run = np.cumsum(np.where(mass > 0, mass, 0.0))
-            hit = np.flatnonzero((run > uniforms[c] * total) & (mass > 0))
-            chosen.append(int(hit[0]) if hit.size else int(np.flatnonzero(mass > 0)[-1]))
-        d2 = np.minimum(d2, ((x - x[chosen[-1]]) ** 2).sum(1))
-    return np.array(chosen, np.int64)
+    return kmeanspp_greedy_ref(x, k, np.asarray(uniforms, np.float64)[:, None], first, w)
 
 
 def kmeanspp_greedy_ref(x, k, uniforms, first, w=None):
