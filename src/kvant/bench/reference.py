@@ -205,7 +205,6 @@ def reseed_empty_ref(x, labels, dist, rows_in, means=None):
     import numpy as np
 
     labels = np.array(labels, np.int64)
-    first = labels.copy()
     rows_in = np.array(rows_in, np.int64)
     empty = [j for j in range(len(rows_in)) if rows_in[j] == 0]
     taken = []
@@ -215,7 +214,7 @@ def reseed_empty_ref(x, labels, dist, rows_in, means=None):
             if len(taken) == len(empty) or not rank[row] > 0:
                 break
             src = labels[row]
-            if labels[row] != first[row] or rows_in[src] <= 1 or any(np.array_equal(x[row], x[t]) for t in taken):
+            if rows_in[src] <= 1 or any(np.array_equal(x[row], x[t]) for t in taken):
                 continue
             dst = empty[len(taken)]
             rows_in[src] -= 1
@@ -226,7 +225,7 @@ def reseed_empty_ref(x, labels, dist, rows_in, means=None):
     take(dist)
     if means is not None and len(taken) < len(empty):
         x64 = np.asarray(x, np.float64)
-        exact = np.array([sum((x64[i, t] - means[first[i], t]) ** 2 for t in range(x.shape[1]))
+        exact = np.array([sum((x64[i, t] - means[labels[i], t]) ** 2 for t in range(x.shape[1]))
                           for i in range(x.shape[0])])
         take(exact)
     return labels, len(taken)

@@ -129,7 +129,6 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
         if counts[j] > 0:
             for t in range(d):
                 means[j, t] = sums[j, t] / counts[j]
-    first_label = labels.copy()
     order = np.argsort(-dist, kind="mergesort")
     taken_rows = np.empty(n_empty, np.int64)
     taken = 0
@@ -147,7 +146,7 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
         for i in range(n):
             s = 0.0
             for t in range(d):
-                v = np.float64(x[i, t]) - means[first_label[i], t]
+                v = np.float64(x[i, t]) - means[labels[i], t]  # (a moved row now sits alone: never taken)
                 s += v * v
             exact[i] = s
         order = np.argsort(-exact, kind="mergesort")
@@ -155,7 +154,7 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
             row = order[o]
             if taken == n_empty or not exact[row] > 0.0:
                 break
-            if labels[row] != first_label[row] or not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
+            if not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
                 continue
             _reseed_move(x, row, empty[taken], labels, dist, lower, sums, counts, w, rows_in)
             taken_rows[taken] = row
