@@ -576,10 +576,12 @@ def test_auto_seeding_rule():
     assert auto_seeding(16384, 1024, 128) == ("k-means++", 2048, 1)
     assert auto_seeding(16383, 1024, 128) == ("random", 1024, 1)  # rows/8 < 2·K: random rows
     assert auto_seeding(1797, 1024, 64) == ("random", 1024, 1)
-    # small fits: the floor's budget (2^24 multiply-adds) buys greedy seeding on every row or 8·K of them
+    # small fits: the floor's budget (2^24 multiply-adds) buys greedy seeding on every row or 32·K of them
     assert AUTO_SEED_FLOOR == 1 << 24
-    assert auto_seeding(1797, 10, 64) == ("k-means++", 80, 4)
-    assert auto_seeding(50, 5, 2) == ("k-means++", 40, 3)
+    assert auto_seeding(1797, 10, 64) == ("k-means++", 320, 4)
+    assert auto_seeding(16384, 64, 16) == ("k-means++", 2048, 6)
+    assert auto_seeding(1797, 64, 64) == ("k-means++", 682, 6)  # 2^24 / (64·64·6)
+    assert auto_seeding(50, 5, 2) == ("k-means++", 50, 3)
     assert auto_seeding(200, 33, 300) == ("k-means++", 200, 5)  # all rows: fewer than 2·K of them is enough
     assert auto_seeding(1797, 256, 64) == ("k-means++", 1024, 1)  # plain within the floor
     assert auto_seeding(1000, 990, 100) == ("random", 990, 1)
@@ -634,7 +636,7 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
         row = kvant.Clusterer(600, algorithm="dense-exact-row", seed=0).fit(x)  # the concrete algorithm keeps k-means++
         assert calls[-1] == ("k-means++", None)
         kvant.Clusterer(10, seed=0).fit(x)
-        assert calls[-1] == ("k-means++", 80)
+        assert calls[-1] == ("k-means++", 320)
     finally:
         clusterer_module.init_centroids = saved
     np.testing.assert_array_equal(auto.labels_, auto.predict(x))

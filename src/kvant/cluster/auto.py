@@ -39,16 +39,17 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # all-rows fit cost far more than Lloyd (50k × 768, K = 4096, cos: 32.8 s, nearly all of it seeding; random seeding
 # 3.9 s, mean cosine 0.34762 vs 0.34766). Its budget is a share of one training E-step's multiply-adds (m·K·D for m
 # training rows), or AUTO_SEED_FLOOR (about a millisecond) when that is more: greedy k-means++ (the best of 2 + ln K
-# draws per centre, scikit-learn's default) on up to 8·K rows within 1/AUTO_GREEDY_DIVISOR of it; else plain
+# draws per centre, scikit-learn's default) on up to 32·K rows within 1/AUTO_GREEDY_DIVISOR of it; else plain
 # k-means++ on up to 8·K rows within 1/AUTO_SEED_DIVISOR; when neither affords 2·K rows, K random rows, as FAISS does
 # (docs/auto.md, "Seeding"). Greedy draws matter on clusters of very different spreads (100k × 17 rows from 64 blobs
-# of spreads 0.01-30, K = 64: MSE 1,777 → 1,080; scikit-learn 942), the floor on small fits (50 rows of 5 separated
-# blobs, K = 5, on random rows: mean MSE 259 against 0.0045); at 1/8 greedy cost 9-10% of the fit on 1M × 128
-# K = 256 and 200k × 384 K = 64 with no gain on those sets, hence 1/32.
+# of spreads 0.01-30, K = 64: MSE 1,777 → 935 on 32·K rows, 1,080 on 8·K; scikit-learn 942), the floor on small
+# fits (50 rows of 5 separated blobs, K = 5, on random rows: mean MSE 259 against 0.0045); at 1/8 greedy cost 9-10%
+# of the fit on 1M × 128 K = 256 and 200k × 384 K = 64 with no gain on those sets, hence 1/32.
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
 AUTO_SEED_FLOOR = 1 << 24
 AUTO_GREEDY_DIVISOR = 32
+AUTO_GREEDY_ROWS_PER_CENTRE = 32
 
 
 @dataclass(frozen=True)
@@ -89,16 +90,17 @@ def greedy_trials(k: int) -> int:
 
 def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
     """(init, seeding rows, draws per centre) for a training sample of ``rows`` rows of ``dim`` coordinates: greedy
-    k-means++ on up to 8·K rows when max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds afford at least 2·K rows
+    k-means++ on up to 32·K rows when max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds afford at least 2·K rows
     (or every row of a smaller sample), else plain k-means++ likewise within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``),
     else ``"random"`` (K random rows). See the constants above."""
     from .lloyd import INIT_ROWS_PER_CENTROID
 
     e_step = rows * k * max(1, dim)
-    cap = min(INIT_ROWS_PER_CENTROID * k, rows)
     trials = greedy_trials(k)
-    options = ((trials, AUTO_GREEDY_DIVISOR), (1, AUTO_SEED_DIVISOR)) if trials > 1 else ((1, AUTO_SEED_DIVISOR),)
-    for draws, divisor in options:
+    plain = (1, AUTO_SEED_DIVISOR, INIT_ROWS_PER_CENTROID)
+    options = ((trials, AUTO_GREEDY_DIVISOR, AUTO_GREEDY_ROWS_PER_CENTRE), plain) if trials > 1 else (plain,)
+    for draws, divisor, per_centre in options:
+        cap = min(per_centre * k, rows)
         seed_rows = min(cap, max(e_step // divisor, AUTO_SEED_FLOOR) // (k * max(1, dim) * draws))
         if seed_rows >= min(AUTO_SEED_MIN_PER_CENTRE * k, rows):
             return "k-means++", int(seed_rows), draws
