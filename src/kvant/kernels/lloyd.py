@@ -129,18 +129,9 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
         if counts[j] > 0:
             for t in range(d):
                 means[j, t] = sums[j, t] / counts[j]
-    order = np.argsort(-dist, kind="mergesort")
     taken_rows = np.empty(n_empty, np.int64)
-    taken = 0
-    for o in range(order.shape[0]):
-        row = order[o]
-        if taken == n_empty or not dist[row] > 0.0:
-            break
-        if not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
-            continue
-        _reseed_move(x, row, empty[taken], labels, dist, lower, sums, counts, w, rows_in)
-        taken_rows[taken] = row
-        taken += 1
+    taken = _reseed_pass(x, dist.astype(np.float64), 0, labels, dist, lower, sums, counts, w, rows_in, empty,
+                         taken_rows)
     if taken < n_empty:
         exact = np.empty(n, np.float64)
         for i in range(n):
@@ -149,16 +140,24 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
                 v = np.float64(x[i, t]) - means[labels[i], t]  # (a moved row now sits alone: never taken)
                 s += v * v
             exact[i] = s
-        order = np.argsort(-exact, kind="mergesort")
-        for o in range(n):
-            row = order[o]
-            if taken == n_empty or not exact[row] > 0.0:
-                break
-            if not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
-                continue
-            _reseed_move(x, row, empty[taken], labels, dist, lower, sums, counts, w, rows_in)
-            taken_rows[taken] = row
-            taken += 1
+        taken = _reseed_pass(x, exact, taken, labels, dist, lower, sums, counts, w, rows_in, empty, taken_rows)
+    return taken
+
+
+@numba.njit(**_JIT)
+def _reseed_pass(x, rank, taken, labels, dist, lower, sums, counts, w, rows_in, empty, taken_rows):
+    """Fill empty clusters ``empty[taken:]`` with the rows of largest positive ``rank`` (ties to the lower row) that
+    :func:`_reseed_candidate` allows; returns the new count of clusters filled."""
+    order = np.argsort(-rank, kind="mergesort")
+    for o in range(order.shape[0]):
+        row = order[o]
+        if taken == empty.shape[0] or not rank[row] > 0.0:
+            break
+        if not _reseed_candidate(x, row, labels, rows_in, taken_rows, taken):
+            continue
+        _reseed_move(x, row, empty[taken], labels, dist, lower, sums, counts, w, rows_in)
+        taken_rows[taken] = row
+        taken += 1
     return taken
 
 
