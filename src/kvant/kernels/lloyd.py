@@ -130,8 +130,8 @@ def reseed_empty(x, labels, dist, lower, sums, counts, w, rows_in):
             for t in range(d):
                 means[j, t] = sums[j, t] / counts[j]
     taken_rows = np.empty(n_empty, np.int64)
-    taken = _reseed_pass(x, dist.astype(np.float64), 0, labels, dist, lower, sums, counts, w, rows_in, empty,
-                         taken_rows)
+    # ranked by dist itself: a row it zeroes when taken is never read again
+    taken = _reseed_pass(x, dist, 0, labels, dist, lower, sums, counts, w, rows_in, empty, taken_rows)
     if taken < n_empty:
         exact = np.empty(n, np.float64)
         for i in range(n):
