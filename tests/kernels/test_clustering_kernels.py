@@ -413,6 +413,27 @@ def test_kmeanspp_pruning_matches_reference_on_clustered_data(d):
                 np.testing.assert_array_equal(kmeanspp(x, 120, u, seed, w, prune_min_dim, n_parts), want_w)
 
 
+@pytest.mark.parametrize("d", [1, 2, 16])
+def test_greedy_kmeanspp_pruning_matches_reference_on_clustered_data(d):
+    # As for kmeanspp: tight, separated integer clusters make the skip fire for most rows and candidates, d=1 makes
+    # the triangle bound tight; every distance and potential is exact, so the picks must equal the reference's
+    # whether the skip is forced on or off.
+    g = np.random.default_rng(10 + d)
+    centres = g.integers(-30, 31, size=(60, d)) * 10
+    x = (centres[g.integers(0, 60, size=2000)] + g.integers(-3, 4, size=(2000, d))).astype(np.float32)
+    for seed in range(2):
+        u = np.random.default_rng(seed).random((90, 4))
+        want = ref.kmeanspp_greedy_ref(x, 90, u, seed)
+        w = np.random.default_rng(seed).integers(0, 3, size=2000).astype(np.float64)
+        w[seed] = 1.0
+        want_w = ref.kmeanspp_greedy_ref(x, 90, u, seed, w)
+        for prune_min_dim in (1, 10**9):
+            for n_parts in (1, 2, 47):
+                np.testing.assert_array_equal(kmeanspp_greedy(x, 90, u, seed, UNIT_WEIGHTS, n_parts, prune_min_dim),
+                                              want)
+                np.testing.assert_array_equal(kmeanspp_greedy(x, 90, u, seed, w, n_parts, prune_min_dim), want_w)
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_kmeanspp_matches_reference_on_real_valued_data(scale):
     # Real-valued rows: the kernel's float32 distances and block sums round differently from the float64

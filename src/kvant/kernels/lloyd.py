@@ -410,9 +410,7 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
     for j in range(k):
         skip_at_most[j] = 0.0
     centre = np.empty(d, x.dtype)
-    # (d + 3)·2⁻²⁴ bounds the relative error of _sq_dist_f32 (d rounded adds, a rounded difference
-    # squared); with the 8× margin a skipped row's computed D² cannot drop (see docs/auto.md).
-    shrink = 1.0 / (4.0 * (1.0 + 8.0 * (d + 3) * 2.0**-24))
+    shrink = _prune_shrink(d)  # see docs/auto.md
     prune = d >= prune_min_dim
     parts = max(1, min(n_parts, n_blocks))
     total = 0.0
@@ -439,24 +437,38 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
 
 
 @numba.njit(**_JIT)
-def _greedy_block(x, cents, d2, cand_d, w, unit, b, pot):
+def _greedy_block(x, cents, d2, near, skip_at_most, prune, cand_d, w, unit, b, pot):
     """Block ``b`` of a greedy step: every row's distance to each candidate (into ``cand_d``) and the block's share
-    of each candidate's potential Σ w·min(D², distance) (into ``pot[:, b]``)."""
+    of each candidate's potential Σ w·min(D², distance) (into ``pot[:, b]``). With ``prune``, a row whose D² is at
+    most ``skip_at_most[t, near[i]]`` cannot get closer to candidate t (triangle inequality, as in
+    :func:`kmeanspp`): its distance is not computed, ``cand_d`` records inf and the potential takes D² as is."""
     n = x.shape[0]
     lo = b * _KPP_BLOCK
     hi = min(n, lo + _KPP_BLOCK)
     for t in range(cents.shape[0]):
         s = 0.0
         for i in range(lo, hi):
-            v = np.float64(_sq_dist_f32(x, i, cents[t]))
-            cand_d[t, i] = v
-            m = v if v < d2[i] else d2[i]
+            if prune and d2[i] <= skip_at_most[t, near[i]]:
+                cand_d[t, i] = np.inf
+                m = d2[i]
+            else:
+                v = np.float64(_sq_dist_f32(x, i, cents[t]))
+                cand_d[t, i] = v
+                m = v if v < d2[i] else d2[i]
             s += m if unit else w[i] * m
         pot[t, b] = s
 
 
+@numba.njit(**_JIT)
+def _prune_shrink(d):
+    """Factor on ‖c − c'‖² below which D²(x) to c' must stay for c to be unable to lower it: 1/4 by the triangle
+    inequality, less (d + 3)·2⁻²⁴ (the relative error bound of :func:`_sq_dist_f32`: d rounded adds, a rounded
+    difference squared) with an 8× margin, so a skipped row is one whose computed distance could not be smaller."""
+    return 1.0 / (4.0 * (1.0 + 8.0 * (d + 3) * 2.0**-24))
+
+
 @numba.njit(parallel=True, **_JIT)
-def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1):
+def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE_MIN_DIM):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii's variant, scikit-learn's default): each step draws
     L = ``uniforms.shape[1]`` candidates by w·D² (``uniforms[c, t]`` in [0, 1) as :func:`kmeanspp` uses its
     ``uniforms[c]``) and keeps the one that leaves the smallest potential Σ w·min(D², ‖x − candidate‖²), ties to the
@@ -465,10 +477,13 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1):
     L passes over the rows per centre instead of one: plain k-means++ on rows of clusters with very different
     spreads often spends several centres on one wide cluster and none on a tight far one; the best of L draws
     rarely does (100k×17 rows from 64 blobs of spreads 0.01-30, K = 64: MSE 1,369-1,586 after Lloyd from plain
-    seeding, 942 from greedy). Unpruned: a candidate is not yet a centre, so :func:`kmeanspp`'s triangle test has
-    no nearest centre to test it against. ``n_parts`` splits each step's blocks over threads; each block's sums are
-    added in order after the region, so the picks do not depend on it. NumPy reference:
-    ``kvant.bench.reference.kmeanspp_greedy_ref``."""
+    seeding, 942 from greedy).
+
+    From ``prune_min_dim`` up, each row keeps its nearest centre so far and skips the candidates that cannot come
+    closer (:func:`kmeanspp`'s triangle test, against L·c distances between the candidates and the centres per
+    step); the potentials and picks are those of the unpruned algorithm. ``n_parts`` splits each step's blocks over
+    threads; each block's sums are added in order after the region, so the picks do not depend on it. NumPy
+    reference: ``kvant.bench.reference.kmeanspp_greedy_ref``."""
     n, d = x.shape
     L = uniforms.shape[1]
     unit = w.shape[0] == 0
@@ -476,15 +491,20 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1):
     chosen[0] = first
     n_blocks = (n + _KPP_BLOCK - 1) // _KPP_BLOCK
     d2 = np.empty(n, np.float64)
+    near = np.empty(n, np.int64)
     bmass = np.empty(n_blocks, np.float64)
     cents = np.empty((L, d), x.dtype)
     cand = np.empty(L, np.int64)
     cand_d = np.empty((L, n), np.float64)
     pot = np.empty((L, n_blocks), np.float64)
+    prune = d >= prune_min_dim
+    shrink = _prune_shrink(d)
+    skip_at_most = np.empty((L, k if prune else 1), np.float64)
     for t in range(d):
         cents[0, t] = x[first, t]
     for i in range(n):
         d2[i] = np.float64(_sq_dist_f32(x, i, cents[0]))
+        near[i] = 0
     for b in range(n_blocks):
         bmass[b] = _block_mass(d2, w, unit, b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK))
     parts = max(1, min(n_parts, n_blocks))
@@ -499,13 +519,15 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1):
             cand[t] = _draw(d2, w, unit, bmass, uniforms[c, t] * total)
             for j in range(d):
                 cents[t, j] = x[cand[t], j]
+            for j in range(c if prune else 0):
+                skip_at_most[t, j] = np.float64(_sq_dist_f32(x, chosen[j], cents[t])) * shrink
         if parts == 1:
             for b in range(n_blocks):
-                _greedy_block(x, cents, d2, cand_d, w, unit, b, pot)
+                _greedy_block(x, cents, d2, near, skip_at_most, prune, cand_d, w, unit, b, pot)
         else:
             for p in numba.prange(parts):
                 for b in range(p * n_blocks // parts, (p + 1) * n_blocks // parts):
-                    _greedy_block(x, cents, d2, cand_d, w, unit, b, pot)
+                    _greedy_block(x, cents, d2, near, skip_at_most, prune, cand_d, w, unit, b, pot)
         best = 0
         best_pot = np.inf
         for t in range(L):
@@ -519,6 +541,7 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1):
         for i in range(n):
             if cand_d[best, i] < d2[i]:
                 d2[i] = cand_d[best, i]
+                near[i] = c
         for b in range(n_blocks):
             bmass[b] = _block_mass(d2, w, unit, b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK))
     return chosen
