@@ -45,11 +45,22 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # of spreads 0.01-30, K = 64: MSE 1,777 → 935 on 32·K rows, 1,080 on 8·K; scikit-learn 942), the floor on small
 # fits (50 rows of 5 separated blobs, K = 5, on random rows: mean MSE 259 against 0.0045); at 1/8 greedy cost 9-10%
 # of the fit on 1M × 128 K = 256 and 200k × 384 K = 64 with no gain on those sets, hence 1/32.
+# The floor is a count of multiply-adds, so at large D it buys few rows: 20k × 1000 rows of 33 separated blobs,
+# K = 33, got greedy seeding on 101 rows (3 per centre; a blob holding 1/33 of the rows is then missed with
+# probability e^-3 ≈ 5%) and left one or two blobs without a centre in 9 of 10 fits (MSE 1,914-2,910 against
+# scikit-learn's 998). So greedy always gets AUTO_GREEDY_COVER_PER_CENTRE·K rows (a 1/K blob is missed with
+# probability e^-16) when those cost less than 1/AUTO_GREEDY_COVER_DIVISOR of a training E-step: that set then fit
+# 10 of 10 at 998-1,000 in the same time (12·K rows: 9 of 10, 8·K: 8 of 10). With a 256·K-row sample the cover
+# costs 16·L/256 of an E-step (0.31-0.44 for K = 10-1023); at K >= 1097 (L = 9) it would cost more than half of
+# one, as it would on samples of fewer rows per centre, and the rules above apply. Cost on the benchmark grid:
+# docs/auto.md, "Seeding".
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
 AUTO_SEED_FLOOR = 1 << 24
 AUTO_GREEDY_DIVISOR = 32
 AUTO_GREEDY_ROWS_PER_CENTRE = 32
+AUTO_GREEDY_COVER_PER_CENTRE = 16
+AUTO_GREEDY_COVER_DIVISOR = 2
 
 
 @dataclass(frozen=True)
@@ -90,18 +101,24 @@ def greedy_trials(k: int) -> int:
 
 def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
     """(init, seeding rows, draws per centre) for a training sample of ``rows`` rows of ``dim`` coordinates: greedy
-    k-means++ on up to 32·K rows when max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds afford at least 2·K rows
-    (or every row of a smaller sample), else plain k-means++ likewise within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``),
-    else ``"random"`` (K random rows). See the constants above."""
+    k-means++ on up to 32·K rows within max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds, and on at least
+    16·K rows (or every row of a smaller sample) when those cost less than rows·K·D / 2; if greedy gets fewer than
+    2·K rows (and the sample has more), plain k-means++ likewise within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``); else
+    ``"random"`` (K random rows). See the constants above."""
     from .lloyd import INIT_ROWS_PER_CENTROID
 
-    e_step = rows * k * max(1, dim)
+    per_row = k * max(1, dim)  # multiply-adds per seeding row and draw
+    e_step = rows * per_row
     trials = greedy_trials(k)
     plain = (1, AUTO_SEED_DIVISOR, INIT_ROWS_PER_CENTROID)
     options = ((trials, AUTO_GREEDY_DIVISOR, AUTO_GREEDY_ROWS_PER_CENTRE), plain) if trials > 1 else (plain,)
     for draws, divisor, per_centre in options:
         cap = min(per_centre * k, rows)
-        seed_rows = min(cap, max(e_step // divisor, AUTO_SEED_FLOOR) // (k * max(1, dim) * draws))
+        seed_rows = min(cap, max(e_step // divisor, AUTO_SEED_FLOOR) // (per_row * draws))
+        if draws > 1:
+            cover = min(AUTO_GREEDY_COVER_PER_CENTRE * k, rows)
+            if seed_rows < cover and cover * per_row * draws * AUTO_GREEDY_COVER_DIVISOR < e_step:
+                seed_rows = cover
         if seed_rows >= min(AUTO_SEED_MIN_PER_CENTRE * k, rows):
             return "k-means++", int(seed_rows), draws
     return "random", k, 1
