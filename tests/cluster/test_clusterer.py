@@ -573,7 +573,9 @@ def test_auto_seeding_rule():
     assert auto_seeding(16384, 64, 128) == ("k-means++", 1024, 6)  # the floor alone: 2^24 / (64·128·6) = 341
     assert auto_seeding(16384, 64, 384) == ("k-means++", 1024, 6)  # the floor alone: 113 < 2·K rows, so plain
     assert auto_seeding(8448, 33, 1000) == ("k-means++", 528, 5)  # the floor alone: 101
-    assert auto_seeding(65536, 256, 128) == ("k-means++", 4096, 7)  # 16·7/256 of an E-step
+    assert auto_seeding(24320, 95, 128) == ("k-means++", 1520, 6)  # 256·K rows: the cover costs 16·6/256 of an E-step
+    assert auto_seeding(16384, 95, 128) == ("k-means++", 229, 6)  # 172·K rows: more than 1/2, the floor's 229
+    assert auto_seeding(65536, 256, 128) == ("k-means++", 4096, 7)  # 16·7/256
     assert auto_seeding(262144, 1024, 128) == ("k-means++", 8192, 1)  # 16·8/256: exactly 1/2, not less
     assert auto_seeding(16384, 64, 16) == ("k-means++", 2048, 6)  # the floor buys 32·K, more than the 16·K
     assert auto_seeding(40000, 1024, 128) == ("k-means++", 5000, 1)  # rows/8 between 2·K and 8·K

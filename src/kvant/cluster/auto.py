@@ -48,12 +48,12 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # The floor is a count of multiply-adds, so at large D it buys few rows: 20k × 1000 rows of 33 separated blobs,
 # K = 33, got greedy seeding on 101 rows (3 per centre; a blob holding 1/33 of the rows is then missed with
 # probability e^-3 ≈ 5%) and left one or two blobs without a centre in 9 of 10 fits (MSE 1,914-2,910 against
-# scikit-learn's 998). So greedy always gets AUTO_GREEDY_COVER_PER_CENTRE·K rows (a 1/K blob is missed with
-# probability e^-16) when those cost less than 1/AUTO_GREEDY_COVER_DIVISOR of a training E-step: that set then fit
-# 10 of 10 at 998-1,000 in the same time (12·K rows: 9 of 10, 8·K: 8 of 10). With a 256·K-row sample the cover
-# costs 16·L/256 of an E-step (0.31-0.44 for K = 10-1023); at K >= 1097 (L = 9) it would cost more than half of
-# one, as it would on samples of fewer rows per centre, and the rules above apply. Cost on the benchmark grid:
-# docs/auto.md, "Seeding".
+# scikit-learn's 998). So greedy gets at least AUTO_GREEDY_COVER_PER_CENTRE·K rows (a 1/K blob is missed with
+# probability e^-16) when those cost less than 1/AUTO_GREEDY_COVER_DIVISOR of a training E-step's multiply-adds:
+# that set then fit 10 of 10 at 998-1,000 in the same time (12·K rows: 9 of 10, 8·K: 8 of 10). With a 256·K-row
+# sample the cover costs 16·L/256 of an E-step (0.31-0.44 for K = 10-1096; from K = 1097, L = 9, more than half, as
+# on samples of fewer rows per centre). Fits alternating with and without it in one process took 0.92-1.08x the time
+# at K = 32-256 (docs/auto.md, "Seeding").
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
 AUTO_SEED_FLOOR = 1 << 24
