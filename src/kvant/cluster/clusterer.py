@@ -84,8 +84,9 @@ class Clusterer:
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
     Seeding: the concrete algorithms seed with k-means++ on 8·K rows (``dense-exact-random``: K random rows);
-    ``auto`` with greedy k-means++ (2 + ln K draws per centre) where that costs little, else k-means++ or random rows
-    by a cost budget (docs/auto.md, "Seeding"; ``auto_reason_`` says which ran).
+    ``auto`` with greedy k-means++ (2 + ln K draws per centre) where that costs little, on at least 16·K rows when
+    those cost under half a training E-step, else k-means++ or random rows by a cost budget (docs/auto.md,
+    "Seeding"; ``auto_reason_`` says which ran).
     polish_iter : Lloyd iterations on all rows after training (in-memory inputs; default 0, ``auto`` sets it;
         over-relaxed as training is). When the training sample already was every row they are simply more
         iterations; ``polish_iter_`` is what ran (0 for streamed inputs and ``minibatch``).
