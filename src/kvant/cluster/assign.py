@@ -1,8 +1,8 @@
-"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and
-K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX
-hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); on
-AVX2 hosts without AVX-512, certified int16 products in final assignments with K >= ``I16_MIN_K`` and in E-steps with
-K >= ``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
+"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and K <=
+16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts,
+certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); on AVX2 hosts
+without AVX-512 and on AMD Zen 4 (``I16_HOST``), certified int16 products in final assignments with K >= ``I16_MIN_K``
+and in E-steps with K >= ``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..io.source import check_finite
 from ..kernels import amx_assign, direct_assign, i16_assign
+from ..kernels._llvm import host_cpu_name
 from ..kernels.assign import (
     CANDIDATE_IDS_MAX,
     candidate_ids_from_ip,
@@ -77,7 +78,17 @@ AMX_E_STEP_INNER = True
 # 0.69-0.79× at K = 1024, 0.92-0.94× at 200k×384 and Fashion-MNIST K = 256, even at 1M×128 K = 256; the E-steps
 # alone were even at K = 64 (docs/auto.md).
 I16_ASSIGN = True
-I16_HOST = i16_assign.AVAILABLE and not direct_assign.AVX512  # AVX-512 hosts: not measured, float32 kernels
+# AVX-512 hosts whose 512-bit FMAs issue as two 256-bit halves (AMD Zen 4, LLVM's "znver4": 16 float32 multiply-adds
+# per cycle per core, as many as AVX2's two 256-bit FMA pipes) gain from the int16 products as AVX2 hosts do; same
+# thresholds. Whole fits on the Zen 4 host (same process, alternating, medians of 3-5 seeds, 2026-12-05), int16 /
+# float32 time: K=1024 1M×128 cos 0.56×, Fashion-MNIST cos 0.71×; K=256 Zipf 1M×128 l2 0.68×, 200k×384 l2 0.72×,
+# Fashion-MNIST l2 0.72×; K=64 (final assignment only) 200k×384 Zipf l2 0.89×, 1M×128 l2 0.84× and cos 0.94×,
+# Fashion-MNIST 0.99×; digits K=256/1024 even (small E-steps keep float32). K=10 with int16 (I16_MIN_K = 1): 1.12-1.20×,
+# so the float32 kernel keeps K <= 16; int16 E-steps from K=48 instead of 128: even or slower (Fashion-MNIST K=64
+# 1.09×). Other AVX-512 hosts (full-rate 512-bit FMAs: Intel, AMD Zen 5) are not measured and keep the float32
+# kernels.
+HALF_RATE_AVX512 = frozenset({"znver4"})
+I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or host_cpu_name() in HALF_RATE_AVX512)
 I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128
 # Certified E-steps (either backend) need at least this many rows: below it the per-call and per-strip costs (packing,
@@ -280,15 +291,15 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
 
 class CertifiedCentres:
-    """Centres prepared for :func:`assign_certified` and certified E-steps: the operands of one product backend —
-    AMX bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >=
-    ``AMX_MIN_KD``) or, on AVX2 hosts without AVX-512, int16 products (``"int16"``, :mod:`kvant.kernels.i16_assign`;
-    K >= ``I16_MIN_K``; in E-steps of more than ``_ONE_REGION_MAX_WORK`` products, ``rows`` × K × D, K >=
-    ``I16_E_STEP_MIN_K``); E-steps of either backend need ``rows`` >= ``CERTIFIED_E_STEP_MIN_ROWS``. ``ok`` is False
-    when neither applies, for l2 data of extreme magnitude (``conditioning`` asks for a scale), or, for Lloyd's
-    E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off, centre norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on,
-    such E-steps scan the inner centres only: ``inner_lower``; the int16 backend leaves such centres to the float32
-    kernels in every assignment)."""
+    """Centres prepared for :func:`assign_certified` and certified E-steps: the operands of one product backend — AMX
+    bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD``) or,
+    on AVX2 hosts without AVX-512 and on AMD Zen 4 (``I16_HOST``), int16 products (``"int16"``,
+    :mod:`kvant.kernels.i16_assign`; K >= ``I16_MIN_K``; in E-steps of more than ``_ONE_REGION_MAX_WORK`` products,
+    ``rows`` × K × D, K >= ``I16_E_STEP_MIN_K``); E-steps of either backend need ``rows`` >=
+    ``CERTIFIED_E_STEP_MIN_ROWS``. ``ok`` is False when neither applies, for l2 data of extreme magnitude
+    (``conditioning`` asks for a scale), or, for Lloyd's E-steps (``e_step``) with ``AMX_E_STEP_INNER`` off, centre
+    norms spread beyond ``AMX_MAX_NORM_SPREAD`` (with it on, such E-steps scan the inner centres only: ``inner_lower``;
+    the int16 backend leaves such centres to the float32 kernels in every assignment)."""
 
     def __init__(self, centroids: np.ndarray, spherical: bool, e_step: bool = False, rows: int = 0):
         k, dim = centroids.shape

@@ -693,8 +693,8 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
                 with_inertia: bool = False, unit: bool = False, check: bool = False) -> tuple[np.ndarray, float | None]:
     """Labels of every row and, with ``with_inertia``, the exact inertia (Σ‖x − c‖² in float64,
     term by term; ½ of it for unit rows, = Σ(1 − cos)) in the same pass.
-    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K``
-    on AVX2 hosts without AVX-512, the labels are certified exact nearest centres (:func:`assign_certified`).
+    With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K`` on ``I16_HOST`` hosts
+    (AVX2 without AVX-512, AMD Zen 4), the labels are certified exact nearest centres (:func:`assign_certified`).
 
     ``unit``: ``full`` already holds unit rows (cos); otherwise cos scales each row by 1/‖x‖ inside the
     assignment (no normalised copy of the block: one pass over the data fewer).

@@ -47,3 +47,19 @@ def host_features() -> frozenset[str]:
         return frozenset(f[1:] for f in binding.get_host_cpu_features().flatten().split(",") if f.startswith("+"))
     except Exception:  # pragma: no cover - llvmlite without feature detection
         return frozenset()
+
+
+@functools.cache
+def host_cpu_name() -> str:
+    """LLVM's name for this host's CPU ("znver4", "sapphirerapids", ...), for choices that depend on the
+    microarchitecture rather than on its features (e.g. whether 512-bit FMAs run at full rate). Empty when Numba
+    compiles for another CPU (``NUMBA_CPU_NAME``) or when the query is unavailable."""
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_NAME:
+        return ""
+    try:
+        return str(binding.get_host_cpu_name())
+    except Exception:  # pragma: no cover - llvmlite without the query
+        return ""
