@@ -499,6 +499,27 @@ def label_margins(dim: int) -> tuple[float, float]:
 
 
 @numba.njit(**_JIT)
+def _margin_test(labels, d1, d2, cn, kappa, tiny, uncertain):
+    """uncertain[i] = 0 where :func:`certify_top2`'s test proves row i's label, 1 where it does not. The labels'
+    centre norms are gathered first, so that the test itself vectorises (a gather in the loop kept it scalar): the
+    final assignment of 1M×128 rows at K = 10 took 41.4 against 44.5 ms with the scalar test (Zen 4, 2026-12-05)."""
+    n = labels.shape[0]
+    cb2 = np.empty(n, np.float64)
+    for i in range(n):
+        cb2[i] = cn[labels[i]]
+    grow = 4.5 * kappa
+    for i in range(n):
+        a = np.float64(d1[i])
+        a = a if a > 0.0 else 0.0
+        r2 = (a + grow * cb2[i] + tiny) / (1.0 - 9.0 * kappa)
+        s = np.sqrt(r2) + np.sqrt(cb2[i])
+        big_x = s * s
+        lower = (np.float64(d2[i]) - grow * big_x - tiny) / (1.0 + 9.0 * kappa)
+        upper = (a + grow * big_x + tiny) / (1.0 - 9.0 * kappa)
+        uncertain[i] = np.uint8(0) if lower > upper else np.uint8(1)
+
+
+@numba.njit(**_JIT)
 def certify_top2(x, centroids, labels, d1, d2, exact_sq, unit_rows, cn, kappa, tiny):
     """Make float32 top-2 labels exact: keep row i's label where its two smallest float32 distances ``d1``, ``d2``
     (:func:`top2_from_ip`'s outputs, possibly of conditioned rows and centres: then the squared centre norms ``cn``
@@ -519,23 +540,18 @@ def certify_top2(x, centroids, labels, d1, d2, exact_sq, unit_rows, cn, kappa, t
     distance rewritten. Returns how many rows failed."""
     n = labels.shape[0]
     k = centroids.shape[0]
-    usable = kappa < 0.01
     want_exact = exact_sq.shape[0] > 0
+    uncertain = np.ones(n, np.uint8)
+    if kappa < 0.01:  # (else the margins are meaningless: every row is recomputed)
+        _margin_test(labels, d1, d2, cn, kappa, tiny, uncertain)
     failed = 0
     for i in range(n):
-        if usable:
-            a = max(np.float64(d1[i]), 0.0)
-            cb2 = np.float64(cn[labels[i]])
-            r2 = (a + 4.5 * kappa * cb2 + tiny) / (1.0 - 9.0 * kappa)
-            big_x = (np.sqrt(r2) + np.sqrt(cb2)) ** 2
-            lower = (np.float64(d2[i]) - 4.5 * kappa * big_x - tiny) / (1.0 + 9.0 * kappa)
-            upper = (a + 4.5 * kappa * big_x + tiny) / (1.0 - 9.0 * kappa)
-            if lower > upper:
-                continue
+        if not uncertain[i]:
+            continue
         failed += 1
         f = 1.0
         if unit_rows:
-            f = 1.0 / np.sqrt(np.float64(np.float32(_row_sqnorm(x, i))))
+            f = 1.0 / np.sqrt(_row_sqnorm(x, i))  # (the float64 norm, as every path scales unit rows)
         best = np.inf
         lab = 0
         for j in range(k):
