@@ -148,7 +148,7 @@ def test_the_fused_pass_equals_norms_products_and_exact_distances_in_turn(n, d, 
 @pytest.mark.parametrize("n,d,k", SHAPES)
 def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k):
     from kvant.kernels.direct_assign import direct_top2_exact
-    from kvant.kernels.distance import sq_norms_serial
+    from kvant.kernels.distance import sq_norms64_serial
     from kvant.kernels.lloyd import exact_sq_dist_rows_scaled
 
     g = np.random.default_rng(n * 5 + d + k)
@@ -156,9 +156,9 @@ def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k):
     c = g.standard_normal((k, d)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     ct, cn = padded_centroids(c, sq_norms(c))
-    xn = sq_norms_serial(x)
-    factor = 1.0 / np.sqrt(xn.astype(np.float64))
-    want = _run(x, c, xn=(xn * factor * factor).astype(np.float32), row_scale=factor.astype(np.float32))
+    xn64 = sq_norms64_serial(x)  # unit rows are scaled by 1/√ of the float64 norm on every path
+    factor = 1.0 / np.sqrt(xn64)
+    want = _run(x, c, xn=(xn64 * factor * factor).astype(np.float32), row_scale=factor.astype(np.float32))
     got = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
     exact = np.empty(n, np.float64)
     assert direct_top2_exact(x, ct, cn, c, *got, exact, True, 1e-30, 1e30)

@@ -155,3 +155,25 @@ def test_certified_blocks_give_every_thread_work():
     assert rows(1797, 2) == 928 and -(-1797 // rows(1797, 2)) == 2
     assert rows(10_000, 2) == 5024 and rows(10**6, 2) == 8192 and rows(10, 2) == 32 and rows(0, 2) == 32
     assert rows(1797, 1) == 1824
+
+
+def test_unit_rows_get_the_same_exact_distances_on_every_backend(monkeypatch):
+    # (2026-12-05) the certified paths scaled unit rows by 1/‖x‖ from the float64 norm, the float32 paths from the norm
+    # rounded to float32: a fit's mean_cosine_ (float32 path, its last E-step reused) and score() (int16) differed in
+    # the last bit on offset data. Every path now takes the float64 norm.
+    import kvant
+    from kvant.cluster import assign as cluster_assign
+    from kvant.cluster.clusterer import _assign_all
+    from kvant.io import as_source
+
+    monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    x = (1e4 + np.random.default_rng(4).standard_normal((3000, 8))).astype(np.float32)
+    c = kvant.Clusterer(50, "cos", seed=2).fit(x)
+    runs = []
+    for host in (False, True):
+        monkeypatch.setattr(cluster_assign, "I16_HOST", host)
+        assert cluster_assign.CertifiedCentres(c.cluster_centers_, spherical=True).ok == host
+        runs.append(_assign_all(as_source(x), x, c.cluster_centers_, True, with_inertia=True))
+        assert c.score(x) == c.mean_cosine_
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]

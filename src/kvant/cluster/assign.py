@@ -23,7 +23,7 @@ from ..kernels.assign import (
     nearest_ids_from_ip,
     top2_from_ip,
 )
-from ..kernels.distance import normalise_rows_into, sq_norms_serial
+from ..kernels.distance import normalise_rows_into, sq_norms64_serial, sq_norms_serial
 from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 
 # unit_rows: squared norms outside this range are normalised explicitly before the GEMM (a raw float32
@@ -249,7 +249,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 return
         factor = None  # unit_rows: 1/‖x‖ per row
         if unit_rows:
-            xn = sq_norms_serial(xb)
+            xn64 = sq_norms64_serial(xb)
+            xn = xn64.astype(np.float32)
             if not scales_unit_rows(xn):
                 unit = np.empty_like(xb)
                 first = normalise_rows_into(xb, unit)
@@ -258,8 +259,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                     return
                 xb, xn = unit, sq_norms_serial(unit)
             else:
-                factor = 1.0 / np.sqrt(xn.astype(np.float64))
-                xn = (xn * factor * factor).astype(np.float32)  # ‖x/‖x‖‖² (1 up to rounding)
+                factor = 1.0 / np.sqrt(xn64)  # from the float64 norm, as every path scales unit rows
+                xn = (xn64 * factor * factor).astype(np.float32)  # ‖x/‖x‖‖² (1 up to rounding)
         elif conditioned:
             raw, xb = xb, condition(xb, shift, scale)
             xn = sq_norms_serial(xb)

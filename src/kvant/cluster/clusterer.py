@@ -32,7 +32,7 @@ from .._numerics import condition, conditioning, uncondition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import ArraySource, VectorSource, as_source
 from ..kernels.assign import certify_top2, label_margins
-from ..kernels.distance import sq_norms_serial
+from ..kernels.distance import sq_norms64_serial, sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, exact_sq_dist_rows_scaled
 from .assign import (
     CertifiedCentres,
@@ -684,7 +684,7 @@ def _exact_from_last_e_step(x, centroids, res, spherical) -> tuple[np.ndarray, f
     certify_top2(x, centroids, labels, res.last_d1, res.last_d2, np.empty(0, np.float64), spherical, cn,
                  *label_margins(x.shape[1]))
     if spherical:
-        factor = 1.0 / np.sqrt(sq_norms_serial(x).astype(np.float64))
+        factor = 1.0 / np.sqrt(sq_norms64_serial(x))
         return labels, 0.5 * _blocked_total(exact_sq_dist_rows_scaled(x, centroids, labels, factor), x)
     return labels, _blocked_total(exact_sq_dist_rows(x, centroids, labels), x)
 

@@ -284,19 +284,21 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
     R = g.shape[0]
     for i0 in range(0, n, R):
         i1 = min(n, i0 + R)
-        sq_norms_into(x, i0, i1, xn)
         if not unit_rows:
+            sq_norms_into(x, i0, i1, xn)
             for i in range(i0, i1):
                 if not xn[i] < np.inf:  # NaN or inf in the row (or a float32 norm overflow): the caller's path
                     return False
-        if unit_rows:
+        else:
+            sq_norms_into(x, i0, i1, factor)  # the float64 norms first: every path scales unit rows by 1/√ of them
             for i in range(i0, i1):
+                xn[i] = np.float32(factor[i])
                 if not (xn[i] > safe_lo and xn[i] < safe_hi):
                     return False
-                f = 1.0 / np.sqrt(np.float64(xn[i]))
+                f = 1.0 / np.sqrt(factor[i])
+                xn[i] = np.float32(factor[i] * f * f)  # ‖x/‖x‖‖² (1 up to rounding)
                 factor[i] = f
                 scale32[i] = np.float32(f)
-                xn[i] = np.float32(np.float64(xn[i]) * f * f)  # ‖x/‖x‖‖² (1 up to rounding)
         if i1 - i0 == R:
             _products(x, i0, ct, g)
         else:  # the last n mod R rows, through a zero-padded copy

@@ -288,9 +288,18 @@ def sq_norms_serial(x):
 
 
 @numba.njit(**_JIT_SUM)
+def sq_norms64_serial(x):
+    """‖x[i]‖² of each row as the float64 sums :func:`sq_norms_serial` rounds: what a unit row's factor 1/‖x‖ is
+    computed from (every path scales by the same factor, so their exact distances agree to the last bit)."""
+    out = np.empty(x.shape[0], np.float64)
+    sq_norms_into(x, 0, x.shape[0], out)
+    return out
+
+
+@numba.njit(**_JIT_SUM)
 def sq_norms_into(x, start, stop, out):
-    """out[i] = ‖x[i]‖² (float64 sum, stored as float32) for rows start..stop: :func:`sq_norms_serial`'s operations, for
-    kernels that take a few rows at a time (not inlined, so it keeps these compile flags wherever it is called)."""
+    """out[i] = ‖x[i]‖² (float64 sum, stored as out's dtype) for rows start..stop: :func:`sq_norms_serial`'s operations,
+    for kernels that take a few rows at a time (not inlined, so it keeps these compile flags wherever it is called)."""
     for i in range(start, stop):
         out[i] = _row_sqnorm(x, i)
 
