@@ -30,7 +30,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import host_features, llvm_fn, splat
+from ._llvm import host_cpu_name, host_features, llvm_fn, splat
 from .assign import _top2_lanes, store_top2
 from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, sq_norms_into
 
@@ -65,8 +65,10 @@ def _l2_bytes() -> int:
 # per coordinate step. AMD Zen 4 host, 2026-12-05, one thread, K = 10 (KP = 16) products of 1M × 128 rows from DRAM:
 # 1.45 G 16-float multiply-adds/s without, 1.9-2.1 prefetching into L1 (locality 3) 1-6 groups ahead, 3.2-3.4 into
 # L2 1-8 groups ahead (3.3-3.4 with the rows in cache). Whole fits (5 seeds, alternating processes): 1M×128 K=10
-# 0.87-0.96x the time, K=64 0.88-0.94x, 200k×384 K=10 0.84-1.00x, Fashion-MNIST K=10/64 0.87-1.02x.
-PREFETCH_ROWS = True
+# 0.87-0.96x the time, K=64 0.88-0.94x, 200k×384 K=10 0.84-1.00x, Fashion-MNIST K=10/64 0.87-1.02x. On the Intel
+# AVX-512 host an earlier trial (2026-12-02, prefetching into L1) had not helped: 360-406 against 327-372 ns per
+# 384-d row, rows largely in its big L3. So only AMD Zen hosts (LLVM cpu "znver*") prefetch; Zen 3 is not measured.
+PREFETCH_ROWS = host_cpu_name().startswith("znver")
 PREFETCH_GROUPS = 2
 PREFETCH_LOCALITY = 2
 _FEATURES = host_features()
