@@ -129,7 +129,13 @@ def test_final_assignments_choose_int16_where_measured(monkeypatch):
     assert not cluster_assign.CertifiedCentres(c[:-1], spherical=False).ok  # K below I16_MIN_K
     far = c.copy()
     far[0] *= 10 * cluster_assign.AMX_MAX_NORM_SPREAD
-    assert not cluster_assign.CertifiedCentres(far, spherical=False).ok  # far-out centres: float32
+    for far_ok in (False, True):  # far-out centres: float32, unless the host takes them (Zen 4) and K·D is large
+        monkeypatch.setattr(cluster_assign, "I16_FAR_CENTRES", far_ok)
+        assert not cluster_assign.CertifiedCentres(far, spherical=False).ok  # K·D = 17 × 128 < I16_FAR_MIN_KD
+        wide = np.repeat(far, -(-cluster_assign.I16_FAR_MIN_KD // far.size), axis=1)  # K·D >= I16_FAR_MIN_KD
+        assert cluster_assign.CertifiedCentres(wide, spherical=False).ok == far_ok
+        narrow = np.ascontiguousarray(wide[:, : (cluster_assign.I16_FAR_MIN_KD - 1) // len(wide)])  # just below
+        assert not cluster_assign.CertifiedCentres(narrow, spherical=False).ok
     monkeypatch.setattr(cluster_assign, "I16_HOST", False)  # e.g. AVX-512 hosts
     assert not cluster_assign.CertifiedCentres(c, spherical=False).ok
 

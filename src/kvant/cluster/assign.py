@@ -89,6 +89,13 @@ I16_ASSIGN = True
 # kernels.
 HALF_RATE_AVX512 = frozenset({"znver4"})
 I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or host_cpu_name() in HALF_RATE_AVX512)
+# Centres far out (AMX_MAX_NORM_SPREAD) leave most rows to the per-centre scan; on the AVX2 host int16 gained nothing
+# there (below), but on Zen 4, where the float32 path is slower, it did from K·D >= I16_FAR_MIN_KD: heavy-tailed fits,
+# int16 / float32 time (alternating in one process, medians of 3; 2026-12-05): 1M×128 K=1024 0.59× (final assignment
+# 1.70 → 0.83 s), K=256 0.76× (0.42 → 0.27 s), K=128 0.83×, K=96 0.90×; 200k×384 K=256 0.65×, K=128 0.78×, K=64 0.86×;
+# but 1M×128 K=64 (K·D = 8,192) 1.28× (0.11 → 0.15 s).
+I16_FAR_CENTRES = host_cpu_name() in HALF_RATE_AVX512
+I16_FAR_MIN_KD = 12288
 I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128
 # Certified E-steps (either backend) need at least this many rows: below it the per-call and per-strip costs (packing,
@@ -329,8 +336,8 @@ class CertifiedCentres:
             return
         norms = self.cstat[0]
         far = bool(norms.max() > AMX_MAX_NORM_SPREAD * np.median(norms))
-        if far and self.backend == "int16":
-            # int16 gained nothing there: heavy-tailed 1M×128 K=256 l2 final assignment, 1.03× the float32 path
+        if far and self.backend == "int16" and not (I16_FAR_CENTRES and k * dim >= I16_FAR_MIN_KD):
+            # int16 gained nothing there on AVX2: heavy-tailed 1M×128 K=256 l2 final assignment, 1.03× the float32 path
             self.ok = False
         elif e_step:  # a few centres far out (heavy tails) leave most rows to the per-centre scan
             if AMX_E_STEP_INNER:
