@@ -39,6 +39,10 @@ def test_exit_codes(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["threads"] >= 1 and "simd_level" in info
     assert isinstance(info["amx_tiles"], bool) and isinstance(info["int16_assign"], bool)
+    from kvant.kernels import direct_assign
+
+    assert info["row_prefetch"] == (direct_assign.AVAILABLE and info["cpu"].startswith("znver") and
+                                    direct_assign.PREFETCH_ROWS)
     assert info["numba_threading_layer"] in ("omp", "tbb", "workqueue")
     assert info["optional"]["dask"] is not None and info["optional"]["distributed"]  # the dev extra installs them
 

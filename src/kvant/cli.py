@@ -201,6 +201,8 @@ def _cmd_info(args) -> int:
         "amx_tiles": _amx_available(),
         # final k-means assignments with K >= I16_MIN_K use certified int16 products when this is true (docs/auto.md)
         "int16_assign": _int16_available(),
+        # the fused K <= 64 assignment prefetches its rows (AMD Zen hosts; kernels/direct_assign, docs/auto.md)
+        "row_prefetch": _row_prefetch(),
         # Numba's threading layer; per-step parallel regions (k-means++ seeding) are used on "omp" only
         "numba_threading_layer": numba_threading_layer(),
         "optional": _optional_versions(),
@@ -213,6 +215,12 @@ def _amx_available() -> bool:
     from .kernels import amx_assign
 
     return bool(amx_assign.AVAILABLE)
+
+
+def _row_prefetch() -> bool:
+    from .kernels import direct_assign
+
+    return bool(direct_assign.AVAILABLE and direct_assign.PREFETCH_ROWS)
 
 
 def _int16_available() -> bool:
