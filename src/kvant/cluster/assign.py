@@ -88,13 +88,14 @@ I16_ASSIGN = True
 # 1.09×). Other AVX-512 hosts (full-rate 512-bit FMAs: Intel, AMD Zen 5) are not measured and keep the float32
 # kernels.
 HALF_RATE_AVX512 = frozenset({"znver4"})
-I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or host_cpu_name() in HALF_RATE_AVX512)
+_HALF_RATE_HOST = host_cpu_name() in HALF_RATE_AVX512
+I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or _HALF_RATE_HOST)
 # Centres far out (AMX_MAX_NORM_SPREAD) leave most rows to the per-centre scan; on the AVX2 host int16 gained nothing
 # there (below), but on Zen 4, where the float32 path is slower, it did from K·D >= I16_FAR_MIN_KD: heavy-tailed fits,
 # int16 / float32 time (alternating in one process, medians of 3; 2026-12-05): 1M×128 K=1024 0.59× (final assignment
 # 1.70 → 0.83 s), K=256 0.76× (0.42 → 0.27 s), K=128 0.83×, K=96 0.90×; 200k×384 K=256 0.65×, K=128 0.78×, K=64 0.86×;
 # but 1M×128 K=64 (K·D = 8,192) 1.28× (0.11 → 0.15 s).
-I16_FAR_CENTRES = host_cpu_name() in HALF_RATE_AVX512
+I16_FAR_CENTRES = _HALF_RATE_HOST
 I16_FAR_MIN_KD = 12288
 I16_MIN_K = 17
 I16_E_STEP_MIN_K = 128

@@ -136,11 +136,11 @@ def _ip_block(R: int, NV: int):
             zero = ir.Constant(vf, [0.0] * _L)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(R)]
             fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
-            i32 = ir.IntType(32)
-            prefetch = llvm_fn(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, i32, i32, i32])
-            n_rows = cgutils.unpack_tuple(builder, ax.shape, 2)[0]
-            last_row = builder.sub(n_rows, ir.Constant(intp, 1))
-            last_coord = builder.sub(n_coords, ir.Constant(intp, 1))
+            if PREFETCH_ROWS:
+                i32 = ir.IntType(32)
+                prefetch = llvm_fn(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, i32, i32, i32])
+                last_row = builder.sub(cgutils.unpack_tuple(builder, ax.shape, 2)[0], ir.Constant(intp, 1))
+                last_coord = builder.sub(n_coords, ir.Constant(intp, 1))
             with cgutils.for_range(builder, n_coords) as loop:
                 t = loop.index
                 if PREFETCH_ROWS:  # row i0 + PREFETCH_GROUPS·R + (t mod R), line t div R (clamped to the array)
