@@ -451,7 +451,8 @@ def test_non_finite_rows_in_a_sampled_input_name_the_first(tmp_path, rows, bad, 
     # N > 256·K, so training uses a coreset whose distance pass (l2) doubles as the NaN/inf check, and the
     # proposal centre comes from a pre-sample that may or may not contain a bad row: the first bad row of the
     # data must be named either way, for in-memory arrays and memory maps alike.
-    x = np.random.default_rng(2).standard_normal((20000, 5)).astype(np.float32)  # > CENTRE_ROWS: pre-sample misses rows
+    # > CENTRE_ROWS: pre-sample misses rows; offset, so cos rows have a common direction and keep the coreset
+    x = (np.random.default_rng(2).standard_normal((20000, 5)) + 1.0).astype(np.float32)
     for r in rows:
         x[r, r % 5] = bad
     if memmap:
@@ -813,6 +814,51 @@ def test_coreset_beats_a_uniform_sample_on_heavy_tailed_data():
     assert mse["coreset"] < 0.8 * mse["uniform"], mse
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), d=st.integers(1, 9), a=st.floats(0.0, 0.95), seed=st.integers(0, 2**16))
+def test_unit_proposal_ratio_bounds_every_unit_rows_proposal(n, d, a, seed):
+    # q_i·n = ½ + ½·d_i²/mean(d²) for unit rows around a centre of norm a: within [½(1 + 1/r), ½(1 + r)],
+    # r = ((1 + a)/(1 − a))², whatever the rows, rows along and against the centre included
+    from kvant.cluster.sampling import sq_distances, unit_proposal_ratio
+
+    g = np.random.default_rng(seed)
+    axis = g.standard_normal(d)
+    axis /= np.linalg.norm(axis)
+    centre = (a * axis).astype(np.float32)
+    x = g.standard_normal((n, d)).astype(np.float32)
+    x[: n // 3] = axis * g.uniform(0.5, 2.0)  # along the centre
+    x[n // 3 : n // 2] = -axis  # against it
+    d2 = sq_distances([(0, x)], n, centre, unit=True)
+    qn = 0.5 + 0.5 * d2 / d2.mean()
+    hi = unit_proposal_ratio(float(np.linalg.norm(centre.astype(np.float64))))
+    assert qn.max() <= hi * (1 + 1e-9)
+    assert qn.min() >= 0.5 * (1 + 1 / (2 * hi - 1)) * (1 - 1e-9)
+    assert unit_proposal_ratio(1.0) == np.inf and unit_proposal_ratio(float("nan")) == np.inf
+
+
+def test_cos_rows_spread_evenly_draw_a_uniform_sample_without_the_pass(monkeypatch, tmp_path):
+    from kvant.cluster import clusterer, sampling
+
+    g = np.random.default_rng(7)
+    centred = g.standard_normal((30000, 16)).astype(np.float32)  # unit rows' mean norm ~0.01: proposal ~uniform
+    passes = []
+    monkeypatch.setattr(clusterer, "sq_distances", lambda *a, **kw: passes.append(1) or sampling.sq_distances(*a, **kw))
+    got = kvant.Clusterer(8, metric="cos", seed=3).fit(centred)
+    assert got.sampling_ == "uniform" and "within" in got.auto_reason_ and not passes
+    want = kvant.Clusterer(8, metric="cos", seed=3, sampling="uniform").fit(centred)  # the same sample, so the same fit
+    np.testing.assert_array_equal(got.labels_, want.labels_)
+    assert got.inertia_ == want.inertia_
+    # a common direction (mean norm ~0.7): the coreset and its pass; l2 never takes the shortcut
+    offset = centred + 1.0
+    assert kvant.Clusterer(8, metric="cos", seed=3).fit(offset).sampling_ == "coreset" and len(passes) == 1
+    assert kvant.Clusterer(8, metric="l2", seed=3).fit(centred).sampling_ == "coreset" and len(passes) == 2
+    # memory maps decide after validation, the same way
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float64, shape=centred.shape)
+    mm[:] = centred
+    mm.flush()
+    assert kvant.Clusterer(8, metric="cos", seed=3).fit(mm).sampling_ == "uniform" and len(passes) == 2
+
+
 def test_coreset_falls_back_to_uniform_when_it_draws_fewer_rows_than_k(monkeypatch):
     from kvant.cluster import clusterer
 
@@ -841,7 +887,8 @@ def test_cos_zero_row_is_named_wherever_it_is_met(sampling, algorithm):
     # must still be the one named, whether a sample, the sampling-distance pass or the assignment meets it.
     from kvant.cluster.sampling import CENTRE_ROWS
 
-    x = np.random.default_rng(4).standard_normal((20000, 4)).astype(np.float32)
+    # offset: a common direction, so the coreset is drawn (evenly spread unit rows draw a uniform sample)
+    x = (np.random.default_rng(4).standard_normal((20000, 4)) + 1.0).astype(np.float32)
     seen = set(kvant.io.as_source(x).sample_indices(CENTRE_ROWS, 0).tolist())
     zero = [r for r in range(3000, 20000) if r not in seen][:1] + [next(r for r in range(12000, 20000) if r in seen)]
     x[zero] = 0.0

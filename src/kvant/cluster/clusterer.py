@@ -44,7 +44,16 @@ from .assign import (
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
-from .sampling import CENTRE_ROWS, SAMPLINGS, coreset_inclusion, gather_rows, poisson_sample, sq_distances
+from .sampling import (
+    CENTRE_ROWS,
+    NEAR_UNIFORM,
+    SAMPLINGS,
+    coreset_inclusion,
+    gather_rows,
+    poisson_sample,
+    sq_distances,
+    unit_proposal_ratio,
+)
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
 METRICS = ("l2", "cos")
@@ -82,7 +91,10 @@ class Clusterer:
         number is taken as given. ``sample_rows_`` is the size of the sample trained on.
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
-        random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows.
+        random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows, and for
+        ``cos`` draws a uniform sample without the pass when the unit rows spread so evenly (their mean's norm at
+        most 0.0456) that the coreset's proposal is provably within 1.1× of uniform (``sampling_`` and
+        ``auto_reason_`` say so; :mod:`kvant.cluster.sampling`).
     Seeding: the concrete algorithms seed with k-means++ on 8·K rows (``dense-exact-random``: K random rows);
     ``auto`` with greedy k-means++ (2 + ln K draws per centre) where that costs little, on at least 16·K rows when
     those cost under half a training E-step, else k-means++ or random rows by a cost budget (docs/auto.md,
@@ -224,10 +236,16 @@ class Clusterer:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         m = int(params.get("sample_rows", k * (per_centre or DEFAULT_SAMPLE_PER_CENTROID)))  # (None or >= 1)
+        sampling, centre = self.sampling, None
+        wants_coreset = algorithm != "minibatch" and sampling == "coreset" and m < src.n
+        plain_f32 = isinstance(src, ArraySource) and src.array.dtype == np.float32 and src.array.flags.c_contiguous
+        if wants_coreset and plain_f32:  # (other sources: after validation, below)
+            # the proposal's centre; for cos it also bounds how far the proposal can be from uniform
+            centre = _proposal_centre(src, src.array, seed0, spherical)
+            sampling, reason = _unit_rows_near_uniform(centre, spherical, sampling, reason)
         # A coreset of an array reads every row once for the sampling distances; that pass also checks the
         # rows for NaN/inf (and zero rows for cos), so the data is read once before training instead of twice.
-        fuse = (algorithm != "minibatch" and self.sampling == "coreset" and m < src.n
-                and isinstance(src, ArraySource) and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
+        fuse = wants_coreset and sampling == "coreset" and plain_f32
         # Otherwise, when training reads only a sample of an in-memory float32 array (gathered rows are checked as
         # they are read), the final assignment is the first pass over all rows: it checks each block for NaN/inf
         # while the block is in cache (for free in the fused kernel) instead of a separate pass first: uniform-sample
@@ -236,7 +254,7 @@ class Clusterer:
                  and src.in_memory and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
         d2 = None
         if fuse:
-            d2 = _coreset_distances(src, src.array, seed0, spherical)
+            d2 = _coreset_distances(src, src.array, centre, spherical)
             src.mark_validated()
         elif isinstance(src, ArraySource) and src.in_memory and not defer:
             src.validate()
@@ -249,6 +267,9 @@ class Clusterer:
         if unit:
             full = normalise_rows(full)
         norm = spherical and not unit  # rows read from `full` or `src` still need normalising
+        if wants_coreset and centre is None:
+            centre = _proposal_centre(src, full, seed0, spherical)
+            sampling, reason = _unit_rows_near_uniform(centre, spherical, sampling, reason)
         timings["load"] = time.perf_counter() - t0
 
         if algorithm == "minibatch":
@@ -261,10 +282,10 @@ class Clusterer:
             timings["train"] = time.perf_counter() - t
         else:
             t = time.perf_counter()
-            sample, weights = _training_sample(src, full, m, seed0, norm, self.sampling, k, d2)
+            sample, weights = _training_sample(src, full, m, seed0, norm, sampling, k, d2, centre)
             sample_rows = sample.shape[0]
             sampling_used = "all rows" if m >= src.n else "coreset" if weights is not None else "uniform"
-            if self.sampling == "coreset" and sampling_used == "uniform":  # _training_sample's fallback
+            if sampling == "coreset" and sampling_used == "uniform":  # _training_sample's fallback
                 reason += f"; the coreset drew fewer than k={k} rows, so a uniform {sample_rows}-row sample was used"
             every_row = sample is full and weights is None  # all rows, in order (m >= N)
             scale = 1.0 if weights is not None else src.n / sample_rows  # weights already sum to ~N
@@ -592,28 +613,51 @@ def _in_memory_rows(src: VectorSource, validate: bool = True) -> np.ndarray | No
     return None
 
 
-def _coreset_distances(src, full, seed, norm) -> np.ndarray:
-    """Squared distance of every row (a unit row when ``norm``) to the mean of ``CENTRE_ROWS`` uniform rows,
-    in one pass over ``full`` (or the stream); the pass also checks rows not validated yet (:func:`sq_distances`)."""
+def _unit_rows_near_uniform(centre, spherical, sampling, reason) -> tuple[str, str]:
+    """(sampling, reason): "uniform" and the reason extended when the rows are cos's unit rows and the coreset
+    proposal around ``centre`` is provably within ``NEAR_UNIFORM`` of uniform (:mod:`kvant.cluster.sampling`), else
+    both unchanged."""
+    if not spherical:
+        return sampling, reason
+    a = float(np.linalg.norm(centre))
+    ratio = unit_proposal_ratio(a)
+    if ratio > NEAR_UNIFORM:
+        return sampling, reason
+    return "uniform", (f"{reason}; the unit rows spread evenly (their mean's norm is {a:.3f}), so a coreset's "
+                       f"proposal is within {ratio:.3f}× of uniform: a uniform sample was drawn instead (no pass over "
+                       f"every row)")
+
+
+def _proposal_centre(src, full, seed, norm) -> np.ndarray:
+    """The coreset proposal's centre: the float64 mean of ``CENTRE_ROWS`` uniform rows (unit rows when ``norm``),
+    float32. Gathered rows are checked as they are read (:func:`gather_rows`)."""
     rows = np.ascontiguousarray(_uniform_sample(src, full, min(src.n, CENTRE_ROWS), seed, norm), np.float32)
     # their float64 mean as Lloyd's sums of one cluster: NumPy's axis-0 mean with a float64 accumulator took 2.5 ms
     # for 4,096 × 784 rows against 0.85 ms (the same sums, row by row)
-    centre = cluster_sums(rows, np.zeros(rows.shape[0], np.int64), 1, 1, UNIT_WEIGHTS)[0][0] / max(1, rows.shape[0])
+    return cluster_sums(rows, np.zeros(rows.shape[0], np.int64), 1, 1, UNIT_WEIGHTS)[0][0] / max(1, rows.shape[0])
+
+
+def _coreset_distances(src, full, centre, norm) -> np.ndarray:
+    """Squared distance of every row (a unit row when ``norm``) to ``centre`` (:func:`_proposal_centre`), in one pass
+    over ``full`` (or the stream); the pass also checks rows not validated yet (:func:`sq_distances`)."""
     in_ram = full is not None and (full is not getattr(src, "array", None) or src.in_memory)
     # one block in RAM (threaded); a memmap or a stream goes window by window. cos rows are measured as
     # unit rows by the kernel itself, so no normalised copy is written.
     return sq_distances(_iter_blocks(src, full, False, src.n if in_ram else None), src.n, centre, src.name, unit=norm)
 
 
-def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None):
+def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None, centre=None):
     """(rows, weights) to train on: all rows (weights None) when m >= N, else a coreset or uniform sample.
 
     ``norm``: rows read from ``full``/``src`` are unit-normalised on the way (cos). ``d2``: the rows'
-    squared distances to the proposal centre when the caller already has them."""
+    squared distances to the proposal centre when the caller already has them; ``centre``: that centre
+    (:func:`_proposal_centre`) when the caller already has it."""
     if m >= src.n or sampling == "uniform":
         return _uniform_sample(src, full, m, seed, norm), None
     if d2 is None:
-        d2 = _coreset_distances(src, full, seed, norm)
+        if centre is None:
+            centre = _proposal_centre(src, full, seed, norm)
+        d2 = _coreset_distances(src, full, centre, norm)
     a, b = coreset_inclusion(d2, m)
     rows, weights = poisson_sample(d2, a, b, None if seed is None else seed + 104729)
     if rows.size < k:  # a tiny m can draw fewer rows than centres
