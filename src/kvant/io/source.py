@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from .._config import get_num_threads, rng
-from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..kernels.finite import first_nonfinite_row, first_nonfinite_row_parallel
 
@@ -37,8 +36,6 @@ _PARALLEL_CHECK_BYTES = 4 << 20
 
 
 _GATHER_WINDOW = 4 << 20  # bytes of a memory-mapped file ArraySource.take gathers from between page releases
-_PARALLEL_GATHER_ROWS = 8192  # ArraySource.take gathers at least this many rows of an in-memory array on the threads,
-_GATHER_BLOCK_ROWS = 2048  # this many rows per block
 
 
 def default_chunk_rows(dim: int) -> int:
@@ -381,12 +378,6 @@ class ArraySource(VectorSource):
                     with np.errstate(over="ignore"):
                         out[a:b] = self.array[idx[a:b]]
                     self.release_rows(int(edges[w]), int(edges[w + 1]))
-        elif idx.size >= _PARALLEL_GATHER_ROWS and self.array.dtype == np.float32:
-            # a training sample of an in-memory array: the threads gather blocks of it (NumPy's take releases the
-            # GIL; 15,625 rows of 1M × 128: 1.5-2.1 ms on one thread, 0.9 ms on two, Zen 4 host)
-            out = np.empty((idx.size, self.dim), np.float32)
-            for_each_block(idx.size, _GATHER_BLOCK_ROWS,
-                           lambda a, b: np.take(self.array, idx[a:b], axis=0, out=out[a:b]))
         else:
             out = to_float32(self.array[idx])
         if not self._validated:
