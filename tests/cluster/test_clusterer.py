@@ -852,11 +852,28 @@ def test_cos_rows_spread_evenly_draw_a_uniform_sample_without_the_pass(monkeypat
     offset = centred + 1.0
     assert kvant.Clusterer(8, metric="cos", seed=3).fit(offset).sampling_ == "coreset" and len(passes) == 1
     assert kvant.Clusterer(8, metric="l2", seed=3).fit(centred).sampling_ == "coreset" and len(passes) == 2
-    # memory maps decide after validation, the same way
+    # a float64 memory map (not a plain float32 array) decides from rows gathered after the fit's checks, the same way
     mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float64, shape=centred.shape)
     mm[:] = centred
     mm.flush()
     assert kvant.Clusterer(8, metric="cos", seed=3).fit(mm).sampling_ == "uniform" and len(passes) == 2
+
+
+@pytest.mark.parametrize("polish", [0, 1])
+def test_cos_proposal_centre_is_the_same_for_every_source(polish, monkeypatch):
+    # plain float32 arrays take their proposal centre before validation, other sources after it (with polish_iter
+    # from the unit copy): the same unit rows, so the same centre (a review found rows normalised twice there)
+    from kvant.cluster import clusterer
+
+    x = (np.random.default_rng(11).standard_normal((40000, 20)) + 0.25).astype(np.float32)
+    seen = []
+    real = clusterer._coreset_distances
+    monkeypatch.setattr(clusterer, "_coreset_distances", lambda src, full, centre, norm: seen.append(centre.copy())
+                        or real(src, full, centre, norm))
+    for rows in (x, x.astype(np.float64)):
+        kvant.Clusterer(12, metric="cos", seed=9, polish_iter=polish).fit(rows)
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[0], seen[1])
 
 
 def test_coreset_falls_back_to_uniform_when_it_draws_fewer_rows_than_k(monkeypatch):

@@ -92,9 +92,9 @@ class Clusterer:
     sampling : how the training sample is drawn: ``"coreset"`` (default; a weighted lightweight coreset,
         one extra pass over the rows, robust to far outliers) or ``"uniform"`` (distinct rows uniformly at
         random, as FAISS does). Falls back to uniform if the coreset comes out with fewer than k rows, and for
-        ``cos`` draws a uniform sample without the pass when the unit rows spread so evenly (their mean's norm at
-        most 0.0456) that the coreset's proposal is provably within 1.1× of uniform (``sampling_`` and
-        ``auto_reason_`` say so; :mod:`kvant.cluster.sampling`).
+        ``cos`` draws a uniform sample without the distance pass when the unit rows spread so evenly (the mean of
+        4,096 sampled unit rows has norm at most 0.0456) that the coreset's proposal is provably within 1.1× of
+        uniform (``sampling_`` and ``auto_reason_`` say so; :mod:`kvant.cluster.sampling`).
     Seeding: the concrete algorithms seed with k-means++ on 8·K rows (``dense-exact-random``: K random rows);
     ``auto`` with greedy k-means++ (2 + ln K draws per centre) where that costs little, on at least 16·K rows when
     those cost under half a training E-step, else k-means++ or random rows by a cost budget (docs/auto.md,
@@ -268,7 +268,7 @@ class Clusterer:
             full = normalise_rows(full)
         norm = spherical and not unit  # rows read from `full` or `src` still need normalising
         if wants_coreset and centre is None:
-            centre = _proposal_centre(src, full, seed0, spherical)
+            centre = _proposal_centre(src, full, seed0, norm)  # (``full`` may be the unit copy already)
             sampling, reason = _unit_rows_near_uniform(centre, spherical, sampling, reason)
         timings["load"] = time.perf_counter() - t0
 
@@ -623,9 +623,9 @@ def _unit_rows_near_uniform(centre, spherical, sampling, reason) -> tuple[str, s
     ratio = unit_proposal_ratio(a)
     if ratio > NEAR_UNIFORM:
         return sampling, reason
-    return "uniform", (f"{reason}; the unit rows spread evenly (their mean's norm is {a:.3f}), so a coreset's "
-                       f"proposal is within {ratio:.3f}× of uniform: a uniform sample was drawn instead (no pass over "
-                       f"every row)")
+    return "uniform", (f"{reason}; but the unit rows spread evenly (the mean of {CENTRE_ROWS} sampled ones has norm "
+                       f"{a:.3f}), so a coreset's proposal is within {ratio:.3f}× of uniform: a uniform sample was "
+                       f"drawn instead, without the coreset's distance pass over every row")
 
 
 def _proposal_centre(src, full, seed, norm) -> np.ndarray:
