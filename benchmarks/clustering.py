@@ -164,6 +164,13 @@ def time_method(fn, x, k, metric, seed, repeats, cap=None):
 # up to 1.6x between two runs of the grid on a noisy host. Extra rounds cycle through the same seeds.
 SHORT_CELL_SECONDS = 1.0  # keep adding rounds while every method's total time is below this
 SHORT_CELL_MAX_ROUNDS = 31
+# When a method's first run in a cell took less than this, every method gets an untimed call of its own (same
+# seed) just before each later timed one. FAISS's OpenMP threads spin for a while after each call, and in the
+# round-robin the next method's run shared the two cores with them: digits K=256 l2 (Zen 4 host, 2026-12-05) kvant
+# 8.5 ms right after FAISS against 7.4 ms after its own call, while FAISS read 13.3-13.5 ms either way. After its own
+# call each method runs warm and alone, as a service calling it back to back would (a 50 ms pause instead made both
+# cold: kvant 9.6, FAISS 20.9 ms).
+WARM_CALL_SECONDS = 0.05
 
 
 def interleaved(fns, x, k, metric, seed, repeats):
@@ -171,12 +178,16 @@ def interleaved(fns, x, k, metric, seed, repeats):
 
     Run r uses seed ``seed + r % repeats``; the first ``repeats`` runs' outputs (one per seed) are kept so quality
     can be taken over the seeds too. When every method's runs so far total less than ``SHORT_CELL_SECONDS``,
-    further rounds follow (at most ``SHORT_CELL_MAX_ROUNDS``), so millisecond cells get a stable median."""
+    further rounds follow (at most ``SHORT_CELL_MAX_ROUNDS``), so millisecond cells get a stable median. From the
+    second round on, when some method's first run took less than ``WARM_CALL_SECONDS``, every method is called once
+    untimed just before each of its timed runs (see there)."""
     times = {name: [] for name in fns}
     results = {name: [] for name in fns}
     r = 0
     while r < repeats or (r < SHORT_CELL_MAX_ROUNDS and all(sum(t) < SHORT_CELL_SECONDS for t in times.values())):
         for name, fn in fns.items():
+            if r > 0 and min(t[0] for t in times.values()) < WARM_CALL_SECONDS:  # every method alike
+                fn(_prepared(fn, x, metric), k, metric, seed + r % repeats)
             data = _prepared(fn, x, metric)
             t = time.perf_counter()
             out = fn(data, k, metric, seed + r % repeats)
