@@ -250,8 +250,7 @@ class Clusterer:
         # they are read), the final assignment is the first pass over all rows: it checks each block for NaN/inf
         # while the block is in cache (for free in the fused kernel) instead of a separate pass first: uniform-sample
         # fits at K = 10 took 0.72-0.84x the time (Fashion-MNIST, 200k×384 l2, 1M×128 cos; same-process A/B).
-        defer = (not fuse and algorithm != "minibatch" and polish == 0 and m < src.n and isinstance(src, ArraySource)
-                 and src.in_memory and src.array.dtype == np.float32 and src.array.flags.c_contiguous)
+        defer = not fuse and algorithm != "minibatch" and polish == 0 and m < src.n and plain_f32 and src.in_memory
         d2 = None
         if fuse:
             d2 = _coreset_distances(src, src.array, centre, spherical)
@@ -623,7 +622,7 @@ def _unit_rows_near_uniform(centre, spherical, sampling, reason) -> tuple[str, s
     ratio = unit_proposal_ratio(a)
     if ratio > NEAR_UNIFORM:
         return sampling, reason
-    return "uniform", (f"{reason}; but the unit rows spread evenly (the mean of {CENTRE_ROWS} sampled ones has norm "
+    return "uniform", (f"{reason}; but the unit rows spread evenly (the mean of the pre-sampled ones has norm "
                        f"{a:.3f}), so a coreset's proposal is within {ratio:.3f}× of uniform: a uniform sample was "
                        f"drawn instead, without the coreset's distance pass over every row")
 
