@@ -6,9 +6,10 @@ rows, plus V-measure where true labels exist. FAISS's time includes the assignme
 (``index.search(x, 1)``), since kvant's includes it too; FAISS train-only time is recorded as well. For cos,
 every method starts from the same raw rows and its time includes normalising them (kvant does it inside
 ``fit``; FAISS and scikit-learn get ``faiss.normalize_L2`` / a NumPy division in their timed run).
-Medians over ``--repeats`` runs for kvant auto and FAISS default (the two the targets compare), run ``r`` with seed
-``r`` (FAISS: ``r + 1``), so their time *and* quality are medians over seeds: at small K a single seed's local
-minimum moves the quality by 1-2%, as much as the target's 0.5% margin, either way. The other anchors
+Medians over ``--repeats`` runs (more for cells of milliseconds, see ``interleaved``) for kvant auto and FAISS default
+(the two the targets compare), run ``r`` with seed ``r`` (FAISS: ``r + 1``), so their time *and* quality are medians
+over seeds: at small K a single seed's local minimum moves the quality by 1-2%, as much as the target's 0.5% margin,
+either way. The other anchors
 run once when their first run exceeds ``--repeat-cap`` seconds, and slow anchors may be skipped on a time budget
 (the table says so).
 
@@ -161,7 +162,10 @@ def time_method(fn, x, k, metric, seed, repeats, cap=None):
 
 
 # Cells whose runs take milliseconds (digits) are timed over more rounds: a median of 3 runs of 3-50 ms swung by
-# up to 1.6x between two runs of the grid on a noisy host. Extra rounds cycle through the same seeds.
+# up to 1.6x between two runs of the grid on a noisy host. Extra rounds take new seeds and their quality counts too:
+# with 3 seeds a K = 10 cell's quality median moved by more than the target's 0.5% (Fashion-MNIST l2, Zen 4 host,
+# 2026-12-05: kvant's seeds 0-2 were 1.1% worse than FAISS's, its seeds 0-11 0.3% better; either method's seeds
+# spread 1.5-4% there).
 SHORT_CELL_SECONDS = 1.0  # keep adding rounds while every method's total time is below this
 SHORT_CELL_MAX_ROUNDS = 31
 # When a method's first run in a cell took less than this, every method gets an untimed call of its own (same
@@ -176,9 +180,9 @@ WARM_CALL_SECONDS = 0.05
 def interleaved(fns, x, k, metric, seed, repeats):
     """Time several methods round-robin (a, b, a, b, ...) so load from elsewhere hits each alike.
 
-    Run r uses seed ``seed + r % repeats``; the first ``repeats`` runs' outputs (one per seed) are kept so quality
-    can be taken over the seeds too. When every method's runs so far total less than ``SHORT_CELL_SECONDS``,
-    further rounds follow (at most ``SHORT_CELL_MAX_ROUNDS``), so millisecond cells get a stable median. From the
+    Run r uses seed ``seed + r``; every run's output is kept (one per seed) so quality can be taken over the seeds
+    too. When every method's runs so far total less than ``SHORT_CELL_SECONDS``, further rounds follow (at most
+    ``SHORT_CELL_MAX_ROUNDS``), so millisecond cells get a stable median of time and quality. From the
     second round on, when some method's first run took less than ``WARM_CALL_SECONDS``, every method is called once
     untimed just before each of its timed runs (see there)."""
     times = {name: [] for name in fns}
@@ -187,13 +191,12 @@ def interleaved(fns, x, k, metric, seed, repeats):
     while r < repeats or (r < SHORT_CELL_MAX_ROUNDS and all(sum(t) < SHORT_CELL_SECONDS for t in times.values())):
         for name, fn in fns.items():
             if r > 0 and min(t[0] for t in times.values()) < WARM_CALL_SECONDS:  # every method alike
-                fn(_prepared(fn, x, metric), k, metric, seed + r % repeats)
+                fn(_prepared(fn, x, metric), k, metric, seed + r)
             data = _prepared(fn, x, metric)
             t = time.perf_counter()
-            out = fn(data, k, metric, seed + r % repeats)
+            out = fn(data, k, metric, seed + r)
             times[name].append(time.perf_counter() - t)
-            if r < repeats:
-                results[name].append(out)
+            results[name].append(out)
         r += 1
     return {name: (float(np.median(times[name])), times[name], results[name]) for name in fns}
 
