@@ -7,6 +7,8 @@ the rows to (x − shift)·scale first keeps every distance (× scale²) and rem
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .kernels.distance import mean_and_spread
@@ -56,9 +58,15 @@ def _pow2_scales(sq: np.ndarray) -> np.ndarray:
 
 
 def _pow2_scale(typical: float) -> float | None:
-    """A power of two bringing a typical squared norm ``typical`` near 1 when it lies outside [2**-40, 2**40]."""
-    scale = float(_pow2_scales(np.float64(typical)))
-    return None if scale == 1.0 else scale
+    """A power of two bringing a typical squared norm ``typical`` near 1 when it lies outside [2**-40, 2**40]:
+    :func:`_pow2_scales` for one number, in plain floats (NumPy's error-state context cost ~10 µs per fit)."""
+    typical = float(typical)
+    if not (0.0 < typical < math.inf):  # log2 of 0 is -inf, of NaN NaN: no scale, as _pow2_scales
+        return None
+    lg = math.log2(typical)
+    if abs(lg) <= _SAFE_LOG2_SQNORM:
+        return None
+    return math.ldexp(1.0, -round(lg / 2))  # round: half to even, as np.round
 
 
 def magnitude_scale(rows: np.ndarray) -> float | None:

@@ -867,3 +867,18 @@ def test_exact_labels_hold_on_random_near_ties(n, d, k, seed, offset, gathered):
     dist = ((xs[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(labels, dist.argmin(1))
     np.testing.assert_array_equal(exact, dist.min(1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                 st.floats(min_value=2.0**-45, max_value=2.0**45).map(lambda v: float(np.float32(v)))))
+def test_scalar_pow2_scale_is_the_array_rule(typical):
+    from kvant._numerics import _pow2_scale, _pow2_scales
+
+    with np.errstate(invalid="ignore"):
+        want = float(_pow2_scales(np.float64(typical)))
+    got = _pow2_scale(typical)
+    assert (got is None and want == 1.0) or got == want
+    for edge in (2.0**40, 2.0**-40, 2.0**41, 2.0**-41, 2.0**42.5, 0.0, 5e-324, 1e308):  # the bounds and extremes
+        assert _pow2_scale(edge) == (None if float(_pow2_scales(np.float64(edge))) == 1.0
+                                     else float(_pow2_scales(np.float64(edge))))

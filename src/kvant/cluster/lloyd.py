@@ -50,6 +50,7 @@ import numpy as np
 
 from .._config import get_num_threads, rng
 from .._parallel import SPINNING_LAYERS, for_each_block, numba_threading_layer
+from ..kernels import direct_assign
 from ..kernels.distance import normalise_rows_into, sq_norms_serial
 from ..kernels.lloyd import (
     UNIT_WEIGHTS,
@@ -81,6 +82,14 @@ _BOUND_SLACK = 1e-4
 
 # Small inputs run Lloyd as one compiled loop (small_lloyd_applies, kvant.kernels.lloyd_small).
 SMALL_LLOYD = True
+# ... whose E-steps put rows in the vector lanes on AVX-512 hosts when K <= ROW_LANES_MAX_K (kvant.kernels.row_lanes;
+# the same outputs). Digits (1,797 × 64) E-steps on one thread, Zen 4 host (2026-12-05), direct kernel → rows in
+# lanes: K = 4 48 → 13 µs, K = 10 48 → 25, K = 20 97 → 49, K = 32 97 → 72, K = 64 153 → 142. Whole digits fits
+# (medians of 6 × 300, same process): K = 10 l2 776 → 726 µs, cos 762 → 724, K = 20 1,489 → 1,252, K = 32 2,360 →
+# 2,231; but K = 64 l2 2,955 → 3,270 and cos 2,502 → 2,553, so larger K keep the direct kernel. On AVX2 the 16-lane
+# accumulators would take two registers each (sixteen for eight centres: spills): the direct kernel (not measured).
+ROW_LANES = direct_assign.AVX512
+ROW_LANES_MAX_K = 32
 
 # When more than this fraction of rows cross their Hamerly bounds, the E-step skips the bound tightening and
 # re-assigns every row (see lloyd).
@@ -410,7 +419,7 @@ def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_to
     dist = np.empty(n, np.float32)
     cent, labels, d1, d2, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
         x, xn, c, w, int(max_iter), float(tol), bool(spherical), float(overrelax), float(x_total), threads, block,
-        history, dist)
+        history, dist, ROW_LANES and k <= ROW_LANES_MAX_K)
     result = LloydResult(cent, labels, [float(h) for h in history[:n_iter]], int(n_iter), int(reseeded),
                          int(assigned), int(extrapolated), int(rejected), last_d1=d1, last_d2=d2)
     if on_iter is not None:  # (after the fact: the loop does not leave compiled code)

@@ -23,6 +23,8 @@ import numpy as np
 from .direct_assign import direct_top2, fill_padded
 from .distance import sq_norms_serial
 from .lloyd import _to_unit, cluster_sums, m_step, move_rows, reseed_empty
+from .row_lanes import LANES, fill_centres, group_size, tile_top2, transpose_tiles
+from .row_lanes import padded_k as padded_lanes_k
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
@@ -113,12 +115,15 @@ def _same(a, b):
 
 
 @numba.njit(parallel=True, **_JIT)
-def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist):
+def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist,
+                lanes=False):
     """Lloyd iterations from centres ``c0`` on rows ``x`` (float32, C-contiguous; unit rows when ``spherical``) with
     squared norms ``xn``, row weights ``w`` (empty: unit weights), as :func:`kvant.cluster.lloyd.lloyd` runs them with
     ``candidates`` = 0 (module docstring). ``n_parts``: :func:`cluster_sums`'s split (lloyd passes the thread count);
-    ``block_rows``: rows per E-step block. Writes the objective of every M-step into ``history`` (at least
-    ``max_iter`` long) and each row's distance to its centre into ``dist``; returns (centres, labels, d1, d2,
+    ``block_rows``: rows per E-step block; ``lanes``: E-steps with rows in the vector lanes
+    (:func:`kvant.kernels.row_lanes.tile_top2`, the same outputs bit for bit) rather than centres. Writes the objective
+    of every M-step into ``history`` (at least ``max_iter`` long) and each row's distance to its centre into ``dist``;
+    returns (centres, labels, d1, d2,
     iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows assigned). The labels are the last
     E-step's: the nearest centres of the returned ones up to float32 rounding, as with ``lloyd``; d1 and d2 its two
     smallest float32 squared distances per row (what :func:`kvant.kernels.assign.certify_top2` needs)."""
@@ -134,11 +139,27 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     d2 = np.empty(n, np.float32)
     no_lower = np.empty(0, np.float32)
     c = c0
-    fill_padded(c, sq_norms_serial(c), ct, cnp)
-    for b in numba.prange(n_blocks):
-        s = b * block_rows
-        e = min(n, s + block_rows)
-        direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
+    # rows in lanes (row_lanes): the rows transposed once, tiles of them per block
+    xt = transpose_tiles(x) if lanes else np.empty((0, 0, LANES), np.float32)
+    nt = xt.shape[0]
+    tiles_per_block = max(1, block_rows // LANES)
+    n_tile_blocks = (nt + tiles_per_block - 1) // tiles_per_block
+    xnp = np.zeros(nt * LANES, np.float32)
+    xnp[: n if lanes else 0] = xn[: n if lanes else 0]
+    g_count = group_size(k)
+    cp = np.empty((padded_lanes_k(k) if lanes else 0, x.shape[1]), np.float32)
+    cnl = np.empty(cp.shape[0], np.float32)
+    if lanes:
+        fill_centres(c, sq_norms_serial(c), cp, cnl)
+        for b in numba.prange(n_tile_blocks):
+            tile_top2(xt, b * tiles_per_block, min(nt, (b + 1) * tiles_per_block), n, cp, cnl, g_count, xnp, labels, d1,
+                      d2)
+    else:
+        fill_padded(c, sq_norms_serial(c), ct, cnp)
+        for b in numba.prange(n_blocks):
+            s = b * block_rows
+            e = min(n, s + block_rows)
+            direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
     assigned = n
     for i in range(n):
         dist[i] = np.sqrt(d1[i])
@@ -177,11 +198,17 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         c = new_c
         if unmoved and beta == 0.0 and reseeded == 0:
             break  # the labels are already the nearest centres of c
-        fill_padded(c, sq_norms_serial(c), ct, cnp)
-        for b in numba.prange(n_blocks):
-            s = b * block_rows
-            e = min(n, s + block_rows)
-            direct_top2(x[s:e], ct, cnp, xn[s:e], lab_new[s:e], d1[s:e], d2[s:e])
+        if lanes:
+            fill_centres(c, sq_norms_serial(c), cp, cnl)
+            for b in numba.prange(n_tile_blocks):
+                tile_top2(xt, b * tiles_per_block, min(nt, (b + 1) * tiles_per_block), n, cp, cnl, g_count, xnp,
+                          lab_new, d1, d2)
+        else:
+            fill_padded(c, sq_norms_serial(c), ct, cnp)
+            for b in numba.prange(n_blocks):
+                s = b * block_rows
+                e = min(n, s + block_rows)
+                direct_top2(x[s:e], ct, cnp, xn[s:e], lab_new[s:e], d1[s:e], d2[s:e])
         assigned += n
         _apply_moves(x, labels, lab_new, sums, counts, w)
         for i in range(n):

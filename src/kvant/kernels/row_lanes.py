@@ -1,0 +1,187 @@
+"""Top-2 assignment with rows in the vector lanes, for few centres: :func:`tile_top2`.
+
+The direct kernel (:mod:`kvant.kernels.direct_assign`) puts centres in the lanes: 16 per 512-bit register, so
+K = 10 pays for 16 and each row ends in a horizontal reduction across the lanes. Here 16 rows share a register
+instead (the rows transposed once into tiles of (D, 16), :func:`transpose_tiles`); each centre coordinate is
+broadcast, and a row's top-2 over the centres is a plain lane-wise minimum. Centres go in passes of G <= 8
+accumulators (G = ceil(K / ceil(K / 8)), so at most one padded centre per pass).
+
+Each product is summed in coordinate order with one fused multiply-add per coordinate, as the direct kernel sums
+it, and the distance is xn + ‖c‖² − 2·ip with the same float32 operations and clamps
+(:func:`kvant.kernels.assign.top2_from_ip`); ties go to the smaller centre id. So the labels, d1 and d2 are the
+direct kernel's bit for bit. Used by the compiled small-input Lloyd loop (:mod:`kvant.kernels.lloyd_small`),
+whose rows are fixed across iterations, for K <= 32 (:data:`kvant.cluster.lloyd.ROW_LANES_MAX_K`): digits
+(1,797 × 64) K = 10 E-steps took 28.6 µs with the direct kernel (Zen 4, 2 threads, 2026-12-05) and 16-18 µs here.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._llvm import llvm_fn, splat
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+LANES = 16  # rows per tile
+MAX_GROUP = 8  # accumulators (centres) per pass
+
+
+@numba.njit(**_JIT)
+def group_size(k: int) -> int:
+    """Centres per pass for K centres: the passes ceil(K/8) share them as evenly as whole centres allow."""
+    passes = -(-k // MAX_GROUP)
+    return -(-k // passes)
+
+
+@numba.njit(**_JIT)
+def padded_k(k: int) -> int:
+    """K rounded up to whole passes of :func:`group_size` centres."""
+    g = group_size(k)
+    return -(-k // g) * g
+
+
+@numba.njit(**_JIT)
+def transpose_tiles(x):
+    """x (n, D) float32 as tiles (ceil(n/16), D, 16): tile b holds rows 16b .. 16b + 15 column by column, zero rows
+    after the last."""
+    n, dim = x.shape
+    nt = (n + LANES - 1) // LANES
+    out = np.zeros((nt, dim, LANES), np.float32)
+    for i in range(n):
+        b, r = divmod(i, LANES)
+        for t in range(dim):
+            out[b, t, r] = x[i, t]
+    return out
+
+
+@numba.njit(**_JIT)
+def fill_centres(centroids, c_sqnorms, cp, cnp):
+    """The centre operands of :func:`tile_top2`: cp (KP, D) the centres with zero rows after K, cnp (KP,) their
+    squared norms with +inf after K (a padded centre is never nearer than a real one: ties go to the smaller id)."""
+    k = centroids.shape[0]
+    for j in range(cp.shape[0]):
+        for t in range(cp.shape[1]):
+            cp[j, t] = centroids[j, t] if j < k else np.float32(0.0)
+        cnp[j] = c_sqnorms[j] if j < k else np.float32(np.inf)
+
+
+def _tile_intrinsic(g_count: int):
+    """The IR of one 16-row tile against every centre, G = ``g_count`` accumulators per pass."""
+
+    @intrinsic
+    def tile(typingctx, xt, b, cp, cnp, xn, best_out, run_out, arg_out):
+        ok = all(isinstance(a, types.Array) for a in (xt, cp, cnp, xn, best_out, run_out, arg_out))
+        if not ok or xt.dtype != types.float32 or cp.dtype != types.float32 or xt.ndim != 3:
+            return None
+        sig = types.void(xt, b, cp, cnp, xn, best_out, run_out, arg_out)
+
+        def codegen(context, builder, signature, args):
+            xt_v, b_v, cp_v, cnp_v, xn_v, bo_v, ro_v, ao_v = args
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            vf, vi = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+            intp = context.get_value_type(types.intp)
+            a_xt = context.make_array(signature.args[0])(context, builder, xt_v)
+            a_cp = context.make_array(signature.args[2])(context, builder, cp_v)
+            dim = cgutils.unpack_tuple(builder, a_xt.shape, 3)[1]
+            kp = cgutils.unpack_tuple(builder, a_cp.shape, 2)[0]
+            bi = context.cast(builder, b_v, signature.args[1], types.intp)
+            tile0 = builder.gep(a_xt.data, [builder.mul(builder.mul(bi, dim), ir.Constant(intp, LANES))])
+            cdata = a_cp.data
+            cnp_p = context.make_array(signature.args[3])(context, builder, cnp_v).data
+            xn_p = context.make_array(signature.args[4])(context, builder, xn_v).data
+            fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
+
+            def vptr(ptr, off, ty=vf):
+                return builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer())
+
+            xs = builder.load(vptr(xn_p, builder.mul(bi, ir.Constant(intp, LANES))), align=4)
+            two = ir.Constant(vf, [2.0] * LANES)
+            zero_i, big = ir.Constant(vi, [0] * LANES), ir.Constant(vi, [0x7F800000] * LANES)
+            above = ir.Constant(vi, [0x7F800001] * LANES)  # above every clamped value: the first centre is taken
+            best_p = cgutils.alloca_once_value(builder, above)
+            run_p = cgutils.alloca_once_value(builder, above)
+            arg_p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0] * LANES))
+            accs = [cgutils.alloca_once(builder, vf) for _ in range(g_count)]
+            n_pass = builder.udiv(kp, ir.Constant(intp, g_count))
+            with cgutils.for_range(builder, n_pass) as passes:
+                j0 = builder.mul(passes.index, ir.Constant(intp, g_count))
+                for a in accs:
+                    builder.store(ir.Constant(vf, [0.0] * LANES), a)
+                crows = [builder.gep(cdata, [builder.mul(builder.add(j0, ir.Constant(intp, g)), dim)])
+                         for g in range(g_count)]
+                with cgutils.for_range(builder, dim) as coords:
+                    t = coords.index
+                    xv = builder.load(vptr(tile0, builder.mul(t, ir.Constant(intp, LANES))), align=4)
+                    for g in range(g_count):
+                        cv = splat(builder, builder.load(builder.gep(crows[g], [t])), vf)
+                        builder.store(builder.call(fma, [xv, cv, builder.load(accs[g])]), accs[g])
+                for g in range(g_count):  # the pass's centres in id order: (distance, id) ties to the smaller id
+                    j = builder.add(j0, ir.Constant(intp, g))
+                    cs = splat(builder, builder.load(builder.gep(cnp_p, [j])), vf)
+                    d = builder.bitcast(builder.fsub(builder.fadd(xs, cs), builder.fmul(two, builder.load(accs[g]))),
+                                        vi)
+                    d = builder.select(builder.icmp_signed(">", d, zero_i), d, zero_i)
+                    d = builder.select(builder.icmp_signed(">", d, big), zero_i, d)
+                    best, run = builder.load(best_p), builder.load(run_p)
+                    lt = builder.icmp_signed("<", d, best)
+                    smaller_run = builder.select(builder.icmp_signed("<", d, run), d, run)
+                    builder.store(builder.select(lt, best, smaller_run), run_p)
+                    builder.store(builder.select(lt, d, best), best_p)
+                    jv = splat(builder, builder.trunc(j, i32), vi)
+                    builder.store(builder.select(lt, jv, builder.load(arg_p)), arg_p)
+            for out_v, src in ((bo_v, best_p), (ro_v, run_p), (ao_v, arg_p)):
+                p = context.make_array(signature.args[5])(context, builder, out_v).data
+                builder.store(builder.load(src), builder.bitcast(p, vi.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_TILES = tuple(_tile_intrinsic(g) for g in range(1, MAX_GROUP + 1))
+_t1, _t2, _t3, _t4, _t5, _t6, _t7, _t8 = _TILES
+
+
+@numba.njit(inline="always", **_JIT)
+def _tile(g_count, xt, b, cp, cnp, xn, best, run, arg):
+    if g_count == 1:
+        _t1(xt, b, cp, cnp, xn, best, run, arg)
+    elif g_count == 2:
+        _t2(xt, b, cp, cnp, xn, best, run, arg)
+    elif g_count == 3:
+        _t3(xt, b, cp, cnp, xn, best, run, arg)
+    elif g_count == 4:
+        _t4(xt, b, cp, cnp, xn, best, run, arg)
+    elif g_count == 5:
+        _t5(xt, b, cp, cnp, xn, best, run, arg)
+    elif g_count == 6:
+        _t6(xt, b, cp, cnp, xn, best, run, arg)
+    elif g_count == 7:
+        _t7(xt, b, cp, cnp, xn, best, run, arg)
+    else:
+        _t8(xt, b, cp, cnp, xn, best, run, arg)
+
+
+@numba.njit(**_JIT)
+def tile_top2(xt, b0, b1, n, cp, cnp, g_count, xn, labels, d1, d2):
+    """Labels, d1 and d2 (as :func:`kvant.kernels.assign.top2_from_ip` writes them) of the rows in tiles b0 .. b1 of
+    ``xt`` (:func:`transpose_tiles`; n real rows in all) against the centres ``cp, cnp`` (:func:`fill_centres`, KP a
+    multiple of ``g_count``); ``xn`` the rows' squared norms, zero-padded to whole tiles."""
+    best = np.empty(LANES, np.int32)
+    run = np.empty(LANES, np.int32)
+    arg = np.empty(LANES, np.int32)
+    for b in range(b0, b1):
+        _tile(g_count, xt, b, cp, cnp, xn, best, run, arg)
+        for r in range(min(LANES, n - b * LANES)):
+            i = b * LANES + r
+            labels[i] = arg[r]
+            d1[i] = np.int32(best[r]).view(np.float32)
+            d2[i] = np.int32(min(run[r], np.int32(0x7F800000))).view(np.float32)
+
+
+__all__ = ["LANES", "MAX_GROUP", "fill_centres", "group_size", "padded_k", "tile_top2", "transpose_tiles"]

@@ -1,0 +1,103 @@
+"""The rows-in-lanes top-2 kernel (kernels.row_lanes) against the NumPy reference, bit for bit against the direct
+kernel it stands in for, and inside the compiled small-input Lloyd loop."""
+
+import numpy as np
+import pytest
+
+from kvant.bench import reference as ref
+from kvant.kernels import row_lanes
+from kvant.kernels.direct_assign import direct_top2, padded_centroids
+from kvant.kernels.distance import sq_norms
+
+# rows on both sides of the 16-row tile, D = 1 and odd D, K across the pass sizes (1-8 centres, 9-16 in two passes...)
+SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (15, 2, 8), (16, 7, 9), (17, 5, 16), (33, 13, 17), (47, 130, 24),
+          (300, 9, 10), (23, 4, 33), (64, 64, 64), (19, 3, 100)]
+
+
+def _run(x, c, xn=None):
+    n, d = x.shape
+    k = c.shape[0]
+    xn = sq_norms(x) if xn is None else xn
+    xt = row_lanes.transpose_tiles(x)
+    kp = row_lanes.padded_k(k)
+    cp, cnp = np.empty((kp, d), np.float32), np.empty(kp, np.float32)
+    row_lanes.fill_centres(c, sq_norms(c), cp, cnp)
+    xnp = np.zeros(xt.shape[0] * row_lanes.LANES, np.float32)
+    xnp[:n] = xn
+    out = np.full(n, -7, np.int64), np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    row_lanes.tile_top2(xt, 0, xt.shape[0], n, cp, cnp, row_lanes.group_size(k), xnp, *out)
+    return out
+
+
+def _direct(x, c, xn=None):
+    n = x.shape[0]
+    out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+    ct, cn = padded_centroids(c, sq_norms(c))
+    direct_top2(x, ct, cn, sq_norms(x) if xn is None else xn, *out)
+    return out
+
+
+def _bits(a):
+    return np.asarray(a).view(np.int32 if a.dtype == np.float32 else np.int64)
+
+
+def test_passes_share_the_centres_evenly():
+    for k in range(1, 200):
+        g, kp = row_lanes.group_size(k), row_lanes.padded_k(k)
+        assert 1 <= g <= row_lanes.MAX_GROUP and kp % g == 0 and k <= kp < k + kp // g  # < one padded centre a pass
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_tile_top2_matches_the_reference_and_the_direct_kernel(n, d, k):
+    g = np.random.default_rng(n * 1000 + d * 10 + k)
+    x = (g.standard_normal((n, d)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)  # rows of any size
+    c = g.standard_normal((k, d)).astype(np.float32)
+    got = _run(x, c)
+    rl, r1, r2 = ref.top2_ref(x, c)
+    np.testing.assert_array_equal(got[0], rl)
+    np.testing.assert_allclose(got[1], r1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got[2], r2, rtol=1e-4, atol=1e-3)
+    for a, b in zip(got, _direct(x, c)):  # the same float32 operations in the same order
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 16, 17, 31, 32, 33])
+def test_ties_clamps_and_overflow_are_the_direct_kernels(k):
+    # integer-grid data (exact products): repeated centres tie (to the smaller id, runner-up = the minimum),
+    # rows equal to a centre cancel to 0 (clamped), and huge rows overflow float32 to +inf distances
+    g = np.random.default_rng(k)
+    d = 11
+    c = np.round(g.standard_normal((k, d)) * 2).astype(np.float32)
+    if k > 3:
+        c[k - 1] = c[1]
+        c[k // 2] = c[1]
+    x = np.round(g.standard_normal((203, d)) * 2).astype(np.float32)
+    x[1::7] = c[min(1, k - 1)]
+    x[5] = 3e38
+    x[6] = 0.0
+    with np.errstate(over="ignore"):
+        xn = sq_norms(x)
+    for a, b in zip(_run(x, c, xn), _direct(x, c, xn)):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("k,spherical", [(3, False), (10, True), (13, False), (32, False)])
+def test_compiled_lloyd_gives_the_same_fit_with_rows_in_lanes(monkeypatch, k, spherical):
+    from kvant.cluster import lloyd as lloyd_module
+
+    g = np.random.default_rng(k)
+    x = (g.standard_normal((900, 24)) + 3 * g.standard_normal((8, 24))[g.integers(8, size=900)]).astype(np.float32)
+    if spherical:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c0 = lloyd_module.init_centroids(x, k, "k-means++", 1, spherical)
+    if not lloyd_module.small_lloyd_applies(*x.shape, k):
+        pytest.skip("no register-blocked kernel on this host: no compiled loop")
+    runs = []
+    for lanes in (False, True):
+        monkeypatch.setattr(lloyd_module, "ROW_LANES", lanes)
+        runs.append(lloyd_module.lloyd(x, c0, 30, 1e-6, spherical, overrelax=1.0))
+    a, b = runs
+    assert a.objective_history == b.objective_history
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    np.testing.assert_array_equal(_bits(a.last_d2), _bits(b.last_d2))
