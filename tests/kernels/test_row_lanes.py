@@ -1,6 +1,7 @@
 """The rows-in-lanes top-2 kernel (kernels.row_lanes) against the NumPy reference, bit for bit against the direct
 kernel it stands in for, and inside the compiled small-input Lloyd loop."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -101,3 +102,29 @@ def test_compiled_lloyd_gives_the_same_fit_with_rows_in_lanes(monkeypatch, k, sp
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.centroids, b.centroids)
     np.testing.assert_array_equal(_bits(a.last_d2), _bits(b.last_d2))
+
+
+@numba.njit
+def _tile_sq_dists(xt, b, x, i, out):
+    row_lanes.tile_sq_dists(xt, b, x, i, out)
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (5, 2), (64, 3), (65, 64), (130, 17), (200, 128)])
+def test_tile_sq_dists_are_float32_squared_distances_within_their_bound(n, d):
+    g = np.random.default_rng(n + d)
+    x = (g.standard_normal((n, d)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)
+    xt = row_lanes.transpose_tiles(x, row_lanes.BLOCK_TILES)
+    assert xt.shape[0] % row_lanes.BLOCK_TILES == 0 and xt.shape[0] * row_lanes.LANES >= n
+    block = row_lanes.BLOCK_TILES * row_lanes.LANES
+    out = np.empty(block, np.float32)
+    x64 = x.astype(np.float64)
+    for i in (0, n // 2, n - 1):
+        for b in range(0, xt.shape[0], row_lanes.BLOCK_TILES):
+            _tile_sq_dists(xt, b, x, i, out)
+            lo, hi = b * row_lanes.LANES, min(n, (b + row_lanes.BLOCK_TILES) * row_lanes.LANES)
+            want = ((x64[lo:hi] - x64[i]) ** 2).sum(1)
+            # a float32 sum of D rounded squared differences: within (D + 3)·2⁻²⁴ of the exact distance
+            assert np.all(np.abs(out[: hi - lo] - want) <= (d + 3) * 2.0**-24 * want + 1e-30)
+            assert out[: hi - lo][i - lo] == 0.0 if lo <= i < hi else True
+            # padding rows (zeros) read as ‖x_i‖²
+            np.testing.assert_allclose(out[hi - lo :], (x64[i] ** 2).sum(), rtol=(d + 3) * 2.0**-24)

@@ -10,6 +10,7 @@ import numba
 import numpy as np
 
 from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, row_sq_dist64
+from .row_lanes import BLOCK_TILES, LANES, tile_sq_dists, transpose_tiles
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
@@ -307,7 +308,8 @@ def _sq_dist_f32(x, i, c):
 
 
 # Rows per partial sum of the sampling mass: a k-means++ step re-sums only the blocks whose rows moved,
-# and a draw walks the block sums before the rows of one block.
+# and a draw walks the block sums before the rows of one block. (Greedy steps compute a block's distances as
+# row_lanes.BLOCK_TILES tiles of 16 rows.)
 _KPP_BLOCK = 64
 # Below this dimension kmeanspp computes every row's distance: a distance of a few vectors costs less than the
 # mispredicted branch of the skip test (digits, D=64: 5.5 ms unpruned, 7.8 ms pruned at K=256; even at D=128).
@@ -460,6 +462,25 @@ def _greedy_block(x, cents, d2, near, skip_at_most, prune, cand_d, w, unit, b, p
 
 
 @numba.njit(**_JIT)
+def _greedy_block_lanes(xt, x, cand, d2, cand_d, w, unit, b, pot, buf):
+    """:func:`_greedy_block` without pruning, its 64 rows in the vector lanes (``xt``: the rows as
+    :func:`kvant.kernels.row_lanes.transpose_tiles` tiles in fours, ``buf`` 64 float32 of scratch): each row's
+    distance to a candidate ends in its own lane instead of a horizontal sum per row."""
+    n = x.shape[0]
+    lo = b * _KPP_BLOCK
+    hi = min(n, lo + _KPP_BLOCK)
+    for t in range(cand.shape[0]):
+        tile_sq_dists(xt, lo // LANES, x, cand[t], buf)
+        s = 0.0
+        for i in range(lo, hi):
+            v = np.float64(buf[i - lo])
+            cand_d[t, i] = v
+            m = v if v < d2[i] else d2[i]
+            s += m if unit else w[i] * m
+        pot[t, b] = s
+
+
+@numba.njit(**_JIT)
 def _prune_shrink(d):
     """Factor on ‖c − c'‖² below which D²(x) to c' must stay for c to be unable to lower it: 1/4 by the triangle
     inequality, less (d + 3)·2⁻²⁴ (the relative error bound of :func:`_sq_dist_f32`: d rounded adds, a rounded
@@ -481,9 +502,11 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE
 
     From ``prune_min_dim`` up, each row keeps its nearest centre so far and skips the candidates that cannot come
     closer (:func:`kmeanspp`'s triangle test, against L·c distances between the candidates and the centres per
-    step); the potentials and picks are those of the unpruned algorithm. ``n_parts`` splits each step's blocks over
-    threads; each block's sums are added in order after the region, so the picks do not depend on it. NumPy
-    reference: ``kvant.bench.reference.kmeanspp_greedy_ref``."""
+    step); the potentials and picks are those of the unpruned algorithm. Below it every distance is computed, with
+    16 rows to a vector (:func:`_greedy_block_lanes`; float32 rows only): digits' 682 seeding rows at K = 64
+    (6 draws) took 0.77 ms against 1.16 ms row by row (Zen 4, 2026-12-05; whole digits K = 64 fits ~20% faster).
+    ``n_parts`` splits each step's blocks over threads; each block's sums are added in order after the region, so
+    the picks do not depend on it. NumPy reference: ``kvant.bench.reference.kmeanspp_greedy_ref``."""
     n, d = x.shape
     L = uniforms.shape[1]
     unit = w.shape[0] == 0
@@ -500,6 +523,10 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE
     prune = d >= prune_min_dim
     shrink = _prune_shrink(d)
     skip_at_most = np.empty((L, k if prune else 1), np.float64)
+    # unpruned steps compute every row's distance to each candidate: with rows in the vector lanes
+    lanes = not prune
+    xt = transpose_tiles(x, BLOCK_TILES) if lanes else np.empty((0, d, LANES), np.float32)
+    buf = np.empty(_KPP_BLOCK, np.float32)
     for t in range(d):
         cents[0, t] = x[first, t]
     for i in range(n):
@@ -521,7 +548,15 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE
                 cents[t, j] = x[cand[t], j]
             for j in range(c if prune else 0):
                 skip_at_most[t, j] = np.float64(_sq_dist_f32(x, chosen[j], cents[t])) * shrink
-        if parts == 1:
+        if lanes and parts == 1:
+            for b in range(n_blocks):
+                _greedy_block_lanes(xt, x, cand, d2, cand_d, w, unit, b, pot, buf)
+        elif lanes:
+            for p in numba.prange(parts):
+                part_buf = np.empty(_KPP_BLOCK, np.float32)
+                for b in range(p * n_blocks // parts, (p + 1) * n_blocks // parts):
+                    _greedy_block_lanes(xt, x, cand, d2, cand_d, w, unit, b, pot, part_buf)
+        elif parts == 1:
             for b in range(n_blocks):
                 _greedy_block(x, cents, d2, near, skip_at_most, prune, cand_d, w, unit, b, pot)
         else:
