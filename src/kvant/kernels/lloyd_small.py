@@ -115,6 +115,27 @@ def _same(a, b):
 
 
 @numba.njit(parallel=True, **_JIT)
+def _full_e_step(x, xn, c, lanes, xt, xnp, cp, cnl, ct, cnp, block_rows, labels, d1, d2):
+    """Every row's label and float32 top-2 distances to centres ``c``, over row blocks on Numba's threads: with rows
+    in the lanes (``xt, xnp``: the rows as tiles and their norms; ``cp, cnl`` scratch for the centres) or with the
+    direct kernel (``ct, cnp`` its centre scratch). The same outputs either way."""
+    n = x.shape[0]
+    if lanes:
+        fill_centres(c, sq_norms_serial(c), cp, cnl)
+        nt = xt.shape[0]
+        per_block = max(1, block_rows // LANES)
+        g_count = group_size(c.shape[0])
+        for b in numba.prange((nt + per_block - 1) // per_block):
+            tile_top2(xt, b * per_block, min(nt, (b + 1) * per_block), n, cp, cnl, g_count, xnp, labels, d1, d2)
+    else:
+        fill_padded(c, sq_norms_serial(c), ct, cnp)
+        for b in numba.prange((n + block_rows - 1) // block_rows):
+            s = b * block_rows
+            e = min(n, s + block_rows)
+            direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
+
+
+@numba.njit(**_JIT)
 def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist,
                 lanes=False):
     """Lloyd iterations from centres ``c0`` on rows ``x`` (float32, C-contiguous; unit rows when ``spherical``) with
@@ -130,7 +151,6 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     n = x.shape[0]
     k = c0.shape[0]
     kp = -(-k // 16) * 16  # (direct_assign._padded: whole 16-float vectors)
-    n_blocks = (n + block_rows - 1) // block_rows
     ct = np.empty((x.shape[1], kp), np.float32)
     cnp = np.empty(kp, np.float32)
     labels = np.empty(n, np.int64)
@@ -141,25 +161,11 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     c = c0
     # rows in lanes (row_lanes): the rows transposed once, tiles of them per block
     xt = transpose_tiles(x) if lanes else np.empty((0, 0, LANES), np.float32)
-    nt = xt.shape[0]
-    tiles_per_block = max(1, block_rows // LANES)
-    n_tile_blocks = (nt + tiles_per_block - 1) // tiles_per_block
-    xnp = np.zeros(nt * LANES, np.float32)
+    xnp = np.zeros(xt.shape[0] * LANES, np.float32)
     xnp[: n if lanes else 0] = xn[: n if lanes else 0]
-    g_count = group_size(k)
     cp = np.empty((padded_lanes_k(k) if lanes else 0, x.shape[1]), np.float32)
     cnl = np.empty(cp.shape[0], np.float32)
-    if lanes:
-        fill_centres(c, sq_norms_serial(c), cp, cnl)
-        for b in numba.prange(n_tile_blocks):
-            tile_top2(xt, b * tiles_per_block, min(nt, (b + 1) * tiles_per_block), n, cp, cnl, g_count, xnp, labels, d1,
-                      d2)
-    else:
-        fill_padded(c, sq_norms_serial(c), ct, cnp)
-        for b in numba.prange(n_blocks):
-            s = b * block_rows
-            e = min(n, s + block_rows)
-            direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
+    _full_e_step(x, xn, c, lanes, xt, xnp, cp, cnl, ct, cnp, block_rows, labels, d1, d2)
     assigned = n
     for i in range(n):
         dist[i] = np.sqrt(d1[i])
@@ -198,17 +204,7 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         c = new_c
         if unmoved and beta == 0.0 and reseeded == 0:
             break  # the labels are already the nearest centres of c
-        if lanes:
-            fill_centres(c, sq_norms_serial(c), cp, cnl)
-            for b in numba.prange(n_tile_blocks):
-                tile_top2(xt, b * tiles_per_block, min(nt, (b + 1) * tiles_per_block), n, cp, cnl, g_count, xnp,
-                          lab_new, d1, d2)
-        else:
-            fill_padded(c, sq_norms_serial(c), ct, cnp)
-            for b in numba.prange(n_blocks):
-                s = b * block_rows
-                e = min(n, s + block_rows)
-                direct_top2(x[s:e], ct, cnp, xn[s:e], lab_new[s:e], d1[s:e], d2[s:e])
+        _full_e_step(x, xn, c, lanes, xt, xnp, cp, cnl, ct, cnp, block_rows, lab_new, d1, d2)
         assigned += n
         _apply_moves(x, labels, lab_new, sums, counts, w)
         for i in range(n):

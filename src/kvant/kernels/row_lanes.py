@@ -70,78 +70,83 @@ def fill_centres(centroids, c_sqnorms, cp, cnp):
         cnp[j] = c_sqnorms[j] if j < k else np.float32(np.inf)
 
 
-def _tile_intrinsic(g_count: int):
+def _emit_tile(context, builder, signature, args, g_count: int):
     """The IR of one 16-row tile against every centre, G = ``g_count`` accumulators per pass."""
+    xt_v, b_v, cp_v, cnp_v, xn_v, bo_v, ro_v, ao_v = args[:8]
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vf, vi = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+    intp = context.get_value_type(types.intp)
+    a_xt = context.make_array(signature.args[0])(context, builder, xt_v)
+    a_cp = context.make_array(signature.args[2])(context, builder, cp_v)
+    dim = cgutils.unpack_tuple(builder, a_xt.shape, 3)[1]
+    kp = cgutils.unpack_tuple(builder, a_cp.shape, 2)[0]
+    bi = context.cast(builder, b_v, signature.args[1], types.intp)
+    tile0 = builder.gep(a_xt.data, [builder.mul(builder.mul(bi, dim), ir.Constant(intp, LANES))])
+    cdata = a_cp.data
+    cnp_p = context.make_array(signature.args[3])(context, builder, cnp_v).data
+    xn_p = context.make_array(signature.args[4])(context, builder, xn_v).data
+    fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
 
-    @intrinsic
-    def tile(typingctx, xt, b, cp, cnp, xn, best_out, run_out, arg_out):
-        ok = all(isinstance(a, types.Array) for a in (xt, cp, cnp, xn, best_out, run_out, arg_out))
-        if not ok or xt.dtype != types.float32 or cp.dtype != types.float32 or xt.ndim != 3:
-            return None
-        sig = types.void(xt, b, cp, cnp, xn, best_out, run_out, arg_out)
+    def vptr(ptr, off, ty=vf):
+        return builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer())
 
-        def codegen(context, builder, signature, args):
-            xt_v, b_v, cp_v, cnp_v, xn_v, bo_v, ro_v, ao_v = args
-            f32, i32 = ir.FloatType(), ir.IntType(32)
-            vf, vi = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
-            intp = context.get_value_type(types.intp)
-            a_xt = context.make_array(signature.args[0])(context, builder, xt_v)
-            a_cp = context.make_array(signature.args[2])(context, builder, cp_v)
-            dim = cgutils.unpack_tuple(builder, a_xt.shape, 3)[1]
-            kp = cgutils.unpack_tuple(builder, a_cp.shape, 2)[0]
-            bi = context.cast(builder, b_v, signature.args[1], types.intp)
-            tile0 = builder.gep(a_xt.data, [builder.mul(builder.mul(bi, dim), ir.Constant(intp, LANES))])
-            cdata = a_cp.data
-            cnp_p = context.make_array(signature.args[3])(context, builder, cnp_v).data
-            xn_p = context.make_array(signature.args[4])(context, builder, xn_v).data
-            fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
+    xs = builder.load(vptr(xn_p, builder.mul(bi, ir.Constant(intp, LANES))), align=4)
+    two = ir.Constant(vf, [2.0] * LANES)
+    zero_i, big = ir.Constant(vi, [0] * LANES), ir.Constant(vi, [0x7F800000] * LANES)
+    above = ir.Constant(vi, [0x7F800001] * LANES)  # above every clamped value: the first centre is taken
+    best_p = cgutils.alloca_once_value(builder, above)
+    run_p = cgutils.alloca_once_value(builder, above)
+    arg_p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0] * LANES))
+    accs = [cgutils.alloca_once(builder, vf) for _ in range(g_count)]
+    n_pass = builder.udiv(kp, ir.Constant(intp, g_count))
+    with cgutils.for_range(builder, n_pass) as passes:
+        j0 = builder.mul(passes.index, ir.Constant(intp, g_count))
+        for a in accs:
+            builder.store(ir.Constant(vf, [0.0] * LANES), a)
+        crows = [builder.gep(cdata, [builder.mul(builder.add(j0, ir.Constant(intp, g)), dim)]) for g in range(g_count)]
+        with cgutils.for_range(builder, dim) as coords:
+            t = coords.index
+            xv = builder.load(vptr(tile0, builder.mul(t, ir.Constant(intp, LANES))), align=4)
+            for g in range(g_count):
+                cv = splat(builder, builder.load(builder.gep(crows[g], [t])), vf)
+                builder.store(builder.call(fma, [xv, cv, builder.load(accs[g])]), accs[g])
+        for g in range(g_count):  # the pass's centres in id order: (distance, id) ties to the smaller id
+            j = builder.add(j0, ir.Constant(intp, g))
+            cs = splat(builder, builder.load(builder.gep(cnp_p, [j])), vf)
+            d = builder.bitcast(builder.fsub(builder.fadd(xs, cs), builder.fmul(two, builder.load(accs[g]))), vi)
+            d = builder.select(builder.icmp_signed(">", d, zero_i), d, zero_i)
+            d = builder.select(builder.icmp_signed(">", d, big), zero_i, d)
+            best, run = builder.load(best_p), builder.load(run_p)
+            lt = builder.icmp_signed("<", d, best)
+            smaller_run = builder.select(builder.icmp_signed("<", d, run), d, run)
+            builder.store(builder.select(lt, best, smaller_run), run_p)
+            builder.store(builder.select(lt, d, best), best_p)
+            jv = splat(builder, builder.trunc(j, i32), vi)
+            builder.store(builder.select(lt, jv, builder.load(arg_p)), arg_p)
+    for out_v, src in ((bo_v, best_p), (ro_v, run_p), (ao_v, arg_p)):
+        p = context.make_array(signature.args[5])(context, builder, out_v).data
+        builder.store(builder.load(src), builder.bitcast(p, vi.as_pointer()), align=4)
 
-            def vptr(ptr, off, ty=vf):
-                return builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer())
 
-            xs = builder.load(vptr(xn_p, builder.mul(bi, ir.Constant(intp, LANES))), align=4)
-            two = ir.Constant(vf, [2.0] * LANES)
-            zero_i, big = ir.Constant(vi, [0] * LANES), ir.Constant(vi, [0x7F800000] * LANES)
-            above = ir.Constant(vi, [0x7F800001] * LANES)  # above every clamped value: the first centre is taken
-            best_p = cgutils.alloca_once_value(builder, above)
-            run_p = cgutils.alloca_once_value(builder, above)
-            arg_p = cgutils.alloca_once_value(builder, ir.Constant(vi, [0] * LANES))
-            accs = [cgutils.alloca_once(builder, vf) for _ in range(g_count)]
-            n_pass = builder.udiv(kp, ir.Constant(intp, g_count))
-            with cgutils.for_range(builder, n_pass) as passes:
-                j0 = builder.mul(passes.index, ir.Constant(intp, g_count))
-                for a in accs:
-                    builder.store(ir.Constant(vf, [0.0] * LANES), a)
-                crows = [builder.gep(cdata, [builder.mul(builder.add(j0, ir.Constant(intp, g)), dim)])
-                         for g in range(g_count)]
-                with cgutils.for_range(builder, dim) as coords:
-                    t = coords.index
-                    xv = builder.load(vptr(tile0, builder.mul(t, ir.Constant(intp, LANES))), align=4)
-                    for g in range(g_count):
-                        cv = splat(builder, builder.load(builder.gep(crows[g], [t])), vf)
-                        builder.store(builder.call(fma, [xv, cv, builder.load(accs[g])]), accs[g])
-                for g in range(g_count):  # the pass's centres in id order: (distance, id) ties to the smaller id
-                    j = builder.add(j0, ir.Constant(intp, g))
-                    cs = splat(builder, builder.load(builder.gep(cnp_p, [j])), vf)
-                    d = builder.bitcast(builder.fsub(builder.fadd(xs, cs), builder.fmul(two, builder.load(accs[g]))),
-                                        vi)
-                    d = builder.select(builder.icmp_signed(">", d, zero_i), d, zero_i)
-                    d = builder.select(builder.icmp_signed(">", d, big), zero_i, d)
-                    best, run = builder.load(best_p), builder.load(run_p)
-                    lt = builder.icmp_signed("<", d, best)
-                    smaller_run = builder.select(builder.icmp_signed("<", d, run), d, run)
-                    builder.store(builder.select(lt, best, smaller_run), run_p)
-                    builder.store(builder.select(lt, d, best), best_p)
-                    jv = splat(builder, builder.trunc(j, i32), vi)
-                    builder.store(builder.select(lt, jv, builder.load(arg_p)), arg_p)
-            for out_v, src in ((bo_v, best_p), (ro_v, run_p), (ao_v, arg_p)):
-                p = context.make_array(signature.args[5])(context, builder, out_v).data
-                builder.store(builder.load(src), builder.bitcast(p, vi.as_pointer()), align=4)
-            return context.get_dummy_value()
+@intrinsic
+def _tile(typingctx, g_count, xt, b, cp, cnp, xn, best_out, run_out, arg_out):
+    """One 16-row tile against every centre in passes of ``g_count`` (1..MAX_GROUP) accumulators: best, runner-up
+    (distance bit patterns) and first index of the best per lane into the three int32 outputs. The IR holds one
+    body per pass size; ``g_count`` picks it."""
+    ok = all(isinstance(a, types.Array) for a in (xt, cp, cnp, xn, best_out, run_out, arg_out))
+    if not ok or xt.dtype != types.float32 or cp.dtype != types.float32 or xt.ndim != 3:
+        return None
+    sig = types.void(g_count, xt, b, cp, cnp, xn, best_out, run_out, arg_out)
 
-        return sig, codegen
+    def codegen(context, builder, signature, args):
+        inner = signature.args[1:]
+        gv = context.cast(builder, args[0], signature.args[0], types.intp)
+        for g in range(1, MAX_GROUP + 1):
+            with builder.if_then(builder.icmp_signed("==", gv, ir.Constant(gv.type, g))):
+                _emit_tile(context, builder, types.void(*inner), args[1:], g)
+        return context.get_dummy_value()
 
-    return tile
+    return sig, codegen
 
 
 BLOCK_TILES = 4  # tiles per tile_sq_dists call
@@ -206,30 +211,6 @@ def tile_sq_dists(typingctx, xt, b, x, i, out):
     return sig, codegen
 
 
-_TILES = tuple(_tile_intrinsic(g) for g in range(1, MAX_GROUP + 1))
-_t1, _t2, _t3, _t4, _t5, _t6, _t7, _t8 = _TILES
-
-
-@numba.njit(inline="always", **_JIT)
-def _tile(g_count, xt, b, cp, cnp, xn, best, run, arg):
-    if g_count == 1:
-        _t1(xt, b, cp, cnp, xn, best, run, arg)
-    elif g_count == 2:
-        _t2(xt, b, cp, cnp, xn, best, run, arg)
-    elif g_count == 3:
-        _t3(xt, b, cp, cnp, xn, best, run, arg)
-    elif g_count == 4:
-        _t4(xt, b, cp, cnp, xn, best, run, arg)
-    elif g_count == 5:
-        _t5(xt, b, cp, cnp, xn, best, run, arg)
-    elif g_count == 6:
-        _t6(xt, b, cp, cnp, xn, best, run, arg)
-    elif g_count == 7:
-        _t7(xt, b, cp, cnp, xn, best, run, arg)
-    else:
-        _t8(xt, b, cp, cnp, xn, best, run, arg)
-
-
 @numba.njit(**_JIT)
 def tile_top2(xt, b0, b1, n, cp, cnp, g_count, xn, labels, d1, d2):
     """Labels, d1 and d2 (as :func:`kvant.kernels.assign.top2_from_ip` writes them) of the rows in tiles b0 .. b1 of
@@ -247,5 +228,21 @@ def tile_top2(xt, b0, b1, n, cp, cnp, g_count, xn, labels, d1, d2):
             d2[i] = np.int32(min(run[r], np.int32(0x7F800000))).view(np.float32)
 
 
+def top2(x: np.ndarray, centroids: np.ndarray, x_sqnorms: np.ndarray, c_sqnorms: np.ndarray):
+    """(labels, d1, d2) of every row of x (float32) by :func:`tile_top2`, its operands made here: the convenience form
+    (tests, references) of what :func:`kvant.kernels.lloyd_small.lloyd_small` sets up once per fit."""
+    n, dim = x.shape
+    k = centroids.shape[0]
+    xt = transpose_tiles(np.ascontiguousarray(x, np.float32))
+    kp = padded_k(k)
+    cp, cnp = np.empty((kp, dim), np.float32), np.empty(kp, np.float32)
+    fill_centres(np.ascontiguousarray(centroids, np.float32), np.asarray(c_sqnorms, np.float32), cp, cnp)
+    xn = np.zeros(xt.shape[0] * LANES, np.float32)
+    xn[:n] = x_sqnorms
+    out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+    tile_top2(xt, 0, xt.shape[0], n, cp, cnp, group_size(k), xn, *out)
+    return out
+
+
 __all__ = ["BLOCK_TILES", "LANES", "MAX_GROUP", "fill_centres", "group_size", "padded_k", "tile_sq_dists", "tile_top2",
-           "transpose_tiles"]
+           "top2", "transpose_tiles"]
