@@ -114,28 +114,32 @@ def _same(a, b):
     return True
 
 
-@numba.njit(parallel=True, **_JIT)
-def _full_e_step(x, xn, c, lanes, xt, xnp, cp, cnl, ct, cnp, block_rows, labels, d1, d2):
-    """Every row's label and float32 top-2 distances to centres ``c``, over row blocks on Numba's threads: with rows
-    in the lanes (``xt, xnp``: the rows as tiles and their norms; ``cp, cnl`` scratch for the centres) or with the
-    direct kernel (``ct, cnp`` its centre scratch). The same outputs either way."""
-    n = x.shape[0]
+@numba.njit(**_JIT)
+def _fill_centres(c, lanes, cp, cnl, ct, cnp):
+    """The E-step's centre operands for centres ``c``: ``cp, cnl`` with rows in the lanes, else ``ct, cnp``."""
     if lanes:
         fill_centres(c, sq_norms_serial(c), cp, cnl)
-        nt = xt.shape[0]
-        per_block = max(1, block_rows // LANES)
-        g_count = group_size(c.shape[0])
-        for b in numba.prange((nt + per_block - 1) // per_block):
-            tile_top2(xt, b * per_block, min(nt, (b + 1) * per_block), n, cp, cnl, g_count, xnp, labels, d1, d2)
     else:
         fill_padded(c, sq_norms_serial(c), ct, cnp)
-        for b in numba.prange((n + block_rows - 1) // block_rows):
-            s = b * block_rows
-            e = min(n, s + block_rows)
-            direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
 
 
 @numba.njit(**_JIT)
+def _e_step_block(b, lanes, x, xn, xt, xnp, cp, cnl, g_count, ct, cnp, per_block, labels, d1, d2):
+    """Block ``b`` of a full E-step: ``per_block`` tiles of 16 rows with rows in the lanes (``xt, xnp``: the rows as
+    tiles and their norms; ``g_count`` centres per pass), else ``per_block`` rows through the direct kernel. The same
+    outputs either way. (The ``prange`` over blocks stays in :func:`lloyd_small`: a jitted function may not call a
+    ``parallel=True`` one, numba#8578, and one inlined into it did not become a parallel loop.)"""
+    n = x.shape[0]
+    if lanes:
+        nt = xt.shape[0]
+        tile_top2(xt, b * per_block, min(nt, (b + 1) * per_block), n, cp, cnl, g_count, xnp, labels, d1, d2)
+    else:
+        s = b * per_block
+        e = min(n, s + per_block)
+        direct_top2(x[s:e], ct, cnp, xn[s:e], labels[s:e], d1[s:e], d2[s:e])
+
+
+@numba.njit(parallel=True, **_JIT)
 def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist,
                 lanes=False):
     """Lloyd iterations from centres ``c0`` on rows ``x`` (float32, C-contiguous; unit rows when ``spherical``) with
@@ -165,7 +169,12 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     xnp[: n if lanes else 0] = xn[: n if lanes else 0]
     cp = np.empty((padded_lanes_k(k) if lanes else 0, x.shape[1]), np.float32)
     cnl = np.empty(cp.shape[0], np.float32)
-    _full_e_step(x, xn, c, lanes, xt, xnp, cp, cnl, ct, cnp, block_rows, labels, d1, d2)
+    g_count = group_size(k)
+    per_block = max(1, block_rows // LANES) if lanes else block_rows  # tiles or rows per E-step block
+    n_e_blocks = (xt.shape[0] + per_block - 1) // per_block if lanes else (n + block_rows - 1) // block_rows
+    _fill_centres(c, lanes, cp, cnl, ct, cnp)
+    for b in numba.prange(n_e_blocks):
+        _e_step_block(b, lanes, x, xn, xt, xnp, cp, cnl, g_count, ct, cnp, per_block, labels, d1, d2)
     assigned = n
     for i in range(n):
         dist[i] = np.sqrt(d1[i])
@@ -204,7 +213,9 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         c = new_c
         if unmoved and beta == 0.0 and reseeded == 0:
             break  # the labels are already the nearest centres of c
-        _full_e_step(x, xn, c, lanes, xt, xnp, cp, cnl, ct, cnp, block_rows, lab_new, d1, d2)
+        _fill_centres(c, lanes, cp, cnl, ct, cnp)
+        for b in numba.prange(n_e_blocks):
+            _e_step_block(b, lanes, x, xn, xt, xnp, cp, cnl, g_count, ct, cnp, per_block, lab_new, d1, d2)
         assigned += n
         _apply_moves(x, labels, lab_new, sums, counts, w)
         for i in range(n):
