@@ -148,8 +148,8 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     ``block_rows``: rows per E-step block; ``lanes``: E-steps with rows in the vector lanes
     (:func:`kvant.kernels.row_lanes.tile_top2`, the same outputs bit for bit) rather than centres. Writes the objective
     of every M-step into ``history`` (at least ``max_iter`` long) and each row's distance to its centre into ``dist``;
-    returns (centres, labels, d1, d2,
-    iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows assigned). The labels are the last
+    returns (centres, labels, d1, d2, iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows
+    assigned). The labels are the last
     E-step's: the nearest centres of the returned ones up to float32 rounding, as with ``lloyd``; d1 and d2 its two
     smallest float32 squared distances per row (what :func:`kvant.kernels.assign.certify_top2` needs)."""
     n = x.shape[0]
@@ -171,7 +171,7 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     cnl = np.empty(cp.shape[0], np.float32)
     g_count = group_size(k)
     per_block = max(1, block_rows // LANES) if lanes else block_rows  # tiles or rows per E-step block
-    n_e_blocks = (xt.shape[0] + per_block - 1) // per_block if lanes else (n + block_rows - 1) // block_rows
+    n_e_blocks = ((xt.shape[0] if lanes else n) + per_block - 1) // per_block
     _fill_centres(c, lanes, cp, cnl, ct, cnp)
     for b in numba.prange(n_e_blocks):
         _e_step_block(b, lanes, x, xn, xt, xnp, cp, cnl, g_count, ct, cnp, per_block, labels, d1, d2)

@@ -12,6 +12,7 @@ it, and the distance is xn + ‖c‖² − 2·ip with the same float32 operation
 direct kernel's bit for bit. Used by the compiled small-input Lloyd loop (:mod:`kvant.kernels.lloyd_small`),
 whose rows are fixed across iterations, for K <= 32 (:data:`kvant.cluster.lloyd.ROW_LANES_MAX_K`): digits
 (1,797 × 64) K = 10 E-steps took 28.6 µs with the direct kernel (Zen 4, 2 threads, 2026-12-05) and 16-18 µs here.
+Greedy k-means++ seeding computes its distances to each candidate the same way (:func:`tile_sq_dists`).
 """
 
 from __future__ import annotations
