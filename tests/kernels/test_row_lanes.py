@@ -111,3 +111,20 @@ def test_tile_sq_dists_are_float32_squared_distances_within_their_bound(n, d):
             assert out[: hi - lo][i - lo] == 0.0 if lo <= i < hi else True
             # padding rows (zeros) read as ‖x_i‖²
             np.testing.assert_allclose(out[hi - lo :], (x64[i] ** 2).sum(), rtol=(d + 3) * 2.0**-24)
+
+
+def test_the_compiled_loop_takes_rows_in_lanes_only_for_few_centres_and_a_small_copy(monkeypatch):
+    from kvant.cluster import lloyd as lloyd_module
+
+    x = np.random.default_rng(0).standard_normal((500, 12)).astype(np.float32)
+    if not lloyd_module.small_lloyd_applies(*x.shape, 40):
+        pytest.skip("no register-blocked kernel on this host: no compiled loop")
+    seen = []
+    real = lloyd_module.lloyd_small
+    monkeypatch.setattr(lloyd_module, "lloyd_small", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(lloyd_module, "ROW_LANES", True)
+    for k, max_bytes, want in [(10, x.nbytes, True), (32, x.nbytes, True), (33, x.nbytes, False),
+                               (10, x.nbytes - 1, False)]:
+        monkeypatch.setattr(lloyd_module, "ROW_LANES_MAX_BYTES", max_bytes)
+        lloyd_module.lloyd(x, x[:k].copy(), 3, 1e-6)
+        assert seen[-1] is want

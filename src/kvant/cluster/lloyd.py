@@ -90,6 +90,9 @@ SMALL_LLOYD = True
 # accumulators would take two registers each (sixteen for eight centres: spills): the direct kernel (not measured).
 ROW_LANES = direct_assign.AVX512
 ROW_LANES_MAX_K = 32
+# The transposed copy of the rows it needs is kept small: the compiled loop takes up to 2²⁶ products, so at K = 1 or
+# 2 its rows may be a few hundred MB.
+ROW_LANES_MAX_BYTES = 32 << 20
 
 # When more than this fraction of rows cross their Hamerly bounds, the E-step skips the bound tightening and
 # re-assigns every row (see lloyd).
@@ -419,7 +422,7 @@ def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_to
     dist = np.empty(n, np.float32)
     cent, labels, d1, d2, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
         x, xn, c, w, int(max_iter), float(tol), bool(spherical), float(overrelax), float(x_total), threads, block,
-        history, dist, ROW_LANES and k <= ROW_LANES_MAX_K)
+        history, dist, ROW_LANES and k <= ROW_LANES_MAX_K and x.nbytes <= ROW_LANES_MAX_BYTES)
     result = LloydResult(cent, labels, [float(h) for h in history[:n_iter]], int(n_iter), int(reseeded),
                          int(assigned), int(extrapolated), int(rejected), last_d1=d1, last_d2=d2)
     if on_iter is not None:  # (after the fact: the loop does not leave compiled code)
