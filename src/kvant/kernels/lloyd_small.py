@@ -166,7 +166,8 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     # rows in lanes (row_lanes): the rows transposed once, tiles of them per block
     xt = transpose_tiles(x) if lanes else np.empty((0, 0, LANES), np.float32)
     xnp = np.zeros(xt.shape[0] * LANES, np.float32)
-    xnp[: n if lanes else 0] = xn[: n if lanes else 0]
+    if lanes:
+        xnp[:n] = xn
     cp = np.empty((padded_lanes_k(k) if lanes else 0, x.shape[1]), np.float32)
     cnl = np.empty(cp.shape[0], np.float32)
     g_count = group_size(k)

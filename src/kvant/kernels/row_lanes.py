@@ -25,6 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, splat
+from .assign import store_top2
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 LANES = 16  # rows per tile
@@ -223,10 +224,7 @@ def tile_top2(xt, b0, b1, n, cp, cnp, g_count, xn, labels, d1, d2):
     for b in range(b0, b1):
         _tile(g_count, xt, b, cp, cnp, xn, best, run, arg)
         for r in range(min(LANES, n - b * LANES)):
-            i = b * LANES + r
-            labels[i] = arg[r]
-            d1[i] = np.int32(best[r]).view(np.float32)
-            d2[i] = np.int32(min(run[r], np.int32(0x7F800000))).view(np.float32)
+            store_top2(labels, d1, d2, b * LANES + r, best[r], run[r], arg[r])
 
 
 def top2(x: np.ndarray, centroids: np.ndarray, x_sqnorms: np.ndarray, c_sqnorms: np.ndarray):
