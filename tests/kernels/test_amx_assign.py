@@ -107,6 +107,31 @@ def test_unit_rows_and_zero_rows(backend):
     np.testing.assert_allclose(exact[keep], d.min(1), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("unit", [False, True])
+@pytest.mark.parametrize("lower", [False, True])
+def test_rows_holding_nan_or_inf_are_flagged_and_leave_the_others_exact(unit, lower, backend):
+    # kvant.cluster.clusterer._assign_all checks unvalidated rows through these outputs instead of a pass of its own:
+    # a row holding NaN/inf must get a non-finite exact distance (or, as a unit row, the zero-row label -1), every
+    # other row its exact nearest centre; and labels stay valid centre ids (no stray index into the centres)
+    g = np.random.default_rng(9)
+    x, c = _near_ties(g, 130, 40, 24, offset=3.0)
+    if unit:
+        c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    bad = {3: np.nan, 40: np.inf, 41: -np.inf, 97: np.nan, 129: np.inf}
+    for r, v in bad.items():
+        x[r, r % 40] = v
+    x[64, :] = np.nan  # a row of nothing else
+    bad[64] = np.nan
+    labels, exact, low, *_ = _run(backend, x, c, unit=unit, lower=lower)
+    flagged = ~np.isfinite(exact) | (labels < 0)
+    np.testing.assert_array_equal(np.flatnonzero(flagged), sorted(bad))
+    assert ((labels >= -1) & (labels < c.shape[0])).all()
+    keep = ~flagged
+    d = _exact(x[keep], c, unit=unit)
+    np.testing.assert_array_equal(labels[keep], d.argmin(1))
+    np.testing.assert_allclose(exact[keep], d.min(1), rtol=1e-9, atol=1e-12)
+
+
 def test_runner_up_lower_bound_and_candidates_hold_the_label(backend):
     g = np.random.default_rng(5)
     x, c = _near_ties(g, 500, 48, 96)
