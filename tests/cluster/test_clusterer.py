@@ -1690,3 +1690,31 @@ def test_array_samples_are_gathered_in_one_pass_and_name_the_datas_first_bad_row
     if norm:
         with pytest.raises(InvalidInput, match=rf"first bad row: {later}\)"):
             gather_array_rows(as_source(y), y, idx, norm)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_a_sampled_fit_skips_lloyds_last_e_step_and_gets_the_same_result(metric, monkeypatch):
+    # Lloyd's labels stand as the final assignment only when it trained on every row (keep_top2); on a (weighted
+    # coreset) sample its E-step after the last M-step changes nothing the fit returns, so it is skipped
+    from kvant.cluster import clusterer as clusterer_module
+
+    x = (np.random.default_rng(12).standard_normal((40_000, 12)) + 0.5).astype(np.float32)
+    calls = []
+    plain = clusterer_module.lloyd
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("last_e_step", True))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(clusterer_module, "lloyd", spy)
+    fast = kvant.Clusterer(24, metric, seed=3, sample_per_centroid=64).fit(x)
+    assert calls == [False] and fast.sampling_ == "coreset"
+    monkeypatch.setattr(clusterer_module, "lloyd", lambda *a, **kw: plain(*a, **{**kw, "last_e_step": True}))
+    full = kvant.Clusterer(24, metric, seed=3, sample_per_centroid=64).fit(x)
+    np.testing.assert_array_equal(fast.cluster_centers_, full.cluster_centers_)
+    np.testing.assert_array_equal(fast.labels_, full.labels_)
+    assert fast.inertia_ == full.inertia_ and fast.inertia_history_ == full.inertia_history_
+    calls.clear()
+    monkeypatch.setattr(clusterer_module, "lloyd", spy)
+    kvant.Clusterer(24, metric, seed=3).fit(x[:3000])  # every row: the last E-step may be the final assignment
+    assert calls == [True]

@@ -304,9 +304,11 @@ class Clusterer:
                 seed = None if seed0 is None else seed0 + r
                 c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"),
                                     int(params.get("init_trials", 1)))
+                # (Lloyd's labels serve only as that final assignment: otherwise its E-step after the last M-step,
+                # which changes no centre, is skipped — one of up to 16 on a sample)
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
                             weights=weights, overrelax=overrelax, candidates=int(params.get("candidates", 0)),
-                            keep_top2=keep_top2)
+                            keep_top2=keep_top2, last_e_step=keep_top2)
                 # the minimum: an over-relaxed run's last entry may be a rejected step (see lloyd)
                 if best is None or min(res.objective_history) < min(best.objective_history):
                     best = res

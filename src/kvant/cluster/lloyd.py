@@ -442,7 +442,7 @@ def train_centroids(
     if k > x.shape[0]:
         raise ValueError(f"k={k} exceeds the number of training rows {x.shape[0]}")
     c0 = init_centroids(x, k, init, seed)
-    return lloyd(x, c0, n_iter, tol).centroids
+    return lloyd(x, c0, n_iter, tol, last_e_step=False).centroids  # (the same centroids without the labels' E-step)
 
 
 __all__ = ["lloyd", "init_centroids", "train_centroids", "normalise_rows", "LloydResult"]
