@@ -668,7 +668,7 @@ def _training_sample(src, full, m, seed, norm, sampling="uniform", k=1, d2=None,
 
 
 def _take(src, full, idx, norm):
-    if (full is not None and type(full) is np.ndarray and full.dtype == np.float32 and full.flags.c_contiguous):
+    if full is not None and type(full) is np.ndarray and full.dtype == np.float32 and full.flags.c_contiguous:
         return gather_array_rows(src, full, idx, norm)  # rows in RAM: every thread, normalising on the way
     if full is None or full is getattr(src, "array", None):  # in place: a memmap gathers without staying resident
         return gather_rows(src, lambda: src.take(idx), norm)
