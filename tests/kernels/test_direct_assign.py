@@ -1,14 +1,15 @@
 """The register-blocked assignment kernel (kernels.direct_assign) against the NumPy reference and the BLAS path."""
 
+import numba
 import numpy as np
 import pytest
 
 from kvant.bench import reference as ref
 from kvant.cluster import assign as cluster_assign
 from kvant.cluster.assign import assign_top2
-from kvant.kernels import row_lanes
+from kvant.kernels import direct_assign, row_lanes
 from kvant.kernels.assign import top2_from_ip
-from kvant.kernels.direct_assign import direct_top2, padded_centroids
+from kvant.kernels.direct_assign import coord_operands, direct_top2, padded_centroids
 from kvant.kernels.distance import sq_norms
 
 # rows not a multiple of the kernel's 6 or 8, D = 1 and odd D, K on both sides of every 16- and 64-column step
@@ -16,28 +17,39 @@ SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (7, 2, 16), (9, 7, 17), (13, 5, 33), 
           (61, 130, 64), (300, 9, 10), (23, 4, 100), (19, 5, 129), (11, 3, 260)]
 
 
-def _run(x, c, xn=None, row_scale=None):
+# the two centre operands: centres in the vector lanes (any K) and coordinates in the lanes (K <= 28)
+OPERANDS = {"centres": padded_centroids, "coords": coord_operands}
+
+
+def _operands(kind, k):
+    if kind == "coords" and not (k <= direct_assign.COORD_MAX_BLOCK or 17 <= k <= 2 * direct_assign.COORD_MAX_BLOCK):
+        pytest.skip("coordinates in the lanes take K = 1-14 and 17-28")
+    return OPERANDS[kind]
+
+
+def _run(x, c, xn=None, row_scale=None, operands=padded_centroids):
     n = x.shape[0]
     out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
-    ct, cn = padded_centroids(c, sq_norms(c))
+    ct, cn = operands(c, sq_norms(c))
     direct_top2(x, ct, cn, sq_norms(x) if xn is None else xn, *out, row_scale)
     return out
 
 
-@pytest.mark.parametrize("n,d,k", SHAPES)
-def test_direct_top2_matches_reference(n, d, k):
+@pytest.mark.parametrize("kind", OPERANDS)
+@pytest.mark.parametrize("n,d,k", SHAPES + [(40, 16, 14), (35, 17, 20), (33, 31, 28), (18, 1, 25)])
+def test_direct_top2_matches_reference(n, d, k, kind):
     g = np.random.default_rng(n * 1000 + d * 10 + k)
     x = g.standard_normal((n, d)).astype(np.float32)
     c = g.standard_normal((k, d)).astype(np.float32)
-    labels, d1, d2 = _run(x, c)
+    labels, d1, d2 = _run(x, c, operands=_operands(kind, k))
     rl, r1, r2 = ref.top2_ref(x, c)
     np.testing.assert_array_equal(labels, rl)
     np.testing.assert_allclose(d1, r1, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(d2, r2, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("kernel", ["direct", "row_lanes"])
-@pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64])
+@pytest.mark.parametrize("kernel", ["direct", "coords", "row_lanes"])
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 14, 15, 16, 17, 26, 28, 31, 32, 33, 47, 48, 49, 63, 64])
 def test_direct_top2_is_bit_identical_to_the_blas_path_on_exact_products(k, kernel):
     # Integer-grid data: every product and partial sum is exact in float32 whatever the order of summation, so the
     # kernel must give exactly what top2_from_ip gives from the GEMM: ties to the first index, the runner-up equal
@@ -54,13 +66,17 @@ def test_direct_top2_is_bit_identical_to_the_blas_path_on_exact_products(k, kern
     xn, cn = sq_norms(x), sq_norms(c)
     want = np.empty(203, np.int64), np.empty(203, np.float32), np.empty(203, np.float32)
     top2_from_ip(x @ c.T, cn, xn, *want)
-    got = _run(x, c, xn) if kernel == "direct" else row_lanes.top2(x, c, xn, cn)
+    if kernel == "row_lanes":
+        got = row_lanes.top2(x, c, xn, cn)
+    else:
+        got = _run(x, c, xn, operands=_operands("coords", k) if kernel == "coords" else padded_centroids)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(np.asarray(a).view(np.int32 if a.dtype == np.float32 else np.int64),
                                       np.asarray(b).view(np.int32 if b.dtype == np.float32 else np.int64))
 
 
-def test_direct_top2_row_scale_equals_the_blas_path():
+@pytest.mark.parametrize("kind", OPERANDS)
+def test_direct_top2_row_scale_equals_the_blas_path(kind):
     g = np.random.default_rng(5)
     x = np.round(g.standard_normal((37, 6)) * 3).astype(np.float32)
     c = np.round(g.standard_normal((20, 6)) * 3).astype(np.float32)
@@ -68,18 +84,20 @@ def test_direct_top2_row_scale_equals_the_blas_path():
     xn, cn = sq_norms(x), sq_norms(c)
     want = np.empty(37, np.int64), np.empty(37, np.float32), np.empty(37, np.float32)
     top2_from_ip(x @ c.T, cn, xn, *want, row_scale=scale)
-    for a, b in zip(_run(x, c, xn, scale), want):
+    for a, b in zip(_run(x, c, xn, scale, OPERANDS[kind]), want):
         np.testing.assert_array_equal(a, b)
 
 
-def test_direct_top2_padding_never_wins():
+@pytest.mark.parametrize("kind", OPERANDS)
+def test_direct_top2_padding_never_wins(kind):
     # one centroid: the runner-up is +inf (the padded columns' +inf norms), never a padded label
     x = np.ones((9, 3), np.float32)
-    labels, d1, d2 = _run(x, np.zeros((1, 3), np.float32))
+    labels, d1, d2 = _run(x, np.zeros((1, 3), np.float32), operands=OPERANDS[kind])
     assert labels.tolist() == [0] * 9 and d1.tolist() == [3.0] * 9 and np.isinf(d2).all()
     # every real distance +inf (overflow): the first real centre wins the tie with the padding
     big = np.full((2, 4), 3e38, np.float32)
-    labels, d1, d2 = _run(np.full((3, 4), -3e38, np.float32), big, xn=np.zeros(3, np.float32))
+    labels, d1, d2 = _run(np.full((3, 4), -3e38, np.float32), big, xn=np.zeros(3, np.float32),
+                          operands=OPERANDS[kind])
     assert labels.tolist() == [0, 0, 0] and np.isinf(d1).all() and np.isinf(d2).all()
 
 
@@ -127,8 +145,9 @@ def test_direct_top2_parallel_equals_the_serial_kernel_on_all_or_listed_rows(blo
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", OPERANDS)
 @pytest.mark.parametrize("n,d,k", SHAPES)
-def test_the_fused_pass_equals_norms_products_and_exact_distances_in_turn(n, d, k):
+def test_the_fused_pass_equals_norms_products_and_exact_distances_in_turn(n, d, k, kind):
     # direct_top2_exact: one pass over the rows, bit-identical to the three passes it replaces
     from kvant.kernels.direct_assign import direct_top2_exact
     from kvant.kernels.distance import sq_norms_serial
@@ -137,8 +156,9 @@ def test_the_fused_pass_equals_norms_products_and_exact_distances_in_turn(n, d, 
     g = np.random.default_rng(n * 7 + d * 3 + k)
     x = (g.standard_normal((n, d)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)  # wide range of norms
     c = g.standard_normal((k, d)).astype(np.float32)
-    ct, cn = padded_centroids(c, sq_norms(c))
-    want = _run(x, c, xn=sq_norms_serial(x))
+    operands = _operands(kind, k)
+    ct, cn = operands(c, sq_norms(c))
+    want = _run(x, c, xn=sq_norms_serial(x), operands=operands)
     got = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
     exact = np.empty(n, np.float64)
     assert direct_top2_exact(x, ct, cn, c, *got, exact, False, 0.0, np.inf)
@@ -148,8 +168,9 @@ def test_the_fused_pass_equals_norms_products_and_exact_distances_in_turn(n, d, 
     np.testing.assert_allclose(exact, ((x.astype(np.float64) - c[want[0]]) ** 2).sum(1) if n else exact, rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", OPERANDS)
 @pytest.mark.parametrize("n,d,k", SHAPES)
-def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k):
+def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k, kind):
     from kvant.kernels.direct_assign import direct_top2_exact
     from kvant.kernels.distance import sq_norms64_serial
     from kvant.kernels.lloyd import exact_sq_dist_rows_scaled
@@ -158,10 +179,12 @@ def test_the_fused_pass_on_unit_rows_equals_the_scaled_path(n, d, k):
     x = (g.standard_normal((n, d)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)
     c = g.standard_normal((k, d)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
-    ct, cn = padded_centroids(c, sq_norms(c))
+    operands = _operands(kind, k)
+    ct, cn = operands(c, sq_norms(c))
     xn64 = sq_norms64_serial(x)  # unit rows are scaled by 1/√ of the float64 norm on every path
     factor = 1.0 / np.sqrt(xn64)
-    want = _run(x, c, xn=(xn64 * factor * factor).astype(np.float32), row_scale=factor.astype(np.float32))
+    want = _run(x, c, xn=(xn64 * factor * factor).astype(np.float32), row_scale=factor.astype(np.float32),
+                operands=operands)
     got = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
     exact = np.empty(n, np.float64)
     assert direct_top2_exact(x, ct, cn, c, *got, exact, True, 1e-30, 1e30)
@@ -193,3 +216,41 @@ def test_both_micro_kernel_families_compute_the_products(family, rows, d, k):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * d)
     if direct_assign.AVX512 == (family == "avx512") and direct_assign.AVAILABLE:
         assert direct_assign._products is products and direct_assign._group_rows(ct.shape[1]) == r
+
+
+@pytest.mark.parametrize("d", [1, 5, 16, 17, 31, 64, 100, 784])
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 10, 13, 14, 17, 19, 22, 25, 28])
+def test_coordinate_lane_products_against_float64(d, k):
+    # every block size (2-14, one or two blocks), a masked tail of D mod 16 coordinates, a group of rows starting at
+    # an offset, non-contiguous-looking values; columns past K must come out 0 (they meet +inf norms in the top-2)
+    from kvant.kernels.direct_assign import COORD_GROUP
+
+    g = np.random.default_rng(d * 100 + k)
+    c = (g.standard_normal((k, d)) * 10.0 ** g.uniform(-2, 2, (k, 1))).astype(np.float32)
+    c3, cn = coord_operands(c, sq_norms(c))
+    assert c3.ctypes.data % 64 == 0 and c3.shape == (k + k % 2 if k <= 14 else -(-k // 4) * 4, -(-d // 16), 16)
+    np.testing.assert_array_equal(c3.reshape(c3.shape[0], -1)[:k, :d], c)
+    assert not c3.reshape(c3.shape[0], -1)[:k, d:].any() and not c3[k:].any()
+    assert cn.shape == (-(-k // 16) * 16,) and np.isinf(cn[k:]).all()
+    x = g.standard_normal((COORD_GROUP + 5, d)).astype(np.float32)
+    out = np.full((COORD_GROUP, cn.shape[0]), 0.0, np.float32)
+    _coord_products(x, 3, c3, out)
+    want = x[3 : 3 + COORD_GROUP].astype(np.float64) @ c.T.astype(np.float64)
+    scale = np.abs(x[3 : 3 + COORD_GROUP]).astype(np.float64) @ np.abs(c.T).astype(np.float64)
+    assert np.all(np.abs(out[:, :k] - want) <= (d // 16 + 6) * 2.0**-24 * scale + 1e-30)
+    assert not out[:, k:].any()
+
+
+@numba.njit
+def _coord_products(x, i0, c3, out):
+    direct_assign._coord_products(x, i0, c3, out)
+
+
+def test_centre_operands_take_coordinate_lanes_for_few_centres_on_avx512():
+    with pytest.raises(ValueError, match="1-14 or 17-28"):
+        coord_operands(np.ones((15, 3), np.float32), np.ones(15, np.float32))
+    c = np.ones((10, 8), np.float32)
+    for k in (1, 10, 14, 15, 16, 17, 28, 29, 64):
+        ops, cn = direct_assign.centre_operands(c[:1].repeat(k, 0), sq_norms(c[:1].repeat(k, 0)))
+        assert ops.ndim == (3 if direct_assign.AVX512 and (k <= 14 or 17 <= k <= 28) else 2)
+        assert direct_assign.coord_lanes(k) == (ops.ndim == 3)

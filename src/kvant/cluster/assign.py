@@ -217,7 +217,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     small = plain and n * k * dim <= _ONE_REGION_MAX_WORK
     direct = DIRECT_ASSIGN and nearest is None and direct_assign.fits(x.shape[1], k, small)
     if direct:
-        ct, cn_padded = direct_assign.padded_centroids(cc, c_sqnorms)
+        ct, cn_padded = direct_assign.centre_operands(cc, c_sqnorms)
     else:
         ct = np.ascontiguousarray(cc.T)
 

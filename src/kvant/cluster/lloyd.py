@@ -93,6 +93,12 @@ ROW_LANES_MAX_K = 32
 # The transposed copy of the rows it needs is kept small: the compiled loop takes up to 2²⁶ products, so at K = 1 or
 # 2 its rows may be a few hundred MB.
 ROW_LANES_MAX_BYTES = 32 << 20
+# Where the direct kernel puts coordinates in the lanes (direct_assign.coord_lanes: K <= 14, 17-28) its E-steps cost as
+# much as rows in the lanes, without the transposed copy (1.8 ms for a 7.9 MB sample: fresh pages): whole fits, same
+# process, Zen 4 (2026-12-06), rows in lanes → coordinates in lanes: Fashion-MNIST K = 10 l2 36.9 → 34.0 ms, cos 35.0
+# → 32.1; but digits (460 kB) K = 10 0.764 → 0.774 ms, K = 20 1.118 → 1.286. So with coordinate lanes only rows up to
+# ROW_LANES_COORD_MAX_BYTES are transposed.
+ROW_LANES_COORD_MAX_BYTES = 1 << 20
 
 # When more than this fraction of rows cross their Hamerly bounds, the E-step skips the bound tightening and
 # re-assigns every row (see lloyd).
@@ -412,6 +418,13 @@ def small_lloyd_applies(n: int, dim: int, k: int) -> bool:
     return one_region_direct_e_step(n, dim, k) and n < CERTIFIED_E_STEP_MIN_ROWS
 
 
+def _row_lanes(k: int, nbytes: int) -> bool:
+    """Whether the small Lloyd loop's E-steps put rows in the lanes (ROW_LANES_MAX_K, ROW_LANES_MAX_BYTES and, where
+    the direct kernel has coordinates in the lanes, ROW_LANES_COORD_MAX_BYTES)."""
+    limit = ROW_LANES_COORD_MAX_BYTES if direct_assign.coord_lanes(k) else ROW_LANES_MAX_BYTES
+    return ROW_LANES and k <= ROW_LANES_MAX_K and nbytes <= limit
+
+
 def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_total) -> LloydResult:
     n, dim = x.shape
     k = c.shape[0]
@@ -422,7 +435,8 @@ def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_to
     dist = np.empty(n, np.float32)
     cent, labels, d1, d2, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
         x, xn, c, w, int(max_iter), float(tol), bool(spherical), float(overrelax), float(x_total), threads, block,
-        history, dist, ROW_LANES and k <= ROW_LANES_MAX_K and x.nbytes <= ROW_LANES_MAX_BYTES)
+        history, dist, *direct_assign.centre_operands(c, sq_norms_serial(c)),
+        _row_lanes(k, x.nbytes))
     result = LloydResult(cent, labels, [float(h) for h in history[:n_iter]], int(n_iter), int(reseeded),
                          int(assigned), int(extrapolated), int(rejected), last_d1=d1, last_d2=d2)
     if on_iter is not None:  # (after the fact: the loop does not leave compiled code)

@@ -28,7 +28,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._llvm import host_cpu_name, host_features, llvm_fn, splat
 from .assign import _top2_lanes, store_top2
@@ -98,8 +98,10 @@ SMALL_MAX_K = 256 if AVX512 else 128
 
 def fits(dim: int, k: int, small: bool = False) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
-    (64 and 16; ``SMALL_MAX_K``, 64 and 128, for a ``small`` E-step) and the padded cᵀ within :data:`MAX_CT_BYTES`."""
-    return AVAILABLE and k <= (SMALL_MAX_K if small else MAX_K) and dim * _padded(k) * 4 <= MAX_CT_BYTES
+    (64 and 16; ``SMALL_MAX_K``, 64 and 128, for a ``small`` E-step) and the centre operand
+    (:func:`centre_operands`) within :data:`MAX_CT_BYTES`."""
+    size = _coord_rows(k) * _padded(dim) if coord_lanes(k) else dim * _padded(k)
+    return AVAILABLE and k <= (SMALL_MAX_K if small else MAX_K) and size * 4 <= MAX_CT_BYTES
 
 
 def _ip_block(R: int, NV: int):
@@ -217,6 +219,246 @@ def _products_avx2(x, i0, ct, g):
 _products = _products_avx512 if AVX512 else _products_avx2
 
 
+# Products with the coordinates in the lanes. Above, each 16-float vector holds 16 centres, so K = 10 leaves 6 of 16
+# lanes idle (K = 20: 12 of 32): the multiply-adds, which bound the kernel, are 1.6x what K needs. Here each
+# accumulator holds one (row, centre) pair's partial sums over 16 coordinates: per 16 coordinates, COORD_ROWS row
+# loads, one load per centre and COORD_ROWS multiply-adds per centre, every lane used; after the last coordinate a
+# tree of shuffles and adds turns the accumulators of a row into one vector of its K products (4 levels, ~3K
+# operations per row), stored into the same (R, KP) scratch as the centres-in-lanes kernel, so the top-2 pass is
+# shared. Rows of D mod 16 coordinates end with a masked load; the centres are stored zero-padded to whole vectors
+# (``coord_operands``), 64-byte aligned (unaligned centre loads made the in-cache rate vary 0.36-0.77 ms between
+# runs). Summation order: 16 interleaved partial sums and the tree, inside the error bound certification assumes
+# (kernels.assign.label_margins: any order). AMD Zen 4, one thread, K = 10 (2026-12-06): products from DRAM 1M×128
+# 36.1 -> 26.1 ms, 200k×384 21.9 -> 14.4, Fashion-MNIST 70k×784 15.6 -> 11.8, 500k×64 9.3 -> 8.1; from cache
+# 0.56 -> 0.36-0.47 ms. Two rows per group: 2·14 accumulators, two row vectors and a centre vector fit AVX-512's 32
+# registers, so one block takes up to COORD_MAX_BLOCK centres (an even count: odd K gets a zero centre) and K = 17-28
+# two blocks (K rounded up to a multiple of 4); K = 15-16 and 29-32 fill the centre lanes already. AVX2 (16 registers
+# of 8 floats) would spill: there, and for larger K, the centres stay in the lanes.
+COORD_ROWS = 2
+COORD_GROUP = 16  # rows per call of the coordinate kernel (8 pairs), and per top-2 pass
+COORD_MAX_BLOCK = 14
+COORD_LANES = AVX512
+# rows ahead that the coordinate kernel prefetches (into L2, on the hosts that prefetch): 16 rows, as the other kernel
+# (2 groups of 8); 2-4 rows ahead left 1M×128 products at 41-52 ms against 26 (Zen 4, one thread)
+COORD_PREFETCH_ROWS = 16
+
+
+def coord_lanes(k: int) -> bool:
+    """Whether K centres take the coordinates-in-lanes products (:func:`coord_operands`)."""
+    return COORD_LANES and (1 <= k <= COORD_MAX_BLOCK or 17 <= k <= 2 * COORD_MAX_BLOCK)
+
+
+def _coord_rows(k: int) -> int:
+    """Centre rows of the coordinate operand: K rounded up to even (one block) or to a multiple of 4 (two)."""
+    return k + k % 2 if k <= COORD_MAX_BLOCK else -(-k // 4) * 4
+
+
+def _lane_sums(builder, vectors):
+    """One 16-float vector whose lane j is the sum of the lanes of ``vectors[j]`` (up to 16; the other lanes 0): four
+    levels of pairwise shuffles and adds (each level halves the lanes per source and doubles the sources per vector),
+    then one permutation into source order."""
+    i32 = ir.IntType(32)
+    vf = ir.VectorType(ir.FloatType(), _L)
+    zero = ir.Constant(vf, [0.0] * _L)
+    cur = [(v, [j] * _L) for j, v in enumerate(vectors)] + [(None, [None] * _L)] * (_L - len(vectors))
+    width = _L  # lanes per source in every vector of ``cur``
+    while len(cur) > 1:
+        groups, half = _L // width, width // 2
+        nxt = []
+        for (p, own_p), (q, own_q) in zip(cur[0::2], cur[1::2]):
+            if p is None and q is None:
+                nxt.append((None, [None] * _L))
+                continue
+            lo, hi, own = [], [], []
+            for m in range(2 * groups):  # output group m: p's group m, then q's groups
+                src, base, owners = (0, m * width, own_p) if m < groups else (_L, (m - groups) * width, own_q)
+                for o in range(half):
+                    lo.append(src + base + o)
+                    hi.append(src + base + half + o)
+                    own.append(owners[base + o])
+            a = p if p is not None else zero
+            b = q if q is not None else zero
+            nxt.append((builder.fadd(builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, _L), lo)),
+                                     builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, _L), hi))), own))
+        cur, width = nxt, half
+    total, own = cur[0]
+    spare = [lane for lane in range(_L) if own[lane] is None]  # lanes holding 0
+    perm = [own.index(j) if j in own else spare.pop() for j in range(_L)]
+    return builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, _L), perm))
+
+
+def _no_unroll(builder, branch) -> None:
+    """Mark ``branch`` (a loop's back edge) llvm.loop.unroll.disable: unrolled twice, the coordinate kernel's loop
+    held two iterations' operands next to its accumulators and LLVM spilled them to the stack."""
+    mod = builder.module
+    disable = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
+    loop_id = mod.add_metadata([None, disable])
+    loop_id.operands = (loop_id, disable)  # a loop ID refers to itself
+    branch.set_metadata("llvm.loop", loop_id)
+
+
+def _coord_block(kb: int):
+    """Intrinsic ``(x, i0, c3, j0, g)``: g[r, j0 + j] = x[i0 + r] · c3[j0 + j] for r < g's rows (even), j < kb, and
+    g[r, j0 + kb : j0 + 16] = 0, COORD_ROWS rows at a time. x (n, D) float32 with unit-stride rows; c3 (rows,
+    ceil(D/16), 16) float32, zero beyond D, unit-stride rows; g (rows, >= j0 + 16) float32. (A whole group per call:
+    with the centre count chosen per call of one row pair, the same products took 14.8 against 12.2 ms.)"""
+    R = COORD_ROWS
+
+    @intrinsic
+    def coord_block(typingctx, x, i0, c3, j0, g):
+        if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (x, c3, g))
+                and (x.ndim, c3.ndim, g.ndim) == (2, 3, 2)):
+            return None
+        sig = types.void(x, i0, c3, j0, g)
+
+        def codegen(context, builder, signature, args):
+            x_v, i0_v, c_v, j0_v, g_v = args
+            ax = context.make_array(signature.args[0])(context, builder, x_v)
+            ac = context.make_array(signature.args[2])(context, builder, c_v)
+            ag = context.make_array(signature.args[4])(context, builder, g_v)
+            intp = i0_v.type
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            vf = ir.VectorType(f32, _L)
+            i8p = ir.IntType(8).as_pointer()
+            n_rows, dim = cgutils.unpack_tuple(builder, ax.shape, 2)
+
+            def row(data, strides, ndim, r):  # float* to row r
+                stride = cgutils.unpack_tuple(builder, strides, ndim)[0]
+                return builder.bitcast(builder.gep(builder.bitcast(data, i8p), [builder.mul(r, stride)]),
+                                       f32.as_pointer())
+
+            def vec(ptr, off):  # <16 x float>* at ptr + off
+                return builder.bitcast(builder.gep(ptr, [off]), vf.as_pointer())
+
+            crows = [row(ac.data, ac.strides, 3, builder.add(j0_v, ir.Constant(intp, j))) for j in range(kb)]
+            zero = ir.Constant(vf, [0.0] * _L)
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(kb)] for _ in range(R)]
+            fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
+            masked_load = llvm_fn(builder.module, f"llvm.masked.load.v{_L}f32.p0v{_L}f32", vf,
+                                  [vf.as_pointer(), i32, ir.VectorType(ir.IntType(1), _L), vf])
+            if PREFETCH_ROWS:
+                prefetch = llvm_fn(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, i32, i32, i32])
+                hint = [ir.Constant(i32, 0), ir.Constant(i32, PREFETCH_LOCALITY), ir.Constant(i32, 1)]
+                last_row = builder.sub(n_rows, ir.Constant(intp, 1))
+            lanes = ir.Constant(intp, _L)
+            n_full = builder.udiv(dim, lanes)
+
+            def pair_products(g0):  # g rows g0, g0 + 1 (x rows i0 + g0, ...)
+                first = builder.add(i0_v, g0)
+                xrows = [row(ax.data, ax.strides, 2, builder.add(first, ir.Constant(intp, r))) for r in range(R)]
+                if PREFETCH_ROWS:
+                    ahead = [builder.add(first, ir.Constant(intp, COORD_PREFETCH_ROWS + r)) for r in range(R)]
+                    ahead = [row(ax.data, ax.strides, 2,
+                                 builder.select(builder.icmp_signed(">", a, last_row), last_row, a)) for a in ahead]
+                for r in range(R):
+                    for j in range(kb):
+                        builder.store(zero, acc[r][j])
+
+                def step(off, mask):
+                    if mask is None:
+                        xv = [builder.load(vec(xrows[r], off), align=4) for r in range(R)]
+                        if PREFETCH_ROWS:  # one line of each row COORD_PREFETCH_ROWS ahead per 16 coordinates
+                            for a in ahead:
+                                builder.call(prefetch, [builder.bitcast(builder.gep(a, [off]), i8p), *hint])
+                    else:  # the last D mod 16 coordinates; zeros in the other lanes
+                        xv = [builder.call(masked_load, [vec(xrows[r], off), ir.Constant(i32, 4), mask, zero])
+                              for r in range(R)]
+                    for j in range(kb):
+                        cv = builder.load(vec(crows[j], off), align=4)  # (vmovups: as fast when aligned, safe if not)
+                        for r in range(R):
+                            builder.store(builder.call(fma, [xv[r], cv, builder.load(acc[r][j])]), acc[r][j])
+
+                entry = builder.block
+                head = builder.append_basic_block("chunks.head")
+                body = builder.append_basic_block("chunks.body")
+                done = builder.append_basic_block("chunks.done")
+                builder.branch(head)
+                builder.position_at_end(head)
+                t = builder.phi(intp)
+                t.add_incoming(ir.Constant(intp, 0), entry)
+                builder.cbranch(builder.icmp_signed("<", t, n_full), body, done)
+                builder.position_at_end(body)
+                step(builder.mul(t, lanes), None)
+                t.add_incoming(builder.add(t, ir.Constant(intp, 1)), builder.block)
+                _no_unroll(builder, builder.branch(head))
+                builder.position_at_end(done)
+                n16 = builder.mul(n_full, lanes)
+                rem = builder.sub(dim, n16)
+                with builder.if_then(builder.icmp_signed(">", rem, ir.Constant(intp, 0)), likely=False):
+                    lane_ids = ir.Constant(ir.VectorType(intp, _L), list(range(_L)))
+                    step(n16, builder.icmp_signed("<", lane_ids, splat(builder, rem, ir.VectorType(intp, _L))))
+                for r in range(R):
+                    out = _lane_sums(builder, [builder.load(acc[r][j]) for j in range(kb)])
+                    grow = builder.gep(row(ag.data, ag.strides, 2, builder.add(g0, ir.Constant(intp, r))), [j0_v])
+                    builder.store(out, builder.bitcast(grow, vf.as_pointer()), align=4)
+
+            pairs = builder.udiv(cgutils.unpack_tuple(builder, ag.shape, 2)[0], ir.Constant(intp, R))
+            with cgutils.for_range(builder, pairs) as pair:
+                pair_products(builder.mul(pair.index, ir.Constant(intp, R)))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return coord_block
+
+
+_cb2, _cb4, _cb6, _cb8, _cb10, _cb12, _cb14 = (_coord_block(kb) for kb in range(2, COORD_MAX_BLOCK + 1, 2))
+
+
+# (inlined into the row-group loops, with the dispatch on the block size; see _coord_block)
+@numba.njit(inline="always", **_JIT)
+def _coord_block_of(x, i0, c3, j0, kb, g):
+    if kb == 2:
+        _cb2(x, i0, c3, j0, g)
+    elif kb == 4:
+        _cb4(x, i0, c3, j0, g)
+    elif kb == 6:
+        _cb6(x, i0, c3, j0, g)
+    elif kb == 8:
+        _cb8(x, i0, c3, j0, g)
+    elif kb == 10:
+        _cb10(x, i0, c3, j0, g)
+    elif kb == 12:
+        _cb12(x, i0, c3, j0, g)
+    else:
+        _cb14(x, i0, c3, j0, g)
+
+
+@numba.njit(inline="always", **_JIT)
+def _coord_products(x, i0, c3, g):
+    """g[:, :rows of c3] = x[i0 : i0 + g's rows] · c3 (one block of centres, or two halves)."""
+    kc = c3.shape[0]
+    if kc <= COORD_MAX_BLOCK:
+        _coord_block_of(x, i0, c3, 0, kc, g)
+    else:
+        _coord_block_of(x, i0, c3, 0, kc // 2, g)
+        _coord_block_of(x, i0, c3, kc // 2, kc // 2, g)
+
+
+def _products_any(x, i0, ops, g):  # pragma: no cover - replaced in compiled code by the overload below
+    raise NotImplementedError
+
+
+@overload(_products_any, jit_options=_JIT)
+def _products_any_impl(x, i0, ops, g):
+    """The products of either centre operand: 3-D ``coord_operands`` or 2-D ``padded_centroids``."""
+    if isinstance(ops, types.Array) and ops.ndim == 3:
+        return lambda x, i0, ops, g: _coord_products(x, i0, ops, g)
+    return lambda x, i0, ops, g: _products(x, i0, ops, g)
+
+
+def _rows_per_group(ops):  # pragma: no cover - replaced in compiled code by the overload below
+    raise NotImplementedError
+
+
+@overload(_rows_per_group, jit_options=_JIT)
+def _rows_per_group_impl(ops):
+    """Rows per group of either operand's products."""
+    if isinstance(ops, types.Array) and ops.ndim == 3:
+        return lambda ops: COORD_GROUP
+    return lambda ops: _group_rows(ops.shape[1])
+
+
 @numba.njit(**_JIT)
 def _top2_rows(g, rows, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2):
     """The lane top-2 of ``top2_from_ip`` on g's first ``rows`` rows, written to data rows i0.. (in place: slicing
@@ -259,11 +501,11 @@ def _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, g,
     R = g.shape[0]
     full = n - n % R
     for i0 in range(0, full, R):
-        _products(x, i0, ct, g)
+        _products_any(x, i0, ct, g)
         _top2_rows(g, R, cn_padded, x_sqnorms, row_scale, i0, labels, d1, d2)
     if full < n:  # the last n mod R rows, through a zero-padded copy
         _copy_rows(x, full, n - full, xt)
-        _products(xt, 0, ct, g)
+        _products_any(xt, 0, ct, g)
         _top2_rows(g, n - full, cn_padded, x_sqnorms, row_scale, full, labels, d1, d2)
 
 
@@ -271,12 +513,14 @@ def _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, g,
 def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
     """:func:`kvant.kernels.assign.top2_from_ip` of ``x @ cᵀ`` without the product matrix.
 
-    x (n, D) float32 with unit-stride rows; ``ct, cn_padded = padded_centroids(c, ‖c‖²)``; ``row_scale`` as in
-    ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate order."""
-    R = _group_rows(ct.shape[1])
+    x (n, D) float32 with unit-stride rows; ``ct, cn_padded = centre_operands(c, ‖c‖²)`` (or ``padded_centroids``);
+    ``row_scale`` as in ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate
+    order (centres in the lanes) or in 16 interleaved partial sums (coordinates in the lanes)."""
+    R = _rows_per_group(ct)
     tail_rows = R if x.shape[0] % R else 0  # the zero-padded copy is needed only for a last partial group
-    _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale, np.empty((R, ct.shape[1]), np.float32),
-                      np.zeros((tail_rows, x.shape[1]), np.float32))
+    # (zeros: the coordinate kernel's second block leaves the columns after it as they are)
+    _direct_top2_into(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale,
+                      np.zeros((R, cn_padded.shape[0]), np.float32), np.zeros((tail_rows, x.shape[1]), np.float32))
 
 
 @numba.njit(**_JIT_RAW)
@@ -302,10 +546,10 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
                 factor[i] = f
                 scale32[i] = np.float32(f)
         if i1 - i0 == R:
-            _products(x, i0, ct, g)
+            _products_any(x, i0, ct, g)
         else:  # the last n mod R rows, through a zero-padded copy
             _copy_rows(x, i0, i1 - i0, xt)
-            _products(xt, 0, ct, g)
+            _products_any(xt, 0, ct, g)
         _top2_rows(g, i1 - i0, cn_padded, xn, scale32 if unit_rows else None, i0, labels, d1, d2)
         if unit_rows:
             exact_scaled_sq_dist_into(x, i0, i1, centroids, labels, factor, exact_sq)
@@ -327,12 +571,12 @@ def direct_top2_exact(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, uni
     False as soon as a row's squared norm is not finite (a NaN or inf in the row, or float32 overflow). So True means
     every row of x is finite: callers that defer the NaN/inf check to this pass rely on it."""
     n, dim = x.shape
-    kp = ct.shape[1]
-    R = _group_rows(kp)
+    kp = cn_padded.shape[0]
+    R = _rows_per_group(ct)
     m = n if unit_rows else 0
     tail_rows = R if n % R else 0  # the zero-padded copy is needed only for a last partial group
     return _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, unit_rows, safe_lo, safe_hi,
-                                   np.empty((R, kp), np.float32), np.empty(n, np.float32), np.empty(m, np.float64),
+                                   np.zeros((R, kp), np.float32), np.empty(n, np.float32), np.empty(m, np.float64),
                                    np.empty(m, np.float32), np.zeros((tail_rows, dim), np.float32))
 
 
@@ -364,7 +608,7 @@ def fill_padded(centroids, c_sqnorms, ct, cn_padded):
 
 def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cᵀ as a (D, KP) float32 C-contiguous array with zero columns after K, the norms padded with +inf to KP),
-    KP = 16·ceil(K/16): the centroid operands :func:`direct_top2` reads."""
+    KP = 16·ceil(K/16): centre operands :func:`direct_top2` reads (centres in the lanes; any K)."""
     k, dim = centroids.shape
     ct = np.empty((dim, _padded(k)), np.float32)
     cn = np.empty(_padded(k), np.float32)
@@ -372,5 +616,56 @@ def padded_centroids(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.n
     return ct, cn
 
 
-__all__ = ["AVAILABLE", "AVX512", "MAX_CT_BYTES", "MAX_K", "direct_top2", "direct_top2_exact", "direct_top2_parallel",
-           "fill_padded", "fits", "padded_centroids"]
+@numba.njit(**_JIT)
+def fill_coord(centroids, c_sqnorms, c3, cn_padded):
+    """Write :func:`coord_operands`' operands into ``c3`` (rows, ceil(D/16), 16) and ``cn_padded`` (KP,): the centres
+    zero-padded to whole vectors and zero centres after K, the norms with +inf after K."""
+    k, dim = centroids.shape
+    for j in range(c3.shape[0]):
+        for t in range(c3.shape[1]):
+            for lane in range(16):
+                col = t * 16 + lane
+                c3[j, t, lane] = centroids[j, col] if j < k and col < dim else np.float32(0.0)
+    for j in range(cn_padded.shape[0]):
+        cn_padded[j] = c_sqnorms[j] if j < k else np.float32(np.inf)
+
+
+def coord_operands(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the centres as a (rows, ceil(D/16), 16) float32 array, 64-byte aligned, zero beyond D and zero centres after
+    K up to :func:`_coord_rows`, the norms padded with +inf to KP = 16·ceil(K/16)): the operands of the
+    coordinates-in-lanes products (K <= 2·COORD_MAX_BLOCK)."""
+    k, dim = centroids.shape
+    if not (1 <= k <= COORD_MAX_BLOCK or 17 <= k <= 2 * COORD_MAX_BLOCK):  # (two blocks write 16 columns after the
+        raise ValueError(f"coordinate-lane operands take 1-14 or 17-28 centres, not {k}")  # first: KP must be 32)
+    rows, chunks = _coord_rows(k), _padded(dim) // _L
+    buf = np.empty(rows * chunks * _L + _L, np.float32)
+    start = (-buf.ctypes.data % 64) // 4  # (numpy aligns to 16 bytes: a whole number of floats)
+    c3 = buf[start : start + rows * chunks * _L].reshape(rows, chunks, _L)
+    cn = np.empty(_padded(k), np.float32)
+    fill_coord(np.asarray(centroids, np.float32), np.asarray(c_sqnorms, np.float32), c3, cn)
+    return c3, cn
+
+
+def centre_operands(centroids: np.ndarray, c_sqnorms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The centre operands :func:`direct_top2` and :func:`direct_top2_exact` run fastest with for K centres:
+    :func:`coord_operands` where :func:`coord_lanes`, else :func:`padded_centroids`."""
+    if coord_lanes(centroids.shape[0]):
+        return coord_operands(centroids, c_sqnorms)
+    return padded_centroids(centroids, c_sqnorms)
+
+
+def fill_operands(centroids, c_sqnorms, ops, cn_padded):  # pragma: no cover - replaced in compiled code
+    raise NotImplementedError
+
+
+@overload(fill_operands, jit_options=_JIT)
+def _fill_operands_impl(centroids, c_sqnorms, ops, cn_padded):
+    """Refill either operand (:func:`fill_coord` or :func:`fill_padded`) from compiled loops that reuse it."""
+    if isinstance(ops, types.Array) and ops.ndim == 3:
+        return lambda centroids, c_sqnorms, ops, cn_padded: fill_coord(centroids, c_sqnorms, ops, cn_padded)
+    return lambda centroids, c_sqnorms, ops, cn_padded: fill_padded(centroids, c_sqnorms, ops, cn_padded)
+
+
+__all__ = ["AVAILABLE", "AVX512", "MAX_CT_BYTES", "MAX_K", "centre_operands", "coord_lanes", "coord_operands",
+           "direct_top2", "direct_top2_exact", "direct_top2_parallel", "fill_coord", "fill_operands", "fill_padded",
+           "fits", "padded_centroids"]

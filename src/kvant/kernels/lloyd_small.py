@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .direct_assign import direct_top2, fill_padded
+from .direct_assign import direct_top2, fill_operands
 from .distance import sq_norms_serial
 from .lloyd import _to_unit, cluster_sums, m_step, move_rows, reseed_empty
 from .row_lanes import LANES, fill_centres, group_size, tile_top2, transpose_tiles
@@ -120,7 +120,7 @@ def _fill_centres(c, lanes, cp, cnl, ct, cnp):
     if lanes:
         fill_centres(c, sq_norms_serial(c), cp, cnl)
     else:
-        fill_padded(c, sq_norms_serial(c), ct, cnp)
+        fill_operands(c, sq_norms_serial(c), ct, cnp)
 
 
 @numba.njit(**_JIT)
@@ -140,12 +140,14 @@ def _e_step_block(b, lanes, x, xn, xt, xnp, cp, cnl, g_count, ct, cnp, per_block
 
 
 @numba.njit(parallel=True, **_JIT)
-def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist,
-                lanes=False):
+def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_parts, block_rows, history, dist, ct,
+                cnp, lanes=False):
     """Lloyd iterations from centres ``c0`` on rows ``x`` (float32, C-contiguous; unit rows when ``spherical``) with
     squared norms ``xn``, row weights ``w`` (empty: unit weights), as :func:`kvant.cluster.lloyd.lloyd` runs them with
     ``candidates`` = 0 (module docstring). ``n_parts``: :func:`cluster_sums`'s split (lloyd passes the thread count);
-    ``block_rows``: rows per E-step block; ``lanes``: E-steps with rows in the vector lanes
+    ``block_rows``: rows per E-step block; ``ct, cnp``: buffers of the direct kernel's centre operands
+    (:func:`kvant.kernels.direct_assign.centre_operands` of ``c0``, refilled in place); ``lanes``: E-steps with rows
+    in the vector lanes
     (:func:`kvant.kernels.row_lanes.tile_top2`, the same outputs bit for bit) rather than centres. Writes the objective
     of every M-step into ``history`` (at least ``max_iter`` long) and each row's distance to its centre into ``dist``;
     returns (centres, labels, d1, d2, iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows
@@ -154,9 +156,6 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     smallest float32 squared distances per row (what :func:`kvant.kernels.assign.certify_top2` needs)."""
     n = x.shape[0]
     k = c0.shape[0]
-    kp = -(-k // 16) * 16  # (direct_assign._padded: whole 16-float vectors)
-    ct = np.empty((x.shape[1], kp), np.float32)
-    cnp = np.empty(kp, np.float32)
     labels = np.empty(n, np.int64)
     lab_new = np.empty(n, np.int64)
     d1 = np.empty(n, np.float32)
