@@ -147,8 +147,18 @@ def load_dataset(name: str, n: int | None, dim: int | None, k_true: int):
 TARGET_METHODS = ("kvant auto", "faiss default")
 
 
+# Every method is called once, untimed, before its first timed run in a cell (same seed). kvant's first call of a
+# code path compiles Numba code (seconds; cached on disk after), which is not the fit time the grid compares: a grid
+# started with cold caches (2026-12-06 01:55, Zen 4 host) had first runs of 0.2-10.7 s in 9 cells against 1-250 ms
+# for the runs after, and in cells of 3 runs that raised kvant's median (heavy-tailed 1M×128 K=64 l2: 1.86 s, then
+# 0.25 and 0.26). FAISS gets the same call, so neither method's first run pays for one-time set-up.
+WARM_FIRST_CALL = True
+
+
 def time_method(fn, x, k, metric, seed, repeats, cap=None):
     times, results = [], None
+    if WARM_FIRST_CALL:
+        fn(_prepared(fn, x, metric), k, metric, seed)
     for r in range(repeats):
         data = _prepared(fn, x, metric)
         t = time.perf_counter()
@@ -182,15 +192,15 @@ def interleaved(fns, x, k, metric, seed, repeats):
 
     Run r uses seed ``seed + r``; every run's output is kept (one per seed) so quality can be taken over the seeds
     too. When every method's runs so far total less than ``SHORT_CELL_SECONDS``, further rounds follow (at most
-    ``SHORT_CELL_MAX_ROUNDS``), so millisecond cells get a stable median of time and quality. From the
-    second round on, when some method's first run took less than ``WARM_CALL_SECONDS``, every method is called once
-    untimed just before each of its timed runs (see there)."""
+    ``SHORT_CELL_MAX_ROUNDS``), so millisecond cells get a stable median of time and quality. Every method is called
+    once untimed before its first timed run (``WARM_FIRST_CALL``) and, from the second round on, when some method's
+    first run took less than ``WARM_CALL_SECONDS``, before each of its timed runs (see there)."""
     times = {name: [] for name in fns}
     results = {name: [] for name in fns}
     r = 0
     while r < repeats or (r < SHORT_CELL_MAX_ROUNDS and all(sum(t) < SHORT_CELL_SECONDS for t in times.values())):
         for name, fn in fns.items():
-            if r > 0 and min(t[0] for t in times.values()) < WARM_CALL_SECONDS:  # every method alike
+            if (r == 0 and WARM_FIRST_CALL) or (r > 0 and min(t[0] for t in times.values()) < WARM_CALL_SECONDS):
                 fn(_prepared(fn, x, metric), k, metric, seed + r)
             data = _prepared(fn, x, metric)
             t = time.perf_counter()
