@@ -104,6 +104,13 @@ def fits(dim: int, k: int, small: bool = False) -> bool:
     return AVAILABLE and k <= (SMALL_MAX_K if small else MAX_K) and size * 4 <= MAX_CT_BYTES
 
 
+def _row_ptr(builder, arr, ndim: int, r):
+    """float* to row ``r`` (first index) of the array struct ``arr`` of ``ndim`` dimensions (byte strides)."""
+    stride = cgutils.unpack_tuple(builder, arr.strides, ndim)[0]
+    data = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+    return builder.bitcast(builder.gep(data, [builder.mul(r, stride)]), ir.FloatType().as_pointer())
+
+
 def _ip_block(R: int, NV: int):
     """Intrinsic ``(x, i0, ct, j0, g)``: g[r, j0 : j0 + 16·NV] = x[i0 + r] · ct[:, j0 : j0 + 16·NV] for r < R, each
     sum over the coordinates in order with fused multiply-adds. x (n, D) and ct (D, KP) float32 with unit-stride
@@ -127,9 +134,7 @@ def _ip_block(R: int, NV: int):
             n_coords = cgutils.unpack_tuple(builder, ax.shape, 2)[1]
 
             def row(a, r):  # float* to row r of a 2-D array
-                stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
-                return builder.bitcast(builder.gep(builder.bitcast(a.data, i8p), [builder.mul(r, stride)]),
-                                       f32.as_pointer())
+                return _row_ptr(builder, a, 2, r)
 
             def vec(ptr, v):  # <16 x float>* at ptr + 16·v
                 return builder.bitcast(builder.gep(ptr, [ir.Constant(intp, _L * v)]), vf.as_pointer())
@@ -322,15 +327,10 @@ def _coord_block(kb: int):
             i8p = ir.IntType(8).as_pointer()
             n_rows, dim = cgutils.unpack_tuple(builder, ax.shape, 2)
 
-            def row(data, strides, ndim, r):  # float* to row r
-                stride = cgutils.unpack_tuple(builder, strides, ndim)[0]
-                return builder.bitcast(builder.gep(builder.bitcast(data, i8p), [builder.mul(r, stride)]),
-                                       f32.as_pointer())
-
             def vec(ptr, off):  # <16 x float>* at ptr + off
                 return builder.bitcast(builder.gep(ptr, [off]), vf.as_pointer())
 
-            crows = [row(ac.data, ac.strides, 3, builder.add(j0_v, ir.Constant(intp, j))) for j in range(kb)]
+            crows = [_row_ptr(builder, ac, 3, builder.add(j0_v, ir.Constant(intp, j))) for j in range(kb)]
             zero = ir.Constant(vf, [0.0] * _L)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(kb)] for _ in range(R)]
             fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
@@ -345,11 +345,11 @@ def _coord_block(kb: int):
 
             def pair_products(g0):  # g rows g0, g0 + 1 (x rows i0 + g0, ...)
                 first = builder.add(i0_v, g0)
-                xrows = [row(ax.data, ax.strides, 2, builder.add(first, ir.Constant(intp, r))) for r in range(R)]
+                xrows = [_row_ptr(builder, ax, 2, builder.add(first, ir.Constant(intp, r))) for r in range(R)]
                 if PREFETCH_ROWS:
                     ahead = [builder.add(first, ir.Constant(intp, COORD_PREFETCH_ROWS + r)) for r in range(R)]
-                    ahead = [row(ax.data, ax.strides, 2,
-                                 builder.select(builder.icmp_signed(">", a, last_row), last_row, a)) for a in ahead]
+                    ahead = [builder.select(builder.icmp_signed(">", a, last_row), last_row, a) for a in ahead]
+                    ahead = [_row_ptr(builder, ax, 2, a) for a in ahead]  # (clamped to the last row)
                 for r in range(R):
                     for j in range(kb):
                         builder.store(zero, acc[r][j])
@@ -389,7 +389,7 @@ def _coord_block(kb: int):
                     step(n16, builder.icmp_signed("<", lane_ids, splat(builder, rem, ir.VectorType(intp, _L))))
                 for r in range(R):
                     out = _lane_sums(builder, [builder.load(acc[r][j]) for j in range(kb)])
-                    grow = builder.gep(row(ag.data, ag.strides, 2, builder.add(g0, ir.Constant(intp, r))), [j0_v])
+                    grow = builder.gep(_row_ptr(builder, ag, 2, builder.add(g0, ir.Constant(intp, r))), [j0_v])
                     builder.store(out, builder.bitcast(grow, vf.as_pointer()), align=4)
 
             pairs = builder.udiv(cgutils.unpack_tuple(builder, ag.shape, 2)[0], ir.Constant(intp, R))
