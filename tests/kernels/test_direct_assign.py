@@ -127,14 +127,15 @@ def test_assign_top2_takes_the_same_labels_with_and_without_the_direct_kernel(k,
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", OPERANDS)
 @pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])
-def test_direct_top2_parallel_equals_the_serial_kernel_on_all_or_listed_rows(block_rows):
+def test_direct_top2_parallel_equals_the_serial_kernel_on_all_or_listed_rows(block_rows, kind):
     from kvant.kernels.direct_assign import direct_top2_parallel
 
     g = np.random.default_rng(block_rows)
     x = g.standard_normal((301, 19)).astype(np.float32)
     c = g.standard_normal((23, 19)).astype(np.float32)
-    ct, cn = padded_centroids(c, sq_norms(c))
+    ct, cn = OPERANDS[kind](c, sq_norms(c))
     for rows in (np.empty(0, np.int64), g.integers(0, 301, 150)):
         xs = x if rows.size == 0 else x[rows]
         want = np.empty(len(xs), np.int64), np.empty(len(xs), np.float32), np.empty(len(xs), np.float32)
@@ -233,12 +234,14 @@ def test_coordinate_lane_products_against_float64(d, k):
     assert not c3.reshape(c3.shape[0], -1)[:k, d:].any() and not c3[k:].any()
     assert cn.shape == (-(-k // 16) * 16,) and np.isinf(cn[k:]).all()
     x = g.standard_normal((COORD_GROUP + 5, d)).astype(np.float32)
-    out = np.full((COORD_GROUP, cn.shape[0]), 0.0, np.float32)
+    out = np.full((COORD_GROUP, cn.shape[0]), np.nan, np.float32)  # every column must be written
     _coord_products(x, 3, c3, out)
     want = x[3 : 3 + COORD_GROUP].astype(np.float64) @ c.T.astype(np.float64)
     scale = np.abs(x[3 : 3 + COORD_GROUP]).astype(np.float64) @ np.abs(c.T).astype(np.float64)
     assert np.all(np.abs(out[:, :k] - want) <= (d // 16 + 6) * 2.0**-24 * scale + 1e-30)
-    assert not out[:, k:].any()
+    # written: 16 columns per block from its first centre (two blocks: from rows/2); the rest as they were
+    written = 16 if c3.shape[0] <= 14 else c3.shape[0] // 2 + 16
+    assert not out[:, k:written].any() and np.isnan(out[:, written:]).all()
 
 
 @numba.njit
@@ -254,3 +257,30 @@ def test_centre_operands_take_coordinate_lanes_for_few_centres_on_avx512():
         ops, cn = direct_assign.centre_operands(c[:1].repeat(k, 0), sq_norms(c[:1].repeat(k, 0)))
         assert ops.ndim == (3 if direct_assign.AVX512 and (k <= 14 or 17 <= k <= 28) else 2)
         assert direct_assign.coord_lanes(k) == (ops.ndim == 3)
+
+
+def test_the_kernels_refuse_centre_operands_they_would_read_or_write_out_of_bounds():
+    from kvant.kernels.direct_assign import direct_top2_exact, direct_top2_parallel
+
+    g = np.random.default_rng(3)
+    x = g.standard_normal((40, 19)).astype(np.float32)
+    xn = sq_norms(x)
+    out = np.empty(40, np.int64), np.empty(40, np.float32), np.empty(40, np.float32)
+    c3, cn = coord_operands(x[:10], sq_norms(x[:10]))
+    ct, cnp = padded_centroids(x[:10], sq_norms(x[:10]))
+    bad = [
+        (c3[:3], cn),  # an odd centre count (no such block)
+        (np.zeros((16, 2, 16), np.float32), cn),  # two blocks of 8 would write past 16 columns
+        (np.zeros((20, 2, 16), np.float32), cn),  # two blocks need 32 norms
+        (c3[:, :1], cn),  # too few coordinates for D = 19
+        (np.zeros((10, 2, 8), np.float32), cn),  # not 16 lanes
+        (ct, cnp[:8]),  # norms narrower than the products
+        (ct[:5], cnp),  # cᵀ of another D
+    ]
+    for ops, norms in bad:
+        with pytest.raises(ValueError, match="do not match"):
+            direct_top2(x, np.ascontiguousarray(ops), norms, xn, *out)
+        with pytest.raises(ValueError, match="do not match"):
+            direct_top2_exact(x, np.ascontiguousarray(ops), norms, x[:10], *out, np.empty(40), False, 0.0, np.inf)
+        with pytest.raises(ValueError, match="do not match"):
+            direct_top2_parallel(x, np.empty(0, np.int64), np.ascontiguousarray(ops), norms, xn, *out, 16)

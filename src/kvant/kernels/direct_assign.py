@@ -312,7 +312,7 @@ def _coord_block(kb: int):
     @intrinsic
     def coord_block(typingctx, x, i0, c3, j0, g):
         if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (x, c3, g))
-                and (x.ndim, c3.ndim, g.ndim) == (2, 3, 2)):
+                and (x.ndim, c3.ndim, g.ndim) == (2, 3, 2) and c3.layout == "C"):
             return None
         sig = types.void(x, i0, c3, j0, g)
 
@@ -420,8 +420,10 @@ def _coord_block_of(x, i0, c3, j0, kb, g):
         _cb10(x, i0, c3, j0, g)
     elif kb == 12:
         _cb12(x, i0, c3, j0, g)
-    else:
+    elif kb == 14:
         _cb14(x, i0, c3, j0, g)
+    else:  # (unreachable through _check_operands)
+        raise ValueError("coordinate-lane block size must be even, 2-14")
 
 
 @numba.njit(inline="always", **_JIT)
@@ -445,6 +447,30 @@ def _products_any_impl(x, i0, ops, g):
     if isinstance(ops, types.Array) and ops.ndim == 3:
         return lambda x, i0, ops, g: _coord_products(x, i0, ops, g)
     return lambda x, i0, ops, g: _products(x, i0, ops, g)
+
+
+def _check_operands(dim, ops, cn_padded):  # pragma: no cover - replaced in compiled code by the overload below
+    raise NotImplementedError
+
+
+@overload(_check_operands, jit_options=_JIT)
+def _check_operands_impl(dim, ops, cn_padded):
+    """Refuse centre operands the kernels would read or write out of bounds with (``direct_top2*`` are public): the
+    shapes ``coord_operands`` or ``padded_centroids`` build for D = ``dim``, and norms of matching width."""
+    if isinstance(ops, types.Array) and ops.ndim == 3:
+        def check_coord(dim, ops, cn_padded):
+            rows = ops.shape[0]
+            one = 2 <= rows <= COORD_MAX_BLOCK and rows % 2 == 0
+            two = 2 * COORD_MAX_BLOCK >= rows > 16 and rows % 4 == 0
+            if not ((one and cn_padded.shape[0] == 16) or (two and cn_padded.shape[0] == 32)) or (
+                    ops.shape[2] != 16 or ops.shape[1] * 16 < dim or ops.shape[1] * 16 >= dim + 16):
+                raise ValueError("centre operands do not match: build them with coord_operands")
+        return check_coord
+
+    def check_padded(dim, ops, cn_padded):
+        if ops.shape[0] != dim or ops.shape[1] % 16 != 0 or cn_padded.shape[0] != ops.shape[1]:
+            raise ValueError("centre operands do not match: build them with padded_centroids")
+    return check_padded
 
 
 def _rows_per_group(ops):  # pragma: no cover - replaced in compiled code by the overload below
@@ -516,6 +542,7 @@ def direct_top2(x, ct, cn_padded, x_sqnorms, labels, d1, d2, row_scale=None):
     x (n, D) float32 with unit-stride rows; ``ct, cn_padded = centre_operands(c, ‖c‖²)`` (or ``padded_centroids``);
     ``row_scale`` as in ``top2_from_ip``. Outputs as ``top2_from_ip`` writes them, from products summed in coordinate
     order (centres in the lanes) or in 16 interleaved partial sums (coordinates in the lanes)."""
+    _check_operands(x.shape[1], ct, cn_padded)
     R = _rows_per_group(ct)
     tail_rows = R if x.shape[0] % R else 0  # the zero-padded copy is needed only for a last partial group
     # (zeros: the coordinate kernel's second block leaves the columns after it as they are)
@@ -571,6 +598,7 @@ def direct_top2_exact(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, uni
     False as soon as a row's squared norm is not finite (a NaN or inf in the row, or float32 overflow). So True means
     every row of x is finite: callers that defer the NaN/inf check to this pass rely on it."""
     n, dim = x.shape
+    _check_operands(dim, ct, cn_padded)
     kp = cn_padded.shape[0]
     R = _rows_per_group(ct)
     m = n if unit_rows else 0
@@ -586,6 +614,7 @@ def direct_top2_parallel(x, rows, ct, cn_padded, x_sqnorms, labels, d1, d2, bloc
     ``rows`` (int64, listed order; outputs and ``x_sqnorms`` per listed row), or of every row when ``rows`` is
     empty. One region costs a few microseconds where handing blocks to Python threads costs tens, which decides
     the E-steps of small inputs (a 2,560-row sample was one block on one thread)."""
+    _check_operands(x.shape[1], ct, cn_padded)  # (before the parallel region; each block's call checks again)
     n = x.shape[0] if rows.shape[0] == 0 else rows.shape[0]
     for b in numba.prange((n + block_rows - 1) // block_rows):
         s = b * block_rows
