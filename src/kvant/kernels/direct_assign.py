@@ -17,6 +17,10 @@ used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 6
 registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32 columns
 above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 128 for a small E-step (bound by
 overheads, not products); without AVX2 and FMA :data:`AVAILABLE` is False and callers keep BLAS.
+
+For few centres on AVX-512 (K <= 14 and 17-28, :func:`coord_lanes`) the centre operand is turned around
+(:func:`coord_operands`): coordinates in the lanes, one accumulator per (row, centre) pair, a shuffle tree per row
+(see the comment above ``COORD_ROWS``). :func:`centre_operands` picks the operand; the kernels take either.
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     ``block_rows``: rows per E-step block; ``ct, cnp``: buffers of the direct kernel's centre operands
     (:func:`kvant.kernels.direct_assign.centre_operands` of ``c0``, refilled in place); ``lanes``: E-steps with rows
     in the vector lanes
-    (:func:`kvant.kernels.row_lanes.tile_top2`, the same outputs bit for bit) rather than centres. Writes the objective
+    (:func:`kvant.kernels.row_lanes.tile_top2`; bit for bit the direct kernel's with centres in the lanes, and
+    within float32 rounding of it with coordinates in the lanes) rather than centres. Writes the objective
     of every M-step into ``history`` (at least ``max_iter`` long) and each row's distance to its centre into ``dist``;
     returns (centres, labels, d1, d2, iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows
     assigned). The labels are the last
