@@ -13,7 +13,7 @@ from .._numerics import condition, conditioning
 from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..io.source import check_finite
-from ..kernels import amx_assign, direct_assign, i16_assign
+from ..kernels import amx_assign, annulus_assign, direct_assign, i16_assign
 from ..kernels._llvm import host_cpu_name
 from ..kernels.assign import (
     CANDIDATE_IDS_MAX,
@@ -70,6 +70,9 @@ AMX_MIN_KD = 1 << 14
 # heavy-tailed 1M×128 K=256 0.92-1.02×, 200k×384 K=256 0.88×, 1M×128 K=1024 0.94×; with the full scan instead, the
 # tile path's fits took 1.2-1.4× the float32 path's time. AMX_E_STEP_INNER = False restores the float32 E-steps there.
 AMX_MAX_NORM_SPREAD = 8.0
+# With centres that far out, plain l2 final assignments on the fused kernel (K = 17-64 on AVX-512) skip the blocks of
+# centres a row group cannot reach (kernels/annulus_assign; the kernel turns itself off where that saves too little).
+ANNULUS_ASSIGN = True
 AMX_E_STEP_INNER = True
 # On AVX2 hosts (no AVX-512, no AMX) final assignments run the same certification on exact int16 products
 # (kernels/i16_assign) with K >= I16_MIN_K: beyond the K <= 16 of the fused float32 kernel (direct_assign), which beat
@@ -240,8 +243,22 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     # norms, products and exact distances row group by row group, one read of each row (kernels.direct_assign)
     fused = direct and exact_sq is not None and rows is None and not conditioned and x.flags.c_contiguous and (
         unit_rows or x_sqnorms is None)
+    annulus = None  # centres far out: the fused pass skips those a row cannot reach (kernels.annulus_assign)
+    if fused and not unit_rows and ANNULUS_ASSIGN and ct.ndim == 2 and ct.shape[1] >= annulus_assign.MIN_KP:
+        annulus = annulus_assign.AnnulusCentres(centroids)
+        if not annulus.spread() > AMX_MAX_NORM_SPREAD:
+            annulus = None
 
     def run(s: int, e: int) -> None:
+        if annulus is not None and annulus.prune:
+            blocks = annulus_assign.annulus_top2_exact(x[s:e], annulus, labels[s:e], d1[s:e], d2[s:e],
+                                                       exact_sq[s:e], kappa, tiny)
+            if blocks >= 0:  # (else a row is not finite: the paths below name it)
+                annulus.record(e - s, blocks)
+                labels[s:e] = annulus.order[labels[s:e]]
+                recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1[s:e], d2[s:e], exact_sq[s:e],
+                                               False, cn_certify, kappa, tiny))
+                return
         if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1[s:e],
                                                      d2[s:e], exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
             # (with ``check``: every row of the block is finite, see direct_top2_exact)
