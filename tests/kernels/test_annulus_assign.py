@@ -138,7 +138,10 @@ def test_assign_top2_takes_the_annulus_pass_for_far_centres_with_the_same_result
         monkeypatch.setattr(cluster_assign, "ANNULUS_ASSIGN", on)
         n = len(x)
         lab, ex = np.empty(n, np.int64), np.empty(n)
-        assign_top2(x, c, sq_norms(c), lab, np.empty(n, np.float32), np.empty(n, np.float32), exact_sq=ex)
+        annulus = cluster_assign.annulus_centres(c, spherical=False)
+        assert (annulus is not None) == on
+        assign_top2(x, c, sq_norms(c), lab, np.empty(n, np.float32), np.empty(n, np.float32), exact_sq=ex,
+                    annulus=annulus)
         out[on] = lab, ex
     assert calls and all(b > 0 for b in calls)
     np.testing.assert_array_equal(out[True][0], out[False][0])
@@ -166,7 +169,7 @@ def test_the_annulus_pass_turns_itself_off_where_it_saves_too_little():
 @pytest.mark.parametrize("d", [3, 8, 33])
 def test_the_annulus_bound_holds_where_it_is_nearly_tight(d):
     # The triangle inequality is tight for a centre in line with the anchor and the row, beyond the row. Row i sits at
-    # t·u from the anchor (0: the centres come in ± pairs), the 16 inner centres within 0.001 of the anchor (so the
+    # t·u from the origin, the 16 inner centres (the anchor among them) within 0.001 of it (so the
     # row's two best of them are at ~t, and the bound's radius is ~2t), and its own centre at 1.995·t·u: 0.995·t from
     # the row, nearer than every inner centre, ~0.2% inside the radius. A radius 1% short would skip it.
     g = np.random.default_rng(d)
@@ -176,13 +179,40 @@ def test_the_annulus_bound_holds_where_it_is_nearly_tight(d):
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     x = u * g.uniform(3.0, 8.0, (24, 1))
     outer = 1.995 * x
-    c = np.concatenate([inner, -inner, outer, -outer]).astype(np.float32)  # 64 centres, coordinate-wise median 0
+    c = np.concatenate([inner, -inner, outer, -outer]).astype(np.float32)  # 64 centres
     x = x.astype(np.float32)
     cc = AnnulusCentres(c)
-    assert np.all(cc.anchor == 0) and set(cc.order[:16]) == set(range(16))
+    assert cc.anchor_id < 16 and set(cc.order[:16]) == set(range(16))
     # one row per call: in a group the row that reaches farthest decides for all of them
     lab, ex = (np.concatenate(parts) for parts in zip(*(_annulus(x[i : i + 1], c)[:2] for i in range(len(x)))))
     ref_lab, ref_ex = _brute(x, c)
     assert np.all(ref_lab >= 16)  # every row's nearest centre lies beyond the first block
     np.testing.assert_array_equal(lab, ref_lab)
     np.testing.assert_allclose(ex, ref_ex, rtol=1e-12)
+
+
+def test_annulus_centres_apply_only_to_far_l2_centres_the_fused_kernel_takes():
+    _, far = _far_data(10, 16, 64, seed=4)
+    near = np.random.default_rng(4).standard_normal((64, 16)).astype(np.float32)
+    assert cluster_assign.annulus_centres(near, spherical=False) is None  # similar distances: nothing to skip
+    assert cluster_assign.annulus_centres(far, spherical=True) is None  # unit rows: no annulus pass
+    assert cluster_assign.annulus_centres(far[:16], spherical=False) is None  # one block
+    assert cluster_assign.annulus_centres(np.tile(far, (2, 1)), spherical=False) is None  # K = 128: not fused
+    assert (cluster_assign.annulus_centres(far, spherical=False) is not None) == direct_assign.AVX512
+
+
+def test_a_fit_labels_every_row_the_same_with_and_without_the_annulus(monkeypatch):
+    import kvant
+
+    x, _ = _far_data(20000, 16, 48, seed=9)
+    calls = []
+    real = annulus_assign.annulus_top2_exact
+    monkeypatch.setattr(annulus_assign, "annulus_top2_exact", lambda *a: calls.append(1) or real(*a))
+    fits = {}
+    for on in (True, False):
+        monkeypatch.setattr(cluster_assign, "ANNULUS_ASSIGN", on)
+        model = kvant.Clusterer(k=40, metric="l2", seed=3).fit(x)
+        fits[on] = model.labels_, model.inertia_
+    assert bool(calls) == direct_assign.AVX512  # the fitted centres are far out: the final pass took the annulus
+    np.testing.assert_array_equal(fits[True][0], fits[False][0])
+    assert fits[True][1] == fits[False][1]

@@ -121,6 +121,17 @@ def certified_e_step_may_apply(n: int, dim: int, k: int) -> bool:
     return I16_ASSIGN and I16_HOST and k >= I16_E_STEP_MIN_K and n * k * dim > _ONE_REGION_MAX_WORK
 
 
+def annulus_centres(centroids: np.ndarray, spherical: bool) -> annulus_assign.AnnulusCentres | None:
+    """The centres prepared for :func:`assign_top2`'s annulus-bounded final pass, or None where it does not apply:
+    ``ANNULUS_ASSIGN`` off, cos, K outside 17-``direct_assign.MAX_K`` on AVX-512 hosts, or centres not far out
+    (max/median distance to the anchor <= ``AMX_MAX_NORM_SPREAD``: there rows reach every block)."""
+    k = centroids.shape[0]
+    if spherical or not (ANNULUS_ASSIGN and direct_assign.AVX512 and 17 <= k <= direct_assign.MAX_K):
+        return None
+    annulus = annulus_assign.AnnulusCentres(centroids)
+    return annulus if annulus.spread() > AMX_MAX_NORM_SPREAD else None
+
+
 def scales_unit_rows(xn: np.ndarray) -> bool:
     """True when rows of squared norms ``xn`` are all in the range where a cos assignment scales them by 1/‖x‖
     inside the kernel (``_SAFE_SQNORM``); otherwise it normalises a copy of them first."""
@@ -159,7 +170,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 x_sqnorms: np.ndarray | None = None, n_threads: int | None = None,
                 exact_sq: np.ndarray | None = None, rows: np.ndarray | None = None, unit_rows: bool = False,
                 row_offset: int = 0, shift: np.ndarray | None = None, scale: float | None = None,
-                nearest: np.ndarray | None = None, check: str | None = None, exact_labels: bool = False) -> int:
+                nearest: np.ndarray | None = None, check: str | None = None, exact_labels: bool = False,
+                annulus: annulus_assign.AnnulusCentres | None = None) -> int:
     """Write nearest-centroid labels and the two smallest squared distances of every row of ``x``.
 
     ``check`` (a source name; plain rows only, no ``rows``): ``x`` has not been checked for NaN/inf yet. Each
@@ -193,7 +205,10 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write m
     candidate centroid ids per row (any order; the row's label always among them) from the same products: with
     m <= 16 (and ``LANE_CANDIDATES``) those of :func:`candidate_ids_from_ip`, else the exact m nearest
-    (:func:`nearest_ids_from_ip`)."""
+    (:func:`nearest_ids_from_ip`).
+
+    ``annulus`` (:func:`annulus_centres` of the same centroids): with ``exact_sq`` on plain l2 rows, the fused pass
+    skips the blocks of centres a row group cannot reach (:mod:`kvant.kernels.annulus_assign`); same outputs."""
     if check is not None and rows is not None:
         raise ValueError("check= needs plain rows (no rows=)")
     if nearest is not None:
@@ -243,11 +258,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     # norms, products and exact distances row group by row group, one read of each row (kernels.direct_assign)
     fused = direct and exact_sq is not None and rows is None and not conditioned and x.flags.c_contiguous and (
         unit_rows or x_sqnorms is None)
-    annulus = None  # centres far out: the fused pass skips those a row cannot reach (kernels.annulus_assign)
-    if fused and not unit_rows and ANNULUS_ASSIGN and ct.ndim == 2 and ct.shape[1] >= annulus_assign.MIN_KP:
-        annulus = annulus_assign.AnnulusCentres(centroids)
-        if not annulus.spread() > AMX_MAX_NORM_SPREAD:
-            annulus = None
+    if not (fused and not unit_rows and ct.ndim == 2):
+        annulus = None
 
     def run(s: int, e: int) -> None:
         if annulus is not None and annulus.prune:

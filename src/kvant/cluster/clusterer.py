@@ -36,6 +36,7 @@ from ..kernels.distance import sq_norms64_serial, sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums, exact_sq_dist_rows, exact_sq_dist_rows_scaled
 from .assign import (
     CertifiedCentres,
+    annulus_centres,
     assign_certified,
     assign_top2,
     certified_e_step_may_apply,
@@ -753,6 +754,7 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
     certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
+    annulus = None if certified.ok else annulus_centres(centroids, spherical)  # far-out centres: skip unreachable ones
     total = 0.0
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
@@ -773,7 +775,8 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
         else:
             assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
                         exact_sq=per_row if with_inertia else None, unit_rows=spherical and not unit, row_offset=s,
-                        shift=shift, scale=scale, check=src.name if check else None, exact_labels=True)
+                        shift=shift, scale=scale, check=src.name if check else None, exact_labels=True,
+                        annulus=annulus)
         if with_inertia:
             total += float(per_row.sum())
         if report is not None:

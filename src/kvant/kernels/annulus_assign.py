@@ -1,17 +1,19 @@
 """The fused final assignment (:func:`kvant.kernels.direct_assign.direct_top2_exact`) with an annulus bound: centres
 far from a row's neighbourhood are never multiplied.
 
-The centres are sorted by their distance ‖c_j − a‖ to an anchor a (their coordinate-wise median). For any row x the
-triangle inequality gives ‖x − c_j‖ >= ‖c_j − a‖ − ‖x − a‖, so once two centres are known to lie within U of x,
-every centre with ‖c_j − a‖ > ‖x − a‖ + √U is farther than both: it can be neither the nearest centre nor the
+The centres are sorted by their distance ‖c_j − a‖ to an anchor a, the centre nearest their coordinate-wise median
+(a centre, so that its distance to every row comes with the products: no extra pass over the rows). For any row x
+the triangle inequality gives ‖x − c_j‖ >= ‖c_j − a‖ − ‖x − a‖, so once two centres are known to lie within √U of
+x, every centre with ‖c_j − a‖ > ‖x − a‖ + √U is farther than both: it can be neither the nearest centre nor the
 runner-up (Hamerly and Drake's annular bound). Per group of R rows the kernel
 
-1. multiplies the rows with the 16 centres nearest the anchor (one register block);
-2. takes each row's second-smallest float32 distance over them, d̃₂, and turns it into a bound on the exact one,
-   U = d̃₂ + κ(‖x‖ + c₁₆)² + tiny (κ, tiny of :func:`kvant.kernels.assign.label_margins`; c₁₆ the largest norm of
-   those 16 centres), so both of the row's two best centres among them lie within √U;
+1. multiplies the rows with the 16 centres nearest the anchor (one register block; the anchor is the first);
+2. bounds each row's exact squared distances from its float32 ones d̃ = ‖x‖² + ‖c‖² − 2x·c, which err by at most
+   κ(‖x‖ + ‖c‖)² + tiny (:func:`kvant.kernels.assign.label_margins`): ‖x − a‖² <= d̃_a + m and, with d̃₂ the
+   second-smallest over the block, U = d̃₂ + m, where m = κ(‖x‖ + c₁₆)² + tiny and c₁₆ is the largest norm in the
+   block, so both of the row's two best centres in the block lie within √U;
 3. multiplies the group with the next blocks of 16 centres only up to the last centre any of its rows can reach
-   (‖c_j − a‖ <= (‖x − a‖ + √U)(1 + 2⁻³⁰): the factor covers the float64 rounding of both norms), and
+   (‖c_j − a‖ <= (‖x − a‖ + √U)(1 + 2⁻³⁰): the factor covers the float64 rounding of the centres' distances), and
 4. takes the top-2 over the centres multiplied, as the plain kernel does over all of them.
 
 The label's certification (:func:`kvant.kernels.assign.certify_top2`) then holds as it does for the plain kernel: it
@@ -44,7 +46,7 @@ from .direct_assign import (
     _padded,
     padded_centroids,
 )
-from .distance import exact_sq_dist_into, row_sq_dist64, sq_norms_into
+from .distance import exact_sq_dist_into, sq_norms_into
 
 BLOCK = 16  # centres per register block
 MIN_KP = 32  # at least two blocks: with one there is nothing to skip
@@ -99,7 +101,7 @@ def _reach(cdist, radius):
 
 
 @numba.njit(**_JIT_RAW)
-def _group(src, base, nr, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, xa, g, labels, d1, d2):
+def _group(src, base, nr, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, g, labels, d1, d2):
     """Steps 1-4 of the module docstring for rows i0 .. i0 + nr (their products from ``src`` rows base ..); returns
     how many blocks of centres the group multiplied."""
     _first_block(src, base, ct, g)
@@ -110,8 +112,11 @@ def _group(src, base, nr, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, xa,
             break
         best, run, arg = _top2_lanes(g, r, cn_padded, xn[i0 + r], np.float32(1.0), BLOCK)
         s2 = np.float64(np.int32(min(run, np.int32(0x7F800000))).view(np.float32))
-        e = np.sqrt(np.float64(xn[i0 + r])) * (1.0 + 2.0**-20) + cfirst
-        radius = (xa[r] + np.sqrt(s2 + kappa * e * e + tiny)) * (1.0 + 2.0**-30)
+        x2 = np.float64(xn[i0 + r])
+        e = np.sqrt(x2) * (1.0 + 2.0**-20) + cfirst
+        m = kappa * e * e + tiny
+        xa2 = x2 + np.float64(cn_padded[0]) - 2.0 * np.float64(g[r, 0])  # the anchor's d̃ (more exact in float64)
+        radius = (np.sqrt(max(xa2, 0.0) + m) + np.sqrt(s2 + m)) * (1.0 + 2.0**-30)
         need = max(need, (_reach(cdist, radius) + BLOCK - 1) // BLOCK)
     if need > 1:
         _more_blocks(src, base, ct, need - 1, g)
@@ -122,8 +127,7 @@ def _group(src, base, nr, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, xa,
 
 
 @numba.njit(**_JIT_RAW)
-def _annulus_into(x, ct, cn_padded, centroids, anchor, cdist, cfirst, kappa, tiny, labels, d1, d2, exact_sq, g, xn,
-                  xa, xt):
+def _annulus_into(x, ct, cn_padded, centroids, cdist, cfirst, kappa, tiny, labels, d1, d2, exact_sq, g, xn, xt):
     n = x.shape[0]
     R = g.shape[0]
     blocks = 0
@@ -133,12 +137,11 @@ def _annulus_into(x, ct, cn_padded, centroids, anchor, cdist, cfirst, kappa, tin
         for i in range(i0, i1):
             if not xn[i] < np.inf:  # NaN or inf in the row (or a float32 norm overflow): the caller's path
                 return -1
-            xa[i - i0] = np.sqrt(row_sq_dist64(x, i, anchor, 0))
         if i1 - i0 == R:
-            blocks += _group(x, i0, R, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, xa, g, labels, d1, d2)
+            blocks += _group(x, i0, R, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, g, labels, d1, d2)
         else:  # the last n mod R rows, through a zero-padded copy
             _copy_rows(x, i0, i1 - i0, xt)
-            blocks += _group(xt, 0, i1 - i0, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, xa, g, labels, d1, d2)
+            blocks += _group(xt, 0, i1 - i0, i0, ct, cn_padded, cdist, cfirst, kappa, tiny, xn, g, labels, d1, d2)
         exact_sq_dist_into(x, i0, i1, centroids, labels, exact_sq)
     return blocks
 
@@ -153,10 +156,13 @@ class AnnulusCentres:
         k, dim = c.shape
         if _padded(k) < MIN_KP:
             raise ValueError(f"the annulus kernel needs at least {MIN_KP - BLOCK + 1} centres, not {k}")
-        self.anchor = np.median(c, axis=0).astype(np.float32).reshape(1, dim)
         c64 = c.astype(np.float64)
-        dist = np.sqrt(((c64 - self.anchor.astype(np.float64)) ** 2).sum(axis=1))
+        mid = np.median(c64, axis=0)
+        self.anchor_id = int(np.argmin(((c64 - mid) ** 2).sum(axis=1)))
+        dist = np.sqrt(((c64 - c64[self.anchor_id]) ** 2).sum(axis=1))
+        dist[self.anchor_id] = -1.0  # first in the order, even with duplicates of it
         self.order = np.argsort(dist, kind="stable")
+        dist[self.anchor_id] = 0.0
         self.cdist = np.ascontiguousarray(dist[self.order])
         self.centroids = np.ascontiguousarray(c[self.order])
         sq = (c64[self.order] ** 2).sum(axis=1)
@@ -192,10 +198,9 @@ def annulus_top2_exact(x, cc: AnnulusCentres, labels, d1, d2, exact_sq, kappa: f
         raise ValueError(f"rows have {dim} columns, the centres {cc.centroids.shape[1]}")
     kp = cc.cn.shape[0]
     R = 8 if kp <= 48 else 6
-    return _annulus_into(np.ascontiguousarray(x, np.float32), cc.ct, cc.cn, cc.centroids, cc.anchor, cc.cdist,
-                         cc.cfirst, float(kappa), float(tiny), labels, d1, d2, exact_sq, np.zeros((R, kp), np.float32),
-                         np.empty(n, np.float32), np.empty(R, np.float64),
-                         np.zeros((R if n % R else 0, dim), np.float32))
+    return _annulus_into(np.ascontiguousarray(x, np.float32), cc.ct, cc.cn, cc.centroids, cc.cdist, cc.cfirst,
+                         float(kappa), float(tiny), labels, d1, d2, exact_sq, np.zeros((R, kp), np.float32),
+                         np.empty(n, np.float32), np.zeros((R if n % R else 0, dim), np.float32))
 
 
 __all__ = ["AnnulusCentres", "BLOCK", "MIN_KP", "annulus_top2_exact"]
