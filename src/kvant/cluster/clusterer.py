@@ -753,8 +753,10 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
+    # far-out centres, K <= 64: the fused pass skips the ones a row cannot reach (faster than int16 products there)
+    annulus = annulus_centres(centroids, spherical)
     certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
-    annulus = None if certified.ok else annulus_centres(centroids, spherical)  # far-out centres: skip unreachable ones
+    certified.ok = certified.ok and annulus is None
     total = 0.0
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
