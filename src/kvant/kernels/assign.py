@@ -484,7 +484,7 @@ def _nearest_ids_into(g, c_sqnorms, x_sqnorms, out, bv, bj, sel):
             out[i, t] = sel[t]
 
 
-def label_margins(dim: int) -> tuple[float, float]:
+def label_margins(dim: int, lane_norms: bool = False) -> tuple[float, float]:
     """(κ, tiny) of :func:`certify_top2`.
 
     κ bounds |d̃ − d| / (‖x‖ + ‖c‖)² for the float32 expanded distance d̃ = ‖x‖² + ‖c‖² − 2x·c (u = 2⁻²⁴):
@@ -494,8 +494,13 @@ def label_margins(dim: int) -> tuple[float, float]:
     rounded once more; ‖x/‖x‖‖² rounded from float64) add at most 4.5u, l2 rows moved and scaled for conditioning
     (each coordinate rounded twice) at most 4u: γ_D + 8.5u in the worst case, and κ = 1.05·(D + 16)·u covers it with
     room for the second-order terms. tiny = 4(D + 16)·2⁻¹²⁶ covers products that underflow float32 (each off by less
-    than 2⁻¹²⁶, flushed to zero or not)."""
-    return 1.05 * (dim + 16) * 2.0**-24, 4.0 * (dim + 16) * 2.0**-126
+    than 2⁻¹²⁶, flushed to zero or not).
+
+    ``lane_norms``: the row norms were summed in float32 instead (:func:`kvant.kernels.direct_assign.lane_norm_column`:
+    16 lanes of ceil(D/16) multiply-adds, then a 4-level tree), relative error within γ(ceil(D/16) + 4) of ‖x‖² <=
+    (‖x‖ + ‖c‖)²: κ grows by that many u."""
+    terms = dim + 16 + ((-(-dim // 16) + 4) if lane_norms else 0)
+    return 1.05 * terms * 2.0**-24, 4.0 * (dim + 16) * 2.0**-126
 
 
 @numba.njit(**_JIT)

@@ -306,12 +306,17 @@ def _no_unroll(builder, branch) -> None:
     branch.set_metadata("llvm.loop", loop_id)
 
 
-def _coord_block(kb: int):
+def _coord_block(kb: int, norms: bool = False):
     """Intrinsic ``(x, i0, c3, j0, g)``: g[r, j0 + j] = x[i0 + r] · c3[j0 + j] for r < g's rows (even), j < kb, and
     g[r, j0 + kb : j0 + 16] = 0, COORD_ROWS rows at a time. x (n, D) float32 with unit-stride rows; c3 (rows,
     ceil(D/16), 16) float32, zero beyond D, unit-stride rows; g (rows, >= j0 + 16) float32. (A whole group per call:
-    with the centre count chosen per call of one row pair, the same products took 14.8 against 12.2 ms.)"""
+    with the centre count chosen per call of one row pair, the same products took 14.8 against 12.2 ms.)
+
+    ``norms`` (kb <= NORM_MAX_BLOCK): g[r, j0 + kb] = ‖x[i0 + r]‖² in float32 as well, from one more accumulator per
+    row summed like the products (16 lane sums of D/16 multiply-adds each, then the tree): relative error within
+    γ(D/16 + 4), which :func:`kvant.kernels.assign.label_margins` covers with ``lane_norms``."""
     R = COORD_ROWS
+    n_acc = kb + 1 if norms else kb
 
     @intrinsic
     def coord_block(typingctx, x, i0, c3, j0, g):
@@ -336,7 +341,7 @@ def _coord_block(kb: int):
 
             crows = [_row_ptr(builder, ac, 3, builder.add(j0_v, ir.Constant(intp, j))) for j in range(kb)]
             zero = ir.Constant(vf, [0.0] * _L)
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(kb)] for _ in range(R)]
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_acc)] for _ in range(R)]
             fma = llvm_fn(builder.module, "llvm.fma.v16f32", vf, [vf, vf, vf])
             masked_load = llvm_fn(builder.module, f"llvm.masked.load.v{_L}f32.p0v{_L}f32", vf,
                                   [vf.as_pointer(), i32, ir.VectorType(ir.IntType(1), _L), vf])
@@ -355,7 +360,7 @@ def _coord_block(kb: int):
                     ahead = [builder.select(builder.icmp_signed(">", a, last_row), last_row, a) for a in ahead]
                     ahead = [_row_ptr(builder, ax, 2, a) for a in ahead]  # (clamped to the last row)
                 for r in range(R):
-                    for j in range(kb):
+                    for j in range(n_acc):
                         builder.store(zero, acc[r][j])
 
                 def step(off, mask):
@@ -371,6 +376,9 @@ def _coord_block(kb: int):
                         cv = builder.load(vec(crows[j], off), align=4)  # (vmovups: as fast when aligned, safe if not)
                         for r in range(R):
                             builder.store(builder.call(fma, [xv[r], cv, builder.load(acc[r][j])]), acc[r][j])
+                    if norms:
+                        for r in range(R):
+                            builder.store(builder.call(fma, [xv[r], xv[r], builder.load(acc[r][kb])]), acc[r][kb])
 
                 entry = builder.block
                 head = builder.append_basic_block("chunks.head")
@@ -392,7 +400,7 @@ def _coord_block(kb: int):
                     lane_ids = ir.Constant(ir.VectorType(intp, _L), list(range(_L)))
                     step(n16, builder.icmp_signed("<", lane_ids, splat(builder, rem, ir.VectorType(intp, _L))))
                 for r in range(R):
-                    out = _lane_sums(builder, [builder.load(acc[r][j]) for j in range(kb)])
+                    out = _lane_sums(builder, [builder.load(acc[r][j]) for j in range(n_acc)])
                     grow = builder.gep(_row_ptr(builder, ag, 2, builder.add(g0, ir.Constant(intp, r))), [j0_v])
                     builder.store(out, builder.bitcast(grow, vf.as_pointer()), align=4)
 
@@ -407,6 +415,11 @@ def _coord_block(kb: int):
 
 
 _cb2, _cb4, _cb6, _cb8, _cb10, _cb12, _cb14 = (_coord_block(kb) for kb in range(2, COORD_MAX_BLOCK + 1, 2))
+# One block of up to NORM_MAX_BLOCK centres also sums each row's squared norm (one more accumulator per row: 2·13
+# accumulators, two rows and a centre fit the 32 registers; 14 would spill). The fused final pass then skips its
+# float64 norm loop: 500k×128 rows at K = 10, one thread, 33.2 → 28.0 ms without it (Zen 4, 2026-12-06).
+NORM_MAX_BLOCK = 12
+_cbn2, _cbn4, _cbn6, _cbn8, _cbn10, _cbn12 = (_coord_block(kb, norms=True) for kb in range(2, NORM_MAX_BLOCK + 1, 2))
 
 
 # (inlined into the row-group loops, with the dispatch on the block size; see _coord_block)
@@ -439,6 +452,54 @@ def _coord_products(x, i0, c3, g):
     else:
         _coord_block_of(x, i0, c3, 0, kc // 2, g)
         _coord_block_of(x, i0, c3, kc // 2, kc // 2, g)
+
+
+@numba.njit(inline="always", **_JIT)
+def _coord_norm_products(x, i0, c3, g):
+    """g[:, :kb] = x[i0 : i0 + g's rows] · c3 and g[:, kb] = the rows' squared norms (one block, kb <= 12)."""
+    kb = c3.shape[0]
+    if kb == 2:
+        _cbn2(x, i0, c3, 0, g)
+    elif kb == 4:
+        _cbn4(x, i0, c3, 0, g)
+    elif kb == 6:
+        _cbn6(x, i0, c3, 0, g)
+    elif kb == 8:
+        _cbn8(x, i0, c3, 0, g)
+    elif kb == 10:
+        _cbn10(x, i0, c3, 0, g)
+    elif kb == 12:
+        _cbn12(x, i0, c3, 0, g)
+    else:  # (unreachable through lane_norm_column)
+        raise ValueError("norms come with one coordinate-lane block of 2-12 centres")
+
+
+def lane_norm_column(ops) -> int:
+    """The column of the product tile where the fused pass finds each row's float32 squared norm (see the overload
+    below, which compiled code calls), or −1."""
+    return ops.shape[0] if ops.ndim == 3 and ops.shape[0] <= NORM_MAX_BLOCK else -1
+
+
+@overload(lane_norm_column, jit_options=_JIT)
+def _lane_norm_column_impl(ops):
+    """The column of the product tile where :func:`_products_with_norms` leaves each row's float32 squared norm: the
+    centre rows of a one-block coordinate operand of <= NORM_MAX_BLOCK centres; −1 for other operands (their
+    products come without norms)."""
+    if isinstance(ops, types.Array) and ops.ndim == 3:
+        return lambda ops: ops.shape[0] if ops.shape[0] <= NORM_MAX_BLOCK else -1
+    return lambda ops: -1
+
+
+def _products_with_norms(x, i0, ops, g):  # pragma: no cover - replaced in compiled code by the overload below
+    raise NotImplementedError
+
+
+@overload(_products_with_norms, jit_options=_JIT)
+def _products_with_norms_impl(x, i0, ops, g):
+    """:func:`_coord_norm_products` for operands where :func:`lane_norm_column` is >= 0 (the caller checks)."""
+    if isinstance(ops, types.Array) and ops.ndim == 3:
+        return lambda x, i0, ops, g: _coord_norm_products(x, i0, ops, g)
+    return lambda x, i0, ops, g: _products(x, i0, ops, g)
 
 
 def _products_any(x, i0, ops, g):  # pragma: no cover - replaced in compiled code by the overload below
@@ -559,8 +620,22 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
                             factor, scale32, xt):
     n = x.shape[0]
     R = g.shape[0]
+    nc = -1 if unit_rows else lane_norm_column(ct)  # >= 0: the products bring float32 norms (column nc of g)
     for i0 in range(0, n, R):
         i1 = min(n, i0 + R)
+        if nc >= 0:
+            if i1 - i0 == R:
+                _products_with_norms(x, i0, ct, g)
+            else:  # the last n mod R rows, through a zero-padded copy
+                _copy_rows(x, i0, i1 - i0, xt)
+                _products_with_norms(xt, 0, ct, g)
+            for i in range(i0, i1):
+                xn[i] = g[i - i0, nc]
+                if not xn[i] < np.inf:  # NaN or inf in the row (or a float32 norm overflow): the caller's path
+                    return False
+            _top2_rows(g, i1 - i0, cn_padded, xn, None, i0, labels, d1, d2)
+            exact_sq_dist_into(x, i0, i1, centroids, labels, exact_sq)
+            continue
         if not unit_rows:
             sq_norms_into(x, i0, i1, xn)
             for i in range(i0, i1):
@@ -594,7 +669,10 @@ def direct_top2_exact(x, ct, cn_padded, centroids, labels, d1, d2, exact_sq, uni
     """:func:`direct_top2` with each row's norm computed just before its products and its exact float64 squared
     distance to the label just after, a few rows at a time: the final assignment's three passes over a block in one,
     each row read from memory once and then used from L1. The same operations as ``sq_norms_serial``,
-    ``direct_top2`` and ``exact_sq_dist_rows`` in turn, so the same results.
+    ``direct_top2`` and ``exact_sq_dist_rows`` in turn, so the same results — except for l2 rows (no ``unit_rows``)
+    on a coordinate operand of <= NORM_MAX_BLOCK centres (:func:`lane_norm_column`), whose squared norms come with
+    the products, summed in float32: there ``d1``/``d2`` differ from the float64-norm path's by that rounding
+    (:func:`kvant.kernels.assign.label_margins` with ``lane_norms`` bounds it) and ``exact_sq`` is the same.
 
     ``unit_rows``: assign x_i/‖x_i‖ as ``assign_top2`` does without a normalised copy (products scaled by 1/‖x_i‖,
     ``exact_sq`` of the unit row); returns False, leaving the outputs partly written, as soon as a row's squared norm
