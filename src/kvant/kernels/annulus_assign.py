@@ -36,11 +36,9 @@ from .assign import _top2_lanes, store_top2
 from .direct_assign import (
     _JIT,
     _JIT_RAW,
+    _blocks6,
     _copy_rows,
     _ip6x1,
-    _ip6x2,
-    _ip6x3,
-    _ip6x4,
     _ip8x1,
     _ip8x2,
     _padded,
@@ -69,35 +67,17 @@ def _more_blocks(x, i0, ct, nb, g):
             _ip8x1(x, i0, ct, BLOCK, g)
         elif nb == 2:
             _ip8x2(x, i0, ct, BLOCK, g)
-        return
-    j0 = BLOCK
-    left = nb
-    while left >= 4:
-        _ip6x4(x, i0, ct, j0, g)
-        j0 += 4 * BLOCK
-        left -= 4
-    if left == 3:
-        _ip6x3(x, i0, ct, j0, g)
-    elif left == 2:
-        _ip6x2(x, i0, ct, j0, g)
-    elif left == 1:
-        _ip6x1(x, i0, ct, j0, g)
+    else:
+        _blocks6(x, i0, ct, BLOCK, nb, g)
 
 
 @numba.njit(inline="always", **_JIT)
 def _reach(cdist, radius):
-    """How many centres (ascending ``cdist``) lie within ``radius`` of the anchor."""
-    k = cdist.shape[0]
-    if not radius < cdist[k - 1]:  # (NaN or inf radius: every centre)
-        return k
-    lo, hi = 0, k
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if cdist[mid] <= radius:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """How many centres (ascending ``cdist``) lie within ``radius`` of the anchor (all of them for a NaN or inf
+    radius)."""
+    if not radius < cdist[cdist.shape[0] - 1]:
+        return cdist.shape[0]
+    return np.searchsorted(cdist, radius, side="right")
 
 
 @numba.njit(**_JIT_RAW)

@@ -199,15 +199,23 @@ def _products_avx512(x, i0, ct, g):
     elif kp == 48:
         _ip8x3(x, i0, ct, 0, g)
     else:
-        for j0 in range(0, kp - kp % 64, 64):
-            _ip6x4(x, i0, ct, j0, g)
-        rest = (kp % 64) // 16
-        if rest == 1:
-            _ip6x1(x, i0, ct, kp - 16, g)
-        elif rest == 2:
-            _ip6x2(x, i0, ct, kp - 32, g)
-        elif rest == 3:
-            _ip6x3(x, i0, ct, kp - 48, g)
+        _blocks6(x, i0, ct, 0, kp // 16, g)
+
+
+@numba.njit(inline="always", **_JIT)
+def _blocks6(x, i0, ct, j0, nb, g):
+    """g[:6, j0 : j0 + 16·nb] = x[i0 : i0 + 6] · ct[:, j0 : j0 + 16·nb]: the (6, 4) micro-kernel per 64 columns, then
+    (6, 1..3) for the last 16-48."""
+    end = j0 + 64 * (nb // 4)
+    for j in range(j0, end, 64):
+        _ip6x4(x, i0, ct, j, g)
+    rest = nb % 4
+    if rest == 3:
+        _ip6x3(x, i0, ct, end, g)
+    elif rest == 2:
+        _ip6x2(x, i0, ct, end, g)
+    elif rest == 1:
+        _ip6x1(x, i0, ct, end, g)
 
 
 @numba.njit(**_JIT)
