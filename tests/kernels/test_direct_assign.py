@@ -320,3 +320,27 @@ def test_the_kernels_refuse_centre_operands_they_would_read_or_write_out_of_boun
             direct_top2_exact(x, np.ascontiguousarray(ops), norms, x[:10], *out, np.empty(40), False, 0.0, np.inf)
         with pytest.raises(ValueError, match="do not match"):
             direct_top2_parallel(x, np.empty(0, np.int64), np.ascontiguousarray(ops), norms, xn, *out, 16)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 11, 12])
+def test_lane_norms_of_rows_near_float32_max_never_win_the_top_2(k):
+    # ‖x‖² in (FLT_MAX/2, FLT_MAX): finite, but 2·‖x‖² overflows. The norm's column of the tile must not turn into a
+    # distance (inf − inf = NaN, which the top-2 reads as 0): labels stay real centres, certified or recomputed
+    from kvant.kernels.assign import certify_top2, label_margins
+    from kvant.kernels.direct_assign import direct_top2_exact
+
+    if not direct_assign.coord_lanes(k):
+        pytest.skip("coordinate lanes are an AVX-512 operand")
+    c = np.arange(k * 4, dtype=np.float32).reshape(k, 4)
+    x = np.full((9, 4), 7.0e18, np.float32)  # ‖x‖² = 1.96e38
+    x[1] = 1.0
+    x[4] *= -1
+    cn = sq_norms(c)
+    ct, cnp = coord_operands(c, cn)
+    lab, d1, d2, exact = np.empty(9, np.int64), np.empty(9, np.float32), np.empty(9, np.float32), np.empty(9)
+    assert direct_top2_exact(x, ct, cnp, c, lab, d1, d2, exact, False, 0.0, np.inf)
+    assert np.all((lab >= 0) & (lab < k))
+    certify_top2(x, c, lab, d1, d2, exact, False, cn, *label_margins(4, lane_norms=True))
+    dist = ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(lab, dist.argmin(axis=1))
+    np.testing.assert_allclose(exact, dist.min(axis=1), rtol=1e-12)

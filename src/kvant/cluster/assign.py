@@ -213,7 +213,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     (:func:`nearest_ids_from_ip`).
 
     ``annulus`` (:func:`annulus_centres` of the same centroids): with ``exact_sq`` on plain l2 rows, the fused pass
-    skips the blocks of centres a row group cannot reach (:mod:`kvant.kernels.annulus_assign`); same outputs."""
+    skips the blocks of centres a row group cannot reach (:mod:`kvant.kernels.annulus_assign`); the same labels and
+    ``exact_sq`` (``d2`` is the runner-up among the centres multiplied)."""
     if check is not None and rows is not None:
         raise ValueError("check= needs plain rows (no rows=)")
     if nearest is not None:

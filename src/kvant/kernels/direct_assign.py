@@ -639,6 +639,9 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
                 _products_with_norms(xt, 0, ct, g)
             for i in range(i0, i1):
                 xn[i] = g[i - i0, nc]
+                # the column's norm is +inf, so its distance is +inf once its product is 0; left as ‖x‖², a row of
+                # ‖x‖² > FLT_MAX/2 made it inf − inf = NaN, which the top-2 reads as distance 0 (a review, 2026-12-06)
+                g[i - i0, nc] = 0.0
                 if not xn[i] < np.inf:  # NaN or inf in the row (or a float32 norm overflow): the caller's path
                     return False
             _top2_rows(g, i1 - i0, cn_padded, xn, None, i0, labels, d1, d2)
