@@ -248,7 +248,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     exact_labels = exact_labels or exact_sq is not None
     if exact_labels:
         # (the fused pass of l2 rows on a small coordinate operand sums the row norms in float32)
-        lane_norms = direct and not unit_rows and ct.ndim == 3 and ct.shape[0] <= direct_assign.NORM_MAX_BLOCK
+        lane_norms = direct and not unit_rows and direct_assign.lane_norm_column(ct) >= 0
         kappa, tiny = label_margins(dim, lane_norms)
         cn_certify = np.ascontiguousarray(c_sqnorms[:k], np.float32)
         recomputed: list[int] = []

@@ -631,7 +631,7 @@ def _direct_top2_exact_into(x, ct, cn_padded, centroids, labels, d1, d2, exact_s
     nc = -1 if unit_rows else lane_norm_column(ct)  # >= 0: the products bring float32 norms (column nc of g)
     for i0 in range(0, n, R):
         i1 = min(n, i0 + R)
-        if nc >= 0:
+        if nc >= 0:  # (its own loop body: merged with the path below, 500k×128 K = 10 read 30.2 against 28.2 ms)
             if i1 - i0 == R:
                 _products_with_norms(x, i0, ct, g)
             else:  # the last n mod R rows, through a zero-padded copy
