@@ -150,9 +150,14 @@ class AnnulusCentres:
         self.cfirst = float(np.sqrt(sq[:BLOCK].max()) * (1.0 + 2.0**-20))  # ≥ every ‖c_j‖ of the first block
         self.prune = True  # False once a call found too little to skip (:meth:`record`)
 
+    @property
+    def rows_per_group(self) -> int:
+        """Rows per group of the micro-kernels: 8 up to 48 padded centres, 6 above (as the plain pass on AVX-512)."""
+        return 8 if self.cn.shape[0] <= 48 else 6
+
     def groups(self, n: int) -> int:
         """Groups of rows :func:`annulus_top2_exact` takes ``n`` rows in."""
-        return -(-n // (8 if self.cn.shape[0] <= 48 else 6))
+        return -(-n // self.rows_per_group)
 
     def record(self, n: int, blocks: int) -> None:
         """After a call on ``n`` rows that multiplied ``blocks`` blocks: stop pruning (``prune`` = False) when its
@@ -176,8 +181,7 @@ def annulus_top2_exact(x, cc: AnnulusCentres, labels, d1, d2, exact_sq, kappa: f
     n, dim = x.shape
     if cc.centroids.shape[1] != dim:
         raise ValueError(f"rows have {dim} columns, the centres {cc.centroids.shape[1]}")
-    kp = cc.cn.shape[0]
-    R = 8 if kp <= 48 else 6
+    kp, R = cc.cn.shape[0], cc.rows_per_group
     return _annulus_into(np.ascontiguousarray(x, np.float32), cc.ct, cc.cn, cc.centroids, cc.cdist, cc.cfirst,
                          float(kappa), float(tiny), labels, d1, d2, exact_sq, np.zeros((R, kp), np.float32),
                          np.empty(n, np.float32), np.zeros((R if n % R else 0, dim), np.float32))
