@@ -217,8 +217,12 @@ def test_id_space_exhaustion_is_invalid_input():
     with pytest.raises(InvalidInput, match="no default ids"):
         index.add(np.ones((1, 2), np.float32))
     assert index.ntotal == 1
-    index.add(np.ones((1, 2), np.float32), ids=[5])
+    index.add(np.full((1, 2), 3.0, np.float32), ids=[5])
     assert index.ntotal == 2
+    # (review) the failed add had kept its rows: the next search indexed past the ids (IndexError), a save
+    # could not be loaded back
+    d, i = index.search(np.full(2, 3.0, np.float32), 2)
+    assert i.tolist() == [5, 2**63 - 1] and d.tolist() == [0.0, 8.0]
 
 
 def test_mmap_load_of_empty_index(tmp_path):

@@ -373,6 +373,28 @@ def test_rows_far_outside_the_codebooks_encode_to_their_nearest_codeword(cls, nb
         np.testing.assert_array_equal(codes[:, j], np.argmin(dist, axis=1), err_msg=f"sub-space {j}")
 
 
+
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ])
+def test_rows_far_above_tiny_codebooks_encode_without_warnings(cls):
+    # (review) scaling such rows by the codebooks' power of two overflowed float32: NumPy's "overflow in cast"
+    # warning leaked out of encode, and the far-row fallback re-encoded the inf copy
+    import warnings
+
+    rng = np.random.default_rng(0)
+    dim, m = 8, 4
+    q = cls(dim, m, 4, seed=0).fit((rng.standard_normal((600, dim)) * 1e-30).astype(np.float32))
+    x = np.vstack([(rng.standard_normal((3, dim)) * 1e-30), rng.standard_normal((3, dim)),
+                   rng.standard_normal((3, dim)) * 1e20]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = q.unpacked_codes(q.encode(x))
+    z = q._transform(x).astype(np.float64)
+    books = q.codebooks_.astype(np.float64)
+    d = dim // m
+    for j in range(m):
+        dist = ((z[:, None, j * d : (j + 1) * d] - books[j][None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(codes[:, j], np.argmin(dist, axis=1), err_msg=f"sub-space {j}")
+
 def test_far_row_limit_shrinks_with_the_subvector_width():
     # (review) With dsub = 2^17 values per sub-vector, rows at 2^55.9 (under the 2^56 flag) still overflowed every
     # float32 sum: codeword 0. The limit now falls by one power of two per factor 4 of dsub beyond 2^14.

@@ -182,7 +182,7 @@ def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similari
     out_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1).astype(np.int64)
     dist = dist.astype(np.float32, copy=True)
     if similarity:
-        dist = -dist
+        dist = np.float32(0.0) - dist  # (not -dist: a zero similarity reads +0, never -0)
         dist[out_ids < 0] = -np.inf
     else:
         dist[out_ids < 0] = np.inf

@@ -157,11 +157,11 @@ class FlatIndex:
 
         src = as_vectors(x, self.dim)
         new_ids = check_new_ids(ids, src.n, self._ids.view)
+        if new_ids is None:  # (before any row is stored: it raises when the id space is used up)
+            new_ids = default_ids(self._next_id, src.n)
         start = self._x.n
         # chunks() raises on NaN before the rows count (Rows.extend), so a failed add stores nothing
         self._x.extend((normalize_rows(block) if self.metric == "cos" else block for _, block in src.chunks()), src.n)
-        if new_ids is None:
-            new_ids = default_ids(self._next_id, src.n)
         self._norms.append(sq_norms(self._x.view[start:]))
         self._ids.append(new_ids)
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import persist
 from .._config import check_seed, with_threads
-from .._numerics import condition
+from .._numerics import condition, row_magnitude_scales
 from ..errors import EmptyIndex, InvalidInput, PersistError
 from ..quant.opq import OPQ
 from ..quant.pq import PQ, _check_int
@@ -185,6 +185,8 @@ class PQIndex:
             raise EmptyIndex("the index is not trained; call train(x) before add")
         src = as_vectors(x, self.dim)
         new_ids = check_new_ids(ids, src.n, self._ids.view)
+        if new_ids is None:  # (before any row is stored: it raises when the id space is used up)
+            new_ids = default_ids(self._next_id, src.n)
         codes = []
 
         def prepared():  # NaN raises here, before any row counts (Rows.extend)
@@ -198,8 +200,6 @@ class PQIndex:
         else:
             for _ in prepared():
                 pass
-        if new_ids is None:
-            new_ids = default_ids(self._next_id, src.n)
         self._codes.append(np.concatenate(codes) if len(codes) > 1 else codes[0])
         self._ids.append(new_ids)
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
@@ -220,16 +220,20 @@ class PQIndex:
         return count
 
     # -- search -----------------------------------------------------------------------------------
-    def _tables(self, q: np.ndarray, scale: float | None = None) -> np.ndarray:
+    def _tables(self, q: np.ndarray, scale: float | None = None, qfactor: np.ndarray | None = None) -> np.ndarray:
         """Lookup tables of the queries ``q``; with ``scale``, transformed queries and codebooks are scaled
-        by it (after the transform: OPQ's offset is in the data's units)."""
+        by it (after the transform: OPQ's offset is in the data's units). Inner products may scale each query by
+        its own power of two ``qfactor[i]`` instead (the codebooks keep ``scale``): its tables are then in units
+        of ``qfactor[i]·scale``."""
         kpq = _kpq()
         l2 = self.metric == "l2"
         # l2 tables see the offset-removed rotation (the offset cancels in q − x̂); inner products the rotation
         # alone plus q·offset spread over the m sub-tables, since q·x̂ = (qR)·c + q·offset
         qr = self.codec._transform(q) if l2 else self.codec._rotate(q)
+        if qfactor is not None:  # powers of two: exact wherever the result is a normal float32
+            qr = (np.asarray(qr, np.float64) * qfactor[:, None]).astype(np.float32)
         qr = np.ascontiguousarray(qr, dtype=np.float32)
-        if scale is not None:
+        if scale is not None and qfactor is None:
             qr = condition(qr, None, scale)
         books = self.codec.codebooks_ if scale is None else condition(self.codec.codebooks_, None, scale)
         cbt = self.codec._transposed_books() if scale is None else None
@@ -238,21 +242,30 @@ class PQIndex:
         t = kpq.ip_tables(qr, books, cbt)
         offset = self.codec._offset()
         if offset is not None:
-            s2 = 1.0 if scale is None else scale * scale
-            share = (q.astype(np.float64) @ offset.astype(np.float64)) * s2 / self.m
+            units = (1.0 if scale is None else scale) * (1.0 if qfactor is None else qfactor)
+            share = (q.astype(np.float64) @ offset.astype(np.float64)) * units / self.m
             t += share.astype(np.float32)[:, None, None]
         np.negative(t, out=t)
         return t
 
     def _finite_tables(self, q: np.ndarray, scale: float | None) -> tuple[np.ndarray | None, np.ndarray]:
-        """(scales, tables) for the queries ``q``: per query, the codebooks' scale, or for a query so far outside
-        the codebooks' range that its tables overflow (an infinite entry ranks nothing: the scans admit no row), a
-        smaller power of two of its own, so every row is ranked as well as float32 allows. Per query: one factor for
-        the whole batch pushed the other queries' tables to float32 subnormals (30 of 50 ordinary queries changed
-        their ids next to one of norm 1e37). Tables are in units of scales[i]² (distances come back in the data's);
-        scales is None when every query's factor is 1."""
+        """(units, tables) for the queries ``q``: tables in units of units[i] (distances come back in the data's
+        after a division by it; units is None when every query's is 1).
+
+        l2: per query, the codebooks' scale (units scale²), or for a query so far outside the codebooks' range that
+        its tables overflow (an infinite entry ranks nothing: the scans admit no row), a smaller power of two of its
+        own, so every row is ranked as well as float32 allows. Per query: one factor for the whole batch pushed the
+        other queries' tables to float32 subnormals (30 of 50 ordinary queries changed their ids next to one of norm
+        1e37). Inner products, whose order any positive factor per query keeps: a query whose norm at the codebooks'
+        scale leaves [2**-20, 2**20] is scaled by a power of two of its own, so its tables neither overflow nor
+        underflow (a 1e-25 query on 1e20 data had every entry 0 at the common scale, and arbitrary ids)."""
         base = 1.0 if scale is None else scale
         with np.errstate(over="ignore", invalid="ignore"):
+            if self.metric != "l2":
+                own = row_magnitude_scales(q.astype(np.float64) * base)  # (OPQ rotations keep norms)
+                if own is not None:
+                    qfactor = base * own
+                    return qfactor * base, self._tables(q, scale, qfactor)
             tables = self._tables(q, scale)
             if scale is None and np.isfinite(tables).all():  # (the common case, in one reduction)
                 return None, tables
@@ -267,7 +280,7 @@ class PQIndex:
                 ok = np.isfinite(sub.reshape(bad.size, -1)).all(axis=1)
                 tables[bad[ok]], scales[bad[ok]] = sub[ok], s
                 bad = bad[~ok]
-        return scales, tables
+        return scales * scales, tables
 
     def _packed(self):
         if self._fastscan is None:
@@ -322,13 +335,13 @@ class PQIndex:
         scale = self.codec._codebook_scale()
         for s in range(0, nq, step):
             qb = q[s : s + step]
-            bscale, tables = self._finite_tables(qb, scale)
+            units, tables = self._finite_tables(qb, scale)
             d, rows = self._adc(tables, kc)
             if self.refine:
                 d, rows = self._exact(qb, rows, k)
-            elif bscale is not None and np.any(bscale != 1.0):  # back to the data's units (±inf beyond float32)
+            elif units is not None and np.any(units != 1.0):  # back to the data's units (±inf beyond float32)
                 with np.errstate(over="ignore"):
-                    d = (d.astype(np.float64) / (bscale * bscale)[:, None]).astype(np.float32)
+                    d = (d.astype(np.float64) / units[:, None]).astype(np.float32)
             out_d[s : s + step], out_i[s : s + step] = d, rows
         return finish_results(out_d, out_i, self._ids.view, self.metric != "l2", one, k_out)
 

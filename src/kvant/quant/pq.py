@@ -162,7 +162,8 @@ def _encode_far_rows(x: np.ndarray, books: np.ndarray, codes: np.ndarray, far: n
 def scale_subspaces(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """``x`` (n, m·dsub) with sub-vector j times ``scales[j]`` (powers of two, exact), as float32."""
     dsub = x.shape[-1] // scales.shape[0]
-    return (x.astype(np.float64) * np.repeat(scales, dsub)).astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32: inf, which the encoder flags as far (re-encoded unscaled)
+        return (x.astype(np.float64) * np.repeat(scales, dsub)).astype(np.float32)
 
 
 def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None, on_iter=None) -> np.ndarray:
@@ -375,14 +376,14 @@ class PQ:
         return self._per_books("_transposed_of_books", lambda books: _kpq().transposed_codebooks(books))
 
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(self._transform(block), dtype=np.float32)
-        books = self.codebooks_
+        x = x0 = np.ascontiguousarray(self._transform(block), dtype=np.float32)
+        books = books0 = self.codebooks_
         scales = subspace_scales(books.transpose(1, 0, 2).reshape(self.ksub, self.dim), self.m)
         if scales is not None:
-            x = scale_subspaces(x, scales)
+            x = scale_subspaces(x, scales)  # rows far outside the codebooks' range may become inf: flagged far
             books = (books.astype(np.float64) * scales[:, None, None]).astype(np.float32)
         codes, far = _kpq().pq_encode_flagged(x, books, _far_limit(books.shape[2]))
-        _encode_far_rows(x, books, codes, np.flatnonzero(far))
+        _encode_far_rows(x0, books0, codes, np.flatnonzero(far))  # unscaled: float64 holds them as they are
         return pack_nibbles(codes) if self.nbits == 4 else codes
 
     @with_threads
