@@ -1718,3 +1718,42 @@ def test_a_sampled_fit_skips_lloyds_last_e_step_and_gets_the_same_result(metric,
     monkeypatch.setattr(clusterer_module, "lloyd", spy)
     kvant.Clusterer(24, metric, seed=3).fit(x[:3000])  # every row: the last E-step may be the final assignment
     assert calls == [True]
+
+
+def test_cos_rows_whose_squared_norms_overflow_float32_fit_without_warnings():
+    # (review) the float32 cast of their float64 squared norms leaked NumPy's "overflow in cast" warning
+    import warnings
+
+    x = (np.random.default_rng(0).standard_normal((200, 4)) * 1e30).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = kvant.Clusterer(k=3, metric="cos", seed=0).fit(x)
+        assert np.array_equal(c.predict(x), c.labels_)
+
+
+@pytest.mark.parametrize("setting", ["max_iter", "polish_iter"])
+def test_an_enormous_iteration_limit_on_a_small_input_runs_to_convergence(setting):
+    # (review) the compiled small-input loop sized its objective history by max_iter: 10**12 asked for 7 TiB
+    x = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    c = kvant.Clusterer(k=8, algorithm="dense-exact-row", seed=0, **{setting: 10**12}).fit(x)
+    assert 1 <= c.n_iter_ < 10_000
+    assert np.array_equal(c.predict(x), c.labels_)
+
+
+def test_fitted_centres_changed_in_place_to_nan_are_refused():
+    x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+    c = kvant.Clusterer(k=2, seed=0).fit(x)
+    c.cluster_centers_[0] = np.nan
+    for call in (c.predict, c.score):
+        with pytest.raises(InvalidInput, match="NaN or inf"):
+            call(x)
+
+
+@pytest.mark.parametrize("centres", [np.array([[1 + 5j, 0, 0], [0, 1 - 7j, 0]]), np.ones((2, 3), bool),
+                                     np.array([["a", "b", "c"]], object)])
+def test_hand_set_centres_of_a_non_real_dtype_are_refused(centres):
+    x = np.random.default_rng(0).standard_normal((30, 3)).astype(np.float32)
+    c = kvant.Clusterer(k=2)
+    c.cluster_centers_ = centres
+    with pytest.raises(InvalidInput, match="numeric"):
+        c.predict(x)

@@ -295,7 +295,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         factor = None  # unit_rows: 1/‖x‖ per row
         if unit_rows:
             xn64 = sq_norms64_serial(xb)
-            xn = xn64.astype(np.float32)
+            with np.errstate(over="ignore"):  # beyond float32: inf, which scales_unit_rows sends to the unit copy
+                xn = xn64.astype(np.float32)
             if not scales_unit_rows(xn):
                 unit = np.empty_like(xb)
                 first = normalise_rows_into(xb, unit)

@@ -424,8 +424,13 @@ class Clusterer:
         checked (a finite 2-D array of at least one row), copied to float32 and, for cos, unit-normalised."""
         c = self.cluster_centers_
         if self._has_fitted_centres():
+            if not np.isfinite(c).all():  # (changed in place since the fit: K·D values, cheap beside any assignment)
+                raise InvalidInput("cluster_centers_ contain NaN or inf (changed since the fit?)")
             return c
         try:
+            kind = np.asarray(c).dtype.kind
+            if kind not in "fiu":  # complex would lose its imaginary part, bool and objects mean a mistake
+                raise TypeError(f"dtype {np.asarray(c).dtype} is not a real number type")
             c = np.array(c, dtype=np.float32, order="C")
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"cluster_centers_ set by hand must be a numeric (k, dim) array: {exc}") from None

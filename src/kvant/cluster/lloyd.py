@@ -80,8 +80,10 @@ from .assign import (
 # distances can never let a row keep a stale label.
 _BOUND_SLACK = 1e-4
 
-# Small inputs run Lloyd as one compiled loop (small_lloyd_applies, kvant.kernels.lloyd_small).
+# Small inputs run Lloyd as one compiled loop (small_lloyd_applies, kvant.kernels.lloyd_small), which records the
+# objectives of its first HISTORY_CAP M-steps.
 SMALL_LLOYD = True
+HISTORY_CAP = 1 << 16
 # ... whose E-steps put rows in the vector lanes on AVX-512 hosts when K <= ROW_LANES_MAX_K (kvant.kernels.row_lanes;
 # the same outputs). Digits (1,797 × 64) E-steps on one thread, Zen 4 host (2026-12-05), direct kernel → rows in
 # lanes: K = 4 48 → 13 µs, K = 10 48 → 25, K = 20 97 → 49, K = 32 97 → 72, K = 64 153 → 142. Whole digits fits
@@ -114,7 +116,7 @@ CANDIDATE_REFRESH = 3
 class LloydResult:
     centroids: np.ndarray  # (k, d) float32
     labels: np.ndarray  # (n,) int64, nearest centroid of each row for the returned centroids
-    objective_history: list[float] = field(default_factory=list)
+    objective_history: list[float] = field(default_factory=list)  # (the first HISTORY_CAP on the small path)
     n_iter: int = 0
     n_reseeded: int = 0
     rows_recomputed: int = 0
@@ -431,13 +433,15 @@ def _lloyd_small(x, xn, c, w, max_iter, tol, spherical, on_iter, overrelax, x_to
     threads = max(1, get_num_threads())
     # the rows per block of assign_top2's one-region E-step: the same blocks, the same outputs
     block = max(_DIRECT_MIN_ROWS, min(block_rows_for(dim, k), -(-n // (4 * threads))))
-    history = np.empty(max(1, max_iter), np.float64)
+    # the objectives of the first HISTORY_CAP M-steps (a buffer sized by a max_iter of 10**12 was 7 TiB)
+    history = np.empty(max(1, min(max_iter, HISTORY_CAP)), np.float64)
     dist = np.empty(n, np.float32)
     cent, labels, d1, d2, n_iter, reseeded, extrapolated, rejected, assigned = lloyd_small(
         x, xn, c, w, int(max_iter), float(tol), bool(spherical), float(overrelax), float(x_total), threads, block,
         history, dist, *direct_assign.centre_operands(c, sq_norms_serial(c)),
         _row_lanes(k, x.nbytes))
-    result = LloydResult(cent, labels, [float(h) for h in history[:n_iter]], int(n_iter), int(reseeded),
+    objectives = [float(h) for h in history[: min(n_iter, history.shape[0])]]
+    result = LloydResult(cent, labels, objectives, int(n_iter), int(reseeded),
                          int(assigned), int(extrapolated), int(rejected), last_d1=d1, last_d2=d2)
     if on_iter is not None:  # (after the fact: the loop does not leave compiled code)
         for h in result.objective_history:

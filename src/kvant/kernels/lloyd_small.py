@@ -150,7 +150,7 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
     in the vector lanes
     (:func:`kvant.kernels.row_lanes.tile_top2`; bit for bit the direct kernel's with centres in the lanes, and
     within float32 rounding of it with coordinates in the lanes) rather than centres. Writes the objective
-    of every M-step into ``history`` (at least ``max_iter`` long) and each row's distance to its centre into ``dist``;
+    of the first ``len(history)`` M-steps into ``history`` and each row's distance to its centre into ``dist``;
     returns (centres, labels, d1, d2, iterations, re-seeded clusters, extrapolated E-steps, rejected ones, rows
     assigned). The labels are the last
     E-step's: the nearest centres of the returned ones up to float32 rounding, as with ``lloyd``; d1 and d2 its two
@@ -195,7 +195,8 @@ def lloyd_small(x, xn, c0, w, max_iter, tol, spherical, overrelax, x_total, n_pa
         n_reseeded += reseeded
         means = np.empty_like(c)
         obj = m_step(sums, counts, c, spherical, x_total, means)
-        history[it] = obj
+        if it < history.shape[0]:
+            history[it] = obj
         n_iter = it + 1
         rejected, converged, beta = step_decision(obj, prev_obj, counts, spherical, tol, beta, overrelax,
                                                           have_prev, reseeded, it + 1 == max_iter)
