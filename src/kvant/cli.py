@@ -705,6 +705,8 @@ def _tree_load_points(path: str, column: str | None = None, coordinates: bool = 
         if coordinates and arr.dtype.type not in SUPPORTED_DTYPES:
             names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
             raise InvalidInput(f"{path}: dtype {arr.dtype} is not supported (use one of: {names})")
+        if coordinates and arr.ndim == 0:
+            raise InvalidInput(f"{path} holds a single number (a 0-d array), expected points: a 2-D array (n, dim)")
         return np.asarray(arr)
     from .io import as_source
 

@@ -47,6 +47,9 @@ def test_tree_cli_errors(tmp_path, capsys):
     (tmp_path / "empty.npy").write_bytes(b"")  # np.load raises EOFError on it: still bad input, exit 2
     assert main(["tree", "build", str(tmp_path / "empty.npy"), "-o", str(tmp_path / "e.kvant")]) == 2
     assert main(["tree", "knn", str(out), str(tmp_path / "empty.npy"), "-k", "1"]) == 2
+    np.save(tmp_path / "scalar.npy", np.float64(0.5))  # (review) a 0-d file was an "internal error", exit 1
+    assert main(["tree", "build", str(tmp_path / "scalar.npy"), "-o", str(tmp_path / "s.kvant")]) == 2
+    assert main(["tree", "knn", str(out), str(tmp_path / "scalar.npy"), "-k", "1"]) == 2
     capsys.readouterr()
 
 

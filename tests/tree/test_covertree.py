@@ -951,3 +951,80 @@ def test_single_queries_on_the_calling_thread_answer_as_the_parallel_kernel(metr
     assert len(calls) == Q.shape[0]
     tree.knn_self(5)  # a batch: the parallel kernel
     assert len(calls) == Q.shape[0]
+
+
+@pytest.mark.parametrize("base", [1.0 + 1e-12, 1.0000001, 1.0009])
+def test_a_base_too_near_one_for_int32_levels_is_refused(base):
+    # (review) levels are int32 ~ log(d) / log(base): base 1 + 1e-12 raised OverflowError, 1.0000001 wrapped
+    # levels around inside the kernels and corrupted the tree
+    with pytest.raises(kvant.InvalidInput, match="base"):
+        kvant.CoverTree(base=base)
+    tree = kvant.CoverTree(base=cover.MIN_BASE).fit(np.random.default_rng(0).random((200, 2)))
+    tree.check_invariants()
+
+
+class _Wrapped:
+    def __init__(self, a):
+        self.a = a
+
+    def __array__(self, dtype=None, copy=None):
+        return self.a
+
+
+@pytest.mark.parametrize("wrap", [memoryview, _Wrapped])
+def test_fit_owns_its_points_whatever_array_like_they_came_in(wrap):
+    # (review) only an np.ndarray input was copied: a memoryview or an __array__ object stayed aliased, and a
+    # caller changing its array changed the tree's answers and made its stored distances stale
+    rng = np.random.default_rng(0)
+    X = rng.random((500, 3))
+    before = X.copy()
+    tree = kvant.CoverTree().fit(wrap(X))
+    X[::2] *= 50.0
+    q = rng.random((50, 3))
+    d, i = tree.knn(q, 5)
+    full = np.sqrt(((q[:, None, :] - before[None]) ** 2).sum(-1))
+    want = np.argsort(full, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(i, want)
+    tree.check_invariants()
+
+
+def test_residual_from_points_owns_its_rows():
+    rng = np.random.default_rng(0)
+    X = rng.random((300, 2))
+    rc = kvant.ResidualCorrelation.from_points(memoryview(X), kvant.RBF(0.2), n_inducing=20)
+    assert not np.shares_memory(rc.X, X)
+    with pytest.raises(kvant.InvalidInput, match="2\\^53"):
+        kvant.ResidualCorrelation.from_points(np.array([[2**60], [1]], np.int64), kvant.RBF(1.0), n_inducing=2)
+    with pytest.raises(kvant.InvalidInput, match="real number"):
+        kvant.ResidualCorrelation.from_points(X.astype(complex), kvant.RBF(1.0), n_inducing=2)
+
+
+@pytest.mark.parametrize("variance", [1e-300, 1e300])
+def test_residual_pairwise_helper_at_extreme_variances_matches_the_tree(variance):
+    # (review) sqrt(outer(p_i, p_j)) under- or overflowed: distances 0 (or 1) where the tree measured 0.998
+    X = np.random.default_rng(0).random((60, 2))
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.2, variance), n_inducing=10)
+    tree = kvant.CoverTree(rc).fit()
+    d, i = tree.knn(np.arange(5), 3)
+    for r in range(5):
+        np.testing.assert_allclose(rc.pairwise([r], i[r])[0], d[r], rtol=1e-9, atol=1e-12)
+
+
+def test_argument_types_are_kvant_errors():
+    for bad in ["a", object(), b"1"]:
+        with pytest.raises(kvant.InvalidInput, match="lengthscale"):
+            kvant.RBF(bad)
+        with pytest.raises(kvant.InvalidInput, match="variance"):
+            kvant.RBF(1.0, bad)
+    tree = kvant.CoverTree().fit(np.random.default_rng(0).random((50, 2)))
+    with pytest.raises(kvant.InvalidInput, match="progress"):
+        kvant.CoverTree().fit(np.zeros((3, 2)), progress=True)
+    with pytest.raises(kvant.InvalidInput, match="progress"):
+        tree.knn(np.zeros((1, 2)), 2, progress=True)
+    with pytest.raises(kvant.InvalidInput, match="predecessors"):
+        tree.knn_self(2, predecessors="no")
+    with pytest.raises(kvant.InvalidInput, match=str(2**63 + 5)):
+        tree.delete(np.array([2**63 + 5], np.uint64))
+    assert tree.n == 50
+    with pytest.raises(kvant.InvalidInput, match="p_diag"):
+        kvant.ResidualCorrelation(np.zeros((4, 1)), np.ones((2, 2)), 1.0, kvant.RBF(1.0), X=np.zeros((4, 1)))

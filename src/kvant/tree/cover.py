@@ -20,6 +20,9 @@ from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
 
 __all__ = ["CoverTree"]
 
+# Levels are int32, ~log(distance) / log(base): a base nearer 1 would need millions of levels (at base 1 + 1e-7
+# float64's distances span more levels than int32 holds, and the levels wrapped around).
+MIN_BASE = 1.001
 _BIG_GROUP = 4096  # groups at least this large pick their centres in parallel blocks (net_centres_big)
 _PATH_BUDGET = 1 << 22  # entries of the (points x depth) traversal buffers per chunk
 _SCAN_METRICS = ("euclidean", "manhattan", "chebyshev")  # metrics with a SIMD bucket scan
@@ -83,12 +86,19 @@ def _bad_metric(what: str) -> MetricError:
                        "expected finite non-negative distances (the tree is unchanged)")
 
 
+def _check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidInput(f"progress must be a callable progress(phase, n) or None, got {progress!r}")
+
+
 class CoverTree:
     """Exact k-nearest neighbours for any metric, with dynamic insert and delete.
 
     ``metric`` is ``"euclidean"``, ``"manhattan"``, ``"chebyshev"``, ``"angular"``, a
     :class:`kvant.ResidualCorrelation` (points are then row indices into its ``X``), or a Numba-jitted
     ``dist(a, b) -> float`` on float64 rows that satisfies the triangle inequality.
+
+    ``base`` (default 1.3, in [1.001, 16]): the ratio between the covering radii of consecutive levels.
 
     ``residual_scan`` (residual-correlation metric only) answers :meth:`knn` by an exact BLAS-blocked scan
     instead of walking the tree. It is the default because on GP inputs the residual distances bunch near
@@ -105,8 +115,8 @@ class CoverTree:
 
     def __init__(self, metric="euclidean", base: float = 1.3, residual_scan: bool = True):
         self._m = resolve_metric(metric)
-        if isinstance(base, bool) or not isinstance(base, numbers.Real) or not (1.0 < float(base) <= 16.0):
-            raise InvalidInput(f"base must be a number in (1, 16], got {base!r}")
+        if isinstance(base, bool) or not isinstance(base, numbers.Real) or not (MIN_BASE <= float(base) <= 16.0):
+            raise InvalidInput(f"base must be a number in [{MIN_BASE}, 16], got {base!r}")
         self.metric = metric
         self.base = float(base)
         if not isinstance(residual_scan, bool):
@@ -315,6 +325,7 @@ class CoverTree:
         """Build the tree from scratch on ``points`` (ids 0..n-1; for a ResidualCorrelation metric the
         points are row indices into X and are their own ids; ``None`` means every row). ``progress``, if given,
         is called as ``progress("build", n)`` as each level of the construction places n points (n in all)."""
+        _check_progress(progress)
         t0 = time.perf_counter()
         if self._m.kind == "index":
             rows = np.arange(self._m.obj.n) if points is None else self._rows(points, "fit points")
@@ -334,8 +345,10 @@ class CoverTree:
                 self._dim = saved_dim
             if F.shape[0] == 0:
                 raise InvalidInput("fit points: need at least one point")
-            if isinstance(points, np.ndarray) and np.shares_memory(F, points):
-                F = F.copy()  # the tree owns its points: a caller changing theirs must not change its answers
+            # the tree owns its points: a caller changing theirs must not change its answers (also for array-likes
+            # whose __array__ hands out their buffer, and memoryviews: np.asarray of them is a view)
+            if F.base is not None or np.may_share_memory(F, np.asarray(points)):
+                F = F.copy()
             data, cap, slots, dim = F, F.shape[0], np.arange(F.shape[0], dtype=np.int64), F.shape[1]
         st = _State.empty(cap)
         tel = {"n": int(slots.size)}
@@ -578,6 +591,9 @@ class CoverTree:
             arr = arr.reshape(1)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise InvalidInput(f"delete: expected a 1-D array of integer ids, got dtype {arr.dtype} shape {arr.shape}")
+        if arr.size and arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:  # (named before the cast)
+            huge = arr[arr > np.iinfo(np.int64).max][:5].tolist()
+            raise InvalidInput(f"delete: unknown id(s) {huge} (not in the tree)")
         arr = arr.astype(np.int64)
         if arr.size == 0:
             return
@@ -642,6 +658,7 @@ class CoverTree:
         ``progress``, if given, is called as ``progress("query", n)`` after each run of n queries (then the queries
         run in about 50 runs; the answers are the same).
         """
+        _check_progress(progress)
         if self._n == 0:
             raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
         k = self._check_k(k, self._n)
@@ -675,6 +692,9 @@ class CoverTree:
         with -1 / inf when fewer than k exist. ``predecessors=False``: all other points (self excluded).
         ``progress`` as in :meth:`knn`.
         """
+        _check_progress(progress)
+        if not isinstance(predecessors, (bool, np.bool_)):
+            raise InvalidInput(f"predecessors must be True or False, got {predecessors!r}")
         if self._n == 0:
             raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
         k = self._check_k(k, self._n)
@@ -1111,7 +1131,10 @@ class CoverTree:
             ids, par, lev, md = arrays["ids"], arrays["parent"], arrays["level"], arrays["maxdist"]
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise PersistError(f"CoverTree file has an invalid header or arrays: {exc}") from exc
-        tree = cls(metric, base=float(meta.get("base", 0.0)))
+        try:
+            tree = cls(metric, base=float(meta.get("base", 0.0)))
+        except (TypeError, ValueError, InvalidInput) as exc:
+            raise PersistError(f"CoverTree file has an invalid header: {exc}") from exc
         if ids.shape != (n,) or par.shape != (n,) or lev.shape != (n,) or md.shape != (n,):
             raise PersistError("CoverTree file: tree arrays do not match n")
         if ids.dtype != np.int64 or par.dtype != np.int64 or lev.dtype != np.int32 or md.dtype != np.float64:

@@ -25,7 +25,13 @@ _MAX_ABS = 1e150
 
 
 def _positive(name: str, value) -> float | np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError("a string")
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{name} must be a positive finite number (or a 1-D array of them), got {value!r}: "
+                           f"{exc}") from None
     if arr.ndim > 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise InvalidInput(f"{name} must be a positive finite number (or a 1-D array of them), got {value!r}")
     return float(arr) if arr.ndim == 0 else arr.copy()
@@ -129,7 +135,10 @@ class ResidualCorrelation:
         n = X.shape[0]
         if v.ndim != 2 or v.shape[0] != n:
             raise InvalidInput(f"v must have shape (n={n}, rank), got {v.shape} (pass V.T for V of shape (rank, n))")
-        p = np.array(as_array(p_diag, "p_diag", np.float64), order="C", copy=copy).reshape(-1)
+        p = np.array(as_array(p_diag, "p_diag", np.float64), order="C", copy=copy)
+        if p.ndim > 1:
+            raise InvalidInput(f"p_diag must be a 1-D array of n={n} entries, got shape {p.shape}")
+        p = p.reshape(-1)
         kd = as_array(kernel_diag, "kernel_diag", np.float64)
         if kd.ndim > 1 or kd.size not in (1, n):
             raise InvalidInput(f"kernel_diag must be a scalar or have n={n} entries, got shape {kd.shape}")
@@ -176,11 +185,17 @@ class ResidualCorrelation:
         p = max(kernel_diag - |v|^2, 0) + jitter * variance."""
         from .._config import rng
 
-        X_in = X
         try:
-            X = np.ascontiguousarray(X, dtype=np.float64)
+            X_in = np.asarray(X)
+            if X_in.dtype.kind not in "fiu":
+                raise TypeError(f"dtype {X_in.dtype} is not a real number type")
+            X = np.ascontiguousarray(X_in, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"X must be a numeric 2-D array (n, d): {exc}") from None
+        if X_in.dtype.kind in "iu" and X_in.dtype.itemsize == 8 and X_in.size and (
+                int(X_in.max()) > 2**53 or int(X_in.min()) < -(2**53)):
+            raise InvalidInput(f"X: {X_in.dtype} values beyond 2^53 in magnitude are not exact in float64; "
+                               "convert them yourself if the rounding is acceptable")
         if X.ndim != 2 or X.shape[0] < 1:
             raise InvalidInput(f"X must be a 2-D array (n, d) with n >= 1, got shape {X.shape}")
         if not np.all(np.isfinite(X)):
@@ -211,7 +226,7 @@ class ResidualCorrelation:
             v[s : s + step] = np.linalg.solve(L, block).T
         kd = kernel.diag(X)
         p = np.maximum(kd - np.einsum("ij,ij->i", v, v), 0.0) + jitter * kernel.variance
-        return cls(v, p, kd, kernel, X=X if X is not X_in else X.copy(), _owned=True)
+        return cls(v, p, kd, kernel, X=X.copy() if np.may_share_memory(X, X_in) else X, _owned=True)
 
     @property
     def n(self) -> int:
@@ -242,7 +257,8 @@ class ResidualCorrelation:
         i = np.asarray(i, dtype=np.int64)
         j = np.asarray(j, dtype=np.int64)
         kij = self.kernel(self.X[i], self.X[j])
-        rho = (kij - self.v[i] @ self.v[j].T) / np.sqrt(np.outer(self.p_diag[i], self.p_diag[j]))
+        sp = np.sqrt(self.p_diag)  # (per row, not sqrt of the product: that under- or overflows at extreme variances)
+        rho = (kij - self.v[i] @ self.v[j].T) / sp[i][:, None] / sp[j][None, :]
         d = np.sqrt(np.clip(1.0 - np.abs(rho), 0.0, None))
         d[i[:, None] == j[None, :]] = 0.0
         return d
