@@ -1757,3 +1757,12 @@ def test_hand_set_centres_of_a_non_real_dtype_are_refused(centres):
     c.cluster_centers_ = centres
     with pytest.raises(InvalidInput, match="numeric"):
         c.predict(x)
+
+
+def test_a_progress_that_is_not_callable_is_refused_up_front():
+    x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+    with pytest.raises(InvalidInput, match="progress"):
+        kvant.Clusterer(k=2).fit(x, progress=True)
+    for codec in (kvant.PQ(4, 2, nbits=4), kvant.OPQ(4, 2, nbits=4)):
+        with pytest.raises(InvalidInput, match="progress"):
+            codec.fit(x, progress="yes")

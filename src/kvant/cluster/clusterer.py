@@ -202,6 +202,8 @@ class Clusterer:
         ``progress(phase, amount)``, if given, is called as work completes: ``("train", 1)`` per Lloyd
         iteration, ``("minibatch", rows)`` per mini-batch, ``("assign", rows)`` per assigned block.
         """
+        if progress is not None and not callable(progress):
+            raise InvalidInput(f"progress must be a callable progress(phase, amount) or None, got {progress!r}")
         report = progress or (lambda phase, amount: None)
         self._check_settings()
         src = as_source(x, column=column, validate=False)  # an array is checked below, in the first pass over it

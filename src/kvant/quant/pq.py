@@ -227,6 +227,8 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int, on_iter=None) -
 
 def _step_reporter(progress):
     """``progress("train", 1)`` as a no-argument callback (None without ``progress``)."""
+    if progress is not None and not callable(progress):
+        raise InvalidInput(f"progress must be a callable progress(phase, amount) or None, got {progress!r}")
     return None if progress is None else (lambda: progress("train", 1))
 
 
@@ -318,10 +320,11 @@ class PQ:
 
         ``progress(phase, amount)``, if given, is called with ``("train", 1)`` after each of the
         :attr:`train_steps` Lloyd iterations (the CLI's progress bar)."""
+        step = _step_reporter(progress)
         xs = self._train_sample(x)
         scales = subspace_scales(xs, self.m)
         books = train_subspaces(xs if scales is None else scale_subspaces(xs, scales), self.m, self.ksub, self.n_iter,
-                                self.seed, _step_reporter(progress))
+                                self.seed, step)
         if scales is not None:
             books = (books.astype(np.float64) / scales[:, None, None]).astype(np.float32)
         self.codebooks_ = frozen(books)
