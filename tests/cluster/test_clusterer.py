@@ -1766,3 +1766,20 @@ def test_a_progress_that_is_not_callable_is_refused_up_front():
     for codec in (kvant.PQ(4, 2, nbits=4), kvant.OPQ(4, 2, nbits=4)):
         with pytest.raises(InvalidInput, match="progress"):
             codec.fit(x, progress="yes")
+
+
+@pytest.mark.parametrize("other", [1e16, 1e-16])
+def test_cos_label_does_not_depend_on_an_extreme_row_in_its_block(other):
+    # (review) a block holding a row with ‖x‖² outside (1e-30, 1e30) was assigned and certified as a float32 unit
+    # copy, so a nearly parallel ordinary row in it got the farther of two centres ~1e-7 apart
+    b = lambda *u: np.array(u, np.uint32).view(np.float32)  # noqa: E731
+    x = b(1232348158, 1232348162, 1232348161)  # [999999.875, 1000000.125, 1000000.0625]
+    centres = np.stack([b(1058262329, 1058262331, 1058262331), b(1058262329, 1058262331, 1058262330)])
+    c = kvant.Clusterer(k=2, metric="cos")
+    c.cluster_centers_ = centres
+    batch = np.stack([x, np.array([other, 0, 0], np.float32)])
+    u = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64))
+    want = int(np.argmin(((u[None] - centres.astype(np.float64)) ** 2).sum(1)))
+    assert want == 0
+    assert c.predict(x[None])[0] == want
+    assert c.predict(batch)[0] == want

@@ -293,6 +293,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 bad_rows.append(err)
                 return
         factor = None  # unit_rows: 1/‖x‖ per row
+        rows_exact = None  # rows the labels are certified and distances measured on, when not the product rows
         if unit_rows:
             xn64 = sq_norms64_serial(xb)
             with np.errstate(over="ignore"):  # beyond float32: inf, which scales_unit_rows sends to the unit copy
@@ -303,6 +304,11 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 if first >= 0:
                     zero_rows.append(s + first)
                     return
+                # The products take the float32 unit copy; labels and distances keep the one definition, x scaled
+                # by 1/‖x‖ in float64 (a review: certifying the copy itself let one extreme row in a block change the
+                # labels of nearly parallel ordinary rows in it). The copy's rounding, u per coordinate, is within
+                # the margin's allowance for scaled unit rows (label_margins).
+                rows_exact, factor_exact = xb, 1.0 / np.sqrt(xn64)
                 xb, xn = unit, sq_norms_serial(unit)
             else:
                 factor = 1.0 / np.sqrt(xn64)  # from the float64 norm, as every path scales unit rows
@@ -321,10 +327,12 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
             if nearest is not None:
                 pick(g, c_sqnorms, xn, nearest[s:e])
             top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e], scale32)
+        if rows_exact is not None:
+            xb, factor = rows_exact, factor_exact
         if exact_sq is not None:
             exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))
-        if exact_labels:  # (rows normalised explicitly above are unit already: no scaling left to do)
+        if exact_labels:
             recomputed.append(certify_top2(raw if conditioned else xb, centroids, labels[s:e], d1[s:e], d2[s:e],
                                            _NO_EXACT if exact_sq is None else exact_sq[s:e], factor is not None,
                                            cn_certify, kappa, tiny))
