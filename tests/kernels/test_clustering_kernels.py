@@ -907,3 +907,14 @@ def test_scalar_pow2_scale_is_the_array_rule(typical):
     for edge in (2.0**40, 2.0**-40, 2.0**41, 2.0**-41, 2.0**42.5, 0.0, 5e-324, 1e308):  # the bounds and extremes
         assert _pow2_scale(edge) == (None if float(_pow2_scales(np.float64(edge))) == 1.0
                                      else float(_pow2_scales(np.float64(edge))))
+
+
+@pytest.mark.parametrize("ip", [False, True])
+def test_exact_topk_with_k_zero_writes_nothing(ip):
+    # (review) bd[k - 1] read, and the insertion wrote, before a zero-length row: heap corruption, an abort
+    q = np.zeros((3, 2), np.float32)
+    x = np.full((4, 2), -1, np.float32)
+    for _ in range(50):
+        out_d, out_i = np.empty((3, 0)), np.empty((3, 0), np.int64)
+        exact_topk(q, x, out_d, out_i, ip)
+        assert out_d.shape == (3, 0) and out_i.shape == (3, 0)

@@ -640,3 +640,48 @@ def test_shortlist_clip_by_insertion_equals_by_sorting(k, monkeypatch):
             mp.setattr(K, "_CAP_SMALL_K", 0)
             got = [K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
         np.testing.assert_array_equal(got, want)  # (NaN clips compare equal here)
+
+
+@pytest.mark.parametrize("rerank", [1, 4])
+def test_shortlist_clip_keeps_a_row_whose_excess_hides_beside_a_huge_entry(rerank):
+    # (review) the clip was a float32 ADC sum minus Σ min: a sampled row at the minimum of a 1e9 sub-table lost the
+    # other sub-table's excess (0.31 under a float32 ulp of 64), the clip fell to the smallest excess, every row
+    # tied on its quantised sum and the shortlist returned the first row instead of the true top-1 (row 16)
+    v = np.arange(16.0)
+    t = np.empty((1, 2, 16), np.float32)
+    t[0, 0] = 1e9 + 1e7 * v
+    t[0, 1] = v / 16.0
+    codes = np.full((64, 2), (3, 0), np.uint8)
+    codes[0], codes[16], codes[40] = (1, 0), (0, 5), (0, 15)
+    d, i = K.fastscan_search(t, K.pack_codes_4bit(codes), 64, 2, 1, rerank)
+    assert int(np.asarray(i).reshape(-1)[0]) == 16
+
+
+def test_shortlist_meets_its_contract_on_sub_tables_of_wildly_different_scales():
+    # (review) per-sub-table scales of 10^±30: 90 shortlist results violated the harness's contract
+    from kvant.bench.kernels import shortlist_agrees
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        m, n, k = int(rng.choice([1, 2, 3, 16])), int(rng.choice([5, 33, 64, 200])), int(rng.choice([1, 3, 10]))
+        if k > n:
+            continue
+        t = ((rng.standard_normal((2, m, 16)) ** 2) * 10.0 ** rng.integers(-30, 30, (2, m, 1))).astype(np.float32)
+        codes = rng.integers(0, 16, (n, m)).astype(np.uint8)
+        rd, ri = R.pq_adc_search_ref(t, codes, k)
+        full = R.pq_adc_distances_ref(t, codes)
+        d, i = K.fastscan_search(t, K.pack_codes_4bit(codes), n, m, k, 1)
+        assert shortlist_agrees(t, rd, ri, np.asarray(d), np.asarray(i), full, n) is None
+
+
+def test_encode_far_mask_reads_float32_whatever_the_input_dtype():
+    # (review) the mask read x.view(int32): for float64 or int64 rows it tested halves of 8-byte values
+    rng = np.random.default_rng(0)
+    books = rng.standard_normal((2, 16, 2)).astype(np.float32)
+    x = rng.standard_normal((70, 4)) * 4.0
+    want_codes, want_far = K.pq_encode_flagged(x.astype(np.float32), books, 5.0)
+    for xx in (x, x.astype(np.float32), np.round(x).astype(np.int64)):
+        codes, far = K.pq_encode_flagged(xx, books, 5.0)
+        np.testing.assert_array_equal(far, (np.abs(xx) >= 5.0).any(axis=1))
+    np.testing.assert_array_equal(K.pq_encode_flagged(x, books, 5.0)[0], want_codes)
+    np.testing.assert_array_equal(want_far, (np.abs(x.astype(np.float32)) >= 5.0).any(axis=1))

@@ -239,6 +239,8 @@ def exact_topk(q, x, out_d, out_i, ip):
     """
     nq, d = q.shape
     k = out_d.shape[1]
+    if k == 0:  # (bd[k - 1] would read, and the insertion write, before a zero-length row)
+        return
     for i in prange(nq):
         bd = out_d[i]
         bi = out_i[i]

@@ -416,7 +416,10 @@ def pq_encode(x, codebooks):
 
 def pq_encode_flagged(x, codebooks, limit):
     """:func:`pq_encode`, and a bool mask (n,) of the rows holding a value of magnitude >= ``limit``, found while
-    the rows are read (the caller re-encodes those whose float32 squared differences could overflow)."""
+    the rows are read (the caller re-encodes those whose float32 squared differences could overflow). ``x`` is
+    taken as C-contiguous float32 (the mask reads its bit patterns: other dtypes are converted first)."""
+    with np.errstate(over="ignore"):  # (beyond float32: inf, flagged far)
+        x = np.ascontiguousarray(x, dtype=np.float32)
     m = codebooks.shape[0]
     out = np.empty((x.shape[0], m), dtype=np.uint8)
     far = np.zeros(x.shape[0], dtype=np.bool_)
@@ -870,15 +873,29 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     the quantisation step alone, which rounded every other entry to 0 and made the shortlist the first rows
     scanned. (U was the largest of the
     first k rows' sums: when those rows held the far codeword the clip did nothing, and the shortlist found 1 of the
-    exact top 10.) inf when there are fewer than k rows."""
+    exact top 10.) The sampled rows' excesses U − Σ min_j are summed term by term in float64: taken as a float32 sum
+    minus Σ min_j, a row at the minimum of a sub-table of 1e9 lost the other sub-tables' excess, the clip fell to the
+    smallest excess and clipped the true top-1 (at 1e9 + 0.31) with the rest (a review). inf when there are fewer
+    than k rows."""
     if n < k:
         return np.inf
+    mins = np.empty(m)
+    step = np.inf  # the smallest positive excess of an entry over its sub-table's minimum
+    for j in range(m):
+        lo = np.float64(t[j, 0])
+        for v in range(1, 16):
+            lo = min(lo, np.float64(t[j, v]))
+        mins[j] = lo
+        for v in range(16):
+            e = np.float64(t[j, v]) - lo
+            if e > 0.0:
+                step = min(step, e)
     s = min(n, CAP_SAMPLE * k)
     if k <= _CAP_SMALL_K:  # the k smallest by insertion, in np.sort's order (NaN last): no sort (~0.3 µs of ~2)
         best = np.empty(_CAP_SMALL_K)
         filled = 0
         for i in range(s):
-            v = _exact_4bit(t, flat, (i * n) // s, m, mp2)
+            v = _excess_4bit(t, flat, (i * n) // s, m, mp2, mins)
             if filled < k:
                 p = filled
                 filled += 1
@@ -894,24 +911,13 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     else:
         sums = np.empty(s)
         for i in range(s):
-            sums[i] = _exact_4bit(t, flat, (i * n) // s, m, mp2)
+            sums[i] = _excess_4bit(t, flat, (i * n) // s, m, mp2, mins)
         sums.sort()
         u = sums[k - 1]
-    low = 0.0
-    step = np.inf  # the smallest positive excess of an entry over its sub-table's minimum
-    for j in range(m):
-        lo = np.float64(t[j, 0])
-        for v in range(1, 16):
-            lo = min(lo, np.float64(t[j, v]))
-        low += lo
-        for v in range(16):
-            e = np.float64(t[j, v]) - lo
-            if e > 0.0:
-                step = min(step, e)
     # U = Σ min (a sampled row at every minimum: the query is a stored code) gave a clip of 0, which rounded every
     # entry to 0 and made the shortlist the first rows scanned (a review: 4,000 copies of the query missed). Clipping
     # no lower than the smallest positive excess keeps every entry above its minimum quantised above 0.
-    c = max(u - low, step if step < np.inf else 0.0) * (1.0 + 2.0**-20)
+    c = max(u, step if step < np.inf else 0.0) * (1.0 + 2.0**-20)
     # A row with a clipped entry sums to more than U, but its quantised sum must also rank after every row within U,
     # or rows holding the far codeword tie with the true top k and fill the shortlist first (a review's case: 30 such
     # rows beside 10 at distance 1, recall 0). With the clip C' setting the step (C'/qmax), a clipped row's quantised
@@ -1126,6 +1132,17 @@ def _exact_4bit(t, flat, r, m, mp2):
     s = np.float32(0.0)
     for j in range(m):
         s += t[j, (flat[base + (j >> 1) * 32] >> (4 * (j & 1))) & 15]
+    return s
+
+
+@numba.njit(inline="always", **_JIT)
+def _excess_4bit(t, flat, r, m, mp2, mins):
+    """Σ_j (t[j, code_j] − mins[j]) of row ``r`` in float64: its excess over Σ min_j, summed term by term so that it
+    survives beside entries far larger than it (where the row's sum minus Σ min_j rounds to 0)."""
+    base = (r >> 5) * mp2 * 32 + (r & 31)
+    s = 0.0
+    for j in range(m):
+        s += np.float64(t[j, (flat[base + (j >> 1) * 32] >> (4 * (j & 1))) & 15]) - mins[j]
     return s
 
 

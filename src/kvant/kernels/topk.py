@@ -64,7 +64,10 @@ def merge_topk_ids(block_dist, block_ids, out_dist, out_idx):
 
 
 def topk_smallest(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k smallest entries of each row of ``dist`` (nq, n): (values (nq, k) float32, ids (nq, k) int64)."""
+    """The k smallest entries of each row of ``dist`` (nq, n): (values (nq, k) float32, ids (nq, k) int64).
+
+    The selection is made on ``dist`` as float32 (ties to the smaller id): float64 entries closer than float32
+    resolves, or beyond its range (inf), rank as ties — select on float64 yourself when that matters."""
     nq = dist.shape[0]
     out_d = np.full((nq, k), np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
