@@ -199,3 +199,51 @@ def test_generators_are_deterministic_and_shaped():
     assert np.mean(H.generate("sparse", 400, 32, 0) == 0) > 0.85
     with pytest.raises(ValueError):
         H.generate("nope", 1, 1, 0)
+
+
+def _wrong_for_query_counts(counts):
+    from kvant.kernels import pq as K
+
+    def adc(tables, codes, k, nchunks=None):
+        d, i = K.adc_search(tables, codes, k, nchunks=nchunks)
+        if tables.shape[0] in counts:
+            i = np.asarray(i)[:, ::-1].copy()
+            d = np.asarray(d)[:, ::-1].copy()
+        return d, i
+    return adc
+
+
+@pytest.mark.parametrize("counts", [(2, 3, 4), (5, 8), (16,)])
+def test_gate_fails_a_scan_wrong_only_for_some_query_counts(counts):
+    # (review) the correctness phase used 1 and 19 queries only: a scan wrong for 2-8 or exactly 16 queries passed
+    out = H.run(kernels=H.PQKernels(adc_search=_wrong_for_query_counts(counts)), quick=True, speed=False,
+                results=None, log=_quiet)
+    assert out["exit_code"] == H.EXIT_FAIL
+    assert any("query counts" in f for f in out["failures"])
+
+
+def test_gate_fails_a_scan_that_drops_all_chunks_but_one():
+    from kvant.kernels import pq as K
+
+    def adc(tables, codes, k, nchunks=None):  # as if the merge kept only the last chunk's list
+        chunks = max(2, nchunks or 2)
+        part = codes.shape[0] // chunks * (chunks - 1)
+        d, i = K.adc_search(tables, np.ascontiguousarray(codes[part:]), k, nchunks=1)
+        return d, np.where(np.asarray(i) >= 0, np.asarray(i) + part, -1)
+
+    out = H.run(kernels=H.PQKernels(adc_search=adc), quick=True, speed=False, results=None, log=_quiet)
+    assert out["exit_code"] == H.EXIT_FAIL
+
+
+def test_gate_fails_an_encoder_wrong_for_odd_shapes():
+    from kvant.kernels import pq as K
+
+    def enc(x, cb):
+        codes = K.pq_encode(x, cb)
+        if cb.shape[2] not in (4, 8, 16) or cb.shape[1] % 16:
+            codes = np.zeros_like(codes)
+        return codes
+
+    out = H.run(kernels=H.PQKernels(encode=enc), quick=True, speed=False, results=None, log=_quiet)
+    assert out["exit_code"] == H.EXIT_FAIL
+    assert any("sub-vector widths" in f for f in out["failures"])

@@ -9,13 +9,18 @@ kernel can be put through exactly the same gate as the shipped one.
    with the immutable scalar references in :mod:`kvant.bench.reference`: max error ≤ 1e-4 relative to
    max(1, |reference|), top-k compared tie-tolerantly. The 4-bit FastScan is checked in its exact mode
    (``rerank=0``) against the reference top-k, and in shortlist mode its returned distances must be the exact
-   ADC distances of the returned ids. Any failure → exit code 2 with a diagnostic naming the combo.
+   ADC distances of the returned ids. Then every batching path of the scans (1-17 queries) over codes enough to be
+   split into chunks (default, 1 and 3 chunks), and the encoder on sub-vector widths and codebook sizes the shapes
+   above miss. Any failure → exit code 2 with a diagnostic naming the combo.
 2. **Speed phase** — ns/query for distance_table + scan + top-10 over 20,000 codes on the 3 shapes ×
    {clustered, uniform, sparse}, fixed seeds, a warm-up then repeated timed batches of queries; per-combo
-   table, global geomean with a bootstrap 90% CI, worst and best combo, GB/s of codes scanned, the machine's
-   memory-bandwidth bound for comparison, peak memory and total seconds; a row is appended to a TSV. When
-   FAISS is importable, ``faiss.IndexPQ`` is loaded with the same codebooks and codes, must return the same
-   top-10 up to ties, and its time gives a kvant/FAISS queries-per-second ratio per combo. A 4-bit table does
+   table, global geomean with a bootstrap 90% CI, worst and best combo, GB/s of codes scanned (n·m bytes per
+   query: a work rate — the kernels read the codes once per block of 16 queries, and 20,000 codes stay in cache, so
+   it is not DRAM traffic), the machine's memory-bandwidth read (in ``--quick`` mode over 16 MiB, mostly cache),
+   peak memory and total seconds; a row is appended to a TSV. When FAISS is importable, ``faiss.IndexPQ`` is
+   loaded with the same codebooks and codes, its top-10 is compared (a difference is printed as a warning, not a
+   failure: FAISS sums the tables in its own order, so near-ties may swap; the gate is the exact reference above),
+   and its time gives a kvant/FAISS queries-per-second ratio per combo. A 4-bit table does
    the same for ``fastscan_search`` vs ``faiss.IndexPQFastScan`` (FastScan recall@10 vs exact ADC is shown).
 """
 
@@ -229,6 +234,79 @@ def shortlist_agrees(tables, ref_d, ref_i, got_d, got_i, full, n) -> str | None:
     return None
 
 
+# Query counts each batching path of the scans sees (one query; the 4- and 8-wide interleaved tables of 2-8; one
+# block of 16 and one past it), and code counts large enough that the scans split the codes into chunks and merge
+# the chunks' lists (adc_search from 2 x 4,096 rows, fastscan_search from 256 blocks of 32); the encoder's shapes
+# (dim, m, ksub) beyond the benchmark's: sub-vector widths other than 4, 8 and 16, and ksub not a multiple of its
+# lane width (a review, 2026-12-06: kernels wrong on any of these passed the gate).
+PATH_QUERY_COUNTS = (1, 2, 3, 4, 5, 8, 9, 16, 17)
+PATH_ROWS = {8: 2 * 4096 + 4096 + 77, 4: 256 * 32 + 1024 + 45}
+ENCODE_SHAPES = ((3, 3, 16), (36, 12, 20), (60, 5, 100), (50, 2, 256), (30, 10, 7))
+
+
+def _chunk_kw(fn) -> list[dict]:
+    """The ``nchunks`` settings to try: the default, and 1 and 3 chunks when the kernel takes the argument."""
+    import inspect
+
+    try:
+        takes = "nchunks" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return [{}, {"nchunks": 1}, {"nchunks": 3}] if takes else [{}]
+
+
+def _check_paths(kern: PQKernels, nbits: int, seed: int) -> list[str]:
+    """The scans on random tables and codes over every query count and chunking; empty when they pass."""
+    rng = np.random.default_rng(seed)
+    m = 8 if nbits == 8 else 15
+    ksub = 256 if nbits == 8 else 16
+    n = PATH_ROWS[nbits]
+    nq = max(PATH_QUERY_COUNTS)
+    tables = np.ascontiguousarray((rng.standard_normal((nq, m, ksub)) ** 2).astype(np.float32))
+    codes = np.ascontiguousarray(rng.integers(0, ksub, (n, m)).astype(np.uint8))
+    codes[n // 2 :: 97] = codes[0]  # repeated codes: exact ties across chunks
+    rd, ri = R.pq_adc_search_ref(tables, codes, K_TOP)
+    full = R.pq_adc_distances_ref(tables, codes)
+    packed = kern.pack_4bit(codes) if nbits == 4 else None
+    fn = kern.adc_search if nbits == 8 else kern.fastscan_search
+    problems = []
+    for count in PATH_QUERY_COUNTS:
+        t = np.ascontiguousarray(tables[:count])
+        for kw in _chunk_kw(fn):
+            if nbits == 8:
+                d, i = fn(t, codes, K_TOP, **kw)
+            else:
+                d, i = fn(t, packed, n, m, K_TOP, 0, **kw)
+            msg = R.pq_topk_agrees(rd[:count], ri[:count], d, i, TOL, all_d=full[:count])
+            if msg:
+                problems.append(f"{'adc_search' if nbits == 8 else 'fastscan_search exact mode'} n={n} "
+                                f"nq={count} {kw or 'default chunks'}: {msg}")
+                return problems
+    return problems
+
+
+def _check_encode_shapes(kern: PQKernels, seed: int) -> list[str]:
+    problems = []
+    for c, (dim, m, ksub) in enumerate(ENCODE_SHAPES):
+        data = generate("gaussian", 300 + max(ksub, 64), dim, seed + c)
+        x, train = data[:300], data[300:]
+        cb = make_codebooks(train, m, ksub, seed + c)
+        codes = np.asarray(kern.encode(x, cb))
+        ref_full = R.pq_distance_tables_l2_ref(x, cb)
+        if codes.shape != (300, m) or codes.max(initial=0) >= ksub:
+            problems.append(f"encode shape (dim,m,ksub)={(dim, m, ksub)}: codes of shape {codes.shape} or >= ksub")
+            continue
+        rows, cols = np.indices(codes.shape)
+        chosen = ref_full[rows, cols, codes.astype(np.int64)]
+        best = ref_full.min(axis=2)
+        bad = np.abs(chosen - best) > TOL * np.maximum(1.0, best)
+        if bad.any():
+            r, j = np.argwhere(bad)[0]
+            problems.append(f"encode shape (dim,m,ksub)={(dim, m, ksub)}: row {r} sub-quantizer {j} got codeword "
+                            f"{codes[r, j]} at {chosen[r, j]!r}, nearest is {best[r, j]!r}")
+    return problems
+
+
 def correctness_phase(kern: PQKernels, quick: bool = False, seed: int = 0, log=print) -> list[str]:
     """Run every correctness combo; returns diagnostics ('combo: problem'), empty on pass."""
     # queries past the first block of 16 (kernels batch queries): 19 quick, 37 full
@@ -240,6 +318,17 @@ def correctness_phase(kern: PQKernels, quick: bool = False, seed: int = 0, log=p
         name = f"{nbits}-bit dist={dist} shape(dim,m,ksub)={shape}"
         try:
             problems = _check_combo(kern, dist, shape, nbits, nq, n, seed + 101 * c)
+        except Exception as exc:  # a crashing kernel is a failing kernel
+            problems = [f"raised {type(exc).__name__}: {exc}"]
+        for p in problems:
+            failures.append(f"{name}: {p}")
+        log(f"  [{'ok' if not problems else 'FAIL'}] {name}")
+    checks = [("8-bit paths: query counts x chunks", lambda: _check_paths(kern, 8, seed + 7)),
+              ("4-bit paths: query counts x chunks", lambda: _check_paths(kern, 4, seed + 8)),
+              ("encode: sub-vector widths and codebook sizes", lambda: _check_encode_shapes(kern, seed + 9))]
+    for name, check in checks:
+        try:
+            problems = check()
         except Exception as exc:  # a crashing kernel is a failing kernel
             problems = [f"raised {type(exc).__name__}: {exc}"]
         for p in problems:
@@ -503,9 +592,10 @@ def _append_tsv(path: Path, row: dict) -> None:
 
 
 def run(kernels: PQKernels | None = None, quick: bool = False, seed: int = 0, speed: bool = True,
-        use_faiss: bool = True, results: str | os.PathLike | None = DEFAULT_RESULTS, log=print) -> dict:
+        use_faiss: bool = True, results: str | os.PathLike | None = None, log=print) -> dict:
     """Run the harness. Returns a dict with ``exit_code`` (0 pass, 2 correctness failure), ``failures``,
-    ``speed`` (or None) and ``text`` (the printed report)."""
+    ``speed`` (or None) and ``text`` (the printed report). ``results``: a TSV to append a row to (none by default;
+    ``kvant bench kernels`` passes ``DEFAULT_RESULTS`` in a checkout)."""
     from .._config import get_num_threads
 
     kern = kernels or PQKernels()
