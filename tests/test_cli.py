@@ -343,3 +343,45 @@ def test_cluster_model_saves_a_clusterer_that_load_predicts_with(tmp_path, capsy
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--model", str(tmp_path / "d.kvant"),
                  "--dask", "local"]) == 2
     assert "--model" in capsys.readouterr().err and not (tmp_path / "d.kvant").exists()
+
+
+def test_a_failed_output_write_leaves_the_existing_file_whole(tmp_path, monkeypatch, capsys):
+    # (review) -o / --centroids / search --output were np.save'd onto the final path: a write that failed midway
+    # (disk full, a size limit) left a truncated file where a good one had been
+    x = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "labels.npy"
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "3", "-o", str(out)]) == 0
+    before = out.read_bytes()
+
+    def failing_save(fh, arr, *a, **kw):
+        fh.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", failing_save)
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "5", "-o", str(out)]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".kvant-")] == []
+
+
+@pytest.mark.parametrize("flag", ["-o", "--centroids", "--model"])
+def test_an_empty_output_name_is_a_usage_error(tmp_path, flag, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", flag, ""]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["inproc://x", "tcp://127.0.0.1:99999", "tcp://:8786"])
+def test_unreachable_dask_addresses_are_refused_before_a_client_exists(tmp_path, address, capsys):
+    pytest.importorskip("distributed")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", "--dask", address]) == 2
+    assert "not a scheduler address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--max-iter", str(2**64)), ("--polish-iter", str(2**63))])
+def test_huge_iteration_settings_are_usage_errors(tmp_path, flag, value, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", flag, value]) == 2
+    assert "2**62" in capsys.readouterr().err

@@ -177,3 +177,16 @@ def test_load_reads_one_file_while_saves_replace_it(tmp_path, monkeypatch, mmap)
     monkeypatch.setattr(persist, "_read_open", racing)
     got = kvant.load(path, mmap=mmap)
     assert len(got) == 1  # the file that was open, verified
+
+
+def test_an_opq_file_relabelled_as_pq_is_refused(tmp_path):
+    # (review) the PQ loader took the codebooks and ignored the rotation and mean beside them
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
+    opq = kvant.OPQ(8, 2, nbits=4, seed=0).fit(x)
+    opq.save(tmp_path / "o.kvant")
+    _, meta, arrays = persist.read(tmp_path / "o.kvant")
+    persist.write(tmp_path / "p.kvant", "PQ", meta, arrays)
+    with pytest.raises(PersistError, match="arrays"):
+        kvant.load(tmp_path / "p.kvant")

@@ -340,11 +340,26 @@ def _cmd_cluster(args) -> int:
 def _write_cluster_outputs(args, labels, centres, payload: dict) -> None:
     """Save -o labels and --centroids (paths checked before the fit) and name them in the JSON payload."""
     if args.output:
-        np.save(args.output, labels)
+        _save_npy(args.output, labels)
         payload["labels_file"] = str(args.output)
     if args.centroids:
-        np.save(args.centroids, centres)
+        _save_npy(args.centroids, centres)
         payload["centroids_file"] = str(args.centroids)
+
+
+def _save_npy(path, array=None, **arrays) -> None:
+    """np.save (or, with keyword arrays, np.savez) to ``path`` (already given its suffix by _output_file),
+    complete or not at all: a failed write leaves an existing file there as it was."""
+    from .io._atomic import replacing
+
+    try:
+        with replacing(path) as fh:
+            if arrays:
+                np.savez(fh, **arrays)
+            else:
+                np.save(fh, array)
+    except OSError as exc:  # (a runtime failure, exit 1, as main treats OSError; named by its file)
+        raise OSError(f"cannot write {path}: {exc}") from exc
 
 
 def _cluster_dask(args, t0: float) -> int:
@@ -406,8 +421,12 @@ def _check_dask_address(address: str) -> None:
     try:
         protocol, location = parse_address(address)
         get_backend(protocol)
+        if protocol == "inproc":  # (a scheduler inside another process is out of reach: Client raised, then hung)
+            raise ValueError("an inproc:// scheduler lives in its own process; this command cannot reach it")
         if protocol in ("tcp", "tls"):
-            parse_host_port(location)
+            host, port = parse_host_port(location)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"host {host!r} and port {port} do not name a TCP endpoint")
     except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol, ...
         raise _bad_dask_address(address, exc) from None
 
@@ -633,7 +652,7 @@ def _cmd_search(args) -> int:
     dist, ids = index.search(queries, args.k)
     seconds = time.perf_counter() - t0
     if args.output:
-        np.savez(args.output, distances=dist, ids=ids)
+        _save_npy(args.output, distances=dist, ids=ids)
     payload = {"index": str(args.index), "nq": int(ids.shape[0]), "k": args.k, "seconds": round(seconds, 4),
                "queries_per_second": round(ids.shape[0] / max(seconds, 1e-9), 1)}
     if args.json:
@@ -777,7 +796,7 @@ def _cmd_tree_knn(args) -> int:
         arrays = {"distances": dist, "ids": ids}
         if qids is not None:
             arrays["query_ids"] = qids
-        np.savez(args.output, **arrays)
+        _save_npy(args.output, **arrays)
     payload = {"nq": int(dist.shape[0]), "k": args.k, "query_seconds": tree.telemetry_.get("query"),
                "distances": dist, "ids": ids}
     if qids is not None:
@@ -842,6 +861,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options naming files to write
+_PATH_OPTIONS = ("output", "centroids", "model", "log_file", "results")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -859,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
             from ._config import set_num_threads
 
             set_num_threads(args.threads)
+        for name in _PATH_OPTIONS:  # ("" was quietly taken as "not given": nothing written, exit 0)
+            if getattr(args, name, None) == "":
+                raise InvalidInput(f"--{name.replace('_', '-')} is an empty string; give a file name or leave it out")
         return int(args.func(args) or 0)
     except InvalidInput as exc:
         print(f"kvant: error: {exc}", file=sys.stderr)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import stat
 import struct
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInput, PersistError
+from .io._atomic import replacing
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "write", "read", "load", "register"]
 
@@ -120,17 +120,8 @@ def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: M
         hasher.update(bytes(file_len - cursor))
 
     pre = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header), file_len, hasher.digest())
-    directory = path.parent if str(path.parent) else Path(".")
     try:
-        # not mkstemp (always 0600): O_EXCL with mode 0666 gives what a plain new file gets under the umask,
-        # without touching the process-wide umask
-        # a short name: the target's own may already be near the 255-byte limit
-        tmp = str(directory / f".kvant-{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise PersistError(f"cannot write {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with replacing(path) as fh:
             fh.write(pre)
             fh.write(bytes(_DATA_START - _PREAMBLE.size))
             cursor = _DATA_START
@@ -139,29 +130,8 @@ def write(path: str | os.PathLike, kind: str, meta: Mapping[str, Any], arrays: M
                 fh.write(data)
                 cursor = off + len(data)
             fh.write(bytes(file_len - cursor))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:  # overwriting keeps the existing file's permissions
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        except FileNotFoundError:
-            pass
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise PersistError(f"cannot write {path}: {exc}") from exc
-        raise
+    except OSError as exc:
+        raise PersistError(f"cannot write {path}: {exc}") from exc
 
 
 def read(

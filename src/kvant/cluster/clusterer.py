@@ -163,8 +163,9 @@ class Clusterer:
     # ------------------------------------------------------------------------------------------
     def _check_settings(self, n: int | None = None) -> None:
         def positive_int(name, value, minimum=1):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-                raise InvalidInput(f"{name} must be an integer >= {minimum}, got {value!r}")
+            # (the compiled loops take int64: 2**63 raised OverflowError or a Numba typing error)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or not minimum <= value <= 2**62:
+                raise InvalidInput(f"{name} must be an integer in [{minimum}, 2**62], got {value!r}")
 
         positive_int("k", self.k)
         if self.metric not in METRICS:

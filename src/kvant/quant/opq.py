@@ -168,6 +168,9 @@ class OPQ(PQ):
         meta.update(n_iter_pq=self.n_iter_pq, n_iter_pq_0=self.n_iter_pq_0, init=self.init)
         return meta
 
+    _ARRAY_NAMES = frozenset({"codebooks", "rotation", "mean"})
+    _OPTIONAL_ARRAYS = frozenset({"mean"})  # files written before the offset fix have none
+
     def _arrays(self) -> dict:
         return {"codebooks": self.codebooks_, "rotation": self.rotation_, "mean": self.mean_}
 

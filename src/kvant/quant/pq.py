@@ -466,6 +466,9 @@ class PQ:
             "max_train_rows": self.max_train_rows,
         }
 
+    _ARRAY_NAMES = frozenset({"codebooks"})  # what a file of this kind holds (_from_persist): these,
+    _OPTIONAL_ARRAYS: frozenset = frozenset()  # and perhaps these (written by earlier versions without them)
+
     def _arrays(self) -> dict:
         return {"codebooks": self.codebooks_}
 
@@ -494,6 +497,10 @@ class PQ:
             obj = cls._from_meta(meta)
         except (KeyError, TypeError, ValueError) as exc:
             raise PersistError(f"bad {cls._kind} settings in file: {exc}") from exc
+        names = set(arrays)
+        if not cls._ARRAY_NAMES - cls._OPTIONAL_ARRAYS <= names <= cls._ARRAY_NAMES:
+            # (an OPQ file relabelled PQ loaded without its rotation)
+            raise PersistError(f"{cls._kind} file holds arrays {sorted(names)}, expected {sorted(cls._ARRAY_NAMES)}")
         obj._load_arrays(arrays)
         return obj
 
