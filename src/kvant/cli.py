@@ -507,7 +507,8 @@ def _add_cluster(sub) -> None:
                    help="cluster on Dask (kvant.distributed): a scheduler address, or 'local' for a local cluster; "
                         "the input files must be readable by the workers")
     p.add_argument("--polish-iter", type=int, default=None,
-                   help="Lloyd passes over all rows after training on the sample (default: the algorithm's; auto: 0)")
+                   help="Lloyd passes over all rows after training on the sample (default: the algorithm's; auto: 0); "
+                        "in-memory and .npy inputs only, streamed ones report 0")
     p.add_argument("--overrelax", type=float, default=None, metavar="BETA",
                    help="max over-relaxation of Lloyd's steps, 0 = classic Lloyd (default: auto 1.0, others 0)")
     _common(p)
@@ -638,6 +639,9 @@ def _cmd_search(args) -> int:
 
     from .io import as_source
 
+    if args.show is not None and args.json:
+        raise InvalidInput("--show applies to the text output; --json prints every query's results")
+    args.show = 5 if args.show is None else args.show
     if args.show < 0:
         raise InvalidInput(f"--show must be >= 0, got {args.show}")
     if args.output:
@@ -697,7 +701,8 @@ def _add_search(sub) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset of the queries")
     p.add_argument("--output", default=None, help="write distances and ids to this .npz file")
-    p.add_argument("--show", type=int, default=5, help="print the results of the first SHOW queries")
+    p.add_argument("--show", type=int, default=None,
+                   help="print the results of the first SHOW queries (default 5; not with --json)")
     p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it")
     _common(p)
     p.set_defaults(func=_cmd_search)
@@ -768,6 +773,8 @@ def _cmd_tree_build(args) -> int:
 def _cmd_tree_knn(args) -> int:
     from .tree import CoverTree
 
+    if args.queries == "self" and args.column is not None:
+        raise InvalidInput("--column names the queries' column in a file; 'self' queries are the tree's points")
     if args.all and args.queries != "self":
         raise InvalidInput("--all applies only to 'self' queries (every tree point's neighbours among all others)")
     inputs = [("the tree", args.tree)] + ([] if args.queries == "self" else [("the queries", args.queries)])

@@ -75,3 +75,9 @@ def test_ignored_flags_are_refused(tmp_path, capsys):
     assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--type", "flat", "-q"]) == 0
     assert main(["search", str(out), str(tmp_path / "x.npy"), "--show", "-1"]) == 2  # printed nothing, exit 0
     assert "--show" in capsys.readouterr().err
+    # (review) flags that do nothing were accepted: --show beside --json, --column with 'self' queries
+    assert main(["search", str(out), str(tmp_path / "x.npy"), "--json", "--show", "3"]) == 2
+    assert "--show" in capsys.readouterr().err
+    assert main(["tree", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "t.kvant"), "-q"]) == 0
+    assert main(["tree", "knn", str(tmp_path / "t.kvant"), "self", "-k", "2", "--column", "foo"]) == 2
+    assert "--column" in capsys.readouterr().err

@@ -390,7 +390,9 @@ class Clusterer:
         return self
 
     def fit_transform(self, x, column: str | None = None) -> np.ndarray:
-        """Fit and return ``labels_`` (int64, shape (N,)). Same as :meth:`fit_predict`."""
+        """Fit and return ``labels_`` (int64, shape (N,)); ``fit_predict`` is the same method. Unlike
+        scikit-learn's ``KMeans.fit_transform``, which returns the (N, K) distances to every centre, this returns
+        labels: kvant never builds an N×K matrix."""
         return self.fit(x, column=column).labels_
 
     fit_predict = fit_transform

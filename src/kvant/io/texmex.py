@@ -158,5 +158,5 @@ def write_bvecs(path, x) -> None:
 
 
 def write_ivecs(path, x) -> None:
-    """Write ``x`` (n, dim) of int32-representable integers as a TEXMEX ``.ivecs`` file."""
+    """Write ``x`` (n, dim) of integers with |v| <= 2**24 (what the reader accepts) as a TEXMEX ``.ivecs`` file."""
     _write_vecs(path, x, np.dtype("<i4"))

@@ -1047,8 +1047,8 @@ class CoverTree:
     def check_invariants(self) -> dict:
         """Verify the tree (O(n * depth) distance evaluations; meant for tests). Raises KvantError.
 
-        Nesting: a child's level is below its parent's. Covering: d(parent, child) <= 2**(level(child)+1).
-        Separation: children of one node at the same level l are more than 2**l apart, except exact
+        Nesting: a child's level is below its parent's. Covering: d(parent, child) <= base**(level(child)+1).
+        Separation: children of one node at the same level l are more than base**l apart, except exact
         duplicates (distance 0: the same point repeated), which hang off their twin as leaves of one level.
         maxdist(p) bounds the distance from p to every descendant.
         """

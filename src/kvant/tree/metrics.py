@@ -181,7 +181,7 @@ class ResidualCorrelation:
 
     @classmethod
     def from_points(cls, X, kernel, n_inducing: int = 512, seed: int | None = 0, jitter: float = 1e-6):
-        """Inducing points U = a random subset of X; V = L^-1 K(U, X) with L L^T = K(U, U) + jitter I;
+        """Inducing points U = a random subset of X; V = L^-1 K(U, X) with L L^T = K(U, U) + jitter·variance·I;
         p = max(kernel_diag - |v|^2, 0) + jitter * variance."""
         from .._config import rng
 
