@@ -1,5 +1,7 @@
 """Row-block parallelism (kvant._parallel): BLAS thread limits around the blocks."""
 
+import json
+
 import pytest
 
 
@@ -105,3 +107,20 @@ def test_row_blocks_from_threads_using_different_thread_counts():
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("env", ["KVANT_NUM_THREADS", "NUMBA_NUM_THREADS"])
+def test_a_thread_count_from_the_environment_caps_every_blas(env):
+    # (review) NUMBA_NUM_THREADS alone left BLAS at every core, and scipy's OpenBLAS (Numba's np.dot in compiled
+    # code, loaded on first use) escaped the limit of set_num_threads
+    import os
+    import subprocess
+    import sys
+
+    code = ("import kvant, json; from threadpoolctl import threadpool_info; "
+            "print(json.dumps([i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']))")
+    base = {k: v for k, v in os.environ.items() if k not in ("KVANT_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**base, env: "1"})
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts and all(c == 1 for c in counts)

@@ -43,6 +43,12 @@ def set_num_threads(n: int | None) -> int:
         raise InvalidInput(f"number of threads must be a positive integer, got {n!r}")
     n = min(int(n), cap)
     numba.set_num_threads(n)
+    # Numba's np.dot inside compiled code calls scipy's own OpenBLAS, which is loaded on first use: load it now, or
+    # the limit below (which reaches the libraries already loaded) missed it (a review: 2 threads under a limit of 1)
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError:  # pragma: no cover - scipy is a Numba linear-algebra dependency, normally present
+        pass
     # threadpoolctl's limiter stays in force until it is replaced: that is the global setting we want.
     _blas_limiter = threadpool_limits(limits=n)
     _num_threads = n
@@ -125,6 +131,11 @@ def _is_kvant_command() -> bool:
 
 def _init_from_env() -> None:
     value = os.environ.get("KVANT_NUM_THREADS")
+    if not value and os.environ.get("NUMBA_NUM_THREADS") and numba.config.NUMBA_NUM_THREADS < (os.cpu_count() or 1):
+        # NUMBA_NUM_THREADS alone capped the kernels but not BLAS, so seeded OPQ training (a BLAS product) differed
+        # from a KVANT_NUM_THREADS run of the same count (a review)
+        set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        return
     if value:
         try:
             set_num_threads(env_num_threads(value))
