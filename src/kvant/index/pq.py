@@ -242,7 +242,8 @@ class PQIndex:
         t = kpq.ip_tables(qr, books, cbt)
         offset = self.codec._offset()
         if offset is not None:
-            units = (1.0 if scale is None else scale) * (1.0 if qfactor is None else qfactor)
+            s = 1.0 if scale is None else scale
+            units = s * (s if qfactor is None else qfactor)  # the tables' units: both sides' factors
             share = (q.astype(np.float64) @ offset.astype(np.float64)) * units / self.m
             t += share.astype(np.float32)[:, None, None]
         np.negative(t, out=t)
