@@ -57,3 +57,53 @@ def test_texmex_writers_refuse_inexact_integers(tmp_path):
     np.testing.assert_array_equal(as_source(tmp_path / "x.fvecs").to_array(), [[2**25, 3]])
 
 
+
+
+@pytest.mark.parametrize("bad", [{"compression": "bogus"}, {"compression": 5}])
+def test_write_parquet_that_fails_keeps_the_existing_file(tmp_path, bad):
+    # (review) pyarrow removes its target when writing fails: a bad compression= name deleted a good file
+    from kvant.io.parquet import write_parquet
+
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    path = tmp_path / "keep.parquet"
+    write_parquet(path, x)
+    before = path.read_bytes()
+    with pytest.raises(InvalidInput):
+        write_parquet(path, x * 2, **bad)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.parquet"]
+
+
+def test_texmex_write_that_fails_midway_keeps_the_existing_file(tmp_path, monkeypatch):
+    from kvant.io import _atomic
+    from kvant.io.texmex import write_fvecs
+
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    path = tmp_path / "keep.fvecs"
+    write_fvecs(path, x)
+    before = path.read_bytes()
+    real = _atomic.os.fsync
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_atomic.os, "fsync", full_disk)
+    with pytest.raises(InvalidInput, match="cannot write"):
+        write_fvecs(path, x * 2)
+    monkeypatch.setattr(_atomic.os, "fsync", real)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.fvecs"]
+
+
+@pytest.mark.parametrize("writer", ["fvecs", "parquet"])
+def test_writers_turn_bad_arguments_into_kvant_errors(tmp_path, writer):
+    from kvant.io.parquet import write_parquet
+    from kvant.io.texmex import write_fvecs
+
+    write = write_fvecs if writer == "fvecs" else write_parquet
+    x = np.ones((2, 3), np.float32)
+    for path, data in [(None, x), (3, x), (b"x", x), (tmp_path / "r", [[1.0, 2.0], [3.0]]),
+                       (tmp_path / "m", np.ma.masked_array(x, mask=[[0, 1, 0], [0, 0, 0]]))]:
+        with pytest.raises(InvalidInput):
+            write(path, data)
+    assert list(tmp_path.iterdir()) == []

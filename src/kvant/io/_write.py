@@ -3,9 +3,29 @@ never changes a value silently, and never writes a file its own reader refuses."
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 
 from ..errors import InvalidInput
+from ._atomic import replacing
+
+
+@contextlib.contextmanager
+def writing(path):
+    """``with writing(path) as fh:`` a binary file that becomes ``path`` only when complete (an existing file there
+    survives a failed write: :func:`kvant.io._atomic.replacing`); a path that is not ``str`` / ``os.PathLike`` (an
+    int would be a file descriptor) or cannot be written is InvalidInput."""
+    if isinstance(path, bool) or not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise InvalidInput(f"path must be a non-empty str or os.PathLike, got {path!r}")
+    if os.path.isdir(path):
+        raise InvalidInput(f"cannot write {path}: it is a directory")
+    try:
+        with replacing(path) as fh:
+            yield fh
+    except OSError as exc:  # a missing directory, no permission, a full disk
+        raise InvalidInput(f"cannot write {path}: {exc}") from exc
 
 
 def _first_row(mask: np.ndarray) -> int:
@@ -18,7 +38,12 @@ def values_to_write(x, dtype: np.dtype) -> np.ndarray:
     integers beyond its mantissa: float32 stores 16777217 as 16777216), or a value an integer target cannot
     hold exactly. NaN and inf given are written as they are. Non-integer floats are rounded to a float target's
     precision, as any float conversion does."""
-    arr = np.asarray(x)
+    if isinstance(x, np.ma.MaskedArray):  # its .data would write the masked placeholders as values
+        raise InvalidInput("masked arrays are not supported; fill (x.filled(v)) or drop the masked rows first")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:  # a ragged list
+        raise InvalidInput(f"vectors must be a 2-D array (n, dim): {exc}") from None
     if arr.ndim != 2:
         raise InvalidInput(f"expected a 2-D array (n, dim), got shape {arr.shape}")
     n, dim = arr.shape

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
 from ._paths import check_file, exists, missing
-from ._write import values_to_write
+from ._write import values_to_write, writing
 from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows, checked_float32, chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
@@ -462,11 +462,14 @@ def write_parquet(
     if rg is not None and (isinstance(rg, bool) or not isinstance(rg, int | np.integer) or rg < 1):
         raise InvalidInput(f"row_group_rows must be an integer >= 1 or None, got {row_group_rows!r}")
     kwargs = {} if row_group_rows is None else {"row_group_size": int(row_group_rows)}
+    if compression is not None and not isinstance(compression, str):
+        raise InvalidInput(f"compression must be a codec name such as 'zstd' or 'none', got {compression!r}")
+    # through a temporary file: pyarrow removes its target when writing fails (a bad compression= name deleted an
+    # existing file at that path)
     try:
-        pq.write_table(
-            table, os.fspath(path), use_dictionary=False, write_statistics=False, compression=compression, **kwargs
-        )
-    except OSError as exc:  # a missing directory, no permission, a full disk
-        raise InvalidInput(f"cannot write {path}: {exc}") from exc
+        with writing(path) as fh:
+            pq.write_table(table, fh, use_dictionary=False, write_statistics=False, compression=compression, **kwargs)
+    except InvalidInput:
+        raise
     except (pa.ArrowException, ValueError) as exc:  # e.g. an unknown compression= name
         raise InvalidInput(f"cannot write {path}: {exc}") from None

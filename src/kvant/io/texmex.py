@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 from ._paths import check_file
-from ._write import values_to_write
+from ._write import values_to_write, writing
 from .source import MappedPages, VectorSource, check_finite_rows, default_chunk_rows
 
 __all__ = ["TexmexSource", "write_fvecs", "write_bvecs", "write_ivecs", "TEXMEX_DTYPES"]
@@ -140,11 +140,8 @@ def _write_vecs(path, x, dtype: np.dtype) -> None:
     out = np.empty((n, 4 + dim * dtype.itemsize), np.uint8)
     out[:, :4] = np.frombuffer(np.int32(dim).astype("<i4").tobytes(), np.uint8)
     out[:, 4:] = np.ascontiguousarray(values).view(np.uint8).reshape(n, dim * dtype.itemsize)
-    try:
-        with open(path, "wb") as fh:
-            out.tofile(fh)
-    except OSError as exc:
-        raise InvalidInput(f"cannot write {path}: {exc}") from exc
+    with writing(path) as fh:  # (complete or not at all: an existing file survives a failed write)
+        fh.write(out.data)
 
 
 def write_fvecs(path, x) -> None:
