@@ -1783,3 +1783,22 @@ def test_cos_label_does_not_depend_on_an_extreme_row_in_its_block(other):
     assert want == 0
     assert c.predict(x[None])[0] == want
     assert c.predict(batch)[0] == want
+
+
+def test_auto_minibatch_batches_fit_the_memory_budget(monkeypatch, tmp_path):
+    # (review) auto switched to minibatch over the budget but kept 65,536-row batches: 300-d rows peaked at 206 MiB
+    # under a 50 MB budget (44 MiB with budget-sized batches)
+    from kvant.cluster import auto
+
+    monkeypatch.setenv("KVANT_MEMORY_BUDGET", "5e6")
+    choice = auto.choose_algorithm(60_000, 300, 16, "l2", 60_000 * 300 * 4)
+    assert choice.algorithm == "minibatch"
+    rows = choice.params["batch_rows"]
+    assert auto.MIN_BATCH_ROWS <= rows and rows * 300 * 4 * auto.BATCH_COPIES <= 5e6
+    monkeypatch.setenv("KVANT_MEMORY_BUDGET", "1")
+    assert auto.choose_algorithm(60_000, 300, 16, "l2", 1).params["batch_rows"] == auto.MIN_BATCH_ROWS
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    monkeypatch.setenv("KVANT_MEMORY_BUDGET", str(3000 * 8 * 2))
+    c = kvant.Clusterer(4, seed=0).fit(x)
+    assert c.algorithm_ == "minibatch" and "1,024 rows" in c.auto_reason_
+    assert np.array_equal(c.predict(x), c.labels_)

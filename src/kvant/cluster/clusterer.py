@@ -230,6 +230,7 @@ class Clusterer:
                                    f"minibatch is controlled by batch_rows and max_epochs")
         if algorithm == "minibatch" and self.algorithm == "auto":
             reason += "; max_iter, polish_iter, overrelax, sampling and sample_per_centroid do not apply to it"
+            batch_rows = min(batch_rows, params.get("batch_rows", batch_rows))  # batches within the memory budget
         polish = params.get("polish_iter", 0) if self.polish_iter is None else self.polish_iter
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         max_iter = params.get("max_iter", 25) if self.max_iter is None else int(self.max_iter)

@@ -254,8 +254,10 @@ class MappedPages:
     """Drops already-scanned pages of a read-only memory map from the process (``MADV_DONTNEED``).
 
     Pages of a file mapping count toward the process's RSS once touched; without this, a sequential
-    scan of a memmap ends with the whole file resident. Dropping them is safe for shared read-only
-    mappings: the data stays in the page cache (and on disk) and is faulted back in if touched again.
+    scan of a memmap ends with the whole file resident. Dropping them is safe for shared mappings, read-only or
+    writable (``np.memmap``'s default ``r+``, and ``w+``: the kernel moves a dropped page's dirty bit to the page
+    cache, so nothing written is lost): the data stays in the page cache (and on disk) and is faulted back in if
+    touched again. (Until a 2026-12-06 review only ``r`` maps were advised: a default ``np.memmap`` stayed resident.)
     A private (copy-on-write, ``mode="c"``) map would lose pages written since it was opened, so such
     maps are advised only when kvant opened them itself and never writes into them (``private_ok``).
     Blocks handed out by ``chunks`` are copies, never views of an advised map.
@@ -270,7 +272,7 @@ class MappedPages:
     @classmethod
     def of(cls, array: np.ndarray, private_ok: bool = False) -> MappedPages | None:
         mm = getattr(array, "_mmap", None)
-        modes = ("r", "c") if private_ok else ("r",)
+        modes = ("r", "r+", "w+", "c") if private_ok else ("r", "r+", "w+")
         if mm is None or getattr(array, "mode", None) not in modes or not hasattr(mm, "madvise"):
             return None
         if not hasattr(mmap, "MADV_DONTNEED"):  # pragma: no cover - non-Linux
