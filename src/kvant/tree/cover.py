@@ -16,7 +16,7 @@ from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
 from ..io.source import as_array
 from ..kernels import tree as K
-from .metrics import _MAX_ABS, resolve_metric, spec_to_metric
+from .metrics import _MAX_ABS, check_exact_in_float64, resolve_metric, spec_to_metric
 
 __all__ = ["CoverTree"]
 
@@ -262,11 +262,7 @@ class CoverTree:
         if self._dim is not None and arr.shape[1] != self._dim:
             raise DimensionMismatch(f"{what}: has dimension {arr.shape[1]}, the tree holds {self._dim}-d points")
         F = np.ascontiguousarray(arr, dtype=np.float64)
-        if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 and arr.size and (
-                int(arr.max()) > 2**53 or int(arr.min()) < -(2**53)):
-            # (review) 2^53 and 2^53 + 1 became one float64 value: distance 0 where it is 1
-            raise InvalidInput(f"{what}: {arr.dtype} values beyond 2^53 in magnitude are not exact in float64; "
-                               "convert them yourself if the rounding is acceptable")
+        check_exact_in_float64(arr, what)
         amax = float(np.abs(F).max()) if F.size else 0.0  # (NaN if any value is: one pass checks both)
         if not amax <= _MAX_ABS:
             if not np.all(np.isfinite(F)):

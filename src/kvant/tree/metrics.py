@@ -24,6 +24,15 @@ _NOT_METRICS = {
 _MAX_ABS = 1e150
 
 
+def check_exact_in_float64(arr: np.ndarray, what: str) -> None:
+    """InvalidInput when 64-bit integers in ``arr`` lie beyond 2^53, where float64 (the metrics' type) rounds them:
+    2^53 and 2^53 + 1 became one value, distance 0 where it is 1 (a review)."""
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 and arr.size and (
+            int(arr.max()) > 2**53 or int(arr.min()) < -(2**53)):
+        raise InvalidInput(f"{what}: {arr.dtype} values beyond 2^53 in magnitude are not exact in float64; "
+                           "convert them yourself if the rounding is acceptable")
+
+
 def _positive(name: str, value) -> float | np.ndarray:
     try:
         if isinstance(value, (str, bytes)):
@@ -192,10 +201,7 @@ class ResidualCorrelation:
             X = np.ascontiguousarray(X_in, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"X must be a numeric 2-D array (n, d): {exc}") from None
-        if X_in.dtype.kind in "iu" and X_in.dtype.itemsize == 8 and X_in.size and (
-                int(X_in.max()) > 2**53 or int(X_in.min()) < -(2**53)):
-            raise InvalidInput(f"X: {X_in.dtype} values beyond 2^53 in magnitude are not exact in float64; "
-                               "convert them yourself if the rounding is acceptable")
+        check_exact_in_float64(X_in, "X")
         if X.ndim != 2 or X.shape[0] < 1:
             raise InvalidInput(f"X must be a 2-D array (n, d) with n >= 1, got shape {X.shape}")
         if not np.all(np.isfinite(X)):
