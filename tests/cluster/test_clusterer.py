@@ -1802,3 +1802,17 @@ def test_auto_minibatch_batches_fit_the_memory_budget(monkeypatch, tmp_path):
     c = kvant.Clusterer(4, seed=0).fit(x)
     assert c.algorithm_ == "minibatch" and "1,024 rows" in c.auto_reason_
     assert np.array_equal(c.predict(x), c.labels_)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_minibatch_names_the_first_bad_row_whatever_the_batch_order(metric):
+    # (review) batches are read in shuffled order: seeds named row 15,000 or 19,000 of the same input
+    x = np.random.default_rng(0).standard_normal((20_000, 4)).astype(np.float32)
+    if metric == "l2":
+        x[15_000, 1], x[19_000, 2] = np.nan, np.inf
+    else:
+        x[15_000], x[19_000] = 0.0, 0.0
+    for seed in range(4):
+        with pytest.raises(InvalidInput, match="15000") as info:
+            kvant.Clusterer(4, metric, algorithm="minibatch", batch_rows=500, seed=seed).fit(x)
+        assert "19000" not in str(info.value)
