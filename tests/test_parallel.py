@@ -124,3 +124,20 @@ def test_a_thread_count_from_the_environment_caps_every_blas(env):
                          env={**base, env: "1"})
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts and all(c == 1 for c in counts)
+
+
+def test_small_work_runs_every_block_on_the_calling_thread_and_large_work_uses_the_pool():
+    # Handing a few microseconds of work to the pool costs more than doing it (SERIAL_WORK); real work still spreads.
+    import threading
+
+    from kvant._parallel import SERIAL_WORK, for_each_block
+
+    def threads_used(work):
+        seen = {}
+        for_each_block(64, 8, lambda s, e: seen.setdefault((s, e), threading.get_ident()), n_threads=2, work=work)
+        assert sorted(seen) == [(s, s + 8) for s in range(0, 64, 8)]  # every block, once
+        return set(seen.values())
+
+    assert threads_used(SERIAL_WORK - 1) == {threading.get_ident()}
+    assert threading.get_ident() not in threads_used(SERIAL_WORK)
+    assert threading.get_ident() not in threads_used(None)  # callers that give no estimate keep the pool

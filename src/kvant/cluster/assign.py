@@ -337,7 +337,7 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                                            _NO_EXACT if exact_sq is None else exact_sq[s:e], factor is not None,
                                            cn_certify, kappa, tiny))
 
-    for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads)
+    for_each_block(n, balanced_rows(n, block_rows_for(dim, k)), run, n_threads, work=n * dim * (k + 1))
     if bad_rows:  # NaN/inf before zero rows, as when the input is validated first
         raise min(bad_rows, key=lambda err: err.bad_row)
     if zero_rows:
@@ -422,7 +422,8 @@ def assign_certified(x: np.ndarray, cc: CertifiedCentres, labels: np.ndarray, ex
     def run(s: int, e: int) -> None:
         cc.assign_rows(x[s:e], _NO_ROWS, unit_rows, labels[s:e], exact_sq[s:e])
 
-    for_each_block(x.shape[0], _certified_block_rows(x.shape[0], n_threads), run, n_threads)
+    for_each_block(x.shape[0], _certified_block_rows(x.shape[0], n_threads), run, n_threads,
+                   work=x.shape[0] * x.shape[1] * (cc.centroids.shape[0] + 1))
     if unit_rows and x.shape[0]:
         bad = np.flatnonzero(labels[: x.shape[0]] < 0)
         if bad.size:
@@ -456,6 +457,6 @@ def e_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d1: np.ndar
         near = _NO_NEAREST if nearest is None else nearest[s:e]
         cc.assign_rows(xs, listed, False, labels[s:e], exact[s:e], d2[s:e], near)
 
-    for_each_block(n, _certified_block_rows(n), run)
+    for_each_block(n, _certified_block_rows(n), run, work=n * x.shape[1] * (centroids.shape[0] + 1))
     d1[:] = exact
     return False

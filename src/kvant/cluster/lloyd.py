@@ -201,7 +201,7 @@ def normalise_rows(block: np.ndarray, start: int = 0, in_place: bool = False) ->
         if r >= 0:
             zero.append(a + r)
 
-    for_each_block(x.shape[0], 16384, run)
+    for_each_block(x.shape[0], 16384, run, work=x.size)
     if zero:
         raise zero_norm_error(min(zero) + start)
     return out
@@ -392,7 +392,7 @@ def _row_sq_norms(x: np.ndarray) -> np.ndarray:
     def run(s: int, e: int) -> None:
         out[s:e] = sq_norms_serial(x[s:e])
 
-    for_each_block(x.shape[0], 65536, run)
+    for_each_block(x.shape[0], 65536, run, work=x.size)
     return out
 
 
@@ -403,7 +403,8 @@ def _weighted_total(xn: np.ndarray, weights: np.ndarray | None) -> float:
 
 def _candidate_e_step(x, xn, c, cn, near, labels, d1) -> None:
     """Each row's nearest among its candidate centres ``near[i]``, in row blocks over the worker threads."""
-    for_each_block(x.shape[0], 8192, lambda s, e: assign_to_candidates(x, xn, c, cn, near, labels, d1, s, e))
+    for_each_block(x.shape[0], 8192, lambda s, e: assign_to_candidates(x, xn, c, cn, near, labels, d1, s, e),
+                   work=x.size * near.shape[1])
 
 
 def _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in) -> int:

@@ -93,7 +93,8 @@ def gather_array_rows(src, x: np.ndarray, idx: np.ndarray, norm: bool = False) -
             if r >= 0:
                 zero.append(a + r)
 
-        for_each_block(idx.size, max(_GATHER_MIN_ROWS, -(-idx.size // max(1, get_num_threads()))), run)
+        for_each_block(idx.size, max(_GATHER_MIN_ROWS, -(-idx.size // max(1, get_num_threads()))), run,
+                       work=idx.size * x.shape[1])
         if x is getattr(src, "array", None) and not src.validated:
             check_finite_rows(out, idx, src.name)  # (a row holding NaN/inf stays non-finite when normalised)
         if zero:
@@ -120,7 +121,7 @@ def sq_distances(blocks, n: int, centre: np.ndarray, name: str = "input", unit: 
         def run(a, b, s=s, block=block):
             d2[s + a : s + b] = kernel(block[a:b], c)
 
-        for_each_block(block.shape[0], 16384, run)
+        for_each_block(block.shape[0], 16384, run, work=block.size)
         if not np.isfinite(d2[s : s + block.shape[0]]).all():
             check_finite(block, s, name)
             if unit:  # every row is finite, so the first non-finite distance is the first zero row
