@@ -1816,3 +1816,22 @@ def test_minibatch_names_the_first_bad_row_whatever_the_batch_order(metric):
         with pytest.raises(InvalidInput, match="15000") as info:
             kvant.Clusterer(4, metric, algorithm="minibatch", batch_rows=500, seed=seed).fit(x)
         assert "19000" not in str(info.value)
+
+
+def test_a_zero_row_under_cos_names_the_file_it_is_in(tmp_path):
+    # As a NaN row's error does; an in-memory array's error stays as it was (no "(in input)").
+    x = np.random.default_rng(6).standard_normal((2000, 8)).astype(np.float32)
+    x[1234] = 0.0
+    path = tmp_path / "rows.npy"
+    np.save(path, x)
+    with pytest.raises(InvalidInput, match=r"^row 1234 has zero norm.*\(in .*rows\.npy\)$") as err:
+        kvant.Clusterer(k=4, metric="cos").fit(path)
+    assert err.value.bad_row == 1234 and err.value.zero_norm
+    with pytest.raises(InvalidInput, match=r"zero norm; metric='cos' needs non-zero vectors$"):
+        kvant.Clusterer(k=4, metric="cos").fit(x)
+    ok = x.copy()
+    ok[1234] = 1.0
+    fitted = kvant.Clusterer(k=4, metric="cos").fit(ok)
+    for method in (fitted.predict, fitted.score):
+        with pytest.raises(InvalidInput, match=r"^row 1234 has zero norm.*\(in .*rows\.npy\)$"):
+            method(path)

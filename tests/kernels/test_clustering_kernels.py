@@ -918,3 +918,22 @@ def test_exact_topk_with_k_zero_writes_nothing(ip):
         out_d, out_i = np.empty((3, 0)), np.empty((3, 0), np.int64)
         exact_topk(q, x, out_d, out_i, ip)
         assert out_d.shape == (3, 0) and out_i.shape == (3, 0)
+
+
+def test_assign_top2_without_distance_buffers_gives_the_same_labels_and_exact_distances():
+    # The final assignment passes d1 = d2 = None (per-block scratch instead of fresh pages for every row).
+    from kvant.cluster.assign import assign_top2
+    from kvant.kernels.distance import sq_norms_serial
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((5000, 24)).astype(np.float32)
+    c = rng.standard_normal((7, 24)).astype(np.float32)
+    cn = sq_norms_serial(c)
+    want_labels, want_exact = np.empty(5000, np.int64), np.empty(5000)
+    assign_top2(x, c, cn, want_labels, np.empty(5000, np.float32), np.empty(5000, np.float32), exact_sq=want_exact)
+    labels, exact = np.empty(5000, np.int64), np.empty(5000)
+    assign_top2(x, c, cn, labels, None, None, exact_sq=exact)
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_array_equal(exact, want_exact)
+    with pytest.raises(ValueError, match="d1/d2 may be None only"):
+        assign_top2(x, c, cn, labels, None, None, x_sqnorms=sq_norms_serial(x))

@@ -205,7 +205,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     ``exact_labels`` (implied by ``exact_sq``): make the labels the exact nearest centres of the float32 rows (ties
     to the smaller id) — :func:`kvant.kernels.assign.certify_top2` keeps each label whose two smallest float32
     distances are farther apart than their rounding could move them and recomputes the rest in float64 — and return
-    how many rows that recomputed (0 otherwise). ``d1``/``d2`` stay the float32 distances.
+    how many rows that recomputed (0 otherwise). ``d1``/``d2`` stay the float32 distances; with ``exact_labels`` they
+    may be None (not wanted: each block then uses scratch of its own).
 
     With ``nearest`` ((n, m) int32; plain rows only: no ``rows``, ``unit_rows`` or conditioning), also write m
     candidate centroid ids per row (any order; the row's label always among them) from the same products: with
@@ -217,6 +218,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     ``exact_sq`` (``d2`` is the runner-up among the centres multiplied)."""
     if check is not None and rows is not None:
         raise ValueError("check= needs plain rows (no rows=)")
+    if (d1 is None or d2 is None) and not (exact_labels or exact_sq is not None):
+        raise ValueError("d1/d2 may be None only with exact_labels or exact_sq (the final assignment)")
     if nearest is not None:
         if rows is not None or unit_rows or shift is not None or scale is not None:
             raise ValueError("nearest= needs plain rows (no rows=, unit_rows or conditioning)")
@@ -270,19 +273,24 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         annulus = None
 
     def run(s: int, e: int) -> None:
+        # (d1/d2 None: this block's own scratch, which the allocator recycles, instead of fresh pages for every row)
+        if d1 is None:
+            d1b, d2b = np.empty(e - s, np.float32), np.empty(e - s, np.float32)
+        else:
+            d1b, d2b = d1[s:e], d2[s:e]
         if annulus is not None and annulus.prune:
-            blocks = annulus_assign.annulus_top2_exact(x[s:e], annulus, labels[s:e], d1[s:e], d2[s:e],
+            blocks = annulus_assign.annulus_top2_exact(x[s:e], annulus, labels[s:e], d1b, d2b,
                                                        exact_sq[s:e], kappa, tiny)
             if blocks >= 0:  # (else a row is not finite: the paths below name it)
                 annulus.record(e - s, blocks)
                 labels[s:e] = annulus.order[labels[s:e]]
-                recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1[s:e], d2[s:e], exact_sq[s:e],
+                recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1b, d2b, exact_sq[s:e],
                                                False, cn_certify, kappa, tiny))
                 return
-        if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1[s:e],
-                                                     d2[s:e], exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
+        if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1b,
+                                                     d2b, exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
             # (with ``check``: every row of the block is finite, see direct_top2_exact)
-            recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1[s:e], d2[s:e], exact_sq[s:e], unit_rows,
+            recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1b, d2b, exact_sq[s:e], unit_rows,
                                            cn_certify, kappa, tiny))
             return
         xb = x[s:e] if rows is None else x[rows[s:e]]
@@ -320,20 +328,20 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
             xn = sq_norms_serial(xb) if x_sqnorms is None else x_sqnorms[s:e]
         scale32 = None if factor is None else factor.astype(np.float32)
         if direct:
-            direct_assign.direct_top2(np.ascontiguousarray(xb), ct, cn_padded, xn, labels[s:e], d1[s:e], d2[s:e],
+            direct_assign.direct_top2(np.ascontiguousarray(xb), ct, cn_padded, xn, labels[s:e], d1b, d2b,
                                       scale32)
         else:
             g = xb @ ct
             if nearest is not None:
                 pick(g, c_sqnorms, xn, nearest[s:e])
-            top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1[s:e], d2[s:e], scale32)
+            top2_from_ip(g, c_sqnorms, xn, labels[s:e], d1b, d2b, scale32)
         if rows_exact is not None:
             xb, factor = rows_exact, factor_exact
         if exact_sq is not None:
             exact_sq[s:e] = (exact_sq_dist_rows(raw if conditioned else xb, centroids, labels[s:e]) if factor is None
                              else exact_sq_dist_rows_scaled(xb, centroids, labels[s:e], factor))
         if exact_labels:
-            recomputed.append(certify_top2(raw if conditioned else xb, centroids, labels[s:e], d1[s:e], d2[s:e],
+            recomputed.append(certify_top2(raw if conditioned else xb, centroids, labels[s:e], d1b, d2b,
                                            _NO_EXACT if exact_sq is None else exact_sq[s:e], factor is not None,
                                            cn_certify, kappa, tiny))
 

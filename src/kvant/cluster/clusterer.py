@@ -20,6 +20,7 @@ source, so its memory is bounded by ``batch_rows`` whatever N is.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -208,6 +209,11 @@ class Clusterer:
         report = progress or (lambda phase, amount: None)
         self._check_settings()
         src = as_source(x, column=column, validate=False)  # an array is checked below, in the first pass over it
+        with _zero_rows_named(src):
+            return self._fit_source(src, report)
+
+    def _fit_source(self, src: VectorSource, report) -> Clusterer:
+        """:meth:`fit` from its validated settings and source."""
         self._check_settings(src.n)
         spherical = self.metric == "cos"
         # plain ints: NumPy integer settings (uint8, int16, ...) would overflow in k * sample_per_centroid, seed + r
@@ -402,14 +408,16 @@ class Clusterer:
     def predict(self, x, column: str | None = None) -> np.ndarray:
         """Nearest fitted centre of each row of ``x`` (int64 labels)."""
         src, full, centres = self._prepare(x, column)
-        return _assign_all(src, full, centres, self._fitted_metric() == "cos")[0]
+        with _zero_rows_named(src):
+            return _assign_all(src, full, centres, self._fitted_metric() == "cos")[0]
 
     @with_threads
     def score(self, x, column: str | None = None) -> float:
         """Quality on ``x``: minus the MSE per row (l2) or the mean cosine (cos). Higher is better."""
         src, full, centres = self._prepare(x, column)
         spherical = self._fitted_metric() == "cos"
-        _, inertia = _assign_all(src, full, centres, spherical, with_inertia=True)
+        with _zero_rows_named(src):
+            _, inertia = _assign_all(src, full, centres, spherical, with_inertia=True)
         return float(1.0 - inertia / src.n) if spherical else -float(inertia / src.n)
 
     def _fitted_metric(self) -> str:
@@ -551,6 +559,20 @@ class Clusterer:
         else:
             obj.mse_ = float(obj.inertia_ / n)
         return obj
+
+
+@contextlib.contextmanager
+def _zero_rows_named(src: VectorSource):
+    """A zero row under cos names the file it is in, as a NaN/inf row's error does (``src.name``; arrays are "input",
+    which the message leaves out). The error keeps ``bad_row`` and ``zero_norm``."""
+    try:
+        yield
+    except InvalidInput as err:
+        if not getattr(err, "zero_norm", False) or src.name == "input":
+            raise
+        named = InvalidInput(f"{err} (in {src.name})")
+        named.bad_row, named.zero_norm = err.bad_row, True
+        raise named from None
 
 
 def _fitted_problem(fitted: dict, centres: np.ndarray) -> str | None:
@@ -769,9 +791,12 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
     certified.ok = certified.ok and annulus is None
     total = 0.0
+    buffer = np.empty(0, np.float64)  # the blocks' exact distances, one buffer for all (fresh pages cost, see assign)
     for s, block in _iter_blocks(src, full, False, rows):
         b = block.shape[0]
-        per_row = np.empty(b, np.float64)
+        if buffer.shape[0] < b:
+            buffer = np.empty(b, np.float64)
+        per_row = buffer[:b]
         if certified.ok:
             try:
                 assign_certified(block, certified, labels[s : s + b], per_row, unit_rows=spherical and not unit,
@@ -786,7 +811,7 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
             if check and not math.isfinite(per_row.sum()):
                 check_finite(block, s, src.name)
         else:
-            assign_top2(block, centroids, cn, labels[s : s + b], np.empty(b, np.float32), np.empty(b, np.float32),
+            assign_top2(block, centroids, cn, labels[s : s + b], None, None,
                         exact_sq=per_row if with_inertia else None, unit_rows=spherical and not unit, row_offset=s,
                         shift=shift, scale=scale, check=src.name if check else None, exact_labels=True,
                         annulus=annulus)
