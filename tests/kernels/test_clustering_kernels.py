@@ -937,3 +937,27 @@ def test_assign_top2_without_distance_buffers_gives_the_same_labels_and_exact_di
     np.testing.assert_array_equal(exact, want_exact)
     with pytest.raises(ValueError, match="d1/d2 may be None only"):
         assign_top2(x, c, cn, labels, None, None, x_sqnorms=sq_norms_serial(x))
+
+
+@pytest.mark.parametrize("n,d,k", [(5000, 2, 5), (3001, 16, 32), (2000, 7, 24), (100, 16, 1)])
+def test_final_assignment_with_rows_in_the_lanes_is_the_direct_kernels(monkeypatch, n, d, k):
+    # ROW_LANES_FINAL routes few-coordinate l2 final assignments to row_lanes.tile_top2_exact: the same exact labels
+    # and inertia; a NaN row is still named (the deferred check)
+    import kvant
+    from kvant.cluster import assign as assign_module
+    from kvant.cluster.clusterer import _assign_all
+
+    rng = np.random.default_rng(n + d + k)
+    x = (rng.standard_normal((n, d)) + rng.integers(0, 3, (n, 1))).astype(np.float32)
+    c = x[rng.choice(n, k, replace=False)].copy()
+    src = kvant.io.as_source(x)
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(assign_module, "ROW_LANES_FINAL", on)
+        got[on] = _assign_all(src, x, c, False, with_inertia=True)
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    assert got[True][1] == got[False][1]
+    monkeypatch.setattr(assign_module, "ROW_LANES_FINAL", True)
+    x[n // 2, d - 1] = np.nan
+    with pytest.raises(InvalidInput, match=rf"first bad row: {n // 2}\)"):
+        _assign_all(kvant.io.as_source(x, validate=False), x, c, False, with_inertia=True, check=True)

@@ -141,3 +141,40 @@ def test_the_compiled_loop_takes_rows_in_lanes_only_for_few_centres_and_a_small_
         monkeypatch.setattr(lloyd_module, name, max_bytes)
         lloyd_module.lloyd(x, x[:k].copy(), 3, 1e-6)
         assert seen[-1] is want
+
+
+# the fused final pass: rows on both sides of a tile, D up to the routing limit and past it, K across the passes
+EXACT_SHAPES = [(0, 3, 1), (1, 1, 1), (5, 2, 3), (16, 16, 8), (17, 5, 16), (33, 13, 17), (47, 16, 24), (300, 9, 32),
+                (23, 40, 10)]
+
+
+@pytest.mark.parametrize("n,d,k", EXACT_SHAPES)
+def test_tile_top2_exact_is_the_direct_kernel_and_the_exact_distances(n, d, k):
+    from kvant.kernels.lloyd import exact_sq_dist_rows
+
+    g = np.random.default_rng(n * 7 + d * 3 + k)
+    wide = (g.standard_normal((n, d + 3)) * 10.0 ** g.uniform(-3, 3, (n, 1))).astype(np.float32)
+    for x in (np.ascontiguousarray(wide[:, :d]), wide[:, :d]):  # rows of unit stride, packed or inside wider rows
+        c = g.standard_normal((k, d)).astype(np.float32)
+        cp = np.empty((row_lanes.padded_k(k), d), np.float32)
+        cnp = np.empty(cp.shape[0], np.float32)
+        row_lanes.fill_centres(c, sq_norms(c), cp, cnp)
+        out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n)
+        assert row_lanes.tile_top2_exact(x, cp, cnp, row_lanes.group_size(k), c, *out)
+        for a, b in zip(out[:3], _direct(np.ascontiguousarray(x), c)):
+            np.testing.assert_array_equal(_bits(a), _bits(b))
+        np.testing.assert_array_equal(out[3], exact_sq_dist_rows(np.ascontiguousarray(x), c, out[0]))
+        want = ((x.astype(np.float64) - c[out[0]].astype(np.float64)) ** 2).sum(1)
+        np.testing.assert_allclose(out[3], want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 3e38])
+def test_tile_top2_exact_stops_at_a_row_that_is_not_finite(bad):
+    # NaN/inf, or a float32 norm overflow: False, for the caller's path that names the row
+    x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
+    x[37, 2] = bad
+    c = x[:3].copy()
+    cp, cnp = np.empty((row_lanes.padded_k(3), 4), np.float32), np.empty(row_lanes.padded_k(3), np.float32)
+    row_lanes.fill_centres(c, sq_norms(c), cp, cnp)
+    out = np.empty(40, np.int64), np.empty(40, np.float32), np.empty(40, np.float32), np.empty(40)
+    assert not row_lanes.tile_top2_exact(x, cp, cnp, row_lanes.group_size(3), c, *out)

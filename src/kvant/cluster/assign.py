@@ -13,7 +13,7 @@ from .._numerics import condition, conditioning
 from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..io.source import check_finite
-from ..kernels import amx_assign, annulus_assign, direct_assign, i16_assign
+from ..kernels import amx_assign, annulus_assign, direct_assign, i16_assign, row_lanes
 from ..kernels._llvm import host_cpu_name
 from ..kernels.assign import (
     CANDIDATE_IDS_MAX,
@@ -40,6 +40,14 @@ DIRECT_ASSIGN = True
 # 2026-12-03). Larger ones keep the Python threads: there Numba's threads, spinning after the region, slowed
 # 1M×128 K=64's fit (134M products per E-step) by 13% (same-process A/B, 2026-12-02).
 _ONE_REGION_MAX_WORK = 1 << 26
+# Final assignments of l2 rows with D <= ROW_LANES_FINAL_MAX_DIM and K <= ROW_LANES_FINAL_MAX_K put 16 rows in the
+# vector lanes (:func:`kvant.kernels.row_lanes.tile_top2_exact`: the rows gathered into a tile, no horizontal sums)
+# on AVX-512 hosts. One thread, 2M rows, ns per row, direct kernel -> rows in lanes (Zen 4, 2026-12-06): D = 2
+# 17-39 -> 10-14 (1.5-3.0x), D = 8 17-39 -> 13-19 (1.2-2.3x), D = 16 17-39 -> 16-26 (1.0-1.7x), D = 32 20-47 ->
+# 26-45 (0.75-1.2x: the gathers cost more than the sums they save).
+ROW_LANES_FINAL = True
+ROW_LANES_FINAL_MAX_DIM = 16
+ROW_LANES_FINAL_MAX_K = 32
 _DIRECT_MIN_ROWS = 64
 _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
@@ -249,9 +257,19 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         ct = np.ascontiguousarray(cc.T)
 
     exact_labels = exact_labels or exact_sq is not None
+    # the fused pass with rows in the lanes (few coordinates and centres, plain l2 rows; see ROW_LANES_FINAL)
+    lanes = (ROW_LANES_FINAL and direct_assign.AVX512 and exact_sq is not None and rows is None and not unit_rows
+             and not conditioned and x.flags.c_contiguous and x_sqnorms is None and dim <= ROW_LANES_FINAL_MAX_DIM
+             and k <= ROW_LANES_FINAL_MAX_K and (annulus is None or not annulus.prune))
+    if lanes:
+        g_count = row_lanes.group_size(k)
+        cp = np.empty((row_lanes.padded_k(k), dim), np.float32)
+        cnp_lanes = np.empty(cp.shape[0], np.float32)
+        row_lanes.fill_centres(np.ascontiguousarray(cc, np.float32), np.asarray(c_sqnorms, np.float32), cp, cnp_lanes)
     if exact_labels:
-        # (the fused pass of l2 rows on a small coordinate operand sums the row norms in float32)
-        lane_norms = direct and not unit_rows and direct_assign.lane_norm_column(ct) >= 0
+        # (the fused pass of l2 rows on a small coordinate operand sums the row norms in float32; rows in the lanes
+        # take float64 norms rounded to float32)
+        lane_norms = direct and not lanes and not unit_rows and direct_assign.lane_norm_column(ct) >= 0
         kappa, tiny = label_margins(dim, lane_norms)
         cn_certify = np.ascontiguousarray(c_sqnorms[:k], np.float32)
         recomputed: list[int] = []
@@ -287,6 +305,12 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
                 recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1b, d2b, exact_sq[s:e],
                                                False, cn_certify, kappa, tiny))
                 return
+        if lanes and row_lanes.tile_top2_exact(x[s:e], cp, cnp_lanes, g_count, centroids, labels[s:e], d1b, d2b,
+                                               exact_sq[s:e]):
+            # (every row of the block is finite, as with direct_top2_exact below)
+            recomputed.append(certify_top2(x[s:e], centroids, labels[s:e], d1b, d2b, exact_sq[s:e], False,
+                                           cn_certify, kappa, tiny))
+            return
         if fused and direct_assign.direct_top2_exact(x[s:e], ct, cn_padded, centroids, labels[s:e], d1b,
                                                      d2b, exact_sq[s:e], unit_rows, *_SAFE_SQNORM):
             # (with ``check``: every row of the block is finite, see direct_top2_exact)

@@ -26,6 +26,7 @@ from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, splat
 from .assign import store_top2
+from .distance import exact_sq_dist_into, sq_norms_into
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 LANES = 16  # rows per tile
@@ -225,6 +226,80 @@ def tile_top2(xt, b0, b1, n, cp, cnp, g_count, xn, labels, d1, d2):
         _tile(g_count, xt, b, cp, cnp, xn, best, run, arg)
         for r in range(min(LANES, n - b * LANES)):
             store_top2(labels, d1, d2, b * LANES + r, best[r], run[r], arg[r])
+
+
+@intrinsic
+def _gather_tile(typingctx, x, i0, m, tile):
+    """tile[0, t, r] = x[i0 + r, t] for the m (<= 16) rows from i0, zeros in the lanes after them: one masked 16-lane
+    gather per coordinate (x float32 2-D with unit-stride rows, any row stride; tile (1, D, 16) float32)."""
+    ok = (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2 and isinstance(tile, types.Array)
+          and tile.dtype == types.float32 and tile.ndim == 3)
+    if not ok:
+        return None
+    sig = types.void(x, i0, m, tile)
+
+    def codegen(context, builder, signature, args):
+        x_v, i0_v, m_v, tile_v = args
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vf, vi64 = ir.VectorType(f32, LANES), ir.VectorType(i64, LANES)
+        vptr = ir.VectorType(f32.as_pointer(), LANES)
+        vmask = ir.VectorType(ir.IntType(1), LANES)
+        intp = context.get_value_type(types.intp)
+        ax = context.make_array(signature.args[0])(context, builder, x_v)
+        at = context.make_array(signature.args[3])(context, builder, tile_v)
+        xs0 = cgutils.unpack_tuple(builder, ax.strides, 2)[0]
+        dim = cgutils.unpack_tuple(builder, ax.shape, 2)[1]
+        i0 = context.cast(builder, i0_v, signature.args[1], types.intp)
+        m = builder.trunc(context.cast(builder, m_v, signature.args[2], types.intp), i32)
+        base = builder.add(builder.ptrtoint(ax.data, i64), builder.sext(builder.mul(i0, xs0), i64))
+        lane = ir.Constant(vi64, list(range(LANES)))
+        rows = builder.add(splat(builder, base, vi64), builder.mul(lane, splat(builder, builder.sext(xs0, i64), vi64)))
+        mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(i32, LANES), list(range(LANES))),
+                                   splat(builder, m, ir.VectorType(i32, LANES)))
+        gather = llvm_fn(builder.module, f"llvm.masked.gather.v{LANES}f32.v{LANES}p0f32", vf,
+                         [vptr, i32, vmask, vf])
+        zero = ir.Constant(vf, [0.0] * LANES)
+        with cgutils.for_range(builder, dim) as loop:
+            t = loop.index
+            off = splat(builder, builder.mul(builder.sext(t, i64), ir.Constant(i64, 4)), vi64)
+            ptrs = builder.inttoptr(builder.add(rows, off), vptr)
+            v = builder.call(gather, [ptrs, ir.Constant(i32, 4), mask, zero])
+            dst = builder.gep(at.data, [builder.mul(t, ir.Constant(intp, LANES))])
+            builder.store(v, builder.bitcast(dst, vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(**_JIT)
+def tile_top2_exact(x, cp, cnp, g_count, centroids, labels, d1, d2, exact_sq):
+    """The final assignment's fused pass with rows in the lanes (float32 rows ``x``, unit-stride): each 16 rows are
+    gathered into a tile that stays in L1, their float64 norms (:func:`sq_norms_into`, rounded to float32) and top-2
+    (:func:`tile_top2`'s tile) computed, then each row's exact float64 squared distance to its label
+    (:func:`exact_sq_dist_into`) while the rows are in cache. Labels, d1 and d2 are those of
+    :func:`kvant.kernels.direct_assign.direct_top2` with centres in the lanes, bit for bit; ``exact_sq`` that of
+    :func:`kvant.kernels.distance.exact_sq_dist_rows`. Returns False as soon as a row's squared norm is not finite
+    (a NaN or inf in it, or a float32 overflow), leaving the outputs partly written: True means every row is finite."""
+    n, dim = x.shape
+    tile = np.empty((1, dim, LANES), np.float32)
+    xn = np.zeros(LANES, np.float32)
+    best = np.empty(LANES, np.int32)
+    run = np.empty(LANES, np.int32)
+    arg = np.empty(LANES, np.int32)
+    for i0 in range(0, n, LANES):
+        m = min(LANES, n - i0)
+        sq_norms_into(x[i0 : i0 + m], 0, m, xn)
+        for r in range(m):
+            if not xn[r] < np.inf:
+                return False
+        for r in range(m, LANES):
+            xn[r] = np.float32(0.0)
+        _gather_tile(x, i0, m, tile)
+        _tile(g_count, tile, 0, cp, cnp, xn, best, run, arg)
+        for r in range(m):
+            store_top2(labels, d1, d2, i0 + r, best[r], run[r], arg[r])
+        exact_sq_dist_into(x, i0, i0 + m, centroids, labels, exact_sq)
+    return True
 
 
 def top2(x: np.ndarray, centroids: np.ndarray, x_sqnorms: np.ndarray, c_sqnorms: np.ndarray):
