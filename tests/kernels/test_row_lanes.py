@@ -178,3 +178,16 @@ def test_tile_top2_exact_stops_at_a_row_that_is_not_finite(bad):
     row_lanes.fill_centres(c, sq_norms(c), cp, cnp)
     out = np.empty(40, np.int64), np.empty(40, np.float32), np.empty(40, np.float32), np.empty(40)
     assert not row_lanes.tile_top2_exact(x, cp, cnp, row_lanes.group_size(3), c, *out)
+
+
+def test_tile_top2_exact_refuses_rows_it_would_misread():
+    # Columns of stride > 1 (the gathers read consecutive coordinates) and operands for another D
+    x = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
+    c = x[:3, :4].copy()
+    cp, cnp = np.empty((row_lanes.padded_k(3), 4), np.float32), np.empty(row_lanes.padded_k(3), np.float32)
+    row_lanes.fill_centres(c, sq_norms(c), cp, cnp)
+    out = np.empty(20, np.int64), np.empty(20, np.float32), np.empty(20, np.float32), np.empty(20)
+    with pytest.raises(ValueError, match="unit stride"):
+        row_lanes.tile_top2_exact(x[:, ::2], cp, cnp, row_lanes.group_size(3), c, *out)
+    with pytest.raises(ValueError, match="do not match"):
+        row_lanes.tile_top2_exact(x, cp, cnp, row_lanes.group_size(3), c, *out)

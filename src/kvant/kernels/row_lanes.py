@@ -281,6 +281,10 @@ def tile_top2_exact(x, cp, cnp, g_count, centroids, labels, d1, d2, exact_sq):
     :func:`kvant.kernels.distance.exact_sq_dist_rows`. Returns False as soon as a row's squared norm is not finite
     (a NaN or inf in it, or a float32 overflow), leaving the outputs partly written: True means every row is finite."""
     n, dim = x.shape
+    if n > 0 and dim > 1 and x.strides[1] != 4:
+        raise ValueError("tile_top2_exact needs rows of unit stride (the gathers read consecutive coordinates)")
+    if cp.shape[1] != dim or cnp.shape[0] != cp.shape[0] or cp.shape[0] % g_count != 0 or centroids.shape[1] != dim:
+        raise ValueError("centre operands do not match: build them with fill_centres for these rows")
     tile = np.empty((1, dim, LANES), np.float32)
     xn = np.zeros(LANES, np.float32)
     best = np.empty(LANES, np.int32)
