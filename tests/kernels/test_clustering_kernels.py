@@ -961,3 +961,18 @@ def test_final_assignment_with_rows_in_the_lanes_is_the_direct_kernels(monkeypat
     x[n // 2, d - 1] = np.nan
     with pytest.raises(InvalidInput, match=rf"first bad row: {n // 2}\)"):
         _assign_all(kvant.io.as_source(x, validate=False), x, c, False, with_inertia=True, check=True)
+
+
+def test_final_assignment_with_rows_in_the_lanes_still_writes_candidate_ids_and_checks_its_buffers():
+    # (a review of the rows-in-lanes routing: nearest= with exact_sq= skipped the candidate ids)
+    from kvant.kernels.distance import sq_norms_serial
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((100, 4)).astype(np.float32)
+    c = rng.standard_normal((8, 4)).astype(np.float32)
+    labels, near = np.empty(100, np.int64), np.full((100, 3), -7, np.int32)
+    assign_top2(x, c, sq_norms_serial(c), labels, np.empty(100, np.float32), np.empty(100, np.float32),
+                exact_sq=np.empty(100), nearest=near)
+    assert (near >= 0).all() and (near == labels[:, None]).any(axis=1).all()
+    with pytest.raises(ValueError, match="both d1 and d2, or neither"):
+        assign_top2(x, c, sq_norms_serial(c), labels, np.empty(100, np.float32), None, exact_sq=np.empty(100))

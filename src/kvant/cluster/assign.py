@@ -226,7 +226,9 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     ``exact_sq`` (``d2`` is the runner-up among the centres multiplied)."""
     if check is not None and rows is not None:
         raise ValueError("check= needs plain rows (no rows=)")
-    if (d1 is None or d2 is None) and not (exact_labels or exact_sq is not None):
+    if (d1 is None) != (d2 is None):
+        raise ValueError("give both d1 and d2, or neither")
+    if d1 is None and not (exact_labels or exact_sq is not None):
         raise ValueError("d1/d2 may be None only with exact_labels or exact_sq (the final assignment)")
     if nearest is not None:
         if rows is not None or unit_rows or shift is not None or scale is not None:
@@ -258,7 +260,8 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
 
     exact_labels = exact_labels or exact_sq is not None
     # the fused pass with rows in the lanes (few coordinates and centres, plain l2 rows; see ROW_LANES_FINAL)
-    lanes = (ROW_LANES_FINAL and direct_assign.AVX512 and exact_sq is not None and rows is None and not unit_rows
+    lanes = (ROW_LANES_FINAL and DIRECT_ASSIGN and direct_assign.AVX512 and exact_sq is not None and nearest is None
+             and rows is None and not unit_rows
              and not conditioned and x.flags.c_contiguous and x_sqnorms is None and dim <= ROW_LANES_FINAL_MAX_DIM
              and k <= ROW_LANES_FINAL_MAX_K and (annulus is None or not annulus.prune))
     if lanes:
