@@ -520,3 +520,20 @@ def test_ip_row_whose_product_overflows_is_found_when_k_nears_n():
         for k in (5, 600, 1100):
             d, i = index.search(q, k)
             assert i[0] == 1 and d[0] > 1e37
+
+
+@pytest.mark.parametrize("per_keep", [0, 1 << 40])
+def test_long_lists_over_few_rows_give_the_same_answers_in_any_number_of_chunks(monkeypatch, per_keep):
+    # _chunks_per_thread: short chunks of long lists run one chunk per thread (0: always four per thread, 1 << 40:
+    # always one); heaps while scanning, duplicates and ties at the k-th included
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 6, (3000, 3)).astype(np.float32)
+    q = rng.integers(0, 6, (40, 3)).astype(np.float32)
+    monkeypatch.setattr(flat, "SHORT_CHUNK_ROWS_PER_KEEP", per_keep)
+    for metric in ("l2", "ip"):
+        index = kvant.FlatIndex(3, metric=metric)
+        index.add(x)
+        d, i = index.search(q, 100)
+        want_d, want_i = _brute(x, q, 100, metric)
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_allclose(d, want_d if metric == "l2" else -want_d, rtol=1e-6)

@@ -164,6 +164,8 @@ def test_screen_of_given_products_matches_the_numpy_reference(n, d, nq, keep, bl
         with np.errstate(over="ignore", invalid="ignore"):
             g = (x[s : s + block].astype(np.float64) @ qt.astype(np.float64)).astype(np.float32)
         DT.keep_from_products(g, s, xn[s : s + block], qn, ip, od, oi, thr)
+        assert np.array_equal(thr, od[:, 0])  # each list's last entry, at its heap's root while scanning
+    DT.finish_lists(od, oi)
     rd, ri = _reference(x, q, keep, 0, n, ip)
     assert np.array_equal(od, rd) and np.array_equal(oi, ri)
     assert np.array_equal(thr, od[:, -1])

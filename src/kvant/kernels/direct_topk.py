@@ -22,9 +22,8 @@ import numpy as np
 
 from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _products
 from .distance import sq_norms_into
-from .topk import _insert
 
-__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep", "keep_from_products"]
+__all__ = ["AVAILABLE", "MAX_BATCH", "max_queries", "direct_keep", "finish_lists", "keep_from_products"]
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _JIT_RAW = dict(_JIT, _nrt=False)
@@ -57,6 +56,62 @@ def _condition_rows(x, i0, count, shift, steps, xt):
 
 
 @numba.njit(inline="always")
+def _ranks_after(d1, i1, d2, i2):
+    """(d1, i1) ranks after (d2, i2) in a list: a larger score, or an equal one with a larger row; an empty slot
+    (row −1, score +inf) ranks after every kept row (:func:`kvant.kernels.topk.merge_topk`'s order)."""
+    if d1 != d2:
+        return d1 > d2
+    if i1 == -1 or i2 == -1:
+        return i1 == -1 and i2 != -1
+    return i1 > i2
+
+
+@numba.njit(inline="always")
+def _sift_down(hd, hi, size, d, i):
+    """Place (d, i) at the root of the max-heap ``hd[:size]``/``hi[:size]`` (ordered by :func:`_ranks_after`, the
+    entry ranking last at the root) and sift it down."""
+    pos = 0
+    while True:
+        c = 2 * pos + 1
+        if c >= size:
+            break
+        if c + 1 < size and _ranks_after(hd[c + 1], hi[c + 1], hd[c], hi[c]):
+            c += 1
+        if not _ranks_after(hd[c], hi[c], d, i):
+            break
+        hd[pos] = hd[c]
+        hi[pos] = hi[c]
+        pos = c
+    hd[pos] = d
+    hi[pos] = i
+
+
+@numba.njit(inline="always")
+def _heap_replace(hd, hi, d, i):
+    """Keep (d, i) in the list when it ranks before the list's last entry (its root), replacing it: O(log keep) per
+    insertion where the sorted lists shifted O(keep) entries (k = 100 over 20,000 3-d rows, 1,000 queries: the
+    insertions took 0.28 s of a 0.31 s search, against FAISS's 0.04 s with heaps)."""
+    if _ranks_after(hd[0], hi[0], d, i):
+        _sift_down(hd, hi, hd.shape[0], d, i)
+
+
+@numba.njit(**_JIT_RAW)
+def _heap_sort(hd, hi):
+    """A list kept as a heap (:func:`_heap_replace`) in ascending order, ties to the smaller row, empty slots last."""
+    for end in range(hd.shape[0] - 1, 0, -1):
+        d, i = hd[end], hi[end]
+        hd[end], hi[end] = hd[0], hi[0]
+        _sift_down(hd, hi, end, d, i)
+
+
+@numba.njit(**_JIT_RAW)
+def finish_lists(out_d, out_i):
+    """Sort the lists :func:`keep_from_products` kept as heaps (nq, keep), as :func:`direct_keep` returns them."""
+    for j in range(out_d.shape[0]):
+        _heap_sort(out_d[j], out_i[j])
+
+
+@numba.njit(inline="always")
 def _screen_row(g, r, row, xi, qn, nq, ip, out_d, out_i, thr):
     """Row ``r`` of the products ``g`` (stored row ``row``, ‖x‖² = ``xi``) into the lists of the ``nq`` queries whose
     k-th best (``thr``) it may beat: first one vectorised pass over every query, then the scalar insertions."""
@@ -85,16 +140,17 @@ def _screen_row(g, r, row, xi, qn, nq, ip, out_d, out_i, thr):
             # finish_sq_l2's clamp: never below 0, and +inf (not 0) where inf - inf gave NaN
             d = v if v > 0 else (np.float32(0.0) if v == v else np.float32(np.inf))
         if not d > thr[j]:
-            _insert(out_d[j], out_i[j], d, row)  # merge_topk's insertion and tie rule
-            thr[j] = out_d[j, out_d.shape[1] - 1]
+            _heap_replace(out_d[j], out_i[j], d, row)  # merge_topk's tie rule
+            thr[j] = out_d[j, 0]
 
 
 @numba.njit(**_JIT_RAW)
 def keep_from_products(g, i0, x_sqnorms, qn, ip, out_d, out_i, thr):
     """:func:`direct_keep`'s screen and insertions for products computed elsewhere (BLAS): ``g`` (rows, nq) holds
     x[i0 + r]·q_j for the rows i0 .. i0 + rows − 1 (``x_sqnorms`` their ‖x‖², read for l2 only); the lists
-    ``out_d``/``out_i`` (nq, keep) and thresholds ``thr`` (nq; the lists' last values) are updated in place. Serial and
-    ``nogil``: one call per row block, from Python worker threads."""
+    ``out_d``/``out_i`` (nq, keep; all +inf / −1 at first) and thresholds ``thr`` (nq; each list's last value) are
+    updated in place; the lists are kept as heaps until :func:`finish_lists` sorts them, after the chunk's last block.
+    Serial and ``nogil``: one call per row block, from Python worker threads."""
     nq = g.shape[1]
     for r in range(g.shape[0]):
         _screen_row(g, r, i0 + r, x_sqnorms[r] if not ip else np.float32(0.0), qn, nq, ip, out_d, out_i, thr)
@@ -164,3 +220,5 @@ def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i, shift, steps, x_sq_m
                 oi[j, p] = -1
         x_sq_max[c] = _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, ct, qn, x_sqnorms, nq, ip, shift,
                                  steps, od, oi, thr, g, xt, xn)
+        for j in range(nq):  # (kept as heaps while scanning)
+            _heap_sort(od[j], oi[j])
