@@ -11,8 +11,10 @@ the same comparisons on other shapes: very low and very high dimensions, K from 
   codes (benchmarks/pq.py's ``bench_search``), recall@10 against exact neighbours of 2,000 held-out rows.
 - Cover tree: ``kvant.CoverTree`` against ``scipy.spatial.cKDTree(workers=threads)`` for Euclidean, Manhattan and
   Chebyshev distances, 1,024 queries; distances checked against cKDTree's (exact in both).
+- Exact search: ``FlatIndex`` against ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (cos: FAISS on normalised copies, the
+  queries normalised inside its timed call), k from 1 to 100; the share of ids both return.
 
-    python benchmarks/beyond_grid.py [--parts clustering,pq,tree] [--out beyond_grid]
+    python benchmarks/beyond_grid.py [--parts clustering,pq,tree,flat] [--out beyond_grid]
 
 Writes benchmarks/results/<out>.{json,md}. About 15 minutes on 2 cores.
 """
@@ -71,6 +73,16 @@ TREE_CELLS = [
     ("uniform", 100_000, 5, "chebyshev", np.inf),
     ("blobs", 300_000, 4, "euclidean", 2),
     ("hubness", 50_000, 64, "euclidean", 2),
+]
+
+
+# (family, N, D, metric, k, queries)
+FLAT_CELLS = [
+    ("hubness", 100_000, 1536, "cos", 10, 256),
+    ("blobs", 2_000_000, 16, "l2", 10, 512),
+    ("blobs", 50_000, 96, "ip", 100, 1024),
+    ("anisotropic", 300_000, 256, "l2", 1, 64),
+    ("blobs", 20_000, 3, "l2", 100, 1000),
 ]
 
 
@@ -166,6 +178,45 @@ def run_tree(threads, repeats, nq=1024):
     return rows
 
 
+def _flat_cell(faiss, x, q, metric, k, repeats):
+    index = kvant.FlatIndex(x.shape[1], metric=metric)
+    index.add(x)
+    xf = x
+    if metric == "cos":
+        xf = x.copy()
+        faiss.normalize_L2(xf)
+    fidx = faiss.IndexFlatL2(x.shape[1]) if metric == "l2" else faiss.IndexFlatIP(x.shape[1])
+    fidx.add(xf)
+
+    def faiss_search():
+        qq = q
+        if metric == "cos":  # normalising the queries is part of the search, as kvant's search does it
+            qq = q.copy()
+            faiss.normalize_L2(qq)
+        return fidx.search(qq, k)
+
+    index.search(q[:4], k)  # warm
+    faiss_search()
+    (t_k, (_, ik)), (t_f, (_, i_f)) = pb.timed_pair(lambda: index.search(q, k), faiss_search, repeats)
+    overlap = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ik, i_f)]))
+    return dict(kvant_ms=t_k * 1e3, faiss_ms=t_f * 1e3, same_ids=overlap)
+
+
+def run_flat(faiss, repeats):
+    rows = []
+    for family, n, dim, metric, k, nq in FLAT_CELLS:
+        x = _data(family, n + nq, dim, 50, seed=3)
+        q, x = x[:nq].copy(), x[nq:].copy()
+        with cb.cell_lock():
+            row = dict(data=family, n=n, dim=dim, metric=metric, k=k, nq=nq, **_flat_cell(faiss, x, q, metric, k,
+                                                                                          repeats))
+        row["ratio"] = row["faiss_ms"] / row["kvant_ms"]
+        rows.append(row)
+        print(f"  {family} {n}x{dim} {metric} k={k} nq={nq}: {row['ratio']:.2f}x FAISS, same ids "
+              f"{row['same_ids']:.4f}", flush=True)
+    return rows
+
+
 def write_markdown(res, path):
     lines = [f"# Beyond the grids ({res['run']})", "",
              f"Host: {res['host']}; {res['threads']} threads (Numba layer {res['numba_layer']}). Every row ran kvant "
@@ -206,12 +257,21 @@ def write_markdown(res, path):
                          f"{r['kvant_build_s']:.2f} / {r['ckdtree_build_s']:.2f} | {r['kvant_qps']:,.0f} | "
                          f"{r['ckdtree_qps']:,.0f} | {r['ratio']:.2f}× | {'yes' if r['exact'] else 'NO'} |")
         lines.append("")
+    if res.get("flat"):
+        lines += ["## Exact search: `FlatIndex` vs FAISS `IndexFlatL2` / `IndexFlatIP`", "",
+                  "Both exact; \"same ids\": the share of the k ids both return (ties may order differently).", "",
+                  "| data | N × D | metric | k | queries | kvant ms | FAISS ms | FAISS / kvant | same ids |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in res["flat"]:
+            lines.append(f"| {r['data']} | {r['n']:,} × {r['dim']} | {r['metric']} | {r['k']} | {r['nq']:,} | "
+                         f"{r['kvant_ms']:.1f} | {r['faiss_ms']:.1f} | {r['ratio']:.2f}× | {r['same_ids']:.4f} |")
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="clustering,pq,tree")
+    p.add_argument("--parts", default="clustering,pq,tree,flat")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="beyond_grid")
@@ -221,7 +281,7 @@ def main(argv=None):
     kvant.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    unknown = parts - {"clustering", "pq", "tree"}
+    unknown = parts - {"clustering", "pq", "tree", "flat"}
     if unknown:
         p.error(f"unknown parts: {', '.join(sorted(unknown))}")
     import platform
@@ -240,6 +300,9 @@ def main(argv=None):
     if "tree" in parts:
         print("tree", flush=True)
         res["tree"] = run_tree(args.threads, args.repeats)
+    if "flat" in parts:
+        print("flat", flush=True)
+        res["flat"] = run_flat(faiss, args.repeats)
     res["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=1, default=float))
