@@ -217,55 +217,58 @@ def run_flat(faiss, repeats):
     return rows
 
 
+def _table(title, intro, columns, rows):
+    """A markdown section: title, intro, and a table whose ``columns`` are (header, right-aligned) pairs."""
+    out = [f"## {title}", "", intro, "", "| " + " | ".join(h for h, _ in columns) + " |",
+           "|" + "|".join("---:" if right else "---" for _, right in columns) + "|"]
+    out += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return out + [""]
+
+
 def write_markdown(res, path):
     lines = [f"# Beyond the grids ({res['run']})", "",
              f"Host: {res['host']}; {res['threads']} threads (Numba layer {res['numba_layer']}). Every row ran kvant "
              "and its anchor side by side in one process on the same data and threads; medians.", ""]
     if res.get("clustering"):
-        lines += ["## Clustering: `kvant auto` vs `faiss.Kmeans` defaults", "",
-                  "Quality: MSE (l2) or mean cosine (cos) over all rows, median over the seeds; \"worse\" > 0 means "
-                  "kvant's is worse. The grid's targets, for reference: >= 2x at <= 0.5% worse.", "",
-                  "| data | N × D | K | metric | kvant ms | FAISS ms | FAISS / kvant | kvant worse | runs |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-        for r in res["clustering"]:
-            lines.append(f"| {r['data']} | {r['n']:,} × {r['dim']} | {r['k']} | {r['metric']} | "
-                         f"{r['kvant_s'] * 1e3:.1f} | {r['faiss_s'] * 1e3:.1f} | {r['speedup']:.2f}× | "
-                         f"{r['kvant_worse_pct']:+.2f}% | {r['kvant_runs']} |")
-        lines.append("")
+        lines += _table(
+            "Clustering: `kvant auto` vs `faiss.Kmeans` defaults",
+            "Quality: MSE (l2) or mean cosine (cos) over all rows, median over the seeds; \"worse\" > 0 means kvant's "
+            "is worse. The grid's targets, for reference: >= 2x at <= 0.5% worse.",
+            [("data", 0), ("N × D", 0), ("K", 1), ("metric", 0), ("kvant ms", 1), ("FAISS ms", 1),
+             ("FAISS / kvant", 1), ("kvant worse", 1), ("runs", 1)],
+            [[r["data"], f"{r['n']:,} × {r['dim']}", str(r["k"]), r["metric"], f"{r['kvant_s'] * 1e3:.1f}",
+              f"{r['faiss_s'] * 1e3:.1f}", f"{r['speedup']:.2f}×", f"{r['kvant_worse_pct']:+.2f}%",
+              str(r["kvant_runs"])] for r in res["clustering"]])
     if res.get("pq"):
-        lines += ["## PQ search: `PQIndex` vs FAISS on the same codebooks and codes", "",
-                  "2,000 held-out queries, k = 10; 8-bit against `IndexPQ`, 4-bit against `IndexPQFastScan`; "
-                  "\"same top-10\": share of queries whose top-10 matches IndexPQ's up to ties (8-bit); the 4-bit "
-                  "recall difference comes with a paired bootstrap 90% CI.", "",
-                  "| data | index | kvant q/s | FAISS q/s | kvant / FAISS | kvant R@10 | FAISS R@10 | exact ADC R@10 | "
-                  "same top-10 / kvant − FAISS CI |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in res["pq"]:
-            extra = (f"{r['same_top10']:.4f}" if r["nbits"] == 8 else
-                     "[{:+.4f}, {:+.4f}]".format(*r["recall_diff_ci90"]))
-            adc = f"{r['exact_adc_recall10']:.4f}" if r["nbits"] == 4 else "-"
-            lines.append(f"| {r['dataset']} | {r['index']} | {r['kvant_qps']:,.0f} | {r['faiss_qps']:,.0f} | "
-                         f"{r['ratio']:.2f}× | {r['kvant_recall10']:.4f} | {r['faiss_recall10']:.4f} | {adc} | "
-                         f"{extra} |")
-        lines.append("")
+        lines += _table(
+            "PQ search: `PQIndex` vs FAISS on the same codebooks and codes",
+            "2,000 held-out queries, k = 10; 8-bit against `IndexPQ`, 4-bit against `IndexPQFastScan`; \"same "
+            "top-10\": share of queries whose top-10 matches IndexPQ's up to ties (8-bit); the 4-bit recall "
+            "difference comes with a paired bootstrap 90% CI.",
+            [("data", 0), ("index", 0), ("kvant q/s", 1), ("FAISS q/s", 1), ("kvant / FAISS", 1),
+             ("kvant R@10", 1), ("FAISS R@10", 1), ("exact ADC R@10", 1), ("same top-10 / kvant − FAISS CI", 0)],
+            [[r["dataset"], r["index"], f"{r['kvant_qps']:,.0f}", f"{r['faiss_qps']:,.0f}", f"{r['ratio']:.2f}×",
+              f"{r['kvant_recall10']:.4f}", f"{r['faiss_recall10']:.4f}",
+              f"{r['exact_adc_recall10']:.4f}" if r["nbits"] == 4 else "-",
+              f"{r['same_top10']:.4f}" if r["nbits"] == 8 else "[{:+.4f}, {:+.4f}]".format(*r["recall_diff_ci90"])]
+             for r in res["pq"]])
     if res.get("tree"):
-        lines += ["## Cover tree: `kvant.CoverTree` vs `scipy.spatial.cKDTree`", "",
-                  "1,024 queries; \"exact\": kvant's distances equal cKDTree's (both are exact).", "",
-                  "| data | N × D | metric | k | build s (kvant / cKDTree) | kvant q/s | cKDTree q/s | kvant / cKDTree "
-                  "| exact |", "|---|---|---|---:|---|---:|---:|---:|---|"]
-        for r in res["tree"]:
-            lines.append(f"| {r['data']} | {r['n']:,} × {r['dim']} | {r['metric']} | {r['k']} | "
-                         f"{r['kvant_build_s']:.2f} / {r['ckdtree_build_s']:.2f} | {r['kvant_qps']:,.0f} | "
-                         f"{r['ckdtree_qps']:,.0f} | {r['ratio']:.2f}× | {'yes' if r['exact'] else 'NO'} |")
-        lines.append("")
+        lines += _table(
+            "Cover tree: `kvant.CoverTree` vs `scipy.spatial.cKDTree`",
+            "1,024 queries; \"exact\": kvant's distances equal cKDTree's (both are exact).",
+            [("data", 0), ("N × D", 0), ("metric", 0), ("k", 1), ("build s (kvant / cKDTree)", 0), ("kvant q/s", 1),
+             ("cKDTree q/s", 1), ("kvant / cKDTree", 1), ("exact", 0)],
+            [[r["data"], f"{r['n']:,} × {r['dim']}", r["metric"], str(r["k"]),
+              f"{r['kvant_build_s']:.2f} / {r['ckdtree_build_s']:.2f}", f"{r['kvant_qps']:,.0f}",
+              f"{r['ckdtree_qps']:,.0f}", f"{r['ratio']:.2f}×", "yes" if r["exact"] else "NO"] for r in res["tree"]])
     if res.get("flat"):
-        lines += ["## Exact search: `FlatIndex` vs FAISS `IndexFlatL2` / `IndexFlatIP`", "",
-                  "Both exact; \"same ids\": the share of the k ids both return (ties may order differently).", "",
-                  "| data | N × D | metric | k | queries | kvant ms | FAISS ms | FAISS / kvant | same ids |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-        for r in res["flat"]:
-            lines.append(f"| {r['data']} | {r['n']:,} × {r['dim']} | {r['metric']} | {r['k']} | {r['nq']:,} | "
-                         f"{r['kvant_ms']:.1f} | {r['faiss_ms']:.1f} | {r['ratio']:.2f}× | {r['same_ids']:.4f} |")
-        lines.append("")
+        lines += _table(
+            "Exact search: `FlatIndex` vs FAISS `IndexFlatL2` / `IndexFlatIP`",
+            "Both exact; \"same ids\": the share of the k ids both return (ties may order differently).",
+            [("data", 0), ("N × D", 0), ("metric", 0), ("k", 1), ("queries", 1), ("kvant ms", 1), ("FAISS ms", 1),
+             ("FAISS / kvant", 1), ("same ids", 1)],
+            [[r["data"], f"{r['n']:,} × {r['dim']}", r["metric"], str(r["k"]), f"{r['nq']:,}", f"{r['kvant_ms']:.1f}",
+              f"{r['faiss_ms']:.1f}", f"{r['ratio']:.2f}×", f"{r['same_ids']:.4f}"] for r in res["flat"]])
     path.write_text("\n".join(lines))
 
 
