@@ -199,7 +199,8 @@ def _cmd_info(args) -> int:
         # k-means assignments with K >= AMX_MIN_K and K·D >= AMX_MIN_KD (kvant.cluster.assign) use certified bf16 tile
         # products when this is true (docs/auto.md)
         "amx_tiles": _amx_available(),
-        # final k-means assignments with K >= I16_MIN_K use certified int16 products when this is true (docs/auto.md)
+        # final k-means assignments with K >= I16_MIN_K (on Zen 4: and a large enough K·D) use certified int16
+        # products when this is true (docs/auto.md)
         "int16_assign": _int16_available(),
         # the fused K <= 64 assignment prefetches its rows (AMD Zen hosts; kernels/direct_assign, docs/auto.md)
         "row_prefetch": _row_prefetch(),

@@ -115,6 +115,7 @@ def test_final_assignments_choose_int16_where_measured(monkeypatch):
 
     monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
     monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+    monkeypatch.setattr(cluster_assign, "_HALF_RATE_HOST", False)  # (an AVX2 host: K >= I16_MIN_K; Zen 4 below)
     g = np.random.default_rng(1)
     c = g.standard_normal((cluster_assign.I16_MIN_K, 128)).astype(np.float32)
     cc = cluster_assign.CertifiedCentres(c, spherical=False)
@@ -147,6 +148,7 @@ def test_centres_beyond_float32s_reach_leave_the_certified_path(monkeypatch):
 
     monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
     monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+    monkeypatch.setattr(cluster_assign, "_HALF_RATE_HOST", False)  # K = 20 takes int16 (Zen 4: only from K·D 6,144)
     c = np.eye(20, 8, dtype=np.float32) * np.float32(3e38)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -173,6 +175,7 @@ def test_unit_rows_get_the_same_exact_distances_on_every_backend(monkeypatch):
     from kvant.io import as_source
 
     monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    monkeypatch.setattr(cluster_assign, "_HALF_RATE_HOST", False)  # K = 50 at D = 8 takes int16 on an I16_HOST
     x = (1e4 + np.random.default_rng(4).standard_normal((3000, 8))).astype(np.float32)
     c = kvant.Clusterer(50, "cos", seed=2).fit(x)
     runs = []
@@ -183,3 +186,21 @@ def test_unit_rows_get_the_same_exact_distances_on_every_backend(monkeypatch):
         assert c.score(x) == c.mean_cosine_
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
+
+
+def test_zen4_final_assignments_take_int16_only_where_it_was_faster(monkeypatch):
+    # (2026-12-06) the float32 kernels for few centres beat int16 below K·D = 6,144 unless K >= 128 at D >= 16
+    from kvant.cluster import assign as cluster_assign
+
+    monkeypatch.setattr(cluster_assign, "AMX_ASSIGN", False)
+    monkeypatch.setattr(cluster_assign, "I16_HOST", True)
+    monkeypatch.setattr(cluster_assign, "_HALF_RATE_HOST", True)
+    g = np.random.default_rng(2)
+
+    def backend(k, dim):
+        return cluster_assign.CertifiedCentres(g.standard_normal((k, dim)).astype(np.float32), spherical=False).backend
+
+    for k, dim, want in ((17, 128, None), (32, 128, None), (48, 128, "int16"), (64, 128, "int16"), (24, 256, "int16"),
+                         (17, 784, "int16"), (64, 64, None), (96, 64, "int16"), (64, 16, None), (128, 16, "int16"),
+                         (128, 8, None), (16, 784, None)):
+        assert backend(k, dim) == want, (k, dim)

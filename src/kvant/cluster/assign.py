@@ -2,7 +2,8 @@
 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts,
 certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); on AVX2 hosts
 without AVX-512 and on AMD Zen 4 (``I16_HOST``), certified int16 products in final assignments with K >= ``I16_MIN_K``
-and in E-steps with K >= ``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
+(on Zen 4 also K·D >= ``I16_HALF_RATE_MIN_KD``, or K >= ``I16_HALF_RATE_MIN_K`` at D >= 16) and in E-steps with K >=
+``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,15 @@ I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or _HALF_RATE_HOST
 I16_FAR_CENTRES = _HALF_RATE_HOST
 I16_FAR_MIN_KD = 12288
 I16_MIN_K = 17
+# On Zen 4 the float32 kernels for few centres (coordinates in the lanes for K <= 28, rows in the lanes for D <= 16,
+# both newer than the rule above) beat int16 in final assignments below K·D = I16_HALF_RATE_MIN_KD, unless K >=
+# I16_HALF_RATE_MIN_K and D >= 16. _assign_all on Gaussian blobs, 128 MiB of rows, 2 threads, best of 2 × 4
+# (2026-12-06), float32 time / int16 time (> 1: int16 faster): D = 16 K = 17-64 0.47-0.82, K = 128 1.08, 256 1.30;
+# D = 32 K = 17-64 0.76-0.87, 128 1.21; D = 64 K = 17-64 0.80-0.97, 96 1.30; D = 128 K = 17-32 0.77-0.94, 48 1.02,
+# 64 1.14; D = 256 K = 17 0.88, 24 1.01, 32 1.15; D = 384 K = 17 0.99, 20 1.03, 24 1.16; D = 784 K = 17 1.26; D = 4
+# and 8 K = 128 0.80, K = 256 0.99 and 1.04; cos alike (D = 64 K = 64 0.89, D = 128 K = 64 1.06, D = 16 K = 128 1.07).
+I16_HALF_RATE_MIN_KD = 6144
+I16_HALF_RATE_MIN_K = 128
 I16_E_STEP_MIN_K = 128
 # Certified E-steps (either backend) need at least this many rows: below it the per-call and per-strip costs (packing,
 # certification, the exact distances) outweigh the cheaper products. Same-host E-steps alone, Gaussian rows, D = 64-784,
@@ -380,6 +390,15 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     return sum(recomputed) if exact_labels else 0
 
 
+def _int16_final(k: int, dim: int) -> bool:
+    """Whether a final assignment of K centres of D coordinates takes int16 products on an ``I16_HOST`` host."""
+    if k < I16_MIN_K:
+        return False
+    if not _HALF_RATE_HOST:
+        return True
+    return k * dim >= I16_HALF_RATE_MIN_KD or (k >= I16_HALF_RATE_MIN_K and dim >= 16)
+
+
 class CertifiedCentres:
     """Centres prepared for :func:`assign_certified` and certified E-steps: the operands of one product backend — AMX
     bf16 tiles (``backend == "amx"``, :mod:`kvant.kernels.amx_assign`; K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD``) or,
@@ -402,7 +421,7 @@ class CertifiedCentres:
             self.backend = "amx"
         elif I16_ASSIGN and I16_HOST:
             big_e_step = k >= I16_E_STEP_MIN_K and rows * k * dim > _ONE_REGION_MAX_WORK
-            if big_e_step if e_step else k >= I16_MIN_K:
+            if big_e_step if e_step else _int16_final(k, dim):
                 self.backend = "int16"
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)
         if not self.ok:

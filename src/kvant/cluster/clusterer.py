@@ -776,7 +776,8 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     """Labels of every row and, with ``with_inertia``, the exact inertia (Σ‖x − c‖² in float64,
     term by term; ½ of it for unit rows, = Σ(1 − cos)) in the same pass.
     With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K`` on ``I16_HOST`` hosts
-    (AVX2 without AVX-512, AMD Zen 4), the labels are certified exact nearest centres (:func:`assign_certified`).
+    (AVX2 without AVX-512, AMD Zen 4; on Zen 4 for larger K·D only, ``assign._int16_final``), the labels come from
+    certified products (:func:`assign_certified`); they are exact nearest centres on every path.
 
     ``unit``: ``full`` already holds unit rows (cos); otherwise cos scales each row by 1/‖x‖ inside the
     assignment (no normalised copy of the block: one pass over the data fewer).
