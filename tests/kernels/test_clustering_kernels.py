@@ -939,10 +939,12 @@ def test_assign_top2_without_distance_buffers_gives_the_same_labels_and_exact_di
         assign_top2(x, c, cn, labels, None, None, x_sqnorms=sq_norms_serial(x))
 
 
-@pytest.mark.parametrize("n,d,k", [(5000, 2, 5), (3001, 16, 32), (2000, 7, 24), (100, 16, 1)])
+@pytest.mark.parametrize("n,d,k", [(5000, 2, 5), (3001, 16, 32), (2000, 7, 24), (100, 16, 1), (2500, 2, 300),
+                                   (1500, 9, 100)])
 def test_final_assignment_with_rows_in_the_lanes_is_the_direct_kernels(monkeypatch, n, d, k):
     # ROW_LANES_FINAL routes few-coordinate l2 final assignments to row_lanes.tile_top2_exact: the same exact labels
-    # and inertia; a NaN row is still named (the deferred check)
+    # and inertia as the direct kernel (K <= 64) or BLAS tiles (larger K); a NaN row is still named (the deferred
+    # check)
     import kvant
     from kvant.cluster import assign as assign_module
     from kvant.cluster.clusterer import _assign_all

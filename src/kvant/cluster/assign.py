@@ -41,14 +41,16 @@ DIRECT_ASSIGN = True
 # 2026-12-03). Larger ones keep the Python threads: there Numba's threads, spinning after the region, slowed
 # 1M×128 K=64's fit (134M products per E-step) by 13% (same-process A/B, 2026-12-02).
 _ONE_REGION_MAX_WORK = 1 << 26
-# Final assignments of l2 rows with D <= ROW_LANES_FINAL_MAX_DIM and K <= ROW_LANES_FINAL_MAX_K put 16 rows in the
-# vector lanes (:func:`kvant.kernels.row_lanes.tile_top2_exact`: the rows gathered into a tile, no horizontal sums)
-# on AVX-512 hosts. One thread, 2M rows, ns per row, direct kernel -> rows in lanes (Zen 4, 2026-12-06): D = 2
-# 17-39 -> 10-14 (1.5-3.0x), D = 8 17-39 -> 13-19 (1.2-2.3x), D = 16 17-39 -> 16-26 (1.0-1.7x), D = 32 20-47 ->
-# 26-45 (0.75-1.2x: the gathers cost more than the sums they save).
+# Final assignments of l2 rows with D <= ROW_LANES_FINAL_MAX_DIM put 16 rows in the vector lanes
+# (:func:`kvant.kernels.row_lanes.tile_top2_exact`: the rows gathered into a tile, no horizontal sums) on AVX-512
+# hosts, at any K the certified products (int16, AMX) leave them. One thread, 2M rows, ns per row, direct kernel ->
+# rows in lanes (Zen 4, 2026-12-06): D = 2 17-39 -> 10-14 (1.5-3.0x), D = 8 17-39 -> 13-19 (1.2-2.3x), D = 16 17-39
+# -> 16-26 (1.0-1.7x), D = 32 20-47 -> 26-45 (0.75-1.2x: the gathers cost more than the sums they save); K = 40-64
+# 1.07-1.56x. Beyond K = 64 (BLAS tiles before), whole final assignments of 64 MiB of rows on 2 threads: D = 2 K = 96
+# -2,048 1.55-3.97x (K = 1,024: 2.94 -> 0.74 s), D = 8 K = 96-512 1.37-1.84x, D = 16 K = 96 1.21x.
 ROW_LANES_FINAL = True
 ROW_LANES_FINAL_MAX_DIM = 16
-ROW_LANES_FINAL_MAX_K = 32
+ROW_LANES_FINAL_MAX_K = 1 << 20
 _DIRECT_MIN_ROWS = 64
 _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
