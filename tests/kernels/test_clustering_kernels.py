@@ -978,3 +978,35 @@ def test_final_assignment_with_rows_in_the_lanes_still_writes_candidate_ids_and_
     assert (near >= 0).all() and (near == labels[:, None]).any(axis=1).all()
     with pytest.raises(ValueError, match="both d1 and d2, or neither"):
         assign_top2(x, c, sq_norms_serial(c), labels, np.empty(100, np.float32), None, exact_sq=np.empty(100))
+
+
+@pytest.mark.parametrize("n,d,k", [(5000, 2, 300), (3000, 8, 260), (2000, 16, 300)])
+def test_e_steps_with_rows_in_the_lanes_match_the_reference(monkeypatch, n, d, k):
+    # ROW_LANES_E_STEP: plain and gathered (rows=) E-steps of few-coordinate rows beyond the direct kernel's K take
+    # row_lanes.tile_top2_given instead of BLAS tiles or int16 products: nearest centres up to float32 rounding
+    from kvant.cluster import assign as assign_module
+    from kvant.kernels import row_lanes
+    from kvant.kernels.distance import sq_norms_serial
+
+    if not assign_module.lanes_e_step(d):
+        pytest.skip("rows in the lanes need AVX-512")
+    calls = []
+    real = row_lanes.tile_top2_given
+    monkeypatch.setattr(row_lanes, "tile_top2_given", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(n + d)
+    x = (rng.standard_normal((n, d)) + rng.integers(0, 5, (n, 1))).astype(np.float32)
+    c = x[rng.choice(n, k, replace=False)].copy()
+    xn, cn = sq_norms_serial(x), sq_norms_serial(c)
+    exact = ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    for rows in (None, np.sort(rng.choice(n, n // 3, replace=False))):
+        m = n if rows is None else rows.size
+        labels, d1, d2 = np.empty(m, np.int64), np.empty(m, np.float32), np.empty(m, np.float32)
+        e = exact if rows is None else exact[rows]
+        assert assign_module.e_step(x, c, labels, d1, d2, xn if rows is None else xn[rows], rows=rows)
+        best = e.min(1)
+        slack = 1e-5 * (xn if rows is None else xn[rows]).astype(np.float64) + 1e-5 * cn.max()
+        assert (e[np.arange(m), labels] <= best + slack).all()  # the label is nearest up to float32 rounding
+        np.testing.assert_allclose(d1, best, rtol=1e-4, atol=1e-3 * float(slack.max()) + 1e-4)
+        second = np.sort(e, 1)[:, 1]
+        assert (d2 >= d1).all() and np.allclose(d2, second, rtol=1e-4, atol=1e-3)
+    assert calls  # the lanes kernel ran

@@ -49,6 +49,7 @@ _ONE_REGION_MAX_WORK = 1 << 26
 # 1.07-1.56x. Beyond K = 64 (BLAS tiles before), whole final assignments of 64 MiB of rows on 2 threads: D = 2 K = 96
 # -2,048 1.55-3.97x (K = 1,024: 2.94 -> 0.74 s), D = 8 K = 96-512 1.37-1.84x, D = 16 K = 96 1.21x.
 ROW_LANES_FINAL = True
+ROW_LANES_E_STEP = True
 ROW_LANES_FINAL_MAX_DIM = 16
 ROW_LANES_FINAL_MAX_K = 1 << 20
 _DIRECT_MIN_ROWS = 64
@@ -276,7 +277,11 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
              and rows is None and not unit_rows
              and not conditioned and x.flags.c_contiguous and x_sqnorms is None and dim <= ROW_LANES_FINAL_MAX_DIM
              and k <= ROW_LANES_FINAL_MAX_K and (annulus is None or not annulus.prune))
-    if lanes:
+    # ... and Lloyd's E-steps of such rows where the products would otherwise be BLAS tiles (K > 64), whose inner
+    # dimension of 2-16 leaves them memory-bound (ROW_LANES_E_STEP)
+    lanes_e = (lanes_e_step(dim) and not direct and nearest is None and not unit_rows and not conditioned
+               and x.strides[1] == 4)
+    if lanes or lanes_e:
         g_count = row_lanes.group_size(k)
         cp = np.empty((row_lanes.padded_k(k), dim), np.float32)
         cnp_lanes = np.empty(cp.shape[0], np.float32)
@@ -369,6 +374,9 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         if direct:
             direct_assign.direct_top2(np.ascontiguousarray(xb), ct, cn_padded, xn, labels[s:e], d1b, d2b,
                                       scale32)
+        elif lanes_e:
+            row_lanes.tile_top2_given(np.ascontiguousarray(xb), cp, cnp_lanes, g_count,
+                                      np.ascontiguousarray(xn, np.float32), labels[s:e], d1b, d2b)
         else:
             g = xb @ ct
             if nearest is not None:
@@ -390,6 +398,14 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
     if zero_rows:
         raise zero_norm_error(min(zero_rows) + row_offset)
     return sum(recomputed) if exact_labels else 0
+
+
+def lanes_e_step(dim: int) -> bool:
+    """Whether Lloyd's E-steps on rows of ``dim`` coordinates put rows in the vector lanes (``ROW_LANES_E_STEP``) where
+    they would otherwise take BLAS tiles or, on int16 hosts, int16 products: whole fits (Zen 4, 2026-12-06, seeds 0-1,
+    int16 / rows in lanes / BLAS E-steps) 1M × 2 K = 1,024 1,027-1,057 / 465 / 1,274-1,285 ms, 500k × 8 K = 256
+    121-122 / 80-83 / 97-98 ms, 300k × 16 K = 512 305-307 / 285-290 / 395-406 ms, 200k × 16 K = 128 even."""
+    return ROW_LANES_E_STEP and DIRECT_ASSIGN and direct_assign.AVX512 and dim <= ROW_LANES_FINAL_MAX_DIM
 
 
 def _int16_final(k: int, dim: int) -> bool:
@@ -422,7 +438,7 @@ class CertifiedCentres:
         elif AMX_ASSIGN and amx_assign.AVAILABLE and k >= AMX_MIN_K and k * dim >= AMX_MIN_KD:
             self.backend = "amx"
         elif I16_ASSIGN and I16_HOST:
-            big_e_step = k >= I16_E_STEP_MIN_K and rows * k * dim > _ONE_REGION_MAX_WORK
+            big_e_step = k >= I16_E_STEP_MIN_K and rows * k * dim > _ONE_REGION_MAX_WORK and not lanes_e_step(dim)
             if big_e_step if e_step else _int16_final(k, dim):
                 self.backend = "int16"
         self.ok = self.backend is not None and (spherical or conditioning(self.centroids)[1] is None)

@@ -306,6 +306,31 @@ def tile_top2_exact(x, cp, cnp, g_count, centroids, labels, d1, d2, exact_sq):
     return True
 
 
+@numba.njit(**_JIT)
+def tile_top2_given(x, cp, cnp, g_count, xn, labels, d1, d2):
+    """Labels, d1 and d2 of rows ``x`` (float32, unit-stride rows) with squared norms ``xn`` given (float32, one per
+    row) against the centres ``cp, cnp`` (:func:`fill_centres`): :func:`tile_top2_exact`'s gathered tiles and lane-wise
+    top-2 for Lloyd's E-steps, which have the norms already and want no exact distances."""
+    n, dim = x.shape
+    if n > 0 and dim > 1 and x.strides[1] != 4:
+        raise ValueError("tile_top2_given needs rows of unit stride (the gathers read consecutive coordinates)")
+    if cp.shape[1] != dim or cnp.shape[0] != cp.shape[0] or cp.shape[0] % g_count != 0 or xn.shape[0] != n:
+        raise ValueError("operands do not match: centres from fill_centres for these rows, one norm per row")
+    tile = np.empty((1, dim, LANES), np.float32)
+    xl = np.zeros(LANES, np.float32)
+    best = np.empty(LANES, np.int32)
+    run = np.empty(LANES, np.int32)
+    arg = np.empty(LANES, np.int32)
+    for i0 in range(0, n, LANES):
+        m = min(LANES, n - i0)
+        for r in range(LANES):
+            xl[r] = xn[i0 + r] if r < m else np.float32(0.0)
+        _gather_tile(x, i0, m, tile)
+        _tile(g_count, tile, 0, cp, cnp, xl, best, run, arg)
+        for r in range(m):
+            store_top2(labels, d1, d2, i0 + r, best[r], run[r], arg[r])
+
+
 def top2(x: np.ndarray, centroids: np.ndarray, x_sqnorms: np.ndarray, c_sqnorms: np.ndarray):
     """(labels, d1, d2) of every row of x (float32) by :func:`tile_top2`, its operands made here: the convenience form
     (tests, references) of what :func:`kvant.kernels.lloyd_small.lloyd_small` sets up once per fit."""
