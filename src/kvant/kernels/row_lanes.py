@@ -272,6 +272,50 @@ def _gather_tile(typingctx, x, i0, m, tile):
 
 
 @numba.njit(**_JIT)
+def _check_lanes_operands(x, cp, cnp, g_count):
+    """Refuse rows the gathers would misread and centre operands built for other rows."""
+    n, dim = x.shape
+    if n > 0 and dim > 1 and x.strides[1] != 4:
+        raise ValueError("rows in the lanes need rows of unit stride (the gathers read consecutive coordinates)")
+    if cp.shape[1] != dim or cnp.shape[0] != cp.shape[0] or cp.shape[0] % g_count != 0:
+        raise ValueError("centre operands do not match: build them with fill_centres for these rows")
+
+
+@numba.njit(**_JIT)
+def _lanes_top2(x, cp, cnp, g_count, xn_given, labels, d1, d2, centroids, exact_sq):
+    """Each 16 rows of ``x`` gathered into a tile in L1 and their top-2 taken lane-wise (:func:`tile_top2`'s tile).
+    ``xn_given``: the rows' squared norms (float32), or empty: each row's float64 norm rounded to float32
+    (:func:`sq_norms_into`), stopping with False at one that is not finite. ``exact_sq`` (float64) non-empty: each
+    row's exact squared distance to its label too (:func:`exact_sq_dist_into`), while the rows are in cache."""
+    n, dim = x.shape
+    tile = np.empty((1, dim, LANES), np.float32)
+    xn = np.zeros(LANES, np.float32)
+    best = np.empty(LANES, np.int32)
+    run = np.empty(LANES, np.int32)
+    arg = np.empty(LANES, np.int32)
+    given = xn_given.shape[0] > 0
+    for i0 in range(0, n, LANES):
+        m = min(LANES, n - i0)
+        if given:
+            for r in range(m):
+                xn[r] = xn_given[i0 + r]
+        else:
+            sq_norms_into(x[i0 : i0 + m], 0, m, xn)
+            for r in range(m):
+                if not xn[r] < np.inf:
+                    return False
+        for r in range(m, LANES):
+            xn[r] = np.float32(0.0)
+        _gather_tile(x, i0, m, tile)
+        _tile(g_count, tile, 0, cp, cnp, xn, best, run, arg)
+        for r in range(m):
+            store_top2(labels, d1, d2, i0 + r, best[r], run[r], arg[r])
+        if exact_sq.shape[0] > 0:
+            exact_sq_dist_into(x, i0, i0 + m, centroids, labels, exact_sq)
+    return True
+
+
+@numba.njit(**_JIT)
 def tile_top2_exact(x, cp, cnp, g_count, centroids, labels, d1, d2, exact_sq):
     """The final assignment's fused pass with rows in the lanes (float32 rows ``x``, unit-stride): each 16 rows are
     gathered into a tile that stays in L1, their float64 norms (:func:`sq_norms_into`, rounded to float32) and top-2
@@ -280,30 +324,10 @@ def tile_top2_exact(x, cp, cnp, g_count, centroids, labels, d1, d2, exact_sq):
     :func:`kvant.kernels.direct_assign.direct_top2` with centres in the lanes, bit for bit; ``exact_sq`` that of
     :func:`kvant.kernels.distance.exact_sq_dist_rows`. Returns False as soon as a row's squared norm is not finite
     (a NaN or inf in it, or a float32 overflow), leaving the outputs partly written: True means every row is finite."""
-    n, dim = x.shape
-    if n > 0 and dim > 1 and x.strides[1] != 4:
-        raise ValueError("tile_top2_exact needs rows of unit stride (the gathers read consecutive coordinates)")
-    if cp.shape[1] != dim or cnp.shape[0] != cp.shape[0] or cp.shape[0] % g_count != 0 or centroids.shape[1] != dim:
-        raise ValueError("centre operands do not match: build them with fill_centres for these rows")
-    tile = np.empty((1, dim, LANES), np.float32)
-    xn = np.zeros(LANES, np.float32)
-    best = np.empty(LANES, np.int32)
-    run = np.empty(LANES, np.int32)
-    arg = np.empty(LANES, np.int32)
-    for i0 in range(0, n, LANES):
-        m = min(LANES, n - i0)
-        sq_norms_into(x[i0 : i0 + m], 0, m, xn)
-        for r in range(m):
-            if not xn[r] < np.inf:
-                return False
-        for r in range(m, LANES):
-            xn[r] = np.float32(0.0)
-        _gather_tile(x, i0, m, tile)
-        _tile(g_count, tile, 0, cp, cnp, xn, best, run, arg)
-        for r in range(m):
-            store_top2(labels, d1, d2, i0 + r, best[r], run[r], arg[r])
-        exact_sq_dist_into(x, i0, i0 + m, centroids, labels, exact_sq)
-    return True
+    _check_lanes_operands(x, cp, cnp, g_count)
+    if centroids.shape[1] != x.shape[1] or exact_sq.shape[0] != x.shape[0]:
+        raise ValueError("centre operands do not match: centroids of the rows' dimension, one exact_sq per row")
+    return _lanes_top2(x, cp, cnp, g_count, np.empty(0, np.float32), labels, d1, d2, centroids, exact_sq)
 
 
 @numba.njit(**_JIT)
@@ -311,24 +335,11 @@ def tile_top2_given(x, cp, cnp, g_count, xn, labels, d1, d2):
     """Labels, d1 and d2 of rows ``x`` (float32, unit-stride rows) with squared norms ``xn`` given (float32, one per
     row) against the centres ``cp, cnp`` (:func:`fill_centres`): :func:`tile_top2_exact`'s gathered tiles and lane-wise
     top-2 for Lloyd's E-steps, which have the norms already and want no exact distances."""
-    n, dim = x.shape
-    if n > 0 and dim > 1 and x.strides[1] != 4:
-        raise ValueError("tile_top2_given needs rows of unit stride (the gathers read consecutive coordinates)")
-    if cp.shape[1] != dim or cnp.shape[0] != cp.shape[0] or cp.shape[0] % g_count != 0 or xn.shape[0] != n:
-        raise ValueError("operands do not match: centres from fill_centres for these rows, one norm per row")
-    tile = np.empty((1, dim, LANES), np.float32)
-    xl = np.zeros(LANES, np.float32)
-    best = np.empty(LANES, np.int32)
-    run = np.empty(LANES, np.int32)
-    arg = np.empty(LANES, np.int32)
-    for i0 in range(0, n, LANES):
-        m = min(LANES, n - i0)
-        for r in range(LANES):
-            xl[r] = xn[i0 + r] if r < m else np.float32(0.0)
-        _gather_tile(x, i0, m, tile)
-        _tile(g_count, tile, 0, cp, cnp, xl, best, run, arg)
-        for r in range(m):
-            store_top2(labels, d1, d2, i0 + r, best[r], run[r], arg[r])
+    _check_lanes_operands(x, cp, cnp, g_count)
+    if xn.shape[0] != x.shape[0]:
+        raise ValueError("operands do not match: one norm per row")
+    _lanes_top2(x, cp, cnp, g_count, xn, labels, d1, d2, np.empty((0, x.shape[1]), np.float32),
+                np.empty(0, np.float64))
 
 
 def top2(x: np.ndarray, centroids: np.ndarray, x_sqnorms: np.ndarray, c_sqnorms: np.ndarray):
