@@ -51,7 +51,6 @@ _ONE_REGION_MAX_WORK = 1 << 26
 ROW_LANES_FINAL = True
 ROW_LANES_E_STEP = True
 ROW_LANES_FINAL_MAX_DIM = 16
-ROW_LANES_FINAL_MAX_K = 1 << 20
 _DIRECT_MIN_ROWS = 64
 _NO_ROWS = np.empty(0, np.int64)
 _NO_LOWER = np.empty(0, np.float32)
@@ -272,13 +271,13 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
         ct = np.ascontiguousarray(cc.T)
 
     exact_labels = exact_labels or exact_sq is not None
-    # the fused pass with rows in the lanes (few coordinates and centres, plain l2 rows; see ROW_LANES_FINAL)
+    # the fused pass with rows in the lanes (few coordinates, plain l2 rows; see ROW_LANES_FINAL)
     lanes = (ROW_LANES_FINAL and DIRECT_ASSIGN and direct_assign.AVX512 and exact_sq is not None and nearest is None
              and rows is None and not unit_rows
              and not conditioned and x.flags.c_contiguous and x_sqnorms is None and dim <= ROW_LANES_FINAL_MAX_DIM
-             and k <= ROW_LANES_FINAL_MAX_K and (annulus is None or not annulus.prune))
-    # ... and Lloyd's E-steps of such rows where the products would otherwise be BLAS tiles (K > 64), whose inner
-    # dimension of 2-16 leaves them memory-bound (ROW_LANES_E_STEP)
+             and (annulus is None or not annulus.prune))
+    # ... and Lloyd's E-steps of such rows where the products would otherwise be BLAS tiles (K > 64; int16 E-steps
+    # are turned away in CertifiedCentres), poor at an inner dimension of 2-16 (ROW_LANES_E_STEP, lanes_e_step)
     lanes_e = (lanes_e_step(dim) and not direct and nearest is None and not unit_rows and not conditioned
                and x.strides[1] == 4)
     if lanes or lanes_e:

@@ -220,5 +220,4 @@ def direct_keep(x, ct, qn, x_sqnorms, nq, ip, out_d, out_i, shift, steps, x_sq_m
                 oi[j, p] = -1
         x_sq_max[c] = _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, ct, qn, x_sqnorms, nq, ip, shift,
                                  steps, od, oi, thr, g, xt, xn)
-        for j in range(nq):  # (kept as heaps while scanning)
-            _heap_sort(od[j], oi[j])
+        finish_lists(od[:nq], oi[:nq])  # (kept as heaps while scanning)
