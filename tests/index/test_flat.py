@@ -537,3 +537,21 @@ def test_long_lists_over_few_rows_give_the_same_answers_in_any_number_of_chunks(
         want_d, want_i = _brute(x, q, 100, metric)
         np.testing.assert_array_equal(i, want_i)
         np.testing.assert_allclose(d, want_d if metric == "l2" else -want_d, rtol=1e-6)
+
+
+@given(n=st.integers(1, 10**7), nq=st.integers(1, 5000), keep=st.integers(1, 1024),
+       max_width=st.sampled_from([16, 64, 256]), threads=st.integers(1, 64))
+@settings(max_examples=300, deadline=None)
+def test_fused_shortlist_split_covers_every_query_once(n, nq, keep, max_width, threads):
+    # blocks of at most max_width queries (a multiple of 16) that cover the batch, no empty block; short chunks of
+    # long lists split the queries (one chunk of rows unless there are fewer blocks than threads), long ones the rows
+    width, blocks, chunks = flat._direct_split(n, nq, keep, max_width, threads)
+    assert width % 16 == 0 and 16 <= width <= max_width
+    assert (blocks - 1) * width < nq <= blocks * width
+    assert 1 <= chunks <= max(1, n // 64)
+    if n >= 64 * threads:
+        assert blocks * chunks >= threads or blocks * width < 16 * threads  # every thread has a task
+    if flat._chunks_per_thread(n, keep) == 1 and nq > 16:
+        assert chunks == 1 or blocks < threads  # the rows split only when the queries cannot
+    else:
+        assert blocks == -(-nq // max_width)  # as few blocks as the width allows

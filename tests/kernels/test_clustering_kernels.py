@@ -10,6 +10,8 @@ from kvant.cluster.assign import assign_top2
 from kvant.errors import InvalidInput
 from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.distance import (
+    exact_rerank,
+    exact_rows,
     exact_topk,
     gather_rows_into,
     mean_and_spread,
@@ -234,6 +236,34 @@ def test_exact_topk_matches_reference(nq, n, d, k, scale, ip):
     rd, ri = (ref.exact_ip_topk_ref if ip else ref.exact_l2_topk_ref)(q, x, k)
     np.testing.assert_array_equal(out_i, ri)
     np.testing.assert_array_equal(out_d, rd)
+
+
+@pytest.mark.parametrize("order", ["near", "reversed", "random"])
+@pytest.mark.parametrize("ip", [False, True])
+def test_exact_rerank_ranks_like_a_lexsort(order, ip):
+    # shortlists re-scored exactly and ranked (score, then row; empty slots last): nearly sorted lists take the
+    # insertion sort, reversed ones overflow its budget and take the merge sorts; duplicates tie exactly
+    g = np.random.default_rng(7)
+    x = g.integers(-3, 4, (300, 5)).astype(np.float32)
+    x[100:150] = x[:50]
+    q = g.integers(-3, 4, (9, 5)).astype(np.float32)
+    rows = np.stack([g.permutation(300)[:60] for _ in range(9)]).astype(np.int64)
+    rows[2, 50:] = -1
+    exact = np.empty(rows.shape)
+    exact_rows(q, x, rows, exact, ip)
+    for j in range(9):
+        by = np.lexsort((np.where(rows[j] >= 0, rows[j], 1 << 62), exact[j]))
+        if order == "near":  # two neighbours swapped every few places
+            by[1::7], by[2::7] = by[2::7].copy(), by[1::7].copy()
+        rows[j] = rows[j, by[::-1]] if order == "reversed" else rows[j, by] if order == "near" else rows[j]
+    want_d = np.empty(rows.shape)
+    exact_rows(q, x, rows, want_d, ip)
+    key = np.where(rows >= 0, rows, 1 << 62)
+    by = np.lexsort((key, want_d), axis=-1)
+    got_i, got_d = rows.copy(), np.empty(rows.shape, np.float32)
+    exact_rerank(q, x, got_i, got_d, ip)
+    np.testing.assert_array_equal(got_i, np.take_along_axis(rows, by, 1))
+    np.testing.assert_array_equal(got_d, np.take_along_axis(want_d, by, 1).astype(np.float32))
 
 
 def test_merge_topk_blocks_equal_one_shot():

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from kvant.kernels import direct_topk as DT
-from kvant.kernels.direct_assign import padded_centroids
 from kvant.kernels.distance import sq_norms
 from kvant.kernels.topk import merge_topk_ids
 
@@ -36,24 +35,45 @@ def _reference(x, q, keep, lo, hi, ip=False):
     return out_d, out_i
 
 
-def _run(x, q, keep, chunks, ip=False):
+def _operands(q, blocks):
+    """The queries split into ``blocks`` blocks of equal padded width, as FlatIndex._direct_topk lays them out."""
     qn = sq_norms(q)
-    cd = np.full((chunks, q.shape[0], keep), -7.0, np.float32)  # every slot must be written
-    ci = np.full((chunks, q.shape[0], keep), -7, np.int64)
-    DT.direct_keep(x, padded_centroids(q, qn)[0], qn, sq_norms(x), q.shape[0], ip, cd, ci, np.empty(0, np.float32),
-                   np.empty(0, np.float32), np.zeros(chunks))
-    return cd, ci
+    per_block = -(-q.shape[0] // blocks)
+    width = 16 * -(-per_block // 16)
+    cts = np.zeros((blocks, q.shape[1], width), np.float32)
+    qns = np.zeros((blocks, width), np.float32)
+    nqs = np.zeros(blocks, np.int64)
+    for b in range(blocks):
+        part = q[b * width : (b + 1) * width]
+        nqs[b] = part.shape[0]
+        cts[b, :, : part.shape[0]] = part.T
+        qns[b, : part.shape[0]] = qn[b * width : (b + 1) * width]
+    return cts, qns, nqs, width
 
 
-@pytest.mark.parametrize("n,d,nq,keep,chunks", [(1, 1, 1, 1, 1), (5, 3, 4, 8, 1), (37, 13, 17, 5, 3), (64, 8, 16, 3, 4),
-                                                (200, 40, 33, 12, 5), (300, 7, 48, 300, 2), (513, 20, 80, 28, 8)])
+def _run(x, q, keep, chunks, ip=False, blocks=1):
+    """direct_keep's lists per chunk, (chunks, queries, keep), the blocks' lists put back in query order."""
+    cts, qns, nqs, width = _operands(q, blocks)
+    cd = np.full((chunks, blocks, width, keep), -7.0, np.float32)  # every slot must be written
+    ci = np.full((chunks, blocks, width, keep), -7, np.int64)
+    DT.direct_keep(x, cts, qns, nqs, sq_norms(x), ip, cd, ci, np.empty(0, np.float32), np.empty(0, np.float32),
+                   np.zeros((blocks, chunks)))
+    return (np.concatenate([cd[:, b, : nqs[b]] for b in range(blocks)], axis=1),
+            np.concatenate([ci[:, b, : nqs[b]] for b in range(blocks)], axis=1))
+
+
+@pytest.mark.parametrize("n,d,nq,keep,chunks,blocks", [
+    (1, 1, 1, 1, 1, 1), (5, 3, 4, 8, 1, 1), (37, 13, 17, 5, 3, 1), (64, 8, 16, 3, 4, 1), (200, 40, 33, 12, 5, 1),
+    (300, 7, 48, 300, 2, 1), (513, 20, 80, 28, 8, 1), (513, 3, 80, 100, 1, 3), (700, 5, 37, 64, 2, 2),
+    (2000, 2, 33, 150, 1, 2)])
 @pytest.mark.parametrize("ip", [False, True])
-def test_lists_match_the_numpy_reference(n, d, nq, keep, chunks, ip):
+def test_lists_match_the_numpy_reference(n, d, nq, keep, chunks, blocks, ip):
+    # blocks of queries and chunks of rows; long lists over many rows make the reservoirs fill and cut many times
     rng = np.random.default_rng(n + d + nq)
     x = rng.integers(-6, 7, (n, d)).astype(np.float32)  # a small grid: many exact ties
     x[n // 2 :: 7] = x[0]  # duplicates of row 0
     q = np.vstack([rng.integers(-6, 7, (nq - 1, d)), x[:1]]).astype(np.float32)
-    cd, ci = _run(x, q, keep, chunks, ip)
+    cd, ci = _run(x, q, keep, chunks, ip, blocks)
     for c in range(chunks):
         lo, hi = c * n // chunks, (c + 1) * n // chunks
         rd, ri = _reference(x, q, keep, lo, hi, ip)
@@ -81,20 +101,22 @@ def test_conditioned_rows_match_conditioning_first(shift, scale):
     sh = x.mean(0).astype(np.float32) if shift else None
     xc = condition(x, sh, scale)
     q = condition(x[rng.integers(0, 203, 21)] * np.float32(1.5), sh, scale)
-    qn = sq_norms(q)
-    ct = padded_centroids(q, qn)[0]
-    want_d = np.empty((3, 21, 7), np.float32)
-    want_i = np.empty((3, 21, 7), np.int64)
-    DT.direct_keep(xc, ct, qn, sq_norms(xc), 21, False, want_d, want_i, np.empty(0, np.float32),
-                   np.empty(0, np.float32), np.zeros(3))
+    cts, qns, nqs, width = _operands(q, 2)
+    want_d = np.empty((3, 2, width, 7), np.float32)
+    want_i = np.empty((3, 2, width, 7), np.int64)
+    DT.direct_keep(xc, cts, qns, nqs, sq_norms(xc), False, want_d, want_i, np.empty(0, np.float32),
+                   np.empty(0, np.float32), np.zeros((2, 3)))
     got_d = np.empty_like(want_d)
     got_i = np.empty_like(want_i)
-    x_max = np.zeros(3)
-    DT.direct_keep(x, ct, qn, np.full(203, np.nan, np.float32), 21, False, got_d, got_i,
+    x_max = np.zeros((2, 3))
+    DT.direct_keep(x, cts, qns, nqs, np.full(203, np.nan, np.float32), False, got_d, got_i,
                    np.empty(0, np.float32) if sh is None else sh, np.array(scale_steps(scale), np.float32), x_max)
-    assert np.array_equal(got_d, want_d) and np.array_equal(got_i, want_i)
+    for b in range(2):
+        real = slice(0, nqs[b])
+        assert np.array_equal(got_d[:, b, real], want_d[:, b, real]) and np.array_equal(got_i[:, b, real],
+                                                                                      want_i[:, b, real])
     norms = sq_norms(xc)
-    assert np.array_equal(x_max, [norms[c * 203 // 3 : (c + 1) * 203 // 3].max() for c in range(3)])
+    assert np.array_equal(x_max, [[norms[c * 203 // 3 : (c + 1) * 203 // 3].max() for c in range(3)]] * 2)
 
 
 def test_overflowing_rows_rank_last_never_at_zero():
@@ -156,16 +178,81 @@ def test_screen_of_given_products_matches_the_numpy_reference(n, d, nq, keep, bl
         x[3, 0] = np.float32(3e38)  # products overflow: inf, and inf - inf = NaN in the l2 expression
     q = np.vstack([rng.integers(-6, 7, (nq - 1, d)), x[:1]]).astype(np.float32)
     qn, xn = sq_norms(q), sq_norms(x)
-    od = np.full((nq, keep), np.inf, np.float32)
-    oi = np.full((nq, keep), -1, np.int64)
+    buf_d = np.full((nq, DT.capacity(keep)), np.nan, np.float32)
+    buf_i = np.full((nq, DT.capacity(keep)), -7, np.int64)
+    fill = np.zeros(nq, np.int64)
     thr = np.full(nq, np.inf, np.float32)
+    hits = np.empty(nq + 16, np.int32)
     qt = np.ascontiguousarray(q.T)
     for s in range(0, n, block):
         with np.errstate(over="ignore", invalid="ignore"):
             g = (x[s : s + block].astype(np.float64) @ qt.astype(np.float64)).astype(np.float32)
-        DT.keep_from_products(g, s, xn[s : s + block], qn, ip, od, oi, thr)
-        assert np.array_equal(thr, od[:, 0])  # each list's last entry, at its heap's root while scanning
-    DT.finish_lists(od, oi)
+        DT.keep_from_products(g, s, xn[s : s + block], qn, ip, buf_d, buf_i, fill, thr, keep, hits)
+    od = np.full((nq, keep), -7.0, np.float32)
+    oi = np.full((nq, keep), -7, np.int64)
+    DT.finish_lists(buf_d, buf_i, fill, od, oi)
     rd, ri = _reference(x, q, keep, 0, n, ip)
     assert np.array_equal(od, rd) and np.array_equal(oi, ri)
-    assert np.array_equal(thr, od[:, -1])
+    assert np.all(thr >= od[:, -1])  # a threshold never cut a row the list keeps
+
+
+@pytest.mark.skipif(not DT.AVX512, reason="the 16-lane screen needs AVX-512")
+@pytest.mark.parametrize("nq", [1, 15, 16, 17, 50])
+@pytest.mark.parametrize("ip", [False, True])
+def test_lane_screen_lists_what_the_loop_lists(nq, ip):
+    # the AVX-512 screen (compress into a register, one store) against the portable loop, on thresholds of every
+    # kind: infinite (lists not yet full), ties with the score (no entry), NaN products (float32 overflow: entry)
+    rng = np.random.default_rng(nq)
+    g = rng.integers(-4, 5, (3, nq + 5)).astype(np.float32)
+    g[1, ::3] = np.nan
+    g[2, ::4] = np.inf
+    qn = rng.integers(0, 9, nq + 5).astype(np.float32)
+    thr = rng.integers(-4, 30, nq).astype(np.float32)
+    thr[::5] = np.inf
+    for r in range(3):
+        xi = np.float32(rng.integers(0, 9))
+        if r == 0:  # ties: every other threshold equals its score
+            score = -g[0, :nq] if ip else qn[:nq] + xi - 2 * g[0, :nq]
+            thr[1::2] = score[1::2]
+        want = np.full(nq + 16, -1, np.int32)
+        got = np.full(nq + 16, -1, np.int32)
+        n_want = DT._screen_hits_loop(g, r, xi, qn, thr, nq, ip, want)
+        n_got = DT._screen_hits_avx512(g, r, xi, qn, thr, nq, ip, got)
+        assert n_got == n_want and np.array_equal(got[:n_got], want[:n_want])
+        assert np.all(np.diff(want[:n_want]) > 0)
+
+
+def test_lists_sort_alike_with_rows_beyond_32_bits_and_negative_zero():
+    # finish_lists sorts packed (score, row) keys; rows of 2^32 and above take the heap sort instead, and -0.0 ties
+    # with +0.0 (ranked by row) on both
+    rng = np.random.default_rng(4)
+    base = rng.integers(-3, 4, (5, 40)).astype(np.float32)
+    base[:, ::6] = np.float32(-0.0)
+    base[:, 1::6] = np.float32(0.0)
+    base[:, 2] = np.inf
+    for offset in (0, 1 << 32):
+        rows = np.stack([rng.permutation(40) for _ in range(5)]).astype(np.int64) + offset
+        fill = np.array([40, 25, 12, 1, 0])
+        od = np.empty((5, 12), np.float32)
+        oi = np.empty((5, 12), np.int64)
+        DT.finish_lists(base.copy(), rows.copy(), fill, od, oi)
+        for j in range(5):
+            f = fill[j]
+            order = np.lexsort((rows[j, :f], base[j, :f] + np.float32(0.0)))[:12]
+            m = order.size
+            assert np.array_equal(oi[j, :m], rows[j, order]) and np.array_equal(od[j, :m], base[j, order])
+            assert np.all(oi[j, m:] == -1) and np.all(od[j, m:] == np.inf)
+
+
+@pytest.mark.parametrize("keep,cap", [(1, 2), (5, 10), (7, 50)])
+def test_selection_puts_the_kth_in_place(keep, cap):
+    rng = np.random.default_rng(keep)
+    for trial in range(20):
+        d = rng.integers(0, 4, cap).astype(np.float32)  # many equal scores: ranked by row
+        if trial % 3 == 0:
+            d = np.sort(d)[:: (1 if trial % 2 else -1)].copy()  # sorted and reversed input
+        i = rng.permutation(1000)[:cap].astype(np.int64)
+        order = np.lexsort((i, d))
+        bd, bi = d.copy(), i.copy()
+        DT._select(bd, bi, cap, keep - 1)
+        assert bi[keep - 1] == i[order[keep - 1]] and set(bi[:keep]) == set(i[order[:keep]])

@@ -15,7 +15,7 @@ from .._config import get_num_threads, with_threads
 from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_scales, scale_rows, scale_steps
 from .._parallel import for_each_block
 from ..errors import PersistError
-from ..kernels import amx_topk, direct_assign, direct_topk
+from ..kernels import amx_topk, direct_topk
 from ._common import (
     Rows,
     as_queries,
@@ -97,18 +97,13 @@ def _gemm_ip_error(dim: int, q_norm: np.ndarray, x_norm_max: float) -> np.ndarra
 def _rescore_exact(q: np.ndarray, x: np.ndarray, out_d: np.ndarray, out_i: np.ndarray, ip: bool = False) -> None:
     """Replace the float32 scores of the selected neighbours by exact ones in float64, Σ(q−x)² or, with ``ip``,
     −Σ q·x, and re-sort (ties by row), so the returned distances are exact even where ‖q‖² + ‖x‖² − 2q·x rounds
-    (near-duplicates) or two inner products round alike. The sums are :func:`kvant.kernels.distance.exact_rows`, the
+    (near-duplicates) or two inner products round alike (:func:`kvant.kernels.distance.exact_rerank`). The sums are the
     full scan's (``exact_topk``) own: with NumPy's pairwise sums here, a review (2026-12-05) found a query answered
     with different tied rows depending on which of the two it took (20 rows at one exact distance whose float64 sums
     differ by rounding, dim 700)."""
-    from ..kernels.distance import exact_rows
+    from ..kernels.distance import exact_rerank
 
-    d = np.empty(out_i.shape)
-    exact_rows(q, x, out_i, d, ip)
-    order = np.lexsort((np.where(out_i >= 0, out_i, np.iinfo(np.int64).max), d), axis=-1)
-    with np.errstate(over="ignore"):  # beyond float32's range a distance is inf (documented)
-        out_d[:] = np.take_along_axis(d, order, axis=1)
-    out_i[:] = np.take_along_axis(out_i, order, axis=1)
+    exact_rerank(q, x, out_i, out_d, ip)
 
 
 CHUNKS_PER_THREAD = 4  # row chunks per thread in the shortlist passes (load balance) ...
@@ -122,6 +117,25 @@ def _chunks_per_thread(n: int, keep: int) -> int:
     FAISS's 0.04 s (Zen 4, 2026-12-06). Such passes take one chunk per thread."""
     threads = max(1, get_num_threads())
     return CHUNKS_PER_THREAD if n >= SHORT_CHUNK_ROWS_PER_KEEP * keep * CHUNKS_PER_THREAD * threads else 1
+
+
+def _direct_split(n: int, nq: int, keep: int, max_width: int, threads: int) -> tuple[int, int, int]:
+    """(queries per block, blocks, row chunks) for the fused shortlist of ``nq`` queries over ``n`` rows keeping
+    ``keep`` per query, blocks at most ``max_width`` queries wide. Long chunks split the rows, a few chunks per thread
+    (:func:`_chunks_per_thread`), into as few blocks as that width allows. Short chunks of long lists split the queries
+    instead, into a multiple of ``threads`` blocks of similar width, so that each query's list fills once over all
+    the rows: 20,000 × 3 rows, k = 100 (keep 208), 1,000 queries, two threads took 90 ms in two row chunks and
+    52 ms in four query blocks (Zen 4, 2026-12-06); rows are split too only when there are fewer queries than
+    threads × 16."""
+    rows_per_thread = _chunks_per_thread(n, keep)
+    split_rows = rows_per_thread > 1 or nq <= 16
+    # blocks of similar width: every padded column costs its products (300k × 768, 256 queries in blocks of at most
+    # 160: 160 + 96 wide, not 160 + 160)
+    wanted = -(-nq // max_width) if split_rows else threads * -(-nq // (threads * max_width))
+    width = 16 * -(-nq // (16 * wanted))
+    blocks = -(-nq // width)
+    chunks = rows_per_thread * threads if split_rows else -(-threads // blocks)
+    return width, blocks, max(1, min(chunks, n // 64))
 
 
 class FlatIndex:
@@ -417,21 +431,26 @@ class FlatIndex:
             nq = qb.shape[0]
             chunks = max(1, min(_chunks_per_thread(n, kk) * numba.get_num_threads(), -(-n // rows),
                                 _DIRECT_LISTS_BYTES // (12 * nq * kk)))
-            cd = np.full((chunks, nq, kk), np.inf, np.float32)
-            ci = np.full((chunks, nq, kk), -1, np.int64)
+            cd = np.empty((chunks, nq, kk), np.float32)
+            ci = np.empty((chunks, nq, kk), np.int64)
 
             def run(c0: int, c1: int, qt=qt, qnb=qnb, cd=cd, ci=ci, chunks=chunks) -> None:
-                tile = np.empty((rows, qt.shape[1]), np.float32)
+                nq = qt.shape[1]
+                tile = np.empty((rows, nq), np.float32)
+                buf_d = np.empty((nq, direct_topk.capacity(kk)), np.float32)
+                buf_i = np.empty((nq, direct_topk.capacity(kk)), np.int64)
+                hits = np.empty(nq + 16, np.int32)  # (16 spare slots: keep_from_products)
                 for c in range(c0, c1):
-                    thr = np.full(qt.shape[1], np.inf, np.float32)
+                    thr = np.full(nq, np.inf, np.float32)
+                    fill = np.zeros(nq, np.int64)
                     r0, r1 = c * n // chunks, (c + 1) * n // chunks
                     for s in range(r0, r1, rows):
                         e = min(r1, s + rows)
                         g = tile[: e - s]
                         with np.errstate(over="ignore", invalid="ignore"):  # (thread-local: the caller's does not
                             np.dot(x[s:e], qt, out=g)                     # reach this worker; NaN is handled there)
-                        direct_topk.keep_from_products(g, s, norms[s:e], qnb, ip, cd[c], ci[c], thr)
-                    direct_topk.finish_lists(cd[c], ci[c])
+                        direct_topk.keep_from_products(g, s, norms[s:e], qnb, ip, buf_d, buf_i, fill, thr, kk, hits)
+                    direct_topk.finish_lists(buf_d, buf_i, fill, cd[c], ci[c])
 
             for_each_block(chunks, 1, run)
             for c in range(chunks):
@@ -457,21 +476,34 @@ class FlatIndex:
             q_sq[:] = qn
         shift_a = np.empty(0, np.float32) if shift is None else np.ascontiguousarray(shift, np.float32)
         steps = np.array(scale_steps(scale), np.float32)
-        step = direct_topk.max_queries(self.dim)
-        # a few chunks per thread balance the load; each holds its own lists (12 bytes per entry), merged in order
-        # below, within _DIRECT_LISTS_BYTES however many threads run (a review: 800 MiB at 64 threads otherwise)
-        lists = 12 * min(step, q.shape[0]) * kk
-        chunks = max(1, min(_chunks_per_thread(n, kk) * numba.get_num_threads(), n // 64, _DIRECT_LISTS_BYTES // lists))
-        x_sq_max = np.zeros(chunks)
-        for qs in range(0, q.shape[0], step):
-            qb, qnb = q[qs : qs + step], qn[qs : qs + step]
-            cd = np.empty((chunks, qb.shape[0], kk), np.float32)
-            ci = np.empty((chunks, qb.shape[0], kk), np.int64)
-            qt = direct_assign.padded_centroids(qb, qnb)[0]  # the queries in the centroids' operand layout
-            direct_topk.direct_keep(x, qt, qnb, norms, qb.shape[0], ip, cd, ci, shift_a, steps, x_sq_max)
-            for c in range(chunks):
-                merge_topk_ids(cd[c], ci[c], out_d[qs : qs + step], out_i[qs : qs + step])
-        x_max = float(x_sq_max.max()) if cond else (0.0 if ip else float(norms.max()))
+        width, blocks, chunks = _direct_split(n, q.shape[0], kk, direct_topk.max_queries(self.dim),
+                                              numba.get_num_threads())
+        # each (block, chunk) holds its own lists (12 bytes per entry), merged in order below: a call takes as many
+        # blocks as fit _DIRECT_LISTS_BYTES however many threads run (a review: 800 MiB at 64 threads otherwise)
+        per_call = max(1, min(blocks, _DIRECT_LISTS_BYTES // (12 * chunks * width * kk)))
+        x_max = 0.0
+        for qs in range(0, q.shape[0], per_call * width):
+            qe = min(q.shape[0], qs + per_call * width)
+            starts = range(qs, qe, width)
+            # the queries in the centroids' operand layout (direct_assign.padded_centroids), zero columns after them
+            cts = np.zeros((len(starts), self.dim, width), np.float32)
+            qns = np.zeros((len(starts), width), np.float32)
+            nqs = np.array([min(width, qe - s) for s in starts], np.int64)
+            for b, s in enumerate(starts):
+                cts[b, :, : nqs[b]] = q[s : s + nqs[b]].T
+                qns[b, : nqs[b]] = qn[s : s + nqs[b]]
+            cd = np.empty((chunks, len(starts), width, kk), np.float32)
+            ci = np.empty((chunks, len(starts), width, kk), np.int64)
+            x_sq_max = np.zeros((len(starts), chunks))
+            direct_topk.direct_keep(x, cts, qns, nqs, norms, ip, cd, ci, shift_a, steps, x_sq_max)
+            x_max = max(x_max, float(x_sq_max.max()))
+            for b, s in enumerate(starts):
+                rows = slice(s, s + nqs[b])
+                if chunks == 1:
+                    out_d[rows], out_i[rows] = cd[0, b, : nqs[b]], ci[0, b, : nqs[b]]
+                for c in range(chunks if chunks > 1 else 0):
+                    merge_topk_ids(cd[c, b, : nqs[b]], ci[c, b, : nqs[b]], out_d[rows], out_i[rows])
+        x_max = x_max if cond else (0.0 if ip else float(norms.max()))
         return out_d, out_i, q_sq, x_max
 
     def remove(self, ids) -> int:

@@ -372,3 +372,57 @@ def gather_rows_into(x, idx, out, unit):
             for j in range(x.shape[1]):
                 out[t, j] = x[i, j]
     return -1
+
+
+@numba.njit(inline="always")
+def _ranks_before(d1, r1, d2, r2):
+    """(d1, r1) ranks before (d2, r2): a smaller score, or an equal one with a smaller row; row −1 (an empty slot,
+    score +inf) after every row."""
+    if d1 != d2:
+        return d1 < d2
+    if r1 < 0 or r2 < 0:
+        return r2 < 0 and r1 >= 0
+    return r1 < r2
+
+
+# Shifts the insertion sort in :func:`exact_rerank` may make per list entry before it gives the list to a merge sort:
+# shortlists arrive in float32 order, which the exact scores seldom reorder by more than a few places
+_RERANK_SHIFTS_PER_ROW = 16
+
+
+@numba.njit(parallel=True, **_JIT)
+def exact_rerank(q, x, rows, out_d, ip):
+    """Re-score each query's shortlist ``rows[i]`` (−1: empty) exactly, as :func:`exact_rows` does, and rank it in
+    place, ascending, ties to the smaller row, empty slots last; ``out_d[i]`` receives the exact scores rounded to
+    float32 (beyond its range: inf). The lists arrive nearly in order (their float32 scores), so each is sorted by
+    insertion, O(length) when nothing moves; a list that needs more than ``_RERANK_SHIFTS_PER_ROW`` shifts per entry
+    goes to two stable merge sorts instead (by row, then by score). np.lexsort over the whole (queries, keep) array
+    took 12 of the 15 ms re-scoring 1,000 lists of 208 rows (Zen 4, 2026-12-06)."""
+    m = rows.shape[1]
+    for i in prange(q.shape[0]):
+        d = np.empty(m)
+        r = np.empty(m, np.int64)
+        for j in range(m):
+            r[j] = rows[i, j]
+            d[j] = np.inf if r[j] < 0 else _exact_score(q, i, x, r[j], ip)
+        shifts = 0
+        for j in range(1, m):
+            dj, rj = d[j], r[j]
+            p = j
+            while p > 0 and _ranks_before(dj, rj, d[p - 1], r[p - 1]):
+                d[p] = d[p - 1]
+                r[p] = r[p - 1]
+                p -= 1
+            d[p] = dj
+            r[p] = rj
+            shifts += j - p
+            if shifts > _RERANK_SHIFTS_PER_ROW * m:
+                key = np.where(r >= 0, r, np.iinfo(np.int64).max)
+                by_row = np.argsort(key, kind="mergesort")
+                order = by_row[np.argsort(d[by_row], kind="mergesort")]
+                d = d[order]
+                r = r[order]
+                break
+        for j in range(m):
+            out_d[i, j] = np.float32(d[j])
+            rows[i, j] = r[j]
