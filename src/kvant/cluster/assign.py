@@ -15,7 +15,7 @@ from .._parallel import for_each_block
 from ..errors import InvalidInput
 from ..io.source import check_finite
 from ..kernels import amx_assign, annulus_assign, direct_assign, i16_assign, row_lanes
-from ..kernels._llvm import host_cpu_name
+from ..kernels._llvm import half_rate_avx512
 from ..kernels.assign import (
     CANDIDATE_IDS_MAX,
     candidate_ids_from_ip,
@@ -101,8 +101,7 @@ I16_ASSIGN = True
 # so the float32 kernel keeps K <= 16; int16 E-steps from K=48 instead of 128: even or slower (Fashion-MNIST K=64
 # 1.09×). Other AVX-512 hosts (full-rate 512-bit FMAs: Intel, AMD Zen 5) are not measured and keep the float32
 # kernels.
-HALF_RATE_AVX512 = frozenset({"znver4"})
-_HALF_RATE_HOST = host_cpu_name() in HALF_RATE_AVX512
+_HALF_RATE_HOST = half_rate_avx512()  # (kernels._llvm.HALF_RATE_AVX512)
 I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or _HALF_RATE_HOST)
 # Centres far out (AMX_MAX_NORM_SPREAD) leave most rows to the per-centre scan; on the AVX2 host int16 gained nothing
 # there (below), but on Zen 4, where the float32 path is slower, it did from K·D >= I16_FAR_MIN_KD: heavy-tailed fits,

@@ -16,6 +16,7 @@ from .._numerics import condition, conditioning, magnitude_scale, row_magnitude_
 from .._parallel import for_each_block
 from ..errors import PersistError
 from ..kernels import amx_topk, direct_topk
+from ..kernels._llvm import half_rate_avx512
 from ._common import (
     Rows,
     as_queries,
@@ -51,7 +52,11 @@ DIRECT_MAX_KEEP = 1024
 # FAISS IndexFlatIP: D = 768 nq = 1,000 235 / 265 / 267, nq = 256 214 / 237 / 237, nq = 4,000 237 / 259 / 277;
 # D = 1,536 nq = 256 232 / 255 / 256, nq = 1,000 230 / 281 / 285; 1M rows, D = 384 nq = 1,000 247 / 267 / 253. The fused
 # kernel stays ahead below (D = 384 nq = 128: 246 / 224; D = 768 nq = 64: 215 / 168; D <= 256 at any batch).
-BLAS_SCREEN_MIN_DIM = 384
+# On AMD Zen 4 (kernels._llvm.HALF_RATE_AVX512; OpenBLAS 0.3.31 runs its SkylakeX kernels there) the fused kernel was
+# ahead at every wide shape measured, so such hosts never take the BLAS blocks. GFLOP/s fused / BLAS blocks, cos,
+# k = 10, 2 threads, 2026-12-06: 100k × 1,536 nq = 256 209 / 178, nq = 1,024 200 / 180; 300k × 768 nq = 1,000
+# 199 / 175; 100k × 768 nq = 4,000 182 / 169; 300k × 384 nq = 1,000 203 / 183; 100k × 384 nq = 4,000 167 / 149.
+BLAS_SCREEN_MIN_DIM = 1 << 62 if half_rate_avx512() else 384
 BLAS_SCREEN_MIN_WORK = 1 << 18  # queries × D
 BLAS_SCREEN_ROWS = 1024
 BLAS_SCREEN_QUERIES = 1024

@@ -63,3 +63,14 @@ def host_cpu_name() -> str:
         return str(binding.get_host_cpu_name())
     except Exception:  # pragma: no cover - llvmlite without the query
         return ""
+
+
+# LLVM cpu names of AVX-512 hosts whose 512-bit FMAs run at half rate (two 256-bit pipes: AMD Zen 4), where the
+# kernels' choices measured on full-rate hosts (Intel) do not hold: kvant.cluster.assign's int16 rules, FlatIndex's
+# BLAS blocks.
+HALF_RATE_AVX512 = frozenset({"znver4"})
+
+
+def half_rate_avx512() -> bool:
+    """Whether this host is one of :data:`HALF_RATE_AVX512`."""
+    return host_cpu_name() in HALF_RATE_AVX512

@@ -1,5 +1,5 @@
 """Certified nearest-centre assignment from int16 products, for AVX2 hosts without AMX (and AVX-512 hosts whose
-512-bit FMAs run at half rate, ``kvant.cluster.assign.HALF_RATE_AVX512``).
+512-bit FMAs run at half rate, ``kvant.kernels._llvm.HALF_RATE_AVX512``).
 
 AVX2's ``vpmaddwd`` multiplies 16 pairs of int16 and adds adjacent products into 8 int32 lanes: twice the
 multiply-adds of a float32 FMA per instruction. On this project's AMD EPYC Zen 3 host a 4-row × 16-centre
