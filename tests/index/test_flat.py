@@ -26,6 +26,7 @@ def shortlist_path(request, monkeypatch):
     monkeypatch.setattr(flat, "DIRECT_MIN_QUERIES", 1 if request.param in ("fused", "amx") else 1 << 62)
     screen = request.param == "blas-screen"
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_DIM", 1 if screen else 1 << 62)
+    monkeypatch.setattr(flat, "SCREEN_MIN_KEEP", 1 if screen else 1 << 62)  # ("blas": the tiles at every k)
     monkeypatch.setattr(flat, "BLAS_SCREEN_MIN_WORK", 1)
     monkeypatch.setattr(flat, "BLAS_SCREEN_ROWS", 64)
     monkeypatch.setattr(flat, "BLAS_SCREEN_QUERIES", 7)
@@ -555,3 +556,27 @@ def test_fused_shortlist_split_covers_every_query_once(n, nq, keep, max_width, t
         assert chunks == 1 or blocks < threads  # the rows split only when the queries cannot
     else:
         assert blocks == -(-nq // max_width)  # as few blocks as the width allows
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_lists_longer_than_the_reservoir_budget_match_brute_force(metric, monkeypatch):
+    # k = 700 keeps 1,408 rows per query (2,816 reservoir slots): with the reservoir budget cut to 64 KiB the blocks
+    # hold 16 queries; rows in one chunk or several (merged as sorted runs), duplicates at the k-th included
+    monkeypatch.setattr(flat, "_RESERVOIR_BYTES", 1 << 16)
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 5, (3000, 4)).astype(np.float32)
+    q = rng.integers(0, 5, (37, 4)).astype(np.float32)
+    index = kvant.FlatIndex(4, metric=metric)
+    index.add(x)
+    for nq in (3, 37):
+        d, i = index.search(q[:nq], 700)
+        want_d, want_i = _brute(x, q[:nq], 700, metric)
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_allclose(d, want_d if metric == "l2" else -want_d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [1, 28, 208, 2008, 10008, 1 << 20])
+def test_reservoir_width_fits_the_budget(keep):
+    width = flat._reservoir_width(keep)
+    assert width % 16 == 0 and width >= 16
+    assert width == 16 or width * 12 * flat.direct_topk.capacity(keep) <= flat._RESERVOIR_BYTES

@@ -36,7 +36,7 @@ from kvant.kernels.lloyd import (
     sq_dist_to_point,
     sq_dist_to_point_unit,
 )
-from kvant.kernels.topk import merge_topk, merge_topk_ids, topk_smallest
+from kvant.kernels.topk import merge_sorted_topk, merge_topk, merge_topk_ids, topk_smallest
 
 SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (37, 7, 5), (64, 13, 17), (300, 33, 40), (129, 130, 2)]
 
@@ -264,6 +264,31 @@ def test_exact_rerank_ranks_like_a_lexsort(order, ip):
     exact_rerank(q, x, got_i, got_d, ip)
     np.testing.assert_array_equal(got_i, np.take_along_axis(rows, by, 1))
     np.testing.assert_array_equal(got_d, np.take_along_axis(want_d, by, 1).astype(np.float32))
+
+
+@pytest.mark.parametrize("parts,keep", [(1, 1), (2, 5), (3, 17), (5, 40)])
+def test_merge_sorted_topk_equals_merging_every_entry(parts, keep):
+    # sorted per-part lists (ties to the smaller id, empty slots inf / -1 last) merged as sorted runs, against
+    # merge_topk_ids inserting every entry: the same lists, ties and padding included
+    g = np.random.default_rng(parts * 10 + keep)
+    pd = np.full((parts, 6, keep), np.inf, np.float32)
+    pi = np.full((parts, 6, keep), -1, np.int64)
+    for p in range(parts):
+        for j in range(6):
+            m = int(g.integers(0, keep + 1))  # some lists not full
+            ids = g.choice(1000, m, replace=False) + 1000 * p
+            d = g.integers(0, 4, m).astype(np.float32)  # many equal scores
+            o = np.lexsort((ids, d))
+            pd[p, j, :m], pi[p, j, :m] = d[o], ids[o]
+    got_d = np.full((6, keep), np.inf, np.float32)
+    got_i = np.full((6, keep), -1, np.int64)
+    merge_sorted_topk(pd, pi, got_d, got_i)
+    want_d = np.full((6, keep), np.inf, np.float32)
+    want_i = np.full((6, keep), -1, np.int64)
+    for p in range(parts):
+        merge_topk_ids(pd[p], pi[p], want_d, want_i)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_d, want_d)
 
 
 def test_merge_topk_blocks_equal_one_shot():

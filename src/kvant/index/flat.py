@@ -37,14 +37,18 @@ from ._common import (
 __all__ = ["FlatIndex"]
 
 _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 16 MiB of float32
-# Batches of at least this many queries (lists of at most DIRECT_MAX_KEEP rows; l2, ip/cos unscaled;
-# at most direct_topk.MAX_BATCH queries on AVX2 hosts) skip BLAS for the fused kernel of kernels.direct_topk.
-# 1M x 128, k = 10, Intel host, 2026-12-05, each path run on its own: 2 queries 31 vs 63 ms, 16: 35 vs 90 ms; in
-# benchmarks/flat.py (alternating with FAISS) 1,024: 1.07 vs 1.75 s. A single query is a matrix-vector product, where
-# BLAS (17 ms) beats the kernel (31 ms: its 16 lanes hold one query). Longer lists keep BLAS: each chunk of rows
-# holds its own lists (memory) and an insertion costs O(list length) on both paths.
+# Batches of at least this many queries (l2, ip/cos unscaled; at most direct_topk.MAX_BATCH queries on AVX2 hosts)
+# skip BLAS for the fused kernel of kernels.direct_topk. 1M x 128, k = 10, Intel host, 2026-12-05, each path run on
+# its own: 2 queries 31 vs 63 ms, 16: 35 vs 90 ms; in benchmarks/flat.py (alternating with FAISS) 1,024: 1.07 vs
+# 1.75 s. A single query is a matrix-vector product, where BLAS (17 ms) beats the kernel (31 ms: its 16 lanes hold
+# one query). Lists of any length take it (reservoirs: O(1) per kept row); until 2026-12-06 lists of more than 1,024
+# rows took the BLAS tiles, whose sorted lists cost O(keep) per insertion: k = 5,000 over 50k × 32, 200 queries,
+# 9.2 s against FAISS's 0.14 s (Zen 4).
 DIRECT_MIN_QUERIES = 2
-DIRECT_MAX_KEEP = 1024
+# Where the fused kernel does not take a batch (AVX2 hosts beyond direct_topk.MAX_BATCH queries), lists longer than
+# this take BLAS blocks screened into reservoirs (_blas_screen_topk) at any width, not the BLAS tiles' sorted lists.
+# Zen 4, 100k × 64, 256 queries, the fused kernel switched off, tiles / screened blocks: k = 50 NEW, k = 200 NEW.
+SCREEN_MIN_KEEP = 128
 # Wide rows and many queries: the fused kernel's products reach ~230 GFLOP/s, BLAS's ~260-280. Such batches multiply
 # row blocks by the queries with single-threaded BLAS in each worker thread (a BLAS_SCREEN_ROWS × ≤ BLAS_SCREEN_QUERIES
 # tile that stays in L2/L3) and screen the tile with the fused kernel's screen (direct_topk.keep_from_products): no
@@ -79,6 +83,15 @@ AMX_SEED_PER_K = 32  # rows spread over the data whose bounds every thread's lis
 AMX_SEED_EXTRA = 256
 
 _DIRECT_LISTS_BYTES = 64 << 20  # the fused path's per-chunk lists, at most (the BLAS path's tile is 16 MiB)
+# One task's reservoirs (queries × direct_topk.capacity(keep) × 12 bytes), at most: long lists take narrower blocks
+# of queries (k = 5,000: 32 queries of 20,016 slots, 7.7 MiB)
+_RESERVOIR_BYTES = 8 << 20
+
+
+def _reservoir_width(keep: int) -> int:
+    """The most queries (a multiple of 16, at least 16) whose reservoirs for lists of ``keep`` fit
+    ``_RESERVOIR_BYTES``."""
+    return max(16, _RESERVOIR_BYTES // (12 * direct_topk.capacity(keep)) // 16 * 16)
 
 
 def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
@@ -295,10 +308,10 @@ class FlatIndex:
         q_sq = np.zeros(nq, np.float64)  # for the error bound
         scaled = not l2 and (scale is not None or q_scale is not None)
         fused = direct_topk.AVAILABLE and DIRECT_MIN_QUERIES <= nq <= (direct_topk.MAX_BATCH or nq)
-        if (not cond and not scaled and kk <= DIRECT_MAX_KEEP and self.dim >= BLAS_SCREEN_MIN_DIM
-                and nq * self.dim >= BLAS_SCREEN_MIN_WORK):
+        wide = self.dim >= BLAS_SCREEN_MIN_DIM and nq * self.dim >= BLAS_SCREEN_MIN_WORK
+        if not cond and not scaled and (wide or (not fused and kk >= SCREEN_MIN_KEEP)):
             return self._blas_screen_topk(q, kk, out_d, out_i, q_sq)
-        if fused and not scaled and kk <= DIRECT_MAX_KEEP:
+        if fused and not scaled:
             return self._direct_topk(q, kk, out_d, out_i, q_sq, shift if l2 else None, scale if l2 else None)
         x_sq_max = 0.0 if cond or not l2 else float(norms.max())
         qb = max(1, min(nq, 1024))
@@ -422,7 +435,7 @@ class FlatIndex:
         import numba
 
         from ..kernels.distance import sq_norms
-        from ..kernels.topk import merge_topk_ids
+        from ..kernels.topk import merge_sorted_topk
 
         x, norms, n = self._x.view, self._norms.view, self.ntotal
         ip = self.metric != "l2"
@@ -430,8 +443,9 @@ class FlatIndex:
         if not ip:
             q_sq[:] = qn
         rows = BLAS_SCREEN_ROWS
-        for qs in range(0, q.shape[0], BLAS_SCREEN_QUERIES):
-            qb, qnb = q[qs : qs + BLAS_SCREEN_QUERIES], qn[qs : qs + BLAS_SCREEN_QUERIES]
+        step = min(BLAS_SCREEN_QUERIES, _reservoir_width(kk))  # (each worker thread holds one block's reservoirs)
+        for qs in range(0, q.shape[0], step):
+            qb, qnb = q[qs : qs + step], qn[qs : qs + step]
             qt = np.ascontiguousarray(qb).T  # (BLAS takes the transposed operand as is: 146-152 vs 140-144 GFLOP/s)
             nq = qb.shape[0]
             chunks = max(1, min(_chunks_per_thread(n, kk) * numba.get_num_threads(), -(-n // rows),
@@ -458,8 +472,7 @@ class FlatIndex:
                     direct_topk.finish_lists(buf_d, buf_i, fill, cd[c], ci[c])
 
             for_each_block(chunks, 1, run)
-            for c in range(chunks):
-                merge_topk_ids(cd[c], ci[c], out_d[qs : qs + nq], out_i[qs : qs + nq])
+            merge_sorted_topk(cd, ci, out_d[qs : qs + nq], out_i[qs : qs + nq])
         return out_d, out_i, q_sq, (0.0 if ip else float(norms.max()))
 
     def _direct_topk(self, q, kk, out_d, out_i, q_sq, shift, scale):
@@ -470,7 +483,7 @@ class FlatIndex:
         import numba
 
         from ..kernels.distance import sq_norms
-        from ..kernels.topk import merge_topk_ids
+        from ..kernels.topk import merge_sorted_topk
 
         x, norms, n = self._x.view, self._norms.view, self.ntotal
         ip = self.metric != "l2"
@@ -481,8 +494,8 @@ class FlatIndex:
             q_sq[:] = qn
         shift_a = np.empty(0, np.float32) if shift is None else np.ascontiguousarray(shift, np.float32)
         steps = np.array(scale_steps(scale), np.float32)
-        width, blocks, chunks = _direct_split(n, q.shape[0], kk, direct_topk.max_queries(self.dim),
-                                              numba.get_num_threads())
+        max_width = min(direct_topk.max_queries(self.dim), _reservoir_width(kk))
+        width, blocks, chunks = _direct_split(n, q.shape[0], kk, max_width, numba.get_num_threads())
         # each (block, chunk) holds its own lists (12 bytes per entry), merged in order below: a call takes as many
         # blocks as fit _DIRECT_LISTS_BYTES however many threads run (a review: 800 MiB at 64 threads otherwise)
         per_call = max(1, min(blocks, _DIRECT_LISTS_BYTES // (12 * chunks * width * kk)))
@@ -506,8 +519,8 @@ class FlatIndex:
                 rows = slice(s, s + nqs[b])
                 if chunks == 1:
                     out_d[rows], out_i[rows] = cd[0, b, : nqs[b]], ci[0, b, : nqs[b]]
-                for c in range(chunks if chunks > 1 else 0):
-                    merge_topk_ids(cd[c, b, : nqs[b]], ci[c, b, : nqs[b]], out_d[rows], out_i[rows])
+                else:
+                    merge_sorted_topk(cd[:, b, : nqs[b]], ci[:, b, : nqs[b]], out_d[rows], out_i[rows])
         x_max = x_max if cond else (0.0 if ip else float(norms.max()))
         return out_d, out_i, q_sq, x_max
 

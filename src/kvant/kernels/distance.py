@@ -390,6 +390,45 @@ def _ranks_before(d1, r1, d2, r2):
 _RERANK_SHIFTS_PER_ROW = 16
 
 
+@numba.njit(inline="always", **_JIT)
+def _exact_scores_of(q, i, x, r, ip, d):
+    """d[j] = :func:`_exact_score` of row r[j] for query i (+inf where r[j] < 0), four rows at a time: each row's sum
+    in coordinate order as there (the same bits), the four chains independent, so their loads and adds overlap where
+    one row at a time waited on each add and on each row's cache miss (long shortlists gather rows from all over
+    x: 1,208 rows for each of 1,000 queries took 90 ms one at a time)."""
+    m = r.shape[0]
+    dim = q.shape[1]
+    j = 0
+    while j + 4 <= m:
+        r0, r1, r2, r3 = max(r[j], 0), max(r[j + 1], 0), max(r[j + 2], 0), max(r[j + 3], 0)
+        a0 = a1 = a2 = a3 = 0.0
+        for t in range(dim):
+            qt = np.float64(q[i, t])
+            if ip:
+                a0 += qt * np.float64(x[r0, t])
+                a1 += qt * np.float64(x[r1, t])
+                a2 += qt * np.float64(x[r2, t])
+                a3 += qt * np.float64(x[r3, t])
+            else:
+                e0 = qt - np.float64(x[r0, t])
+                e1 = qt - np.float64(x[r1, t])
+                e2 = qt - np.float64(x[r2, t])
+                e3 = qt - np.float64(x[r3, t])
+                a0 += e0 * e0
+                a1 += e1 * e1
+                a2 += e2 * e2
+                a3 += e3 * e3
+        if ip:
+            a0, a1, a2, a3 = -a0, -a1, -a2, -a3
+        d[j] = a0 if r[j] >= 0 else np.inf
+        d[j + 1] = a1 if r[j + 1] >= 0 else np.inf
+        d[j + 2] = a2 if r[j + 2] >= 0 else np.inf
+        d[j + 3] = a3 if r[j + 3] >= 0 else np.inf
+        j += 4
+    for t in range(j, m):
+        d[t] = np.inf if r[t] < 0 else _exact_score(q, i, x, r[t], ip)
+
+
 @numba.njit(parallel=True, **_JIT)
 def exact_rerank(q, x, rows, out_d, ip):
     """Re-score each query's shortlist ``rows[i]`` (−1: empty) exactly, as :func:`exact_rows` does, and rank it in
@@ -404,7 +443,7 @@ def exact_rerank(q, x, rows, out_d, ip):
         r = np.empty(m, np.int64)
         for j in range(m):
             r[j] = rows[i, j]
-            d[j] = np.inf if r[j] < 0 else _exact_score(q, i, x, r[j], ip)
+        _exact_scores_of(q, i, x, r, ip, d)
         shifts = 0
         for j in range(1, m):
             dj, rj = d[j], r[j]

@@ -73,3 +73,38 @@ def topk_smallest(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_i = np.full((nq, k), -1, np.int64)
     merge_topk(np.ascontiguousarray(dist, dtype=np.float32), 0, out_d, out_i)
     return out_d, out_i
+
+
+@numba.njit(inline="always")
+def _first_before(d1, i1, d2, i2):
+    """(d1, i1) ranks before (d2, i2): a smaller score, or an equal one with a smaller id; id −1 (an empty slot)
+    after every id."""
+    if d1 != d2:
+        return d1 < d2
+    if i1 < 0 or i2 < 0:
+        return i2 < 0 and i1 >= 0
+    return i1 < i2
+
+
+@numba.njit(parallel=True, **_JIT)
+def merge_sorted_topk(parts_d, parts_i, out_d, out_i):
+    """Merge per-part lists that are each sorted already (``parts_d``/``parts_i`` (parts, nq, keep): ascending, ties
+    to the smaller id, empty slots inf / −1 last; no NaN) into ``out_d``/``out_i`` (nq, keep), which hold the same
+    kind of list (inf / −1 at first): two sorted runs merged in one pass each, O(parts · keep) per query, where
+    :func:`merge_topk_ids` inserts each entry into a sorted array, O(keep) apiece (two chunks' lists of 10,008 rows
+    took ~50 ms per query that way)."""
+    parts, nq, keep = parts_d.shape
+    for j in prange(nq):
+        td = np.empty(keep, out_d.dtype)
+        ti = np.empty(keep, np.int64)
+        for p in range(parts):
+            a = b = 0
+            for t in range(keep):
+                if _first_before(parts_d[p, j, b], parts_i[p, j, b], out_d[j, a], out_i[j, a]):
+                    td[t], ti[t] = parts_d[p, j, b], parts_i[p, j, b]
+                    b += 1
+                else:
+                    td[t], ti[t] = out_d[j, a], out_i[j, a]
+                    a += 1
+            out_d[j, :] = td
+            out_i[j, :] = ti
