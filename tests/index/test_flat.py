@@ -356,17 +356,33 @@ def test_shortlist_rescore_and_full_scan_rank_ties_alike():
     assert np.array_equal(rows[:, :10], full_i) and np.array_equal(d[:, :10], full_d.astype(np.float32))
 
 
-def test_fused_lists_within_the_memory_budget(shortlist_path, monkeypatch):
-    # a budget below one chunk's lists: one chunk of rows, the same answers
+@pytest.mark.parametrize("threads", [2, 64])
+def test_fused_lists_within_the_memory_budget(shortlist_path, monkeypatch, threads):
+    # a budget below one chunk's lists: one chunk of rows and one block of queries per call, however many threads
+    # the split would feed (a review: 22 chunks at 64 threads, 800 MiB on large inputs), the same answers
     monkeypatch.setattr(flat, "_DIRECT_LISTS_BYTES", 1)
+    monkeypatch.setattr(flat, "get_num_threads", lambda: threads)
+    import numba
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: threads)
+    shapes = []
+    real = flat.direct_topk.direct_keep
+
+    def spy(x, cts, *args):
+        shapes.append(args[5].shape)  # the lists (chunks, blocks, width, keep)
+        return real(x, cts, *args)
+
+    monkeypatch.setattr(flat.direct_topk, "direct_keep", spy)
     rng = np.random.default_rng(3)
-    x = np.round(rng.standard_normal((900, 8)) * 2).astype(np.float32)  # a grid: ties
-    q = x[:7] + np.float32(0.25)
+    x = np.round(rng.standard_normal((9000, 8)) * 2).astype(np.float32)  # a grid: ties
+    q = np.vstack([x[:7], x[100:140]]) + np.float32(0.25)
     index = kvant.FlatIndex(8)
     index.add(x)
-    d, i = index.search(q, 12)
-    rd, ri = ref.exact_l2_topk_ref(q, x, 12)
-    assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)
+    for nq in (7, 47):
+        d, i = index.search(q[:nq], 12)
+        rd, ri = ref.exact_l2_topk_ref(q[:nq], x, 12)
+        assert np.array_equal(i, ri) and np.allclose(d, rd, rtol=1e-6)
+    assert shortlist_path != "fused" or (shapes and all(s[0] == 1 and s[1] == 1 for s in shapes))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -82,9 +82,13 @@ AMX_BUFFER_EXTRA = 64
 AMX_SEED_PER_K = 32  # rows spread over the data whose bounds every thread's lists start from
 AMX_SEED_EXTRA = 256
 
-_DIRECT_LISTS_BYTES = 64 << 20  # the fused path's per-chunk lists, at most (the BLAS path's tile is 16 MiB)
-# One task's reservoirs (queries × direct_topk.capacity(keep) × 12 bytes), at most: long lists take narrower blocks
-# of queries (k = 5,000: 32 queries of 20,016 slots, 7.7 MiB)
+# The shortlists' per-chunk lists (12 bytes per entry), at most: fewer row chunks, or fewer query blocks per call,
+# when they would hold more (unless one block's lists of one chunk alone do: they are the answer's size). The BLAS
+# path's tile is 16 MiB.
+_DIRECT_LISTS_BYTES = 64 << 20
+# Besides those lists, each running task (one per thread) holds its reservoirs (queries × direct_topk.capacity(keep)
+# × 12 bytes), at most this much: long lists take narrower blocks of queries (k = 5,000: 32 queries of 20,016
+# slots, 7.7 MiB)
 _RESERVOIR_BYTES = 8 << 20
 
 
@@ -496,6 +500,7 @@ class FlatIndex:
         steps = np.array(scale_steps(scale), np.float32)
         max_width = min(direct_topk.max_queries(self.dim), _reservoir_width(kk))
         width, blocks, chunks = _direct_split(n, q.shape[0], kk, max_width, numba.get_num_threads())
+        chunks = max(1, min(chunks, _DIRECT_LISTS_BYTES // (12 * width * kk)))  # (a block's lists within the budget)
         # each (block, chunk) holds its own lists (12 bytes per entry), merged in order below: a call takes as many
         # blocks as fit _DIRECT_LISTS_BYTES however many threads run (a review: 800 MiB at 64 threads otherwise)
         per_call = max(1, min(blocks, _DIRECT_LISTS_BYTES // (12 * chunks * width * kk)))

@@ -79,6 +79,7 @@ def _ranks_after(d1, i1, d2, i2):
 # 2026-12-06), where FAISS keeps such lists in reservoirs as well. The threshold only tightens at each cut, so
 # somewhat more rows are appended than a heap would take.
 CAPACITY = 2
+assert CAPACITY >= 2  # a cut leaves keep entries, so a reservoir of keep slots would overflow on the next append
 
 
 def capacity(keep: int) -> int:
@@ -251,8 +252,8 @@ def _hits16(typingctx, g, r, qn, xi, thr, j0, m, ip, hits, count):
     on Zen 4 and made the screen 3× slower); returns the new count. ``g`` (rows, ≥ j0 + m) float32 with unit-stride
     rows, ``qn`` and ``thr`` float32 and ``hits`` int32 (16 slots from ``count`` on), contiguous."""
     arrays = (g, qn, thr, hits)
-    if not all(isinstance(a, types.Array) for a in arrays) or g.ndim != 2 or g.layout not in "CA":
-        return None
+    if not all(isinstance(a, types.Array) for a in arrays) or g.ndim != 2 or g.layout != "C":
+        return None  # (the 16-lane loads read a row's columns as consecutive floats)
     if (g.dtype, qn.dtype, thr.dtype, hits.dtype) != (types.float32,) * 3 + (types.int32,) or not all(
             a.ndim == 1 and a.layout == "C" for a in (qn, thr, hits)):
         return None
