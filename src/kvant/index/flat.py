@@ -45,10 +45,12 @@ _TILE = 1 << 22  # elements of one (query block x vector block) distance tile: 1
 # rows took the BLAS tiles, whose sorted lists cost O(keep) per insertion: k = 5,000 over 50k × 32, 200 queries,
 # 9.2 s against FAISS's 0.14 s (Zen 4).
 DIRECT_MIN_QUERIES = 2
-# Where the fused kernel does not take a batch (AVX2 hosts beyond direct_topk.MAX_BATCH queries), lists longer than
-# this take BLAS blocks screened into reservoirs (_blas_screen_topk) at any width, not the BLAS tiles' sorted lists.
-# Zen 4, 100k × 64, 256 queries, the fused kernel switched off, tiles / screened blocks: k = 50 NEW, k = 200 NEW.
-SCREEN_MIN_KEEP = 128
+# Where the fused kernel does not take a batch (AVX2 hosts beyond direct_topk.MAX_BATCH queries), lists of at least
+# this many rows take BLAS blocks screened into reservoirs (_blas_screen_topk) at any width, not the BLAS tiles'
+# sorted lists, whose insertions cost O(keep). Zen 4, 100k × 64, 256 queries, the fused kernel switched off, one
+# process, medians of 7, tiles / screened blocks (2026-12-06): k = 64 (keep 136) 79 / 102 ms, k = 100 (208) 100 / 78,
+# k = 150 (308) 125 / 98, k = 200 179 / 111; at k = 1,000 (100 queries) 480 / ~55.
+SCREEN_MIN_KEEP = 200
 # Wide rows and many queries: the fused kernel's products reach ~230 GFLOP/s, BLAS's ~260-280. Such batches multiply
 # row blocks by the queries with single-threaded BLAS in each worker thread (a BLAS_SCREEN_ROWS × ≤ BLAS_SCREEN_QUERIES
 # tile that stays in L2/L3) and screen the tile with the fused kernel's screen (direct_topk.keep_from_products): no
