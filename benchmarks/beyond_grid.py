@@ -12,7 +12,7 @@ the same comparisons on other shapes: very low and very high dimensions, K from 
 - Cover tree: ``kvant.CoverTree`` against ``scipy.spatial.cKDTree(workers=threads)`` for Euclidean, Manhattan and
   Chebyshev distances, 1,024 queries; distances checked against cKDTree's (exact in both).
 - Exact search: ``FlatIndex`` against ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (cos: FAISS on normalised copies, the
-  queries normalised inside its timed call), k from 1 to 100; the share of ids both return.
+  queries normalised inside its timed call), k from 1 to 5,000; the share of ids both return.
 
     python benchmarks/beyond_grid.py [--parts clustering,pq,tree,flat] [--out beyond_grid]
 
@@ -85,6 +85,8 @@ FLAT_CELLS = [
     ("blobs", 50_000, 96, "ip", 100, 1024),
     ("anisotropic", 300_000, 256, "l2", 1, 64),
     ("blobs", 20_000, 3, "l2", 100, 1000),
+    ("blobs", 100_000, 64, "l2", 1000, 100),
+    ("anisotropic", 50_000, 32, "ip", 5000, 200),
 ]
 
 
