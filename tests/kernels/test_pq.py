@@ -308,11 +308,13 @@ def test_fastscan_shortlist_returns_exact_adc_distances(rerank):
     assert R.pq_topk_agrees(rd, ri, d, i) is None
 
 
+@pytest.mark.parametrize("k", [7, 150])
 @pytest.mark.parametrize("nchunks", [None, 1, 3])
-def test_fastscan_shortlist_is_the_same_for_every_group_and_tile(nchunks):
+def test_fastscan_shortlist_is_the_same_for_every_group_and_tile(nchunks, k):
     # Query groups and code tiles only reorder the work: any group size (dividing nq or not) and any tile
-    # (odd, one block, more than all blocks) must give the same ids and distances as one query at a time.
-    m, n, k = 6, 3000, 7  # 94 blocks, the last one partial
+    # (odd, one block, more than all blocks) must give the same ids and distances as one query at a time;
+    # k = 150 keeps 450-row shortlists, reservoirs cut many times in every order
+    m, n = 6, 3000  # 94 blocks, the last one partial
     t = _random_tables(21, 37, m, 16, "wide")
     codes = _random_codes(22, n, m, 16)
     p = K.pack_codes_4bit(codes)
@@ -323,6 +325,67 @@ def test_fastscan_shortlist_is_the_same_for_every_group_and_tile(nchunks):
         d, i = K.fastscan_search(t, p, n, m, k, 3, nchunks=nchunks, group=group, tile_blocks=tile)
         np.testing.assert_array_equal(i, want_i, err_msg=f"group={group} tile={tile}")
         np.testing.assert_array_equal(d, want_d)
+
+
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_fastscan_long_lists_match_the_reference(nchunks):
+    # lists longer than RESERVOIR_MIN_L are reservoirs cut by selection, in exact mode and in shortlist mode; many
+    # rows share each quantised sum (16 codes per sub-table, m = 3), so cuts fall among ties
+    m, n = 3, 3000
+    t = _random_tables(31, 4, m, 16)
+    codes = _random_codes(32, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    k = 2 * K.RESERVOIR_MIN_L + 7
+    d, i = K.fastscan_search(t, p, n, m, k, 0, nchunks=nchunks)
+    rd, ri = R.pq_adc_search_ref(t, codes, k)
+    assert R.pq_topk_agrees(rd, ri, d, i) is None
+    full = K.adc_distances(t, codes)
+    for rerank in (1, 3):
+        d, i = K.fastscan_search(t, p, n, m, k, rerank, nchunks=nchunks)
+        assert np.all(i >= 0)
+        np.testing.assert_array_equal(d, np.take_along_axis(full, i, 1))
+        assert all(len(set(r)) == k for r in i.tolist())
+        order = np.lexsort((i, d), axis=-1)  # ascending exact sums, ties to the smaller row
+        np.testing.assert_array_equal(order, np.tile(np.arange(k), (4, 1)))
+
+
+@pytest.mark.parametrize("k,rerank", [(10, 4), (60, 3), (150, 2)])
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_fastscan_shortlist_matches_a_numpy_replay(k, rerank, nchunks):
+    # the shortlist is the L = rerank·k rows of smallest (quantised sum, row), the sums from the same u8 tables the
+    # scan uses (its clip and quantisation, replayed here in NumPy), re-scored exactly and ranked by (sum, row):
+    # sorted arrays (L <= RESERVOIR_MIN_L) and reservoirs alike
+    m, n, nq = 5, 4000, 3
+    t = _random_tables(35, nq, m, 16)
+    codes = _random_codes(36, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    flat, mp2 = p.reshape(-1), p.shape[1]
+    d, i = K.fastscan_search(t, p, n, m, k, rerank, nchunks=nchunks)
+    full = K.adc_distances(t, codes)
+    L = rerank * k
+    for q in range(nq):
+        lut8 = np.empty(2 * mp2 * 16, np.uint8)
+        K._quantize_one(t[q], 2 * mp2, lut8, K._shortlist_cap(t[q], flat, n, m, mp2, k))
+        qsum = lut8[16 * np.arange(m)[None, :] + codes.astype(np.int64)].astype(np.int64).sum(1)
+        short = np.lexsort((np.arange(n), qsum))[:L]
+        best = short[np.lexsort((short, full[q, short]))][:k]
+        np.testing.assert_array_equal(i[q], best)
+        np.testing.assert_array_equal(d[q], full[q, best])
+
+
+def test_fastscan_rescore_by_sort_equals_rescore_by_insertion():
+    # shortlists holding every row, re-scored for k = 20 (insertion into the list) and k = 40 (two sorts, above
+    # RESCORE_PUSH_MAX_K): the first 20 of the longer answer are the shorter one, ties included
+    m, n = 4, 1500
+    t = np.round(_random_tables(33, 6, m, 16) * 4) / 4  # few distinct sums: exact ties
+    codes = _random_codes(34, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    assert 20 <= K.RESCORE_PUSH_MAX_K < 40
+    for nchunks in (1, 2):
+        d20, i20 = K.fastscan_search(t, p, n, m, 20, n // 20, nchunks=nchunks)
+        d40, i40 = K.fastscan_search(t, p, n, m, 40, n // 40 + 1, nchunks=nchunks)
+        np.testing.assert_array_equal(i40[:, :20], i20)
+        np.testing.assert_array_equal(d40[:, :20], d20)
 
 
 def test_fastscan_handles_constant_and_tied_tables():
