@@ -8,13 +8,14 @@ the same comparisons on other shapes: very low and very high dimensions, K from 
 - Clustering: ``kvant auto`` against ``faiss.Kmeans`` defaults (benchmarks/clustering.py's methods and timing: FAISS's
   time includes assigning every row; medians over seeds of time and quality, alternating runs).
 - PQ: ``PQIndex`` 8-bit against ``faiss.IndexPQ`` and 4-bit against ``faiss.IndexPQFastScan`` on the same codebooks and
-  codes (benchmarks/pq.py's ``bench_search``), recall@10 against exact neighbours of 2,000 held-out rows.
+  codes (benchmarks/pq.py's ``bench_search``), recall@10 against exact neighbours of 2,000 held-out rows; and
+  (``pq_long``) result lists of k = 100 and 1,000.
 - Cover tree: ``kvant.CoverTree`` against ``scipy.spatial.cKDTree(workers=threads)`` for Euclidean, Manhattan and
   Chebyshev distances, 1,024 queries; distances checked against cKDTree's (exact in both).
 - Exact search: ``FlatIndex`` against ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (cos: FAISS on normalised copies, the
   queries normalised inside its timed call), k from 1 to 5,000; the share of ids both return.
 
-    python benchmarks/beyond_grid.py [--parts clustering,pq,tree,flat] [--out beyond_grid]
+    python benchmarks/beyond_grid.py [--parts clustering,pq,pq_long,tree,flat] [--out beyond_grid]
 
 Writes benchmarks/results/<out>.{json,md}. About 15 minutes on 2 cores.
 """
@@ -66,6 +67,14 @@ PQ_CELLS = [
     ("hubness", 100_000, 768, [(96, 8), (192, 4)]),
     ("anisotropic", 300_000, 256, [(32, 8), (64, 4)]),
     ("blobs", 500_000, 16, [(8, 8), (16, 4)]),
+]
+
+# Long PQ result lists: (family, N, D, [(m, nbits), ...], k, queries); "same ids" is the share of FAISS's ids kvant
+# returns too (8-bit: the same exact ADC order up to ties; 4-bit: kvant re-scores 4k rows exactly, FAISS ranks by its
+# u8 sums)
+PQ_LONG_CELLS = [
+    ("blobs", 200_000, 64, [(16, 8), (32, 4)], 100, 200),
+    ("blobs", 200_000, 64, [(16, 8), (32, 4)], 1000, 200),
 ]
 
 # (data, N, D, metric, Minkowski p for cKDTree)
@@ -135,6 +144,26 @@ def run_pq(faiss, repeats):
             rows.append(row)
             print(f"  {row['dataset']} {row['index']}: {row['ratio']:.2f}x, R@10 {row['kvant_recall10']:.4f} vs "
                   f"{row['faiss_recall10']:.4f}", flush=True)
+    return rows
+
+
+def run_pq_long(faiss, repeats):
+    rows = []
+    for family, n, dim, shapes, k, nq in PQ_LONG_CELLS:
+        x = _data(family, n + nq, dim, 100, seed=4)
+        q, x = x[:nq].copy(), x[nq:].copy()
+        for m, nbits in shapes:
+            with cb.cell_lock():
+                index, fidx, _, _, _ = pb.build_pair(faiss, x, m, nbits)
+                index.search(q[:2], k)  # warm
+                fidx.search(q[:2], k)
+                (t_k, (_, ik)), (t_f, (_, i_f)) = pb.timed_pair(lambda a=index, q=q, k=k: a.search(q, k),
+                                                                lambda b=fidx, q=q, k=k: b.search(q, k), repeats)
+            same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ik.tolist(), i_f.tolist())]))
+            rows.append(dict(data=family, n=n, dim=dim, index=f"PQ{m}x{nbits}", k=k, nq=nq, kvant_ms=t_k * 1e3,
+                             faiss_ms=t_f * 1e3, ratio=t_f / t_k, same_ids=same))
+            print(f"  {family} {n}x{dim} PQ{m}x{nbits} k={k}: {rows[-1]['ratio']:.2f}x FAISS, same ids {same:.4f}",
+                  flush=True)
     return rows
 
 
@@ -256,6 +285,16 @@ def write_markdown(res, path):
               f"{r['exact_adc_recall10']:.4f}" if r["nbits"] == 4 else "-",
               f"{r['same_top10']:.4f}" if r["nbits"] == 8 else "[{:+.4f}, {:+.4f}]".format(*r["recall_diff_ci90"])]
              for r in res["pq"]])
+    if res.get("pq_long"):
+        lines += _table(
+            "PQ search with long result lists",
+            "Same codebooks and codes on both sides; 8-bit against `IndexPQ`, 4-bit against `IndexPQFastScan`; "
+            "\"same ids\": the share of FAISS's ids kvant returns too (4-bit: kvant re-scores 4k rows exactly, FAISS "
+            "ranks by its u8 sums).",
+            [("data", 0), ("N × D", 0), ("index", 0), ("k", 1), ("queries", 1), ("kvant ms", 1), ("FAISS ms", 1),
+             ("FAISS / kvant", 1), ("same ids", 1)],
+            [[r["data"], f"{r['n']:,} × {r['dim']}", r["index"], f"{r['k']:,}", f"{r['nq']:,}", f"{r['kvant_ms']:.1f}",
+              f"{r['faiss_ms']:.1f}", f"{r['ratio']:.2f}×", f"{r['same_ids']:.4f}"] for r in res["pq_long"]])
     if res.get("tree"):
         lines += _table(
             "Cover tree: `kvant.CoverTree` vs `scipy.spatial.cKDTree`",
@@ -278,7 +317,7 @@ def write_markdown(res, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="clustering,pq,tree,flat")
+    p.add_argument("--parts", default="clustering,pq,pq_long,tree,flat")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="beyond_grid")
@@ -288,7 +327,7 @@ def main(argv=None):
     kvant.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    unknown = parts - {"clustering", "pq", "tree", "flat"}
+    unknown = parts - {"clustering", "pq", "pq_long", "tree", "flat"}
     if unknown:
         p.error(f"unknown parts: {', '.join(sorted(unknown))}")
     import platform
@@ -304,6 +343,9 @@ def main(argv=None):
     if "pq" in parts:
         print("pq", flush=True)
         res["pq"] = run_pq(faiss, args.repeats)
+    if "pq_long" in parts:
+        print("pq_long", flush=True)
+        res["pq_long"] = run_pq_long(faiss, args.repeats)
     if "tree" in parts:
         print("tree", flush=True)
         res["tree"] = run_tree(args.threads, args.repeats)

@@ -180,6 +180,22 @@ def test_adc_search_ties_broken_by_smaller_idx(nchunks):
         np.testing.assert_array_equal(d[q], full[q, order])
 
 
+@pytest.mark.parametrize("nq", [3, 6, 20])
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_adc_search_long_lists_exact_with_ties(nq, nchunks):
+    # k above ADC_RESERVOIR_MIN_K keeps reservoirs cut by selection, in 4-, 8- and 16-query blocks; every distance
+    # appears 20 times, so cuts and the k-th fall among ties, which must go to the smaller row
+    k = K.ADC_RESERVOIR_MIN_K + 45
+    t = _random_tables(13, nq, 4, 16)
+    codes = np.ascontiguousarray(np.tile(_random_codes(14, 150, 4, 16), (20, 1)))
+    d, i = K.adc_search(t, codes, k, nchunks=nchunks)
+    full = K.adc_distances(t, codes)
+    for q in range(nq):
+        order = np.lexsort((np.arange(len(codes)), full[q]))[:k]
+        np.testing.assert_array_equal(i[q], order)
+        np.testing.assert_array_equal(d[q], full[q, order])
+
+
 def test_adc_search_large_n_many_chunks_and_query_blocks():
     t = _random_tables(11, 35, 8, 256)
     codes = _random_codes(12, 9000, 8, 256)
