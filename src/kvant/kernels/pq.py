@@ -1408,15 +1408,16 @@ def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
             if d < dd[k - 1] or (d == dd[k - 1] and (ii[k - 1] < 0 or r < ii[k - 1])):
                 _push(dd, ii, k, d, r)
         return
-    # long lists: every exact sum first, then the k best by (sum, row) from two sorts, where pushing each into the
-    # sorted list cost O(k) apiece
-    ds = np.empty(take, dtype=np.float32)
+    # long lists: every exact sum first, in row order (neighbouring rows share the packed blocks' cache lines), then
+    # the k best by (sum, row) from one stable sort, where pushing each into the sorted list cost O(k) apiece
     rs = np.empty(take, dtype=np.int64)
     for s in range(take):
         rs[s] = rr[order[s]]
+    rs.sort()  # (rows are distinct)
+    ds = np.empty(take, dtype=np.float32)
+    for s in range(take):
         ds[s] = _exact_4bit(t, flat, rs[s], m, mp2)
-    by_row = np.argsort(rs)  # (rows are distinct)
-    best = by_row[np.argsort(ds[by_row], kind="mergesort")]  # stable: equal sums keep the smaller row first
+    best = np.argsort(ds, kind="mergesort")  # stable: equal sums keep the smaller row first
     for s in range(min(k, take)):
         dd[s] = ds[best[s]]
         ii[s] = rs[best[s]]
