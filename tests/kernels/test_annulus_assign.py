@@ -197,7 +197,7 @@ def test_annulus_centres_apply_only_to_far_l2_centres_the_fused_kernel_takes():
     assert cluster_assign.annulus_centres(near, spherical=False) is None  # similar distances: nothing to skip
     assert cluster_assign.annulus_centres(far, spherical=True) is None  # unit rows: no annulus pass
     assert cluster_assign.annulus_centres(far[:16], spherical=False) is None  # one block
-    assert cluster_assign.annulus_centres(np.tile(far, (2, 1)), spherical=False) is None  # K = 128: not fused
+    assert cluster_assign.annulus_centres(np.tile(far, (2, 1)), spherical=False) is None  # K = 128 > ANNULUS_MAX_K
     assert (cluster_assign.annulus_centres(far, spherical=False) is not None) == direct_assign.AVX512
 
 

@@ -1,9 +1,9 @@
-"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts and K <=
-16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts,
-certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`, :func:`assign_certified`); on AVX2 hosts
-without AVX-512 and on AMD Zen 4 (``I16_HOST``), certified int16 products in final assignments with K >= ``I16_MIN_K``
-(on Zen 4 also K·D >= ``I16_HALF_RATE_MIN_KD``, or K >= ``I16_HALF_RATE_MIN_K`` at D >= 16) and in E-steps with K >=
-``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
+"""Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts (128 on
+AMD Zen 4) and K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >=
+``AMX_MIN_K`` on AMX hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`,
+:func:`assign_certified`); on AVX2 hosts without AVX-512 and on AMD Zen 4 (``I16_HOST``), certified int16 products in
+final assignments with K >= ``I16_MIN_K`` (on Zen 4 also K·D >= ``I16_HALF_RATE_MIN_KD``, or K >=
+``I16_HALF_RATE_MIN_K`` at D >= 16) and in E-steps with K >= ``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 # product of such rows would lose precision to subnormals or overflow)
 _SAFE_SQNORM = (1e-30, 1e30)
 LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16), not the exact m nearest
-# K <= 64 on AVX-512 hosts, K <= 16 on AVX2 ones (direct_assign.fits): products from the register-blocked kernel,
-# not a BLAS GEMM
+# K <= 64 on AVX-512 hosts (128 on Zen 4), K <= 16 on AVX2 ones (direct_assign.fits): products from the
+# register-blocked kernel, not a BLAS GEMM
 DIRECT_ASSIGN = True
 # A plain direct E-step of at most this many row × centroid × coordinate products runs as one parallel Numba region
 # (blocks of >= _DIRECT_MIN_ROWS rows, ~4 per thread): 16-24% off digits' fits at K = 10 and 64, where handing
@@ -140,15 +140,20 @@ def certified_e_step_may_apply(n: int, dim: int, k: int) -> bool:
     return I16_ASSIGN and I16_HOST and k >= I16_E_STEP_MIN_K and n * k * dim > _ONE_REGION_MAX_WORK
 
 
+# The annulus pass was measured up to K = 64 (direct_assign.MAX_K before Zen 4 took the fused kernel to 128)
+ANNULUS_MAX_K = 64
+
+
 def annulus_centres(centroids: np.ndarray, spherical: bool) -> annulus_assign.AnnulusCentres | None:
     """The centres prepared for :func:`assign_top2`'s annulus-bounded final pass, or None where it does not apply:
-    ``ANNULUS_ASSIGN`` off, cos, K outside 17-``direct_assign.MAX_K`` on AVX-512 hosts, l2 data that needs
+    ``ANNULUS_ASSIGN`` off, cos, K outside 17-``ANNULUS_MAX_K`` on AVX-512 hosts, l2 data that needs
     conditioning, or centres not far out (max/median distance to the anchor <= ``AMX_MAX_NORM_SPREAD``: there rows
     reach every block). Where it applies, final assignments take it rather than a certified backend: heavy-tailed
     fits (Zen 4, 2026-12-06, same process, medians of 5-7) 1M×128 K=64 0.75× the float32 fused pass's time, 200k×384
     K=64 0.78× the int16 products'."""
     k = centroids.shape[0]
-    if spherical or not (ANNULUS_ASSIGN and direct_assign.AVX512 and 17 <= k <= direct_assign.MAX_K):
+    top = min(ANNULUS_MAX_K, direct_assign.MAX_K)
+    if spherical or not (ANNULUS_ASSIGN and direct_assign.AVX512 and 17 <= k <= top):
         return None
     if any(v is not None for v in conditioning(centroids)):  # conditioned rows take the GEMM path
         return None

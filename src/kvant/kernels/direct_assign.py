@@ -1,5 +1,5 @@
 """Fused assignment without BLAS: register-blocked inner products and the top-2, for few centroids (K <= 64 on
-AVX-512, K <= 16 on AVX2).
+AVX-512, 128 on AMD Zen 4, K <= 16 on AVX2).
 
 The E-step's GEMM of (rows × D) by (D × K) is skinny (K is small next to the rows): OpenBLAS ran it at 45-90% of
 its large-matrix rate on this project's AVX-512 host, and the (rows × K) product then makes a round trip through
@@ -13,9 +13,9 @@ order.
 The shapes (R, NV) are chosen so that the accumulators, the NV column vectors and one broadcast fit the 32
 vector registers of AVX-512 and there are enough independent accumulators to cover the multiply-add latency:
 (8, 1..3) for K <= 48 and (6, 4) per 64 columns above. Every group of rows reads all of cᵀ, so the kernel is
-used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64: :func:`fits`. On AVX2 hosts (16
-registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32 columns
-above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 128 for a small E-step (bound by
+used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64 (128 on Zen 4): :func:`fits`. On
+AVX2 hosts (16 registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32
+columns above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 128 for a small E-step (bound by
 overheads, not products); without AVX2 and FMA :data:`AVAILABLE` is False and callers keep BLAS.
 
 For few centres on AVX-512 (K <= 14 and 17-28, :func:`coord_lanes`) the centre operand is turned around
@@ -34,7 +34,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._llvm import host_cpu_name, host_features, llvm_fn, splat
+from ._llvm import half_rate_avx512, host_cpu_name, host_features, llvm_fn, splat
 from .assign import _top2_lanes, store_top2
 from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, sq_norms_into
 
@@ -90,7 +90,12 @@ MAX_CT_BYTES = _l2_bytes() // 2
 # On AVX2 (AMD EPYC Zen 3, alternating fits in one process, 2026-12-03) the smaller shapes gained at K = 10 —
 # digits 0.83× the BLAS path's time, 200k×384 anisotropic 0.86× — but lost at K = 64 against OpenBLAS's Zen
 # kernels: 1M×128 1.03×, heavy-tailed 200k×384 1.29× (1.24× with 3 rows per group), Fashion-MNIST 1.44×.
-MAX_K = 64 if AVX512 else 16
+# On AMD Zen 4 (kernels._llvm.HALF_RATE_AVX512), where OpenBLAS runs its SkylakeX kernels at ~176 GFLOP/s on two
+# threads, the kernel keeps its lead up to K = 128: whole fits, same process, alternating, medians of 3 (2026-12-06),
+# MAX_K 64 → 128: 100k×768 K=100 cos 707 → 602 ms, Fashion-MNIST K=128 cos 319 → 284, K=96 l2 413 → 399, 200k×384
+# K=100 l2 315 → 290, 500k×64 K=128 120 → 114, 1M×128 Zipf K=96 202 → 196, 200k×256 K=128 cos 232 → 229; but at
+# K = 200-256 it was even or up to 4% slower (1M×128 K=256 l2 454 → 471, cos 464 → 484), so 128.
+MAX_K = (128 if half_rate_avx512() else 64) if AVX512 else 16
 
 
 # A small E-step (one parallel region, see cluster.assign) is bound by overheads, not by its products: on AVX2
