@@ -256,3 +256,11 @@ def test_selection_puts_the_kth_in_place(keep, cap):
         bd, bi = d.copy(), i.copy()
         DT._select(bd, bi, cap, keep - 1)
         assert bi[keep - 1] == i[order[keep - 1]] and set(bi[:keep]) == set(i[order[:keep]])
+
+
+@pytest.mark.parametrize("keep,rows", [(1, 1), (1, 10**9), (10, 5), (10, 15), (10, 100), (1000, 1500)])
+def test_reservoir_capacity_bounded_by_the_rows(keep, rows):
+    # room to append after a cut (keep + 1), never more than CAPACITY·keep, nor more than the rows when those allow
+    c = DT.capacity(keep, rows)
+    assert c >= keep + 1 and c <= max(keep + 1, DT.CAPACITY * keep)
+    assert c <= max(keep + 1, rows)

@@ -94,10 +94,10 @@ _DIRECT_LISTS_BYTES = 64 << 20
 _RESERVOIR_BYTES = 8 << 20
 
 
-def _reservoir_width(keep: int) -> int:
-    """The most queries (a multiple of 16, at least 16) whose reservoirs for lists of ``keep`` fit
+def _reservoir_width(keep: int, rows: int = 1 << 62) -> int:
+    """The most queries (a multiple of 16, at least 16) whose reservoirs for lists of ``keep`` over ``rows`` rows fit
     ``_RESERVOIR_BYTES``."""
-    return max(16, _RESERVOIR_BYTES // (12 * direct_topk.capacity(keep)) // 16 * 16)
+    return max(16, _RESERVOIR_BYTES // (12 * direct_topk.capacity(keep, rows)) // 16 * 16)
 
 
 def _gemm_l2_error(dim: int, q_sq: np.ndarray, x_sq_max: float) -> np.ndarray:
@@ -452,7 +452,7 @@ class FlatIndex:
         if not ip:
             q_sq[:] = qn
         rows = BLAS_SCREEN_ROWS
-        step = min(BLAS_SCREEN_QUERIES, _reservoir_width(kk))  # (each worker thread holds one block's reservoirs)
+        step = min(BLAS_SCREEN_QUERIES, _reservoir_width(kk, n))  # (each worker thread holds one block's reservoirs)
         for qs in range(0, q.shape[0], step):
             qb, qnb = q[qs : qs + step], qn[qs : qs + step]
             qt = np.ascontiguousarray(qb).T  # (BLAS takes the transposed operand as is: 146-152 vs 140-144 GFLOP/s)
@@ -465,8 +465,8 @@ class FlatIndex:
             def run(c0: int, c1: int, qt=qt, qnb=qnb, cd=cd, ci=ci, chunks=chunks) -> None:
                 nq = qt.shape[1]
                 tile = np.empty((rows, nq), np.float32)
-                buf_d = np.empty((nq, direct_topk.capacity(kk)), np.float32)
-                buf_i = np.empty((nq, direct_topk.capacity(kk)), np.int64)
+                buf_d = np.empty((nq, direct_topk.capacity(kk, n)), np.float32)
+                buf_i = np.empty((nq, direct_topk.capacity(kk, n)), np.int64)
                 hits = np.empty(nq + 16, np.int32)  # (16 spare slots: keep_from_products)
                 for c in range(c0, c1):
                     thr = np.full(nq, np.inf, np.float32)
@@ -505,7 +505,7 @@ class FlatIndex:
             q_sq[:] = qn
         shift_a = np.empty(0, np.float32) if shift is None else np.ascontiguousarray(shift, np.float32)
         steps = np.array(scale_steps(scale), np.float32)
-        max_width = min(direct_topk.max_queries(self.dim), _reservoir_width(kk))
+        max_width = min(direct_topk.max_queries(self.dim), _reservoir_width(kk, n))
         width, blocks, chunks = _direct_split(n, q.shape[0], kk, max_width, numba.get_num_threads())
         chunks = max(1, min(chunks, _DIRECT_LISTS_BYTES // (12 * width * kk)))  # (a block's lists within the budget)
         # each (block, chunk) holds its own lists (12 bytes per entry), merged in order below: a call takes as many

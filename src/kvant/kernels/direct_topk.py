@@ -79,12 +79,15 @@ def _ranks_after(d1, i1, d2, i2):
 # 2026-12-06), where FAISS keeps such lists in reservoirs as well. The threshold only tightens at each cut, so
 # somewhat more rows are appended than a heap would take.
 CAPACITY = 2
-assert CAPACITY >= 2  # a cut leaves keep entries, so a reservoir of keep slots would overflow on the next append
+assert CAPACITY >= 2  # (capacity() gives a reservoir at least keep + 1 slots: a cut must leave room to append)
 
 
-def capacity(keep: int) -> int:
-    """Slots of one query's reservoir for lists of ``keep`` rows (see :data:`CAPACITY`)."""
-    return CAPACITY * keep
+@numba.njit(**_JIT)
+def capacity(keep, rows=1 << 62):
+    """Slots of one query's reservoir for lists of ``keep`` rows over ``rows`` rows (see :data:`CAPACITY`): never
+    more than the rows (which then never fill it), and at least one more than ``keep`` (a cut must free a slot).
+    k = n over 10M rows would otherwise take 240 MiB per query."""
+    return max(keep + 1, min(CAPACITY * keep, rows))
 
 
 @numba.njit(inline="always")
@@ -432,8 +435,9 @@ def direct_keep(x, cts, qns, nqs, x_sqnorms, ip, out_d, out_i, shift, steps, x_s
         xn = np.empty(R, np.float32)
         thr = np.full(nq, np.inf, np.float32)
         fill = np.zeros(nq, np.int64)
-        buf_d = np.empty((nq, CAPACITY * keep), np.float32)
-        buf_i = np.empty((nq, CAPACITY * keep), np.int64)
+        slots = capacity(keep, (c + 1) * n // n_chunks - c * n // n_chunks)
+        buf_d = np.empty((nq, slots), np.float32)
+        buf_i = np.empty((nq, slots), np.int64)
         x_sq_max[b, c] = _keep_rows(x, c * n // n_chunks, (c + 1) * n // n_chunks, cts[b], qns[b], x_sqnorms, nq, ip,
                                     shift, steps, buf_d, buf_i, fill, thr, keep, g, xt, xn, np.empty(nq + _L, np.int32))
         finish_lists(buf_d, buf_i, fill, out_d[c, b, :nq], out_i[c, b, :nq])
