@@ -334,7 +334,7 @@ def _screen_hits_loop(g, r, xi, qn, thr, nq, ip, hits):
     return count
 
 
-# AVX-512: the screen in one pass of 16-lane compares and compress stores. The two passes of the loop made most of
+# AVX-512: the screen in one pass of 16-lane compares and register compresses. The two passes of the loop made most of
 # the shortlist's time where long lists over few rows let most rows into some of 256 queries' lists (20,000 × 3 rows,
 # k = 100, 1,000 queries: 4.5 of 14 ms per block of 256 queries, one thread, Zen 4, 2026-12-06).
 _screen_hits = _screen_hits_avx512 if AVX512 else _screen_hits_loop
