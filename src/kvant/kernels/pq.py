@@ -929,8 +929,7 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
         sums = np.empty(s)
         for i in range(s):
             sums[i] = _excess_4bit(t, flat, (i * n) // s, m, mp2, mins)
-        sums.sort()
-        u = sums[k - 1]
+        u = np.partition(sums, k - 1)[k - 1]  # (NaN last, as np.sort puts it)
     # U = Σ min (a sampled row at every minimum: the query is a stored code) gave a clip of 0, which rounded every
     # entry to 0 and made the shortlist the first rows scanned (a review: 4,000 copies of the query missed). Clipping
     # no lower than the smallest positive excess keeps every entry above its minimum quantised above 0.
@@ -1212,14 +1211,15 @@ def _push_candidates(mask, acc, row0, keys, fill, L, th):
 
 
 @numba.njit(inline="always", **_JIT)
-def _shortlist_sorted(keys, fill, L):
-    """The shortlist's L best entries, ascending, in keys[:L] (empty slots last): a reservoir is selected and sorted,
-    a sorted array is as it is."""
+def _shortlist_sorted(keys, fill, L, ordered=True):
+    """The shortlist's L best entries in keys[:L], ascending unless ``ordered`` is False (any order then), empty slots
+    last: a reservoir is selected (and sorted), a sorted array is as it is."""
     if keys.shape[0] > L:
         if fill > L:
             keys[:fill] = np.partition(keys[:fill], L - 1)
         m = min(fill, L)
-        keys[:m].sort()
+        if ordered:
+            keys[:m].sort()
         keys[m:L] = _KEY_EMPTY
 
 
@@ -1364,7 +1364,8 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                 th[j] = thj
                 fills[j] = fj
         for j in range(g):
-            _shortlist_sorted(sk[j], fills[j], L)
+            # one chunk: the re-score takes the shortlist in any order (rescore_query); several are merged by sum
+            _shortlist_sorted(sk[j], fills[j], L, nchunks > 1)
             for s in range(L):
                 key = sk[j, s]
                 part_a[c, q0 + j, s] = key >> _KEY_ROW_BITS
