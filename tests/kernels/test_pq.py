@@ -389,6 +389,23 @@ def test_fastscan_shortlist_matches_a_numpy_replay(k, rerank, nchunks):
         np.testing.assert_array_equal(d[q], full[q, best])
 
 
+def test_fastscan_long_rescore_ranks_nan_sums_last():
+    # a NaN table entry makes some rows' exact sums NaN: the long-list re-score (k > RESCORE_PUSH_MAX_K) then ranks
+    # them last, like np.lexsort, ties by row; shortlists hold every row here
+    m, n, k = 3, 700, 40
+    t = np.round(_random_tables(37, 2, m, 16) * 4) / 4
+    t[0, 1, 3] = np.nan
+    codes = _random_codes(38, n, m, 16)
+    codes[:600, 1] = np.where(codes[:600, 1] == 3, 4, codes[:600, 1])  # (most rows avoid the NaN entry)
+    p = K.pack_codes_4bit(codes)
+    full = K.adc_distances(t, codes)
+    d, i = K.fastscan_search(t, p, n, m, k, n // k + 1)
+    for q in range(2):
+        want = np.lexsort((np.arange(n), full[q]))[:k]
+        np.testing.assert_array_equal(i[q], want)
+        np.testing.assert_array_equal(d[q], full[q, want])
+
+
 def test_fastscan_rescore_by_sort_equals_rescore_by_insertion():
     # shortlists holding every row, re-scored for k = 20 (insertion into the list) and k = 40 (two sorts, above
     # RESCORE_PUSH_MAX_K): the first 20 of the longer answer are the shorter one, ties included
