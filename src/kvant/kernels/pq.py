@@ -1411,7 +1411,7 @@ def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
                 _push(dd, ii, k, d, r)
         return
     # long lists: every exact sum first, in row order (neighbouring rows share the packed blocks' cache lines), then
-    # the k best by (sum, row) from one stable sort, where pushing each into the sorted list cost O(k) apiece
+    # the k best by (sum, row), where pushing each into the sorted list cost O(k) apiece
     rs = np.empty(take, dtype=np.int64)
     for s in range(take):
         rs[s] = rr[order[s]]
