@@ -16,6 +16,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import llvm_fn, splat, sum_lanes
+from .topk import ranks_before
 
 _LANES = 16  # floats per 512-bit vector
 
@@ -374,17 +375,6 @@ def gather_rows_into(x, idx, out, unit):
     return -1
 
 
-@numba.njit(inline="always")
-def _ranks_before(d1, r1, d2, r2):
-    """(d1, r1) ranks before (d2, r2): a smaller score, or an equal one with a smaller row; row −1 (an empty slot,
-    score +inf) after every row."""
-    if d1 != d2:
-        return d1 < d2
-    if r1 < 0 or r2 < 0:
-        return r2 < 0 and r1 >= 0
-    return r1 < r2
-
-
 # Shifts the insertion sort in :func:`exact_rerank` may make per list entry before it gives the list to a merge sort:
 # shortlists arrive in float32 order, which the exact scores seldom reorder by more than a few places
 _RERANK_SHIFTS_PER_ROW = 16
@@ -448,7 +438,7 @@ def exact_rerank(q, x, rows, out_d, ip):
         for j in range(1, m):
             dj, rj = d[j], r[j]
             p = j
-            while p > 0 and _ranks_before(dj, rj, d[p - 1], r[p - 1]):
+            while p > 0 and ranks_before(dj, rj, d[p - 1], r[p - 1]):
                 d[p] = d[p - 1]
                 r[p] = r[p - 1]
                 p -= 1

@@ -61,9 +61,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._llvm import host_features, llvm_fn, splat
-from .direct_topk import _ROW_LIMIT as _PACKED_ROWS
 from .direct_topk import CAPACITY as RESERVOIR_CAPACITY
-from .direct_topk import _append, _float_bits, _ordered_bits, finish_lists
+from .direct_topk import _append, best_packed, finish_lists
 
 __all__ = [
     "distance_tables_l2",
@@ -1422,19 +1421,11 @@ def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
         ds[s] = _exact_4bit(t, flat, rs[s], m, mp2)
         nan |= ds[s] != ds[s]
     top = min(k, take)
-    if take and rs[take - 1] < _PACKED_ROWS and not nan:  # the k best as packed (sum bits, row) keys: a partition
-        keys = np.empty(take, dtype=np.uint64)           # and a sort of k, where sorting all L took most of this
-        bits = (ds + np.float32(0.0)).view(np.uint32)  # (−0.0 as +0.0: equal sums rank by row)
-        for s in range(take):
-            keys[s] = (_ordered_bits(np.uint64(bits[s])) << np.uint64(32)) | np.uint64(rs[s])
-        best_keys = np.sort(np.partition(keys, top - 1)[:top])
-        out_bits = np.empty(top, dtype=np.uint32)
-        for s in range(top):
-            out_bits[s] = np.uint32(_float_bits(best_keys[s] >> np.uint64(32)))
-            ii[s] = np.int64(best_keys[s] & np.uint64(0xFFFFFFFF))
-        dd[:top] = out_bits.view(np.float32)
+    # the k best as packed (sum bits, row) keys, a partition and a sort of k, where sorting all L took most of this
+    if take and not nan and best_packed(ds, rs, take, top, dd, ii, np.empty(take, np.uint64),
+                                        np.empty(top, np.uint32)) >= 0:
         return
-    best = np.argsort(ds, kind="mergesort")  # stable: equal sums keep the smaller row first
+    best = np.argsort(ds, kind="mergesort")  # stable: equal sums keep the smaller row first (NaN last)
     for s in range(top):
         dd[s] = ds[best[s]]
         ii[s] = rs[best[s]]

@@ -76,9 +76,9 @@ def topk_smallest(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(inline="always")
-def _first_before(d1, i1, d2, i2):
-    """(d1, i1) ranks before (d2, i2): a smaller score, or an equal one with a smaller id; id −1 (an empty slot)
-    after every id."""
+def ranks_before(d1, i1, d2, i2):
+    """(d1, i1) ranks before (d2, i2) in a top-k list: a smaller score, or an equal one with a smaller id; id −1 (an
+    empty slot, score +inf) after every id. The one order of the kernels' lists (merge_topk's)."""
     if d1 != d2:
         return d1 < d2
     if i1 < 0 or i2 < 0:
@@ -100,7 +100,7 @@ def merge_sorted_topk(parts_d, parts_i, out_d, out_i):
         for p in range(parts):
             a = b = 0
             for t in range(keep):
-                if _first_before(parts_d[p, j, b], parts_i[p, j, b], out_d[j, a], out_i[j, a]):
+                if ranks_before(parts_d[p, j, b], parts_i[p, j, b], out_d[j, a], out_i[j, a]):
                     td[t], ti[t] = parts_d[p, j, b], parts_i[p, j, b]
                     b += 1
                 else:
