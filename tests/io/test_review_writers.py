@@ -43,6 +43,33 @@ def test_write_parquet_missing_directory_and_exact_values(tmp_path):
     assert as_source(tmp_path / "y.parquet").dtype == np.int8
 
 
+def test_write_parquet_float64_beyond_float32_is_refused(tmp_path):
+    # the reader computes in float32 and refuses a finite float64 that becomes inf there
+    x = np.array([[1.0, 2.0], [3.0, -4e38]])
+    with pytest.raises(InvalidInput, match=r"beyond float32's range.*first at row 1"):
+        write_parquet(tmp_path / "x.parquet", x, dtype=np.float64)
+    assert not (tmp_path / "x.parquet").exists()
+    x[1, 1] = -3e38  # within range: written as float64 and read back as float32
+    write_parquet(tmp_path / "x.parquet", x, dtype=np.float64)
+    np.testing.assert_array_equal(as_source(tmp_path / "x.parquet").to_array(), x.astype(np.float32))
+
+
+@pytest.mark.parametrize("writer", ["fvecs", "bvecs", "ivecs"])
+@pytest.mark.parametrize("name", ["x.fvecs", "x.bvecs", "x.ivecs", "x.bin", "x", "x.FVECS"])
+def test_texmex_writers_need_their_own_suffix(tmp_path, writer, name):
+    from kvant.io import texmex
+
+    write = getattr(texmex, f"write_{writer}")
+    x = np.array([[1, 2], [3, 4]], np.int32)
+    if name.lower() == f"x.{writer}":
+        write(tmp_path / name, x)
+        np.testing.assert_array_equal(as_source(tmp_path / name).to_array(), x)
+    else:  # the reader takes the record type from the suffix, so it would misread or refuse the file
+        with pytest.raises(InvalidInput, match=f"must end in .{writer}"):
+            write(tmp_path / name, x)
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_texmex_writers_refuse_inexact_integers(tmp_path):
     with pytest.raises(InvalidInput, match="not exactly representable in float32"):
         write_fvecs(tmp_path / "x.fvecs", np.array([[2**24 + 1, 1]], np.int64))

@@ -7,6 +7,9 @@ The file is memory-mapped; the per-record dimension headers are checked when the
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import InvalidInput
@@ -127,7 +130,14 @@ class TexmexSource(VectorSource):
                 pass
 
 
-def _write_vecs(path, x, dtype: np.dtype) -> None:
+def _write_vecs(path, x, kind: str) -> None:
+    dtype = TEXMEX_DTYPES[kind]
+    name = os.fspath(path) if isinstance(path, str | os.PathLike) else None  # others: writing() refuses them
+    suffix = Path(name).suffix.lower() if isinstance(name, str) else None
+    if suffix is not None and suffix != kind:
+        # the reader takes the record type from the suffix: ints under a .fvecs name would read as garbage floats
+        raise InvalidInput(f"{name}: write_{kind[1:]} writes {kind} records, so the file name must end "
+                           f"in {kind} (the reader takes the record type from it), not {suffix or '(no extension)'!r}")
     values = values_to_write(x, dtype)  # NaN/inf given are kept
     n, dim = values.shape
     if dtype.kind == "i":
@@ -145,15 +155,16 @@ def _write_vecs(path, x, dtype: np.dtype) -> None:
 
 
 def write_fvecs(path, x) -> None:
-    """Write ``x`` (n, dim) as a TEXMEX ``.fvecs`` file (float32 values)."""
-    _write_vecs(path, x, np.dtype("<f4"))
+    """Write ``x`` (n, dim) as a TEXMEX ``.fvecs`` file (float32 values); the name must end in ``.fvecs``."""
+    _write_vecs(path, x, ".fvecs")
 
 
 def write_bvecs(path, x) -> None:
-    """Write ``x`` (n, dim) of integers in [0, 255] as a TEXMEX ``.bvecs`` file."""
-    _write_vecs(path, x, np.dtype("u1"))
+    """Write ``x`` (n, dim) of integers in [0, 255] as a TEXMEX ``.bvecs`` file (name ending in ``.bvecs``)."""
+    _write_vecs(path, x, ".bvecs")
 
 
 def write_ivecs(path, x) -> None:
-    """Write ``x`` (n, dim) of integers with |v| <= 2**24 (what the reader accepts) as a TEXMEX ``.ivecs`` file."""
-    _write_vecs(path, x, np.dtype("<i4"))
+    """Write ``x`` (n, dim) of integers with |v| <= 2**24 (what the reader accepts) as a TEXMEX ``.ivecs`` file
+    (name ending in ``.ivecs``)."""
+    _write_vecs(path, x, ".ivecs")
