@@ -51,5 +51,5 @@ class NpySource(ArraySource):
             array = np.asarray(array)
         self.path = p
         super().__init__(array, name=name)
-        if not self.in_memory and array.flags.c_contiguous:
+        if not self.in_memory and (array.flags.c_contiguous or array.flags.f_contiguous):
             self._pages = MappedPages.of(array, private_ok=True)  # kvant never writes into this map

@@ -461,8 +461,9 @@ def write_parquet(
         with np.errstate(over="ignore"):
             beyond = np.isfinite(values) & ~np.isfinite(values.astype(np.float32))
         if beyond.any():
-            raise InvalidInput(f"values beyond float32's range (±3.4e38; first at row {int(np.argmax(beyond.any(axis=1)))}"
-                               f"): kvant computes in float32, so its reader would refuse the file")
+            row = int(np.argmax(beyond.any(axis=1)))
+            raise InvalidInput(f"values beyond float32's range (±3.4e38; first at row {row}): kvant computes in "
+                               f"float32, so its reader would refuse the file")
     flat = pa.array(values.reshape(-1))
     table = pa.table({column: pa.FixedSizeListArray.from_arrays(flat, values.shape[1])})
     rg = row_group_rows

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InvalidInput
 from ._paths import check_file
 from ._write import values_to_write, writing
-from .source import MappedPages, VectorSource, check_finite_rows, default_chunk_rows
+from .source import MappedPages, VectorSource, check_finite_rows, default_chunk_rows, gather_windows, is_sorted
 
 __all__ = ["TexmexSource", "write_fvecs", "write_bvecs", "write_ivecs", "TEXMEX_DTYPES"]
 
@@ -112,6 +112,15 @@ class TexmexSource(VectorSource):
         idx = self._check_indices(indices)
         if idx.size == 0:
             return np.empty((0, self.dim), np.float32)
+        if self._pages is None or not is_sorted(idx):
+            return self._take_rows(idx)
+        out = np.empty((idx.size, self.dim), np.float32)
+        for a, b, lo, hi in gather_windows(idx, self._record):  # (a sample would map most of the file otherwise)
+            out[a:b] = self._take_rows(idx[a:b])
+            self.release_rows(lo, hi)
+        return out
+
+    def _take_rows(self, idx: np.ndarray) -> np.ndarray:
         self._raise_if_bad(self._header_rows(idx), idx)
         block = self._values[idx]
         self._check_ints(block, 0, rows=idx)
