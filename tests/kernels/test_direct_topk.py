@@ -264,3 +264,23 @@ def test_reservoir_capacity_bounded_by_the_rows(keep, rows):
     c = DT.capacity(keep, rows)
     assert c >= keep + 1 and c <= max(keep + 1, DT.CAPACITY * keep)
     assert c <= max(keep + 1, rows)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 63, 64, 65, 257, 5000])
+def test_radix_sort_u64_sorts_like_numpy(n):
+    # best_packed's sort of packed (score bits, row) keys: every byte pattern, shared bytes (skipped passes), duplicates
+    from kvant.kernels.topk import radix_sort_u64
+
+    g = np.random.default_rng(n)
+    cases = [
+        g.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True),  # every byte varies, top bit included
+        (g.integers(0x3F000000, 0x3F800000, n).astype(np.uint64) << np.uint64(32))
+        | g.permutation(max(n, 1))[:n].astype(np.uint64),
+        g.integers(0, 3, n).astype(np.uint64) << np.uint64(56),  # duplicates that differ only in the top byte
+        np.full(n, 7, np.uint64),
+        np.arange(n, dtype=np.uint64)[::-1].copy(),
+    ]
+    for x in cases:
+        y = x.copy()
+        radix_sort_u64(y)
+        np.testing.assert_array_equal(y, np.sort(x))

@@ -381,12 +381,37 @@ def test_fastscan_shortlist_matches_a_numpy_replay(k, rerank, nchunks):
     L = rerank * k
     for q in range(nq):
         lut8 = np.empty(2 * mp2 * 16, np.uint8)
-        K._quantize_one(t[q], 2 * mp2, lut8, K._shortlist_cap(t[q], flat, n, m, mp2, k))
+        K._quantize_one(t[q], 2 * mp2, lut8, K._shortlist_cap(t[q], flat, n, m, mp2, k)[0])
         qsum = lut8[16 * np.arange(m)[None, :] + codes.astype(np.int64)].astype(np.int64).sum(1)
         short = np.lexsort((np.arange(n), qsum))[:L]
         best = short[np.lexsort((short, full[q, short]))][:k]
         np.testing.assert_array_equal(i[q], best)
         np.testing.assert_array_equal(d[q], full[q, best])
+
+
+@pytest.mark.parametrize("k,rerank", [(8, 3), (50, 4), (40, 2)])
+def test_fastscan_bounds_keep_the_top_k_where_the_clip_sample_is_every_row(k, rerank):
+    # n = CAP_SAMPLE·k: the clip's sample is every row, so its U is the exact k-th smallest excess and the bound the
+    # scan starts from (_sample_bound) lies a rounding margin above the k-th sum; each query's answer must still be
+    # the exact top k of the L rows with the smallest (quantised sum, row), as the NumPy replay finds them
+    m = 6
+    n = K.CAP_SAMPLE * k
+    for seed in range(6):
+        t = _random_tables(60 + seed, 4, m, 16)
+        if seed % 2:
+            t = np.round(t * 8) / 8  # few distinct sums: ties at the bounds
+        codes = _random_codes(70 + seed, n, m, 16)
+        p = K.pack_codes_4bit(codes)
+        flat, mp2 = p.reshape(-1), p.shape[1]
+        d, i = K.fastscan_search(t, p, n, m, k, rerank)
+        full = K.adc_distances(t, codes)
+        for q in range(t.shape[0]):
+            lut8 = np.empty(2 * mp2 * 16, np.uint8)
+            K._quantize_one(t[q], 2 * mp2, lut8, K._shortlist_cap(t[q], flat, n, m, mp2, k)[0])
+            qsum = lut8[16 * np.arange(m)[None, :] + codes.astype(np.int64)].astype(np.int64).sum(1)
+            short = np.lexsort((np.arange(n), qsum))[: rerank * k]
+            best = short[np.lexsort((short, full[q, short]))][:k]
+            np.testing.assert_array_equal(i[q], best)
 
 
 def test_fastscan_long_rescore_ranks_nan_sums_last():
@@ -731,10 +756,10 @@ def test_shortlist_clip_by_insertion_equals_by_sorting(k, monkeypatch):
     tables = (_random_tables(k + 2, 3, m, 16, "wide"), np.round(g.standard_normal((3, m, 16)) * 3).astype(np.float32),
               with_nan)
     for t in tables:
-        want = [K._shortlist_cap(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
+        want = [K._shortlist_cap(t[q], p.reshape(-1), n, m, p.shape[1], k)[0] for q in range(t.shape[0])]
         with monkeypatch.context() as mp, np.errstate(invalid="ignore"):  # (NaN arithmetic in plain Python)
             mp.setattr(K, "_CAP_SMALL_K", 0)
-            got = [K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k) for q in range(t.shape[0])]
+            got = [K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k)[0] for q in range(t.shape[0])]
         np.testing.assert_array_equal(got, want)  # (NaN clips compare equal here)
 
 

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 from ._llvm import llvm_fn, splat
 from .direct_assign import AVAILABLE, AVX512, MAX_CT_BYTES, _copy_rows, _group_rows, _products, _row_ptr
 from .distance import sq_norms_into
-from .topk import ranks_before
+from .topk import radix_sort_u64, ranks_before
 
 __all__ = ["AVAILABLE", "CAPACITY", "MAX_BATCH", "capacity", "max_queries", "direct_keep", "finish_lists",
            "keep_from_products"]
@@ -217,7 +217,8 @@ def best_packed(bd, bi, f, keep, out_d, out_i, keys, bits):
     2026-12-06)."""
     if not _packed(bd, bi, f, keys):
         return -1
-    top = np.sort(np.partition(keys[:f], keep - 1)[:keep] if f > keep else keys[:f])
+    top = np.partition(keys[:f], keep - 1)[:keep] if f > keep else keys[:f]
+    radix_sort_u64(top)
     m = top.shape[0]
     for p in range(m):
         bits[p] = np.uint32(_float_bits(top[p] >> np.uint64(32)))

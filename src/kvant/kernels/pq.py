@@ -883,8 +883,9 @@ def _sorts_after(a, b):
 
 @numba.njit(**_JIT)
 def _shortlist_cap(t, flat, n, m, mp2, k):
-    """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of
-    ``CAP_SAMPLE * k`` rows spread evenly over the codes: their k-th smallest, U, bounds the k-th best from above (any
+    """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of the rows of
+    ``CAP_SAMPLE * k / 32`` whole blocks spread evenly over the codes (at least ``CAP_SAMPLE * k`` rows, or all of
+    them): their k-th smallest, U, bounds the k-th best from above (any
     k rows do), and a row with an entry more than U − Σ_j min_j above its minimum sums to more than U. Clipping
     entries there (a little above: see the end) keeps one far codeword (a table entry 1e4× the others) from setting
     the quantisation step alone, which rounded every other entry to 0 and made the shortlist the first rows
@@ -892,44 +893,57 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     first k rows' sums: when those rows held the far codeword the clip did nothing, and the shortlist found 1 of the
     exact top 10.) The sampled rows' excesses U − Σ min_j are summed term by term in float64: taken as a float32 sum
     minus Σ min_j, a row at the minimum of a sub-table of 1e9 lost the other sub-tables' excess, the clip fell to the
-    smallest excess and clipped the true top-1 (at 1e9 + 0.31) with the rest (a review). inf when there are fewer
-    than k rows."""
+    smallest excess and clipped the true top-1 (at 1e9 + 0.31) with the rest (a review). Returns (the clip, U − Σ
+    min_j), both inf when there are fewer than k rows."""
     if n < k:
-        return np.inf
-    mins = np.empty(m)
-    step = np.inf  # the smallest positive excess of an entry over its sub-table's minimum
+        return np.inf, np.inf
+    excess = np.empty((m, 16))  # each entry's excess over its sub-table's minimum
+    step = np.inf  # the smallest positive one
     for j in range(m):
         lo = np.float64(t[j, 0])
         for v in range(1, 16):
             lo = min(lo, np.float64(t[j, v]))
-        mins[j] = lo
         for v in range(16):
             e = np.float64(t[j, v]) - lo
+            excess[j, v] = e
             if e > 0.0:
                 step = min(step, e)
-    s = min(n, CAP_SAMPLE * k)
+    # whole blocks of 32 rows, spread evenly over the codes: rows one by one each read their block's 8 cache lines
+    # (4k rows took 16.5 ms of a 200-query k = 1,000 search over 200k PQ32x4 codes; ~2 by blocks)
+    full = n // 32
+    nb = -(-min(n, CAP_SAMPLE * k) // 32)
+    if nb > full:  # every row
+        nb = -(-n // 32)
+    ex = np.empty(32)
     if k <= _CAP_SMALL_K:  # the k smallest by insertion, in np.sort's order (NaN last): no sort (~0.3 µs of ~2)
         best = np.empty(_CAP_SMALL_K)
         filled = 0
-        for i in range(s):
-            v = _excess_4bit(t, flat, (i * n) // s, m, mp2, mins)
-            if filled < k:
-                p = filled
-                filled += 1
-            elif _sorts_after(best[k - 1], v):
-                p = k - 1
-            else:
-                continue
-            while p > 0 and _sorts_after(best[p - 1], v):
-                best[p] = best[p - 1]
-                p -= 1
-            best[p] = v
+        for i in range(nb):
+            blk = i if nb * 32 >= n else (i * full) // nb
+            nr = _block_excess(excess, flat, blk, n, m, mp2, ex)
+            for r in range(nr):
+                v = ex[r]
+                if filled < k:
+                    p = filled
+                    filled += 1
+                elif _sorts_after(best[k - 1], v):
+                    p = k - 1
+                else:
+                    continue
+                while p > 0 and _sorts_after(best[p - 1], v):
+                    best[p] = best[p - 1]
+                    p -= 1
+                best[p] = v
         u = best[k - 1]
     else:
-        sums = np.empty(s)
-        for i in range(s):
-            sums[i] = _excess_4bit(t, flat, (i * n) // s, m, mp2, mins)
-        u = np.partition(sums, k - 1)[k - 1]  # (NaN last, as np.sort puts it)
+        sums = np.empty(nb * 32)
+        f = 0
+        for i in range(nb):
+            blk = i if nb * 32 >= n else (i * full) // nb
+            nr = _block_excess(excess, flat, blk, n, m, mp2, ex)
+            sums[f : f + nr] = ex[:nr]
+            f += nr
+        u = np.partition(sums[:f], k - 1)[k - 1]  # (NaN last, as np.sort puts it)
     # U = Σ min (a sampled row at every minimum: the query is a stored code) gave a clip of 0, which rounded every
     # entry to 0 and made the shortlist the first rows scanned (a review: 4,000 copies of the query missed). Clipping
     # no lower than the smallest positive excess keeps every entry above its minimum quantised above 0.
@@ -940,7 +954,18 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     # sum is at least qmax, and a row within U has at most (U − Σ min)/step + m/2: C' > C / (1 − (m + 1) / (2 qmax)).
     qmax = min(255, 65535 // (2 * mp2))
     room = 1.0 - (m + 1) / (2.0 * qmax)
-    return c / room if room > 0.0 else np.inf
+    return (c / room if room > 0.0 else np.inf), u
+
+
+@numba.njit(inline="always", **_JIT)
+def _sample_bound(u, scale, m, margin):
+    """The bound a row's quantised sum must stay below from the first row on (:func:`_push_candidates`), from U, the
+    k-th smallest excess of the clip's sampled rows (:func:`_shortlist_cap`): those k rows hold no clipped entry and
+    each entry rounds by at most half a unit, so they sum to at most U/scale + m/2 in LUT units, the k-th smallest sum
+    is no larger, and a row more than ``margin`` above it cannot reach the top k. (Without it the first 2L rows all
+    entered the shortlist.) 2·65535, no bound, when U is not finite."""
+    b = u / scale + 0.5 * m + 2.0 + margin  # (+2: the float64 excess and the division may each round down)
+    return np.int64(b) if b < 131070.0 else np.int64(131070)
 
 
 @numba.njit(**_JIT)
@@ -1152,14 +1177,19 @@ def _exact_4bit(t, flat, r, m, mp2):
 
 
 @numba.njit(inline="always", **_JIT)
-def _excess_4bit(t, flat, r, m, mp2, mins):
-    """Σ_j (t[j, code_j] − mins[j]) of row ``r`` in float64: its excess over Σ min_j, summed term by term so that it
-    survives beside entries far larger than it (where the row's sum minus Σ min_j rounds to 0)."""
-    base = (r >> 5) * mp2 * 32 + (r & 31)
-    s = 0.0
+def _block_excess(excess, flat, blk, n, m, mp2, out):
+    """out[r] = Σ_j excess[j, code_j] (excess[j, v] = t[j, v] − min_j t[j], in float64) of row 32·blk + r, for the
+    block's real rows (returns their number): each row's excess over Σ min_j, summed term by term (in j order) so
+    that it survives beside entries far larger than it (where the row's sum minus Σ min_j rounds to 0)."""
+    nr = min(32, n - blk * 32)
+    out[:nr] = 0.0
     for j in range(m):
-        s += np.float64(t[j, (flat[base + (j >> 1) * 32] >> (4 * (j & 1))) & 15]) - mins[j]
-    return s
+        base = blk * mp2 * 32 + (j >> 1) * 32
+        shift = 4 * (j & 1)
+        e = excess[j]
+        for r in range(nr):
+            out[r] += e[(flat[base + r] >> shift) & 15]
+    return nr
 
 
 # A FastScan shortlist entry is one int64 key, (quantised sum << _KEY_ROW_BITS) | row: integer order is the
@@ -1181,11 +1211,14 @@ def shortlist_slots(L):
 
 
 @numba.njit(inline="always", **_JIT)
-def _push_candidates(mask, acc, row0, keys, fill, L, th):
+def _push_candidates(mask, acc, row0, keys, fill, L, th, k, margin):
     """Push the rows set in ``mask`` (row ``row0 + r`` has quantised sum ``acc[r]``) whose sums are below ``th`` into
     the shortlist ``keys`` of ``L`` entries (:func:`shortlist_slots` slots: all :data:`_KEY_EMPTY` at first, ``fill``
     0, ``th`` 2·65535). Rows arrive in ascending order, so a sum equal to the threshold ranks after the entry that set
-    it and is skipped. Returns (fill, threshold)."""
+    it and is skipped. The threshold is the L-th smallest sum, or the k-th smallest plus ``margin`` plus one where
+    that is lower: a row further than ``margin`` above the k-th smallest sum is beaten by each of the k
+    (:func:`_shortlist_margin`), so it could not reach the top k, and admitting it only cost pushes. A reservoir
+    stays in row order (:func:`_cut_shortlist`). Returns (fill, threshold)."""
     reservoir = keys.shape[0] > L
     while mask != 0:
         rr = _ctz(mask)
@@ -1197,30 +1230,96 @@ def _push_candidates(mask, acc, row0, keys, fill, L, th):
                 keys[fill] = key
                 fill += 1
                 if fill == keys.shape[0]:
-                    keys[:] = np.partition(keys, L - 1)  # the L best first, the L-th of them at L - 1
-                    fill = L
-                    th = keys[L - 1] >> _KEY_ROW_BITS
+                    fill, th = _cut_shortlist(keys, fill, L, k, margin)
             else:
                 p = L - 1
                 while p > 0 and keys[p - 1] > key:
                     keys[p] = keys[p - 1]
                     p -= 1
                 keys[p] = key
-                th = keys[L - 1] >> _KEY_ROW_BITS
+                th = min(keys[L - 1] >> _KEY_ROW_BITS, (keys[k - 1] >> _KEY_ROW_BITS) + margin + 1)
     return fill, th
 
 
 @numba.njit(inline="always", **_JIT)
-def _shortlist_sorted(keys, fill, L, ordered=True):
-    """The shortlist's L best entries in keys[:L], ascending unless ``ordered`` is False (any order then), empty slots
-    last: a reservoir is selected (and sorted), a sorted array is as it is."""
+def _shortlist_margin(m, scale, sumabs):
+    """How far (in LUT units) a row's quantised sum may lie above the k-th smallest and still sum exactly to less
+    than one of the k rows with the smallest quantised sums: each entry is rounded by at most half a unit (m/2 per
+    row, m between two rows), plus the float32 rounding of the exact sums (:func:`_slack_units`). Those k rows hold
+    no clipped entry (:func:`_shortlist_cap`: at least k rows sum below every row that does), and clipping only lowers
+    a row's quantised sum, so the bound holds for every row. The certified mode keeps exactly these rows."""
+    return np.int64(m) + _slack_units(m, sumabs, scale)
+
+
+_SUM_HI_SHIFT = _KEY_ROW_BITS + 8  # a key's sum >> 8 (sums are below 2^17: 512 buckets)
+
+
+@numba.njit(inline="always", **_JIT)
+def _sum_at_rank(keys, fill, hist, r):
+    """(the r-th smallest sum of keys[:fill] (1 <= r <= fill), how many entries sum to less), from ``hist``, the
+    entries counted by sum >> 8: the bucket that holds rank r, then that bucket's entries counted by sum."""
+    below = 0
+    b = 0
+    while below + hist[b] < r:
+        below += hist[b]
+        b += 1
+    low = np.zeros(256, np.int64)
+    for s in range(fill):
+        if keys[s] >> _SUM_HI_SHIFT == b:
+            low[(keys[s] >> _KEY_ROW_BITS) & 255] += 1
+    v = 0
+    while below + low[v] < r:
+        below += low[v]
+        v += 1
+    return (np.int64(b) << 8) | v, below
+
+
+@numba.njit(**_JIT)
+def _cut_shortlist(keys, fill, L, k, margin):
+    """Cut keys[:fill] (a reservoir: rows ascending, as appended) to what a shortlist of L keeps, still in row order:
+    its L smallest by (sum, row), less those more than ``margin`` above the k-th smallest sum (they cannot reach the
+    top k: :func:`_push_candidates`); the other slots of keys[:fill] are emptied. Returns (entries kept, the bound a
+    later row's sum must be below). A radix selection on the sums: Numba's np.partition took 35-44 µs per 8,000 keys
+    (NumPy's 7), most of a k = 1,000 search."""
+    if fill <= k:
+        return fill, np.int64(65535 * 2)
+    hist = np.zeros(512, np.int64)
+    for s in range(fill):
+        hist[keys[s] >> _SUM_HI_SHIFT] += 1
+    limit = _sum_at_rank(keys, fill, hist, k)[0] + margin  # the largest sum the bound admits
+    if fill > L:
+        sl, below = _sum_at_rank(keys, fill, hist, L)
+    else:
+        sl, below = np.int64(1) << 20, fill
+    if limit < sl:  # the bound cuts deeper than the length: every entry up to the limit
+        cut, ties, th = limit, 0, limit + 1
+    else:  # the L best: every entry below the L-th sum, and the first (smallest) rows at it
+        cut, ties, th = sl - 1, L - below, sl
+    kept = 0
+    for s in range(fill):
+        key = keys[s]
+        a = key >> _KEY_ROW_BITS
+        if a <= cut or (a == cut + 1 and ties > 0):
+            if a > cut:
+                ties -= 1
+            keys[kept] = key
+            kept += 1
+    for s in range(kept, fill):
+        keys[s] = _KEY_EMPTY
+    return kept, th
+
+
+@numba.njit(inline="always", **_JIT)
+def _shortlist_final(keys, fill, L, k, margin):
+    """keys[:L] as the finished shortlist: its L best entries less those beyond the bound (:func:`_cut_shortlist`),
+    empty slots last; a reservoir in row order, a sorted array ascending."""
     if keys.shape[0] > L:
-        if fill > L:
-            keys[:fill] = np.partition(keys[:fill], L - 1)
-        m = min(fill, L)
-        if ordered:
-            keys[:m].sort()
-        keys[m:L] = _KEY_EMPTY
+        _cut_shortlist(keys, fill, L, k, margin)
+    elif L > k and keys[k - 1] != _KEY_EMPTY:
+        cut = (keys[k - 1] >> _KEY_ROW_BITS) + margin
+        for s in range(k, L):
+            if keys[s] >> _KEY_ROW_BITS > cut:
+                keys[s] = _KEY_EMPTY
 
 
 @numba.njit(inline="always", **_JIT)
@@ -1285,10 +1384,12 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
             o = b * 32 - r0
             for rr in range(nr):
                 allacc[o + rr] = acc[rr]
-            fill, th = _push_candidates(mask, acc, b * 32, keys, fill, k, th)
+            fill, th = _push_candidates(mask, acc, b * 32, keys, fill, k, th, k, 0)
             b += nb
-        _shortlist_sorted(keys, fill, k)
-        th = keys[k - 1] >> _KEY_ROW_BITS  # the k-th smallest sum (2·65535 if fewer rows)
+        _shortlist_final(keys, fill, k, k, 0)
+        th = np.int64(0)
+        for s in range(k):  # the k-th smallest sum, the largest kept (2·65535, an empty slot's, if fewer rows)
+            th = max(th, keys[s] >> _KEY_ROW_BITS)
         bound = th + m + slack
         for x in range(nrows):
             if np.int64(allacc[x]) <= bound:
@@ -1300,7 +1401,7 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
 
 @numba.njit(parallel=True, **_JIT)
 def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchunks, group, tile, part_a, part_r,
-                               out_d, out_i):
+                               margins, out_d, out_i):
     # Shortlist mode. A work item is a group of queries x a chunk of blocks; it walks its blocks in tiles
     # of ``tile`` blocks and scans each tile for every query of the group before the next, so a tile is
     # read from memory once per group and from L1/L2 for the others (one query at a time streamed all the
@@ -1323,7 +1424,10 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
         th = np.full(g, 65535 * 2, dtype=np.int64)
         for j in range(g):
             t = tables[q0 + j]
-            _quantize_one(t, 2 * mp2, luts[j], _shortlist_cap(t, flat, n, m, mp2, k))
+            clip, u = _shortlist_cap(t, flat, n, m, mp2, k)
+            scale, sumabs = _quantize_one(t, 2 * mp2, luts[j], clip)
+            margins[q0 + j] = _shortlist_margin(m, scale, sumabs)
+            th[j] = _sample_bound(u, scale, m, margins[q0 + j])
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         acc = np.empty(64, dtype=np.uint16)
@@ -1349,7 +1453,8 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                                 mask &= (np.int64(1) << nr) - 1
                             if mask != 0:
                                 fills[j0 + i], th[j0 + i] = _push_candidates(mask, accq[i], b * 32, sk[j0 + i],
-                                                                             fills[j0 + i], L, th[j0 + i])
+                                                                             fills[j0 + i], L, th[j0 + i], k,
+                                                                             margins[q0 + j0 + i])
                     b += 2 if two else 1
             for j in range(multi, g):
                 lut8 = luts[j]
@@ -1359,28 +1464,29 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                 b = t0
                 while b < t1:
                     mask, nb, nr = _fs_step(acc, flat, b, t1, bbytes, lut8, mp2, thj, n)
-                    fj, thj = _push_candidates(mask, acc, b * 32, skj, fj, L, thj)
+                    fj, thj = _push_candidates(mask, acc, b * 32, skj, fj, L, thj, k, margins[q0 + j])
                     b += nb
                 th[j] = thj
                 fills[j] = fj
         for j in range(g):
-            # one chunk: the re-score takes the shortlist in any order (rescore_query); several are merged by sum
-            _shortlist_sorted(sk[j], fills[j], L, nchunks > 1)
+            # (each chunk's k-th sum sets its bound: no tighter than all chunks' k-th, which _rescore_query applies)
+            _shortlist_final(sk[j], fills[j], L, k, margins[q0 + j])
             for s in range(L):
                 key = sk[j, s]
                 part_a[c, q0 + j, s] = key >> _KEY_ROW_BITS
                 part_r[c, q0 + j, s] = -1 if key == _KEY_EMPTY else key & _KEY_ROW_MASK
         if nchunks == 1:
             for j in range(g):
-                _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q0 + j)
+                _rescore_query(tables, flat, mp2, m, part_a, part_r, margins, out_d, out_i, q0 + j)
 
 
 @numba.njit(inline="always", **_JIT)
-def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
+def _rescore_query(tables, flat, mp2, m, part_a, part_r, margins, out_d, out_i, q):
     # The L rows with the smallest (quantised sum, row) over every chunk's shortlist (each chunk keeps its own L
     # smallest in that order, so these are the L one chunk over all rows would keep), re-scored exactly. Re-scoring
     # each chunk's shortlist instead made the result depend on the chunk count, and so on the batch size: 68 of 300
-    # queries changed ids at rerank=1 between one-at-a-time and batched search.
+    # queries changed ids at rerank=1 between one-at-a-time and batched search. Rows more than margins[q] above the
+    # k-th smallest sum of all chunks are left out (_cut_shortlist: they cannot reach the top k).
     nchunks, _, L = part_a.shape
     k = out_d.shape[1]
     t = tables[q]
@@ -1399,6 +1505,10 @@ def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
     if nchunks > 1:
         order = np.argsort(aa[:f], kind="mergesort")  # stable: chunks are in row order, so ties keep row order
         take = min(f, L)
+        if take > k:
+            cut = aa[order[k - 1]] + margins[q]
+            while aa[order[take - 1]] > cut:
+                take -= 1
     else:
         order = np.arange(f)
         take = f
@@ -1412,9 +1522,12 @@ def _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q):
     # long lists: every exact sum first, in row order (neighbouring rows share the packed blocks' cache lines), then
     # the k best by (sum, row), where pushing each into the sorted list cost O(k) apiece
     rs = np.empty(take, dtype=np.int64)
+    ascending = True
     for s in range(take):
         rs[s] = rr[order[s]]
-    rs.sort()  # (rows are distinct)
+        ascending &= s == 0 or rs[s] > rs[s - 1]
+    if not ascending:  # (one chunk's reservoir is in row order already; Numba's sort took ~5 ns a row even then)
+        rs.sort()  # (rows are distinct)
     ds = np.empty(take, dtype=np.float32)
     nan = False
     for s in range(take):
@@ -1436,15 +1549,15 @@ RESCORE_PUSH_MAX_K = 32
 
 
 @numba.njit(parallel=True, **_JIT)
-def _rescore_shortlists(tables, flat, mp2, m, part_a, part_r, out_d, out_i):
+def _rescore_shortlists(tables, flat, mp2, m, part_a, part_r, margins, out_d, out_i):
     for q in prange(part_a.shape[1]):
-        _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q)
+        _rescore_query(tables, flat, mp2, m, part_a, part_r, margins, out_d, out_i, q)
 
 
 @numba.njit(**_JIT)
-def _rescore_shortlists_serial(tables, flat, mp2, m, part_a, part_r, out_d, out_i):
+def _rescore_shortlists_serial(tables, flat, mp2, m, part_a, part_r, margins, out_d, out_i):
     for q in range(part_a.shape[1]):
-        _rescore_query(tables, flat, mp2, m, part_a, part_r, out_d, out_i, q)
+        _rescore_query(tables, flat, mp2, m, part_a, part_r, margins, out_d, out_i, q)
 
 
 # Batches of at most this many queries re-score their shortlists on the calling thread (a few microseconds each,
@@ -1517,11 +1630,12 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
         L = int(rerank) * k
         part_a = np.empty((nchunks, nq, L), dtype=np.int64)
         part_r = np.empty((nchunks, nq, L), dtype=np.int64)
+        margins = np.empty(nq, dtype=np.int64)
         _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, int(n), int(m), k, int(rerank), nchunks, group, tile,
-                                   part_a, part_r, out_d, out_i)
+                                   part_a, part_r, margins, out_d, out_i)
         if nchunks > 1:  # (one chunk: re-scored in the scan's work items)
             rescore = _rescore_shortlists_serial if nq <= SERIAL_RESCORE_QUERIES else _rescore_shortlists
-            rescore(tables, flat, mp2, int(m), part_a, part_r, out_d, out_i)
+            rescore(tables, flat, mp2, int(m), part_a, part_r, margins, out_d, out_i)
         return out_d, out_i
     part_d = np.empty((nchunks, nq, k), dtype=np.float32)
     part_i = np.empty((nchunks, nq, k), dtype=np.int64)

@@ -108,3 +108,47 @@ def merge_sorted_topk(parts_d, parts_i, out_d, out_i):
                     a += 1
             out_d[j, :] = td
             out_i[j, :] = ti
+
+
+@numba.njit(**_JIT)
+def radix_sort_u64(a):
+    """Sort ``a`` (uint64) in place: a least-significant-digit radix sort, one byte a pass, skipping the bytes every
+    key shares (packed (score bits, row) keys share most of the row's high bytes). Numba's np.sort, a quicksort,
+    took ~40 ns a key on 8,000 random keys, and sorting 5,000 of them was a tenth of a k = 5,000 exact search."""
+    n = a.shape[0]
+    if n < 64:  # insertion
+        for x in range(1, n):
+            v = a[x]
+            y = x - 1
+            while y >= 0 and a[y] > v:
+                a[y + 1] = a[y]
+                y -= 1
+            a[y + 1] = v
+        return
+    counts = np.zeros((8, 256), np.int64)
+    for x in range(n):
+        v = a[x]
+        for d in range(8):
+            counts[d, (v >> np.uint64(8 * d)) & np.uint64(255)] += 1
+    tmp = np.empty(n, np.uint64)
+    swapped = False
+    for d in range(8):
+        c = counts[d]
+        if c[(a[0] >> np.uint64(8 * d)) & np.uint64(255)] == n:  # every key has this byte: the pass moves nothing
+            continue
+        start = 0
+        for b in range(256):
+            k = c[b]
+            c[b] = start
+            start += k
+        src = tmp if swapped else a
+        dst = a if swapped else tmp
+        shift = np.uint64(8 * d)
+        for x in range(n):
+            v = src[x]
+            b = (v >> shift) & np.uint64(255)
+            dst[c[b]] = v
+            c[b] += 1
+        swapped = not swapped
+    if swapped:
+        a[:] = tmp
