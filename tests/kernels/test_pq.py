@@ -759,8 +759,26 @@ def test_shortlist_clip_by_insertion_equals_by_sorting(k, monkeypatch):
         want = [K._shortlist_cap(t[q], p.reshape(-1), n, m, p.shape[1], k)[0] for q in range(t.shape[0])]
         with monkeypatch.context() as mp, np.errstate(invalid="ignore"):  # (NaN arithmetic in plain Python)
             mp.setattr(K, "_CAP_SMALL_K", 0)
+            mp.setattr(K, "_CAP_PAIRS_FROM_K", 1 << 30)  # (the compiled k <= 64 sums entry by entry too)
             got = [K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k)[0] for q in range(t.shape[0])]
         np.testing.assert_array_equal(got, want)  # (NaN clips compare equal here)
+
+
+@pytest.mark.parametrize("m", [5, 8])
+def test_shortlist_clip_by_byte_pairs_equals_entry_by_entry(m, monkeypatch):
+    # long lists sum the sampled rows' excesses one code byte (two entries) at a time; entry by entry gives the same
+    # clip up to float64 rounding, odd m (a padding nibble) included
+    k, n = 150, 5000
+    codes = _random_codes(m, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    t = _random_tables(m + 1, 3, m, 16, "wide")
+    assert k >= K._CAP_PAIRS_FROM_K
+    for q in range(t.shape[0]):
+        got = K._shortlist_cap(t[q], p.reshape(-1), n, m, p.shape[1], k)
+        with monkeypatch.context() as mp:
+            mp.setattr(K, "_CAP_PAIRS_FROM_K", 1 << 30)
+            want = K._shortlist_cap.py_func(t[q], p.reshape(-1), n, m, p.shape[1], k)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("rerank", [1, 4])
