@@ -1243,33 +1243,51 @@ def shortlist_slots(L):
 
 
 @numba.njit(inline="always", **_JIT)
-def _push_candidates(mask, acc, row0, keys, fill, L, th, k, margin):
-    """Push the rows set in ``mask`` (row ``row0 + r`` has quantised sum ``acc[r]``) whose sums are below ``th`` into
-    the shortlist ``keys`` of ``L`` entries (:func:`shortlist_slots` slots: all :data:`_KEY_EMPTY` at first, ``fill``
+def _push_candidates(mask, acc, ai, row0, keys, kj, fill, L, th, k, margin):
+    """Push the rows set in ``mask`` (row ``row0 + r`` has quantised sum ``acc[ai, r]``) whose sums are below ``th``
+    into the shortlist ``keys[kj]`` of ``L`` entries (2-D arrays and a row index, not row views: a view per call cost
+    ~5% of a k = 1,000 search) (:func:`shortlist_slots` slots: all :data:`_KEY_EMPTY` at first, ``fill``
     0, ``th`` 2·65535). Rows arrive in ascending order, so a sum equal to the threshold ranks after the entry that set
     it and is skipped. The threshold is the L-th smallest sum, or the k-th smallest plus ``margin`` plus one where
     that is lower: a row further than ``margin`` above the k-th smallest sum is beaten by each of the k
     (:func:`_shortlist_margin`), so it could not reach the top k, and admitting it only cost pushes. A reservoir
     stays in row order (:func:`_cut_shortlist`). Returns (fill, threshold)."""
-    reservoir = keys.shape[0] > L
+    if keys.shape[1] > L:  # a reservoir: cut before a mask could overflow it, so the loop below calls nothing
+        if fill + 64 > keys.shape[1]:
+            fill, th = _cut_shortlist(keys[kj], fill, L, k, margin)
+        while mask != 0:
+            rr = _ctz(mask)
+            mask &= mask - 1
+            a = np.int64(acc[ai, rr])
+            if a < th:
+                keys[kj, fill] = (a << _KEY_ROW_BITS) | (row0 + rr)
+                fill += 1
+        return fill, th
+    while mask != 0:
+        rr = _ctz(mask)
+        mask &= mask - 1
+        a = np.int64(acc[ai, rr])
+        if a < th:  # a sorted array
+            key = (a << _KEY_ROW_BITS) | (row0 + rr)
+            p = L - 1
+            while p > 0 and keys[kj, p - 1] > key:
+                keys[kj, p] = keys[kj, p - 1]
+                p -= 1
+            keys[kj, p] = key
+            th = min(keys[kj, L - 1] >> _KEY_ROW_BITS, (keys[kj, k - 1] >> _KEY_ROW_BITS) + margin + 1)
+    return fill, th
     while mask != 0:
         rr = _ctz(mask)
         mask &= mask - 1
         a = np.int64(acc[rr])
-        if a < th:
+        if a < th:  # a sorted array
             key = (a << _KEY_ROW_BITS) | (row0 + rr)
-            if reservoir:
-                keys[fill] = key
-                fill += 1
-                if fill == keys.shape[0]:
-                    fill, th = _cut_shortlist(keys, fill, L, k, margin)
-            else:
-                p = L - 1
-                while p > 0 and keys[p - 1] > key:
-                    keys[p] = keys[p - 1]
-                    p -= 1
-                keys[p] = key
-                th = min(keys[L - 1] >> _KEY_ROW_BITS, (keys[k - 1] >> _KEY_ROW_BITS) + margin + 1)
+            p = L - 1
+            while p > 0 and keys[p - 1] > key:
+                keys[p] = keys[p - 1]
+                p -= 1
+            keys[p] = key
+            th = min(keys[L - 1] >> _KEY_ROW_BITS, (keys[k - 1] >> _KEY_ROW_BITS) + margin + 1)
     return fill, th
 
 
@@ -1357,7 +1375,8 @@ def _shortlist_final(keys, fill, L, k, margin):
 @numba.njit(inline="always", **_JIT)
 def _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n):
     """Scan block b, and block b + 1 with it on AVX-512BW hosts when it is below b1: (candidate mask of the
-    real rows, blocks scanned, real rows). acc[r] is row 32·b + r's quantised sum."""
+    real rows, blocks scanned, real rows). The first row of acc (1-D or 2-D) holds row 32·b + r's quantised sum
+    at r."""
     two = _HAS_AVX512BW and b + 1 < b1
     if two:
         mask = _fs_block2(acc, flat, b * bbytes, bbytes, lut8, mp2, th)
@@ -1403,11 +1422,11 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         r_end = min(n, b1 * 32)
-        acc = np.empty(64, dtype=np.uint16)
+        acc = np.empty((1, 64), dtype=np.uint16)  # (2-D for _push_candidates; the block kernels fill row 0)
         r0 = b0 * 32
         nrows = max(0, r_end - r0)
         allacc = np.empty(nrows, dtype=np.uint16)
-        keys = np.full(shortlist_slots(k), _KEY_EMPTY, dtype=np.int64)
+        keys = np.full((1, shortlist_slots(k)), _KEY_EMPTY, dtype=np.int64)
         fill = 0
         th = np.int64(65535 * 2)
         b = b0
@@ -1415,13 +1434,13 @@ def _fastscan_exact_kernel(tables, flat, nblocks, mp2, n, m, k, nchunks, part_d,
             mask, nb, nr = _fs_step(acc, flat, b, b1, bbytes, lut8, mp2, th, n)
             o = b * 32 - r0
             for rr in range(nr):
-                allacc[o + rr] = acc[rr]
-            fill, th = _push_candidates(mask, acc, b * 32, keys, fill, k, th, k, 0)
+                allacc[o + rr] = acc[0, rr]
+            fill, th = _push_candidates(mask, acc, 0, b * 32, keys, 0, fill, k, th, k, 0)
             b += nb
-        _shortlist_final(keys, fill, k, k, 0)
+        _shortlist_final(keys[0], fill, k, k, 0)
         th = np.int64(0)
         for s in range(k):  # the k-th smallest sum, the largest kept (2·65535, an empty slot's, if fewer rows)
-            th = max(th, keys[s] >> _KEY_ROW_BITS)
+            th = max(th, keys[0, s] >> _KEY_ROW_BITS)
         bound = th + m + slack
         for x in range(nrows):
             if np.int64(allacc[x]) <= bound:
@@ -1462,7 +1481,7 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
             th[j] = _sample_bound(u, scale, m, margins[q0 + j])
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
-        acc = np.empty(64, dtype=np.uint16)
+        acc = np.empty((1, 64), dtype=np.uint16)  # (2-D for _push_candidates; the block kernels fill row 0)
         accq = np.empty((FS_QUERIES, 64), dtype=np.uint16)
         masks = np.empty(FS_QUERIES, dtype=np.int64)
         multi = (g // FS_QUERIES) * FS_QUERIES if _HAS_AVX2 else 0  # queries scanned FS_QUERIES at a time
@@ -1484,19 +1503,18 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                             if nr < width:
                                 mask &= (np.int64(1) << nr) - 1
                             if mask != 0:
-                                fills[j0 + i], th[j0 + i] = _push_candidates(mask, accq[i], b * 32, sk[j0 + i],
+                                fills[j0 + i], th[j0 + i] = _push_candidates(mask, accq, i, b * 32, sk, j0 + i,
                                                                              fills[j0 + i], L, th[j0 + i], k,
                                                                              margins[q0 + j0 + i])
                     b += 2 if two else 1
             for j in range(multi, g):
                 lut8 = luts[j]
-                skj = sk[j]
                 fj = fills[j]
                 thj = th[j]
                 b = t0
                 while b < t1:
                     mask, nb, nr = _fs_step(acc, flat, b, t1, bbytes, lut8, mp2, thj, n)
-                    fj, thj = _push_candidates(mask, acc, b * 32, skj, fj, L, thj, k, margins[q0 + j])
+                    fj, thj = _push_candidates(mask, acc, 0, b * 32, sk, j, fj, L, thj, k, margins[q0 + j])
                     b += nb
                 th[j] = thj
                 fills[j] = fj
