@@ -13,8 +13,9 @@ computation (ADC): the query stays exact, each stored vector is its reconstructi
   top-k. Before quantising, each table entry's excess over its sub-table's minimum is clipped where no top-k row
   can reach (bounded by the k-th smallest exact sum of the rows of 4k/32 blocks spread over the codes), so one
   far codeword does not set the u8 step alone (it had rounded every other entry to 0: recall 0.002 of the exact
-  ADC top-10 on data with 1% outliers, 1.000 with the clip). Rows of the shortlist beyond the certified bound (quantised sum more than
-  the rounding margin above the k-th smallest) cannot reach the top k and are dropped before the re-score.
+  ADC top-10 on data with 1% outliers, 1.000 with the clip). Rows of the shortlist beyond the certified bound
+  (quantised sum more than the rounding margin above the k-th smallest) cannot reach the top k and are dropped
+  before the re-score.
   ``fastscan_rerank=0`` is the certified mode: exactly the ADC top-k, about half the speed.
   (FAISS returns the quantised order; its recall differs from exact ADC's by rounding noise, either way.)
 - ``refine=r`` keeps the raw float32 vectors and re-ranks the best ``r * k`` ADC candidates with exact
