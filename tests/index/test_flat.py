@@ -403,6 +403,42 @@ def test_search_matches_brute_force_hypothesis(shortlist_path, n, d, nq, k, metr
     assert np.array_equal(dist[:, : min(k, n)], expect.astype(np.float32))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_long_lists_try_the_short_keep_on_a_probe_first(monkeypatch, ties, metric):
+    # k >= SHORT_KEEP_MIN_K: the first SHORT_KEEP_PROBE queries keep k + k/16 + 8 rows; on float data they certify and
+    # the rest follow them, on integer coordinates (ties at the k-th) most cannot and the rest go to 2k + 8; the
+    # answers are the brute force's either way
+    rng = np.random.default_rng(3)
+    n, d, nq, k = 3000, 6, 40, 80
+    x = (rng.integers(0, 3, (n, d)) if ties else rng.standard_normal((n, d))).astype(np.float32)
+    q = (rng.integers(0, 3, (nq, d)) if ties else rng.standard_normal((nq, d))).astype(np.float32)
+    index = kvant.FlatIndex(d, metric)
+    index.add(x)
+    monkeypatch.setattr(flat.amx_topk, "AVAILABLE", False)  # (else the AMX pass answers these first)
+    passes = []
+    real = flat.FlatIndex._gemm_topk
+
+    def spy(self, qs, keep, *args):
+        passes.append((qs.shape[0], keep))
+        return real(self, qs, keep, *args)
+
+    monkeypatch.setattr(flat.FlatIndex, "_gemm_topk", spy)
+    dist, ids = index.search(q, k)
+    short, probe = k + k // 16 + 8, flat.SHORT_KEEP_PROBE
+    assert k >= flat.SHORT_KEEP_MIN_K and passes[0] == (probe, short)
+    if ties:
+        assert passes[1][1] == 2 * k + 8 and passes[1][0] > nq - probe  # the rest skipped the short keep
+    else:
+        assert passes == [(probe, short), (nq - probe, short)]
+    bd, bi = _brute(x, q, k, metric)
+    if ties:  # (integer products: exact in float32 too, ids match exactly)
+        assert np.array_equal(ids, bi)
+    else:
+        assert np.array_equal(ids, bi) or np.allclose(dist, bd if metric == "l2" else -bd, rtol=1e-5)
+    assert np.allclose(dist, bd if metric == "l2" else -bd, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("make", [lambda: kvant.FlatIndex(2), lambda: kvant.PQIndex(2, 1, nbits=4)])
 def test_search_refuses_query_dtypes_and_masked_arrays_as_add_does(make):
     idx = make()

@@ -51,6 +51,16 @@ DIRECT_MIN_QUERIES = 2
 # process, medians of 7, tiles / screened blocks (2026-12-06): k = 64 (keep 136) 79 / 102 ms, k = 100 (208) 100 / 78,
 # k = 150 (308) 125 / 98, k = 200 179 / 111; at k = 1,000 (100 queries) 480 / ~55.
 SCREEN_MIN_KEEP = 200
+# Searches for k >= SHORT_KEEP_MIN_K first keep k + k/16 + 8 rows per query rather than 2k + 8, both certified the
+# same way: a list that costs about half as much, and enough wherever few rows tie at the k-th. The first
+# SHORT_KEEP_PROBE queries try it; if more than 1 in SHORT_KEEP_MAX_MISSES of them cannot be certified (ties), the
+# others go straight to 2k + 8. 200 queries, Intel host, 2026-12-06 (ms, 2k + 8 / k + k/16 + 8 for all queries):
+# 50k × 32 ip k = 5,000 170 / 105, 100k × 64 k = 1,000 37 / 25, 20k × 3 k = 100 27 / 18; integer coordinates
+# (100k × 3 in 0..59, 100k × 16 in 0..2) at k = 100: 11 / 27 and 22 / 55, which the probe of 16 queries holds to
+# 11 / 12 and 22 / 25 (k = 1,000: 56 / 62).
+SHORT_KEEP_MIN_K = 64
+SHORT_KEEP_PROBE = 16
+SHORT_KEEP_MAX_MISSES = 4
 # Wide rows and many queries: the fused kernel's products reach ~230 GFLOP/s, BLAS's ~260-280. Such batches multiply
 # row blocks by the queries with single-threaded BLAS in each worker thread (a BLAS_SCREEN_ROWS × ≤ BLAS_SCREEN_QUERIES
 # tile that stays in L2/L3) and screen the tile with the fused kernel's screen (direct_topk.keep_from_products): no
@@ -223,14 +233,16 @@ class FlatIndex:
 
         Exact for every metric: float32 scores (the GEMM form ‖q‖² + ‖x‖² − 2q·x for l2, q·x for ip and cos) only
         shortlist. They err by at most ``_gemm_l2_error`` / ``_gemm_ip_error`` each, so each query keeps ``2k + 8``
-        rows; when the last of them lies more than twice that bound beyond the k-th, every true neighbour is among them,
-        and they are re-scored exactly in float64 (Σ(q−x)², or q·x from exact products) and ranked with ties to the
-        earlier row. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the pass keeping
-        ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin, where the GEMM form keeps no
-        digit of the distances) is answered by an exact float64 scan of every row. On hosts with AMX, batches of at
-        least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions (ordinary magnitudes) first take
-        candidates from bf16 tile products with a proven error bound (:mod:`kvant.kernels.amx_topk`), re-scored
-        exactly; queries with more candidates than its buffer holds go on as above.
+        rows (``k + k/16 + 8`` first from k = ``SHORT_KEEP_MIN_K``, unless a probe of the batch's first queries finds
+        many ties); when the last of them lies more than twice that bound beyond the k-th, every true neighbour is
+        among them, and they are re-scored exactly in float64 (Σ(q−x)², or q·x from exact products) and ranked with
+        ties to the earlier row. Queries that cannot be certified (many rows tied at the k-th: duplicates) repeat the
+        pass keeping ``2k + 8``, then ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin,
+        where the GEMM form keeps no digit of the distances) is answered by an exact float64 scan of every row. On
+        hosts with AMX, batches of at least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions
+        (ordinary magnitudes) first take candidates from bf16 tile products with a proven error bound
+        (:mod:`kvant.kernels.amx_topk`), re-scored exactly; queries with more candidates than its buffer holds go on
+        as above.
         """
         from ..kernels.distance import exact_topk
 
@@ -263,21 +275,37 @@ class FlatIndex:
                 _rescore_exact(np.ascontiguousarray(q[sure]), x, kd, ki, ip)
                 out_d[sure], out_i[sure] = kd[:, :k], ki[:, :k]
             todo = todo[~sure]
+        def certified(rows, keep):
+            """One shortlist pass keeping ``keep`` rows for each query of ``rows`` (ascending): answers the queries it
+            certifies into out_d / out_i and returns the others."""
+            qs = q if rows.size == q.shape[0] else np.ascontiguousarray(q[rows])
+            with np.errstate(over="ignore", invalid="ignore"):  # (overflowing products are handled below)
+                kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale,
+                                                         None if q_scale is None else q_scale[rows])
+            err = _gemm_ip_error(self.dim, q_norm[rows], x_norm_max) if ip else _gemm_l2_error(self.dim, q_sq, x_sq_max)
+            # a list of every row is sure only when it holds them all: an ip product that overflowed float32 is
+            # NaN and never kept (a review: the best row, at 3e38, missing from k = 600 of 1,100)
+            every = ki[:, n - 1] >= 0 if n <= keep else np.zeros(rows.size, np.bool_)
+            sure = every | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
+            _rescore_exact(qs, x, kd, ki, ip)
+            out_d[rows[sure]], out_i[rows[sure]] = kd[sure, :k], ki[sure, :k]
+            return rows[~sure]
+
+        short = max(k, min(n, k + k // 16 + 8))
+        if k >= SHORT_KEEP_MIN_K and short < min(n, 2 * k + 8) and todo.size:
+            # long lists first keep k + k/16 + 8 rows, which certify nearly every query of float data, unless the
+            # first queries show many ties at the k-th (duplicates, integer coordinates), where they would pay for
+            # a second pass (SHORT_KEEP_PROBE)
+            probe = todo[:SHORT_KEEP_PROBE]
+            left = certified(probe, short)
+            rest = todo[probe.size :]
+            if rest.size and left.size * SHORT_KEEP_MAX_MISSES <= probe.size:
+                rest = certified(rest, short)
+            todo = np.sort(np.concatenate([left, rest]))
         for keep in (max(k, min(n, 2 * k + 8)), max(k, min(n, 8 * k + 64))):
             if todo.size == 0:
                 break
-            qs = q if todo.size == q.shape[0] else np.ascontiguousarray(q[todo])
-            with np.errstate(over="ignore", invalid="ignore"):  # (overflowing products are handled below)
-                kd, ki, q_sq, x_sq_max = self._gemm_topk(qs, keep, shift, scale,
-                                                         None if q_scale is None else q_scale[todo])
-            err = _gemm_ip_error(self.dim, q_norm[todo], x_norm_max) if ip else _gemm_l2_error(self.dim, q_sq, x_sq_max)
-            # a list of every row is sure only when it holds them all: an ip product that overflowed float32 is
-            # NaN and never kept (a review: the best row, at 3e38, missing from k = 600 of 1,100)
-            every = ki[:, n - 1] >= 0 if n <= keep else np.zeros(todo.size, np.bool_)
-            sure = every | (kd[:, keep - 1].astype(np.float64) > kd[:, k - 1] + 2.0 * err)
-            _rescore_exact(qs, x, kd, ki, ip)
-            out_d[todo[sure]], out_i[todo[sure]] = kd[sure, :k], ki[sure, :k]
-            todo = todo[~sure]
+            todo = certified(todo, keep)
         if todo.size:
             exact_d = np.empty((todo.size, k))
             exact_i = np.empty((todo.size, k), np.int64)
