@@ -872,7 +872,7 @@ def _quantize_one(t, mp, lut8, cap=np.inf):
 # per query, next to the n·m of the scan. Up to _CAP_SMALL_K the k-th smallest is kept by insertion.
 CAP_SAMPLE = 4
 _CAP_SMALL_K = 64
-_CAP_PAIRS_FROM_K = 128  # (200 queries over 200k PQ32x4 codes, k = 1,000: the clip 10.9 → ~6 ms with pairs)
+_CAP_PAIRS_FROM_K = 128  # (200 queries over 200k PQ32x4 codes, k = 1,000: the clip 10.9 → 7.5 ms with pairs)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -910,7 +910,7 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
             if e > 0.0:
                 step = min(step, e)
     # whole blocks of 32 rows, spread evenly over the codes: rows one by one each read their block's 8 cache lines
-    # (4k rows took 16.5 ms of a 200-query k = 1,000 search over 200k PQ32x4 codes; ~2 by blocks)
+    # (4k rows took 16.5 ms of a 200-query k = 1,000 search over 200k PQ32x4 codes; 13 by blocks, 7.5 by byte pairs)
     full = n // 32
     nb = -(-min(n, CAP_SAMPLE * k) // 32)
     if nb > full:  # every row
@@ -1245,10 +1245,10 @@ def shortlist_slots(L):
 @numba.njit(inline="always", **_JIT)
 def _push_candidates(mask, acc, ai, row0, keys, kj, fill, L, th, k, margin):
     """Push the rows set in ``mask`` (row ``row0 + r`` has quantised sum ``acc[ai, r]``) whose sums are below ``th``
-    into the shortlist ``keys[kj]`` of ``L`` entries (2-D arrays and a row index, not row views: a view per call cost
-    ~5% of a k = 1,000 search) (:func:`shortlist_slots` slots: all :data:`_KEY_EMPTY` at first, ``fill``
-    0, ``th`` 2·65535). Rows arrive in ascending order, so a sum equal to the threshold ranks after the entry that set
-    it and is skipped. The threshold is the L-th smallest sum, or the k-th smallest plus ``margin`` plus one where
+    into the shortlist ``keys[kj]`` of ``L`` entries (:func:`shortlist_slots` slots: all :data:`_KEY_EMPTY` at first,
+    ``fill`` 0, ``th`` 2·65535; 2-D arrays and a row index, as a view per call cost ~5% of a k = 1,000 search).
+    Rows arrive in ascending order, so a sum equal to the threshold ranks after the entry that set it and is
+    skipped. The threshold is the L-th smallest sum, or the k-th smallest plus ``margin`` plus one where
     that is lower: a row further than ``margin`` above the k-th smallest sum is beaten by each of the k
     (:func:`_shortlist_margin`), so it could not reach the top k, and admitting it only cost pushes. A reservoir
     stays in row order (:func:`_cut_shortlist`). Returns (fill, threshold)."""
@@ -1275,19 +1275,6 @@ def _push_candidates(mask, acc, ai, row0, keys, kj, fill, L, th, k, margin):
                 p -= 1
             keys[kj, p] = key
             th = min(keys[kj, L - 1] >> _KEY_ROW_BITS, (keys[kj, k - 1] >> _KEY_ROW_BITS) + margin + 1)
-    return fill, th
-    while mask != 0:
-        rr = _ctz(mask)
-        mask &= mask - 1
-        a = np.int64(acc[rr])
-        if a < th:  # a sorted array
-            key = (a << _KEY_ROW_BITS) | (row0 + rr)
-            p = L - 1
-            while p > 0 and keys[p - 1] > key:
-                keys[p] = keys[p - 1]
-                p -= 1
-            keys[p] = key
-            th = min(keys[L - 1] >> _KEY_ROW_BITS, (keys[k - 1] >> _KEY_ROW_BITS) + margin + 1)
     return fill, th
 
 
