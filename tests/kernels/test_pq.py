@@ -414,6 +414,38 @@ def test_fastscan_bounds_keep_the_top_k_where_the_clip_sample_is_every_row(k, re
             np.testing.assert_array_equal(i[q], best)
 
 
+@pytest.mark.parametrize("case", ["nan", "overflow"])
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_fastscan_bound_prunes_nothing_where_it_cannot_hold(case, nchunks):
+    # (review) the pruning bound assumes the k rows of smallest quantised sums sum exactly to finite numbers: a NaN
+    # entry quantises low but sums to NaN (ranked last), and sums beyond float32 tie at inf (ranked by row); both
+    # lost top-k rows to the bound. The answer must stay the exact top k of the L = rerank·k rows of smallest
+    # (quantised sum, row), as the NumPy replay finds them
+    g = np.random.default_rng(1)
+    n, k, rerank = 2000, 10, 8
+    if case == "nan":
+        m = 4
+        t = g.standard_normal((1, m, 16)).astype(np.float32)
+        t[0, 0, 3] = np.nan
+    else:
+        m = 2
+        t = np.empty((1, m, 16), np.float32)
+        t[0, 0] = 2e38 + np.arange(16) * 0.5e37
+        t[0, 1] = t[0, 0, ::-1]
+    codes = g.integers(0, 16, (n, m)).astype(np.uint8)
+    p = K.pack_codes_4bit(codes)
+    flat, mp2 = p.reshape(-1), p.shape[1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        d, i = K.fastscan_search(t, p, n, m, k, rerank, nchunks=nchunks)
+        full = K.adc_distances(t, codes)
+    lut8 = np.empty(2 * mp2 * 16, np.uint8)
+    K._quantize_one(t[0], 2 * mp2, lut8, K._shortlist_cap(t[0], flat, n, m, mp2, k)[0])
+    qsum = lut8[16 * np.arange(m)[None, :] + codes.astype(np.int64)].astype(np.int64).sum(1)
+    short = np.lexsort((np.arange(n), qsum))[: rerank * k]
+    best = short[np.lexsort((short, full[0, short]))][:k]
+    np.testing.assert_array_equal(i[0], best)
+
+
 def test_fastscan_long_rescore_ranks_nan_sums_last():
     # a NaN table entry makes some rows' exact sums NaN: the long-list re-score (k > RESCORE_PUSH_MAX_K) then ranks
     # them last, like np.lexsort, ties by row; shortlists hold every row here

@@ -306,6 +306,8 @@ class MappedPages:
     def release(self, lo: int, hi: int, partial: bool = False) -> None:
         """Advise away the whole pages inside bytes [lo, hi) of the array's data; with ``partial``, also the pages
         [lo, hi) only touches (they are faulted back in if read again: used where [lo, hi) is a page or less)."""
+        if hi <= lo:
+            return
         a = self.offset + lo
         b = self.offset + hi
         if partial:

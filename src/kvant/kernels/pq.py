@@ -1254,7 +1254,8 @@ def _push_candidates(mask, acc, ai, row0, keys, kj, fill, L, th, k, margin):
     stays in row order (:func:`_cut_shortlist`). Returns (fill, threshold)."""
     if keys.shape[1] > L:  # a reservoir: cut before a mask could overflow it, so the loop below calls nothing
         if fill + 64 > keys.shape[1]:
-            fill, th = _cut_shortlist(keys[kj], fill, L, k, margin)
+            fill, cut_th = _cut_shortlist(keys[kj], fill, L, k, margin)
+            th = min(th, cut_th)  # (both bound the sums that can still matter: th may be the sample's, lower)
         while mask != 0:
             rr = _ctz(mask)
             mask &= mask - 1
@@ -1274,17 +1275,26 @@ def _push_candidates(mask, acc, ai, row0, keys, kj, fill, L, th, k, margin):
                 keys[kj, p] = keys[kj, p - 1]
                 p -= 1
             keys[kj, p] = key
-            th = min(keys[kj, L - 1] >> _KEY_ROW_BITS, (keys[kj, k - 1] >> _KEY_ROW_BITS) + margin + 1)
+            th = min(th, keys[kj, L - 1] >> _KEY_ROW_BITS, (keys[kj, k - 1] >> _KEY_ROW_BITS) + margin + 1)
     return fill, th
 
 
 @numba.njit(inline="always", **_JIT)
-def _shortlist_margin(m, scale, sumabs):
+def _shortlist_margin(t, m, scale, sumabs):
     """How far (in LUT units) a row's quantised sum may lie above the k-th smallest and still sum exactly to less
     than one of the k rows with the smallest quantised sums: each entry is rounded by at most half a unit (m/2 per
     row, m between two rows), plus the float32 rounding of the exact sums (:func:`_slack_units`). Those k rows hold
     no clipped entry (:func:`_shortlist_cap`: at least k rows sum below every row that does), and clipping only lowers
-    a row's quantised sum, so the bound holds for every row. The certified mode keeps exactly these rows."""
+    a row's quantised sum, so the bound holds for every row. The certified mode keeps exactly these rows. No bound
+    (2^20, beyond any sum) for a table ``t`` holding NaN, whose rows quantise low but sum to NaN and rank last, or
+    whose exact sums could overflow float32 and tie at inf, to be ranked by row (a review found both pruning rows
+    of the top k)."""
+    if not sumabs < 1e38:
+        return np.int64(1) << 20
+    for j in range(m):
+        for v in range(16):
+            if t[j, v] != t[j, v]:
+                return np.int64(1) << 20
     return np.int64(m) + _slack_units(m, sumabs, scale)
 
 
@@ -1460,12 +1470,15 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
         sk = np.full((g, shortlist_slots(L)), _KEY_EMPTY, dtype=np.int64)  # per query: its shortlist's keys
         fills = np.zeros(g, dtype=np.int64)
         th = np.full(g, 65535 * 2, dtype=np.int64)
+        marg = np.empty(g, dtype=np.int64)
         for j in range(g):
             t = tables[q0 + j]
             clip, u = _shortlist_cap(t, flat, n, m, mp2, k)
             scale, sumabs = _quantize_one(t, 2 * mp2, luts[j], clip)
-            margins[q0 + j] = _shortlist_margin(m, scale, sumabs)
-            th[j] = _sample_bound(u, scale, m, margins[q0 + j])
+            marg[j] = _shortlist_margin(t, m, scale, sumabs)
+            th[j] = _sample_bound(u, scale, m, marg[j])
+            if c == 0:  # (every chunk's work item finds the same margin; one writes it for _rescore_query)
+                margins[q0 + j] = marg[j]
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         acc = np.empty((1, 64), dtype=np.uint16)  # (2-D for _push_candidates; the block kernels fill row 0)
@@ -1492,7 +1505,7 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                             if mask != 0:
                                 fills[j0 + i], th[j0 + i] = _push_candidates(mask, accq, i, b * 32, sk, j0 + i,
                                                                              fills[j0 + i], L, th[j0 + i], k,
-                                                                             margins[q0 + j0 + i])
+                                                                             marg[j0 + i])
                     b += 2 if two else 1
             for j in range(multi, g):
                 lut8 = luts[j]
@@ -1501,13 +1514,13 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                 b = t0
                 while b < t1:
                     mask, nb, nr = _fs_step(acc, flat, b, t1, bbytes, lut8, mp2, thj, n)
-                    fj, thj = _push_candidates(mask, acc, 0, b * 32, sk, j, fj, L, thj, k, margins[q0 + j])
+                    fj, thj = _push_candidates(mask, acc, 0, b * 32, sk, j, fj, L, thj, k, marg[j])
                     b += nb
                 th[j] = thj
                 fills[j] = fj
         for j in range(g):
             # (each chunk's k-th sum sets its bound: no tighter than all chunks' k-th, which _rescore_query applies)
-            _shortlist_final(sk[j], fills[j], L, k, margins[q0 + j])
+            _shortlist_final(sk[j], fills[j], L, k, marg[j])
             for s in range(L):
                 key = sk[j, s]
                 part_a[c, q0 + j, s] = key >> _KEY_ROW_BITS
