@@ -414,6 +414,31 @@ def test_fastscan_bounds_keep_the_top_k_where_the_clip_sample_is_every_row(k, re
             np.testing.assert_array_equal(i[q], best)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 2500), m=st.integers(1, 9), k=st.integers(1, 180), rerank=st.integers(1, 5),
+       nchunks=st.sampled_from([1, 2, 3]), ties=st.booleans(), wide=st.booleans(), seed=st.integers(0, 2**16))
+def test_fastscan_shortlist_replay_hypothesis(n, m, k, rerank, nchunks, ties, wide, seed):
+    # any shape: the answer is the exact top k of the L = rerank·k rows of smallest (quantised sum, row), whatever
+    # the bounds prune on the way (sorted arrays and reservoirs, cuts, several chunks, ties, n not a multiple of 32)
+    t = _random_tables(seed, 3, m, 16, "wide" if wide else "normal")
+    if ties:
+        t = np.round(t * 4) / 4
+    codes = _random_codes(seed + 1, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    flat, mp2 = p.reshape(-1), p.shape[1]
+    d, i = K.fastscan_search(t, p, n, m, k, rerank, nchunks=nchunks)
+    full = K.adc_distances(t, codes)
+    L = min(rerank, -(-n // k)) * k
+    for q in range(t.shape[0]):
+        lut8 = np.empty(2 * mp2 * 16, np.uint8)
+        K._quantize_one(t[q], 2 * mp2, lut8, K._shortlist_cap(t[q], flat, n, m, mp2, k)[0])
+        qsum = lut8[16 * np.arange(m)[None, :] + codes.astype(np.int64)].astype(np.int64).sum(1)
+        short = np.lexsort((np.arange(n), qsum))[:L]
+        best = short[np.lexsort((short, full[q, short]))][:k]
+        np.testing.assert_array_equal(i[q, : best.size], best)
+        assert np.all(i[q, best.size :] == -1)
+
+
 @pytest.mark.parametrize("case", ["nan", "overflow"])
 @pytest.mark.parametrize("nchunks", [1, 3])
 def test_fastscan_bound_prunes_nothing_where_it_cannot_hold(case, nchunks):
