@@ -32,6 +32,12 @@ def _first_row(mask: np.ndarray) -> int:
     return int(np.argmax(mask.any(axis=1)))
 
 
+def first_overflow(arr: np.ndarray, cast: np.ndarray) -> int | None:
+    """The first row where a finite value of ``arr`` became inf in ``cast`` (``arr`` converted), or None."""
+    beyond = np.isfinite(arr) & ~np.isfinite(cast)
+    return _first_row(beyond) if beyond.any() else None
+
+
 def values_to_write(x, dtype: np.dtype) -> np.ndarray:
     """``x`` (n, dim) converted to ``dtype``, else InvalidInput: not 2-D, zero rows or columns, not real numbers,
     a finite value that would become inf, an integer the target cannot hold exactly (a float target rounds
@@ -56,10 +62,10 @@ def values_to_write(x, dtype: np.dtype) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         values = arr.astype(dtype, copy=False)
     if dtype.kind == "f" and arr.dtype.kind == "f":
-        beyond = np.isfinite(arr) & ~np.isfinite(values)
-        if beyond.any():
+        row = first_overflow(arr, values)
+        if row is not None:
             raise InvalidInput(f"values out of the {dtype.name} range (they would be written as inf; first at row "
-                               f"{_first_row(beyond)})")
+                               f"{row})")
     elif dtype.kind == "f":  # integers to floats: each must come back unchanged
         with np.errstate(over="ignore", invalid="ignore"):
             back = values.astype(arr.dtype)

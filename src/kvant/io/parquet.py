@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DimensionMismatch, InvalidInput
 from ._paths import check_file, exists, missing
-from ._write import values_to_write, writing
+from ._write import first_overflow, values_to_write, writing
 from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows, checked_float32, chunk_rows
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
@@ -459,9 +459,8 @@ def write_parquet(
     values = np.ascontiguousarray(values_to_write(x, dt.newbyteorder("=")))
     if dt == np.float64:  # the reader computes in float32 and refuses finite values that become inf there
         with np.errstate(over="ignore"):
-            beyond = np.isfinite(values) & ~np.isfinite(values.astype(np.float32))
-        if beyond.any():
-            row = int(np.argmax(beyond.any(axis=1)))
+            row = first_overflow(values, values.astype(np.float32))
+        if row is not None:
             raise InvalidInput(f"values beyond float32's range (±3.4e38; first at row {row}): kvant computes in "
                                f"float32, so its reader would refuse the file")
     flat = pa.array(values.reshape(-1))
