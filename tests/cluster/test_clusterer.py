@@ -1,6 +1,7 @@
 """kvant.Clusterer: exactness, determinism, validation, inputs, memory bounds."""
 
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1378,6 +1379,23 @@ def test_cos_rows_whose_norm_float32_cannot_hold_cluster_as_their_directions(alg
         assert c.mean_cosine_ == pytest.approx(reference.mean_cosine_, abs=1e-6)
         assert reference.score(x) == pytest.approx(reference.mean_cosine_, abs=1e-6)
         np.testing.assert_array_equal(reference.predict(x), reference.labels_)
+
+
+@pytest.mark.parametrize("k", [5, 128])
+def test_a_finite_row_near_float32_max_fits_silently_with_exact_labels(k):
+    # an audit: one 3e38 coordinate (finite, valid input) overflowed the float32 GEMM of the E-step (K = 128: the
+    # certified and GEMM paths) with RuntimeWarnings, which fail a fit under ``-W error``; the labels were right
+    x = np.random.default_rng(0).standard_normal((10_000, 128)).astype(np.float32)
+    x[5, 0] = np.float32(3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = kvant.Clusterer(k, "l2", "dense-exact-row", seed=0).fit(x)
+    x64, c64 = x.astype(np.float64), c.cluster_centers_.astype(np.float64)
+    d = (x64 * x64).sum(1)[:, None] - 2 * x64 @ c64.T + (c64 * c64).sum(1)[None, :]
+    d[5] = ((x64[5] - c64) ** 2).sum(1)  # (the expanded form loses row 5's differences)
+    best = d[np.arange(len(x)), c.labels_]
+    assert np.all(best <= d.min(1) * (1 + 1e-6) + 1e-6)
+    assert c.inertia_ == pytest.approx(best.sum(), rel=1e-6)
 
 
 def test_normalise_rows_into_matches_float64_on_extreme_norms():
