@@ -62,11 +62,13 @@ if __name__ == "__main__":
 """
 
 
-def test_fits_work_in_processes_forked_after_a_fit():
+@pytest.mark.parametrize("threads_env", [{}, {"KVANT_NUM_THREADS": "2"}, {"NUMBA_NUM_THREADS": "1"}])
+def test_fits_work_in_processes_forked_after_a_fit(threads_env):
     # multiprocessing's default start on Linux, DataLoader workers and pre-forking servers fork after the parent has
     # used kvant. Two ways this broke: the child inherited kvant's thread pool without its threads (the fit waited
     # forever), and on GNU OpenMP Numba kills a forked child at its first parallel kernel. kvant loads pip's oneTBB so
-    # Numba runs on TBB, which is fork-safe.
+    # Numba runs on TBB, which is fork-safe. A thread count in the environment started Numba's threads at import,
+    # before oneTBB was loaded, and left it on OpenMP (an audit: the forked Pool hung).
     import os
     import subprocess
     import sys
@@ -76,7 +78,8 @@ def test_fits_work_in_processes_forked_after_a_fit():
         version("tbb")
     except PackageNotFoundError:
         pytest.skip("oneTBB is not installed: Numba falls back to GNU OpenMP, which is not fork-safe")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_THREADING_LAYER", "KVANT_NUM_THREADS", "NUMBA_NUM_THREADS")} | threads_env
     run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS], capture_output=True, text=True, timeout=300,
                          env=env, check=False)
     assert run.returncode == 0, run.stderr[-3000:]

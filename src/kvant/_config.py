@@ -14,6 +14,13 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from ._tbb import load_pip_tbb
+
+# before _init_from_env below, whose set_num_threads starts Numba's threads and so fixes its threading layer: with
+# KVANT_NUM_THREADS or NUMBA_NUM_THREADS set, loading oneTBB later (it was loaded when _parallel was imported) left
+# Numba on GNU OpenMP, and a Pool forked after a fit hung (an audit)
+load_pip_tbb()
+
 __all__ = ["set_num_threads", "get_num_threads", "rng", "check_seed", "with_threads"]
 
 _num_threads: int | None = None

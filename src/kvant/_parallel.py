@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -151,38 +150,3 @@ def numba_threading_layer() -> str:
     return _layer
 
 
-def load_pip_tbb() -> str | None:
-    """Make Numba's TBB threading layer loadable where pip installed oneTBB; returns the library loaded, if any.
-
-    Numba takes the first layer that loads among "tbb", "omp" and "workqueue". pip's ``tbb`` wheel puts
-    ``libtbb.so.12`` in ``<prefix>/lib``, outside the dynamic loader's search path, so the TBB layer failed to load and
-    Numba fell back to GNU OpenMP, which is not fork-safe: a process forked after a kvant call (multiprocessing's
-    default on Linux, a PyTorch DataLoader worker, a pre-forking web server) was killed on its first parallel kernel
-    ("Terminating: fork() called from a process already using GNU OpenMP"). Loading the library by path first lets
-    Numba's TBB layer find it. A ``NUMBA_THREADING_LAYER`` the user set still decides."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open("/proc/self/maps") as maps:
-            if "libtbb.so" in maps.read():  # some other package loaded a oneTBB already: one copy per process
-                return None
-    except OSError:
-        pass
-    import ctypes
-    from importlib.metadata import PackageNotFoundError, files
-
-    try:
-        found = [f for f in files("tbb") or () if f.name == "libtbb.so.12"]
-    except PackageNotFoundError:
-        return None
-    for f in found:
-        path = str(f.locate())
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-        return path
-    return None
-
-
-load_pip_tbb()
