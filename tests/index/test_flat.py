@@ -632,3 +632,18 @@ def test_reservoir_width_fits_the_budget(keep):
     width = flat._reservoir_width(keep)
     assert width % 16 == 0 and width >= 16
     assert width == 16 or width * 12 * flat.direct_topk.capacity(keep) <= flat._RESERVOIR_BYTES
+
+
+def test_reconstruct_returns_rows_in_the_given_order_and_refuses_unknown_ids():
+    # (an audit: no ids on an empty index raised "not in the index" while a non-empty one returned (0, dim))
+    index = kvant.FlatIndex(3)
+    assert index.reconstruct([]).shape == (0, 3)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    index.add(x, ids=[40, 10, 30, 20])
+    np.testing.assert_array_equal(index.reconstruct([20, 40, 20]), x[[3, 0, 3]])
+    assert index.reconstruct([]).shape == (0, 3)
+    with pytest.raises(kvant.InvalidInput, match="not in the index"):
+        index.reconstruct([10, 11])
+    index.remove([10])
+    with pytest.raises(kvant.InvalidInput, match="not in the index"):
+        index.reconstruct([10])

@@ -584,7 +584,7 @@ class FlatIndex:
         order = np.argsort(stored, kind="stable")
         pos = np.searchsorted(stored[order], ids)
         pos = np.minimum(pos, max(0, stored.size - 1))
-        if stored.size == 0 or not np.array_equal(stored[order][pos], ids):
+        if ids.size and (stored.size == 0 or not np.array_equal(stored[order][pos], ids)):
             raise InvalidInput("some ids are not in the index")
         return self._x.view[order[pos]].copy()
 
