@@ -117,6 +117,21 @@ def test_search_json_pads_with_null(tmp_path, capsys):
     assert flat.count(None) == 2 * 3
 
 
+def test_search_takes_a_1d_npy_as_one_query_as_tree_knn_and_the_api_do(tmp_path, capsys):
+    # (an audit: a (dim,) file exited 2 with "expected a 2-D array", while kvant tree knn took it as one query)
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    index = kvant.FlatIndex(4)
+    index.add(x)
+    index.save(tmp_path / "f.kvant")
+    np.save(tmp_path / "q1.npy", x[7].astype(np.float64))
+    assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q1.npy"), "-k", "3", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["nq"] == 1 and payload["ids"][0] == index.search(x[7], 3)[1].tolist()
+    np.save(tmp_path / "bad.npy", np.array([[np.nan, 0, 0, 0]], np.float32)[0])
+    assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "bad.npy"), "-k", "3"]) == 2
+    assert "NaN" in capsys.readouterr().err
+
+
 UNWRITABLE = "/proc/kvant-cannot-write-here"  # /proc refuses new files even to root, on every Linux
 
 

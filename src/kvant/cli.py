@@ -650,7 +650,9 @@ def _cmd_search(args) -> int:
     index = _load_object(args.index, mmap=args.mmap)
     if not hasattr(index, "search"):
         raise InvalidInput(f"{args.index} holds a {type(index).__name__}, which cannot be searched")
-    queries = as_source(args.queries, column=args.column).to_array()
+    queries = _one_npy_query(args.queries, args.column)
+    if queries is None:
+        queries = as_source(args.queries, column=args.column).to_array()
     if queries.shape[0]:  # load the compiled kernels first, so queries/s measures searching, not start-up
         index.search(queries[:1], args.k)
     t0 = time.perf_counter()
@@ -713,6 +715,24 @@ _ADDERS.append(_add_index)
 _ADDERS.append(_add_search)
 
 # --- tree (issue 4) ---
+
+
+def _one_npy_query(path: str, column: str | None) -> np.ndarray | None:
+    """A 1-D .npy file as one query (1, dim), as ``index.search(vector)`` and ``kvant tree knn`` take it; None for
+    any other file (read by kvant.io.as_source, which checks it)."""
+    from pathlib import Path
+
+    if Path(path).suffix != ".npy" or column is not None:
+        return None
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None  # (as_source reports it)
+    if arr.ndim != 1:
+        return None
+    from .io import as_source
+
+    return as_source(np.asarray(arr).reshape(1, -1)).to_array()
 
 
 def _tree_load_points(path: str, column: str | None = None, coordinates: bool = True) -> np.ndarray:
