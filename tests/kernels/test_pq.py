@@ -414,6 +414,50 @@ def test_fastscan_bounds_keep_the_top_k_where_the_clip_sample_is_every_row(k, re
             np.testing.assert_array_equal(i[q], best)
 
 
+def _replay_shortlist_answer(t, codes, flat, mp2, k, L):
+    """(ids, distances) the shortlist mode must return for one query's table ``t``: the exact top k of the L rows of
+    smallest (quantised sum, row), the sums from the scan's clip and quantisation replayed in NumPy; and the sums."""
+    n, m = codes.shape
+    lut8 = np.empty(2 * mp2 * 16, np.uint8)
+    K._quantize_one(t, 2 * mp2, lut8, K._shortlist_cap(t, flat, n, m, mp2, k)[0])
+    qsum = lut8[16 * np.arange(m)[None, :] + codes.astype(np.int64)].astype(np.int64).sum(1)
+    exact = K.adc_distances(t[None], codes)[0]
+    short = np.lexsort((np.arange(n), qsum))[:L]
+    best = short[np.lexsort((short, exact[short]))][:k]
+    return best, exact[best], qsum, lut8
+
+
+@pytest.mark.parametrize("k,rerank", [(150, 2), (100, 4)])
+def test_fastscan_rescans_a_query_whose_guessed_bound_was_too_low(k, rerank):
+    # The scan starts from a guess at its final bound taken from the clip's sampled blocks (_optimistic_bound). Here
+    # the sampled blocks hold the only good rows (codes 0-1; every other row codes 2-15), so the sample promises far
+    # more good rows than there are, the guess lies below the L-th smallest sum, and the query must be scanned again
+    # from the proven bound: the answer is still the replay's. (The guess is checked to have been too low.)
+    m, nb = 4, 400
+    n = 32 * nb
+    g = np.random.default_rng(3)
+    t = np.sort(g.random((3, m, 16)), axis=2).astype(np.float32)  # code 0 smallest in every sub-table
+    codes = g.integers(2, 16, (n, m)).astype(np.uint8)
+    L = rerank * k
+    f = -(-K.CAP_SAMPLE * k // 32)  # the clip's blocks (_shortlist_cap), spread evenly
+    for i in range(f):
+        blk = (i * nb) // f
+        codes[32 * blk : 32 * blk + 32] = g.integers(0, 2, (32, m))
+    p = K.pack_codes_4bit(codes)
+    flat, mp2 = p.reshape(-1), p.shape[1]
+    d, i = K.fastscan_search(t, p, n, m, k, rerank, nchunks=1)
+    for q in range(t.shape[0]):
+        best, dist, qsum, lut8 = _replay_shortlist_answer(t[q], codes, flat, mp2, k, L)
+        np.testing.assert_array_equal(i[q], best)
+        np.testing.assert_array_equal(d[q], dist)
+        clip, u, est_k, est_l = K._shortlist_cap(t[q], flat, n, m, mp2, k, L)
+        scale, sumabs = K._quantize_one(t[q], 2 * mp2, np.empty_like(lut8), clip)
+        margin = K._shortlist_margin(t[q], m, scale, sumabs)
+        guess = K._optimistic_bound(est_k, est_l, scale, m, margin)
+        srt = np.sort(qsum)
+        assert guess <= min(srt[L - 1], srt[k - 1] + margin) < K._sample_bound(u, scale, m, margin)
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 2500), m=st.integers(1, 9), k=st.integers(1, 180), rerank=st.integers(1, 5),
        nchunks=st.sampled_from([1, 2, 3]), ties=st.booleans(), wide=st.booleans(), seed=st.integers(0, 2**16))

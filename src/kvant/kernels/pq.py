@@ -883,7 +883,7 @@ def _sorts_after(a, b):
 
 
 @numba.njit(**_JIT)
-def _shortlist_cap(t, flat, n, m, mp2, k):
+def _shortlist_cap(t, flat, n, m, mp2, k, L=0):
     """How far above its sub-table's minimum an entry can matter to the top k, from the exact ADC sums of the rows of
     ``CAP_SAMPLE * k / 32`` whole blocks spread evenly over the codes (at least ``CAP_SAMPLE * k`` rows, or all of
     them): their k-th smallest, U, bounds the k-th best from above (any
@@ -895,9 +895,12 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     exact top 10.) The sampled rows' excesses U − Σ min_j are summed term by term in float64: taken as a float32 sum
     minus Σ min_j, a row at the minimum of a sub-table of 1e9 lost the other sub-tables' excess, the clip fell to the
     smallest excess and clipped the true top-1 (at 1e9 + 0.31) with the rest (a review). Returns (the clip, U − Σ
-    min_j), both inf when there are fewer than k rows."""
+    min_j, est_k, est_L), the first two inf when there are fewer than k rows. With ``L`` > 0 and k > _CAP_SMALL_K,
+    est_k and est_L are the sample's excesses at the ranks where the k-th and L-th smallest of all n rows should fall
+    (:func:`_estimate_rank`, three standard deviations high): guesses, not bounds (inf where there is none), for
+    :func:`_optimistic_bound`."""
     if n < k:
-        return np.inf, np.inf
+        return np.inf, np.inf, np.inf, np.inf
     excess = np.empty((m, 16))  # each entry's excess over its sub-table's minimum
     step = np.inf  # the smallest positive one
     for j in range(m):
@@ -936,6 +939,7 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
                     p -= 1
                 best[p] = v
         u = best[k - 1]
+        est_k = est_l = np.inf
     else:
         # from _CAP_PAIRS_FROM_K, one lookup per code byte in a table of its two entries' excesses summed (256 per
         # pair of sub-quantizers: building it costs 256·m/2 additions, and halves the sample's lookups)
@@ -950,7 +954,19 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
                 nr = _block_excess(excess, flat, blk, n, m, mp2, ex)
             sums[f : f + nr] = ex[:nr]
             f += nr
-        u = np.partition(sums[:f], k - 1)[k - 1]  # (NaN last, as np.sort puts it)
+        low = np.partition(sums[:f], k - 1)  # (NaN last, as np.sort puts it)
+        u = low[k - 1]
+        est_k = est_l = np.inf
+        if L > 0:  # (the ranks lie below k unless the sample is most of the rows)
+            rk = _estimate_rank(k, f, n)
+            rl = _estimate_rank(L, f, n)
+            top = k  # low[:top] holds the sample's top smallest
+            if rl <= top:
+                low = np.partition(low[:top], rl - 1)
+                est_l = low[rl - 1]
+                top = rl
+            if rk <= top:
+                est_k = np.partition(low[:top], rk - 1)[rk - 1]
     # U = Σ min (a sampled row at every minimum: the query is a stored code) gave a clip of 0, which rounded every
     # entry to 0 and made the shortlist the first rows scanned (a review: 4,000 copies of the query missed). Clipping
     # no lower than the smallest positive excess keeps every entry above its minimum quantised above 0.
@@ -961,7 +977,17 @@ def _shortlist_cap(t, flat, n, m, mp2, k):
     # sum is at least qmax, and a row within U has at most (U − Σ min)/step + m/2: C' > C / (1 − (m + 1) / (2 qmax)).
     qmax = min(255, 65535 // (2 * mp2))
     room = 1.0 - (m + 1) / (2.0 * qmax)
-    return (c / room if room > 0.0 else np.inf), u
+    return (c / room if room > 0.0 else np.inf), u, est_k, est_l
+
+
+@numba.njit(inline="always", **_JIT)
+def _estimate_rank(r, f, n):
+    """The rank among ``f`` rows sampled evenly from ``n`` at or above which the r-th smallest of all n should lie:
+    r·f/n plus three standard deviations of a binomial count and 4 (f + 1, beyond the sample, when it cannot)."""
+    if f >= n:
+        return r
+    mean = r * f / n
+    return min(f + 1, np.int64(np.ceil(mean + 3.0 * np.sqrt(mean) + 4.0)))
 
 
 @numba.njit(inline="always", **_JIT)
@@ -1359,14 +1385,43 @@ def _cut_shortlist(keys, fill, L, k, margin):
 @numba.njit(inline="always", **_JIT)
 def _shortlist_final(keys, fill, L, k, margin):
     """keys[:L] as the finished shortlist: its L best entries less those beyond the bound (:func:`_cut_shortlist`),
-    empty slots last; a reservoir in row order, a sorted array ascending."""
+    empty slots last; a reservoir in row order, a sorted array ascending. Returns the entries kept (reservoirs; -1 for
+    a sorted array)."""
     if keys.shape[0] > L:
-        _cut_shortlist(keys, fill, L, k, margin)
-    elif L > k and keys[k - 1] != _KEY_EMPTY:
+        return _cut_shortlist(keys, fill, L, k, margin)[0]
+    if L > k and keys[k - 1] != _KEY_EMPTY:
         cut = (keys[k - 1] >> _KEY_ROW_BITS) + margin
         for s in range(k, L):
             if keys[s] >> _KEY_ROW_BITS > cut:
                 keys[s] = _KEY_EMPTY
+    return -1
+
+
+@numba.njit(inline="always", **_JIT)
+def _optimistic_bound(est_k, est_l, scale, m, margin):
+    """A guess at the bound a shortlist ends with, min(L-th smallest sum, k-th smallest + margin), from the clip
+    sample's excesses at the ranks where the k-th and L-th of all rows should lie (:func:`_shortlist_cap`). Starting
+    from the proven bound (:func:`_sample_bound`, the sample's k-th: a quarter of the rows at CAP_SAMPLE = 4) admitted
+    ~15,000 rows per query into a 4,000-row shortlist at k = 1,000 over 200k codes, each pushed and most cut again.
+    :func:`_shortlist_proven` checks the guess afterwards."""
+    return min(_sample_bound(est_l, scale, m, 0), _sample_bound(est_k, scale, m, margin))
+
+
+@numba.njit(**_JIT)
+def _shortlist_proven(keys, kept, L, k, margin, start):
+    """Whether a reservoir cut to its final ``kept`` entries (:func:`_shortlist_final`) after a scan that admitted
+    only sums below ``start`` holds every row the proven bound would have kept. Every sum below ``start`` was
+    admitted (the bound only tightened to values its entries proved), so it does if the L-th smallest sum of all rows
+    is below ``start`` (L entries kept), or if at least k were and the k-th smallest plus the margin is (the rows
+    kept are those up to it: :func:`_cut_shortlist`)."""
+    if kept >= L:
+        return True
+    if kept < k:
+        return False
+    hist = np.zeros(512, np.int64)
+    for s in range(kept):
+        hist[keys[s] >> _SUM_HI_SHIFT] += 1
+    return _sum_at_rank(keys, kept, hist, k)[0] + margin < start
 
 
 @numba.njit(inline="always", **_JIT)
@@ -1471,14 +1526,20 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
         fills = np.zeros(g, dtype=np.int64)
         th = np.full(g, 65535 * 2, dtype=np.int64)
         marg = np.empty(g, dtype=np.int64)
+        safe = np.empty(g, dtype=np.int64)  # each query's proven starting bound
+        # One chunk with reservoirs: start from a guess of the final bound and check it at the end (_optimistic_bound)
+        guess = nchunks == 1 and shortlist_slots(L) > L
         for j in range(g):
             t = tables[q0 + j]
-            clip, u = _shortlist_cap(t, flat, n, m, mp2, k)
+            clip, u, est_k, est_l = _shortlist_cap(t, flat, n, m, mp2, k, L if guess else 0)
             scale, sumabs = _quantize_one(t, 2 * mp2, luts[j], clip)
             marg[j] = _shortlist_margin(t, m, scale, sumabs)
-            th[j] = _sample_bound(u, scale, m, marg[j])
+            safe[j] = th[j] = _sample_bound(u, scale, m, marg[j])
+            if guess:
+                th[j] = min(th[j], _optimistic_bound(est_k, est_l, scale, m, marg[j]))
             if c == 0:  # (every chunk's work item finds the same margin; one writes it for _rescore_query)
                 margins[q0 + j] = marg[j]
+        start = th.copy()
         b0 = min(nblocks, c * bchunk)
         b1 = min(nblocks, b0 + bchunk)
         acc = np.empty((1, 64), dtype=np.uint16)  # (2-D for _push_candidates; the block kernels fill row 0)
@@ -1520,7 +1581,18 @@ def _fastscan_shortlist_kernel(tables, flat, nblocks, mp2, n, m, k, rerank, nchu
                 fills[j] = fj
         for j in range(g):
             # (each chunk's k-th sum sets its bound: no tighter than all chunks' k-th, which _rescore_query applies)
-            _shortlist_final(sk[j], fills[j], L, k, marg[j])
+            kept = _shortlist_final(sk[j], fills[j], L, k, marg[j])
+            if start[j] < safe[j] and not _shortlist_proven(sk[j], kept, L, k, marg[j], start[j]):
+                # the guess was too low (rare): scan this query's rows again from the proven bound
+                sk[j, :] = _KEY_EMPTY
+                fj = 0
+                thj = safe[j]
+                b = b0
+                while b < b1:
+                    mask, nb, nr = _fs_step(acc, flat, b, b1, bbytes, luts[j], mp2, thj, n)
+                    fj, thj = _push_candidates(mask, acc, 0, b * 32, sk, j, fj, L, thj, k, marg[j])
+                    b += nb
+                _shortlist_final(sk[j], fj, L, k, marg[j])
             for s in range(L):
                 key = sk[j, s]
                 part_a[c, q0 + j, s] = key >> _KEY_ROW_BITS
