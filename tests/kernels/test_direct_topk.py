@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvant.kernels import direct_topk as DT
 from kvant.kernels.distance import sq_norms
@@ -284,3 +286,26 @@ def test_radix_sort_u64_sorts_like_numpy(n):
         y = x.copy()
         radix_sort_u64(y)
         np.testing.assert_array_equal(y, np.sort(x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), spread=st.sampled_from(["full", "narrow", "few", "floats"]), seed=st.integers(0, 2**16),
+       where=st.floats(0, 1))
+def test_select_u64_is_the_sorted_keys_rank(n, spread, seed, where):
+    # the radix selection against np.sort: full-width keys, keys sharing their high digits (packed scores of one
+    # magnitude), heavy duplicates, and the bits of non-negative float64s (the FastScan clip's sample sums)
+    from kvant.kernels.topk import select_u64
+
+    g = np.random.default_rng(seed)
+    if spread == "full":
+        a = g.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + g.integers(0, 2, n, dtype=np.uint64)
+    elif spread == "narrow":
+        a = np.uint64(0xABCDE) << np.uint64(40) | g.integers(0, 2**20, n, dtype=np.uint64)
+    elif spread == "few":
+        a = g.integers(0, 4, n, dtype=np.uint64) << np.uint64(33)
+    else:
+        a = (g.random(n) * 10.0 ** g.integers(-3, 4)).view(np.uint64)
+    r = min(n - 1, int(where * n))
+    before = a.copy()
+    assert select_u64(a, r) == np.sort(a)[r]
+    np.testing.assert_array_equal(a, before)

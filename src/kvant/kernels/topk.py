@@ -152,3 +152,47 @@ def radix_sort_u64(a):
         swapped = not swapped
     if swapped:
         a[:] = tmp
+
+
+_SELECT_BITS = 11  # digit width of select_u64: 2,048 counters, cleared per pass
+
+
+@numba.njit(**_JIT)
+def select_u64(a, r):
+    """The r-th smallest (0-based) of ``a`` (uint64; left unchanged): a most-significant-digit radix selection,
+    11 bits a pass, each pass over the keys that share the selected digits so far. Numba's np.partition, a quickselect,
+    took ~41 µs per 4,000 structured keys (sums of evenly spread blocks of clustered codes) where NumPy's takes ~7."""
+    n = a.shape[0]
+    buf = a.copy()
+    m = n
+    shift = 64
+    hist = np.zeros(1 << _SELECT_BITS, np.int64)
+    while m > 16 and shift > 0:
+        w = min(_SELECT_BITS, shift)
+        shift -= w
+        mask = np.uint64((1 << w) - 1)
+        sh = np.uint64(shift)
+        hist[:] = 0
+        for x in range(m):
+            hist[(buf[x] >> sh) & mask] += 1
+        b = 0
+        while hist[b] <= r:
+            r -= hist[b]
+            b += 1
+        if hist[b] == m:  # every key shares this digit: nothing to narrow
+            continue
+        keep = np.uint64(b)
+        j = 0
+        for x in range(m):  # (in place: j <= x)
+            if (buf[x] >> sh) & mask == keep:
+                buf[j] = buf[x]
+                j += 1
+        m = j
+    for x in range(1, m):  # the few left share every selected digit: insertion
+        v = buf[x]
+        y = x - 1
+        while y >= 0 and buf[y] > v:
+            buf[y + 1] = buf[y]
+            y -= 1
+        buf[y + 1] = v
+    return buf[r]
