@@ -847,7 +847,8 @@ def _add_tree(sub) -> None:
     b.add_argument("points")
     b.add_argument("-o", "--output", required=True, help="where to save the tree (.kvant)")
     b.add_argument("--metric", default="euclidean", choices=["euclidean", "manhattan", "chebyshev", "angular"])
-    b.add_argument("--base", type=float, default=1.3, help="level base (default 1.3)")
+    b.add_argument("--base", type=float, default=None,
+                   help="level base (default: 1.5 for points of up to 12 coordinates, else 1.3)")
     b.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
     b.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the points")
     _common(b)

@@ -523,6 +523,45 @@ def test_residual_validation():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_the_default_base_follows_the_dimension_and_survives_save_and_load(tmp_path):
+    # base=None: 1.5 for points of up to 12 coordinates, 1.3 above (and a given base is kept as given); the level base
+    # in use is saved with the tree, so the loaded one checks and extends the same levels
+    for dim, want in ((4, cover.LOW_D_BASE), (12, cover.LOW_D_BASE), (13, cover.DEFAULT_BASE)):
+        X = _data(500, dim, seed=dim)
+        tree = kvant.CoverTree().fit(X)
+        assert tree.base is None and tree.level_base_ == want
+        tree.check_invariants()
+        tree.save(tmp_path / "t.kvant")
+        back = kvant.load(tmp_path / "t.kvant")
+        assert back.base is None and back.level_base_ == want
+        back.check_invariants()
+        back.insert(_data(30, dim, seed=99))
+        back.check_invariants()
+        Q = _data(20, dim, seed=7)
+        rd, ri = ref.knn_from_distances(ref.tree_pairwise("euclidean", Q, back._data[back.ids_]), back.ids_, 6)
+        _assert_same(*back.knn(Q, 6), rd, ri)
+    assert kvant.CoverTree(base=1.3).fit(_data(200, 3)).level_base_ == 1.3
+    assert kvant.CoverTree("manhattan", base=2.0).fit(_data(200, 20)).level_base_ == 2.0
+
+
+def test_a_tree_saved_before_the_level_base_was_recorded_loads_with_its_base(tmp_path):
+    # files written before 2026-12-06 hold "base" (always a number then) and no "level_base"
+    from kvant import persist
+
+    tree = kvant.CoverTree(base=1.3).fit(_data(300, 4, seed=3))
+    tree.save(tmp_path / "new.kvant")
+    kind, meta, arrays = persist.read(tmp_path / "new.kvant")
+    del meta["level_base"]
+    persist.write(tmp_path / "old.kvant", kind, meta, arrays)
+    back = kvant.load(tmp_path / "old.kvant")
+    assert back.base == 1.3 and back.level_base_ == 1.3
+    back.check_invariants()
+    meta["level_base"] = 99.0
+    persist.write(tmp_path / "bad.kvant", kind, meta, arrays)
+    with pytest.raises(kvant.PersistError, match="level base"):
+        kvant.load(tmp_path / "bad.kvant")
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "angular"])
 def test_save_load_round_trip(tmp_path, metric):
     X = _data(300, 5, seed=21)
