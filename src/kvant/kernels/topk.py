@@ -110,20 +110,26 @@ def merge_sorted_topk(parts_d, parts_i, out_d, out_i):
             out_i[j, :] = ti
 
 
+@numba.njit(inline="always")
+def _insertion_sort(a, n):
+    """Sort a[:n] in place by insertion (a few keys)."""
+    for x in range(1, n):
+        v = a[x]
+        y = x - 1
+        while y >= 0 and a[y] > v:
+            a[y + 1] = a[y]
+            y -= 1
+        a[y + 1] = v
+
+
 @numba.njit(**_JIT)
 def radix_sort_u64(a):
     """Sort ``a`` (uint64) in place: a least-significant-digit radix sort, one byte a pass, skipping the bytes every
     key shares (packed (score bits, row) keys share most of the row's high bytes). Numba's np.sort, a quicksort,
     took ~40 ns a key on 8,000 random keys, and sorting 5,000 of them was a tenth of a k = 5,000 exact search."""
     n = a.shape[0]
-    if n < 64:  # insertion
-        for x in range(1, n):
-            v = a[x]
-            y = x - 1
-            while y >= 0 and a[y] > v:
-                a[y + 1] = a[y]
-                y -= 1
-            a[y + 1] = v
+    if n < 64:
+        _insertion_sort(a, n)
         return
     counts = np.zeros((8, 256), np.int64)
     for x in range(n):
@@ -188,11 +194,5 @@ def select_u64(a, r):
                 buf[j] = buf[x]
                 j += 1
         m = j
-    for x in range(1, m):  # the few left share every selected digit: insertion
-        v = buf[x]
-        y = x - 1
-        while y >= 0 and buf[y] > v:
-            buf[y + 1] = buf[y]
-            y -= 1
-        buf[y + 1] = v
+    _insertion_sort(buf, m)  # (the few left share every selected digit)
     return buf[r]
