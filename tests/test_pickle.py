@@ -55,3 +55,18 @@ def test_pickle_round_trip_answers_alike(name):
     copy = pickle.loads(pickle.dumps(obj))
     for a, b in zip(answer(obj), answer(copy), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_cover_tree_pickled_before_the_level_base_loads_with_its_base():
+    # a pickle from before 2026-12-06 carries base (always a number then) and no _lbase: the levels it holds were
+    # built with that base, so it must answer, check and insert with it
+    tree = kvant.CoverTree(base=1.3).fit(P)
+    state = dict(tree.__dict__)
+    del state["_lbase"]
+    old = kvant.CoverTree.__new__(kvant.CoverTree)
+    old.__setstate__(state)
+    assert old.level_base_ == 1.3
+    old.check_invariants()
+    np.testing.assert_array_equal(old.knn(P[:20], 5)[1], tree.knn(P[:20], 5)[1])
+    old.insert(P[:50] + 0.01)
+    old.check_invariants()

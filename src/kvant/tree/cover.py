@@ -381,6 +381,12 @@ class CoverTree:
         self._parent, self._level, self._maxdist = st.parent, st.level, st.maxdist
         self._pd, self._in = st.pd, st.in_tree
 
+    def __setstate__(self, state: dict) -> None:
+        # a tree pickled before 2026-12-06 has no _lbase: its levels were built with its base, always a number then
+        if "_lbase" not in state:
+            state = {**state, "_lbase": float(state["base"])}
+        self.__dict__.update(state)
+
     @property
     def level_base_(self) -> float:
         """The level base the tree is built with: ``base``, or the one chosen for the data when ``base`` is None."""
