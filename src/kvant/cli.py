@@ -785,8 +785,9 @@ def _cmd_tree_build(args) -> int:
     tree.save(args.output)
     _tree_log(args, tree.telemetry_)
     payload = {"output": args.output, "n": tree.n, "dim": tree.dim, "metric": args.metric,
-               "build_seconds": tree.telemetry_.get("total"), "telemetry": tree.telemetry_}
-    emit(args, payload, f"built a cover tree of {tree.n} points ({args.metric}) in "
+               "level_base": tree.level_base_, "build_seconds": tree.telemetry_.get("total"),
+               "telemetry": tree.telemetry_}
+    emit(args, payload, f"built a cover tree of {tree.n} points ({args.metric}, level base {tree.level_base_:g}) in "
                         f"{tree.telemetry_.get('total', 0.0):.3f} s -> {args.output}")
     return EXIT_OK
 

@@ -21,6 +21,10 @@ def test_tree_build_and_knn(tmp_path, capsys):
     assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(out), "--log-file", str(log), "--json"]) == 0
     built = json.loads(capsys.readouterr().out)
     assert built["n"] == 500 and built["telemetry"]["op"] == "fit"
+    assert built["level_base"] == 1.5 and kvant.load(out).base is None  # (3-d points: the automatic base)
+    argv = ["tree", "build", str(tmp_path / "p.npy"), "-o", str(tmp_path / "b.kvant"), "--base", "2", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["level_base"] == 2.0 and kvant.load(tmp_path / "b.kvant").base == 2.0
     assert main(["tree", "knn", str(out), str(tmp_path / "q.npy"), "-k", "4", "--json", "--log-file", str(log),
                  "-o", str(tmp_path / "r.npz")]) == 0
     res = json.loads(capsys.readouterr().out)
