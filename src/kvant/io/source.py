@@ -408,10 +408,14 @@ class ArraySource(VectorSource):
             self._pages.release(base + start * item, base + stop * item, partial=True)
 
     def chunks(self, rows: int | None = None):
+        rows = chunk_rows(rows, self.dim)
+        if self._pages is not None and self._column_major:  # _read drops each column group's pages as it copies
+            for start in range(0, self.n, rows):  # them, so the generic path's release_rows would do it again
+                yield start, checked_float32(self._read(start, min(self.n, start + rows)), start, self.name)
+            return
         if not (self._validated and self.in_memory):  # a memmap goes through the generic path: it drops its pages
             yield from super().chunks(rows)
             return
-        rows = chunk_rows(rows, self.dim)
         for start in range(0, self.n, rows):
             yield start, to_float32(self.array[start : start + rows])  # validated already
 
