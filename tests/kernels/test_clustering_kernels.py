@@ -964,6 +964,25 @@ def test_scalar_pow2_scale_is_the_array_rule(typical):
                                      else float(_pow2_scales(np.float64(edge))))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                          st.sampled_from([2.0**20, 2.0**-20, 2.0**20.5, 2.0**-20.5, 0.0, 1.0])),
+                min_size=0, max_size=12), st.integers(1, 3))
+def test_row_magnitude_scales_fast_path_is_the_array_rule(values, dim):
+    # the in-range shortcut (min and max of the squared norms) returns what _pow2_scales gives, NaN and inf included
+    from kvant._numerics import _pow2_scales, row_magnitude_scales
+
+    rows = np.resize(np.array(values, np.float64), (len(values) // dim, dim)) if len(values) >= dim else \
+        np.zeros((0, dim))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = _pow2_scales(np.einsum("ij,ij->i", rows, rows))
+        got = row_magnitude_scales(rows)
+    if np.all(want == 1.0):
+        assert got is None
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("ip", [False, True])
 def test_exact_topk_with_k_zero_writes_nothing(ip):
     # (review) bd[k - 1] read, and the insertion wrote, before a zero-length row: heap corruption, an abort

@@ -778,15 +778,20 @@ def test_adc_search_query_by_query_and_block_paths_agree(monkeypatch, few, nchun
     # (whose padding lanes must never take a row): same ids and distances as the reference either way, ties included.
     monkeypatch.setattr(K, "ADC_FEW_QUERIES", few)
     base = _random_codes(21, 700, 6, 256)
-    codes = np.ascontiguousarray(np.vstack([base, base[:300]]))  # repeated rows: ties
-    for nq in (1, 2, 3, 7, 17):
-        t = _random_tables(22 + nq, nq, 6, 256)
-        d, i = K.adc_search(t, codes, 9, nchunks=nchunks)
-        full = K.adc_distances(t, codes)
-        for q in range(nq):
-            order = np.lexsort((np.arange(len(codes)), full[q]))[:9]
-            np.testing.assert_array_equal(i[q], order)
-            np.testing.assert_array_equal(d[q], full[q, order])
+    # repeated rows: ties; 1,003 rows, so the one-query kernel's chunks end in rows it sums one at a time
+    spread = np.ascontiguousarray(np.vstack([base, base[:303]]))
+    # each row three times in a row: ties among neighbours, which the one-query kernel sums side by side
+    adjacent = np.ascontiguousarray(np.repeat(base[:334], 3, axis=0)[:1001])
+    for codes in (spread, adjacent):
+        for nq in (1, 2, 3, 7, 17):
+            t = _random_tables(22 + nq, nq, 6, 256)
+            for k in (9, 10):  # (k = 10 ends the list inside a run of three ties)
+                d, i = K.adc_search(t, codes, k, nchunks=nchunks)
+                full = K.adc_distances(t, codes)
+                for q in range(nq):
+                    order = np.lexsort((np.arange(len(codes)), full[q]))[:k]
+                    np.testing.assert_array_equal(i[q], order)
+                    np.testing.assert_array_equal(d[q], full[q, order])
 
 
 @pytest.mark.parametrize("ksub", [5, 16])  # portable encoder, lanes encoder

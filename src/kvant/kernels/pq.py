@@ -701,12 +701,29 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq, lan
             finish_lists(buf_d, buf_i, fill, dd[q0 : q0 + lanes], ii[q0 : q0 + lanes])
 
 
+@numba.njit(inline="always", **_JIT)
+def _offer(dd, ii, k, s, r, th):
+    """Offer row r's sum s to the sorted top-k lists; returns the new k-th (the threshold)."""
+    if s <= th and (s < th or ii[k - 1] < 0):
+        _push(dd, ii, k, s, r)
+        return dd[k - 1]
+    return th
+
+
+# Rows the one-query scan sums side by side (independent add chains; each row's sum is still in order j = 0, 1, ...).
+# One thread, random codes, same-process medians (Intel host, 2026-12-06): 100k × 32 bytes 1.05 → 0.71-0.74 ms, 1M ×
+# 16 7.7-8.1 → 5.0-5.1 ms, 100k × 96 3.6 → 2.9-3.0 ms; 4 rows side by side gained 0-20%, and reading each row's codes
+# 8 bytes at a time (shifts instead of byte loads) nothing.
+_FEW_ROWS = 8
+
+
 @numba.njit(parallel=True, **_JIT)
 def _adc_search_few_kernel(tables, codes, k, nchunks, part_d, part_i):
     # One query at a time (tables: (nq, m, ksub) float32), parallel over (query, chunk of rows); part_*: (nchunks, nq,
     # k). Each row's sum is a plain scalar loop in order j from 0.0, the vector kernel's float32 operations lane by
-    # lane, so the sums, ids and ties are the same; consecutive rows' sums are independent, so the core overlaps
-    # them, where the 16-query kernel spends one 16-lane add chain per row whatever the number of queries.
+    # lane, so the sums, ids and ties are the same. _FEW_ROWS rows are summed side by side (a row's chain of m
+    # dependent adds would otherwise leave the core waiting on the add latency) and offered in row order, so ties
+    # still keep the smaller idx.
     nq, m, _ = tables.shape
     n = codes.shape[0]
     chunk = (n + nchunks - 1) // nchunks
@@ -721,13 +738,34 @@ def _adc_search_few_kernel(tables, codes, k, nchunks, part_d, part_i):
         ii[:] = -1
         th = np.float32(np.inf)
         t = tables[q]
-        for r in range(r0, r1):  # rows ascending, and a tie does not displace: ties keep the smaller idx
+        r = r0
+        while r + _FEW_ROWS <= r1:
+            b = codes[r : r + _FEW_ROWS]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+            for j in range(m):
+                tj = t[j]
+                s0 += tj[b[0, j]]
+                s1 += tj[b[1, j]]
+                s2 += tj[b[2, j]]
+                s3 += tj[b[3, j]]
+                s4 += tj[b[4, j]]
+                s5 += tj[b[5, j]]
+                s6 += tj[b[6, j]]
+                s7 += tj[b[7, j]]
+            th = _offer(dd, ii, k, s0, r, th)
+            th = _offer(dd, ii, k, s1, r + 1, th)
+            th = _offer(dd, ii, k, s2, r + 2, th)
+            th = _offer(dd, ii, k, s3, r + 3, th)
+            th = _offer(dd, ii, k, s4, r + 4, th)
+            th = _offer(dd, ii, k, s5, r + 5, th)
+            th = _offer(dd, ii, k, s6, r + 6, th)
+            th = _offer(dd, ii, k, s7, r + 7, th)
+            r += _FEW_ROWS
+        for rr in range(r, r1):  # rows ascending, and a tie does not displace: ties keep the smaller idx
             s = np.float32(0.0)
             for j in range(m):
-                s += t[j, codes[r, j]]
-            if s <= th and (s < th or ii[k - 1] < 0):
-                _push(dd, ii, k, s, r)
-                th = dd[k - 1]
+                s += t[j, codes[rr, j]]
+            th = _offer(dd, ii, k, s, rr, th)
 
 
 @numba.njit(parallel=True, **_JIT)
