@@ -1064,6 +1064,40 @@ def test_minibatch_on_parquet_decodes_each_row_group_once_per_epoch(tmp_path, mo
     assert np.bincount(c.labels_, minlength=4).min() > 0
 
 
+@pytest.mark.parametrize("budget", [None, "100000"])
+def test_lloyd_fit_reads_a_parquet_file_once_when_it_fits_the_memory_budget(tmp_path, monkeypatch, budget):
+    # A fit reads its rows several times (proposal sample, coreset pass, gathered sample, final assignment): within
+    # the memory budget the file is decoded once into memory (and polish passes apply); over it, it is streamed.
+    from kvant.io.parquet import ParquetSource
+
+    x = np.random.default_rng(3).standard_normal((20_000, 8)).astype(np.float32)  # 640 kB as float32
+    kvant.io.write_parquet(tmp_path / "x.parquet", x, row_group_rows=5_000)
+    reads = []  # full passes and gathers
+
+    def counted(name):
+        real = getattr(ParquetSource, name)
+
+        def wrapper(self, *args, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("chunks", "take"):
+        monkeypatch.setattr(ParquetSource, name, counted(name))
+    if budget is not None:
+        monkeypatch.setenv("KVANT_MEMORY_BUDGET", budget)
+    params = dict(k=4, algorithm="dense-exact-row", seed=0, sample_per_centroid=256, polish_iter=1)
+    c = kvant.Clusterer(**params).fit(tmp_path / "x.parquet")
+    want = kvant.Clusterer(**params).fit(x)
+    if budget is None:
+        assert reads == ["chunks"] and c.polish_iter_ == 1
+        np.testing.assert_array_equal(c.labels_, want.labels_)
+    else:
+        assert len(reads) > 2 and c.polish_iter_ == 0  # streamed: no polish passes over a stream
+    assert c.n_samples_fit_ == 20_000 and np.bincount(c.labels_, minlength=4).min() > 0
+
+
 def test_get_and_set_params_follow_scikit_learn():
     c = kvant.Clusterer(k=8, metric="cos")
     assert c.get_params(deep=False) == c.get_params(deep=True) == c.get_params()

@@ -43,7 +43,7 @@ from .assign import (
     certified_e_step_may_apply,
     scales_unit_rows,
 )
-from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm
+from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm, memory_budget_bytes
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
 from .sampling import (
@@ -270,7 +270,7 @@ class Clusterer:
         elif isinstance(src, ArraySource) and src.in_memory and not defer:
             src.validate()
         # None when the source must be streamed; minibatch always streams to keep its memory bound.
-        full = None if algorithm == "minibatch" else _in_memory_rows(src, validate=not defer)
+        full = None if algorithm == "minibatch" else _in_memory_rows(src, validate=not defer, load=True)
         # cos: rows are unit-normalised block by block as they are read (no second copy of the input), except
         # when Lloyd must run over every row (all rows are the sample, or polish passes): then one unit copy.
         unit = spherical and full is not None and (m >= src.n or polish > 0)
@@ -630,22 +630,26 @@ persist.register("Clusterer")(Clusterer)
 # ----------------------------------------------------------------------------------------------
 
 
-def _in_memory_rows(src: VectorSource, validate: bool = True) -> np.ndarray | None:
+def _in_memory_rows(src: VectorSource, validate: bool = True, load: bool = False) -> np.ndarray | None:
     """All rows as one float32 array when the source can give them cheaply; None means stream it.
 
     A float32 array or memmap is used in place (validated chunk by chunk first, unless ``validate`` is False: the
-    caller checks it later); other dtypes are converted only when they are held in memory already. The rows are as
-    given (not unit-normalised).
+    caller checks it later); other dtypes are converted only when they are held in memory already. With ``load``
+    (a fit, which reads the rows several times), any other source — parquet, HDF5, a memmap of another dtype — is
+    read into memory once when its float32 rows fit the memory budget (:func:`memory_budget_bytes`): decoding it
+    again for the proposal sample, the coreset pass, the gathered sample and the final assignment cost more than
+    reading it once and fitting in memory (a review, 200k × 128 parquet, K = 64 `cos`: 1.02 s against 0.08 s for
+    the in-memory fit plus 0.2-0.6 s for the read). The rows are as given (not unit-normalised).
     """
-    if not isinstance(src, ArraySource):
-        return None
-    arr = src.array
-    if arr.dtype == np.float32 and arr.flags.c_contiguous:
+    arr = getattr(src, "array", None) if isinstance(src, ArraySource) else None
+    if arr is not None and arr.dtype == np.float32 and arr.flags.c_contiguous:
         if validate:
             src.validate()  # once per source (a memmap's scanned pages leave the resident set)
         return arr
-    if src.in_memory:
+    if arr is not None and src.in_memory:
         return src.to_array()
+    if load and src.n * src.dim * 4 <= memory_budget_bytes():
+        return src.to_array()  # (checked for NaN/inf as it is read)
     return None
 
 
