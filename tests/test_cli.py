@@ -28,6 +28,17 @@ def test_cluster_npy_json_end_to_end(tmp_path):
     assert payload["mse"] > 0
 
 
+def test_cluster_reports_empty_clusters_as_a_one_line_warning(tmp_path, capsys):
+    x = np.repeat(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32), 20, axis=0)
+    np.save(tmp_path / "d.npy", x)
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "8", "-q", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["cluster_sizes"].count(0) == 3  # stdout stays JSON only
+    assert captured.err.strip().splitlines() == [
+        "kvant: warning: 3 of the k=8 clusters are empty (ids 5, 6, 7): the input has fewer distinct rows than k, "
+        "or rows too close to tell apart in float32"]
+
+
 def test_exit_codes(tmp_path, capsys):
     np.save(tmp_path / "d.npy", np.ones((5, 2), np.float32))
     assert main(["cluster", str(tmp_path / "d.npy"), "-k", "9"]) == 2  # k > N: bad input

@@ -8,7 +8,15 @@ from importlib.metadata import PackageNotFoundError, version
 from . import errors, io, tree
 from ._config import get_num_threads, set_num_threads
 from .cluster import Clusterer, available_algorithms, available_metrics
-from .errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
+from .errors import (
+    DimensionMismatch,
+    EmptyClusterWarning,
+    EmptyIndex,
+    InvalidInput,
+    KvantError,
+    KvantWarning,
+    PersistError,
+)
 from .index import FlatIndex, PQIndex
 from .io import as_source
 from .persist import load
@@ -29,6 +37,8 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "KvantError",
+    "KvantWarning",
+    "EmptyClusterWarning",
     "InvalidInput",
     "DimensionMismatch",
     "EmptyIndex",

@@ -896,6 +896,30 @@ _PATH_OPTIONS = ("output", "centroids", "model", "log_file", "results")
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # (restores the caller's filters and showwarning afterwards)
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """kvant's warnings as one line on stderr, as its errors are; others as Python shows them."""
+    from .errors import KvantWarning
+
+    if issubclass(category, KvantWarning):
+        print(f"kvant: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(_format_warning(message, category, filename, lineno, line))
+
+
+def _format_warning(message, category, filename, lineno, line) -> str:
+    import warnings
+
+    return warnings.formatwarning(message, category, filename, lineno, line)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as exc:

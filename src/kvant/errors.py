@@ -1,8 +1,10 @@
-"""Exceptions raised by kvant. Every error kvant raises derives from :class:`KvantError`."""
+"""Exceptions and warnings raised by kvant. Every error kvant raises derives from :class:`KvantError`, every warning
+it emits from :class:`KvantWarning`."""
 
 from __future__ import annotations
 
-__all__ = ["KvantError", "InvalidInput", "DimensionMismatch", "EmptyIndex", "PersistError"]
+__all__ = ["KvantError", "InvalidInput", "DimensionMismatch", "EmptyIndex", "PersistError", "KvantWarning",
+           "EmptyClusterWarning"]
 
 
 class KvantError(Exception):
@@ -23,3 +25,11 @@ class EmptyIndex(KvantError):
 
 class PersistError(KvantError, OSError):
     """A file could not be written, or a file being loaded is missing, truncated or corrupted."""
+
+
+class KvantWarning(UserWarning):
+    """Base class of every warning kvant emits (filter them with ``warnings.simplefilter(..., kvant.KvantWarning)``)."""
+
+
+class EmptyClusterWarning(KvantWarning):
+    """A fit ended with clusters that hold no row (fewer distinct rows than k, or rows float32 cannot tell apart)."""

@@ -1887,3 +1887,15 @@ def test_a_zero_row_under_cos_names_the_file_it_is_in(tmp_path):
     for method in (fitted.predict, fitted.score):
         with pytest.raises(InvalidInput, match=r"^row 1234 has zero norm.*\(in .*rows\.npy\)$"):
             method(path)
+
+
+def test_a_fit_with_empty_clusters_warns_and_an_ordinary_one_does_not(data):
+    # 5 distinct rows and k = 8: three clusters cannot hold a row; scikit-learn warns in this case too
+    x = np.repeat(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32), 20, axis=0)
+    with pytest.warns(kvant.EmptyClusterWarning, match=r"3 of the k=8 clusters are empty \(ids 5, 6, 7\)"):
+        c = kvant.Clusterer(k=8, seed=0).fit(x)
+    assert (np.bincount(c.labels_, minlength=8) == 0).sum() == 3
+    assert issubclass(kvant.EmptyClusterWarning, kvant.KvantWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kvant.KvantWarning)
+        kvant.Clusterer(k=8, seed=0).fit(data[0])

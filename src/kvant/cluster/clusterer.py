@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from .. import persist
 from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
-from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+from ..errors import DimensionMismatch, EmptyClusterWarning, EmptyIndex, InvalidInput, PersistError
 from ..io import ArraySource, VectorSource, as_source, check_finite
 from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms64_serial, sq_norms_serial
@@ -394,6 +395,7 @@ class Clusterer:
             self.mean_cosine_ = float(1.0 - inertia / src.n)
         else:
             self.mse_ = float(inertia / src.n)
+        _warn_empty_clusters(labels, k)
         return self
 
     def fit_transform(self, x, column: str | None = None) -> np.ndarray:
@@ -628,6 +630,17 @@ persist.register("Clusterer")(Clusterer)
 # ----------------------------------------------------------------------------------------------
 # helpers shared by the algorithms
 # ----------------------------------------------------------------------------------------------
+
+
+def _warn_empty_clusters(labels: np.ndarray, k: int) -> None:
+    """An :class:`EmptyClusterWarning` when a fit leaves clusters without a row (scikit-learn warns likewise): their
+    centres are where the last re-seeding left them, and a caller counting on k groups should know."""
+    sizes = np.bincount(labels, minlength=k)
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size:
+        shown = ", ".join(str(int(j)) for j in empty[:8]) + (", ..." if empty.size > 8 else "")
+        warnings.warn(f"{empty.size} of the k={k} clusters are empty (ids {shown}): the input has fewer distinct "
+                      f"rows than k, or rows too close to tell apart in float32", EmptyClusterWarning, stacklevel=4)
 
 
 def _in_memory_rows(src: VectorSource, validate: bool = True, load: bool = False) -> np.ndarray | None:
