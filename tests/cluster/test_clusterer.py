@@ -1899,3 +1899,15 @@ def test_a_fit_with_empty_clusters_warns_and_an_ordinary_one_does_not(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error", kvant.KvantWarning)
         kvant.Clusterer(k=8, seed=0).fit(data[0])
+
+
+@pytest.mark.parametrize("n", [2_000, 40_000])  # the compiled small loop and the Python loop
+def test_fewer_distinct_rows_than_k_ends_by_the_tolerance(n):
+    # 50 distinct rows, K = 60: ten clusters must stay empty. Re-seeding them with rows that are their cluster's
+    # centre emptied them again at every step, and a step that re-seeds never ends the run: all max_iter steps ran.
+    g = np.random.default_rng(5)
+    x = np.ascontiguousarray(g.standard_normal((50, 16)).astype(np.float32)[g.integers(0, 50, n)])
+    with pytest.warns(kvant.EmptyClusterWarning):
+        c = kvant.Clusterer(k=60, seed=0, max_iter=50, algorithm="dense-exact-row").fit(x)
+    assert c.mse_ == 0.0 and c.n_iter_ < 10
+    assert (np.bincount(c.labels_, minlength=60) > 0).sum() == 50

@@ -199,8 +199,8 @@ def lloyd_ref(x, centroids, n_iter):
 def reseed_empty_ref(x, labels, dist, rows_in, means=None):
     """Empty-cluster re-seeding, the reference for ``kernels.lloyd.reseed_empty``: returns the new labels and the
     number of clusters re-seeded. Empty clusters in id order take the rows farthest from their centres (``dist``
-    decreasing, ties to the lower row), skipping rows on their centre, rows whose cluster would empty, and copies
-    of a row already taken; then, if clusters are still empty and ``means`` (the clusters' means when the call
+    decreasing, ties to the lower row), skipping rows on their centre, rows whose cluster would empty, copies
+    of a row already taken and (with ``means``) rows equal to their cluster's mean rounded to float32; then, if clusters are still empty and ``means`` (the clusters' means when the call
     starts) is given, the rows not yet moved by their exact float64 squared distance to their cluster's mean."""
     import numpy as np
 
@@ -216,6 +216,8 @@ def reseed_empty_ref(x, labels, dist, rows_in, means=None):
             src = labels[row]
             if rows_in[src] <= 1 or any(np.array_equal(x[row], x[t]) for t in taken):
                 continue
+            if means is not None and np.array_equal(x[row], means[src].astype(np.float32)):
+                continue  # the row is its cluster's centre: a copy of it would be emptied again
             dst = empty[len(taken)]
             rows_in[src] -= 1
             rows_in[dst] += 1
