@@ -199,9 +199,10 @@ def lloyd_ref(x, centroids, n_iter):
 def reseed_empty_ref(x, labels, dist, rows_in, means=None):
     """Empty-cluster re-seeding, the reference for ``kernels.lloyd.reseed_empty``: returns the new labels and the
     number of clusters re-seeded. Empty clusters in id order take the rows farthest from their centres (``dist``
-    decreasing, ties to the lower row), skipping rows on their centre, rows whose cluster would empty, copies
-    of a row already taken and (with ``means``) rows equal to their cluster's mean rounded to float32; then, if clusters are still empty and ``means`` (the clusters' means when the call
-    starts) is given, the rows not yet moved by their exact float64 squared distance to their cluster's mean."""
+    decreasing, ties to the lower row), skipping rows on their centre, rows whose cluster would empty, copies of a
+    row already taken and (with ``means``) rows equal to their cluster's mean rounded to float32; then, if clusters
+    are still empty and ``means`` (the clusters' means when the call starts) is given, the rows not yet moved by
+    their exact float64 squared distance to their cluster's mean."""
     import numpy as np
 
     labels = np.array(labels, np.int64)
