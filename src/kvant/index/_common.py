@@ -179,13 +179,16 @@ def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similari
                                f"allocated; the index holds {dist.shape[1]} vectors") from exc
         wide_d[:, : dist.shape[1]], wide_r[:, : dist.shape[1]] = dist, rows
         dist, rows = wide_d, wide_r
-    out_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1).astype(np.int64)
+    padded = bool((rows < 0).any())
+    if not padded and ids.size:  # (the common case: one gather; the general one below cost ~7 µs per search)
+        out_ids = ids[rows].astype(np.int64, copy=False)
+    else:
+        out_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if ids.size else -1, -1).astype(np.int64)
     dist = dist.astype(np.float32, copy=True)
     if similarity:
         dist = np.float32(0.0) - dist  # (not -dist: a zero similarity reads +0, never -0)
-        dist[out_ids < 0] = -np.inf
-    else:
-        dist[out_ids < 0] = np.inf
+    if padded:
+        dist[out_ids < 0] = -np.inf if similarity else np.inf
     if one:
         return dist[0], out_ids[0]
     return dist, out_ids

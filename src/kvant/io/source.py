@@ -135,6 +135,8 @@ def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input", 
 def to_float32(block: np.ndarray) -> np.ndarray:
     """``block`` as C-contiguous float32 (no copy when it is one); values beyond float32's range become inf
     without a NumPy warning, for the finiteness check to name (with ``original=block``)."""
+    if block.dtype == np.float32 and block.flags.c_contiguous:
+        return block  # (as np.ascontiguousarray would, without the error-state context: ~2 µs of a 1-query search)
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(block, dtype=np.float32)
 
