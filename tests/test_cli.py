@@ -39,6 +39,26 @@ def test_cluster_reports_empty_clusters_as_a_one_line_warning(tmp_path, capsys):
         "or rows too close to tell apart in float32"]
 
 
+def test_cluster_init_starts_from_given_centres(tmp_path, capsys):
+    g = np.random.default_rng(2)
+    centres = (g.standard_normal((4, 3)) * 50).astype(np.float32)
+    y = g.integers(0, 4, 2000)
+    np.save(tmp_path / "x.npy", (centres[y] + g.standard_normal((2000, 3))).astype(np.float32))
+    np.save(tmp_path / "c.npy", centres)
+    argv = ["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "c.npy"), "--max-iter", "1",
+            "-o", str(tmp_path / "labels.npy"), "--json"]
+    assert main(argv) == 0
+    assert "init=" in json.loads(capsys.readouterr().out)["auto_reason"]
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), y)  # cluster j is blob j
+    assert main(argv[:3] + ["3"] + argv[4:]) == 2  # k = 3 with 4 given centres
+    assert "shape (3, dim)" in capsys.readouterr().err
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "none.npy")]) == 2
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "c.npy"), "--centroids",
+                 str(tmp_path / "c.npy")]) == 2  # would overwrite its own start
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), centres)
+    capsys.readouterr()
+
+
 def test_exit_codes(tmp_path, capsys):
     np.save(tmp_path / "d.npy", np.ones((5, 2), np.float32))
     assert main(["cluster", str(tmp_path / "d.npy"), "-k", "9"]) == 2  # k > N: bad input

@@ -264,14 +264,25 @@ def _v_measure(labels_true, labels_pred):
     return float(v_measure_score(labels_true, labels_pred))
 
 
+def _load_init(path: str) -> np.ndarray:
+    """The initial centres of ``--init``: a (k, dim) array in a .npy file (shape and values are checked by the fit)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"--init {path}: not a readable .npy array of initial centres ({exc})") from None
+
+
 def _cmd_cluster(args) -> int:
     import time
 
     from .cluster import Clusterer
 
     t0 = time.perf_counter()
+    if args.init and args.dask:
+        raise InvalidInput("--init applies to kvant.Clusterer; a --dask fit seeds itself")
     c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter,
-                  sampling=args.sampling, polish_iter=args.polish_iter, overrelax=args.overrelax)
+                  sampling=args.sampling, polish_iter=args.polish_iter, overrelax=args.overrelax,
+                  init=_load_init(args.init) if args.init else None)
     bars = {}
 
     def report(phase: str, amount: int) -> None:
@@ -285,7 +296,7 @@ def _cmd_cluster(args) -> int:
         bars[phase].update(amount)
 
     # the file names np.save really writes (it appends .npy), checked before the fit rather than after it
-    inputs = [("the input", path) for path in args.input]
+    inputs = [("the input", path) for path in args.input] + ([("--init", args.init)] if args.init else [])
     if args.output:
         args.output = _output_file(args.output, ".npy", inputs, what="-o")
     if args.centroids:
@@ -509,7 +520,11 @@ def _add_cluster(sub) -> None:
                         "the input files must be readable by the workers")
     p.add_argument("--polish-iter", type=int, default=None,
                    help="Lloyd passes over all rows after training on the sample (default: the algorithm's; auto: 0); "
-                        "in-memory and .npy inputs only, streamed ones report 0")
+                        "inputs held in memory only (arrays, float32 .npy, files within KVANT_MEMORY_BUDGET), "
+                        "streamed ones report 0")
+    p.add_argument("--init", default=None, metavar="CENTRES.npy",
+                   help="start from these centres, a (k, dim) .npy array (e.g. an earlier --centroids output) "
+                        "instead of seeding")
     p.add_argument("--overrelax", type=float, default=None, metavar="BETA",
                    help="max over-relaxation of Lloyd's steps, 0 = classic Lloyd (default: auto 1.0, others 0)")
     _common(p)

@@ -1911,3 +1911,78 @@ def test_fewer_distinct_rows_than_k_ends_by_the_tolerance(n):
         c = kvant.Clusterer(k=60, seed=0, max_iter=50, algorithm="dense-exact-row").fit(x)
     assert c.mse_ == 0.0 and c.n_iter_ < 10
     assert (np.bincount(c.labels_, minlength=60) > 0).sum() == 50
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_init_warm_start_continues_from_the_given_centres(metric):
+    # Trained on every row with classic Lloyd to convergence, the fit's own centres are a fixed point: a warm start
+    # from them needs one iteration and returns the same centres and labels, whatever the seed (no seeding runs).
+    x, _ = blobs(3000, 12, 6, seed=4)
+    x = x.astype(np.float32)
+    params = dict(k=6, metric=metric, algorithm="dense-exact-row", overrelax=0.0, tol=0.0, max_iter=100,
+                  sample_per_centroid=1000)  # (every row: the fit is a fixed point of Lloyd on them)
+    first = kvant.Clusterer(seed=0, **params).fit(x)
+    again = kvant.Clusterer(seed=7, init=first.cluster_centers_, **params).fit(x)
+    assert again.n_iter_ == 1 and "init=" in again.auto_reason_
+    np.testing.assert_array_equal(again.labels_, first.labels_)
+    np.testing.assert_allclose(again.cluster_centers_, first.cluster_centers_, rtol=1e-6, atol=1e-6)
+    assert kvant.Clusterer(seed=0, **params).get_params()["init"] is None
+    assert again.get_params()["init"] is first.cluster_centers_  # the setting as given (copied at fit)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "dense-exact-random", "dense-exact-nredo", "minibatch"])
+def test_init_sets_the_starting_centres_of_every_algorithm(algorithm):
+    # Far-apart blobs and a start on the true centres: every algorithm must end on the blobs (a seeding that ignored
+    # init could merge two of them with max_iter=1)
+    g = np.random.default_rng(1)
+    centres = (g.standard_normal((5, 4)) * 100).astype(np.float32)
+    y = g.integers(0, 5, 4000)
+    x = (centres[y] + g.standard_normal((4000, 4))).astype(np.float32)
+    steps = dict(max_epochs=1) if algorithm == "minibatch" else dict(max_iter=1)
+    c = kvant.Clusterer(5, algorithm=algorithm, seed=3, init=centres, **steps).fit(x)
+    np.testing.assert_array_equal(c.labels_, y)  # cluster j is blob j: the given order is kept
+
+
+def test_bad_init_is_refused_and_leaves_a_fitted_clusterer_unchanged():
+    x, _ = blobs(500, 4, 3, seed=0)
+    x = x.astype(np.float32)
+    c = kvant.Clusterer(3, seed=0).fit(x)
+    before = c.cluster_centers_.copy()
+    bad = [np.zeros((2, 4)), np.zeros((3, 5)), np.full((3, 4), np.nan), "k-means++", [[1, 2], [3]],
+           np.full((3, 4), 1e39)]
+    for init in bad:
+        c.set_params(init=init)
+        with pytest.raises(InvalidInput, match="init"):
+            c.fit(x)
+        np.testing.assert_array_equal(c.cluster_centers_, before)
+    zero = np.ones((3, 4), np.float32)
+    zero[1] = 0.0
+    with pytest.raises(InvalidInput, match="init row 1 is zero"):
+        kvant.Clusterer(3, metric="cos", init=zero).fit(x)
+
+
+def test_init_survives_save_load_and_pickle(tmp_path):
+    import pickle
+
+    x, _ = blobs(800, 5, 4, seed=2)
+    x = x.astype(np.float32)
+    start = x[:4].copy()
+    c = kvant.Clusterer(4, seed=0, init=start).fit(x)
+    c.save(tmp_path / "c.kvant")
+    back = kvant.load(tmp_path / "c.kvant")
+    np.testing.assert_array_equal(back.init, start)
+    np.testing.assert_array_equal(back.fit(x).labels_, c.labels_)
+    from kvant import persist
+
+    kind, meta, arrays = persist.read(tmp_path / "c.kvant")
+    arrays = {name: np.array(a) for name, a in arrays.items()}
+    init = arrays.pop("init")
+    persist.write(tmp_path / "no_init.kvant", kind, meta, arrays)  # marked "array", but the array is missing
+    with pytest.raises(kvant.PersistError, match="init"):
+        kvant.load(tmp_path / "no_init.kvant")
+    persist.write(tmp_path / "short.kvant", kind, meta, {**arrays, "init": init[:3]})  # k = 4, three centres
+    with pytest.raises(kvant.PersistError, match="init"):
+        kvant.load(tmp_path / "short.kvant")
+    old = kvant.Clusterer(4, seed=0).fit(x)
+    del old.__dict__["init"]  # as unpickled from before the setting existed
+    assert pickle.loads(pickle.dumps(old)).get_params()["init"] is None

@@ -112,6 +112,10 @@ class Clusterer:
     n_redo : restarts for ``dense-exact-nredo`` (seeds seed, seed+1, ...; the lowest training objective wins).
     batch_rows : rows per mini-batch for ``minibatch`` (bounds its memory).
     max_epochs : passes over the data for ``minibatch``.
+    init : ``None`` (default: the algorithm's seeding, above) or the initial centres, an array of shape (k, dim) —
+        a warm start, e.g. from an earlier fit's ``cluster_centers_`` (FAISS's ``init_centroids``, scikit-learn's
+        ``init=array``). Copied as float32 at ``fit`` (finite; for ``cos`` non-zero rows, normalised), for every
+        algorithm; ``dense-exact-nredo`` then runs once, as its restarts would all start there.
 
     Fitted attributes: ``labels_``, ``cluster_centers_``, ``inertia_`` (the objective over all rows, from the final
     assignment: Σ‖x − c‖² for ``l2``; Σ(1 − cos(x, c)) for ``cos``), ``mse_`` (l2) or ``mean_cosine_`` (cos),
@@ -147,6 +151,7 @@ class Clusterer:
         n_redo: int = 3,
         batch_rows: int = 65536,
         max_epochs: int = 3,
+        init=None,
     ):
         self.k = k
         self.metric = metric
@@ -161,6 +166,7 @@ class Clusterer:
         self.n_redo = n_redo
         self.batch_rows = batch_rows
         self.max_epochs = max_epochs
+        self.init = init
 
     # ------------------------------------------------------------------------------------------
     def _check_settings(self, n: int | None = None) -> None:
@@ -196,6 +202,36 @@ class Clusterer:
                 raise InvalidInput(f"{name} must be a finite number >= 0, got {value!r}")
         if n is not None and self.k > n:
             raise InvalidInput(f"k={self.k} is larger than the number of rows ({n}); k must be <= N")
+        if self.init is not None:
+            self._initial_centres(None)
+
+    def _initial_centres(self, dim: int | None) -> np.ndarray | None:
+        """``init`` as a fresh float32 (k, dim) array (``dim`` None: not checked), or None; InvalidInput when it is
+        not one: a string, another shape, NaN/inf or values beyond float32, a zero row under ``cos``."""
+        if self.init is None:
+            return None
+        if isinstance(self.init, str | bytes):
+            raise InvalidInput(f"init must be None or an array of initial centres, shape (k, dim), got {self.init!r} "
+                               f"(the seeding follows the algorithm: dense-exact-row k-means++, dense-exact-random "
+                               f"random rows)")
+        try:
+            c = np.array(self.init, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"init must be an array of initial centres, shape (k, dim): {exc}") from None
+        k = int(self.k)
+        if c.ndim != 2 or c.shape[0] != k or c.shape[1] < 1 or (dim is not None and c.shape[1] != dim):
+            want = f"({k}, {dim})" if dim is not None else f"({k}, dim)"
+            raise InvalidInput(f"init has shape {c.shape}; the initial centres must have shape {want}")
+        with np.errstate(over="ignore"):
+            c32 = c.astype(np.float32)
+        if not np.isfinite(c32).all():
+            raise InvalidInput("init contains NaN or inf (or values beyond float32)")
+        if self.metric == "cos":
+            zero = ~c32.any(axis=1)
+            if zero.any():
+                raise InvalidInput(f"init row {int(np.argmax(zero))} is zero: no direction for cos")
+            c32 = _normalise(c32)
+        return np.ascontiguousarray(c32)
 
     # ------------------------------------------------------------------------------------------
     @with_threads
@@ -216,6 +252,7 @@ class Clusterer:
     def _fit_source(self, src: VectorSource, report) -> Clusterer:
         """:meth:`fit` from its validated settings and source."""
         self._check_settings(src.n)
+        given = self._initial_centres(src.dim)  # (None: the algorithm seeds)
         spherical = self.metric == "cos"
         # plain ints: NumPy integer settings (uint8, int16, ...) would overflow in k * sample_per_centroid, seed + r
         k, seed0, batch_rows = int(self.k), check_seed(self.seed), int(self.batch_rows)
@@ -242,10 +279,12 @@ class Clusterer:
         tol = params.get("tol", 1e-4) if self.tol is None else float(self.tol)
         max_iter = params.get("max_iter", 25) if self.max_iter is None else int(self.max_iter)
         overrelax = params.get("overrelax", 0.0) if self.overrelax is None else float(self.overrelax)
-        given = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "overrelax", "tol", "polish_iter")
+        named = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "overrelax", "tol", "polish_iter")
                  if name in params and getattr(self, name) is not None]
-        if given:  # the reason describes what ran, not only the rule
-            reason += f"; given by the caller: {', '.join(given)}"
+        if named:  # the reason describes what ran, not only the rule
+            reason += f"; given by the caller: {', '.join(named)}"
+        if given is not None:
+            reason += "; initial centres given by the caller (init=), so no seeding ran"
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         m = int(params.get("sample_rows", k * (per_centre or DEFAULT_SAMPLE_PER_CENTROID)))  # (None or >= 1)
@@ -288,7 +327,7 @@ class Clusterer:
             t = time.perf_counter()
             mb = minibatch_kmeans(
                 src, k, spherical, seed0, batch_rows, max_epochs, tol,
-                on_batch=lambda rows: report("minibatch", rows),
+                on_batch=lambda rows: report("minibatch", rows), init=given,
             )
             centroids, history, n_iter = mb.centroids, mb.objective_history, mb.n_iter
             timings["train"] = time.perf_counter() - t
@@ -305,7 +344,7 @@ class Clusterer:
             shift, cscale = (None, None) if spherical else conditioning(sample)
             sample = condition(sample, shift, cscale)
             init = "random" if algorithm == "dense-exact-random" else params.get("init", "k-means++")
-            restarts = n_redo if algorithm == "dense-exact-nredo" else 1
+            restarts = n_redo if algorithm == "dense-exact-nredo" and given is None else 1
             # Lloyd's last E-step can stand as the final assignment when it trained on every row as predict sees them
             # (float32 top-2, certified below; or a certified backend's exact labels, l2 only: for cos that E-step saw
             # the unit copy, not predict's scaled rows)
@@ -314,8 +353,9 @@ class Clusterer:
             best = None
             for r in range(restarts):
                 seed = None if seed0 is None else seed0 + r
-                c0 = init_centroids(sample, k, init, seed, spherical, weights, params.get("seed_rows"),
-                                    int(params.get("init_trials", 1)))
+                c0 = condition(given, shift, cscale) if given is not None else init_centroids(
+                    sample, k, init, seed, spherical, weights, params.get("seed_rows"),
+                    int(params.get("init_trials", 1)))
                 # (Lloyd's labels serve only as that final assignment: otherwise its E-step after the last M-step,
                 # which changes no centre, is skipped — one of up to 16 on a sample)
                 res = lloyd(sample, c0, max_iter, tol, spherical, on_iter=lambda obj: report("train", 1),
@@ -463,7 +503,8 @@ class Clusterer:
         return c
 
     _PARAMS = ("k", "metric", "algorithm", "seed", "max_iter", "tol", "sample_per_centroid", "sampling",
-               "polish_iter", "overrelax", "n_redo", "batch_rows", "max_epochs")
+               "polish_iter", "overrelax", "n_redo", "batch_rows", "max_epochs", "init")
+    init = None  # (instances pickled before the setting existed read it from here)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor settings, as scikit-learn's ``get_params`` (``deep`` is accepted; there are no
@@ -509,7 +550,9 @@ class Clusterer:
         if labels and not hasattr(self, "labels_"):
             raise InvalidInput("this Clusterer has no labels_ (it was loaded from a file saved without them): "
                                "save it with labels=False")
-        meta = {"params": {key: _plain(getattr(self, key)) for key in self._PARAMS},
+        params = {key: _plain(getattr(self, key)) for key in self._PARAMS if key != "init"}
+        params["init"] = None if self.init is None else "array"  # (the array itself is stored beside the centres)
+        meta = {"params": params,
                 # (fits pickled before sample_rows_ / sampling_ existed lack them: unknown, so 0 / None)
                 "fitted": {key: _plain(getattr(self, key, {"sample_rows_": 0}.get(key))) for key in self._FITTED},
                 "timings": {key: float(v) for key, v in self.timings_.items()}, "labels": bool(labels)}
@@ -517,6 +560,8 @@ class Clusterer:
                   "history": np.asarray(self.inertia_history_, np.float64)}
         if labels:
             arrays["labels"] = self.labels_
+        if self.init is not None:
+            arrays["init"] = self._initial_centres(None)
         persist.write(path, "Clusterer", meta, arrays)
 
     def _has_fitted_centres(self) -> bool:
@@ -530,7 +575,11 @@ class Clusterer:
     @classmethod
     def _from_persist(cls, meta: dict, arrays: dict) -> Clusterer:
         try:
-            obj = cls(**meta["params"])
+            params = dict(meta["params"])
+            marker = params.pop("init", None)  # (files saved before init existed have none)
+            if marker not in (None, "array") or (marker == "array") != ("init" in arrays):
+                raise ValueError(f"init is {marker!r} with{'' if 'init' in arrays else 'out'} an init array")
+            obj = cls(**params, init=np.array(arrays["init"]) if marker == "array" else None)
             obj._check_settings()
             fitted, timings, with_labels = dict(meta["fitted"]), dict(meta["timings"]), bool(meta["labels"])
             fitted.setdefault("sampling_", None)  # files saved before sampling_ existed

@@ -74,7 +74,7 @@ def _batches(g: np.random.Generator, n: int, batch_rows: int, units: np.ndarray 
 
 
 def minibatch_kmeans(
-    src, k, spherical, seed, batch_rows, max_epochs, tol, on_batch=None
+    src, k, spherical, seed, batch_rows, max_epochs, tol, on_batch=None, init=None
 ) -> MiniBatchResult:
     n = src.n
     g = rng(seed)
@@ -83,7 +83,11 @@ def minibatch_kmeans(
     # a bad sampled row (NaN/inf, or zero for cos) is reported as the data's first bad row, not the sample's
     sample = gather_rows(src, lambda: src.sample(m, None if seed is None else seed + 7919), spherical)
     cshift, cscale = (None, None) if spherical else conditioning(sample)  # D² seeding on well-scaled rows
-    c = uncondition(init_centroids(condition(sample, cshift, cscale), k, "k-means++", seed, spherical), cshift, cscale)
+    if init is not None:  # the caller's centres (Clusterer's init=, checked there); the sample still sets the scale
+        c = np.array(init, np.float32)
+    else:
+        c = uncondition(init_centroids(condition(sample, cshift, cscale), k, "k-means++", seed, spherical), cshift,
+                        cscale)
     del sample
     src.release_rows(0, n)  # the sample's pages of a memmap leave the resident set
     seen = np.zeros(k, np.float64)
