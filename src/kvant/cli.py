@@ -278,8 +278,6 @@ def _cmd_cluster(args) -> int:
     from .cluster import Clusterer
 
     t0 = time.perf_counter()
-    if args.init and args.dask:
-        raise InvalidInput("--init applies to kvant.Clusterer; a --dask fit seeds itself")
     c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter,
                   sampling=args.sampling, polish_iter=args.polish_iter, overrelax=args.overrelax,
                   init=_load_init(args.init) if args.init else None)
@@ -408,7 +406,8 @@ def _cluster_dask(args, t0: float) -> int:
             raise _bad_dask_address(args.dask, exc) from None
         with client, dask.config.set(scheduler=client):
             c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
-                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax).fit(files)
+                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax,
+                              init=_load_init(args.init) if args.init else None).fit(files)
             labels = c.labels_.compute() if args.output else None
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)

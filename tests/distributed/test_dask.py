@@ -300,3 +300,16 @@ def test_default_sample_is_autos_size_and_the_client_trains_on_all_of_it(monkeyp
     local = kvant.Clusterer(3, seed=0, sample_per_centroid=334).fit(x[idx])
     assert local.sample_rows_ == 1000
     np.testing.assert_array_equal(c.cluster_centers_, local.cluster_centers_)
+
+
+def test_dask_clusterer_starts_from_given_centres():
+    # far-apart blobs and a start on the true centres: cluster j is blob j (seeding would number them otherwise)
+    g = np.random.default_rng(3)
+    centres = (g.standard_normal((4, 5)) * 100).astype(np.float32)
+    y = g.integers(0, 4, 3000)
+    x = da.from_array((centres[y] + g.standard_normal((3000, 5))).astype(np.float32), chunks=(700, 5))
+    with dask.config.set(scheduler="synchronous"):
+        c = kd.DaskClusterer(k=4, seed=1, max_iter=1, init=centres).fit(x)
+        np.testing.assert_array_equal(c.labels_.compute(), y)
+        with pytest.raises(kvant.InvalidInput, match="init"):
+            kd.DaskClusterer(k=4, init=centres[:3]).fit(x)

@@ -240,13 +240,13 @@ class DaskClusterer:
     ``sample_per_centroid``: rows gathered to the client per centre (``None``: ``auto``'s training-sample size,
     max(256·K, N/64) rows; ``sample_rows_`` is the number gathered). ``polish_iter``: Lloyd iterations over all
     rows after training on the sample (0 = as ``auto``; each costs one pass; plain Lloyd steps). Other settings,
-    ``overrelax`` included, are ``kvant.Clusterer``'s.
+    ``overrelax`` and ``init`` (initial centres, a warm start) included, are ``kvant.Clusterer``'s.
     Runs on the current Dask scheduler (a ``distributed.Client`` if one is active).
     """
 
     def __init__(self, k: int, metric: str = "l2", seed: int | None = 0, *, max_iter: int | None = None,
                  tol: float | None = None, sample_per_centroid: int | None = None, polish_iter: int = 0,
-                 overrelax: float | None = None):
+                 overrelax: float | None = None, init=None):
         self.k = k
         self.metric = metric
         self.seed = seed
@@ -255,10 +255,12 @@ class DaskClusterer:
         self.sample_per_centroid = sample_per_centroid
         self.polish_iter = polish_iter
         self.overrelax = overrelax
+        self.init = init
 
     def _local(self) -> Clusterer:
         return Clusterer(self.k, self.metric, "auto", self.seed, max_iter=self.max_iter, tol=self.tol,
-                         sample_per_centroid=self.sample_per_centroid, polish_iter=0, overrelax=self.overrelax)
+                         sample_per_centroid=self.sample_per_centroid, polish_iter=0, overrelax=self.overrelax,
+                         init=getattr(self, "init", None))
 
     def fit(self, x) -> DaskClusterer:
         """Cluster ``x`` (see :func:`as_dask_array`). Returns self; state changes only on success.
