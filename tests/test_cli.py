@@ -9,6 +9,7 @@ import pytest
 
 import kvant
 from kvant.cli import main
+from kvant.errors import InvalidInput
 
 
 def test_cluster_npy_json_end_to_end(tmp_path):
@@ -57,6 +58,21 @@ def test_cluster_init_starts_from_given_centres(tmp_path, capsys):
                  str(tmp_path / "c.npy")]) == 2  # would overwrite its own start
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), centres)
     capsys.readouterr()
+
+
+def test_errors_print_as_one_line_whatever_the_library_wrote(tmp_path, capsys, monkeypatch):
+    # (a review: pyarrow's message for a damaged page spans three lines, and kvant passed it on as it was)
+    import kvant.cluster
+
+    def fail(self, *args, **kwargs):
+        raise InvalidInput("x.parquet: cannot decode rows after row 0: Couldn't deserialize thrift:\n"
+                           "Deserializing page header failed.\n")
+
+    monkeypatch.setattr(kvant.cluster.Clusterer, "fit", fail)
+    np.save(tmp_path / "d.npy", np.ones((5, 2), np.float32))
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "2"]) == 2
+    assert capsys.readouterr().err == ("kvant: error: x.parquet: cannot decode rows after row 0: Couldn't deserialize "
+                                       "thrift: Deserializing page header failed.\n")
 
 
 def test_exit_codes(tmp_path, capsys):

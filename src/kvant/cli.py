@@ -269,7 +269,9 @@ def _load_init(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise InvalidInput(f"--init {path}: not a readable .npy array of initial centres ({exc})") from None
+        why = "not a .npy array file: NumPy could read it only as a pickle, which kvant never loads" \
+            if "pickle" in str(exc) else exc
+        raise InvalidInput(f"--init {path}: not a readable .npy array of initial centres ({why})") from None
 
 
 def _cmd_cluster(args) -> int:
@@ -613,7 +615,8 @@ def _cmd_index_build(args) -> int:
     if args.type == "flat":
         given = [flag for flag, value in pq_only.items() if value is not None]
         if given:  # they would be silently ignored
-            raise InvalidInput(f"{', '.join(given)} apply only to --type pq, not to --type flat")
+            raise InvalidInput(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --type pq, "
+                               f"not to --type flat")
     else:
         args.m = 16 if args.m is None else args.m
         args.nbits = 8 if args.nbits is None else args.nbits
@@ -917,12 +920,17 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def _one_line(message) -> str:
+    """A message as one line (a library's text can span several: pyarrow's for a damaged page did)."""
+    return " ".join(str(message).split())
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """kvant's warnings as one line on stderr, as its errors are; others as Python shows them."""
     from .errors import KvantWarning
 
     if issubclass(category, KvantWarning):
-        print(f"kvant: warning: {message}", file=sys.stderr)
+        print(f"kvant: warning: {_one_line(message)}", file=sys.stderr)
     else:
         sys.stderr.write(_format_warning(message, category, filename, lineno, line))
 
@@ -955,23 +963,23 @@ def _main(argv: list[str] | None) -> int:
                 raise InvalidInput(f"--{name.replace('_', '-')} is an empty string; give a file name or leave it out")
         return int(args.func(args) or 0)
     except InvalidInput as exc:
-        print(f"kvant: error: {exc}", file=sys.stderr)
+        print(f"kvant: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KvantError as exc:
-        print(f"kvant: error: {exc}", file=sys.stderr)
+        print(f"kvant: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_RUNTIME
     except BrokenPipeError:  # stdout closed early (`kvant ... --json | head -1`): stop quietly, as Unix tools do
         _stdout_to_devnull()
         return EXIT_BROKEN_PIPE
     except OSError as exc:  # an output path that cannot be written, a log file in a missing directory, ...
-        print(f"kvant: error: {exc}", file=sys.stderr)
+        print(f"kvant: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: one line, not a traceback (KVANT_DEBUG=1 shows it)
         if os.environ.get("KVANT_DEBUG"):
             raise
-        print(f"kvant: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"kvant: internal error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_RUNTIME
 
 

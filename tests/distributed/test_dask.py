@@ -313,3 +313,26 @@ def test_dask_clusterer_starts_from_given_centres():
         np.testing.assert_array_equal(c.labels_.compute(), y)
         with pytest.raises(kvant.InvalidInput, match="init"):
             kd.DaskClusterer(k=4, init=centres[:3]).fit(x)
+
+
+def test_empty_files_and_empty_chunks_are_skipped(tmp_path):
+    # A 0-row part (a parquet directory holds them; the local reader skips them) and an empty chunk (filtering a
+    # Dask array makes them) hold no rows: files are skipped, chunks encode to zero codes, instead of refusing.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = _blobs(n=2000, d=6)
+    np.save(tmp_path / "a.npy", x[:1000])
+    np.save(tmp_path / "empty.npy", np.zeros((0, 6), np.float32))
+    empty = pa.array([], type=pa.list_(pa.float32(), 6))
+    pq.write_table(pa.table({"vector": empty}), tmp_path / "empty.parquet")
+    kvant.io.write_parquet(tmp_path / "b.parquet", x[1000:])
+    files = [tmp_path / "a.npy", tmp_path / "empty.npy", tmp_path / "empty.parquet", tmp_path / "b.parquet"]
+    with dask.config.set(scheduler="synchronous"):
+        c = kd.DaskClusterer(k=5, seed=0).fit(files)
+        assert c.labels_.shape == (2000,) and c.n_samples_fit_ == 2000
+        with pytest.raises(InvalidInput, match="all 2 files have zero rows"):
+            kd.DaskClusterer(k=2).fit(files[1:3])
+        pq_codec = kvant.PQ(dim=6, m=3, seed=0).fit(x)
+        codes = kd.encode(pq_codec, da.from_array(x, chunks=((1000, 0, 1000), (6,)))).compute()
+        np.testing.assert_array_equal(codes, pq_codec.encode(x))

@@ -257,10 +257,10 @@ def monkeypatch_session():
     mp.undo()
 
 
-def test_fvecs_nan_row_named(tmp_path):
+def test_fvecs_nan_row_named(tmp_path, raw_fvecs):
     x = np.ones((12, 3), np.float32)
     x[7, 2] = np.inf
-    write_fvecs(tmp_path / "x.fvecs", x)
+    raw_fvecs(tmp_path / "x.fvecs", x)  # (write_fvecs refuses inf)
     src = as_source(tmp_path / "x.fvecs")
     with pytest.raises(InvalidInput, match=r"first bad row: 7\)"):
         _consume(src)
@@ -312,7 +312,7 @@ def test_ragged_parquet_names_row(tmp_path_factory, n, row, delta, rg):
         src.take(np.arange(n))
 
 
-def test_parquet_nulls_and_types(tmp_path):
+def test_parquet_nulls_and_types(tmp_path, raw_parquet):
     p = tmp_path / "x.parquet"
     pq.write_table(_list_table([[1.0, 2.0], None, [3.0, 4.0]]), p)
     with pytest.raises(InvalidInput, match="row 1 of column 'emb' is null"):
@@ -348,7 +348,7 @@ def test_parquet_nulls_and_types(tmp_path):
         as_source(p)
     x = np.ones((4, 2), np.float32)
     x[2, 0] = np.nan
-    write_parquet(p, x, row_group_rows=2)
+    raw_parquet(p, x, row_group_rows=2)  # (write_parquet refuses NaN)
     with pytest.raises(InvalidInput, match=r"first bad row: 2\)"):
         as_source(p).to_array()
     with pytest.raises(InvalidInput, match=r"first bad row: 2\)"):

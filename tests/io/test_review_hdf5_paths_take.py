@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvant.errors import InvalidInput
-from kvant.io import ParquetSource, as_source, write_fvecs, write_parquet
+from kvant.io import ParquetSource, as_source
 from kvant.io.source import check_finite_rows
 
 
@@ -43,13 +43,13 @@ def test_overlong_path_is_invalid_input(tmp_path, suffix):
 
 
 # -- 9. take names the smallest bad row it was asked for, whatever the source -----------------------
-def test_take_names_the_smallest_bad_row_for_every_source(tmp_path):
+def test_take_names_the_smallest_bad_row_for_every_source(tmp_path, raw_fvecs, raw_parquet):
     x = np.ones((100, 3), np.float32)
     x[57, 0] = np.nan
     x[90, 1] = np.inf
     np.save(tmp_path / "x.npy", x)
-    write_parquet(tmp_path / "x.parquet", x, row_group_rows=30)
-    write_fvecs(tmp_path / "x.fvecs", x)
+    raw_parquet(tmp_path / "x.parquet", x, row_group_rows=30)  # (kvant's writers refuse NaN/inf)
+    raw_fvecs(tmp_path / "x.fvecs", x)
     with h5py.File(tmp_path / "x.hdf5", "w") as f:
         f["train"] = x
     sources = [as_source(x, validate=False)] + [as_source(tmp_path / f"x{s}") for s in

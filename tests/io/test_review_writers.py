@@ -134,3 +134,17 @@ def test_writers_turn_bad_arguments_into_kvant_errors(tmp_path, writer):
         with pytest.raises(InvalidInput):
             write(path, data)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_writers_refuse_nan_and_inf_which_their_readers_would_refuse(tmp_path, value):
+    # (a review: write_fvecs and write_parquet wrote them, and as_source then refused the file)
+    from kvant.io import write_bvecs, write_fvecs, write_ivecs
+
+    x = np.ones((5, 3), np.float64)
+    x[3, 1] = value
+    for write, name in ((write_fvecs, "x.fvecs"), (write_parquet, "x.parquet"), (write_bvecs, "x.bvecs"),
+                        (write_ivecs, "x.ivecs")):
+        with pytest.raises(InvalidInput, match=r"NaN or inf \(first at row 3\)"):
+            write(tmp_path / name, x)
+        assert not (tmp_path / name).exists()

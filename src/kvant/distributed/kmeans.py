@@ -78,13 +78,21 @@ def as_dask_array(x, chunk_rows: int | None = None):
         arr = da.from_array(x, chunks=(rows, -1))
     elif isinstance(x, Sequence) and not isinstance(x, str | bytes) and x and all(
             isinstance(p, str | os.PathLike) for p in x):
-        shapes, dtypes = [], []
+        shapes, dtypes, files = [], [], []
         for p in x:
-            src = as_source(p, validate=False)
+            try:
+                src = as_source(p, validate=False)
+            except InvalidInput as err:
+                if getattr(err, "zero_rows", False):  # an empty part holds no rows to read, as in a parquet directory
+                    continue
+                raise
             if shapes and src.dim != shapes[0][1]:
                 raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {shapes[0][1]}")
             shapes.append((src.n, src.dim))
             dtypes.append(src.dtype)
+            files.append(p)
+        if not files:
+            raise InvalidInput(f"input: all {len(x)} files have zero rows")
         # every file as_source accepts is accepted here: its rows are read as one dtype all files convert to
         # exactly (int32 .ivecs values are checked to fit float32 exactly; int8 with uint8 files promote to int16,
         # which no task accepts, so float32)
@@ -92,7 +100,7 @@ def as_dask_array(x, chunk_rows: int | None = None):
         if dtype.type not in SUPPORTED_DTYPES:
             dtype = np.dtype(np.float32)
         parts = [da.from_delayed(dask.delayed(_read_file)(os.fspath(p), dtype), shape, dtype)
-                 for p, shape in zip(x, shapes, strict=True)]
+                 for p, shape in zip(files, shapes, strict=True)]
         arr = da.concatenate(parts, axis=0)
     else:
         raise InvalidInput(f"input: expected a dask.array.Array, a NumPy array or a list of file paths, "
@@ -357,6 +365,8 @@ class DaskClusterer:
 
 
 def _encode_block(block, codec, block_info=None):
+    if block.shape[0] == 0:  # (an empty chunk, e.g. from filtering a Dask array: codec.encode refuses zero rows)
+        return np.empty((0, codec.code_size), np.uint8)
     start = block_info[0]["array-location"][0][0] if block_info else 0
     return codec.encode(checked_float32(block, start))
 

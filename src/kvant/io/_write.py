@@ -42,8 +42,8 @@ def values_to_write(x, dtype: np.dtype) -> np.ndarray:
     """``x`` (n, dim) converted to ``dtype``, else InvalidInput: not 2-D, zero rows or columns, not real numbers,
     a finite value that would become inf, an integer the target cannot hold exactly (a float target rounds
     integers beyond its mantissa: float32 stores 16777217 as 16777216), or a value an integer target cannot
-    hold exactly. NaN and inf given are written as they are. Non-integer floats are rounded to a float target's
-    precision, as any float conversion does."""
+    hold exactly, or NaN/inf (the readers refuse them, naming the row; a review found the writers wrote them).
+    Non-integer floats are rounded to a float target's precision, as any float conversion does."""
     if isinstance(x, np.ma.MaskedArray):  # its .data would write the masked placeholders as values
         raise InvalidInput("masked arrays are not supported; fill (x.filled(v)) or drop the masked rows first")
     try:
@@ -59,6 +59,11 @@ def values_to_write(x, dtype: np.dtype) -> np.ndarray:
         raise InvalidInput("cannot write zero vectors (the readers reject an empty file)")
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise InvalidInput(f"vectors must be real numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise InvalidInput(f"vectors contain NaN or inf (first at row {_first_row(bad)}); kvant's readers refuse "
+                               f"them, so they are not written")
     with np.errstate(over="ignore", invalid="ignore"):
         values = arr.astype(dtype, copy=False)
     if dtype.kind == "f" and arr.dtype.kind == "f":

@@ -23,7 +23,14 @@ import numpy as np
 from ..errors import DimensionMismatch, InvalidInput
 from ._paths import check_file, exists, missing
 from ._write import first_overflow, values_to_write, writing
-from .source import SUPPORTED_DTYPES, VectorSource, check_finite_rows, checked_float32, chunk_rows
+from .source import (
+    SUPPORTED_DTYPES,
+    VectorSource,
+    check_finite_rows,
+    checked_float32,
+    chunk_rows,
+    zero_rows_error,
+)
 
 __all__ = ["ParquetSource", "write_parquet", "PARQUET_SUFFIXES"]
 
@@ -167,7 +174,7 @@ class ParquetSource(VectorSource):
                 rg_index.append(g)
                 total += rows
         if total == 0:
-            raise InvalidInput(f"{self.name}: has zero rows")
+            raise zero_rows_error(f"{self.name}: has zero rows")
         self.n = total
         self._rg_start = np.asarray(starts + [total], dtype=np.int64)
         self._rg_file = np.asarray(rg_file, dtype=np.int64)

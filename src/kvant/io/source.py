@@ -61,6 +61,13 @@ def chunk_rows(rows, dim: int) -> int:
     return int(rows)
 
 
+def zero_rows_error(message: str) -> InvalidInput:
+    """The InvalidInput of an input with no rows, marked ``zero_rows`` (a list of files may skip such a file)."""
+    err = InvalidInput(message)
+    err.zero_rows = True
+    return err
+
+
 def check_shape_dtype(shape, dtype, name: str, what: str) -> None:
     """Reject anything but a non-empty 2-D (n, dim) collection of a supported dtype (``what``: array/dataset)."""
     if len(shape) != 2:
@@ -69,7 +76,7 @@ def check_shape_dtype(shape, dtype, name: str, what: str) -> None:
         names = ", ".join(np.dtype(t).name for t in SUPPORTED_DTYPES)
         raise InvalidInput(f"{name}: dtype {dtype} is not supported (use one of: {names})")
     if shape[0] == 0:
-        raise InvalidInput(f"{name}: has zero rows")
+        raise zero_rows_error(f"{name}: has zero rows")
     if shape[1] == 0:
         raise InvalidInput(f"{name}: has zero columns")
 

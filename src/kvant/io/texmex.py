@@ -15,7 +15,15 @@ import numpy as np
 from ..errors import InvalidInput
 from ._paths import check_file
 from ._write import values_to_write, writing
-from .source import MappedPages, VectorSource, check_finite_rows, default_chunk_rows, gather_windows, is_sorted
+from .source import (
+    MappedPages,
+    VectorSource,
+    check_finite_rows,
+    default_chunk_rows,
+    gather_windows,
+    is_sorted,
+    zero_rows_error,
+)
 
 __all__ = ["TexmexSource", "write_fvecs", "write_bvecs", "write_ivecs", "TEXMEX_DTYPES"]
 
@@ -41,7 +49,7 @@ class TexmexSource(VectorSource):
         self.dtype = TEXMEX_DTYPES[suffix]
         size = p.stat().st_size
         if size == 0:
-            raise InvalidInput(f"{self.name}: file is empty (zero rows)")
+            raise zero_rows_error(f"{self.name}: file is empty (zero rows)")
         if size < 4:
             raise InvalidInput(f"{self.name}: truncated file ({size} bytes; a record starts with a 4-byte dim)")
         with open(p, "rb") as fh:
