@@ -75,6 +75,16 @@ def test_errors_print_as_one_line_whatever_the_library_wrote(tmp_path, capsys, m
                                        "thrift: Deserializing page header failed.\n")
 
 
+def test_text_output_names_the_files_written(tmp_path, capsys):
+    # -o labels.txt writes labels.txt.npy (np.save's suffix): the text output says so (a review found it unsaid)
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((300, 3)).astype(np.float32))
+    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "3", "-q", "-o", str(tmp_path / "labels.txt"),
+                 "--centroids", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [f"wrote {tmp_path / 'labels.txt.npy'}", f"wrote {tmp_path / 'c.npy'}"]
+    assert (tmp_path / "labels.txt.npy").exists() and (tmp_path / "c.npy").exists()
+
+
 def test_exit_codes(tmp_path, capsys):
     np.save(tmp_path / "d.npy", np.ones((5, 2), np.float32))
     assert main(["cluster", str(tmp_path / "d.npy"), "-k", "9"]) == 2  # k > N: bad input
@@ -369,6 +379,12 @@ def test_invalid_kvant_num_threads_is_a_usage_error_in_the_cli(monkeypatch, caps
     monkeypatch.setenv("KVANT_NUM_THREADS", "-3")
     assert main(["info"]) == 2
     assert "KVANT_NUM_THREADS" in capsys.readouterr().err
+    before = kvant.get_num_threads()
+    try:
+        assert main(["info", "--threads", "1", "--json"]) == 0  # --threads overrides the variable (its help says so)
+        assert json.loads(capsys.readouterr().out)["threads"] == 1
+    finally:
+        kvant.set_num_threads(before)
 
 
 def test_invalid_kvant_num_threads_still_only_warns_in_python():

@@ -51,6 +51,9 @@ def _bar_update(args, bar):
     return (lambda phase, amount: bar.update(amount)) if progress_enabled(args) else None
 
 
+_WRITTEN_KEYS = ("labels_file", "centroids_file", "model_file", "output", "index_file", "tree_file")
+
+
 def emit(args, payload: dict, text: str | None = None) -> None:
     """Print ``payload`` as JSON with --json, else ``text`` (or a key: value listing).
 
@@ -58,7 +61,9 @@ def emit(args, payload: dict, text: str | None = None) -> None:
     if getattr(args, "json", False):
         print(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
     elif text is not None:
-        print(text)
+        # the files written, by the names they got (-o labels.txt writes labels.txt.npy: a review found it unsaid)
+        written = [str(payload[key]) for key in _WRITTEN_KEYS if payload.get(key) and str(payload[key]) not in text]
+        print(text + "".join(f"\nwrote {name}" for name in written))
     else:
         for key, value in payload.items():
             print(f"{key}: {value}")
@@ -950,7 +955,8 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     try:
-        if os.environ.get("KVANT_NUM_THREADS"):  # the library only warns about a bad value (and uses every core)
+        # the library only warns about a bad value (and uses every core); --threads overrides the variable
+        if os.environ.get("KVANT_NUM_THREADS") and getattr(args, "threads", None) is None:
             from ._config import env_num_threads
 
             env_num_threads(os.environ["KVANT_NUM_THREADS"])
