@@ -157,8 +157,10 @@ def test_bad_settings_and_inputs():
         kd.DaskClusterer(k=2, polish_iter=-1).fit(x)
     with pytest.raises(InvalidInput, match="2-D"):
         kd.DaskClusterer(k=2).fit(da.zeros(10, chunks=5))
+    with pytest.raises(InvalidInput, match="input file not found: 'not-a-path'"):  # (one path is a list of one)
+        kd.DaskClusterer(k=2).fit("not-a-path")
     with pytest.raises(InvalidInput, match="expected a dask"):
-        kd.DaskClusterer(k=2).fit("not-a-list-of-paths")
+        kd.DaskClusterer(k=2).fit({"a": 1})
     with pytest.raises(EmptyIndex):
         kd.DaskClusterer(k=2).predict(x)
     c = kd.DaskClusterer(k=2).fit(x)
@@ -336,3 +338,19 @@ def test_empty_files_and_empty_chunks_are_skipped(tmp_path):
         pq_codec = kvant.PQ(dim=6, m=3, seed=0).fit(x)
         codes = kd.encode(pq_codec, da.from_array(x, chunks=((1000, 0, 1000), (6,)))).compute()
         np.testing.assert_array_equal(codes, pq_codec.encode(x))
+
+
+def test_a_path_or_a_parquet_directory_is_one_chunk_per_file(tmp_path):
+    x = _blobs(n=3000, d=6)
+    (tmp_path / "parts").mkdir()
+    for i in range(3):
+        kvant.io.write_parquet(tmp_path / "parts" / f"p{i}.parquet", x[i * 1000 : (i + 1) * 1000])
+    np.save(tmp_path / "x.npy", x)
+    assert kd.as_dask_array(tmp_path / "parts").chunks[0] == (1000, 1000, 1000)
+    assert kd.as_dask_array([str(tmp_path / "parts"), tmp_path / "x.npy"]).chunks[0] == (1000, 1000, 1000, 3000)
+    with dask.config.set(scheduler="synchronous"):
+        a = kd.DaskClusterer(k=4, seed=0).fit(str(tmp_path / "x.npy"))
+        b = kd.DaskClusterer(k=4, seed=0).fit(tmp_path / "parts")
+        np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())  # the same rows, the same fit
+    with pytest.raises(InvalidInput, match="an empty list of files"):
+        kd.DaskClusterer(k=2).fit([])

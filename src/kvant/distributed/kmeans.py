@@ -64,11 +64,19 @@ def as_dask_array(x, chunk_rows: int | None = None):
     """``x`` as a 2-D Dask array chunked along rows only (columns in one chunk).
 
     ``x``: a ``dask.array.Array``; a NumPy array (split into chunks of ``chunk_rows`` rows, default ~64 MiB
-    of float32); or a list of paths that :func:`kvant.as_source` reads (.npy, parquet, fvecs, HDF5 ...), one
-    chunk per file, read on the workers (the files must be reachable from them). Their row counts and
-    dimension are read here from the files' headers.
+    of float32); or a path or list of paths that :func:`kvant.as_source` reads (.npy, parquet, fvecs, HDF5 ...),
+    one chunk per file (a parquet directory stands for its files; files with zero rows are skipped), read on the
+    workers (the files must be reachable from them). Their row counts and dimension are read here from the
+    files' headers.
     """
     dask, da = _dask()
+    if isinstance(x, str | os.PathLike):  # one file, or a parquet directory: its files
+        x = [x]
+    if isinstance(x, Sequence) and not isinstance(x, str | bytes) and x and all(
+            isinstance(p, str | os.PathLike) for p in x):
+        x = _expand_directories(x)
+    elif isinstance(x, Sequence) and not isinstance(x, str | bytes) and not x:
+        raise InvalidInput("input: an empty list of files")
     if isinstance(x, da.Array):
         arr = x
     elif isinstance(x, np.ndarray):
@@ -109,6 +117,18 @@ def as_dask_array(x, chunk_rows: int | None = None):
         raise InvalidInput("input: chunk sizes are unknown; call x.compute_chunk_sizes() first")
     check_shape_dtype(arr.shape, arr.dtype, "input", "array")  # the dtypes as_source accepts, never cast silently
     return arr.rechunk({1: -1}) if len(arr.chunks[1]) > 1 else arr
+
+
+def _expand_directories(paths) -> list:
+    """``paths`` with each directory replaced by the files its reader reads (a parquet directory: its parts, in
+    its order), so that each file is a chunk of its own, as the CLI's ``--dask`` does."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += list(getattr(as_source(p, validate=False), "files", [p]))
+        else:
+            out.append(p)
+    return out
 
 
 def _read_file(path: str, dtype) -> np.ndarray:
