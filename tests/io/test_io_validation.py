@@ -617,3 +617,12 @@ def test_scanned_pages_of_a_shared_memmap_are_released_and_writes_survive(tmp_pa
     del m
     if mode == "r+":
         assert (np.fromfile(path, np.float32).reshape(-1, 16)[5] == -1.0).all()
+
+
+def test_a_file_colon_dataset_path_points_to_column(tmp_path):
+    # kvant's messages name HDF5 datasets as file:dataset; given as a path, the error says how to ask for one
+    with h5py.File(tmp_path / "x.hdf5", "w") as f:
+        f["test"] = np.ones((10, 3), np.float32)
+    with pytest.raises(InvalidInput, match=r"not found: .*x.hdf5:test' \(to read 'test' of .*column='test'"):
+        as_source(f"{tmp_path / 'x.hdf5'}:test")
+    np.testing.assert_array_equal(as_source(tmp_path / "x.hdf5", column="test").to_array(), np.ones((10, 3)))

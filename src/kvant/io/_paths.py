@@ -20,6 +20,10 @@ def missing(p: Path, what: str) -> InvalidInput:
     """The error for a path that does not exist: a broken symbolic link is named as one."""
     if p.is_symlink():
         return InvalidInput(f"{what} is a broken symbolic link: {str(p)!r} -> {os.readlink(p)!r}")
+    head, sep, tail = str(p).rpartition(":")
+    if sep and head and tail and Path(head).is_file():  # "file.hdf5:test", the form kvant's messages name datasets in
+        return InvalidInput(f"{what} not found: {str(p)!r} (to read {tail!r} of {head}, give the file and "
+                            f"column={tail!r}, or --column {tail} on the command line)")
     return InvalidInput(f"{what} not found: {str(p)!r}")
 
 
