@@ -185,6 +185,61 @@ def _ip_tables_kernel_serial(queries, cbt, out):
         _ip_table_row(queries, cbt, out, q, acc)
 
 
+@numba.njit(inline="always", **_JIT)
+def _ip_table_row_centred(queries, cbt, out, shift, q, acc):
+    # _ip_table_row with each sub-table's float64 mean taken out before the rounding to float32 (into shift[q]):
+    # the entries keep only their spread, so data far from the origin (q·c ~ 1e8 where the entries differ by ~1e3)
+    # does not lose its ranking to float32's absolute rounding
+    m, dsub, ksub = cbt.shape
+    total = 0.0
+    for j in range(m):
+        base = j * dsub
+        xv = np.float64(queries[q, base])
+        for c in range(ksub):
+            acc[c] = xv * np.float64(cbt[j, 0, c])
+        for d in range(1, dsub):
+            xv = np.float64(queries[q, base + d])
+            for c in range(ksub):
+                acc[c] += xv * np.float64(cbt[j, d, c])
+        mean = 0.0
+        for c in range(ksub):
+            mean += acc[c]
+        mean /= ksub
+        for c in range(ksub):
+            out[q, j, c] = np.float32(acc[c] - mean)
+        total += mean
+    shift[q] = total
+
+
+@numba.njit(parallel=True, **_JIT)
+def _ip_tables_centred_kernel(queries, cbt, out, shift):
+    for q in prange(queries.shape[0]):
+        _ip_table_row_centred(queries, cbt, out, shift, q, np.empty(cbt.shape[2], np.float64))
+
+
+@numba.njit(**_JIT)
+def _ip_tables_centred_kernel_serial(queries, cbt, out, shift):
+    acc = np.empty(cbt.shape[2], np.float64)
+    for q in range(queries.shape[0]):
+        _ip_table_row_centred(queries, cbt, out, shift, q, acc)
+
+
+def ip_tables_centred(queries, codebooks, cbt=None):
+    """(tables, shift): :func:`ip_tables` minus each sub-table's mean (float64, taken out before rounding), and per
+    query the sum of those means (float64), so ``tables`` sums + ``shift`` = the inner products. Ranking by the
+    tables alone is ranking by inner product, with float32 spent on the entries' differences only."""
+    m, ksub, dsub = codebooks.shape
+    nq = queries.shape[0]
+    out = np.empty((nq, m, ksub), dtype=np.float32)
+    shift = np.zeros(nq, dtype=np.float64)
+    if out.size:
+        serial = nq * m * dsub * ksub <= SERIAL_TABLE_WORK
+        (_ip_tables_centred_kernel_serial if serial else _ip_tables_centred_kernel)(
+            np.ascontiguousarray(queries, dtype=np.float32), _transpose_cb(codebooks) if cbt is None else cbt, out,
+            shift)
+    return out, shift
+
+
 def ip_tables(queries, codebooks, cbt=None):
     """(nq, m, ksub) float32 tables of per-sub-vector inner products q_j · c (summed in float64, rounded once);
     ``cbt`` as in :func:`distance_tables_l2`."""
