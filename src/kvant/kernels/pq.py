@@ -155,41 +155,11 @@ def distance_tables_l2(queries, codebooks, cbt=None):
 
 
 @numba.njit(inline="always", **_JIT)
-def _ip_table_row(queries, cbt, out, q, acc):
+def _ip_table_row(queries, cbt, out, q, acc, centre):
     # float64 sums of exact products (float32 × float32 fits float64's mantissa), rounded once: a float32 sum lost
-    # up to ~5% of q·c where large terms cancel (|q| = 1e3, q·c ≈ 1)
-    m, dsub, ksub = cbt.shape
-    for j in range(m):
-        base = j * dsub
-        xv = np.float64(queries[q, base])
-        for c in range(ksub):
-            acc[c] = xv * np.float64(cbt[j, 0, c])
-        for d in range(1, dsub):
-            xv = np.float64(queries[q, base + d])
-            for c in range(ksub):
-                acc[c] += xv * np.float64(cbt[j, d, c])
-        for c in range(ksub):
-            out[q, j, c] = np.float32(acc[c])
-
-
-@numba.njit(parallel=True, **_JIT)
-def _ip_tables_kernel(queries, cbt, out):
-    for q in prange(queries.shape[0]):
-        _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2], np.float64))
-
-
-@numba.njit(**_JIT)
-def _ip_tables_kernel_serial(queries, cbt, out):
-    acc = np.empty(cbt.shape[2], np.float64)
-    for q in range(queries.shape[0]):
-        _ip_table_row(queries, cbt, out, q, acc)
-
-
-@numba.njit(inline="always", **_JIT)
-def _ip_table_row_centred(queries, cbt, out, shift, q, acc):
-    # _ip_table_row with each sub-table's float64 mean taken out before the rounding to float32 (into shift[q]):
-    # the entries keep only their spread, so data far from the origin (q·c ~ 1e8 where the entries differ by ~1e3)
-    # does not lose its ranking to float32's absolute rounding
+    # up to ~5% of q·c where large terms cancel (|q| = 1e3, q·c ≈ 1). With ``centre``, each sub-table's float64 mean
+    # is taken out before the rounding and the sum of the means returned (else 0): the entries keep only their
+    # spread, so data far from the origin (q·c ~ 1e8 where the entries differ by ~1e3) keeps its ranking.
     m, dsub, ksub = cbt.shape
     total = 0.0
     for j in range(m):
@@ -202,26 +172,40 @@ def _ip_table_row_centred(queries, cbt, out, shift, q, acc):
             for c in range(ksub):
                 acc[c] += xv * np.float64(cbt[j, d, c])
         mean = 0.0
-        for c in range(ksub):
-            mean += acc[c]
-        mean /= ksub
+        if centre:
+            for c in range(ksub):
+                mean += acc[c]
+            mean /= ksub
         for c in range(ksub):
             out[q, j, c] = np.float32(acc[c] - mean)
         total += mean
-    shift[q] = total
+    return total
+
+
+@numba.njit(parallel=True, **_JIT)
+def _ip_tables_kernel(queries, cbt, out):
+    for q in prange(queries.shape[0]):
+        _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2], np.float64), False)
+
+
+@numba.njit(**_JIT)
+def _ip_tables_kernel_serial(queries, cbt, out):
+    acc = np.empty(cbt.shape[2], np.float64)
+    for q in range(queries.shape[0]):
+        _ip_table_row(queries, cbt, out, q, acc, False)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _ip_tables_centred_kernel(queries, cbt, out, shift):
     for q in prange(queries.shape[0]):
-        _ip_table_row_centred(queries, cbt, out, shift, q, np.empty(cbt.shape[2], np.float64))
+        shift[q] = _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2], np.float64), True)
 
 
 @numba.njit(**_JIT)
 def _ip_tables_centred_kernel_serial(queries, cbt, out, shift):
     acc = np.empty(cbt.shape[2], np.float64)
     for q in range(queries.shape[0]):
-        _ip_table_row_centred(queries, cbt, out, shift, q, acc)
+        shift[q] = _ip_table_row(queries, cbt, out, q, acc, True)
 
 
 def ip_tables_centred(queries, codebooks, cbt=None):
