@@ -29,13 +29,15 @@ def test_cluster_npy_json_end_to_end(tmp_path):
     assert payload["mse"] > 0
 
 
-def test_cluster_reports_empty_clusters_as_a_one_line_warning(tmp_path, capsys):
+def test_cluster_reports_empty_clusters_as_a_one_line_warning(tmp_path):
+    # in a process of its own: under pytest the warnings plugin records warnings instead of printing them
     x = np.repeat(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32), 20, axis=0)
     np.save(tmp_path / "d.npy", x)
-    assert main(["cluster", str(tmp_path / "d.npy"), "-k", "8", "-q", "--json"]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["cluster_sizes"].count(0) == 3  # stdout stays JSON only
-    assert captured.err.strip().splitlines() == [
+    captured = subprocess.run([sys.executable, "-m", "kvant.cli", "cluster", str(tmp_path / "d.npy"), "-k", "8", "-q",
+                               "--json"], capture_output=True, text=True, check=False)
+    assert captured.returncode == 0, captured.stderr
+    assert json.loads(captured.stdout)["cluster_sizes"].count(0) == 3  # stdout stays JSON only
+    assert captured.stderr.strip().splitlines() == [
         "kvant: warning: 3 of the k=8 clusters are empty (ids 5, 6, 7): the input has fewer distinct rows than k, "
         "or rows too close to tell apart in float32"]
 
@@ -54,6 +56,9 @@ def test_cluster_init_starts_from_given_centres(tmp_path, capsys):
     assert main(argv[:3] + ["3"] + argv[4:]) == 2  # k = 3 with 4 given centres
     assert "shape (3, dim)" in capsys.readouterr().err
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "none.npy")]) == 2
+    np.savez(tmp_path / "c.npz", centres=centres)
+    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "c.npz")]) == 2
+    assert "an .npz archive" in capsys.readouterr().err
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "c.npy"), "--centroids",
                  str(tmp_path / "c.npy")]) == 2  # would overwrite its own start
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), centres)
@@ -73,6 +78,20 @@ def test_errors_print_as_one_line_whatever_the_library_wrote(tmp_path, capsys, m
     assert main(["cluster", str(tmp_path / "d.npy"), "-k", "2"]) == 2
     assert capsys.readouterr().err == ("kvant: error: x.parquet: cannot decode rows after row 0: Couldn't deserialize "
                                        "thrift: Deserializing page header failed.\n")
+
+
+def test_kvant_warnings_reach_a_caller_that_records_them(tmp_path, capsys):
+    # (review) main() replaced warnings.showwarning, so catch_warnings(record=True) around it recorded nothing
+    import warnings
+
+    x = np.repeat(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32), 20, axis=0)
+    np.save(tmp_path / "d.npy", x)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert main(["cluster", str(tmp_path / "d.npy"), "-k", "8", "-q"]) == 0
+    assert [w.category for w in got] == [kvant.EmptyClusterWarning]
+    assert warnings.formatwarning.__module__ == "warnings"  # restored after the call
+    capsys.readouterr()
 
 
 def test_text_output_names_the_files_written(tmp_path, capsys):

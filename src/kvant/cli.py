@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -272,7 +273,11 @@ def _v_measure(labels_true, labels_pred):
 def _load_init(path: str) -> np.ndarray:
     """The initial centres of ``--init``: a (k, dim) array in a .npy file (shape and values are checked by the fit)."""
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
+        if not isinstance(arr, np.ndarray):  # an .npz archive loads as a mapping of arrays
+            arr.close()
+            raise ValueError("it is an .npz archive; save the centres alone with np.save")
+        return arr
     except (OSError, ValueError, EOFError) as exc:
         why = "not a .npy array file: NumPy could read it only as a pickle, which kvant never loads" \
             if "pickle" in str(exc) else exc
@@ -392,8 +397,15 @@ def _cluster_dask(args, t0: float) -> int:
                            "do not apply")
     files = []
     for path in args.input:
-        src = as_source(path, validate=False)  # names a missing or unreadable input before any worker starts
+        try:
+            src = as_source(path, validate=False)  # names a missing or unreadable input before any worker starts
+        except InvalidInput as err:
+            if not getattr(err, "zero_rows", False):
+                raise
+            continue  # (a file with zero rows holds nothing to cluster: skipped, as DaskClusterer does)
         files += [str(f) for f in src.files] if Path(path).is_dir() else [path]
+    if not files:
+        raise InvalidInput(f"all {len(args.input)} inputs have zero rows")
     try:
         import distributed
     except ImportError as exc:
@@ -918,11 +930,18 @@ _PATH_OPTIONS = ("output", "centroids", "model", "log_file", "results")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
-    with warnings.catch_warnings():  # (restores the caller's filters and showwarning afterwards)
-        warnings.showwarning = _show_warning
+    # kvant's warnings print as one "kvant: warning:" line. Only the formatting changes: a caller recording
+    # warnings (catch_warnings(record=True), pytest) still receives them (replacing showwarning bypassed that).
+    original = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
         return _main(argv)
+    finally:
+        warnings.formatwarning = original
+
+
+# Python's own formatting, for the warnings that are not kvant's (main() swaps warnings.formatwarning for the call)
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
 
 
 def _one_line(message) -> str:
@@ -930,20 +949,13 @@ def _one_line(message) -> str:
     return " ".join(str(message).split())
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """kvant's warnings as one line on stderr, as its errors are; others as Python shows them."""
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """kvant's warnings as one line, as its errors are; others as Python formats them."""
     from .errors import KvantWarning
 
     if issubclass(category, KvantWarning):
-        print(f"kvant: warning: {_one_line(message)}", file=sys.stderr)
-    else:
-        sys.stderr.write(_format_warning(message, category, filename, lineno, line))
-
-
-def _format_warning(message, category, filename, lineno, line) -> str:
-    import warnings
-
-    return warnings.formatwarning(message, category, filename, lineno, line)
+        return f"kvant: warning: {_one_line(message)}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -1896,6 +1896,11 @@ def test_a_fit_with_empty_clusters_warns_and_an_ordinary_one_does_not(data):
         c = kvant.Clusterer(k=8, seed=0).fit(x)
     assert (np.bincount(c.labels_, minlength=8) == 0).sum() == 3
     assert issubclass(kvant.EmptyClusterWarning, kvant.KvantWarning)
+    for call in (lambda: kvant.Clusterer(k=8, seed=0).fit(x), lambda: kvant.Clusterer(k=8, seed=0).fit_predict(x)):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in got] == [__file__]  # the caller's line, whatever kvant's depth (review)
     with warnings.catch_warnings():
         warnings.simplefilter("error", kvant.KvantWarning)
         kvant.Clusterer(k=8, seed=0).fit(data[0])
@@ -1949,7 +1954,7 @@ def test_bad_init_is_refused_and_leaves_a_fitted_clusterer_unchanged():
     c = kvant.Clusterer(3, seed=0).fit(x)
     before = c.cluster_centers_.copy()
     bad = [np.zeros((2, 4)), np.zeros((3, 5)), np.full((3, 4), np.nan), "k-means++", [[1, 2], [3]],
-           np.full((3, 4), 1e39)]
+           np.full((3, 4), 1e39), np.ones((3, 4)) * (1 + 1j), np.ones((3, 4), bool)]
     for init in bad:
         c.set_params(init=init)
         with pytest.raises(InvalidInput, match="init"):
@@ -1983,6 +1988,9 @@ def test_init_survives_save_load_and_pickle(tmp_path):
     persist.write(tmp_path / "short.kvant", kind, meta, {**arrays, "init": init[:3]})  # k = 4, three centres
     with pytest.raises(kvant.PersistError, match="init"):
         kvant.load(tmp_path / "short.kvant")
+    spherical = kvant.Clusterer(4, metric="cos", seed=0, init=start * 3).fit(x)  # saved as given, not normalised
+    spherical.save(tmp_path / "s.kvant")
+    np.testing.assert_array_equal(kvant.load(tmp_path / "s.kvant").init, start * 3)
     old = kvant.Clusterer(4, seed=0).fit(x)
     del old.__dict__["init"]  # as unpickled from before the setting existed
     assert pickle.loads(pickle.dumps(old)).get_params()["init"] is None

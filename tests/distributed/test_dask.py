@@ -335,6 +335,9 @@ def test_empty_files_and_empty_chunks_are_skipped(tmp_path):
         assert c.labels_.shape == (2000,) and c.n_samples_fit_ == 2000
         with pytest.raises(InvalidInput, match="all 2 files have zero rows"):
             kd.DaskClusterer(k=2).fit(files[1:3])
+        from kvant.cli import main
+
+        assert main(["cluster", *map(str, files), "-k", "5", "--dask", "local", "-q", "--json"]) == 0  # (review)
         pq_codec = kvant.PQ(dim=6, m=3, seed=0).fit(x)
         codes = kd.encode(pq_codec, da.from_array(x, chunks=((1000, 0, 1000), (6,)))).compute()
         np.testing.assert_array_equal(codes, pq_codec.encode(x))

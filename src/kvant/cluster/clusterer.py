@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -205,9 +207,10 @@ class Clusterer:
         if self.init is not None:
             self._initial_centres(None)
 
-    def _initial_centres(self, dim: int | None) -> np.ndarray | None:
-        """``init`` as a fresh float32 (k, dim) array (``dim`` None: not checked), or None; InvalidInput when it is
-        not one: a string, another shape, NaN/inf or values beyond float32, a zero row under ``cos``."""
+    def _initial_centres(self, dim: int | None, unit: bool = True) -> np.ndarray | None:
+        """``init`` as a fresh float32 (k, dim) array (``dim`` None: not checked; for ``cos`` unit-normalised unless
+        ``unit`` is False), or None; InvalidInput when it is not one: a string, not real numbers, another shape,
+        NaN/inf or values beyond float32, a zero row under ``cos``."""
         if self.init is None:
             return None
         if isinstance(self.init, str | bytes):
@@ -215,7 +218,10 @@ class Clusterer:
                                f"(the seeding follows the algorithm: dense-exact-row k-means++, dense-exact-random "
                                f"random rows)")
         try:
-            c = np.array(self.init, dtype=np.float64)
+            given = np.asarray(self.init)
+            if given.dtype.kind not in "fiu":  # (complex values would lose their imaginary part, bools are no data)
+                raise TypeError(f"values must be real numbers, got dtype {given.dtype}")
+            c = np.array(given, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"init must be an array of initial centres, shape (k, dim): {exc}") from None
         k = int(self.k)
@@ -230,7 +236,8 @@ class Clusterer:
             zero = ~c32.any(axis=1)
             if zero.any():
                 raise InvalidInput(f"init row {int(np.argmax(zero))} is zero: no direction for cos")
-            c32 = _normalise(c32)
+            if unit:
+                c32 = _normalise(c32)
         return np.ascontiguousarray(c32)
 
     # ------------------------------------------------------------------------------------------
@@ -284,7 +291,7 @@ class Clusterer:
         if named:  # the reason describes what ran, not only the rule
             reason += f"; given by the caller: {', '.join(named)}"
         if given is not None:
-            reason += "; initial centres given by the caller (init=), so no seeding ran"
+            reason += "; but the initial centres were given by the caller (init=), so the seeding above did not run"
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         m = int(params.get("sample_rows", k * (per_centre or DEFAULT_SAMPLE_PER_CENTROID)))  # (None or >= 1)
@@ -561,7 +568,7 @@ class Clusterer:
         if labels:
             arrays["labels"] = self.labels_
         if self.init is not None:
-            arrays["init"] = self._initial_centres(None)
+            arrays["init"] = self._initial_centres(None, unit=False)  # (as given: cos normalises at fit)
         persist.write(path, "Clusterer", meta, arrays)
 
     def _has_fitted_centres(self) -> bool:
@@ -689,7 +696,17 @@ def _warn_empty_clusters(labels: np.ndarray, k: int) -> None:
     if empty.size:
         shown = ", ".join(str(int(j)) for j in empty[:8]) + (", ..." if empty.size > 8 else "")
         warnings.warn(f"{empty.size} of the k={k} clusters are empty (ids {shown}): the input has fewer distinct "
-                      f"rows than k, or rows too close to tell apart in float32", EmptyClusterWarning, stacklevel=4)
+                      f"rows than k, or rows too close to tell apart in float32", EmptyClusterWarning,
+                      stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` naming the first frame outside kvant (entry points and wrappers differ in depth)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1  # level 1: the function calling warnings.warn (our caller)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _in_memory_rows(src: VectorSource, validate: bool = True, load: bool = False) -> np.ndarray | None:

@@ -155,7 +155,7 @@ def _write_vecs(path, x, kind: str) -> None:
         # the reader takes the record type from the suffix: ints under a .fvecs name would read as garbage floats
         raise InvalidInput(f"{name}: write_{kind[1:]} writes {kind} records, so the file name must end "
                            f"in {kind} (the reader takes the record type from it), not {suffix or '(no extension)'!r}")
-    values = values_to_write(x, dtype)  # NaN/inf given are kept
+    values = values_to_write(x, dtype)  # (NaN/inf and values that would change are refused)
     n, dim = values.shape
     if dtype.kind == "i":
         big = np.abs(values.astype(np.int64)) > _INT_EXACT
