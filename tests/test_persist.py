@@ -190,3 +190,10 @@ def test_an_opq_file_relabelled_as_pq_is_refused(tmp_path):
     persist.write(tmp_path / "p.kvant", "PQ", meta, arrays)
     with pytest.raises(PersistError, match="arrays"):
         kvant.load(tmp_path / "p.kvant")
+
+
+def test_a_missing_file_is_named_as_the_readers_name_one(tmp_path):
+    with pytest.raises(PersistError, match=r"^file not found: '.*none\.kvant'$"):
+        kvant.load(tmp_path / "none.kvant")
+    with pytest.raises(PersistError, match="cannot open .*not a regular file"):
+        kvant.load(tmp_path)

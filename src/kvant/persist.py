@@ -146,6 +146,8 @@ def read(
     try:
         regular = stat.S_ISREG(path.stat().st_mode)
         fh = open(path, "rb") if regular else None  # a FIFO would block open() forever; a directory cannot be read
+    except FileNotFoundError as exc:  # (worded as the readers word a missing input)
+        raise PersistError(f"file not found: {str(path)!r}") from exc
     except OSError as exc:
         raise PersistError(f"cannot open {path}: {exc}") from exc
     if fh is None:
