@@ -417,9 +417,15 @@ def test_hdf5_problems(tmp_path, monkeypatch):
         f["neighbors"] = np.ones((3, 2), np.int64)
         f["flat"] = np.ones(3, np.float32)
         f["empty"] = np.ones((0, 2), np.float32)
-        f.create_group("grp")
-    with pytest.raises(InvalidInput, match="no dataset 'test' \\(datasets: empty, flat, grp, neighbors, train\\)"):
+        f.create_group("grp")["inner"] = np.ones((3, 2), np.float32)
+        f["dangling"] = h5py.SoftLink("/nowhere")
+    # every dataset, nested ones by path; groups and links are not datasets (a review: the list named a group)
+    with pytest.raises(InvalidInput,
+                       match="no dataset 'test' \\(datasets: empty, flat, grp/inner, neighbors, train\\)"):
         as_source(p, column="test")
+    with pytest.raises(InvalidInput, match="'dangling' is a link to '/nowhere', which does not resolve"):
+        as_source(p, column="dangling")  # (it read as a damaged file)
+    assert as_source(p, column="grp/inner").n == 3
     with pytest.raises(InvalidInput, match="int64 is not supported"):
         as_source(p, column="neighbors")
     with pytest.raises(InvalidInput, match="2-D"):

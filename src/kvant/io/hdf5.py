@@ -51,14 +51,18 @@ class Hdf5Source(VectorSource):
         try:
             try:
                 if column not in fh:
-                    names = sorted(str(k) for k in fh.keys())
-                    raise InvalidInput(f"{p}: no dataset {column!r} (datasets: {', '.join(names) or 'none'})")
+                    names = _dataset_names(fh, h5py)
+                    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+                    raise InvalidInput(f"{p}: no dataset {column!r} (datasets: {shown or 'none'})")
                 ds = fh[column]
                 is_ds = isinstance(ds, h5py.Dataset)
                 shape, dtype = (ds.shape, ds.dtype) if is_ds else (None, None)
             except InvalidInput:  # a ValueError too, but already the message to give
                 raise
             except (KeyError, RuntimeError, TypeError, ValueError, OSError) as exc:  # damaged metadata in h5py
+                link = _link_of(fh, column, h5py)
+                if link is not None:  # a soft or external link whose target is missing: the file is fine
+                    raise InvalidInput(f"{p}: {column!r} is a link to {link}, which does not resolve") from None
                 why = f"{type(exc).__name__}: {exc}"
                 raise InvalidInput(f"{p}: damaged HDF5 file or dataset {column!r} ({why})") from None
             if not is_ds:
@@ -111,3 +115,23 @@ class Hdf5Source(VectorSource):
             self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
+
+
+def _dataset_names(fh, h5py) -> list[str]:
+    """Every dataset's path in the file (groups walked, links not followed), sorted."""
+    names: list[str] = []
+    fh.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(names)
+
+
+def _link_of(fh, column: str, h5py) -> str | None:
+    """What ``column`` links to when it is a soft or external link (else None, also when that cannot be read)."""
+    try:
+        link = fh.get(column, getlink=True)
+    except (KeyError, RuntimeError, TypeError, ValueError, OSError):
+        return None
+    if isinstance(link, h5py.SoftLink):
+        return repr(link.path)
+    if isinstance(link, h5py.ExternalLink):
+        return f"{link.path!r} in {link.filename}"
+    return None
