@@ -387,25 +387,16 @@ def _save_npy(path, array=None, **arrays) -> None:
 def _cluster_dask(args, t0: float) -> int:
     """``kvant cluster --dask``: DaskClusterer over the input files (a parquet directory counts as its files)."""
     import time
-    from pathlib import Path
 
     from .distributed import DaskClusterer
-    from .io import as_source
+    from .distributed.kmeans import input_files
 
     if args.algorithm != "auto" or args.sampling != "coreset" or args.column is not None:
         raise InvalidInput("--dask trains as auto on a uniform sample: --algorithm, --sampling and --column "
                            "do not apply")
-    files = []
-    for path in args.input:
-        try:
-            src = as_source(path, validate=False)  # names a missing or unreadable input before any worker starts
-        except InvalidInput as err:
-            if not getattr(err, "zero_rows", False):
-                raise
-            continue  # (a file with zero rows holds nothing to cluster: skipped, as DaskClusterer does)
-        files += [str(f) for f in src.files] if Path(path).is_dir() else [path]
-    if not files:
-        raise InvalidInput(f"all {len(args.input)} inputs have zero rows")
+    # each file of each input (a directory's parts), empty ones skipped; a missing or unreadable input is named here,
+    # before any worker starts
+    files = [path for path, _ in input_files(args.input)]
     try:
         import distributed
     except ImportError as exc:

@@ -335,6 +335,10 @@ def test_empty_files_and_empty_chunks_are_skipped(tmp_path):
         assert c.labels_.shape == (2000,) and c.n_samples_fit_ == 2000
         with pytest.raises(InvalidInput, match="all 2 files have zero rows"):
             kd.DaskClusterer(k=2).fit(files[1:3])
+        (tmp_path / "parts").mkdir()  # a directory whose empty part is skipped too: one chunk per non-empty part
+        pq.write_table(pa.table({"embedding": empty}), tmp_path / "parts" / "a_empty.parquet")
+        kvant.io.write_parquet(tmp_path / "parts" / "b.parquet", x[:700])
+        assert kd.as_dask_array(tmp_path / "parts").chunks[0] == (700,)
         from kvant.cli import main
 
         assert main(["cluster", *map(str, files), "-k", "5", "--dask", "local", "-q", "--json"]) == 0  # (review)

@@ -72,11 +72,8 @@ def as_dask_array(x, chunk_rows: int | None = None):
     dask, da = _dask()
     if isinstance(x, str | os.PathLike):  # one file, or a parquet directory: its files
         x = [x]
-    if isinstance(x, Sequence) and not isinstance(x, str | bytes) and x and all(
-            isinstance(p, str | os.PathLike) for p in x):
-        x = _expand_directories(x)
-    elif isinstance(x, Sequence) and not isinstance(x, str | bytes) and not x:
-        raise InvalidInput("input: an empty list of files")
+    paths = isinstance(x, Sequence) and not isinstance(x, str | bytes) and all(
+        isinstance(p, str | os.PathLike) for p in x)
     if isinstance(x, da.Array):
         arr = x
     elif isinstance(x, np.ndarray):
@@ -84,23 +81,14 @@ def as_dask_array(x, chunk_rows: int | None = None):
             raise InvalidInput(f"input: expected a 2-D array (n, dim), got shape {x.shape}")
         rows = chunk_rows or default_chunk_rows(max(1, x.shape[1]))
         arr = da.from_array(x, chunks=(rows, -1))
-    elif isinstance(x, Sequence) and not isinstance(x, str | bytes) and x and all(
-            isinstance(p, str | os.PathLike) for p in x):
+    elif paths:
         shapes, dtypes, files = [], [], []
-        for p in x:
-            try:
-                src = as_source(p, validate=False)
-            except InvalidInput as err:
-                if getattr(err, "zero_rows", False):  # an empty part holds no rows to read, as in a parquet directory
-                    continue
-                raise
+        for p, src in input_files(x):
             if shapes and src.dim != shapes[0][1]:
                 raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {shapes[0][1]}")
             shapes.append((src.n, src.dim))
             dtypes.append(src.dtype)
             files.append(p)
-        if not files:
-            raise InvalidInput(f"input: all {len(x)} files have zero rows")
         # every file as_source accepts is accepted here: its rows are read as one dtype all files convert to
         # exactly (int32 .ivecs values are checked to fit float32 exactly; int8 with uint8 files promote to int16,
         # which no task accepts, so float32)
@@ -119,15 +107,32 @@ def as_dask_array(x, chunk_rows: int | None = None):
     return arr.rechunk({1: -1}) if len(arr.chunks[1]) > 1 else arr
 
 
-def _expand_directories(paths) -> list:
-    """``paths`` with each directory replaced by the files its reader reads (a parquet directory: its parts, in
-    its order), so that each file is a chunk of its own, as the CLI's ``--dask`` does."""
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            out += list(getattr(as_source(p, validate=False), "files", [p]))
+def input_files(paths) -> list[tuple]:
+    """(path, source) of each file of ``paths`` with rows: a directory stands for the files its reader reads (a
+    parquet directory: its parts, in its order), so each file is a chunk of its own; files with zero rows are skipped,
+    as a parquet directory's reader skips its empty parts. Opening each names a missing or unreadable input here,
+    before any task runs. InvalidInput when none has rows (or ``paths`` is empty)."""
+    if not paths:
+        raise InvalidInput("input: an empty list of files")
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                files += [str(f) for f in getattr(as_source(path, validate=False), "files", [path])]
+            except InvalidInput as err:
+                if not getattr(err, "zero_rows", False):  # (a directory whose parts are all empty holds no rows)
+                    raise
         else:
-            out.append(p)
+            files.append(path)
+    out = []
+    for path in files:
+        try:
+            out.append((path, as_source(path, validate=False)))
+        except InvalidInput as err:
+            if not getattr(err, "zero_rows", False):
+                raise
+    if not out:
+        raise InvalidInput(f"input: all {len(files)} files have zero rows")
     return out
 
 
