@@ -363,9 +363,14 @@ def test_parquet_directory_mismatch(tmp_path):
     write_parquet(tmp_path / "b.parquet", np.ones((3, 5), np.float32))
     with pytest.raises(DimensionMismatch, match="dim 5.*dim 4"):
         as_source(tmp_path)
-    write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float64), dtype=np.float64)
-    with pytest.raises(InvalidInput, match="has type"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"embedding": [[1, 2, 3, 4]] * 3}), tmp_path / "b.parquet")  # list<int64>
+    with pytest.raises(InvalidInput, match="holds int64 values; supported value types"):
         as_source(tmp_path)
+    with pytest.raises(InvalidInput, match="'embedding' has type int64, but .*a.parquet has .*supported value types"):
+        as_source(tmp_path, column="embedding")
     write_parquet(tmp_path / "b.parquet", np.ones((3, 4), np.float32), column="other")
     with pytest.raises(InvalidInput, match=r"vector columns would be \['other'\].*are \['embedding'\]"):
         as_source(tmp_path)
@@ -632,3 +637,27 @@ def test_a_file_colon_dataset_path_points_to_column(tmp_path):
     with pytest.raises(InvalidInput, match=r"not found: .*x.hdf5:test' \(to read 'test' of .*column='test'"):
         as_source(f"{tmp_path / 'x.hdf5'}:test")
     np.testing.assert_array_equal(as_source(tmp_path / "x.hdf5", column="test").to_array(), np.ones((10, 3)))
+
+
+@pytest.mark.parametrize("mode", ["list", "columns"])
+def test_parquet_directory_mixing_value_types_reads_in_the_common_dtype(tmp_path, mode):
+    # two writers: one left float32 parts, the other float64 (and an int8 one); all are read, in float64
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((4, 3)),
+             rng.integers(-9, 9, (2, 3)).astype(np.int8)]
+    for i, x in enumerate(parts):
+        if mode == "list":
+            table = pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 3)})
+        else:
+            table = pa.table({f"c{j}": x[:, j] for j in range(3)})
+        pq.write_table(table, tmp_path / f"{i}.parquet")
+    src = as_source(tmp_path)
+    expected = np.concatenate([p.astype(np.float64) for p in parts]).astype(np.float32)
+    assert src.dtype == np.float64
+    np.testing.assert_array_equal(src.to_array(), expected)
+    np.testing.assert_array_equal(src.take([10, 0, 6]), expected[[10, 0, 6]])
+    got = np.concatenate([c for _, c in src.chunks(rows=3)])
+    np.testing.assert_array_equal(got, expected)

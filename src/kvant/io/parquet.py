@@ -59,6 +59,14 @@ def _numpy_dtype(t) -> np.dtype | None:
     return None
 
 
+def _common_dtype(types) -> np.dtype:
+    """The dtype rows of these supported value types are assembled in. int8 with uint8 promote to int16,
+    which no reader of a source accepts: such rows are float32 instead (exact for every mix of the supported
+    types that does not promote to them)."""
+    dtype = np.result_type(*[_numpy_dtype(t) for t in types])
+    return dtype if dtype.type in SUPPORTED_DTYPES else np.dtype(np.float32)
+
+
 def _is_list(t) -> bool:
     pa, _ = _pa()
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
@@ -154,8 +162,9 @@ class ParquetSource(VectorSource):
         total = 0
         self.dim = -1
         dim_file = None
+        value_types = []
         for fi, (f, meta, schema) in enumerate(zip(self.files, metas, schemas, strict=True)):
-            self._check_schema(schema, f)
+            value_types += self._check_schema(schema, f)
             if meta.num_rows > 0:
                 d = self._file_dim(f, schema, meta)
                 if self.dim < 0:
@@ -175,6 +184,7 @@ class ParquetSource(VectorSource):
                 total += rows
         if total == 0:
             raise zero_rows_error(f"{self.name}: has zero rows")
+        self.dtype = _common_dtype(value_types)
         self.n = total
         self._rg_start = np.asarray(starts + [total], dtype=np.int64)
         self._rg_file = np.asarray(rg_file, dtype=np.int64)
@@ -238,22 +248,28 @@ class ParquetSource(VectorSource):
                         f"{f}: column {c!r} has type {t}, which is not supported (supported: {_SUPPORTED}); "
                         f"pick the vector columns with column=[...]"
                     )
-            dtype = np.result_type(*[_numpy_dtype(t) for t in types])
-            # int8 with uint8 columns promote to int16, which no reader of a source accepts: rows are assembled
-            # as float32 instead (exact for every mix of the supported types that does not promote to them)
-            self.dtype = dtype if dtype.type in SUPPORTED_DTYPES else np.dtype(np.float32)
+            self.dtype = _common_dtype(types)
         self.columns = cols
         self.column = cols[0] if self.mode == "list" else None
         self._types = types
 
-    def _check_schema(self, schema, f) -> None:
+    def _check_schema(self, schema, f) -> list:
+        """Check that file ``f`` holds the chosen columns in a supported type; return their value types.
+
+        The value types may differ between files (float32 parts beside float64 ones, as two writers leave
+        them): rows are assembled in the common dtype of all files (``_common_dtype``)."""
+        types = []
         for c, t in zip(self.columns, self._types, strict=True):
             ft = _field(schema, c, f, f"{f}: no column {c!r}, which {self.files[0]} has").type
             if self.mode == "list":
-                if not _is_list(ft) or not ft.value_type.equals(t.value_type):
+                if not _is_list(ft):
                     raise InvalidInput(f"{f}: column {c!r} has type {ft}, but {self.files[0]} has {t}")
-            elif not ft.equals(t):
-                raise InvalidInput(f"{f}: column {c!r} has type {ft}, but {self.files[0]} has {t}")
+                ft = ft.value_type
+            if _numpy_dtype(ft) is None:
+                raise InvalidInput(f"{f}: column {c!r} has type {ft}, but {self.files[0]} has {t} "
+                                   f"(supported value types: {_SUPPORTED})")
+            types.append(ft)
+        return types
 
     def _file_dim(self, f, schema, meta) -> int:
         if self.mode == "columns":
@@ -317,7 +333,7 @@ class ParquetSource(VectorSource):
             if values.null_count:
                 i = int(np.argmax(np.asarray(values.is_null())))
                 raise InvalidInput(f"{self.name}: null value in column {self.column!r} at row {offset + i // self.dim}")
-            parts.append(values.to_numpy(zero_copy_only=False).reshape(m, self.dim))
+            parts.append(values.to_numpy(zero_copy_only=False).reshape(m, self.dim).astype(self.dtype, copy=False))
             offset += m
         if len(parts) == 1:
             return parts[0]
