@@ -409,7 +409,7 @@ def test_invalid_kvant_num_threads_is_a_usage_error_in_the_cli(monkeypatch, caps
 def test_invalid_kvant_num_threads_still_only_warns_in_python():
     out = _run_with_env([sys.executable, "-c", "import kvant; print(kvant.get_num_threads())"],
                         KVANT_NUM_THREADS="abc")
-    assert out.returncode == 0 and "UserWarning: ignoring KVANT_NUM_THREADS='abc'" in out.stderr
+    assert out.returncode == 0 and "<string>:1: KvantWarning: ignoring KVANT_NUM_THREADS='abc'" in out.stderr
 
 
 def test_threads_help_names_the_environment_variable(capsys):

@@ -149,9 +149,9 @@ def _init_from_env() -> None:
         except Exception:  # a bad env var must not break import (env_num_threads is the one check)
             if _is_kvant_command():  # the command reports it as a usage error itself (exit 2, one line)
                 return
-            import warnings
+            from .errors import warn
 
-            warnings.warn(f"ignoring KVANT_NUM_THREADS={value!r}: not a positive integer", stacklevel=2)
+            warn(f"ignoring KVANT_NUM_THREADS={value!r}: not a positive integer")  # (names the user's import line)
 
 
 _init_from_env()

@@ -3,6 +3,10 @@ it emits from :class:`KvantWarning`."""
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 __all__ = ["KvantError", "InvalidInput", "DimensionMismatch", "EmptyIndex", "PersistError", "KvantWarning",
            "EmptyClusterWarning"]
 
@@ -33,3 +37,19 @@ class KvantWarning(UserWarning):
 
 class EmptyClusterWarning(KvantWarning):
     """A fit ended with clusters that hold no row (fewer distinct rows than k, or rows float32 cannot tell apart)."""
+
+
+def warn(message: str, category: type[KvantWarning] = KvantWarning) -> None:
+    """Emit ``message`` as a ``category`` warning attributed to the first frame outside kvant (the user's line),
+    whatever the depth of the entry point or wrapper that calls this."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 0
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "importlib" in name and "_bootstrap" in name:  # warnings skips the import machinery's frames
+            frame = frame.f_back
+            continue
+        if not os.path.abspath(name).startswith(package):
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

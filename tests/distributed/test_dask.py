@@ -361,3 +361,19 @@ def test_a_path_or_a_parquet_directory_is_one_chunk_per_file(tmp_path):
         np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())  # the same rows, the same fit
     with pytest.raises(InvalidInput, match="an empty list of files"):
         kd.DaskClusterer(k=2).fit([])
+
+
+def test_a_file_listed_twice_warns_and_names_it(tmp_path):
+    # `kvant cluster --dask data/*.parquet data/` lists every part twice: its rows would count twice, silently
+    x = _blobs(n=1000, d=6)
+    (tmp_path / "parts").mkdir()
+    kvant.io.write_parquet(tmp_path / "parts" / "p0.parquet", x)
+    with pytest.warns(kvant.KvantWarning, match=r"p0.parquet is listed more than once") as record:
+        arr = kd.as_dask_array([tmp_path / "parts" / "p0.parquet", tmp_path / "parts"])
+    assert record[0].filename == __file__  # attributed to the caller's line, not to kvant
+    assert arr.chunks[0] == (1000, 1000)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kd.as_dask_array([tmp_path / "parts"])  # once: no warning

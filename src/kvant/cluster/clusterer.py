@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -33,7 +30,7 @@ import numpy as np
 from .. import persist
 from .._config import check_seed, get_num_threads, with_threads
 from .._numerics import condition, conditioning, uncondition
-from ..errors import DimensionMismatch, EmptyClusterWarning, EmptyIndex, InvalidInput, PersistError
+from ..errors import DimensionMismatch, EmptyClusterWarning, EmptyIndex, InvalidInput, PersistError, warn
 from ..io import ArraySource, VectorSource, as_source, check_finite
 from ..kernels.assign import certify_top2, label_margins
 from ..kernels.distance import sq_norms64_serial, sq_norms_serial
@@ -695,18 +692,8 @@ def _warn_empty_clusters(labels: np.ndarray, k: int) -> None:
     empty = np.flatnonzero(sizes == 0)
     if empty.size:
         shown = ", ".join(str(int(j)) for j in empty[:8]) + (", ..." if empty.size > 8 else "")
-        warnings.warn(f"{empty.size} of the k={k} clusters are empty (ids {shown}): the input has fewer distinct "
-                      f"rows than k, or rows too close to tell apart in float32", EmptyClusterWarning,
-                      stacklevel=_caller_level())
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` naming the first frame outside kvant (entry points and wrappers differ in depth)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1  # level 1: the function calling warnings.warn (our caller)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
+        warn(f"{empty.size} of the k={k} clusters are empty (ids {shown}): the input has fewer distinct "
+             f"rows than k, or rows too close to tell apart in float32", EmptyClusterWarning)
 
 
 def _in_memory_rows(src: VectorSource, validate: bool = True, load: bool = False) -> np.ndarray | None:

@@ -31,7 +31,7 @@ from ..cluster.assign import assign_top2, zero_norm_error
 from ..cluster.auto import auto_sample_rows
 from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
-from ..errors import DimensionMismatch, EmptyIndex, InvalidInput
+from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, warn
 from ..io import as_source
 from ..io.source import (
     SUPPORTED_DTYPES,
@@ -124,6 +124,12 @@ def input_files(paths) -> list[tuple]:
                     raise
         else:
             files.append(path)
+    seen: dict[str, str] = {}
+    for path in files:  # the same file twice (a glob and its directory, say) would count its rows twice
+        real = os.path.realpath(path)
+        if real in seen:
+            warn(f"input: {path} is listed more than once (also as {seen[real]}); its rows are used once per listing")
+        seen.setdefault(real, str(path))
     out = []
     for path in files:
         try:
