@@ -208,6 +208,20 @@ def test_search_takes_a_1d_npy_as_one_query_as_tree_knn_and_the_api_do(tmp_path,
     assert "NaN" in capsys.readouterr().err
 
 
+def test_search_takes_o_like_every_other_command_and_says_where_it_wrote(tmp_path, capsys):
+    # (a review: `kvant search ... -o r.npz` was "unrecognized arguments", though cluster, index build and tree take -o)
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    index = kvant.FlatIndex(4)
+    index.add(x)
+    index.save(tmp_path / "f.kvant")
+    np.save(tmp_path / "q.npy", x[:3])
+    assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q.npy"), "-k", "2", "-o",
+                 str(tmp_path / "r")]) == 0
+    assert f"wrote {tmp_path / 'r.npz'}" in capsys.readouterr().out  # the suffix NumPy's convention appends, named
+    with np.load(tmp_path / "r.npz") as r:
+        np.testing.assert_array_equal(r["ids"], index.search(x[:3], 2)[1])
+
+
 UNWRITABLE = "/proc/kvant-cannot-write-here"  # /proc refuses new files even to root, on every Linux
 
 

@@ -145,7 +145,8 @@ def _output_file(path, suffix: str | None = None, others=(), what: str = "output
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".kvant-probe-"):
             pass
     except OSError as exc:
-        raise InvalidInput(f"{what} {out} cannot be written: {out.parent}: {exc.strerror or exc}") from None
+        raise InvalidInput(f"{what} {out} cannot be written: no new file can be created in {out.parent} "
+                           f"({exc.strerror or exc})") from None
     if out.exists() and not os.access(out, os.W_OK):
         raise InvalidInput(f"{what} {out} cannot be written: the file is read-only")
     return str(out)
@@ -512,15 +513,16 @@ def _add_cluster(sub) -> None:
     p.add_argument("input", nargs="+", help="vectors: .npy, .fvecs/.bvecs, parquet file or directory, .hdf5 "
                                             "(several files only with --dask)")
     p.add_argument("-k", type=int, required=True, help="number of clusters")
-    p.add_argument("--metric", default="l2", choices=available_metrics())
-    p.add_argument("--algorithm", default="auto", choices=available_algorithms())
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", default="l2", choices=available_metrics(), help="(default %(default)s)")
+    p.add_argument("--algorithm", default="auto", choices=available_algorithms(), help="(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--max-iter", type=int, default=None,
                    help="Lloyd iterations at most (default: the algorithm's; auto 15, the others 25)")
     p.add_argument("--sampling", default="coreset", choices=["coreset", "uniform"],
                    help="training sample: weighted lightweight coreset (default) or uniform rows (FAISS's)")
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the vectors")
-    p.add_argument("-o", "--output", default=None, help="write labels (int64) to this .npy file")
+    p.add_argument("-o", "--output", default=None,
+                   help="write labels (int64) to this .npy file ('.npy' is appended when missing)")
     p.add_argument("--centroids", default=None, help="write centroids (float32) to this .npy file")
     p.add_argument("--model", default=None,
                    help="save the fitted clusterer to this kvant file (kvant.load(path) predicts with it)")
@@ -540,7 +542,7 @@ def _add_cluster(sub) -> None:
     p.set_defaults(func=_cmd_cluster)
 
     d = sub.add_parser("demo", help="cluster a built-in dataset with auto and two concrete algorithms")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     _common(d)
     d.set_defaults(func=_cmd_demo)
 
@@ -706,11 +708,11 @@ def _add_index(sub) -> None:
     b = isub.add_parser("build", help="train an index on vectors, add them and save it")
     b.add_argument("input", help="vectors: .npy, .fvecs/.bvecs, parquet or HDF5")
     b.add_argument("-o", "--output", required=True, help="where to write the index")
-    b.add_argument("--type", choices=["pq", "flat"], default="pq")
+    b.add_argument("--type", choices=["pq", "flat"], default="pq", help="(default %(default)s)")
     # the PQ-only flags default to None so that --type flat can refuse them when given
     b.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (must divide dim; default 16)")
     b.add_argument("--nbits", type=int, choices=[4, 8], default=None, help="bits per PQ code (default 8)")
-    b.add_argument("--metric", choices=["l2", "ip", "cos"], default="l2")
+    b.add_argument("--metric", choices=["l2", "ip", "cos"], default="l2", help="(default %(default)s)")
     b.add_argument("--opq", action="store_true", help="learn an OPQ rotation (pq)")
     b.add_argument("--refine", type=int, default=None,
                    help="keep raw vectors and re-rank refine*k candidates (pq; default 0)")
@@ -726,9 +728,10 @@ def _add_search(sub) -> None:
     p = sub.add_parser("search", help="k-nearest-neighbour search in a saved index")
     p.add_argument("index", help="a file written by `kvant index build`")
     p.add_argument("queries", help="query vectors: .npy, .fvecs/.bvecs, parquet or HDF5")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default %(default)s)")
     p.add_argument("--column", default=None, help="parquet column / HDF5 dataset of the queries")
-    p.add_argument("--output", default=None, help="write distances and ids to this .npz file")
+    p.add_argument("-o", "--output", default=None,
+                   help="write distances and ids to this .npz file ('.npz' is appended when missing)")
     p.add_argument("--show", type=int, default=None,
                    help="print the results of the first SHOW queries (default 5; not with --json)")
     p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it")
@@ -872,7 +875,8 @@ def _add_tree(sub) -> None:
     b = tsub.add_parser("build", help="build a cover tree from points (.npy, .fvecs, parquet, hdf5)")
     b.add_argument("points")
     b.add_argument("-o", "--output", required=True, help="where to save the tree (.kvant)")
-    b.add_argument("--metric", default="euclidean", choices=["euclidean", "manhattan", "chebyshev", "angular"])
+    b.add_argument("--metric", default="euclidean", choices=["euclidean", "manhattan", "chebyshev", "angular"],
+                   help="(default %(default)s)")
     b.add_argument("--base", type=float, default=None,
                    help="level base (default: 1.5 for points of up to 12 coordinates, else 1.3)")
     b.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
@@ -882,9 +886,10 @@ def _add_tree(sub) -> None:
     q = tsub.add_parser("knn", help="exact k nearest neighbours from a saved tree")
     q.add_argument("tree")
     q.add_argument("queries", help="query points file, or 'self' for every tree point (Vecchia predecessors)")
-    q.add_argument("-k", type=int, default=8)
+    q.add_argument("-k", type=int, default=8, help="neighbours per point (default %(default)s)")
     q.add_argument("--all", action="store_true", help="with 'self': all other points, not only predecessors")
-    q.add_argument("-o", "--output", default=None, help="write distances/ids to this .npz")
+    q.add_argument("-o", "--output", default=None,
+                   help="write distances/ids to this .npz file ('.npz' is appended when missing)")
     q.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")
     q.add_argument("--column", default=None, help="parquet column / HDF5 dataset holding the queries")
     _common(q)

@@ -243,6 +243,11 @@ def _read_open(fh, path: Path, expected_kind: str | None, mmap: bool) -> tuple[s
 def load(path: str | os.PathLike, mmap: bool = False):
     """Load any saved kvant object (index, codec, tree, clusterer) from ``path``.
 
+    The file's checksum is verified first; a missing, truncated or corrupted file raises
+    :class:`~kvant.errors.PersistError`. With ``mmap=True`` (default False) the object's arrays are read-only
+    memory maps into the file instead of copies in the process's memory (the checksum pass still reads the file
+    once, through the page cache).
+
     >>> import kvant, numpy as np, tempfile, os
     >>> idx = kvant.FlatIndex(4); idx.add(np.eye(4, dtype="float32"))   # doctest: +SKIP
     >>> idx.save("/tmp/flat.kvant"); kvant.load("/tmp/flat.kvant")       # doctest: +SKIP

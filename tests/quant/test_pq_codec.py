@@ -484,3 +484,11 @@ def test_transposed_codebooks_are_kept_per_codebook_array():
     pq.fit((g.standard_normal((600, 16)) * 5).astype(np.float32))
     np.testing.assert_array_equal(pq._transposed_books(), kpq.transposed_codebooks(pq.codebooks))
     assert not np.array_equal(pq._transposed_books(), first)
+
+
+@pytest.mark.parametrize("cls", [kvant.PQ, kvant.OPQ, kvant.PQIndex])
+def test_options_after_nbits_are_keyword_only(cls):
+    # (a review: PQ(32, 8, 4, 1) meant seed=1 but OPQ(32, 8, 4, 1) meant n_iter=1: positional options differed)
+    with pytest.raises(TypeError):
+        cls(32, 8, 4, 1) if cls is not kvant.PQIndex else cls(32, 8, 4, "l2", True)
+    assert cls(32, 8, 4, seed=1).seed == 1

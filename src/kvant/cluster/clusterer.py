@@ -108,9 +108,10 @@ class Clusterer:
     overrelax : β_max of the safeguarded over-relaxation of Lloyd's steps (see :mod:`kvant.cluster.lloyd`):
         0 is classic Lloyd; ``None`` (default) means 0 for the concrete algorithms and 1.0 for ``auto``
         (docs/auto.md has the measurements). Finite, >= 0.
-    n_redo : restarts for ``dense-exact-nredo`` (seeds seed, seed+1, ...; the lowest training objective wins).
-    batch_rows : rows per mini-batch for ``minibatch`` (bounds its memory).
-    max_epochs : passes over the data for ``minibatch``.
+    n_redo : restarts for ``dense-exact-nredo`` (default 3; seeds seed, seed+1, ...; the lowest training objective
+        wins).
+    batch_rows : rows per mini-batch for ``minibatch`` (default 65,536; bounds its memory).
+    max_epochs : passes over the data for ``minibatch`` (default 3).
     init : ``None`` (default: the algorithm's seeding, above) or the initial centres, an array of shape (k, dim) —
         a warm start, e.g. from an earlier fit's ``cluster_centers_`` (FAISS's ``init_centroids``, scikit-learn's
         ``init=array``). Copied as float32 at ``fit`` (finite; for ``cos`` non-zero rows, normalised), for every

@@ -175,6 +175,10 @@ def _direct_split(n: int, nq: int, keep: int, max_width: int, threads: int) -> t
 class FlatIndex:
     """Exact k-nearest-neighbour search by brute force.
 
+    ``metric``: ``"l2"`` (default; squared L2 distances, ascending), ``"ip"`` (inner products, descending) or
+    ``"cos"`` (rows and queries normalised, then ``"ip"``). Results are exact: the module docstring says how the
+    GEMM candidates are certified and re-scored.
+
     >>> import numpy as np, kvant
     >>> x = np.random.default_rng(0).standard_normal((1000, 16)).astype("float32")
     >>> index = kvant.FlatIndex(16, metric="l2")
@@ -240,7 +244,8 @@ class FlatIndex:
         pass keeping ``2k + 8``, then ``8k + 64`` rows; what is still uncertain (tight clusters far from the origin,
         where the GEMM form keeps no digit of the distances) is answered by an exact float64 scan of every row. On
         hosts with AMX, batches of at least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions
-        (ordinary magnitudes) first take candidates from bf16 tile products with a proven error bound
+        (queries × D >= ``AMX_MIN_WORK``, at least ``AMX_MIN_ROWS`` rows, k <= ``AMX_MAX_K``, ordinary magnitudes)
+        first take candidates from bf16 tile products with a proven error bound
         (:mod:`kvant.kernels.amx_topk`), re-scored exactly; queries with more candidates than its buffer holds go on
         as above.
         """

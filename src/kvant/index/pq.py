@@ -93,7 +93,19 @@ def _check_raw_rows(raw: np.ndarray, ids: np.ndarray, unit: bool) -> None:
 
 
 class PQIndex:
-    """Approximate k-NN search over PQ/OPQ codes.
+    """Approximate k-NN search over PQ/OPQ codes (module docstring: the kernels, the shortlist, the metrics).
+
+    Parameters
+    ----------
+    dim, m, nbits : as for :class:`kvant.PQ` (nbits 8: ADC scan; 4: FastScan).
+    metric : ``"l2"`` (default; squared L2, ascending), ``"ip"`` or ``"cos"`` (similarities, descending).
+    opq : train an :class:`kvant.OPQ` rotation first (default False). Keyword-only, as are the parameters after it.
+    refine : keep the raw float32 vectors and re-rank the best ``refine * k`` ADC candidates exactly (default 0:
+        no raw vectors kept, distances are ADC distances).
+    seed : training seed (default 0).
+    fastscan_rerank : nbits=4 only: re-score a shortlist of ``fastscan_rerank * k`` rows with exact ADC (default 4;
+        0: the certified mode, exactly the ADC top-k at about half the speed).
+    max_train_rows : rows sampled to train the codec (default: the codec's, ``256 * 2**nbits``).
 
     >>> import numpy as np, kvant
     >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32")
@@ -113,6 +125,7 @@ class PQIndex:
         m: int,
         nbits: int = 8,
         metric: str = "l2",
+        *,
         opq: bool = False,
         refine: int = 0,
         seed: int | None = 0,

@@ -26,6 +26,8 @@ def as_source(x, column=None, name: str = "input", validate: bool = True) -> Vec
       files (``column=`` picks the list column or a list of scalar columns), or an ann-benchmarks
       HDF5 file (``column=`` picks the dataset, default ``"train"``).
 
+    ``name`` labels the source in error messages for arrays (default ``"input"``; paths are named by their path).
+
     Bad input raises :class:`~kvant.errors.InvalidInput` naming the problem. An in-memory array is checked
     for NaN/inf here unless ``validate=False``; then every read checks the rows it returns instead, until
     the caller has checked them all itself and called ``mark_validated()``.

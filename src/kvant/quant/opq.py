@@ -62,7 +62,19 @@ def procrustes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class OPQ(PQ):
-    """Product quantizer after a learned rotation; same interface as :class:`PQ` plus ``.rotation``.
+    """Product quantizer after a learned rotation (Ge et al., 2013): the methods of :class:`PQ`, plus ``.rotation``.
+
+    Training alternates PQ on the rotated rows with an orthogonal Procrustes update of the rotation (module
+    docstring); codes are PQ codes of ``(x - mean) @ rotation``.
+
+    Parameters
+    ----------
+    dim, m, nbits, seed, max_train_rows : as for :class:`PQ` (everything after ``nbits`` is keyword-only).
+    n_iter : rotation updates, alternating with codebook updates (default 20; 0 keeps the starting rotation).
+        Not PQ's Lloyd iterations: those are ``n_iter_pq`` per alternation (default 4) and ``n_iter_pq_0`` for the
+        first codebooks (default 10).
+    init : the starting rotation: ``"identity"`` (default; OPQ then only improves on plain PQ) or ``"eigen"``
+        (eigenvalue allocation: principal directions dealt to the sub-spaces so their variances balance).
 
     >>> import numpy as np, kvant
     >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32") * np.arange(1, 33)
@@ -78,6 +90,7 @@ class OPQ(PQ):
         dim: int,
         m: int,
         nbits: int = 8,
+        *,
         n_iter: int = 20,
         seed: int | None = 0,
         n_iter_pq: int = 4,

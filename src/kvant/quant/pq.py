@@ -233,7 +233,17 @@ def _step_reporter(progress):
 
 
 class PQ:
-    """Product quantizer.
+    """Product quantizer: ``m`` sub-vectors, ``2**nbits`` codewords each (module docstring: training, code layout).
+
+    Parameters
+    ----------
+    dim : vector dimension; ``m`` must divide it (the error names the values that do).
+    m : number of sub-vectors (bytes per vector for nbits=8, half of that for nbits=4).
+    nbits : 8 (256 codewords per sub-space, ADC search) or 4 (16, FastScan search); default 8.
+    seed : seed of the training sample and k-means++ seeding (default 0; None draws fresh entropy). Keyword-only,
+        as are the parameters after it.
+    n_iter : Lloyd iterations per sub-space k-means (default 25, FAISS's; 0 keeps the seeding's codewords).
+    max_train_rows : rows sampled for training (default ``256 * 2**nbits``: 65,536 for nbits=8, 4,096 for 4).
 
     >>> import numpy as np, kvant
     >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32")
@@ -250,6 +260,7 @@ class PQ:
         dim: int,
         m: int,
         nbits: int = 8,
+        *,
         seed: int | None = 0,
         n_iter: int = 25,
         max_train_rows: int | None = None,

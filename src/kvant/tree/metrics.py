@@ -191,7 +191,11 @@ class ResidualCorrelation:
     @classmethod
     def from_points(cls, X, kernel, n_inducing: int = 512, seed: int | None = 0, jitter: float = 1e-6):
         """Inducing points U = a random subset of X; V = L^-1 K(U, X) with L L^T = K(U, U) + jitter·variance·I;
-        p = max(kernel_diag - |v|^2, 0) + jitter * variance."""
+        p = max(kernel_diag - |v|^2, 0) + jitter * variance.
+
+        ``n_inducing`` (default 512) rows of X, at most n, drawn without replacement from ``seed`` (default 0;
+        None: fresh entropy) are the inducing points; ``jitter`` (default 1e-6, relative to the kernel's variance)
+        keeps the Cholesky factorisation of K(U, U) stable when inducing points nearly coincide."""
         from .._config import rng
 
         try:
