@@ -544,6 +544,26 @@ def test_the_default_base_follows_the_dimension_and_survives_save_and_load(tmp_p
     assert kvant.CoverTree("manhattan", base=2.0).fit(_data(200, 20)).level_base_ == 2.0
 
 
+def test_a_failed_refit_keeps_the_level_base_its_levels_were_built_with(tmp_path):
+    # (a review: a refit on points of another width that failed or was interrupted kept the old tree but switched
+    # its base 1.5 -> 1.3; check_invariants then failed and the saved file would not load)
+    tree = kvant.CoverTree().fit(_data(2000, 3) * 1000)
+    assert tree.level_base_ == cover.LOW_D_BASE
+
+    def cancel(phase, n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tree.fit(_data(2000, 20), progress=cancel)
+    assert (tree.n, tree.dim, tree.level_base_) == (2000, 3, cover.LOW_D_BASE)
+    tree.check_invariants()
+    tree.save(tmp_path / "t.kvant")
+    kvant.load(tmp_path / "t.kvant").check_invariants()
+    tree.fit(_data(500, 20))  # a refit that completes takes the new width's base
+    assert tree.level_base_ == cover.DEFAULT_BASE
+    tree.check_invariants()
+
+
 def test_a_tree_saved_before_the_level_base_was_recorded_loads_with_its_base(tmp_path):
     # files written before 2026-12-06 hold "base" (always a number then) and no "level_base"
     from kvant import persist
@@ -1067,3 +1087,57 @@ def test_argument_types_are_kvant_errors():
     assert tree.n == 50
     with pytest.raises(kvant.InvalidInput, match="p_diag"):
         kvant.ResidualCorrelation(np.zeros((4, 1)), np.ones((2, 2)), 1.0, kvant.RBF(1.0), X=np.zeros((4, 1)))
+
+
+@numba.njit
+def _angle(a, b):  # a true metric whose computed values break the triangle inequality by ~1e-8 near 0 (arccos)
+    n = math.sqrt(np.dot(a, a) * np.dot(b, b))
+    c = np.dot(a, b) / n  # no guard: a zero row divides by zero
+    return math.acos(min(1.0, max(-1.0, c)))
+
+
+def test_a_callable_metric_with_arccos_rounding_matches_brute_force_on_near_duplicates():
+    # (a review: 117 of 20,000 knn_self rows differed from brute_force with the same function: pruning tolerated only
+    # relative rounding, and arccos's is absolute)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 3))[rng.integers(0, 50, 6000)] + rng.normal(0, 1e-6, (6000, 3))
+    tree = kvant.CoverTree(_angle).fit(X)
+    for predecessors in (False, True):
+        d, i = tree.knn_self(20, predecessors=predecessors)
+        bd, bi = tree.brute_force(None, 20, predecessors=predecessors)
+        np.testing.assert_array_equal(d, bd)
+        np.testing.assert_array_equal(i, bi)
+    Q = X[:300] + rng.normal(0, 1e-7, (300, 3))
+    np.testing.assert_array_equal(tree.knn(Q, 20)[0], tree.brute_force(Q, 20)[0])
+
+
+def test_a_callable_metric_is_compiled_not_called_on_made_up_rows_and_its_errors_are_metric_errors():
+    # (a review: the check called the metric on two zero rows, refusing metrics that divide by a norm; an exception
+    # raised inside the kernels then surfaced as "SystemError: ... returned a result with an exception set")
+    X = _data(300, 3) + 1.0
+    tree = kvant.CoverTree(_angle).fit(X)
+    ids = tree.ids_.copy()
+    bad = X[:5].copy()
+    bad[2] = 0.0
+    with pytest.raises(cover.MetricError, match=r"'_angle' raised ZeroDivisionError.*during insert.*unchanged"):
+        tree.insert(bad)
+    np.testing.assert_array_equal(tree.ids_, ids)
+    tree.check_invariants()
+    with pytest.raises(cover.MetricError, match="during knn"):
+        tree.knn(bad, 3)
+    with pytest.raises(cover.MetricError, match="during fit"):
+        kvant.CoverTree(_angle).fit(bad)
+
+    @numba.njit
+    def pair(a, b):
+        return a[0] - b[0], 0.0
+
+    with pytest.raises(InvalidInput, match="must return a float; 'pair' returns"):
+        kvant.CoverTree(pair)
+
+    @numba.njit
+    def untyped(a):
+        return 0.0
+
+    with pytest.raises(InvalidInput, match="compiling it for two such arrays failed"):
+        kvant.CoverTree(untyped)

@@ -5,6 +5,7 @@ See docs/covertree.md for the invariants, the batch construction and the exactne
 
 from __future__ import annotations
 
+import functools
 import numbers
 import time
 
@@ -90,6 +91,35 @@ def _w_norms(W: np.ndarray) -> np.ndarray:
 def _bad_metric(what: str) -> MetricError:
     return MetricError(f"the metric returned NaN, inf or a negative distance during {what}; "
                        "expected finite non-negative distances (the tree is unchanged)")
+
+
+# A user metric's tolerated violation of the triangle inequality, relative to the root's radius (the data's scale):
+# 4·sqrt(eps), room for three distances each off by ~sqrt(2·eps) of their scale, as arccos-based formulas are near 0
+# (a review: an angle metric on near-duplicate directions gave 117 of 20,000 knn_self rows unlike brute force)
+_CALLABLE_SLACK = 4.0 * 2.0**-26
+
+
+def _metric_errors(method):
+    """A user metric that raises (a division by a zero norm, an assertion on the width) surfaces from inside the
+    Numba kernels as a SystemError wrapping its exception, or as that exception: either becomes a MetricError naming
+    the metric and the operation. The operations commit at their end, so the tree is unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except KvantError:
+            raise
+        except Exception as exc:
+            if self._m.kind != "callable":
+                raise
+            cause = exc.__cause__ or exc.__context__ if isinstance(exc, SystemError) else exc
+            cause = cause or exc
+            raise MetricError(f"the metric {getattr(self._m.obj, '__name__', '?')!r} raised "
+                              f"{type(cause).__name__}: {cause} during {method.__name__} (the tree is "
+                              f"unchanged)") from exc
+
+    return wrapper
 
 
 def _check_progress(progress) -> None:
@@ -194,6 +224,10 @@ class CoverTree:
             sa = 3.0 * np.sqrt(2.0 * (self._dim + 4) * 2.3e-16)
         if self._m.name == "euclidean":  # three computed distances in a bound, each short by up to the pad
             sa = 4.0 * K.UNDERFLOW_PAD
+        if self._m.kind == "callable" and self._n:
+            # a user metric's computed values may break the triangle inequality by its rounding error, which is
+            # absolute for formulas like arccos(a·b/|a||b|) (~1e-8 near 0): allow _CALLABLE_SLACK of the root's radius
+            sa = max(sa, _CALLABLE_SLACK * float(self._maxdist[self._root]))
         return self._m.slack_rel, sa
 
     def _freeze(self) -> None:
@@ -327,6 +361,7 @@ class CoverTree:
     # construction
     # ------------------------------------------------------------------------------------------
 
+    @_metric_errors
     @with_threads
     def fit(self, points=None, progress=None) -> CoverTree:
         """Build the tree from scratch on ``points`` (ids 0..n-1; for a ResidualCorrelation metric the
@@ -359,9 +394,10 @@ class CoverTree:
             data, cap, slots, dim = F, F.shape[0], np.arange(F.shape[0], dtype=np.int64), F.shape[1]
         st = _State.empty(cap)
         tel = {"n": int(slots.size)}
-        root = self._build_fresh(data, slots, st, tel, progress)
+        root, base = self._build_fresh(data, slots, st, tel, progress)
         st.in_tree[slots] = True
         # commit
+        self._lbase = base
         self._data = data
         self._set_state(st)
         self._root, self._n = int(root), int(slots.size)
@@ -400,9 +436,11 @@ class CoverTree:
             return self.base
         return LOW_D_BASE if self._m.kind != "index" and width <= _LOW_D_MAX else DEFAULT_BASE
 
-    def _build_fresh(self, data, slots, st, tel, progress=None) -> int:
+    def _build_fresh(self, data, slots, st, tel, progress=None) -> tuple[int, float]:
+        """(root, level base) of a new tree over ``slots``, built into ``st``. The base is the caller's to commit
+        with ``st`` (a build that fails must leave the tree's own base alone: its levels were set from it)."""
         m = self._m
-        self._lbase = self._resolve_base(data.shape[1])  # (a fresh tree: every level below is set from it)
+        base = self._resolve_base(data.shape[1])  # (a fresh tree: every level below is set from it)
         root = int(slots[0])
         rest = np.ascontiguousarray(slots[1:], dtype=np.int64)
         t = time.perf_counter()
@@ -413,20 +451,21 @@ class CoverTree:
         tel["traversal"] = tel.get("traversal", 0.0) + time.perf_counter() - t
         maxd = float(dp.max()) if rest.size else 0.0
         st.parent[root] = -1
-        st.level[root] = K.ceil_log(self._lbase, maxd) if maxd > 0 else 0
+        st.level[root] = K.ceil_log(base, maxd) if maxd > 0 else 0
         st.maxdist[root] = maxd
         st.pd[root] = 0.0
         if progress is not None:
             progress("build", 1)
         if rest.size:
             self._grow(data, st, rest, dp, np.array([root], np.int64), np.array([0], np.int64),
-                       np.array([rest.size], np.int64), tel, progress)
-        return root
+                       np.array([rest.size], np.int64), tel, progress, base=base)
+        return root, base
 
-    def _grow(self, data, st, perm, pdist, gnode, gstart, gend, tel, progress=None) -> None:
-        """Level-synchronous top-down construction of the subtrees below ``gnode`` (see docs)."""
+    def _grow(self, data, st, perm, pdist, gnode, gstart, gend, tel, progress=None, base=None) -> None:
+        """Level-synchronous top-down construction of the subtrees below ``gnode`` (see docs), with the level base
+        ``base`` (default: the tree's)."""
         m = self._m
-        base = self._lbase
+        base = self._lbase if base is None else base
         t_net = t_lay = 0.0
         levels = 0
         screen = None  # the big groups' residual screen (_cover_screen), made once per build
@@ -482,6 +521,7 @@ class CoverTree:
         tel["relayout"] = tel.get("relayout", 0.0) + t_lay
         tel["levels"] = tel.get("levels", 0) + levels
 
+    @_metric_errors
     @with_threads
     def insert(self, points) -> np.ndarray:
         """Insert a batch; returns the new points' ids (for a ResidualCorrelation metric: the row indices)."""
@@ -515,13 +555,15 @@ class CoverTree:
         st.parent[:old], st.level[:old], st.maxdist[:old] = self._parent, self._level, self._maxdist
         st.pd[:old], st.in_tree[:old] = self._pd, self._in
         tel = {"n": int(new_slots.size)}
+        base = self._lbase
         if self._n == 0:
-            root = self._build_fresh(data, new_slots, st, tel)
+            root, base = self._build_fresh(data, new_slots, st, tel)
         else:
             root = self._root
             self._insert_into(data, st, new_slots, tel)
         st.in_tree[new_slots] = True
         # commit
+        self._lbase = base
         self._data = data
         self._set_state(st)
         self._root = int(root)
@@ -609,6 +651,7 @@ class CoverTree:
         st.pd[slots] = 0.0
         st.maxdist[slots] = 0.0
 
+    @_metric_errors
     @with_threads
     def delete(self, ids) -> None:
         """Remove points by id. Their subtrees are detached and the surviving descendants re-inserted."""
@@ -645,11 +688,11 @@ class CoverTree:
         st.parent[flag] = -1
         tel = {"n": int(arr.size), "reinserted": int(reinsert.size)}
         n_new = self._n - arr.size
-        root = self._root
+        root, base = self._root, self._lbase
         if n_new == 0:
             root = -1
         elif deleted[self._root]:
-            root = self._build_fresh(self._data, reinsert, st, tel)
+            root, base = self._build_fresh(self._data, reinsert, st, tel)
             st.in_tree[reinsert] = True
         elif reinsert.size:
             # re-insert into the reduced tree: freeze it first (the traversal reads the CSR)
@@ -667,6 +710,7 @@ class CoverTree:
                     setattr(self, a, v)
             st.in_tree[reinsert] = True
         self._set_state(st)
+        self._lbase = base
         self._root, self._n = int(root), int(n_new)
         self._freeze()
         tel["total"] = time.perf_counter() - t0
@@ -676,6 +720,7 @@ class CoverTree:
     # queries
     # ------------------------------------------------------------------------------------------
 
+    @_metric_errors
     @with_threads
     def knn(self, queries, k: int, progress=None):
         """Exact k nearest neighbours: ``(distances, ids)``, each (nq, k), ascending by (distance, id).
@@ -711,6 +756,7 @@ class CoverTree:
             raise InvalidInput(f"queries: row index out of range [0, {self._m.obj.n})")
         return rows
 
+    @_metric_errors
     @with_threads
     def knn_self(self, k: int, predecessors: bool = True, progress=None):
         """k nearest neighbours of every point in the tree, rows in ascending id order (``ids_``).
@@ -1039,6 +1085,7 @@ class CoverTree:
             out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, cj, slots, q1 - q0, k)
         return out_d, out_i
 
+    @_metric_errors
     @with_threads
     def brute_force(self, queries=None, k: int = 1, predecessors: bool | None = None):
         """Brute force with the same metric kernel and tie rule (the reference the tree must match).
@@ -1109,7 +1156,7 @@ class CoverTree:
                 a, b = np.triu_indices(grp.size, 1)
                 dd = self._pair(grp[a], grp[b])
                 # duplicates: distance 0 up to the metric's rounding slack (angular's arccos gives ~1e-8)
-                if not np.all((dd > K.radius(self._lbase, int(ls[s]))) | (dd <= self._m.slack_abs)):
+                if not np.all((dd > K.radius(self._lbase, int(ls[s]))) | (dd <= self._slack()[1])):
                     raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
         if not _maxdist_bounds_subtrees(self._pair, self._parent, self._maxdist, kids):
             raise KvantError("maxdist is not an upper bound on a subtree's radius")

@@ -303,13 +303,19 @@ def _user_kernels(f):
         return _wrappers[f]
     import numba
 
-    probe = np.zeros((1, 2))
-    try:  # compile it once on two float64 rows: a wrong signature fails here, not deep inside a tree kernel
-        value = f(probe[0], probe[0])
-        float(value)
+    # compile it for the rows the kernels pass (1-D C-contiguous float64 views): a wrong signature or return type fails
+    # here, not deep inside a tree kernel. Compiled, not called: a call on made-up rows (zeros) refused valid metrics
+    # that divide by a norm or check the width (a review)
+    row = numba.types.float64[::1]
+    try:
+        f.compile((row, row))
+        returns = f.overloads[(row, row)].signature.return_type
     except Exception as exc:
         raise InvalidInput("a callable metric must be a Numba-jitted dist(a, b) -> float taking two 1-D float64 "
-                           f"arrays; calling it on two rows failed: {type(exc).__name__}: {exc}"[:600]) from exc
+                           f"arrays; compiling it for two such arrays failed: {type(exc).__name__}: {exc}"[:600]
+                           ) from exc
+    if not isinstance(returns, numba.types.Float | numba.types.Integer):
+        raise InvalidInput(f"a callable metric must return a float; {getattr(f, '__name__', f)!r} returns {returns}")
 
     @numba.njit(nogil=True)
     def user_dist(X, i, Y, j, params):  # pragma: no cover - numba
