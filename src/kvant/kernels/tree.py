@@ -597,7 +597,8 @@ def dist_to_one(data, params, a, slots, out):  # pragma: no cover
 
 @numba.njit(**_NJ)
 def build_csr(parent, level, in_tree):  # pragma: no cover
-    """CSR children lists from parent pointers, plus each node's subtree minimum slot and depth."""
+    """CSR children lists from parent pointers (each node's children by ascending subtree minimum slot), plus each
+    node's subtree minimum slot and depth."""
     n = parent.shape[0]
     off = np.zeros(n + 1, np.int64)
     for c in range(n):
@@ -620,6 +621,16 @@ def build_csr(parent, level, in_tree):  # pragma: no cover
             p = parent[c]
             if minid[c] < minid[p]:
                 minid[p] = minid[c]
+    # each node's children by ascending subtree minimum: a query can then stop at the first child whose subtree holds
+    # only ids it cannot take (predecessor sets: ids >= its own; a k-th distance of 0: ids above the k-th's)
+    for p in range(n):
+        s, e = off[p], off[p + 1]
+        if e - s > 1:
+            for j in range(s + 1, e):
+                if minid[idx[j]] < minid[idx[j - 1]]:
+                    seg = idx[s:e].copy()
+                    idx[s:e] = seg[np.argsort(minid[seg], kind="mergesort")]
+                    break
     # depth (for path buffers): visit by decreasing level (parents before children)
     depth = np.zeros(n, np.int64)
     height = 0
@@ -1042,6 +1053,10 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
     npq = 0
     lim = qslot[qi] if mode == 2 else -1
     excl = qslot[qi] if mode == 1 else -1
+    # no id at or above cut can enter the result: a predecessor set's own id, or once the k-th distance is 0, the
+    # k-th's id + 1 (every other point has d >= 0 and ties go to the smaller id). Children come by ascending subtree
+    # minimum id (build_csr), so a node's loop stops at the first child whose subtree starts at or above it.
+    cut = np.float64(lim) if mode == 2 else np.inf
     d0 = _dist(Q, qi, data, root, params)
     if not _okd(d0):
         _finish(hd, hi, 0, k, out_d, out_i, qi)
@@ -1058,6 +1073,10 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
         kth = hd[0] if size == k else np.inf
         if lb > kth:
             break
+        if kth == 0.0 and hi[0] < cut:
+            cut = np.float64(hi[0] + 1)
+        if pe >= 0 and erec[pe, 5] >= cut:
+            continue
         if pe >= 0 and erec[pe, 2] <= leaf:
             # a bucket: its points (after the bucket's root, already counted) are contiguous in DFS order
             a0 = int(erec[pe, 3]) + 1
@@ -1106,8 +1125,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             continue
         p = root if pe < 0 else int(erec[pe, 4])
         for e in range(child_off[p], child_off[p + 1]):
-            if mode == 2 and erec[e, 5] >= lim:
-                continue
+            if erec[e, 5] >= cut:
+                break
             # |d(q, p) - d(p, c)| <= d(q, c): skip c and its subtree without computing d(q, c)
             pc = erec[e, 0]
             md = erec[e, 1]
@@ -1121,6 +1140,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             if (mode != 2 or c < lim) and c != excl:
                 size = _heap_push_res(hd, hi, size, k, dc, c)
                 kth = hd[0] if size == k else np.inf
+                if kth == 0.0 and hi[0] < cut:
+                    cut = np.float64(hi[0] + 1)
             if erec[e, 2] > 1:
                 clb = dc - md - (slack_rel * (dc + md) + slack_abs)
                 if clb <= kth and erec[e, 6] >= 0:
