@@ -1159,3 +1159,25 @@ def test_many_copies_of_a_point_are_answered_without_visiting_every_copy():
         np.testing.assert_array_equal(d, bd)
         np.testing.assert_array_equal(i, bi)  # the smallest ids among the tied copies, as brute force picks
     assert seconds < 2.0, seconds  # (6.6 s for knn_self alone before; ~0.01 s now)
+
+
+def test_matern_covariance_of_far_points_is_zero_not_nan():
+    # (a review: points ~1e155 lengthscales apart made r * r overflow and (1 + r + r²/3)·exp(-r) = inf · 0 = NaN, so
+    # from_points refused valid inputs with "v contains NaN or inf"; the RBF was right, with an overflow warning)
+    import warnings
+
+    kern = kvant.Matern52(1.0, 2.0)
+    far = kern(np.array([[0.0], [0.0]]), np.array([[1e160], [801.0 / math.sqrt(5.0)]]))
+    np.testing.assert_array_equal(far, [[0.0, 0.0], [0.0, 0.0]])
+    near = kern(np.array([[0.0]]), np.array([[1.0]]))[0, 0]
+    assert near == pytest.approx(2.0 * (1 + math.sqrt(5) + 5 / 3) * math.exp(-math.sqrt(5)), rel=1e-14)
+    X = np.random.default_rng(0).random((300, 2)) * 1e200
+    for k in (kvant.Matern52(1.0, 1.0), kvant.RBF(1.0, 1.0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rc = kvant.ResidualCorrelation.from_points(X, k, n_inducing=50)
+            tree = kvant.CoverTree(rc).fit()
+            d, i = tree.knn_self(3)
+        bd, bi = tree.brute_force(None, 3, predecessors=True)
+        np.testing.assert_array_equal(d, bd)
+        np.testing.assert_array_equal(i, bi)

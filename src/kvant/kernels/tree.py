@@ -29,6 +29,8 @@ _NJ_RAW = dict(_NJ, _nrt=False)
 # metric codes in params[0]
 EUCLIDEAN, MANHATTAN, CHEBYSHEV, ANGULAR, RESIDUAL = 0, 1, 2, 3, 4
 RBF_KERNEL, MATERN52_KERNEL = 0, 1
+# Matérn 5/2 is exactly 0 in float64 beyond this scaled distance (exp(-800) underflows; the polynomial stays finite)
+MATERN_ZERO_BEYOND = 800.0
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, _nrt=False)
@@ -108,6 +110,8 @@ def _cov_phi(r2, kern):  # pragma: no cover - numba
     if kern == RBF_KERNEL:
         return math.exp(-0.5 * r2)
     r = math.sqrt(5.0 * r2)
+    if r > MATERN_ZERO_BEYOND:  # exp(-r) is 0 there; r * r could overflow, and inf * 0 is NaN
+        return 0.0
     return (1.0 + r + r * r / 3.0) * math.exp(-r)
 
 
@@ -1243,6 +1247,8 @@ def _cov_phi_screen(r2, kern):  # pragma: no cover - numba
     if kern == RBF_KERNEL:
         return exp_nonpos(-0.5 * r2)
     r = math.sqrt(5.0 * r2)
+    if r > MATERN_ZERO_BEYOND:  # as _cov_phi (exp_nonpos stops at exp(-700), which r * r / 3 would scale up)
+        return 0.0
     return (1.0 + r + r * r / 3.0) * exp_nonpos(-r)
 
 

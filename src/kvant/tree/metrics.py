@@ -73,7 +73,8 @@ class _Covariance:
         out = np.zeros((a.shape[0], b.shape[0]))
         for t in range(a.shape[1]):
             diff = np.subtract.outer(a[:, t], b[:, t])
-            out += diff * diff
+            with np.errstate(over="ignore"):  # an inf square distance is a covariance of exactly 0, as it should be
+                out += diff * diff
         return out
 
     def __call__(self, A, B) -> np.ndarray:
@@ -112,7 +113,9 @@ class Matern52(_Covariance):
     @staticmethod
     def _phi(r2):
         r = np.sqrt(5.0 * r2)
-        return (1.0 + r + r * r / 3.0) * np.exp(-r)
+        near = r <= K.MATERN_ZERO_BEYOND  # beyond it exp(-r) is 0 and r * r may overflow (inf * 0 is NaN)
+        rn = np.where(near, r, 0.0)
+        return np.where(near, (1.0 + rn + rn * rn / 3.0) * np.exp(-rn), 0.0)
 
 
 _KERNELS = {"rbf": RBF, "matern52": Matern52}
