@@ -179,11 +179,17 @@ def test_cluster_outputs_report_the_written_names_and_bad_dirs_fail_before_fitti
     assert not (tmp_path / "new.npy").exists()
 
 
+def _saved_flat(path, x):
+    """A FlatIndex over ``x``, saved at ``path`` (for the ``kvant search`` tests)."""
+    index = kvant.FlatIndex(x.shape[1])
+    index.add(x)
+    index.save(path)
+    return index
+
+
 def test_search_json_pads_with_null(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-    index = kvant.FlatIndex(4)
-    index.add(x)
-    index.save(tmp_path / "f.kvant")
+    index = _saved_flat(tmp_path / "f.kvant", x)
     np.save(tmp_path / "q.npy", x[:2])
     assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q.npy"), "-k", "8", "--json"]) == 0
     out = capsys.readouterr().out
@@ -196,9 +202,7 @@ def test_search_json_pads_with_null(tmp_path, capsys):
 def test_search_takes_a_1d_npy_as_one_query_as_tree_knn_and_the_api_do(tmp_path, capsys):
     # (an audit: a (dim,) file exited 2 with "expected a 2-D array", while kvant tree knn took it as one query)
     x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
-    index = kvant.FlatIndex(4)
-    index.add(x)
-    index.save(tmp_path / "f.kvant")
+    index = _saved_flat(tmp_path / "f.kvant", x)
     np.save(tmp_path / "q1.npy", x[7].astype(np.float64))
     assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q1.npy"), "-k", "3", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -211,9 +215,7 @@ def test_search_takes_a_1d_npy_as_one_query_as_tree_knn_and_the_api_do(tmp_path,
 def test_search_takes_o_like_every_other_command_and_says_where_it_wrote(tmp_path, capsys):
     # (a review: `kvant search ... -o r.npz` was "unrecognized arguments", though cluster, index build and tree take -o)
     x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
-    index = kvant.FlatIndex(4)
-    index.add(x)
-    index.save(tmp_path / "f.kvant")
+    index = _saved_flat(tmp_path / "f.kvant", x)
     np.save(tmp_path / "q.npy", x[:3])
     assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q.npy"), "-k", "2", "-o",
                  str(tmp_path / "r")]) == 0
