@@ -189,7 +189,7 @@ def _saved_flat(path, x):
 
 def test_search_json_pads_with_null(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-    index = _saved_flat(tmp_path / "f.kvant", x)
+    _saved_flat(tmp_path / "f.kvant", x)
     np.save(tmp_path / "q.npy", x[:2])
     assert main(["search", str(tmp_path / "f.kvant"), str(tmp_path / "q.npy"), "-k", "8", "--json"]) == 0
     out = capsys.readouterr().out
