@@ -5,7 +5,6 @@ See docs/covertree.md for the invariants, the batch construction and the exactne
 
 from __future__ import annotations
 
-import functools
 import numbers
 import time
 
@@ -99,27 +98,8 @@ def _bad_metric(what: str) -> MetricError:
 _CALLABLE_SLACK = 4.0 * 2.0**-26
 
 
-def _metric_errors(method):
-    """A user metric that raises (a division by a zero norm, an assertion on the width) surfaces from inside the
-    Numba kernels as a SystemError wrapping its exception, or as that exception: either becomes a MetricError naming
-    the metric and the operation. The operations commit at their end, so the tree is unchanged."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except KvantError:
-            raise
-        except Exception as exc:
-            if self._m.kind != "callable":
-                raise
-            cause = exc.__cause__ or exc.__context__ if isinstance(exc, SystemError) else exc
-            cause = cause or exc
-            raise MetricError(f"the metric {getattr(self._m.obj, '__name__', '?')!r} raised "
-                              f"{type(cause).__name__}: {cause} during {method.__name__} (the tree is "
-                              f"unchanged)") from exc
-
-    return wrapper
+# The order of each node's children in the query structure (kernels.tree.build_csr); a pickle records it
+_CSR_ORDER = "subtree-min-id"
 
 
 def _check_progress(progress) -> None:
@@ -232,6 +212,7 @@ class CoverTree:
 
     def _freeze(self) -> None:
         """Derive the query structure (CSR children, subtree minimum ids, height) from parents."""
+        self._csr_order = _CSR_ORDER
         if self._parent.shape[0] == 0:
             self._off = np.zeros(1, np.int64)
             self._idx = np.empty(0, np.int64)
@@ -361,7 +342,6 @@ class CoverTree:
     # construction
     # ------------------------------------------------------------------------------------------
 
-    @_metric_errors
     @with_threads
     def fit(self, points=None, progress=None) -> CoverTree:
         """Build the tree from scratch on ``points`` (ids 0..n-1; for a ResidualCorrelation metric the
@@ -422,6 +402,10 @@ class CoverTree:
         if "_lbase" not in state:
             state = {**state, "_lbase": float(state["base"])}
         self.__dict__.update(state)
+        if state.get("_csr_order") != _CSR_ORDER:
+            # queries stop at the first child past their id cut, which needs children by subtree minimum id: a tree
+            # pickled before that order may have them otherwise (after a delete), so its query structure is rebuilt
+            self._freeze()
 
     @property
     def level_base_(self) -> float:
@@ -521,7 +505,6 @@ class CoverTree:
         tel["relayout"] = tel.get("relayout", 0.0) + t_lay
         tel["levels"] = tel.get("levels", 0) + levels
 
-    @_metric_errors
     @with_threads
     def insert(self, points) -> np.ndarray:
         """Insert a batch; returns the new points' ids (for a ResidualCorrelation metric: the row indices)."""
@@ -651,7 +634,6 @@ class CoverTree:
         st.pd[slots] = 0.0
         st.maxdist[slots] = 0.0
 
-    @_metric_errors
     @with_threads
     def delete(self, ids) -> None:
         """Remove points by id. Their subtrees are detached and the surviving descendants re-inserted."""
@@ -720,7 +702,6 @@ class CoverTree:
     # queries
     # ------------------------------------------------------------------------------------------
 
-    @_metric_errors
     @with_threads
     def knn(self, queries, k: int, progress=None):
         """Exact k nearest neighbours: ``(distances, ids)``, each (nq, k), ascending by (distance, id).
@@ -756,7 +737,6 @@ class CoverTree:
             raise InvalidInput(f"queries: row index out of range [0, {self._m.obj.n})")
         return rows
 
-    @_metric_errors
     @with_threads
     def knn_self(self, k: int, predecessors: bool = True, progress=None):
         """k nearest neighbours of every point in the tree, rows in ascending id order (``ids_``).
@@ -1085,7 +1065,6 @@ class CoverTree:
             out_d[q0:q1], out_i[q0:q1] = self._exact_top_k(Q[q0:q1], qi, cj, slots, q1 - q0, k)
         return out_d, out_i
 
-    @_metric_errors
     @with_threads
     def brute_force(self, queries=None, k: int = 1, predecessors: bool | None = None):
         """Brute force with the same metric kernel and tie rule (the reference the tree must match).

@@ -306,19 +306,17 @@ def _user_kernels(f):
         return _wrappers[f]
     import numba
 
-    # compile it for the rows the kernels pass (1-D C-contiguous float64 views): a wrong signature or return type fails
-    # here, not deep inside a tree kernel. Compiled, not called: a call on made-up rows (zeros) refused valid metrics
-    # that divide by a norm or check the width (a review)
-    row = numba.types.float64[::1]
-    try:
-        f.compile((row, row))
-        returns = f.overloads[(row, row)].signature.return_type
+    probe = np.zeros((1, 2))
+    try:  # compile it once on two float64 rows: a wrong signature fails here, not deep inside a tree kernel
+        value = f(probe[0], probe[0])
+        float(value)
     except Exception as exc:
+        # (Called, not only compiled: an exception raised inside the parallel kernels cannot be carried out of them
+        # — Numba may crash or return garbage — so a metric that raises on zero rows is refused here, before any.)
         raise InvalidInput("a callable metric must be a Numba-jitted dist(a, b) -> float taking two 1-D float64 "
-                           f"arrays; compiling it for two such arrays failed: {type(exc).__name__}: {exc}"[:600]
-                           ) from exc
-    if not isinstance(returns, numba.types.Float | numba.types.Integer):
-        raise InvalidInput(f"a callable metric must return a float; {getattr(f, '__name__', f)!r} returns {returns}")
+                           "arrays, and must not raise for any rows (kvant calls it once on two zero rows of width 2 "
+                           f"to check; give zero vectors a distance instead of dividing by their norm); the call "
+                           f"failed: {type(exc).__name__}: {exc}"[:700]) from exc
 
     @numba.njit(nogil=True)
     def user_dist(X, i, Y, j, params):  # pragma: no cover - numba
