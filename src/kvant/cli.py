@@ -291,9 +291,9 @@ def _cmd_cluster(args) -> int:
     from .cluster import Clusterer
 
     t0 = time.perf_counter()
+    init = _load_init(args.init) if args.init else None
     c = Clusterer(k=args.k, metric=args.metric, algorithm=args.algorithm, seed=args.seed, max_iter=args.max_iter,
-                  sampling=args.sampling, polish_iter=args.polish_iter, overrelax=args.overrelax,
-                  init=_load_init(args.init) if args.init else None)
+                  sampling=args.sampling, polish_iter=args.polish_iter, overrelax=args.overrelax, init=init)
     bars = {}
 
     def report(phase: str, amount: int) -> None:
@@ -318,7 +318,7 @@ def _cmd_cluster(args) -> int:
         args.model = _output_file(args.model, None, inputs + [("-o", args.output), ("--centroids", args.centroids)],
                                   what="--model")
     if args.dask:
-        return _cluster_dask(args, t0)
+        return _cluster_dask(args, t0, init)
     if len(args.input) > 1:
         raise InvalidInput("several inputs are clustered together only with --dask (one input file otherwise)")
     args.input = args.input[0]
@@ -385,8 +385,9 @@ def _save_npy(path, array=None, **arrays) -> None:
         raise OSError(f"cannot write {path}: {exc}") from exc
 
 
-def _cluster_dask(args, t0: float) -> int:
-    """``kvant cluster --dask``: DaskClusterer over the input files (a parquet directory counts as its files)."""
+def _cluster_dask(args, t0: float, init: np.ndarray | None) -> int:
+    """``kvant cluster --dask``: DaskClusterer over the input files (a parquet directory counts as its files), from
+    the initial centres ``init`` (``--init``, already read) when given."""
     import time
 
     from .distributed import DaskClusterer
@@ -417,8 +418,7 @@ def _cluster_dask(args, t0: float) -> int:
             raise _bad_dask_address(args.dask, exc) from None
         with client, dask.config.set(scheduler=client):
             c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
-                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax,
-                              init=_load_init(args.init) if args.init else None).fit(files)
+                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax, init=init).fit(files)
             labels = c.labels_.compute() if args.output else None
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)

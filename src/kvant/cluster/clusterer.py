@@ -708,7 +708,7 @@ def _in_memory_rows(src: VectorSource, validate: bool = True, load: bool = False
     reading it once and fitting in memory (a review, 200k × 128 parquet, K = 64 `cos`: 1.02 s against 0.08 s for
     the in-memory fit plus 0.2-0.6 s for the read). The rows are as given (not unit-normalised).
     """
-    arr = getattr(src, "array", None) if isinstance(src, ArraySource) else None
+    arr = src.array if isinstance(src, ArraySource) else None
     if arr is not None and arr.dtype == np.float32 and arr.flags.c_contiguous:
         if validate:
             src.validate()  # once per source (a memmap's scanned pages leave the resident set)
