@@ -343,7 +343,8 @@ def lloyd(
             # after a candidate step, whose labels need not be the nearest centres.)
             result.rows_recomputed += n
             lab_new = np.empty(n, np.int64)
-            record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter
+            # (no candidate ids for an E-step after which the loop ends)
+            record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter and not last
             float32 = e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
             full_step = "float32" if float32 else "certified"
             cand_left = CANDIDATE_REFRESH - 1 if record else 0
