@@ -104,14 +104,14 @@ I16_ASSIGN = True
 _HALF_RATE_HOST = half_rate_avx512()  # (kernels._llvm.HALF_RATE_AVX512)
 I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or _HALF_RATE_HOST)
 # Centres far out (AMX_MAX_NORM_SPREAD) leave most rows to the per-centre scan; on the AVX2 host int16 gained nothing
-# there at first (below), but on Zen 4, where the float32 path is slower, it did from K·D >= I16_FAR_MIN_KD: heavy-tailed fits,
-# int16 / float32 time (alternating in one process, medians of 3; 2026-12-05): 1M×128 K=1024 0.59× (final assignment
-# 1.70 → 0.83 s), K=256 0.76× (0.42 → 0.27 s), K=128 0.83×, K=96 0.90×; 200k×384 K=256 0.65×, K=128 0.78×, K=64 0.86×;
-# but 1M×128 K=64 (K·D = 8,192) 1.28× (0.11 → 0.15 s). On the AVX2 (Zen 3) host the "nothing gained" above (1M×128
-# K=256 final assignment 1.03×, 2026-12-03) no longer held on 2026-12-06 (the per-centre scan was reworked since):
-# heavy-tailed final assignments 1M×128 K=256 354 vs 465 ms, 200k×384 K=256 184 vs 305 ms, K=64 74 vs 100 ms, but
-# 1M×128 K=64 160 vs 154 ms; whole fits (alternating, medians of 3; K=1024 one run) 1M×128 K=256 l2 0.80-0.83×, cos
-# 0.97×, K=1024 l2 0.87×, 200k×384 K=64 0.91×, K=256 0.76×. So every int16 host takes the Zen 4 rule.
+# there at first (below), but on Zen 4, where the float32 path is slower, it did from K·D >= I16_FAR_MIN_KD:
+# heavy-tailed fits, int16 / float32 time (alternating in one process, medians of 3; 2026-12-05): 1M×128 K=1024 0.59×
+# (final assignment 1.70 → 0.83 s), K=256 0.76× (0.42 → 0.27 s), K=128 0.83×, K=96 0.90×; 200k×384 K=256 0.65×,
+# K=128 0.78×, K=64 0.86×; but 1M×128 K=64 (K·D = 8,192) 1.28× (0.11 → 0.15 s). On the AVX2 (Zen 3) host the "nothing
+# gained" above (1M×128 K=256 final assignment 1.03×, 2026-12-03) no longer held on 2026-12-06 (the per-centre scan
+# was reworked since): heavy-tailed final assignments 1M×128 K=256 354 vs 465 ms, 200k×384 K=256 184 vs 305 ms, K=64
+# 74 vs 100 ms, but 1M×128 K=64 160 vs 154 ms; whole fits (alternating, medians of 3; K=1024 one run) 1M×128 K=256 l2
+# 0.80-0.83×, cos 0.97×, K=1024 l2 0.87×, 200k×384 K=64 0.91×, K=256 0.76×. So every int16 host takes the Zen 4 rule.
 I16_FAR_CENTRES = True
 I16_FAR_MIN_KD = 12288
 I16_MIN_K = 17
