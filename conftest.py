@@ -7,6 +7,7 @@ stayed Dask's default scheduler and two later Dask tests failed). The guards bel
 
 import sys
 
+import numpy as np
 import pytest
 
 import kvant
@@ -42,3 +43,15 @@ def _no_leaked_dask_scheduler():
     after = _dask_scheduler_state()
     if after is not None and after != (before if before is not None else (None, None)):
         pytest.fail(f"the test left Dask's default scheduler changed: {before} -> {after}")
+
+
+@pytest.fixture
+def blob_files(tmp_path):
+    """(rows.npy, centres.npy, true labels): 2,000 rows of 3 coordinates around 4 centres ~50 apart, so that one
+    Lloyd step from those centres labels every row with its blob (tests of ``--init``)."""
+    g = np.random.default_rng(2)
+    centres = (g.standard_normal((4, 3)) * 50).astype(np.float32)
+    y = g.integers(0, 4, 2000)
+    np.save(tmp_path / "x.npy", (centres[y] + g.standard_normal((2000, 3))).astype(np.float32))
+    np.save(tmp_path / "c.npy", centres)
+    return tmp_path / "x.npy", tmp_path / "c.npy", y

@@ -42,13 +42,10 @@ def test_cluster_reports_empty_clusters_as_a_one_line_warning(tmp_path):
         "or rows too close to tell apart in float32"]
 
 
-def test_cluster_init_starts_from_given_centres(tmp_path, capsys):
-    g = np.random.default_rng(2)
-    centres = (g.standard_normal((4, 3)) * 50).astype(np.float32)
-    y = g.integers(0, 4, 2000)
-    np.save(tmp_path / "x.npy", (centres[y] + g.standard_normal((2000, 3))).astype(np.float32))
-    np.save(tmp_path / "c.npy", centres)
-    argv = ["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "c.npy"), "--max-iter", "1",
+def test_cluster_init_starts_from_given_centres(tmp_path, capsys, blob_files):
+    x_path, c_path, y = blob_files
+    centres = np.load(c_path)
+    argv = ["cluster", str(x_path), "-k", "4", "--init", str(c_path), "--max-iter", "1",
             "-o", str(tmp_path / "labels.npy"), "--json"]
     assert main(argv) == 0
     assert "init=" in json.loads(capsys.readouterr().out)["auto_reason"]

@@ -379,15 +379,11 @@ def test_a_file_listed_twice_warns_and_names_it(tmp_path):
         kd.as_dask_array([tmp_path / "parts"])  # once: no warning
 
 
-def test_cli_dask_starts_from_init_centres(tmp_path, capsys):
+def test_cli_dask_starts_from_init_centres(tmp_path, capsys, blob_files):
     from kvant.cli import main
 
-    g = np.random.default_rng(2)
-    centres = (g.standard_normal((4, 3)) * 50).astype(np.float32)
-    y = g.integers(0, 4, 2000)
-    np.save(tmp_path / "x.npy", (centres[y] + g.standard_normal((2000, 3))).astype(np.float32))
-    np.save(tmp_path / "c.npy", centres)
-    assert main(["cluster", str(tmp_path / "x.npy"), "-k", "4", "--init", str(tmp_path / "c.npy"), "--dask", "local",
+    x_path, c_path, y = blob_files
+    assert main(["cluster", str(x_path), "-k", "4", "--init", str(c_path), "--dask", "local",
                  "--max-iter", "1", "-o", str(tmp_path / "labels.npy"), "-q", "--json"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), y)  # cluster j is blob j: the given start
     capsys.readouterr()
