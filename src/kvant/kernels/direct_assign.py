@@ -71,7 +71,9 @@ def _l2_bytes() -> int:
 # L2 1-8 groups ahead (3.3-3.4 with the rows in cache). Whole fits (5 seeds, alternating processes): 1M×128 K=10
 # 0.87-0.96x the time, K=64 0.88-0.94x, 200k×384 K=10 0.84-1.00x, Fashion-MNIST K=10/64 0.87-1.02x. On the Intel
 # AVX-512 host an earlier trial (2026-12-02, prefetching into L1) had not helped: 360-406 against 327-372 ns per
-# 384-d row, rows largely in its big L3. So only AMD Zen hosts (LLVM cpu "znver*") prefetch; Zen 3 is not measured.
+# 384-d row, rows largely in its big L3. So only AMD Zen hosts (LLVM cpu "znver*") prefetch. Zen 3 (2026-12-06, one
+# thread, the same K = 10 products, 6 rows × 16 lanes): 57-58 ns per 128-d row from DRAM with, 112-113 without; 55-58
+# either way with the rows in L3.
 PREFETCH_ROWS = host_cpu_name().startswith("znver")
 PREFETCH_GROUPS = 2
 PREFETCH_LOCALITY = 2
