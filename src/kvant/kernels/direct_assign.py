@@ -91,7 +91,9 @@ MAX_CT_BYTES = _l2_bytes() // 2
 # K = 256 was even at 1M×128 and 12% slower on Fashion-MNIST (784-d), K = 1024 (1M×128, cos) 8% slower.
 # On AVX2 (AMD EPYC Zen 3, alternating fits in one process, 2026-12-03) the smaller shapes gained at K = 10 —
 # digits 0.83× the BLAS path's time, 200k×384 anisotropic 0.86× — but lost at K = 64 against OpenBLAS's Zen
-# kernels: 1M×128 1.03×, heavy-tailed 200k×384 1.29× (1.24× with 3 rows per group), Fashion-MNIST 1.44×.
+# kernels: 1M×128 1.03×, heavy-tailed 200k×384 1.29× (1.24× with 3 rows per group), Fashion-MNIST 1.44×. Re-checked
+# there with the row prefetch (2026-12-06, MAX_K = 64 against 16, alternating, medians of 5): 1M×128 K=64 l2 1.01×,
+# 200k×384 K=64 l2 and cos 1.16×.
 # On AMD Zen 4 (kernels._llvm.HALF_RATE_AVX512), where OpenBLAS runs its SkylakeX kernels at ~176 GFLOP/s on two
 # threads, the kernel keeps its lead up to K = 128: whole fits, same process, alternating, medians of 3 (2026-12-06),
 # MAX_K 64 → 128: 100k×768 K=100 cos 707 → 602 ms, Fashion-MNIST K=128 cos 319 → 284, K=96 l2 413 → 399, 200k×384
