@@ -234,10 +234,8 @@ class ParquetSource(VectorSource):
         if len(cols) == 1 and _is_list(types[0]):
             self.mode = "list"
             vt = types[0].value_type
-            dt = _numpy_dtype(vt)
-            if dt is None:
+            if _numpy_dtype(vt) is None:
                 raise InvalidInput(f"{f}: column {cols[0]!r} holds {vt} values; supported value types: {_SUPPORTED}")
-            self.dtype = dt
         else:
             self.mode = "columns"
             for c, t in zip(cols, types, strict=True):
@@ -248,7 +246,7 @@ class ParquetSource(VectorSource):
                         f"{f}: column {c!r} has type {t}, which is not supported (supported: {_SUPPORTED}); "
                         f"pick the vector columns with column=[...]"
                     )
-            self.dtype = _common_dtype(types)
+        # (the rows' dtype comes from every file's value types, after _check_schema: _common_dtype)
         self.columns = cols
         self.column = cols[0] if self.mode == "list" else None
         self._types = types
