@@ -12,9 +12,10 @@ from kvant.kernels.assign import top2_from_ip
 from kvant.kernels.direct_assign import coord_operands, direct_top2, padded_centroids
 from kvant.kernels.distance import sq_norms
 
-# rows not a multiple of the kernel's 6 or 8, D = 1 and odd D, K on both sides of every 16- and 64-column step
+# rows not a multiple of the kernel's 6 or 8, D = 1 and odd D, K on both sides of every 16- and 64-column step, and
+# beyond 1,024 (direct_assign.MAX_K where the BLAS lacks AVX-512)
 SHAPES = [(0, 3, 1), (1, 1, 1), (5, 1, 3), (7, 2, 16), (9, 7, 17), (13, 5, 33), (47, 13, 48), (50, 33, 49),
-          (61, 130, 64), (300, 9, 10), (23, 4, 100), (19, 5, 129), (11, 3, 260)]
+          (61, 130, 64), (300, 9, 10), (23, 4, 100), (19, 5, 129), (11, 3, 260), (29, 6, 1030)]
 
 
 # the two centre operands: centres in the vector lanes (any K) and coordinates in the lanes (K <= 28)

@@ -26,3 +26,40 @@ def test_host_features_are_empty_when_numba_targets_another_cpu(monkeypatch):
         assert _llvm.host_features() == frozenset()
     finally:
         _llvm.host_features.cache_clear()
+
+
+class _FakeLib:
+    def __init__(self, architecture):
+        self.architecture = architecture
+
+
+class _FakeController:
+    libs: list = []
+
+    def select(self, internal_api):
+        assert internal_api == "openblas"
+        out = _FakeController()
+        out.lib_controllers = list(self.libs)
+        return out
+
+
+def test_blas_avx512_is_false_only_for_openblas_cores_without_it(monkeypatch):
+    import threadpoolctl
+
+    monkeypatch.setattr(threadpoolctl, "ThreadpoolController", _FakeController)
+    cases = [(["Haswell"], False), (["Zen"], False), (["SkylakeX"], True), (["SapphireRapids", "Cooperlake"], True),
+             (["SkylakeX", "Haswell"], False), ([], True)]  # [] : MKL or BLIS only, taken to have AVX-512
+    try:
+        for cores, expected in cases:
+            _llvm.blas_avx512.cache_clear()
+            monkeypatch.setattr(_FakeController, "libs", [_FakeLib(c) for c in cores])
+            assert _llvm.blas_avx512() is expected, cores
+    finally:
+        _llvm.blas_avx512.cache_clear()
+
+
+def test_blas_avx512_reads_this_process_openblas():
+    from threadpoolctl import threadpool_info
+
+    cores = [i.get("architecture", "").lower() for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    assert _llvm.blas_avx512() == all(c in {"skylakex", "cooperlake", "sapphirerapids"} for c in cores)

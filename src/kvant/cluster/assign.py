@@ -1,8 +1,8 @@
 """Exact nearest-centroid assignment of row blocks (the E-step): BLAS tiles (or, for K <= 64 on AVX-512 hosts (128 on
-AMD Zen 4) and K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba top-2 pass; with K >=
-``AMX_MIN_K`` on AMX hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too (:func:`e_step`,
-:func:`assign_certified`); on AVX2 hosts without AVX-512 and on AMD Zen 4 (``I16_HOST``), certified int16 products in
-final assignments with K >= ``I16_MIN_K`` (on Zen 4 also K·D >= ``I16_HALF_RATE_MIN_KD``, or K >=
+AMD Zen 4, 2,048 where the BLAS lacks AVX-512) and K <= 16 on AVX2 ones, a register-blocked kernel) finished by a Numba
+top-2 pass; with K >= ``AMX_MIN_K`` on AMX hosts, certified bf16 tile products when K·D >= ``AMX_MIN_KD`` too
+(:func:`e_step`, :func:`assign_certified`); on AVX2 hosts without AVX-512 and on AMD Zen 4 (``I16_HOST``), certified
+int16 products in final assignments with K >= ``I16_MIN_K`` (on Zen 4 also K·D >= ``I16_HALF_RATE_MIN_KD``, or K >=
 ``I16_HALF_RATE_MIN_K`` at D >= 16) and in E-steps with K >= ``I16_E_STEP_MIN_K`` (:class:`CertifiedCentres`)."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from ..kernels.lloyd import exact_sq_dist_rows, exact_sq_dist_rows_scaled
 # product of such rows would lose precision to subnormals or overflow)
 _SAFE_SQNORM = (1e-30, 1e30)
 LANE_CANDIDATES = True  # nearest= records candidate_ids_from_ip's ids (m <= 16), not the exact m nearest
-# K <= 64 on AVX-512 hosts (128 on Zen 4), K <= 16 on AVX2 ones (direct_assign.fits): products from the
+# K <= direct_assign.MAX_K (64 on AVX-512 hosts, 128 on Zen 4, 2,048 where the BLAS lacks AVX-512), K <= 16 on AVX2
+# ones (direct_assign.fits): products from the
 # register-blocked kernel, not a BLAS GEMM
 DIRECT_ASSIGN = True
 # A plain direct E-step of at most this many row × centroid × coordinate products runs as one parallel Numba region
@@ -285,7 +286,9 @@ def assign_top2(x: np.ndarray, centroids: np.ndarray, c_sqnorms: np.ndarray, lab
              and not conditioned and x.flags.c_contiguous and x_sqnorms is None and dim <= ROW_LANES_FINAL_MAX_DIM
              and (annulus is None or not annulus.prune))
     # ... and Lloyd's E-steps of such rows where the products would otherwise be BLAS tiles (K > 64; int16 E-steps
-    # are turned away in CertifiedCentres), poor at an inner dimension of 2-16 (ROW_LANES_E_STEP, lanes_e_step)
+    # are turned away in CertifiedCentres), poor at an inner dimension of 2-16 (ROW_LANES_E_STEP, lanes_e_step). Where
+    # the BLAS lacks AVX-512 the direct kernel takes K up to 2,048 first; the two were even there (Zen 5, 2026-12-06,
+    # whole fits, direct / lanes: 1M×2 K=128 0.94×, K=1,024 1.04×; 500k×8 K=128-256 1.03-1.04×; 300k×16 K=512 0.97×)
     lanes_e = (lanes_e_step(dim) and not direct and nearest is None and not unit_rows and not conditioned
                and x.strides[1] == 4)
     if lanes or lanes_e:

@@ -1,5 +1,5 @@
 """LLVM IR helpers shared by the kernels' ``@intrinsic`` code generators (``assign.py``, ``pq.py``, ...), and the
-host CPU features they choose instructions by."""
+host facts they choose instructions and paths by (CPU features and name, the BLAS's kernels)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,21 @@ HALF_RATE_AVX512 = frozenset({"znver4"})
 def half_rate_avx512() -> bool:
     """Whether this host is one of :data:`HALF_RATE_AVX512`."""
     return host_cpu_name() in HALF_RATE_AVX512
+
+
+# OpenBLAS cores (threadpoolctl's "architecture") whose sgemm uses AVX-512.
+_OPENBLAS_AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+@functools.cache
+def blas_avx512() -> bool:
+    """Whether numpy's BLAS runs AVX-512 kernels, as far as threadpoolctl can tell: False only for an OpenBLAS whose
+    core lacks them. OpenBLAS 0.3.31 has no AMD Zen 5 target and runs its AVX2 Haswell kernels there (1 thread
+    94-97 GFLOP/s), where the fused AVX-512 kernels are well ahead. Other libraries (MKL, BLIS) count as AVX-512."""
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
+    except Exception:  # pragma: no cover - threadpoolctl failed to inspect the process
+        return True
+    return all(str(getattr(lib, "architecture", "")).lower() in _OPENBLAS_AVX512_CORES for lib in libs)

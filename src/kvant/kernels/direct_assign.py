@@ -34,7 +34,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._llvm import half_rate_avx512, host_cpu_name, host_features, llvm_fn, splat
+from ._llvm import blas_avx512, half_rate_avx512, host_cpu_name, host_features, llvm_fn, splat
 from .assign import _top2_lanes, store_top2
 from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, sq_norms_into
 
@@ -99,7 +99,15 @@ MAX_CT_BYTES = _l2_bytes() // 2
 # MAX_K 64 → 128: 100k×768 K=100 cos 707 → 602 ms, Fashion-MNIST K=128 cos 319 → 284, K=96 l2 413 → 399, 200k×384
 # K=100 l2 315 → 290, 500k×64 K=128 120 → 114, 1M×128 Zipf K=96 202 → 196, 200k×256 K=128 cos 232 → 229; but at
 # K = 200-256 it was even or up to 4% slower (1M×128 K=256 l2 454 → 471, cos 464 → 484), so 128.
-MAX_K = (128 if half_rate_avx512() else 64) if AVX512 else 16
+# On AVX-512 hosts whose BLAS lacks AVX-512 kernels (kernels._llvm.blas_avx512: AMD Zen 5, where OpenBLAS 0.3.31 runs
+# its Haswell kernels) the kernel wins at every K whose centre operand fits MAX_CT_BYTES: whole fits, same process,
+# alternating, medians of 3 (2026-12-06), MAX_K 64 → 1,024-4,096: 1M×128 K=128 238 → 141 ms, K=256 447 → 285, K=512
+# 1,145 → 768, K=1,024 3,228 → 2,151, K=2,048 even (12.3 s; cᵀ exactly MAX_CT_BYTES); 500k×64 K=256 196 → 130,
+# K=1,024 1,542 → 1,333, K=2,048 5,654 → 4,638; 200k×384 K=100 192 → 149, K=256 492 → 308; 200k×256 cos K=128
+# 219 → 137, K=512 762 → 460; 100k×768 cos K=100 235 → 136, K=256 600 → 560; Fashion-MNIST K=128 516 → 412, K=256
+# even. So MAX_K = 2,048 there, the largest K measured.
+BLAS_LACKS_AVX512 = AVX512 and not blas_avx512()
+MAX_K = (2048 if BLAS_LACKS_AVX512 else 128 if half_rate_avx512() else 64) if AVX512 else 16
 
 
 # A small E-step (one parallel region, see cluster.assign) is bound by overheads, not by its products: on AVX2
@@ -111,10 +119,10 @@ SMALL_MAX_K = 256 if AVX512 else 128
 
 def fits(dim: int, k: int, small: bool = False) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
-    (64 and 16; ``SMALL_MAX_K``, 64 and 128, for a ``small`` E-step) and the centre operand
-    (:func:`centre_operands`) within :data:`MAX_CT_BYTES`."""
+    (64 and 16; 128 on Zen 4, 2,048 where the BLAS lacks AVX-512; for a ``small`` E-step at least ``SMALL_MAX_K``, 256
+    and 128) and the centre operand (:func:`centre_operands`) within :data:`MAX_CT_BYTES`."""
     size = _coord_rows(k) * _padded(dim) if coord_lanes(k) else dim * _padded(k)
-    return AVAILABLE and k <= (SMALL_MAX_K if small else MAX_K) and size * 4 <= MAX_CT_BYTES
+    return AVAILABLE and k <= (max(SMALL_MAX_K, MAX_K) if small else MAX_K) and size * 4 <= MAX_CT_BYTES
 
 
 def _row_ptr(builder, arr, ndim: int, r):
