@@ -17,6 +17,7 @@ from .._parallel import for_each_block
 from ..errors import PersistError
 from ..kernels import amx_topk, direct_topk
 from ..kernels._llvm import half_rate_avx512
+from ..kernels.direct_assign import BLAS_LACKS_AVX512
 from ._common import (
     Rows,
     as_queries,
@@ -72,7 +73,11 @@ SHORT_KEEP_MAX_MISSES = 4
 # ahead at every wide shape measured, so such hosts never take the BLAS blocks. GFLOP/s fused / BLAS blocks, cos,
 # k = 10, 2 threads, 2026-12-06: 100k × 1,536 nq = 256 209 / 178, nq = 1,024 200 / 180; 300k × 768 nq = 1,000
 # 199 / 175; 100k × 768 nq = 4,000 182 / 169; 300k × 384 nq = 1,000 203 / 183; 100k × 384 nq = 4,000 167 / 149.
-BLAS_SCREEN_MIN_DIM = 1 << 62 if half_rate_avx512() else 384
+# Nor do AVX-512 hosts whose BLAS lacks AVX-512 kernels (kernels.direct_assign.BLAS_LACKS_AVX512: AMD Zen 5, where
+# OpenBLAS 0.3.31 runs its Haswell kernels). GFLOP/s fused / BLAS blocks, k = 10, 2 threads, medians of 3,
+# 2026-12-06: cos 300k × 768 nq = 1,000 291 / 174, nq = 4,000 308 / 182; 100k × 1,536 nq = 256 345 / 153, nq = 1,024
+# 293 / 181; l2 300k × 384 nq = 1,000 291 / 174, 300k × 768 nq = 1,000 304 / 167.
+BLAS_SCREEN_MIN_DIM = 1 << 62 if half_rate_avx512() or BLAS_LACKS_AVX512 else 384
 BLAS_SCREEN_MIN_WORK = 1 << 18  # queries × D
 BLAS_SCREEN_ROWS = 1024
 BLAS_SCREEN_QUERIES = 1024
