@@ -100,8 +100,10 @@ I16_ASSIGN = True
 # Fashion-MNIST l2 0.72×; K=64 (final assignment only) 200k×384 Zipf l2 0.89×, 1M×128 l2 0.84× and cos 0.94×,
 # Fashion-MNIST 0.99×; digits K=256/1024 even (small E-steps keep float32). K=10 with int16 (I16_MIN_K = 1): 1.12-1.20×,
 # so the float32 kernel keeps K <= 16; int16 E-steps from K=48 instead of 128: even or slower (Fashion-MNIST K=64
-# 1.09×). Other AVX-512 hosts (full-rate 512-bit FMAs: Intel, AMD Zen 5) are not measured and keep the float32
-# kernels.
+# 1.09×). Other AVX-512 hosts (full-rate 512-bit FMAs: Intel, AMD Zen 5) keep the float32 kernels: on Zen 5 int16
+# (AVX2 products) lost to the fused AVX-512 kernel (whole fits with int16 on every final assignment and E-step from
+# K = 128, same process, alternating, medians of 3, 2026-12-06: 1M×128 K=64 1.34× the float32 time, K=256 1.18×,
+# K=1,024 0.96×; 200k×384 K=256 1.18×).
 _HALF_RATE_HOST = half_rate_avx512()  # (kernels._llvm.HALF_RATE_AVX512)
 I16_HOST = i16_assign.AVAILABLE and (not direct_assign.AVX512 or _HALF_RATE_HOST)
 # Centres far out (AMX_MAX_NORM_SPREAD) leave most rows to the per-centre scan; on the AVX2 host int16 gained nothing
