@@ -102,10 +102,10 @@ MAX_CT_BYTES = _l2_bytes() // 2
 # On AVX-512 hosts whose BLAS lacks AVX-512 kernels (kernels._llvm.blas_avx512: AMD Zen 5, where OpenBLAS 0.3.31 runs
 # its Haswell kernels) the kernel wins at every K whose centre operand fits MAX_CT_BYTES: whole fits, same process,
 # alternating, medians of 3 (2026-12-06), MAX_K 64 → 1,024-4,096: 1M×128 K=128 238 → 141 ms, K=256 447 → 285, K=512
-# 1,145 → 768, K=1,024 3,228 → 2,151, K=2,048 even (12.3 s; cᵀ exactly MAX_CT_BYTES); 500k×64 K=256 196 → 130,
-# K=1,024 1,542 → 1,333, K=2,048 5,654 → 4,638; 200k×384 K=100 192 → 149, K=256 492 → 308; 200k×256 cos K=128
-# 219 → 137, K=512 762 → 460; 100k×768 cos K=100 235 → 136, K=256 600 → 560; Fashion-MNIST K=128 516 → 412, K=256
-# even. So MAX_K = 2,048 there, the largest K measured.
+# 1,145 → 768, K=1,024 3,228 → 2,151; 500k×64 K=256 196 → 130, K=1,024 1,542 → 1,333, K=2,048 5,654 → 4,638;
+# 200k×384 K=100 192 → 149, K=256 492 → 308; 200k×256 cos K=128 219 → 137, K=512 762 → 460; 100k×768 cos K=100
+# 235 → 136; Fashion-MNIST K=128 516 → 412. So MAX_K = 2,048 there, the largest K measured (MAX_CT_BYTES, 512 KiB on
+# that host, still turns away wider operands: 1M×128 K=2,048, 100k×768 K=256 and Fashion-MNIST K=256 took BLAS).
 BLAS_LACKS_AVX512 = AVX512 and not blas_avx512()
 MAX_K = (2048 if BLAS_LACKS_AVX512 else 128 if half_rate_avx512() else 64) if AVX512 else 16
 
