@@ -345,3 +345,19 @@ def test_lane_norms_of_rows_near_float32_max_never_win_the_top_2(k):
     dist = ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(lab, dist.argmin(axis=1))
     np.testing.assert_allclose(exact, dist.min(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("lacks", [False, True])
+def test_fits_takes_wider_operands_only_where_the_blas_lacks_avx512(monkeypatch, lacks):
+    # where OpenBLAS runs AVX2 kernels on an AVX-512 host (Zen 5) the kernel takes K up to MAX_K = 2,048 and centre
+    # operands up to WIDE_CT_BYTES; elsewhere the operand must fit MAX_CT_BYTES (half of L2)
+    if not direct_assign.AVX512:
+        pytest.skip("the rule is for AVX-512 hosts")
+    monkeypatch.setattr(direct_assign, "BLAS_LACKS_AVX512", lacks)
+    monkeypatch.setattr(direct_assign, "MAX_K", 2048)
+    monkeypatch.setattr(direct_assign, "MAX_CT_BYTES", 512 << 10)
+    dim = 128
+    assert direct_assign.fits(dim, 1024)  # 512 KiB: within either limit
+    assert direct_assign.fits(dim, 2048) is lacks  # 1 MiB
+    assert not direct_assign.fits(dim, 2049)  # beyond MAX_K
+    assert direct_assign.fits(784, 1328) is lacks and not direct_assign.fits(784, 1344)  # 4 MiB at 784-d

@@ -104,10 +104,14 @@ MAX_CT_BYTES = _l2_bytes() // 2
 # alternating, medians of 3 (2026-12-06), MAX_K 64 → 1,024-4,096: 1M×128 K=128 238 → 141 ms, K=256 447 → 285, K=512
 # 1,145 → 768, K=1,024 3,228 → 2,151; 500k×64 K=256 196 → 130, K=1,024 1,542 → 1,333, K=2,048 5,654 → 4,638;
 # 200k×384 K=100 192 → 149, K=256 492 → 308; 200k×256 cos K=128 219 → 137, K=512 762 → 460; 100k×768 cos K=100
-# 235 → 136; Fashion-MNIST K=128 516 → 412. So MAX_K = 2,048 there, the largest K measured (MAX_CT_BYTES, 512 KiB on
-# that host, still turns away wider operands: 1M×128 K=2,048, 100k×768 K=256 and Fashion-MNIST K=256 took BLAS).
+# 235 → 136; Fashion-MNIST K=128 516 → 412. So MAX_K = 2,048 there, the largest K measured.
 BLAS_LACKS_AVX512 = AVX512 and not blas_avx512()
 MAX_K = (2048 if BLAS_LACKS_AVX512 else 128 if half_rate_avx512() else 64) if AVX512 else 16
+# There the kernel also wins with centre operands beyond MAX_CT_BYTES (512 KiB on that host, L2 1 MiB), read from L3:
+# same fits, MAX_CT_BYTES 512 KiB → 4 MiB: Fashion-MNIST K=256 1,590 → 1,350 ms, K=1,024 5,205 → 4,388; 1M×128
+# K=2,048 12.5 → 11.4 s; 100k×768 K=256 565 → 421 ms, K=1,024 cos 3,650 → 3,001; 200k×384 K=1,024 4,474 → 3,989;
+# 200k×256 K=2,048 cos 4,545 → 3,378. So such hosts take operands up to WIDE_CT_BYTES.
+WIDE_CT_BYTES = 4 << 20
 
 
 # A small E-step (one parallel region, see cluster.assign) is bound by overheads, not by its products: on AVX2
@@ -120,9 +124,11 @@ SMALL_MAX_K = 256 if AVX512 else 128
 def fits(dim: int, k: int, small: bool = False) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
     (64 and 16; 128 on Zen 4, 2,048 where the BLAS lacks AVX-512; for a ``small`` E-step at least ``SMALL_MAX_K``, 256
-    and 128) and the centre operand (:func:`centre_operands`) within :data:`MAX_CT_BYTES`."""
+    and 128) and the centre operand (:func:`centre_operands`) within :data:`MAX_CT_BYTES` (``WIDE_CT_BYTES`` where the
+    BLAS lacks AVX-512)."""
     size = _coord_rows(k) * _padded(dim) if coord_lanes(k) else dim * _padded(k)
-    return AVAILABLE and k <= (max(SMALL_MAX_K, MAX_K) if small else MAX_K) and size * 4 <= MAX_CT_BYTES
+    limit = WIDE_CT_BYTES if BLAS_LACKS_AVX512 else MAX_CT_BYTES
+    return AVAILABLE and k <= (max(SMALL_MAX_K, MAX_K) if small else MAX_K) and size * 4 <= limit
 
 
 def _row_ptr(builder, arr, ndim: int, r):
