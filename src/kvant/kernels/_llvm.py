@@ -82,9 +82,10 @@ _OPENBLAS_AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 
 @functools.cache
 def blas_avx512() -> bool:
-    """Whether numpy's BLAS runs AVX-512 kernels, as far as threadpoolctl can tell: False only for an OpenBLAS whose
-    core lacks them. OpenBLAS 0.3.31 has no AMD Zen 5 target and runs its AVX2 Haswell kernels there (1 thread
-    94-97 GFLOP/s), where the fused AVX-512 kernels are well ahead. Other libraries (MKL, BLIS) count as AVX-512."""
+    """Whether numpy's BLAS runs AVX-512 kernels, as far as threadpoolctl can tell: False only when an OpenBLAS loaded
+    so far (at kvant's import, numpy's) has a core that lacks them. OpenBLAS 0.3.31 has no AMD Zen 5 target and runs
+    its AVX2 Haswell kernels there (1 thread 94-97 GFLOP/s), where the fused AVX-512 kernels are well ahead. Other
+    libraries (MKL, BLIS) count as AVX-512."""
     try:
         from threadpoolctl import ThreadpoolController
 
