@@ -17,7 +17,7 @@ fails if kvant's paths differ, and reports FAISS's agreement).
     flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py            # k = 10, l2 and cos
     flock /tmp/kvant-bench.lock .venv/bin/python benchmarks/flat.py --quick    # 100k x 128 and 30k x 768 rows
 
-Writes benchmarks/results/flat.{json,md}.
+Writes benchmarks/results/flat.{json,md} (``--name`` another stem).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--name", default=None, help="results file stem in benchmarks/results (default flat, flat_quick)")
     args = ap.parse_args()
     shapes = [(100_000, 128), (30_000, 768)] if args.quick else [(1_000_000, 128), (300_000, 768)]
     threads = kvant.get_num_threads()
@@ -126,7 +127,7 @@ def main() -> None:
             "repeat": args.repeat,
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "flat_quick" if args.quick else "flat"
+    name = args.name or ("flat_quick" if args.quick else "flat")
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"FlatIndex, Gaussian rows, k = {args.k}, {threads} threads, medians of {args.repeat} "
              f"alternating runs ({meta['measured']}); FAISS: IndexFlatL2 for l2, IndexFlatIP on the normalised rows "
