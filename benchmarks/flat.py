@@ -3,7 +3,8 @@ paths.
 
 One process, same data, same thread count; kvant (its default routing), kvant's fused kernel alone, its BLAS-tile path
 (the shortlist before 2026-12-05, kept for unconditioned data below ``DIRECT_MIN_QUERIES`` queries) and FAISS run
-alternately, medians of ``--repeat`` runs per query-batch size, on 1M × 128 and 300k × 768 Gaussian rows (the
+alternately (each timed call right after an untimed one of its own, since 2026-12-07), medians of ``--repeat`` runs
+per query-batch size, on 1M × 128 and 300k × 768 Gaussian rows (the
 second: wide rows, where batches of D × queries >= ``BLAS_SCREEN_MIN_WORK`` take BLAS blocks screened in cache).
 On hosts with AMX, kvant's default routing first runs the bf16 tile pass (``kvant.kernels.amx_topk``) on batches of
 at least ``AMX_MIN_QUERIES`` queries of ``AMX_MIN_DIM`` or more dimensions (and ``AMX_MIN_WORK``); the fused and
@@ -41,11 +42,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed_alternating(fns: dict, repeat: int) -> tuple[dict, dict]:
-    """Median seconds of each function, the functions run in turn ``repeat`` times (drift hits all alike)."""
+    """Median seconds of each function, the functions run in turn ``repeat`` times (drift hits all alike), each timed
+    call right after an untimed one of its own. FAISS's OpenMP threads spin on after each call, and the call after
+    FAISS's shared the cores with them: on the Zen 5 host (2026-12-07) kvant's default routing, then the same code
+    as the fused path, read 25-53 ms against 20-46 ms at 1M × 128 and 417 against 295 ms at 300k × 768 nq = 256. After
+    its own call each method runs warm and alone, as a service calling it back to back would (the clustering
+    benchmark's ``WARM_CALL_SECONDS`` rule)."""
     times = {name: [] for name in fns}
     outs = {}
     for _ in range(repeat):
         for name, fn in fns.items():
+            fn()
             t = time.perf_counter()
             outs[name] = fn()
             times[name].append(time.perf_counter() - t)
