@@ -47,7 +47,8 @@ def timed_alternating(fns: dict, repeat: int) -> tuple[dict, dict]:
     FAISS's shared the cores with them: on the Zen 5 host (2026-12-07) kvant's default routing, then the same code
     as the fused path, read 25-53 ms against 20-46 ms at 1M × 128 and 417 against 295 ms at 300k × 768 nq = 256. After
     its own call each method runs warm and alone, as a service calling it back to back would (the clustering
-    benchmark's ``WARM_CALL_SECONDS`` rule)."""
+    benchmark's ``WARM_CALL_SECONDS`` rule). The first untimed call also takes each method's compilation and page
+    faults."""
     times = {name: [] for name in fns}
     outs = {}
     for _ in range(repeat):
@@ -114,8 +115,6 @@ def main() -> None:
             if fi is not None:
                 fns["faiss"] = lambda qf=qf, fi=fi: fi.search(qf, args.k)
                 fns["faiss_blas20"] = lambda qf=qf: faiss_search_blas20(qf)
-            for fn in fns.values():  # warm-up (compilation, page faults)
-                fn()
             secs, outs = timed_alternating(fns, args.repeat)
             if not (np.array_equal(outs["kvant"][1], outs["kvant_blas_tiles"][1])
                     and np.array_equal(outs["kvant"][1], outs["kvant_fused"][1])):
