@@ -75,6 +75,7 @@ from .assign import (
     one_region_direct_e_step,
     zero_norm_error,
 )
+from .neighbours import NeighbourSteps
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
 # distances can never let a row keep a stale label.
@@ -105,6 +106,9 @@ ROW_LANES_COORD_MAX_BYTES = 1 << 20
 # When more than this fraction of rows cross their Hamerly bounds, the E-step skips the bound tightening and
 # re-assigns every row (see lloyd).
 DENSE_E_STEP = 0.5
+
+# E-steps by the centres' neighbour lists where rows have few coordinates (kvant.cluster.neighbours decides where).
+NEIGHBOUR_E_STEPS = True
 
 # Candidate E-steps (``candidates`` = m > 0): from the CANDIDATE_FULL_FIRST-th E-step on, each full dense E-step
 # also records m candidate centres per row, and the next CANDIDATE_REFRESH - 1 E-steps look only at those.
@@ -274,6 +278,9 @@ def lloyd(
     near = np.empty((n, m_cand), np.int32) if m_cand else None  # each row's candidate centres
     cand_left = 0  # candidate E-steps left before the next full one
     labels_exact = True  # the last E-step was a full one (its labels are the exact nearest centres)
+    # neighbour-list E-steps (None: the full E-step throughout); they take the E-steps' previous labels as the start
+    neigh = None
+    use_neigh = NEIGHBOUR_E_STEPS and m_cand == 0 and NeighbourSteps.applies(n, d, k)
     prev_means = None
     beta = 0.0  # extrapolation of the centres the last E-step used (0: plain Lloyd)
     for it in range(max_iter):
@@ -337,6 +344,14 @@ def lloyd(
                  for s in range(0, n, block)]
         cand = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.int64)
         last = converged or it + 1 == max_iter
+        if use_neigh and not (keep_top2 and last):
+            if neigh is None:
+                neigh = NeighbourSteps(c)
+                use_neigh = neigh.probe(x, c, labels)
+            else:
+                neigh.update(c)
+                use_neigh = neigh.worthwhile()
+        steps = neigh if use_neigh and not (keep_top2 and last) else None
         if cand.size > DENSE_E_STEP * n or not labels_exact or (keep_top2 and last):
             # Most bounds crossed (typical of over-relaxed steps): tightening them row by row and gathering the
             # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks. (Always
@@ -345,8 +360,12 @@ def lloyd(
             lab_new = np.empty(n, np.int64)
             # (no candidate ids for an E-step after which the loop ends)
             record = m_cand > 0 and it + 2 >= CANDIDATE_FULL_FIRST and it + 2 < max_iter and not last
-            float32 = e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
-            full_step = "float32" if float32 else "certified"
+            if steps is not None:
+                _neighbour_e_step(steps, x, c, xn, None, labels, lab_new, d1, d2)
+                full_step = None  # (d1/d2 are not the float32 kernel's, which certify_top2 expects)
+            else:
+                float32 = e_step(x, c, lab_new, d1, d2, xn, nearest=near if record else None)
+                full_step = "float32" if float32 else "certified"
             cand_left = CANDIDATE_REFRESH - 1 if record else 0
             labels_exact = True
             moved = np.flatnonzero(lab_new != labels)
@@ -365,7 +384,10 @@ def lloyd(
             lab_new = np.empty(cand.size, np.int64)
             e1 = np.empty(cand.size, np.float32)
             e2 = np.empty(cand.size, np.float32)
-            e_step(x, c, lab_new, e1, e2, xn[cand], rows=cand)
+            if steps is not None:
+                _neighbour_e_step(steps, x, c, xn, cand, labels[cand], lab_new, e1, e2)
+            else:
+                e_step(x, c, lab_new, e1, e2, xn[cand], rows=cand)
             old = labels[cand]
             moved = lab_new != old
             if moved.any():
@@ -381,6 +403,21 @@ def lloyd(
         result.last_d1, result.last_d2 = d1, d2
     result.labels_certified = keep_top2 and full_step == "certified"
     return result
+
+
+def _neighbour_e_step(steps, x, c, xn, rows, start, labels, d1, d2) -> None:
+    """The E-step of the listed rows (all when ``rows`` is None) by ``steps``' neighbour lists from their previous
+    centres ``start``, and by the full E-step for the rows those cannot settle."""
+    left = steps.assign(x, c, rows, start, labels, d1, d2)
+    if left.size:
+        where = left if rows is None else rows[left]
+        lab = np.empty(left.size, np.int64)
+        e1 = np.empty(left.size, np.float32)
+        e2 = np.empty(left.size, np.float32)
+        e_step(x, c, lab, e1, e2, xn[where], rows=where)
+        labels[left] = lab
+        d1[left] = e1
+        d2[left] = e2
 
 
 # Lloyd's passes run on Python threads (for_each_block). A parallel Numba region or a multithreaded BLAS call between

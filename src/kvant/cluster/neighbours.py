@@ -1,0 +1,125 @@
+"""Lloyd's E-steps by neighbour lists (:mod:`kvant.kernels.neighbour_assign`) where rows have few coordinates.
+
+At D = 2-8 and K in the hundreds or thousands, over-relaxed Lloyd steps move some centre far enough every iteration
+that most rows cross their Hamerly bounds (1M × 2 rows, K = 1,024: 83% of the rows per E-step, so every E-step was a
+full pass over all K centres), while each row's nearest centres are a few of its previous centre's neighbours. This
+module keeps each centre's nearest other centres and re-assigns rows by scanning those.
+
+The lists are rebuilt only when the centres have moved far since they were built (``REBUILD_DRIFT`` of the typical
+nearest-centre distance): in between, each listed distance is lowered by how far the centres could have come closer
+(:func:`kvant.kernels.neighbour_assign.neighbour_e_step_range`'s ``shrink``), so the scans stay exact.
+
+Whether it pays is measured, not guessed: a probe of ``PROBE_ROWS`` rows counts the centres a scan visits, and the
+lists are used while that count times ``PAIR_COST`` (one scanned centre against one centre of the full E-step's
+vectorised products) stays below K. Fits with a candidate E-step (recording ids) and the last E-step of a fit whose
+labels stand as the final assignment keep the full E-step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._config import get_num_threads
+from .._parallel import for_each_block
+from ..kernels.neighbour_assign import centre_neighbours_range, neighbour_e_step_range
+
+# Used at D <= MAX_DIM and K >= MIN_K only (elsewhere a scan visits most centres: 500k × 8 rows, K = 256, ~50 of 256).
+MAX_DIM = 8
+MIN_K = 128
+# Each centre's list: its LENGTH nearest other centres (1M × 2 rows, K = 1,024: a scan visits ~5 centres, and no row
+# ran off a 32-long list).
+LENGTH = 32
+# One centre scanned costs about this many centres of the full E-step (Zen 5 host, 2026-12-07, whole E-steps on two
+# threads: 1M × 2 rows, K = 1,024, ~5 centres a row, 14 ns a row against 0.11 ns a row-centre pair of the full kernel;
+# 1M × 3, K = 512, ~9 centres, 33 ns against 0.045 ns). The lists are kept while the scans' centres times PAIR_COST,
+# plus K for each row left to the full E-step, stay below half of K per row (the rest pays for the lists' upkeep):
+# 1M × 2 rows at K = 1,024 take them (fits 1.57× faster); 1M × 3 at K = 512, 1M × 2 at K = 128, 500k × 8 at K = 256
+# and 500k × 6 at K = 2,048 (40% of the rows ran off their lists) measured 0.94-0.99× with them and do not.
+PAIR_COST = 64
+PROBE_ROWS = 2048
+# Rebuild the lists when a centre may have come closer to another by more than this share of the median distance
+# between a centre and its nearest other one.
+REBUILD_DRIFT = 0.25
+_BLOCK_ROWS = 16384
+_BLOCK_CENTRES = 256
+_NO_ROWS = np.empty(0, np.int64)
+
+
+class NeighbourSteps:
+    """Neighbour lists of the centres ``c`` (K, D) float32, for :meth:`assign`."""
+
+    def __init__(self, c: np.ndarray, length: int = LENGTH):
+        self.k = c.shape[0]
+        self.length = max(1, min(int(length), self.k - 1))
+        self.scanned = 0  # centres visited, and rows left to the full E-step, over ...
+        self.left = 0
+        self.rows = 0  # ... this many rows
+        self._build(c)
+
+    @staticmethod
+    def applies(n: int, dim: int, k: int) -> bool:
+        return dim <= MAX_DIM and k >= MIN_K and n >= PROBE_ROWS
+
+    def _build(self, c: np.ndarray, hint: np.ndarray | None = None) -> None:
+        k, L = self.k, self.length
+        self.nbr = np.empty((k, L), np.int32)
+        self.ndist = np.empty((k, L), np.float64)
+        self.reach = np.empty(k, np.float64)
+        self.far = np.empty(k, np.int32)
+        self.built = np.array(c, np.float64)
+        nbr, ndist, reach, far = self.nbr, self.ndist, self.reach, self.far
+        hint = np.full(k, np.inf) if hint is None else hint
+        for_each_block(k, _BLOCK_CENTRES, lambda a, b: centre_neighbours_range(c, nbr, ndist, reach, far, hint, a, b),
+                       work=k * k * c.shape[1] * 8)
+        self.typical = float(np.median(ndist[:, 0])) if L else 0.0
+        self.shrink = np.zeros(k, np.float64)
+
+    def update(self, c: np.ndarray) -> None:
+        """Take the centres ``c`` the next :meth:`assign` uses: bound each list's shrinkage, or rebuild."""
+        drift = np.sqrt(((np.asarray(c, np.float64) - self.built) ** 2).sum(1))
+        top = float(drift.max()) if drift.size else 0.0
+        if not np.isfinite(top) or 2.0 * top > REBUILD_DRIFT * self.typical:
+            # the L + 1 centres nearest each one before lie within its old reach plus the moves now: rank only those
+            # centres (a little more for the rounding of the float64 moves)
+            hint = np.where(self.far >= 0, ((self.reach + drift + top) * (1.0 + 1e-9)) ** 2, np.inf)
+            self._build(c, hint if np.isfinite(top) else None)
+            return
+        self.shrink = drift + top
+
+    def worthwhile(self) -> bool:
+        """Whether the scans so far visited few enough centres to beat the full E-step."""
+        return self.rows == 0 or 2 * (self.scanned * PAIR_COST + self.left * self.k) < self.rows * self.k
+
+    def probe(self, x: np.ndarray, c: np.ndarray, labels: np.ndarray) -> bool:
+        """Scan ``PROBE_ROWS`` rows spread over ``x`` from their ``labels`` (centres ``c``, after :meth:`update`) and
+        judge the lists by them."""
+        n = x.shape[0]
+        rows = np.linspace(0, n - 1, min(n, PROBE_ROWS)).astype(np.int64)
+        out = np.empty(rows.size, np.int64)
+        e = np.empty(rows.size, np.float32)
+        self.scanned += neighbour_e_step_range(x, rows, c, labels[rows], self.nbr, self.ndist, self.reach,
+                                               self.shrink, out, e, e, 0, rows.size)
+        self.left += int(np.count_nonzero(out < 0))
+        self.rows += rows.size
+        return self.worthwhile()
+
+    def assign(self, x: np.ndarray, c: np.ndarray, rows: np.ndarray | None, start: np.ndarray, labels: np.ndarray,
+               d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        """Re-assign the listed rows of ``x`` (all when ``rows`` is None) from their previous centres ``start`` to the
+        centres ``c`` (after :meth:`update`): ``labels``, ``d1``, ``d2`` as :func:`kvant.cluster.assign.e_step` writes
+        them (float64 distances: the exact top-2). Returns the positions whose scan could not prove the nearest
+        centre (their outputs unset): the caller assigns those with the full E-step."""
+        n = x.shape[0] if rows is None else rows.shape[0]
+        listed = _NO_ROWS if rows is None else rows
+        counts = []
+
+        def run(s: int, e: int) -> None:
+            counts.append(neighbour_e_step_range(x, listed, c, start, self.nbr, self.ndist, self.reach, self.shrink,
+                                                 labels, d1, d2, s, e))
+
+        for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
+        left = np.flatnonzero(labels < 0)
+        self.scanned += sum(counts)
+        self.left += left.size
+        self.rows += n
+        return left

@@ -1,0 +1,206 @@
+"""Neighbour-list E-steps (kernels.neighbour_assign, cluster.neighbours) against float64 brute force, with fresh and
+stale lists, and Lloyd with and without them."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvant.cluster import lloyd as lloyd_mod
+from kvant.cluster import neighbours
+from kvant.cluster.lloyd import lloyd
+from kvant.cluster.neighbours import NeighbourSteps
+from kvant.kernels.neighbour_assign import (
+    centre_neighbours,
+    centre_neighbours_range,
+    neighbour_e_step_numpy,
+    neighbour_e_step_range,
+)
+
+_NO_ROWS = np.empty(0, np.int64)
+
+
+def _brute_lists(c, L):
+    """Each centre's L nearest others by float64 distance (ties to the smaller id), and the next one's distance."""
+    d = np.sqrt(((c[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1))
+    k = c.shape[0]
+    nbr = np.empty((k, L), np.int64)
+    nd = np.empty((k, L))
+    reach = np.full(k, np.inf)
+    for a in range(k):
+        others = [j for j in range(k) if j != a]
+        order = sorted(others, key=lambda j: (d[a, j], j))
+        nbr[a] = order[:L]
+        nd[a] = d[a, order[:L]]
+        if len(order) > L:
+            reach[a] = d[a, order[L]]
+    return nbr, nd, reach
+
+
+def _data(n, d, k, seed, dup=False):
+    g = np.random.default_rng(seed)
+    c = g.standard_normal((k, d)).astype(np.float32)
+    if dup and k > 3:
+        c[1] = c[0]  # a duplicated centre: ties
+        c[3, 0] = c[2, 0]
+    x = (c[g.integers(0, k, n)] + 0.3 * g.standard_normal((n, d))).astype(np.float32)
+    m = min(n, k, 3)
+    x[:m] = c[:m]  # rows on centres
+    return x, c
+
+
+@pytest.mark.parametrize("k,d,L", [(2, 1, 1), (3, 2, 2), (17, 2, 4), (40, 3, 39), (130, 2, 32), (33, 5, 8)])
+def test_centre_neighbours_match_brute_force(k, d, L):
+    _, c = _data(10, d, k, seed=k, dup=True)
+    nbr, nd, reach = centre_neighbours(c, L)
+    bn, bd, br = _brute_lists(c, min(L, k - 1))
+    np.testing.assert_allclose(nd, bd, rtol=1e-12)
+    np.testing.assert_array_equal(nbr, bn)
+    np.testing.assert_allclose(reach, br, rtol=1e-12)
+
+
+def test_centre_neighbours_hint_ranks_only_close_centres_and_falls_back_when_too_small():
+    _, c = _data(10, 2, 200, seed=1)
+    k, L = c.shape[0], 16
+    full = centre_neighbours(c, L)
+    for hint in (np.full(k, np.inf), (full[2] * (1 + 1e-9)) ** 2, np.full(k, 1e-30)):  # exact, tight, too small
+        nbr = np.empty((k, L), np.int32)
+        nd = np.empty((k, L))
+        reach = np.empty(k)
+        far = np.empty(k, np.int32)
+        centre_neighbours_range(c, nbr, nd, reach, far, hint, 0, k)
+        np.testing.assert_array_equal(nbr, full[0])
+        np.testing.assert_array_equal(nd, full[1])
+        np.testing.assert_array_equal(reach, full[2])
+        d_far = np.sqrt(((c[far].astype(np.float64) - c.astype(np.float64)) ** 2).sum(1))
+        np.testing.assert_allclose(d_far, reach, rtol=1e-12)
+
+
+def _check(x, c, rows, lab, d1, d2):
+    """Proven rows (label >= 0) hold the exact nearest centre, its squared distance, and a runner-up bound."""
+    ref_lab, ref1, ref2 = neighbour_e_step_numpy(x[rows], c, None)
+    ok = lab >= 0
+    np.testing.assert_array_equal(lab[ok], ref_lab[ok])
+    np.testing.assert_allclose(d1[ok], ref1[ok], rtol=1e-6, atol=1e-30)
+    assert np.all(d2[ok] <= ref2[ok] * (1 + 1e-6) + 1e-30)  # a lower bound on the runner-up
+    return ok
+
+
+@pytest.mark.parametrize("n,d,k,L", [(1, 1, 2, 1), (37, 2, 3, 2), (500, 2, 130, 32), (300, 3, 64, 6),
+                                     (257, 5, 20, 19), (400, 2, 50, 3)])
+@pytest.mark.parametrize("dup", [False, True])
+def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup):
+    x, c = _data(n, d, k, seed=n + k, dup=dup)
+    g = np.random.default_rng(7)
+    nbr, nd, reach = centre_neighbours(c, L)
+    rows = np.arange(n, dtype=np.int64)
+    for start in (neighbour_e_step_numpy(x, c, None)[0], g.integers(0, k, n)):  # settled, and random starts
+        lab = np.empty(n, np.int64)
+        d1 = np.empty(n, np.float32)
+        d2 = np.empty(n, np.float32)
+        scanned = neighbour_e_step_range(x, _NO_ROWS, c, start.astype(np.int64), nbr, nd, reach, np.zeros(k), lab,
+                                         d1, d2, 0, n)
+        ok = _check(x, c, rows, lab, d1, d2)
+        assert scanned >= n
+        if L == k - 1:
+            assert ok.all()  # a list of every other centre proves every row
+    # settled rows on full lists visit few centres, and rows=: the listed rows only, in order
+    sub = g.permutation(n)[: max(1, n // 3)].astype(np.int64)
+    lab = np.full(sub.size, -7, np.int64)
+    d1 = np.empty(sub.size, np.float32)
+    d2 = np.empty(sub.size, np.float32)
+    start = neighbour_e_step_numpy(x[sub], c, None)[0].astype(np.int64)
+    neighbour_e_step_range(x, sub, c, start, nbr, nd, reach, np.zeros(k), lab, d1, d2, 0, sub.size)
+    assert not np.any(lab == -7)
+    _check(x, c, sub, lab, d1, d2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), k=st.integers(2, 60), d=st.integers(1, 4), moves=st.integers(1, 4),
+       scale=st.sampled_from([1e-4, 1e-2, 0.3, 3.0]))
+def test_stale_lists_stay_exact_after_centres_move(seed, k, d, moves, scale):
+    """NeighbourSteps keeps stale lists with a shrink bound, or rebuilds them: either way every proven row is exact."""
+    g = np.random.default_rng(seed)
+    x, c = _data(300, d, k, seed=seed % 1000)
+    steps = NeighbourSteps(c, length=max(1, k // 3))
+    lab = neighbour_e_step_numpy(x, c, None)[0].astype(np.int64)
+    for _ in range(moves):
+        c = (c + scale * g.standard_normal(c.shape)).astype(np.float32)
+        steps.update(c)
+        new = np.empty(x.shape[0], np.int64)
+        d1 = np.empty(x.shape[0], np.float32)
+        d2 = np.empty(x.shape[0], np.float32)
+        left = steps.assign(x, c, None, lab, new, d1, d2)
+        np.testing.assert_array_equal(left, np.flatnonzero(new < 0))
+        _check(x, c, np.arange(x.shape[0]), new, d1, d2)
+        ref = neighbour_e_step_numpy(x, c, None)[0]
+        new[left] = ref[left]
+        lab = new
+
+
+def test_nan_move_rebuilds():
+    x, c = _data(50, 2, 10, seed=3)
+    steps = NeighbourSteps(c, length=4)
+    bad = c.copy()
+    bad[0, 0] = np.nan
+    steps.update(bad)  # a non-finite move: lists rebuilt from scratch, no stale bound
+    assert np.all(steps.shrink == 0)
+
+
+def _grid_blobs(n, k, seed):
+    """2-D rows around K centres on a jittered grid: small neighbourhoods, the case the lists are for."""
+    g = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(k)))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:k].astype(np.float64)
+    centres = grid + 0.2 * g.standard_normal(grid.shape)
+    return (centres[g.integers(0, k, n)] + 0.25 * g.standard_normal((n, 2))).astype(np.float32)
+
+
+def test_lloyd_with_neighbour_steps_matches_full_e_steps(monkeypatch):
+    x = _grid_blobs(20_000, 256, seed=0)
+    g = np.random.default_rng(1)
+    c0 = x[g.choice(x.shape[0], 256, replace=False)]
+    calls = []
+    real = NeighbourSteps.assign
+
+    def spy(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls.append(out.size)
+        return out
+
+    monkeypatch.setattr(NeighbourSteps, "assign", spy)
+    monkeypatch.setattr(neighbours, "PAIR_COST", 4)  # (judged worthwhile at this small K)
+    monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", True)
+    on = lloyd(x, c0, 12, 0.0, overrelax=1.0)
+    assert calls, "the neighbour E-steps did not run"
+    monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", False)
+    off = lloyd(x, c0, 12, 0.0, overrelax=1.0)
+    # labels are the exact nearest of the returned centroids (the full E-step's float32 distances may break a near-tie
+    # the other way: a row in 10,000)
+    ref = neighbour_e_step_numpy(x, on.centroids, None)[0]
+    assert np.mean(on.labels == ref) > 0.9999
+    # the same objective: the paths differ only where the full E-step's float32 distances and the lists' float64 ones
+    # break a near-tie differently, which over-relaxed steps then carry along
+    assert min(on.objective_history) == pytest.approx(min(off.objective_history), rel=5e-3)
+    sse = ((x.astype(np.float64) - on.centroids[on.labels]) ** 2).sum()
+    assert on.objective_history[-1] == pytest.approx(sse, rel=1e-6) or sse <= on.objective_history[-1]
+
+
+def test_neighbour_steps_turn_themselves_off_where_scans_are_long(monkeypatch):
+    g = np.random.default_rng(0)
+    x = g.standard_normal((8192, 8)).astype(np.float32)  # no structure: a scan visits most centres
+    c0 = x[:200].copy()
+    used = []
+    real = NeighbourSteps.assign
+    monkeypatch.setattr(NeighbourSteps, "assign", lambda self, *a, **kw: used.append(1) or real(self, *a, **kw))
+    monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", True)
+    res = lloyd(x, c0, 5, 0.0)
+    assert not used
+    assert res.n_iter == 5
+
+
+def test_applies():
+    assert NeighbourSteps.applies(100_000, 2, 1024)
+    assert not NeighbourSteps.applies(100_000, 64, 1024)
+    assert not NeighbourSteps.applies(100_000, 2, 16)
+    assert not NeighbourSteps.applies(100, 2, 1024)
