@@ -170,6 +170,7 @@ def test_lloyd_with_neighbour_steps_matches_full_e_steps(monkeypatch):
 
     monkeypatch.setattr(NeighbourSteps, "assign", spy)
     monkeypatch.setattr(neighbours, "PAIR_COST", 4)  # (judged worthwhile at this small K)
+    monkeypatch.setattr(neighbours, "MIN_K", 128)
     monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", True)
     on = lloyd(x, c0, 12, 0.0, overrelax=1.0)
     assert calls, "the neighbour E-steps did not run"
@@ -191,10 +192,16 @@ def test_neighbour_steps_turn_themselves_off_where_scans_are_long(monkeypatch):
     x = g.standard_normal((8192, 8)).astype(np.float32)  # no structure: a scan visits most centres
     c0 = x[:200].copy()
     used = []
+    probed = []
     real = NeighbourSteps.assign
+    real_probe = NeighbourSteps.probe
     monkeypatch.setattr(NeighbourSteps, "assign", lambda self, *a, **kw: used.append(1) or real(self, *a, **kw))
+    monkeypatch.setattr(NeighbourSteps, "probe",
+                        lambda self, *a, **kw: probed.append(real_probe(self, *a, **kw)) or probed[-1])
+    monkeypatch.setattr(neighbours, "MIN_K", 128)  # (so the probe runs, and turns them down)
     monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", True)
     res = lloyd(x, c0, 5, 0.0)
+    assert probed == [False]
     assert not used
     assert res.n_iter == 5
 
@@ -203,4 +210,6 @@ def test_applies():
     assert NeighbourSteps.applies(100_000, 2, 1024)
     assert not NeighbourSteps.applies(100_000, 64, 1024)
     assert not NeighbourSteps.applies(100_000, 2, 16)
+    # below MIN_K even the shortest scans (1 + PREFIX centres) could not pass the rule
+    assert 2 * neighbours.PAIR_COST * (1 + neighbours.PREFIX) >= neighbours.MIN_K
     assert not NeighbourSteps.applies(100, 2, 1024)

@@ -21,11 +21,10 @@ import numpy as np
 
 from .._config import get_num_threads
 from .._parallel import for_each_block
-from ..kernels.neighbour_assign import centre_neighbours_range, neighbour_e_step_range
+from ..kernels.neighbour_assign import PREFIX, centre_neighbours_range, neighbour_e_step_range
 
-# Used at D <= MAX_DIM and K >= MIN_K only (elsewhere a scan visits most centres: 500k × 8 rows, K = 256, ~50 of 256).
+# Used at D <= MAX_DIM only (elsewhere a scan visits most centres: 500k × 8 rows, K = 256, ~50 of 256).
 MAX_DIM = 8
-MIN_K = 128
 # Each centre's list: its LENGTH nearest other centres (1M × 2 rows, K = 1,024: a scan visits ~5 centres, and no row
 # ran off a 32-long list).
 LENGTH = 32
@@ -37,6 +36,10 @@ LENGTH = 32
 # and 500k × 6 at K = 2,048 (40% of the rows ran off their lists) measured 0.94-0.99× with them and do not.
 PAIR_COST = 64
 PROBE_ROWS = 2048
+# A scan visits at least 1 + PREFIX centres, so below this K the rule above can never keep the lists: no probe (its
+# lists and scans cost 1-2 ms at K = 300, 4-5% of a 50k × 2 fit).
+MIN_K = 2 * PAIR_COST * (1 + PREFIX)
+
 # Rebuild the lists when a centre may have come closer to another by more than this share of the median distance
 # between a centre and its nearest other one.
 REBUILD_DRIFT = 0.25
