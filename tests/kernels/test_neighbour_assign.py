@@ -213,3 +213,82 @@ def test_applies():
     # below MIN_K even the shortest scans (1 + PREFIX centres) could not pass the rule
     assert 2 * neighbours.PAIR_COST * (1 + neighbours.PREFIX) >= neighbours.MIN_K
     assert not NeighbourSteps.applies(100, 2, 1024)
+
+
+def test_grid_cells_and_starts_match_numpy():
+    from kvant.kernels.neighbour_assign import grid_cells, grid_starts
+
+    g = np.random.default_rng(5)
+    c = g.standard_normal((50, 2)).astype(np.float32)
+    nbr, nd, reach = centre_neighbours(c, 6)
+    side = 7
+    pts = (3 * g.standard_normal((side * side, 2))).astype(np.float32)
+    starts = np.empty(side * side, np.int64)
+    grid_starts(pts, side, c, nbr, nd, reach, starts)
+    np.testing.assert_array_equal(starts, neighbour_e_step_numpy(pts, c, None)[0])
+    # cells: uniform bins mapped through the table, clamped at both ends; NaN rows take bin 0
+    lo = np.array([-1.0, -2.0])
+    inv = np.array([2.0, 0.5])
+    table = np.stack([np.arange(10) % side, (np.arange(10) // 2) % side]).astype(np.int64)
+    x = np.array([[-5, -5], [0.1, 0.3], [100, 100], [np.nan, 1.0], [-0.75, 9.9]], np.float32)
+    out = np.empty(len(x), np.int64)
+    grid_cells(x, lo, inv, table, side, starts, out, 0, len(x))
+    expect = []
+    for row in x.astype(np.float64):
+        cell = 0
+        for t in range(2):
+            v = (row[t] - lo[t]) * inv[t]
+            b = 0 if not v > 0 else min(int(v), 9)
+            cell = cell * side + table[t, b]
+        expect.append(starts[cell])
+    np.testing.assert_array_equal(out, expect)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_neighbour_final_exact_and_leaves_bad_rows(dim, monkeypatch):
+    from kvant.cluster.neighbours import NeighbourFinal
+
+    monkeypatch.setattr(neighbours, "PAIR_COST", 1)  # (kept at this small K)
+    g = np.random.default_rng(dim)
+    k = 300
+    c = (g.standard_normal((k, dim)) * np.where(np.arange(k) < 20, 50.0, 1.0)[:, None]).astype(np.float32)  # far tail
+    x = (c[g.integers(0, k, 5000)] + 0.2 * g.standard_normal((5000, dim))).astype(np.float32)
+    x[:3] = 1e4  # far outside the grid
+    x[7] = c[5]  # on a centre
+    x[11, 0] = np.nan
+    fin = NeighbourFinal(c)
+    lab = np.empty(len(x), np.int64)
+    ex = np.empty(len(x))
+    left = fin.assign(x, lab, ex)
+    assert left is not None and 11 in left
+    ok = np.ones(len(x), bool)
+    ok[left] = False
+    ref_lab, ref1, _ = neighbour_e_step_numpy(x[ok], c, None)
+    np.testing.assert_array_equal(lab[ok], ref_lab)
+    np.testing.assert_allclose(ex[ok], ref1, rtol=1e-12)
+
+
+def test_clusterer_final_pass_by_lists_matches_fused_pass(monkeypatch):
+    import kvant
+    from kvant.cluster import clusterer
+    from kvant.cluster.neighbours import NeighbourFinal
+
+    x = _grid_blobs(30_000, 700, seed=3)
+    monkeypatch.setattr(neighbours, "MIN_K", 128)
+    used = []
+    real = NeighbourFinal.assign
+    monkeypatch.setattr(NeighbourFinal, "assign", lambda self, *a: used.append(1) or real(self, *a))
+    on = kvant.Clusterer(700, metric="l2", seed=0, sample_per_centroid=32).fit(x)
+    assert used, "the final pass did not take the lists"
+    monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", False)
+    off = kvant.Clusterer(700, metric="l2", seed=0, sample_per_centroid=32).fit(x)
+    np.testing.assert_array_equal(on.cluster_centers_, off.cluster_centers_)
+    np.testing.assert_array_equal(on.labels_, off.labels_)
+    assert on.inertia_ == pytest.approx(off.inertia_, rel=1e-12)
+    np.testing.assert_array_equal(on.predict(x[:1000]), on.labels_[:1000])
+    # a NaN row is named by the final pass as without the lists
+    bad = x.copy()
+    bad[12_345, 1] = np.nan
+    monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", True)
+    with pytest.raises(kvant.InvalidInput, match="12345|12,345"):
+        kvant.Clusterer(700, metric="l2", seed=0, sample_per_centroid=32).fit(bad)

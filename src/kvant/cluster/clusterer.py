@@ -46,6 +46,7 @@ from .assign import (
 from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm, memory_budget_bytes
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
+from .neighbours import NeighbourFinal
 from .sampling import (
     CENTRE_ROWS,
     NEAR_UNIFORM,
@@ -60,6 +61,9 @@ from .sampling import (
 
 ALGORITHMS = ("dense-exact-row", "dense-exact-random", "dense-exact-nredo", "minibatch")
 METRICS = ("l2", "cos")
+# The final assignment by the centres' neighbour lists where rows have 1-3 coordinates and K is large
+# (kvant.cluster.neighbours.NeighbourFinal).
+NEIGHBOUR_FINAL = True
 
 
 def available_algorithms() -> list[str]:
@@ -411,8 +415,10 @@ class Clusterer:
             inertia = _blocked_total(exact_sq_dist_rows(raw, centroids, labels), raw)
             report("assign", src.n)
         else:
+            # (the final pass tries the neighbour lists where they paid in training, l2 only: lists=)
+            lists = algorithm != "minibatch" and polish == 0 and best.neighbour_lists
             labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,
-                                          check=defer and not src.validated)
+                                          check=defer and not src.validated, lists=lists)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -843,7 +849,8 @@ def _exact_from_last_e_step(x, centroids, res, spherical) -> tuple[np.ndarray, f
 
 
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,
-                with_inertia: bool = False, unit: bool = False, check: bool = False) -> tuple[np.ndarray, float | None]:
+                with_inertia: bool = False, unit: bool = False, check: bool = False,
+                lists: bool = False) -> tuple[np.ndarray, float | None]:
     """Labels of every row and, with ``with_inertia``, the exact inertia (Σ‖x − c‖² in float64,
     term by term; ½ of it for unit rows, = Σ(1 − cos)) in the same pass.
     With K >= ``AMX_MIN_K`` and K·D >= ``AMX_MIN_KD`` on AMX hosts, and K >= ``I16_MIN_K`` on ``I16_HOST`` hosts
@@ -854,7 +861,11 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     assignment (no normalised copy of the block: one pass over the data fewer).
 
     ``check``: the rows have not been checked for NaN/inf; each block is checked as it is assigned (in cache) and
-    the first bad row is named as ``src.validate()`` would; after the pass the source is marked validated."""
+    the first bad row is named as ``src.validate()`` would; after the pass the source is marked validated.
+
+    ``lists``: try the centres' neighbour lists (:class:`~kvant.cluster.neighbours.NeighbourFinal`; l2 rows of 1-3
+    coordinates, K >= its MIN_K): the fit passes it where the lists paid in training. The same labels (exact nearest,
+    ties to the smaller id) and per-row distances."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
@@ -862,6 +873,14 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     annulus = annulus_centres(centroids, spherical)
     certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
     certified.ok = certified.ok and annulus is None
+    # few coordinates and many centres: the centres' neighbour lists, from grid starts (kept while they pay); not where
+    # the annulus prunes (far-out centres: their bounding box leaves most grid cells empty, and the annulus pass was
+    # faster: 500k × 2 heavy-tailed rows, K = 1,024, 28 ms against 66)
+    if (lists and NEIGHBOUR_FINAL and not spherical and annulus is None
+            and NeighbourFinal.applies(src.n, centroids.shape[1], centroids.shape[0])):
+        lists = NeighbourFinal(centroids)
+    else:
+        lists = None
     total = 0.0
     buffer = np.empty(0, np.float64)  # the blocks' exact distances, one buffer for all (fresh pages cost, see assign)
     for s, block in _iter_blocks(src, full, False, rows):
@@ -869,7 +888,25 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
         if buffer.shape[0] < b:
             buffer = np.empty(b, np.float64)
         per_row = buffer[:b]
-        if certified.ok:
+        left = None
+        if lists is not None:
+            out = labels[s : s + b]
+            left = lists.assign(block, out, per_row)
+            if left is None:  # the lists do not pay on these rows: the fused pass takes every block
+                lists = None
+            elif left.size and not np.isfinite(block[left]).all():
+                left = None  # NaN or inf: the fused pass below names the first bad row, as it does without the lists
+            elif left.size:
+                sub = np.ascontiguousarray(block[left])
+                lab = np.empty(left.size, np.int64)
+                ex = np.empty(left.size, np.float64)
+                assign_top2(sub, centroids, cn, lab, None, None, exact_sq=ex, shift=shift, scale=scale,
+                            exact_labels=True)
+                out[left] = lab
+                per_row[left] = ex
+        if left is not None:
+            pass
+        elif certified.ok:
             try:
                 assign_certified(block, certified, labels[s : s + b], per_row, unit_rows=spherical and not unit,
                                  row_offset=s)

@@ -135,6 +135,8 @@ class LloydResult:
     # (kvant.cluster.assign.CertifiedCentres), so the labels are the exact nearest centres already (ties to the smaller
     # id)
     labels_certified: bool = False
+    # the E-steps ran on the centres' neighbour lists until the end (kvant.cluster.neighbours): they paid on these rows
+    neighbour_lists: bool = False
 
 
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
@@ -399,6 +401,7 @@ def lloyd(
             break
     result.centroids = c
     result.labels = labels
+    result.neighbour_lists = neigh is not None and use_neigh
     if keep_top2 and full_step == "float32":
         result.last_d1, result.last_d2 = d1, d2
     result.labels_certified = keep_top2 and full_step == "certified"

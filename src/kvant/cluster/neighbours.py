@@ -21,7 +21,7 @@ import numpy as np
 
 from .._config import get_num_threads
 from .._parallel import for_each_block
-from ..kernels.neighbour_assign import PREFIX, centre_neighbours_range, neighbour_e_step_range
+from ..kernels.neighbour_assign import PREFIX, centre_neighbours_range, grid_cells, grid_starts, neighbour_e_step_range
 
 # Used at D <= MAX_DIM only (elsewhere a scan visits most centres: 500k × 8 rows, K = 256, ~50 of 256).
 MAX_DIM = 8
@@ -125,4 +125,78 @@ class NeighbourSteps:
         self.scanned += sum(counts)
         self.left += left.size
         self.rows += n
+        return left
+
+
+# The final assignment by the lists (NeighbourFinal): at D <= FINAL_MAX_DIM, each row starts from the centre nearest
+# its cell of a grid of about FINAL_CELLS_PER_CENTRE cells per centre over the centres' bounding box.
+FINAL_MAX_DIM = 3
+FINAL_CELLS_PER_CENTRE = 8
+FINAL_BINS = 1 << 14
+
+
+class NeighbourFinal:
+    """The final assignment of rows with few coordinates by the centres' neighbour lists: each row's scan starts from
+    the centre nearest its grid cell (no previous centre to start from). Labels are the exact nearest centres (ties to
+    the smaller id) and the per-row squared distances float64 term by term, as the fused pass gives them; rows the
+    lists cannot settle are left to it."""
+
+    def __init__(self, c: np.ndarray, length: int = LENGTH):
+        k, dim = c.shape
+        self.c = c
+        self.steps = NeighbourSteps(c, length)
+        # cells between quantiles of the centres' coordinates, so dense regions get more of them (a uniform grid over
+        # the bounding box of heavy-tailed centres left most cells empty and the core's rows scanning ~31 centres)
+        side = max(1, int(np.ceil((FINAL_CELLS_PER_CENTRE * k) ** (1.0 / dim))))
+        c64 = c.astype(np.float64)
+        bounds = np.quantile(c64, np.arange(1, side) / side, axis=0).T  # (dim, side - 1), ascending
+        lo, hi = c64.min(axis=0), c64.max(axis=0)
+        edges = np.concatenate([lo[:, None], bounds, hi[:, None]], axis=1)
+        axes = [0.5 * (edges[t, :-1] + edges[t, 1:]) for t in range(dim)]  # each cell's middle
+        # rows find their cell through FINAL_BINS uniform bins per coordinate, each mapped to the cell of its middle
+        width = (hi - lo) / FINAL_BINS
+        width[~(width > 0)] = 1.0  # (every centre on one value of this coordinate)
+        mids = lo[:, None] + (np.arange(FINAL_BINS) + 0.5) * width[:, None]
+        self.table = np.stack([np.searchsorted(bounds[t], mids[t], side="right") for t in range(dim)]).astype(np.int64)
+        self.lo, self.inv, self.side = lo, 1.0 / width, side
+        points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, dim).astype(np.float32)
+        self.starts = np.empty(points.shape[0], np.int64)
+        st = self.steps
+        grid_starts(points, side, c, st.nbr, st.ndist, st.reach, self.starts)
+        self.judged = False
+
+    @staticmethod
+    def applies(n: int, dim: int, k: int) -> bool:
+        return 1 <= dim <= FINAL_MAX_DIM and k >= MIN_K and n >= PROBE_ROWS
+
+    def assign(self, x: np.ndarray, labels: np.ndarray, exact_sq: np.ndarray) -> np.ndarray | None:
+        """Labels and exact squared distances of the rows of ``x`` (a block); returns the positions left to the fused
+        pass (outputs unset there: NaN or inf rows among them), or None when the lists do not pay (judged on the
+        first block's first ``PROBE_ROWS`` rows; the fused pass then takes every block)."""
+        n = x.shape[0]
+        start = np.empty(n, np.int64)
+        spare = np.empty(n, np.float64)
+        steps = self.steps
+        counts = []
+        if not self.judged:
+            self.judged = True
+            m = min(n, PROBE_ROWS)
+            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, 0, m)
+            steps.scanned += neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.ndist, steps.reach,
+                                                    steps.shrink, labels, exact_sq, spare, 0, m)
+            steps.left += int(np.count_nonzero(labels[:m] < 0))
+            steps.rows += m
+            if not steps.worthwhile():
+                return None
+
+        def run(s: int, e: int) -> None:
+            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, s, e)
+            counts.append(neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.ndist, steps.reach,
+                                                 steps.shrink, labels, exact_sq, spare, s, e))
+
+        for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
+        left = np.flatnonzero(labels < 0)
+        steps.scanned += sum(counts)
+        steps.left += left.size
+        steps.rows += n
         return left
