@@ -286,6 +286,13 @@ def test_clusterer_final_pass_by_lists_matches_fused_pass(monkeypatch):
     np.testing.assert_array_equal(on.labels_, off.labels_)
     assert on.inertia_ == pytest.approx(off.inertia_, rel=1e-12)
     np.testing.assert_array_equal(on.predict(x[:1000]), on.labels_[:1000])
+    # predict and score take the lists too from PREDICT_LISTS_ROWS_PER_CENTRE rows per centre
+    monkeypatch.setattr(clusterer, "PREDICT_LISTS_ROWS_PER_CENTRE", 1)
+    monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", True)
+    used.clear()
+    np.testing.assert_array_equal(on.predict(x), on.labels_)
+    assert on.score(x) == pytest.approx(-on.inertia_ / x.shape[0], rel=1e-12)
+    assert len(used) >= 2
     # a NaN row is named by the final pass as without the lists
     bad = x.copy()
     bad[12_345, 1] = np.nan
