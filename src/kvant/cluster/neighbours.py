@@ -35,10 +35,26 @@ LENGTH = 32
 # 1M × 2 rows at K = 1,024 take them (fits 1.57× faster); 1M × 3 at K = 512, 1M × 2 at K = 128, 500k × 8 at K = 256
 # and 500k × 6 at K = 2,048 (40% of the rows ran off their lists) measured 0.94-0.99× with them and do not.
 PAIR_COST = 64
+# Rows of one coordinate: the fused pass's float32 distances ‖x‖² + ‖c‖² − 2x·c cannot tell dense centres apart on a
+# line (their gaps shrink as 1/K²), so it re-computes many rows against every centre in float64 (39% of 2M standard
+# normal rows at K = 1,000: 1.1 s), and a row-centre pair costs it far more (Zen 5, 2M rows, fits / predicts, lists
+# against fused: K = 200 88 / 94 and 29 / 50 ms, K = 400 126 / 238 and 33 / 158, K = 600 138 / 483 and 30 / 293; but
+# K = 64 87 / 56 ms to fit).
+PAIR_COST_1D = 8
 PROBE_ROWS = 2048
 # A scan visits at least 1 + PREFIX centres, so below this K the rule above can never keep the lists: no probe (its
 # lists and scans cost 1-2 ms at K = 300, 4-5% of a 50k × 2 fit).
 MIN_K = 2 * PAIR_COST * (1 + PREFIX)
+MIN_K_1D = 2 * PAIR_COST_1D * (1 + PREFIX)
+
+
+def pair_cost(dim: int) -> int:
+    """PAIR_COST, or PAIR_COST_1D for rows of one coordinate."""
+    return PAIR_COST_1D if dim == 1 else PAIR_COST
+
+
+def min_k(dim: int) -> int:
+    return MIN_K_1D if dim == 1 else MIN_K
 
 # Rebuild the lists when a centre may have come closer to another by more than this share of the median distance
 # between a centre and its nearest other one.
@@ -52,7 +68,7 @@ class NeighbourSteps:
     """Neighbour lists of the centres ``c`` (K, D) float32, for :meth:`assign`."""
 
     def __init__(self, c: np.ndarray, length: int = LENGTH):
-        self.k = c.shape[0]
+        self.k, self.dim = c.shape
         self.length = max(1, min(int(length), self.k - 1))
         self.scanned = 0  # centres visited, and rows left to the full E-step, over ...
         self.left = 0
@@ -61,7 +77,7 @@ class NeighbourSteps:
 
     @staticmethod
     def applies(n: int, dim: int, k: int) -> bool:
-        return dim <= MAX_DIM and k >= MIN_K and n >= PROBE_ROWS
+        return dim <= MAX_DIM and k >= min_k(dim) and n >= PROBE_ROWS
 
     def _build(self, c: np.ndarray, hint: np.ndarray | None = None) -> None:
         k, L = self.k, self.length
@@ -91,7 +107,8 @@ class NeighbourSteps:
 
     def worthwhile(self) -> bool:
         """Whether the scans so far visited few enough centres to beat the full E-step."""
-        return self.rows == 0 or 2 * (self.scanned * PAIR_COST + self.left * self.k) < self.rows * self.k
+        cost = self.scanned * pair_cost(self.dim) + self.left * self.k
+        return self.rows == 0 or 2 * cost < self.rows * self.k
 
     def probe(self, x: np.ndarray, c: np.ndarray, labels: np.ndarray) -> bool:
         """Scan ``PROBE_ROWS`` rows spread over ``x`` from their ``labels`` (centres ``c``, after :meth:`update`) and
@@ -167,7 +184,7 @@ class NeighbourFinal:
 
     @staticmethod
     def applies(n: int, dim: int, k: int) -> bool:
-        return 1 <= dim <= FINAL_MAX_DIM and k >= MIN_K and n >= PROBE_ROWS
+        return 1 <= dim <= FINAL_MAX_DIM and k >= min_k(dim) and n >= PROBE_ROWS
 
     def assign(self, x: np.ndarray, labels: np.ndarray, exact_sq: np.ndarray) -> np.ndarray | None:
         """Labels and exact squared distances of the rows of ``x`` (a block); returns the positions left to the fused
