@@ -299,3 +299,33 @@ def test_clusterer_final_pass_by_lists_matches_fused_pass(monkeypatch):
     monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", True)
     with pytest.raises(kvant.InvalidInput, match="12345|12,345"):
         kvant.Clusterer(700, metric="l2", seed=0, sample_per_centroid=32).fit(bad)
+
+
+def test_cos_final_pass_by_lists_matches_fused_pass(monkeypatch):
+    """Spherical k-means on 2-D rows (angles: the fused pass's float32 distances cannot certify dense centres on the
+    circle) takes the lists with the rows scaled by 1/‖x‖ in float64: the same labels, inertia and errors."""
+    import kvant
+    from kvant.cluster import clusterer
+    from kvant.cluster.neighbours import NeighbourFinal
+
+    g = np.random.default_rng(4)
+    x = (g.standard_normal((40_000, 2)) * g.uniform(0.5, 20.0, (40_000, 1))).astype(np.float32)
+    used = []
+    real = NeighbourFinal.assign
+    monkeypatch.setattr(NeighbourFinal, "assign", lambda self, *a: used.append(1) or real(self, *a))
+    monkeypatch.setattr(clusterer, "PREDICT_LISTS_ROWS_PER_CENTRE", 1)
+    on = kvant.Clusterer(700, metric="cos", seed=0, sample_per_centroid=32).fit(x)
+    assert used, "the final pass did not take the lists"
+    monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", False)
+    off = kvant.Clusterer(700, metric="cos", seed=0, sample_per_centroid=32).fit(x)
+    np.testing.assert_array_equal(on.cluster_centers_, off.cluster_centers_)
+    np.testing.assert_array_equal(on.labels_, off.labels_)
+    assert on.inertia_ == pytest.approx(off.inertia_, rel=1e-12)
+    monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", True)
+    used.clear()
+    np.testing.assert_array_equal(on.predict(x), on.labels_)
+    assert used
+    bad = x.copy()
+    bad[30_001] = 0.0  # a zero row has no direction
+    with pytest.raises(kvant.InvalidInput, match="30001|30,001"):
+        on.predict(bad)

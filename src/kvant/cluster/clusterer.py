@@ -886,7 +886,7 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     # few coordinates and many centres: the centres' neighbour lists, from grid starts (kept while they pay); not where
     # the annulus prunes (far-out centres: their bounding box leaves most grid cells empty, and the annulus pass was
     # faster: 500k × 2 heavy-tailed rows, K = 1,024, 28 ms against 66)
-    if (lists and NEIGHBOUR_FINAL and not spherical and annulus is None
+    if (lists and NEIGHBOUR_FINAL and annulus is None
             and NeighbourFinal.applies(src.n, centroids.shape[1], centroids.shape[0])):
         lists = NeighbourFinal(centroids)
     else:
@@ -901,17 +901,21 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
         left = None
         if lists is not None:
             out = labels[s : s + b]
-            left = lists.assign(block, out, per_row)
+            # (cos: rows scaled by 1/‖x‖ in float64, as the fused pass and the exact inertia take them)
+            with np.errstate(divide="ignore"):  # (a zero row's inf factor leaves it to the fused pass, which names it)
+                factor = 1.0 / np.sqrt(sq_norms64_serial(block)) if spherical and not unit else None
+            left = lists.assign(block, out, per_row, factor)
             if left is None:  # the lists do not pay on these rows: the fused pass takes every block
                 lists = None
-            elif left.size and not np.isfinite(block[left]).all():
-                left = None  # NaN or inf: the fused pass below names the first bad row, as it does without the lists
+            elif left.size and not (np.isfinite(block[left]).all()
+                                    and (factor is None or np.isfinite(factor[left]).all())):
+                left = None  # NaN, inf or a zero cos row: the fused pass below names the first one, as without lists
             elif left.size:
                 sub = np.ascontiguousarray(block[left])
                 lab = np.empty(left.size, np.int64)
                 ex = np.empty(left.size, np.float64)
                 assign_top2(sub, centroids, cn, lab, None, None, exact_sq=ex, shift=shift, scale=scale,
-                            exact_labels=True)
+                            unit_rows=spherical and not unit, exact_labels=True)
                 out[left] = lab
                 per_row[left] = ex
         if left is not None:

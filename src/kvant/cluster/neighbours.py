@@ -186,9 +186,11 @@ class NeighbourFinal:
     def applies(n: int, dim: int, k: int) -> bool:
         return 1 <= dim <= FINAL_MAX_DIM and k >= min_k(dim) and n >= PROBE_ROWS
 
-    def assign(self, x: np.ndarray, labels: np.ndarray, exact_sq: np.ndarray) -> np.ndarray | None:
-        """Labels and exact squared distances of the rows of ``x`` (a block); returns the positions left to the fused
-        pass (outputs unset there: NaN or inf rows among them), or None when the lists do not pay (judged on the
+    def assign(self, x: np.ndarray, labels: np.ndarray, exact_sq: np.ndarray,
+               scale: np.ndarray | None = None) -> np.ndarray | None:
+        """Labels and exact squared distances of the rows of ``x`` (a block; each taken as x·scale[i] in float64 when
+        ``scale`` is given: spherical k-means' 1/‖x‖ on unit centres); returns the positions left to the fused pass
+        (outputs unset there: NaN, inf or zero rows among them), or None when the lists do not pay (judged on the
         first block's first ``PROBE_ROWS`` rows; the fused pass then takes every block)."""
         n = x.shape[0]
         start = np.empty(n, np.int64)
@@ -198,18 +200,18 @@ class NeighbourFinal:
         if not self.judged:
             self.judged = True
             m = min(n, PROBE_ROWS)
-            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, 0, m)
+            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, 0, m, scale)
             steps.scanned += neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.ndist, steps.reach,
-                                                    steps.shrink, labels, exact_sq, spare, 0, m)
+                                                    steps.shrink, labels, exact_sq, spare, 0, m, scale)
             steps.left += int(np.count_nonzero(labels[:m] < 0))
             steps.rows += m
             if not steps.worthwhile():
                 return None
 
         def run(s: int, e: int) -> None:
-            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, s, e)
+            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, s, e, scale)
             counts.append(neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.ndist, steps.reach,
-                                                 steps.shrink, labels, exact_sq, spare, s, e))
+                                                 steps.shrink, labels, exact_sq, spare, s, e, scale))
 
         for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
         left = np.flatnonzero(labels < 0)

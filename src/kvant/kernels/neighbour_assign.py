@@ -39,6 +39,16 @@ def _sq_dist(x, i, c, j):
     return s
 
 
+@numba.njit(inline="always", **_JIT)
+def _sq_dist_scaled(x, i, f, c, j):
+    """Σ_t (f·x_it − c_jt)², the row scaled by f in float64 (spherical k-means: f = 1/‖x_i‖)."""
+    s = 0.0
+    for t in range(x.shape[1]):
+        d = f * np.float64(x[i, t]) - np.float64(c[j, t])
+        s += d * d
+    return s
+
+
 @numba.njit(**_JIT)
 def centre_neighbours_range(c, nbr, ndist, reach, far, hint, a0, a1):
     """Rows a0:a1 of :func:`centre_neighbours`' outputs (``nbr`` (K, L) int32, ``ndist`` (K, L) float64, ``reach``
@@ -119,14 +129,16 @@ def centre_neighbours(c: np.ndarray, length: int):
 
 
 @numba.njit(**_JIT)
-def neighbour_e_step_range(x, rows, c, start, nbr, ndist, reach, shrink, labels, d1, d2, i0, i1):
+def neighbour_e_step_range(x, rows, c, start, nbr, ndist, reach, shrink, labels, d1, d2, i0, i1, scale=None):
     """Listed rows i0:i1 (``rows[i]`` indexes ``x``; an empty ``rows`` means row i itself): ``labels[i]`` the nearest
     centre (ties to the smaller id), ``d1[i]``/``d2[i]`` the squared distances to it and to the runner-up (or a lower
     bound on the latter), starting from centre ``start[i]``; -1 in ``labels[i]`` where the list cannot prove the
     nearest (the caller assigns those rows otherwise). Returns how many centres the rows scanned.
 
     The lists may be stale (built for earlier centres): ``shrink[a]`` bounds how much closer to centre a any other
-    centre can have come since (a's move plus the largest other move), and is taken off every listed distance."""
+    centre can have come since (a's move plus the largest other move), and is taken off every listed distance.
+
+    ``scale`` (float64, one per listed row): the rows are taken as x·scale[i] (spherical k-means: 1/‖x‖), in float64."""
     L = nbr.shape[1]
     listed = rows.shape[0] > 0
     total = 0
@@ -134,7 +146,8 @@ def neighbour_e_step_range(x, rows, c, start, nbr, ndist, reach, shrink, labels,
     for i in range(i0, i1):
         r = rows[i] if listed else i
         a = start[i]
-        bd = _sq_dist(x, r, c, a)  # squared distances from here on; the stopping test squares its side
+        f = 1.0 if scale is None else scale[i]
+        bd = _sq_dist_scaled(x, r, f, c, a)  # squared distances from here on; the stopping test squares its side
         da = np.sqrt(bd) + shrink[a]
         best = a
         sd = np.inf
@@ -143,7 +156,7 @@ def neighbour_e_step_range(x, rows, c, start, nbr, ndist, reach, shrink, labels,
         t = min(L, PREFIX)
         for q in range(t):
             j = nbr[a, q]
-            dj = _sq_dist(x, r, c, j)
+            dj = _sq_dist_scaled(x, r, f, c, j)
             closer = dj < bd or (dj == bd and j < best)
             sd = bd if closer else min(sd, dj)
             best = j if closer else best
@@ -153,7 +166,7 @@ def neighbour_e_step_range(x, rows, c, start, nbr, ndist, reach, shrink, labels,
             if g > 0.0 and g * g >= sd * grow:
                 break
             j = nbr[a, t]
-            dj = _sq_dist(x, r, c, j)
+            dj = _sq_dist_scaled(x, r, f, c, j)
             closer = dj < bd or (dj == bd and j < best)
             sd = bd if closer else min(sd, dj)
             best = j if closer else best
@@ -173,17 +186,19 @@ def neighbour_e_step_range(x, rows, c, start, nbr, ndist, reach, shrink, labels,
 
 
 @numba.njit(**_JIT)
-def grid_cells(x, lo, inv, table, side, starts, out, i0, i1):
+def grid_cells(x, lo, inv, table, side, starts, out, i0, i1, scale=None):
     """out[i] = starts[cell of row i] for rows i0:i1: along coordinate t the row falls in the uniform bin
     ``floor((x_t − lo_t)·inv_t)`` (clamped to the table; NaN rows bin 0), and ``table[t, bin]`` is that bin's cell;
     cells are row-major over the coordinates, ``side`` per coordinate. (A start needs no exact cell: the scan from any
-    centre is exact. A binary search over the cells' bounds took 74 ns a row.)"""
+    centre is exact. A binary search over the cells' bounds took 74 ns a row.) ``scale``: as in
+    :func:`neighbour_e_step_range`."""
     dim = x.shape[1]
     nbin = table.shape[1]
     for i in range(i0, i1):
         cell = 0
+        f = 1.0 if scale is None else scale[i]
         for t in range(dim):
-            v = (np.float64(x[i, t]) - lo[t]) * inv[t]
+            v = (f * np.float64(x[i, t]) - lo[t]) * inv[t]
             b = 0
             if v >= nbin:
                 b = nbin - 1
