@@ -339,3 +339,24 @@ def test_cos_final_pass_by_lists_matches_fused_pass(monkeypatch):
     bad[30_001] = 0.0  # a zero row has no direction
     with pytest.raises(kvant.InvalidInput, match="30001|30,001"):
         on.predict(bad)
+
+
+def test_every_row_fit_on_a_line_takes_the_lists_for_its_final_pass():
+    """Trained on every row, a fit's last E-step could stand as the final assignment; on rows of one coordinate its
+    float32 labels mostly fail certification, so the final pass takes the lists instead: exact labels and inertia."""
+    import kvant
+    from kvant.cluster.neighbours import NeighbourFinal
+
+    g = np.random.default_rng(9)
+    x = g.standard_normal((40_000, 1)).astype(np.float32)
+    calls = []
+    real = NeighbourFinal.assign
+    NeighbourFinal.assign = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        m = kvant.Clusterer(300, seed=0).fit(x)  # (256·K > N: every row trains)
+    finally:
+        NeighbourFinal.assign = real
+    assert m.sample_rows_ == x.shape[0] and calls
+    ref, d1, _ = neighbour_e_step_numpy(x, m.cluster_centers_, None)
+    np.testing.assert_array_equal(m.labels_, ref)
+    assert m.inertia_ == pytest.approx(d1.sum(), rel=1e-9)

@@ -382,11 +382,16 @@ class Clusterer:
             # fit on offset data labelled with a centre 1e-13 farther than another; predict was right) is not
             # predict's definition; they are certified against the raw rows scaled by 1/‖x‖, as predict's are,
             # when every row's squared norm is in the range where predict scales rather than copies.
+            # ... unless the final pass would take the centres' neighbour lists (they paid in training; 1-3
+            # coordinates): certifying float32 labels fails for most rows where centres are dense on a line or a
+            # circle (500k × 1 rows, K = 2,048: 1.6 s of float64 re-computation against ~30 ms on the lists)
+            lists_final = (polish == 0 and best.neighbour_lists
+                           and NeighbourFinal.applies(src.n, sample.shape[1], k))
             reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
-                      and (not unit or scales_unit_rows(sq_norms_serial(raw))))
+                      and not lists_final and (not unit or scales_unit_rows(sq_norms_serial(raw))))
             # ... or its labels are exact already (a certified backend's E-step; l2 only: for cos it saw the unit copy)
             reused_certified = (every_row and shift is None and cscale is None and best.labels_certified
-                                and polish == 0 and not spherical)
+                                and polish == 0 and not spherical and not lists_final)
             scale /= 1.0 if cscale is None else cscale * cscale
             history = [h * scale for h in best.objective_history]
             n_iter = best.n_iter

@@ -75,7 +75,7 @@ from .assign import (
     one_region_direct_e_step,
     zero_norm_error,
 )
-from .neighbours import NeighbourSteps
+from .neighbours import NeighbourFinal, NeighbourSteps
 
 # Widen the "row may have changed" test by this relative slack so that float32 rounding in the GEMM
 # distances can never let a row keep a stale label.
@@ -346,14 +346,17 @@ def lloyd(
                  for s in range(0, n, block)]
         cand = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.int64)
         last = converged or it + 1 == max_iter
-        if use_neigh and not (keep_top2 and last):
+        # (a last E-step whose labels would stand as the final assignment is a full one, unless the final pass takes
+        # the lists itself, 1-3 coordinates: kvant.cluster.clusterer then assigns every row again on them)
+        full_last = keep_top2 and last and not NeighbourFinal.applies(n, d, k)
+        if use_neigh and not full_last:
             if neigh is None:
                 neigh = NeighbourSteps(c)
                 use_neigh = neigh.probe(x, c, labels)
             else:
                 neigh.update(c)
                 use_neigh = neigh.worthwhile()
-        steps = neigh if use_neigh and not (keep_top2 and last) else None
+        steps = neigh if use_neigh and not full_last else None
         if cand.size > DENSE_E_STEP * n or not labels_exact or (keep_top2 and last):
             # Most bounds crossed (typical of over-relaxed steps): tightening them row by row and gathering the
             # survivors costs more than it saves, so re-assign every row with contiguous GEMM blocks. (Always
