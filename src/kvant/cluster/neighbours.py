@@ -82,6 +82,7 @@ _BLOCK_ROWS = 16384
 _BLOCK_CENTRES = 256
 _NO_ROWS = np.empty(0, np.int64)
 
+
 class NeighbourSteps:
     """Neighbour lists of the centres ``c`` (K, D) float32, for :meth:`assign`."""
 
@@ -165,7 +166,8 @@ class NeighbourSteps:
 
 
 # The final assignment by the lists (NeighbourFinal): at D <= FINAL_MAX_DIM, each row starts from the centre nearest
-# its cell of a grid of about FINAL_CELLS_PER_CENTRE cells per centre over the centres' bounding box.
+# its cell of a grid of about FINAL_CELLS_PER_CENTRE cells per centre, cut at quantiles of the centres' coordinates;
+# rows find their cell through FINAL_BINS uniform bins per coordinate.
 FINAL_MAX_DIM = 3
 FINAL_CELLS_PER_CENTRE = 8
 FINAL_BINS = 1 << 14

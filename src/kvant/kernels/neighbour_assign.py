@@ -10,7 +10,9 @@ Newling and Fleuret's Exponion uses it, with sorted neighbour lists).
 
 The lists hold each centre's ``L`` nearest other centres and the distance of the next one (``reach``): a row whose
 scan runs off its list gets the runner-up bound reach − d_a when that still proves its nearest centre, and is
-otherwise left to the full E-step (marked -1).
+otherwise left to the full E-step (marked -1). Lists built for earlier centres stay usable: ``shrink`` lowers every
+listed distance by how far the centres could have come closer since. Where a row has no previous centre (the final
+assignment), :func:`grid_cells` gives it the centre nearest its cell of a grid (:func:`grid_starts`) to start from.
 
 Distances are computed term by term in float64 from the float32 rows and centres (more exact than the GEMM's
 expanded ones), and the stopping test keeps a relative slack of ``SLACK`` so float64 rounding cannot stop a scan
