@@ -385,7 +385,7 @@ class Clusterer:
             # ... unless the final pass would take the centres' neighbour lists (they paid in training; 1-3
             # coordinates): certifying float32 labels fails for most rows where centres are dense on a line or a
             # circle (500k × 1 rows, K = 2,048: 1.6 s of float64 re-computation against ~30 ms on the lists)
-            lists_final = (polish == 0 and best.neighbour_lists
+            lists_final = (polish == 0 and _final_lists(best, src.n, centroids)
                            and NeighbourFinal.applies(src.n, sample.shape[1], k))
             reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
                       and not lists_final and (not unit or scales_unit_rows(sq_norms_serial(raw))))
@@ -421,7 +421,7 @@ class Clusterer:
             report("assign", src.n)
         else:
             # (the final pass tries the neighbour lists where they paid in training, l2 only: lists=)
-            lists = algorithm != "minibatch" and polish == 0 and best.neighbour_lists
+            lists = algorithm != "minibatch" and polish == 0 and _final_lists(best, src.n, centroids)
             labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,
                                           check=defer and not src.validated, lists=lists)
         timings["assign"] = time.perf_counter() - t
@@ -861,6 +861,12 @@ PREDICT_LISTS_ROWS_PER_CENTRE = 64
 
 def _lists_pay(n: int, centres: np.ndarray) -> bool:
     return n >= PREDICT_LISTS_ROWS_PER_CENTRE * centres.shape[0]
+
+
+def _final_lists(res, n: int, centres: np.ndarray) -> bool:
+    """Whether a fit's final pass tries the neighbour lists: where they paid in training, or, where no probe judged
+    them there (a training sample small enough for the compiled loop), by predict's rule."""
+    return res.neighbour_lists or (not res.neighbour_judged and _lists_pay(n, centres))
 
 
 def _assign_all(src, full, centroids, spherical, rows: int | None = None, report=None,

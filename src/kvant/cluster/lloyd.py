@@ -135,8 +135,10 @@ class LloydResult:
     # (kvant.cluster.assign.CertifiedCentres), so the labels are the exact nearest centres already (ties to the smaller
     # id)
     labels_certified: bool = False
-    # the E-steps ran on the centres' neighbour lists until the end (kvant.cluster.neighbours): they paid on these rows
+    # the E-steps ran on the centres' neighbour lists until the end (kvant.cluster.neighbours): they paid on these rows;
+    # neighbour_judged: a probe judged them (False where they did not apply, or on the compiled small loop)
     neighbour_lists: bool = False
+    neighbour_judged: bool = False
 
 
 # k-means++ costs O(m·K·D) sequentially in K; seeding on a uniform subsample of this many rows per centre
@@ -405,6 +407,7 @@ def lloyd(
     result.centroids = c
     result.labels = labels
     result.neighbour_lists = neigh is not None and use_neigh
+    result.neighbour_judged = neigh is not None
     if keep_top2 and full_step == "float32":
         result.last_d1, result.last_d2 = d1, d2
     result.labels_certified = keep_top2 and full_step == "certified"
