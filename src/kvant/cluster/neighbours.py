@@ -144,18 +144,22 @@ class NeighbourSteps:
         return self.worthwhile()
 
     def assign(self, x: np.ndarray, c: np.ndarray, rows: np.ndarray | None, start: np.ndarray, labels: np.ndarray,
-               d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
+               d1: np.ndarray, d2: np.ndarray, scale: np.ndarray | None = None, first=None) -> np.ndarray:
         """Re-assign the listed rows of ``x`` (all when ``rows`` is None) from their previous centres ``start`` to the
         centres ``c`` (after :meth:`update`): ``labels``, ``d1``, ``d2`` as :func:`kvant.cluster.assign.e_step` writes
         them (float64 distances: the exact top-2). Returns the positions whose scan could not prove the nearest
-        centre (their outputs unset): the caller assigns those with the full E-step."""
+        centre (their outputs unset): the caller assigns those with the full E-step. ``scale``: as in
+        :func:`~kvant.kernels.neighbour_assign.neighbour_e_step_range`; ``first(s, e)``: called on each block of
+        positions before its scans (the final pass fills ``start`` there)."""
         n = x.shape[0] if rows is None else rows.shape[0]
         listed = _NO_ROWS if rows is None else rows
         counts = []
 
         def run(s: int, e: int) -> None:
+            if first is not None:
+                first(s, e)
             counts.append(neighbour_e_step_range(x, listed, c, start, self.nbr, self.nbc, self.ndist, self.reach,
-                                                 self.shrink, labels, d1, d2, s, e))
+                                                 self.shrink, labels, d1, d2, s, e, scale))
 
         for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
         left = np.flatnonzero(labels < 0)
@@ -213,30 +217,16 @@ class NeighbourFinal:
         ``scale`` is given: spherical k-means' 1/‖x‖ on unit centres); returns the positions left to the fused pass
         (outputs unset there: NaN, inf or zero rows among them), or None when the lists do not pay (judged on the
         first block's first ``PROBE_ROWS`` rows; the fused pass then takes every block)."""
-        n = x.shape[0]
-        start = np.empty(n, np.int64)
-        spare = np.empty(n, np.float64)
-        steps = self.steps
-        counts = []
         if not self.judged:
             self.judged = True
-            m = min(n, PROBE_ROWS)
-            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, 0, m, scale)
-            steps.scanned += neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.nbc, steps.ndist,
-                                                    steps.reach, steps.shrink, labels, exact_sq, spare, 0, m, scale)
-            steps.left += int(np.count_nonzero(labels[:m] < 0))
-            steps.rows += m
-            if not steps.worthwhile():
+            m = min(x.shape[0], PROBE_ROWS)
+            self._scan(x[:m], labels[:m], exact_sq[:m], None if scale is None else scale[:m])
+            if not self.steps.worthwhile():
                 return None
+        return self._scan(x, labels, exact_sq, scale)
 
-        def run(s: int, e: int) -> None:
-            grid_cells(x, self.lo, self.inv, self.table, self.side, self.starts, start, s, e, scale)
-            counts.append(neighbour_e_step_range(x, _NO_ROWS, self.c, start, steps.nbr, steps.nbc, steps.ndist,
-                                                 steps.reach, steps.shrink, labels, exact_sq, spare, s, e, scale))
-
-        for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
-        left = np.flatnonzero(labels < 0)
-        steps.scanned += sum(counts)
-        steps.left += left.size
-        steps.rows += n
-        return left
+    def _scan(self, x, labels, exact_sq, scale):
+        start = np.empty(x.shape[0], np.int64)
+        return self.steps.assign(x, self.c, None, start, labels, exact_sq, np.empty(x.shape[0]), scale,
+                                 first=lambda s, e: grid_cells(x, self.lo, self.inv, self.table, self.side,
+                                                               self.starts, start, s, e, scale))
