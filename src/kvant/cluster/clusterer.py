@@ -420,7 +420,7 @@ class Clusterer:
             inertia = _blocked_total(exact_sq_dist_rows(raw, centroids, labels), raw)
             report("assign", src.n)
         else:
-            # (the final pass tries the neighbour lists where they paid in training, l2 only: lists=)
+            # (the final pass tries the neighbour lists where they paid in training: lists=)
             lists = algorithm != "minibatch" and polish == 0 and _final_lists(best, src.n, centroids)
             labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,
                                           check=defer and not src.validated, lists=lists)
@@ -884,9 +884,10 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     ``check``: the rows have not been checked for NaN/inf; each block is checked as it is assigned (in cache) and
     the first bad row is named as ``src.validate()`` would; after the pass the source is marked validated.
 
-    ``lists``: try the centres' neighbour lists (:class:`~kvant.cluster.neighbours.NeighbourFinal`; l2 rows of 1-3
-    coordinates, K >= its MIN_K): the fit passes it where the lists paid in training. The same labels (exact nearest,
-    ties to the smaller id) and per-row distances."""
+    ``lists``: try the centres' neighbour lists (:class:`~kvant.cluster.neighbours.NeighbourFinal`; rows of 1-3
+    coordinates, K >= its ``min_k``; cos rows scaled by 1/‖x‖): the fit passes it where the lists paid in training,
+    predict and score from 64 rows per centre. The same labels (exact nearest, ties to the smaller id) and per-row
+    distances."""
     labels = np.empty(src.n, np.int64)
     cn = sq_norms_serial(centroids)
     shift, scale = (None, None) if spherical else conditioning(centroids)
@@ -895,8 +896,8 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     certified = CertifiedCentres(centroids, spherical)  # bf16 tiles (AMX) or int16 products (AVX2): exact labels
     certified.ok = certified.ok and annulus is None
     # few coordinates and many centres: the centres' neighbour lists, from grid starts (kept while they pay); not where
-    # the annulus prunes (far-out centres: their bounding box leaves most grid cells empty, and the annulus pass was
-    # faster: 500k × 2 heavy-tailed rows, K = 1,024, 28 ms against 66)
+    # the annulus prunes far-out centres (its pass beat the lists' first, uniform grid: 28 against 66 ms on 500k × 2
+    # heavy-tailed rows, K = 1,024; not measured against the quantile grid since)
     if (lists and NEIGHBOUR_FINAL and annulus is None
             and NeighbourFinal.applies(src.n, centroids.shape[1], centroids.shape[0])):
         lists = NeighbourFinal(centroids)
@@ -930,7 +931,7 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
                 out[left] = lab
                 per_row[left] = ex
         if left is not None:
-            pass
+            pass  # (assigned on the lists above)
         elif certified.ok:
             try:
                 assign_certified(block, certified, labels[s : s + b], per_row, unit_rows=spherical and not unit,
