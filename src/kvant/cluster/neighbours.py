@@ -5,9 +5,9 @@ that most rows cross their Hamerly bounds (1M × 2 rows, K = 1,024: 83% of the r
 full pass over all K centres), while each row's nearest centres are a few of its previous centre's neighbours. This
 module keeps each centre's nearest other centres and re-assigns rows by scanning those.
 
-The lists are rebuilt only when the centres have moved far since they were built (``REBUILD_DRIFT`` of the typical
-nearest-centre distance): in between, each listed distance is lowered by how far the centres could have come closer
-(:func:`kvant.kernels.neighbour_assign.neighbour_e_step_range`'s ``shrink``), so the scans stay exact.
+Between rebuilds each listed distance is lowered by how far the centres could have come closer
+(:func:`kvant.kernels.neighbour_assign.neighbour_e_step_range`'s ``shrink``), so the scans stay exact but grow longer;
+the lists are rebuilt once the scans' extra cost has paid for a rebuild (``REBUILD_PAIRS_PER_K2``).
 
 Whether it pays is measured, not guessed: a probe of ``PROBE_ROWS`` rows counts the centres the scans visit beyond
 their prefixes and the rows they leave to the full E-step, and the lists are used while :func:`row_cost` of those
@@ -75,9 +75,15 @@ def min_k(dim: int) -> int:
     return max(int(np.ceil(row_cost(dim, 1, 0, 0, 0))), MIN_K_1D if dim == 1 else MIN_K)
 
 
-# Rebuild the lists when a centre may have come closer to another by more than this share of the median distance
-# between a centre and its nearest other one.
-REBUILD_DRIFT = 0.25
+# When to rebuild the lists, a ski rental: stale lists make scans longer (every listed distance is lowered by the moves
+# since they were built), and rebuilding costs about REBUILD_PAIRS_PER_K2 · K² pairs of the full E-step (K distances
+# per centre, a selection: 16 ms at K = 4,096 on two threads). So the extra cost of the scans since the last build,
+# against the cost per row of the first scans after it, is summed, and the lists are rebuilt once it exceeds that
+# price; or at once when a centre may have come closer to another by more than REBUILD_MAX_DRIFT times the median
+# nearest-centre distance (most scans would run off their lists). A rebuild every step, as at first (when a move of a
+# quarter of that distance), cost 260 of a 665 ms training at 300k × 2 rows, K = 4,096.
+REBUILD_PAIRS_PER_K2 = 10
+REBUILD_MAX_DRIFT = 2.0
 _BLOCK_ROWS = 16384
 _BLOCK_CENTRES = 256
 _NO_ROWS = np.empty(0, np.int64)
@@ -111,13 +117,16 @@ class NeighbourSteps:
                        work=k * k * c.shape[1] * 8)
         self.typical = float(np.median(ndist[:, 0])) if L else 0.0
         self.shrink = np.zeros(k, np.float64)
+        self.fresh = None  # (tail centres, rows left) per row of the first scans after this build
+        self.stale = 0.0  # what the scans since cost beyond that, in pairs of the full E-step
         self.nbc = prefix_coords(c, nbr, prefix_length(c.shape[1]))
 
     def update(self, c: np.ndarray) -> None:
         """Take the centres ``c`` the next :meth:`assign` uses: bound each list's shrinkage, or rebuild."""
         drift = np.sqrt(((np.asarray(c, np.float64) - self.built) ** 2).sum(1))
         top = float(drift.max()) if drift.size else 0.0
-        if not np.isfinite(top) or 2.0 * top > REBUILD_DRIFT * self.typical:
+        price = REBUILD_PAIRS_PER_K2 * float(self.k) * self.k
+        if not np.isfinite(top) or 2.0 * top > REBUILD_MAX_DRIFT * self.typical or self.stale > price:
             # the L + 1 centres nearest each one before lie within its old reach plus the moves now: rank only those
             # centres (a little more for the rounding of the float64 moves)
             hint = np.where(self.far >= 0, ((self.reach + drift + top) * (1.0 + 1e-9)) ** 2, np.inf)
@@ -163,7 +172,14 @@ class NeighbourSteps:
 
         for_each_block(n, _BLOCK_ROWS, run, n_threads=get_num_threads(), work=n * x.shape[1] * 8 * 16)
         left = np.flatnonzero(labels < 0)
-        self.scanned += sum(counts)
+        tail = sum(counts)
+        if n:
+            if self.fresh is None:
+                self.fresh = (tail / n, left.size / n)
+            else:  # (the scans' cost beyond the fresh lists', for update's rebuild rule)
+                extra = (tail - self.fresh[0] * n) * TAIL_PAIRS + (left.size - self.fresh[1] * n) * self.k
+                self.stale += max(0.0, extra)
+        self.scanned += tail
         self.left += left.size
         self.rows += n
         return left
