@@ -79,7 +79,7 @@ def test_centre_neighbours_hint_ranks_only_close_centres_and_falls_back_when_too
 
 def _check(x, c, rows, lab, d1, d2):
     """Proven rows (label >= 0) hold the exact nearest centre, its squared distance, and a runner-up bound."""
-    ref_lab, ref1, ref2 = neighbour_e_step_numpy(x[rows], c, None)
+    ref_lab, ref1, ref2 = neighbour_e_step_numpy(x[rows], c)
     ok = lab >= 0
     np.testing.assert_array_equal(lab[ok], ref_lab[ok])
     np.testing.assert_allclose(d1[ok], ref1[ok], rtol=1e-6, atol=1e-30)
@@ -96,7 +96,7 @@ def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup, prefix):
     g = np.random.default_rng(7)
     nbr, nd, reach = centre_neighbours(c, L)
     rows = np.arange(n, dtype=np.int64)
-    for start in (neighbour_e_step_numpy(x, c, None)[0], g.integers(0, k, n)):  # settled, and random starts
+    for start in (neighbour_e_step_numpy(x, c)[0], g.integers(0, k, n)):  # settled, and random starts
         lab = np.empty(n, np.int64)
         d1 = np.empty(n, np.float32)
         d2 = np.empty(n, np.float32)
@@ -112,7 +112,7 @@ def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup, prefix):
     lab = np.full(sub.size, -7, np.int64)
     d1 = np.empty(sub.size, np.float32)
     d2 = np.empty(sub.size, np.float32)
-    start = neighbour_e_step_numpy(x[sub], c, None)[0].astype(np.int64)
+    start = neighbour_e_step_numpy(x[sub], c)[0].astype(np.int64)
     neighbour_e_step_range(x, sub, c, start, nbr, prefix_coords(c, nbr, 2), nd, reach, np.zeros(k), lab, d1, d2, 0,
                            sub.size)
     assert not np.any(lab == -7)
@@ -127,7 +127,7 @@ def test_stale_lists_stay_exact_after_centres_move(seed, k, d, moves, scale):
     g = np.random.default_rng(seed)
     x, c = _data(300, d, k, seed=seed % 1000)
     steps = NeighbourSteps(c, length=max(1, k // 3))
-    lab = neighbour_e_step_numpy(x, c, None)[0].astype(np.int64)
+    lab = neighbour_e_step_numpy(x, c)[0].astype(np.int64)
     for _ in range(moves):
         c = (c + scale * g.standard_normal(c.shape)).astype(np.float32)
         steps.update(c)
@@ -137,7 +137,7 @@ def test_stale_lists_stay_exact_after_centres_move(seed, k, d, moves, scale):
         left = steps.assign(x, c, None, lab, new, d1, d2)
         np.testing.assert_array_equal(left, np.flatnonzero(new < 0))
         _check(x, c, np.arange(x.shape[0]), new, d1, d2)
-        ref = neighbour_e_step_numpy(x, c, None)[0]
+        ref = neighbour_e_step_numpy(x, c)[0]
         new[left] = ref[left]
         lab = new
 
@@ -182,7 +182,7 @@ def test_lloyd_with_neighbour_steps_matches_full_e_steps(monkeypatch):
     off = lloyd(x, c0, 12, 0.0, overrelax=1.0)
     # labels are the exact nearest of the returned centroids (the full E-step's float32 distances may break a near-tie
     # the other way: a row in 10,000)
-    ref = neighbour_e_step_numpy(x, on.centroids, None)[0]
+    ref = neighbour_e_step_numpy(x, on.centroids)[0]
     assert np.mean(on.labels == ref) > 0.9999
     # the same objective: the paths differ only where the full E-step's float32 distances and the lists' float64 ones
     # break a near-tie differently, which over-relaxed steps then carry along
@@ -234,7 +234,7 @@ def test_grid_cells_and_starts_match_numpy():
     pts = (3 * g.standard_normal((side * side, 2))).astype(np.float32)
     starts = np.empty(side * side, np.int64)
     grid_starts(pts, side, c, nbr, prefix_coords(c, nbr, 3), nd, reach, starts)
-    np.testing.assert_array_equal(starts, neighbour_e_step_numpy(pts, c, None)[0])
+    np.testing.assert_array_equal(starts, neighbour_e_step_numpy(pts, c)[0])
     # cells: uniform bins mapped through the table, clamped at both ends; NaN rows take bin 0
     lo = np.array([-1.0, -2.0])
     inv = np.array([2.0, 0.5])
@@ -274,7 +274,7 @@ def test_neighbour_final_exact_and_leaves_bad_rows(dim, monkeypatch):
     assert left is not None and 11 in left
     ok = np.ones(len(x), bool)
     ok[left] = False
-    ref_lab, ref1, _ = neighbour_e_step_numpy(x[ok], c, None)
+    ref_lab, ref1, _ = neighbour_e_step_numpy(x[ok], c)
     np.testing.assert_array_equal(lab[ok], ref_lab)
     np.testing.assert_allclose(ex[ok], ref1, rtol=1e-12)
 
@@ -357,7 +357,7 @@ def test_every_row_fit_on_a_line_takes_the_lists_for_its_final_pass():
     finally:
         NeighbourFinal.assign = real
     assert m.sample_rows_ == x.shape[0] and calls
-    ref, d1, _ = neighbour_e_step_numpy(x, m.cluster_centers_, None)
+    ref, d1, _ = neighbour_e_step_numpy(x, m.cluster_centers_)
     np.testing.assert_array_equal(m.labels_, ref)
     assert m.inertia_ == pytest.approx(d1.sum(), rel=1e-9)
 

@@ -39,15 +39,6 @@ def prefix_length(dim):
 
 
 @numba.njit(inline="always", **_JIT)
-def _sq_dist(x, i, c, j):
-    s = 0.0
-    for t in range(x.shape[1]):
-        d = np.float64(x[i, t]) - np.float64(c[j, t])
-        s += d * d
-    return s
-
-
-@numba.njit(inline="always", **_JIT)
 def _sq_dist_scaled(x, i, f, c, j):
     """Σ_t (f·x_it − c_jt)², the row scaled by f in float64 (spherical k-means: f = 1/‖x_i‖)."""
     s = 0.0
@@ -250,7 +241,7 @@ def grid_starts(points, side, c, nbr, nbc, ndist, reach, out):
             best = 0
             bd = np.inf
             for j in range(k):
-                d = _sq_dist(points, i, c, j)
+                d = _sq_dist_scaled(points, i, 1.0, c, j)
                 if d < bd:
                     bd = d
                     best = j
@@ -265,9 +256,8 @@ def prefix_coords(c, nbr, length):
     return np.ascontiguousarray(np.asarray(c, np.float64)[nbr[:, :P]].transpose(0, 2, 1))
 
 
-def neighbour_e_step_numpy(x, c, start):
-    """Reference: the exact top-2 over all centres by float64 distances (labels, d1, d2), and the rows' ``start``
-    unused except for its length (every row is proven)."""
+def neighbour_e_step_numpy(x, c):
+    """Reference: the exact top-2 over all centres by float64 distances (labels, d1, d2)."""
     d = np.sqrt(((x[:, None, :].astype(np.float64) - c[None, :, :].astype(np.float64)) ** 2).sum(-1))
     order = np.argsort(d, axis=1, kind="stable")
     rows = np.arange(x.shape[0])
