@@ -12,6 +12,14 @@ from kvant.cli import main
 from kvant.errors import InvalidInput
 
 
+def test_python_dash_m_kvant_runs_the_command():
+    out = subprocess.run([sys.executable, "-m", "kvant", "info", "--json"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["kvant"] == kvant.__version__
+    bad = subprocess.run([sys.executable, "-m", "kvant", "cluster"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("kvant")
+
+
 def test_cluster_npy_json_end_to_end(tmp_path):
     x = np.random.default_rng(0).standard_normal((2000, 10)).astype(np.float32)
     np.save(tmp_path / "data.npy", x)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 import kvant
 from kvant import persist
-from kvant.errors import PersistError
+from kvant.errors import InvalidInput, PersistError
 
 
 def _raw(path, header, tail: bytes = b"") -> None:
@@ -37,6 +38,17 @@ def test_malformed_header_is_persist_error(tmp_path, header):
         kvant.load(tmp_path / "f.kvant")
     with pytest.raises(PersistError):
         kvant.load(tmp_path / "f.kvant", mmap=True)
+
+
+@pytest.mark.parametrize("mmap", ["yes", 1, None])
+def test_load_takes_mmap_as_a_bool_only(tmp_path, mmap):
+    path = tmp_path / "f.kvant"
+    idx = kvant.FlatIndex(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    idx.save(path)
+    with pytest.raises(InvalidInput, match="mmap"):
+        kvant.load(path, mmap=mmap)
+    assert kvant.load(path, mmap=np.bool_(True)).ntotal == 4
 
 
 def test_crafted_header_with_a_valid_checksum_is_persist_error(tmp_path):

@@ -252,6 +252,8 @@ def load(path: str | os.PathLike, mmap: bool = False):
     >>> idx = kvant.FlatIndex(4); idx.add(np.eye(4, dtype="float32"))   # doctest: +SKIP
     >>> idx.save("/tmp/flat.kvant"); kvant.load("/tmp/flat.kvant")       # doctest: +SKIP
     """
+    if not isinstance(mmap, (bool, np.bool_)):
+        raise InvalidInput(f"mmap must be True or False, got {mmap!r}")
     kind, meta, arrays = read(path, mmap=mmap)
     if kind not in _loaders:
         # Loaders register on import; make sure every subpackage has been imported.

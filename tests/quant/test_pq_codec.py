@@ -132,6 +132,14 @@ def test_reconstruction_error_is_mean_squared_row_error(x, pq8):
     assert pq8.reconstruction_error(x) < kvant.PQ(16, 4, nbits=4).fit(x).reconstruction_error(x)
 
 
+def test_reconstruction_error_compares_float64_in_float64_in_either_byte_order(x, pq8):
+    # (an audit: a big-endian float64 array was compared after rounding to float32, unlike a native one)
+    wide = x.astype(np.float64) + 0.1234567891234
+    native = pq8.reconstruction_error(wide)
+    assert pq8.reconstruction_error(wide.astype(">f8")) == native
+    assert native != pq8.reconstruction_error(wide.astype(np.float32))
+
+
 def test_deterministic_for_a_seed(x):
     a = kvant.PQ(16, 4, nbits=4, seed=5).fit(x).codebooks
     b = kvant.PQ(16, 4, nbits=4, seed=5).fit(x).codebooks

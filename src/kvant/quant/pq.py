@@ -457,7 +457,9 @@ class PQ:
         does); other inputs as kvant reads them."""
         self._check_fitted()
         src = _as_checked_source(x, self.dim, "vectors")
-        wide = src.array if isinstance(src, ArraySource) and src.array.dtype == np.float64 else None
+        arr = src.array if isinstance(src, ArraySource) else None
+        # (any byte order: a big-endian float64 array is float64 too)
+        wide = arr if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize == 8 else None
         total = 0.0
         for start, block in src.chunks(min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))):
             rec = self.decode(self._encode_block(block))
