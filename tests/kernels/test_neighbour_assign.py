@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvant
 from kvant.cluster import lloyd as lloyd_mod
 from kvant.cluster import neighbours
 from kvant.cluster.lloyd import lloyd
@@ -398,3 +399,30 @@ def test_fits_on_few_coordinates_give_exact_labels(seed, dim, extra, shape, metr
     total *= 0.5 if metric == "cos" else 1.0
     assert m.inertia_ == pytest.approx(total, rel=1e-9, abs=1e-9)
     np.testing.assert_array_equal(m.predict(x), m.labels_)
+
+
+# -- found by an audit (2026-12-07): the lists summed a row's distance in another order than the fused pass -------
+
+
+def test_predict_by_lists_and_by_the_fused_pass_agree_on_mirror_image_ties():
+    # centres in mirror-image pairs (the first two coordinates swapped) and rows on the mirror plane: every row ties
+    # two centres in exact arithmetic, and the paths must break each tie alike (44 rows differed)
+    rng = np.random.default_rng(0)
+    k = 2048
+    a = rng.uniform(-1, 1, (k // 2, 3)).astype(np.float32)
+    c = kvant.Clusterer(k)
+    c.cluster_centers_ = np.vstack([a, a[:, [1, 0, 2]]])
+    x = rng.uniform(-1, 1, (64 * k + 10, 3)).astype(np.float32)
+    x[:, 1] = x[:, 0]
+    whole = c.predict(x)  # >= 64 rows per centre: the neighbour lists
+    parts = np.concatenate([c.predict(x[s : s + 1000]) for s in range(0, x.shape[0], 1000)])  # the fused pass
+    assert np.array_equal(whole, parts)
+
+
+@pytest.mark.filterwarnings("ignore:.*clusters are empty")
+def test_cos_labels_are_predict_after_a_fit_on_offset_rows():
+    # 3-coordinate rows around a large common offset: their directions nearly coincide, so near-ties are everywhere
+    # (42 of 60,000 rows had labels_ != predict(X))
+    x = (1e6 + np.random.default_rng(5).standard_normal((60000, 3))).astype(np.float32)
+    c = kvant.Clusterer(1500, metric="cos", seed=0).fit(x)
+    assert np.array_equal(c.predict(x), c.labels_)

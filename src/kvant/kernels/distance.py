@@ -33,7 +33,7 @@ def _f32_rows(*arrays) -> bool:
 def _sum_sq_codegen(kind: str):
     """Code generator, in float64 over rows of unit stride, of Σ_{t < n} x[i, t]² (``kind`` "norm"; arguments x, i,
     n), of Σ_{t < n} (x[i, t] − c[j, t])² ("diff"; x, i, c, j, n) or of Σ_{t < n} (f·x[i, t] − c[j, t])² ("scaled";
-    x, i, f, c, j, n with f a float64, the difference one fused multiply-add, so one rounding).
+    x, i, f, c, j, n with f a float64; the product f·x is rounded before the difference, as plain float64 code does).
 
     Each 16 floats are widened to doubles (so a difference is exact) and summed into one 16-lane float64
     accumulator; the last n mod 16 coordinates come in through a masked load (zeros in the other lanes); the lanes
@@ -78,8 +78,9 @@ def _sum_sq_codegen(kind: str):
                 v = load(xrow)
             elif kind == "diff":
                 v = builder.fsub(load(xrow), load(crow))
-            else:
-                v = builder.call(fma, [load(xrow), f, builder.fneg(load(crow))])
+            else:  # the product rounded, then the difference: as x·f − c in plain float64 arithmetic (one of the
+                # lists' prefix sums in kernels.neighbour_assign reproduces these values without an FMA)
+                v = builder.fsub(builder.fmul(load(xrow), f), load(crow))
             builder.store(builder.call(fma, [v, v, builder.load(acc)]), acc)
 
         # one accumulator: 1, 2 and 4 ran at the same speed (the widening conversions bound the loop)
@@ -124,8 +125,8 @@ def _row_sqnorm(x, i):
 @numba.njit(inline="always")
 def row_scaled_sq_dist64(x, i, f, c, j):
     """Σ_t (x[i, t]·f − c[j, t])² in float64: the exact squared distance of the scaled row x_i·f (f = 1/‖x_i‖: the unit
-    row of spherical k-means) to centre j; 16-float lanes (:func:`_sum_sq_codegen`, each difference one fused
-    multiply-add) when both rows have unit stride."""
+    row of spherical k-means) to centre j; 16-float lanes (:func:`_sum_sq_codegen`: the product rounded, then the
+    difference) when both rows have unit stride."""
     if x.strides[1] == 4 and c.strides[1] == 4:
         return _scaled_sq_diff_sum_lanes(x, i, np.float64(f), c, j, x.shape[1])
     acc = 0.0
