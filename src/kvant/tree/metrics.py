@@ -121,6 +121,30 @@ class Matern52(_Covariance):
 _KERNELS = {"rbf": RBF, "matern52": Matern52}
 
 
+CHECK_ROWS = 256  # rows on which ResidualCorrelation checks that its correlations form a correlation matrix
+
+
+def _check_correlations_on_a_sample(X, v, p, kd, kernel) -> None:
+    """Refuse inputs whose residual correlations, on a sample of :data:`CHECK_ROWS` rows, are no correlation matrix
+    (an eigenvalue below zero by more than rounding): then K(X, X) − V Vᵀ is not positive semi-definite and
+    sqrt(1 − |rho|) breaks the triangle inequality. A sample may miss a violation elsewhere; one it finds is real."""
+    n = X.shape[0]
+    m = min(n, CHECK_ROWS)
+    rows = np.arange(n) if m == n else np.sort(np.random.default_rng(0).choice(n, m, replace=False))
+    vs = v[rows]
+    R = kernel(X[rows], X[rows]) - vs @ vs.T
+    R[np.diag_indices(m)] = p[rows]  # (a nugget on the diagonal: the correlations rho use p)
+    s = 1.0 / np.sqrt(p[rows])
+    low = float(np.linalg.eigvalsh(R * s[:, None] * s[None, :])[0])
+    # each correlation is off by at most ~(rank + 4) eps kernel_diag / p (the tree's slack), the spectrum by m times it
+    tol = 4.0 * m * (v.shape[1] + 4) * 2.3e-16 * max(1.0, float(np.max(kd[rows] / p[rows])))
+    if not low >= -tol:
+        raise InvalidInput(
+            f"v and p_diag do not give a residual correlation: on {m} of the rows the correlations rho have an "
+            f"eigenvalue {low:.3g} < 0, so K(X, X) - v v^T is not positive semi-definite and sqrt(1 - |rho|) is not a "
+            "metric; build v as L^-1 K(U, X) with this kernel (ResidualCorrelation.from_points does)")
+
+
 class ResidualCorrelation:
     """Residual-correlation distance of a low-rank GP predictive process.
 
@@ -130,8 +154,12 @@ class ResidualCorrelation:
     ``kernel_diag - |v_i|^2``, optionally plus a nugget; ``X`` (n, d) are the inputs of the
     covariance function ``kernel``. Points in a tree with this metric are row indices into ``X``.
 
-    This is a true metric on row indices whenever ``p_i >= kernel_diag_i - |v_i|^2`` (see
-    docs/covertree.md), which the constructor checks.
+    This is a true metric on row indices when the residual covariance K(X, X) − V Vᵀ is positive semi-definite, as it
+    is for V = L⁻¹K(U, X) of this same kernel (:meth:`from_points` builds it so), and ``p_i >= kernel_diag_i -
+    |v_i|^2`` (see docs/covertree.md). The constructor checks the second for every row and the first on a sample of
+    :data:`CHECK_ROWS` rows, so a ``v`` made for another kernel or lengthscale is refused when the sample shows it
+    (a review's example: 227 of 400 tree-walk answers were wrong on one). The default exact scan
+    (``CoverTree(residual_scan=True)``) answers exactly on any inputs; the tree walk needs the metric.
     """
 
     def __init__(self, v, p_diag, kernel_diag, kernel, *, X, _owned: bool = False):
@@ -185,6 +213,7 @@ class ResidualCorrelation:
                 "then |rho| can exceed 1 and sqrt(1 - |rho|) is not a metric")
         if not isinstance(kernel.lengthscale, float) and kernel.lengthscale.shape[0] != X.shape[1]:
             raise InvalidInput(f"kernel lengthscale has {kernel.lengthscale.shape[0]} entries, X has {X.shape[1]} dims")
+        _check_correlations_on_a_sample(X, v, p, kd, kernel)
         self.X, self.v, self.p_diag, self.kernel_diag, self.kernel = X, v, p, kd, kernel
         # within the tolerance p may still fall short of the residual variance: then |rho| <= 1 + shortfall,
         # and the tree's pruning slack covers the clamp's sqrt(shortfall) (0 for from_points: p has a nugget)
