@@ -15,6 +15,8 @@ import kvant
 import kvant.tree.cover as cover
 from kvant.bench import reference as ref
 from kvant.errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
+from kvant.kernels import kdtree as KD
+from kvant.tree.cover import KD_MAX_DIM
 
 METRICS = ["euclidean", "manhattan", "chebyshev", "angular"]
 
@@ -65,9 +67,26 @@ def _same_state(a, b):
             assert x == y
 
 
+@pytest.fixture(params=["kd", "cover"])
+def query_path(request, monkeypatch):
+    """Runs a test twice: coordinate-metric queries through the kd-tree at every dimension, then through the cover
+    tree at every dimension (by default the kd-tree takes points of at most KD_MAX_DIM coordinates)."""
+    if request.param == "kd":
+        monkeypatch.setattr(cover, "KD_MAX_DIM", 10**9)
+    else:
+        _cover_only(monkeypatch)
+    return request.param
+
+
+def _cover_only(monkeypatch):
+    """Coordinate-metric queries walk the cover tree at every dimension (no kd-tree, no probe)."""
+    monkeypatch.setattr(cover, "KD_MAX_DIM", 0)
+    monkeypatch.setattr(cover, "KD_PROBE_MAX_DIM", 0)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,d", [(1, 1), (2, 3), (300, 1), (400, 13)])
-def test_knn_matches_numpy_reference(metric, n, d):
+def test_knn_matches_numpy_reference(metric, n, d, query_path):
     X = _data(n, d, seed=n + d)
     Q = _data(17, d, seed=99)
     tree = kvant.CoverTree(metric).fit(X)
@@ -83,7 +102,7 @@ def test_knn_matches_numpy_reference(metric, n, d):
         tree.check_invariants()
 
 
-def test_clustered_duplicates_and_large_dynamic_range():
+def test_clustered_duplicates_and_large_dynamic_range(query_path):
     X = _data(600, 5, clustered=True)
     X[:50] *= 1e6
     X[50:100] *= 1e-6
@@ -108,6 +127,7 @@ def test_single_query_is_1d_and_results_sorted():
 
 @pytest.mark.parametrize("metric", ["euclidean", "angular", l1_user])
 def test_query_order_is_a_locality_permutation_and_changes_no_answer(metric, monkeypatch):
+    _cover_only(monkeypatch)  # (the cover tree's query order; the kd-tree keeps the given one)
     X = _data(3000, 3, seed=8)
     tree = kvant.CoverTree(metric).fit(X)
     assert tree._locality_order(X, np.zeros(3000, np.int64), 0) is None  # 72 KB of points stay in cache
@@ -128,7 +148,7 @@ def test_query_order_is_a_locality_permutation_and_changes_no_answer(metric, mon
 
 
 @pytest.mark.parametrize("predecessors", [True, False])
-def test_knn_self_matches_reference(predecessors):
+def test_knn_self_matches_reference(predecessors, query_path):
     X = _data(500, 6, seed=4)
     tree = kvant.CoverTree().fit(X)
     k = 9
@@ -187,7 +207,7 @@ def _random_mix(tree, points_fn, rng, rounds=6):
         tree.check_invariants()
 
 
-def test_invariants_after_insert_delete_mix():
+def test_invariants_after_insert_delete_mix(query_path):
     rng = np.random.default_rng(11)
     tree = kvant.CoverTree().fit(_data(200, 3, seed=1))
     tree.check_invariants()
@@ -211,7 +231,7 @@ def test_invariants_after_insert_delete_mix():
     tree.check_invariants()
 
 
-def test_insert_equals_fit_answers():
+def test_insert_equals_fit_answers(query_path):
     X = _data(400, 4, seed=12)
     a = kvant.CoverTree().fit(X[:100])
     for s in range(100, 400, 75):
@@ -704,7 +724,7 @@ def test_euclidean_points_too_small_to_square_are_refused():
 
 
 @pytest.mark.parametrize("d,scale", [(2, 1e-161), (8, 1e-162)])
-def test_euclidean_squares_below_the_normal_range_stay_exact(d, scale):
+def test_euclidean_squares_below_the_normal_range_stay_exact(d, scale, query_path):
     # squared differences land among float64's subnormals and lose bits: a computed distance can fall short
     # of the true one by ~1e-162, which the float32 bucket screen and the triangle-inequality pruning must
     # allow for (both dropped true neighbours before: 452 of 20,000 rows wrong at d=8)
@@ -792,9 +812,13 @@ def test_round_trip_and_exactness_hypothesis(tmp_path_factory, n, d, seed, dup):
     tree = kvant.CoverTree().fit(X)
     tree.check_invariants()
     k = min(n, 4)
-    dd, ii = tree.knn(X, k)
     bd, bi = tree.brute_force(X, k)
-    assert np.array_equal(ii, bi) and np.array_equal(dd, bd)
+    for kd in (True, False):  # both query paths
+        tree.kd = kd
+        dd, ii = tree.knn(X, k)
+        assert np.array_equal(ii, bi) and np.array_equal(dd, bd)
+        for p in (True, False):
+            assert np.array_equal(tree.knn_self(k, predecessors=p)[1], tree.brute_force(None, k, predecessors=p)[1])
     path = tmp_path_factory.mktemp("h") / "t.kvant"
     tree.save(path)
     back = kvant.load(path)
@@ -805,8 +829,18 @@ def test_telemetry_phases():
     tree = kvant.CoverTree().fit(_data(5000, 3))
     tel = tree.telemetry_
     assert tel["op"] == "fit" and tel["n"] == 5000
-    for key in ("traversal", "net", "relayout", "freeze", "total", "levels"):
+    for key in ("traversal", "net", "relayout", "freeze", "kd", "total", "levels"):
         assert key in tel
+    tree.knn(_data(3, 3), 2)
+    assert tree.telemetry_["path"] == "kd"  # 3 coordinates: the kd-tree answers
+    tree.kd = False
+    tree.knn(_data(3, 3), 2)
+    assert tree.telemetry_["path"] == "cover"
+    # between KD_MAX_DIM and KD_PROBE_MAX_DIM coordinates the faster path on the tree's own points decides
+    tel = kvant.CoverTree().fit(_data(3000, KD_MAX_DIM + 2)).telemetry_
+    assert tel["kd_probe"]["chose"] in ("kd", "cover") and tel["kd_probe"]["queries"] == cover.KD_PROBE_QUERIES
+    assert tel["kd"] >= tel["kd_probe"]["kd_seconds"] + tel["kd_probe"]["cover_seconds"]
+    assert "kd" not in kvant.CoverTree().fit(_data(500, cover.KD_PROBE_MAX_DIM + 1)).telemetry_
     tree.insert(_data(100, 3, seed=9))
     assert tree.telemetry_["op"] == "insert" and tree.telemetry_["traversal"] >= 0
 
@@ -814,7 +848,7 @@ def test_telemetry_phases():
 # -- found by a black-box review ---------------------------------------------------------------------------
 
 
-def test_repeated_points_do_not_build_a_chain():
+def test_repeated_points_do_not_build_a_chain(query_path):
     # n copies of one point used to peel off one point per level: height n - 1 and O(n^2) work
     tree = kvant.CoverTree().fit(np.zeros((4000, 3)))
     assert tree.telemetry_["levels"] <= 2
@@ -960,7 +994,7 @@ def test_from_points_bad_inputs_are_invalid_input():
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "angular"])
-def test_repeated_inserts_of_an_existing_point_stay_shallow(metric):
+def test_repeated_inserts_of_an_existing_point_stay_shallow(metric, query_path):
     # A copy used to land below its last copy: 300 single inserts built a chain 300 deep. Copies of a node
     # now hang off it as leaves of one level below its other children, however they arrive.
     X = _data(400, 3, clustered=True)
@@ -990,19 +1024,26 @@ def test_repeated_inserts_of_an_existing_point_stay_shallow(metric):
 
 
 @pytest.mark.parametrize("metric", [*METRICS, "user"])
-def test_single_queries_on_the_calling_thread_answer_as_the_parallel_kernel(metric, monkeypatch):
-    # one query runs kernels.tree.knn_serial (no parallel region); every query alone must get the answer the parallel
-    # kernel gives it in a batch, for the built-in metrics and the kernels cloned for a user's metric
+@pytest.mark.parametrize("path", ["cover", "kd"])
+def test_single_queries_on_the_calling_thread_answer_as_the_parallel_kernel(metric, path, monkeypatch):
+    # one query runs kernels.tree.knn_serial or kernels.kdtree.kd_knn_serial (no parallel region); every query alone
+    # must get the answer the parallel kernel gives it in a batch, for the built-in metrics and the kernels cloned
+    # for a user's metric
+    if path == "kd" and metric not in cover._SCAN_METRICS:
+        pytest.skip("the kd-tree serves the coordinate metrics only")
     X = _data(3000, 6, seed=11)
     Q = _data(40, 6, seed=12)
-    tree = kvant.CoverTree(l1_user if metric == "user" else metric).fit(X)
+    tree = kvant.CoverTree(l1_user if metric == "user" else metric, kd=True if path == "kd" else None)
+    if path == "cover":
+        _cover_only(monkeypatch)
+    tree.fit(X)
     monkeypatch.setattr(cover.CoverTree, "_SERIAL_MAX_QUERIES", 0)
     bd, bi = tree.knn(Q, 7)
     monkeypatch.setattr(cover.CoverTree, "_SERIAL_MAX_QUERIES", 1)
     calls = []
-    kern = tree._m.K
-    real = kern.knn_serial
-    monkeypatch.setattr(kern, "knn_serial", lambda *a: calls.append(1) or real(*a))
+    kern, name = (KD, "kd_knn_serial") if path == "kd" else (tree._m.K, "knn_serial")
+    real = getattr(kern, name)
+    monkeypatch.setattr(kern, name, lambda *a: calls.append(1) or real(*a))
     for j in range(Q.shape[0]):
         d, i = tree.knn(Q[j], 7)
         np.testing.assert_array_equal(i, bi[j])
@@ -1173,7 +1214,7 @@ def test_a_tree_pickled_with_children_in_another_order_answers_exactly_after_unp
         np.testing.assert_array_equal(old.knn_self(k)[1], old.brute_force(None, k, predecessors=True)[1])
 
 
-def test_many_copies_of_a_point_are_answered_without_visiting_every_copy():
+def test_many_copies_of_a_point_are_answered_without_visiting_every_copy(query_path):
     # (a review: 40,000 identical points hang off one node and knn_self(3) measured every copy from every copy, 6.6 s;
     # once the k-th distance is 0 no larger id can enter, and children come by ascending subtree minimum id)
     # (the time is README's: 13.4 s -> ~0.01 s; here, that the early stop keeps the answers brute force gives)
@@ -1207,3 +1248,38 @@ def test_matern_covariance_of_far_points_is_zero_not_nan():
         bd, bi = tree.brute_force(None, 3, predecessors=True)
         np.testing.assert_array_equal(d, bd)
         np.testing.assert_array_equal(i, bi)
+
+
+def test_residual_inputs_that_are_no_correlation_are_refused():
+    # (an audit: p_i >= kernel_diag_i - |v_i|^2 held, yet K - V V^T was indefinite, sqrt(1 - |rho|) broke the triangle
+    # inequality and the tree walk answered 227 of 400 rows wrongly)
+    X = np.array([[0.0], [100.0], [200.0]])
+    v = np.array([[0.8], [0.9], [0.1]])
+    with pytest.raises(InvalidInput, match="not positive semi-definite"):
+        kvant.ResidualCorrelation(v, 1.0 - (v**2).sum(1), 1.0, kvant.RBF(1.0, 1.0), X=X)
+    rng = np.random.default_rng(0)
+    X = rng.random((2000, 2)) * 10
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(2.0, 1.0), n_inducing=100)
+    # the factor of one lengthscale with the kernel of another (a sample of 256 rows shows it)
+    with pytest.raises(InvalidInput, match="not positive semi-definite"):
+        kvant.ResidualCorrelation(rc.v, rc.p_diag, rc.kernel_diag, kvant.RBF(0.5, 1.0), X=X)
+    same = kvant.ResidualCorrelation(rc.v, rc.p_diag, rc.kernel_diag, kvant.RBF(2.0, 1.0), X=X)  # its own kernel
+    tree = kvant.CoverTree(same, residual_scan=False).fit()
+    tree.check_invariants()
+    assert np.array_equal(tree.knn_self(5)[1], tree.brute_force(None, 5, predecessors=True)[1])
+
+
+def test_the_fits_probe_choice_stands_through_inserts_and_deletes_and_answers_stay_exact():
+    X = _data(4000, 6, seed=21, clustered=True)
+    tree = kvant.CoverTree().fit(X[:3000])
+    chose = tree._kd_choice
+    assert tree.telemetry_["kd_probe"]["chose"] == ("kd" if chose else "cover")
+    assert (tree._kd_cache is not None) == chose  # a kd-tree the probe turned down is not kept
+    tree.insert(X[3000:])
+    tree.delete(np.arange(0, 4000, 7))
+    assert tree._kd_choice == chose
+    Q = _data(50, 6, seed=22)
+    d, i = tree.knn(Q, 6)
+    assert tree.telemetry_["path"] == ("kd" if chose else "cover")
+    bd, bi = tree.brute_force(Q, 6)
+    assert np.array_equal(i, bi) and np.array_equal(d, bd)

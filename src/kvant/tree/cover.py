@@ -15,6 +15,7 @@ from .._config import get_num_threads, last_level_cache_bytes, with_threads
 from .._parallel import for_each_block
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, KvantError, PersistError
 from ..io.source import as_array
+from ..kernels import kdtree as KD
 from ..kernels import tree as K
 from .metrics import _MAX_ABS, check_exact_in_float64, resolve_metric, spec_to_metric
 
@@ -36,9 +37,16 @@ _SCAN_LEAF, _SCAN_LEAF_MAX = 256, 1024
 # 1.00-1.27x for Manhattan, Chebyshev and angular at d = 4 and 8; from d = 14 it was 0.82-0.99x, at d = 16-32 0.5-0.8x.
 DEFAULT_BASE, LOW_D_BASE, _LOW_D_MAX = 1.3, 1.5, 12
 _LEAF_PER_DIM = {"euclidean": 64, "manhattan": 64, "chebyshev": 16}
+# Queries on points of few coordinates under these metrics may walk a kd-tree over the same points (kernels.kdtree;
+# docs/covertree.md, "Few coordinates: a kd-tree"): its box bounds reach a query's neighbours with less work than the
+# cover tree's child distances, but clustered data favours the cover tree from ~5 coordinates (Manhattan) or ~5-8
+# (Euclidean), while Chebyshev favours the kd-tree at 8. So: the kd-tree up to KD_MAX_DIM coordinates; up to
+# KD_PROBE_MAX_DIM the faster of the two on KD_PROBE_QUERIES of the tree's own points, timed when the tree is fitted
+# (both answer alike, so the choice moves only the speed); beyond that, the cover tree.
+KD_MAX_DIM, KD_PROBE_MAX_DIM, KD_PROBE_QUERIES = 4, 16, 128
 # the query structure _freeze derives from the per-node arrays
 _QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
-                "_box", "_frame")
+                "_box", "_frame", "_kd_cache")
 
 
 class _State:
@@ -119,6 +127,12 @@ class CoverTree:
     callable), 1.3 otherwise and for the residual metric (measured: :data:`DEFAULT_BASE`); ``level_base_`` is the one
     in use.
 
+    ``kd`` (Euclidean, Manhattan and Chebyshev only) answers :meth:`knn` and :meth:`knn_self` through a kd-tree over
+    the same points, built on the first query after the points change (and by :meth:`fit`). None (the default)
+    uses it for points of at most :data:`KD_MAX_DIM` coordinates, where it is faster (docs/covertree.md, "Few
+    coordinates: a kd-tree"); True or False forces it on or off. Both paths return the same neighbours, ties
+    included; ``telemetry_["path"]`` names the one a query took. A query-time setting, not saved with the tree.
+
     ``residual_scan`` (residual-correlation metric only) answers :meth:`knn` by an exact BLAS-blocked scan
     instead of walking the tree. It is the default because on GP inputs the residual distances bunch near
     1 and the tree prunes little (docs/covertree.md); both paths return the same neighbours. It is a
@@ -132,8 +146,14 @@ class CoverTree:
     [0, 1, 2, 3, 4]
     """
 
-    def __init__(self, metric="euclidean", base: float | None = None, residual_scan: bool = True):
+    def __init__(self, metric="euclidean", base: float | None = None, residual_scan: bool = True,
+                 kd: bool | None = None):
         self._m = resolve_metric(metric)
+        if kd is not None and not isinstance(kd, bool):
+            raise InvalidInput(f"kd must be None, True or False, got {kd!r}")
+        if kd and self._m.name not in _SCAN_METRICS:
+            raise InvalidInput(f"kd=True needs a coordinate metric ({', '.join(_SCAN_METRICS)}), not {self._m.name!r}")
+        self.kd = kd
         if base is not None and (isinstance(base, bool) or not isinstance(base, numbers.Real)
                                  or not (MIN_BASE <= float(base) <= 16.0)):
             raise InvalidInput(f"base must be None or a number in [{MIN_BASE}, 16], got {base!r}")
@@ -166,6 +186,8 @@ class CoverTree:
         self._n = 0
         self._next_id = 0
         self.telemetry_: dict = {}
+        self._kd_choice = None  # whether the kd-tree answers (None: not yet decided; _uses_kd)
+        self._kd_probe = None  # the timings that decided it, when a probe did
         self._freeze()
         if self._m.kind == "index":
             rc = self._m.obj
@@ -225,6 +247,7 @@ class CoverTree:
         # 32k points and rank 512) is made only if the tree walk runs (_children_rows).
         idx = self._idx
         self._scan_cache = None  # the residual scan's arrays (_scan_arrays)
+        self._kd_cache = None  # the kd-tree over the points (_kd_index), built when a query needs it
         self._cdata = None if self._m.kind == "index" else self._copy_children_rows()
         cap = self._parent.shape[0]
         n_in = int(np.count_nonzero(self._in))
@@ -386,9 +409,65 @@ class CoverTree:
         t1 = time.perf_counter()
         self._freeze()
         tel["freeze"] = time.perf_counter() - t1
+        # the kd-tree (and the probe that may choose it) now, so that a fit's time includes them; after insert and
+        # delete the next query rebuilds the kd-tree, and the fit's choice stands
+        self._kd_choice, self._kd_probe = None, None
+        t1 = time.perf_counter()
+        if self._uses_kd():
+            self._kd_index()
+        if self._kd_cache is not None or self._kd_probe is not None:
+            tel["kd"] = time.perf_counter() - t1
+        if self._kd_probe is not None:
+            tel["kd_probe"] = {**self._kd_probe, "chose": "kd" if self._kd_choice else "cover"}
         tel["total"] = time.perf_counter() - t0
         self.telemetry_ = {"op": "fit", **tel}
         return self
+
+    def _uses_kd(self) -> bool:
+        """Whether queries walk the kd-tree: ``kd`` if set; else for a coordinate metric up to KD_MAX_DIM coordinates,
+        and up to KD_PROBE_MAX_DIM where the probe (_probe_kd) found it faster."""
+        if self._m.name not in _SCAN_METRICS or not self._dim:
+            return False
+        if self.kd is not None:
+            return self.kd
+        if self._dim <= KD_MAX_DIM:
+            return True
+        if self._dim > KD_PROBE_MAX_DIM:
+            return False
+        if self._kd_choice is None:
+            self._kd_choice = self._probe_kd()
+        return self._kd_choice
+
+    def _probe_kd(self) -> bool:
+        """Whether the kd-tree answered KD_PROBE_QUERIES of the tree's points (evenly spaced ids, k = 8) faster than
+        the cover tree: best of three alternating runs each. Recorded in ``telemetry_["kd_probe"]`` by fit."""
+        ids = self.ids_
+        Q = np.ascontiguousarray(self._data[ids[:: max(1, ids.size // KD_PROBE_QUERIES)][:KD_PROBE_QUERIES]])
+        k = min(8, self._n)
+        best = {True: np.inf, False: np.inf}
+        saved, tel = self.kd, self.telemetry_
+        try:
+            for _ in range(3):
+                for kd in (True, False):
+                    self.kd = kd
+                    t = time.perf_counter()
+                    self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, False)
+                    best[kd] = min(best[kd], time.perf_counter() - t)
+        finally:
+            self.kd, self.telemetry_ = saved, tel
+        self._kd_probe = {"kd_seconds": best[True], "cover_seconds": best[False], "queries": int(Q.shape[0])}
+        if best[True] >= best[False]:
+            self._kd_cache = None  # (not kept in memory for nothing)
+        return bool(best[True] < best[False])
+
+    def _kd_index(self) -> tuple:
+        """The kd-tree over the points in the tree (kernels.kdtree.kd_build's arrays, after its reordered rows and
+        their slots), built on first use after the points change."""
+        if self._kd_cache is None:
+            slots = self.ids_
+            rows = np.ascontiguousarray(self._data[slots])  # a copy: kd_build reorders it in place
+            self._kd_cache = (rows, slots, *KD.kd_build(rows, slots, KD.KD_LEAF))
+        return self._kd_cache
 
     def _state(self) -> _State:
         return _State(self._parent.copy(), self._level.copy(), self._maxdist.copy(), self._pd.copy(), self._in.copy())
@@ -401,6 +480,8 @@ class CoverTree:
         # a tree pickled before 2026-12-06 has no _lbase: its levels were built with its base, always a number then
         if "_lbase" not in state:
             state = {**state, "_lbase": float(state["base"])}
+        # (pickled before the kd-tree path: the defaults)
+        state = {"kd": None, "_kd_cache": None, "_kd_choice": None, "_kd_probe": None, **state}
         self.__dict__.update(state)
         if state.get("_csr_order") != _CSR_ORDER:
             # queries stop at the first child past their id cut, which needs children by subtree minimum id: a tree
@@ -784,20 +865,27 @@ class CoverTree:
                 return out_d[0], out_i[0]
             return out_d, out_i
         t = time.perf_counter()
-        order = self._locality_order(Q, qslot, mode)
-        if order is not None:
-            Q, qslot = np.ascontiguousarray(Q[order]), qslot[order]
         out_d = np.empty((nq, k))
         out_i = np.empty((nq, k), np.int64)
         bad = np.zeros(nq, np.bool_)
-        sr, sa = self._slack()
-        search = m.K.knn_serial if nq <= self._SERIAL_MAX_QUERIES else m.K.knn
-        search(self._data, self._children_rows(), m.params, Q, qslot, mode, self._root, self._off, self._erec,
-               self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box,
-               self._frame, out_d, out_i, bad)
-        if order is not None:
-            out_d[order], out_i[order] = out_d.copy(), out_i.copy()
-        self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t}
+        serial = nq <= self._SERIAL_MAX_QUERIES
+        if self._uses_kd():
+            path = "kd"
+            search = KD.kd_knn_serial if serial else KD.kd_knn
+            search(*self._kd_index(), m.params, self._scan, Q, qslot, mode, k, out_d, out_i, bad)
+        else:
+            path = "cover"
+            order = self._locality_order(Q, qslot, mode)
+            if order is not None:
+                Q, qslot = np.ascontiguousarray(Q[order]), qslot[order]
+            sr, sa = self._slack()
+            search = m.K.knn_serial if serial else m.K.knn
+            search(self._data, self._children_rows(), m.params, Q, qslot, mode, self._root, self._off, self._erec,
+                   self._minid, k, sr, sa, self._ddata, self._dnode, self._leaf, self._blk, self._scan, self._box,
+                   self._frame, out_d, out_i, bad)
+            if order is not None:
+                out_d[order], out_i[order] = out_d.copy(), out_i.copy()
+        self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t, "path": path}
         if np.count_nonzero(bad):  # (cheaper than .any() on one query)
             raise _bad_metric("a query")
         if single:
