@@ -14,10 +14,12 @@ Kernels only: no validation, no policy.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
-from .tree import _NJ, _NJ_RAW, QUERY_CHUNKS, _box_bound, _dist, _finish, _heap_push_res, _okd
+from .tree import _NJ, _NJ_RAW, EUCLIDEAN, QUERY_CHUNKS, _box_bound, _dist, _finish, _heap_push_res, _okd
 
 KD_LEAF = 16  # points per leaf (the last split halves a node of at most 2 * KD_LEAF points)
 _STACK = 192
@@ -169,6 +171,14 @@ def _lower(Q, qi, box, v, code):  # pragma: no cover - numba
     return b - (1e-10 * b + 1e-150)
 
 
+@numba.njit(inline="always", **_NJ)
+def _root_limit(kth):  # pragma: no cover - numba
+    """A bound L on squared sums with s > L => fl(sqrt(s)) > kth (inf where kth² could underflow or overflow)."""
+    if kth > 1e-150 and kth < 1e150:
+        return kth * kth * (1.0 + 1e-12)
+    return np.inf
+
+
 @numba.njit(**_NJ_RAW)
 def _kd_one(rows, slot, lo, hi, left, box, minid, same, params, code, Q, qi, qslot, mode, k, out_d, out_i, hd, hi_,
             st_v, st_b):  # pragma: no cover - numba
@@ -225,6 +235,30 @@ def _kd_one(rows, slot, lo, hi, left, box, minid, same, params, code, Q, qi, qsl
                     if size == k and not (d < hd[0] or (d == hd[0] and x < hi_[0])):
                         break  # later slots are larger: none of them can enter either
                     size = _heap_push_res(hd, hi_, size, k, d, x)
+                break
+            if code == EUCLIDEAN:
+                # squared sums first, in euclidean_dist's order (so the square root of a kept one is its distance to
+                # the bit), and the root only for points that can enter: s > kth² (1 + 1e-12) proves sqrt(s) > kth
+                # after rounding; not below 1e-150, where kth² would lose to underflow
+                lim2 = _root_limit(hd[0]) if size == k else np.inf
+                D = Q.shape[1]
+                for j in range(lo[v], hi[v]):
+                    x = slot[j]
+                    if x >= cut or x == excl:
+                        continue
+                    s = 0.0
+                    for t in range(D):
+                        z = Q[qi, t] - rows[j, t]
+                        s += z * z
+                    if s > lim2:
+                        continue
+                    d = math.sqrt(s)
+                    if not _okd(d):
+                        isbad = True
+                        d = np.inf
+                    size = _heap_push_res(hd, hi_, size, k, d, x)
+                    if size == k:
+                        lim2 = _root_limit(hd[0])
                 break
             for j in range(lo[v], hi[v]):
                 x = slot[j]
