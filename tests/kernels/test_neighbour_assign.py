@@ -12,6 +12,7 @@ from kvant.cluster import neighbours
 from kvant.cluster.lloyd import lloyd
 from kvant.cluster.neighbours import NeighbourSteps
 from kvant.kernels.neighbour_assign import (
+    TIE_PER_DIM,
     centre_neighbours,
     centre_neighbours_range,
     neighbour_e_step_numpy,
@@ -106,8 +107,10 @@ def test_neighbour_e_step_exact_from_any_start(n, d, k, L, dup, prefix):
                                          lab, d1, d2, 0, n)
         ok = _check(x, c, rows, lab, d1, d2)
         assert scanned >= 0
-        if L == k - 1:
-            assert ok.all()  # a list of every other centre proves every row
+        if L == k - 1:  # a list of every other centre proves every row but near-ties (left to the fused pass)
+            _, r1, r2 = neighbour_e_step_numpy(x, c)
+            tied = r2 <= r1 * (1 + TIE_PER_DIM * d) * (1 + 1e-12)
+            assert ok[~tied].all()
     # settled rows on full lists visit few centres, and rows=: the listed rows only, in order
     sub = g.permutation(n)[: max(1, n // 3)].astype(np.int64)
     lab = np.full(sub.size, -7, np.int64)

@@ -24,12 +24,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .distance import row_scaled_sq_dist64
-
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 # Relative slack on the stopping test (float64 rounding of the distances, ~1e-16 relative, is far below it).
 SLACK = 1e-9
+# Two sums of the same dim nonnegative terms in different orders differ by at most 2·γ_(dim−1) ≈ 2(dim−1)·2⁻⁵³ of the
+# sum, so a runner-up within 1 + TIE_PER_DIM·dim of the best may be ranked first by the fused pass, whose float64
+# distances (kernels.distance.row_scaled_sq_dist64: the same terms, added by halves) certify predict's labels; such
+# rows are left to it. (An audit, 2026-12-07: 42 of 60,000 rows of a 3-coordinate cos fit had labels_ != predict(X),
+# and predict differed with the batch size on mirror-image ties. Matching the lanes' order here instead cost the
+# scan 2–4x its time.)
+TIE_PER_DIM = 8.0 * 2.0**-53
 # Neighbours every scan takes before its first stopping test (neighbour_e_step_range): PREFIX_PER_DIM per coordinate
 # (single thread, 262k rows, K = 1,024, settled starts, ms with a prefix of 4 taken one by one / 4·D vectorised: D = 2
 # 7.6 / 6.5, D = 4 20.8 / 17.3, D = 8 30.9 / 21.4; 8·D read 10.5 at D = 2, 2·D 24.1 at D = 8).
@@ -42,34 +47,12 @@ def prefix_length(dim):
 
 @numba.njit(inline="always", **_JIT)
 def _sq_dist_scaled(x, i, f, c, j):
-    """Σ_t (f·x_it − c_jt)², the row scaled by f in float64 (spherical k-means: f = 1/‖x_i‖; 1 for l2): the very
-    function the fused assignment certifies labels with (kernels.distance.row_scaled_sq_dist64, whose f = 1 values equal
-    row_sq_dist64's), so both paths label a near-tie alike (an audit found 42 rows of a cos fit whose labels_ differed
-    from predict's by the last bit of a sum taken in another order)."""
-    return row_scaled_sq_dist64(x, i, f, c, j)
-
-
-@numba.njit(inline="always", **_JIT)
-def _prefix_sums(sq, dim, P, lanes, acc):
-    """acc[q] = Σ_u sq[u, q] (``sq`` is overwritten): in :func:`_sq_dist_scaled`'s order — its 16-lane sums add the
-    lanes by halves (term u + term u + 8, then + 4, + 2, + 1) where ``lanes`` (rows and centres of unit stride, at
-    most 16 coordinates), otherwise one after another — so the prefix's distances equal its values bit for bit."""
-    if lanes:
-        m = dim
-        h = 8
-        while h >= 1:
-            for u in range(h):
-                if u + h < m:
-                    for q in range(P):
-                        sq[u, q] += sq[u + h, q]
-            m = min(m, h)
-            h >>= 1
-    else:
-        for u in range(1, dim):
-            for q in range(P):
-                sq[0, q] += sq[u, q]
-    for q in range(P):
-        acc[q] = sq[0, q] if dim > 0 else 0.0
+    """Σ_t (f·x_it − c_jt)², the row scaled by f in float64 (spherical k-means: f = 1/‖x_i‖)."""
+    s = 0.0
+    for t in range(x.shape[1]):
+        d = f * np.float64(x[i, t]) - np.float64(c[j, t])
+        s += d * d
+    return s
 
 
 @numba.njit(**_JIT)
@@ -169,15 +152,10 @@ def neighbour_e_step_range(x, rows, c, start, nbr, nbc, ndist, reach, shrink, la
     dim = x.shape[1]
     P = nbc.shape[2]
     acc = np.empty(P)
-    sq = np.empty((max(dim, 1), P))
-    # (the fused pass's lane sums run for rows and centres of unit stride; beyond 16 coordinates a lane also
-    # accumulates an FMA per 16, which the prefix does not reproduce, so there every distance is taken one by one)
-    lanes = x.strides[1] == 4 and c.strides[1] == 4
-    if dim > 16:
-        P = 0
     listed = rows.shape[0] > 0
     total = 0
     grow = (1.0 + SLACK) ** 2
+    tie = 1.0 + TIE_PER_DIM * max(dim, 1)
     for i in range(i0, i1):
         r = rows[i] if listed else i
         a = start[i]
@@ -189,12 +167,12 @@ def neighbour_e_step_range(x, rows, c, start, nbr, nbc, ndist, reach, shrink, la
         # the first P neighbours without a stopping test, their distances vectorised over the centres: most rows stop
         # there, and a test per centre cost a mispredicted branch each (1M × 2 rows, K = 1,024: 45 ns a row, 25 with
         # a prefix of four taken one by one)
+        acc[:] = 0.0
         for u in range(dim):
             xv = f * np.float64(x[r, u])
             for q in range(P):
                 e = xv - nbc[a, u, q]
-                sq[u, q] = e * e
-        _prefix_sums(sq, dim, P, lanes, acc)
+                acc[q] += e * e
         t = P
         for q in range(P):
             j = nbr[a, q]
@@ -221,6 +199,11 @@ def neighbour_e_step_range(x, rows, c, start, nbr, nbc, ndist, reach, shrink, la
                 labels[i] = -1
                 continue
             sd = min(sd, g * g / grow)
+        if sd <= bd * tie:
+            # a near-tie: the fused pass sums a distance's terms in another order (kernels.distance's lanes), which
+            # may rank these two the other way; the row is left to it, so that every path labels it alike
+            labels[i] = -1
+            continue
         labels[i] = best
         d1[i] = bd
         d2[i] = sd
