@@ -78,8 +78,8 @@ def _sum_sq_codegen(kind: str):
                 v = load(xrow)
             elif kind == "diff":
                 v = builder.fsub(load(xrow), load(crow))
-            else:  # the product rounded, then the difference: as x·f − c in plain float64 arithmetic (one of the
-                # lists' prefix sums in kernels.neighbour_assign reproduces these values without an FMA)
+            else:  # the product rounded, then the difference: as x·f − c in plain float64 arithmetic, so the terms
+                # equal kernels.neighbour_assign's and its sums differ from these only in order (its near-tie margin)
                 v = builder.fsub(builder.fmul(load(xrow), f), load(crow))
             builder.store(builder.call(fma, [v, v, builder.load(acc)]), acc)
 
