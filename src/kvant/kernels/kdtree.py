@@ -19,7 +19,18 @@ import math
 import numba
 import numpy as np
 
-from .tree import _NJ, _NJ_RAW, EUCLIDEAN, QUERY_CHUNKS, _box_bound, _dist, _finish, _heap_push_res, _okd
+from .tree import (
+    _NJ,
+    _NJ_RAW,
+    EUCLIDEAN,
+    QUERY_CHUNKS,
+    _box_bound,
+    _dist,
+    _finish,
+    _heap_push_res,
+    _okd,
+    _push_measured,
+)
 
 KD_LEAF = 16  # points per leaf (the last split halves a node of at most 2 * KD_LEAF points)
 _STACK = 192
@@ -252,11 +263,8 @@ def _kd_one(rows, slot, lo, hi, left, box, minid, same, params, code, Q, qi, qsl
                         s += z * z
                     if s > lim2:
                         continue
-                    d = math.sqrt(s)
-                    if not _okd(d):
-                        isbad = True
-                        d = np.inf
-                    size = _heap_push_res(hd, hi_, size, k, d, x)
+                    size, bad_d = _push_measured(hd, hi_, size, k, math.sqrt(s), x)
+                    isbad = isbad or bad_d
                     if size == k:
                         lim2 = _root_limit(hd[0])
                 break
@@ -264,11 +272,8 @@ def _kd_one(rows, slot, lo, hi, left, box, minid, same, params, code, Q, qi, qsl
                 x = slot[j]
                 if x >= cut or x == excl:
                     continue
-                d = _dist(Q, qi, rows, j, params)
-                if not _okd(d):
-                    isbad = True
-                    d = np.inf
-                size = _heap_push_res(hd, hi_, size, k, d, x)
+                size, bad_d = _push_measured(hd, hi_, size, k, _dist(Q, qi, rows, j, params), x)
+                isbad = isbad or bad_d
             break
     _finish(hd, hi_, size, k, out_d, out_i, qi)
     return isbad

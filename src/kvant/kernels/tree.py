@@ -700,6 +700,15 @@ def _heap_push_res(hd, hi, size, k, d, i):  # pragma: no cover
 
 
 @numba.njit(inline="always", **_NJ)
+def _push_measured(hd, hi, size, k, d, i):  # pragma: no cover
+    """:func:`_heap_push_res` of a measured distance: a NaN, inf or negative one (a bad metric) enters as inf.
+    Returns (new size, whether d was bad)."""
+    if _okd(d):
+        return _heap_push_res(hd, hi, size, k, d, i), False
+    return _heap_push_res(hd, hi, size, k, np.inf, i), True
+
+
+@numba.njit(inline="always", **_NJ)
 def _finish(hd, hi, size, k, out_d, out_i, row):  # pragma: no cover
     # sort the heap content ascending by (d, id) (insertion sort: k is small)
     for a in range(1, size):
@@ -1121,11 +1130,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                         continue
                     if x == excl:
                         continue
-                    dx = _dist(Q, qi, ddata, pos, params)
-                    if not _okd(dx):
-                        isbad = True
-                        dx = np.inf
-                    size = _heap_push_res(hd, hi, size, k, dx, x)
+                    size, bad_d = _push_measured(hd, hi, size, k, _dist(Q, qi, ddata, pos, params), x)
+                    isbad = isbad or bad_d
             continue
         p = root if pe < 0 else int(erec[pe, 4])
         for e in range(child_off[p], child_off[p + 1]):
