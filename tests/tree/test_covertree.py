@@ -1283,3 +1283,12 @@ def test_the_fits_probe_choice_stands_through_inserts_and_deletes_and_answers_st
     assert tree.telemetry_["path"] == ("kd" if chose else "cover")
     bd, bi = tree.brute_force(Q, 6)
     assert np.array_equal(i, bi) and np.array_equal(d, bd)
+
+
+def test_kd_setting_is_validated():
+    with pytest.raises(InvalidInput, match="kd must be"):
+        kvant.CoverTree(kd="yes")
+    for metric in ("angular", l1_user):  # the kd-tree's box bounds need a coordinate metric
+        with pytest.raises(InvalidInput, match="coordinate metric"):
+            kvant.CoverTree(metric, kd=True)
+    assert kvant.CoverTree("angular", kd=False).fit(_data(50, 3)).knn(_data(2, 3), 3)[1].shape == (2, 3)

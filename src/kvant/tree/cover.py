@@ -39,10 +39,10 @@ DEFAULT_BASE, LOW_D_BASE, _LOW_D_MAX = 1.3, 1.5, 12
 _LEAF_PER_DIM = {"euclidean": 64, "manhattan": 64, "chebyshev": 16}
 # Queries on points of few coordinates under these metrics may walk a kd-tree over the same points (kernels.kdtree;
 # docs/covertree.md, "Few coordinates: a kd-tree"): its box bounds reach a query's neighbours with less work than the
-# cover tree's child distances, but clustered data favours the cover tree from ~5 coordinates (Manhattan) or ~5-8
-# (Euclidean), while Chebyshev favours the kd-tree at 8. So: the kd-tree up to KD_MAX_DIM coordinates; up to
-# KD_PROBE_MAX_DIM the faster of the two on KD_PROBE_QUERIES of the tree's own points, timed when the tree is fitted
-# (both answer alike, so the choice moves only the speed); beyond that, the cover tree.
+# cover tree's child distances, but clustered data favours the cover tree from ~5 coordinates (Manhattan) or ~6
+# (Euclidean), while uniform data favours the kd-tree to ~8-10 and Chebyshev to 8 at least. So: the kd-tree up to
+# KD_MAX_DIM coordinates; up to KD_PROBE_MAX_DIM the faster of the two on KD_PROBE_QUERIES of the tree's own points,
+# timed when the tree is fitted (both answer alike, so the choice moves only the speed); beyond that, the cover tree.
 KD_MAX_DIM, KD_PROBE_MAX_DIM, KD_PROBE_QUERIES = 4, 16, 128
 # the query structure _freeze derives from the per-node arrays
 _QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
@@ -129,9 +129,11 @@ class CoverTree:
 
     ``kd`` (Euclidean, Manhattan and Chebyshev only) answers :meth:`knn` and :meth:`knn_self` through a kd-tree over
     the same points, built on the first query after the points change (and by :meth:`fit`). None (the default)
-    uses it for points of at most :data:`KD_MAX_DIM` coordinates, where it is faster (docs/covertree.md, "Few
-    coordinates: a kd-tree"); True or False forces it on or off. Both paths return the same neighbours, ties
-    included; ``telemetry_["path"]`` names the one a query took. A query-time setting, not saved with the tree.
+    uses it for points of at most :data:`KD_MAX_DIM` coordinates, where it is faster, and from there to
+    :data:`KD_PROBE_MAX_DIM` where it answered :data:`KD_PROBE_QUERIES` of the tree's own points faster than the cover
+    tree when the tree was fitted (``telemetry_["kd_probe"]``; docs/covertree.md, "Few coordinates: a kd-tree"); True
+    or False forces it on or off. Both paths return the same neighbours, ties included; ``telemetry_["path"]`` names
+    the one a query took. A query-time setting, not saved with the tree.
 
     ``residual_scan`` (residual-correlation metric only) answers :meth:`knn` by an exact BLAS-blocked scan
     instead of walking the tree. It is the default because on GP inputs the residual distances bunch near
