@@ -283,22 +283,33 @@ def test_neighbour_final_exact_and_leaves_bad_rows(dim, monkeypatch):
     np.testing.assert_allclose(ex[ok], ref1, rtol=1e-12)
 
 
-def test_clusterer_final_pass_by_lists_matches_fused_pass(monkeypatch):
+def _fits_with_and_without_final_lists(monkeypatch, x, metric):
+    """Fit K = 700 with the final pass on the neighbour lists (a spy records that it ran), then without them
+    (NEIGHBOUR_FINAL off, left off on return): the same centres, labels and inertia. Returns the first fit and the
+    spy's list of calls."""
     import kvant
     from kvant.cluster import clusterer
     from kvant.cluster.neighbours import NeighbourFinal
 
-    x = _grid_blobs(30_000, 700, seed=3)
     used = []
     real = NeighbourFinal.assign
     monkeypatch.setattr(NeighbourFinal, "assign", lambda self, *a: used.append(1) or real(self, *a))
-    on = kvant.Clusterer(700, metric="l2", seed=0, sample_per_centroid=32).fit(x)
+    on = kvant.Clusterer(700, metric=metric, seed=0, sample_per_centroid=32).fit(x)
     assert used, "the final pass did not take the lists"
     monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", False)
-    off = kvant.Clusterer(700, metric="l2", seed=0, sample_per_centroid=32).fit(x)
+    off = kvant.Clusterer(700, metric=metric, seed=0, sample_per_centroid=32).fit(x)
     np.testing.assert_array_equal(on.cluster_centers_, off.cluster_centers_)
     np.testing.assert_array_equal(on.labels_, off.labels_)
     assert on.inertia_ == pytest.approx(off.inertia_, rel=1e-12)
+    return on, used
+
+
+def test_clusterer_final_pass_by_lists_matches_fused_pass(monkeypatch):
+    import kvant
+    from kvant.cluster import clusterer
+
+    x = _grid_blobs(30_000, 700, seed=3)
+    on, used = _fits_with_and_without_final_lists(monkeypatch, x, "l2")
     np.testing.assert_array_equal(on.predict(x[:1000]), on.labels_[:1000])
     # predict and score take the lists too from PREDICT_LISTS_ROWS_PER_CENTRE rows per centre
     monkeypatch.setattr(clusterer, "PREDICT_LISTS_ROWS_PER_CENTRE", 1)
@@ -320,21 +331,11 @@ def test_cos_final_pass_by_lists_matches_fused_pass(monkeypatch):
     circle) takes the lists with the rows scaled by 1/‖x‖ in float64: the same labels, inertia and errors."""
     import kvant
     from kvant.cluster import clusterer
-    from kvant.cluster.neighbours import NeighbourFinal
 
     g = np.random.default_rng(4)
     x = (g.standard_normal((40_000, 2)) * g.uniform(0.5, 20.0, (40_000, 1))).astype(np.float32)
-    used = []
-    real = NeighbourFinal.assign
-    monkeypatch.setattr(NeighbourFinal, "assign", lambda self, *a: used.append(1) or real(self, *a))
     monkeypatch.setattr(clusterer, "PREDICT_LISTS_ROWS_PER_CENTRE", 1)
-    on = kvant.Clusterer(700, metric="cos", seed=0, sample_per_centroid=32).fit(x)
-    assert used, "the final pass did not take the lists"
-    monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", False)
-    off = kvant.Clusterer(700, metric="cos", seed=0, sample_per_centroid=32).fit(x)
-    np.testing.assert_array_equal(on.cluster_centers_, off.cluster_centers_)
-    np.testing.assert_array_equal(on.labels_, off.labels_)
-    assert on.inertia_ == pytest.approx(off.inertia_, rel=1e-12)
+    on, used = _fits_with_and_without_final_lists(monkeypatch, x, "cos")
     monkeypatch.setattr(clusterer, "NEIGHBOUR_FINAL", True)
     used.clear()
     np.testing.assert_array_equal(on.predict(x), on.labels_)

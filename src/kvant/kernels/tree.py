@@ -1115,11 +1115,8 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                         continue
                     if x == excl:
                         continue
-                    dx = _dist(Q, qi, ddata, a0 + j, params)
-                    if not _okd(dx):
-                        isbad = True
-                        dx = np.inf
-                    size = _heap_push_res(hd, hi, size, k, dx, x)
+                    size, bad_d = _push_measured(hd, hi, size, k, _dist(Q, qi, ddata, a0 + j, params), x)
+                    isbad = isbad or bad_d
                     if size == k:
                         kth = hd[0]
                         lim_r = _scan_limit((kth + pad) * sc, rs, scan, D)
@@ -1190,11 +1187,8 @@ def _brute_one(data, params, Q, qi, qslot, mode, slots, k, out_d, out_i, hd, hi)
             continue
         if mode == 2 and c >= qslot[qi]:
             continue
-        dc = _dist(Q, qi, data, c, params)
-        if not _okd(dc):
-            isbad = True
-            dc = np.inf
-        size = _heap_push_res(hd, hi, size, k, dc, c)
+        size, bad_d = _push_measured(hd, hi, size, k, _dist(Q, qi, data, c, params), c)
+        isbad = isbad or bad_d
     _finish(hd, hi, size, k, out_d, out_i, qi)
     return isbad
 
