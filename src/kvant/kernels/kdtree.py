@@ -24,7 +24,7 @@ from .tree import (
     _NJ_RAW,
     EUCLIDEAN,
     QUERY_CHUNKS,
-    _box_bound,
+    _box_lower,
     _dist,
     _finish,
     _heap_push_res,
@@ -176,13 +176,6 @@ def _kd_chunk(rows, slot, lo, hi, left, box, minid, same, params, code, Q, qslot
 
 
 @numba.njit(inline="always", **_NJ)
-def _lower(Q, qi, box, v, code):  # pragma: no cover - numba
-    """Box bound of node v, less a relative 1e-10 and an absolute 1e-150 for rounding (as the cover tree's)."""
-    b = _box_bound(Q, qi, box, v, code)
-    return b - (1e-10 * b + 1e-150)
-
-
-@numba.njit(inline="always", **_NJ)
 def _root_limit(kth):  # pragma: no cover - numba
     """A bound L on squared sums with s > L => fl(sqrt(s)) > kth (inf where kth² could underflow or overflow)."""
     if kth > 1e-150 and kth < 1e150:
@@ -217,8 +210,8 @@ def _kd_one(rows, slot, lo, hi, left, box, minid, same, params, code, Q, qi, qsl
             c = left[v]
             if c >= 0:
                 # both children's bounds; descend into the nearer, keep the farther for later
-                b0 = _lower(Q, qi, box, c, code)
-                b1 = _lower(Q, qi, box, c + 1, code)
+                b0 = _box_lower(Q, qi, box, c, code)
+                b1 = _box_lower(Q, qi, box, c + 1, code)
                 if b1 < b0:
                     st_v[ns] = c
                     st_b[ns] = b0

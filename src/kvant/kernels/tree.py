@@ -836,6 +836,14 @@ def _box_bound(Q, qi, box, b, code):  # pragma: no cover - numba
     return math.sqrt(s) if code == EUCLIDEAN else s
 
 
+@numba.njit(inline="always", **_NJ)
+def _box_lower(Q, qi, box, b, code):  # pragma: no cover - numba
+    """:func:`_box_bound` less a relative 1e-10 for the rounding of it and of the distances it is compared with, and
+    an absolute 1e-150 for underflow: the lower bound a query prunes a box with (cover-tree buckets, kd-tree nodes)."""
+    lb = _box_bound(Q, qi, box, b, code)
+    return lb - (1e-10 * lb + 1e-150)
+
+
 @numba.njit(**_NJ)
 def bucket_boxes(rows, starts, sizes):  # pragma: no cover - numba
     """Bounding boxes [lo (D), hi (D)] of DFS ranges starts[b] + 1 .. starts[b] + sizes[b] - 1 of ``rows``
@@ -1152,9 +1160,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             if erec[e, 2] > 1:
                 clb = dc - md - (slack_rel * (dc + md) + slack_abs)
                 if clb <= kth and erec[e, 6] >= 0:
-                    blb = _box_bound(Q, qi, box, int(erec[e, 6]), scan)
-                    # relative slack for rounding in both computations; the absolute term covers underflow
-                    blb -= 1e-10 * blb + 1e-150
+                    blb = _box_lower(Q, qi, box, int(erec[e, 6]), scan)
                     if blb > clb:
                         clb = blb
                 if clb <= kth:
