@@ -570,3 +570,66 @@ def test_inner_product_search_far_from_the_origin_ranks_as_float64_exact_adc(met
     _, got = idx.search(q, 10)
     same = np.mean([set(a) == set(b) for a, b in zip(got, want, strict=True)])
     assert same >= 0.99, same
+
+
+@pytest.mark.parametrize("kwargs", [{"nbits": 8}, {"nbits": 4, "fastscan_rerank": 0}, {"nbits": 8, "opq": True}])
+@pytest.mark.parametrize("metric,magnitude", [("l2", 1e24), ("ip", 1e10), ("ip", 1e24)])
+def test_one_far_row_leaves_the_ordinary_rows_ranked(kwargs, metric, magnitude):
+    # (review) one row 1e24 times the others: the l2 search scale followed the codewords' mean squared norm, which that
+    # row's codeword set, and every ordinary table entry underflowed (distance 0, rows 1, 2, 3 for every query); for
+    # inner products the sub-tables were centred at their mean, which its codeword moved far from every other entry
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    x[0] *= np.float32(magnitude)
+    q = x[1:31] + np.float32(0.1) * rng.standard_normal((30, 8)).astype(np.float32)
+    index = kvant.PQIndex(8, 2, metric=metric, **kwargs)
+    index.train(x)
+    index.add(x)
+    d, ids = index.search(q, 5)
+    truth = _adc_truth(index, x, q, metric)
+    kth = np.sort(truth, axis=1)[:, 4]
+    got = np.take_along_axis(truth, ids, 1)
+    assert np.all(got <= kth[:, None] + 1e-5 * np.abs(kth[:, None])), (ids, np.argsort(truth, 1)[:, :5])
+    sign = 1 if metric == "l2" else -1
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(sign * d, got.astype(np.float32), rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["pq", "opq", "index"])
+def test_training_rows_beyond_float32_codes_span_are_refused(cls):
+    # (review) a row 1e34 times the others: no power of two keeps both its codeword and the ordinary ones' squared
+    # differences in float32, and 1,863 of 3,998 ordinary sub-codes were not the nearest codeword
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    x[0] *= np.float32(1e34)
+    obj = {"pq": lambda: kvant.PQ(8, 2), "opq": lambda: kvant.OPQ(8, 2), "index": lambda: kvant.PQIndex(8, 2)}[cls]()
+    with pytest.raises(InvalidInput, match="orders of magnitude"):
+        obj.train(x) if cls == "index" else obj.fit(x)
+    if cls == "index":
+        assert not obj.is_trained
+    else:
+        assert obj.codebooks_ is None
+    x[0] /= np.float32(1e34 / 1e24)  # 1e24 is within the span: trained, and its codes are the nearest codewords
+    if cls == "index":
+        obj.train(x)
+        return
+    obj.fit(x)
+    codes = obj.unpacked_codes(obj.encode(x)) if cls == "pq" else None
+    if codes is not None:
+        sub = x.astype(np.float64).reshape(len(x), 2, 4)
+        dd = ((sub[:, :, None, :] - obj.codebooks_.astype(np.float64)[None]) ** 2).sum(-1)
+        mine = np.take_along_axis(dd, codes[:, :, None].astype(np.int64), 2)[..., 0]
+        assert np.all(mine <= dd.min(-1) * (1 + 1e-5))
+
+
+def test_a_few_tiny_rows_beside_ordinary_ones_are_accepted():
+    # the span rule compares with the median codeword: codewords near zero beside ordinary ones are fine
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    x[:40] *= np.float32(1e-35)
+    index = kvant.PQIndex(8, 2)
+    index.train(x)
+    index.add(x)
+    d, ids = index.search(x[100:110], 3)
+    truth = _adc_truth(index, x, x[100:110], "l2")
+    assert np.all(np.take_along_axis(truth, ids, 1) <= np.sort(truth, 1)[:, 2:3] * (1 + 1e-5))

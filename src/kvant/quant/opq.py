@@ -25,7 +25,17 @@ from .. import persist
 from .._config import with_threads
 from .._numerics import conditioning, uncondition
 from ..errors import InvalidInput, PersistError
-from .pq import PQ, _check_int, _kpq, _step_reporter, frozen, lloyd_refine, range_conditioned, train_subspaces
+from .pq import (
+    PQ,
+    _check_int,
+    _kpq,
+    _step_reporter,
+    check_codebook_span,
+    frozen,
+    lloyd_refine,
+    range_conditioned,
+    train_subspaces,
+)
 
 __all__ = ["OPQ", "eigenvalue_allocation"]
 
@@ -154,6 +164,7 @@ class OPQ(PQ):
         if not np.all(np.isfinite(books)):  # rotated codewords near float32's maximum overflow when unscaled
             raise InvalidInput("OPQ: the rotated codewords overflow float32 (the training rows come within ~√dim "
                                "of float32's maximum); scale the data down by a power of two first")
+        check_codebook_span(books)
         self.rotation_ = np.ascontiguousarray(r, dtype=np.float32)
         self.mean_ = mean
         self.codebooks_ = frozen(books)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import persist
 from .._config import check_seed, rng, with_threads
-from .._numerics import condition, conditioning
+from .._numerics import condition
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, PersistError
 from ..io import as_source
 from ..io.source import ArraySource, VectorSource, default_chunk_rows
@@ -119,6 +119,26 @@ def range_conditioned(xs: np.ndarray) -> tuple[np.ndarray, float | None]:
     :func:`range_scale`), and that factor (None when ``xs`` is returned as is)."""
     scale = range_scale(np.einsum("ij,ij->i", xs, xs, dtype=np.float64))
     return condition(xs, None, scale), scale
+
+
+# Codes are chosen and searched with float32 squared differences under one power of two per sub-space: when one
+# codeword's squared norm exceeds the typical codeword's by more than this, no factor keeps both in float32's range.
+_SPAN_LOG2 = 190
+
+
+def check_codebook_span(books: np.ndarray) -> None:
+    """Refuse codebooks (m, ksub, dsub) whose largest squared norm in a sub-space exceeds the median nonzero one by
+    more than 2**190: scaled so that the far codeword fits, the ordinary ones' squared differences underflow (a row
+    1e34 times the others left 1,863 of 3,998 ordinary sub-codes wrong and every search ranking them arbitrary, a
+    review). A few tiny codewords beside ordinary ones do not count: the median is an ordinary one."""
+    sq = np.einsum("jcd,jcd->jc", *(2 * (books.astype(np.float64),)))
+    for j in range(sq.shape[0]):
+        nz = sq[j][sq[j] > 0]
+        if nz.size and float(nz.max()) > float(np.median(nz)) * 2.0**_SPAN_LOG2:
+            raise InvalidInput(
+                f"the training rows span too many orders of magnitude for float32 codes: in sub-space {j} a "
+                f"codeword's squared norm is {float(nz.max()):.3g} against a typical {float(np.median(nz)):.3g} "
+                f"(more than 2**{_SPAN_LOG2} apart); remove or rescale the outlying rows")
 
 
 def subspace_scales(rows: np.ndarray, m: int) -> np.ndarray | None:
@@ -338,6 +358,7 @@ class PQ:
                                 self.seed, step)
         if scales is not None:
             books = (books.astype(np.float64) / scales[:, None, None]).astype(np.float32)
+        check_codebook_span(books)
         self.codebooks_ = frozen(books)
         return self
 
@@ -380,9 +401,11 @@ class PQ:
         """The power of two codewords (and so rows and queries) are scaled by when they lie far outside float32's
         comfortable range, None for ordinary data: scaled alike, no argmin or ranking changes, but the squared
         differences stop over- or underflowing. Every search uses it (encoding scales each sub-space apart:
-        :func:`subspace_scales`)."""
-        return self._per_books("_scale_of_books",
-                               lambda books: conditioning(books.transpose(1, 0, 2).reshape(self.ksub, self.dim))[1])
+        :func:`subspace_scales`). The rule follows the extremes (:func:`range_scale`): scaled to bring the codewords'
+        mean squared norm near 1, one codeword of a 1e24 row pushed the others' squared differences below float32's
+        smallest value, and every ordinary query got distance 0 and the first stored rows (a review)."""
+        return self._per_books("_scale_of_books", lambda books: range_scale(np.einsum(
+            "ij,ij->i", *(2 * (books.transpose(1, 0, 2).reshape(self.ksub, self.dim).astype(np.float64),)))))
 
     def _transposed_books(self) -> np.ndarray:
         """The codebooks in the table kernels' layout (:func:`kvant.kernels.pq.transposed_codebooks`), kept per
