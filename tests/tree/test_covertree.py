@@ -1292,3 +1292,45 @@ def test_kd_setting_is_validated():
         with pytest.raises(InvalidInput, match="coordinate metric"):
             kvant.CoverTree(metric, kd=True)
     assert kvant.CoverTree("angular", kd=False).fit(_data(50, 3)).knn(_data(2, 3), 3)[1].shape == (2, 3)
+
+
+def test_a_shallow_copy_does_not_share_stored_points():
+    # (review) insert writes new points into spare rows of the data array in place: a copy.copy of a tree shared it,
+    # and the original's inserts overwrote the copy's points (its k-NN answered 15.7 away, its invariants broke)
+    import copy
+
+    X = np.random.default_rng(0).random((100, 3))
+    t = kvant.CoverTree().fit(X)
+    t.insert(X[:5])  # capacity grows: spare rows exist
+    c = copy.copy(t)
+    ia = c.insert(np.full((2, 3), 10.0))
+    t.insert(np.full((2, 3), -10.0))
+    d, i = c.knn([10.0, 10.0, 10.0], 1)
+    assert d[0] == 0.0 and i[0] in ia
+    c.check_invariants()
+    t.check_invariants()
+    assert t.knn([10.0, 10.0, 10.0], 1)[0][0] > 10
+
+
+def test_check_invariants_on_many_copies_of_a_point_is_linear():
+    # (review) the separation test paired every sibling of a level, and copies of one point are all siblings: 8,000
+    # copies took 3.4 s, 200,000 needed 37 GiB
+    X = np.zeros((40_001, 2))
+    X[-1] = 1.0
+    t = kvant.CoverTree().fit(X)
+    assert t.check_invariants()["n"] == 40_001
+    # and it still finds a broken separation among distinct siblings
+    Y = np.random.default_rng(1).random((300, 2))
+    bad = kvant.CoverTree().fit(Y)
+    live = bad.ids_
+    leaves = live[~np.isin(live, bad._parent[live])]
+    pairs = {}
+    for v in leaves[bad._parent[leaves] >= 0]:
+        pairs.setdefault((int(bad._parent[v]), int(bad._level[v])), []).append(int(v))
+    a, b = next(g for g in pairs.values() if len(g) > 1)[:2]
+    bad._data = bad._data.copy()
+    bad._data[b] = bad._data[a] + 1e-9  # two sibling leaves closer than their level's radius, not copies
+    bad._pd = bad._pd.copy()
+    bad._pd[b] = bad._pair([bad._parent[b]], [b])[0]
+    with pytest.raises(kvant.KvantError, match="separation"):
+        bad.check_invariants()
