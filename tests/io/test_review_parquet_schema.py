@@ -76,3 +76,18 @@ def test_parquet_bool_and_null_columns_are_rejected_not_dropped(tmp_path, col, t
     assert as_source(p, column=["a"]).dim == 1
 
 
+
+
+@pytest.mark.parametrize("later_rows", [6, 14])
+def test_parquet_rows_are_checked_against_the_footer_read_at_open(tmp_path, later_rows):
+    # (review) a file rewritten after as_source (or a damaged footer): to_array left the missing rows as uninitialised
+    # memory, take raised a bare IndexError, more rows a bare ValueError
+    path = tmp_path / "r.parquet"
+    x = np.arange(56, dtype=np.float32).reshape(14, 4) + 1
+    write_parquet(path, x[:10])
+    src = as_source(str(path))
+    write_parquet(path, x[:later_rows])
+    with pytest.raises(InvalidInput, match="changed after it was opened"):
+        src.to_array()
+    with pytest.raises(InvalidInput, match="changed after it was opened"):
+        src.take(np.array([0, 9]))

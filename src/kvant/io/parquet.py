@@ -115,6 +115,11 @@ def _list_files(p: Path, name: str) -> list[Path]:
     return files
 
 
+
+def _changed(path, what: str) -> str:
+    """The message for a parquet file whose rows do not match what its footer said when it was opened."""
+    return f"{path}: {what}; the file is damaged or was changed after it was opened"
+
 class ParquetSource(VectorSource):
     """Vectors stored in a parquet file or a directory of parquet files.
 
@@ -360,6 +365,10 @@ class ParquetSource(VectorSource):
         except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer was readable, the data not
             raise InvalidInput(f"{self.files[fi]}: cannot decode row group {int(self._rg_index[g])}: {exc}") from exc
         block = self._to_numpy(table, int(self._rg_start[g]))
+        want = int(self._rg_start[g + 1] - self._rg_start[g])
+        if block.shape[0] != want:
+            raise InvalidInput(_changed(self.files[fi], f"row group {int(self._rg_index[g])} decodes to "
+                                        f"{block.shape[0]} rows where its footer said {want}"))
         self._cache = (g, block)
         return block
 
@@ -385,6 +394,8 @@ class ParquetSource(VectorSource):
             groups = self._rg_index[self._rg_file == fi]
             if groups.size == 0:
                 continue
+            end = int(self._rg_start[np.flatnonzero(self._rg_file == fi)[-1] + 1])  # the rows the footers promised
+            pos0 = read
             try:
                 pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering would read the whole file
                 batches = pf.iter_batches(batch_size=rows, row_groups=groups.tolist(), columns=self.columns)
@@ -400,6 +411,8 @@ class ParquetSource(VectorSource):
                         raise InvalidInput(f"{f}: cannot decode rows after row {read}: {exc}") from exc
                     block = self._to_numpy(batch, read)
                     read += block.shape[0]
+                    if read > end:
+                        raise InvalidInput(_changed(f, f"it decodes to more rows than its footer said ({end - pos0})"))
                     buf.append(block)
                     have += block.shape[0]
                     while have >= rows:
@@ -408,6 +421,8 @@ class ParquetSource(VectorSource):
                         pos += rows
             finally:
                 pf.close()
+            if read != end:  # rows the footer counted that no page holds: never left as unwritten memory
+                raise InvalidInput(_changed(f, f"it decodes to {read - pos0} rows where its footer said {end - pos0}"))
         if have:
             yield pos, checked_float32(np.concatenate(buf) if len(buf) > 1 else buf[0], pos, self.name)
 
