@@ -633,3 +633,30 @@ def test_a_few_tiny_rows_beside_ordinary_ones_are_accepted():
     d, ids = index.search(x[100:110], 3)
     truth = _adc_truth(index, x, x[100:110], "l2")
     assert np.all(np.take_along_axis(truth, ids, 1) <= np.sort(truth, 1)[:, 2:3] * (1 + 1e-5))
+
+
+def test_rotation_overflow_names_the_row_of_the_source_not_of_its_chunk():
+    # (review) row 69,000 of an input was reported as row 3,464: the row number within its 65,536-row chunk
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((70000, 4)).astype(np.float32)
+    x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]
+    opq = kvant.OPQ(4, 2, 4).fit(x[:5000])
+    y = x.copy()
+    y[69000] = 3.4e38
+    with pytest.raises(InvalidInput, match="^row 69000 overflows"):
+        opq.encode(y)
+    index = kvant.PQIndex(4, 2, nbits=4, opq=True)
+    index.train(x[:5000])
+    with pytest.raises(InvalidInput, match="^row 69000 overflows"):
+        index.add(y)
+    assert index.ntotal == 0
+    index.add(x[:100])
+    with pytest.raises(InvalidInput, match="^query 5 overflows"):
+        index.search(np.vstack([x[:5], y[69000:69001]]), 3)
+
+
+def test_reconstruct_names_its_own_ids_in_errors():
+    flat = kvant.FlatIndex(2)
+    flat.add(np.eye(2, dtype=np.float32))
+    with pytest.raises(InvalidInput, match="ids to reconstruct must be a 1-D array"):
+        flat.reconstruct([[0]])

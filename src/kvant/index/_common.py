@@ -102,12 +102,13 @@ def check_new_ids(ids, n: int, existing: np.ndarray) -> np.ndarray | None:
     return arr
 
 
-def check_remove_ids(ids) -> np.ndarray:
-    arr = as_array(ids, "ids to remove")
+def check_remove_ids(ids, what: str = "ids to remove") -> np.ndarray:
+    """``ids`` as a 1-D int64 array (a scalar is one id); ``what`` names them in errors."""
+    arr = as_array(ids, what)
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_)):
-        raise InvalidInput("ids to remove must be a 1-D array of integers")
+        raise InvalidInput(f"{what} must be a 1-D array of integers")
     return arr.astype(np.int64)
 
 
@@ -163,6 +164,13 @@ class Rows:
         self.n = kept.shape[0]
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 62
+
+
 def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similarity: bool, one: bool,
                    k: int | None = None):
     """Map internal row numbers to ids, apply the sign/padding convention, squeeze 1-D queries.
@@ -171,6 +179,11 @@ def finish_results(dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, similari
     search itself runs with at most the number of stored vectors, so an absurd ``k`` fails here, cleanly."""
     if k is not None and k > dist.shape[1]:
         nq = dist.shape[0]
+        # the padded arrays and their copies below, ~24 bytes a result: the allocation itself may succeed (Linux
+        # overcommits) and the process be killed while filling it (a review's k=2**31 over 300 rows), so ask first
+        if nq * k * 24 > _physical_memory():
+            raise InvalidInput(f"k={k} asks for {nq}×{k} results ({nq * k * 24 / 2**30:.3g} GiB with their copies), "
+                               f"more than this machine's memory; the index holds {dist.shape[1]} vectors")
         try:
             wide_d = np.full((nq, k), np.inf, np.float32)
             wide_r = np.full((nq, k), -1, np.int64)

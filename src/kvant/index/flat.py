@@ -589,7 +589,7 @@ class FlatIndex:
         """Stored vectors (normalised for cos) for these ids, in the given order."""
         from ..errors import InvalidInput
 
-        ids = check_remove_ids(ids)
+        ids = check_remove_ids(ids, "ids to reconstruct")
         stored = self._ids.view
         order = np.argsort(stored, kind="stable")
         pos = np.searchsorted(stored[order], ids)

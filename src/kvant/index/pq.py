@@ -34,7 +34,7 @@ from .._config import check_seed, with_threads
 from .._numerics import condition, row_magnitude_scales
 from ..errors import EmptyIndex, InvalidInput, PersistError
 from ..quant.opq import OPQ
-from ..quant.pq import PQ, _check_int
+from ..quant.pq import PQ, RotationOverflow, _check_int
 from ._common import (
     Rows,
     as_queries,
@@ -205,9 +205,9 @@ class PQIndex:
         codes = []
 
         def prepared():  # NaN raises here, before any row counts (Rows.extend)
-            for _, block in src.chunks(65536):
+            for start, block in src.chunks(65536):
                 block = self._prep(block)
-                codes.append(self.codec._encode_block(block))
+                codes.append(self.codec._encode_block(block, start))
                 yield block
 
         if self.refine:  # raw rows written straight into the index's buffer
@@ -362,7 +362,10 @@ class PQIndex:
         scale = self.codec._codebook_scale()
         for s in range(0, nq, step):
             qb = q[s : s + step]
-            units, tables, bias = self._finite_tables(qb, scale)
+            try:
+                units, tables, bias = self._finite_tables(qb, scale)
+            except RotationOverflow as exc:
+                raise exc.at(s, "query") from None
             d, rows = self._adc(tables, kc)
             if self.refine:
                 d, rows = self._exact(qb, rows, k)

@@ -27,6 +27,7 @@ from .._numerics import conditioning, uncondition
 from ..errors import InvalidInput, PersistError
 from .pq import (
     PQ,
+    RotationOverflow,
     _check_int,
     _kpq,
     _step_reporter,
@@ -38,6 +39,7 @@ from .pq import (
 )
 
 __all__ = ["OPQ", "eigenvalue_allocation"]
+
 
 
 def eigenvalue_allocation(xs: np.ndarray, m: int) -> np.ndarray:
@@ -176,9 +178,7 @@ class OPQ(PQ):
         with np.errstate(over="ignore"):  # checked just below
             out = (np.asarray(block, dtype=np.float64) @ self.rotation_.astype(np.float64)).astype(np.float32)
         if not np.all(np.isfinite(out)):
-            row = int(np.argmax(~np.all(np.isfinite(out), axis=1)))
-            raise InvalidInput(f"row {row} overflows float32 once rotated (its values come within ~√dim of "
-                               "float32's maximum); scale the data down by a power of two first")
+            raise RotationOverflow(int(np.argmax(~np.all(np.isfinite(out), axis=1))))
         return out
 
     def _unrotate(self, block: np.ndarray) -> np.ndarray:

@@ -39,6 +39,19 @@ def frozen(books: np.ndarray) -> np.ndarray:
     return books
 
 
+class RotationOverflow(InvalidInput):
+    """A row of a block overflows float32 once rotated; ``row`` counts within the block, and callers that know the
+    block's place re-raise it with :meth:`at` (a review: row 69,000 was reported as row 3,464 of its chunk)."""
+
+    def __init__(self, row: int, what: str = "row"):
+        self.row = row
+        super().__init__(f"{what} {row} overflows float32 once rotated (its values come within ~√dim of float32's "
+                         "maximum); scale the data down by a power of two first")
+
+    def at(self, start: int, what: str = "row") -> RotationOverflow:
+        return RotationOverflow(start + self.row, what)
+
+
 def _kpq():
     # Imported lazily: keeps ``import kvant`` cheap and independent of kernel compilation.
     from ..kernels import pq as kpq
@@ -412,8 +425,12 @@ class PQ:
         codebook array."""
         return self._per_books("_transposed_of_books", lambda books: _kpq().transposed_codebooks(books))
 
-    def _encode_block(self, block: np.ndarray) -> np.ndarray:
-        x = x0 = np.ascontiguousarray(self._transform(block), dtype=np.float32)
+    def _encode_block(self, block: np.ndarray, start: int = 0) -> np.ndarray:
+        """Codes of the rows ``block``, which start at row ``start`` of their source (named in errors)."""
+        try:
+            x = x0 = np.ascontiguousarray(self._transform(block), dtype=np.float32)
+        except RotationOverflow as exc:
+            raise exc.at(start) from None
         books = books0 = self.codebooks_
         scales = subspace_scales(books.transpose(1, 0, 2).reshape(self.ksub, self.dim), self.m)
         if scales is not None:
@@ -431,7 +448,7 @@ class PQ:
         out = np.empty((src.n, self.code_size), np.uint8)
         rows = min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))
         for start, block in src.chunks(rows):
-            out[start : start + block.shape[0]] = self._encode_block(block)
+            out[start : start + block.shape[0]] = self._encode_block(block, start)
         return out
 
     def unpacked_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -485,7 +502,7 @@ class PQ:
         wide = arr if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize == 8 else None
         total = 0.0
         for start, block in src.chunks(min(_ENCODE_CHUNK_ROWS, default_chunk_rows(self.dim))):
-            rec = self.decode(self._encode_block(block))
+            rec = self.decode(self._encode_block(block, start))
             rows = block if wide is None else wide[start : start + block.shape[0]]
             diff = rows.astype(np.float64) - rec
             total += float(np.einsum("ij,ij->", diff, diff))
