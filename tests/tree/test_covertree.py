@@ -1159,6 +1159,26 @@ def test_a_callable_metric_with_arccos_rounding_matches_brute_force_on_near_dupl
     np.testing.assert_array_equal(tree.knn(Q, 20)[0], tree.brute_force(Q, 20)[0])
 
 
+def test_a_callable_metric_with_arccos_rounding_on_directions_within_1e_9_of_each_other():
+    # (review) the slack relative to the root's radius shrank with the data's spread (~1e-15 here), far below arccos's
+    # ~1e-8 absolute rounding: true neighbours were pruned. The tree now measures d(x, x) on its points, where that
+    # error shows, and allows four times it
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        X = rng.normal(size=(1, 3)) + rng.normal(size=(300, 3)) * 1e-9
+        tree = kvant.CoverTree(_angle_guarded).fit(X)
+        d, i = tree.knn_self(1, predecessors=False)
+        bd, bi = tree.brute_force(None, 1, predecessors=False)
+        np.testing.assert_array_equal(d, bd)
+        np.testing.assert_array_equal(i, bi)
+        Q = rng.normal(size=(20, 3))
+        np.testing.assert_array_equal(tree.knn(Q, 1)[0], tree.brute_force(Q, 1)[0])
+        assert tree._self_error > 0
+        clone = kvant.CoverTree(_angle_guarded).fit(X[:10])
+        clone.insert(X[10:])
+        assert clone._self_error > 0
+
+
 def test_a_callable_metric_that_raises_on_zero_rows_is_refused_up_front_with_a_clear_reason():
     # an exception inside the parallel kernels cannot be carried out of them (a review: a segfault on insert, garbage
     # ids from knn), so the metric is called once on two zero rows when the tree is made, and the message says so

@@ -104,6 +104,8 @@ def _bad_metric(what: str) -> MetricError:
 # 4·sqrt(eps), room for three distances each off by ~sqrt(2·eps) of their scale, as arccos-based formulas are near 0
 # (a review: an angle metric on near-duplicate directions gave 117 of 20,000 knn_self rows unlike brute force)
 _CALLABLE_SLACK = 4.0 * 2.0**-26
+# and at least 4 times the rounding a callable shows where distances are (nearly) 0 (_identity_error), up to this
+_SELF_ERROR_MAX = 2.0**-20
 
 
 # The order of each node's children in the query structure (kernels.tree.build_csr); a pickle records it
@@ -188,6 +190,7 @@ class CoverTree:
         self._n = 0
         self._next_id = 0
         self.telemetry_: dict = {}
+        self._self_error = 0.0  # a callable metric's rounding at distance ~0 on a sample of the points (_slack)
         self._kd_choice = None  # whether the kd-tree answers (None: not yet decided; _uses_kd)
         self._kd_probe = None  # the timings that decided it, when a probe did
         self._freeze()
@@ -230,8 +233,9 @@ class CoverTree:
             sa = 4.0 * K.UNDERFLOW_PAD
         if self._m.kind == "callable" and self._n:
             # a user metric's computed values may break the triangle inequality by its rounding error, which is
-            # absolute for formulas like arccos(a·b/|a||b|) (~1e-8 near 0): allow _CALLABLE_SLACK of the root's radius
-            sa = max(sa, _CALLABLE_SLACK * float(self._maxdist[self._root]))
+            # absolute for formulas like arccos(a·b/|a||b|) (~1e-8 near 0): allow _CALLABLE_SLACK of the root's radius,
+            # and at least 4 times the rounding it shows at distance ~0 on the tree's own points (_identity_error)
+            sa = max(sa, _CALLABLE_SLACK * float(self._maxdist[self._root]), 4.0 * self._self_error)
         return self._m.slack_rel, sa
 
     def _freeze(self) -> None:
@@ -408,6 +412,7 @@ class CoverTree:
         self._root, self._n = int(root), int(slots.size)
         self._dim = dim
         self._next_id = int(cap) if self._m.kind != "index" else 0
+        self._self_error = self._identity_error(slots)
         t1 = time.perf_counter()
         self._freeze()
         tel["freeze"] = time.perf_counter() - t1
@@ -493,6 +498,8 @@ class CoverTree:
         # (pickled before the kd-tree path: the defaults)
         state = {"kd": None, "_kd_cache": None, "_kd_choice": None, "_kd_probe": None, **state}
         self.__dict__.update(state)
+        if "_self_error" not in state:  # (pickled before 2026-12-07)
+            self._self_error = self._identity_error(self.ids_)
         if state.get("_csr_order") != _CSR_ORDER:
             # queries stop at the first child past their id cut, which needs children by subtree minimum id: a tree
             # pickled before that order may have them otherwise (after a delete), so its query structure is rebuilt
@@ -645,6 +652,7 @@ class CoverTree:
         if m.kind != "index":
             self._dim = data.shape[1]
             self._next_id = int(new_slots[-1]) + 1
+        self._self_error = max(self._self_error, self._identity_error(new_slots))
         t1 = time.perf_counter()
         self._freeze()
         tel["freeze"] = time.perf_counter() - t1
@@ -1255,6 +1263,25 @@ class CoverTree:
             raise KvantError("query structure out of date")
         return {"n": self._n, "height": int(self._height), "root_level": int(self._level[self._root])}
 
+    def _identity_error(self, slots) -> float:
+        """For a callable metric, its rounding error as the points ``slots`` show it: the largest of d(x, x),
+        d(x, x·(1 + 2⁻⁵²)) and d(x, x one ulp up) over up to 256 of them (evenly spaced), where the true distance is 0
+        or nearly. Formulas like arccos(a·b/|a||b|) are off by ~1e-8 absolute there, which broke the triangle
+        inequality beyond a slack relative to the data's spread on near-duplicate directions (a review). A value
+        above _SELF_ERROR_MAX is taken for a genuine distance (a Hamming metric's 1), not rounding. 0 for other
+        metrics."""
+        if self._m.kind != "callable" or len(slots) == 0:
+            return 0.0
+        s = np.asarray(slots, np.int64)
+        rows = self._data[s[:: max(1, s.size // 256)][:256]]
+        near = np.concatenate([rows, rows * (1.0 + 2.0**-52), np.nextafter(rows, np.inf)])
+        b = rows.shape[0]
+        a = np.tile(np.arange(b, dtype=np.int64), 3)
+        out = np.empty(3 * b)
+        self._m.K.pair_dists(near, a, near, np.arange(3 * b, dtype=np.int64), self._m.params, out)
+        out = out[np.isfinite(out) & (out <= _SELF_ERROR_MAX)]
+        return float(out.max()) if out.size else 0.0
+
     def _pair(self, a, b) -> np.ndarray:
         out = np.empty(len(a))
         self._m.K.pair_dists(self._data, np.asarray(a, np.int64), self._data, np.asarray(b, np.int64),
@@ -1351,6 +1378,7 @@ class CoverTree:
             pd[kids] = d
         tree._set_state(_State(parent, level, maxdist, pd, in_tree))
         tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
+        tree._self_error = tree._identity_error(ids)
         tree._freeze()
         return tree
 
