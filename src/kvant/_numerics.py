@@ -15,6 +15,7 @@ from .kernels.distance import mean_and_spread
 
 # conditioning(): squared norms fed to the GEMM are brought into [2**-40, 2**40] by a power-of-two scale
 _SAFE_LOG2_SQNORM = 40
+_MAX_LOG2_SQNORM = 100  # and none above 2**100 after scaling, where float32 sums of them would overflow
 _CONDITION_ROWS = 1024
 # conditioning(): shift when ‖μ‖² > this × the rows' spread. Below it the float32 rounding of the GEMM trick,
 # ~eps·‖x‖² per distance, stays under ~1e-5 of the typical distance (Fashion-MNIST pixels: 1.4; digits: 2.2)
@@ -33,9 +34,9 @@ def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
     The GEMM trick loses the answer when the rows share a large common offset (‖μ‖² ≫ their spread: the
     three terms cancel in float32) and over- or underflows at extreme magnitudes. So the rows are moved to
     (x − shift)·scale first: ``shift`` = their mean when ‖μ‖² exceeds 16× the mean ‖x − μ‖² (else None), and
-    ``scale`` a power of two (exact) bringing the typical squared norm near 1 when it lies outside
-    [2**-40, 2**40] (else None). Distances between shifted rows are unchanged; scaled ones by scale². The
-    decision looks at ≤ 1,024 evenly spaced rows, in float64.
+    ``scale`` a power of two (exact) bringing the median row's squared norm near 1 when it lies outside
+    [2**-40, 2**40] (else None), lowered where the largest would exceed 2**100. Distances between shifted rows
+    are unchanged; scaled ones by scale². The decision looks at ≤ 1,024 evenly spaced rows, in float64.
     """
     n = rows.shape[0]
     if n == 0:
@@ -43,11 +44,18 @@ def conditioning(rows: np.ndarray) -> tuple[np.ndarray | None, float | None]:
     if rows.dtype not in (np.float32, np.float64):
         rows = rows[:: _sample_step(n)].astype(np.float64)
         n = rows.shape[0]
-    mu, spread, sq = mean_and_spread(rows, _sample_step(n))
+    mu, spread, sq, dev, sqs = mean_and_spread(rows, _sample_step(n))
     offset = float(mu @ mu)
     shift = mu.astype(np.float32) if offset > _OFFSET_RATIO * spread else None
-    typical = spread if shift is not None else sq
-    return shift, _pow2_scale(typical)
+    per_row = dev if shift is not None else sqs
+    # the typical row is the median one: scaled by the mean, one row of 1e24 among 1,000 of ~5 took the others to
+    # ~1e-23, where their squares are float32 subnormals, and training collapsed (~1,250x the MSE, a review)
+    scale = _pow2_scale(float(np.median(per_row)))
+    # but never so little that the largest squared norm seen leaves float32's range (headroom 2**28 for sums)
+    top = float(per_row.max()) * (1.0 if scale is None else scale * scale)
+    if top > 2.0**_MAX_LOG2_SQNORM:
+        scale = math.ldexp(1.0 if scale is None else scale, -math.ceil((math.log2(top) - _MAX_LOG2_SQNORM) / 2))
+    return shift, scale
 
 
 def _pow2_scales(sq: np.ndarray) -> np.ndarray:

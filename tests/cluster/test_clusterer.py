@@ -1994,3 +1994,37 @@ def test_init_survives_save_load_and_pickle(tmp_path):
     old = kvant.Clusterer(4, seed=0).fit(x)
     del old.__dict__["init"]  # as unpickled from before the setting existed
     assert pickle.loads(pickle.dumps(old)).get_params()["init"] is None
+
+
+@pytest.mark.parametrize("alg", ["auto", "dense-exact-row"])
+def test_training_objective_keeps_its_precision_far_from_the_origin(alg):
+    # (review) the objective Σw‖x‖² − Σ‖S_j‖²/W_j took ‖x‖² rounded to float32, whose error (2⁻²⁴ of Σ‖x‖²) exceeded
+    # the objective on rows far from the origin: a history of −70.5 where the inertia was 40, and −0.077 on 50
+    # distinct rows clustered exactly
+    rng = np.random.default_rng(1)
+    cent = rng.standard_normal((20, 8)) * 1e3
+    lab = rng.integers(0, 20, 50_000)
+    X = (cent[lab] + rng.standard_normal((50_000, 8)) * 1e-2).astype(np.float32)
+    c = kvant.Clusterer(20, "l2", alg, seed=0).fit(X)
+    h = np.asarray(c.inertia_history_)
+    assert np.all(h >= 0)
+    assert abs(h[-1] - c.inertia_) <= 0.05 * c.inertia_  # the sample's objective estimates the full one
+    base = (rng.standard_normal((50, 8)) * 10).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kvant.KvantWarning)
+        c = kvant.Clusterer(50, "l2", alg, seed=0).fit(base[rng.integers(0, 50, 20_000)])
+    assert c.inertia_ == 0.0 and 0.0 <= min(c.inertia_history_) <= 1e-3
+
+
+@pytest.mark.parametrize("magnitude", [1e24, 1e34])
+def test_one_far_row_does_not_collapse_training(magnitude):
+    # (review) the float32 conditioning scaled by the rows' mean squared norm, which one row of 1e24 set: the others
+    # became ~1e-23, their squares float32 subnormals, and every fit put one centre between the two blobs (MSE ~50
+    # against 0.04)
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.standard_normal((500, 4)) * 0.1 + 5, rng.standard_normal((500, 4)) * 0.1 - 5,
+                   np.full((1, 4), magnitude)]).astype(np.float32)
+    for alg in ("auto", "dense-exact-row", "dense-exact-random"):
+        c = kvant.Clusterer(3, "l2", alg, seed=0).fit(X)
+        assert c.mse_ < 0.05, (alg, c.mse_)
+        assert np.bincount(c.labels_).tolist() in ([500, 500, 1], [500, 1, 500], [1, 500, 500])
