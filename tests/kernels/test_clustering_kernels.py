@@ -733,10 +733,12 @@ def test_assign_to_candidates_picks_the_nearest_candidate(d, m):
 def test_mean_and_spread_matches_reference(n, d, step, layout):
     x = np.random.default_rng(n + d).standard_normal((n, d)) * 3 + 1e3  # an offset, as conditioning looks for
     x = {"c32": x.astype(np.float32), "f32": np.asfortranarray(x.astype(np.float32)), "c64": x}[layout]
-    mu, spread, sq = mean_and_spread(x, step)
-    rmu, rspread, rsq = ref.mean_and_spread_ref(x, step)
+    mu, spread, sq, dev, sqs = mean_and_spread(x, step)
+    rmu, rspread, rsq, rdev, rsqs = ref.mean_and_spread_ref(x, step)
     np.testing.assert_allclose(mu, rmu, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose([spread, sq], [rspread, rsq], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dev, rdev, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sqs, rsqs, rtol=1e-9, atol=1e-9)
 
 
 def test_balanced_rows_keeps_the_block_count_and_evens_the_sizes():

@@ -64,14 +64,16 @@ def top2_ref(x, centroids):
 
 
 def mean_and_spread_ref(x, step):
-    """(mean, mean squared deviation from it, mean squared norm) of rows 0, step, 2·step, ... in float64."""
+    """(mean, mean squared deviation from it, mean squared norm, per-row squared deviations, per-row squared norms) of
+    rows 0, step, 2·step, ... in float64."""
     import numpy as np
 
     sub = np.asarray(x, np.float64)[::step]
     if sub.shape[0] == 0:
-        return np.zeros(x.shape[1]), 0.0, 0.0
+        return np.zeros(x.shape[1]), 0.0, 0.0, np.zeros(0), np.zeros(0)
     mu = sub.mean(axis=0)
-    return mu, float(((sub - mu) ** 2).sum(axis=1).mean()), float((sub**2).sum(axis=1).mean())
+    dev, sqs = ((sub - mu) ** 2).sum(axis=1), (sub**2).sum(axis=1)
+    return mu, float(dev.mean()), float(sqs.mean()), dev, sqs
 
 
 def topk_ref(dist, k):

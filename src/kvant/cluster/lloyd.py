@@ -446,7 +446,8 @@ def _row_sq_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     def run(s: int, e: int) -> None:
         out64[s:e] = sq_norms64_serial(x[s:e])
-        out[s:e] = out64[s:e]
+        with np.errstate(over="ignore"):  # (beyond float32: inf, as the float32 kernel stored it)
+            out[s:e] = out64[s:e]
 
     for_each_block(x.shape[0], 65536, run, work=x.size)
     return out, out64
