@@ -171,42 +171,41 @@ def _ip_table_row(queries, cbt, out, q, acc, centre):
             xv = np.float64(queries[q, base + d])
             for c in range(ksub):
                 acc[c] += xv * np.float64(cbt[j, d, c])
-        mid = _typical_entry(acc, ksub) if centre else 0.0
+        mid = _typical_entry(acc, ksub) if centre else 0.0  # (acc[ksub:] is its scratch)
         for c in range(ksub):
             out[q, j, c] = np.float32(acc[c] - mid)
         total += mid
     return total
 
 
-_TYPICAL_SAMPLES = 31
+_TYPICAL_SAMPLES = 15
 
 
 @numba.njit(inline="always", **_JIT)
 def _typical_entry(acc, ksub):
-    # the median of up to 31 evenly spaced entries: a centre the ordinary entries lie near. The mean was used until
-    # 2026-12-07: one codeword of a 1e10-scale row moved it to ~4e7, and every ordinary entry kept a float32
-    # rounding of ~4 (the top-5 of 30 queries beside it were all wrong, a review)
+    # the median of up to 15 evenly spaced entries acc[:ksub] (sorted in acc[ksub:]): a centre the ordinary entries
+    # lie near. The mean was used until 2026-12-07: one codeword of a 1e10-scale row moved it to ~4e7, and every
+    # ordinary entry kept a float32 rounding of ~4 (the top-5 of 30 queries beside it were all wrong, a review)
     ns = min(ksub, _TYPICAL_SAMPLES)
-    buf = np.empty(_TYPICAL_SAMPLES, np.float64)
     for i in range(ns):  # insertion sort of the samples
         v = acc[(i * ksub) // ns]
-        t = i
-        while t > 0 and buf[t - 1] > v:
-            buf[t] = buf[t - 1]
+        t = ksub + i
+        while t > ksub and acc[t - 1] > v:
+            acc[t] = acc[t - 1]
             t -= 1
-        buf[t] = v
-    return buf[ns // 2]
+        acc[t] = v
+    return acc[ksub + ns // 2]
 
 
 @numba.njit(parallel=True, **_JIT)
 def _ip_tables_kernel(queries, cbt, out):
     for q in prange(queries.shape[0]):
-        _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2], np.float64), False)
+        _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2] + _TYPICAL_SAMPLES, np.float64), False)
 
 
 @numba.njit(**_JIT)
 def _ip_tables_kernel_serial(queries, cbt, out):
-    acc = np.empty(cbt.shape[2], np.float64)
+    acc = np.empty(cbt.shape[2] + _TYPICAL_SAMPLES, np.float64)
     for q in range(queries.shape[0]):
         _ip_table_row(queries, cbt, out, q, acc, False)
 
@@ -214,18 +213,18 @@ def _ip_tables_kernel_serial(queries, cbt, out):
 @numba.njit(parallel=True, **_JIT)
 def _ip_tables_centred_kernel(queries, cbt, out, shift):
     for q in prange(queries.shape[0]):
-        shift[q] = _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2], np.float64), True)
+        shift[q] = _ip_table_row(queries, cbt, out, q, np.empty(cbt.shape[2] + _TYPICAL_SAMPLES, np.float64), True)
 
 
 @numba.njit(**_JIT)
 def _ip_tables_centred_kernel_serial(queries, cbt, out, shift):
-    acc = np.empty(cbt.shape[2], np.float64)
+    acc = np.empty(cbt.shape[2] + _TYPICAL_SAMPLES, np.float64)
     for q in range(queries.shape[0]):
         shift[q] = _ip_table_row(queries, cbt, out, q, acc, True)
 
 
 def ip_tables_centred(queries, codebooks, cbt=None):
-    """(tables, shift): :func:`ip_tables` minus a typical entry of each sub-table (the median of up to 31 evenly
+    """(tables, shift): :func:`ip_tables` minus a typical entry of each sub-table (the median of up to 15 evenly
     spaced ones, float64, taken out before rounding), and per query the sum of those centres (float64), so
     ``tables`` sums + ``shift`` = the inner products. Ranking by the tables alone is ranking by inner product, with
     float32 spent on the entries' differences only."""
