@@ -934,7 +934,7 @@ def test_encode_far_mask_reads_float32_whatever_the_input_dtype():
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_centred_ip_tables_plus_shift_are_the_inner_products(offset):
-    # a typical entry of each sub-table (the median of 31 evenly spaced ones) moves into the shift: entries + shift
+    # a typical entry of each sub-table (the median of 15 evenly spaced ones) moves into the shift: entries + shift
     # sum to the reference inner products, that entry becomes 0 and the others lie around it, and far from the origin
     # they keep the precision ip_tables' rounding loses
     g = np.random.default_rng(4)
