@@ -452,16 +452,15 @@ class CoverTree:
         Q = np.ascontiguousarray(self._data[ids[:: max(1, ids.size // KD_PROBE_QUERIES)][:KD_PROBE_QUERIES]])
         k = min(8, self._n)
         best = {True: np.inf, False: np.inf}
-        saved, tel = self.kd, self.telemetry_
-        try:
+        tel = self.telemetry_
+        try:  # (the path is passed, not set on the tree: a query on another thread meanwhile keeps its own)
             for _ in range(3):
                 for kd in (True, False):
-                    self.kd = kd
                     t = time.perf_counter()
-                    self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, False)
+                    self._query(Q, np.zeros(Q.shape[0], np.int64), 0, k, False, kd=kd)
                     best[kd] = min(best[kd], time.perf_counter() - t)
         finally:
-            self.kd, self.telemetry_ = saved, tel
+            self.telemetry_ = tel
         self._kd_probe = {"kd_seconds": best[True], "cover_seconds": best[False], "queries": int(Q.shape[0])}
         if best[True] >= best[False]:
             self._kd_cache = None  # (not kept in memory for nothing)
@@ -860,7 +859,8 @@ class CoverTree:
     # parallel region cost more than one query's search
     _SERIAL_MAX_QUERIES = 1
 
-    def _query(self, Q, qslot, mode, k, single, progress=None):
+    def _query(self, Q, qslot, mode, k, single, progress=None, kd=None):
+        """k-NN of the rows ``Q``; ``kd`` forces the path (the probe times both) instead of _uses_kd()."""
         nq = Q.shape[0]
         if progress is not None and nq > 0:
             run = max(self._PROGRESS_MIN_RUN, -(-nq // 50))
@@ -887,7 +887,7 @@ class CoverTree:
         out_i = np.empty((nq, k), np.int64)
         bad = np.zeros(nq, np.bool_)
         serial = nq <= self._SERIAL_MAX_QUERIES
-        if self._uses_kd():
+        if self._uses_kd() if kd is None else kd:
             path = "kd"
             search = KD.kd_knn_serial if serial else KD.kd_knn
             search(*self._kd_index(), m.params, self._scan, Q, qslot, mode, k, out_d, out_i, bad)
