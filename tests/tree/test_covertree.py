@@ -1354,3 +1354,26 @@ def test_check_invariants_on_many_copies_of_a_point_is_linear():
     bad._pd[b] = bad._pair([bad._parent[b]], [b])[0]
     with pytest.raises(kvant.KvantError, match="separation"):
         bad.check_invariants()
+
+
+def test_save_and_load_keep_the_query_settings(tmp_path):
+    # (review) kd= and residual_scan= were not saved: a kd=False tree answered through the kd-tree after a load, and a
+    # residual_scan=False tree came back scanning
+    X = np.random.default_rng(0).random((500, 3))
+    for kd in (None, True, False):
+        t = kvant.CoverTree(kd=kd).fit(X)
+        t.save(tmp_path / "t.kvant")
+        u = kvant.load(tmp_path / "t.kvant")
+        assert u.kd is kd
+        t.knn(X[:3], 2)
+        u.knn(X[:3], 2)
+        assert u.telemetry_["path"] == t.telemetry_["path"]
+    Y = np.random.default_rng(1).random((300, 6))  # 5-16 coordinates: the probe's choice is kept too
+    t = kvant.CoverTree().fit(Y)
+    t.save(tmp_path / "p.kvant")
+    u = kvant.load(tmp_path / "p.kvant")
+    assert u._kd_choice == t._kd_choice is not None
+    rc = kvant.ResidualCorrelation.from_points(X[:200], kvant.RBF(1.0), n_inducing=16, seed=0)
+    t = kvant.CoverTree(rc, residual_scan=False).fit()
+    t.save(tmp_path / "r.kvant")
+    assert kvant.load(tmp_path / "r.kvant").residual_scan is False

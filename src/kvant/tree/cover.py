@@ -1301,7 +1301,10 @@ class CoverTree:
         live = self.ids_
         meta = {"metric": m.obj.spec() if m.kind == "index" else {"name": m.name}, "n": self._n,
                 "root": self._root, "next_id": self._next_id, "base": self.base, "level_base": self._lbase,
-                "dim": self._dim, "cap": int(self._in.shape[0])}
+                "dim": self._dim, "cap": int(self._in.shape[0]),
+                # the query settings, and the probe's choice (it stands until the next fit; a review found a kd=False
+                # tree answering through the kd-tree after a load)
+                "kd": self.kd, "residual_scan": self.residual_scan, "kd_choice": self._kd_choice}
         arrays = {"ids": live, "parent": self._parent[live], "level": self._level[live],
                   "maxdist": self._maxdist[live]}
         if m.kind == "index":
@@ -1323,10 +1326,14 @@ class CoverTree:
             raise PersistError(f"CoverTree file has an invalid header or arrays: {exc}") from exc
         try:
             given = meta.get("base", 0.0)
-            tree = cls(metric, base=None if given is None else float(given))
+            tree = cls(metric, base=None if given is None else float(given),
+                       residual_scan=meta.get("residual_scan", True), kd=meta.get("kd"))
             tree._lbase = float(meta["level_base"]) if "level_base" in meta else tree._lbase
             if not MIN_BASE <= tree._lbase <= 16.0:
                 raise InvalidInput(f"level base {tree._lbase!r} outside [{MIN_BASE}, 16]")
+            kd_choice = meta.get("kd_choice")
+            if kd_choice is not None and not isinstance(kd_choice, bool):
+                raise InvalidInput(f"kd_choice must be null or a bool, got {kd_choice!r}")
         except (TypeError, ValueError, InvalidInput) as exc:
             raise PersistError(f"CoverTree file has an invalid header: {exc}") from exc
         if ids.shape != (n,) or par.shape != (n,) or lev.shape != (n,) or md.shape != (n,):
@@ -1379,6 +1386,7 @@ class CoverTree:
         tree._set_state(_State(parent, level, maxdist, pd, in_tree))
         tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
         tree._self_error = tree._identity_error(ids)
+        tree._kd_choice = kd_choice
         tree._freeze()
         return tree
 
