@@ -503,3 +503,18 @@ def test_huge_iteration_settings_are_usage_errors(tmp_path, flag, value, capsys)
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
     assert main(["cluster", str(tmp_path / "x.npy"), "-k", "2", flag, value]) == 2
     assert "2**62" in capsys.readouterr().err
+
+
+def test_empty_init_and_dask_and_too_long_outputs_are_usage_errors(tmp_path, capsys):
+    # (review) --init '' and --dask '' were taken as "not given" (exit 0, a plain fit), and an output name too long for
+    # the file system escaped as a bare OSError (exit 1) from Path.is_dir()
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32))
+    x = str(tmp_path / "x.npy")
+    assert main(["cluster", x, "-k", "4", "--init", ""]) == 2
+    assert "--init is an empty string" in capsys.readouterr().err
+    assert main(["cluster", x, "-k", "4", "--dask", ""]) == 2
+    assert "--dask is an empty string" in capsys.readouterr().err
+    long = str(tmp_path / ("a" * 300))
+    assert main(["cluster", x, "-k", "4", "-o", long]) == 2
+    assert main(["index", "build", x, "--type", "flat", "-o", long]) == 2
+    assert "cannot be written" in capsys.readouterr().err

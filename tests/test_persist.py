@@ -209,3 +209,16 @@ def test_a_missing_file_is_named_as_the_readers_name_one(tmp_path):
         kvant.load(tmp_path / "none.kvant")
     with pytest.raises(PersistError, match="cannot open .*not a regular file"):
         kvant.load(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", ["/", "/.", "/.."])
+def test_a_path_naming_a_directory_is_refused(tmp_path, suffix):
+    # (review) Path drops a trailing "/" or "/.": save("missing_dir/") wrote a file named missing_dir
+    flat = kvant.FlatIndex(2)
+    target = str(tmp_path / "missing_dir") + suffix
+    with pytest.raises(PersistError, match="names a directory"):
+        flat.save(target)
+    assert not (tmp_path / "missing_dir").exists()
+    flat.save(tmp_path / "f.kvant")
+    with pytest.raises(PersistError, match="names a directory"):
+        kvant.load(str(tmp_path / "f.kvant") + "/")

@@ -116,6 +116,13 @@ def _output_file(path, suffix: str | None = None, others=(), what: str = "output
     InvalidInput if it cannot be written or names the same file as one of ``others`` (``(label, path)`` pairs:
     the inputs, and the outputs already checked). Called before the work, so a bad path costs nothing and no
     output is written when another one could not be."""
+    try:
+        return _checked_output(path, suffix, others, what)
+    except OSError as exc:  # e.g. a name too long for the file system: is_dir() raises on Python 3.11
+        raise InvalidInput(f"{what} {os.fspath(path)} cannot be written: {exc.strerror or exc}") from None
+
+
+def _checked_output(path, suffix, others, what) -> str:
     import tempfile
     from pathlib import Path
 
@@ -921,8 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# options naming files to write
-_PATH_OPTIONS = ("output", "centroids", "model", "log_file", "results")
+# options naming files to write (and --init, a file to read: "" must not pass for "not given" either)
+_PATH_OPTIONS = ("output", "centroids", "model", "log_file", "results", "init")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -975,6 +982,8 @@ def _main(argv: list[str] | None) -> int:
         for name in _PATH_OPTIONS:  # ("" was quietly taken as "not given": nothing written, exit 0)
             if getattr(args, name, None) == "":
                 raise InvalidInput(f"--{name.replace('_', '-')} is an empty string; give a file name or leave it out")
+        if getattr(args, "dask", None) == "":  # (taken as "not given": the fit ran on this machine)
+            raise InvalidInput("--dask is an empty string; give 'local' or a scheduler address, or leave it out")
         return int(args.func(args) or 0)
     except InvalidInput as exc:
         print(f"kvant: error: {_one_line(exc)}", file=sys.stderr)

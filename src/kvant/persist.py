@@ -71,8 +71,12 @@ def _path(path) -> Path:
         path = os.fsdecode(path)
     if not isinstance(path, str | os.PathLike):
         raise InvalidInput(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if "\0" in os.fspath(path):  # the OS cannot name such a file; open() would raise a bare ValueError
-        raise InvalidInput(f"path {os.fspath(path)!r} contains a NUL byte")
+    text = os.fspath(path)
+    if "\0" in text:  # the OS cannot name such a file; open() would raise a bare ValueError
+        raise InvalidInput(f"path {text!r} contains a NUL byte")
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
+        # Path drops a trailing slash or "/.": save("missing_dir/") wrote a file named missing_dir (a review)
+        raise PersistError(f"path {text!r} names a directory (it ends with a slash or a dot); give a file name")
     return Path(path)
 
 

@@ -387,3 +387,12 @@ def test_cli_dask_starts_from_init_centres(tmp_path, capsys, blob_files):
                  "--max-iter", "1", "-o", str(tmp_path / "labels.npy"), "-q", "--json"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), y)  # cluster j is blob j: the given start
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "10", True])
+def test_as_dask_array_validates_chunk_rows(bad):
+    # (review) 0 fell back to the default, "10" and True gave one-row chunks, -5 and 2.5 raised bare ValueErrors
+    x = np.zeros((100, 3), np.float32)
+    with pytest.raises(InvalidInput, match="chunk rows"):
+        kd.as_dask_array(x, chunk_rows=bad)
+    assert kd.as_dask_array(x, chunk_rows=10**20).numblocks == (1, 1)  # (more rows than the array: one chunk)

@@ -43,6 +43,9 @@ from ..io.source import (
     default_chunk_rows,
     to_float32,
 )
+from ..io.source import (
+    chunk_rows as checked_chunk_rows,
+)
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
 
@@ -72,6 +75,8 @@ def as_dask_array(x, chunk_rows: int | None = None):
     dask, da = _dask()
     if isinstance(x, str | os.PathLike):  # one file, or a parquet directory: its files
         x = [x]
+    if chunk_rows is not None:  # (0 fell back to the default, "10" gave one-row chunks, -5 a bare ValueError)
+        chunk_rows = checked_chunk_rows(chunk_rows, 1)
     paths = isinstance(x, Sequence) and not isinstance(x, str | bytes) and all(
         isinstance(p, str | os.PathLike) for p in x)
     if isinstance(x, da.Array):
@@ -79,7 +84,7 @@ def as_dask_array(x, chunk_rows: int | None = None):
     elif isinstance(x, np.ndarray):
         if x.ndim != 2:
             raise InvalidInput(f"input: expected a 2-D array (n, dim), got shape {x.shape}")
-        rows = chunk_rows or default_chunk_rows(max(1, x.shape[1]))
+        rows = min(chunk_rows or default_chunk_rows(max(1, x.shape[1])), max(1, x.shape[0]))
         arr = da.from_array(x, chunks=(rows, -1))
     elif paths:
         shapes, dtypes, files = [], [], []
