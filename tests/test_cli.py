@@ -518,3 +518,10 @@ def test_empty_init_and_dask_and_too_long_outputs_are_usage_errors(tmp_path, cap
     assert main(["cluster", x, "-k", "4", "-o", long]) == 2
     assert main(["index", "build", x, "--type", "flat", "-o", long]) == 2
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_an_output_under_a_file_says_that_file_is_not_a_directory(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((20, 2), np.float32))
+    assert main(["index", "build", str(tmp_path / "x.npy"), "--type", "flat", "-o",
+                 str(tmp_path / "x.npy" / "i.kvant")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -138,7 +138,8 @@ def _checked_output(path, suffix, others, what) -> str:
     if out.is_dir():
         raise InvalidInput(f"{what} {out} is a directory")
     if not out.parent.is_dir():
-        raise InvalidInput(f"{what} directory {out.parent} does not exist")
+        state = "is not a directory" if out.parent.exists() else "does not exist"
+        raise InvalidInput(f"{what} directory {out.parent} {state}")
     for label, other in others:
         if other is not None and _same_file(out, other):
             raise InvalidInput(f"{what} {out} is the same file as {label} {other}; writing it would destroy it")
