@@ -178,7 +178,9 @@ def bench_codecs(faiss, name, x, m, repeats, opq_iter, mse_rows):
                      kvant_mse=mse_k, faiss_mse=mse_f))
 
     # --- OPQ ---
-    t_k, opq = timed(lambda: kvant.OPQ(dim, m, nbits=8, n_iter=opq_iter, seed=0).fit(x), repeats)
+    kw = {} if opq_iter is None else {"n_iter": opq_iter}
+    t_k, opq = timed(lambda: kvant.OPQ(dim, m, nbits=8, seed=0, **kw).fit(x), repeats)
+    opq_iter = opq.n_iter
     mse_k = opq.reconstruction_error(xm)
 
     def faiss_opq():
@@ -428,7 +430,7 @@ def main(argv=None) -> None:
     ap.add_argument("--synthetic-n", type=int, default=1_000_000)
     ap.add_argument("--fmnist-queries", type=int, default=10000, help="test rows used as queries (all)")
     ap.add_argument("--synthetic-queries", type=int, default=10000)
-    ap.add_argument("--opq-iter", type=int, default=20)
+    ap.add_argument("--opq-iter", type=int, default=None, help="OPQ rotation updates (default: kvant.OPQ's)")
     ap.add_argument("--out", default=str(RESULTS / "pq"))
     ap.add_argument("--parts", default="search,smallbatch,encode,codecs",
                     help="comma-separated parts to measure: search, smallbatch, encode, codecs")

@@ -81,8 +81,13 @@ class OPQ(PQ):
 
     Parameters
     ----------
-    dim, m, nbits, seed, max_train_rows : as for :class:`PQ` (everything after ``nbits`` is keyword-only).
-    n_iter : rotation updates, alternating with codebook updates (default 20; 0 keeps the starting rotation).
+    dim, m, nbits, seed : as for :class:`PQ` (everything after ``nbits`` is keyword-only).
+    max_train_rows : rows sampled for training; default max(256·2**nbits, 65,536): the rotation has dim² entries
+        to learn, so 4-bit OPQ trains on 65,536 rows like 8-bit (FAISS's ``OPQMatrix`` samples 65,536 too; on
+        4,096 rows a 384-d rotation over-fitted, 1.29x FAISS's MSE on held-out rows).
+    n_iter : rotation updates, alternating with codebook updates (default 50, as FAISS's ``OPQMatrix``; 0 keeps the
+        starting rotation). 20 was the default until 2026-12-07: on 384- and 768-d embedding-like rows (decaying
+        spectrum) it left the MSE 12% above FAISS's, where 50 reaches 0.98-1.0x of it in under half its time.
         Not PQ's Lloyd iterations: those are ``n_iter_pq`` per alternation (default 4) and ``n_iter_pq_0`` for the
         first codebooks (default 10).
     init : the starting rotation: ``"identity"`` (default; OPQ then only improves on plain PQ) or ``"eigen"``
@@ -96,6 +101,7 @@ class OPQ(PQ):
     """
 
     _kind = "OPQ"
+    _MIN_TRAIN_ROWS = 65_536  # (see max_train_rows above)
 
     def __init__(
         self,
@@ -103,7 +109,7 @@ class OPQ(PQ):
         m: int,
         nbits: int = 8,
         *,
-        n_iter: int = 20,
+        n_iter: int = 50,
         seed: int | None = 0,
         n_iter_pq: int = 4,
         n_iter_pq_0: int = 10,

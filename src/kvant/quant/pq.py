@@ -287,6 +287,7 @@ class PQ:
     """
 
     _kind = "PQ"
+    _MIN_TRAIN_ROWS = 0  # (OPQ's rotation needs more rows than the codebooks)
 
     def __init__(
         self,
@@ -341,7 +342,9 @@ class PQ:
     @property
     def train_rows(self) -> int:
         """How many rows ``fit`` samples at most."""
-        return self.max_train_rows if self.max_train_rows is not None else _ROWS_PER_CODEWORD * self.ksub
+        if self.max_train_rows is not None:
+            return self.max_train_rows
+        return max(_ROWS_PER_CODEWORD * self.ksub, self._MIN_TRAIN_ROWS)
 
     # -- training ---------------------------------------------------------------------------------
     def _train_sample(self, x) -> np.ndarray:
