@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import InvalidInput, KvantError, PersistError
+from .io._paths import names_a_directory
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports when its reader went away
@@ -130,8 +131,7 @@ def _checked_output(path, suffix, others, what) -> str:
     out = Path(path)
     if out.is_dir():  # np.save would quietly write "<dir>.npy" beside it
         raise InvalidInput(f"{what} {out} is a directory; give a file name")
-    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
-        # Path drops a trailing slash or ".": "new/" or "new/." would become the file "new.npy"
+    if names_a_directory(text):  # "new/" or "new/." would become the file "new.npy"
         raise InvalidInput(f"{what} {text} names a directory (it ends with a slash or a dot); give a file name")
     if suffix and out.suffix != suffix:
         out = out.with_name(out.name + suffix)

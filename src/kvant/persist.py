@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import InvalidInput, PersistError
 from .io._atomic import replacing
+from .io._paths import names_a_directory
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "write", "read", "load", "register"]
 
@@ -74,8 +75,7 @@ def _path(path) -> Path:
     text = os.fspath(path)
     if "\0" in text:  # the OS cannot name such a file; open() would raise a bare ValueError
         raise InvalidInput(f"path {text!r} contains a NUL byte")
-    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
-        # Path drops a trailing slash or "/.": save("missing_dir/") wrote a file named missing_dir (a review)
+    if names_a_directory(text):  # save("missing_dir/") wrote a file named missing_dir (a review)
         raise PersistError(f"path {text!r} names a directory (it ends with a slash or a dot); give a file name")
     return Path(path)
 

@@ -8,6 +8,12 @@ from pathlib import Path
 from ..errors import InvalidInput
 
 
+def names_a_directory(text: str) -> bool:
+    """Whether ``text`` ends in a slash or is "." / "..": Path drops a trailing "/" or "/.", so "new/" would be
+    written as the file "new"."""
+    return text.endswith(("/", os.sep)) or os.path.basename(text) in (".", "..")
+
+
 def exists(p: Path) -> bool:
     """``p.exists()``, with an error other than "no such file" (a name too long, say) as InvalidInput."""
     try:
