@@ -190,6 +190,20 @@ def test_opq_beats_pq_on_anisotropic_data():
     assert np.allclose(rec @ opq.rotation, pq4_decode_rotated(opq, codes), atol=1e-4)
 
 
+@pytest.mark.parametrize(("nbits", "bound"), [(4, 0.0722), (8, 0.0065)])
+def test_sparse_rows_train_codebooks_as_good_as_faiss(nbits, bound):
+    # TF-IDF-like rows: 90% zeros, unit norm. The bounds, measured on this data: 4 bits, FAISS's ProductQuantizer
+    # 0.0704-0.0711 over seeds 0-2 (bound: their mean + 2%), kvant 0.0698-0.0700 (0.0760-0.0779 when k-means++ seeded
+    # each subspace from 8 rows per codeword, which held ~10 distinct non-zero sub-vectors); 8 bits, FAISS
+    # 0.0100-0.0103, kvant 0.0057 (0.0075-0.0077 before).
+    r = np.random.default_rng(0)
+    x = ((r.random((20_000, 128)) < 0.1) * r.exponential(1.0, (20_000, 128))).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    for seed in (0, 1):
+        err = kvant.PQ(128, 32, nbits, seed=seed).fit(x[:16_000]).reconstruction_error(x[16_000:])
+        assert err < bound, (seed, err)
+
+
 def pq4_decode_rotated(opq, codes):
     raw = opq.unpacked_codes(codes)
     return np.concatenate([opq.codebooks[j][raw[:, j]] for j in range(opq.m)], axis=1)

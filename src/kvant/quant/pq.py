@@ -29,6 +29,13 @@ __all__ = ["PQ", "pack_nibbles", "unpack_nibbles", "check_dim_m"]
 
 _ROWS_PER_CODEWORD = 256
 _ENCODE_CHUNK_ROWS = 65536
+# k-means++ seeds each subspace from up to this many training rows, greedily (best of _SEED_TRIALS draws per codeword,
+# scikit-learn's rule). The clustering default (8 rows per centre: 128 rows at 4 bits) missed the tail of sparse data:
+# on TF-IDF-like rows (90% of 4-d sub-vectors zero) 128 rows held ~10 distinct non-zero sub-vectors for 16
+# codewords, and the MSE was 1.30x FAISS's at 4 bits (now 0.97x) and 0.76x at 8 bits (now 0.62x); dense data
+# (Fashion-MNIST, Gaussian, embedding-like) moved by <= 1%, for +0.4-1.5 s of 8-bit training (see train_subspaces).
+_SEED_ROWS = 16384
+_SEED_TRIALS = 4
 
 
 def frozen(books: np.ndarray) -> np.ndarray:
@@ -202,7 +209,8 @@ def scale_subspaces(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | None, on_iter=None) -> np.ndarray:
     """k-means in each of the ``m`` subspaces of ``xs`` (n, dim) -> codebooks (m, ksub, dim // m).
 
-    Each subspace is seeded with k-means++ (:func:`kvant.cluster.lloyd.init_centroids`), then all subspaces
+    Each subspace is seeded with greedy k-means++ (:func:`kvant.cluster.lloyd.init_centroids`) on up to
+    ``_SEED_ROWS`` rows, then all subspaces
     run their Lloyd iterations together (:func:`lloyd_refine`): one parallel pass of the PQ encoder assigns
     every sub-vector of every row, so the ``m`` trainings proceed in parallel with one kernel launch per
     iteration instead of ``m`` small k-means runs. ``on_iter()``, if given, is called after each iteration.
@@ -215,7 +223,8 @@ def train_subspaces(xs: np.ndarray, m: int, ksub: int, n_iter: int, seed: int | 
     books = np.empty((m, ksub, dsub), np.float32)
     for j in range(m):
         sub = np.ascontiguousarray(xs[:, j * dsub : (j + 1) * dsub])
-        books[j] = init_centroids(sub, ksub, "k-means++", None if seed is None else int(seeds[j]))
+        books[j] = init_centroids(sub, ksub, "k-means++", None if seed is None else int(seeds[j]),
+                                  seed_rows=_SEED_ROWS, trials=_SEED_TRIALS)
     return lloyd_refine(xs, books, n_iter, on_iter)
 
 
