@@ -578,6 +578,33 @@ def test_centroid_sums_match_bincount(n, dim, m, ksub):
             np.testing.assert_allclose(sums[j, :, d], ref, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("n,dim,m,ksub", [(0, 4, 2, 16), (1, 7, 7, 16), (67, 12, 3, 5), (5000, 24, 3, 256)])
+def test_code_row_sums_match_a_numpy_reference(n, dim, m, ksub):
+    rng = np.random.default_rng(n + dim + 1)
+    x = _data(11 + n, n, dim, "wide")
+    codes = rng.integers(0, ksub, (n, m)).astype(np.uint8)
+    sums = K.pq_code_row_sums(x, codes, ksub)
+    assert sums.shape == (m, ksub, dim) and sums.dtype == np.float64
+    for j in range(m):
+        onehot = np.zeros((n, ksub))
+        onehot[np.arange(n), codes[:, j]] = 1.0
+        np.testing.assert_allclose(sums[j], onehot.T @ x.astype(np.float64), rtol=1e-12, atol=1e-9)
+
+
+def test_opq_procrustes_from_code_sums_equals_the_direct_formula():
+    from kvant.quant.opq import procrustes
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 12)).astype(np.float32) * np.linspace(0.1, 5, 12).astype(np.float32)
+    books = rng.standard_normal((3, 16, 4)).astype(np.float32)
+    codes = rng.integers(0, 16, (3000, 3)).astype(np.uint8)
+    y = books[np.arange(3), codes].reshape(3000, 12).astype(np.float64)
+    u, _, vt = np.linalg.svd(x.astype(np.float64).T @ y)
+    r = procrustes(x, codes, books)
+    np.testing.assert_allclose(r, u @ vt, atol=1e-10)
+    np.testing.assert_allclose(r.T @ r, np.eye(12), atol=1e-12)
+
+
 @pytest.mark.parametrize("ksub", [5, 6, 16])  # portable encoder (5; 6 with AVX-512) and lanes encoder (16)
 def test_encode_accepts_float64_codebooks(ksub):
     x = np.random.default_rng(0).standard_normal((70, 8)).astype(np.float32)

@@ -541,6 +541,34 @@ def pq_centroid_sums(x, codes, ksub):
     return sums, counts
 
 
+@numba.njit(parallel=True, **_JIT)
+def _code_row_sums_kernel(x, codes, out):
+    # out: (m, ksub, dim) float64, zero-initialised; one sub-quantizer per task, rows in order within it
+    n, dim = x.shape
+    m = codes.shape[1]
+    for j in prange(m):
+        s = out[j]
+        for r in range(n):
+            row = s[codes[r, j]]
+            for d in range(dim):
+                row[d] += x[r, d]
+
+
+def pq_code_row_sums(x, codes, ksub):
+    """Per sub-quantizer sums of the *whole* rows assigned to each codeword: ``x`` (n, dim) float32, ``codes`` uint8
+    (n, m) -> float64 (m, ksub, dim), ``out[j, c] = Σ x[r]`` over the rows ``r`` with ``codes[r, j] == c``.
+
+    OPQ's Procrustes step needs ``xᵀ y`` with ``y`` the decoded rows; it equals ``Σ_j out[j]ᵀ codebooks[j]`` (placed
+    in sub-space j's columns), which costs one pass over the rows per sub-quantizer instead of an (n × dim × dim)
+    float64 GEMM. Each sub-quantizer's sums run over the rows in order, so the result does not depend on the thread
+    count."""
+    n, m = codes.shape
+    out = np.zeros((m, ksub, x.shape[1]), dtype=np.float64)
+    if n and m:
+        _code_row_sums_kernel(x, codes, out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 8-bit ADC
 # ----------------------------------------------------------------------------------------------------------
