@@ -70,3 +70,21 @@ def test_a_cover_tree_pickled_before_the_level_base_loads_with_its_base():
     np.testing.assert_array_equal(old.knn(P[:20], 5)[1], tree.knn(P[:20], 5)[1])
     old.insert(P[:50] + 0.01)
     old.check_invariants()
+
+
+@pytest.mark.parametrize("make", [_flat, lambda: _pq_index(8), lambda: _pq_index(4)], ids=["flat", "pq8", "pq4"])
+def test_a_shallow_copy_of_an_index_is_independent_of_the_original(make):
+    import copy
+
+    index = make()
+    before = index.search(X[:20], 5)  # (4-bit: packs the codes, a cache the copy must not leave stale)
+    dup = copy.copy(index)
+    dup.add(X[:7] + 1)
+    dup.remove([0, 1])
+    assert len(index) == 3000 and len(dup) == 3005
+    for a, b in zip(index.search(X[:20], 5), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    index.add(X[:1] + 2)  # the original's next id is its own, and no id is shared with rows added to the copy
+    assert np.unique(index.ids).size == len(index) == 3001 and index.ids[-1] == 3000
+    assert 0 in index.ids and 0 not in dup.ids and dup.ids[-1] == 3006
+    np.testing.assert_array_equal(dup.search(X[:1] + 1, 1)[1], [[3000]])

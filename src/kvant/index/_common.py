@@ -3,6 +3,7 @@ result conventions (squared L2 ascending / similarities descending, padding -1 a
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -162,6 +163,21 @@ class Rows:
         kept = self.view[mask]
         self._buf = np.ascontiguousarray(kept)
         self.n = kept.shape[0]
+
+    def __copy__(self) -> Rows:
+        # shares the rows without copying them: nothing writes rows [0, n) in place (append writes past n, keep
+        # replaces the buffer), and the copy's buffer ends at n, so its first append moves it to a buffer of its own
+        return Rows(self.shape, self.dtype, self.view)
+
+
+def copy_with_rows(index):
+    """``copy.copy`` for an index: its attributes shared, but each :class:`Rows` store copied (cheaply, see
+    ``Rows.__copy__``) so that adding to or removing from either index leaves the other as it was. A plain shallow
+    copy shared the stores while each kept its own next id and caches: the original then held rows added through
+    the copy, gave one id to two rows and searched a stale 4-bit packing (a review)."""
+    new = object.__new__(type(index))
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, Rows) else v for k, v in index.__dict__.items()})
+    return new
 
 
 def _physical_memory() -> int:

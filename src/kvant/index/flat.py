@@ -29,6 +29,7 @@ from ._common import (
     check_new_ids,
     check_next_id,
     check_remove_ids,
+    copy_with_rows,
     default_ids,
     finish_results,
     normalize_rows,
@@ -203,6 +204,8 @@ class FlatIndex:
         self._norms = Rows((), np.float32)
         self._ids = Rows((), np.int64)
         self._next_id = 0
+
+    __copy__ = copy_with_rows  # copy.copy: independent stores (see copy_with_rows)
 
     def __len__(self) -> int:
         return self._ids.n

@@ -46,6 +46,7 @@ from ._common import (
     check_new_ids,
     check_next_id,
     check_remove_ids,
+    copy_with_rows,
     default_ids,
     finish_results,
     normalize_rows,
@@ -150,6 +151,8 @@ class PQIndex:
         self._fastscan = None  # packed 4-bit codes, rebuilt lazily after add/remove
 
     # -- state ------------------------------------------------------------------------------------
+    __copy__ = copy_with_rows  # copy.copy: independent stores (see copy_with_rows)
+
     def __len__(self) -> int:
         return self._ids.n
 
