@@ -399,14 +399,15 @@ def _cluster_dask(args, t0: float, init: np.ndarray | None) -> int:
     import time
 
     from .distributed import DaskClusterer
-    from .distributed.kmeans import input_files
+    from .distributed.kmeans import files_as_dask_array, input_files
 
     if args.algorithm != "auto" or args.sampling != "coreset" or args.column is not None:
         raise InvalidInput("--dask trains as auto on a uniform sample: --algorithm, --sampling and --column "
                            "do not apply")
     # each file of each input (a directory's parts), empty ones skipped; a missing or unreadable input is named here,
     # before any worker starts
-    files = [path for path, _ in input_files(args.input)]
+    parts = input_files(args.input)  # (opened once: fit gets their array, not the paths to open again)
+    files = [path for path, _, _ in parts]
     try:
         import distributed
     except ImportError as exc:
@@ -418,6 +419,7 @@ def _cluster_dask(args, t0: float, init: np.ndarray | None) -> int:
     # The work below names the client explicitly instead.
     if args.dask != "local":  # a Client that fails to parse its address hangs the interpreter's exit for ~60 s
         _check_dask_address(args.dask)
+    rows = files_as_dask_array(parts)
     with _quiet_distributed_logs():
         try:
             client = (distributed.Client(processes=False, dashboard_address=None, set_as_default=False)
@@ -426,7 +428,7 @@ def _cluster_dask(args, t0: float, init: np.ndarray | None) -> int:
             raise _bad_dask_address(args.dask, exc) from None
         with client, dask.config.set(scheduler=client):
             c = DaskClusterer(k=args.k, metric=args.metric, seed=args.seed, max_iter=args.max_iter,
-                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax, init=init).fit(files)
+                              polish_iter=args.polish_iter or 0, overrelax=args.overrelax, init=init).fit(rows)
             labels = c.labels_.compute() if args.output else None
     wall = time.perf_counter() - t0
     quality_key, quality = ("mse", c.mse_) if args.metric == "l2" else ("mean_cosine", c.mean_cosine_)

@@ -396,3 +396,26 @@ def test_as_dask_array_validates_chunk_rows(bad):
     with pytest.raises(InvalidInput, match="chunk rows"):
         kd.as_dask_array(x, chunk_rows=bad)
     assert kd.as_dask_array(x, chunk_rows=10**20).numblocks == (1, 1)  # (more rows than the array: one chunk)
+
+
+def test_parquet_directory_parts_storing_columns_in_another_order_read_as_the_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    pq.write_table(pa.table({"a": x[:5, 0], "b": x[:5, 1]}), tmp_path / "part0.parquet")
+    pq.write_table(pa.table({"b": x[5:, 1], "a": x[5:, 0]}), tmp_path / "part1.parquet")
+    np.testing.assert_array_equal(kvant.as_source(tmp_path).to_array(), x)
+    np.testing.assert_array_equal(kd.as_dask_array(tmp_path).compute(), x)  # part1's columns were swapped
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+def test_masked_arrays_are_refused_not_read_through_their_mask(dtype):
+    x = _blobs(400, 6)
+    m = np.ma.array((x * 10).astype(dtype), mask=np.zeros(x.shape, bool))
+    m.mask[:10] = True
+    fitted = kd.DaskClusterer(4, seed=0).fit(x)
+    for call in (lambda: kd.DaskClusterer(4, seed=0).fit(m), lambda: fitted.predict(m),
+                 lambda: kd.DaskClusterer(4, seed=0).fit(da.from_array(m, chunks=100))):
+        with pytest.raises(InvalidInput, match="masked arrays are not supported"):
+            call()

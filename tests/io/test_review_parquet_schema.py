@@ -66,6 +66,20 @@ def test_parquet_directory_broken_symlink_is_named_not_skipped(tmp_path):
     assert as_source(tmp_path).n == 6
 
 
+
+def test_parquet_directory_follows_a_linked_sub_directory_and_refuses_a_loop(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    write_parquet(data / "a.parquet", x[:10])
+    write_parquet(elsewhere / "b.parquet", x[10:])
+    os.symlink(elsewhere, data / "more")  # read by pyarrow.dataset too; Path.rglob skipped it (rows vanished)
+    np.testing.assert_array_equal(as_source(data).to_array(), x)
+    os.symlink(data, elsewhere / "back")  # data/more/back -> data: an endless walk
+    with pytest.raises(InvalidInput, match="links back to"):
+        as_source(data)
+
 # -- 8. bool and null columns -----------------------------------------------------------------------
 @pytest.mark.parametrize(("col", "typ"), [(pa.array([True, False]), "bool"), (pa.array([None, None]), "null")])
 def test_parquet_bool_and_null_columns_are_rejected_not_dropped(tmp_path, col, typ):

@@ -79,6 +79,9 @@ def as_dask_array(x, chunk_rows: int | None = None):
         chunk_rows = checked_chunk_rows(chunk_rows, 1)
     paths = isinstance(x, Sequence) and not isinstance(x, str | bytes) and all(
         isinstance(p, str | os.PathLike) for p in x)
+    if isinstance(x, np.ma.MaskedArray) or (isinstance(x, da.Array) and isinstance(x._meta, np.ma.MaskedArray)):
+        # (np.ndarray and dask arrays pass them: .data would use the masked values as vectors)
+        raise InvalidInput("input: masked arrays are not supported; fill (x.filled(v)) or drop the masked rows first")
     if isinstance(x, da.Array):
         arr = x
     elif isinstance(x, np.ndarray):
@@ -87,22 +90,7 @@ def as_dask_array(x, chunk_rows: int | None = None):
         rows = min(chunk_rows or default_chunk_rows(max(1, x.shape[1])), max(1, x.shape[0]))
         arr = da.from_array(x, chunks=(rows, -1))
     elif paths:
-        shapes, dtypes, files = [], [], []
-        for p, src in input_files(x):
-            if shapes and src.dim != shapes[0][1]:
-                raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {shapes[0][1]}")
-            shapes.append((src.n, src.dim))
-            dtypes.append(src.dtype)
-            files.append(p)
-        # every file as_source accepts is accepted here: its rows are read as one dtype all files convert to
-        # exactly (int32 .ivecs values are checked to fit float32 exactly; int8 with uint8 files promote to int16,
-        # which no task accepts, so float32)
-        dtype = np.result_type(*dtypes)
-        if dtype.type not in SUPPORTED_DTYPES:
-            dtype = np.dtype(np.float32)
-        parts = [da.from_delayed(dask.delayed(_read_file)(os.fspath(p), dtype), shape, dtype)
-                 for p, shape in zip(files, shapes, strict=True)]
-        arr = da.concatenate(parts, axis=0)
+        arr = files_as_dask_array(input_files(x))
     else:
         raise InvalidInput(f"input: expected a dask.array.Array, a NumPy array or a list of file paths, "
                            f"got {type(x).__name__}")
@@ -113,32 +101,37 @@ def as_dask_array(x, chunk_rows: int | None = None):
 
 
 def input_files(paths) -> list[tuple]:
-    """(path, source) of each file of ``paths`` with rows: a directory stands for the files its reader reads (a
-    parquet directory: its parts, in its order), so each file is a chunk of its own; files with zero rows are skipped,
-    as a parquet directory's reader skips its empty parts. Opening each names a missing or unreadable input here,
-    before any task runs. InvalidInput when none has rows (or ``paths`` is empty)."""
+    """(path, source, column) of each file of ``paths`` with rows: a directory stands for the files its reader reads
+    (a parquet directory: its parts, in its order, each read by the directory's columns in the directory's order, as
+    its reader reads them: a part storing them in another order had its columns swapped), so each file is a chunk of
+    its own; ``column`` is None for a file given by itself. Files with zero rows are skipped, as a parquet directory's
+    reader skips its empty parts. Opening each names a missing or unreadable input here, before any task runs.
+    InvalidInput when none has rows (or ``paths`` is empty)."""
     if not paths:
         raise InvalidInput("input: an empty list of files")
     files = []
     for path in paths:
         if os.path.isdir(path):
             try:
-                files += [str(f) for f in getattr(as_source(path, validate=False), "files", [path])]
+                src = as_source(path, validate=False)
             except InvalidInput as err:
                 if not getattr(err, "zero_rows", False):  # (a directory whose parts are all empty holds no rows)
                     raise
+                continue
+            column = list(src.columns) if getattr(src, "columns", None) else None
+            files += [(str(f), column) for f in getattr(src, "files", [path])]
         else:
-            files.append(path)
+            files.append((path, None))
     seen: dict[str, str] = {}
-    for path in files:  # the same file twice (a glob and its directory, say) would count its rows twice
+    for path, _ in files:  # the same file twice (a glob and its directory, say) would count its rows twice
         real = os.path.realpath(path)
         if real in seen:
             warn(f"input: {path} is listed more than once (also as {seen[real]}); its rows are used once per listing")
         seen.setdefault(real, str(path))
     out = []
-    for path in files:
+    for path, column in files:
         try:
-            out.append((path, as_source(path, validate=False)))
+            out.append((path, as_source(path, column=column, validate=False), column))
         except InvalidInput as err:
             if not getattr(err, "zero_rows", False):
                 raise
@@ -147,11 +140,31 @@ def input_files(paths) -> list[tuple]:
     return out
 
 
-def _read_file(path: str, dtype) -> np.ndarray:
-    """The file's rows, as stored or converted exactly to ``dtype`` (the files' common dtype). The tasks that use
-    them convert and check them as for any Dask array, so a NaN is named by its row in the whole input, not in
-    this file."""
-    src = as_source(path)
+def files_as_dask_array(files: list[tuple]):
+    """The rows of :func:`input_files`' ``files`` as one Dask array, a chunk per file read on the workers."""
+    dask, da = _dask()
+    shapes, dtypes = [], []
+    for p, src, _ in files:
+        if shapes and src.dim != shapes[0][1]:
+            raise DimensionMismatch(f"{p}: vectors have dim {src.dim}, the first file has dim {shapes[0][1]}")
+        shapes.append((src.n, src.dim))
+        dtypes.append(src.dtype)
+    # every file as_source accepts is accepted here: its rows are read as one dtype all files convert to
+    # exactly (int32 .ivecs values are checked to fit float32 exactly; int8 with uint8 files promote to int16,
+    # which no task accepts, so float32)
+    dtype = np.result_type(*dtypes)
+    if dtype.type not in SUPPORTED_DTYPES:
+        dtype = np.dtype(np.float32)
+    parts = [da.from_delayed(dask.delayed(_read_file)(os.fspath(p), dtype, column), shape, dtype)
+             for (p, _, column), shape in zip(files, shapes, strict=True)]
+    return da.concatenate(parts, axis=0)
+
+
+def _read_file(path: str, dtype, column=None) -> np.ndarray:
+    """The file's rows (``column`` as for :func:`kvant.as_source`), as stored or converted exactly to ``dtype`` (the
+    files' common dtype). The tasks that use them convert and check them as for any Dask array, so a NaN is named by
+    its row in the whole input, not in this file."""
+    src = as_source(path, column=column)
     return src._read(0, src.n).astype(dtype, copy=False)
 
 

@@ -101,19 +101,34 @@ _SUPPORTED = "float32, float64, float16, int8, uint8"
 
 def _list_files(p: Path, name: str) -> list[Path]:
     # as pyarrow.dataset does: a file or a sub-directory whose name starts with "_" or "." is not data
-    # (Spark's _temporary/ staging, .ipynb_checkpoints/ copies, _SUCCESS, ...)
+    # (Spark's _temporary/ staging, .ipynb_checkpoints/ copies, _SUCCESS, ...), and a link to a directory is followed
+    # (Path.rglob did not follow one on Python 3.11: its rows vanished, a review); a link back to a directory above it
+    # is an error, not an endless walk.
     # every entry with a parquet suffix that is not a directory: a broken link or a FIFO is listed, for the
     # per-file check to name, never skipped (its rows would vanish)
-    files = sorted(
-        f
-        for f in p.rglob("*")
-        if f.suffix.lower() in PARQUET_SUFFIXES and not f.is_dir()
-        and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts)
-    )
+    files = []
+
+    def walk(d: Path, above: frozenset) -> None:
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as err:  # (unreadable: an error, where skipping it would drop its rows)
+            raise InvalidInput(f"{name}: cannot list {d}: {err.strerror or err}") from None
+        for entry in entries:
+            if entry.name.startswith(("_", ".")):
+                continue
+            if entry.is_dir():
+                real = os.path.realpath(entry)
+                if real in above:
+                    raise InvalidInput(f"{name}: {entry} links back to {real}, a directory above it")
+                walk(entry, above | {real})
+            elif entry.suffix.lower() in PARQUET_SUFFIXES:
+                files.append(entry)
+
+    walk(p, frozenset({os.path.realpath(p)}))
+    files.sort()
     if not files:
         raise InvalidInput(f"{name}: directory holds no parquet files (*.parquet, *.pq, *.parq)")
     return files
-
 
 
 def _changed(path, what: str) -> str:
