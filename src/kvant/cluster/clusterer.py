@@ -90,8 +90,8 @@ class Clusterer:
     max_iter : at most this many Lloyd iterations on the training sample (``None``, the default: 25, FAISS's
         niter, for the concrete algorithms; ``auto`` sets its own, see docs/auto.md).
     tol : stop when an iteration improves the objective by less than this fraction of the quality measure:
-        of the sum of squared distances for ``l2``, of the sum of cosines for ``cos`` (default 1e-4 for the
-        concrete algorithms; ``auto`` picks its own, see docs/auto.md).
+        of the sum of squared distances for ``l2``; for ``cos`` of the smaller of the sums of cosines and of
+        (1 − cosine) (default 1e-4 for the concrete algorithms; ``auto`` picks its own, see docs/auto.md).
     sample_per_centroid : training-sample rows per centre. ``None`` (default): 256 (FAISS's
         max_points_per_centroid), and under ``auto`` at least N/64 rows (at most 16384·K), which costs about a
         quarter of a pass over the data and cuts the centres' sampling error (docs/auto.md, "Training-sample size"). A

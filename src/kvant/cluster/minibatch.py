@@ -17,6 +17,7 @@ from ..errors import InvalidInput
 from ..io.source import checked_float32
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
+from ..kernels.lloyd_small import tolerance_scale
 from .assign import assign_top2
 from .lloyd import _normalise, init_centroids, normalise_rows
 from .sampling import gather_rows
@@ -136,7 +137,7 @@ def minibatch_kmeans(
                 on_batch(b)
         obj = 0.5 * total_obj if spherical else total_obj
         result.objective_history.append(obj)
-        scale = n - obj if spherical else obj  # relative to Σ cos for spherical, as in Lloyd (cluster/lloyd.py)
+        scale = tolerance_scale(obj, float(n), spherical)  # as Lloyd's does
         # (a floor of 1e-30 used to decide alone for data at ~1e-20, stopping after two epochs)
         if prev < np.inf and prev - obj <= tol * max(abs(scale), np.finfo(np.float64).tiny):
             break

@@ -48,6 +48,7 @@ from ..io.source import (
 )
 from ..kernels.distance import sq_norms_serial
 from ..kernels.lloyd import UNIT_WEIGHTS, cluster_sums
+from ..kernels.lloyd_small import tolerance_scale
 
 __all__ = ["DaskClusterer", "as_dask_array", "encode"]
 
@@ -370,7 +371,7 @@ class DaskClusterer:
             n_iter += 1
             reseeded = _reseed_empty(sums, counts, far, centroids)
             centroids = _centroids_from_sums(sums, counts, centroids, spherical)  # Lloyd's M-step, as on one machine
-            scale = n - objective if spherical else objective  # relative to Σ cos for cos, as Lloyd's does
+            scale = tolerance_scale(objective, float(n), spherical)  # as Lloyd's does
             # a re-seeded centre has not had its E-step yet: never stop right after one
             if not reseeded and previous is not None and previous - objective <= tol * max(abs(scale), 1e-30):
                 break
