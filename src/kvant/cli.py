@@ -631,7 +631,7 @@ def _cmd_index_build(args) -> int:
     from .io import as_source
 
     pq_only = {"--m": args.m, "--nbits": args.nbits, "--opq": args.opq or None, "--refine": args.refine,
-               "--train-rows": args.train_rows, "--seed": args.seed}
+               "--train-rows": args.train_rows, "--seed": args.seed, "--seeding": args.seeding}
     if args.type == "flat":
         given = [flag for flag, value in pq_only.items() if value is not None]
         if given:  # they would be silently ignored
@@ -642,6 +642,7 @@ def _cmd_index_build(args) -> int:
         args.nbits = 8 if args.nbits is None else args.nbits
         args.refine = 0 if args.refine is None else args.refine
         args.seed = 0 if args.seed is None else args.seed
+        args.seeding = "k-means++" if args.seeding is None else args.seeding
     args.output = _output_file(args.output, others=[("the input", args.input)])
     src = as_source(args.input, column=args.column)
     t0 = time.perf_counter()
@@ -649,7 +650,7 @@ def _cmd_index_build(args) -> int:
         index = FlatIndex(src.dim, metric=args.metric)
     else:
         index = PQIndex(src.dim, m=args.m, nbits=args.nbits, metric=args.metric, opq=args.opq, refine=args.refine,
-                        seed=args.seed, max_train_rows=args.train_rows)
+                        seed=args.seed, max_train_rows=args.train_rows, seeding=args.seeding)
         with progress(args, total=index.codec.train_steps, desc="training") as bar:
             index.train(src, progress=_bar_update(args, bar))
     t_train = time.perf_counter() - t0
@@ -730,6 +731,9 @@ def _add_index(sub) -> None:
                    help="PQ training sample size (default 256 per codeword)")
     b.add_argument("--column", default=None, help="parquet column / HDF5 dataset")
     b.add_argument("--seed", type=int, default=None, help="PQ training seed (pq; default 0)")
+    b.add_argument("--seeding", choices=["k-means++", "random"], default=None,
+                   help="codebook seeding (pq; default k-means++: lower MSE; random: codewords follow the density, "
+                        "higher recall on very uneven data)")
     _common(b)
     b.set_defaults(func=_cmd_index_build)
 

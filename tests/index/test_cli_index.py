@@ -81,3 +81,16 @@ def test_ignored_flags_are_refused(tmp_path, capsys):
     assert main(["tree", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "t.kvant"), "-q"]) == 0
     assert main(["tree", "knn", str(tmp_path / "t.kvant"), "self", "-k", "2", "--column", "foo"]) == 2
     assert "--column" in capsys.readouterr().err
+
+
+def test_index_build_seeding(tmp_path, capsys):
+    import kvant
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32))
+    out = tmp_path / "r.kvant"
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(out), "--m", "4", "--seeding", "random",
+                 "-q"]) == 0
+    assert kvant.load(out).codec.seeding == "random"
+    assert main(["index", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "f.kvant"), "--type", "flat",
+                 "--seeding", "random"]) == 2  # a PQ-only flag
+    assert "--seeding applies only to --type pq" in capsys.readouterr().err

@@ -102,6 +102,7 @@ class OPQ(PQ):
         first codebooks (default 10).
     init : the starting rotation: ``"identity"`` (default; OPQ then only improves on plain PQ) or ``"eigen"``
         (eigenvalue allocation: principal directions dealt to the sub-spaces so their variances balance).
+    seeding : the codebooks' seeding, as for :class:`PQ`.
 
     >>> import numpy as np, kvant
     >>> x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32") * np.arange(1, 33)
@@ -125,8 +126,9 @@ class OPQ(PQ):
         n_iter_pq_0: int = 10,
         max_train_rows: int | None = None,
         init: str = "identity",
+        seeding: str = "k-means++",
     ):
-        super().__init__(dim, m, nbits, seed=seed, n_iter=n_iter, max_train_rows=max_train_rows)
+        super().__init__(dim, m, nbits, seed=seed, n_iter=n_iter, max_train_rows=max_train_rows, seeding=seeding)
         self.n_iter_pq = _check_int("n_iter_pq", n_iter_pq, lo=0)
         self.n_iter_pq_0 = _check_int("n_iter_pq_0", n_iter_pq_0, lo=0)
         if init not in ("identity", "eigen"):
@@ -168,13 +170,14 @@ class OPQ(PQ):
         else:
             r = np.eye(self.dim, dtype=np.float32)
         xr = xs @ r
-        books = train_subspaces(xr, self.m, self.ksub, self.n_iter_pq_0, self.seed, step)
+        books = train_subspaces(xr, self.m, self.ksub, self.n_iter_pq_0, self.seed, step, self.seeding)
+        split = self.seed if self.seeding == "random" else False
         kpq = _kpq()
         for _ in range(self.n_iter):
             codes = kpq.pq_encode(np.ascontiguousarray(xr), books)
             r = procrustes(xs, codes, books).astype(np.float32)
             xr = xs @ r
-            books = lloyd_refine(np.ascontiguousarray(xr), books, self.n_iter_pq, step)
+            books = lloyd_refine(np.ascontiguousarray(xr), books, self.n_iter_pq, step, split)
         with np.errstate(over="ignore"):  # checked just below
             books = uncondition(books, None, scale)
         if not np.all(np.isfinite(books)):  # rotated codewords near float32's maximum overflow when unscaled
@@ -216,7 +219,8 @@ class OPQ(PQ):
     def _from_meta(cls, meta: dict):
         return cls(meta["dim"], meta["m"], meta["nbits"], n_iter=meta["n_iter"], seed=meta["seed"],
                    n_iter_pq=meta["n_iter_pq"], n_iter_pq_0=meta["n_iter_pq_0"],
-                   max_train_rows=meta["max_train_rows"], init=meta.get("init", "identity"))
+                   max_train_rows=meta["max_train_rows"], init=meta.get("init", "identity"),
+                   seeding=meta.get("seeding", "k-means++"))
 
     def _load_arrays(self, arrays: dict) -> None:
         rot = arrays["rotation"]
