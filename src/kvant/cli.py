@@ -642,7 +642,6 @@ def _cmd_index_build(args) -> int:
         args.nbits = 8 if args.nbits is None else args.nbits
         args.refine = 0 if args.refine is None else args.refine
         args.seed = 0 if args.seed is None else args.seed
-        args.seeding = "k-means++" if args.seeding is None else args.seeding
     args.output = _output_file(args.output, others=[("the input", args.input)])
     src = as_source(args.input, column=args.column)
     t0 = time.perf_counter()
@@ -732,8 +731,7 @@ def _add_index(sub) -> None:
     b.add_argument("--column", default=None, help="parquet column / HDF5 dataset")
     b.add_argument("--seed", type=int, default=None, help="PQ training seed (pq; default 0)")
     b.add_argument("--seeding", choices=["k-means++", "random"], default=None,
-                   help="codebook seeding (pq; default k-means++: lower MSE; random: codewords follow the density, "
-                        "higher recall on very uneven data)")
+                   help="codebook seeding (pq; default random at 8 bits, k-means++ at 4: see kvant.PQIndex)")
     _common(b)
     b.set_defaults(func=_cmd_index_build)
 
