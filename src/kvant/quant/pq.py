@@ -269,19 +269,17 @@ def lloyd_refine(xs: np.ndarray, books: np.ndarray, n_iter: int, on_iter=None, s
             counts = all_counts[j]
             sums = all_sums[j]
             empty = np.flatnonzero(counts == 0)
-            if g is not None:
-                nz = counts > 0
-                books[j][nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
-                _split_cells(books[j], counts.astype(np.float64), empty, g)
-                continue
-            if empty.size:
+            far = None
+            if empty.size and g is None:  # (the worst-served rows, by the codewords that served them)
                 res = xv[:, j, :] - books[j][c]
                 err = np.einsum("ij,ij->i", res, res)
                 far = np.argsort(-err, kind="stable")[: empty.size]
                 far = far[err[far] > 0]
             nz = counts > 0
             books[j][nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
-            if empty.size and far.size:
+            if g is not None:
+                _split_cells(books[j], counts.astype(np.float64), empty, g)
+            elif far is not None and far.size:
                 books[j][empty[: far.size]] = xv[far, j, :]
         if on_iter is not None:
             on_iter()
