@@ -231,6 +231,73 @@ def test_invariants_after_insert_delete_mix(query_path):
     tree.check_invariants()
 
 
+def _check_against_points(tree, points, seed):
+    """knn and knn_self equal brute force over ``points`` (id -> row), the ids being the ones insert returned."""
+    ids = np.array(sorted(points), dtype=np.int64)
+    P = np.array([points[j] for j in ids])
+    assert np.array_equal(tree.ids_, ids)
+    k = min(4, ids.size)
+    Q = _data(12, P.shape[1], seed=seed)
+    d, i = tree.knn(Q, k)
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("euclidean", Q, P), ids, k)
+    _assert_same(d, i, rd, ri)
+    d, i = tree.knn_self(k, predecessors=True)
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("euclidean", P, P), ids, k, ids[None, :] < ids[:, None])
+    _assert_same(d, i, rd, ri)
+    tree.check_invariants()
+
+
+def test_ids_are_stable_while_deleted_points_slots_are_reclaimed(monkeypatch, tmp_path, query_path):
+    """Ids are never reused and never change, while the arrays shrink to the points held (they used to span every id
+    ever issued: after heavy churn each operation cost what the ids issued cost, a review)."""
+    import copy
+    import pickle
+
+    monkeypatch.setattr(cover, "_COMPACT_MIN", 8)
+    rng = np.random.default_rng(17)
+    tree = kvant.CoverTree()
+    points, issued = {}, 0
+    for r in range(24):
+        if r % 3 != 2 or len(points) < 4:
+            X = _data(int(rng.integers(1, 30)), 3, seed=200 + r, clustered=bool(r % 2))
+            new = tree.insert(X)
+            assert new.tolist() == list(range(issued, issued + X.shape[0]))
+            issued += X.shape[0]
+            points.update(zip(new.tolist(), X, strict=True))
+        else:
+            live = np.array(sorted(points))
+            kill = rng.choice(live, size=max(1, int(live.size * rng.uniform(0.4, 0.9))), replace=False)
+            tree.delete(kill)
+            for j in kill.tolist():
+                del points[j]
+            # unused slots never outnumber both the points and the threshold
+            assert tree._next_slot - tree.n <= max(tree.n, cover._COMPACT_MIN)
+            with pytest.raises(InvalidInput, match="unknown id"):
+                tree.delete(kill[:1])  # a deleted id stays unknown, even once its slot is reused
+        _check_against_points(tree, points, seed=r)
+    assert tree._sid is not None and tree._in.shape[0] < issued  # compactions ran
+    with pytest.raises(InvalidInput, match="unknown id"):
+        tree.delete([issued])
+    path = tmp_path / "churned.kvant"
+    tree.save(path)
+    for back in (kvant.load(path), pickle.loads(pickle.dumps(tree)), copy.copy(tree)):
+        _check_against_points(back, points, seed=99)
+        extra = _data(3, 3, seed=77)
+        assert back.insert(extra).tolist() == [issued, issued + 1, issued + 2]
+        _check_against_points(back, {**points, issued: extra[0], issued + 1: extra[1], issued + 2: extra[2]}, 98)
+    _check_against_points(tree, points, seed=97)  # the copies' inserts left the original alone
+
+
+def test_churn_does_not_grow_the_arrays():
+    tree = kvant.CoverTree().fit(_data(10, 4, seed=3))
+    for r in range(3):
+        tree.delete(tree.insert(_data(3000, 4, seed=r)))
+    assert tree.n == 10 and tree._in.shape[0] < 3000 and tree._data.shape[0] < 3000
+    assert tree.insert(_data(1, 4)).tolist() == [9010]
+    d, i = tree.knn(_data(1, 4, seed=5), 11)
+    assert sorted(i.ravel().tolist()) == [*range(10), 9010]
+
+
 def test_insert_equals_fit_answers(query_path):
     X = _data(400, 4, seed=12)
     a = kvant.CoverTree().fit(X[:100])

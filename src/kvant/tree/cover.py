@@ -44,6 +44,9 @@ _LEAF_PER_DIM = {"euclidean": 64, "manhattan": 64, "chebyshev": 16}
 # KD_MAX_DIM coordinates; up to KD_PROBE_MAX_DIM the faster of the two on KD_PROBE_QUERIES of the tree's own points,
 # timed when the tree is fitted (both answer alike, so the choice moves only the speed); beyond that, the cover tree.
 KD_MAX_DIM, KD_PROBE_MAX_DIM, KD_PROBE_QUERIES = 4, 16, 128
+# A tree compacts its arrays when more than this many deleted points' slots, and more slots than it has points, are
+# unused (CoverTree._compact): below it the unused slots cost little, above it operations would follow the ids issued
+_COMPACT_MIN = 1024
 # the query structure _freeze derives from the per-node arrays
 _QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
                 "_box", "_frame", "_kd_cache")
@@ -188,7 +191,10 @@ class CoverTree:
         self._in = np.empty(0, np.bool_)
         self._root = -1
         self._n = 0
-        self._next_id = 0
+        self._next_id = 0  # the id the next inserted point gets (vector metrics; rows are ids for the residual one)
+        self._next_slot = 0  # the first unused slot (vector metrics)
+        # slot -> id for the used slots, ascending, or None where a slot is its id (until a compaction; _compact)
+        self._sid = None
         self.telemetry_: dict = {}
         self._self_error = 0.0  # a callable metric's rounding at distance ~0 on a sample of the points (_slack)
         self._kd_choice = None  # whether the kd-tree answers (None: not yet decided; _uses_kd)
@@ -216,7 +222,29 @@ class CoverTree:
     @property
     def ids_(self) -> np.ndarray:
         """The ids of the points in the tree, ascending (the row order of :meth:`knn_self`)."""
+        return self._ids_of(self._live())
+
+    def _live(self) -> np.ndarray:
+        """The slots of the points in the tree, ascending (so in id order: slots keep the order of their ids)."""
         return np.flatnonzero(self._in).astype(np.int64)
+
+    def _ids_of(self, slots: np.ndarray) -> np.ndarray:
+        """The ids of ``slots`` (-1, a padding slot, stays -1)."""
+        if self._sid is None:
+            return slots
+        return np.where(slots >= 0, self._sid[np.maximum(slots, 0)], -1)
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """The slots of the int64 ``ids``, -1 for an id not in the tree."""
+        cap = self._in.shape[0]
+        if cap == 0 or (self._sid is not None and self._sid.size == 0):
+            return np.full(ids.shape, -1, np.int64)
+        if self._sid is None:
+            slots = np.clip(ids, 0, cap - 1)
+        else:  # the used slots' ids ascend
+            slots = np.minimum(np.searchsorted(self._sid, ids), self._sid.size - 1)
+        found = self._in[slots] & (self._ids_of(slots) == ids)
+        return np.where(found, slots, -1)
 
     @property
     def dim(self) -> int | None:
@@ -411,7 +439,8 @@ class CoverTree:
         self._set_state(st)
         self._root, self._n = int(root), int(slots.size)
         self._dim = dim
-        self._next_id = int(cap) if self._m.kind != "index" else 0
+        self._next_id = self._next_slot = int(cap) if self._m.kind != "index" else 0
+        self._sid = None
         self._self_error = self._identity_error(slots)
         t1 = time.perf_counter()
         self._freeze()
@@ -448,7 +477,7 @@ class CoverTree:
     def _probe_kd(self) -> bool:
         """Whether the kd-tree answered KD_PROBE_QUERIES of the tree's points (evenly spaced ids, k = 8) faster than
         the cover tree: best of three alternating runs each. Recorded in ``telemetry_["kd_probe"]`` by fit."""
-        ids = self.ids_
+        ids = self._live()
         Q = np.ascontiguousarray(self._data[ids[:: max(1, ids.size // KD_PROBE_QUERIES)][:KD_PROBE_QUERIES]])
         k = min(8, self._n)
         best = {True: np.inf, False: np.inf}
@@ -470,7 +499,7 @@ class CoverTree:
         """The kd-tree over the points in the tree (kernels.kdtree.kd_build's arrays, after its reordered rows and
         their slots), built on first use after the points change."""
         if self._kd_cache is None:
-            slots = self.ids_
+            slots = self._live()
             rows = np.ascontiguousarray(self._data[slots])  # a copy: kd_build reorders it in place
             self._kd_cache = (rows, slots, *KD.kd_build(rows, slots, KD.KD_LEAF))
         return self._kd_cache
@@ -496,9 +525,11 @@ class CoverTree:
             state = {**state, "_lbase": float(state["base"])}
         # (pickled before the kd-tree path: the defaults)
         state = {"kd": None, "_kd_cache": None, "_kd_choice": None, "_kd_probe": None, **state}
+        if "_sid" not in state:  # (pickled before slots and ids parted, 2026-12-07: every slot was its id)
+            state = {**state, "_sid": None, "_next_slot": state.get("_next_id", 0)}
         self.__dict__.update(state)
         if "_self_error" not in state:  # (pickled before 2026-12-07)
-            self._self_error = self._identity_error(self.ids_)
+            self._self_error = self._identity_error(self._live())
         if state.get("_csr_order") != _CSR_ORDER:
             # queries stop at the first child past their id cut, which needs children by subtree minimum id: a tree
             # pickled before that order may have them otherwise (after a delete), so its query structure is rebuilt
@@ -611,14 +642,15 @@ class CoverTree:
             rows = self._rows(points, "insert points")
             if rows.size and np.any(self._in[rows]):
                 raise InvalidInput(f"insert points: row {int(rows[np.argmax(self._in[rows])])} is already in the tree")
-            new_slots = rows
+            new_slots = new_ids = rows
             data = self._data
             cap = data.shape[0]
         else:
             F = self._features(points, "insert points")
             b = F.shape[0]
-            new_slots = np.arange(self._next_id, self._next_id + b, dtype=np.int64)
-            need = self._next_id + b
+            new_slots = np.arange(self._next_slot, self._next_slot + b, dtype=np.int64)
+            new_ids = np.arange(self._next_id, self._next_id + b, dtype=np.int64)
+            need = self._next_slot + b
             cap = self._data.shape[0]
             if need > cap or self._dim is None:
                 cap = max(need, int(cap * 1.5) + 16)
@@ -626,10 +658,10 @@ class CoverTree:
                 if self._data.shape[0]:  # an empty tree's placeholder may have no columns yet
                     data[: self._data.shape[0]] = self._data
             else:
-                data = self._data  # rows past next_id are unused: writing them cannot disturb the tree
+                data = self._data  # rows past next_slot are unused: writing them cannot disturb the tree
             data[new_slots] = F
         if new_slots.size == 0:
-            return new_slots.copy()
+            return new_ids.copy()
         st = _State.empty(cap)
         old = self._parent.shape[0]
         st.parent[:old], st.level[:old], st.maxdist[:old] = self._parent, self._level, self._maxdist
@@ -650,14 +682,16 @@ class CoverTree:
         self._n += int(new_slots.size)
         if m.kind != "index":
             self._dim = data.shape[1]
-            self._next_id = int(new_slots[-1]) + 1
+            self._next_slot, self._next_id = int(new_slots[-1]) + 1, int(new_ids[-1]) + 1
+            if self._sid is not None:
+                self._sid = np.concatenate([self._sid, new_ids])
         self._self_error = max(self._self_error, self._identity_error(new_slots))
         t1 = time.perf_counter()
         self._freeze()
         tel["freeze"] = time.perf_counter() - t1
         tel["total"] = time.perf_counter() - t0
         self.telemetry_ = {"op": "insert", **tel}
-        return new_slots.copy()
+        return new_ids.copy()
 
     def _insert_into(self, data, st, new_slots, tel) -> None:
         """Insert new slots into the current frozen tree (self._off/_idx/_level describe it); the updated
@@ -748,13 +782,13 @@ class CoverTree:
         if arr.size == 0:
             return
         cap = self._in.shape[0]
-        unknown = arr[(arr < 0) | (arr >= cap)]
-        if unknown.size == 0:
-            unknown = arr[~self._in[arr]]
+        slots = self._slots_of(arr)
+        unknown = arr[slots < 0]
         if unknown.size:
             raise InvalidInput(f"delete: unknown id(s) {unknown[:5].tolist()} (not in the tree)")
         if np.unique(arr).size != arr.size:
             raise InvalidInput("delete: ids must be unique")
+        arr = slots
         flag = np.zeros(cap, np.bool_)
         flag[arr] = True
         live = np.flatnonzero(self._in)
@@ -792,9 +826,28 @@ class CoverTree:
         self._set_state(st)
         self._lbase = base
         self._root, self._n = int(root), int(n_new)
+        if self._m.kind != "index" and self._next_slot - self._n > max(self._n, _COMPACT_MIN):
+            self._compact()
         self._freeze()
         tel["total"] = time.perf_counter() - t0
         self.telemetry_ = {"op": "delete", **tel}
+
+    def _compact(self) -> None:
+        """Move the points into the first n slots, in order, dropping the deleted points' slots: the arrays then
+        follow the points held, not the ids issued. Ids stay: ``_sid`` maps slots to them. The links are renumbered,
+        not rebuilt (the tree is the same); delete calls it when unused slots outnumber the points (amortised: a
+        compaction costs O(slots) and follows at least as many deletes)."""
+        live = self._live()
+        new = np.full(self._in.shape[0], -1, np.int64)
+        new[live] = np.arange(live.size)
+        par = self._parent[live]
+        par = np.where(par >= 0, new[np.maximum(par, 0)], -1)
+        st = _State(par, self._level[live], self._maxdist[live], self._pd[live], np.ones(live.size, np.bool_))
+        self._sid = self._ids_of(live).copy()
+        self._data = np.ascontiguousarray(self._data[live])
+        self._set_state(st)
+        self._root = int(new[self._root]) if self._root >= 0 else -1
+        self._next_slot = int(live.size)
 
     # ------------------------------------------------------------------------------------------
     # queries
@@ -849,7 +902,7 @@ class CoverTree:
         if self._n == 0:
             raise EmptyIndex("the cover tree is empty: fit or insert points before querying")
         k = self._check_k(k, self._n)
-        slots = self.ids_
+        slots = self._live()
         Q = np.ascontiguousarray(self._data[slots])
         return self._query(Q, slots, 2 if predecessors else 1, k, False, progress)
 
@@ -906,6 +959,7 @@ class CoverTree:
         self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t, "path": path}
         if np.count_nonzero(bad):  # (cheaper than .any() on one query)
             raise _bad_metric("a query")
+        out_i = self._ids_of(out_i)  # (the kernels answer in slots)
         if single:
             return out_d[0], out_i[0]
         return out_d, out_i
@@ -939,7 +993,7 @@ class CoverTree:
 
     def _residual_scan(self, Q, qslot, mode, k):
         """Exact k-NN of the rows ``Q`` among the tree's points for the residual metric: ids, ties to the lower."""
-        slots = self.ids_
+        slots = self._live()
         out_d, pos = self._residual_knn(Q, qslot, mode, k, slots)
         return out_d, np.where(pos >= 0, slots[np.maximum(pos, 0)], -1)
 
@@ -1181,7 +1235,7 @@ class CoverTree:
             raise EmptyIndex("the cover tree is empty")
         k = self._check_k(k, self._n)
         m = self._m
-        slots = self.ids_
+        slots = self._live()
         if queries is None:
             Q = np.ascontiguousarray(self._data[slots])
             qslot, mode = slots, (2 if (predecessors is None or predecessors) else 1)
@@ -1197,7 +1251,7 @@ class CoverTree:
         m.K.brute_knn(self._data, m.params, Q, qslot, mode, slots, k, out_d, out_i, bad)
         if bad.any():
             raise _bad_metric("brute force")
-        return out_d, out_i
+        return out_d, self._ids_of(out_i)
 
     # ------------------------------------------------------------------------------------------
     # invariants
@@ -1211,7 +1265,7 @@ class CoverTree:
         duplicates (distance 0: the same point repeated), which hang off their twin as leaves of one level.
         maxdist(p) bounds the distance from p to every descendant.
         """
-        live = self.ids_
+        live = self._live()
         if live.size != self._n:
             raise KvantError(f"{live.size} slots in the tree but n={self._n}")
         if self._n == 0:
@@ -1298,14 +1352,17 @@ class CoverTree:
         if not m.persistable:
             raise InvalidInput("a CoverTree with a user-supplied callable metric cannot be saved (the function "
                                "is code, and kvant files hold no code); rebuild it from the points instead")
-        live = self.ids_
+        # the file holds ids (a parent as its id too): slots are the process's layout, and a load compacts
+        live = self._live()
         meta = {"metric": m.obj.spec() if m.kind == "index" else {"name": m.name}, "n": self._n,
-                "root": self._root, "next_id": self._next_id, "base": self.base, "level_base": self._lbase,
-                "dim": self._dim, "cap": int(self._in.shape[0]),
+                "root": int(self._ids_of(np.array([self._root]))[0]), "next_id": self._next_id, "base": self.base,
+                "level_base": self._lbase, "dim": self._dim,
+                # ids lie below cap (the residual metric's: rows of its X)
+                "cap": int(self._in.shape[0]) if m.kind == "index" else self._next_id,
                 # the query settings, and the probe's choice (it stands until the next fit; a review found a kd=False
                 # tree answering through the kd-tree after a load)
                 "kd": self.kd, "residual_scan": self.residual_scan, "kd_choice": self._kd_choice}
-        arrays = {"ids": live, "parent": self._parent[live], "level": self._level[live],
+        arrays = {"ids": self._ids_of(live), "parent": self._ids_of(self._parent[live]), "level": self._level[live],
                   "maxdist": self._maxdist[live]}
         if m.kind == "index":
             rc = m.obj
@@ -1355,26 +1412,36 @@ class CoverTree:
                 raise PersistError("CoverTree file: data array is missing or inconsistent")
             if next_id < 0 or cap < next_id or (n and next_id <= ids[-1]):
                 raise PersistError("CoverTree file: next id is inconsistent")
-            full = np.zeros((cap, dim))
-            full[ids] = data
-            tree._data, tree._dim = full, int(dim)
+            tree._data, tree._dim = np.array(data, np.float64, order="C"), int(dim)
         if not np.all(np.isfinite(md)) or np.any(md < 0):
             raise PersistError("CoverTree file: maxdist must be finite and >= 0")
+        if tree._m.kind == "index":  # a point's slot is its row
+            slots, par_s, root_s = ids, par, root
+        else:  # the points fill slots 0..n-1 in id order (_compact's layout)
+            cap = n
+            slots = np.arange(n, dtype=np.int64)
+            at = np.minimum(np.searchsorted(ids, np.r_[par, root]), max(n - 1, 0))
+            mapped = np.where(ids[at] == np.r_[par, root], at, -2) if n else np.r_[par, root]
+            mapped = np.where(np.r_[par, root] == -1, -1, mapped)  # (-2: an id not in the file, caught below)
+            par_s, root_s = mapped[:-1], int(mapped[-1])
+            tree._next_slot = n
+            tree._sid = None if n == next_id else ids.copy()
         parent = np.full(cap, -1, np.int64)
         level = np.zeros(cap, np.int32)
         maxdist = np.zeros(cap)
         in_tree = np.zeros(cap, np.bool_)
-        parent[ids], level[ids], maxdist[ids], in_tree[ids] = par, lev, md, True
+        parent[slots], level[slots], maxdist[slots], in_tree[slots] = par_s, lev, md, True
+        root = root_s
         if n:
             if not (0 <= root < cap and in_tree[root] and parent[root] == -1):
                 raise PersistError("CoverTree file: bad root")
-            kids = ids[ids != root]
+            kids = slots[slots != root]
             pk = parent[kids]
             if np.any(pk < 0) or np.any(pk >= cap) or not np.all(in_tree[pk]) or np.any(level[kids] >= level[pk]):
                 raise PersistError("CoverTree file: parent links are inconsistent (dangling parent or level order)")
         pd = np.zeros(cap)
         if n:
-            kids = ids[ids != root]
+            kids = slots[slots != root]
             d = tree._pair(parent[kids], kids)
             cover = K.radii(tree._lbase, level[kids].astype(np.int64) + 1)
             if not (np.all(d <= cover) and np.all(d <= maxdist[parent[kids]])):
@@ -1385,7 +1452,7 @@ class CoverTree:
             pd[kids] = d
         tree._set_state(_State(parent, level, maxdist, pd, in_tree))
         tree._root, tree._n, tree._next_id = (root if n else -1), n, next_id
-        tree._self_error = tree._identity_error(ids)
+        tree._self_error = tree._identity_error(slots)
         tree._kd_choice = kd_choice
         tree._freeze()
         return tree
