@@ -31,6 +31,7 @@ from ..cluster.assign import assign_top2, zero_norm_error
 from ..cluster.auto import auto_sample_rows
 from ..cluster.clusterer import Clusterer
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
+from ..cluster.reseed import block_far_rows, merge_far_rows, reseed_picks
 from ..errors import DimensionMismatch, EmptyIndex, InvalidInput, warn
 from ..io import as_source
 from ..io.source import (
@@ -194,17 +195,12 @@ def _chunk_stats(block, start, centroids, spherical, with_sums):
         return None, np.bincount(labels, minlength=k).astype(np.float64), objective, None
     rows = normalise_rows(x, start) if spherical else x
     sums, counts = cluster_sums(rows, labels, k, 1, UNIT_WEIGHTS)
-    top = np.lexsort((np.arange(per_row.size), -per_row))[:_FAR_ROWS]  # farthest first, ties to the lower row
-    far = (per_row[top], start + top, labels[top], np.asarray(rows[top], np.float64))
-    return sums, counts, objective, far
+    return sums, counts, objective, block_far_rows(per_row, start, labels, rows, _FAR_ROWS)
 
 
 def _far_rows(*fars):
     """The ``_FAR_ROWS`` farthest of several chunks' farthest rows: (distance, global row, label, row)."""
-    d = np.concatenate([f[0] for f in fars])
-    row = np.concatenate([f[1] for f in fars])
-    top = np.lexsort((row, -d))[:_FAR_ROWS]
-    return (d[top], row[top], np.concatenate([f[2] for f in fars])[top], np.concatenate([f[3] for f in fars])[top])
+    return merge_far_rows(fars, _FAR_ROWS)
 
 
 def _combine(*parts):
@@ -214,31 +210,19 @@ def _combine(*parts):
 
 
 def _reseed_empty(sums, counts, far, centroids) -> int:
-    """Move the farthest rows into empty clusters, as ``kvant.Clusterer`` does (``kernels.lloyd.reseed_empty``):
-    each empty cluster (in index order) gets the next farthest row whose cluster keeps at least one row; rows on
-    their centre and copies of a row already taken are skipped (they would seed identical centres, and the next
-    E-step would empty all but one again). Returns how many were re-seeded (at most ``_FAR_ROWS`` per pass; any
-    left empty keep their centre and get the next pass's rows).
-
-    ``far`` holds the rows as the M-step sums them (cos: their float32 unit copies). "On its centre" is decided on
-    those values, not by the distance alone: for cos the distance is measured on x/‖x‖ in float64, and a row whose
-    unit copy equals its centre measured ~1e-16 there (a review), which a test of ``dist > 0`` let through."""
-    empty = np.flatnonzero(counts == 0)
-    if empty.size == 0 or far is None:
+    """Move the farthest rows into empty clusters, as ``kvant.Clusterer`` does (``kernels.lloyd.reseed_empty``; the
+    rule: :func:`kvant.cluster.reseed.reseed_picks`), updating ``sums`` and ``counts``. Returns how many were
+    re-seeded (at most ``_FAR_ROWS`` per pass; any left empty keep their centre and get the next pass's rows).
+    ``far`` holds the rows as the M-step sums them (cos: their float32 unit copies)."""
+    if far is None or not np.any(counts == 0):
         return 0
-    taken_rows = []
-    for dist, _, src, row in zip(*far, strict=True):
-        if len(taken_rows) == empty.size or not dist > 0.0:  # farthest first: the rest are on their centre too
-            break
-        if counts[src] <= 1 or np.array_equal(row, centroids[src]) or any(np.array_equal(row, t) for t in taken_rows):
-            continue
-        dst = empty[len(taken_rows)]
+    picks = reseed_picks(counts, far, centroids)
+    for dst, src, row in picks:
         sums[src] -= row
         counts[src] -= 1
         sums[dst] = row
         counts[dst] = 1
-        taken_rows.append(row)
-    return len(taken_rows)
+    return len(picks)
 
 
 def _blocks_with_starts(arr):
