@@ -298,6 +298,26 @@ def test_churn_does_not_grow_the_arrays():
     assert sorted(i.ravel().tolist()) == [*range(10), 9010]
 
 
+def test_an_emptied_compacted_tree_saves_loads_and_continues_its_ids(tmp_path):
+    from kvant import persist
+
+    tree = kvant.CoverTree()
+    tree.delete(tree.insert(_data(1100, 3)))  # (more than _COMPACT_MIN: the delete compacts to no slot at all)
+    assert tree.n == 0 and tree._in.shape[0] == 0
+    tree.save(tmp_path / "empty.kvant")  # (an IndexError in a review)
+    back = kvant.load(tmp_path / "empty.kvant")
+    back.save(tmp_path / "again.kvant")
+    for t in (tree, back):
+        assert t.n == 0 and t.ids_.size == 0
+        assert t.insert(_data(3, 3, seed=2)).tolist() == [1100, 1101, 1102]
+        t.check_invariants()
+        assert sorted(t.knn(_data(1, 3), 3)[1][0].tolist()) == [1100, 1101, 1102]
+    kind, meta, arrays = persist.read(tmp_path / "empty.kvant")
+    persist.write(tmp_path / "huge.kvant", kind, {**meta, "next_id": 2**63 - 1, "cap": 2**63 - 1}, arrays)
+    with pytest.raises(PersistError, match="next id"):
+        kvant.load(tmp_path / "huge.kvant")  # (inserts would overflow int64)
+
+
 def test_insert_equals_fit_answers(query_path):
     X = _data(400, 4, seed=12)
     a = kvant.CoverTree().fit(X[:100])

@@ -47,6 +47,8 @@ KD_MAX_DIM, KD_PROBE_MAX_DIM, KD_PROBE_QUERIES = 4, 16, 128
 # A tree compacts its arrays when more than this many deleted points' slots, and more slots than it has points, are
 # unused (CoverTree._compact): below it the unused slots cost little, above it operations would follow the ids issued
 _COMPACT_MIN = 1024
+# ids a tree issues stay below this (a file's next id above it is corrupt: inserts would overflow int64)
+_MAX_ID = 2**62
 # the query structure _freeze derives from the per-node arrays
 _QUERY_ATTRS = ("_off", "_idx", "_minid", "_height", "_cdata", "_erec", "_dstart", "_dend", "_dnode", "_ddata", "_blk",
                 "_box", "_frame", "_kd_cache")
@@ -232,6 +234,8 @@ class CoverTree:
         """The ids of ``slots`` (-1, a padding slot, stays -1)."""
         if self._sid is None:
             return slots
+        if self._sid.size == 0:  # (an emptied, compacted tree: every slot given is padding)
+            return np.full_like(slots, -1)
         return np.where(slots >= 0, self._sid[np.maximum(slots, 0)], -1)
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
@@ -1272,7 +1276,8 @@ class CoverTree:
             return {"n": 0}
         roots = live[self._parent[live] < 0]
         if roots.size != 1 or roots[0] != self._root:
-            raise KvantError(f"expected exactly one root ({self._root}), found {roots.tolist()}")
+            raise KvantError(f"expected exactly one root (id {self._ids_of(np.array([self._root]))[0]}), found ids "
+                             f"{self._ids_of(roots).tolist()}")
         kids = live[live != self._root]
         par = self._parent[kids]
         if not np.all(self._in[par]):
@@ -1298,7 +1303,8 @@ class CoverTree:
                 _, first, inv = np.unique(self._data[grp], axis=0, return_index=True, return_inverse=True)
                 rep = grp[first]
                 if rep.size < grp.size and not np.all(self._pair(rep[inv.ravel()], grp) <= slack):
-                    raise KvantError(f"copies of one point among the children of {ps[s]} are not at distance 0")
+                    raise KvantError(f"copies of one point among the children of id {self._ids_of(ps[s : s + 1])[0]} "
+                                     "are not at distance 0")
                 radius = K.radius(self._lbase, int(ls[s]))
                 step = max(1, (1 << 22) // rep.size)  # pairs (i, j > i) for a block of i: bounded memory
                 for i0 in range(0, rep.size - 1, step):
@@ -1308,7 +1314,8 @@ class CoverTree:
                     dd = self._pair(rep[a[upper]], rep[b[upper]])
                     # duplicates: distance 0 up to the metric's rounding slack (angular's arccos gives ~1e-8)
                     if not np.all((dd > radius) | (dd <= slack)):
-                        raise KvantError(f"separation violated among children of {ps[s]} at level {ls[s]}")
+                        raise KvantError(f"separation violated among children of id {self._ids_of(ps[s : s + 1])[0]} "
+                                         f"at level {ls[s]}")
         if not _maxdist_bounds_subtrees(self._pair, self._parent, self._maxdist, kids):
             raise KvantError("maxdist is not an upper bound on a subtree's radius")
         # CSR consistent with parents
@@ -1410,7 +1417,7 @@ class CoverTree:
             if (not isinstance(dim, int) or dim < 1 or data is None or data.shape != (n, dim)
                     or data.dtype != np.float64 or not np.all(np.isfinite(data))):
                 raise PersistError("CoverTree file: data array is missing or inconsistent")
-            if next_id < 0 or cap < next_id or (n and next_id <= ids[-1]):
+            if next_id < 0 or next_id > _MAX_ID or cap < next_id or (n and next_id <= ids[-1]):
                 raise PersistError("CoverTree file: next id is inconsistent")
             tree._data, tree._dim = np.array(data, np.float64, order="C"), int(dim)
         if not np.all(np.isfinite(md)) or np.any(md < 0):
