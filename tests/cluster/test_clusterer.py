@@ -710,7 +710,7 @@ def test_progress_callback_accounts_for_every_row(data, algorithm):
     assigned = sum(a for p, a in events if p == "assign")
     assert assigned == x.shape[0]
     if algorithm == "minibatch":
-        assert sum(a for p, a in events if p == "minibatch") == x.shape[0]  # one epoch
+        assert sum(a for p, a in events if p == "minibatch") == 2 * x.shape[0]  # one epoch, one finishing step
     else:
         assert sum(a for p, a in events if p == "train") == c.n_iter_
 
@@ -1925,6 +1925,41 @@ def test_minibatch_leaves_no_cluster_empty_when_the_rows_allow(metric):
         assert (-c.score(x) == pytest.approx(c.mse_, rel=1e-9) if metric == "l2"
                 else c.score(x) == pytest.approx(c.mean_cosine_, rel=1e-9))
     assert empties == 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_minibatch_finishing_step_moves_each_centre_to_its_rows_mean(metric):
+    from kvant.cluster.minibatch import finishing_step
+
+    g = np.random.default_rng(3)
+    x = (g.standard_normal((2500, 7)) + 3.0 * g.standard_normal((2500, 1))).astype(np.float32)
+    c = x[g.choice(2500, 9, replace=False)].copy()
+    spherical = metric == "cos"
+    u = x / np.linalg.norm(x, axis=1, keepdims=True) if spherical else x
+    if spherical:
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+    c[8] = c[0] if spherical else 1e6  # a centre no row is nearest to (a copy loses its ties): it stays
+    lab = np.argmin(((u[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1), axis=1)
+    want = c.astype(np.float64).copy()
+    for j in range(8):
+        want[j] = u[lab == j].astype(np.float64).mean(0)
+    if spherical:
+        want[:8] /= np.linalg.norm(want[:8], axis=1, keepdims=True)
+    obj = ((u - c[lab]).astype(np.float64) ** 2).sum() * (0.5 if spherical else 1.0)
+    got, got_obj = finishing_step(kvant.as_source(x), c, spherical, 700, None, None)  # (blocks of 700 rows)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got_obj == pytest.approx(obj, rel=1e-5)
+
+
+def test_minibatch_puts_a_lone_far_row_at_its_own_centre():
+    # A centre that took a far row while it held others kept 1/(rows seen) of its pull: the row at 1e38 sat alone in
+    # its cluster with the centre at 2e35 (MSE 1.6e73, a review); the finishing step puts the centre on its row
+    x = np.random.default_rng(0).standard_normal((5000, 8)).astype(np.float32)
+    x[:2500] += 10
+    x[123] = 1e38
+    c = kvant.Clusterer(4, algorithm="minibatch", seed=0).fit(x)
+    assert np.array_equal(c.cluster_centers_[c.labels_[123]], x[123])
+    assert c.mse_ < 20
 
 
 def test_minibatch_with_fewer_distinct_rows_than_k_keeps_them_all_and_warns():

@@ -15,8 +15,9 @@ Every concrete algorithm has the same three phases, timed in ``timings_``:
    from this full assignment, never from the sample.
 
 ``minibatch`` replaces 1-2 with streaming mini-batch updates (Sculley 2010) over chunks read from the
-source, so its memory is bounded by ``batch_rows`` whatever N is; clusters its assignment leaves empty are re-seeded
-with far rows and the rows assigned again (``_fill_empty_clusters``).
+source, then one full Lloyd step in one more pass, so its memory is bounded by ``batch_rows`` whatever N is;
+clusters its assignment leaves empty are re-seeded with far rows and the rows assigned again
+(``_fill_empty_clusters``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ class Clusterer:
     n_redo : restarts for ``dense-exact-nredo`` (default 3; seeds seed, seed+1, ...; the lowest training objective
         wins).
     batch_rows : rows per mini-batch for ``minibatch`` (default 65,536; bounds its memory).
-    max_epochs : passes over the data for ``minibatch`` (default 3).
+    max_epochs : mini-batch passes over the data for ``minibatch`` (default 3; fewer when the objective stops improving
+        by ``tol``), followed by one full Lloyd step (one more pass: it lowered the MSE more than another epoch did)
+        and the final assignment.
     init : ``None`` (default: the algorithm's seeding, above) or the initial centres, an array of shape (k, dim) —
         a warm start, e.g. from an earlier fit's ``cluster_centers_`` (FAISS's ``init_centroids``, scikit-learn's
         ``init=array``). Copied as float32 at ``fit`` (finite; for ``cos`` non-zero rows, normalised), for every
@@ -250,7 +253,8 @@ class Clusterer:
         """Cluster ``x`` (anything :func:`kvant.as_source` accepts). Returns self.
 
         ``progress(phase, amount)``, if given, is called as work completes: ``("train", 1)`` per Lloyd
-        iteration, ``("minibatch", rows)`` per mini-batch, ``("assign", rows)`` per assigned block.
+        iteration, ``("minibatch", rows)`` per mini-batch and per block of mini-batch's finishing Lloyd step (one more
+        pass), ``("assign", rows)`` per assigned block.
         """
         if progress is not None and not callable(progress):
             raise InvalidInput(f"progress must be a callable progress(phase, amount) or None, got {progress!r}")
