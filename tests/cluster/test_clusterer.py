@@ -705,7 +705,7 @@ def test_auto_larger_sample_gets_near_the_full_data_optimum():
 def test_progress_callback_accounts_for_every_row(data, algorithm):
     x, _ = data
     events = []
-    c = kvant.Clusterer(k=8, algorithm=algorithm, seed=0, batch_rows=1000, max_epochs=1)
+    c = kvant.Clusterer(k=8, algorithm=algorithm, seed=0, batch_rows=1000, max_epochs=2, tol=0.0)
     c.fit(x, progress=lambda phase, amount: events.append((phase, amount)))
     assigned = sum(a for p, a in events if p == "assign")
     assert assigned == x.shape[0]

@@ -15,7 +15,7 @@ Every concrete algorithm has the same three phases, timed in ``timings_``:
    from this full assignment, never from the sample.
 
 ``minibatch`` replaces 1-2 with streaming mini-batch updates (Sculley 2010) over chunks read from the
-source, then one full Lloyd step in one more pass, so its memory is bounded by ``batch_rows`` whatever N is;
+source, its last pass one full Lloyd step, so its memory is bounded by ``batch_rows`` whatever N is;
 clusters its assignment leaves empty are re-seeded with far rows and the rows assigned again
 (``_fill_empty_clusters``).
 """
@@ -118,9 +118,10 @@ class Clusterer:
     n_redo : restarts for ``dense-exact-nredo`` (default 3; seeds seed, seed+1, ...; the lowest training objective
         wins).
     batch_rows : rows per mini-batch for ``minibatch`` (default 65,536; bounds its memory).
-    max_epochs : mini-batch passes over the data for ``minibatch`` (default 3; fewer when the objective stops improving
-        by ``tol``), followed by one full Lloyd step (one more pass: it lowered the MSE more than another epoch did)
-        and the final assignment.
+    max_epochs : training passes over the data for ``minibatch`` (default 3): with two or more, the last is one full
+        Lloyd step (each centre to the mean of its rows; it lowered the MSE more than another epoch in all 16 cases
+        measured) and the others mini-batch epochs, which stop early when the objective improves by less than ``tol``.
+        The final assignment is one more pass.
     init : ``None`` (default: the algorithm's seeding, above) or the initial centres, an array of shape (k, dim) —
         a warm start, e.g. from an earlier fit's ``cluster_centers_`` (FAISS's ``init_centroids``, scikit-learn's
         ``init=array``). Copied as float32 at ``fit`` (finite; for ``cos`` non-zero rows, normalised), for every
@@ -253,7 +254,7 @@ class Clusterer:
         """Cluster ``x`` (anything :func:`kvant.as_source` accepts). Returns self.
 
         ``progress(phase, amount)``, if given, is called as work completes: ``("train", 1)`` per Lloyd
-        iteration, ``("minibatch", rows)`` per mini-batch and per block of mini-batch's finishing Lloyd step (one more
+        iteration, ``("minibatch", rows)`` per mini-batch and per block of mini-batch's finishing Lloyd step (its last
         pass), ``("assign", rows)`` per assigned block.
         """
         if progress is not None and not callable(progress):
