@@ -76,6 +76,20 @@ def _batches(g: np.random.Generator, n: int, batch_rows: int, units: np.ndarray 
     return out
 
 
+def _block_stats(xb, c, cshift, cscale) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Each row of ``xb`` to its nearest centre of ``c``: (float32 distances in the conditioned units — × cscale²: only
+    their order is used —, their sum in the rows' units, per-centre float64 sums of the rows, row counts). The
+    conditioning is the seeding sample's (centroids alone give no scale when K = 1)."""
+    b = xb.shape[0]
+    labels = np.empty(b, np.int64)
+    d1 = np.empty(b, np.float32)
+    d2 = np.empty(b, np.float32)
+    assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2, shift=cshift, scale=cscale)
+    obj = float(d1.sum(dtype=np.float64)) / (1.0 if cscale is None else cscale * cscale)
+    sums, counts = cluster_sums(xb, labels, c.shape[0], max(1, get_num_threads()), UNIT_WEIGHTS)
+    return d1, obj, sums, counts
+
+
 def minibatch_kmeans(
     src, k, spherical, seed, batch_rows, max_epochs, tol, on_batch=None, init=None
 ) -> MiniBatchResult:
@@ -108,14 +122,8 @@ def minibatch_kmeans(
             except InvalidInput as err:
                 raise first_bad_row_error(src, s, spherical, batch_rows, err) from None
             b = xb.shape[0]
-            labels = np.empty(b, np.int64)
-            d1 = np.empty(b, np.float32)
-            d2 = np.empty(b, np.float32)
-            # the seeding sample's conditioning (centroids alone give no scale when K = 1)
-            assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2, shift=cshift, scale=cscale)
-            # d1 is in scaled units (× cscale²); only its order is used below
-            total_obj += float(d1.sum(dtype=np.float64)) / (1.0 if cscale is None else cscale * cscale)
-            sums, counts = cluster_sums(xb, labels, k, max(1, get_num_threads()), UNIT_WEIGHTS)
+            d1, obj, sums, counts = _block_stats(xb, c, cshift, cscale)
+            total_obj += obj
             hit = counts > 0
             seen[hit] += counts[hit]
             rate = counts[hit] / seen[hit]
@@ -173,17 +181,12 @@ def finishing_step(src, c, spherical, batch_rows, cshift, cscale, on_batch=None)
     total = 0.0
     for s, raw in src.chunks(batch_rows):  # (validated, and a memmap's pages released, as they are read)
         xb = normalise_rows(raw, s) if spherical else raw
-        b = xb.shape[0]
-        labels = np.empty(b, np.int64)
-        d1 = np.empty(b, np.float32)
-        d2 = np.empty(b, np.float32)
-        assign_top2(xb, c, sq_norms_serial(c), labels, d1, d2, shift=cshift, scale=cscale)
-        total += float(d1.sum(dtype=np.float64)) / (1.0 if cscale is None else cscale * cscale)
-        bs, bc = cluster_sums(xb, labels, k, max(1, get_num_threads()), UNIT_WEIGHTS)
+        _, obj, bs, bc = _block_stats(xb, c, cshift, cscale)
+        total += obj
         sums += bs
         counts += bc
         if on_batch is not None:
-            on_batch(b)
+            on_batch(xb.shape[0])
     hit = counts > 0
     out = c.copy()
     out[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)
