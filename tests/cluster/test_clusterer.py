@@ -1962,6 +1962,36 @@ def test_minibatch_puts_a_lone_far_row_at_its_own_centre():
     assert c.mse_ < 20
 
 
+@pytest.mark.parametrize("max_epochs", [1, 2, 3])
+def test_minibatch_fills_empty_clusters_from_rows_with_many_copies(max_epochs):
+    # 28 distinct 1-d rows, 8 of them with 100 copies, and 11 of 12 starting centres that no row reaches: the farthest
+    # rows kept to re-seed them were all copies of one row (54 kept, 1 distinct: a review), so one cluster was filled
+    # per round and 7 stayed empty, with a warning blaming the data
+    vals = [0, 10, 1, 9, 2, 8, 3, 7]
+    x = np.concatenate([np.full(100, v, np.float32) for v in vals] + [np.linspace(4.5, 5.5, 20, dtype=np.float32)])
+    init = np.array([[5.0]] + [[1e6 + i] for i in range(11)], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kvant.EmptyClusterWarning)
+        c = kvant.Clusterer(12, algorithm="minibatch", init=init, max_epochs=max_epochs, seed=0).fit(x[:, None])
+    assert np.all(np.bincount(c.labels_, minlength=12) > 0)
+    assert np.array_equal(c.predict(x[:, None]), c.labels_)
+
+
+def test_reseed_picks_leave_every_source_cluster_a_row_counting_copies():
+    from kvant.cluster.reseed import distinct_far_rows, reseed_picks
+
+    # cluster 0 holds two distinct rows, 3 copies each; cluster 1 one row with 5 copies; clusters 2-4 are empty
+    rows = np.array([[4.0]] * 3 + [[-4.0]] * 3 + [[9.0]] * 5, np.float32)
+    labels = np.array([0] * 6 + [1] * 5)
+    centres = np.array([[0.0], [9.0], [50.0], [60.0], [70.0]], np.float32)
+    dist = ((rows - centres[labels]) ** 2).ravel().astype(np.float64)
+    far = distinct_far_rows(dist, 0, labels, rows, 10)
+    assert far[4].tolist() == [3, 3]  # the distinct rows off their centre, with their copies (9.0 is on its centre)
+    picks = reseed_picks(np.bincount(labels, minlength=5), far, centres)
+    # one of cluster 0's rows (with its copies) may leave it, not both: it would be left empty
+    assert [(d, s, r.tolist()) for d, s, r in picks] == [(2, 0, [4.0])]  # (equally far: the lower row)
+
+
 def test_minibatch_with_fewer_distinct_rows_than_k_keeps_them_all_and_warns():
     g = np.random.default_rng(5)
     x = np.ascontiguousarray(g.standard_normal((50, 3)).astype(np.float32)[g.integers(0, 50, 3000)])

@@ -49,7 +49,7 @@ from .auto import DEFAULT_SAMPLE_PER_CENTROID, choose_algorithm, memory_budget_b
 from .lloyd import _normalise, init_centroids, lloyd, normalise_rows
 from .minibatch import minibatch_kmeans
 from .neighbours import NeighbourFinal
-from .reseed import block_far_rows, merge_far_rows, reseed_picks
+from .reseed import distinct_far_rows, merge_distinct_far_rows, reseed_picks
 from .sampling import (
     CENTRE_ROWS,
     NEAR_UNIFORM,
@@ -121,7 +121,8 @@ class Clusterer:
     max_epochs : training passes over the data for ``minibatch`` (default 3): with two or more, the last is one full
         Lloyd step (each centre to the mean of its rows; it lowered the MSE more than another epoch in all 16 cases
         measured) and the others mini-batch epochs, which stop early when the objective improves by less than ``tol``.
-        The final assignment is one more pass.
+        The final assignment is one more pass (and each round of re-seeding clusters it leaves empty two more:
+        ``_fill_empty_clusters``).
     init : ``None`` (default: the algorithm's seeding, above) or the initial centres, an array of shape (k, dim) —
         a warm start, e.g. from an earlier fit's ``cluster_centers_`` (FAISS's ``init_centroids``, scikit-learn's
         ``init=array``). Copied as float32 at ``fit`` (finite; for ``cos`` non-zero rows, normalised), for every
@@ -129,8 +130,8 @@ class Clusterer:
 
     Fitted attributes: ``labels_``, ``cluster_centers_``, ``inertia_`` (the objective over all rows, from the final
     assignment: Σ‖x − c‖² for ``l2``; Σ(1 − cos(x, c)) for ``cos``), ``mse_`` (l2) or ``mean_cosine_`` (cos),
-    ``n_iter_`` (Lloyd iterations; for ``minibatch``, mini-batch steps), ``inertia_history_`` (the training
-    objective per iteration; for ``minibatch``, per epoch); the settings actually used: ``algorithm_``,
+    ``n_iter_`` (Lloyd iterations; for ``minibatch``, mini-batch steps and its finishing step), ``inertia_history_``
+    (the training objective per iteration; for ``minibatch``, per pass); the settings actually used: ``algorithm_``,
     ``auto_reason_``, ``max_iter_``, ``overrelax_``, ``polish_iter_``, ``sample_rows_`` (rows of the training sample;
     0 for ``minibatch``), ``sampling_`` (how it was drawn: ``"all rows"``, ``"coreset"`` or ``"uniform"``; None for
     ``minibatch``), ``threads_``; and ``timings_`` (seconds per phase).
@@ -255,7 +256,8 @@ class Clusterer:
 
         ``progress(phase, amount)``, if given, is called as work completes: ``("train", 1)`` per Lloyd
         iteration, ``("minibatch", rows)`` per mini-batch and per block of mini-batch's finishing Lloyd step (its last
-        pass), ``("assign", rows)`` per assigned block.
+        pass), ``("assign", rows)`` per block of the final assignment (N rows in all: the passes that re-seed
+        clusters a mini-batch fit leaves empty do not report).
         """
         if progress is not None and not callable(progress):
             raise InvalidInput(f"progress must be a callable progress(phase, amount) or None, got {progress!r}")
@@ -706,39 +708,45 @@ persist.register("Clusterer")(Clusterer)
 # ----------------------------------------------------------------------------------------------
 
 
-# rounds of _fill_empty_clusters (each two passes over the rows, run only while clusters are empty)
+# rounds of _fill_empty_clusters (two passes over the rows each; run while clusters are empty and a round fills some)
 _FILL_ROUNDS = 4
 
 
 def _fill_empty_clusters(src, full, centroids, labels, inertia, spherical, rows):
     """(centroids, labels, inertia) with the clusters the final assignment left empty re-seeded. One pass keeps the
-    rows farthest from their centres among clusters of two or more rows (twice as many as the empty clusters, plus
-    32: memory O(K·D), like the centres); the empty clusters take them by :func:`kvant.cluster.reseed.reseed_picks`
-    (Lloyd's rule: a row of a cluster that keeps one, not on its centre, no copy of another taken row), and a full
-    assignment follows; up to ``_FILL_ROUNDS`` rounds (a re-seeded centre may take all the rows of a small cluster).
+    distinct rows farthest from their centres among clusters of two or more rows (twice as many as the empty clusters,
+    plus 32: memory O(K·D), like the centres); the empty clusters take them by
+    :func:`kvant.cluster.reseed.reseed_picks` (Lloyd's rule: a row of a cluster that keeps one after losing the row's
+    copies, not on its centre, no copy of another taken row), and a full assignment follows; up to ``_FILL_ROUNDS``
+    rounds while the empty clusters get fewer (a re-seeded centre may take all the rows of a small cluster).
     Mini-batch's last updates can leave a centre that no row is nearest to (seen in 20 of 150 random fits with
-    K > N/2 on 1- and 2-d rows). Clusters stay empty only when no row qualifies: fewer distinct rows than K."""
+    K > N/2 on 1- and 2-d rows). Clusters stay empty when no row qualifies (fewer distinct rows than K), and where
+    float32 cannot tell the rows apart (cos directions closer than its resolution)."""
     k = centroids.shape[0]
+    empty = int(np.count_nonzero(np.bincount(labels, minlength=k) == 0))
     for _ in range(_FILL_ROUNDS):
-        counts = np.bincount(labels, minlength=k)
-        empty = int(np.count_nonzero(counts == 0))
         if empty == 0:
             break
+        counts = np.bincount(labels, minlength=k)
         keep = 2 * empty + 32
         far = None
         for s, block in _iter_blocks(src, full, spherical, rows):  # (cos: unit rows, as the centres are)
             lab = np.ascontiguousarray(labels[s : s + block.shape[0]])
             dist = exact_sq_dist_rows(block, centroids, lab)
             dist[counts[lab] <= 1] = -1.0  # a singleton's row cannot leave it: not a candidate (nor taking a place)
-            f = block_far_rows(dist, s, lab, block, keep)
-            far = f if far is None else merge_far_rows([far, f], keep)
+            f = distinct_far_rows(dist, s, lab, block, keep)
+            far = f if far is None else merge_distinct_far_rows([far, f], keep)
         picks = reseed_picks(counts, far, centroids)
         if not picks:
             break
-        centroids = centroids.copy()
+        moved = centroids.copy()
         for dst, _, row in picks:
-            centroids[dst] = row
-        labels, inertia = _assign_all(src, full, centroids, spherical, rows, with_inertia=True)
+            moved[dst] = row
+        new_labels, new_inertia = _assign_all(src, full, moved, spherical, rows, with_inertia=True)
+        left = int(np.count_nonzero(np.bincount(new_labels, minlength=k) == 0))
+        if left >= empty:  # no better (rows float32 cannot tell apart): keep the fit as it was
+            break
+        centroids, labels, inertia, empty = moved, new_labels, new_inertia, left
     return centroids, labels, inertia
 
 
