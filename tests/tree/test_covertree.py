@@ -185,7 +185,8 @@ def test_custom_numba_metric_big_groups(monkeypatch):
     X = _data(400, 4, seed=8)
     tree = kvant.CoverTree(l1_user).fit(X)
     tree.check_invariants()
-    builtin = kvant.CoverTree("manhattan").fit(X)  # the same distance, summed in the same order
+    builtin = kvant.CoverTree("manhattan", kd=False).fit(X)  # the same distance, summed in the same order (kd=False:
+    # a fit answering by its kd-tree would leave the cover tree for later)
     for a in ("_parent", "_level"):
         assert np.array_equal(getattr(tree, a), getattr(builtin, a)), a
     Q = _data(9, 4, seed=9)
@@ -345,8 +346,8 @@ def residual():
 @pytest.mark.parametrize("metric", ["euclidean", "residual"])
 def test_build_progress_counts_every_point_once_and_changes_nothing(metric, residual):
     def build(**kw):
-        if metric == "euclidean":
-            return kvant.CoverTree().fit(_data(3000, 4, clustered=True), **kw)
+        if metric == "euclidean":  # (kd=False: the cover tree is built by the fit, level by level)
+            return kvant.CoverTree(kd=False).fit(_data(3000, 4, clustered=True), **kw)
         return kvant.CoverTree(residual[1]).fit(**kw)
 
     events = []
@@ -913,11 +914,17 @@ def test_round_trip_and_exactness_hypothesis(tmp_path_factory, n, d, seed, dup):
 
 
 def test_telemetry_phases():
-    tree = kvant.CoverTree().fit(_data(5000, 3))
-    tel = tree.telemetry_
+    tel = kvant.CoverTree(kd=False).fit(_data(5000, 3)).telemetry_
     assert tel["op"] == "fit" and tel["n"] == 5000
-    for key in ("traversal", "net", "relayout", "freeze", "kd", "total", "levels"):
+    for key in ("traversal", "net", "relayout", "freeze", "total", "levels"):
         assert key in tel
+    # 3 coordinates: the kd-tree answers, and the fit builds it alone (the cover tree waits for an operation that needs
+    # it); the build's progress is then one report of every point
+    events = []
+    tree = kvant.CoverTree().fit(_data(5000, 3), progress=lambda phase, n: events.append((phase, n)))
+    tel = tree.telemetry_
+    assert tel["op"] == "fit" and "kd" in tel and "net" not in tel and tree._cover_pending
+    assert events == [("build", 5000)]
     tree.knn(_data(3, 3), 2)
     assert tree.telemetry_["path"] == "kd"  # 3 coordinates: the kd-tree answers
     tree.kd = False
@@ -930,6 +937,11 @@ def test_telemetry_phases():
     assert "kd" not in kvant.CoverTree().fit(_data(500, cover.KD_PROBE_MAX_DIM + 1)).telemetry_
     tree.insert(_data(100, 3, seed=9))
     assert tree.telemetry_["op"] == "insert" and tree.telemetry_["traversal"] >= 0
+    assert "cover_build" not in tree.telemetry_  # (built by the kd=False query above)
+    fresh = kvant.CoverTree().fit(_data(2000, 2))
+    fresh.delete([0])
+    assert fresh.telemetry_["cover_build"] > 0 and not fresh._cover_pending
+    fresh.check_invariants()
 
 
 # -- found by a black-box review ---------------------------------------------------------------------------
@@ -937,8 +949,8 @@ def test_telemetry_phases():
 
 def test_repeated_points_do_not_build_a_chain(query_path):
     # n copies of one point used to peel off one point per level: height n - 1 and O(n^2) work
+    assert kvant.CoverTree(kd=False).fit(np.zeros((4000, 3))).telemetry_["levels"] <= 2
     tree = kvant.CoverTree().fit(np.zeros((4000, 3)))
-    assert tree.telemetry_["levels"] <= 2
     ids = tree.insert(np.zeros((500, 3)))
     assert ids.size == 500
     d, i = tree.knn(np.zeros((2, 3)), 5)
@@ -1428,7 +1440,7 @@ def test_check_invariants_on_many_copies_of_a_point_is_linear():
     assert t.check_invariants()["n"] == 40_001
     # and it still finds a broken separation among distinct siblings
     Y = np.random.default_rng(1).random((300, 2))
-    bad = kvant.CoverTree().fit(Y)
+    bad = kvant.CoverTree(kd=False).fit(Y)  # (kd=False: the fit builds the cover tree this test breaks)
     live = bad.ids_
     leaves = live[~np.isin(live, bad._parent[live])]
     pairs = {}
