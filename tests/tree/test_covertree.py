@@ -299,6 +299,22 @@ def test_churn_does_not_grow_the_arrays():
     assert sorted(i.ravel().tolist()) == [*range(10), 9010]
 
 
+def test_a_deferred_cover_tree_is_built_once_for_queries_on_several_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    X = _data(3000, 3, seed=4)
+    tree = kvant.CoverTree().fit(X)
+    assert tree._cover_pending  # (3 coordinates: the kd-tree answers, the cover tree waits)
+    tree.kd = False  # every query now needs the cover tree
+    Q = _data(40, 3, seed=5)
+    rd, ri = ref.knn_from_distances(ref.tree_pairwise("euclidean", Q, X), np.arange(3000), 6)
+    with ThreadPoolExecutor(4) as pool:
+        for d, i in pool.map(lambda _: tree.knn(Q, 6), range(8)):
+            _assert_same(d, i, rd, ri)
+    assert not tree._cover_pending
+    tree.check_invariants()
+
+
 def test_an_emptied_compacted_tree_saves_loads_and_continues_its_ids(tmp_path):
     from kvant import persist
 

@@ -6,6 +6,7 @@ See docs/covertree.md for the invariants, the batch construction and the exactne
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 
 import numpy as np
@@ -44,6 +45,8 @@ _LEAF_PER_DIM = {"euclidean": 64, "manhattan": 64, "chebyshev": 16}
 # KD_MAX_DIM coordinates; up to KD_PROBE_MAX_DIM the faster of the two on KD_PROBE_QUERIES of the tree's own points,
 # timed when the tree is fitted (both answer alike, so the choice moves only the speed); beyond that, the cover tree.
 KD_MAX_DIM, KD_PROBE_MAX_DIM, KD_PROBE_QUERIES = 4, 16, 128
+# serialises the deferred cover-tree builds (CoverTree._cover; rare, so one lock for every tree)
+_COVER_LOCK = threading.Lock()
 # A tree compacts its arrays when more than this many deleted points' slots, and more slots than it has points, are
 # unused (CoverTree._compact): below it the unused slots cost little, above it operations would follow the ids issued
 _COMPACT_MIN = 1024
@@ -489,19 +492,22 @@ class CoverTree:
         reports, as :meth:`fit` gives them."""
         if not self._cover_pending:
             return 0.0
-        t = time.perf_counter()
-        slots = self._live()
-        st = _State.empty(self._in.shape[0])
-        root, base = self._build_fresh(self._data, slots, st, {} if tel is None else tel, progress)
-        st.in_tree[slots] = True
-        kd = self._kd_cache  # (the points are the same: the kd-tree stands)
-        self._lbase = base
-        self._set_state(st)
-        self._root = int(root)
-        self._cover_pending = False
-        self._freeze()
-        self._kd_cache = kd
-        return time.perf_counter() - t
+        with _COVER_LOCK:  # (queries on several threads may all need it: one builds, the others wait for it)
+            if not self._cover_pending:
+                return 0.0
+            t = time.perf_counter()
+            slots = self._live()
+            st = _State.empty(self._in.shape[0])
+            root, base = self._build_fresh(self._data, slots, st, {} if tel is None else tel, progress)
+            st.in_tree[slots] = True
+            kd = self._kd_cache  # (the points are the same: the kd-tree stands)
+            self._lbase = base
+            self._set_state(st)
+            self._root = int(root)
+            self._freeze()
+            self._kd_cache = kd
+            self._cover_pending = False  # (last: a thread that reads it False finds the whole structure)
+            return time.perf_counter() - t
 
     def _uses_kd(self) -> bool:
         """Whether queries walk the kd-tree: ``kd`` if set; else for a coordinate metric up to KD_MAX_DIM coordinates,
