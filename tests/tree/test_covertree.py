@@ -315,6 +315,44 @@ def test_a_deferred_cover_tree_is_built_once_for_queries_on_several_threads():
     tree.check_invariants()
 
 
+def test_a_deferred_cover_tree_reports_its_build_and_keeps_the_fits_level_base(tmp_path):
+    import pickle
+
+    X = _data(3000, 3, seed=6)
+    # a refit that defers holds nothing of the tree before it (a review: a 10-point tree pickled to 25 MB)
+    tree = kvant.CoverTree(kd=False).fit(_data(20_000, 8, seed=1))
+    tree.kd = None
+    tree.fit(X[:10])
+    assert tree._cover_pending and tree._ddata.shape[0] <= 1 and tree._erec.shape[0] <= 1
+    assert len(pickle.dumps(tree)) < 100_000
+    for op, name in ((lambda t: (setattr(t, "kd", False), t.knn(X[:4], 3)), "knn"),
+                     (lambda t: t.save(tmp_path / "t.kvant"), "save"),
+                     (lambda t: t.check_invariants(), "check_invariants"),
+                     (lambda t: t.insert(X[:2]), "insert"),
+                     (lambda t: t.delete([0]), "delete")):
+        t = kvant.CoverTree().fit(X)
+        op(t)
+        assert t.telemetry_["op"] == name and t.telemetry_["cover_build"] > 0 and not t._cover_pending, name
+    # the deferred build uses the fit's level base, whatever ``base`` is set to since
+    a, b = kvant.CoverTree().fit(X), kvant.CoverTree(kd=False).fit(X)
+    a.base = b.base = 2.0
+    a.insert(X[:1])
+    b.insert(X[:1])
+    assert a.level_base_ == b.level_base_ == 1.5
+    assert np.array_equal(a._parent, b._parent) and np.array_equal(a._level, b._level)
+
+
+def test_kd_is_checked_when_set_after_construction(tmp_path):
+    tree = kvant.CoverTree("angular").fit(_data(50, 3))
+    with pytest.raises(InvalidInput, match="coordinate metric"):
+        tree.kd = True  # (it was saved, and the file refused by load: a review)
+    with pytest.raises(InvalidInput, match="None, True or False"):
+        kvant.CoverTree().kd = 1
+    tree.kd = False
+    tree.save(tmp_path / "a.kvant")
+    assert kvant.load(tmp_path / "a.kvant").kd is False
+
+
 def test_an_emptied_compacted_tree_saves_loads_and_continues_its_ids(tmp_path):
     from kvant import persist
 

@@ -161,10 +161,6 @@ class CoverTree:
     def __init__(self, metric="euclidean", base: float | None = None, residual_scan: bool = True,
                  kd: bool | None = None):
         self._m = resolve_metric(metric)
-        if kd is not None and not isinstance(kd, bool):
-            raise InvalidInput(f"kd must be None, True or False, got {kd!r}")
-        if kd and self._m.name not in _SCAN_METRICS:
-            raise InvalidInput(f"kd=True needs a coordinate metric ({', '.join(_SCAN_METRICS)}), not {self._m.name!r}")
         self.kd = kd
         if base is not None and (isinstance(base, bool) or not isinstance(base, numbers.Real)
                                  or not (MIN_BASE <= float(base) <= 16.0)):
@@ -217,6 +213,21 @@ class CoverTree:
             self._pd = np.zeros(cap)
             self._in = np.zeros(cap, np.bool_)
             self._freeze()
+
+    @property
+    def kd(self) -> bool | None:
+        """Whether queries walk the kd-tree (None: chosen by the points' width; see the class doc). Settable."""
+        return self._kd
+
+    @kd.setter
+    def kd(self, kd) -> None:
+        # checked when set, not only at construction: a tree saved with kd=True on the angular metric (set after it
+        # was made) could not be loaded again (a review)
+        if kd is not None and not isinstance(kd, bool):
+            raise InvalidInput(f"kd must be None, True or False, got {kd!r}")
+        if kd and self._m.name not in _SCAN_METRICS:
+            raise InvalidInput(f"kd=True needs a coordinate metric ({', '.join(_SCAN_METRICS)}), not {self._m.name!r}")
+        self._kd = kd
 
     @property
     def n(self) -> int:
@@ -275,10 +286,12 @@ class CoverTree:
             sa = max(sa, _CALLABLE_SLACK * float(self._maxdist[self._root]), 4.0 * self._self_error)
         return self._m.slack_rel, sa
 
-    def _freeze(self) -> None:
-        """Derive the query structure (CSR children, subtree minimum ids, height) from parents."""
+    def _freeze(self, bare: bool | None = None) -> None:
+        """Derive the query structure (CSR children, subtree minimum ids, height) from parents; an empty one when
+        ``bare`` (default: while the cover tree is pending, so a refit holds nothing of the tree before it)."""
         self._csr_order = _CSR_ORDER
-        if self._parent.shape[0] == 0:
+        bare = self._cover_pending if bare is None else bare
+        if self._parent.shape[0] == 0 or bare:
             self._off = np.zeros(1, np.int64)
             self._idx = np.empty(0, np.int64)
             self._minid = np.empty(0, np.int64)
@@ -292,8 +305,8 @@ class CoverTree:
         self._scan_cache = None  # the residual scan's arrays (_scan_arrays)
         self._kd_cache = None  # the kd-tree over the points (_kd_index), built when a query needs it
         self._cdata = None if self._m.kind == "index" else self._copy_children_rows()
-        cap = self._parent.shape[0]
-        n_in = int(np.count_nonzero(self._in))
+        cap = 0 if bare else self._parent.shape[0]
+        n_in = 0 if bare else int(np.count_nonzero(self._in))
         self._dstart, self._dend, self._dnode = K.dfs_order(max(self._root, 0), n_in, self._off, self._idx, cap)
         width = max(1, self._data.shape[1])
         if self._scan >= 0:
@@ -457,11 +470,9 @@ class CoverTree:
         self._self_error = self._identity_error(slots)
         self._cover_pending = pending
         t1 = time.perf_counter()
+        self._freeze()
         if not pending:
-            self._freeze()
             tel["freeze"] = time.perf_counter() - t1
-        else:
-            self._kd_cache = None
         # the kd-tree (and the probe that may choose it) now, so that a fit's time includes them; after insert and
         # delete the next query rebuilds the kd-tree, and the fit's choice stands
         self._kd_choice, self._kd_probe = None, None
@@ -498,13 +509,16 @@ class CoverTree:
             t = time.perf_counter()
             slots = self._live()
             st = _State.empty(self._in.shape[0])
-            root, base = self._build_fresh(self._data, slots, st, {} if tel is None else tel, progress)
+            tel = {} if tel is None else tel
+            # (the fit's level base: the same tree a fit that built it would have, whatever ``base`` is set to since)
+            root, _ = self._build_fresh(self._data, slots, st, tel, progress, base=self._lbase)
             st.in_tree[slots] = True
             kd = self._kd_cache  # (the points are the same: the kd-tree stands)
-            self._lbase = base
             self._set_state(st)
             self._root = int(root)
-            self._freeze()
+            t1 = time.perf_counter()
+            self._freeze(bare=False)
+            tel["freeze"] = time.perf_counter() - t1
             self._kd_cache = kd
             self._cover_pending = False  # (last: a thread that reads it False finds the whole structure)
             return time.perf_counter() - t
@@ -574,7 +588,8 @@ class CoverTree:
         if "_lbase" not in state:
             state = {**state, "_lbase": float(state["base"])}
         # (pickled before the kd-tree path: the defaults)
-        state = {"kd": None, "_kd_cache": None, "_kd_choice": None, "_kd_probe": None, "_cover_pending": False, **state}
+        state = {"_kd": state.pop("kd", None) if "kd" in state else None, "_kd_cache": None, "_kd_choice": None,
+                 "_kd_probe": None, "_cover_pending": False, **state}
         if "_sid" not in state:  # (pickled before slots and ids parted, 2026-12-07: every slot was its id)
             state = {**state, "_sid": None, "_next_slot": state.get("_next_id", 0)}
         self.__dict__.update(state)
@@ -598,11 +613,13 @@ class CoverTree:
             return self.base
         return LOW_D_BASE if self._m.kind != "index" and width <= _LOW_D_MAX else DEFAULT_BASE
 
-    def _build_fresh(self, data, slots, st, tel, progress=None) -> tuple[int, float]:
-        """(root, level base) of a new tree over ``slots``, built into ``st``. The base is the caller's to commit
-        with ``st`` (a build that fails must leave the tree's own base alone: its levels were set from it)."""
+    def _build_fresh(self, data, slots, st, tel, progress=None, base=None) -> tuple[int, float]:
+        """(root, level base) of a new tree over ``slots``, built into ``st``, with the level base ``base`` (default:
+        :meth:`_resolve_base`'s). The base is the caller's to commit with ``st`` (a build that fails must leave the
+        tree's own base alone: its levels were set from it)."""
         m = self._m
-        base = self._resolve_base(data.shape[1])  # (a fresh tree: every level below is set from it)
+        if base is None:
+            base = self._resolve_base(data.shape[1])  # (a fresh tree: every level below is set from it)
         root = int(slots[0])
         rest = np.ascontiguousarray(slots[1:], dtype=np.int64)
         t = time.perf_counter()
@@ -971,12 +988,14 @@ class CoverTree:
         nq = Q.shape[0]
         if progress is not None and nq > 0:
             run = max(self._PROGRESS_MIN_RUN, -(-nq // 50))
-            parts, seconds = [], 0.0
+            parts, seconds, built = [], 0.0, 0.0
             for s in range(0, nq, run):
                 parts.append(self._query(Q[s : s + run], qslot[s : s + run], mode, k, False))
                 seconds += self.telemetry_["query"]
+                built += self.telemetry_.get("cover_build", 0.0)
                 progress("query", min(run, nq - s))
-            self.telemetry_ = {**self.telemetry_, "nq": int(nq), "query": seconds}
+            self.telemetry_ = {**self.telemetry_, "nq": int(nq), "query": seconds,
+                               **({"cover_build": built} if built else {})}
             out_d = np.concatenate([d for d, _ in parts]) if parts else np.empty((0, k))
             out_i = np.concatenate([i for _, i in parts]) if parts else np.empty((0, k), np.int64)
             return (out_d[0], out_i[0]) if single else (out_d, out_i)
@@ -989,18 +1008,19 @@ class CoverTree:
             if single:
                 return out_d[0], out_i[0]
             return out_d, out_i
+        use_kd = self._uses_kd() if kd is None else kd
+        built = 0.0 if use_kd else self._cover()  # (before the query's clock)
         t = time.perf_counter()
         out_d = np.empty((nq, k))
         out_i = np.empty((nq, k), np.int64)
         bad = np.zeros(nq, np.bool_)
         serial = nq <= self._SERIAL_MAX_QUERIES
-        if self._uses_kd() if kd is None else kd:
+        if use_kd:
             path = "kd"
             search = KD.kd_knn_serial if serial else KD.kd_knn
             search(*self._kd_index(), m.params, self._scan, Q, qslot, mode, k, out_d, out_i, bad)
         else:
             path = "cover"
-            self._cover()
             order = self._locality_order(Q, qslot, mode)
             if order is not None:
                 Q, qslot = np.ascontiguousarray(Q[order]), qslot[order]
@@ -1011,7 +1031,8 @@ class CoverTree:
                    self._frame, out_d, out_i, bad)
             if order is not None:
                 out_d[order], out_i[order] = out_d.copy(), out_i.copy()
-        self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t, "path": path}
+        self.telemetry_ = {"op": "knn", "nq": int(nq), "k": int(k), "query": time.perf_counter() - t, "path": path,
+                           **({"cover_build": built} if built else {})}
         if np.count_nonzero(bad):  # (cheaper than .any() on one query)
             raise _bad_metric("a query")
         out_i = self._ids_of(out_i)  # (the kernels answer in slots)
@@ -1320,7 +1341,9 @@ class CoverTree:
         duplicates (distance 0: the same point repeated), which hang off their twin as leaves of one level.
         maxdist(p) bounds the distance from p to every descendant.
         """
-        self._cover()
+        built = self._cover()
+        if built:
+            self.telemetry_ = {"op": "check_invariants", "cover_build": built}
         live = self._live()
         if live.size != self._n:
             raise KvantError(f"{live.size} slots in the tree but n={self._n}")
@@ -1411,7 +1434,9 @@ class CoverTree:
         if not m.persistable:
             raise InvalidInput("a CoverTree with a user-supplied callable metric cannot be saved (the function "
                                "is code, and kvant files hold no code); rebuild it from the points instead")
-        self._cover()  # (the file holds the tree's links)
+        built = self._cover()  # (the file holds the tree's links)
+        if built:
+            self.telemetry_ = {"op": "save", "cover_build": built}
         # the file holds ids (a parent as its id too): slots are the process's layout, and a load compacts
         live = self._live()
         meta = {"metric": m.obj.spec() if m.kind == "index" else {"name": m.name}, "n": self._n,
