@@ -1992,6 +1992,22 @@ def test_reseed_picks_leave_every_source_cluster_a_row_counting_copies():
     assert [(d, s, r.tolist()) for d, s, r in picks] == [(2, 0, [4.0])]  # (equally far: the lower row)
 
 
+@pytest.mark.parametrize("algorithm", ["dense-exact-row", "minibatch", "auto"])
+def test_a_row_near_float32s_maximum_leaves_no_cluster_empty(algorithm):
+    # Lloyd trained on rows conditioned for the 1e38 row, where the unit-scale rows all look alike: its centres put
+    # one cluster between the two groups and left one empty, and the warning blamed the data (inertia 5.2e5). The
+    # final assignment's empty clusters now take far rows (exactly measured) and the rows are assigned again.
+    x = np.random.default_rng(0).standard_normal((5000, 8)).astype(np.float32)
+    x[:2500] += 10
+    x[123] = 1e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kvant.EmptyClusterWarning)
+        c = kvant.Clusterer(4, algorithm=algorithm, seed=0).fit(x)
+    assert np.all(np.bincount(c.labels_, minlength=4) > 0)
+    assert np.array_equal(c.predict(x), c.labels_)
+    assert c.inertia_ < 2e5
+
+
 def test_minibatch_with_fewer_distinct_rows_than_k_keeps_them_all_and_warns():
     g = np.random.default_rng(5)
     x = np.ascontiguousarray(g.standard_normal((50, 3)).astype(np.float32)[g.integers(0, 50, 3000)])

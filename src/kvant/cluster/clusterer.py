@@ -433,8 +433,9 @@ class Clusterer:
             lists = algorithm != "minibatch" and polish == 0 and _final_lists(best, src.n, centroids)
             labels, inertia = _assign_all(src, raw, centroids, spherical, rows, report, with_inertia=True,
                                           check=defer and not src.validated, lists=lists)
-            if algorithm == "minibatch":  # (Lloyd's loops re-seed as they go; mini-batch's last steps may empty some)
-                centroids, labels, inertia = _fill_empty_clusters(src, raw, centroids, labels, inertia, spherical, rows)
+            # Lloyd's loops re-seed as they go, but mini-batch's last steps, and a sample's centres over all rows (or
+            # rows the training's float32 could not tell apart), may leave clusters that no row is nearest to
+            centroids, labels, inertia = _fill_empty_clusters(src, raw, centroids, labels, inertia, spherical, rows)
         timings["assign"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -708,7 +709,7 @@ persist.register("Clusterer")(Clusterer)
 # ----------------------------------------------------------------------------------------------
 
 
-# rounds of _fill_empty_clusters (two passes over the rows each; run while clusters are empty and a round fills some)
+# rounds of _fill_empty_clusters (two passes over the rows each; run while clusters are empty and a round helps)
 _FILL_ROUNDS = 4
 
 
@@ -718,7 +719,7 @@ def _fill_empty_clusters(src, full, centroids, labels, inertia, spherical, rows)
     plus 32: memory O(K·D), like the centres); the empty clusters take them by
     :func:`kvant.cluster.reseed.reseed_picks` (Lloyd's rule: a row of a cluster that keeps one after losing the row's
     copies, not on its centre, no copy of another taken row), and a full assignment follows; up to ``_FILL_ROUNDS``
-    rounds while the empty clusters get fewer (a re-seeded centre may take all the rows of a small cluster).
+    rounds while each lowers the inertia (a re-seeded centre may take all the rows of a small cluster).
     Mini-batch's last updates can leave a centre that no row is nearest to (seen in 20 of 150 random fits with
     K > N/2 on 1- and 2-d rows). Clusters stay empty when no row qualifies (fewer distinct rows than K), and where
     float32 cannot tell the rows apart (cos directions closer than its resolution)."""
@@ -743,10 +744,14 @@ def _fill_empty_clusters(src, full, centroids, labels, inertia, spherical, rows)
         for dst, _, row in picks:
             moved[dst] = row
         new_labels, new_inertia = _assign_all(src, full, moved, spherical, rows, with_inertia=True)
-        left = int(np.count_nonzero(np.bincount(new_labels, minlength=k) == 0))
-        if left >= empty:  # no better (rows float32 cannot tell apart): keep the fit as it was
+        # A centre that moved onto a row only adds a choice: no row gets farther, so the inertia falls unless no row
+        # moved (rows float32 cannot tell apart), and then the fit stays as it was. A round may empty another cluster
+        # while it lowers the inertia (a centre stranded between two groups loses one to the new centre); the next
+        # round re-seeds that one.
+        if not new_inertia < inertia:
             break
-        centroids, labels, inertia, empty = moved, new_labels, new_inertia, left
+        centroids, labels, inertia = moved, new_labels, new_inertia
+        empty = int(np.count_nonzero(np.bincount(labels, minlength=k) == 0))
     return centroids, labels, inertia
 
 
