@@ -724,11 +724,11 @@ def _fill_empty_clusters(src, full, centroids, labels, inertia, spherical, rows)
     K > N/2 on 1- and 2-d rows). Clusters stay empty when no row qualifies (fewer distinct rows than K), and where
     float32 cannot tell the rows apart (cos directions closer than its resolution)."""
     k = centroids.shape[0]
-    empty = int(np.count_nonzero(np.bincount(labels, minlength=k) == 0))
+    counts = np.bincount(labels, minlength=k)
     for _ in range(_FILL_ROUNDS):
+        empty = int(np.count_nonzero(counts == 0))
         if empty == 0:
             break
-        counts = np.bincount(labels, minlength=k)
         keep = 2 * empty + 32
         far = None
         for s, block in _iter_blocks(src, full, spherical, rows):  # (cos: unit rows, as the centres are)
@@ -751,7 +751,7 @@ def _fill_empty_clusters(src, full, centroids, labels, inertia, spherical, rows)
         if not new_inertia < inertia:
             break
         centroids, labels, inertia = moved, new_labels, new_inertia
-        empty = int(np.count_nonzero(np.bincount(labels, minlength=k) == 0))
+        counts = np.bincount(labels, minlength=k)
     return centroids, labels, inertia
 
 

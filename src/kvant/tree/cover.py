@@ -1505,9 +1505,10 @@ class CoverTree:
         else:  # the points fill slots 0..n-1 in id order (_compact's layout)
             cap = n
             slots = np.arange(n, dtype=np.int64)
-            at = np.minimum(np.searchsorted(ids, np.r_[par, root]), max(n - 1, 0))
-            mapped = np.where(ids[at] == np.r_[par, root], at, -2) if n else np.r_[par, root]
-            mapped = np.where(np.r_[par, root] == -1, -1, mapped)  # (-2: an id not in the file, caught below)
+            links = np.r_[par, root]  # ids (-1: the root's parent, or an empty tree's root)
+            at = np.minimum(np.searchsorted(ids, links), max(n - 1, 0))
+            found = ids[at] == links if n else np.zeros(links.size, np.bool_)
+            mapped = np.where(links == -1, -1, np.where(found, at, -2))  # (-2: an id not in the file, caught below)
             par_s, root_s = mapped[:-1], int(mapped[-1])
             tree._next_slot = n
             tree._sid = None if n == next_id else ids.copy()
