@@ -660,3 +660,16 @@ def test_reconstruct_names_its_own_ids_in_errors():
     flat.add(np.eye(2, dtype=np.float32))
     with pytest.raises(InvalidInput, match="ids to reconstruct must be a 1-D array"):
         flat.reconstruct([[0]])
+
+
+def test_4bit_fastscan_refuses_more_sub_quantizers_than_its_16_bit_sums_take():
+    # m = 65,535 gave every table entry a quantised range of 0 and search died on a ZeroDivisionError (a review)
+    from kvant.kernels import pq as kpq
+
+    limit = kpq.FASTSCAN_MAX_M
+    assert kvant.PQIndex(limit, limit, nbits=4).m == limit
+    with pytest.raises(kvant.InvalidInput, match=f"m <= {limit}"):
+        kvant.PQIndex(limit + 1, limit + 1, nbits=4)
+    assert kvant.PQIndex(limit + 1, limit + 1, nbits=8).m == limit + 1
+    with pytest.raises(ValueError, match="at most"):
+        kpq.fastscan_search(np.zeros((1, limit + 1, 16), np.float32), np.zeros((1, 1), np.uint8), 1, limit + 1, 1, 4)

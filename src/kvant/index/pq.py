@@ -154,6 +154,9 @@ class PQIndex:
             seeding = "random" if nbits == 8 else "k-means++"
         self.codec: PQ = codec_cls(self.dim, m, nbits, seed=self.seed, max_train_rows=max_train_rows, seeding=seeding)
         self.m, self.nbits = self.codec.m, self.codec.nbits
+        if self.nbits == 4 and self.m > (limit := _kpq().FASTSCAN_MAX_M):
+            raise InvalidInput(f"a 4-bit PQIndex takes m <= {limit} (its FastScan sums are 16-bit), got m={self.m}; "
+                               "use nbits=8")
         self._codes = Rows((self.codec.code_size,), np.uint8)
         self._raw = Rows((self.dim,), np.float32)
         self._ids = Rows((), np.int64)

@@ -1843,6 +1843,9 @@ FASTSCAN_TILE_BYTES = 1 << 18
 # 1M 522 / 690 and 909 / 1,220 (split queries). (Before 2026-12-05 the general rule below took 10 queries over 1M
 # PQ32x4 codes in groups of 2: 4.19 ms against 2.81 ms split by codes.)
 FASTSCAN_SMALL_BATCH = 32
+# Sub-quantizers a FastScan can take: its u16 sums give each a quantised table entry of at most 65535 // m' (m' = m
+# rounded up to even), which must be at least 1 (m = 65535 had a zero range and divided by it: a review).
+FASTSCAN_MAX_M = 65534
 
 
 def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, tile_blocks=None):
@@ -1857,6 +1860,8 @@ def fastscan_search(tables, packed, n, m, k, rerank, nchunks=None, group=None, t
     ``FASTSCAN_GROUP``, lowered so each thread gets two work items. These, ``nchunks`` (how the codes are split among
     threads) and the thread count change the speed, never the result.
     """
+    if m > FASTSCAN_MAX_M:
+        raise ValueError(f"FastScan takes at most {FASTSCAN_MAX_M} sub-quantizers, got m={m}")
     nq = tables.shape[0]
     k = int(k)
     out_d = np.full((nq, k), np.inf, dtype=np.float32)
