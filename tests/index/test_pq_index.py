@@ -423,8 +423,10 @@ def test_refine_and_shortlist_lengths_are_capped_at_the_index_size(data):
 
 
 @pytest.mark.parametrize("cls", ["flat", "pq"])
-def test_load_refuses_a_negative_next_id_on_an_empty_index(tmp_path, cls):
-    # (review) checked only when the index held vectors: later adds got ids -3, -2, -1 (-1 is the padding id)
+@pytest.mark.parametrize("bad", [-3, 300.5, "300", True, 2**64, None])
+def test_load_refuses_a_next_id_that_is_not_a_valid_id(tmp_path, cls, bad):
+    # (review) checked only when the index held vectors: later adds got ids -3, -2, -1 (-1 is the padding id);
+    # a later review: 300.5 and "300" loaded (int() took them) and 2**64 too
     from kvant import persist
 
     index = kvant.FlatIndex(4) if cls == "flat" else kvant.PQIndex(4, 2)
@@ -432,9 +434,9 @@ def test_load_refuses_a_negative_next_id_on_an_empty_index(tmp_path, cls):
         index.train(np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32))
     index.save(tmp_path / "e.kv")
     kind, meta, arrays = persist.read(tmp_path / "e.kv")
-    meta["next_id"] = -3
+    meta["next_id"] = bad
     persist.write(tmp_path / "bad.kv", kind, meta, arrays)
-    with pytest.raises(PersistError, match="next_id -3"):
+    with pytest.raises(PersistError, match="next_id"):
         kvant.load(tmp_path / "bad.kv")
 
 

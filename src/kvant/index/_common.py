@@ -243,7 +243,11 @@ def check_ids_array(ids: np.ndarray, n: int) -> np.ndarray:
     return ids
 
 
-def check_next_id(next_id: int, ids: np.ndarray) -> None:
-    """A loaded index's next default id: non-negative and above every stored id, else PersistError."""
-    if next_id < 0 or (ids.size and next_id <= int(ids.max())):
-        raise PersistError(f"next_id {next_id} is negative or not larger than every stored id")
+def check_next_id(next_id, ids: np.ndarray) -> int:
+    """A loaded index's next default id: an integer (a file's 300.5 or "300" is not one) in [0, 2**63] and above every
+    stored id, else PersistError (2**63: every int64 id issued). Returns it as an int."""
+    if isinstance(next_id, bool) or not isinstance(next_id, int):
+        raise PersistError(f"next_id must be an integer, got {next_id!r}")
+    if not 0 <= next_id <= 2**63 or (ids.size and next_id <= int(ids.max())):
+        raise PersistError(f"next_id {next_id} is outside [0, 2**63] or not larger than every stored id")
+    return next_id

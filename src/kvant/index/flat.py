@@ -612,7 +612,7 @@ class FlatIndex:
 
         try:
             obj = cls(meta["dim"], meta["metric"])
-            next_id = int(meta["next_id"])
+            next_id = meta["next_id"]
             x, ids = arrays["vectors"], arrays["ids"]
         except (KeyError, TypeError, ValueError) as exc:
             raise PersistError(f"bad FlatIndex content: {exc}") from exc
@@ -620,7 +620,7 @@ class FlatIndex:
         check_ids_array(ids, n)
         if x.dtype != np.float32 or x.shape != (n, obj.dim):
             raise PersistError(f"vectors have shape {x.shape} / {x.dtype}, expected ({n}, {obj.dim}) float32")
-        check_next_id(next_id, ids)
+        next_id = check_next_id(next_id, ids)
         if not np.isfinite(x).all():
             raise PersistError("stored vectors contain NaN or inf")
         norms = sq_norms(np.ascontiguousarray(x)) if n else None

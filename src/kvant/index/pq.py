@@ -425,7 +425,7 @@ class PQIndex:
             obj = cls(meta["dim"], meta["m"], meta["nbits"], meta["metric"], opq=meta["opq"], refine=meta["refine"],
                       seed=meta["seed"], fastscan_rerank=meta["fastscan_rerank"],
                       max_train_rows=meta["max_train_rows"], seeding=meta.get("seeding", "k-means++"))
-            next_id, trained = int(meta["next_id"]), meta["trained"]
+            next_id, trained = meta["next_id"], meta["trained"]
             ids, codes = arrays["ids"], arrays["codes"]
         except (KeyError, TypeError, ValueError) as exc:
             raise PersistError(f"bad PQIndex content: {exc}") from exc
@@ -433,7 +433,7 @@ class PQIndex:
         check_ids_array(ids, n)
         if codes.dtype != np.uint8 or codes.shape != (n, obj.code_size):
             raise PersistError(f"codes have shape {codes.shape} / {codes.dtype}, expected ({n}, {obj.code_size})")
-        check_next_id(next_id, ids)
+        next_id = check_next_id(next_id, ids)
         if trained is not True and (trained is not False or n):
             raise PersistError("an untrained index cannot hold vectors")
         if obj.refine:
