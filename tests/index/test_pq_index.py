@@ -675,3 +675,17 @@ def test_4bit_fastscan_refuses_more_sub_quantizers_than_its_16_bit_sums_take():
     assert kvant.PQIndex(limit + 1, limit + 1, nbits=8).m == limit + 1
     with pytest.raises(ValueError, match="at most"):
         kpq.fastscan_search(np.zeros((1, limit + 1, 16), np.float32), np.zeros((1, 1), np.uint8), 1, limit + 1, 1, 4)
+
+
+def test_a_file_cannot_bring_in_codebooks_training_would_refuse(tmp_path):
+    # (review) a crafted file with one codeword 1e34 times the others loaded, though fit refuses such codebooks
+    from kvant import persist
+
+    pq = kvant.PQ(8, 2).fit(np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32))
+    pq.save(tmp_path / "pq.kv")
+    kind, meta, arrays = persist.read(tmp_path / "pq.kv")
+    books = np.array(arrays["codebooks"])
+    books[1, 3] *= np.float32(1e34)
+    persist.write(tmp_path / "bad.kv", kind, meta, dict(arrays, codebooks=books))
+    with pytest.raises(PersistError, match="orders of magnitude"):
+        kvant.load(tmp_path / "bad.kv")

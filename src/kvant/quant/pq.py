@@ -597,6 +597,10 @@ class PQ:
             raise PersistError(f"codebooks have shape {cb.shape} / {cb.dtype}, expected {expected} float32")
         if not np.isfinite(cb).all():
             raise PersistError("codebooks contain NaN or inf")
+        try:  # what training refuses, a file cannot bring in (a review loaded a crafted one)
+            check_codebook_span(cb)
+        except InvalidInput as exc:
+            raise PersistError(f"codebooks: {exc}") from None
         self.codebooks_ = frozen(np.ascontiguousarray(cb))
 
     @classmethod
