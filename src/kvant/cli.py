@@ -762,7 +762,7 @@ def _one_npy_query(path: str, column: str | None) -> np.ndarray | None:
     any other file (read by kvant.io.as_source, which checks it)."""
     from pathlib import Path
 
-    if Path(path).suffix != ".npy" or column is not None:
+    if Path(path).suffix.lower() != ".npy" or column is not None:  # (as_source takes P.NPY too)
         return None
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -772,7 +772,7 @@ def _one_npy_query(path: str, column: str | None) -> np.ndarray | None:
         return None
     from .io import as_source
 
-    return as_source(np.asarray(arr).reshape(1, -1)).to_array()
+    return as_source(np.asarray(arr).reshape(1, -1), name=path).to_array()
 
 
 def _tree_load_points(path: str, column: str | None = None, coordinates: bool = True) -> np.ndarray:
@@ -780,7 +780,7 @@ def _tree_load_points(path: str, column: str | None = None, coordinates: bool = 
     precision, but coordinates take only the dtypes kvant.io.as_source takes: never a silent cast of int64."""
     from pathlib import Path
 
-    if Path(path).suffix == ".npy" and column is None:  # keep float64 precision when the file has it
+    if Path(path).suffix.lower() == ".npy" and column is None:  # keep float64 precision when the file has it
         from .io.source import SUPPORTED_DTYPES
 
         try:

@@ -148,3 +148,13 @@ def test_writers_refuse_nan_and_inf_which_their_readers_would_refuse(tmp_path, v
         with pytest.raises(InvalidInput, match=r"NaN or inf \(first at row 3\)"):
             write(tmp_path / name, x)
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("writer,suffix",
+                         [(write_fvecs, ".fvecs"), (write_ivecs, ".ivecs"), (write_parquet, ".parquet")])
+def test_a_path_with_a_nul_byte_is_a_kvant_error(tmp_path, writer, suffix):
+    # (a review: the TEXMEX writers raised a bare ValueError from os.stat; nothing may be left behind either)
+    x = np.arange(6, dtype=np.int32 if writer is write_ivecs else np.float32).reshape(2, 3)
+    with pytest.raises(InvalidInput, match="NUL"):
+        writer(str(tmp_path / f"a\0b{suffix}"), x)
+    assert list(tmp_path.iterdir()) == []

@@ -137,8 +137,8 @@ def input_files(paths) -> list[tuple]:
         except InvalidInput as err:
             if not getattr(err, "zero_rows", False):
                 raise
-    if not out:
-        raise InvalidInput(f"input: all {len(files)} files have zero rows")
+    if not out:  # (a directory whose parts are all empty counts as one input, not as its parts)
+        raise InvalidInput(f"input: every file of {', '.join(map(str, paths))} has zero rows")
     return out
 
 

@@ -19,6 +19,8 @@ def writing(path):
     int would be a file descriptor) or cannot be written is InvalidInput."""
     if isinstance(path, bool) or not isinstance(path, str | os.PathLike) or not os.fspath(path):
         raise InvalidInput(f"path must be a non-empty str or os.PathLike, got {path!r}")
+    if "\0" in os.fsdecode(os.fspath(path)):  # the OS cannot name it (os.stat raised a bare ValueError)
+        raise InvalidInput(f"cannot write {path!r}: the path contains a NUL byte")
     if os.path.isdir(path):
         raise InvalidInput(f"cannot write {path}: it is a directory")
     try:
