@@ -581,9 +581,13 @@ def test_auto_seeding_rule():
     assert auto_seeding(262144, 1024, 128) == ("k-means++", 8192, 1)  # 16·8/256: exactly 1/2, not less
     assert auto_seeding(16384, 64, 16) == ("k-means++", 2048, 6)  # the floor buys 32·K, more than the 16·K
     assert auto_seeding(40000, 1024, 128) == ("k-means++", 5000, 1)  # rows/8 between 2·K and 8·K
-    assert auto_seeding(16384, 1024, 128) == ("k-means++", 2048, 1)
-    assert auto_seeding(16383, 1024, 128) == ("random", 1024, 1)  # rows/8 < 2·K: random rows
-    assert auto_seeding(1797, 1024, 64) == ("random", 1024, 1)
+    # under 16·K rows, where the budgets buy a part of them: plain k-means++ on every row when they fit in
+    # AUTO_SEED_CACHE_BYTES (8 MiB), else what the budgets buy, or random rows when that is under 2·K
+    assert auto_seeding(16384, 1024, 128) == ("k-means++", 2048, 1)  # 16·K rows: the budget's 2·K
+    assert auto_seeding(16383, 1024, 128) == ("k-means++", 16383, 1)  # 8,388,096 bytes
+    assert auto_seeding(16383, 1024, 129) == ("random", 1024, 1)  # 8,453,628 bytes
+    assert auto_seeding(1797, 1024, 64) == ("k-means++", 1797, 1)
+    assert auto_seeding(50000, 4096, 768) == ("random", 4096, 1)
     # small fits: the floor's budget (2^24 multiply-adds) buys greedy seeding on every row or 32·K of them
     assert AUTO_SEED_FLOOR == 1 << 24
     assert auto_seeding(1797, 10, 64) == ("k-means++", 320, 4)
@@ -591,8 +595,10 @@ def test_auto_seeding_rule():
     assert auto_seeding(1797, 64, 64) == ("k-means++", 682, 6)  # 2^24 / (64·64·6)
     assert auto_seeding(50, 5, 2) == ("k-means++", 50, 3)
     assert auto_seeding(200, 33, 300) == ("k-means++", 200, 5)  # all rows: fewer than 2·K of them is enough
-    assert auto_seeding(1797, 256, 64) == ("k-means++", 1024, 1)  # plain within the floor
-    assert auto_seeding(1000, 990, 100) == ("random", 990, 1)
+    assert auto_seeding(1797, 256, 64) == ("k-means++", 1797, 1)  # (the floor buys 1,024: every row instead)
+    assert auto_seeding(4000, 500, 3) == ("k-means++", 4000, 1)  # (the floor buys greedy on 1,398)
+    assert auto_seeding(4000, 500, 3000) == ("random", 500, 1)  # 48 MB, and the budget buys 500 rows
+    assert auto_seeding(1000, 990, 100) == ("k-means++", 1000, 1)
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "dense-exact-random"])
@@ -647,7 +653,7 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
     # (50k × 768, K = 4096, cos: k-means++ on 8·K rows made a 32.8 s fit, nearly all of it; random rows 3.9 s)
     from kvant.cluster import lloyd
 
-    x = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3000, 768)).astype(np.float32)  # 9.2 MB: over the 8 MiB
     calls = []
     real = lloyd.init_centroids
 
@@ -661,6 +667,8 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
     try:
         auto = kvant.Clusterer(600, seed=0).fit(x)  # all 3000 rows: 2·K rows cost over 2^24 and 3000·K·D / 8
         assert calls[-1] == ("random", 600) and "K random rows" in auto.auto_reason_
+        kvant.Clusterer(600, seed=0).fit(x[:, :64])  # 768 KB: k-means++ on every row
+        assert calls[-1] == ("k-means++", 3000)
         row = kvant.Clusterer(600, algorithm="dense-exact-row", seed=0).fit(x)  # the concrete algorithm keeps k-means++
         assert calls[-1] == ("k-means++", None)
         kvant.Clusterer(10, seed=0).fit(x)
@@ -669,6 +677,28 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
         clusterer_module.init_centroids = saved
     np.testing.assert_array_equal(auto.labels_, auto.predict(x))
     assert row.inertia_ > 0 and auto.n_iter_ >= 1
+
+
+def _zipf_blobs(n, d, blobs, seed):
+    r = np.random.default_rng(seed)
+    sizes = r.zipf(1.6, blobs).astype(float)
+    label = r.choice(blobs, n, p=sizes / sizes.sum())
+    centres = r.standard_normal((blobs, d)) * 20
+    spread = np.exp(r.uniform(np.log(0.05), np.log(8), blobs))
+    return np.ascontiguousarray(centres[label] + r.standard_normal((n, d)) * spread[label, None], np.float32)
+
+
+@pytest.mark.parametrize("n,d,k", [(4000, 3, 1000), (4000, 3, 500), (2000, 5, 400)])
+def test_auto_seeds_every_row_when_k_is_a_large_share_of_them(n, d, k):
+    # (a review) under 16·K rows the seeding budgets bought K random rows or greedy k-means++ on ~3 rows per centre,
+    # so small far blobs went without a centre: 20,000 × 3 rows of 30 Zipf-sized blobs at K = 5,000 had 32× the MSE
+    # of dense-exact-row's k-means++ on every row; 4,000 × 3 at K = 500 (seed 2) 71×
+    for seed in range(2):
+        x = _zipf_blobs(n, d, 30, seed)
+        auto = kvant.Clusterer(k, seed=seed).fit(x)
+        row = kvant.Clusterer(k, algorithm="dense-exact-row", seed=seed).fit(x)
+        assert f"k-means++ on {n} rows" in auto.auto_reason_
+        assert auto.mse_ < 1.1 * row.mse_, (seed, auto.mse_, row.mse_)
 
 
 def test_auto_trains_on_a_64th_of_the_rows_unless_told_otherwise():

@@ -54,6 +54,14 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # sample the cover costs 16·L/256 of an E-step (0.31-0.44 for K = 10-1096; from K = 1097, L = 9, more than half, as
 # on samples of fewer rows per centre). Fits alternating with and without it in one process took 0.92-1.08x the time
 # at K = 32-256 (docs/auto.md, "Seeding").
+# Under 16·K sample rows, where the budgets above buy only part of them (fewer than 2·K: K random rows), k-means++
+# takes every row when they fit in AUTO_SEED_CACHE_BYTES: one E-step's multiply-adds in K passes over the rows, which
+# run from cache there (this Zen 5 host, 2026-12-07: 12–26 GMAC/s on 1.3–9.8 MiB of rows at D = 17–128, 9.9–13 at
+# 24 MiB). Seeding on part of the rows misses whole clusters that are small or far: a review's 20,000 × 3 rows of 30
+# Zipf-sized blobs, K = 5,000, fit to MSE 0.232 from K random rows against 0.0072 from k-means++ on every row, in less
+# time (Lloyd from random rows ran all its iterations); digits K = 1,024 `l2` MSE 78.0 → 70.3 for ~6 ms more
+# (docs/auto.md, "Every row under 16·K rows").
+AUTO_SEED_CACHE_BYTES = 8 << 20
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
 AUTO_SEED_FLOOR = 1 << 24
@@ -110,7 +118,8 @@ def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
     k-means++ on up to 32·K rows within max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds, and on at least
     16·K rows (or every row of a smaller sample) when those cost less than rows·K·D / 2; if greedy gets fewer than
     2·K rows (and the sample has more), plain k-means++ likewise within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``); else
-    ``"random"`` (K random rows). See the constants above."""
+    plain k-means++ on every row when they fit in ``AUTO_SEED_CACHE_BYTES`` as float32, else ``"random"`` (K random
+    rows). See the constants above."""
     from .lloyd import INIT_ROWS_PER_CENTROID
 
     per_row = k * max(1, dim)  # multiply-adds per seeding row and draw
@@ -118,6 +127,7 @@ def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
     trials = greedy_trials(k)
     plain = (1, AUTO_SEED_DIVISOR, INIT_ROWS_PER_CENTROID)
     options = ((trials, AUTO_GREEDY_DIVISOR, AUTO_GREEDY_ROWS_PER_CENTRE), plain) if trials > 1 else (plain,)
+    choice = ("random", k, 1)
     for draws, divisor, per_centre in options:
         cap = min(per_centre * k, rows)
         seed_rows = min(cap, max(e_step // divisor, AUTO_SEED_FLOOR) // (per_row * draws))
@@ -126,8 +136,14 @@ def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
             if seed_rows < cover and cover * per_row * draws * AUTO_GREEDY_COVER_DIVISOR < e_step:
                 seed_rows = cover
         if seed_rows >= min(AUTO_SEED_MIN_PER_CENTRE * k, rows):
-            return "k-means++", int(seed_rows), draws
-    return "random", k, 1
+            choice = ("k-means++", int(seed_rows), draws)
+            break
+    # Under 16·K rows the cover would be every row: seeding on a part of them misses whole clusters that are small
+    # or not in the part, so plain k-means++ takes every row where they fit in cache (AUTO_SEED_CACHE_BYTES).
+    if (choice[1] < rows < AUTO_GREEDY_COVER_PER_CENTRE * k or choice[0] == "random") \
+            and rows * max(1, dim) * 4 <= AUTO_SEED_CACHE_BYTES:
+        return "k-means++", int(rows), 1
+    return choice
 
 
 def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sampling: str = "coreset",
@@ -166,7 +182,8 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     init, seed_rows, trials = auto_seeding(min(n, sample), k, dim)
     if init == "random":
         seeding = (f"K random rows (k-means++ on {AUTO_SEED_MIN_PER_CENTRE}·K rows would cost more than 1/"
-                   f"{AUTO_SEED_DIVISOR} of a training E-step)")
+                   f"{AUTO_SEED_DIVISOR} of a training E-step, and the {min(n, sample)} rows are more than "
+                   f"{AUTO_SEED_CACHE_BYTES >> 20} MiB)")
     elif trials > 1:
         seeding = f"greedy k-means++ ({trials} draws per centre) on {seed_rows} rows"
     else:

@@ -382,6 +382,27 @@ def _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, b_l
             bmass[b] = _block_mass(d2, w, unit, lo, hi)
 
 
+@numba.njit(**_JIT)
+def _kpp_update_lanes(xt, x, row, c, d2, near, bmass, w, unit, b_lo, b_hi, buf):
+    """:func:`_kpp_update` without pruning, each block's 64 rows in the vector lanes (``xt``: the rows as
+    :func:`kvant.kernels.row_lanes.transpose_tiles` tiles in fours, ``buf`` 64 float32 of scratch): the distances to
+    the new centre, row ``row`` of ``x``, end in their own lanes instead of a horizontal sum per row."""
+    n = x.shape[0]
+    for b in range(b_lo, b_hi):
+        lo = b * _KPP_BLOCK
+        hi = min(n, lo + _KPP_BLOCK)
+        tile_sq_dists(xt, lo // LANES, x, row, buf)
+        changed = False
+        for i in range(lo, hi):
+            v = np.float64(buf[i - lo])
+            if v < d2[i]:
+                d2[i] = v
+                near[i] = c
+                changed = True
+        if changed:
+            bmass[b] = _block_mass(d2, w, unit, lo, hi)
+
+
 @numba.njit(parallel=True, **_JIT)
 def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=1):
     """k-means++ seeding (Arthur & Vassilvitskii): returns k row indices of ``x`` (float32 rows).
@@ -425,6 +446,10 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
     centre = np.empty(d, x.dtype)
     shrink = _prune_shrink(d)  # see docs/auto.md
     prune = d >= prune_min_dim
+    # unpruned steps compute every row's distance to the new centre, with rows in the vector lanes
+    lanes = not prune
+    xt = transpose_tiles(x, BLOCK_TILES) if lanes else np.empty((0, d, LANES), np.float32)
+    buf = np.empty(_KPP_BLOCK, np.float32)
     parts = max(1, min(n_parts, n_blocks))
     total = 0.0
     for c in range(k):
@@ -437,7 +462,14 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
             centre[t] = x[chosen[c], t]
         for j in range(c if prune else 0):
             skip_at_most[j] = np.float64(_sq_dist_f32(x, chosen[j], centre)) * shrink
-        if parts == 1:
+        if lanes and parts == 1:
+            _kpp_update_lanes(xt, x, chosen[c], c, d2, near, bmass, w, unit, 0, n_blocks, buf)
+        elif lanes:
+            for p in numba.prange(parts):
+                part_buf = np.empty(_KPP_BLOCK, np.float32)
+                _kpp_update_lanes(xt, x, chosen[c], c, d2, near, bmass, w, unit,
+                                  p * n_blocks // parts, (p + 1) * n_blocks // parts, part_buf)
+        elif parts == 1:
             _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, 0, n_blocks)
         else:
             for p in numba.prange(parts):
