@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import kvant
 from kvant.bench import kernels as H
 from kvant.cli import main
 from kvant.kernels import pq as K
@@ -111,6 +112,61 @@ def _repeated_best_shortlist(tables, packed, n, m, k, rerank):
     if rerank == 0:
         return d, i
     return np.repeat(d[:, :1], k, axis=1), np.repeat(i[:, :1], k, axis=1)
+
+
+def _encode_overwriting_its_rows(x, cb):  # codeword 0 everywhere, and codeword 0 written into the caller's rows
+    m, _, dsub = cb.shape
+    for j in range(m):
+        x[:, j * dsub:(j + 1) * dsub] = cb[j, 0]
+    return np.zeros((x.shape[0], m), np.uint8)
+
+
+def _tables_of_halved_queries(q, cb):
+    q *= 0.5
+    return K.distance_tables_l2(q, cb)
+
+
+def _tables_wrong_for_few_queries(q, cb):
+    t = K.distance_tables_l2(q, cb)
+    return t * 1.5 if q.shape[0] < 16 else t
+
+
+def _reservoir_reversed(tables, codes, k, nchunks=None):
+    d, i = K.adc_search(tables, codes, k, nchunks)
+    return (d, i[:, ::-1].copy()) if k > 128 else (d, i)
+
+
+def _fastscan_long_lists_shifted(tables, packed, n, m, k, rerank, nchunks=None):
+    d, i = K.fastscan_search(tables, packed, n, m, k + (k >= 64), rerank, nchunks)
+    return (np.ascontiguousarray(d[:, 1:]), np.ascontiguousarray(i[:, 1:])) if k >= 64 else (d, i)
+
+
+# A review (2026-12-07) passed each of these through the gate with exit 0: references were computed after the
+# kernel ran, from inputs it could write into; tables were never checked for fewer than 19 queries; k was 1 or 10.
+@pytest.mark.parametrize("field,kernel,expect", [
+    ("encode", _encode_overwriting_its_rows, "encode wrote into its input"),
+    ("distance_table", _tables_of_halved_queries, "distance_table wrote into its input"),
+    ("distance_table", _tables_wrong_for_few_queries, "distance_table nq=1"),
+    ("adc_search", _reservoir_reversed, "k=130"),
+    ("fastscan_search", _fastscan_long_lists_shifted, "k=64"),
+])
+def test_gate_rejects_kernels_that_write_their_inputs_or_fail_rare_paths(field, kernel, expect):
+    out = H.run(kernels=H.PQKernels(**{field: kernel}), quick=True, speed=False, results=None, log=_quiet)
+    assert out["exit_code"] == 2 and any(expect in f for f in out["failures"]), out["failures"][:2]
+
+
+def test_results_file_of_another_layout_is_refused_and_a_missing_newline_is_added(tmp_path):
+    other = tmp_path / "other.tsv"
+    other.write_text("a\tb\n1\t2\n")
+    with pytest.raises(kvant.InvalidInput, match="not a kernel-harness results file"):
+        H.run(quick=True, speed=False, results=other, log=_quiet)
+    assert other.read_text() == "a\tb\n1\t2\n"
+    tsv = tmp_path / "k.tsv"
+    tsv.write_text("\t".join(H.TSV_COLUMNS) + "\n" + "\t".join(["x"] * len(H.TSV_COLUMNS)))  # no final newline
+    assert H.run(quick=True, speed=False, results=tsv, log=_quiet)["exit_code"] == 0
+    lines = tsv.read_text().splitlines()
+    assert len(lines) == 3 and lines[1].split("\t") == ["x"] * len(H.TSV_COLUMNS)
+    assert len(lines[2].split("\t")) == len(H.TSV_COLUMNS)
 
 
 @pytest.mark.parametrize("field,kernel,expect", [

@@ -134,6 +134,18 @@ def _rel_err(got, ref) -> float:
     return float(err.max())
 
 
+def _pure(name: str, fn, *args, **kw):
+    """``fn(*args, **kw)`` on copies of its array arguments, so that references computed from the originals are
+    the inputs' references; AssertionError if ``fn`` wrote into one (a kernel that scaled its queries in place, or
+    overwrote the rows it encoded, had passed against references computed after it ran: a review)."""
+    copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    out = fn(*copies, **kw)
+    for a, c in zip(args, copies, strict=True):
+        if isinstance(a, np.ndarray) and not np.array_equal(a, c, equal_nan=True):
+            raise AssertionError(f"{name} wrote into its input")
+    return out
+
+
 def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int, seed: int) -> list[str]:
     """Problems found for one (distribution, shape) combo; empty when it passes."""
     dim, m, ksub = shape
@@ -142,19 +154,24 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
     x, q, train = data[:n], data[n:n + nq], data[n + nq:]
     cb = make_codebooks(train, m, ksub, seed)
 
-    tables = np.asarray(kern.distance_table(q, cb))
     ref_t = R.pq_distance_tables_l2_ref(q, cb)
-    err = _rel_err(tables, ref_t)
-    if err > TOL:
-        problems.append(f"distance_table: max rel err {err:.3g} > {TOL} (shape {tables.shape} vs {ref_t.shape})")
-        return problems
-    ip = np.asarray(kern.ip_table(q, cb))
-    err = _rel_err(ip, R.pq_ip_tables_ref(q, cb))
-    if err > TOL:
-        problems.append(f"ip_table: max rel err {err:.3g} > {TOL}")
-        return problems
+    ref_ip = R.pq_ip_tables_ref(q, cb)
+    tables = None
+    for count in (nq, 1):  # a batch, and one query (the most common call; kernels may take another path for it)
+        got = np.asarray(_pure("distance_table", kern.distance_table, np.ascontiguousarray(q[:count]), cb))
+        err = _rel_err(got, ref_t[:count])
+        if err > TOL:
+            problems.append(f"distance_table nq={count}: max rel err {err:.3g} > {TOL} (shape {got.shape} vs "
+                            f"{ref_t[:count].shape})")
+            return problems
+        tables = got if tables is None else tables
+        err = _rel_err(np.asarray(_pure("ip_table", kern.ip_table, np.ascontiguousarray(q[:count]), cb)),
+                       ref_ip[:count])
+        if err > TOL:
+            problems.append(f"ip_table nq={count}: max rel err {err:.3g} > {TOL}")
+            return problems
 
-    codes = np.asarray(kern.encode(x, cb))
+    codes = np.asarray(_pure("encode", kern.encode, x, cb))
     ref_full = R.pq_distance_tables_l2_ref(x, cb)
     if codes.shape != (n, m):
         problems.append(f"encode: shape {codes.shape}, expected {(n, m)}")
@@ -173,32 +190,32 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
     rd, ri = R.pq_adc_search_ref(tables32, codes, K_TOP)
     full = R.pq_adc_distances_ref(tables32, codes)  # every row's reference distance: returned ids are checked too
     if nbits == 8:
-        d, i = kern.adc_search(tables32, codes, K_TOP)
+        d, i = _pure("adc_search", kern.adc_search, tables32, codes, K_TOP)
         msg = R.pq_topk_agrees(rd, ri, d, i, TOL, all_d=full)
         if msg:
             problems.append(f"adc_search top-{K_TOP}: {msg}")
         # also a small-n case (n < k: padding) and k = 1
-        d, i = kern.adc_search(tables32, np.ascontiguousarray(codes[:3]), K_TOP)
+        d, i = _pure("adc_search", kern.adc_search, tables32, np.ascontiguousarray(codes[:3]), K_TOP)
         rd3, ri3 = R.pq_adc_search_ref(tables32, codes[:3], K_TOP)
         msg = R.pq_topk_agrees(rd3, ri3, d, i, TOL, all_d=full[:, :3])
         if msg:
             problems.append(f"adc_search n=3 < k: {msg}")
-        d, i = kern.adc_search(tables32, codes, 1)
+        d, i = _pure("adc_search", kern.adc_search, tables32, codes, 1)
         msg = R.pq_topk_agrees(rd[:, :1], ri[:, :1], d, i, TOL, all_d=full)
         if msg:
             problems.append(f"adc_search k=1: {msg}")
         # one query: the query-by-query kernel (ADC_FEW_QUERIES)
-        d, i = kern.adc_search(np.ascontiguousarray(tables32[:1]), codes, K_TOP)
+        d, i = _pure("adc_search", kern.adc_search, np.ascontiguousarray(tables32[:1]), codes, K_TOP)
         msg = R.pq_topk_agrees(rd[:1], ri[:1], d, i, TOL, all_d=full[:1])
         if msg:
             problems.append(f"adc_search one query: {msg}")
     else:
-        packed = kern.pack_4bit(codes)
-        d, i = kern.fastscan_search(tables32, packed, n, m, K_TOP, 0)
+        packed = _pure("pack_4bit", kern.pack_4bit, codes)
+        d, i = _pure("fastscan_search", kern.fastscan_search, tables32, packed, n, m, K_TOP, 0)
         msg = R.pq_topk_agrees(rd, ri, d, i, TOL, all_d=full)
         if msg:
             problems.append(f"fastscan_search exact mode top-{K_TOP}: {msg}")
-        d, i = kern.fastscan_search(tables32, packed, n, m, K_TOP, 2)
+        d, i = _pure("fastscan_search", kern.fastscan_search, tables32, packed, n, m, K_TOP, 2)
         msg = shortlist_agrees(tables32, rd, ri, np.asarray(d), np.asarray(i), full, n)
         if msg:
             problems.append(f"fastscan_search shortlist: {msg}")
@@ -240,6 +257,7 @@ def shortlist_agrees(tables, ref_d, ref_i, got_d, got_i, full, n) -> str | None:
 # (dim, m, ksub) beyond the benchmark's: sub-vector widths other than 4, 8 and 16, and ksub not a multiple of its
 # lane width (a review, 2026-12-06: kernels wrong on any of these passed the gate).
 PATH_QUERY_COUNTS = (1, 2, 3, 4, 5, 8, 9, 16, 17)
+BIG_K = (64, 130, 300)
 PATH_ROWS = {8: 2 * 4096 + 4096 + 77, 4: 256 * 32 + 1024 + 45}
 ENCODE_SHAPES = ((3, 3, 16), (36, 12, 20), (60, 5, 100), (50, 2, 256), (30, 10, 7))
 
@@ -267,20 +285,35 @@ def _check_paths(kern: PQKernels, nbits: int, seed: int) -> list[str]:
     codes[n // 2 :: 97] = codes[0]  # repeated codes: exact ties across chunks
     rd, ri = R.pq_adc_search_ref(tables, codes, K_TOP)
     full = R.pq_adc_distances_ref(tables, codes)
-    packed = kern.pack_4bit(codes) if nbits == 4 else None
+    packed = _pure("pack_4bit", kern.pack_4bit, codes) if nbits == 4 else None
     fn = kern.adc_search if nbits == 8 else kern.fastscan_search
     problems = []
     for count in PATH_QUERY_COUNTS:
         t = np.ascontiguousarray(tables[:count])
         for kw in _chunk_kw(fn):
             if nbits == 8:
-                d, i = fn(t, codes, K_TOP, **kw)
+                d, i = _pure("adc_search", fn, t, codes, K_TOP, **kw)
             else:
-                d, i = fn(t, packed, n, m, K_TOP, 0, **kw)
+                d, i = _pure("fastscan_search", fn, t, packed, n, m, K_TOP, 0, **kw)
             msg = R.pq_topk_agrees(rd[:count], ri[:count], d, i, TOL, all_d=full[:count])
             if msg:
                 problems.append(f"{'adc_search' if nbits == 8 else 'fastscan_search exact mode'} n={n} "
                                 f"nq={count} {kw or 'default chunks'}: {msg}")
+                return problems
+    # long lists, which the scans keep differently (adc_search's reservoir from ADC_RESERVOIR_MIN_K = 128, the
+    # FastScan clip's small-k and pair-table rules at 64 and 128): exact, and the 4-bit shortlist mode's contract
+    for k in BIG_K:
+        rdk, rik = R.pq_adc_search_ref(tables, codes, k)
+        for count in (1, 5, 17):
+            t = np.ascontiguousarray(tables[:count])
+            d, i = _pure("adc_search", fn, t, codes, k) if nbits == 8 else \
+                _pure("fastscan_search", fn, t, packed, n, m, k, 0)
+            msg = R.pq_topk_agrees(rdk[:count], rik[:count], d, i, TOL, all_d=full[:count])
+            if not msg and nbits == 4:
+                d, i = _pure("fastscan_search", fn, t, packed, n, m, k, 2)
+                msg = shortlist_agrees(t, rdk[:count], rik[:count], np.asarray(d), np.asarray(i), full[:count], n)
+            if msg:
+                problems.append(f"{'adc_search' if nbits == 8 else 'fastscan_search'} n={n} nq={count} k={k}: {msg}")
                 return problems
     return problems
 
@@ -291,7 +324,7 @@ def _check_encode_shapes(kern: PQKernels, seed: int) -> list[str]:
         data = generate("gaussian", 300 + max(ksub, 64), dim, seed + c)
         x, train = data[:300], data[300:]
         cb = make_codebooks(train, m, ksub, seed + c)
-        codes = np.asarray(kern.encode(x, cb))
+        codes = np.asarray(_pure("encode", kern.encode, x, cb))
         ref_full = R.pq_distance_tables_l2_ref(x, cb)
         if codes.shape != (300, m) or codes.max(initial=0) >= ksub:
             problems.append(f"encode shape (dim,m,ksub)={(dim, m, ksub)}: codes of shape {codes.shape} or >= ksub")
@@ -582,12 +615,36 @@ TSV_COLUMNS = ["timestamp", "commit", "host", "threads", "quick", "status", "geo
                "peak_mib", "total_s"]
 
 
+def check_results_file(path: Path) -> None:
+    """InvalidInput unless ``path`` is absent, empty, or a TSV whose header is :data:`TSV_COLUMNS` (a row appended
+    under another header would sit in the wrong columns)."""
+    from ..errors import InvalidInput
+
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            header = fh.readline().rstrip("\n").split("\t")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read the results file {path}: {exc}") from exc
+    if header != TSV_COLUMNS:
+        raise InvalidInput(f"{path} is not a kernel-harness results file (its header is not {' '.join(TSV_COLUMNS)}); "
+                           "name a new file")
+
+
 def _append_tsv(path: Path, row: dict) -> None:
+    check_results_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            unterminated = fh.read(1) != b"\n"  # (a last line without its newline: the row would join it)
     with open(path, "a", encoding="utf-8") as fh:
         if new:
             fh.write("\t".join(TSV_COLUMNS) + "\n")
+        elif unterminated:
+            fh.write("\n")
         fh.write("\t".join(str(row.get(c, "")) for c in TSV_COLUMNS) + "\n")
 
 
@@ -599,6 +656,8 @@ def run(kernels: PQKernels | None = None, quick: bool = False, seed: int = 0, sp
     from .._config import get_num_threads
 
     kern = kernels or PQKernels()
+    if results is not None:  # before the run, not after it
+        check_results_file(Path(results))
     t0 = time.perf_counter()
     lines: list[str] = []
 
