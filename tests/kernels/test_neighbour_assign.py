@@ -226,6 +226,13 @@ def test_applies():
         assert neighbours.row_cost(dim, 1, 0, 0, k) <= k
     assert neighbours.min_k(8) > neighbours.MIN_K  # (32 prefix centres a row)
     assert not NeighbourSteps.applies(100, 2, 1024)
+    # directions in the plane (cos, 2 coordinates) are a circle: the final pass takes the lists from MIN_K_1D, as a
+    # line does (a review: predict on 200k such rows at K = 511 took 158 ms against 12 ms on the lists)
+    from kvant.cluster.neighbours import NeighbourFinal
+
+    assert neighbours.min_k(2, unit=True) == neighbours.min_k(1) < neighbours.min_k(2)
+    assert NeighbourFinal.applies(100_000, 2, 300, unit=True) and not NeighbourFinal.applies(100_000, 2, 300)
+    assert not NeighbourFinal.applies(100_000, 3, 300, unit=True)
 
 
 def test_grid_cells_and_starts_match_numpy():
@@ -340,6 +347,15 @@ def test_cos_final_pass_by_lists_matches_fused_pass(monkeypatch):
     used.clear()
     np.testing.assert_array_equal(on.predict(x), on.labels_)
     assert used
+    # below MIN_K too, from MIN_K_1D (the circle is one degree of freedom): exact labels on the lists
+    mid = kvant.Clusterer(neighbours.MIN_K_1D + 57, metric="cos", seed=0).fit(x)
+    used.clear()
+    labels = mid.predict(x)
+    assert used
+    some = x[:5000].astype(np.float64)
+    ref, _, _ = neighbour_e_step_numpy(some / np.linalg.norm(some, axis=1, keepdims=True), mid.cluster_centers_)
+    np.testing.assert_array_equal(labels[:5000], ref)
+    np.testing.assert_array_equal(mid.labels_[:5000], ref)
     bad = x.copy()
     bad[30_001] = 0.0  # a zero row has no direction
     with pytest.raises(kvant.InvalidInput, match="30001|30,001"):

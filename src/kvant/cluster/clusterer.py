@@ -395,7 +395,7 @@ class Clusterer:
             # coordinates): certifying float32 labels fails for most rows where centres are dense on a line or a
             # circle (500k × 1 rows, K = 2,048: 1.6 s of float64 re-computation against ~30 ms on the lists)
             lists_final = (polish == 0 and _final_lists(best, src.n, centroids)
-                           and NeighbourFinal.applies(src.n, sample.shape[1], k))
+                           and NeighbourFinal.applies(src.n, sample.shape[1], k, spherical))
             reused = (every_row and shift is None and cscale is None and best.last_d1 is not None and polish == 0
                       and not lists_final and (not unit or scales_unit_rows(sq_norms_serial(raw))))
             # ... or its labels are exact already (a certified backend's E-step; l2 only: for cos it saw the unit copy)
@@ -957,7 +957,7 @@ def _assign_all(src, full, centroids, spherical, rows: int | None = None, report
     # the annulus prunes far-out centres (its pass beat the lists' first, uniform grid: 28 against 66 ms on 500k × 2
     # heavy-tailed rows, K = 1,024; not measured against the quantile grid since)
     if (lists and NEIGHBOUR_FINAL and annulus is None
-            and NeighbourFinal.applies(src.n, centroids.shape[1], centroids.shape[0])):
+            and NeighbourFinal.applies(src.n, centroids.shape[1], centroids.shape[0], spherical)):
         lists = NeighbourFinal(centroids)
     else:
         lists = None

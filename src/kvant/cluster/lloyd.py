@@ -353,7 +353,7 @@ def lloyd(
         last = converged or it + 1 == max_iter
         # (a last E-step whose labels would stand as the final assignment is a full one, unless the final pass takes
         # the lists itself, 1-3 coordinates: kvant.cluster.clusterer then assigns every row again on them)
-        full_last = keep_top2 and last and not NeighbourFinal.applies(n, d, k)
+        full_last = keep_top2 and last and not NeighbourFinal.applies(n, d, k, spherical)
         if use_neigh and not full_last:
             if neigh is None:
                 neigh = NeighbourSteps(c)

@@ -69,10 +69,12 @@ MIN_K = 512
 MIN_K_1D = 192
 
 
-def min_k(dim: int) -> int:
+def min_k(dim: int, unit: bool = False) -> int:
     """Below this K the lists are not tried: even scans that stop right after their prefix would cost more than the
-    full E-step, or K < MIN_K (MIN_K_1D for rows of one coordinate)."""
-    return max(int(np.ceil(row_cost(dim, 1, 0, 0, 0))), MIN_K_1D if dim == 1 else MIN_K)
+    full E-step, or K < MIN_K (MIN_K_1D for rows of one coordinate, and for ``unit`` rows of two: directions in the
+    plane, a circle, have one degree of freedom too)."""
+    line = dim == 1 or (unit and dim == 2)
+    return max(int(np.ceil(row_cost(dim, 1, 0, 0, 0))), MIN_K_1D if line else MIN_K)
 
 
 # When to rebuild the lists, a ski rental: stale lists make scans longer (every listed distance is lowered by the moves
@@ -224,8 +226,12 @@ class NeighbourFinal:
         self.judged = False
 
     @staticmethod
-    def applies(n: int, dim: int, k: int) -> bool:
-        return 1 <= dim <= FINAL_MAX_DIM and k >= min_k(dim) and n >= PROBE_ROWS
+    def applies(n: int, dim: int, k: int, unit: bool = False) -> bool:
+        """Whether the final pass tries the lists (``unit``: cos rows). On a circle of directions (cos, 2
+        coordinates) the fused pass's float32 labels fail their certificate for most rows once centres are dense:
+        200k rows, K = 511, predict 158-172 ms against 12-18 ms on the lists; K = 256 27-31 against 10 ms, K = 128
+        8 against 10-11 ms (Zen 5, 2026-12-07, a review's case); so from MIN_K_1D there, as on a line."""
+        return 1 <= dim <= FINAL_MAX_DIM and k >= min_k(dim, unit) and n >= PROBE_ROWS
 
     def assign(self, x: np.ndarray, labels: np.ndarray, exact_sq: np.ndarray,
                scale: np.ndarray | None = None) -> np.ndarray | None:
