@@ -576,7 +576,9 @@ def test_auto_seeding_rule():
     assert auto_seeding(16384, 64, 384) == ("k-means++", 1024, 6)  # the floor alone: 113 < 2·K rows, so plain
     assert auto_seeding(8448, 33, 1000) == ("k-means++", 528, 5)  # the floor alone: 101
     assert auto_seeding(24320, 95, 128) == ("k-means++", 1520, 6)  # 256·K rows: the cover costs 16·6/256 of an E-step
-    assert auto_seeding(16384, 95, 128) == ("k-means++", 229, 6)  # 172·K rows: more than 1/2, the floor's 229
+    # 172·K rows: the cover costs more than 1/2; greedy within the floor gets 229 rows, under 4·K: plain on 8·K
+    assert auto_seeding(16384, 95, 128) == ("k-means++", 760, 1)
+    assert auto_seeding(200_000, 1024, 1) == ("k-means++", 8192, 1)  # (a review: greedy had 2,048 rows, 2 per centre)
     assert auto_seeding(65536, 256, 128) == ("k-means++", 4096, 7)  # 16·7/256
     assert auto_seeding(262144, 1024, 128) == ("k-means++", 8192, 1)  # 16·8/256: exactly 1/2, not less
     assert auto_seeding(16384, 64, 16) == ("k-means++", 2048, 6)  # the floor buys 32·K, more than the 16·K
@@ -698,6 +700,17 @@ def test_auto_seeds_every_row_when_k_is_a_large_share_of_them(n, d, k):
         auto = kvant.Clusterer(k, seed=seed).fit(x)
         row = kvant.Clusterer(k, algorithm="dense-exact-row", seed=seed).fit(x)
         assert f"k-means++ on {n} rows" in auto.auto_reason_
+        assert auto.mse_ < 1.1 * row.mse_, (seed, auto.mse_, row.mse_)
+
+
+def test_auto_does_not_seed_greedily_on_two_rows_per_centre():
+    # (a review) 1-D rows, K = 1,024: the floor bought greedy k-means++ on 2,048 rows, and Lloyd on one coordinate
+    # hardly moves centres past each other: 3-13x the MSE of dense-exact-row's plain k-means++ on 8·K rows
+    for seed in range(3):
+        x = _zipf_blobs(20_000, 1, 30, seed)
+        auto = kvant.Clusterer(1024, seed=0).fit(x)
+        row = kvant.Clusterer(1024, algorithm="dense-exact-row", seed=0).fit(x)
+        assert "k-means++ on 8192 rows" in auto.auto_reason_
         assert auto.mse_ < 1.1 * row.mse_, (seed, auto.mse_, row.mse_)
 
 
