@@ -184,7 +184,8 @@ def one_region_direct_e_step(n: int, dim: int, k: int) -> bool:
 def zero_norm_error(row: int) -> InvalidInput:
     """The error for a zero row under cos, carrying the row (``bad_row``) so that a caller who saw only part of
     the input (kvant.distributed) can name the input's first such row instead."""
-    err = InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors")
+    err = InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors (kvant computes in float32, "
+                       "where values below ~1e-45 in magnitude are 0: rescale such rows)")
     err.bad_row, err.zero_norm = int(row), True
     return err
 
