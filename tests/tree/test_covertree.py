@@ -613,6 +613,23 @@ def test_residual_fallback_at_huge_scaled_coordinates_keeps_the_true_neighbours(
     assert tree.knn([50], 3)[1].tolist() == [[50, 100, 0]]
 
 
+def test_residual_fallback_centres_rows_near_the_float64_limit_without_overflow():
+    # (a review) 120 identical rows at 1e307 tie everywhere, so the scan falls back to NumPy, whose centring by the
+    # mean overflowed: inf - inf distances dropped every candidate and knn returned -1 / inf for k <= n
+    X = np.full((120, 1), 1e307)
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(1.0, 1.0), n_inducing=4, seed=0)
+    tree = kvant.CoverTree(rc).fit()
+    with np.errstate(over="ignore", invalid="ignore"):
+        got, want = tree.knn(np.arange(3), 3), tree.brute_force(np.arange(3), 3)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+        assert got[1].tolist() == [[0, 1, 2], [1, 0, 2], [2, 0, 1]]
+        for predecessors in (True, False):  # (predecessors: rows 0-2 have fewer than 3 and are padded)
+            d, i = tree.knn_self(3, predecessors=predecessors)
+            first = 3 if predecessors else 0
+            assert (i[first:] >= 0).all() and np.isfinite(d[first:]).all()
+            assert (i[first:] == ([0, 1, 2] if predecessors else i[first:])).all()
+
+
 def test_residual_kernel_diag_below_the_kernels_variance_is_refused():
     X = np.random.default_rng(0).random((50, 2))
     rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.5, variance=1.0), n_inducing=10)

@@ -1239,12 +1239,21 @@ class CoverTree:
         out_i[qi[keep], rank[keep]] = ids[keep]
         return out_d, out_i
 
+    @staticmethod
+    def _midrange(Q, P, d):
+        """The centre of the box around the first ``d`` coordinates of ``Q`` and ``P``, halved before adding: the
+        rows minus it stay finite wherever the rows are (a mean overflowed on 300 rows at 1e307, and the NaN
+        distances that followed emptied every answer of the fallback scan: a review)."""
+        lo = np.minimum(P[:, :d].min(0), Q[:, :d].min(0))
+        hi = np.maximum(P[:, :d].max(0), Q[:, :d].max(0))
+        return lo * 0.5 + hi * 0.5
+
     def _residual_margin(self, Q, P):
         """A bound on |BLAS distance - kernel distance| for this metric on rows ``Q`` and ``P``."""
         rc = self._m.obj
         d = rc.X.shape[1]
         r = rc.v.shape[1]
-        mu = P[:, :d].mean(0)
+        mu = self._midrange(Q, P, d)
         zmax = float(max(np.einsum("ij,ij->i", P[:, :d] - mu, P[:, :d] - mu).max(),
                          np.einsum("ij,ij->i", Q[:, :d] - mu, Q[:, :d] - mu).max()))
         eps = 2.3e-16
@@ -1267,7 +1276,7 @@ class CoverTree:
         r = rc.v.shape[1]
         slots = pts
         P = self._data[slots]
-        mu = P[:, :d].mean(0)
+        mu = self._midrange(Q, P, d)
         Zp = P[:, :d] - mu
         Wp, sp = P[:, d : d + r], P[:, d + r]
         qrow = Q[:, -1].astype(np.int64)
