@@ -630,6 +630,25 @@ def test_residual_fallback_centres_rows_near_the_float64_limit_without_overflow(
             assert (i[first:] == ([0, 1, 2] if predecessors else i[first:])).all()
 
 
+def test_residual_p_within_the_documented_tolerance_is_accepted_and_answered_exactly():
+    # (a review) p below the residual variance by 1e-11 (1% of the documented 1e-9·kernel_diag) was refused by the
+    # sample's eigenvalue check, whose tolerance left out the shortfall it lets through, and the message blamed v
+    X = np.random.default_rng(5).random((150, 2))
+    ker = kvant.RBF(0.3, 1.0)
+    chol = np.linalg.cholesky(ker(X[:20], X[:20]) + 1e-6 * np.eye(20))
+    v = np.linalg.solve(chol, ker(X[:20], X)).T  # L^-1 K(U, X), as from_points builds it
+    resid = 1.0 - np.einsum("ij,ij->i", v, v)
+    for short in (1e-11, 1e-10, 9e-10):
+        rc = kvant.ResidualCorrelation(v, resid - short, 1.0, ker, X=X)
+        assert rc.p_shortfall > 0
+        for scan in (True, False):
+            tree = kvant.CoverTree(rc, residual_scan=scan).fit()
+            got, want = tree.knn_self(6, predecessors=False), tree.brute_force(None, 6, predecessors=False)
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    with pytest.raises(InvalidInput, match="below the residual variance"):
+        kvant.ResidualCorrelation(v, resid - 2e-9, 1.0, ker, X=X)
+
+
 def test_residual_kernel_diag_below_the_kernels_variance_is_refused():
     X = np.random.default_rng(0).random((50, 2))
     rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF(0.5, variance=1.0), n_inducing=10)

@@ -124,7 +124,7 @@ _KERNELS = {"rbf": RBF, "matern52": Matern52}
 CHECK_ROWS = 256  # rows on which ResidualCorrelation checks that its correlations form a correlation matrix
 
 
-def _check_correlations_on_a_sample(X, v, p, kd, kernel) -> None:
+def _check_correlations_on_a_sample(X, v, p, kd, kernel, shortfall: float = 0.0) -> None:
     """Refuse inputs whose residual correlations, on a sample of :data:`CHECK_ROWS` rows, are no correlation matrix
     (an eigenvalue below zero by more than rounding): then K(X, X) − V Vᵀ is not positive semi-definite and
     sqrt(1 − |rho|) breaks the triangle inequality. A sample may miss a violation elsewhere; one it finds is real."""
@@ -136,8 +136,11 @@ def _check_correlations_on_a_sample(X, v, p, kd, kernel) -> None:
     R[np.diag_indices(m)] = p[rows]  # (a nugget on the diagonal: the correlations rho use p)
     s = 1.0 / np.sqrt(p[rows])
     low = float(np.linalg.eigvalsh(R * s[:, None] * s[None, :])[0])
-    # each correlation is off by at most ~(rank + 4) eps kernel_diag / p (the tree's slack), the spectrum by m times it
-    tol = 4.0 * m * (v.shape[1] + 4) * 2.3e-16 * max(1.0, float(np.max(kd[rows] / p[rows])))
+    # each correlation is off by at most ~(rank + 4) eps kernel_diag / p (the tree's slack), the spectrum by m times it;
+    # a p below the residual variance by a relative ``shortfall`` (accepted within the constructor's tolerance) puts
+    # 1 on a diagonal that would hold up to 1 + shortfall, lowering the spectrum by up to that much (a review: a
+    # shortfall of 1e-11 against the documented 1e-9·kernel_diag was refused, the message blaming v)
+    tol = 4.0 * m * (v.shape[1] + 4) * 2.3e-16 * max(1.0, float(np.max(kd[rows] / p[rows]))) + shortfall
     if not low >= -tol:
         raise InvalidInput(
             f"v and p_diag do not give a residual correlation: on {m} of the rows the correlations rho have an "
@@ -213,11 +216,12 @@ class ResidualCorrelation:
                 "then |rho| can exceed 1 and sqrt(1 - |rho|) is not a metric")
         if not isinstance(kernel.lengthscale, float) and kernel.lengthscale.shape[0] != X.shape[1]:
             raise InvalidInput(f"kernel lengthscale has {kernel.lengthscale.shape[0]} entries, X has {X.shape[1]} dims")
-        _check_correlations_on_a_sample(X, v, p, kd, kernel)
-        self.X, self.v, self.p_diag, self.kernel_diag, self.kernel = X, v, p, kd, kernel
         # within the tolerance p may still fall short of the residual variance: then |rho| <= 1 + shortfall,
         # and the tree's pruning slack covers the clamp's sqrt(shortfall) (0 for from_points: p has a nugget)
-        self.p_shortfall = float(max(0.0, np.max((resid - p) / p)))
+        shortfall = float(max(0.0, np.max((resid - p) / p)))
+        _check_correlations_on_a_sample(X, v, p, kd, kernel, shortfall)
+        self.X, self.v, self.p_diag, self.kernel_diag, self.kernel = X, v, p, kd, kernel
+        self.p_shortfall = shortfall
         self._features = None
 
     @classmethod
