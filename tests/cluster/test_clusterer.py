@@ -597,7 +597,9 @@ def test_auto_seeding_rule():
     assert auto_seeding(1797, 64, 64) == ("k-means++", 682, 6)  # 2^24 / (64·64·6)
     assert auto_seeding(50, 5, 2) == ("k-means++", 50, 3)
     assert auto_seeding(200, 33, 300) == ("k-means++", 200, 5)  # all rows: fewer than 2·K of them is enough
-    assert auto_seeding(1797, 256, 64) == ("k-means++", 1797, 1)  # (the floor buys 1,024: every row instead)
+    assert auto_seeding(1797, 256, 64) == ("k-means++", 1024, 1)  # the floor buys 1,024: over half the rows
+    assert auto_seeding(1500, 100, 32) == ("k-means++", 873, 6)  # greedy on over half the rows stays
+    assert auto_seeding(2_000_000, 200_000, 1) == ("random", 200_000, 1)  # every row: 4e11 row-steps
     assert auto_seeding(4000, 500, 3) == ("k-means++", 4000, 1)  # (the floor buys greedy on 1,398)
     assert auto_seeding(4000, 500, 3000) == ("random", 500, 1)  # 48 MB, and the budget buys 500 rows
     assert auto_seeding(1000, 990, 100) == ("k-means++", 1000, 1)
@@ -2208,3 +2210,14 @@ def test_the_tolerance_is_a_fraction_of_the_smaller_of_the_cosine_and_its_comple
     assert tolerance_scale(30.0, 100.0, False) == 30.0  # l2: the objective
     assert tolerance_scale(80.0, 100.0, True) == 20.0  # mean cosine 0.2: Σ cos
     assert tolerance_scale(2.0, 100.0, True) == 2.0  # mean cosine 0.98: Σ (1 - cos)
+
+
+def test_init_centroids_takes_float64_rows():
+    # (a review) the seeding's rows-in-lanes steps are compiled for float32; float64 rows are cast, not refused
+    from kvant.cluster.lloyd import init_centroids
+
+    x = np.random.default_rng(0).integers(-20, 21, (500, 7)).astype(np.float64)
+    for trials in (1, 3):
+        got = init_centroids(x, 20, "k-means++", 0, seed_rows=500, trials=trials)
+        want = init_centroids(x.astype(np.float32), 20, "k-means++", 0, seed_rows=500, trials=trials)
+        np.testing.assert_array_equal(got, want)

@@ -62,6 +62,9 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # time (Lloyd from random rows ran all its iterations); digits K = 1,024 `l2` MSE 78.0 → 70.3 for ~6 ms more
 # (docs/auto.md, "Every row under 16·K rows").
 AUTO_SEED_CACHE_BYTES = 8 << 20
+# ... and at most this many row-steps (rows · K; ~0.5-0.8 ns each on few coordinates, a review: 2M × 1 rows at
+# K = 200,000 would have seeded for ~3 minutes)
+AUTO_SEED_EVERY_ROW_STEPS = 1 << 28
 AUTO_SEED_DIVISOR = 8
 AUTO_SEED_MIN_PER_CENTRE = 2
 # Greedy draws need more rows than that: picking K centres among 2-3·K rows is nearly taking the rows, and on few
@@ -122,9 +125,10 @@ def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
     """(init, seeding rows, draws per centre) for a training sample of ``rows`` rows of ``dim`` coordinates: greedy
     k-means++ on up to 32·K rows within max(rows·K·D / 32, ``AUTO_SEED_FLOOR``) multiply-adds, and on at least
     16·K rows (or every row of a smaller sample) when those cost less than rows·K·D / 2; if greedy gets fewer than
-    2·K rows (and the sample has more), plain k-means++ likewise within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``); else
-    plain k-means++ on every row when they fit in ``AUTO_SEED_CACHE_BYTES`` as float32, else ``"random"`` (K random
-    rows). See the constants above."""
+    4·K rows (and the sample has more), plain k-means++ within max(rows·K·D / 8, ``AUTO_SEED_FLOOR``) on at least
+    2·K; else ``"random"`` (K random rows). Under 16·K rows, where that choice is random rows or under half of them,
+    plain k-means++ on every row instead when they fit in ``AUTO_SEED_CACHE_BYTES`` as float32 and rows·K is at most
+    ``AUTO_SEED_EVERY_ROW_STEPS``. See the constants above."""
     from .lloyd import INIT_ROWS_PER_CENTROID
 
     per_row = k * max(1, dim)  # multiply-adds per seeding row and draw
@@ -144,10 +148,11 @@ def auto_seeding(rows: int, k: int, dim: int) -> tuple[str, int, int]:
         if seed_rows >= min(least * k, rows):
             choice = ("k-means++", int(seed_rows), draws)
             break
-    # Under 16·K rows the cover would be every row: seeding on a part of them misses whole clusters that are small
-    # or not in the part, so plain k-means++ takes every row where they fit in cache (AUTO_SEED_CACHE_BYTES).
-    if (choice[1] < rows < AUTO_GREEDY_COVER_PER_CENTRE * k or choice[0] == "random") \
-            and rows * max(1, dim) * 4 <= AUTO_SEED_CACHE_BYTES:
+    # Under 16·K rows the cover would be every row: seeding on under half of them misses whole clusters that are
+    # small or not in the part, so plain k-means++ takes every row where they fit in cache (AUTO_SEED_CACHE_BYTES)
+    # and its rows·K steps stay bounded (AUTO_SEED_EVERY_ROW_STEPS).
+    partial = choice[0] == "random" or (2 * choice[1] < rows < AUTO_GREEDY_COVER_PER_CENTRE * k)
+    if partial and rows * max(1, dim) * 4 <= AUTO_SEED_CACHE_BYTES and rows * k <= AUTO_SEED_EVERY_ROW_STEPS:
         return "k-means++", int(rows), 1
     return choice
 

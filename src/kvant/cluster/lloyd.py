@@ -184,7 +184,7 @@ def init_centroids(
                and threading.current_thread() is threading.main_thread() and numba_threading_layer() in SPINNING_LAYERS)
         parts = get_num_threads() if big else 1
         seeding = kmeanspp if trials <= 1 else kmeanspp_greedy
-        rows = sub[seeding(np.ascontiguousarray(x[sub]), k, uniforms, first, w, n_parts=parts)]
+        rows = sub[seeding(np.ascontiguousarray(x[sub], np.float32), k, uniforms, first, w, n_parts=parts)]
     else:  # pragma: no cover - validated by the caller
         raise ValueError(method)
     c = np.ascontiguousarray(x[rows], dtype=np.float32)
