@@ -584,10 +584,11 @@ def test_auto_seeding_rule():
     assert auto_seeding(16384, 64, 16) == ("k-means++", 2048, 6)  # the floor buys 32·K, more than the 16·K
     assert auto_seeding(40000, 1024, 128) == ("k-means++", 5000, 1)  # rows/8 between 2·K and 8·K
     # under 16·K rows, where the budgets buy a part of them: plain k-means++ on every row when they fit in
-    # AUTO_SEED_CACHE_BYTES (8 MiB), else what the budgets buy, or random rows when that is under 2·K
+    # AUTO_SEED_CACHE_BYTES (2 MiB), else what the budgets buy, or random rows when that is under 2·K
     assert auto_seeding(16384, 1024, 128) == ("k-means++", 2048, 1)  # 16·K rows: the budget's 2·K
-    assert auto_seeding(16383, 1024, 128) == ("k-means++", 16383, 1)  # 8,388,096 bytes
-    assert auto_seeding(16383, 1024, 129) == ("random", 1024, 1)  # 8,453,628 bytes
+    assert auto_seeding(16383, 1024, 128) == ("random", 1024, 1)  # 8,388,096 bytes
+    assert auto_seeding(4096, 1024, 128) == ("k-means++", 4096, 1)  # 2,097,152 bytes
+    assert auto_seeding(4097, 1024, 128) == ("random", 1024, 1)
     assert auto_seeding(1797, 1024, 64) == ("k-means++", 1797, 1)
     assert auto_seeding(50000, 4096, 768) == ("random", 4096, 1)
     # small fits: the floor's budget (2^24 multiply-adds) buys greedy seeding on every row or 32·K of them
@@ -657,7 +658,7 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
     # (50k × 768, K = 4096, cos: k-means++ on 8·K rows made a 32.8 s fit, nearly all of it; random rows 3.9 s)
     from kvant.cluster import lloyd
 
-    x = np.random.default_rng(0).standard_normal((3000, 768)).astype(np.float32)  # 9.2 MB: over the 8 MiB
+    x = np.random.default_rng(0).standard_normal((3000, 768)).astype(np.float32)  # 9.2 MB: over the 2 MiB
     calls = []
     real = lloyd.init_centroids
 

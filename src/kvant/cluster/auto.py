@@ -55,13 +55,14 @@ AUTO_SAMPLE_MAX_PER_CENTRE = 16384
 # on samples of fewer rows per centre). Fits alternating with and without it in one process took 0.92-1.08x the time
 # at K = 32-256 (docs/auto.md, "Seeding").
 # Under 16·K sample rows, where the budgets above buy only part of them (fewer than 2·K: K random rows), k-means++
-# takes every row when they fit in AUTO_SEED_CACHE_BYTES: one E-step's multiply-adds in K passes over the rows, which
-# run from cache there (this Zen 5 host, 2026-12-07: 12–26 GMAC/s on 1.3–9.8 MiB of rows at D = 17–128, 9.9–13 at
-# 24 MiB). Seeding on part of the rows misses whole clusters that are small or far: a review's 20,000 × 3 rows of 30
+# takes every row when they fit in AUTO_SEED_CACHE_BYTES (an L2 cache): one E-step's multiply-adds in K passes over the
+# rows. Seeding on part of the rows misses whole clusters that are small or far: a review's 20,000 × 3 rows of 30
 # Zipf-sized blobs, K = 5,000, fit to MSE 0.232 from K random rows against 0.0072 from k-means++ on every row, in less
-# time (Lloyd from random rows ran all its iterations); digits K = 1,024 `l2` MSE 78.0 → 70.3 for ~6 ms more
+# time (Lloyd from random rows ran all its iterations); digits K = 1,024 `l2` MSE 78.0 → 70.3 for ~6 ms more. Beyond
+# the bound the passes cost more than they buy on diffuse rows: 16,000 × 128 rows of a Gaussian mixture at K = 1,024
+# fit to the same MSE from every row in 146 ms against 98 from random rows (FAISS 231 ms); 8 MiB let those in
 # (docs/auto.md, "Every row under 16·K rows").
-AUTO_SEED_CACHE_BYTES = 8 << 20
+AUTO_SEED_CACHE_BYTES = 2 << 20
 # ... and at most this many row-steps (rows · K; ~0.5-0.8 ns each on few coordinates, a review: 2M × 1 rows at
 # K = 200,000 would have seeded for ~3 minutes)
 AUTO_SEED_EVERY_ROW_STEPS = 1 << 28
