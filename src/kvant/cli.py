@@ -757,12 +757,17 @@ _ADDERS.append(_add_search)
 # --- tree (issue 4) ---
 
 
+def _plain_npy(path: str, column: str | None) -> bool:
+    """Whether ``path`` is read as a .npy file of its own (the suffix in any case, as kvant.io.as_source takes it)."""
+    from pathlib import Path
+
+    return column is None and Path(path).suffix.lower() == ".npy"
+
+
 def _one_npy_query(path: str, column: str | None) -> np.ndarray | None:
     """A 1-D .npy file as one query (1, dim), as ``index.search(vector)`` and ``kvant tree knn`` take it; None for
     any other file (read by kvant.io.as_source, which checks it)."""
-    from pathlib import Path
-
-    if Path(path).suffix.lower() != ".npy" or column is not None:  # (as_source takes P.NPY too)
+    if not _plain_npy(path, column):
         return None
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -778,9 +783,7 @@ def _one_npy_query(path: str, column: str | None) -> np.ndarray | None:
 def _tree_load_points(path: str, column: str | None = None, coordinates: bool = True) -> np.ndarray:
     """Points (or, ``coordinates=False``, a residual tree's row indices) from a file. A .npy keeps its float64
     precision, but coordinates take only the dtypes kvant.io.as_source takes: never a silent cast of int64."""
-    from pathlib import Path
-
-    if Path(path).suffix.lower() == ".npy" and column is None:  # keep float64 precision when the file has it
+    if _plain_npy(path, column):  # keep float64 precision when the file has it
         from .io.source import SUPPORTED_DTYPES
 
         try:

@@ -156,15 +156,13 @@ def _check_combo(kern: PQKernels, dist: str, shape, nbits: int, nq: int, n: int,
 
     ref_t = R.pq_distance_tables_l2_ref(q, cb)
     ref_ip = R.pq_ip_tables_ref(q, cb)
-    tables = None
-    for count in (nq, 1):  # a batch, and one query (the most common call; kernels may take another path for it)
-        got = np.asarray(_pure("distance_table", kern.distance_table, np.ascontiguousarray(q[:count]), cb))
-        err = _rel_err(got, ref_t[:count])
+    for count in (1, nq):  # one query (the most common call; kernels may take another path for it), and a batch
+        tables = np.asarray(_pure("distance_table", kern.distance_table, np.ascontiguousarray(q[:count]), cb))
+        err = _rel_err(tables, ref_t[:count])
         if err > TOL:
-            problems.append(f"distance_table nq={count}: max rel err {err:.3g} > {TOL} (shape {got.shape} vs "
+            problems.append(f"distance_table nq={count}: max rel err {err:.3g} > {TOL} (shape {tables.shape} vs "
                             f"{ref_t[:count].shape})")
             return problems
-        tables = got if tables is None else tables
         err = _rel_err(np.asarray(_pure("ip_table", kern.ip_table, np.ascontiguousarray(q[:count]), cb)),
                        ref_ip[:count])
         if err > TOL:
