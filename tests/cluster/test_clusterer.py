@@ -601,6 +601,10 @@ def test_auto_seeding_rule():
     assert auto_seeding(1797, 256, 64) == ("k-means++", 1024, 1)  # the floor buys 1,024: over half the rows
     assert auto_seeding(1500, 100, 32) == ("k-means++", 873, 6)  # greedy on over half the rows stays
     assert auto_seeding(2_000_000, 200_000, 1) == ("random", 200_000, 1)  # every row: 4e11 row-steps
+    from kvant.cluster.auto import choose_algorithm
+
+    steps = choose_algorithm(500_000, 1, 100_000, "l2", 2_000_000).reason  # (2 MB: the row-steps refuse it)
+    assert "K random rows" in steps and "500000·K row-steps, over 2^28" in steps
     assert auto_seeding(4000, 500, 3) == ("k-means++", 4000, 1)  # (the floor buys greedy on 1,398)
     assert auto_seeding(4000, 500, 3000) == ("random", 500, 1)  # 48 MB, and the budget buys 500 rows
     assert auto_seeding(1000, 990, 100) == ("k-means++", 1000, 1)
@@ -672,6 +676,7 @@ def test_auto_seeds_with_random_rows_when_k_means_plus_plus_would_cost_more_than
     try:
         auto = kvant.Clusterer(600, seed=0).fit(x)  # all 3000 rows: 2·K rows cost over 2^24 and 3000·K·D / 8
         assert calls[-1] == ("random", 600) and "K random rows" in auto.auto_reason_
+        assert "the 3000 rows are more than 2 MiB" in auto.auto_reason_
         kvant.Clusterer(600, seed=0).fit(x[:, :64])  # 768 KB: k-means++ on every row
         assert calls[-1] == ("k-means++", 3000)
         row = kvant.Clusterer(600, algorithm="dense-exact-row", seed=0).fit(x)  # the concrete algorithm keeps k-means++

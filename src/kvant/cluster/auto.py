@@ -193,9 +193,12 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     candidates = AUTO_CANDIDATES if large and not one_region_direct_e_step(min(n, sample), dim, k) else 0
     init, seed_rows, trials = auto_seeding(min(n, sample), k, dim)
     if init == "random":
+        rows = min(n, sample)
+        every = (f"the {rows} rows are more than {AUTO_SEED_CACHE_BYTES >> 20} MiB"
+                 if rows * max(1, dim) * 4 > AUTO_SEED_CACHE_BYTES else
+                 f"every row would take {rows}·K row-steps, over 2^{AUTO_SEED_EVERY_ROW_STEPS.bit_length() - 1}")
         seeding = (f"K random rows (k-means++ on {AUTO_SEED_MIN_PER_CENTRE}·K rows would cost more than 1/"
-                   f"{AUTO_SEED_DIVISOR} of a training E-step, and the {min(n, sample)} rows are more than "
-                   f"{AUTO_SEED_CACHE_BYTES >> 20} MiB)")
+                   f"{AUTO_SEED_DIVISOR} of a training E-step, and {every})")
     elif trials > 1:
         seeding = f"greedy k-means++ ({trials} draws per centre) on {seed_rows} rows"
     else:
