@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 
@@ -810,11 +811,41 @@ def _check_log_file(args, others) -> None:
 def _tree_log(args, record: dict) -> None:
     """Append one JSON line of per-phase telemetry to --log-file."""
     if getattr(args, "log_file", None):
-        import time
-
         with open(args.log_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(_jsonable({"time": time.time(), "command": f"tree {args.tree_cmd}", **record}),
                                 allow_nan=False) + "\n")
+
+
+# --metric residual's options, with their defaults (None on the parser, so that naming one with another metric is
+# caught rather than ignored)
+_RESIDUAL_DEFAULTS = {"kernel": "matern52", "lengthscale": "1.0", "variance": 1.0, "inducing": 512, "jitter": 1e-6,
+                      "seed": 0}
+
+
+def _residual_metric(args, X):
+    """The ResidualCorrelation a ``tree build --metric residual`` asks for: ``kvant.ResidualCorrelation.from_points``
+    on the points X with the chosen covariance; refuses the residual options with any other metric."""
+    given = [f"--{name}" for name in _RESIDUAL_DEFAULTS if getattr(args, name) is not None]
+    if args.metric != "residual":
+        if given:
+            raise InvalidInput(f"{', '.join(given)} apply only to --metric residual (the metric is {args.metric})")
+        return args.metric
+    from .tree import RBF, Matern52, ResidualCorrelation
+
+    opts = {name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in _RESIDUAL_DEFAULTS.items()}
+    try:  # one lengthscale, or one per coordinate: "0.5" or "0.5,2,1"
+        parts = [float(t) for t in str(opts["lengthscale"]).split(",")]
+    except ValueError:
+        raise InvalidInput(f"--lengthscale must be a number or comma-separated numbers (one per coordinate), got "
+                           f"{opts['lengthscale']!r}") from None
+    lengthscale = parts[0] if len(parts) == 1 else np.array(parts)
+    kernel = (Matern52 if opts["kernel"] == "matern52" else RBF)(lengthscale=lengthscale, variance=opts["variance"])
+    if np.ndim(X) == 2 and np.ndim(lengthscale) == 1 and len(parts) != np.shape(X)[1]:
+        raise InvalidInput(f"--lengthscale has {len(parts)} entries but the points have {np.shape(X)[1]} coordinates")
+    args.seed = opts["seed"]
+    return ResidualCorrelation.from_points(X, kernel, n_inducing=opts["inducing"], seed=args.seed,
+                                           jitter=opts["jitter"])
 
 
 def _cmd_tree_build(args) -> int:
@@ -823,11 +854,17 @@ def _cmd_tree_build(args) -> int:
     args.output = _output_file(args.output, others=[("the points", args.points)])
     _check_log_file(args, [("the points", args.points), ("-o", args.output)])
     X = _tree_load_points(args.points, args.column)
+    t_metric = time.perf_counter()
+    metric = _residual_metric(args, X)
+    t_metric = time.perf_counter() - t_metric
     with progress(args, total=int(np.shape(X)[0]), desc="building") as bar:
-        tree = CoverTree(metric=args.metric, base=args.base)
+        tree = CoverTree(metric=metric, base=args.base)
         # the file holds the cover tree, which a fit answering by its kd-tree leaves for later: built here, timed as
         # part of the build (the bar follows whichever builds level by level)
-        tree.fit(X, progress=None if tree._defers_cover(np.shape(X)[-1]) else _bar_update(args, bar))
+        if args.metric == "residual":  # the points are X's rows, by index: every one
+            tree.fit(progress=_bar_update(args, bar))
+        else:
+            tree.fit(X, progress=None if tree._defers_cover(np.shape(X)[-1]) else _bar_update(args, bar))
         tel = dict(tree.telemetry_)
         built = tree._cover(_bar_update(args, bar), tel)
         if built:
@@ -837,8 +874,13 @@ def _cmd_tree_build(args) -> int:
     _tree_log(args, tel)
     payload = {"output": args.output, "n": tree.n, "dim": tree.dim, "metric": args.metric,
                "level_base": tree.level_base_, "build_seconds": tel.get("total"), "telemetry": tel}
+    if args.metric == "residual":  # its points are row indices: dim is None; say what the metric was made of
+        payload["residual"] = {**metric.kernel.spec(), "n_inducing": int(metric.v.shape[1]), "seed": args.seed,
+                               "points_dim": int(np.shape(X)[1]), "metric_seconds": t_metric}
     emit(args, payload, f"built a cover tree of {tree.n} points ({args.metric}, level base {tree.level_base_:g}) in "
-                        f"{tel.get('total', 0.0):.3f} s -> {args.output}")
+                        f"{tel.get('total', 0.0):.3f} s" + (f" (+ {t_metric:.3f} s making the metric)"
+                                                             if args.metric == "residual" else "")
+                        + f" -> {args.output}")
     return EXIT_OK
 
 
@@ -897,8 +939,26 @@ def _add_tree(sub) -> None:
     b = tsub.add_parser("build", help="build a cover tree from points (.npy, .fvecs, parquet, hdf5)")
     b.add_argument("points")
     b.add_argument("-o", "--output", required=True, help="where to save the tree (.kvant)")
-    b.add_argument("--metric", default="euclidean", choices=["euclidean", "manhattan", "chebyshev", "angular"],
-                   help="(default %(default)s)")
+    b.add_argument("--metric", default="euclidean",
+                   choices=["euclidean", "manhattan", "chebyshev", "angular", "residual"],
+                   help="(default %(default)s); residual: the residual-correlation distance of a GP predictive "
+                        "process on the points (Vecchia neighbour sets), made by ResidualCorrelation.from_points "
+                        "with the options below; the tree's points are then the rows' indices")
+    r = b.add_argument_group("--metric residual")
+    r.add_argument("--kernel", default=None, choices=["matern52", "rbf"],
+                   help=f"covariance function (default {_RESIDUAL_DEFAULTS['kernel']})")
+    r.add_argument("--lengthscale", default=None,
+                   help="a number, or one per coordinate comma-separated "
+                        f"(default {_RESIDUAL_DEFAULTS['lengthscale']})")
+    r.add_argument("--variance", type=float, default=None,
+                   help=f"kernel variance (default {_RESIDUAL_DEFAULTS['variance']:g})")
+    r.add_argument("--inducing", type=int, default=None,
+                   help="inducing points, a seeded random subset of the rows "
+                        f"(default {_RESIDUAL_DEFAULTS['inducing']})")
+    r.add_argument("--jitter", type=float, default=None,
+                   help=f"relative jitter on K(U, U)'s diagonal (default {_RESIDUAL_DEFAULTS['jitter']:g})")
+    r.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the inducing points' choice (default {_RESIDUAL_DEFAULTS['seed']})")
     b.add_argument("--base", type=float, default=None,
                    help="level base (default: 1.5 for points of up to 12 coordinates, else 1.3)")
     b.add_argument("--log-file", default=None, help="append per-phase telemetry as JSON lines")

@@ -361,3 +361,12 @@ def test_fits_takes_wider_operands_only_where_the_blas_lacks_avx512(monkeypatch,
     assert direct_assign.fits(dim, 2048) is lacks  # 1 MiB
     assert not direct_assign.fits(dim, 2049)  # beyond MAX_K
     assert direct_assign.fits(784, 1328) is lacks and not direct_assign.fits(784, 1344)  # 4 MiB at 784-d
+
+
+def test_full_rate_avx512_hosts_without_amx_take_the_kernel_to_k_2048():
+    # (2026-12-07, an Intel host without AMX: whole fits 0.84-1.00x the BLAS path's time at K = 96-1,024; docs/auto.md)
+    if not direct_assign.FULL_RATE_NO_AMX:
+        pytest.skip("the rule is for full-rate AVX-512 hosts without AMX")
+    assert direct_assign.MAX_K == 2048
+    assert direct_assign.fits(64, 1024)  # 256 KiB of centres
+    assert not direct_assign.fits(784, 1024) or direct_assign.BLAS_LACKS_AVX512  # 3.1 MiB: beyond half of L2

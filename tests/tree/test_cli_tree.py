@@ -190,3 +190,46 @@ def test_tree_points_follow_the_io_dtype_rules(tmp_path, capsys):
     assert main(["tree", "build", str(tmp_path / "p.npy"), "-o", str(tmp_path / "t.kvant")]) == 0
     assert main(["tree", "knn", str(tmp_path / "t.kvant"), str(tmp_path / "i64.npy"), "-k", "2"]) == 2
     assert "is not supported" in capsys.readouterr().err
+
+
+def test_tree_build_residual_makes_the_vecchia_tree_the_api_makes(tmp_path, capsys):
+    # `kvant tree knn` answered residual trees, but only Python could build one: the CLI path a GP user needs
+    rng = np.random.default_rng(3)
+    X = rng.random((300, 2))
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "rc.kvant"
+    argv = ["tree", "build", str(tmp_path / "x.npy"), "-o", str(out), "--metric", "residual", "--kernel", "rbf",
+            "--lengthscale", "0.3,0.6", "--variance", "2", "--inducing", "40", "--seed", "7", "--json"]
+    assert main(argv) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["n"] == 300 and built["dim"] is None
+    assert built["residual"].pop("metric_seconds") > 0  # ResidualCorrelation.from_points, timed apart from the tree
+    assert built["residual"] == {"kernel": "rbf", "lengthscale": [0.3, 0.6], "variance": 2.0, "n_inducing": 40,
+                                 "seed": 7, "points_dim": 2}
+    rc = kvant.ResidualCorrelation.from_points(X, kvant.RBF([0.3, 0.6], 2.0), n_inducing=40, seed=7)
+    want_d, want_i = kvant.CoverTree(rc).fit().knn_self(5, predecessors=True)
+    assert main(["tree", "knn", str(out), "self", "-k", "5", "-o", str(tmp_path / "r.npz"), "-q"]) == 0
+    with np.load(tmp_path / "r.npz") as r:
+        np.testing.assert_array_equal(r["ids"], want_i)
+        np.testing.assert_allclose(r["distances"], want_d, rtol=1e-12)
+    capsys.readouterr()
+    # defaults: Matérn 5/2, lengthscale 1, variance 1, 512 inducing points (at most n), seed 0
+    assert main(["tree", "build", str(tmp_path / "x.npy"), "-o", str(out), "--metric", "residual", "--json"]) == 0
+    defaults = json.loads(capsys.readouterr().out)["residual"]
+    assert defaults.pop("metric_seconds") > 0
+    assert defaults == {"kernel": "matern52", "lengthscale": 1.0, "variance": 1.0, "n_inducing": 300, "seed": 0,
+                        "points_dim": 2}
+
+
+def test_tree_build_residual_options_are_checked(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((30, 2)))
+    base = ["tree", "build", str(tmp_path / "x.npy"), "-o", str(tmp_path / "t.kvant")]
+    for extra in (["--kernel", "rbf"], ["--lengthscale", "2"], ["--inducing", "5"], ["--variance", "1"],
+                  ["--seed", "1"]):
+        assert main(base + extra) == 2  # a residual option with another metric is refused, not ignored
+        assert "apply only to --metric residual" in capsys.readouterr().err
+    for bad in (["--lengthscale", "a,b"], ["--lengthscale", "1,2,3"], ["--lengthscale", "-1"], ["--variance", "0"],
+                ["--inducing", "0"], ["--jitter", "-1"], ["--kernel", "cauchy"]):
+        assert main(base + ["--metric", "residual"] + bad) == 2, bad
+        assert capsys.readouterr().err.strip()
+    assert not (tmp_path / "t.kvant").exists()  # nothing written by a refused build

@@ -1,5 +1,5 @@
 """Fused assignment without BLAS: register-blocked inner products and the top-2, for few centroids (K <= 64 on
-AVX-512, 128 on AMD Zen 4, K <= 16 on AVX2).
+AVX-512 with AMX, 128 on AMD Zen 4, 2,048 on other AVX-512 hosts, K <= 16 on AVX2).
 
 The E-step's GEMM of (rows × D) by (D × K) is skinny (K is small next to the rows): OpenBLAS ran it at 45-90% of
 its large-matrix rate on this project's AVX-512 host, and the (rows × K) product then makes a round trip through
@@ -13,7 +13,7 @@ order.
 The shapes (R, NV) are chosen so that the accumulators, the NV column vectors and one broadcast fit the 32
 vector registers of AVX-512 and there are enough independent accumulators to cover the multiply-add latency:
 (8, 1..3) for K <= 48 and (6, 4) per 64 columns above. Every group of rows reads all of cᵀ, so the kernel is
-used only while cᵀ fits in half of L2, and (measured on whole fits) for K <= 64 (128 on Zen 4): :func:`fits`. On
+used only while cᵀ fits in half of L2, and (measured on whole fits) for the K above: :func:`fits`. On
 AVX2 hosts (16 registers of 8 floats: a 16-float vector is two) the shapes are (6, 1) for K <= 16 and (2, 2) per 32
 columns above, and :func:`fits` takes only K <= 16, where they beat OpenBLAS, or K <= 128 for a small E-step (bound by
 overheads, not products); without AVX2 and FMA :data:`AVAILABLE` is False and callers keep BLAS.
@@ -34,6 +34,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import amx_assign
 from ._llvm import blas_avx512, half_rate_avx512, host_cpu_name, host_features, llvm_fn, splat
 from .assign import _top2_lanes, store_top2
 from .distance import exact_scaled_sq_dist_into, exact_sq_dist_into, sq_norms_into
@@ -105,8 +106,17 @@ MAX_CT_BYTES = _l2_bytes() // 2
 # 1,145 → 768, K=1,024 3,228 → 2,151; 500k×64 K=256 196 → 130, K=1,024 1,542 → 1,333, K=2,048 5,654 → 4,638;
 # 200k×384 K=100 192 → 149, K=256 492 → 308; 200k×256 cos K=128 219 → 137, K=512 762 → 460; 100k×768 cos K=100
 # 235 → 136; Fashion-MNIST K=128 516 → 412. So MAX_K = 2,048 there, the largest K measured.
+# On full-rate AVX-512 hosts without AMX whose BLAS has AVX-512 kernels (an Intel Xeon "emeraldrapids" whose
+# hypervisor hides AMX, OpenBLAS 0.3.31 on its SkylakeX kernels) the kernel, improved since the 2026-12-02 A/B above,
+# no longer loses beyond K = 64 while its operand fits MAX_CT_BYTES: whole fits, same process, alternating, medians
+# of 3 (2 at K >= 512), 2026-12-07, MAX_K 64 → 2,048 (time ratio): 1M×128 K=96 cos 0.84-0.87×, K=128 0.90-0.96×,
+# K=256 l2 0.86-0.88×, cos 0.91-0.99×, K=512 0.96-1.00×, K=1,024 0.98×; 500k×64 K=512 0.93-0.99×, K=1,024
+# 0.96-0.99×; 200k×384 K=100 cos 0.83-0.84×, K=160 0.96-0.99×, K=256 0.93-1.03× (twice); 200k×256 K=256 cos
+# 0.95-0.99×; 100k×768 K=100 0.94-0.96×; Fashion-MNIST K=256 0.99-1.01×. (Intel hosts with AMX keep 64: there the
+# tiles take K >= 96, and the last A/B of the float32 paths was the one above.)
+FULL_RATE_NO_AMX = AVX512 and not half_rate_avx512() and not amx_assign.AVAILABLE
 BLAS_LACKS_AVX512 = AVX512 and not blas_avx512()
-MAX_K = (2048 if BLAS_LACKS_AVX512 else 128 if half_rate_avx512() else 64) if AVX512 else 16
+MAX_K = (2048 if BLAS_LACKS_AVX512 or FULL_RATE_NO_AMX else 128 if half_rate_avx512() else 64) if AVX512 else 16
 # There the kernel also wins with centre operands beyond MAX_CT_BYTES (512 KiB on that host, L2 1 MiB), read from L3:
 # same fits, MAX_CT_BYTES 512 KiB → 4 MiB: Fashion-MNIST K=256 1,590 → 1,350 ms, K=1,024 5,205 → 4,388; 1M×128
 # K=2,048 12.5 → 11.4 s; 100k×768 K=256 565 → 421 ms, K=1,024 cos 3,650 → 3,001; 200k×384 K=1,024 4,474 → 3,989;
@@ -123,9 +133,9 @@ SMALL_MAX_K = 256 if AVX512 else 128
 
 def fits(dim: int, k: int, small: bool = False) -> bool:
     """Whether :func:`direct_top2` should replace the GEMM for D = dim, K = k: on an AVX-512 or AVX2 host, K <= MAX_K
-    (64 and 16; 128 on Zen 4, 2,048 where the BLAS lacks AVX-512; for a ``small`` E-step at least ``SMALL_MAX_K``, 256
-    and 128) and the centre operand (:func:`centre_operands`) within :data:`MAX_CT_BYTES` (``WIDE_CT_BYTES`` where the
-    BLAS lacks AVX-512)."""
+    (64 and 16; 128 on Zen 4; 2,048 where the BLAS lacks AVX-512 or the host has full-rate AVX-512 but no AMX; for a
+    ``small`` E-step at least ``SMALL_MAX_K``, 256 and 128) and the centre operand (:func:`centre_operands`) within
+    :data:`MAX_CT_BYTES` (``WIDE_CT_BYTES`` where the BLAS lacks AVX-512)."""
     size = _coord_rows(k) * _padded(dim) if coord_lanes(k) else dim * _padded(k)
     limit = WIDE_CT_BYTES if BLAS_LACKS_AVX512 else MAX_CT_BYTES
     return AVAILABLE and k <= (max(SMALL_MAX_K, MAX_K) if small else MAX_K) and size * 4 <= limit
