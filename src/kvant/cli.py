@@ -823,29 +823,29 @@ _RESIDUAL_DEFAULTS = {"kernel": "matern52", "lengthscale": "1.0", "variance": 1.
 
 
 def _residual_metric(args, X):
-    """The ResidualCorrelation a ``tree build --metric residual`` asks for: ``kvant.ResidualCorrelation.from_points``
-    on the points X with the chosen covariance; refuses the residual options with any other metric."""
+    """(metric, what it was made of) for ``tree build``: the metric's name and None, or for ``--metric residual`` the
+    ``kvant.ResidualCorrelation.from_points`` of the points X with the chosen covariance and a dict of its settings.
+    Refuses the residual options with any other metric."""
     given = [f"--{name}" for name in _RESIDUAL_DEFAULTS if getattr(args, name) is not None]
     if args.metric != "residual":
         if given:
             raise InvalidInput(f"{', '.join(given)} apply only to --metric residual (the metric is {args.metric})")
-        return args.metric
+        return args.metric, None
     from .tree import RBF, Matern52, ResidualCorrelation
 
     opts = {name: default if getattr(args, name) is None else getattr(args, name)
             for name, default in _RESIDUAL_DEFAULTS.items()}
-    try:  # one lengthscale, or one per coordinate: "0.5" or "0.5,2,1"
+    try:  # one lengthscale, or one per coordinate: "0.5" or "0.5,2,1" (from_points checks the count)
         parts = [float(t) for t in str(opts["lengthscale"]).split(",")]
     except ValueError:
         raise InvalidInput(f"--lengthscale must be a number or comma-separated numbers (one per coordinate), got "
                            f"{opts['lengthscale']!r}") from None
     lengthscale = parts[0] if len(parts) == 1 else np.array(parts)
     kernel = (Matern52 if opts["kernel"] == "matern52" else RBF)(lengthscale=lengthscale, variance=opts["variance"])
-    if np.ndim(X) == 2 and np.ndim(lengthscale) == 1 and len(parts) != np.shape(X)[1]:
-        raise InvalidInput(f"--lengthscale has {len(parts)} entries but the points have {np.shape(X)[1]} coordinates")
-    args.seed = opts["seed"]
-    return ResidualCorrelation.from_points(X, kernel, n_inducing=opts["inducing"], seed=args.seed,
-                                           jitter=opts["jitter"])
+    metric = ResidualCorrelation.from_points(X, kernel, n_inducing=opts["inducing"], seed=opts["seed"],
+                                             jitter=opts["jitter"])
+    return metric, {**kernel.spec(), "n_inducing": int(metric.v.shape[1]), "seed": opts["seed"],
+                    "points_dim": int(np.shape(X)[1])}
 
 
 def _cmd_tree_build(args) -> int:
@@ -855,13 +855,13 @@ def _cmd_tree_build(args) -> int:
     _check_log_file(args, [("the points", args.points), ("-o", args.output)])
     X = _tree_load_points(args.points, args.column)
     t_metric = time.perf_counter()
-    metric = _residual_metric(args, X)
+    metric, residual = _residual_metric(args, X)
     t_metric = time.perf_counter() - t_metric
     with progress(args, total=int(np.shape(X)[0]), desc="building") as bar:
         tree = CoverTree(metric=metric, base=args.base)
         # the file holds the cover tree, which a fit answering by its kd-tree leaves for later: built here, timed as
         # part of the build (the bar follows whichever builds level by level)
-        if args.metric == "residual":  # the points are X's rows, by index: every one
+        if residual:  # the points are X's rows, by index: every one
             tree.fit(progress=_bar_update(args, bar))
         else:
             tree.fit(X, progress=None if tree._defers_cover(np.shape(X)[-1]) else _bar_update(args, bar))
@@ -874,12 +874,11 @@ def _cmd_tree_build(args) -> int:
     _tree_log(args, tel)
     payload = {"output": args.output, "n": tree.n, "dim": tree.dim, "metric": args.metric,
                "level_base": tree.level_base_, "build_seconds": tel.get("total"), "telemetry": tel}
-    if args.metric == "residual":  # its points are row indices: dim is None; say what the metric was made of
-        payload["residual"] = {**metric.kernel.spec(), "n_inducing": int(metric.v.shape[1]), "seed": args.seed,
-                               "points_dim": int(np.shape(X)[1]), "metric_seconds": t_metric}
+    if residual:  # its points are row indices: dim is None; say what the metric was made of
+        payload["residual"] = {**residual, "metric_seconds": t_metric}
     emit(args, payload, f"built a cover tree of {tree.n} points ({args.metric}, level base {tree.level_base_:g}) in "
                         f"{tel.get('total', 0.0):.3f} s" + (f" (+ {t_metric:.3f} s making the metric)"
-                                                             if args.metric == "residual" else "")
+                                                             if residual else "")
                         + f" -> {args.output}")
     return EXIT_OK
 
