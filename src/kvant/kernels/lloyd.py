@@ -383,10 +383,11 @@ def _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, b_l
 
 
 @numba.njit(**_JIT)
-def _kpp_update_lanes(xt, x, row, c, d2, near, bmass, w, unit, b_lo, b_hi, buf):
+def _kpp_update_lanes(xt, x, row, d2, bmass, w, unit, b_lo, b_hi, buf):
     """:func:`_kpp_update` without pruning, each block's 64 rows in the vector lanes (``xt``: the rows as
     :func:`kvant.kernels.row_lanes.transpose_tiles` tiles in fours, ``buf`` 64 float32 of scratch): the distances to
-    the new centre, row ``row`` of ``x``, end in their own lanes instead of a horizontal sum per row."""
+    the new centre, row ``row`` of ``x``, end in their own lanes instead of a horizontal sum per row. Rows' nearest
+    centres are not kept: only the pruned steps read them."""
     n = x.shape[0]
     for b in range(b_lo, b_hi):
         lo = b * _KPP_BLOCK
@@ -397,7 +398,6 @@ def _kpp_update_lanes(xt, x, row, c, d2, near, bmass, w, unit, b_lo, b_hi, buf):
             v = np.float64(buf[i - lo])
             if v < d2[i]:
                 d2[i] = v
-                near[i] = c
                 changed = True
         if changed:
             bmass[b] = _block_mass(d2, w, unit, lo, hi)
@@ -463,11 +463,11 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
         for j in range(c if prune else 0):
             skip_at_most[j] = np.float64(_sq_dist_f32(x, chosen[j], centre)) * shrink
         if lanes and parts == 1:
-            _kpp_update_lanes(xt, x, chosen[c], c, d2, near, bmass, w, unit, 0, n_blocks, buf)
+            _kpp_update_lanes(xt, x, chosen[c], d2, bmass, w, unit, 0, n_blocks, buf)
         elif lanes:
             for p in numba.prange(parts):
                 part_buf = np.empty(_KPP_BLOCK, np.float32)
-                _kpp_update_lanes(xt, x, chosen[c], c, d2, near, bmass, w, unit,
+                _kpp_update_lanes(xt, x, chosen[c], d2, bmass, w, unit,
                                   p * n_blocks // parts, (p + 1) * n_blocks // parts, part_buf)
         elif parts == 1:
             _kpp_update(x, centre, c, d2, near, bmass, skip_at_most, prune, w, unit, 0, n_blocks)
