@@ -96,6 +96,24 @@ def test_compiled_lloyd_gives_the_same_fit_with_rows_in_lanes(monkeypatch, k, sp
     assert np.mean(c.labels == a.labels) > 0.99
 
 
+@pytest.mark.parametrize("n,d", [(0, 3), (1, 1), (15, 1), (16, 5), (17, 37), (300, 64), (33, 2)])
+def test_transpose_tiles_matches_the_reference_on_every_layout(n, d):
+    # both copies (masked gathers where the host's are fast, the scalar copy elsewhere), padding tiles included: the
+    # gathers on C-ordered rows and rows of stride 2 (their layout: unit-stride coordinates), the copy on those and
+    # Fortran order
+    g = np.random.default_rng(n * 100 + d)
+    x = g.standard_normal((n, d)).astype(np.float32)
+    strided = np.repeat(x, 2, axis=0)[::2]
+    for multiple in (1, 4):
+        want = ref.transpose_tiles_ref(x, multiple)
+        np.testing.assert_array_equal(row_lanes.transpose_tiles(x, multiple), want)
+        for rows, fills in ((x, "both"), (strided, "both"), (np.asfortranarray(x), "copy")):
+            for fill in (row_lanes.gather_tiles_into, row_lanes.copy_tiles_into)[(fills == "copy"):]:
+                out = np.full(want.shape, np.nan, np.float32)
+                fill(rows, out)
+                np.testing.assert_array_equal(out, want)
+
+
 @numba.njit
 def _tile_sq_dists(xt, b, x, i, out):
     row_lanes.tile_sq_dists(xt, b, x, i, out)

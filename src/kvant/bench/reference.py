@@ -426,6 +426,19 @@ def knn_from_distances(D, ids, k: int, allowed=None):
     return out_d, out_i
 
 
+def transpose_tiles_ref(x, multiple=1):
+    """:func:`kvant.kernels.row_lanes.transpose_tiles`: rows 16b .. 16b + 15 as tile b's columns, (tiles rounded up to
+    ``multiple``, D, 16), zero rows after the last."""
+    import numpy as np
+
+    n, d = x.shape
+    tiles = -(-n // 16)  # ceil(n / 16) tiles ...
+    tiles = -(-tiles // multiple) * multiple  # ... rounded up to a multiple
+    padded = np.zeros((tiles * 16, d), np.float32)
+    padded[:n] = x
+    return np.ascontiguousarray(padded.reshape(tiles, 16, d).transpose(0, 2, 1))
+
+
 def first_nonfinite_row_ref(x):
     """Index of the first row of ``x`` holding NaN or inf, or -1."""
     import numpy as np

@@ -24,13 +24,16 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import llvm_fn, splat
+from ._llvm import host_cpu_name, host_features, llvm_fn, splat
 from .assign import store_top2
 from .distance import exact_sq_dist_into, sq_norms_into
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 LANES = 16  # rows per tile
 MAX_GROUP = 8  # accumulators (centres) per pass
+# transpose_tiles by masked 16-lane gathers (gather_tiles_into) on AVX-512 hosts other than AMD's, where gathers are
+# slower and the gathering copy was not measured: on the Intel host without AMX (2026-12-07) 1.6-2.6x the scalar copy
+GATHER_TRANSPOSE = "avx512f" in host_features() and not host_cpu_name().startswith("znver")
 
 
 @numba.njit(**_JIT)
@@ -54,12 +57,42 @@ def transpose_tiles(x, multiple=1):
     n, dim = x.shape
     nt = (n + LANES - 1) // LANES
     nt = (nt + multiple - 1) // multiple * multiple
-    out = np.zeros((nt, dim, LANES), np.float32)
-    for i in range(n):
-        b, r = divmod(i, LANES)
-        for t in range(dim):
-            out[b, t, r] = x[i, t]
+    out = np.empty((nt, dim, LANES), np.float32)
+    if GATHER_TRANSPOSE and (dim <= 1 or x.strides[1] == 4):
+        gather_tiles_into(x, out)
+    else:
+        copy_tiles_into(x, out)
     return out
+
+
+@numba.njit(**_JIT)
+def gather_tiles_into(x, out):
+    """:func:`transpose_tiles` into ``out`` by one masked gather per coordinate and tile (rows of unit stride): on the
+    Intel host without AMX, digits 1,797 x 64 43 -> 23 us and 20,000 x 128 1.27 -> 0.79 ms against
+    :func:`copy_tiles_into`. Padding tiles gather no lane."""
+    n = x.shape[0]
+    for b in range(out.shape[0]):
+        i0 = b * LANES
+        _gather_tile(x, min(i0, max(n - 1, 0)), max(0, min(LANES, n - i0)), out[b:b + 1])
+
+
+@numba.njit(**_JIT)
+def copy_tiles_into(x, out):
+    """:func:`transpose_tiles` into ``out`` by scalar copies, whole tiles' 16 rows read column by column (rows in any
+    layout; row by row into a zeroed array took 60 us against 44 on digits)."""
+    n, dim = x.shape
+    full = n // LANES
+    for b in range(full):
+        ob = out[b]
+        xb = x[b * LANES:(b + 1) * LANES]
+        for t in range(dim):
+            for r in range(LANES):
+                ob[t, r] = xb[r, t]
+    for b in range(full, out.shape[0]):  # the last rows and the zero padding
+        for t in range(dim):
+            for r in range(LANES):
+                i = b * LANES + r
+                out[b, t, r] = x[i, t] if i < n else np.float32(0.0)
 
 
 @numba.njit(**_JIT)
