@@ -736,6 +736,30 @@ def test_auto_trains_on_a_64th_of_the_rows_unless_told_otherwise():
         kvant.Clusterer(4, sample_per_centroid=0).fit(x)
 
 
+def test_auto_trains_small_inputs_on_every_row_where_the_compiled_loop_takes_them():
+    from kvant.cluster.auto import choose_algorithm
+    from kvant.cluster.lloyd import small_lloyd_applies
+
+    # 5,000 rows > 256·K: a sample before, every row now (the compiled Lloyd loop runs on all of them)
+    assert small_lloyd_applies(5000, 32, 6)
+    got = choose_algorithm(5000, 32, 6, "l2", 5000 * 32 * 4)
+    assert got.params["sample_rows"] == 5000 and "compiled Lloyd loop" in got.reason
+    # from 8,192 rows Lloyd leaves the compiled loop: the sample rule again; and a caller's sample_per_centroid stands
+    assert not small_lloyd_applies(9000, 32, 6)
+    assert choose_algorithm(9000, 32, 6, "l2", 9000 * 32 * 4).params["sample_rows"] == 256 * 6
+    assert choose_algorithm(5000, 32, 6, "l2", 5000 * 32 * 4, sample_per_centroid=256).params["sample_rows"] == 1536
+    g = np.random.default_rng(3)
+    x = (g.standard_normal((8, 32)).astype(np.float32) * 3)[g.integers(8, size=5000)] + g.standard_normal((5000, 32))
+    x = x.astype(np.float32)
+    for metric in ("l2", "cos"):
+        c = kvant.Clusterer(6, metric=metric, seed=0).fit(x)
+        assert c.sample_rows_ == 5000 and c.sampling_ == "all rows"
+        # labels_ and inertia_ are still the exact assignment of every row to the returned centres
+        np.testing.assert_array_equal(c.labels_, c.predict(x))
+        want = 1.0 - c.inertia_ / 5000 if metric == "cos" else -c.inertia_ / 5000
+        assert c.score(x) == pytest.approx(want, rel=1e-9)
+
+
 def test_auto_larger_sample_gets_near_the_full_data_optimum():
     # Overlapping clusters: a 256·K-row sample's centres carry a sampling error of ~1/256 of the objective; the N/64
     # sample's (~1,000 rows per centre) is 4x smaller, and a 100-iteration fit on every row is the reference.
