@@ -121,8 +121,8 @@ def compiled_loop_takes_every_row(n: int, dim: int, k: int) -> bool:
     """Whether ``auto`` trains on all N rows instead of a sample: when Lloyd on every row runs as the compiled
     small-input loop (:func:`kvant.cluster.lloyd.small_lloyd_applies`: under 8,192 rows, small E-steps), whose last
     E-step is then the final assignment. Drawing a sample (the coreset's pass over every row, its draw and gather)
-    and assigning every row after cost more there than the iterations on the other rows: fits 1.3-1.7x faster at
-    a lower median objective (docs/auto.md, "Every row for small inputs")."""
+    and assigning every row after cost more there than the iterations on the other rows: fits 1.1-1.8x faster at
+    an equal or lower median objective (docs/auto.md, "Every row for small inputs")."""
     from .lloyd import small_lloyd_applies
 
     return small_lloyd_applies(n, dim, k)

@@ -340,7 +340,7 @@ def _unit_rows_into(x, idx, out, gather):
 
     The row loop is written out here, on row views: from a helper, inlined or not, LLVM's division loop ran
     2.4-2.8x slower (digits 1,797 x 64: 72-85 us for the whole pass against 30)."""
-    for t in range(out.shape[0] if not gather else idx.shape[0]):
+    for t in range(idx.shape[0] if gather else x.shape[0]):
         i = idx[t] if gather else t
         nrm64 = np.sqrt(_row_sqnorm(x, i))
         if nrm64 == 0.0:
