@@ -137,7 +137,8 @@ def test_demo_json(capsys):
 
 @pytest.mark.parametrize("sampling", ["coreset", "uniform"])
 def test_cluster_sampling_flag_matches_the_api(tmp_path, capsys, sampling):
-    x = np.random.default_rng(1).standard_normal((3000, 6)).astype(np.float32)
+    # 9,000 rows: under 8,192 auto trains on every row (the compiled Lloyd loop takes them), with no sample to draw
+    x = np.random.default_rng(1).standard_normal((9000, 6)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     argv = ["cluster", str(tmp_path / "x.npy"), "-k", "5", "--sampling", sampling, "--json", "--quiet",
             "-o", str(tmp_path / "labels.npy")]
