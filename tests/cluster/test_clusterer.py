@@ -1340,8 +1340,9 @@ def test_a_reseed_is_followed_by_a_full_e_step(monkeypatch):
 def test_auto_uses_candidate_e_steps_only_for_large_k_times_d(monkeypatch):
     from kvant.cluster import auto as auto_module
 
-    # (training E-steps small enough for the one-region direct kernel skip candidates: tested below)
+    # (training E-steps small enough for the one-region direct kernel or the compiled loop skip candidates: below)
     monkeypatch.setattr(auto_module, "one_region_direct_e_step", lambda n, dim, k: False)
+    monkeypatch.setattr(auto_module, "compiled_lloyd", lambda n, dim, k: False)
     calls = []
     real = lloyd_module._candidate_e_step
     monkeypatch.setattr(lloyd_module, "_candidate_e_step", lambda *a: calls.append(1) or real(*a))
@@ -1371,7 +1372,8 @@ def test_auto_skips_candidates_where_training_e_steps_take_the_one_region_kernel
 
     monkeypatch.setattr(cluster_assign.direct_assign, "fits", lambda dim, k, small=False: small)  # as on AVX-512
     assert candidates(1797) == 0  # digits' shape: 1,797 x 256 x 64 products per E-step, one region
-    assert candidates(5000) == AUTO_CANDIDATES  # a 5,000-row sample: 2^26.3 products, the GEMM path anyway
+    assert candidates(5000) == 0  # 5,000 rows: 2^26.3 products per E-step, over one region but in the compiled loop
+    assert candidates(9000) == AUTO_CANDIDATES  # 9,000 rows: the Python loop, 2^27.1 products: the GEMM path
     assert candidates(10**6) == AUTO_CANDIDATES  # trains on 256·K rows
     monkeypatch.setattr(cluster_assign.direct_assign, "fits", lambda dim, k, small=False: False)  # no such kernel
     assert candidates(1797) == AUTO_CANDIDATES
@@ -1461,14 +1463,18 @@ def test_compiled_loop_runs_the_python_loops_iterations(spherical, beta, weighte
         np.testing.assert_array_equal(a.labels, _nearest(x, a.centroids))
 
 
-def test_compiled_loop_is_used_only_where_its_e_step_is_one_small_region():
-    from kvant.cluster.assign import CERTIFIED_E_STEP_MIN_ROWS, one_region_direct_e_step
+def test_compiled_loop_is_used_only_where_its_e_step_is_a_small_direct_region():
+    from kvant.cluster.assign import CERTIFIED_E_STEP_MIN_ROWS, direct_e_step_fits
 
     for n, d, k in [(1797, 64, 10), (2560, 784, 10), (1797, 64, 256), (16384, 128, 64), (1797, 64, 1024),
-                    (CERTIFIED_E_STEP_MIN_ROWS, 8, 128)]:
-        want = one_region_direct_e_step(n, d, k) and n < CERTIFIED_E_STEP_MIN_ROWS
+                    (8000, 64, 256), (8000, 128, 512), (CERTIFIED_E_STEP_MIN_ROWS, 8, 128)]:
+        want = (n < CERTIFIED_E_STEP_MIN_ROWS and n * k * d <= lloyd_module.SMALL_LLOYD_MAX_WORK
+                and direct_e_step_fits(d, k))
         assert lloyd_module.small_lloyd_applies(n, d, k) == want
     assert not lloyd_module.small_lloyd_applies(CERTIFIED_E_STEP_MIN_ROWS, 8, 128)
+    assert not lloyd_module.small_lloyd_applies(8000, 128, 512)  # 2^29 products: the Python loop's Hamerly bounds
+    # digits K = 1,024 (1.8·2^26 products, over a lone E-step's one-region limit) where the kernel takes K = 1,024
+    assert lloyd_module.small_lloyd_applies(1797, 64, 1024) == direct_e_step_fits(64, 1024)
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "minibatch"])

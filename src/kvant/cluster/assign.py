@@ -178,7 +178,12 @@ def one_region_direct_e_step(n: int, dim: int, k: int) -> bool:
     """Whether a plain E-step of ``n`` rows (Lloyd's, with row norms given) runs the register-blocked kernel in one
     parallel region (:func:`assign_top2`'s small path). Recording candidate centres (``nearest=``) needs the GEMM
     path instead."""
-    return DIRECT_ASSIGN and n * k * dim <= _ONE_REGION_MAX_WORK and direct_assign.fits(dim, k, True)
+    return n * k * dim <= _ONE_REGION_MAX_WORK and direct_e_step_fits(dim, k)
+
+
+def direct_e_step_fits(dim: int, k: int) -> bool:
+    """Whether the register-blocked kernel takes E-steps of K centres of dimension ``dim`` (in one region: small=True)."""
+    return DIRECT_ASSIGN and direct_assign.fits(dim, k, True)
 
 
 def zero_norm_error(row: int) -> InvalidInput:

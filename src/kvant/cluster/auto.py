@@ -117,12 +117,13 @@ def auto_sample_rows(n: int, k: int) -> int:
     return max(DEFAULT_SAMPLE_PER_CENTROID * k, floor)
 
 
-def compiled_loop_takes_every_row(n: int, dim: int, k: int) -> bool:
-    """Whether ``auto`` trains on all N rows instead of a sample: when Lloyd on every row runs as the compiled
-    small-input loop (:func:`kvant.cluster.lloyd.small_lloyd_applies`: under 8,192 rows, small E-steps), whose last
-    E-step is then the final assignment. Drawing a sample (the coreset's pass over every row, its draw and gather)
-    and assigning every row after cost more there than the iterations on the other rows: fits 1.1-1.8x faster at
-    an equal or lower median objective (docs/auto.md, "Every row for small inputs")."""
+def compiled_lloyd(n: int, dim: int, k: int) -> bool:
+    """Whether Lloyd on ``n`` rows runs as the compiled small-input loop (:func:`kvant.cluster.lloyd.small_lloyd_applies`:
+    under 8,192 rows, E-steps of the register-blocked kernel). Then ``auto`` trains on all N rows instead of a sample,
+    the loop's last E-step being the final assignment: drawing a sample (the coreset's pass over every row, its draw
+    and gather) and assigning every row after cost more there than the iterations on the other rows, fits 1.1-1.8x
+    faster at an equal or lower median objective (docs/auto.md, "Every row for small inputs"); and it asks for no
+    candidate E-steps, which the loop cannot record."""
     from .lloyd import small_lloyd_applies
 
     return small_lloyd_applies(n, dim, k)
@@ -198,14 +199,17 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
     if sample_per_centroid is None:
         sample = auto_sample_rows(n, k)
         size = f"max(256·K, N/{AUTO_SAMPLE_DIVISOR})={sample}"
-        every_row = sample < n and compiled_loop_takes_every_row(n, dim, k)
+        every_row = sample < n and compiled_lloyd(n, dim, k)
         if every_row:
             sample = n
     else:
         sample = int(sample_per_centroid) * k
         size = f"{int(sample_per_centroid)}·K={sample}"
     large = k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD
-    candidates = AUTO_CANDIDATES if large and not one_region_direct_e_step(min(n, sample), dim, k) else 0
+    rows = min(n, sample)
+    # (the compiled loop cannot record them either)
+    unrecorded = one_region_direct_e_step(rows, dim, k) or compiled_lloyd(rows, dim, k)
+    candidates = AUTO_CANDIDATES if large and not unrecorded else 0
     init, seed_rows, trials = auto_seeding(min(n, sample), k, dim)
     if init == "random":
         rows = min(n, sample)

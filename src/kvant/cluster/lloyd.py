@@ -71,8 +71,8 @@ from .assign import (
     _DIRECT_MIN_ROWS,
     CERTIFIED_E_STEP_MIN_ROWS,
     block_rows_for,
+    direct_e_step_fits,
     e_step,
-    one_region_direct_e_step,
     zero_norm_error,
 )
 from .neighbours import NeighbourFinal, NeighbourSteps
@@ -85,6 +85,13 @@ _BOUND_SLACK = 1e-4
 # objectives of its first HISTORY_CAP M-steps.
 SMALL_LLOYD = True
 HISTORY_CAP = 1 << 16
+# ... on up to SMALL_LLOYD_MAX_WORK row × centre × coordinate products per E-step: twice the one-region limit of a
+# lone E-step (assign._ONE_REGION_MAX_WORK, set against Numba's spinning threads slowing the BLAS work that follows),
+# since under 8,192 rows nothing but the loop's own regions follows. Whole auto fits, same process, Intel host without
+# AMX (2026-12-07; same objectives): digits K = 1,024 21.7 → 16.7 ms l2, 23.6 → 18.1 cos (1.8·2²⁶ products); 8,000 ×
+# 64 K = 256 14.7 → 11.7 / 17.0 → 11.6 ms; 8,000 × 16 K = 1,024 43.3 → 29.4 / 45.4 → 32.9 ms (2·2²⁶ each). Beyond
+# (2²⁸-2³⁰ on 8,000 × 128 K = 512, 4,000 × 256 K = 1,024, 6,000 × 32 K = 2,048) it read 0.9-1.05x, within noise.
+SMALL_LLOYD_MAX_WORK = 1 << 27
 # ... whose E-steps put rows in the vector lanes on AVX-512 hosts when K <= ROW_LANES_MAX_K (kvant.kernels.row_lanes;
 # the same outputs). Digits (1,797 × 64) E-steps on one thread, Zen 4 host (2026-12-05), direct kernel → rows in
 # lanes: K = 4 48 → 13 µs, K = 10 48 → 25, K = 20 97 → 49, K = 32 97 → 72, K = 64 153 → 142. Whole digits fits
@@ -473,9 +480,10 @@ def _reseed_empty(x, labels, upper, lower, sums, counts, w, rows_in) -> int:
 
 def small_lloyd_applies(n: int, dim: int, k: int) -> bool:
     """Whether :func:`lloyd` runs as one compiled loop (:func:`kvant.kernels.lloyd_small.lloyd_small`): when its
-    E-steps are small direct-kernel regions (:func:`~kvant.cluster.assign.one_region_direct_e_step`) on float32 rows,
-    and too few rows for the certified E-steps (whose labels the compiled loop does not reproduce)."""
-    return one_region_direct_e_step(n, dim, k) and n < CERTIFIED_E_STEP_MIN_ROWS
+    E-steps are direct-kernel regions (:func:`~kvant.cluster.assign.direct_e_step_fits`) of at most
+    ``SMALL_LLOYD_MAX_WORK`` products on float32 rows, and too few rows for the certified E-steps (whose labels the
+    compiled loop does not reproduce)."""
+    return n < CERTIFIED_E_STEP_MIN_ROWS and n * k * dim <= SMALL_LLOYD_MAX_WORK and direct_e_step_fits(dim, k)
 
 
 def _row_lanes(k: int, nbytes: int) -> bool:
