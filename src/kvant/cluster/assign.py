@@ -182,7 +182,7 @@ def one_region_direct_e_step(n: int, dim: int, k: int) -> bool:
 
 
 def direct_e_step_fits(dim: int, k: int) -> bool:
-    """Whether the register-blocked kernel takes E-steps of K centres of dimension ``dim`` (in one region: small=True)."""
+    """Whether the register-blocked kernel takes E-steps of K centres of dimension ``dim`` (its one-region sizes)."""
     return DIRECT_ASSIGN and direct_assign.fits(dim, k, True)
 
 

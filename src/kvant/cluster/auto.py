@@ -118,12 +118,13 @@ def auto_sample_rows(n: int, k: int) -> int:
 
 
 def compiled_lloyd(n: int, dim: int, k: int) -> bool:
-    """Whether Lloyd on ``n`` rows runs as the compiled small-input loop (:func:`kvant.cluster.lloyd.small_lloyd_applies`:
-    under 8,192 rows, E-steps of the register-blocked kernel). Then ``auto`` trains on all N rows instead of a sample,
-    the loop's last E-step being the final assignment: drawing a sample (the coreset's pass over every row, its draw
-    and gather) and assigning every row after cost more there than the iterations on the other rows, fits 1.1-1.8x
-    faster at an equal or lower median objective (docs/auto.md, "Every row for small inputs"); and it asks for no
-    candidate E-steps, which the loop cannot record."""
+    """Whether Lloyd on ``n`` rows runs as the compiled small-input loop
+    (:func:`kvant.cluster.lloyd.small_lloyd_applies`: under 8,192 rows, E-steps of the register-blocked kernel).
+    Then ``auto`` trains on all N rows instead of a sample, the loop's last E-step being the final assignment:
+    drawing a sample (the coreset's pass over every row, its draw and gather) and assigning every row after cost more
+    there than the iterations on the other rows, fits 1.1-1.8x faster at an equal or lower median objective
+    (docs/auto.md, "Every row for small inputs"); and it asks for no candidate E-steps, which the loop cannot
+    record."""
     from .lloyd import small_lloyd_applies
 
     return small_lloyd_applies(n, dim, k)
@@ -206,13 +207,12 @@ def choose_algorithm(n: int, dim: int, k: int, metric: str, input_bytes: int, sa
         sample = int(sample_per_centroid) * k
         size = f"{int(sample_per_centroid)}·K={sample}"
     large = k >= AUTO_CANDIDATE_MIN_K and k * dim >= AUTO_CANDIDATE_MIN_KD
-    rows = min(n, sample)
+    rows = min(n, sample)  # the training rows
     # (the compiled loop cannot record them either)
     unrecorded = one_region_direct_e_step(rows, dim, k) or compiled_lloyd(rows, dim, k)
     candidates = AUTO_CANDIDATES if large and not unrecorded else 0
-    init, seed_rows, trials = auto_seeding(min(n, sample), k, dim)
+    init, seed_rows, trials = auto_seeding(rows, k, dim)
     if init == "random":
-        rows = min(n, sample)
         every = (f"the {rows} rows are more than {AUTO_SEED_CACHE_BYTES >> 20} MiB"
                  if rows * max(1, dim) * 4 > AUTO_SEED_CACHE_BYTES else
                  f"every row would take {rows}·K row-steps, over 2^{AUTO_SEED_EVERY_ROW_STEPS.bit_length() - 1}")
