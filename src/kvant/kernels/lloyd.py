@@ -431,10 +431,12 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
     # a parallel region on every call, small seedings included.
     chosen = np.empty(k, np.int64)
     chosen[0] = first
+    prune = d >= prune_min_dim
     d2 = np.empty(n, np.float64)
-    near = np.empty(n, np.int64)
+    near = np.empty(n if prune else 0, np.int64)  # each row's nearest centre: only the pruned steps read it
     for i in range(n):
         d2[i] = np.inf
+    for i in range(near.shape[0]):
         near[i] = 0
     n_blocks = (n + _KPP_BLOCK - 1) // _KPP_BLOCK
     bmass = np.empty(n_blocks, np.float64)
@@ -445,7 +447,6 @@ def kmeanspp(x, k, uniforms, first, w, prune_min_dim=KPP_PRUNE_MIN_DIM, n_parts=
         skip_at_most[j] = 0.0
     centre = np.empty(d, x.dtype)
     shrink = _prune_shrink(d)  # see docs/auto.md
-    prune = d >= prune_min_dim
     # unpruned steps compute every row's distance to the new centre, with rows in the vector lanes
     lanes = not prune
     xt = transpose_tiles(x, BLOCK_TILES) if lanes else np.empty((0, d, LANES), np.float32)
@@ -556,14 +557,14 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE
     chosen = np.empty(k, np.int64)
     chosen[0] = first
     n_blocks = (n + _KPP_BLOCK - 1) // _KPP_BLOCK
+    prune = d >= prune_min_dim
     d2 = np.empty(n, np.float64)
-    near = np.empty(n, np.int64)
+    near = np.empty(n if prune else 0, np.int64)  # each row's nearest centre: only the pruned steps read it
     bmass = np.empty(n_blocks, np.float64)
     cents = np.empty((L, d), x.dtype)
     cand = np.empty(L, np.int64)
     cand_d = np.empty((L, n), np.float64)
     pot = np.empty((L, n_blocks), np.float64)
-    prune = d >= prune_min_dim
     shrink = _prune_shrink(d)
     skip_at_most = np.empty((L, k if prune else 1), np.float64)
     # unpruned steps compute every row's distance to each candidate: with rows in the vector lanes
@@ -574,6 +575,7 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE
         cents[0, t] = x[first, t]
     for i in range(n):
         d2[i] = np.float64(_sq_dist_f32(x, i, cents[0]))
+    for i in range(near.shape[0]):
         near[i] = 0
     for b in range(n_blocks):
         bmass[b] = _block_mass(d2, w, unit, b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK))
@@ -619,7 +621,8 @@ def kmeanspp_greedy(x, k, uniforms, first, w, n_parts=1, prune_min_dim=KPP_PRUNE
         for i in range(n):
             if cand_d[best, i] < d2[i]:
                 d2[i] = cand_d[best, i]
-                near[i] = c
+                if prune:
+                    near[i] = c
         for b in range(n_blocks):
             bmass[b] = _block_mass(d2, w, unit, b * _KPP_BLOCK, min(n, (b + 1) * _KPP_BLOCK))
     return chosen
