@@ -55,3 +55,28 @@ def blob_files(tmp_path):
     np.save(tmp_path / "x.npy", (centres[y] + g.standard_normal((2000, 3))).astype(np.float32))
     np.save(tmp_path / "c.npy", centres)
     return tmp_path / "x.npy", tmp_path / "c.npy", y
+
+
+@pytest.fixture
+def check_corrupted_copy(tmp_path_factory):
+    """``check(path, data)``: a copy of the saved file ``path``, cut short or with one to four bytes flipped (drawn
+    with hypothesis's ``data``), must make ``kvant.load`` raise ``PersistError`` (the container's checksums, kvant's
+    file format promise: a damaged file is refused, never half read)."""
+    from hypothesis import strategies as st
+
+    from kvant.errors import PersistError
+
+    def check(path, data) -> None:
+        blob = bytearray(path.read_bytes())
+        if data.draw(st.booleans(), label="truncate"):
+            blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
+        else:
+            positions = st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=4, unique=True)
+            for pos in data.draw(positions, label="positions"):
+                blob[pos] ^= data.draw(st.integers(1, 255), label="xor")
+        bad = tmp_path_factory.mktemp("bad") / path.name
+        bad.write_bytes(bytes(blob))
+        with pytest.raises(PersistError):
+            kvant.load(bad)
+
+    return check

@@ -1646,6 +1646,20 @@ def test_save_needs_a_fit_and_load_rejects_damaged_or_inconsistent_files(tmp_pat
         c.save(tmp_path / "h.kvant")
 
 
+@pytest.fixture(scope="module", params=["l2", "cos"])
+def saved_clusterer(request, tmp_path_factory):
+    x = np.random.default_rng(4).standard_normal((300, 5)).astype(np.float32)
+    path = tmp_path_factory.mktemp("clusterer") / "c.kvant"
+    kvant.Clusterer(6, metric=request.param, seed=0).fit(x).save(path)
+    return path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_or_flipped_clusterer_files_raise_persist_error(check_corrupted_copy, saved_clusterer, data):
+    check_corrupted_copy(saved_clusterer, data)
+
+
 def test_save_checks_what_load_would_refuse_and_keeps_the_fitted_centres(tmp_path):
     x = np.random.default_rng(5).standard_normal((2000, 4)).astype(np.float32)
     c = kvant.Clusterer(5, seed=0).fit(x)

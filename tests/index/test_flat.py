@@ -649,3 +649,19 @@ def test_reconstruct_returns_rows_in_the_given_order_and_refuses_unknown_ids():
     index.remove([10])
     with pytest.raises(kvant.InvalidInput, match="not in the index"):
         index.reconstruct([10])
+
+
+@pytest.fixture(scope="module", params=["l2", "ip", "cos"])
+def saved_flat(request, tmp_path_factory):
+    x = np.random.default_rng(6).standard_normal((200, 7)).astype(np.float32)
+    index = kvant.FlatIndex(7, metric=request.param)
+    index.add(x, ids=np.arange(200) * 3 + 1)
+    path = tmp_path_factory.mktemp("flat") / "f.kvant"
+    index.save(path)
+    return path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_or_flipped_flat_files_raise_persist_error(check_corrupted_copy, saved_flat, data):
+    check_corrupted_copy(saved_flat, data)

@@ -202,18 +202,8 @@ def saved_index(tmp_path_factory, data):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_corrupted_index_file_raises_persist_error(tmp_path_factory, saved_index, data):
-    blob = bytearray(saved_index.read_bytes())
-    if data.draw(st.booleans(), label="truncate"):
-        blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
-    else:
-        positions = st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=4, unique=True)
-        for pos in data.draw(positions, label="positions"):
-            blob[pos] ^= data.draw(st.integers(1, 255), label="xor")
-    path = tmp_path_factory.mktemp("bad") / "i.kvant"
-    path.write_bytes(bytes(blob))
-    with pytest.raises(PersistError):
-        kvant.load(path)
+def test_corrupted_index_file_raises_persist_error(check_corrupted_copy, saved_index, data):
+    check_corrupted_copy(saved_index, data)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,7 +8,7 @@ import math
 import numba
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvant
@@ -1566,3 +1566,22 @@ def test_save_and_load_keep_the_query_settings(tmp_path):
     t = kvant.CoverTree(rc, residual_scan=False).fit()
     t.save(tmp_path / "r.kvant")
     assert kvant.load(tmp_path / "r.kvant").residual_scan is False
+
+
+@pytest.fixture(scope="module", params=["euclidean", "residual"])
+def saved_tree(request, tmp_path_factory):
+    if request.param == "euclidean":
+        tree = kvant.CoverTree().fit(_data(120, 3, clustered=True))
+    else:
+        X = _data(150, 2, seed=3)
+        rc = kvant.ResidualCorrelation.from_points(X, kvant.Matern52(0.6, 1.2), n_inducing=20, seed=0)
+        tree = kvant.CoverTree(metric=rc).fit(np.arange(150))
+    path = tmp_path_factory.mktemp("tree") / "t.kvant"
+    tree.save(path)
+    return path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_or_flipped_tree_files_raise_persist_error(check_corrupted_copy, saved_tree, data):
+    check_corrupted_copy(saved_tree, data)
