@@ -189,6 +189,25 @@ def test_inconsistent_saved_content(tmp_path, built):
         kvant.load(tmp_path / "b")
 
 
+def test_a_set_padding_nibble_in_saved_4bit_codes_is_refused(tmp_path):
+    """Odd m at 4 bits leaves the last byte's high nibble as padding: a file (valid checksum) with it set was not
+    written by the index's codec, which would refuse to decode those codes, so loading refuses it too."""
+    from kvant import persist
+
+    x = np.random.default_rng(0).standard_normal((600, 12)).astype(np.float32)
+    index = kvant.PQIndex(12, 3, nbits=4)
+    index.train(x)
+    index.add(x[:100])
+    index.save(tmp_path / "ok.kvant")
+    kind, meta, arrays = persist.read(tmp_path / "ok.kvant")
+    assert np.array_equal(kvant.load(tmp_path / "ok.kvant").codes, index.codes)
+    codes = arrays["codes"].copy()
+    codes[57, -1] |= 0x30
+    persist.write(tmp_path / "bad.kvant", kind, meta, {**arrays, "codes": codes})
+    with pytest.raises(PersistError, match="row 57: the padding nibble"):
+        kvant.load(tmp_path / "bad.kvant")
+
+
 @pytest.fixture(scope="module")
 def saved_index(tmp_path_factory, data):
     x, _ = data

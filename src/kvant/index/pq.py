@@ -433,6 +433,10 @@ class PQIndex:
         check_ids_array(ids, n)
         if codes.dtype != np.uint8 or codes.shape != (n, obj.code_size):
             raise PersistError(f"codes have shape {codes.shape} / {codes.dtype}, expected ({n}, {obj.code_size})")
+        try:  # (odd m at 4 bits: a set padding nibble is a file this codec did not write; decode would refuse it)
+            obj.codec._check_codes(codes)
+        except InvalidInput as exc:
+            raise PersistError(f"bad PQIndex codes: {exc}") from None
         next_id = check_next_id(next_id, ids)
         if trained is not True and (trained is not False or n):
             raise PersistError("an untrained index cannot hold vectors")
