@@ -58,6 +58,39 @@ def test_tables_match_reference(dim, m, ksub, scale):
         assert _rel_err(ti, R.pq_ip_tables_ref(q, cb)) <= TOL
 
 
+def _tables_in_coordinate_order(q, cb):
+    """Σ_d (q_d − c_d)² in float32, one coordinate after the other from d = 0: the order distance_tables_l2 promises
+    (NumPy's float32 element-wise operations round as the kernels' scalar and vector ones do)."""
+    nq, (m, ksub, dsub) = q.shape[0], cb.shape
+    out = np.empty((nq, m, ksub), np.float32)
+    for j in range(m):
+        diff = q[:, None, j * dsub] - cb[None, j, :, 0]
+        acc = diff * diff
+        for d in range(1, dsub):
+            diff = q[:, None, j * dsub + d] - cb[None, j, :, d]
+            acc = acc + diff * diff
+        out[:, j] = acc
+    return out
+
+
+@pytest.mark.parametrize("m,ksub,dsub", [(1, 16, 1), (3, 16, 1), (5, 16, 7), (16, 16, 49), (7, 32, 3), (2, 48, 5),
+                                         (3, 64, 2), (2, 256, 3), (3, 5, 2)])
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+@pytest.mark.parametrize("serial", [True, False])
+def test_l2_tables_in_lanes_are_the_loops_bits(m, ksub, dsub, scale, serial, monkeypatch):
+    # up to TABLE_LANES_MAX_KSUB codewords the sums run in vector registers, four runs of 16 side by side (the last
+    # group of an m·ksub/16 not divisible by four repeats a unit); beyond it, or for ksub not a multiple of 16, the
+    # loop. Both sum in coordinate order, so every entry has the same bits either way, far from the origin too.
+    monkeypatch.setattr(K, "SERIAL_TABLE_WORK", 1 << 62 if serial else 0)
+    cb = _codebooks(5, m, ksub, dsub, scale) + np.float32(300.0)
+    for nq in (0, 1, 2, 5):
+        q = _data(6 + nq, nq, m * dsub, scale) + np.float32(300.0)
+        np.testing.assert_array_equal(K.distance_tables_l2(q, cb).view(np.int32),
+                                      _tables_in_coordinate_order(q, cb).view(np.int32))
+        np.testing.assert_array_equal(K.distance_tables_l2(q, cb, K.transposed_codebooks(cb)),
+                                      K.distance_tables_l2(q, cb))
+
+
 def test_l2_tables_are_direct_not_expanded():
     # Far from the origin with a tiny difference: the ‖q‖²+‖c‖²−2q·c shortcut would cancel catastrophically.
     cb = np.full((1, 2, 4), 1e4, dtype=np.float32)
