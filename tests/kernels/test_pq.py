@@ -91,6 +91,43 @@ def test_l2_tables_in_lanes_are_the_loops_bits(m, ksub, dsub, scale, serial, mon
                                       K.distance_tables_l2(q, cb))
 
 
+def _ip_tables_in_coordinate_order(q, cb, centre):
+    """float64 sums of the exact products in coordinate order, less (``centre``) the median of up to 15 evenly spaced
+    entries of each sub-table, rounded once to float32; and per query the sum of those medians (ip_tables_centred's
+    definition, computed in NumPy)."""
+    nq, (m, ksub, dsub) = q.shape[0], cb.shape
+    out = np.empty((nq, m, ksub), np.float32)
+    shift = np.zeros(nq)
+    q64, cb64 = q.astype(np.float64), cb.astype(np.float64)
+    ns = min(ksub, 15)
+    for j in range(m):
+        acc = q64[:, None, j * dsub] * cb64[None, j, :, 0]
+        for d in range(1, dsub):
+            acc = acc + q64[:, None, j * dsub + d] * cb64[None, j, :, d]
+        mid = np.sort(acc[:, [(i * ksub) // ns for i in range(ns)]], axis=1)[:, ns // 2] if centre else np.zeros(nq)
+        out[:, j] = (acc - mid[:, None]).astype(np.float32)
+        shift += mid
+    return out, shift
+
+
+@pytest.mark.parametrize("m,ksub,dsub", [(1, 16, 1), (3, 16, 1), (5, 16, 7), (16, 16, 49), (6, 256, 3), (3, 5, 2)])
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+@pytest.mark.parametrize("serial", [True, False])
+def test_ip_tables_are_exact_products_summed_in_coordinate_order(m, ksub, dsub, scale, serial, monkeypatch):
+    # the tables' definition to the bit, serial and parallel: float64 sums of exact products in coordinate order,
+    # centred on the median of up to 15 evenly spaced entries, rounded once
+    monkeypatch.setattr(K, "SERIAL_TABLE_WORK", 1 << 62 if serial else 0)
+    cb = _codebooks(7, m, ksub, dsub, scale) + np.float32(40.0)
+    for nq in (0, 1, 2, 5):
+        q = _data(8 + nq, nq, m * dsub, scale) - np.float32(25.0)
+        want, _ = _ip_tables_in_coordinate_order(q, cb, False)
+        np.testing.assert_array_equal(K.ip_tables(q, cb).view(np.int32), want.view(np.int32))
+        want, want_shift = _ip_tables_in_coordinate_order(q, cb, True)
+        got, shift = K.ip_tables_centred(q, cb, K.transposed_codebooks(cb))
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        np.testing.assert_array_equal(shift, want_shift)
+
+
 def test_l2_tables_are_direct_not_expanded():
     # Far from the origin with a tiny difference: the ‖q‖²+‖c‖²−2q·c shortcut would cancel catastrophically.
     cb = np.full((1, 2, 4), 1e4, dtype=np.float32)
