@@ -431,7 +431,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fmnist-queries", type=int, default=10000, help="test rows used as queries (all)")
     ap.add_argument("--synthetic-queries", type=int, default=10000)
     ap.add_argument("--opq-iter", type=int, default=None, help="OPQ rotation updates (default: kvant.OPQ's)")
-    ap.add_argument("--out", default=str(RESULTS / "pq"))
+    ap.add_argument("--out", default="pq",
+                    help="results name: NAME.{json,md,png} under benchmarks/results, as the other benchmarks write "
+                         "them (a path with a directory is taken as given)")
     ap.add_argument("--parts", default="search,smallbatch,encode,codecs",
                     help="comma-separated parts to measure: search, smallbatch, encode, codecs")
     ap.add_argument("--resume", default=None,
@@ -480,7 +482,7 @@ def main(argv=None) -> None:
     xs, qs = synthetic(n_syn, 100 if args.quick else args.synthetic_queries)
     datasets.append((f"synthetic-{n_syn // 1000}k×128", xs, qs, 16, [(16, 8), (32, 4)]))
 
-    out = Path(args.out)
+    out = Path(args.out) if Path(args.out).parent != Path(".") else RESULTS / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save_partial():  # results so far, so an interrupted run still leaves numbers behind
