@@ -130,6 +130,35 @@ def test_cos_zero_row_error_names_the_first_zero_row_of_the_whole_input():
                 da.from_array(x, chunks=(1000, 16)))
 
 
+def test_cos_nan_is_named_before_a_zero_row_whichever_chunk_fails_first():
+    # one machine checks NaN/inf before zero rows; here the zero row's chunk is scanned (and fails) first, and the
+    # training sample holds neither row: the error must still name the NaN, as kvant.Clusterer does (a review saw 7
+    # of 12 distributed fits name the zero row, by task timing)
+    x = np.random.default_rng(1).standard_normal((20000, 32)).astype(np.float32)
+    x[100] = 0
+    x[15000, 3] = np.nan
+    with pytest.raises(InvalidInput, match=r"NaN or inf \(first bad row: 15000\)"):
+        kvant.Clusterer(16, "cos", sample_per_centroid=4).fit(x)
+    with pytest.raises(InvalidInput, match=r"NaN or inf \(first bad row: 15000\)"):
+        kd.DaskClusterer(16, "cos", seed=0, sample_per_centroid=4).fit(da.from_array(x, chunks=(1000, 32)))
+
+
+def test_lazy_results_name_the_chunk_whose_rows_they_checked():
+    # labels and codes are lazy: the task that fails sees its own chunk only, and no pass over the other chunks runs,
+    # so the error names that chunk's rows rather than claiming the input's first bad row
+    x = _blobs(n=3000)
+    arr = da.from_array(x, chunks=(1000, 8))
+    c = kd.DaskClusterer(k=3, seed=0).fit(arr)
+    pq = kvant.PQ(8, 2).fit(x)
+    x[2500, 0] = np.nan
+    x[2700, 1] = np.inf
+    bad = da.from_array(x, chunks=(1000, 8))
+    for lazy in (c.predict(bad), kd.encode(pq, bad)):
+        with pytest.raises(InvalidInput, match=r"^the chunk of input rows 2000-2999 contains NaN or inf \(first bad "
+                                               r"row: 2500\)"):
+            lazy.compute()
+
+
 def test_nan_in_a_file_list_is_named_by_its_row_in_the_whole_input(tmp_path):
     # each file is read whole by one task: its NaN must still be named by the row of the concatenated input,
     # and the first bad row of all files wins (not whichever task failed first)

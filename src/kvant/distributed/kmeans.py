@@ -170,9 +170,10 @@ def _read_file(path: str, dtype, column=None) -> np.ndarray:
     return src._read(0, src.n).astype(dtype, copy=False)
 
 
-def _assign_chunk(block, start, centroids, spherical):
-    """(float32 rows, labels, exact squared distance of each row to its centre) for one chunk."""
-    x = checked_float32(block, start)
+def _assign_chunk(block, start, centroids, spherical, what="input"):
+    """(float32 rows, labels, exact squared distance of each row to its centre) for one chunk (``what`` names the
+    rows in a NaN/inf error)."""
+    x = checked_float32(block, start, what)
     b = x.shape[0]
     labels = np.empty(b, np.int64)
     per_row = np.empty(b, np.float64)
@@ -254,9 +255,16 @@ def _first_bad_row_of(arr, chunk_first=_chunk_first_bad) -> int | None:
     return min(bad) if bad else None
 
 
+def _chunk_what(start: int, rows: int) -> str:
+    """How a lazy task's error names its rows: a chunk of the input, not all of it. Its "first bad row" is its chunk's
+    (nothing runs a pass over the other chunks when a lazy result fails, and Dask reports whichever task failed
+    first)."""
+    return f"the chunk of input rows {start}-{start + rows - 1}"
+
+
 def _labels_block(block, centroids, spherical, block_info=None):
     start = block_info[0]["array-location"][0][0] if block_info else 0
-    return _assign_chunk(block, start, centroids, spherical)[1]
+    return _assign_chunk(block, start, centroids, spherical, _chunk_what(start, block.shape[0]))[1]
 
 
 def _pass(arr, centroids, spherical, with_sums):
@@ -322,11 +330,18 @@ class DaskClusterer:
         except InvalidInput as exc:
             if getattr(exc, "bad_row", None) is None:
                 raise
-            zero = getattr(exc, "zero_norm", False)  # the sample's first zero row (cos), not the input's
-            first = _first_bad_row_of(arr, _chunk_first_zero if zero else _chunk_first_bad)
+            # NaN/inf first, as one machine checks (kvant.cluster.assign): a chunk's cos zero row may come back before
+            # another chunk's NaN, and the error must not depend on which task failed first (a review: 7 of 12 fits
+            # named the zero row); then, for cos, the input's first zero row
+            first = _first_bad_row_of(arr, _chunk_first_bad)
+            if first is not None:
+                if first == exc.bad_row and not getattr(exc, "zero_norm", False):
+                    raise
+                raise _bad_row_error("input", first, arr[first].compute()) from None
+            first = _first_bad_row_of(arr, _chunk_first_zero)
             if first is None or first == exc.bad_row:
                 raise
-            raise (zero_norm_error(first) if zero else _bad_row_error("input", first, arr[first].compute())) from None
+            raise zero_norm_error(first) from None
 
     def _fit(self, arr, local: Clusterer, n: int, dim: int) -> DaskClusterer:
         spherical = self.metric == "cos"
@@ -402,7 +417,7 @@ def _encode_block(block, codec, block_info=None):
     if block.shape[0] == 0:  # (an empty chunk, e.g. from filtering a Dask array: codec.encode refuses zero rows)
         return np.empty((0, codec.code_size), np.uint8)
     start = block_info[0]["array-location"][0][0] if block_info else 0
-    return codec.encode(checked_float32(block, start))
+    return codec.encode(checked_float32(block, start, _chunk_what(start, block.shape[0])))
 
 
 def encode(codec, x):
