@@ -247,12 +247,23 @@ def _chunk_first_zero(block, start):
     return start + int(np.argmax(zero)) if zero.any() else -1
 
 
-def _first_bad_row_of(arr, chunk_first=_chunk_first_bad) -> int | None:
-    """The first row of the whole Dask array that ``chunk_first`` flags (default: NaN or inf; one pass), or None."""
+def _chunk_firsts(block, start, zero):
+    """(first row not finite in float32, first zero-norm row when ``zero`` else -1) of this chunk: global rows, -1
+    for none."""
+    return _chunk_first_bad(block, start), (_chunk_first_zero(block, start) if zero else -1)
+
+
+def _first_bad_rows_of(arr, zero=False) -> tuple[int | None, int | None]:
+    """The first NaN/inf row of the whole Dask array and, with ``zero``, its first zero-norm row (None for none), in
+    one pass over its chunks."""
     dask, _ = _dask()
-    found = dask.compute(*[dask.delayed(chunk_first, pure=True)(blk, s) for blk, s in _blocks_with_starts(arr)])
-    bad = [int(r) for r in found if r >= 0]
-    return min(bad) if bad else None
+    found = dask.compute(*[dask.delayed(_chunk_firsts, pure=True)(blk, s, zero) for blk, s in _blocks_with_starts(arr)])
+
+    def first(col):
+        rows = [int(f[col]) for f in found if f[col] >= 0]
+        return min(rows) if rows else None
+
+    return first(0), first(1)
 
 
 def _chunk_what(start: int, rows: int) -> str:
@@ -333,15 +344,15 @@ class DaskClusterer:
             # NaN/inf first, as one machine checks (kvant.cluster.assign): a chunk's cos zero row may come back before
             # another chunk's NaN, and the error must not depend on which task failed first (a review: 7 of 12 fits
             # named the zero row); then, for cos, the input's first zero row
-            first = _first_bad_row_of(arr, _chunk_first_bad)
+            zero = getattr(exc, "zero_norm", False)
+            first, first_zero = _first_bad_rows_of(arr, zero)  # (one pass for both)
             if first is not None:
-                if first == exc.bad_row and not getattr(exc, "zero_norm", False):
+                if first == exc.bad_row and not zero:
                     raise
                 raise _bad_row_error("input", first, arr[first].compute()) from None
-            first = _first_bad_row_of(arr, _chunk_first_zero)
-            if first is None or first == exc.bad_row:
+            if first_zero is None or first_zero == exc.bad_row:
                 raise
-            raise zero_norm_error(first) from None
+            raise zero_norm_error(first_zero) from None
 
     def _fit(self, arr, local: Clusterer, n: int, dim: int) -> DaskClusterer:
         spherical = self.metric == "cos"
