@@ -923,6 +923,10 @@ def bucket_blocks(rows, starts, sizes, frame):  # pragma: no cover - numba
     return out
 
 
+# make_kernels' clones for user metrics set this False: they have no bucket screen or boxes (scan = -1, no box
+# rows), and Numba prunes the branches before inlining, which halves the query kernel's compile, paid on every
+# first use because user metrics cannot be cached (10.3 s -> 5.9 s; a callable's first knn ~12 -> ~8 s here)
+_SCREENS = True
 QUERY_CHUNKS = 64  # knn splits the queries into this many contiguous chunks, shared out statically to the threads
 
 
@@ -1102,7 +1106,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
             # a bucket: its points (after the bucket's root, already counted) are contiguous in DFS order
             a0 = int(erec[pe, 3]) + 1
             nb = int(erec[pe, 2]) - 1
-            if scan >= 0:
+            if _SCREENS and scan >= 0:
                 # fixed-point SIMD screen; exact float64 distances only for the points that can enter the result
                 bx = int(erec[pe, 6])
                 _scan_block(Q, qi, blk, a0, nb, scan, frame, bx, qb, acc)
@@ -1159,7 +1163,7 @@ def _knn_one(data, cdata, params, Q, qi, qslot, mode, root, child_off, erec, min
                     cut = np.float64(hi[0] + 1)
             if erec[e, 2] > 1:
                 clb = dc - md - (slack_rel * (dc + md) + slack_abs)
-                if clb <= kth and erec[e, 6] >= 0:
+                if _SCREENS and clb <= kth and erec[e, 6] >= 0:
                     blb = _box_lower(Q, qi, box, int(erec[e, 6]), scan)
                     if blb > clb:
                         clb = blb
@@ -1454,6 +1458,7 @@ def make_kernels(user_dist):
 
     g = dict(globals())
     g["_dist"] = user_dist
+    g["_SCREENS"] = False
     ns = types.SimpleNamespace(**{k: v for k, v in globals().items() if not k.startswith("__")})
     for name in _METRIC_KERNELS:
         disp = globals()[name]
