@@ -127,13 +127,13 @@ def env_num_threads(value: str) -> int:
 
 
 def _is_kvant_command() -> bool:
-    """True when this process is the ``kvant`` command (the console script or ``python -m kvant.cli``)."""
+    """True when this process is the ``kvant`` command (the console script, ``python -m kvant`` or ``-m kvant.cli``)."""
     import sys
 
     if Path(sys.argv[0]).name in ("kvant", "kvant.exe"):
         return True
     argv = list(getattr(sys, "orig_argv", ()))
-    return any(a == "-m" and b == "kvant.cli" for a, b in zip(argv, argv[1:]))
+    return any(a == "-m" and b in ("kvant", "kvant.cli") for a, b in zip(argv, argv[1:]))
 
 
 def _init_from_env() -> None:

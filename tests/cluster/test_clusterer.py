@@ -546,6 +546,22 @@ def test_auto_switches_to_minibatch_over_memory_budget(monkeypatch, data):
     assert c.algorithm_.startswith("dense-exact") and c.auto_reason_
 
 
+@pytest.mark.parametrize("settings", [dict(max_iter=3), dict(overrelax=0.3), dict(sampling="uniform"),
+                                      dict(sample_per_centroid=8)])
+def test_auto_refuses_lloyd_settings_when_it_chooses_minibatch(monkeypatch, data, settings):
+    # they were dropped with a note in auto_reason_ (the CLI exited 0 with --max-iter 3 --overrelax 0.3 ignored)
+    x, _ = data
+    monkeypatch.setenv("KVANT_MEMORY_BUDGET", "1000")
+    c = kvant.Clusterer(k=4, seed=0, **settings)
+    with pytest.raises(InvalidInput, match="auto chose minibatch"):
+        c.fit(x)
+    assert not hasattr(c, "labels_")
+    c = kvant.Clusterer(k=4, seed=0, polish_iter=2).fit(x)  # documented: reported as 0 for streamed inputs
+    assert c.algorithm_ == "minibatch" and c.polish_iter_ == 0
+    monkeypatch.delenv("KVANT_MEMORY_BUDGET")
+    assert kvant.Clusterer(k=4, seed=0, **settings).fit(x).algorithm_.startswith("dense-exact")
+
+
 def test_auto_reason_describes_the_sample_actually_used():
     x = np.random.default_rng(0).standard_normal((5000, 4)).astype(np.float32)
     assert "all rows" in kvant.Clusterer(4, sample_per_centroid=2000).fit(x).auto_reason_

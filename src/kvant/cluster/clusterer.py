@@ -267,6 +267,17 @@ class Clusterer:
         with _zero_rows_named(src):
             return self._fit_source(src, report)
 
+    def _lloyd_only_settings(self, polish: bool) -> list[str]:
+        """The caller's settings that only the Lloyd algorithms read, as ``name=value`` (minibatch would ignore them)."""
+        names = ("max_iter", "polish_iter", "overrelax") if polish else ("max_iter", "overrelax")
+        found = [f"{name}={getattr(self, name)!r}" for name in names
+                 if getattr(self, name) is not None and (name == "max_iter" or getattr(self, name) != 0)]
+        # the training sample's settings too (minibatch draws none); coreset is the default, so only uniform shows
+        found += [f"{name}={getattr(self, name)!r}" for name, default in
+                  (("sample_per_centroid", DEFAULT_SAMPLE_PER_CENTROID), ("sampling", "coreset"))
+                  if getattr(self, name) not in (None, default)]  # the defaults, spelt out, are fine
+        return found
+
     def _fit_source(self, src: VectorSource, report) -> Clusterer:
         """:meth:`fit` from its validated settings and source."""
         self._check_settings(src.n)
@@ -279,14 +290,16 @@ class Clusterer:
         if self.algorithm == "auto":
             choice = choose_algorithm(src.n, src.dim, k, self.metric, src.nbytes, self.sampling, per_centre)
             algorithm, params, reason = choice.algorithm, choice.params, choice.reason
+            lloyd_only = self._lloyd_only_settings(polish=False)  # (polish_iter is reported as 0 for streamed inputs)
+            if algorithm == "minibatch" and lloyd_only:  # they would be silently ignored (a review found the CLI
+                # exiting 0 with --max-iter 3 --overrelax 0.3 dropped)
+                raise InvalidInput(f"{', '.join(lloyd_only)}: these settings apply to the Lloyd algorithms only, and "
+                                   f"auto chose minibatch for this input ({reason}); name a Lloyd algorithm "
+                                   f"(algorithm='dense-exact-row') or drop them (minibatch is controlled by batch_rows "
+                                   f"and max_epochs)")
         else:
             algorithm, params, reason = self.algorithm, {}, "chosen by the caller"
-            lloyd_only = [f"{name}={getattr(self, name)!r}" for name in ("max_iter", "polish_iter", "overrelax")
-                          if getattr(self, name) is not None and (name == "max_iter" or getattr(self, name) != 0)]
-            # the training sample's settings too (minibatch draws none); coreset is the default, so only uniform shows
-            lloyd_only += [f"{name}={getattr(self, name)!r}" for name, default in
-                           (("sample_per_centroid", DEFAULT_SAMPLE_PER_CENTROID), ("sampling", "coreset"))
-                           if getattr(self, name) not in (None, default)]  # the defaults, spelt out, are fine
+            lloyd_only = self._lloyd_only_settings(polish=True)
             if algorithm == "minibatch" and lloyd_only:  # they would be silently ignored
                 raise InvalidInput(f"{', '.join(lloyd_only)}: these settings apply to the Lloyd algorithms only; "
                                    f"minibatch is controlled by batch_rows and max_epochs")
