@@ -222,3 +222,28 @@ def test_a_path_naming_a_directory_is_refused(tmp_path, suffix):
     flat.save(tmp_path / "f.kvant")
     with pytest.raises(PersistError, match="names a directory"):
         kvant.load(str(tmp_path / "f.kvant") + "/")
+
+
+def test_save_writes_through_a_symlink_and_refuses_a_fifo(tmp_path):
+    # (review) the rename replaced the link itself with a file, leaving its target stale, and replaced a device or
+    # FIFO node with a file (as root, index.save("/dev/null") broke /dev/null for the machine)
+    import os
+    import stat
+
+    flat = kvant.FlatIndex(4)
+    flat.add(np.ones((3, 4), np.float32))
+    flat.save(tmp_path / "v3.kvant")
+    (tmp_path / "current.kvant").symlink_to("v3.kvant")
+    flat.add(np.zeros((2, 4), np.float32))
+    flat.save(tmp_path / "current.kvant")
+    assert (tmp_path / "current.kvant").is_symlink()
+    assert kvant.load(tmp_path / "v3.kvant").ntotal == 5
+    (tmp_path / "dangling.kvant").symlink_to("new.kvant")
+    flat.save(tmp_path / "dangling.kvant")  # creates the link's target, as open() would
+    assert (tmp_path / "dangling.kvant").is_symlink() and kvant.load(tmp_path / "new.kvant").ntotal == 5
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(PersistError, match="not a regular file"):
+        flat.save(tmp_path / "fifo")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.kvant", "dangling.kvant", "fifo", "new.kvant",
+                                                          "v3.kvant"]  # no temporary file left behind

@@ -5,6 +5,7 @@ file at that path as it was. Used by :func:`kvant.persist.write` and the CLI's `
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -15,7 +16,13 @@ def replacing(path: str | os.PathLike):
     """``with replacing(path) as fh:`` write to the binary file ``fh``; on a clean exit it becomes ``path``
     (keeping an existing file's permissions), on an exception it is removed. OSError from creating the temporary
     file propagates before the body runs."""
-    path = Path(path)
+    # Through a symlink to its target, as open() writes: renaming over the link itself replaced it with a file and
+    # left its target stale (a review). A device, FIFO or socket at the path is refused: the rename would replace
+    # the node itself (as root, index.save("/dev/null") replaced /dev/null with a file).
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    if os.path.lexists(path) and not path.is_file() and not path.is_dir():
+        raise OSError(errno.EINVAL, "it exists and is not a regular file (a device, FIFO or socket), which kvant will "
+                                    "not replace", str(path))
     directory = path.parent if str(path.parent) else Path(".")
     # not mkstemp (always 0600): O_EXCL with mode 0666 gives what a plain new file gets under the umask, without
     # touching the process-wide umask; a short name: the target's own may already be near the 255-byte limit
