@@ -268,7 +268,7 @@ class Clusterer:
             return self._fit_source(src, report)
 
     def _lloyd_only_settings(self, polish: bool) -> list[str]:
-        """The caller's settings that only the Lloyd algorithms read, as ``name=value`` (minibatch would ignore them)."""
+        """The caller's settings only the Lloyd algorithms read, as ``name=value`` (minibatch would ignore them)."""
         names = ("max_iter", "polish_iter", "overrelax") if polish else ("max_iter", "overrelax")
         found = [f"{name}={getattr(self, name)!r}" for name in names
                  if getattr(self, name) is not None and (name == "max_iter" or getattr(self, name) != 0)]
