@@ -1912,6 +1912,35 @@ def test_fitted_centres_changed_in_place_to_nan_are_refused():
             call(x)
 
 
+def test_cos_centres_scaled_in_place_keep_their_directions():
+    # (review) used as they were, ½‖u − c‖² read the scale as a change of direction: 397 of 2,000 labels moved
+    x = np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32)
+    c = kvant.Clusterer(5, "cos", seed=0).fit(x)
+    labels, score = c.predict(x), c.score(x)
+    c.cluster_centers_[0] *= 10
+    np.testing.assert_array_equal(c.predict(x), labels)
+    assert c.score(x) == pytest.approx(score, rel=1e-6)
+
+
+@pytest.mark.parametrize("change", ["scale", "inertia", "labels"])
+def test_save_refuses_fitted_attributes_that_load_would_refuse(tmp_path, change):
+    # (review) each of these saved fine and then failed to load
+    x = np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32)
+    c = kvant.Clusterer(5, "cos", seed=0).fit(x)
+    if change == "scale":
+        c.cluster_centers_[0] *= 2
+    elif change == "inertia":
+        c.inertia_ = -1.0
+    else:
+        c.labels_ = c.labels_[:10]
+    with pytest.raises(InvalidInput, match="changed since the fit"):
+        c.save(tmp_path / "c.kvant")
+    assert not (tmp_path / "c.kvant").exists()
+    if change == "labels":
+        c.save(tmp_path / "c.kvant", labels=False)
+        assert kvant.load(tmp_path / "c.kvant").inertia_ == c.inertia_
+
+
 @pytest.mark.parametrize("centres", [np.array([[1 + 5j, 0, 0], [0, 1 - 7j, 0]]), np.ones((2, 3), bool),
                                      np.array([["a", "b", "c"]], object)])
 def test_hand_set_centres_of_a_non_real_dtype_are_refused(centres):

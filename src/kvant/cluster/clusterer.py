@@ -523,7 +523,10 @@ class Clusterer:
         if self._has_fitted_centres():
             if not np.isfinite(c).all():  # (changed in place since the fit: K·D values, cheap beside any assignment)
                 raise InvalidInput("cluster_centers_ contain NaN or inf (changed since the fit?)")
-            return c
+            if self._fitted_metric() != "cos" or _unit_rows(c):
+                return c
+            # cos centres scaled in place since the fit: taken as centres set by hand are (normalised below); used
+            # as they were, assignment by ½‖u − c‖² read the scale as a change of direction (a review)
         try:
             kind = np.asarray(c).dtype.kind
             if kind not in "fiu":  # complex would lose its imaginary part, bool and objects mean a mistake
@@ -597,6 +600,13 @@ class Clusterer:
                 # (fits pickled before sample_rows_ / sampling_ existed lack them: unknown, so 0 / None)
                 "fitted": {key: _plain(getattr(self, key, {"sample_rows_": 0}.get(key))) for key in self._FITTED},
                 "timings": {key: float(v) for key, v in self.timings_.items()}, "labels": bool(labels)}
+        # the checks load makes, so that no file is written that kvant.load refuses (a review: centres scaled in
+        # place, inertia_ = -1 or a cut labels_ saved fine and failed to load)
+        problem = _fitted_problem(meta["fitted"], self.cluster_centers_) or (
+            _labels_problem(self.labels_, meta["fitted"]["n_samples_fit_"], self.cluster_centers_.shape[0])
+            if labels else None)
+        if problem:
+            raise InvalidInput(f"cannot save: the fitted attributes were changed since the fit ({problem})")
         arrays = {"centres": self.cluster_centers_,
                   "history": np.asarray(self.inertia_history_, np.float64)}
         if labels:
@@ -636,9 +646,9 @@ class Clusterer:
             raise PersistError("the objective history is not a 1-D float64 array")
         if not all(isinstance(v, float) for v in timings.values()):
             raise PersistError("bad Clusterer content: timings must be numbers")
-        if labels is not None and (labels.dtype != np.int64 or labels.shape != (n,) or
-                                   (n and (labels.min() < 0 or labels.max() >= k))):
-            raise PersistError(f"labels must be {n} int64 values in [0, {k})")
+        problem = None if labels is None else _labels_problem(labels, n, k)
+        if problem:
+            raise PersistError(problem)
         for key, value in fitted.items():
             setattr(obj, key, value)
         obj.cluster_centers_ = obj._fitted_centres = np.array(centres)  # a writeable copy, even from a map
@@ -701,12 +711,25 @@ def _fitted_problem(fitted: dict, centres: np.ndarray) -> str | None:
     if bad:
         return f"{', '.join(bad)} out of type or range"
     if fitted["metric_"] == "cos":
-        norms = np.sqrt((centres.astype(np.float64) ** 2).sum(1))
-        if not np.all((np.abs(norms - 1.0) < 1e-4) | (norms == 0)):
+        if not _unit_rows(centres):
             return "cos centres must be unit rows"
         if fitted["inertia_"] > 2.0 * fitted["n_samples_fit_"]:  # mean cosine below -1
             return "inertia_ beyond what unit rows and centres allow"
     return None
+
+
+def _labels_problem(labels, n: int, k: int) -> str | None:
+    """What is wrong with a fit's labels, or None: n int64 values in [0, k)."""
+    if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != (n,) or (
+            n and (labels.min() < 0 or labels.max() >= k)):
+        return f"labels must be {n} int64 values in [0, {k})"
+    return None
+
+
+def _unit_rows(centres: np.ndarray) -> bool:
+    """Every row has norm 1 to within 1e-4 (a cos fit's centres; zero rows pass, as a fit may leave them)."""
+    norms = np.sqrt((centres.astype(np.float64) ** 2).sum(1))
+    return bool(np.all((np.abs(norms - 1.0) < 1e-4) | (norms == 0)))
 
 
 def _plain(value):
