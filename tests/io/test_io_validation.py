@@ -661,3 +661,27 @@ def test_parquet_directory_mixing_value_types_reads_in_the_common_dtype(tmp_path
     np.testing.assert_array_equal(src.take([10, 0, 6]), expected[[10, 0, 6]])
     got = np.concatenate([c for _, c in src.chunks(rows=3)])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_float64_data_that_underflows_to_zero_rows_is_refused(tmp_path):
+    # (review) data x 1e-300 became zero rows in float32 and clustered as one point; x 1e300 was already refused
+    x = np.random.default_rng(0).standard_normal((1000, 4)) * 1e-300
+    np.save(tmp_path / "tiny.npy", x)
+    for call in (lambda: kvant.Clusterer(4).fit(x), lambda: kvant.Clusterer(4).fit(tmp_path / "tiny.npy"),
+                 lambda: kvant.Clusterer(4).fit(np.load(tmp_path / "tiny.npy", mmap_mode="r")),
+                 lambda: kvant.FlatIndex(4).add(x), lambda: kvant.FlatIndex(4).search(x[:3], 1)):
+        with pytest.raises(InvalidInput, match="row 0 has nonzero values all below float32's smallest"):
+            call()
+    write_parquet(tmp_path / "tiny.parquet", x, dtype=np.float64)
+    with pytest.raises(InvalidInput, match="below float32's smallest"):
+        kvant.Clusterer(4).fit(tmp_path / "tiny.parquet")
+    for write, name in ((write_parquet, "tiny32.parquet"), (write_fvecs, "tiny32.fvecs")):  # float32 writers too
+        with pytest.raises(InvalidInput, match="row 0's nonzero values are all below float32's smallest"):
+            write(tmp_path / name, x)
+        assert not (tmp_path / name).exists()
+    # beside a value of float32's normal range such a row is below its rounding, as any float32 value's tail is
+    y = np.random.default_rng(0).standard_normal((1000, 4))
+    y[5] = 1e-60
+    assert kvant.Clusterer(4, seed=0).fit(y).labels_.shape == (1000,)
+    tiny = np.random.default_rng(0).standard_normal((1000, 4)) * 1e-40  # subnormal in float32: kept (and rescaled)
+    assert np.unique(kvant.Clusterer(4, seed=0).fit(tiny).labels_).size == 4

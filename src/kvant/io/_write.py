@@ -40,6 +40,24 @@ def first_overflow(arr: np.ndarray, cast: np.ndarray) -> int | None:
     return _first_row(beyond) if beyond.any() else None
 
 
+def first_underflow(arr: np.ndarray, cast: np.ndarray) -> int | None:
+    """The first row that is nonzero in ``arr`` and all zero in ``cast`` (``arr`` converted to a narrower float),
+    or None. Such a row is refused only when ``cast`` holds no value of its type's normal range: beside one, each
+    such row is below half an ulp of it (2^-150 against 2^-126 in float32), as negligible as rounding makes any
+    value's tail. Whole data that small became zero rows silently (a review: data x 1e-300 clustered as one
+    point), where data x 1e300 is refused as beyond float32's range."""
+    if cast.ndim != 2 or arr.shape != cast.shape or cast.size == 0:
+        return None
+    zero = ~cast.any(axis=1)  # (one read of the converted rows; the wide ones are read only where zero)
+    if not zero.any():
+        return None
+    rows = np.flatnonzero(zero)
+    lost = rows[arr[rows].any(axis=1)]
+    if lost.size and not np.abs(cast).max() >= np.finfo(cast.dtype).tiny:
+        return int(lost[0])
+    return None
+
+
 def values_to_write(x, dtype: np.dtype) -> np.ndarray:
     """``x`` (n, dim) converted to ``dtype``, else InvalidInput: not 2-D, zero rows or columns, not real numbers,
     a finite value that would become inf, an integer the target cannot hold exactly (a float target rounds
@@ -73,6 +91,10 @@ def values_to_write(x, dtype: np.dtype) -> np.ndarray:
         if row is not None:
             raise InvalidInput(f"values out of the {dtype.name} range (they would be written as inf; first at row "
                                f"{row})")
+        row = first_underflow(arr, values) if values.dtype.itemsize < arr.dtype.itemsize else None
+        if row is not None:
+            raise InvalidInput(f"row {row}'s nonzero values are all below {dtype.name}'s smallest, so it would be "
+                               f"written as a zero row (multiply the data by a constant)")
     elif dtype.kind == "f":  # integers to floats: each must come back unchanged
         with np.errstate(over="ignore", invalid="ignore"):
             back = values.astype(arr.dtype)

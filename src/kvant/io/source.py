@@ -16,6 +16,7 @@ import numpy as np
 from .._config import get_num_threads, rng
 from ..errors import InvalidInput
 from ..kernels.finite import first_nonfinite_row, first_nonfinite_row_parallel
+from ._write import first_underflow
 
 __all__ = [
     "VectorSource",
@@ -124,6 +125,20 @@ def check_finite(block: np.ndarray, start: int = 0, what: str = "input", origina
     row = _first_bad_row(block)
     if row >= 0:
         raise _bad_row_error(what, row + start, _original_row(original, row))
+    if isinstance(original, np.ndarray) and original.dtype.kind == "f" and original.dtype.itemsize > 4:
+        _check_underflow(block, original, start, what)
+
+
+def _check_underflow(block: np.ndarray, original: np.ndarray, start: int, what: str) -> None:
+    """Raise InvalidInput naming the first row of float64 ``original`` that became a zero row in ``block``
+    (:func:`kvant.io._write.first_underflow`)."""
+    row = first_underflow(original, block)
+    if row is not None:
+        err = InvalidInput(f"{what} row {row + start} has nonzero values all below float32's smallest (1.4e-45), so "
+                           "it would become a zero row in float32, which kvant computes in; multiply the data by a "
+                           f"constant (first such row: {row + start})")
+        err.bad_row = row + start
+        raise err
 
 
 def check_finite_rows(block: np.ndarray, rows: np.ndarray, what: str = "input", original=None) -> None:
