@@ -412,6 +412,40 @@ def test_build_progress_counts_every_point_once_and_changes_nothing(metric, resi
     tree.check_invariants()
 
 
+@pytest.mark.parametrize("dim,kd", [(3, None), (3, False), (8, None), (8, True)])
+def test_a_fit_stopped_by_its_progress_leaves_the_tree_as_it_was(dim, kd):
+    # (review) with the cover tree deferred to the kd-tree (<= 4 coordinates, or kd=True) the report came after the
+    # commit, so a fit stopped there had replaced the tree
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((3000, dim))
+    tree = kvant.CoverTree(kd=kd).fit(A)
+    before = tree.knn(A[:20], 3)
+
+    def stop(phase, amount):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tree.fit(A + 5, progress=stop)
+    after = tree.knn(A[:20], 3)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    assert tree.n == 3000
+    tree.check_invariants()
+
+
+@pytest.mark.parametrize("call", ["fit", "insert", "knn", "from_points"])
+def test_masked_arrays_are_refused(call):
+    # (review) np.asarray used the values under the mask (a masked point sat at 1e6)
+    P = np.ma.masked_array([[0.0, 0.0], [1.0, 1.0], [1e6, 2.0]], mask=[[0, 0], [0, 0], [1, 0]])
+    tree = kvant.CoverTree().fit(np.zeros((2, 2)) + [[0.0], [1.0]])
+    calls = {"fit": lambda: kvant.CoverTree().fit(P), "insert": lambda: tree.insert(P),
+             "knn": lambda: tree.knn(P, 1),
+             "from_points": lambda: kvant.ResidualCorrelation.from_points(P, kvant.RBF(1.0, 1.0), n_inducing=2)}
+    with pytest.raises(InvalidInput, match="masked arrays are not supported"):
+        calls[call]()
+    assert tree.n == 2
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "residual"])
 def test_progress_reports_every_query_and_changes_no_answer(metric, residual, monkeypatch):
     # with a progress callback the queries run in pieces (at least _PROGRESS_MIN_RUN, made small here)

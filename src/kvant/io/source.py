@@ -46,7 +46,11 @@ def default_chunk_rows(dim: int) -> int:
 
 def as_array(x, what: str, dtype=None) -> np.ndarray:
     """``np.asarray(x, dtype)``, with NumPy's refusals (ragged nested lists, strings for a float dtype, ...) as
-    :class:`InvalidInput` naming ``what``."""
+    :class:`InvalidInput` naming ``what``; masked arrays are refused (np.asarray would use the values under the
+    mask)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise InvalidInput(f"{what}: masked arrays are not supported; fill (x.filled(v)) or drop the masked rows "
+                           "first")
     try:
         return np.asarray(x, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:

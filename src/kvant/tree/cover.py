@@ -143,12 +143,12 @@ class CoverTree:
     :data:`KD_PROBE_MAX_DIM` where it answered :data:`KD_PROBE_QUERIES` of the tree's own points faster than the cover
     tree when the tree was fitted (``telemetry_["kd_probe"]``; docs/covertree.md, "Few coordinates: a kd-tree"); True
     or False forces it on or off. Both paths return the same neighbours, ties included; ``telemetry_["path"]`` names
-    the one a query took. A query-time setting, not saved with the tree.
+    the one a query took. A query-time setting, saved with the tree (with the probe's choice).
 
     ``residual_scan`` (residual-correlation metric only) answers :meth:`knn` by an exact BLAS-blocked scan
     instead of walking the tree. It is the default because on GP inputs the residual distances bunch near
     1 and the tree prunes little (docs/covertree.md); both paths return the same neighbours. It is a
-    query-time setting (an attribute you may change), not saved with the tree.
+    query-time setting (an attribute you may change), saved with the tree.
 
     >>> import numpy as np, kvant
     >>> X = np.random.default_rng(0).random((1000, 3))
@@ -459,7 +459,8 @@ class CoverTree:
         else:
             root, base = self._build_fresh(data, slots, st, tel, progress)
         st.in_tree[slots] = True
-        # commit
+        # commit (every array is replaced, none written: restoring this dict undoes it, should progress raise below)
+        before = dict(self.__dict__)
         self._lbase = base
         self._data = data
         self._set_state(st)
@@ -480,7 +481,12 @@ class CoverTree:
         if self._uses_kd():
             self._kd_index()
             if pending and progress is not None:
-                progress("build", int(slots.size))
+                try:
+                    progress("build", int(slots.size))
+                except BaseException:  # the caller stopped the fit: the tree stays as it was, as it does when a
+                    self.__dict__.clear()  # report during the build raises (a review found this fit replaced it)
+                    self.__dict__.update(before)
+                    raise
         if self._kd_cache is not None or self._kd_probe is not None:
             tel["kd"] = time.perf_counter() - t1
         if self._kd_probe is not None:

@@ -235,7 +235,7 @@ class ResidualCorrelation:
         from .._config import rng
 
         try:
-            X_in = np.asarray(X)
+            X_in = as_array(X, "X")
             if X_in.dtype.kind not in "fiu":
                 raise TypeError(f"dtype {X_in.dtype} is not a real number type")
             X = np.ascontiguousarray(X_in, dtype=np.float64)
