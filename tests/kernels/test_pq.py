@@ -1050,3 +1050,230 @@ def test_centred_ip_tables_plus_shift_are_the_inner_products(offset):
         # the rows' differences are what ranking needs: exact to float32 rounding of the centred entries
         spread = np.abs(t[i]).max()
         np.testing.assert_allclose(got - got[0], want - want[0], atol=m * spread * 2.0**-22 + 1e-9)
+
+
+# ---- long top-k lists: reservoirs and merges, never O(k) insertions per entry (a review: PQIndex.search with k =
+# 40,000 of 80k rows took 12-50 s, quadratic in k, where the lists over ADC_RESERVOIR_MIN_K are meant to be
+# reservoirs) ----------------------------------------------------------------------------------------------------
+
+BIG_K = K.ADC_RESERVOIR_MIN_K + 1
+
+
+def _topk_of_sums(full, k):
+    """Per query the k smallest float32 sums of ``full`` (nq, n), ties to the smaller row, NaN never kept, padded
+    inf / -1: the lists every ADC path returns."""
+    out_d = np.full((full.shape[0], k), np.inf, np.float32)
+    out_i = np.full((full.shape[0], k), -1, np.int64)
+    for q in range(full.shape[0]):
+        rows = np.flatnonzero(~np.isnan(full[q]))
+        order = rows[np.lexsort((rows, full[q, rows]))][:k]
+        out_d[q, : order.size], out_i[q, : order.size] = full[q, order], order
+    return out_d, out_i
+
+
+def _awkward_tables(kind, nq, m, seed):
+    t = _random_tables(seed, nq, m, 16)
+    if kind == "ties":  # few distinct sums: cuts, merges and the k-th fall among ties
+        t = np.round(t * 2) / 2
+    elif kind == "overflow":  # finite entries whose float32 sums overflow to +inf for some rows: results, not padding
+        t[:, :, 5] = 2e38
+    elif kind == "inf":  # ±inf entries: -inf and +inf sums, NaN where a row holds both (never kept)
+        t[:, 0, 2] = np.inf
+        t[:, 1, 3] = -np.inf
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
+@pytest.mark.parametrize("n,k", [(0, BIG_K), (1, BIG_K), (1, 1), (BIG_K, BIG_K), (BIG_K + 1, BIG_K),
+                                 (700, 699), (700, 700), (700, 1000), (997, 2 * BIG_K + 5)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "overflow", "inf"])
+def test_one_query_long_lists_are_the_reference(n, k, kind):
+    # one query (the scan-per-query path) with k around ADC_RESERVOIR_MIN_K: its reservoir (k = n, n < k, one row,
+    # ties, ±inf, overflow), cut again and again, then the chunks' lists merged (3 and 7 chunks of unequal length)
+    m = 3
+    t = _awkward_tables(kind, 1, m, 40 + n)
+    codes = _random_codes(41 + n, n, m, 16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        full = K.adc_distances(t, codes)
+    want_d, want_i = _topk_of_sums(full, k)
+    for nchunks in (1, 3, 7):
+        d, i = K.adc_search(t, codes, k, nchunks=nchunks)
+        np.testing.assert_array_equal(i, want_i, err_msg=f"nchunks={nchunks}")
+        np.testing.assert_array_equal(d, want_d)
+
+
+@pytest.mark.parametrize("nq", [2, 5, 17])
+@pytest.mark.parametrize("kind", ["normal", "overflow", "inf"])
+def test_query_blocks_long_lists_are_the_reference(nq, kind):
+    # the multi-query scan's reservoirs (k > ADC_RESERVOIR_MIN_K): rows whose sum overflowed to +inf are results
+    # ahead of padding, as on every other path (they were dropped while the threshold was still +inf)
+    m, n = 3, 300
+    t = _awkward_tables(kind, nq, m, 50 + nq)
+    codes = _random_codes(51 + nq, n, m, 16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        full = K.adc_distances(t, codes)
+    for k in (BIG_K, n, n + 7):
+        want_d, want_i = _topk_of_sums(full, k)
+        for nchunks in (1, 3):
+            d, i = K.adc_search(t, codes, k, nchunks=nchunks)
+            np.testing.assert_array_equal(i, want_i, err_msg=f"k={k} nchunks={nchunks}")
+            np.testing.assert_array_equal(d, want_d)
+    t = np.full((nq, 3, 16), 2e38, np.float32)  # the review's case: every sum +inf, three rows
+    d, i = K.adc_search(t, np.zeros((3, 3), np.uint8), BIG_K)
+    assert (i[:, :3] == [0, 1, 2]).all() and (i[:, 3:] == -1).all() and np.isinf(d).all()
+
+
+def _chunk_lists(full, k, bounds):
+    """Each chunk's (rows bounds[c] .. bounds[c + 1] - 1) own top-k list of ``full``: (nchunks, nq, k)."""
+    nq = full.shape[0]
+    part_d = np.full((len(bounds) - 1, nq, k), np.inf, np.float32)
+    part_i = np.full((len(bounds) - 1, nq, k), -1, np.int64)
+    for c in range(len(bounds) - 1):
+        d, i = _topk_of_sums(full[:, bounds[c] : bounds[c + 1]], k)
+        part_d[c], part_i[c] = d, np.where(i >= 0, i + bounds[c], -1)
+    return part_d, part_i
+
+
+@pytest.mark.parametrize("n,k,bounds", [
+    (1, 300, [0, 1]),  # one chunk
+    (1, 300, [0, 0, 1, 1]),  # empty chunks: all padding
+    (600, 600, [0, 300, 600]),  # k = n
+    (600, 599, [0, 1, 598, 600]),  # k = n - 1, chunks of 1, 597 and 2 rows
+    (600, 1000, [0, 200, 250, 600]),  # k > n: padding after every row
+    (5000, 4999, [0, 1700, 3400, 5000]),  # k near n, long lists
+    (5000, 300, [0, 4000, 4100, 5000]),  # k well below every chunk but one
+])
+@pytest.mark.parametrize("kind", ["normal", "ties", "overflow"])
+def test_merge_of_chunk_lists_is_the_reference(n, k, bounds, kind):
+    # _merge_parts on long lists and awkward chunks: k near n, k = n, k > n, ties across chunks, +inf sums beside
+    # padding, chunks empty or of one row; the answer is the top k of all rows, ties to the smaller row
+    t = _awkward_tables(kind, 3, 2, 50 + n)
+    codes = _random_codes(51 + n, n, 2, 16)
+    with np.errstate(over="ignore"):
+        full = K.adc_distances(t, codes)
+    part_d, part_i = _chunk_lists(full, k, bounds)
+    out_d = np.full((3, k), np.inf, np.float32)
+    out_i = np.full((3, k), -1, np.int64)
+    K._merge_parts(part_d, part_i, out_d, out_i)
+    want_d, want_i = _topk_of_sums(full, k)
+    np.testing.assert_array_equal(out_i, want_i)
+    np.testing.assert_array_equal(out_d, want_d)
+
+
+@pytest.mark.parametrize("n,k", [(1, BIG_K), (BIG_K, BIG_K), (700, 700), (700, 1000), (997, 2 * BIG_K + 5),
+                                 (3000, 1500)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "overflow"])
+def test_fastscan_exact_long_lists_are_the_reference(n, k, kind):
+    # the exact mode's re-score into a reservoir (k > ADC_RESERVOIR_MIN_K), in 1 and 3 chunks, equals the top k of
+    # the exact sums, as the 8-bit kernel returns it on the unpacked codes
+    m = 3
+    t = _awkward_tables(kind, 2, m, 60 + n)
+    codes = _random_codes(61 + n, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    with np.errstate(over="ignore"):
+        full = K.adc_distances(t, codes)
+    want_d, want_i = _topk_of_sums(full, k)
+    for nchunks in (1, 3):
+        with np.errstate(over="ignore", invalid="ignore"):
+            d, i = K.fastscan_search(t, p, n, m, k, 0, nchunks=nchunks)
+        np.testing.assert_array_equal(i, want_i, err_msg=f"nchunks={nchunks}")
+        np.testing.assert_array_equal(d, want_d)
+
+
+def _counting_push(monkeypatch):
+    """Replace the module's sorted-list insertion by a counting one (for kernels run as plain Python)."""
+    calls = []
+    push = K._push
+
+    def counted(dd, ii, k, d, i):
+        calls.append(k)
+        push(dd, ii, k, d, i)
+
+    monkeypatch.setattr(K, "_push", counted)
+    monkeypatch.setattr(K, "_offer", K._offer.py_func)
+    return calls
+
+
+@pytest.mark.parametrize("k", [K.ADC_RESERVOIR_MIN_K, BIG_K, 600])
+def test_long_lists_take_no_sorted_insertions(k, monkeypatch):
+    # Not a timing test: the kernels run as plain Python with the insertion into a sorted list (O(k) per entry)
+    # counted. Lists longer than ADC_RESERVOIR_MIN_K must not use it, in the one-query scan, in the merge of the
+    # chunks' lists and in FastScan's exact re-score (each did: quadratic in k); shorter lists do. Each still returns
+    # what the compiled kernel returns.
+    calls = _counting_push(monkeypatch)
+    m, n, nchunks = 3, 700, 3
+    t = _random_tables(70, 1, m, 16)
+    codes = _random_codes(71, n, m, 16)
+    big = k > K.ADC_RESERVOIR_MIN_K
+    part_d = np.empty((nchunks, 1, k), np.float32)
+    part_i = np.empty((nchunks, 1, k), np.int64)
+    K._adc_search_few_kernel.py_func(t, codes, k, nchunks, part_d, part_i)
+    assert (len(calls) == 0) == big
+    want_d, want_i = np.empty_like(part_d), np.empty_like(part_i)
+    K._adc_search_few_kernel(t, codes, k, nchunks, want_d, want_i)
+    np.testing.assert_array_equal(part_i, want_i)
+    np.testing.assert_array_equal(part_d, want_d)
+
+    calls.clear()
+    out_d = np.full((1, k), np.inf, np.float32)
+    out_i = np.full((1, k), -1, np.int64)
+    K._merge_parts.py_func(part_d, part_i, out_d, out_i)
+    assert not calls  # (short lists merge as sorted runs too)
+    np.testing.assert_array_equal(out_i, K.adc_search(t, codes, k, nchunks=1)[1])
+
+    calls.clear()
+    p = K.pack_codes_4bit(codes)
+    nblocks, mp2 = p.shape[0], p.shape[1]
+    args = (t, p.reshape(-1), nblocks, mp2, n, m, k, nchunks)
+    fs_d, fs_i = np.empty_like(part_d), np.empty_like(part_i)
+    K._fastscan_exact_kernel.py_func(*args, fs_d, fs_i)
+    assert (len(calls) == 0) == big
+    want_d, want_i = np.empty_like(part_d), np.empty_like(part_i)
+    K._fastscan_exact_kernel(*args, want_d, want_i)
+    np.testing.assert_array_equal(fs_i, want_i)
+    np.testing.assert_array_equal(fs_d, want_d)
+
+
+def _insertion_merge(part_d, part_i):
+    """The merge of the chunks' lists by insertion into a sorted list, entry by entry (the kernels' rule before
+    2026-12, and still theirs for lists holding NaN)."""
+    nchunks, nq, k = part_d.shape
+    out_d, out_i = part_d[0].copy(), part_i[0].copy()
+    for q in range(nq):
+        for c in range(1, nchunks):
+            for t in range(k):
+                d, i = part_d[c, q, t], part_i[c, q, t]
+                if i < 0 or not (d < out_d[q, -1] or (d == out_d[q, -1] and (out_i[q, -1] < 0 or i < out_i[q, -1]))):
+                    break
+                K._push(out_d[q], out_i[q], k, d, i)
+    return out_d, out_i
+
+
+@pytest.mark.parametrize("kind", ["ties", "overflow", "inf", "nan"])
+@pytest.mark.parametrize("n,k", [(1, BIG_K), (700, 700), (997, 2 * BIG_K + 5), (3000, 300)])
+@pytest.mark.parametrize("nchunks", [1, 3])
+def test_long_lists_equal_the_insertion_kernels_bit_for_bit(kind, n, k, nchunks, monkeypatch):
+    # the reservoirs and the merge against the sorted-list insertions they replace, which remain the rule: the same
+    # kernels run as plain Python with ADC_RESERVOIR_MIN_K above k take the insertions. NaN tables included
+    # (FastScan's exact mode falls back to the insertions there, and the merge keeps them for lists holding NaN).
+    m = 3
+    t = _awkward_tables("inf" if kind == "nan" else kind, 1, m, 80 + n)
+    if kind == "nan":
+        t[0, 2, 7] = np.nan
+    codes = _random_codes(81 + n, n, m, 16)
+    p = K.pack_codes_4bit(codes)
+    args = (t, p.reshape(-1), p.shape[0], p.shape[1], n, m, k, nchunks)
+    few_new = [np.empty((nchunks, 1, k), np.float32), np.empty((nchunks, 1, k), np.int64)]
+    fs_new, few_old, fs_old = ([np.empty_like(a) for a in few_new] for _ in range(3))
+    with np.errstate(over="ignore", invalid="ignore"):
+        K._adc_search_few_kernel(t, codes, k, nchunks, *few_new)
+        K._fastscan_exact_kernel(*args, *fs_new)
+        monkeypatch.setattr(K, "ADC_RESERVOIR_MIN_K", 10**9)
+        K._adc_search_few_kernel.py_func(t, codes, k, nchunks, *few_old)
+        K._fastscan_exact_kernel.py_func(*args, *fs_old)
+    for a, b in zip(few_new + fs_new, few_old + fs_old, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for parts in (few_new, fs_new):
+        merged = [np.full((1, k), np.inf, np.float32), np.full((1, k), -1, np.int64)]
+        K._merge_parts(*parts, *merged)
+        for a, b in zip(merged, _insertion_merge(*parts), strict=True):
+            np.testing.assert_array_equal(a, b)
