@@ -252,7 +252,8 @@ def test_polish_reseeds_a_cluster_left_empty_with_the_farthest_rows(metric, monk
 
     monkeypatch.setattr(dk, "Clusterer", DeadCentre)
     arr = da.from_array(x, chunks=(700, 8))
-    dead = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=0).fit(arr)
+    with pytest.warns(kvant.EmptyClusterWarning):  # (the final counts' warning)
+        dead = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=0).fit(arr)
     assert dead.counts_[1] == 0  # the set-up works: without a polish the centre stays empty
     c = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=3).fit(arr)
     assert (c.counts_ > 0).all()
@@ -287,7 +288,8 @@ def test_polish_never_reseeds_two_empty_clusters_with_copies_of_one_row(metric, 
 
     monkeypatch.setattr(dk, "Clusterer", OneLiveCentre)
     arr = da.from_array(x, chunks=(700, 8))
-    dead = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=0).fit(arr)
+    with pytest.warns(kvant.EmptyClusterWarning):  # (the final counts' warning)
+        dead = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=0).fit(arr)
     assert dead.counts_.tolist() == [3000, 0, 0, 0, 0]  # the set-up
     c = kd.DaskClusterer(k=5, metric=metric, seed=0, sample_per_centroid=64, polish_iter=1).fit(arr)
     assert (c.counts_ > 0).all()
@@ -450,3 +452,185 @@ def test_masked_arrays_are_refused_not_read_through_their_mask(dtype):
                  lambda: kd.DaskClusterer(4, seed=0).fit(da.from_array(m, chunks=100))):
         with pytest.raises(InvalidInput, match="masked arrays are not supported"):
             call()
+
+
+def test_relative_paths_are_read_from_the_clients_directory_not_the_workers(tmp_path, monkeypatch):
+    # (review) the client opened files/a.npy against its own directory, but the tasks opened the relative path against
+    # the worker's: a worker started elsewhere, holding other files of the same shape, clustered those, exit 0
+    x = _blobs(n=1000, d=6)
+    (tmp_path / "here" / "files").mkdir(parents=True)
+    (tmp_path / "worker" / "files").mkdir(parents=True)
+    np.save(tmp_path / "here" / "files" / "a.npy", x)
+    kvant.io.write_parquet(tmp_path / "here" / "files" / "p.parquet", x[:300])
+    np.save(tmp_path / "worker" / "files" / "a.npy", x * 100 + 7)  # same shape and dtype, other rows
+    kvant.io.write_parquet(tmp_path / "worker" / "files" / "p.parquet", x[:300] * 100 + 7)
+    (tmp_path / "worker" / "files" / "parts").mkdir()
+    (tmp_path / "here" / "files" / "parts").mkdir()
+    kvant.io.write_parquet(tmp_path / "here" / "files" / "parts" / "q.parquet", x[:200])
+    kvant.io.write_parquet(tmp_path / "worker" / "files" / "parts" / "q.parquet", x[:200] * 100 + 7)
+    monkeypatch.chdir(tmp_path / "here")
+    arr = kd.as_dask_array(["files/a.npy", "files/p.parquet", "files/parts"])  # opened here: counts and dim
+    c = kd.DaskClusterer(k=4, seed=0).fit(["files/a.npy"])
+    pq_codec = kvant.PQ(dim=6, m=3, nbits=4, seed=0).fit(x)
+    codes = kd.encode(pq_codec, "files/a.npy")
+    monkeypatch.chdir(tmp_path / "worker")  # the tasks run from another directory, as a worker started elsewhere does
+    np.testing.assert_array_equal(arr.compute(), np.vstack([x, x[:300], x[:200]]))
+    np.testing.assert_array_equal(c.labels_.compute(), c.predict(x).compute())
+    np.testing.assert_array_equal(codes.compute(), pq_codec.encode(x))
+
+
+def test_parquet_files_listed_one_by_one_are_read_by_the_first_files_columns(tmp_path):
+    # (review) as a parquet directory's reader does: a file storing the vector columns in another order is read in
+    # the first file's order (its dims were permuted), and files whose columns differ are refused (accepted silently)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = _blobs(n=200, d=4)
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({f"c{j}": x[:100, j] for j in range(4)}), tmp_path / "d" / "p0.parquet")
+    pq.write_table(pa.table({f"c{j}": x[100:, j] for j in (2, 0, 1, 3)}), tmp_path / "d" / "p1.parquet")
+    files = [tmp_path / "d" / "p0.parquet", tmp_path / "d" / "p1.parquet"]
+    np.testing.assert_array_equal(kd.as_dask_array(tmp_path / "d").compute(), x)  # the directory form
+    np.testing.assert_array_equal(kd.as_dask_array(files).compute(), x)  # the list form, as a shell glob gives it
+    np.save(tmp_path / "a.npy", x[:50])  # other files in between change nothing
+    np.testing.assert_array_equal(kd.as_dask_array([tmp_path / "a.npy", *files]).compute(), np.vstack([x[:50], x]))
+    pq.write_table(pa.table({f"zz{j}": x[100:, j] for j in range(4)}), tmp_path / "other.parquet")
+    with pytest.raises(InvalidInput, match=r"other.parquet: its vector columns would be \['zz0', 'zz1', 'zz2', "
+                                           r"'zz3'\], but .*p0.parquet's are \['c0', 'c1', 'c2', 'c3'\]; all .*agree"):
+        kd.as_dask_array([files[0], tmp_path / "other.parquet"])
+    with pytest.raises(InvalidInput, match="must agree"):  # a directory's columns and a file's
+        kd.as_dask_array([tmp_path / "d", tmp_path / "other.parquet"])
+    with pytest.raises(InvalidInput, match="must agree"):  # an extra numeric column, as the directory refuses it
+        pq.write_table(pa.table({**{f"c{j}": x[100:, j] for j in range(4)}, "w": np.ones(100, np.float32)}),
+                       tmp_path / "extra.parquet")
+        kd.as_dask_array([files[0], tmp_path / "extra.parquet"])
+
+
+def test_polish_reseeds_every_empty_cluster_from_distinct_rows_as_clusterer_does():
+    # (review) 3000 copies of one row and four far rows 100 times each: the 32 farthest rows were mostly copies of one
+    # row, so one re-seed per pass happened and two clusters stayed empty ([100, 100, 3200, 0, 0]); Clusterer re-seeds
+    # from distinct rows with their copy counts
+    import warnings
+
+    x = np.vstack([np.zeros((3000, 2))] + [np.tile(f, (100, 1)) for f in
+                                           ([100, 0], [0, 100], [-100, 0], [0, -100])]).astype(np.float32)
+    ref = kvant.Clusterer(5, "l2", "auto", 0, sample_per_centroid=1, polish_iter=1).fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kvant.EmptyClusterWarning)
+        c = kd.DaskClusterer(5, seed=0, sample_per_centroid=1, polish_iter=1).fit(da.from_array(x, chunks=1000))
+    assert sorted(c.counts_.tolist()) == sorted(np.bincount(ref.labels_, minlength=5).tolist()) == [100] * 4 + [3000]
+    assert c.inertia_ <= ref.inertia_  # (here 0: every centre on its rows; Clusterer's moved centre is not re-fitted)
+    assert np.array_equal(np.bincount(c.labels_.compute(), minlength=5), c.counts_)
+
+
+def test_a_fit_leaving_clusters_empty_warns_as_clusterer_does(monkeypatch):
+    # the final counts decide, as Clusterer's final labels do: not the sample's fit on the client (it warned for its
+    # own empty clusters, which the polish then filled, and said nothing of a cluster the full pass left empty)
+    import warnings
+
+    from kvant.distributed import kmeans as dk
+
+    x = np.repeat(np.array([[0, 0], [5, 5], [9, 1]], np.float32), 50, axis=0)  # 3 distinct rows, k = 5
+    with pytest.warns(kvant.EmptyClusterWarning, match=r"2 of the k=5 clusters are empty") as record:
+        kvant.Clusterer(5, seed=0).fit(x)
+    with pytest.warns(kvant.EmptyClusterWarning, match=r"2 of the k=5 clusters are empty \(ids") as mine:
+        c = kd.DaskClusterer(5, seed=0, polish_iter=2).fit(da.from_array(x, chunks=40))
+    assert [str(w.message).split(" (ids")[0] for w in mine] == [str(record[0].message).split(" (ids")[0]]
+    assert mine[0].filename == __file__ and (c.counts_ == 0).sum() == 2
+    y = np.abs(_blobs(n=3000, k=4)) + 0.1
+    local_cls = dk.Clusterer
+
+    class DeadCentre(local_cls):  # training hands the full pass a centre no row is near
+        def fit(self, rows):
+            super().fit(rows)
+            self.cluster_centers_ = self.cluster_centers_.copy()
+            self.cluster_centers_[1] = -1e4
+            return self
+
+    monkeypatch.setattr(dk, "Clusterer", DeadCentre)
+    with pytest.warns(kvant.EmptyClusterWarning, match=r"^1 of the k=5 clusters are empty \(ids 1\)"):
+        kd.DaskClusterer(k=5, seed=0, sample_per_centroid=64).fit(da.from_array(y, chunks=(700, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kvant.EmptyClusterWarning)
+        kd.DaskClusterer(k=5, seed=0, sample_per_centroid=64, polish_iter=2).fit(da.from_array(y, chunks=(700, 8)))
+
+
+def _keys_holding(graph, data: bytes) -> int:
+    import pickle
+
+    return sum(data in pickle.dumps(task) for task in dict(graph).values())
+
+
+def test_centres_and_codebooks_are_one_key_shared_by_every_task():
+    # (review) Dask de-duplicates only NumPy arguments over 1 MB: every label task carried its own copy of the
+    # centres, and every encode task its own copy of the codec, where the docs promise one key shared by all
+    x = _blobs(n=4000, d=8)
+    arr = da.from_array(x, chunks=(250, 8))  # 16 chunks
+    c = kd.DaskClusterer(k=5, seed=0).fit(arr)
+    centres = c.cluster_centers_.tobytes()
+    assert _keys_holding(c.labels_.__dask_graph__(), centres) == 1
+    assert _keys_holding(c.predict(arr).__dask_graph__(), centres) == 1
+    for codec in (kvant.PQ(8, 2, nbits=4, seed=0).fit(x), kvant.OPQ(8, 2, nbits=4, seed=0).fit(x)):
+        codes = kd.encode(codec, arr)
+        assert _keys_holding(codes.__dask_graph__(), np.asarray(codec.codebooks_).tobytes()) == 1
+        np.testing.assert_array_equal(codes.compute(), codec.encode(x))
+    np.testing.assert_array_equal(c.labels_.compute(), c.predict(x).compute())
+
+
+def test_lazy_zero_norm_error_names_the_chunk_and_its_first_zero_row():
+    x = _blobs(n=3000)
+    c = kd.DaskClusterer(k=3, metric="cos", seed=0).fit(da.from_array(x, chunks=(1000, 8)))
+    x[2500] = 0
+    x[2700] = 0
+    with pytest.raises(InvalidInput, match=r"^the chunk of input rows 2000-2999 has a row of zero norm \(first bad "
+                                           r"row: 2500\); metric='cos' needs non-zero vectors") as err:
+        c.predict(da.from_array(x, chunks=(1000, 8))).compute()
+    assert err.value.bad_row == 2500 and err.value.zero_norm
+
+
+@pytest.mark.parametrize("case", ["distinct", "copies", "collision", "negative zero"])
+def test_chunk_far_rows_are_clusterers_distinct_far_rows(case, monkeypatch):
+    # the polish keeps per chunk what kvant.cluster.reseed.distinct_far_rows keeps (Clusterer's helper), found faster
+    from kvant.cluster.reseed import distinct_far_rows
+    from kvant.distributed import kmeans as dk
+
+    g = np.random.default_rng(5)
+    x = g.standard_normal((3000, 6)).astype(np.float32)
+    if case in ("copies", "collision"):
+        x[100:2500] = x[g.integers(0, 40, 2400)] * 10  # 40 rows, many copies each, far from the centres
+    if case == "collision":
+        monkeypatch.setattr(dk, "_HASH_MULT", np.zeros(1024, np.uint64))  # every row hashes alike
+    if case == "negative zero":
+        x[:, 0] = 0.0
+        x[::2, 0] = -0.0  # other bytes: distinct rows for distinct_far_rows too
+        x[1::2, 1:] = x[::2, 1:]
+    centres = x[:5] / 2
+    _, labels, per_row = dk._assign_chunk(x, 7000, centres, False)
+    per_row[::7] = 0.0  # rows on their centre (or left out) are not candidates
+    want = distinct_far_rows(per_row, 7000, labels, x, 32)
+    got = dk._distinct_far_rows(per_row, 7000, labels, x, 32)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    if case == "copies":
+        assert want[4].max() > 1
+
+
+def test_a_file_changed_after_it_was_opened_is_refused_by_name(tmp_path):
+    # (review) a lazy result computed after an input file was rewritten read its new rows, silently (or a file of
+    # another row count made a chunk of the wrong shape)
+    import os
+
+    x = _blobs(n=2000, d=6)
+    np.save(tmp_path / "a.npy", x[:1000])
+    np.save(tmp_path / "b.npy", x[1000:])
+    files = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    c = kd.DaskClusterer(k=4, seed=0).fit(files)
+    arr = kd.as_dask_array(files)
+    np.testing.assert_array_equal(arr.compute(), x)  # unchanged: read as opened
+    before = os.stat(tmp_path / "b.npy").st_mtime_ns
+    np.save(tmp_path / "b.npy", x[1000:] * 2)  # the same shape, other rows
+    os.utime(tmp_path / "b.npy", ns=(before + 10**9, before + 10**9))
+    for lazy in (arr, c.labels_):
+        with pytest.raises(InvalidInput, match=r"b.npy: the input file changed after it was opened on the client"):
+            lazy.compute()
+    np.testing.assert_array_equal(kd.as_dask_array(files).compute(), np.vstack([x[:1000], x[1000:] * 2]))  # opened anew
