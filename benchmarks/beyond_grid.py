@@ -136,7 +136,7 @@ def run_pq(faiss, repeats):
     for family, n, dim, shapes in PQ_CELLS:
         x = _data(family, n + 2000, dim, 100, seed=1)
         q, x = x[:2000].copy(), x[2000:].copy()  # held-out queries from the same distribution
-        gt = pb.ground_truth(x, q)
+        gt = pb.ground_truth(faiss, x, q)  # exact, from faiss.IndexFlatL2 (not the library under test)
         for m, nbits in shapes:
             with cb.cell_lock():
                 row, _ = pb.bench_search(faiss, f"{family} {n}x{dim}", x, q, gt, m, nbits, repeats)
@@ -324,8 +324,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     import faiss
 
-    kvant.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    # kvant caps the count at NUMBA_NUM_THREADS: FAISS, cKDTree and the record get the count it really uses
+    threads = kvant.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(threads)
     parts = set(args.parts.split(","))
     unknown = parts - {"clustering", "pq", "pq_long", "tree", "flat"}
     if unknown:
@@ -335,7 +336,7 @@ def main(argv=None):
     from kvant.kernels._llvm import host_cpu_name
 
     host = f"{platform.processor() or platform.machine()}, LLVM cpu {host_cpu_name()}"
-    res = dict(run=cb.this_run(), threads=args.threads, numba_layer=numba_threading_layer(), host=host)
+    res = dict(run=cb.this_run(), threads=threads, numba_layer=numba_threading_layer(), host=host)
     t0 = time.perf_counter()
     if "clustering" in parts:
         print("clustering", flush=True)
@@ -348,7 +349,7 @@ def main(argv=None):
         res["pq_long"] = run_pq_long(faiss, args.repeats)
     if "tree" in parts:
         print("tree", flush=True)
-        res["tree"] = run_tree(args.threads, args.repeats)
+        res["tree"] = run_tree(threads, args.repeats)
     if "flat" in parts:
         print("flat", flush=True)
         res["flat"] = run_flat(faiss, args.repeats)

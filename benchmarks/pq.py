@@ -1,12 +1,15 @@
 """PQ / OPQ codecs and PQIndex side by side with FAISS, in one process, same data, same thread count.
 
 Measures (medians of repeated runs):
-- PQ and OPQ training time and reconstruction MSE (mean over rows of ||x - x_hat||^2) vs
-  faiss.ProductQuantizer and faiss.OPQMatrix + ProductQuantizer;
+- PQ and OPQ training time and reconstruction MSE (mean over all rows of ||x - x_hat||^2, the same float64 helper
+  for both sides) vs faiss.ProductQuantizer and faiss.OPQMatrix + ProductQuantizer. PQ: both sides get all rows and
+  draw their own sample (at most 65,536 rows, 256 per codeword). OPQ: both sides train on the same sample of
+  ``OPQ.train_rows`` rows, drawn untimed (FAISS: OPQMatrix, then ProductQuantizer on the rotated sample, the pair
+  an "OPQ,PQ" index trains);
 - encoding throughput (vectors/s) vs ProductQuantizer.compute_codes;
 - PQIndex 8-bit vs faiss.IndexPQ and 4-bit vs faiss.IndexPQFastScan: queries/s and recall@10 against exact
-  ground truth from kvant.FlatIndex. Both sides use the SAME codebooks (kvant's, loaded into FAISS), so the
-  search comparison isolates the scan; the 8-bit top-10 are checked for identity;
+  ground truth from faiss.IndexFlatL2 (not from the library under test). Both sides use the SAME codebooks (kvant's,
+  loaded into FAISS), so the search comparison isolates the scan; the 8-bit top-10 are checked for identity;
 - the same indexes on small batches (1-100 queries per call: a service answering requests), ms per call.
 
 Datasets: Fashion-MNIST (60k x 784, 10k test queries of which ``--fmnist-queries`` are used) and a synthetic
@@ -88,16 +91,6 @@ def synthetic(n: int, nq: int, dim: int = 128, n_clusters: int = 1000, seed: int
 # ----------------------------------------------------------------------------------------------------------
 
 
-def timed(fn, repeats: int):
-    """(median seconds, last result) over ``repeats`` runs."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def timed_pair(fn_a, fn_b, repeats: int):
     """((median seconds, last result) of ``fn_a``, the same of ``fn_b``), their runs alternating a, b, a, b, ...:
     on a host whose speed drifts within minutes, both sides then see the same drift."""
@@ -127,9 +120,19 @@ def recall_diff_ci(hits_a: np.ndarray, hits_b: np.ndarray, k: int = 10, n_boot: 
     return float(np.quantile(means, 0.05)), float(np.quantile(means, 0.95))
 
 
-def mse(x: np.ndarray, x_hat: np.ndarray) -> float:
-    d = x.astype(np.float64) - x_hat
-    return float(np.einsum("ij,ij->", d, d) / x.shape[0])
+MSE_BLOCK_VALUES = 1 << 22  # values per block of rows in ``mse``: 32 MB as float64, whatever N and dim
+
+
+def mse(x: np.ndarray, roundtrip) -> float:
+    """Mean over all rows of ``||x - roundtrip(x)||²`` in float64, ``roundtrip`` (encode then decode) applied to
+    blocks of rows so memory stays bounded at any N."""
+    step = max(1, MSE_BLOCK_VALUES // x.shape[1])
+    total = 0.0
+    for s in range(0, x.shape[0], step):
+        block = x[s : s + step]
+        d = block.astype(np.float64) - roundtrip(block)
+        total += float(np.einsum("ij,ij->", d, d))
+    return total / x.shape[0]
 
 
 def faiss_pq_with(faiss, dim: int, m: int, nbits: int, codebooks: np.ndarray):
@@ -158,43 +161,47 @@ def same_topk(d1, i1, d2, i2, tol=1e-4) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def bench_codecs(faiss, name, x, m, repeats, opq_iter, mse_rows):
+def bench_codecs(faiss, name, x, m, repeats, opq_iter):
     dim = x.shape[1]
-    xm = x[:mse_rows]
     rows = []
 
-    # --- PQ ---
-    t_k, pq = timed(lambda: kvant.PQ(dim, m, nbits=8, seed=0).fit(x), repeats)
-    mse_k = pq.reconstruction_error(xm)
-
+    # --- PQ --- (both sides get all rows and sample them themselves: at most 65,536 rows each, 256 per codeword)
     def faiss_pq():
         fpq = faiss.ProductQuantizer(dim, m, 8)
         fpq.train(x)
         return fpq
 
-    t_f, fpq = timed(faiss_pq, repeats)
-    mse_f = mse(xm, fpq.decode(fpq.compute_codes(xm)))
+    (t_k, pq), (t_f, fpq) = timed_pair(lambda: kvant.PQ(dim, m, nbits=8, seed=0).fit(x), faiss_pq, repeats)
+    mse_k = mse(x, lambda b: pq.decode(pq.encode(b)))
+    mse_f = mse(x, lambda b: fpq.decode(fpq.compute_codes(b)))
     rows.append(dict(dataset=name, codec="PQ", m=m, nbits=8, kvant_train_s=t_k, faiss_train_s=t_f,
                      kvant_mse=mse_k, faiss_mse=mse_f))
 
-    # --- OPQ ---
+    # --- OPQ --- Both sides train on the same sample, drawn here, untimed: kvant.OPQ.fit samples ``train_rows``
+    # rows and learns the rotation and codebooks on them only; FAISS's OPQMatrix samples as many (max_train_points
+    # 65,536) and its ProductQuantizer 256 per codeword. Given all N rows, FAISS's timed run also rotated all of them
+    # (``mat.apply(x)``) before its PQ training, work kvant's fit never does.
     kw = {} if opq_iter is None else {"n_iter": opq_iter}
-    t_k, opq = timed(lambda: kvant.OPQ(dim, m, nbits=8, seed=0, **kw).fit(x), repeats)
-    opq_iter = opq.n_iter
-    mse_k = opq.reconstruction_error(xm)
+    train_rows = kvant.OPQ(dim, m, nbits=8, seed=0, **kw).train_rows
+    pick = np.sort(np.random.default_rng(0).choice(x.shape[0], size=min(train_rows, x.shape[0]), replace=False))
+    xs = np.ascontiguousarray(x[pick], np.float32)
 
-    def faiss_opq():
+    def faiss_opq():  # the rotation, then codebooks in the rotated space: what an "OPQ,PQ" index's train does
         mat = faiss.OPQMatrix(dim, m)
-        mat.train(x)
-        xr = mat.apply(x)
+        mat.train(xs)
         fpq = faiss.ProductQuantizer(dim, m, 8)
-        fpq.train(xr)
+        fpq.train(mat.apply(xs))
         return mat, fpq
 
-    t_f, (mat, fpq) = timed(faiss_opq, repeats)
-    mse_f = mse(xm, mat.reverse_transform(fpq.decode(fpq.compute_codes(mat.apply(xm)))))
+    (t_k, opq), (t_f, (mat, fpq)) = timed_pair(lambda: kvant.OPQ(dim, m, nbits=8, seed=0, **kw).fit(xs), faiss_opq,
+                                               repeats)
+    opq_iter = opq.n_iter
+    # encoding and MSE over all rows: untimed, outside the training comparison
+    mse_k = mse(x, lambda b: opq.decode(opq.encode(b)))
+    mse_f = mse(x, lambda b: mat.reverse_transform(fpq.decode(fpq.compute_codes(mat.apply(b)))))
     rows.append(dict(dataset=name, codec="OPQ", m=m, nbits=8, kvant_train_s=t_k, faiss_train_s=t_f,
-                     kvant_mse=mse_k, faiss_mse=mse_f, kvant_opq_iter=opq_iter, faiss_opq_iter=mat.niter))
+                     kvant_mse=mse_k, faiss_mse=mse_f, kvant_opq_iter=opq_iter, faiss_opq_iter=mat.niter,
+                     train_rows=int(xs.shape[0])))
     return rows, pq
 
 
@@ -282,10 +289,12 @@ def bench_search(faiss, name, x, q, gt, m, nbits, repeats, fastscan_rerank=4):
     return row, index
 
 
-def ground_truth(x, q, k=10):
-    flat = kvant.FlatIndex(x.shape[1])
-    flat.add(x)
-    return flat.search(q, k)[1]
+def ground_truth(faiss, x, q, k=10):
+    """Exact top-k ids by squared L2 (PQIndex's metric here) from faiss.IndexFlatL2: an exact scan from outside the
+    library under test."""
+    flat = faiss.IndexFlatL2(x.shape[1])
+    flat.add(np.ascontiguousarray(x, np.float32))
+    return flat.search(np.ascontiguousarray(q, np.float32), k)[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,7 +317,9 @@ def write_markdown(res: dict, path: Path) -> None:
             for part in ("codecs", "encode", "search", "smallbatch")}
     if any(w != ["?"] for w in when.values()):
         lines += ["Measured: " + "; ".join(f"{part} {', '.join(w)}" for part, w in when.items() if w) + ".", ""]
-    lines += ["**Codecs** (training time on the full training set, MSE = mean ||x - x̂||² per row)", "",
+    lines += ["**Codecs** (training time: PQ given the full training set, each side sampling it; OPQ on the same "
+              "sample of the training set for both sides, FAISS = OPQMatrix then ProductQuantizer on the rotated "
+              "sample; MSE = mean ||x - x̂||² per row over all rows, the same float64 helper for both)", "",
              "| dataset | codec | m×bits | kvant train s | FAISS train s | kvant MSE | FAISS MSE | MSE ratio |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in res["codecs"]:
@@ -322,7 +333,7 @@ def write_markdown(res: dict, path: Path) -> None:
         lines.append(f"| {r['dataset']} | {r['n']}×{r['dim']}, m={r['m']} | {r['kvant_vec_per_s']:,.0f} | "
                      f"{r['faiss_vec_per_s']:,.0f} | {r['kvant_vec_per_s'] / r['faiss_vec_per_s']:.2f} | "
                      f"{r['codes_identical']:.4f} |")
-    lines += ["", "**Search** (k=10, same codebooks on both sides, recall@10 vs exact FlatIndex)", "",
+    lines += ["", "**Search** (k=10, same codebooks on both sides, recall@10 vs exact faiss.IndexFlatL2)", "",
               "| dataset | index | bytes/vec | kvant q/s | FAISS q/s | FAISS index | ratio | kvant R@10 | FAISS R@10 "
               "| same top-10 |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in res["search"]:
@@ -471,7 +482,6 @@ def main(argv=None) -> None:
         i.add(w)
         i.search(w[:8], 10)
     kvant.OPQ(32, 4, nbits=4, n_iter=1).fit(w)
-    ground_truth(w, w[:4])
 
     train, test = fashion_mnist()
     nqf = 200 if args.quick else args.fmnist_queries
@@ -494,7 +504,7 @@ def main(argv=None) -> None:
         print(f"[{name}] {x.shape} queries {q.shape}", flush=True)
         pq = None
         if "search" in parts:
-            gt = ground_truth(x, q)
+            gt = ground_truth(faiss, x, q)
             for m_s, nbits in search_cfgs:
                 row, index = bench_search(faiss, name, x, q, gt, m_s, nbits, repeats)
                 res["search"].append(dict(row, measured=stamp, repeats=repeats))
@@ -516,7 +526,7 @@ def main(argv=None) -> None:
             print("  ", res["encode"][-1], flush=True)
             save_partial()
         if "codecs" in parts:
-            rows, _ = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter, min(len(x), 100_000))
+            rows, _ = bench_codecs(faiss, name, x, m, train_repeats, args.opq_iter)
             res["codecs"] += [dict(r, measured=stamp, repeats=train_repeats) for r in rows]
             for r in rows:
                 print("  ", r, flush=True)
