@@ -186,11 +186,17 @@ def direct_e_step_fits(dim: int, k: int) -> bool:
     return DIRECT_ASSIGN and direct_assign.fits(dim, k, True)
 
 
-def zero_norm_error(row: int) -> InvalidInput:
+# why a zero row is an error under cos, and what to do (the end of every zero-norm message)
+ZERO_NORM_REASON = ("metric='cos' needs non-zero vectors (kvant computes in float32, where values below ~1e-45 in "
+                    "magnitude are 0: rescale such rows)")
+
+
+def zero_norm_error(row: int, what: str | None = None) -> InvalidInput:
     """The error for a zero row under cos, carrying the row (``bad_row``) so that a caller who saw only part of
-    the input (kvant.distributed) can name the input's first such row instead."""
-    err = InvalidInput(f"row {row} has zero norm; metric='cos' needs non-zero vectors (kvant computes in float32, "
-                       "where values below ~1e-45 in magnitude are 0: rescale such rows)")
+    the input (kvant.distributed) can name the input's first such row instead. ``what``: the part of the input
+    it is the first zero row of (a lazy Dask task's chunk), named as the NaN error names it."""
+    head = f"row {row} has zero norm" if what is None else f"{what} has a row of zero norm (first bad row: {row})"
+    err = InvalidInput(f"{head}; {ZERO_NORM_REASON}")
     err.bad_row, err.zero_norm = int(row), True
     return err
 

@@ -476,7 +476,7 @@ class Clusterer:
             self.mean_cosine_ = float(1.0 - inertia / src.n)
         else:
             self.mse_ = float(inertia / src.n)
-        _warn_empty_clusters(labels, k)
+        _warn_empty_clusters(np.bincount(labels, minlength=k))
         return self
 
     def fit_transform(self, x, column: str | None = None) -> np.ndarray:
@@ -791,10 +791,11 @@ def _fill_empty_clusters(src, full, centroids, labels, inertia, spherical, rows)
     return centroids, labels, inertia
 
 
-def _warn_empty_clusters(labels: np.ndarray, k: int) -> None:
+def _warn_empty_clusters(sizes: np.ndarray) -> None:
     """An :class:`EmptyClusterWarning` when a fit leaves clusters without a row (scikit-learn warns likewise): their
-    centres are where the last re-seeding left them, and a caller counting on k groups should know."""
-    sizes = np.bincount(labels, minlength=k)
+    centres are where the last re-seeding left them, and a caller counting on k groups should know. ``sizes``: the
+    final rows per cluster (also kvant.distributed's final pass's counts)."""
+    k = sizes.size
     empty = np.flatnonzero(sizes == 0)
     if empty.size:
         shown = ", ".join(str(int(j)) for j in empty[:8]) + (", ..." if empty.size > 8 else "")

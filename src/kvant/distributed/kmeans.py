@@ -31,7 +31,7 @@ from .._config import check_seed, rng
 from .._numerics import conditioning
 from ..cluster.assign import assign_top2, zero_norm_error
 from ..cluster.auto import auto_sample_rows
-from ..cluster.clusterer import Clusterer
+from ..cluster.clusterer import Clusterer, _warn_empty_clusters
 from ..cluster.lloyd import _centroids_from_sums, normalise_rows
 from ..cluster.reseed import distinct_far_rows, merge_distinct_far_rows, reseed_picks
 from ..errors import DimensionMismatch, EmptyClusterWarning, EmptyIndex, InvalidInput, warn
@@ -361,26 +361,7 @@ def _labels_block(block, centroids, spherical, block_info=None):
         if not getattr(exc, "zero_norm", False):
             raise
         # named as the NaN error is: this chunk's first zero row, not the input's (no pass over the others runs)
-        raise _chunk_zero_norm_error(what, _chunk_first_zero(block, start)) from None
-
-
-def _chunk_zero_norm_error(what: str, row: int) -> InvalidInput:
-    """A lazy task's error for a zero row under cos: ``what`` (:func:`_chunk_what`) and its first zero row, as the
-    NaN error reads; ``bad_row`` and ``zero_norm`` as :func:`kvant.cluster.assign.zero_norm_error` sets them."""
-    err = InvalidInput(f"{what} has a row of zero norm (first bad row: {row}); metric='cos' needs non-zero vectors "
-                       "(kvant computes in float32, where values below ~1e-45 in magnitude are 0: rescale such rows)")
-    err.bad_row, err.zero_norm = int(row), True
-    return err
-
-
-def _warn_empty_clusters(counts: np.ndarray) -> None:
-    """``kvant.Clusterer``'s :class:`EmptyClusterWarning` (the same message) when the fit leaves clusters without a
-    row; ``counts``: the final pass's cluster sizes."""
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        shown = ", ".join(str(int(j)) for j in empty[:8]) + (", ..." if empty.size > 8 else "")
-        warn(f"{empty.size} of the k={counts.size} clusters are empty (ids {shown}): the input has fewer distinct "
-             f"rows than k, or rows too close to tell apart in float32", EmptyClusterWarning)
+        raise zero_norm_error(_chunk_first_zero(block, start), what) from None
 
 
 def _pass(arr, centroids, spherical, with_sums):
