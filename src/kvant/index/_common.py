@@ -48,10 +48,8 @@ def as_queries(q, dim: int) -> tuple[np.ndarray, bool]:
         arr = q.to_array()
         one = False
     else:
-        if isinstance(q, np.ma.MaskedArray):  # np.asarray would search with the values under the mask
-            raise InvalidInput("queries: masked arrays are not supported; fill (q.filled(v)) or drop the masked rows")
         listed = isinstance(q, list | tuple)
-        arr = as_array(q, "queries")
+        arr = as_array(q, "queries")  # (refuses masked arrays: np.asarray would search with the masked values)
         if listed and arr.dtype.kind in "iu":  # Python numbers: taken as float64 values, then float32 as any float
             arr = arr.astype(np.float64)
         if arr.dtype.type not in SUPPORTED_DTYPES:  # the element types as_source takes, never silently cast
