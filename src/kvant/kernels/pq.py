@@ -866,9 +866,7 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq, lan
                 mask &= mask - 1
                 qq = bit & (lanes - 1)
                 if big:
-                    # (a cut since the mask may have raised the bar; while it is +inf, a sum that overflowed to +inf
-                    # enters, as the sorted lists take it ahead of padding: it was dropped here, and with it the rows)
-                    if sums[bit] < th[qq] or (th[qq] == np.inf and sums[bit] == sums[bit]):
+                    if _admits(sums[bit], th[qq]):  # (a cut: the mask's bar may have been raised since)
                         _append(buf_d, buf_i, fill, th, qq, sums[bit], r + (bit >> shift), k)
                 elif sums[bit] < th[qq] or ii[q0 + qq, k - 1] < 0:
                     _push(dd[q0 + qq], ii[q0 + qq], k, sums[bit], r + (bit >> shift))
@@ -876,6 +874,14 @@ def _adc_search_kernel(flat, codes, m, ksub, k, nchunks, part_d, part_i, nq, lan
             r += step
         if big:
             finish_lists(buf_d, buf_i, fill, dd[q0 : q0 + lanes], ii[q0 : q0 + lanes])
+
+
+@numba.njit(inline="always", **_JIT)
+def _admits(s, thr):
+    """Whether a reservoir with threshold ``thr`` takes the sum ``s``: below it (rows come ascending, so a tie with
+    the k-th never displaces it), or while it is still +inf any sum but NaN, so that a sum that overflowed to +inf
+    ranks ahead of padding as the sorted lists rank it."""
+    return s < thr or (thr == np.inf and s == s)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -966,7 +972,7 @@ def _few_rows_reservoir(t, codes, r0, r1, out_d, out_i):
         s = np.float32(0.0)
         for j in range(m):
             s += t[j, codes[r, j]]
-        if s < thr[0] or (thr[0] == np.inf and s == s):  # (rows ascending: a tie with the k-th never displaces it)
+        if _admits(s, thr[0]):
             _append(buf_d, buf_i, fill, thr, 0, s, r, k)
     finish_lists(buf_d, buf_i, fill, out_d, out_i)
 
@@ -1809,7 +1815,7 @@ def _exact_reservoir(t, flat, m, mp2, allacc, r0, bound, out_d, out_i):
             d = _exact_4bit(t, flat, r0 + x, m, mp2)
             if d != d:
                 return False
-            if d < thr[0] or thr[0] == np.inf:  # (rows ascending: a tie with the k-th never displaces it)
+            if _admits(d, thr[0]):
                 _append(buf_d, buf_i, fill, thr, 0, d, r0 + x, k)
     finish_lists(buf_d, buf_i, fill, out_d, out_i)
     return True
